@@ -1,0 +1,179 @@
+//! Collectives: how tensor-parallel shards combine their partial results.
+//!
+//! The forward pass calls [`Collective::all_reduce_sum`] twice per layer (after
+//! the row-parallel attention output and FFN down projections) plus once for the
+//! vocab-parallel embedding, and [`Collective::all_gather_cols`] once for the
+//! vocab-parallel logits. Implementations:
+//!
+//! * [`SingleCollective`]: world size 1; every operation is the identity. The
+//!   unsharded model runs the same code as the sharded one through it.
+//! * [`ThreadCollective`]: ranks are threads of one process. Each rank publishes
+//!   its buffer into its own slot; after a barrier every rank sums the slots in
+//!   rank order, so all ranks get bit-identical results and the sum does not depend
+//!   on thread timing. Every rank must call the same operations in the same order.
+
+use std::sync::{Arc, Barrier, Mutex};
+
+use crate::error::{Error, Result};
+
+/// Communication among the tensor-parallel ranks of one model replica.
+pub trait Collective: Send + Sync {
+    /// This rank.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn world_size(&self) -> usize;
+    /// Replaces `buf` on every rank with the element-wise sum over ranks.
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
+    /// Gathers column blocks: `local` is `rows × local_cols` (this rank's columns
+    /// `col_offset..col_offset+local_cols` of a `rows × total_cols` matrix); returns
+    /// the whole matrix on every rank.
+    fn all_gather_cols(
+        &self,
+        local: &[f32],
+        rows: usize,
+        col_offset: usize,
+        total_cols: usize,
+    ) -> Result<Vec<f32>> {
+        let local_cols = if rows == 0 { 0 } else { local.len() / rows };
+        let mut full = vec![0f32; rows * total_cols];
+        for r in 0..rows {
+            full[r * total_cols + col_offset..][..local_cols]
+                .copy_from_slice(&local[r * local_cols..][..local_cols]);
+        }
+        // Ranks own disjoint columns, so a sum places every block exactly once.
+        self.all_reduce_sum(&mut full)?;
+        Ok(full)
+    }
+}
+
+/// The collective of a world of one: nothing to combine.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SingleCollective;
+
+impl Collective for SingleCollective {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, _buf: &mut [f32]) -> Result<()> {
+        Ok(())
+    }
+}
+
+struct ThreadGroup {
+    barrier: Barrier,
+    slots: Vec<Mutex<Vec<f32>>>,
+}
+
+/// One rank's handle on an in-process group of threads.
+#[derive(Clone)]
+pub struct ThreadCollective {
+    rank: usize,
+    group: Arc<ThreadGroup>,
+}
+
+impl std::fmt::Debug for ThreadCollective {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ThreadCollective")
+            .field("rank", &self.rank)
+            .field("world_size", &self.group.slots.len())
+            .finish()
+    }
+}
+
+impl ThreadCollective {
+    /// Handles for every rank of a new group of `world_size` threads.
+    pub fn group(world_size: usize) -> Vec<ThreadCollective> {
+        let group = Arc::new(ThreadGroup {
+            barrier: Barrier::new(world_size),
+            slots: (0..world_size).map(|_| Mutex::new(Vec::new())).collect(),
+        });
+        (0..world_size)
+            .map(|rank| ThreadCollective {
+                rank,
+                group: group.clone(),
+            })
+            .collect()
+    }
+}
+
+fn poisoned() -> Error {
+    Error::Collective("a peer rank panicked during an all-reduce".into())
+}
+
+impl Collective for ThreadCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.group.slots.len()
+    }
+
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        let g = &self.group;
+        if g.slots.len() == 1 {
+            return Ok(());
+        }
+        {
+            let mut slot = g.slots[self.rank].lock().map_err(|_| poisoned())?;
+            slot.clear();
+            slot.extend_from_slice(buf);
+        }
+        g.barrier.wait();
+        buf.fill(0.0);
+        for (r, slot) in g.slots.iter().enumerate() {
+            let slot = slot.lock().map_err(|_| poisoned())?;
+            if slot.len() != buf.len() {
+                return Err(Error::Collective(format!(
+                    "rank {r} contributed {} values, rank {} expected {}",
+                    slot.len(),
+                    self.rank,
+                    buf.len()
+                )));
+            }
+            for (b, s) in buf.iter_mut().zip(slot.iter()) {
+                *b += s;
+            }
+        }
+        // Nobody may overwrite a slot before every rank has read all of them.
+        g.barrier.wait();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_group_sums_in_rank_order() {
+        let handles = ThreadCollective::group(3);
+        let results: Vec<Vec<f32>> = std::thread::scope(|s| {
+            let joins: Vec<_> = handles
+                .iter()
+                .map(|h| {
+                    s.spawn(move || {
+                        let mut v = vec![h.rank() as f32 + 1.0; 5];
+                        h.all_reduce_sum(&mut v).unwrap();
+                        let full = h.all_gather_cols(&[h.rank() as f32; 2], 2, h.rank(), 3);
+                        (v, full.unwrap())
+                    })
+                })
+                .collect();
+            joins
+                .into_iter()
+                .map(|j| {
+                    let (v, full) = j.join().unwrap();
+                    assert_eq!(full, vec![0.0, 1.0, 2.0, 0.0, 1.0, 2.0]);
+                    v
+                })
+                .collect()
+        });
+        for v in results {
+            assert_eq!(v, vec![6.0; 5]);
+        }
+    }
+}

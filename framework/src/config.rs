@@ -1,0 +1,186 @@
+//! The shape of a Llama-family model, read from GGUF metadata or built synthetically.
+//!
+//! [`LlamaConfig`] is always validated: head counts divide the hidden size, KV
+//! heads divide the query heads, sizes are non-zero. Code downstream may rely on
+//! those facts without re-checking them.
+
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+
+/// Hyper-parameters of a Llama-architecture transformer.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LlamaConfig {
+    /// Number of transformer blocks.
+    pub n_layers: usize,
+    /// Residual stream width.
+    pub hidden: usize,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than `n_heads`).
+    pub n_kv_heads: usize,
+    /// Feed-forward inner width.
+    pub ffn: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Trained context window in tokens.
+    pub context: usize,
+    /// RMSNorm epsilon.
+    pub rms_eps: f32,
+    /// Rotary embedding base.
+    pub rope_base: f32,
+}
+
+impl LlamaConfig {
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.n_heads
+    }
+
+    /// Query heads per KV head.
+    pub fn group_size(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+
+    /// Reads the `llama.*` keys of a GGUF file. The architecture must be `llama`.
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let arch = file.get_str("general.architecture")?;
+        if arch != "llama" {
+            return Err(Error::Unsupported {
+                path: file.path().to_path_buf(),
+                what: "architecture",
+                found: arch.to_string(),
+                supported: "llama (SmolLM2, TinyLlama, Llama 2/3, Mistral-style GQA)",
+            });
+        }
+        let n_heads = file.get_usize("llama.attention.head_count")?;
+        let hidden = file.get_usize("llama.embedding_length")?;
+        let vocab = match file.opt_usize("llama.vocab_size")? {
+            Some(v) => v,
+            None => file.tensor_info("token_embd.weight")?.1[0],
+        };
+        let config = Self {
+            n_layers: file.get_usize("llama.block_count")?,
+            hidden,
+            n_heads,
+            n_kv_heads: file
+                .opt_usize("llama.attention.head_count_kv")?
+                .unwrap_or(n_heads),
+            ffn: file.get_usize("llama.feed_forward_length")?,
+            vocab,
+            context: file.opt_usize("llama.context_length")?.unwrap_or(2048),
+            rms_eps: file
+                .opt_f32("llama.attention.layer_norm_rms_epsilon")?
+                .unwrap_or(1e-5),
+            rope_base: file.opt_f32("llama.rope.freq_base")?.unwrap_or(10_000.0),
+        };
+        if let Some(rope_dims) = file.opt_usize("llama.rope.dimension_count")? {
+            if rope_dims != config.head_dim() {
+                return Err(Error::Unsupported {
+                    path: file.path().to_path_buf(),
+                    what: "partial rotary embedding",
+                    found: format!("{rope_dims} of {} head dims", config.head_dim()),
+                    supported: "rotary embedding over the whole head",
+                });
+            }
+        }
+        config.validate().map_err(|e| Error::ModelFile {
+            path: file.path().to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Ok(config)
+    }
+
+    /// A named synthetic shape: `135m` (the reference model's shape), `1b`, `8b`,
+    /// or `tiny` (for tests).
+    pub fn synthetic(name: &str) -> Result<Self> {
+        let (n_layers, hidden, n_heads, n_kv_heads, ffn, vocab) = match name {
+            "tiny" => (2, 64, 4, 2, 128, 256),
+            "135m" => (30, 576, 9, 3, 1536, 49152),
+            "1b" => (16, 2048, 32, 8, 8192, 32000),
+            "8b" => (32, 4096, 32, 8, 14336, 32000),
+            other => {
+                return Err(Error::Config(format!(
+                    "unknown synthetic model '{other}' (choose tiny, 135m, 1b or 8b)"
+                )))
+            }
+        };
+        let config = Self {
+            n_layers,
+            hidden,
+            n_heads,
+            n_kv_heads,
+            ffn,
+            vocab,
+            context: 8192,
+            rms_eps: 1e-5,
+            rope_base: 10_000.0,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the cross-field facts the forward pass relies on.
+    pub fn validate(&self) -> Result<()> {
+        let nonzero = [
+            ("n_layers", self.n_layers),
+            ("hidden", self.hidden),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("ffn", self.ffn),
+            ("vocab", self.vocab),
+            ("context", self.context),
+        ];
+        if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
+            return Err(Error::Config(format!("{name} must be greater than 0")));
+        }
+        if self.hidden % self.n_heads != 0 {
+            return Err(Error::Config(format!(
+                "hidden size {} is not a multiple of the head count {}",
+                self.hidden, self.n_heads
+            )));
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return Err(Error::Config(format!(
+                "head count {} is not a multiple of the KV head count {}",
+                self.n_heads, self.n_kv_heads
+            )));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(Error::Config(format!(
+                "head dim {} must be even for rotary embeddings",
+                self.head_dim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Parameters in the transformer (embedding counted once when tied).
+    pub fn parameter_count(&self) -> usize {
+        let hd = self.head_dim();
+        let attn = self.hidden * (self.n_heads * hd) * 2 + self.hidden * (self.n_kv_heads * hd) * 2;
+        let mlp = 3 * self.hidden * self.ffn;
+        self.n_layers * (attn + mlp + 2 * self.hidden) + self.vocab * self.hidden + self.hidden
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_shapes_validate() {
+        for name in ["tiny", "135m", "1b", "8b"] {
+            let c = LlamaConfig::synthetic(name).unwrap();
+            assert_eq!(c.hidden % c.n_heads, 0);
+        }
+        assert!(LlamaConfig::synthetic("huge").is_err());
+    }
+
+    #[test]
+    fn bad_head_counts_are_named() {
+        let mut c = LlamaConfig::synthetic("tiny").unwrap();
+        c.n_kv_heads = 3;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("KV head count 3"), "{err}");
+    }
+}

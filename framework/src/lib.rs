@@ -1,0 +1,35 @@
+//! parallm's framework: everything that is not an actor.
+//!
+//! This crate owns the model side of parallm — reading GGUF files
+//! ([`gguf`]), the model's shape ([`config`]), the tokenizer and chat template
+//! ([`tokenizer`], [`chat`]), the shard-aware Llama forward pass ([`model`]) with
+//! its weight handling ([`weights`]) and plain operations ([`ops`]), how shards are
+//! cut ([`shard`]) and combined ([`collective`]), and choosing tokens
+//! ([`sampling`], [`beam`], [`generate`]).
+//!
+//! **Invariant:** nothing here depends on actix or HTTP. Every state machine is
+//! plain, synchronous and tested without an actor system. User input (files,
+//! requests) produces an [`Error`], never a panic.
+
+pub mod beam;
+pub mod chat;
+pub mod collective;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod model;
+pub mod ops;
+pub mod sampling;
+pub mod shard;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::LlamaConfig;
+pub use error::{Error, Result};
+pub use gguf::GgufFile;
+pub use model::{BatchItem, LlamaShard, Logits, LogitsWanted, SeqKvCache};
+pub use sampling::{FinishReason, SamplingParams};
+pub use shard::ShardSpec;
+pub use tokenizer::Tokenizer;
+pub use weights::WeightFormat;

@@ -1,0 +1,480 @@
+//! Choosing the next token from logits, per sequence.
+//!
+//! [`SamplingParams`] is the raw request; [`SamplingParams::validate`] checks
+//! every field and names the bad one. A [`Sampler`] owns one sequence's random
+//! state (seeded, so the same seed gives the same text) and applies, in order:
+//! repetition penalty (over prompt and output, as in CTRL/HF), presence and
+//! frequency penalties (over the output, as in OpenAI's API), then either argmax
+//! (temperature 0) or temperature → top-k → softmax → top-p → min-p → a draw.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+
+/// A small, seedable, portable PRNG (SplitMix64): the same seed gives the same
+/// stream on every platform and build.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn next_f32(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+/// How to pick tokens for one request.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct SamplingParams {
+    /// 0 picks the most likely token (greedy); higher flattens the distribution.
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (0 = all).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p` (1 = all).
+    pub top_p: f32,
+    /// Drop tokens less likely than `min_p` × the most likely one (0 = off).
+    pub min_p: f32,
+    /// Divide positive (multiply negative) logits of seen tokens by this (1 = off).
+    pub repetition_penalty: f32,
+    /// Subtract this from the logit of every token already generated.
+    pub presence_penalty: f32,
+    /// Subtract this × the count of each token already generated.
+    pub frequency_penalty: f32,
+    /// Seed for the draw; `None` picks one from the clock.
+    pub seed: Option<u64>,
+    /// Tokens to generate at most.
+    pub max_tokens: usize,
+    /// Strings that end generation; the text is cut before them.
+    pub stop: Vec<String>,
+    /// Keep generating past the end-of-sequence token.
+    pub ignore_eos: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: None,
+            max_tokens: 128,
+            stop: Vec::new(),
+            ignore_eos: false,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Greedy decoding of up to `max_tokens`.
+    pub fn greedy(max_tokens: usize) -> Self {
+        Self {
+            max_tokens,
+            ..Self::default()
+        }
+    }
+
+    /// Checks every field; the error names the first bad one and its range.
+    pub fn validate(&self) -> Result<()> {
+        let finite = |field, v: f32| {
+            if v.is_finite() {
+                Ok(())
+            } else {
+                Err(Error::invalid(field, "must be a finite number"))
+            }
+        };
+        finite("temperature", self.temperature)?;
+        if !(0.0..=100.0).contains(&self.temperature) {
+            return Err(Error::invalid(
+                "temperature",
+                format!("is {}, must be in [0, 100]", self.temperature),
+            ));
+        }
+        finite("top_p", self.top_p)?;
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::invalid(
+                "top_p",
+                format!("is {}, must be in (0, 1]", self.top_p),
+            ));
+        }
+        finite("min_p", self.min_p)?;
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(Error::invalid(
+                "min_p",
+                format!("is {}, must be in [0, 1]", self.min_p),
+            ));
+        }
+        finite("repetition_penalty", self.repetition_penalty)?;
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty <= 10.0) {
+            return Err(Error::invalid(
+                "repetition_penalty",
+                format!("is {}, must be in (0, 10]", self.repetition_penalty),
+            ));
+        }
+        for (field, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            finite(field, v)?;
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(Error::invalid(field, format!("is {v}, must be in [-2, 2]")));
+            }
+        }
+        if self.max_tokens == 0 {
+            return Err(Error::invalid("max_tokens", "must be at least 1"));
+        }
+        if self.stop.iter().any(|s| s.is_empty()) {
+            return Err(Error::invalid("stop", "stop strings must not be empty"));
+        }
+        Ok(())
+    }
+}
+
+/// Index of the largest value (the first one on ties).
+pub fn argmax(xs: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// `log(softmax(xs))`, computed stably.
+pub fn log_softmax(xs: &[f32]) -> Vec<f32> {
+    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = xs
+        .iter()
+        .map(|x| ((x - max) as f64).exp())
+        .sum::<f64>()
+        .ln() as f32
+        + max;
+    xs.iter().map(|x| x - lse).collect()
+}
+
+/// One sequence's sampler: its parameters, random state and token counts.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: Rng,
+    /// Tokens of prompt and output (for the repetition penalty).
+    seen: HashMap<u32, ()>,
+    /// Counts of output tokens (presence / frequency penalties).
+    generated: HashMap<u32, u32>,
+}
+
+impl Sampler {
+    /// A sampler for a sequence that starts with `prompt`.
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Self {
+        let seed = params.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        });
+        Self {
+            rng: Rng::new(seed),
+            seen: prompt.iter().map(|&t| (t, ())).collect(),
+            generated: HashMap::new(),
+            params,
+        }
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Records a token that was appended to the sequence.
+    pub fn accept(&mut self, token: u32) {
+        self.seen.insert(token, ());
+        *self.generated.entry(token).or_default() += 1;
+    }
+
+    /// Picks the next token from `logits` (modified in place by the penalties).
+    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            for &t in self.seen.keys() {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &n) in &self.generated {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+        if p.temperature == 0.0 {
+            return argmax(logits) as u32;
+        }
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l / p.temperature))
+            .collect();
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        if p.top_k > 0 && p.top_k < cand.len() {
+            cand.select_nth_unstable_by(p.top_k - 1, by_logit);
+            cand.truncate(p.top_k);
+        }
+        cand.sort_by(by_logit);
+        let max = cand[0].1;
+        let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
+        let total: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|q| *q /= total);
+        let mut keep = probs.len();
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            for (i, q) in probs.iter().enumerate() {
+                acc += q;
+                if acc >= p.top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        if p.min_p > 0.0 {
+            let floor = probs[0] * p.min_p;
+            keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
+        }
+        let mass: f32 = probs[..keep].iter().sum();
+        let mut r = self.rng.next_f32() * mass;
+        for (c, q) in cand.iter().zip(&probs[..keep]) {
+            if r < *q {
+                return c.0;
+            }
+            r -= q;
+        }
+        cand[keep - 1].0
+    }
+}
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` or the context window was reached.
+    Length,
+}
+
+impl FinishReason {
+    /// The OpenAI-style name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// Finds stop strings in streamed text without ever emitting part of one.
+///
+/// [`StopMatcher::push`] takes newly decoded text and returns what may be shown
+/// now: text that cannot be the start of a stop string. When a stop string
+/// completes, everything before it is returned and the matcher reports it hit.
+#[derive(Debug, Clone, Default)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+    hit: bool,
+}
+
+impl StopMatcher {
+    /// A matcher for `stops`.
+    pub fn new(stops: Vec<String>) -> Self {
+        Self {
+            stops,
+            held: String::new(),
+            hit: false,
+        }
+    }
+
+    /// Whether a stop string was seen.
+    pub fn hit(&self) -> bool {
+        self.hit
+    }
+
+    /// Adds `text`; returns the part that is safe to emit.
+    pub fn push(&mut self, text: &str) -> String {
+        if self.hit {
+            return String::new();
+        }
+        self.held.push_str(text);
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            self.hit = true;
+            let out = self.held[..at].to_string();
+            self.held.clear();
+            return out;
+        }
+        // Hold back the longest suffix that is a proper prefix of some stop string.
+        let mut keep_from = self.held.len();
+        for s in &self.stops {
+            for (i, _) in self.held.char_indices() {
+                if i < keep_from && s.starts_with(&self.held[i..]) {
+                    keep_from = i;
+                    break;
+                }
+            }
+        }
+        let out = self.held[..keep_from].to_string();
+        self.held.drain(..keep_from);
+        out
+    }
+
+    /// Whatever is still held back (at the end of a sequence that did not stop).
+    pub fn flush(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_is_argmax() {
+        let mut s = Sampler::new(SamplingParams::greedy(4), &[]);
+        assert_eq!(s.sample(&mut [0.1, 3.0, 2.0]), 1);
+    }
+
+    #[test]
+    fn same_seed_same_draws() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: Some(11),
+            ..SamplingParams::default()
+        };
+        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
+        let draw = |params: &SamplingParams| {
+            let mut s = Sampler::new(params.clone(), &[]);
+            (0..20)
+                .map(|_| s.sample(&mut logits.clone()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(&params), draw(&params));
+        let other = SamplingParams {
+            seed: Some(12),
+            ..params.clone()
+        };
+        assert_ne!(draw(&params), draw(&other));
+    }
+
+    #[test]
+    fn top_k_one_and_min_p_one_are_greedy() {
+        let logits = [0.5f32, 2.0, 1.9, -1.0];
+        for params in [
+            SamplingParams {
+                temperature: 1.0,
+                top_k: 1,
+                seed: Some(1),
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.0,
+                min_p: 1.0,
+                seed: Some(1),
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.0,
+                top_p: 0.01,
+                seed: Some(1),
+                ..Default::default()
+            },
+        ] {
+            let mut s = Sampler::new(params, &[]);
+            for _ in 0..10 {
+                assert_eq!(s.sample(&mut logits.clone()), 1);
+            }
+        }
+    }
+
+    #[test]
+    fn penalties_push_seen_tokens_down() {
+        let params = SamplingParams {
+            repetition_penalty: 2.0,
+            ..SamplingParams::greedy(4)
+        };
+        let mut s = Sampler::new(params, &[1]);
+        assert_eq!(s.sample(&mut [0.0, 3.0, 2.0]), 2);
+        let params = SamplingParams {
+            frequency_penalty: 1.5,
+            ..SamplingParams::greedy(4)
+        };
+        let mut s = Sampler::new(params, &[]);
+        s.accept(1);
+        assert_eq!(s.sample(&mut [0.0, 3.0, 2.0]), 2);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let bad = SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("`top_p`"));
+        let bad = SamplingParams {
+            temperature: f32::NAN,
+            ..Default::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("`temperature`"));
+        assert!(SamplingParams {
+            max_tokens: 0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+    }
+
+    #[test]
+    fn stop_matcher_holds_back_prefixes() {
+        let mut m = StopMatcher::new(vec!["END".into()]);
+        assert_eq!(m.push("abc E"), "abc ");
+        assert_eq!(m.push("N"), "");
+        assert_eq!(m.push("X"), "ENX");
+        assert_eq!(m.push("yyEN"), "yy");
+        assert_eq!(m.push("D tail"), "");
+        assert!(m.hit());
+        let mut m = StopMatcher::new(vec!["\n\n".into()]);
+        assert_eq!(m.push("héllo\n"), "héllo");
+        assert_eq!(m.flush(), "\n");
+    }
+}

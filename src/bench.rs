@@ -1,0 +1,183 @@
+//! `parallm bench latency`: prefill and decode speed of one model shard.
+//!
+//! Measures, after one warm-up run, the median over `runs` of:
+//! prefill tok/s for a `prompt_tokens` prompt; decode tok/s for `decode_tokens`
+//! tokens at batch 1 (from a one-token context, as llama-bench's tg does); and
+//! decode tok/s at each batch size in `batches` (each sequence first prefilled
+//! with `batch_prompt_tokens`, untimed, then `batch_steps` timed decode steps).
+//! Token ids are seeded random, so a synthetic model needs no tokenizer.
+
+use std::time::Instant;
+
+use framework::collective::SingleCollective;
+use framework::sampling::{argmax, Rng};
+use framework::{BatchItem, LlamaShard, LogitsWanted, SeqKvCache};
+
+/// What to measure.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LatencyPlan {
+    /// Prompt length for the prefill measurement.
+    pub prompt_tokens: usize,
+    /// Tokens decoded at batch 1.
+    pub decode_tokens: usize,
+    /// Batch sizes for batched decode.
+    pub batches: Vec<usize>,
+    /// Prompt length of each sequence before batched decode.
+    pub batch_prompt_tokens: usize,
+    /// Timed decode steps at each batch size.
+    pub batch_steps: usize,
+    /// Timed runs (after one warm-up).
+    pub runs: usize,
+}
+
+impl Default for LatencyPlan {
+    fn default() -> Self {
+        Self {
+            prompt_tokens: 512,
+            decode_tokens: 128,
+            batches: vec![4, 16, 64],
+            batch_prompt_tokens: 128,
+            batch_steps: 32,
+            runs: 5,
+        }
+    }
+}
+
+/// Measured medians.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LatencyReport {
+    /// Prefill tokens per second.
+    pub prefill_tok_s: f64,
+    /// Batch-1 decode tokens per second.
+    pub decode_tok_s: f64,
+    /// `(batch, tokens per second over all sequences)`.
+    pub batch_decode_tok_s: Vec<(usize, f64)>,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n == 0 {
+        return 0.0;
+    }
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+fn random_tokens(rng: &mut Rng, n: usize, vocab: usize) -> Vec<u32> {
+    (0..n)
+        .map(|_| (rng.next_u64() % vocab as u64) as u32)
+        .collect()
+}
+
+/// One forward of `rows` sequences (each with its tokens); returns each's last logits argmax.
+fn forward_batch(
+    model: &LlamaShard,
+    caches: &mut [SeqKvCache],
+    tokens: &[Vec<u32>],
+) -> framework::Result<Vec<u32>> {
+    let mut items: Vec<BatchItem<'_>> = caches
+        .iter_mut()
+        .zip(tokens)
+        .map(|(cache, t)| BatchItem {
+            tokens: t,
+            cache,
+            logits: LogitsWanted::Last,
+        })
+        .collect();
+    let logits = model.forward(&mut items, &SingleCollective)?;
+    Ok((0..tokens.len())
+        .map(|i| logits.last(i).map(argmax).unwrap_or(0) as u32)
+        .collect())
+}
+
+/// Runs the plan, calling `progress` with a line before each measurement.
+pub fn latency(
+    model: &LlamaShard,
+    plan: &LatencyPlan,
+    mut progress: impl FnMut(&str),
+) -> framework::Result<LatencyReport> {
+    let vocab = model.config().vocab;
+    let mut rng = Rng::new(0x5eed);
+    let runs = plan.runs.max(1);
+
+    progress(&format!("prefill {} tokens", plan.prompt_tokens));
+    let prompt = random_tokens(&mut rng, plan.prompt_tokens, vocab);
+    let mut samples = Vec::new();
+    for run in 0..=runs {
+        let mut cache = model.new_cache();
+        let t = Instant::now();
+        forward_batch(
+            model,
+            std::slice::from_mut(&mut cache),
+            std::slice::from_ref(&prompt),
+        )?;
+        if run > 0 {
+            samples.push(plan.prompt_tokens as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    let prefill_tok_s = median(samples);
+
+    progress(&format!("decode {} tokens at batch 1", plan.decode_tokens));
+    let mut samples = Vec::new();
+    for run in 0..=runs {
+        let mut cache = model.new_cache();
+        let mut next = vec![random_tokens(&mut rng, 1, vocab)];
+        let t = Instant::now();
+        for _ in 0..plan.decode_tokens {
+            let out = forward_batch(model, std::slice::from_mut(&mut cache), &next)?;
+            next = vec![out];
+        }
+        if run > 0 {
+            samples.push(plan.decode_tokens as f64 / t.elapsed().as_secs_f64());
+        }
+    }
+    let decode_tok_s = median(samples);
+
+    let mut batch_decode_tok_s = Vec::new();
+    for &b in &plan.batches {
+        progress(&format!(
+            "decode {} steps at batch {b} after {}-token prompts",
+            plan.batch_steps, plan.batch_prompt_tokens
+        ));
+        let mut samples = Vec::new();
+        for run in 0..=runs {
+            let mut caches: Vec<SeqKvCache> = (0..b).map(|_| model.new_cache()).collect();
+            let prompts: Vec<Vec<u32>> = (0..b)
+                .map(|_| random_tokens(&mut rng, plan.batch_prompt_tokens, vocab))
+                .collect();
+            let first = forward_batch(model, &mut caches, &prompts)?;
+            let mut next: Vec<Vec<u32>> = first.into_iter().map(|t| vec![t]).collect();
+            let t = Instant::now();
+            for _ in 0..plan.batch_steps {
+                next = forward_batch(model, &mut caches, &next)?
+                    .into_iter()
+                    .map(|t| vec![t])
+                    .collect();
+            }
+            if run > 0 {
+                samples.push((b * plan.batch_steps) as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+        batch_decode_tok_s.push((b, median(samples)));
+    }
+    Ok(LatencyReport {
+        prefill_tok_s,
+        decode_tok_s,
+        batch_decode_tok_s,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_even_and_odd() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
