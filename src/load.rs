@@ -28,7 +28,9 @@ pub fn resolve_model_path(
 /// Opens `path` and loads the whole model in `format` with its tokenizer.
 pub fn load_model(path: &Path, format: WeightFormat) -> framework::Result<LoadedModel> {
     let file = GgufFile::open(path)?;
-    // Tokenizer first: it is cheap and its errors are the likelier ones.
+    // The architecture check and the tokenizer first: they are cheap, and a
+    // file of another architecture should be named as such.
+    framework::LlamaConfig::from_gguf(&file)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let model = LlamaShard::load(&file, ShardSpec::SINGLE, format)?;
     Ok(LoadedModel {

@@ -244,6 +244,7 @@ fn run_generate(args: GenerateArgs) -> CliResult {
         let _ = stdout.flush();
     })?;
     let _ = writeln!(stdout);
+    let _ = stdout.flush();
     let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
     eprintln!(
         "prompt tokens: {}, generated tokens: {}, prefill: {:.1} tok/s, decode: {:.1} tok/s, finish: {}, weights: {}",

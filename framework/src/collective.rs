@@ -34,7 +34,7 @@ pub trait Collective: Send + Sync {
         col_offset: usize,
         total_cols: usize,
     ) -> Result<Vec<f32>> {
-        let local_cols = if rows == 0 { 0 } else { local.len() / rows };
+        let local_cols = local.len().checked_div(rows).unwrap_or(0);
         let mut full = vec![0f32; rows * total_cols];
         for r in 0..rows {
             full[r * total_cols + col_offset..][..local_cols]

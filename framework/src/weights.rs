@@ -548,3 +548,50 @@ mod tests {
         assert!("q3".parse::<WeightFormat>().is_err());
     }
 }
+#[cfg(test)]
+mod probe {
+    use super::*;
+    #[test]
+    fn zz_split_probe() {
+        let mut rng = crate::sampling::Rng::new(1);
+        let (o, i, m) = (96usize, 192usize, 3usize);
+        let w = Mat::F32 {
+            rows: o,
+            cols: i,
+            data: (0..o * i).map(|_| rng.next_f32() - 0.5).collect(),
+        }
+        .into_format(WeightFormat::Q8_0)
+        .unwrap();
+        let x: Vec<f32> = (0..m * i).map(|_| rng.next_f32() - 0.5).collect();
+        let full = Linear::new(w.clone()).unwrap().forward(&x, m).unwrap();
+        let rows = Linear::new(w.select_rows(&[32..64]))
+            .unwrap()
+            .forward(&x, m)
+            .unwrap();
+        let mut dr = 0f32;
+        for r in 0..m {
+            for c in 0..32 {
+                dr = dr.max((rows[r * 32 + c] - full[r * o + 32 + c]).abs());
+            }
+        }
+        let mut sum = vec![0f32; m * o];
+        for cols in [0..64, 64..192] {
+            let xs: Vec<f32> = (0..m)
+                .flat_map(|r| x[r * i + cols.start..r * i + cols.end].to_vec())
+                .collect();
+            let part = Linear::new(w.select_cols(cols.clone()).unwrap())
+                .unwrap()
+                .forward(&xs, m)
+                .unwrap();
+            sum.iter_mut().zip(&part).for_each(|(s, p)| *s += p);
+        }
+        let dc = sum
+            .iter()
+            .zip(&full)
+            .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        eprintln!(
+            "PROBE rows {dr} cols {dc} scale {}",
+            full.iter().fold(0f32, |a, x| a.max(x.abs()))
+        );
+    }
+}

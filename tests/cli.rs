@@ -1,0 +1,189 @@
+//! The `parallm` binary: the README's main command, and bad inputs that must
+//! each end with a clear message and a non-zero exit, never a panic.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn parallm(args: &[&str]) -> Output {
+    // The tests fetch the model through the library before the binary runs.
+    common::model_path();
+    Command::new(env!("CARGO_BIN_EXE_parallm"))
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+fn assert_clean_failure(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    assert!(stderr.contains("error:"), "no error line: {stderr}");
+    assert!(stderr.contains(needle), "expected {needle:?} in: {stderr}");
+}
+
+#[test]
+fn generate_continues_the_prompt_and_reports_speed() {
+    let out = parallm(&["generate", "The capital of France is", "--max-tokens", "8"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.starts_with(" Paris."), "{stdout}");
+    for key in [
+        "prompt tokens: 5",
+        "generated tokens: 8",
+        "prefill:",
+        "decode:",
+    ] {
+        assert!(stderr.contains(key), "{key} missing from {stderr}");
+    }
+}
+
+#[test]
+fn chat_and_beam_options_work() {
+    // f32: with quantized weights the first answer token is a near-tie ("The" vs "L").
+    let out = parallm(&[
+        "generate",
+        "What is the capital of France?",
+        "--chat",
+        "--max-tokens",
+        "12",
+        "--weights",
+        "f32",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
+    let out = parallm(&[
+        "generate",
+        "The capital of France is",
+        "--beam",
+        "3",
+        "--max-tokens",
+        "6",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("beam ").count(), 3, "{stderr}");
+}
+
+#[test]
+fn nonexistent_model_path() {
+    let out = parallm(&["generate", "hi", "--model", "/nonexistent/model.gguf"]);
+    assert_clean_failure(&out, "/nonexistent/model.gguf: no such file");
+}
+
+#[test]
+fn truncated_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("truncated.gguf");
+    let bytes = std::fs::read(common::model_path()).unwrap();
+    for cut in [bytes.len() / 2, 3_000_000, 100] {
+        std::fs::write(&path, &bytes[..cut]).unwrap();
+        let out = parallm(&["generate", "hi", "--model", path.to_str().unwrap()]);
+        assert_clean_failure(&out, "truncated.gguf");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("truncated"), "cut at {cut}: {stderr}");
+    }
+}
+
+/// A minimal GGUF v3 file with string metadata and no tensors.
+fn write_gguf(path: &Path, metadata: &[(&str, &str)]) {
+    let mut b = Vec::new();
+    b.extend_from_slice(b"GGUF");
+    b.extend_from_slice(&3u32.to_le_bytes());
+    b.extend_from_slice(&0u64.to_le_bytes());
+    b.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+    for (k, v) in metadata {
+        b.extend_from_slice(&(k.len() as u64).to_le_bytes());
+        b.extend_from_slice(k.as_bytes());
+        b.extend_from_slice(&8u32.to_le_bytes());
+        b.extend_from_slice(&(v.len() as u64).to_le_bytes());
+        b.extend_from_slice(v.as_bytes());
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn unsupported_architecture() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gpt2.gguf");
+    write_gguf(
+        &path,
+        &[
+            ("general.architecture", "gpt2"),
+            ("tokenizer.ggml.model", "gpt2"),
+        ],
+    );
+    let out = parallm(&["generate", "hi", "--model", path.to_str().unwrap()]);
+    assert_clean_failure(&out, "unsupported architecture 'gpt2'");
+}
+
+#[test]
+fn not_a_gguf_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.gguf");
+    std::fs::write(&path, "these are not the weights you are looking for").unwrap();
+    let out = parallm(&["generate", "hi", "--model", path.to_str().unwrap()]);
+    assert_clean_failure(&out, "notes.gguf");
+}
+
+#[test]
+fn empty_prompt() {
+    let out = parallm(&["generate", ""]);
+    assert_clean_failure(&out, "`prompt` must not be empty");
+}
+
+#[test]
+fn prompt_longer_than_the_context() {
+    let prompt = "hello ".repeat(9000);
+    let out = parallm(&["generate", &prompt, "--max-tokens", "4"]);
+    assert_clean_failure(&out, "context is 8192 tokens");
+}
+
+#[test]
+fn bad_sampling_parameter_names_the_field() {
+    let out = parallm(&["generate", "hi", "--top-p", "1.5"]);
+    assert_clean_failure(&out, "`top_p`");
+}
+
+#[test]
+fn bench_latency_runs_on_a_synthetic_model() {
+    let out = Command::new(env!("CARGO_BIN_EXE_parallm"))
+        .args([
+            "bench",
+            "latency",
+            "--synthetic",
+            "tiny",
+            "--runs",
+            "1",
+            "--prompt-tokens",
+            "16",
+        ])
+        .args([
+            "--decode-tokens",
+            "4",
+            "--batches",
+            "2",
+            "--batch-prompt-tokens",
+            "4",
+            "--batch-steps",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("| prefill 16 |") && stdout.contains("| decode batch 2 |"),
+        "{stdout}"
+    );
+}

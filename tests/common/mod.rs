@@ -1,0 +1,83 @@
+//! Shared fixtures: the reference model (fetched through the same code path as
+//! the binary, cached in $PARALLM_HOME) and the golden outputs.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use parallm::framework::{GgufFile, LlamaShard, ShardSpec, Tokenizer, WeightFormat};
+
+/// The reference model's path, fetched on first use.
+pub fn model_path() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| match parallm::fetch::reference_model(false) {
+        Ok(p) => p,
+        Err(e) => panic!("cannot fetch the reference model: {e}"),
+    })
+    .clone()
+}
+
+/// The open reference model file.
+pub fn gguf() -> &'static GgufFile {
+    static FILE: OnceLock<GgufFile> = OnceLock::new();
+    FILE.get_or_init(|| GgufFile::open(model_path()).expect("reference model opens"))
+}
+
+/// The reference tokenizer.
+pub fn tokenizer() -> &'static Tokenizer {
+    static TOK: OnceLock<Tokenizer> = OnceLock::new();
+    TOK.get_or_init(|| Tokenizer::from_gguf(gguf()).expect("tokenizer builds"))
+}
+
+/// The whole reference model in `format`, loaded once per test binary and format.
+pub fn model(format: WeightFormat) -> &'static LlamaShard {
+    static MODELS: OnceLock<std::sync::Mutex<Vec<(WeightFormat, &'static LlamaShard)>>> =
+        OnceLock::new();
+    let cell = MODELS.get_or_init(Default::default);
+    let mut models = cell.lock().unwrap();
+    if let Some((_, m)) = models.iter().find(|(f, _)| *f == format) {
+        return m;
+    }
+    let m: &'static LlamaShard = Box::leak(Box::new(
+        LlamaShard::load(gguf(), ShardSpec::SINGLE, format).expect("model loads"),
+    ));
+    models.push((format, m));
+    m
+}
+
+/// The golden file: `$PARALLM_GOLDEN`, else `../shared/golden/smollm2-135m-q4_1.json`.
+pub fn golden() -> serde_json::Value {
+    let path = std::env::var_os("PARALLM_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../shared/golden/smollm2-135m-q4_1.json")
+        });
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("golden file {} is needed by this test: {e}", path.display()));
+    serde_json::from_str(&text).expect("golden file is JSON")
+}
+
+/// A JSON array of integers as token ids.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("integer") as u32)
+        .collect()
+}
+
+/// Indices of the `k` largest values, largest first.
+pub fn top_k(row: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..row.len()).collect();
+    idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+/// Largest |a − b| relative to the largest |b|.
+pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
