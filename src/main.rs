@@ -293,7 +293,7 @@ fn run_latency(args: LatencyArgs) -> CliResult {
     eprintln!(
         "model: {what}, weights: {}, threads: {}",
         model.format(),
-        candle_threads()
+        framework::compute_threads()
     );
     let report = latency(&model, &plan, |line| eprintln!("  measuring {line} ..."))?;
     println!("| test | tok/s |");
@@ -314,14 +314,4 @@ fn run_latency(args: LatencyArgs) -> CliResult {
         std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
     }
     Ok(())
-}
-
-fn candle_threads() -> usize {
-    candle_core_threads()
-}
-
-fn candle_core_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
 }

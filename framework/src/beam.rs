@@ -139,7 +139,8 @@ impl BeamSearch {
                 ended_with_eos: is_eos,
             };
             if is_eos || beam.tokens.len() >= self.max_tokens {
-                // Only hypotheses among the current top `width` may finish.
+                // An ending candidate ranked above the last live beam becomes a
+                // finished hypothesis; it does not take a live beam's place.
                 self.finished.push(beam);
             } else {
                 forks.push(Fork { parent, token });

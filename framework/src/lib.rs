@@ -33,3 +33,9 @@ pub use sampling::{FinishReason, SamplingParams};
 pub use shard::ShardSpec;
 pub use tokenizer::Tokenizer;
 pub use weights::WeightFormat;
+
+/// Threads the CPU backend's matmuls use (`CANDLE_NUM_THREADS`, `RAYON_NUM_THREADS`,
+/// else every core).
+pub fn compute_threads() -> usize {
+    candle_core::utils::get_num_threads()
+}

@@ -333,11 +333,15 @@ impl LlamaShard {
         for (i, item) in items.iter().enumerate() {
             let start = item.cache.len;
             if start + item.tokens.len() > c.context {
-                return Err(Error::ContextOverflow {
-                    prompt_tokens: start + item.tokens.len(),
-                    max_tokens: 0,
-                    context: c.context,
-                });
+                return Err(Error::invalid(
+                    "tokens",
+                    format!(
+                        "{} cached plus {} new tokens exceed the model's context of {} tokens",
+                        start,
+                        item.tokens.len(),
+                        c.context
+                    ),
+                ));
             }
             if item.cache.kv_width != kv_w || item.cache.layers.len() != c.n_layers {
                 return Err(Error::Shard(
