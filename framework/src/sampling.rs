@@ -7,7 +7,7 @@
 //! frequency penalties (over the output, as in OpenAI's API), then either argmax
 //! (temperature 0) or temperature → top-k → softmax → top-p → min-p → a draw.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
 
@@ -177,7 +177,7 @@ pub struct Sampler {
     params: SamplingParams,
     rng: Rng,
     /// Tokens of prompt and output (for the repetition penalty).
-    seen: HashMap<u32, ()>,
+    seen: HashSet<u32>,
     /// Counts of output tokens (presence / frequency penalties).
     generated: HashMap<u32, u32>,
 }
@@ -193,7 +193,7 @@ impl Sampler {
         });
         Self {
             rng: Rng::new(seed),
-            seen: prompt.iter().map(|&t| (t, ())).collect(),
+            seen: prompt.iter().copied().collect(),
             generated: HashMap::new(),
             params,
         }
@@ -206,7 +206,7 @@ impl Sampler {
 
     /// Records a token that was appended to the sequence.
     pub fn accept(&mut self, token: u32) {
-        self.seen.insert(token, ());
+        self.seen.insert(token);
         *self.generated.entry(token).or_default() += 1;
     }
 
@@ -214,7 +214,7 @@ impl Sampler {
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
-            for &t in self.seen.keys() {
+            for &t in &self.seen {
                 if let Some(l) = logits.get_mut(t as usize) {
                     *l = if *l > 0.0 {
                         *l / p.repetition_penalty
