@@ -381,10 +381,6 @@ impl LlamaShard {
                 cache.k.extend_from_slice(&kv[..kv_w]);
                 cache.v.extend_from_slice(&kv[kv_w..]);
             }
-            let mut q = Vec::with_capacity(rows * q_w);
-            for row in qkv.chunks_exact(qkv_w) {
-                q.extend_from_slice(&row[..q_w]);
-            }
             let attn_rows: Vec<AttnRow<'_>> = (0..rows)
                 .map(|r| {
                     let l = &items[row_item[r]].cache.layers[layer];
@@ -395,7 +391,7 @@ impl LlamaShard {
                     }
                 })
                 .collect();
-            ops::attention(&q, &attn_rows, n_heads, n_kv, hd, &mut attn);
+            ops::attention(&qkv, qkv_w, &attn_rows, n_heads, n_kv, hd, &mut attn);
             let mut o = b.o.forward(&attn, rows)?;
             collective.all_reduce_sum(&mut o)?;
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);

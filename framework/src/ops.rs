@@ -108,11 +108,13 @@ pub struct AttnRow<'a> {
 
 /// Causal grouped-query attention for a batch of query rows.
 ///
-/// `q` is `rows × (n_heads·head_dim)`; query head `h` reads KV head
-/// `h / group`. Writes `rows × (n_heads·head_dim)` into `out`. Softmax in f32
-/// with the running maximum subtracted.
+/// Row `r`'s queries are `q[r·q_stride..][..n_heads·head_dim]` (a stride wider
+/// than the queries reads them in place from fused q|k|v rows); query head `h`
+/// reads KV head `h / group`. Writes `rows × (n_heads·head_dim)` into `out`.
+/// Softmax in f32 with the running maximum subtracted.
 pub fn attention(
     q: &[f32],
+    q_stride: usize,
     rows: &[AttnRow<'_>],
     n_heads: usize,
     n_kv_heads: usize,
@@ -129,7 +131,7 @@ pub fn attention(
         let mut scores = vec![0f32; n];
         for h in 0..n_heads {
             let kvh = h / group;
-            let qh = &q[r * q_width + h * head_dim..][..head_dim];
+            let qh = &q[r * q_stride + h * head_dim..][..head_dim];
             let mut max = f32::NEG_INFINITY;
             for (j, s) in scores.iter_mut().enumerate() {
                 *s = dot(qh, &row.k[j * kv_width + kvh * head_dim..][..head_dim]) * scale;
@@ -199,7 +201,7 @@ mod tests {
             pos: 0,
         };
         // Two query heads sharing one... here two KV heads of width 2.
-        attention(&q, &[row], 2, 2, 2, &mut out);
+        attention(&q, 4, &[row], 2, 2, 2, &mut out);
         assert_eq!(out, [5.0, 6.0, 7.0, 8.0]);
     }
 
