@@ -3,12 +3,20 @@
 //! This package is the public facade and the `parallm` binary. The model side
 //! lives in the [`framework`] crate, re-exported here whole; this package adds
 //! what a program embedding parallm needs around it: fetching the reference
-//! model ([`fetch`]), loading a model with its tokenizer ([`load`]) and the
-//! latency benchmark ([`bench`]).
+//! model ([`fetch`]), loading a model with its tokenizer ([`load`]), the
+//! latency benchmark ([`bench`]) and the engine throughput benchmark
+//! ([`throughput`]). The actor pipeline and its [`Engine`] come from the
+//! `actors` crate, re-exported whole.
 
 pub mod bench;
 pub mod fetch;
 pub mod load;
+pub mod throughput;
 
+pub use actors;
+pub use actors::llm::{
+    BeamParams, Engine, EngineBuilder, EngineConfig, EngineError, Event, EventStream, Prompt,
+    Request, Usage,
+};
 pub use framework;
 pub use framework::{Error, Result};

@@ -1,15 +1,20 @@
-//! The `parallm` command line: `generate` and `bench latency`.
+//! The `parallm` command line: `generate` (through the engine), `bench latency`
+//! and `bench throughput`.
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::time::Instant;
+
 use clap::{Args, Parser, Subcommand};
-use framework::chat::{ChatMessage, ChatTemplate};
-use framework::generate::{beam_search, generate};
+use framework::chat::ChatMessage;
 use framework::{LlamaConfig, LlamaShard, SamplingParams, ShardSpec, WeightFormat};
+use parallm::actors::llm::ModelSource;
 use parallm::bench::{latency, LatencyPlan};
-use parallm::load::{load_model, resolve_model_path};
+use parallm::load::resolve_model_path;
+use parallm::throughput::{throughput, ThroughputPlan};
+use parallm::{BeamParams, Engine, EngineBuilder, Event, Prompt, Request};
 
 type CliResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -96,12 +101,74 @@ struct GenerateArgs {
     /// Stop when this string is generated (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+    #[command(flatten)]
+    parallel: ParallelArgs,
+}
+
+#[derive(Args)]
+struct ParallelArgs {
+    /// Tensor-parallel ranks per pipeline stage (compute nodes splitting each layer).
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
+    /// Pipeline stages (compute nodes each running a range of layers).
+    #[arg(long, default_value_t = 1)]
+    pp: usize,
+    /// Data-parallel replicas of the whole model.
+    #[arg(long, default_value_t = 1)]
+    dp: usize,
+    /// Tokens per scheduler step (prefill chunks and decodes together).
+    #[arg(long, default_value_t = 512)]
+    max_batch_tokens: usize,
+    /// Requests running at once per replica.
+    #[arg(long, default_value_t = 64)]
+    max_running: usize,
+}
+
+impl ParallelArgs {
+    fn apply(&self, b: EngineBuilder) -> EngineBuilder {
+        b.tp(self.tp)
+            .pp(self.pp)
+            .dp(self.dp)
+            .max_batch_tokens(self.max_batch_tokens)
+            .max_running(self.max_running)
+    }
 }
 
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Prefill and decode speed of one model shard.
     Latency(LatencyArgs),
+    /// Output tokens per second of many concurrent requests through the engine.
+    Throughput(ThroughputArgs),
+}
+
+#[derive(Args)]
+struct ThroughputArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Use a synthetic model of this shape (tiny, 135m, 1b, 8b) instead of a file.
+    #[arg(long, conflicts_with = "model")]
+    synthetic: Option<String>,
+    #[command(flatten)]
+    parallel: ParallelArgs,
+    /// Concurrent requests, one measurement each.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    concurrency: Vec<usize>,
+    /// Prompt length, N or MIN-MAX (lengths spread evenly over the range).
+    #[arg(long, default_value = "32-512")]
+    prompt_tokens: String,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 128)]
+    output_tokens: usize,
+    /// Timed steps of the bare batched forward.
+    #[arg(long, default_value_t = 8)]
+    bare_steps: usize,
+    /// Skip the bare forward comparison.
+    #[arg(long)]
+    no_bare: bool,
+    /// Also write the rows as JSON here.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -143,6 +210,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => run_generate(args),
         Command::Bench(BenchCommand::Latency(args)) => run_latency(args),
+        Command::Bench(BenchCommand::Throughput(args)) => run_throughput(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -174,56 +242,6 @@ fn run_generate(args: GenerateArgs) -> CliResult {
         }
         .into());
     }
-    let path = resolve_model_path(args.model.model.as_deref(), std::io::stderr().is_terminal())?;
-    let loaded = load_model(&path, args.model.weights)?;
-    let tok = &loaded.tokenizer;
-    let text = if args.chat {
-        let source = tok.chat_template().ok_or_else(|| {
-            format!(
-                "{} has no chat template (tokenizer.chat_template)",
-                path.display()
-            )
-        })?;
-        let bos = tok
-            .bos()
-            .and_then(|b| tok.token_text(b))
-            .unwrap_or_default();
-        let eos = tok.token_text(tok.eos()).unwrap_or_default();
-        let template = ChatTemplate::new(source, &bos, &eos)?;
-        let mut messages = Vec::new();
-        if let Some(system) = args.system {
-            messages.push(ChatMessage::new("system", system));
-        }
-        messages.push(ChatMessage::new("user", prompt));
-        template.render(&messages, true)?
-    } else {
-        prompt
-    };
-    let ids = tok.encode(&text)?;
-
-    if let Some(width) = args.beam {
-        let beams = beam_search(
-            &loaded.model,
-            tok,
-            &ids,
-            width,
-            args.length_penalty,
-            args.max_tokens,
-        )?;
-        let best = beams.first().ok_or("beam search returned no hypothesis")?;
-        println!("{}", best.text);
-        for (i, b) in beams.iter().enumerate() {
-            eprintln!(
-                "beam {} score {:.4} ({} tokens): {:?}",
-                i + 1,
-                b.score,
-                b.tokens.len(),
-                b.text
-            );
-        }
-        return Ok(());
-    }
-
     let params = SamplingParams {
         temperature: args.temperature,
         top_k: args.top_k,
@@ -237,25 +255,194 @@ fn run_generate(args: GenerateArgs) -> CliResult {
         stop: args.stop,
         ignore_eos: false,
     };
-    let mut stdout = std::io::stdout().lock();
-    let gen = generate(&loaded.model, tok, &ids, &params, |piece| {
-        // A closed stdout (a pipe into `head`) is not worth a panic.
-        let _ = stdout.write_all(piece.as_bytes());
-        let _ = stdout.flush();
+    params.validate()?;
+    let path = resolve_model_path(args.model.model.as_deref(), std::io::stderr().is_terminal())?;
+    let engine = args
+        .parallel
+        .apply(
+            Engine::builder()
+                .model_path(&path)
+                .weights(args.model.weights),
+        )
+        .build()?;
+    let prompt = if args.chat {
+        let mut messages = Vec::new();
+        if let Some(system) = args.system {
+            messages.push(ChatMessage::new("system", system));
+        }
+        messages.push(ChatMessage::new("user", prompt));
+        Prompt::Chat(messages)
+    } else {
+        Prompt::Text(prompt)
+    };
+    let beam = args.beam.map(|width| BeamParams {
+        width,
+        length_penalty: args.length_penalty,
+    });
+    let t0 = Instant::now();
+    let mut stream = engine.generate(Request {
+        prompt,
+        params,
+        beam,
+        priority: 0,
     })?;
-    let _ = writeln!(stdout);
-    let _ = stdout.flush();
+    let mut stdout = std::io::stdout().lock();
+    let mut first: Option<Instant> = None;
+    let result = loop {
+        match stream.next_blocking() {
+            Some(Event::Token { text, .. }) => {
+                first.get_or_insert_with(Instant::now);
+                // A closed stdout (a pipe into `head`) is not worth a panic.
+                let _ = stdout.write_all(text.as_bytes());
+                let _ = stdout.flush();
+            }
+            Some(Event::Finished {
+                reason,
+                usage,
+                tail,
+                beams,
+                ..
+            }) => {
+                let _ = writeln!(stdout, "{tail}");
+                let _ = stdout.flush();
+                for (i, b) in beams.iter().enumerate().filter(|_| beams.len() > 1) {
+                    eprintln!(
+                        "beam {} score {:.4} ({} tokens): {:?}",
+                        i + 1,
+                        b.score,
+                        b.tokens.len(),
+                        b.text
+                    );
+                }
+                break Ok((reason, usage));
+            }
+            Some(Event::Failed { error }) => break Err(error),
+            Some(Event::Cancelled) => break Err("the request was cancelled".into()),
+            None => break Err("the engine stopped without an answer".into()),
+        }
+    };
+    let end = Instant::now();
+    let cfg = engine.config().clone();
+    engine.shutdown();
+    let (reason, usage) = result?;
+    let prefill = first.unwrap_or(end).duration_since(t0).as_secs_f64();
+    let decode = first.map_or(0.0, |f| end.duration_since(f).as_secs_f64());
     let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
     eprintln!(
-        "prompt tokens: {}, generated tokens: {}, prefill: {:.1} tok/s, decode: {:.1} tok/s, finish: {}, weights: {}",
-        gen.prompt_tokens,
-        gen.tokens.len(),
-        rate(gen.prompt_tokens, gen.prefill_seconds),
-        rate(gen.tokens.len().saturating_sub(1), gen.decode_seconds),
-        gen.finish_reason.as_str(),
-        loaded.model.format(),
+        "prompt tokens: {}, generated tokens: {}, prefill: {:.1} tok/s, decode: {:.1} tok/s, finish: {}, weights: {}, tp={} pp={} dp={}",
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        rate(usage.prompt_tokens, prefill),
+        rate(usage.completion_tokens.saturating_sub(1), decode),
+        reason.as_str(),
+        cfg.weights,
+        cfg.tp,
+        cfg.pp,
+        cfg.dp,
     );
     Ok(())
+}
+
+fn run_throughput(args: ThroughputArgs) -> CliResult {
+    let (builder, what) = match &args.synthetic {
+        Some(name) => (
+            Engine::builder().synthetic(name.clone(), 0),
+            format!("synthetic {name}"),
+        ),
+        None => {
+            let path =
+                resolve_model_path(args.model.model.as_deref(), std::io::stderr().is_terminal())?;
+            let what = path.display().to_string();
+            (Engine::builder().model_path(path), what)
+        }
+    };
+    let engine = args
+        .parallel
+        .apply(builder.weights(args.model.weights))
+        .build()?;
+    let cfg = engine.config().clone();
+    // The bare forward runs one whole-model shard: only comparable at tp = pp = 1.
+    let bare = if cfg.tp == 1 && cfg.pp == 1 && !args.no_bare {
+        Some(match &cfg.model {
+            ModelSource::Gguf(p) => LlamaShard::load(
+                &framework::GgufFile::open(p)?,
+                ShardSpec::SINGLE,
+                cfg.weights,
+            )?,
+            ModelSource::Synthetic { name, seed } => LlamaShard::synthetic(
+                LlamaConfig::synthetic(name)?,
+                *seed,
+                ShardSpec::SINGLE,
+                cfg.weights,
+            )?,
+        })
+    } else {
+        None
+    };
+    let (min_prompt, max_prompt) = parse_range(&args.prompt_tokens)?;
+    let plan = ThroughputPlan {
+        concurrency: args.concurrency,
+        min_prompt,
+        max_prompt,
+        output_tokens: args.output_tokens,
+        bare_steps: args.bare_steps,
+    };
+    eprintln!(
+        "model: {what}, weights: {}, tp={} pp={} dp={}, max_batch_tokens {}, threads: {}",
+        cfg.weights,
+        cfg.tp,
+        cfg.pp,
+        cfg.dp,
+        cfg.max_batch_tokens,
+        framework::compute_threads()
+    );
+    let rows = throughput(&engine, bare.as_ref(), &plan, |l| {
+        eprintln!("  measuring {l} ...")
+    })?;
+    engine.shutdown();
+    println!("| requests | output tok/s | decode tok/s | TTFT median ms | TPOT median ms | step ms | node compute ms | engine overhead | bare step ms | TPOT vs bare |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        let opt = |x: Option<f64>, unit: &str| x.map_or("-".into(), |v| format!("{v:.1}{unit}"));
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1}% | {} | {} |",
+            r.concurrency,
+            r.output_tok_s,
+            r.decode_tok_s,
+            r.ttft_median_ms,
+            r.tpot_median_ms,
+            r.step_ms,
+            r.node_compute_ms,
+            r.engine_overhead_pct,
+            opt(r.bare_step_ms, ""),
+            opt(r.tpot_vs_bare_pct, "%"),
+        );
+    }
+    if let Some(path) = args.json {
+        let json = serde_json::json!({
+            "model": what,
+            "weights": cfg.weights,
+            "tp": cfg.tp, "pp": cfg.pp, "dp": cfg.dp,
+            "plan": plan,
+            "rows": rows,
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
+    }
+    Ok(())
+}
+
+fn parse_range(s: &str) -> CliResult<(usize, usize)> {
+    let bad = || format!("--prompt-tokens: expected N or MIN-MAX, got {s:?}");
+    let (a, b) = match s.split_once('-') {
+        Some((a, b)) => (a, b),
+        None => (s, s),
+    };
+    let a: usize = a.trim().parse().map_err(|_| bad())?;
+    let b: usize = b.trim().parse().map_err(|_| bad())?;
+    if a == 0 || a > b {
+        return Err(bad().into());
+    }
+    Ok((a, b))
 }
 
 fn run_latency(args: LatencyArgs) -> CliResult {

@@ -11,8 +11,11 @@
 //!   its buffer into its own slot; after a barrier every rank sums the slots in
 //!   rank order, so all ranks get bit-identical results and the sum does not depend
 //!   on thread timing. Every rank must call the same operations in the same order.
+//!   A rank that fails calls [`Collective::abort`]: every peer waiting in (or
+//!   later entering) an operation of that group gets an error instead of
+//!   waiting forever. An aborted group stays aborted; the next step uses a new one.
 
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use crate::error::{Error, Result};
 
@@ -24,6 +27,9 @@ pub trait Collective: Send + Sync {
     fn world_size(&self) -> usize;
     /// Replaces `buf` on every rank with the element-wise sum over ranks.
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
+    /// Makes every current and future operation of the group fail, so that peers
+    /// of a failed rank return instead of waiting for it.
+    fn abort(&self) {}
     /// Gathers column blocks: `local` is `rows × local_cols` (this rank's columns
     /// `col_offset..col_offset+local_cols` of a `rows × total_cols` matrix); returns
     /// the whole matrix on every rank.
@@ -62,8 +68,61 @@ impl Collective for SingleCollective {
     }
 }
 
+/// A barrier whose waiters can be released with an error.
+struct AbortableBarrier {
+    n: usize,
+    state: Mutex<BarrierState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct BarrierState {
+    arrived: usize,
+    generation: u64,
+    aborted: bool,
+}
+
+impl AbortableBarrier {
+    fn new(n: usize) -> Self {
+        Self {
+            n,
+            state: Mutex::new(BarrierState::default()),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn wait(&self) -> Result<()> {
+        let mut s = self.state.lock().map_err(|_| poisoned())?;
+        if s.aborted {
+            return Err(aborted());
+        }
+        s.arrived += 1;
+        if s.arrived == self.n {
+            s.arrived = 0;
+            s.generation += 1;
+            self.cv.notify_all();
+            return Ok(());
+        }
+        let generation = s.generation;
+        while s.generation == generation && !s.aborted {
+            s = self.cv.wait(s).map_err(|_| poisoned())?;
+        }
+        if s.generation == generation {
+            return Err(aborted());
+        }
+        Ok(())
+    }
+
+    fn abort(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.aborted = true;
+        }
+        self.cv.notify_all();
+    }
+}
+
 struct ThreadGroup {
-    barrier: Barrier,
+    barrier: AbortableBarrier,
     slots: Vec<Mutex<Vec<f32>>>,
 }
 
@@ -87,7 +146,7 @@ impl ThreadCollective {
     /// Handles for every rank of a new group of `world_size` threads.
     pub fn group(world_size: usize) -> Vec<ThreadCollective> {
         let group = Arc::new(ThreadGroup {
-            barrier: Barrier::new(world_size),
+            barrier: AbortableBarrier::new(world_size),
             slots: (0..world_size).map(|_| Mutex::new(Vec::new())).collect(),
         });
         (0..world_size)
@@ -101,6 +160,10 @@ impl ThreadCollective {
 
 fn poisoned() -> Error {
     Error::Collective("a peer rank panicked during an all-reduce".into())
+}
+
+fn aborted() -> Error {
+    Error::Aborted("a peer rank failed during a collective".into())
 }
 
 impl Collective for ThreadCollective {
@@ -122,7 +185,7 @@ impl Collective for ThreadCollective {
             slot.clear();
             slot.extend_from_slice(buf);
         }
-        g.barrier.wait();
+        g.barrier.wait()?;
         buf.fill(0.0);
         for (r, slot) in g.slots.iter().enumerate() {
             let slot = slot.lock().map_err(|_| poisoned())?;
@@ -139,14 +202,37 @@ impl Collective for ThreadCollective {
             }
         }
         // Nobody may overwrite a slot before every rank has read all of them.
-        g.barrier.wait();
-        Ok(())
+        g.barrier.wait()
+    }
+
+    fn abort(&self) {
+        self.group.barrier.abort();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn abort_releases_waiting_peers() {
+        let handles = ThreadCollective::group(3);
+        std::thread::scope(|s| {
+            let waiters: Vec<_> = handles[..2]
+                .iter()
+                .map(|h| s.spawn(move || h.all_reduce_sum(&mut [1.0])))
+                .collect();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            handles[2].abort();
+            for w in waiters {
+                assert!(w.join().unwrap().is_err());
+            }
+        });
+        assert!(
+            handles[2].all_reduce_sum(&mut [1.0]).is_err(),
+            "stays aborted"
+        );
+    }
 
     #[test]
     fn thread_group_sums_in_rank_order() {

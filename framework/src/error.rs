@@ -97,6 +97,9 @@ pub enum Error {
     /// A collective operation failed (a peer vanished, sizes disagree).
     #[error("collective: {0}")]
     Collective(String),
+    /// The step was aborted because a peer failed; this rank is healthy.
+    #[error("aborted: {0}")]
+    Aborted(String),
     /// The compute backend failed.
     #[error("backend: {0}")]
     Backend(#[from] candle_core::Error),
@@ -119,6 +122,7 @@ impl Error {
             Error::InvalidRequest { .. } | Error::ContextOverflow { .. } => "invalid_request",
             Error::Shard(_) => "shard",
             Error::Collective(_) => "collective",
+            Error::Aborted(_) => "aborted",
             Error::Backend(_) => "backend",
             Error::Io(_) => "io",
         }

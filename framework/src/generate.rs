@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use crate::beam::BeamSearch;
+use crate::beam::{Beam, BeamSearch};
 use crate::collective::SingleCollective;
 use crate::error::{Error, Result};
 use crate::model::{BatchItem, LlamaShard, LogitsWanted, SeqKvCache};
@@ -115,7 +115,7 @@ pub fn generate(
 }
 
 /// One beam-search result.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BeamResult {
     /// Generated token ids (EOS excluded).
     pub tokens: Vec<u32>,
@@ -195,18 +195,23 @@ pub fn beam_search(
     Ok(search
         .into_results()
         .into_iter()
-        .map(|b| {
-            let tokens: Vec<u32> = b
-                .tokens
-                .into_iter()
-                .filter(|t| !tokenizer.stop_tokens().contains(t))
-                .collect();
-            BeamResult {
-                text: tokenizer.decode(&tokens),
-                tokens,
-                score: b.score,
-                logprob: b.logprob,
-            }
-        })
+        .map(|b| BeamResult::from_beam(b, tokenizer.stop_tokens(), |t| tokenizer.decode(t)))
         .collect())
+}
+
+impl BeamResult {
+    /// A finished beam with its stop tokens dropped and its text decoded.
+    pub fn from_beam(beam: Beam, stop_tokens: &[u32], decode: impl Fn(&[u32]) -> String) -> Self {
+        let tokens: Vec<u32> = beam
+            .tokens
+            .into_iter()
+            .filter(|t| !stop_tokens.contains(t))
+            .collect();
+        Self {
+            text: decode(&tokens),
+            tokens,
+            score: beam.score,
+            logprob: beam.logprob,
+        }
+    }
 }

@@ -11,6 +11,7 @@
 //! plain, synchronous and tested without an actor system. User input (files,
 //! requests) produces an [`Error`], never a panic.
 
+pub mod batching;
 pub mod beam;
 pub mod chat;
 pub mod collective;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+pub mod kv;
 pub mod model;
 pub mod ops;
 pub mod sampling;
@@ -25,10 +27,13 @@ pub mod shard;
 pub mod tokenizer;
 pub mod weights;
 
+pub use batching::GroupId;
 pub use config::LlamaConfig;
 pub use error::{Error, Result};
 pub use gguf::GgufFile;
-pub use model::{BatchItem, LlamaShard, Logits, LogitsWanted, SeqKvCache};
+pub use model::{
+    BatchItem, LlamaShard, Logits, LogitsWanted, PagedItem, SeqKvCache, StageInput, StageOutput,
+};
 pub use sampling::{FinishReason, SamplingParams};
 pub use shard::ShardSpec;
 pub use tokenizer::Tokenizer;

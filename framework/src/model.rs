@@ -23,7 +23,8 @@ use crate::collective::Collective;
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
-use crate::ops::{self, AttnRow, RopeTable};
+use crate::kv::KvPool;
+use crate::ops::{self, AttnRow, KvRows, RopeTable};
 use crate::sampling::Rng;
 use crate::shard::{ShardLayout, ShardSpec};
 use crate::weights::{Embedding, Linear, Mat, WeightFormat, AUTO_DENSE_MAX_BYTES};
@@ -181,10 +182,12 @@ pub struct LlamaShard {
     config: LlamaConfig,
     layout: ShardLayout,
     format: WeightFormat,
-    embed: Embedding,
+    layers: Range<usize>,
+    /// Present on the first pipeline stage.
+    embed: Option<Embedding>,
     blocks: Vec<Block>,
-    norm: Vec<f32>,
-    lm_head: Linear,
+    /// Final norm and LM head, present on the last pipeline stage.
+    head: Option<(Vec<f32>, Linear)>,
     rope: RopeTable,
 }
 
@@ -194,6 +197,7 @@ impl std::fmt::Debug for LlamaShard {
             .field("config", &self.config)
             .field("layout", &self.layout)
             .field("format", &self.format)
+            .field("layers", &self.layers)
             .finish()
     }
 }
@@ -202,7 +206,21 @@ impl LlamaShard {
     /// Loads shard `spec` of the model in `file`.
     pub fn load(file: &GgufFile, spec: ShardSpec, format: WeightFormat) -> Result<Self> {
         let config = LlamaConfig::from_gguf(file)?;
-        Self::build(config, &WeightSource::Gguf(file), spec, format)
+        let layers = 0..config.n_layers;
+        Self::build(config, &WeightSource::Gguf(file), spec, layers, format)
+    }
+
+    /// Loads shard `spec` of the pipeline stage that runs `layers` of the model
+    /// in `file`: the first stage also holds the embedding, the last the final
+    /// norm and LM head.
+    pub fn load_stage(
+        file: &GgufFile,
+        spec: ShardSpec,
+        layers: Range<usize>,
+        format: WeightFormat,
+    ) -> Result<Self> {
+        let config = LlamaConfig::from_gguf(file)?;
+        Self::build(config, &WeightSource::Gguf(file), spec, layers, format)
     }
 
     /// Shard `spec` of a model of shape `config` with seeded random weights.
@@ -213,36 +231,81 @@ impl LlamaShard {
         format: WeightFormat,
     ) -> Result<Self> {
         config.validate()?;
-        Self::build(config, &WeightSource::Synthetic { seed }, spec, format)
+        let layers = 0..config.n_layers;
+        Self::build(
+            config,
+            &WeightSource::Synthetic { seed },
+            spec,
+            layers,
+            format,
+        )
+    }
+
+    /// Like [`LlamaShard::synthetic`], for the pipeline stage that runs `layers`.
+    pub fn synthetic_stage(
+        config: LlamaConfig,
+        seed: u64,
+        spec: ShardSpec,
+        layers: Range<usize>,
+        format: WeightFormat,
+    ) -> Result<Self> {
+        config.validate()?;
+        Self::build(
+            config,
+            &WeightSource::Synthetic { seed },
+            spec,
+            layers,
+            format,
+        )
     }
 
     fn build(
         config: LlamaConfig,
         src: &WeightSource<'_>,
         spec: ShardSpec,
+        layers: Range<usize>,
         format: WeightFormat,
     ) -> Result<Self> {
+        if layers.is_empty() || layers.end > config.n_layers {
+            return Err(Error::Shard(format!(
+                "layer range {layers:?} is empty or outside the model's {} layers",
+                config.n_layers
+            )));
+        }
+        let (first, last) = (layers.start == 0, layers.end == config.n_layers);
         let layout = ShardLayout::new(&config, spec)?;
         let (h, hd) = (config.hidden, config.head_dim());
         let kv_rows = config.n_kv_heads * hd;
         let q_local = layout.heads.start * hd..layout.heads.end * hd;
         let kv_local = layout.kv_heads.start * hd..layout.kv_heads.end * hd;
 
-        let embd = src.matrix("token_embd.weight", config.vocab, h)?;
-        let embed_local = embd.select_rows(std::slice::from_ref(&layout.vocab));
-        let lm_source = if src.has("output.weight") {
-            src.matrix("output.weight", config.vocab, h)?
-                .select_rows(std::slice::from_ref(&layout.vocab))
-        } else {
-            embed_local.clone()
-        };
         let dense = config.parameter_count() * 4 / spec.world_size <= AUTO_DENSE_MAX_BYTES;
         let linear = |m: Mat| Linear::with_format(m, format, dense);
-        let lm_head = linear(lm_source)?;
-        let embed = Embedding::new(embed_local, layout.vocab.clone())?;
+        let embed_local = if first || (last && !src.has("output.weight")) {
+            let embd = src.matrix("token_embd.weight", config.vocab, h)?;
+            Some(embd.select_rows(std::slice::from_ref(&layout.vocab)))
+        } else {
+            None
+        };
+        let head = if last {
+            let lm_source = match &embed_local {
+                Some(e) if !src.has("output.weight") => e.clone(),
+                _ => src
+                    .matrix("output.weight", config.vocab, h)?
+                    .select_rows(std::slice::from_ref(&layout.vocab)),
+            };
+            let norm = src.vector("output_norm.weight", h)?;
+            Some((norm, linear(lm_source)?))
+        } else {
+            None
+        };
+        let embed = match embed_local {
+            Some(e) if first => Some(Embedding::new(e, layout.vocab.clone())?),
+            _ => None,
+        };
 
-        let mut blocks = Vec::with_capacity(config.n_layers);
-        for i in 0..config.n_layers {
+        let mut blocks = Vec::with_capacity(layers.len());
+        for i in layers.clone() {
             let name = |t: &str| format!("blk.{i}.{t}.weight");
             let q = src.matrix(&name("attn_q"), h, h)?;
             let k = src.matrix(&name("attn_k"), kv_rows, h)?;
@@ -273,16 +336,15 @@ impl LlamaShard {
                 down: linear(down)?,
             });
         }
-        let norm = src.vector("output_norm.weight", h)?;
         let rope = RopeTable::new(hd, config.rope_base, config.context);
         Ok(Self {
             config,
             layout,
             format,
+            layers,
             embed,
             blocks,
-            norm,
-            lm_head,
+            head,
             rope,
         })
     }
@@ -302,119 +364,243 @@ impl LlamaShard {
         self.format
     }
 
+    /// The layers this shard runs (all of them unless it is a pipeline stage).
+    pub fn layers(&self) -> Range<usize> {
+        self.layers.clone()
+    }
+
+    /// Floats of K (or V) per position in this shard's caches.
+    pub fn kv_width(&self) -> usize {
+        self.layout.kv_heads.len() * self.config.head_dim()
+    }
+
     /// An empty cache for one sequence on this shard.
     pub fn new_cache(&self) -> SeqKvCache {
         SeqKvCache {
-            layers: vec![LayerKv::default(); self.config.n_layers],
+            layers: vec![LayerKv::default(); self.blocks.len()],
             len: 0,
-            kv_width: self.layout.kv_heads.len() * self.config.head_dim(),
+            kv_width: self.kv_width(),
         }
+    }
+
+    /// A paged KV pool for this shard's layers and KV heads.
+    pub fn new_pool(&self, block_size: usize, n_blocks: usize) -> KvPool {
+        KvPool::new(self.blocks.len(), self.kv_width(), block_size, n_blocks)
     }
 
     /// Runs one batched step: appends every item's tokens to its cache and
     /// returns the logits the items asked for. Every rank of `collective` must
     /// call this with the same items (tokens and cache lengths) at the same time.
+    /// The shard must hold the whole model (no pipeline stage).
     pub fn forward(
         &self,
         items: &mut [BatchItem<'_>],
         collective: &dyn Collective,
     ) -> Result<Logits> {
-        let c = &self.config;
-        let (h, hd) = (c.hidden, c.head_dim());
-        let n_heads = self.layout.heads.len();
-        let n_kv = self.layout.kv_heads.len();
-        let (q_w, kv_w) = (n_heads * hd, n_kv * hd);
-        let ffn = self.layout.ffn.len();
+        if self.embed.is_none() || self.head.is_none() {
+            return Err(Error::Shard(
+                "forward needs the whole model; a pipeline stage runs forward_paged".into(),
+            ));
+        }
+        let kv_w = self.kv_width();
+        for item in items.iter() {
+            if item.cache.kv_width != kv_w || item.cache.layers.len() != self.blocks.len() {
+                return Err(Error::Shard(
+                    "KV cache belongs to another shard layout".into(),
+                ));
+            }
+        }
+        let shapes: Vec<_> = items
+            .iter()
+            .map(|i| (i.tokens, i.cache.len, i.logits))
+            .collect();
+        let rows = self.rows(&shapes)?;
+        let x = self.embed_rows(&rows, collective)?;
+        let mut store = SeqStore(items);
+        let x = self.run_layers(x, &rows, &mut store, collective)?;
+        for item in store.0.iter_mut() {
+            item.cache.len += item.tokens.len();
+        }
+        self.lm_head(&x, &shapes, collective)
+    }
 
-        // Row bookkeeping: every new token is one row; remember its sequence and position.
-        let mut tokens = Vec::new();
-        let mut row_item = Vec::new();
-        let mut row_pos = Vec::new();
+    /// Runs this shard's part of one batched step over a paged KV pool: a
+    /// pipeline stage's layers on the rows of every item. The first stage reads
+    /// the items' tokens (`input` is [`StageInput::Tokens`]); later stages read
+    /// the previous stage's hidden rows. The last stage returns logits, others
+    /// the hidden rows for the next stage. Every tensor-parallel peer must call
+    /// this with the same items at the same time.
+    pub fn forward_paged(
+        &self,
+        items: &[PagedItem<'_>],
+        input: StageInput,
+        pool: &mut KvPool,
+        collective: &dyn Collective,
+    ) -> Result<StageOutput> {
+        if pool.n_layers() != self.blocks.len() || pool.kv_width() != self.kv_width() {
+            return Err(Error::Shard(
+                "KV pool belongs to another shard layout".into(),
+            ));
+        }
+        let shapes: Vec<_> = items
+            .iter()
+            .map(|i| (i.tokens, i.start, i.logits))
+            .collect();
+        let rows = self.rows(&shapes)?;
         for (i, item) in items.iter().enumerate() {
-            let start = item.cache.len;
-            if start + item.tokens.len() > c.context {
+            let need = (item.start + item.tokens.len()).div_ceil(pool.block_size());
+            if item.table.len() < need || item.table.iter().any(|&b| b as usize >= pool.n_blocks())
+            {
+                return Err(Error::Shard(format!(
+                    "item {i}: block table {:?} does not cover {} positions of a {}-block pool",
+                    item.table,
+                    item.start + item.tokens.len(),
+                    pool.n_blocks()
+                )));
+            }
+        }
+        let x = match input {
+            StageInput::Tokens => self.embed_rows(&rows, collective)?,
+            StageInput::Hidden(x) => {
+                if x.len() != rows.pos.len() * self.config.hidden {
+                    return Err(Error::Shard(format!(
+                        "stage input holds {} floats, expected {} rows of {}",
+                        x.len(),
+                        rows.pos.len(),
+                        self.config.hidden
+                    )));
+                }
+                x
+            }
+        };
+        let mut store = PoolStore {
+            pool,
+            tables: items.iter().map(|i| i.table).collect(),
+        };
+        let x = self.run_layers(x, &rows, &mut store, collective)?;
+        if self.head.is_some() {
+            Ok(StageOutput::Logits(self.lm_head(&x, &shapes, collective)?))
+        } else {
+            Ok(StageOutput::Hidden(x))
+        }
+    }
+
+    /// Row bookkeeping: every new token is one row; remembers its item and position.
+    fn rows(&self, items: &[(&[u32], usize, LogitsWanted)]) -> Result<Rows> {
+        let c = &self.config;
+        let mut rows = Rows::default();
+        for (i, &(tokens, start, _)) in items.iter().enumerate() {
+            if start + tokens.len() > c.context {
                 return Err(Error::invalid(
                     "tokens",
                     format!(
                         "{} cached plus {} new tokens exceed the model's context of {} tokens",
                         start,
-                        item.tokens.len(),
+                        tokens.len(),
                         c.context
                     ),
                 ));
             }
-            if item.cache.kv_width != kv_w || item.cache.layers.len() != c.n_layers {
-                return Err(Error::Shard(
-                    "KV cache belongs to another shard layout".into(),
-                ));
-            }
-            if let Some(&bad) = item.tokens.iter().find(|&&t| t as usize >= c.vocab) {
+            if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
                 return Err(Error::invalid(
                     "tokens",
                     format!("token id {bad} is outside the vocabulary of {}", c.vocab),
                 ));
             }
-            for (k, &t) in item.tokens.iter().enumerate() {
-                tokens.push(t);
-                row_item.push(i);
-                row_pos.push(start + k);
+            for (k, &t) in tokens.iter().enumerate() {
+                rows.tokens.push(t);
+                rows.item.push(i);
+                rows.pos.push(start + k);
             }
         }
-        let rows = tokens.len();
+        Ok(rows)
+    }
 
-        let mut x = vec![0f32; rows * h];
-        self.embed.lookup_into(&tokens, &mut x)?;
+    fn embed_rows(&self, rows: &Rows, collective: &dyn Collective) -> Result<Vec<f32>> {
+        let embed = self
+            .embed
+            .as_ref()
+            .ok_or_else(|| Error::Shard("only the first pipeline stage embeds tokens".into()))?;
+        let mut x = vec![0f32; rows.tokens.len() * self.config.hidden];
+        embed.lookup_into(&rows.tokens, &mut x)?;
         collective.all_reduce_sum(&mut x)?;
+        Ok(x)
+    }
 
-        let mut normed = vec![0f32; rows * h];
-        let mut attn = vec![0f32; rows * q_w];
-        let mut act = vec![0f32; rows * ffn];
+    fn run_layers<K: KvStore>(
+        &self,
+        mut x: Vec<f32>,
+        rows: &Rows,
+        kv: &mut K,
+        collective: &dyn Collective,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let hd = c.head_dim();
+        let n_heads = self.layout.heads.len();
+        let n_kv = self.layout.kv_heads.len();
+        let (q_w, kv_w) = (n_heads * hd, n_kv * hd);
+        let ffn = self.layout.ffn.len();
+        let n = rows.pos.len();
+
+        let mut normed = vec![0f32; n * c.hidden];
+        let mut attn = vec![0f32; n * q_w];
+        let mut act = vec![0f32; n * ffn];
         for (layer, b) in self.blocks.iter().enumerate() {
             ops::rms_norm(&x, &b.attn_norm, c.rms_eps, &mut normed);
-            let mut qkv = b.qkv.forward(&normed, rows)?;
+            let mut qkv = b.qkv.forward(&normed, n)?;
             let qkv_w = q_w + 2 * kv_w;
             for (r, row) in qkv.chunks_exact_mut(qkv_w).enumerate() {
-                let (q, kv) = row.split_at_mut(q_w);
-                self.rope.apply(q, row_pos[r]);
-                self.rope.apply(&mut kv[..kv_w], row_pos[r]);
-                let cache = &mut items[row_item[r]].cache.layers[layer];
-                cache.k.extend_from_slice(&kv[..kv_w]);
-                cache.v.extend_from_slice(&kv[kv_w..]);
+                let (q, kv_part) = row.split_at_mut(q_w);
+                self.rope.apply(q, rows.pos[r]);
+                self.rope.apply(&mut kv_part[..kv_w], rows.pos[r]);
+                let (k, v) = kv_part.split_at(kv_w);
+                kv.write(layer, rows.item[r], rows.pos[r], k, v);
             }
-            let attn_rows: Vec<AttnRow<'_>> = (0..rows)
+            let attn_rows: Vec<AttnRow<'_>> = (0..n)
                 .map(|r| {
-                    let l = &items[row_item[r]].cache.layers[layer];
+                    let (k, v) = kv.view(layer, rows.item[r]);
                     AttnRow {
-                        k: &l.k,
-                        v: &l.v,
-                        pos: row_pos[r],
+                        k,
+                        v,
+                        pos: rows.pos[r],
                     }
                 })
                 .collect();
             ops::attention(&qkv, qkv_w, &attn_rows, n_heads, n_kv, hd, &mut attn);
-            let mut o = b.o.forward(&attn, rows)?;
+            let mut o = b.o.forward(&attn, n)?;
             collective.all_reduce_sum(&mut o)?;
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
 
             ops::rms_norm(&x, &b.ffn_norm, c.rms_eps, &mut normed);
-            let gu = b.gate_up.forward(&normed, rows)?;
+            let gu = b.gate_up.forward(&normed, n)?;
             ops::silu_mul(&gu, ffn, &mut act);
-            let mut d = b.down.forward(&act, rows)?;
+            let mut d = b.down.forward(&act, n)?;
             collective.all_reduce_sum(&mut d)?;
             x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
         }
-        for item in items.iter_mut() {
-            item.cache.len += item.tokens.len();
-        }
+        Ok(x)
+    }
 
-        // Only the rows whose logits were asked for go through the LM head.
+    /// Final norm and LM head on the rows whose logits were asked for.
+    fn lm_head(
+        &self,
+        x: &[f32],
+        items: &[(&[u32], usize, LogitsWanted)],
+        collective: &dyn Collective,
+    ) -> Result<Logits> {
+        let c = &self.config;
+        let h = c.hidden;
+        let (norm, lm_head) = self
+            .head
+            .as_ref()
+            .ok_or_else(|| Error::Shard("only the last pipeline stage has the LM head".into()))?;
         let mut picked = Vec::new();
         let mut item_rows = Vec::with_capacity(items.len());
         let mut row = 0;
-        for item in items.iter() {
-            let n = item.tokens.len();
+        for &(tokens, _, wanted) in items {
+            let n = tokens.len();
             let start = picked.len();
-            match item.logits {
+            match wanted {
                 LogitsWanted::None => {}
                 LogitsWanted::Last if n > 0 => picked.push(row + n - 1),
                 LogitsWanted::Last => {}
@@ -427,12 +613,12 @@ impl LlamaShard {
         for (k, &r) in picked.iter().enumerate() {
             ops::rms_norm(
                 &x[r * h..(r + 1) * h],
-                &self.norm,
+                norm,
                 c.rms_eps,
                 &mut last[k * h..(k + 1) * h],
             );
         }
-        let local = self.lm_head.forward(&last, picked.len())?;
+        let local = lm_head.forward(&last, picked.len())?;
         let data =
             collective.all_gather_cols(&local, picked.len(), self.layout.vocab.start, c.vocab)?;
         Ok(Logits {
@@ -440,6 +626,96 @@ impl LlamaShard {
             data,
             item_rows,
         })
+    }
+}
+
+/// One sequence's part of a paged, possibly pipelined forward.
+#[derive(Debug, Clone, Copy)]
+pub struct PagedItem<'a> {
+    /// The new tokens (their count and positions matter on every stage; their
+    /// ids only on the first).
+    pub tokens: &'a [u32],
+    /// The position of the first new token: positions `0..start` are cached.
+    pub start: usize,
+    /// The sequence's block table, covering at least `start + tokens.len()` positions.
+    pub table: &'a [u32],
+    /// Which logits to return (last stage).
+    pub logits: LogitsWanted,
+}
+
+/// What a pipeline stage starts from.
+#[derive(Debug)]
+pub enum StageInput {
+    /// Token ids (the first stage embeds them).
+    Tokens,
+    /// The previous stage's hidden rows, `rows × hidden`.
+    Hidden(Vec<f32>),
+}
+
+/// What a pipeline stage produces.
+#[derive(Debug)]
+pub enum StageOutput {
+    /// Hidden rows for the next stage, `rows × hidden`.
+    Hidden(Vec<f32>),
+    /// The last stage's logits.
+    Logits(Logits),
+}
+
+#[derive(Debug, Default)]
+struct Rows {
+    tokens: Vec<u32>,
+    item: Vec<usize>,
+    pos: Vec<usize>,
+}
+
+/// Where a forward reads and writes keys and values (local layer indices).
+trait KvStore {
+    fn write(&mut self, layer: usize, item: usize, pos: usize, k: &[f32], v: &[f32]);
+    fn view(&self, layer: usize, item: usize) -> (KvRows<'_>, KvRows<'_>);
+}
+
+struct SeqStore<'s, 'a>(&'s mut [BatchItem<'a>]);
+
+impl KvStore for SeqStore<'_, '_> {
+    fn write(&mut self, layer: usize, item: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let cache = &mut self.0[item].cache;
+        let l = &mut cache.layers[layer];
+        debug_assert_eq!(l.k.len(), pos * cache.kv_width, "rows arrive in order");
+        l.k.extend_from_slice(k);
+        l.v.extend_from_slice(v);
+    }
+
+    fn view(&self, layer: usize, item: usize) -> (KvRows<'_>, KvRows<'_>) {
+        let l = &self.0[item].cache.layers[layer];
+        (KvRows::Flat(&l.k), KvRows::Flat(&l.v))
+    }
+}
+
+struct PoolStore<'a> {
+    pool: &'a mut KvPool,
+    tables: Vec<&'a [u32]>,
+}
+
+impl KvStore for PoolStore<'_> {
+    fn write(&mut self, layer: usize, item: usize, pos: usize, k: &[f32], v: &[f32]) {
+        self.pool.write(layer, self.tables[item], pos, k, v);
+    }
+
+    fn view(&self, layer: usize, item: usize) -> (KvRows<'_>, KvRows<'_>) {
+        let (k, v) = self.pool.layer(layer);
+        let (table, block_size) = (self.tables[item], self.pool.block_size());
+        (
+            KvRows::Paged {
+                data: k,
+                table,
+                block_size,
+            },
+            KvRows::Paged {
+                data: v,
+                table,
+                block_size,
+            },
+        )
     }
 }
 
@@ -545,6 +821,95 @@ mod tests {
                 assert!((x - y).abs() <= 1e-4 * y.abs().max(1.0), "{x} vs {y}");
             }
         }
+    }
+
+    #[test]
+    fn paged_pipeline_stages_equal_contiguous_forward() {
+        let c = LlamaConfig::synthetic("tiny").unwrap();
+        let whole = tiny(ShardSpec::SINGLE);
+        let stages: Vec<_> = [0..1, 1..2]
+            .into_iter()
+            .map(|l| {
+                LlamaShard::synthetic_stage(c.clone(), 3, ShardSpec::SINGLE, l, WeightFormat::F32)
+                    .unwrap()
+            })
+            .collect();
+        let mut pools: Vec<_> = stages.iter().map(|s| s.new_pool(2, 8)).collect();
+        let prompts: [&[u32]; 2] = [&[5, 9, 100, 7, 42], &[1, 2, 3]];
+        let tables: [&[u32]; 2] = [&[6, 1, 3], &[0, 7]];
+        let mut caches: Vec<_> = prompts.iter().map(|_| whole.new_cache()).collect();
+        let want = {
+            let mut items: Vec<_> = prompts
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(p, c)| BatchItem {
+                    tokens: p,
+                    cache: c,
+                    logits: LogitsWanted::Last,
+                })
+                .collect();
+            whole.forward(&mut items, &SingleCollective).unwrap()
+        };
+        let run = |pools: &mut Vec<KvPool>, items: &[PagedItem<'_>]| {
+            let StageOutput::Hidden(h) = stages[0]
+                .forward_paged(items, StageInput::Tokens, &mut pools[0], &SingleCollective)
+                .unwrap()
+            else {
+                panic!("the first stage returns hidden rows")
+            };
+            let StageOutput::Logits(l) = stages[1]
+                .forward_paged(
+                    items,
+                    StageInput::Hidden(h),
+                    &mut pools[1],
+                    &SingleCollective,
+                )
+                .unwrap()
+            else {
+                panic!("the last stage returns logits")
+            };
+            l
+        };
+        let items: Vec<_> = prompts
+            .iter()
+            .zip(tables)
+            .map(|(p, t)| PagedItem {
+                tokens: p,
+                start: 0,
+                table: t,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let got = run(&mut pools, &items);
+        assert_eq!(
+            got.data, want.data,
+            "paged stages are bit-identical to one forward"
+        );
+        // One decode step each: the paged caches hold the prompts.
+        let next = [11u32, 12];
+        let items: Vec<_> = prompts
+            .iter()
+            .zip(tables)
+            .zip(&next)
+            .map(|((p, t), n)| PagedItem {
+                tokens: std::slice::from_ref(n),
+                start: p.len(),
+                table: t,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let got = run(&mut pools, &items);
+        let mut items: Vec<_> = caches
+            .iter_mut()
+            .zip(&next)
+            .map(|(c, n)| BatchItem {
+                tokens: std::slice::from_ref(n),
+                cache: c,
+                logits: LogitsWanted::Last,
+            })
+            .collect();
+        let want = whole.forward(&mut items, &SingleCollective).unwrap();
+        assert_eq!(got.data, want.data);
     }
 
     #[test]

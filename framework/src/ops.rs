@@ -94,14 +94,59 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// A sequence's cached keys (or values), `kv_width` floats per position: either
+/// one contiguous run, or blocks of a paged pool ([`crate::kv`]) named by a
+/// block table.
+#[derive(Debug, Clone, Copy)]
+pub enum KvRows<'a> {
+    /// Positions `0..` in order, `len × kv_width`.
+    Flat(&'a [f32]),
+    /// Position `p` is in block `table[p / block_size]` of `data`.
+    Paged {
+        /// The pool's storage for one layer.
+        data: &'a [f32],
+        /// The sequence's block table.
+        table: &'a [u32],
+        /// Positions per block.
+        block_size: usize,
+    },
+}
+
+impl<'a> KvRows<'a> {
+    /// Calls `f(first, rows)` for contiguous runs that together cover positions
+    /// `0..n` in order; `rows` holds `width` floats per position.
+    #[inline]
+    pub fn for_runs(&self, n: usize, width: usize, mut f: impl FnMut(usize, &'a [f32])) {
+        match *self {
+            KvRows::Flat(d) => f(0, &d[..n * width]),
+            KvRows::Paged {
+                data,
+                table,
+                block_size,
+            } => {
+                let mut first = 0;
+                for &b in table {
+                    if first >= n {
+                        break;
+                    }
+                    let len = block_size.min(n - first);
+                    let start = b as usize * block_size * width;
+                    f(first, &data[start..start + len * width]);
+                    first += len;
+                }
+            }
+        }
+    }
+}
+
 /// Where one query row attends: the sequence's cached keys/values and the
 /// row's absolute position (it sees keys `0..=pos`).
 #[derive(Debug, Clone, Copy)]
 pub struct AttnRow<'a> {
-    /// Keys, `len × kv_width`, row-major.
-    pub k: &'a [f32],
+    /// Keys.
+    pub k: KvRows<'a>,
     /// Values, same layout.
-    pub v: &'a [f32],
+    pub v: KvRows<'a>,
     /// Absolute position of the query token.
     pub pos: usize,
 }
@@ -111,7 +156,9 @@ pub struct AttnRow<'a> {
 /// Row `r`'s queries are `q[r·q_stride..][..n_heads·head_dim]` (a stride wider
 /// than the queries reads them in place from fused q|k|v rows); query head `h`
 /// reads KV head `h / group`. Writes `rows × (n_heads·head_dim)` into `out`.
-/// Softmax in f32 with the running maximum subtracted.
+/// Softmax in f32 with the running maximum subtracted. Positions are visited in
+/// the same order whatever the KV layout, so flat and paged caches give
+/// bit-identical results.
 pub fn attention(
     q: &[f32],
     q_stride: usize,
@@ -133,10 +180,12 @@ pub fn attention(
             let kvh = h / group;
             let qh = &q[r * q_stride + h * head_dim..][..head_dim];
             let mut max = f32::NEG_INFINITY;
-            for (j, s) in scores.iter_mut().enumerate() {
-                *s = dot(qh, &row.k[j * kv_width + kvh * head_dim..][..head_dim]) * scale;
-                max = max.max(*s);
-            }
+            row.k.for_runs(n, kv_width, |first, keys| {
+                for (s, k) in scores[first..].iter_mut().zip(keys.chunks_exact(kv_width)) {
+                    *s = dot(qh, &k[kvh * head_dim..][..head_dim]) * scale;
+                    max = max.max(*s);
+                }
+            });
             let mut sum = 0f32;
             for s in scores.iter_mut() {
                 *s = (*s - max).exp();
@@ -145,13 +194,14 @@ pub fn attention(
             let inv = 1.0 / sum;
             let oh = &mut dst[h * head_dim..(h + 1) * head_dim];
             oh.fill(0.0);
-            for (j, &s) in scores.iter().enumerate() {
-                let w = s * inv;
-                let vj = &row.v[j * kv_width + kvh * head_dim..][..head_dim];
-                for (o, &v) in oh.iter_mut().zip(vj) {
-                    *o += w * v;
+            row.v.for_runs(n, kv_width, |first, values| {
+                for (&s, v) in scores[first..].iter().zip(values.chunks_exact(kv_width)) {
+                    let w = s * inv;
+                    for (o, &v) in oh.iter_mut().zip(&v[kvh * head_dim..][..head_dim]) {
+                        *o += w * v;
+                    }
                 }
-            }
+            });
         }
     };
     let total: usize = rows.iter().map(|r| r.pos + 1).sum();
@@ -196,13 +246,52 @@ mod tests {
         let q = [1.0, 1.0, 2.0, 2.0];
         let mut out = [0.0; 4];
         let row = AttnRow {
-            k: &k,
-            v: &v,
+            k: KvRows::Flat(&k),
+            v: KvRows::Flat(&v),
             pos: 0,
         };
         // Two query heads sharing one... here two KV heads of width 2.
         attention(&q, 4, &[row], 2, 2, 2, &mut out);
         assert_eq!(out, [5.0, 6.0, 7.0, 8.0]);
+    }
+
+    #[test]
+    fn paged_attention_equals_flat() {
+        let (kv_w, n) = (4, 7);
+        let k: Vec<f32> = (0..n * kv_w).map(|i| (i as f32 * 0.37).sin()).collect();
+        let v: Vec<f32> = (0..n * kv_w).map(|i| (i as f32 * 0.11).cos()).collect();
+        // Block size 3, blocks [2, 0, 1] of a 3-block pool.
+        let table = [2u32, 0, 1];
+        let mut pk = vec![0f32; 9 * kv_w];
+        let mut pv = vec![0f32; 9 * kv_w];
+        for p in 0..n {
+            let o = (table[p / 3] as usize * 3 + p % 3) * kv_w;
+            pk[o..o + kv_w].copy_from_slice(&k[p * kv_w..][..kv_w]);
+            pv[o..o + kv_w].copy_from_slice(&v[p * kv_w..][..kv_w]);
+        }
+        let q: Vec<f32> = (0..8).map(|i| i as f32 * 0.1 - 0.3).collect();
+        let flat = AttnRow {
+            k: KvRows::Flat(&k),
+            v: KvRows::Flat(&v),
+            pos: n - 1,
+        };
+        let paged = AttnRow {
+            k: KvRows::Paged {
+                data: &pk,
+                table: &table,
+                block_size: 3,
+            },
+            v: KvRows::Paged {
+                data: &pv,
+                table: &table,
+                block_size: 3,
+            },
+            pos: n - 1,
+        };
+        let (mut a, mut b) = ([0f32; 8], [0f32; 8]);
+        attention(&q, 8, &[flat], 4, 2, 2, &mut a);
+        attention(&q, 8, &[paged], 4, 2, 2, &mut b);
+        assert_eq!(a, b);
     }
 
     #[test]

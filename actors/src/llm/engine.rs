@@ -1,0 +1,517 @@
+//! The [`Engine`]: the LLM pipeline behind one handle.
+//!
+//! [`Engine::builder`] collects an [`EngineConfig`]; `build` validates it
+//! against the model (every error names its field), loads one shard per node
+//! on the node's own thread, and starts the actors. [`Engine::generate`]
+//! validates and tokenizes a [`Request`] before it reaches the queue — only
+//! valid requests are ever admitted — and returns its [`EventStream`].
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use framework::batching::BatchConfig;
+use framework::chat::ChatTemplate;
+use framework::generate::validate_prompt;
+use framework::{Error, GgufFile, LlamaConfig, LlamaShard, ShardSpec, Tokenizer, WeightFormat};
+
+use crate::kit::{NodeId, SubmitError, Supervision, TaskId, WorkerFactory};
+use crate::llm::merge::LlmMerger;
+use crate::llm::policy::{LlmPolicy, ReplicaShape};
+use crate::llm::task::{EventStream, LlmTask, Prompt, Request, Responder};
+use crate::llm::worker::{stage_layers, FaultInjection, FaultState, LlmWorker};
+use crate::node::NodeCounters;
+use crate::pipeline::{Pipeline, PipelineConfig};
+use crate::scheduler::SchedulerStats;
+
+/// Where the engine's model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A GGUF file.
+    Gguf(PathBuf),
+    /// A synthetic model (random weights; no tokenizer, so prompts are token ids).
+    Synthetic {
+        /// Preset name: tiny, 135m, 1b or 8b.
+        name: String,
+        /// Weight seed.
+        seed: u64,
+    },
+}
+
+/// Everything the engine is built from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineConfig {
+    /// The model.
+    pub model: ModelSource,
+    /// Weight format of the matmuls.
+    pub weights: WeightFormat,
+    /// Tensor-parallel ranks per pipeline stage.
+    pub tp: usize,
+    /// Pipeline stages per replica.
+    pub pp: usize,
+    /// Data-parallel replicas.
+    pub dp: usize,
+    /// Requests the queue holds before answering `Overloaded`.
+    pub queue_capacity: usize,
+    /// Tokens per step (prefill chunks and decodes together), per replica.
+    pub max_batch_tokens: usize,
+    /// Requests running at once, per replica.
+    pub max_running: usize,
+    /// Positions per KV block.
+    pub block_size: usize,
+    /// KV blocks per replica; `None`: as many as `kv_memory_bytes` holds.
+    pub kv_blocks: Option<usize>,
+    /// KV memory per replica (all its nodes together) when `kv_blocks` is unset.
+    pub kv_memory_bytes: usize,
+    /// Failed steps a request survives before it ends with an error.
+    pub max_retries: u32,
+    /// Micro-batches per step (default: the pipeline depth).
+    pub micro_batches: Option<usize>,
+    /// Make a node fail on purpose (tests).
+    pub fault: Option<FaultInjection>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            model: ModelSource::Synthetic {
+                name: "tiny".into(),
+                seed: 0,
+            },
+            weights: WeightFormat::Auto,
+            tp: 1,
+            pp: 1,
+            dp: 1,
+            queue_capacity: 1024,
+            max_batch_tokens: 512,
+            max_running: 64,
+            block_size: 16,
+            kv_blocks: None,
+            kv_memory_bytes: 1 << 30,
+            max_retries: 3,
+            micro_batches: None,
+            fault: None,
+        }
+    }
+}
+
+fn bad(field: &'static str, reason: impl Into<String>) -> Error {
+    Error::InvalidRequest {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl EngineConfig {
+    /// Checks the configuration against the model's shape; errors name the field.
+    pub fn validate(&self, model: &LlamaConfig) -> Result<(), Error> {
+        for (field, v) in [
+            ("tp", self.tp),
+            ("pp", self.pp),
+            ("dp", self.dp),
+            ("queue_capacity", self.queue_capacity),
+            ("max_batch_tokens", self.max_batch_tokens),
+            ("max_running", self.max_running),
+            ("block_size", self.block_size),
+        ] {
+            if v == 0 {
+                return Err(bad(field, "must be at least 1"));
+            }
+        }
+        if self.tp > model.n_kv_heads {
+            return Err(bad(
+                "tp",
+                format!(
+                    "{} exceeds the model's {} KV heads (each rank needs a whole KV group)",
+                    self.tp, model.n_kv_heads
+                ),
+            ));
+        }
+        if self.pp > model.n_layers {
+            return Err(bad(
+                "pp",
+                format!("{} exceeds the model's {} layers", self.pp, model.n_layers),
+            ));
+        }
+        if self.micro_batches == Some(0) {
+            return Err(bad("micro_batches", "must be at least 1"));
+        }
+        if self.kv_blocks(model) == 0 {
+            return Err(bad(
+                "kv_blocks",
+                "the KV cache holds no block (raise kv_blocks or kv_memory_bytes)",
+            ));
+        }
+        if let Some(f) = &self.fault {
+            if f.replica >= self.dp || f.node >= self.tp * self.pp {
+                return Err(bad(
+                    "fault",
+                    format!(
+                        "replica {} node {} does not exist ({} replicas of {} nodes)",
+                        f.replica,
+                        f.node,
+                        self.dp,
+                        self.tp * self.pp
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// KV blocks per replica.
+    pub fn kv_blocks(&self, model: &LlamaConfig) -> usize {
+        self.kv_blocks.unwrap_or_else(|| {
+            let per_position = model.n_layers * 2 * model.n_kv_heads * model.head_dim() * 4;
+            self.kv_memory_bytes / (per_position * self.block_size).max(1)
+        })
+    }
+}
+
+/// Builds an [`Engine`].
+#[derive(Debug, Clone, Default)]
+pub struct EngineBuilder {
+    cfg: EngineConfig,
+}
+
+macro_rules! setter {
+    ($(#[$doc:meta] $name:ident: $ty:ty),* $(,)?) => {
+        $(#[$doc] pub fn $name(mut self, v: $ty) -> Self { self.cfg.$name = v; self })*
+    };
+}
+
+impl EngineBuilder {
+    /// Starts from a whole configuration.
+    pub fn config(cfg: EngineConfig) -> Self {
+        Self { cfg }
+    }
+
+    /// A GGUF model file.
+    pub fn model_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.cfg.model = ModelSource::Gguf(path.into());
+        self
+    }
+
+    /// A synthetic model.
+    pub fn synthetic(mut self, name: impl Into<String>, seed: u64) -> Self {
+        self.cfg.model = ModelSource::Synthetic {
+            name: name.into(),
+            seed,
+        };
+        self
+    }
+
+    /// KV blocks per replica.
+    pub fn kv_blocks(mut self, blocks: usize) -> Self {
+        self.cfg.kv_blocks = Some(blocks);
+        self
+    }
+
+    /// A node that fails on purpose.
+    pub fn fault(mut self, fault: FaultInjection) -> Self {
+        self.cfg.fault = Some(fault);
+        self
+    }
+
+    /// Micro-batches per step.
+    pub fn micro_batches(mut self, n: usize) -> Self {
+        self.cfg.micro_batches = Some(n);
+        self
+    }
+
+    setter! {
+        /// Weight format.
+        weights: WeightFormat,
+        /// Tensor-parallel degree.
+        tp: usize,
+        /// Pipeline-parallel degree.
+        pp: usize,
+        /// Data-parallel degree.
+        dp: usize,
+        /// Queue capacity.
+        queue_capacity: usize,
+        /// Tokens per step.
+        max_batch_tokens: usize,
+        /// Running requests per replica.
+        max_running: usize,
+        /// Positions per KV block.
+        block_size: usize,
+        /// KV memory per replica.
+        kv_memory_bytes: usize,
+        /// Retries per request.
+        max_retries: u32,
+    }
+
+    /// Validates the configuration, loads the model on every node and starts
+    /// the pipeline.
+    pub fn build(self) -> Result<Engine, EngineError> {
+        Engine::start(self.cfg)
+    }
+}
+
+/// Why the engine could not start or refused a request.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The configuration, the model file or the request is invalid.
+    #[error(transparent)]
+    Invalid(#[from] Error),
+    /// The queue refused the request.
+    #[error(transparent)]
+    Submit(#[from] SubmitError),
+    /// A node could not load its shard, or the actors could not start.
+    #[error("the engine could not start: {0}")]
+    Start(String),
+}
+
+/// The engine's figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineStats {
+    /// The scheduler's figures (requests, KV blocks, steps, times).
+    pub scheduler: SchedulerStats,
+    /// Every node's counters.
+    pub nodes: Vec<(NodeId, NodeCounters)>,
+}
+
+/// A running inference engine.
+pub struct Engine {
+    pipeline: Pipeline<LlmPolicy>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    chat: Option<ChatTemplate>,
+    model: LlamaConfig,
+    cfg: EngineConfig,
+    kv_positions: usize,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("config", &self.cfg).finish()
+    }
+}
+
+impl Engine {
+    /// A builder with the default configuration.
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::default()
+    }
+
+    fn start(cfg: EngineConfig) -> Result<Self, EngineError> {
+        let (model, tokenizer) = match &cfg.model {
+            ModelSource::Gguf(path) => {
+                let file = GgufFile::open(path)?;
+                let model = LlamaConfig::from_gguf(&file)?;
+                (model, Some(Arc::new(Tokenizer::from_gguf(&file)?)))
+            }
+            ModelSource::Synthetic { name, .. } => (LlamaConfig::synthetic(name)?, None),
+        };
+        cfg.validate(&model)?;
+        let chat = match tokenizer.as_deref() {
+            Some(t) => match t.chat_template() {
+                Some(src) => {
+                    let bos = t.bos().and_then(|b| t.token_text(b)).unwrap_or_default();
+                    let eos = t.token_text(t.eos()).unwrap_or_default();
+                    Some(ChatTemplate::new(src, &bos, &eos)?)
+                }
+                None => None,
+            },
+            None => None,
+        };
+        let shape = ReplicaShape {
+            tp: cfg.tp,
+            pp: cfg.pp,
+        };
+        let kv_blocks = cfg.kv_blocks(&model);
+        let batch = BatchConfig {
+            max_batch_tokens: cfg.max_batch_tokens,
+            max_running: cfg.max_running,
+            block_size: cfg.block_size,
+            kv_blocks,
+            micro_batches: cfg.micro_batches.unwrap_or(cfg.pp),
+        };
+        let policy = LlmPolicy::new(shape, cfg.dp, batch.clone());
+        let merger = LlmMerger::new(tokenizer.clone(), model.context);
+        let fault = cfg.fault.map(FaultState::new);
+        let (source, format, n_layers) = (cfg.model.clone(), cfg.weights, model.n_layers);
+        let block_size = cfg.block_size;
+        let synthetic_config = model.clone();
+        let factory: WorkerFactory<LlmWorker> = Arc::new(move |id: NodeId| {
+            let (stage, rank) = shape.place(id.index);
+            let spec = ShardSpec::new(rank, shape.tp).map_err(|e| e.to_string())?;
+            let layers = stage_layers(n_layers, shape.pp, stage);
+            let shard = match &source {
+                ModelSource::Gguf(path) => {
+                    let file = GgufFile::open(path).map_err(|e| e.to_string())?;
+                    LlamaShard::load_stage(&file, spec, layers, format)
+                }
+                ModelSource::Synthetic { seed, .. } => LlamaShard::synthetic_stage(
+                    synthetic_config.clone(),
+                    *seed,
+                    spec,
+                    layers,
+                    format,
+                ),
+            }
+            .map_err(|e| e.to_string())?;
+            Ok(LlmWorker::new(
+                id,
+                shape,
+                shard,
+                block_size,
+                kv_blocks,
+                fault.clone(),
+            ))
+        });
+        let pipeline = Pipeline::start(
+            policy,
+            merger,
+            factory,
+            PipelineConfig {
+                queue_capacity: cfg.queue_capacity,
+                replicas: cfg.dp,
+                nodes_per_replica: shape.nodes(),
+                supervision: Supervision {
+                    max_retries: cfg.max_retries,
+                    ..Supervision::default()
+                },
+            },
+        )
+        .map_err(EngineError::Start)?;
+        Ok(Self {
+            pipeline,
+            tokenizer,
+            chat,
+            model,
+            kv_positions: batch.kv_positions(),
+            cfg,
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// The configuration the engine runs with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// The model's shape.
+    pub fn model_config(&self) -> &LlamaConfig {
+        &self.model
+    }
+
+    /// The tokenizer (absent for synthetic models).
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_deref()
+    }
+
+    /// Turns a prompt into token ids.
+    pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, Error> {
+        let tok = || {
+            self.tokenizer
+                .as_deref()
+                .ok_or_else(|| bad("prompt", "a synthetic model takes token ids only"))
+        };
+        match prompt {
+            Prompt::Tokens(t) => Ok(t.clone()),
+            Prompt::Text(s) => tok()?.encode(s),
+            Prompt::Chat(messages) => {
+                let template = self
+                    .chat
+                    .as_ref()
+                    .ok_or_else(|| bad("messages", "the model has no chat template"))?;
+                tok()?.encode(&template.render(messages, true)?)
+            }
+        }
+    }
+
+    /// Validates and submits a request. Returns its events, or at once an
+    /// error: invalid request (naming the field), or `Overloaded` when the queue
+    /// is full.
+    pub fn generate(&self, req: Request) -> Result<EventStream, EngineError> {
+        let task = self.prepare(req)?;
+        let stream = task.1;
+        self.pipeline.submit(task.0)?;
+        Ok(stream)
+    }
+
+    /// [`Engine::generate`] for async callers.
+    pub async fn generate_async(&self, req: Request) -> Result<EventStream, EngineError> {
+        let task = self.prepare(req)?;
+        let stream = task.1;
+        self.pipeline.submit_async(task.0).await?;
+        Ok(stream)
+    }
+
+    fn prepare(&self, req: Request) -> Result<(LlmTask, EventStream), EngineError> {
+        req.params.validate()?;
+        let prompt = self.tokenize(&req.prompt)?;
+        validate_prompt(&prompt, req.params.max_tokens, self.model.context)?;
+        if let Some(&bad_id) = prompt.iter().find(|&&t| t as usize >= self.model.vocab) {
+            return Err(bad(
+                "prompt",
+                format!(
+                    "token id {bad_id} is outside the vocabulary of {}",
+                    self.model.vocab
+                ),
+            )
+            .into());
+        }
+        let width = match req.beam {
+            Some(b) if b.width == 0 => return Err(bad("beam_width", "must be at least 1").into()),
+            Some(b) => b.width,
+            None => 1,
+        };
+        let block = self.cfg.block_size;
+        let need = (prompt.len() + req.params.max_tokens).div_ceil(block) * block * width;
+        if need > self.kv_positions {
+            return Err(bad(
+                "max_tokens",
+                format!(
+                    "{} prompt tokens plus {} new tokens{} need {need} KV positions; a replica holds {}",
+                    prompt.len(),
+                    req.params.max_tokens,
+                    if width > 1 { format!(" in each of {width} beams") } else { String::new() },
+                    self.kv_positions
+                ),
+            )
+            .into());
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (responder, stream) = Responder::channel(id);
+        Ok((
+            LlmTask {
+                id,
+                priority: req.priority,
+                prompt,
+                params: req.params,
+                beam: req.beam,
+                responder,
+            },
+            stream,
+        ))
+    }
+
+    /// Cancels a request wherever it is; its stream ends with `Cancelled`
+    /// (unless it already ended).
+    pub fn cancel(&self, id: TaskId) {
+        self.pipeline.cancel(id);
+    }
+
+    /// Current figures.
+    pub fn stats(&self) -> EngineStats {
+        EngineStats {
+            scheduler: self.pipeline.stats().unwrap_or_default(),
+            nodes: self.pipeline.node_stats(),
+        }
+    }
+
+    /// Stops admitting, lets every admitted request finish, then stops.
+    pub fn shutdown(self) {
+        self.shutdown_timeout(Duration::from_secs(3600));
+    }
+
+    /// Like [`Engine::shutdown`], waiting at most `timeout`; returns whether
+    /// every request finished.
+    pub fn shutdown_timeout(self, timeout: Duration) -> bool {
+        self.pipeline.shutdown(timeout)
+    }
+}

@@ -1,0 +1,326 @@
+//! The LLM merge: per-request sampling, beam search, stop conditions and
+//! incremental detokenization, and the events streamed to requesters.
+//!
+//! For every group whose logits a step returned, the merger samples the next
+//! token with that request's own [`Sampler`] (or advances its
+//! [`BeamSearch`]), checks end-of-sequence, stop strings, `max_tokens` and the
+//! context, streams the text that is safe to show, and tells the scheduler
+//! whether the group goes on. The merge state of a request lives here from
+//! admission to its terminal event; a failed step never reaches the merger, so
+//! recomputed requests continue exactly where they were.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use framework::batching::{GroupOutcome, StepPlan};
+use framework::beam::BeamSearch;
+use framework::kv::SeqKey;
+use framework::sampling::{log_softmax, Sampler, StopMatcher};
+use framework::tokenizer::StreamDecoder;
+use framework::{FinishReason, GroupId, Logits, Tokenizer};
+
+use crate::kit::{End, Merge, TaskId};
+use crate::llm::task::{BeamOutput, Event, LlmTask, Responder, Usage};
+
+/// The merger's part of an admitted request.
+pub struct Registration {
+    id: TaskId,
+    prompt: Vec<u32>,
+    params: framework::SamplingParams,
+    beam: Option<crate::llm::task::BeamParams>,
+    responder: Responder,
+}
+
+impl Registration {
+    /// Takes the merger's part of `task`.
+    pub fn from_task(task: LlmTask) -> Self {
+        Self {
+            id: task.id,
+            prompt: task.prompt,
+            params: task.params,
+            beam: task.beam,
+            responder: task.responder,
+        }
+    }
+}
+
+enum Mode {
+    Sample {
+        sampler: Box<Sampler>,
+        stops: StopMatcher,
+        decoder: StreamDecoder,
+        tokens: Vec<u32>,
+        text: String,
+    },
+    Beam(BeamSearch),
+}
+
+struct ReqState {
+    responder: Responder,
+    prompt_len: usize,
+    max_tokens: usize,
+    ignore_eos: bool,
+    mode: Mode,
+}
+
+/// The engine's merge.
+pub struct LlmMerger {
+    tokenizer: Option<Arc<Tokenizer>>,
+    stop_tokens: Vec<u32>,
+    context: usize,
+    reqs: HashMap<TaskId, ReqState>,
+}
+
+impl LlmMerger {
+    /// A merger for a model of `context` positions; without a tokenizer, token
+    /// events carry no text and no token ends a sequence.
+    pub fn new(tokenizer: Option<Arc<Tokenizer>>, context: usize) -> Self {
+        let stop_tokens = tokenizer
+            .as_ref()
+            .map(|t| t.stop_tokens().to_vec())
+            .unwrap_or_default();
+        Self {
+            tokenizer,
+            stop_tokens,
+            context,
+            reqs: HashMap::new(),
+        }
+    }
+
+    fn decode(&self, tokens: &[u32]) -> String {
+        self.tokenizer
+            .as_ref()
+            .map(|t| t.decode(tokens))
+            .unwrap_or_default()
+    }
+
+    /// Samples one token for a sampling request; `Some(reason)` when it ends.
+    fn sample(&mut self, id: TaskId, logits: &[f32]) -> Option<FinishReason> {
+        let context = self.context;
+        let stop_tokens = self.stop_tokens.clone();
+        let st = self.reqs.get_mut(&id)?;
+        let Mode::Sample {
+            sampler, tokens, ..
+        } = &mut st.mode
+        else {
+            return None;
+        };
+        let mut row = logits.to_vec();
+        let token = sampler.sample(&mut row);
+        if !st.ignore_eos && stop_tokens.contains(&token) {
+            return Some(FinishReason::Stop);
+        }
+        sampler.accept(token);
+        tokens.push(token);
+        let n = tokens.len();
+        let piece = self
+            .tokenizer
+            .as_ref()
+            .map(|t| t.token_bytes(token).to_vec())
+            .unwrap_or_default();
+        let st = self.reqs.get_mut(&id)?;
+        let Mode::Sample {
+            stops,
+            decoder,
+            text,
+            ..
+        } = &mut st.mode
+        else {
+            return None;
+        };
+        let shown = stops.push(&decoder.push(&piece));
+        text.push_str(&shown);
+        st.responder.send(Event::Token { token, text: shown });
+        if stops.hit() {
+            Some(FinishReason::Stop)
+        } else if n >= st.max_tokens || st.prompt_len + n >= context {
+            Some(FinishReason::Length)
+        } else {
+            None
+        }
+    }
+
+    fn finish_sample(&mut self, id: TaskId, reason: FinishReason) {
+        let Some(st) = self.reqs.remove(&id) else {
+            return;
+        };
+        let Mode::Sample {
+            mut stops,
+            mut decoder,
+            tokens,
+            mut text,
+            ..
+        } = st.mode
+        else {
+            return;
+        };
+        let tail = if stops.hit() {
+            String::new()
+        } else {
+            stops.push(&decoder.finish()) + &stops.flush()
+        };
+        text.push_str(&tail);
+        st.responder.end(Event::Finished {
+            reason,
+            usage: Usage {
+                prompt_tokens: st.prompt_len,
+                completion_tokens: tokens.len(),
+            },
+            tokens,
+            text,
+            tail,
+            beams: Vec::new(),
+        });
+    }
+
+    fn finish_beam(&mut self, id: TaskId) {
+        let Some(st) = self.reqs.remove(&id) else {
+            return;
+        };
+        let Mode::Beam(search) = st.mode else {
+            return;
+        };
+        let beams: Vec<BeamOutput> = search
+            .into_results()
+            .into_iter()
+            .map(|b| BeamOutput::from_beam(b, &self.stop_tokens, |t| self.decode(t)))
+            .collect();
+        let best = beams.first().cloned();
+        let (tokens, text) = best.map(|b| (b.tokens, b.text)).unwrap_or_default();
+        let reason = if tokens.len() >= st.max_tokens {
+            FinishReason::Length
+        } else {
+            FinishReason::Stop
+        };
+        st.responder.end(Event::Finished {
+            reason,
+            usage: Usage {
+                prompt_tokens: st.prompt_len,
+                completion_tokens: tokens.len(),
+            },
+            tokens,
+            text: text.clone(),
+            tail: text,
+            beams,
+        });
+    }
+}
+
+impl Merge for LlmMerger {
+    type Work = StepPlan;
+    type Output = Option<Logits>;
+    type Registration = Registration;
+    type Verdict = Vec<(GroupId, GroupOutcome)>;
+
+    fn register(&mut self, reg: Registration) {
+        let p = reg.params;
+        let mode = match reg.beam {
+            Some(b) => Mode::Beam(BeamSearch::new(
+                b.width,
+                b.length_penalty,
+                p.max_tokens,
+                self.stop_tokens.clone(),
+            )),
+            None => Mode::Sample {
+                sampler: Box::new(Sampler::new(p.clone(), &reg.prompt)),
+                stops: StopMatcher::new(p.stop.clone()),
+                decoder: StreamDecoder::new(),
+                tokens: Vec::new(),
+                text: String::new(),
+            },
+        };
+        self.reqs.insert(
+            reg.id,
+            ReqState {
+                responder: reg.responder,
+                prompt_len: reg.prompt.len(),
+                max_tokens: p.max_tokens,
+                ignore_eos: p.ignore_eos,
+                mode,
+            },
+        );
+    }
+
+    fn merge(&mut self, plan: &StepPlan, outputs: Vec<Option<Logits>>) -> Self::Verdict {
+        let logits = outputs.into_iter().flatten().next();
+        // Rows per group, in plan order (a beam group's rows follow its beams).
+        let mut groups: Vec<(GroupId, Vec<(SeqKey, usize)>)> = Vec::new();
+        for (i, item) in plan.items.iter().enumerate() {
+            if !item.logits {
+                continue;
+            }
+            match groups.last_mut() {
+                Some((g, rows)) if *g == item.group => rows.push((item.seq, i)),
+                _ => groups.push((item.group, vec![(item.seq, i)])),
+            }
+        }
+        let mut verdict = Vec::with_capacity(groups.len());
+        for (g, rows) in groups {
+            let row = |i: usize| logits.as_ref().and_then(|l| l.last(i));
+            let is_beam = match self.reqs.get(&g) {
+                None => {
+                    // Cancelled or failed meanwhile: let the scheduler free it.
+                    verdict.push((g, GroupOutcome::Finished));
+                    continue;
+                }
+                Some(st) => matches!(st.mode, Mode::Beam(_)),
+            };
+            if rows.iter().any(|&(_, i)| row(i).is_none()) {
+                if let Some(st) = self.reqs.remove(&g) {
+                    st.responder.end(Event::Failed {
+                        error: "the step returned no logits for this request".into(),
+                    });
+                }
+                verdict.push((g, GroupOutcome::Finished));
+                continue;
+            }
+            if is_beam {
+                let logprobs: Vec<Vec<f32>> = rows
+                    .iter()
+                    .map(|&(_, i)| log_softmax(row(i).unwrap_or_default()))
+                    .collect();
+                let Some(ReqState {
+                    mode: Mode::Beam(search),
+                    ..
+                }) = self.reqs.get_mut(&g)
+                else {
+                    continue;
+                };
+                let forks = search.step(&logprobs);
+                if forks.is_empty() || search.is_done() {
+                    self.finish_beam(g);
+                    verdict.push((g, GroupOutcome::Finished));
+                } else {
+                    let next = forks.iter().map(|f| (rows[f.parent].0, f.token)).collect();
+                    verdict.push((g, GroupOutcome::Continue(next)));
+                }
+            } else {
+                let (seq, i) = rows[0];
+                let l = row(i).unwrap_or_default();
+                match self.sample(g, l) {
+                    Some(reason) => {
+                        self.finish_sample(g, reason);
+                        verdict.push((g, GroupOutcome::Finished));
+                    }
+                    None => {
+                        let token = match &self.reqs[&g].mode {
+                            Mode::Sample { tokens, .. } => *tokens.last().unwrap_or(&0),
+                            Mode::Beam(_) => 0,
+                        };
+                        verdict.push((g, GroupOutcome::Continue(vec![(seq, token)])));
+                    }
+                }
+            }
+        }
+        verdict
+    }
+
+    fn end(&mut self, task: TaskId, end: End) {
+        if let Some(st) = self.reqs.remove(&task) {
+            st.responder.end(match end {
+                End::Cancelled => Event::Cancelled,
+                End::Failed(error) => Event::Failed { error },
+            });
+        }
+    }
+}

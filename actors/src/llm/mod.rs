@@ -1,0 +1,15 @@
+//! The LLM engine as an instance of the kit: [`LlmPolicy`] (continuous batching
+//! per replica), [`LlmWorker`] (a shard of a pipeline stage with its KV pool),
+//! [`LlmMerger`] (sampling, beams, stops, streaming), and the [`Engine`] handle.
+
+pub mod engine;
+pub mod merge;
+pub mod policy;
+pub mod task;
+pub mod worker;
+
+pub use engine::{Engine, EngineBuilder, EngineConfig, EngineError, EngineStats, ModelSource};
+pub use merge::LlmMerger;
+pub use policy::{LlmPolicy, NodeLinks, ReplicaShape};
+pub use task::{BeamOutput, BeamParams, Event, EventStream, Prompt, Request, Usage};
+pub use worker::{FaultInjection, LlmWorker};

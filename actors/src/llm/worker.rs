@@ -1,0 +1,192 @@
+//! The LLM compute node's worker: one shard (a tensor-parallel rank of a
+//! pipeline stage's layer range) and its paged KV pool.
+//!
+//! Per step it applies the plan's block copies, then runs each micro-batch in
+//! order: the first stage embeds tokens, later stages wait for the previous
+//! stage's hidden rows, and every stage but the last hands its output on at
+//! once — so stage `s` works on micro-batch `m + 1` while stage `s + 1` works
+//! on `m`. The last stage's rank 0 returns the step's logits.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use framework::batching::StepPlan;
+use framework::kv::KvPool;
+use framework::model::{PagedItem, StageInput, StageOutput};
+use framework::shard::split_even;
+use framework::{Error, LlamaShard, Logits, LogitsWanted};
+
+use crate::kit::{NodeError, NodeId, NodeWorker};
+use crate::llm::policy::{NodeLinks, ReplicaShape};
+
+/// Makes a chosen node fail at a chosen step (for tests of supervision).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultInjection {
+    /// Replica of the failing node.
+    pub replica: usize,
+    /// Index of the failing node within its replica.
+    pub node: usize,
+    /// The first step (of that replica) at which it fails.
+    pub step: u64,
+    /// How many times it fails in all (`u32::MAX`: every step from then on).
+    pub times: u32,
+    /// Panic instead of returning an error.
+    pub panic: bool,
+}
+
+/// A fault plan and how often it has fired (shared across restarts).
+#[derive(Debug)]
+pub struct FaultState {
+    spec: FaultInjection,
+    fired: AtomicU32,
+}
+
+impl FaultState {
+    /// A plan that has not fired yet.
+    pub fn new(spec: FaultInjection) -> Arc<Self> {
+        Arc::new(Self {
+            spec,
+            fired: AtomicU32::new(0),
+        })
+    }
+
+    /// Times it fired.
+    pub fn fired(&self) -> u32 {
+        self.fired.load(Ordering::SeqCst)
+    }
+
+    fn check(&self, node: NodeId, step: u64) -> Result<(), NodeError> {
+        let s = &self.spec;
+        if node.replica != s.replica || node.index != s.node || step < s.step {
+            return Ok(());
+        }
+        let fired = self.fired.fetch_add(1, Ordering::SeqCst);
+        if fired >= s.times {
+            self.fired.fetch_sub(1, Ordering::SeqCst);
+            return Ok(());
+        }
+        if s.panic {
+            panic!("injected fault at {node}, step {step}");
+        }
+        Err(NodeError::Failed(format!(
+            "injected fault at {node}, step {step}"
+        )))
+    }
+}
+
+/// The layers pipeline stage `stage` of `pp` runs.
+pub fn stage_layers(n_layers: usize, pp: usize, stage: usize) -> Range<usize> {
+    split_even(n_layers, pp, stage)
+}
+
+/// One compute node's state.
+pub struct LlmWorker {
+    id: NodeId,
+    stage: usize,
+    shape: ReplicaShape,
+    rank: usize,
+    shard: LlamaShard,
+    pool: KvPool,
+    fault: Option<Arc<FaultState>>,
+}
+
+impl LlmWorker {
+    /// A worker for node `id` of a replica of `shape`, holding `shard` and a
+    /// pool of `kv_blocks` blocks of `block_size` positions.
+    pub fn new(
+        id: NodeId,
+        shape: ReplicaShape,
+        shard: LlamaShard,
+        block_size: usize,
+        kv_blocks: usize,
+        fault: Option<Arc<FaultState>>,
+    ) -> Self {
+        let (stage, rank) = shape.place(id.index);
+        let pool = shard.new_pool(block_size, kv_blocks);
+        Self {
+            id,
+            stage,
+            shape,
+            rank,
+            shard,
+            pool,
+            fault,
+        }
+    }
+}
+
+fn node_error(e: Error) -> NodeError {
+    match e {
+        Error::Aborted(m) => NodeError::Aborted(m),
+        other => NodeError::Failed(other.to_string()),
+    }
+}
+
+impl NodeWorker for LlmWorker {
+    type Work = StepPlan;
+    type Links = NodeLinks;
+    type Output = Option<Logits>;
+
+    fn run(&mut self, plan: &StepPlan, links: &NodeLinks) -> Result<Option<Logits>, NodeError> {
+        if let Some(f) = &self.fault {
+            f.check(self.id, plan.id)?;
+        }
+        for &(src, dst) in &plan.copies {
+            self.pool.copy_block(src, dst);
+        }
+        let last = self.stage + 1 == self.shape.pp;
+        let mut out: Option<Logits> = None;
+        for mb in &plan.micro_batches {
+            let items: Vec<PagedItem<'_>> = plan.items[mb.clone()]
+                .iter()
+                .map(|i| PagedItem {
+                    tokens: &i.tokens,
+                    start: i.start,
+                    table: &i.table,
+                    logits: if i.logits {
+                        LogitsWanted::Last
+                    } else {
+                        LogitsWanted::None
+                    },
+                })
+                .collect();
+            let input = if self.stage == 0 {
+                StageInput::Tokens
+            } else {
+                StageInput::Hidden(links.recv()?)
+            };
+            match self
+                .shard
+                .forward_paged(&items, input, &mut self.pool, &*links.collective)
+                .map_err(node_error)?
+            {
+                StageOutput::Hidden(h) => links.send(h)?,
+                StageOutput::Logits(l) if last && self.rank == 0 => {
+                    out = Some(match out.take() {
+                        None => l,
+                        Some(acc) => append(acc, l),
+                    });
+                }
+                StageOutput::Logits(_) => {}
+            }
+        }
+        Ok(out)
+    }
+
+    fn abort(links: &NodeLinks) {
+        links.abort.abort();
+    }
+}
+
+/// Concatenates the logits of consecutive micro-batches.
+fn append(mut acc: Logits, next: Logits) -> Logits {
+    let offset = acc.data.len() / acc.vocab.max(1);
+    acc.data.extend_from_slice(&next.data);
+    acc.item_rows.extend(
+        next.item_rows
+            .into_iter()
+            .map(|r| r.start + offset..r.end + offset),
+    );
+    acc
+}

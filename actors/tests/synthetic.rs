@@ -1,0 +1,153 @@
+//! The engine on a tiny synthetic model: every parallel layout, cancellation,
+//! overload, preemption and fault recovery, compared with the plain forward.
+
+use std::time::Duration;
+
+use actors::llm::{Engine, Event, FaultInjection, Request};
+use framework::collective::SingleCollective;
+use framework::{BatchItem, LlamaConfig, LlamaShard, LogitsWanted, ShardSpec, WeightFormat};
+
+fn solo(prompt: &[u32], n: usize) -> Vec<u32> {
+    let c = LlamaConfig::synthetic("tiny").unwrap();
+    let m = LlamaShard::synthetic(c, 7, ShardSpec::SINGLE, WeightFormat::F32).unwrap();
+    let mut cache = m.new_cache();
+    let mut out = Vec::new();
+    let mut next = prompt.to_vec();
+    for _ in 0..n {
+        let l = m
+            .forward(
+                &mut [BatchItem {
+                    tokens: &next,
+                    cache: &mut cache,
+                    logits: LogitsWanted::Last,
+                }],
+                &SingleCollective,
+            )
+            .unwrap();
+        let t = framework::sampling::argmax(l.last(0).unwrap()) as u32;
+        out.push(t);
+        next = vec![t];
+    }
+    out
+}
+
+fn prompts() -> Vec<Vec<u32>> {
+    (0..12u32)
+        .map(|i| (0..(3 + i * 5)).map(|k| (k * 31 + i * 7) % 256).collect())
+        .collect()
+}
+
+fn finished_tokens(events: Vec<Event>) -> Vec<u32> {
+    let terminal: Vec<_> = events.iter().filter(|e| e.is_terminal()).collect();
+    assert_eq!(terminal.len(), 1, "exactly one terminal event: {events:?}");
+    match events.last() {
+        Some(Event::Finished { tokens, .. }) => tokens.clone(),
+        other => panic!("expected Finished, got {other:?}"),
+    }
+}
+
+fn engine(tp: usize, pp: usize, dp: usize) -> actors::llm::EngineBuilder {
+    Engine::builder()
+        .synthetic("tiny", 7)
+        .weights(WeightFormat::F32)
+        .tp(tp)
+        .pp(pp)
+        .dp(dp)
+}
+
+fn run_all(e: &Engine, n: usize) -> Vec<Vec<u32>> {
+    let streams: Vec<_> = prompts()
+        .into_iter()
+        .map(|p| e.generate(Request::greedy_tokens(p, n)).unwrap())
+        .collect();
+    streams
+        .into_iter()
+        .map(|s| finished_tokens(s.collect_blocking()))
+        .collect()
+}
+
+#[test]
+fn every_layout_matches_the_plain_forward() {
+    let want: Vec<_> = prompts().iter().map(|p| solo(p, 6)).collect();
+    for (tp, pp, dp) in [
+        (1, 1, 1),
+        (2, 1, 1),
+        (1, 2, 1),
+        (2, 2, 1),
+        (1, 1, 2),
+        (2, 2, 2),
+    ] {
+        let e = engine(tp, pp, dp).build().unwrap();
+        let got = run_all(&e, 6);
+        assert_eq!(got, want, "tp={tp} pp={pp} dp={dp}");
+        let s = e.stats().scheduler;
+        assert_eq!(s.policy.kv_used, 0, "all blocks freed");
+        assert!(e.shutdown_timeout(Duration::from_secs(10)));
+    }
+}
+
+#[test]
+fn kv_exhaustion_preempts_and_still_completes() {
+    // Short prompts all fit at once; their growth does not.
+    let prompts: Vec<Vec<u32>> = (0..12u32).map(|i| vec![i + 1, 2 * i + 3, 5]).collect();
+    let want: Vec<_> = prompts.iter().map(|p| solo(p, 20)).collect();
+    let e = engine(1, 1, 1).block_size(4).kv_blocks(24).build().unwrap();
+    let streams: Vec<_> = prompts
+        .into_iter()
+        .map(|p| e.generate(Request::greedy_tokens(p, 20)).unwrap())
+        .collect();
+    let got: Vec<_> = streams
+        .into_iter()
+        .map(|s| finished_tokens(s.collect_blocking()))
+        .collect();
+    assert_eq!(got, want);
+    let s = e.stats().scheduler;
+    assert!(s.policy.preemptions > 0, "{s:?}");
+    assert_eq!(s.policy.kv_used, 0);
+}
+
+#[test]
+fn injected_faults_lose_nothing() {
+    let want: Vec<_> = prompts().iter().map(|p| solo(p, 6)).collect();
+    for panic in [false, true] {
+        let e = engine(2, 2, 1)
+            .fault(FaultInjection {
+                replica: 0,
+                node: 3,
+                step: 2,
+                times: 2,
+                panic,
+            })
+            .build()
+            .unwrap();
+        let got = run_all(&e, 6);
+        assert_eq!(got, want, "panic={panic}");
+        let st = e.stats();
+        assert_eq!(st.scheduler.failed_steps, 2);
+        assert_eq!(st.nodes[3].1.restarts, 2, "{:?}", st.nodes);
+    }
+}
+
+#[test]
+fn a_task_that_keeps_failing_ends_with_an_error() {
+    let e = engine(1, 2, 1)
+        .max_retries(2)
+        .fault(FaultInjection {
+            replica: 0,
+            node: 0,
+            step: 0,
+            times: u32::MAX,
+            panic: false,
+        })
+        .build()
+        .unwrap();
+    let s = e
+        .generate(Request::greedy_tokens(vec![1, 2, 3], 4))
+        .unwrap();
+    let events = s.collect_blocking();
+    assert_eq!(events.len(), 1);
+    match &events[0] {
+        Event::Failed { error } => assert!(error.contains("injected fault"), "{error}"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -1,0 +1,712 @@
+//! Continuous (iteration-level) batching for one model replica, as a plain
+//! state machine: which sequences run in the next step, with how many tokens,
+//! in which KV blocks.
+//!
+//! Follows Orca's iteration-level scheduling (Yu et al. 2022) and vLLM's block
+//! manager (Kwon et al. 2023):
+//!
+//! * Work is grouped by request ([`GroupId`]); a group holds one sequence, or
+//!   the live beams of a beam search. A group is the unit of admission and of
+//!   preemption.
+//! * Each step first serves running groups, oldest first (a decoding sequence
+//!   adds one token; a prompt still being prefilled adds a chunk), then admits
+//!   waiting groups (preempted ones ahead of new ones) while the step's token
+//!   budget (`max_batch_tokens`), the running-group cap (`max_running`) and the
+//!   free KV blocks allow. Long prompts are prefilled in chunks of what the
+//!   budget leaves, so running decodes are never starved.
+//! * When a running group needs a KV block and none is free, the newest running
+//!   groups not yet in this step are preempted: their blocks are freed and they
+//!   wait to be recomputed from their tokens (prompt and generated so far).
+//! * A group asks for logits only in a step that brings every one of its
+//!   sequences up to date, so a beam search always sees all its beams at once.
+//!   A chunk that does not finish the group stops one token short of the end.
+//!
+//! **Invariants:** at most one step is in flight; a sequence's KV blocks are
+//! freed exactly once (on finish, cancel, preemption or reset); a group is in
+//! exactly one of waiting, running, or gone.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ops::Range;
+
+use crate::kv::{KvManager, KvUsage, SeqKey};
+
+/// A request's id: the unit of admission, preemption and cancellation.
+pub type GroupId = u64;
+
+/// Limits of one replica's batches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// Tokens (rows) per step, prefill chunks and decodes together.
+    pub max_batch_tokens: usize,
+    /// Groups running at once.
+    pub max_running: usize,
+    /// Positions per KV block.
+    pub block_size: usize,
+    /// KV blocks of the replica.
+    pub kv_blocks: usize,
+    /// Micro-batches each step is cut into (the pipeline depth, so that every
+    /// stage has work while later stages finish earlier micro-batches).
+    pub micro_batches: usize,
+}
+
+impl BatchConfig {
+    /// Positions the KV cache holds in all.
+    pub fn kv_positions(&self) -> usize {
+        self.block_size * self.kv_blocks
+    }
+}
+
+/// One sequence's rows in a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepItem {
+    /// The request.
+    pub group: GroupId,
+    /// The sequence (its KV block table's key).
+    pub seq: SeqKey,
+    /// The new tokens.
+    pub tokens: Vec<u32>,
+    /// Position of the first new token.
+    pub start: usize,
+    /// The sequence's block table.
+    pub table: Vec<u32>,
+    /// Whether the last new token's logits are wanted.
+    pub logits: bool,
+}
+
+/// One step for the replica's compute nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepPlan {
+    /// Step number within the replica, from 0.
+    pub id: u64,
+    /// The rows, grouped by sequence.
+    pub items: Vec<StepItem>,
+    /// KV blocks to copy `(src, dst)` before computing (copy-on-write).
+    pub copies: Vec<(u32, u32)>,
+    /// Item ranges, one per micro-batch, in order.
+    pub micro_batches: Vec<Range<usize>>,
+}
+
+impl StepPlan {
+    /// Rows in the step.
+    pub fn tokens(&self) -> usize {
+        self.items.iter().map(|i| i.tokens.len()).sum()
+    }
+}
+
+/// What the merger decided for a group whose logits the step returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupOutcome {
+    /// The group goes on: each `(parent, token)` makes one sequence that
+    /// continues `parent` with `token` (one entry for ordinary decoding; beam
+    /// search may fork a parent several times or drop it).
+    Continue(Vec<(SeqKey, u32)>),
+    /// The group is done; its blocks are freed.
+    Finished,
+}
+
+#[derive(Debug, Clone)]
+struct Seq {
+    key: SeqKey,
+    tokens: Vec<u32>,
+    computed: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Group {
+    seqs: Vec<Seq>,
+    /// Admission order; lower is older.
+    order: u64,
+}
+
+/// Counters for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Groups preempted so far.
+    pub preemptions: u64,
+    /// Steps planned so far.
+    pub steps: u64,
+}
+
+/// The batching state of one replica.
+#[derive(Debug)]
+pub struct BatchScheduler {
+    cfg: BatchConfig,
+    kv: KvManager,
+    groups: HashMap<GroupId, Group>,
+    waiting: VecDeque<GroupId>,
+    running: Vec<GroupId>,
+    in_flight: Option<HashSet<GroupId>>,
+    cancelled: HashSet<GroupId>,
+    next_key: SeqKey,
+    next_order: u64,
+    stats: BatchStats,
+}
+
+impl BatchScheduler {
+    /// An empty scheduler.
+    pub fn new(cfg: BatchConfig) -> Self {
+        let kv = KvManager::new(cfg.block_size, cfg.kv_blocks);
+        Self {
+            cfg,
+            kv,
+            groups: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            in_flight: None,
+            cancelled: HashSet::new(),
+            next_key: 0,
+            next_order: 0,
+            stats: BatchStats::default(),
+        }
+    }
+
+    /// The limits.
+    pub fn config(&self) -> &BatchConfig {
+        &self.cfg
+    }
+
+    /// KV block usage.
+    pub fn kv_usage(&self) -> KvUsage {
+        self.kv.usage()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> BatchStats {
+        self.stats
+    }
+
+    /// Groups waiting (new or preempted).
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Groups running.
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Groups held in any state.
+    pub fn len(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Whether no group is held.
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// Whether a step is in flight.
+    pub fn busy(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// Whether `group` is held.
+    pub fn contains(&self, group: GroupId) -> bool {
+        self.groups.contains_key(&group)
+    }
+
+    /// Adds a request with its prompt; it waits behind earlier ones.
+    pub fn add(&mut self, group: GroupId, prompt: Vec<u32>) {
+        let key = self.new_key();
+        let order = self.next_order;
+        self.next_order += 1;
+        self.groups.insert(
+            group,
+            Group {
+                seqs: vec![Seq {
+                    key,
+                    tokens: prompt,
+                    computed: 0,
+                }],
+                order,
+            },
+        );
+        self.waiting.push_back(group);
+    }
+
+    fn new_key(&mut self) -> SeqKey {
+        self.next_key += 1;
+        self.next_key
+    }
+
+    /// Plans the next step, or `None` when there is nothing to run (or a step is
+    /// already in flight).
+    pub fn plan(&mut self) -> Option<StepPlan> {
+        if self.in_flight.is_some() {
+            return None;
+        }
+        let mut budget = self.cfg.max_batch_tokens;
+        let mut plan = StepPlan {
+            id: self.stats.steps,
+            ..StepPlan::default()
+        };
+        let mut planned = HashSet::new();
+
+        // Running groups, oldest first.
+        let mut order = self.running.clone();
+        order.sort_by_key(|g| self.groups[g].order);
+        for g in order {
+            if budget == 0 {
+                break;
+            }
+            // A group preempted for an older one's blocks is no longer running.
+            if self.running.contains(&g) {
+                if let Fit::Planned = self.fit(g, &mut budget, &mut plan, &planned) {
+                    planned.insert(g);
+                }
+            }
+        }
+        // Then waiting groups, in order, while they fit without preempting.
+        while budget > 0 && self.running.len() < self.cfg.max_running {
+            let Some(&g) = self.waiting.front() else {
+                break;
+            };
+            if !self.fits_without_preempting(g, budget) {
+                break;
+            }
+            self.waiting.pop_front();
+            self.running.push(g);
+            if let Fit::Planned = self.fit(g, &mut budget, &mut plan, &planned) {
+                planned.insert(g);
+            }
+        }
+        if plan.items.is_empty() {
+            return None;
+        }
+        plan.micro_batches = split_micro_batches(&plan.items, self.cfg.micro_batches);
+        self.stats.steps += 1;
+        self.in_flight = Some(planned);
+        Some(plan)
+    }
+
+    fn chunks(&self, g: GroupId, budget: usize) -> (Vec<usize>, bool) {
+        let group = &self.groups[&g];
+        let remaining: Vec<usize> = group
+            .seqs
+            .iter()
+            .map(|s| s.tokens.len() - s.computed)
+            .collect();
+        if remaining.iter().sum::<usize>() <= budget {
+            return (remaining, true);
+        }
+        let mut left = budget;
+        let chunks = remaining
+            .iter()
+            .map(|&r| {
+                let n = r.saturating_sub(1).min(left);
+                left -= n;
+                n
+            })
+            .collect();
+        (chunks, false)
+    }
+
+    fn fits_without_preempting(&self, g: GroupId, budget: usize) -> bool {
+        let (chunks, _) = self.chunks(g, budget);
+        let group = &self.groups[&g];
+        let need: usize = group
+            .seqs
+            .iter()
+            .zip(&chunks)
+            .map(|(s, &n)| self.kv.blocks_needed(s.key, s.computed + n))
+            .sum();
+        chunks.iter().any(|&n| n > 0) && need <= self.kv.free_blocks()
+    }
+
+    /// Plans group `g` into the step, preempting newer unplanned groups for KV
+    /// blocks if needed.
+    fn fit(
+        &mut self,
+        g: GroupId,
+        budget: &mut usize,
+        plan: &mut StepPlan,
+        planned: &HashSet<GroupId>,
+    ) -> Fit {
+        let (chunks, complete) = self.chunks(g, *budget);
+        if chunks.iter().all(|&n| n == 0) {
+            return Fit::Skipped;
+        }
+        loop {
+            let group = &self.groups[&g];
+            let need: usize = group
+                .seqs
+                .iter()
+                .zip(&chunks)
+                .map(|(s, &n)| self.kv.blocks_needed(s.key, s.computed + n))
+                .sum();
+            if need <= self.kv.free_blocks() {
+                break;
+            }
+            // The newest running group that is neither planned nor `g` itself.
+            let victim = self
+                .running
+                .iter()
+                .copied()
+                .filter(|v| *v != g && !planned.contains(v))
+                .max_by_key(|v| self.groups[v].order);
+            match victim {
+                Some(v) => self.preempt(v),
+                None => {
+                    self.preempt(g);
+                    return Fit::Preempted;
+                }
+            }
+        }
+        let group = self.groups.get_mut(&g).expect("planned groups exist");
+        for (s, &n) in group.seqs.iter_mut().zip(&chunks) {
+            if n == 0 {
+                continue;
+            }
+            self.kv
+                .grow(s.key, s.computed + n, &mut plan.copies)
+                .expect("checked against the free count");
+            plan.items.push(StepItem {
+                group: g,
+                seq: s.key,
+                tokens: s.tokens[s.computed..s.computed + n].to_vec(),
+                start: s.computed,
+                table: self.kv.table(s.key).to_vec(),
+                logits: complete,
+            });
+            s.computed += n;
+            *budget -= n;
+        }
+        Fit::Planned
+    }
+
+    /// Frees `g`'s blocks and puts it back at the head of the waiting groups
+    /// (ordered by age), to be recomputed from its tokens.
+    fn preempt(&mut self, g: GroupId) {
+        self.running.retain(|&r| r != g);
+        if let Some(group) = self.groups.get_mut(&g) {
+            for s in &mut group.seqs {
+                self.kv.release(s.key);
+                s.computed = 0;
+            }
+            let order = group.order;
+            let at = self
+                .waiting
+                .iter()
+                .position(|w| self.groups.get(w).is_none_or(|o| o.order > order))
+                .unwrap_or(self.waiting.len());
+            self.waiting.insert(at, g);
+            self.stats.preemptions += 1;
+        }
+    }
+
+    /// Applies the outcome of the in-flight step: for each group whose logits it
+    /// returned, what the merger decided. Returns the groups that ended (finished
+    /// or cancelled while in flight); their blocks are freed.
+    pub fn complete(&mut self, outcomes: Vec<(GroupId, GroupOutcome)>) -> Vec<GroupId> {
+        self.in_flight = None;
+        let mut ended = Vec::new();
+        for (g, outcome) in outcomes {
+            if !self.groups.contains_key(&g) {
+                continue;
+            }
+            match outcome {
+                GroupOutcome::Finished => {
+                    self.remove(g);
+                    ended.push(g);
+                }
+                GroupOutcome::Continue(next) => self.advance(g, next),
+            }
+        }
+        for g in std::mem::take(&mut self.cancelled) {
+            if self.remove(g) {
+                ended.push(g);
+            }
+        }
+        ended
+    }
+
+    fn advance(&mut self, g: GroupId, next: Vec<(SeqKey, u32)>) {
+        let mut uses: HashMap<SeqKey, usize> = HashMap::new();
+        for (p, _) in &next {
+            *uses.entry(*p).or_default() += 1;
+        }
+        let Some(group) = self.groups.get_mut(&g) else {
+            return;
+        };
+        let old: HashMap<SeqKey, Seq> = group.seqs.drain(..).map(|s| (s.key, s)).collect();
+        let mut seqs = Vec::with_capacity(next.len());
+        for (parent, token) in next {
+            let Some(p) = old.get(&parent) else { continue };
+            let left = uses.get_mut(&parent).expect("counted above");
+            *left -= 1;
+            // The last child takes over the parent's blocks; earlier ones share them.
+            let key = if *left == 0 {
+                parent
+            } else {
+                self.next_key += 1;
+                self.kv.fork(parent, self.next_key);
+                self.next_key
+            };
+            let mut tokens = p.tokens.clone();
+            tokens.push(token);
+            seqs.push(Seq {
+                key,
+                tokens,
+                computed: p.computed,
+            });
+        }
+        for key in old.keys() {
+            if !uses.contains_key(key) {
+                self.kv.release(*key);
+            }
+        }
+        if seqs.is_empty() {
+            self.remove(g);
+            return;
+        }
+        if let Some(group) = self.groups.get_mut(&g) {
+            group.seqs = seqs;
+        }
+    }
+
+    fn remove(&mut self, g: GroupId) -> bool {
+        let Some(group) = self.groups.remove(&g) else {
+            return false;
+        };
+        for s in group.seqs {
+            self.kv.release(s.key);
+        }
+        self.running.retain(|&r| r != g);
+        self.waiting.retain(|&w| w != g);
+        true
+    }
+
+    /// Cancels `g`. Returns `true` if it ended now (its blocks are free), `false`
+    /// if it is in the in-flight step and ends when that step completes, or if
+    /// it is unknown (check [`BatchScheduler::contains`]).
+    pub fn cancel(&mut self, g: GroupId) -> bool {
+        if self.in_flight.as_ref().is_some_and(|f| f.contains(&g)) {
+            self.cancelled.insert(g);
+            return false;
+        }
+        self.remove(g)
+    }
+
+    /// Ends `g` at once whatever its state, freeing its blocks (for a request that
+    /// failed for good). Any outcome of an in-flight step for it is ignored.
+    pub fn drop_group(&mut self, g: GroupId) -> bool {
+        self.remove(g)
+    }
+
+    /// The in-flight step failed and the nodes' KV contents are lost: every
+    /// group's blocks are freed and every group waits to be recomputed, in age
+    /// order. Returns the groups that were in the failed step.
+    pub fn reset(&mut self) -> Vec<GroupId> {
+        let failed: Vec<GroupId> = self
+            .in_flight
+            .take()
+            .map(|f| f.into_iter().collect())
+            .unwrap_or_default();
+        for g in std::mem::take(&mut self.cancelled) {
+            self.remove(g);
+        }
+        let mut all: Vec<GroupId> = self.groups.keys().copied().collect();
+        all.sort_by_key(|g| self.groups[g].order);
+        for g in &all {
+            if let Some(group) = self.groups.get_mut(g) {
+                for s in &mut group.seqs {
+                    self.kv.release(s.key);
+                    s.computed = 0;
+                }
+            }
+        }
+        self.running.clear();
+        self.waiting = all.into();
+        failed
+    }
+}
+
+enum Fit {
+    Planned,
+    Skipped,
+    Preempted,
+}
+
+/// Cuts items into at most `parts` contiguous ranges of about equal token counts.
+fn split_micro_batches(items: &[StepItem], parts: usize) -> Vec<Range<usize>> {
+    let parts = parts.clamp(1, items.len().max(1));
+    let total: usize = items.iter().map(|i| i.tokens.len()).sum();
+    let mut out = Vec::with_capacity(parts);
+    let (mut start, mut acc) = (0, 0);
+    for (i, item) in items.iter().enumerate() {
+        acc += item.tokens.len();
+        let left_items = items.len() - (i + 1);
+        let left_parts = parts - out.len() - 1;
+        if left_parts > 0 && (acc * parts >= total * (out.len() + 1) || left_items == left_parts) {
+            out.push(start..i + 1);
+            start = i + 1;
+        }
+    }
+    if start < items.len() {
+        out.push(start..items.len());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(max_batch_tokens: usize, kv_blocks: usize) -> BatchConfig {
+        BatchConfig {
+            max_batch_tokens,
+            max_running: 8,
+            block_size: 4,
+            kv_blocks,
+            micro_batches: 1,
+        }
+    }
+
+    fn cont(plan: &StepPlan, token: u32) -> Vec<(GroupId, GroupOutcome)> {
+        plan.items
+            .iter()
+            .filter(|i| i.logits)
+            .map(|i| (i.group, GroupOutcome::Continue(vec![(i.seq, token)])))
+            .collect()
+    }
+
+    #[test]
+    fn long_prompts_are_chunked_behind_running_decodes() {
+        let mut s = BatchScheduler::new(cfg(8, 64));
+        s.add(1, vec![1; 3]);
+        let p = s.plan().unwrap();
+        assert_eq!(p.tokens(), 3);
+        assert!(p.items[0].logits);
+        s.complete(cont(&p, 7));
+        s.add(2, vec![2; 20]);
+        let p = s.plan().unwrap();
+        // The decode first (1 token), then 7 tokens of the long prompt, no logits.
+        assert_eq!(p.items.len(), 2);
+        assert_eq!((p.items[0].group, p.items[0].tokens.clone()), (1, vec![7]));
+        assert_eq!((p.items[1].group, p.items[1].tokens.len()), (2, 7));
+        assert!(!p.items[1].logits);
+        s.complete(cont(&p, 8));
+        let p = s.plan().unwrap();
+        assert_eq!(p.items[1].start, 7);
+        assert_eq!(p.items[1].tokens.len(), 7);
+        s.complete(cont(&p, 9));
+        let p = s.plan().unwrap();
+        assert_eq!(p.items[1].tokens.len(), 6, "the rest of the prompt");
+        assert!(p.items[1].logits);
+    }
+
+    #[test]
+    fn kv_exhaustion_preempts_the_newest_and_recomputes_it() {
+        // 4 blocks of 4 positions; two prompts of 6 take 2 blocks each.
+        let mut s = BatchScheduler::new(cfg(64, 4));
+        s.add(1, vec![1; 6]);
+        s.add(2, vec![2; 6]);
+        let p = s.plan().unwrap();
+        assert_eq!(p.items.len(), 2);
+        s.complete(cont(&p, 5));
+        // Both now need positions 6, then 7: still fits (blocks hold 8).
+        for _ in 0..2 {
+            let p = s.plan().unwrap();
+            assert_eq!(p.items.len(), 2);
+            s.complete(cont(&p, 5));
+        }
+        // Position 8 needs a third block each: the newer group is preempted.
+        let p = s.plan().unwrap();
+        assert_eq!(p.items.len(), 1);
+        assert_eq!(p.items[0].group, 1);
+        assert_eq!(s.stats().preemptions, 1);
+        assert_eq!(s.waiting(), 1);
+        s.complete(vec![(1, GroupOutcome::Finished)]);
+        // Group 2 comes back with all of its 8 tokens to recompute.
+        let p = s.plan().unwrap();
+        assert_eq!(
+            (p.items[0].group, p.items[0].start, p.items[0].tokens.len()),
+            (2, 0, 9)
+        );
+        assert_eq!(p.items[0].tokens[6..], [5, 5, 5]);
+        s.complete(vec![(2, GroupOutcome::Finished)]);
+        assert_eq!(s.kv_usage().used, 0);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn cancel_in_flight_frees_after_the_step() {
+        let mut s = BatchScheduler::new(cfg(64, 16));
+        s.add(1, vec![1; 5]);
+        let p = s.plan().unwrap();
+        assert!(!s.cancel(1));
+        assert!(s.kv_usage().used > 0);
+        let ended = s.complete(cont(&p, 3));
+        assert_eq!(ended, vec![1]);
+        assert_eq!(s.kv_usage().used, 0);
+        s.add(2, vec![1; 5]);
+        assert!(s.cancel(2), "a waiting group ends at once");
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn beams_fork_and_share_blocks() {
+        let mut s = BatchScheduler::new(cfg(64, 16));
+        s.add(1, vec![1; 6]);
+        let p = s.plan().unwrap();
+        let parent = p.items[0].seq;
+        s.complete(vec![(
+            1,
+            GroupOutcome::Continue(vec![(parent, 10), (parent, 11)]),
+        )]);
+        assert_eq!(
+            s.kv_usage().used,
+            2,
+            "the children share the prompt's blocks"
+        );
+        let p = s.plan().unwrap();
+        assert_eq!(p.items.len(), 2);
+        assert!(p.items.iter().all(|i| i.logits && i.start == 6));
+        assert_eq!(
+            p.copies.len(),
+            1,
+            "the shared half-full block is copied once"
+        );
+        let keys: Vec<_> = p.items.iter().map(|i| i.seq).collect();
+        s.complete(vec![(1, GroupOutcome::Continue(vec![(keys[1], 12)]))]);
+        s.complete(vec![]);
+        s.complete(vec![(1, GroupOutcome::Finished)]);
+        assert_eq!(s.kv_usage().used, 0);
+    }
+
+    #[test]
+    fn reset_requeues_everything_in_age_order() {
+        let mut s = BatchScheduler::new(cfg(64, 16));
+        s.add(1, vec![1; 3]);
+        s.add(2, vec![2; 3]);
+        let p = s.plan().unwrap();
+        s.complete(cont(&p, 4));
+        s.add(3, vec![3; 3]);
+        s.plan().unwrap();
+        let mut failed = s.reset();
+        failed.sort();
+        assert_eq!(failed, vec![1, 2, 3]);
+        assert_eq!(s.kv_usage().used, 0);
+        let p = s.plan().unwrap();
+        let order: Vec<_> = p.items.iter().map(|i| (i.group, i.tokens.len())).collect();
+        assert_eq!(order, vec![(1, 4), (2, 4), (3, 3)]);
+    }
+
+    #[test]
+    fn micro_batches_balance_tokens() {
+        let item = |n| StepItem {
+            group: 0,
+            seq: 0,
+            tokens: vec![0; n],
+            start: 0,
+            table: vec![],
+            logits: true,
+        };
+        let items: Vec<_> = [1, 1, 1, 1, 1, 1].into_iter().map(item).collect();
+        assert_eq!(split_micro_batches(&items, 3), vec![0..2, 2..4, 4..6]);
+        let items: Vec<_> = [10, 1, 1].into_iter().map(item).collect();
+        assert_eq!(split_micro_batches(&items, 2), vec![0..1, 1..3]);
+        let items: Vec<_> = [1].into_iter().map(item).collect();
+        assert_eq!(split_micro_batches(&items, 4), vec![0..1]);
+    }
+}

@@ -1,0 +1,297 @@
+//! The engine on the reference model: every parallel layout against tp=1,
+//! 64 concurrent requests against their solo runs, cancellation, overload,
+//! KV exhaustion and node failure.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{golden, ids, model, model_path};
+use parallm::actors::llm::FaultInjection;
+use parallm::actors::SubmitError;
+use parallm::framework::collective::SingleCollective;
+use parallm::framework::{BatchItem, LogitsWanted, SamplingParams, WeightFormat};
+use parallm::{Engine, EngineBuilder, EngineError, Event, Request};
+
+const NEW_TOKENS: usize = 12;
+
+fn builder() -> EngineBuilder {
+    Engine::builder()
+        .model_path(model_path())
+        .weights(WeightFormat::F32)
+}
+
+fn golden_prompts() -> Vec<Vec<u32>> {
+    golden()["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| ids(&c["prompt_tokens"]))
+        .collect()
+}
+
+/// The terminal event's tokens, checking there is exactly one terminal event.
+fn finished(events: &[Event]) -> Vec<u32> {
+    let terminal = events.iter().filter(|e| e.is_terminal()).count();
+    assert_eq!(terminal, 1, "exactly one terminal event: {events:?}");
+    match events.last() {
+        Some(Event::Finished { tokens, .. }) => tokens.clone(),
+        other => panic!("expected a finished request, got {other:?}"),
+    }
+}
+
+fn run(engine: &Engine, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            engine
+                .generate(Request::greedy_tokens(p.clone(), n))
+                .expect("admitted")
+        })
+        .collect();
+    streams
+        .into_iter()
+        .map(|s| finished(&s.collect_blocking()))
+        .collect()
+}
+
+fn wait_idle(engine: &Engine) -> parallm::actors::SchedulerStats {
+    let t0 = Instant::now();
+    loop {
+        let s = engine.stats().scheduler;
+        if s.idle || t0.elapsed() > Duration::from_secs(30) {
+            return s;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A solo greedy run on the whole model: the tokens, and at each step the gap
+/// between the top two logits.
+fn solo(prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
+    let m = model(WeightFormat::F32);
+    let eos = common::tokenizer().stop_tokens().to_vec();
+    let mut cache = m.new_cache();
+    let (mut out, mut gaps) = (Vec::new(), Vec::new());
+    let mut next = prompt.to_vec();
+    for _ in 0..n {
+        let l = m
+            .forward(
+                &mut [BatchItem {
+                    tokens: &next,
+                    cache: &mut cache,
+                    logits: LogitsWanted::Last,
+                }],
+                &SingleCollective,
+            )
+            .expect("forward");
+        let row = l.last(0).expect("logits");
+        let top = common::top_k(row, 2);
+        gaps.push(row[top[0]] - row[top[1]]);
+        let t = top[0] as u32;
+        if eos.contains(&t) {
+            break;
+        }
+        out.push(t);
+        next = vec![t];
+    }
+    (out, gaps)
+}
+
+/// Checks `got` against solo runs: equal, or diverging only at a near-tie.
+fn assert_matches_solo(prompts: &[Vec<u32>], got: &[Vec<u32>], n: usize) -> usize {
+    let mut diverged = 0;
+    for (i, (p, g)) in prompts.iter().zip(got).enumerate() {
+        let (want, gaps) = solo(p, n);
+        if *g == want {
+            continue;
+        }
+        let k = g
+            .iter()
+            .zip(&want)
+            .position(|(a, b)| a != b)
+            .unwrap_or(g.len().min(want.len()));
+        assert!(
+            gaps[k] < 1e-3,
+            "request {i} diverges from its solo run at step {k}, where the solo run's top-2 gap is {} (not a near-tie)\n got  {g:?}\n want {want:?}",
+            gaps[k]
+        );
+        diverged += 1;
+    }
+    diverged
+}
+
+#[test]
+fn every_parallel_layout_gives_the_greedy_tokens_of_tp1() {
+    let prompts = golden_prompts();
+    let reference = {
+        let e = builder().build().expect("tp=1 engine");
+        run(&e, &prompts, NEW_TOKENS)
+    };
+    assert_matches_solo(&prompts, &reference, NEW_TOKENS);
+    for (tp, pp, dp) in [
+        (3, 1, 1),
+        (2, 1, 1),
+        (1, 2, 1),
+        (1, 3, 1),
+        (3, 2, 1),
+        (1, 1, 2),
+    ] {
+        let e = builder().tp(tp).pp(pp).dp(dp).build().expect("engine");
+        let got = run(&e, &prompts, NEW_TOKENS);
+        assert_eq!(got, reference, "tp={tp} pp={pp} dp={dp}");
+        let s = wait_idle(&e);
+        assert_eq!(s.policy.kv_used, 0, "tp={tp} pp={pp} dp={dp}: {s:?}");
+        assert!(e.shutdown_timeout(Duration::from_secs(30)));
+    }
+}
+
+#[test]
+fn sixty_four_concurrent_requests_match_their_solo_runs() {
+    let tok = common::tokenizer();
+    let base =
+        "Parallel inference splits a model across devices and serves many requests at once. ";
+    let prompts: Vec<Vec<u32>> = (0..64)
+        .map(|i| {
+            let text = format!("Request {i}: {}Then {i} more", base.repeat(i % 9));
+            tok.encode(&text).expect("tokenizes")
+        })
+        .collect();
+    let lens: Vec<_> = prompts.iter().map(Vec::len).collect();
+    assert!(lens.iter().max() > lens.iter().min(), "mixed lengths");
+    let e = builder().build().expect("engine");
+    let got = run(&e, &prompts, 16);
+    let diverged = assert_matches_solo(&prompts, &got, 16);
+    eprintln!("{diverged} of 64 outputs diverged from their solo runs, each at a near-tie");
+    assert_eq!(wait_idle(&e).policy.kv_used, 0);
+}
+
+#[test]
+fn cancelling_frees_kv_blocks() {
+    let e = Engine::builder()
+        .model_path(model_path())
+        .max_running(1)
+        .build()
+        .expect("engine");
+    let mut running = e
+        .generate(Request::greedy("Once upon a time", 400))
+        .expect("admitted");
+    let waiting = e
+        .generate(Request::greedy("A second request", 400))
+        .expect("admitted");
+    // Wait until the first is decoding, then cancel both.
+    let mut tokens = 0;
+    while tokens < 3 {
+        match running.next_blocking() {
+            Some(Event::Token { .. }) => tokens += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(e.stats().scheduler.policy.kv_used > 0);
+    e.cancel(running.id());
+    e.cancel(waiting.id());
+    let rest: Vec<_> = std::iter::from_fn(|| running.next_blocking()).collect();
+    assert_eq!(rest.last(), Some(&Event::Cancelled));
+    assert_eq!(rest.iter().filter(|e| e.is_terminal()).count(), 1);
+    assert_eq!(waiting.collect_blocking(), vec![Event::Cancelled]);
+    let s = wait_idle(&e);
+    assert!(s.idle);
+    assert_eq!(s.policy.kv_used, 0, "{s:?}");
+}
+
+#[test]
+fn a_full_queue_answers_overloaded_at_once() {
+    let e = Engine::builder()
+        .model_path(model_path())
+        .max_running(1)
+        .queue_capacity(2)
+        .build()
+        .expect("engine");
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 0..8 {
+        let t0 = Instant::now();
+        match e.generate(Request::greedy(format!("Count to {i}:"), 24)) {
+            Ok(s) => accepted.push(s),
+            Err(EngineError::Submit(SubmitError::Overloaded { capacity })) => {
+                assert_eq!(capacity, 2);
+                assert!(t0.elapsed() < Duration::from_secs(1), "answered at once");
+                refused += 1;
+            }
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert!(
+        refused > 0,
+        "eight requests into one running slot and two queue slots"
+    );
+    assert!(accepted.len() >= 3);
+    for s in accepted {
+        finished(&s.collect_blocking());
+    }
+}
+
+#[test]
+fn kv_exhaustion_preempts_and_every_request_completes_correctly() {
+    let tok = common::tokenizer();
+    let prompts: Vec<Vec<u32>> = (0..8)
+        .map(|i| {
+            tok.encode(&format!("Story {i}: the robot"))
+                .expect("tokenizes")
+        })
+        .collect();
+    // 16 blocks of 8 positions: all eight prompts fit, their 24 new tokens do not.
+    let e = builder()
+        .block_size(8)
+        .kv_blocks(16)
+        .build()
+        .expect("engine");
+    let got = run(&e, &prompts, 24);
+    assert_matches_solo(&prompts, &got, 24);
+    let s = wait_idle(&e);
+    assert!(s.policy.preemptions > 0, "{s:?}");
+    assert_eq!(s.policy.kv_used, 0);
+}
+
+#[test]
+fn a_node_failure_mid_run_loses_no_request() {
+    let prompts = golden_prompts();
+    for panic in [false, true] {
+        let e = builder()
+            .tp(3)
+            .fault(FaultInjection {
+                replica: 0,
+                node: 1,
+                step: 4,
+                times: 1,
+                panic,
+            })
+            .build()
+            .expect("engine");
+        let got = run(&e, &prompts, NEW_TOKENS);
+        assert_matches_solo(&prompts, &got, NEW_TOKENS);
+        let st = e.stats();
+        assert_eq!(st.scheduler.failed_steps, 1, "panic={panic}");
+        assert_eq!(st.nodes[1].1.restarts, 1, "the failed node was restarted");
+        assert_eq!(wait_idle(&e).policy.kv_used, 0);
+    }
+}
+
+#[test]
+fn sampling_parameters_are_validated_before_admission() {
+    let e = Engine::builder()
+        .model_path(model_path())
+        .build()
+        .expect("engine");
+    let mut req = Request::greedy("Hello", 8);
+    req.params = SamplingParams {
+        top_p: 1.5,
+        ..SamplingParams::greedy(8)
+    };
+    let err = e.generate(req).expect_err("top_p out of range");
+    assert!(err.to_string().contains("top_p"), "{err}");
+    let err = e
+        .generate(Request::greedy("Hello", 1 << 20))
+        .expect_err("too long");
+    assert!(err.to_string().contains("context"), "{err}");
+}
