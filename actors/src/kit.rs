@@ -118,6 +118,8 @@ pub trait Policy: Send + Unpin + 'static {
     fn failed(&mut self, replica: usize) -> Vec<TaskId>;
     /// Cancels `task`; `true` if the policy held it.
     fn cancel(&mut self, task: TaskId) -> bool;
+    /// Whether the policy still holds `task`.
+    fn contains(&self, task: TaskId) -> bool;
     /// Forgets `task` at once (it failed for good).
     fn drop_task(&mut self, task: TaskId);
     /// Whether no task is held.

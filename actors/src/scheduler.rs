@@ -208,6 +208,10 @@ impl<P: Policy> Handler<StepDone<P::Verdict>> for SchedulerActor<P> {
             Ok(verdict) => {
                 self.stats.steps += 1;
                 self.policy.completed(r, verdict);
+                if !self.retries.is_empty() {
+                    let policy = &self.policy;
+                    self.retries.retain(|t, _| policy.contains(*t));
+                }
                 self.dispatch();
             }
             Err(failures) => {

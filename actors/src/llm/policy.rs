@@ -211,7 +211,17 @@ impl Policy for LlmPolicy {
     }
 
     fn failed(&mut self, replica: usize) -> Vec<TaskId> {
-        self.replicas[replica].reset()
+        let sched = &mut self.replicas[replica];
+        let failed = sched.reset();
+        // Groups cancelled during the failed step ended in the reset.
+        let sched = &self.replicas[replica];
+        self.owner
+            .retain(|id, r| *r != replica || sched.contains(*id));
+        failed.into_iter().filter(|g| sched.contains(*g)).collect()
+    }
+
+    fn contains(&self, task: TaskId) -> bool {
+        self.owner.contains_key(&task)
     }
 
     fn cancel(&mut self, task: TaskId) -> bool {
