@@ -295,3 +295,29 @@ fn sampling_parameters_are_validated_before_admission() {
         .expect_err("too long");
     assert!(err.to_string().contains("context"), "{err}");
 }
+
+#[test]
+fn beam_search_through_the_engine_equals_the_reference_loop() {
+    use parallm::framework::generate::beam_search;
+    use parallm::BeamParams;
+    let tok = common::tokenizer();
+    let prompt = tok.encode("The best way to learn is").expect("tokenizes");
+    let want = beam_search(model(WeightFormat::F32), tok, &prompt, 3, 1.0, 10).expect("beams");
+    let e = builder().tp(3).build().expect("engine");
+    let mut req = Request::greedy_tokens(prompt, 10);
+    req.beam = Some(BeamParams {
+        width: 3,
+        length_penalty: 1.0,
+    });
+    let events = e.generate(req).expect("admitted").collect_blocking();
+    match events.as_slice() {
+        [Event::Finished { beams, text, .. }] => {
+            let got: Vec<_> = beams.iter().map(|b| &b.tokens).collect();
+            let exp: Vec<_> = want.iter().map(|b| &b.tokens).collect();
+            assert_eq!(got, exp);
+            assert_eq!(text, &want[0].text);
+        }
+        other => panic!("expected one finished event, got {other:?}"),
+    }
+    assert_eq!(wait_idle(&e).policy.kv_used, 0);
+}

@@ -151,3 +151,45 @@ fn a_task_that_keeps_failing_ends_with_an_error() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn higher_priority_leaves_the_queue_first() {
+    let e = engine(1, 1, 1).max_running(1).build().unwrap();
+    let first = e
+        .generate(Request::greedy_tokens(vec![1, 2, 3], 30))
+        .unwrap();
+    let mut low = Request::greedy_tokens(vec![4, 5], 2);
+    low.priority = 0;
+    let mut high = Request::greedy_tokens(vec![6, 7], 2);
+    high.priority = 5;
+    let low = e.generate(low).unwrap();
+    let high = e.generate(high).unwrap();
+    let order = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for (name, st) in [("first", first), ("low", low), ("high", high)] {
+            let order = &order;
+            s.spawn(move || {
+                let events = st.collect_blocking();
+                assert!(matches!(events.last(), Some(Event::Finished { .. })));
+                order.lock().unwrap().push(name);
+            });
+        }
+    });
+    assert_eq!(order.into_inner().unwrap(), vec!["first", "high", "low"]);
+}
+
+#[test]
+fn shutdown_drains_admitted_requests() {
+    let e = engine(1, 2, 1).build().unwrap();
+    let streams: Vec<_> = prompts()
+        .into_iter()
+        .map(|p| e.generate(Request::greedy_tokens(p, 8)).unwrap())
+        .collect();
+    assert!(
+        e.shutdown_timeout(Duration::from_secs(30)),
+        "drained in time"
+    );
+    for s in streams {
+        assert_eq!(finished_tokens(s.collect_blocking()).len(), 8);
+    }
+}
