@@ -155,27 +155,36 @@ fn a_task_that_keeps_failing_ends_with_an_error() {
 #[test]
 fn higher_priority_leaves_the_queue_first() {
     let e = engine(1, 1, 1).max_running(1).build().unwrap();
-    let first = e
-        .generate(Request::greedy_tokens(vec![1, 2, 3], 30))
+    // A long request holds the only running slot while the others queue; it
+    // is cancelled once they are queued.
+    let mut first = e
+        .generate(Request::greedy_tokens(vec![1, 2, 3], 8000))
         .unwrap();
-    let mut low = Request::greedy_tokens(vec![4, 5], 2);
+    assert!(matches!(first.next_blocking(), Some(Event::Token { .. })));
+    // If the low one ran first, the short high one would finish long after it.
+    let mut low = Request::greedy_tokens(vec![4, 5], 8000);
     low.priority = 0;
     let mut high = Request::greedy_tokens(vec![6, 7], 2);
     high.priority = 5;
     let low = e.generate(low).unwrap();
     let high = e.generate(high).unwrap();
+    e.cancel(first.id());
+    assert_eq!(
+        first.collect_blocking().last(),
+        Some(&Event::Cancelled),
+        "the slot was held until the others were queued"
+    );
     let order = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|s| {
-        for (name, st) in [("first", first), ("low", low), ("high", high)] {
+        for (name, st) in [("low", low), ("high", high)] {
             let order = &order;
             s.spawn(move || {
-                let events = st.collect_blocking();
-                assert!(matches!(events.last(), Some(Event::Finished { .. })));
+                finished_tokens(st.collect_blocking());
                 order.lock().unwrap().push(name);
             });
         }
     });
-    assert_eq!(order.into_inner().unwrap(), vec!["first", "high", "low"]);
+    assert_eq!(order.into_inner().unwrap(), vec!["high", "low"]);
 }
 
 #[test]
