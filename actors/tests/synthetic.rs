@@ -162,7 +162,7 @@ fn higher_priority_leaves_the_queue_first() {
         .unwrap();
     assert!(matches!(first.next_blocking(), Some(Event::Token { .. })));
     // If the low one ran first, the short high one would finish long after it.
-    let mut low = Request::greedy_tokens(vec![4, 5], 8000);
+    let mut low = Request::greedy_tokens(vec![4, 5], 3000);
     low.priority = 0;
     let mut high = Request::greedy_tokens(vec![6, 7], 2);
     high.priority = 5;
