@@ -41,6 +41,33 @@ fn generate_continues_the_prompt_and_reports_speed() {
 }
 
 #[test]
+fn parallel_flags_give_the_same_text() {
+    let base = [
+        "generate",
+        "Once upon a time",
+        "--max-tokens",
+        "10",
+        "--weights",
+        "f32",
+    ];
+    let one = parallm(&base);
+    assert!(
+        one.status.success(),
+        "{}",
+        String::from_utf8_lossy(&one.stderr)
+    );
+    let mut args = base.to_vec();
+    args.extend(["--tp", "3", "--pp", "2", "--dp", "2"]);
+    let many = parallm(&args);
+    let stderr = String::from_utf8_lossy(&many.stderr);
+    assert!(many.status.success(), "{stderr}");
+    assert!(stderr.contains("tp=3 pp=2 dp=2"), "{stderr}");
+    assert_eq!(many.stdout, one.stdout);
+    let bad = parallm(&["generate", "Hi", "--tp", "4"]);
+    assert_clean_failure(&bad, "tp");
+}
+
+#[test]
 fn chat_and_beam_options_work() {
     // f32: with quantized weights the first answer token is a near-tie ("The" vs "L").
     let out = parallm(&[
