@@ -58,6 +58,14 @@ pub enum Error {
     /// The model configuration is inconsistent (head counts, sizes).
     #[error("model config: {0}")]
     Config(String),
+    /// A runtime setting (parallelism, batching, queue) is invalid.
+    #[error("invalid setting `{field}`: {reason}")]
+    Setting {
+        /// The setting's name.
+        field: &'static str,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
 
     // ---- tokenizer and chat template ---------------------------------------
     /// The tokenizer could not be built or used.
@@ -116,7 +124,7 @@ impl Error {
             | Error::Unsupported { .. }
             | Error::Metadata { .. }
             | Error::Tensor { .. } => "model_file",
-            Error::Config(_) => "config",
+            Error::Config(_) | Error::Setting { .. } => "config",
             Error::Tokenizer(_) => "tokenizer",
             Error::Template(_) => "template",
             Error::InvalidRequest { .. } | Error::ContextOverflow { .. } => "invalid_request",

@@ -103,6 +103,13 @@ fn bad(field: &'static str, reason: impl Into<String>) -> Error {
     }
 }
 
+fn bad_config(field: &'static str, reason: impl Into<String>) -> Error {
+    Error::Setting {
+        field,
+        reason: reason.into(),
+    }
+}
+
 impl EngineConfig {
     /// Checks the configuration against the model's shape; errors name the field.
     pub fn validate(&self, model: &LlamaConfig) -> Result<(), Error> {
@@ -116,11 +123,11 @@ impl EngineConfig {
             ("block_size", self.block_size),
         ] {
             if v == 0 {
-                return Err(bad(field, "must be at least 1"));
+                return Err(bad_config(field, "must be at least 1"));
             }
         }
         if self.tp > model.n_kv_heads {
-            return Err(bad(
+            return Err(bad_config(
                 "tp",
                 format!(
                     "{} exceeds the model's {} KV heads (each rank needs a whole KV group)",
@@ -129,23 +136,23 @@ impl EngineConfig {
             ));
         }
         if self.pp > model.n_layers {
-            return Err(bad(
+            return Err(bad_config(
                 "pp",
                 format!("{} exceeds the model's {} layers", self.pp, model.n_layers),
             ));
         }
         if self.micro_batches == Some(0) {
-            return Err(bad("micro_batches", "must be at least 1"));
+            return Err(bad_config("micro_batches", "must be at least 1"));
         }
         if self.kv_blocks(model) == 0 {
-            return Err(bad(
+            return Err(bad_config(
                 "kv_blocks",
                 "the KV cache holds no block (raise kv_blocks or kv_memory_bytes)",
             ));
         }
         if let Some(f) = &self.fault {
             if f.replica >= self.dp || f.node >= self.tp * self.pp {
-                return Err(bad(
+                return Err(bad_config(
                     "fault",
                     format!(
                         "replica {} node {} does not exist ({} replicas of {} nodes)",
