@@ -45,7 +45,7 @@ fn request(i: usize, synthetic: bool) -> Request {
             format!("Tell me about the number {i}."),
         )])
     };
-    let params = if i % 2 == 0 {
+    let params = if i.is_multiple_of(2) {
         SamplingParams::greedy(MAX_TOKENS)
     } else {
         SamplingParams {

@@ -400,12 +400,12 @@ fn run_throughput(args: ThroughputArgs) -> CliResult {
         eprintln!("  measuring {l} ...")
     })?;
     engine.shutdown();
-    println!("| requests | output tok/s | decode tok/s | TTFT median ms | TPOT median ms | step ms | node compute ms | engine overhead | bare step ms | TPOT vs bare |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| requests | output tok/s | decode tok/s | TTFT median ms | TPOT median ms | step ms | node compute ms | engine overhead | decode step ms | bare step ms | decode vs bare |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         let opt = |x: Option<f64>, unit: &str| x.map_or("-".into(), |v| format!("{v:.1}{unit}"));
         println!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1}% | {} | {} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1}% | {:.2} | {} | {} |",
             r.concurrency,
             r.output_tok_s,
             r.decode_tok_s,
@@ -414,8 +414,9 @@ fn run_throughput(args: ThroughputArgs) -> CliResult {
             r.step_ms,
             r.node_compute_ms,
             r.engine_overhead_pct,
+            r.decode_step_ms,
             opt(r.bare_step_ms, ""),
-            opt(r.tpot_vs_bare_pct, "%"),
+            opt(r.decode_vs_bare_pct, "%"),
         );
     }
     if let Some(path) = args.json {

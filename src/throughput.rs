@@ -11,7 +11,8 @@
 //!   over that window (what `llama-batched-bench` calls S_TG);
 //! * TTFT and TPOT medians over requests;
 //! * the engine's mean step time split into the slowest node's compute and
-//!   the rest (actors, scheduling, merging), and — with `bare` — the median
+//!   the rest (actors, scheduling, merging);
+//! * the decode step time (`n / decode tok/s`) and — with `bare` — the median
 //!   time of a bare batched decode forward of the same `n` sequences at the
 //!   same mean context on one shard in the calling thread.
 
@@ -64,8 +65,10 @@ pub struct ThroughputRow {
     pub engine_overhead_pct: f64,
     /// Median bare batched decode forward of the same batch, ms (if measured).
     pub bare_step_ms: Option<f64>,
-    /// Median TPOT against the bare step, % above it (if measured).
-    pub tpot_vs_bare_pct: Option<f64>,
+    /// Mean step time once every request decodes (`concurrency / decode_tok_s`), ms.
+    pub decode_step_ms: f64,
+    /// The decode step against the bare step, % above it (if measured).
+    pub decode_vs_bare_pct: Option<f64>,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -200,16 +203,22 @@ pub fn throughput(
             }
             None => None,
         };
+        let decode_tok_s = if window > 0.0 {
+            in_window as f64 / window
+        } else {
+            0.0
+        };
+        let decode_step_ms = if decode_tok_s > 0.0 {
+            n as f64 / decode_tok_s * 1e3
+        } else {
+            0.0
+        };
         rows.push(ThroughputRow {
             concurrency: n,
             output_tokens: total,
             wall_s: wall,
             output_tok_s: total as f64 / wall,
-            decode_tok_s: if window > 0.0 {
-                in_window as f64 / window
-            } else {
-                0.0
-            },
+            decode_tok_s,
             ttft_median_ms: ttft,
             tpot_median_ms: tpot,
             steps,
@@ -220,7 +229,8 @@ pub fn throughput(
             } else {
                 0.0
             },
-            tpot_vs_bare_pct: bare_step_ms.map(|b| (tpot / b - 1.0) * 100.0),
+            decode_step_ms,
+            decode_vs_bare_pct: bare_step_ms.map(|b| (decode_step_ms / b - 1.0) * 100.0),
             bare_step_ms,
         });
     }

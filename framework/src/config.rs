@@ -133,19 +133,19 @@ impl LlamaConfig {
         if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
             return Err(Error::Config(format!("{name} must be greater than 0")));
         }
-        if self.hidden % self.n_heads != 0 {
+        if !self.hidden.is_multiple_of(self.n_heads) {
             return Err(Error::Config(format!(
                 "hidden size {} is not a multiple of the head count {}",
                 self.hidden, self.n_heads
             )));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(Error::Config(format!(
                 "head count {} is not a multiple of the KV head count {}",
                 self.n_heads, self.n_kv_heads
             )));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(Error::Config(format!(
                 "head dim {} must be even for rotary embeddings",
                 self.head_dim()

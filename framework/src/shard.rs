@@ -85,7 +85,7 @@ pub struct ShardLayout {
 fn ffn_unit(ffn: usize, world: usize) -> usize {
     [256, 32, 1]
         .into_iter()
-        .find(|&u| ffn % u == 0 && ffn / u >= world)
+        .find(|&u| ffn.is_multiple_of(u) && ffn / u >= world)
         .unwrap_or(1)
 }
 

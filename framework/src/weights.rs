@@ -233,7 +233,7 @@ impl Mat {
                 rows,
                 cols,
                 bytes,
-            } if range.start % dtype.block_size() == 0 && range.end % dtype.block_size() == 0 => {
+            } if range.start.is_multiple_of(dtype.block_size()) && range.end.is_multiple_of(dtype.block_size()) => {
                 let (bs, ts) = (dtype.block_size(), dtype.type_size());
                 let row_bytes = cols / bs * ts;
                 let (a, b) = (range.start / bs * ts, range.end / bs * ts);
@@ -354,13 +354,15 @@ impl Mat {
 
 /// `y = x·Wᵀ` for a `rows × in` activation block `x` and an `out × in` weight.
 ///
-/// It holds the weight in one format, and optionally an f32 copy used for
-/// batches of [`DENSE_MIN_ROWS`] rows or more.
+/// Quantized weights run through candle's quantized matmul (activations
+/// rounded to Q8 blocks). f32 weights run through [`kernels::cpu::skinny`], a
+/// register-tiled GEMM for few rows. `Auto` keeps both: the quantized blocks for
+/// batches under [`DENSE_MIN_ROWS`] rows, an f32 copy from there on.
 pub struct Linear {
     out_features: usize,
     in_features: usize,
-    matmul: QMatMul,
-    dense: Option<QMatMul>,
+    quant: Option<QMatMul>,
+    dense: Option<Vec<f32>>,
 }
 
 impl std::fmt::Debug for Linear {
@@ -373,11 +375,25 @@ impl Linear {
     /// Builds the layer from a matrix already in its compute format.
     pub fn new(mat: Mat) -> Result<Self> {
         let (out_features, in_features) = (mat.rows(), mat.cols());
+        let (quant, dense) = match mat {
+            Mat::Quant {
+                dtype,
+                rows,
+                cols,
+                bytes,
+            } => (
+                Some(QMatMul::from_qtensor(Mat::qtensor(
+                    dtype, rows, cols, &bytes,
+                )?)?),
+                None,
+            ),
+            Mat::F32 { data, .. } => (None, Some(data)),
+        };
         Ok(Self {
             out_features,
             in_features,
-            matmul: Self::matmul(mat)?,
-            dense: None,
+            quant,
+            dense,
         })
     }
 
@@ -385,27 +401,18 @@ impl Linear {
     /// also keeps an f32 copy for large batches.
     pub fn with_format(mat: Mat, format: WeightFormat, keep_dense: bool) -> Result<Self> {
         let dense = if format == WeightFormat::Auto && keep_dense {
-            Some(Self::matmul(mat.to_f32()?)?)
+            match mat.to_f32()? {
+                Mat::F32 { data, .. } => Some(data),
+                Mat::Quant { .. } => None,
+            }
         } else {
             None
         };
         let mut layer = Self::new(mat.into_format(format)?)?;
-        layer.dense = dense;
+        if dense.is_some() {
+            layer.dense = dense;
+        }
         Ok(layer)
-    }
-
-    fn matmul(mat: Mat) -> Result<QMatMul> {
-        Ok(match mat {
-            Mat::Quant {
-                dtype,
-                rows,
-                cols,
-                bytes,
-            } => QMatMul::from_qtensor(Mat::qtensor(dtype, rows, cols, &bytes)?)?,
-            Mat::F32 { rows, cols, data } => {
-                QMatMul::Tensor(Tensor::from_vec(data, (rows, cols), &Device::Cpu)?)
-            }
-        })
     }
 
     /// Output features.
@@ -419,12 +426,25 @@ impl Linear {
         if rows == 0 {
             return Ok(Vec::new());
         }
-        let xs = Tensor::from_slice(x, (rows, self.in_features), &Device::Cpu)?;
-        let matmul = match &self.dense {
-            Some(dense) if rows >= DENSE_MIN_ROWS => dense,
-            _ => &self.matmul,
-        };
-        Ok(matmul.forward(&xs)?.flatten_all()?.to_vec1::<f32>()?)
+        match (&self.dense, &self.quant) {
+            (Some(w), q) if rows >= DENSE_MIN_ROWS || q.is_none() => {
+                let mut y = vec![0f32; rows * self.out_features];
+                kernels::cpu::skinny::matmul_xwt(
+                    x,
+                    rows,
+                    w,
+                    self.out_features,
+                    self.in_features,
+                    &mut y,
+                );
+                Ok(y)
+            }
+            (_, Some(q)) => {
+                let xs = Tensor::from_slice(x, (rows, self.in_features), &Device::Cpu)?;
+                Ok(q.forward(&xs)?.flatten_all()?.to_vec1::<f32>()?)
+            }
+            (_, None) => Err(Error::Shard("a linear layer without weights".into())),
+        }
     }
 }
 
