@@ -73,7 +73,7 @@ impl std::fmt::Display for WeightFormat {
 /// Rows from which an `Auto` linear layer switches from Q8_0 blocks to its f32
 /// copy: below it the quantized GEMV reads 4× fewer bytes, above it the f32 GEMM
 /// is faster (measured on the reference model, see `docs/benchmarks.md`).
-pub const DENSE_MIN_ROWS: usize = 8;
+pub const DENSE_MIN_ROWS: usize = 4;
 
 /// Largest f32 weight copy (in bytes, whole model) that `Auto` keeps beside Q8_0.
 pub const AUTO_DENSE_MAX_BYTES: usize = 4 << 30;
