@@ -132,7 +132,8 @@ impl KvManager {
     }
 
     fn shared_partial_tail(&self, t: &Table) -> bool {
-        !t.len.is_multiple_of(self.block_size) && t.blocks.last().is_some_and(|&b| self.refs[b as usize] > 1)
+        !t.len.is_multiple_of(self.block_size)
+            && t.blocks.last().is_some_and(|&b| self.refs[b as usize] > 1)
     }
 
     /// Reserves positions up to `new_len` for `seq` (creating its table if

@@ -233,7 +233,9 @@ impl Mat {
                 rows,
                 cols,
                 bytes,
-            } if range.start.is_multiple_of(dtype.block_size()) && range.end.is_multiple_of(dtype.block_size()) => {
+            } if range.start.is_multiple_of(dtype.block_size())
+                && range.end.is_multiple_of(dtype.block_size()) =>
+            {
                 let (bs, ts) = (dtype.block_size(), dtype.type_size());
                 let row_bytes = cols / bs * ts;
                 let (a, b) = (range.start / bs * ts, range.end / bs * ts);
