@@ -4,8 +4,9 @@
 //! ([`gguf`]), the model's shape ([`config`]), the tokenizer and chat template
 //! ([`tokenizer`], [`chat`]), the shard-aware Llama forward pass ([`model`]) with
 //! its weight handling ([`weights`]) and plain operations ([`ops`]), how shards are
-//! cut ([`shard`]) and combined ([`collective`]), and choosing tokens
-//! ([`sampling`], [`beam`], [`generate`]).
+//! cut ([`shard`]) and combined ([`collective`]), the paged KV cache ([`kv`]) and
+//! the continuous-batching policy ([`batching`]) the actors run, and choosing
+//! tokens ([`sampling`], [`beam`], [`generate`]).
 //!
 //! **Invariant:** nothing here depends on actix or HTTP. Every state machine is
 //! plain, synchronous and tested without an actor system. User input (files,

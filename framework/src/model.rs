@@ -16,6 +16,13 @@
 //! any number of tokens (a prefill chunk or one decode token) to its own
 //! [`SeqKvCache`]. All rows go through each matmul together; attention is per row
 //! over that row's sequence. The caches hold only this shard's KV heads.
+//!
+//! A shard may also be one pipeline stage: a contiguous layer range, with the
+//! embedding only on the first stage and the final norm and LM head only on the
+//! last. [`LlamaShard::forward_paged`] runs a stage over a paged [`KvPool`]
+//! (block tables from [`crate::kv::KvManager`]), taking token ids or the previous
+//! stage's hidden rows and returning hidden rows or logits. Both paths share
+//! one layer loop, so paged stages are bit-identical to the contiguous forward.
 
 use std::ops::Range;
 
