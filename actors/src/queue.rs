@@ -1,7 +1,7 @@
 //! The queue stage: bounded admission and ordering.
 //!
 //! [`QueueActor`] holds submitted tasks until the scheduler asks for them
-//! (with [`Demand`]). Higher priorities leave first, equal priorities in
+//! (with a `Demand` message). Higher priorities leave first, equal priorities in
 //! arrival order. A full queue refuses a submission at once with
 //! [`SubmitError::Overloaded`]; it never blocks and never drops a task it
 //! accepted. A cancelled task still queued ends here; otherwise the

@@ -96,44 +96,35 @@ impl LlmMerger {
 
     /// Samples one token for a sampling request; `Some(reason)` when it ends.
     fn sample(&mut self, id: TaskId, logits: &[f32]) -> Option<FinishReason> {
-        let context = self.context;
-        let stop_tokens = self.stop_tokens.clone();
         let st = self.reqs.get_mut(&id)?;
         let Mode::Sample {
-            sampler, tokens, ..
+            sampler,
+            stops,
+            decoder,
+            tokens,
+            text,
         } = &mut st.mode
         else {
             return None;
         };
         let mut row = logits.to_vec();
         let token = sampler.sample(&mut row);
-        if !st.ignore_eos && stop_tokens.contains(&token) {
+        if !st.ignore_eos && self.stop_tokens.contains(&token) {
             return Some(FinishReason::Stop);
         }
         sampler.accept(token);
         tokens.push(token);
-        let n = tokens.len();
         let piece = self
             .tokenizer
             .as_ref()
-            .map(|t| t.token_bytes(token).to_vec())
-            .unwrap_or_default();
-        let st = self.reqs.get_mut(&id)?;
-        let Mode::Sample {
-            stops,
-            decoder,
-            text,
-            ..
-        } = &mut st.mode
-        else {
-            return None;
-        };
-        let shown = stops.push(&decoder.push(&piece));
+            .map_or(&[][..], |t| t.token_bytes(token));
+        let shown = stops.push(&decoder.push(piece));
         text.push_str(&shown);
         st.responder.send(Event::Token { token, text: shown });
+        let n = tokens.len();
         if stops.hit() {
             Some(FinishReason::Stop)
-        } else if n >= st.max_tokens || st.prompt_len + n >= context {
+        } else if n >= st.max_tokens || st.prompt_len + n >= self.context {
             Some(FinishReason::Length)
         } else {
             None
