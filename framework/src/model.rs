@@ -212,9 +212,8 @@ impl std::fmt::Debug for LlamaShard {
 impl LlamaShard {
     /// Loads shard `spec` of the model in `file`.
     pub fn load(file: &GgufFile, spec: ShardSpec, format: WeightFormat) -> Result<Self> {
-        let config = LlamaConfig::from_gguf(file)?;
-        let layers = 0..config.n_layers;
-        Self::build(config, &WeightSource::Gguf(file), spec, layers, format)
+        let n_layers = LlamaConfig::from_gguf(file)?.n_layers;
+        Self::load_stage(file, spec, 0..n_layers, format)
     }
 
     /// Loads shard `spec` of the pipeline stage that runs `layers` of the model
@@ -237,15 +236,8 @@ impl LlamaShard {
         spec: ShardSpec,
         format: WeightFormat,
     ) -> Result<Self> {
-        config.validate()?;
         let layers = 0..config.n_layers;
-        Self::build(
-            config,
-            &WeightSource::Synthetic { seed },
-            spec,
-            layers,
-            format,
-        )
+        Self::synthetic_stage(config, seed, spec, layers, format)
     }
 
     /// Like [`LlamaShard::synthetic`], for the pipeline stage that runs `layers`.

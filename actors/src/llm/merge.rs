@@ -151,17 +151,15 @@ impl LlmMerger {
             stops.push(&decoder.finish()) + &stops.flush()
         };
         text.push_str(&tail);
-        st.responder.end(Event::Finished {
+        finished(
+            st.responder,
+            st.prompt_len,
             reason,
-            usage: Usage {
-                prompt_tokens: st.prompt_len,
-                completion_tokens: tokens.len(),
-            },
             tokens,
             text,
             tail,
-            beams: Vec::new(),
-        });
+            Vec::new(),
+        );
     }
 
     fn finish_beam(&mut self, id: TaskId) {
@@ -183,18 +181,40 @@ impl LlmMerger {
         } else {
             FinishReason::Stop
         };
-        st.responder.end(Event::Finished {
+        let tail = text.clone();
+        finished(
+            st.responder,
+            st.prompt_len,
             reason,
-            usage: Usage {
-                prompt_tokens: st.prompt_len,
-                completion_tokens: tokens.len(),
-            },
             tokens,
-            text: text.clone(),
-            tail: text,
+            text,
+            tail,
             beams,
-        });
+        );
     }
+}
+
+/// Sends a request's `Finished` event.
+fn finished(
+    responder: Responder,
+    prompt_tokens: usize,
+    reason: FinishReason,
+    tokens: Vec<u32>,
+    text: String,
+    tail: String,
+    beams: Vec<BeamOutput>,
+) {
+    responder.end(Event::Finished {
+        reason,
+        usage: Usage {
+            prompt_tokens,
+            completion_tokens: tokens.len(),
+        },
+        tokens,
+        text,
+        tail,
+        beams,
+    });
 }
 
 impl Merge for LlmMerger {
