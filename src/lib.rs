@@ -5,12 +5,15 @@
 //! what a program embedding parallm needs around it: fetching the reference
 //! model ([`fetch`]), loading a model with its tokenizer ([`load`]), the
 //! latency benchmark ([`bench`]) and the engine throughput benchmark
-//! ([`throughput`]). The actor pipeline and its [`Engine`] come from the
+//! ([`throughput`]), the launcher's layered configuration ([`config`]) and
+//! the OpenAI-compatible HTTP server ([`serve`]). The actor pipeline and its [`Engine`] come from the
 //! `actors` crate, re-exported whole.
 
 pub mod bench;
+pub mod config;
 pub mod fetch;
 pub mod load;
+pub mod serve;
 pub mod throughput;
 
 pub use actors;

@@ -1,5 +1,6 @@
-//! The `parallm` command line: `generate` (through the engine), `bench latency`
-//! and `bench throughput`.
+//! The `parallm` command line: `generate` (through the engine), `serve` (the
+//! HTTP server), `config show|check`, and the benchmarks `bench latency`,
+//! `bench throughput` and `bench serve`.
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -33,9 +34,117 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt, streaming it as it is produced.
     Generate(GenerateArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
+    /// Show or check the configuration `serve` would run with.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// The layers above the defaults: a file, then the environment
+/// (`PARALLM__SECTION__KEY`), then these flags.
+#[derive(Args, Clone, Default)]
+struct LayerArgs {
+    /// A TOML or YAML config file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to bind (server.host).
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to bind, 0 for any free one (server.port).
+    #[arg(long)]
+    port: Option<u16>,
+    /// A GGUF model file (model.path).
+    #[arg(long, value_name = "PATH")]
+    model: Option<PathBuf>,
+    /// The model id clients use (model.name).
+    #[arg(long)]
+    model_name: Option<String>,
+    /// Numeric format of the weights (model.weights).
+    #[arg(long)]
+    weights: Option<String>,
+    /// Tensor-parallel ranks (parallel.tp).
+    #[arg(long)]
+    tp: Option<usize>,
+    /// Pipeline stages (parallel.pp).
+    #[arg(long)]
+    pp: Option<usize>,
+    /// Data-parallel replicas (parallel.dp).
+    #[arg(long)]
+    dp: Option<usize>,
+    /// An accepted API key, repeatable (server.api_keys).
+    #[arg(long = "api-key", value_name = "KEY")]
+    api_keys: Vec<String>,
+    /// Any key: `section.key=value`, repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+impl LayerArgs {
+    fn sources(&self) -> CliResult<parallm::config::Sources> {
+        use config::Value;
+        let mut o: Vec<(String, Value)> = Vec::new();
+        let mut put = |k: &str, v: Value| o.push((k.to_string(), v));
+        if let Some(v) = &self.host {
+            put("server.host", v.clone().into());
+        }
+        if let Some(v) = self.port {
+            put("server.port", Value::from(v as u64));
+        }
+        if let Some(v) = &self.model {
+            put("model.path", v.display().to_string().into());
+        }
+        if let Some(v) = &self.model_name {
+            put("model.name", v.clone().into());
+        }
+        if let Some(v) = &self.weights {
+            put("model.weights", v.clone().into());
+        }
+        for (k, v) in [
+            ("parallel.tp", self.tp),
+            ("parallel.pp", self.pp),
+            ("parallel.dp", self.dp),
+        ] {
+            if let Some(v) = v {
+                put(k, Value::from(v as u64));
+            }
+        }
+        if !self.api_keys.is_empty() {
+            put("server.api_keys", self.api_keys.clone().into());
+        }
+        for kv in &self.set {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("--set takes KEY=VALUE, got '{kv}'"))?;
+            put(k.trim(), v.trim().to_string().into());
+        }
+        Ok(parallm::config::Sources::from_process(
+            self.config.clone(),
+            o,
+        ))
+    }
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    layers: LayerArgs,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration and where each value came from.
+    Show(LayerArgs),
+    /// Validate a config file (with the environment and flags on top).
+    Check {
+        /// The TOML or YAML file.
+        file: PathBuf,
+        #[command(flatten)]
+        layers: LayerArgs,
+    },
 }
 
 #[derive(Args)]
@@ -209,6 +318,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => run_generate(args),
+        Command::Serve(args) => run_serve(args),
+        Command::Config(ConfigCommand::Show(layers)) => run_config_show(layers),
+        Command::Config(ConfigCommand::Check { file, mut layers }) => {
+            layers.config = Some(file);
+            run_config_check(layers)
+        }
         Command::Bench(BenchCommand::Latency(args)) => run_latency(args),
         Command::Bench(BenchCommand::Throughput(args)) => run_throughput(args),
     };
@@ -224,6 +339,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_serve(args: ServeArgs) -> CliResult {
+    let loaded = parallm::config::load(&args.layers.sources()?)?;
+    let settings = loaded.settings;
+    let path = settings.model_path.clone();
+    let progress = std::io::stderr().is_terminal();
+    parallm::serve::run(settings, move || {
+        resolve_model_path(path.as_deref(), progress).map_err(|e| e.to_string())
+    })?;
+    Ok(())
+}
+
+fn run_config_show(layers: LayerArgs) -> CliResult {
+    let loaded = parallm::config::load(&layers.sources()?)?;
+    print!("{}", parallm::config::show(&loaded));
+    Ok(())
+}
+
+fn run_config_check(layers: LayerArgs) -> CliResult {
+    let file = layers.config.clone().unwrap_or_default();
+    parallm::config::load(&layers.sources()?)?;
+    println!("{}: valid", file.display());
+    Ok(())
 }
 
 fn run_generate(args: GenerateArgs) -> CliResult {
@@ -254,6 +393,7 @@ fn run_generate(args: GenerateArgs) -> CliResult {
         max_tokens: args.max_tokens,
         stop: args.stop,
         ignore_eos: false,
+        logprobs: None,
     };
     params.validate()?;
     let path = resolve_model_path(args.model.model.as_deref(), std::io::stderr().is_terminal())?;

@@ -96,6 +96,8 @@ impl<W: NodeWorker> Supervised for NodeActor<W> {
             tracing::error!(node = %self.id, "restart failed: {e}");
         }
         self.stats.entry(self.id).or_default().restarts += 1;
+        let node = framework::metrics::node_label(self.id.replica, self.id.index);
+        metrics::counter!(framework::metrics::NODE_RESTARTS, "node" => node).increment(1);
     }
 }
 

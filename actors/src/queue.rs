@@ -106,6 +106,13 @@ impl<T: Task> QueueActor<T> {
         if !out.is_empty() {
             self.admit.do_send(Admit(out));
         }
+        self.publish();
+    }
+
+    /// Sets the waiting-in-queue gauge.
+    fn publish(&self) {
+        metrics::gauge!(framework::metrics::REQUESTS_WAITING, "stage" => "queue")
+            .set(self.heap.len() as f64);
     }
 }
 
@@ -155,6 +162,7 @@ impl<T: Task> Handler<Cancel> for QueueActor<T> {
             for e in gone {
                 e.task.cancelled();
             }
+            self.publish();
         } else {
             self.cancel.do_send(CancelTask(id));
         }

@@ -52,6 +52,49 @@ pub trait Collective: Send + Sync {
     }
 }
 
+/// A collective that counts the time its all-reduces take (waiting for peers
+/// included), for the per-step all-reduce metric.
+pub struct TimedCollective<'a> {
+    inner: &'a dyn Collective,
+    nanos: std::sync::atomic::AtomicU64,
+}
+
+impl<'a> TimedCollective<'a> {
+    /// Wraps `inner`.
+    pub fn new(inner: &'a dyn Collective) -> Self {
+        Self {
+            inner,
+            nanos: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Seconds spent in all-reduces so far.
+    pub fn seconds(&self) -> f64 {
+        self.nanos.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
+    }
+}
+
+impl Collective for TimedCollective<'_> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        let t = std::time::Instant::now();
+        let r = self.inner.all_reduce_sum(buf);
+        self.nanos.fetch_add(
+            t.elapsed().as_nanos() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        r
+    }
+    fn abort(&self) {
+        self.inner.abort()
+    }
+}
+
 /// The collective of a world of one: nothing to combine.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SingleCollective;

@@ -21,6 +21,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod kv;
+pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod sampling;

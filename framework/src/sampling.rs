@@ -63,7 +63,14 @@ pub struct SamplingParams {
     pub stop: Vec<String>,
     /// Keep generating past the end-of-sequence token.
     pub ignore_eos: bool,
+    /// Report each generated token's log-probability and this many of the
+    /// most likely alternatives (`None` = no log-probabilities; at most
+    /// [`MAX_LOGPROBS`]).
+    pub logprobs: Option<usize>,
 }
+
+/// The most alternatives [`SamplingParams::logprobs`] may ask for.
+pub const MAX_LOGPROBS: usize = 20;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -79,6 +86,7 @@ impl Default for SamplingParams {
             max_tokens: 128,
             stop: Vec::new(),
             ignore_eos: false,
+            logprobs: None,
         }
     }
 }
@@ -144,6 +152,12 @@ impl SamplingParams {
         if self.stop.iter().any(|s| s.is_empty()) {
             return Err(Error::invalid("stop", "stop strings must not be empty"));
         }
+        if let Some(n) = self.logprobs.filter(|&n| n > MAX_LOGPROBS) {
+            return Err(Error::invalid(
+                "logprobs",
+                format!("is {n}, must be in [0, {MAX_LOGPROBS}]"),
+            ));
+        }
         Ok(())
     }
 }
@@ -169,6 +183,38 @@ pub fn log_softmax(xs: &[f32]) -> Vec<f32> {
         .ln() as f32
         + max;
     xs.iter().map(|x| x - lse).collect()
+}
+
+/// A generated token's log-probability under the model (before penalties
+/// and temperature) and the `top` most likely tokens with theirs, best first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The chosen token's log-probability.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprob {
+    /// The log-probability of `token` and the `top` best alternatives in `logits`.
+    pub fn from_logits(logits: &[f32], token: u32, top: usize) -> Self {
+        let lp = log_softmax(logits);
+        let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+        if top > 0 {
+            let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
+            let by = |a: &u32, b: &u32| lp[*b as usize].total_cmp(&lp[*a as usize]).then(a.cmp(b));
+            if top < idx.len() {
+                idx.select_nth_unstable_by(top - 1, by);
+                idx.truncate(top);
+            }
+            idx.sort_by(by);
+            best = idx.into_iter().map(|i| (i, lp[i as usize])).collect();
+        }
+        Self {
+            logprob: lp.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY),
+            top: best,
+        }
+    }
 }
 
 /// One sequence's sampler: its parameters, random state and token counts.

@@ -257,6 +257,16 @@ impl EngineBuilder {
     }
 }
 
+/// Counts a refused request in the failure metric.
+fn count_refusal(e: &EngineError) {
+    let reason = match e {
+        EngineError::Submit(SubmitError::Overloaded { .. }) => "overloaded",
+        EngineError::Submit(_) => "shutting_down",
+        EngineError::Invalid(_) | EngineError::Start(_) => "invalid",
+    };
+    metrics::counter!(framework::metrics::REQUEST_FAILURE, "reason" => reason).increment(1);
+}
+
 /// Why the engine could not start or refused a request.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -434,17 +444,24 @@ impl Engine {
     /// error: invalid request (naming the field), or `Overloaded` when the queue
     /// is full.
     pub fn generate(&self, req: Request) -> Result<EventStream, EngineError> {
-        let task = self.prepare(req)?;
+        let task = self.prepare(req).inspect_err(count_refusal)?;
         let stream = task.1;
-        self.pipeline.submit(task.0)?;
+        self.pipeline
+            .submit(task.0)
+            .map_err(EngineError::from)
+            .inspect_err(count_refusal)?;
         Ok(stream)
     }
 
     /// [`Engine::generate`] for async callers.
     pub async fn generate_async(&self, req: Request) -> Result<EventStream, EngineError> {
-        let task = self.prepare(req)?;
+        let task = self.prepare(req).inspect_err(count_refusal)?;
         let stream = task.1;
-        self.pipeline.submit_async(task.0).await?;
+        self.pipeline
+            .submit_async(task.0)
+            .await
+            .map_err(EngineError::from)
+            .inspect_err(count_refusal)?;
         Ok(stream)
     }
 
@@ -492,6 +509,7 @@ impl Engine {
                 params: req.params,
                 beam: req.beam,
                 responder,
+                arrived: std::time::Instant::now(),
             },
             stream,
         ))

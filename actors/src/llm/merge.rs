@@ -11,10 +11,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use framework::batching::{GroupOutcome, StepPlan};
 use framework::beam::BeamSearch;
 use framework::kv::SeqKey;
+use framework::metrics as m;
+use framework::sampling::TokenLogprob;
 use framework::sampling::{log_softmax, Sampler, StopMatcher};
 use framework::tokenizer::StreamDecoder;
 use framework::{FinishReason, GroupId, Logits, Tokenizer};
@@ -29,6 +32,7 @@ pub struct Registration {
     params: framework::SamplingParams,
     beam: Option<crate::llm::task::BeamParams>,
     responder: Responder,
+    arrived: Instant,
 }
 
 impl Registration {
@@ -40,6 +44,7 @@ impl Registration {
             params: task.params,
             beam: task.beam,
             responder: task.responder,
+            arrived: task.arrived,
         }
     }
 }
@@ -57,6 +62,10 @@ enum Mode {
 
 struct ReqState {
     responder: Responder,
+    /// When the engine accepted the request.
+    arrived: Instant,
+    /// When its first token was produced.
+    first_token: Option<Instant>,
     prompt_len: usize,
     max_tokens: usize,
     ignore_eos: bool,
@@ -109,9 +118,14 @@ impl LlmMerger {
         };
         let mut row = logits.to_vec();
         let token = sampler.sample(&mut row);
+        produced(&mut st.first_token, st.arrived, 1);
         if !st.ignore_eos && self.stop_tokens.contains(&token) {
             return Some(FinishReason::Stop);
         }
+        let logprob = sampler
+            .params()
+            .logprobs
+            .map(|top| TokenLogprob::from_logits(logits, token, top));
         sampler.accept(token);
         tokens.push(token);
         let piece = self
@@ -120,7 +134,11 @@ impl LlmMerger {
             .map_or(&[][..], |t| t.token_bytes(token));
         let shown = stops.push(&decoder.push(piece));
         text.push_str(&shown);
-        st.responder.send(Event::Token { token, text: shown });
+        st.responder.send(Event::Token {
+            token,
+            text: shown,
+            logprob,
+        });
         let n = tokens.len();
         if stops.hit() {
             Some(FinishReason::Stop)
@@ -153,7 +171,7 @@ impl LlmMerger {
         text.push_str(&tail);
         finished(
             st.responder,
-            st.prompt_len,
+            (st.arrived, st.first_token, st.prompt_len),
             reason,
             tokens,
             text,
@@ -184,7 +202,7 @@ impl LlmMerger {
         let tail = text.clone();
         finished(
             st.responder,
-            st.prompt_len,
+            (st.arrived, st.first_token, st.prompt_len),
             reason,
             tokens,
             text,
@@ -194,16 +212,47 @@ impl LlmMerger {
     }
 }
 
+/// Counts `n` produced tokens of a request accepted at `arrived`; the first
+/// one sets its time to first token.
+fn produced(first_token: &mut Option<Instant>, arrived: Instant, n: usize) {
+    metrics::counter!(m::GENERATION_TOKENS).increment(n as u64);
+    if first_token.is_none() {
+        let now = Instant::now();
+        metrics::histogram!(m::TIME_TO_FIRST_TOKEN)
+            .record(now.duration_since(arrived).as_secs_f64());
+        *first_token = Some(now);
+    }
+}
+
+/// Records a finished request's metrics.
+fn observe_finished(
+    arrived: Instant,
+    first_token: Option<Instant>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    reason: FinishReason,
+) {
+    let now = Instant::now();
+    metrics::counter!(m::PROMPT_TOKENS).increment(prompt_tokens as u64);
+    metrics::counter!(m::REQUEST_SUCCESS, "finish_reason" => reason.as_str()).increment(1);
+    metrics::histogram!(m::REQUEST_LATENCY).record(now.duration_since(arrived).as_secs_f64());
+    if let (Some(first), true) = (first_token, completion_tokens > 1) {
+        metrics::histogram!(m::TIME_PER_OUTPUT_TOKEN)
+            .record(now.duration_since(first).as_secs_f64() / (completion_tokens - 1) as f64);
+    }
+}
+
 /// Sends a request's `Finished` event.
 fn finished(
     responder: Responder,
-    prompt_tokens: usize,
+    (arrived, first_token, prompt_tokens): (Instant, Option<Instant>, usize),
     reason: FinishReason,
     tokens: Vec<u32>,
     text: String,
     tail: String,
     beams: Vec<BeamOutput>,
 ) {
+    observe_finished(arrived, first_token, prompt_tokens, tokens.len(), reason);
     responder.end(Event::Finished {
         reason,
         usage: Usage {
@@ -244,6 +293,8 @@ impl Merge for LlmMerger {
             reg.id,
             ReqState {
                 responder: reg.responder,
+                arrived: reg.arrived,
+                first_token: None,
                 prompt_len: reg.prompt.len(),
                 max_tokens: p.max_tokens,
                 ignore_eos: p.ignore_eos,
@@ -290,14 +341,14 @@ impl Merge for LlmMerger {
                     .iter()
                     .map(|&(_, i)| log_softmax(row(i).unwrap_or_default()))
                     .collect();
-                let Some(ReqState {
-                    mode: Mode::Beam(search),
-                    ..
-                }) = self.reqs.get_mut(&g)
-                else {
+                let Some(st) = self.reqs.get_mut(&g) else {
+                    continue;
+                };
+                let Mode::Beam(search) = &mut st.mode else {
                     continue;
                 };
                 let forks = search.step(&logprobs);
+                produced(&mut st.first_token, st.arrived, 1);
                 if forks.is_empty() || search.is_done() {
                     self.finish_beam(g);
                     verdict.push((g, GroupOutcome::Finished));
@@ -328,6 +379,12 @@ impl Merge for LlmMerger {
 
     fn end(&mut self, task: TaskId, end: End) {
         if let Some(st) = self.reqs.remove(&task) {
+            let reason = match end {
+                End::Cancelled => "cancelled",
+                End::Failed(_) => "failed",
+            };
+            metrics::counter!(m::REQUEST_FAILURE, "reason" => reason).increment(1);
+            metrics::histogram!(m::REQUEST_LATENCY).record(st.arrived.elapsed().as_secs_f64());
             st.responder.end(match end {
                 End::Cancelled => Event::Cancelled,
                 End::Failed(error) => Event::Failed { error },

@@ -9,10 +9,12 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use crossbeam::channel::{Receiver, Sender};
 use framework::batching::{BatchConfig, BatchScheduler, GroupOutcome, StepPlan};
 use framework::collective::{Collective, SingleCollective, ThreadCollective};
+use framework::metrics as m;
 use framework::GroupId;
 
 use crate::kit::{NodeError, Policy, PolicyStats, TaskId};
@@ -156,6 +158,44 @@ pub struct LlmPolicy {
     shape: ReplicaShape,
     replicas: Vec<BatchScheduler>,
     owner: HashMap<TaskId, usize>,
+    /// Admitted tasks not yet in a step, and when they were accepted.
+    unscheduled: HashMap<TaskId, Instant>,
+    /// Preemptions already counted in the metric, per replica.
+    preemptions_seen: Vec<u64>,
+}
+
+impl LlmPolicy {
+    /// Records the step's metrics: queue times of groups in their first step,
+    /// batch size and tokens, new preemptions, and the occupancy gauges.
+    fn observe(&mut self, replica: usize, plan: Option<&StepPlan>) {
+        if let Some(plan) = plan {
+            let mut tokens = 0;
+            for item in &plan.items {
+                tokens += item.tokens.len();
+                if let Some(t) = self.unscheduled.remove(&item.group) {
+                    metrics::histogram!(m::REQUEST_QUEUE_TIME).record(t.elapsed().as_secs_f64());
+                }
+            }
+            metrics::histogram!(m::BATCH_SIZE).record(plan.items.len() as f64);
+            metrics::histogram!(m::BATCH_TOKENS).record(tokens as f64);
+        }
+        let p = self.replicas[replica].stats().preemptions;
+        let seen = &mut self.preemptions_seen[replica];
+        if p > *seen {
+            metrics::counter!(m::PREEMPTIONS).increment(p - *seen);
+            *seen = p;
+        }
+        let s = self.stats();
+        metrics::gauge!(m::REQUESTS_RUNNING).set(s.running as f64);
+        metrics::gauge!(m::REQUESTS_WAITING, "stage" => "scheduler").set(s.waiting as f64);
+        metrics::gauge!(m::KV_BLOCKS_USED).set(s.kv_used as f64);
+        metrics::gauge!(m::KV_BLOCKS_TOTAL).set(s.kv_total as f64);
+        metrics::gauge!(m::KV_USAGE_RATIO).set(if s.kv_total == 0 {
+            0.0
+        } else {
+            s.kv_used as f64 / s.kv_total as f64
+        });
+    }
 }
 
 impl LlmPolicy {
@@ -165,6 +205,8 @@ impl LlmPolicy {
             shape,
             replicas: (0..dp).map(|_| BatchScheduler::new(cfg.clone())).collect(),
             owner: HashMap::new(),
+            unscheduled: HashMap::new(),
+            preemptions_seen: vec![0; dp],
         }
     }
 }
@@ -193,11 +235,14 @@ impl Policy for LlmPolicy {
     fn admit(&mut self, replica: usize, task: LlmTask) -> Registration {
         self.replicas[replica].add(task.id, task.prompt.clone());
         self.owner.insert(task.id, replica);
+        self.unscheduled.insert(task.id, task.arrived);
         Registration::from_task(task)
     }
 
     fn next_step(&mut self, replica: usize) -> Option<StepPlan> {
-        self.replicas[replica].plan()
+        let plan = self.replicas[replica].plan();
+        self.observe(replica, plan.as_ref());
+        plan
     }
 
     fn links(&self, _replica: usize) -> Vec<NodeLinks> {
@@ -207,7 +252,9 @@ impl Policy for LlmPolicy {
     fn completed(&mut self, replica: usize, verdict: Self::Verdict) {
         for g in self.replicas[replica].complete(verdict) {
             self.owner.remove(&g);
+            self.unscheduled.remove(&g);
         }
+        self.observe(replica, None);
     }
 
     fn failed(&mut self, replica: usize) -> Vec<TaskId> {
@@ -217,6 +264,8 @@ impl Policy for LlmPolicy {
         let sched = &self.replicas[replica];
         self.owner
             .retain(|id, r| *r != replica || sched.contains(*id));
+        let owner = &self.owner;
+        self.unscheduled.retain(|id, _| owner.contains_key(id));
         failed.into_iter().filter(|g| sched.contains(*g)).collect()
     }
 
@@ -230,13 +279,17 @@ impl Policy for LlmPolicy {
         };
         if self.replicas[r].cancel(task) {
             self.owner.remove(&task);
+            self.unscheduled.remove(&task);
         }
+        self.observe(r, None);
         true
     }
 
     fn drop_task(&mut self, task: TaskId) {
+        self.unscheduled.remove(&task);
         if let Some(r) = self.owner.remove(&task) {
             self.replicas[r].drop_group(task);
+            self.observe(r, None);
         }
     }
 

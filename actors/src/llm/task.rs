@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use framework::chat::ChatMessage;
+use framework::sampling::TokenLogprob;
 use framework::{FinishReason, SamplingParams};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
@@ -96,6 +97,9 @@ pub enum Event {
         token: u32,
         /// Text safe to show now.
         text: String,
+        /// Its log-probability and the best alternatives, when the request
+        /// asked for [`SamplingParams::logprobs`].
+        logprob: Option<TokenLogprob>,
     },
     /// The request is done.
     Finished {
@@ -232,6 +236,8 @@ pub struct LlmTask {
     pub beam: Option<BeamParams>,
     /// Where its events go.
     pub responder: Responder,
+    /// When the engine accepted it (for queue time and latency metrics).
+    pub arrived: std::time::Instant,
 }
 
 impl Task for LlmTask {
@@ -242,9 +248,12 @@ impl Task for LlmTask {
         self.priority
     }
     fn cancelled(self) {
+        metrics::counter!(framework::metrics::REQUEST_FAILURE, "reason" => "cancelled")
+            .increment(1);
         self.responder.end(Event::Cancelled);
     }
     fn failed(self, reason: String) {
+        metrics::counter!(framework::metrics::REQUEST_FAILURE, "reason" => "failed").increment(1);
         self.responder.end(Event::Failed { error: reason });
     }
 }

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use framework::batching::StepPlan;
+use framework::collective::TimedCollective;
 use framework::kv::KvPool;
+use framework::metrics as m;
 use framework::model::{PagedItem, StageInput, StageOutput};
 use framework::shard::split_even;
 use framework::{Error, LlamaShard, Logits, LogitsWanted};
@@ -135,6 +137,8 @@ impl NodeWorker for LlmWorker {
         for &(src, dst) in &plan.copies {
             self.pool.copy_block(src, dst);
         }
+        let started = std::time::Instant::now();
+        let collective = TimedCollective::new(&*links.collective);
         let last = self.stage + 1 == self.shape.pp;
         let mut out: Option<Logits> = None;
         for mb in &plan.micro_batches {
@@ -158,7 +162,7 @@ impl NodeWorker for LlmWorker {
             };
             match self
                 .shard
-                .forward_paged(&items, input, &mut self.pool, &*links.collective)
+                .forward_paged(&items, input, &mut self.pool, &collective)
                 .map_err(node_error)?
             {
                 StageOutput::Hidden(h) => links.send(h)?,
@@ -171,11 +175,32 @@ impl NodeWorker for LlmWorker {
                 StageOutput::Logits(_) => {}
             }
         }
+        let node = m::node_label(self.id.replica, self.id.index);
+        let phase = step_phase(plan);
+        metrics::histogram!(m::NODE_STEP_DURATION, "node" => node.clone(), "phase" => phase)
+            .record(started.elapsed().as_secs_f64());
+        if self.shape.tp > 1 {
+            metrics::histogram!(m::NODE_ALL_REDUCE_DURATION, "node" => node)
+                .record(collective.seconds());
+        }
         Ok(out)
     }
 
     fn abort(links: &NodeLinks) {
         links.abort.abort();
+    }
+}
+
+/// `prefill` when no item decodes a single token, `decode` when all do,
+/// `mixed` otherwise.
+fn step_phase(plan: &StepPlan) -> &'static str {
+    let decodes = plan.items.iter().filter(|i| i.tokens.len() == 1).count();
+    if decodes == plan.items.len() {
+        "decode"
+    } else if decodes == 0 {
+        "prefill"
+    } else {
+        "mixed"
     }
 }
 

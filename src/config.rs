@@ -1,0 +1,832 @@
+//! The launcher's configuration: layered sources, provenance and validation.
+//!
+//! Four layers, later ones winning key by key: built-in defaults
+//! ([`RawConfig::default`]), a TOML or YAML file, environment variables
+//! `PARALLM__SECTION__KEY`, then command-line overrides. [`load`] merges them
+//! with the `config` crate, refuses keys it does not know (naming the key and
+//! the layer it came from), deserializes the raw structs and checks them into
+//! [`Settings`] — the only form that starts actors. Every error names the
+//! field and what is allowed. [`Loaded::provenance`] says which layer gave
+//! each key its value, for `parallm config show`.
+//!
+//! `docs/configuration.md` documents every key with its default; a test keeps
+//! the two equal.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat, Value, ValueKind};
+use serde::{Deserialize, Serialize};
+
+use actors::llm::EngineConfig;
+use framework::WeightFormat;
+
+/// The prefix of environment variables (`PARALLM__SERVER__PORT`).
+pub const ENV_PREFIX: &str = "PARALLM";
+/// The separator between prefix, section and key in environment variables.
+pub const ENV_SEPARATOR: &str = "__";
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read or parsed.
+    #[error("cannot read config file {path}: {message}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        message: String,
+    },
+    /// A key that no section has.
+    #[error("unknown config key '{key}' (from {origin}); known keys: {known}")]
+    UnknownKey {
+        /// The key, `section.name`.
+        key: String,
+        /// The layer that set it.
+        origin: String,
+        /// The keys of its section, or the sections.
+        known: String,
+    },
+    /// A value of the wrong type, or out of range.
+    #[error("invalid config value for '{field}': {reason}")]
+    Invalid {
+        /// The key, `section.name`.
+        field: String,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// `[model]`: which model to serve.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// A GGUF file; empty: the reference model, fetched on first use.
+    pub path: String,
+    /// The model id clients name; empty: the file name without `.gguf`.
+    pub name: String,
+    /// Numeric format of the weights: auto, native, q8_0 or f32.
+    pub weights: String,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            path: String::new(),
+            name: String::new(),
+            weights: "auto".into(),
+        }
+    }
+}
+
+/// `[parallel]`: how the model is cut into compute nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ParallelSection {
+    /// Tensor-parallel ranks per pipeline stage.
+    pub tp: usize,
+    /// Pipeline stages.
+    pub pp: usize,
+    /// Data-parallel replicas.
+    pub dp: usize,
+    /// Micro-batches per step (0: one per pipeline stage).
+    pub micro_batches: usize,
+}
+
+impl Default for ParallelSection {
+    fn default() -> Self {
+        Self {
+            tp: 1,
+            pp: 1,
+            dp: 1,
+            micro_batches: 0,
+        }
+    }
+}
+
+/// `[scheduler]`: queueing, batching and the KV cache.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerSection {
+    /// Requests that may wait in the queue; beyond it, 429.
+    pub queue_capacity: usize,
+    /// Tokens per step (prefill chunks and decodes together).
+    pub max_batch_tokens: usize,
+    /// Requests running at once per replica.
+    pub max_running: usize,
+    /// Positions per KV cache block.
+    pub block_size: usize,
+    /// KV cache memory per replica, in MiB (used when `kv_blocks` is 0).
+    pub kv_memory_mib: usize,
+    /// KV cache blocks per replica (0: from `kv_memory_mib`).
+    pub kv_blocks: usize,
+    /// Times a request is retried after a failed step.
+    pub max_retries: u32,
+}
+
+impl Default for SchedulerSection {
+    fn default() -> Self {
+        let e = EngineConfig::default();
+        Self {
+            queue_capacity: e.queue_capacity,
+            max_batch_tokens: e.max_batch_tokens,
+            max_running: e.max_running,
+            block_size: e.block_size,
+            kv_memory_mib: e.kv_memory_bytes >> 20,
+            kv_blocks: 0,
+            max_retries: e.max_retries,
+        }
+    }
+}
+
+/// `[server]`: the HTTP front.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSection {
+    /// Address to bind.
+    pub host: String,
+    /// Port to bind (0: any free port, printed at start).
+    pub port: u16,
+    /// Accepted API keys (Bearer tokens); empty: no authentication.
+    pub api_keys: Vec<String>,
+    /// Largest request body, in bytes; beyond it, 413.
+    pub max_body_bytes: usize,
+    /// Seconds in-flight requests get to finish after SIGTERM or Ctrl-C.
+    pub shutdown_timeout_secs: u64,
+    /// Seconds between the health probes (one-token requests through the engine).
+    pub health_probe_interval_secs: u64,
+    /// `GET /health` says 200 only if a probe succeeded within this many seconds.
+    pub health_max_age_secs: u64,
+    /// The `Retry-After` seconds of a 429.
+    pub retry_after_secs: u64,
+    /// HTTP worker threads.
+    pub workers: usize,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            api_keys: Vec::new(),
+            max_body_bytes: 1 << 20,
+            shutdown_timeout_secs: 30,
+            health_probe_interval_secs: 5,
+            health_max_age_secs: 30,
+            retry_after_secs: 1,
+            workers: 1,
+        }
+    }
+}
+
+/// `[limits]`: caps on what one request may ask for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Most choices (`n`) per request.
+    pub max_n: usize,
+    /// Most stop sequences per request.
+    pub max_stop: usize,
+    /// Most alternatives per token (`logprobs` / `top_logprobs`).
+    pub max_logprobs: usize,
+    /// Largest `max_tokens` a request may ask for.
+    pub max_tokens: usize,
+    /// `max_tokens` of a request that gives none.
+    pub default_max_tokens: usize,
+    /// Widest beam search (`beam_width`).
+    pub max_beam_width: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_n: 8,
+            max_stop: 4,
+            max_logprobs: 5,
+            max_tokens: 4096,
+            default_max_tokens: 256,
+            max_beam_width: 8,
+        }
+    }
+}
+
+/// The whole configuration as written: sections of plain values.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawConfig {
+    /// `[model]`.
+    pub model: ModelSection,
+    /// `[parallel]`.
+    pub parallel: ParallelSection,
+    /// `[scheduler]`.
+    pub scheduler: SchedulerSection,
+    /// `[server]`.
+    pub server: ServerSection,
+    /// `[limits]`.
+    pub limits: LimitsSection,
+}
+
+/// The checked configuration that starts the server.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The model file; `None`: the reference model.
+    pub model_path: Option<PathBuf>,
+    /// The served model id; `None`: the file name.
+    pub model_name: Option<String>,
+    /// The engine's configuration, minus the model source (set once the path
+    /// is resolved).
+    pub engine: EngineConfig,
+    /// Where to listen.
+    pub addr: SocketAddr,
+    /// Accepted API keys (empty: none needed).
+    pub api_keys: Vec<String>,
+    /// Largest request body in bytes.
+    pub max_body_bytes: usize,
+    /// Grace period for in-flight requests at shutdown.
+    pub shutdown_timeout: Duration,
+    /// Time between health probes.
+    pub health_probe_interval: Duration,
+    /// Age beyond which a probe's success no longer counts.
+    pub health_max_age: Duration,
+    /// `Retry-After` of a 429, in seconds.
+    pub retry_after_secs: u64,
+    /// HTTP worker threads.
+    pub workers: usize,
+    /// Request caps.
+    pub limits: LimitsSection,
+}
+
+/// Where a key's value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The built-in default.
+    Default,
+    /// The config file.
+    File(PathBuf),
+    /// An environment variable.
+    Env(String),
+    /// A command-line flag.
+    Flag,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Default => write!(f, "default"),
+            Origin::File(p) => write!(f, "file {}", p.display()),
+            Origin::Env(v) => write!(f, "env {v}"),
+            Origin::Flag => write!(f, "command line"),
+        }
+    }
+}
+
+/// A merged, checked configuration and where each value came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The merged values.
+    pub raw: RawConfig,
+    /// The checked form.
+    pub settings: Settings,
+    /// Every key (`section.name`) and the layer its value came from.
+    pub provenance: BTreeMap<String, Origin>,
+}
+
+/// The layers to merge above the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// A TOML or YAML file (by extension: `.toml`, `.yaml`, `.yml`).
+    pub file: Option<PathBuf>,
+    /// Environment variables to read (normally `std::env::vars()`); only
+    /// those starting with `PARALLM__` count.
+    pub env: Vec<(String, String)>,
+    /// Command-line overrides, `section.key` → value.
+    pub overrides: Vec<(String, Value)>,
+}
+
+impl Sources {
+    /// A file, the process environment and `overrides`.
+    pub fn from_process(file: Option<PathBuf>, overrides: Vec<(String, Value)>) -> Self {
+        Self {
+            file,
+            env: std::env::vars().collect(),
+            overrides,
+        }
+    }
+}
+
+/// Every key of the configuration with its default, `section.name` → value.
+pub fn default_keys() -> BTreeMap<String, serde_json::Value> {
+    let mut out = BTreeMap::new();
+    if let Ok(serde_json::Value::Object(sections)) = serde_json::to_value(RawConfig::default()) {
+        for (section, body) in sections {
+            if let serde_json::Value::Object(keys) = body {
+                for (k, v) in keys {
+                    out.insert(format!("{section}.{k}"), v);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The environment variable for `section.key`.
+pub fn env_var(key: &str) -> String {
+    format!(
+        "{ENV_PREFIX}{ENV_SEPARATOR}{}",
+        key.replace('.', ENV_SEPARATOR).to_ascii_uppercase()
+    )
+}
+
+fn file_format(path: &Path) -> Result<FileFormat, ConfigError> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("toml") => Ok(FileFormat::Toml),
+        Some("yaml" | "yml") => Ok(FileFormat::Yaml),
+        _ => Err(ConfigError::File {
+            path: path.to_path_buf(),
+            message: "the name must end in .toml, .yaml or .yml".into(),
+        }),
+    }
+}
+
+/// The flattened keys one layer sets.
+fn layer_keys(cfg: &Config) -> Vec<String> {
+    fn walk(prefix: &str, v: &Value, out: &mut Vec<String>) {
+        match &v.kind {
+            ValueKind::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            _ => out.push(prefix.to_string()),
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(map) = cfg
+        .clone()
+        .try_deserialize::<std::collections::HashMap<String, Value>>()
+    {
+        for (k, v) in map {
+            walk(&k, &v, &mut out);
+        }
+    }
+    out
+}
+
+fn check_known(keys: &[String], origin: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    let known = default_keys();
+    for key in keys {
+        if known.contains_key(key) {
+            continue;
+        }
+        let section = key.split('.').next().unwrap_or_default();
+        let siblings: Vec<&str> = known
+            .keys()
+            .filter(|k| k.split('.').next() == Some(section))
+            .map(String::as_str)
+            .collect();
+        let known = if siblings.is_empty() {
+            "sections model, parallel, scheduler, server, limits".to_string()
+        } else {
+            siblings.join(", ")
+        };
+        return Err(ConfigError::UnknownKey {
+            key: key.clone(),
+            origin: origin(key),
+            known,
+        });
+    }
+    Ok(())
+}
+
+/// Turns a `config` crate error into one that names the field.
+fn deserialize_error(e: config::ConfigError) -> ConfigError {
+    let text = e.to_string();
+    // The crate reports "invalid type: …  for key `server.port`" and similar.
+    let field = text
+        .split("key `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .unwrap_or("config")
+        .to_string();
+    ConfigError::Invalid {
+        field,
+        reason: text,
+    }
+}
+
+/// Merges the layers, refuses unknown keys and checks the result.
+pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
+    let defaults = Config::try_from(&RawConfig::default()).map_err(deserialize_error)?;
+    let mut builder = Config::builder().add_source(defaults);
+
+    let file_cfg = match &sources.file {
+        Some(path) => {
+            if !path.is_file() {
+                return Err(ConfigError::File {
+                    path: path.clone(),
+                    message: "no such file".into(),
+                });
+            }
+            let src = File::from(path.as_path()).format(file_format(path)?);
+            let cfg = Config::builder()
+                .add_source(src.clone())
+                .build()
+                .map_err(|e| ConfigError::File {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+            let origin = path.display().to_string();
+            check_known(&layer_keys(&cfg), &|_| format!("file {origin}"))?;
+            builder = builder.add_source(src);
+            Some(cfg)
+        }
+        None => None,
+    };
+
+    let env_map: std::collections::HashMap<String, String> = sources
+        .env
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}{ENV_SEPARATOR}")))
+        .cloned()
+        .collect();
+    let env_source = Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator(ENV_SEPARATOR)
+        .separator(ENV_SEPARATOR)
+        .list_separator(",")
+        .with_list_parse_key("server.api_keys")
+        .try_parsing(true)
+        .source(Some(env_map));
+    let env_cfg = Config::builder()
+        .add_source(env_source.clone())
+        .build()
+        .map_err(deserialize_error)?;
+    let env_keys = layer_keys(&env_cfg);
+    check_known(&env_keys, &|k| format!("env {}", env_var(k)))?;
+    builder = builder.add_source(env_source);
+
+    let mut flag_keys = Vec::new();
+    for (key, value) in &sources.overrides {
+        flag_keys.push(key.clone());
+        builder = builder
+            .set_override(key.as_str(), value.clone())
+            .map_err(deserialize_error)?;
+    }
+    check_known(&flag_keys, &|_| "command line".to_string())?;
+
+    let merged = builder.build().map_err(deserialize_error)?;
+    let raw: RawConfig = merged.try_deserialize().map_err(deserialize_error)?;
+
+    let file_keys = file_cfg.as_ref().map(layer_keys).unwrap_or_default();
+    let provenance = default_keys()
+        .into_keys()
+        .map(|k| {
+            let origin = if flag_keys.contains(&k) {
+                Origin::Flag
+            } else if env_keys.contains(&k) {
+                Origin::Env(env_var(&k))
+            } else if file_keys.contains(&k) {
+                Origin::File(sources.file.clone().unwrap_or_default())
+            } else {
+                Origin::Default
+            };
+            (k, origin)
+        })
+        .collect();
+    let settings = check(&raw)?;
+    Ok(Loaded {
+        raw,
+        settings,
+        provenance,
+    })
+}
+
+/// Checks a merged configuration into [`Settings`], with cross-field checks.
+pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
+    let m = &raw.model;
+    let weights: WeightFormat = m.weights.parse().map_err(|_| {
+        invalid(
+            "model.weights",
+            format!("is '{}', must be one of {}", m.weights, WeightFormat::NAMES),
+        )
+    })?;
+    let model_path = (!m.path.is_empty()).then(|| PathBuf::from(&m.path));
+    if let Some(p) = &model_path {
+        if !p.is_file() {
+            return Err(invalid(
+                "model.path",
+                format!("'{}' is not a file", p.display()),
+            ));
+        }
+    }
+    let at_least_one = |field: &str, v: usize| {
+        if v == 0 {
+            Err(invalid(field, "must be at least 1"))
+        } else {
+            Ok(())
+        }
+    };
+    let p = &raw.parallel;
+    at_least_one("parallel.tp", p.tp)?;
+    at_least_one("parallel.pp", p.pp)?;
+    at_least_one("parallel.dp", p.dp)?;
+    if p.micro_batches > 0 && p.pp == 1 && p.micro_batches > 1 {
+        return Err(invalid(
+            "parallel.micro_batches",
+            "more than one micro-batch needs parallel.pp > 1",
+        ));
+    }
+    let s = &raw.scheduler;
+    at_least_one("scheduler.queue_capacity", s.queue_capacity)?;
+    at_least_one("scheduler.max_batch_tokens", s.max_batch_tokens)?;
+    at_least_one("scheduler.max_running", s.max_running)?;
+    at_least_one("scheduler.block_size", s.block_size)?;
+    if s.kv_blocks == 0 && s.kv_memory_mib == 0 {
+        return Err(invalid(
+            "scheduler.kv_memory_mib",
+            "must be at least 1 when scheduler.kv_blocks is 0",
+        ));
+    }
+    let v = &raw.server;
+    let ip: IpAddr = if v.host == "localhost" {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        v.host.parse().map_err(|_| {
+            invalid(
+                "server.host",
+                format!(
+                    "'{}' is not an IP address (use 127.0.0.1, 0.0.0.0, ::1 or localhost)",
+                    v.host
+                ),
+            )
+        })?
+    };
+    if v.api_keys.iter().any(|k| k.trim().is_empty()) {
+        return Err(invalid("server.api_keys", "keys must not be empty"));
+    }
+    if v.max_body_bytes < 1024 {
+        return Err(invalid(
+            "server.max_body_bytes",
+            format!("is {}, must be at least 1024", v.max_body_bytes),
+        ));
+    }
+    at_least_one(
+        "server.health_probe_interval_secs",
+        v.health_probe_interval_secs as usize,
+    )?;
+    if v.health_max_age_secs < v.health_probe_interval_secs {
+        return Err(invalid(
+            "server.health_max_age_secs",
+            format!(
+                "is {}, must be at least server.health_probe_interval_secs ({})",
+                v.health_max_age_secs, v.health_probe_interval_secs
+            ),
+        ));
+    }
+    at_least_one("server.workers", v.workers)?;
+    let l = &raw.limits;
+    at_least_one("limits.max_n", l.max_n)?;
+    at_least_one("limits.max_tokens", l.max_tokens)?;
+    at_least_one("limits.max_beam_width", l.max_beam_width)?;
+    if l.max_logprobs > framework::sampling::MAX_LOGPROBS {
+        return Err(invalid(
+            "limits.max_logprobs",
+            format!(
+                "is {}, must be in [0, {}]",
+                l.max_logprobs,
+                framework::sampling::MAX_LOGPROBS
+            ),
+        ));
+    }
+    if l.default_max_tokens == 0 || l.default_max_tokens > l.max_tokens {
+        return Err(invalid(
+            "limits.default_max_tokens",
+            format!(
+                "is {}, must be in [1, limits.max_tokens = {}]",
+                l.default_max_tokens, l.max_tokens
+            ),
+        ));
+    }
+    let engine = EngineConfig {
+        weights,
+        tp: p.tp,
+        pp: p.pp,
+        dp: p.dp,
+        micro_batches: (p.micro_batches > 0).then_some(p.micro_batches),
+        queue_capacity: s.queue_capacity,
+        max_batch_tokens: s.max_batch_tokens,
+        max_running: s.max_running,
+        block_size: s.block_size,
+        kv_blocks: (s.kv_blocks > 0).then_some(s.kv_blocks),
+        kv_memory_bytes: s.kv_memory_mib << 20,
+        max_retries: s.max_retries,
+        ..EngineConfig::default()
+    };
+    Ok(Settings {
+        model_path,
+        model_name: (!m.name.is_empty()).then(|| m.name.clone()),
+        engine,
+        addr: SocketAddr::new(ip, v.port),
+        api_keys: v.api_keys.clone(),
+        max_body_bytes: v.max_body_bytes,
+        shutdown_timeout: Duration::from_secs(v.shutdown_timeout_secs),
+        health_probe_interval: Duration::from_secs(v.health_probe_interval_secs),
+        health_max_age: Duration::from_secs(v.health_max_age_secs),
+        retry_after_secs: v.retry_after_secs,
+        workers: v.workers,
+        limits: l.clone(),
+    })
+}
+
+/// The effective configuration as TOML, each value followed by its origin.
+pub fn show(loaded: &Loaded) -> String {
+    let mut out = String::new();
+    let mut section = "";
+    let values = serde_json::to_value(&loaded.raw).unwrap_or_default();
+    for (key, origin) in &loaded.provenance {
+        let (sec, name) = key.split_once('.').unwrap_or(("", key));
+        if sec != section {
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(&format!("[{sec}]\n"));
+            section = sec;
+        }
+        let value = values
+            .get(sec)
+            .and_then(|s| s.get(name))
+            .map(toml_value)
+            .unwrap_or_default();
+        let line = format!("{name} = {value}");
+        out.push_str(&format!("{line:<40} # {origin}\n"));
+    }
+    out
+}
+
+/// A JSON value written as TOML.
+fn toml_value(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Array(items) => {
+            format!(
+                "[{}]",
+                items.iter().map(toml_value).collect::<Vec<_>>().join(", ")
+            )
+        }
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write config");
+        p
+    }
+
+    #[test]
+    fn layers_override_in_order_and_provenance_says_which() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write(
+            &dir,
+            "c.toml",
+            "[server]\nport = 9000\nhost = \"0.0.0.0\"\n[parallel]\ntp = 3\n",
+        );
+        let sources = Sources {
+            file: Some(file.clone()),
+            env: env(&[
+                ("PARALLM__SERVER__PORT", "9100"),
+                ("PARALLM__SERVER__API_KEYS", "a,b"),
+                ("PARALLM_HOME", "/elsewhere"),
+            ]),
+            overrides: vec![("parallel.tp".into(), Value::from(1))],
+        };
+        let loaded = load(&sources).expect("valid");
+        assert_eq!(loaded.raw.server.port, 9100);
+        assert_eq!(loaded.raw.server.host, "0.0.0.0");
+        assert_eq!(loaded.raw.server.api_keys, vec!["a", "b"]);
+        assert_eq!(loaded.raw.parallel.tp, 1);
+        assert_eq!(loaded.settings.engine.tp, 1);
+        let p = &loaded.provenance;
+        assert_eq!(
+            p["server.port"],
+            Origin::Env("PARALLM__SERVER__PORT".into())
+        );
+        assert_eq!(p["server.host"], Origin::File(file));
+        assert_eq!(p["parallel.tp"], Origin::Flag);
+        assert_eq!(p["parallel.pp"], Origin::Default);
+        let text = show(&loaded);
+        assert!(text.contains("port = 9100"), "{text}");
+        assert!(text.contains("# env PARALLM__SERVER__PORT"), "{text}");
+    }
+
+    #[test]
+    fn yaml_files_load_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write(&dir, "c.yaml", "scheduler:\n  max_running: 7\n");
+        let loaded = load(&Sources {
+            file: Some(file),
+            ..Sources::default()
+        })
+        .expect("valid");
+        assert_eq!(loaded.settings.engine.max_running, 7);
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_origin() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write(&dir, "c.toml", "[server]\nprot = 1\n");
+        let err = load(&Sources {
+            file: Some(file),
+            ..Sources::default()
+        })
+        .expect_err("unknown key");
+        let text = err.to_string();
+        assert!(
+            text.contains("server.prot") && text.contains("server.port"),
+            "{text}"
+        );
+
+        let err = load(&Sources {
+            env: env(&[("PARALLM__SERVR__PORT", "1")]),
+            ..Sources::default()
+        })
+        .expect_err("unknown section");
+        assert!(err.to_string().contains("PARALLM__SERVR__PORT"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field_and_the_allowed_values() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("[server]\nport = \"x\"\n", "server.port", ""),
+            ("[server]\nport = 70000\n", "server.port", ""),
+            (
+                "[model]\nweights = \"q3\"\n",
+                "model.weights",
+                "auto, native",
+            ),
+            ("[parallel]\ntp = 0\n", "parallel.tp", "at least 1"),
+            (
+                "[server]\nhost = \"example\"\n",
+                "server.host",
+                "IP address",
+            ),
+            (
+                "[limits]\nmax_logprobs = 50\n",
+                "limits.max_logprobs",
+                "[0, 20]",
+            ),
+            (
+                "[limits]\nmax_tokens = 10\ndefault_max_tokens = 20\n",
+                "limits.default_max_tokens",
+                "limits.max_tokens",
+            ),
+            (
+                "[model]\npath = \"/nonexistent.gguf\"\n",
+                "model.path",
+                "not a file",
+            ),
+        ];
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (i, (text, field, allowed)) in cases.iter().enumerate() {
+            let file = write(&dir, &format!("c{i}.toml"), text);
+            let err = load(&Sources {
+                file: Some(file),
+                ..Sources::default()
+            })
+            .expect_err(text);
+            let msg = err.to_string();
+            assert!(msg.contains(field), "{text}: {msg}");
+            assert!(msg.contains(allowed), "{text}: {msg}");
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_bind_to_loopback() {
+        let loaded = load(&Sources::default()).expect("defaults");
+        assert!(loaded.settings.addr.ip().is_loopback());
+        assert!(loaded.provenance.values().all(|o| *o == Origin::Default));
+    }
+}

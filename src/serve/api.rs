@@ -1,0 +1,634 @@
+//! The OpenAI-compatible wire types and their validation.
+//!
+//! Raw request bodies ([`CompletionRequest`], [`ChatRequest`]) are parsed with
+//! the field path kept for errors, then checked against the server's limits
+//! into [`ValidGeneration`]: the engine requests to submit and how to answer.
+//! Nothing unvalidated reaches the engine. Response types are plain serde
+//! structs in the shapes OpenAI's clients read.
+
+use serde::{Deserialize, Serialize};
+
+use actors::llm::{BeamParams, Prompt, Request};
+use framework::chat::ChatMessage;
+use framework::SamplingParams;
+
+use crate::config::LimitsSection;
+use crate::serve::error::ApiError;
+
+/// Parses a JSON body, naming the field at fault on a type error.
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    if !value.is_object() {
+        return Err(ApiError::InvalidParam {
+            param: None,
+            message: "the request body must be a JSON object".into(),
+        });
+    }
+    serde_path_to_error::deserialize::<_, T>(value.clone()).map_err(|e| {
+        let mut path = e.path().to_string();
+        let mut inner = e.into_inner().to_string();
+        if path.is_empty() || path == "." {
+            // Flattened fields lose their path; find it among the shared ones.
+            if let Err(e) = serde_path_to_error::deserialize::<_, CommonFields>(value) {
+                path = e.path().to_string();
+                inner = e.into_inner().to_string();
+            }
+        }
+        if path.is_empty() || path == "." {
+            ApiError::InvalidParam {
+                param: None,
+                message: inner,
+            }
+        } else {
+            let param = path.split(['.', '[']).next().unwrap_or(&path).to_string();
+            ApiError::param(param, format!("`{path}`: {inner}"))
+        }
+    })
+}
+
+/// A string or a list of strings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// One.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// The `prompt` of a completion: text, texts, token ids, or lists of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PromptInput {
+    /// One text.
+    Text(String),
+    /// Several texts (one completion each).
+    Texts(Vec<String>),
+    /// One prompt as token ids.
+    Tokens(Vec<u32>),
+    /// Several prompts as token ids.
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a last chunk with the usage.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Fields shared by completions and chat.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct CommonFields {
+    /// The model id.
+    pub model: Option<String>,
+    /// Tokens to generate at most.
+    pub max_tokens: Option<u64>,
+    /// Sampling temperature.
+    pub temperature: Option<f32>,
+    /// Nucleus mass.
+    pub top_p: Option<f32>,
+    /// Top-k (0 or -1: off).
+    pub top_k: Option<i64>,
+    /// Min-p.
+    pub min_p: Option<f32>,
+    /// Choices per prompt.
+    pub n: Option<u64>,
+    /// Stop strings.
+    pub stop: Option<OneOrMany>,
+    /// Seed.
+    pub seed: Option<u64>,
+    /// Presence penalty.
+    pub presence_penalty: Option<f32>,
+    /// Frequency penalty.
+    pub frequency_penalty: Option<f32>,
+    /// Repetition penalty (extension).
+    pub repetition_penalty: Option<f32>,
+    /// Stream with server-sent events.
+    pub stream: Option<bool>,
+    /// Streaming options.
+    pub stream_options: Option<StreamOptions>,
+    /// Keep going past end-of-sequence (extension).
+    pub ignore_eos: Option<bool>,
+    /// Beam search width (extension).
+    pub beam_width: Option<u64>,
+    /// Beam search length penalty (extension).
+    pub length_penalty: Option<f32>,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    /// Shared fields.
+    #[serde(flatten)]
+    pub common: CommonFields,
+    /// The prompt(s).
+    pub prompt: Option<PromptInput>,
+    /// Log-probabilities of this many alternatives per token.
+    pub logprobs: Option<u64>,
+    /// Echo the prompt (unsupported unless false).
+    pub echo: Option<bool>,
+    /// Text after the completion (unsupported).
+    pub suffix: Option<String>,
+}
+
+/// A chat message's content: text or parts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ContentInput {
+    /// Plain text.
+    Text(String),
+    /// Parts; only `text` parts are supported.
+    Parts(Vec<ContentPart>),
+}
+
+/// One part of a message's content.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    /// The part's type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Its text, for `text` parts.
+    pub text: Option<String>,
+}
+
+/// A chat message as sent.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MessageInput {
+    /// `system`, `user`, `assistant` (or `developer`, read as `system`).
+    pub role: String,
+    /// The content.
+    pub content: Option<ContentInput>,
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatRequest {
+    /// Shared fields.
+    #[serde(flatten)]
+    pub common: CommonFields,
+    /// The conversation.
+    pub messages: Option<Vec<MessageInput>>,
+    /// Return log-probabilities.
+    pub logprobs: Option<bool>,
+    /// Alternatives per token with `logprobs`.
+    pub top_logprobs: Option<u64>,
+    /// Newer name for `max_tokens`.
+    pub max_completion_tokens: Option<u64>,
+}
+
+/// `POST /tokenize`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenizeRequest {
+    /// The model id.
+    pub model: Option<String>,
+    /// Text to tokenize.
+    pub prompt: Option<String>,
+    /// Or a conversation, rendered with the chat template.
+    pub messages: Option<Vec<MessageInput>>,
+}
+
+/// `POST /detokenize`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DetokenizeRequest {
+    /// The model id.
+    pub model: Option<String>,
+    /// Token ids.
+    pub tokens: Vec<u32>,
+}
+
+/// What the server will do for a validated generation request.
+#[derive(Debug, Clone)]
+pub struct ValidGeneration {
+    /// Engine requests in choice order (`prompt_index * n + choice`).
+    pub requests: Vec<Request>,
+    /// Choices per prompt.
+    pub n: usize,
+    /// Beam search: one engine request per prompt, its best `n` beams are the choices.
+    pub beam: bool,
+    /// Stream the answer.
+    pub stream: bool,
+    /// Send usage in the last streamed chunk.
+    pub include_usage: bool,
+    /// Log-probabilities wanted (alternatives per token).
+    pub logprobs: Option<usize>,
+}
+
+fn cap(param: &str, value: u64, min: u64, max: usize) -> Result<usize, ApiError> {
+    if value < min || value > max as u64 {
+        return Err(ApiError::param(
+            param,
+            format!("`{param}` is {value}, must be in [{min}, {max}]"),
+        ));
+    }
+    Ok(value as usize)
+}
+
+/// Validates the shared fields into sampling parameters for `prompts`.
+fn validate(
+    c: &CommonFields,
+    prompts: Vec<Prompt>,
+    max_tokens: Option<u64>,
+    max_tokens_param: &str,
+    logprobs: Option<u64>,
+    logprobs_param: &str,
+    limits: &LimitsSection,
+) -> Result<ValidGeneration, ApiError> {
+    let max_tokens = match max_tokens {
+        Some(v) => cap(max_tokens_param, v, 1, limits.max_tokens)?,
+        None => limits.default_max_tokens,
+    };
+    let n = cap("n", c.n.unwrap_or(1), 1, limits.max_n)?;
+    let stop = c.stop.clone().map(OneOrMany::into_vec).unwrap_or_default();
+    if stop.len() > limits.max_stop {
+        return Err(ApiError::param(
+            "stop",
+            format!(
+                "`stop` has {} sequences, at most {} are allowed",
+                stop.len(),
+                limits.max_stop
+            ),
+        ));
+    }
+    let logprobs = match logprobs {
+        Some(v) => Some(cap(logprobs_param, v, 0, limits.max_logprobs)?),
+        None => None,
+    };
+    let top_k = match c.top_k {
+        None | Some(-1) => 0,
+        Some(k) if k >= 0 => k as usize,
+        Some(k) => {
+            return Err(ApiError::param(
+                "top_k",
+                format!("`top_k` is {k}, must be -1 (off), 0 (off) or positive"),
+            ))
+        }
+    };
+    let stream = c.stream.unwrap_or(false);
+    let beam = match c.beam_width {
+        None => None,
+        Some(w) => {
+            let width = cap("beam_width", w, 1, limits.max_beam_width)?;
+            if stream {
+                return Err(ApiError::param(
+                    "stream",
+                    "beam search (`beam_width`) cannot stream; set `stream` to false",
+                ));
+            }
+            if n > width {
+                return Err(ApiError::param(
+                    "n",
+                    format!("`n` is {n}, must not exceed `beam_width` ({width})"),
+                ));
+            }
+            Some(BeamParams {
+                width,
+                length_penalty: c.length_penalty.unwrap_or(1.0),
+            })
+        }
+    };
+    let params = SamplingParams {
+        temperature: c.temperature.unwrap_or(1.0),
+        top_k,
+        top_p: c.top_p.unwrap_or(1.0),
+        min_p: c.min_p.unwrap_or(0.0),
+        repetition_penalty: c.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: c.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: c.frequency_penalty.unwrap_or(0.0),
+        seed: c.seed,
+        max_tokens,
+        stop,
+        ignore_eos: c.ignore_eos.unwrap_or(false),
+        logprobs,
+    };
+    params.validate().map_err(|e| match e {
+        framework::Error::InvalidRequest { field, reason } => {
+            ApiError::param(field, format!("`{field}` {reason}"))
+        }
+        other => ApiError::InvalidParam {
+            param: None,
+            message: other.to_string(),
+        },
+    })?;
+    let mut requests = Vec::new();
+    for prompt in prompts {
+        let copies = if beam.is_some() { 1 } else { n };
+        for j in 0..copies {
+            let mut p = params.clone();
+            // Distinct draws per choice, reproducible when a seed is given.
+            p.seed = params.seed.map(|s| s.wrapping_add(j as u64));
+            requests.push(Request {
+                prompt: prompt.clone(),
+                params: p,
+                beam,
+                priority: 0,
+            });
+        }
+    }
+    Ok(ValidGeneration {
+        requests,
+        n,
+        beam: beam.is_some(),
+        stream,
+        include_usage: stream && c.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        logprobs,
+    })
+}
+
+impl CompletionRequest {
+    /// Checks the request against `limits`.
+    pub fn validate(&self, limits: &LimitsSection) -> Result<ValidGeneration, ApiError> {
+        if self.echo == Some(true) {
+            return Err(ApiError::param("echo", "`echo` is not supported"));
+        }
+        if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(ApiError::param("suffix", "`suffix` is not supported"));
+        }
+        let prompts = match self.prompt.clone() {
+            None => return Err(ApiError::param("prompt", "`prompt` is required")),
+            Some(PromptInput::Text(s)) => vec![Prompt::Text(s)],
+            Some(PromptInput::Texts(v)) => v.into_iter().map(Prompt::Text).collect(),
+            Some(PromptInput::Tokens(t)) => vec![Prompt::Tokens(t)],
+            Some(PromptInput::TokenLists(v)) => v.into_iter().map(Prompt::Tokens).collect(),
+        };
+        if prompts.is_empty() {
+            return Err(ApiError::param(
+                "prompt",
+                "`prompt` must not be an empty list",
+            ));
+        }
+        if prompts.len() > 64 {
+            return Err(ApiError::param(
+                "prompt",
+                format!(
+                    "`prompt` has {} prompts, at most 64 are allowed",
+                    prompts.len()
+                ),
+            ));
+        }
+        let v = validate(
+            &self.common,
+            prompts,
+            self.common.max_tokens,
+            "max_tokens",
+            self.logprobs,
+            "logprobs",
+            limits,
+        )?;
+        if v.requests.len() > limits.max_n * 8 {
+            return Err(ApiError::param(
+                "n",
+                format!(
+                    "{} prompts × n = {} choices; at most {} are allowed",
+                    v.requests.len() / v.n.max(1),
+                    v.requests.len(),
+                    limits.max_n * 8
+                ),
+            ));
+        }
+        Ok(v)
+    }
+}
+
+/// Converts messages as sent into the template's form.
+pub fn chat_messages(messages: &[MessageInput]) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::param("messages", "`messages` must not be empty"));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(ApiError::param(
+                        "messages",
+                        format!(
+                            "`messages[{i}].role` is '{other}', must be system, developer, user or assistant"
+                        ),
+                    ))
+                }
+            };
+            let content = match &m.content {
+                None => String::new(),
+                Some(ContentInput::Text(s)) => s.clone(),
+                Some(ContentInput::Parts(parts)) => {
+                    let mut text = String::new();
+                    for (j, p) in parts.iter().enumerate() {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            (kind, _) => {
+                                return Err(ApiError::param(
+                                    "messages",
+                                    format!(
+                                        "`messages[{i}].content[{j}]` is a '{kind}' part; only text parts are supported"
+                                    ),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            Ok(ChatMessage {
+                role: role.into(),
+                content,
+            })
+        })
+        .collect()
+}
+
+impl ChatRequest {
+    /// Checks the request against `limits`.
+    pub fn validate(&self, limits: &LimitsSection) -> Result<ValidGeneration, ApiError> {
+        let messages = match &self.messages {
+            None => return Err(ApiError::param("messages", "`messages` is required")),
+            Some(m) => chat_messages(m)?,
+        };
+        let (max_tokens, param) = match (self.max_completion_tokens, self.common.max_tokens) {
+            (Some(v), _) => (Some(v), "max_completion_tokens"),
+            (None, v) => (v, "max_tokens"),
+        };
+        let logprobs = match (self.logprobs.unwrap_or(false), self.top_logprobs) {
+            (true, top) => Some(top.unwrap_or(0)),
+            (false, Some(_)) => {
+                return Err(ApiError::param(
+                    "top_logprobs",
+                    "`top_logprobs` needs `logprobs` set to true",
+                ))
+            }
+            (false, None) => None,
+        };
+        validate(
+            &self.common,
+            vec![Prompt::Chat(messages)],
+            max_tokens,
+            param,
+            logprobs,
+            "top_logprobs",
+            limits,
+        )
+    }
+}
+
+/// Token counts of a response.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct UsageOut {
+    /// Tokens in the prompt(s).
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub completion_tokens: usize,
+    /// Their sum.
+    pub total_tokens: usize,
+}
+
+impl UsageOut {
+    /// Adds one request's counts (a prompt counts once however many choices it has).
+    pub fn add(&mut self, prompt: usize, completion: usize) {
+        self.prompt_tokens += prompt;
+        self.completion_tokens += completion;
+        self.total_tokens = self.prompt_tokens + self.completion_tokens;
+    }
+}
+
+/// Legacy completions log-probabilities of one choice.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct CompletionLogprobs {
+    /// The tokens' texts.
+    pub tokens: Vec<String>,
+    /// Their log-probabilities.
+    pub token_logprobs: Vec<f32>,
+    /// The best alternatives per token, text → log-probability.
+    pub top_logprobs: Vec<serde_json::Map<String, serde_json::Value>>,
+    /// Character offset of each token in the text.
+    pub text_offset: Vec<usize>,
+}
+
+/// One alternative of a chat log-probability.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatTopLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// A chat token's log-probability.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ChatTokenLogprob {
+    /// The token's text.
+    pub token: String,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+    /// The best alternatives.
+    pub top_logprobs: Vec<ChatTopLogprob>,
+}
+
+/// Chat log-probabilities of one choice.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ChatLogprobs {
+    /// One entry per generated token.
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> LimitsSection {
+        LimitsSection::default()
+    }
+
+    #[test]
+    fn type_errors_name_the_field_and_syntax_errors_are_malformed_json() {
+        let e = parse_body::<CompletionRequest>(br#"{"prompt":"x","temperature":"hot"}"#)
+            .expect_err("type error");
+        assert_eq!(e.param_name().as_deref(), Some("temperature"), "{e}");
+        let e = parse_body::<CompletionRequest>(br#"{"prompt":"x","#).expect_err("syntax");
+        assert!(matches!(e, ApiError::MalformedJson(_)), "{e:?}");
+    }
+
+    #[test]
+    fn limits_and_ranges_name_the_param() {
+        let cases = [
+            (r#"{"prompt":"x","n":99}"#, "n"),
+            (r#"{"prompt":"x","max_tokens":0}"#, "max_tokens"),
+            (r#"{"prompt":"x","max_tokens":100000}"#, "max_tokens"),
+            (r#"{"prompt":"x","temperature":-1}"#, "temperature"),
+            (r#"{"prompt":"x","top_p":0}"#, "top_p"),
+            (r#"{"prompt":"x","logprobs":50}"#, "logprobs"),
+            (r#"{"prompt":"x","stop":["a","b","c","d","e"]}"#, "stop"),
+            (r#"{"prompt":"x","top_k":-5}"#, "top_k"),
+            (r#"{"prompt":[]}"#, "prompt"),
+            (r#"{"n":1}"#, "prompt"),
+            (r#"{"prompt":"x","beam_width":2,"stream":true}"#, "stream"),
+        ];
+        for (body, param) in cases {
+            let req: CompletionRequest = parse_body(body.as_bytes()).expect(body);
+            let e = req.validate(&limits()).expect_err(body);
+            assert_eq!(e.param_name().as_deref(), Some(param), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn prompts_times_n_become_requests_with_distinct_seeds() {
+        let req: CompletionRequest =
+            parse_body(br#"{"prompt":["a","b"],"n":3,"seed":7,"max_tokens":4}"#).expect("parse");
+        let v = req.validate(&limits()).expect("valid");
+        assert_eq!(v.requests.len(), 6);
+        assert_eq!(v.requests[4].prompt, Prompt::Text("b".into()));
+        assert_eq!(v.requests[4].params.seed, Some(8));
+        let req: CompletionRequest = parse_body(br#"{"prompt":[1,2,3]}"#).expect("tokens");
+        let v = req.validate(&limits()).expect("valid");
+        assert_eq!(v.requests[0].prompt, Prompt::Tokens(vec![1, 2, 3]));
+        assert_eq!(v.requests[0].params.max_tokens, limits().default_max_tokens);
+    }
+
+    #[test]
+    fn chat_reads_parts_and_logprob_flags() {
+        let req: ChatRequest = parse_body(
+            br#"{"messages":[{"role":"developer","content":[{"type":"text","text":"hi"}]},{"role":"user","content":"x"}],
+                "logprobs":true,"top_logprobs":2,"max_completion_tokens":5,"stream":true,
+                "stream_options":{"include_usage":true}}"#,
+        )
+        .expect("parse");
+        let v = req.validate(&limits()).expect("valid");
+        assert_eq!(v.logprobs, Some(2));
+        assert!(v.stream && v.include_usage);
+        assert_eq!(v.requests[0].params.max_tokens, 5);
+        match &v.requests[0].prompt {
+            Prompt::Chat(m) => assert_eq!(
+                (m[0].role.as_str(), m[0].content.as_str()),
+                ("system", "hi")
+            ),
+            other => panic!("{other:?}"),
+        }
+        let req: ChatRequest =
+            parse_body(br#"{"messages":[{"role":"tool","content":"x"}]}"#).expect("parse");
+        assert_eq!(
+            req.validate(&limits())
+                .expect_err("role")
+                .param_name()
+                .as_deref(),
+            Some("messages")
+        );
+    }
+}

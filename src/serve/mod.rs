@@ -1,0 +1,465 @@
+//! `parallm serve`: the engine behind an OpenAI-compatible HTTP server.
+//!
+//! [`run`] installs the Prometheus recorder, binds the listener at once (so
+//! `/health` answers 503 while the model loads), loads the engine on its own
+//! thread, and then serves until SIGTERM or Ctrl-C. Shutdown drains: new
+//! generation requests and `/health` get 503, in-flight requests get up to
+//! `server.shutdown_timeout_secs` to finish, then the listener and the engine
+//! stop and the process exits 0.
+//!
+//! [`AppState`] is shared by every HTTP worker: the engine (set once, when
+//! loaded), the checked [`Settings`], the draining flag, the count of
+//! in-flight generation requests (each held by an [`InFlight`] guard for as
+//! long as its response is being produced) and the time of the last
+//! successful health probe, written only by the probe task.
+
+pub mod api;
+pub mod error;
+pub mod routes;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use actix_web::dev::Service;
+use actix_web::{web, App, HttpServer};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use actors::llm::{Engine, EngineBuilder, Event, ModelSource, Request};
+use framework::metrics as m;
+
+use crate::config::Settings;
+use crate::serve::error::ApiError;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The listener could not bind.
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        reason: std::io::Error,
+    },
+    /// The metrics recorder could not be installed.
+    #[error("cannot install the metrics recorder: {0}")]
+    Metrics(String),
+    /// The model could not be loaded.
+    #[error("cannot load the model: {0}")]
+    Load(String),
+    /// The HTTP server failed.
+    #[error("the HTTP server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What every handler shares.
+pub struct AppState {
+    /// The engine, once loaded.
+    pub engine: OnceLock<Arc<Engine>>,
+    /// The checked configuration.
+    pub settings: Settings,
+    /// The served model's id.
+    pub model_id: String,
+    /// Unix seconds at start.
+    pub started: u64,
+    /// Set at SIGTERM / Ctrl-C: refuse new work.
+    pub draining: AtomicBool,
+    /// Generation requests being answered.
+    pub inflight: AtomicUsize,
+    /// When the last health probe succeeded.
+    pub last_probe_ok: Mutex<Option<Instant>>,
+    /// The last probe's failure, if it failed.
+    pub last_probe_error: Mutex<Option<String>>,
+    /// Renders `/metrics`.
+    pub prometheus: PrometheusHandle,
+}
+
+impl AppState {
+    /// The engine, or 503 while loading or draining.
+    pub fn engine(&self) -> Result<Arc<Engine>, ApiError> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(ApiError::Unavailable(
+                "the server is shutting down and accepts no new requests".into(),
+            ));
+        }
+        self.engine
+            .get()
+            .cloned()
+            .ok_or_else(|| ApiError::Unavailable("the model is still loading".into()))
+    }
+
+    /// Whether the server is healthy, and why not.
+    pub fn health(&self) -> (bool, String) {
+        if self.draining.load(Ordering::SeqCst) {
+            return (false, "shutting down".into());
+        }
+        if self.engine.get().is_none() {
+            return (false, "loading the model".into());
+        }
+        let last = self.last_probe_ok.lock().ok().and_then(|g| *g);
+        match last {
+            Some(t) if t.elapsed() <= self.settings.health_max_age => (
+                true,
+                format!("probe succeeded {:.1}s ago", t.elapsed().as_secs_f64()),
+            ),
+            Some(t) => (
+                false,
+                format!(
+                    "no successful probe for {:.0}s ({})",
+                    t.elapsed().as_secs_f64(),
+                    self.probe_error()
+                ),
+            ),
+            None => (
+                false,
+                format!("no successful probe yet ({})", self.probe_error()),
+            ),
+        }
+    }
+
+    fn probe_error(&self) -> String {
+        self.last_probe_error
+            .lock()
+            .ok()
+            .and_then(|g| g.clone())
+            .unwrap_or_else(|| "none has finished".into())
+    }
+
+    /// Refreshes the engine gauges (so they are right even between steps).
+    pub fn publish_gauges(&self) {
+        if let Some(engine) = self.engine.get() {
+            let s = engine.stats().scheduler.policy;
+            metrics::gauge!(m::REQUESTS_RUNNING).set(s.running as f64);
+            metrics::gauge!(m::REQUESTS_WAITING, "stage" => "scheduler").set(s.waiting as f64);
+            metrics::gauge!(m::KV_BLOCKS_USED).set(s.kv_used as f64);
+            metrics::gauge!(m::KV_BLOCKS_TOTAL).set(s.kv_total as f64);
+            let ratio = if s.kv_total == 0 {
+                0.0
+            } else {
+                s.kv_used as f64 / s.kv_total as f64
+            };
+            metrics::gauge!(m::KV_USAGE_RATIO).set(ratio);
+        }
+    }
+
+    /// One probe: a one-token request through the engine.
+    async fn probe(&self) -> Result<(), String> {
+        let engine = self
+            .engine
+            .get()
+            .cloned()
+            .ok_or("the model is not loaded")?;
+        let token = engine.tokenizer().and_then(|t| t.bos()).unwrap_or(0);
+        let mut req = Request::greedy_tokens(vec![token], 1);
+        req.priority = i32::MAX;
+        let mut events = engine
+            .generate_async(req)
+            .await
+            .map_err(|e| e.to_string())?;
+        let id = events.id();
+        let wait = async {
+            while let Some(ev) = events.next().await {
+                match ev {
+                    Event::Token { .. } => {}
+                    Event::Finished { .. } => return Ok(()),
+                    Event::Failed { error } => return Err(error),
+                    Event::Cancelled => return Err("the probe was cancelled".into()),
+                }
+            }
+            Err("the probe's stream ended early".into())
+        };
+        match actix_web::rt::time::timeout(routes::PROBE_TIMEOUT, wait).await {
+            Ok(r) => r,
+            Err(_) => {
+                engine.cancel(id);
+                Err(format!(
+                    "the probe took longer than {}s",
+                    routes::PROBE_TIMEOUT.as_secs()
+                ))
+            }
+        }
+    }
+}
+
+/// Holds one in-flight generation request for the drain at shutdown.
+pub struct InFlight(Arc<AppState>);
+
+impl InFlight {
+    /// Counts a request in.
+    pub fn new(state: Arc<AppState>) -> Self {
+        state.inflight.fetch_add(1, Ordering::SeqCst);
+        Self(state)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Installs the Prometheus recorder with every metric described and bucketed.
+pub fn install_metrics() -> Result<PrometheusHandle, ServeError> {
+    let mut builder = PrometheusBuilder::new();
+    for metric in m::ALL {
+        if metric.kind == m::Kind::Histogram {
+            builder = builder
+                .set_buckets_for_metric(Matcher::Full(metric.name.to_string()), metric.buckets())
+                .map_err(|e| ServeError::Metrics(e.to_string()))?;
+        }
+    }
+    let handle = builder
+        .install_recorder()
+        .map_err(|e| ServeError::Metrics(e.to_string()))?;
+    for metric in m::ALL {
+        match metric.kind {
+            m::Kind::Counter => metrics::describe_counter!(metric.name, metric.help),
+            m::Kind::Gauge => metrics::describe_gauge!(metric.name, metric.help),
+            m::Kind::Histogram => metrics::describe_histogram!(metric.name, metric.help),
+        }
+    }
+    Ok(handle)
+}
+
+/// The model id a file is served under.
+pub fn model_id(settings: &Settings, path: Option<&std::path::Path>) -> String {
+    if let Some(name) = &settings.model_name {
+        return name.clone();
+    }
+    path.and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .map(|n| n.trim_end_matches(".gguf").to_string())
+        .unwrap_or_else(|| "SmolLM2-135M-Instruct.Q4_1".into())
+}
+
+fn checks_key(state: &AppState, req: &actix_web::dev::ServiceRequest) -> Result<(), ApiError> {
+    let keys = &state.settings.api_keys;
+    if keys.is_empty() || req.path() == "/health" {
+        return Ok(());
+    }
+    let header = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match header.and_then(|h| h.strip_prefix("Bearer ")) {
+        None => Err(ApiError::Unauthorized(
+            "an API key is required: send `Authorization: Bearer KEY`".into(),
+        )),
+        Some(k) if keys.iter().any(|key| key == k.trim()) => Ok(()),
+        Some(_) => Err(ApiError::Unauthorized("the API key is not valid".into())),
+    }
+}
+
+/// Serves until SIGTERM or Ctrl-C; `loader` resolves the model path (it may
+/// fetch the reference model) on the loading thread.
+pub fn run<L>(settings: Settings, loader: L) -> Result<(), ServeError>
+where
+    L: FnOnce() -> Result<std::path::PathBuf, String> + Send + 'static,
+{
+    let prometheus = install_metrics()?;
+    let system = actix_web::rt::System::new();
+    system.block_on(serve(settings, loader, prometheus))
+}
+
+async fn serve<L>(
+    settings: Settings,
+    loader: L,
+    prometheus: PrometheusHandle,
+) -> Result<(), ServeError>
+where
+    L: FnOnce() -> Result<std::path::PathBuf, String> + Send + 'static,
+{
+    let state = Arc::new(AppState {
+        engine: OnceLock::new(),
+        model_id: model_id(&settings, settings.model_path.as_deref()),
+        settings,
+        started: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        draining: AtomicBool::new(false),
+        inflight: AtomicUsize::new(0),
+        last_probe_ok: Mutex::new(None),
+        last_probe_error: Mutex::new(None),
+        prometheus,
+    });
+    let data = web::Data::from(state.clone());
+    let addr = state.settings.addr;
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .wrap_fn(|req, srv| {
+                let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+                let state = req.app_data::<web::Data<AppState>>().cloned();
+                let denied = state.as_ref().and_then(|s| checks_key(s, &req).err());
+                let fut = denied.is_none().then(|| srv.call(req));
+                async move {
+                    let result = match (denied, fut) {
+                        (Some(e), _) => Err(e.into()),
+                        (None, Some(f)) => f.await,
+                        (None, None) => Err(ApiError::Engine("unreachable".into()).into()),
+                    };
+                    let status = match &result {
+                        Ok(r) => r.status().as_u16(),
+                        Err(e) => e.as_response_error().status_code().as_u16(),
+                    };
+                    metrics::counter!(m::HTTP_REQUESTS, "route" => route, "status" => status.to_string())
+                        .increment(1);
+                    result
+                }
+            })
+            .route("/v1/completions", web::post().to(routes::completions))
+            .route("/v1/chat/completions", web::post().to(routes::chat_completions))
+            .route("/v1/models", web::get().to(routes::models))
+            .route("/tokenize", web::post().to(routes::tokenize))
+            .route("/detokenize", web::post().to(routes::detokenize))
+            .route("/health", web::get().to(routes::health))
+            .route("/metrics", web::get().to(routes::metrics))
+            .default_service(web::to(routes::not_found))
+    })
+    .on_connect(routes::on_connect)
+    .workers(state.settings.workers)
+    .disable_signals()
+    .shutdown_timeout(1)
+    .bind(addr)
+    .map_err(|reason| ServeError::Bind { addr, reason })?;
+    let bound = server.addrs().first().copied().unwrap_or(addr);
+    println!("parallm: listening on http://{bound}");
+    tracing::info!("listening on http://{bound}");
+    let server = server.run();
+    let handle = server.handle();
+
+    // Load the engine on its own thread; the listener answers meanwhile.
+    let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel();
+    let engine_cfg = state.settings.engine.clone();
+    std::thread::spawn(move || {
+        let result = loader().and_then(|path| {
+            let mut cfg = engine_cfg;
+            cfg.model = ModelSource::Gguf(path);
+            EngineBuilder::config(cfg)
+                .build()
+                .map_err(|e| e.to_string())
+        });
+        let _ = loaded_tx.send(result);
+    });
+
+    let server_task = actix_web::rt::spawn(server);
+    let shutdown = shutdown_signal();
+    futures::pin_mut!(shutdown);
+    let load = async {
+        match loaded_rx.await {
+            Ok(r) => r,
+            Err(_) => Err("the loading thread died".into()),
+        }
+    };
+    let engine = tokio::select! {
+        r = load => match r {
+            Ok(engine) => Some(Arc::new(engine)),
+            Err(e) => {
+                handle.stop(false).await;
+                let _ = server_task.await;
+                return Err(ServeError::Load(e));
+            }
+        },
+        _ = &mut shutdown => None,
+    };
+    let Some(engine) = engine else {
+        eprintln!("parallm: stopped while loading");
+        handle.stop(false).await;
+        let _ = server_task.await;
+        return Ok(());
+    };
+    let _ = state.engine.set(engine);
+    state.publish_gauges();
+    println!("parallm: model '{}' ready", state.model_id);
+
+    // Health probes, one now and then one per interval.
+    let probe_state = state.clone();
+    let prober = actix_web::rt::spawn(async move {
+        loop {
+            let result = probe_state.probe().await;
+            match result {
+                Ok(()) => {
+                    if let Ok(mut g) = probe_state.last_probe_ok.lock() {
+                        *g = Some(Instant::now());
+                    }
+                    if let Ok(mut g) = probe_state.last_probe_error.lock() {
+                        *g = None;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("health probe failed: {e}");
+                    if let Ok(mut g) = probe_state.last_probe_error.lock() {
+                        *g = Some(e);
+                    }
+                }
+            }
+            probe_state.prometheus.run_upkeep();
+            actix_web::rt::time::sleep(probe_state.settings.health_probe_interval).await;
+        }
+    });
+
+    shutdown.await;
+    state.draining.store(true, Ordering::SeqCst);
+    prober.abort();
+    let deadline = Instant::now() + state.settings.shutdown_timeout;
+    let waiting = state.inflight.load(Ordering::SeqCst);
+    eprintln!(
+        "parallm: shutting down; {waiting} request(s) in flight get up to {}s",
+        state.settings.shutdown_timeout.as_secs()
+    );
+    while state.inflight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = state.inflight.load(Ordering::SeqCst);
+    // Closing the connections drops unfinished responses, which cancels them.
+    handle.stop(false).await;
+    let _ = server_task.await;
+    let engine = state.engine.get().cloned();
+    drop(state);
+    if let Some(engine) = engine {
+        match Arc::try_unwrap(engine) {
+            Ok(engine) => {
+                let done = actix_web::rt::task::spawn_blocking(move || {
+                    engine.shutdown_timeout(Duration::from_secs(5))
+                })
+                .await
+                .unwrap_or(false);
+                if !done {
+                    eprintln!("parallm: the engine did not stop cleanly");
+                }
+            }
+            Err(_) => eprintln!("parallm: the engine is still referenced; leaving it to exit"),
+        }
+    }
+    if left > 0 {
+        eprintln!("parallm: {left} request(s) were cut off by the shutdown timeout");
+    } else {
+        eprintln!("parallm: every in-flight request finished");
+    }
+    Ok(())
+}
+
+/// Resolves at SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use actix_web::rt::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = actix_web::rt::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = actix_web::rt::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = actix_web::rt::signal::ctrl_c().await;
+    }
+}

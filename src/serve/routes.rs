@@ -1,0 +1,717 @@
+//! The HTTP handlers: OpenAI's completions, chat completions and models, the
+//! tokenizer endpoints, health and metrics.
+//!
+//! A generation handler reads the body (at most `server.max_body_bytes`),
+//! validates it into engine requests, submits them all (or none: a refusal
+//! cancels those already submitted), and answers as JSON or as server-sent
+//! events. Every submitted request is held by a [`Tracked`] stream whose
+//! destructor cancels it unless it ended, so a client that goes away —
+//! whether it was waiting for JSON or reading a stream — cancels its work and
+//! frees its KV blocks at the next scheduler step.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use actix_web::http::header::{CacheControl, CacheDirective, ContentType};
+use actix_web::web::{self, Bytes};
+use actix_web::{HttpRequest, HttpResponse};
+use futures::stream::{select_all, BoxStream};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use actors::llm::{Engine, Event, EventStream, Request};
+use framework::sampling::TokenLogprob;
+use framework::FinishReason;
+
+use crate::serve::api::{
+    chat_messages, parse_body, ChatLogprobs, ChatRequest, ChatTokenLogprob, ChatTopLogprob,
+    CompletionLogprobs, CompletionRequest, DetokenizeRequest, TokenizeRequest, UsageOut,
+    ValidGeneration,
+};
+use crate::serve::error::ApiError;
+use crate::serve::{AppState, InFlight};
+
+/// The socket of a request's connection, recorded when the connection opens
+/// (see [`on_connect`]) so that a handler can notice the client leaving.
+///
+/// The descriptor stays valid for as long as a handler of that connection
+/// runs: the handler's future is owned by the connection, which owns the socket.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnFd(#[cfg(unix)] std::os::fd::RawFd);
+
+/// Records [`ConnFd`] for each new connection.
+pub fn on_connect(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extensions) {
+    #[cfg(unix)]
+    if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        use std::os::fd::AsRawFd;
+        ext.insert(ConnFd(tcp.as_raw_fd()));
+    }
+}
+
+/// How often a waiting handler looks for a departed client.
+const DISCONNECT_POLL: Duration = Duration::from_millis(20);
+
+/// Whether the peer of `fd` has closed or reset the connection.
+#[cfg(unix)]
+fn peer_gone(fd: ConnFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.0,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: `p` is a valid, exclusively borrowed pollfd for the duration of
+    // the call, the count is 1 and the timeout 0 (no blocking); poll only
+    // reads the descriptor's state and consumes no data from it.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
+#[cfg(not(unix))]
+fn peer_gone(_: ConnFd) -> bool {
+    false
+}
+
+/// Resolves once the client of `fd` has gone (never, without a descriptor).
+pub async fn client_gone(fd: Option<ConnFd>) {
+    let Some(fd) = fd else {
+        return futures::future::pending().await;
+    };
+    loop {
+        if peer_gone(fd) {
+            return;
+        }
+        actix_web::rt::time::sleep(DISCONNECT_POLL).await;
+    }
+}
+
+/// Reads a body of at most `limit` bytes.
+pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::MalformedJson(format!("the body could not be read: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// An engine request's events; cancels the request when dropped before its
+/// terminal event.
+pub struct Tracked {
+    engine: Arc<Engine>,
+    stream: EventStream,
+    ended: bool,
+}
+
+impl Tracked {
+    /// The next event; `None` after the terminal one.
+    pub async fn next(&mut self) -> Option<Event> {
+        if self.ended {
+            return None;
+        }
+        let ev = self.stream.next().await;
+        match &ev {
+            Some(e) if !e.is_terminal() => {}
+            _ => self.ended = true,
+        }
+        ev
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.engine.cancel(self.stream.id());
+        }
+    }
+}
+
+/// Submits every request, or none.
+async fn submit_all(
+    state: &AppState,
+    engine: &Arc<Engine>,
+    requests: Vec<Request>,
+) -> Result<Vec<Tracked>, ApiError> {
+    let mut out = Vec::with_capacity(requests.len());
+    for r in requests {
+        // On error, `out` drops here and cancels what was submitted.
+        let stream = engine
+            .generate_async(r)
+            .await
+            .map_err(|e| ApiError::from_engine(e, state.settings.retry_after_secs))?;
+        out.push(Tracked {
+            engine: engine.clone(),
+            stream,
+            ended: false,
+        });
+    }
+    Ok(out)
+}
+
+/// What one choice produced.
+#[derive(Default)]
+struct ChoiceResult {
+    text: String,
+    reason: Option<FinishReason>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    logprobs: Vec<(u32, TokenLogprob)>,
+    beams: Vec<String>,
+}
+
+async fn collect(mut t: Tracked) -> Result<ChoiceResult, ApiError> {
+    let mut out = ChoiceResult::default();
+    while let Some(ev) = t.next().await {
+        match ev {
+            Event::Token { token, logprob, .. } => {
+                if let Some(lp) = logprob {
+                    out.logprobs.push((token, lp));
+                }
+            }
+            Event::Finished {
+                reason,
+                usage,
+                text,
+                beams,
+                ..
+            } => {
+                out.text = text;
+                out.reason = Some(reason);
+                out.prompt_tokens = usage.prompt_tokens;
+                out.completion_tokens = usage.completion_tokens;
+                out.beams = beams.into_iter().map(|b| b.text).collect();
+                return Ok(out);
+            }
+            Event::Failed { error } => return Err(ApiError::Engine(error)),
+            Event::Cancelled => return Err(ApiError::Engine("the request was cancelled".into())),
+        }
+    }
+    Err(ApiError::Engine(
+        "the request ended without a result".into(),
+    ))
+}
+
+fn token_string(engine: &Engine, token: u32) -> String {
+    engine
+        .tokenizer()
+        .map(|t| String::from_utf8_lossy(t.token_bytes(token)).into_owned())
+        .unwrap_or_default()
+}
+
+fn completion_logprobs(
+    engine: &Engine,
+    items: &[(u32, TokenLogprob)],
+    offset: usize,
+) -> CompletionLogprobs {
+    let mut out = CompletionLogprobs::default();
+    let mut pos = offset;
+    for (token, lp) in items {
+        let text = token_string(engine, *token);
+        out.text_offset.push(pos);
+        pos += text.len();
+        out.tokens.push(text);
+        out.token_logprobs.push(lp.logprob);
+        out.top_logprobs.push(
+            lp.top
+                .iter()
+                .map(|(t, l)| (token_string(engine, *t), json!(l)))
+                .collect(),
+        );
+    }
+    out
+}
+
+fn chat_logprobs(engine: &Engine, items: &[(u32, TokenLogprob)]) -> ChatLogprobs {
+    ChatLogprobs {
+        content: items
+            .iter()
+            .map(|(token, lp)| {
+                let text = token_string(engine, *token);
+                ChatTokenLogprob {
+                    bytes: text.as_bytes().to_vec(),
+                    token: text,
+                    logprob: lp.logprob,
+                    top_logprobs: lp
+                        .top
+                        .iter()
+                        .map(|(t, l)| {
+                            let s = token_string(engine, *t);
+                            ChatTopLogprob {
+                                bytes: s.as_bytes().to_vec(),
+                                token: s,
+                                logprob: *l,
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect(),
+    }
+}
+
+/// Which API a generation answers in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    Completions,
+    Chat,
+}
+
+impl Api {
+    fn id_prefix(self) -> &'static str {
+        match self {
+            Api::Completions => "cmpl",
+            Api::Chat => "chatcmpl",
+        }
+    }
+}
+
+fn request_id(api: Api) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!(
+        "{}-{:x}{:06x}",
+        api.id_prefix(),
+        now_secs(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs a validated generation and answers it.
+async fn generate(
+    state: web::Data<AppState>,
+    req: &HttpRequest,
+    api: Api,
+    v: ValidGeneration,
+) -> Result<HttpResponse, ApiError> {
+    let fd = req.conn_data::<ConnFd>().copied();
+    let engine = state.engine()?;
+    let inflight = InFlight::new(state.clone().into_inner());
+    let tracked = submit_all(&state, &engine, v.requests.clone()).await?;
+    let id = request_id(api);
+    if v.stream {
+        let head = ChunkHead {
+            id,
+            model: state.model_id.clone(),
+            created: now_secs(),
+        };
+        let body = sse(engine, api, head, v, tracked, (inflight, fd));
+        return Ok(HttpResponse::Ok()
+            .content_type("text/event-stream")
+            .insert_header(CacheControl(vec![CacheDirective::NoCache]))
+            .streaming(body));
+    }
+    let results = tokio::select! {
+        r = futures::future::try_join_all(tracked.into_iter().map(collect)) => r?,
+        // Dropping the collecting futures cancels every request.
+        _ = client_gone(fd) => {
+            return Err(ApiError::Engine("the client disconnected".into()));
+        }
+    };
+    drop(inflight);
+    let mut usage = UsageOut::default();
+    let mut choices = Vec::new();
+    for (i, r) in results.iter().enumerate() {
+        // Choices of one prompt share it: count its tokens once.
+        let first_of_prompt = v.beam || i % v.n == 0;
+        usage.add(
+            if first_of_prompt { r.prompt_tokens } else { 0 },
+            r.completion_tokens,
+        );
+        let texts: Vec<&String> = if v.beam {
+            r.beams.iter().take(v.n).collect()
+        } else {
+            vec![&r.text]
+        };
+        for text in texts {
+            let index = choices.len();
+            let reason = r.reason.map(FinishReason::as_str);
+            choices.push(match api {
+                Api::Completions => json!({
+                    "index": index,
+                    "text": text,
+                    "logprobs": v.logprobs.map(|_| completion_logprobs(&engine, &r.logprobs, 0)),
+                    "finish_reason": reason,
+                }),
+                Api::Chat => json!({
+                    "index": index,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": v.logprobs.map(|_| chat_logprobs(&engine, &r.logprobs)),
+                    "finish_reason": reason,
+                }),
+            });
+        }
+    }
+    let object = match api {
+        Api::Completions => "text_completion",
+        Api::Chat => "chat.completion",
+    };
+    Ok(HttpResponse::Ok().json(json!({
+        "id": id,
+        "object": object,
+        "created": now_secs(),
+        "model": state.model_id,
+        "choices": choices,
+        "usage": usage,
+    })))
+}
+
+/// The fields every chunk of one streamed answer repeats.
+struct ChunkHead {
+    id: String,
+    model: String,
+    created: u64,
+}
+
+/// The state of one streamed answer.
+struct SseState {
+    engine: Arc<Engine>,
+    api: Api,
+    head: ChunkHead,
+    n: usize,
+    want_logprobs: bool,
+    include_usage: bool,
+    events: futures::stream::SelectAll<BoxStream<'static, (usize, Event)>>,
+    pending: std::collections::VecDeque<Bytes>,
+    usage: UsageOut,
+    done: bool,
+    fd: Option<ConnFd>,
+    _inflight: InFlight,
+}
+
+impl SseState {
+    fn chunk(&self, choices: Value, usage: Option<UsageOut>) -> Bytes {
+        let object = match self.api {
+            Api::Completions => "text_completion",
+            Api::Chat => "chat.completion.chunk",
+        };
+        let mut c = json!({
+            "id": self.head.id, "object": object, "created": self.head.created,
+            "model": self.head.model,
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            c["usage"] = json!(u);
+        }
+        Bytes::from(format!("data: {c}\n\n"))
+    }
+
+    fn error(&mut self, e: ApiError) {
+        let body = serde_json::to_string(&e.body()).unwrap_or_default();
+        self.pending
+            .push_back(Bytes::from(format!("data: {body}\n\n")));
+        self.done = true;
+    }
+
+    /// The next piece of the body; `None` at its end.
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(b) = self.pending.pop_front() {
+                return Some(b);
+            }
+            if self.done {
+                return None;
+            }
+            let next = tokio::select! {
+                n = self.events.next() => n,
+                _ = client_gone(self.fd) => {
+                    // Dropping the streams cancels what is still running.
+                    self.events = select_all(Vec::new());
+                    self.done = true;
+                    return None;
+                }
+            };
+            match next {
+                None => {
+                    if self.include_usage {
+                        let c = self.chunk(json!([]), Some(self.usage));
+                        self.pending.push_back(c);
+                    }
+                    self.pending
+                        .push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+                    self.done = true;
+                }
+                Some((
+                    i,
+                    Event::Token {
+                        token,
+                        text,
+                        logprob,
+                    },
+                )) => {
+                    if !text.is_empty() || logprob.is_some() {
+                        let lp = logprob.map(|l| vec![(token, l)]).unwrap_or_default();
+                        let choice = stream_choice(
+                            self.api,
+                            &self.engine,
+                            i,
+                            &text,
+                            None,
+                            self.want_logprobs,
+                            &lp,
+                        );
+                        let c = self.chunk(choice, None);
+                        self.pending.push_back(c);
+                    }
+                }
+                Some((
+                    i,
+                    Event::Finished {
+                        reason,
+                        usage,
+                        tail,
+                        ..
+                    },
+                )) => {
+                    let prompt = if i % self.n == 0 {
+                        usage.prompt_tokens
+                    } else {
+                        0
+                    };
+                    self.usage.add(prompt, usage.completion_tokens);
+                    let choice =
+                        stream_choice(self.api, &self.engine, i, &tail, Some(reason), false, &[]);
+                    let c = self.chunk(choice, None);
+                    self.pending.push_back(c);
+                }
+                Some((_, Event::Failed { error })) => self.error(ApiError::Engine(error)),
+                Some((_, Event::Cancelled)) => {
+                    self.error(ApiError::Engine("the request was cancelled".into()))
+                }
+            }
+        }
+    }
+}
+
+/// The server-sent events of a streamed generation: for chat an opening
+/// chunk per choice with the role, then a chunk per piece of text, a chunk
+/// with each choice's finish reason, the usage chunk when asked, and
+/// `data: [DONE]`. A failure ends the stream with an error event instead.
+fn sse(
+    engine: Arc<Engine>,
+    api: Api,
+    head: ChunkHead,
+    v: ValidGeneration,
+    tracked: Vec<Tracked>,
+    (inflight, fd): (InFlight, Option<ConnFd>),
+) -> BoxStream<'static, Result<Bytes, actix_web::Error>> {
+    let streams: Vec<BoxStream<'static, (usize, Event)>> = tracked
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            futures::stream::unfold(t, |mut t| async move { t.next().await.map(|e| (e, t)) })
+                .map(move |e| (i, e))
+                .boxed()
+        })
+        .collect();
+    let count = streams.len();
+    let mut state = SseState {
+        engine,
+        api,
+        head,
+        n: v.n,
+        want_logprobs: v.logprobs.is_some(),
+        include_usage: v.include_usage,
+        events: select_all(streams),
+        pending: Default::default(),
+        usage: UsageOut::default(),
+        done: false,
+        fd,
+        _inflight: inflight,
+    };
+    if api == Api::Chat {
+        for i in 0..count {
+            let c = state.chunk(
+                json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+                None,
+            );
+            state.pending.push_back(c);
+        }
+    }
+    futures::stream::unfold(state, |mut s| async move {
+        s.next_chunk().await.map(|b| (Ok(b), s))
+    })
+    .boxed()
+}
+
+fn stream_choice(
+    api: Api,
+    engine: &Engine,
+    index: usize,
+    text: &str,
+    reason: Option<FinishReason>,
+    want_logprobs: bool,
+    logprobs: &[(u32, TokenLogprob)],
+) -> Value {
+    let reason = reason.map(FinishReason::as_str);
+    match api {
+        Api::Completions => json!([{
+            "index": index,
+            "text": text,
+            "logprobs": want_logprobs.then(|| completion_logprobs(engine, logprobs, 0)),
+            "finish_reason": reason,
+        }]),
+        Api::Chat => {
+            let delta = if reason.is_some() && text.is_empty() {
+                json!({})
+            } else {
+                json!({ "content": text })
+            };
+            json!([{
+                "index": index,
+                "delta": delta,
+                "logprobs": want_logprobs.then(|| chat_logprobs(engine, logprobs)),
+                "finish_reason": reason,
+            }])
+        }
+    }
+}
+
+fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if m != state.model_id => Err(ApiError::ModelNotFound(m.to_string())),
+        _ => Ok(()),
+    }
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, state.settings.max_body_bytes).await?;
+    let r: CompletionRequest = parse_body(&body)?;
+    check_model(&state, r.common.model.as_deref())?;
+    let v = r.validate(&state.settings.limits)?;
+    generate(state, &req, Api::Completions, v).await
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, state.settings.max_body_bytes).await?;
+    let r: ChatRequest = parse_body(&body)?;
+    check_model(&state, r.common.model.as_deref())?;
+    let v = r.validate(&state.settings.limits)?;
+    generate(state, &req, Api::Chat, v).await
+}
+
+/// `GET /v1/models`.
+pub async fn models(state: web::Data<AppState>) -> HttpResponse {
+    let context = state.engine.get().map(|e| e.model_config().context);
+    HttpResponse::Ok().json(json!({
+        "object": "list",
+        "data": [{
+            "id": state.model_id,
+            "object": "model",
+            "created": state.started,
+            "owned_by": "parallm",
+            "max_model_len": context,
+        }],
+    }))
+}
+
+/// `POST /tokenize`.
+pub async fn tokenize(
+    state: web::Data<AppState>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, state.settings.max_body_bytes).await?;
+    let req: TokenizeRequest = parse_body(&body)?;
+    check_model(&state, req.model.as_deref())?;
+    let engine = state.engine()?;
+    let prompt = match (req.prompt, req.messages) {
+        (Some(p), None) => actors::llm::Prompt::Text(p),
+        (None, Some(m)) => actors::llm::Prompt::Chat(chat_messages(&m)?),
+        _ => {
+            return Err(ApiError::param(
+                "prompt",
+                "give exactly one of `prompt` and `messages`",
+            ))
+        }
+    };
+    let tokens = engine
+        .tokenize(&prompt)
+        .map_err(|e| ApiError::from_engine(e.into(), state.settings.retry_after_secs))?;
+    Ok(HttpResponse::Ok().json(json!({
+        "count": tokens.len(),
+        "max_model_len": engine.model_config().context,
+        "tokens": tokens,
+    })))
+}
+
+/// `POST /detokenize`.
+pub async fn detokenize(
+    state: web::Data<AppState>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, state.settings.max_body_bytes).await?;
+    let req: DetokenizeRequest = parse_body(&body)?;
+    check_model(&state, req.model.as_deref())?;
+    let engine = state.engine()?;
+    let vocab = engine.model_config().vocab;
+    if let Some(bad) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::param(
+            "tokens",
+            format!("token id {bad} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    let text = engine
+        .tokenizer()
+        .map(|t| t.decode(&req.tokens))
+        .unwrap_or_default();
+    Ok(HttpResponse::Ok().json(json!({ "prompt": text })))
+}
+
+/// `GET /health`: 200 only while a recent probe through the engine succeeded.
+pub async fn health(state: web::Data<AppState>) -> HttpResponse {
+    let (ok, why) = state.health();
+    let status = if ok { "ok" } else { "unavailable" };
+    let body = json!({ "status": status, "detail": why });
+    if ok {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+/// `GET /metrics`: the Prometheus text format.
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    state.publish_gauges();
+    HttpResponse::Ok()
+        .content_type(ContentType(
+            "text/plain; version=0.0.4; charset=utf-8"
+                .parse()
+                .unwrap_or(mime_text_plain()),
+        ))
+        .body(state.prometheus.render())
+}
+
+fn mime_text_plain() -> actix_web::mime::Mime {
+    actix_web::mime::TEXT_PLAIN
+}
+
+/// Any other path.
+pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::RouteNotFound(format!(
+        "{} {}",
+        req.method(),
+        req.path()
+    )))
+}
+
+/// How long a probe may take before it counts as failed.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(60);

@@ -1,0 +1,236 @@
+#!/usr/bin/env python3
+"""openai_client.py - exercise an OpenAI-compatible server with the official client.
+
+Called by parallm's Rust integration tests (cargo test --release --workspace),
+run with the venv interpreter printed by tests/support/python-env.sh:
+
+    "$(tests/support/python-env.sh | tail -n1)" tests/support/openai_client.py \
+        --base-url http://127.0.0.1:PORT/v1 --model MODEL [--api-key KEY] \
+        [--timeout SECS] [--skip CHECK ...]
+
+Checks, in order (names as used by --skip and in the JSON summary):
+  completion   completions.create(prompt="The capital of France is",
+               max_tokens=8, temperature=0): exactly one choice, non-empty
+               text, finish_reason in {stop, length}, 1 <= completion_tokens <= 8
+  chat         chat.completions.create("What is 2+2?", max_tokens=16,
+               temperature=0): role == "assistant", non-empty content
+  stream       the same chat with stream=True and
+               stream_options={"include_usage": True}: chunks with delta
+               content arrive, concatenated content non-empty, the last chunk
+               carries usage with completion_tokens > 0
+  models       models.list() contains MODEL
+  bad_request  a chat request with temperature=-1 raises openai.BadRequestError
+
+Output: exactly one JSON line on stdout: {"ok": bool, "failed": [names],
+"checks": {name: {"ok": bool, ...details or "error"}}, ...}. Each failure is
+also described on stderr as "FAIL <check>: <reason>". Exit status 0 only if
+every (non-skipped) check passed, 1 otherwise, 2 for bad usage.
+"""
+
+import argparse
+import json
+import sys
+import time
+import traceback
+
+CHECK_NAMES = ("completion", "chat", "stream", "models", "bad_request")
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def expect(cond, msg):
+    if not cond:
+        raise CheckFailed(msg)
+
+
+def usage_dict(usage):
+    if usage is None:
+        return None
+    return {
+        "prompt_tokens": getattr(usage, "prompt_tokens", None),
+        "completion_tokens": getattr(usage, "completion_tokens", None),
+        "total_tokens": getattr(usage, "total_tokens", None),
+    }
+
+
+def check_completion(client, model, details):
+    resp = client.completions.create(
+        model=model,
+        prompt="The capital of France is",
+        max_tokens=8,
+        temperature=0,
+    )
+    expect(resp.choices is not None, "response has no choices")
+    details["n_choices"] = len(resp.choices)
+    expect(len(resp.choices) == 1, f"expected 1 choice, got {len(resp.choices)}")
+    choice = resp.choices[0]
+    details["text"] = choice.text
+    details["finish_reason"] = choice.finish_reason
+    details["usage"] = usage_dict(resp.usage)
+    expect(isinstance(choice.text, str) and choice.text != "", f"empty text: {choice.text!r}")
+    expect(
+        choice.finish_reason in ("stop", "length"),
+        f"finish_reason {choice.finish_reason!r} not in {{stop, length}}",
+    )
+    expect(resp.usage is not None, "response has no usage")
+    ct = resp.usage.completion_tokens
+    expect(isinstance(ct, int) and 1 <= ct <= 8, f"usage.completion_tokens={ct!r} not in [1, 8]")
+
+
+def check_chat(client, model, details):
+    resp = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is 2+2?"}],
+        max_tokens=16,
+        temperature=0,
+    )
+    expect(resp.choices, "response has no choices")
+    msg = resp.choices[0].message
+    details["role"] = msg.role
+    details["content"] = msg.content
+    details["finish_reason"] = resp.choices[0].finish_reason
+    details["usage"] = usage_dict(resp.usage)
+    expect(msg.role == "assistant", f"message.role={msg.role!r}, expected 'assistant'")
+    expect(isinstance(msg.content, str) and msg.content != "", f"empty content: {msg.content!r}")
+
+
+def check_stream(client, model, details):
+    n_chunks = 0
+    n_content_chunks = 0
+    parts = []
+    finish_reason = None
+    last = None
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "What is 2+2?"}],
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    with stream:
+        for chunk in stream:
+            n_chunks += 1
+            last = chunk
+            for choice in chunk.choices or []:
+                delta = choice.delta
+                if delta is not None and delta.content:
+                    n_content_chunks += 1
+                    parts.append(delta.content)
+                if choice.finish_reason is not None:
+                    finish_reason = choice.finish_reason
+    content = "".join(parts)
+    details["chunks"] = n_chunks
+    details["content_chunks"] = n_content_chunks
+    details["content"] = content
+    details["finish_reason"] = finish_reason
+    details["last_chunk_usage"] = usage_dict(last.usage) if last is not None else None
+    expect(n_chunks > 0, "no chunks received")
+    expect(n_content_chunks > 0, "no chunk carried delta.content")
+    expect(content != "", "concatenated content is empty")
+    expect(last.usage is not None, "last chunk carries no usage (stream_options.include_usage)")
+    ct = last.usage.completion_tokens
+    expect(isinstance(ct, int) and ct > 0, f"last chunk usage.completion_tokens={ct!r}, expected > 0")
+
+
+def check_models(client, model, details):
+    ids = [m.id for m in client.models.list()]
+    details["ids"] = ids
+    expect(model in ids, f"model {model!r} not in models.list(): {ids!r}")
+
+
+def check_bad_request(client, model, details):
+    import openai
+
+    try:
+        resp = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "What is 2+2?"}],
+            max_tokens=4,
+            temperature=-1,
+        )
+    except openai.BadRequestError as e:
+        details["status_code"] = e.status_code
+        details["message"] = str(e)[:300]
+        return
+    except openai.APIStatusError as e:
+        details["status_code"] = e.status_code
+        raise CheckFailed(
+            f"temperature=-1 raised {type(e).__name__} (HTTP {e.status_code}), "
+            "expected openai.BadRequestError (HTTP 400)"
+        )
+    content = resp.choices[0].message.content if resp.choices else None
+    details["content"] = content
+    raise CheckFailed("temperature=-1 was accepted (HTTP 2xx); expected openai.BadRequestError (HTTP 400)")
+
+
+CHECKS = {
+    "completion": check_completion,
+    "chat": check_chat,
+    "stream": check_stream,
+    "models": check_models,
+    "bad_request": check_bad_request,
+}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8080/v1")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--api-key", default=None, help='defaults to "none"')
+    ap.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
+    ap.add_argument(
+        "--skip", action="append", default=[], choices=CHECK_NAMES, help="skip a check (repeatable)"
+    )
+    args = ap.parse_args(argv)
+
+    summary = {"ok": False, "base_url": args.base_url, "model": args.model, "failed": [], "checks": {}}
+    try:
+        import openai
+    except Exception as e:  # noqa: BLE001
+        summary["error"] = f"cannot import openai: {e!r}"
+        print(f"FAIL setup: cannot import openai: {e!r}", file=sys.stderr)
+        print(json.dumps(summary))
+        return 1
+    summary["openai_version"] = openai.__version__
+
+    client = openai.OpenAI(
+        base_url=args.base_url,
+        api_key=args.api_key or "none",
+        timeout=args.timeout,
+        max_retries=0,
+        # Talk to the loopback server directly, ignoring any HTTP(S)_PROXY.
+        http_client=openai.DefaultHttpxClient(trust_env=False),
+    )
+
+    for name in CHECK_NAMES:
+        if name in args.skip:
+            summary["checks"][name] = {"ok": None, "skipped": True}
+            continue
+        details = {}
+        t0 = time.monotonic()
+        try:
+            CHECKS[name](client, args.model, details)
+            details["ok"] = True
+        except CheckFailed as e:
+            details["ok"] = False
+            details["error"] = str(e)
+        except Exception as e:  # noqa: BLE001 - report any client/server error
+            details["ok"] = False
+            details["error"] = f"{type(e).__name__}: {e}"
+            details["traceback"] = traceback.format_exc(limit=3)
+        details["secs"] = round(time.monotonic() - t0, 3)
+        summary["checks"][name] = {"ok": details.pop("ok"), **details}
+        if not summary["checks"][name]["ok"]:
+            summary["failed"].append(name)
+            print(f"FAIL {name}: {details['error']}", file=sys.stderr)
+
+    summary["ok"] = not summary["failed"]
+    print(json.dumps(summary))
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
