@@ -219,6 +219,35 @@ impl Default for LimitsSection {
     }
 }
 
+/// `[faults]`: make a compute node fail on purpose, to rehearse recovery
+/// (supervision, retries, error responses). Off unless `node` is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FaultsSection {
+    /// Index of the failing node within its replica (-1: no fault).
+    pub node: i64,
+    /// Its replica.
+    pub replica: usize,
+    /// The replica's first step at which it fails.
+    pub step: u64,
+    /// How many times it fails (0: every step from then on).
+    pub times: u32,
+    /// Panic instead of returning an error.
+    pub panic: bool,
+}
+
+impl Default for FaultsSection {
+    fn default() -> Self {
+        Self {
+            node: -1,
+            replica: 0,
+            step: 0,
+            times: 1,
+            panic: false,
+        }
+    }
+}
+
 /// The whole configuration as written: sections of plain values.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -233,6 +262,8 @@ pub struct RawConfig {
     pub server: ServerSection,
     /// `[limits]`.
     pub limits: LimitsSection,
+    /// `[faults]`.
+    pub faults: FaultsSection,
 }
 
 /// The checked configuration that starts the server.
@@ -399,7 +430,7 @@ fn check_known(keys: &[String], origin: &dyn Fn(&str) -> String) -> Result<(), C
             .map(String::as_str)
             .collect();
         let known = if siblings.is_empty() {
-            "sections model, parallel, scheduler, server, limits".to_string()
+            "sections model, parallel, scheduler, server, limits, faults".to_string()
         } else {
             siblings.join(", ")
         };
@@ -620,6 +651,31 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
             ),
         ));
     }
+    let f = &raw.faults;
+    let fault = if f.node < 0 {
+        None
+    } else {
+        let nodes = p.tp * p.pp;
+        if f.node as usize >= nodes {
+            return Err(invalid(
+                "faults.node",
+                format!("is {}, must be -1 (off) or in [0, {})", f.node, nodes),
+            ));
+        }
+        if f.replica >= p.dp {
+            return Err(invalid(
+                "faults.replica",
+                format!("is {}, must be in [0, parallel.dp = {})", f.replica, p.dp),
+            ));
+        }
+        Some(actors::llm::FaultInjection {
+            replica: f.replica,
+            node: f.node as usize,
+            step: f.step,
+            times: if f.times == 0 { u32::MAX } else { f.times },
+            panic: f.panic,
+        })
+    };
     let engine = EngineConfig {
         weights,
         tp: p.tp,
@@ -633,6 +689,7 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         kv_blocks: (s.kv_blocks > 0).then_some(s.kv_blocks),
         kv_memory_bytes: s.kv_memory_mib << 20,
         max_retries: s.max_retries,
+        fault,
         ..EngineConfig::default()
     };
     Ok(Settings {

@@ -10,6 +10,7 @@
 //! `actors` crate, re-exported whole.
 
 pub mod bench;
+pub mod bench_serve;
 pub mod config;
 pub mod fetch;
 pub mod load;

@@ -249,6 +249,8 @@ enum BenchCommand {
     Latency(LatencyArgs),
     /// Output tokens per second of many concurrent requests through the engine.
     Throughput(ThroughputArgs),
+    /// Load-test any OpenAI-compatible server (after vLLM's serving benchmark).
+    Serve(parallm::bench_serve::ServeBenchArgs),
 }
 
 #[derive(Args)]
@@ -326,6 +328,9 @@ fn main() -> ExitCode {
         }
         Command::Bench(BenchCommand::Latency(args)) => run_latency(args),
         Command::Bench(BenchCommand::Throughput(args)) => run_throughput(args),
+        Command::Bench(BenchCommand::Serve(args)) => parallm::bench_serve::run(&args)
+            .map(|_| ())
+            .map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

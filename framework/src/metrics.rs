@@ -95,7 +95,7 @@ metrics! {
     KV_BLOCKS_USED = "parallm_kv_blocks_used", Gauge, [],
         "KV cache blocks in use, over all replicas";
     /// KV cache blocks in all.
-    KV_BLOCKS_TOTAL = "parallm_kv_blocks_total", Gauge, [],
+    KV_BLOCKS_TOTAL = "parallm_kv_blocks_capacity", Gauge, [],
         "KV cache blocks in all, over all replicas";
     /// Used over total KV blocks.
     KV_USAGE_RATIO = "parallm_kv_usage_ratio", Gauge, [],

@@ -1,0 +1,773 @@
+//! `parallm serve` end to end: the real binary on a loopback port, driven
+//! over HTTP — every endpoint, streaming, each error case with its status and
+//! body, client disconnects, a flood beyond capacity, SIGTERM draining, the
+//! official `openai` Python client, and a real Prometheus scraping /metrics.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// A running server, killed when dropped.
+struct Server {
+    child: Child,
+    base: String,
+    agent: ureq::Agent,
+    key: Option<String>,
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(300)))
+        .build()
+        .into()
+}
+
+impl Server {
+    /// Starts `parallm serve --port 0` with `args`; waits for /health 200
+    /// (or only for the listener with `wait_healthy = false`).
+    fn start(args: &[&str], wait_healthy: bool) -> Server {
+        let model = common::model_path();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_parallm"))
+            .args(["serve", "--port", "0", "--model"])
+            .arg(&model)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start parallm serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                println!("[server] {line}");
+                if let Some(addr) = line.strip_prefix("parallm: listening on ") {
+                    let _ = tx.send(addr.to_string());
+                }
+            }
+        });
+        let base = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the server printed its address");
+        let server = Server {
+            child,
+            base,
+            agent: agent(),
+            key: None,
+        };
+        if wait_healthy {
+            server.wait_healthy();
+        }
+        server
+    }
+
+    fn wait_healthy(&self) {
+        let t = Instant::now();
+        loop {
+            let (status, _) = self.get("/health");
+            if status == 200 {
+                return;
+            }
+            assert!(t.elapsed() < Duration::from_secs(120), "never healthy");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn port(&self) -> u16 {
+        self.base
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port")
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        let mut req = self.agent.get(&self.url(path));
+        if let Some(k) = &self.key {
+            req = req.header("Authorization", &format!("Bearer {k}"));
+        }
+        match req.call() {
+            Ok(mut r) => (
+                r.status().as_u16(),
+                r.body_mut().read_to_string().unwrap_or_default(),
+            ),
+            Err(e) => (0, e.to_string()),
+        }
+    }
+
+    /// POSTs a raw body; returns status, headers of interest and the body.
+    fn post_raw(&self, path: &str, body: &str) -> (u16, Option<String>, String) {
+        let mut req = self
+            .agent
+            .post(&self.url(path))
+            .header("Content-Type", "application/json");
+        if let Some(k) = &self.key {
+            req = req.header("Authorization", &format!("Bearer {k}"));
+        }
+        match req.send(body) {
+            Ok(mut r) => {
+                let retry = r
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                (
+                    r.status().as_u16(),
+                    retry,
+                    r.body_mut().read_to_string().unwrap_or_default(),
+                )
+            }
+            Err(e) => (0, None, e.to_string()),
+        }
+    }
+
+    fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let (status, _, text) = self.post_raw(path, &body.to_string());
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// The value of a metric line (`name{labels}`), summed over matching lines.
+    fn metric(&self, prefix: &str) -> f64 {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    fn wait_metric(&self, prefix: &str, want: impl Fn(f64) -> bool, what: &str) -> f64 {
+        let t = Instant::now();
+        loop {
+            let v = self.metric(prefix);
+            if want(v) {
+                return v;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "{what}: {prefix} is {v}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Asserts an OpenAI-shaped error body with this status, param and code.
+fn assert_error(status: u16, body: &Value, want_status: u16, param: Option<&str>, code: &str) {
+    assert_eq!(status, want_status, "{body}");
+    let e = &body["error"];
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(e["type"].is_string(), "{body}");
+    assert_eq!(e["code"], code, "{body}");
+    match param {
+        Some(p) => assert_eq!(e["param"], p, "{body}"),
+        None => assert!(e.get("param").is_some(), "{body}"),
+    }
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse_events(text: &str) -> Vec<String> {
+    text.split("\n\n")
+        .filter_map(|e| e.trim().strip_prefix("data: ").map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn every_endpoint_answers_in_openai_shape() {
+    let s = Server::start(&[], true);
+
+    let (status, models) = s.get("/v1/models");
+    assert_eq!(status, 200);
+    let models: Value = serde_json::from_str(&models).expect("json");
+    let id = models["data"][0]["id"]
+        .as_str()
+        .expect("model id")
+        .to_string();
+    assert_eq!(models["object"], "list");
+
+    // Greedy completion: the reference continuation of the golden prompt.
+    let (status, r) = s.post(
+        "/v1/completions",
+        json!({"model": id, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["object"], "text_completion");
+    assert!(r["choices"][0]["text"]
+        .as_str()
+        .expect("text")
+        .starts_with(" Paris"));
+    assert_eq!(r["usage"]["completion_tokens"], 8);
+    assert_eq!(r["usage"]["prompt_tokens"], 5);
+    assert_eq!(r["usage"]["total_tokens"], 13);
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+
+    // A list of prompts × n, token-id prompts, logprobs, stop.
+    let (status, r) = s.post(
+        "/v1/completions",
+        json!({"prompt": [[504, 3575, 282], [504, 3575]], "n": 2, "max_tokens": 4,
+               "temperature": 0.8, "seed": 1, "logprobs": 2, "stop": ["\n"]}),
+    );
+    assert_eq!(status, 200, "{r}");
+    let choices = r["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 4);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let lp = &c["logprobs"];
+        let n = lp["tokens"].as_array().expect("tokens").len();
+        assert_eq!(lp["token_logprobs"].as_array().expect("lp").len(), n);
+        for (j, top) in lp["top_logprobs"]
+            .as_array()
+            .expect("top")
+            .iter()
+            .enumerate()
+        {
+            assert_eq!(top.as_object().expect("map").len(), 2, "{c}");
+            assert!(lp["token_logprobs"][j].as_f64().expect("f") <= 0.0);
+        }
+    }
+    assert_eq!(r["usage"]["prompt_tokens"], 5);
+
+    // Chat, non-streaming.
+    let (status, r) = s.post(
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+               "max_tokens": 12, "temperature": 0, "logprobs": true, "top_logprobs": 1}),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["object"], "chat.completion");
+    assert_eq!(r["choices"][0]["message"]["role"], "assistant");
+    let content = r["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content");
+    assert!(!content.is_empty());
+    let lp = r["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("lp");
+    assert_eq!(
+        lp.len(),
+        r["usage"]["completion_tokens"].as_u64().expect("n") as usize
+    );
+
+    // Chat, streaming, with usage in the last chunk.
+    let (status, _, text) = s.post_raw(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "max_tokens": 12, "temperature": 0, "stream": true,
+                "stream_options": {"include_usage": true}})
+        .to_string(),
+    );
+    assert_eq!(status, 200);
+    let events = sse_events(&text);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{text}");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("chunk json"))
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        streamed, content,
+        "streamed and non-streamed greedy answers differ"
+    );
+    let usage = &chunks.last().expect("usage chunk")["usage"];
+    assert_eq!(usage["completion_tokens"], r["usage"]["completion_tokens"]);
+    assert!(chunks
+        .iter()
+        .any(|c| c["choices"][0]["finish_reason"].is_string()));
+
+    // Completions streaming without usage: no usage chunk.
+    let (_, _, text) = s.post_raw(
+        "/v1/completions",
+        &json!({"prompt": "Hello", "max_tokens": 3, "stream": true}).to_string(),
+    );
+    let events = sse_events(&text);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    assert!(events.iter().all(|e| !e.contains("\"usage\"")), "{text}");
+
+    // Tokenizer endpoints round-trip.
+    let (status, t) = s.post("/tokenize", json!({"prompt": "The capital of France is"}));
+    assert_eq!(status, 200, "{t}");
+    assert_eq!(t["count"], 5);
+    let (status, d) = s.post("/detokenize", json!({"tokens": t["tokens"]}));
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["prompt"], "The capital of France is");
+    let (status, t) = s.post(
+        "/tokenize",
+        json!({"messages": [{"role": "user", "content": "Hi"}]}),
+    );
+    assert_eq!(status, 200, "{t}");
+    assert!(t["count"].as_u64().expect("count") > 3);
+
+    // Health and metrics.
+    let (status, h) = s.get("/health");
+    assert_eq!(status, 200, "{h}");
+    let (status, m) = s.get("/metrics");
+    assert_eq!(status, 200);
+    for name in [
+        "parallm_request_success_total",
+        "parallm_time_to_first_token_seconds_bucket",
+        "parallm_kv_blocks_capacity",
+        "parallm_node_step_duration_seconds_bucket",
+        "parallm_http_requests_total",
+    ] {
+        assert!(m.contains(name), "/metrics lacks {name}");
+    }
+
+    let (status, body) = s.get("/v1/nothing-here");
+    let body: Value = serde_json::from_str(&body).expect("json");
+    assert_error(status, &body, 404, None, "not_found");
+}
+
+#[test]
+fn errors_have_their_status_and_openai_shape() {
+    let s = Server::start(&["--set", "server.max_body_bytes=65536"], true);
+    let cases = [
+        (
+            json!({"prompt": "x", "temperature": -1}),
+            400,
+            "temperature",
+            "invalid_value",
+        ),
+        (json!({"prompt": "x", "n": 100}), 400, "n", "invalid_value"),
+        (
+            json!({"prompt": "x", "logprobs": 9}),
+            400,
+            "logprobs",
+            "invalid_value",
+        ),
+        (
+            json!({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}),
+            400,
+            "stop",
+            "invalid_value",
+        ),
+        (
+            json!({"prompt": "x", "max_tokens": 5000}),
+            400,
+            "max_tokens",
+            "invalid_value",
+        ),
+        (
+            json!({"prompt": "x", "top_p": "high"}),
+            400,
+            "top_p",
+            "invalid_value",
+        ),
+        (
+            json!({"prompt": "x", "model": "gpt-9"}),
+            404,
+            "model",
+            "model_not_found",
+        ),
+    ];
+    for (body, status, param, code) in cases {
+        let (st, r) = s.post("/v1/completions", body.clone());
+        assert_error(st, &r, status, Some(param), code);
+    }
+    // Prompt + max_tokens beyond the context: both counts in the message.
+    let (st, r) = s.post(
+        "/v1/completions",
+        json!({"prompt": vec![1u32; 8000], "max_tokens": 400}),
+    );
+    assert_error(st, &r, 400, Some("max_tokens"), "context_length_exceeded");
+    let msg = r["error"]["message"].as_str().expect("message");
+    assert!(msg.contains("8000") && msg.contains("400"), "{msg}");
+
+    let (st, _, text) = s.post_raw("/v1/chat/completions", "{\"messages\": [");
+    let r: Value = serde_json::from_str(&text).expect("json");
+    assert_error(st, &r, 400, None, "invalid_json");
+
+    let big = json!({"prompt": "x".repeat(100_000)}).to_string();
+    let (st, _, text) = s.post_raw("/v1/completions", &big);
+    let r: Value = serde_json::from_str(&text).expect("json");
+    assert_error(st, &r, 413, None, "payload_too_large");
+
+    // API keys: 401 on everything but /health.
+    let mut s = Server::start(&["--api-key", "sekret"], true);
+    let (st, _) = s.get("/health");
+    assert_eq!(st, 200);
+    for path in ["/v1/models", "/metrics"] {
+        let (st, body) = s.get(path);
+        let r: Value = serde_json::from_str(&body).expect("json");
+        assert_error(st, &r, 401, None, "invalid_api_key");
+    }
+    s.key = Some("wrong".into());
+    let (st, r) = s.post("/v1/completions", json!({"prompt": "x", "max_tokens": 1}));
+    assert_error(st, &r, 401, None, "invalid_api_key");
+    s.key = Some("sekret".into());
+    let (st, r) = s.post("/v1/completions", json!({"prompt": "x", "max_tokens": 1}));
+    assert_eq!(st, 200, "{r}");
+}
+
+#[test]
+fn engine_failures_are_500_or_an_error_event_mid_stream() {
+    // Node 0 fails at every step from step 3 on (step 0 is the start-up
+    // probe), with no retries: requests fail once they reach it.
+    let s = Server::start(
+        &[
+            "--set",
+            "faults.node=0",
+            "--set",
+            "faults.step=3",
+            "--set",
+            "faults.times=0",
+            "--set",
+            "scheduler.max_retries=0",
+            "--set",
+            "server.health_probe_interval_secs=3600",
+            "--set",
+            "server.health_max_age_secs=3600",
+        ],
+        true,
+    );
+    // Streamed: prefill at step 1 and a decode at step 2 stream tokens, then
+    // the failure ends the stream with an error event and no [DONE].
+    let (status, _, text) = s.post_raw(
+        "/v1/completions",
+        &json!({"prompt": "Once upon a time", "max_tokens": 50, "ignore_eos": true,
+                "stream": true, "temperature": 0})
+        .to_string(),
+    );
+    assert_eq!(status, 200);
+    let events = sse_events(&text);
+    let last: Value = serde_json::from_str(events.last().expect("events")).expect("json");
+    assert_eq!(last["error"]["type"], "server_error", "{text}");
+    assert_eq!(last["error"]["code"], "engine_error", "{text}");
+    assert!(events.len() >= 2, "tokens came before the failure: {text}");
+    assert!(!text.contains("[DONE]"));
+
+    let (st, r) = s.post("/v1/completions", json!({"prompt": "x", "max_tokens": 4}));
+    assert_error(st, &r, 500, None, "engine_error");
+}
+
+/// Sends a request on a raw connection and closes it after `read` bytes.
+fn send_and_leave(addr: &str, body: &str, read: usize) {
+    let mut c = TcpStream::connect(addr.trim_start_matches("http://")).expect("connect");
+    write!(
+        c,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let mut buf = vec![0u8; read];
+    if read > 0 {
+        c.read_exact(&mut buf).expect("read some of the stream");
+    } else {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn a_client_that_disconnects_cancels_and_frees_its_kv_blocks() {
+    let s = Server::start(&[], true);
+    let long = |stream: bool| {
+        json!({"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": true, "stream": stream})
+            .to_string()
+    };
+    for (stream, read) in [(false, 0), (true, 400)] {
+        let cancelled = s.metric("parallm_request_failure_total{reason=\"cancelled\"}");
+        let t = std::thread::spawn({
+            let (base, body) = (s.base.clone(), long(stream));
+            move || send_and_leave(&base, &body, read)
+        });
+        s.wait_metric("parallm_kv_blocks_used", |v| v > 0.0, "the request runs");
+        t.join().expect("client");
+        let t0 = Instant::now();
+        s.wait_metric("parallm_kv_blocks_used", |v| v == 0.0, "KV blocks freed");
+        println!(
+            "stream={stream}: KV freed {:?} after the disconnect",
+            t0.elapsed()
+        );
+        s.wait_metric(
+            "parallm_request_failure_total{reason=\"cancelled\"}",
+            |v| v == cancelled + 1.0,
+            "one more cancelled request",
+        );
+        assert_eq!(s.metric("parallm_requests_running"), 0.0);
+    }
+}
+
+#[test]
+fn a_flood_beyond_capacity_gets_429s_and_every_accepted_request_completes() {
+    let s = Server::start(
+        &[
+            "--set",
+            "scheduler.queue_capacity=2",
+            "--set",
+            "scheduler.max_running=2",
+            "--set",
+            "server.retry_after_secs=2",
+            "--set",
+            "server.workers=2",
+        ],
+        true,
+    );
+    let results: Vec<(u16, Option<String>, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..24)
+            .map(|i| {
+                let s = &s;
+                scope.spawn(move || {
+                    s.post_raw(
+                        "/v1/completions",
+                        &json!({"prompt": format!("Request {i}:"), "max_tokens": 24,
+                                "ignore_eos": true, "temperature": 0})
+                        .to_string(),
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client"))
+            .collect()
+    });
+    let (mut ok, mut limited) = (0, 0);
+    for (status, retry, body) in &results {
+        let r: Value = serde_json::from_str(body).expect("json");
+        match status {
+            200 => {
+                ok += 1;
+                assert_eq!(r["usage"]["completion_tokens"], 24, "{r}");
+                assert_eq!(r["choices"][0]["finish_reason"], "length");
+            }
+            429 => {
+                limited += 1;
+                assert_error(*status, &r, 429, None, "rate_limit_exceeded");
+                assert_eq!(retry.as_deref(), Some("2"));
+            }
+            other => panic!("unexpected status {other}: {body}"),
+        }
+    }
+    println!("{ok} accepted and completed, {limited} refused with 429");
+    assert!(ok >= 2 && limited >= 1, "{ok} ok, {limited} limited");
+    assert_eq!(ok + limited, 24);
+    // The health probe may have been refused too.
+    assert!(s.metric("parallm_request_failure_total{reason=\"overloaded\"}") >= limited as f64);
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_then_exits_zero() {
+    let mut s = Server::start(&["--set", "server.shutdown_timeout_secs=60"], true);
+    let client = std::thread::spawn({
+        let base = s.base.clone();
+        move || {
+            let a = agent();
+            let mut r = a
+                .post(&format!("{base}/v1/completions"))
+                .send(
+                    json!({"prompt": "Once upon a time", "max_tokens": 150, "ignore_eos": true})
+                        .to_string(),
+                )
+                .expect("request");
+            (
+                r.status().as_u16(),
+                r.body_mut().read_to_string().unwrap_or_default(),
+            )
+        }
+    });
+    s.wait_metric("parallm_requests_running", |v| v >= 1.0, "the request runs");
+    // SAFETY: kill(2) with a valid pid of our own child and a standard signal.
+    let rc = unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    // While draining: new work and /health get 503.
+    let t = Instant::now();
+    loop {
+        let (st, _) = s.get("/health");
+        if st == 503 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "health stayed {st}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (st, r) = s.post("/v1/completions", json!({"prompt": "x", "max_tokens": 1}));
+    assert_error(st, &r, 503, None, "unavailable");
+    let (status, body) = client.join().expect("client");
+    assert_eq!(status, 200, "{body}");
+    let r: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(r["usage"]["completion_tokens"], 150);
+    let t = Instant::now();
+    let code = loop {
+        if let Some(code) = s.child.try_wait().expect("wait") {
+            break code;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the server did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(code.success(), "exit status {code}");
+}
+
+/// Runs a script from tests/support and returns its stdout lines.
+fn support_lines(script: &str) -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/support")
+        .join(script);
+    let out = Command::new("bash")
+        .arg(&path)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run support script");
+    assert!(out.status.success(), "{script} failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+#[test]
+fn the_official_openai_python_client_works() {
+    let python = support_lines("python-env.sh")
+        .pop()
+        .expect("python-env.sh prints the venv's python");
+    let s = Server::start(&[], true);
+    let (_, models) = s.get("/v1/models");
+    let models: Value = serde_json::from_str(&models).expect("json");
+    let model = models["data"][0]["id"].as_str().expect("id").to_string();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/openai_client.py");
+    let out = Command::new(python)
+        .arg(script)
+        .args(["--base-url", &format!("{}/v1", s.base), "--model", &model])
+        .output()
+        .expect("run the openai client");
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the openai client's checks failed");
+}
+
+#[test]
+fn prometheus_scrapes_metrics_and_promtool_accepts_them() {
+    let paths = support_lines("install-prometheus.sh");
+    let [prometheus, promtool] = &paths[..] else {
+        panic!("install-prometheus.sh printed {paths:?}, not two paths");
+    };
+    let s = Server::start(
+        &[
+            "--set",
+            "server.health_probe_interval_secs=3600",
+            "--set",
+            "server.health_max_age_secs=3600",
+        ],
+        true,
+    );
+    for i in 0..3 {
+        let (st, r) = s.post(
+            "/v1/completions",
+            json!({"prompt": format!("Count {i}"), "max_tokens": 3}),
+        );
+        assert_eq!(st, 200, "{r}");
+    }
+    let (_, text) = s.get("/metrics");
+    let mut check = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    check
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("write metrics");
+    let out = check.wait_with_output().expect("promtool result");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let cfg = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+             scrape_configs:\n  - job_name: parallm\n    scrape_interval: 1s\n    scrape_timeout: 1s\n    \
+             static_configs: [{{targets: ['127.0.0.1:{}']}}]\n",
+            s.port()
+        ),
+    )
+    .expect("write prometheus.yml");
+    let mut prom = Command::new(&prometheus)
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--log.level=warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start prometheus");
+    let query = "parallm_http_requests_total{route=\"/v1/completions\",status=\"200\"}";
+    let a = agent();
+    let t = Instant::now();
+    let value = loop {
+        let r = a
+            .get(&format!("http://127.0.0.1:{port}/api/v1/query"))
+            .query("query", query)
+            .call();
+        let v = r.ok().and_then(|mut r| {
+            let body: Value = serde_json::from_str(&r.body_mut().read_to_string().ok()?).ok()?;
+            body["data"]["result"][0]["value"][1]
+                .as_str()?
+                .parse::<f64>()
+                .ok()
+        });
+        if let Some(v) = v {
+            break v;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            let targets = a
+                .get(&format!("http://127.0.0.1:{port}/api/v1/targets"))
+                .call()
+                .ok()
+                .and_then(|mut r| r.body_mut().read_to_string().ok());
+            let _ = prom.kill();
+            panic!("prometheus returned no value for {query}; targets: {targets:?}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let _ = prom.kill();
+    let _ = prom.wait();
+    assert_eq!(
+        value, 3.0,
+        "prometheus saw {value} completions, the test made 3"
+    );
+}
