@@ -686,7 +686,7 @@ fn prometheus_scrapes_metrics_and_promtool_accepts_them() {
         assert_eq!(st, 200, "{r}");
     }
     let (_, text) = s.get("/metrics");
-    let mut check = Command::new(&promtool)
+    let mut check = Command::new(promtool)
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -723,7 +723,7 @@ fn prometheus_scrapes_metrics_and_promtool_accepts_them() {
         ),
     )
     .expect("write prometheus.yml");
-    let mut prom = Command::new(&prometheus)
+    let mut prom = Command::new(prometheus)
         .arg(format!("--config.file={}", cfg.display()))
         .arg(format!(
             "--storage.tsdb.path={}",
