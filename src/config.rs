@@ -100,6 +100,8 @@ pub struct ParallelSection {
     pub dp: usize,
     /// Micro-batches per step (0: one per pipeline stage).
     pub micro_batches: usize,
+    /// Where the compute nodes run: `cpu`, or `cuda` / `cuda:N` (GPUs from ordinal N).
+    pub device: String,
 }
 
 impl Default for ParallelSection {
@@ -109,6 +111,7 @@ impl Default for ParallelSection {
             pp: 1,
             dp: 1,
             micro_batches: 0,
+            device: "cpu".into(),
         }
     }
 }
@@ -266,9 +269,38 @@ pub struct RawConfig {
     pub faults: FaultsSection,
 }
 
+/// Where compute nodes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// The CPU backend.
+    Cpu,
+    /// CUDA GPUs, nodes placed from this ordinal on.
+    Cuda(usize),
+}
+
+fn parse_device(s: &str) -> Result<Device, ConfigError> {
+    let bad = || {
+        invalid(
+            "parallel.device",
+            format!("is '{s}', must be cpu, cuda or cuda:N (N a GPU ordinal)"),
+        )
+    };
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(bad),
+    }
+}
+
 /// The checked configuration that starts the server.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Where the compute nodes run.
+    pub device: Device,
     /// The model file; `None`: the reference model.
     pub model_path: Option<PathBuf>,
     /// The served model id; `None`: the file name.
@@ -580,6 +612,7 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
             "more than one micro-batch needs parallel.pp > 1",
         ));
     }
+    let device = parse_device(&p.device)?;
     let s = &raw.scheduler;
     at_least_one("scheduler.queue_capacity", s.queue_capacity)?;
     at_least_one("scheduler.max_batch_tokens", s.max_batch_tokens)?;
@@ -693,6 +726,7 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         ..EngineConfig::default()
     };
     Ok(Settings {
+        device,
         model_path,
         model_name: (!m.name.is_empty()).then(|| m.name.clone()),
         engine,
@@ -846,6 +880,11 @@ mod tests {
             ),
             ("[parallel]\ntp = 0\n", "parallel.tp", "at least 1"),
             (
+                "[parallel]\ndevice = \"gpu\"\n",
+                "parallel.device",
+                "cuda:N",
+            ),
+            (
                 "[server]\nhost = \"example\"\n",
                 "server.host",
                 "IP address",
@@ -885,5 +924,47 @@ mod tests {
         let loaded = load(&Sources::default()).expect("defaults");
         assert!(loaded.settings.addr.ip().is_loopback());
         assert!(loaded.provenance.values().all(|o| *o == Origin::Default));
+    }
+    #[test]
+    fn docs_list_every_key_with_its_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md");
+        let text = std::fs::read_to_string(&path).expect("docs/configuration.md");
+        let mut documented = BTreeMap::new();
+        for line in text.lines() {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            if cells.len() < 4 || !cells[1].starts_with('`') {
+                continue;
+            }
+            let key = cells[1].trim_matches('`').to_string();
+            let default = cells[2].trim_matches('`').to_string();
+            assert!(
+                documented.insert(key.clone(), default).is_none(),
+                "{key} twice"
+            );
+        }
+        let code: BTreeMap<String, String> = default_keys()
+            .into_iter()
+            .map(|(k, v)| (k, toml_value(&v)))
+            .collect();
+        assert_eq!(
+            documented, code,
+            "docs/configuration.md and RawConfig disagree"
+        );
+    }
+
+    #[test]
+    fn the_example_configs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("examples/configs") {
+            let path = entry.expect("entry").path();
+            let loaded = load(&Sources {
+                file: Some(path.clone()),
+                ..Sources::default()
+            });
+            assert!(loaded.is_ok(), "{}: {:?}", path.display(), loaded.err());
+            n += 1;
+        }
+        assert!(n >= 5, "expected the five example configs, found {n}");
     }
 }

@@ -181,4 +181,32 @@ mod tests {
             assert!(m.labels.len() <= 2, "{} has too many labels", m.name);
         }
     }
+    #[test]
+    fn docs_list_every_metric() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/metrics.md");
+        let text = std::fs::read_to_string(&path).expect("docs/metrics.md");
+        let rows: Vec<Vec<String>> = text
+            .lines()
+            .filter(|l| l.starts_with("| `parallm_"))
+            .map(|l| l.split('|').map(|c| c.trim().to_string()).collect())
+            .collect();
+        assert_eq!(
+            rows.len(),
+            ALL.len(),
+            "docs/metrics.md lists {} metrics",
+            rows.len()
+        );
+        for (row, m) in rows.iter().zip(ALL) {
+            assert_eq!(row[1], format!("`{}`", m.name));
+            assert_eq!(row[2], m.kind.as_str(), "{}", m.name);
+            let labels: Vec<String> = m.labels.iter().map(|l| format!("`{l}`")).collect();
+            let labels = if labels.is_empty() {
+                "—".to_string()
+            } else {
+                labels.join(", ")
+            };
+            assert_eq!(row[3], labels, "{}", m.name);
+            assert_eq!(row[4], m.help, "{}", m.name);
+        }
+    }
 }
