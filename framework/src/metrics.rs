@@ -209,4 +209,52 @@ mod tests {
             assert_eq!(row[4], m.help, "{}", m.name);
         }
     }
+    #[test]
+    fn the_grafana_dashboard_queries_only_defined_metrics() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../docs/grafana/parallm-dashboard.json");
+        let text = std::fs::read_to_string(&path).expect("the dashboard");
+        let dash: serde_json::Value = serde_json::from_str(&text).expect("dashboard JSON");
+        fn exprs(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, v) in m {
+                        match (k.as_str(), v.as_str()) {
+                            ("expr", Some(e)) => out.push(e.to_string()),
+                            _ => exprs(v, out),
+                        }
+                    }
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|v| exprs(v, out)),
+                _ => {}
+            }
+        }
+        let mut all = Vec::new();
+        exprs(&dash, &mut all);
+        assert!(all.len() > 20, "only {} queries", all.len());
+        let mut used = std::collections::HashSet::new();
+        for e in &all {
+            for (i, _) in e.match_indices("parallm_") {
+                let name: String = e[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s).filter(|b| find(b).is_some()))
+                    .unwrap_or(&name);
+                let m = find(base).unwrap_or_else(|| panic!("{name} in `{e}` is not a metric"));
+                if base != name {
+                    assert_eq!(m.kind, Kind::Histogram, "{name}");
+                }
+                used.insert(m.name);
+            }
+        }
+        let unused: Vec<&str> = ALL
+            .iter()
+            .map(|m| m.name)
+            .filter(|n| !used.contains(n))
+            .collect();
+        assert!(unused.is_empty(), "the dashboard does not show {unused:?}");
+    }
 }
