@@ -102,6 +102,8 @@ pub struct ParallelSection {
     pub micro_batches: usize,
     /// Where the compute nodes run: `cpu`, or `cuda` / `cuda:N` (GPUs from ordinal N).
     pub device: String,
+    /// Compute threads of each node (0: the machine's threads shared evenly).
+    pub threads_per_node: usize,
 }
 
 impl Default for ParallelSection {
@@ -112,6 +114,7 @@ impl Default for ParallelSection {
             dp: 1,
             micro_batches: 0,
             device: "cpu".into(),
+            threads_per_node: 0,
         }
     }
 }
@@ -723,6 +726,7 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         kv_memory_bytes: s.kv_memory_mib << 20,
         max_retries: s.max_retries,
         fault,
+        threads_per_node: p.threads_per_node,
         ..EngineConfig::default()
     };
     Ok(Settings {

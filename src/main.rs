@@ -628,7 +628,11 @@ fn run_latency(args: LatencyArgs) -> CliResult {
         model.format(),
         framework::compute_threads()
     );
-    let report = latency(&model, &plan, |line| eprintln!("  measuring {line} ..."))?;
+    // Like a compute node: the forward runs on its own pool's thread.
+    let pool = framework::threads::pool("bench", framework::compute_threads())?;
+    let report = framework::threads::run_in(&pool, || {
+        latency(&model, &plan, |line| eprintln!("  measuring {line} ..."))
+    })?;
     println!("| test | tok/s |");
     println!("|---|---:|");
     println!(

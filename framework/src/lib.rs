@@ -26,6 +26,7 @@ pub mod model;
 pub mod ops;
 pub mod sampling;
 pub mod shard;
+pub mod threads;
 pub mod tokenizer;
 pub mod weights;
 

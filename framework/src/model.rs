@@ -34,7 +34,7 @@ use crate::kv::KvPool;
 use crate::ops::{self, AttnRow, KvRows, RopeTable};
 use crate::sampling::Rng;
 use crate::shard::{ShardLayout, ShardSpec};
-use crate::weights::{Embedding, Linear, Mat, WeightFormat, AUTO_DENSE_MAX_BYTES};
+use crate::weights::{Embedding, Linear, Mat, WeightFormat};
 
 /// Where the weights come from: a GGUF file, or seeded random values.
 pub enum WeightSource<'a> {
@@ -278,8 +278,7 @@ impl LlamaShard {
         let q_local = layout.heads.start * hd..layout.heads.end * hd;
         let kv_local = layout.kv_heads.start * hd..layout.kv_heads.end * hd;
 
-        let dense = config.parameter_count() * 4 / spec.world_size <= AUTO_DENSE_MAX_BYTES;
-        let linear = |m: Mat| Linear::with_format(m, format, dense);
+        let linear = |m: Mat| Linear::with_format(m, format);
         let embed_local = if first || (last && !src.has("output.weight")) {
             let embd = src.matrix("token_embd.weight", config.vocab, h)?;
             Some(embd.select_rows(std::slice::from_ref(&layout.vocab)))

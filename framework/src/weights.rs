@@ -10,7 +10,10 @@
 //! unsharded forwards agree.
 //!
 //! [`WeightFormat`] then decides what a [`Linear`] computes with: the file's own
-//! blocks, blocks re-quantized to Q8_0, or dequantized f32.
+//! blocks, blocks re-quantized to Q8_0, or dequantized f32. Blocks of the types
+//! `kernels::cpu::quant` implements (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) run through
+//! those kernels on the current node's thread pool ([`crate::threads`]);
+//! other block types run through candle's quantized matmul.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -19,18 +22,22 @@ use std::str::FromStr;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
 
+use kernels::cpu::quant::{self, QuantFormat, QuantizedActs};
+
 use crate::error::{Error, Result};
+use crate::threads;
 
 /// The numeric format the layer matmuls compute in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WeightFormat {
-    /// Whichever measured fastest on CPU for each batch: Q8_0 blocks for fewer
-    /// than [`DENSE_MIN_ROWS`] rows, an f32 copy (GEMM) from there on; Q8_0 alone
-    /// when the f32 copy would not fit [`AUTO_DENSE_MAX_BYTES`]. See `docs/benchmarks.md`.
+    /// What measured fastest on CPU at every batch size: the file's blocks
+    /// through parallm's quantized kernels, re-quantized to Q8_0 when the
+    /// kernels lack the file's type (f32 where neither fits). Beat an f32
+    /// GEMM from batch 1 to prefill; see `docs/benchmarks.md`.
     #[default]
     Auto,
-    /// The blocks as stored in the file (Q4_1 runs through candle's scalar path).
+    /// The blocks as stored in the file.
     Native,
     /// Re-quantized on load to Q8_0 (activations quantized to Q8_0 per block).
     Q8_0,
@@ -70,14 +77,6 @@ impl std::fmt::Display for WeightFormat {
     }
 }
 
-/// Rows from which an `Auto` linear layer switches from Q8_0 blocks to its f32
-/// copy: below it the quantized GEMV reads 4× fewer bytes, above it the f32 GEMM
-/// is faster (measured on the reference model, see `docs/benchmarks.md`).
-pub const DENSE_MIN_ROWS: usize = 4;
-
-/// Largest f32 weight copy (in bytes, whole model) that `Auto` keeps beside Q8_0.
-pub const AUTO_DENSE_MAX_BYTES: usize = 4 << 30;
-
 /// A `rows × cols` row-major weight matrix, quantized or f32.
 #[derive(Clone)]
 pub enum Mat {
@@ -112,6 +111,18 @@ impl std::fmt::Debug for Mat {
             self.rows(),
             self.cols()
         )
+    }
+}
+
+/// The kernels' name for a block type they implement.
+fn own_format(dtype: GgmlDType) -> Option<QuantFormat> {
+    match dtype {
+        GgmlDType::Q4_0 => Some(QuantFormat::Q4_0),
+        GgmlDType::Q4_1 => Some(QuantFormat::Q4_1),
+        GgmlDType::Q8_0 => Some(QuantFormat::Q8_0),
+        GgmlDType::Q4K => Some(QuantFormat::Q4K),
+        GgmlDType::Q6K => Some(QuantFormat::Q6K),
+        _ => None,
     }
 }
 
@@ -284,11 +295,19 @@ impl Mat {
         Mat::from_qtensor(&QTensor::quantize(&t, GgmlDType::Q8_0)?)
     }
 
-    /// The matrix in the format `format` computes with (`Auto`: its Q8_0 part).
+    /// The matrix in the format `format` computes with (`Auto`: its quantized
+    /// part — the file's blocks where the kernels run them, else Q8_0).
     pub fn into_format(self, format: WeightFormat) -> Result<Mat> {
         match format {
             WeightFormat::Native => Ok(self),
-            WeightFormat::Auto => self.quantize_q8_0(),
+            WeightFormat::Auto => match &self {
+                Mat::Quant { dtype, cols, .. }
+                    if own_format(*dtype).is_some_and(|f| cols % f.block_size() == 0) =>
+                {
+                    Ok(self)
+                }
+                _ => self.quantize_q8_0(),
+            },
             WeightFormat::Q8_0 => self.quantize_q8_0(),
             WeightFormat::F32 => self.to_f32(),
         }
@@ -354,15 +373,30 @@ impl Mat {
     }
 }
 
+/// Blocks that parallm's own kernels multiply.
+struct OwnQuant {
+    format: QuantFormat,
+    bytes: Vec<u8>,
+}
+
+thread_local! {
+    /// Each compute thread's quantized-activation buffer, reused across calls.
+    static ACTS: std::cell::RefCell<QuantizedActs> = std::cell::RefCell::new(QuantizedActs::new());
+}
+
 /// `y = x·Wᵀ` for a `rows × in` activation block `x` and an `out × in` weight.
 ///
-/// Quantized weights run through candle's quantized matmul (activations
-/// rounded to Q8 blocks). f32 weights run through [`kernels::cpu::skinny`], a
-/// register-tiled GEMM for few rows. `Auto` keeps both: the quantized blocks for
-/// batches under [`DENSE_MIN_ROWS`] rows, an f32 copy from there on.
+/// Quantized weights of the types `kernels::cpu::quant` implements run
+/// through it (activations quantized to 8-bit blocks, like llama.cpp's Q8_1 /
+/// Q8_K) on the current node's pool; other block types through candle's
+/// quantized matmul. f32 weights run through [`kernels::cpu::skinny`], a
+/// register-tiled GEMM for few rows. `Auto` keeps both: the quantized blocks
+/// Every row of the result depends only on its own activation row (the kernels
+/// fix their summation order), so a sequence's numbers do not depend on the batch.
 pub struct Linear {
     out_features: usize,
     in_features: usize,
+    own: Option<OwnQuant>,
     quant: Option<QMatMul>,
     dense: Option<Vec<f32>>,
 }
@@ -377,44 +411,39 @@ impl Linear {
     /// Builds the layer from a matrix already in its compute format.
     pub fn new(mat: Mat) -> Result<Self> {
         let (out_features, in_features) = (mat.rows(), mat.cols());
-        let (quant, dense) = match mat {
+        let (own, quant, dense) = match mat {
+            Mat::Quant {
+                dtype, cols, bytes, ..
+            } if own_format(dtype).is_some_and(|f| cols % f.block_size() == 0) => {
+                let format = own_format(dtype).ok_or_else(|| Error::Shard("unreachable".into()))?;
+                (Some(OwnQuant { format, bytes }), None, None)
+            }
             Mat::Quant {
                 dtype,
                 rows,
                 cols,
                 bytes,
             } => (
+                None,
                 Some(QMatMul::from_qtensor(Mat::qtensor(
                     dtype, rows, cols, &bytes,
                 )?)?),
                 None,
             ),
-            Mat::F32 { data, .. } => (None, Some(data)),
+            Mat::F32 { data, .. } => (None, None, Some(data)),
         };
         Ok(Self {
             out_features,
             in_features,
+            own,
             quant,
             dense,
         })
     }
 
-    /// Converts `mat` to `format` and builds the layer; `Auto` with `keep_dense`
-    /// also keeps an f32 copy for large batches.
-    pub fn with_format(mat: Mat, format: WeightFormat, keep_dense: bool) -> Result<Self> {
-        let dense = if format == WeightFormat::Auto && keep_dense {
-            match mat.to_f32()? {
-                Mat::F32 { data, .. } => Some(data),
-                Mat::Quant { .. } => None,
-            }
-        } else {
-            None
-        };
-        let mut layer = Self::new(mat.into_format(format)?)?;
-        if dense.is_some() {
-            layer.dense = dense;
-        }
-        Ok(layer)
+    /// Converts `mat` to `format` and builds the layer.
+    pub fn with_format(mat: Mat, format: WeightFormat) -> Result<Self> {
+        Self::new(mat.into_format(format)?)
     }
 
     /// Output features.
@@ -428,8 +457,8 @@ impl Linear {
         if rows == 0 {
             return Ok(Vec::new());
         }
-        match (&self.dense, &self.quant) {
-            (Some(w), q) if rows >= DENSE_MIN_ROWS || q.is_none() => {
+        match (&self.dense, &self.own, &self.quant) {
+            (Some(w), _, _) => {
                 let mut y = vec![0f32; rows * self.out_features];
                 kernels::cpu::skinny::matmul_xwt(
                     x,
@@ -441,11 +470,29 @@ impl Linear {
                 );
                 Ok(y)
             }
-            (_, Some(q)) => {
+            (_, Some(own), _) => {
+                let mut y = vec![0f32; rows * self.out_features];
+                ACTS.with(|acts| {
+                    let mut acts = acts.borrow_mut();
+                    acts.quantize(own.format, x, self.in_features);
+                    threads::with_current(|pool| {
+                        quant::gemm(
+                            own.format,
+                            &own.bytes,
+                            self.out_features,
+                            &acts,
+                            &mut y,
+                            pool,
+                        )
+                    });
+                });
+                Ok(y)
+            }
+            (_, _, Some(q)) => {
                 let xs = Tensor::from_slice(x, (rows, self.in_features), &Device::Cpu)?;
                 Ok(q.forward(&xs)?.flatten_all()?.to_vec1::<f32>()?)
             }
-            (_, None) => Err(Error::Shard("a linear layer without weights".into())),
+            (_, None, None) => Err(Error::Shard("a linear layer without weights".into())),
         }
     }
 }

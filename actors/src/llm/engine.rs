@@ -68,6 +68,9 @@ pub struct EngineConfig {
     pub max_retries: u32,
     /// Micro-batches per step (default: the pipeline depth).
     pub micro_batches: Option<usize>,
+    /// Compute threads of each node's own pool (0: the machine's compute
+    /// threads divided among all nodes, at least 1 each).
+    pub threads_per_node: usize,
     /// Make a node fail on purpose (tests).
     pub fault: Option<FaultInjection>,
 }
@@ -91,6 +94,7 @@ impl Default for EngineConfig {
             kv_memory_bytes: 1 << 30,
             max_retries: 3,
             micro_batches: None,
+            threads_per_node: 0,
             fault: None,
         }
     }
@@ -165,6 +169,15 @@ impl EngineConfig {
             }
         }
         Ok(())
+    }
+
+    /// Compute threads per node: `threads_per_node`, or an even share of the
+    /// machine's compute threads.
+    pub fn node_threads(&self) -> usize {
+        match self.threads_per_node {
+            0 => (framework::compute_threads() / (self.tp * self.pp * self.dp).max(1)).max(1),
+            n => n,
+        }
     }
 
     /// KV blocks per replica.
@@ -351,6 +364,7 @@ impl Engine {
         let fault = cfg.fault.map(FaultState::new);
         let (source, format, n_layers) = (cfg.model.clone(), cfg.weights, model.n_layers);
         let block_size = cfg.block_size;
+        let threads = cfg.node_threads();
         let synthetic_config = model.clone();
         let factory: WorkerFactory<LlmWorker> = Arc::new(move |id: NodeId| {
             let (stage, rank) = shape.place(id.index);
@@ -370,12 +384,15 @@ impl Engine {
                 ),
             }
             .map_err(|e| e.to_string())?;
+            let threads =
+                framework::threads::pool(&format!("r{}n{}", id.replica, id.index), threads)
+                    .map_err(|e| e.to_string())?;
             Ok(LlmWorker::new(
                 id,
                 shape,
                 shard,
-                block_size,
-                kv_blocks,
+                (block_size, kv_blocks),
+                threads,
                 fault.clone(),
             ))
         });

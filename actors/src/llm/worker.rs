@@ -90,18 +90,20 @@ pub struct LlmWorker {
     rank: usize,
     shard: LlamaShard,
     pool: KvPool,
+    threads: Arc<rayon::ThreadPool>,
     fault: Option<Arc<FaultState>>,
 }
 
 impl LlmWorker {
-    /// A worker for node `id` of a replica of `shape`, holding `shard` and a
-    /// pool of `kv_blocks` blocks of `block_size` positions.
+    /// A worker for node `id` of a replica of `shape`, holding `shard`, a
+    /// pool of `kv_blocks` blocks of `block_size` positions, and its own
+    /// compute `threads`.
     pub fn new(
         id: NodeId,
         shape: ReplicaShape,
         shard: LlamaShard,
-        block_size: usize,
-        kv_blocks: usize,
+        (block_size, kv_blocks): (usize, usize),
+        threads: Arc<rayon::ThreadPool>,
         fault: Option<Arc<FaultState>>,
     ) -> Self {
         let (stage, rank) = shape.place(id.index);
@@ -113,6 +115,7 @@ impl LlmWorker {
             rank,
             shard,
             pool,
+            threads,
             fault,
         }
     }
@@ -134,6 +137,22 @@ impl NodeWorker for LlmWorker {
         if let Some(f) = &self.fault {
             f.check(self.id, plan.id)?;
         }
+        let threads = self.threads.clone();
+        framework::threads::run_in(&threads, || self.run_step(plan, links))
+    }
+
+    fn abort(links: &NodeLinks) {
+        links.abort.abort();
+    }
+}
+
+impl LlmWorker {
+    /// One step on this node's compute threads.
+    fn run_step(
+        &mut self,
+        plan: &StepPlan,
+        links: &NodeLinks,
+    ) -> Result<Option<Logits>, NodeError> {
         for &(src, dst) in &plan.copies {
             self.pool.copy_block(src, dst);
         }
@@ -184,10 +203,6 @@ impl NodeWorker for LlmWorker {
                 .record(collective.seconds());
         }
         Ok(out)
-    }
-
-    fn abort(links: &NodeLinks) {
-        links.abort.abort();
     }
 }
 
