@@ -1,0 +1,172 @@
+//! Criterion micro-benchmarks of the CPU kernels at the reference model's
+//! shapes (SmolLM2-135M: hidden 576, FFN 1536, vocab 49152), plus the
+//! machine's streaming memory bandwidth to compare them with.
+//!
+//! Throughput is reported in bytes: for the quantized products, the weight
+//! bytes read per call (so criterion's GB/s is the weight-streaming rate a
+//! decode step achieves); for `memory/copy`, bytes read plus bytes written.
+//! GFLOP/s follow from the times: a product does `2·m·n·k` flops.
+//!
+//! ```sh
+//! RAYON_NUM_THREADS=2 cargo bench --bench kernels
+//! ```
+//! Every kernel runs on one rayon pool of `compute_threads()` threads,
+//! called from inside the pool as a compute node calls it.
+
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use kernels::cpu::quant::{self, QuantFormat, QuantizedActs};
+use kernels::cpu::skinny;
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Weight blocks of `format` for an `n × k` matrix, quantized from random values.
+fn weights(format: QuantFormat, n: usize, k: usize) -> Vec<u8> {
+    let row = format.row_bytes(k).expect("whole blocks");
+    let mut bytes = vec![0u8; n * row];
+    // Random bytes are valid blocks for these formats once the scales are
+    // small finite f16 values: write every block's f16 scale fields as 0.01.
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    for b in bytes.iter_mut() {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        *b = (s >> 56) as u8;
+    }
+    let scale = half::f16::from_f32(0.01).to_le_bytes();
+    let bb = format.block_bytes();
+    for block in bytes.chunks_exact_mut(bb) {
+        match format {
+            QuantFormat::Q4_0 | QuantFormat::Q8_0 => block[..2].copy_from_slice(&scale),
+            QuantFormat::Q4_1 => {
+                block[..2].copy_from_slice(&scale);
+                block[2..4].copy_from_slice(&scale);
+            }
+            QuantFormat::Q4K => {
+                block[..2].copy_from_slice(&scale);
+                block[2..4].copy_from_slice(&scale);
+            }
+            QuantFormat::Q6K => {
+                let l = block.len();
+                block[l - 2..].copy_from_slice(&scale);
+            }
+        }
+    }
+    bytes
+}
+
+fn pool() -> Arc<rayon::ThreadPool> {
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("pool"),
+    )
+}
+
+fn quantized(c: &mut Criterion) {
+    let pool = pool();
+    let shapes = [
+        ("q4_1 ffn_up 1536x576", QuantFormat::Q4_1, 1536, 576),
+        ("q4_1 ffn_down 576x1536", QuantFormat::Q4_1, 576, 1536),
+        ("q8_0 lm_head 49152x576", QuantFormat::Q8_0, 49152, 576),
+        ("q4_0 1536x576", QuantFormat::Q4_0, 1536, 576),
+        ("q4_k 1536x1536", QuantFormat::Q4K, 1536, 1536),
+        ("q6_k 1536x1536", QuantFormat::Q6K, 1536, 1536),
+    ];
+    let mut group = c.benchmark_group("quant_gemm");
+    for (name, format, n, k) in shapes {
+        let w = weights(format, n, k);
+        for m in [1usize, 4, 16] {
+            let x = random(m * k, 7);
+            let mut acts = QuantizedActs::new();
+            acts.quantize(format, &x, k);
+            let mut y = vec![0f32; m * n];
+            group.throughput(Throughput::Bytes(w.len() as u64));
+            group.bench_with_input(BenchmarkId::new(name, m), &m, |b, _| {
+                pool.install(|| {
+                    b.iter(|| quant::gemm(format, &w, n, &acts, &mut y, &pool));
+                })
+            });
+        }
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("quantize_activations");
+    for (k, m) in [(576usize, 1usize), (576, 16), (1536, 16)] {
+        let x = random(m * k, 3);
+        let mut acts = QuantizedActs::new();
+        group.throughput(Throughput::Bytes((x.len() * 4) as u64));
+        group.bench_with_input(BenchmarkId::new(format!("q8_1 k{k}"), m), &m, |b, _| {
+            b.iter(|| acts.quantize(QuantFormat::Q4_1, &x, k))
+        });
+    }
+    group.finish();
+}
+
+fn dense(c: &mut Criterion) {
+    let pool = pool();
+    let mut group = c.benchmark_group("skinny_f32");
+    let (n, k) = (1536usize, 576usize);
+    let w = random(n * k, 11);
+    for m in [1usize, 4, 16, 64] {
+        let x = random(m * k, 5);
+        let mut y = vec![0f32; m * n];
+        group.throughput(Throughput::Bytes((w.len() * 4) as u64));
+        group.bench_with_input(BenchmarkId::new("f32 1536x576", m), &m, |b, _| {
+            pool.install(|| b.iter(|| skinny::matmul_xwt(&x, m, &w, n, k, &mut y)))
+        });
+    }
+    group.finish();
+}
+
+/// Streaming copy of a buffer far larger than the caches, split across the
+/// pool's threads: the bandwidth the weight-streaming rates are compared to.
+fn memory(c: &mut Criterion) {
+    use rayon::prelude::*;
+    let pool = pool();
+    let len = 64 << 20; // 256 MiB of f32
+    let src = random(len, 1);
+    let mut dst = vec![0f32; len];
+    let mut group = c.benchmark_group("memory");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes((len * 4 * 2) as u64));
+    group.bench_function("copy 256MiB", |b| {
+        pool.install(|| {
+            b.iter(|| {
+                dst.par_chunks_mut(1 << 16)
+                    .zip(src.par_chunks(1 << 16))
+                    .for_each(|(d, s)| d.copy_from_slice(s))
+            })
+        })
+    });
+    group.throughput(Throughput::Bytes((len * 4) as u64));
+    group.bench_function("read 256MiB", |b| {
+        pool.install(|| {
+            b.iter(|| {
+                src.par_chunks(1 << 16)
+                    .map(|s| s.iter().fold(0f32, |a, &v| a + v))
+                    .sum::<f32>()
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, quantized, dense, memory);
+criterion_main!(benches);
