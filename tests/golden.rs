@@ -144,9 +144,27 @@ fn default_weights_meet_the_llama_cpp_tolerances() {
         let same = (0..prompt.len())
             .filter(|&r| top_k(logits.row(r), 1)[0] as u32 == want_argmax[r])
             .count();
+        let exact_argmax = ids(&case["exact"]["per_position_argmax"]);
+        let ours_exact = (0..prompt.len())
+            .filter(|&r| top_k(logits.row(r), 1)[0] as u32 == exact_argmax[r])
+            .count();
+        let theirs_exact = (0..prompt.len())
+            .filter(|&r| want_argmax[r] == exact_argmax[r])
+            .count();
+        // Mid-prompt argmaxes include near-ties that any rounding flips:
+        // llama.cpp itself matches the exact reference at only 25 of 30
+        // positions of the café prompt. So: parallm must match the exact
+        // reference about as often as llama.cpp does (one position of
+        // slack), and llama.cpp at three positions in four.
         assert!(
-            same * 10 >= prompt.len() * 8,
-            "argmax agrees at {same}/{} positions on {:?}",
+            ours_exact + 1 >= theirs_exact,
+            "argmax matches the exact reference at {ours_exact}/{} positions, llama.cpp at {theirs_exact}, on {:?}",
+            prompt.len(),
+            case["prompt"]
+        );
+        assert!(
+            same * 4 >= prompt.len() * 3,
+            "argmax agrees with llama.cpp at {same}/{} positions on {:?}",
             prompt.len(),
             case["prompt"]
         );

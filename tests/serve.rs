@@ -250,6 +250,28 @@ fn every_endpoint_answers_in_openai_shape() {
     }
     assert_eq!(r["usage"]["prompt_tokens"], 5);
 
+    // Beam search (an extension field): the best n of the beams.
+    let (status, r) = s.post(
+        "/v1/completions",
+        json!({"prompt": "The capital of France is", "beam_width": 3, "n": 2, "max_tokens": 4}),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"].as_array().expect("choices").len(), 2);
+    assert_ne!(r["choices"][0]["text"], r["choices"][1]["text"]);
+
+    // A seed makes sampling reproducible.
+    let sampled = |seed: u64| {
+        s.post(
+            "/v1/completions",
+            json!({"prompt": "Once upon a time", "max_tokens": 12, "temperature": 1.0,
+                   "top_p": 0.95, "top_k": 40, "min_p": 0.01, "presence_penalty": 0.5,
+                   "frequency_penalty": 0.5, "seed": seed}),
+        )
+        .1["choices"][0]["text"]
+            .clone()
+    };
+    assert_eq!(sampled(42), sampled(42));
+
     // Chat, non-streaming.
     let (status, r) = s.post(
         "/v1/chat/completions",

@@ -1,22 +1,21 @@
 //! The non-matmul operations of a Llama block, on plain row-major `f32` slices.
 //!
-//! These are the CPU reference versions: straightforward loops written so the
-//! compiler can vectorize the inner products. The `kernels` crate will replace
-//! the hot ones; these stay as the definition they are tested against.
+//! Thin calls into `kernels::cpu`: [`rms_norm`], [`silu_mul`],
+//! [`RopeTable::apply`] and [`attention`] run the SIMD kernels
+//! (`kernels::cpu::ops::{rms_norm, silu_mul, rope}`,
+//! `kernels::cpu::attn::attention`: GQA-aware, each KV head read once for its
+//! query group), which the kernels crate tests against its scalar references
+//! (RoPE bit-identical, attention within 1e-5 of the value scale, RMSNorm and
+//! SiLU within 1e-6 relative). [`attention_reference`] is the scalar one.
 
-use rayon::prelude::*;
+use kernels::cpu::{attn, ops as kops};
+
+pub use kernels::cpu::attn::{AttnRow, KvRows};
 
 /// RMSNorm of each `width`-wide row of `x` into `out`: `x / rms(x) · weight`
 /// (Zhang & Sennrich 2019), with the mean taken in f32 as llama.cpp does.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    let width = weight.len();
-    for (row, dst) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
-        let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
-        let scale = 1.0 / (mean_sq + eps).sqrt();
-        for ((d, &v), &w) in dst.iter_mut().zip(row).zip(weight) {
-            *d = v * scale * w;
-        }
-    }
+    kops::rms_norm(x, weight, eps, out)
 }
 
 /// Precomputed rotary-embedding angles (Su et al. 2021, RoFormer) for every
@@ -53,27 +52,13 @@ impl RopeTable {
     pub fn apply(&self, heads: &mut [f32], pos: usize) {
         let cos = &self.cos[pos * self.half..(pos + 1) * self.half];
         let sin = &self.sin[pos * self.half..(pos + 1) * self.half];
-        for head in heads.chunks_exact_mut(2 * self.half) {
-            for (pair, (&c, &s)) in head.chunks_exact_mut(2).zip(cos.iter().zip(sin)) {
-                let (a, b) = (pair[0], pair[1]);
-                pair[0] = a * c - b * s;
-                pair[1] = a * s + b * c;
-            }
-        }
+        kops::rope(heads, cos, sin)
     }
 }
 
 /// `silu(gate) · up` for rows laid out as `[gate (width) | up (width)]`.
 pub fn silu_mul(gate_up: &[f32], width: usize, out: &mut [f32]) {
-    for (row, dst) in gate_up
-        .chunks_exact(2 * width)
-        .zip(out.chunks_exact_mut(width))
-    {
-        let (gate, up) = row.split_at(width);
-        for ((d, &g), &u) in dst.iter_mut().zip(gate).zip(up) {
-            *d = g / (1.0 + (-g).exp()) * u;
-        }
-    }
+    kops::silu_mul(gate_up, width, out)
 }
 
 /// Inner product written as eight independent accumulators so it vectorizes.
@@ -94,70 +79,13 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// A sequence's cached keys (or values), `kv_width` floats per position: either
-/// one contiguous run, or blocks of a paged pool ([`crate::kv`]) named by a
-/// block table.
-#[derive(Debug, Clone, Copy)]
-pub enum KvRows<'a> {
-    /// Positions `0..` in order, `len × kv_width`.
-    Flat(&'a [f32]),
-    /// Position `p` is in block `table[p / block_size]` of `data`.
-    Paged {
-        /// The pool's storage for one layer.
-        data: &'a [f32],
-        /// The sequence's block table.
-        table: &'a [u32],
-        /// Positions per block.
-        block_size: usize,
-    },
-}
-
-impl<'a> KvRows<'a> {
-    /// Calls `f(first, rows)` for contiguous runs that together cover positions
-    /// `0..n` in order; `rows` holds `width` floats per position.
-    #[inline]
-    pub fn for_runs(&self, n: usize, width: usize, mut f: impl FnMut(usize, &'a [f32])) {
-        match *self {
-            KvRows::Flat(d) => f(0, &d[..n * width]),
-            KvRows::Paged {
-                data,
-                table,
-                block_size,
-            } => {
-                let mut first = 0;
-                for &b in table {
-                    if first >= n {
-                        break;
-                    }
-                    let len = block_size.min(n - first);
-                    let start = b as usize * block_size * width;
-                    f(first, &data[start..start + len * width]);
-                    first += len;
-                }
-            }
-        }
-    }
-}
-
-/// Where one query row attends: the sequence's cached keys/values and the
-/// row's absolute position (it sees keys `0..=pos`).
-#[derive(Debug, Clone, Copy)]
-pub struct AttnRow<'a> {
-    /// Keys.
-    pub k: KvRows<'a>,
-    /// Values, same layout.
-    pub v: KvRows<'a>,
-    /// Absolute position of the query token.
-    pub pos: usize,
-}
-
 /// Causal grouped-query attention for a batch of query rows.
 ///
 /// Row `r`'s queries are `q[r·q_stride..][..n_heads·head_dim]` (a stride wider
 /// than the queries reads them in place from fused q|k|v rows); query head `h`
 /// reads KV head `h / group`. Writes `rows × (n_heads·head_dim)` into `out`.
-/// Softmax in f32 with the running maximum subtracted. Positions are visited in
-/// the same order whatever the KV layout, so flat and paged caches give
+/// Softmax in f32 with the running maximum subtracted. Positions are looked up
+/// by index whatever the KV layout, so flat and paged caches give
 /// bit-identical results.
 pub fn attention(
     q: &[f32],
@@ -168,49 +96,20 @@ pub fn attention(
     head_dim: usize,
     out: &mut [f32],
 ) {
-    let q_width = n_heads * head_dim;
-    let kv_width = n_kv_heads * head_dim;
-    let group = n_heads / n_kv_heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    let work = |(r, dst): (usize, &mut [f32])| {
-        let row = rows[r];
-        let n = row.pos + 1;
-        let mut scores = vec![0f32; n];
-        for h in 0..n_heads {
-            let kvh = h / group;
-            let qh = &q[r * q_stride + h * head_dim..][..head_dim];
-            let mut max = f32::NEG_INFINITY;
-            row.k.for_runs(n, kv_width, |first, keys| {
-                for (s, k) in scores[first..].iter_mut().zip(keys.chunks_exact(kv_width)) {
-                    *s = dot(qh, &k[kvh * head_dim..][..head_dim]) * scale;
-                    max = max.max(*s);
-                }
-            });
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            let oh = &mut dst[h * head_dim..(h + 1) * head_dim];
-            oh.fill(0.0);
-            row.v.for_runs(n, kv_width, |first, values| {
-                for (&s, v) in scores[first..].iter().zip(values.chunks_exact(kv_width)) {
-                    let w = s * inv;
-                    for (o, &v) in oh.iter_mut().zip(&v[kvh * head_dim..][..head_dim]) {
-                        *o += w * v;
-                    }
-                }
-            });
-        }
-    };
-    let total: usize = rows.iter().map(|r| r.pos + 1).sum();
-    // Small batches are cheaper than a fork-join.
-    if rows.len() > 1 && total * n_heads * head_dim > 1 << 16 {
-        out.par_chunks_mut(q_width).enumerate().for_each(work);
-    } else {
-        out.chunks_mut(q_width).enumerate().for_each(work);
-    }
+    attn::attention(q, q_stride, rows, n_heads, n_kv_heads, head_dim, out)
+}
+
+/// The scalar reference attention (same arguments).
+pub fn attention_reference(
+    q: &[f32],
+    q_stride: usize,
+    rows: &[AttnRow<'_>],
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    out: &mut [f32],
+) {
+    attn::attention_scalar(q, q_stride, rows, n_heads, n_kv_heads, head_dim, out)
 }
 
 #[cfg(test)]

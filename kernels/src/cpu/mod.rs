@@ -5,6 +5,13 @@
 //! * [`quant`] — GGML/GGUF block-quantized weights (Q4_0, Q4_1, Q8_0, Q4_K,
 //!   Q6_K) against 8-bit quantized activations: dequantization, activation
 //!   quantization, dot products and gemv/gemm on a caller-provided rayon pool.
+//! * [`attn`] — causal grouped-query attention against a flat or paged KV cache
+//!   (f32 or f16), each KV head's keys and values read once for all the query
+//!   heads that share it; plus the scalar reference.
+//! * [`ops`] — RMSNorm, `silu(gate)·up` and rotary embeddings (llama.cpp's
+//!   adjacent-pair convention), AVX2 paths beside scalar references.
 
+pub mod attn;
+pub mod ops;
 pub mod quant;
 pub mod skinny;

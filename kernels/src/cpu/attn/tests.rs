@@ -1,0 +1,379 @@
+//! Tests of the attention kernel: the fast path against the scalar reference
+//! over random GQA shapes (flat and paged caches with random block tables),
+//! flat vs paged and serial vs parallel bit-identical, f16 caches bit-identical
+//! to f32 caches of the same values.
+
+use super::*;
+
+/// Small deterministic xorshift64 generator.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// Uniform in lo..=hi.
+    fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.u64() % (hi - lo + 1) as u64) as usize
+    }
+    /// Uniform in [-1, 1).
+    fn f32(&mut self) -> f32 {
+        ((self.u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn f32s(&mut self, len: usize, scale: f32) -> Vec<f32> {
+        (0..len).map(|_| self.f32() * scale).collect()
+    }
+}
+
+/// One sequence's keys and values, flat and scattered into a paged pool.
+struct Seq<T> {
+    k: Vec<T>,
+    v: Vec<T>,
+    pool_k: Vec<T>,
+    pool_v: Vec<T>,
+    table: Vec<u32>,
+    block_size: usize,
+}
+
+impl<T: Copy> Seq<T> {
+    fn map<U>(&self, f: impl Fn(T) -> U + Copy) -> Seq<U> {
+        let m = |v: &Vec<T>| v.iter().map(|&x| f(x)).collect();
+        Seq {
+            k: m(&self.k),
+            v: m(&self.v),
+            pool_k: m(&self.pool_k),
+            pool_v: m(&self.pool_v),
+            table: self.table.clone(),
+            block_size: self.block_size,
+        }
+    }
+
+    fn kv(&self, paged: bool) -> (KvRows<'_, T>, KvRows<'_, T>) {
+        if paged {
+            let paged = |data| KvRows::Paged {
+                data,
+                table: &self.table,
+                block_size: self.block_size,
+            };
+            (paged(&self.pool_k), paged(&self.pool_v))
+        } else {
+            (KvRows::Flat(&self.k), KvRows::Flat(&self.v))
+        }
+    }
+}
+
+/// `len` positions of `width` random keys/values, in a pool with spare blocks
+/// of garbage and a random block order.
+fn seq(rng: &mut Rng, len: usize, width: usize, q_scale: f32) -> Seq<f32> {
+    let _ = q_scale;
+    let k = rng.f32s(len * width, 1.0);
+    let v = rng.f32s(len * width, 1.0);
+    let block_size = [1, 2, 3, 5, 8, 16, 32][rng.range(0, 6)];
+    let blocks = len.div_ceil(block_size);
+    let pool_blocks = blocks + rng.range(0, 3);
+    let mut order: Vec<u32> = (0..pool_blocks as u32).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.range(0, i));
+    }
+    let table = order[..blocks].to_vec();
+    let mut pool_k = rng.f32s(pool_blocks * block_size * width, 50.0);
+    let mut pool_v = rng.f32s(pool_blocks * block_size * width, 50.0);
+    for p in 0..len {
+        let o = (table[p / block_size] as usize * block_size + p % block_size) * width;
+        pool_k[o..o + width].copy_from_slice(&k[p * width..][..width]);
+        pool_v[o..o + width].copy_from_slice(&v[p * width..][..width]);
+    }
+    Seq {
+        k,
+        v,
+        pool_k,
+        pool_v,
+        table,
+        block_size,
+    }
+}
+
+struct Case {
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+    q_stride: usize,
+    q: Vec<f32>,
+    seqs: Vec<Seq<f32>>,
+    /// (sequence, position) of each query row.
+    rows: Vec<(usize, usize)>,
+}
+
+fn case(rng: &mut Rng, n_heads: usize, n_kv: usize, hd: usize, max_pos: usize) -> Case {
+    let kv_w = n_kv * hd;
+    let q_w = n_heads * hd;
+    let q_stride = if rng.range(0, 1) == 0 {
+        q_w
+    } else {
+        q_w + 2 * kv_w
+    };
+    let mut seqs = Vec::new();
+    let mut rows = Vec::new();
+    for s in 0..rng.range(1, 3) {
+        let len = rng.range(1, max_pos);
+        seqs.push(seq(rng, len, kv_w, 3.0));
+        // A decode row, or the tail of a prefill.
+        let take = rng.range(1, 3).min(len);
+        rows.extend((len - take..len).map(|p| (s, p)));
+    }
+    // Scores of a few units of magnitude, as in a real model.
+    let q = rng.f32s(rows.len() * q_stride, 3.0);
+    Case {
+        n_heads,
+        n_kv,
+        hd,
+        q_stride,
+        q,
+        seqs,
+        rows,
+    }
+}
+
+type Kernel<T> = fn(&[f32], usize, &[AttnRow<'_, T>], usize, usize, usize, &mut [f32]);
+
+fn run<T: KvElem>(c: &Case, seqs: &[Seq<T>], paged: bool, kernel: Kernel<T>) -> Vec<f32> {
+    let rows: Vec<AttnRow<'_, T>> = c
+        .rows
+        .iter()
+        .map(|&(s, pos)| {
+            let (k, v) = seqs[s].kv(paged);
+            AttnRow { k, v, pos }
+        })
+        .collect();
+    let mut out = vec![f32::NAN; rows.len() * c.n_heads * c.hd];
+    kernel(&c.q, c.q_stride, &rows, c.n_heads, c.n_kv, c.hd, &mut out);
+    out
+}
+
+const SHAPES: [(usize, usize); 4] = [(9, 3), (4, 2), (3, 3), (8, 1)];
+
+#[test]
+fn fast_matches_reference_and_layouts_agree() {
+    let mut rng = Rng::new(7);
+    let mut worst = 0f32;
+    for iter in 0..48 {
+        let (n_heads, n_kv) = SHAPES[iter % 4];
+        let hd = [64, 32][iter / 4 % 2];
+        let c = case(&mut rng, n_heads, n_kv, hd, 300);
+        let fast = run(&c, &c.seqs, false, attention::<f32>);
+        let reference = run(&c, &c.seqs, false, attention_scalar::<f32>);
+        // Values are in [-1, 1): the bound is 1e-5 of their scale.
+        for (i, (&a, &b)) in fast.iter().zip(&reference).enumerate() {
+            let d = (a - b).abs();
+            worst = worst.max(d);
+            assert!(
+                d <= 1e-5,
+                "case {iter} ({n_heads}/{n_kv}×{hd}) [{i}]: {a} vs {b}"
+            );
+        }
+        let paged = run(&c, &c.seqs, true, attention::<f32>);
+        assert_eq!(fast, paged, "case {iter}: flat vs paged (fast)");
+        let ref_paged = run(&c, &c.seqs, true, attention_scalar::<f32>);
+        assert_eq!(
+            reference, ref_paged,
+            "case {iter}: flat vs paged (reference)"
+        );
+    }
+    println!("worst |fast − reference| = {worst:e}");
+}
+
+#[test]
+fn f16_cache_equals_f32_cache_of_the_same_values() {
+    let mut rng = Rng::new(8);
+    for iter in 0..16 {
+        let (n_heads, n_kv) = SHAPES[iter % 4];
+        let hd = [64, 32][iter / 4 % 2];
+        let c = case(&mut rng, n_heads, n_kv, hd, 200);
+        let halves: Vec<Seq<f16>> = c.seqs.iter().map(|s| s.map(f16::from_f32)).collect();
+        let widened: Vec<Seq<f32>> = halves.iter().map(|s| s.map(f16::to_f32)).collect();
+        for paged in [false, true] {
+            let h = run(&c, &halves, paged, attention::<f16>);
+            let f = run(&c, &widened, paged, attention::<f32>);
+            assert_eq!(h, f, "case {iter} paged={paged}: fast f16 vs f32");
+            let h = run(&c, &halves, paged, attention_scalar::<f16>);
+            let f = run(&c, &widened, paged, attention_scalar::<f32>);
+            assert_eq!(h, f, "case {iter} paged={paged}: reference f16 vs f32");
+        }
+    }
+}
+
+#[test]
+fn serial_and_parallel_splits_agree() {
+    let mut rng = Rng::new(9);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    for (n_heads, n_kv) in SHAPES {
+        // Big enough for the parallel split.
+        let c = case(&mut rng, n_heads, n_kv, 64, 1200);
+        let serial: Kernel<f32> = |q, qs, rows, h, kv, hd, out| {
+            attention_with(detect_isa(hd), false, q, qs, rows, h, kv, hd, out)
+        };
+        let a = run(&c, &c.seqs, true, serial);
+        let b = pool.install(|| run(&c, &c.seqs, true, attention::<f32>));
+        assert_eq!(a, b, "{n_heads}/{n_kv}");
+    }
+}
+
+#[test]
+fn heads_do_not_depend_on_their_neighbours() {
+    // A shard holding KV head 1 of 3 (and its query heads) computes the same
+    // bits as the whole model does for those heads.
+    let mut rng = Rng::new(10);
+    let (n_heads, n_kv, hd) = (9, 3, 64);
+    let c = case(&mut rng, n_heads, n_kv, hd, 100);
+    let whole = run(&c, &c.seqs, false, attention::<f32>);
+    let kv_w = n_kv * hd;
+    let shard_seqs: Vec<Seq<f32>> = c
+        .seqs
+        .iter()
+        .map(|s| {
+            let pick = |v: &Vec<f32>| -> Vec<f32> {
+                v.chunks_exact(kv_w)
+                    .flat_map(|r| r[hd..2 * hd].to_vec())
+                    .collect()
+            };
+            Seq {
+                k: pick(&s.k),
+                v: pick(&s.v),
+                pool_k: pick(&s.pool_k),
+                pool_v: pick(&s.pool_v),
+                table: s.table.clone(),
+                block_size: s.block_size,
+            }
+        })
+        .collect();
+    let q: Vec<f32> =
+        c.q.chunks_exact(c.q_stride)
+            .flat_map(|r| r[3 * hd..6 * hd].to_vec())
+            .collect();
+    let shard = Case {
+        n_heads: 3,
+        n_kv: 1,
+        hd,
+        q_stride: 3 * hd,
+        q,
+        seqs: Vec::new(),
+        rows: c.rows.clone(),
+    };
+    let part = run(&shard, &shard_seqs, true, attention::<f32>);
+    for (w, p) in whole
+        .chunks_exact(n_heads * hd)
+        .zip(part.chunks_exact(3 * hd))
+    {
+        assert_eq!(&w[3 * hd..6 * hd], p);
+    }
+}
+
+#[test]
+fn odd_head_dims_use_the_reference() {
+    let mut rng = Rng::new(11);
+    for hd in [2, 6, 12] {
+        let c = case(&mut rng, 4, 2, hd, 40);
+        let fast = run(&c, &c.seqs, true, attention::<f32>);
+        let reference = run(&c, &c.seqs, false, attention_scalar::<f32>);
+        assert_eq!(fast, reference, "head_dim {hd}");
+    }
+}
+
+#[test]
+fn attention_over_one_key_returns_its_value() {
+    let k = [1.0; 16];
+    let v: Vec<f32> = (0..16).map(|i| i as f32).collect();
+    let q = [0.5f32; 16];
+    let mut out = [0.0; 16];
+    let row = AttnRow {
+        k: KvRows::Flat(&k),
+        v: KvRows::Flat(&v),
+        pos: 0,
+    };
+    attention(&q, 16, &[row], 2, 2, 8, &mut out);
+    assert_eq!(out[..], v[..]);
+}
+
+#[test]
+#[should_panic(expected = "cover")]
+fn a_short_block_table_panics() {
+    let data = [0f32; 32];
+    let kv = KvRows::Paged {
+        data: &data,
+        table: &[0],
+        block_size: 2,
+    };
+    let row = AttnRow {
+        k: kv,
+        v: kv,
+        pos: 2,
+    };
+    let mut out = [0f32; 8];
+    attention(&[0f32; 8], 8, &[row], 1, 1, 8, &mut out);
+}
+
+/// Old (reference) vs new for one decode row of the reference model's shape:
+/// `cargo test --release -p parallm-kernels -- --ignored --nocapture attention_timing`.
+#[test]
+#[ignore]
+fn attention_timing() {
+    use std::time::Instant;
+    let mut rng = Rng::new(12);
+    let (n_heads, n_kv, hd) = (9, 3, 64);
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap();
+    let two = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    for pos in [128, 1024] {
+        let s = seq(&mut rng, pos + 1, n_kv * hd, 1.0);
+        let half: Seq<f16> = s.map(f16::from_f32);
+        let q = rng.f32s(n_heads * hd, 3.0);
+        let mut out = vec![0f32; n_heads * hd];
+        let time = |f: &mut dyn FnMut()| {
+            for _ in 0..20 {
+                f();
+            }
+            let iters = if pos > 512 { 2000 } else { 10_000 };
+            let t = Instant::now();
+            for _ in 0..iters {
+                f();
+            }
+            t.elapsed().as_secs_f64() * 1e6 / iters as f64
+        };
+        for (name, paged) in [("flat", false), ("paged", true)] {
+            let (k, v) = s.kv(paged);
+            let rows = [AttnRow { k, v, pos }];
+            let (hk, hv) = half.kv(paged);
+            let hrows = [AttnRow { k: hk, v: hv, pos }];
+            let old = one.install(|| {
+                time(&mut || attention_scalar(&q, n_heads * hd, &rows, n_heads, n_kv, hd, &mut out))
+            });
+            let new1 = one.install(|| {
+                time(&mut || attention(&q, n_heads * hd, &rows, n_heads, n_kv, hd, &mut out))
+            });
+            let new2 = two.install(|| {
+                time(&mut || attention(&q, n_heads * hd, &rows, n_heads, n_kv, hd, &mut out))
+            });
+            let f16_1 = one.install(|| {
+                time(&mut || attention(&q, n_heads * hd, &hrows, n_heads, n_kv, hd, &mut out))
+            });
+            println!(
+                "pos {pos} {name}: reference {old:.2} µs, new {new1:.2} µs (1 thread), \
+                 {new2:.2} µs (2 threads), new f16 {f16_1:.2} µs (1 thread)"
+            );
+        }
+    }
+}
