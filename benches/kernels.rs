@@ -179,5 +179,70 @@ fn memory(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, quantized, dense, memory);
+/// Decode attention (one query row, the reference model's 9 query heads over
+/// 3 KV heads of 64) at two context lengths, paged in blocks of 16, and the
+/// elementwise ops at the model's widths.
+fn attention_and_ops(c: &mut Criterion) {
+    use kernels::cpu::attn::{attention, attention_scalar, AttnRow, KvRows};
+    use kernels::cpu::ops;
+    let pool = pool();
+    let (heads, kv_heads, dim) = (9usize, 3usize, 64usize);
+    let kv_width = kv_heads * dim;
+    let mut group = c.benchmark_group("attention_decode");
+    for pos in [128usize, 1024] {
+        let n = pos + 1;
+        let k = random(n * kv_width, 21);
+        let v = random(n * kv_width, 22);
+        let q = random(heads * dim, 23);
+        let table: Vec<u32> = (0..n.div_ceil(16) as u32).collect();
+        let row = AttnRow {
+            k: KvRows::Paged {
+                data: &k,
+                table: &table,
+                block_size: 16,
+            },
+            v: KvRows::Paged {
+                data: &v,
+                table: &table,
+                block_size: 16,
+            },
+            pos,
+        };
+        let mut out = vec![0f32; heads * dim];
+        group.throughput(Throughput::Bytes((2 * n * kv_width * 4) as u64));
+        group.bench_with_input(BenchmarkId::new("gqa", pos), &pos, |b, _| {
+            pool.install(|| {
+                b.iter(|| attention(&q, heads * dim, &[row], heads, kv_heads, dim, &mut out))
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("scalar reference", pos), &pos, |b, _| {
+            b.iter(|| attention_scalar(&q, heads * dim, &[row], heads, kv_heads, dim, &mut out))
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("ops");
+    for width in [576usize, 1536] {
+        let x = random(width, 31);
+        let w = random(width, 32);
+        let gate_up = random(2 * width, 33);
+        let mut out = vec![0f32; width];
+        group.throughput(Throughput::Bytes((width * 4) as u64));
+        group.bench_with_input(BenchmarkId::new("rms_norm", width), &width, |b, _| {
+            b.iter(|| ops::rms_norm(&x, &w, 1e-5, &mut out))
+        });
+        group.bench_with_input(BenchmarkId::new("silu_mul", width), &width, |b, _| {
+            b.iter(|| ops::silu_mul(&gate_up, width, &mut out))
+        });
+    }
+    let mut heads_buf = random(12 * 64, 34);
+    let cos = random(32, 35);
+    let sin = random(32, 36);
+    group.bench_function("rope 12x64", |b| {
+        b.iter(|| ops::rope(&mut heads_buf, &cos, &sin))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, quantized, dense, attention_and_ops, memory);
 criterion_main!(benches);
