@@ -15,3 +15,5 @@ pub mod attn;
 pub mod ops;
 pub mod quant;
 pub mod skinny;
+#[cfg(test)]
+mod test_rng;

@@ -335,30 +335,7 @@ pub(crate) mod avx2 {
 mod tests {
     use super::*;
 
-    /// Small deterministic xorshift64 generator.
-    struct Rng(u64);
-
-    impl Rng {
-        fn new(seed: u64) -> Self {
-            Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-        }
-        fn u64(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn range(&mut self, lo: usize, hi: usize) -> usize {
-            lo + (self.u64() % (hi - lo + 1) as u64) as usize
-        }
-        /// Uniform in [-1, 1).
-        fn f32(&mut self) -> f32 {
-            ((self.u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-        fn f32s(&mut self, len: usize, scale: f32) -> Vec<f32> {
-            (0..len).map(|_| self.f32() * scale).collect()
-        }
-    }
+    use crate::cpu::test_rng::Rng;
 
     fn close(got: &[f32], want: &[f32], rel: f32, what: &str) {
         for (i, (&g, &w)) in got.iter().zip(want).enumerate() {

@@ -5,34 +5,7 @@
 
 use super::*;
 
-/// Small deterministic xorshift64 generator.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn u64(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// Uniform in lo..=hi.
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.u64() % (hi - lo + 1) as u64) as usize
-    }
-    /// Uniform in [-1, 1).
-    fn f32(&mut self) -> f32 {
-        ((self.u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.u64() as u8).collect()
-    }
-    fn f32s(&mut self, len: usize) -> Vec<f32> {
-        (0..len).map(|_| self.f32()).collect()
-    }
-}
+use crate::cpu::test_rng::Rng;
 
 /// Little-endian f16 bytes of `v`.
 fn f16_bytes(v: f32) -> [u8; 2] {
@@ -78,7 +51,7 @@ fn random_weights(rng: &mut Rng, format: QuantFormat, n: usize, k: usize) -> Vec
 /// Activations with varied block magnitudes, some all-zero blocks and exact
 /// ±max values.
 fn random_acts(rng: &mut Rng, len: usize) -> Vec<f32> {
-    let mut x = rng.f32s(len);
+    let mut x = rng.f32s(len, 1.0);
     for blk in x.chunks_mut(32) {
         match rng.u64() % 8 {
             0 => blk.fill(0.0),
