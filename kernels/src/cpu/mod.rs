@@ -13,6 +13,7 @@
 
 pub mod attn;
 pub mod ops;
+mod out;
 pub mod quant;
 pub mod skinny;
 #[cfg(test)]

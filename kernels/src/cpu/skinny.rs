@@ -17,6 +17,7 @@
 // Index loops over the const tile dimensions read best as written.
 #![allow(clippy::needless_range_loop)]
 
+use crate::cpu::out::{OutCols, SharedOut};
 use rayon::prelude::*;
 
 /// Below this many weight elements (n·k) everything runs on the calling thread.
@@ -102,90 +103,6 @@ fn block(isa: Isa, x: &[f32], m: usize, w: &[f32], k: usize, out: OutCols<'_>) {
         // SAFETY: Isa::Avx2 is only produced after detecting both avx2 and fma.
         Isa::Avx2 => unsafe { avx2::block(x, m, w, out.cols, k, out) },
         Isa::Scalar => scalar::block(x, m, w, out.cols, k, out),
-    }
-}
-
-/// `y` (m×n row-major) shared by the parallel tasks; each task takes a
-/// disjoint column range through [`SharedOut::cols`].
-struct SharedOut<'a> {
-    ptr: *mut f32,
-    m: usize,
-    n: usize,
-    _y: std::marker::PhantomData<&'a mut [f32]>,
-}
-
-// SAFETY: SharedOut holds the exclusive borrow of `y` for its lifetime and only
-// hands out OutCols views through the unsafe `cols`, whose contract (disjoint
-// column ranges) rules out two threads writing the same element.
-unsafe impl Sync for SharedOut<'_> {}
-
-impl<'a> SharedOut<'a> {
-    fn new(y: &'a mut [f32], m: usize, n: usize) -> Self {
-        assert_eq!(y.len(), m * n);
-        SharedOut {
-            ptr: y.as_mut_ptr(),
-            m,
-            n,
-            _y: std::marker::PhantomData,
-        }
-    }
-
-    /// View of columns `col0..col0 + cols`.
-    ///
-    /// # Safety
-    /// Views whose column ranges overlap must not be alive at the same time
-    /// (they could be written from different threads).
-    unsafe fn cols(&self, col0: usize, cols: usize) -> OutCols<'_> {
-        assert!(col0 + cols <= self.n);
-        OutCols {
-            ptr: self.ptr,
-            ld: self.n,
-            m: self.m,
-            col0,
-            cols,
-            _y: std::marker::PhantomData,
-        }
-    }
-}
-
-/// Writable view of columns `col0..col0+cols` of the m×ld row-major output.
-struct OutCols<'a> {
-    ptr: *mut f32,
-    ld: usize,
-    m: usize,
-    col0: usize,
-    cols: usize,
-    _y: std::marker::PhantomData<&'a mut [f32]>,
-}
-
-impl<'a> OutCols<'a> {
-    /// The whole of `y` (m×ld) as one view.
-    fn new(y: &'a mut [f32], m: usize, ld: usize, col0: usize, cols: usize) -> Self {
-        assert!(y.len() == m * ld && col0 + cols <= ld);
-        OutCols {
-            ptr: y.as_mut_ptr(),
-            ld,
-            m,
-            col0,
-            cols,
-            _y: std::marker::PhantomData,
-        }
-    }
-
-    /// y[i][col0 + j .. col0 + j + v.len()] = v
-    #[inline(always)]
-    fn write(&mut self, i: usize, j: usize, v: &[f32]) {
-        assert!(i < self.m && j + v.len() <= self.cols);
-        // SAFETY: i < m and col0 + j + len <= col0 + cols <= ld, so the range is
-        // inside the m×ld buffer the view was made from; this view's column range
-        // is not written by anyone else while it lives (see SharedOut::cols).
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                v.as_ptr(),
-                self.ptr.add(i * self.ld + self.col0 + j),
-                v.len(),
-            );
-        }
     }
 }
 

@@ -58,6 +58,7 @@ use acts::ActRow;
 pub use acts::QuantizedActs;
 pub use formats::{dequantize_row, ActFormat, QuantFormat, QK, QK_K};
 
+use crate::cpu::out::{OutCols, SharedOut};
 use rayon::prelude::*;
 
 /// Weight bytes per panel: the rows one activation tile sweeps before the
@@ -469,85 +470,6 @@ fn scalar_chunk(format: QuantFormat, job: &Job<'_>, out: &mut OutCols<'_>) {
         for i in job.i_begin..job.i_end {
             let v = scalar::dot(format, w_row, job.acts.row(i));
             out.write_col(i - job.i_begin, j, &[v]);
-        }
-    }
-}
-
-/// `y` (m×n row-major) shared by the parallel chunks; each takes a disjoint
-/// column range through [`SharedOut::cols`].
-struct SharedOut<'a> {
-    ptr: *mut f32,
-    m: usize,
-    n: usize,
-    _y: std::marker::PhantomData<&'a mut [f32]>,
-}
-
-// SAFETY: SharedOut holds the exclusive borrow of `y` for its lifetime and only
-// hands out views through the unsafe `cols`, whose contract (disjoint column
-// ranges) rules out two threads writing the same element.
-unsafe impl Sync for SharedOut<'_> {}
-
-impl<'a> SharedOut<'a> {
-    fn new(y: &'a mut [f32], m: usize, n: usize) -> Self {
-        assert_eq!(y.len(), m * n);
-        SharedOut {
-            ptr: y.as_mut_ptr(),
-            m,
-            n,
-            _y: std::marker::PhantomData,
-        }
-    }
-
-    /// View of columns `col0..col0 + cols`.
-    ///
-    /// # Safety
-    /// Views whose column ranges overlap must not be alive at the same time.
-    unsafe fn cols(&self, col0: usize, cols: usize) -> OutCols<'_> {
-        assert!(col0 + cols <= self.n);
-        OutCols {
-            ptr: self.ptr,
-            ld: self.n,
-            m: self.m,
-            col0,
-            cols,
-            _y: std::marker::PhantomData,
-        }
-    }
-}
-
-/// Writable view of columns `col0..col0 + cols` of an m×ld row-major output.
-struct OutCols<'a> {
-    ptr: *mut f32,
-    ld: usize,
-    m: usize,
-    col0: usize,
-    cols: usize,
-    _y: std::marker::PhantomData<&'a mut [f32]>,
-}
-
-impl<'a> OutCols<'a> {
-    /// A view of `y` (m×ld) owning it exclusively.
-    fn new(y: &'a mut [f32], m: usize, ld: usize, col0: usize, cols: usize) -> Self {
-        assert!(y.len() == m * ld && col0 + cols <= ld);
-        OutCols {
-            ptr: y.as_mut_ptr(),
-            ld,
-            m,
-            col0,
-            cols,
-            _y: std::marker::PhantomData,
-        }
-    }
-
-    /// `y[i + c][col0 + j] = v[c]` for every `c`.
-    #[inline(always)]
-    fn write_col(&mut self, i: usize, j: usize, v: &[f32]) {
-        assert!(i + v.len() <= self.m && j < self.cols);
-        for (c, &x) in v.iter().enumerate() {
-            // SAFETY: i + c < m and col0 + j < col0 + cols <= ld, so the
-            // element is inside the m×ld buffer the view was made from, and
-            // this view's columns are written by no one else while it lives.
-            unsafe { *self.ptr.add((i + c) * self.ld + self.col0 + j) = x };
         }
     }
 }
