@@ -129,17 +129,7 @@ impl AppState {
     /// Refreshes the engine gauges (so they are right even between steps).
     pub fn publish_gauges(&self) {
         if let Some(engine) = self.engine.get() {
-            let s = engine.stats().scheduler.policy;
-            metrics::gauge!(m::REQUESTS_RUNNING).set(s.running as f64);
-            metrics::gauge!(m::REQUESTS_WAITING, "stage" => "scheduler").set(s.waiting as f64);
-            metrics::gauge!(m::KV_BLOCKS_USED).set(s.kv_used as f64);
-            metrics::gauge!(m::KV_BLOCKS_TOTAL).set(s.kv_total as f64);
-            let ratio = if s.kv_total == 0 {
-                0.0
-            } else {
-                s.kv_used as f64 / s.kv_total as f64
-            };
-            metrics::gauge!(m::KV_USAGE_RATIO).set(ratio);
+            actors::llm::policy::publish_gauges(&engine.stats().scheduler.policy);
         }
     }
 

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use actix_web::http::header::{CacheControl, CacheDirective, ContentType};
+use actix_web::http::header::{CacheControl, CacheDirective};
 use actix_web::web::{self, Bytes};
 use actix_web::{HttpRequest, HttpResponse};
 use futures::stream::{select_all, BoxStream};
@@ -692,16 +692,8 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     state.publish_gauges();
     HttpResponse::Ok()
-        .content_type(ContentType(
-            "text/plain; version=0.0.4; charset=utf-8"
-                .parse()
-                .unwrap_or(mime_text_plain()),
-        ))
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.prometheus.render())
-}
-
-fn mime_text_plain() -> actix_web::mime::Mime {
-    actix_web::mime::TEXT_PLAIN
 }
 
 /// Any other path.

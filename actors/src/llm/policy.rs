@@ -185,17 +185,23 @@ impl LlmPolicy {
             metrics::counter!(m::PREEMPTIONS).increment(p - *seen);
             *seen = p;
         }
-        let s = self.stats();
-        metrics::gauge!(m::REQUESTS_RUNNING).set(s.running as f64);
-        metrics::gauge!(m::REQUESTS_WAITING, "stage" => "scheduler").set(s.waiting as f64);
-        metrics::gauge!(m::KV_BLOCKS_USED).set(s.kv_used as f64);
-        metrics::gauge!(m::KV_BLOCKS_TOTAL).set(s.kv_total as f64);
-        metrics::gauge!(m::KV_USAGE_RATIO).set(if s.kv_total == 0 {
-            0.0
-        } else {
-            s.kv_used as f64 / s.kv_total as f64
-        });
+        publish_gauges(&self.stats());
     }
+}
+
+/// Sets the occupancy gauges (running, waiting in the scheduler, KV blocks)
+/// from the policy's figures.
+pub fn publish_gauges(s: &PolicyStats) {
+    metrics::gauge!(m::REQUESTS_RUNNING).set(s.running as f64);
+    metrics::gauge!(m::REQUESTS_WAITING, "stage" => "scheduler").set(s.waiting as f64);
+    metrics::gauge!(m::KV_BLOCKS_USED).set(s.kv_used as f64);
+    metrics::gauge!(m::KV_BLOCKS_TOTAL).set(s.kv_total as f64);
+    let ratio = if s.kv_total == 0 {
+        0.0
+    } else {
+        s.kv_used as f64 / s.kv_total as f64
+    };
+    metrics::gauge!(m::KV_USAGE_RATIO).set(ratio);
 }
 
 impl LlmPolicy {
