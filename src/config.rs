@@ -104,6 +104,14 @@ pub struct ParallelSection {
     pub device: String,
     /// Compute threads of each node (0: the machine's threads shared evenly).
     pub threads_per_node: usize,
+    /// GPU ordinals the CUDA nodes are placed on, in turn (empty: the one
+    /// `device` names).
+    pub devices: Vec<usize>,
+    /// Type of weights and activations on the GPU: `f16` or `bf16`.
+    pub dtype: String,
+    /// GGUF Q4_0/Q4_1/Q8_0 weights on the GPU: `dense` (dequantized at load)
+    /// or `quantized` (kept as blocks).
+    pub cuda_weights: String,
 }
 
 impl Default for ParallelSection {
@@ -115,6 +123,9 @@ impl Default for ParallelSection {
             micro_batches: 0,
             device: "cpu".into(),
             threads_per_node: 0,
+            devices: Vec::new(),
+            dtype: "f16".into(),
+            cuda_weights: "dense".into(),
         }
     }
 }
@@ -281,7 +292,8 @@ pub enum Device {
     Cuda(usize),
 }
 
-fn parse_device(s: &str) -> Result<Device, ConfigError> {
+/// Parses `parallel.device`: `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device, ConfigError> {
     let bad = || {
         invalid(
             "parallel.device",
@@ -297,6 +309,41 @@ fn parse_device(s: &str) -> Result<Device, ConfigError> {
             .map(Device::Cuda)
             .ok_or_else(bad),
     }
+}
+
+/// Where an engine's nodes run, from the `[parallel]` device keys.
+pub fn compute_from(
+    device: Device,
+    devices: &[usize],
+    dtype: &str,
+    cuda_weights: &str,
+) -> Result<actors::llm::Compute, ConfigError> {
+    use actors::llm::Compute;
+    use framework::cuda::{CudaOptions, Dtype};
+    let dtype: Dtype = dtype
+        .parse()
+        .map_err(|e: String| invalid("parallel.dtype", e))?;
+    let quantized = match cuda_weights {
+        "dense" => false,
+        "quantized" => true,
+        other => {
+            return Err(invalid(
+                "parallel.cuda_weights",
+                format!("is '{other}', must be dense or quantized"),
+            ))
+        }
+    };
+    Ok(match device {
+        Device::Cpu => Compute::Cpu,
+        Device::Cuda(n) => Compute::Cuda {
+            devices: if devices.is_empty() {
+                vec![n]
+            } else {
+                devices.to_vec()
+            },
+            options: CudaOptions { dtype, quantized },
+        },
+    })
 }
 
 /// The checked configuration that starts the server.
@@ -727,6 +774,7 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         max_retries: s.max_retries,
         fault,
         threads_per_node: p.threads_per_node,
+        compute: compute_from(device, &p.devices, &p.dtype, &p.cuda_weights)?,
         ..EngineConfig::default()
     };
     Ok(Settings {

@@ -42,6 +42,17 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// What this machine offers the CUDA backend: CUDA's libraries, the GPUs,
+    /// and whether the kernels compile.
+    Cuda(CudaArgs),
+}
+
+#[derive(Args)]
+struct CudaArgs {
+    /// Compile every kernel with NVRTC for this architecture (compute_90,
+    /// sm_90, …) and list them; needs only NVRTC, no GPU.
+    #[arg(long, value_name = "ARCH")]
+    compile: Option<String>,
 }
 
 /// The layers above the defaults: a file, then the environment
@@ -231,10 +242,29 @@ struct ParallelArgs {
     /// Requests running at once per replica.
     #[arg(long, default_value_t = 64)]
     max_running: usize,
+    /// Where the nodes run: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// GPU ordinals the CUDA nodes are placed on in turn.
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<usize>,
+    /// Weights and activations on the GPU: f16 or bf16.
+    #[arg(long, default_value = "f16")]
+    dtype: String,
+    /// GGUF blocks on the GPU: dense or quantized.
+    #[arg(long, default_value = "dense")]
+    cuda_weights: String,
 }
 
 impl ParallelArgs {
-    fn apply(&self, b: EngineBuilder) -> EngineBuilder {
+    fn apply(&self, b: EngineBuilder) -> CliResult<EngineBuilder> {
+        let device = parallm::config::parse_device(&self.device)?;
+        let compute =
+            parallm::config::compute_from(device, &self.devices, &self.dtype, &self.cuda_weights)?;
+        Ok(self.apply_cpu(b).compute(compute))
+    }
+
+    fn apply_cpu(&self, b: EngineBuilder) -> EngineBuilder {
         b.tp(self.tp)
             .pp(self.pp)
             .dp(self.dp)
@@ -331,6 +361,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Serve(args)) => parallm::bench_serve::run(&args)
             .map(|_| ())
             .map_err(Into::into),
+        Command::Cuda(args) => run_cuda(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -408,7 +439,7 @@ fn run_generate(args: GenerateArgs) -> CliResult {
             Engine::builder()
                 .model_path(&path)
                 .weights(args.model.weights),
-        )
+        )?
         .build()?;
     let prompt = if args.chat {
         let mut messages = Vec::new();
@@ -488,6 +519,32 @@ fn run_generate(args: GenerateArgs) -> CliResult {
     Ok(())
 }
 
+fn run_cuda(args: CudaArgs) -> CliResult {
+    use kernels::cuda::{gpu, nvrtc, probe};
+    println!("libraries: {}", probe::summary());
+    match gpu::device_count() {
+        Ok(n) => println!("GPUs: {n}"),
+        Err(e) => println!("GPUs: none usable ({e})"),
+    }
+    if let Some(arch) = args.compile {
+        let ptx = nvrtc::compile(&arch)?;
+        let names = nvrtc::kernel_names();
+        for name in &names {
+            if !ptx.contains(&format!(".entry {name}(")) {
+                return Err(format!("kernel {name} is missing from the PTX").into());
+            }
+        }
+        println!(
+            "compiled {} kernels for {arch} with NVRTC {:?}: {} bytes of PTX",
+            names.len(),
+            nvrtc::version()?,
+            ptx.len()
+        );
+        println!("kernels: {}", names.join(" "));
+    }
+    Ok(())
+}
+
 fn run_throughput(args: ThroughputArgs) -> CliResult {
     let (builder, what) = match &args.synthetic {
         Some(name) => (
@@ -503,11 +560,13 @@ fn run_throughput(args: ThroughputArgs) -> CliResult {
     };
     let engine = args
         .parallel
-        .apply(builder.weights(args.model.weights))
+        .apply(builder.weights(args.model.weights))?
         .build()?;
     let cfg = engine.config().clone();
-    // The bare forward runs one whole-model shard: only comparable at tp = pp = 1.
-    let bare = if cfg.tp == 1 && cfg.pp == 1 && !args.no_bare {
+    // The bare forward runs one whole-model CPU shard: only comparable at
+    // tp = pp = 1 on the CPU.
+    let on_cpu = cfg.compute == parallm::actors::llm::Compute::Cpu;
+    let bare = if cfg.tp == 1 && cfg.pp == 1 && !args.no_bare && on_cpu {
         Some(match &cfg.model {
             ModelSource::Gguf(p) => LlamaShard::load(
                 &framework::GgufFile::open(p)?,

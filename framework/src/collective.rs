@@ -30,6 +30,10 @@ pub trait Collective: Send + Sync {
     /// Makes every current and future operation of the group fail, so that peers
     /// of a failed rank return instead of waiting for it.
     fn abort(&self) {}
+    /// Returns once every rank has called it (or fails if the group aborted).
+    fn barrier(&self) -> Result<()> {
+        self.all_reduce_sum(&mut [])
+    }
     /// Gathers column blocks: `local` is `rows × local_cols` (this rank's columns
     /// `col_offset..col_offset+local_cols` of a `rows × total_cols` matrix); returns
     /// the whole matrix on every rank.

@@ -111,6 +111,10 @@ pub enum Error {
     /// The compute backend failed.
     #[error("backend: {0}")]
     Backend(#[from] candle_core::Error),
+    /// The CUDA backend failed, or CUDA is not available here (the message
+    /// names the missing library or device).
+    #[error("cuda: {0}")]
+    Cuda(String),
     /// Plain I/O outside a model file.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -132,6 +136,7 @@ impl Error {
             Error::Collective(_) => "collective",
             Error::Aborted(_) => "aborted",
             Error::Backend(_) => "backend",
+            Error::Cuda(_) => "cuda",
             Error::Io(_) => "io",
         }
     }

@@ -17,6 +17,7 @@ pub mod beam;
 pub mod chat;
 pub mod collective;
 pub mod config;
+pub mod cuda;
 pub mod error;
 pub mod generate;
 pub mod gguf;

@@ -86,6 +86,109 @@ fn fnv1a(s: &str) -> u64 {
     })
 }
 
+/// One layer's weights as matrices, cut for one shard (before any backend
+/// takes them): fused `q|k|v` and `gate|up`, row-parallel `o` and `down`.
+pub(crate) struct BlockMats {
+    pub(crate) attn_norm: Vec<f32>,
+    pub(crate) qkv: Mat,
+    pub(crate) o: Mat,
+    pub(crate) ffn_norm: Vec<f32>,
+    pub(crate) gate_up: Mat,
+    pub(crate) down: Mat,
+}
+
+/// A shard's weights as matrices: what both backends build from.
+pub(crate) struct ShardMats {
+    pub(crate) layout: ShardLayout,
+    /// The local vocabulary rows of the embedding (first stage only).
+    pub(crate) embed: Option<Mat>,
+    pub(crate) blocks: Vec<BlockMats>,
+    /// Final norm and the local vocabulary rows of the LM head (last stage).
+    pub(crate) head: Option<(Vec<f32>, Mat)>,
+}
+
+impl ShardMats {
+    /// Reads and cuts shard `spec` of the stage running `layers`.
+    pub(crate) fn build(
+        config: &LlamaConfig,
+        src: &WeightSource<'_>,
+        spec: ShardSpec,
+        layers: Range<usize>,
+    ) -> Result<Self> {
+        if layers.is_empty() || layers.end > config.n_layers {
+            return Err(Error::Shard(format!(
+                "layer range {layers:?} is empty or outside the model's {} layers",
+                config.n_layers
+            )));
+        }
+        let (first, last) = (layers.start == 0, layers.end == config.n_layers);
+        let layout = ShardLayout::new(config, spec)?;
+        let (h, hd) = (config.hidden, config.head_dim());
+        let kv_rows = config.n_kv_heads * hd;
+        let q_local = layout.heads.start * hd..layout.heads.end * hd;
+        let kv_local = layout.kv_heads.start * hd..layout.kv_heads.end * hd;
+
+        let embed_local = if first || (last && !src.has("output.weight")) {
+            let embd = src.matrix("token_embd.weight", config.vocab, h)?;
+            Some(embd.select_rows(std::slice::from_ref(&layout.vocab)))
+        } else {
+            None
+        };
+        let head = if last {
+            let lm_source = match &embed_local {
+                Some(e) if !src.has("output.weight") => e.clone(),
+                _ => src
+                    .matrix("output.weight", config.vocab, h)?
+                    .select_rows(std::slice::from_ref(&layout.vocab)),
+            };
+            let norm = src.vector("output_norm.weight", h)?;
+            Some((norm, lm_source))
+        } else {
+            None
+        };
+        let embed = if first { embed_local } else { None };
+
+        let mut blocks = Vec::with_capacity(layers.len());
+        for i in layers {
+            let name = |t: &str| format!("blk.{i}.{t}.weight");
+            let q = src.matrix(&name("attn_q"), h, h)?;
+            let k = src.matrix(&name("attn_k"), kv_rows, h)?;
+            let v = src.matrix(&name("attn_v"), kv_rows, h)?;
+            let qkv = Mat::concat_rows(vec![
+                q.select_rows(std::slice::from_ref(&q_local)),
+                k.select_rows(std::slice::from_ref(&kv_local)),
+                v.select_rows(std::slice::from_ref(&kv_local)),
+            ])?;
+            let o = src
+                .matrix(&name("attn_output"), h, h)?
+                .select_cols(q_local.clone())?;
+            let gate = src.matrix(&name("ffn_gate"), config.ffn, h)?;
+            let up = src.matrix(&name("ffn_up"), config.ffn, h)?;
+            let gate_up = Mat::concat_rows(vec![
+                gate.select_rows(std::slice::from_ref(&layout.ffn)),
+                up.select_rows(std::slice::from_ref(&layout.ffn)),
+            ])?;
+            let down = src
+                .matrix(&name("ffn_down"), h, config.ffn)?
+                .select_cols(layout.ffn.clone())?;
+            blocks.push(BlockMats {
+                attn_norm: src.vector(&name("attn_norm"), h)?,
+                qkv,
+                o,
+                ffn_norm: src.vector(&name("ffn_norm"), h)?,
+                gate_up,
+                down,
+            });
+        }
+        Ok(Self {
+            layout,
+            embed,
+            blocks,
+            head,
+        })
+    }
+}
+
 struct Block {
     attn_norm: Vec<f32>,
     qkv: Linear,
@@ -265,79 +368,31 @@ impl LlamaShard {
         layers: Range<usize>,
         format: WeightFormat,
     ) -> Result<Self> {
-        if layers.is_empty() || layers.end > config.n_layers {
-            return Err(Error::Shard(format!(
-                "layer range {layers:?} is empty or outside the model's {} layers",
-                config.n_layers
-            )));
-        }
-        let (first, last) = (layers.start == 0, layers.end == config.n_layers);
-        let layout = ShardLayout::new(&config, spec)?;
-        let (h, hd) = (config.hidden, config.head_dim());
-        let kv_rows = config.n_kv_heads * hd;
-        let q_local = layout.heads.start * hd..layout.heads.end * hd;
-        let kv_local = layout.kv_heads.start * hd..layout.kv_heads.end * hd;
-
+        let mats = ShardMats::build(&config, src, spec, layers.clone())?;
         let linear = |m: Mat| Linear::with_format(m, format);
-        let embed_local = if first || (last && !src.has("output.weight")) {
-            let embd = src.matrix("token_embd.weight", config.vocab, h)?;
-            Some(embd.select_rows(std::slice::from_ref(&layout.vocab)))
-        } else {
-            None
+        let head = match mats.head {
+            Some((norm, m)) => Some((norm, linear(m)?)),
+            None => None,
         };
-        let head = if last {
-            let lm_source = match &embed_local {
-                Some(e) if !src.has("output.weight") => e.clone(),
-                _ => src
-                    .matrix("output.weight", config.vocab, h)?
-                    .select_rows(std::slice::from_ref(&layout.vocab)),
-            };
-            let norm = src.vector("output_norm.weight", h)?;
-            Some((norm, linear(lm_source)?))
-        } else {
-            None
+        let embed = match mats.embed {
+            Some(e) => Some(Embedding::new(e, mats.layout.vocab.clone())?),
+            None => None,
         };
-        let embed = match embed_local {
-            Some(e) if first => Some(Embedding::new(e, layout.vocab.clone())?),
-            _ => None,
-        };
-
-        let mut blocks = Vec::with_capacity(layers.len());
-        for i in layers.clone() {
-            let name = |t: &str| format!("blk.{i}.{t}.weight");
-            let q = src.matrix(&name("attn_q"), h, h)?;
-            let k = src.matrix(&name("attn_k"), kv_rows, h)?;
-            let v = src.matrix(&name("attn_v"), kv_rows, h)?;
-            let qkv = Mat::concat_rows(vec![
-                q.select_rows(std::slice::from_ref(&q_local)),
-                k.select_rows(std::slice::from_ref(&kv_local)),
-                v.select_rows(std::slice::from_ref(&kv_local)),
-            ])?;
-            let o = src
-                .matrix(&name("attn_output"), h, h)?
-                .select_cols(q_local.clone())?;
-            let gate = src.matrix(&name("ffn_gate"), config.ffn, h)?;
-            let up = src.matrix(&name("ffn_up"), config.ffn, h)?;
-            let gate_up = Mat::concat_rows(vec![
-                gate.select_rows(std::slice::from_ref(&layout.ffn)),
-                up.select_rows(std::slice::from_ref(&layout.ffn)),
-            ])?;
-            let down = src
-                .matrix(&name("ffn_down"), h, config.ffn)?
-                .select_cols(layout.ffn.clone())?;
+        let mut blocks = Vec::with_capacity(mats.blocks.len());
+        for b in mats.blocks {
             blocks.push(Block {
-                attn_norm: src.vector(&name("attn_norm"), h)?,
-                qkv: linear(qkv)?,
-                o: linear(o)?,
-                ffn_norm: src.vector(&name("ffn_norm"), h)?,
-                gate_up: linear(gate_up)?,
-                down: linear(down)?,
+                attn_norm: b.attn_norm,
+                qkv: linear(b.qkv)?,
+                o: linear(b.o)?,
+                ffn_norm: b.ffn_norm,
+                gate_up: linear(b.gate_up)?,
+                down: linear(b.down)?,
             });
         }
-        let rope = RopeTable::new(hd, config.rope_base, config.context);
+        let rope = RopeTable::new(config.head_dim(), config.rope_base, config.context);
         Ok(Self {
             config,
-            layout,
+            layout: mats.layout,
             format,
             layers,
             embed,
@@ -485,33 +540,7 @@ impl LlamaShard {
 
     /// Row bookkeeping: every new token is one row; remembers its item and position.
     fn rows(&self, items: &[(&[u32], usize, LogitsWanted)]) -> Result<Rows> {
-        let c = &self.config;
-        let mut rows = Rows::default();
-        for (i, &(tokens, start, _)) in items.iter().enumerate() {
-            if start + tokens.len() > c.context {
-                return Err(Error::invalid(
-                    "tokens",
-                    format!(
-                        "{} cached plus {} new tokens exceed the model's context of {} tokens",
-                        start,
-                        tokens.len(),
-                        c.context
-                    ),
-                ));
-            }
-            if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
-                return Err(Error::invalid(
-                    "tokens",
-                    format!("token id {bad} is outside the vocabulary of {}", c.vocab),
-                ));
-            }
-            for (k, &t) in tokens.iter().enumerate() {
-                rows.tokens.push(t);
-                rows.item.push(i);
-                rows.pos.push(start + k);
-            }
-        }
-        Ok(rows)
+        step_rows(&self.config, items)
     }
 
     fn embed_rows(&self, rows: &Rows, collective: &dyn Collective) -> Result<Vec<f32>> {
@@ -592,21 +621,7 @@ impl LlamaShard {
             .head
             .as_ref()
             .ok_or_else(|| Error::Shard("only the last pipeline stage has the LM head".into()))?;
-        let mut picked = Vec::new();
-        let mut item_rows = Vec::with_capacity(items.len());
-        let mut row = 0;
-        for &(tokens, _, wanted) in items {
-            let n = tokens.len();
-            let start = picked.len();
-            match wanted {
-                LogitsWanted::None => {}
-                LogitsWanted::Last if n > 0 => picked.push(row + n - 1),
-                LogitsWanted::Last => {}
-                LogitsWanted::All => picked.extend(row..row + n),
-            }
-            item_rows.push(start..picked.len());
-            row += n;
-        }
+        let (picked, item_rows) = picked_rows(items);
         let mut last = vec![0f32; picked.len() * h];
         for (k, &r) in picked.iter().enumerate() {
             ops::rms_norm(
@@ -659,11 +674,64 @@ pub enum StageOutput {
     Logits(Logits),
 }
 
+/// A step's rows: one per new token, with its item and position.
 #[derive(Debug, Default)]
-struct Rows {
-    tokens: Vec<u32>,
-    item: Vec<usize>,
-    pos: Vec<usize>,
+pub(crate) struct Rows {
+    pub(crate) tokens: Vec<u32>,
+    pub(crate) item: Vec<usize>,
+    pub(crate) pos: Vec<usize>,
+}
+
+/// Checks every item against the model (context, vocabulary) and lists the rows.
+pub(crate) fn step_rows(c: &LlamaConfig, items: &[(&[u32], usize, LogitsWanted)]) -> Result<Rows> {
+    let mut rows = Rows::default();
+    for (i, &(tokens, start, _)) in items.iter().enumerate() {
+        if start + tokens.len() > c.context {
+            return Err(Error::invalid(
+                "tokens",
+                format!(
+                    "{} cached plus {} new tokens exceed the model's context of {} tokens",
+                    start,
+                    tokens.len(),
+                    c.context
+                ),
+            ));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab) {
+            return Err(Error::invalid(
+                "tokens",
+                format!("token id {bad} is outside the vocabulary of {}", c.vocab),
+            ));
+        }
+        for (k, &t) in tokens.iter().enumerate() {
+            rows.tokens.push(t);
+            rows.item.push(i);
+            rows.pos.push(start + k);
+        }
+    }
+    Ok(rows)
+}
+
+/// The rows whose logits were asked for, and each item's range among them.
+pub(crate) fn picked_rows(
+    items: &[(&[u32], usize, LogitsWanted)],
+) -> (Vec<usize>, Vec<Range<usize>>) {
+    let mut picked = Vec::new();
+    let mut item_rows = Vec::with_capacity(items.len());
+    let mut row = 0;
+    for &(tokens, _, wanted) in items {
+        let n = tokens.len();
+        let start = picked.len();
+        match wanted {
+            LogitsWanted::None => {}
+            LogitsWanted::Last if n > 0 => picked.push(row + n - 1),
+            LogitsWanted::Last => {}
+            LogitsWanted::All => picked.extend(row..row + n),
+        }
+        item_rows.push(start..picked.len());
+        row += n;
+    }
+    (picked, item_rows)
 }
 
 /// Where a forward reads and writes keys and values (local layer indices).

@@ -46,6 +46,11 @@ impl RopeTable {
         Self { half, cos, sin }
     }
 
+    /// The cosine and sine tables, `context × head_dim/2` each.
+    pub fn tables(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotates every `head_dim`-wide head in `heads` (one token's heads) by the
     /// angles of `pos`. Pairs are adjacent elements `(2i, 2i+1)`: GGUF's Llama
     /// q/k weights are stored permuted for this layout (llama.cpp's "normal" rope).

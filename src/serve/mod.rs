@@ -247,11 +247,6 @@ pub fn run<L>(settings: Settings, loader: L) -> Result<(), ServeError>
 where
     L: FnOnce() -> Result<std::path::PathBuf, String> + Send + 'static,
 {
-    if let crate::config::Device::Cuda(n) = settings.device {
-        return Err(ServeError::Load(format!(
-            "parallel.device = cuda:{n}: this build has no CUDA backend yet; use device = \"cpu\""
-        )));
-    }
     let prometheus = install_metrics()?;
     let system = actix_web::rt::System::new();
     system.block_on(serve(settings, loader, prometheus))

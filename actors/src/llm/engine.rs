@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use framework::batching::BatchConfig;
 use framework::chat::ChatTemplate;
+use framework::cuda::{CudaOptions, CudaShard, CudaShardSpec, DeviceHandle, TpGroup};
 use framework::generate::validate_prompt;
 use framework::{Error, GgufFile, LlamaConfig, LlamaShard, ShardSpec, Tokenizer, WeightFormat};
 
@@ -20,7 +21,7 @@ use crate::kit::{NodeId, SubmitError, Supervision, TaskId, WorkerFactory};
 use crate::llm::merge::LlmMerger;
 use crate::llm::policy::{LlmPolicy, ReplicaShape};
 use crate::llm::task::{EventStream, LlmTask, Prompt, Request, Responder};
-use crate::llm::worker::{stage_layers, FaultInjection, FaultState, LlmWorker};
+use crate::llm::worker::{stage_layers, FaultInjection, FaultState, LlmWorker, Shard};
 use crate::node::NodeCounters;
 use crate::pipeline::{Pipeline, PipelineConfig};
 use crate::scheduler::SchedulerStats;
@@ -36,6 +37,27 @@ pub enum ModelSource {
         name: String,
         /// Weight seed.
         seed: u64,
+    },
+}
+
+/// Where the compute nodes run.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Compute {
+    /// The CPU backend.
+    #[default]
+    Cpu,
+    /// The CUDA backend: node `g` of the engine (replicas in order, each
+    /// replica's nodes in order) on GPU `devices[g % devices.len()]`.
+    Cuda {
+        /// GPU ordinals.
+        devices: Vec<usize>,
+        /// Weight type and storage.
+        options: CudaOptions,
+    },
+    /// The CUDA backend on the host emulation of a GPU (tests; slow).
+    CudaEmulated {
+        /// Weight type and storage.
+        options: CudaOptions,
     },
 }
 
@@ -73,6 +95,8 @@ pub struct EngineConfig {
     pub threads_per_node: usize,
     /// Make a node fail on purpose (tests).
     pub fault: Option<FaultInjection>,
+    /// Where the compute nodes run.
+    pub compute: Compute,
 }
 
 impl Default for EngineConfig {
@@ -96,6 +120,7 @@ impl Default for EngineConfig {
             micro_batches: None,
             threads_per_node: 0,
             fault: None,
+            compute: Compute::Cpu,
         }
     }
 }
@@ -154,6 +179,14 @@ impl EngineConfig {
                 "the KV cache holds no block (raise kv_blocks or kv_memory_bytes)",
             ));
         }
+        if let Compute::Cuda { devices, .. } = &self.compute {
+            if devices.is_empty() {
+                return Err(bad_config(
+                    "devices",
+                    "the CUDA backend needs at least one GPU ordinal",
+                ));
+            }
+        }
         if let Some(f) = &self.fault {
             if f.replica >= self.dp || f.node >= self.tp * self.pp {
                 return Err(bad_config(
@@ -187,6 +220,35 @@ impl EngineConfig {
             self.kv_memory_bytes / (per_position * self.block_size).max(1)
         })
     }
+}
+
+/// The tensor-parallel groups of a CUDA engine, one per replica and stage
+/// (`None` for one rank, or on the CPU).
+fn tp_groups(
+    compute: &Compute,
+    shape: ReplicaShape,
+    dp: usize,
+) -> Result<Vec<Option<Arc<TpGroup>>>, Error> {
+    let mut groups = Vec::with_capacity(dp * shape.pp);
+    for replica in 0..dp {
+        for stage in 0..shape.pp {
+            let devices: Vec<usize> = (0..shape.tp)
+                .map(|rank| {
+                    let g = replica * shape.nodes() + stage * shape.tp + rank;
+                    match compute {
+                        Compute::Cuda { devices, .. } => devices[g % devices.len()],
+                        _ => 0,
+                    }
+                })
+                .collect();
+            groups.push(match compute {
+                Compute::Cpu => None,
+                _ if shape.tp == 1 => None,
+                _ => Some(Arc::new(TpGroup::for_devices(&devices)?)),
+            });
+        }
+    }
+    Ok(groups)
 }
 
 /// Builds an [`Engine`].
@@ -261,6 +323,8 @@ impl EngineBuilder {
         kv_memory_bytes: usize,
         /// Retries per request.
         max_retries: u32,
+        /// Where the compute nodes run.
+        compute: Compute,
     }
 
     /// Validates the configuration, loads the model on every node and starts
@@ -366,24 +430,62 @@ impl Engine {
         let block_size = cfg.block_size;
         let threads = cfg.node_threads();
         let synthetic_config = model.clone();
+        let compute = cfg.compute.clone();
+        let groups = tp_groups(&compute, shape, cfg.dp).map_err(EngineError::Invalid)?;
         let factory: WorkerFactory<LlmWorker> = Arc::new(move |id: NodeId| {
             let (stage, rank) = shape.place(id.index);
             let spec = ShardSpec::new(rank, shape.tp).map_err(|e| e.to_string())?;
             let layers = stage_layers(n_layers, shape.pp, stage);
-            let shard = match &source {
-                ModelSource::Gguf(path) => {
-                    let file = GgufFile::open(path).map_err(|e| e.to_string())?;
-                    LlamaShard::load_stage(&file, spec, layers, format)
-                }
-                ModelSource::Synthetic { seed, .. } => LlamaShard::synthetic_stage(
-                    synthetic_config.clone(),
-                    *seed,
-                    spec,
-                    layers,
-                    format,
+            let file = match &source {
+                ModelSource::Gguf(path) => Some(GgufFile::open(path).map_err(|e| e.to_string())?),
+                ModelSource::Synthetic { .. } => None,
+            };
+            let seed = match &source {
+                ModelSource::Synthetic { seed, .. } => *seed,
+                ModelSource::Gguf(_) => 0,
+            };
+            let shard = match &compute {
+                Compute::Cpu => Shard::Cpu(
+                    match &file {
+                        Some(f) => LlamaShard::load_stage(f, spec, layers, format),
+                        None => LlamaShard::synthetic_stage(
+                            synthetic_config.clone(),
+                            seed,
+                            spec,
+                            layers,
+                            format,
+                        ),
+                    }
+                    .map_err(|e| e.to_string())?,
                 ),
-            }
-            .map_err(|e| e.to_string())?;
+                Compute::Cuda { options, .. } | Compute::CudaEmulated { options } => {
+                    let dev = match &compute {
+                        Compute::Cuda { devices, .. } => {
+                            let g = id.replica * shape.nodes() + id.index;
+                            DeviceHandle::gpu(devices[g % devices.len()])
+                        }
+                        _ => DeviceHandle::emulated(),
+                    }
+                    .map_err(|e| e.to_string())?;
+                    let tp = groups[id.replica * shape.pp + stage].clone();
+                    Shard::Cuda(
+                        CudaShard::load(
+                            CudaShardSpec {
+                                file: file.as_ref(),
+                                config: synthetic_config.clone(),
+                                seed,
+                                spec,
+                                layers,
+                                kv: (block_size, kv_blocks),
+                            },
+                            dev,
+                            *options,
+                            tp,
+                        )
+                        .map_err(|e| e.to_string())?,
+                    )
+                }
+            };
             let threads =
                 framework::threads::pool(&format!("r{}n{}", id.replica, id.index), threads)
                     .map_err(|e| e.to_string())?;

@@ -8,8 +8,10 @@ pub mod policy;
 pub mod task;
 pub mod worker;
 
-pub use engine::{Engine, EngineBuilder, EngineConfig, EngineError, EngineStats, ModelSource};
+pub use engine::{
+    Compute, Engine, EngineBuilder, EngineConfig, EngineError, EngineStats, ModelSource,
+};
 pub use merge::LlmMerger;
 pub use policy::{LlmPolicy, NodeLinks, ReplicaShape};
 pub use task::{BeamOutput, BeamParams, Event, EventStream, Prompt, Request, Usage};
-pub use worker::{FaultInjection, LlmWorker};
+pub use worker::{FaultInjection, LlmWorker, Shard};

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use framework::batching::StepPlan;
 use framework::collective::TimedCollective;
+use framework::cuda::CudaShard;
 use framework::kv::KvPool;
 use framework::metrics as m;
 use framework::model::{PagedItem, StageInput, StageOutput};
@@ -82,39 +83,56 @@ pub fn stage_layers(n_layers: usize, pp: usize, stage: usize) -> Range<usize> {
     split_even(n_layers, pp, stage)
 }
 
+/// A node's shard, on the backend it runs on.
+pub enum Shard {
+    /// The CPU backend (its KV pool is made by the worker).
+    Cpu(LlamaShard),
+    /// The CUDA backend (it holds its KV cache on the device).
+    Cuda(CudaShard),
+}
+
+enum Compute {
+    Cpu { shard: LlamaShard, pool: KvPool },
+    Cuda(CudaShard),
+}
+
 /// One compute node's state.
 pub struct LlmWorker {
     id: NodeId,
     stage: usize,
     shape: ReplicaShape,
     rank: usize,
-    shard: LlamaShard,
-    pool: KvPool,
+    compute: Compute,
     threads: Arc<rayon::ThreadPool>,
     fault: Option<Arc<FaultState>>,
 }
 
 impl LlmWorker {
-    /// A worker for node `id` of a replica of `shape`, holding `shard`, a
-    /// pool of `kv_blocks` blocks of `block_size` positions, and its own
-    /// compute `threads`.
+    /// A worker for node `id` of a replica of `shape`, holding `shard` (a CPU
+    /// shard gets a pool of `kv_blocks` blocks of `block_size` positions; a
+    /// CUDA shard was loaded with its own), and its own compute `threads`.
     pub fn new(
         id: NodeId,
         shape: ReplicaShape,
-        shard: LlamaShard,
+        shard: Shard,
         (block_size, kv_blocks): (usize, usize),
         threads: Arc<rayon::ThreadPool>,
         fault: Option<Arc<FaultState>>,
     ) -> Self {
         let (stage, rank) = shape.place(id.index);
-        let pool = shard.new_pool(block_size, kv_blocks);
+        let compute = match shard {
+            Shard::Cpu(shard) => {
+                let pool = shard.new_pool(block_size, kv_blocks);
+                Compute::Cpu { shard, pool }
+            }
+            Shard::Cuda(s) => Compute::Cuda(s),
+        };
         Self {
             id,
             stage,
             shape,
             rank,
-            shard,
-            pool,
+            compute,
             threads,
             fault,
         }
@@ -154,7 +172,10 @@ impl LlmWorker {
         links: &NodeLinks,
     ) -> Result<Option<Logits>, NodeError> {
         for &(src, dst) in &plan.copies {
-            self.pool.copy_block(src, dst);
+            match &mut self.compute {
+                Compute::Cpu { pool, .. } => pool.copy_block(src, dst),
+                Compute::Cuda(s) => s.copy_block(src, dst).map_err(node_error)?,
+            }
         }
         let started = std::time::Instant::now();
         let collective = TimedCollective::new(&*links.collective);
@@ -179,11 +200,13 @@ impl LlmWorker {
             } else {
                 StageInput::Hidden(links.recv()?)
             };
-            match self
-                .shard
-                .forward_paged(&items, input, &mut self.pool, &collective)
-                .map_err(node_error)?
-            {
+            let output = match &mut self.compute {
+                Compute::Cpu { shard, pool } => {
+                    shard.forward_paged(&items, input, pool, &collective)
+                }
+                Compute::Cuda(s) => s.forward_paged(&items, input, &collective),
+            };
+            match output.map_err(node_error)? {
                 StageOutput::Hidden(h) => links.send(h)?,
                 StageOutput::Logits(l) if last && self.rank == 0 => {
                     out = Some(match out.take() {

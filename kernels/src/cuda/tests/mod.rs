@@ -1,0 +1,31 @@
+//! Tests of the CUDA kernels on the host emulation ([`EmuDevice`]), against
+//! plain Rust references. One file per kernel family.
+
+use std::sync::Arc;
+
+use super::device::{DevBuf, Device};
+use super::EmuDevice;
+
+mod attention;
+mod elementwise;
+mod quant;
+mod sampling;
+mod smoke;
+
+/// The emulated device, or `None` (with the reason printed) where no C++
+/// compiler exists. A compiler that rejects the kernels fails the test.
+pub(crate) fn emu() -> Option<Arc<dyn Device>> {
+    if let Err(why) = super::emu::compiler_available() {
+        eprintln!("SKIPPED: no C++ compiler for the CUDA emulation: {why}");
+        return None;
+    }
+    match EmuDevice::new() {
+        Ok(d) => Some(Arc::new(d)),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Uploads `data`.
+pub(crate) fn buf<T: super::device::Pod>(dev: &Arc<dyn Device>, data: &[T]) -> DevBuf {
+    DevBuf::from_slice(dev, data).expect("upload")
+}
