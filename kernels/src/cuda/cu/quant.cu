@@ -5,8 +5,10 @@
 // f16 d, f16 m, 16 bytes qs, weight = d·nibble + m; Q8_0 = f16 d, 32 × i8,
 // weight = d·q. Blocks are only 2-byte aligned (18 and 34 bytes), so fields
 // are read with 16-bit loads where the base address allows it, bytes
-// otherwise. d·q is exact in f32 (11 × 8 significant bits), so each weight is
-// rounded once at most (Q4_1's + m), whether or not the compiler fuses it.
+// otherwise. d·q is exact in f32 (11 × 8 significant bits), so a dequantized
+// weight is rounded once at most (Q4_1's + m), whether or not the compiler
+// fuses it, and dequantization is bit-exact against the CPU's. qmv keeps Q4_0's
+// and Q8_0's scale out of the inner sums (d·Σ q·x per part of a block).
 
 // Little-endian 16/32-bit reads at p: single loads when A (p is aligned for
 // them), byte loads otherwise.

@@ -139,7 +139,7 @@ extern "C" __global__ void topk_f32(const float* __restrict__ x, u32 rows, u32 n
     u32 total;
     u32 off = smp_block_exclusive_scan(c, si, &total);
 
-    if (total <= TOPK_CAND && total < 2000000) {  // block-uniform
+    if (total <= TOPK_CAND) {  // block-uniform
         for (u32 i = t; i < n; i += nt) {
             const float v = row[i];
             if (v >= thr) {
@@ -153,7 +153,7 @@ extern "C" __global__ void topk_f32(const float* __restrict__ x, u32 rows, u32 n
             const float v = cv[a];
             const u32 i = ci[a];
             u32 rk = 0;
-            for (u32 b = 0; b < total; ++b) rk += (cv[b] > v) ? 1u : 0u;
+            for (u32 b = 0; b < total; ++b) rk += smp_before(cv[b], ci[b], v, i) ? 1u : 0u;
             if (rk < k) {
                 oi[rk] = i;
                 ov[rk] = v;
