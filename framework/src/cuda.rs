@@ -401,17 +401,7 @@ impl CudaShard {
             .collect();
         let rows = model::step_rows(&c, &shapes)?;
         let n = rows.pos.len();
-        for (i, item) in items.iter().enumerate() {
-            let need = (item.start + item.tokens.len()).div_ceil(self.block_size);
-            if item.table.len() < need || item.table.iter().any(|&b| b as usize >= self.n_blocks) {
-                return Err(Error::Shard(format!(
-                    "item {i}: block table {:?} does not cover {} positions of a {}-block pool",
-                    item.table,
-                    item.start + item.tokens.len(),
-                    self.n_blocks
-                )));
-            }
-        }
+        model::check_tables(items, self.block_size, self.n_blocks)?;
         let d = self.dev.dev.clone();
         let t = self.opts.dtype;
         let (h, hd) = (c.hidden, c.head_dim());
@@ -456,6 +446,11 @@ impl CudaShard {
 
         let f32b = |len: usize| DevBuf::zeroed(&d, len * 4).map_err(dev_err);
         let hb = |len: usize| DevBuf::zeroed(&d, len * 2).map_err(dev_err);
+        // The same-GPU collective's sum, one per step (every all-reduce is n × h).
+        let sum = match self.tp.as_deref() {
+            Some(TpGroup::SameDevice(_)) if collective.world_size() > 1 => Some(f32b(n * h)?),
+            _ => None,
+        };
         let x = match input {
             StageInput::Tokens => {
                 let table = self.embed.as_ref().ok_or_else(|| {
@@ -478,7 +473,7 @@ impl CudaShard {
                     )
                 }
                 .map_err(dev_err)?;
-                self.all_reduce(&x, n * h, collective)?;
+                self.all_reduce(&x, n * h, sum.as_ref(), collective)?;
                 x
             }
             StageInput::Hidden(v) => {
@@ -564,7 +559,7 @@ impl CudaShard {
                 }
                 self.linear(&b.o, attn.ptr(), q_w, delta.ptr(), true, n, q_w)?;
             }
-            self.all_reduce(&delta, n * h, collective)?;
+            self.all_reduce(&delta, n * h, sum.as_ref(), collective)?;
             // SAFETY: as above.
             unsafe {
                 ops::rms_norm(
@@ -583,7 +578,7 @@ impl CudaShard {
                 ops::silu_mul(&*d, t, gu.ptr(), act.ptr(), n, ffn).map_err(dev_err)?;
                 self.linear(&b.down, act.ptr(), ffn, delta.ptr(), true, n, ffn)?;
             }
-            self.all_reduce(&delta, n * h, collective)?;
+            self.all_reduce(&delta, n * h, sum.as_ref(), collective)?;
             pending = true;
         }
         if pending {
@@ -698,7 +693,14 @@ impl CudaShard {
     }
 
     /// Sums `len` f32 at `buf` over this stage's tensor-parallel ranks.
-    fn all_reduce(&self, buf: &DevBuf, len: usize, collective: &dyn Collective) -> Result<()> {
+    /// `sum` is the step's scratch of at least `len` f32 (same-GPU groups).
+    fn all_reduce(
+        &self,
+        buf: &DevBuf,
+        len: usize,
+        sum: Option<&DevBuf>,
+        collective: &dyn Collective,
+    ) -> Result<()> {
         let Some(tp) = &self.tp else { return Ok(()) };
         if collective.world_size() == 1 {
             return Ok(());
@@ -722,7 +724,9 @@ impl CudaShard {
                     .lock()
                     .map_err(|_| Error::Collective("poisoned slots".into()))?
                     .clone();
-                let sum = DevBuf::zeroed(d, len * 4).map_err(dev_err)?;
+                let sum = sum
+                    .ok_or_else(|| Error::Cuda("same-GPU all-reduce without its scratch".into()))?;
+                d.zero(sum.ptr(), len * 4).map_err(dev_err)?;
                 for &p in &peers {
                     // SAFETY: every peer's buffer holds `len` f32 on this GPU
                     // and stays untouched until the barrier below.

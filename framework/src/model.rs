@@ -500,18 +500,7 @@ impl LlamaShard {
             .map(|i| (i.tokens, i.start, i.logits))
             .collect();
         let rows = self.rows(&shapes)?;
-        for (i, item) in items.iter().enumerate() {
-            let need = (item.start + item.tokens.len()).div_ceil(pool.block_size());
-            if item.table.len() < need || item.table.iter().any(|&b| b as usize >= pool.n_blocks())
-            {
-                return Err(Error::Shard(format!(
-                    "item {i}: block table {:?} does not cover {} positions of a {}-block pool",
-                    item.table,
-                    item.start + item.tokens.len(),
-                    pool.n_blocks()
-                )));
-            }
-        }
+        check_tables(items, pool.block_size(), pool.n_blocks())?;
         let x = match input {
             StageInput::Tokens => self.embed_rows(&rows, collective)?,
             StageInput::Hidden(x) => {
@@ -710,6 +699,26 @@ pub(crate) fn step_rows(c: &LlamaConfig, items: &[(&[u32], usize, LogitsWanted)]
         }
     }
     Ok(rows)
+}
+
+/// Checks that every item's block table covers its positions with blocks of a
+/// pool of `n_blocks` blocks of `block_size` positions.
+pub(crate) fn check_tables(
+    items: &[PagedItem<'_>],
+    block_size: usize,
+    n_blocks: usize,
+) -> Result<()> {
+    for (i, item) in items.iter().enumerate() {
+        let need = (item.start + item.tokens.len()).div_ceil(block_size);
+        if item.table.len() < need || item.table.iter().any(|&b| b as usize >= n_blocks) {
+            return Err(Error::Shard(format!(
+                "item {i}: block table {:?} does not cover {} positions of a {n_blocks}-block pool",
+                item.table,
+                item.start + item.tokens.len(),
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The rows whose logits were asked for, and each item's range among them.

@@ -11,3 +11,5 @@
 
 pub mod cpu;
 pub mod cuda;
+#[cfg(test)]
+mod test_rng;

@@ -16,5 +16,3 @@ pub mod ops;
 mod out;
 pub mod quant;
 pub mod skinny;
-#[cfg(test)]
-mod test_rng;

@@ -335,7 +335,7 @@ pub(crate) mod avx2 {
 mod tests {
     use super::*;
 
-    use crate::cpu::test_rng::Rng;
+    use crate::test_rng::Rng;
 
     fn close(got: &[f32], want: &[f32], rel: f32, what: &str) {
         for (i, (&g, &w)) in got.iter().zip(want).enumerate() {

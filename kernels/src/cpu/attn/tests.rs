@@ -5,7 +5,7 @@
 
 use super::*;
 
-use crate::cpu::test_rng::Rng;
+use crate::test_rng::Rng;
 
 /// One sequence's keys and values, flat and scattered into a paged pool.
 struct Seq<T> {

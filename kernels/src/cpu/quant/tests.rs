@@ -5,7 +5,7 @@
 
 use super::*;
 
-use crate::cpu::test_rng::Rng;
+use crate::test_rng::Rng;
 
 /// Little-endian f16 bytes of `v`.
 fn f16_bytes(v: f32) -> [u8; 2] {

@@ -1,7 +1,5 @@
 use super::*;
 
-use std::sync::Mutex;
-
 use crate::cuda::device::Dtype;
 use crate::cuda::ops::{self, AttnArgs};
 
@@ -10,34 +8,7 @@ use crate::cuda::ops::{self, AttnArgs};
 // |o − r| ≤ 1 ulp of the 16-bit type at |r| + 1e-4 · max|v|: the output is
 // rounded once (½ ulp) and the f32 arithmetic adds ~1e-6 · max|v|. Decode and
 // prefill outputs for the same rows must agree within the same bound.
-
-/// A small xorshift64 generator (`cpu::test_rng` is private to `cpu`).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn u64(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// Uniform in lo..=hi.
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.u64() % (hi - lo + 1) as u64) as usize
-    }
-    /// Uniform in [-1, 1).
-    fn f32(&mut self) -> f32 {
-        ((self.u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
-
-/// The emulation's `__shared__` arrays are process-wide statics, so two
-/// launches of one kernel from concurrently running tests would share them:
-/// the tests of this file launch one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
+use crate::test_rng::Rng;
 
 #[derive(Debug, Clone, Copy)]
 struct Cfg {
@@ -324,7 +295,6 @@ impl Dev {
 #[test]
 fn attn_decode_matches_reference() {
     let Some(dev) = emu() else { return };
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut rng = Rng::new(11);
     let lens = [1, 5, 37];
     // One row at the end of each sequence, in shuffled order.
@@ -347,7 +317,6 @@ fn attn_decode_matches_reference() {
 #[test]
 fn attn_prefill_matches_reference_and_decode() {
     let Some(dev) = emu() else { return };
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut rng = Rng::new(12);
     // (cached positions, new rows) per sequence: a one-token prompt, a short
     // prompt, 37 rows after 3 cached positions (tiles of 16, 16, 5), and 4

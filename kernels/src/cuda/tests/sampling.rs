@@ -1,36 +1,7 @@
 use super::*;
 
-use std::sync::Mutex;
-
 use crate::cuda::ops;
-
-/// The emulation's `__shared__` arrays are process-wide statics, so two
-/// launches of one kernel from concurrently running tests would share them:
-/// the tests of this file launch one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-/// A small xorshift64 generator (`cpu::test_rng` is private to `cpu`).
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn u64(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// Uniform in 0..n.
-    fn below(&mut self, n: usize) -> usize {
-        (self.u64() % n as u64) as usize
-    }
-    /// Uniform in [-1, 1).
-    fn f32(&mut self) -> f32 {
-        ((self.u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
+use crate::test_rng::Rng;
 
 /// The element order of the sampling kernels: larger value first, lower
 /// index first among ties.
@@ -52,7 +23,6 @@ fn argmax_on_device(dev: &Arc<dyn Device>, x: &[f32], n: usize) -> Vec<u32> {
 #[test]
 fn argmax_takes_the_lowest_index_among_ties() {
     let Some(dev) = emu() else { return };
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut rng = Rng::new(21);
     for n in [1, 1000, 49157] {
         // Row 0: random with the maximum at two places; row 1: all -inf;
@@ -76,7 +46,6 @@ fn argmax_takes_the_lowest_index_among_ties() {
 #[test]
 fn softmax_matches_reference() {
     let Some(dev) = emu() else { return };
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut rng = Rng::new(22);
     for (rows, n, inv_t) in [
         (2, 1000, 1.0f32),
@@ -118,7 +87,6 @@ fn softmax_matches_reference() {
 #[test]
 fn topk_matches_sorted_reference() {
     let Some(dev) = emu() else { return };
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut rng = Rng::new(23);
     let mut rows_of = |n: usize| -> Vec<f32> {
         // Row 0: distinct-ish values with some -inf; row 1: 40 levels, so

@@ -11,7 +11,7 @@ fn add_f32_adds_across_blocks() {
     // SAFETY: both buffers hold n f32.
     unsafe { ops::add_f32(&*dev, da.ptr(), db.ptr(), n) }.unwrap();
     let got: Vec<f32> = da.read(n).unwrap();
-    for i in 0..n {
-        assert_eq!(got[i], 1.5 * i as f32, "at {i}");
+    for (i, g) in got.iter().enumerate() {
+        assert_eq!(*g, 1.5 * i as f32, "at {i}");
     }
 }

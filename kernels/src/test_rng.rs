@@ -1,4 +1,5 @@
-//! A small deterministic xorshift64 generator for the kernels' property tests.
+//! A small deterministic xorshift64 generator for the kernels' property tests
+//! (CPU and CUDA).
 
 /// Seeded xorshift64.
 pub(crate) struct Rng(u64);
@@ -12,6 +13,10 @@ impl Rng {
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
+    }
+    /// Uniform in `0..n`.
+    pub(crate) fn below(&mut self, n: usize) -> usize {
+        (self.u64() % n as u64) as usize
     }
     /// Uniform in lo..=hi.
     pub(crate) fn range(&mut self, lo: usize, hi: usize) -> usize {
