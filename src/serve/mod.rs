@@ -5,7 +5,11 @@
 //! thread, and then serves until SIGTERM or Ctrl-C. Shutdown drains: new
 //! generation requests and `/health` get 503, in-flight requests get up to
 //! `server.shutdown_timeout_secs` to finish, then the listener and the engine
-//! stop and the process exits 0.
+//! stop and the process exits 0. A request counts as finished when its
+//! handler (or its stream) is done, which is before the last bytes reach the
+//! socket, so every response written while draining says `Connection: close`
+//! and the listener then stops gracefully: the HTTP workers wait (up to
+//! [`FLUSH_TIMEOUT_SECS`]) for those connections to be written and closed.
 //!
 //! [`AppState`] is shared by every HTTP worker: the engine (set once, when
 //! loaded), the checked [`Settings`], the draining flag, the count of
@@ -22,6 +26,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use actix_web::dev::Service;
+use actix_web::http::ConnectionType;
 use actix_web::{web, App, HttpServer};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -290,6 +295,13 @@ where
                         (None, Some(f)) => f.await,
                         (None, None) => Err(ApiError::Engine("unreachable".into()).into()),
                     };
+                    let draining = state.as_ref().is_some_and(|s| s.draining.load(Ordering::SeqCst));
+                    let mut result = result;
+                    if let (true, Ok(r)) = (draining, result.as_mut()) {
+                        // Closed once written, so the graceful stop need not
+                        // wait for an idle keep-alive connection.
+                        r.response_mut().head_mut().set_connection_type(ConnectionType::Close);
+                    }
                     let status = match &result {
                         Ok(r) => r.status().as_u16(),
                         Err(e) => e.as_response_error().status_code().as_u16(),
@@ -311,7 +323,7 @@ where
     .on_connect(routes::on_connect)
     .workers(state.settings.workers)
     .disable_signals()
-    .shutdown_timeout(1)
+    .shutdown_timeout(FLUSH_TIMEOUT_SECS)
     .bind(addr)
     .map_err(|reason| ServeError::Bind { addr, reason })?;
     let bound = server.addrs().first().copied().unwrap_or(addr);
@@ -403,8 +415,10 @@ where
         actix_web::rt::time::sleep(Duration::from_millis(20)).await;
     }
     let left = state.inflight.load(Ordering::SeqCst);
-    // Closing the connections drops unfinished responses, which cancels them.
-    handle.stop(false).await;
+    // With every request finished, stop gracefully so that responses still
+    // being written reach their clients. Otherwise closing the connections
+    // drops the unfinished responses, which cancels them.
+    handle.stop(left == 0).await;
     let _ = server_task.await;
     let engine = state.engine.get().cloned();
     drop(state);
@@ -430,6 +444,10 @@ where
     }
     Ok(())
 }
+
+/// How long the HTTP workers wait at shutdown for finished responses to be
+/// written out before closing their connections.
+pub const FLUSH_TIMEOUT_SECS: u64 = 5;
 
 /// Resolves at SIGTERM or Ctrl-C.
 async fn shutdown_signal() {
