@@ -4,9 +4,12 @@
 //! or `$CXX`) with `PARALLM_EMU` defined, so `cu/emu.h` supplies the CUDA
 //! built-ins, into a shared library under the system's temporary directory
 //! (named by a hash of the sources, built once and reused). A launch runs the
-//! grid's blocks one after another, each with one OS thread per CUDA thread,
+//! grid's blocks one after another on the calling thread, each CUDA thread a
+//! fiber with its own stack, switched round-robin at barriers (a few lines of
+//! assembly on x86-64, `ucontext` elsewhere),
 //! and launches of the whole process run one at a time (`__shared__`
-//! variables are function statics).
+//! variables are function statics). Threads of a block that wait at
+//! different barriers fail the launch as a deadlock instead of hanging.
 //! Memory is host memory: a [`DevPtr`] is a host address. GEMMs are plain f32
 //! loops over the 16-bit inputs, summed in order.
 //!
@@ -101,7 +104,7 @@ fn translation_unit() -> String {
     s.push_str(&nvrtc::program_source());
     s.push_str(EMU_RUNNER);
     s.push_str("static const EmuEntry EMU_TABLE[] = {\n");
-    for name in nvrtc::kernel_names() {
+    for name in nvrtc::kernel_names().iter().chain(&[SELFTEST_DEADLOCK]) {
         s.push_str(&format!("    {{\"{name}\", make_invoker({name})}},\n"));
     }
     s.push_str("};\n");
@@ -109,12 +112,25 @@ fn translation_unit() -> String {
     s
 }
 
+/// An emulation-only kernel for the launcher's own tests (not part of the
+/// GPU program): with `waiters` below the block size, only that many threads
+/// reach `__syncthreads`, a deadlock the launch must report; with `waiters`
+/// equal to the block size it is a plain barrier, and every thread writes
+/// its index.
+pub(crate) const SELFTEST_DEADLOCK: &str = "parallm_emu_selftest_barrier";
+
 const EMU_RUNNER: &str = r#"
 #include <functional>
 #include <string>
-#include <thread>
 #include <tuple>
 #include <utility>
+
+__global__ void parallm_emu_selftest_barrier(u32 waiters, u32* out) {
+    if (threadIdx.x < waiters) {
+        for (int i = 0; i < 3; ++i) __syncthreads();
+    }
+    out[blockIdx.x * blockDim.x + threadIdx.x] = threadIdx.x;
+}
 
 typedef void (*EmuInvoker)(void** params);
 struct EmuEntry { const char* name; std::function<void(void**)> call; };
@@ -131,11 +147,50 @@ static std::function<void(void**)> make_invoker(void (*f)(A...)) {
 
 const EMU_LAUNCH: &str = r#"
 #include <mutex>
+#include <string>
+
+namespace {
+// One block's CUDA thread: a fiber run by the launcher.
+struct EmuFiber {
+    EmuContext ctx;
+    bool done = false;
+};
+// Stack of every fiber. Allocated without zeroing, so only the pages a
+// kernel touches become memory.
+constexpr size_t EMU_STACK = 256 * 1024;
+// The launch in progress (launches are serialized), read by every fiber.
+const EmuEntry* emu_entry = nullptr;
+void** emu_params = nullptr;
+u64 emu_blocks = 0;
+EmuFiber* emu_fiber = nullptr;
+
+// A fiber: every block of the grid in turn, leaving each one together with
+// the block's other threads.
+void emu_fiber_main() {
+    for (u64 b = 0; b < emu_blocks; ++b) {
+        blockIdx = dim3{(u32)(b % gridDim.x), (u32)((b / gridDim.x) % gridDim.y),
+                        (u32)(b / ((u64)gridDim.x * gridDim.y))};
+        emu_entry->call(emu_params);
+        emu_block->bar->arrive_and_wait();
+    }
+}
+
+// A fiber's first frame: the grid, then back to the launcher for good.
+void emu_fiber_entry() {
+    emu_fiber_main();
+    emu_fiber->done = true;
+    ++emu_progress;
+    emu_yield();
+}
+}  // namespace
+
 extern "C" int parallm_emu_launch(const char* name, const u32* cfg, void** params, char* err, size_t err_len) {
-    // __shared__ variables are function statics: one launch at a time in the
-    // whole process, as one block at a time within a launch.
+    // __shared__ variables are function statics and the fibers share global
+    // state: one launch at a time in the whole process, as one block at a
+    // time within a launch.
     static std::mutex one_launch;
     std::lock_guard<std::mutex> guard(one_launch);
+    static std::vector<std::unique_ptr<char[]>> stacks;
     const EmuEntry* e = nullptr;
     for (const auto& t : EMU_TABLE) if (std::strcmp(t.name, name) == 0) e = &t;
     auto fail = [&](const std::string& m) { std::snprintf(err, err_len, "%s", m.c_str()); return 1; };
@@ -146,27 +201,37 @@ extern "C" int parallm_emu_launch(const char* name, const u32* cfg, void** param
         return fail("the emulation runs 1-D blocks of whole warps, at most 1024 threads");
     if (grid.x == 0 || grid.y == 0 || grid.z == 0) return fail("empty grid");
     EmuBlock shared_state;
-    shared_state.bar = std::make_unique<std::barrier<>>(threads);
+    shared_state.bar = std::make_unique<EmuBarrier>(threads);
     for (u32 w = 0; w < threads / 32; ++w) shared_state.warps.push_back(std::make_unique<EmuWarp>());
     shared_state.dynamic_shared.assign(cfg[6] + 16, 0);
-    const u64 blocks = (u64)grid.x * grid.y * grid.z;
-    std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (u32 t = 0; t < threads; ++t) {
-        pool.emplace_back([&, t] {
-            emu_block = &shared_state;
+    emu_block = &shared_state;
+    emu_entry = e;
+    emu_params = params;
+    emu_blocks = (u64)grid.x * grid.y * grid.z;
+    blockDim = block;
+    gridDim = grid;
+    while (stacks.size() < threads) stacks.emplace_back(new char[EMU_STACK]);
+    std::vector<EmuFiber> fibers(threads);
+    for (u32 t = 0; t < threads; ++t) emu_context_init(fibers[t].ctx, stacks[t].get(), EMU_STACK, emu_fiber_entry);
+    // Round-robin sweeps: each fiber runs until it waits at a barrier or
+    // finishes the grid.
+    u32 live = threads;
+    while (live > 0) {
+        const u64 before = emu_progress;
+        for (u32 t = 0; t < threads; ++t) {
+            if (fibers[t].done) continue;
             threadIdx = dim3{t, 0, 0};
-            blockDim = block;
-            gridDim = grid;
-            for (u64 b = 0; b < blocks; ++b) {
-                blockIdx = dim3{(u32)(b % grid.x), (u32)((b / grid.x) % grid.y), (u32)(b / ((u64)grid.x * grid.y))};
-                e->call(params);
-                // Every thread leaves the block before the next one starts.
-                shared_state.bar->arrive_and_wait();
-            }
-        });
+            emu_fiber = &fibers[t];
+            emu_current = &fibers[t].ctx;
+            emu_context_switch(emu_launcher, fibers[t].ctx);
+            if (fibers[t].done) --live;
+        }
+        if (live > 0 && emu_progress == before) {
+            emu_block = nullptr;
+            return fail(std::string(name) + ": deadlock: the block's threads wait at different barriers");
+        }
     }
-    for (auto& th : pool) th.join();
+    emu_block = nullptr;
     return 0;
 }
 "#;

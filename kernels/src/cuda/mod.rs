@@ -13,8 +13,8 @@
 //! * [`gpu`] — [`CudaDevice`], a `Device` on a real GPU (cudarc's driver API,
 //!   cuBLAS for GEMMs).
 //! * [`emu`] — [`EmuDevice`], a `Device` in host memory that runs the *same*
-//!   kernel sources compiled as C++ by the host compiler, one OS thread per
-//!   CUDA thread (barriers for `__syncthreads` and warp shuffles). It lets the
+//!   kernel sources compiled as C++ by the host compiler, one fiber per CUDA
+//!   thread (barriers for `__syncthreads` and warp shuffles). It lets the
 //!   kernels and the whole backend be tested on machines with no GPU.
 //! * [`nccl`] — an NCCL communicator for all-reduce between GPUs.
 //! * [`ops`] — typed wrappers, one per kernel: shapes checked, launch

@@ -15,3 +15,33 @@ fn add_f32_adds_across_blocks() {
         assert_eq!(*g, 1.5 * i as f32, "at {i}");
     }
 }
+
+/// Launches the emulation's own barrier self-test over one block of 64.
+fn selftest(dev: &Arc<dyn Device>, waiters: u32, out: &DevBuf) -> crate::cuda::Result<()> {
+    // SAFETY: the self-test takes (u32, u32*) and writes 64 u32.
+    unsafe {
+        ops::launch(
+            &**dev,
+            crate::cuda::emu::SELFTEST_DEADLOCK,
+            crate::cuda::LaunchCfg::linear(1, 64),
+            &[ops::Arg::U32(waiters), ops::Arg::Ptr(out.ptr())],
+        )
+    }
+}
+
+#[test]
+fn emulation_reports_a_deadlock_and_recovers() {
+    let Some(dev) = emu() else { return };
+    let out = buf(&dev, &[0u32; 64]);
+    // Every thread at every barrier: runs through.
+    selftest(&dev, 64, &out).unwrap();
+    assert_eq!(out.read::<u32>(64).unwrap(), (0..64).collect::<Vec<u32>>());
+    // Five threads wait at barriers the others never reach: an error that
+    // says so, not a hang.
+    let err = selftest(&dev, 5, &out).unwrap_err().to_string();
+    assert!(err.contains("deadlock"), "{err}");
+    // The next launch starts clean.
+    let out = buf(&dev, &[0u32; 64]);
+    selftest(&dev, 64, &out).unwrap();
+    assert_eq!(out.read::<u32>(64).unwrap(), (0..64).collect::<Vec<u32>>());
+}
