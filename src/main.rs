@@ -287,7 +287,7 @@ enum BenchCommand {
 struct ThroughputArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Use a synthetic model of this shape (tiny, 135m, 1b, 8b) instead of a file.
+    /// Use a synthetic model of this shape (tiny, tiny32, 135m, 1b, 8b) instead of a file.
     #[arg(long, conflicts_with = "model")]
     synthetic: Option<String>,
     #[command(flatten)]
@@ -316,7 +316,7 @@ struct ThroughputArgs {
 struct LatencyArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Use a synthetic model of this shape (tiny, 135m, 1b, 8b) instead of a file.
+    /// Use a synthetic model of this shape (tiny, tiny32, 135m, 1b, 8b) instead of a file.
     #[arg(long, conflicts_with = "model")]
     synthetic: Option<String>,
     /// Prefill prompt length.

@@ -1,9 +1,12 @@
 //! The engine on a tiny synthetic model: every parallel layout, cancellation,
 //! overload, preemption and fault recovery, compared with the plain forward.
 
+mod common;
+
 use std::time::Duration;
 
 use actors::llm::{Engine, Event, FaultInjection, Request};
+use common::{finished_tokens, run_all};
 use framework::collective::SingleCollective;
 use framework::{BatchItem, LlamaConfig, LlamaShard, LogitsWanted, ShardSpec, WeightFormat};
 
@@ -37,15 +40,6 @@ fn prompts() -> Vec<Vec<u32>> {
         .collect()
 }
 
-fn finished_tokens(events: Vec<Event>) -> Vec<u32> {
-    let terminal: Vec<_> = events.iter().filter(|e| e.is_terminal()).collect();
-    assert_eq!(terminal.len(), 1, "exactly one terminal event: {events:?}");
-    match events.last() {
-        Some(Event::Finished { tokens, .. }) => tokens.clone(),
-        other => panic!("expected Finished, got {other:?}"),
-    }
-}
-
 fn engine(tp: usize, pp: usize, dp: usize) -> actors::llm::EngineBuilder {
     Engine::builder()
         .synthetic("tiny", 7)
@@ -53,17 +47,6 @@ fn engine(tp: usize, pp: usize, dp: usize) -> actors::llm::EngineBuilder {
         .tp(tp)
         .pp(pp)
         .dp(dp)
-}
-
-fn run_all(e: &Engine, n: usize) -> Vec<Vec<u32>> {
-    let streams: Vec<_> = prompts()
-        .into_iter()
-        .map(|p| e.generate(Request::greedy_tokens(p, n)).unwrap())
-        .collect();
-    streams
-        .into_iter()
-        .map(|s| finished_tokens(s.collect_blocking()))
-        .collect()
 }
 
 #[test]
@@ -78,7 +61,7 @@ fn every_layout_matches_the_plain_forward() {
         (2, 2, 2),
     ] {
         let e = engine(tp, pp, dp).build().unwrap();
-        let got = run_all(&e, 6);
+        let got = run_all(&e, prompts(), 6);
         assert_eq!(got, want, "tp={tp} pp={pp} dp={dp}");
         let s = e.stats().scheduler;
         assert_eq!(s.policy.kv_used, 0, "all blocks freed");
@@ -120,7 +103,7 @@ fn injected_faults_lose_nothing() {
             })
             .build()
             .unwrap();
-        let got = run_all(&e, 6);
+        let got = run_all(&e, prompts(), 6);
         assert_eq!(got, want, "panic={panic}");
         let st = e.stats();
         assert_eq!(st.scheduler.failed_steps, 2);

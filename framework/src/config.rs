@@ -91,16 +91,18 @@ impl LlamaConfig {
     }
 
     /// A named synthetic shape: `135m` (the reference model's shape), `1b`, `8b`,
-    /// or `tiny` (for tests).
+    /// or for tests `tiny` and `tiny32` (the same with head_dim 32, the CUDA
+    /// attention's granularity).
     pub fn synthetic(name: &str) -> Result<Self> {
         let (n_layers, hidden, n_heads, n_kv_heads, ffn, vocab) = match name {
             "tiny" => (2, 64, 4, 2, 128, 256),
+            "tiny32" => (2, 128, 4, 2, 256, 384),
             "135m" => (30, 576, 9, 3, 1536, 49152),
             "1b" => (16, 2048, 32, 8, 8192, 32000),
             "8b" => (32, 4096, 32, 8, 14336, 32000),
             other => {
                 return Err(Error::Config(format!(
-                    "unknown synthetic model '{other}' (choose tiny, 135m, 1b or 8b)"
+                    "unknown synthetic model '{other}' (choose tiny, tiny32, 135m, 1b or 8b)"
                 )))
             }
         };
@@ -169,7 +171,7 @@ mod tests {
 
     #[test]
     fn synthetic_shapes_validate() {
-        for name in ["tiny", "135m", "1b", "8b"] {
+        for name in ["tiny", "tiny32", "135m", "1b", "8b"] {
             let c = LlamaConfig::synthetic(name).unwrap();
             assert_eq!(c.hidden % c.n_heads, 0);
         }

@@ -792,17 +792,12 @@ mod tests {
 
     /// Small, with head_dim 32 (the CUDA attention's granularity) and GQA.
     fn config() -> LlamaConfig {
-        LlamaConfig {
-            n_layers: 2,
-            hidden: 128,
-            n_heads: 4,
-            n_kv_heads: 2,
-            ffn: 256,
-            vocab: 384,
-            context: 256,
-            rms_eps: 1e-5,
-            rope_base: 10_000.0,
-        }
+        let c = LlamaConfig::synthetic("tiny32").unwrap();
+        assert_eq!(
+            (c.head_dim(), c.n_heads, c.n_kv_heads, c.vocab),
+            (32, 4, 2, 384)
+        );
+        c
     }
 
     /// The emulated GPU; `None` (printed) only where no C++ compiler exists.

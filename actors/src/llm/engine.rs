@@ -33,7 +33,7 @@ pub enum ModelSource {
     Gguf(PathBuf),
     /// A synthetic model (random weights; no tokenizer, so prompts are token ids).
     Synthetic {
-        /// Preset name: tiny, 135m, 1b or 8b.
+        /// Preset name: tiny, tiny32, 135m, 1b or 8b.
         name: String,
         /// Weight seed.
         seed: u64,
@@ -213,10 +213,15 @@ impl EngineConfig {
         }
     }
 
-    /// KV blocks per replica.
+    /// KV blocks per replica: `kv_blocks`, or as many as `kv_memory_bytes`
+    /// holds at the backend's element size (f32 on the CPU, 16 bits on CUDA).
     pub fn kv_blocks(&self, model: &LlamaConfig) -> usize {
+        let elem = match self.compute {
+            Compute::Cpu => 4,
+            Compute::Cuda { .. } | Compute::CudaEmulated { .. } => 2,
+        };
         self.kv_blocks.unwrap_or_else(|| {
-            let per_position = model.n_layers * 2 * model.n_kv_heads * model.head_dim() * 4;
+            let per_position = model.n_layers * 2 * model.n_kv_heads * model.head_dim() * elem;
             self.kv_memory_bytes / (per_position * self.block_size).max(1)
         })
     }
@@ -657,5 +662,34 @@ impl Engine {
     /// every request finished.
     pub fn shutdown_timeout(self, timeout: Duration) -> bool {
         self.pipeline.shutdown(timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_memory_holds_twice_the_blocks_at_16_bits() {
+        let model = LlamaConfig::synthetic("135m").unwrap();
+        // 30 layers · K and V · 3 kv heads · 64 · 4 bytes · 16 positions.
+        let per_block_f32 = 30 * 2 * 3 * 64 * 4 * 16;
+        let cpu = EngineConfig {
+            kv_memory_bytes: 100 * per_block_f32,
+            ..EngineConfig::default()
+        };
+        assert_eq!(cpu.kv_blocks(&model), 100);
+        let cuda = EngineConfig {
+            compute: Compute::CudaEmulated {
+                options: CudaOptions::default(),
+            },
+            ..cpu.clone()
+        };
+        assert_eq!(cuda.kv_blocks(&model), 200);
+        let fixed = EngineConfig {
+            kv_blocks: Some(7),
+            ..cuda
+        };
+        assert_eq!(fixed.kv_blocks(&model), 7);
     }
 }
