@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{golden, ids, model, model_path};
+use common::{finished, golden, ids, model, model_path, run, sixty_four_prompts};
 use parallm::actors::llm::FaultInjection;
 use parallm::actors::SubmitError;
 use parallm::framework::collective::SingleCollective;
@@ -27,31 +27,6 @@ fn golden_prompts() -> Vec<Vec<u32>> {
         .expect("cases")
         .iter()
         .map(|c| ids(&c["prompt_tokens"]))
-        .collect()
-}
-
-/// The terminal event's tokens, checking there is exactly one terminal event.
-fn finished(events: &[Event]) -> Vec<u32> {
-    let terminal = events.iter().filter(|e| e.is_terminal()).count();
-    assert_eq!(terminal, 1, "exactly one terminal event: {events:?}");
-    match events.last() {
-        Some(Event::Finished { tokens, .. }) => tokens.clone(),
-        other => panic!("expected a finished request, got {other:?}"),
-    }
-}
-
-fn run(engine: &Engine, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
-    let streams: Vec<_> = prompts
-        .iter()
-        .map(|p| {
-            engine
-                .generate(Request::greedy_tokens(p.clone(), n))
-                .expect("admitted")
-        })
-        .collect();
-    streams
-        .into_iter()
-        .map(|s| finished(&s.collect_blocking()))
         .collect()
 }
 
@@ -148,15 +123,7 @@ fn every_parallel_layout_gives_the_greedy_tokens_of_tp1() {
 
 #[test]
 fn sixty_four_concurrent_requests_match_their_solo_runs() {
-    let tok = common::tokenizer();
-    let base =
-        "Parallel inference splits a model across devices and serves many requests at once. ";
-    let prompts: Vec<Vec<u32>> = (0..64)
-        .map(|i| {
-            let text = format!("Request {i}: {}Then {i} more", base.repeat(i % 9));
-            tok.encode(&text).expect("tokenizes")
-        })
-        .collect();
+    let prompts = sixty_four_prompts();
     let lens: Vec<_> = prompts.iter().map(Vec::len).collect();
     assert!(lens.iter().max() > lens.iter().min(), "mixed lengths");
     let e = builder().build().expect("engine");

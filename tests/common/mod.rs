@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use parallm::framework::{GgufFile, LlamaShard, ShardSpec, Tokenizer, WeightFormat};
+use parallm::{Engine, Event, Request};
 
 /// The reference model's path, fetched on first use.
 pub fn model_path() -> PathBuf {
@@ -80,4 +81,44 @@ pub fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// The terminal event's tokens, checking there is exactly one terminal event.
+pub fn finished(events: &[Event]) -> Vec<u32> {
+    let terminal = events.iter().filter(|e| e.is_terminal()).count();
+    assert_eq!(terminal, 1, "exactly one terminal event: {events:?}");
+    match events.last() {
+        Some(Event::Finished { tokens, .. }) => tokens.clone(),
+        other => panic!("expected a finished request, got {other:?}"),
+    }
+}
+
+/// Every prompt submitted at once for `n` greedy tokens; each one's tokens.
+pub fn run(engine: &Engine, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            engine
+                .generate(Request::greedy_tokens(p.clone(), n))
+                .expect("admitted")
+        })
+        .collect();
+    streams
+        .into_iter()
+        .map(|s| finished(&s.collect_blocking()))
+        .collect()
+}
+
+/// 64 prompts of mixed lengths (tens to about 170 tokens) for the
+/// concurrency tests.
+pub fn sixty_four_prompts() -> Vec<Vec<u32>> {
+    let tok = tokenizer();
+    let base =
+        "Parallel inference splits a model across devices and serves many requests at once. ";
+    (0..64)
+        .map(|i| {
+            let text = format!("Request {i}: {}Then {i} more", base.repeat(i % 9));
+            tok.encode(&text).expect("tokenizes")
+        })
+        .collect()
 }

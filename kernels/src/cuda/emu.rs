@@ -10,8 +10,9 @@
 //! and launches of the whole process run one at a time (`__shared__`
 //! variables are function statics). Threads of a block that wait at
 //! different barriers fail the launch as a deadlock instead of hanging.
-//! Memory is host memory: a [`DevPtr`] is a host address. GEMMs are plain f32
-//! loops over the 16-bit inputs, summed in order.
+//! Memory is host memory: a [`DevPtr`] is a host address. GEMMs widen the
+//! 16-bit inputs to f32 and run the CPU backend's f32 GEMM (f32 accumulation,
+//! like cuBLAS with `CUBLAS_COMPUTE_32F`).
 //!
 //! This is a test device: slow, but it runs the same kernel text as the GPU,
 //! with real barriers and warp exchanges, so indexing, synchronization and
@@ -401,28 +402,21 @@ impl Device for EmuDevice {
         };
         let to = |v: u16| g.dtype.to_f32(v);
         let bf: Vec<f32> = b.iter().map(|&v| to(v)).collect();
-        for i in 0..g.m {
-            let arow: Vec<f32> = a[i * g.lda..i * g.lda + g.k]
-                .iter()
-                .map(|&v| to(v))
-                .collect();
-            for j in 0..g.n {
-                let brow = &bf[j * g.k..(j + 1) * g.k];
-                let mut acc = 0f32;
-                for (x, w) in arow.iter().zip(brow) {
-                    acc += x * w;
-                }
-                let idx = i * g.n + j;
-                // SAFETY: idx < m·n, inside the checked C range.
-                unsafe {
-                    if g.c_f32 {
-                        let c = (g.c as *mut f32).add(idx);
-                        *c = if g.accumulate { *c + acc } else { acc };
-                    } else {
-                        let c = (g.c as *mut u16).add(idx);
-                        let prev = if g.accumulate { to(*c) } else { 0.0 };
-                        *c = g.dtype.from_f32(prev + acc);
-                    }
+        let af: Vec<f32> = (0..g.m)
+            .flat_map(|i| a[i * g.lda..i * g.lda + g.k].iter().map(|&v| to(v)))
+            .collect();
+        let mut y = vec![0f32; g.m * g.n];
+        crate::cpu::skinny::matmul_xwt(&af, g.m, &bf, g.n, g.k, &mut y);
+        for (idx, acc) in y.into_iter().enumerate() {
+            // SAFETY: idx < m·n, inside the checked C range.
+            unsafe {
+                if g.c_f32 {
+                    let c = (g.c as *mut f32).add(idx);
+                    *c = if g.accumulate { *c + acc } else { acc };
+                } else {
+                    let c = (g.c as *mut u16).add(idx);
+                    let prev = if g.accumulate { to(*c) } else { 0.0 };
+                    *c = g.dtype.from_f32(prev + acc);
                 }
             }
         }
