@@ -1,0 +1,325 @@
+//! Starting and driving a pipeline: the four stages wired together on an actix
+//! system that runs on its own threads, behind a handle any thread can use.
+//!
+//! [`Pipeline::start`] spawns the control thread (queue and scheduler live
+//! there), one arbiter thread for the merger and one per compute node, builds
+//! every node's worker on its own thread, and returns once all are ready — or
+//! with the first node's error. [`Pipeline::shutdown`] stops admitting, waits
+//! for admitted tasks to finish, then stops every thread.
+//!
+//! The handle reads the pipeline's figures without messaging any actor: the
+//! scheduler publishes them after every message it handles, the queue keeps
+//! the count of tasks it accepted that the scheduler has not yet taken in, and
+//! each node writes its own counters. Reading them never blocks on a busy
+//! actor.
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll, Wake, Waker};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+
+use crate::merger::MergerActor;
+use crate::node::{NodeActor, NodeCounters, NodeStats};
+use crate::queue::{Cancel, Close, QueueActor, QueueLinks, Submit};
+use crate::scheduler::{SchedulerActor, SchedulerLinks, SchedulerState, SchedulerStats};
+use crate::traits::{
+    Merge, NodeId, NodeWorker, Policy, SubmitError, Supervision, TaskId, WorkerFactory,
+};
+
+/// Metric names the kit records under, given by the instance (`None`: not
+/// recorded). The kit defines no names of its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KitMetrics {
+    /// Gauge of tasks waiting in the queue (label `stage="queue"`).
+    pub queue_waiting: Option<&'static str>,
+    /// Counter of node restarts (label `node="r{replica}.n{index}"`).
+    pub node_restarts: Option<&'static str>,
+}
+
+/// The shape of a pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PipelineConfig {
+    /// Tasks the queue holds before it answers `Overloaded`.
+    pub queue_capacity: usize,
+    /// Data-parallel replicas.
+    pub replicas: usize,
+    /// Compute nodes per replica.
+    pub nodes_per_replica: usize,
+    /// Steps a replica may have in flight at once.
+    pub max_steps_in_flight: usize,
+    /// Retry limits.
+    pub supervision: Supervision,
+    /// Where the kit records its metrics.
+    pub metrics: KitMetrics,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 1024,
+            replicas: 1,
+            nodes_per_replica: 1,
+            max_steps_in_flight: 1,
+            supervision: Supervision::default(),
+            metrics: KitMetrics::default(),
+        }
+    }
+}
+
+/// Cancels tasks of a pipeline from anywhere (cheap to clone).
+#[derive(Clone)]
+pub struct Canceller(Recipient<Cancel>);
+
+impl Canceller {
+    /// Cancels `task` wherever it is; it ends as cancelled unless it already
+    /// ended.
+    pub fn cancel(&self, task: TaskId) {
+        self.0.do_send(Cancel(task));
+    }
+}
+
+impl std::fmt::Debug for Canceller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Canceller")
+    }
+}
+
+/// A running pipeline for policy `P` whose tasks register `R` with the merger.
+pub struct Pipeline<P: Policy, R: Send + 'static> {
+    queue: Addr<QueueActor<P::Task, R>>,
+    system: System,
+    thread: Option<JoinHandle<()>>,
+    nodes: Arc<NodeStats>,
+    queued: Arc<AtomicUsize>,
+    published: Arc<Mutex<SchedulerStats<P::Stats>>>,
+}
+
+type Started<P, R> = (Addr<QueueActor<<P as Policy>::Task, R>>, System);
+
+impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
+    /// Starts the stages and builds every node's worker with `factory`.
+    pub fn start<W, M>(
+        policy: P,
+        merge: M,
+        factory: WorkerFactory<W>,
+        cfg: PipelineConfig,
+    ) -> Result<Self, String>
+    where
+        W: NodeWorker<Work = P::Work, Links = P::Links>,
+        M: Merge<Step = P::Step, Output = W::Output, Registration = R, Verdict = P::Verdict>,
+    {
+        if cfg.replicas == 0 || cfg.nodes_per_replica == 0 || cfg.queue_capacity == 0 {
+            return Err(format!(
+                "a pipeline needs at least one replica, node and queue slot: {cfg:?}"
+            ));
+        }
+        if policy.replicas() != cfg.replicas {
+            return Err(format!(
+                "the policy has {} replicas, the pipeline {}",
+                policy.replicas(),
+                cfg.replicas
+            ));
+        }
+        let nodes = NodeStats::new(cfg.replicas, cfg.nodes_per_replica);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let published = Arc::new(Mutex::new(SchedulerStats::default()));
+        let (node_stats, queue_len, sched_stats) =
+            (nodes.clone(), queued.clone(), published.clone());
+        let (tx, rx) = std::sync::mpsc::channel::<Started<P, R>>();
+        let (ready_tx, ready_rx) = crossbeam::channel::unbounded::<(NodeId, Option<String>)>();
+        let thread = std::thread::Builder::new()
+            .name("parallm-control".into())
+            .spawn(move || {
+                let sys = System::new();
+                let arbiters = sys.block_on(async move {
+                    let sched_ctx: Context<SchedulerActor<P>> = Context::new();
+                    let sched = sched_ctx.address();
+                    let merger_arbiter = Arbiter::new();
+                    let done = sched.clone().recipient();
+                    let merger = MergerActor::start_in_arbiter(&merger_arbiter.handle(), |_| {
+                        MergerActor::new(merge, done)
+                    });
+                    let mut arbiters = vec![merger_arbiter];
+                    let mut addrs = Vec::new();
+                    for replica in 0..cfg.replicas {
+                        let mut row = Vec::new();
+                        for index in 0..cfg.nodes_per_replica {
+                            let id = NodeId { replica, index };
+                            let arbiter = Arbiter::new();
+                            let (f, m, st, rt) = (
+                                factory.clone(),
+                                merger.clone().recipient(),
+                                node_stats.clone(),
+                                ready_tx.clone(),
+                            );
+                            let addr = Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
+                                let worker = f(id);
+                                let _ = rt.send((id, worker.as_ref().err().cloned()));
+                                NodeActor::new(id, f, worker, m, (st, cfg.metrics))
+                            });
+                            row.push(addr.recipient());
+                            arbiters.push(arbiter);
+                        }
+                        addrs.push(row);
+                    }
+                    let queue = QueueActor::new(
+                        cfg.queue_capacity,
+                        QueueLinks {
+                            admit: sched.clone().recipient(),
+                            cancel: sched.clone().recipient(),
+                            register: merger.clone().recipient(),
+                            end: merger.clone().recipient(),
+                        },
+                        queue_len.clone(),
+                        cfg.metrics,
+                    )
+                    .start();
+                    let scheduler = SchedulerActor::new(
+                        SchedulerState::new(policy, cfg.supervision, cfg.max_steps_in_flight),
+                        SchedulerLinks {
+                            nodes: addrs,
+                            expect: merger.clone().recipient(),
+                            end: merger.recipient(),
+                            queue: queue.clone().recipient(),
+                        },
+                        (sched_stats, queue_len),
+                    );
+                    sched_ctx.run(scheduler);
+                    let _ = tx.send((queue, System::current()));
+                    arbiters
+                });
+                let _ = sys.run();
+                for a in arbiters {
+                    a.stop();
+                    let _ = a.join();
+                }
+            })
+            .map_err(|e| format!("cannot spawn the control thread: {e}"))?;
+        let Ok((queue, system)) = rx.recv() else {
+            let _ = thread.join();
+            return Err("the actor system failed to start".into());
+        };
+        let mut pipeline = Self {
+            queue,
+            system,
+            thread: Some(thread),
+            nodes,
+            queued,
+            published,
+        };
+        let mut errors = Vec::new();
+        for _ in 0..cfg.replicas * cfg.nodes_per_replica {
+            match ready_rx.recv() {
+                Ok((_, None)) => {}
+                Ok((id, Some(e))) => errors.push(format!("{id}: {e}")),
+                Err(_) => {
+                    errors.push("a node thread ended before its worker was built".into());
+                    break;
+                }
+            }
+        }
+        if !errors.is_empty() {
+            pipeline.stop();
+            return Err(errors.join("; "));
+        }
+        Ok(pipeline)
+    }
+
+    /// Submits a task and the requester's part of it; answers at once
+    /// (`Overloaded` when the queue is full). Blocks the calling thread until
+    /// the queue answered: not for the pipeline's own threads.
+    pub fn submit(&self, task: P::Task, reg: R) -> Result<(), SubmitError> {
+        block_on(self.submit_async(task, reg))
+    }
+
+    /// Submits a task from async code.
+    pub async fn submit_async(&self, task: P::Task, reg: R) -> Result<(), SubmitError> {
+        self.queue
+            .send(Submit(task, reg))
+            .await
+            .map_err(|_| SubmitError::Stopped)?
+    }
+
+    /// Cancels a task wherever it is; it ends as cancelled (unless it already
+    /// ended).
+    pub fn cancel(&self, task: TaskId) {
+        self.queue.do_send(Cancel(task));
+    }
+
+    /// A handle that cancels tasks of this pipeline.
+    pub fn canceller(&self) -> Canceller {
+        Canceller(self.queue.clone().recipient())
+    }
+
+    /// The scheduler's latest figures, with the queue's tasks in `queued`;
+    /// never waits for an actor.
+    pub fn stats(&self) -> SchedulerStats<P::Stats> {
+        let queued = self.queued.load(Ordering::Acquire);
+        let mut s = self.published.lock().map(|s| s.clone()).unwrap_or_default();
+        s.queued = queued;
+        s.idle &= queued == 0;
+        s
+    }
+
+    /// Every node's counters, in node order.
+    pub fn node_stats(&self) -> Vec<(NodeId, NodeCounters)> {
+        self.nodes.snapshot()
+    }
+
+    /// Stops admitting, waits up to `timeout` for admitted tasks to finish, then
+    /// stops every thread. Returns whether everything finished in time; tasks
+    /// still held then end with an error.
+    pub fn shutdown(mut self, timeout: Duration) -> bool {
+        self.queue.do_send(Close);
+        let t0 = Instant::now();
+        let drained = loop {
+            if self.stats().idle {
+                break true;
+            }
+            if t0.elapsed() >= timeout {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        self.stop();
+        drained
+    }
+
+    fn stop(&mut self) {
+        self.system.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl<P: Policy, R: Send + 'static> Drop for Pipeline<P, R> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs a future to completion on the calling thread (which parks while it
+/// waits).
+pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = TaskContext::from_waker(&waker);
+    let mut f = pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
