@@ -6,8 +6,10 @@
 //! model ([`fetch`]), loading a model with its tokenizer ([`load`]), the
 //! latency benchmark ([`bench`]) and the engine throughput benchmark
 //! ([`throughput`]), the launcher's layered configuration ([`config`]) and
-//! the OpenAI-compatible HTTP server ([`serve`]). The actor pipeline and its [`Engine`] come from the
-//! `actors` crate, re-exported whole.
+//! the OpenAI-compatible HTTP server ([`serve`]). The general kit (queue,
+//! scheduler, compute nodes, merger; the one-shot short path) is the [`kit`]
+//! crate, and the LLM engine built on it, with its [`Engine`], the `actors`
+//! crate; both are re-exported whole.
 
 pub mod bench;
 pub mod bench_serve;
@@ -18,6 +20,7 @@ pub mod serve;
 pub mod throughput;
 
 pub use actors;
+pub use actors::kit;
 pub use actors::llm::{
     BeamParams, Engine, EngineBuilder, EngineConfig, EngineError, Event, EventStream, Prompt,
     Request, Usage,

@@ -120,6 +120,26 @@ fn map_reduce_survives_a_node_failure() {
 }
 
 #[test]
+fn doc_pipeline_ranks_as_the_serial_computation() {
+    let (stdout, _) = run("doc_pipeline", &[]);
+    let lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains(": pipeline "))
+        .collect();
+    assert_eq!(lines.len(), 5, "five rankings:\n{stdout}");
+    assert!(lines.iter().all(|l| l.ends_with(" ok")), "{stdout}");
+    assert!(
+        stdout.contains("all 5 rankings match the serial computation (5 steps)"),
+        "{stdout}"
+    );
+    // The query about failed nodes finds the sentence about restarts.
+    assert!(
+        stdout.contains("best: \"A failed node is restarted"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn embed_engine_finishes_every_request_on_the_synthetic_model() {
     let (stdout, _) = run("embed_engine", &["--synthetic"]);
     let mut seen: Vec<usize> = stdout

@@ -61,7 +61,7 @@ fn concurrent_requests_on_emulated_cuda_nodes_match_the_cpu_engine() {
         let e = engine(f16.clone(), tp, pp);
         let got = run_all(&e, prompts(), 8);
         assert_eq!(got, want, "tp={tp} pp={pp}");
-        let s = e.stats();
+        let s = common::idle_stats(&e);
         assert_eq!(s.scheduler.policy.kv_used, 0, "all blocks freed");
         assert_eq!(s.nodes.len(), tp * pp, "one node per rank and stage");
         assert!(e.shutdown_timeout(Duration::from_secs(10)));

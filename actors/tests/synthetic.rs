@@ -63,7 +63,7 @@ fn every_layout_matches_the_plain_forward() {
         let e = engine(tp, pp, dp).build().unwrap();
         let got = run_all(&e, prompts(), 6);
         assert_eq!(got, want, "tp={tp} pp={pp} dp={dp}");
-        let s = e.stats().scheduler;
+        let s = common::idle_stats(&e).scheduler;
         assert_eq!(s.policy.kv_used, 0, "all blocks freed");
         assert!(e.shutdown_timeout(Duration::from_secs(10)));
     }
@@ -84,7 +84,7 @@ fn kv_exhaustion_preempts_and_still_completes() {
         .map(|s| finished_tokens(s.collect_blocking()))
         .collect();
     assert_eq!(got, want);
-    let s = e.stats().scheduler;
+    let s = common::idle_stats(&e).scheduler;
     assert!(s.policy.preemptions > 0, "{s:?}");
     assert_eq!(s.policy.kv_used, 0);
 }
@@ -105,7 +105,7 @@ fn injected_faults_lose_nothing() {
             .unwrap();
         let got = run_all(&e, prompts(), 6);
         assert_eq!(got, want, "panic={panic}");
-        let st = e.stats();
+        let st = common::idle_stats(&e);
         assert_eq!(st.scheduler.failed_steps, 2);
         assert_eq!(st.nodes[3].1.restarts, 2, "{:?}", st.nodes);
     }
@@ -184,4 +184,33 @@ fn shutdown_drains_admitted_requests() {
     for s in streams {
         assert_eq!(finished_tokens(s.collect_blocking()).len(), 8);
     }
+}
+
+/// A library user who drops a stream mid-generation cancels its request: the
+/// request stops within a step or two of the drop (it asked for far more
+/// tokens) and its KV blocks are freed.
+#[test]
+fn dropping_a_stream_cancels_its_request() {
+    // A model slow enough that 1000 tokens take seconds.
+    let e = Engine::builder().synthetic("135m", 7).build().unwrap();
+    let mut s = e
+        .generate(Request::greedy_tokens(vec![1, 2, 3], 1000))
+        .unwrap();
+    for _ in 0..3 {
+        assert!(matches!(s.next_blocking(), Some(Event::Token { .. })));
+    }
+    let before = e.stats().scheduler.steps;
+    assert!(e.stats().scheduler.policy.kv_used > 0);
+    drop(s);
+    let st = common::idle_stats(&e).scheduler;
+    assert!(st.idle, "the request still runs: {st:?}");
+    assert_eq!(st.policy.kv_used, 0, "{st:?}");
+    // At most the step in flight and one dispatched before the cancellation
+    // arrived.
+    assert!(
+        st.steps - before <= 2,
+        "{} steps after the drop",
+        st.steps - before
+    );
+    e.shutdown();
 }

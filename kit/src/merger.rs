@@ -71,10 +71,13 @@ struct Pending<S, O> {
     info: Option<S>,
     expected: Vec<usize>,
     outputs: Vec<(usize, O)>,
-    failures: Vec<(NodeId, NodeError)>,
+    failures: Failures,
     got: usize,
     compute: Duration,
 }
+
+/// The nodes that failed a step, and why.
+pub type Failures = Vec<(NodeId, NodeError)>;
 
 /// A step whose nodes have all reported.
 pub struct Complete<S, O> {
@@ -85,7 +88,7 @@ pub struct Complete<S, O> {
     /// The policy's description of it.
     pub info: S,
     /// Every node's output in node order, or the failures.
-    pub result: Result<Vec<(usize, O)>, Vec<(NodeId, NodeError)>>,
+    pub result: Result<Vec<(usize, O)>, Failures>,
     /// The slowest node's compute time.
     pub compute: Duration,
 }

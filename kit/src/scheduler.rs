@@ -54,7 +54,7 @@ pub struct StepDone<V> {
     /// The step.
     pub step: StepId,
     /// The verdict, or the nodes that failed.
-    pub result: Result<V, Vec<(NodeId, NodeError)>>,
+    pub result: Result<V, crate::merger::Failures>,
     /// The slowest node's compute time.
     pub compute: Duration,
     /// Time spent merging.
@@ -283,6 +283,10 @@ impl<P: Policy> SchedulerState<P> {
     }
 }
 
+/// The figures the scheduler publishes and the queue's count of tasks not yet
+/// taken in, shared with the pipeline handle.
+pub(crate) type Published<S> = (Arc<Mutex<SchedulerStats<S>>>, Arc<AtomicUsize>);
+
 /// Every replica's nodes, `[replica][index]`.
 pub type ReplicaNodes<P> = Vec<Vec<Recipient<RunStep<<P as Policy>::Work, <P as Policy>::Links>>>>;
 
@@ -309,7 +313,7 @@ impl<P: Policy> SchedulerActor<P> {
     pub(crate) fn new(
         state: SchedulerState<P>,
         links: SchedulerLinks<P>,
-        (published, queued): (Arc<Mutex<SchedulerStats<P::Stats>>>, Arc<AtomicUsize>),
+        (published, queued): Published<P::Stats>,
     ) -> Self {
         Self {
             state,

@@ -7,7 +7,7 @@
 //! valid requests are ever admitted — and returns its [`EventStream`].
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,14 +17,16 @@ use framework::cuda::{CudaOptions, CudaShard, CudaShardSpec, DeviceHandle, TpGro
 use framework::generate::validate_prompt;
 use framework::{Error, GgufFile, LlamaConfig, LlamaShard, ShardSpec, Tokenizer, WeightFormat};
 
-use crate::kit::{NodeId, SubmitError, Supervision, TaskId, WorkerFactory};
-use crate::llm::merge::LlmMerger;
+use kit::{
+    KitMetrics, NodeCounters, NodeId, Pipeline, PipelineConfig, SubmitError, Supervision, TaskId,
+    WorkerFactory,
+};
+
+use crate::llm::merge::{LlmMerger, Registration};
 use crate::llm::policy::{LlmPolicy, ReplicaShape};
 use crate::llm::task::{EventStream, LlmTask, Prompt, Request, Responder};
 use crate::llm::worker::{stage_layers, FaultInjection, FaultState, LlmWorker, Shard};
-use crate::node::NodeCounters;
-use crate::pipeline::{Pipeline, PipelineConfig};
-use crate::scheduler::SchedulerStats;
+use crate::SchedulerStats;
 
 /// Where the engine's model comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,8 +90,13 @@ pub struct EngineConfig {
     pub kv_memory_bytes: usize,
     /// Failed steps a request survives before it ends with an error.
     pub max_retries: u32,
-    /// Micro-batches per step (default: the pipeline depth).
+    /// Micro-batches per step (default: the pipeline depth divided by the
+    /// steps in flight, at least 1).
     pub micro_batches: Option<usize>,
+    /// Steps a replica may have in flight, each on its own lane of requests
+    /// and KV blocks (default: the pipeline depth, so that every stage can
+    /// work on a step of its own).
+    pub steps_in_flight: Option<usize>,
     /// Compute threads of each node's own pool (0: the machine's compute
     /// threads divided among all nodes, at least 1 each).
     pub threads_per_node: usize,
@@ -118,6 +125,7 @@ impl Default for EngineConfig {
             kv_memory_bytes: 1 << 30,
             max_retries: 3,
             micro_batches: None,
+            steps_in_flight: None,
             threads_per_node: 0,
             fault: None,
             compute: Compute::Cpu,
@@ -173,6 +181,19 @@ impl EngineConfig {
         if self.micro_batches == Some(0) {
             return Err(bad_config("micro_batches", "must be at least 1"));
         }
+        if self.steps_in_flight == Some(0) {
+            return Err(bad_config("steps_in_flight", "must be at least 1"));
+        }
+        if self.kv_blocks(model) < self.lanes() {
+            return Err(bad_config(
+                "kv_blocks",
+                format!(
+                    "{} KV blocks cannot be shared by {} steps in flight",
+                    self.kv_blocks(model),
+                    self.lanes()
+                ),
+            ));
+        }
         if self.kv_blocks(model) == 0 {
             return Err(bad_config(
                 "kv_blocks",
@@ -202,6 +223,11 @@ impl EngineConfig {
             }
         }
         Ok(())
+    }
+
+    /// Steps a replica has in flight: `steps_in_flight`, or the pipeline depth.
+    pub fn lanes(&self) -> usize {
+        self.steps_in_flight.unwrap_or(self.pp).max(1)
     }
 
     /// Compute threads per node: `threads_per_node`, or an even share of the
@@ -307,6 +333,12 @@ impl EngineBuilder {
         self
     }
 
+    /// Steps in flight per replica.
+    pub fn steps_in_flight(mut self, n: usize) -> Self {
+        self.cfg.steps_in_flight = Some(n);
+        self
+    }
+
     setter! {
         /// Weight format.
         weights: WeightFormat,
@@ -374,7 +406,7 @@ pub struct EngineStats {
 
 /// A running inference engine.
 pub struct Engine {
-    pipeline: Pipeline<LlmPolicy>,
+    pipeline: Pipeline<LlmPolicy, Registration>,
     tokenizer: Option<Arc<Tokenizer>>,
     chat: Option<ChatTemplate>,
     model: LlamaConfig,
@@ -426,9 +458,10 @@ impl Engine {
             max_running: cfg.max_running,
             block_size: cfg.block_size,
             kv_blocks,
-            micro_batches: cfg.micro_batches.unwrap_or(cfg.pp),
+            micro_batches: cfg.micro_batches.unwrap_or(cfg.pp.div_ceil(cfg.lanes())),
         };
-        let policy = LlmPolicy::new(shape, cfg.dp, batch.clone());
+        let lanes = cfg.lanes();
+        let policy = LlmPolicy::new(shape, cfg.dp, batch.clone(), lanes);
         let merger = LlmMerger::new(tokenizer.clone(), model.context);
         let fault = cfg.fault.map(FaultState::new);
         let (source, format, n_layers) = (cfg.model.clone(), cfg.weights, model.n_layers);
@@ -511,9 +544,15 @@ impl Engine {
                 queue_capacity: cfg.queue_capacity,
                 replicas: cfg.dp,
                 nodes_per_replica: shape.nodes(),
+                // One step per lane; the policy never plans more.
+                max_steps_in_flight: lanes,
                 supervision: Supervision {
                     max_retries: cfg.max_retries,
                     ..Supervision::default()
+                },
+                metrics: KitMetrics {
+                    queue_waiting: Some(framework::metrics::REQUESTS_WAITING),
+                    node_restarts: Some(framework::metrics::NODE_RESTARTS),
                 },
             },
         )
@@ -523,7 +562,8 @@ impl Engine {
             tokenizer,
             chat,
             model,
-            kv_positions: batch.kv_positions(),
+            // What one lane holds: a request lives in one lane.
+            kv_positions: (batch.kv_blocks / lanes) * batch.block_size,
             cfg,
             next_id: AtomicU64::new(1),
         })
@@ -568,10 +608,9 @@ impl Engine {
     /// error: invalid request (naming the field), or `Overloaded` when the queue
     /// is full.
     pub fn generate(&self, req: Request) -> Result<EventStream, EngineError> {
-        let task = self.prepare(req).inspect_err(count_refusal)?;
-        let stream = task.1;
+        let (task, reg, stream) = self.prepare(req).inspect_err(count_refusal)?;
         self.pipeline
-            .submit(task.0)
+            .submit(task, reg)
             .map_err(EngineError::from)
             .inspect_err(count_refusal)?;
         Ok(stream)
@@ -579,17 +618,18 @@ impl Engine {
 
     /// [`Engine::generate`] for async callers.
     pub async fn generate_async(&self, req: Request) -> Result<EventStream, EngineError> {
-        let task = self.prepare(req).inspect_err(count_refusal)?;
-        let stream = task.1;
+        let (task, reg, stream) = self.prepare(req).inspect_err(count_refusal)?;
         self.pipeline
-            .submit_async(task.0)
+            .submit_async(task, reg)
             .await
             .map_err(EngineError::from)
             .inspect_err(count_refusal)?;
         Ok(stream)
     }
 
-    fn prepare(&self, req: Request) -> Result<(LlmTask, EventStream), EngineError> {
+    /// Validates and tokenizes `req` into its scheduling part, its merger part
+    /// and the stream its events will reach.
+    fn prepare(&self, req: Request) -> Result<(LlmTask, Registration, EventStream), EngineError> {
         req.params.validate()?;
         let prompt = self.tokenize(&req.prompt)?;
         validate_prompt(&prompt, req.params.max_tokens, self.model.context)?;
@@ -614,29 +654,39 @@ impl Engine {
             return Err(bad(
                 "max_tokens",
                 format!(
-                    "{} prompt tokens plus {} new tokens{} need {need} KV positions; a replica holds {}",
+                    "{} prompt tokens plus {} new tokens{} need {need} KV positions; a replica holds {}{}",
                     prompt.len(),
                     req.params.max_tokens,
                     if width > 1 { format!(" in each of {width} beams") } else { String::new() },
-                    self.kv_positions
+                    self.kv_positions,
+                    match self.cfg.lanes() {
+                        1 => String::new(),
+                        n => format!(" in each of its {n} lanes (steps_in_flight)"),
+                    }
                 ),
             )
             .into());
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (responder, stream) = Responder::channel(id);
-        Ok((
-            LlmTask {
-                id,
-                priority: req.priority,
-                prompt,
-                params: req.params,
-                beam: req.beam,
-                responder,
-                arrived: std::time::Instant::now(),
-            },
-            stream,
-        ))
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let (responder, stream) =
+            Responder::channel(id, self.pipeline.canceller(), abandoned.clone());
+        let arrived = std::time::Instant::now();
+        let reg = Registration {
+            prompt: prompt.clone(),
+            params: req.params,
+            beam: req.beam,
+            responder,
+            arrived,
+        };
+        let task = LlmTask {
+            id,
+            priority: req.priority,
+            prompt,
+            arrived,
+            abandoned,
+        };
+        Ok((task, reg, stream))
     }
 
     /// Cancels a request wherever it is; its stream ends with `Cancelled`
@@ -648,7 +698,7 @@ impl Engine {
     /// Current figures.
     pub fn stats(&self) -> EngineStats {
         EngineStats {
-            scheduler: self.pipeline.stats().unwrap_or_default(),
+            scheduler: self.pipeline.stats(),
             nodes: self.pipeline.node_stats(),
         }
     }

@@ -22,31 +22,23 @@ use framework::sampling::{log_softmax, Sampler, StopMatcher};
 use framework::tokenizer::StreamDecoder;
 use framework::{FinishReason, GroupId, Logits, Tokenizer};
 
-use crate::kit::{End, Merge, TaskId};
-use crate::llm::task::{BeamOutput, Event, LlmTask, Responder, Usage};
+use kit::{End, Merge, TaskId};
 
-/// The merger's part of an admitted request.
+use crate::llm::task::{BeamOutput, BeamParams, Event, Responder, Usage};
+
+/// The merger's part of a submitted request: everything about it but its
+/// scheduling.
 pub struct Registration {
-    id: TaskId,
-    prompt: Vec<u32>,
-    params: framework::SamplingParams,
-    beam: Option<crate::llm::task::BeamParams>,
-    responder: Responder,
-    arrived: Instant,
-}
-
-impl Registration {
-    /// Takes the merger's part of `task`.
-    pub fn from_task(task: LlmTask) -> Self {
-        Self {
-            id: task.id,
-            prompt: task.prompt,
-            params: task.params,
-            beam: task.beam,
-            responder: task.responder,
-            arrived: task.arrived,
-        }
-    }
+    /// Prompt tokens (for repetition penalties and the context limit).
+    pub prompt: Vec<u32>,
+    /// Validated sampling parameters.
+    pub params: framework::SamplingParams,
+    /// Beam search, if wanted.
+    pub beam: Option<BeamParams>,
+    /// Where its events go.
+    pub responder: Responder,
+    /// When the engine accepted it.
+    pub arrived: Instant,
 }
 
 enum Mode {
@@ -267,12 +259,12 @@ fn finished(
 }
 
 impl Merge for LlmMerger {
-    type Work = StepPlan;
+    type Step = Arc<StepPlan>;
     type Output = Option<Logits>;
     type Registration = Registration;
     type Verdict = Vec<(GroupId, GroupOutcome)>;
 
-    fn register(&mut self, reg: Registration) {
+    fn register(&mut self, id: TaskId, reg: Registration) {
         let p = reg.params;
         let mode = match reg.beam {
             Some(b) => Mode::Beam(BeamSearch::new(
@@ -290,7 +282,7 @@ impl Merge for LlmMerger {
             },
         };
         self.reqs.insert(
-            reg.id,
+            id,
             ReqState {
                 responder: reg.responder,
                 arrived: reg.arrived,
@@ -303,8 +295,12 @@ impl Merge for LlmMerger {
         );
     }
 
-    fn merge(&mut self, plan: &StepPlan, outputs: Vec<Option<Logits>>) -> Self::Verdict {
-        let logits = outputs.into_iter().flatten().next();
+    fn merge(
+        &mut self,
+        plan: &Arc<StepPlan>,
+        outputs: Vec<(usize, Option<Logits>)>,
+    ) -> Self::Verdict {
+        let logits = outputs.into_iter().find_map(|(_, l)| l);
         // Rows per group, in plan order (a beam group's rows follow its beams).
         let mut groups: Vec<(GroupId, Vec<(SeqKey, usize)>)> = Vec::new();
         for (i, item) in plan.items.iter().enumerate() {

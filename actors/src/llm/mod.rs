@@ -12,6 +12,7 @@ pub use engine::{
     Compute, Engine, EngineBuilder, EngineConfig, EngineError, EngineStats, ModelSource,
 };
 pub use merge::LlmMerger;
-pub use policy::{LlmPolicy, NodeLinks, ReplicaShape};
+pub use merge::Registration;
+pub use policy::{LlmPolicy, LlmStats, NodeLinks, ReplicaShape};
 pub use task::{BeamOutput, BeamParams, Event, EventStream, Prompt, Request, Usage};
 pub use worker::{FaultInjection, LlmWorker, Shard};

@@ -2,10 +2,17 @@
 //! replica, and the per-step wiring of each replica's nodes.
 //!
 //! A replica has `pp` pipeline stages of `tp` tensor-parallel ranks; node
-//! `stage · tp + rank`. Each step gets fresh [`NodeLinks`]: one collective per
-//! stage, one channel from each rank of a stage to the same rank of the next,
-//! and one abort signal for the whole replica. Because links never outlive a
-//! step, a failed step leaves nothing stale behind.
+//! `stage · tp + rank`. Each step is one [`StepPlan`] shared by every node of
+//! the replica, with fresh [`NodeLinks`] per node: one collective per stage,
+//! one channel from each rank of a stage to the same rank of the next, and one
+//! abort signal for the whole replica. Because links never outlive a step, a
+//! failed step leaves nothing stale behind.
+//!
+//! A replica's requests are spread over `lanes` (vLLM's virtual engines):
+//! each lane is a [`BatchScheduler`] over its own share of the KV blocks with
+//! one step in flight, so a replica has up to `lanes` steps in flight on
+//! disjoint requests, and pipeline stages work on different steps at once. A
+//! request's tokens come back before its lane plans it again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,8 +24,8 @@ use framework::collective::{Collective, SingleCollective, ThreadCollective};
 use framework::metrics as m;
 use framework::GroupId;
 
-use crate::kit::{NodeError, Policy, PolicyStats, TaskId};
-use crate::llm::merge::Registration;
+use kit::{NodeError, NodeTask, Plan, Policy, StepId, TaskId};
+
 use crate::llm::task::LlmTask;
 
 /// Tensor- and pipeline-parallel degrees of one replica.
@@ -153,11 +160,21 @@ pub fn wire(shape: ReplicaShape) -> Vec<NodeLinks> {
     links
 }
 
+/// One lane of a replica: a batch scheduler over its own share of the KV
+/// blocks (ids from `offset`), with at most one step in flight.
+struct Lane {
+    sched: BatchScheduler,
+    offset: u32,
+    in_flight: Option<StepId>,
+}
+
 /// The engine's policy.
 pub struct LlmPolicy {
     shape: ReplicaShape,
-    replicas: Vec<BatchScheduler>,
-    owner: HashMap<TaskId, usize>,
+    /// `[replica][lane]`.
+    lanes: Vec<Vec<Lane>>,
+    /// Which replica and lane holds each task.
+    owner: HashMap<TaskId, (usize, usize)>,
     /// Admitted tasks not yet in a step, and when they were accepted.
     unscheduled: HashMap<TaskId, Instant>,
     /// Preemptions already counted in the metric, per replica.
@@ -179,7 +196,10 @@ impl LlmPolicy {
             metrics::histogram!(m::BATCH_SIZE).record(plan.items.len() as f64);
             metrics::histogram!(m::BATCH_TOKENS).record(tokens as f64);
         }
-        let p = self.replicas[replica].stats().preemptions;
+        let p: u64 = self.lanes[replica]
+            .iter()
+            .map(|l| l.sched.stats().preemptions)
+            .sum();
         let seen = &mut self.preemptions_seen[replica];
         if p > *seen {
             metrics::counter!(m::PREEMPTIONS).increment(p - *seen);
@@ -187,11 +207,35 @@ impl LlmPolicy {
         }
         publish_gauges(&self.stats());
     }
+
+    /// Forgets tasks of `replica` its lanes no longer hold.
+    fn forget_ended(&mut self, replica: usize) {
+        let lanes = &self.lanes[replica];
+        self.owner
+            .retain(|id, (r, l)| *r != replica || lanes[*l].sched.contains(*id));
+        let owner = &self.owner;
+        self.unscheduled.retain(|id, _| owner.contains_key(id));
+    }
+}
+
+/// The policy's figures, over all replicas.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LlmStats {
+    /// Requests in steps (running).
+    pub running: usize,
+    /// Requests admitted but waiting for room (new or preempted).
+    pub waiting: usize,
+    /// KV blocks in use.
+    pub kv_used: usize,
+    /// KV blocks in all.
+    pub kv_total: usize,
+    /// Preemptions so far.
+    pub preemptions: u64,
 }
 
 /// Sets the occupancy gauges (running, waiting in the scheduler, KV blocks)
 /// from the policy's figures.
-pub fn publish_gauges(s: &PolicyStats) {
+pub fn publish_gauges(s: &LlmStats) {
     metrics::gauge!(m::REQUESTS_RUNNING).set(s.running as f64);
     metrics::gauge!(m::REQUESTS_WAITING, "stage" => "scheduler").set(s.waiting as f64);
     metrics::gauge!(m::KV_BLOCKS_USED).set(s.kv_used as f64);
@@ -205,11 +249,31 @@ pub fn publish_gauges(s: &PolicyStats) {
 }
 
 impl LlmPolicy {
-    /// `dp` replicas of `shape`, each batching under `cfg`.
-    pub fn new(shape: ReplicaShape, dp: usize, cfg: BatchConfig) -> Self {
+    /// `dp` replicas of `shape`, each batching under `cfg` in `lanes` lanes.
+    ///
+    /// A replica's lanes split its KV blocks and running cap evenly and each
+    /// has one step in flight, so up to `lanes` steps of one replica run at
+    /// once on disjoint requests (pipeline stages work on different steps).
+    /// Each lane's block ids are offset into the nodes' one pool.
+    pub fn new(shape: ReplicaShape, dp: usize, cfg: BatchConfig, lanes: usize) -> Self {
+        let lanes = lanes.max(1);
+        let lane_cfg = BatchConfig {
+            kv_blocks: cfg.kv_blocks / lanes,
+            max_running: cfg.max_running.div_ceil(lanes),
+            ..cfg
+        };
+        let make = |_| {
+            (0..lanes)
+                .map(|l| Lane {
+                    sched: BatchScheduler::new(lane_cfg.clone()),
+                    offset: (l * lane_cfg.kv_blocks) as u32,
+                    in_flight: None,
+                })
+                .collect()
+        };
         Self {
             shape,
-            replicas: (0..dp).map(|_| BatchScheduler::new(cfg.clone())).collect(),
+            lanes: (0..dp).map(make).collect(),
             owner: HashMap::new(),
             unscheduled: HashMap::new(),
             preemptions_seen: vec![0; dp],
@@ -217,62 +281,116 @@ impl LlmPolicy {
     }
 }
 
+/// Moves a lane's block ids into the nodes' pool: `+ offset`.
+fn offset_blocks(plan: &mut StepPlan, offset: u32) {
+    if offset == 0 {
+        return;
+    }
+    for item in &mut plan.items {
+        item.table.iter_mut().for_each(|b| *b += offset);
+    }
+    for (src, dst) in &mut plan.copies {
+        *src += offset;
+        *dst += offset;
+    }
+}
+
 impl Policy for LlmPolicy {
     type Task = LlmTask;
-    type Work = StepPlan;
+    type Work = Arc<StepPlan>;
     type Links = NodeLinks;
-    type Registration = Registration;
+    type Step = Arc<StepPlan>;
     type Verdict = Vec<(GroupId, GroupOutcome)>;
+    type Stats = LlmStats;
 
     fn replicas(&self) -> usize {
-        self.replicas.len()
+        self.lanes.len()
     }
 
     fn room(&self) -> usize {
-        // Enough admitted work to fill every replica's running set.
-        let cap: usize = self.replicas.iter().map(|r| r.config().max_running).sum();
+        // Enough admitted work to fill every lane's running set.
+        let cap: usize = self
+            .lanes
+            .iter()
+            .flatten()
+            .map(|l| l.sched.config().max_running)
+            .sum();
         cap.saturating_sub(self.owner.len())
     }
 
     fn load(&self, replica: usize) -> usize {
-        self.replicas[replica].len()
+        self.lanes[replica].iter().map(|l| l.sched.len()).sum()
     }
 
-    fn admit(&mut self, replica: usize, task: LlmTask) -> Registration {
-        self.replicas[replica].add(task.id, task.prompt.clone());
-        self.owner.insert(task.id, replica);
+    fn admit(&mut self, replica: usize, task: LlmTask) {
+        let lanes = &mut self.lanes[replica];
+        let lane = (0..lanes.len())
+            .min_by_key(|&l| lanes[l].sched.len())
+            .unwrap_or(0);
+        lanes[lane].sched.add(task.id, task.prompt);
+        self.owner.insert(task.id, (replica, lane));
         self.unscheduled.insert(task.id, task.arrived);
-        Registration::from_task(task)
     }
 
-    fn next_step(&mut self, replica: usize) -> Option<StepPlan> {
-        let plan = self.replicas[replica].plan();
-        self.observe(replica, plan.as_ref());
-        plan
+    fn next_step(
+        &mut self,
+        replica: usize,
+        step: StepId,
+    ) -> Option<Plan<Arc<StepPlan>, Arc<StepPlan>, NodeLinks>> {
+        let mut planned = None;
+        for lane in self.lanes[replica].iter_mut() {
+            if lane.in_flight.is_some() {
+                continue;
+            }
+            if let Some(mut plan) = lane.sched.plan() {
+                offset_blocks(&mut plan, lane.offset);
+                lane.in_flight = Some(step);
+                planned = Some(plan);
+                break;
+            }
+        }
+        self.observe(replica, planned.as_ref());
+        let plan = Arc::new(planned?);
+        // Every node of the replica runs the whole plan: its stage's layers on
+        // its rank's shard, micro-batch by micro-batch.
+        let nodes = wire(self.shape)
+            .into_iter()
+            .enumerate()
+            .map(|(node, links)| NodeTask {
+                node,
+                work: plan.clone(),
+                links,
+            })
+            .collect();
+        Some(Plan { step: plan, nodes })
     }
 
-    fn links(&self, _replica: usize) -> Vec<NodeLinks> {
-        wire(self.shape)
-    }
-
-    fn completed(&mut self, replica: usize, verdict: Self::Verdict) {
-        for g in self.replicas[replica].complete(verdict) {
-            self.owner.remove(&g);
-            self.unscheduled.remove(&g);
+    fn completed(&mut self, replica: usize, step: StepId, verdict: Self::Verdict) {
+        let lanes = &mut self.lanes[replica];
+        if let Some(lane) = lanes.iter_mut().find(|l| l.in_flight == Some(step)) {
+            lane.in_flight = None;
+            for g in lane.sched.complete(verdict) {
+                self.owner.remove(&g);
+                self.unscheduled.remove(&g);
+            }
         }
         self.observe(replica, None);
     }
 
-    fn failed(&mut self, replica: usize) -> Vec<TaskId> {
-        let sched = &mut self.replicas[replica];
-        let failed = sched.reset();
-        // Groups cancelled during the failed step ended in the reset.
-        let sched = &self.replicas[replica];
-        self.owner
-            .retain(|id, r| *r != replica || sched.contains(*id));
-        let owner = &self.owner;
-        self.unscheduled.retain(|id, _| owner.contains_key(id));
-        failed.into_iter().filter(|g| sched.contains(*g)).collect()
+    fn failed(&mut self, replica: usize, steps: &[StepId]) -> Vec<TaskId> {
+        // A restarted node lost its whole pool: every lane recomputes.
+        let mut failed = Vec::new();
+        for lane in self.lanes[replica].iter_mut() {
+            let in_step = lane.in_flight.take().is_some_and(|s| steps.contains(&s));
+            let groups = lane.sched.reset();
+            if in_step {
+                // Groups cancelled during the failed step ended in the reset.
+                failed.extend(groups.into_iter().filter(|g| lane.sched.contains(*g)));
+            }
+        }
+        self.forget_ended(replica);
+        self.observe(replica, None);
+        failed
     }
 
     fn contains(&self, task: TaskId) -> bool {
@@ -280,10 +398,10 @@ impl Policy for LlmPolicy {
     }
 
     fn cancel(&mut self, task: TaskId) -> bool {
-        let Some(&r) = self.owner.get(&task) else {
+        let Some(&(r, l)) = self.owner.get(&task) else {
             return false;
         };
-        if self.replicas[r].cancel(task) {
+        if self.lanes[r][l].sched.cancel(task) {
             self.owner.remove(&task);
             self.unscheduled.remove(&task);
         }
@@ -293,25 +411,25 @@ impl Policy for LlmPolicy {
 
     fn drop_task(&mut self, task: TaskId) {
         self.unscheduled.remove(&task);
-        if let Some(r) = self.owner.remove(&task) {
-            self.replicas[r].drop_group(task);
+        if let Some((r, l)) = self.owner.remove(&task) {
+            self.lanes[r][l].sched.drop_group(task);
             self.observe(r, None);
         }
     }
 
     fn is_idle(&self) -> bool {
-        self.replicas.iter().all(BatchScheduler::is_empty)
+        self.lanes.iter().flatten().all(|l| l.sched.is_empty())
     }
 
-    fn stats(&self) -> PolicyStats {
-        let mut s = PolicyStats::default();
-        for r in &self.replicas {
-            let u = r.kv_usage();
-            s.running += r.running();
-            s.waiting += r.waiting();
+    fn stats(&self) -> LlmStats {
+        let mut s = LlmStats::default();
+        for l in self.lanes.iter().flatten() {
+            let u = l.sched.kv_usage();
+            s.running += l.sched.running();
+            s.waiting += l.sched.waiting();
             s.kv_used += u.used;
             s.kv_total += u.total;
-            s.preemptions += r.stats().preemptions;
+            s.preemptions += l.sched.stats().preemptions;
         }
         s
     }

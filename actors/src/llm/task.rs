@@ -1,15 +1,22 @@
 //! What users send to the engine and what they get back.
 //!
-//! A [`Request`] is validated and tokenized by the engine into an [`LlmTask`];
-//! its requester holds the matching [`EventStream`]. Events arrive in order:
-//! zero or more [`Event::Token`]s, then exactly one terminal event
-//! ([`Event::Finished`], [`Event::Failed`] or [`Event::Cancelled`]).
+//! A [`Request`] is validated and tokenized by the engine into an [`LlmTask`]
+//! (what the scheduler needs) and a [`Registration`](crate::llm::merge::Registration)
+//! (what the merger needs, with the [`Responder`]); its requester holds the
+//! matching [`EventStream`]. Events arrive in order: zero or more
+//! [`Event::Token`]s, then exactly one terminal event ([`Event::Finished`],
+//! [`Event::Failed`] or [`Event::Cancelled`]).
 //!
-//! **Invariant:** a [`Responder`] dropped without having sent its terminal
+//! **Invariants:** a [`Responder`] dropped without having sent its terminal
 //! event sends [`Event::Failed`] from its destructor, so a requester is never
-//! left waiting in silence.
+//! left waiting in silence. An [`EventStream`] dropped before its terminal
+//! event cancels its request: the request is marked abandoned (the queue and
+//! the scheduler drop it before batching) and a cancellation is sent, so its
+//! KV blocks are freed by the next step.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use framework::chat::ChatMessage;
@@ -17,7 +24,7 @@ use framework::sampling::TokenLogprob;
 use framework::{FinishReason, SamplingParams};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
-use crate::kit::{Task, TaskId};
+use kit::{Canceller, Task, TaskId};
 
 /// The prompt of a request.
 #[derive(Debug, Clone, PartialEq)]
@@ -140,10 +147,22 @@ pub struct Responder {
 }
 
 impl Responder {
-    /// A responder and the stream it feeds.
-    pub fn channel(id: TaskId) -> (Self, EventStream) {
+    /// A responder and the stream it feeds; dropping the stream early sets
+    /// `abandoned` and cancels the request through `canceller`.
+    pub fn channel(
+        id: TaskId,
+        canceller: Canceller,
+        abandoned: Arc<AtomicBool>,
+    ) -> (Self, EventStream) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        (Self { tx, ended: false }, EventStream { id, rx })
+        let stream = EventStream {
+            id,
+            rx,
+            canceller,
+            abandoned,
+            ended: false,
+        };
+        (Self { tx, ended: false }, stream)
     }
 
     /// Sends a non-terminal event.
@@ -176,11 +195,36 @@ impl Drop for Responder {
     }
 }
 
-/// A request's events, in order.
+/// A request's events, in order. Dropping it before the terminal event
+/// cancels the request.
 #[derive(Debug)]
 pub struct EventStream {
     id: TaskId,
     rx: UnboundedReceiver<Event>,
+    canceller: Canceller,
+    abandoned: Arc<AtomicBool>,
+    /// The terminal event was received.
+    ended: bool,
+}
+
+impl EventStream {
+    fn seen(&mut self, e: Option<Event>) -> Option<Event> {
+        match &e {
+            Some(e) if e.is_terminal() => self.ended = true,
+            None => self.ended = true,
+            Some(_) => {}
+        }
+        e
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.abandoned.store(true, Ordering::Release);
+            self.canceller.cancel(self.id);
+        }
+    }
 }
 
 impl EventStream {
@@ -191,12 +235,14 @@ impl EventStream {
 
     /// The next event, waiting for it; `None` after the terminal event.
     pub async fn next(&mut self) -> Option<Event> {
-        self.rx.recv().await
+        let e = self.rx.recv().await;
+        self.seen(e)
     }
 
     /// The next event, blocking the calling thread.
     pub fn next_blocking(&mut self) -> Option<Event> {
-        futures::executor::block_on(self.rx.recv())
+        let e = futures::executor::block_on(self.rx.recv());
+        self.seen(e)
     }
 
     /// Every event up to and including the terminal one, blocking.
@@ -217,11 +263,14 @@ impl futures::Stream for EventStream {
     type Item = Event;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
-        self.rx.poll_recv(cx)
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(e) => Poll::Ready(self.seen(e)),
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
-/// A validated, tokenized request on its way through the pipeline.
+/// The scheduling part of a validated, tokenized request.
 #[derive(Debug)]
 pub struct LlmTask {
     /// Its id.
@@ -230,14 +279,10 @@ pub struct LlmTask {
     pub priority: i32,
     /// Prompt tokens (non-empty, fits the context with `max_tokens`).
     pub prompt: Vec<u32>,
-    /// Validated sampling parameters.
-    pub params: SamplingParams,
-    /// Beam search, if wanted.
-    pub beam: Option<BeamParams>,
-    /// Where its events go.
-    pub responder: Responder,
-    /// When the engine accepted it (for queue time and latency metrics).
+    /// When the engine accepted it (for the queue-time metric).
     pub arrived: std::time::Instant,
+    /// Set when its requester dropped the stream.
+    pub abandoned: Arc<AtomicBool>,
 }
 
 impl Task for LlmTask {
@@ -247,13 +292,7 @@ impl Task for LlmTask {
     fn priority(&self) -> i32 {
         self.priority
     }
-    fn cancelled(self) {
-        metrics::counter!(framework::metrics::REQUEST_FAILURE, "reason" => "cancelled")
-            .increment(1);
-        self.responder.end(Event::Cancelled);
-    }
-    fn failed(self, reason: String) {
-        metrics::counter!(framework::metrics::REQUEST_FAILURE, "reason" => "failed").increment(1);
-        self.responder.end(Event::Failed { error: reason });
+    fn abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::Acquire)
     }
 }

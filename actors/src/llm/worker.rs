@@ -20,7 +20,8 @@ use framework::model::{PagedItem, StageInput, StageOutput};
 use framework::shard::split_even;
 use framework::{Error, LlamaShard, Logits, LogitsWanted};
 
-use crate::kit::{NodeError, NodeId, NodeWorker};
+use kit::{NodeError, NodeId, NodeWorker};
+
 use crate::llm::policy::{NodeLinks, ReplicaShape};
 
 /// Makes a chosen node fail at a chosen step (for tests of supervision).
@@ -147,11 +148,15 @@ fn node_error(e: Error) -> NodeError {
 }
 
 impl NodeWorker for LlmWorker {
-    type Work = StepPlan;
+    type Work = Arc<StepPlan>;
     type Links = NodeLinks;
     type Output = Option<Logits>;
 
-    fn run(&mut self, plan: &StepPlan, links: &NodeLinks) -> Result<Option<Logits>, NodeError> {
+    fn run(
+        &mut self,
+        plan: &Arc<StepPlan>,
+        links: &NodeLinks,
+    ) -> Result<Option<Logits>, NodeError> {
         if let Some(f) = &self.fault {
             f.check(self.id, plan.id)?;
         }

@@ -24,3 +24,16 @@ pub fn run_all(e: &Engine, prompts: Vec<Vec<u32>>, n: usize) -> Vec<Vec<u32>> {
         .map(|s| finished_tokens(s.collect_blocking()))
         .collect()
 }
+
+/// The engine's figures once it is idle (requesters hear their last event a
+/// moment before the scheduler applies the step's verdict), or after 30 s.
+pub fn idle_stats(e: &Engine) -> actors::llm::EngineStats {
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = e.stats();
+        if s.scheduler.idle || t0.elapsed() > std::time::Duration::from_secs(30) {
+            return s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
