@@ -242,6 +242,10 @@ struct ParallelArgs {
     /// Requests running at once per replica.
     #[arg(long, default_value_t = 64)]
     max_running: usize,
+    /// Steps a replica has in flight, each on its own lane of requests
+    /// (default: the pipeline depth).
+    #[arg(long)]
+    steps_in_flight: Option<usize>,
     /// Where the nodes run: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -265,11 +269,16 @@ impl ParallelArgs {
     }
 
     fn apply_cpu(&self, b: EngineBuilder) -> EngineBuilder {
-        b.tp(self.tp)
+        let b = b
+            .tp(self.tp)
             .pp(self.pp)
             .dp(self.dp)
             .max_batch_tokens(self.max_batch_tokens)
-            .max_running(self.max_running)
+            .max_running(self.max_running);
+        match self.steps_in_flight {
+            Some(n) => b.steps_in_flight(n),
+            None => b,
+        }
     }
 }
 
@@ -307,6 +316,15 @@ struct ThroughputArgs {
     /// Skip the bare forward comparison.
     #[arg(long)]
     no_bare: bool,
+    /// Sampling temperature of every request (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling mass of every request (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Top-k cut of every request (0: off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
     /// Also write the rows as JSON here.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
@@ -590,6 +608,9 @@ fn run_throughput(args: ThroughputArgs) -> CliResult {
         max_prompt,
         output_tokens: args.output_tokens,
         bare_steps: args.bare_steps,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
     };
     eprintln!(
         "model: {what}, weights: {}, tp={} pp={} dp={}, max_batch_tokens {}, threads: {}",

@@ -36,6 +36,12 @@ pub struct ThroughputPlan {
     pub output_tokens: usize,
     /// Timed decode steps of the bare forward.
     pub bare_steps: usize,
+    /// Sampling temperature (0: greedy).
+    pub temperature: f32,
+    /// Nucleus sampling mass (1: off).
+    pub top_p: f32,
+    /// Top-k cut (0: off).
+    pub top_k: usize,
 }
 
 /// One concurrency's figures.
@@ -120,6 +126,10 @@ pub fn throughput(
             let mut req = Request::greedy_tokens(p.clone(), plan.output_tokens);
             req.params = SamplingParams {
                 ignore_eos: true,
+                temperature: plan.temperature,
+                top_p: plan.top_p,
+                top_k: plan.top_k,
+                seed: Some(rows.len() as u64),
                 ..SamplingParams::greedy(plan.output_tokens)
             };
             streams.push(engine.generate(req)?);
