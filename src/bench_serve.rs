@@ -4,7 +4,7 @@
 //! This module owns the whole subcommand: its flags ([`ServeBenchArgs`]), the
 //! request plan, the HTTP client, the server-sent-events parser, the metrics,
 //! the summary table, the JSON report and the PNG plot. It depends on no other
-//! part of the crate.
+//! part of the binary.
 //!
 //! What is true of it:
 //! - **Prompts** are lists of token ids (the completions API accepts an array

@@ -1,6 +1,15 @@
 //! The `parallm` command line: `generate` (through the engine), `serve` (the
-//! HTTP server), `config show|check`, and the benchmarks `bench latency`,
-//! `bench throughput` and `bench serve`.
+//! HTTP server), `config show|check`, `cuda` (what this machine offers the
+//! CUDA backend), and the benchmarks `bench latency`, `bench throughput` and
+//! `bench serve`.
+//!
+//! The benchmarks are modules of this binary, not of the `parallm` library, so
+//! their dependencies (plotters, a font, PNG, an HTTP client) stay out of a
+//! library user's build.
+
+mod bench;
+mod bench_serve;
+mod throughput;
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -12,10 +21,11 @@ use clap::{Args, Parser, Subcommand};
 use framework::chat::ChatMessage;
 use framework::{LlamaConfig, LlamaShard, SamplingParams, ShardSpec, WeightFormat};
 use parallm::actors::llm::ModelSource;
-use parallm::bench::{latency, LatencyPlan};
 use parallm::load::resolve_model_path;
-use parallm::throughput::{throughput, ThroughputPlan};
 use parallm::{BeamParams, Engine, EngineBuilder, Event, Prompt, Request};
+
+use crate::bench::{latency, LatencyPlan};
+use crate::throughput::{throughput, ThroughputPlan};
 
 type CliResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -289,7 +299,7 @@ enum BenchCommand {
     /// Output tokens per second of many concurrent requests through the engine.
     Throughput(ThroughputArgs),
     /// Load-test any OpenAI-compatible server (after vLLM's serving benchmark).
-    Serve(parallm::bench_serve::ServeBenchArgs),
+    Serve(bench_serve::ServeBenchArgs),
 }
 
 #[derive(Args)]
@@ -376,9 +386,9 @@ fn main() -> ExitCode {
         }
         Command::Bench(BenchCommand::Latency(args)) => run_latency(args),
         Command::Bench(BenchCommand::Throughput(args)) => run_throughput(args),
-        Command::Bench(BenchCommand::Serve(args)) => parallm::bench_serve::run(&args)
-            .map(|_| ())
-            .map_err(Into::into),
+        Command::Bench(BenchCommand::Serve(args)) => {
+            bench_serve::run(&args).map(|_| ()).map_err(Into::into)
+        }
         Command::Cuda(args) => run_cuda(args),
     };
     match result {

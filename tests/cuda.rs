@@ -1,4 +1,4 @@
-//! The CUDA backend on a machine without a GPU: the kernels compile for
+//! The CUDA backend without a GPU to run on: the kernels compile for
 //! Hopper with NVRTC, and asking for a GPU that is not there is a clear error.
 //! (The kernels' numerics and the backend's forward pass are tested on the
 //! host emulation in `kernels` and `framework`; GPU runs are in
@@ -54,14 +54,12 @@ fn every_kernel_compiles_for_sm_90_with_nvrtc() {
     eprintln!("{text}");
 }
 
-/// Without a GPU, a CUDA engine refuses to start and says which library or
-/// device is missing; nothing panics.
+/// A CUDA engine on a GPU that is not there refuses to start and says which
+/// library or device is missing; nothing panics. Without CUDA (CI) that is a
+/// missing library; on a machine with GPUs, ordinal 4096 is past the last, so
+/// the test runs, and means the same, everywhere.
 #[test]
-fn a_cuda_device_without_a_gpu_is_a_clear_error() {
-    if kernels::cuda::probe::gpu_unavailable().is_none() {
-        eprintln!("SKIPPED: this machine has a GPU");
-        return;
-    }
+fn a_cuda_device_that_is_not_there_is_a_clear_error() {
     let out = parallm()
         .args([
             "bench",
@@ -69,7 +67,7 @@ fn a_cuda_device_without_a_gpu_is_a_clear_error() {
             "--synthetic",
             "tiny",
             "--device",
-            "cuda:0",
+            "cuda:4096",
             "--concurrency",
             "1",
             "--prompt-tokens",

@@ -7,10 +7,14 @@
 //! * 64 concurrent requests through the engine (tp = 1 and tp = 3) complete
 //!   with the CPU engine's greedy tokens, diverging only at near-ties.
 //!
-//! Without a GPU every test prints `SKIPPED` with the reason and returns.
-//! `PARALLM_CUDA_TESTS=emulated` runs them on the host emulation of a GPU
-//! instead (slow: minutes), which checks the tests themselves on a machine
-//! without one.
+//! Every test is `#[ignore]`d, so `cargo test` reports them as ignored. Run
+//! them on a machine with a GPU with
+//! `cargo test --release --test cuda_gpu -- --ignored`, or on the host
+//! emulation of a GPU (slow: minutes), which checks the tests themselves on a
+//! machine without one, with
+//! `PARALLM_CUDA_TESTS=emulated cargo test --release --test cuda_gpu -- --ignored`.
+//! Run without a usable GPU and without that variable, they fail with the
+//! reason rather than pass.
 
 mod common;
 
@@ -32,26 +36,26 @@ use parallm::Engine;
 /// Positions per KV block, and blocks, of the shard-level checks.
 const KV: (usize, usize) = (16, 64);
 
-/// Where the tests run: GPU 0, the emulation, or nowhere (with the reason).
+/// Where the tests run: GPU 0 or the emulation.
 #[derive(Clone, Copy, PartialEq)]
 enum Target {
     Gpu,
     Emulated,
 }
 
-fn target() -> Option<Target> {
+/// The emulation if `PARALLM_CUDA_TESTS=emulated`, else GPU 0; without a
+/// usable GPU the test fails with the reason.
+fn target() -> Target {
     if std::env::var("PARALLM_CUDA_TESTS").as_deref() == Ok("emulated") {
-        return Some(Target::Emulated);
+        return Target::Emulated;
     }
-    match kernels::cuda::probe::gpu_unavailable() {
-        None => Some(Target::Gpu),
-        Some(why) => {
-            eprintln!(
-                "SKIPPED: no usable GPU ({why}); PARALLM_CUDA_TESTS=emulated runs these on the host emulation"
-            );
-            None
-        }
+    if let Some(why) = kernels::cuda::probe::gpu_unavailable() {
+        panic!(
+            "no usable GPU ({why}); these tests need one, or \
+             PARALLM_CUDA_TESTS=emulated to run them on the host emulation"
+        );
     }
+    Target::Gpu
 }
 
 fn device(t: Target) -> DeviceHandle {
@@ -164,8 +168,9 @@ fn golden_prompts() -> Vec<(String, Vec<u32>)> {
 }
 
 #[test]
+#[ignore = "needs a GPU: cargo test --release --test cuda_gpu -- --ignored (PARALLM_CUDA_TESTS=emulated runs it on the host emulation, minutes)"]
 fn gpu_logits_match_the_cpu_backend_on_the_golden_prompts() {
-    let Some(t) = target() else { return };
+    let t = target();
     for quantized in [false, true] {
         let mut s = shard(t, f16(quantized), ShardSpec::SINGLE, None);
         for (text, prompt) in golden_prompts() {
@@ -182,8 +187,9 @@ fn gpu_logits_match_the_cpu_backend_on_the_golden_prompts() {
 }
 
 #[test]
+#[ignore = "needs a GPU: cargo test --release --test cuda_gpu -- --ignored (PARALLM_CUDA_TESTS=emulated runs it on the host emulation, minutes)"]
 fn three_tensor_parallel_shards_on_one_gpu_match_one_shard() {
-    let Some(t) = target() else { return };
+    let t = target();
     let prompts = golden_prompts();
     let nexts: Vec<u32> = prompts
         .iter()
@@ -238,8 +244,9 @@ fn three_tensor_parallel_shards_on_one_gpu_match_one_shard() {
 }
 
 #[test]
+#[ignore = "needs a GPU: cargo test --release --test cuda_gpu -- --ignored (PARALLM_CUDA_TESTS=emulated runs it on the host emulation, minutes)"]
 fn sixty_four_concurrent_requests_through_the_gpu_engine() {
-    let Some(t) = target() else { return };
+    let t = target();
     let prompts = sixty_four_prompts();
     let n = 16;
     let cpu = Engine::builder()

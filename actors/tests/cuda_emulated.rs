@@ -44,8 +44,8 @@ fn engine(compute: Compute, tp: usize, pp: usize) -> Engine {
 
 #[test]
 fn concurrent_requests_on_emulated_cuda_nodes_match_the_cpu_engine() {
-    if let Err(why) = kernels::cuda::emu::compiler_available() {
-        eprintln!("SKIPPED: no C++ compiler for the CUDA emulation: {why}");
+    // No C++ compiler fails the test, unless PARALLM_SKIP_EMULATION=1.
+    if !kernels::cuda::emu::available_for_tests() {
         return;
     }
     let cpu = engine(Compute::Cpu, 1, 1);

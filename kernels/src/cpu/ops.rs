@@ -435,7 +435,7 @@ mod tests {
     /// Quick timings against the scalar references:
     /// `cargo test --release -p parallm-kernels -- --ignored --nocapture ops_timing`.
     #[test]
-    #[ignore]
+    #[ignore = "a timing, not a check: cargo test --release -p parallm-kernels ops_timing -- --ignored --nocapture"]
     fn ops_timing() {
         use std::time::Instant;
         fn time(mut f: impl FnMut()) -> f64 {

@@ -88,8 +88,7 @@ impl EmuDevice {
 }
 
 /// `Ok` if the host C++ compiler (`$CXX`, else `c++`) runs, else why not.
-/// Tests skip the emulation only in that case; a compiler that rejects the
-/// kernels is a failure, not a skip.
+/// A compiler that rejects the kernels is a failure, not a skip.
 pub fn compiler_available() -> std::result::Result<(), String> {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     match std::process::Command::new(&cxx).arg("--version").output() {
@@ -97,6 +96,31 @@ pub fn compiler_available() -> std::result::Result<(), String> {
         Ok(o) => Err(format!("`{cxx} --version` exited with {}", o.status)),
         Err(e) => Err(format!("`{cxx}`: {e}")),
     }
+}
+
+/// The environment variable that lets tests on the emulation skip where no
+/// C++ compiler exists: `PARALLM_SKIP_EMULATION=1`.
+pub const SKIP_EMULATION_VAR: &str = "PARALLM_SKIP_EMULATION";
+
+/// For a test that runs on the emulation: `true` if it can run. Where no C++
+/// compiler exists it panics with the reason and the fix, unless
+/// [`SKIP_EMULATION_VAR`] is `1`: then it prints `SKIPPED` with the reason
+/// and returns `false`. A test on the emulation thus never passes without
+/// running unless someone asked for that.
+pub fn available_for_tests() -> bool {
+    let Err(why) = compiler_available() else {
+        return true;
+    };
+    if std::env::var(SKIP_EMULATION_VAR).as_deref() == Ok("1") {
+        eprintln!(
+            "SKIPPED: no C++ compiler for the CUDA emulation ({why}); {SKIP_EMULATION_VAR}=1"
+        );
+        return false;
+    }
+    panic!(
+        "this test runs CUDA kernels on the host emulation, which needs a C++20 compiler: {why}. \
+         Install one (`c++`, or name it in $CXX), or set {SKIP_EMULATION_VAR}=1 to skip this test"
+    );
 }
 
 /// The C++ translation unit: the program, then the launch table.

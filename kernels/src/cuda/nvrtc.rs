@@ -163,13 +163,14 @@ mod tests {
         }
     }
 
-    /// Every kernel compiles to PTX for sm_90 with NVRTC, when NVRTC is here
-    /// (CI installs it with pip: `tests/support/nvrtc.sh`).
+    /// Every kernel compiles to PTX for sm_90 with NVRTC. Needs libnvrtc on
+    /// the library path, so it is ignored by default; CI runs the same check
+    /// through the binary (`tests/cuda.rs`, NVRTC from pip).
     #[test]
+    #[ignore = "needs NVRTC (libnvrtc) on the library path: `cargo test --release -p parallm-kernels -- --ignored` where it is; CI checks the same in tests/cuda.rs"]
     fn kernels_compile_to_ptx_for_sm_90() {
         if let Err(e) = Lib::Nvrtc.require() {
-            eprintln!("SKIPPED kernels_compile_to_ptx_for_sm_90: {e}");
-            return;
+            panic!("{e}");
         }
         let ptx = match compile("compute_90") {
             Ok(p) => p,

@@ -300,7 +300,7 @@ fn a_short_block_table_panics() {
 /// Old (reference) vs new for one decode row of the reference model's shape:
 /// `cargo test --release -p parallm-kernels -- --ignored --nocapture attention_timing`.
 #[test]
-#[ignore]
+#[ignore = "a timing, not a check: cargo test --release -p parallm-kernels attention_timing -- --ignored --nocapture"]
 fn attention_timing() {
     use std::time::Instant;
     let mut rng = Rng::new(12);

@@ -467,7 +467,7 @@ fn best_time(mut f: impl FnMut()) -> f64 {
 /// calls). Run with
 /// `cargo test --release -p parallm-kernels quant_timing -- --ignored --nocapture`.
 #[test]
-#[ignore]
+#[ignore = "a timing, not a check: cargo test --release -p parallm-kernels quant_timing -- --ignored --nocapture"]
 fn quant_timing() {
     let pool = pool(2);
     let mut rng = Rng::new(5);

@@ -12,11 +12,12 @@ mod quant;
 mod sampling;
 mod smoke;
 
-/// The emulated device, or `None` (with the reason printed) where no C++
-/// compiler exists. A compiler that rejects the kernels fails the test.
+/// The emulated device, or `None` where no C++ compiler exists and
+/// `PARALLM_SKIP_EMULATION=1` asks to skip (without it, no compiler fails the
+/// test: [`super::emu::available_for_tests`]). A compiler that rejects the
+/// kernels fails the test.
 pub(crate) fn emu() -> Option<Arc<dyn Device>> {
-    if let Err(why) = super::emu::compiler_available() {
-        eprintln!("SKIPPED: no C++ compiler for the CUDA emulation: {why}");
+    if !super::emu::available_for_tests() {
         return None;
     }
     match EmuDevice::new() {

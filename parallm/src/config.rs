@@ -979,7 +979,7 @@ mod tests {
     }
     #[test]
     fn docs_list_every_key_with_its_default() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md");
         let text = std::fs::read_to_string(&path).expect("docs/configuration.md");
         let mut documented = BTreeMap::new();
         for line in text.lines() {
@@ -1006,7 +1006,7 @@ mod tests {
 
     #[test]
     fn the_example_configs_are_valid() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/configs");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/configs");
         let mut n = 0;
         for entry in std::fs::read_dir(&dir).expect("examples/configs") {
             let path = entry.expect("entry").path();
