@@ -280,46 +280,91 @@ impl Sampler {
         if p.temperature == 0.0 {
             return argmax(logits) as u32;
         }
-        let mut cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| (i as u32, l / p.temperature))
-            .collect();
-        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if p.top_k > 0 && p.top_k < cand.len() {
-            cand.select_nth_unstable_by(p.top_k - 1, by_logit);
-            cand.truncate(p.top_k);
-        }
-        cand.sort_by(by_logit);
-        let max = cand[0].1;
-        let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= total);
-        let mut keep = probs.len();
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            for (i, q) in probs.iter().enumerate() {
-                acc += q;
-                if acc >= p.top_p {
-                    keep = i + 1;
-                    break;
-                }
-            }
-        }
-        if p.min_p > 0.0 {
-            let floor = probs[0] * p.min_p;
-            keep = keep.min(probs.iter().take_while(|&&q| q >= floor).count().max(1));
-        }
-        let mass: f32 = probs[..keep].iter().sum();
-        let mut r = self.rng.next_f32() * mass;
-        for (c, q) in cand.iter().zip(&probs[..keep]) {
-            if r < *q {
-                return c.0;
-            }
-            r -= q;
-        }
-        cand[keep - 1].0
+        let r = self.rng.next_f32();
+        pick(logits, p, r)
     }
+}
+
+/// Orders candidates by logit, highest first; ties by the lower token id.
+fn by_logit(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Chooses a token from `logits` under `p`'s temperature, top-k, top-p and
+/// min-p, with the uniform draw `r` in [0, 1).
+///
+/// The kept candidates are the `top_k` highest, then the shortest run of
+/// the highest whose probability reaches `top_p`, then those at least
+/// `min_p` times the best; `r` walks the kept ones highest first. Only as
+/// many candidates as the cuts keep are sorted (a partial selection that
+/// doubles until the nucleus is inside it), so a typical step costs a few
+/// passes over the vocabulary instead of a sort of it. Without any cut, the
+/// walk goes in token order and nothing is sorted.
+fn pick(logits: &[f32], p: &SamplingParams, r: f32) -> u32 {
+    let mut cand: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l / p.temperature))
+        .collect();
+    if cand.is_empty() {
+        return 0;
+    }
+    if p.top_k > 0 && p.top_k < cand.len() {
+        cand.select_nth_unstable_by(p.top_k - 1, by_logit);
+        cand.truncate(p.top_k);
+    }
+    let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+    // Unnormalised probabilities; the total in token order.
+    cand.iter_mut().for_each(|c| c.1 = (c.1 - max).exp());
+    let total: f32 = cand.iter().map(|c| c.1).sum();
+    let n = cand.len();
+    // How many of the highest candidates the cuts keep, and how many of them
+    // are sorted so far.
+    let mut keep = n;
+    let mut sorted = 0;
+    if p.top_p < 1.0 {
+        let want = p.top_p * total;
+        let mut m = 64.min(n);
+        loop {
+            if m < n {
+                cand.select_nth_unstable_by(m - 1, by_logit);
+            }
+            cand[..m].sort_unstable_by(by_logit);
+            sorted = m;
+            let mut acc = 0.0;
+            if let Some(i) = cand[..m].iter().position(|c| {
+                acc += c.1;
+                acc >= want
+            }) {
+                keep = i + 1;
+                break;
+            }
+            if m == n {
+                break;
+            }
+            m = (m * 4).min(n);
+        }
+    }
+    if p.min_p > 0.0 {
+        // The best candidate's unnormalised probability is exp(0) = 1.
+        let floor = p.min_p;
+        let above = cand.iter().filter(|c| c.1 >= floor).count().max(1);
+        keep = keep.min(above);
+    }
+    if keep < n && sorted < keep {
+        cand.select_nth_unstable_by(keep - 1, by_logit);
+        cand[..keep].sort_unstable_by(by_logit);
+    }
+    let kept = &cand[..keep];
+    let mass: f32 = kept.iter().map(|c| c.1).sum();
+    let mut r = r * mass;
+    for c in kept {
+        if r < c.1 {
+            return c.0;
+        }
+        r -= c.1;
+    }
+    kept[keep - 1].0
 }
 
 /// Why a sequence stopped.
@@ -410,6 +455,80 @@ impl StopMatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cuts as the sampler made them before `pick`: everything sorted.
+    /// Returns the kept candidates, highest first, with probabilities.
+    fn kept_by_full_sort(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f32)> {
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l / p.temperature))
+            .collect();
+        cand.sort_by(by_logit);
+        if p.top_k > 0 {
+            cand.truncate(p.top_k);
+        }
+        let max = cand[0].1;
+        let total: f32 = cand.iter().map(|c| (c.1 - max).exp()).sum();
+        let probs: Vec<(u32, f32)> = cand
+            .iter()
+            .map(|c| (c.0, (c.1 - max).exp() / total))
+            .collect();
+        let mut keep = probs.len();
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            if let Some(i) = probs.iter().position(|q| {
+                acc += q.1;
+                acc >= p.top_p
+            }) {
+                keep = i + 1;
+            }
+        }
+        if p.min_p > 0.0 {
+            let floor = probs[0].1 * p.min_p;
+            keep = keep.min(probs.iter().take_while(|q| q.1 >= floor).count().max(1));
+        }
+        probs[..keep].to_vec()
+    }
+
+    #[test]
+    fn partial_selection_keeps_what_a_full_sort_keeps() {
+        let mut rng = Rng::new(5);
+        for case in 0..200 {
+            let n = 1 + (rng.next_f32() * 3000.0) as usize;
+            let spread = 1.0 + rng.next_f32() * 12.0;
+            let logits: Vec<f32> = (0..n).map(|_| rng.next_f32() * spread).collect();
+            let p = SamplingParams {
+                temperature: 0.3 + rng.next_f32(),
+                top_k: if case % 3 == 0 { 1 + (rng.next_f32() * 100.0) as usize } else { 0 },
+                top_p: if case % 2 == 0 { 0.5 + rng.next_f32() * 0.5 } else { 1.0 },
+                min_p: if case % 5 == 0 { rng.next_f32() * 0.3 } else { 0.0 },
+                ..SamplingParams::default()
+            };
+            let want = kept_by_full_sort(&logits, &p);
+            // Draws at the middle of each kept token's interval: away from the
+            // edges, where another summation order may round either way.
+            let mass: f32 = want.iter().map(|q| q.1).sum();
+            let mut acc = 0.0;
+            let mut got = Vec::new();
+            for q in &want {
+                let r = (acc + q.1 / 2.0) / mass;
+                acc += q.1;
+                got.push(pick(&logits, &p, r));
+            }
+            let want_ids: Vec<u32> = want.iter().map(|q| q.0).collect();
+            if p.top_p == 1.0 && p.min_p == 0.0 {
+                // Without a cut the walk is in another order: every draw
+                // lands on a kept token.
+                assert!(
+                    got.iter().all(|t| want_ids.contains(t)),
+                    "case {case}: {p:?}"
+                );
+            } else {
+                assert_eq!(got, want_ids, "case {case}: n {n}, {p:?}");
+            }
+        }
+    }
 
     #[test]
     fn greedy_is_argmax() {

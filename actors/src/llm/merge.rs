@@ -2,14 +2,17 @@
 //! incremental detokenization, and the events streamed to requesters.
 //!
 //! For every group whose logits a step returned, the merger samples the next
-//! token with that request's own [`Sampler`] (or advances its
-//! [`BeamSearch`]), checks end-of-sequence, stop strings, `max_tokens` and the
+//! token with that request's own [`Sampler`] — the step's draws in parallel on
+//! the process's compute pool, since each reads only its own row and sampler —
+//! (or advances its [`BeamSearch`]), checks end-of-sequence, stop strings, `max_tokens` and the
 //! context, streams the text that is safe to show, and tells the scheduler
 //! whether the group goes on. The merge state of a request lives here from
-//! admission to its terminal event; a failed step never reaches the merger, so
+//! submission to its terminal event; a failed step never reaches the merger, so
 //! recomputed requests continue exactly where they were.
 
 use std::collections::HashMap;
+
+use rayon::prelude::*;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -64,6 +67,12 @@ struct ReqState {
     mode: Mode,
 }
 
+/// A sampled token and, if asked for, its log-probability.
+struct Draw {
+    token: u32,
+    logprob: Option<TokenLogprob>,
+}
+
 /// The engine's merge.
 pub struct LlmMerger {
     tokenizer: Option<Arc<Tokenizer>>,
@@ -95,8 +104,37 @@ impl LlmMerger {
             .unwrap_or_default()
     }
 
-    /// Samples one token for a sampling request; `Some(reason)` when it ends.
-    fn sample(&mut self, id: TaskId, logits: &[f32]) -> Option<FinishReason> {
+    /// Draws the next token of every sampling request among `rows` (group and
+    /// its logits row), in parallel on the process's compute pool: each draw
+    /// reads only its own row and sampler, so the order does not matter.
+    fn draw(&mut self, rows: &[(GroupId, &[f32])]) -> HashMap<GroupId, Draw> {
+        let wanted: HashMap<GroupId, &[f32]> = rows.iter().copied().collect();
+        let mut work: Vec<(GroupId, &mut Sampler, &[f32])> = self
+            .reqs
+            .iter_mut()
+            .filter_map(|(g, st)| match (&mut st.mode, wanted.get(g)) {
+                (Mode::Sample { sampler, .. }, Some(row)) => Some((*g, &mut **sampler, *row)),
+                _ => None,
+            })
+            .collect();
+        framework::threads::with_current(|pool| {
+            pool.install(|| {
+                work.par_iter_mut()
+                    .map(|(g, sampler, logits)| {
+                        let token = sampler.sample(&mut logits.to_vec());
+                        let logprob = sampler
+                            .params()
+                            .logprobs
+                            .map(|top| TokenLogprob::from_logits(logits, token, top));
+                        (*g, Draw { token, logprob })
+                    })
+                    .collect()
+            })
+        })
+    }
+
+    /// Takes a sampling request's drawn token; `Some(reason)` when it ends.
+    fn sample(&mut self, id: TaskId, draw: Draw) -> Option<FinishReason> {
         let st = self.reqs.get_mut(&id)?;
         let Mode::Sample {
             sampler,
@@ -108,16 +146,11 @@ impl LlmMerger {
         else {
             return None;
         };
-        let mut row = logits.to_vec();
-        let token = sampler.sample(&mut row);
+        let Draw { token, logprob } = draw;
         produced(&mut st.first_token, st.arrived, 1);
         if !st.ignore_eos && self.stop_tokens.contains(&token) {
             return Some(FinishReason::Stop);
         }
-        let logprob = sampler
-            .params()
-            .logprobs
-            .map(|top| TokenLogprob::from_logits(logits, token, top));
         sampler.accept(token);
         tokens.push(token);
         let piece = self
@@ -312,9 +345,17 @@ impl Merge for LlmMerger {
                 _ => groups.push((item.group, vec![(item.seq, i)])),
             }
         }
+        let row = |i: usize| logits.as_ref().and_then(|l| l.last(i));
+        // The sampling requests' rows (a beam group has several): drawn
+        // together, in parallel.
+        let single: Vec<(GroupId, &[f32])> = groups
+            .iter()
+            .filter(|(_, rows)| rows.len() == 1)
+            .filter_map(|(g, rows)| Some((*g, row(rows[0].1)?)))
+            .collect();
+        let mut draws = self.draw(&single);
         let mut verdict = Vec::with_capacity(groups.len());
         for (g, rows) in groups {
-            let row = |i: usize| logits.as_ref().and_then(|l| l.last(i));
             let is_beam = match self.reqs.get(&g) {
                 None => {
                     // Cancelled or failed meanwhile: let the scheduler free it.
@@ -353,20 +394,17 @@ impl Merge for LlmMerger {
                     verdict.push((g, GroupOutcome::Continue(next)));
                 }
             } else {
-                let (seq, i) = rows[0];
-                let l = row(i).unwrap_or_default();
-                match self.sample(g, l) {
+                let seq = rows[0].0;
+                let Some(draw) = draws.remove(&g) else {
+                    continue;
+                };
+                let token = draw.token;
+                match self.sample(g, draw) {
                     Some(reason) => {
                         self.finish_sample(g, reason);
                         verdict.push((g, GroupOutcome::Finished));
                     }
-                    None => {
-                        let token = match &self.reqs[&g].mode {
-                            Mode::Sample { tokens, .. } => *tokens.last().unwrap_or(&0),
-                            Mode::Beam(_) => 0,
-                        };
-                        verdict.push((g, GroupOutcome::Continue(vec![(seq, token)])));
-                    }
+                    None => verdict.push((g, GroupOutcome::Continue(vec![(seq, token)]))),
                 }
             }
         }
