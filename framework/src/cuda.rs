@@ -1,11 +1,10 @@
-//! The CUDA backend: one tensor-parallel shard of a pipeline stage, its
-//! weights and paged KV cache in device memory, computed through a
-//! [`kernels::cuda::Device`] (one stream on one GPU, or the host emulation in
-//! tests).
-//!
-//! It runs the same step as the CPU backend ([`crate::LlamaShard::forward_paged`])
-//! over the same inputs ([`PagedItem`] block tables from the scheduler's
-//! [`crate::kv::KvManager`]), so the actors drive either one:
+//! The CUDA backend: [`CudaBackend`] implements [`crate::backend::Backend`]
+//! over a [`kernels::cuda::Device`] (one stream on one GPU, or the host
+//! emulation in tests), so a CUDA shard runs the one layer loop
+//! ([`crate::backend::transformer::Transformer`]) that the CPU shard runs,
+//! over the same inputs ([`crate::model::PagedItem`] block tables from the
+//! scheduler's [`crate::kv::KvManager`]). [`CudaShard`] is that loop with its
+//! paged KV cache ([`CudaKv`]) and workspace, on one device.
 //!
 //! * weights and activations are f16 or bf16 ([`Dtype`]), GEMMs go through the
 //!   device (cuBLAS, f32 accumulation); the residual stream, norm weights and
@@ -16,8 +15,17 @@
 //!   larger ones dequantize into a scratch matrix first;
 //! * the KV cache of each layer is `n_blocks · block_size` rows of this shard's
 //!   KV width, laid out as the CPU pool is, so block ids mean the same thing;
+//! * the workspace (activations) and the step's bookkeeping (positions, KV
+//!   slots, block tables, prefill tiles, picked rows) are device buffers kept
+//!   between steps and grown only when a step needs more, so steady-state
+//!   steps allocate no device memory;
 //! * tensor-parallel sums go through a [`TpGroup`]: NCCL between GPUs, or a
-//!   device-memory collective where the ranks share one GPU;
+//!   device-memory collective where the ranks share one GPU (which uses the
+//!   step's host collective for its barriers). NCCL all-reduces are issued
+//!   with no host barrier before them; one host barrier before each forward
+//!   ([`crate::backend::Backend::before_step`]) lets the peers of a rank that
+//!   failed before the step return. A rank failing in the middle of a forward
+//!   leaves its peers to NCCL (its abort or timeout), not to the host collective;
 //! * the logits come back to the host f32, gathered across ranks by the host
 //!   collective (the merger samples on the host).
 //!

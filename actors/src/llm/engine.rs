@@ -106,7 +106,7 @@ impl Default for EngineConfig {
             micro_batches: None,
             threads_per_node: 0,
             fault: None,
-            compute: Compute::Cpu,
+            compute: Compute::default(),
         }
     }
 }
