@@ -8,7 +8,7 @@
 //!
 //! This module owns what every backend shares before the layers run: where
 //! weights come from ([`WeightSource`]), how a shard's matrices are read and
-//! cut ([`ShardMats`]: fused `q|k|v` and `gate|up` column-parallel,
+//! cut (`ShardMats`: fused `q|k|v` and `gate|up` column-parallel,
 //! row-parallel `o` and `down`, vocab-parallel embedding and LM head), the
 //! step's row bookkeeping and checks, and the CPU shard [`LlamaShard`]. The
 //! layer loop itself is [`crate::backend::transformer::Transformer`], written

@@ -116,7 +116,7 @@ pub trait Backend: Send + Sized {
     /// The shard's heads.
     fn heads(&self) -> Heads;
 
-    /// Takes a weight matrix of the [`crate::model::ShardMats`] cut.
+    /// Takes a weight matrix of the `ShardMats` cut (`crate::model`).
     fn weight(&mut self, m: Mat) -> Result<Self::Weight>;
     /// Output features of a weight.
     fn out_features(w: &Self::Weight) -> usize;
