@@ -3,7 +3,11 @@
 //! The forward pass calls [`Collective::all_reduce_sum`] twice per layer (after
 //! the row-parallel attention output and FFN down projections) plus once for the
 //! vocab-parallel embedding, and [`Collective::all_gather_cols`] once for the
-//! vocab-parallel logits. Implementations:
+//! vocab-parallel logits. The layer loop sums device buffers through its
+//! backend ([`crate::backend::Backend::all_reduce`]): the CPU backend calls
+//! this host collective; the CUDA backend sums on the device (NCCL, or a
+//! same-GPU sum that uses this collective only for its barriers).
+//! Implementations:
 //!
 //! * [`SingleCollective`]: world size 1; every operation is the identity. The
 //!   unsharded model runs the same code as the sharded one through it.

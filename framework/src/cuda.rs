@@ -1,11 +1,10 @@
-//! The CUDA backend: one tensor-parallel shard of a pipeline stage, its
-//! weights and paged KV cache in device memory, computed through a
-//! [`kernels::cuda::Device`] (one stream on one GPU, or the host emulation in
-//! tests).
-//!
-//! It runs the same step as the CPU backend ([`crate::LlamaShard::forward_paged`])
-//! over the same inputs ([`PagedItem`] block tables from the scheduler's
-//! [`crate::kv::KvManager`]), so the actors drive either one:
+//! The CUDA backend: [`CudaBackend`] implements [`crate::backend::Backend`]
+//! over a [`kernels::cuda::Device`] (one stream on one GPU, or the host
+//! emulation in tests), so a CUDA shard runs the one layer loop
+//! ([`crate::backend::transformer::Transformer`]) that the CPU shard runs,
+//! over the same inputs ([`crate::model::PagedItem`] block tables from the
+//! scheduler's [`crate::kv::KvManager`]). [`CudaShard`] is that loop with its
+//! paged KV cache ([`CudaKv`]) and workspace, on one device.
 //!
 //! * weights and activations are f16 or bf16 ([`Dtype`]), GEMMs go through the
 //!   device (cuBLAS, f32 accumulation); the residual stream, norm weights and
@@ -16,8 +15,17 @@
 //!   larger ones dequantize into a scratch matrix first;
 //! * the KV cache of each layer is `n_blocks · block_size` rows of this shard's
 //!   KV width, laid out as the CPU pool is, so block ids mean the same thing;
+//! * the workspace (activations) and the step's bookkeeping (positions, KV
+//!   slots, block tables, prefill tiles, picked rows) are device buffers kept
+//!   between steps and grown only when a step needs more, so steady-state
+//!   steps allocate no device memory;
 //! * tensor-parallel sums go through a [`TpGroup`]: NCCL between GPUs, or a
-//!   device-memory collective where the ranks share one GPU;
+//!   device-memory collective where the ranks share one GPU (which uses the
+//!   step's host collective for its barriers). NCCL all-reduces are issued
+//!   with no host barrier before them; one host barrier before each forward
+//!   ([`crate::backend::Backend::before_step`]) lets the peers of a rank that
+//!   failed before the step return. A rank failing in the middle of a forward
+//!   leaves its peers to NCCL (its abort or timeout), not to the host collective;
 //! * the logits come back to the host f32, gathered across ranks by the host
 //!   collective (the merger samples on the host).
 //!
@@ -33,15 +41,17 @@ use kernels::cuda::nccl::NcclGroup;
 use kernels::cuda::ops::{self, AttnArgs, QFormat};
 use kernels::cuda::CudaDevice;
 
+use crate::backend::shard::StageShard;
+use crate::backend::transformer::Transformer;
+use crate::backend::{Backend, Elem, Heads, KvCache, PagedKv, StepRows};
 use crate::collective::Collective;
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
-use crate::model::{self, PagedItem, ShardMats, StageInput, StageOutput, WeightSource};
+use crate::model::{ShardMats, WeightSource};
 use crate::ops::RopeTable;
 use crate::shard::{ShardLayout, ShardSpec};
 use crate::weights::Mat;
-use crate::Logits;
 
 fn dev_err(e: kernels::cuda::Error) -> Error {
     Error::Cuda(e.to_string())
@@ -146,14 +156,25 @@ impl DeviceHandle {
 }
 
 /// A weight matrix on the device.
-enum DevLinear {
+pub enum DevLinear {
     /// `n × k` in the backend's type.
-    Dense { w: DevBuf, n: usize, k: usize },
+    Dense {
+        /// The values.
+        w: DevBuf,
+        /// Rows (output features).
+        n: usize,
+        /// Columns (input features).
+        k: usize,
+    },
     /// `n × k` as GGUF blocks.
     Quant {
+        /// The blocks.
         w: DevBuf,
+        /// Their format.
         f: QFormat,
+        /// Rows (output features).
         n: usize,
+        /// Columns (input features).
         k: usize,
     },
 }
@@ -162,6 +183,12 @@ impl DevLinear {
     fn n(&self) -> usize {
         match self {
             DevLinear::Dense { n, .. } | DevLinear::Quant { n, .. } => *n,
+        }
+    }
+
+    fn k(&self) -> usize {
+        match self {
+            DevLinear::Dense { k, .. } | DevLinear::Quant { k, .. } => *k,
         }
     }
 
@@ -188,49 +215,592 @@ fn qformat(m: &Mat) -> Option<QFormat> {
     }
 }
 
-struct Block {
-    attn_norm: DevBuf,
-    qkv: DevLinear,
-    o: DevLinear,
-    ffn_norm: DevBuf,
-    gate_up: DevLinear,
-    down: DevLinear,
-}
-
-/// One tensor-parallel shard of a pipeline stage, on one device.
-pub struct CudaShard {
-    config: LlamaConfig,
-    layout: ShardLayout,
-    layers: Range<usize>,
-    opts: CudaOptions,
+/// The CUDA backend of one shard: its device stream, weight type, RoPE
+/// tables, the dequantization scratch of quantized weights, and its stage's
+/// [`TpGroup`].
+pub struct CudaBackend {
     dev: DeviceHandle,
-    embed: Option<DevBuf>,
-    blocks: Vec<Block>,
-    head: Option<(DevBuf, DevLinear)>,
+    opts: CudaOptions,
+    heads: Heads,
     cos: DevBuf,
     sin: DevBuf,
-    /// Per layer: keys and values, `n_blocks · block_size × kv_width`.
-    kv: Vec<(DevBuf, DevBuf)>,
-    block_size: usize,
-    n_blocks: usize,
-    /// Dequantized weights for large steps of a quantized shard.
+    /// Dequantized weights for large steps of a quantized shard (as large as
+    /// the largest quantized matrix).
     scratch: Option<DevBuf>,
+    /// The same-GPU all-reduce's sum, grown on demand and kept.
+    sum: Mutex<GrowBuf>,
     tp: Option<Arc<TpGroup>>,
+    weight_bytes: usize,
 }
 
-impl std::fmt::Debug for CudaShard {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "CudaShard(rank {}/{}, layers {:?}, {} on {})",
-            self.layout.spec.rank,
-            self.layout.spec.world_size,
-            self.layers,
-            self.opts.dtype,
-            self.dev.name()
-        )
+impl CudaBackend {
+    /// The backend of a shard with `layout` on `dev`.
+    pub fn new(
+        config: &LlamaConfig,
+        layout: &ShardLayout,
+        dev: DeviceHandle,
+        opts: CudaOptions,
+        tp: Option<Arc<TpGroup>>,
+    ) -> Result<Self> {
+        let hd = config.head_dim();
+        if !hd.is_multiple_of(32) || hd > ops::MAX_HEAD_DIM as usize {
+            return Err(Error::Config(format!(
+                "the CUDA attention kernels take head dimensions that are multiples of 32 up to {}; this model's is {hd}",
+                ops::MAX_HEAD_DIM
+            )));
+        }
+        if layout.spec.world_size > 1 && tp.is_none() {
+            return Err(Error::Shard(
+                "a tensor-parallel CUDA shard needs its stage's TpGroup".into(),
+            ));
+        }
+        let rope = RopeTable::new(hd, config.rope_base, config.context);
+        let (cos, sin) = rope.tables();
+        Ok(Self {
+            cos: f32_buf(&dev.dev, cos)?,
+            sin: f32_buf(&dev.dev, sin)?,
+            dev,
+            opts,
+            heads: Heads {
+                n_heads: layout.heads.len(),
+                n_kv: layout.kv_heads.len(),
+                head_dim: hd,
+            },
+            scratch: None,
+            sum: Mutex::new(GrowBuf::default()),
+            tp,
+            weight_bytes: 0,
+        })
+    }
+
+    fn d(&self) -> &dyn Device {
+        &*self.dev.dev
     }
 }
+
+/// A device buffer that grows when asked for more than it holds, and is kept.
+#[derive(Default)]
+pub struct GrowBuf(Option<DevBuf>);
+
+impl GrowBuf {
+    /// Makes room for `bytes` (at least 4).
+    fn reserve(&mut self, d: &Arc<dyn Device>, bytes: usize) -> Result<DevPtr> {
+        let bytes = bytes.max(4);
+        match &self.0 {
+            Some(b) if b.bytes() >= bytes => {}
+            _ => {
+                // Free the old buffer before taking the larger one.
+                self.0 = None;
+                self.0 = Some(DevBuf::zeroed(d, bytes.next_power_of_two()).map_err(dev_err)?);
+            }
+        }
+        Ok(self.ptr())
+    }
+
+    /// Puts `v` at the start of the buffer.
+    fn put(&mut self, d: &Arc<dyn Device>, v: &[u32]) -> Result<()> {
+        self.reserve(d, v.len() * 4)?;
+        match &self.0 {
+            Some(b) if !v.is_empty() => b.write(v).map_err(dev_err),
+            _ => Ok(()),
+        }
+    }
+
+    fn ptr(&self) -> DevPtr {
+        self.0.as_ref().map_or(0, DevBuf::ptr)
+    }
+}
+
+/// This shard's rows of the embedding table on the device.
+pub struct DevTable {
+    w: DevBuf,
+    vocab: Range<usize>,
+}
+
+/// One step's bookkeeping in device memory, kept between steps.
+#[derive(Default)]
+pub struct CudaMeta {
+    tokens: GrowBuf,
+    pos: GrowBuf,
+    slots: GrowBuf,
+    tables: GrowBuf,
+    table_start: GrowBuf,
+    tiles: GrowBuf,
+    picked_rows: GrowBuf,
+    n_tiles: usize,
+    picked: usize,
+    decode_only: bool,
+}
+
+/// The paged KV cache on the device: per layer, keys and values of
+/// `n_blocks · block_size` positions of the shard's KV width, in the
+/// backend's 16-bit type.
+pub struct CudaKv {
+    layers: Vec<(DevBuf, DevBuf)>,
+    block_size: usize,
+    n_blocks: usize,
+    kv_width: usize,
+}
+
+impl CudaKv {
+    /// Device bytes held.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(|(k, v)| k.bytes() + v.bytes()).sum()
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buf = DevBuf;
+    type Weight = DevLinear;
+    type Vector = DevBuf;
+    type Table = DevTable;
+    type Meta = CudaMeta;
+    type Kv = CudaKv;
+
+    fn heads(&self) -> Heads {
+        self.heads
+    }
+
+    fn weight(&mut self, m: Mat) -> Result<DevLinear> {
+        let d = &self.dev.dev;
+        let l = upload_linear(d, self.opts.dtype, self.opts.quantized, m)?;
+        if let DevLinear::Quant { .. } = l {
+            let need = l.elements() * 2;
+            if self.scratch.as_ref().is_none_or(|s| s.bytes() < need) {
+                self.scratch = None;
+                self.scratch = Some(DevBuf::zeroed(d, need).map_err(dev_err)?);
+            }
+        }
+        self.weight_bytes += l.bytes();
+        Ok(l)
+    }
+
+    fn out_features(w: &DevLinear) -> usize {
+        w.n()
+    }
+
+    fn vector(&mut self, v: &[f32]) -> Result<DevBuf> {
+        f32_buf(&self.dev.dev, v)
+    }
+
+    fn table(&mut self, m: Mat, vocab: Range<usize>) -> Result<DevTable> {
+        match upload_linear(&self.dev.dev, self.opts.dtype, false, m)? {
+            DevLinear::Dense { w, .. } => {
+                self.weight_bytes += w.bytes();
+                Ok(DevTable { w, vocab })
+            }
+            DevLinear::Quant { .. } => Err(Error::Cuda("a dense table came back quantized".into())),
+        }
+    }
+
+    fn new_kv(&self, layers: usize, block_size: usize, n_blocks: usize) -> Result<CudaKv> {
+        let kv_width = self.heads.kv_width();
+        let bytes = n_blocks * block_size * kv_width * 2;
+        let mut kv = Vec::with_capacity(layers);
+        for _ in 0..layers {
+            kv.push((
+                DevBuf::zeroed(&self.dev.dev, bytes).map_err(dev_err)?,
+                DevBuf::zeroed(&self.dev.dev, bytes).map_err(dev_err)?,
+            ));
+        }
+        Ok(CudaKv {
+            layers: kv,
+            block_size,
+            n_blocks,
+            kv_width,
+        })
+    }
+
+    fn alloc(&self, elem: Elem, len: usize) -> Result<DevBuf> {
+        let size = match elem {
+            Elem::F32 => 4,
+            Elem::Act => 2,
+        };
+        DevBuf::zeroed(&self.dev.dev, len * size).map_err(dev_err)
+    }
+
+    fn new_meta(&self) -> Result<CudaMeta> {
+        Ok(CudaMeta::default())
+    }
+
+    fn load_meta(&self, meta: &mut CudaMeta, step: &StepRows<'_>) -> Result<()> {
+        let bs = step.block_size;
+        if bs == 0 {
+            return Err(Error::Shard(
+                "the CUDA backend runs paged caches only".into(),
+            ));
+        }
+        let n = step.rows.pos.len();
+        let mut tables = Vec::new();
+        let mut table_start = Vec::with_capacity(n);
+        let mut slots = Vec::with_capacity(n);
+        let mut tile_items = Vec::with_capacity(step.items.len());
+        let mut row = 0u32;
+        for (&(tokens, start_pos, _), table) in step.items.iter().zip(step.tables) {
+            let start = tables.len() as u32;
+            tables.extend_from_slice(table);
+            for k in 0..tokens.len() {
+                let p = start_pos + k;
+                table_start.push(start);
+                slots.push(table[p / bs] * bs as u32 + (p % bs) as u32);
+            }
+            tile_items.push((row, tokens.len() as u32, start, start_pos as u32));
+            row += tokens.len() as u32;
+        }
+        let tiles = ops::tiles_as_u32(&ops::prefill_tiles(tile_items));
+        let pos: Vec<u32> = step.rows.pos.iter().map(|&p| p as u32).collect();
+        let picked: Vec<u32> = step.picked.iter().map(|&r| r as u32).collect();
+        let d = &self.dev.dev;
+        meta.tokens.put(d, &step.rows.tokens)?;
+        meta.pos.put(d, &pos)?;
+        meta.slots.put(d, &slots)?;
+        meta.tables.put(d, &tables)?;
+        meta.table_start.put(d, &table_start)?;
+        meta.tiles.put(d, &tiles)?;
+        meta.picked_rows.put(d, &picked)?;
+        meta.n_tiles = tiles.len() / 4;
+        meta.picked = picked.len();
+        meta.decode_only = step.items.iter().all(|i| i.0.len() == 1);
+        Ok(())
+    }
+
+    fn before_step(&self, host: &dyn Collective) -> Result<()> {
+        // NCCL cannot be interrupted from the host: peers of a rank that
+        // failed before this step return here instead of waiting in NCCL.
+        match self.tp.as_deref() {
+            Some(TpGroup::Nccl(_)) if host.world_size() > 1 => host.barrier(),
+            _ => Ok(()),
+        }
+    }
+
+    fn upload(&self, buf: &mut DevBuf, data: &[f32]) -> Result<()> {
+        buf.write(data).map_err(dev_err)
+    }
+
+    fn download(&self, buf: &DevBuf, len: usize) -> Result<Vec<f32>> {
+        buf.read(len).map_err(dev_err)
+    }
+
+    fn embed(
+        &self,
+        table: &DevTable,
+        meta: &CudaMeta,
+        out: &mut DevBuf,
+        rows: usize,
+    ) -> Result<()> {
+        let h = self.cols_of(table);
+        // SAFETY: the table holds the local vocabulary × h; the meta's tokens
+        // `rows` ids; the workspace's `out` at least rows × h f32.
+        unsafe {
+            ops::embed(
+                self.d(),
+                self.opts.dtype,
+                table.w.ptr(),
+                meta.tokens.ptr(),
+                out.ptr(),
+                rows,
+                h,
+                table.vocab.clone(),
+            )
+        }
+        .map_err(dev_err)
+    }
+
+    fn rms_norm(
+        &self,
+        x: &mut DevBuf,
+        residual: Option<&DevBuf>,
+        w: &DevBuf,
+        eps: f32,
+        out: &mut DevBuf,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        // SAFETY: the workspace sized x, residual (f32) and out (Act) for
+        // `rows` rows of `width`; w holds `width` f32.
+        unsafe {
+            ops::rms_norm(
+                self.d(),
+                self.opts.dtype,
+                x.ptr(),
+                residual.map(DevBuf::ptr),
+                w.ptr(),
+                out.ptr(),
+                rows,
+                width,
+                eps,
+            )
+        }
+        .map_err(dev_err)
+    }
+
+    fn linear(
+        &self,
+        w: &DevLinear,
+        x: &DevBuf,
+        out: &mut DevBuf,
+        out_elem: Elem,
+        rows: usize,
+    ) -> Result<()> {
+        let (m, n, k) = (rows, w.n(), w.k());
+        let f32_out = out_elem == Elem::F32;
+        let size = if f32_out { 4 } else { 2 };
+        if x.bytes() < m * k * 2 || out.bytes() < m * n * size {
+            return Err(Error::Shard(format!(
+                "a {n}×{k} weight on {m} rows met buffers of {} and {} bytes",
+                x.bytes(),
+                out.bytes()
+            )));
+        }
+        let d = self.d();
+        let t = self.opts.dtype;
+        let gemm = |b: DevPtr| -> Result<()> {
+            d.gemm(&Gemm {
+                a: x.ptr(),
+                lda: k,
+                b,
+                c: out.ptr(),
+                m,
+                n,
+                k,
+                dtype: t,
+                c_f32: f32_out,
+                accumulate: false,
+            })
+            .map_err(dev_err)
+        };
+        match w {
+            DevLinear::Dense { w, .. } => gemm(w.ptr()),
+            DevLinear::Quant { w, f, .. } => {
+                if m <= ops::QMV_MAX_ROWS as usize {
+                    // SAFETY: w holds n × k/32 blocks; x and out were checked
+                    // above for m rows.
+                    unsafe {
+                        ops::qmv(d, t, *f, w.ptr(), x.ptr(), k, out.ptr(), f32_out, (m, n, k))
+                    }
+                    .map_err(dev_err)
+                } else {
+                    let scratch = self
+                        .scratch
+                        .as_ref()
+                        .ok_or_else(|| Error::Shard("a quantized shard without scratch".into()))?;
+                    // SAFETY: the scratch holds the largest quantized matrix in `t`.
+                    unsafe { ops::dequantize(d, t, *f, w.ptr(), scratch.ptr(), n * k / 32) }
+                        .map_err(dev_err)?;
+                    gemm(scratch.ptr())
+                }
+            }
+        }
+    }
+
+    fn rope(&self, qkv: &mut DevBuf, meta: &CudaMeta, rows: usize) -> Result<()> {
+        let hd = self.heads;
+        // SAFETY: qkv holds `rows` fused rows; the meta's positions `rows`
+        // u32 below the context the tables cover.
+        unsafe {
+            ops::rope(
+                self.d(),
+                self.opts.dtype,
+                qkv.ptr(),
+                meta.pos.ptr(),
+                (self.cos.ptr(), self.sin.ptr()),
+                rows,
+                hd.qkv_width(),
+                hd.n_heads + hd.n_kv,
+                hd.head_dim,
+            )
+        }
+        .map_err(dev_err)
+    }
+
+    fn silu_mul(
+        &self,
+        gate_up: &DevBuf,
+        out: &mut DevBuf,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        // SAFETY: gate_up holds rows × 2·width, out rows × width (Act).
+        unsafe {
+            ops::silu_mul(
+                self.d(),
+                self.opts.dtype,
+                gate_up.ptr(),
+                out.ptr(),
+                rows,
+                width,
+            )
+        }
+        .map_err(dev_err)
+    }
+
+    fn add(&self, x: &mut DevBuf, delta: &DevBuf, len: usize) -> Result<()> {
+        // SAFETY: x and delta hold at least `len` f32.
+        unsafe { ops::add_f32(self.d(), x.ptr(), delta.ptr(), len) }.map_err(dev_err)
+    }
+
+    fn gather_rows(
+        &self,
+        x: &DevBuf,
+        meta: &CudaMeta,
+        out: &mut DevBuf,
+        width: usize,
+    ) -> Result<()> {
+        // SAFETY: the meta's picked rows are row indices of x; out holds
+        // that many rows of `width` f32.
+        unsafe {
+            ops::gather_rows_f32(
+                self.d(),
+                x.ptr(),
+                meta.picked_rows.ptr(),
+                out.ptr(),
+                meta.picked,
+                width,
+            )
+        }
+        .map_err(dev_err)
+    }
+
+    fn all_reduce(&self, buf: &mut DevBuf, len: usize, host: &dyn Collective) -> Result<()> {
+        let Some(tp) = &self.tp else { return Ok(()) };
+        if host.world_size() == 1 {
+            return Ok(());
+        }
+        let d = &self.dev.dev;
+        let rank = host.rank();
+        match &**tp {
+            TpGroup::SameDevice(slots) => {
+                let mut sum = self
+                    .sum
+                    .lock()
+                    .map_err(|_| Error::Collective("poisoned scratch".into()))?;
+                let sum = sum.reserve(d, len * 4)?;
+                // Our partial sum must be complete before peers read it.
+                d.synchronize().map_err(dev_err)?;
+                slots.publish(rank, buf.ptr())?;
+                host.barrier()?;
+                let peers = slots.read()?;
+                d.zero(sum, len * 4).map_err(dev_err)?;
+                for &p in &peers {
+                    // SAFETY: every peer's buffer holds `len` f32 on this GPU
+                    // and stays untouched until the barrier below.
+                    unsafe { ops::add_f32(&**d, sum, p, len) }.map_err(dev_err)?;
+                }
+                d.synchronize().map_err(dev_err)?;
+                // Nobody may overwrite its buffer before every rank has read it.
+                host.barrier()?;
+                d.copy(buf.ptr(), sum, len * 4).map_err(dev_err)
+            }
+            TpGroup::Nccl(group) => {
+                let gpu = self
+                    .dev
+                    .gpu
+                    .as_ref()
+                    .ok_or_else(|| Error::Cuda("NCCL needs a real GPU device".into()))?;
+                // SAFETY: buf holds len f32 on this rank's GPU.
+                unsafe { group.all_reduce_sum_f32(rank, gpu, buf.ptr(), len) }.map_err(dev_err)
+            }
+        }
+    }
+}
+
+impl CudaBackend {
+    fn cols_of(&self, table: &DevTable) -> usize {
+        table.w.bytes() / 2 / table.vocab.len().max(1)
+    }
+}
+
+impl KvCache<CudaBackend> for CudaKv {
+    fn attend(
+        &mut self,
+        be: &CudaBackend,
+        layer: usize,
+        qkv: &DevBuf,
+        meta: &CudaMeta,
+        out: &mut DevBuf,
+        rows: usize,
+    ) -> Result<()> {
+        let (d, t, hd) = (be.d(), be.opts.dtype, be.heads);
+        let (kc, vc) = self
+            .layers
+            .get(layer)
+            .ok_or_else(|| Error::Shard(format!("no KV layer {layer}")))?;
+        // SAFETY: qkv holds `rows` fused rows; the meta's slots, tables and
+        // tiles were built for this step from tables the caller checked
+        // against this cache's blocks; out holds rows × q_width (Act).
+        unsafe {
+            ops::kv_write(
+                d,
+                t,
+                qkv.ptr(),
+                (kc.ptr(), vc.ptr()),
+                meta.slots.ptr(),
+                rows,
+                hd.qkv_width(),
+                hd.q_width(),
+                hd.kv_width(),
+            )
+            .map_err(dev_err)?;
+            let a = AttnArgs {
+                q: qkv.ptr(),
+                q_stride: hd.qkv_width(),
+                k_cache: kc.ptr(),
+                v_cache: vc.ptr(),
+                tables: meta.tables.ptr(),
+                out: out.ptr(),
+                n_heads: hd.n_heads,
+                n_kv_heads: hd.n_kv,
+                head_dim: hd.head_dim,
+                block_size: self.block_size,
+                scale: 1.0 / (hd.head_dim as f32).sqrt(),
+            };
+            if meta.decode_only {
+                ops::attn_decode(d, t, &a, meta.table_start.ptr(), meta.pos.ptr(), rows)
+            } else {
+                ops::attn_prefill(d, t, &a, meta.tiles.ptr(), meta.n_tiles)
+            }
+        }
+        .map_err(dev_err)
+    }
+}
+
+impl PagedKv<CudaBackend> for CudaKv {
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    fn n_blocks(&self) -> usize {
+        self.n_blocks
+    }
+
+    fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    fn elem_bytes(&self) -> usize {
+        2
+    }
+
+    fn copy_block(&mut self, be: &CudaBackend, src: u32, dst: u32) -> Result<()> {
+        if src as usize >= self.n_blocks || dst as usize >= self.n_blocks {
+            return Err(Error::Shard(format!(
+                "block copy {src} → {dst} outside a {}-block cache",
+                self.n_blocks
+            )));
+        }
+        let row = self.block_size * self.kv_width * 2;
+        let (s, d) = (src as usize * row, dst as usize * row);
+        for (k, v) in &self.layers {
+            be.d().copy(k.at(d), k.at(s), row).map_err(dev_err)?;
+            be.d().copy(v.at(d), v.at(s), row).map_err(dev_err)?;
+        }
+        Ok(())
+    }
+}
+
+/// One tensor-parallel shard of a pipeline stage, on one device, with its
+/// paged KV cache and workspace.
+pub type CudaShard = StageShard<CudaBackend>;
 
 /// Where a shard's weights come from and what it holds.
 pub struct CudaShardSpec<'a> {
@@ -248,9 +818,10 @@ pub struct CudaShardSpec<'a> {
     pub kv: (usize, usize),
 }
 
-impl CudaShard {
+impl StageShard<CudaBackend> {
     /// Loads a shard onto `dev`. Ranks of one stage with `world_size > 1`
-    /// share one `tp` group.
+    /// share one `tp` group. The workspace starts empty and grows to the
+    /// largest step; [`CudaShard::reserve`] sizes it up front.
     pub fn load(
         s: CudaShardSpec<'_>,
         dev: DeviceHandle,
@@ -259,496 +830,44 @@ impl CudaShard {
     ) -> Result<Self> {
         let config = s.config.clone();
         config.validate()?;
-        if s.spec.world_size > 1 && tp.is_none() {
-            return Err(Error::Shard(
-                "a tensor-parallel CUDA shard needs its stage's TpGroup".into(),
-            ));
-        }
         let src = match s.file {
             Some(f) => WeightSource::Gguf(f),
             None => WeightSource::Synthetic { seed: s.seed },
         };
-        let hd = config.head_dim();
-        if !hd.is_multiple_of(32) || hd > ops::MAX_HEAD_DIM as usize {
-            return Err(Error::Config(format!(
-                "the CUDA attention kernels take head dimensions that are multiples of 32 up to {}; this model's is {hd}",
-                ops::MAX_HEAD_DIM
-            )));
-        }
         let mats = ShardMats::build(&config, &src, s.spec, s.layers.clone())?;
-        let d = &dev.dev;
-        let t = opts.dtype;
-        let mut largest_quant = 0usize;
-        let mut linear = |m: Mat| -> Result<DevLinear> {
-            let l = upload_linear(d, t, opts.quantized, m)?;
-            if let DevLinear::Quant { .. } = l {
-                largest_quant = largest_quant.max(l.elements());
-            }
-            Ok(l)
-        };
-        let embed = match mats.embed {
-            Some(m) => match upload_linear(d, t, false, m)? {
-                DevLinear::Dense { w, .. } => Some(w),
-                DevLinear::Quant { .. } => unreachable!("dense requested"),
-            },
-            None => None,
-        };
-        let head = match mats.head {
-            Some((norm, m)) => Some((f32_buf(d, &norm)?, linear(m)?)),
-            None => None,
-        };
-        let mut blocks = Vec::with_capacity(mats.blocks.len());
-        for b in mats.blocks {
-            blocks.push(Block {
-                attn_norm: f32_buf(d, &b.attn_norm)?,
-                qkv: linear(b.qkv)?,
-                o: linear(b.o)?,
-                ffn_norm: f32_buf(d, &b.ffn_norm)?,
-                gate_up: linear(b.gate_up)?,
-                down: linear(b.down)?,
-            });
-        }
-        let scratch = if largest_quant > 0 {
-            Some(DevBuf::zeroed(d, largest_quant * 2).map_err(dev_err)?)
-        } else {
-            None
-        };
-        let rope = RopeTable::new(hd, config.rope_base, config.context);
-        let (cos, sin) = rope.tables();
-        let (block_size, n_blocks) = s.kv;
-        let kv_width = mats.layout.kv_heads.len() * hd;
-        let kv_bytes = n_blocks * block_size * kv_width * 2;
-        let mut kv = Vec::with_capacity(blocks.len());
-        for _ in 0..blocks.len() {
-            kv.push((
-                DevBuf::zeroed(d, kv_bytes).map_err(dev_err)?,
-                DevBuf::zeroed(d, kv_bytes).map_err(dev_err)?,
-            ));
-        }
-        Ok(Self {
-            cos: f32_buf(d, cos)?,
-            sin: f32_buf(d, sin)?,
-            config,
-            layout: mats.layout,
-            layers: s.layers,
-            opts,
-            dev,
-            embed,
-            blocks,
-            head,
-            kv,
-            block_size,
-            n_blocks,
-            scratch,
-            tp,
-        })
-    }
-
-    /// The model's shape.
-    pub fn config(&self) -> &LlamaConfig {
-        &self.config
-    }
-
-    /// This shard's layers.
-    pub fn layers(&self) -> Range<usize> {
-        self.layers.clone()
+        let backend = CudaBackend::new(&config, &mats.layout, dev, opts, tp)?;
+        let model = Transformer::new(backend, config, mats, s.layers)?;
+        StageShard::new(model, s.kv, 0)
     }
 
     /// Device bytes held by the weights.
     pub fn weight_bytes(&self) -> usize {
-        let lin = |l: &DevLinear| l.bytes();
-        self.blocks
-            .iter()
-            .map(|b| lin(&b.qkv) + lin(&b.o) + lin(&b.gate_up) + lin(&b.down))
-            .sum::<usize>()
-            + self.head.as_ref().map_or(0, |(_, l)| lin(l))
-            + self.embed.as_ref().map_or(0, DevBuf::bytes)
+        self.model.backend().weight_bytes
     }
 
     /// Device bytes held by the KV cache.
     pub fn kv_bytes(&self) -> usize {
-        self.kv.iter().map(|(k, v)| k.bytes() + v.bytes()).sum()
+        self.kv.bytes()
     }
+}
 
-    fn kv_width(&self) -> usize {
-        self.layout.kv_heads.len() * self.config.head_dim()
-    }
-
-    /// Copies KV block `src` to `dst` in every layer (copy-on-write forks).
-    pub fn copy_block(&mut self, src: u32, dst: u32) -> Result<()> {
-        let row = self.block_size * self.kv_width() * 2;
-        let (s, d) = (src as usize * row, dst as usize * row);
-        for (k, v) in &self.kv {
-            self.dev.dev.copy(k.at(d), k.at(s), row).map_err(dev_err)?;
-            self.dev.dev.copy(v.at(d), v.at(s), row).map_err(dev_err)?;
-        }
+impl SharedSlots {
+    fn publish(&self, rank: usize, ptr: DevPtr) -> Result<()> {
+        let mut s = self
+            .slots
+            .lock()
+            .map_err(|_| Error::Collective("poisoned slots".into()))?;
+        *s.get_mut(rank)
+            .ok_or_else(|| Error::Collective(format!("rank {rank} outside the group")))? = ptr;
         Ok(())
     }
 
-    /// One step of this stage over the paged KV cache; see
-    /// [`crate::LlamaShard::forward_paged`]. `collective` is the host
-    /// collective of this stage's ranks (barriers, the logits' gather).
-    pub fn forward_paged(
-        &mut self,
-        items: &[PagedItem<'_>],
-        input: StageInput,
-        collective: &dyn Collective,
-    ) -> Result<StageOutput> {
-        let c = self.config.clone();
-        let shapes: Vec<_> = items
-            .iter()
-            .map(|i| (i.tokens, i.start, i.logits))
-            .collect();
-        let rows = model::step_rows(&c, &shapes)?;
-        let n = rows.pos.len();
-        model::check_tables(items, self.block_size, self.n_blocks)?;
-        let d = self.dev.dev.clone();
-        let t = self.opts.dtype;
-        let (h, hd) = (c.hidden, c.head_dim());
-        let (n_heads, n_kv) = (self.layout.heads.len(), self.layout.kv_heads.len());
-        let (q_w, kv_w) = (n_heads * hd, n_kv * hd);
-        let qkv_w = q_w + 2 * kv_w;
-        let ffn = self.layout.ffn.len();
-
-        // Step metadata.
-        let mut tables = Vec::new();
-        let mut table_start = Vec::with_capacity(n);
-        let mut slots = Vec::with_capacity(n);
-        let mut tile_items = Vec::new();
-        let mut row = 0u32;
-        for item in items {
-            let start = tables.len() as u32;
-            tables.extend_from_slice(item.table);
-            for k in 0..item.tokens.len() {
-                let p = item.start + k;
-                table_start.push(start);
-                slots.push(
-                    item.table[p / self.block_size] * self.block_size as u32
-                        + (p % self.block_size) as u32,
-                );
-            }
-            tile_items.push((row, item.tokens.len() as u32, start, item.start as u32));
-            row += item.tokens.len() as u32;
-        }
-        let decode_only = items.iter().all(|i| i.tokens.len() == 1);
-        let tiles = ops::tiles_as_u32(&ops::prefill_tiles(tile_items));
-        let pos: Vec<u32> = rows.pos.iter().map(|&p| p as u32).collect();
-        let up = |v: &[u32]| {
-            DevBuf::from_slice(&d, if v.is_empty() { &[0u32][..] } else { v }).map_err(dev_err)
-        };
-        let (pos_b, slots_b, tables_b, tstart_b, tiles_b) = (
-            up(&pos)?,
-            up(&slots)?,
-            up(&tables)?,
-            up(&table_start)?,
-            up(&tiles)?,
-        );
-
-        let f32b = |len: usize| DevBuf::zeroed(&d, len * 4).map_err(dev_err);
-        let hb = |len: usize| DevBuf::zeroed(&d, len * 2).map_err(dev_err);
-        // The same-GPU collective's sum, one per step (every all-reduce is n × h).
-        let sum = match self.tp.as_deref() {
-            Some(TpGroup::SameDevice(_)) if collective.world_size() > 1 => Some(f32b(n * h)?),
-            _ => None,
-        };
-        let x = match input {
-            StageInput::Tokens => {
-                let table = self.embed.as_ref().ok_or_else(|| {
-                    Error::Shard("only the first pipeline stage embeds tokens".into())
-                })?;
-                let x = f32b(n * h)?;
-                let tok = up(&rows.tokens)?;
-                // SAFETY: the table holds the local vocabulary × h; tok n
-                // tokens; x n × h f32.
-                unsafe {
-                    ops::embed(
-                        &*d,
-                        t,
-                        table.ptr(),
-                        tok.ptr(),
-                        x.ptr(),
-                        n,
-                        h,
-                        self.layout.vocab.clone(),
-                    )
-                }
-                .map_err(dev_err)?;
-                self.all_reduce(&x, n * h, sum.as_ref(), collective)?;
-                x
-            }
-            StageInput::Hidden(v) => {
-                if v.len() != n * h {
-                    return Err(Error::Shard(format!(
-                        "stage input holds {} floats, expected {n} rows of {h}",
-                        v.len()
-                    )));
-                }
-                DevBuf::from_slice(&d, &v).map_err(dev_err)?
-            }
-        };
-        let normed = hb(n * h)?;
-        let qkv = hb(n * qkv_w)?;
-        let attn = hb(n * q_w)?;
-        let gu = hb(n * 2 * ffn)?;
-        let act = hb(n * ffn)?;
-        let delta = f32b(n * h)?;
-        let mut pending = false;
-        let scale = 1.0 / (hd as f32).sqrt();
-        for (l, b) in self.blocks.iter().enumerate() {
-            let delta_ptr = pending.then(|| delta.ptr());
-            // SAFETY (this block): every buffer was sized above for n rows of
-            // its width; the weights match the layout they were cut for.
-            unsafe {
-                ops::rms_norm(
-                    &*d,
-                    t,
-                    x.ptr(),
-                    delta_ptr,
-                    b.attn_norm.ptr(),
-                    normed.ptr(),
-                    n,
-                    h,
-                    c.rms_eps,
-                )
-                .map_err(dev_err)?;
-                self.linear(&b.qkv, normed.ptr(), h, qkv.ptr(), false, n, h)?;
-                ops::rope(
-                    &*d,
-                    t,
-                    qkv.ptr(),
-                    pos_b.ptr(),
-                    (self.cos.ptr(), self.sin.ptr()),
-                    n,
-                    qkv_w,
-                    n_heads + n_kv,
-                    hd,
-                )
-                .map_err(dev_err)?;
-                let (kc, vc) = &self.kv[l];
-                ops::kv_write(
-                    &*d,
-                    t,
-                    qkv.ptr(),
-                    (kc.ptr(), vc.ptr()),
-                    slots_b.ptr(),
-                    n,
-                    qkv_w,
-                    q_w,
-                    kv_w,
-                )
-                .map_err(dev_err)?;
-                let a = AttnArgs {
-                    q: qkv.ptr(),
-                    q_stride: qkv_w,
-                    k_cache: kc.ptr(),
-                    v_cache: vc.ptr(),
-                    tables: tables_b.ptr(),
-                    out: attn.ptr(),
-                    n_heads,
-                    n_kv_heads: n_kv,
-                    head_dim: hd,
-                    block_size: self.block_size,
-                    scale,
-                };
-                if decode_only {
-                    ops::attn_decode(&*d, t, &a, tstart_b.ptr(), pos_b.ptr(), n)
-                        .map_err(dev_err)?;
-                } else {
-                    ops::attn_prefill(&*d, t, &a, tiles_b.ptr(), tiles.len() / 4)
-                        .map_err(dev_err)?;
-                }
-                self.linear(&b.o, attn.ptr(), q_w, delta.ptr(), true, n, q_w)?;
-            }
-            self.all_reduce(&delta, n * h, sum.as_ref(), collective)?;
-            // SAFETY: as above.
-            unsafe {
-                ops::rms_norm(
-                    &*d,
-                    t,
-                    x.ptr(),
-                    Some(delta.ptr()),
-                    b.ffn_norm.ptr(),
-                    normed.ptr(),
-                    n,
-                    h,
-                    c.rms_eps,
-                )
-                .map_err(dev_err)?;
-                self.linear(&b.gate_up, normed.ptr(), h, gu.ptr(), false, n, h)?;
-                ops::silu_mul(&*d, t, gu.ptr(), act.ptr(), n, ffn).map_err(dev_err)?;
-                self.linear(&b.down, act.ptr(), ffn, delta.ptr(), true, n, ffn)?;
-            }
-            self.all_reduce(&delta, n * h, sum.as_ref(), collective)?;
-            pending = true;
-        }
-        if pending {
-            // SAFETY: x and delta hold n × h f32.
-            unsafe { ops::add_f32(&*d, x.ptr(), delta.ptr(), n * h) }.map_err(dev_err)?;
-        }
-        let Some((norm, lm)) = &self.head else {
-            let mut out = vec![0f32; n * h];
-            d.download(x.ptr(), kernels::cuda::device::as_bytes_mut(&mut out))
-                .map_err(dev_err)?;
-            return Ok(StageOutput::Hidden(out));
-        };
-        let (picked, item_rows) = model::picked_rows(&shapes);
-        let p = picked.len();
-        let local_vocab = lm.n();
-        let mut local = vec![0f32; p * local_vocab];
-        if p > 0 {
-            let idx: Vec<u32> = picked.iter().map(|&r| r as u32).collect();
-            let idx_b = up(&idx)?;
-            let last = f32b(p * h)?;
-            let last_n = hb(p * h)?;
-            let logits = f32b(p * local_vocab)?;
-            // SAFETY: idx holds p row indices < n; the buffers are sized for p rows.
-            unsafe {
-                ops::gather_rows_f32(&*d, x.ptr(), idx_b.ptr(), last.ptr(), p, h)
-                    .map_err(dev_err)?;
-                ops::rms_norm(
-                    &*d,
-                    t,
-                    last.ptr(),
-                    None,
-                    norm.ptr(),
-                    last_n.ptr(),
-                    p,
-                    h,
-                    c.rms_eps,
-                )
-                .map_err(dev_err)?;
-                self.linear(lm, last_n.ptr(), h, logits.ptr(), true, p, h)?;
-            }
-            d.download(
-                logits.ptr(),
-                kernels::cuda::device::as_bytes_mut(&mut local),
-            )
-            .map_err(dev_err)?;
-        }
-        let data = collective.all_gather_cols(&local, p, self.layout.vocab.start, c.vocab)?;
-        Ok(StageOutput::Logits(Logits {
-            vocab: c.vocab,
-            data,
-            item_rows,
-        }))
-    }
-
-    /// `y = x · Wᵀ` for `m` rows of `x` (row stride `lda`); `y` f32 or the
-    /// backend's type.
-    ///
-    /// # Safety
-    /// `x` holds `m × lda` and `y` `m × n` values of their types.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn linear(
-        &self,
-        w: &DevLinear,
-        x: DevPtr,
-        lda: usize,
-        y: DevPtr,
-        y_f32: bool,
-        m: usize,
-        k_in: usize,
-    ) -> Result<()> {
-        let d = &*self.dev.dev;
-        let t = self.opts.dtype;
-        let gemm = |b: DevPtr, n: usize, k: usize| -> Result<()> {
-            if k != k_in {
-                return Err(Error::Shard(format!(
-                    "a {n}×{k} weight met {k_in}-wide rows"
-                )));
-            }
-            d.gemm(&Gemm {
-                a: x,
-                lda,
-                b,
-                c: y,
-                m,
-                n,
-                k,
-                dtype: t,
-                c_f32: y_f32,
-                accumulate: false,
-            })
-            .map_err(dev_err)
-        };
-        match w {
-            DevLinear::Dense { w, n, k } => gemm(w.ptr(), *n, *k),
-            DevLinear::Quant { w, f, n, k } => {
-                if m <= ops::QMV_MAX_ROWS as usize {
-                    // SAFETY: forwarded from the caller; w holds n × k/32 blocks.
-                    unsafe { ops::qmv(d, t, *f, w.ptr(), x, lda, y, y_f32, (m, *n, *k)) }
-                        .map_err(dev_err)
-                } else {
-                    let scratch = self
-                        .scratch
-                        .as_ref()
-                        .ok_or_else(|| Error::Shard("a quantized shard without scratch".into()))?;
-                    // SAFETY: the scratch holds the largest quantized matrix in `t`.
-                    unsafe { ops::dequantize(d, t, *f, w.ptr(), scratch.ptr(), n * k / 32) }
-                        .map_err(dev_err)?;
-                    gemm(scratch.ptr(), *n, *k)
-                }
-            }
-        }
-    }
-
-    /// Sums `len` f32 at `buf` over this stage's tensor-parallel ranks.
-    /// `sum` is the step's scratch of at least `len` f32 (same-GPU groups).
-    fn all_reduce(
-        &self,
-        buf: &DevBuf,
-        len: usize,
-        sum: Option<&DevBuf>,
-        collective: &dyn Collective,
-    ) -> Result<()> {
-        let Some(tp) = &self.tp else { return Ok(()) };
-        if collective.world_size() == 1 {
-            return Ok(());
-        }
-        let d = &self.dev.dev;
-        let rank = collective.rank();
-        match &**tp {
-            TpGroup::SameDevice(slots) => {
-                // Our partial sum must be complete before peers read it.
-                d.synchronize().map_err(dev_err)?;
-                {
-                    let mut s = slots
-                        .slots
-                        .lock()
-                        .map_err(|_| Error::Collective("poisoned slots".into()))?;
-                    s[rank] = buf.ptr();
-                }
-                collective.barrier()?;
-                let peers: Vec<DevPtr> = slots
-                    .slots
-                    .lock()
-                    .map_err(|_| Error::Collective("poisoned slots".into()))?
-                    .clone();
-                let sum = sum
-                    .ok_or_else(|| Error::Cuda("same-GPU all-reduce without its scratch".into()))?;
-                d.zero(sum.ptr(), len * 4).map_err(dev_err)?;
-                for &p in &peers {
-                    // SAFETY: every peer's buffer holds `len` f32 on this GPU
-                    // and stays untouched until the barrier below.
-                    unsafe { ops::add_f32(&**d, sum.ptr(), p, len) }.map_err(dev_err)?;
-                }
-                d.synchronize().map_err(dev_err)?;
-                // Nobody may overwrite its buffer before every rank has read it.
-                collective.barrier()?;
-                d.copy(buf.ptr(), sum.ptr(), len * 4).map_err(dev_err)
-            }
-            TpGroup::Nccl(group) => {
-                // Peers of a failed rank return here instead of waiting in NCCL.
-                collective.barrier()?;
-                let gpu = self
-                    .dev
-                    .gpu
-                    .as_ref()
-                    .ok_or_else(|| Error::Cuda("NCCL needs a real GPU device".into()))?;
-                // SAFETY: buf holds len f32 on this rank's GPU.
-                unsafe { group.all_reduce_sum_f32(rank, gpu, buf.ptr(), len) }.map_err(dev_err)
-            }
-        }
+    fn read(&self) -> Result<Vec<DevPtr>> {
+        Ok(self
+            .slots
+            .lock()
+            .map_err(|_| Error::Collective("poisoned slots".into()))?
+            .clone())
     }
 }
 
@@ -787,7 +906,8 @@ mod tests {
     use super::*;
     use crate::collective::{SingleCollective, ThreadCollective};
     use crate::kv::KvPool;
-    use crate::model::LogitsWanted;
+    use crate::model::{LogitsWanted, PagedItem, StageInput, StageOutput};
+    use crate::Logits;
     use crate::{LlamaShard, WeightFormat};
 
     /// Small, with head_dim 32 (the CUDA attention's granularity) and GQA.
@@ -980,9 +1100,9 @@ mod tests {
         let Some(dev) = emulated() else { return };
         let mut s = cuda_shard(dev, Dtype::F16, ShardSpec::SINGLE, None);
         run(&mut s, &SingleCollective);
-        let row = s.block_size * s.kv_width() * 2;
+        let row = s.kv.block_size * s.kv.kv_width * 2;
         s.copy_block(9, 1).unwrap();
-        for (k, v) in &s.kv {
+        for (k, v) in &s.kv.layers {
             let (kb, vb): (Vec<u8>, Vec<u8>) =
                 (k.read(k.bytes()).unwrap(), v.read(v.bytes()).unwrap());
             assert_eq!(kb[row..2 * row], kb[9 * row..10 * row]);

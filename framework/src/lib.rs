@@ -2,8 +2,10 @@
 //!
 //! This crate owns the model side of parallm — reading GGUF files
 //! ([`gguf`]), the model's shape ([`config`]), the tokenizer and chat template
-//! ([`tokenizer`], [`chat`]), the shard-aware Llama forward pass ([`model`]) with
-//! its weight handling ([`weights`]) and plain operations ([`ops`]), how shards are
+//! ([`tokenizer`], [`chat`]), the shard-aware Llama forward pass ([`model`]; its
+//! layer loop written once over the CPU and CUDA backends in [`backend`] and
+//! [`cuda`]) with its weight handling ([`weights`]) and plain operations
+//! ([`ops`]), how shards are
 //! cut ([`shard`]) and combined ([`collective`]), the paged KV cache ([`kv`]) and
 //! the continuous-batching policy ([`batching`]) the actors run, and choosing
 //! tokens ([`sampling`], [`beam`], [`generate`]).
@@ -12,6 +14,7 @@
 //! plain, synchronous and tested without an actor system. User input (files,
 //! requests) produces an [`Error`], never a panic.
 
+pub mod backend;
 pub mod batching;
 pub mod beam;
 pub mod chat;
@@ -31,6 +34,7 @@ pub mod threads;
 pub mod tokenizer;
 pub mod weights;
 
+pub use backend::{BackendKind, Shard, ShardSource, StageGroup};
 pub use batching::GroupId;
 pub use config::LlamaConfig;
 pub use error::{Error, Result};

@@ -6,11 +6,15 @@
 //! LM head. Numerics follow llama.cpp's `llm_build_llama` (adjacent-pair rope on
 //! GGUF's permuted q/k, f32 softmax).
 //!
-//! A [`LlamaShard`] holds one rank's slice of every weight (see [`crate::shard`]):
-//! fused `q|k|v` and `gate|up` column-parallel projections, row-parallel `o` and
-//! `down` followed by an all-reduce, a vocab-parallel embedding (all-reduced) and
-//! LM head (all-gathered). With world size 1 the collective is the identity and
-//! the shard is the whole model.
+//! This module owns what every backend shares before the layers run: where
+//! weights come from ([`WeightSource`]), how a shard's matrices are read and
+//! cut (`ShardMats`: fused `q|k|v` and `gate|up` column-parallel,
+//! row-parallel `o` and `down`, vocab-parallel embedding and LM head), the
+//! step's row bookkeeping and checks, and the CPU shard [`LlamaShard`]. The
+//! layer loop itself is [`crate::backend::transformer::Transformer`], written
+//! once for every backend; a `LlamaShard` is that loop on the CPU backend.
+//! With world size 1 the collective is the identity and the shard is the
+//! whole model.
 //!
 //! [`LlamaShard::forward`] runs a *batch*: any number of sequences, each adding
 //! any number of tokens (a prefill chunk or one decode token) to its own
@@ -21,20 +25,24 @@
 //! embedding only on the first stage and the final norm and LM head only on the
 //! last. [`LlamaShard::forward_paged`] runs a stage over a paged [`KvPool`]
 //! (block tables from [`crate::kv::KvManager`]), taking token ids or the previous
-//! stage's hidden rows and returning hidden rows or logits. Both paths share
-//! one layer loop, so paged stages are bit-identical to the contiguous forward.
+//! stage's hidden rows and returning hidden rows or logits. Both paths run the
+//! same loop on the same backend (two KV stores of it), so paged stages are
+//! bit-identical to the contiguous forward.
 
 use std::ops::Range;
 
+use crate::backend::cpu::{CpuBackend, CpuKv, CpuMeta};
+use crate::backend::transformer::{StepItems, Transformer};
+use crate::backend::{Backend, PagedKv, Workspace};
 use crate::collective::Collective;
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::kv::KvPool;
-use crate::ops::{self, AttnRow, KvRows, RopeTable};
+use crate::ops::KvRows;
 use crate::sampling::Rng;
 use crate::shard::{ShardLayout, ShardSpec};
-use crate::weights::{Embedding, Linear, Mat, WeightFormat};
+use crate::weights::{Mat, WeightFormat};
 
 /// Where the weights come from: a GGUF file, or seeded random values.
 pub enum WeightSource<'a> {
@@ -189,15 +197,6 @@ impl ShardMats {
     }
 }
 
-struct Block {
-    attn_norm: Vec<f32>,
-    qkv: Linear,
-    o: Linear,
-    ffn_norm: Vec<f32>,
-    gate_up: Linear,
-    down: Linear,
-}
-
 /// One layer's cached keys and values: `len × kv_width` each, row-major.
 #[derive(Debug, Clone, Default)]
 struct LayerKv {
@@ -287,27 +286,18 @@ impl Logits {
     }
 }
 
-/// One tensor-parallel shard of a Llama-family model.
+/// One tensor-parallel shard of a Llama-family model, on the CPU backend.
 pub struct LlamaShard {
-    config: LlamaConfig,
-    layout: ShardLayout,
-    format: WeightFormat,
-    layers: Range<usize>,
-    /// Present on the first pipeline stage.
-    embed: Option<Embedding>,
-    blocks: Vec<Block>,
-    /// Final norm and LM head, present on the last pipeline stage.
-    head: Option<(Vec<f32>, Linear)>,
-    rope: RopeTable,
+    model: Transformer<CpuBackend>,
 }
 
 impl std::fmt::Debug for LlamaShard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LlamaShard")
-            .field("config", &self.config)
-            .field("layout", &self.layout)
-            .field("format", &self.format)
-            .field("layers", &self.layers)
+            .field("config", self.model.config())
+            .field("layout", self.model.layout())
+            .field("format", &self.format())
+            .field("layers", &self.model.layers())
             .finish()
     }
 }
@@ -361,7 +351,7 @@ impl LlamaShard {
         )
     }
 
-    fn build(
+    pub(crate) fn build(
         config: LlamaConfig,
         src: &WeightSource<'_>,
         spec: ShardSpec,
@@ -369,68 +359,41 @@ impl LlamaShard {
         format: WeightFormat,
     ) -> Result<Self> {
         let mats = ShardMats::build(&config, src, spec, layers.clone())?;
-        let linear = |m: Mat| Linear::with_format(m, format);
-        let head = match mats.head {
-            Some((norm, m)) => Some((norm, linear(m)?)),
-            None => None,
-        };
-        let embed = match mats.embed {
-            Some(e) => Some(Embedding::new(e, mats.layout.vocab.clone())?),
-            None => None,
-        };
-        let mut blocks = Vec::with_capacity(mats.blocks.len());
-        for b in mats.blocks {
-            blocks.push(Block {
-                attn_norm: b.attn_norm,
-                qkv: linear(b.qkv)?,
-                o: linear(b.o)?,
-                ffn_norm: b.ffn_norm,
-                gate_up: linear(b.gate_up)?,
-                down: linear(b.down)?,
-            });
-        }
-        let rope = RopeTable::new(config.head_dim(), config.rope_base, config.context);
+        let backend = CpuBackend::new(&config, &mats.layout, format);
         Ok(Self {
-            config,
-            layout: mats.layout,
-            format,
-            layers,
-            embed,
-            blocks,
-            head,
-            rope,
+            model: Transformer::new(backend, config, mats, layers)?,
         })
     }
 
     /// The model's shape.
     pub fn config(&self) -> &LlamaConfig {
-        &self.config
+        self.model.config()
     }
 
     /// This shard's ranges.
     pub fn layout(&self) -> &ShardLayout {
-        &self.layout
+        self.model.layout()
     }
 
     /// The format the matmuls run in.
     pub fn format(&self) -> WeightFormat {
-        self.format
+        self.model.backend().format()
     }
 
     /// The layers this shard runs (all of them unless it is a pipeline stage).
     pub fn layers(&self) -> Range<usize> {
-        self.layers.clone()
+        self.model.layers()
     }
 
     /// Floats of K (or V) per position in this shard's caches.
     pub fn kv_width(&self) -> usize {
-        self.layout.kv_heads.len() * self.config.head_dim()
+        self.layout().kv_heads.len() * self.config().head_dim()
     }
 
     /// An empty cache for one sequence on this shard.
     pub fn new_cache(&self) -> SeqKvCache {
         SeqKvCache {
-            layers: vec![LayerKv::default(); self.blocks.len()],
+            layers: vec![LayerKv::default(); self.model.n_blocks()],
             len: 0,
             kv_width: self.kv_width(),
         }
@@ -438,7 +401,7 @@ impl LlamaShard {
 
     /// A paged KV pool for this shard's layers and KV heads.
     pub fn new_pool(&self, block_size: usize, n_blocks: usize) -> KvPool {
-        KvPool::new(self.blocks.len(), self.kv_width(), block_size, n_blocks)
+        KvPool::new(self.model.n_blocks(), self.kv_width(), block_size, n_blocks)
     }
 
     /// Runs one batched step: appends every item's tokens to its cache and
@@ -450,14 +413,14 @@ impl LlamaShard {
         items: &mut [BatchItem<'_>],
         collective: &dyn Collective,
     ) -> Result<Logits> {
-        if self.embed.is_none() || self.head.is_none() {
+        if !self.model.has_embedding() || !self.model.has_head() {
             return Err(Error::Shard(
                 "forward needs the whole model; a pipeline stage runs forward_paged".into(),
             ));
         }
         let kv_w = self.kv_width();
         for item in items.iter() {
-            if item.cache.kv_width != kv_w || item.cache.layers.len() != self.blocks.len() {
+            if item.cache.kv_width != kv_w || item.cache.layers.len() != self.model.n_blocks() {
                 return Err(Error::Shard(
                     "KV cache belongs to another shard layout".into(),
                 ));
@@ -467,14 +430,25 @@ impl LlamaShard {
             .iter()
             .map(|i| (i.tokens, i.cache.len, i.logits))
             .collect();
-        let rows = self.rows(&shapes)?;
-        let x = self.embed_rows(&rows, collective)?;
+        let mut ws = self.model.workspace(0)?;
+        let step = StepItems {
+            items: &shapes,
+            tables: &[],
+            block_size: 0,
+        };
         let mut store = SeqStore(items);
-        let x = self.run_layers(x, &rows, &mut store, collective)?;
+        let out = self
+            .model
+            .step(&mut ws, step, StageInput::Tokens, &mut store, collective)?;
         for item in store.0.iter_mut() {
             item.cache.len += item.tokens.len();
         }
-        self.lm_head(&x, &shapes, collective)
+        match out {
+            StageOutput::Logits(l) => Ok(l),
+            StageOutput::Hidden(_) => {
+                Err(Error::Shard("the whole model returned hidden rows".into()))
+            }
+        }
     }
 
     /// Runs this shard's part of one batched step over a paged KV pool: a
@@ -490,145 +464,38 @@ impl LlamaShard {
         pool: &mut KvPool,
         collective: &dyn Collective,
     ) -> Result<StageOutput> {
-        if pool.n_layers() != self.blocks.len() || pool.kv_width() != self.kv_width() {
+        if pool.n_layers() != self.model.n_blocks() || pool.kv_width() != self.kv_width() {
             return Err(Error::Shard(
                 "KV pool belongs to another shard layout".into(),
             ));
         }
-        let shapes: Vec<_> = items
-            .iter()
-            .map(|i| (i.tokens, i.start, i.logits))
-            .collect();
-        let rows = self.rows(&shapes)?;
-        check_tables(items, pool.block_size(), pool.n_blocks())?;
-        let x = match input {
-            StageInput::Tokens => self.embed_rows(&rows, collective)?,
-            StageInput::Hidden(x) => {
-                if x.len() != rows.pos.len() * self.config.hidden {
-                    return Err(Error::Shard(format!(
-                        "stage input holds {} floats, expected {} rows of {}",
-                        x.len(),
-                        rows.pos.len(),
-                        self.config.hidden
-                    )));
-                }
-                x
-            }
-        };
-        let mut store = PoolStore {
-            pool,
-            tables: items.iter().map(|i| i.table).collect(),
-        };
-        let x = self.run_layers(x, &rows, &mut store, collective)?;
-        if self.head.is_some() {
-            Ok(StageOutput::Logits(self.lm_head(&x, &shapes, collective)?))
-        } else {
-            Ok(StageOutput::Hidden(x))
-        }
+        let mut ws = self.model.workspace(0)?;
+        paged_step(&self.model, &mut ws, items, input, pool, collective)
     }
+}
 
-    /// Row bookkeeping: every new token is one row; remembers its item and position.
-    fn rows(&self, items: &[(&[u32], usize, LogitsWanted)]) -> Result<Rows> {
-        step_rows(&self.config, items)
-    }
-
-    fn embed_rows(&self, rows: &Rows, collective: &dyn Collective) -> Result<Vec<f32>> {
-        let embed = self
-            .embed
-            .as_ref()
-            .ok_or_else(|| Error::Shard("only the first pipeline stage embeds tokens".into()))?;
-        let mut x = vec![0f32; rows.tokens.len() * self.config.hidden];
-        embed.lookup_into(&rows.tokens, &mut x)?;
-        collective.all_reduce_sum(&mut x)?;
-        Ok(x)
-    }
-
-    fn run_layers<K: KvStore>(
-        &self,
-        mut x: Vec<f32>,
-        rows: &Rows,
-        kv: &mut K,
-        collective: &dyn Collective,
-    ) -> Result<Vec<f32>> {
-        let c = &self.config;
-        let hd = c.head_dim();
-        let n_heads = self.layout.heads.len();
-        let n_kv = self.layout.kv_heads.len();
-        let (q_w, kv_w) = (n_heads * hd, n_kv * hd);
-        let ffn = self.layout.ffn.len();
-        let n = rows.pos.len();
-
-        let mut normed = vec![0f32; n * c.hidden];
-        let mut attn = vec![0f32; n * q_w];
-        let mut act = vec![0f32; n * ffn];
-        for (layer, b) in self.blocks.iter().enumerate() {
-            ops::rms_norm(&x, &b.attn_norm, c.rms_eps, &mut normed);
-            let mut qkv = b.qkv.forward(&normed, n)?;
-            let qkv_w = q_w + 2 * kv_w;
-            for (r, row) in qkv.chunks_exact_mut(qkv_w).enumerate() {
-                let (q, kv_part) = row.split_at_mut(q_w);
-                self.rope.apply(q, rows.pos[r]);
-                self.rope.apply(&mut kv_part[..kv_w], rows.pos[r]);
-                let (k, v) = kv_part.split_at(kv_w);
-                kv.write(layer, rows.item[r], rows.pos[r], k, v);
-            }
-            let attn_rows: Vec<AttnRow<'_>> = (0..n)
-                .map(|r| {
-                    let (k, v) = kv.view(layer, rows.item[r]);
-                    AttnRow {
-                        k,
-                        v,
-                        pos: rows.pos[r],
-                    }
-                })
-                .collect();
-            ops::attention(&qkv, qkv_w, &attn_rows, n_heads, n_kv, hd, &mut attn);
-            let mut o = b.o.forward(&attn, n)?;
-            collective.all_reduce_sum(&mut o)?;
-            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
-
-            ops::rms_norm(&x, &b.ffn_norm, c.rms_eps, &mut normed);
-            let gu = b.gate_up.forward(&normed, n)?;
-            ops::silu_mul(&gu, ffn, &mut act);
-            let mut d = b.down.forward(&act, n)?;
-            collective.all_reduce_sum(&mut d)?;
-            x.iter_mut().zip(&d).for_each(|(x, d)| *x += d);
-        }
-        Ok(x)
-    }
-
-    /// Final norm and LM head on the rows whose logits were asked for.
-    fn lm_head(
-        &self,
-        x: &[f32],
-        items: &[(&[u32], usize, LogitsWanted)],
-        collective: &dyn Collective,
-    ) -> Result<Logits> {
-        let c = &self.config;
-        let h = c.hidden;
-        let (norm, lm_head) = self
-            .head
-            .as_ref()
-            .ok_or_else(|| Error::Shard("only the last pipeline stage has the LM head".into()))?;
-        let (picked, item_rows) = picked_rows(items);
-        let mut last = vec![0f32; picked.len() * h];
-        for (k, &r) in picked.iter().enumerate() {
-            ops::rms_norm(
-                &x[r * h..(r + 1) * h],
-                norm,
-                c.rms_eps,
-                &mut last[k * h..(k + 1) * h],
-            );
-        }
-        let local = lm_head.forward(&last, picked.len())?;
-        let data =
-            collective.all_gather_cols(&local, picked.len(), self.layout.vocab.start, c.vocab)?;
-        Ok(Logits {
-            vocab: c.vocab,
-            data,
-            item_rows,
-        })
-    }
+/// One paged step of `model` over `kv`: checks the block tables, then runs
+/// the shared loop.
+pub(crate) fn paged_step<B: Backend>(
+    model: &Transformer<B>,
+    ws: &mut Workspace<B>,
+    items: &[PagedItem<'_>],
+    input: StageInput,
+    kv: &mut B::Kv,
+    collective: &dyn Collective,
+) -> Result<StageOutput> {
+    let shapes: Vec<_> = items
+        .iter()
+        .map(|i| (i.tokens, i.start, i.logits))
+        .collect();
+    let tables: Vec<&[u32]> = items.iter().map(|i| i.table).collect();
+    check_tables(items, kv.block_size(), kv.n_blocks())?;
+    let step = StepItems {
+        items: &shapes,
+        tables: &tables,
+        block_size: kv.block_size(),
+    };
+    model.step(ws, step, input, kv, collective)
 }
 
 /// One sequence's part of a paged, possibly pipelined forward.
@@ -743,54 +610,26 @@ pub(crate) fn picked_rows(
     (picked, item_rows)
 }
 
-/// Where a forward reads and writes keys and values (local layer indices).
-trait KvStore {
-    fn write(&mut self, layer: usize, item: usize, pos: usize, k: &[f32], v: &[f32]);
-    fn view(&self, layer: usize, item: usize) -> (KvRows<'_>, KvRows<'_>);
-}
-
+/// The contiguous caches of a [`LlamaShard::forward`] batch, as the CPU
+/// backend's KV store.
 struct SeqStore<'s, 'a>(&'s mut [BatchItem<'a>]);
 
-impl KvStore for SeqStore<'_, '_> {
-    fn write(&mut self, layer: usize, item: usize, pos: usize, k: &[f32], v: &[f32]) {
-        let cache = &mut self.0[item].cache;
+impl CpuKv for SeqStore<'_, '_> {
+    fn write(&mut self, meta: &CpuMeta, layer: usize, row: usize, k: &[f32], v: &[f32]) {
+        let cache = &mut self.0[meta.item[row]].cache;
         let l = &mut cache.layers[layer];
-        debug_assert_eq!(l.k.len(), pos * cache.kv_width, "rows arrive in order");
+        debug_assert_eq!(
+            l.k.len(),
+            meta.pos[row] * cache.kv_width,
+            "rows arrive in order"
+        );
         l.k.extend_from_slice(k);
         l.v.extend_from_slice(v);
     }
 
-    fn view(&self, layer: usize, item: usize) -> (KvRows<'_>, KvRows<'_>) {
-        let l = &self.0[item].cache.layers[layer];
+    fn view<'s>(&'s self, meta: &'s CpuMeta, layer: usize, row: usize) -> (KvRows<'s>, KvRows<'s>) {
+        let l = &self.0[meta.item[row]].cache.layers[layer];
         (KvRows::Flat(&l.k), KvRows::Flat(&l.v))
-    }
-}
-
-struct PoolStore<'a> {
-    pool: &'a mut KvPool,
-    tables: Vec<&'a [u32]>,
-}
-
-impl KvStore for PoolStore<'_> {
-    fn write(&mut self, layer: usize, item: usize, pos: usize, k: &[f32], v: &[f32]) {
-        self.pool.write(layer, self.tables[item], pos, k, v);
-    }
-
-    fn view(&self, layer: usize, item: usize) -> (KvRows<'_>, KvRows<'_>) {
-        let (k, v) = self.pool.layer(layer);
-        let (table, block_size) = (self.tables[item], self.pool.block_size());
-        (
-            KvRows::Paged {
-                data: k,
-                table,
-                block_size,
-            },
-            KvRows::Paged {
-                data: v,
-                table,
-                block_size,
-            },
-        )
     }
 }
 

@@ -451,6 +451,11 @@ impl Linear {
         self.out_features
     }
 
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
     /// Computes `x·Wᵀ` for `x` of `rows × in_features`; returns `rows × out_features`.
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         debug_assert_eq!(x.len(), rows * self.in_features);
@@ -527,6 +532,11 @@ impl Embedding {
             hidden,
             table,
         })
+    }
+
+    /// Width of a row.
+    pub fn hidden(&self) -> usize {
+        self.hidden
     }
 
     /// Writes the embedding of every token this shard owns into `out`

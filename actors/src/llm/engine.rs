@@ -13,9 +13,11 @@ use std::time::Duration;
 
 use framework::batching::BatchConfig;
 use framework::chat::ChatTemplate;
-use framework::cuda::{CudaOptions, CudaShard, CudaShardSpec, DeviceHandle, TpGroup};
 use framework::generate::validate_prompt;
-use framework::{Error, GgufFile, LlamaConfig, LlamaShard, ShardSpec, Tokenizer, WeightFormat};
+use framework::{
+    BackendKind, Error, GgufFile, LlamaConfig, ShardSource, ShardSpec, StageGroup, Tokenizer,
+    WeightFormat,
+};
 
 use kit::{
     KitMetrics, NodeCounters, NodeId, Pipeline, PipelineConfig, SubmitError, Supervision, TaskId,
@@ -42,26 +44,10 @@ pub enum ModelSource {
     },
 }
 
-/// Where the compute nodes run.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum Compute {
-    /// The CPU backend.
-    #[default]
-    Cpu,
-    /// The CUDA backend: node `g` of the engine (replicas in order, each
-    /// replica's nodes in order) on GPU `devices[g % devices.len()]`.
-    Cuda {
-        /// GPU ordinals.
-        devices: Vec<usize>,
-        /// Weight type and storage.
-        options: CudaOptions,
-    },
-    /// The CUDA backend on the host emulation of a GPU (tests; slow).
-    CudaEmulated {
-        /// Weight type and storage.
-        options: CudaOptions,
-    },
-}
+/// Where the compute nodes run: the CPU, CUDA on listed GPUs, or the CUDA
+/// backend on the host emulation (the choice is framework's; the engine only
+/// carries it).
+pub type Compute = BackendKind;
 
 /// Everything the engine is built from.
 #[derive(Debug, Clone, PartialEq)]
@@ -128,7 +114,7 @@ impl Default for EngineConfig {
             steps_in_flight: None,
             threads_per_node: 0,
             fault: None,
-            compute: Compute::Cpu,
+            compute: Compute::default(),
         }
     }
 }
@@ -200,14 +186,7 @@ impl EngineConfig {
                 "the KV cache holds no block (raise kv_blocks or kv_memory_bytes)",
             ));
         }
-        if let Compute::Cuda { devices, .. } = &self.compute {
-            if devices.is_empty() {
-                return Err(bad_config(
-                    "devices",
-                    "the CUDA backend needs at least one GPU ordinal",
-                ));
-            }
-        }
+        self.compute.validate()?;
         if let Some(f) = &self.fault {
             if f.replica >= self.dp || f.node >= self.tp * self.pp {
                 return Err(bad_config(
@@ -242,10 +221,7 @@ impl EngineConfig {
     /// KV blocks per replica: `kv_blocks`, or as many as `kv_memory_bytes`
     /// holds at the backend's element size (f32 on the CPU, 16 bits on CUDA).
     pub fn kv_blocks(&self, model: &LlamaConfig) -> usize {
-        let elem = match self.compute {
-            Compute::Cpu => 4,
-            Compute::Cuda { .. } | Compute::CudaEmulated { .. } => 2,
-        };
+        let elem = self.compute.kv_elem_bytes();
         self.kv_blocks.unwrap_or_else(|| {
             let per_position = model.n_layers * 2 * model.n_kv_heads * model.head_dim() * elem;
             self.kv_memory_bytes / (per_position * self.block_size).max(1)
@@ -253,30 +229,20 @@ impl EngineConfig {
     }
 }
 
-/// The tensor-parallel groups of a CUDA engine, one per replica and stage
-/// (`None` for one rank, or on the CPU).
-fn tp_groups(
+/// The tensor-parallel groups of the engine's stages, one per replica and
+/// stage (in that order).
+fn stage_groups(
     compute: &Compute,
     shape: ReplicaShape,
     dp: usize,
-) -> Result<Vec<Option<Arc<TpGroup>>>, Error> {
+) -> Result<Vec<StageGroup>, Error> {
     let mut groups = Vec::with_capacity(dp * shape.pp);
     for replica in 0..dp {
         for stage in 0..shape.pp {
-            let devices: Vec<usize> = (0..shape.tp)
-                .map(|rank| {
-                    let g = replica * shape.nodes() + stage * shape.tp + rank;
-                    match compute {
-                        Compute::Cuda { devices, .. } => devices[g % devices.len()],
-                        _ => 0,
-                    }
-                })
+            let nodes: Vec<usize> = (0..shape.tp)
+                .map(|rank| replica * shape.nodes() + stage * shape.tp + rank)
                 .collect();
-            groups.push(match compute {
-                Compute::Cpu => None,
-                _ if shape.tp == 1 => None,
-                _ => Some(Arc::new(TpGroup::for_devices(&devices)?)),
-            });
+            groups.push(compute.stage_group(&nodes)?);
         }
     }
     Ok(groups)
@@ -465,11 +431,11 @@ impl Engine {
         let merger = LlmMerger::new(tokenizer.clone(), model.context);
         let fault = cfg.fault.map(FaultState::new);
         let (source, format, n_layers) = (cfg.model.clone(), cfg.weights, model.n_layers);
-        let block_size = cfg.block_size;
+        let (block_size, max_batch_tokens) = (cfg.block_size, cfg.max_batch_tokens);
         let threads = cfg.node_threads();
-        let synthetic_config = model.clone();
+        let model_config = model.clone();
         let compute = cfg.compute.clone();
-        let groups = tp_groups(&compute, shape, cfg.dp).map_err(EngineError::Invalid)?;
+        let groups = stage_groups(&compute, shape, cfg.dp).map_err(EngineError::Invalid)?;
         let factory: WorkerFactory<LlmWorker> = Arc::new(move |id: NodeId| {
             let (stage, rank) = shape.place(id.index);
             let spec = ShardSpec::new(rank, shape.tp).map_err(|e| e.to_string())?;
@@ -482,59 +448,23 @@ impl Engine {
                 ModelSource::Synthetic { seed, .. } => *seed,
                 ModelSource::Gguf(_) => 0,
             };
-            let shard = match &compute {
-                Compute::Cpu => Shard::Cpu(
-                    match &file {
-                        Some(f) => LlamaShard::load_stage(f, spec, layers, format),
-                        None => LlamaShard::synthetic_stage(
-                            synthetic_config.clone(),
-                            seed,
-                            spec,
-                            layers,
-                            format,
-                        ),
-                    }
-                    .map_err(|e| e.to_string())?,
-                ),
-                Compute::Cuda { options, .. } | Compute::CudaEmulated { options } => {
-                    let dev = match &compute {
-                        Compute::Cuda { devices, .. } => {
-                            let g = id.replica * shape.nodes() + id.index;
-                            DeviceHandle::gpu(devices[g % devices.len()])
-                        }
-                        _ => DeviceHandle::emulated(),
-                    }
-                    .map_err(|e| e.to_string())?;
-                    let tp = groups[id.replica * shape.pp + stage].clone();
-                    Shard::Cuda(
-                        CudaShard::load(
-                            CudaShardSpec {
-                                file: file.as_ref(),
-                                config: synthetic_config.clone(),
-                                seed,
-                                spec,
-                                layers,
-                                kv: (block_size, kv_blocks),
-                            },
-                            dev,
-                            *options,
-                            tp,
-                        )
-                        .map_err(|e| e.to_string())?,
-                    )
-                }
+            let source = ShardSource {
+                file: file.as_ref(),
+                config: model_config.clone(),
+                seed,
+                spec,
+                layers,
+                format,
+                kv: (block_size, kv_blocks),
+                max_batch_tokens,
+                node: id.replica * shape.nodes() + id.index,
             };
+            let group = &groups[id.replica * shape.pp + stage];
+            let shard = Shard::load(source, &compute, group).map_err(|e| e.to_string())?;
             let threads =
                 framework::threads::pool(&format!("r{}n{}", id.replica, id.index), threads)
                     .map_err(|e| e.to_string())?;
-            Ok(LlmWorker::new(
-                id,
-                shape,
-                shard,
-                (block_size, kv_blocks),
-                threads,
-                fault.clone(),
-            ))
+            Ok(LlmWorker::new(id, shape, shard, threads, fault.clone()))
         });
         let pipeline = Pipeline::start(
             policy,
@@ -731,7 +661,7 @@ mod tests {
         assert_eq!(cpu.kv_blocks(&model), 100);
         let cuda = EngineConfig {
             compute: Compute::CudaEmulated {
-                options: CudaOptions::default(),
+                options: Default::default(),
             },
             ..cpu.clone()
         };

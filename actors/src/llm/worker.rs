@@ -1,5 +1,6 @@
-//! The LLM compute node's worker: one shard (a tensor-parallel rank of a
-//! pipeline stage's layer range) and its paged KV pool.
+//! The LLM compute node's worker: one [`Shard`] (a tensor-parallel rank of a
+//! pipeline stage's layer range, with its paged KV cache, on whichever
+//! backend the engine chose; the worker never names it).
 //!
 //! Per step it applies the plan's block copies, then runs each micro-batch in
 //! order: the first stage embeds tokens, later stages wait for the previous
@@ -13,12 +14,11 @@ use std::sync::Arc;
 
 use framework::batching::StepPlan;
 use framework::collective::TimedCollective;
-use framework::cuda::CudaShard;
-use framework::kv::KvPool;
 use framework::metrics as m;
 use framework::model::{PagedItem, StageInput, StageOutput};
 use framework::shard::split_even;
-use framework::{Error, LlamaShard, Logits, LogitsWanted};
+pub use framework::Shard;
+use framework::{Error, Logits, LogitsWanted};
 
 use kit::{NodeError, NodeId, NodeWorker};
 
@@ -84,56 +84,34 @@ pub fn stage_layers(n_layers: usize, pp: usize, stage: usize) -> Range<usize> {
     split_even(n_layers, pp, stage)
 }
 
-/// A node's shard, on the backend it runs on.
-pub enum Shard {
-    /// The CPU backend (its KV pool is made by the worker).
-    Cpu(LlamaShard),
-    /// The CUDA backend (it holds its KV cache on the device).
-    Cuda(CudaShard),
-}
-
-enum Compute {
-    Cpu { shard: LlamaShard, pool: KvPool },
-    Cuda(CudaShard),
-}
-
 /// One compute node's state.
 pub struct LlmWorker {
     id: NodeId,
     stage: usize,
     shape: ReplicaShape,
     rank: usize,
-    compute: Compute,
+    shard: Shard,
     threads: Arc<rayon::ThreadPool>,
     fault: Option<Arc<FaultState>>,
 }
 
 impl LlmWorker {
-    /// A worker for node `id` of a replica of `shape`, holding `shard` (a CPU
-    /// shard gets a pool of `kv_blocks` blocks of `block_size` positions; a
-    /// CUDA shard was loaded with its own), and its own compute `threads`.
+    /// A worker for node `id` of a replica of `shape`, holding `shard` (with
+    /// its KV cache), and its own compute `threads`.
     pub fn new(
         id: NodeId,
         shape: ReplicaShape,
         shard: Shard,
-        (block_size, kv_blocks): (usize, usize),
         threads: Arc<rayon::ThreadPool>,
         fault: Option<Arc<FaultState>>,
     ) -> Self {
         let (stage, rank) = shape.place(id.index);
-        let compute = match shard {
-            Shard::Cpu(shard) => {
-                let pool = shard.new_pool(block_size, kv_blocks);
-                Compute::Cpu { shard, pool }
-            }
-            Shard::Cuda(s) => Compute::Cuda(s),
-        };
         Self {
             id,
             stage,
             shape,
             rank,
-            compute,
+            shard,
             threads,
             fault,
         }
@@ -177,10 +155,7 @@ impl LlmWorker {
         links: &NodeLinks,
     ) -> Result<Option<Logits>, NodeError> {
         for &(src, dst) in &plan.copies {
-            match &mut self.compute {
-                Compute::Cpu { pool, .. } => pool.copy_block(src, dst),
-                Compute::Cuda(s) => s.copy_block(src, dst).map_err(node_error)?,
-            }
+            self.shard.copy_block(src, dst).map_err(node_error)?;
         }
         let started = std::time::Instant::now();
         let collective = TimedCollective::new(&*links.collective);
@@ -205,12 +180,7 @@ impl LlmWorker {
             } else {
                 StageInput::Hidden(links.recv()?)
             };
-            let output = match &mut self.compute {
-                Compute::Cpu { shard, pool } => {
-                    shard.forward_paged(&items, input, pool, &collective)
-                }
-                Compute::Cuda(s) => s.forward_paged(&items, input, &collective),
-            };
+            let output = self.shard.forward_paged(&items, input, &collective);
             match output.map_err(node_error)? {
                 StageOutput::Hidden(h) => links.send(h)?,
                 StageOutput::Logits(l) if last && self.rank == 0 => {

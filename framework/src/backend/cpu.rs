@@ -1,0 +1,337 @@
+//! The CPU backend: host `Vec<f32>` buffers (activations are f32 too) and the
+//! `kernels::cpu` kernels through [`crate::ops`] and [`crate::weights`].
+//!
+//! Every operation is the one the CPU forward always ran, in the same order,
+//! so the numbers are those of [`crate::LlamaShard`] before the loop was
+//! shared. Two KV stores implement [`KvCache`] for it: the paged [`KvPool`]
+//! (block tables of the step, kept in [`CpuMeta`]) and the contiguous
+//! per-sequence caches of [`crate::LlamaShard::forward`].
+
+use std::ops::Range;
+
+use crate::collective::Collective;
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+use crate::kv::KvPool;
+use crate::ops::{self, AttnRow, KvRows, RopeTable};
+use crate::shard::ShardLayout;
+use crate::weights::{Embedding, Linear, Mat, WeightFormat};
+
+use super::{Backend, Elem, Heads, KvCache, PagedKv, StepRows};
+
+/// The CPU backend of one shard: its matmul format, RoPE table and heads.
+pub struct CpuBackend {
+    format: WeightFormat,
+    rope: RopeTable,
+    heads: Heads,
+}
+
+impl CpuBackend {
+    /// The backend of a shard with `layout`, computing in `format`.
+    pub fn new(config: &LlamaConfig, layout: &ShardLayout, format: WeightFormat) -> Self {
+        let hd = config.head_dim();
+        Self {
+            format,
+            rope: RopeTable::new(hd, config.rope_base, config.context),
+            heads: Heads {
+                n_heads: layout.heads.len(),
+                n_kv: layout.kv_heads.len(),
+                head_dim: hd,
+            },
+        }
+    }
+
+    /// The format the matmuls run in.
+    pub fn format(&self) -> WeightFormat {
+        self.format
+    }
+}
+
+/// One step's rows on the host.
+#[derive(Debug, Default)]
+pub struct CpuMeta {
+    tokens: Vec<u32>,
+    /// Each row's item.
+    pub(crate) item: Vec<usize>,
+    /// Each row's position.
+    pub(crate) pos: Vec<usize>,
+    /// Every item's block table, concatenated, and where each starts.
+    tables: Vec<u32>,
+    table_range: Vec<Range<usize>>,
+    picked: Vec<usize>,
+}
+
+impl CpuMeta {
+    fn table(&self, item: usize) -> &[u32] {
+        &self.tables[self.table_range[item].clone()]
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Weight = Linear;
+    type Vector = Vec<f32>;
+    type Table = Embedding;
+    type Meta = CpuMeta;
+    type Kv = KvPool;
+
+    fn heads(&self) -> Heads {
+        self.heads
+    }
+
+    fn weight(&mut self, m: Mat) -> Result<Linear> {
+        Linear::with_format(m, self.format)
+    }
+
+    fn out_features(w: &Linear) -> usize {
+        w.out_features()
+    }
+
+    fn vector(&mut self, v: &[f32]) -> Result<Vec<f32>> {
+        Ok(v.to_vec())
+    }
+
+    fn table(&mut self, m: Mat, vocab: Range<usize>) -> Result<Embedding> {
+        Embedding::new(m, vocab)
+    }
+
+    fn new_kv(&self, layers: usize, block_size: usize, n_blocks: usize) -> Result<KvPool> {
+        Ok(KvPool::new(
+            layers,
+            self.heads.kv_width(),
+            block_size,
+            n_blocks,
+        ))
+    }
+
+    fn alloc(&self, _elem: Elem, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![0f32; len])
+    }
+
+    fn new_meta(&self) -> Result<CpuMeta> {
+        Ok(CpuMeta::default())
+    }
+
+    fn load_meta(&self, meta: &mut CpuMeta, step: &StepRows<'_>) -> Result<()> {
+        let r = step.rows;
+        meta.tokens.clone_from(&r.tokens);
+        meta.item.clone_from(&r.item);
+        meta.pos.clone_from(&r.pos);
+        meta.tables.clear();
+        meta.table_range.clear();
+        for t in step.tables {
+            let start = meta.tables.len();
+            meta.tables.extend_from_slice(t);
+            meta.table_range.push(start..meta.tables.len());
+        }
+        meta.picked.clear();
+        meta.picked.extend_from_slice(step.picked);
+        Ok(())
+    }
+
+    fn upload(&self, buf: &mut Vec<f32>, data: &[f32]) -> Result<()> {
+        buf[..data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    fn download(&self, buf: &Vec<f32>, len: usize) -> Result<Vec<f32>> {
+        Ok(buf[..len].to_vec())
+    }
+
+    fn embed(
+        &self,
+        table: &Embedding,
+        meta: &CpuMeta,
+        out: &mut Vec<f32>,
+        rows: usize,
+    ) -> Result<()> {
+        let out = &mut out[..rows * table.hidden()];
+        out.fill(0.0);
+        table.lookup_into(&meta.tokens, out)
+    }
+
+    fn rms_norm(
+        &self,
+        x: &mut Vec<f32>,
+        residual: Option<&Vec<f32>>,
+        w: &Vec<f32>,
+        eps: f32,
+        out: &mut Vec<f32>,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        let len = rows * width;
+        if let Some(d) = residual {
+            self.add(x, d, len)?;
+        }
+        ops::rms_norm(&x[..len], w, eps, &mut out[..len]);
+        Ok(())
+    }
+
+    fn linear(
+        &self,
+        w: &Linear,
+        x: &Vec<f32>,
+        out: &mut Vec<f32>,
+        _out_elem: Elem,
+        rows: usize,
+    ) -> Result<()> {
+        let k = w.in_features();
+        let y = w.forward(&x[..rows * k], rows)?;
+        out[..y.len()].copy_from_slice(&y);
+        Ok(())
+    }
+
+    fn rope(&self, qkv: &mut Vec<f32>, meta: &CpuMeta, rows: usize) -> Result<()> {
+        let (q_w, kv_w) = (self.heads.q_width(), self.heads.kv_width());
+        let qkv_w = self.heads.qkv_width();
+        for (r, row) in qkv[..rows * qkv_w].chunks_exact_mut(qkv_w).enumerate() {
+            let (q, kv_part) = row.split_at_mut(q_w);
+            self.rope.apply(q, meta.pos[r]);
+            self.rope.apply(&mut kv_part[..kv_w], meta.pos[r]);
+        }
+        Ok(())
+    }
+
+    fn silu_mul(
+        &self,
+        gate_up: &Vec<f32>,
+        out: &mut Vec<f32>,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        ops::silu_mul(
+            &gate_up[..rows * 2 * width],
+            width,
+            &mut out[..rows * width],
+        );
+        Ok(())
+    }
+
+    fn add(&self, x: &mut Vec<f32>, delta: &Vec<f32>, len: usize) -> Result<()> {
+        x[..len]
+            .iter_mut()
+            .zip(&delta[..len])
+            .for_each(|(x, d)| *x += d);
+        Ok(())
+    }
+
+    fn gather_rows(
+        &self,
+        x: &Vec<f32>,
+        meta: &CpuMeta,
+        out: &mut Vec<f32>,
+        width: usize,
+    ) -> Result<()> {
+        for (k, &r) in meta.picked.iter().enumerate() {
+            out[k * width..(k + 1) * width].copy_from_slice(&x[r * width..(r + 1) * width]);
+        }
+        Ok(())
+    }
+
+    fn all_reduce(&self, buf: &mut Vec<f32>, len: usize, host: &dyn Collective) -> Result<()> {
+        host.all_reduce_sum(&mut buf[..len])
+    }
+}
+
+/// Where the CPU backend writes and reads a row's keys and values (every
+/// such store is a [`KvCache`] of the CPU backend).
+pub trait CpuKv {
+    /// Writes one position's key and value of `layer`.
+    fn write(&mut self, meta: &CpuMeta, layer: usize, row: usize, k: &[f32], v: &[f32]);
+    /// The keys and values of the sequence of `row`.
+    fn view<'s>(&'s self, meta: &'s CpuMeta, layer: usize, row: usize) -> (KvRows<'s>, KvRows<'s>);
+}
+
+impl<S: CpuKv> KvCache<CpuBackend> for S {
+    fn attend(
+        &mut self,
+        be: &CpuBackend,
+        layer: usize,
+        qkv: &Vec<f32>,
+        meta: &CpuMeta,
+        out: &mut Vec<f32>,
+        rows: usize,
+    ) -> Result<()> {
+        let hd = be.heads;
+        let (q_w, kv_w, qkv_w) = (hd.q_width(), hd.kv_width(), hd.qkv_width());
+        let qkv = &qkv[..rows * qkv_w];
+        for (r, row) in qkv.chunks_exact(qkv_w).enumerate() {
+            let (k, v) = row[q_w..].split_at(kv_w);
+            self.write(meta, layer, r, k, v);
+        }
+        let attn_rows: Vec<AttnRow<'_>> = (0..rows)
+            .map(|r| {
+                let (k, v) = self.view(meta, layer, r);
+                AttnRow {
+                    k,
+                    v,
+                    pos: meta.pos[r],
+                }
+            })
+            .collect();
+        ops::attention(
+            qkv,
+            qkv_w,
+            &attn_rows,
+            hd.n_heads,
+            hd.n_kv,
+            hd.head_dim,
+            &mut out[..rows * q_w],
+        );
+        Ok(())
+    }
+}
+
+impl CpuKv for KvPool {
+    fn write(&mut self, meta: &CpuMeta, layer: usize, row: usize, k: &[f32], v: &[f32]) {
+        let table = meta.table(meta.item[row]);
+        KvPool::write(self, layer, table, meta.pos[row], k, v);
+    }
+
+    fn view<'s>(&'s self, meta: &'s CpuMeta, layer: usize, row: usize) -> (KvRows<'s>, KvRows<'s>) {
+        let (k, v) = self.layer(layer);
+        let (table, block_size) = (meta.table(meta.item[row]), self.block_size());
+        (
+            KvRows::Paged {
+                data: k,
+                table,
+                block_size,
+            },
+            KvRows::Paged {
+                data: v,
+                table,
+                block_size,
+            },
+        )
+    }
+}
+
+impl PagedKv<CpuBackend> for KvPool {
+    fn block_size(&self) -> usize {
+        KvPool::block_size(self)
+    }
+
+    fn n_blocks(&self) -> usize {
+        KvPool::n_blocks(self)
+    }
+
+    fn n_layers(&self) -> usize {
+        KvPool::n_layers(self)
+    }
+
+    fn elem_bytes(&self) -> usize {
+        std::mem::size_of::<f32>()
+    }
+
+    fn copy_block(&mut self, _be: &CpuBackend, src: u32, dst: u32) -> Result<()> {
+        if src as usize >= KvPool::n_blocks(self) || dst as usize >= KvPool::n_blocks(self) {
+            return Err(Error::Shard(format!(
+                "block copy {src} → {dst} outside a {}-block pool",
+                KvPool::n_blocks(self)
+            )));
+        }
+        KvPool::copy_block(self, src, dst);
+        Ok(())
+    }
+}

@@ -1,0 +1,146 @@
+//! Tensor-parallel layers, named after how their weight is split across the
+//! ranks of a stage (mistral.rs's `distributed/layers.rs`; Megatron-LM,
+//! Shoeybi et al. 2019). Each holds its shard's part of the weight on a
+//! [`Backend`] and runs the same steps on every backend.
+
+use std::ops::Range;
+
+use crate::collective::Collective;
+use crate::error::Result;
+
+use super::{Backend, Elem};
+
+/// `Y_r = X · W_rᵀ`: rank `r` holds a block of W's rows (output features), so
+/// its output is its own columns of `Y`; no communication.
+pub struct ColumnParallelLinear<B: Backend> {
+    w: B::Weight,
+}
+
+impl<B: Backend> ColumnParallelLinear<B> {
+    /// Wraps this rank's rows of the weight.
+    pub fn new(w: B::Weight) -> Self {
+        Self { w }
+    }
+
+    /// `out = x · W_rᵀ` (Act) for `rows` rows.
+    pub fn forward(&self, be: &B, x: &B::Buf, out: &mut B::Buf, rows: usize) -> Result<()> {
+        be.linear(&self.w, x, out, Elem::Act, rows)
+    }
+}
+
+/// `Y = Σ_r X_r · W_rᵀ`: rank `r` holds a block of W's columns (input
+/// features) and reads its own columns `X_r` of the input; the partial
+/// products are summed over ranks (Llama has no bias to add after).
+pub struct RowParallelLinear<B: Backend> {
+    w: B::Weight,
+}
+
+impl<B: Backend> RowParallelLinear<B> {
+    /// Wraps this rank's columns of the weight.
+    pub fn new(w: B::Weight) -> Self {
+        Self { w }
+    }
+
+    /// Local matmul into `out` (f32), then the all-reduce.
+    pub fn forward(
+        &self,
+        be: &B,
+        x: &B::Buf,
+        out: &mut B::Buf,
+        rows: usize,
+        host: &dyn Collective,
+    ) -> Result<()> {
+        be.linear(&self.w, x, out, Elem::F32, rows)?;
+        be.all_reduce(out, rows * B::out_features(&self.w), host)
+    }
+}
+
+/// `E[t] = Σ_r [t ∈ V_r] · E_r[t − start_r]`: rank `r` holds the rows `V_r`
+/// of the vocabulary; each looks up its own tokens (zero rows elsewhere) and
+/// the rows are summed over ranks.
+pub struct VocabParallelEmbedding<B: Backend> {
+    table: B::Table,
+    hidden: usize,
+}
+
+impl<B: Backend> VocabParallelEmbedding<B> {
+    /// Wraps this rank's rows of the table.
+    pub fn new(table: B::Table, hidden: usize) -> Self {
+        Self { table, hidden }
+    }
+
+    /// Lookup of the step's tokens into `out` (f32), then the all-reduce.
+    pub fn forward(
+        &self,
+        be: &B,
+        meta: &B::Meta,
+        out: &mut B::Buf,
+        rows: usize,
+        host: &dyn Collective,
+    ) -> Result<()> {
+        be.embed(&self.table, meta, out, rows)?;
+        be.all_reduce(out, rows * self.hidden, host)
+    }
+}
+
+/// `logits = [rms_norm(x) · H_0ᵀ | … | rms_norm(x) · H_{R−1}ᵀ]`: rank `r`
+/// holds the vocabulary rows `V_r` of the head and computes those logits of
+/// the picked rows; the column blocks are gathered over ranks on the host.
+pub struct VocabParallelLmHead<B: Backend> {
+    norm: B::Vector,
+    w: B::Weight,
+    vocab: Range<usize>,
+    total_vocab: usize,
+}
+
+/// The buffers the LM head runs in.
+pub struct HeadBuffers<'a, B: Backend> {
+    /// The hidden rows of the whole step (f32).
+    pub x: &'a B::Buf,
+    /// The picked rows (f32).
+    pub last: &'a mut B::Buf,
+    /// The picked rows, normed (Act).
+    pub last_normed: &'a mut B::Buf,
+    /// Their local logits (f32).
+    pub logits: &'a mut B::Buf,
+    /// The step's bookkeeping (which rows are picked).
+    pub meta: &'a B::Meta,
+}
+
+impl<B: Backend> VocabParallelLmHead<B> {
+    /// The final norm and this rank's rows `vocab` of the head.
+    pub fn new(norm: B::Vector, w: B::Weight, vocab: Range<usize>, total_vocab: usize) -> Self {
+        Self {
+            norm,
+            w,
+            vocab,
+            total_vocab,
+        }
+    }
+
+    /// Rows of the head this rank holds.
+    pub fn local_vocab(&self) -> usize {
+        B::out_features(&self.w)
+    }
+
+    /// Gather of the `picked` rows, final norm, local logits, then the
+    /// host gather of every rank's columns: `picked × total_vocab`.
+    pub fn forward(
+        &self,
+        be: &B,
+        b: HeadBuffers<'_, B>,
+        picked: usize,
+        (hidden, eps): (usize, f32),
+        host: &dyn Collective,
+    ) -> Result<Vec<f32>> {
+        let local = if picked > 0 {
+            be.gather_rows(b.x, b.meta, b.last, hidden)?;
+            be.rms_norm(b.last, None, &self.norm, eps, b.last_normed, picked, hidden)?;
+            be.linear(&self.w, b.last_normed, b.logits, Elem::F32, picked)?;
+            be.download(b.logits, picked * self.local_vocab())?
+        } else {
+            Vec::new()
+        };
+        host.all_gather_cols(&local, picked, self.vocab.start, self.total_vocab)
+    }
+}

@@ -1,0 +1,273 @@
+//! The Llama layer loop, written once over any [`Backend`].
+//!
+//! Follows "LLaMA: Open and Efficient Foundation Language Models" (Touvron et
+//! al. 2023): per layer, `x += o(attn(rope(qkv(norm(x)))))` then
+//! `x += down(silu(gate(norm(x))) · up(norm(x)))`, with fused `q|k|v` and
+//! `gate|up` column-parallel, `o` and `down` row-parallel (all-reduced). The
+//! residual add of each row-parallel output is fused into the next RMSNorm
+//! (the CUDA kernel's form; on the CPU the same add in the same order), and
+//! the last one is applied after the loop.
+//!
+//! A [`Transformer`] is one tensor-parallel shard of one pipeline stage: the
+//! first stage embeds tokens (vocab-parallel), the last applies the final norm
+//! and the vocab-parallel LM head. Per step it performs two all-reduces per
+//! layer, one for the embedding on the first stage and one host gather of the
+//! logits on the last, in the same order on every rank.
+
+use std::ops::Range;
+
+use crate::collective::Collective;
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+use crate::model::{self, Logits, LogitsWanted, ShardMats, StageInput, StageOutput};
+use crate::shard::ShardLayout;
+
+use super::layers::{
+    ColumnParallelLinear, HeadBuffers, RowParallelLinear, VocabParallelEmbedding,
+    VocabParallelLmHead,
+};
+use super::{Backend, KvCache, StepRows, Widths, Workspace};
+
+struct Block<B: Backend> {
+    attn_norm: B::Vector,
+    qkv: ColumnParallelLinear<B>,
+    o: RowParallelLinear<B>,
+    ffn_norm: B::Vector,
+    gate_up: ColumnParallelLinear<B>,
+    down: RowParallelLinear<B>,
+}
+
+/// One tensor-parallel shard of a pipeline stage of a Llama model, on backend `B`.
+pub struct Transformer<B: Backend> {
+    config: LlamaConfig,
+    layout: ShardLayout,
+    layers: Range<usize>,
+    backend: B,
+    embed: Option<VocabParallelEmbedding<B>>,
+    blocks: Vec<Block<B>>,
+    head: Option<VocabParallelLmHead<B>>,
+}
+
+/// One step's items as the loop reads them.
+pub(crate) struct StepItems<'a> {
+    /// Every item: its new tokens, first position, logits wanted.
+    pub(crate) items: &'a [(&'a [u32], usize, LogitsWanted)],
+    /// Every item's block table (empty for contiguous caches).
+    pub(crate) tables: &'a [&'a [u32]],
+    /// Positions per KV block (0 for contiguous caches).
+    pub(crate) block_size: usize,
+}
+
+impl<B: Backend> Transformer<B> {
+    /// Hands the weights of `mats` (the stage `layers`) to `backend`.
+    pub(crate) fn new(
+        mut backend: B,
+        config: LlamaConfig,
+        mats: ShardMats,
+        layers: Range<usize>,
+    ) -> Result<Self> {
+        let be = &mut backend;
+        let embed = match mats.embed {
+            Some(m) => Some(VocabParallelEmbedding::new(
+                be.table(m, mats.layout.vocab.clone())?,
+                config.hidden,
+            )),
+            None => None,
+        };
+        let head = match mats.head {
+            Some((norm, m)) => Some(VocabParallelLmHead::new(
+                be.vector(&norm)?,
+                be.weight(m)?,
+                mats.layout.vocab.clone(),
+                config.vocab,
+            )),
+            None => None,
+        };
+        let mut blocks = Vec::with_capacity(mats.blocks.len());
+        for b in mats.blocks {
+            blocks.push(Block {
+                attn_norm: be.vector(&b.attn_norm)?,
+                qkv: ColumnParallelLinear::new(be.weight(b.qkv)?),
+                o: RowParallelLinear::new(be.weight(b.o)?),
+                ffn_norm: be.vector(&b.ffn_norm)?,
+                gate_up: ColumnParallelLinear::new(be.weight(b.gate_up)?),
+                down: RowParallelLinear::new(be.weight(b.down)?),
+            });
+        }
+        Ok(Self {
+            config,
+            layout: mats.layout,
+            layers,
+            backend,
+            embed,
+            blocks,
+            head,
+        })
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// This shard's ranges.
+    pub fn layout(&self) -> &ShardLayout {
+        &self.layout
+    }
+
+    /// The layers this shard runs.
+    pub fn layers(&self) -> Range<usize> {
+        self.layers.clone()
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Layers held.
+    pub fn n_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Whether this is the first stage (it embeds tokens).
+    pub fn has_embedding(&self) -> bool {
+        self.embed.is_some()
+    }
+
+    /// Whether this is the last stage (it returns logits).
+    pub fn has_head(&self) -> bool {
+        self.head.is_some()
+    }
+
+    fn widths(&self) -> Widths {
+        Widths {
+            hidden: self.config.hidden,
+            heads: self.backend.heads(),
+            ffn: self.layout.ffn.len(),
+            local_vocab: self.head.as_ref().map_or(0, |h| h.local_vocab()),
+        }
+    }
+
+    /// A workspace for steps of up to `rows` rows (grown when a step needs more).
+    pub fn workspace(&self, rows: usize) -> Result<Workspace<B>> {
+        Workspace::new(&self.backend, self.widths(), rows, rows)
+    }
+
+    /// A paged KV store for this shard's layers.
+    pub fn new_kv(&self, block_size: usize, n_blocks: usize) -> Result<B::Kv> {
+        self.backend.new_kv(self.blocks.len(), block_size, n_blocks)
+    }
+
+    /// One step of this stage: embeds the tokens or takes the previous
+    /// stage's hidden rows, runs the layers over `kv`, and returns hidden rows
+    /// or (last stage) the logits asked for. Every tensor-parallel peer calls
+    /// it with the same items at the same time.
+    pub(crate) fn step<K: KvCache<B>>(
+        &self,
+        ws: &mut Workspace<B>,
+        step: StepItems<'_>,
+        input: StageInput,
+        kv: &mut K,
+        host: &dyn Collective,
+    ) -> Result<StageOutput> {
+        let c = &self.config;
+        let h = c.hidden;
+        let rows = model::step_rows(c, step.items)?;
+        let n = rows.pos.len();
+        let (picked, item_rows) = model::picked_rows(step.items);
+        let be = &self.backend;
+        ws.ensure(be, self.widths(), n, picked.len())?;
+        be.load_meta(
+            &mut ws.meta,
+            &StepRows {
+                rows: &rows,
+                items: step.items,
+                tables: step.tables,
+                block_size: step.block_size,
+                picked: &picked,
+            },
+        )?;
+        be.before_step(host)?;
+        match input {
+            StageInput::Tokens => {
+                let embed = self.embed.as_ref().ok_or_else(|| {
+                    Error::Shard("only the first pipeline stage embeds tokens".into())
+                })?;
+                embed.forward(be, &ws.meta, &mut ws.x, n, host)?;
+            }
+            StageInput::Hidden(v) => {
+                if v.len() != n * h {
+                    return Err(Error::Shard(format!(
+                        "stage input holds {} floats, expected {n} rows of {h}",
+                        v.len()
+                    )));
+                }
+                be.upload(&mut ws.x, &v)?;
+            }
+        }
+        self.run_layers(ws, n, kv, host)?;
+        let Some(head) = &self.head else {
+            return Ok(StageOutput::Hidden(be.download(&ws.x, n * h)?));
+        };
+        let data = head.forward(
+            be,
+            HeadBuffers {
+                x: &ws.x,
+                last: &mut ws.last,
+                last_normed: &mut ws.last_normed,
+                logits: &mut ws.logits,
+                meta: &ws.meta,
+            },
+            picked.len(),
+            (h, c.rms_eps),
+            host,
+        )?;
+        Ok(StageOutput::Logits(Logits {
+            vocab: c.vocab,
+            data,
+            item_rows,
+        }))
+    }
+
+    /// The layers over the `n` rows in `ws.x`, leaving their output there.
+    fn run_layers<K: KvCache<B>>(
+        &self,
+        ws: &mut Workspace<B>,
+        n: usize,
+        kv: &mut K,
+        host: &dyn Collective,
+    ) -> Result<()> {
+        let (be, eps, h) = (&self.backend, self.config.rms_eps, self.config.hidden);
+        let ffn = self.layout.ffn.len();
+        let ws = &mut *ws;
+        // Whether `delta` holds a row-parallel output not yet added to `x`.
+        let mut pending = false;
+        for (layer, b) in self.blocks.iter().enumerate() {
+            let residual = pending.then_some(&ws.delta);
+            be.rms_norm(&mut ws.x, residual, &b.attn_norm, eps, &mut ws.normed, n, h)?;
+            b.qkv.forward(be, &ws.normed, &mut ws.qkv, n)?;
+            be.rope(&mut ws.qkv, &ws.meta, n)?;
+            kv.attend(be, layer, &ws.qkv, &ws.meta, &mut ws.attn, n)?;
+            b.o.forward(be, &ws.attn, &mut ws.delta, n, host)?;
+
+            be.rms_norm(
+                &mut ws.x,
+                Some(&ws.delta),
+                &b.ffn_norm,
+                eps,
+                &mut ws.normed,
+                n,
+                h,
+            )?;
+            b.gate_up.forward(be, &ws.normed, &mut ws.gate_up, n)?;
+            be.silu_mul(&ws.gate_up, &mut ws.act, n, ffn)?;
+            b.down.forward(be, &ws.act, &mut ws.delta, n, host)?;
+            pending = true;
+        }
+        if pending {
+            be.add(&mut ws.x, &ws.delta, n * h)?;
+        }
+        Ok(())
+    }
+}
