@@ -295,10 +295,10 @@ fn by_logit(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
 ///
 /// The kept candidates are the `top_k` highest, then the shortest run of
 /// the highest whose probability reaches `top_p`, then those at least
-/// `min_p` times the best; `r` walks the kept ones highest first. Only as
-/// many candidates as the cuts keep are sorted (a partial selection that
-/// grows until the nucleus is inside it), so a typical step costs a few
-/// passes over the vocabulary instead of a sort of it. Where the cuts keep
+/// `min_p` times the best; `r` walks the kept ones highest first. Only the
+/// candidates in the probability bands that hold the nucleus are sorted (one
+/// pass over the vocabulary sums each band's mass), so a typical step costs
+/// two passes over the vocabulary and a sort of the nucleus, not of it all. Where the cuts keep
 /// every candidate, nothing is sorted and the walk takes them in an order of
 /// their own (the same distribution).
 fn pick(logits: &[f32], p: &SamplingParams, r: f32) -> u32 {
@@ -330,9 +330,25 @@ fn kept(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f32)> {
         cand.truncate(p.top_k);
     }
     let max = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
-    // Unnormalised probabilities; the total in token order.
-    cand.iter_mut().for_each(|c| c.1 = (c.1 - max).exp());
-    let total: f32 = cand.iter().map(|c| c.1).sum();
+    // Unnormalised probabilities, the total in token order, and each
+    // candidate's band: how far below the best it is, in steps of 1/BANDS of
+    // a nat (the last band takes the rest). Bands order the candidates
+    // coarsely: everything in a band is more likely than anything below it.
+    const BANDS: usize = 64;
+    const PER_NAT: f32 = 2.0;
+    let mut band_mass = [0f32; BANDS];
+    let mut bands = Vec::with_capacity(if p.top_p < 1.0 { cand.len() } else { 0 });
+    let mut total = 0f32;
+    for c in cand.iter_mut() {
+        let d = max - c.1;
+        c.1 = (-d).exp();
+        total += c.1;
+        if p.top_p < 1.0 {
+            let b = ((d * PER_NAT) as usize).min(BANDS - 1);
+            band_mass[b] += c.1;
+            bands.push(b as u8);
+        }
+    }
     let n = cand.len();
     // How many of the highest candidates the cuts keep, and how many of them
     // are sorted so far.
@@ -340,25 +356,46 @@ fn kept(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f32)> {
     let mut sorted = 0;
     if p.top_p < 1.0 {
         let want = p.top_p * total;
-        let mut m = 64.min(n);
-        loop {
-            if m < n {
-                cand.select_nth_unstable_by(m - 1, by_logit);
+        // The band where the running mass reaches top_p (with a margin for
+        // the rounding of two summation orders): the nucleus lies in it and
+        // the bands above. Only those candidates are sorted.
+        let mut acc = 0.0;
+        let last = band_mass
+            .iter()
+            .position(|m| {
+                acc += m;
+                acc >= want * (1.0 + 1e-4)
+            })
+            .map_or(BANDS - 1, |b| (b + 1).min(BANDS - 1));
+        let mut front = 0;
+        for (i, &b) in bands.iter().enumerate() {
+            if b as usize <= last {
+                cand.swap(front, i);
+                front += 1;
             }
-            cand[..m].sort_unstable_by(by_logit);
-            sorted = m;
-            let mut acc = 0.0;
-            if let Some(i) = cand[..m].iter().position(|c| {
+        }
+        cand[..front].sort_unstable_by(by_logit);
+        sorted = front;
+        let mut acc = 0.0;
+        keep = cand[..front]
+            .iter()
+            .position(|c| {
                 acc += c.1;
                 acc >= want
-            }) {
-                keep = i + 1;
-                break;
-            }
-            if m == n {
-                break;
-            }
-            m = (m * 4).min(n);
+            })
+            .map_or(n, |i| i + 1);
+        if keep == n && front < n {
+            // Rounding left the nucleus short of its mass: sort the rest too.
+            cand.sort_unstable_by(by_logit);
+            sorted = n;
+            let mut acc = 0.0;
+            keep = cand
+                .iter()
+                .position(|c| {
+                    acc += c.1;
+                    acc >= want
+                })
+                .map_or(n, |i| i + 1);
         }
     }
     if p.min_p > 0.0 {
