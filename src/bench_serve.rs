@@ -20,7 +20,8 @@
 //!   is due at once. `--max-concurrency` caps the requests in flight: a due
 //!   request waits for a free slot, in order.
 //! - **Requests** are `POST {url}/v1/completions` with `stream: true`,
-//!   `stream_options.include_usage`, `temperature: 0`, `max_tokens` and, by
+//!   `stream_options.include_usage`, `temperature` (0 unless `--temperature`),
+//!   `top_p`, a seed per request, `max_tokens` and, by
 //!   default, `ignore_eos: true`, so each request generates exactly its output
 //!   length. Bodies are built before the clock starts. Each request opens its
 //!   own connection and asks the server to close it (`Connection: close`), so
@@ -115,6 +116,14 @@ pub struct ServeBenchArgs {
         action = clap::ArgAction::Set
     )]
     pub ignore_eos: bool,
+
+    /// Sampling temperature of every request (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+
+    /// Nucleus sampling mass of every request (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
 
     /// Write the report, with every request's record, as JSON to this path.
     #[arg(long, value_name = "PATH")]
@@ -264,6 +273,10 @@ pub struct BenchSettings {
     pub seed: u64,
     /// Whether `ignore_eos` was sent.
     pub ignore_eos: bool,
+    /// The requests' sampling temperature.
+    pub temperature: f32,
+    /// The requests' nucleus mass.
+    pub top_p: f32,
     /// Per-request time limit in seconds.
     pub timeout_secs: u64,
 }
@@ -436,6 +449,8 @@ pub fn run(args: &ServeBenchArgs) -> Result<ServeBenchReport, ServeBenchError> {
             token_range,
             seed: args.seed,
             ignore_eos: args.ignore_eos,
+            temperature: args.temperature,
+            top_p: args.top_p,
             timeout_secs: args.timeout_secs,
         };
         let plan = plan_requests(&settings)?;
@@ -590,7 +605,9 @@ fn plan_requests(settings: &BenchSettings) -> Result<Vec<Planned>, ServeBenchErr
             "model": settings.model,
             "prompt": prompt,
             "max_tokens": max_tokens,
-            "temperature": 0,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "seed": index,
             "stream": true,
             "stream_options": {"include_usage": true},
         });
@@ -1792,6 +1809,8 @@ mod tests {
             },
             seed: 7,
             ignore_eos: true,
+            temperature: 0.0,
+            top_p: 1.0,
             timeout_secs: 1,
         };
         let a = plan_requests(&settings).ok().unwrap_or_default();

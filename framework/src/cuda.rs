@@ -956,9 +956,12 @@ mod tests {
         .unwrap()
     }
 
+    /// One item of a step: new tokens, start position, block table.
+    type StepRow = (Vec<u32>, usize, Vec<u32>);
+
     /// The steps every comparison runs: two prompts in one prefill step
     /// (scattered block tables), then three decode steps of both.
-    fn steps() -> Vec<Vec<(Vec<u32>, usize, Vec<u32>)>> {
+    fn steps() -> Vec<Vec<StepRow>> {
         let t0 = vec![9, 2, 14, 5];
         let t1 = vec![3, 11];
         let mut s = vec![vec![

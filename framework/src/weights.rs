@@ -647,7 +647,7 @@ mod split_tests {
         .unwrap();
         let x: Vec<f32> = (0..m * i).map(|_| rng.next_f32() - 0.5).collect();
         let full = Linear::new(w.clone()).unwrap().forward(&x, m).unwrap();
-        let rows = Linear::new(w.select_rows(&[32..64]))
+        let rows = Linear::new(w.select_rows(std::slice::from_ref(&(32..64))))
             .unwrap()
             .forward(&x, m)
             .unwrap();
