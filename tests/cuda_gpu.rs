@@ -108,6 +108,8 @@ fn gpu_steps(s: &mut CudaShard, coll: &dyn Collective, prompt: &[u32], next: u32
         };
         match s.forward_paged(&[item], StageInput::Tokens, coll) {
             Ok(StageOutput::Logits(l)) => l.last(0).expect("logits").to_vec(),
+            // Ranks other than 0: the logits went to rank 0.
+            Ok(StageOutput::OnRoot) => Vec::new(),
             Ok(StageOutput::Hidden(_)) => panic!("a whole model returns logits"),
             Err(e) => panic!("{e}"),
         }
@@ -228,7 +230,8 @@ fn three_tensor_parallel_shards_on_one_gpu_match_one_shard() {
             .collect()
     });
     for r in &ranks[1..] {
-        assert_eq!(r, &ranks[0], "every rank returns the same logits");
+        let empty = r.iter().flatten().all(Vec::is_empty);
+        assert!(empty, "the logits go to rank 0 only");
     }
     for ((text, _), (got, want)) in prompts.iter().zip(ranks[0].iter().zip(&want)) {
         for i in 0..2 {

@@ -111,6 +111,49 @@ fn injected_faults_lose_nothing() {
     }
 }
 
+/// Seeded sampling of every prompt (the draws happen on the last stage's
+/// rank 0); the tokens of each.
+fn sampled_all(e: &Engine) -> Vec<Vec<u32>> {
+    let streams: Vec<_> = prompts()
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut r = Request::greedy_tokens(p, 8);
+            r.params.temperature = 1.0;
+            r.params.top_p = 0.95;
+            r.params.seed = Some(100 + i as u64);
+            e.generate(r).unwrap()
+        })
+        .collect();
+    streams
+        .into_iter()
+        .map(|s| finished_tokens(s.collect_blocking()))
+        .collect()
+}
+
+#[test]
+fn a_recomputed_step_draws_what_the_failed_one_would_have() {
+    let clean = sampled_all(&engine(2, 2, 1).build().unwrap());
+    // Not all greedy: the draws are random, seeded per request.
+    let greedy = run_all(&engine(2, 2, 1).build().unwrap(), prompts(), 8);
+    assert_ne!(clean, greedy);
+    // Node 2 is the last stage's rank 0, where the draws happen.
+    for node in [2, 3] {
+        let e = engine(2, 2, 1)
+            .fault(FaultInjection {
+                replica: 0,
+                node,
+                step: 3,
+                times: 2,
+                panic: false,
+            })
+            .build()
+            .unwrap();
+        assert_eq!(sampled_all(&e), clean, "fault at node {node}");
+        assert_eq!(common::idle_stats(&e).scheduler.failed_steps, 2);
+    }
+}
+
 #[test]
 fn a_task_that_keeps_failing_ends_with_an_error() {
     let e = engine(1, 2, 1)

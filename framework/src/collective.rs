@@ -2,8 +2,9 @@
 //!
 //! The forward pass calls [`Collective::all_reduce_sum`] twice per layer (after
 //! the row-parallel attention output and FFN down projections) plus once for the
-//! vocab-parallel embedding, and [`Collective::all_gather_cols`] once for the
-//! vocab-parallel logits. The layer loop sums device buffers through its
+//! vocab-parallel embedding, and gathers the vocab-parallel logits once: to
+//! rank 0 only in the engine's steps ([`Collective::gather_cols_to_root`]),
+//! to every rank otherwise ([`Collective::all_gather_cols`]). The layer loop sums device buffers through its
 //! backend ([`crate::backend::Backend::all_reduce`]): the CPU backend calls
 //! this host collective; the CUDA backend sums on the device (NCCL, or a
 //! same-GPU sum that uses this collective only for its barriers).
@@ -48,15 +49,34 @@ pub trait Collective: Send + Sync {
         col_offset: usize,
         total_cols: usize,
     ) -> Result<Vec<f32>> {
-        let local_cols = local.len().checked_div(rows).unwrap_or(0);
         let mut full = vec![0f32; rows * total_cols];
-        for r in 0..rows {
-            full[r * total_cols + col_offset..][..local_cols]
-                .copy_from_slice(&local[r * local_cols..][..local_cols]);
-        }
+        place_cols(&mut full, local, rows, col_offset, total_cols);
         // Ranks own disjoint columns, so a sum places every block exactly once.
         self.all_reduce_sum(&mut full)?;
         Ok(full)
+    }
+    /// Gathers column blocks as [`Collective::all_gather_cols`] does, but to
+    /// rank 0 only: it gets `Some` of the whole matrix, every other rank
+    /// `None`. Every rank must call it.
+    fn gather_cols_to_root(
+        &self,
+        local: &[f32],
+        rows: usize,
+        col_offset: usize,
+        total_cols: usize,
+    ) -> Result<Option<Vec<f32>>> {
+        let full = self.all_gather_cols(local, rows, col_offset, total_cols)?;
+        Ok((self.rank() == 0).then_some(full))
+    }
+}
+
+/// Writes `local` (`rows × local.len()/rows`) into columns `col_offset..` of
+/// `full` (`rows × total_cols`).
+fn place_cols(full: &mut [f32], local: &[f32], rows: usize, col_offset: usize, total_cols: usize) {
+    let local_cols = local.len().checked_div(rows).unwrap_or(0);
+    for r in 0..rows {
+        full[r * total_cols + col_offset..][..local_cols]
+            .copy_from_slice(&local[r * local_cols..][..local_cols]);
     }
 }
 
@@ -175,6 +195,8 @@ impl AbortableBarrier {
 struct ThreadGroup {
     barrier: AbortableBarrier,
     slots: Vec<Mutex<Vec<f32>>>,
+    /// Each rank's first column in a gather to the root.
+    col_offsets: Vec<Mutex<usize>>,
 }
 
 /// One rank's handle on an in-process group of threads.
@@ -199,6 +221,7 @@ impl ThreadCollective {
         let group = Arc::new(ThreadGroup {
             barrier: AbortableBarrier::new(world_size),
             slots: (0..world_size).map(|_| Mutex::new(Vec::new())).collect(),
+            col_offsets: (0..world_size).map(|_| Mutex::new(0)).collect(),
         });
         (0..world_size)
             .map(|rank| ThreadCollective {
@@ -256,6 +279,48 @@ impl Collective for ThreadCollective {
         g.barrier.wait()
     }
 
+    fn gather_cols_to_root(
+        &self,
+        local: &[f32],
+        rows: usize,
+        col_offset: usize,
+        total_cols: usize,
+    ) -> Result<Option<Vec<f32>>> {
+        let g = &self.group;
+        if g.slots.len() == 1 {
+            return SingleCollective.gather_cols_to_root(local, rows, col_offset, total_cols);
+        }
+        if self.rank != 0 {
+            {
+                let mut slot = g.slots[self.rank].lock().map_err(|_| poisoned())?;
+                slot.clear();
+                slot.extend_from_slice(local);
+                *g.col_offsets[self.rank].lock().map_err(|_| poisoned())? = col_offset;
+            }
+            g.barrier.wait()?;
+            // The root reads the slots before anyone writes them again.
+            g.barrier.wait()?;
+            return Ok(None);
+        }
+        let mut full = vec![0f32; rows * total_cols];
+        place_cols(&mut full, local, rows, col_offset, total_cols);
+        g.barrier.wait()?;
+        for r in 1..g.slots.len() {
+            let slot = g.slots[r].lock().map_err(|_| poisoned())?;
+            let offset = *g.col_offsets[r].lock().map_err(|_| poisoned())?;
+            let cols = slot.len().checked_div(rows).unwrap_or(0);
+            if slot.len() != rows * cols || offset + cols > total_cols {
+                return Err(Error::Collective(format!(
+                    "rank {r} contributed {} values at column {offset}; {rows} rows of at most {total_cols} columns expected",
+                    slot.len()
+                )));
+            }
+            place_cols(&mut full, &slot, rows, offset, total_cols);
+        }
+        g.barrier.wait()?;
+        Ok(Some(full))
+    }
+
     fn abort(&self) {
         self.group.barrier.abort();
     }
@@ -282,6 +347,54 @@ mod tests {
         assert!(
             handles[2].all_reduce_sum(&mut [1.0]).is_err(),
             "stays aborted"
+        );
+    }
+
+    #[test]
+    fn gather_to_root_places_uneven_blocks_on_rank_zero_only() {
+        // Columns 0..2 on rank 0, 2..3 on rank 1, 3..6 on rank 2; two rows.
+        let blocks = [(0usize, 2usize), (2, 1), (3, 3)];
+        let handles = ThreadCollective::group(3);
+        let got: Vec<Vec<Option<Vec<f32>>>> = std::thread::scope(|s| {
+            let joins: Vec<_> = handles
+                .iter()
+                .map(|h| {
+                    s.spawn(move || {
+                        let (offset, cols) = blocks[h.rank()];
+                        // Twice, so a slot is reused.
+                        (0..2)
+                            .map(|round| {
+                                let local: Vec<f32> = (0..2 * cols)
+                                    .map(|i| {
+                                        let (r, c) = (i / cols, i % cols);
+                                        (round * 100 + r * 10 + offset + c) as f32
+                                    })
+                                    .collect();
+                                h.gather_cols_to_root(&local, 2, offset, 6).unwrap()
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            joins.into_iter().map(|j| j.join().unwrap()).collect()
+        });
+        for (rank, rounds) in got.iter().enumerate() {
+            for (round, full) in rounds.iter().enumerate() {
+                if rank == 0 {
+                    let want: Vec<f32> = (0..12)
+                        .map(|i| (round * 100 + (i / 6) * 10 + i % 6) as f32)
+                        .collect();
+                    assert_eq!(full.as_deref(), Some(&want[..]), "round {round}");
+                } else {
+                    assert!(full.is_none(), "rank {rank} round {round}");
+                }
+            }
+        }
+        assert_eq!(
+            SingleCollective
+                .gather_cols_to_root(&[1.0, 2.0], 1, 0, 2)
+                .unwrap(),
+            Some(vec![1.0, 2.0])
         );
     }
 

@@ -435,6 +435,7 @@ impl LlamaShard {
             items: &shapes,
             tables: &[],
             block_size: 0,
+            logits_to_root: false,
         };
         let mut store = SeqStore(items);
         let out = self
@@ -445,17 +446,18 @@ impl LlamaShard {
         }
         match out {
             StageOutput::Logits(l) => Ok(l),
-            StageOutput::Hidden(_) => {
-                Err(Error::Shard("the whole model returned hidden rows".into()))
-            }
+            StageOutput::Hidden(_) | StageOutput::OnRoot => Err(Error::Shard(
+                "the whole model returned no logits on this rank".into(),
+            )),
         }
     }
 
     /// Runs this shard's part of one batched step over a paged KV pool: a
     /// pipeline stage's layers on the rows of every item. The first stage reads
     /// the items' tokens (`input` is [`StageInput::Tokens`]); later stages read
-    /// the previous stage's hidden rows. The last stage returns logits, others
-    /// the hidden rows for the next stage. Every tensor-parallel peer must call
+    /// the previous stage's hidden rows. The last stage's rank 0 returns the
+    /// logits (its other ranks [`StageOutput::OnRoot`]), other stages the
+    /// hidden rows for the next stage. Every tensor-parallel peer must call
     /// this with the same items at the same time.
     pub fn forward_paged(
         &self,
@@ -494,6 +496,7 @@ pub(crate) fn paged_step<B: Backend>(
         items: &shapes,
         tables: &tables,
         block_size: kv.block_size(),
+        logits_to_root: true,
     };
     model.step(ws, step, input, kv, collective)
 }
@@ -528,6 +531,9 @@ pub enum StageOutput {
     Hidden(Vec<f32>),
     /// The last stage's logits.
     Logits(Logits),
+    /// The last stage's logits went to its tensor-parallel rank 0 (a rank
+    /// other than 0 of a paged step).
+    OnRoot,
 }
 
 /// A step's rows: one per new token, with its item and position.

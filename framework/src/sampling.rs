@@ -22,9 +22,17 @@ impl Rng {
         Self(seed)
     }
 
+    /// The generator seeded with `seed` after `n` draws: the stream is a
+    /// counter, so any point of it is reached in one step.
+    pub fn at(seed: u64, n: u64) -> Self {
+        Self(seed.wrapping_add(n.wrapping_mul(Self::GAMMA)))
+    }
+
+    const GAMMA: u64 = 0x9E3779B97F4A7C15;
+
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+        self.0 = self.0.wrapping_add(Self::GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
@@ -217,11 +225,27 @@ impl TokenLogprob {
     }
 }
 
-/// One sequence's sampler: its parameters, random state and token counts.
+/// A drawn token and, if the request asked for it, its log-probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Draw {
+    /// The token.
+    pub token: u32,
+    /// Its log-probability and the top alternatives.
+    pub logprob: Option<TokenLogprob>,
+}
+
+/// One sequence's sampler: its parameters, seed and token counts.
+///
+/// A draw is a function of the sampler's state and the logits alone: the
+/// `n`-th accepted token's draw reads the random stream at `n`, so drawing
+/// again (a recomputed step, or a draw on another thread) gives the same
+/// token until [`Sampler::accept`] moves the sequence on.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
-    rng: Rng,
+    seed: u64,
+    /// Tokens accepted so far (the position in the random stream).
+    accepted: u64,
     /// Tokens of prompt and output (for the repetition penalty).
     seen: HashSet<u32>,
     /// Counts of output tokens (presence / frequency penalties).
@@ -238,7 +262,8 @@ impl Sampler {
                 .unwrap_or(0)
         });
         Self {
-            rng: Rng::new(seed),
+            seed,
+            accepted: 0,
             seen: prompt.iter().copied().collect(),
             generated: HashMap::new(),
             params,
@@ -252,12 +277,26 @@ impl Sampler {
 
     /// Records a token that was appended to the sequence.
     pub fn accept(&mut self, token: u32) {
+        self.accepted += 1;
         self.seen.insert(token);
         *self.generated.entry(token).or_default() += 1;
     }
 
-    /// Picks the next token from `logits` (modified in place by the penalties).
-    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+    /// Draws the next token from a logits row (left as it is), with its
+    /// log-probability and top alternatives where the parameters ask for
+    /// them (taken from the raw logits).
+    pub fn draw(&self, logits: &[f32]) -> Draw {
+        let token = self.sample(&mut logits.to_vec());
+        let logprob = self
+            .params
+            .logprobs
+            .map(|top| TokenLogprob::from_logits(logits, token, top));
+        Draw { token, logprob }
+    }
+
+    /// Picks the next token from `logits` (modified in place by the
+    /// penalties); the same state and logits always pick the same token.
+    pub fn sample(&self, logits: &mut [f32]) -> u32 {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             for &t in &self.seen {
@@ -280,7 +319,7 @@ impl Sampler {
         if p.temperature == 0.0 {
             return argmax(logits) as u32;
         }
-        let r = self.rng.next_f32();
+        let r = Rng::at(self.seed, self.accepted).next_f32();
         pick(logits, p, r)
     }
 }
@@ -592,8 +631,16 @@ mod tests {
     }
 
     #[test]
+    fn the_stream_reached_at_once_is_the_stream_drawn_in_order() {
+        let mut rng = Rng::new(77);
+        for n in 0..100 {
+            assert_eq!(Rng::at(77, n).next_u64(), rng.next_u64(), "draw {n}");
+        }
+    }
+
+    #[test]
     fn greedy_is_argmax() {
-        let mut s = Sampler::new(SamplingParams::greedy(4), &[]);
+        let s = Sampler::new(SamplingParams::greedy(4), &[]);
         assert_eq!(s.sample(&mut [0.1, 3.0, 2.0]), 1);
     }
 
@@ -608,7 +655,13 @@ mod tests {
         let draw = |params: &SamplingParams| {
             let mut s = Sampler::new(params.clone(), &[]);
             (0..20)
-                .map(|_| s.sample(&mut logits.clone()))
+                .map(|_| {
+                    let t = s.sample(&mut logits.clone());
+                    // Drawing again before accepting changes nothing.
+                    assert_eq!(s.sample(&mut logits.clone()), t);
+                    s.accept(t);
+                    t
+                })
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(&params), draw(&params));
@@ -645,6 +698,7 @@ mod tests {
             let mut s = Sampler::new(params, &[]);
             for _ in 0..10 {
                 assert_eq!(s.sample(&mut logits.clone()), 1);
+                s.accept(1);
             }
         }
     }
@@ -655,7 +709,7 @@ mod tests {
             repetition_penalty: 2.0,
             ..SamplingParams::greedy(4)
         };
-        let mut s = Sampler::new(params, &[1]);
+        let s = Sampler::new(params, &[1]);
         assert_eq!(s.sample(&mut [0.0, 3.0, 2.0]), 2);
         let params = SamplingParams {
             frequency_penalty: 1.5,

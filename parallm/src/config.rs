@@ -98,8 +98,12 @@ pub struct ParallelSection {
     pub pp: usize,
     /// Data-parallel replicas.
     pub dp: usize,
-    /// Micro-batches per step (0: one per pipeline stage).
+    /// Micro-batches per step (0: the pipeline depth divided by the steps in
+    /// flight, at least 1).
     pub micro_batches: usize,
+    /// Steps a replica has in flight on disjoint requests (0: one per
+    /// pipeline stage).
+    pub steps_in_flight: usize,
     /// Where the compute nodes run: `cpu`, or `cuda` / `cuda:N` (GPUs from ordinal N).
     pub device: String,
     /// Compute threads of each node (0: the machine's threads shared evenly).
@@ -121,6 +125,7 @@ impl Default for ParallelSection {
             pp: 1,
             dp: 1,
             micro_batches: 0,
+            steps_in_flight: 0,
             device: "cpu".into(),
             threads_per_node: 0,
             devices: Vec::new(),
@@ -765,6 +770,7 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         pp: p.pp,
         dp: p.dp,
         micro_batches: (p.micro_batches > 0).then_some(p.micro_batches),
+        steps_in_flight: (p.steps_in_flight > 0).then_some(p.steps_in_flight),
         queue_capacity: s.queue_capacity,
         max_batch_tokens: s.max_batch_tokens,
         max_running: s.max_running,
@@ -847,6 +853,27 @@ mod tests {
         let p = dir.path().join(name);
         std::fs::write(&p, text).expect("write config");
         p
+    }
+
+    #[test]
+    fn steps_in_flight_reach_the_engine_and_zero_means_the_default() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write(&dir, "c.toml", "[parallel]\npp = 2\nsteps_in_flight = 1\n");
+        let sources = Sources {
+            file: Some(file),
+            ..Sources::default()
+        };
+        let loaded = load(&sources).expect("valid");
+        assert_eq!(loaded.settings.engine.steps_in_flight, Some(1));
+        assert_eq!(loaded.settings.engine.lanes(), 1);
+        let file = write(&dir, "d.toml", "[parallel]\npp = 2\n");
+        let sources = Sources {
+            file: Some(file),
+            ..Sources::default()
+        };
+        let loaded = load(&sources).expect("valid");
+        assert_eq!(loaded.settings.engine.steps_in_flight, None);
+        assert_eq!(loaded.settings.engine.lanes(), 2);
     }
 
     #[test]

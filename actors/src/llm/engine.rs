@@ -14,6 +14,7 @@ use std::time::Duration;
 use framework::batching::BatchConfig;
 use framework::chat::ChatTemplate;
 use framework::generate::validate_prompt;
+use framework::sampling::Sampler;
 use framework::{
     BackendKind, Error, GgufFile, LlamaConfig, ShardSource, ShardSpec, StageGroup, Tokenizer,
     WeightFormat,
@@ -26,6 +27,7 @@ use kit::{
 
 use crate::llm::merge::{LlmMerger, Registration};
 use crate::llm::policy::{LlmPolicy, ReplicaShape};
+use crate::llm::step::SharedSampler;
 use crate::llm::task::{EventStream, LlmTask, Prompt, Request, Responder};
 use crate::llm::worker::{stage_layers, FaultInjection, FaultState, LlmWorker, Shard};
 use crate::SchedulerStats;
@@ -602,9 +604,14 @@ impl Engine {
         let (responder, stream) =
             Responder::channel(id, self.pipeline.canceller(), abandoned.clone());
         let arrived = std::time::Instant::now();
+        let sampler = req
+            .beam
+            .is_none()
+            .then(|| SharedSampler::new(Sampler::new(req.params.clone(), &prompt)));
         let reg = Registration {
-            prompt: prompt.clone(),
+            prompt_len: prompt.len(),
             params: req.params,
+            sampler: sampler.clone(),
             beam: req.beam,
             responder,
             arrived,
@@ -615,6 +622,7 @@ impl Engine {
             prompt,
             arrived,
             abandoned,
+            sampler,
         };
         Ok((task, reg, stream))
     }

@@ -1,41 +1,43 @@
-//! The LLM merge: per-request sampling, beam search, stop conditions and
+//! The LLM merge: accepting drawn tokens, beam search, stop conditions and
 //! incremental detokenization, and the events streamed to requesters.
 //!
-//! For every group whose logits a step returned, the merger samples the next
-//! token with that request's own [`Sampler`] — the step's draws in parallel on
-//! the process's compute pool, since each reads only its own row and sampler —
-//! (or advances its [`BeamSearch`]), checks end-of-sequence, stop strings, `max_tokens` and the
-//! context, streams the text that is safe to show, and tells the scheduler
-//! whether the group goes on. The merge state of a request lives here from
-//! submission to its terminal event; a failed step never reaches the merger, so
-//! recomputed requests continue exactly where they were.
+//! The last stage's rank 0 chose each group's next token where the logits
+//! are (see [`crate::llm::step`]). For every group of a merged step, the
+//! merger accepts the drawn token into the request's shared sampler (or
+//! advances its [`BeamSearch`] with the beams' log-probability rows), checks
+//! end-of-sequence, stop strings, `max_tokens` and the context, streams the
+//! text that is safe to show, and tells the scheduler whether the group goes
+//! on. The merge state of a request lives here from submission to its terminal
+//! event; a failed step never reaches the merger and draws change no sampler,
+//! so recomputed requests continue exactly where they were.
 
 use std::collections::HashMap;
-
-use rayon::prelude::*;
 use std::sync::Arc;
 use std::time::Instant;
 
-use framework::batching::{GroupOutcome, StepPlan};
+use framework::batching::GroupOutcome;
 use framework::beam::BeamSearch;
 use framework::kv::SeqKey;
 use framework::metrics as m;
-use framework::sampling::TokenLogprob;
-use framework::sampling::{log_softmax, Sampler, StopMatcher};
+use framework::sampling::{Draw, StopMatcher};
 use framework::tokenizer::StreamDecoder;
-use framework::{FinishReason, GroupId, Logits, Tokenizer};
+use framework::{FinishReason, GroupId, Tokenizer};
 
 use kit::{End, Merge, TaskId};
 
+use crate::llm::step::{LlmStep, Pick, Picks, SharedSampler};
 use crate::llm::task::{BeamOutput, BeamParams, Event, Responder, Usage};
 
 /// The merger's part of a submitted request: everything about it but its
 /// scheduling.
 pub struct Registration {
-    /// Prompt tokens (for repetition penalties and the context limit).
-    pub prompt: Vec<u32>,
+    /// Prompt tokens (for the context limit and the usage).
+    pub prompt_len: usize,
     /// Validated sampling parameters.
     pub params: framework::SamplingParams,
+    /// The request's sampler (shared with its task), or `None` for a beam
+    /// search.
+    pub sampler: Option<SharedSampler>,
     /// Beam search, if wanted.
     pub beam: Option<BeamParams>,
     /// Where its events go.
@@ -46,7 +48,7 @@ pub struct Registration {
 
 enum Mode {
     Sample {
-        sampler: Box<Sampler>,
+        sampler: SharedSampler,
         stops: StopMatcher,
         decoder: StreamDecoder,
         tokens: Vec<u32>,
@@ -65,12 +67,6 @@ struct ReqState {
     max_tokens: usize,
     ignore_eos: bool,
     mode: Mode,
-}
-
-/// A sampled token and, if asked for, its log-probability.
-struct Draw {
-    token: u32,
-    logprob: Option<TokenLogprob>,
 }
 
 /// The engine's merge.
@@ -104,35 +100,6 @@ impl LlmMerger {
             .unwrap_or_default()
     }
 
-    /// Draws the next token of every sampling request among `rows` (group and
-    /// its logits row), in parallel on the process's compute pool: each draw
-    /// reads only its own row and sampler, so the order does not matter.
-    fn draw(&mut self, rows: &[(GroupId, &[f32])]) -> HashMap<GroupId, Draw> {
-        let wanted: HashMap<GroupId, &[f32]> = rows.iter().copied().collect();
-        let mut work: Vec<(GroupId, &mut Sampler, &[f32])> = self
-            .reqs
-            .iter_mut()
-            .filter_map(|(g, st)| match (&mut st.mode, wanted.get(g)) {
-                (Mode::Sample { sampler, .. }, Some(row)) => Some((*g, &mut **sampler, *row)),
-                _ => None,
-            })
-            .collect();
-        framework::threads::with_current(|pool| {
-            pool.install(|| {
-                work.par_iter_mut()
-                    .map(|(g, sampler, logits)| {
-                        let token = sampler.sample(&mut logits.to_vec());
-                        let logprob = sampler
-                            .params()
-                            .logprobs
-                            .map(|top| TokenLogprob::from_logits(logits, token, top));
-                        (*g, Draw { token, logprob })
-                    })
-                    .collect()
-            })
-        })
-    }
-
     /// Takes a sampling request's drawn token; `Some(reason)` when it ends.
     fn sample(&mut self, id: TaskId, draw: Draw) -> Option<FinishReason> {
         let st = self.reqs.get_mut(&id)?;
@@ -151,7 +118,7 @@ impl LlmMerger {
         if !st.ignore_eos && self.stop_tokens.contains(&token) {
             return Some(FinishReason::Stop);
         }
-        sampler.accept(token);
+        sampler.lock().accept(token);
         tokens.push(token);
         let piece = self
             .tokenizer
@@ -292,27 +259,33 @@ fn finished(
 }
 
 impl Merge for LlmMerger {
-    type Step = Arc<StepPlan>;
-    type Output = Option<Logits>;
+    type Step = Arc<LlmStep>;
+    type Output = Option<Picks>;
     type Registration = Registration;
     type Verdict = Vec<(GroupId, GroupOutcome)>;
 
     fn register(&mut self, id: TaskId, reg: Registration) {
         let p = reg.params;
-        let mode = match reg.beam {
-            Some(b) => Mode::Beam(BeamSearch::new(
+        let mode = match (reg.beam, reg.sampler) {
+            (Some(b), _) => Mode::Beam(BeamSearch::new(
                 b.width,
                 b.length_penalty,
                 p.max_tokens,
                 self.stop_tokens.clone(),
             )),
-            None => Mode::Sample {
-                sampler: Box::new(Sampler::new(p.clone(), &reg.prompt)),
+            (None, Some(sampler)) => Mode::Sample {
+                sampler,
                 stops: StopMatcher::new(p.stop.clone()),
                 decoder: StreamDecoder::new(),
                 tokens: Vec::new(),
                 text: String::new(),
             },
+            (None, None) => {
+                reg.responder.end(Event::Failed {
+                    error: "a request needs a sampler or a beam search".into(),
+                });
+                return;
+            }
         };
         self.reqs.insert(
             id,
@@ -320,7 +293,7 @@ impl Merge for LlmMerger {
                 responder: reg.responder,
                 arrived: reg.arrived,
                 first_token: None,
-                prompt_len: reg.prompt.len(),
+                prompt_len: reg.prompt_len,
                 max_tokens: p.max_tokens,
                 ignore_eos: p.ignore_eos,
                 mode,
@@ -330,13 +303,14 @@ impl Merge for LlmMerger {
 
     fn merge(
         &mut self,
-        plan: &Arc<StepPlan>,
-        outputs: Vec<(usize, Option<Logits>)>,
+        step: &Arc<LlmStep>,
+        outputs: Vec<(usize, Option<Picks>)>,
     ) -> Self::Verdict {
-        let logits = outputs.into_iter().find_map(|(_, l)| l);
+        let mut picks = outputs.into_iter().find_map(|(_, p)| p).unwrap_or_default();
+        let mut pick = |i: usize| picks.get_mut(i).and_then(Option::take);
         // Rows per group, in plan order (a beam group's rows follow its beams).
         let mut groups: Vec<(GroupId, Vec<(SeqKey, usize)>)> = Vec::new();
-        for (i, item) in plan.items.iter().enumerate() {
+        for (i, item) in step.plan.items.iter().enumerate() {
             if !item.logits {
                 continue;
             }
@@ -345,15 +319,6 @@ impl Merge for LlmMerger {
                 _ => groups.push((item.group, vec![(item.seq, i)])),
             }
         }
-        let row = |i: usize| logits.as_ref().and_then(|l| l.last(i));
-        // The sampling requests' rows (a beam group has several): drawn
-        // together, in parallel.
-        let single: Vec<(GroupId, &[f32])> = groups
-            .iter()
-            .filter(|(_, rows)| rows.len() == 1)
-            .filter_map(|(g, rows)| Some((*g, row(rows[0].1)?)))
-            .collect();
-        let mut draws = self.draw(&single);
         let mut verdict = Vec::with_capacity(groups.len());
         for (g, rows) in groups {
             let is_beam = match self.reqs.get(&g) {
@@ -364,20 +329,35 @@ impl Merge for LlmMerger {
                 }
                 Some(st) => matches!(st.mode, Mode::Beam(_)),
             };
-            if rows.iter().any(|&(_, i)| row(i).is_none()) {
+            let mut got: Vec<Pick> = rows.iter().filter_map(|&(_, i)| pick(i)).collect();
+            let draw = match (is_beam, got.len()) {
+                (false, 1) => match got.pop() {
+                    Some(Pick::Token(d)) => Some(d),
+                    _ => None,
+                },
+                _ => None,
+            };
+            let beam_rows: Option<Vec<Vec<f32>>> = is_beam
+                .then(|| {
+                    got.into_iter()
+                        .map(|p| match p {
+                            Pick::Row(r) => Some(r),
+                            Pick::Token(_) => None,
+                        })
+                        .collect::<Option<Vec<_>>>()
+                })
+                .flatten()
+                .filter(|r| r.len() == rows.len());
+            if draw.is_none() && beam_rows.is_none() {
                 if let Some(st) = self.reqs.remove(&g) {
                     st.responder.end(Event::Failed {
-                        error: "the step returned no logits for this request".into(),
+                        error: "the step returned no token for this request".into(),
                     });
                 }
                 verdict.push((g, GroupOutcome::Finished));
                 continue;
             }
-            if is_beam {
-                let logprobs: Vec<Vec<f32>> = rows
-                    .iter()
-                    .map(|&(_, i)| log_softmax(row(i).unwrap_or_default()))
-                    .collect();
+            if let Some(logprobs) = beam_rows {
                 let Some(st) = self.reqs.get_mut(&g) else {
                     continue;
                 };
@@ -393,12 +373,8 @@ impl Merge for LlmMerger {
                     let next = forks.iter().map(|f| (rows[f.parent].0, f.token)).collect();
                     verdict.push((g, GroupOutcome::Continue(next)));
                 }
-            } else {
-                let seq = rows[0].0;
-                let Some(draw) = draws.remove(&g) else {
-                    continue;
-                };
-                let token = draw.token;
+            } else if let Some(draw) = draw {
+                let (seq, token) = (rows[0].0, draw.token);
                 match self.sample(g, draw) {
                     Some(reason) => {
                         self.finish_sample(g, reason);

@@ -5,6 +5,7 @@
 pub mod engine;
 pub mod merge;
 pub mod policy;
+pub mod step;
 pub mod task;
 pub mod worker;
 
@@ -14,5 +15,6 @@ pub use engine::{
 pub use merge::LlmMerger;
 pub use merge::Registration;
 pub use policy::{LlmPolicy, LlmStats, NodeLinks, ReplicaShape};
+pub use step::{LlmStep, Pick, Picks, SharedSampler};
 pub use task::{BeamOutput, BeamParams, Event, EventStream, Prompt, Request, Usage};
 pub use worker::{FaultInjection, LlmWorker, Shard};

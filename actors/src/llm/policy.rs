@@ -2,7 +2,8 @@
 //! replica, and the per-step wiring of each replica's nodes.
 //!
 //! A replica has `pp` pipeline stages of `tp` tensor-parallel ranks; node
-//! `stage · tp + rank`. Each step is one [`StepPlan`] shared by every node of
+//! `stage · tp + rank`. Each step is one [`LlmStep`] (the [`StepPlan`] and the
+//! samplers of its requests) shared by every node of
 //! the replica, with fresh [`NodeLinks`] per node: one collective per stage,
 //! one channel from each rank of a stage to the same rank of the next, and one
 //! abort signal for the whole replica. Because links never outlive a step, a
@@ -26,6 +27,7 @@ use framework::GroupId;
 
 use kit::{NodeError, NodeTask, Plan, Policy, StepId, TaskId};
 
+use crate::llm::step::{LlmStep, SharedSampler};
 use crate::llm::task::LlmTask;
 
 /// Tensor- and pipeline-parallel degrees of one replica.
@@ -177,6 +179,8 @@ pub struct LlmPolicy {
     owner: HashMap<TaskId, (usize, usize)>,
     /// Admitted tasks not yet in a step, and when they were accepted.
     unscheduled: HashMap<TaskId, Instant>,
+    /// The samplers of the admitted sampling tasks (handed to their steps).
+    samplers: HashMap<TaskId, SharedSampler>,
     /// Preemptions already counted in the metric, per replica.
     preemptions_seen: Vec<u64>,
 }
@@ -215,6 +219,14 @@ impl LlmPolicy {
             .retain(|id, (r, l)| *r != replica || lanes[*l].sched.contains(*id));
         let owner = &self.owner;
         self.unscheduled.retain(|id, _| owner.contains_key(id));
+        self.samplers.retain(|id, _| owner.contains_key(id));
+    }
+
+    /// Forgets a task that ended or left.
+    fn forget(&mut self, task: TaskId) -> Option<(usize, usize)> {
+        self.unscheduled.remove(&task);
+        self.samplers.remove(&task);
+        self.owner.remove(&task)
     }
 }
 
@@ -276,6 +288,7 @@ impl LlmPolicy {
             lanes: (0..dp).map(make).collect(),
             owner: HashMap::new(),
             unscheduled: HashMap::new(),
+            samplers: HashMap::new(),
             preemptions_seen: vec![0; dp],
         }
     }
@@ -297,9 +310,9 @@ fn offset_blocks(plan: &mut StepPlan, offset: u32) {
 
 impl Policy for LlmPolicy {
     type Task = LlmTask;
-    type Work = Arc<StepPlan>;
+    type Work = Arc<LlmStep>;
     type Links = NodeLinks;
-    type Step = Arc<StepPlan>;
+    type Step = Arc<LlmStep>;
     type Verdict = Vec<(GroupId, GroupOutcome)>;
     type Stats = LlmStats;
 
@@ -329,6 +342,9 @@ impl Policy for LlmPolicy {
             .unwrap_or(0);
         lanes[lane].sched.add(task.id, task.prompt);
         self.owner.insert(task.id, (replica, lane));
+        if let Some(s) = task.sampler {
+            self.samplers.insert(task.id, s);
+        }
         self.unscheduled.insert(task.id, task.arrived);
     }
 
@@ -336,7 +352,7 @@ impl Policy for LlmPolicy {
         &mut self,
         replica: usize,
         step: StepId,
-    ) -> Option<Plan<Arc<StepPlan>, Arc<StepPlan>, NodeLinks>> {
+    ) -> Option<Plan<Arc<LlmStep>, Arc<LlmStep>, NodeLinks>> {
         let mut planned = None;
         for lane in self.lanes[replica].iter_mut() {
             if lane.in_flight.is_some() {
@@ -350,7 +366,17 @@ impl Policy for LlmPolicy {
             }
         }
         self.observe(replica, planned.as_ref());
-        let plan = Arc::new(planned?);
+        let plan = planned?;
+        let samplers = plan
+            .items
+            .iter()
+            .map(|i| {
+                i.logits
+                    .then(|| self.samplers.get(&i.group).cloned())
+                    .flatten()
+            })
+            .collect();
+        let plan = Arc::new(LlmStep { plan, samplers });
         // Every node of the replica runs the whole plan: its stage's layers on
         // its rank's shard, micro-batch by micro-batch.
         let nodes = wire(self.shape)
@@ -367,12 +393,15 @@ impl Policy for LlmPolicy {
 
     fn completed(&mut self, replica: usize, step: StepId, verdict: Self::Verdict) {
         let lanes = &mut self.lanes[replica];
-        if let Some(lane) = lanes.iter_mut().find(|l| l.in_flight == Some(step)) {
-            lane.in_flight = None;
-            for g in lane.sched.complete(verdict) {
-                self.owner.remove(&g);
-                self.unscheduled.remove(&g);
+        let ended = match lanes.iter_mut().find(|l| l.in_flight == Some(step)) {
+            Some(lane) => {
+                lane.in_flight = None;
+                lane.sched.complete(verdict)
             }
+            None => Vec::new(),
+        };
+        for g in ended {
+            self.forget(g);
         }
         self.observe(replica, None);
     }
@@ -402,16 +431,14 @@ impl Policy for LlmPolicy {
             return false;
         };
         if self.lanes[r][l].sched.cancel(task) {
-            self.owner.remove(&task);
-            self.unscheduled.remove(&task);
+            self.forget(task);
         }
         self.observe(r, None);
         true
     }
 
     fn drop_task(&mut self, task: TaskId) {
-        self.unscheduled.remove(&task);
-        if let Some((r, l)) = self.owner.remove(&task) {
+        if let Some((r, l)) = self.forget(task) {
             self.lanes[r][l].sched.drop_group(task);
             self.observe(r, None);
         }

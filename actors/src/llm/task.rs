@@ -26,6 +26,8 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use kit::{Canceller, Task, TaskId};
 
+use crate::llm::step::SharedSampler;
+
 /// The prompt of a request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Prompt {
@@ -283,6 +285,8 @@ pub struct LlmTask {
     pub arrived: std::time::Instant,
     /// Set when its requester dropped the stream.
     pub abandoned: Arc<AtomicBool>,
+    /// Its sampler (shared with the merger), or `None` for a beam search.
+    pub sampler: Option<SharedSampler>,
 }
 
 impl Task for LlmTask {

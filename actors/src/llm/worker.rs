@@ -6,7 +6,9 @@
 //! order: the first stage embeds tokens, later stages wait for the previous
 //! stage's hidden rows, and every stage but the last hands its output on at
 //! once — so stage `s` works on micro-batch `m + 1` while stage `s + 1` works
-//! on `m`. The last stage's rank 0 returns the step's logits.
+//! on `m`. The last stage's logits are gathered to its rank 0 only, which
+//! chooses each item's next token there (a draw with the request's sampler, or
+//! a beam's log-probability row) and returns the picks, not the logits.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -18,11 +20,12 @@ use framework::metrics as m;
 use framework::model::{PagedItem, StageInput, StageOutput};
 use framework::shard::split_even;
 pub use framework::Shard;
-use framework::{Error, Logits, LogitsWanted};
+use framework::{Error, LogitsWanted};
 
 use kit::{NodeError, NodeId, NodeWorker};
 
 use crate::llm::policy::{NodeLinks, ReplicaShape};
+use crate::llm::step::{LlmStep, Picks};
 
 /// Makes a chosen node fail at a chosen step (for tests of supervision).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,7 +92,6 @@ pub struct LlmWorker {
     id: NodeId,
     stage: usize,
     shape: ReplicaShape,
-    rank: usize,
     shard: Shard,
     threads: Arc<rayon::ThreadPool>,
     fault: Option<Arc<FaultState>>,
@@ -105,12 +107,11 @@ impl LlmWorker {
         threads: Arc<rayon::ThreadPool>,
         fault: Option<Arc<FaultState>>,
     ) -> Self {
-        let (stage, rank) = shape.place(id.index);
+        let (stage, _) = shape.place(id.index);
         Self {
             id,
             stage,
             shape,
-            rank,
             shard,
             threads,
             fault,
@@ -126,20 +127,16 @@ fn node_error(e: Error) -> NodeError {
 }
 
 impl NodeWorker for LlmWorker {
-    type Work = Arc<StepPlan>;
+    type Work = Arc<LlmStep>;
     type Links = NodeLinks;
-    type Output = Option<Logits>;
+    type Output = Option<Picks>;
 
-    fn run(
-        &mut self,
-        plan: &Arc<StepPlan>,
-        links: &NodeLinks,
-    ) -> Result<Option<Logits>, NodeError> {
+    fn run(&mut self, step: &Arc<LlmStep>, links: &NodeLinks) -> Result<Option<Picks>, NodeError> {
         if let Some(f) = &self.fault {
-            f.check(self.id, plan.id)?;
+            f.check(self.id, step.plan.id)?;
         }
         let threads = self.threads.clone();
-        framework::threads::run_in(&threads, || self.run_step(plan, links))
+        framework::threads::run_in(&threads, || self.run_step(step, links))
     }
 
     fn abort(links: &NodeLinks) {
@@ -149,18 +146,15 @@ impl NodeWorker for LlmWorker {
 
 impl LlmWorker {
     /// One step on this node's compute threads.
-    fn run_step(
-        &mut self,
-        plan: &StepPlan,
-        links: &NodeLinks,
-    ) -> Result<Option<Logits>, NodeError> {
+    fn run_step(&mut self, step: &LlmStep, links: &NodeLinks) -> Result<Option<Picks>, NodeError> {
+        let plan = &step.plan;
         for &(src, dst) in &plan.copies {
             self.shard.copy_block(src, dst).map_err(node_error)?;
         }
         let started = std::time::Instant::now();
         let collective = TimedCollective::new(&*links.collective);
         let last = self.stage + 1 == self.shape.pp;
-        let mut out: Option<Logits> = None;
+        let mut out: Option<Picks> = None;
         for mb in &plan.micro_batches {
             let items: Vec<PagedItem<'_>> = plan.items[mb.clone()]
                 .iter()
@@ -183,13 +177,10 @@ impl LlmWorker {
             let output = self.shard.forward_paged(&items, input, &collective);
             match output.map_err(node_error)? {
                 StageOutput::Hidden(h) => links.send(h)?,
-                StageOutput::Logits(l) if last && self.rank == 0 => {
-                    out = Some(match out.take() {
-                        None => l,
-                        Some(acc) => append(acc, l),
-                    });
+                StageOutput::Logits(l) if last => {
+                    step.pick(mb.start, &l, out.get_or_insert_with(Picks::new));
                 }
-                StageOutput::Logits(_) => {}
+                StageOutput::Logits(_) | StageOutput::OnRoot => {}
             }
         }
         let node = m::node_label(self.id.replica, self.id.index);
@@ -215,16 +206,4 @@ fn step_phase(plan: &StepPlan) -> &'static str {
     } else {
         "mixed"
     }
-}
-
-/// Concatenates the logits of consecutive micro-batches.
-fn append(mut acc: Logits, next: Logits) -> Logits {
-    let offset = acc.data.len() / acc.vocab.max(1);
-    acc.data.extend_from_slice(&next.data);
-    acc.item_rows.extend(
-        next.item_rows
-            .into_iter()
-            .map(|r| r.start + offset..r.end + offset),
-    );
-    acc
 }

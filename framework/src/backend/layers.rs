@@ -124,7 +124,8 @@ impl<B: Backend> VocabParallelLmHead<B> {
     }
 
     /// Gather of the `picked` rows, final norm, local logits, then the
-    /// host gather of every rank's columns: `picked × total_vocab`.
+    /// host gather of every rank's columns: `picked × total_vocab`, on every
+    /// rank, or with `to_root` on rank 0 only (the others get `None`).
     pub fn forward(
         &self,
         be: &B,
@@ -132,7 +133,8 @@ impl<B: Backend> VocabParallelLmHead<B> {
         picked: usize,
         (hidden, eps): (usize, f32),
         host: &dyn Collective,
-    ) -> Result<Vec<f32>> {
+        to_root: bool,
+    ) -> Result<Option<Vec<f32>>> {
         let local = if picked > 0 {
             be.gather_rows(b.x, b.meta, b.last, hidden)?;
             be.rms_norm(b.last, None, &self.norm, eps, b.last_normed, picked, hidden)?;
@@ -141,6 +143,11 @@ impl<B: Backend> VocabParallelLmHead<B> {
         } else {
             Vec::new()
         };
-        host.all_gather_cols(&local, picked, self.vocab.start, self.total_vocab)
+        if to_root {
+            host.gather_cols_to_root(&local, picked, self.vocab.start, self.total_vocab)
+        } else {
+            host.all_gather_cols(&local, picked, self.vocab.start, self.total_vocab)
+                .map(Some)
+        }
     }
 }

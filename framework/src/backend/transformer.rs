@@ -56,6 +56,9 @@ pub(crate) struct StepItems<'a> {
     pub(crate) tables: &'a [&'a [u32]],
     /// Positions per KV block (0 for contiguous caches).
     pub(crate) block_size: usize,
+    /// Whether the logits go to the stage's rank 0 only (the engine's steps)
+    /// or to every rank.
+    pub(crate) logits_to_root: bool,
 }
 
 impl<B: Backend> Transformer<B> {
@@ -222,12 +225,16 @@ impl<B: Backend> Transformer<B> {
             picked.len(),
             (h, c.rms_eps),
             host,
+            step.logits_to_root,
         )?;
-        Ok(StageOutput::Logits(Logits {
-            vocab: c.vocab,
-            data,
-            item_rows,
-        }))
+        Ok(match data {
+            Some(data) => StageOutput::Logits(Logits {
+                vocab: c.vocab,
+                data,
+                item_rows,
+            }),
+            None => StageOutput::OnRoot,
+        })
     }
 
     /// The layers over the `n` rows in `ws.x`, leaving their output there.
