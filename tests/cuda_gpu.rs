@@ -24,12 +24,10 @@ use std::time::Duration;
 use common::{gguf, golden, ids, model, run, sixty_four_prompts, top_k};
 use parallm::actors::llm::Compute;
 use parallm::framework::collective::{Collective, SingleCollective, ThreadCollective};
-use parallm::framework::cuda::{
-    CudaOptions, CudaShard, CudaShardSpec, DeviceHandle, Dtype, TpGroup,
-};
+use parallm::framework::cuda::{CudaOptions, CudaShard, DeviceHandle, Dtype, TpGroup};
 use parallm::framework::{
-    BatchItem, LlamaConfig, LogitsWanted, PagedItem, ShardSpec, StageInput, StageOutput,
-    WeightFormat,
+    BatchItem, LlamaConfig, LogitsWanted, PagedItem, ShardSource, ShardSpec, StageInput,
+    StageOutput, WeightFormat,
 };
 use parallm::Engine;
 
@@ -73,13 +71,16 @@ fn config() -> LlamaConfig {
 fn shard(t: Target, opts: CudaOptions, spec: ShardSpec, tp: Option<Arc<TpGroup>>) -> CudaShard {
     let c = config();
     CudaShard::load(
-        CudaShardSpec {
+        ShardSource {
             file: Some(gguf()),
             layers: 0..c.n_layers,
             config: c,
             seed: 0,
             spec,
+            format: WeightFormat::Auto,
             kv: KV,
+            max_batch_tokens: 0,
+            node: 0,
         },
         device(t),
         opts,

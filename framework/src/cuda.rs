@@ -41,16 +41,14 @@ use kernels::cuda::nccl::NcclGroup;
 use kernels::cuda::ops::{self, AttnArgs, QFormat};
 use kernels::cuda::CudaDevice;
 
-use crate::backend::shard::StageShard;
+use crate::backend::shard::{ShardSource, StageShard};
 use crate::backend::transformer::Transformer;
 use crate::backend::{Backend, Elem, Heads, KvCache, PagedKv, StepRows};
 use crate::collective::Collective;
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
-use crate::gguf::GgufFile;
-use crate::model::{ShardMats, WeightSource};
 use crate::ops::RopeTable;
-use crate::shard::{ShardLayout, ShardSpec};
+use crate::shard::ShardLayout;
 use crate::weights::Mat;
 
 fn dev_err(e: kernels::cuda::Error) -> Error {
@@ -802,42 +800,21 @@ impl PagedKv<CudaBackend> for CudaKv {
 /// paged KV cache and workspace.
 pub type CudaShard = StageShard<CudaBackend>;
 
-/// Where a shard's weights come from and what it holds.
-pub struct CudaShardSpec<'a> {
-    /// The model file, or `None` for seeded synthetic weights.
-    pub file: Option<&'a GgufFile>,
-    /// The model's shape (from the file, or the synthetic shape).
-    pub config: LlamaConfig,
-    /// Seed of synthetic weights.
-    pub seed: u64,
-    /// The tensor-parallel rank.
-    pub spec: ShardSpec,
-    /// The pipeline stage's layers.
-    pub layers: Range<usize>,
-    /// KV cache: positions per block and blocks.
-    pub kv: (usize, usize),
-}
-
 impl StageShard<CudaBackend> {
-    /// Loads a shard onto `dev`. Ranks of one stage with `world_size > 1`
-    /// share one `tp` group. The workspace starts empty and grows to the
-    /// largest step; [`CudaShard::reserve`] sizes it up front.
+    /// Loads the shard `s` describes onto `dev` (its `node` and `format` are
+    /// the engine's and the CPU's concerns, not read here). Ranks of one
+    /// stage with `world_size > 1` share one `tp` group. The workspace is
+    /// sized for `s.max_batch_tokens` rows and grows if a step needs more.
     pub fn load(
-        s: CudaShardSpec<'_>,
+        s: ShardSource<'_>,
         dev: DeviceHandle,
         opts: CudaOptions,
         tp: Option<Arc<TpGroup>>,
     ) -> Result<Self> {
-        let config = s.config.clone();
-        config.validate()?;
-        let src = match s.file {
-            Some(f) => WeightSource::Gguf(f),
-            None => WeightSource::Synthetic { seed: s.seed },
-        };
-        let mats = ShardMats::build(&config, &src, s.spec, s.layers.clone())?;
+        let (config, mats) = s.mats()?;
         let backend = CudaBackend::new(&config, &mats.layout, dev, opts, tp)?;
-        let model = Transformer::new(backend, config, mats, s.layers)?;
-        StageShard::new(model, s.kv, 0)
+        let model = Transformer::new(backend, config, mats, s.layers.clone())?;
+        StageShard::new(model, s.kv, s.max_batch_tokens)
     }
 
     /// Device bytes held by the weights.
@@ -907,6 +884,7 @@ mod tests {
     use crate::collective::{SingleCollective, ThreadCollective};
     use crate::kv::KvPool;
     use crate::model::{LogitsWanted, PagedItem, StageInput, StageOutput};
+    use crate::shard::ShardSpec;
     use crate::Logits;
     use crate::{LlamaShard, WeightFormat};
 
@@ -938,13 +916,16 @@ mod tests {
     ) -> CudaShard {
         let c = config();
         CudaShard::load(
-            CudaShardSpec {
+            ShardSource {
                 file: None,
                 seed: 11,
                 layers: 0..c.n_layers,
                 config: c,
                 spec,
+                format: WeightFormat::F32,
                 kv: (4, 16),
+                max_batch_tokens: 0,
+                node: 0,
             },
             dev,
             CudaOptions {

@@ -65,6 +65,55 @@ pub fn split_even(units: usize, parts: usize, index: usize) -> Range<usize> {
     start..start + len
 }
 
+/// The layer ranges of `pp` pipeline stages of a model shaped `config`:
+/// contiguous, at least one layer each, in order, covering every layer once,
+/// and balanced by weights read per token, counting the LM head (vocab ×
+/// hidden, on the last stage) against the layers (the embedding, a row
+/// lookup, counts for nothing). The stage a step waits for longest sets a
+/// pipeline's pace, so the split with the smallest largest stage is chosen;
+/// on the reference model (30 layers; the head weighs about 8 of them) two
+/// stages get 19 and 11 layers, not 15 and 15.
+///
+/// `pp` must be at least 1 and at most the layer count (checked where a
+/// configuration is validated); outside that, the layers are split evenly.
+pub fn stage_layers(config: &LlamaConfig, pp: usize) -> Vec<Range<usize>> {
+    let n = config.n_layers;
+    if pp == 0 || pp > n {
+        return (0..pp).map(|s| split_even(n, pp.max(1), s)).collect();
+    }
+    let (h, d) = (config.hidden as u64, config.head_dim() as u64);
+    let attn = h * d * (2 * config.n_heads as u64 + 2 * config.n_kv_heads as u64);
+    let layer = attn + 3 * h * config.ffn as u64;
+    let head = config.vocab as u64 * h;
+    let cost = |r: Range<usize>, last: bool| r.len() as u64 * layer + if last { head } else { 0 };
+    // best[s][i]: the smallest largest cost of the first s stages over layers
+    // 0..i, and where stage s - 1 starts.
+    let mut best = vec![vec![(u64::MAX, 0usize); n + 1]; pp + 1];
+    best[0][0] = (0, 0);
+    for s in 1..=pp {
+        for i in s..=n {
+            for j in (s - 1)..i {
+                let (before, _) = best[s - 1][j];
+                if before == u64::MAX {
+                    continue;
+                }
+                let worst = before.max(cost(j..i, s == pp && i == n));
+                if worst < best[s][i].0 {
+                    best[s][i] = (worst, j);
+                }
+            }
+        }
+    }
+    let mut ranges = vec![0..0; pp];
+    let mut end = n;
+    for s in (1..=pp).rev() {
+        let start = best[s][end].1;
+        ranges[s - 1] = start..end;
+        end = start;
+    }
+    ranges
+}
+
 /// The ranges of the model that one shard owns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardLayout {
@@ -137,6 +186,38 @@ mod tests {
                     next = r.end;
                 }
                 assert_eq!(next, units);
+            }
+        }
+    }
+
+    #[test]
+    fn stages_are_contiguous_and_balanced_counting_the_head() {
+        let c = LlamaConfig::synthetic("135m").unwrap();
+        assert_eq!(stage_layers(&c, 1), vec![0..30]);
+        assert_eq!(stage_layers(&c, 2), vec![0..19, 19..30]);
+        for name in ["tiny", "135m", "1b", "8b"] {
+            let c = LlamaConfig::synthetic(name).unwrap();
+            for pp in 1..=c.n_layers.min(6) {
+                let r = stage_layers(&c, pp);
+                assert_eq!(r.len(), pp);
+                assert_eq!(r[0].start, 0, "{name} pp={pp}");
+                assert_eq!(r[pp - 1].end, c.n_layers, "{name} pp={pp}");
+                for w in r.windows(2) {
+                    assert_eq!(w[0].end, w[1].start, "{name} pp={pp}");
+                }
+                assert!(r.iter().all(|s| !s.is_empty()), "{name} pp={pp}: {r:?}");
+                // No stage but the last is lighter than the last by a whole
+                // layer more than it needs: moving one layer would not help.
+                let even = stage_layers(
+                    &LlamaConfig {
+                        vocab: 0,
+                        ..c.clone()
+                    },
+                    pp,
+                );
+                let lens: Vec<usize> = even.iter().map(|r| r.len()).collect();
+                let (min, max) = (lens.iter().min().unwrap(), lens.iter().max().unwrap());
+                assert!(max - min <= 1, "{name} pp={pp} without a head: {even:?}");
             }
         }
     }

@@ -29,7 +29,7 @@ use crate::llm::merge::{LlmMerger, Registration};
 use crate::llm::policy::{LlmPolicy, ReplicaShape};
 use crate::llm::step::SharedSampler;
 use crate::llm::task::{EventStream, LlmTask, Prompt, Request, Responder};
-use crate::llm::worker::{stage_layers, FaultInjection, FaultState, LlmWorker, Shard};
+use crate::llm::worker::{FaultInjection, FaultState, LlmWorker, Shard};
 use crate::SchedulerStats;
 
 /// Where the engine's model comes from.
@@ -432,7 +432,8 @@ impl Engine {
         let policy = LlmPolicy::new(shape, cfg.dp, batch.clone(), lanes);
         let merger = LlmMerger::new(tokenizer.clone(), model.context);
         let fault = cfg.fault.map(FaultState::new);
-        let (source, format, n_layers) = (cfg.model.clone(), cfg.weights, model.n_layers);
+        let (source, format) = (cfg.model.clone(), cfg.weights);
+        let stages = framework::shard::stage_layers(&model, shape.pp);
         let (block_size, max_batch_tokens) = (cfg.block_size, cfg.max_batch_tokens);
         let threads = cfg.node_threads();
         let model_config = model.clone();
@@ -441,7 +442,7 @@ impl Engine {
         let factory: WorkerFactory<LlmWorker> = Arc::new(move |id: NodeId| {
             let (stage, rank) = shape.place(id.index);
             let spec = ShardSpec::new(rank, shape.tp).map_err(|e| e.to_string())?;
-            let layers = stage_layers(n_layers, shape.pp, stage);
+            let layers = stages[stage].clone();
             let file = match &source {
                 ModelSource::Gguf(path) => Some(GgufFile::open(path).map_err(|e| e.to_string())?),
                 ModelSource::Synthetic { .. } => None,

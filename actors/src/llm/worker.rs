@@ -10,7 +10,6 @@
 //! chooses each item's next token there (a draw with the request's sampler, or
 //! a beam's log-probability row) and returns the picks, not the logits.
 
-use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -18,7 +17,6 @@ use framework::batching::StepPlan;
 use framework::collective::TimedCollective;
 use framework::metrics as m;
 use framework::model::{PagedItem, StageInput, StageOutput};
-use framework::shard::split_even;
 pub use framework::Shard;
 use framework::{Error, LogitsWanted};
 
@@ -80,11 +78,6 @@ impl FaultState {
             "injected fault at {node}, step {step}"
         )))
     }
-}
-
-/// The layers pipeline stage `stage` of `pp` runs.
-pub fn stage_layers(n_layers: usize, pp: usize, stage: usize) -> Range<usize> {
-    split_even(n_layers, pp, stage)
 }
 
 /// One compute node's state.

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use crate::collective::Collective;
 use crate::config::LlamaConfig;
-use crate::cuda::{CudaBackend, CudaOptions, DeviceHandle, TpGroup};
+use crate::cuda::{CudaOptions, CudaShard, DeviceHandle, TpGroup};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::model::{self, PagedItem, ShardMats, StageInput, StageOutput, WeightSource};
@@ -129,19 +129,26 @@ impl std::fmt::Debug for Shard {
     }
 }
 
+impl ShardSource<'_> {
+    /// The validated shape and this shard's cut of the weights.
+    pub(crate) fn mats(&self) -> Result<(LlamaConfig, ShardMats)> {
+        self.config.validate()?;
+        let weights = match self.file {
+            Some(f) => WeightSource::Gguf(f),
+            None => WeightSource::Synthetic { seed: self.seed },
+        };
+        let mats = ShardMats::build(&self.config, &weights, self.spec, self.layers.clone())?;
+        Ok((self.config.clone(), mats))
+    }
+}
+
 impl Shard {
     /// Loads the shard `src` describes onto `backend`; `group` is its stage's
     /// (from [`BackendKind::stage_group`]).
     pub fn load(src: ShardSource<'_>, backend: &BackendKind, group: &StageGroup) -> Result<Self> {
-        src.config.validate()?;
-        let weights = match src.file {
-            Some(f) => WeightSource::Gguf(f),
-            None => WeightSource::Synthetic { seed: src.seed },
-        };
-        let config = src.config.clone();
-        let mats = ShardMats::build(&config, &weights, src.spec, src.layers.clone())?;
         let model: Box<dyn StageModel> = match backend {
             BackendKind::Cpu => {
+                let (config, mats) = src.mats()?;
                 let be = CpuBackend::new(&config, &mats.layout, src.format);
                 Box::new(StageShard::new(
                     Transformer::new(be, config, mats, src.layers.clone())?,
@@ -154,12 +161,7 @@ impl Shard {
                     Some(gpu) => DeviceHandle::gpu(gpu)?,
                     None => DeviceHandle::emulated()?,
                 };
-                let be = CudaBackend::new(&config, &mats.layout, dev, *options, group.0.clone())?;
-                Box::new(StageShard::new(
-                    Transformer::new(be, config, mats, src.layers.clone())?,
-                    src.kv,
-                    src.max_batch_tokens,
-                )?)
+                Box::new(CudaShard::load(src, dev, *options, group.0.clone())?)
             }
         };
         Ok(Self(model))
