@@ -26,8 +26,8 @@
 //!   ([`crate::backend::Backend::before_step`]) lets the peers of a rank that
 //!   failed before the step return. A rank failing in the middle of a forward
 //!   leaves its peers to NCCL (its abort or timeout), not to the host collective;
-//! * the logits come back to the host f32, gathered across ranks by the host
-//!   collective (the merger samples on the host).
+//! * the logits come back to the host f32, gathered to the stage's rank 0 by
+//!   the host collective (the engine draws tokens there, on the host).
 //!
 //! **Invariant:** nothing outside this module and `kernels::cuda` touches
 //! CUDA; a missing library or GPU is an [`Error::Cuda`], never a panic.

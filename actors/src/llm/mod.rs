@@ -1,6 +1,7 @@
 //! The LLM engine as an instance of the kit: [`LlmPolicy`] (continuous batching
-//! per replica), [`LlmWorker`] (a shard of a pipeline stage with its KV pool),
-//! [`LlmMerger`] (sampling, beams, stops, streaming), and the [`Engine`] handle.
+//! per replica), [`LlmWorker`] (a shard of a pipeline stage with its KV pool;
+//! the last stage's rank 0 draws the tokens, see [`step`]), [`LlmMerger`]
+//! (accepted tokens, beams, stops, streaming), and the [`Engine`] handle.
 
 pub mod engine;
 pub mod merge;
