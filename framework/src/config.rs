@@ -73,6 +73,11 @@ impl LlamaConfig {
                 .unwrap_or(1e-5),
             rope_base: file.opt_f32("llama.rope.freq_base")?.unwrap_or(10_000.0),
         };
+        // The shape first: the checks below divide by the head count.
+        config.validate().map_err(|e| Error::ModelFile {
+            path: file.path().to_path_buf(),
+            reason: e.to_string(),
+        })?;
         if let Some(rope_dims) = file.opt_usize("llama.rope.dimension_count")? {
             if rope_dims != config.head_dim() {
                 return Err(Error::Unsupported {
@@ -83,10 +88,6 @@ impl LlamaConfig {
                 });
             }
         }
-        config.validate().map_err(|e| Error::ModelFile {
-            path: file.path().to_path_buf(),
-            reason: e.to_string(),
-        })?;
         Ok(config)
     }
 
@@ -147,6 +148,13 @@ impl LlamaConfig {
                 self.n_heads, self.n_kv_heads
             )));
         }
+        for (name, v) in [("rope_base", self.rope_base), ("rms_eps", self.rms_eps)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::Config(format!(
+                    "{name} must be a finite number greater than 0, not {v}"
+                )));
+            }
+        }
         if !self.head_dim().is_multiple_of(2) {
             return Err(Error::Config(format!(
                 "head dim {} must be even for rotary embeddings",
@@ -168,6 +176,89 @@ impl LlamaConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A GGUF v3 file of `llama` metadata (u32 and f32 values) and no tensors.
+    fn llama_gguf(name: &str, ints: &[(&str, u32)], floats: &[(&str, f32)]) -> std::path::PathBuf {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"GGUF");
+        b.extend_from_slice(&3u32.to_le_bytes());
+        b.extend_from_slice(&0u64.to_le_bytes());
+        b.extend_from_slice(&((1 + ints.len() + floats.len()) as u64).to_le_bytes());
+        let key = |b: &mut Vec<u8>, k: &str, ty: u32| {
+            b.extend_from_slice(&(k.len() as u64).to_le_bytes());
+            b.extend_from_slice(k.as_bytes());
+            b.extend_from_slice(&ty.to_le_bytes());
+        };
+        key(&mut b, "general.architecture", 8);
+        b.extend_from_slice(&5u64.to_le_bytes());
+        b.extend_from_slice(b"llama");
+        for (k, v) in ints {
+            key(&mut b, k, 4);
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        for (k, v) in floats {
+            key(&mut b, k, 6);
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        let path = std::env::temp_dir().join(format!("parallm-{}-{name}.gguf", std::process::id()));
+        std::fs::write(&path, b).expect("write the test file");
+        path
+    }
+
+    #[test]
+    fn a_model_file_with_a_bad_shape_is_an_error_naming_it_not_a_panic() {
+        let shape = |heads: u32| {
+            vec![
+                ("llama.attention.head_count", heads),
+                ("llama.embedding_length", 64),
+                ("llama.block_count", 1),
+                ("llama.feed_forward_length", 128),
+                ("llama.vocab_size", 32),
+                ("llama.rope.dimension_count", 16),
+            ]
+        };
+        type Case<'a> = (&'a str, Vec<(&'a str, u32)>, Vec<(&'a str, f32)>, &'a str);
+        let cases: [Case; 4] = [
+            (
+                "zero-heads",
+                shape(0),
+                vec![],
+                "n_heads must be greater than 0",
+            ),
+            (
+                "nan-rope",
+                shape(4),
+                vec![("llama.rope.freq_base", f32::NAN)],
+                "rope_base must be a finite number greater than 0",
+            ),
+            (
+                "zero-rope",
+                shape(4),
+                vec![("llama.rope.freq_base", 0.0)],
+                "rope_base",
+            ),
+            (
+                "negative-eps",
+                shape(4),
+                vec![("llama.attention.layer_norm_rms_epsilon", -1e-5)],
+                "rms_eps must be a finite number greater than 0, not -0.00001",
+            ),
+        ];
+        for (name, ints, floats, want) in cases {
+            let path = llama_gguf(name, &ints, &floats);
+            let file = GgufFile::open(&path).expect("a well-formed file");
+            let err = LlamaConfig::from_gguf(&file).expect_err(name).to_string();
+            std::fs::remove_file(&path).ok();
+            assert!(err.contains(want), "{name}: {err}");
+            assert!(err.contains(&format!("{name}.gguf")), "{name}: {err}");
+        }
+        // The same shape with four heads is fine.
+        let path = llama_gguf("four-heads", &shape(4), &[]);
+        let file = GgufFile::open(&path).expect("a well-formed file");
+        let c = LlamaConfig::from_gguf(&file);
+        std::fs::remove_file(&path).ok();
+        assert_eq!(c.expect("valid").head_dim(), 16);
+    }
 
     #[test]
     fn synthetic_shapes_validate() {
