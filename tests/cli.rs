@@ -118,6 +118,44 @@ fn truncated_gguf() {
     }
 }
 
+/// The reference model with the u32 value of metadata `key` replaced by `value`.
+fn patched_model(path: &Path, key: &str, value: u32) {
+    let mut bytes = std::fs::read(common::model_path()).unwrap();
+    let mut needle = (key.len() as u64).to_le_bytes().to_vec();
+    needle.extend_from_slice(key.as_bytes());
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap_or_else(|| panic!("{key} is in the reference model"));
+    let ty = at + needle.len();
+    assert_eq!(bytes[ty..ty + 4], 4u32.to_le_bytes(), "{key} is a u32");
+    bytes[ty + 4..ty + 8].copy_from_slice(&value.to_le_bytes());
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn out_of_range_special_tokens_and_huge_contexts_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("patched.gguf");
+    for (key, value, want) in [
+        (
+            "tokenizer.ggml.bos_token_id",
+            999_999,
+            "tokenizer.ggml.bos_token_id is 999999, outside the vocabulary of 49152 tokens",
+        ),
+        (
+            "llama.context_length",
+            1 << 31,
+            "context 2147483648 is beyond the 1048576 positions",
+        ),
+    ] {
+        patched_model(&path, key, value);
+        let out = parallm(&["generate", "hi", "--model", path.to_str().unwrap()]);
+        assert_clean_failure(&out, want);
+        assert_clean_failure(&out, "patched.gguf");
+    }
+}
+
 /// A minimal GGUF v3 file with string metadata and no tensors.
 fn write_gguf(path: &Path, metadata: &[(&str, &str)]) {
     let mut b = Vec::new();

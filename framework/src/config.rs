@@ -30,6 +30,11 @@ pub struct LlamaConfig {
     pub rope_base: f32,
 }
 
+/// The longest context a model may declare (2^20 positions). Tables sized
+/// by the context (rotary angles) are built at load, so a file claiming
+/// billions of positions is refused before anything is allocated.
+pub const MAX_CONTEXT: usize = 1 << 20;
+
 impl LlamaConfig {
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
@@ -148,6 +153,12 @@ impl LlamaConfig {
                 self.n_heads, self.n_kv_heads
             )));
         }
+        if self.context > MAX_CONTEXT {
+            return Err(Error::Config(format!(
+                "context {} is beyond the {MAX_CONTEXT} positions this engine runs",
+                self.context
+            )));
+        }
         for (name, v) in [("rope_base", self.rope_base), ("rms_eps", self.rms_eps)] {
             if !(v.is_finite() && v > 0.0) {
                 return Err(Error::Config(format!(
@@ -218,7 +229,19 @@ mod tests {
             ]
         };
         type Case<'a> = (&'a str, Vec<(&'a str, u32)>, Vec<(&'a str, f32)>, &'a str);
-        let cases: [Case; 4] = [
+        let cases: [Case; 6] = [
+            (
+                "huge-context",
+                [shape(4), vec![("llama.context_length", 1 << 24)]].concat(),
+                vec![],
+                "context 16777216 is beyond the 1048576 positions",
+            ),
+            (
+                "max-context",
+                [shape(4), vec![("llama.context_length", u32::MAX)]].concat(),
+                vec![],
+                "context 4294967295 is beyond",
+            ),
             (
                 "zero-heads",
                 shape(0),

@@ -173,11 +173,16 @@ impl Tokenizer {
             })
             .collect();
 
+        // A special token id outside the vocabulary is an error, not ignored.
         let id = |key: &str| -> Result<Option<u32>> {
-            Ok(file
-                .opt_usize(key)?
-                .map(|v| v as u32)
-                .filter(|&v| (v as usize) < tokens.len()))
+            match file.opt_usize(key)? {
+                None => Ok(None),
+                Some(v) if v < tokens.len() => Ok(Some(v as u32)),
+                Some(v) => Err(err(format!(
+                    "{key} is {v}, outside the vocabulary of {} tokens",
+                    tokens.len()
+                ))),
+            }
         };
         let eos = id("tokenizer.ggml.eos_token_id")?
             .ok_or_else(|| err("no valid tokenizer.ggml.eos_token_id".into()))?;
