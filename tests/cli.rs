@@ -153,6 +153,9 @@ fn out_of_range_special_tokens_and_huge_contexts_are_named() {
         let out = parallm(&["generate", "hi", "--model", path.to_str().unwrap()]);
         assert_clean_failure(&out, want);
         assert_clean_failure(&out, "patched.gguf");
+        // `serve` stops with the loader's own message.
+        let out = parallm(&["serve", "--port", "0", "--model", path.to_str().unwrap()]);
+        assert_clean_failure(&out, want);
     }
 }
 

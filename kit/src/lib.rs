@@ -34,7 +34,7 @@ pub mod scheduler;
 pub mod traits;
 
 pub use merger::{Collector, MergerActor};
-pub use node::{NodeActor, NodeCounters, NodeStats};
+pub use node::{panic_text, NodeActor, NodeCounters, NodeStats};
 pub use oneshot::{OneShot, OneShotConfig, Pending};
 pub use pipeline::{Canceller, KitMetrics, Pipeline, PipelineConfig};
 pub use queue::{QueueActor, QueueState};

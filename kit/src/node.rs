@@ -149,7 +149,8 @@ impl<W: NodeWorker> Supervised for NodeActor<W> {
     }
 }
 
-fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+/// The message a panic carried (its payload as text).
+pub fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())

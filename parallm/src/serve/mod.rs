@@ -336,13 +336,25 @@ where
     let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel();
     let engine_cfg = state.settings.engine.clone();
     std::thread::spawn(move || {
-        let result = loader().and_then(|path| {
-            let mut cfg = engine_cfg;
-            cfg.model = ModelSource::Gguf(path);
-            EngineBuilder::config(cfg)
-                .build()
-                .map_err(|e| e.to_string())
-        });
+        let load = move || {
+            loader().and_then(|path| {
+                let mut cfg = engine_cfg;
+                cfg.model = ModelSource::Gguf(path);
+                EngineBuilder::config(cfg)
+                    .build()
+                    .map_err(|e| e.to_string())
+            })
+        };
+        // A panic while loading is a bug, but its message still reaches
+        // the user as the reason serve stops.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)).unwrap_or_else(
+            |payload| {
+                Err(format!(
+                    "loading panicked: {}",
+                    crate::kit::panic_text(payload)
+                ))
+            },
+        );
         let _ = loaded_tx.send(result);
     });
 
