@@ -237,12 +237,39 @@ fn checks_key(state: &AppState, req: &actix_web::dev::ServiceRequest) -> Result<
         .headers()
         .get(actix_web::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match header.and_then(|h| h.strip_prefix("Bearer ")) {
-        None => Err(ApiError::Unauthorized(
+    check_bearer(header, keys)
+}
+
+/// Checks an `Authorization` header against the accepted keys: the scheme
+/// `Bearer` in any case (RFC 7235), exactly one space, then a key equal to
+/// one of `keys` byte for byte. Keys are compared by their SHA-256 digests,
+/// every key and every digest byte, so the time taken says nothing about
+/// how much of a key matched or which one did.
+fn check_bearer(header: Option<&str>, keys: &[String]) -> Result<(), ApiError> {
+    use sha2::{Digest, Sha256};
+    let token = header.and_then(|h| {
+        let (scheme, token) = h.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then_some(token)
+    });
+    let Some(token) = token else {
+        return Err(ApiError::Unauthorized(
             "an API key is required: send `Authorization: Bearer KEY`".into(),
-        )),
-        Some(k) if keys.iter().any(|key| key == k.trim()) => Ok(()),
-        Some(_) => Err(ApiError::Unauthorized("the API key is not valid".into())),
+        ));
+    };
+    let sent = Sha256::digest(token.as_bytes());
+    let mut matched = 0u8;
+    for key in keys {
+        let want = Sha256::digest(key.as_bytes());
+        let diff = sent
+            .iter()
+            .zip(want.iter())
+            .fold(0u8, |d, (a, b)| d | (a ^ b));
+        matched |= u8::from(diff == 0);
+    }
+    if matched == 1 {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized("the API key is not valid".into()))
     }
 }
 
@@ -481,5 +508,34 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = actix_web::rt::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_keys_are_exact_and_the_scheme_is_case_insensitive() {
+        let keys = vec!["secret".to_string(), "other key".to_string()];
+        let ok = |h: &str| check_bearer(Some(h), &keys).is_ok();
+        assert!(ok("Bearer secret"));
+        assert!(ok("bearer secret"));
+        assert!(ok("BEARER secret"));
+        assert!(ok("Bearer other key"));
+        for bad in [
+            "Bearer  secret",
+            "Bearer secret ",
+            "Bearer  secret ",
+            "Bearer secre",
+            "Bearer secretx",
+            "Bearer ",
+            "Basic secret",
+            "Bearersecret",
+            "",
+        ] {
+            assert!(!ok(bad), "{bad:?} was accepted");
+        }
+        assert!(check_bearer(None, &keys).is_err());
     }
 }
