@@ -4,9 +4,10 @@
 //! the row-parallel attention output and FFN down projections) plus once for the
 //! vocab-parallel embedding, and gathers the vocab-parallel logits once: to
 //! rank 0 only in the engine's steps ([`Collective::gather_cols_to_root`]),
-//! to every rank otherwise ([`Collective::all_gather_cols`]). The layer loop sums device buffers through its
-//! backend ([`crate::backend::Backend::all_reduce`]): the CPU backend calls
-//! this host collective; the CUDA backend sums on the device (NCCL, or a
+//! to every rank otherwise ([`Collective::all_gather_cols`]). The layer loop
+//! sums device buffers through its backend
+//! ([`crate::backend::Backend::all_reduce`]): the CPU backend calls this host
+//! collective; the CUDA backend sums on the device (NCCL, or a
 //! same-GPU sum that uses this collective only for its barriers).
 //! Implementations:
 //!

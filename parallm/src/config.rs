@@ -858,22 +858,20 @@ mod tests {
     #[test]
     fn steps_in_flight_reach_the_engine_and_zero_means_the_default() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let file = write(&dir, "c.toml", "[parallel]\npp = 2\nsteps_in_flight = 1\n");
-        let sources = Sources {
-            file: Some(file),
-            ..Sources::default()
+        let engine = |text: &str| {
+            let file = write(&dir, "c.toml", text);
+            let sources = Sources {
+                file: Some(file),
+                ..Sources::default()
+            };
+            load(&sources).expect("valid").settings.engine
         };
-        let loaded = load(&sources).expect("valid");
-        assert_eq!(loaded.settings.engine.steps_in_flight, Some(1));
-        assert_eq!(loaded.settings.engine.lanes(), 1);
-        let file = write(&dir, "d.toml", "[parallel]\npp = 2\n");
-        let sources = Sources {
-            file: Some(file),
-            ..Sources::default()
-        };
-        let loaded = load(&sources).expect("valid");
-        assert_eq!(loaded.settings.engine.steps_in_flight, None);
-        assert_eq!(loaded.settings.engine.lanes(), 2);
+        let e = engine("[parallel]\npp = 2\nsteps_in_flight = 1\n");
+        assert_eq!(e.steps_in_flight, Some(1));
+        assert_eq!(e.lanes(), 1);
+        let e = engine("[parallel]\npp = 2\n");
+        assert_eq!(e.steps_in_flight, None);
+        assert_eq!(e.lanes(), 2);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use kit::{
     WorkerFactory,
 };
 
-use crate::llm::merge::{LlmMerger, Registration};
+use crate::llm::merge::{Decoding, LlmMerger, Registration};
 use crate::llm::policy::{LlmPolicy, ReplicaShape};
 use crate::llm::step::SharedSampler;
 use crate::llm::task::{EventStream, LlmTask, Prompt, Request, Responder};
@@ -605,15 +605,17 @@ impl Engine {
         let (responder, stream) =
             Responder::channel(id, self.pipeline.canceller(), abandoned.clone());
         let arrived = std::time::Instant::now();
-        let sampler = req
-            .beam
-            .is_none()
-            .then(|| SharedSampler::new(Sampler::new(req.params.clone(), &prompt)));
+        let (decoding, sampler) = match req.beam {
+            Some(b) => (Decoding::Beam(b), None),
+            None => {
+                let s = SharedSampler::new(Sampler::new(req.params.clone(), &prompt));
+                (Decoding::Sample(s.clone()), Some(s))
+            }
+        };
         let reg = Registration {
             prompt_len: prompt.len(),
             params: req.params,
-            sampler: sampler.clone(),
-            beam: req.beam,
+            decoding,
             responder,
             arrived,
         };

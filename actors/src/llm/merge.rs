@@ -35,15 +35,20 @@ pub struct Registration {
     pub prompt_len: usize,
     /// Validated sampling parameters.
     pub params: framework::SamplingParams,
-    /// The request's sampler (shared with its task), or `None` for a beam
-    /// search.
-    pub sampler: Option<SharedSampler>,
-    /// Beam search, if wanted.
-    pub beam: Option<BeamParams>,
+    /// How its tokens are chosen.
+    pub decoding: Decoding,
     /// Where its events go.
     pub responder: Responder,
     /// When the engine accepted it.
     pub arrived: Instant,
+}
+
+/// How a request's tokens are chosen.
+pub enum Decoding {
+    /// Drawn by its sampler (shared with its task).
+    Sample(SharedSampler),
+    /// By a beam search.
+    Beam(BeamParams),
 }
 
 enum Mode {
@@ -204,6 +209,35 @@ impl LlmMerger {
     }
 }
 
+/// What the last stage chose for one group.
+enum Chosen {
+    /// A sampling request's drawn token.
+    Draw(Draw),
+    /// A beam search's log-probability rows, one per beam.
+    Beams(Vec<Vec<f32>>),
+}
+
+/// The group's picks as its mode expects them (one draw, or a row per each
+/// of its `rows` beams); `None` when the step did not return them.
+fn chosen(is_beam: bool, mut got: Vec<Pick>, rows: usize) -> Option<Chosen> {
+    if got.len() != rows {
+        return None;
+    }
+    if !is_beam {
+        return match (rows, got.pop()) {
+            (1, Some(Pick::Token(d))) => Some(Chosen::Draw(d)),
+            _ => None,
+        };
+    }
+    got.into_iter()
+        .map(|p| match p {
+            Pick::Row(r) => Some(r),
+            Pick::Token(_) => None,
+        })
+        .collect::<Option<Vec<_>>>()
+        .map(Chosen::Beams)
+}
+
 /// Counts `n` produced tokens of a request accepted at `arrived`; the first
 /// one sets its time to first token.
 fn produced(first_token: &mut Option<Instant>, arrived: Instant, n: usize) {
@@ -266,26 +300,20 @@ impl Merge for LlmMerger {
 
     fn register(&mut self, id: TaskId, reg: Registration) {
         let p = reg.params;
-        let mode = match (reg.beam, reg.sampler) {
-            (Some(b), _) => Mode::Beam(BeamSearch::new(
+        let mode = match reg.decoding {
+            Decoding::Beam(b) => Mode::Beam(BeamSearch::new(
                 b.width,
                 b.length_penalty,
                 p.max_tokens,
                 self.stop_tokens.clone(),
             )),
-            (None, Some(sampler)) => Mode::Sample {
+            Decoding::Sample(sampler) => Mode::Sample {
                 sampler,
                 stops: StopMatcher::new(p.stop.clone()),
                 decoder: StreamDecoder::new(),
                 tokens: Vec::new(),
                 text: String::new(),
             },
-            (None, None) => {
-                reg.responder.end(Event::Failed {
-                    error: "a request needs a sampler or a beam search".into(),
-                });
-                return;
-            }
         };
         self.reqs.insert(
             id,
@@ -329,26 +357,8 @@ impl Merge for LlmMerger {
                 }
                 Some(st) => matches!(st.mode, Mode::Beam(_)),
             };
-            let mut got: Vec<Pick> = rows.iter().filter_map(|&(_, i)| pick(i)).collect();
-            let draw = match (is_beam, got.len()) {
-                (false, 1) => match got.pop() {
-                    Some(Pick::Token(d)) => Some(d),
-                    _ => None,
-                },
-                _ => None,
-            };
-            let beam_rows: Option<Vec<Vec<f32>>> = is_beam
-                .then(|| {
-                    got.into_iter()
-                        .map(|p| match p {
-                            Pick::Row(r) => Some(r),
-                            Pick::Token(_) => None,
-                        })
-                        .collect::<Option<Vec<_>>>()
-                })
-                .flatten()
-                .filter(|r| r.len() == rows.len());
-            if draw.is_none() && beam_rows.is_none() {
+            let got: Vec<Pick> = rows.iter().filter_map(|&(_, i)| pick(i)).collect();
+            let Some(chosen) = chosen(is_beam, got, rows.len()) else {
                 if let Some(st) = self.reqs.remove(&g) {
                     st.responder.end(Event::Failed {
                         error: "the step returned no token for this request".into(),
@@ -356,31 +366,34 @@ impl Merge for LlmMerger {
                 }
                 verdict.push((g, GroupOutcome::Finished));
                 continue;
-            }
-            if let Some(logprobs) = beam_rows {
-                let Some(st) = self.reqs.get_mut(&g) else {
-                    continue;
-                };
-                let Mode::Beam(search) = &mut st.mode else {
-                    continue;
-                };
-                let forks = search.step(&logprobs);
-                produced(&mut st.first_token, st.arrived, 1);
-                if forks.is_empty() || search.is_done() {
-                    self.finish_beam(g);
-                    verdict.push((g, GroupOutcome::Finished));
-                } else {
-                    let next = forks.iter().map(|f| (rows[f.parent].0, f.token)).collect();
-                    verdict.push((g, GroupOutcome::Continue(next)));
-                }
-            } else if let Some(draw) = draw {
-                let (seq, token) = (rows[0].0, draw.token);
-                match self.sample(g, draw) {
-                    Some(reason) => {
-                        self.finish_sample(g, reason);
+            };
+            match chosen {
+                Chosen::Beams(logprobs) => {
+                    let Some(st) = self.reqs.get_mut(&g) else {
+                        continue;
+                    };
+                    let Mode::Beam(search) = &mut st.mode else {
+                        continue;
+                    };
+                    let forks = search.step(&logprobs);
+                    produced(&mut st.first_token, st.arrived, 1);
+                    if forks.is_empty() || search.is_done() {
+                        self.finish_beam(g);
                         verdict.push((g, GroupOutcome::Finished));
+                    } else {
+                        let next = forks.iter().map(|f| (rows[f.parent].0, f.token)).collect();
+                        verdict.push((g, GroupOutcome::Continue(next)));
                     }
-                    None => verdict.push((g, GroupOutcome::Continue(vec![(seq, token)]))),
+                }
+                Chosen::Draw(draw) => {
+                    let (seq, token) = (rows[0].0, draw.token);
+                    match self.sample(g, draw) {
+                        Some(reason) => {
+                            self.finish_sample(g, reason);
+                            verdict.push((g, GroupOutcome::Finished));
+                        }
+                        None => verdict.push((g, GroupOutcome::Continue(vec![(seq, token)]))),
+                    }
                 }
             }
         }

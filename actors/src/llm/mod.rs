@@ -14,7 +14,7 @@ pub use engine::{
     Compute, Engine, EngineBuilder, EngineConfig, EngineError, EngineStats, ModelSource,
 };
 pub use merge::LlmMerger;
-pub use merge::Registration;
+pub use merge::{Decoding, Registration};
 pub use policy::{LlmPolicy, LlmStats, NodeLinks, ReplicaShape};
 pub use step::{LlmStep, Pick, Picks, SharedSampler};
 pub use task::{BeamOutput, BeamParams, Event, EventStream, Prompt, Request, Usage};
