@@ -2,6 +2,8 @@
 //! each end with a clear message and a non-zero exit, never a panic.
 
 mod common;
+#[path = "support/gguf.rs"]
+mod gguf;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -154,6 +156,66 @@ fn out_of_range_special_tokens_and_huge_contexts_are_named() {
         assert_clean_failure(&out, want);
         assert_clean_failure(&out, "patched.gguf");
         // `serve` stops with the loader's own message.
+        let out = parallm(&["serve", "--port", "0", "--model", path.to_str().unwrap()]);
+        assert_clean_failure(&out, want);
+    }
+}
+
+#[test]
+fn malformed_shapes_and_tensor_tables_stop_generate_and_serve() {
+    use gguf::{Meta, Tensor};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.gguf");
+    let with = |key: &'static str, value: Meta| {
+        let mut meta = gguf::tiny_llama_meta(32, 64);
+        meta.retain(|(k, _)| *k != key);
+        meta.push((key, value));
+        meta
+    };
+    let f32s = |name: &str, n: u64, offset: u64| Tensor::new(name, &[n], 0, offset);
+    let ok_table = [f32s("a", 8, 0)];
+    let cases: Vec<(Vec<(&str, Meta)>, Vec<Tensor>, &str)> = vec![
+        (
+            with("llama.attention.head_count", Meta::U32(0)),
+            ok_table.to_vec(),
+            "n_heads must be greater than 0",
+        ),
+        (
+            with("llama.rope.freq_base", Meta::F32(f32::NAN)),
+            ok_table.to_vec(),
+            "rope_base must be a finite number",
+        ),
+        (
+            with("llama.attention.layer_norm_rms_epsilon", Meta::F32(-1e-5)),
+            ok_table.to_vec(),
+            "rms_eps must be a finite number greater than 0",
+        ),
+        (
+            with("tokenizer.ggml.bos_token_id", Meta::U32(4096)),
+            ok_table.to_vec(),
+            "tokenizer.ggml.bos_token_id is 4096, outside the vocabulary of 32 tokens",
+        ),
+        (
+            gguf::tiny_llama_meta(32, 64),
+            vec![f32s("a", 16, 0), f32s("b", 8, 32)],
+            "overlaps tensor 'b'",
+        ),
+        (
+            gguf::tiny_llama_meta(32, 64),
+            vec![f32s("a", 8, 8)],
+            "not a multiple of the alignment 32",
+        ),
+        (
+            gguf::tiny_llama_meta(32, 64),
+            vec![Tensor::new("a", &[32], 2, 0), f32s("b", 8, 64)],
+            "its type Q4_0 disagrees with the size of the data",
+        ),
+    ];
+    for (meta, tensors, want) in cases {
+        std::fs::write(&path, gguf::gguf(&meta, &tensors, 96)).unwrap();
+        let out = parallm(&["generate", "hi", "--model", path.to_str().unwrap()]);
+        assert_clean_failure(&out, want);
+        assert_clean_failure(&out, "bad.gguf");
         let out = parallm(&["serve", "--port", "0", "--model", path.to_str().unwrap()]);
         assert_clean_failure(&out, want);
     }

@@ -1,14 +1,26 @@
 //! GGUF model files: opening, validating and reading metadata and tensors.
 //!
-//! [`GgufFile`] owns the open file and candle-core's parsed header. Opening checks
-//! everything that can be checked without reading the weights: the magic and
-//! version (v2 or v3), that every tensor's data lies inside the file (a truncated
-//! download is caught here, before any weight is read), and that each tensor's
-//! element count is a whole number of its type's blocks. Every error names the
-//! file. Nothing here knows about Llama; [`crate::config`] reads the keys.
+//! [`GgufFile`] owns the open file (or, for tests and fuzzing, its bytes) and
+//! candle-core's parsed header. Opening checks everything that can be checked
+//! without reading the weights, and refuses a file before anything sized by it
+//! is allocated:
+//! - the magic and version (v2 or v3), and a header whose lengths and counts
+//!   fit the file (candle's reader bounds them; a panic inside it, such as on
+//!   an alignment of 0, becomes an error);
+//! - `general.alignment`, a power of two;
+//! - the tensor table: no repeated name, at most four dimensions, none zero,
+//!   an element count that is a whole number of the type's blocks and whose
+//!   byte size fits in 64 bits, every offset aligned, every tensor's data
+//!   inside the data section (a truncated download is caught here), no two
+//!   tensors overlapping, and no gap between neighbours as wide as the
+//!   alignment, which is what a type that disagrees with the data it was
+//!   written with leaves behind.
+//!
+//! Every error names the file. Nothing here knows about Llama; [`crate::config`]
+//! reads the keys.
 
 use std::fs::File;
-use std::io::{BufReader, Seek};
+use std::io::{BufReader, Cursor, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -18,11 +30,18 @@ use candle_core::Device;
 
 use crate::error::{Error, Result};
 
+/// The alignment of tensor data when `general.alignment` is absent.
+const DEFAULT_ALIGNMENT: u64 = 32;
+
+/// Where a [`GgufFile`]'s bytes come from.
+trait Source: Read + Seek + Send {}
+impl<T: Read + Seek + Send> Source for T {}
+
 /// An open, validated GGUF file.
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
-    reader: Mutex<BufReader<File>>,
+    reader: Mutex<Box<dyn Source>>,
     file_size: u64,
 }
 
@@ -54,17 +73,53 @@ impl GgufFile {
             .metadata()
             .map_err(|e| file_err(format!("cannot stat: {e}")))?
             .len();
+        Self::read(path, Box::new(BufReader::new(file)), file_size)
+    }
+
+    /// Validates a GGUF file held in memory; `name` stands for its path in
+    /// errors. The same checks as [`GgufFile::open`].
+    pub fn from_bytes(name: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self> {
+        let size = bytes.len() as u64;
+        Self::read(name.into(), Box::new(Cursor::new(bytes)), size)
+    }
+
+    fn read(path: PathBuf, mut reader: Box<dyn Source>, file_size: u64) -> Result<Self> {
+        let file_err = |reason: String| Error::ModelFile {
+            path: path.clone(),
+            reason,
+        };
         if file_size < 24 {
             return Err(file_err(format!(
                 "only {file_size} bytes: too short to be a GGUF file (truncated or not a model)"
             )));
         }
-        let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader).map_err(|e| {
-            file_err(format!(
-                "not a readable GGUF file ({e}); is it truncated or of another format?"
-            ))
-        })?;
+        let mut head = [0u8; 24];
+        reader
+            .read_exact(&mut head)
+            .and_then(|_| reader.rewind())
+            .map_err(|e| file_err(format!("cannot read: {e}")))?;
+        // candle's reader bounds every length by the file, but divides by the
+        // alignment unchecked; a panic in it is this file's fault, not ours.
+        let read =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)));
+        let content = match read {
+            Ok(Ok(content)) => content,
+            Ok(Err(e)) => {
+                return Err(file_err(format!(
+                    "not a readable GGUF file ({e}); is it truncated or of another format?"
+                )))
+            }
+            Err(payload) => {
+                let what = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                return Err(file_err(format!(
+                    "the GGUF header is malformed ({what}; an alignment of 0?)"
+                )));
+            }
+        };
         if matches!(content.magic, VersionedMagic::GgufV1) {
             return Err(Error::Unsupported {
                 path,
@@ -73,30 +128,22 @@ impl GgufFile {
                 supported: "GGUF v2 and v3",
             });
         }
-        for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let block = info.ggml_dtype.block_size();
-            if elems % block != 0 {
-                return Err(Error::Tensor {
-                    path,
-                    name: name.clone(),
-                    reason: format!(
-                        "has {elems} elements, not a whole number of {:?} blocks of {block}",
-                        info.ggml_dtype
-                    ),
-                });
-            }
-            let bytes = (elems / block * info.ggml_dtype.type_size()) as u64;
-            let end = content
-                .tensor_data_offset
-                .saturating_add(info.offset)
-                .saturating_add(bytes);
-            if end > file_size {
-                return Err(file_err(format!(
-                    "truncated: tensor '{name}' needs bytes up to {end} but the file has {file_size}"
-                )));
-            }
+        // v2 and v3 store the tensor count as a u64 after the magic and version.
+        let declared = u64::from_le_bytes(head[8..16].try_into().unwrap_or_default());
+        if declared != content.tensor_infos.len() as u64 {
+            return Err(file_err(format!(
+                "the header declares {declared} tensors but only {} names are distinct: a tensor name is repeated",
+                content.tensor_infos.len()
+            )));
         }
+        check_tensor_table(&content, file_size).map_err(|(name, reason)| match name {
+            Some(name) => Error::Tensor {
+                path: path.clone(),
+                name,
+                reason,
+            },
+            None => file_err(reason),
+        })?;
         Ok(Self {
             path,
             content,
@@ -254,6 +301,95 @@ impl GgufFile {
             reason: reason.into(),
         }
     }
+}
+
+/// Checks the alignment and the tensor table against each other and the file
+/// size: the error names the tensor when one is at fault.
+fn check_tensor_table(
+    content: &Content,
+    file_size: u64,
+) -> std::result::Result<(), (Option<String>, String)> {
+    let alignment = match content.metadata.get("general.alignment") {
+        None => DEFAULT_ALIGNMENT,
+        Some(v) => match value_as_u64(v) {
+            Some(a) if a.is_power_of_two() => a,
+            _ => {
+                return Err((
+                    None,
+                    format!("general.alignment is {v:?}, must be a power of two"),
+                ))
+            }
+        },
+    };
+    let data_start = content.tensor_data_offset;
+    if data_start > file_size {
+        return Err((
+            None,
+            format!("truncated: the tensor data would start at byte {data_start} of {file_size}"),
+        ));
+    }
+    let data_len = file_size - data_start;
+    let mut spans = Vec::with_capacity(content.tensor_infos.len());
+    for (name, info) in &content.tensor_infos {
+        let fault = |reason: String| (Some(name.clone()), reason);
+        let dims = info.shape.dims();
+        if dims.contains(&0) {
+            return Err(fault(format!("has a zero dimension in {dims:?}")));
+        }
+        let elems = dims
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+            .ok_or_else(|| fault(format!("has dimensions {dims:?} whose product overflows")))?;
+        let dtype = info.ggml_dtype;
+        let block = dtype.block_size() as u64;
+        if elems % block != 0 {
+            return Err(fault(format!(
+                "has {elems} elements, not a whole number of {dtype:?} blocks of {block}"
+            )));
+        }
+        let bytes = (elems / block)
+            .checked_mul(dtype.type_size() as u64)
+            .filter(|&b| b <= data_len)
+            .ok_or_else(|| {
+                fault(format!(
+                    "truncated: {elems} {dtype:?} elements need more than the {data_len} bytes of tensor data in the file"
+                ))
+            })?;
+        if info.offset % alignment != 0 {
+            return Err(fault(format!(
+                "starts at offset {}, not a multiple of the alignment {alignment}",
+                info.offset
+            )));
+        }
+        let end = info.offset.checked_add(bytes).filter(|&e| e <= data_len);
+        let Some(end) = end else {
+            return Err(fault(format!(
+                "truncated: its {bytes} bytes at offset {} run past the {data_len} bytes of tensor data in the file",
+                info.offset
+            )));
+        };
+        spans.push((info.offset, end, name, dtype));
+    }
+    spans.sort_unstable_by_key(|s| (s.0, s.1));
+    for pair in spans.windows(2) {
+        let ((_, end, name, dtype), (next, _, next_name, _)) = (pair[0], pair[1]);
+        if end > next {
+            return Err((
+                Some(name.clone()),
+                format!("overlaps tensor '{next_name}': its {dtype:?} data ends at offset {end}, past where '{next_name}' starts ({next})"),
+            ));
+        }
+        if next - end >= alignment {
+            return Err((
+                Some(name.clone()),
+                format!(
+                    "is followed by {} unexplained bytes before tensor '{next_name}': its type {dtype:?} disagrees with the size of the data written for it",
+                    next - end
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn value_as_u64(v: &Value) -> Option<u64> {
