@@ -177,6 +177,10 @@ struct ModelArgs {
     /// Numeric format of the weights: auto, native, q8_0 or f32.
     #[arg(long, default_value = "auto", value_parser = parse_format)]
     weights: WeightFormat,
+    /// Run with at most this many positions, capping a longer trained
+    /// context (default: the model's own).
+    #[arg(long, value_name = "N")]
+    max_model_len: Option<usize>,
 }
 
 fn parse_format(s: &str) -> Result<WeightFormat, String> {
@@ -372,7 +376,10 @@ struct LatencyArgs {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("PARALLM_LOG"))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PARALLM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -424,8 +431,18 @@ fn run_config_show(layers: LayerArgs) -> CliResult {
 
 fn run_config_check(layers: LayerArgs) -> CliResult {
     let file = layers.config.clone().unwrap_or_default();
-    parallm::config::load(&layers.sources()?)?;
-    println!("{}: valid", file.display());
+    let loaded = parallm::config::load(&layers.sources()?)?;
+    match parallm::config::memory_plan(&loaded.settings)? {
+        Some((model, plan)) => println!(
+            "{}: valid; with {} the engine would allocate {plan}",
+            file.display(),
+            model.display()
+        ),
+        None => println!(
+            "{}: valid (the reference model is not fetched yet, so the allocation is not sized)",
+            file.display()
+        ),
+    }
     Ok(())
 }
 
@@ -458,6 +475,7 @@ fn run_generate(args: GenerateArgs) -> CliResult {
         stop: args.stop,
         ignore_eos: false,
         logprobs: None,
+        logit_bias: Vec::new(),
     };
     params.validate()?;
     let path = resolve_model_path(args.model.model.as_deref(), std::io::stderr().is_terminal())?;
@@ -466,7 +484,8 @@ fn run_generate(args: GenerateArgs) -> CliResult {
         .apply(
             Engine::builder()
                 .model_path(&path)
-                .weights(args.model.weights),
+                .weights(args.model.weights)
+                .max_model_len(args.model.max_model_len),
         )?
         .build()?;
     let prompt = if args.chat {

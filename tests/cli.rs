@@ -174,7 +174,8 @@ fn malformed_shapes_and_tensor_tables_stop_generate_and_serve() {
     };
     let f32s = |name: &str, n: u64, offset: u64| Tensor::new(name, &[n], 0, offset);
     let ok_table = [f32s("a", 8, 0)];
-    let cases: Vec<(Vec<(&str, Meta)>, Vec<Tensor>, &str)> = vec![
+    type Case<'a> = (Vec<(&'a str, Meta)>, Vec<Tensor>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             with("llama.attention.head_count", Meta::U32(0)),
             ok_table.to_vec(),
@@ -219,6 +220,59 @@ fn malformed_shapes_and_tensor_tables_stop_generate_and_serve() {
         let out = parallm(&["serve", "--port", "0", "--model", path.to_str().unwrap()]);
         assert_clean_failure(&out, want);
     }
+}
+
+#[test]
+fn a_huge_trained_context_runs_capped_to_max_model_len() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("long.gguf");
+    for context in [1u32 << 24, 1 << 31, u32::MAX] {
+        patched_model(&path, "llama.context_length", context);
+        let out = parallm(&[
+            "generate",
+            "The capital of France is",
+            "--max-tokens",
+            "4",
+            "--max-model-len",
+            "4096",
+            "--model",
+            path.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "trained for {context} positions; running it with 4096"
+            )),
+            "{stderr}"
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with(" Paris"));
+    }
+}
+
+#[test]
+fn config_check_and_serve_refuse_what_the_machine_cannot_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("huge.toml");
+    std::fs::write(&file, "[scheduler]\nkv_memory_mib = 100000000\n").unwrap();
+    let want = "scheduler.kv_memory_mib': is 100000000 MiB per replica: 95.4 TiB of KV cache for 1 replica(s), more than this machine's";
+    let out = parallm(&["config", "check", file.to_str().unwrap()]);
+    assert_clean_failure(&out, want);
+    let out = parallm(&["serve", "--port", "0", "--config", file.to_str().unwrap()]);
+    assert_clean_failure(&out, want);
+    // A configuration that fits is sized against the model.
+    std::fs::write(
+        &file,
+        "[scheduler]\nkv_memory_mib = 256\n[parallel]\ndp = 2\n",
+    )
+    .unwrap();
+    let out = parallm(&["config", "check", file.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("valid; with ") && stdout.contains("KV cache 511.9 MiB (2 replica(s))"),
+        "{stdout}"
+    );
 }
 
 /// A minimal GGUF v3 file with string metadata and no tensors.

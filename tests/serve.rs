@@ -430,6 +430,60 @@ fn errors_have_their_status_and_openai_shape() {
     let r: Value = serde_json::from_str(&text).expect("json");
     assert_error(st, &r, 413, None, "payload_too_large");
 
+    // OpenAI fields that are not implemented are refused by name, and
+    // logit_bias ids are checked against the vocabulary.
+    let refused = [
+        (json!({"prompt": "x", "best_of": 3}), "best_of"),
+        (json!({"prompt": "x", "echo": true}), "echo"),
+        (
+            json!({"prompt": "x", "logit_bias": {"999999": 5}}),
+            "logit_bias",
+        ),
+        (
+            json!({"prompt": "x", "logit_bias": {"abc": 5}}),
+            "logit_bias",
+        ),
+        (
+            json!({"prompt": "x", "logit_bias": {"7": 101}}),
+            "logit_bias",
+        ),
+        (
+            json!({"prompt": "x", "tools": [{"type": "function"}]}),
+            "tools",
+        ),
+    ];
+    for (body, param) in &refused {
+        let (st, r) = s.post("/v1/completions", body.clone());
+        assert_error(st, &r, 400, Some(param), "invalid_value");
+    }
+    let (st, r) = s.post(
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
+    );
+    assert_error(st, &r, 400, Some("response_format"), "invalid_value");
+    // best_of equal to n is what is generated anyway.
+    let (st, r) = s.post(
+        "/v1/completions",
+        json!({"prompt": "x", "best_of": 1, "max_tokens": 1}),
+    );
+    assert_eq!(st, 200, "{r}");
+
+    // Every refusal is counted once: by status in the HTTP metric, and by
+    // reason in the failure metric (400s and the 413 as invalid, the 404
+    // of an unknown model too).
+    let four_hundreds = 6 + 2 + refused.len() + 1;
+    let count = |needle: &str| -> f64 {
+        let (_, text) = s.get("/metrics");
+        text.lines()
+            .filter(|l| l.starts_with("parallm_http_requests_total{") && l.contains(needle))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(count("status=\"400\""), four_hundreds as f64);
+    assert_eq!(count("status=\"413\""), 1.0);
+    let invalid = s.metric("parallm_request_failure_total{reason=\"invalid\"}");
+    assert_eq!(invalid, (four_hundreds + 2) as f64);
+
     // API keys: 401 on everything but /health.
     let mut s = Server::start(&["--api-key", "sekret"], true);
     let (st, _) = s.get("/health");
@@ -445,6 +499,132 @@ fn errors_have_their_status_and_openai_shape() {
     s.key = Some("sekret".into());
     let (st, r) = s.post("/v1/completions", json!({"prompt": "x", "max_tokens": 1}));
     assert_eq!(st, 200, "{r}");
+    // Exactly one space after a scheme compared in any case.
+    let models = |auth: &str| {
+        s.agent
+            .get(&s.url("/v1/models"))
+            .header("Authorization", auth)
+            .call()
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    assert_eq!(models("Bearer  sekret "), 401);
+    assert_eq!(models("Bearer  sekret"), 401);
+    assert_eq!(models("bearer sekret"), 200);
+    assert_eq!(models("BEARER sekret"), 200);
+    assert_eq!(models("Bearer sekret2"), 401);
+    drop(s);
+
+    // Keys from a file (kept out of `ps`), masked by `config show`.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("keys");
+    std::fs::write(&file, "# one per line\nfirst-key\n\nsecond-key\n").expect("write");
+    let set = format!("server.api_keys_file={}", file.display());
+    let mut s = Server::start(&["--set", &set], true);
+    for (key, want) in [("second-key", 200), ("first-key", 200), ("third-key", 401)] {
+        s.key = Some(key.into());
+        assert_eq!(s.get("/v1/models").0, want, "{key}");
+    }
+    let show = Command::new(env!("CARGO_BIN_EXE_parallm"))
+        .args(["config", "show", "--api-key", "in-the-clear", "--set", &set])
+        .output()
+        .expect("config show runs");
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(show.status.success(), "{text}");
+    assert!(text.contains("api_keys = [\"***\"]"), "{text}");
+    assert!(!text.contains("in-the-clear"), "{text}");
+}
+
+/// Opens a connection to `port` that sends the headers of a 1000-byte body
+/// and 11 bytes of it, then stalls.
+fn stalled_body(port: u16) -> TcpStream {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\": ";
+    c.write_all(head.as_bytes()).expect("send");
+    c
+}
+
+#[test]
+fn stalled_bodies_are_closed_at_the_body_timeout_while_others_are_served() {
+    let s = Server::start(&["--set", "server.body_timeout_secs=2"], true);
+    let t0 = Instant::now();
+    let stalled: Vec<TcpStream> = (0..200).map(|_| stalled_body(s.port())).collect();
+    // Normal requests keep succeeding meanwhile.
+    for _ in 0..3 {
+        let (st, r) = s.post("/v1/completions", json!({"prompt": "Hi", "max_tokens": 2}));
+        assert_eq!(st, 200, "{r}");
+    }
+    for (i, mut c) in stalled.into_iter().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut answer = Vec::new();
+        // Returns at EOF: the server closed the connection.
+        c.read_to_end(&mut answer)
+            .expect("the server closes the connection");
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 408"), "connection {i}: {text}");
+        assert!(text.contains("request_timeout"), "connection {i}: {text}");
+    }
+    let elapsed = t0.elapsed();
+    assert!(elapsed < Duration::from_secs(8), "closed after {elapsed:?}");
+    let (st, _) = s.get("/health");
+    assert_eq!(st, 200);
+}
+
+#[test]
+fn health_answers_while_megabyte_prompts_are_tokenized() {
+    let s = Server::start(&["--set", "server.max_body_bytes=4000000"], true);
+    let prompt = "The quick brown fox jumps over 13 lazy dogs. ".repeat(1 << 20 >> 5);
+    assert!(prompt.len() >= 1 << 20);
+    let body = json!({ "prompt": prompt }).to_string();
+    let base = s.base.clone();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let (url, body, done) = (format!("{base}/tokenize"), body.clone(), done.clone());
+            std::thread::spawn(move || {
+                let r = agent()
+                    .post(&url)
+                    .header("Content-Type", "application/json")
+                    .send(&body);
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut r = r.expect("tokenize answers");
+                let v: Value =
+                    serde_json::from_str(&r.body_mut().read_to_string().unwrap_or_default())
+                        .expect("json");
+                assert!(v["count"].as_u64().unwrap_or(0) > 100_000, "{v}");
+            })
+        })
+        .collect();
+    let mut probes = Vec::new();
+    while done.load(std::sync::atomic::Ordering::SeqCst) < 6 {
+        let t = Instant::now();
+        let (st, _) = s.get("/health");
+        assert_eq!(st, 200);
+        probes.push(t.elapsed());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for c in clients {
+        c.join().expect("client");
+    }
+    probes.sort();
+    println!(
+        "{} probes while tokenizing: median {:?}, 90th {:?}, slowest {:?}",
+        probes.len(),
+        probes[probes.len() / 2],
+        probes[probes.len() * 9 / 10],
+        probes.last()
+    );
+    assert!(
+        probes.len() >= 5,
+        "tokenizing took only {} probes",
+        probes.len()
+    );
+    let slowest = probes.last().copied().unwrap_or_default();
+    assert!(
+        slowest < Duration::from_millis(50),
+        "/health took {slowest:?}"
+    );
 }
 
 #[test]

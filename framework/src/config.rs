@@ -30,10 +30,22 @@ pub struct LlamaConfig {
     pub rope_base: f32,
 }
 
-/// The longest context a model may declare (2^20 positions). Tables sized
+/// The longest context a model may run with (2^20 positions). Tables sized
 /// by the context (rotary angles) are built at load, so a file claiming
-/// billions of positions is refused before anything is allocated.
+/// billions of positions is refused before anything is allocated, unless a
+/// `max_model_len` caps it (see [`LlamaConfig::from_gguf_capped`]).
 pub const MAX_CONTEXT: usize = 1 << 20;
+
+/// Sanity bounds on each dimension, far above any released model, so that
+/// no product of them overflows and no table sized by them is absurd.
+const MAX_DIMS: [(&str, usize); 6] = [
+    ("n_layers", 4096),
+    ("hidden", 1 << 17),
+    ("n_heads", 4096),
+    ("ffn", 1 << 20),
+    ("vocab", 1 << 22),
+    ("head_dim", 1024),
+];
 
 impl LlamaConfig {
     /// Width of one attention head.
@@ -48,6 +60,14 @@ impl LlamaConfig {
 
     /// Reads the `llama.*` keys of a GGUF file. The architecture must be `llama`.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        Self::from_gguf_capped(file, None)
+    }
+
+    /// [`LlamaConfig::from_gguf`], with the context capped to `max_model_len`
+    /// positions when the file trained a longer one (a warning says so).
+    /// The cap is applied before validation, so a file claiming more than
+    /// [`MAX_CONTEXT`] runs under a cap within it.
+    pub fn from_gguf_capped(file: &GgufFile, max_model_len: Option<usize>) -> Result<Self> {
         let arch = file.get_str("general.architecture")?;
         if arch != "llama" {
             return Err(Error::Unsupported {
@@ -63,7 +83,7 @@ impl LlamaConfig {
             Some(v) => v,
             None => file.tensor_info("token_embd.weight")?.1[0],
         };
-        let config = Self {
+        let mut config = Self {
             n_layers: file.get_usize("llama.block_count")?,
             hidden,
             n_heads,
@@ -78,6 +98,14 @@ impl LlamaConfig {
                 .unwrap_or(1e-5),
             rope_base: file.opt_f32("llama.rope.freq_base")?.unwrap_or(10_000.0),
         };
+        if let Some(cap) = max_model_len.filter(|&cap| cap < config.context) {
+            tracing::warn!(
+                "{}: the model was trained for {} positions; running it with {cap} (max_model_len)",
+                file.path().display(),
+                config.context
+            );
+            config.context = cap;
+        }
         // The shape first: the checks below divide by the head count.
         config.validate().map_err(|e| Error::ModelFile {
             path: file.path().to_path_buf(),
@@ -155,9 +183,24 @@ impl LlamaConfig {
         }
         if self.context > MAX_CONTEXT {
             return Err(Error::Config(format!(
-                "context {} is beyond the {MAX_CONTEXT} positions this engine runs",
+                "context {} is beyond the {MAX_CONTEXT} positions this engine runs (set max_model_len to run it with a shorter context)",
                 self.context
             )));
+        }
+        let dims = [
+            self.n_layers,
+            self.hidden,
+            self.n_heads,
+            self.ffn,
+            self.vocab,
+            self.head_dim(),
+        ];
+        for ((name, max), v) in MAX_DIMS.iter().zip(dims) {
+            if v > *max {
+                return Err(Error::Config(format!(
+                    "{name} {v} is beyond the sanity bound of {max}"
+                )));
+            }
         }
         for (name, v) in [("rope_base", self.rope_base), ("rms_eps", self.rms_eps)] {
             if !(v.is_finite() && v > 0.0) {

@@ -97,6 +97,19 @@ pub enum Error {
         /// The context window.
         context: usize,
     },
+    /// A prompt too long for the context, refused before it was tokenized
+    /// in full.
+    #[error(
+        "prompt is {bytes} bytes, at least {at_least} tokens, but the model's context is {context} tokens"
+    )]
+    PromptTooLong {
+        /// The prompt's length in bytes (the rendered chat for messages).
+        bytes: usize,
+        /// Tokens it has at least.
+        at_least: usize,
+        /// The context window.
+        context: usize,
+    },
 
     // ---- parallelism and compute -------------------------------------------
     /// A shard spec or partition plan cannot be applied to this model.
@@ -131,7 +144,9 @@ impl Error {
             Error::Config(_) | Error::Setting { .. } => "config",
             Error::Tokenizer(_) => "tokenizer",
             Error::Template(_) => "template",
-            Error::InvalidRequest { .. } | Error::ContextOverflow { .. } => "invalid_request",
+            Error::InvalidRequest { .. }
+            | Error::ContextOverflow { .. }
+            | Error::PromptTooLong { .. } => "invalid_request",
             Error::Shard(_) => "shard",
             Error::Collective(_) => "collective",
             Error::Aborted(_) => "aborted",

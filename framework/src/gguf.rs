@@ -322,6 +322,9 @@ fn check_tensor_table(
         },
     };
     let data_start = content.tensor_data_offset;
+    if content.tensor_infos.is_empty() {
+        return Ok(());
+    }
     if data_start > file_size {
         return Err((
             None,

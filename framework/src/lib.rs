@@ -47,6 +47,31 @@ pub use shard::ShardSpec;
 pub use tokenizer::Tokenizer;
 pub use weights::WeightFormat;
 
+/// The machine's physical memory in bytes (`MemTotal` of `/proc/meminfo`),
+/// or `None` where it cannot be read.
+pub fn machine_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// `bytes` in the largest binary unit that keeps it at least 1 (`1.5 GiB`).
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
 /// Threads the CPU backend's matmuls use (`CANDLE_NUM_THREADS`, `RAYON_NUM_THREADS`,
 /// else every core).
 pub fn compute_threads() -> usize {

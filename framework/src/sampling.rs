@@ -75,10 +75,18 @@ pub struct SamplingParams {
     /// most likely alternatives (`None` = no log-probabilities; at most
     /// [`MAX_LOGPROBS`]).
     pub logprobs: Option<usize>,
+    /// Added to the logits of these token ids before every draw (OpenAI's
+    /// `logit_bias`: -100 bans a token, 100 all but forces it); each bias in
+    /// [-100, 100], at most [`MAX_LOGIT_BIAS`] entries. The engine checks the
+    /// ids against the vocabulary.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 /// The most alternatives [`SamplingParams::logprobs`] may ask for.
 pub const MAX_LOGPROBS: usize = 20;
+
+/// The most entries [`SamplingParams::logit_bias`] may have.
+pub const MAX_LOGIT_BIAS: usize = 1024;
 
 impl Default for SamplingParams {
     fn default() -> Self {
@@ -95,6 +103,7 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -164,6 +173,25 @@ impl SamplingParams {
             return Err(Error::invalid(
                 "logprobs",
                 format!("is {n}, must be in [0, {MAX_LOGPROBS}]"),
+            ));
+        }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return Err(Error::invalid(
+                "logit_bias",
+                format!(
+                    "has {} entries, at most {MAX_LOGIT_BIAS} are allowed",
+                    self.logit_bias.len()
+                ),
+            ));
+        }
+        if let Some((t, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(b.is_finite() && (-100.0..=100.0).contains(b)))
+        {
+            return Err(Error::invalid(
+                "logit_bias",
+                format!("gives token {t} the bias {b}; a bias must be in [-100, 100]"),
             ));
         }
         Ok(())
@@ -314,6 +342,11 @@ impl Sampler {
                 if let Some(l) = logits.get_mut(t as usize) {
                     *l -= p.presence_penalty + p.frequency_penalty * n as f32;
                 }
+            }
+        }
+        for &(t, bias) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
             }
         }
         if p.temperature == 0.0 {

@@ -32,6 +32,9 @@ const TOKEN_USER_DEFINED: i64 = 4;
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     token_bytes: Vec<Vec<u8>>,
+    /// The most input bytes one token stands for (its text's UTF-8 length
+    /// bounds it: a byte-level symbol is at least one byte).
+    max_token_len: usize,
     bos: Option<u32>,
     eos: u32,
     stop_tokens: Vec<u32>,
@@ -192,9 +195,11 @@ impl Tokenizer {
                 stop_tokens.push(eot);
             }
         }
+        let max_token_len = tokens.iter().map(|t| t.len()).max().unwrap_or(1).max(1);
         Ok(Self {
             inner,
             token_bytes,
+            max_token_len,
             bos: id("tokenizer.ggml.bos_token_id")?,
             eos,
             stop_tokens,
@@ -217,6 +222,37 @@ impl Tokenizer {
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)
+    }
+
+    /// Token ids of `text` when they are at most `limit`, without tokenizing
+    /// all of a text that cannot fit: a text longer than `limit` tokens of
+    /// the longest token is refused by its length alone, and one whose first
+    /// `8 × limit` bytes already give more than `limit` tokens (plus a slack
+    /// for the cut) is refused after tokenizing only those. The error says
+    /// how many tokens the text has at least.
+    pub fn encode_within(&self, text: &str, limit: usize) -> Result<Vec<u32>> {
+        let too_long = |at_least: usize| Error::PromptTooLong {
+            bytes: text.len(),
+            at_least,
+            context: limit,
+        };
+        let at_least = text.len().div_ceil(self.max_token_len);
+        if at_least > limit {
+            return Err(too_long(at_least));
+        }
+        let prefix_len = limit.saturating_mul(8);
+        if text.len() > prefix_len {
+            let mut cut = prefix_len;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            const SLACK: usize = 64;
+            let n = self.encode(&text[..cut])?.len();
+            if n > limit + SLACK {
+                return Err(too_long(n - SLACK));
+            }
+        }
+        self.encode(text)
     }
 
     /// The raw bytes a token stands for (empty for control tokens).

@@ -76,6 +76,9 @@ pub struct ModelSection {
     pub name: String,
     /// Numeric format of the weights: auto, native, q8_0 or f32.
     pub weights: String,
+    /// Positions the model runs with at most; a file that trained a longer
+    /// context is capped to it (0: the file's own context).
+    pub max_model_len: usize,
 }
 
 impl Default for ModelSection {
@@ -84,6 +87,7 @@ impl Default for ModelSection {
             path: String::new(),
             name: String::new(),
             weights: "auto".into(),
+            max_model_len: 0,
         }
     }
 }
@@ -180,8 +184,20 @@ pub struct ServerSection {
     pub port: u16,
     /// Accepted API keys (Bearer tokens); empty: no authentication.
     pub api_keys: Vec<String>,
+    /// A file of further accepted API keys, one per line (blank lines and
+    /// lines starting with `#` skipped), so that keys stay out of `ps`.
+    pub api_keys_file: String,
     /// Largest request body, in bytes; beyond it, 413.
     pub max_body_bytes: usize,
+    /// Seconds a client may take to send a request's body; beyond it, 408
+    /// and the connection is closed.
+    pub body_timeout_secs: u64,
+    /// Connections held open at once, over all HTTP workers; beyond it, new
+    /// connections wait in the listen backlog.
+    pub max_connections: usize,
+    /// Threads that tokenize prompts and render chat templates, off the HTTP
+    /// workers (0: the machine's cores less one, at least 1).
+    pub tokenizer_threads: usize,
     /// Seconds in-flight requests get to finish after SIGTERM or Ctrl-C.
     pub shutdown_timeout_secs: u64,
     /// Seconds between the health probes (one-token requests through the engine).
@@ -190,7 +206,7 @@ pub struct ServerSection {
     pub health_max_age_secs: u64,
     /// The `Retry-After` seconds of a 429.
     pub retry_after_secs: u64,
-    /// HTTP worker threads.
+    /// HTTP worker threads (0: the machine's cores, at most 4).
     pub workers: usize,
 }
 
@@ -200,12 +216,16 @@ impl Default for ServerSection {
             host: "127.0.0.1".into(),
             port: 8000,
             api_keys: Vec::new(),
+            api_keys_file: String::new(),
             max_body_bytes: 1 << 20,
+            body_timeout_secs: 30,
+            max_connections: 1024,
+            tokenizer_threads: 0,
             shutdown_timeout_secs: 30,
             health_probe_interval_secs: 5,
             health_max_age_secs: 30,
             retry_after_secs: 1,
-            workers: 1,
+            workers: 0,
         }
     }
 }
@@ -365,10 +385,17 @@ pub struct Settings {
     pub engine: EngineConfig,
     /// Where to listen.
     pub addr: SocketAddr,
-    /// Accepted API keys (empty: none needed).
+    /// Accepted API keys, from `server.api_keys` and `server.api_keys_file`
+    /// (empty: none needed).
     pub api_keys: Vec<String>,
     /// Largest request body in bytes.
     pub max_body_bytes: usize,
+    /// Time a client may take to send a body.
+    pub body_timeout: Duration,
+    /// Connections open at once, over all workers.
+    pub max_connections: usize,
+    /// Threads that tokenize and render templates.
+    pub tokenizer_threads: usize,
     /// Grace period for in-flight requests at shutdown.
     pub shutdown_timeout: Duration,
     /// Time between health probes.
@@ -679,6 +706,37 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
             "must be at least 1 when scheduler.kv_blocks is 0",
         ));
     }
+    let kv_memory_bytes = s.kv_memory_mib.checked_mul(1 << 20).ok_or_else(|| {
+        invalid(
+            "scheduler.kv_memory_mib",
+            format!("is {} MiB, beyond what 64 bits count", s.kv_memory_mib),
+        )
+    })?;
+    if s.kv_blocks == 0 && device == Device::Cpu {
+        let all = (kv_memory_bytes as u64).saturating_mul(p.dp as u64);
+        if let Some(have) = framework::machine_memory_bytes().filter(|&have| all > have) {
+            return Err(invalid(
+                "scheduler.kv_memory_mib",
+                format!(
+                    "is {} MiB per replica: {} of KV cache for {} replica(s), more than this machine's {} of memory",
+                    s.kv_memory_mib,
+                    framework::human_bytes(all),
+                    p.dp,
+                    framework::human_bytes(have)
+                ),
+            ));
+        }
+    }
+    if m.max_model_len > framework::config::MAX_CONTEXT {
+        return Err(invalid(
+            "model.max_model_len",
+            format!(
+                "is {}, must be at most {} (0: the model's own context)",
+                m.max_model_len,
+                framework::config::MAX_CONTEXT
+            ),
+        ));
+    }
     let v = &raw.server;
     let ip: IpAddr = if v.host == "localhost" {
         IpAddr::from([127, 0, 0, 1])
@@ -696,6 +754,30 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
     if v.api_keys.iter().any(|k| k.trim().is_empty()) {
         return Err(invalid("server.api_keys", "keys must not be empty"));
     }
+    let mut api_keys = v.api_keys.clone();
+    if !v.api_keys_file.is_empty() {
+        let text = std::fs::read_to_string(&v.api_keys_file).map_err(|e| {
+            invalid(
+                "server.api_keys_file",
+                format!("cannot read '{}': {e}", v.api_keys_file),
+            )
+        })?;
+        let keys: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(String::from)
+            .collect();
+        if keys.is_empty() {
+            return Err(invalid(
+                "server.api_keys_file",
+                format!("'{}' holds no key", v.api_keys_file),
+            ));
+        }
+        api_keys.extend(keys);
+    }
+    at_least_one("server.body_timeout_secs", v.body_timeout_secs as usize)?;
+    at_least_one("server.max_connections", v.max_connections)?;
     if v.max_body_bytes < 1024 {
         return Err(invalid(
             "server.max_body_bytes",
@@ -715,7 +797,15 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
             ),
         ));
     }
-    at_least_one("server.workers", v.workers)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = match v.workers {
+        0 => cores.min(4),
+        n => n,
+    };
+    let tokenizer_threads = match v.tokenizer_threads {
+        0 => cores.saturating_sub(1).max(1),
+        n => n,
+    };
     let l = &raw.limits;
     at_least_one("limits.max_n", l.max_n)?;
     at_least_one("limits.max_tokens", l.max_tokens)?;
@@ -776,11 +866,12 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         max_running: s.max_running,
         block_size: s.block_size,
         kv_blocks: (s.kv_blocks > 0).then_some(s.kv_blocks),
-        kv_memory_bytes: s.kv_memory_mib << 20,
+        kv_memory_bytes,
         max_retries: s.max_retries,
         fault,
         threads_per_node: p.threads_per_node,
         compute: compute_from(device, &p.devices, &p.dtype, &p.cuda_weights)?,
+        max_model_len: (m.max_model_len > 0).then_some(m.max_model_len),
         ..EngineConfig::default()
     };
     Ok(Settings {
@@ -789,13 +880,16 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         model_name: (!m.name.is_empty()).then(|| m.name.clone()),
         engine,
         addr: SocketAddr::new(ip, v.port),
-        api_keys: v.api_keys.clone(),
+        api_keys,
         max_body_bytes: v.max_body_bytes,
+        body_timeout: Duration::from_secs(v.body_timeout_secs),
+        max_connections: v.max_connections,
+        tokenizer_threads,
         shutdown_timeout: Duration::from_secs(v.shutdown_timeout_secs),
         health_probe_interval: Duration::from_secs(v.health_probe_interval_secs),
         health_max_age: Duration::from_secs(v.health_max_age_secs),
         retry_after_secs: v.retry_after_secs,
-        workers: v.workers,
+        workers,
         limits: l.clone(),
     })
 }
@@ -817,12 +911,54 @@ pub fn show(loaded: &Loaded) -> String {
         let value = values
             .get(sec)
             .and_then(|s| s.get(name))
-            .map(toml_value)
+            .map(|v| match key.as_str() {
+                // Secrets are counted, never printed.
+                "server.api_keys" => toml_value(&masked(v)),
+                _ => toml_value(v),
+            })
             .unwrap_or_default();
         let line = format!("{name} = {value}");
         out.push_str(&format!("{line:<40} # {origin}\n"));
     }
     out
+}
+
+/// Each string of an array replaced by `***`.
+fn masked(v: &serde_json::Value) -> serde_json::Value {
+    match v {
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.iter().map(|_| serde_json::json!("***")).collect())
+        }
+        _ => "***".into(),
+    }
+}
+
+/// What the engine `settings` start would allocate, for `config check`:
+/// the model file (the configured one, or the reference model if it is
+/// cached) and the plan, refused when this machine cannot hold it. `None`
+/// when no model file is at hand to size it.
+pub fn memory_plan(
+    settings: &Settings,
+) -> Result<Option<(PathBuf, actors::llm::MemoryPlan)>, ConfigError> {
+    let Some(path) = settings
+        .model_path
+        .clone()
+        .or_else(crate::fetch::cached_reference_model)
+    else {
+        return Ok(None);
+    };
+    let model_err = |e: framework::Error| invalid("model.path", e.to_string());
+    let file = framework::GgufFile::open(&path).map_err(model_err)?;
+    let model = framework::LlamaConfig::from_gguf_capped(&file, settings.engine.max_model_len)
+        .map_err(model_err)?;
+    let engine_err = |e: framework::Error| invalid("scheduler", e.to_string());
+    let plan = settings
+        .engine
+        .memory_plan(&model, file.file_size())
+        .map_err(engine_err)?;
+    plan.check(framework::machine_memory_bytes())
+        .map_err(engine_err)?;
+    Ok(Some((path, plan)))
 }
 
 /// A JSON value written as TOML.

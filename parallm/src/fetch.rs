@@ -86,6 +86,14 @@ pub fn parallm_home() -> PathBuf {
     home.join(".cache").join("parallm")
 }
 
+/// The reference model's path if it is already cached (nothing is fetched).
+pub fn cached_reference_model() -> Option<PathBuf> {
+    let target = parallm_home().join("models").join(REFERENCE_FILE);
+    std::fs::metadata(&target)
+        .is_ok_and(|m| m.len() == REFERENCE_SIZE)
+        .then_some(target)
+}
+
 /// The reference model's path, fetching it first if it is not cached.
 /// `progress` shows a spinner and a progress bar on stderr.
 pub fn reference_model(progress: bool) -> Result<PathBuf, FetchError> {

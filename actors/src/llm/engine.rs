@@ -92,6 +92,10 @@ pub struct EngineConfig {
     pub fault: Option<FaultInjection>,
     /// Where the compute nodes run.
     pub compute: Compute,
+    /// Positions the model runs with at most; a file that trained a longer
+    /// context is capped to it (`None`: the file's context, which must be
+    /// within [`framework::config::MAX_CONTEXT`]).
+    pub max_model_len: Option<usize>,
 }
 
 impl Default for EngineConfig {
@@ -117,7 +121,75 @@ impl Default for EngineConfig {
             threads_per_node: 0,
             fault: None,
             compute: Compute::default(),
+            max_model_len: None,
         }
+    }
+}
+
+/// What an engine allocates in host memory, computed in checked arithmetic
+/// from the configuration and the model's shape before anything is
+/// allocated. The weights and workspaces are estimates (the weights from the
+/// file's size or the format's bytes per parameter); the KV cache is exact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryPlan {
+    /// KV cache of every replica.
+    pub kv_bytes: u64,
+    /// Weights of every replica, about.
+    pub weight_bytes: u64,
+    /// Activation workspaces and rotary tables of every node, about.
+    pub workspace_bytes: u64,
+    /// Data-parallel replicas (each holds its own weights and KV).
+    pub replicas: usize,
+    /// Whether the KV cache and weights live on GPUs rather than here.
+    pub on_gpu: bool,
+}
+
+impl MemoryPlan {
+    /// Everything together.
+    pub fn total(&self) -> u64 {
+        self.kv_bytes
+            .saturating_add(self.weight_bytes)
+            .saturating_add(self.workspace_bytes)
+    }
+
+    /// What the host must hold: everything on the CPU, the workspaces'
+    /// share only (none) when the nodes run on GPUs.
+    pub fn host_bytes(&self) -> u64 {
+        if self.on_gpu {
+            0
+        } else {
+            self.total()
+        }
+    }
+
+    /// Refuses a plan the host cannot hold, naming both figures.
+    pub fn check(&self, machine: Option<u64>) -> Result<(), Error> {
+        match machine {
+            Some(have) if self.host_bytes() > have => Err(bad_config(
+                "kv_memory_bytes",
+                format!(
+                    "the engine would allocate {self}, more than this machine's {} of memory (lower scheduler.kv_memory_mib / kv_blocks or dp)",
+                    framework::human_bytes(have)
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl std::fmt::Display for MemoryPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use framework::human_bytes as h;
+        write!(
+            f,
+            "{} in all: KV cache {} ({} replica(s)), weights about {}, workspaces about {}{}",
+            h(self.total()),
+            h(self.kv_bytes),
+            self.replicas,
+            h(self.weight_bytes),
+            h(self.workspace_bytes),
+            if self.on_gpu { ", on the GPUs" } else { "" }
+        )
     }
 }
 
@@ -172,6 +244,7 @@ impl EngineConfig {
         if self.steps_in_flight == Some(0) {
             return Err(bad_config("steps_in_flight", "must be at least 1"));
         }
+        self.check_max_model_len()?;
         if self.kv_blocks(model) < self.lanes() {
             return Err(bad_config(
                 "kv_blocks",
@@ -206,6 +279,81 @@ impl EngineConfig {
         Ok(())
     }
 
+    fn check_max_model_len(&self) -> Result<(), Error> {
+        match self.max_model_len {
+            Some(n) if n == 0 || n > framework::config::MAX_CONTEXT => Err(bad_config(
+                "max_model_len",
+                format!("is {n}, must be in [1, {}]", framework::config::MAX_CONTEXT),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// What the engine would allocate for `model`, whose file holds
+    /// `file_bytes` (0 for synthetic weights). Errors when a figure does not
+    /// fit in 64 bits.
+    pub fn memory_plan(&self, model: &LlamaConfig, file_bytes: u64) -> Result<MemoryPlan, Error> {
+        let overflow = |what: &str| {
+            bad_config(
+                "kv_memory_bytes",
+                format!("the {what} this configuration asks for does not fit in 64 bits"),
+            )
+        };
+        let mul = |a: u64, b: u64, what: &str| a.checked_mul(b).ok_or_else(|| overflow(what));
+        let u = |v: usize| v as u64;
+        let elem = u(self.compute.kv_elem_bytes());
+        let per_position = [
+            u(model.n_layers),
+            2,
+            u(model.n_kv_heads),
+            u(model.head_dim()),
+            elem,
+        ]
+        .into_iter()
+        .try_fold(1u64, |a, b| mul(a, b, "KV cache"))?;
+        let per_replica = match self.kv_blocks {
+            Some(blocks) => mul(
+                mul(u(blocks), u(self.block_size), "KV cache")?,
+                per_position,
+                "KV cache",
+            )?,
+            None => {
+                let blocks = u(self.kv_memory_bytes)
+                    / mul(per_position, u(self.block_size), "KV cache")?.max(1);
+                blocks * u(self.block_size) * per_position
+            }
+        };
+        let replicas = u(self.dp);
+        let kv_bytes = mul(per_replica, replicas, "KV cache")?;
+        let params = u(model.parameter_count());
+        let weights = match (self.weights, file_bytes) {
+            (WeightFormat::F32, _) => mul(params, 4, "weights")?,
+            (WeightFormat::Q8_0, _) => mul(params, 34, "weights")? / 32,
+            (_, 0) => mul(params, 34, "weights")? / 32,
+            (_, bytes) => bytes,
+        };
+        let weight_bytes = mul(weights, replicas, "weights")?;
+        let tp = u(self.tp);
+        let h = u(model.hidden);
+        let row = 4 * h
+            + (u(model.n_heads) + 2 * u(model.n_kv_heads)) * u(model.head_dim()) / tp
+            + 2 * u(model.ffn) / tp
+            + u(model.vocab) / tp;
+        let nodes = u(self.tp * self.pp * self.dp);
+        let per_node = mul(u(self.max_batch_tokens), row, "workspace")?
+            .checked_mul(4)
+            .and_then(|b| b.checked_add(u(model.context) * u(model.head_dim()) * 4))
+            .ok_or_else(|| overflow("workspace"))?;
+        let workspace_bytes = mul(per_node, nodes, "workspace")?;
+        Ok(MemoryPlan {
+            kv_bytes,
+            weight_bytes,
+            workspace_bytes,
+            replicas: self.dp,
+            on_gpu: !matches!(self.compute, Compute::Cpu),
+        })
+    }
+
     /// Steps a replica has in flight: `steps_in_flight`, or the pipeline depth.
     pub fn lanes(&self) -> usize {
         self.steps_in_flight.unwrap_or(self.pp).max(1)
@@ -226,7 +374,7 @@ impl EngineConfig {
         let elem = self.compute.kv_elem_bytes();
         self.kv_blocks.unwrap_or_else(|| {
             let per_position = model.n_layers * 2 * model.n_kv_heads * model.head_dim() * elem;
-            self.kv_memory_bytes / (per_position * self.block_size).max(1)
+            self.kv_memory_bytes / per_position.saturating_mul(self.block_size).max(1)
         })
     }
 }
@@ -298,6 +446,12 @@ impl EngineBuilder {
     /// Micro-batches per step.
     pub fn micro_batches(mut self, n: usize) -> Self {
         self.cfg.micro_batches = Some(n);
+        self
+    }
+
+    /// Positions the model runs with at most (`None`: its own context).
+    pub fn max_model_len(mut self, n: Option<usize>) -> Self {
+        self.cfg.max_model_len = n;
         self
     }
 
@@ -396,15 +550,26 @@ impl Engine {
     }
 
     fn start(cfg: EngineConfig) -> Result<Self, EngineError> {
-        let (model, tokenizer) = match &cfg.model {
+        cfg.check_max_model_len()?;
+        let (model, tokenizer, file_bytes) = match &cfg.model {
             ModelSource::Gguf(path) => {
                 let file = GgufFile::open(path)?;
-                let model = LlamaConfig::from_gguf(&file)?;
-                (model, Some(Arc::new(Tokenizer::from_gguf(&file)?)))
+                let model = LlamaConfig::from_gguf_capped(&file, cfg.max_model_len)?;
+                let tokenizer = Tokenizer::from_gguf(&file)?;
+                (model, Some(Arc::new(tokenizer)), file.file_size())
             }
-            ModelSource::Synthetic { name, .. } => (LlamaConfig::synthetic(name)?, None),
+            ModelSource::Synthetic { name, .. } => {
+                let mut model = LlamaConfig::synthetic(name)?;
+                if let Some(cap) = cfg.max_model_len {
+                    model.context = model.context.min(cap);
+                }
+                (model, None, 0)
+            }
         };
         cfg.validate(&model)?;
+        // Nothing sized by the configuration is allocated before this.
+        cfg.memory_plan(&model, file_bytes)?
+            .check(framework::machine_memory_bytes())?;
         let chat = match tokenizer.as_deref() {
             Some(t) => match t.chat_template() {
                 Some(src) => {
@@ -537,6 +702,30 @@ impl Engine {
         }
     }
 
+    /// Turns a generation's prompt into token ids: like
+    /// [`Engine::tokenize`], but a text that cannot fit the context is
+    /// refused before it is tokenized in full
+    /// ([`Tokenizer::encode_within`]).
+    pub fn prompt_tokens(&self, prompt: &Prompt) -> Result<Vec<u32>, Error> {
+        let tok = || {
+            self.tokenizer
+                .as_deref()
+                .ok_or_else(|| bad("prompt", "a synthetic model takes token ids only"))
+        };
+        let context = self.model.context;
+        match prompt {
+            Prompt::Tokens(t) => Ok(t.clone()),
+            Prompt::Text(s) => tok()?.encode_within(s, context),
+            Prompt::Chat(messages) => {
+                let template = self
+                    .chat
+                    .as_ref()
+                    .ok_or_else(|| bad("messages", "the model has no chat template"))?;
+                tok()?.encode_within(&template.render(messages, true)?, context)
+            }
+        }
+    }
+
     /// Validates and submits a request. Returns its events, or at once an
     /// error: invalid request (naming the field), or `Overloaded` when the queue
     /// is full.
@@ -564,7 +753,23 @@ impl Engine {
     /// and the stream its events will reach.
     fn prepare(&self, req: Request) -> Result<(LlmTask, Registration, EventStream), EngineError> {
         req.params.validate()?;
-        let prompt = self.tokenize(&req.prompt)?;
+        let vocab = self.model.vocab;
+        if let Some((t, _)) = req
+            .params
+            .logit_bias
+            .iter()
+            .find(|(t, _)| *t as usize >= vocab)
+        {
+            return Err(bad(
+                "logit_bias",
+                format!("token id {t} is outside the vocabulary of {vocab}"),
+            )
+            .into());
+        }
+        if req.beam.is_some() && !req.params.logit_bias.is_empty() {
+            return Err(bad("logit_bias", "does not apply to beam search").into());
+        }
+        let prompt = self.prompt_tokens(&req.prompt)?;
         validate_prompt(&prompt, req.params.max_tokens, self.model.context)?;
         if let Some(&bad_id) = prompt.iter().find(|&&t| t as usize >= self.model.vocab) {
             return Err(bad(

@@ -11,7 +11,7 @@ pub mod task;
 pub mod worker;
 
 pub use engine::{
-    Compute, Engine, EngineBuilder, EngineConfig, EngineError, EngineStats, ModelSource,
+    Compute, Engine, EngineBuilder, EngineConfig, EngineError, EngineStats, MemoryPlan, ModelSource,
 };
 pub use merge::LlmMerger;
 pub use merge::{Decoding, Registration};

@@ -125,6 +125,76 @@ pub struct CommonFields {
     pub beam_width: Option<u64>,
     /// Beam search length penalty (extension).
     pub length_penalty: Option<f32>,
+    /// Token id (as a string) → bias added to its logit, in [-100, 100].
+    pub logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    /// Candidates to rank per choice; only `n` itself (or 1 with `n` 1),
+    /// which is what is generated anyway, is accepted.
+    pub best_of: Option<u64>,
+    /// Tools, functions and response formats (refused until they exist;
+    /// `response_format` of type `text` is the default and accepted).
+    pub tools: Option<serde_json::Value>,
+    /// See `tools`.
+    pub tool_choice: Option<serde_json::Value>,
+    /// See `tools`.
+    pub functions: Option<serde_json::Value>,
+    /// See `tools`.
+    pub function_call: Option<serde_json::Value>,
+    /// See `tools`.
+    pub response_format: Option<serde_json::Value>,
+}
+
+/// The bias map of `logit_bias` as token ids, or the key at fault.
+fn logit_bias(
+    map: Option<&std::collections::BTreeMap<String, f32>>,
+) -> Result<Vec<(u32, f32)>, ApiError> {
+    let Some(map) = map else {
+        return Ok(Vec::new());
+    };
+    map.iter()
+        .map(|(k, &b)| {
+            k.trim().parse::<u32>().map(|t| (t, b)).map_err(|_| {
+                ApiError::param(
+                    "logit_bias",
+                    format!("`logit_bias` key '{k}' is not a token id"),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Refuses the OpenAI fields this server does not implement, by name.
+fn refuse_unsupported(c: &CommonFields, n: usize) -> Result<(), ApiError> {
+    if let Some(b) = c.best_of {
+        if b as usize != n {
+            return Err(ApiError::param(
+                "best_of",
+                format!("`best_of` is {b}; only `best_of` equal to `n` ({n}) is supported (use `n`, or `beam_width` for beam search)"),
+            ));
+        }
+    }
+    let present = |v: &Option<serde_json::Value>| v.as_ref().is_some_and(|v| !v.is_null());
+    for (name, v) in [
+        ("tools", &c.tools),
+        ("tool_choice", &c.tool_choice),
+        ("functions", &c.functions),
+        ("function_call", &c.function_call),
+    ] {
+        if present(v) {
+            return Err(ApiError::param(
+                name,
+                format!("`{name}` is not supported yet"),
+            ));
+        }
+    }
+    if let Some(f) = c.response_format.as_ref().filter(|v| !v.is_null()) {
+        if f.get("type").and_then(|t| t.as_str()) != Some("text") {
+            return Err(ApiError::param(
+                "response_format",
+                "`response_format` other than {\"type\": \"text\"} is not supported yet",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `POST /v1/completions`.
@@ -250,6 +320,8 @@ fn validate(
         None => limits.default_max_tokens,
     };
     let n = cap("n", c.n.unwrap_or(1), 1, limits.max_n)?;
+    refuse_unsupported(c, n)?;
+    let logit_bias = logit_bias(c.logit_bias.as_ref())?;
     let stop = c.stop.clone().map(OneOrMany::into_vec).unwrap_or_default();
     if stop.len() > limits.max_stop {
         return Err(ApiError::param(
@@ -292,6 +364,12 @@ fn validate(
                     format!("`n` is {n}, must not exceed `beam_width` ({width})"),
                 ));
             }
+            if !logit_bias.is_empty() {
+                return Err(ApiError::param(
+                    "logit_bias",
+                    "`logit_bias` does not apply to beam search (`beam_width`)",
+                ));
+            }
             Some(BeamParams {
                 width,
                 length_penalty: c.length_penalty.unwrap_or(1.0),
@@ -311,6 +389,7 @@ fn validate(
         stop,
         ignore_eos: c.ignore_eos.unwrap_or(false),
         logprobs,
+        logit_bias,
     };
     params.validate().map_err(|e| match e {
         framework::Error::InvalidRequest { field, reason } => {

@@ -40,6 +40,12 @@ pub enum ApiError {
         /// `server.max_body_bytes`.
         limit: usize,
     },
+    /// The client did not send the whole body in time.
+    #[error("the request body did not arrive within {secs}s")]
+    RequestTimeout {
+        /// `server.body_timeout_secs`.
+        secs: u64,
+    },
     /// The `model` field names a model this server does not serve.
     #[error("the model '{0}' does not exist; GET /v1/models lists the served model")]
     ModelNotFound(String),
@@ -86,6 +92,12 @@ impl ApiError {
                     message: e.to_string(),
                 }
             }
+            EngineError::Invalid(e @ framework::Error::PromptTooLong { .. }) => {
+                ApiError::ContextLength {
+                    param: "prompt",
+                    message: e.to_string(),
+                }
+            }
             EngineError::Invalid(
                 e @ (framework::Error::Tokenizer(_) | framework::Error::Template(_)),
             ) => ApiError::InvalidParam {
@@ -118,6 +130,7 @@ impl ApiError {
             ApiError::ContextLength { .. } => "context_length_exceeded",
             ApiError::MalformedJson(_) => "invalid_json",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::RequestTimeout { .. } => "request_timeout",
             ApiError::ModelNotFound(_) => "model_not_found",
             ApiError::RouteNotFound(_) => "not_found",
             ApiError::Unauthorized(_) => "invalid_api_key",
@@ -125,6 +138,25 @@ impl ApiError {
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Engine(_) => "engine_error",
         })
+    }
+
+    /// The `reason` of `parallm_request_failure_total` when the HTTP layer
+    /// refuses a generation request before it reaches the engine.
+    pub fn failure_reason(&self) -> &'static str {
+        match self {
+            ApiError::RequestTimeout { .. } => "timeout",
+            ApiError::Overloaded { .. } => "overloaded",
+            ApiError::Unavailable(_) => "shutting_down",
+            ApiError::Engine(_) => "failed",
+            _ => "invalid",
+        }
+    }
+
+    /// Counts this refusal in `parallm_request_failure_total`, once.
+    pub fn counted(self) -> Self {
+        metrics::counter!(framework::metrics::REQUEST_FAILURE, "reason" => self.failure_reason())
+            .increment(1);
+        self
     }
 
     /// OpenAI's `param`.
@@ -178,6 +210,7 @@ impl ResponseError for ApiError {
             | ApiError::ContextLength { .. }
             | ApiError::MalformedJson(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -195,6 +228,11 @@ impl ResponseError for ApiError {
         }
         if let ApiError::Unauthorized(_) = self {
             resp.insert_header(("WWW-Authenticate", "Bearer"));
+        }
+        if let ApiError::RequestTimeout { .. } = self {
+            // The rest of the body never came: the connection cannot carry
+            // another request.
+            resp.force_close();
         }
         resp.json(self.body())
     }

@@ -56,6 +56,9 @@ pub enum ServeError {
     /// The HTTP server failed.
     #[error("the HTTP server failed: {0}")]
     Io(#[from] std::io::Error),
+    /// The tokenizer threads could not start.
+    #[error("cannot start the tokenizer threads: {0}")]
+    Threads(String),
 }
 
 /// What every handler shares.
@@ -78,6 +81,8 @@ pub struct AppState {
     pub last_probe_error: Mutex<Option<String>>,
     /// Renders `/metrics`.
     pub prometheus: PrometheusHandle,
+    /// Tokenizes prompts and renders templates off the HTTP workers.
+    pub tokenizer_pool: rayon::ThreadPool,
 }
 
 impl AppState {
@@ -292,7 +297,15 @@ async fn serve<L>(
 where
     L: FnOnce() -> Result<std::path::PathBuf, String> + Send + 'static,
 {
+    let tokenizer_pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(settings.tokenizer_threads)
+        .thread_name(|i| format!("tokenize-{i}"))
+        // A panic drops the job's answer channel: the request gets a 500.
+        .panic_handler(|_| {})
+        .build()
+        .map_err(|e| ServeError::Threads(e.to_string()))?;
     let state = Arc::new(AppState {
+        tokenizer_pool,
         engine: OnceLock::new(),
         model_id: model_id(&settings, settings.model_path.as_deref()),
         settings,
@@ -349,6 +362,14 @@ where
     })
     .on_connect(routes::on_connect)
     .workers(state.settings.workers)
+    // actix counts connections per worker.
+    .max_connections(
+        state
+            .settings
+            .max_connections
+            .div_ceil(state.settings.workers)
+            .max(1),
+    )
     .disable_signals()
     .shutdown_timeout(FLUSH_TIMEOUT_SECS)
     .bind(addr)

@@ -84,18 +84,88 @@ pub async fn client_gone(fd: Option<ConnFd>) {
     }
 }
 
-/// Reads a body of at most `limit` bytes.
-pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<Bytes, ApiError> {
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk
-            .map_err(|e| ApiError::MalformedJson(format!("the body could not be read: {e}")))?;
-        if body.len() + chunk.len() > limit {
-            return Err(ApiError::PayloadTooLarge { limit });
+/// Reads a body of at most `server.max_body_bytes`, which must arrive
+/// within `server.body_timeout_secs` (else 408, and the connection closes).
+pub async fn read_body(state: &AppState, mut payload: web::Payload) -> Result<Bytes, ApiError> {
+    let limit = state.settings.max_body_bytes;
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk
+                .map_err(|e| ApiError::MalformedJson(format!("the body could not be read: {e}")))?;
+            if body.len() + chunk.len() > limit {
+                return Err(ApiError::PayloadTooLarge { limit });
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
+        Ok(body.freeze())
+    };
+    let timeout = state.settings.body_timeout;
+    actix_web::rt::time::timeout(timeout, read)
+        .await
+        .unwrap_or(Err(ApiError::RequestTimeout {
+            secs: timeout.as_secs(),
+        }))
+}
+
+/// Runs `f` on the tokenizer pool (`server.tokenizer_threads`), so that
+/// tokenizing and rendering templates never hold an HTTP worker.
+pub async fn on_pool<T: Send + 'static>(
+    state: &AppState,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    state.tokenizer_pool.spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.await.map_err(|_| {
+        ApiError::Engine("tokenizing the prompt failed (the tokenizer panicked)".into())
+    })
+}
+
+/// Bodies larger than this are parsed on the tokenizer pool.
+const PARSE_ON_POOL_BYTES: usize = 64 << 10;
+
+/// Parses a JSON body: a large one on the tokenizer pool, so that a worker
+/// never spends long on one request.
+async fn parse<T: serde::de::DeserializeOwned + Send + 'static>(
+    state: &AppState,
+    body: Bytes,
+) -> Result<T, ApiError> {
+    if body.len() > PARSE_ON_POOL_BYTES {
+        on_pool(state, move || parse_body(&body)).await?
+    } else {
+        parse_body(&body)
     }
-    Ok(body.freeze())
+}
+
+/// The requests with every prompt turned into token ids on the tokenizer
+/// pool; a prompt repeated for several choices is tokenized once.
+async fn tokenized(
+    state: &AppState,
+    engine: &Arc<Engine>,
+    mut requests: Vec<Request>,
+) -> Result<Vec<Request>, ApiError> {
+    let engine = engine.clone();
+    let retry = state.settings.retry_after_secs;
+    on_pool(state, move || {
+        let mut last: Option<(actors::llm::Prompt, Vec<u32>)> = None;
+        for r in &mut requests {
+            let tokens = match &last {
+                Some((p, t)) if *p == r.prompt => t.clone(),
+                _ => {
+                    let t = engine
+                        .prompt_tokens(&r.prompt)
+                        .map_err(|e| ApiError::from_engine(e.into(), retry))?;
+                    last = Some((r.prompt.clone(), t.clone()));
+                    t
+                }
+            };
+            r.prompt = actors::llm::Prompt::Tokens(tokens);
+        }
+        Ok(requests)
+    })
+    .await?
 }
 
 fn now_secs() -> u64 {
@@ -296,7 +366,10 @@ async fn generate(
     let fd = req.conn_data::<ConnFd>().copied();
     let engine = state.engine()?;
     let inflight = InFlight::new(state.clone().into_inner());
-    let tracked = submit_all(&state, &engine, v.requests.clone()).await?;
+    let requests = tokenized(&state, &engine, v.requests.clone())
+        .await
+        .map_err(ApiError::counted)?;
+    let tracked = submit_all(&state, &engine, requests).await?;
     let id = request_id(api);
     if v.stream {
         let head = ChunkHead {
@@ -589,10 +662,15 @@ pub async fn completions(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_body(payload, state.settings.max_body_bytes).await?;
-    let r: CompletionRequest = parse_body(&body)?;
-    check_model(&state, r.common.model.as_deref())?;
-    let v = r.validate(&state.settings.limits)?;
+    // Refusals here never reach the engine, so they are counted here.
+    let v = async {
+        let body = read_body(&state, payload).await?;
+        let r: CompletionRequest = parse(&state, body).await?;
+        check_model(&state, r.common.model.as_deref())?;
+        r.validate(&state.settings.limits)
+    }
+    .await
+    .map_err(ApiError::counted)?;
     generate(state, &req, Api::Completions, v).await
 }
 
@@ -602,10 +680,14 @@ pub async fn chat_completions(
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_body(payload, state.settings.max_body_bytes).await?;
-    let r: ChatRequest = parse_body(&body)?;
-    check_model(&state, r.common.model.as_deref())?;
-    let v = r.validate(&state.settings.limits)?;
+    let v = async {
+        let body = read_body(&state, payload).await?;
+        let r: ChatRequest = parse(&state, body).await?;
+        check_model(&state, r.common.model.as_deref())?;
+        r.validate(&state.settings.limits)
+    }
+    .await
+    .map_err(ApiError::counted)?;
     generate(state, &req, Api::Chat, v).await
 }
 
@@ -629,8 +711,8 @@ pub async fn tokenize(
     state: web::Data<AppState>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_body(payload, state.settings.max_body_bytes).await?;
-    let req: TokenizeRequest = parse_body(&body)?;
+    let body = read_body(&state, payload).await?;
+    let req: TokenizeRequest = parse(&state, body).await?;
     check_model(&state, req.model.as_deref())?;
     let engine = state.engine()?;
     let prompt = match (req.prompt, req.messages) {
@@ -643,14 +725,24 @@ pub async fn tokenize(
             ))
         }
     };
-    let tokens = engine
-        .tokenize(&prompt)
-        .map_err(|e| ApiError::from_engine(e.into(), state.settings.retry_after_secs))?;
-    Ok(HttpResponse::Ok().json(json!({
-        "count": tokens.len(),
-        "max_model_len": engine.model_config().context,
-        "tokens": tokens,
-    })))
+    let retry = state.settings.retry_after_secs;
+    // Tokenized and written out on the pool: a long prompt's answer is
+    // large too.
+    let body = on_pool(&state, move || {
+        let tokens = engine
+            .tokenize(&prompt)
+            .map_err(|e| ApiError::from_engine(e.into(), retry))?;
+        serde_json::to_vec(&json!({
+            "count": tokens.len(),
+            "max_model_len": engine.model_config().context,
+            "tokens": tokens,
+        }))
+        .map_err(|e| ApiError::Engine(format!("cannot write the answer: {e}")))
+    })
+    .await??;
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .body(body))
 }
 
 /// `POST /detokenize`.
@@ -658,7 +750,7 @@ pub async fn detokenize(
     state: web::Data<AppState>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = read_body(payload, state.settings.max_body_bytes).await?;
+    let body = read_body(&state, payload).await?;
     let req: DetokenizeRequest = parse_body(&body)?;
     check_model(&state, req.model.as_deref())?;
     let engine = state.engine()?;
