@@ -461,6 +461,22 @@ fn errors_have_their_status_and_openai_shape() {
         json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
     );
     assert_error(st, &r, 400, Some("response_format"), "invalid_value");
+    // logit_bias bans the greedy pick.
+    let greedy = |bias: Value| {
+        let (st, r) = s.post(
+            "/v1/completions",
+            json!({"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0, "logit_bias": bias}),
+        );
+        assert_eq!(st, 200, "{r}");
+        r["choices"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(greedy(json!({})), " Paris");
+    let (_, t) = s.post("/tokenize", json!({"prompt": " Paris"}));
+    let paris = t["tokens"][0].as_u64().expect("a token id");
+    assert_ne!(greedy(json!({ paris.to_string(): -100 })), " Paris");
     // best_of equal to n is what is generated anyway.
     let (st, r) = s.post(
         "/v1/completions",

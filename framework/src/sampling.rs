@@ -609,6 +609,53 @@ mod tests {
     }
 
     #[test]
+    fn logit_bias_moves_greedy_and_sampled_picks_and_is_bounded() {
+        let logits = vec![0.0, 5.0, 1.0, 4.9];
+        let sampler = |bias: Vec<(u32, f32)>, temperature: f32| {
+            let p = SamplingParams {
+                temperature,
+                seed: Some(3),
+                logit_bias: bias,
+                ..SamplingParams::default()
+            };
+            Sampler::new(p, &[])
+        };
+        assert_eq!(sampler(vec![], 0.0).sample(&mut logits.clone()), 1);
+        assert_eq!(
+            sampler(vec![(1, -100.0)], 0.0).sample(&mut logits.clone()),
+            3
+        );
+        assert_eq!(
+            sampler(vec![(0, 100.0)], 0.0).sample(&mut logits.clone()),
+            0
+        );
+        // Banned under sampling too, whatever the draw.
+        for seed in 0..50 {
+            let mut s = sampler(vec![(1, -100.0), (3, -100.0)], 1.0);
+            s.seed = seed;
+            let t = s.sample(&mut logits.clone());
+            assert!(t == 0 || t == 2, "seed {seed} drew {t}");
+        }
+        // Ids beyond the row are ignored here (the engine refuses them).
+        assert_eq!(
+            sampler(vec![(99, 100.0)], 0.0).sample(&mut logits.clone()),
+            1
+        );
+        for bad in [101.0, -100.5, f32::NAN] {
+            let p = SamplingParams {
+                logit_bias: vec![(1, bad)],
+                ..SamplingParams::greedy(1)
+            };
+            assert!(p.validate().is_err(), "{bad}");
+        }
+        let p = SamplingParams {
+            logit_bias: vec![(1, 1.0); MAX_LOGIT_BIAS + 1],
+            ..SamplingParams::greedy(1)
+        };
+        assert!(p.validate().is_err());
+    }
+
+    #[test]
     fn partial_selection_keeps_what_a_full_sort_keeps() {
         let mut rng = Rng::new(5);
         for case in 0..200 {
