@@ -641,6 +641,19 @@ fn health_answers_while_megabyte_prompts_are_tokenized() {
         slowest < Duration::from_millis(50),
         "/health took {slowest:?}"
     );
+
+    // A generation's megabyte prompt is refused by its length, before it is
+    // tokenized in full.
+    let t = Instant::now();
+    let (st, _, text) = s.post_raw("/v1/completions", &body);
+    let r: Value = serde_json::from_str(&text).expect("json");
+    assert_error(st, &r, 400, Some("prompt"), "context_length_exceeded");
+    let msg = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("bytes, at least") && msg.contains("context is 8192 tokens"),
+        "{msg}"
+    );
+    println!("refused in {:?}", t.elapsed());
 }
 
 #[test]

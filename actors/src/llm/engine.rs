@@ -888,4 +888,36 @@ mod tests {
         };
         assert_eq!(fixed.kv_blocks(&model), 7);
     }
+
+    #[test]
+    fn an_engine_the_machine_cannot_hold_is_refused_with_both_figures() {
+        let model = LlamaConfig::synthetic("135m").unwrap();
+        let per_block_f32 = 30 * 2 * 3 * 64 * 4 * 16;
+        let cfg = EngineConfig {
+            kv_blocks: Some(1 << 30),
+            ..EngineConfig::default()
+        };
+        let plan = cfg.memory_plan(&model, 0).unwrap();
+        assert_eq!(plan.kv_bytes, (1u64 << 30) * per_block_f32);
+        let err = plan.check(Some(64 << 30)).unwrap_err().to_string();
+        assert!(err.contains("KV cache 720.0 TiB"), "{err}");
+        assert!(err.contains("more than this machine's 64.0 GiB"), "{err}");
+        assert!(plan.check(None).is_ok());
+        // Figures beyond 64 bits are an error, not a wrap.
+        let huge = EngineConfig {
+            kv_blocks: Some(usize::MAX / 2),
+            dp: 4,
+            ..EngineConfig::default()
+        };
+        let err = huge.memory_plan(&model, 0).unwrap_err().to_string();
+        assert!(err.contains("does not fit in 64 bits"), "{err}");
+        // Through the builder: refused before anything is allocated.
+        let err = EngineBuilder::default()
+            .synthetic("135m", 0)
+            .kv_blocks(1 << 40)
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("more than this machine's"), "{err}");
+    }
 }
