@@ -123,7 +123,7 @@ metrics! {
         "Requests that finished, by finish_reason: stop (end of sequence or stop string) or length";
     /// Failed requests by reason.
     REQUEST_FAILURE = "parallm_request_failure_total", Counter, ["reason"],
-        "Requests that did not finish, by reason: failed (engine error), cancelled (client gone or cancelled), overloaded (queue full), invalid (refused at validation)";
+        "Requests that did not finish, by reason: failed (engine error), cancelled (client gone or cancelled), overloaded (queue full), invalid (refused at validation, in the engine or the HTTP layer), timeout (the body did not arrive in time)";
     /// Preemptions.
     PREEMPTIONS = "parallm_preemptions_total", Counter, [],
         "Sequences preempted for lack of KV blocks (recomputed later)";
