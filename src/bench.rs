@@ -95,6 +95,88 @@ fn forward_batch(
 }
 
 /// Runs the plan, calling `progress` with a line before each measurement.
+/// Where a batch-1 decode step's time goes, from `--profile`.
+#[derive(Debug, Clone)]
+pub struct DecodeProfile {
+    /// The ops of the steps.
+    pub ops: framework::profile::StepProfile,
+    /// Time picking the next token (argmax), per step.
+    pub sampling: std::time::Duration,
+    /// Wall time of a whole step (forward and pick), per step.
+    pub step: std::time::Duration,
+}
+
+/// The profile as a Markdown table: µs per step and share of the step for
+/// each kind of op, the pick, and what is outside both (the forward's own
+/// setup, the loop).
+pub fn profile_table(p: &DecodeProfile, depth: usize, steps: usize) -> String {
+    use framework::profile::Op;
+    let step = p.step.as_secs_f64() * 1e6;
+    let share = |us: f64| if step > 0.0 { 100.0 * us / step } else { 0.0 };
+    let mut out = format!(
+        "\n| batch-1 decode step ({steps} steps after {depth} tokens) | µs per step | share |\n|---|---:|---:|\n"
+    );
+    let mut accounted = 0.0;
+    for op in Op::ALL {
+        let us = p.ops.per_step(op).as_secs_f64() * 1e6;
+        accounted += us;
+        out += &format!("| {} | {us:.1} | {:.1}% |\n", op.name(), share(us));
+    }
+    let pick = p.sampling.as_secs_f64() * 1e6;
+    accounted += pick;
+    out += &format!(
+        "| picking the token (argmax) | {pick:.1} | {:.1}% |\n",
+        share(pick)
+    );
+    let rest = (step - accounted).max(0.0);
+    out += &format!(
+        "| outside the ops (forward setup, loop) | {rest:.1} | {:.1}% |\n",
+        share(rest)
+    );
+    out += &format!("| **whole step** | **{step:.1}** | 100% |\n");
+    out
+}
+
+/// Profiles `steps` batch-1 decode steps after a `depth`-token prompt.
+pub fn profile_decode(
+    model: &LlamaShard,
+    depth: usize,
+    steps: usize,
+) -> framework::Result<DecodeProfile> {
+    let vocab = model.config().vocab;
+    let mut rng = Rng::new(0x9f0f);
+    let mut cache = model.new_cache();
+    let prompt = random_tokens(&mut rng, depth.max(1), vocab);
+    let mut next = forward_batch(
+        model,
+        std::slice::from_mut(&mut cache),
+        std::slice::from_ref(&prompt),
+    )?;
+    model.take_profile();
+    model.set_profiling(true);
+    let mut sampling = std::time::Duration::ZERO;
+    let t = Instant::now();
+    for _ in 0..steps {
+        let mut items = [BatchItem {
+            tokens: &next,
+            cache: &mut cache,
+            logits: LogitsWanted::Last,
+        }];
+        let logits = model.forward(&mut items, &SingleCollective)?;
+        let s = Instant::now();
+        next = vec![logits.last(0).map(argmax).unwrap_or(0) as u32];
+        sampling += s.elapsed();
+    }
+    let wall = t.elapsed();
+    model.set_profiling(false);
+    let n = steps.max(1) as u32;
+    Ok(DecodeProfile {
+        ops: model.take_profile(),
+        sampling: sampling / n,
+        step: wall / n,
+    })
+}
+
 pub fn latency(
     model: &LlamaShard,
     plan: &LatencyPlan,

@@ -372,6 +372,14 @@ struct LatencyArgs {
     /// Also write the report as JSON here.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
+    /// Also print where a batch-1 decode step's time goes: each kind of op
+    /// summed over layers, over `--decode-tokens` steps after a
+    /// `--profile-depth`-token prompt.
+    #[arg(long)]
+    profile: bool,
+    /// Prompt length before the profiled decode steps.
+    #[arg(long, default_value_t = 16)]
+    profile_depth: usize,
 }
 
 fn main() -> ExitCode {
@@ -754,6 +762,24 @@ fn run_latency(args: LatencyArgs) -> CliResult {
     );
     for (b, r) in &report.batch_decode_tok_s {
         println!("| decode batch {b} | {r:.1} |");
+    }
+    if args.profile {
+        let depth = args.profile_depth;
+        if depth + plan.decode_tokens + 1 > context {
+            return Err(format!(
+                "--profile-depth {depth} plus {} decode tokens exceed the model's context of {context}",
+                plan.decode_tokens
+            )
+            .into());
+        }
+        eprintln!(
+            "  profiling {} decode steps after a {depth}-token prompt ...",
+            plan.decode_tokens
+        );
+        let p = framework::threads::run_in(&pool, || {
+            bench::profile_decode(&model, depth, plan.decode_tokens)
+        })?;
+        print!("{}", bench::profile_table(&p, depth, plan.decode_tokens));
     }
     if let Some(path) = args.json {
         let json = serde_json::json!({ "model": what, "weights": model.format(), "plan": plan, "report": report });

@@ -357,6 +357,7 @@ fn bench_latency_runs_on_a_synthetic_model() {
             "4",
             "--batch-steps",
             "2",
+            "--profile",
         ])
         .output()
         .unwrap();
@@ -369,5 +370,30 @@ fn bench_latency_runs_on_a_synthetic_model() {
     assert!(
         stdout.contains("| prefill 16 |") && stdout.contains("| decode batch 2 |"),
         "{stdout}"
+    );
+    // --profile: every kind of op, each with its time, adding up to the step.
+    let rows: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("| batch-1 decode step"))
+        .skip(2)
+        .collect();
+    assert_eq!(rows.len(), 15, "{stdout}");
+    let us = |row: &str| -> f64 {
+        row.split('|')
+            .nth(2)
+            .map(|c| c.trim().trim_matches('*'))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    let parts: f64 = rows[..14].iter().map(|r| us(r)).sum();
+    let whole = us(rows[14]);
+    assert!(rows.iter().all(|r| us(r) >= 0.0), "{stdout}");
+    assert!(
+        us(rows[6]) > 0.0 && us(rows[4]) > 0.0,
+        "no matmul or attention time: {stdout}"
+    );
+    assert!(
+        (parts - whole).abs() <= 0.02 * whole + 1.0,
+        "{parts} vs {whole}: {stdout}"
     );
 }

@@ -28,6 +28,7 @@ pub mod kv;
 pub mod metrics;
 pub mod model;
 pub mod ops;
+pub mod profile;
 pub mod sampling;
 pub mod shard;
 pub mod threads;

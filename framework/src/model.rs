@@ -404,6 +404,17 @@ impl LlamaShard {
         KvPool::new(self.model.n_blocks(), self.kv_width(), block_size, n_blocks)
     }
 
+    /// Turns the timing of every op of the following forwards on or off
+    /// ([`crate::profile`]).
+    pub fn set_profiling(&self, on: bool) {
+        self.model.set_profiling(on);
+    }
+
+    /// The op times recorded since the last call (and clears them).
+    pub fn take_profile(&self) -> crate::profile::StepProfile {
+        self.model.take_profile()
+    }
+
     /// Runs one batched step: appends every item's tokens to its cache and
     /// returns the logits the items asked for. Every rank of `collective` must
     /// call this with the same items (tokens and cache lengths) at the same time.

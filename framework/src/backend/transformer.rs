@@ -13,13 +13,20 @@
 //! and the vocab-parallel LM head. Per step it performs two all-reduces per
 //! layer, one for the embedding on the first stage and one host gather of the
 //! logits on the last, in the same order on every rank.
+//!
+//! With profiling on ([`Transformer::set_profiling`]) each step's ops are
+//! timed into a [`StepProfile`] ([`crate::profile`]).
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use crate::collective::Collective;
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::model::{self, Logits, LogitsWanted, ShardMats, StageInput, StageOutput};
+use crate::profile::{Op, StepProfile, Timer};
 use crate::shard::ShardLayout;
 
 use super::layers::{
@@ -46,6 +53,82 @@ pub struct Transformer<B: Backend> {
     embed: Option<VocabParallelEmbedding<B>>,
     blocks: Vec<Block<B>>,
     head: Option<VocabParallelLmHead<B>>,
+    profiling: AtomicBool,
+    profile: Mutex<StepProfile>,
+}
+
+/// A collective that counts the time spent in it (when `on`).
+struct TimedCollective<'a> {
+    inner: &'a dyn Collective,
+    on: bool,
+    nanos: AtomicU64,
+}
+
+impl<'a> TimedCollective<'a> {
+    fn new(inner: &'a dyn Collective, on: bool) -> Self {
+        Self {
+            inner,
+            on,
+            nanos: AtomicU64::new(0),
+        }
+    }
+
+    fn spent(&self) -> Duration {
+        Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
+    }
+
+    fn timed<T>(&self, f: impl FnOnce() -> T) -> T {
+        if !self.on {
+            return f();
+        }
+        let t = Instant::now();
+        let out = f();
+        self.nanos
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        out
+    }
+}
+
+impl Collective for TimedCollective<'_> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        self.timed(|| self.inner.all_reduce_sum(buf))
+    }
+    fn abort(&self) {
+        self.inner.abort()
+    }
+    fn barrier(&self) -> Result<()> {
+        self.timed(|| self.inner.barrier())
+    }
+    fn all_gather_cols(
+        &self,
+        local: &[f32],
+        rows: usize,
+        col_offset: usize,
+        total_cols: usize,
+    ) -> Result<Vec<f32>> {
+        self.timed(|| {
+            self.inner
+                .all_gather_cols(local, rows, col_offset, total_cols)
+        })
+    }
+    fn gather_cols_to_root(
+        &self,
+        local: &[f32],
+        rows: usize,
+        col_offset: usize,
+        total_cols: usize,
+    ) -> Result<Option<Vec<f32>>> {
+        self.timed(|| {
+            self.inner
+                .gather_cols_to_root(local, rows, col_offset, total_cols)
+        })
+    }
 }
 
 /// One step's items as the loop reads them.
@@ -105,7 +188,22 @@ impl<B: Backend> Transformer<B> {
             embed,
             blocks,
             head,
+            profiling: AtomicBool::new(false),
+            profile: Mutex::new(StepProfile::default()),
         })
+    }
+
+    /// Turns the timing of every op of the following steps on or off.
+    pub fn set_profiling(&self, on: bool) {
+        self.profiling.store(on, Ordering::Relaxed);
+    }
+
+    /// The times recorded since the last call (and clears them).
+    pub fn take_profile(&self) -> StepProfile {
+        self.profile
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p))
+            .unwrap_or_default()
     }
 
     /// The model's shape.
@@ -174,30 +272,56 @@ impl<B: Backend> Transformer<B> {
         kv: &mut K,
         host: &dyn Collective,
     ) -> Result<StageOutput> {
+        let mut timer = Timer::new(self.profiling.load(Ordering::Relaxed));
+        let host = &TimedCollective::new(host, timer.on());
+        let out = self.step_timed(ws, step, input, kv, host, &mut timer);
+        if let Some(p) = timer.finish() {
+            if let Ok(mut total) = self.profile.lock() {
+                total.merge(&p);
+            }
+        }
+        out
+    }
+
+    fn step_timed<K: KvCache<B>>(
+        &self,
+        ws: &mut Workspace<B>,
+        step: StepItems<'_>,
+        input: StageInput,
+        kv: &mut K,
+        host: &TimedCollective<'_>,
+        timer: &mut Timer,
+    ) -> Result<StageOutput> {
         let c = &self.config;
         let h = c.hidden;
-        let rows = model::step_rows(c, step.items)?;
-        let n = rows.pos.len();
-        let (picked, item_rows) = model::picked_rows(step.items);
+        let spent = || host.spent();
         let be = &self.backend;
-        ws.ensure(be, self.widths(), n, picked.len())?;
-        be.load_meta(
-            &mut ws.meta,
-            &StepRows {
-                rows: &rows,
-                items: step.items,
-                tables: step.tables,
-                block_size: step.block_size,
-                picked: &picked,
-            },
-        )?;
-        be.before_step(host)?;
+        let (n, picked, item_rows) = timer.time(Op::Bookkeeping, spent, || {
+            let rows = model::step_rows(c, step.items)?;
+            let n = rows.pos.len();
+            let (picked, item_rows) = model::picked_rows(step.items);
+            ws.ensure(be, self.widths(), n, picked.len())?;
+            be.load_meta(
+                &mut ws.meta,
+                &StepRows {
+                    rows: &rows,
+                    items: step.items,
+                    tables: step.tables,
+                    block_size: step.block_size,
+                    picked: &picked,
+                },
+            )?;
+            be.before_step(host)?;
+            Ok::<_, Error>((n, picked, item_rows))
+        })?;
         match input {
             StageInput::Tokens => {
                 let embed = self.embed.as_ref().ok_or_else(|| {
                     Error::Shard("only the first pipeline stage embeds tokens".into())
                 })?;
-                embed.forward(be, &ws.meta, &mut ws.x, n, host)?;
+                timer.time(Op::Embed, spent, || {
+                    embed.forward(be, &ws.meta, &mut ws.x, n, host)
+                })?;
             }
             StageInput::Hidden(v) => {
                 if v.len() != n * h {
@@ -206,27 +330,30 @@ impl<B: Backend> Transformer<B> {
                         v.len()
                     )));
                 }
-                be.upload(&mut ws.x, &v)?;
+                timer.time(Op::Bookkeeping, spent, || be.upload(&mut ws.x, &v))?;
             }
         }
-        self.run_layers(ws, n, kv, host)?;
+        self.run_layers(ws, n, kv, host, timer)?;
         let Some(head) = &self.head else {
-            return Ok(StageOutput::Hidden(be.download(&ws.x, n * h)?));
+            let hidden = timer.time(Op::Bookkeeping, spent, || be.download(&ws.x, n * h))?;
+            return Ok(StageOutput::Hidden(hidden));
         };
-        let data = head.forward(
-            be,
-            HeadBuffers {
-                x: &ws.x,
-                last: &mut ws.last,
-                last_normed: &mut ws.last_normed,
-                logits: &mut ws.logits,
-                meta: &ws.meta,
-            },
-            picked.len(),
-            (h, c.rms_eps),
-            host,
-            step.logits_to_root,
-        )?;
+        let data = timer.time(Op::Head, spent, || {
+            head.forward(
+                be,
+                HeadBuffers {
+                    x: &ws.x,
+                    last: &mut ws.last,
+                    last_normed: &mut ws.last_normed,
+                    logits: &mut ws.logits,
+                    meta: &ws.meta,
+                },
+                picked.len(),
+                (h, c.rms_eps),
+                host,
+                step.logits_to_root,
+            )
+        })?;
         Ok(match data {
             Some(data) => StageOutput::Logits(Logits {
                 vocab: c.vocab,
@@ -243,37 +370,56 @@ impl<B: Backend> Transformer<B> {
         ws: &mut Workspace<B>,
         n: usize,
         kv: &mut K,
-        host: &dyn Collective,
+        host: &TimedCollective<'_>,
+        timer: &mut Timer,
     ) -> Result<()> {
         let (be, eps, h) = (&self.backend, self.config.rms_eps, self.config.hidden);
         let ffn = self.layout.ffn.len();
         let ws = &mut *ws;
+        let spent = || host.spent();
         // Whether `delta` holds a row-parallel output not yet added to `x`.
         let mut pending = false;
         for (layer, b) in self.blocks.iter().enumerate() {
             let residual = pending.then_some(&ws.delta);
-            be.rms_norm(&mut ws.x, residual, &b.attn_norm, eps, &mut ws.normed, n, h)?;
-            b.qkv.forward(be, &ws.normed, &mut ws.qkv, n)?;
-            be.rope(&mut ws.qkv, &ws.meta, n)?;
-            kv.attend(be, layer, &ws.qkv, &ws.meta, &mut ws.attn, n)?;
-            b.o.forward(be, &ws.attn, &mut ws.delta, n, host)?;
-
-            be.rms_norm(
-                &mut ws.x,
-                Some(&ws.delta),
-                &b.ffn_norm,
-                eps,
-                &mut ws.normed,
-                n,
-                h,
-            )?;
-            b.gate_up.forward(be, &ws.normed, &mut ws.gate_up, n)?;
-            be.silu_mul(&ws.gate_up, &mut ws.act, n, ffn)?;
-            b.down.forward(be, &ws.act, &mut ws.delta, n, host)?;
+            timer.time(Op::Norm, spent, || {
+                be.rms_norm(&mut ws.x, residual, &b.attn_norm, eps, &mut ws.normed, n, h)
+            })?;
+            timer.time(Op::QkvMatmul, spent, || {
+                b.qkv.forward(be, &ws.normed, &mut ws.qkv, n)
+            })?;
+            timer.time(Op::Rope, spent, || be.rope(&mut ws.qkv, &ws.meta, n))?;
+            timer.time(Op::Attention, spent, || {
+                kv.attend(be, layer, &ws.qkv, &ws.meta, &mut ws.attn, n)
+            })?;
+            timer.time(Op::OMatmul, spent, || {
+                b.o.forward(be, &ws.attn, &mut ws.delta, n, host)
+            })?;
+            timer.time(Op::Norm, spent, || {
+                be.rms_norm(
+                    &mut ws.x,
+                    Some(&ws.delta),
+                    &b.ffn_norm,
+                    eps,
+                    &mut ws.normed,
+                    n,
+                    h,
+                )
+            })?;
+            timer.time(Op::GateUpMatmul, spent, || {
+                b.gate_up.forward(be, &ws.normed, &mut ws.gate_up, n)
+            })?;
+            timer.time(Op::SiluMul, spent, || {
+                be.silu_mul(&ws.gate_up, &mut ws.act, n, ffn)
+            })?;
+            timer.time(Op::DownMatmul, spent, || {
+                b.down.forward(be, &ws.act, &mut ws.delta, n, host)
+            })?;
             pending = true;
         }
         if pending {
-            be.add(&mut ws.x, &ws.delta, n * h)?;
+            timer.time(Op::Bookkeeping, spent, || {
+                be.add(&mut ws.x, &ws.delta, n * h)
+            })?;
         }
         Ok(())
     }
