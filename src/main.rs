@@ -391,6 +391,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Err(e) = kernels::cpu::features::check_env() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => run_serve(args),
@@ -658,6 +662,7 @@ fn run_throughput(args: ThroughputArgs) -> CliResult {
         cfg.max_batch_tokens,
         framework::compute_threads()
     );
+    println!("{}\n", kernels::cpu::features::report());
     let rows = throughput(&engine, bare.as_ref(), &plan, |l| {
         eprintln!("  measuring {l} ...")
     })?;
@@ -745,6 +750,7 @@ fn run_latency(args: LatencyArgs) -> CliResult {
         model.format(),
         framework::compute_threads()
     );
+    println!("{}\n", kernels::cpu::features::report());
     // Like a compute node: the forward runs on its own pool's thread.
     let pool = framework::threads::pool("bench", framework::compute_threads())?;
     let report = framework::threads::run_in(&pool, || {

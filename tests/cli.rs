@@ -336,6 +336,53 @@ fn bad_sampling_parameter_names_the_field() {
 }
 
 #[test]
+fn cpu_features_can_be_turned_off_and_a_bad_value_is_refused() {
+    let bench = |features: &str| {
+        Command::new(env!("CARGO_BIN_EXE_parallm"))
+            .env("PARALLM_CPU_FEATURES", features)
+            .args(["bench", "latency", "--synthetic", "tiny", "--runs", "1"])
+            .args([
+                "--prompt-tokens",
+                "8",
+                "--decode-tokens",
+                "2",
+                "--batches",
+                "2",
+            ])
+            .args(["--batch-prompt-tokens", "4", "--batch-steps", "1"])
+            .output()
+            .unwrap()
+    };
+    let out = bench("scalar");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(
+            "kernels: quantized scalar, f32 matmul scalar, attention scalar, elementwise scalar"
+        ),
+        "{stdout}"
+    );
+    let out = bench("-avx512");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kernels = stdout
+        .lines()
+        .find_map(|l| l.split_once("kernels:").map(|(_, k)| k))
+        .unwrap_or_default();
+    assert!(!kernels.contains("avx512"), "{kernels}");
+    let out = bench("-sse9");
+    assert_clean_failure(&out, "PARALLM_CPU_FEATURES: unknown feature 'sse9'");
+}
+
+#[test]
 fn bench_latency_runs_on_a_synthetic_model() {
     let out = Command::new(env!("CARGO_BIN_EXE_parallm"))
         .args([

@@ -225,9 +225,7 @@ fn detect_isa(head_dim: usize) -> Isa {
     #[cfg(target_arch = "x86_64")]
     if head_dim.is_multiple_of(8)
         && head_dim > 0
-        && is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c")
+        && crate::cpu::features::enabled(crate::cpu::features::Feature::Avx2)
     {
         return Isa::Avx2;
     }

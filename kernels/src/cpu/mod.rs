@@ -10,8 +10,11 @@
 //!   heads that share it; plus the scalar reference.
 //! * [`ops`] — RMSNorm, `silu(gate)·up` and rotary embeddings (llama.cpp's
 //!   adjacent-pair convention), AVX2 paths beside scalar references.
+//! * [`features`] — which instruction sets the dispatchers may use
+//!   (`PARALLM_CPU_FEATURES` turns any off) and the report of the paths taken.
 
 pub mod attn;
+pub mod features;
 pub mod ops;
 mod out;
 pub mod quant;

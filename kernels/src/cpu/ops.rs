@@ -140,7 +140,7 @@ fn check_rows(x: usize, out: usize, width: usize) {
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
-    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    crate::cpu::features::enabled(crate::cpu::features::Feature::Avx2)
 }
 
 #[cfg(target_arch = "x86_64")]

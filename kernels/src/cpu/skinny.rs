@@ -11,7 +11,8 @@
 //! the next block, spread evenly over the tiles of the current one.
 //!
 //! SIMD paths (AVX-512F, AVX2+FMA) are chosen at run time with
-//! `is_x86_feature_detected!`; a portable scalar path is used otherwise.
+//! `is_x86_feature_detected!` (through [`crate::cpu::features`], which
+//! `PARALLM_CPU_FEATURES` can narrow); a portable scalar path is used otherwise.
 //! (The AVX-512 intrinsics need Rust >= 1.89.)
 
 // Index loops over the const tile dimensions read best as written.
@@ -43,14 +44,26 @@ enum Isa {
 fn detect_isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx512f") {
+        use crate::cpu::features::{enabled, Feature};
+        if enabled(Feature::Avx512) {
             return Isa::Avx512;
         }
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if enabled(Feature::Avx2) {
             return Isa::Avx2;
         }
     }
     Isa::Scalar
+}
+
+/// Name of the f32 matmul path this CPU runs ("avx512", "avx2" or "scalar").
+pub fn kernel_path() -> &'static str {
+    match detect_isa() {
+        Isa::Scalar => "scalar",
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => "avx2",
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => "avx512",
+    }
 }
 
 fn matmul_xwt_with(isa: Isa, x: &[f32], m: usize, w: &[f32], n: usize, k: usize, y: &mut [f32]) {
@@ -96,8 +109,9 @@ fn block(isa: Isa, x: &[f32], m: usize, w: &[f32], k: usize, out: OutCols<'_>) {
     debug_assert!(x.len() == m * k && w.len() == out.cols * k && out.m == m);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: Isa::Avx512 is only produced after is_x86_feature_detected!("avx512f")
-        // (or in tests, under the same check); all accesses are bounds-checked inside.
+        // SAFETY: Isa::Avx512 is only produced when features::enabled(Avx512),
+        // which implies that avx512f was detected (or in tests, under the same
+        // check); all accesses are bounds-checked inside.
         Isa::Avx512 => unsafe { avx512::block(x, m, w, out.cols, k, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Isa::Avx2 is only produced after detecting both avx2 and fma.

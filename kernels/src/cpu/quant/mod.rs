@@ -197,20 +197,18 @@ impl Isa {
     fn supported(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            let avx2 = is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c");
-            let vl = is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vl");
+            // What the CPU reports, less what PARALLM_CPU_FEATURES turns off.
+            use crate::cpu::features::{enabled, Feature};
+            let avx2 = enabled(Feature::Avx2);
+            let avx512 = enabled(Feature::Avx512);
+            let vnni = enabled(Feature::Vnni);
             match self {
                 Isa::Scalar => true,
                 Isa::Avx2 => avx2,
-                Isa::Avx2Vnni => avx2 && vl && is_x86_feature_detected!("avx512vnni"),
-                Isa::Avx512 => avx2 && vl && is_x86_feature_detected!("avx512bw"),
-                Isa::Avx512Vnni => {
-                    avx2 && vl
-                        && is_x86_feature_detected!("avx512bw")
-                        && is_x86_feature_detected!("avx512vnni")
-                }
+                // 256-bit VNNI is AVX-512 VNNI with VL.
+                Isa::Avx2Vnni => avx2 && avx512 && vnni,
+                Isa::Avx512 => avx2 && avx512,
+                Isa::Avx512Vnni => avx2 && avx512 && vnni,
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
