@@ -107,3 +107,20 @@ fn bad_alignments_repeats_zero_and_huge_dimensions_are_refused() {
     let big = [Tensor::new("a", &[1 << 30, 1 << 20], F32, 0)];
     refused(&[], &big, 32, &["tensor 'a'", "truncated"]);
 }
+
+#[test]
+fn a_tensor_type_this_build_cannot_read_is_named() {
+    for (id, name) in [(23, "IQ4_XS"), (20, "IQ4_NL"), (99, "not a GGML type")] {
+        let t = [Tensor::new("a", &[256], id, 0)];
+        refused(
+            &[],
+            &t,
+            256,
+            &[
+                "unsupported tensor type",
+                &format!("'{id} ({name})'"),
+                "Q6_K",
+            ],
+        );
+    }
+}

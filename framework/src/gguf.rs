@@ -105,9 +105,25 @@ impl GgufFile {
         let content = match read {
             Ok(Ok(content)) => content,
             Ok(Err(e)) => {
+                // The first line: with RUST_BACKTRACE set, candle appends a
+                // backtrace to its errors' text.
+                let full = e.to_string();
+                let text = full.lines().next().unwrap_or_default();
+                // candle names a tensor type it cannot read by its number.
+                if let Some(id) = text
+                    .strip_prefix("unknown dtype for tensor ")
+                    .and_then(|n| n.trim().parse::<u32>().ok())
+                {
+                    return Err(Error::Unsupported {
+                        path,
+                        what: "tensor type",
+                        found: format!("{id} ({})", ggml_type_name(id)),
+                        supported: "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K",
+                    });
+                }
                 return Err(file_err(format!(
-                    "not a readable GGUF file ({e}); is it truncated or of another format?"
-                )))
+                    "not a readable GGUF file ({text}); is it truncated or of another format?"
+                )));
             }
             Err(payload) => {
                 let what = payload
@@ -291,7 +307,12 @@ impl GgufFile {
             .map_err(|e| self.tensor_err(name, format!("cannot read: {e}")))?;
         self.content
             .tensor(&mut *reader, name, &Device::Cpu)
-            .map_err(|e| self.tensor_err(name, format!("cannot read: {e}")))
+            .map_err(|e| {
+                // Without the backtrace candle appends under RUST_BACKTRACE.
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or_default();
+                self.tensor_err(name, format!("cannot read: {first}"))
+            })
     }
 
     pub(crate) fn tensor_err(&self, name: &str, reason: impl Into<String>) -> Error {
@@ -301,6 +322,53 @@ impl GgufFile {
             reason: reason.into(),
         }
     }
+}
+
+/// GGML's name for tensor type `id` (llama.cpp's `ggml_type`), for errors.
+fn ggml_type_name(id: u32) -> &'static str {
+    const NAMES: [&str; 40] = [
+        "F32",
+        "F16",
+        "Q4_0",
+        "Q4_1",
+        "Q4_2 (removed)",
+        "Q4_3 (removed)",
+        "Q5_0",
+        "Q5_1",
+        "Q8_0",
+        "Q8_1",
+        "Q2_K",
+        "Q3_K",
+        "Q4_K",
+        "Q5_K",
+        "Q6_K",
+        "Q8_K",
+        "IQ2_XXS",
+        "IQ2_XS",
+        "IQ3_XXS",
+        "IQ1_S",
+        "IQ4_NL",
+        "IQ3_S",
+        "IQ2_S",
+        "IQ4_XS",
+        "I8",
+        "I16",
+        "I32",
+        "I64",
+        "F64",
+        "IQ1_M",
+        "BF16",
+        "Q4_0_4_4 (removed)",
+        "Q4_0_4_8 (removed)",
+        "Q4_0_8_8 (removed)",
+        "TQ1_0",
+        "TQ2_0",
+        "IQ4_NL_4_4 (removed)",
+        "IQ4_NL_4_8 (removed)",
+        "IQ4_NL_8_8 (removed)",
+        "MXFP4",
+    ];
+    NAMES.get(id as usize).copied().unwrap_or("not a GGML type")
 }
 
 /// Checks the alignment and the tensor table against each other and the file

@@ -152,8 +152,9 @@ impl MemoryPlan {
             .saturating_add(self.workspace_bytes)
     }
 
-    /// What the host must hold: everything on the CPU, the workspaces'
-    /// share only (none) when the nodes run on GPUs.
+    /// What the host must hold: everything when the nodes run on the CPU;
+    /// nothing is counted when they run on GPUs, whose memory this plan
+    /// does not check.
     pub fn host_bytes(&self) -> u64 {
         if self.on_gpu {
             0
