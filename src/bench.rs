@@ -106,34 +106,45 @@ pub struct DecodeProfile {
     pub step: std::time::Duration,
 }
 
-/// The profile as a Markdown table: µs per step and share of the step for
-/// each kind of op, the pick, and what is outside both (the forward's own
-/// setup, the loop).
+/// The profile as a Markdown table: for each kind of op, the pick, and what
+/// is outside both (the forward's own setup, the loop), µs per step and
+/// share of the step; for ops with parallel kernels also how many threads
+/// were busy on average (the rest of the pool waited or handed work out).
 pub fn profile_table(p: &DecodeProfile, depth: usize, steps: usize) -> String {
     use framework::profile::Op;
     let step = p.step.as_secs_f64() * 1e6;
     let share = |us: f64| if step > 0.0 { 100.0 * us / step } else { 0.0 };
     let mut out = format!(
-        "\n| batch-1 decode step ({steps} steps after {depth} tokens) | µs per step | share |\n|---|---:|---:|\n"
+        "\n| batch-1 decode step ({steps} steps after {depth} tokens) | µs per step | share | threads busy |\n|---|---:|---:|---:|\n"
     );
     let mut accounted = 0.0;
     for op in Op::ALL {
         let us = p.ops.per_step(op).as_secs_f64() * 1e6;
+        let busy = p.ops.busy_per_step(op).as_secs_f64() * 1e6;
         accounted += us;
-        out += &format!("| {} | {us:.1} | {:.1}% |\n", op.name(), share(us));
+        let threads = if busy > 0.0 && us > 0.0 {
+            format!("{:.2}", busy / us)
+        } else {
+            "-".into()
+        };
+        out += &format!(
+            "| {} | {us:.1} | {:.1}% | {threads} |\n",
+            op.name(),
+            share(us)
+        );
     }
     let pick = p.sampling.as_secs_f64() * 1e6;
     accounted += pick;
     out += &format!(
-        "| picking the token (argmax) | {pick:.1} | {:.1}% |\n",
+        "| picking the token (argmax) | {pick:.1} | {:.1}% | - |\n",
         share(pick)
     );
     let rest = (step - accounted).max(0.0);
     out += &format!(
-        "| outside the ops (forward setup, loop) | {rest:.1} | {:.1}% |\n",
+        "| outside the ops (forward setup, loop) | {rest:.1} | {:.1}% | - |\n",
         share(rest)
     );
-    out += &format!("| **whole step** | **{step:.1}** | 100% |\n");
+    out += &format!("| **whole step** | **{step:.1}** | 100% | |\n");
     out
 }
 

@@ -8,7 +8,11 @@
 //! synchronous backend (the CPU). Time inside an op's parallel region — the
 //! workers' hand-off and waiting included — counts to that op; the time in
 //! the collectives (all-reduces, the logits gather) is taken out of the op
-//! that called them and counted as [`Op::Collective`].
+//! that called them and counted as [`Op::Collective`]. Each op also records
+//! the thread-time its parallel kernels' tasks were busy
+//! ([`kernels::cpu::busy`]): busy ÷ wall is how many threads worked on
+//! average, and the rest of the pool's threads × wall went to handing work
+//! out and waiting.
 
 use std::time::Duration;
 
@@ -85,6 +89,7 @@ impl Op {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StepProfile {
     nanos: [u64; Op::ALL.len()],
+    busy_nanos: [u64; Op::ALL.len()],
     /// Steps added.
     pub steps: u64,
 }
@@ -96,9 +101,18 @@ impl StepProfile {
         *n = n.saturating_add(d.as_nanos() as u64);
     }
 
+    /// Adds `d` of thread-time busy in `op`'s parallel tasks.
+    pub fn add_busy(&mut self, op: Op, d: Duration) {
+        let n = &mut self.busy_nanos[op.index()];
+        *n = n.saturating_add(d.as_nanos() as u64);
+    }
+
     /// Adds another profile's times and steps.
     pub fn merge(&mut self, other: &StepProfile) {
         for (a, b) in self.nanos.iter_mut().zip(other.nanos) {
+            *a = a.saturating_add(b);
+        }
+        for (a, b) in self.busy_nanos.iter_mut().zip(other.busy_nanos) {
             *a = a.saturating_add(b);
         }
         self.steps += other.steps;
@@ -112,6 +126,12 @@ impl StepProfile {
     /// Mean time per step in `op`.
     pub fn per_step(&self, op: Op) -> Duration {
         self.total(op) / self.steps.max(1) as u32
+    }
+
+    /// Thread-time per step that `op`'s parallel tasks were busy (zero for
+    /// an op without parallel kernels).
+    pub fn busy_per_step(&self, op: Op) -> Duration {
+        Duration::from_nanos(self.busy_nanos[op.index()]) / self.steps.max(1) as u32
     }
 
     /// Mean time per step over every op.
@@ -150,9 +170,11 @@ impl Timer {
             return f();
         };
         let before = spent();
+        let busy = kernels::cpu::busy::busy();
         let t = std::time::Instant::now();
         let out = f();
         let elapsed = t.elapsed();
+        p.add_busy(op, kernels::cpu::busy::busy().saturating_sub(busy));
         let in_collective = spent().saturating_sub(before);
         p.add(op, elapsed.saturating_sub(in_collective));
         p.add(Op::Collective, in_collective);

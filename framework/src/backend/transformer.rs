@@ -194,8 +194,11 @@ impl<B: Backend> Transformer<B> {
     }
 
     /// Turns the timing of every op of the following steps on or off.
+    /// The kernels' busy-time counter is process-wide, so it is turned on
+    /// and off with it.
     pub fn set_profiling(&self, on: bool) {
         self.profiling.store(on, Ordering::Relaxed);
+        kernels::cpu::busy::set_counting(on);
     }
 
     /// The times recorded since the last call (and clears them).

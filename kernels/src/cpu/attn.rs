@@ -277,7 +277,9 @@ fn attention_with<T: KvElem>(
             && total * q_width >= PAR_MIN_WORK
             && rayon::current_num_threads() > 1
         {
-            out.par_chunks_mut(unit).enumerate().for_each(work);
+            out.par_chunks_mut(unit)
+                .enumerate()
+                .for_each(|x| crate::cpu::busy::task(|| work(x)));
         } else {
             out.chunks_mut(unit).enumerate().for_each(work);
         }
@@ -373,7 +375,9 @@ pub fn attention_scalar<T: KvElem>(
     let total: usize = rows.iter().map(|r| r.pos + 1).sum();
     // Small batches are cheaper than a fork-join.
     if rows.len() > 1 && total * n_heads * head_dim > 1 << 16 {
-        out.par_chunks_mut(q_width).enumerate().for_each(work);
+        out.par_chunks_mut(q_width)
+            .enumerate()
+            .for_each(|x| crate::cpu::busy::task(|| work(x)));
     } else {
         out.chunks_mut(q_width).enumerate().for_each(work);
     }

@@ -10,10 +10,12 @@
 //!   heads that share it; plus the scalar reference.
 //! * [`ops`] — RMSNorm, `silu(gate)·up` and rotary embeddings (llama.cpp's
 //!   adjacent-pair convention), AVX2 paths beside scalar references.
+//! * [`busy`] — thread-time inside the parallel regions, for profiles.
 //! * [`features`] — which instruction sets the dispatchers may use
 //!   (`PARALLM_CPU_FEATURES` turns any off) and the report of the paths taken.
 
 pub mod attn;
+pub mod busy;
 pub mod features;
 pub mod ops;
 mod out;

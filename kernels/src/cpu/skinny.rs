@@ -97,7 +97,7 @@ fn matmul_xwt_with(isa: Isa, x: &[f32], m: usize, w: &[f32], n: usize, k: usize,
         // SAFETY: task b gets columns b*nb .. b*nb + cols, where cols <= nb is
         // the number of rows in its chunk of w; chunks are disjoint, so views are.
         let out = unsafe { yp.cols(b * nb, cols) };
-        block(isa, x, m, wc, k, out);
+        crate::cpu::busy::task(|| block(isa, x, m, wc, k, out));
     });
 }
 

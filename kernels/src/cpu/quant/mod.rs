@@ -306,24 +306,26 @@ fn gemm_with(
     let shared = SharedOut::new(y, m, n);
     pool.install(|| {
         (0..chunks).into_par_iter().for_each(|c| {
-            let (j0, j1) = chunk_rows(n, chunks, c);
-            if j0 == j1 {
-                return;
-            }
-            // SAFETY: chunk c owns columns j0..j1; the ranges of different
-            // chunks are disjoint, so no two live views overlap.
-            let out = unsafe { shared.cols(j0, j1 - j0) };
-            run_chunk(
-                isa,
-                format,
-                &w[j0 * rb..j1 * rb],
-                j1 - j0,
-                rb,
-                acts,
-                0,
-                m,
-                out,
-            );
+            crate::cpu::busy::task(|| {
+                let (j0, j1) = chunk_rows(n, chunks, c);
+                if j0 == j1 {
+                    return;
+                }
+                // SAFETY: chunk c owns columns j0..j1; the ranges of different
+                // chunks are disjoint, so no two live views overlap.
+                let out = unsafe { shared.cols(j0, j1 - j0) };
+                run_chunk(
+                    isa,
+                    format,
+                    &w[j0 * rb..j1 * rb],
+                    j1 - j0,
+                    rb,
+                    acts,
+                    0,
+                    m,
+                    out,
+                );
+            })
         })
     });
 }
