@@ -152,13 +152,20 @@ fn out_of_range_special_tokens_and_huge_contexts_are_named() {
         ),
     ] {
         patched_model(&path, key, value);
-        let out = parallm(&["generate", "hi", "--model", path.to_str().unwrap()]);
-        assert_clean_failure(&out, want);
-        assert_clean_failure(&out, "patched.gguf");
-        // `serve` stops with the loader's own message.
-        let out = parallm(&["serve", "--port", "0", "--model", path.to_str().unwrap()]);
-        assert_clean_failure(&out, want);
+        assert_generate_and_serve_refuse(&path, want);
     }
+}
+
+/// `generate` and `serve` both stop on the model file at `path` with `want`
+/// in the message (`serve` with the loader's own), naming the file.
+fn assert_generate_and_serve_refuse(path: &Path, want: &str) {
+    let file = path.to_str().unwrap();
+    let out = parallm(&["generate", "hi", "--model", file]);
+    assert_clean_failure(&out, want);
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap();
+    assert_clean_failure(&out, name);
+    let out = parallm(&["serve", "--port", "0", "--model", file]);
+    assert_clean_failure(&out, want);
 }
 
 #[test]
@@ -214,11 +221,7 @@ fn malformed_shapes_and_tensor_tables_stop_generate_and_serve() {
     ];
     for (meta, tensors, want) in cases {
         std::fs::write(&path, gguf::gguf(&meta, &tensors, 96)).unwrap();
-        let out = parallm(&["generate", "hi", "--model", path.to_str().unwrap()]);
-        assert_clean_failure(&out, want);
-        assert_clean_failure(&out, "bad.gguf");
-        let out = parallm(&["serve", "--port", "0", "--model", path.to_str().unwrap()]);
-        assert_clean_failure(&out, want);
+        assert_generate_and_serve_refuse(&path, want);
     }
 }
 

@@ -81,8 +81,10 @@ fn place_cols(full: &mut [f32], local: &[f32], rows: usize, col_offset: usize, t
     }
 }
 
-/// A collective that counts the time its all-reduces take (waiting for peers
-/// included), for the per-step all-reduce metric.
+/// A collective that counts the time its operations take (waiting for peers
+/// included): the per-step collective metric of a node, and the
+/// collectives' row of a step profile. Every operation is forwarded to the
+/// inner collective's own implementation, so a direct gather stays direct.
 pub struct TimedCollective<'a> {
     inner: &'a dyn Collective,
     nanos: std::sync::atomic::AtomicU64,
@@ -97,9 +99,24 @@ impl<'a> TimedCollective<'a> {
         }
     }
 
-    /// Seconds spent in all-reduces so far.
+    /// Time spent in the collective so far.
+    pub fn spent(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.nanos.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Seconds spent in the collective so far.
     pub fn seconds(&self) -> f64 {
-        self.nanos.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
+        self.spent().as_secs_f64()
+    }
+
+    fn timed<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t = std::time::Instant::now();
+        let out = f();
+        self.nanos.fetch_add(
+            t.elapsed().as_nanos() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        out
     }
 }
 
@@ -111,16 +128,37 @@ impl Collective for TimedCollective<'_> {
         self.inner.world_size()
     }
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        let t = std::time::Instant::now();
-        let r = self.inner.all_reduce_sum(buf);
-        self.nanos.fetch_add(
-            t.elapsed().as_nanos() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        r
+        self.timed(|| self.inner.all_reduce_sum(buf))
     }
     fn abort(&self) {
         self.inner.abort()
+    }
+    fn barrier(&self) -> Result<()> {
+        self.timed(|| self.inner.barrier())
+    }
+    fn all_gather_cols(
+        &self,
+        local: &[f32],
+        rows: usize,
+        col_offset: usize,
+        total_cols: usize,
+    ) -> Result<Vec<f32>> {
+        self.timed(|| {
+            self.inner
+                .all_gather_cols(local, rows, col_offset, total_cols)
+        })
+    }
+    fn gather_cols_to_root(
+        &self,
+        local: &[f32],
+        rows: usize,
+        col_offset: usize,
+        total_cols: usize,
+    ) -> Result<Option<Vec<f32>>> {
+        self.timed(|| {
+            self.inner
+                .gather_cols_to_root(local, rows, col_offset, total_cols)
+        })
     }
 }
 

@@ -138,7 +138,7 @@ metrics! {
         "Seconds a node spent on one step, by node (r{replica}.n{index}) and phase (prefill, decode or mixed)";
     /// A node's all-reduce time in a step.
     NODE_ALL_REDUCE_DURATION = "parallm_node_all_reduce_duration_seconds", Histogram, ["node"],
-        "Seconds a node spent in tensor-parallel all-reduces during one step (including waiting for peers)";
+        "Seconds a node spent in tensor-parallel collectives (all-reduces and the logits gather) during one step (including waiting for peers)";
     /// Node restarts.
     NODE_RESTARTS = "parallm_node_restarts_total", Counter, ["node"],
         "Restarts of a compute node after a failure (each reloads its shard)";

@@ -143,7 +143,6 @@ impl StepProfile {
 /// A step's timer: adds each op's time to a profile when profiling is on.
 pub(crate) struct Timer {
     profile: Option<StepProfile>,
-    collective: Duration,
 }
 
 impl Timer {
@@ -154,7 +153,6 @@ impl Timer {
                 steps: 1,
                 ..StepProfile::default()
             }),
-            collective: Duration::ZERO,
         }
     }
 
@@ -178,13 +176,7 @@ impl Timer {
         let in_collective = spent().saturating_sub(before);
         p.add(op, elapsed.saturating_sub(in_collective));
         p.add(Op::Collective, in_collective);
-        self.collective += in_collective;
         out
-    }
-
-    /// Whether it records.
-    pub(crate) fn on(&self) -> bool {
-        self.profile.is_some()
     }
 
     /// The step's profile, if it recorded.

@@ -48,6 +48,13 @@ fn string(b: &mut Vec<u8>, s: &str) {
     b.extend_from_slice(s.as_bytes());
 }
 
+/// The type (array), element type and length of an array value.
+fn array_head(b: &mut Vec<u8>, element_type: u32, len: usize) {
+    b.extend_from_slice(&9u32.to_le_bytes());
+    b.extend_from_slice(&element_type.to_le_bytes());
+    b.extend_from_slice(&(len as u64).to_le_bytes());
+}
+
 /// The file: header, metadata, tensor table, padding to 32, then `data`
 /// bytes of tensor data (zeros).
 pub fn gguf(meta: &[(&str, Meta)], tensors: &[Tensor], data: usize) -> Vec<u8> {
@@ -76,28 +83,22 @@ pub fn gguf(meta: &[(&str, Meta)], tensors: &[Tensor], data: usize) -> Vec<u8> {
                 string(&mut b, s);
             }
             Meta::Strs(items) => {
-                b.extend_from_slice(&9u32.to_le_bytes());
-                b.extend_from_slice(&8u32.to_le_bytes());
-                b.extend_from_slice(&(items.len() as u64).to_le_bytes());
+                array_head(&mut b, 8, items.len());
                 for s in items {
                     string(&mut b, s);
                 }
             }
             Meta::I32s(items) => {
-                b.extend_from_slice(&9u32.to_le_bytes());
-                b.extend_from_slice(&5u32.to_le_bytes());
-                b.extend_from_slice(&(items.len() as u64).to_le_bytes());
-                for x in items {
-                    b.extend_from_slice(&x.to_le_bytes());
-                }
+                array_head(&mut b, 5, items.len());
+                items
+                    .iter()
+                    .for_each(|x| b.extend_from_slice(&x.to_le_bytes()));
             }
             Meta::F32s(items) => {
-                b.extend_from_slice(&9u32.to_le_bytes());
-                b.extend_from_slice(&6u32.to_le_bytes());
-                b.extend_from_slice(&(items.len() as u64).to_le_bytes());
-                for x in items {
-                    b.extend_from_slice(&x.to_le_bytes());
-                }
+                array_head(&mut b, 6, items.len());
+                items
+                    .iter()
+                    .for_each(|x| b.extend_from_slice(&x.to_le_bytes()));
             }
         }
     }

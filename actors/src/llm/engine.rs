@@ -685,22 +685,7 @@ impl Engine {
 
     /// Turns a prompt into token ids.
     pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, Error> {
-        let tok = || {
-            self.tokenizer
-                .as_deref()
-                .ok_or_else(|| bad("prompt", "a synthetic model takes token ids only"))
-        };
-        match prompt {
-            Prompt::Tokens(t) => Ok(t.clone()),
-            Prompt::Text(s) => tok()?.encode(s),
-            Prompt::Chat(messages) => {
-                let template = self
-                    .chat
-                    .as_ref()
-                    .ok_or_else(|| bad("messages", "the model has no chat template"))?;
-                tok()?.encode(&template.render(messages, true)?)
-            }
-        }
+        self.encode(prompt, None)
     }
 
     /// Turns a generation's prompt into token ids: like
@@ -708,22 +693,30 @@ impl Engine {
     /// refused before it is tokenized in full
     /// ([`Tokenizer::encode_within`]).
     pub fn prompt_tokens(&self, prompt: &Prompt) -> Result<Vec<u32>, Error> {
-        let tok = || {
-            self.tokenizer
-                .as_deref()
-                .ok_or_else(|| bad("prompt", "a synthetic model takes token ids only"))
-        };
-        let context = self.model.context;
-        match prompt {
-            Prompt::Tokens(t) => Ok(t.clone()),
-            Prompt::Text(s) => tok()?.encode_within(s, context),
+        self.encode(prompt, Some(self.model.context))
+    }
+
+    /// A prompt's token ids, the chat rendered with the model's template;
+    /// within `limit` tokens when one is given.
+    fn encode(&self, prompt: &Prompt, limit: Option<usize>) -> Result<Vec<u32>, Error> {
+        let tok = self
+            .tokenizer
+            .as_deref()
+            .ok_or_else(|| bad("prompt", "a synthetic model takes token ids only"));
+        let text = match prompt {
+            Prompt::Tokens(t) => return Ok(t.clone()),
+            Prompt::Text(s) => std::borrow::Cow::Borrowed(s.as_str()),
             Prompt::Chat(messages) => {
                 let template = self
                     .chat
                     .as_ref()
                     .ok_or_else(|| bad("messages", "the model has no chat template"))?;
-                tok()?.encode_within(&template.render(messages, true)?, context)
+                std::borrow::Cow::Owned(template.render(messages, true)?)
             }
+        };
+        match limit {
+            Some(limit) => tok?.encode_within(&text, limit),
+            None => tok?.encode(&text),
         }
     }
 

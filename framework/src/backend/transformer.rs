@@ -18,11 +18,10 @@
 //! timed into a [`StepProfile`] ([`crate::profile`]).
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
-use crate::collective::Collective;
+use crate::collective::{Collective, TimedCollective};
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::model::{self, Logits, LogitsWanted, ShardMats, StageInput, StageOutput};
@@ -55,80 +54,6 @@ pub struct Transformer<B: Backend> {
     head: Option<VocabParallelLmHead<B>>,
     profiling: AtomicBool,
     profile: Mutex<StepProfile>,
-}
-
-/// A collective that counts the time spent in it (when `on`).
-struct TimedCollective<'a> {
-    inner: &'a dyn Collective,
-    on: bool,
-    nanos: AtomicU64,
-}
-
-impl<'a> TimedCollective<'a> {
-    fn new(inner: &'a dyn Collective, on: bool) -> Self {
-        Self {
-            inner,
-            on,
-            nanos: AtomicU64::new(0),
-        }
-    }
-
-    fn spent(&self) -> Duration {
-        Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
-    }
-
-    fn timed<T>(&self, f: impl FnOnce() -> T) -> T {
-        if !self.on {
-            return f();
-        }
-        let t = Instant::now();
-        let out = f();
-        self.nanos
-            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        out
-    }
-}
-
-impl Collective for TimedCollective<'_> {
-    fn rank(&self) -> usize {
-        self.inner.rank()
-    }
-    fn world_size(&self) -> usize {
-        self.inner.world_size()
-    }
-    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        self.timed(|| self.inner.all_reduce_sum(buf))
-    }
-    fn abort(&self) {
-        self.inner.abort()
-    }
-    fn barrier(&self) -> Result<()> {
-        self.timed(|| self.inner.barrier())
-    }
-    fn all_gather_cols(
-        &self,
-        local: &[f32],
-        rows: usize,
-        col_offset: usize,
-        total_cols: usize,
-    ) -> Result<Vec<f32>> {
-        self.timed(|| {
-            self.inner
-                .all_gather_cols(local, rows, col_offset, total_cols)
-        })
-    }
-    fn gather_cols_to_root(
-        &self,
-        local: &[f32],
-        rows: usize,
-        col_offset: usize,
-        total_cols: usize,
-    ) -> Result<Option<Vec<f32>>> {
-        self.timed(|| {
-            self.inner
-                .gather_cols_to_root(local, rows, col_offset, total_cols)
-        })
-    }
 }
 
 /// One step's items as the loop reads them.
@@ -276,7 +201,7 @@ impl<B: Backend> Transformer<B> {
         host: &dyn Collective,
     ) -> Result<StageOutput> {
         let mut timer = Timer::new(self.profiling.load(Ordering::Relaxed));
-        let host = &TimedCollective::new(host, timer.on());
+        let host = &TimedCollective::new(host);
         let out = self.step_timed(ws, step, input, kv, host, &mut timer);
         if let Some(p) = timer.finish() {
             if let Ok(mut total) = self.profile.lock() {
