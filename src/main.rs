@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use framework::chat::ChatMessage;
-use framework::{LlamaConfig, LlamaShard, SamplingParams, ShardSpec, WeightFormat};
+use framework::{LlamaShard, ModelConfig, SamplingParams, ShardSpec, WeightFormat};
 use parallm::actors::llm::ModelSource;
 use parallm::load::resolve_model_path;
 use parallm::{BeamParams, Engine, EngineBuilder, Event, Prompt, Request};
@@ -633,7 +633,7 @@ fn run_throughput(args: ThroughputArgs) -> CliResult {
                 cfg.weights,
             )?,
             ModelSource::Synthetic { name, seed } => LlamaShard::synthetic(
-                LlamaConfig::synthetic(name)?,
+                ModelConfig::synthetic(name)?,
                 *seed,
                 ShardSpec::SINGLE,
                 cfg.weights,
@@ -716,7 +716,7 @@ fn parse_range(s: &str) -> CliResult<(usize, usize)> {
 fn run_latency(args: LatencyArgs) -> CliResult {
     let (model, what) = match &args.synthetic {
         Some(name) => {
-            let config = LlamaConfig::synthetic(name)?;
+            let config = ModelConfig::synthetic(name)?;
             let model = LlamaShard::synthetic(config, 0, ShardSpec::SINGLE, args.model.weights)?;
             (model, format!("synthetic {name}"))
         }

@@ -26,7 +26,7 @@ use parallm::actors::llm::Compute;
 use parallm::framework::collective::{Collective, SingleCollective, ThreadCollective};
 use parallm::framework::cuda::{CudaOptions, CudaShard, DeviceHandle, Dtype, TpGroup};
 use parallm::framework::{
-    BatchItem, LlamaConfig, LogitsWanted, PagedItem, ShardSource, ShardSpec, StageInput,
+    BatchItem, LogitsWanted, ModelConfig, PagedItem, ShardSource, ShardSpec, StageInput,
     StageOutput, WeightFormat,
 };
 use parallm::Engine;
@@ -64,8 +64,8 @@ fn device(t: Target) -> DeviceHandle {
     .unwrap_or_else(|e| panic!("{e}"))
 }
 
-fn config() -> LlamaConfig {
-    LlamaConfig::from_gguf(gguf()).expect("the reference model's config")
+fn config() -> ModelConfig {
+    ModelConfig::from_gguf(gguf()).expect("the reference model's config")
 }
 
 fn shard(t: Target, opts: CudaOptions, spec: ShardSpec, tp: Option<Arc<TpGroup>>) -> CudaShard {

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use arbitrary::{Arbitrary, Unstructured};
 use framework::chat::{ChatMessage, ChatTemplate};
-use framework::{GgufFile, LlamaConfig, Tokenizer};
+use framework::{GgufFile, ModelConfig, Tokenizer};
 use parallm::config::LimitsSection;
 use parallm::serve::api::{parse_body, ChatRequest, CompletionRequest};
 use serde_json::{json, Value};
@@ -335,7 +335,7 @@ fn refused(e: impl std::fmt::Display) -> String {
 /// tokenizer, the chat template and every tensor's data.
 fn gguf_target(data: &[u8]) -> Outcome {
     let file = GgufFile::from_bytes("fuzz.gguf", data.to_vec()).map_err(refused)?;
-    let config = LlamaConfig::from_gguf(&file).map_err(refused);
+    let config = ModelConfig::from_gguf(&file).map_err(refused);
     let tokenizer = Tokenizer::from_gguf(&file).map_err(refused)?;
     if let Some(src) = tokenizer.chat_template() {
         if let Ok(t) = ChatTemplate::new(src, "<s>", "</s>") {
@@ -352,7 +352,7 @@ fn gguf_target(data: &[u8]) -> Outcome {
                     .map_err(|e| format!("a tensor the table accepted cannot be read: {e}"))?;
             }
         }
-        assert!(c.head_dim() > 0);
+        assert!(c.head_dim > 0);
     }
     Ok(())
 }

@@ -124,3 +124,118 @@ fn a_tensor_type_this_build_cannot_read_is_named() {
         );
     }
 }
+
+/// The config of `meta` (no tensors), or its error.
+fn config_of(meta: &[(&str, Meta)]) -> Result<framework::ModelConfig, String> {
+    let file = open(meta, &[], 0).expect("a well-formed file");
+    framework::ModelConfig::from_gguf(&file).map_err(|e| e.to_string())
+}
+
+/// `tiny_llama_meta` with its architecture and keys renamed to `arch`, and
+/// `extra` keys added.
+fn family_meta(arch: &str, extra: Vec<(&'static str, Meta)>) -> Vec<(String, Meta)> {
+    let mut meta: Vec<(String, Meta)> = gguf::tiny_llama_meta(8, 64)
+        .into_iter()
+        .map(|(k, v)| match k {
+            "general.architecture" => (k.to_string(), Meta::Str(arch.into())),
+            _ => (k.replacen("llama.", &format!("{arch}."), 1), v),
+        })
+        .collect();
+    meta.extend(extra.into_iter().map(|(k, v)| (k.to_string(), v)));
+    meta
+}
+
+fn borrowed(meta: &[(String, Meta)]) -> Vec<(&str, Meta)> {
+    meta.iter().map(|(k, v)| (k.as_str(), v.clone())).collect()
+}
+
+#[test]
+fn an_architecture_or_rope_scaling_this_build_cannot_run_is_named() {
+    let err = config_of(&borrowed(&family_meta("gemma2", vec![]))).expect_err("gemma2");
+    for want in [
+        "case.gguf",
+        "unsupported architecture",
+        "'gemma2'",
+        "llama, qwen2, qwen3, phi3",
+    ] {
+        assert!(err.contains(want), "{err:?} does not say {want:?}");
+    }
+    let yarn = family_meta(
+        "qwen2",
+        vec![("qwen2.rope.scaling.type", Meta::Str("yarn".into()))],
+    );
+    let err = config_of(&borrowed(&yarn)).expect_err("yarn");
+    for want in ["case.gguf", "rope scaling", "'yarn'", "linear"] {
+        assert!(err.contains(want), "{err:?} does not say {want:?}");
+    }
+    let value_width = family_meta(
+        "qwen3",
+        vec![
+            ("qwen3.attention.key_length", Meta::U32(16)),
+            ("qwen3.attention.value_length", Meta::U32(32)),
+        ],
+    );
+    let err = config_of(&borrowed(&value_width)).expect_err("values wider than keys");
+    assert!(
+        err.contains("value head width") && err.contains("32 (keys 16)"),
+        "{err}"
+    );
+    // Each family reads its own keys.
+    for arch in ["llama", "qwen2", "qwen3", "phi3"] {
+        let c = config_of(&borrowed(&family_meta(arch, vec![]))).expect(arch);
+        assert_eq!((c.arch.name(), c.n_layers, c.head_dim), (arch, 1, 16));
+    }
+    // A sliding window shorter than the context becomes the context.
+    let windowed = family_meta(
+        "phi3",
+        vec![("phi3.attention.sliding_window", Meta::U32(48))],
+    );
+    assert_eq!(
+        config_of(&borrowed(&windowed)).expect("windowed").context,
+        48
+    );
+}
+
+#[test]
+fn a_family_tensor_that_is_missing_is_named() {
+    // A qwen2 file without its q/k/v biases: the shard's load names the tensor.
+    let meta = family_meta("qwen2", vec![]);
+    let (h, ffn, vocab) = (64u64, 128u64, 8u64);
+    let mut tensors = Vec::new();
+    let mut offset = 0;
+    let mut add = |name: &str, dims: &[u64]| {
+        tensors.push(Tensor::new(name, dims, F32, offset));
+        offset += dims.iter().product::<u64>() * 4;
+    };
+    add("token_embd.weight", &[h, vocab]);
+    add("output_norm.weight", &[h]);
+    for (name, dims) in [
+        ("attn_norm.weight", vec![h]),
+        ("attn_q.weight", vec![h, h]),
+        ("attn_k.weight", vec![h, h]),
+        ("attn_v.weight", vec![h, h]),
+        ("attn_output.weight", vec![h, h]),
+        ("ffn_norm.weight", vec![h]),
+        ("ffn_gate.weight", vec![h, ffn]),
+        ("ffn_up.weight", vec![h, ffn]),
+        ("ffn_down.weight", vec![ffn, h]),
+    ] {
+        add(&format!("blk.0.{name}"), &dims);
+    }
+    let file = GgufFile::from_bytes(
+        "case.gguf",
+        gguf::gguf(&borrowed(&meta), &tensors, offset as usize),
+    )
+    .expect("a well-formed file");
+    let err = framework::LlamaShard::load(
+        &file,
+        framework::ShardSpec::SINGLE,
+        framework::WeightFormat::F32,
+    )
+    .expect_err("no biases")
+    .to_string();
+    assert!(
+        err.contains("case.gguf") && err.contains("blk.0.attn_q.bias"),
+        "{err}"
+    );
+}

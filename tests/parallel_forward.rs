@@ -187,7 +187,7 @@ fn mixed_prefill_and_decode_rows_in_one_batch() {
 
 #[test]
 fn synthetic_model_shards_like_the_real_one() {
-    let config = parallm::framework::LlamaConfig::synthetic("tiny").unwrap();
+    let config = parallm::framework::ModelConfig::synthetic("tiny").unwrap();
     let single =
         LlamaShard::synthetic(config.clone(), 9, ShardSpec::SINGLE, WeightFormat::F32).unwrap();
     let prompt = [3u32, 14, 15, 92, 65];

@@ -8,10 +8,10 @@ use std::time::Duration;
 use actors::llm::{Engine, Event, FaultInjection, Request};
 use common::{finished_tokens, run_all};
 use framework::collective::SingleCollective;
-use framework::{BatchItem, LlamaConfig, LlamaShard, LogitsWanted, ShardSpec, WeightFormat};
+use framework::{BatchItem, LlamaShard, LogitsWanted, ModelConfig, ShardSpec, WeightFormat};
 
 fn solo(prompt: &[u32], n: usize) -> Vec<u32> {
-    let c = LlamaConfig::synthetic("tiny").unwrap();
+    let c = ModelConfig::synthetic("tiny").unwrap();
     let m = LlamaShard::synthetic(c, 7, ShardSpec::SINGLE, WeightFormat::F32).unwrap();
     let mut cache = m.new_cache();
     let mut out = Vec::new();

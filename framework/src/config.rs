@@ -1,15 +1,48 @@
-//! The shape of a Llama-family model, read from GGUF metadata or built synthetically.
+//! The shape of a transformer model of one of the supported families, read
+//! from GGUF metadata or built synthetically.
 //!
-//! [`LlamaConfig`] is always validated: head counts divide the hidden size, KV
-//! heads divide the query heads, sizes are non-zero. Code downstream may rely on
-//! those facts without re-checking them.
+//! [`ModelConfig`] is always validated: KV heads divide the query heads,
+//! sizes are non-zero and within sanity bounds, the rotary settings are
+//! finite. Code downstream may rely on those facts without re-checking them.
+//! What sets the family's block apart is its [`Family`] ([`ModelConfig::family`]).
 
 use crate::error::{Error, Result};
+use crate::family::{Arch, Family, RopeStyle, SUPPORTED_ARCHS};
 use crate::gguf::GgufFile;
 
-/// Hyper-parameters of a Llama-architecture transformer.
+/// The rotary embedding of a model (Su et al. 2021, RoFormer) with the
+/// scaling its metadata gives: the angle of pair `i` at position `p` is
+/// `p · freq_scale · base^(-2i/head_dim) / freq_factors[i]`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct LlamaConfig {
+pub struct RopeConfig {
+    /// The base of the frequencies.
+    pub base: f32,
+    /// How a head's dimensions are paired.
+    pub style: RopeStyle,
+    /// Linear position scaling (`1 / rope.scaling.factor`; 1 when unscaled).
+    pub freq_scale: f32,
+    /// Per-frequency divisors, `head_dim / 2` of them: Llama 3's rope
+    /// scaling, stored by its GGUF conversion as the tensor `rope_freqs.weight`.
+    pub freq_factors: Option<Vec<f32>>,
+}
+
+impl RopeConfig {
+    /// Unscaled rotary embedding with `base`, paired `style`.
+    pub fn plain(base: f32, style: RopeStyle) -> Self {
+        Self {
+            base,
+            style,
+            freq_scale: 1.0,
+            freq_factors: None,
+        }
+    }
+}
+
+/// Hyper-parameters of a transformer of one of the supported families.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ModelConfig {
+    /// The family.
+    pub arch: Arch,
     /// Number of transformer blocks.
     pub n_layers: usize,
     /// Residual stream width.
@@ -18,6 +51,9 @@ pub struct LlamaConfig {
     pub n_heads: usize,
     /// Key/value heads (grouped-query attention when fewer than `n_heads`).
     pub n_kv_heads: usize,
+    /// Width of one attention head (`hidden / n_heads` unless the file says
+    /// otherwise, as Qwen3's does).
+    pub head_dim: usize,
     /// Feed-forward inner width.
     pub ffn: usize,
     /// Vocabulary size.
@@ -26,14 +62,14 @@ pub struct LlamaConfig {
     pub context: usize,
     /// RMSNorm epsilon.
     pub rms_eps: f32,
-    /// Rotary embedding base.
-    pub rope_base: f32,
+    /// The rotary embedding.
+    pub rope: RopeConfig,
 }
 
 /// The longest context a model may run with (2^20 positions). Tables sized
 /// by the context (rotary angles) are built at load, so a file claiming
 /// billions of positions is refused before anything is allocated, unless a
-/// `max_model_len` caps it (see [`LlamaConfig::from_gguf_capped`]).
+/// `max_model_len` caps it (see [`ModelConfig::from_gguf_capped`]).
 pub const MAX_CONTEXT: usize = 1 << 20;
 
 /// Sanity bounds on each dimension, far above any released model, so that
@@ -47,10 +83,10 @@ const MAX_DIMS: [(&str, usize); 6] = [
     ("head_dim", 1024),
 ];
 
-impl LlamaConfig {
-    /// Width of one attention head.
-    pub fn head_dim(&self) -> usize {
-        self.hidden / self.n_heads
+impl ModelConfig {
+    /// What sets this family's block apart.
+    pub fn family(&self) -> Family {
+        self.arch.family()
     }
 
     /// Query heads per KV head.
@@ -58,46 +94,100 @@ impl LlamaConfig {
         self.n_heads / self.n_kv_heads
     }
 
-    /// Reads the `llama.*` keys of a GGUF file. The architecture must be `llama`.
+    /// Width of all query heads together (`hidden` in most families).
+    pub fn q_width(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    /// Width of all key (or value) heads together.
+    pub fn kv_width(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Reads the family's keys of a GGUF file (`general.architecture` must
+    /// be one of [`SUPPORTED_ARCHS`]).
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         Self::from_gguf_capped(file, None)
     }
 
-    /// [`LlamaConfig::from_gguf`], with the context capped to `max_model_len`
+    /// [`ModelConfig::from_gguf`], with the context capped to `max_model_len`
     /// positions when the file trained a longer one (a warning says so).
     /// The cap is applied before validation, so a file claiming more than
     /// [`MAX_CONTEXT`] runs under a cap within it.
     pub fn from_gguf_capped(file: &GgufFile, max_model_len: Option<usize>) -> Result<Self> {
-        let arch = file.get_str("general.architecture")?;
-        if arch != "llama" {
-            return Err(Error::Unsupported {
-                path: file.path().to_path_buf(),
-                what: "architecture",
-                found: arch.to_string(),
-                supported: "llama (SmolLM2, TinyLlama, Llama 2/3, Mistral-style GQA)",
-            });
-        }
-        let n_heads = file.get_usize("llama.attention.head_count")?;
-        let hidden = file.get_usize("llama.embedding_length")?;
-        let vocab = match file.opt_usize("llama.vocab_size")? {
+        let name = file.get_str("general.architecture")?;
+        let unsupported = |what, found: String, supported| Error::Unsupported {
+            path: file.path().to_path_buf(),
+            what,
+            found,
+            supported,
+        };
+        let arch = Arch::from_gguf(name)
+            .ok_or_else(|| unsupported("architecture", name.to_string(), SUPPORTED_ARCHS))?;
+        let p = arch.family().prefix;
+        let key = |k: &str| format!("{p}.{k}");
+        let model_err = |reason: String| Error::ModelFile {
+            path: file.path().to_path_buf(),
+            reason,
+        };
+        let n_heads = file.get_usize(&key("attention.head_count"))?;
+        let hidden = file.get_usize(&key("embedding_length"))?;
+        let vocab = match file.opt_usize(&key("vocab_size"))? {
             Some(v) => v,
             None => file.tensor_info("token_embd.weight")?.1[0],
         };
+        let head_dim = match file.opt_usize(&key("attention.key_length"))? {
+            Some(d) => d,
+            // Validation names the zero head count.
+            None if n_heads == 0 => 0,
+            None if hidden.is_multiple_of(n_heads) => hidden / n_heads,
+            None => {
+                return Err(model_err(format!(
+                    "hidden size {hidden} is not a multiple of the head count {n_heads}, and {} is not set",
+                    key("attention.key_length")
+                )))
+            }
+        };
+        if let Some(v) = file.opt_usize(&key("attention.value_length"))? {
+            if v != head_dim {
+                return Err(unsupported(
+                    "value head width",
+                    format!("{v} (keys {head_dim})"),
+                    "values as wide as keys",
+                ));
+            }
+        }
+        let rope = Self::rope_from_gguf(file, arch, head_dim)?;
         let mut config = Self {
-            n_layers: file.get_usize("llama.block_count")?,
+            arch,
+            n_layers: file.get_usize(&key("block_count"))?,
             hidden,
             n_heads,
             n_kv_heads: file
-                .opt_usize("llama.attention.head_count_kv")?
+                .opt_usize(&key("attention.head_count_kv"))?
                 .unwrap_or(n_heads),
-            ffn: file.get_usize("llama.feed_forward_length")?,
+            head_dim,
+            ffn: file.get_usize(&key("feed_forward_length"))?,
             vocab,
-            context: file.opt_usize("llama.context_length")?.unwrap_or(2048),
+            context: file.opt_usize(&key("context_length"))?.unwrap_or(2048),
             rms_eps: file
-                .opt_f32("llama.attention.layer_norm_rms_epsilon")?
+                .opt_f32(&key("attention.layer_norm_rms_epsilon"))?
                 .unwrap_or(1e-5),
-            rope_base: file.opt_f32("llama.rope.freq_base")?.unwrap_or(10_000.0),
+            rope,
         };
+        // Within its window, sliding-window attention is full attention:
+        // a model with a window shorter than its context runs with the
+        // window as its context, exactly.
+        if let Some(window) = file.opt_usize(&key("attention.sliding_window"))? {
+            if window > 0 && window < config.context {
+                tracing::warn!(
+                    "{}: sliding-window attention ({window} positions) is run as full attention over a context of {window} (of {} trained)",
+                    file.path().display(),
+                    config.context
+                );
+                config.context = window;
+            }
+        }
         if let Some(cap) = max_model_len.filter(|&cap| cap < config.context) {
             tracing::warn!(
                 "{}: the model was trained for {} positions; running it with {cap} (max_model_len)",
@@ -107,26 +197,73 @@ impl LlamaConfig {
             config.context = cap;
         }
         // The shape first: the checks below divide by the head count.
-        config.validate().map_err(|e| Error::ModelFile {
-            path: file.path().to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        if let Some(rope_dims) = file.opt_usize("llama.rope.dimension_count")? {
-            if rope_dims != config.head_dim() {
-                return Err(Error::Unsupported {
-                    path: file.path().to_path_buf(),
-                    what: "partial rotary embedding",
-                    found: format!("{rope_dims} of {} head dims", config.head_dim()),
-                    supported: "rotary embedding over the whole head",
-                });
+        config.validate().map_err(|e| model_err(e.to_string()))?;
+        if let Some(rope_dims) = file.opt_usize(&key("rope.dimension_count"))? {
+            if rope_dims != config.head_dim {
+                return Err(unsupported(
+                    "partial rotary embedding",
+                    format!("{rope_dims} of {} head dims", config.head_dim),
+                    "rotary embedding over the whole head",
+                ));
             }
         }
         Ok(config)
     }
 
-    /// A named synthetic shape: `135m` (the reference model's shape), `1b`, `8b`,
-    /// or for tests `tiny` and `tiny32` (the same with head_dim 32, the CUDA
-    /// attention's granularity).
+    /// The rotary embedding's base, pairing and scaling from `file`.
+    fn rope_from_gguf(file: &GgufFile, arch: Arch, head_dim: usize) -> Result<RopeConfig> {
+        let p = arch.family().prefix;
+        let key = |k: &str| format!("{p}.{k}");
+        let base = file.opt_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
+        let mut rope = RopeConfig::plain(base, arch.family().rope);
+        match file.opt_str(&key("rope.scaling.type"))? {
+            None | Some("none") | Some("linear") => {}
+            Some(other) => {
+                return Err(Error::Unsupported {
+                    path: file.path().to_path_buf(),
+                    what: "rope scaling",
+                    found: other.to_string(),
+                    supported: "none, linear, and Llama 3's (rope_freqs.weight)",
+                })
+            }
+        }
+        // llama.cpp's order: the scaling factor, else the older linear key.
+        let factor = match file.opt_f32(&key("rope.scaling.factor"))? {
+            Some(f) if f != 0.0 => Some(f),
+            _ => file.opt_f32(&key("rope.scale_linear"))?,
+        };
+        if let Some(f) = factor.filter(|&f| f != 0.0) {
+            if !(f.is_finite() && f > 0.0) {
+                return Err(Error::ModelFile {
+                    path: file.path().to_path_buf(),
+                    reason: format!(
+                        "rope scaling factor {f} is not a finite number greater than 0"
+                    ),
+                });
+            }
+            rope.freq_scale = 1.0 / f;
+        }
+        if file.has_tensor("rope_freqs.weight") {
+            let factors = file
+                .tensor("rope_freqs.weight", &[head_dim / 2])?
+                .dequantize(&candle_core::Device::Cpu)?
+                .to_vec1::<f32>()?;
+            if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+                return Err(Error::ModelFile {
+                    path: file.path().to_path_buf(),
+                    reason: format!(
+                        "rope_freqs.weight holds {bad}, not a finite number greater than 0"
+                    ),
+                });
+            }
+            rope.freq_factors = Some(factors);
+        }
+        Ok(rope)
+    }
+
+    /// A named synthetic Llama shape: `135m` (the reference model's shape),
+    /// `1b`, `8b`, or for tests `tiny` and `tiny32` (the same with head_dim
+    /// 32, the CUDA attention's granularity).
     pub fn synthetic(name: &str) -> Result<Self> {
         let (n_layers, hidden, n_heads, n_kv_heads, ffn, vocab) = match name {
             "tiny" => (2, 64, 4, 2, 128, 256),
@@ -141,15 +278,17 @@ impl LlamaConfig {
             }
         };
         let config = Self {
+            arch: Arch::Llama,
             n_layers,
             hidden,
             n_heads,
             n_kv_heads,
+            head_dim: hidden / n_heads,
             ffn,
             vocab,
             context: 8192,
             rms_eps: 1e-5,
-            rope_base: 10_000.0,
+            rope: RopeConfig::plain(10_000.0, RopeStyle::Normal),
         };
         config.validate()?;
         Ok(config)
@@ -162,18 +301,13 @@ impl LlamaConfig {
             ("hidden", self.hidden),
             ("n_heads", self.n_heads),
             ("n_kv_heads", self.n_kv_heads),
+            ("head_dim", self.head_dim),
             ("ffn", self.ffn),
             ("vocab", self.vocab),
             ("context", self.context),
         ];
         if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
             return Err(Error::Config(format!("{name} must be greater than 0")));
-        }
-        if !self.hidden.is_multiple_of(self.n_heads) {
-            return Err(Error::Config(format!(
-                "hidden size {} is not a multiple of the head count {}",
-                self.hidden, self.n_heads
-            )));
         }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(Error::Config(format!(
@@ -193,7 +327,7 @@ impl LlamaConfig {
             self.n_heads,
             self.ffn,
             self.vocab,
-            self.head_dim(),
+            self.head_dim,
         ];
         for ((name, max), v) in MAX_DIMS.iter().zip(dims) {
             if v > *max {
@@ -202,26 +336,39 @@ impl LlamaConfig {
                 )));
             }
         }
-        for (name, v) in [("rope_base", self.rope_base), ("rms_eps", self.rms_eps)] {
+        let floats = [
+            ("rope_base", self.rope.base),
+            ("rope freq_scale", self.rope.freq_scale),
+            ("rms_eps", self.rms_eps),
+        ];
+        for (name, v) in floats {
             if !(v.is_finite() && v > 0.0) {
                 return Err(Error::Config(format!(
                     "{name} must be a finite number greater than 0, not {v}"
                 )));
             }
         }
-        if !self.head_dim().is_multiple_of(2) {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(Error::Config(format!(
                 "head dim {} must be even for rotary embeddings",
-                self.head_dim()
+                self.head_dim
             )));
+        }
+        if let Some(f) = &self.rope.freq_factors {
+            if f.len() != self.head_dim / 2 {
+                return Err(Error::Config(format!(
+                    "{} rope frequency factors for a head of {} (one per pair is needed)",
+                    f.len(),
+                    self.head_dim
+                )));
+            }
         }
         Ok(())
     }
 
     /// Parameters in the transformer (embedding counted once when tied).
     pub fn parameter_count(&self) -> usize {
-        let hd = self.head_dim();
-        let attn = self.hidden * (self.n_heads * hd) * 2 + self.hidden * (self.n_kv_heads * hd) * 2;
+        let attn = self.hidden * self.q_width() * 2 + self.hidden * self.kv_width() * 2;
         let mlp = 3 * self.hidden * self.ffn;
         self.n_layers * (attn + mlp + 2 * self.hidden) + self.vocab * self.hidden + self.hidden
     }
@@ -313,7 +460,7 @@ mod tests {
         for (name, ints, floats, want) in cases {
             let path = llama_gguf(name, &ints, &floats);
             let file = GgufFile::open(&path).expect("a well-formed file");
-            let err = LlamaConfig::from_gguf(&file).expect_err(name).to_string();
+            let err = ModelConfig::from_gguf(&file).expect_err(name).to_string();
             std::fs::remove_file(&path).ok();
             assert!(err.contains(want), "{name}: {err}");
             assert!(err.contains(&format!("{name}.gguf")), "{name}: {err}");
@@ -321,23 +468,23 @@ mod tests {
         // The same shape with four heads is fine.
         let path = llama_gguf("four-heads", &shape(4), &[]);
         let file = GgufFile::open(&path).expect("a well-formed file");
-        let c = LlamaConfig::from_gguf(&file);
+        let c = ModelConfig::from_gguf(&file);
         std::fs::remove_file(&path).ok();
-        assert_eq!(c.expect("valid").head_dim(), 16);
+        assert_eq!(c.expect("valid").head_dim, 16);
     }
 
     #[test]
     fn synthetic_shapes_validate() {
         for name in ["tiny", "tiny32", "135m", "1b", "8b"] {
-            let c = LlamaConfig::synthetic(name).unwrap();
-            assert_eq!(c.hidden % c.n_heads, 0);
+            let c = ModelConfig::synthetic(name).unwrap();
+            assert_eq!(c.head_dim * c.n_heads, c.hidden);
         }
-        assert!(LlamaConfig::synthetic("huge").is_err());
+        assert!(ModelConfig::synthetic("huge").is_err());
     }
 
     #[test]
     fn bad_head_counts_are_named() {
-        let mut c = LlamaConfig::synthetic("tiny").unwrap();
+        let mut c = ModelConfig::synthetic("tiny").unwrap();
         c.n_kv_heads = 3;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("KV head count 3"), "{err}");

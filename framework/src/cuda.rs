@@ -45,8 +45,9 @@ use crate::backend::shard::{ShardSource, StageShard};
 use crate::backend::transformer::Transformer;
 use crate::backend::{Backend, Elem, Heads, KvCache, PagedKv, StepRows};
 use crate::collective::Collective;
-use crate::config::LlamaConfig;
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::family::RopeStyle;
 use crate::ops::RopeTable;
 use crate::shard::ShardLayout;
 use crate::weights::Mat;
@@ -225,6 +226,8 @@ pub struct CudaBackend {
     /// Dequantized weights for large steps of a quantized shard (as large as
     /// the largest quantized matrix).
     scratch: Option<DevBuf>,
+    /// Whether the rotary embedding pairs the halves of a head (GPT-NeoX).
+    neox: bool,
     /// The same-GPU all-reduce's sum, grown on demand and kept.
     sum: Mutex<GrowBuf>,
     tp: Option<Arc<TpGroup>>,
@@ -234,13 +237,13 @@ pub struct CudaBackend {
 impl CudaBackend {
     /// The backend of a shard with `layout` on `dev`.
     pub fn new(
-        config: &LlamaConfig,
+        config: &ModelConfig,
         layout: &ShardLayout,
         dev: DeviceHandle,
         opts: CudaOptions,
         tp: Option<Arc<TpGroup>>,
     ) -> Result<Self> {
-        let hd = config.head_dim();
+        let hd = config.head_dim;
         if !hd.is_multiple_of(32) || hd > ops::MAX_HEAD_DIM as usize {
             return Err(Error::Config(format!(
                 "the CUDA attention kernels take head dimensions that are multiples of 32 up to {}; this model's is {hd}",
@@ -252,7 +255,7 @@ impl CudaBackend {
                 "a tensor-parallel CUDA shard needs its stage's TpGroup".into(),
             ));
         }
-        let rope = RopeTable::new(hd, config.rope_base, config.context);
+        let rope = RopeTable::new(hd, &config.rope, config.context);
         let (cos, sin) = rope.tables();
         Ok(Self {
             cos: f32_buf(&dev.dev, cos)?,
@@ -264,6 +267,7 @@ impl CudaBackend {
                 n_kv: layout.kv_heads.len(),
                 head_dim: hd,
             },
+            neox: config.rope.style == RopeStyle::Neox,
             scratch: None,
             sum: Mutex::new(GrowBuf::default()),
             tp,
@@ -591,6 +595,38 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn add_bias(&self, x: &mut DevBuf, bias: &DevBuf, rows: usize, width: usize) -> Result<()> {
+        // SAFETY: x holds `rows` rows of `width` (Act), bias `width` f32.
+        unsafe { ops::add_bias(self.d(), self.opts.dtype, x.ptr(), bias.ptr(), rows, width) }
+            .map_err(dev_err)
+    }
+
+    fn head_norm(
+        &self,
+        qkv: &mut DevBuf,
+        q_w: &DevBuf,
+        k_w: &DevBuf,
+        eps: f32,
+        rows: usize,
+    ) -> Result<()> {
+        let hd = self.heads;
+        // SAFETY: qkv holds `rows` fused rows (Act); the weights `head_dim` f32.
+        unsafe {
+            ops::head_norm(
+                self.d(),
+                self.opts.dtype,
+                qkv.ptr(),
+                (q_w.ptr(), k_w.ptr()),
+                rows,
+                hd.qkv_width(),
+                (hd.n_heads, hd.n_kv),
+                hd.head_dim,
+                eps,
+            )
+        }
+        .map_err(dev_err)
+    }
+
     fn rope(&self, qkv: &mut DevBuf, meta: &CudaMeta, rows: usize) -> Result<()> {
         let hd = self.heads;
         // SAFETY: qkv holds `rows` fused rows; the meta's positions `rows`
@@ -606,6 +642,7 @@ impl Backend for CudaBackend {
                 hd.qkv_width(),
                 hd.n_heads + hd.n_kv,
                 hd.head_dim,
+                self.neox,
             )
         }
         .map_err(dev_err)
@@ -882,17 +919,22 @@ mod tests {
     //! The backend on the host emulation of a GPU, against the CPU backend.
     use super::*;
     use crate::collective::{SingleCollective, ThreadCollective};
+    use crate::family::Arch;
     use crate::kv::KvPool;
     use crate::model::{LogitsWanted, PagedItem, StageInput, StageOutput};
     use crate::shard::ShardSpec;
     use crate::Logits;
     use crate::{LlamaShard, WeightFormat};
 
-    /// Small, with head_dim 32 (the CUDA attention's granularity) and GQA.
-    fn config() -> LlamaConfig {
-        let c = LlamaConfig::synthetic("tiny32").unwrap();
+    /// Small, with head_dim 32 (the CUDA attention's granularity) and GQA,
+    /// as a model of family `arch` (synthetic weights give its biases and
+    /// q/k norms as ones).
+    fn config_of(arch: Arch) -> ModelConfig {
+        let mut c = ModelConfig::synthetic("tiny32").unwrap();
+        c.arch = arch;
+        c.rope.style = arch.family().rope;
         assert_eq!(
-            (c.head_dim(), c.n_heads, c.n_kv_heads, c.vocab),
+            (c.head_dim, c.n_heads, c.n_kv_heads, c.vocab),
             (32, 4, 2, 384)
         );
         c
@@ -914,7 +956,17 @@ mod tests {
         spec: ShardSpec,
         tp: Option<Arc<TpGroup>>,
     ) -> CudaShard {
-        let c = config();
+        family_shard(dev, dtype, spec, tp, Arch::Llama)
+    }
+
+    fn family_shard(
+        dev: DeviceHandle,
+        dtype: Dtype,
+        spec: ShardSpec,
+        tp: Option<Arc<TpGroup>>,
+        arch: Arch,
+    ) -> CudaShard {
+        let c = config_of(arch);
         CudaShard::load(
             ShardSource {
                 file: None,
@@ -970,7 +1022,11 @@ mod tests {
     }
 
     fn cpu_logits() -> Vec<Logits> {
-        let c = config();
+        family_cpu_logits(Arch::Llama)
+    }
+
+    fn family_cpu_logits(arch: Arch) -> Vec<Logits> {
+        let c = config_of(arch);
         let cpu = LlamaShard::synthetic(c, 11, ShardSpec::SINGLE, WeightFormat::F32).unwrap();
         let mut pool: KvPool = cpu.new_pool(4, 16);
         steps()
@@ -1050,6 +1106,18 @@ mod tests {
         // bf16 keeps 8 bits: a looser bound, same argmax.
         let mut bf16 = cuda_shard(dev, Dtype::Bf16, ShardSpec::SINGLE, None);
         assert_close(&run(&mut bf16, &SingleCollective), &want, 0.08);
+    }
+
+    #[test]
+    fn emulated_backend_runs_every_family_like_the_cpu_backend() {
+        let Some(dev) = emulated() else { return };
+        // Qwen2's q/k/v biases, Qwen3's q/k norms, NeoX rope, Phi-3's fused
+        // gate|up: the same loop on both backends.
+        for arch in [Arch::Qwen2, Arch::Qwen3, Arch::Phi3] {
+            let want = family_cpu_logits(arch);
+            let mut f16 = family_shard(dev.clone(), Dtype::F16, ShardSpec::SINGLE, None, arch);
+            assert_close(&run(&mut f16, &SingleCollective), &want, 0.02);
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub mod collective;
 pub mod config;
 pub mod cuda;
 pub mod error;
+pub mod family;
 pub mod generate;
 pub mod gguf;
 pub mod kv;
@@ -37,7 +38,7 @@ pub mod weights;
 
 pub use backend::{BackendKind, Shard, ShardSource, StageGroup};
 pub use batching::GroupId;
-pub use config::LlamaConfig;
+pub use config::ModelConfig;
 pub use error::{Error, Result};
 pub use gguf::GgufFile;
 pub use model::{

@@ -1,10 +1,12 @@
-//! The Llama-family forward pass, written for one tensor-parallel shard.
+//! The forward pass of every supported family ([`crate::family`]), written for
+//! one tensor-parallel shard.
 //!
 //! Follows "LLaMA: Open and Efficient Foundation Language Models" (Touvron et al.
 //! 2023): pre-norm blocks of RMSNorm → grouped-query attention with rotary
 //! embeddings → residual, RMSNorm → SwiGLU FFN → residual; final RMSNorm and the
-//! LM head. Numerics follow llama.cpp's `llm_build_llama` (adjacent-pair rope on
-//! GGUF's permuted q/k, f32 softmax).
+//! LM head, with each family's optional parts (q/k/v biases, q/k norms, fused
+//! tensors, NeoX rope). Numerics follow llama.cpp's `llm_build_*` (f32
+//! softmax; adjacent-pair rope on GGUF's permuted Llama q/k).
 //!
 //! This module owns what every backend shares before the layers run: where
 //! weights come from ([`WeightSource`]), how a shard's matrices are read and
@@ -35,8 +37,9 @@ use crate::backend::cpu::{CpuBackend, CpuKv, CpuMeta};
 use crate::backend::transformer::{StepItems, Transformer};
 use crate::backend::{Backend, PagedKv, Workspace};
 use crate::collective::Collective;
-use crate::config::LlamaConfig;
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::family::Part;
 use crate::gguf::GgufFile;
 use crate::kv::KvPool;
 use crate::ops::KvRows;
@@ -56,10 +59,25 @@ pub enum WeightSource<'a> {
 }
 
 impl WeightSource<'_> {
+    /// Whether the source has tensor `name`. Synthetic weights have every
+    /// matrix and norm but the untied head, separate q, k and v, and no biases.
     fn has(&self, name: &str) -> bool {
         match self {
             WeightSource::Gguf(f) => f.has_tensor(name),
-            WeightSource::Synthetic { .. } => name != "output.weight",
+            WeightSource::Synthetic { .. } => {
+                name != "output.weight" && !name.ends_with(".bias") && !name.contains("attn_qkv")
+            }
+        }
+    }
+
+    /// Tensor `name` of `len` values when `part` says the family may have
+    /// it and the source does (a required one that is missing is an error
+    /// naming it, from the read).
+    fn part(&self, part: Part, name: &str, len: usize) -> Result<Option<Vec<f32>>> {
+        match part {
+            Part::Absent => Ok(None),
+            Part::Optional if !self.has(name) => Ok(None),
+            Part::Optional | Part::Required => self.vector(name, len).map(Some),
         }
     }
 
@@ -95,10 +113,16 @@ fn fnv1a(s: &str) -> u64 {
 }
 
 /// One layer's weights as matrices, cut for one shard (before any backend
-/// takes them): fused `q|k|v` and `gate|up`, row-parallel `o` and `down`.
+/// takes them): fused `q|k|v` and `gate|up`, row-parallel `o` and `down`,
+/// and the optional parts of the family's block.
 pub(crate) struct BlockMats {
     pub(crate) attn_norm: Vec<f32>,
     pub(crate) qkv: Mat,
+    /// The `q|k|v` bias of this shard's heads (cut like the rows of `qkv`).
+    pub(crate) qkv_bias: Option<Vec<f32>>,
+    /// The per-head RMSNorm weights of q and k (`head_dim` each, the same
+    /// for every head, so not cut).
+    pub(crate) qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     pub(crate) o: Mat,
     pub(crate) ffn_norm: Vec<f32>,
     pub(crate) gate_up: Mat,
@@ -118,7 +142,7 @@ pub(crate) struct ShardMats {
 impl ShardMats {
     /// Reads and cuts shard `spec` of the stage running `layers`.
     pub(crate) fn build(
-        config: &LlamaConfig,
+        config: &ModelConfig,
         src: &WeightSource<'_>,
         spec: ShardSpec,
         layers: Range<usize>,
@@ -131,8 +155,9 @@ impl ShardMats {
         }
         let (first, last) = (layers.start == 0, layers.end == config.n_layers);
         let layout = ShardLayout::new(config, spec)?;
-        let (h, hd) = (config.hidden, config.head_dim());
-        let kv_rows = config.n_kv_heads * hd;
+        let (h, hd) = (config.hidden, config.head_dim);
+        let family = config.family();
+        let (q_rows, kv_rows) = (config.q_width(), config.kv_width());
         let q_local = layout.heads.start * hd..layout.heads.end * hd;
         let kv_local = layout.kv_heads.start * hd..layout.kv_heads.end * hd;
 
@@ -159,29 +184,81 @@ impl ShardMats {
         let mut blocks = Vec::with_capacity(layers.len());
         for i in layers {
             let name = |t: &str| format!("blk.{i}.{t}.weight");
-            let q = src.matrix(&name("attn_q"), h, h)?;
-            let k = src.matrix(&name("attn_k"), kv_rows, h)?;
-            let v = src.matrix(&name("attn_v"), kv_rows, h)?;
-            let qkv = Mat::concat_rows(vec![
-                q.select_rows(std::slice::from_ref(&q_local)),
-                k.select_rows(std::slice::from_ref(&kv_local)),
-                v.select_rows(std::slice::from_ref(&kv_local)),
-            ])?;
+            let bias = |t: &str| format!("blk.{i}.{t}.bias");
+            let shift = |r: &Range<usize>, by: usize| r.start + by..r.end + by;
+            let qkv = if src.has(&name("attn_qkv")) {
+                // One tensor, q rows then k then v: this shard's rows of each.
+                src.matrix(&name("attn_qkv"), q_rows + 2 * kv_rows, h)?
+                    .select_rows(&[
+                        q_local.clone(),
+                        shift(&kv_local, q_rows),
+                        shift(&kv_local, q_rows + kv_rows),
+                    ])
+            } else {
+                let q = src.matrix(&name("attn_q"), q_rows, h)?;
+                let k = src.matrix(&name("attn_k"), kv_rows, h)?;
+                let v = src.matrix(&name("attn_v"), kv_rows, h)?;
+                Mat::concat_rows(vec![
+                    q.select_rows(std::slice::from_ref(&q_local)),
+                    k.select_rows(std::slice::from_ref(&kv_local)),
+                    v.select_rows(std::slice::from_ref(&kv_local)),
+                ])?
+            };
+            let qkv_bias = match (
+                src.part(family.qkv_bias, &bias("attn_q"), q_rows)?,
+                src.part(family.qkv_bias, &bias("attn_k"), kv_rows)?,
+                src.part(family.qkv_bias, &bias("attn_v"), kv_rows)?,
+            ) {
+                (Some(q), Some(k), Some(v)) => Some(
+                    [
+                        &q[q_local.clone()],
+                        &k[kv_local.clone()],
+                        &v[kv_local.clone()],
+                    ]
+                    .concat(),
+                ),
+                (None, None, None) => None,
+                _ => {
+                    return Err(Error::Shard(format!(
+                        "layer {i} has a bias on some of q, k and v but not all"
+                    )))
+                }
+            };
+            let qk_norm = match (
+                src.part(family.qk_norm, &name("attn_q_norm"), hd)?,
+                src.part(family.qk_norm, &name("attn_k_norm"), hd)?,
+            ) {
+                (Some(q), Some(k)) => Some((q, k)),
+                (None, None) => None,
+                _ => {
+                    return Err(Error::Shard(format!(
+                        "layer {i} has a norm on one of q and k but not both"
+                    )))
+                }
+            };
             let o = src
-                .matrix(&name("attn_output"), h, h)?
+                .matrix(&name("attn_output"), h, q_rows)?
                 .select_cols(q_local.clone())?;
-            let gate = src.matrix(&name("ffn_gate"), config.ffn, h)?;
-            let up = src.matrix(&name("ffn_up"), config.ffn, h)?;
-            let gate_up = Mat::concat_rows(vec![
-                gate.select_rows(std::slice::from_ref(&layout.ffn)),
-                up.select_rows(std::slice::from_ref(&layout.ffn)),
-            ])?;
+            let gate_up = if family.fused_gate_up {
+                // One tensor, gate rows then up rows.
+                src.matrix(&name("ffn_up"), 2 * config.ffn, h)?
+                    .select_rows(&[layout.ffn.clone(), shift(&layout.ffn, config.ffn)])
+            } else {
+                let gate = src.matrix(&name("ffn_gate"), config.ffn, h)?;
+                let up = src.matrix(&name("ffn_up"), config.ffn, h)?;
+                Mat::concat_rows(vec![
+                    gate.select_rows(std::slice::from_ref(&layout.ffn)),
+                    up.select_rows(std::slice::from_ref(&layout.ffn)),
+                ])?
+            };
             let down = src
                 .matrix(&name("ffn_down"), h, config.ffn)?
                 .select_cols(layout.ffn.clone())?;
             blocks.push(BlockMats {
                 attn_norm: src.vector(&name("attn_norm"), h)?,
                 qkv,
+                qkv_bias,
+                qk_norm,
                 o,
                 ffn_norm: src.vector(&name("ffn_norm"), h)?,
                 gate_up,
@@ -305,7 +382,7 @@ impl std::fmt::Debug for LlamaShard {
 impl LlamaShard {
     /// Loads shard `spec` of the model in `file`.
     pub fn load(file: &GgufFile, spec: ShardSpec, format: WeightFormat) -> Result<Self> {
-        let n_layers = LlamaConfig::from_gguf(file)?.n_layers;
+        let n_layers = ModelConfig::from_gguf(file)?.n_layers;
         Self::load_stage(file, spec, 0..n_layers, format)
     }
 
@@ -318,13 +395,13 @@ impl LlamaShard {
         layers: Range<usize>,
         format: WeightFormat,
     ) -> Result<Self> {
-        let config = LlamaConfig::from_gguf(file)?;
+        let config = ModelConfig::from_gguf(file)?;
         Self::build(config, &WeightSource::Gguf(file), spec, layers, format)
     }
 
     /// Shard `spec` of a model of shape `config` with seeded random weights.
     pub fn synthetic(
-        config: LlamaConfig,
+        config: ModelConfig,
         seed: u64,
         spec: ShardSpec,
         format: WeightFormat,
@@ -335,7 +412,7 @@ impl LlamaShard {
 
     /// Like [`LlamaShard::synthetic`], for the pipeline stage that runs `layers`.
     pub fn synthetic_stage(
-        config: LlamaConfig,
+        config: ModelConfig,
         seed: u64,
         spec: ShardSpec,
         layers: Range<usize>,
@@ -352,7 +429,7 @@ impl LlamaShard {
     }
 
     pub(crate) fn build(
-        config: LlamaConfig,
+        config: ModelConfig,
         src: &WeightSource<'_>,
         spec: ShardSpec,
         layers: Range<usize>,
@@ -366,7 +443,7 @@ impl LlamaShard {
     }
 
     /// The model's shape.
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &ModelConfig {
         self.model.config()
     }
 
@@ -387,7 +464,7 @@ impl LlamaShard {
 
     /// Floats of K (or V) per position in this shard's caches.
     pub fn kv_width(&self) -> usize {
-        self.layout().kv_heads.len() * self.config().head_dim()
+        self.layout().kv_heads.len() * self.config().head_dim
     }
 
     /// An empty cache for one sequence on this shard.
@@ -556,7 +633,7 @@ pub(crate) struct Rows {
 }
 
 /// Checks every item against the model (context, vocabulary) and lists the rows.
-pub(crate) fn step_rows(c: &LlamaConfig, items: &[(&[u32], usize, LogitsWanted)]) -> Result<Rows> {
+pub(crate) fn step_rows(c: &ModelConfig, items: &[(&[u32], usize, LogitsWanted)]) -> Result<Rows> {
     let mut rows = Rows::default();
     for (i, &(tokens, start, _)) in items.iter().enumerate() {
         if start + tokens.len() > c.context {
@@ -656,7 +733,7 @@ mod tests {
     use crate::collective::{SingleCollective, ThreadCollective};
 
     fn tiny(spec: ShardSpec) -> LlamaShard {
-        let c = LlamaConfig::synthetic("tiny").unwrap();
+        let c = ModelConfig::synthetic("tiny").unwrap();
         LlamaShard::synthetic(c, 3, spec, WeightFormat::F32).unwrap()
     }
 
@@ -756,7 +833,7 @@ mod tests {
 
     #[test]
     fn paged_pipeline_stages_equal_contiguous_forward() {
-        let c = LlamaConfig::synthetic("tiny").unwrap();
+        let c = ModelConfig::synthetic("tiny").unwrap();
         let whole = tiny(ShardSpec::SINGLE);
         let stages: Vec<_> = [0..1, 1..2]
             .into_iter()

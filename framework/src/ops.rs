@@ -10,6 +10,9 @@
 
 use kernels::cpu::{attn, ops as kops};
 
+use crate::config::RopeConfig;
+use crate::family::RopeStyle;
+
 pub use kernels::cpu::attn::{AttnRow, KvRows};
 
 /// RMSNorm of each `width`-wide row of `x` into `out`: `x / rms(x) · weight`
@@ -19,22 +22,29 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// Precomputed rotary-embedding angles (Su et al. 2021, RoFormer) for every
-/// position up to the context window.
+/// position up to the context window, and the pairing they are applied in.
 #[derive(Debug, Clone)]
 pub struct RopeTable {
     half: usize,
+    style: RopeStyle,
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
 
 impl RopeTable {
-    /// Angles `pos · base^(-2i/head_dim)` for `pos < context`.
-    pub fn new(head_dim: usize, base: f32, context: usize) -> Self {
+    /// Angles `pos · freq_scale · base^(-2i/head_dim) / freq_factors[i]`
+    /// for `pos < context` (computed in f64, rounded once).
+    pub fn new(head_dim: usize, rope: &RopeConfig, context: usize) -> Self {
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(context * half);
         let mut sin = Vec::with_capacity(context * half);
         let inv_freq: Vec<f64> = (0..half)
-            .map(|i| 1.0 / (base as f64).powf(2.0 * i as f64 / head_dim as f64))
+            .map(|i| {
+                let factor = rope.freq_factors.as_ref().map_or(1.0, |f| f[i] as f64);
+                rope.freq_scale as f64
+                    / factor
+                    / (rope.base as f64).powf(2.0 * i as f64 / head_dim as f64)
+            })
             .collect();
         for pos in 0..context {
             for f in &inv_freq {
@@ -43,7 +53,12 @@ impl RopeTable {
                 sin.push(angle.sin() as f32);
             }
         }
-        Self { half, cos, sin }
+        Self {
+            half,
+            style: rope.style,
+            cos,
+            sin,
+        }
     }
 
     /// The cosine and sine tables, `context × head_dim/2` each.
@@ -52,12 +67,17 @@ impl RopeTable {
     }
 
     /// Rotates every `head_dim`-wide head in `heads` (one token's heads) by the
-    /// angles of `pos`. Pairs are adjacent elements `(2i, 2i+1)`: GGUF's Llama
-    /// q/k weights are stored permuted for this layout (llama.cpp's "normal" rope).
+    /// angles of `pos`. [`RopeStyle::Normal`] pairs adjacent elements
+    /// `(2i, 2i+1)`: GGUF's Llama q/k weights are stored permuted for this
+    /// layout (llama.cpp's "normal" rope). [`RopeStyle::Neox`] pairs the
+    /// halves `(i, i + head_dim/2)`.
     pub fn apply(&self, heads: &mut [f32], pos: usize) {
         let cos = &self.cos[pos * self.half..(pos + 1) * self.half];
         let sin = &self.sin[pos * self.half..(pos + 1) * self.half];
-        kops::rope(heads, cos, sin)
+        match self.style {
+            RopeStyle::Normal => kops::rope(heads, cos, sin),
+            RopeStyle::Neox => kops::rope_neox(heads, cos, sin),
+        }
     }
 }
 
@@ -132,7 +152,7 @@ mod tests {
 
     #[test]
     fn rope_at_zero_is_identity_and_preserves_norm() {
-        let t = RopeTable::new(8, 10_000.0, 16);
+        let t = RopeTable::new(8, &RopeConfig::plain(10_000.0, RopeStyle::Normal), 16);
         let orig: Vec<f32> = (0..16).map(|i| i as f32 * 0.1).collect();
         let mut v = orig.clone();
         t.apply(&mut v, 0);

@@ -18,7 +18,7 @@
 
 use std::ops::Range;
 
-use crate::config::LlamaConfig;
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 
 /// A tensor-parallel rank within its group.
@@ -76,12 +76,12 @@ pub fn split_even(units: usize, parts: usize, index: usize) -> Range<usize> {
 ///
 /// `pp` must be at least 1 and at most the layer count (checked where a
 /// configuration is validated); outside that, the layers are split evenly.
-pub fn stage_layers(config: &LlamaConfig, pp: usize) -> Vec<Range<usize>> {
+pub fn stage_layers(config: &ModelConfig, pp: usize) -> Vec<Range<usize>> {
     let n = config.n_layers;
     if pp == 0 || pp > n {
         return (0..pp).map(|s| split_even(n, pp.max(1), s)).collect();
     }
-    let (h, d) = (config.hidden as u64, config.head_dim() as u64);
+    let (h, d) = (config.hidden as u64, config.head_dim as u64);
     let attn = h * d * (2 * config.n_heads as u64 + 2 * config.n_kv_heads as u64);
     let layer = attn + 3 * h * config.ffn as u64;
     let head = config.vocab as u64 * h;
@@ -140,7 +140,7 @@ fn ffn_unit(ffn: usize, world: usize) -> usize {
 
 impl ShardLayout {
     /// The layout of `spec` over `config`. Fails when a rank would own no KV group.
-    pub fn new(config: &LlamaConfig, spec: ShardSpec) -> Result<Self> {
+    pub fn new(config: &ModelConfig, spec: ShardSpec) -> Result<Self> {
         let world = spec.world_size;
         if world > config.n_kv_heads {
             return Err(Error::Shard(format!(
@@ -192,11 +192,11 @@ mod tests {
 
     #[test]
     fn stages_are_contiguous_and_balanced_counting_the_head() {
-        let c = LlamaConfig::synthetic("135m").unwrap();
+        let c = ModelConfig::synthetic("135m").unwrap();
         assert_eq!(stage_layers(&c, 1), vec![0..30]);
         assert_eq!(stage_layers(&c, 2), vec![0..19, 19..30]);
         for name in ["tiny", "135m", "1b", "8b"] {
-            let c = LlamaConfig::synthetic(name).unwrap();
+            let c = ModelConfig::synthetic(name).unwrap();
             for pp in 1..=c.n_layers.min(6) {
                 let r = stage_layers(&c, pp);
                 assert_eq!(r.len(), pp);
@@ -209,7 +209,7 @@ mod tests {
                 // No stage but the last is lighter than the last by a whole
                 // layer more than it needs: moving one layer would not help.
                 let even = stage_layers(
-                    &LlamaConfig {
+                    &ModelConfig {
                         vocab: 0,
                         ..c.clone()
                     },
@@ -224,7 +224,7 @@ mod tests {
 
     #[test]
     fn uneven_tp2_on_reference_shape() {
-        let c = LlamaConfig::synthetic("135m").unwrap();
+        let c = ModelConfig::synthetic("135m").unwrap();
         let a = ShardLayout::new(&c, ShardSpec::new(0, 2).unwrap()).unwrap();
         let b = ShardLayout::new(&c, ShardSpec::new(1, 2).unwrap()).unwrap();
         assert_eq!((a.kv_heads.clone(), b.kv_heads.clone()), (0..2, 2..3));
@@ -236,7 +236,7 @@ mod tests {
 
     #[test]
     fn too_many_shards_is_an_error() {
-        let c = LlamaConfig::synthetic("135m").unwrap();
+        let c = ModelConfig::synthetic("135m").unwrap();
         let err = ShardLayout::new(&c, ShardSpec::new(0, 4).unwrap()).unwrap_err();
         assert!(err.to_string().contains("3 KV heads"), "{err}");
         assert!(ShardSpec::new(2, 2).is_err());

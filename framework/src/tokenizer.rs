@@ -24,6 +24,10 @@ use crate::gguf::GgufFile;
 /// Llama 3's pre-tokenization pattern (`tokenizer.ggml.pre = llama-bpe`).
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Qwen2's pre-tokenization pattern (`tokenizer.ggml.pre = qwen2`): Llama 3's
+/// with every digit split alone.
+const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// GGUF token types (llama.cpp's `llama_token_type`).
 const TOKEN_CONTROL: i64 = 3;
 const TOKEN_USER_DEFINED: i64 = 4;
@@ -131,12 +135,16 @@ impl Tokenizer {
                     byte_level(false),
                 ]))
             }
+            "qwen2" | "deepseek-r1-qwen" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                isolate(QWEN2_PATTERN)?,
+                byte_level(false),
+            ])),
             other => {
                 return Err(Error::Unsupported {
                     path: file.path().to_path_buf(),
                     what: "pre-tokenizer (tokenizer.ggml.pre)",
                     found: other.to_string(),
-                    supported: "default, gpt2, smollm, llama-bpe",
+                    supported: "default, gpt2, smollm, llama-bpe, qwen2",
                 })
             }
         };

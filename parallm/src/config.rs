@@ -949,7 +949,7 @@ pub fn memory_plan(
     };
     let model_err = |e: framework::Error| invalid("model.path", e.to_string());
     let file = framework::GgufFile::open(&path).map_err(model_err)?;
-    let model = framework::LlamaConfig::from_gguf_capped(&file, settings.engine.max_model_len)
+    let model = framework::ModelConfig::from_gguf_capped(&file, settings.engine.max_model_len)
         .map_err(model_err)?;
     let engine_err = |e: framework::Error| invalid("scheduler", e.to_string());
     let plan = settings

@@ -30,7 +30,7 @@ pub fn load_model(path: &Path, format: WeightFormat) -> framework::Result<Loaded
     let file = GgufFile::open(path)?;
     // The architecture check and the tokenizer first: they are cheap, and a
     // file of another architecture should be named as such.
-    framework::LlamaConfig::from_gguf(&file)?;
+    framework::ModelConfig::from_gguf(&file)?;
     let tokenizer = Tokenizer::from_gguf(&file)?;
     let model = LlamaShard::load(&file, ShardSpec::SINGLE, format)?;
     Ok(LoadedModel {

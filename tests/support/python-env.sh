@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# python-env.sh — provide a Python virtualenv with the official `openai` client.
+# python-env.sh — provide a Python virtualenv with the official `openai` client
+# and the `gguf` package (with numpy).
 #
 # Called by parallm's Rust integration tests (cargo test --release --workspace)
 # to get an interpreter for tests/support/openai_client.py, which drives
-# parallm's OpenAI-compatible HTTP API with the real client library. Can also
-# be run by hand.
+# parallm's OpenAI-compatible HTTP API with the real client library, and for
+# tests/support/family_models.py, which writes the tiny models of each family
+# with llama.cpp's own GGUF writer. Can also be run by hand.
 #
 # Behaviour:
 #   * venv lives at "${PARALLM_HOME:-$HOME/.cache/parallm}/pyenv"; it is
 #     (re)created only if missing or broken (its python does not run, or has
 #     no pip).
-#   * installs openai==$OPENAI_VERSION into it with `python -m pip`, only if
-#     that exact version is not already installed.
+#   * installs $PACKAGES into it with `python -m pip`, only if those exact
+#     versions are not already installed.
 #   * the base interpreter is $PARALLM_PYTHON, else `python3` on PATH. If its
 #     venv module cannot bootstrap pip (Debian without python3-venv), the
 #     Debian package python3-venv is installed (root or `sudo -n`) and the
@@ -23,7 +25,9 @@
 # failure.
 set -euo pipefail
 
-OPENAI_VERSION="3.54.0"
+# Pinned: the tiny models' bytes (and so the golden file's SHA-256) depend
+# on the gguf writer's version.
+PACKAGES="openai==3.54.0 gguf==0.19.0"
 
 PARALLM_HOME="${PARALLM_HOME:-$HOME/.cache/parallm}"
 VENV="$PARALLM_HOME/pyenv"
@@ -39,16 +43,20 @@ venv_ok() {
     [ -x "$VPY" ] && "$VPY" -c 'import sys, pip' >/dev/null 2>&1
 }
 
-openai_ok() {
-    "$VPY" - "$OPENAI_VERSION" >/dev/null 2>&1 <<'PY'
+packages_ok() {
+    # shellcheck disable=SC2086
+    "$VPY" - $PACKAGES >/dev/null 2>&1 <<'PY'
 import sys
 from importlib.metadata import version
-sys.exit(0 if version("openai") == sys.argv[1] else 1)
+for spec in sys.argv[1:]:
+    name, want = spec.split("==")
+    if version(name) != want:
+        sys.exit(1)
 PY
 }
 
 # Fast path, no lock needed.
-if venv_ok && openai_ok; then
+if venv_ok && packages_ok; then
     printf '%s\n' "$VPY"
     exit 0
 fi
@@ -95,12 +103,13 @@ if ! venv_ok; then
     fi
 fi
 
-if ! openai_ok; then
-    log "installing openai==$OPENAI_VERSION into $VENV"
+if ! packages_ok; then
+    log "installing $PACKAGES into $VENV"
+    # shellcheck disable=SC2086
     "$VPY" -m pip install --disable-pip-version-check --no-input --quiet \
-        "openai==$OPENAI_VERSION" </dev/null >&2 \
-        || die "pip install openai==$OPENAI_VERSION failed"
-    openai_ok || die "openai==$OPENAI_VERSION not importable after install"
+        $PACKAGES </dev/null >&2 \
+        || die "pip install $PACKAGES failed"
+    packages_ok || die "$PACKAGES not importable after install"
 fi
 
 printf '%s\n' "$VPY"

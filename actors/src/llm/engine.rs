@@ -16,7 +16,7 @@ use framework::chat::ChatTemplate;
 use framework::generate::validate_prompt;
 use framework::sampling::Sampler;
 use framework::{
-    BackendKind, Error, GgufFile, LlamaConfig, ShardSource, ShardSpec, StageGroup, Tokenizer,
+    BackendKind, Error, GgufFile, ModelConfig, ShardSource, ShardSpec, StageGroup, Tokenizer,
     WeightFormat,
 };
 
@@ -210,7 +210,7 @@ fn bad_config(field: &'static str, reason: impl Into<String>) -> Error {
 
 impl EngineConfig {
     /// Checks the configuration against the model's shape; errors name the field.
-    pub fn validate(&self, model: &LlamaConfig) -> Result<(), Error> {
+    pub fn validate(&self, model: &ModelConfig) -> Result<(), Error> {
         for (field, v) in [
             ("tp", self.tp),
             ("pp", self.pp),
@@ -293,7 +293,7 @@ impl EngineConfig {
     /// What the engine would allocate for `model`, whose file holds
     /// `file_bytes` (0 for synthetic weights). Errors when a figure does not
     /// fit in 64 bits.
-    pub fn memory_plan(&self, model: &LlamaConfig, file_bytes: u64) -> Result<MemoryPlan, Error> {
+    pub fn memory_plan(&self, model: &ModelConfig, file_bytes: u64) -> Result<MemoryPlan, Error> {
         let overflow = |what: &str| {
             bad_config(
                 "kv_memory_bytes",
@@ -307,7 +307,7 @@ impl EngineConfig {
             u(model.n_layers),
             2,
             u(model.n_kv_heads),
-            u(model.head_dim()),
+            u(model.head_dim),
             elem,
         ]
         .into_iter()
@@ -337,13 +337,13 @@ impl EngineConfig {
         let tp = u(self.tp);
         let h = u(model.hidden);
         let row = 4 * h
-            + (u(model.n_heads) + 2 * u(model.n_kv_heads)) * u(model.head_dim()) / tp
+            + (u(model.n_heads) + 2 * u(model.n_kv_heads)) * u(model.head_dim) / tp
             + 2 * u(model.ffn) / tp
             + u(model.vocab) / tp;
         let nodes = u(self.tp * self.pp * self.dp);
         let per_node = mul(u(self.max_batch_tokens), row, "workspace")?
             .checked_mul(4)
-            .and_then(|b| b.checked_add(u(model.context) * u(model.head_dim()) * 4))
+            .and_then(|b| b.checked_add(u(model.context) * u(model.head_dim) * 4))
             .ok_or_else(|| overflow("workspace"))?;
         let workspace_bytes = mul(per_node, nodes, "workspace")?;
         Ok(MemoryPlan {
@@ -371,10 +371,10 @@ impl EngineConfig {
 
     /// KV blocks per replica: `kv_blocks`, or as many as `kv_memory_bytes`
     /// holds at the backend's element size (f32 on the CPU, 16 bits on CUDA).
-    pub fn kv_blocks(&self, model: &LlamaConfig) -> usize {
+    pub fn kv_blocks(&self, model: &ModelConfig) -> usize {
         let elem = self.compute.kv_elem_bytes();
         self.kv_blocks.unwrap_or_else(|| {
-            let per_position = model.n_layers * 2 * model.n_kv_heads * model.head_dim() * elem;
+            let per_position = model.n_layers * 2 * model.n_kv_heads * model.head_dim * elem;
             self.kv_memory_bytes / per_position.saturating_mul(self.block_size).max(1)
         })
     }
@@ -532,7 +532,7 @@ pub struct Engine {
     pipeline: Pipeline<LlmPolicy, Registration>,
     tokenizer: Option<Arc<Tokenizer>>,
     chat: Option<ChatTemplate>,
-    model: LlamaConfig,
+    model: ModelConfig,
     cfg: EngineConfig,
     kv_positions: usize,
     next_id: AtomicU64,
@@ -555,12 +555,12 @@ impl Engine {
         let (model, tokenizer, file_bytes) = match &cfg.model {
             ModelSource::Gguf(path) => {
                 let file = GgufFile::open(path)?;
-                let model = LlamaConfig::from_gguf_capped(&file, cfg.max_model_len)?;
+                let model = ModelConfig::from_gguf_capped(&file, cfg.max_model_len)?;
                 let tokenizer = Tokenizer::from_gguf(&file)?;
                 (model, Some(Arc::new(tokenizer)), file.file_size())
             }
             ModelSource::Synthetic { name, .. } => {
-                let mut model = LlamaConfig::synthetic(name)?;
+                let mut model = ModelConfig::synthetic(name)?;
                 if let Some(cap) = cfg.max_model_len {
                     model.context = model.context.min(cap);
                 }
@@ -674,7 +674,7 @@ impl Engine {
     }
 
     /// The model's shape.
-    pub fn model_config(&self) -> &LlamaConfig {
+    pub fn model_config(&self) -> &ModelConfig {
         &self.model
     }
 
@@ -861,7 +861,7 @@ mod tests {
 
     #[test]
     fn kv_memory_holds_twice_the_blocks_at_16_bits() {
-        let model = LlamaConfig::synthetic("135m").unwrap();
+        let model = ModelConfig::synthetic("135m").unwrap();
         // 30 layers · K and V · 3 kv heads · 64 · 4 bytes · 16 positions.
         let per_block_f32 = 30 * 2 * 3 * 64 * 4 * 16;
         let cpu = EngineConfig {
@@ -885,7 +885,7 @@ mod tests {
 
     #[test]
     fn an_engine_the_machine_cannot_hold_is_refused_with_both_figures() {
-        let model = LlamaConfig::synthetic("135m").unwrap();
+        let model = ModelConfig::synthetic("135m").unwrap();
         let per_block_f32 = 30 * 2 * 3 * 64 * 4 * 16;
         let cfg = EngineConfig {
             kv_blocks: Some(1 << 30),

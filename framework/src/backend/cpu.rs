@@ -10,7 +10,7 @@
 use std::ops::Range;
 
 use crate::collective::Collective;
-use crate::config::LlamaConfig;
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::kv::KvPool;
 use crate::ops::{self, AttnRow, KvRows, RopeTable};
@@ -28,11 +28,11 @@ pub struct CpuBackend {
 
 impl CpuBackend {
     /// The backend of a shard with `layout`, computing in `format`.
-    pub fn new(config: &LlamaConfig, layout: &ShardLayout, format: WeightFormat) -> Self {
-        let hd = config.head_dim();
+    pub fn new(config: &ModelConfig, layout: &ShardLayout, format: WeightFormat) -> Self {
+        let hd = config.head_dim;
         Self {
             format,
-            rope: RopeTable::new(hd, config.rope_base, config.context),
+            rope: RopeTable::new(hd, &config.rope, config.context),
             heads: Heads {
                 n_heads: layout.heads.len(),
                 n_kv: layout.kv_heads.len(),
@@ -179,6 +179,37 @@ impl Backend for CpuBackend {
         let k = w.in_features();
         let y = w.forward(&x[..rows * k], rows)?;
         out[..y.len()].copy_from_slice(&y);
+        Ok(())
+    }
+
+    fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>, rows: usize, width: usize) -> Result<()> {
+        for row in x[..rows * width].chunks_exact_mut(width) {
+            row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+        }
+        Ok(())
+    }
+
+    fn head_norm(
+        &self,
+        qkv: &mut Vec<f32>,
+        q_w: &Vec<f32>,
+        k_w: &Vec<f32>,
+        eps: f32,
+        rows: usize,
+    ) -> Result<()> {
+        let hd = self.heads;
+        let (q_w_len, k_len) = (hd.q_width(), hd.kv_width());
+        let qkv_w = hd.qkv_width();
+        let mut head = vec![0f32; hd.head_dim];
+        for row in qkv[..rows * qkv_w].chunks_exact_mut(qkv_w) {
+            let (q, kv) = row.split_at_mut(q_w_len);
+            for (part, w) in [(q, q_w), (&mut kv[..k_len], k_w)] {
+                for h in part.chunks_exact_mut(hd.head_dim) {
+                    head.copy_from_slice(h);
+                    ops::rms_norm(&head, w, eps, h);
+                }
+            }
+        }
         Ok(())
     }
 

@@ -6,7 +6,8 @@
 //! those ops): workspace buffers ([`Elem::F32`] for the residual stream and
 //! the row-parallel outputs that are all-reduced, [`Elem::Act`] for the
 //! activations the matmuls read), RMSNorm with a fused residual add, matmul
-//! with a shard's weight, RoPE, SiLU·mul, residual add, the embedding lookup,
+//! with a shard's weight, a bias add, a per-head RMSNorm of q and k, RoPE in
+//! either pairing, SiLU·mul, residual add, the embedding lookup,
 //! the gather of picked rows, upload/download of hidden rows, and the
 //! all-reduce of the stage's tensor-parallel ranks over its buffers. Its KV
 //! storage implements [`KvCache`] (write a layer's new keys and values, then
@@ -175,7 +176,26 @@ pub trait Backend: Send + Sized {
         out_elem: Elem,
         rows: usize,
     ) -> Result<()>;
-    /// Rotates the q and k heads of fused `q|k|v` rows by their positions.
+    /// `x[r] += bias` for each of the `rows` rows of `width` values of `x` (Act).
+    fn add_bias(
+        &self,
+        x: &mut Self::Buf,
+        bias: &Self::Vector,
+        rows: usize,
+        width: usize,
+    ) -> Result<()>;
+    /// RMSNorm of every q head (weight `q_w`) and k head (weight `k_w`) of
+    /// fused `q|k|v` rows, in place, each over its `head_dim` values.
+    fn head_norm(
+        &self,
+        qkv: &mut Self::Buf,
+        q_w: &Self::Vector,
+        k_w: &Self::Vector,
+        eps: f32,
+        rows: usize,
+    ) -> Result<()>;
+    /// Rotates the q and k heads of fused `q|k|v` rows by their positions,
+    /// pairing each head's dimensions as the model's [`crate::family::RopeStyle`] says.
     fn rope(&self, qkv: &mut Self::Buf, meta: &Self::Meta, rows: usize) -> Result<()>;
     /// `out = silu(gate) · up` for rows `[gate (width) | up (width)]`.
     fn silu_mul(

@@ -18,7 +18,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::collective::Collective;
-use crate::config::LlamaConfig;
+use crate::config::ModelConfig;
 use crate::cuda::{CudaOptions, CudaShard, DeviceHandle, TpGroup};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
@@ -103,7 +103,7 @@ pub struct ShardSource<'a> {
     /// The model file, or `None` for seeded synthetic weights.
     pub file: Option<&'a GgufFile>,
     /// The model's shape (from the file, or the synthetic shape).
-    pub config: LlamaConfig,
+    pub config: ModelConfig,
     /// Seed of synthetic weights.
     pub seed: u64,
     /// The tensor-parallel rank.
@@ -131,7 +131,7 @@ impl std::fmt::Debug for Shard {
 
 impl ShardSource<'_> {
     /// The validated shape and this shard's cut of the weights.
-    pub(crate) fn mats(&self) -> Result<(LlamaConfig, ShardMats)> {
+    pub(crate) fn mats(&self) -> Result<(ModelConfig, ShardMats)> {
         self.config.validate()?;
         let weights = match self.file {
             Some(f) => WeightSource::Gguf(f),
@@ -234,7 +234,7 @@ impl<B: Backend> StageShard<B> {
     }
 
     /// The model's shape.
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &ModelConfig {
         self.model.config()
     }
 

@@ -1,8 +1,12 @@
-//! The Llama layer loop, written once over any [`Backend`].
+//! The transformer's layer loop, written once over any [`Backend`] and every
+//! model family ([`crate::family`]).
 //!
 //! Follows "LLaMA: Open and Efficient Foundation Language Models" (Touvron et
 //! al. 2023): per layer, `x += o(attn(rope(qkv(norm(x)))))` then
-//! `x += down(silu(gate(norm(x))) · up(norm(x)))`, with fused `q|k|v` and
+//! `x += down(silu(gate(norm(x))) · up(norm(x)))`. A family's optional parts
+//! are steps of the same loop: the `q|k|v` bias after the matmul (Qwen2), a
+//! per-head RMSNorm of q and k before the rotary embedding (Qwen3); the
+//! rotary pairing is the backend's, set from the config. With fused `q|k|v` and
 //! `gate|up` column-parallel, `o` and `down` row-parallel (all-reduced). The
 //! residual add of each row-parallel output is fused into the next RMSNorm
 //! (the CUDA kernel's form; on the CPU the same add in the same order), and
@@ -22,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::collective::{Collective, TimedCollective};
-use crate::config::LlamaConfig;
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::model::{self, Logits, LogitsWanted, ShardMats, StageInput, StageOutput};
 use crate::profile::{Op, StepProfile, Timer};
@@ -37,15 +41,17 @@ use super::{Backend, KvCache, StepRows, Widths, Workspace};
 struct Block<B: Backend> {
     attn_norm: B::Vector,
     qkv: ColumnParallelLinear<B>,
+    qkv_bias: Option<B::Vector>,
+    qk_norm: Option<(B::Vector, B::Vector)>,
     o: RowParallelLinear<B>,
     ffn_norm: B::Vector,
     gate_up: ColumnParallelLinear<B>,
     down: RowParallelLinear<B>,
 }
 
-/// One tensor-parallel shard of a pipeline stage of a Llama model, on backend `B`.
+/// One tensor-parallel shard of a pipeline stage of a model, on backend `B`.
 pub struct Transformer<B: Backend> {
-    config: LlamaConfig,
+    config: ModelConfig,
     layout: ShardLayout,
     layers: Range<usize>,
     backend: B,
@@ -73,7 +79,7 @@ impl<B: Backend> Transformer<B> {
     /// Hands the weights of `mats` (the stage `layers`) to `backend`.
     pub(crate) fn new(
         mut backend: B,
-        config: LlamaConfig,
+        config: ModelConfig,
         mats: ShardMats,
         layers: Range<usize>,
     ) -> Result<Self> {
@@ -96,9 +102,15 @@ impl<B: Backend> Transformer<B> {
         };
         let mut blocks = Vec::with_capacity(mats.blocks.len());
         for b in mats.blocks {
+            let qk_norm = match &b.qk_norm {
+                Some((q, k)) => Some((be.vector(q)?, be.vector(k)?)),
+                None => None,
+            };
             blocks.push(Block {
                 attn_norm: be.vector(&b.attn_norm)?,
                 qkv: ColumnParallelLinear::new(be.weight(b.qkv)?),
+                qkv_bias: b.qkv_bias.as_deref().map(|v| be.vector(v)).transpose()?,
+                qk_norm,
                 o: RowParallelLinear::new(be.weight(b.o)?),
                 ffn_norm: be.vector(&b.ffn_norm)?,
                 gate_up: ColumnParallelLinear::new(be.weight(b.gate_up)?),
@@ -135,7 +147,7 @@ impl<B: Backend> Transformer<B> {
     }
 
     /// The model's shape.
-    pub fn config(&self) -> &LlamaConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.config
     }
 
@@ -303,6 +315,7 @@ impl<B: Backend> Transformer<B> {
     ) -> Result<()> {
         let (be, eps, h) = (&self.backend, self.config.rms_eps, self.config.hidden);
         let ffn = self.layout.ffn.len();
+        let qkv_w = be.heads().qkv_width();
         let ws = &mut *ws;
         let spent = || host.spent();
         // Whether `delta` holds a row-parallel output not yet added to `x`.
@@ -313,8 +326,17 @@ impl<B: Backend> Transformer<B> {
                 be.rms_norm(&mut ws.x, residual, &b.attn_norm, eps, &mut ws.normed, n, h)
             })?;
             timer.time(Op::QkvMatmul, spent, || {
-                b.qkv.forward(be, &ws.normed, &mut ws.qkv, n)
+                b.qkv.forward(be, &ws.normed, &mut ws.qkv, n)?;
+                match &b.qkv_bias {
+                    Some(bias) => be.add_bias(&mut ws.qkv, bias, n, qkv_w),
+                    None => Ok(()),
+                }
             })?;
+            if let Some((q_norm, k_norm)) = &b.qk_norm {
+                timer.time(Op::Norm, spent, || {
+                    be.head_norm(&mut ws.qkv, q_norm, k_norm, eps, n)
+                })?;
+            }
             timer.time(Op::Rope, spent, || be.rope(&mut ws.qkv, &ws.meta, n))?;
             timer.time(Op::Attention, spent, || {
                 kv.attend(be, layer, &ws.qkv, &ws.meta, &mut ws.attn, n)

@@ -3,7 +3,8 @@
 //!
 //! Owns: [`rms_norm`], [`silu_mul`], [`rope`] (each with an AVX2 path chosen at
 //! run time and a `*_scalar` reference that every other path is tested
-//! against), and the AVX2 `exp` the attention kernel shares.
+//! against), [`rope_neox`] (GPT-NeoX's pairing, scalar), and the AVX2 `exp`
+//! the attention kernel shares.
 //!
 //! What is true of every path:
 //!
@@ -114,6 +115,26 @@ pub fn rope(heads: &mut [f32], cos: &[f32], sin: &[f32]) {
         return;
     }
     rope_scalar(heads, cos, sin)
+}
+
+/// [`rope`] with GPT-NeoX's pairing: element `i` of each head with element
+/// `i + cos.len()` (the halves), rotated by the same angles. Scalar: the
+/// halves are contiguous, so the compiler vectorizes it, and it is a few
+/// hundred values per token.
+pub fn rope_neox(heads: &mut [f32], cos: &[f32], sin: &[f32]) {
+    assert_eq!(cos.len(), sin.len(), "one sine per cosine");
+    assert!(
+        !cos.is_empty() && heads.len().is_multiple_of(2 * cos.len()),
+        "heads must be whole 2·cos.len() heads"
+    );
+    for head in heads.chunks_exact_mut(2 * cos.len()) {
+        let (lo, hi) = head.split_at_mut(cos.len());
+        for (((a, b), &c), &s) in lo.iter_mut().zip(hi).zip(cos).zip(sin) {
+            let (x, y) = (*a, *b);
+            *a = x * c - y * s;
+            *b = x * s + y * c;
+        }
+    }
 }
 
 /// The reference [`rope`].
@@ -429,6 +450,29 @@ mod tests {
             rope(&mut a, &cos, &sin);
             rope_scalar(&mut b, &cos, &sin);
             assert_eq!(a, b, "half {half}");
+        }
+    }
+
+    #[test]
+    fn neox_rope_is_the_normal_rope_of_the_halves_interleaved() {
+        let mut rng = Rng::new(5);
+        for half in [1, 3, 8, 64] {
+            let heads = rng.range(1, 5);
+            let x = rng.f32s(heads * 2 * half, 4.0);
+            let angles: Vec<f32> = (0..half).map(|_| rng.f32() * 100.0).collect();
+            let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+            let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+            // (i, i + half) → (2i, 2i + 1): the same rotation of the same pairs.
+            let interleave = |v: &[f32]| -> Vec<f32> {
+                v.chunks_exact(2 * half)
+                    .flat_map(|h| (0..half).flat_map(move |i| [h[i], h[i + half]]))
+                    .collect()
+            };
+            let mut neox = x.clone();
+            rope_neox(&mut neox, &cos, &sin);
+            let mut normal = interleave(&x);
+            rope_scalar(&mut normal, &cos, &sin);
+            assert_eq!(interleave(&neox), normal, "half {half}");
         }
     }
 

@@ -171,10 +171,11 @@ pub unsafe fn rms_norm(
     }
 }
 
-/// Rotary embedding, llama.cpp's adjacent-pair convention, of the first
-/// `n_heads` heads of every row of `qkv` (the q heads followed by the k heads):
-/// pair `(2i, 2i+1)` of a head at position `pos[r]` turns by the angle whose
-/// cosine and sine are `cos[pos·half + i]`, `sin[pos·half + i]`.
+/// Rotary embedding of the first `n_heads` heads of every row of `qkv` (the
+/// q heads followed by the k heads): pair `i` of a head at position `pos[r]`
+/// turns by the angle whose cosine and sine are `cos[pos·half + i]`,
+/// `sin[pos·half + i]`. Pair `i` is the elements `(2i, 2i+1)` (llama.cpp's
+/// "normal" rope), or `(i, i + half)` when `neox` (GPT-NeoX's pairing).
 /// `qkv`: `rows × row_stride` (t); `pos`: `rows` u32; `cos`, `sin`:
 /// `context × head_dim/2` f32.
 ///
@@ -191,8 +192,9 @@ pub unsafe fn rope(
     row_stride: usize,
     n_heads: usize,
     head_dim: usize,
+    neox: bool,
 ) -> Result<()> {
-    let k = "rope";
+    let k = if neox { "rope_neox" } else { "rope" };
     shape(
         k,
         head_dim.is_multiple_of(2) && n_heads * head_dim <= row_stride,
@@ -220,6 +222,81 @@ pub unsafe fn rope(
             &args,
         )
     }
+}
+
+/// `x[r][i] += bias[i]` for `rows` rows of `width` values of `x` (t), the
+/// sum rounded once to t. `bias`: `width` f32.
+///
+/// # Safety
+/// See the module documentation.
+pub unsafe fn add_bias(
+    dev: &dyn Device,
+    t: Dtype,
+    x: DevPtr,
+    bias: DevPtr,
+    rows: usize,
+    width: usize,
+) -> Result<()> {
+    if rows == 0 {
+        return Ok(());
+    }
+    let k = "add_bias";
+    let args = [
+        Arg::Ptr(x),
+        Arg::Ptr(bias),
+        Arg::U32(u32_of(k, "rows", rows)?),
+        Arg::U32(u32_of(k, "width", width)?),
+    ];
+    // SAFETY: forwarded.
+    unsafe {
+        launch(
+            dev,
+            &named(k, t),
+            LaunchCfg::linear(u32_of(k, "rows", rows)?, 128),
+            &args,
+        )
+    }
+}
+
+/// RMSNorm, in place, of each of the first `n_q + n_k` heads of every row of
+/// `qkv` (t): the q heads with weight `qw`, the k heads after them with `kw`
+/// (`head_dim` f32 each); `x / sqrt(mean(x²) + eps) · w`, rounded once.
+///
+/// # Safety
+/// See the module documentation.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn head_norm(
+    dev: &dyn Device,
+    t: Dtype,
+    qkv: DevPtr,
+    (qw, kw): (DevPtr, DevPtr),
+    rows: usize,
+    row_stride: usize,
+    (n_q, n_k): (usize, usize),
+    head_dim: usize,
+    eps: f32,
+) -> Result<()> {
+    let k = "head_norm";
+    shape(k, (n_q + n_k) * head_dim <= row_stride, || {
+        format!("{n_q} + {n_k} heads of {head_dim} in rows of {row_stride}")
+    })?;
+    if rows == 0 || n_q + n_k == 0 {
+        return Ok(());
+    }
+    let blocks = u32_of(k, "rows × heads", rows * (n_q + n_k))?;
+    let args = [
+        Arg::Ptr(qkv),
+        Arg::Ptr(qw),
+        Arg::Ptr(kw),
+        Arg::U32(u32_of(k, "rows", rows)?),
+        Arg::U32(u32_of(k, "row_stride", row_stride)?),
+        Arg::U32(u32_of(k, "n_q", n_q)?),
+        Arg::U32(u32_of(k, "n_k", n_k)?),
+        Arg::U32(u32_of(k, "head_dim", head_dim)?),
+        Arg::F32(eps),
+    ];
+    // SAFETY: forwarded.
+    unsafe { launch(dev, &named(k, t), LaunchCfg::linear(blocks, 64), &args) }
 }
 
 /// Writes each row's keys and values into its KV-cache slot:

@@ -180,6 +180,90 @@ extern "C" __global__ void rope_bf16(u16* __restrict__ qkv, const u32* __restric
     rope_impl<BF16>(qkv, pos, cos_t, sin_t, rows, row_stride, n_heads, head_dim);
 }
 
+// ---- rope_neox: as rope, but pair i of a head is its elements (i, i + half)
+// (GPT-NeoX's pairing). One block per row.
+template <class T>
+__device__ __forceinline__ void rope_neox_impl(u16* __restrict__ qkv, const u32* __restrict__ pos,
+                                               const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                               u32 rows, u32 row_stride, u32 n_heads, u32 head_dim) {
+    const u32 half = head_dim / 2, pairs = n_heads * half;
+    for (u32 r = blockIdx.x; r < rows; r += gridDim.x) {
+        const u64 at = (u64)pos[r] * half;
+        u16* row = qkv + (u64)r * row_stride;
+        for (u32 t = threadIdx.x; t < pairs; t += blockDim.x) {
+            const u32 h = t / half, i = t - h * half;
+            u16* head = row + h * head_dim;
+            const float c = cos_t[at + i], s = sin_t[at + i];
+            const float a = T::load(head[i]), b = T::load(head[i + half]);
+            head[i] = T::store(a * c - b * s);
+            head[i + half] = T::store(a * s + b * c);
+        }
+    }
+}
+
+extern "C" __global__ void rope_neox_f16(u16* __restrict__ qkv, const u32* __restrict__ pos,
+                                         const float* __restrict__ cos_t, const float* __restrict__ sin_t, u32 rows,
+                                         u32 row_stride, u32 n_heads, u32 head_dim) {
+    rope_neox_impl<F16>(qkv, pos, cos_t, sin_t, rows, row_stride, n_heads, head_dim);
+}
+extern "C" __global__ void rope_neox_bf16(u16* __restrict__ qkv, const u32* __restrict__ pos,
+                                          const float* __restrict__ cos_t, const float* __restrict__ sin_t, u32 rows,
+                                          u32 row_stride, u32 n_heads, u32 head_dim) {
+    rope_neox_impl<BF16>(qkv, pos, cos_t, sin_t, rows, row_stride, n_heads, head_dim);
+}
+
+// ---- add_bias: x[r][i] = T(x[r][i] + bias[i]) for rows of width. One block
+// per row.
+template <class T>
+__device__ __forceinline__ void add_bias_impl(u16* __restrict__ x, const float* __restrict__ bias, u32 rows,
+                                              u32 width) {
+    for (u32 r = blockIdx.x; r < rows; r += gridDim.x) {
+        u16* row = x + (u64)r * width;
+        for (u32 i = threadIdx.x; i < width; i += blockDim.x) row[i] = T::store(T::load(row[i]) + bias[i]);
+    }
+}
+
+extern "C" __global__ void add_bias_f16(u16* __restrict__ x, const float* __restrict__ bias, u32 rows, u32 width) {
+    add_bias_impl<F16>(x, bias, rows, width);
+}
+extern "C" __global__ void add_bias_bf16(u16* __restrict__ x, const float* __restrict__ bias, u32 rows, u32 width) {
+    add_bias_impl<BF16>(x, bias, rows, width);
+}
+
+// ---- head_norm: RMSNorm, in place, of each of the first n_q + n_k heads of
+// each row (q heads with qw, then k heads with kw). One block per head of a
+// row; the second pass re-reads what the same thread read in the first.
+template <class T>
+__device__ __forceinline__ void head_norm_impl(u16* __restrict__ qkv, const float* __restrict__ qw,
+                                               const float* __restrict__ kw, u32 rows, u32 row_stride, u32 n_q,
+                                               u32 n_k, u32 head_dim, float eps) {
+    __shared__ float scratch[32];
+    const u32 heads = n_q + n_k;
+    for (u64 b = blockIdx.x; b < (u64)rows * heads; b += gridDim.x) {
+        const u32 r = (u32)(b / heads), h = (u32)(b - (u64)r * heads);
+        u16* head = qkv + (u64)r * row_stride + (u64)h * head_dim;
+        const float* w = h < n_q ? qw : kw;
+        float ss = 0.0f;
+        for (u32 i = threadIdx.x; i < head_dim; i += blockDim.x) {
+            const float v = T::load(head[i]);
+            ss += v * v;
+        }
+        const float scale = rsqrtf(block_sum(ss, scratch) / (float)head_dim + eps);
+        for (u32 i = threadIdx.x; i < head_dim; i += blockDim.x) head[i] = T::store(T::load(head[i]) * scale * w[i]);
+    }
+}
+
+extern "C" __global__ void head_norm_f16(u16* __restrict__ qkv, const float* __restrict__ qw,
+                                         const float* __restrict__ kw, u32 rows, u32 row_stride, u32 n_q, u32 n_k,
+                                         u32 head_dim, float eps) {
+    head_norm_impl<F16>(qkv, qw, kw, rows, row_stride, n_q, n_k, head_dim, eps);
+}
+extern "C" __global__ void head_norm_bf16(u16* __restrict__ qkv, const float* __restrict__ qw,
+                                          const float* __restrict__ kw, u32 rows, u32 row_stride, u32 n_q, u32 n_k,
+                                          u32 head_dim, float eps) {
+    head_norm_impl<BF16>(qkv, qw, kw, rows, row_stride, n_q, n_k, head_dim, eps);
+}
+
 // ---- kv_write: k_cache[slots[r]] = qkv[r][k_offset..][..kv_width], v_cache
 // likewise from the kv_width values after the keys. A copy: the type only
 // names the kernel. One block per row.

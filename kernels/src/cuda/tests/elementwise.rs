@@ -200,6 +200,15 @@ fn rms_norm_matches_reference_and_rows_are_batch_invariant() {
 
 #[test]
 fn rope_rotates_adjacent_pairs_of_the_first_heads() {
+    rope_rotates_pairs_of_the_first_heads(false);
+}
+
+#[test]
+fn rope_neox_rotates_the_halves_of_the_first_heads() {
+    rope_rotates_pairs_of_the_first_heads(true);
+}
+
+fn rope_rotates_pairs_of_the_first_heads(neox: bool) {
     let Some(dev) = emu() else { return };
     let mut rng = Rng::new(3);
     let context = 50;
@@ -238,6 +247,7 @@ fn rope_rotates_adjacent_pairs_of_the_first_heads() {
                     stride,
                     n_heads,
                     head_dim,
+                    neox,
                 )
             }
             .unwrap();
@@ -247,15 +257,21 @@ fn rope_rotates_adjacent_pairs_of_the_first_heads() {
                     &got[r * stride..(r + 1) * stride],
                     &vals[r * stride..(r + 1) * stride],
                 );
-                let mut want = Vec::new();
+                let mut want = vrow[..n_heads * head_dim].to_vec();
                 for pair in 0..n_heads * half {
-                    let i = pair % half;
+                    let (h, i) = (pair / half, pair % half);
                     let (c, s) = (
                         cos[pos[r] as usize * half + i],
                         sin[pos[r] as usize * half + i],
                     );
-                    let (a, b) = (vrow[2 * pair], vrow[2 * pair + 1]);
-                    want.extend([a * c - b * s, a * s + b * c]);
+                    let (ia, ib) = if neox {
+                        (h * head_dim + i, h * head_dim + i + half)
+                    } else {
+                        (2 * pair, 2 * pair + 1)
+                    };
+                    let (a, b) = (vrow[ia], vrow[ib]);
+                    want[ia] = a * c - b * s;
+                    want[ib] = a * s + b * c;
                 }
                 let rotated = n_heads * head_dim;
                 let what =
@@ -264,6 +280,86 @@ fn rope_rotates_adjacent_pairs_of_the_first_heads() {
                 assert_eq!(
                     row[rotated..],
                     qkv[r * stride + rotated..(r + 1) * stride],
+                    "{what}: past the heads"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn add_bias_adds_the_bias_to_every_row() {
+    let Some(dev) = emu() else { return };
+    let mut rng = Rng::new(11);
+    for &(rows, width) in &[(1, 8), (3, 96), (5, 131)] {
+        for t in DTYPES {
+            let (x, vals) = rounded(&mut rng, t, rows * width, 2.0);
+            let bias = rng.f32s(width, 1.0);
+            let (dx, db) = (buf(&dev, &x), buf(&dev, &bias));
+            // SAFETY: x holds rows·width values, bias width.
+            unsafe { ops::add_bias(&*dev, t, dx.ptr(), db.ptr(), rows, width) }.unwrap();
+            let got: Vec<u16> = dx.read(rows * width).unwrap();
+            let want: Vec<f32> = vals
+                .iter()
+                .enumerate()
+                .map(|(i, v)| v + bias[i % width])
+                .collect();
+            assert_1ulp(t, &got, &want, &format!("add_bias {rows}×{width}"));
+        }
+    }
+}
+
+#[test]
+fn head_norm_normalizes_each_q_and_k_head() {
+    let Some(dev) = emu() else { return };
+    let mut rng = Rng::new(12);
+    // (rows, q heads, k heads, head_dim, row_stride)
+    for &(rows, n_q, n_k, head_dim, stride) in
+        &[(1, 2, 1, 32, 128), (3, 4, 2, 16, 128), (2, 3, 1, 40, 170)]
+    {
+        for t in DTYPES {
+            let (x, vals) = rounded(&mut rng, t, rows * stride, 2.0);
+            let qw = rng.f32s(head_dim, 1.5);
+            let kw = rng.f32s(head_dim, 1.5);
+            let (dx, dq, dk) = (buf(&dev, &x), buf(&dev, &qw), buf(&dev, &kw));
+            let eps = 1e-6;
+            // SAFETY: x holds rows·stride values, the weights head_dim each.
+            unsafe {
+                ops::head_norm(
+                    &*dev,
+                    t,
+                    dx.ptr(),
+                    (dq.ptr(), dk.ptr()),
+                    rows,
+                    stride,
+                    (n_q, n_k),
+                    head_dim,
+                    eps,
+                )
+            }
+            .unwrap();
+            let got: Vec<u16> = dx.read(rows * stride).unwrap();
+            for r in 0..rows {
+                let row = &vals[r * stride..(r + 1) * stride];
+                let normed = (n_q + n_k) * head_dim;
+                let mut want = Vec::with_capacity(normed);
+                for h in 0..n_q + n_k {
+                    let head = &row[h * head_dim..(h + 1) * head_dim];
+                    let w = if h < n_q { &qw } else { &kw };
+                    let ms =
+                        head.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / head_dim as f64;
+                    let scale = 1.0 / (ms + eps as f64).sqrt();
+                    want.extend(
+                        head.iter()
+                            .zip(w)
+                            .map(|(v, g)| (*v as f64 * scale * *g as f64) as f32),
+                    );
+                }
+                let what = format!("head_norm {rows}×({n_q}+{n_k})×{head_dim} row {r}");
+                assert_1ulp(t, &got[r * stride..r * stride + normed], &want, &what);
+                assert_eq!(
+                    got[r * stride + normed..(r + 1) * stride],
+                    x[r * stride + normed..(r + 1) * stride],
                     "{what}: past the heads"
                 );
             }

@@ -1,0 +1,245 @@
+//! Every model family against llama.cpp on the same GGUF file.
+//!
+//! The files are tiny random-weight models written by llama.cpp's own GGUF
+//! writer (the `gguf` package; `tests/support/family_models.py`, cached in
+//! `$PARALLM_HOME/models/families`); `tests/golden/families.json` holds what
+//! llama.cpp computed from them (`tests/support/family_golden.py`). For each
+//! family, at tp = 1 and tp = 2 with f32 weights: the argmax at every prompt
+//! position, the last position's top-10 logits within the f32 tolerance of
+//! `shared/golden` (0.05), and 16 greedy tokens.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+use common::{ids, model_path, top_k};
+use parallm::framework::collective::{Collective, SingleCollective, ThreadCollective};
+use parallm::framework::{
+    BatchItem, GgufFile, LlamaShard, LogitsWanted, ModelConfig, ShardSpec, Tokenizer, WeightFormat,
+};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// The top-10 logits' tolerance: `shared/golden`'s for f32 weights.
+const TOLERANCE: f32 = 0.05;
+
+fn golden() -> &'static Value {
+    static GOLDEN: OnceLock<Value> = OnceLock::new();
+    GOLDEN.get_or_init(|| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/families.json");
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_json::from_str(&text).expect("the golden file is JSON")
+    })
+}
+
+/// The directory of the tiny models, written once by the support script.
+fn models_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = parallm::fetch::parallm_home().join("models/families");
+        let names: Vec<&String> = golden()["models"]
+            .as_object()
+            .expect("models")
+            .keys()
+            .collect();
+        if names.iter().all(|n| dir.join(format!("{n}.gguf")).exists()) {
+            return dir;
+        }
+        let support = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support");
+        let env = Command::new("bash")
+            .arg(support.join("python-env.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run python-env.sh");
+        assert!(env.status.success(), "python-env.sh failed");
+        let python = String::from_utf8_lossy(&env.stdout)
+            .lines()
+            .last()
+            .expect("python-env.sh prints the venv's python")
+            .trim()
+            .to_string();
+        let status = Command::new(python)
+            .arg(support.join("family_models.py"))
+            .arg(model_path())
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .status()
+            .expect("run family_models.py");
+        assert!(status.success(), "family_models.py failed");
+        dir
+    })
+}
+
+/// The model `name`, checked to be the file the golden outputs came from.
+fn open(name: &str) -> GgufFile {
+    let path = models_dir().join(format!("{name}.gguf"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let digest = format!("{:x}", Sha256::digest(&bytes));
+    let want = golden()["models"][name]["sha256"].as_str().expect("sha256");
+    assert_eq!(
+        digest,
+        want,
+        "{} is not the file llama.cpp's outputs came from (another gguf package version?): delete it to rewrite it",
+        path.display()
+    );
+    GgufFile::open(&path).expect("the model opens")
+}
+
+fn cases(name: &str) -> &'static [Value] {
+    golden()["models"][name]["cases"].as_array().expect("cases")
+}
+
+/// Every position's logits of `prompt`, then `n` greedy tokens, on one shard
+/// of a tensor-parallel group (`coll`).
+fn run(
+    m: &LlamaShard,
+    prompt: &[u32],
+    n: usize,
+    coll: &dyn Collective,
+) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let mut cache = m.new_cache();
+    let logits = m
+        .forward(
+            &mut [BatchItem {
+                tokens: prompt,
+                cache: &mut cache,
+                logits: LogitsWanted::All,
+            }],
+            coll,
+        )
+        .expect("prefill");
+    let rows: Vec<Vec<f32>> = (0..prompt.len()).map(|r| logits.row(r).to_vec()).collect();
+    let mut next = top_k(&rows[prompt.len() - 1], 1)[0] as u32;
+    let mut greedy = vec![next];
+    while greedy.len() < n {
+        let l = m
+            .forward(
+                &mut [BatchItem {
+                    tokens: &[next],
+                    cache: &mut cache,
+                    logits: LogitsWanted::Last,
+                }],
+                coll,
+            )
+            .expect("decode");
+        next = top_k(l.last(0).expect("a row"), 1)[0] as u32;
+        greedy.push(next);
+    }
+    (rows, greedy)
+}
+
+/// Runs every case of model `name` at tensor-parallel width `tp` (every rank
+/// checked) and returns the largest top-10 logit difference met.
+fn check(name: &str, tp: usize) -> f32 {
+    let file = open(name);
+    let shards: Vec<LlamaShard> = ShardSpec::group(tp)
+        .into_iter()
+        .map(|spec| LlamaShard::load(&file, spec, WeightFormat::F32).expect("the shard loads"))
+        .collect();
+    let mut worst = 0f32;
+    for case in cases(name) {
+        let prompt = ids(&case["tokens"]);
+        let want_greedy = ids(&case["greedy"]);
+        let results: Vec<(Vec<Vec<f32>>, Vec<u32>)> = if tp == 1 {
+            vec![run(
+                &shards[0],
+                &prompt,
+                want_greedy.len(),
+                &SingleCollective,
+            )]
+        } else {
+            let colls = ThreadCollective::group(tp);
+            std::thread::scope(|s| {
+                let joins: Vec<_> = shards
+                    .iter()
+                    .zip(&colls)
+                    .map(|(m, c)| {
+                        let (prompt, n) = (&prompt, want_greedy.len());
+                        s.spawn(move || run(m, prompt, n, c))
+                    })
+                    .collect();
+                joins.into_iter().map(|j| j.join().expect("rank")).collect()
+            })
+        };
+        let what = format!("{name} tp={tp} on {:?}", case["prompt"]);
+        for (rank, (rows, greedy)) in results.iter().enumerate() {
+            let argmax: Vec<u32> = rows.iter().map(|r| top_k(r, 1)[0] as u32).collect();
+            assert_eq!(
+                argmax,
+                ids(&case["argmax"]),
+                "{what} rank {rank}: argmax per position"
+            );
+            let last = &rows[prompt.len() - 1];
+            for pair in case["top10"].as_array().expect("top10") {
+                let (tok, want) = (
+                    pair[0].as_u64().expect("id") as usize,
+                    pair[1].as_f64().expect("logit") as f32,
+                );
+                let d = (last[tok] - want).abs();
+                worst = worst.max(d);
+                assert!(
+                    d <= TOLERANCE,
+                    "{what} rank {rank}: token {tok}: {} vs llama.cpp {want}",
+                    last[tok]
+                );
+            }
+            assert_eq!(greedy, &want_greedy, "{what} rank {rank}: greedy tokens");
+        }
+    }
+    worst
+}
+
+#[test]
+fn each_family_matches_llama_cpp_at_tp1_and_tp2() {
+    let names: Vec<String> = golden()["models"]
+        .as_object()
+        .expect("models")
+        .keys()
+        .cloned()
+        .collect();
+    assert!(
+        names.len() >= 4,
+        "the golden file names the families: {names:?}"
+    );
+    for name in &names {
+        for tp in [1, 2] {
+            let worst = check(name, tp);
+            println!("{name} tp={tp}: top-10 logits within {worst:.2e} of llama.cpp");
+        }
+    }
+}
+
+#[test]
+fn the_tiny_models_read_as_their_families() {
+    let families = [
+        ("llama-r3", "llama"),
+        ("llama-lin", "llama"),
+        ("qwen2", "qwen2"),
+        ("qwen3", "qwen3"),
+        ("phi3", "phi3"),
+    ];
+    for (name, arch) in families {
+        let file = open(name);
+        let c = ModelConfig::from_gguf(&file).expect("the config reads");
+        assert_eq!(c.arch.name(), arch, "{name}");
+        match name {
+            "llama-r3" => assert_eq!(c.rope.freq_factors.as_ref().map(Vec::len), Some(8)),
+            "llama-lin" => assert_eq!(c.rope.freq_scale, 0.5),
+            "qwen3" => assert_eq!((c.head_dim, c.hidden / c.n_heads), (32, 16)),
+            _ => {}
+        }
+        // The tokenizer reads too, and splits the prompts as llama.cpp did.
+        let tok = Tokenizer::from_gguf(&file).expect("the tokenizer builds");
+        for case in cases(name) {
+            let text = case["prompt"].as_str().expect("prompt");
+            assert_eq!(
+                tok.encode(text).expect("encodes"),
+                ids(&case["tokens"]),
+                "{name}: {text:?}"
+            );
+        }
+    }
+}

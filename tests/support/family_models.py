@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Writes the tiny random-weight GGUF models of each family the tests compare
+against llama.cpp (tests/families.rs, tests/golden/families.json).
+
+    family_models.py REFERENCE.gguf OUT_DIR
+
+Each model is small (2-3 layers, hidden 64) with f32 weights and the
+reference model's real vocabulary (SmolLM2's byte-level BPE, 49152 tokens),
+copied from REFERENCE.gguf, so the engine can load and tokenize it like any
+model. Weights come from splitmix64 keyed by the tensor's name, in numpy's
+64-bit integer arithmetic, so the bytes written do not depend on numpy's
+random generators; with the pinned `gguf` package (tests/support/
+python-env.sh) the files are the same on every machine, and the golden file
+records their SHA-256.
+
+What each model exercises (the pre-tokenizer is the family's, over the
+same vocabulary):
+  llama-r3   Llama 3's rope scaling (rope_freqs.weight), an untied LM head,
+             pre-tokenizer llama-bpe
+  llama-lin  linear rope scaling (rope.scaling.factor 2), a tied LM head,
+             pre-tokenizer smollm
+  qwen2      q/k/v biases, NeoX rope, a tied LM head, pre-tokenizer qwen2
+  qwen3      per-head q/k RMSNorm, head_dim 32 wider than hidden / heads,
+             NeoX rope, 3 layers, pre-tokenizer qwen2
+  phi3       fused attn_qkv and gate|up in ffn_up, NeoX rope, 3 heads of 32
+"""
+
+import os
+import sys
+
+import numpy as np
+import gguf
+
+MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def splitmix(name: str, n: int) -> np.ndarray:
+    """n uniform floats in [-1, 1) from splitmix64 seeded by name's FNV-1a."""
+    seed = 0xCBF29CE484222325
+    for b in name.encode():
+        seed = ((seed ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    with np.errstate(over="ignore"):
+        x = np.uint64(seed) + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    # 24 random bits: exact in f32.
+    return ((x >> np.uint64(40)).astype(np.float32) / np.float32(1 << 23)) - np.float32(1.0)
+
+
+def matrix(name, rows, cols, gain=1.0):
+    # Uniform with the variance of N(0, gain²/cols).
+    scale = np.float32(gain * np.sqrt(3.0 / cols))
+    return (splitmix(name, rows * cols) * scale).reshape(rows, cols)
+
+
+def around_one(name, n, spread):
+    return np.float32(1.0) + splitmix(name, n) * np.float32(spread)
+
+
+MODELS = {
+    "llama-r3": dict(arch="llama", layers=2, hidden=64, heads=4, kv=2, head_dim=16, ffn=128,
+                     tied=False, rope_freqs=True, pre="llama-bpe"),
+    "llama-lin": dict(arch="llama", layers=2, hidden=64, heads=4, kv=2, head_dim=16, ffn=128,
+                      tied=True, linear=2.0),
+    "qwen2": dict(arch="qwen2", layers=2, hidden=64, heads=4, kv=2, head_dim=16, ffn=128,
+                  tied=True, bias=True, rope_base=1_000_000.0, pre="qwen2"),
+    "qwen3": dict(arch="qwen3", layers=3, hidden=64, heads=4, kv=2, head_dim=32, ffn=96,
+                  tied=False, qk_norm=True, rope_base=1_000_000.0, key_length=True, pre="qwen2"),
+    "phi3": dict(arch="phi3", layers=2, hidden=96, heads=3, kv=3, head_dim=32, ffn=128,
+                 tied=False, fused=True),
+}
+
+
+def tokenizer_fields(reader):
+    """The reference model's tokenizer keys, as (key, value, type)."""
+    out = []
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            sub = field.types[1]
+            if sub == gguf.GGUFValueType.STRING:
+                value = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+            else:
+                value = [field.parts[i].tolist()[0] for i in field.data]
+            out.append((key, value, kind, sub))
+        elif kind == gguf.GGUFValueType.STRING:
+            out.append((key, bytes(field.parts[field.data[0]]).decode("utf-8"), kind, None))
+        else:
+            out.append((key, field.parts[field.data[0]].tolist()[0], kind, None))
+    return out
+
+
+def write(name, spec, tok, out_dir):
+    arch = spec["arch"]
+    path = os.path.join(out_dir, f"{name}.gguf")
+    tmp = path + ".part"
+    w = gguf.GGUFWriter(tmp, arch)
+    # Not "phi3": llama.cpp gives the special tokens of a model so named
+    # Phi-3's whitespace stripping, and looks up Phi-3's "</s>", which this
+    # vocabulary does not have.
+    w.add_name("parallm-tiny-" + ("fused" if name == "phi3" else name))
+    h, hd, L = spec["hidden"], spec["head_dim"], spec["layers"]
+    nh, nkv, ffn = spec["heads"], spec["kv"], spec["ffn"]
+    vocab = len(next(v for k, v, _, _ in tok if k == "tokenizer.ggml.tokens"))
+    w.add_block_count(L)
+    w.add_context_length(512)
+    w.add_embedding_length(h)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(nh)
+    w.add_head_count_kv(nkv)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(spec.get("rope_base", 10_000.0))
+    w.add_rope_dimension_count(hd)
+    w.add_vocab_size(vocab)
+    if spec.get("key_length"):
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+    if "linear" in spec:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(spec["linear"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for key, value, kind, sub in tok:
+        if key == "tokenizer.ggml.pre" and "pre" in spec:
+            value = spec["pre"]
+        if kind == gguf.GGUFValueType.ARRAY:
+            w.add_array(key, value)
+        else:
+            w.add_key_value(key, value, kind)
+
+    t = {}
+    t["token_embd.weight"] = splitmix("token_embd.weight", vocab * h).reshape(vocab, h)
+    t["output_norm.weight"] = around_one("output_norm.weight", h, 0.2)
+    if not spec["tied"]:
+        t["output.weight"] = matrix("output.weight", vocab, h, gain=3.0)
+    else:
+        # A tied head reads the embedding: give it the head's spread.
+        t["token_embd.weight"] *= np.float32(3.0 * np.sqrt(3.0 / h))
+    if spec.get("rope_freqs"):
+        # Llama 3's factors: 1 for high frequencies, up to 8 for low ones.
+        i = np.arange(hd // 2, dtype=np.float32)
+        t["rope_freqs.weight"] = (np.float32(1.0) + np.float32(7.0) * (i / np.float32(hd // 2 - 1)) ** 2)
+    for b in range(L):
+        p = f"blk.{b}."
+        t[p + "attn_norm.weight"] = around_one(p + "attn_norm.weight", h, 0.2)
+        q = matrix(p + "attn_q.weight", nh * hd, h, gain=2.0)
+        k = matrix(p + "attn_k.weight", nkv * hd, h, gain=2.0)
+        v = matrix(p + "attn_v.weight", nkv * hd, h)
+        if spec.get("fused"):
+            t[p + "attn_qkv.weight"] = np.concatenate([q, k, v])
+        else:
+            t[p + "attn_q.weight"], t[p + "attn_k.weight"], t[p + "attn_v.weight"] = q, k, v
+        t[p + "attn_output.weight"] = matrix(p + "attn_output.weight", h, nh * hd)
+        if spec.get("bias"):
+            t[p + "attn_q.bias"] = splitmix(p + "attn_q.bias", nh * hd) * np.float32(0.5)
+            t[p + "attn_k.bias"] = splitmix(p + "attn_k.bias", nkv * hd) * np.float32(0.5)
+            t[p + "attn_v.bias"] = splitmix(p + "attn_v.bias", nkv * hd) * np.float32(0.5)
+        if spec.get("qk_norm"):
+            t[p + "attn_q_norm.weight"] = around_one(p + "attn_q_norm.weight", hd, 0.3)
+            t[p + "attn_k_norm.weight"] = around_one(p + "attn_k_norm.weight", hd, 0.3)
+        t[p + "ffn_norm.weight"] = around_one(p + "ffn_norm.weight", h, 0.2)
+        gate = matrix(p + "ffn_gate.weight", ffn, h)
+        up = matrix(p + "ffn_up.weight", ffn, h)
+        if spec.get("fused"):
+            t[p + "ffn_up.weight"] = np.concatenate([gate, up])
+        else:
+            t[p + "ffn_gate.weight"], t[p + "ffn_up.weight"] = gate, up
+        t[p + "ffn_down.weight"] = matrix(p + "ffn_down.weight", h, ffn)
+    for k in sorted(t):
+        w.add_tensor(k, np.ascontiguousarray(t[k], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+    return path
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    reference, out_dir = sys.argv[1], sys.argv[2]
+    os.makedirs(out_dir, exist_ok=True)
+    tok = tokenizer_fields(gguf.GGUFReader(reference))
+    for name, spec in MODELS.items():
+        print(write(name, spec, tok, out_dir))
+
+
+if __name__ == "__main__":
+    main()
