@@ -277,6 +277,25 @@ impl GgufFile {
             .map(Some)
     }
 
+    /// An optional array of floats (f32 or f64 items; SentencePiece scores).
+    pub fn opt_f32_array(&self, key: &str) -> Result<Option<Vec<f32>>> {
+        let Some(value) = self.metadata(key) else {
+            return Ok(None);
+        };
+        let Value::Array(items) = value else {
+            return Err(self.meta_err(key, "is not an array"));
+        };
+        items
+            .iter()
+            .map(|v| match v {
+                Value::F32(x) => Ok(*x),
+                Value::F64(x) => Ok(*x as f32),
+                _ => Err(self.meta_err(key, "holds a non-float")),
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
     /// Whether a tensor of this name exists.
     pub fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)

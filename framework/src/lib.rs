@@ -32,6 +32,7 @@ pub mod ops;
 pub mod profile;
 pub mod sampling;
 pub mod shard;
+pub(crate) mod spm;
 pub mod threads;
 pub mod tokenizer;
 pub mod weights;

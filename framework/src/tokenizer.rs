@@ -1,9 +1,17 @@
 //! The tokenizer, built from a GGUF file's `tokenizer.ggml.*` metadata.
 //!
-//! Encoding uses the `tokenizers` crate: a byte-level BPE over the file's tokens
-//! and merges, preceded by the pre-tokenizer that `tokenizer.ggml.pre` names
-//! (as llama.cpp interprets those names), with the file's control and
-//! user-defined tokens added so that `<|im_start|>` in the text is one token.
+//! Two vocabulary models, as `tokenizer.ggml.model` names them:
+//! * `gpt2` — the `tokenizers` crate: a byte-level BPE over the file's tokens
+//!   and merges, preceded by the pre-tokenizer that `tokenizer.ggml.pre`
+//!   names (as llama.cpp interprets those names), with the file's control and
+//!   user-defined tokens added so that `<|im_start|>` in the text is one token.
+//! * `llama` — SentencePiece ([`crate::spm`]): scores, `▁` for spaces, byte
+//!   fallback, `add_space_prefix` (before the text and after each special
+//!   token, as llama.cpp does), control, user-defined and unknown tokens
+//!   matched whole first (longest first).
+//!
+//! `add_bos_token` / `add_eos_token` are read for both (defaults: llama.cpp's,
+//! BOS for SentencePiece only).
 //!
 //! Decoding is ours: each token id maps to its raw bytes once, at load, and
 //! [`StreamDecoder`] turns a stream of ids into text that never contains a
@@ -20,6 +28,7 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
+use crate::spm::{self, Spm};
 
 /// Llama 3's pre-tokenization pattern (`tokenizer.ggml.pre = llama-bpe`).
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -29,12 +38,39 @@ const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p
 const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
+const TOKEN_UNKNOWN: i64 = 2;
 const TOKEN_CONTROL: i64 = 3;
 const TOKEN_USER_DEFINED: i64 = 4;
+const TOKEN_BYTE: i64 = 6;
+
+/// How a text becomes tokens.
+enum Model {
+    /// Byte-level BPE through the `tokenizers` crate.
+    Bpe(Box<tokenizers::Tokenizer>),
+    /// SentencePiece.
+    Spm(Box<SpmModel>),
+}
+
+/// A SentencePiece vocabulary and how texts are prepared for it.
+struct SpmModel {
+    spm: Spm,
+    /// The tokens matched whole before the rest (control, user-defined,
+    /// unknown), longest text first.
+    special: Vec<(String, u32)>,
+    add_space_prefix: bool,
+}
+
+/// A piece of a text: plain text, or a special token matched whole.
+enum Fragment<'a> {
+    Text(&'a str),
+    Token(u32),
+}
 
 /// A tokenizer for one model.
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    model: Model,
+    /// Every token's text as the vocabulary spells it.
+    texts: Vec<String>,
     token_bytes: Vec<Vec<u8>>,
     /// The most input bytes one token stands for (its text's UTF-8 length
     /// bounds it: a byte-level symbol is at least one byte).
@@ -43,6 +79,7 @@ pub struct Tokenizer {
     eos: u32,
     stop_tokens: Vec<u32>,
     add_bos: bool,
+    add_eos: bool,
     chat_template: Option<String>,
 }
 
@@ -79,18 +116,112 @@ impl Tokenizer {
     /// Builds the tokenizer of a GGUF file.
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
         let err = |m: String| Error::Tokenizer(format!("{}: {m}", file.path().display()));
-        let model = file.get_str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(Error::Unsupported {
-                path: file.path().to_path_buf(),
-                what: "tokenizer model",
-                found: model.to_string(),
-                supported: "gpt2 (byte-level BPE)",
-            });
-        }
+        let kind = file.get_str("tokenizer.ggml.model")?;
         let tokens = file.get_str_array("tokenizer.ggml.tokens")?;
+        let types = file
+            .opt_int_array("tokenizer.ggml.token_type")?
+            .unwrap_or_default();
+        let sentencepiece = match kind {
+            "gpt2" => false,
+            "llama" => true,
+            other => {
+                return Err(Error::Unsupported {
+                    path: file.path().to_path_buf(),
+                    what: "tokenizer model",
+                    found: other.to_string(),
+                    supported: "gpt2 (byte-level BPE), llama (SentencePiece)",
+                })
+            }
+        };
+        let model = if sentencepiece {
+            Self::spm_model(file, &tokens, &types)?
+        } else {
+            Model::Bpe(Box::new(Self::bpe_model(file, &tokens, &types)?))
+        };
+        let token_bytes = if sentencepiece {
+            spm_token_bytes(&tokens, &types)
+        } else {
+            bpe_token_bytes(&tokens, &types)
+        };
+
+        // A special token id outside the vocabulary is an error, not ignored.
+        let id = |key: &str| -> Result<Option<u32>> {
+            match file.opt_usize(key)? {
+                None => Ok(None),
+                Some(v) if v < tokens.len() => Ok(Some(v as u32)),
+                Some(v) => Err(err(format!(
+                    "{key} is {v}, outside the vocabulary of {} tokens",
+                    tokens.len()
+                ))),
+            }
+        };
+        let eos = id("tokenizer.ggml.eos_token_id")?
+            .ok_or_else(|| err("no valid tokenizer.ggml.eos_token_id".into()))?;
+        let mut stop_tokens = vec![eos];
+        if let Some(eot) = id("tokenizer.ggml.eot_token_id")? {
+            if eot != eos {
+                stop_tokens.push(eot);
+            }
+        }
+        let bos = id("tokenizer.ggml.bos_token_id")?;
+        let add_bos = file
+            .opt_bool("tokenizer.ggml.add_bos_token")?
+            .unwrap_or(sentencepiece);
+        if add_bos && bos.is_none() {
+            return Err(err(
+                "add_bos_token is set but there is no bos_token_id".into()
+            ));
+        }
+        let max_token_len = tokens.iter().map(|t| t.len()).max().unwrap_or(1).max(1);
+        Ok(Self {
+            model,
+            texts: tokens.iter().map(|t| t.to_string()).collect(),
+            token_bytes,
+            max_token_len,
+            bos,
+            eos,
+            stop_tokens,
+            add_bos,
+            add_eos: file
+                .opt_bool("tokenizer.ggml.add_eos_token")?
+                .unwrap_or(false),
+            chat_template: file.opt_str("tokenizer.chat_template")?.map(str::to_string),
+        })
+    }
+
+    /// The SentencePiece model of `file`'s vocabulary.
+    fn spm_model(file: &GgufFile, tokens: &[&str], types: &[i64]) -> Result<Model> {
+        let err = |m: String| Error::Tokenizer(format!("{}: {m}", file.path().display()));
+        let scores = file
+            .opt_f32_array("tokenizer.ggml.scores")?
+            .ok_or_else(|| err("a SentencePiece vocabulary needs tokenizer.ggml.scores".into()))?;
+        let spm = Spm::new(tokens, &scores).map_err(|e| err(e.to_string()))?;
+        let mut special: Vec<(String, u32)> = tokens
+            .iter()
+            .enumerate()
+            .filter(|(i, t)| {
+                !t.is_empty()
+                    && matches!(
+                        types.get(*i),
+                        Some(&TOKEN_CONTROL) | Some(&TOKEN_USER_DEFINED) | Some(&TOKEN_UNKNOWN)
+                    )
+            })
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        special.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        Ok(Model::Spm(Box::new(SpmModel {
+            spm,
+            special,
+            add_space_prefix: file
+                .opt_bool("tokenizer.ggml.add_space_prefix")?
+                .unwrap_or(true),
+        })))
+    }
+
+    /// The byte-level BPE of `file`'s vocabulary and merges.
+    fn bpe_model(file: &GgufFile, tokens: &[&str], types: &[i64]) -> Result<tokenizers::Tokenizer> {
+        let err = |m: String| Error::Tokenizer(format!("{}: {m}", file.path().display()));
         let merges = file.get_str_array("tokenizer.ggml.merges")?;
-        let types = file.opt_int_array("tokenizer.ggml.token_type")?;
         let pre = file.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
 
         let vocab: Vocab = tokens
@@ -151,7 +282,6 @@ impl Tokenizer {
         inner.with_pre_tokenizer(Some(pre_tokenizer));
 
         // Control and user-defined tokens are matched as a whole in the input.
-        let types = types.unwrap_or_default();
         let special: Vec<AddedToken> = tokens
             .iter()
             .enumerate()
@@ -164,71 +294,53 @@ impl Tokenizer {
             .map(|(_, t)| AddedToken::from(t.to_string(), true))
             .collect();
         inner.add_special_tokens(&special);
-
-        let char_to_byte: HashMap<char, u8> = byte_to_char_table()
-            .iter()
-            .enumerate()
-            .map(|(b, &c)| (c, b as u8))
-            .collect();
-        let token_bytes = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| match types.get(i) {
-                Some(&TOKEN_CONTROL) => Vec::new(),
-                Some(&TOKEN_USER_DEFINED) => t.as_bytes().to_vec(),
-                _ => t
-                    .chars()
-                    .map(|c| char_to_byte.get(&c).copied())
-                    .collect::<Option<Vec<u8>>>()
-                    .unwrap_or_else(|| t.as_bytes().to_vec()),
-            })
-            .collect();
-
-        // A special token id outside the vocabulary is an error, not ignored.
-        let id = |key: &str| -> Result<Option<u32>> {
-            match file.opt_usize(key)? {
-                None => Ok(None),
-                Some(v) if v < tokens.len() => Ok(Some(v as u32)),
-                Some(v) => Err(err(format!(
-                    "{key} is {v}, outside the vocabulary of {} tokens",
-                    tokens.len()
-                ))),
-            }
-        };
-        let eos = id("tokenizer.ggml.eos_token_id")?
-            .ok_or_else(|| err("no valid tokenizer.ggml.eos_token_id".into()))?;
-        let mut stop_tokens = vec![eos];
-        if let Some(eot) = id("tokenizer.ggml.eot_token_id")? {
-            if eot != eos {
-                stop_tokens.push(eot);
-            }
-        }
-        let max_token_len = tokens.iter().map(|t| t.len()).max().unwrap_or(1).max(1);
-        Ok(Self {
-            inner,
-            token_bytes,
-            max_token_len,
-            bos: id("tokenizer.ggml.bos_token_id")?,
-            eos,
-            stop_tokens,
-            add_bos: file
-                .opt_bool("tokenizer.ggml.add_bos_token")?
-                .unwrap_or(false),
-            chat_template: file.opt_str("tokenizer.chat_template")?.map(str::to_string),
-        })
+        Ok(inner)
     }
 
-    /// Token ids of `text`; BOS is prepended when the model asks for it.
+    /// Token ids of `text`; BOS is prepended and EOS appended when the
+    /// model asks for them. Special tokens in the text are matched whole.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer(format!("cannot encode: {e}")))?;
-        let mut ids = Vec::with_capacity(enc.len() + 1);
+        let mut ids = Vec::with_capacity(text.len() / 3 + 2);
         if self.add_bos {
             ids.extend(self.bos);
         }
-        ids.extend_from_slice(enc.get_ids());
+        match &self.model {
+            Model::Bpe(inner) => {
+                let enc = inner
+                    .encode(text, false)
+                    .map_err(|e| Error::Tokenizer(format!("cannot encode: {e}")))?;
+                ids.extend_from_slice(enc.get_ids());
+            }
+            Model::Spm(m) => {
+                let SpmModel {
+                    spm,
+                    special,
+                    add_space_prefix,
+                } = &**m;
+                let mut after_special = true;
+                let mut piece = String::new();
+                for fragment in split_special(text, special) {
+                    match fragment {
+                        Fragment::Token(id) => {
+                            ids.push(id);
+                            after_special = true;
+                        }
+                        Fragment::Text(t) => {
+                            piece.clear();
+                            if *add_space_prefix && after_special {
+                                piece.push(spm::SPACE);
+                            }
+                            piece.extend(t.chars().map(|c| if c == ' ' { spm::SPACE } else { c }));
+                            spm.encode(&piece, &mut ids)?;
+                            after_special = false;
+                        }
+                    }
+                }
+            }
+        }
+        if self.add_eos {
+            ids.push(self.eos);
+        }
         Ok(ids)
     }
 
@@ -271,12 +383,19 @@ impl Tokenizer {
             .unwrap_or(&[])
     }
 
-    /// Text of a whole token sequence (invalid UTF-8 replaced).
+    /// Text of a whole token sequence (invalid UTF-8 replaced). A
+    /// SentencePiece vocabulary that adds a space prefix loses it again here,
+    /// as llama.cpp's detokenizer does.
     pub fn decode(&self, ids: &[u32]) -> String {
-        let bytes: Vec<u8> = ids
+        let mut bytes: Vec<u8> = ids
             .iter()
             .flat_map(|&t| self.token_bytes(t).iter().copied())
             .collect();
+        if let Model::Spm(m) = &self.model {
+            if m.add_space_prefix && bytes.first() == Some(&b' ') {
+                bytes.remove(0);
+            }
+        }
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
@@ -307,8 +426,87 @@ impl Tokenizer {
 
     /// A token's text as the vocabulary spells it (for special tokens).
     pub fn token_text(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+        self.texts.get(id as usize).cloned()
     }
+}
+
+/// `text` cut around every occurrence of a special token, trying the tokens
+/// in `special`'s order (longest first) over what earlier ones left, as
+/// llama.cpp's partition does. Empty texts are left out.
+fn split_special<'a>(text: &'a str, special: &[(String, u32)]) -> Vec<Fragment<'a>> {
+    let mut fragments = vec![Fragment::Text(text)];
+    for (t, id) in special {
+        if !text.contains(t.as_str()) {
+            continue;
+        }
+        let mut next = Vec::with_capacity(fragments.len());
+        for f in fragments {
+            match f {
+                Fragment::Text(s) if s.contains(t.as_str()) => {
+                    let mut rest = s;
+                    while let Some(at) = rest.find(t.as_str()) {
+                        if at > 0 {
+                            next.push(Fragment::Text(&rest[..at]));
+                        }
+                        next.push(Fragment::Token(*id));
+                        rest = &rest[at + t.len()..];
+                    }
+                    if !rest.is_empty() {
+                        next.push(Fragment::Text(rest));
+                    }
+                }
+                other => next.push(other),
+            }
+        }
+        fragments = next;
+    }
+    fragments.retain(|f| !matches!(f, Fragment::Text("")));
+    fragments
+}
+
+/// What each token of a byte-level BPE vocabulary stands for: its
+/// characters mapped back to bytes; a control token stands for nothing, a
+/// user-defined one for its text.
+fn bpe_token_bytes(tokens: &[&str], types: &[i64]) -> Vec<Vec<u8>> {
+    let char_to_byte: HashMap<char, u8> = byte_to_char_table()
+        .iter()
+        .enumerate()
+        .map(|(b, &c)| (c, b as u8))
+        .collect();
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match types.get(i) {
+            Some(&TOKEN_CONTROL) => Vec::new(),
+            Some(&TOKEN_USER_DEFINED) => t.as_bytes().to_vec(),
+            _ => t
+                .chars()
+                .map(|c| char_to_byte.get(&c).copied())
+                .collect::<Option<Vec<u8>>>()
+                .unwrap_or_else(|| t.as_bytes().to_vec()),
+        })
+        .collect()
+}
+
+/// What each token of a SentencePiece vocabulary stands for, as llama.cpp's
+/// `token_to_piece` renders it: `▁` as a space, a `<0xXX>` byte token as its
+/// byte, a control token as nothing, the unknown token as `▅`.
+fn spm_token_bytes(tokens: &[&str], types: &[i64]) -> Vec<Vec<u8>> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| match types.get(i) {
+            Some(&TOKEN_CONTROL) => Vec::new(),
+            Some(&TOKEN_UNKNOWN) => "\u{2585}".as_bytes().to_vec(),
+            Some(&TOKEN_USER_DEFINED) => t.as_bytes().to_vec(),
+            Some(&TOKEN_BYTE) => t
+                .strip_prefix("<0x")
+                .and_then(|h| h.strip_suffix('>'))
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .map_or_else(|| t.as_bytes().to_vec(), |b| vec![b]),
+            _ => t.replace(spm::SPACE, " ").into_bytes(),
+        })
+        .collect()
 }
 
 /// Incremental detokenizer: feed ids, get text that is always valid UTF-8.

@@ -14,8 +14,8 @@ llama.cpp is needed. The bindings import numpy, jinja2, diskcache and
 typing_extensions: run it with an interpreter that has them.
 
 llama.cpp runs with an f32 KV cache and without flash attention. For each
-model and prompt: llama.cpp's tokens (no BOS, special tokens
-parsed), the argmax at every position, the top 10 logits at the last, and 16
+model and prompt: llama.cpp's tokens (BOS and EOS as the vocabulary asks,
+special tokens parsed), the argmax at every position, the top 10 logits at the last, and 16
 greedy tokens (EOS not special: the weights are random).
 """
 
@@ -38,7 +38,7 @@ sys.path.insert(0, SRC)
 import numpy as np  # noqa: E402
 from llama_cpp import Llama  # noqa: E402
 
-MODELS = ["llama-r3", "llama-lin", "qwen2", "qwen3", "phi3"]
+MODELS = ["llama-r3", "llama-lin", "qwen2", "qwen3", "phi3", "llama-spm"]
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    if n < 2:\n        return n",
@@ -56,7 +56,9 @@ def run(path):
                 type_k=0, type_v=0, flash_attn=False, verbose=False)
     cases = []
     for text in PROMPTS:
-        toks = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        # add_bos here means "add the special tokens the vocabulary asks
+        # for" (llama_tokenize's add_special): BOS for the SentencePiece model.
+        toks = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
         llm.reset()
         llm.eval(toks)
         scores = np.array(llm.scores[: len(toks)], dtype=np.float32)

@@ -23,6 +23,8 @@ same vocabulary):
   qwen3      per-head q/k RMSNorm, head_dim 32 wider than hidden / heads,
              NeoX rope, 3 layers, pre-tokenizer qwen2
   phi3       fused attn_qkv and gate|up in ffn_up, NeoX rope, 3 heads of 32
+  llama-spm  a SentencePiece vocabulary (tokenizer.ggml.model = llama) made
+             from the reference's: scores, byte fallback, add_space_prefix, BOS
 """
 
 import os
@@ -69,7 +71,72 @@ MODELS = {
                   tied=False, qk_norm=True, rope_base=1_000_000.0, key_length=True, pre="qwen2"),
     "phi3": dict(arch="phi3", layers=2, hidden=96, heads=3, kv=3, head_dim=32, ffn=128,
                  tied=False, fused=True),
+    "llama-spm": dict(arch="llama", layers=2, hidden=64, heads=4, kv=4, head_dim=16, ffn=128,
+                      tied=False, spm=True),
 }
+
+
+def gpt2_byte_decoder():
+    """GPT-2's printable character of each byte, reversed."""
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+          + list(range(ord("\u00ae"), ord("\u00ff") + 1)))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def spm_fields(tok):
+    """A SentencePiece vocabulary made from the reference's BPE one: <unk>,
+    <s>, </s>, the 256 byte tokens, its control tokens, then every normal
+    token whose bytes are printable UTF-8, spaces spelled \u2581, scored by
+    rank (earlier merges score higher)."""
+    get = {k: v for k, v, _, _ in tok}
+    dec = gpt2_byte_decoder()
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256
+    scores = [0.0] * len(tokens)
+    seen = set(tokens)
+    for t, ty in zip(get["tokenizer.ggml.tokens"], get["tokenizer.ggml.token_type"]):
+        if ty == 3 and t not in seen:
+            tokens.append(t)
+            types.append(3)
+            scores.append(0.0)
+            seen.add(t)
+    for rank, (t, ty) in enumerate(zip(get["tokenizer.ggml.tokens"], get["tokenizer.ggml.token_type"])):
+        if ty != 1:
+            continue
+        try:
+            text = bytes(dec[c] for c in t).decode("utf-8")
+        except (KeyError, UnicodeDecodeError):
+            continue
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+            continue
+        piece = text.replace(" ", "\u2581")
+        if piece in seen:
+            continue
+        tokens.append(piece)
+        types.append(1)
+        scores.append(-float(rank))
+        seen.add(piece)
+    A, S = gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING
+    return [
+        ("tokenizer.ggml.model", "llama", S, None),
+        ("tokenizer.ggml.tokens", tokens, A, S),
+        ("tokenizer.ggml.scores", scores, A, gguf.GGUFValueType.FLOAT32),
+        ("tokenizer.ggml.token_type", types, A, gguf.GGUFValueType.INT32),
+        ("tokenizer.ggml.unknown_token_id", 0, gguf.GGUFValueType.UINT32, None),
+        ("tokenizer.ggml.bos_token_id", 1, gguf.GGUFValueType.UINT32, None),
+        ("tokenizer.ggml.eos_token_id", 2, gguf.GGUFValueType.UINT32, None),
+        ("tokenizer.ggml.add_bos_token", True, gguf.GGUFValueType.BOOL, None),
+        ("tokenizer.ggml.add_eos_token", False, gguf.GGUFValueType.BOOL, None),
+        ("tokenizer.ggml.add_space_prefix", True, gguf.GGUFValueType.BOOL, None),
+        ("tokenizer.chat_template", get["tokenizer.chat_template"], S, None),
+    ]
 
 
 def tokenizer_fields(reader):
@@ -104,6 +171,8 @@ def write(name, spec, tok, out_dir):
     w.add_name("parallm-tiny-" + ("fused" if name == "phi3" else name))
     h, hd, L = spec["hidden"], spec["head_dim"], spec["layers"]
     nh, nkv, ffn = spec["heads"], spec["kv"], spec["ffn"]
+    if spec.get("spm"):
+        tok = spm_fields(tok)
     vocab = len(next(v for k, v, _, _ in tok if k == "tokenizer.ggml.tokens"))
     w.add_block_count(L)
     w.add_context_length(512)
@@ -126,6 +195,8 @@ def write(name, spec, tok, out_dir):
         if key == "tokenizer.ggml.pre" and "pre" in spec:
             value = spec["pre"]
         if kind == gguf.GGUFValueType.ARRAY:
+            # Python floats are written as f32, ints as i32, as the
+            # reference's own arrays are.
             w.add_array(key, value)
         else:
             w.add_key_value(key, value, kind)
