@@ -262,8 +262,14 @@ impl GgufFile {
             .collect()
     }
 
-    /// An array of integers, if present.
-    pub fn opt_int_array(&self, key: &str) -> Result<Option<Vec<i64>>> {
+    /// The items of an optional array, each converted by `item` (which
+    /// names what it expected when it returns `None`).
+    fn opt_array<T>(
+        &self,
+        key: &str,
+        expected: &str,
+        item: impl Fn(&Value) -> Option<T>,
+    ) -> Result<Option<Vec<T>>> {
         let Some(value) = self.metadata(key) else {
             return Ok(None);
         };
@@ -272,28 +278,23 @@ impl GgufFile {
         };
         items
             .iter()
-            .map(|v| value_as_i64(v).ok_or_else(|| self.meta_err(key, "holds a non-integer")))
+            .map(|v| item(v).ok_or_else(|| self.meta_err(key, format!("holds a non-{expected}"))))
             .collect::<Result<Vec<_>>>()
             .map(Some)
     }
 
+    /// An array of integers, if present.
+    pub fn opt_int_array(&self, key: &str) -> Result<Option<Vec<i64>>> {
+        self.opt_array(key, "integer", value_as_i64)
+    }
+
     /// An optional array of floats (f32 or f64 items; SentencePiece scores).
     pub fn opt_f32_array(&self, key: &str) -> Result<Option<Vec<f32>>> {
-        let Some(value) = self.metadata(key) else {
-            return Ok(None);
-        };
-        let Value::Array(items) = value else {
-            return Err(self.meta_err(key, "is not an array"));
-        };
-        items
-            .iter()
-            .map(|v| match v {
-                Value::F32(x) => Ok(*x),
-                Value::F64(x) => Ok(*x as f32),
-                _ => Err(self.meta_err(key, "holds a non-float")),
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+        self.opt_array(key, "float", |v| match v {
+            Value::F32(x) => Some(*x),
+            Value::F64(x) => Some(*x as f32),
+            _ => None,
+        })
     }
 
     /// Whether a tensor of this name exists.
