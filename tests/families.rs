@@ -203,7 +203,7 @@ fn each_family_matches_llama_cpp_at_tp1_and_tp2() {
         .cloned()
         .collect();
     assert!(
-        names.len() >= 6,
+        names.len() >= 8,
         "the golden file names the families: {names:?}"
     );
     for name in &names {
@@ -223,6 +223,8 @@ fn the_tiny_models_read_as_their_families() {
         ("qwen3", "qwen3"),
         ("phi3", "phi3"),
         ("llama-spm", "llama"),
+        ("gemma2", "gemma2"),
+        ("gemma3", "gemma3"),
     ];
     for (name, arch) in families {
         let file = open(name);
@@ -232,6 +234,18 @@ fn the_tiny_models_read_as_their_families() {
             "llama-r3" => assert_eq!(c.rope.freq_factors.as_ref().map(Vec::len), Some(8)),
             "llama-lin" => assert_eq!(c.rope.freq_scale, 0.5),
             "qwen3" => assert_eq!((c.head_dim, c.hidden / c.n_heads), (32, 16)),
+            "gemma2" => {
+                let s = c.sliding.as_ref().expect("windowed layers");
+                assert_eq!((s.window, s.layers.clone()), (8, vec![true, false, true]));
+                assert_eq!((c.attn_softcap, c.final_softcap), (5.0, 10.0));
+            }
+            "gemma3" => {
+                let s = c.sliding.as_ref().expect("windowed layers");
+                let layers = vec![true, true, true, true, true, false, true];
+                assert_eq!((s.window, s.layers.clone()), (6, layers));
+                assert_eq!((s.rope.base, s.rope.freq_scale), (10_000.0, 1.0));
+                assert_eq!((c.rope.base, c.rope.freq_scale), (1e6, 0.125));
+            }
             _ => {}
         }
         // The tokenizer reads too, and splits the prompts as llama.cpp did

@@ -102,4 +102,38 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("no system role"));
     }
+
+    /// Gemma's template (as its GGUF conversions ship it): no system role,
+    /// alternating turns, `model` for the assistant.
+    const GEMMA: &str = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}";
+
+    #[test]
+    fn gemmas_template_renders_and_refuses_a_system_role() {
+        let t = ChatTemplate::new(GEMMA, "<bos>", "<eos>").unwrap();
+        let out = t
+            .render(
+                &[
+                    ChatMessage::new("user", " Hi "),
+                    ChatMessage::new("assistant", "Hello"),
+                    ChatMessage::new("user", "Bye"),
+                ],
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            out,
+            "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n<start_of_turn>model\n"
+        );
+        let err = t
+            .render(
+                &[
+                    ChatMessage::new("system", "s"),
+                    ChatMessage::new("user", "u"),
+                ],
+                true,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("System role not supported"), "{err}");
+    }
 }

@@ -7,7 +7,7 @@
 //! What sets the family's block apart is its [`Family`] ([`ModelConfig::family`]).
 
 use crate::error::{Error, Result};
-use crate::family::{Arch, Family, RopeStyle, SUPPORTED_ARCHS};
+use crate::family::{Arch, Family, RopeStyle, Swa, SUPPORTED_ARCHS};
 use crate::gguf::GgufFile;
 
 /// The rotary embedding of a model (Su et al. 2021, RoFormer) with the
@@ -38,6 +38,18 @@ impl RopeConfig {
     }
 }
 
+/// The layers that attend through a sliding window, and how.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SlidingWindow {
+    /// A windowed layer's row at position `p` sees keys after `p − window`.
+    pub window: usize,
+    /// Whether each layer is windowed.
+    pub layers: Vec<bool>,
+    /// The rotary embedding of the windowed layers (Gemma 3's differs from
+    /// the global layers').
+    pub rope: RopeConfig,
+}
+
 /// Hyper-parameters of a transformer of one of the supported families.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ModelConfig {
@@ -62,8 +74,16 @@ pub struct ModelConfig {
     pub context: usize,
     /// RMSNorm epsilon.
     pub rms_eps: f32,
-    /// The rotary embedding.
+    /// The rotary embedding (of the global layers, where some are windowed).
     pub rope: RopeConfig,
+    /// Windowed layers, where the family has a pattern of them.
+    pub sliding: Option<SlidingWindow>,
+    /// The factor on `q·k` (`1/√head_dim` but for Gemma's 27B models).
+    pub attn_scale: f32,
+    /// The attention scores' soft-cap, `cap · tanh(s / cap)`; 0 for none.
+    pub attn_softcap: f32,
+    /// The logits' soft-cap; 0 for none.
+    pub final_softcap: f32,
 }
 
 /// The longest context a model may run with (2^20 positions). Tables sized
@@ -87,6 +107,25 @@ impl ModelConfig {
     /// What sets this family's block apart.
     pub fn family(&self) -> Family {
         self.arch.family()
+    }
+
+    /// Whether layer `layer` (of the whole model) attends through a window.
+    pub fn is_windowed(&self, layer: usize) -> bool {
+        self.sliding
+            .as_ref()
+            .is_some_and(|s| s.layers.get(layer).copied().unwrap_or(false))
+    }
+
+    /// Layer `layer`'s attention: scale, soft-cap and window.
+    pub fn attn_params(&self, layer: usize) -> kernels::cpu::attn::AttnParams {
+        kernels::cpu::attn::AttnParams {
+            scale: self.attn_scale,
+            softcap: self.attn_softcap,
+            window: match &self.sliding {
+                Some(s) if self.is_windowed(layer) => s.window,
+                _ => 0,
+            },
+        }
     }
 
     /// Query heads per KV head.
@@ -158,9 +197,25 @@ impl ModelConfig {
             }
         }
         let rope = Self::rope_from_gguf(file, arch, head_dim)?;
+        let family = arch.family();
+        let n_layers = file.get_usize(&key("block_count"))?;
+        let attn_softcap = match family.attn_softcap {
+            Some(default) => file
+                .opt_f32(&key("attn_logit_softcapping"))?
+                .unwrap_or(default),
+            None => 0.0,
+        };
+        let final_softcap = file
+            .opt_f32(&key("final_logit_softcapping"))?
+            .unwrap_or(family.final_softcap);
+        let attn_scale = match family.hidden_query_scale_at_layers {
+            Some(l) if l == n_layers && n_heads > 0 => 1.0 / ((hidden / n_heads) as f32).sqrt(),
+            _ if head_dim > 0 => 1.0 / (head_dim as f32).sqrt(),
+            _ => 1.0,
+        };
         let mut config = Self {
             arch,
-            n_layers: file.get_usize(&key("block_count"))?,
+            n_layers,
             hidden,
             n_heads,
             n_kv_heads: file
@@ -173,19 +228,63 @@ impl ModelConfig {
             rms_eps: file
                 .opt_f32(&key("attention.layer_norm_rms_epsilon"))?
                 .unwrap_or(1e-5),
+            sliding: None,
             rope,
+            attn_scale,
+            attn_softcap,
+            final_softcap,
         };
-        // Within its window, sliding-window attention is full attention:
-        // a model with a window shorter than its context runs with the
-        // window as its context, exactly.
-        if let Some(window) = file.opt_usize(&key("attention.sliding_window"))? {
-            if window > 0 && window < config.context {
-                tracing::warn!(
-                    "{}: sliding-window attention ({window} positions) is run as full attention over a context of {window} (of {} trained)",
-                    file.path().display(),
-                    config.context
-                );
-                config.context = window;
+        let window = file
+            .opt_usize(&key("attention.sliding_window"))?
+            .filter(|&w| w > 0);
+        match family.swa {
+            // Within its window, sliding-window attention is full attention:
+            // a model whose every layer is windowed, with a window shorter
+            // than its context, runs with the window as its context, exactly.
+            Swa::All => {
+                if let Some(window) = window.filter(|&w| w < config.context) {
+                    tracing::warn!(
+                        "{}: sliding-window attention ({window} positions) is run as full attention over a context of {window} (of {} trained)",
+                        file.path().display(),
+                        config.context
+                    );
+                    config.context = window;
+                }
+            }
+            Swa::Pattern {
+                every,
+                default_window,
+                rope_base,
+            } => {
+                if let Some(window) = window.or(default_window) {
+                    let layers = match file.opt_usize(&key("attention.sliding_window_pattern")) {
+                        Ok(Some(n)) => pattern(n_layers, n),
+                        Ok(None) => pattern(n_layers, every),
+                        // An array: one flag per layer.
+                        Err(_) => file
+                            .opt_int_array(&key("attention.sliding_window_pattern"))?
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|v| v != 0)
+                            .collect(),
+                    };
+                    let base_swa = file.opt_f32(&key("rope.freq_base_swa"))?;
+                    let rope = match (base_swa, rope_base) {
+                        (Some(b), None) => RopeConfig {
+                            base: b,
+                            ..config.rope.clone()
+                        },
+                        (None, None) => config.rope.clone(),
+                        (b, Some(default)) => {
+                            RopeConfig::plain(b.unwrap_or(default), config.rope.style)
+                        }
+                    };
+                    config.sliding = Some(SlidingWindow {
+                        window,
+                        layers,
+                        rope,
+                    });
+                }
             }
         }
         if let Some(cap) = max_model_len.filter(|&cap| cap < config.context) {
@@ -289,6 +388,10 @@ impl ModelConfig {
             context: 8192,
             rms_eps: 1e-5,
             rope: RopeConfig::plain(10_000.0, RopeStyle::Normal),
+            sliding: None,
+            attn_scale: 1.0 / ((hidden / n_heads) as f32).sqrt(),
+            attn_softcap: 0.0,
+            final_softcap: 0.0,
         };
         config.validate()?;
         Ok(config)
@@ -354,6 +457,44 @@ impl ModelConfig {
                 self.head_dim
             )));
         }
+        let caps = [
+            ("attn_scale", self.attn_scale, false),
+            ("attn_softcap", self.attn_softcap, true),
+            ("final_softcap", self.final_softcap, true),
+        ];
+        for (name, v, zero_ok) in caps {
+            if !(v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0))) {
+                return Err(Error::Config(format!(
+                    "{name} must be a finite number {}, not {v}",
+                    if zero_ok {
+                        "of at least 0"
+                    } else {
+                        "greater than 0"
+                    }
+                )));
+            }
+        }
+        if let Some(s) = &self.sliding {
+            if s.window == 0 || s.layers.len() != self.n_layers {
+                return Err(Error::Config(format!(
+                    "a sliding window of {} over {} layer flags for {} layers",
+                    s.window,
+                    s.layers.len(),
+                    self.n_layers
+                )));
+            }
+            let floats = [
+                ("rope_base (windowed layers)", s.rope.base),
+                ("rope freq_scale (windowed layers)", s.rope.freq_scale),
+            ];
+            for (name, v) in floats {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(Error::Config(format!(
+                        "{name} must be a finite number greater than 0, not {v}"
+                    )));
+                }
+            }
+        }
         if let Some(f) = &self.rope.freq_factors {
             if f.len() != self.head_dim / 2 {
                 return Err(Error::Config(format!(
@@ -367,11 +508,20 @@ impl ModelConfig {
     }
 
     /// Parameters in the transformer (embedding counted once when tied).
+    /// (Post-norms and biases, a few vectors per layer, are left out.)
     pub fn parameter_count(&self) -> usize {
         let attn = self.hidden * self.q_width() * 2 + self.hidden * self.kv_width() * 2;
         let mlp = 3 * self.hidden * self.ffn;
         self.n_layers * (attn + mlp + 2 * self.hidden) + self.vocab * self.hidden + self.hidden
     }
+}
+
+/// Layers `0..n` of a pattern of `every`: the last of each cycle global, the
+/// others windowed (`every` 0: all windowed), as llama.cpp's `set_swa_pattern`.
+fn pattern(n: usize, every: usize) -> Vec<bool> {
+    (0..n)
+        .map(|l| every == 0 || l % every < every - 1)
+        .collect()
 }
 
 #[cfg(test)]

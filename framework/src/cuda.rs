@@ -47,13 +47,23 @@ use crate::backend::{Backend, Elem, Heads, KvCache, PagedKv, StepRows};
 use crate::collective::Collective;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::family::RopeStyle;
+use crate::family::{Activation, RopeStyle};
 use crate::ops::RopeTable;
 use crate::shard::ShardLayout;
 use crate::weights::Mat;
+use kernels::cpu::attn::AttnParams;
 
 fn dev_err(e: kernels::cuda::Error) -> Error {
     Error::Cuda(e.to_string())
+}
+
+/// The error for a family feature the CUDA kernels do not have yet (a model
+/// needing one is refused when its backend is built; see
+/// [`CudaBackend::new`]).
+fn unsupported_on_cuda(what: &str) -> Error {
+    Error::Config(format!(
+        "the CUDA backend does not run {what} yet (Gemma 2 and 3 run on the CPU)"
+    ))
 }
 
 /// How the CUDA backend stores weights.
@@ -248,6 +258,22 @@ impl CudaBackend {
             return Err(Error::Config(format!(
                 "the CUDA attention kernels take head dimensions that are multiples of 32 up to {}; this model's is {hd}",
                 ops::MAX_HEAD_DIM
+            )));
+        }
+        let family = config.family();
+        let gemma_like = [
+            (family.act != Activation::Silu, "a GELU-gated FFN"),
+            (family.post_norms, "norms after attention and FFN"),
+            (family.embed_scale, "scaled embeddings"),
+            (config.sliding.is_some(), "sliding-window attention"),
+            (config.attn_softcap > 0.0, "soft-capped attention"),
+            (config.final_softcap > 0.0, "soft-capped logits"),
+        ];
+        if let Some((_, what)) = gemma_like.iter().find(|(needed, _)| *needed) {
+            return Err(Error::Config(format!(
+                "{}: {}",
+                config.arch,
+                unsupported_on_cuda(what)
             )));
         }
         if layout.spec.world_size > 1 && tp.is_none() {
@@ -627,7 +653,8 @@ impl Backend for CudaBackend {
         .map_err(dev_err)
     }
 
-    fn rope(&self, qkv: &mut DevBuf, meta: &CudaMeta, rows: usize) -> Result<()> {
+    fn rope(&self, qkv: &mut DevBuf, meta: &CudaMeta, rows: usize, _windowed: bool) -> Result<()> {
+        // Windowed layers with a rope of their own are refused at load.
         let hd = self.heads;
         // SAFETY: qkv holds `rows` fused rows; the meta's positions `rows`
         // u32 below the context the tables cover.
@@ -648,13 +675,17 @@ impl Backend for CudaBackend {
         .map_err(dev_err)
     }
 
-    fn silu_mul(
+    fn gated_act(
         &self,
         gate_up: &DevBuf,
         out: &mut DevBuf,
         rows: usize,
         width: usize,
+        act: Activation,
     ) -> Result<()> {
+        if act != Activation::Silu {
+            return Err(unsupported_on_cuda("a GELU-gated FFN"));
+        }
         // SAFETY: gate_up holds rows × 2·width, out rows × width (Act).
         unsafe {
             ops::silu_mul(
@@ -667,6 +698,25 @@ impl Backend for CudaBackend {
             )
         }
         .map_err(dev_err)
+    }
+
+    fn scale(&self, _x: &mut DevBuf, _s: f32, _len: usize) -> Result<()> {
+        Err(unsupported_on_cuda("scaled embeddings"))
+    }
+
+    fn rms_norm_f32(
+        &self,
+        _x: &mut DevBuf,
+        _w: &DevBuf,
+        _eps: f32,
+        _rows: usize,
+        _width: usize,
+    ) -> Result<()> {
+        Err(unsupported_on_cuda("norms after attention and FFN"))
+    }
+
+    fn softcap(&self, _x: &mut DevBuf, _cap: f32, _len: usize) -> Result<()> {
+        Err(unsupported_on_cuda("soft-capped logits"))
     }
 
     fn add(&self, x: &mut DevBuf, delta: &DevBuf, len: usize) -> Result<()> {
@@ -754,7 +804,13 @@ impl KvCache<CudaBackend> for CudaKv {
         meta: &CudaMeta,
         out: &mut DevBuf,
         rows: usize,
+        params: &AttnParams,
     ) -> Result<()> {
+        if params.window > 0 || params.softcap > 0.0 {
+            return Err(unsupported_on_cuda(
+                "sliding-window or soft-capped attention",
+            ));
+        }
         let (d, t, hd) = (be.d(), be.opts.dtype, be.heads);
         let (kc, vc) = self
             .layers
@@ -787,7 +843,7 @@ impl KvCache<CudaBackend> for CudaKv {
                 n_kv_heads: hd.n_kv,
                 head_dim: hd.head_dim,
                 block_size: self.block_size,
-                scale: 1.0 / (hd.head_dim as f32).sqrt(),
+                scale: params.scale,
             };
             if meta.decode_only {
                 ops::attn_decode(d, t, &a, meta.table_start.ptr(), meta.pos.ptr(), rows)
@@ -1117,6 +1173,27 @@ mod tests {
             let want = family_cpu_logits(arch);
             let mut f16 = family_shard(dev.clone(), Dtype::F16, ShardSpec::SINGLE, None, arch);
             assert_close(&run(&mut f16, &SingleCollective), &want, 0.02);
+        }
+    }
+
+    #[test]
+    fn a_family_the_kernels_cannot_run_is_refused_by_name() {
+        let Some(dev) = emulated() else { return };
+        for arch in [Arch::Gemma2, Arch::Gemma3] {
+            let c = config_of(arch);
+            let layout = crate::shard::ShardLayout::new(&c, ShardSpec::SINGLE).unwrap();
+            let opts = CudaOptions {
+                dtype: Dtype::F16,
+                quantized: false,
+            };
+            let err = CudaBackend::new(&c, &layout, dev.clone(), opts, None)
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(
+                err.contains(arch.name()) && err.contains("CUDA backend does not run"),
+                "{err}"
+            );
         }
     }
 

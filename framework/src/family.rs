@@ -2,9 +2,10 @@
 //! the one layer loop ([`crate::backend::transformer`]) reads.
 //!
 //! A [`Family`] says which optional parts a family's blocks have (biases on
-//! q/k/v, a per-head RMSNorm on q and k), how its rotary embedding pairs a
-//! head's dimensions ([`RopeStyle`]), and the GGUF metadata prefix its keys
-//! use. GGUF names a block's tensors the same way in every family
+//! q/k/v, a per-head RMSNorm on q and k, norms after attention and FFN), its
+//! FFN's gated activation, how its rotary embedding pairs a head's dimensions
+//! ([`RopeStyle`]), which layers a sliding window applies to ([`Swa`]), its
+//! soft-caps and embedding scale, and the GGUF metadata prefix its keys use. GGUF names a block's tensors the same way in every family
 //! (`blk.N.attn_q.weight`, `blk.N.attn_q.bias`, `blk.N.attn_q_norm.weight`
 //! ...), so a family adds no tensor names of its own here; it says which of
 //! them exist.
@@ -34,10 +35,17 @@ pub enum Arch {
     Qwen3,
     /// Phi-3: fused `q|k|v` and `gate|up` tensors, NeoX rope.
     Phi3,
+    /// Gemma 2: embeddings scaled by √hidden, norms after attention and FFN
+    /// too, GELU gating, soft-capped attention and logits, every other layer
+    /// windowed.
+    Gemma2,
+    /// Gemma 3: Gemma 2's block with Qwen3's q/k norms and no soft-capping;
+    /// five windowed layers (with their own rope base) to each global one.
+    Gemma3,
 }
 
 /// The architectures accepted, as GGUF names them (for error messages).
-pub const SUPPORTED_ARCHS: &str = "llama, qwen2, qwen3, phi3";
+pub const SUPPORTED_ARCHS: &str = "llama, qwen2, qwen3, phi3, gemma2, gemma3";
 
 /// How a rotary embedding pairs the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +56,36 @@ pub enum RopeStyle {
     Normal,
     /// Halves `(i, i + d/2)`: GPT-NeoX's pairing (Qwen, Gemma, Phi-3).
     Neox,
+}
+
+/// The gated activation of the FFN: `act(gate) · up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activation {
+    /// SiLU (SwiGLU).
+    Silu,
+    /// GELU, tanh approximation (GeGLU).
+    GeluTanh,
+}
+
+/// Which layers attend through a sliding window, when the metadata sets one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Swa {
+    /// Every layer (Mistral, Phi-3): the model runs with the window as its
+    /// context, within which windowed attention is full attention.
+    All,
+    /// A repeating pattern of `every` layers, the last of each global and
+    /// the others windowed (unless `attention.sliding_window_pattern` says
+    /// otherwise).
+    Pattern {
+        /// Layers per cycle.
+        every: usize,
+        /// The window when the file names none (none: no windowed layers).
+        default_window: Option<usize>,
+        /// The rope base of the windowed layers when the file names none
+        /// (`rope.freq_base_swa`), with no scaling; `None`: the global rope.
+        rope_base: Option<f32>,
+    },
 }
 
 /// Whether a block's tensor is in every file of a family, may be, or never is.
@@ -62,7 +100,7 @@ pub enum Part {
 }
 
 /// What sets a family's transformer block apart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Family {
     /// The architecture.
     pub arch: Arch,
@@ -80,7 +118,43 @@ pub struct Family {
     /// `ffn_up`. (A fused `attn_qkv.weight` is read wherever a file has one,
     /// as llama.cpp does.)
     pub fused_gate_up: bool,
+    /// The FFN's gated activation.
+    pub act: Activation,
+    /// RMSNorms of the attention and FFN outputs before their residual adds
+    /// (`blk.N.post_attention_norm.weight`, `blk.N.post_ffw_norm.weight`).
+    pub post_norms: bool,
+    /// Whether the token embeddings are scaled by √hidden.
+    pub embed_scale: bool,
+    /// Which layers a sliding window applies to.
+    pub swa: Swa,
+    /// The attention scores' soft-cap when the file names none
+    /// (`attn_logit_softcapping`); `None`: never capped.
+    pub attn_softcap: Option<f32>,
+    /// The logits' soft-cap when the file names none
+    /// (`final_logit_softcapping`, read for every family); 0: none.
+    pub final_softcap: f32,
+    /// Gemma's 27B models scale queries by `1/√(hidden / heads)` rather
+    /// than `1/√head_dim` (their `query_pre_attn_scalar`); GGUF does not
+    /// carry it, so llama.cpp tells them by their layer count, as here.
+    pub hidden_query_scale_at_layers: Option<usize>,
 }
+
+/// The traits most families share: a Llama block.
+const LLAMA_LIKE: Family = Family {
+    arch: Arch::Llama,
+    prefix: "llama",
+    rope: RopeStyle::Normal,
+    qkv_bias: Part::Absent,
+    qk_norm: Part::Absent,
+    fused_gate_up: false,
+    act: Activation::Silu,
+    post_norms: false,
+    embed_scale: false,
+    swa: Swa::All,
+    attn_softcap: None,
+    final_softcap: 0.0,
+    hidden_query_scale_at_layers: None,
+};
 
 impl Arch {
     /// The architecture GGUF names `name`, if this engine runs it.
@@ -90,6 +164,8 @@ impl Arch {
             "qwen2" => Some(Self::Qwen2),
             "qwen3" => Some(Self::Qwen3),
             "phi3" => Some(Self::Phi3),
+            "gemma2" => Some(Self::Gemma2),
+            "gemma3" => Some(Self::Gemma3),
             _ => None,
         }
     }
@@ -103,38 +179,64 @@ impl Arch {
     pub fn family(self) -> Family {
         match self {
             Self::Llama => Family {
-                arch: self,
-                prefix: "llama",
-                rope: RopeStyle::Normal,
                 // llama.cpp reads them when present (some Llama-architecture
                 // conversions carry them).
                 qkv_bias: Part::Optional,
-                qk_norm: Part::Absent,
-                fused_gate_up: false,
+                ..LLAMA_LIKE
             },
             Self::Qwen2 => Family {
                 arch: self,
                 prefix: "qwen2",
                 rope: RopeStyle::Neox,
                 qkv_bias: Part::Required,
-                qk_norm: Part::Absent,
-                fused_gate_up: false,
+                ..LLAMA_LIKE
             },
             Self::Qwen3 => Family {
                 arch: self,
                 prefix: "qwen3",
                 rope: RopeStyle::Neox,
-                qkv_bias: Part::Absent,
                 qk_norm: Part::Required,
-                fused_gate_up: false,
+                ..LLAMA_LIKE
             },
             Self::Phi3 => Family {
                 arch: self,
                 prefix: "phi3",
                 rope: RopeStyle::Neox,
-                qkv_bias: Part::Absent,
-                qk_norm: Part::Absent,
                 fused_gate_up: true,
+                ..LLAMA_LIKE
+            },
+            Self::Gemma2 => Family {
+                arch: self,
+                prefix: "gemma2",
+                rope: RopeStyle::Neox,
+                act: Activation::GeluTanh,
+                post_norms: true,
+                embed_scale: true,
+                swa: Swa::Pattern {
+                    every: 2,
+                    default_window: Some(4096),
+                    rope_base: None,
+                },
+                attn_softcap: Some(50.0),
+                final_softcap: 30.0,
+                hidden_query_scale_at_layers: Some(46),
+                ..LLAMA_LIKE
+            },
+            Self::Gemma3 => Family {
+                arch: self,
+                prefix: "gemma3",
+                rope: RopeStyle::Neox,
+                qk_norm: Part::Required,
+                act: Activation::GeluTanh,
+                post_norms: true,
+                embed_scale: true,
+                swa: Swa::Pattern {
+                    every: 6,
+                    default_window: None,
+                    rope_base: Some(10_000.0),
+                },
+                hidden_query_scale_at_layers: Some(62),
+                ..LLAMA_LIKE
             },
         }
     }
@@ -152,7 +254,14 @@ mod tests {
 
     #[test]
     fn every_arch_round_trips_through_its_gguf_name() {
-        for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3, Arch::Phi3] {
+        for arch in [
+            Arch::Llama,
+            Arch::Qwen2,
+            Arch::Qwen3,
+            Arch::Phi3,
+            Arch::Gemma2,
+            Arch::Gemma3,
+        ] {
             assert_eq!(Arch::from_gguf(arch.name()), Some(arch));
             assert_eq!(arch.family().arch, arch);
             assert!(SUPPORTED_ARCHS.contains(arch.name()));

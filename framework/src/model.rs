@@ -123,6 +123,8 @@ pub(crate) struct BlockMats {
     /// The per-head RMSNorm weights of q and k (`head_dim` each, the same
     /// for every head, so not cut).
     pub(crate) qk_norm: Option<(Vec<f32>, Vec<f32>)>,
+    /// The RMSNorm weights of the attention and FFN outputs (Gemma).
+    pub(crate) post_norms: Option<(Vec<f32>, Vec<f32>)>,
     pub(crate) o: Mat,
     pub(crate) ffn_norm: Vec<f32>,
     pub(crate) gate_up: Mat,
@@ -239,6 +241,14 @@ impl ShardMats {
             let o = src
                 .matrix(&name("attn_output"), h, q_rows)?
                 .select_cols(q_local.clone())?;
+            let post_norms = if family.post_norms {
+                Some((
+                    src.vector(&name("post_attention_norm"), h)?,
+                    src.vector(&name("post_ffw_norm"), h)?,
+                ))
+            } else {
+                None
+            };
             let gate_up = if family.fused_gate_up {
                 // One tensor, gate rows then up rows.
                 src.matrix(&name("ffn_up"), 2 * config.ffn, h)?
@@ -259,6 +269,7 @@ impl ShardMats {
                 qkv,
                 qkv_bias,
                 qk_norm,
+                post_norms,
                 o,
                 ffn_norm: src.vector(&name("ffn_norm"), h)?,
                 gate_up,

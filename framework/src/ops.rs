@@ -86,6 +86,23 @@ pub fn silu_mul(gate_up: &[f32], width: usize, out: &mut [f32]) {
     kops::silu_mul(gate_up, width, out)
 }
 
+/// `gelu(gate) · up` (GELU's tanh approximation, in f32 as ggml writes it)
+/// for rows laid out as `[gate (width) | up (width)]`.
+pub fn gelu_tanh_mul(gate_up: &[f32], width: usize, out: &mut [f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF_A: f32 = 0.044_715;
+    for (row, o) in gate_up
+        .chunks_exact(2 * width)
+        .zip(out.chunks_exact_mut(width))
+    {
+        let (gate, up) = row.split_at(width);
+        for ((o, &x), &u) in o.iter_mut().zip(gate).zip(up) {
+            let g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh());
+            *o = g * u;
+        }
+    }
+}
+
 /// Inner product written as eight independent accumulators so it vectorizes.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -102,6 +119,18 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         s += x * y;
     }
     s
+}
+
+/// [`attention`] with a layer's scale, soft-cap and window.
+pub fn attention_params(
+    q: &[f32],
+    q_stride: usize,
+    rows: &[AttnRow<'_>],
+    heads: (usize, usize, usize),
+    params: &attn::AttnParams,
+    out: &mut [f32],
+) {
+    attn::attention_params(q, q_stride, rows, heads, params, out)
 }
 
 /// Causal grouped-query attention for a batch of query rows.

@@ -38,7 +38,7 @@ sys.path.insert(0, SRC)
 import numpy as np  # noqa: E402
 from llama_cpp import Llama  # noqa: E402
 
-MODELS = ["llama-r3", "llama-lin", "qwen2", "qwen3", "phi3", "llama-spm"]
+MODELS = ["llama-r3", "llama-lin", "qwen2", "qwen3", "phi3", "llama-spm", "gemma2", "gemma3"]
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    if n < 2:\n        return n",

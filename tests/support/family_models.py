@@ -25,6 +25,11 @@ same vocabulary):
   phi3       fused attn_qkv and gate|up in ffn_up, NeoX rope, 3 heads of 32
   llama-spm  a SentencePiece vocabulary (tokenizer.ggml.model = llama) made
              from the reference's: scores, byte fallback, add_space_prefix, BOS
+  gemma2     embeddings × √hidden, post-norms, GELU gating, soft-capped
+             attention (5) and logits (10), every other layer windowed (8)
+  gemma3     q/k norms, post-norms, GELU gating, windows of 6 on five layers
+             of six with their own rope (base 10000), linear rope ×8 on the
+             global ones, SentencePiece
 """
 
 import os
@@ -73,6 +78,12 @@ MODELS = {
                  tied=False, fused=True),
     "llama-spm": dict(arch="llama", layers=2, hidden=64, heads=4, kv=4, head_dim=16, ffn=128,
                       tied=False, spm=True),
+    "gemma2": dict(arch="gemma2", layers=3, hidden=64, heads=4, kv=2, head_dim=32, ffn=128,
+                   tied=True, key_length=True, gemma=True, window=8, attn_softcap=5.0,
+                   final_softcap=10.0),
+    "gemma3": dict(arch="gemma3", layers=7, hidden=64, heads=4, kv=2, head_dim=32, ffn=96,
+                   tied=True, key_length=True, gemma=True, qk_norm=True, window=6,
+                   rope_base=1_000_000.0, linear=8.0, spm=True),
 }
 
 
@@ -190,6 +201,12 @@ def write(name, spec, tok, out_dir):
     if "linear" in spec:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(spec["linear"])
+    if "window" in spec:
+        w.add_sliding_window(spec["window"])
+    if "attn_softcap" in spec:
+        w.add_attn_logit_softcapping(spec["attn_softcap"])
+    if "final_softcap" in spec:
+        w.add_final_logit_softcapping(spec["final_softcap"])
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     for key, value, kind, sub in tok:
         if key == "tokenizer.ggml.pre" and "pre" in spec:
@@ -232,6 +249,10 @@ def write(name, spec, tok, out_dir):
             t[p + "attn_q_norm.weight"] = around_one(p + "attn_q_norm.weight", hd, 0.3)
             t[p + "attn_k_norm.weight"] = around_one(p + "attn_k_norm.weight", hd, 0.3)
         t[p + "ffn_norm.weight"] = around_one(p + "ffn_norm.weight", h, 0.2)
+        if spec.get("gemma"):
+            # GGUF's Gemma norms already hold 1 + w.
+            t[p + "post_attention_norm.weight"] = around_one(p + "post_attention_norm.weight", h, 0.2)
+            t[p + "post_ffw_norm.weight"] = around_one(p + "post_ffw_norm.weight", h, 0.2)
         gate = matrix(p + "ffn_gate.weight", ffn, h)
         up = matrix(p + "ffn_up.weight", ffn, h)
         if spec.get("fused"):

@@ -12,17 +12,21 @@ use std::ops::Range;
 use crate::collective::Collective;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::family::Activation;
 use crate::kv::KvPool;
 use crate::ops::{self, AttnRow, KvRows, RopeTable};
 use crate::shard::ShardLayout;
 use crate::weights::{Embedding, Linear, Mat, WeightFormat};
+use kernels::cpu::attn::AttnParams;
 
 use super::{Backend, Elem, Heads, KvCache, PagedKv, StepRows};
 
-/// The CPU backend of one shard: its matmul format, RoPE table and heads.
+/// The CPU backend of one shard: its matmul format, RoPE tables and heads.
 pub struct CpuBackend {
     format: WeightFormat,
     rope: RopeTable,
+    /// The windowed layers' table, where it differs (Gemma 3).
+    rope_windowed: Option<RopeTable>,
     heads: Heads,
 }
 
@@ -33,6 +37,11 @@ impl CpuBackend {
         Self {
             format,
             rope: RopeTable::new(hd, &config.rope, config.context),
+            rope_windowed: config
+                .sliding
+                .as_ref()
+                .filter(|s| s.rope != config.rope)
+                .map(|s| RopeTable::new(hd, &s.rope, config.context)),
             heads: Heads {
                 n_heads: layout.heads.len(),
                 n_kv: layout.kv_heads.len(),
@@ -213,29 +222,62 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn rope(&self, qkv: &mut Vec<f32>, meta: &CpuMeta, rows: usize) -> Result<()> {
+    fn rope(&self, qkv: &mut Vec<f32>, meta: &CpuMeta, rows: usize, windowed: bool) -> Result<()> {
+        let table = match &self.rope_windowed {
+            Some(t) if windowed => t,
+            _ => &self.rope,
+        };
         let (q_w, kv_w) = (self.heads.q_width(), self.heads.kv_width());
         let qkv_w = self.heads.qkv_width();
         for (r, row) in qkv[..rows * qkv_w].chunks_exact_mut(qkv_w).enumerate() {
             let (q, kv_part) = row.split_at_mut(q_w);
-            self.rope.apply(q, meta.pos[r]);
-            self.rope.apply(&mut kv_part[..kv_w], meta.pos[r]);
+            table.apply(q, meta.pos[r]);
+            table.apply(&mut kv_part[..kv_w], meta.pos[r]);
         }
         Ok(())
     }
 
-    fn silu_mul(
+    fn gated_act(
         &self,
         gate_up: &Vec<f32>,
         out: &mut Vec<f32>,
         rows: usize,
         width: usize,
+        act: Activation,
     ) -> Result<()> {
-        ops::silu_mul(
-            &gate_up[..rows * 2 * width],
-            width,
-            &mut out[..rows * width],
-        );
+        let (gate_up, out) = (&gate_up[..rows * 2 * width], &mut out[..rows * width]);
+        match act {
+            Activation::Silu => ops::silu_mul(gate_up, width, out),
+            Activation::GeluTanh => ops::gelu_tanh_mul(gate_up, width, out),
+        }
+        Ok(())
+    }
+
+    fn scale(&self, x: &mut Vec<f32>, s: f32, len: usize) -> Result<()> {
+        x[..len].iter_mut().for_each(|x| *x *= s);
+        Ok(())
+    }
+
+    fn rms_norm_f32(
+        &self,
+        x: &mut Vec<f32>,
+        w: &Vec<f32>,
+        eps: f32,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        let mut row_in = vec![0f32; width];
+        for row in x[..rows * width].chunks_exact_mut(width) {
+            row_in.copy_from_slice(row);
+            ops::rms_norm(&row_in, w, eps, row);
+        }
+        Ok(())
+    }
+
+    fn softcap(&self, x: &mut Vec<f32>, cap: f32, len: usize) -> Result<()> {
+        x[..len]
+            .iter_mut()
+            .for_each(|x| *x = cap * (*x / cap).tanh());
         Ok(())
     }
 
@@ -283,6 +325,7 @@ impl<S: CpuKv> KvCache<CpuBackend> for S {
         meta: &CpuMeta,
         out: &mut Vec<f32>,
         rows: usize,
+        params: &AttnParams,
     ) -> Result<()> {
         let hd = be.heads;
         let (q_w, kv_w, qkv_w) = (hd.q_width(), hd.kv_width(), hd.qkv_width());
@@ -301,13 +344,12 @@ impl<S: CpuKv> KvCache<CpuBackend> for S {
                 }
             })
             .collect();
-        ops::attention(
+        ops::attention_params(
             qkv,
             qkv_w,
             &attn_rows,
-            hd.n_heads,
-            hd.n_kv,
-            hd.head_dim,
+            (hd.n_heads, hd.n_kv, hd.head_dim),
+            params,
             &mut out[..rows * q_w],
         );
         Ok(())

@@ -91,6 +91,8 @@ pub struct VocabParallelLmHead<B: Backend> {
     w: B::Weight,
     vocab: Range<usize>,
     total_vocab: usize,
+    /// Soft-cap of the logits (0: none), applied per rank before the gather.
+    softcap: f32,
 }
 
 /// The buffers the LM head runs in.
@@ -108,13 +110,21 @@ pub struct HeadBuffers<'a, B: Backend> {
 }
 
 impl<B: Backend> VocabParallelLmHead<B> {
-    /// The final norm and this rank's rows `vocab` of the head.
-    pub fn new(norm: B::Vector, w: B::Weight, vocab: Range<usize>, total_vocab: usize) -> Self {
+    /// The final norm and this rank's rows `vocab` of the head, whose
+    /// logits are soft-capped at `softcap` (0: not capped).
+    pub fn new(
+        norm: B::Vector,
+        w: B::Weight,
+        vocab: Range<usize>,
+        total_vocab: usize,
+        softcap: f32,
+    ) -> Self {
         Self {
             norm,
             w,
             vocab,
             total_vocab,
+            softcap,
         }
     }
 
@@ -139,6 +149,9 @@ impl<B: Backend> VocabParallelLmHead<B> {
             be.gather_rows(b.x, b.meta, b.last, hidden)?;
             be.rms_norm(b.last, None, &self.norm, eps, b.last_normed, picked, hidden)?;
             be.linear(&self.w, b.last_normed, b.logits, Elem::F32, picked)?;
+            if self.softcap > 0.0 {
+                be.softcap(b.logits, self.softcap, picked * self.local_vocab())?;
+            }
             be.download(b.logits, picked * self.local_vocab())?
         } else {
             Vec::new()

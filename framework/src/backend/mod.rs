@@ -38,8 +38,10 @@ use std::ops::Range;
 
 use crate::collective::Collective;
 use crate::error::Result;
+use crate::family::Activation;
 use crate::model::{LogitsWanted, Rows};
 use crate::weights::Mat;
+use kernels::cpu::attn::AttnParams;
 
 pub use shard::{BackendKind, Shard, ShardSource, StageGroup, StageShard};
 
@@ -195,16 +197,37 @@ pub trait Backend: Send + Sized {
         rows: usize,
     ) -> Result<()>;
     /// Rotates the q and k heads of fused `q|k|v` rows by their positions,
-    /// pairing each head's dimensions as the model's [`crate::family::RopeStyle`] says.
-    fn rope(&self, qkv: &mut Self::Buf, meta: &Self::Meta, rows: usize) -> Result<()>;
-    /// `out = silu(gate) · up` for rows `[gate (width) | up (width)]`.
-    fn silu_mul(
+    /// pairing each head's dimensions as the model's [`crate::family::RopeStyle`] says;
+    /// `windowed` picks the rotary embedding of the windowed layers.
+    fn rope(
+        &self,
+        qkv: &mut Self::Buf,
+        meta: &Self::Meta,
+        rows: usize,
+        windowed: bool,
+    ) -> Result<()>;
+    /// `out = act(gate) · up` for rows `[gate (width) | up (width)]`.
+    fn gated_act(
         &self,
         gate_up: &Self::Buf,
         out: &mut Self::Buf,
         rows: usize,
         width: usize,
+        act: Activation,
     ) -> Result<()>;
+    /// `x *= s` over `len` f32 (Gemma's embedding scale).
+    fn scale(&self, x: &mut Self::Buf, s: f32, len: usize) -> Result<()>;
+    /// RMSNorm in place of `rows` f32 rows of `width` (Gemma's post-norms).
+    fn rms_norm_f32(
+        &self,
+        x: &mut Self::Buf,
+        w: &Self::Vector,
+        eps: f32,
+        rows: usize,
+        width: usize,
+    ) -> Result<()>;
+    /// `x = cap · tanh(x / cap)` over `len` f32 (soft-capped logits).
+    fn softcap(&self, x: &mut Self::Buf, cap: f32, len: usize) -> Result<()>;
     /// `x += delta` over `len` f32.
     fn add(&self, x: &mut Self::Buf, delta: &Self::Buf, len: usize) -> Result<()>;
     /// Copies the picked rows (of `width` f32) of `x` into `out`.
@@ -224,7 +247,9 @@ pub trait Backend: Send + Sized {
 pub trait KvCache<B: Backend> {
     /// Writes the step's new keys and values of `layer` (the k and v parts
     /// of the rotated `q|k|v` rows), then computes causal attention of every
-    /// row's queries over its sequence into `out` (Act, `rows × q_width`).
+    /// row's queries over its sequence into `out` (Act, `rows × q_width`),
+    /// scaled, capped and windowed as `params` says.
+    #[allow(clippy::too_many_arguments)]
     fn attend(
         &mut self,
         be: &B,
@@ -233,6 +258,7 @@ pub trait KvCache<B: Backend> {
         meta: &B::Meta,
         out: &mut B::Buf,
         rows: usize,
+        params: &AttnParams,
     ) -> Result<()>;
 }
 

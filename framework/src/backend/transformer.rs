@@ -43,6 +43,7 @@ struct Block<B: Backend> {
     qkv: ColumnParallelLinear<B>,
     qkv_bias: Option<B::Vector>,
     qk_norm: Option<(B::Vector, B::Vector)>,
+    post_norms: Option<(B::Vector, B::Vector)>,
     o: RowParallelLinear<B>,
     ffn_norm: B::Vector,
     gate_up: ColumnParallelLinear<B>,
@@ -97,6 +98,7 @@ impl<B: Backend> Transformer<B> {
                 be.weight(m)?,
                 mats.layout.vocab.clone(),
                 config.vocab,
+                config.final_softcap,
             )),
             None => None,
         };
@@ -106,11 +108,16 @@ impl<B: Backend> Transformer<B> {
                 Some((q, k)) => Some((be.vector(q)?, be.vector(k)?)),
                 None => None,
             };
+            let post_norms = match &b.post_norms {
+                Some((a, f)) => Some((be.vector(a)?, be.vector(f)?)),
+                None => None,
+            };
             blocks.push(Block {
                 attn_norm: be.vector(&b.attn_norm)?,
                 qkv: ColumnParallelLinear::new(be.weight(b.qkv)?),
                 qkv_bias: b.qkv_bias.as_deref().map(|v| be.vector(v)).transpose()?,
                 qk_norm,
+                post_norms,
                 o: RowParallelLinear::new(be.weight(b.o)?),
                 ffn_norm: be.vector(&b.ffn_norm)?,
                 gate_up: ColumnParallelLinear::new(be.weight(b.gate_up)?),
@@ -260,7 +267,11 @@ impl<B: Backend> Transformer<B> {
                     Error::Shard("only the first pipeline stage embeds tokens".into())
                 })?;
                 timer.time(Op::Embed, spent, || {
-                    embed.forward(be, &ws.meta, &mut ws.x, n, host)
+                    embed.forward(be, &ws.meta, &mut ws.x, n, host)?;
+                    if c.family().embed_scale {
+                        be.scale(&mut ws.x, (h as f32).sqrt(), n * h)?;
+                    }
+                    Ok::<_, Error>(())
                 })?;
             }
             StageInput::Hidden(v) => {
@@ -315,12 +326,17 @@ impl<B: Backend> Transformer<B> {
     ) -> Result<()> {
         let (be, eps, h) = (&self.backend, self.config.rms_eps, self.config.hidden);
         let ffn = self.layout.ffn.len();
+        let act = self.config.family().act;
         let qkv_w = be.heads().qkv_width();
         let ws = &mut *ws;
         let spent = || host.spent();
         // Whether `delta` holds a row-parallel output not yet added to `x`.
         let mut pending = false;
         for (layer, b) in self.blocks.iter().enumerate() {
+            // The layer's index in the whole model (its window and rope).
+            let global = self.layers.start + layer;
+            let windowed = self.config.is_windowed(global);
+            let attn = self.config.attn_params(global);
             let residual = pending.then_some(&ws.delta);
             timer.time(Op::Norm, spent, || {
                 be.rms_norm(&mut ws.x, residual, &b.attn_norm, eps, &mut ws.normed, n, h)
@@ -337,13 +353,20 @@ impl<B: Backend> Transformer<B> {
                     be.head_norm(&mut ws.qkv, q_norm, k_norm, eps, n)
                 })?;
             }
-            timer.time(Op::Rope, spent, || be.rope(&mut ws.qkv, &ws.meta, n))?;
+            timer.time(Op::Rope, spent, || {
+                be.rope(&mut ws.qkv, &ws.meta, n, windowed)
+            })?;
             timer.time(Op::Attention, spent, || {
-                kv.attend(be, layer, &ws.qkv, &ws.meta, &mut ws.attn, n)
+                kv.attend(be, layer, &ws.qkv, &ws.meta, &mut ws.attn, n, &attn)
             })?;
             timer.time(Op::OMatmul, spent, || {
                 b.o.forward(be, &ws.attn, &mut ws.delta, n, host)
             })?;
+            if let Some((attn_post, _)) = &b.post_norms {
+                timer.time(Op::Norm, spent, || {
+                    be.rms_norm_f32(&mut ws.delta, attn_post, eps, n, h)
+                })?;
+            }
             timer.time(Op::Norm, spent, || {
                 be.rms_norm(
                     &mut ws.x,
@@ -359,11 +382,16 @@ impl<B: Backend> Transformer<B> {
                 b.gate_up.forward(be, &ws.normed, &mut ws.gate_up, n)
             })?;
             timer.time(Op::SiluMul, spent, || {
-                be.silu_mul(&ws.gate_up, &mut ws.act, n, ffn)
+                be.gated_act(&ws.gate_up, &mut ws.act, n, ffn, act)
             })?;
             timer.time(Op::DownMatmul, spent, || {
                 b.down.forward(be, &ws.act, &mut ws.delta, n, host)
             })?;
+            if let Some((_, ffn_post)) = &b.post_norms {
+                timer.time(Op::Norm, spent, || {
+                    be.rms_norm_f32(&mut ws.delta, ffn_post, eps, n, h)
+                })?;
+            }
             pending = true;
         }
         if pending {

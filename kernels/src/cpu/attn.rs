@@ -181,6 +181,49 @@ pub struct AttnRow<'a, T = f32> {
     pub pos: usize,
 }
 
+/// How a layer's attention scores its keys, beyond the causal mask.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnParams {
+    /// The factor on `q·k` (`1/√head_dim` unless the model says otherwise).
+    pub scale: f32,
+    /// Soft-capping of the scaled scores, `cap · tanh(s / cap)` (Gemma 2);
+    /// 0 for none.
+    pub softcap: f32,
+    /// A row at position `p` sees only keys after `p − window` (sliding-window
+    /// attention); 0 for all keys `0..=p`.
+    pub window: usize,
+}
+
+impl AttnParams {
+    /// Plain causal attention: `1/√head_dim`, no cap, no window.
+    pub fn standard(head_dim: usize) -> Self {
+        Self {
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            softcap: 0.0,
+            window: 0,
+        }
+    }
+
+    /// The first key position a row at `pos` sees.
+    fn first(&self, pos: usize) -> usize {
+        if self.window == 0 {
+            0
+        } else {
+            (pos + 1).saturating_sub(self.window)
+        }
+    }
+
+    /// Caps a scaled score.
+    #[inline]
+    fn cap(&self, s: f32) -> f32 {
+        if self.softcap > 0.0 {
+            self.softcap * (s / self.softcap).tanh()
+        } else {
+            s
+        }
+    }
+}
+
 /// Causal grouped-query attention for a batch of query rows.
 ///
 /// Row `r`'s queries are `q[r·q_stride..][..n_heads·head_dim]` (a stride wider
@@ -201,15 +244,34 @@ pub fn attention<T: KvElem>(
     head_dim: usize,
     out: &mut [f32],
 ) {
+    attention_params(
+        q,
+        q_stride,
+        rows,
+        (n_heads, n_kv_heads, head_dim),
+        &AttnParams::standard(head_dim),
+        out,
+    )
+}
+
+/// [`attention`] with a layer's [`AttnParams`] (scale, soft-cap, window);
+/// `heads` is `(n_heads, n_kv_heads, head_dim)`.
+pub fn attention_params<T: KvElem>(
+    q: &[f32],
+    q_stride: usize,
+    rows: &[AttnRow<'_, T>],
+    heads: (usize, usize, usize),
+    params: &AttnParams,
+    out: &mut [f32],
+) {
     attention_with(
-        detect_isa(head_dim),
+        detect_isa(heads.2),
         true,
         q,
         q_stride,
         rows,
-        n_heads,
-        n_kv_heads,
-        head_dim,
+        heads,
+        params,
         out,
     )
 }
@@ -240,9 +302,8 @@ fn attention_with<T: KvElem>(
     q: &[f32],
     q_stride: usize,
     rows: &[AttnRow<'_, T>],
-    n_heads: usize,
-    n_kv_heads: usize,
-    head_dim: usize,
+    (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+    params: &AttnParams,
     out: &mut [f32],
 ) {
     let q_width = n_heads * head_dim;
@@ -269,7 +330,7 @@ fn attention_with<T: KvElem>(
         let work = |(i, dst): (usize, &mut [f32])| {
             let (r, kvh) = (i / n_kv_heads, i % n_kv_heads);
             let qg = &q[r * q_stride + kvh * unit..][..unit];
-            group_attention(rows[r], qg, kvh, n_kv_heads, group, head_dim, dst);
+            group_attention(rows[r], qg, kvh, (n_kv_heads, group, head_dim), params, dst);
         };
         let total: usize = rows.iter().map(|r| r.pos + 1).sum();
         if allow_parallel
@@ -286,7 +347,14 @@ fn attention_with<T: KvElem>(
         return;
     }
     let _ = (isa, allow_parallel);
-    attention_scalar(q, q_stride, rows, n_heads, n_kv_heads, head_dim, out)
+    attention_scalar_params(
+        q,
+        q_stride,
+        rows,
+        (n_heads, n_kv_heads, head_dim),
+        params,
+        out,
+    )
 }
 
 /// One row × one KV head and its `group` query heads (`q`, `out`: `group ×
@@ -296,9 +364,8 @@ fn group_attention<T: KvElem>(
     row: AttnRow<'_, T>,
     q: &[f32],
     kvh: usize,
-    n_kv_heads: usize,
-    group: usize,
-    head_dim: usize,
+    (n_kv_heads, group, head_dim): (usize, usize, usize),
+    params: &AttnParams,
     out: &mut [f32],
 ) {
     let n = row.pos + 1;
@@ -307,18 +374,22 @@ fn group_attention<T: KvElem>(
     let mut voffs = Vec::with_capacity(n);
     let kdata = row.k.offsets(n, width, &mut koffs);
     let vdata = row.v.offsets(n, width, &mut voffs);
+    // A window drops the oldest keys.
+    let first = params.first(row.pos);
     let job = avx2::Job {
         q,
         kdata,
-        koffs: &koffs,
+        koffs: &koffs[first..],
         vdata,
-        voffs: &voffs,
+        voffs: &voffs[first..],
         base: kvh * head_dim,
         width,
         group,
         head_dim,
+        scale: params.scale,
+        softcap: params.softcap,
     };
-    let mut scores = vec![0f32; group * n];
+    let mut scores = vec![0f32; group * (n - first)];
     // SAFETY: detect_isa returned Avx2, so AVX2, FMA and F16C are present.
     unsafe { avx2::run(&job, &mut scores, out) }
 }
@@ -336,26 +407,54 @@ pub fn attention_scalar<T: KvElem>(
     head_dim: usize,
     out: &mut [f32],
 ) {
+    attention_scalar_params(
+        q,
+        q_stride,
+        rows,
+        (n_heads, n_kv_heads, head_dim),
+        &AttnParams::standard(head_dim),
+        out,
+    )
+}
+
+/// [`attention_scalar`] with a layer's [`AttnParams`]: keys before the
+/// window are skipped, and each scaled score is capped before the softmax.
+pub fn attention_scalar_params<T: KvElem>(
+    q: &[f32],
+    q_stride: usize,
+    rows: &[AttnRow<'_, T>],
+    (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+    params: &AttnParams,
+    out: &mut [f32],
+) {
     let q_width = n_heads * head_dim;
     let kv_width = n_kv_heads * head_dim;
     let group = n_heads / n_kv_heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
+    let scale = params.scale;
     let work = |(r, dst): (usize, &mut [f32])| {
         let row = rows[r];
         let n = row.pos + 1;
+        let start = params.first(row.pos);
         let mut scores = vec![0f32; n];
         for h in 0..n_heads {
             let kvh = h / group;
             let qh = &q[r * q_stride + h * head_dim..][..head_dim];
             let mut max = f32::NEG_INFINITY;
             row.k.for_runs(n, kv_width, |first, keys| {
-                for (s, k) in scores[first..].iter_mut().zip(keys.chunks_exact(kv_width)) {
-                    *s = dot(qh, &k[kvh * head_dim..][..head_dim]) * scale;
+                for (i, (s, k)) in scores[first..]
+                    .iter_mut()
+                    .zip(keys.chunks_exact(kv_width))
+                    .enumerate()
+                {
+                    if first + i < start {
+                        continue;
+                    }
+                    *s = params.cap(dot(qh, &k[kvh * head_dim..][..head_dim]) * scale);
                     max = max.max(*s);
                 }
             });
             let mut sum = 0f32;
-            for s in scores.iter_mut() {
+            for s in scores[start..].iter_mut() {
                 *s = (*s - max).exp();
                 sum += *s;
             }
@@ -363,7 +462,14 @@ pub fn attention_scalar<T: KvElem>(
             let oh = &mut dst[h * head_dim..(h + 1) * head_dim];
             oh.fill(0.0);
             row.v.for_runs(n, kv_width, |first, values| {
-                for (&s, v) in scores[first..].iter().zip(values.chunks_exact(kv_width)) {
+                for (i, (&s, v)) in scores[first..]
+                    .iter()
+                    .zip(values.chunks_exact(kv_width))
+                    .enumerate()
+                {
+                    if first + i < start {
+                        continue;
+                    }
                     let w = s * inv;
                     for (o, &v) in oh.iter_mut().zip(&v[kvh * head_dim..][..head_dim]) {
                         *o += w * v.to_f32();
@@ -426,6 +532,10 @@ mod avx2 {
         pub width: usize,
         pub group: usize,
         pub head_dim: usize,
+        /// The factor on `q·k`.
+        pub scale: f32,
+        /// Soft-cap of the scaled scores (0: none).
+        pub softcap: f32,
     }
 
     /// Positions per key tile.
@@ -450,6 +560,10 @@ mod avx2 {
         // SAFETY: the asserts above: every key row p is kdata[koffs[p]..][..width]
         // and base + hd ≤ width; q and scores have the asserted lengths.
         unsafe { score_pass(job, scores) };
+        if job.softcap > 0.0 {
+            let cap = job.softcap;
+            scores.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
+        }
 
         let mut inv = vec![0f32; group];
         for (g, s) in scores.chunks_exact_mut(n).enumerate() {
@@ -498,7 +612,7 @@ mod avx2 {
     #[inline(always)]
     unsafe fn score_pass<T: KvElem>(job: &Job<'_, T>, scores: &mut [f32]) {
         let (hd, n) = (job.head_dim, job.koffs.len());
-        let scale = _mm_set1_ps(1.0 / (hd as f32).sqrt());
+        let scale = _mm_set1_ps(job.scale);
         let is_f32 = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>();
         // f16 keys are widened once per tile into this buffer.
         let mut wide = if is_f32 {

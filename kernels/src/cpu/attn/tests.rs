@@ -195,7 +195,16 @@ fn serial_and_parallel_splits_agree() {
         // Big enough for the parallel split.
         let c = case(&mut rng, n_heads, n_kv, 64, 1200);
         let serial: Kernel<f32> = |q, qs, rows, h, kv, hd, out| {
-            attention_with(detect_isa(hd), false, q, qs, rows, h, kv, hd, out)
+            attention_with(
+                detect_isa(hd),
+                false,
+                q,
+                qs,
+                rows,
+                (h, kv, hd),
+                &AttnParams::standard(hd),
+                out,
+            )
         };
         let a = run(&c, &c.seqs, true, serial);
         let b = pool.install(|| run(&c, &c.seqs, true, attention::<f32>));
@@ -352,4 +361,113 @@ fn attention_timing() {
             );
         }
     }
+}
+
+#[test]
+fn a_window_is_attention_over_the_last_keys_and_every_path_agrees() {
+    let mut rng = Rng::new(41);
+    for &(n_heads, n_kv, hd) in &[(4, 2, 16), (6, 3, 32), (2, 2, 8)] {
+        let width = n_kv * hd;
+        let len = 37;
+        let s = seq(&mut rng, len, width, 1.0);
+        let q = rng.f32s(n_heads * hd, 2.0);
+        for (window, softcap, scale) in [
+            (5, 0.0, 0.25),
+            (1, 0.0, 0.1),
+            (100, 0.0, 0.3),
+            (7, 3.0, 0.5),
+            (0, 2.0, 0.7),
+        ] {
+            let params = AttnParams {
+                scale,
+                softcap,
+                window,
+            };
+            let pos = len - 1;
+            let (k, v) = s.kv(true);
+            let row = [AttnRow { k, v, pos }];
+            let mut fast = vec![0f32; n_heads * hd];
+            attention_params(
+                &q,
+                n_heads * hd,
+                &row,
+                (n_heads, n_kv, hd),
+                &params,
+                &mut fast,
+            );
+            let mut reference = vec![0f32; n_heads * hd];
+            attention_scalar_params(
+                &q,
+                n_heads * hd,
+                &row,
+                (n_heads, n_kv, hd),
+                &params,
+                &mut reference,
+            );
+            let vmax = s.v.iter().fold(0f32, |m, x| m.max(x.abs()));
+            for (a, b) in fast.iter().zip(&reference) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * vmax,
+                    "window {window} cap {softcap}: {a} vs {b}"
+                );
+            }
+            // The window's keys alone, unwindowed and uncapped when no cap:
+            // the same result, bit for bit, on the scalar path.
+            if softcap == 0.0 && window > 0 {
+                let first = (pos + 1).saturating_sub(window);
+                let tail = [AttnRow {
+                    k: KvRows::Flat(&s.k[first * width..]),
+                    v: KvRows::Flat(&s.v[first * width..]),
+                    pos: pos - first,
+                }];
+                let mut want = vec![0f32; n_heads * hd];
+                let plain = AttnParams {
+                    window: 0,
+                    ..params
+                };
+                attention_scalar_params(
+                    &q,
+                    n_heads * hd,
+                    &tail,
+                    (n_heads, n_kv, hd),
+                    &plain,
+                    &mut want,
+                );
+                assert_eq!(reference, want, "window {window}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_soft_cap_bounds_every_score() {
+    // One key far more aligned than the rest: uncapped it takes all the
+    // weight; capped at 1, its score is tanh(80) ≈ 1 against 0 for the
+    // others, so every value keeps a share: (0·e + 1 + 2 + 3) / (e + 3).
+    let hd = 8;
+    let k: Vec<f32> = (0..4 * hd)
+        .map(|i| if i < hd { 10.0 } else { 0.0 })
+        .collect();
+    let v: Vec<f32> = (0..4 * hd).map(|i| (i / hd) as f32).collect();
+    let q = vec![1.0f32; hd];
+    let row = [AttnRow {
+        k: KvRows::Flat(&k),
+        v: KvRows::Flat(&v),
+        pos: 3,
+    }];
+    let run = |softcap| {
+        let mut out = vec![0f32; hd];
+        let p = AttnParams {
+            scale: 1.0,
+            softcap,
+            window: 0,
+        };
+        attention_scalar_params(&q, hd, &row, (1, 1, hd), &p, &mut out);
+        out[0]
+    };
+    assert!(run(0.0) < 1e-6, "uncapped: all weight on value 0");
+    let capped = run(1.0);
+    let e = 80f32.tanh().exp();
+    let want = 6.0 / (e + 3.0);
+    assert!((capped - want).abs() < 1e-5, "{capped} vs {want}");
 }
