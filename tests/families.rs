@@ -6,7 +6,9 @@
 //! llama.cpp computed from them (`tests/support/family_golden.py`). For each
 //! family, at tp = 1 and tp = 2 with f32 weights: the argmax at every prompt
 //! position, the last position's top-10 logits within the f32 tolerance of
-//! `shared/golden` (0.05), and 16 greedy tokens; and each model's tokenizer
+//! `shared/golden` (0.05), and 16 greedy tokens; with quantized weights (Q8_0,
+//! Q4_0 copies) on the quantized kernels, `tests/golden.rs`'s tolerances
+//! against llama.cpp; and each model's tokenizer
 //! (byte-level BPE with the llama-bpe, qwen2 and smollm pre-tokenizers, and
 //! SentencePiece) against llama.cpp's tokens.
 
@@ -26,6 +28,17 @@ use sha2::{Digest, Sha256};
 
 /// The top-10 logits' tolerance: `shared/golden`'s for f32 weights.
 const TOLERANCE: f32 = 0.05;
+
+/// With quantized weights both engines round activations to 8-bit blocks,
+/// independently: `tests/golden.rs`'s tolerances against llama.cpp (top-10
+/// within 0.75, the argmax at 80% of positions).
+const QUANT_TOLERANCE: f32 = 0.75;
+
+/// With quantized weights, greedy tokens must agree up to the first step
+/// where llama.cpp's top two logits are closer than this: the two engines'
+/// logits differ by up to 0.15 on these models (0.14 at most on the last
+/// prompt positions), so a gap under twice that may fall either way.
+const NEAR_TIE: f32 = 0.3;
 
 fn golden() -> &'static Value {
     static GOLDEN: OnceLock<Value> = OnceLock::new();
@@ -137,9 +150,16 @@ fn run(
 /// checked) and returns the largest top-10 logit difference met.
 fn check(name: &str, tp: usize) -> f32 {
     let file = open(name);
+    // Quantized files run on the quantized kernels.
+    let quantized = name.ends_with("_0");
+    let format = if quantized {
+        WeightFormat::Native
+    } else {
+        WeightFormat::F32
+    };
     let shards: Vec<LlamaShard> = ShardSpec::group(tp)
         .into_iter()
-        .map(|spec| LlamaShard::load(&file, spec, WeightFormat::F32).expect("the shard loads"))
+        .map(|spec| LlamaShard::load(&file, spec, format).expect("the shard loads"))
         .collect();
     let mut worst = 0f32;
     for case in cases(name) {
@@ -169,11 +189,24 @@ fn check(name: &str, tp: usize) -> f32 {
         let what = format!("{name} tp={tp} on {:?}", case["prompt"]);
         for (rank, (rows, greedy)) in results.iter().enumerate() {
             let argmax: Vec<u32> = rows.iter().map(|r| top_k(r, 1)[0] as u32).collect();
-            assert_eq!(
-                argmax,
-                ids(&case["argmax"]),
-                "{what} rank {rank}: argmax per position"
-            );
+            let want_argmax = ids(&case["argmax"]);
+            if quantized {
+                let same = argmax
+                    .iter()
+                    .zip(&want_argmax)
+                    .filter(|(a, b)| a == b)
+                    .count();
+                assert!(
+                    5 * same >= 4 * argmax.len(),
+                    "{what} rank {rank}: argmax at {same} of {} positions",
+                    argmax.len()
+                );
+            } else {
+                assert_eq!(
+                    argmax, want_argmax,
+                    "{what} rank {rank}: argmax per position"
+                );
+            }
             let last = &rows[prompt.len() - 1];
             for pair in case["top10"].as_array().expect("top10") {
                 let (tok, want) = (
@@ -182,13 +215,30 @@ fn check(name: &str, tp: usize) -> f32 {
                 );
                 let d = (last[tok] - want).abs();
                 worst = worst.max(d);
+                let tolerance = if quantized {
+                    QUANT_TOLERANCE
+                } else {
+                    TOLERANCE
+                };
                 assert!(
-                    d <= TOLERANCE,
+                    d <= tolerance,
                     "{what} rank {rank}: token {tok}: {} vs llama.cpp {want}",
                     last[tok]
                 );
             }
-            assert_eq!(greedy, &want_greedy, "{what} rank {rank}: greedy tokens");
+            let n = if quantized {
+                let gaps = case["greedy_gaps"].as_array().expect("greedy_gaps");
+                gaps.iter()
+                    .position(|g| (g.as_f64().expect("gap") as f32) < NEAR_TIE)
+                    .unwrap_or(want_greedy.len())
+            } else {
+                want_greedy.len()
+            };
+            assert_eq!(
+                greedy[..n],
+                want_greedy[..n],
+                "{what} rank {rank}: greedy tokens"
+            );
         }
     }
     worst
@@ -203,7 +253,7 @@ fn each_family_matches_llama_cpp_at_tp1_and_tp2() {
         .cloned()
         .collect();
     assert!(
-        names.len() >= 8,
+        names.len() >= 11,
         "the golden file names the families: {names:?}"
     );
     for name in &names {

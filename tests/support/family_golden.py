@@ -16,7 +16,8 @@ typing_extensions: run it with an interpreter that has them.
 llama.cpp runs with an f32 KV cache and without flash attention. For each
 model and prompt: llama.cpp's tokens (BOS and EOS as the vocabulary asks,
 special tokens parsed), the argmax at every position, the top 10 logits at the last, and 16
-greedy tokens (EOS not special: the weights are random).
+greedy tokens with llama.cpp's top-2 logit gap at each (where quantized
+weights may part at a near-tie) (EOS not special: the weights are random).
 """
 
 import glob
@@ -38,7 +39,8 @@ sys.path.insert(0, SRC)
 import numpy as np  # noqa: E402
 from llama_cpp import Llama  # noqa: E402
 
-MODELS = ["llama-r3", "llama-lin", "qwen2", "qwen3", "phi3", "llama-spm", "gemma2", "gemma3"]
+MODELS = ["llama-r3", "llama-lin", "qwen2", "qwen3", "phi3", "llama-spm", "gemma2", "gemma3",
+          "phi3-q8_0", "qwen2-q4_0", "gemma3-q8_0"]
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    if n < 2:\n        return n",
@@ -64,10 +66,13 @@ def run(path):
         scores = np.array(llm.scores[: len(toks)], dtype=np.float32)
         last = scores[-1]
         top = np.argsort(-last, kind="stable")[:10]
-        greedy = []
+        greedy, gaps = [], []
         for i in range(GREEDY):
-            t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+            t = int(np.argmax(row))
+            top2 = np.sort(row)[-2:]
             greedy.append(t)
+            gaps.append(round(float(top2[1] - top2[0]), 5))
             if i + 1 < GREEDY:
                 llm.eval([t])
         cases.append({
@@ -76,6 +81,7 @@ def run(path):
             "argmax": [int(a) for a in scores.argmax(axis=1)],
             "top10": [[int(t), round(float(last[t]), 5)] for t in top],
             "greedy": greedy,
+            "greedy_gaps": gaps,
         })
     return cases
 

@@ -30,6 +30,9 @@ same vocabulary):
   gemma3     q/k norms, post-norms, GELU gating, windows of 6 on five layers
              of six with their own rope (base 10000), linear rope ×8 on the
              global ones, SentencePiece
+  phi3-q8_0, qwen2-q4_0, gemma3-q8_0
+             the same with every matrix quantized (fused rows cut from
+             quantized blocks, biases over quantized matmuls)
 """
 
 import os
@@ -85,6 +88,10 @@ MODELS = {
                    tied=True, key_length=True, gemma=True, qk_norm=True, window=6,
                    rope_base=1_000_000.0, linear=8.0, spm=True),
 }
+# Quantized copies (every matrix; norms, biases and rope factors stay f32),
+# by the gguf package's own quantizer.
+for base, quant in [("phi3", "Q8_0"), ("qwen2", "Q4_0"), ("gemma3", "Q8_0")]:
+    MODELS[f"{base}-{quant.lower()}"] = dict(MODELS[base], quant=quant)
 
 
 def gpt2_byte_decoder():
@@ -179,7 +186,7 @@ def write(name, spec, tok, out_dir):
     # Not "phi3": llama.cpp gives the special tokens of a model so named
     # Phi-3's whitespace stripping, and looks up Phi-3's "</s>", which this
     # vocabulary does not have.
-    w.add_name("parallm-tiny-" + ("fused" if name == "phi3" else name))
+    w.add_name("parallm-tiny-" + name.replace("phi3", "fused"))
     h, hd, L = spec["hidden"], spec["head_dim"], spec["layers"]
     nh, nkv, ffn = spec["heads"], spec["kv"], spec["ffn"]
     if spec.get("spm"):
@@ -207,7 +214,9 @@ def write(name, spec, tok, out_dir):
         w.add_attn_logit_softcapping(spec["attn_softcap"])
     if "final_softcap" in spec:
         w.add_final_logit_softcapping(spec["final_softcap"])
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    quant = spec.get("quant")
+    w.add_file_type({None: gguf.LlamaFileType.ALL_F32, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                     "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant])
     for key, value, kind, sub in tok:
         if key == "tokenizer.ggml.pre" and "pre" in spec:
             value = spec["pre"]
@@ -261,7 +270,12 @@ def write(name, spec, tok, out_dir):
             t[p + "ffn_gate.weight"], t[p + "ffn_up.weight"] = gate, up
         t[p + "ffn_down.weight"] = matrix(p + "ffn_down.weight", h, ffn)
     for k in sorted(t):
-        w.add_tensor(k, np.ascontiguousarray(t[k], dtype=np.float32))
+        data = np.ascontiguousarray(t[k], dtype=np.float32)
+        if quant and data.ndim == 2:
+            qtype = gguf.GGMLQuantizationType[quant]
+            w.add_tensor(k, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(k, data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
