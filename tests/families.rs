@@ -253,7 +253,7 @@ fn each_family_matches_llama_cpp_at_tp1_and_tp2() {
         .cloned()
         .collect();
     assert!(
-        names.len() >= 11,
+        names.len() >= 12,
         "the golden file names the families: {names:?}"
     );
     for name in &names {
@@ -275,6 +275,7 @@ fn the_tiny_models_read_as_their_families() {
         ("llama-spm", "llama"),
         ("gemma2", "gemma2"),
         ("gemma3", "gemma3"),
+        ("qwen2-yarn", "qwen2"),
     ];
     for (name, arch) in families {
         let file = open(name);
@@ -284,6 +285,10 @@ fn the_tiny_models_read_as_their_families() {
             "llama-r3" => assert_eq!(c.rope.freq_factors.as_ref().map(Vec::len), Some(8)),
             "llama-lin" => assert_eq!(c.rope.freq_scale, 0.5),
             "qwen3" => assert_eq!((c.head_dim, c.hidden / c.n_heads), (32, 16)),
+            "qwen2-yarn" => {
+                let y = c.rope.yarn.expect("YaRN");
+                assert_eq!((y.orig_context, c.rope.freq_scale), (16, 0.25));
+            }
             "gemma2" => {
                 let s = c.sliding.as_ref().expect("windowed layers");
                 assert_eq!((s.window, s.layers.clone()), (8, vec![true, false, true]));

@@ -160,12 +160,12 @@ fn an_architecture_or_rope_scaling_this_build_cannot_run_is_named() {
     ] {
         assert!(err.contains(want), "{err:?} does not say {want:?}");
     }
-    let yarn = family_meta(
+    let longrope = family_meta(
         "qwen2",
-        vec![("qwen2.rope.scaling.type", Meta::Str("yarn".into()))],
+        vec![("qwen2.rope.scaling.type", Meta::Str("longrope".into()))],
     );
-    let err = config_of(&borrowed(&yarn)).expect_err("yarn");
-    for want in ["case.gguf", "rope scaling", "'yarn'", "linear"] {
+    let err = config_of(&borrowed(&longrope)).expect_err("longrope");
+    for want in ["case.gguf", "rope scaling", "'longrope'", "linear, yarn"] {
         assert!(err.contains(want), "{err:?} does not say {want:?}");
     }
     let value_width = family_meta(

@@ -24,6 +24,48 @@ pub struct RopeConfig {
     /// Per-frequency divisors, `head_dim / 2` of them: Llama 3's rope
     /// scaling, stored by its GGUF conversion as the tensor `rope_freqs.weight`.
     pub freq_factors: Option<Vec<f32>>,
+    /// YaRN (Peng et al. 2023): the frequencies between the correction
+    /// dimensions blend interpolated and original angles, and the rotation
+    /// is scaled by `mscale`.
+    pub yarn: Option<Yarn>,
+}
+
+/// YaRN's parameters, as llama.cpp derives them from the metadata.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Yarn {
+    /// The context the model was trained with before scaling
+    /// (`rope.scaling.original_context_length`).
+    pub orig_context: usize,
+    /// Rotations per original context above which a frequency keeps its
+    /// original angle (32).
+    pub beta_fast: f32,
+    /// ... and below which it is fully interpolated (1).
+    pub beta_slow: f32,
+    /// The factor on every cosine and sine: `attn_factor ·
+    /// (1 + 0.1 ln(1 / freq_scale))` as llama.cpp's `rope_yarn` computes it.
+    pub mscale: f32,
+}
+
+impl Yarn {
+    /// The pair range `[low, high]` over which the angles blend, for a head
+    /// of `dims` rotated dimensions and frequency base `base` (ggml's
+    /// `ggml_rope_yarn_corr_dims`).
+    pub fn corr_dims(&self, dims: usize, base: f32) -> (f32, f32) {
+        let dim = |rotations: f32| {
+            dims as f32 * (self.orig_context as f32 / (rotations * 2.0 * std::f32::consts::PI)).ln()
+                / (2.0 * base.ln())
+        };
+        let low = dim(self.beta_fast).floor().max(0.0);
+        let high = dim(self.beta_slow).ceil().min(dims as f32 - 1.0);
+        (low, high)
+    }
+
+    /// How much of pair `i` keeps its original angle: 1 below `low`, 0
+    /// above `high`, linear between.
+    pub fn ramp(low: f32, high: f32, i: usize) -> f32 {
+        let y = (i as f32 - low) / (high - low).max(0.001);
+        1.0 - y.clamp(0.0, 1.0)
+    }
 }
 
 impl RopeConfig {
@@ -34,6 +76,7 @@ impl RopeConfig {
             style,
             freq_scale: 1.0,
             freq_factors: None,
+            yarn: None,
         }
     }
 }
@@ -315,17 +358,18 @@ impl ModelConfig {
         let key = |k: &str| format!("{p}.{k}");
         let base = file.opt_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
         let mut rope = RopeConfig::plain(base, arch.family().rope);
-        match file.opt_str(&key("rope.scaling.type"))? {
-            None | Some("none") | Some("linear") => {}
+        let yarn = match file.opt_str(&key("rope.scaling.type"))? {
+            None | Some("none") | Some("linear") => false,
+            Some("yarn") => true,
             Some(other) => {
                 return Err(Error::Unsupported {
                     path: file.path().to_path_buf(),
                     what: "rope scaling",
                     found: other.to_string(),
-                    supported: "none, linear, and Llama 3's (rope_freqs.weight)",
+                    supported: "none, linear, yarn, and Llama 3's (rope_freqs.weight)",
                 })
             }
-        }
+        };
         // llama.cpp's order: the scaling factor, else the older linear key.
         let factor = match file.opt_f32(&key("rope.scaling.factor"))? {
             Some(f) if f != 0.0 => Some(f),
@@ -341,6 +385,38 @@ impl ModelConfig {
                 });
             }
             rope.freq_scale = 1.0 / f;
+        }
+        if yarn {
+            if file
+                .opt_f32(&key("rope.scaling.yarn_log_multiplier"))?
+                .is_some_and(|m| m != 0.0)
+            {
+                return Err(Error::Unsupported {
+                    path: file.path().to_path_buf(),
+                    what: "rope scaling",
+                    found: "yarn with a log multiplier (DeepSeek's)".into(),
+                    supported: "yarn without rope.scaling.yarn_log_multiplier",
+                });
+            }
+            let orig_context = match file.opt_usize(&key("rope.scaling.original_context_length"))? {
+                Some(n) => n,
+                None => file.opt_usize(&key("context_length"))?.unwrap_or(2048),
+            };
+            // llama.cpp: yarn_attn_factor = mscale(factor) / (1 + 0.1 ln
+            // factor), times rope.scaling.attn_factor; rope_yarn multiplies
+            // it by 1 + 0.1 ln(1 / freq_scale) again.
+            let factor = 1.0 / rope.freq_scale;
+            let get_mscale = |s: f32| if s <= 1.0 { 1.0 } else { 0.1 * s.ln() + 1.0 };
+            let attn_factor = get_mscale(factor) / (1.0 + 0.1 * factor.ln())
+                * file
+                    .opt_f32(&key("rope.scaling.attn_factor"))?
+                    .unwrap_or(1.0);
+            rope.yarn = Some(Yarn {
+                orig_context,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                mscale: attn_factor * (1.0 + 0.1 * (1.0 / rope.freq_scale).ln()),
+            });
         }
         if file.has_tensor("rope_freqs.weight") {
             let factors = file
@@ -493,6 +569,14 @@ impl ModelConfig {
                         "{name} must be a finite number greater than 0, not {v}"
                     )));
                 }
+            }
+        }
+        if let Some(y) = &self.rope.yarn {
+            if y.orig_context == 0 || !(y.mscale.is_finite() && y.mscale > 0.0) {
+                return Err(Error::Config(format!(
+                    "YaRN over an original context of {} with mscale {}",
+                    y.orig_context, y.mscale
+                )));
             }
         }
         if let Some(f) = &self.rope.freq_factors {

@@ -33,24 +33,35 @@ pub struct RopeTable {
 
 impl RopeTable {
     /// Angles `pos · freq_scale · base^(-2i/head_dim) / freq_factors[i]`
-    /// for `pos < context` (computed in f64, rounded once).
+    /// for `pos < context` (computed in f64, rounded once). With YaRN, pair
+    /// `i`'s angle blends that with the unscaled one by the ramp between the
+    /// correction dimensions, and every cosine and sine is scaled by its
+    /// `mscale` (llama.cpp's `rope_yarn`).
     pub fn new(head_dim: usize, rope: &RopeConfig, context: usize) -> Self {
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(context * half);
         let mut sin = Vec::with_capacity(context * half);
-        let inv_freq: Vec<f64> = (0..half)
+        // Per pair: the unscaled frequency, and the share of it kept.
+        let freqs: Vec<(f64, f64)> = (0..half)
             .map(|i| {
                 let factor = rope.freq_factors.as_ref().map_or(1.0, |f| f[i] as f64);
-                rope.freq_scale as f64
-                    / factor
-                    / (rope.base as f64).powf(2.0 * i as f64 / head_dim as f64)
+                let extrap =
+                    1.0 / factor / (rope.base as f64).powf(2.0 * i as f64 / head_dim as f64);
+                let keep = rope.yarn.map_or(0.0, |y| {
+                    let (low, high) = y.corr_dims(head_dim, rope.base);
+                    crate::config::Yarn::ramp(low, high, i) as f64
+                });
+                (extrap, keep)
             })
             .collect();
+        let scale = rope.freq_scale as f64;
+        let mscale = rope.yarn.map_or(1.0, |y| y.mscale as f64);
         for pos in 0..context {
-            for f in &inv_freq {
-                let angle = pos as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
+            for &(f, keep) in &freqs {
+                let extrap = pos as f64 * f;
+                let angle = extrap * scale * (1.0 - keep) + extrap * keep;
+                cos.push((angle.cos() * mscale) as f32);
+                sin.push((angle.sin() * mscale) as f32);
             }
         }
         Self {

@@ -30,6 +30,7 @@ same vocabulary):
   gemma3     q/k norms, post-norms, GELU gating, windows of 6 on five layers
              of six with their own rope (base 10000), linear rope ×8 on the
              global ones, SentencePiece
+  qwen2-yarn qwen2 with YaRN rope scaling (factor 4 over an original context of 16)
   phi3-q8_0, qwen2-q4_0, gemma3-q8_0
              the same with every matrix quantized (fused rows cut from
              quantized blocks, biases over quantized matmuls)
@@ -88,6 +89,8 @@ MODELS = {
                    tied=True, key_length=True, gemma=True, qk_norm=True, window=6,
                    rope_base=1_000_000.0, linear=8.0, spm=True),
 }
+# YaRN: a factor of 4 over an original context of 16, shorter than the prompts.
+MODELS["qwen2-yarn"] = dict(MODELS["qwen2"], yarn=(4.0, 16))
 # Quantized copies (every matrix; norms, biases and rope factors stay f32),
 # by the gguf package's own quantizer.
 for base, quant in [("phi3", "Q8_0"), ("qwen2", "Q4_0"), ("gemma3", "Q8_0")]:
@@ -208,6 +211,10 @@ def write(name, spec, tok, out_dir):
     if "linear" in spec:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(spec["linear"])
+    if "yarn" in spec:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(spec["yarn"][0])
+        w.add_rope_scaling_orig_ctx_len(spec["yarn"][1])
     if "window" in spec:
         w.add_sliding_window(spec["window"])
     if "attn_softcap" in spec:
