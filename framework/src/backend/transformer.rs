@@ -5,8 +5,11 @@
 //! al. 2023): per layer, `x += o(attn(rope(qkv(norm(x)))))` then
 //! `x += down(silu(gate(norm(x))) · up(norm(x)))`. A family's optional parts
 //! are steps of the same loop: the `q|k|v` bias after the matmul (Qwen2), a
-//! per-head RMSNorm of q and k before the rotary embedding (Qwen3); the
-//! rotary pairing is the backend's, set from the config. With fused `q|k|v` and
+//! per-head RMSNorm of q and k before the rotary embedding (Qwen3, Gemma 3),
+//! Gemma's embedding scale, norms of the all-reduced attention and FFN outputs,
+//! GELU gating and soft-capped logits; each layer gets its attention's scale,
+//! soft-cap and window and its rope table (windowed or global) from the
+//! config, and the rotary pairing is the backend's. With fused `q|k|v` and
 //! `gate|up` column-parallel, `o` and `down` row-parallel (all-reduced). The
 //! residual add of each row-parallel output is fused into the next RMSNorm
 //! (the CUDA kernel's form; on the CPU the same add in the same order), and
