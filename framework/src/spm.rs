@@ -223,4 +223,59 @@ mod tests {
         let err = spm.encode("ä", &mut out).unwrap_err().to_string();
         assert!(err.contains("0xC3"), "{err}");
     }
+
+    #[test]
+    fn every_byte_of_random_text_comes_back_from_its_tokens() {
+        // A random vocabulary of pieces cut from random text, plus the byte
+        // tokens; random texts (multi-byte characters, spaces as ▁) must
+        // encode to tokens whose texts, bytes for byte tokens, are the text.
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let alphabet: Vec<char> = "ab▁cdé東京😀z".chars().collect();
+        let mut random_text = |n: usize, next: &mut dyn FnMut() -> u64| -> String {
+            (0..n)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect()
+        };
+        for round in 0..50 {
+            let mut tokens: Vec<String> = (0..256).map(|b| format!("<0x{b:02X}>")).collect();
+            for _ in 0..40 {
+                let len = 1 + (next() % 4) as usize;
+                let piece = random_text(len, &mut next);
+                if !tokens.contains(&piece) {
+                    tokens.push(piece);
+                }
+            }
+            let scores: Vec<f32> = (0..tokens.len())
+                .map(|_| (next() % 1000) as f32 / -10.0)
+                .collect();
+            let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+            let spm = Spm::new(&refs, &scores).unwrap();
+            for _ in 0..20 {
+                let len = (next() % 30) as usize;
+                let text = random_text(len, &mut next);
+                let ids = {
+                    let mut out = Vec::new();
+                    spm.encode(&text, &mut out).unwrap();
+                    out
+                };
+                let bytes: Vec<u8> = ids
+                    .iter()
+                    .flat_map(|&id| {
+                        let t = &tokens[id as usize];
+                        match t.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
+                            Some(h) if id < 256 => vec![u8::from_str_radix(h, 16).unwrap()],
+                            _ => t.as_bytes().to_vec(),
+                        }
+                    })
+                    .collect();
+                assert_eq!(bytes, text.as_bytes(), "round {round}: {text:?} → {ids:?}");
+            }
+        }
+    }
 }
