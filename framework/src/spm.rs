@@ -237,7 +237,7 @@ mod tests {
             seed
         };
         let alphabet: Vec<char> = "ab▁cdé東京😀z".chars().collect();
-        let mut random_text = |n: usize, next: &mut dyn FnMut() -> u64| -> String {
+        let random_text = |n: usize, next: &mut dyn FnMut() -> u64| -> String {
             (0..n)
                 .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
                 .collect()
