@@ -515,30 +515,24 @@ impl ModelConfig {
                 )));
             }
         }
-        let floats = [
-            ("rope_base", self.rope.base),
-            ("rope freq_scale", self.rope.freq_scale),
-            ("rms_eps", self.rms_eps),
-        ];
-        for (name, v) in floats {
-            if !(v.is_finite() && v > 0.0) {
-                return Err(Error::Config(format!(
-                    "{name} must be a finite number greater than 0, not {v}"
-                )));
-            }
-        }
-        if !self.head_dim.is_multiple_of(2) {
-            return Err(Error::Config(format!(
-                "head dim {} must be even for rotary embeddings",
-                self.head_dim
-            )));
-        }
-        let caps = [
+        // Finite, and greater than 0 (or, where a 0 means "off", at least 0).
+        let mut floats = vec![
+            ("rope_base", self.rope.base, false),
+            ("rope freq_scale", self.rope.freq_scale, false),
+            ("rms_eps", self.rms_eps, false),
             ("attn_scale", self.attn_scale, false),
             ("attn_softcap", self.attn_softcap, true),
             ("final_softcap", self.final_softcap, true),
         ];
-        for (name, v, zero_ok) in caps {
+        if let Some(s) = &self.sliding {
+            floats.push(("rope_base (windowed layers)", s.rope.base, false));
+            floats.push((
+                "rope freq_scale (windowed layers)",
+                s.rope.freq_scale,
+                false,
+            ));
+        }
+        for (name, v, zero_ok) in floats {
             if !(v.is_finite() && (v > 0.0 || (zero_ok && v == 0.0))) {
                 return Err(Error::Config(format!(
                     "{name} must be a finite number {}, not {v}",
@@ -550,6 +544,12 @@ impl ModelConfig {
                 )));
             }
         }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(Error::Config(format!(
+                "head dim {} must be even for rotary embeddings",
+                self.head_dim
+            )));
+        }
         if let Some(s) = &self.sliding {
             if s.window == 0 || s.layers.len() != self.n_layers {
                 return Err(Error::Config(format!(
@@ -558,17 +558,6 @@ impl ModelConfig {
                     s.layers.len(),
                     self.n_layers
                 )));
-            }
-            let floats = [
-                ("rope_base (windowed layers)", s.rope.base),
-                ("rope freq_scale (windowed layers)", s.rope.freq_scale),
-            ];
-            for (name, v) in floats {
-                if !(v.is_finite() && v > 0.0) {
-                    return Err(Error::Config(format!(
-                        "{name} must be a finite number greater than 0, not {v}"
-                    )));
-                }
             }
         }
         if let Some(y) = &self.rope.yarn {

@@ -42,13 +42,13 @@ impl RopeTable {
         let mut cos = Vec::with_capacity(context * half);
         let mut sin = Vec::with_capacity(context * half);
         // Per pair: the unscaled frequency, and the share of it kept.
+        let corr = rope.yarn.map(|y| y.corr_dims(head_dim, rope.base));
         let freqs: Vec<(f64, f64)> = (0..half)
             .map(|i| {
                 let factor = rope.freq_factors.as_ref().map_or(1.0, |f| f[i] as f64);
                 let extrap =
                     1.0 / factor / (rope.base as f64).powf(2.0 * i as f64 / head_dim as f64);
-                let keep = rope.yarn.map_or(0.0, |y| {
-                    let (low, high) = y.corr_dims(head_dim, rope.base);
+                let keep = corr.map_or(0.0, |(low, high)| {
                     crate::config::Yarn::ramp(low, high, i) as f64
                 });
                 (extrap, keep)
