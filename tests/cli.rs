@@ -196,7 +196,7 @@ fn malformed_shapes_and_tensor_tables_stop_generate_and_serve() {
         (
             with("llama.attention.layer_norm_rms_epsilon", Meta::F32(-1e-5)),
             ok_table.to_vec(),
-            "rms_eps must be a finite number greater than 0",
+            "norm_eps must be a finite number greater than 0",
         ),
         (
             with("tokenizer.ggml.bos_token_id", Meta::U32(4096)),
@@ -298,16 +298,16 @@ fn write_gguf(path: &Path, metadata: &[(&str, &str)]) {
 #[test]
 fn unsupported_architecture() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gpt2.gguf");
+    let path = dir.path().join("mamba.gguf");
     write_gguf(
         &path,
         &[
-            ("general.architecture", "gpt2"),
+            ("general.architecture", "mamba"),
             ("tokenizer.ggml.model", "gpt2"),
         ],
     );
     let out = parallm(&["generate", "hi", "--model", path.to_str().unwrap()]);
-    assert_clean_failure(&out, "unsupported architecture 'gpt2'");
+    assert_clean_failure(&out, "unsupported architecture 'mamba'");
 }
 
 #[test]

@@ -9,7 +9,7 @@
 //! `shared/golden` (0.05), and 16 greedy tokens; with quantized weights (Q8_0,
 //! Q4_0 copies) on the quantized kernels, `tests/golden.rs`'s tolerances
 //! against llama.cpp; and each model's tokenizer
-//! (byte-level BPE with the llama-bpe, qwen2 and smollm pre-tokenizers, and
+//! (byte-level BPE with the gpt-2, llama-bpe, qwen2 and smollm pre-tokenizers, and
 //! SentencePiece) against llama.cpp's tokens.
 
 mod common;
@@ -20,6 +20,7 @@ use std::sync::OnceLock;
 
 use common::{ids, model_path, top_k};
 use parallm::framework::collective::{Collective, SingleCollective, ThreadCollective};
+use parallm::framework::family::{NormKind, Positions};
 use parallm::framework::{
     BatchItem, GgufFile, LlamaShard, LogitsWanted, ModelConfig, ShardSpec, Tokenizer, WeightFormat,
 };
@@ -253,7 +254,7 @@ fn each_family_matches_llama_cpp_at_tp1_and_tp2() {
         .cloned()
         .collect();
     assert!(
-        names.len() >= 12,
+        names.len() >= 14,
         "the golden file names the families: {names:?}"
     );
     for name in &names {
@@ -276,6 +277,7 @@ fn the_tiny_models_read_as_their_families() {
         ("gemma2", "gemma2"),
         ("gemma3", "gemma3"),
         ("qwen2-yarn", "qwen2"),
+        ("gpt2", "gpt2"),
     ];
     for (name, arch) in families {
         let file = open(name);
@@ -288,6 +290,14 @@ fn the_tiny_models_read_as_their_families() {
             "qwen2-yarn" => {
                 let y = c.rope.yarn.expect("YaRN");
                 assert_eq!((y.orig_context, c.rope.freq_scale), (16, 0.25));
+            }
+            "gpt2" => {
+                let f = c.family();
+                assert_eq!(f.positions, Positions::Learned);
+                assert_eq!(
+                    (f.norm, f.gated_ffn, c.norm_eps),
+                    (NormKind::Layer, false, 1e-5)
+                );
             }
             "gemma2" => {
                 let s = c.sliding.as_ref().expect("windowed layers");

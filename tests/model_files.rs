@@ -156,7 +156,7 @@ fn an_architecture_or_rope_scaling_this_build_cannot_run_is_named() {
         "case.gguf",
         "unsupported architecture",
         "'mamba'",
-        "llama, qwen2, qwen3, phi3, gemma2, gemma3",
+        "llama, qwen2, qwen3, phi3, gemma2, gemma3, gpt2",
     ] {
         assert!(err.contains(want), "{err:?} does not say {want:?}");
     }

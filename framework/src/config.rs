@@ -7,7 +7,7 @@
 //! What sets the family's block apart is its [`Family`] ([`ModelConfig::family`]).
 
 use crate::error::{Error, Result};
-use crate::family::{Arch, Family, RopeStyle, Swa, SUPPORTED_ARCHS};
+use crate::family::{Arch, Family, NormKind, Positions, RopeStyle, Swa, SUPPORTED_ARCHS};
 use crate::gguf::GgufFile;
 
 /// The rotary embedding of a model (Su et al. 2021, RoFormer) with the
@@ -115,8 +115,8 @@ pub struct ModelConfig {
     pub vocab: usize,
     /// Trained context window in tokens.
     pub context: usize,
-    /// RMSNorm epsilon.
-    pub rms_eps: f32,
+    /// The norms' epsilon (RMSNorm's or LayerNorm's, as the family has).
+    pub norm_eps: f32,
     /// The rotary embedding (of the global layers, where some are windowed).
     pub rope: RopeConfig,
     /// Windowed layers, where the family has a pattern of them.
@@ -268,8 +268,11 @@ impl ModelConfig {
             ffn: file.get_usize(&key("feed_forward_length"))?,
             vocab,
             context: file.opt_usize(&key("context_length"))?.unwrap_or(2048),
-            rms_eps: file
-                .opt_f32(&key("attention.layer_norm_rms_epsilon"))?
+            norm_eps: file
+                .opt_f32(&key(match family.norm {
+                    NormKind::Rms => "attention.layer_norm_rms_epsilon",
+                    NormKind::Layer => "attention.layer_norm_epsilon",
+                }))?
                 .unwrap_or(1e-5),
             sliding: None,
             rope,
@@ -340,7 +343,11 @@ impl ModelConfig {
         }
         // The shape first: the checks below divide by the head count.
         config.validate().map_err(|e| model_err(e.to_string()))?;
-        if let Some(rope_dims) = file.opt_usize(&key("rope.dimension_count"))? {
+        let rotary = matches!(family.positions, Positions::Rotary(_));
+        if let Some(rope_dims) = file
+            .opt_usize(&key("rope.dimension_count"))?
+            .filter(|_| rotary)
+        {
             if rope_dims != config.head_dim {
                 return Err(unsupported(
                     "partial rotary embedding",
@@ -357,7 +364,7 @@ impl ModelConfig {
         let p = arch.family().prefix;
         let key = |k: &str| format!("{p}.{k}");
         let base = file.opt_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
-        let mut rope = RopeConfig::plain(base, arch.family().rope);
+        let mut rope = RopeConfig::plain(base, arch.family().rope_style());
         let yarn = match file.opt_str(&key("rope.scaling.type"))? {
             None | Some("none") | Some("linear") => false,
             Some("yarn") => true,
@@ -462,7 +469,7 @@ impl ModelConfig {
             ffn,
             vocab,
             context: 8192,
-            rms_eps: 1e-5,
+            norm_eps: 1e-5,
             rope: RopeConfig::plain(10_000.0, RopeStyle::Normal),
             sliding: None,
             attn_scale: 1.0 / ((hidden / n_heads) as f32).sqrt(),
@@ -519,7 +526,7 @@ impl ModelConfig {
         let mut floats = vec![
             ("rope_base", self.rope.base, false),
             ("rope freq_scale", self.rope.freq_scale, false),
-            ("rms_eps", self.rms_eps, false),
+            ("norm_eps", self.norm_eps, false),
             ("attn_scale", self.attn_scale, false),
             ("attn_softcap", self.attn_softcap, true),
             ("final_softcap", self.final_softcap, true),
@@ -584,7 +591,8 @@ impl ModelConfig {
     /// (Post-norms and biases, a few vectors per layer, are left out.)
     pub fn parameter_count(&self) -> usize {
         let attn = self.hidden * self.q_width() * 2 + self.hidden * self.kv_width() * 2;
-        let mlp = 3 * self.hidden * self.ffn;
+        let mats = if self.family().gated_ffn { 3 } else { 2 };
+        let mlp = mats * self.hidden * self.ffn;
         self.n_layers * (attn + mlp + 2 * self.hidden) + self.vocab * self.hidden + self.hidden
     }
 }
@@ -677,7 +685,7 @@ mod tests {
                 "negative-eps",
                 shape(4),
                 vec![("llama.attention.layer_norm_rms_epsilon", -1e-5)],
-                "rms_eps must be a finite number greater than 0, not -0.00001",
+                "norm_eps must be a finite number greater than 0, not -0.00001",
             ),
         ];
         for (name, ints, floats, want) in cases {

@@ -47,7 +47,7 @@ use crate::backend::{Backend, Elem, Heads, KvCache, PagedKv, StepRows};
 use crate::collective::Collective;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::family::{Activation, RopeStyle};
+use crate::family::{Activation, NormKind, Positions, RopeStyle};
 use crate::ops::RopeTable;
 use crate::shard::ShardLayout;
 use crate::weights::Mat;
@@ -62,7 +62,7 @@ fn dev_err(e: kernels::cuda::Error) -> Error {
 /// [`CudaBackend::new`]).
 fn unsupported_on_cuda(what: &str) -> Error {
     Error::Config(format!(
-        "the CUDA backend does not run {what} yet (Gemma 2 and 3 run on the CPU)"
+        "the CUDA backend does not run {what} yet (the model runs on the CPU)"
     ))
 }
 
@@ -261,15 +261,25 @@ impl CudaBackend {
             )));
         }
         let family = config.family();
-        let gemma_like = [
-            (family.act != Activation::Silu, "a GELU-gated FFN"),
+        let cpu_only = [
+            (family.act != Activation::Silu, "a GELU FFN"),
+            (!family.gated_ffn, "an ungated FFN"),
+            (family.norm != NormKind::Rms, "LayerNorm"),
+            (
+                family.positions == Positions::Learned,
+                "learned position embeddings",
+            ),
+            (
+                family.dense_bias,
+                "biases on the attention output and the FFN",
+            ),
             (family.post_norms, "norms after attention and FFN"),
             (family.embed_scale, "scaled embeddings"),
             (config.sliding.is_some(), "sliding-window attention"),
             (config.attn_softcap > 0.0, "soft-capped attention"),
             (config.final_softcap > 0.0, "soft-capped logits"),
         ];
-        if let Some((_, what)) = gemma_like.iter().find(|(needed, _)| *needed) {
+        if let Some((_, what)) = cpu_only.iter().find(|(needed, _)| *needed) {
             return Err(Error::Config(format!(
                 "{}: {}",
                 config.arch,
@@ -534,6 +544,30 @@ impl Backend for CudaBackend {
         .map_err(dev_err)
     }
 
+    fn add_positions(
+        &self,
+        _table: &DevTable,
+        _meta: &CudaMeta,
+        _x: &mut DevBuf,
+        _rows: usize,
+    ) -> Result<()> {
+        Err(unsupported_on_cuda("learned position embeddings"))
+    }
+
+    fn layer_norm(
+        &self,
+        _x: &mut DevBuf,
+        _residual: Option<&DevBuf>,
+        _w: &DevBuf,
+        _b: &DevBuf,
+        _eps: f32,
+        _out: &mut DevBuf,
+        _rows: usize,
+        _width: usize,
+    ) -> Result<()> {
+        Err(unsupported_on_cuda("LayerNorm"))
+    }
+
     fn rms_norm(
         &self,
         x: &mut DevBuf,
@@ -621,7 +655,19 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn add_bias(&self, x: &mut DevBuf, bias: &DevBuf, rows: usize, width: usize) -> Result<()> {
+    fn add_bias(
+        &self,
+        x: &mut DevBuf,
+        bias: &DevBuf,
+        rows: usize,
+        width: usize,
+        elem: Elem,
+    ) -> Result<()> {
+        if elem == Elem::F32 {
+            return Err(unsupported_on_cuda(
+                "biases after the row-parallel matrices",
+            ));
+        }
         // SAFETY: x holds `rows` rows of `width` (Act), bias `width` f32.
         unsafe { ops::add_bias(self.d(), self.opts.dtype, x.ptr(), bias.ptr(), rows, width) }
             .map_err(dev_err)
@@ -698,6 +744,17 @@ impl Backend for CudaBackend {
             )
         }
         .map_err(dev_err)
+    }
+
+    fn act(
+        &self,
+        _x: &DevBuf,
+        _out: &mut DevBuf,
+        _rows: usize,
+        _width: usize,
+        _act: Activation,
+    ) -> Result<()> {
+        Err(unsupported_on_cuda("an ungated FFN"))
     }
 
     fn scale(&self, _x: &mut DevBuf, _s: f32, _len: usize) -> Result<()> {
@@ -988,7 +1045,7 @@ mod tests {
     fn config_of(arch: Arch) -> ModelConfig {
         let mut c = ModelConfig::synthetic("tiny32").unwrap();
         c.arch = arch;
-        c.rope.style = arch.family().rope;
+        c.rope.style = arch.family().rope_style();
         assert_eq!(
             (c.head_dim, c.n_heads, c.n_kv_heads, c.vocab),
             (32, 4, 2, 384)
@@ -1179,7 +1236,7 @@ mod tests {
     #[test]
     fn a_family_the_kernels_cannot_run_is_refused_by_name() {
         let Some(dev) = emulated() else { return };
-        for arch in [Arch::Gemma2, Arch::Gemma3] {
+        for arch in [Arch::Gemma2, Arch::Gemma3, Arch::Gpt2] {
             let c = config_of(arch);
             let layout = crate::shard::ShardLayout::new(&c, ShardSpec::SINGLE).unwrap();
             let opts = CudaOptions {

@@ -2,9 +2,11 @@
 //! the one layer loop ([`crate::backend::transformer`]) reads.
 //!
 //! A [`Family`] says which optional parts a family's blocks have (biases on
-//! q/k/v, a per-head RMSNorm on q and k, norms after attention and FFN), its
-//! FFN's gated activation, how its rotary embedding pairs a head's dimensions
-//! ([`RopeStyle`]), which layers a sliding window applies to ([`Swa`]), its
+//! q/k/v and on the other matrices, a per-head RMSNorm on q and k, norms after
+//! attention and FFN), its norm kind ([`NormKind`]), its FFN's activation and
+//! whether it is gated, how positions enter ([`Positions`]: a rotary
+//! embedding and how it pairs a head's dimensions, [`RopeStyle`], or learned
+//! position embeddings), which layers a sliding window applies to ([`Swa`]), its
 //! soft-caps and embedding scale, and the GGUF metadata prefix its keys use. GGUF names a block's tensors the same way in every family
 //! (`blk.N.attn_q.weight`, `blk.N.attn_q.bias`, `blk.N.attn_q_norm.weight`
 //! ...), so a family adds no tensor names of its own here; it says which of
@@ -42,10 +44,14 @@ pub enum Arch {
     /// Gemma 3: Gemma 2's block with Qwen3's q/k norms and no soft-capping;
     /// five windowed layers (with their own rope base) to each global one.
     Gemma3,
+    /// GPT-2: learned position embeddings rather than a rotary one,
+    /// LayerNorm with biases, an ungated GELU FFN, and biases on every
+    /// matrix (`q|k|v` fused).
+    Gpt2,
 }
 
 /// The architectures accepted, as GGUF names them (for error messages).
-pub const SUPPORTED_ARCHS: &str = "llama, qwen2, qwen3, phi3, gemma2, gemma3";
+pub const SUPPORTED_ARCHS: &str = "llama, qwen2, qwen3, phi3, gemma2, gemma3, gpt2";
 
 /// How a rotary embedding pairs the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,7 +64,29 @@ pub enum RopeStyle {
     Neox,
 }
 
-/// The gated activation of the FFN: `act(gate) · up`.
+/// How a model tells its attention the positions of its tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Positions {
+    /// A rotary embedding of q and k (RoFormer), paired as given.
+    Rotary(RopeStyle),
+    /// A learned embedding per position (`position_embd.weight`, one row
+    /// per trained position), added to the token embeddings (GPT-2).
+    Learned,
+}
+
+/// The kind of a model's normalizations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NormKind {
+    /// RMSNorm, `x / rms(x) · w` (Zhang & Sennrich 2019).
+    Rms,
+    /// LayerNorm, `(x − mean) / std · w + b` (Ba et al. 2016), with a bias
+    /// (`*_norm.bias`) beside every weight.
+    Layer,
+}
+
+/// The activation of the FFN: gated, `act(gate) · up`, or on `up` alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Activation {
@@ -106,8 +134,12 @@ pub struct Family {
     pub arch: Arch,
     /// The prefix of the family's GGUF metadata keys (`qwen2.block_count`).
     pub prefix: &'static str,
-    /// The rotary embedding's pairing.
-    pub rope: RopeStyle,
+    /// How positions reach the attention: a rotary embedding (and its
+    /// pairing) or learned position embeddings.
+    pub positions: Positions,
+    /// RMSNorm or LayerNorm (with biases), for every norm of the model but
+    /// the per-head q/k norms (always RMSNorm).
+    pub norm: NormKind,
     /// Biases on q, k and v (`blk.N.attn_{q,k,v}.bias`).
     pub qkv_bias: Part,
     /// A per-head RMSNorm of q and k before the rotary embedding
@@ -118,8 +150,14 @@ pub struct Family {
     /// `ffn_up`. (A fused `attn_qkv.weight` is read wherever a file has one,
     /// as llama.cpp does.)
     pub fused_gate_up: bool,
-    /// The FFN's gated activation.
+    /// The FFN's activation.
     pub act: Activation,
+    /// Whether the FFN is gated (`down(act(gate) · up)`, with a `ffn_gate`)
+    /// or not (`down(act(up))`, GPT-2).
+    pub gated_ffn: bool,
+    /// Biases on the attention output and the FFN's up and down matrices
+    /// (`attn_output.bias`, `ffn_up.bias`, `ffn_down.bias`).
+    pub dense_bias: bool,
     /// RMSNorms of the attention and FFN outputs before their residual adds
     /// (`blk.N.post_attention_norm.weight`, `blk.N.post_ffw_norm.weight`).
     pub post_norms: bool,
@@ -143,11 +181,14 @@ pub struct Family {
 const LLAMA_LIKE: Family = Family {
     arch: Arch::Llama,
     prefix: "llama",
-    rope: RopeStyle::Normal,
+    positions: Positions::Rotary(RopeStyle::Normal),
+    norm: NormKind::Rms,
     qkv_bias: Part::Absent,
     qk_norm: Part::Absent,
     fused_gate_up: false,
     act: Activation::Silu,
+    gated_ffn: true,
+    dense_bias: false,
     post_norms: false,
     embed_scale: false,
     swa: Swa::All,
@@ -166,6 +207,7 @@ impl Arch {
             "phi3" => Some(Self::Phi3),
             "gemma2" => Some(Self::Gemma2),
             "gemma3" => Some(Self::Gemma3),
+            "gpt2" => Some(Self::Gpt2),
             _ => None,
         }
     }
@@ -187,28 +229,28 @@ impl Arch {
             Self::Qwen2 => Family {
                 arch: self,
                 prefix: "qwen2",
-                rope: RopeStyle::Neox,
+                positions: Positions::Rotary(RopeStyle::Neox),
                 qkv_bias: Part::Required,
                 ..LLAMA_LIKE
             },
             Self::Qwen3 => Family {
                 arch: self,
                 prefix: "qwen3",
-                rope: RopeStyle::Neox,
+                positions: Positions::Rotary(RopeStyle::Neox),
                 qk_norm: Part::Required,
                 ..LLAMA_LIKE
             },
             Self::Phi3 => Family {
                 arch: self,
                 prefix: "phi3",
-                rope: RopeStyle::Neox,
+                positions: Positions::Rotary(RopeStyle::Neox),
                 fused_gate_up: true,
                 ..LLAMA_LIKE
             },
             Self::Gemma2 => Family {
                 arch: self,
                 prefix: "gemma2",
-                rope: RopeStyle::Neox,
+                positions: Positions::Rotary(RopeStyle::Neox),
                 act: Activation::GeluTanh,
                 post_norms: true,
                 embed_scale: true,
@@ -225,7 +267,7 @@ impl Arch {
             Self::Gemma3 => Family {
                 arch: self,
                 prefix: "gemma3",
-                rope: RopeStyle::Neox,
+                positions: Positions::Rotary(RopeStyle::Neox),
                 qk_norm: Part::Required,
                 act: Activation::GeluTanh,
                 post_norms: true,
@@ -238,6 +280,28 @@ impl Arch {
                 hidden_query_scale_at_layers: Some(62),
                 ..LLAMA_LIKE
             },
+            Self::Gpt2 => Family {
+                arch: self,
+                prefix: "gpt2",
+                positions: Positions::Learned,
+                norm: NormKind::Layer,
+                qkv_bias: Part::Required,
+                act: Activation::GeluTanh,
+                gated_ffn: false,
+                dense_bias: true,
+                ..LLAMA_LIKE
+            },
+        }
+    }
+}
+
+impl Family {
+    /// The rotary embedding's pairing (adjacent pairs, unused, for a family
+    /// with learned positions).
+    pub fn rope_style(&self) -> RopeStyle {
+        match self.positions {
+            Positions::Rotary(style) => style,
+            Positions::Learned => RopeStyle::Normal,
         }
     }
 }
@@ -261,11 +325,12 @@ mod tests {
             Arch::Phi3,
             Arch::Gemma2,
             Arch::Gemma3,
+            Arch::Gpt2,
         ] {
             assert_eq!(Arch::from_gguf(arch.name()), Some(arch));
             assert_eq!(arch.family().arch, arch);
             assert!(SUPPORTED_ARCHS.contains(arch.name()));
         }
-        assert_eq!(Arch::from_gguf("gpt-neox"), None);
+        assert_eq!(Arch::from_gguf("gptneox"), None);
     }
 }

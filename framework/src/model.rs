@@ -39,7 +39,7 @@ use crate::backend::{Backend, PagedKv, Workspace};
 use crate::collective::Collective;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::family::Part;
+use crate::family::{NormKind, Part, Positions};
 use crate::gguf::GgufFile;
 use crate::kv::KvPool;
 use crate::ops::KvRows;
@@ -95,6 +95,36 @@ impl WeightSource<'_> {
         }
     }
 
+    /// A norm's weight `{stem}.weight`, and for LayerNorm its bias.
+    fn norm(&self, kind: NormKind, stem: &str, len: usize) -> Result<NormMats> {
+        let w = self.vector(&format!("{stem}.weight"), len)?;
+        Ok(match kind {
+            NormKind::Rms => NormMats::Rms(w),
+            NormKind::Layer => NormMats::Layer(w, self.vector(&format!("{stem}.bias"), len)?),
+        })
+    }
+
+    /// An error about the weights read: naming the file where they come from one.
+    fn error(&self, reason: String) -> Error {
+        match self {
+            WeightSource::Gguf(f) => Error::ModelFile {
+                path: f.path().to_path_buf(),
+                reason,
+            },
+            WeightSource::Synthetic { .. } => Error::Shard(reason),
+        }
+    }
+
+    /// The rows of matrix `name` (its first dimension, as GGUF's last).
+    fn rows_of(&self, name: &str) -> Result<Option<usize>> {
+        match self {
+            WeightSource::Gguf(f) if f.has_tensor(name) => {
+                Ok(f.tensor_info(name)?.1.first().copied())
+            }
+            _ => Ok(None),
+        }
+    }
+
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         match self {
             WeightSource::Gguf(f) => Ok(f
@@ -112,21 +142,34 @@ fn fnv1a(s: &str) -> u64 {
     })
 }
 
+/// A norm's vectors: RMSNorm's weight, or LayerNorm's weight and bias.
+pub(crate) enum NormMats {
+    Rms(Vec<f32>),
+    Layer(Vec<f32>, Vec<f32>),
+}
+
 /// One layer's weights as matrices, cut for one shard (before any backend
-/// takes them): fused `q|k|v` and `gate|up`, row-parallel `o` and `down`,
-/// and the optional parts of the family's block.
+/// takes them): fused `q|k|v` and `gate|up` (or `up` alone, ungated),
+/// row-parallel `o` and `down`, and the optional parts of the family's block.
 pub(crate) struct BlockMats {
-    pub(crate) attn_norm: Vec<f32>,
+    pub(crate) attn_norm: NormMats,
     pub(crate) qkv: Mat,
     /// The `q|k|v` bias of this shard's heads (cut like the rows of `qkv`).
     pub(crate) qkv_bias: Option<Vec<f32>>,
+    /// The attention output's bias (whole: added after the all-reduce).
+    pub(crate) o_bias: Option<Vec<f32>>,
+    /// The bias of this shard's `up` rows (ungated FFN with biases).
+    pub(crate) up_bias: Option<Vec<f32>>,
+    /// The FFN output's bias (whole).
+    pub(crate) down_bias: Option<Vec<f32>>,
     /// The per-head RMSNorm weights of q and k (`head_dim` each, the same
     /// for every head, so not cut).
     pub(crate) qk_norm: Option<(Vec<f32>, Vec<f32>)>,
     /// The RMSNorm weights of the attention and FFN outputs (Gemma).
     pub(crate) post_norms: Option<(Vec<f32>, Vec<f32>)>,
     pub(crate) o: Mat,
-    pub(crate) ffn_norm: Vec<f32>,
+    pub(crate) ffn_norm: NormMats,
+    /// `gate|up` rows of this shard (gated FFN) or its `up` rows.
     pub(crate) gate_up: Mat,
     pub(crate) down: Mat,
 }
@@ -136,9 +179,12 @@ pub(crate) struct ShardMats {
     pub(crate) layout: ShardLayout,
     /// The local vocabulary rows of the embedding (first stage only).
     pub(crate) embed: Option<Mat>,
+    /// The learned position embeddings of the context's positions (first
+    /// stage of a family that has them), whole on every rank.
+    pub(crate) positions: Option<Mat>,
     pub(crate) blocks: Vec<BlockMats>,
     /// Final norm and the local vocabulary rows of the LM head (last stage).
-    pub(crate) head: Option<(Vec<f32>, Mat)>,
+    pub(crate) head: Option<(NormMats, Mat)>,
 }
 
 impl ShardMats {
@@ -176,12 +222,29 @@ impl ShardMats {
                     .matrix("output.weight", config.vocab, h)?
                     .select_rows(std::slice::from_ref(&layout.vocab)),
             };
-            let norm = src.vector("output_norm.weight", h)?;
+            let norm = src.norm(family.norm, "output_norm", h)?;
             Some((norm, lm_source))
         } else {
             None
         };
         let embed = if first { embed_local } else { None };
+        let positions = match family.positions {
+            Positions::Learned if first => {
+                let name = "position_embd.weight";
+                let trained = src.rows_of(name)?.unwrap_or(config.context);
+                if trained < config.context {
+                    return Err(src.error(format!(
+                        "{name} holds {trained} positions, fewer than the context of {}",
+                        config.context
+                    )));
+                }
+                Some(
+                    src.matrix(name, trained, h)?
+                        .select_rows(std::slice::from_ref(&(0..config.context))),
+                )
+            }
+            _ => None,
+        };
 
         let mut blocks = Vec::with_capacity(layers.len());
         for i in layers {
@@ -206,26 +269,47 @@ impl ShardMats {
                     v.select_rows(std::slice::from_ref(&kv_local)),
                 ])?
             };
-            let qkv_bias = match (
-                src.part(family.qkv_bias, &bias("attn_q"), q_rows)?,
-                src.part(family.qkv_bias, &bias("attn_k"), kv_rows)?,
-                src.part(family.qkv_bias, &bias("attn_v"), kv_rows)?,
-            ) {
-                (Some(q), Some(k), Some(v)) => Some(
+            let qkv_bias = if src.has(&bias("attn_qkv")) {
+                let b = src.vector(&bias("attn_qkv"), q_rows + 2 * kv_rows)?;
+                Some(
                     [
-                        &q[q_local.clone()],
-                        &k[kv_local.clone()],
-                        &v[kv_local.clone()],
+                        &b[q_local.clone()],
+                        &b[shift(&kv_local, q_rows)],
+                        &b[shift(&kv_local, q_rows + kv_rows)],
                     ]
                     .concat(),
-                ),
-                (None, None, None) => None,
-                _ => {
-                    return Err(Error::Shard(format!(
-                        "layer {i} has a bias on some of q, k and v but not all"
-                    )))
+                )
+            } else {
+                match (
+                    src.part(family.qkv_bias, &bias("attn_q"), q_rows)?,
+                    src.part(family.qkv_bias, &bias("attn_k"), kv_rows)?,
+                    src.part(family.qkv_bias, &bias("attn_v"), kv_rows)?,
+                ) {
+                    (Some(q), Some(k), Some(v)) => Some(
+                        [
+                            &q[q_local.clone()],
+                            &k[kv_local.clone()],
+                            &v[kv_local.clone()],
+                        ]
+                        .concat(),
+                    ),
+                    (None, None, None) => None,
+                    _ => {
+                        return Err(src.error(format!(
+                            "layer {i} has a bias on some of q, k and v but not all"
+                        )))
+                    }
                 }
             };
+            let dense_bias = |t: &str, len: usize| -> Result<Option<Vec<f32>>> {
+                match family.dense_bias {
+                    true => src.vector(&bias(t), len).map(Some),
+                    false => Ok(None),
+                }
+            };
+            let o_bias = dense_bias("attn_output", h)?;
+            let up_bias = dense_bias("ffn_up", config.ffn)?.map(|b| b[layout.ffn.clone()].to_vec());
+            let down_bias = dense_bias("ffn_down", h)?;
             let qk_norm = match (
                 src.part(family.qk_norm, &name("attn_q_norm"), hd)?,
                 src.part(family.qk_norm, &name("attn_k_norm"), hd)?,
@@ -233,7 +317,7 @@ impl ShardMats {
                 (Some(q), Some(k)) => Some((q, k)),
                 (None, None) => None,
                 _ => {
-                    return Err(Error::Shard(format!(
+                    return Err(src.error(format!(
                         "layer {i} has a norm on one of q and k but not both"
                     )))
                 }
@@ -249,7 +333,10 @@ impl ShardMats {
             } else {
                 None
             };
-            let gate_up = if family.fused_gate_up {
+            let gate_up = if !family.gated_ffn {
+                src.matrix(&name("ffn_up"), config.ffn, h)?
+                    .select_rows(std::slice::from_ref(&layout.ffn))
+            } else if family.fused_gate_up {
                 // One tensor, gate rows then up rows.
                 src.matrix(&name("ffn_up"), 2 * config.ffn, h)?
                     .select_rows(&[layout.ffn.clone(), shift(&layout.ffn, config.ffn)])
@@ -264,14 +351,18 @@ impl ShardMats {
             let down = src
                 .matrix(&name("ffn_down"), h, config.ffn)?
                 .select_cols(layout.ffn.clone())?;
+            let norm = |t: &str| src.norm(family.norm, &format!("blk.{i}.{t}"), h);
             blocks.push(BlockMats {
-                attn_norm: src.vector(&name("attn_norm"), h)?,
+                attn_norm: norm("attn_norm")?,
                 qkv,
                 qkv_bias,
+                o_bias,
+                up_bias,
+                down_bias,
                 qk_norm,
                 post_norms,
                 o,
-                ffn_norm: src.vector(&name("ffn_norm"), h)?,
+                ffn_norm: norm("ffn_norm")?,
                 gate_up,
                 down,
             });
@@ -279,6 +370,7 @@ impl ShardMats {
         Ok(Self {
             layout,
             embed,
+            positions,
             blocks,
             head,
         })

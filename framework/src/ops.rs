@@ -21,6 +21,25 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     kops::rms_norm(x, weight, eps, out)
 }
 
+/// LayerNorm of each `width`-wide row of `x` into `out`: `(x − mean) /
+/// √(var + eps) · weight + bias` (Ba et al. 2016), the mean and variance
+/// summed in f64 and the scale in f32, as ggml's `ggml_norm` computes them.
+pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
+    let width = weight.len();
+    for (row, o) in x.chunks_exact(width).zip(out.chunks_exact_mut(width)) {
+        let mean = (row.iter().map(|&v| v as f64).sum::<f64>() / width as f64) as f32;
+        let mut sum2 = 0f64;
+        for (o, &v) in o.iter_mut().zip(row) {
+            *o = v - mean;
+            sum2 += (*o as f64) * (*o as f64);
+        }
+        let scale = 1.0 / ((sum2 / width as f64) as f32 + eps).sqrt();
+        for ((o, &w), &b) in o.iter_mut().zip(weight).zip(bias) {
+            *o = *o * scale * w + b;
+        }
+    }
+}
+
 /// Precomputed rotary-embedding angles (Su et al. 2021, RoFormer) for every
 /// position up to the context window, and the pairing they are applied in.
 #[derive(Debug, Clone)]
@@ -97,20 +116,40 @@ pub fn silu_mul(gate_up: &[f32], width: usize, out: &mut [f32]) {
     kops::silu_mul(gate_up, width, out)
 }
 
-/// `gelu(gate) · up` (GELU's tanh approximation, in f32 as ggml writes it)
-/// for rows laid out as `[gate (width) | up (width)]`.
-pub fn gelu_tanh_mul(gate_up: &[f32], width: usize, out: &mut [f32]) {
+/// GELU's tanh approximation (Hendrycks & Gimpel 2016), in f32 as ggml
+/// writes it.
+#[inline]
+fn gelu_tanh_one(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     const COEF_A: f32 = 0.044_715;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh())
+}
+
+/// `gelu(gate) · up` (GELU's tanh approximation) for rows laid out as
+/// `[gate (width) | up (width)]`.
+pub fn gelu_tanh_mul(gate_up: &[f32], width: usize, out: &mut [f32]) {
     for (row, o) in gate_up
         .chunks_exact(2 * width)
         .zip(out.chunks_exact_mut(width))
     {
         let (gate, up) = row.split_at(width);
         for ((o, &x), &u) in o.iter_mut().zip(gate).zip(up) {
-            let g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF_A * x * x)).tanh());
-            *o = g * u;
+            *o = gelu_tanh_one(x) * u;
         }
+    }
+}
+
+/// `out = gelu(x)` (tanh approximation), elementwise.
+pub fn gelu_tanh(x: &[f32], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = gelu_tanh_one(v);
+    }
+}
+
+/// `out = silu(x)`, elementwise.
+pub fn silu(x: &[f32], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = v / (1.0 + (-v).exp());
     }
 }
 
@@ -180,6 +219,22 @@ pub fn attention_reference(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn layer_norm_centres_and_scales_each_row_then_applies_weight_and_bias() {
+        let x = [1.0f32, 2.0, 3.0, 4.0, -2.0, 0.0, 2.0, 8.0];
+        let (w, b) = ([1.0f32, 2.0, 0.5, 1.0], [0.0f32, 1.0, -1.0, 0.25]);
+        let mut out = [0f32; 8];
+        layer_norm(&x, &w, &b, 1e-5, &mut out);
+        for (row, o) in x.chunks_exact(4).zip(out.chunks_exact(4)) {
+            let mean = row.iter().sum::<f32>() / 4.0;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / 4.0;
+            for i in 0..4 {
+                let want = (row[i] - mean) / (var + 1e-5).sqrt() * w[i] + b[i];
+                assert!((o[i] - want).abs() < 1e-5, "{} vs {want}", o[i]);
+            }
+        }
+    }
 
     #[test]
     fn rms_norm_unit_rows() {

@@ -31,7 +31,10 @@ same vocabulary):
              of six with their own rope (base 10000), linear rope ×8 on the
              global ones, SentencePiece
   qwen2-yarn qwen2 with YaRN rope scaling (factor 4 over an original context of 16)
-  phi3-q8_0, qwen2-q4_0, gemma3-q8_0
+  gpt2       learned position embeddings, LayerNorm with biases, fused
+             attn_qkv with its bias, biases on attn_output, ffn_up and
+             ffn_down, an ungated GELU FFN, a tied LM head, pre-tokenizer gpt-2
+  phi3-q8_0, qwen2-q4_0, gemma3-q8_0, gpt2-q8_0
              the same with every matrix quantized (fused rows cut from
              quantized blocks, biases over quantized matmuls)
 """
@@ -89,11 +92,13 @@ MODELS = {
                    tied=True, key_length=True, gemma=True, qk_norm=True, window=6,
                    rope_base=1_000_000.0, linear=8.0, spm=True),
 }
+MODELS["gpt2"] = dict(arch="gpt2", layers=2, hidden=64, heads=4, kv=4, head_dim=16, ffn=256,
+                      tied=True, pre="gpt-2")
 # YaRN: a factor of 4 over an original context of 16, shorter than the prompts.
 MODELS["qwen2-yarn"] = dict(MODELS["qwen2"], yarn=(4.0, 16))
 # Quantized copies (every matrix; norms, biases and rope factors stay f32),
 # by the gguf package's own quantizer.
-for base, quant in [("phi3", "Q8_0"), ("qwen2", "Q4_0"), ("gemma3", "Q8_0")]:
+for base, quant in [("phi3", "Q8_0"), ("qwen2", "Q4_0"), ("gemma3", "Q8_0"), ("gpt2", "Q8_0")]:
     MODELS[f"{base}-{quant.lower()}"] = dict(MODELS[base], quant=quant)
 
 
@@ -201,9 +206,13 @@ def write(name, spec, tok, out_dir):
     w.add_feed_forward_length(ffn)
     w.add_head_count(nh)
     w.add_head_count_kv(nkv)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_freq_base(spec.get("rope_base", 10_000.0))
-    w.add_rope_dimension_count(hd)
+    gpt2 = arch == "gpt2"
+    if gpt2:
+        w.add_layer_norm_eps(1e-5)
+    else:
+        w.add_layer_norm_rms_eps(1e-6)
+        w.add_rope_freq_base(spec.get("rope_base", 10_000.0))
+        w.add_rope_dimension_count(hd)
     w.add_vocab_size(vocab)
     if spec.get("key_length"):
         w.add_key_length(hd)
@@ -246,8 +255,27 @@ def write(name, spec, tok, out_dir):
         # Llama 3's factors: 1 for high frequencies, up to 8 for low ones.
         i = np.arange(hd // 2, dtype=np.float32)
         t["rope_freqs.weight"] = (np.float32(1.0) + np.float32(7.0) * (i / np.float32(hd // 2 - 1)) ** 2)
+    if gpt2:
+        t["position_embd.weight"] = splitmix("position_embd.weight", 512 * h).reshape(512, h) * np.float32(0.5)
+        t["output_norm.bias"] = splitmix("output_norm.bias", h) * np.float32(0.2)
     for b in range(L):
         p = f"blk.{b}."
+        if gpt2:
+            for n in ["attn_norm", "ffn_norm"]:
+                t[p + n + ".weight"] = around_one(p + n + ".weight", h, 0.2)
+                t[p + n + ".bias"] = splitmix(p + n + ".bias", h) * np.float32(0.2)
+            t[p + "attn_qkv.weight"] = np.concatenate([
+                matrix(p + "attn_q.weight", nh * hd, h, gain=2.0),
+                matrix(p + "attn_k.weight", nkv * hd, h, gain=2.0),
+                matrix(p + "attn_v.weight", nkv * hd, h)])
+            t[p + "attn_qkv.bias"] = splitmix(p + "attn_qkv.bias", (nh + 2 * nkv) * hd) * np.float32(0.5)
+            t[p + "attn_output.weight"] = matrix(p + "attn_output.weight", h, nh * hd)
+            t[p + "attn_output.bias"] = splitmix(p + "attn_output.bias", h) * np.float32(0.2)
+            t[p + "ffn_up.weight"] = matrix(p + "ffn_up.weight", ffn, h, gain=2.0)
+            t[p + "ffn_up.bias"] = splitmix(p + "ffn_up.bias", ffn) * np.float32(0.5)
+            t[p + "ffn_down.weight"] = matrix(p + "ffn_down.weight", h, ffn)
+            t[p + "ffn_down.bias"] = splitmix(p + "ffn_down.bias", h) * np.float32(0.2)
+            continue
         t[p + "attn_norm.weight"] = around_one(p + "attn_norm.weight", h, 0.2)
         q = matrix(p + "attn_q.weight", nh * hd, h, gain=2.0)
         k = matrix(p + "attn_k.weight", nkv * hd, h, gain=2.0)

@@ -159,6 +159,38 @@ impl Backend for CpuBackend {
         table.lookup_into(&meta.tokens, out)
     }
 
+    fn add_positions(
+        &self,
+        table: &Embedding,
+        meta: &CpuMeta,
+        x: &mut Vec<f32>,
+        rows: usize,
+    ) -> Result<()> {
+        let pos: Vec<u32> = meta.pos[..rows].iter().map(|&p| p as u32).collect();
+        let mut rows_of = vec![0f32; rows * table.hidden()];
+        table.lookup_into(&pos, &mut rows_of)?;
+        self.add(x, &rows_of, rows_of.len())
+    }
+
+    fn layer_norm(
+        &self,
+        x: &mut Vec<f32>,
+        residual: Option<&Vec<f32>>,
+        w: &Vec<f32>,
+        b: &Vec<f32>,
+        eps: f32,
+        out: &mut Vec<f32>,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        let len = rows * width;
+        if let Some(d) = residual {
+            self.add(x, d, len)?;
+        }
+        ops::layer_norm(&x[..len], w, b, eps, &mut out[..len]);
+        Ok(())
+    }
+
     fn rms_norm(
         &self,
         x: &mut Vec<f32>,
@@ -191,7 +223,14 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>, rows: usize, width: usize) -> Result<()> {
+    fn add_bias(
+        &self,
+        x: &mut Vec<f32>,
+        bias: &Vec<f32>,
+        rows: usize,
+        width: usize,
+        _elem: Elem,
+    ) -> Result<()> {
         for row in x[..rows * width].chunks_exact_mut(width) {
             row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
         }
@@ -249,6 +288,22 @@ impl Backend for CpuBackend {
         match act {
             Activation::Silu => ops::silu_mul(gate_up, width, out),
             Activation::GeluTanh => ops::gelu_tanh_mul(gate_up, width, out),
+        }
+        Ok(())
+    }
+
+    fn act(
+        &self,
+        x: &Vec<f32>,
+        out: &mut Vec<f32>,
+        rows: usize,
+        width: usize,
+        act: Activation,
+    ) -> Result<()> {
+        let (x, out) = (&x[..rows * width], &mut out[..rows * width]);
+        match act {
+            Activation::Silu => ops::silu(x, out),
+            Activation::GeluTanh => ops::gelu_tanh(x, out),
         }
         Ok(())
     }

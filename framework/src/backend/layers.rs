@@ -10,38 +10,46 @@ use crate::error::Result;
 
 use super::{Backend, Elem};
 
-/// `Y_r = X · W_rᵀ`: rank `r` holds a block of W's rows (output features), so
-/// its output is its own columns of `Y`; no communication.
+/// `Y_r = X · W_rᵀ + b_r`: rank `r` holds a block of W's rows (output
+/// features) and the same block of the bias, so its output is its own
+/// columns of `Y`; no communication.
 pub struct ColumnParallelLinear<B: Backend> {
     w: B::Weight,
+    bias: Option<B::Vector>,
 }
 
 impl<B: Backend> ColumnParallelLinear<B> {
-    /// Wraps this rank's rows of the weight.
-    pub fn new(w: B::Weight) -> Self {
-        Self { w }
+    /// Wraps this rank's rows of the weight and of its bias.
+    pub fn new(w: B::Weight, bias: Option<B::Vector>) -> Self {
+        Self { w, bias }
     }
 
-    /// `out = x · W_rᵀ` (Act) for `rows` rows.
+    /// `out = x · W_rᵀ + b_r` (Act) for `rows` rows.
     pub fn forward(&self, be: &B, x: &B::Buf, out: &mut B::Buf, rows: usize) -> Result<()> {
-        be.linear(&self.w, x, out, Elem::Act, rows)
+        be.linear(&self.w, x, out, Elem::Act, rows)?;
+        match &self.bias {
+            Some(b) => be.add_bias(out, b, rows, B::out_features(&self.w), Elem::Act),
+            None => Ok(()),
+        }
     }
 }
 
-/// `Y = Σ_r X_r · W_rᵀ`: rank `r` holds a block of W's columns (input
+/// `Y = Σ_r X_r · W_rᵀ + b`: rank `r` holds a block of W's columns (input
 /// features) and reads its own columns `X_r` of the input; the partial
-/// products are summed over ranks (Llama has no bias to add after).
+/// products are summed over ranks, and every rank adds the whole bias to
+/// the sum (so it is added once).
 pub struct RowParallelLinear<B: Backend> {
     w: B::Weight,
+    bias: Option<B::Vector>,
 }
 
 impl<B: Backend> RowParallelLinear<B> {
-    /// Wraps this rank's columns of the weight.
-    pub fn new(w: B::Weight) -> Self {
-        Self { w }
+    /// Wraps this rank's columns of the weight, and the whole bias.
+    pub fn new(w: B::Weight, bias: Option<B::Vector>) -> Self {
+        Self { w, bias }
     }
 
-    /// Local matmul into `out` (f32), then the all-reduce.
+    /// Local matmul into `out` (f32), the all-reduce, then the bias.
     pub fn forward(
         &self,
         be: &B,
@@ -50,8 +58,42 @@ impl<B: Backend> RowParallelLinear<B> {
         rows: usize,
         host: &dyn Collective,
     ) -> Result<()> {
+        let width = B::out_features(&self.w);
         be.linear(&self.w, x, out, Elem::F32, rows)?;
-        be.all_reduce(out, rows * B::out_features(&self.w), host)
+        be.all_reduce(out, rows * width, host)?;
+        match &self.bias {
+            Some(b) => be.add_bias(out, b, rows, width, Elem::F32),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A norm over the hidden width, the same on every rank: RMSNorm, or
+/// LayerNorm with its bias.
+pub enum Norm<B: Backend> {
+    /// `x / rms(x) · w`.
+    Rms(B::Vector),
+    /// `(x − mean) / std · w + b`.
+    Layer(B::Vector, B::Vector),
+}
+
+impl<B: Backend> Norm<B> {
+    /// `x += residual` (if given), then `out` (Act) = the norm of `x`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        be: &B,
+        x: &mut B::Buf,
+        residual: Option<&B::Buf>,
+        eps: f32,
+        out: &mut B::Buf,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        match self {
+            Norm::Rms(w) => be.rms_norm(x, residual, w, eps, out, rows, width),
+            Norm::Layer(w, b) => be.layer_norm(x, residual, w, b, eps, out, rows, width),
+        }
     }
 }
 
@@ -83,11 +125,11 @@ impl<B: Backend> VocabParallelEmbedding<B> {
     }
 }
 
-/// `logits = [rms_norm(x) · H_0ᵀ | … | rms_norm(x) · H_{R−1}ᵀ]`: rank `r`
+/// `logits = [norm(x) · H_0ᵀ | … | norm(x) · H_{R−1}ᵀ]`: rank `r`
 /// holds the vocabulary rows `V_r` of the head and computes those logits of
 /// the picked rows; the column blocks are gathered over ranks on the host.
 pub struct VocabParallelLmHead<B: Backend> {
-    norm: B::Vector,
+    norm: Norm<B>,
     w: B::Weight,
     vocab: Range<usize>,
     total_vocab: usize,
@@ -113,7 +155,7 @@ impl<B: Backend> VocabParallelLmHead<B> {
     /// The final norm and this rank's rows `vocab` of the head, whose
     /// logits are soft-capped at `softcap` (0: not capped).
     pub fn new(
-        norm: B::Vector,
+        norm: Norm<B>,
         w: B::Weight,
         vocab: Range<usize>,
         total_vocab: usize,
@@ -147,7 +189,8 @@ impl<B: Backend> VocabParallelLmHead<B> {
     ) -> Result<Option<Vec<f32>>> {
         let local = if picked > 0 {
             be.gather_rows(b.x, b.meta, b.last, hidden)?;
-            be.rms_norm(b.last, None, &self.norm, eps, b.last_normed, picked, hidden)?;
+            self.norm
+                .forward(be, b.last, None, eps, b.last_normed, picked, hidden)?;
             be.linear(&self.w, b.last_normed, b.logits, Elem::F32, picked)?;
             if self.softcap > 0.0 {
                 be.softcap(b.logits, self.softcap, picked * self.local_vocab())?;

@@ -5,9 +5,10 @@
 //! loop needs (candle's `BackendDevice`/`BackendStorage` pair cut down to
 //! those ops): workspace buffers ([`Elem::F32`] for the residual stream and
 //! the row-parallel outputs that are all-reduced, [`Elem::Act`] for the
-//! activations the matmuls read), RMSNorm with a fused residual add, matmul
-//! with a shard's weight, a bias add, a per-head RMSNorm of q and k, RoPE in
-//! either pairing, SiLU·mul, residual add, the embedding lookup,
+//! activations the matmuls read), RMSNorm or LayerNorm with a fused residual
+//! add, matmul with a shard's weight, a bias add, a per-head RMSNorm of q and
+//! k, RoPE in either pairing, the FFN's gated or plain activation, residual
+//! add, the embedding lookup and learned position embeddings,
 //! the gather of picked rows, upload/download of hidden rows, and the
 //! all-reduce of the stage's tensor-parallel ranks over its buffers. Its KV
 //! storage implements [`KvCache`] (write a layer's new keys and values, then
@@ -157,6 +158,15 @@ pub trait Backend: Send + Sized {
         out: &mut Self::Buf,
         rows: usize,
     ) -> Result<()>;
+    /// `x[r] += table[pos[r]]` (f32) for every row: the learned position
+    /// embeddings (GPT-2), the whole table on every rank.
+    fn add_positions(
+        &self,
+        table: &Self::Table,
+        meta: &Self::Meta,
+        x: &mut Self::Buf,
+        rows: usize,
+    ) -> Result<()>;
     /// `x += residual` (if given), then `out = rms_norm(x) · w` (`out` Act).
     #[allow(clippy::too_many_arguments)]
     fn rms_norm(
@@ -164,6 +174,20 @@ pub trait Backend: Send + Sized {
         x: &mut Self::Buf,
         residual: Option<&Self::Buf>,
         w: &Self::Vector,
+        eps: f32,
+        out: &mut Self::Buf,
+        rows: usize,
+        width: usize,
+    ) -> Result<()>;
+    /// `x += residual` (if given), then `out = layer_norm(x) · w + b`
+    /// (`out` Act).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_norm(
+        &self,
+        x: &mut Self::Buf,
+        residual: Option<&Self::Buf>,
+        w: &Self::Vector,
+        b: &Self::Vector,
         eps: f32,
         out: &mut Self::Buf,
         rows: usize,
@@ -178,13 +202,15 @@ pub trait Backend: Send + Sized {
         out_elem: Elem,
         rows: usize,
     ) -> Result<()>;
-    /// `x[r] += bias` for each of the `rows` rows of `width` values of `x` (Act).
+    /// `x[r] += bias` for each of the `rows` rows of `width` values of `x`
+    /// (of type `elem`).
     fn add_bias(
         &self,
         x: &mut Self::Buf,
         bias: &Self::Vector,
         rows: usize,
         width: usize,
+        elem: Elem,
     ) -> Result<()>;
     /// RMSNorm of every q head (weight `q_w`) and k head (weight `k_w`) of
     /// fused `q|k|v` rows, in place, each over its `head_dim` values.
@@ -210,6 +236,15 @@ pub trait Backend: Send + Sized {
     fn gated_act(
         &self,
         gate_up: &Self::Buf,
+        out: &mut Self::Buf,
+        rows: usize,
+        width: usize,
+        act: Activation,
+    ) -> Result<()>;
+    /// `out = act(x)` for rows of `width` (Act): an ungated FFN (GPT-2).
+    fn act(
+        &self,
+        x: &Self::Buf,
         out: &mut Self::Buf,
         rows: usize,
         width: usize,

@@ -7,11 +7,13 @@
 //! are steps of the same loop: the `q|k|v` bias after the matmul (Qwen2), a
 //! per-head RMSNorm of q and k before the rotary embedding (Qwen3, Gemma 3),
 //! Gemma's embedding scale, norms of the all-reduced attention and FFN outputs,
-//! GELU gating and soft-capped logits; each layer gets its attention's scale,
+//! GELU gating and soft-capped logits; GPT-2's learned position embeddings
+//! (in place of the rope), LayerNorm, ungated FFN and biases on every matrix
+//! (a row-parallel one's added after its all-reduce); each layer gets its attention's scale,
 //! soft-cap and window and its rope table (windowed or global) from the
 //! config, and the rotary pairing is the backend's. With fused `q|k|v` and
 //! `gate|up` column-parallel, `o` and `down` row-parallel (all-reduced). The
-//! residual add of each row-parallel output is fused into the next RMSNorm
+//! residual add of each row-parallel output is fused into the next norm
 //! (the CUDA kernel's form; on the CPU the same add in the same order), and
 //! the last one is applied after the loop.
 //!
@@ -31,26 +33,38 @@ use std::sync::Mutex;
 use crate::collective::{Collective, TimedCollective};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::{self, Logits, LogitsWanted, ShardMats, StageInput, StageOutput};
+use crate::family::Positions;
+use crate::model::{self, Logits, LogitsWanted, NormMats, ShardMats, StageInput, StageOutput};
 use crate::profile::{Op, StepProfile, Timer};
 use crate::shard::ShardLayout;
 
 use super::layers::{
-    ColumnParallelLinear, HeadBuffers, RowParallelLinear, VocabParallelEmbedding,
+    ColumnParallelLinear, HeadBuffers, Norm, RowParallelLinear, VocabParallelEmbedding,
     VocabParallelLmHead,
 };
 use super::{Backend, KvCache, StepRows, Widths, Workspace};
 
 struct Block<B: Backend> {
-    attn_norm: B::Vector,
+    attn_norm: Norm<B>,
     qkv: ColumnParallelLinear<B>,
-    qkv_bias: Option<B::Vector>,
     qk_norm: Option<(B::Vector, B::Vector)>,
     post_norms: Option<(B::Vector, B::Vector)>,
     o: RowParallelLinear<B>,
-    ffn_norm: B::Vector,
+    ffn_norm: Norm<B>,
+    /// `gate|up` (gated FFN) or `up`.
     gate_up: ColumnParallelLinear<B>,
     down: RowParallelLinear<B>,
+}
+
+fn norm<B: Backend>(be: &mut B, m: &NormMats) -> Result<Norm<B>> {
+    Ok(match m {
+        NormMats::Rms(w) => Norm::Rms(be.vector(w)?),
+        NormMats::Layer(w, b) => Norm::Layer(be.vector(w)?, be.vector(b)?),
+    })
+}
+
+fn opt_vector<B: Backend>(be: &mut B, v: &Option<Vec<f32>>) -> Result<Option<B::Vector>> {
+    v.as_deref().map(|v| be.vector(v)).transpose()
 }
 
 /// One tensor-parallel shard of a pipeline stage of a model, on backend `B`.
@@ -60,6 +74,8 @@ pub struct Transformer<B: Backend> {
     layers: Range<usize>,
     backend: B,
     embed: Option<VocabParallelEmbedding<B>>,
+    /// Learned position embeddings (first stage of a family with them).
+    positions: Option<B::Table>,
     blocks: Vec<Block<B>>,
     head: Option<VocabParallelLmHead<B>>,
     profiling: AtomicBool,
@@ -95,9 +111,16 @@ impl<B: Backend> Transformer<B> {
             )),
             None => None,
         };
+        let positions = match mats.positions {
+            Some(m) => {
+                let rows = m.rows();
+                Some(be.table(m, 0..rows)?)
+            }
+            None => None,
+        };
         let head = match mats.head {
-            Some((norm, m)) => Some(VocabParallelLmHead::new(
-                be.vector(&norm)?,
+            Some((n, m)) => Some(VocabParallelLmHead::new(
+                norm(be, &n)?,
                 be.weight(m)?,
                 mats.layout.vocab.clone(),
                 config.vocab,
@@ -116,15 +139,17 @@ impl<B: Backend> Transformer<B> {
                 None => None,
             };
             blocks.push(Block {
-                attn_norm: be.vector(&b.attn_norm)?,
-                qkv: ColumnParallelLinear::new(be.weight(b.qkv)?),
-                qkv_bias: b.qkv_bias.as_deref().map(|v| be.vector(v)).transpose()?,
+                attn_norm: norm(be, &b.attn_norm)?,
+                qkv: ColumnParallelLinear::new(be.weight(b.qkv)?, opt_vector(be, &b.qkv_bias)?),
                 qk_norm,
                 post_norms,
-                o: RowParallelLinear::new(be.weight(b.o)?),
-                ffn_norm: be.vector(&b.ffn_norm)?,
-                gate_up: ColumnParallelLinear::new(be.weight(b.gate_up)?),
-                down: RowParallelLinear::new(be.weight(b.down)?),
+                o: RowParallelLinear::new(be.weight(b.o)?, opt_vector(be, &b.o_bias)?),
+                ffn_norm: norm(be, &b.ffn_norm)?,
+                gate_up: ColumnParallelLinear::new(
+                    be.weight(b.gate_up)?,
+                    opt_vector(be, &b.up_bias)?,
+                ),
+                down: RowParallelLinear::new(be.weight(b.down)?, opt_vector(be, &b.down_bias)?),
             });
         }
         Ok(Self {
@@ -133,6 +158,7 @@ impl<B: Backend> Transformer<B> {
             layers,
             backend,
             embed,
+            positions,
             blocks,
             head,
             profiling: AtomicBool::new(false),
@@ -274,6 +300,9 @@ impl<B: Backend> Transformer<B> {
                     if c.family().embed_scale {
                         be.scale(&mut ws.x, (h as f32).sqrt(), n * h)?;
                     }
+                    if let Some(table) = &self.positions {
+                        be.add_positions(table, &ws.meta, &mut ws.x, n)?;
+                    }
                     Ok::<_, Error>(())
                 })?;
             }
@@ -303,7 +332,7 @@ impl<B: Backend> Transformer<B> {
                     meta: &ws.meta,
                 },
                 picked.len(),
-                (h, c.rms_eps),
+                (h, c.norm_eps),
                 host,
                 step.logits_to_root,
             )
@@ -327,10 +356,10 @@ impl<B: Backend> Transformer<B> {
         host: &TimedCollective<'_>,
         timer: &mut Timer,
     ) -> Result<()> {
-        let (be, eps, h) = (&self.backend, self.config.rms_eps, self.config.hidden);
+        let (be, eps, h) = (&self.backend, self.config.norm_eps, self.config.hidden);
         let ffn = self.layout.ffn.len();
-        let act = self.config.family().act;
-        let qkv_w = be.heads().qkv_width();
+        let family = self.config.family();
+        let (act, rotary) = (family.act, matches!(family.positions, Positions::Rotary(_)));
         let ws = &mut *ws;
         let spent = || host.spent();
         // Whether `delta` holds a row-parallel output not yet added to `x`.
@@ -342,23 +371,22 @@ impl<B: Backend> Transformer<B> {
             let attn = self.config.attn_params(global);
             let residual = pending.then_some(&ws.delta);
             timer.time(Op::Norm, spent, || {
-                be.rms_norm(&mut ws.x, residual, &b.attn_norm, eps, &mut ws.normed, n, h)
+                b.attn_norm
+                    .forward(be, &mut ws.x, residual, eps, &mut ws.normed, n, h)
             })?;
             timer.time(Op::QkvMatmul, spent, || {
-                b.qkv.forward(be, &ws.normed, &mut ws.qkv, n)?;
-                match &b.qkv_bias {
-                    Some(bias) => be.add_bias(&mut ws.qkv, bias, n, qkv_w),
-                    None => Ok(()),
-                }
+                b.qkv.forward(be, &ws.normed, &mut ws.qkv, n)
             })?;
             if let Some((q_norm, k_norm)) = &b.qk_norm {
                 timer.time(Op::Norm, spent, || {
                     be.head_norm(&mut ws.qkv, q_norm, k_norm, eps, n)
                 })?;
             }
-            timer.time(Op::Rope, spent, || {
-                be.rope(&mut ws.qkv, &ws.meta, n, windowed)
-            })?;
+            if rotary {
+                timer.time(Op::Rope, spent, || {
+                    be.rope(&mut ws.qkv, &ws.meta, n, windowed)
+                })?;
+            }
             timer.time(Op::Attention, spent, || {
                 kv.attend(be, layer, &ws.qkv, &ws.meta, &mut ws.attn, n, &attn)
             })?;
@@ -371,21 +399,15 @@ impl<B: Backend> Transformer<B> {
                 })?;
             }
             timer.time(Op::Norm, spent, || {
-                be.rms_norm(
-                    &mut ws.x,
-                    Some(&ws.delta),
-                    &b.ffn_norm,
-                    eps,
-                    &mut ws.normed,
-                    n,
-                    h,
-                )
+                b.ffn_norm
+                    .forward(be, &mut ws.x, Some(&ws.delta), eps, &mut ws.normed, n, h)
             })?;
             timer.time(Op::GateUpMatmul, spent, || {
                 b.gate_up.forward(be, &ws.normed, &mut ws.gate_up, n)
             })?;
-            timer.time(Op::SiluMul, spent, || {
-                be.gated_act(&ws.gate_up, &mut ws.act, n, ffn, act)
+            timer.time(Op::SiluMul, spent, || match family.gated_ffn {
+                true => be.gated_act(&ws.gate_up, &mut ws.act, n, ffn, act),
+                false => be.act(&ws.gate_up, &mut ws.act, n, ffn, act),
             })?;
             timer.time(Op::DownMatmul, spent, || {
                 b.down.forward(be, &ws.act, &mut ws.delta, n, host)
