@@ -16,6 +16,7 @@
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use kernels::cpu::half_mm::{self, Half};
 use kernels::cpu::quant::{self, QuantFormat, QuantizedActs};
 use kernels::cpu::skinny;
 
@@ -135,6 +136,30 @@ fn dense(c: &mut Criterion) {
     group.finish();
 }
 
+/// f16 and bf16 weights (16-bit in memory, widened in registers); the
+/// gate|up shape of the reference model, 3.5 MB in f16.
+fn half(c: &mut Criterion) {
+    let pool = pool();
+    let mut group = c.benchmark_group("half_weights");
+    let (n, k) = (3072usize, 576usize);
+    for kind in [Half::F16, Half::Bf16] {
+        let w: Vec<u16> = random(n * k, 13)
+            .iter()
+            .map(|&v| kind.from_f32(v))
+            .collect();
+        for m in [1usize, 4, 16, 64] {
+            let x = random(m * k, 5);
+            let mut y = vec![0f32; m * n];
+            group.throughput(Throughput::Bytes((w.len() * 2) as u64));
+            let name = format!("{} 3072x576", kind.name());
+            group.bench_with_input(BenchmarkId::new(name, m), &m, |b, _| {
+                pool.install(|| b.iter(|| half_mm::matmul_xwt(kind, &x, m, &w, n, k, &mut y)))
+            });
+        }
+    }
+    group.finish();
+}
+
 /// Streaming copy of a buffer far larger than the caches, split across the
 /// pool's threads: the bandwidth the weight-streaming rates are compared to.
 fn memory(c: &mut Criterion) {
@@ -244,5 +269,5 @@ fn attention_and_ops(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, quantized, dense, attention_and_ops, memory);
+criterion_group!(benches, quantized, dense, half, attention_and_ops, memory);
 criterion_main!(benches);

@@ -174,7 +174,7 @@ struct ModelArgs {
     /// Q4_1) is fetched into $PARALLM_HOME (default ~/.cache/parallm) on first use.
     #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
-    /// Numeric format of the weights: auto, native, q8_0 or f32.
+    /// Numeric format of the weights: auto, native, q8_0, f32, f16 or bf16.
     #[arg(long, default_value = "auto", value_parser = parse_format)]
     weights: WeightFormat,
     /// Run with at most this many positions, capping a longer trained

@@ -22,6 +22,7 @@ use std::str::FromStr;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
 
+use kernels::cpu::half_mm::{self, Half};
 use kernels::cpu::quant::{self, QuantFormat, QuantizedActs};
 
 use crate::error::{Error, Result};
@@ -43,11 +44,16 @@ pub enum WeightFormat {
     Q8_0,
     /// Dequantized to f32 on load; the exact reference numerics.
     F32,
+    /// Converted to f16 on load (half the bytes of f32), widened to f32 in
+    /// registers by the matmul.
+    F16,
+    /// Converted to bf16 on load.
+    Bf16,
 }
 
 impl WeightFormat {
     /// The names accepted by [`FromStr`].
-    pub const NAMES: &'static str = "auto, native, q8_0, f32";
+    pub const NAMES: &'static str = "auto, native, q8_0, f32, f16, bf16";
 }
 
 impl FromStr for WeightFormat {
@@ -58,6 +64,8 @@ impl FromStr for WeightFormat {
             "native" => Ok(Self::Native),
             "q8_0" | "q8" => Ok(Self::Q8_0),
             "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            "bf16" => Ok(Self::Bf16),
             other => Err(Error::Config(format!(
                 "unknown weight format '{other}' (choose {})",
                 Self::NAMES
@@ -73,6 +81,8 @@ impl std::fmt::Display for WeightFormat {
             WeightFormat::Native => "native",
             WeightFormat::Q8_0 => "q8_0",
             WeightFormat::F32 => "f32",
+            WeightFormat::F16 => "f16",
+            WeightFormat::Bf16 => "bf16",
         })
     }
 }
@@ -80,7 +90,8 @@ impl std::fmt::Display for WeightFormat {
 /// A `rows × cols` row-major weight matrix, quantized or f32.
 #[derive(Clone)]
 pub enum Mat {
-    /// GGUF blocks of one type; each row is `cols / block_size` blocks.
+    /// GGUF blocks of one type; each row is `cols / block_size` blocks
+    /// (F16 and BF16 are kept as stored too, as blocks of one value).
     Quant {
         /// The block type.
         dtype: GgmlDType,
@@ -126,15 +137,20 @@ fn own_format(dtype: GgmlDType) -> Option<QuantFormat> {
     }
 }
 
-fn is_block_type(dtype: GgmlDType) -> bool {
-    !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+/// The 16-bit float type of a stored matrix, which the half kernels run.
+fn half_format(dtype: GgmlDType) -> Option<Half> {
+    match dtype {
+        GgmlDType::F16 => Some(Half::F16),
+        GgmlDType::BF16 => Some(Half::Bf16),
+        _ => None,
+    }
 }
 
 impl Mat {
     /// Takes a 2-D tensor read from a file.
     pub fn from_qtensor(t: &QTensor) -> Result<Self> {
         let (rows, cols) = t.shape().dims2()?;
-        if is_block_type(t.dtype()) {
+        if t.dtype() != GgmlDType::F32 {
             Ok(Mat::Quant {
                 dtype: t.dtype(),
                 rows,
@@ -295,14 +311,40 @@ impl Mat {
         Mat::from_qtensor(&QTensor::quantize(&t, GgmlDType::Q8_0)?)
     }
 
+    /// The same matrix in `kind` (each value rounded to nearest, ties to even).
+    pub fn to_half(&self, kind: Half) -> Result<Mat> {
+        let dtype = match kind {
+            Half::F16 => GgmlDType::F16,
+            Half::Bf16 => GgmlDType::BF16,
+        };
+        if matches!(self, Mat::Quant { dtype: d, .. } if *d == dtype) {
+            return Ok(self.clone());
+        }
+        let Mat::F32 { rows, cols, data } = self.to_f32()? else {
+            unreachable!("to_f32 returns F32")
+        };
+        let bytes = data
+            .iter()
+            .flat_map(|&v| kind.from_f32(v).to_le_bytes())
+            .collect();
+        Ok(Mat::Quant {
+            dtype,
+            rows,
+            cols,
+            bytes,
+        })
+    }
+
     /// The matrix in the format `format` computes with (`Auto`: its quantized
-    /// part — the file's blocks where the kernels run them, else Q8_0).
+    /// part — the file's blocks where the kernels run them, f16 and bf16 as
+    /// stored, else Q8_0).
     pub fn into_format(self, format: WeightFormat) -> Result<Mat> {
         match format {
             WeightFormat::Native => Ok(self),
             WeightFormat::Auto => match &self {
                 Mat::Quant { dtype, cols, .. }
-                    if own_format(*dtype).is_some_and(|f| cols % f.block_size() == 0) =>
+                    if own_format(*dtype).is_some_and(|f| cols % f.block_size() == 0)
+                        || half_format(*dtype).is_some() =>
                 {
                     Ok(self)
                 }
@@ -310,6 +352,8 @@ impl Mat {
             },
             WeightFormat::Q8_0 => self.quantize_q8_0(),
             WeightFormat::F32 => self.to_f32(),
+            WeightFormat::F16 => self.to_half(Half::F16),
+            WeightFormat::Bf16 => self.to_half(Half::Bf16),
         }
     }
 
@@ -379,6 +423,12 @@ struct OwnQuant {
     bytes: Vec<u8>,
 }
 
+/// 16-bit float weights, row-major.
+struct HalfWeights {
+    kind: Half,
+    bits: Vec<u16>,
+}
+
 thread_local! {
     /// Each compute thread's quantized-activation buffer, reused across calls.
     static ACTS: std::cell::RefCell<QuantizedActs> = std::cell::RefCell::new(QuantizedActs::new());
@@ -397,6 +447,7 @@ pub struct Linear {
     out_features: usize,
     in_features: usize,
     own: Option<OwnQuant>,
+    half: Option<HalfWeights>,
     quant: Option<QMatMul>,
     dense: Option<Vec<f32>>,
 }
@@ -411,31 +462,39 @@ impl Linear {
     /// Builds the layer from a matrix already in its compute format.
     pub fn new(mat: Mat) -> Result<Self> {
         let (out_features, in_features) = (mat.rows(), mat.cols());
-        let (own, quant, dense) = match mat {
+        let (mut own, mut half, mut quant, mut dense) = (None, None, None, None);
+        match mat {
+            Mat::Quant { dtype, bytes, .. } if half_format(dtype).is_some() => {
+                let kind = half_format(dtype).ok_or_else(|| Error::Shard("unreachable".into()))?;
+                let bits = bytes
+                    .chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                    .collect();
+                half = Some(HalfWeights { kind, bits });
+            }
             Mat::Quant {
                 dtype, cols, bytes, ..
             } if own_format(dtype).is_some_and(|f| cols % f.block_size() == 0) => {
                 let format = own_format(dtype).ok_or_else(|| Error::Shard("unreachable".into()))?;
-                (Some(OwnQuant { format, bytes }), None, None)
+                own = Some(OwnQuant { format, bytes });
             }
             Mat::Quant {
                 dtype,
                 rows,
                 cols,
                 bytes,
-            } => (
-                None,
-                Some(QMatMul::from_qtensor(Mat::qtensor(
+            } => {
+                quant = Some(QMatMul::from_qtensor(Mat::qtensor(
                     dtype, rows, cols, &bytes,
-                )?)?),
-                None,
-            ),
-            Mat::F32 { data, .. } => (None, None, Some(data)),
-        };
+                )?)?);
+            }
+            Mat::F32 { data, .. } => dense = Some(data),
+        }
         Ok(Self {
             out_features,
             in_features,
             own,
+            half,
             quant,
             dense,
         })
@@ -461,6 +520,20 @@ impl Linear {
         debug_assert_eq!(x.len(), rows * self.in_features);
         if rows == 0 {
             return Ok(Vec::new());
+        }
+        if let Some(h) = &self.half {
+            let mut y = vec![0f32; rows * self.out_features];
+            // On the current rayon pool, as the f32 path.
+            half_mm::matmul_xwt(
+                h.kind,
+                x,
+                rows,
+                &h.bits,
+                self.out_features,
+                self.in_features,
+                &mut y,
+            );
+            return Ok(y);
         }
         match (&self.dense, &self.own, &self.quant) {
             (Some(w), _, _) => {

@@ -74,7 +74,7 @@ pub struct ModelSection {
     pub path: String,
     /// The model id clients name; empty: the file name without `.gguf`.
     pub name: String,
-    /// Numeric format of the weights: auto, native, q8_0 or f32.
+    /// Numeric format of the weights: auto, native, q8_0, f32, f16 or bf16.
     pub weights: String,
     /// Positions the model runs with at most; a file that trained a longer
     /// context is capped to it (0: the file's own context).

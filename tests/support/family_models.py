@@ -37,6 +37,8 @@ same vocabulary):
   phi3-q8_0, qwen2-q4_0, gemma3-q8_0, gpt2-q8_0
              the same with every matrix quantized (fused rows cut from
              quantized blocks, biases over quantized matmuls)
+  llama-r3-f16, qwen2-bf16
+             the same with every matrix in f16 or bf16
 """
 
 import os
@@ -98,7 +100,8 @@ MODELS["gpt2"] = dict(arch="gpt2", layers=2, hidden=64, heads=4, kv=4, head_dim=
 MODELS["qwen2-yarn"] = dict(MODELS["qwen2"], yarn=(4.0, 16))
 # Quantized copies (every matrix; norms, biases and rope factors stay f32),
 # by the gguf package's own quantizer.
-for base, quant in [("phi3", "Q8_0"), ("qwen2", "Q4_0"), ("gemma3", "Q8_0"), ("gpt2", "Q8_0")]:
+for base, quant in [("phi3", "Q8_0"), ("qwen2", "Q4_0"), ("gemma3", "Q8_0"), ("gpt2", "Q8_0"),
+                    ("llama-r3", "F16"), ("qwen2", "BF16")]:
     MODELS[f"{base}-{quant.lower()}"] = dict(MODELS[base], quant=quant)
 
 
@@ -232,7 +235,8 @@ def write(name, spec, tok, out_dir):
         w.add_final_logit_softcapping(spec["final_softcap"])
     quant = spec.get("quant")
     w.add_file_type({None: gguf.LlamaFileType.ALL_F32, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-                     "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant])
+                     "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "F16": gguf.LlamaFileType.MOSTLY_F16,
+                     "BF16": gguf.LlamaFileType.MOSTLY_BF16}[quant])
     for key, value, kind, sub in tok:
         if key == "tokenizer.ggml.pre" and "pre" in spec:
             value = spec["pre"]

@@ -329,6 +329,7 @@ impl EngineConfig {
         let params = u(model.parameter_count());
         let weights = match (self.weights, file_bytes) {
             (WeightFormat::F32, _) => mul(params, 4, "weights")?,
+            (WeightFormat::F16 | WeightFormat::Bf16, _) => mul(params, 2, "weights")?,
             (WeightFormat::Q8_0, _) => mul(params, 34, "weights")? / 32,
             (_, 0) => mul(params, 34, "weights")? / 32,
             (_, bytes) => bytes,

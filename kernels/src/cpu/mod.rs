@@ -2,6 +2,8 @@
 //!
 //! * [`skinny`] — f32 `y = x·Wᵀ` for few activation rows against a large weight
 //!   matrix (batched decode), register-tiled and split across rayon threads.
+//! * [`half_mm`] — the same product with f16 or bf16 weights widened in
+//!   registers (F16C, AVX-512), f32 sums.
 //! * [`quant`] — GGML/GGUF block-quantized weights (Q4_0, Q4_1, Q8_0, Q4_K,
 //!   Q6_K) against 8-bit quantized activations: dequantization, activation
 //!   quantization, dot products and gemv/gemm on a caller-provided rayon pool.
@@ -17,6 +19,7 @@
 pub mod attn;
 pub mod busy;
 pub mod features;
+pub mod half_mm;
 pub mod ops;
 mod out;
 pub mod quant;

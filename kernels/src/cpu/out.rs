@@ -90,6 +90,19 @@ impl<'a> OutCols<'a> {
         }
     }
 
+    /// The view of this view's columns `j..j + cols`.
+    pub(crate) fn sub(&mut self, j: usize, cols: usize) -> OutCols<'_> {
+        assert!(j + cols <= self.cols);
+        OutCols {
+            ptr: self.ptr,
+            ld: self.ld,
+            m: self.m,
+            col0: self.col0 + j,
+            cols,
+            _y: std::marker::PhantomData,
+        }
+    }
+
     /// `y[i + c][col0 + j] = v[c]` for every `c`.
     #[inline(always)]
     pub(crate) fn write_col(&mut self, i: usize, j: usize, v: &[f32]) {

@@ -32,8 +32,9 @@ pub fn matmul_xwt(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, y: &mut [f
     matmul_xwt_with(detect_isa(), x, m, w, n, k, y)
 }
 
+/// The instruction set a dense kernel runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Isa {
+pub(crate) enum Isa {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
@@ -41,7 +42,8 @@ enum Isa {
     Avx512,
 }
 
-fn detect_isa() -> Isa {
+/// The widest instruction set the kernels may use here.
+pub(crate) fn detect_isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         use crate::cpu::features::{enabled, Feature};
@@ -77,14 +79,29 @@ fn matmul_xwt_with(isa: Isa, x: &[f32], m: usize, w: &[f32], n: usize, k: usize,
         y.fill(0.0);
         return;
     }
-    let threads = rayon::current_num_threads();
     let min_work = if m == 1 {
         PAR_MIN_WORK_GEMV
     } else {
         PAR_MIN_WORK
     };
-    if threads <= 1 || n * k < min_work || n < 2 * ROW_ALIGN {
-        block(isa, x, m, w, k, OutCols::new(y, m, n, 0, n));
+    par_cols(w, k, y, m, min_work, |wc, out| block(isa, x, m, wc, k, out));
+}
+
+/// Runs `f(rows of w, their columns of y)` over blocks of `w`'s rows on the
+/// current rayon pool, or once on this thread when the pool has one thread,
+/// `w` holds fewer than `min_work` elements, or too few rows to split.
+pub(crate) fn par_cols<T: Sync>(
+    w: &[T],
+    k: usize,
+    y: &mut [f32],
+    m: usize,
+    min_work: usize,
+    f: impl Fn(&[T], OutCols<'_>) + Sync,
+) {
+    let n = w.len() / k;
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || w.len() < min_work || n < 2 * ROW_ALIGN {
+        f(w, OutCols::new(y, m, n, 0, n));
         return;
     }
     // A few tasks per thread for load balance; block height a multiple of the
@@ -97,12 +114,18 @@ fn matmul_xwt_with(isa: Isa, x: &[f32], m: usize, w: &[f32], n: usize, k: usize,
         // SAFETY: task b gets columns b*nb .. b*nb + cols, where cols <= nb is
         // the number of rows in its chunk of w; chunks are disjoint, so views are.
         let out = unsafe { yp.cols(b * nb, cols) };
-        crate::cpu::busy::task(|| block(isa, x, m, wc, k, out));
+        crate::cpu::busy::task(|| f(wc, out));
     });
 }
 
 /// Row-block granularity for the parallel split (multiple of every R used).
 const ROW_ALIGN: usize = 8;
+
+/// `y[:, col0..col0+cols] = x · wᵀ` (w holds `cols` rows) on the calling
+/// thread, through the widest path this CPU has.
+pub(crate) fn block_detected(x: &[f32], m: usize, w: &[f32], k: usize, out: OutCols<'_>) {
+    block(detect_isa(), x, m, w, k, out)
+}
 
 /// `y[:, col0..col0+cols] = x · wᵀ` (w holds `cols` rows) on the calling thread.
 fn block(isa: Isa, x: &[f32], m: usize, w: &[f32], k: usize, out: OutCols<'_>) {
