@@ -272,13 +272,21 @@ struct ParallelArgs {
     /// GGUF blocks on the GPU: dense or quantized.
     #[arg(long, default_value = "dense")]
     cuda_weights: String,
+    /// The KV cache's element type: auto (f32 on the CPU, --dtype on CUDA),
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "auto")]
+    kv_dtype: String,
 }
 
 impl ParallelArgs {
     fn apply(&self, b: EngineBuilder) -> CliResult<EngineBuilder> {
         let device = parallm::config::parse_device(&self.device)?;
-        let compute =
-            parallm::config::compute_from(device, &self.devices, &self.dtype, &self.cuda_weights)?;
+        let compute = parallm::config::compute_from(
+            device,
+            &self.devices,
+            (&self.dtype, &self.kv_dtype),
+            &self.cuda_weights,
+        )?;
         Ok(self.apply_cpu(b).compute(compute))
     }
 
@@ -624,7 +632,7 @@ fn run_throughput(args: ThroughputArgs) -> CliResult {
     let cfg = engine.config().clone();
     // The bare forward runs one whole-model CPU shard: only comparable at
     // tp = pp = 1 on the CPU.
-    let on_cpu = cfg.compute == parallm::actors::llm::Compute::Cpu;
+    let on_cpu = matches!(cfg.compute, parallm::actors::llm::Compute::Cpu { .. });
     let bare = if cfg.tp == 1 && cfg.pp == 1 && !args.no_bare && on_cpu {
         Some(match &cfg.model {
             ModelSource::Gguf(p) => LlamaShard::load(

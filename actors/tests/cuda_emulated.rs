@@ -48,7 +48,7 @@ fn concurrent_requests_on_emulated_cuda_nodes_match_the_cpu_engine() {
     if !kernels::cuda::emu::available_for_tests() {
         return;
     }
-    let cpu = engine(Compute::Cpu, 1, 1);
+    let cpu = engine(Compute::CPU, 1, 1);
     let want = run_all(&cpu, prompts(), 8);
     assert!(cpu.shutdown_timeout(Duration::from_secs(10)));
     let f16 = Compute::CudaEmulated {

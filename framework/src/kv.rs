@@ -19,6 +19,8 @@
 
 use std::collections::HashMap;
 
+use half::{bf16, f16};
+
 /// Identifies one sequence's block table.
 pub type SeqKey = u64;
 
@@ -210,26 +212,142 @@ impl KvManager {
     }
 }
 
+/// The element type a CPU node stores keys and values in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    /// f32: exactly what the layer computed.
+    #[default]
+    F32,
+    /// IEEE f16 (rounded to nearest): half the memory.
+    F16,
+    /// bfloat16 (rounded to nearest): half the memory, f32's range.
+    Bf16,
+}
+
+impl KvDtype {
+    /// The names accepted by [`std::str::FromStr`].
+    pub const NAMES: &'static str = "f32, f16, bf16";
+
+    /// Bytes per stored element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 | KvDtype::Bf16 => 2,
+        }
+    }
+
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::F16 => "f16",
+            KvDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Ok(KvDtype::F32),
+            "f16" => Ok(KvDtype::F16),
+            "bf16" => Ok(KvDtype::Bf16),
+            other => Err(format!(
+                "unknown KV element type '{other}' (choose {})",
+                Self::NAMES
+            )),
+        }
+    }
+}
+
+/// One layer's keys (or values), in the pool's element type.
+#[derive(Debug)]
+enum KvBuf {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    Bf16(Vec<bf16>),
+}
+
+impl KvBuf {
+    fn zeroed(dtype: KvDtype, n: usize) -> Self {
+        match dtype {
+            KvDtype::F32 => KvBuf::F32(vec![0f32; n]),
+            KvDtype::F16 => KvBuf::F16(vec![f16::ZERO; n]),
+            KvDtype::Bf16 => KvBuf::Bf16(vec![bf16::ZERO; n]),
+        }
+    }
+
+    /// Writes `src` at `at`, rounded to the element type.
+    fn write(&mut self, at: usize, src: &[f32]) {
+        match self {
+            KvBuf::F32(d) => d[at..at + src.len()].copy_from_slice(src),
+            KvBuf::F16(d) => d[at..at + src.len()]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, &s)| *d = f16::from_f32(s)),
+            KvBuf::Bf16(d) => d[at..at + src.len()]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, &s)| *d = bf16::from_f32(s)),
+        }
+    }
+
+    fn copy_within(&mut self, src: std::ops::Range<usize>, dst: usize) {
+        match self {
+            KvBuf::F32(d) => d.copy_within(src, dst),
+            KvBuf::F16(d) => d.copy_within(src, dst),
+            KvBuf::Bf16(d) => d.copy_within(src, dst),
+        }
+    }
+}
+
+/// One layer's keys and values as stored.
+#[derive(Debug, Clone, Copy)]
+pub enum KvLayer<'a> {
+    /// f32 elements.
+    F32(&'a [f32], &'a [f32]),
+    /// f16 elements.
+    F16(&'a [f16], &'a [f16]),
+    /// bf16 elements.
+    Bf16(&'a [bf16], &'a [bf16]),
+}
+
 /// One node's physical KV storage: for each of its layers, keys and values of
-/// `n_blocks × block_size` positions of `kv_width` floats.
+/// `n_blocks × block_size` positions of `kv_width` elements of one
+/// [`KvDtype`] (rounded to it as they are written).
 #[derive(Debug)]
 pub struct KvPool {
     block_size: usize,
     kv_width: usize,
     n_blocks: usize,
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    dtype: KvDtype,
+    layers: Vec<(KvBuf, KvBuf)>,
 }
 
 impl KvPool {
-    /// A zeroed pool. The memory is reserved lazily by the OS as blocks are written.
+    /// A zeroed f32 pool. The memory is reserved lazily by the OS as blocks are written.
     pub fn new(layers: usize, kv_width: usize, block_size: usize, n_blocks: usize) -> Self {
+        Self::with_dtype(layers, kv_width, block_size, n_blocks, KvDtype::F32)
+    }
+
+    /// A zeroed pool of `dtype` elements.
+    pub fn with_dtype(
+        layers: usize,
+        kv_width: usize,
+        block_size: usize,
+        n_blocks: usize,
+        dtype: KvDtype,
+    ) -> Self {
         let n = n_blocks * block_size * kv_width;
         Self {
             block_size,
             kv_width,
             n_blocks,
+            dtype,
             layers: (0..layers)
-                .map(|_| (vec![0f32; n], vec![0f32; n]))
+                .map(|_| (KvBuf::zeroed(dtype, n), KvBuf::zeroed(dtype, n)))
                 .collect(),
         }
     }
@@ -239,7 +357,7 @@ impl KvPool {
         self.block_size
     }
 
-    /// Floats per position (local KV heads × head dim).
+    /// Elements per position (local KV heads × head dim).
     pub fn kv_width(&self) -> usize {
         self.kv_width
     }
@@ -254,9 +372,14 @@ impl KvPool {
         self.layers.len()
     }
 
+    /// The element type.
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
+    }
+
     /// Bytes reserved.
     pub fn bytes(&self) -> usize {
-        self.layers.len() * 2 * self.n_blocks * self.block_size * self.kv_width * 4
+        self.layers.len() * 2 * self.n_blocks * self.block_size * self.kv_width * self.dtype.bytes()
     }
 
     /// Copies block `src` into block `dst` in every layer.
@@ -269,25 +392,30 @@ impl KvPool {
         }
     }
 
-    /// The float offset of position `pos` of a sequence with block table `table`.
+    /// The element offset of position `pos` of a sequence with block table `table`.
     #[inline]
     pub fn offset(&self, table: &[u32], pos: usize) -> usize {
         (table[pos / self.block_size] as usize * self.block_size + pos % self.block_size)
             * self.kv_width
     }
 
-    /// Writes one position's key and value in `layer`.
+    /// Writes one position's key and value in `layer`, rounded to the pool's
+    /// element type.
     pub fn write(&mut self, layer: usize, table: &[u32], pos: usize, k: &[f32], v: &[f32]) {
         let o = self.offset(table, pos);
         let (kl, vl) = &mut self.layers[layer];
-        kl[o..o + self.kv_width].copy_from_slice(k);
-        vl[o..o + self.kv_width].copy_from_slice(v);
+        kl.write(o, &k[..self.kv_width]);
+        vl.write(o, &v[..self.kv_width]);
     }
 
     /// Layer `layer`'s key and value storage.
-    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        let (k, v) = &self.layers[layer];
-        (k, v)
+    pub fn layer(&self, layer: usize) -> KvLayer<'_> {
+        match &self.layers[layer] {
+            (KvBuf::F32(k), KvBuf::F32(v)) => KvLayer::F32(k, v),
+            (KvBuf::F16(k), KvBuf::F16(v)) => KvLayer::F16(k, v),
+            (KvBuf::Bf16(k), KvBuf::Bf16(v)) => KvLayer::Bf16(k, v),
+            _ => unreachable!("a pool's keys and values share its element type"),
+        }
     }
 }
 
@@ -348,9 +476,37 @@ mod tests {
         let mut p = KvPool::new(2, 3, 2, 4);
         p.write(1, &[3], 1, &[1.0, 2.0, 3.0], &[4.0, 5.0, 6.0]);
         p.copy_block(3, 0);
-        let (k, v) = p.layer(1);
+        let KvLayer::F32(k, v) = p.layer(1) else {
+            panic!("an f32 pool")
+        };
         assert_eq!(&k[3..6], &[1.0, 2.0, 3.0]);
         assert_eq!(&v[3..6], &[4.0, 5.0, 6.0]);
         assert_eq!(p.offset(&[3, 0], 3), 3);
+    }
+
+    #[test]
+    fn half_pools_round_what_they_store_and_take_half_the_bytes() {
+        for dtype in [KvDtype::F16, KvDtype::Bf16] {
+            let mut p = KvPool::with_dtype(1, 2, 2, 2, dtype);
+            assert_eq!(p.bytes(), KvPool::new(1, 2, 2, 2).bytes() / 2);
+            p.write(0, &[1], 0, &[1.0, 1.0 / 3.0], &[-2.5, 1e-3]);
+            p.copy_block(1, 0);
+            let got: Vec<f32> = match p.layer(0) {
+                KvLayer::F16(k, v) => k[..2].iter().chain(&v[..2]).map(|x| x.to_f32()).collect(),
+                KvLayer::Bf16(k, v) => k[..2].iter().chain(&v[..2]).map(|x| x.to_f32()).collect(),
+                KvLayer::F32(..) => panic!("a {dtype:?} pool"),
+            };
+            for (g, want) in got.iter().zip([1.0f32, 1.0 / 3.0, -2.5, 1e-3]) {
+                assert!(
+                    (g - want).abs() <= want.abs() * 2f32.powi(-8),
+                    "{dtype:?}: {g} vs {want}"
+                );
+            }
+            assert_eq!("BF16".parse::<KvDtype>().unwrap(), KvDtype::Bf16);
+            assert!("f8"
+                .parse::<KvDtype>()
+                .unwrap_err()
+                .contains("f32, f16, bf16"));
+        }
     }
 }

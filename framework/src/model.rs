@@ -33,7 +33,7 @@
 
 use std::ops::Range;
 
-use crate::backend::cpu::{CpuBackend, CpuKv, CpuMeta};
+use crate::backend::cpu::{CpuBackend, CpuKv, CpuMeta, KvView};
 use crate::backend::transformer::{StepItems, Transformer};
 use crate::backend::{Backend, PagedKv, Workspace};
 use crate::collective::Collective;
@@ -824,9 +824,9 @@ impl CpuKv for SeqStore<'_, '_> {
         l.v.extend_from_slice(v);
     }
 
-    fn view<'s>(&'s self, meta: &'s CpuMeta, layer: usize, row: usize) -> (KvRows<'s>, KvRows<'s>) {
+    fn view<'s>(&'s self, meta: &'s CpuMeta, layer: usize, row: usize) -> KvView<'s> {
         let l = &self.0[meta.item[row]].cache.layers[layer];
-        (KvRows::Flat(&l.k), KvRows::Flat(&l.v))
+        KvView::F32(KvRows::Flat(&l.k), KvRows::Flat(&l.v))
     }
 }
 

@@ -171,11 +171,12 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// [`attention`] with a layer's scale, soft-cap and window.
-pub fn attention_params(
+/// [`attention`] with a layer's scale, soft-cap and window, over keys and
+/// values of any cache element type.
+pub fn attention_params<T: attn::KvElem>(
     q: &[f32],
     q_stride: usize,
-    rows: &[AttnRow<'_>],
+    rows: &[AttnRow<'_, T>],
     heads: (usize, usize, usize),
     params: &attn::AttnParams,
     out: &mut [f32],

@@ -155,6 +155,9 @@ pub struct SchedulerSection {
     pub kv_memory_mib: usize,
     /// KV cache blocks per replica (0: from `kv_memory_mib`).
     pub kv_blocks: usize,
+    /// The KV cache's element type: auto (f32 on the CPU, `parallel.dtype`
+    /// on CUDA), f32, f16 or bf16 (the CPU's; CUDA's is `parallel.dtype`).
+    pub kv_dtype: String,
     /// Times a request is retried after a failed step.
     pub max_retries: u32,
 }
@@ -169,6 +172,7 @@ impl Default for SchedulerSection {
             block_size: e.block_size,
             kv_memory_mib: e.kv_memory_bytes >> 20,
             kv_blocks: 0,
+            kv_dtype: "auto".into(),
             max_retries: e.max_retries,
         }
     }
@@ -340,14 +344,24 @@ pub fn parse_device(s: &str) -> Result<Device, ConfigError> {
 pub fn compute_from(
     device: Device,
     devices: &[usize],
-    dtype: &str,
+    (dtype, kv_dtype): (&str, &str),
     cuda_weights: &str,
 ) -> Result<actors::llm::Compute, ConfigError> {
     use actors::llm::Compute;
     use framework::cuda::{CudaOptions, Dtype};
+    use framework::kv::KvDtype;
     let dtype: Dtype = dtype
         .parse()
         .map_err(|e: String| invalid("parallel.dtype", e))?;
+    let kv: Option<KvDtype> = match kv_dtype {
+        "auto" => None,
+        other => Some(other.parse().map_err(|_| {
+            invalid(
+                "scheduler.kv_dtype",
+                format!("is '{other}', must be auto, f32, f16 or bf16"),
+            )
+        })?),
+    };
     let quantized = match cuda_weights {
         "dense" => false,
         "quantized" => true,
@@ -358,8 +372,22 @@ pub fn compute_from(
             ))
         }
     };
+    if let (Device::Cuda(_), Some(kv)) = (device, kv) {
+        if kv.name() != dtype.suffix() {
+            return Err(invalid(
+                "scheduler.kv_dtype",
+                format!(
+                    "is {}, but the CUDA backend stores its KV cache in parallel.dtype ({}); use auto",
+                    kv.name(),
+                    dtype.suffix()
+                ),
+            ));
+        }
+    }
     Ok(match device {
-        Device::Cpu => Compute::Cpu,
+        Device::Cpu => Compute::Cpu {
+            kv_dtype: kv.unwrap_or_default(),
+        },
         Device::Cuda(n) => Compute::Cuda {
             devices: if devices.is_empty() {
                 vec![n]
@@ -870,7 +898,7 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         max_retries: s.max_retries,
         fault,
         threads_per_node: p.threads_per_node,
-        compute: compute_from(device, &p.devices, &p.dtype, &p.cuda_weights)?,
+        compute: compute_from(device, &p.devices, (&p.dtype, &s.kv_dtype), &p.cuda_weights)?,
         max_model_len: (m.max_model_len > 0).then_some(m.max_model_len),
         ..EngineConfig::default()
     };
@@ -1116,6 +1144,16 @@ mod tests {
                 "[model]\npath = \"/nonexistent.gguf\"\n",
                 "model.path",
                 "not a file",
+            ),
+            (
+                "[scheduler]\nkv_dtype = \"f8\"\n",
+                "scheduler.kv_dtype",
+                "auto, f32, f16 or bf16",
+            ),
+            (
+                "[scheduler]\nkv_dtype = \"f32\"\n[parallel]\ndevice = \"cuda:0\"\n",
+                "scheduler.kv_dtype",
+                "parallel.dtype (f16)",
             ),
         ];
         let dir = tempfile::tempdir().expect("tempdir");

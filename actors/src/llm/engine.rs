@@ -352,7 +352,7 @@ impl EngineConfig {
             weight_bytes,
             workspace_bytes,
             replicas: self.dp,
-            on_gpu: !matches!(self.compute, Compute::Cpu),
+            on_gpu: !matches!(self.compute, Compute::Cpu { .. }),
         })
     }
 
@@ -371,7 +371,8 @@ impl EngineConfig {
     }
 
     /// KV blocks per replica: `kv_blocks`, or as many as `kv_memory_bytes`
-    /// holds at the backend's element size (f32 on the CPU, 16 bits on CUDA).
+    /// holds at the backend's element size (the CPU's `kv_dtype`, 16 bits on
+    /// CUDA).
     pub fn kv_blocks(&self, model: &ModelConfig) -> usize {
         let elem = self.compute.kv_elem_bytes();
         self.kv_blocks.unwrap_or_else(|| {

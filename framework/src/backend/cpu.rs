@@ -13,17 +13,20 @@ use crate::collective::Collective;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::family::Activation;
-use crate::kv::KvPool;
+use crate::kv::{KvDtype, KvLayer, KvPool};
 use crate::ops::{self, AttnRow, KvRows, RopeTable};
 use crate::shard::ShardLayout;
 use crate::weights::{Embedding, Linear, Mat, WeightFormat};
-use kernels::cpu::attn::AttnParams;
+use half::{bf16, f16};
+use kernels::cpu::attn::{AttnParams, KvElem};
 
 use super::{Backend, Elem, Heads, KvCache, PagedKv, StepRows};
 
-/// The CPU backend of one shard: its matmul format, RoPE tables and heads.
+/// The CPU backend of one shard: its matmul format, RoPE tables, heads and
+/// KV element type.
 pub struct CpuBackend {
     format: WeightFormat,
+    kv_dtype: KvDtype,
     rope: RopeTable,
     /// The windowed layers' table, where it differs (Gemma 3).
     rope_windowed: Option<RopeTable>,
@@ -36,6 +39,7 @@ impl CpuBackend {
         let hd = config.head_dim;
         Self {
             format,
+            kv_dtype: KvDtype::F32,
             rope: RopeTable::new(hd, &config.rope, config.context),
             rope_windowed: config
                 .sliding
@@ -47,6 +51,14 @@ impl CpuBackend {
                 n_kv: layout.kv_heads.len(),
                 head_dim: hd,
             },
+        }
+    }
+
+    /// The same backend storing its paged KV cache in `dtype`.
+    pub fn with_kv_dtype(self, dtype: KvDtype) -> Self {
+        Self {
+            kv_dtype: dtype,
+            ..self
         }
     }
 
@@ -105,11 +117,12 @@ impl Backend for CpuBackend {
     }
 
     fn new_kv(&self, layers: usize, block_size: usize, n_blocks: usize) -> Result<KvPool> {
-        Ok(KvPool::new(
+        Ok(KvPool::with_dtype(
             layers,
             self.heads.kv_width(),
             block_size,
             n_blocks,
+            self.kv_dtype,
         ))
     }
 
@@ -362,13 +375,84 @@ impl Backend for CpuBackend {
     }
 }
 
+/// A sequence's keys and values in a store's element type.
+pub enum KvView<'s> {
+    /// f32 elements.
+    F32(KvRows<'s, f32>, KvRows<'s, f32>),
+    /// f16 elements.
+    F16(KvRows<'s, f16>, KvRows<'s, f16>),
+    /// bf16 elements.
+    Bf16(KvRows<'s, bf16>, KvRows<'s, bf16>),
+}
+
+/// The element types a [`KvView`] holds, for the attention over them.
+trait ViewElem: KvElem {
+    fn pick(v: KvView<'_>) -> Option<(KvRows<'_, Self>, KvRows<'_, Self>)>;
+}
+
+impl ViewElem for f32 {
+    fn pick(v: KvView<'_>) -> Option<(KvRows<'_, f32>, KvRows<'_, f32>)> {
+        match v {
+            KvView::F32(k, v) => Some((k, v)),
+            _ => None,
+        }
+    }
+}
+
+impl ViewElem for f16 {
+    fn pick(v: KvView<'_>) -> Option<(KvRows<'_, f16>, KvRows<'_, f16>)> {
+        match v {
+            KvView::F16(k, v) => Some((k, v)),
+            _ => None,
+        }
+    }
+}
+
+impl ViewElem for bf16 {
+    fn pick(v: KvView<'_>) -> Option<(KvRows<'_, bf16>, KvRows<'_, bf16>)> {
+        match v {
+            KvView::Bf16(k, v) => Some((k, v)),
+            _ => None,
+        }
+    }
+}
+
+/// Attention of the step's rows over `views` (one per row, all of type `T`).
+fn attend_views<T: ViewElem>(
+    be: &CpuBackend,
+    qkv: &[f32],
+    views: Vec<(KvView<'_>, usize)>,
+    params: &AttnParams,
+    out: &mut [f32],
+) -> Result<()> {
+    let hd = be.heads;
+    let rows = views
+        .into_iter()
+        .map(|(v, pos)| {
+            T::pick(v)
+                .map(|(k, v)| AttnRow { k, v, pos })
+                .ok_or_else(|| Error::Shard("a KV store mixes element types".into()))
+        })
+        .collect::<Result<Vec<AttnRow<'_, T>>>>()?;
+    ops::attention_params(
+        qkv,
+        hd.qkv_width(),
+        &rows,
+        (hd.n_heads, hd.n_kv, hd.head_dim),
+        params,
+        out,
+    );
+    Ok(())
+}
+
 /// Where the CPU backend writes and reads a row's keys and values (every
 /// such store is a [`KvCache`] of the CPU backend).
 pub trait CpuKv {
-    /// Writes one position's key and value of `layer`.
+    /// Writes one position's key and value of `layer` (rounded to the
+    /// store's element type).
     fn write(&mut self, meta: &CpuMeta, layer: usize, row: usize, k: &[f32], v: &[f32]);
     /// The keys and values of the sequence of `row`.
-    fn view<'s>(&'s self, meta: &'s CpuMeta, layer: usize, row: usize) -> (KvRows<'s>, KvRows<'s>);
+    fn view<'s>(&'s self, meta: &'s CpuMeta, layer: usize, row: usize) -> KvView<'s>;
 }
 
 impl<S: CpuKv> KvCache<CpuBackend> for S {
@@ -389,25 +473,16 @@ impl<S: CpuKv> KvCache<CpuBackend> for S {
             let (k, v) = row[q_w..].split_at(kv_w);
             self.write(meta, layer, r, k, v);
         }
-        let attn_rows: Vec<AttnRow<'_>> = (0..rows)
-            .map(|r| {
-                let (k, v) = self.view(meta, layer, r);
-                AttnRow {
-                    k,
-                    v,
-                    pos: meta.pos[r],
-                }
-            })
+        let views: Vec<(KvView<'_>, usize)> = (0..rows)
+            .map(|r| (self.view(meta, layer, r), meta.pos[r]))
             .collect();
-        ops::attention_params(
-            qkv,
-            qkv_w,
-            &attn_rows,
-            (hd.n_heads, hd.n_kv, hd.head_dim),
-            params,
-            &mut out[..rows * q_w],
-        );
-        Ok(())
+        let out = &mut out[..rows * q_w];
+        match views.first().map(|(v, _)| v) {
+            None => Ok(()),
+            Some(KvView::F32(..)) => attend_views::<f32>(be, qkv, views, params, out),
+            Some(KvView::F16(..)) => attend_views::<f16>(be, qkv, views, params, out),
+            Some(KvView::Bf16(..)) => attend_views::<bf16>(be, qkv, views, params, out),
+        }
     }
 }
 
@@ -417,21 +492,20 @@ impl CpuKv for KvPool {
         KvPool::write(self, layer, table, meta.pos[row], k, v);
     }
 
-    fn view<'s>(&'s self, meta: &'s CpuMeta, layer: usize, row: usize) -> (KvRows<'s>, KvRows<'s>) {
-        let (k, v) = self.layer(layer);
-        let (table, block_size) = (meta.table(meta.item[row]), self.block_size());
-        (
+    fn view<'s>(&'s self, meta: &'s CpuMeta, layer: usize, row: usize) -> KvView<'s> {
+        fn paged<'s, T>(data: &'s [T], table: &'s [u32], block_size: usize) -> KvRows<'s, T> {
             KvRows::Paged {
-                data: k,
+                data,
                 table,
                 block_size,
-            },
-            KvRows::Paged {
-                data: v,
-                table,
-                block_size,
-            },
-        )
+            }
+        }
+        let (table, bs) = (meta.table(meta.item[row]), self.block_size());
+        match self.layer(layer) {
+            KvLayer::F32(k, v) => KvView::F32(paged(k, table, bs), paged(v, table, bs)),
+            KvLayer::F16(k, v) => KvView::F16(paged(k, table, bs), paged(v, table, bs)),
+            KvLayer::Bf16(k, v) => KvView::Bf16(paged(k, table, bs), paged(v, table, bs)),
+        }
     }
 }
 
@@ -449,7 +523,7 @@ impl PagedKv<CpuBackend> for KvPool {
     }
 
     fn elem_bytes(&self) -> usize {
-        std::mem::size_of::<f32>()
+        self.dtype().bytes()
     }
 
     fn copy_block(&mut self, _be: &CpuBackend, src: u32, dst: u32) -> Result<()> {

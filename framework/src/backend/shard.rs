@@ -22,6 +22,7 @@ use crate::config::ModelConfig;
 use crate::cuda::{CudaOptions, CudaShard, DeviceHandle, TpGroup};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
+use crate::kv::KvDtype;
 use crate::model::{self, PagedItem, ShardMats, StageInput, StageOutput, WeightSource};
 use crate::shard::ShardSpec;
 use crate::weights::WeightFormat;
@@ -31,11 +32,13 @@ use super::transformer::Transformer;
 use super::{Backend, PagedKv, Workspace};
 
 /// Where the compute nodes run.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendKind {
-    /// The CPU backend.
-    #[default]
-    Cpu,
+    /// The CPU backend, storing its KV cache in `kv_dtype`.
+    Cpu {
+        /// The KV cache's element type.
+        kv_dtype: KvDtype,
+    },
     /// The CUDA backend: node `g` of the engine (replicas in order, each
     /// replica's nodes in order) on GPU `devices[g % devices.len()]`.
     Cuda {
@@ -51,6 +54,12 @@ pub enum BackendKind {
     },
 }
 
+impl Default for BackendKind {
+    fn default() -> Self {
+        Self::CPU
+    }
+}
+
 impl BackendKind {
     /// Checks the choice itself; errors name the field.
     pub fn validate(&self) -> Result<()> {
@@ -63,10 +72,16 @@ impl BackendKind {
         }
     }
 
-    /// Bytes of one stored key (or value) element: f32 on the CPU, 16 bits on CUDA.
+    /// The CPU backend with an f32 KV cache.
+    pub const CPU: BackendKind = BackendKind::Cpu {
+        kv_dtype: KvDtype::F32,
+    };
+
+    /// Bytes of one stored key (or value) element: the CPU's `kv_dtype`, 16
+    /// bits on CUDA.
     pub fn kv_elem_bytes(&self) -> usize {
         match self {
-            BackendKind::Cpu => 4,
+            BackendKind::Cpu { kv_dtype } => kv_dtype.bytes(),
             BackendKind::Cuda { .. } | BackendKind::CudaEmulated { .. } => 2,
         }
     }
@@ -84,7 +99,7 @@ impl BackendKind {
     /// The tensor-parallel group of the stage whose ranks are the engine
     /// nodes `nodes` (rank r is node `nodes[r]`); one value is shared by them.
     pub fn stage_group(&self, nodes: &[usize]) -> Result<StageGroup> {
-        if matches!(self, BackendKind::Cpu) || nodes.len() < 2 {
+        if matches!(self, BackendKind::Cpu { .. }) || nodes.len() < 2 {
             return Ok(StageGroup(None));
         }
         let devices: Vec<usize> = nodes.iter().map(|&g| self.gpu_of(g).unwrap_or(0)).collect();
@@ -147,9 +162,10 @@ impl Shard {
     /// (from [`BackendKind::stage_group`]).
     pub fn load(src: ShardSource<'_>, backend: &BackendKind, group: &StageGroup) -> Result<Self> {
         let model: Box<dyn StageModel> = match backend {
-            BackendKind::Cpu => {
+            BackendKind::Cpu { kv_dtype } => {
                 let (config, mats) = src.mats()?;
-                let be = CpuBackend::new(&config, &mats.layout, src.format);
+                let be =
+                    CpuBackend::new(&config, &mats.layout, src.format).with_kv_dtype(*kv_dtype);
                 Box::new(StageShard::new(
                     Transformer::new(be, config, mats, src.layers.clone())?,
                     src.kv,

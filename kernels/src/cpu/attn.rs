@@ -1,8 +1,8 @@
 //! Causal grouped-query attention (GQA) of query rows against a KV cache, for
 //! decode and prefill alike.
 //!
-//! Owns: the cache views [`KvRows`] (flat or paged, over `f32` or
-//! [`half::f16`] elements, see [`KvElem`]) and [`AttnRow`]; [`attention`], the
+//! Owns: the cache views [`KvRows`] (flat or paged, over `f32`,
+//! [`half::f16`] or [`half::bf16`] elements, see [`KvElem`]) and [`AttnRow`]; [`attention`], the
 //! kernel; [`attention_scalar`], the reference it is tested against.
 //!
 //! How [`attention`] works: the work unit is one query row × one KV head with
@@ -28,8 +28,8 @@
 //!   as does any thread split. Each head's result does not depend on which
 //!   other heads are in the call (a tensor-parallel shard computes the same
 //!   bits for its heads).
-//! * An f16 cache gives bit-identical results to an f32 cache holding the same
-//!   (widened) values.
+//! * An f16 or bf16 cache gives bit-identical results to an f32 cache holding
+//!   the same (widened) values.
 //! * Against [`attention_scalar`]: the dot products and sums are reassociated
 //!   (8 lanes instead of one chain), `exp` is the vector one (≤ 2⁻²² relative)
 //!   and the normalization is applied after the value sum. The outputs are a
@@ -56,9 +56,10 @@ mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
     impl Sealed for half::f16 {}
+    impl Sealed for half::bf16 {}
 }
 
-/// An element type of a KV cache: `f32` or [`half::f16`].
+/// An element type of a KV cache: `f32`, [`half::f16`] or [`half::bf16`].
 pub trait KvElem: Copy + Send + Sync + std::fmt::Debug + sealed::Sealed + 'static {
     /// The value as f32 (exact).
     fn to_f32(self) -> f32;
@@ -99,6 +100,26 @@ impl KvElem for f16 {
         use std::arch::x86_64::*;
         // SAFETY: the caller guarantees 8 readable halves (16 bytes) and F16C.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(ptr.cast::<__m128i>())) }
+    }
+}
+
+impl KvElem for half::bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(ptr: *const half::bf16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller guarantees 8 readable bf16 (16 bytes) and AVX2
+        // (the attention's SIMD path needs it); bf16 is the top half of an f32.
+        unsafe {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(
+                _mm_loadu_si128(ptr.cast::<__m128i>()),
+            )))
+        }
     }
 }
 

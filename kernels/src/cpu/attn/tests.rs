@@ -164,24 +164,35 @@ fn fast_matches_reference_and_layouts_agree() {
     println!("worst |fast − reference| = {worst:e}");
 }
 
-#[test]
-fn f16_cache_equals_f32_cache_of_the_same_values() {
-    let mut rng = Rng::new(8);
+/// A cache of `T` against an f32 cache holding the same (widened) values:
+/// bit-identical, fast path and reference, flat and paged.
+fn half_cache_equals_f32_cache<T: KvElem>(seed: u64, to: fn(f32) -> T, back: fn(T) -> f32) {
+    let mut rng = Rng::new(seed);
     for iter in 0..16 {
         let (n_heads, n_kv) = SHAPES[iter % 4];
         let hd = [64, 32][iter / 4 % 2];
         let c = case(&mut rng, n_heads, n_kv, hd, 200);
-        let halves: Vec<Seq<f16>> = c.seqs.iter().map(|s| s.map(f16::from_f32)).collect();
-        let widened: Vec<Seq<f32>> = halves.iter().map(|s| s.map(f16::to_f32)).collect();
+        let halves: Vec<Seq<T>> = c.seqs.iter().map(|s| s.map(to)).collect();
+        let widened: Vec<Seq<f32>> = halves.iter().map(|s| s.map(back)).collect();
         for paged in [false, true] {
-            let h = run(&c, &halves, paged, attention::<f16>);
+            let h = run(&c, &halves, paged, attention::<T>);
             let f = run(&c, &widened, paged, attention::<f32>);
-            assert_eq!(h, f, "case {iter} paged={paged}: fast f16 vs f32");
-            let h = run(&c, &halves, paged, attention_scalar::<f16>);
+            assert_eq!(h, f, "case {iter} paged={paged}: fast vs f32");
+            let h = run(&c, &halves, paged, attention_scalar::<T>);
             let f = run(&c, &widened, paged, attention_scalar::<f32>);
-            assert_eq!(h, f, "case {iter} paged={paged}: reference f16 vs f32");
+            assert_eq!(h, f, "case {iter} paged={paged}: reference vs f32");
         }
     }
+}
+
+#[test]
+fn f16_cache_equals_f32_cache_of_the_same_values() {
+    half_cache_equals_f32_cache(8, f16::from_f32, f16::to_f32);
+}
+
+#[test]
+fn bf16_cache_equals_f32_cache_of_the_same_values() {
+    half_cache_equals_f32_cache(18, half::bf16::from_f32, half::bf16::to_f32);
 }
 
 #[test]
