@@ -49,12 +49,10 @@ fn weights(format: QuantFormat, n: usize, k: usize) -> Vec<u8> {
     let bb = format.block_bytes();
     for block in bytes.chunks_exact_mut(bb) {
         match format {
-            QuantFormat::Q4_0 | QuantFormat::Q8_0 => block[..2].copy_from_slice(&scale),
-            QuantFormat::Q4_1 => {
-                block[..2].copy_from_slice(&scale);
-                block[2..4].copy_from_slice(&scale);
+            QuantFormat::Q4_0 | QuantFormat::Q8_0 | QuantFormat::Q5_0 => {
+                block[..2].copy_from_slice(&scale)
             }
-            QuantFormat::Q4K => {
+            QuantFormat::Q4_1 | QuantFormat::Q5_1 | QuantFormat::Q4K => {
                 block[..2].copy_from_slice(&scale);
                 block[2..4].copy_from_slice(&scale);
             }
@@ -87,6 +85,8 @@ fn quantized(c: &mut Criterion) {
         ("q4_1 ffn_down 576x1536", QuantFormat::Q4_1, 576, 1536),
         ("q8_0 lm_head 49152x576", QuantFormat::Q8_0, 49152, 576),
         ("q4_0 1536x576", QuantFormat::Q4_0, 1536, 576),
+        ("q5_0 1536x576", QuantFormat::Q5_0, 1536, 576),
+        ("q5_1 1536x576", QuantFormat::Q5_1, 1536, 576),
         ("q4_k 1536x1536", QuantFormat::Q4K, 1536, 1536),
         ("q6_k 1536x1536", QuantFormat::Q6K, 1536, 1536),
     ];

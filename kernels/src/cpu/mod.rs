@@ -4,8 +4,8 @@
 //!   matrix (batched decode), register-tiled and split across rayon threads.
 //! * [`half_mm`] — the same product with f16 or bf16 weights widened in
 //!   registers (F16C, AVX-512), f32 sums.
-//! * [`quant`] — GGML/GGUF block-quantized weights (Q4_0, Q4_1, Q8_0, Q4_K,
-//!   Q6_K) against 8-bit quantized activations: dequantization, activation
+//! * [`quant`] — GGML/GGUF block-quantized weights (Q4_0, Q4_1, Q5_0, Q5_1,
+//!   Q8_0, Q4_K, Q6_K) against 8-bit quantized activations: dequantization, activation
 //!   quantization, dot products and gemv/gemm on a caller-provided rayon pool.
 //! * [`attn`] — causal grouped-query attention against a flat or paged KV cache
 //!   (f32 or f16), each KV head's keys and values read once for all the query

@@ -37,7 +37,7 @@ pub(super) trait Dot256 {
     const S8_BIAS_SHIFT: i32;
 
     /// 8 lanes: lane `l` = Σ over bytes `4l..4l+4` of `u0·a0 + u1·a1`, for
-    /// unsigned weights `u ≤ 15`.
+    /// unsigned weights `u ≤ 31`.
     ///
     /// # Safety
     /// CPU features of the implementor.
@@ -78,7 +78,7 @@ impl Dot256 for Maddubs {
 
     #[inline(always)]
     unsafe fn dot2_nib(u0: __m256i, a0: __m256i, u1: __m256i, a1: __m256i) -> __m256i {
-        // Each i16 pair sum is at most 2·15·127, so two of them add in i16.
+        // Each i16 pair sum is at most 2·31·127, so two of them add in i16.
         let p = _mm256_add_epi16(_mm256_maddubs_epi16(u0, a0), _mm256_maddubs_epi16(u1, a1));
         _mm256_madd_epi16(p, _mm256_set1_epi16(1))
     }
@@ -157,6 +157,10 @@ pub(super) struct FQ4_0;
 pub(super) struct FQ4_1;
 /// Q8_0 marker.
 pub(super) struct FQ8_0;
+/// Q5_0 marker.
+pub(super) struct FQ5_0;
+/// Q5_1 marker.
+pub(super) struct FQ5_1;
 
 impl Fmt32 for FQ4_0 {
     const FORMAT: QuantFormat = QuantFormat::Q4_0;
@@ -167,6 +171,12 @@ impl Fmt32 for FQ4_1 {
 impl Fmt32 for FQ8_0 {
     const FORMAT: QuantFormat = QuantFormat::Q8_0;
 }
+impl Fmt32 for FQ5_0 {
+    const FORMAT: QuantFormat = QuantFormat::Q5_0;
+}
+impl Fmt32 for FQ5_1 {
+    const FORMAT: QuantFormat = QuantFormat::Q5_1;
+}
 
 /// Shift of the `2^S · Σa` correction subtracted from a block's dot product
 /// (`None`: no correction).
@@ -174,6 +184,7 @@ impl Fmt32 for FQ8_0 {
 pub(super) const fn bias_shift(format: QuantFormat, s8_bias_shift: i32) -> Option<i32> {
     match format {
         QuantFormat::Q4_0 => Some(3),
+        QuantFormat::Q5_0 => Some(4),
         QuantFormat::Q8_0 if s8_bias_shift != 0 => Some(s8_bias_shift),
         _ => None,
     }
@@ -191,6 +202,31 @@ pub(super) unsafe fn load2x16(p: *const u8, q: *const u8, two: bool) -> __m256i 
         _mm_setzero_si128()
     };
     _mm256_set_m128i(hi, _mm_loadu_si128(p as *const __m128i))
+}
+
+/// Byte `i` = 0x10 where bit `i` of `x` is set, else 0: the fifth bits of
+/// 32 Q5 weights, in place to be OR'd into their nibbles.
+///
+/// # Safety
+/// AVX2.
+#[inline(always)]
+pub(super) unsafe fn fifth_bits(x: u32) -> __m256i {
+    // Byte i of the broadcast holds byte i / 8 of x; OR-ing all bits but
+    // bit i % 8 makes it all ones exactly where that bit is set.
+    let bytes = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(x as i32),
+        _mm256_setr_epi64x(
+            0x0000_0000_0000_0000,
+            0x0101_0101_0101_0101,
+            0x0202_0202_0202_0202,
+            0x0303_0303_0303_0303,
+        ),
+    );
+    let set = _mm256_cmpeq_epi8(
+        _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe)),
+        _mm256_set1_epi64x(-1),
+    );
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }
 
 /// 8 lanes: lane `j` = the sum of block `j`, where `v[p]` holds 4 partial
@@ -329,7 +365,7 @@ pub(super) unsafe fn finish_group<const FULL: bool>(
     }
     let da = load_ps8::<FULL>(row.d.as_ptr().add(b0), mask);
     let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, da), _mm256_cvtepi32_ps(isum));
-    if format == QuantFormat::Q4_1 {
+    if matches!(format, QuantFormat::Q4_1 | QuantFormat::Q5_1) {
         let s = load_ps8::<FULL>(row.s.as_ptr().add(b0), mask);
         t = _mm256_add_ps(t, _mm256_mul_ps(mw, s));
     }
@@ -374,6 +410,17 @@ unsafe fn group32<F: Fmt32, D: Dot256, const C: usize, const FULL: bool>(
                     qhi[p] = load2x16(a.add(18), b.add(18), two);
                     lo[p] = D::prep_s8(qlo[p]);
                     hi[p] = D::prep_s8(qhi[p]);
+                }
+                QuantFormat::Q5_0 | QuantFormat::Q5_1 => {
+                    let qh_at = if F::FORMAT == QuantFormat::Q5_0 { 2 } else { 4 };
+                    let x = load2x16(a.add(qh_at + 4), b.add(qh_at + 4), two);
+                    let qh = |blk: *const u8| (blk.add(qh_at) as *const u32).read_unaligned();
+                    let (ha, hb) = (qh(a), if two { qh(b) } else { 0 });
+                    // First halves: bits 0..16 of each block; second: 16..32.
+                    let bits_lo = fifth_bits((ha & 0xFFFF) | (hb << 16));
+                    let bits_hi = fifth_bits((ha >> 16) | (hb & 0xFFFF_0000));
+                    lo[p] = _mm256_or_si256(_mm256_and_si256(x, m4), bits_lo);
+                    hi[p] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(x, 4), m4), bits_hi);
                 }
                 _ => {
                     let off = if F::FORMAT == QuantFormat::Q4_0 { 2 } else { 4 };
@@ -586,6 +633,8 @@ unsafe fn run_256<D: Dot256>(format: QuantFormat, job: &Job<'_>, out: &mut OutCo
         QuantFormat::Q4_0 => drive_kernel::<K32<FQ4_0, D>>(job, out),
         QuantFormat::Q4_1 => drive_kernel::<K32<FQ4_1, D>>(job, out),
         QuantFormat::Q8_0 => drive_kernel::<K32<FQ8_0, D>>(job, out),
+        QuantFormat::Q5_0 => drive_kernel::<K32<FQ5_0, D>>(job, out),
+        QuantFormat::Q5_1 => drive_kernel::<K32<FQ5_1, D>>(job, out),
         QuantFormat::Q4K => drive_kernel::<KQ4K<D>>(job, out),
         QuantFormat::Q6K => drive_kernel::<KQ6K<D>>(job, out),
     }

@@ -1,6 +1,6 @@
-//! 512-bit kernels for the 32-wide formats (AVX-512 F+BW, with or without
-//! VNNI); the K formats run the 256-bit kernels of the AVX2 module compiled
-//! with these paths' features.
+//! 512-bit kernels for the 32-wide formats Q4_0, Q4_1 and Q8_0 (AVX-512 F+BW,
+//! with or without VNNI); the K formats and Q5_0/Q5_1 run the 256-bit
+//! kernels of the AVX2 module compiled with these paths' features.
 //!
 //! A zmm holds one group of 4 activation blocks in their stored order (first
 //! halves of A..D, then second halves) and, for Q4, the 4 blocks' 64 nibble
@@ -17,7 +17,7 @@ use std::arch::x86_64::*;
 use super::acts::ActRow;
 use super::avx2::{
     bias_shift, finish_group, hsum_ps, lane_mask, row32, scales8, Dot256, Fmt32, Maddubs, Vnni256,
-    FQ4_0, FQ4_1, FQ8_0, KQ4K, KQ6K,
+    FQ4_0, FQ4_1, FQ5_0, FQ5_1, FQ8_0, K32, KQ4K, KQ6K,
 };
 use super::formats::QuantFormat;
 use super::{drive_kernel, Job, OutCols, RowKernel};
@@ -264,6 +264,10 @@ unsafe fn run_512<D: Dot512>(format: QuantFormat, job: &Job<'_>, out: &mut OutCo
         QuantFormat::Q4_0 => drive_kernel::<K32x4<FQ4_0, D>>(job, out),
         QuantFormat::Q4_1 => drive_kernel::<K32x4<FQ4_1, D>>(job, out),
         QuantFormat::Q8_0 => drive_kernel::<K32x4<FQ8_0, D>>(job, out),
+        // The Q5 formats run the 256-bit kernel compiled with this path's
+        // features (its fifth-bit unpacking is 256-bit code).
+        QuantFormat::Q5_0 => drive_kernel::<K32<FQ5_0, D::D256>>(job, out),
+        QuantFormat::Q5_1 => drive_kernel::<K32<FQ5_1, D::D256>>(job, out),
         QuantFormat::Q4K => drive_kernel::<KQ4K<D::D256>>(job, out),
         QuantFormat::Q6K => drive_kernel::<KQ6K<D::D256>>(job, out),
     }

@@ -6,7 +6,7 @@
 //! bit-identical to other faithful implementations (the tests compare with
 //! candle-core bit for bit).
 
-/// Weights per block of the 32-wide formats (Q4_0, Q4_1, Q8_0).
+/// Weights per block of the 32-wide formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
 pub const QK: usize = 32;
 /// Weights per super-block of the K formats (Q4_K, Q6_K).
 pub const QK_K: usize = 256;
@@ -20,6 +20,8 @@ pub const QK_K: usize = 256;
 /// |--------|---------|-------|--------|
 /// | Q4_0 | 32  | 18  | f16 `d`; 16 bytes: byte `j` holds weight `j` (low nibble) and `j + 16` (high); w = d·(q − 8) |
 /// | Q4_1 | 32  | 20  | f16 `d`, f16 `m`; 16 nibble bytes as Q4_0; w = d·q + m |
+/// | Q5_0 | 32  | 22  | f16 `d`; u32 `qh` (bit `j`: bit 4 of weight `j`); 16 nibble bytes as Q4_0; w = d·(q − 16) |
+/// | Q5_1 | 32  | 24  | f16 `d`, f16 `m`; u32 `qh`; 16 nibble bytes; w = d·q + m |
 /// | Q8_0 | 32  | 34  | f16 `d`; 32 × i8; w = d·q |
 /// | Q4_K | 256 | 144 | f16 `d`, f16 `dmin`; 12 bytes of packed 6-bit (scale, min) for 8 sub-blocks of 32; 128 nibble bytes |
 /// | Q6_K | 256 | 210 | 128 bytes low nibbles `ql`; 64 bytes high 2-bit pairs `qh`; 16 × i8 scales; f16 `d` |
@@ -43,6 +45,10 @@ pub enum QuantFormat {
     Q4_1,
     /// 32 weights: f16 scale and 8-bit signed values (34 bytes).
     Q8_0,
+    /// 32 weights: f16 scale and 5-bit values offset by 16 (22 bytes).
+    Q5_0,
+    /// 32 weights: f16 scale, f16 minimum and 5-bit values (24 bytes).
+    Q5_1,
     /// 256 weights: 8 sub-blocks of 32 with 6-bit scales and mins (144 bytes).
     Q4K,
     /// 256 weights: 16 sub-blocks of 16 with i8 scales, 6-bit values (210 bytes).
@@ -72,10 +78,12 @@ impl ActFormat {
 
 impl QuantFormat {
     /// Every supported format.
-    pub const ALL: [QuantFormat; 5] = [
+    pub const ALL: [QuantFormat; 7] = [
         QuantFormat::Q4_0,
         QuantFormat::Q4_1,
         QuantFormat::Q8_0,
+        QuantFormat::Q5_0,
+        QuantFormat::Q5_1,
         QuantFormat::Q4K,
         QuantFormat::Q6K,
     ];
@@ -83,7 +91,11 @@ impl QuantFormat {
     /// Weights per block.
     pub const fn block_size(self) -> usize {
         match self {
-            QuantFormat::Q4_0 | QuantFormat::Q4_1 | QuantFormat::Q8_0 => QK,
+            QuantFormat::Q4_0
+            | QuantFormat::Q4_1
+            | QuantFormat::Q8_0
+            | QuantFormat::Q5_0
+            | QuantFormat::Q5_1 => QK,
             QuantFormat::Q4K | QuantFormat::Q6K => QK_K,
         }
     }
@@ -94,6 +106,8 @@ impl QuantFormat {
             QuantFormat::Q4_0 => 18,
             QuantFormat::Q4_1 => 20,
             QuantFormat::Q8_0 => 34,
+            QuantFormat::Q5_0 => 22,
+            QuantFormat::Q5_1 => 24,
             QuantFormat::Q4K => 144,
             QuantFormat::Q6K => 210,
         }
@@ -112,7 +126,11 @@ impl QuantFormat {
     /// The activation format [`super::quantize_activations`] produces for it.
     pub const fn act_format(self) -> ActFormat {
         match self {
-            QuantFormat::Q4_0 | QuantFormat::Q4_1 | QuantFormat::Q8_0 => ActFormat::Q8_1,
+            QuantFormat::Q4_0
+            | QuantFormat::Q4_1
+            | QuantFormat::Q8_0
+            | QuantFormat::Q5_0
+            | QuantFormat::Q5_1 => ActFormat::Q8_1,
             QuantFormat::Q4K | QuantFormat::Q6K => ActFormat::Q8K,
         }
     }
@@ -123,6 +141,8 @@ impl QuantFormat {
             QuantFormat::Q4_0 => 2,
             QuantFormat::Q4_1 => 3,
             QuantFormat::Q8_0 => 8,
+            QuantFormat::Q5_0 => 6,
+            QuantFormat::Q5_1 => 7,
             QuantFormat::Q4K => 12,
             QuantFormat::Q6K => 14,
         }
@@ -133,6 +153,8 @@ impl QuantFormat {
         match t {
             2 => Some(QuantFormat::Q4_0),
             3 => Some(QuantFormat::Q4_1),
+            6 => Some(QuantFormat::Q5_0),
+            7 => Some(QuantFormat::Q5_1),
             8 => Some(QuantFormat::Q8_0),
             12 => Some(QuantFormat::Q4K),
             14 => Some(QuantFormat::Q6K),
@@ -146,6 +168,8 @@ impl QuantFormat {
             QuantFormat::Q4_0 => "Q4_0",
             QuantFormat::Q4_1 => "Q4_1",
             QuantFormat::Q8_0 => "Q8_0",
+            QuantFormat::Q5_0 => "Q5_0",
+            QuantFormat::Q5_1 => "Q5_1",
             QuantFormat::Q4K => "Q4_K",
             QuantFormat::Q6K => "Q6_K",
         }
@@ -230,6 +254,18 @@ pub fn dequantize_row(format: QuantFormat, bytes: &[u8], out: &mut [f32]) {
                     y[j] = blk[2 + j] as i8 as f32 * d;
                 }
             }
+            QuantFormat::Q5_0 => {
+                let d = f16_at(blk, 0);
+                for j in 0..32 {
+                    y[j] = (q5_value(blk, 2, j) - 16) as f32 * d;
+                }
+            }
+            QuantFormat::Q5_1 => {
+                let (d, m) = (f16_at(blk, 0), f16_at(blk, 2));
+                for j in 0..32 {
+                    y[j] = q5_value(blk, 4, j) as f32 * d + m;
+                }
+            }
             QuantFormat::Q4K => {
                 let d = f16_at(blk, 0);
                 let dmin = f16_at(blk, 2);
@@ -255,6 +291,16 @@ pub fn dequantize_row(format: QuantFormat, bytes: &[u8], out: &mut [f32]) {
             }
         }
     }
+}
+
+/// The 5-bit value (0..32) of weight `j` of a Q5_0/Q5_1 block whose `qh`
+/// starts at byte `qh_at` (its 16 nibble bytes follow).
+#[inline(always)]
+pub(super) fn q5_value(blk: &[u8], qh_at: usize, j: usize) -> i32 {
+    let qh = u32::from_le_bytes([blk[qh_at], blk[qh_at + 1], blk[qh_at + 2], blk[qh_at + 3]]);
+    let q = blk[qh_at + 4 + j % 16];
+    let nib = if j < 16 { q & 0x0F } else { q >> 4 };
+    (nib as i32) | ((((qh >> j) & 1) as i32) << 4)
 }
 
 /// Q6_K weight `e` (0..256) of the block `blk` as a signed value `q − 32`.

@@ -1,6 +1,6 @@
 //! Quantized matmul kernels over GGML/GGUF block formats.
 //!
-//! Owns: the weight formats [`QuantFormat`] (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K;
+//! Owns: the weight formats [`QuantFormat`] (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K;
 //! byte-identical to GGUF tensor data, layouts on the enum) and
 //! [`dequantize_row`]; activation quantization into 8-bit blocks
 //! ([`QuantizedActs`]: Q8_1-style for the 32-wide formats, Q8_K-style for the
@@ -14,8 +14,9 @@
 //!   AVX2 code with AVX-512 VNNI on 256-bit vectors (`vpdpbusd ymm`), AVX-512
 //!   F+BW (`vpmaddubsw zmm`) and AVX-512 VNNI (`vpdpbusd zmm`), picked at run
 //!   time with `is_x86_feature_detected!` (every SIMD path also requires AVX2,
-//!   FMA and F16C). The K formats use 256-bit vectors on every SIMD path (a
-//!   32-byte load is a pair of 32-weight sub-blocks); the VNNI paths use
+//!   FMA and F16C). The K formats and Q5_0/Q5_1 use 256-bit vectors on every
+//!   SIMD path (a 32-byte load is a pair of 32-weight sub-blocks; a Q5 block's
+//!   fifth bits are spread to bytes with a shuffle and a compare); the VNNI paths use
 //!   `vpdpwssd` for their scale multiply-accumulate.
 //! * Results are bit-identical across paths, and between [`gemm`] and
 //!   [`vec_dot`]: integer math inside a block is exact, and every SIMD path

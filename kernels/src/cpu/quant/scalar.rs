@@ -4,7 +4,7 @@
 //! fixed so that the SIMD paths can reproduce it bit for bit:
 //!
 //! * 32-wide formats: block `b` contributes `t_b = (dw·da)·(isum as f32)`
-//!   (Q4_1: `+ m·s`, the two products rounded separately, no FMA), and the
+//!   (Q4_1, Q5_1: `+ m·s`, the two products rounded separately, no FMA), and the
 //!   terms are accumulated in 8 lanes, `acc[b % 8] += t_b`, which are summed as
 //!   `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))` — the order a vector of 8 f32
 //!   accumulators and the usual 256-bit horizontal sum give.
@@ -12,7 +12,7 @@
 //!   `− (dmin·da)·(msum as f32)`), accumulated in block order into one sum.
 
 use super::acts::ActRow;
-use super::formats::{f16_at, q4k_scales_mins, q6k_value, QuantFormat, QK_K};
+use super::formats::{f16_at, q4k_scales_mins, q5_value, q6k_value, QuantFormat, QK_K};
 
 /// Final sum of the 8 lane accumulators, in the fixed reference order.
 #[inline(always)]
@@ -45,6 +45,17 @@ pub(super) fn block_isum(format: QuantFormat, blk: &[u8], lo: &[i8], hi: &[i8]) 
                 isum += (blk[18 + j] as i8 as i32) * hi[j] as i32;
             }
         }
+        QuantFormat::Q5_0 | QuantFormat::Q5_1 => {
+            let (qh_at, off) = if format == QuantFormat::Q5_0 {
+                (2, 16)
+            } else {
+                (4, 0)
+            };
+            for j in 0..16 {
+                isum += (q5_value(blk, qh_at, j) - off) * lo[j] as i32;
+                isum += (q5_value(blk, qh_at, j + 16) - off) * hi[j] as i32;
+            }
+        }
         QuantFormat::Q4K | QuantFormat::Q6K => unreachable!("not a 32-wide format"),
     }
     isum
@@ -57,13 +68,17 @@ pub(super) fn block_isum(format: QuantFormat, blk: &[u8], lo: &[i8], hi: &[i8]) 
 pub(super) fn dot(format: QuantFormat, w: &[u8], a: ActRow<'_>) -> f32 {
     let bb = format.block_bytes();
     match format {
-        QuantFormat::Q4_0 | QuantFormat::Q4_1 | QuantFormat::Q8_0 => {
+        QuantFormat::Q4_0
+        | QuantFormat::Q4_1
+        | QuantFormat::Q8_0
+        | QuantFormat::Q5_0
+        | QuantFormat::Q5_1 => {
             let mut acc = [0f32; 8];
             for (b, blk) in w.chunks_exact(bb).enumerate() {
                 let (lo, hi) = a.halves(b);
                 let isum = block_isum(format, blk, lo, hi);
                 let mut t = (f16_at(blk, 0) * a.d[b]) * isum as f32;
-                if format == QuantFormat::Q4_1 {
+                if matches!(format, QuantFormat::Q4_1 | QuantFormat::Q5_1) {
                     t += f16_at(blk, 2) * a.s[b];
                 }
                 acc[b % 8] += t;

@@ -29,10 +29,10 @@ fn random_weights(rng: &mut Rng, format: QuantFormat, n: usize, k: usize) -> Vec
             })
         };
         match format {
-            QuantFormat::Q4_0 | QuantFormat::Q8_0 => {
+            QuantFormat::Q4_0 | QuantFormat::Q8_0 | QuantFormat::Q5_0 => {
                 blk[0..2].copy_from_slice(&scale(rng, true));
             }
-            QuantFormat::Q4_1 => {
+            QuantFormat::Q4_1 | QuantFormat::Q5_1 => {
                 blk[0..2].copy_from_slice(&scale(rng, false));
                 blk[2..4].copy_from_slice(&scale(rng, true));
             }
@@ -91,6 +91,8 @@ fn candle_dtype(format: QuantFormat) -> candle_core::quantized::GgmlDType {
     match format {
         QuantFormat::Q4_0 => GgmlDType::Q4_0,
         QuantFormat::Q4_1 => GgmlDType::Q4_1,
+        QuantFormat::Q5_0 => GgmlDType::Q5_0,
+        QuantFormat::Q5_1 => GgmlDType::Q5_1,
         QuantFormat::Q8_0 => GgmlDType::Q8_0,
         QuantFormat::Q4K => GgmlDType::Q4K,
         QuantFormat::Q6K => GgmlDType::Q6K,
@@ -390,7 +392,7 @@ fn weight_magnitudes(f: QuantFormat, w_row: &[u8], k: usize) -> Vec<f64> {
     let bs = f.block_size();
     for (b, blk) in w_row.chunks_exact(f.block_bytes()).enumerate() {
         let off = match f {
-            QuantFormat::Q4_1 => formats::f16_at(blk, 2).abs() as f64,
+            QuantFormat::Q4_1 | QuantFormat::Q5_1 => formats::f16_at(blk, 2).abs() as f64,
             QuantFormat::Q4K => formats::f16_at(blk, 2).abs() as f64 * 63.0,
             _ => 0.0,
         };
