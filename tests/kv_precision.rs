@@ -4,7 +4,7 @@
 //! and bf16. Reported against the f32 cache: the text's perplexity, the share
 //! of positions whose top-1 token agrees, and the largest change of a logit.
 //! The bounds asserted are loose (the figures measured are printed and kept
-//! in `docs/benchmarks.md`); what is asserted tightly is that f16 keeps the
+//! in `docs/models.md`); what is asserted tightly is that f16 keeps the
 //! model's choices nearly everywhere.
 
 mod common;

@@ -68,11 +68,15 @@ const PAR_MIN_WORK: usize = 1 << 16;
 /// reference model's matrices decode faster split from this size on.
 const PAR_MIN_WORK_GEMV: usize = 1 << 18;
 /// From this many activation rows on, the SIMD paths widen weight rows to
-/// f32 once, `WIDEN_ROWS` at a time, and run [`crate::cpu::skinny`]'s tiles
+/// f32 once, a block at a time, and run [`crate::cpu::skinny`]'s tiles
 /// over them, rather than widening every weight again for each tile.
 const WIDEN_MIN_M: usize = 4;
-/// Weight rows widened at a time (≤ 96 KB of f32 for k ≤ 1536: in L2).
-const WIDEN_ROWS: usize = 16;
+/// f32 values of widened weight rows at a time (128 KB: in L2 with an
+/// activation block).
+const WIDEN_FLOATS: usize = 32 * 1024;
+/// Activation rows multiplied with one widened block at a time, so that
+/// they too stay in L2 while every weight row of the block meets them.
+const X_ROWS: usize = 32;
 
 /// `y (m×n) = x (m×k) · wᵀ` for `w` (`n×k`) in `kind`, on the current rayon
 /// pool, through the widest path this CPU has.
@@ -171,12 +175,17 @@ fn block(isa: Isa, kind: Half, x: &[f32], m: usize, w: &[u16], k: usize, out: Ou
     }
 }
 
-/// Many activation rows: widens `WIDEN_ROWS` weight rows at a time to f32
-/// and multiplies them with the f32 kernel's tiles.
+/// Many activation rows: widens a block of weight rows at a time to f32
+/// (16 rows for up to 16 activation rows, else `WIDEN_FLOATS` values, 8 to
+/// 64 rows) and multiplies it with the f32
+/// kernel's tiles, `X_ROWS` activation rows at a time.
 #[cfg(target_arch = "x86_64")]
 fn widened(kind: Half, x: &[f32], m: usize, w: &[u16], k: usize, mut out: OutCols<'_>) {
-    let mut buf = vec![0f32; WIDEN_ROWS * k];
-    for (c, rows) in w.chunks(WIDEN_ROWS * k).enumerate() {
+    // Few activation rows reuse a block little: keep it small (in L1).
+    let floats = if m <= 16 { 16 * k } else { WIDEN_FLOATS };
+    let block_rows = (floats / k).clamp(8, 64) / 8 * 8;
+    let mut buf = vec![0f32; block_rows * k];
+    for (c, rows) in w.chunks(block_rows * k).enumerate() {
         let wide = &mut buf[..rows.len()];
         // SAFETY: the SIMD paths imply AVX2, FMA and F16C (see `block`).
         unsafe {
@@ -186,7 +195,12 @@ fn widened(kind: Half, x: &[f32], m: usize, w: &[u16], k: usize, mut out: OutCol
             }
         }
         let n = rows.len() / k;
-        crate::cpu::skinny::block_detected(x, m, wide, k, out.sub(c * WIDEN_ROWS, n));
+        let mut cols = out.sub(c * block_rows, n);
+        for i0 in (0..m).step_by(X_ROWS) {
+            let mb = X_ROWS.min(m - i0);
+            let xb = &x[i0 * k..(i0 + mb) * k];
+            crate::cpu::skinny::block_detected(xb, mb, wide, k, cols.rows(i0, mb));
+        }
     }
 }
 

@@ -103,6 +103,21 @@ impl<'a> OutCols<'a> {
         }
     }
 
+    /// The view of this view's rows `i0..i0 + m` (as rows `0..m`).
+    pub(crate) fn rows(&mut self, i0: usize, m: usize) -> OutCols<'_> {
+        assert!(i0 + m <= self.m);
+        OutCols {
+            // Only forms the address: writes through the view stay inside
+            // its m rows, which are rows i0.. of this one.
+            ptr: self.ptr.wrapping_add(i0 * self.ld),
+            ld: self.ld,
+            m,
+            col0: self.col0,
+            cols: self.cols,
+            _y: std::marker::PhantomData,
+        }
+    }
+
     /// `y[i + c][col0 + j] = v[c]` for every `c`.
     #[inline(always)]
     pub(crate) fn write_col(&mut self, i: usize, j: usize, v: &[f32]) {
