@@ -136,4 +136,52 @@ mod tests {
             .to_string();
         assert!(err.contains("System role not supported"), "{err}");
     }
+
+    /// Qwen2.5-Instruct's and Qwen3's templates as their model repositories
+    /// ship them (copies kept in `tests/data/chat/`): a default system
+    /// prompt, ChatML turns; Qwen3's walks the messages backwards with a
+    /// `namespace`, slices, and splits `<think>` reasoning out of assistant
+    /// turns with Python string methods.
+    const QWEN25: &str = include_str!("../../tests/data/chat/qwen2.5-instruct.jinja");
+    const QWEN3: &str = include_str!("../../tests/data/chat/qwen3.jinja");
+
+    #[test]
+    fn qwens_templates_render() {
+        let turns = [
+            ChatMessage::new("user", "Hi"),
+            ChatMessage::new("assistant", "Hello"),
+            ChatMessage::new("user", "Bye"),
+        ];
+        let t = ChatTemplate::new(QWEN25.trim_end(), "", "<|im_end|>").unwrap();
+        assert_eq!(
+            t.render(&turns, true).unwrap(),
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n\
+             <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n\
+             <|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
+        );
+
+        let t = ChatTemplate::new(QWEN3.trim_end(), "", "<|im_end|>").unwrap();
+        let earlier_thought = [
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "Q1"),
+            ChatMessage::new("assistant", "<think>\nreasoning\n</think>\n\nAnswer"),
+            ChatMessage::new("user", "Q2"),
+        ];
+        // Reasoning before the last question is dropped.
+        assert_eq!(
+            t.render(&earlier_thought, true).unwrap(),
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ1<|im_end|>\n\
+             <|im_start|>assistant\nAnswer<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n\
+             <|im_start|>assistant\n"
+        );
+        // ... and kept after it.
+        let last_thought = [
+            ChatMessage::new("user", "Q"),
+            ChatMessage::new("assistant", "<think>\nr\n</think>\n\nA"),
+        ];
+        assert_eq!(
+            t.render(&last_thought, false).unwrap(),
+            "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<think>\nr\n</think>\n\nA<|im_end|>\n"
+        );
+    }
 }
