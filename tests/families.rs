@@ -11,7 +11,7 @@
 //! half kernels (llama.cpp rounds the activations to f16 or bf16 for those
 //! matmuls, parallm keeps them f32: measured within 7.4e-3 and 5.3e-2),
 //! `tests/golden.rs`'s tolerances against llama.cpp; and each model's tokenizer
-//! (byte-level BPE with the gpt-2, llama-bpe, qwen2 and smollm pre-tokenizers, and
+//! (byte-level BPE with the gpt-2, llama-bpe, qwen2, smollm and tekken pre-tokenizers, and
 //! SentencePiece) against llama.cpp's tokens.
 
 mod common;
@@ -257,7 +257,7 @@ fn each_family_matches_llama_cpp_at_tp1_and_tp2() {
         .cloned()
         .collect();
     assert!(
-        names.len() >= 16,
+        names.len() >= 17,
         "the golden file names the families: {names:?}"
     );
     for name in &names {
@@ -307,6 +307,7 @@ fn the_tiny_models_read_as_their_families() {
         ("gemma3", "gemma3"),
         ("qwen2-yarn", "qwen2"),
         ("gpt2", "gpt2"),
+        ("llama-tekken", "llama"),
     ];
     for (name, arch) in families {
         let file = open(name);

@@ -37,6 +37,17 @@ const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p
 /// with every digit split alone.
 const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// Tekken's pre-tokenization pattern (`tokenizer.ggml.pre = tekken`, Mistral
+/// Nemo and later), as its `tokenizer.json` writes it: letters split at
+/// case changes, every digit alone, `/` kept with the newlines after
+/// punctuation.
+const TEKKEN_PATTERN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Pre-tokenizers after which llama.cpp takes a word that is itself a token
+/// whole, without merging (`ignore_merges`), and adds BOS unless the file
+/// says otherwise.
+const WHOLE_WORD_PRES: [&str; 4] = ["llama-bpe", "llama3", "llama-v3", "tekken"];
+
 /// GGUF token types (llama.cpp's `llama_token_type`).
 const TOKEN_UNKNOWN: i64 = 2;
 const TOKEN_CONTROL: i64 = 3;
@@ -164,9 +175,10 @@ impl Tokenizer {
             }
         }
         let bos = id("tokenizer.ggml.bos_token_id")?;
+        let pre = file.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
         let add_bos = file
             .opt_bool("tokenizer.ggml.add_bos_token")?
-            .unwrap_or(sentencepiece);
+            .unwrap_or(sentencepiece || WHOLE_WORD_PRES.contains(&pre));
         if add_bos && bos.is_none() {
             return Err(err(
                 "add_bos_token is set but there is no bos_token_id".into()
@@ -239,6 +251,7 @@ impl Tokenizer {
             .collect::<Result<_>>()?;
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
+            .ignore_merges(WHOLE_WORD_PRES.contains(&pre))
             .build()
             .map_err(|e| err(format!("cannot build BPE: {e}")))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
@@ -270,12 +283,16 @@ impl Tokenizer {
                 isolate(QWEN2_PATTERN)?,
                 byte_level(false),
             ])),
+            "tekken" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                isolate(TEKKEN_PATTERN)?,
+                byte_level(false),
+            ])),
             other => {
                 return Err(Error::Unsupported {
                     path: file.path().to_path_buf(),
                     what: "pre-tokenizer (tokenizer.ggml.pre)",
                     found: other.to_string(),
-                    supported: "default, gpt2, smollm, llama-bpe, qwen2",
+                    supported: "default, gpt2, smollm, llama-bpe, qwen2, tekken",
                 })
             }
         };

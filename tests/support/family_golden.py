@@ -41,7 +41,7 @@ from llama_cpp import Llama  # noqa: E402
 
 MODELS = ["llama-r3", "llama-lin", "qwen2", "qwen3", "phi3", "llama-spm", "gemma2", "gemma3",
           "gpt2", "qwen2-yarn", "phi3-q8_0", "qwen2-q4_0", "gemma3-q8_0", "gpt2-q8_0",
-          "llama-r3-f16", "qwen2-bf16"]
+          "llama-r3-f16", "qwen2-bf16", "llama-tekken"]
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):\n    if n < 2:\n        return n",

@@ -31,6 +31,9 @@ same vocabulary):
              of six with their own rope (base 10000), linear rope ×8 on the
              global ones, SentencePiece
   qwen2-yarn qwen2 with YaRN rope scaling (factor 4 over an original context of 16)
+  llama-tekken
+             llama-lin with Mistral Nemo's pre-tokenizer (tekken: whole-word
+             tokens without merging) and no add_bos_token key (BOS by default)
   gpt2       learned position embeddings, LayerNorm with biases, fused
              attn_qkv with its bias, biases on attn_output, ffn_up and
              ffn_down, an ungated GELU FFN, a tied LM head, pre-tokenizer gpt-2
@@ -96,6 +99,8 @@ MODELS = {
 }
 MODELS["gpt2"] = dict(arch="gpt2", layers=2, hidden=64, heads=4, kv=4, head_dim=16, ffn=256,
                       tied=True, pre="gpt-2")
+MODELS["llama-tekken"] = dict(MODELS["llama-lin"], pre="tekken",
+                              drop=["tokenizer.ggml.add_bos_token"])
 # YaRN: a factor of 4 over an original context of 16, shorter than the prompts.
 MODELS["qwen2-yarn"] = dict(MODELS["qwen2"], yarn=(4.0, 16))
 # Quantized copies (every matrix; norms, biases and rope factors stay f32),
@@ -238,6 +243,8 @@ def write(name, spec, tok, out_dir):
                      "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "F16": gguf.LlamaFileType.MOSTLY_F16,
                      "BF16": gguf.LlamaFileType.MOSTLY_BF16}[quant])
     for key, value, kind, sub in tok:
+        if key in spec.get("drop", []):
+            continue
         if key == "tokenizer.ggml.pre" and "pre" in spec:
             value = spec["pre"]
         if kind == gguf.GGUFValueType.ARRAY:
