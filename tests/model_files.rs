@@ -196,19 +196,42 @@ fn an_architecture_or_rope_scaling_this_build_cannot_run_is_named() {
     );
 }
 
+/// The error of loading one shard of an `arch` file holding `tensors`
+/// (f32, names and dims as GGUF lists them) and no others.
+fn load_error(
+    arch: &str,
+    extra: Vec<(&'static str, Meta)>,
+    tensors: &[(&str, Vec<u64>)],
+) -> String {
+    let meta = family_meta(arch, extra);
+    let mut table = Vec::new();
+    let mut offset = 0;
+    for (name, dims) in tensors {
+        table.push(Tensor::new(name, dims, F32, offset));
+        offset += dims.iter().product::<u64>() * 4;
+    }
+    let file = GgufFile::from_bytes(
+        "case.gguf",
+        gguf::gguf(&borrowed(&meta), &table, offset as usize),
+    )
+    .expect("a well-formed file");
+    framework::LlamaShard::load(
+        &file,
+        framework::ShardSpec::SINGLE,
+        framework::WeightFormat::F32,
+    )
+    .expect_err("a tensor is missing")
+    .to_string()
+}
+
 #[test]
 fn a_family_tensor_that_is_missing_is_named() {
-    // A qwen2 file without its q/k/v biases: the shard's load names the tensor.
-    let meta = family_meta("qwen2", vec![]);
     let (h, ffn, vocab) = (64u64, 128u64, 8u64);
-    let mut tensors = Vec::new();
-    let mut offset = 0;
-    let mut add = |name: &str, dims: &[u64]| {
-        tensors.push(Tensor::new(name, dims, F32, offset));
-        offset += dims.iter().product::<u64>() * 4;
-    };
-    add("token_embd.weight", &[h, vocab]);
-    add("output_norm.weight", &[h]);
+    // A qwen2 file without its q/k/v biases: the shard's load names the tensor.
+    let mut tensors = vec![
+        ("token_embd.weight".to_string(), vec![h, vocab]),
+        ("output_norm.weight".to_string(), vec![h]),
+    ];
     for (name, dims) in [
         ("attn_norm.weight", vec![h]),
         ("attn_q.weight", vec![h, h]),
@@ -220,22 +243,34 @@ fn a_family_tensor_that_is_missing_is_named() {
         ("ffn_up.weight", vec![h, ffn]),
         ("ffn_down.weight", vec![ffn, h]),
     ] {
-        add(&format!("blk.0.{name}"), &dims);
+        tensors.push((format!("blk.0.{name}"), dims));
     }
-    let file = GgufFile::from_bytes(
-        "case.gguf",
-        gguf::gguf(&borrowed(&meta), &tensors, offset as usize),
-    )
-    .expect("a well-formed file");
-    let err = framework::LlamaShard::load(
-        &file,
-        framework::ShardSpec::SINGLE,
-        framework::WeightFormat::F32,
-    )
-    .expect_err("no biases")
-    .to_string();
+    let named: Vec<(&str, Vec<u64>)> = tensors
+        .iter()
+        .map(|(n, d)| (n.as_str(), d.clone()))
+        .collect();
+    let err = load_error("qwen2", vec![], &named);
     assert!(
         err.contains("case.gguf") && err.contains("blk.0.attn_q.bias"),
+        "{err}"
+    );
+
+    // A gpt2 file whose fused q|k|v has no bias: the fused bias is named.
+    let err = load_error(
+        "gpt2",
+        vec![("gpt2.attention.layer_norm_epsilon", Meta::F32(1e-5))],
+        &[
+            ("token_embd.weight", vec![h, vocab]),
+            ("position_embd.weight", vec![h, 64]),
+            ("output_norm.weight", vec![h]),
+            ("output_norm.bias", vec![h]),
+            ("blk.0.attn_norm.weight", vec![h]),
+            ("blk.0.attn_norm.bias", vec![h]),
+            ("blk.0.attn_qkv.weight", vec![h, 3 * h]),
+        ],
+    );
+    assert!(
+        err.contains("case.gguf") && err.contains("blk.0.attn_qkv.bias"),
         "{err}"
     );
 }

@@ -269,7 +269,11 @@ impl ShardMats {
                     v.select_rows(std::slice::from_ref(&kv_local)),
                 ])?
             };
-            let qkv_bias = if src.has(&bias("attn_qkv")) {
+            // A fused q|k|v has its bias fused too (a required one that is
+            // missing is named as such by the read).
+            let fused_bias = src.has(&bias("attn_qkv"))
+                || (src.has(&name("attn_qkv")) && family.qkv_bias == Part::Required);
+            let qkv_bias = if fused_bias {
                 let b = src.vector(&bias("attn_qkv"), q_rows + 2 * kv_rows)?;
                 Some(
                     [
