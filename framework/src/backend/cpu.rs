@@ -417,20 +417,24 @@ impl ViewElem for bf16 {
     }
 }
 
-/// Attention of the step's rows over `views` (one per row, all of type `T`).
-fn attend_views<T: ViewElem>(
-    be: &CpuBackend,
+/// Attention of the step's `rows` rows over their sequences in `kv` (whose
+/// elements are of type `T`).
+fn attend_rows<T: ViewElem, S: CpuKv + ?Sized>(
+    (be, kv, meta, layer): (&CpuBackend, &S, &CpuMeta, usize),
     qkv: &[f32],
-    views: Vec<(KvView<'_>, usize)>,
+    rows: usize,
     params: &AttnParams,
     out: &mut [f32],
 ) -> Result<()> {
     let hd = be.heads;
-    let rows = views
-        .into_iter()
-        .map(|(v, pos)| {
-            T::pick(v)
-                .map(|(k, v)| AttnRow { k, v, pos })
+    let rows = (0..rows)
+        .map(|r| {
+            T::pick(kv.view(meta, layer, r))
+                .map(|(k, v)| AttnRow {
+                    k,
+                    v,
+                    pos: meta.pos[r],
+                })
                 .ok_or_else(|| Error::Shard("a KV store mixes element types".into()))
         })
         .collect::<Result<Vec<AttnRow<'_, T>>>>()?;
@@ -473,15 +477,16 @@ impl<S: CpuKv> KvCache<CpuBackend> for S {
             let (k, v) = row[q_w..].split_at(kv_w);
             self.write(meta, layer, r, k, v);
         }
-        let views: Vec<(KvView<'_>, usize)> = (0..rows)
-            .map(|r| (self.view(meta, layer, r), meta.pos[r]))
-            .collect();
+        if rows == 0 {
+            return Ok(());
+        }
         let out = &mut out[..rows * q_w];
-        match views.first().map(|(v, _)| v) {
-            None => Ok(()),
-            Some(KvView::F32(..)) => attend_views::<f32>(be, qkv, views, params, out),
-            Some(KvView::F16(..)) => attend_views::<f16>(be, qkv, views, params, out),
-            Some(KvView::Bf16(..)) => attend_views::<bf16>(be, qkv, views, params, out),
+        let at = (be, &*self, meta, layer);
+        // The store's element type, from its first row's view.
+        match self.view(meta, layer, 0) {
+            KvView::F32(..) => attend_rows::<f32, S>(at, qkv, rows, params, out),
+            KvView::F16(..) => attend_rows::<f16, S>(at, qkv, rows, params, out),
+            KvView::Bf16(..) => attend_rows::<bf16, S>(at, qkv, rows, params, out),
         }
     }
 }

@@ -8,13 +8,15 @@
 //! them to f16 for its f16 matmul), so the only rounding is the weights'.
 //!
 //! Work is split like [`crate::cpu::skinny`]'s: blocks of weight rows over
-//! the current rayon pool, each block a register tile of `R` weight rows ×
-//! `C` activation rows (AVX-512 4×4, AVX2 4×2, scalar 4×1), with 1-wide tiles
-//! for the ragged edges; a single activation row (decode) reads one weight
-//! row after another instead (AVX2 on both SIMD paths), one sequential
-//! stream, which measured faster than interleaving four rows. Paths are chosen at run time through
-//! [`crate::cpu::features`] (AVX-512 F/VL/BW, or AVX2 with FMA and F16C),
-//! and every path is tested against an f64 reference; the scalar path
+//! the current rayon pool. A single activation row (decode) reads one
+//! weight row after another, one sequential stream, which measured faster
+//! than interleaving four rows; two or three rows run register tiles of 4
+//! weight rows × 2 activation rows (scalar 4×1), with 1-wide tiles for the
+//! ragged edges; four or more widen blocks of weight rows to f32 for
+//! `skinny`'s tiles. The SIMD path is AVX2 with FMA and F16C, chosen at run
+//! time through [`crate::cpu::features`] (an AVX-512 CPU runs it too: the
+//! loads are bound by memory, and the many-row products run `skinny`'s
+//! AVX-512 tiles); every path is tested against an f64 reference; the scalar path
 //! ([`matmul_xwt_scalar`]) is the portable one. The SIMD paths sum in a
 //! different order from the scalar one, so they agree with it to rounding,
 //! not bit for bit (as the f32 kernel's paths do).
@@ -132,10 +134,13 @@ fn matmul_with(
 fn block(isa: Isa, kind: Half, x: &[f32], m: usize, w: &[u16], k: usize, out: OutCols<'_>) {
     debug_assert!(x.len() == m * k && w.len() == out.cols * k && out.m == m);
     let bf16 = kind == Half::Bf16;
+    // Every SIMD path is the AVX2 one: features::enabled turns AVX-512 on
+    // only with AVX2 (FMA, F16C), and these loads are bound by memory.
+    let simd = isa != Isa::Scalar;
     #[cfg(target_arch = "x86_64")]
-    if m == 1 && isa != Isa::Scalar {
-        // SAFETY: both SIMD paths imply AVX2, FMA and F16C (features::enabled
-        // turns AVX-512 on only with AVX2); gemv checks its bounds.
+    if m == 1 && simd {
+        // SAFETY: AVX2, FMA and F16C were detected (above); gemv checks its
+        // bounds.
         unsafe {
             if bf16 {
                 avx2::gemv::<true>(x, w, k, out)
@@ -146,33 +151,24 @@ fn block(isa: Isa, kind: Half, x: &[f32], m: usize, w: &[u16], k: usize, out: Ou
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if m >= WIDEN_MIN_M && isa != Isa::Scalar {
+    if m >= WIDEN_MIN_M && simd {
         widened(kind, x, m, w, k, out);
         return;
     }
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: Isa::Avx512 comes only from features::enabled(Avx512):
-        // AVX-512 F, VL and BW were detected. Tiles check their bounds.
-        Isa::Avx512 => unsafe {
-            if bf16 {
-                avx512::block::<true>(x, m, w, k, out)
-            } else {
-                avx512::block::<false>(x, m, w, k, out)
-            }
-        },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: Isa::Avx2 comes only from features::enabled(Avx2): AVX2,
-        // FMA and F16C were detected. Tiles check their bounds.
-        Isa::Avx2 => unsafe {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: AVX2, FMA and F16C were detected (above); the tiles check
+        // their bounds.
+        unsafe {
             if bf16 {
                 avx2::block::<true>(x, m, w, k, out)
             } else {
                 avx2::block::<false>(x, m, w, k, out)
             }
-        },
-        Isa::Scalar => scalar::block(kind, x, m, w, k, out),
+        }
+        return;
     }
+    scalar::block(kind, x, m, w, k, out)
 }
 
 /// Many activation rows: widens a block of weight rows at a time to f32
@@ -476,116 +472,11 @@ mod avx2 {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use super::{check_tile, for_tiles, OutCols};
-    use std::arch::x86_64::*;
-
-    /// # Safety
-    /// The CPU must support AVX-512 F, VL and BW.
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw")]
-    pub(super) unsafe fn block<const BF16: bool>(
-        x: &[f32],
-        m: usize,
-        w: &[u16],
-        k: usize,
-        mut out: OutCols<'_>,
-    ) {
-        let n = out.cols;
-        // 4×4: 16 accumulators + 4 weight vectors + 1 x vector of 32 zmm.
-        for_tiles(m, n, (4, 4), |r, c, i0, j0| match (r, c) {
-            (4, 4) => tile::<4, 4, BF16>(x, i0, w, j0, k, &mut out),
-            (4, _) => tile::<4, 1, BF16>(x, i0, w, j0, k, &mut out),
-            (_, 4) => tile::<1, 4, BF16>(x, i0, w, j0, k, &mut out),
-            _ => tile::<1, 1, BF16>(x, i0, w, j0, k, &mut out),
-        });
-    }
-
-    /// Sixteen 16-bit weights (the lanes of `h`), widened to f32.
-    ///
-    /// # Safety
-    /// AVX-512 F.
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw")]
-    #[inline]
-    unsafe fn widen<const BF16: bool>(h: __m256i) -> __m512 {
-        if BF16 {
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
-        } else {
-            _mm512_cvtph_ps(h)
-        }
-    }
-
-    /// # Safety
-    /// AVX-512 F, VL and BW. Bounds are asserted on entry.
-    #[target_feature(enable = "avx512f,avx512vl,avx512bw")]
-    #[inline]
-    unsafe fn tile<const R: usize, const C: usize, const BF16: bool>(
-        x: &[f32],
-        i0: usize,
-        w: &[u16],
-        j0: usize,
-        k: usize,
-        out: &mut OutCols<'_>,
-    ) {
-        check_tile(x, i0, w, j0, k, out, R, C);
-        let xp = x.as_ptr().add(i0 * k);
-        let wp = w.as_ptr().add(j0 * k);
-        let kv = k / 16 * 16;
-        let mut acc = [[_mm512_setzero_ps(); C]; R];
-        let mut kk = 0;
-        while kk < kv {
-            // SAFETY: kk + 16 <= kv <= k, r < R, c < C: every load is inside
-            // row j0+r of w or row i0+c of x (check_tile).
-            let mut wv = [_mm512_setzero_ps(); R];
-            for r in 0..R {
-                let h = _mm256_loadu_si256(wp.add(r * k + kk) as *const __m256i);
-                wv[r] = widen::<BF16>(h);
-            }
-            for c in 0..C {
-                let xv = _mm512_loadu_ps(xp.add(c * k + kk));
-                for r in 0..R {
-                    acc[r][c] = _mm512_fmadd_ps(wv[r], xv, acc[r][c]);
-                }
-            }
-            kk += 16;
-        }
-        if kv < k {
-            // SAFETY: the mask enables lanes 0..k-kv only, offsets kv..k of
-            // each row; masked-off lanes are not read (no fault).
-            let mask: __mmask16 = ((1u32 << (k - kv)) - 1) as __mmask16;
-            let mut wv = [_mm512_setzero_ps(); R];
-            for r in 0..R {
-                let h = _mm256_maskz_loadu_epi16(mask, wp.add(r * k + kv) as *const i16);
-                wv[r] = widen::<BF16>(h);
-            }
-            for c in 0..C {
-                let xv = _mm512_maskz_loadu_ps(mask, xp.add(c * k + kv));
-                for r in 0..R {
-                    acc[r][c] = _mm512_fmadd_ps(wv[r], xv, acc[r][c]);
-                }
-            }
-        }
-        for r in 0..R {
-            for c in 0..C {
-                out.write(i0 + c, j0 + r, &[_mm512_reduce_add_ps(acc[r][c])]);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> f32 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
-    }
+    use crate::test_rng::Rng;
 
     fn isas() -> Vec<Isa> {
         let mut v = vec![Isa::Scalar];
@@ -605,11 +496,9 @@ mod tests {
     /// Every path against an f64 product of the rounded weights: within
     /// f32 rounding of the sum of |x·w|.
     fn check(kind: Half, m: usize, n: usize, k: usize, seed: u64) {
-        let mut rng = Rng(seed | 1);
-        let x: Vec<f32> = (0..m * k).map(|_| rng.next()).collect();
-        let w: Vec<u16> = (0..n * k)
-            .map(|_| kind.from_f32(rng.next() * 2.0))
-            .collect();
+        let mut rng = Rng::new(seed);
+        let x: Vec<f32> = (0..m * k).map(|_| rng.f32()).collect();
+        let w: Vec<u16> = (0..n * k).map(|_| kind.from_f32(rng.f32() * 2.0)).collect();
         for isa in isas() {
             let mut y = vec![f32::NAN; m * n];
             matmul_with(isa, kind, &x, m, &w, n, k, &mut y);
@@ -653,10 +542,10 @@ mod tests {
     #[test]
     fn large_products_split_over_the_pool_equal_one_thread() {
         let (m, n, k) = (1, 4096, 1024);
-        let mut rng = Rng(99);
-        let x: Vec<f32> = (0..m * k).map(|_| rng.next()).collect();
+        let mut rng = Rng::new(99);
+        let x: Vec<f32> = (0..m * k).map(|_| rng.f32()).collect();
         for kind in [Half::F16, Half::Bf16] {
-            let w: Vec<u16> = (0..n * k).map(|_| kind.from_f32(rng.next())).collect();
+            let w: Vec<u16> = (0..n * k).map(|_| kind.from_f32(rng.f32())).collect();
             let mut par = vec![0f32; m * n];
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(3)
