@@ -78,7 +78,7 @@ struct LayerArgs {
     /// Port to bind, 0 for any free one (server.port).
     #[arg(long)]
     port: Option<u16>,
-    /// A GGUF model file (model.path).
+    /// A GGUF model file, or a Hugging Face model directory (model.path).
     #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
     /// The model id clients use (model.name).
@@ -170,8 +170,10 @@ enum ConfigCommand {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// A GGUF model file. Without it, the reference model (SmolLM2-135M-Instruct
-    /// Q4_1) is fetched into $PARALLM_HOME (default ~/.cache/parallm) on first use.
+    /// A GGUF model file, or a Hugging Face model directory (config.json,
+    /// safetensors, tokenizer.json). Without it, the reference model
+    /// (SmolLM2-135M-Instruct Q4_1) is fetched into $PARALLM_HOME (default
+    /// ~/.cache/parallm) on first use.
     #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
     /// Numeric format of the weights: auto, native, q8_0, f32, f16 or bf16.

@@ -17,15 +17,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-use common::{ids, model_path, top_k};
-use parallm::framework::collective::{Collective, SingleCollective, ThreadCollective};
+use common::{greedy_before_tie, ids, on_group, prefill_and_greedy, top_k, write_models};
+use parallm::framework::collective::SingleCollective;
 use parallm::framework::family::{NormKind, Positions};
-use parallm::framework::{
-    BatchItem, GgufFile, LlamaShard, LogitsWanted, ModelConfig, ShardSpec, Tokenizer, WeightFormat,
-};
+use parallm::framework::{GgufFile, LlamaShard, ModelConfig, ShardSpec, Tokenizer, WeightFormat};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -66,27 +63,7 @@ fn models_dir() -> &'static Path {
         if names.iter().all(|n| dir.join(format!("{n}.gguf")).exists()) {
             return dir;
         }
-        let support = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support");
-        let env = Command::new("bash")
-            .arg(support.join("python-env.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run python-env.sh");
-        assert!(env.status.success(), "python-env.sh failed");
-        let python = String::from_utf8_lossy(&env.stdout)
-            .lines()
-            .last()
-            .expect("python-env.sh prints the venv's python")
-            .trim()
-            .to_string();
-        let status = Command::new(python)
-            .arg(support.join("family_models.py"))
-            .arg(model_path())
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .status()
-            .expect("run family_models.py");
-        assert!(status.success(), "family_models.py failed");
+        write_models("family_models.py", &dir);
         dir
     })
 }
@@ -110,45 +87,6 @@ fn cases(name: &str) -> &'static [Value] {
     golden()["models"][name]["cases"].as_array().expect("cases")
 }
 
-/// Every position's logits of `prompt`, then `n` greedy tokens, on one shard
-/// of a tensor-parallel group (`coll`).
-fn run(
-    m: &LlamaShard,
-    prompt: &[u32],
-    n: usize,
-    coll: &dyn Collective,
-) -> (Vec<Vec<f32>>, Vec<u32>) {
-    let mut cache = m.new_cache();
-    let logits = m
-        .forward(
-            &mut [BatchItem {
-                tokens: prompt,
-                cache: &mut cache,
-                logits: LogitsWanted::All,
-            }],
-            coll,
-        )
-        .expect("prefill");
-    let rows: Vec<Vec<f32>> = (0..prompt.len()).map(|r| logits.row(r).to_vec()).collect();
-    let mut next = top_k(&rows[prompt.len() - 1], 1)[0] as u32;
-    let mut greedy = vec![next];
-    while greedy.len() < n {
-        let l = m
-            .forward(
-                &mut [BatchItem {
-                    tokens: &[next],
-                    cache: &mut cache,
-                    logits: LogitsWanted::Last,
-                }],
-                coll,
-            )
-            .expect("decode");
-        next = top_k(l.last(0).expect("a row"), 1)[0] as u32;
-        greedy.push(next);
-    }
-    (rows, greedy)
-}
-
 /// Runs every case of model `name` at tensor-parallel width `tp` (every rank
 /// checked) and returns the largest top-10 logit difference met.
 fn check(name: &str, tp: usize) -> f32 {
@@ -169,27 +107,7 @@ fn check(name: &str, tp: usize) -> f32 {
     for case in cases(name) {
         let prompt = ids(&case["tokens"]);
         let want_greedy = ids(&case["greedy"]);
-        let results: Vec<(Vec<Vec<f32>>, Vec<u32>)> = if tp == 1 {
-            vec![run(
-                &shards[0],
-                &prompt,
-                want_greedy.len(),
-                &SingleCollective,
-            )]
-        } else {
-            let colls = ThreadCollective::group(tp);
-            std::thread::scope(|s| {
-                let joins: Vec<_> = shards
-                    .iter()
-                    .zip(&colls)
-                    .map(|(m, c)| {
-                        let (prompt, n) = (&prompt, want_greedy.len());
-                        s.spawn(move || run(m, prompt, n, c))
-                    })
-                    .collect();
-                joins.into_iter().map(|j| j.join().expect("rank")).collect()
-            })
-        };
+        let results = on_group(&shards, &prompt, want_greedy.len());
         let what = format!("{name} tp={tp} on {:?}", case["prompt"]);
         for (rank, (rows, greedy)) in results.iter().enumerate() {
             let argmax: Vec<u32> = rows.iter().map(|r| top_k(r, 1)[0] as u32).collect();
@@ -231,10 +149,7 @@ fn check(name: &str, tp: usize) -> f32 {
                 );
             }
             let n = if quantized {
-                let gaps = case["greedy_gaps"].as_array().expect("greedy_gaps");
-                gaps.iter()
-                    .position(|g| (g.as_f64().expect("gap") as f32) < NEAR_TIE)
-                    .unwrap_or(want_greedy.len())
+                greedy_before_tie(case, NEAR_TIE)
             } else {
                 want_greedy.len()
             };
@@ -278,7 +193,7 @@ fn half_weights_compute_what_their_widened_f32_copies_compute() {
         let prompt = ids(&cases(name)[1]["tokens"]);
         let logits = |format| {
             let m = LlamaShard::load(&file, ShardSpec::SINGLE, format).expect("loads");
-            run(&m, &prompt, 4, &SingleCollective)
+            prefill_and_greedy(&m, &prompt, 4, &SingleCollective)
         };
         let (native, native_greedy) = logits(WeightFormat::Native);
         let (wide, wide_greedy) = logits(WeightFormat::F32);

@@ -16,6 +16,10 @@
 //!   alignment, which is what a type that disagrees with the data it was
 //!   written with leaves behind.
 //!
+//! A Hugging Face model directory opens as the same type: [`crate::hf`] maps
+//! its `config.json` to GGUF metadata keys and its safetensors tensors to
+//! GGUF names, so everything downstream reads one vocabulary.
+//!
 //! Every error names the file. Nothing here knows about Llama; [`crate::config`]
 //! reads the keys.
 
@@ -29,6 +33,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
 
 use crate::error::{Error, Result};
+use crate::hf::HfModel;
 
 /// The alignment of tensor data when `general.alignment` is absent.
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -37,11 +42,19 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 trait Source: Read + Seek + Send {}
 impl<T: Read + Seek + Send> Source for T {}
 
-/// An open, validated GGUF file.
+/// Where an open model's tensor bytes are.
+enum Data {
+    /// A GGUF file, read at the offsets of its tensor table.
+    Gguf(Mutex<Box<dyn Source>>),
+    /// A Hugging Face directory's mapped safetensors files.
+    Hf(Box<HfModel>),
+}
+
+/// An open, validated GGUF file, or a Hugging Face model directory read as one.
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
-    reader: Mutex<Box<dyn Source>>,
+    data: Data,
     file_size: u64,
 }
 
@@ -55,7 +68,8 @@ impl std::fmt::Debug for GgufFile {
 }
 
 impl GgufFile {
-    /// Opens and validates `path`.
+    /// Opens and validates `path`: a GGUF file, or a Hugging Face model
+    /// directory ([`crate::hf`]).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let file_err = |reason: String| Error::ModelFile {
@@ -66,7 +80,13 @@ impl GgufFile {
             return Err(file_err("no such file".into()));
         }
         if path.is_dir() {
-            return Err(file_err("is a directory, expected a .gguf file".into()));
+            let (content, hf) = crate::hf::open(&path)?;
+            return Ok(Self {
+                path,
+                content,
+                file_size: hf.bytes(),
+                data: Data::Hf(Box::new(hf)),
+            });
         }
         let file = File::open(&path).map_err(|e| file_err(format!("cannot open: {e}")))?;
         let file_size = file
@@ -163,7 +183,7 @@ impl GgufFile {
         Ok(Self {
             path,
             content,
-            reader: Mutex::new(reader),
+            data: Data::Gguf(Mutex::new(reader)),
             file_size,
         })
     }
@@ -173,7 +193,15 @@ impl GgufFile {
         &self.path
     }
 
-    /// The file's size in bytes.
+    /// The Hugging Face directory this was opened from, if it was.
+    pub fn hf(&self) -> Option<&HfModel> {
+        match &self.data {
+            Data::Hf(hf) => Some(hf),
+            Data::Gguf(_) => None,
+        }
+    }
+
+    /// The file's size in bytes (a directory's: its weight files').
     pub fn file_size(&self) -> u64 {
         self.file_size
     }
@@ -314,12 +342,30 @@ impl GgufFile {
 
     /// Reads a tensor, checking it has `dims`.
     pub fn tensor(&self, name: &str, dims: &[usize]) -> Result<QTensor> {
-        let (_, found) = self.tensor_info(name)?;
+        let (dtype, found) = self.tensor_info(name)?;
         if found != dims {
             return Err(self.tensor_err(name, format!("has shape {found:?}, expected {dims:?}")));
         }
-        let mut reader = self
-            .reader
+        let reader = match &self.data {
+            Data::Gguf(reader) => reader,
+            Data::Hf(hf) => {
+                let bytes = hf.raw(name).ok_or_else(|| {
+                    self.tensor_err(name, "has rows that do not split into rotary heads")
+                })?;
+                return candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    dtype,
+                    &bytes,
+                    found,
+                    &Device::Cpu,
+                )
+                .map_err(|e| {
+                    let text = e.to_string();
+                    let first = text.lines().next().unwrap_or_default();
+                    self.tensor_err(name, format!("cannot read: {first}"))
+                });
+            }
+        };
+        let mut reader = reader
             .lock()
             .map_err(|_| self.tensor_err(name, "reader poisoned by an earlier failure"))?;
         reader
@@ -338,7 +384,10 @@ impl GgufFile {
     pub(crate) fn tensor_err(&self, name: &str, reason: impl Into<String>) -> Error {
         Error::Tensor {
             path: self.path.clone(),
-            name: name.into(),
+            name: match &self.data {
+                Data::Gguf(_) => name.into(),
+                Data::Hf(hf) => hf.describe(name),
+            },
             reason: reason.into(),
         }
     }

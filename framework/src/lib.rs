@@ -25,6 +25,7 @@ pub mod error;
 pub mod family;
 pub mod generate;
 pub mod gguf;
+pub mod hf;
 pub mod kv;
 pub mod metrics;
 pub mod model;

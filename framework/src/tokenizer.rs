@@ -13,6 +13,12 @@
 //! `add_bos_token` / `add_eos_token` are read for both (defaults: llama.cpp's,
 //! BOS for SentencePiece only).
 //!
+//! A Hugging Face directory's `tokenizer.json` is read by the `tokenizers`
+//! crate as it is, normalizer, pre-tokenizer and added tokens included; its
+//! post-processor is asked once whether it adds BOS or EOS, and
+//! `tokenizer_config.json` (and `config.json`, `generation_config.json`)
+//! give the special tokens, the stop tokens and the chat template.
+//!
 //! Decoding is ours: each token id maps to its raw bytes once, at load, and
 //! [`StreamDecoder`] turns a stream of ids into text that never contains a
 //! broken UTF-8 sequence: bytes of an incomplete character wait for the next token.
@@ -28,6 +34,7 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
+use crate::hf::HfModel;
 use crate::spm::{self, Spm};
 
 /// Llama 3's pre-tokenization pattern (`tokenizer.ggml.pre = llama-bpe`).
@@ -124,8 +131,12 @@ fn byte_to_char_table() -> [char; 256] {
 }
 
 impl Tokenizer {
-    /// Builds the tokenizer of a GGUF file.
+    /// Builds the tokenizer of a GGUF file (or of a Hugging Face directory
+    /// opened as one).
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        if let Some(hf) = file.hf() {
+            return Self::from_hf(hf);
+        }
         let err = |m: String| Error::Tokenizer(format!("{}: {m}", file.path().display()));
         let kind = file.get_str("tokenizer.ggml.model")?;
         let tokens = file.get_str_array("tokenizer.ggml.tokens")?;
@@ -198,6 +209,162 @@ impl Tokenizer {
                 .opt_bool("tokenizer.ggml.add_eos_token")?
                 .unwrap_or(false),
             chat_template: file.opt_str("tokenizer.chat_template")?.map(str::to_string),
+        })
+    }
+
+    /// The tokenizer of a Hugging Face directory: `tokenizer.json` and the
+    /// special tokens of its configuration files.
+    fn from_hf(hf: &HfModel) -> Result<Self> {
+        let path = hf.dir().join("tokenizer.json");
+        let err = |m: String| Error::Tokenizer(format!("{}: {m}", path.display()));
+        if !path.exists() {
+            return Err(err("is missing".into()));
+        }
+        let mut inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| err(format!("does not parse: {e}")))?;
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| err(format!("cannot turn truncation off: {e}")))?;
+        let vocab = inner.get_vocab(true);
+        let n = vocab.values().max().map_or(0, |&m| m as usize + 1);
+        if n == 0 {
+            return Err(err("has an empty vocabulary".into()));
+        }
+        let mut tokens = vec![String::new(); n];
+        for (t, &id) in &vocab {
+            tokens[id as usize] = t.clone();
+        }
+        // SentencePiece-style vocabularies (byte fallback, `▁` for spaces)
+        // spell tokens as llama.cpp's `llama` model does; the rest are
+        // byte-level.
+        let sentencepiece = match inner.get_model() {
+            tokenizers::ModelWrapper::BPE(bpe) => bpe.byte_fallback,
+            tokenizers::ModelWrapper::Unigram(_) => true,
+            _ => false,
+        };
+        let mut types = vec![1i64; n];
+        if sentencepiece {
+            for (i, t) in tokens.iter().enumerate() {
+                if t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') {
+                    types[i] = TOKEN_BYTE;
+                }
+            }
+        }
+        for (id, added) in inner.get_added_tokens_decoder() {
+            if let Some(t) = types.get_mut(id as usize) {
+                *t = if added.special {
+                    TOKEN_CONTROL
+                } else {
+                    TOKEN_USER_DEFINED
+                };
+            }
+        }
+        let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+        let token_bytes = if sentencepiece {
+            spm_token_bytes(&refs, &types)
+        } else {
+            bpe_token_bytes(&refs, &types)
+        };
+
+        // Special tokens: by text in tokenizer_config.json, else by id in
+        // config.json; stop tokens also from generation_config.json.
+        let by_text = |key: &str| -> Result<Option<u32>> {
+            let text = match hf.tokenizer_config.get(key) {
+                Some(serde_json::Value::String(s)) => s.as_str(),
+                Some(serde_json::Value::Object(o)) => {
+                    match o.get("content").and_then(|c| c.as_str()) {
+                        Some(s) => s,
+                        None => return Ok(None),
+                    }
+                }
+                _ => return Ok(None),
+            };
+            inner.token_to_id(text).map(Some).ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "{}: {key} {text:?} is not a token of tokenizer.json",
+                    hf.dir().join("tokenizer_config.json").display()
+                ))
+            })
+        };
+        let ids_in = |json: &serde_json::Value, key: &str| -> Vec<u32> {
+            match json.get(key) {
+                Some(serde_json::Value::Number(v)) => v.as_u64().into_iter().collect(),
+                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).collect(),
+                _ => Vec::new(),
+            }
+            .into_iter()
+            .filter(|&id| (id as usize) < n)
+            .map(|id| id as u32)
+            .collect()
+        };
+        let config_eos = ids_in(&hf.config, "eos_token_id");
+        let eos = match by_text("eos_token")? {
+            Some(id) => id,
+            None => *config_eos.first().ok_or_else(|| {
+                Error::Tokenizer(format!(
+                    "{}: no EOS token (eos_token in tokenizer_config.json, or eos_token_id in config.json)",
+                    hf.dir().display()
+                ))
+            })?,
+        };
+        let mut stop_tokens = vec![eos];
+        for id in config_eos
+            .into_iter()
+            .chain(ids_in(&hf.generation_config, "eos_token_id"))
+        {
+            if !stop_tokens.contains(&id) {
+                stop_tokens.push(id);
+            }
+        }
+        let bos = match by_text("bos_token")? {
+            Some(id) => Some(id),
+            None => ids_in(&hf.config, "bos_token_id").first().copied(),
+        };
+        // What the post-processor adds is asked, not guessed: encode uses
+        // the plain encoding and adds the same itself.
+        let probe = |specials: bool| -> Result<Vec<u32>> {
+            inner
+                .encode("a", specials)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| err(format!("cannot encode: {e}")))
+        };
+        let (with, plain) = (probe(true)?, probe(false)?);
+        let add_bos =
+            bos.is_some() && with.first() == bos.as_ref() && plain.first() != bos.as_ref();
+        let add_eos = with.len() > plain.len() && with.last() == Some(&eos);
+        let chat_template = match hf.tokenizer_config.get("chat_template") {
+            Some(serde_json::Value::String(t)) => Some(t.clone()),
+            // A list of named templates: the default one.
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .or_else(|| list.first())
+                .and_then(|t| t.get("template"))
+                .and_then(|t| t.as_str())
+                .map(str::to_string),
+            _ => {
+                let jinja = hf.dir().join("chat_template.jinja");
+                match jinja.exists() {
+                    true => Some(std::fs::read_to_string(&jinja).map_err(|e| {
+                        Error::Tokenizer(format!("{}: cannot read: {e}", jinja.display()))
+                    })?),
+                    false => None,
+                }
+            }
+        };
+        let max_token_len = tokens.iter().map(|t| t.len()).max().unwrap_or(1).max(1);
+        Ok(Self {
+            model: Model::Bpe(Box::new(inner)),
+            texts: tokens,
+            token_bytes,
+            max_token_len,
+            bos,
+            eos,
+            stop_tokens,
+            add_bos,
+            add_eos,
+            chat_template,
         })
     }
 

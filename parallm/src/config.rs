@@ -698,10 +698,13 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
     })?;
     let model_path = (!m.path.is_empty()).then(|| PathBuf::from(&m.path));
     if let Some(p) = &model_path {
-        if !p.is_file() {
+        if !p.is_file() && !p.is_dir() {
             return Err(invalid(
                 "model.path",
-                format!("'{}' is not a file", p.display()),
+                format!(
+                    "'{}' is not a file (a .gguf model) or a directory (a Hugging Face model)",
+                    p.display()
+                ),
             ));
         }
     }

@@ -5,7 +5,10 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use parallm::framework::{GgufFile, LlamaShard, ShardSpec, Tokenizer, WeightFormat};
+use parallm::framework::collective::{Collective, SingleCollective, ThreadCollective};
+use parallm::framework::{
+    BatchItem, GgufFile, LlamaShard, LogitsWanted, ShardSpec, Tokenizer, WeightFormat,
+};
 use parallm::{Engine, Event, Request};
 
 /// The reference model's path, fetched on first use.
@@ -121,4 +124,98 @@ pub fn sixty_four_prompts() -> Vec<Vec<u32>> {
             tok.encode(&text).expect("tokenizes")
         })
         .collect()
+}
+
+/// Every position's logits of `prompt`, then `n` greedy tokens, on one shard
+/// of a tensor-parallel group (`coll`).
+pub fn prefill_and_greedy(
+    m: &LlamaShard,
+    prompt: &[u32],
+    n: usize,
+    coll: &dyn Collective,
+) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let mut cache = m.new_cache();
+    let logits = m
+        .forward(
+            &mut [BatchItem {
+                tokens: prompt,
+                cache: &mut cache,
+                logits: LogitsWanted::All,
+            }],
+            coll,
+        )
+        .expect("prefill");
+    let rows: Vec<Vec<f32>> = (0..prompt.len()).map(|r| logits.row(r).to_vec()).collect();
+    let mut next = top_k(&rows[prompt.len() - 1], 1)[0] as u32;
+    let mut greedy = vec![next];
+    while greedy.len() < n {
+        let l = m
+            .forward(
+                &mut [BatchItem {
+                    tokens: &[next],
+                    cache: &mut cache,
+                    logits: LogitsWanted::Last,
+                }],
+                coll,
+            )
+            .expect("decode");
+        next = top_k(l.last(0).expect("a row"), 1)[0] as u32;
+        greedy.push(next);
+    }
+    (rows, greedy)
+}
+
+/// [`prefill_and_greedy`] on every shard of a tensor-parallel group (one
+/// thread per rank when there are several), each rank's result in order.
+pub fn on_group(shards: &[LlamaShard], prompt: &[u32], n: usize) -> Vec<(Vec<Vec<f32>>, Vec<u32>)> {
+    if shards.len() == 1 {
+        return vec![prefill_and_greedy(&shards[0], prompt, n, &SingleCollective)];
+    }
+    let colls = ThreadCollective::group(shards.len());
+    std::thread::scope(|s| {
+        let joins: Vec<_> = shards
+            .iter()
+            .zip(&colls)
+            .map(|(m, c)| s.spawn(move || prefill_and_greedy(m, prompt, n, c)))
+            .collect();
+        joins.into_iter().map(|j| j.join().expect("rank")).collect()
+    })
+}
+
+/// Runs `tests/support/SCRIPT REFERENCE_MODEL OUT_DIR` with the tests'
+/// Python environment (`python-env.sh`: numpy and the `gguf` package),
+/// which writes the tiny models a test compares.
+pub fn write_models(script: &str, out_dir: &std::path::Path) {
+    use std::process::{Command, Stdio};
+    let support = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support");
+    let env = Command::new("bash")
+        .arg(support.join("python-env.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run python-env.sh");
+    assert!(env.status.success(), "python-env.sh failed");
+    let python = String::from_utf8_lossy(&env.stdout)
+        .lines()
+        .last()
+        .expect("python-env.sh prints the venv's python")
+        .trim()
+        .to_string();
+    let status = Command::new(python)
+        .arg(support.join(script))
+        .arg(model_path())
+        .arg(out_dir)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("run {script}: {e}"));
+    assert!(status.success(), "{script} failed");
+}
+
+/// How many of a golden case's greedy tokens must agree: those before the
+/// first step whose reference top-two logit gap (`greedy_gaps`) is under
+/// `near_tie`, where either token may fairly win.
+pub fn greedy_before_tie(case: &serde_json::Value, near_tie: f32) -> usize {
+    let gaps = case["greedy_gaps"].as_array().expect("greedy_gaps");
+    gaps.iter()
+        .position(|g| (g.as_f64().expect("gap") as f32) < near_tie)
+        .unwrap_or(gaps.len())
 }

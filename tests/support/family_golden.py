@@ -38,17 +38,11 @@ sys.path.insert(0, SRC)
 
 import numpy as np  # noqa: E402
 from llama_cpp import Llama  # noqa: E402
+from golden_prompts import GREEDY, PROMPTS  # noqa: E402
 
 MODELS = ["llama-r3", "llama-lin", "qwen2", "qwen3", "phi3", "llama-spm", "gemma2", "gemma3",
           "gpt2", "qwen2-yarn", "phi3-q8_0", "qwen2-q4_0", "gemma3-q8_0", "gpt2-q8_0",
           "llama-r3-f16", "qwen2-bf16", "llama-tekken"]
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):\n    if n < 2:\n        return n",
-    "<|im_start|>user\nNaïve café, 東京 and 42 × 7 = 294 😀!<|im_end|>\n<|im_start|>assistant\n",
-    "Ünïcödé   spaces\t\ttabs\n\n\nnumbers 1234567 and 3.14159, Привет мир, مرحبا 🤖🚀",
-]
-GREEDY = 16
 
 
 def run(path):

@@ -35,7 +35,7 @@ use crate::SchedulerStats;
 /// Where the engine's model comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSource {
-    /// A GGUF file.
+    /// A GGUF file or a Hugging Face model directory.
     Gguf(PathBuf),
     /// A synthetic model (random weights; no tokenizer, so prompts are token ids).
     Synthetic {
@@ -419,7 +419,7 @@ impl EngineBuilder {
         Self { cfg }
     }
 
-    /// A GGUF model file.
+    /// A GGUF model file or a Hugging Face model directory.
     pub fn model_path(mut self, path: impl Into<PathBuf>) -> Self {
         self.cfg.model = ModelSource::Gguf(path.into());
         self

@@ -1,0 +1,739 @@
+//! Hugging Face model directories, read as the GGUF file llama.cpp's
+//! converter would write from them.
+//!
+//! A directory holds `config.json`, the weights as `model.safetensors` or as
+//! shards listed by `model.safetensors.index.json`, and the tokenizer as
+//! `tokenizer.json` (with `tokenizer_config.json`, and the chat template
+//! there or in `chat_template.jinja`). [`open`] maps it, once, into GGUF's
+//! vocabulary:
+//! - `config.json`'s sizes become the family's metadata keys
+//!   (`llama.block_count`, `qwen2.rope.freq_base`, …), so [`crate::config`]
+//!   reads one set of keys whatever the source;
+//! - each safetensors tensor gets its GGUF name (`model.layers.3.mlp.up_proj.weight`
+//!   is `blk.3.ffn_up.weight`); the shapes of both are `[rows, cols]`;
+//! - what the converter computes is computed here: Llama 3's rope scaling
+//!   becomes `rope_freqs.weight`, and the rows of a Llama q and k are read in
+//!   the order of GGUF's adjacent-pair rotary embedding (Hugging Face rotates
+//!   the two halves of a head).
+//!
+//! The shards are memory-mapped and their headers checked (by the
+//! `safetensors` crate: every tensor inside the file, no overlap). Nothing is
+//! read or converted until a tensor is asked for, and then only that tensor's
+//! bytes are copied, in their stored type (f32, f16 or bf16): the loader cuts
+//! a shard's rows from them before it widens anything.
+//!
+//! Families: `llama` (Llama, Mistral), `qwen2`, `qwen3` and `phi3`. Gemma's
+//! and GPT-2's checkpoints store their norms and matrices differently from
+//! their GGUF conversions (norm weights without Gemma's `+1`, GPT-2's
+//! transposed `Conv1D` matrices) and are refused by name.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
+use candle_core::quantized::GgmlDType;
+use serde_json::Value as Json;
+
+use crate::error::{Error, Result};
+use crate::family::Arch;
+
+/// The architectures (`config.json`'s `architectures`) read from a directory.
+pub const HF_ARCHS: &str =
+    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM";
+
+/// Per-layer tensors: the Hugging Face suffix after `model.layers.N.` and
+/// the GGUF one after `blk.N.`.
+const LAYER_NAMES: [(&str, &str); 17] = [
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("self_attn.q_proj.weight", "attn_q.weight"),
+    ("self_attn.k_proj.weight", "attn_k.weight"),
+    ("self_attn.v_proj.weight", "attn_v.weight"),
+    ("self_attn.q_proj.bias", "attn_q.bias"),
+    ("self_attn.k_proj.bias", "attn_k.bias"),
+    ("self_attn.v_proj.bias", "attn_v.bias"),
+    ("self_attn.qkv_proj.weight", "attn_qkv.weight"),
+    ("self_attn.o_proj.weight", "attn_output.weight"),
+    ("self_attn.q_norm.weight", "attn_q_norm.weight"),
+    ("self_attn.k_norm.weight", "attn_k_norm.weight"),
+    ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    ("mlp.gate_proj.weight", "ffn_gate.weight"),
+    ("mlp.up_proj.weight", "ffn_up.weight"),
+    ("mlp.down_proj.weight", "ffn_down.weight"),
+    // Phi-3's fused gate|up is GGUF's ffn_up of twice the rows.
+    ("mlp.gate_up_proj.weight", "ffn_up.weight"),
+    // Not a weight: older checkpoints store the rotary frequencies.
+    ("self_attn.rotary_emb.inv_freq", ""),
+];
+
+/// Whole-model tensors: Hugging Face name and GGUF name.
+const MODEL_NAMES: [(&str, &str); 3] = [
+    ("model.embed_tokens.weight", "token_embd.weight"),
+    ("model.norm.weight", "output_norm.weight"),
+    ("lm_head.weight", "output.weight"),
+];
+
+/// The GGUF name of Hugging Face tensor `hf` (`Some("")` for one that is
+/// not a weight), or `None` for a name this mapping does not know.
+fn gguf_name(hf: &str) -> Option<String> {
+    if let Some((_, g)) = MODEL_NAMES.iter().find(|(h, _)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (n, suffix) = rest.split_once('.')?;
+    let n: usize = n.parse().ok()?;
+    let (_, g) = LAYER_NAMES.iter().find(|(h, _)| *h == suffix)?;
+    Some(if g.is_empty() {
+        String::new()
+    } else {
+        format!("blk.{n}.{g}")
+    })
+}
+
+/// The Hugging Face name a GGUF tensor name stands for in a directory of
+/// `arch` (for errors about a tensor that is missing).
+pub(crate) fn hf_name(arch: Option<Arch>, gguf: &str) -> Option<String> {
+    if let Some((h, _)) = MODEL_NAMES.iter().find(|(_, g)| *g == gguf) {
+        return Some(h.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (n, suffix) = rest.split_once('.')?;
+    let phi3 = arch == Some(Arch::Phi3);
+    let (h, _) = LAYER_NAMES.iter().find(|(h, g)| {
+        *g == suffix && (suffix != "ffn_up.weight" || phi3 == (*h == "mlp.gate_up_proj.weight"))
+    })?;
+    Some(format!("model.layers.{n}.{h}"))
+}
+
+/// A memory-mapped safetensors file.
+struct Shard {
+    /// Its file name within the directory.
+    name: String,
+    map: memmap2::Mmap,
+}
+
+/// Where a tensor's bytes come from.
+enum Stored {
+    /// A range of a shard's bytes; a Llama q or k (weight or bias) has its
+    /// rows reordered per head of `rope_heads` heads.
+    Mapped {
+        shard: usize,
+        bytes: Range<usize>,
+        dtype: GgmlDType,
+        rows: usize,
+        rope_heads: Option<usize>,
+    },
+    /// Computed at open (f32).
+    Computed(Vec<f32>),
+}
+
+/// The tensors and tokenizer files of an open Hugging Face directory.
+pub struct HfModel {
+    dir: PathBuf,
+    arch: Arch,
+    shards: Vec<Shard>,
+    /// By GGUF name.
+    tensors: HashMap<String, Stored>,
+    /// The GGUF name → Hugging Face name of every stored tensor.
+    hf_names: HashMap<String, String>,
+    /// `config.json`.
+    pub(crate) config: Json,
+    /// `tokenizer_config.json` (`Null` when absent).
+    pub(crate) tokenizer_config: Json,
+    /// `generation_config.json` (`Null` when absent).
+    pub(crate) generation_config: Json,
+}
+
+impl std::fmt::Debug for HfModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HfModel")
+            .field("dir", &self.dir)
+            .field("shards", &self.shards.len())
+            .field("tensors", &self.tensors.len())
+            .finish()
+    }
+}
+
+/// Reads a JSON file of the directory; `None` when it does not exist.
+fn read_json(path: &Path) -> Result<Option<Json>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::ModelFile {
+        path: path.to_path_buf(),
+        reason: format!("cannot read: {e}"),
+    })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::ModelFile {
+            path: path.to_path_buf(),
+            reason: format!("is not valid JSON: {e}"),
+        })
+}
+
+/// The architecture `config.json` names.
+fn arch_of(name: &str) -> Option<Arch> {
+    match name {
+        "LlamaForCausalLM" | "MistralForCausalLM" => Some(Arch::Llama),
+        "Qwen2ForCausalLM" => Some(Arch::Qwen2),
+        "Qwen3ForCausalLM" => Some(Arch::Qwen3),
+        "Phi3ForCausalLM" => Some(Arch::Phi3),
+        _ => None,
+    }
+}
+
+/// `config.json`'s values, with errors that name the file and key.
+struct ConfigJson<'a> {
+    path: &'a Path,
+    json: &'a Json,
+}
+
+impl ConfigJson<'_> {
+    fn err(&self, key: &str, reason: &str) -> Error {
+        Error::Metadata {
+            path: self.path.to_path_buf(),
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
+        match self.json.get(key) {
+            None | Some(Json::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|v| Some(v as usize))
+                .ok_or_else(|| self.err(key, "is not a non-negative integer")),
+        }
+    }
+
+    fn usize(&self, key: &str) -> Result<usize> {
+        self.opt_usize(key)?
+            .ok_or_else(|| self.err(key, "is missing"))
+    }
+
+    fn opt_f32(&self, key: &str) -> Result<Option<f32>> {
+        opt_f32_in(self.json, key).map_err(|_| self.err(key, "is not a number"))
+    }
+}
+
+fn opt_f32_in(json: &Json, key: &str) -> std::result::Result<Option<f32>, ()> {
+    match json.get(key) {
+        None | Some(Json::Null) => Ok(None),
+        Some(v) => v.as_f64().map(|v| Some(v as f32)).ok_or(()),
+    }
+}
+
+/// Opens the Hugging Face model directory `dir`: its metadata and tensor
+/// table in GGUF's vocabulary, and the mapped tensors behind them.
+pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
+    let config_path = dir.join("config.json");
+    let config = read_json(&config_path)?.ok_or_else(|| Error::ModelFile {
+        path: dir.to_path_buf(),
+        reason: "is a directory without config.json: a model is a .gguf file, or a Hugging Face directory with config.json, model.safetensors and tokenizer.json".into(),
+    })?;
+    let cfg = ConfigJson {
+        path: &config_path,
+        json: &config,
+    };
+    let arch_name = config
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(Json::as_str)
+        .ok_or_else(|| cfg.err("architectures", "is missing or not a list of names"))?;
+    let arch = arch_of(arch_name).ok_or_else(|| Error::Unsupported {
+        path: config_path.clone(),
+        what: "architecture",
+        found: arch_name.to_string(),
+        supported: HF_ARCHS,
+    })?;
+    let metadata = metadata(&cfg, arch, arch_name)?;
+    let n_heads = cfg.usize("num_attention_heads")?;
+    let n_kv = cfg.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
+    let tied = config
+        .get("tie_word_embeddings")
+        .and_then(Json::as_bool)
+        .unwrap_or(false);
+
+    let shards = map_shards(dir)?;
+    let mut tensors = HashMap::new();
+    let mut hf_names = HashMap::new();
+    let mut unknown = Vec::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let shard_path = dir.join(&shard.name);
+        let (header, meta) =
+            safetensors::SafeTensors::read_metadata(&shard.map).map_err(|e| Error::ModelFile {
+                path: shard_path.clone(),
+                reason: format!("not a readable safetensors file: {e:?}"),
+            })?;
+        let start = 8 + header;
+        let mut names: Vec<(String, &safetensors::tensor::TensorInfo)> =
+            meta.tensors().into_iter().collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, info) in names {
+            let Some(gguf) = gguf_name(&name) else {
+                unknown.push(name);
+                continue;
+            };
+            if gguf.is_empty() || (tied && gguf == "output.weight") {
+                continue;
+            }
+            let dtype = match info.dtype {
+                safetensors::Dtype::F32 => GgmlDType::F32,
+                safetensors::Dtype::F16 => GgmlDType::F16,
+                safetensors::Dtype::BF16 => GgmlDType::BF16,
+                other => {
+                    return Err(Error::Tensor {
+                        path: shard_path,
+                        name,
+                        reason: format!("has type {other:?}; f32, f16 and bf16 are read"),
+                    })
+                }
+            };
+            if info.shape.is_empty() || info.shape.len() > 2 {
+                return Err(Error::Tensor {
+                    path: shard_path,
+                    name,
+                    reason: format!(
+                        "has shape {:?}; a vector or a matrix is expected",
+                        info.shape
+                    ),
+                });
+            }
+            let rope_heads = match (arch, gguf.rsplit('.').nth(1)) {
+                (Arch::Llama, Some(last)) if last.ends_with("attn_q") => Some(n_heads),
+                (Arch::Llama, Some(last)) if last.ends_with("attn_k") => Some(n_kv),
+                _ => None,
+            };
+            let stored = Stored::Mapped {
+                shard: i,
+                bytes: start + info.data_offsets.0..start + info.data_offsets.1,
+                dtype,
+                rows: info.shape[0],
+                rope_heads,
+            };
+            if hf_names.insert(gguf.clone(), name.clone()).is_some() {
+                return Err(Error::Tensor {
+                    path: shard_path,
+                    name,
+                    reason: "is stored twice (in two shards, or as two names of one GGUF tensor)"
+                        .into(),
+                });
+            }
+            tensors.insert(gguf.clone(), (stored, info.shape.clone()));
+        }
+    }
+    if !unknown.is_empty() {
+        tracing::warn!(
+            "{}: {} tensors that a {} model does not use are ignored, first {}",
+            dir.display(),
+            unknown.len(),
+            arch_name,
+            unknown[0]
+        );
+    }
+    if let Some(factors) = llama3_rope_factors(&cfg, n_heads)? {
+        let n = factors.len();
+        tensors.insert(
+            "rope_freqs.weight".into(),
+            (Stored::Computed(factors), vec![n]),
+        );
+    }
+
+    let mut tensor_infos = HashMap::new();
+    let mut stored = HashMap::new();
+    for (name, (s, shape)) in tensors {
+        let ggml_dtype = match &s {
+            Stored::Mapped { dtype, .. } => *dtype,
+            Stored::Computed(_) => GgmlDType::F32,
+        };
+        tensor_infos.insert(
+            name.clone(),
+            TensorInfo {
+                ggml_dtype,
+                shape: shape.into(),
+                offset: 0,
+            },
+        );
+        stored.insert(name, s);
+    }
+    let content = Content {
+        magic: VersionedMagic::GgufV3,
+        metadata,
+        tensor_infos,
+        tensor_data_offset: 0,
+    };
+    let model = HfModel {
+        dir: dir.to_path_buf(),
+        arch,
+        shards,
+        tensors: stored,
+        hf_names,
+        config,
+        tokenizer_config: read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Json::Null),
+        generation_config: read_json(&dir.join("generation_config.json"))?.unwrap_or(Json::Null),
+    };
+    Ok((content, model))
+}
+
+/// The safetensors files of `dir`, mapped: the shards the index lists, or
+/// `model.safetensors`.
+fn map_shards(dir: &Path) -> Result<Vec<Shard>> {
+    let index_path = dir.join("model.safetensors.index.json");
+    let names: Vec<String> = match read_json(&index_path)? {
+        Some(index) => {
+            let map = index
+                .get("weight_map")
+                .and_then(Json::as_object)
+                .ok_or_else(|| Error::Metadata {
+                    path: index_path.clone(),
+                    key: "weight_map".into(),
+                    reason: "is missing or not an object".into(),
+                })?;
+            let files: BTreeSet<String> = map
+                .values()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| Error::Metadata {
+                            path: index_path.clone(),
+                            key: "weight_map".into(),
+                            reason: "holds a shard that is not a file name".into(),
+                        })
+                })
+                .collect::<Result<_>>()?;
+            if let Some(bad) = files.iter().find(|f| f.contains('/') || f.contains("..")) {
+                return Err(Error::Metadata {
+                    path: index_path,
+                    key: "weight_map".into(),
+                    reason: format!("names {bad}, which is not a file of the directory"),
+                });
+            }
+            files.into_iter().collect()
+        }
+        None if dir.join("model.safetensors").exists() => vec!["model.safetensors".into()],
+        None => {
+            return Err(Error::ModelFile {
+                path: dir.to_path_buf(),
+                reason: "has no model.safetensors and no model.safetensors.index.json".into(),
+            })
+        }
+    };
+    names
+        .into_iter()
+        .map(|name| {
+            let path = dir.join(&name);
+            let file = File::open(&path).map_err(|e| Error::ModelFile {
+                path: path.clone(),
+                reason: format!("cannot open: {e}"),
+            })?;
+            // SAFETY: the map is read-only and private to this process. Like
+            // every engine that maps its weights (candle, llama.cpp), this
+            // relies on the model file not being truncated or rewritten while
+            // it is open; the bytes are copied out at load.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::ModelFile {
+                path: path.clone(),
+                reason: format!("cannot map: {e}"),
+            })?;
+            Ok(Shard { name, map })
+        })
+        .collect()
+}
+
+/// The rope parameters of `config.json`: `rope_scaling`, or the newer
+/// `rope_parameters` (which also holds `rope_theta`).
+fn rope_params(json: &Json) -> Option<&Json> {
+    ["rope_scaling", "rope_parameters"]
+        .iter()
+        .filter_map(|k| json.get(*k))
+        .find(|v| v.is_object())
+}
+
+/// GGUF metadata for the family `arch` from `config.json`.
+fn metadata(cfg: &ConfigJson<'_>, arch: Arch, arch_name: &str) -> Result<HashMap<String, Value>> {
+    let p = arch.family().prefix;
+    let mut m = HashMap::new();
+    let mut put = |k: &str, v: Value| {
+        m.insert(format!("{p}.{k}"), v);
+    };
+    let u = |v: usize| Value::U64(v as u64);
+    put("block_count", u(cfg.usize("num_hidden_layers")?));
+    put("embedding_length", u(cfg.usize("hidden_size")?));
+    put("feed_forward_length", u(cfg.usize("intermediate_size")?));
+    put("vocab_size", u(cfg.usize("vocab_size")?));
+    let heads = cfg.usize("num_attention_heads")?;
+    put("attention.head_count", u(heads));
+    if let Some(kv) = cfg.opt_usize("num_key_value_heads")? {
+        put("attention.head_count_kv", u(kv));
+    }
+    let head_dim = cfg.opt_usize("head_dim")?;
+    if let Some(d) = head_dim {
+        put("attention.key_length", u(d));
+        put("attention.value_length", u(d));
+    }
+    if let Some(n) = cfg.opt_usize("max_position_embeddings")? {
+        put("context_length", u(n));
+    }
+    if let Some(eps) = cfg.opt_f32("rms_norm_eps")? {
+        put("attention.layer_norm_rms_epsilon", Value::F32(eps));
+    }
+    let params = rope_params(cfg.json);
+    let theta = match cfg.opt_f32("rope_theta")? {
+        Some(t) => Some(t),
+        None => params
+            .map(|p| opt_f32_in(p, "rope_theta"))
+            .transpose()
+            .map_err(|_| cfg.err("rope_parameters.rope_theta", "is not a number"))?
+            .flatten(),
+    };
+    if let Some(t) = theta {
+        put("rope.freq_base", Value::F32(t));
+    }
+    if let Some(f) = cfg.opt_f32("partial_rotary_factor")? {
+        let hidden = cfg.usize("hidden_size")?;
+        let d = head_dim.unwrap_or(hidden.checked_div(heads).unwrap_or(0));
+        put("rope.dimension_count", u((d as f32 * f).round() as usize));
+    }
+    let sliding = match arch_name {
+        "MistralForCausalLM" => true,
+        _ => cfg
+            .json
+            .get("use_sliding_window")
+            .and_then(Json::as_bool)
+            .unwrap_or(false),
+    };
+    if sliding {
+        if let Some(w) = cfg.opt_usize("sliding_window")? {
+            put("attention.sliding_window", u(w));
+        }
+    }
+    if let Some(params) = params {
+        let kind = params
+            .get("rope_type")
+            .or_else(|| params.get("type"))
+            .and_then(Json::as_str)
+            .unwrap_or("default");
+        let factor = opt_f32_in(params, "factor")
+            .map_err(|_| cfg.err("rope_scaling.factor", "is not a number"))?;
+        match kind {
+            "default" | "none" => {}
+            // Computed as rope_freqs.weight.
+            "llama3" => {}
+            "linear" | "yarn" => {
+                put("rope.scaling.type", Value::String(kind.into()));
+                let factor = factor.ok_or_else(|| cfg.err("rope_scaling.factor", "is missing"))?;
+                put("rope.scaling.factor", Value::F32(factor));
+                if kind == "yarn" {
+                    let orig = params
+                        .get("original_max_position_embeddings")
+                        .and_then(Json::as_u64)
+                        .ok_or_else(|| {
+                            cfg.err(
+                                "rope_scaling.original_max_position_embeddings",
+                                "is missing or not an integer",
+                            )
+                        })?;
+                    put("rope.scaling.original_context_length", Value::U64(orig));
+                    if let Some(a) = opt_f32_in(params, "attention_factor")
+                        .map_err(|_| cfg.err("rope_scaling.attention_factor", "is not a number"))?
+                    {
+                        put("rope.scaling.attn_factor", Value::F32(a));
+                    }
+                }
+            }
+            // Named to the config's reader, which refuses it by name.
+            other => put("rope.scaling.type", Value::String(other.into())),
+        }
+    }
+    m.insert(
+        "general.architecture".into(),
+        Value::String(arch.family().prefix.into()),
+    );
+    Ok(m)
+}
+
+/// Llama 3's rope scaling as per-frequency divisors (what llama.cpp's
+/// converter stores as `rope_freqs.weight`), when `config.json` asks for it.
+fn llama3_rope_factors(cfg: &ConfigJson<'_>, n_heads: usize) -> Result<Option<Vec<f32>>> {
+    let Some(params) = rope_params(cfg.json) else {
+        return Ok(None);
+    };
+    let kind = params
+        .get("rope_type")
+        .or_else(|| params.get("type"))
+        .and_then(Json::as_str);
+    if kind != Some("llama3") {
+        return Ok(None);
+    }
+    let get = |k: &str, default: Option<f64>| -> Result<f64> {
+        params
+            .get(k)
+            .and_then(Json::as_f64)
+            .or(default)
+            .ok_or_else(|| cfg.err(&format!("rope_scaling.{k}"), "is missing or not a number"))
+    };
+    let factor = get("factor", None)?;
+    let low = get("low_freq_factor", Some(1.0))?;
+    let high = get("high_freq_factor", Some(4.0))?;
+    let old_context = get("original_max_position_embeddings", Some(8192.0))?;
+    let base = match cfg.opt_f32("rope_theta")? {
+        Some(t) => t as f64,
+        None => params
+            .get("rope_theta")
+            .and_then(Json::as_f64)
+            .unwrap_or(10_000.0),
+    };
+    let hidden = cfg.usize("hidden_size")?;
+    let dim = match cfg.opt_usize("head_dim")? {
+        Some(d) => d,
+        None if n_heads > 0 => hidden / n_heads,
+        None => return Ok(None),
+    };
+    let (low_wavelen, high_wavelen) = (old_context / low, old_context / high);
+    let factors = (0..dim / 2)
+        .map(|i| {
+            let freq = 1.0 / base.powf((2 * i) as f64 / dim as f64);
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            let f = if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth = (old_context / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            };
+            f as f32
+        })
+        .collect();
+    Ok(Some(factors))
+}
+
+impl HfModel {
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The family.
+    pub fn arch(&self) -> Arch {
+        self.arch
+    }
+
+    /// The total size of the weight files.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.map.len() as u64).sum()
+    }
+
+    /// The Hugging Face name and shard of a stored tensor, for errors.
+    pub(crate) fn describe(&self, gguf: &str) -> String {
+        match (self.hf_names.get(gguf), self.tensors.get(gguf)) {
+            (Some(hf), Some(Stored::Mapped { shard, .. })) => {
+                format!("{hf} in {}", self.shards[*shard].name)
+            }
+            _ => match hf_name(Some(self.arch), gguf) {
+                Some(hf) => format!("{hf} (GGUF {gguf})"),
+                None => gguf.to_string(),
+            },
+        }
+    }
+
+    /// The bytes of tensor `gguf`, in its stored type and GGUF's row order.
+    pub(crate) fn raw(&self, gguf: &str) -> Option<Vec<u8>> {
+        Some(match self.tensors.get(gguf)? {
+            Stored::Computed(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Stored::Mapped {
+                shard,
+                bytes,
+                rows,
+                rope_heads,
+                ..
+            } => {
+                let data = self.shards[*shard].map.get(bytes.clone())?;
+                match rope_heads {
+                    Some(heads) => adjacent_pairs(data, *rows, *heads)?,
+                    None => data.to_vec(),
+                }
+            }
+        })
+    }
+}
+
+/// The rows of a q or k projection (or bias) reordered from Hugging Face's
+/// rotary layout (a head's first half pairs with its second half) to GGUF's
+/// (adjacent rows pair): row `2i + j` of a head is Hugging Face's row
+/// `j·d/2 + i`. `None` when the rows do not split into heads of even width.
+fn adjacent_pairs(data: &[u8], rows: usize, heads: usize) -> Option<Vec<u8>> {
+    if heads == 0
+        || rows == 0
+        || !rows.is_multiple_of(heads)
+        || !(rows / heads).is_multiple_of(2)
+        || !data.len().is_multiple_of(rows)
+    {
+        return None;
+    }
+    let (d, row) = (rows / heads, data.len() / rows);
+    let half = d / 2;
+    let mut out = Vec::with_capacity(data.len());
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * d + j * half + i;
+                out.extend_from_slice(&data[src * row..(src + 1) * row]);
+            }
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_both_ways() {
+        for (hf, gguf) in [
+            ("model.embed_tokens.weight", "token_embd.weight"),
+            (
+                "model.layers.11.self_attn.q_proj.bias",
+                "blk.11.attn_q.bias",
+            ),
+            (
+                "model.layers.0.mlp.down_proj.weight",
+                "blk.0.ffn_down.weight",
+            ),
+            (
+                "model.layers.2.self_attn.k_norm.weight",
+                "blk.2.attn_k_norm.weight",
+            ),
+        ] {
+            assert_eq!(gguf_name(hf).as_deref(), Some(gguf));
+            assert_eq!(hf_name(Some(Arch::Llama), gguf).as_deref(), Some(hf));
+        }
+        assert_eq!(
+            hf_name(Some(Arch::Phi3), "blk.1.ffn_up.weight").as_deref(),
+            Some("model.layers.1.mlp.gate_up_proj.weight")
+        );
+        assert_eq!(
+            hf_name(Some(Arch::Llama), "blk.1.ffn_up.weight").as_deref(),
+            Some("model.layers.1.mlp.up_proj.weight")
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.self_attn.rotary_emb.inv_freq").as_deref(),
+            Some("")
+        );
+        assert_eq!(gguf_name("vision_tower.patch_embed.weight"), None);
+    }
+
+    #[test]
+    fn rotary_rows_pair_adjacently() {
+        // Two heads of width 4, one byte per row: HF rows [a0 a1 b0 b1] per
+        // head (a pairs with b) become [a0 b0 a1 b1].
+        let data: Vec<u8> = (0..8).collect();
+        assert_eq!(
+            adjacent_pairs(&data, 8, 2),
+            Some(vec![0, 2, 1, 3, 4, 6, 5, 7])
+        );
+        assert_eq!(adjacent_pairs(&data, 8, 3), None);
+    }
+}

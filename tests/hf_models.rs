@@ -1,0 +1,297 @@
+//! Hugging Face model directories against HF transformers.
+//!
+//! The directories are tiny random-weight models in f16, bf16 and f32, one
+//! of them in two shards, written byte for byte the same on every machine by
+//! `tests/support/hf_models.py` (numpy, no torch; cached in
+//! `$PARALLM_HOME/models/hf`). `tests/golden/hf.json` holds what HF
+//! transformers computed from them in float32 (the 16-bit weights widened
+//! exactly; `tests/support/hf_golden.py`). parallm runs the 16-bit weights on
+//! its half kernels with f32 activations, so only summation order separates
+//! the two: the argmax at every position, the last position's top-10 logits
+//! within [`TOLERANCE`], 16 greedy tokens, and the tokenizer's ids, at tp = 1
+//! with the files' own types and at tp = 2 widened to f32.
+//!
+//! Then the directories a user gets wrong: each is refused with an error that
+//! names the file and what is wrong in it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::{greedy_before_tie, ids, on_group, top_k, write_models};
+use parallm::framework::{GgufFile, LlamaShard, ModelConfig, ShardSpec, Tokenizer, WeightFormat};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// The top-10 logits' tolerance (measured: at most 7.7e-6 apart).
+const TOLERANCE: f32 = 1e-3;
+
+/// Greedy tokens must agree up to the first step where transformers' top two
+/// logits are closer than this (none of the golden cases has one).
+const NEAR_TIE: f32 = 2e-4;
+
+fn golden() -> &'static Value {
+    static GOLDEN: OnceLock<Value> = OnceLock::new();
+    GOLDEN.get_or_init(|| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/hf.json");
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        serde_json::from_str(&text).expect("the golden file is JSON")
+    })
+}
+
+fn names() -> Vec<String> {
+    golden()["models"]
+        .as_object()
+        .expect("models")
+        .keys()
+        .cloned()
+        .collect()
+}
+
+/// Whether directory `dir` holds exactly the files of golden model `name`.
+fn matches_golden(dir: &Path, name: &str) -> bool {
+    let files = golden()["models"][name]["files"]
+        .as_object()
+        .expect("files");
+    files.iter().all(|(file, sha)| {
+        std::fs::read(dir.join(file))
+            .map(|bytes| format!("{:x}", Sha256::digest(&bytes)) == sha.as_str().unwrap_or(""))
+            .unwrap_or(false)
+    })
+}
+
+/// The directory of the tiny models, written once by the support script.
+fn models_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = parallm::fetch::parallm_home().join("models/hf");
+        if names().iter().all(|n| matches_golden(&dir.join(n), n)) {
+            return dir;
+        }
+        write_models("hf_models.py", &dir);
+        for n in names() {
+            assert!(
+                matches_golden(&dir.join(&n), &n),
+                "{} is not what transformers' outputs came from (another numpy or gguf version?)",
+                dir.join(&n).display()
+            );
+        }
+        dir
+    })
+}
+
+fn open(name: &str) -> GgufFile {
+    GgufFile::open(models_dir().join(name)).expect("the directory opens")
+}
+
+/// Runs every case of model `name` at width `tp` in `format`; returns the
+/// largest top-10 logit difference met.
+fn check(name: &str, tp: usize, format: WeightFormat) -> f32 {
+    let file = open(name);
+    let tokenizer = Tokenizer::from_gguf(&file).expect("tokenizer.json reads");
+    let shards: Vec<LlamaShard> = ShardSpec::group(tp)
+        .into_iter()
+        .map(|spec| LlamaShard::load(&file, spec, format).expect("the shard loads"))
+        .collect();
+    let mut worst = 0f32;
+    for case in golden()["models"][name]["cases"].as_array().expect("cases") {
+        let prompt = ids(&case["tokens"]);
+        let what = format!("{name} tp={tp} {format} on {:?}", case["prompt"]);
+        let text = case["prompt"].as_str().expect("prompt");
+        assert_eq!(
+            tokenizer.encode(text).expect("encodes"),
+            prompt,
+            "{what}: tokens"
+        );
+        let want_greedy = ids(&case["greedy"]);
+        let results = on_group(&shards, &prompt, want_greedy.len());
+        for (rank, (rows, greedy)) in results.iter().enumerate() {
+            let argmax: Vec<u32> = rows.iter().map(|r| top_k(r, 1)[0] as u32).collect();
+            assert_eq!(
+                argmax,
+                ids(&case["argmax"]),
+                "{what} rank {rank}: argmax per position"
+            );
+            let last = &rows[prompt.len() - 1];
+            for pair in case["top10"].as_array().expect("top10") {
+                let (tok, want) = (
+                    pair[0].as_u64().expect("id") as usize,
+                    pair[1].as_f64().expect("logit") as f32,
+                );
+                let d = (last[tok] - want).abs();
+                worst = worst.max(d);
+                assert!(
+                    d <= TOLERANCE,
+                    "{what} rank {rank}: token {tok}: {} vs transformers {want}",
+                    last[tok]
+                );
+            }
+            let n = greedy_before_tie(case, NEAR_TIE);
+            assert_eq!(
+                greedy[..n],
+                want_greedy[..n],
+                "{what} rank {rank}: greedy tokens"
+            );
+        }
+    }
+    worst
+}
+
+#[test]
+fn each_directory_matches_transformers_at_tp1_and_tp2() {
+    let names = names();
+    assert!(names.len() >= 5, "golden models: {names:?}");
+    for name in &names {
+        let native = check(name, 1, WeightFormat::Native);
+        let widened = check(name, 2, WeightFormat::F32);
+        println!("{name}: top-10 within {native:.2e} (own type, tp=1), {widened:.2e} (f32, tp=2)");
+    }
+}
+
+#[test]
+fn directories_read_as_their_families() {
+    for (name, arch, bos) in [
+        ("llama-f16", "llama", true),
+        ("llama-bf16", "llama", true),
+        ("qwen2-bf16", "qwen2", false),
+        ("qwen3-f16", "qwen3", false),
+        ("phi3-f32", "phi3", false),
+    ] {
+        let file = open(name);
+        let config = ModelConfig::from_gguf(&file).expect("config.json reads");
+        assert_eq!(config.arch.name(), arch, "{name}");
+        // Llama 3's rope scaling becomes per-frequency factors.
+        assert_eq!(
+            config.rope.freq_factors.is_some(),
+            arch == "llama",
+            "{name}"
+        );
+        let tok = Tokenizer::from_gguf(&file).expect("tokenizer");
+        assert_eq!(
+            tok.bos().is_some() && bos,
+            tok.encode("a").unwrap()[0] == 0,
+            "{name}"
+        );
+        // eos_token of tokenizer_config.json, then generation_config.json's list.
+        assert_eq!(tok.eos(), 2, "{name}");
+        assert_eq!(tok.stop_tokens(), &[2, 0], "{name}");
+        assert!(
+            tok.chat_template().is_some_and(|t| t.contains("im_start")),
+            "{name}"
+        );
+    }
+}
+
+/// A copy of golden directory `name` in a fresh temporary directory, with
+/// `edit` applied to it.
+fn broken_copy(name: &str, case: &str, edit: impl FnOnce(&Path)) -> PathBuf {
+    let src = models_dir().join(name);
+    let dst = std::env::temp_dir().join(format!("parallm-hf-{}-{case}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    std::fs::create_dir_all(&dst).expect("temp dir");
+    for entry in std::fs::read_dir(&src).expect("model dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), dst.join(entry.file_name())).expect("copy");
+    }
+    edit(&dst);
+    dst
+}
+
+fn edit_json(path: &Path, edit: impl FnOnce(&mut Value)) {
+    let mut v: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json");
+    edit(&mut v);
+    std::fs::write(path, serde_json::to_string(&v).expect("json")).expect("write");
+}
+
+/// The error of loading `dir` whole (model and tokenizer), as a user's
+/// `--model DIR` does.
+fn load_error(dir: &Path) -> String {
+    let err = GgufFile::open(dir).and_then(|file| {
+        ModelConfig::from_gguf(&file)?;
+        Tokenizer::from_gguf(&file)?;
+        LlamaShard::load(&file, ShardSpec::SINGLE, WeightFormat::Native).map(|_| ())
+    });
+    let _ = std::fs::remove_dir_all(dir);
+    err.expect_err("the directory is refused").to_string()
+}
+
+#[test]
+fn bad_directories_are_refused_naming_the_file_and_the_fault() {
+    // A shape that disagrees with config.json.
+    let dir = broken_copy("llama-f16", "shape", |d| {
+        edit_json(&d.join("config.json"), |c| {
+            c["intermediate_size"] = 256.into()
+        })
+    });
+    let err = load_error(&dir);
+    assert!(
+        err.contains("model.layers.0.mlp.gate_proj.weight in model.safetensors")
+            && err.contains("[128, 64]")
+            && err.contains("[256, 64]"),
+        "{err}"
+    );
+
+    // A tensor missing: the index leaves the second shard out.
+    let dir = broken_copy("llama-bf16", "missing", |d| {
+        edit_json(&d.join("model.safetensors.index.json"), |i| {
+            let map = i["weight_map"].as_object_mut().expect("weight_map");
+            map.retain(|_, f| f.as_str() == Some("model-00001-of-00002.safetensors"));
+        })
+    });
+    let err = load_error(&dir);
+    assert!(
+        err.contains("model.") && err.contains("is missing"),
+        "{err}"
+    );
+    assert!(err.contains(&*dir.to_string_lossy()), "{err}");
+
+    // A truncated shard.
+    let dir = broken_copy("qwen2-bf16", "truncated", |d| {
+        let f = d.join("model.safetensors");
+        let len = std::fs::metadata(&f).expect("stat").len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f)
+            .and_then(|h| h.set_len(len - 100))
+            .expect("truncate");
+    });
+    let err = load_error(&dir);
+    assert!(
+        err.contains("model.safetensors") && err.contains("not a readable safetensors file"),
+        "{err}"
+    );
+
+    // A tokenizer.json that does not parse.
+    let dir = broken_copy("qwen3-f16", "tokenizer", |d| {
+        std::fs::write(d.join("tokenizer.json"), "{\"model\": {\"type\": \"BPE\"").expect("write")
+    });
+    let err = load_error(&dir);
+    assert!(
+        err.contains("tokenizer.json") && err.contains("does not parse"),
+        "{err}"
+    );
+
+    // An architecture this engine does not run.
+    let dir = broken_copy("qwen3-f16", "arch", |d| {
+        edit_json(&d.join("config.json"), |c| {
+            c["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"])
+        })
+    });
+    let err = load_error(&dir);
+    assert!(
+        err.contains("config.json")
+            && err.contains("GPTNeoXForCausalLM")
+            && err.contains("Qwen3ForCausalLM"),
+        "{err}"
+    );
+
+    // A directory that is no model at all.
+    let dir = broken_copy("qwen3-f16", "empty", |d| {
+        std::fs::remove_file(d.join("config.json")).expect("rm")
+    });
+    let err = load_error(&dir);
+    assert!(err.contains("without config.json"), "{err}");
+}

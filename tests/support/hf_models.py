@@ -1,0 +1,250 @@
+#!/usr/bin/env python3
+"""Writes the tiny random-weight Hugging Face model directories the tests
+compare against HF transformers (tests/hf_models.rs, tests/golden/hf.json).
+
+    hf_models.py REFERENCE.gguf OUT_DIR
+
+Each directory is what `save_pretrained` writes for a causal LM: config.json,
+the weights as model.safetensors (or two shards and
+model.safetensors.index.json), tokenizer.json, tokenizer_config.json with
+the chat template, and generation_config.json. The tokenizer is the
+reference model's (SmolLM2's byte-level BPE, 49152 tokens, read from
+REFERENCE.gguf with the `gguf` package) written as a `tokenizers` JSON file.
+
+Weights come from splitmix64 keyed by the tensor's Hugging Face name, in
+numpy's 64-bit integer arithmetic, and are rounded to f16 (numpy) or bf16
+(round to nearest even on the bits) here; the safetensors files are written
+by hand (an 8-byte header length, the JSON header, the data), so the bytes
+are the same on every machine without torch, and the golden file records
+their SHA-256.
+
+  llama-f16    LlamaForCausalLM, f16, GQA (4 heads, 2 KV), an untied head,
+               Llama 3 rope scaling, BOS added by the post-processor
+  llama-bf16   the same weights in bf16, in two shards with an index
+  qwen2-bf16   Qwen2ForCausalLM, bf16, q/k/v biases, a tied head, Qwen2's
+               pre-tokenizer (a Split regex)
+  qwen3-f16    Qwen3ForCausalLM, f16, per-head q/k norms, head_dim 32, Qwen2's
+               pre-tokenizer
+  phi3-f32     Phi3ForCausalLM, f32, fused qkv_proj and gate_up_proj
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import gguf
+
+# The same deterministic weights as the GGUF families.
+from family_models import around_one, matrix, splitmix
+
+BASE = dict(layers=2, hidden=64, heads=4, kv=2, head_dim=16, ffn=128)
+MODELS = {
+    "llama-f16": dict(BASE, arch="LlamaForCausalLM", model_type="llama", dtype="F16",
+                      tied=False, llama3=True, bos_post=True),
+    "llama-bf16": dict(BASE, arch="LlamaForCausalLM", model_type="llama", dtype="BF16",
+                       tied=False, llama3=True, bos_post=True, shards=2),
+    "qwen2-bf16": dict(BASE, arch="Qwen2ForCausalLM", model_type="qwen2", dtype="BF16",
+                       tied=True, bias=True, rope_base=1_000_000.0),
+    "qwen3-f16": dict(BASE, layers=3, head_dim=32, ffn=96, arch="Qwen3ForCausalLM",
+                      model_type="qwen3", dtype="F16", tied=False, qk_norm=True,
+                      rope_base=1_000_000.0),
+    "phi3-f32": dict(BASE, hidden=96, heads=3, kv=3, head_dim=32, arch="Phi3ForCausalLM",
+                     model_type="phi3", dtype="F32", tied=False, fused=True),
+}
+
+
+def read_vocab(reference):
+    r = gguf.GGUFReader(reference)
+
+    def field(key):
+        f = r.fields[key]
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            if f.types[1] == gguf.GGUFValueType.STRING:
+                return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+            return [f.parts[i].tolist()[0] for i in f.data]
+        if f.types[0] == gguf.GGUFValueType.STRING:
+            return bytes(f.parts[f.data[0]]).decode("utf-8")
+        return f.parts[f.data[0]].tolist()[0]
+
+    return dict(tokens=field("tokenizer.ggml.tokens"), types=field("tokenizer.ggml.token_type"),
+                merges=field("tokenizer.ggml.merges"),
+                template=field("tokenizer.chat_template"))
+
+
+# Qwen2's pre-tokenization pattern, as its tokenizer.json (and transformers'
+# Qwen2Tokenizer, which sets it whatever the file says) has it.
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def tokenizer_json(vocab, bos_post, qwen):
+    added = [dict(id=i, content=t, single_word=False, lstrip=False, rstrip=False,
+                  normalized=False, special=True)
+             for i, (t, kind) in enumerate(zip(vocab["tokens"], vocab["types"])) if kind == 3]
+    byte_level = dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True, use_regex=True)
+    post = dict(byte_level, trim_offsets=False)
+    if bos_post:
+        bos = vocab["tokens"][0]
+        post = dict(type="TemplateProcessing",
+                    single=[dict(SpecialToken=dict(id=bos, type_id=0)),
+                            dict(Sequence=dict(id="A", type_id=0))],
+                    pair=[dict(SpecialToken=dict(id=bos, type_id=0)),
+                          dict(Sequence=dict(id="A", type_id=0)),
+                          dict(Sequence=dict(id="B", type_id=1))],
+                    special_tokens={bos: dict(id=bos, ids=[0], tokens=[bos])})
+    if qwen:
+        pre = [dict(type="Split", pattern=dict(Regex=QWEN2_PATTERN), behavior="Isolated",
+                    invert=False),
+               dict(byte_level, trim_offsets=False, use_regex=False)]
+    else:
+        pre = [dict(type="Digits", individual_digits=True), byte_level]
+    return dict(
+        version="1.0", truncation=None, padding=None, added_tokens=added, normalizer=None,
+        pre_tokenizer=dict(type="Sequence", pretokenizers=pre),
+        post_processor=post,
+        decoder=dict(type="ByteLevel", add_prefix_space=True, trim_offsets=True, use_regex=True),
+        model=dict(type="BPE", dropout=None, unk_token=None, continuing_subword_prefix=None,
+                   end_of_word_suffix=None, fuse_unk=False, byte_fallback=False,
+                   ignore_merges=False,
+                   vocab={t: i for i, t in enumerate(vocab["tokens"])},
+                   merges=[m.split(" ", 1) for m in vocab["merges"]]))
+
+
+def to_bytes(a, dtype):
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if dtype == "F32":
+        return a.astype("<f4").tobytes()
+    if dtype == "F16":
+        return a.astype("<f2").tobytes()
+    bits = a.view(np.uint32).astype(np.uint64)
+    rounded = (bits + np.uint64(0x7FFF) + ((bits >> np.uint64(16)) & np.uint64(1))) >> np.uint64(16)
+    return rounded.astype("<u2").tobytes()
+
+
+def write_safetensors(path, tensors, dtype):
+    header, blobs, offset = {}, [], 0
+    for name in sorted(tensors):
+        data = to_bytes(tensors[name], dtype)
+        header[name] = dict(dtype=dtype, shape=list(tensors[name].shape),
+                            data_offsets=[offset, offset + len(data)])
+        blobs.append(data)
+        offset += len(data)
+    header["__metadata__"] = dict(format="pt")
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for b in blobs:
+            f.write(b)
+
+
+def weights(spec, vocab_size):
+    h, hd, L = spec["hidden"], spec["head_dim"], spec["layers"]
+    nh, nkv, ffn = spec["heads"], spec["kv"], spec["ffn"]
+    t = {"model.embed_tokens.weight": splitmix("model.embed_tokens.weight",
+                                               vocab_size * h).reshape(vocab_size, h),
+         "model.norm.weight": around_one("model.norm.weight", h, 0.2)}
+    if not spec["tied"]:
+        t["lm_head.weight"] = matrix("lm_head.weight", vocab_size, h, gain=3.0)
+    for i in range(L):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = around_one(p + "input_layernorm.weight", h, 0.2)
+        t[p + "post_attention_layernorm.weight"] = around_one(
+            p + "post_attention_layernorm.weight", h, 0.2)
+        if spec.get("fused"):
+            t[p + "self_attn.qkv_proj.weight"] = matrix(p + "self_attn.qkv_proj.weight",
+                                                        (nh + 2 * nkv) * hd, h)
+            t[p + "mlp.gate_up_proj.weight"] = matrix(p + "mlp.gate_up_proj.weight", 2 * ffn, h)
+        else:
+            for proj, rows in [("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd)]:
+                name = p + f"self_attn.{proj}_proj.weight"
+                t[name] = matrix(name, rows, h)
+                if spec.get("bias"):
+                    bname = p + f"self_attn.{proj}_proj.bias"
+                    t[bname] = splitmix(bname, rows) * np.float32(0.5)
+            t[p + "mlp.gate_proj.weight"] = matrix(p + "mlp.gate_proj.weight", ffn, h)
+            t[p + "mlp.up_proj.weight"] = matrix(p + "mlp.up_proj.weight", ffn, h)
+        if spec.get("qk_norm"):
+            for n in ["q_norm", "k_norm"]:
+                t[p + f"self_attn.{n}.weight"] = around_one(p + f"self_attn.{n}.weight", hd, 0.2)
+        t[p + "self_attn.o_proj.weight"] = matrix(p + "self_attn.o_proj.weight", h, nh * hd)
+        t[p + "mlp.down_proj.weight"] = matrix(p + "mlp.down_proj.weight", h, ffn)
+    return t
+
+
+def config(spec, vocab_size):
+    c = dict(architectures=[spec["arch"]], model_type=spec["model_type"],
+             hidden_size=spec["hidden"], intermediate_size=spec["ffn"],
+             num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+             num_key_value_heads=spec["kv"], vocab_size=vocab_size,
+             max_position_embeddings=4096, rms_norm_eps=1e-6, hidden_act="silu",
+             rope_theta=spec.get("rope_base", 10_000.0), tie_word_embeddings=spec["tied"],
+             bos_token_id=0, eos_token_id=2,
+             torch_dtype={"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[spec["dtype"]])
+    if spec["hidden"] // spec["heads"] != spec["head_dim"] or spec["model_type"] == "qwen3":
+        c["head_dim"] = spec["head_dim"]
+    if spec.get("llama3"):
+        c["max_position_embeddings"] = 16384
+        c["rope_scaling"] = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                 high_freq_factor=4.0, original_max_position_embeddings=8192)
+    if spec["model_type"] == "phi3":
+        c["original_max_position_embeddings"] = 4096
+        c["pad_token_id"] = 0
+    if spec["model_type"] in ("llama",):
+        c["attention_bias"] = False
+        c["mlp_bias"] = False
+    return c
+
+
+def write(name, spec, vocab, out_dir):
+    d = os.path.join(out_dir, name)
+    os.makedirs(d, exist_ok=True)
+    vocab_size = len(vocab["tokens"])
+    qwen = spec["model_type"].startswith("qwen")
+    t = weights(spec, vocab_size)
+    shards = spec.get("shards", 1)
+    for f in os.listdir(d):
+        if f.endswith(".safetensors") or f.endswith(".index.json"):
+            os.remove(os.path.join(d, f))
+    if shards == 1:
+        write_safetensors(os.path.join(d, "model.safetensors"), t, spec["dtype"])
+    else:
+        names = sorted(t)
+        weight_map = {}
+        for s in range(shards):
+            file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: t[n] for n in names[s::shards]}
+            write_safetensors(os.path.join(d, file), part, spec["dtype"])
+            weight_map.update({n: file for n in part})
+        total = sum(len(to_bytes(a, spec["dtype"])) for a in t.values())
+        with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+            json.dump(dict(metadata=dict(total_size=total), weight_map=weight_map), f, indent=2)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(config(spec, vocab_size), f, indent=2)
+    with open(os.path.join(d, "generation_config.json"), "w") as f:
+        json.dump(dict(bos_token_id=0, eos_token_id=[2, 0]), f, indent=2)
+    with open(os.path.join(d, "tokenizer.json"), "w") as f:
+        json.dump(tokenizer_json(vocab, spec.get("bos_post", False), qwen), f, ensure_ascii=False)
+    tok_config = dict(tokenizer_class="Qwen2Tokenizer" if qwen else "PreTrainedTokenizerFast", model_max_length=4096,
+                      eos_token=vocab["tokens"][2], unk_token=vocab["tokens"][0],
+                      bos_token=vocab["tokens"][0 if spec.get("bos_post") else 1],
+                      chat_template=vocab["template"])
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump(tok_config, f, indent=2, ensure_ascii=False)
+    return d
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    reference, out_dir = sys.argv[1], sys.argv[2]
+    os.makedirs(out_dir, exist_ok=True)
+    vocab = read_vocab(reference)
+    for name, spec in MODELS.items():
+        print(write(name, spec, vocab, out_dir))
+
+
+if __name__ == "__main__":
+    main()
