@@ -52,13 +52,17 @@ fn weights(format: QuantFormat, n: usize, k: usize) -> Vec<u8> {
             QuantFormat::Q4_0 | QuantFormat::Q8_0 | QuantFormat::Q5_0 => {
                 block[..2].copy_from_slice(&scale)
             }
-            QuantFormat::Q4_1 | QuantFormat::Q5_1 | QuantFormat::Q4K => {
+            QuantFormat::Q4_1 | QuantFormat::Q5_1 | QuantFormat::Q4K | QuantFormat::Q5K => {
                 block[..2].copy_from_slice(&scale);
                 block[2..4].copy_from_slice(&scale);
             }
-            QuantFormat::Q6K => {
+            QuantFormat::Q6K | QuantFormat::Q3K => {
                 let l = block.len();
                 block[l - 2..].copy_from_slice(&scale);
+            }
+            QuantFormat::Q2K => {
+                block[80..82].copy_from_slice(&scale);
+                block[82..84].copy_from_slice(&scale);
             }
         }
     }
@@ -89,6 +93,9 @@ fn quantized(c: &mut Criterion) {
         ("q5_1 1536x576", QuantFormat::Q5_1, 1536, 576),
         ("q4_k 1536x1536", QuantFormat::Q4K, 1536, 1536),
         ("q6_k 1536x1536", QuantFormat::Q6K, 1536, 1536),
+        ("q5_k 1536x1536", QuantFormat::Q5K, 1536, 1536),
+        ("q3_k 1536x1536", QuantFormat::Q3K, 1536, 1536),
+        ("q2_k 1536x1536", QuantFormat::Q2K, 1536, 1536),
     ];
     let mut group = c.benchmark_group("quant_gemm");
     for (name, format, n, k) in shapes {

@@ -11,7 +11,7 @@
 //!
 //! [`WeightFormat`] then decides what a [`Linear`] computes with: the file's own
 //! blocks, blocks re-quantized to Q8_0, or dequantized f32. Blocks of the types
-//! `kernels::cpu::quant` implements (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K) run through
+//! `kernels::cpu::quant` implements (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) run through
 //! those kernels on the current node's thread pool ([`crate::threads`]);
 //! other block types run through candle's quantized matmul.
 
@@ -135,6 +135,9 @@ fn own_format(dtype: GgmlDType) -> Option<QuantFormat> {
         GgmlDType::Q5_1 => Some(QuantFormat::Q5_1),
         GgmlDType::Q4K => Some(QuantFormat::Q4K),
         GgmlDType::Q6K => Some(QuantFormat::Q6K),
+        GgmlDType::Q2K => Some(QuantFormat::Q2K),
+        GgmlDType::Q3K => Some(QuantFormat::Q3K),
+        GgmlDType::Q5K => Some(QuantFormat::Q5K),
         _ => None,
     }
 }

@@ -27,7 +27,7 @@
 use std::arch::x86_64::*;
 
 use super::acts::{fill, ActRow, BlockQuantizer, QuantizedActs};
-use super::formats::{q4k_scales_mins, QuantFormat, QK_K};
+use super::formats::{q3k_scales, q4k_scales_mins, QuantFormat, QK_K};
 use super::{drive_kernel, Job, OutCols, RowKernel};
 
 /// Integer dot-product primitives on 256-bit vectors.
@@ -510,25 +510,42 @@ pub(super) unsafe fn f16_ptr(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
-/// Q4_K kernel (256-bit on every path).
-pub(super) struct KQ4K<D>(std::marker::PhantomData<D>);
+/// Q4_K and Q5_K kernel (256-bit on every path): per pair of 32-weight
+/// sub-blocks one 32-byte load of nibbles (Q5_K: each with its fifth bit
+/// from `qh`), the sub-block scales applied to the i16 pair sums, the mins
+/// through the activations' group sums.
+pub(super) struct KQ45K<const Q5: bool, D>(std::marker::PhantomData<D>);
 
-impl<D: Dot256> RowKernel for KQ4K<D> {
+impl<const Q5: bool, D: Dot256> RowKernel for KQ45K<Q5, D> {
     #[inline(always)]
     unsafe fn tile<const C: usize>(w_row: &[u8], rows: &[ActRow<'_>; C]) -> [f32; C] {
-        assert_eq!(w_row.len(), rows[0].d.len() * 144);
+        let (bb, qs_at) = if Q5 { (176, 48) } else { (144, 16) };
+        assert_eq!(w_row.len(), rows[0].d.len() * bb);
         let m4 = _mm256_set1_epi8(0x0F);
+        let b4 = _mm256_set1_epi8(0x10);
         let mut sum = [0f32; C];
-        for (b, blk) in w_row.chunks_exact(144).enumerate() {
+        for (b, blk) in w_row.chunks_exact(bb).enumerate() {
             let d = f16_ptr(blk.as_ptr());
             let dmin = f16_ptr(blk.as_ptr().add(2));
             let (sc, mn) = q4k_scales_mins(&blk[4..16]);
+            // SAFETY: Q5_K's qh is bytes 16..48 of its block.
+            let qh = if Q5 {
+                _mm256_loadu_si256(blk.as_ptr().add(16) as *const __m256i)
+            } else {
+                _mm256_setzero_si256()
+            };
             let mut acc = [_mm256_setzero_si256(); C];
             for i in 0..4 {
-                // SAFETY: bytes 16 + 32i .. 48 + 32i < 144 of the block.
-                let q = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * i) as *const __m256i);
-                let lo = _mm256_and_si256(q, m4);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                // SAFETY: bytes qs_at + 32i .. qs_at + 32i + 32 ≤ bb.
+                let q = _mm256_loadu_si256(blk.as_ptr().add(qs_at + 32 * i) as *const __m256i);
+                let mut lo = _mm256_and_si256(q, m4);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                if Q5 {
+                    // Bit 2i of qh[l] is bit 4 of sub-block 2i's weight l,
+                    // bit 2i + 1 of sub-block 2i + 1's.
+                    lo = _mm256_or_si256(lo, _mm256_and_si256(bit_to(qh, 2 * i, 4), b4));
+                    hi = _mm256_or_si256(hi, _mm256_and_si256(bit_to(qh, 2 * i + 1, 4), b4));
+                }
                 let s_lo = _mm256_set1_epi16(sc[2 * i] as i16);
                 let s_hi = _mm256_set1_epi16(sc[2 * i + 1] as i16);
                 for c in 0..C {
@@ -540,17 +557,136 @@ impl<D: Dot256> RowKernel for KQ4K<D> {
                     acc[c] = D::madd_acc(acc[c], _mm256_maddubs_epi16(hi, a_hi), s_hi);
                 }
             }
-            // Each min repeated for the two groups of 16 of its sub-block.
-            let mn8 = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr() as *const __m128i));
-            let mins16 =
-                _mm256_set_m128i(_mm_unpackhi_epi16(mn8, mn8), _mm_unpacklo_epi16(mn8, mn8));
-            for c in 0..C {
-                let isum = hsum_epi32(acc[c]);
-                // SAFETY: row c has 16 bsums per block.
-                let bs = _mm256_loadu_si256(rows[c].bsums.as_ptr().add(16 * b) as *const __m256i);
-                let msum = hsum_epi32(_mm256_madd_epi16(mins16, bs));
-                let da = rows[c].d[b];
-                sum[c] += (d * da) * isum as f32 - (dmin * da) * msum as f32;
+            finish_kmins::<C>(&mut sum, acc, &mn, rows, b, d, dmin);
+        }
+        sum
+    }
+}
+
+/// `v` with bit `from` of every byte moved to bit `to` (the other bits
+/// moved alike; the caller masks). A 16-bit shift keeps each byte's bits in
+/// their byte for the bits a mask then keeps.
+///
+/// # Safety
+/// AVX2.
+#[inline(always)]
+unsafe fn bit_to(v: __m256i, from: usize, to: usize) -> __m256i {
+    if from < to {
+        _mm256_sll_epi16(v, _mm_cvtsi32_si128((to - from) as i32))
+    } else {
+        _mm256_srl_epi16(v, _mm_cvtsi32_si128((from - to) as i32))
+    }
+}
+
+/// Adds super-block `b`'s `(d·da)·isum − (dmin·da)·msum` to each row's sum,
+/// `isum` the lanes of `acc`, `msum` the 8 sub-block mins times the row's
+/// group sums (each min covering two groups of 16).
+///
+/// # Safety
+/// AVX2; `rows` have block `b`.
+#[inline(always)]
+unsafe fn finish_kmins<const C: usize>(
+    sum: &mut [f32; C],
+    acc: [__m256i; C],
+    mn: &[u8; 8],
+    rows: &[ActRow<'_>; C],
+    b: usize,
+    d: f32,
+    dmin: f32,
+) {
+    let mn8 = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr() as *const __m128i));
+    let mins16 = _mm256_set_m128i(_mm_unpackhi_epi16(mn8, mn8), _mm_unpacklo_epi16(mn8, mn8));
+    for c in 0..C {
+        let isum = hsum_epi32(acc[c]);
+        // SAFETY: row c has 16 bsums per block.
+        let bs = _mm256_loadu_si256(rows[c].bsums.as_ptr().add(16 * b) as *const __m256i);
+        let msum = hsum_epi32(_mm256_madd_epi16(mins16, bs));
+        let da = rows[c].d[b];
+        sum[c] += (d * da) * isum as f32 - (dmin * da) * msum as f32;
+    }
+}
+
+/// Q2_K and Q3_K kernel (256-bit on every path): per half of 128 weights,
+/// the four 2-bit fields of its 32 `qs` bytes (Q3_K: with the `hmask` bit
+/// as bit 2) against the activations, each group of 16 times its scale.
+pub(super) struct KQ23K<const Q3: bool, D>(std::marker::PhantomData<D>);
+
+impl<const Q3: bool, D: Dot256> RowKernel for KQ23K<Q3, D> {
+    #[inline(always)]
+    unsafe fn tile<const C: usize>(w_row: &[u8], rows: &[ActRow<'_>; C]) -> [f32; C] {
+        let bb = if Q3 { 110 } else { 84 };
+        let (qs_at, d_at) = if Q3 { (32, 108) } else { (16, 80) };
+        assert_eq!(w_row.len(), rows[0].d.len() * bb);
+        let m2 = _mm256_set1_epi8(0x03);
+        let mut sum = [0f32; C];
+        for (b, blk) in w_row.chunks_exact(bb).enumerate() {
+            let p = blk.as_ptr();
+            let d = f16_ptr(p.add(d_at));
+            // Scales: Q3_K's 6-bit, less 32; Q2_K's low nibbles (its mins
+            // are the high nibbles).
+            let sc: [i8; 16] = if Q3 {
+                q3k_scales(&blk[96..108])
+            } else {
+                std::array::from_fn(|g| (blk[g] & 0x0F) as i8)
+            };
+            // SAFETY (loads in this block): Q3_K's hmask is bytes 0..32 and
+            // qs 32..96; Q2_K's qs is bytes 16..80; both inside the block.
+            let hm = if Q3 {
+                _mm256_loadu_si256(p as *const __m256i)
+            } else {
+                _mm256_setzero_si256()
+            };
+            let mut acc = [_mm256_setzero_si256(); C];
+            for n in 0..2 {
+                let qs = _mm256_loadu_si256(p.add(qs_at + 32 * n) as *const __m256i);
+                for j in 0..4 {
+                    let mut u =
+                        _mm256_and_si256(_mm256_srl_epi16(qs, _mm_cvtsi32_si128(2 * j as i32)), m2);
+                    if Q3 {
+                        // hmask bit 4n + j as bit 2.
+                        let h = bit_to(hm, 4 * n + j, 2);
+                        u = _mm256_or_si256(u, _mm256_and_si256(h, _mm256_set1_epi8(0x04)));
+                    }
+                    let g = 8 * n + 2 * j;
+                    let s = _mm256_set_m128i(
+                        _mm_set1_epi16(sc[g + 1] as i16),
+                        _mm_set1_epi16(sc[g] as i16),
+                    );
+                    for c in 0..C {
+                        // SAFETY: 32 values of block b of row c.
+                        let a = rows[c].qs.as_ptr().add(b * QK_K + 128 * n + 32 * j);
+                        let av = _mm256_loadu_si256(a as *const __m256i);
+                        acc[c] = D::madd_acc(acc[c], _mm256_maddubs_epi16(u, av), s);
+                    }
+                }
+            }
+            if Q3 {
+                // Σ sc_g·(u − 4)·a = Σ sc_g·u·a − 4·Σ sc_g·bsum_g.
+                let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc.as_ptr() as *const __m128i));
+                for c in 0..C {
+                    // SAFETY: row c has 16 bsums per block.
+                    let bs =
+                        _mm256_loadu_si256(rows[c].bsums.as_ptr().add(16 * b) as *const __m256i);
+                    let corr = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 2);
+                    let isum = hsum_epi32(_mm256_sub_epi32(acc[c], corr));
+                    sum[c] += (d * rows[c].d[b]) * isum as f32;
+                }
+            } else {
+                let dmin = f16_ptr(p.add(82));
+                // SAFETY: the 16 scale bytes of the block.
+                let mins = _mm256_cvtepu8_epi16(_mm_srli_epi16(
+                    _mm_and_si128(_mm_loadu_si128(p as *const __m128i), _mm_set1_epi8(-16)),
+                    4,
+                ));
+                for c in 0..C {
+                    let isum = hsum_epi32(acc[c]);
+                    // SAFETY: row c has 16 bsums per block.
+                    let bs =
+                        _mm256_loadu_si256(rows[c].bsums.as_ptr().add(16 * b) as *const __m256i);
+                    let msum = hsum_epi32(_mm256_madd_epi16(mins, bs));
+                    let da = rows[c].d[b];
+                    sum[c] += (d * da) * isum as f32 - (dmin * da) * msum as f32;
+                }
             }
         }
         sum
@@ -635,8 +771,11 @@ unsafe fn run_256<D: Dot256>(format: QuantFormat, job: &Job<'_>, out: &mut OutCo
         QuantFormat::Q8_0 => drive_kernel::<K32<FQ8_0, D>>(job, out),
         QuantFormat::Q5_0 => drive_kernel::<K32<FQ5_0, D>>(job, out),
         QuantFormat::Q5_1 => drive_kernel::<K32<FQ5_1, D>>(job, out),
-        QuantFormat::Q4K => drive_kernel::<KQ4K<D>>(job, out),
+        QuantFormat::Q4K => drive_kernel::<KQ45K<false, D>>(job, out),
         QuantFormat::Q6K => drive_kernel::<KQ6K<D>>(job, out),
+        QuantFormat::Q2K => drive_kernel::<KQ23K<false, D>>(job, out),
+        QuantFormat::Q3K => drive_kernel::<KQ23K<true, D>>(job, out),
+        QuantFormat::Q5K => drive_kernel::<KQ45K<true, D>>(job, out),
     }
 }
 

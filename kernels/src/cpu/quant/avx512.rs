@@ -17,7 +17,7 @@ use std::arch::x86_64::*;
 use super::acts::ActRow;
 use super::avx2::{
     bias_shift, finish_group, hsum_ps, lane_mask, row32, scales8, Dot256, Fmt32, Maddubs, Vnni256,
-    FQ4_0, FQ4_1, FQ5_0, FQ5_1, FQ8_0, K32, KQ4K, KQ6K,
+    FQ4_0, FQ4_1, FQ5_0, FQ5_1, FQ8_0, K32, KQ23K, KQ45K, KQ6K,
 };
 use super::formats::QuantFormat;
 use super::{drive_kernel, Job, OutCols, RowKernel};
@@ -268,8 +268,11 @@ unsafe fn run_512<D: Dot512>(format: QuantFormat, job: &Job<'_>, out: &mut OutCo
         // features (its fifth-bit unpacking is 256-bit code).
         QuantFormat::Q5_0 => drive_kernel::<K32<FQ5_0, D::D256>>(job, out),
         QuantFormat::Q5_1 => drive_kernel::<K32<FQ5_1, D::D256>>(job, out),
-        QuantFormat::Q4K => drive_kernel::<KQ4K<D::D256>>(job, out),
+        QuantFormat::Q4K => drive_kernel::<KQ45K<false, D::D256>>(job, out),
         QuantFormat::Q6K => drive_kernel::<KQ6K<D::D256>>(job, out),
+        QuantFormat::Q2K => drive_kernel::<KQ23K<false, D::D256>>(job, out),
+        QuantFormat::Q3K => drive_kernel::<KQ23K<true, D::D256>>(job, out),
+        QuantFormat::Q5K => drive_kernel::<KQ45K<true, D::D256>>(job, out),
     }
 }
 

@@ -8,7 +8,7 @@
 
 /// Weights per block of the 32-wide formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
 pub const QK: usize = 32;
-/// Weights per super-block of the K formats (Q4_K, Q6_K).
+/// Weights per super-block of the K formats (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K).
 pub const QK_K: usize = 256;
 
 /// A quantized weight format whose blocks have the GGML/GGUF byte layout:
@@ -25,6 +25,19 @@ pub const QK_K: usize = 256;
 /// | Q8_0 | 32  | 34  | f16 `d`; 32 × i8; w = d·q |
 /// | Q4_K | 256 | 144 | f16 `d`, f16 `dmin`; 12 bytes of packed 6-bit (scale, min) for 8 sub-blocks of 32; 128 nibble bytes |
 /// | Q6_K | 256 | 210 | 128 bytes low nibbles `ql`; 64 bytes high 2-bit pairs `qh`; 16 × i8 scales; f16 `d` |
+/// | Q2_K | 256 | 84  | 16 scale bytes (low nibble scale, high nibble min, per 16 weights); 64 bytes of 2-bit values `qs`; f16 `d`, f16 `dmin` |
+/// | Q3_K | 256 | 110 | 32 bytes `hmask`; 64 bytes of 2-bit values `qs`; 12 bytes of 16 packed 6-bit scales; f16 `d` |
+/// | Q5_K | 256 | 176 | Q4_K's `d`, `dmin` and 12 scale bytes; 32 bytes `qh`; 128 nibble bytes |
+///
+/// Q2_K and Q3_K: weight `e` (half `n = e/128`, `r = e % 128`) takes bits
+/// `2·(r/32)` of `qs[32n + r % 32]`, and its scale is number `e/16`. Q2_K's
+/// weight is `d·(sc & 15)·q − dmin·(sc >> 4)`. Q3_K's value is `q − 4` where
+/// bit `4n + r/32` of `hmask[r % 32]` is clear, `q` where it is set, times
+/// `d·(s − 32)`; its scale `i` has low bits `s[i] & 15` (`i < 8`) or
+/// `s[i − 8] >> 4`, and high bits `(s[8 + i % 4] >> 2·(i/4)) & 3`.
+///
+/// Q5_K: Q4_K's nibbles and scales, each value with bit 4 from bit `j` of
+/// `qh[l]` (sub-block `j`, weight `l` of it).
 ///
 /// Q4_K: sub-block `j` (weights `32j..32j+32`) takes the low nibbles of bytes
 /// `32·(j/2) ..+32` when `j` is even and their high nibbles when odd; its
@@ -53,6 +66,12 @@ pub enum QuantFormat {
     Q4K,
     /// 256 weights: 16 sub-blocks of 16 with i8 scales, 6-bit values (210 bytes).
     Q6K,
+    /// 256 weights: 16 sub-blocks of 16 with 4-bit scales and mins, 2-bit values (84 bytes).
+    Q2K,
+    /// 256 weights: 16 sub-blocks of 16 with 6-bit scales, 3-bit values (110 bytes).
+    Q3K,
+    /// 256 weights: 8 sub-blocks of 32 with 6-bit scales and mins, 5-bit values (176 bytes).
+    Q5K,
 }
 
 /// The activation block format a weight format's dot product consumes.
@@ -78,7 +97,7 @@ impl ActFormat {
 
 impl QuantFormat {
     /// Every supported format.
-    pub const ALL: [QuantFormat; 7] = [
+    pub const ALL: [QuantFormat; 10] = [
         QuantFormat::Q4_0,
         QuantFormat::Q4_1,
         QuantFormat::Q8_0,
@@ -86,6 +105,9 @@ impl QuantFormat {
         QuantFormat::Q5_1,
         QuantFormat::Q4K,
         QuantFormat::Q6K,
+        QuantFormat::Q2K,
+        QuantFormat::Q3K,
+        QuantFormat::Q5K,
     ];
 
     /// Weights per block.
@@ -96,7 +118,11 @@ impl QuantFormat {
             | QuantFormat::Q8_0
             | QuantFormat::Q5_0
             | QuantFormat::Q5_1 => QK,
-            QuantFormat::Q4K | QuantFormat::Q6K => QK_K,
+            QuantFormat::Q4K
+            | QuantFormat::Q6K
+            | QuantFormat::Q2K
+            | QuantFormat::Q3K
+            | QuantFormat::Q5K => QK_K,
         }
     }
 
@@ -110,6 +136,9 @@ impl QuantFormat {
             QuantFormat::Q5_1 => 24,
             QuantFormat::Q4K => 144,
             QuantFormat::Q6K => 210,
+            QuantFormat::Q2K => 84,
+            QuantFormat::Q3K => 110,
+            QuantFormat::Q5K => 176,
         }
     }
 
@@ -131,7 +160,11 @@ impl QuantFormat {
             | QuantFormat::Q8_0
             | QuantFormat::Q5_0
             | QuantFormat::Q5_1 => ActFormat::Q8_1,
-            QuantFormat::Q4K | QuantFormat::Q6K => ActFormat::Q8K,
+            QuantFormat::Q4K
+            | QuantFormat::Q6K
+            | QuantFormat::Q2K
+            | QuantFormat::Q3K
+            | QuantFormat::Q5K => ActFormat::Q8K,
         }
     }
 
@@ -145,6 +178,9 @@ impl QuantFormat {
             QuantFormat::Q5_1 => 7,
             QuantFormat::Q4K => 12,
             QuantFormat::Q6K => 14,
+            QuantFormat::Q2K => 10,
+            QuantFormat::Q3K => 11,
+            QuantFormat::Q5K => 13,
         }
     }
 
@@ -158,6 +194,9 @@ impl QuantFormat {
             8 => Some(QuantFormat::Q8_0),
             12 => Some(QuantFormat::Q4K),
             14 => Some(QuantFormat::Q6K),
+            10 => Some(QuantFormat::Q2K),
+            11 => Some(QuantFormat::Q3K),
+            13 => Some(QuantFormat::Q5K),
             _ => None,
         }
     }
@@ -172,6 +211,9 @@ impl QuantFormat {
             QuantFormat::Q5_1 => "Q5_1",
             QuantFormat::Q4K => "Q4_K",
             QuantFormat::Q6K => "Q6_K",
+            QuantFormat::Q2K => "Q2_K",
+            QuantFormat::Q3K => "Q3_K",
+            QuantFormat::Q5K => "Q5_K",
         }
     }
 }
@@ -289,6 +331,35 @@ pub fn dequantize_row(format: QuantFormat, bytes: &[u8], out: &mut [f32]) {
                     y[e] = d * sc as f32 * q as f32;
                 }
             }
+            QuantFormat::Q2K => {
+                let (d, dmin) = (f16_at(blk, 80), f16_at(blk, 82));
+                for e in 0..QK_K {
+                    let sc = blk[e / 16];
+                    let dl = d * (sc & 0x0F) as f32;
+                    let ml = dmin * (sc >> 4) as f32;
+                    y[e] = dl * q2_bits(&blk[16..80], e) as f32 - ml;
+                }
+            }
+            QuantFormat::Q3K => {
+                let d = f16_at(blk, 108);
+                let sc = q3k_scales(&blk[96..108]);
+                for e in 0..QK_K {
+                    let dl = d * sc[e / 16] as f32;
+                    y[e] = dl * q3k_value(blk, e) as f32;
+                }
+            }
+            QuantFormat::Q5K => {
+                let d = f16_at(blk, 0);
+                let dmin = f16_at(blk, 2);
+                let (sc, mn) = q4k_scales_mins(&blk[4..16]);
+                for j in 0..8 {
+                    let scale = d * sc[j] as f32;
+                    let min = dmin * mn[j] as f32;
+                    for l in 0..32 {
+                        y[32 * j + l] = scale * q5k_value(blk, j, l) as f32 - min;
+                    }
+                }
+            }
         }
     }
 }
@@ -312,4 +383,39 @@ pub(super) fn q6k_value(blk: &[u8], e: usize) -> i32 {
     let lo = if t < 2 { ql & 0x0F } else { ql >> 4 };
     let hi = (blk[128 + 32 * h + l] >> (2 * t)) & 3;
     (lo | (hi << 4)) as i32 - 32
+}
+
+/// The 2-bit field of weight `e` (0..256) in the 64 `qs` bytes of a Q2_K or
+/// Q3_K block: bits `2·(r/32)` of `qs[32n + r % 32]`, `n = e/128`, `r = e % 128`.
+#[inline(always)]
+pub(super) fn q2_bits(qs: &[u8], e: usize) -> u8 {
+    let (n, r) = (e / 128, e % 128);
+    (qs[32 * n + r % 32] >> (2 * (r / 32))) & 3
+}
+
+/// Q3_K's 16 scales, unpacked from their 12 bytes and offset: `s − 32`.
+#[inline(always)]
+pub(super) fn q3k_scales(s: &[u8]) -> [i8; 16] {
+    std::array::from_fn(|i| {
+        let low = if i < 8 { s[i] & 0x0F } else { s[i - 8] >> 4 };
+        let high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+        (low | (high << 4)) as i8 - 32
+    })
+}
+
+/// Q3_K weight `e` of block `blk` as a signed value (−4..4): its 2-bit field,
+/// less 4 where its `hmask` bit is clear.
+#[inline(always)]
+pub(super) fn q3k_value(blk: &[u8], e: usize) -> i32 {
+    let (n, r) = (e / 128, e % 128);
+    let high = (blk[r % 32] >> (4 * n + r / 32)) & 1;
+    q2_bits(&blk[32..96], e) as i32 - if high == 0 { 4 } else { 0 }
+}
+
+/// Q5_K's 5-bit value (0..32) of weight `l` of sub-block `j` of `blk`.
+#[inline(always)]
+pub(super) fn q5k_value(blk: &[u8], j: usize, l: usize) -> i32 {
+    let nib = (blk[48 + 32 * (j / 2) + l] >> (4 * (j % 2))) & 0x0F;
+    let high = (blk[16 + l] >> j) & 1;
+    (nib | (high << 4)) as i32
 }

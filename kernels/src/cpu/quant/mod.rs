@@ -1,6 +1,7 @@
 //! Quantized matmul kernels over GGML/GGUF block formats.
 //!
-//! Owns: the weight formats [`QuantFormat`] (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K;
+//! Owns: the weight formats [`QuantFormat`] (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K,
+//! Q4_K, Q5_K, Q6_K;
 //! byte-identical to GGUF tensor data, layouts on the enum) and
 //! [`dequantize_row`]; activation quantization into 8-bit blocks
 //! ([`QuantizedActs`]: Q8_1-style for the 32-wide formats, Q8_K-style for the

@@ -8,11 +8,15 @@
 //!   terms are accumulated in 8 lanes, `acc[b % 8] += t_b`, which are summed as
 //!   `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))` — the order a vector of 8 f32
 //!   accumulators and the usual 256-bit horizontal sum give.
-//! * K formats: super-block `b` contributes `(d·da)·(isum as f32)` (Q4_K:
-//!   `− (dmin·da)·(msum as f32)`), accumulated in block order into one sum.
+//! * K formats: super-block `b` contributes `(d·da)·(isum as f32)` (Q2_K,
+//!   Q4_K, Q5_K: `− (dmin·da)·(msum as f32)`, `msum` the mins times the
+//!   activations' group sums), accumulated in block order into one sum.
 
 use super::acts::ActRow;
-use super::formats::{f16_at, q4k_scales_mins, q5_value, q6k_value, QuantFormat, QK_K};
+use super::formats::{
+    f16_at, q2_bits, q3k_scales, q3k_value, q4k_scales_mins, q5_value, q5k_value, q6k_value,
+    QuantFormat, QK_K,
+};
 
 /// Final sum of the 8 lane accumulators, in the fixed reference order.
 #[inline(always)]
@@ -56,7 +60,11 @@ pub(super) fn block_isum(format: QuantFormat, blk: &[u8], lo: &[i8], hi: &[i8]) 
                 isum += (q5_value(blk, qh_at, j + 16) - off) * hi[j] as i32;
             }
         }
-        QuantFormat::Q4K | QuantFormat::Q6K => unreachable!("not a 32-wide format"),
+        QuantFormat::Q4K
+        | QuantFormat::Q6K
+        | QuantFormat::Q2K
+        | QuantFormat::Q3K
+        | QuantFormat::Q5K => unreachable!("not a 32-wide format"),
     }
     isum
 }
@@ -85,20 +93,22 @@ pub(super) fn dot(format: QuantFormat, w: &[u8], a: ActRow<'_>) -> f32 {
             }
             sum_lanes(acc)
         }
-        QuantFormat::Q4K => {
+        QuantFormat::Q4K | QuantFormat::Q5K => {
             let mut sum = 0f32;
             for (b, blk) in w.chunks_exact(bb).enumerate() {
                 let (sc, mn) = q4k_scales_mins(&blk[4..16]);
-                let qs = &blk[16..144];
                 let aq = &a.qs[b * QK_K..(b + 1) * QK_K];
                 let mut isum = 0i32;
                 let mut msum = 0i32;
                 for j in 0..8 {
-                    let q = &qs[32 * (j / 2)..32 * (j / 2) + 32];
-                    let shift = 4 * (j % 2);
                     let mut s = 0i32;
                     for l in 0..32 {
-                        s += ((q[l] >> shift) & 0x0F) as i32 * aq[32 * j + l] as i32;
+                        let q = if format == QuantFormat::Q5K {
+                            q5k_value(blk, j, l)
+                        } else {
+                            ((blk[16 + 32 * (j / 2) + l] >> (4 * (j % 2))) & 0x0F) as i32
+                        };
+                        s += q * aq[32 * j + l] as i32;
                     }
                     isum += sc[j] as i32 * s;
                     let bs = &a.bsums[b * 16 + 2 * j..b * 16 + 2 * j + 2];
@@ -122,6 +132,41 @@ pub(super) fn dot(format: QuantFormat, w: &[u8], a: ActRow<'_>) -> f32 {
                     isum += (blk[192 + g] as i8 as i32) * s;
                 }
                 sum += (f16_at(blk, 208) * a.d[b]) * isum as f32;
+            }
+            sum
+        }
+        QuantFormat::Q2K => {
+            let mut sum = 0f32;
+            for (b, blk) in w.chunks_exact(bb).enumerate() {
+                let aq = &a.qs[b * QK_K..(b + 1) * QK_K];
+                let (mut isum, mut msum) = (0i32, 0i32);
+                for g in 0..16 {
+                    let mut s = 0i32;
+                    for e in 16 * g..16 * g + 16 {
+                        s += q2_bits(&blk[16..80], e) as i32 * aq[e] as i32;
+                    }
+                    isum += (blk[g] & 0x0F) as i32 * s;
+                    msum += (blk[g] >> 4) as i32 * a.bsums[b * 16 + g] as i32;
+                }
+                let da = a.d[b];
+                sum += (f16_at(blk, 80) * da) * isum as f32 - (f16_at(blk, 82) * da) * msum as f32;
+            }
+            sum
+        }
+        QuantFormat::Q3K => {
+            let mut sum = 0f32;
+            for (b, blk) in w.chunks_exact(bb).enumerate() {
+                let aq = &a.qs[b * QK_K..(b + 1) * QK_K];
+                let sc = q3k_scales(&blk[96..108]);
+                let mut isum = 0i32;
+                for g in 0..16 {
+                    let mut s = 0i32;
+                    for e in 16 * g..16 * g + 16 {
+                        s += q3k_value(blk, e) * aq[e] as i32;
+                    }
+                    isum += sc[g] as i32 * s;
+                }
+                sum += (f16_at(blk, 108) * a.d[b]) * isum as f32;
             }
             sum
         }

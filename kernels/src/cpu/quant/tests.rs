@@ -43,6 +43,17 @@ fn random_weights(rng: &mut Rng, format: QuantFormat, n: usize, k: usize) -> Vec
             QuantFormat::Q6K => {
                 blk[208..210].copy_from_slice(&f16_bytes(0.0005 * (1.0 + rng.f32().abs())));
             }
+            QuantFormat::Q2K => {
+                blk[80..82].copy_from_slice(&f16_bytes(0.01 * (1.0 + rng.f32().abs())));
+                blk[82..84].copy_from_slice(&f16_bytes(0.005 * (1.0 + rng.f32().abs())));
+            }
+            QuantFormat::Q3K => {
+                blk[108..110].copy_from_slice(&f16_bytes(0.002 * (1.0 + rng.f32().abs())));
+            }
+            QuantFormat::Q5K => {
+                blk[0..2].copy_from_slice(&f16_bytes(0.001 * (1.0 + rng.f32().abs())));
+                blk[2..4].copy_from_slice(&f16_bytes(0.001 * (1.0 + rng.f32().abs())));
+            }
         }
     }
     w
@@ -96,6 +107,9 @@ fn candle_dtype(format: QuantFormat) -> candle_core::quantized::GgmlDType {
         QuantFormat::Q8_0 => GgmlDType::Q8_0,
         QuantFormat::Q4K => GgmlDType::Q4K,
         QuantFormat::Q6K => GgmlDType::Q6K,
+        QuantFormat::Q2K => GgmlDType::Q2K,
+        QuantFormat::Q3K => GgmlDType::Q3K,
+        QuantFormat::Q5K => GgmlDType::Q5K,
     }
 }
 
@@ -393,7 +407,8 @@ fn weight_magnitudes(f: QuantFormat, w_row: &[u8], k: usize) -> Vec<f64> {
     for (b, blk) in w_row.chunks_exact(f.block_bytes()).enumerate() {
         let off = match f {
             QuantFormat::Q4_1 | QuantFormat::Q5_1 => formats::f16_at(blk, 2).abs() as f64,
-            QuantFormat::Q4K => formats::f16_at(blk, 2).abs() as f64 * 63.0,
+            QuantFormat::Q4K | QuantFormat::Q5K => formats::f16_at(blk, 2).abs() as f64 * 63.0,
+            QuantFormat::Q2K => formats::f16_at(blk, 82).abs() as f64 * 15.0,
             _ => 0.0,
         };
         for v in &mut mag[b * bs..(b + 1) * bs] {
@@ -532,6 +547,43 @@ fn quant_timing() {
                     gbs(t2)
                 );
             }
+        }
+    }
+}
+
+/// The K formats against candle's quantized matmul, an independent port of
+/// GGML's: both quantize the activations to Q8_K the same way, so they agree
+/// to float rounding (within 1e-5 of the largest output). (The 32-wide formats are
+/// not compared: candle rounds their activations to Q8_0, these kernels to
+/// Q8_1-style blocks with f32 scales.)
+#[test]
+fn k_formats_equal_candles_matmul() {
+    use candle_core::quantized::QMatMul;
+    use candle_core::{Device, Module, Tensor};
+    let pool = pool(2);
+    let mut rng = Rng::new(9);
+    for f in QuantFormat::ALL
+        .into_iter()
+        .filter(|f| f.block_size() == QK_K)
+    {
+        let (m, n, k) = (3, 8, 512);
+        let w = random_weights(&mut rng, f, n, k);
+        let x = random_acts(&mut rng, m * k);
+        let mut y = vec![0f32; m * n];
+        gemm(f, &w, n, &quantize_activations(f, &x, k), &mut y, &pool);
+        let theirs = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            candle_dtype(f),
+            &w,
+            vec![n, k],
+            &Device::Cpu,
+        )
+        .and_then(QMatMul::from_qtensor)
+        .and_then(|mm| mm.forward(&Tensor::from_vec(x, (m, k), &Device::Cpu)?))
+        .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+        .expect("candle's matmul");
+        let largest = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (a, b) in y.iter().zip(&theirs) {
+            assert!((a - b).abs() <= 1e-5 * largest, "{f}: {a} vs candle {b}");
         }
     }
 }
