@@ -478,7 +478,7 @@ fn best_time(mut f: impl FnMut()) -> f64 {
     best
 }
 
-/// Timing check, not a test of correctness: Q4_1 / Q8_0 at the reference
+/// Timing check, not a test of correctness: Q4_1 / Q8_0 / Q4_0 at the reference
 /// model's shapes, every path, on 1 thread (`gemm_serial`) and on a 2-thread
 /// pool called from inside the pool (the recommended use for decode-sized
 /// calls). Run with
@@ -494,9 +494,12 @@ fn quant_timing() {
         (QuantFormat::Q4_1, 1536, 576),
         (QuantFormat::Q4_1, 576, 1536),
         (QuantFormat::Q8_0, 49152, 576),
+        (QuantFormat::Q8_0, 1536, 576),
+        (QuantFormat::Q4_0, 1536, 576),
     ] {
         let w = random_weights(&mut rng, f, n, k);
-        for m in [1, 4, 16] {
+        // 128 rows: a prefill chunk.
+        for m in [1, 4, 16, 128] {
             let x = random_acts(&mut rng, m * k);
             let acts = quantize_activations(f, &x, k);
             let mut y = vec![0f32; m * n];
