@@ -110,7 +110,7 @@ fn bad_alignments_repeats_zero_and_huge_dimensions_are_refused() {
 
 #[test]
 fn a_tensor_type_this_build_cannot_read_is_named() {
-    for (id, name) in [(23, "IQ4_XS"), (20, "IQ4_NL"), (99, "not a GGML type")] {
+    for (id, name) in [(16, "IQ2_XXS"), (21, "IQ3_S"), (99, "not a GGML type")] {
         let t = [Tensor::new("a", &[256], id, 0)];
         refused(
             &[],
@@ -120,9 +120,36 @@ fn a_tensor_type_this_build_cannot_read_is_named() {
                 "unsupported tensor type",
                 &format!("'{id} ({name})'"),
                 "Q6_K",
+                "IQ4_XS",
             ],
         );
     }
+}
+
+#[test]
+fn iq4_tensors_are_checked_like_the_others() {
+    // IQ4_XS: 136 bytes per 256 weights. A size that is not whole blocks, a
+    // tensor running past the data, and two that overlap are each named.
+    let t = [Tensor::new("a", &[300], 23, 0)];
+    refused(&[], &t, 512, &["tensor 'a'", "IQ4_XS blocks of 256"]);
+    let t = [Tensor::new("a", &[512], 23, 0)];
+    refused(&[], &t, 200, &["tensor 'a'", "truncated", "IQ4_XS"]);
+    let t = [
+        Tensor::new("a", &[64], 20, 0),
+        Tensor::new("b", &[32], 20, 32),
+    ];
+    refused(
+        &[],
+        &t,
+        96,
+        &["tensor 'a'", "overlaps tensor 'b'", "IQ4_NL"],
+    );
+    // Well-formed: readable, as Q8_0 blocks.
+    let t = [Tensor::new("a", &[256], 23, 0)];
+    let file = open(&[], &t, 160).expect("a well-formed IQ4_XS tensor");
+    assert_eq!(file.stored_type("a").as_deref(), Some("IQ4_XS"));
+    let q = file.tensor("a", &[256]).expect("read as Q8_0");
+    assert_eq!(format!("{:?}", q.dtype()), "Q8_0");
 }
 
 /// The config of `meta` (no tensors), or its error.

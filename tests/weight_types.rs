@@ -20,6 +20,7 @@ mod gguf;
 
 use gguf::{Meta, Tensor};
 use parallm::framework::collective::SingleCollective;
+use parallm::framework::weights::Mat;
 use parallm::framework::{BatchItem, GgufFile, LlamaShard, LogitsWanted, ShardSpec, WeightFormat};
 
 /// The largest logit difference allowed with 8-bit activations, as a
@@ -46,7 +47,7 @@ struct Type {
     scales: &'static [(usize, f32)],
 }
 
-const TYPES: [Type; 13] = [
+const TYPES: [Type; 15] = [
     Type {
         id: 0,
         name: "F32",
@@ -138,6 +139,20 @@ const TYPES: [Type; 13] = [
         bytes: 210,
         scales: &[(208, 0.00005)],
     },
+    Type {
+        id: 20,
+        name: "IQ4_NL",
+        block: 32,
+        bytes: 18,
+        scales: &[(0, 0.001)],
+    },
+    Type {
+        id: 23,
+        name: "IQ4_XS",
+        block: 256,
+        bytes: 136,
+        scales: &[(0, 0.00007)],
+    },
 ];
 
 /// splitmix64.
@@ -189,8 +204,9 @@ fn matrix_bytes(rng: &mut Rng, t: &Type, rows: u64, cols: u64) -> Vec<u8> {
     }
 }
 
-/// The tiny model with every matrix of type `t`.
-fn model_file(t: &Type) -> GgufFile {
+/// The tiny model with every matrix of type `t`, and the bytes written for
+/// `blk.0.attn_q.weight`.
+fn model_file(t: &Type) -> (GgufFile, Vec<u8>) {
     let mut meta = gguf::tiny_llama_meta(VOCAB as usize, 64);
     for (k, v) in meta.iter_mut() {
         match *k {
@@ -245,7 +261,14 @@ fn model_file(t: &Type) -> GgufFile {
         let at = data_start + t.offset as usize;
         file[at..at + bytes.len()].copy_from_slice(bytes);
     }
-    GgufFile::from_bytes(format!("{}.gguf", t.name), file).expect("the file is well formed")
+    let q = parts
+        .iter()
+        .find(|p| p.0 == "blk.0.attn_q.weight")
+        .map(|p| p.3.clone())
+        .unwrap_or_default();
+    let file =
+        GgufFile::from_bytes(format!("{}.gguf", t.name), file).expect("the file is well formed");
+    (file, q)
 }
 
 fn logits(file: &GgufFile, format: WeightFormat, tokens: &[u32]) -> Vec<f32> {
@@ -270,7 +293,7 @@ fn logits(file: &GgufFile, format: WeightFormat, tokens: &[u32]) -> Vec<f32> {
 fn every_weight_type_computes_what_its_dequantized_copy_computes() {
     let tokens: Vec<u32> = (0..24).map(|i| (i * 7 + 3) % VOCAB as u32).collect();
     for t in &TYPES {
-        let file = model_file(t);
+        let (file, _) = model_file(t);
         let reference = logits(&file, WeightFormat::F32, &tokens);
         let own = logits(&file, WeightFormat::Native, &tokens);
         let norm = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x * x).sum::<f32>().sqrt();
@@ -291,5 +314,60 @@ fn every_weight_type_computes_what_its_dequantized_copy_computes() {
             "{}: the logits differ by {diff} in norm ({size}), over {bound} of it",
             t.name
         );
+    }
+}
+
+/// IQ4_NL / IQ4_XS blocks dequantized as llama.cpp's `dequantize_row_iq4_*`
+/// define them (written here independently of the reader).
+fn iq4_reference(xs: bool, raw: &[u8]) -> Vec<f32> {
+    const LEVELS: [f32; 16] = [
+        -127., -104., -83., -65., -49., -35., -22., -10., 1., 13., 25., 38., 53., 69., 89., 113.,
+    ];
+    let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let mut out = Vec::new();
+    let mut sub = |scale: f32, qs: &[u8]| {
+        out.extend(qs.iter().map(|q| scale * LEVELS[(q & 15) as usize]));
+        out.extend(qs.iter().map(|q| scale * LEVELS[(q >> 4) as usize]));
+    };
+    if xs {
+        for b in raw.chunks_exact(136) {
+            let high = u16::from_le_bytes([b[2], b[3]]);
+            for i in 0..8 {
+                let low = (b[4 + i / 2] >> (4 * (i % 2))) & 15;
+                let ls = (low as i32) | ((((high >> (2 * i)) & 3) as i32) << 4);
+                sub(f16(b) * (ls - 32) as f32, &b[8 + 16 * i..24 + 16 * i]);
+            }
+        }
+    } else {
+        for b in raw.chunks_exact(18) {
+            sub(f16(b), &b[2..18]);
+        }
+    }
+    out
+}
+
+#[test]
+fn iq4_weights_read_as_llama_cpp_defines_them() {
+    for t in TYPES.iter().filter(|t| t.name.starts_with("IQ4")) {
+        let (file, raw) = model_file(t);
+        let name = "blk.0.attn_q.weight";
+        assert_eq!(file.stored_type(name).as_deref(), Some(t.name));
+        let q = file
+            .tensor(name, &[HIDDEN as usize, HIDDEN as usize])
+            .expect("reads");
+        let got = match Mat::from_qtensor(&q).and_then(|m| m.to_f32()) {
+            Ok(Mat::F32 { data, .. }) => data,
+            other => panic!("{}: not dequantized: {other:?}", t.name),
+        };
+        let want = iq4_reference(t.name == "IQ4_XS", &raw);
+        assert_eq!(got.len(), want.len());
+        if t.name == "IQ4_NL" {
+            // Re-blocked into Q8_0 exactly.
+            assert_eq!(got, want);
+        }
+        // IQ4_XS's sub-block scales are rounded to f16.
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= w.abs() / 2048.0, "{}: {g} vs {w}", t.name);
+        }
     }
 }

@@ -16,6 +16,12 @@
 //!   alignment, which is what a type that disagrees with the data it was
 //!   written with leaves behind.
 //!
+//! IQ4_NL and IQ4_XS tensors, which candle's reader does not know, are found
+//! by a scan of the tensor table before it runs (their type ids hidden from
+//! it), checked like the rest, and read here as Q8_0 blocks
+//! (`kernels::cpu::quant::iq4`: IQ4_NL exactly, IQ4_XS with its sub-block
+//! scales rounded to f16).
+//!
 //! A Hugging Face model directory opens as the same type: [`crate::hf`] maps
 //! its `config.json` to GGUF metadata keys and its safetensors tensors to
 //! GGUF names, so everything downstream reads one vocabulary.
@@ -23,8 +29,9 @@
 //! Every error names the file. Nothing here knows about Llama; [`crate::config`]
 //! reads the keys.
 
+use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Cursor, Read, Seek};
+use std::io::{BufReader, Cursor, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -54,8 +61,54 @@ enum Data {
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
+    /// The IQ4 tensors (in `content` under a stand-in type).
+    iq: HashMap<String, IqTensor>,
     data: Data,
     file_size: u64,
+}
+
+/// The GGML block types read here rather than by candle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IqType {
+    Iq4Nl,
+    Iq4Xs,
+}
+
+impl IqType {
+    fn from_id(id: u32) -> Option<Self> {
+        match id {
+            20 => Some(Self::Iq4Nl),
+            23 => Some(Self::Iq4Xs),
+            _ => None,
+        }
+    }
+
+    fn block_size(self) -> u64 {
+        match self {
+            Self::Iq4Nl => 32,
+            Self::Iq4Xs => 256,
+        }
+    }
+
+    fn type_size(self) -> u64 {
+        match self {
+            Self::Iq4Nl => 18,
+            Self::Iq4Xs => 136,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Iq4Nl => "IQ4_NL",
+            Self::Iq4Xs => "IQ4_XS",
+        }
+    }
+}
+
+/// An IQ4 tensor's type; its dims and offset are `content`'s.
+#[derive(Clone, Copy, Debug)]
+struct IqTensor {
+    kind: IqType,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -84,6 +137,7 @@ impl GgufFile {
             return Ok(Self {
                 path,
                 content,
+                iq: HashMap::new(),
                 file_size: hf.bytes(),
                 data: Data::Hf(Box::new(hf)),
             });
@@ -118,10 +172,21 @@ impl GgufFile {
             .read_exact(&mut head)
             .and_then(|_| reader.rewind())
             .map_err(|e| file_err(format!("cannot read: {e}")))?;
+        // The IQ4 tensors' type ids, hidden from candle's reader (which
+        // refuses types it does not know) behind F32's; the scan gives up
+        // quietly on a malformed header, which candle's reader then names.
+        let (patches, iq_types) = scan_iq_types(&mut reader, file_size).unwrap_or_default();
+        reader
+            .rewind()
+            .map_err(|e| file_err(format!("cannot read: {e}")))?;
         // candle's reader bounds every length by the file, but divides by the
         // alignment unchecked; a panic in it is this file's fault, not ours.
-        let read =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)));
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Content::read(&mut Patched {
+                inner: &mut reader,
+                patches: &patches,
+            })
+        }));
         let content = match read {
             Ok(Ok(content)) => content,
             Ok(Err(e)) => {
@@ -138,7 +203,7 @@ impl GgufFile {
                         path,
                         what: "tensor type",
                         found: format!("{id} ({})", ggml_type_name(id)),
-                        supported: "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K",
+                        supported: "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K, IQ4_NL, IQ4_XS",
                     });
                 }
                 return Err(file_err(format!(
@@ -172,7 +237,12 @@ impl GgufFile {
                 content.tensor_infos.len()
             )));
         }
-        check_tensor_table(&content, file_size).map_err(|(name, reason)| match name {
+        let iq: HashMap<String, IqTensor> = iq_types
+            .into_iter()
+            .filter(|(name, _)| content.tensor_infos.contains_key(name))
+            .map(|(name, kind)| (name, IqTensor { kind }))
+            .collect();
+        check_tensor_table(&content, &iq, file_size).map_err(|(name, reason)| match name {
             Some(name) => Error::Tensor {
                 path: path.clone(),
                 name,
@@ -183,6 +253,7 @@ impl GgufFile {
         Ok(Self {
             path,
             content,
+            iq,
             data: Data::Gguf(Mutex::new(reader)),
             file_size,
         })
@@ -330,14 +401,70 @@ impl GgufFile {
         self.content.tensor_infos.contains_key(name)
     }
 
-    /// The tensor's dtype and dims (GGUF order reversed, so `[rows, cols]` for matrices).
+    /// The tensor's dtype as [`GgufFile::tensor`] reads it (IQ4 tensors as
+    /// Q8_0) and dims (GGUF order reversed, so `[rows, cols]` for matrices).
     pub fn tensor_info(&self, name: &str) -> Result<(GgmlDType, Vec<usize>)> {
         let info = self
             .content
             .tensor_infos
             .get(name)
             .ok_or_else(|| self.tensor_err(name, "is missing"))?;
-        Ok((info.ggml_dtype, info.shape.dims().to_vec()))
+        let dtype = match self.iq.get(name) {
+            Some(_) => GgmlDType::Q8_0,
+            None => info.ggml_dtype,
+        };
+        Ok((dtype, info.shape.dims().to_vec()))
+    }
+
+    /// The stored type of tensor `name` as GGML names it (`IQ4_XS`, `Q4_K`, …).
+    pub fn stored_type(&self, name: &str) -> Option<String> {
+        match self.iq.get(name) {
+            Some(t) => Some(t.kind.name().to_string()),
+            None => self
+                .content
+                .tensor_infos
+                .get(name)
+                .map(|i| format!("{:?}", i.ggml_dtype)),
+        }
+    }
+
+    /// Reads IQ4 tensor `name` (`elems` weights) and re-blocks it as Q8_0.
+    fn iq_tensor(
+        &self,
+        name: &str,
+        kind: IqType,
+        dims: Vec<usize>,
+        reader: &Mutex<Box<dyn Source>>,
+    ) -> Result<QTensor> {
+        let info = &self.content.tensor_infos[name];
+        let elems: u64 = dims.iter().map(|&d| d as u64).product();
+        // The table check bounded this by the file.
+        let mut bytes = vec![0u8; (elems / kind.block_size() * kind.type_size()) as usize];
+        {
+            let mut reader = reader
+                .lock()
+                .map_err(|_| self.tensor_err(name, "reader poisoned by an earlier failure"))?;
+            reader
+                .seek(SeekFrom::Start(
+                    self.content.tensor_data_offset + info.offset,
+                ))
+                .and_then(|_| reader.read_exact(&mut bytes))
+                .map_err(|e| self.tensor_err(name, format!("cannot read: {e}")))?;
+        }
+        use kernels::cpu::quant::iq4;
+        let q8 = match kind {
+            IqType::Iq4Nl => iq4::iq4_nl_to_q8_0(&bytes),
+            IqType::Iq4Xs => iq4::iq4_xs_to_q8_0(&bytes).ok_or_else(|| {
+                self.tensor_err(name, "has an IQ4_XS block scale too large for f16")
+            })?,
+        };
+        candle_core::quantized::ggml_file::qtensor_from_ggml(
+            GgmlDType::Q8_0,
+            &q8,
+            dims,
+            &Device::Cpu,
+        )
+        .map_err(|e| self.tensor_err(name, format!("cannot read: {e}")))
     }
 
     /// Reads a tensor, checking it has `dims`.
@@ -347,6 +474,9 @@ impl GgufFile {
             return Err(self.tensor_err(name, format!("has shape {found:?}, expected {dims:?}")));
         }
         let reader = match &self.data {
+            Data::Gguf(reader) if self.iq.contains_key(name) => {
+                return self.iq_tensor(name, self.iq[name].kind, found, reader);
+            }
             Data::Gguf(reader) => reader,
             Data::Hf(hf) => {
                 let bytes = hf.raw(name).ok_or_else(|| {
@@ -444,6 +574,7 @@ fn ggml_type_name(id: u32) -> &'static str {
 /// size: the error names the tensor when one is at fault.
 fn check_tensor_table(
     content: &Content,
+    iq: &HashMap<String, IqTensor>,
     file_size: u64,
 ) -> std::result::Result<(), (Option<String>, String)> {
     let alignment = match content.metadata.get("general.alignment") {
@@ -480,19 +611,29 @@ fn check_tensor_table(
             .iter()
             .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
             .ok_or_else(|| fault(format!("has dimensions {dims:?} whose product overflows")))?;
-        let dtype = info.ggml_dtype;
-        let block = dtype.block_size() as u64;
+        let (dtype, block, type_size) = match iq.get(name) {
+            Some(t) => (
+                t.kind.name().to_string(),
+                t.kind.block_size(),
+                t.kind.type_size(),
+            ),
+            None => (
+                format!("{:?}", info.ggml_dtype),
+                info.ggml_dtype.block_size() as u64,
+                info.ggml_dtype.type_size() as u64,
+            ),
+        };
         if elems % block != 0 {
             return Err(fault(format!(
-                "has {elems} elements, not a whole number of {dtype:?} blocks of {block}"
+                "has {elems} elements, not a whole number of {dtype} blocks of {block}"
             )));
         }
         let bytes = (elems / block)
-            .checked_mul(dtype.type_size() as u64)
+            .checked_mul(type_size)
             .filter(|&b| b <= data_len)
             .ok_or_else(|| {
                 fault(format!(
-                    "truncated: {elems} {dtype:?} elements need more than the {data_len} bytes of tensor data in the file"
+                    "truncated: {elems} {dtype} elements need more than the {data_len} bytes of tensor data in the file"
                 ))
             })?;
         if info.offset % alignment != 0 {
@@ -512,18 +653,19 @@ fn check_tensor_table(
     }
     spans.sort_unstable_by_key(|s| (s.0, s.1));
     for pair in spans.windows(2) {
-        let ((_, end, name, dtype), (next, _, next_name, _)) = (pair[0], pair[1]);
+        let ((_, end, name, dtype), (next, _, next_name, _)) = (&pair[0], &pair[1]);
+        let (end, next) = (*end, *next);
         if end > next {
             return Err((
-                Some(name.clone()),
-                format!("overlaps tensor '{next_name}': its {dtype:?} data ends at offset {end}, past where '{next_name}' starts ({next})"),
+                Some((*name).clone()),
+                format!("overlaps tensor '{next_name}': its {dtype} data ends at offset {end}, past where '{next_name}' starts ({next})"),
             ));
         }
         if next - end >= alignment {
             return Err((
-                Some(name.clone()),
+                Some((*name).clone()),
                 format!(
-                    "is followed by {} unexplained bytes before tensor '{next_name}': its type {dtype:?} disagrees with the size of the data written for it",
+                    "is followed by {} unexplained bytes before tensor '{next_name}': its type {dtype} disagrees with the size of the data written for it",
                     next - end
                 ),
             ));
@@ -558,4 +700,117 @@ fn value_as_i64(v: &Value) -> Option<i64> {
         Value::U64(x) => i64::try_from(x).ok(),
         _ => None,
     }
+}
+
+/// A reader that shows `patches` (absolute position, 4 bytes) in place of
+/// the bytes there: the IQ4 type ids, as F32's, for candle's reader.
+struct Patched<'a> {
+    inner: &'a mut Box<dyn Source>,
+    patches: &'a [u64],
+}
+
+impl Read for Patched<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let start = self.inner.stream_position()?;
+        let n = self.inner.read(buf)?;
+        for &at in self.patches {
+            // The 4 bytes of a little-endian 0 (F32) over the type id.
+            for k in 0..4u64 {
+                let p = at + k;
+                if p >= start && p < start + n as u64 {
+                    buf[(p - start) as usize] = 0;
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Seek for Patched<'_> {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+/// What [`scan_iq_types`] finds: the positions of the IQ4 tensors' type ids,
+/// and their names and types.
+type IqScan = (Vec<u64>, Vec<(String, IqType)>);
+
+/// Walks a GGUF v2/v3 header to its tensor table and returns the positions
+/// of the type ids of IQ4 tensors and their names and types. `None` where the
+/// header does not parse (candle's reader names the fault) or is v1.
+fn scan_iq_types(r: &mut Box<dyn Source>, file_size: u64) -> Option<IqScan> {
+    fn bytes<const N: usize>(r: &mut Box<dyn Source>) -> Option<[u8; N]> {
+        let mut b = [0u8; N];
+        r.read_exact(&mut b).ok().map(|_| b)
+    }
+    fn u32_(r: &mut Box<dyn Source>) -> Option<u32> {
+        bytes::<4>(r).map(u32::from_le_bytes)
+    }
+    fn u64_(r: &mut Box<dyn Source>) -> Option<u64> {
+        bytes::<8>(r).map(u64::from_le_bytes)
+    }
+    fn skip(r: &mut Box<dyn Source>, n: u64, file_size: u64) -> Option<()> {
+        let at = r.stream_position().ok()?;
+        (at.checked_add(n)? <= file_size).then_some(())?;
+        r.seek(SeekFrom::Current(i64::try_from(n).ok()?))
+            .ok()
+            .map(|_| ())
+    }
+    fn skip_value(r: &mut Box<dyn Source>, ty: u32, depth: u32, file_size: u64) -> Option<()> {
+        match ty {
+            0 | 1 | 7 => skip(r, 1, file_size),
+            2 | 3 => skip(r, 2, file_size),
+            4..=6 => skip(r, 4, file_size),
+            10..=12 => skip(r, 8, file_size),
+            8 => {
+                let len = u64_(r)?;
+                skip(r, len, file_size)
+            }
+            9 if depth < 4 => {
+                let (elem, n) = (u32_(r)?, u64_(r)?);
+                match elem {
+                    0 | 1 | 7 => skip(r, n, file_size),
+                    2 | 3 => skip(r, n.checked_mul(2)?, file_size),
+                    4..=6 => skip(r, n.checked_mul(4)?, file_size),
+                    10..=12 => skip(r, n.checked_mul(8)?, file_size),
+                    _ => {
+                        // Each element takes at least 8 bytes (a length).
+                        let left = file_size.saturating_sub(r.stream_position().ok()?);
+                        (n <= left / 8).then_some(())?;
+                        (0..n).try_for_each(|_| skip_value(r, elem, depth + 1, file_size))
+                    }
+                }
+            }
+            _ => None,
+        }
+    }
+    let head = bytes::<8>(r)?;
+    if &head[..4] != b"GGUF" || !matches!(u32::from_le_bytes(head[4..8].try_into().ok()?), 2 | 3) {
+        return None;
+    }
+    let (tensors, kvs) = (u64_(r)?, u64_(r)?);
+    for _ in 0..kvs {
+        let len = u64_(r)?;
+        skip(r, len, file_size)?;
+        let ty = u32_(r)?;
+        skip_value(r, ty, 0, file_size)?;
+    }
+    let (mut patches, mut found) = (Vec::new(), Vec::new());
+    for _ in 0..tensors {
+        let len = u64_(r)?;
+        (len <= file_size).then_some(())?;
+        let mut name = vec![0u8; len as usize];
+        r.read_exact(&mut name).ok()?;
+        let dims = u32_(r)?;
+        (dims <= 4).then_some(())?;
+        skip(r, 8 * dims as u64, file_size)?;
+        let at = r.stream_position().ok()?;
+        if let Some(kind) = IqType::from_id(u32_(r)?) {
+            patches.push(at);
+            found.push((String::from_utf8_lossy(&name).into_owned(), kind));
+        }
+        skip(r, 8, file_size)?;
+    }
+    Some((patches, found))
 }

@@ -47,6 +47,7 @@
 
 mod acts;
 mod formats;
+pub mod iq4;
 mod scalar;
 
 #[cfg(target_arch = "x86_64")]
