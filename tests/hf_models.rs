@@ -1,7 +1,7 @@
 //! Hugging Face model directories against HF transformers.
 //!
-//! The directories are tiny random-weight models in f16, bf16 and f32, one
-//! of them in two shards, written byte for byte the same on every machine by
+//! The directories are tiny random-weight models (Llama, Qwen2, Qwen3, Phi-3,
+//! GPT-2) in f16, bf16 and f32, one of them in two shards, written byte for byte the same on every machine by
 //! `tests/support/hf_models.py` (numpy, no torch; cached in
 //! `$PARALLM_HOME/models/hf`). `tests/golden/hf.json` holds what HF
 //! transformers computed from them in float32 (the 16-bit weights widened
@@ -142,7 +142,7 @@ fn check(name: &str, tp: usize, format: WeightFormat) -> f32 {
 #[test]
 fn each_directory_matches_transformers_at_tp1_and_tp2() {
     let names = names();
-    assert!(names.len() >= 5, "golden models: {names:?}");
+    assert!(names.len() >= 6, "golden models: {names:?}");
     for name in &names {
         let native = check(name, 1, WeightFormat::Native);
         let widened = check(name, 2, WeightFormat::F32);
@@ -158,6 +158,7 @@ fn directories_read_as_their_families() {
         ("qwen2-bf16", "qwen2", false),
         ("qwen3-f16", "qwen3", false),
         ("phi3-f32", "phi3", false),
+        ("gpt2-f16", "gpt2", false),
     ] {
         let file = open(name);
         let config = ModelConfig::from_gguf(&file).expect("config.json reads");
@@ -168,6 +169,10 @@ fn directories_read_as_their_families() {
             arch == "llama",
             "{name}"
         );
+        // GPT-2's own configuration names: n_inner, n_positions.
+        if arch == "gpt2" {
+            assert_eq!((config.ffn, config.context, config.hidden), (256, 512, 64));
+        }
         let tok = Tokenizer::from_gguf(&file).expect("tokenizer");
         assert_eq!(
             tok.bos().is_some() && bos,

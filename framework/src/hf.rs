@@ -22,10 +22,11 @@
 //! bytes are copied, in their stored type (f32, f16 or bf16): the loader cuts
 //! a shard's rows from them before it widens anything.
 //!
-//! Families: `llama` (Llama, Mistral), `qwen2`, `qwen3` and `phi3`. Gemma's
-//! and GPT-2's checkpoints store their norms and matrices differently from
-//! their GGUF conversions (norm weights without Gemma's `+1`, GPT-2's
-//! transposed `Conv1D` matrices) and are refused by name.
+//! Families: `llama` (Llama, Mistral), `qwen2`, `qwen3`, `phi3` and `gpt2`
+//! (GPT-2's own configuration names, and its `Conv1D` matrices, stored
+//! `[in, out]`, transposed on read). Gemma's checkpoints store its norms as
+//! `w` for `1 + w` (the GGUF conversion adds the 1) and are refused by name
+//! for now.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -40,8 +41,7 @@ use crate::error::{Error, Result};
 use crate::family::Arch;
 
 /// The architectures (`config.json`'s `architectures`) read from a directory.
-pub const HF_ARCHS: &str =
-    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM";
+pub const HF_ARCHS: &str = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, GPT2LMHeadModel";
 
 /// Per-layer tensors: the Hugging Face suffix after `model.layers.N.` and
 /// the GGUF one after `blk.N.`.
@@ -74,16 +74,63 @@ const MODEL_NAMES: [(&str, &str); 3] = [
     ("lm_head.weight", "output.weight"),
 ];
 
-/// The GGUF name of Hugging Face tensor `hf` (`Some("")` for one that is
-/// not a weight), or `None` for a name this mapping does not know.
-fn gguf_name(hf: &str) -> Option<String> {
-    if let Some((_, g)) = MODEL_NAMES.iter().find(|(h, _)| *h == hf) {
+/// GPT-2's per-layer tensors after `h.N.` (`transformer.h.N.` in newer
+/// checkpoints). Its matrices are `Conv1D`s, stored transposed.
+const GPT2_LAYER_NAMES: [(&str, &str); 14] = [
+    ("ln_1.weight", "attn_norm.weight"),
+    ("ln_1.bias", "attn_norm.bias"),
+    ("attn.c_attn.weight", "attn_qkv.weight"),
+    ("attn.c_attn.bias", "attn_qkv.bias"),
+    ("attn.c_proj.weight", "attn_output.weight"),
+    ("attn.c_proj.bias", "attn_output.bias"),
+    ("ln_2.weight", "ffn_norm.weight"),
+    ("ln_2.bias", "ffn_norm.bias"),
+    ("mlp.c_fc.weight", "ffn_up.weight"),
+    ("mlp.c_fc.bias", "ffn_up.bias"),
+    ("mlp.c_proj.weight", "ffn_down.weight"),
+    ("mlp.c_proj.bias", "ffn_down.bias"),
+    // Not weights: the causal mask buffers of older checkpoints.
+    ("attn.bias", ""),
+    ("attn.masked_bias", ""),
+];
+
+/// GPT-2's whole-model tensors (without the optional `transformer.`).
+const GPT2_MODEL_NAMES: [(&str, &str); 5] = [
+    ("wte.weight", "token_embd.weight"),
+    ("wpe.weight", "position_embd.weight"),
+    ("ln_f.weight", "output_norm.weight"),
+    ("ln_f.bias", "output_norm.bias"),
+    ("lm_head.weight", "output.weight"),
+];
+
+/// Name pairs: Hugging Face and GGUF.
+type Names = &'static [(&'static str, &'static str)];
+
+/// A family's name tables: whole-model names, the layer prefix, per-layer
+/// names.
+fn tables(arch: Arch) -> (Names, &'static str, Names) {
+    match arch {
+        Arch::Gpt2 => (&GPT2_MODEL_NAMES, "h.", &GPT2_LAYER_NAMES),
+        _ => (&MODEL_NAMES, "model.layers.", &LAYER_NAMES),
+    }
+}
+
+/// The GGUF name of Hugging Face tensor `hf` of a model of `arch` (`Some("")`
+/// for one that is not a weight), or `None` for a name this mapping does not
+/// know.
+fn gguf_name(arch: Arch, hf: &str) -> Option<String> {
+    let (model, prefix, layer) = tables(arch);
+    let hf = match arch {
+        Arch::Gpt2 => hf.strip_prefix("transformer.").unwrap_or(hf),
+        _ => hf,
+    };
+    if let Some((_, g)) = model.iter().find(|(h, _)| *h == hf) {
         return Some(g.to_string());
     }
-    let rest = hf.strip_prefix("model.layers.")?;
+    let rest = hf.strip_prefix(prefix)?;
     let (n, suffix) = rest.split_once('.')?;
     let n: usize = n.parse().ok()?;
-    let (_, g) = LAYER_NAMES.iter().find(|(h, _)| *h == suffix)?;
+    let (_, g) = layer.iter().find(|(h, _)| *h == suffix)?;
     Some(if g.is_empty() {
         String::new()
     } else {
@@ -93,17 +140,32 @@ fn gguf_name(hf: &str) -> Option<String> {
 
 /// The Hugging Face name a GGUF tensor name stands for in a directory of
 /// `arch` (for errors about a tensor that is missing).
-pub(crate) fn hf_name(arch: Option<Arch>, gguf: &str) -> Option<String> {
-    if let Some((h, _)) = MODEL_NAMES.iter().find(|(_, g)| *g == gguf) {
+pub(crate) fn hf_name(arch: Arch, gguf: &str) -> Option<String> {
+    let (model, prefix, layer) = tables(arch);
+    if let Some((h, _)) = model.iter().find(|(_, g)| *g == gguf) {
         return Some(h.to_string());
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (n, suffix) = rest.split_once('.')?;
-    let phi3 = arch == Some(Arch::Phi3);
-    let (h, _) = LAYER_NAMES.iter().find(|(h, g)| {
-        *g == suffix && (suffix != "ffn_up.weight" || phi3 == (*h == "mlp.gate_up_proj.weight"))
+    let phi3 = arch == Arch::Phi3;
+    let (h, _) = layer.iter().find(|(h, g)| {
+        *g == suffix
+            && (suffix != "ffn_up.weight"
+                || arch == Arch::Gpt2
+                || phi3 == (*h == "mlp.gate_up_proj.weight"))
     })?;
-    Some(format!("model.layers.{n}.{h}"))
+    Some(format!("{prefix}{n}.{h}"))
+}
+
+/// Whether GGUF tensor `gguf` of `arch` is stored transposed (GPT-2's
+/// `Conv1D` matrices: `[in, out]`).
+fn transposed(arch: Arch, gguf: &str) -> bool {
+    arch == Arch::Gpt2
+        && gguf.starts_with("blk.")
+        && gguf.ends_with(".weight")
+        && ["attn_qkv", "attn_output", "ffn_up", "ffn_down"]
+            .iter()
+            .any(|m| gguf.contains(m))
 }
 
 /// A memory-mapped safetensors file.
@@ -116,13 +178,15 @@ struct Shard {
 /// Where a tensor's bytes come from.
 enum Stored {
     /// A range of a shard's bytes; a Llama q or k (weight or bias) has its
-    /// rows reordered per head of `rope_heads` heads.
+    /// rows reordered per head of `rope_heads` heads; a transposed matrix
+    /// (`[cols, rows]` as stored) is transposed.
     Mapped {
         shard: usize,
         bytes: Range<usize>,
         dtype: GgmlDType,
         rows: usize,
         rope_heads: Option<usize>,
+        transposed: bool,
     },
     /// Computed at open (f32).
     Computed(Vec<f32>),
@@ -179,6 +243,7 @@ fn arch_of(name: &str) -> Option<Arch> {
         "Qwen2ForCausalLM" => Some(Arch::Qwen2),
         "Qwen3ForCausalLM" => Some(Arch::Qwen3),
         "Phi3ForCausalLM" => Some(Arch::Phi3),
+        "GPT2LMHeadModel" => Some(Arch::Gpt2),
         _ => None,
     }
 }
@@ -195,6 +260,19 @@ impl ConfigJson<'_> {
             path: self.path.to_path_buf(),
             key: key.into(),
             reason: reason.into(),
+        }
+    }
+
+    /// The name `config.json` gives `key` in a model of `arch` (GPT-2's
+    /// configuration has names of its own).
+    fn key(&self, arch: Arch, key: &'static str) -> &'static str {
+        match (arch, key) {
+            (Arch::Gpt2, "num_hidden_layers") => "n_layer",
+            (Arch::Gpt2, "hidden_size") => "n_embd",
+            (Arch::Gpt2, "num_attention_heads") => "n_head",
+            (Arch::Gpt2, "max_position_embeddings") => "n_positions",
+            (Arch::Gpt2, "intermediate_size") => "n_inner",
+            _ => key,
         }
     }
 
@@ -249,12 +327,13 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
         supported: HF_ARCHS,
     })?;
     let metadata = metadata(&cfg, arch, arch_name)?;
-    let n_heads = cfg.usize("num_attention_heads")?;
+    let n_heads = cfg.usize(cfg.key(arch, "num_attention_heads"))?;
     let n_kv = cfg.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
+    // GPT-2's configuration ties them unless it says otherwise.
     let tied = config
         .get("tie_word_embeddings")
         .and_then(Json::as_bool)
-        .unwrap_or(false);
+        .unwrap_or(arch == Arch::Gpt2);
 
     let shards = map_shards(dir)?;
     let mut tensors = HashMap::new();
@@ -272,7 +351,7 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
             meta.tensors().into_iter().collect();
         names.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, info) in names {
-            let Some(gguf) = gguf_name(&name) else {
+            let Some(gguf) = gguf_name(arch, &name) else {
                 unknown.push(name);
                 continue;
             };
@@ -306,12 +385,26 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
                 (Arch::Llama, Some(last)) if last.ends_with("attn_k") => Some(n_kv),
                 _ => None,
             };
+            let transposed = transposed(arch, &gguf);
+            if transposed && info.shape.len() != 2 {
+                return Err(Error::Tensor {
+                    path: shard_path,
+                    name,
+                    reason: format!("has shape {:?}; a Conv1D matrix is expected", info.shape),
+                });
+            }
             let stored = Stored::Mapped {
                 shard: i,
                 bytes: start + info.data_offsets.0..start + info.data_offsets.1,
                 dtype,
                 rows: info.shape[0],
                 rope_heads,
+                transposed,
+            };
+            let shape = if transposed {
+                vec![info.shape[1], info.shape[0]]
+            } else {
+                info.shape.clone()
             };
             if hf_names.insert(gguf.clone(), name.clone()).is_some() {
                 return Err(Error::Tensor {
@@ -321,7 +414,7 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
                         .into(),
                 });
             }
-            tensors.insert(gguf.clone(), (stored, info.shape.clone()));
+            tensors.insert(gguf.clone(), (stored, shape));
         }
     }
     if !unknown.is_empty() {
@@ -458,11 +551,19 @@ fn metadata(cfg: &ConfigJson<'_>, arch: Arch, arch_name: &str) -> Result<HashMap
         m.insert(format!("{p}.{k}"), v);
     };
     let u = |v: usize| Value::U64(v as u64);
-    put("block_count", u(cfg.usize("num_hidden_layers")?));
-    put("embedding_length", u(cfg.usize("hidden_size")?));
-    put("feed_forward_length", u(cfg.usize("intermediate_size")?));
+    let k = |name| cfg.key(arch, name);
+    put("block_count", u(cfg.usize(k("num_hidden_layers"))?));
+    let hidden = cfg.usize(k("hidden_size"))?;
+    put("embedding_length", u(hidden));
+    let ffn = match (arch, cfg.opt_usize(k("intermediate_size"))?) {
+        (_, Some(n)) => n,
+        // GPT-2's n_inner: null for 4 × n_embd.
+        (Arch::Gpt2, None) => 4 * hidden,
+        (_, None) => cfg.usize("intermediate_size")?,
+    };
+    put("feed_forward_length", u(ffn));
     put("vocab_size", u(cfg.usize("vocab_size")?));
-    let heads = cfg.usize("num_attention_heads")?;
+    let heads = cfg.usize(k("num_attention_heads"))?;
     put("attention.head_count", u(heads));
     if let Some(kv) = cfg.opt_usize("num_key_value_heads")? {
         put("attention.head_count_kv", u(kv));
@@ -472,11 +573,14 @@ fn metadata(cfg: &ConfigJson<'_>, arch: Arch, arch_name: &str) -> Result<HashMap
         put("attention.key_length", u(d));
         put("attention.value_length", u(d));
     }
-    if let Some(n) = cfg.opt_usize("max_position_embeddings")? {
+    if let Some(n) = cfg.opt_usize(k("max_position_embeddings"))? {
         put("context_length", u(n));
     }
     if let Some(eps) = cfg.opt_f32("rms_norm_eps")? {
         put("attention.layer_norm_rms_epsilon", Value::F32(eps));
+    }
+    if let Some(eps) = cfg.opt_f32("layer_norm_epsilon")? {
+        put("attention.layer_norm_epsilon", Value::F32(eps));
     }
     let params = rope_params(cfg.json);
     let theta = match cfg.opt_f32("rope_theta")? {
@@ -491,7 +595,6 @@ fn metadata(cfg: &ConfigJson<'_>, arch: Arch, arch_name: &str) -> Result<HashMap
         put("rope.freq_base", Value::F32(t));
     }
     if let Some(f) = cfg.opt_f32("partial_rotary_factor")? {
-        let hidden = cfg.usize("hidden_size")?;
         let d = head_dim.unwrap_or(hidden.checked_div(heads).unwrap_or(0));
         put("rope.dimension_count", u((d as f32 * f).round() as usize));
     }
@@ -631,7 +734,7 @@ impl HfModel {
             (Some(hf), Some(Stored::Mapped { shard, .. })) => {
                 format!("{hf} in {}", self.shards[*shard].name)
             }
-            _ => match hf_name(Some(self.arch), gguf) {
+            _ => match hf_name(self.arch, gguf) {
                 Some(hf) => format!("{hf} (GGUF {gguf})"),
                 None => gguf.to_string(),
             },
@@ -647,16 +750,34 @@ impl HfModel {
                 bytes,
                 rows,
                 rope_heads,
-                ..
+                transposed,
+                dtype,
             } => {
                 let data = self.shards[*shard].map.get(bytes.clone())?;
-                match rope_heads {
-                    Some(heads) => adjacent_pairs(data, *rows, *heads)?,
-                    None => data.to_vec(),
+                match (rope_heads, transposed) {
+                    (Some(heads), _) => adjacent_pairs(data, *rows, *heads)?,
+                    (None, true) => transpose(data, *rows, dtype.type_size())?,
+                    (None, false) => data.to_vec(),
                 }
             }
         })
     }
+}
+
+/// `rows × cols` elements of `elem` bytes, transposed to `cols × rows`.
+fn transpose(data: &[u8], rows: usize, elem: usize) -> Option<Vec<u8>> {
+    if rows == 0 || elem == 0 || !data.len().is_multiple_of(rows * elem) {
+        return None;
+    }
+    let cols = data.len() / (rows * elem);
+    let mut out = vec![0u8; data.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            let (src, dst) = ((r * cols + c) * elem, (c * rows + r) * elem);
+            out[dst..dst + elem].copy_from_slice(&data[src..src + elem]);
+        }
+    }
+    Some(out)
 }
 
 /// The rows of a q or k projection (or bias) reordered from Hugging Face's
@@ -707,22 +828,39 @@ mod tests {
                 "blk.2.attn_k_norm.weight",
             ),
         ] {
-            assert_eq!(gguf_name(hf).as_deref(), Some(gguf));
-            assert_eq!(hf_name(Some(Arch::Llama), gguf).as_deref(), Some(hf));
+            assert_eq!(gguf_name(Arch::Llama, hf).as_deref(), Some(gguf));
+            assert_eq!(hf_name(Arch::Llama, gguf).as_deref(), Some(hf));
         }
         assert_eq!(
-            hf_name(Some(Arch::Phi3), "blk.1.ffn_up.weight").as_deref(),
+            hf_name(Arch::Phi3, "blk.1.ffn_up.weight").as_deref(),
             Some("model.layers.1.mlp.gate_up_proj.weight")
         );
         assert_eq!(
-            hf_name(Some(Arch::Llama), "blk.1.ffn_up.weight").as_deref(),
+            hf_name(Arch::Llama, "blk.1.ffn_up.weight").as_deref(),
             Some("model.layers.1.mlp.up_proj.weight")
         );
         assert_eq!(
-            gguf_name("model.layers.0.self_attn.rotary_emb.inv_freq").as_deref(),
+            gguf_name(Arch::Llama, "model.layers.0.self_attn.rotary_emb.inv_freq").as_deref(),
             Some("")
         );
-        assert_eq!(gguf_name("vision_tower.patch_embed.weight"), None);
+        assert_eq!(
+            gguf_name(Arch::Llama, "vision_tower.patch_embed.weight"),
+            None
+        );
+        for hf in ["transformer.h.3.mlp.c_fc.bias", "h.3.mlp.c_fc.bias"] {
+            assert_eq!(
+                gguf_name(Arch::Gpt2, hf).as_deref(),
+                Some("blk.3.ffn_up.bias")
+            );
+        }
+        assert_eq!(gguf_name(Arch::Gpt2, "h.0.attn.bias").as_deref(), Some(""));
+        assert_eq!(
+            hf_name(Arch::Gpt2, "blk.0.ffn_up.weight").as_deref(),
+            Some("h.0.mlp.c_fc.weight")
+        );
+        assert!(transposed(Arch::Gpt2, "blk.0.attn_qkv.weight"));
+        assert!(!transposed(Arch::Gpt2, "blk.0.attn_qkv.bias"));
+        assert!(!transposed(Arch::Gpt2, "token_embd.weight"));
     }
 
     #[test]
@@ -735,5 +873,15 @@ mod tests {
             Some(vec![0, 2, 1, 3, 4, 6, 5, 7])
         );
         assert_eq!(adjacent_pairs(&data, 8, 3), None);
+    }
+
+    #[test]
+    fn conv1d_matrices_transpose() {
+        // 2 × 3 of 2-byte elements.
+        let data: Vec<u8> = (0..12).collect();
+        assert_eq!(
+            transpose(&data, 2, 2),
+            Some(vec![0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11])
+        );
     }
 }

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from golden_prompts import GREEDY, PROMPTS
 
-MODELS = ["llama-f16", "llama-bf16", "qwen2-bf16", "qwen3-f16", "phi3-f32"]
+MODELS = ["llama-f16", "llama-bf16", "qwen2-bf16", "qwen3-f16", "phi3-f32", "gpt2-f16"]
 
 
 def sha256(path):

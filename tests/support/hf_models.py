@@ -26,6 +26,9 @@ their SHA-256.
   qwen3-f16    Qwen3ForCausalLM, f16, per-head q/k norms, head_dim 32, Qwen2's
                pre-tokenizer
   phi3-f32     Phi3ForCausalLM, f32, fused qkv_proj and gate_up_proj
+  gpt2-f16     GPT2LMHeadModel, f16: transposed Conv1D matrices, learned
+               positions, LayerNorms with biases, GPT-2's own config names
+               and byte-level pre-tokenizer
 """
 
 import json
@@ -51,6 +54,8 @@ MODELS = {
                       rope_base=1_000_000.0),
     "phi3-f32": dict(BASE, hidden=96, heads=3, kv=3, head_dim=32, arch="Phi3ForCausalLM",
                      model_type="phi3", dtype="F32", tied=False, fused=True),
+    "gpt2-f16": dict(BASE, kv=4, ffn=256, arch="GPT2LMHeadModel", model_type="gpt2",
+                     dtype="F16", tied=True),
 }
 
 
@@ -78,7 +83,7 @@ QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| 
                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def tokenizer_json(vocab, bos_post, qwen):
+def tokenizer_json(vocab, bos_post, qwen, gpt2=False):
     added = [dict(id=i, content=t, single_word=False, lstrip=False, rstrip=False,
                   normalized=False, special=True)
              for i, (t, kind) in enumerate(zip(vocab["tokens"], vocab["types"])) if kind == 3]
@@ -97,6 +102,8 @@ def tokenizer_json(vocab, bos_post, qwen):
         pre = [dict(type="Split", pattern=dict(Regex=QWEN2_PATTERN), behavior="Isolated",
                     invert=False),
                dict(byte_level, trim_offsets=False, use_regex=False)]
+    elif gpt2:
+        pre = [byte_level]
     else:
         pre = [dict(type="Digits", individual_digits=True), byte_level]
     return dict(
@@ -140,7 +147,32 @@ def write_safetensors(path, tensors, dtype):
             f.write(b)
 
 
+def gpt2_weights(spec, vocab_size):
+    """GPT-2's tensors as transformers names and stores them: Conv1D
+    matrices as [in, out]."""
+    h, L, ffn = spec["hidden"], spec["layers"], spec["ffn"]
+    t = {"transformer.wte.weight": splitmix("transformer.wte.weight",
+                                            vocab_size * h).reshape(vocab_size, h),
+         "transformer.wpe.weight": splitmix("transformer.wpe.weight", 512 * h).reshape(512, h)
+         * np.float32(0.3)}
+    for n in ["ln_f"]:
+        t[f"transformer.{n}.weight"] = around_one(f"transformer.{n}.weight", h, 0.2)
+        t[f"transformer.{n}.bias"] = splitmix(f"transformer.{n}.bias", h) * np.float32(0.1)
+    for i in range(L):
+        p = f"transformer.h.{i}."
+        for n in ["ln_1", "ln_2"]:
+            t[p + n + ".weight"] = around_one(p + n + ".weight", h, 0.2)
+            t[p + n + ".bias"] = splitmix(p + n + ".bias", h) * np.float32(0.1)
+        for n, cin, cout in [("attn.c_attn", h, 3 * h), ("attn.c_proj", h, h),
+                             ("mlp.c_fc", h, ffn), ("mlp.c_proj", ffn, h)]:
+            t[p + n + ".weight"] = matrix(p + n + ".weight", cout, cin).T.copy()
+            t[p + n + ".bias"] = splitmix(p + n + ".bias", cout) * np.float32(0.1)
+    return t
+
+
 def weights(spec, vocab_size):
+    if spec["model_type"] == "gpt2":
+        return gpt2_weights(spec, vocab_size)
     h, hd, L = spec["hidden"], spec["head_dim"], spec["layers"]
     nh, nkv, ffn = spec["heads"], spec["kv"], spec["ffn"]
     t = {"model.embed_tokens.weight": splitmix("model.embed_tokens.weight",
@@ -175,6 +207,12 @@ def weights(spec, vocab_size):
 
 
 def config(spec, vocab_size):
+    if spec["model_type"] == "gpt2":
+        return dict(architectures=[spec["arch"]], model_type="gpt2", n_embd=spec["hidden"],
+                    n_layer=spec["layers"], n_head=spec["heads"], n_positions=512,
+                    n_inner=spec["ffn"], vocab_size=vocab_size, layer_norm_epsilon=1e-5,
+                    activation_function="gelu_new", bos_token_id=0, eos_token_id=2,
+                    torch_dtype="float16")
     c = dict(architectures=[spec["arch"]], model_type=spec["model_type"],
              hidden_size=spec["hidden"], intermediate_size=spec["ffn"],
              num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
@@ -226,8 +264,11 @@ def write(name, spec, vocab, out_dir):
     with open(os.path.join(d, "generation_config.json"), "w") as f:
         json.dump(dict(bos_token_id=0, eos_token_id=[2, 0]), f, indent=2)
     with open(os.path.join(d, "tokenizer.json"), "w") as f:
-        json.dump(tokenizer_json(vocab, spec.get("bos_post", False), qwen), f, ensure_ascii=False)
-    tok_config = dict(tokenizer_class="Qwen2Tokenizer" if qwen else "PreTrainedTokenizerFast", model_max_length=4096,
+        json.dump(tokenizer_json(vocab, spec.get("bos_post", False), qwen,
+                                 spec["model_type"] == "gpt2"), f, ensure_ascii=False)
+    tok_class = {"qwen2": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer",
+                 "gpt2": "GPT2Tokenizer"}.get(spec["model_type"], "PreTrainedTokenizerFast")
+    tok_config = dict(tokenizer_class=tok_class, model_max_length=4096,
                       eos_token=vocab["tokens"][2], unk_token=vocab["tokens"][0],
                       bos_token=vocab["tokens"][0 if spec.get("bos_post") else 1],
                       chat_template=vocab["template"])
