@@ -1,7 +1,7 @@
 //! Hugging Face model directories against HF transformers.
 //!
 //! The directories are tiny random-weight models (Llama, Qwen2, Qwen3, Phi-3,
-//! GPT-2) in f16, bf16 and f32, one of them in two shards, written byte for byte the same on every machine by
+//! GPT-2, Gemma 2, Gemma 3) in f16, bf16 and f32, one of them in two shards, written byte for byte the same on every machine by
 //! `tests/support/hf_models.py` (numpy, no torch; cached in
 //! `$PARALLM_HOME/models/hf`). `tests/golden/hf.json` holds what HF
 //! transformers computed from them in float32 (the 16-bit weights widened
@@ -142,7 +142,7 @@ fn check(name: &str, tp: usize, format: WeightFormat) -> f32 {
 #[test]
 fn each_directory_matches_transformers_at_tp1_and_tp2() {
     let names = names();
-    assert!(names.len() >= 6, "golden models: {names:?}");
+    assert!(names.len() >= 8, "golden models: {names:?}");
     for name in &names {
         let native = check(name, 1, WeightFormat::Native);
         let widened = check(name, 2, WeightFormat::F32);
@@ -159,6 +159,8 @@ fn directories_read_as_their_families() {
         ("qwen3-f16", "qwen3", false),
         ("phi3-f32", "phi3", false),
         ("gpt2-f16", "gpt2", false),
+        ("gemma2-bf16", "gemma2", false),
+        ("gemma3-f16", "gemma3", false),
     ] {
         let file = open(name);
         let config = ModelConfig::from_gguf(&file).expect("config.json reads");
@@ -172,6 +174,17 @@ fn directories_read_as_their_families() {
         // GPT-2's own configuration names: n_inner, n_positions.
         if arch == "gpt2" {
             assert_eq!((config.ffn, config.context, config.hidden), (256, 512, 64));
+        }
+        // Gemma 2's query_pre_attn_scalar; Gemma 3's layer_types.
+        if arch == "gemma2" {
+            assert_eq!(config.attn_scale, 1.0 / 24f32.sqrt());
+        }
+        if arch == "gemma3" {
+            let windowed = config.sliding.as_ref().map(|s| s.layers.clone());
+            assert_eq!(
+                windowed,
+                Some(vec![true, true, true, true, true, false, true])
+            );
         }
         let tok = Tokenizer::from_gguf(&file).expect("tokenizer");
         assert_eq!(

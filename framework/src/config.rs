@@ -251,8 +251,22 @@ impl ModelConfig {
         let final_softcap = file
             .opt_f32(&key("final_logit_softcapping"))?
             .unwrap_or(family.final_softcap);
-        let attn_scale = match family.hidden_query_scale_at_layers {
-            Some(l) if l == n_layers && n_heads > 0 => 1.0 / ((hidden / n_heads) as f32).sqrt(),
+        // `attention.scale` (llama.cpp's key; what a Hugging Face Gemma's
+        // query_pre_attn_scalar becomes) overrides the family's rule.
+        let attn_scale = match (
+            file.opt_f32(&key("attention.scale"))?,
+            family.hidden_query_scale_at_layers,
+        ) {
+            (Some(s), _) if s.is_finite() && s > 0.0 => s,
+            (Some(s), _) => {
+                return Err(model_err(format!(
+                    "{} is {s}, not a number greater than 0",
+                    key("attention.scale")
+                )))
+            }
+            (None, Some(l)) if l == n_layers && n_heads > 0 => {
+                1.0 / ((hidden / n_heads) as f32).sqrt()
+            }
             _ if head_dim > 0 => 1.0 / (head_dim as f32).sqrt(),
             _ => 1.0,
         };

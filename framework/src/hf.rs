@@ -22,11 +22,12 @@
 //! bytes are copied, in their stored type (f32, f16 or bf16): the loader cuts
 //! a shard's rows from them before it widens anything.
 //!
-//! Families: `llama` (Llama, Mistral), `qwen2`, `qwen3`, `phi3` and `gpt2`
+//! Families: `llama` (Llama, Mistral), `qwen2`, `qwen3`, `phi3`, `gpt2`
 //! (GPT-2's own configuration names, and its `Conv1D` matrices, stored
-//! `[in, out]`, transposed on read). Gemma's checkpoints store its norms as
-//! `w` for `1 + w` (the GGUF conversion adds the 1) and are refused by name
-//! for now.
+//! `[in, out]`, transposed on read), `gemma2` and `gemma3` (text-only
+//! checkpoints; their norms, stored as `w` for `1 + w`, read as `1 + w` as
+//! the GGUF conversion stores them; `query_pre_attn_scalar` as
+//! `attention.scale`, `layer_types` as the per-layer window flags).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -41,7 +42,7 @@ use crate::error::{Error, Result};
 use crate::family::Arch;
 
 /// The architectures (`config.json`'s `architectures`) read from a directory.
-pub const HF_ARCHS: &str = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, GPT2LMHeadModel";
+pub const HF_ARCHS: &str = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, GPT2LMHeadModel, Gemma2ForCausalLM, Gemma3ForCausalLM";
 
 /// Per-layer tensors: the Hugging Face suffix after `model.layers.N.` and
 /// the GGUF one after `blk.N.`.
@@ -72,6 +73,18 @@ const MODEL_NAMES: [(&str, &str); 3] = [
     ("model.embed_tokens.weight", "token_embd.weight"),
     ("model.norm.weight", "output_norm.weight"),
     ("lm_head.weight", "output.weight"),
+];
+
+/// Gemma's per-layer tensors where they differ from [`LAYER_NAMES`]: norms
+/// around both halves of the block.
+const GEMMA_LAYER_NAMES: [(&str, &str); 4] = [
+    (
+        "post_attention_layernorm.weight",
+        "post_attention_norm.weight",
+    ),
+    ("pre_feedforward_layernorm.weight", "ffn_norm.weight"),
+    ("post_feedforward_layernorm.weight", "post_ffw_norm.weight"),
+    ("input_layernorm.weight", "attn_norm.weight"),
 ];
 
 /// GPT-2's per-layer tensors after `h.N.` (`transformer.h.N.` in newer
@@ -120,6 +133,7 @@ fn tables(arch: Arch) -> (Names, &'static str, Names) {
 /// know.
 fn gguf_name(arch: Arch, hf: &str) -> Option<String> {
     let (model, prefix, layer) = tables(arch);
+    let gemma = matches!(arch, Arch::Gemma2 | Arch::Gemma3);
     let hf = match arch {
         Arch::Gpt2 => hf.strip_prefix("transformer.").unwrap_or(hf),
         _ => hf,
@@ -130,7 +144,8 @@ fn gguf_name(arch: Arch, hf: &str) -> Option<String> {
     let rest = hf.strip_prefix(prefix)?;
     let (n, suffix) = rest.split_once('.')?;
     let n: usize = n.parse().ok()?;
-    let (_, g) = layer.iter().find(|(h, _)| *h == suffix)?;
+    let gemma_name = GEMMA_LAYER_NAMES.iter().filter(|_| gemma);
+    let (_, g) = gemma_name.chain(layer.iter()).find(|(h, _)| *h == suffix)?;
     Some(if g.is_empty() {
         String::new()
     } else {
@@ -148,13 +163,22 @@ pub(crate) fn hf_name(arch: Arch, gguf: &str) -> Option<String> {
     let rest = gguf.strip_prefix("blk.")?;
     let (n, suffix) = rest.split_once('.')?;
     let phi3 = arch == Arch::Phi3;
-    let (h, _) = layer.iter().find(|(h, g)| {
+    let gemma_name = GEMMA_LAYER_NAMES
+        .iter()
+        .filter(|_| matches!(arch, Arch::Gemma2 | Arch::Gemma3));
+    let (h, _) = gemma_name.chain(layer.iter()).find(|(h, g)| {
         *g == suffix
             && (suffix != "ffn_up.weight"
                 || arch == Arch::Gpt2
                 || phi3 == (*h == "mlp.gate_up_proj.weight"))
     })?;
     Some(format!("{prefix}{n}.{h}"))
+}
+
+/// Whether the norm weight `gguf` of `arch` is stored as `w` for a norm that
+/// multiplies by `1 + w` (Gemma's; its GGUF conversion stores `1 + w`).
+fn plus_one(arch: Arch, gguf: &str) -> bool {
+    matches!(arch, Arch::Gemma2 | Arch::Gemma3) && gguf.ends_with("norm.weight")
 }
 
 /// Whether GGUF tensor `gguf` of `arch` is stored transposed (GPT-2's
@@ -179,7 +203,8 @@ struct Shard {
 enum Stored {
     /// A range of a shard's bytes; a Llama q or k (weight or bias) has its
     /// rows reordered per head of `rope_heads` heads; a transposed matrix
-    /// (`[cols, rows]` as stored) is transposed.
+    /// (`[cols, rows]` as stored) is transposed; a Gemma norm gets 1 added
+    /// (read as f32).
     Mapped {
         shard: usize,
         bytes: Range<usize>,
@@ -187,6 +212,7 @@ enum Stored {
         rows: usize,
         rope_heads: Option<usize>,
         transposed: bool,
+        plus_one: bool,
     },
     /// Computed at open (f32).
     Computed(Vec<f32>),
@@ -244,6 +270,10 @@ fn arch_of(name: &str) -> Option<Arch> {
         "Qwen3ForCausalLM" => Some(Arch::Qwen3),
         "Phi3ForCausalLM" => Some(Arch::Phi3),
         "GPT2LMHeadModel" => Some(Arch::Gpt2),
+        "Gemma2ForCausalLM" => Some(Arch::Gemma2),
+        // Gemma 3's text-only checkpoints (1B); the larger ones are
+        // Gemma3ForConditionalGeneration, with a vision tower.
+        "Gemma3ForCausalLM" => Some(Arch::Gemma3),
         _ => None,
     }
 }
@@ -400,6 +430,7 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
                 rows: info.shape[0],
                 rope_heads,
                 transposed,
+                plus_one: plus_one(arch, &gguf),
             };
             let shape = if transposed {
                 vec![info.shape[1], info.shape[0]]
@@ -438,6 +469,7 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
     let mut stored = HashMap::new();
     for (name, (s, shape)) in tensors {
         let ggml_dtype = match &s {
+            Stored::Mapped { plus_one: true, .. } => GgmlDType::F32,
             Stored::Mapped { dtype, .. } => *dtype,
             Stored::Computed(_) => GgmlDType::F32,
         };
@@ -649,11 +681,69 @@ fn metadata(cfg: &ConfigJson<'_>, arch: Arch, arch_name: &str) -> Result<HashMap
             other => put("rope.scaling.type", Value::String(other.into())),
         }
     }
+    if matches!(arch, Arch::Gemma2 | Arch::Gemma3) {
+        gemma_metadata(cfg, &mut m, p, head_dim)?;
+    }
     m.insert(
         "general.architecture".into(),
         Value::String(arch.family().prefix.into()),
     );
     Ok(m)
+}
+
+/// Gemma's keys: soft-caps, the window and which layers have it, the
+/// windowed layers' rope base, and the query scale.
+fn gemma_metadata(
+    cfg: &ConfigJson<'_>,
+    m: &mut HashMap<String, Value>,
+    p: &str,
+    head_dim: Option<usize>,
+) -> Result<()> {
+    let mut put = |k: &str, v: Value| {
+        m.insert(format!("{p}.{k}"), v);
+    };
+    for (hf, gguf) in [
+        ("attn_logit_softcapping", "attn_logit_softcapping"),
+        ("final_logit_softcapping", "final_logit_softcapping"),
+        ("rope_local_base_freq", "rope.freq_base_swa"),
+    ] {
+        // Null turns a cap off.
+        match cfg.json.get(hf) {
+            Some(Json::Null) if hf.ends_with("capping") => put(gguf, Value::F32(0.0)),
+            _ => {
+                if let Some(v) = cfg.opt_f32(hf)? {
+                    put(gguf, Value::F32(v));
+                }
+            }
+        }
+    }
+    if let Some(w) = cfg.opt_usize("sliding_window")? {
+        put("attention.sliding_window", Value::U64(w as u64));
+    }
+    if let Some(types) = cfg.json.get("layer_types").and_then(Json::as_array) {
+        let flags = types
+            .iter()
+            .map(|t| match t.as_str() {
+                Some("sliding_attention") => Ok(Value::I32(1)),
+                Some("full_attention") => Ok(Value::I32(0)),
+                _ => Err(cfg.err(
+                    "layer_types",
+                    "holds a type other than sliding_attention and full_attention",
+                )),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        put("attention.sliding_window_pattern", Value::Array(flags));
+    } else if let Some(n) = cfg.opt_usize("sliding_window_pattern")? {
+        put("attention.sliding_window_pattern", Value::U64(n as u64));
+    }
+    if let Some(s) = cfg.opt_f32("query_pre_attn_scalar")? {
+        if !(s.is_finite() && s > 0.0) {
+            return Err(cfg.err("query_pre_attn_scalar", "is not a number greater than 0"));
+        }
+        let _ = head_dim;
+        put("attention.scale", Value::F32(1.0 / s.sqrt()));
+    }
+    Ok(())
 }
 
 /// Llama 3's rope scaling as per-frequency divisors (what llama.cpp's
@@ -752,8 +842,17 @@ impl HfModel {
                 rope_heads,
                 transposed,
                 dtype,
+                plus_one,
             } => {
                 let data = self.shards[*shard].map.get(bytes.clone())?;
+                if *plus_one {
+                    return Some(
+                        widen(data, *dtype)?
+                            .into_iter()
+                            .flat_map(|w| (1.0 + w).to_le_bytes())
+                            .collect(),
+                    );
+                }
                 match (rope_heads, transposed) {
                     (Some(heads), _) => adjacent_pairs(data, *rows, *heads)?,
                     (None, true) => transpose(data, *rows, dtype.type_size())?,
@@ -762,6 +861,25 @@ impl HfModel {
             }
         })
     }
+}
+
+/// Little-endian f32, f16 or bf16 values as f32.
+fn widen(data: &[u8], dtype: GgmlDType) -> Option<Vec<f32>> {
+    Some(match dtype {
+        GgmlDType::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        GgmlDType::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        GgmlDType::BF16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
 }
 
 /// `rows × cols` elements of `elem` bytes, transposed to `cols × rows`.

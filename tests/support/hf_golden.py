@@ -8,8 +8,8 @@ hand, when the models or prompts change; CI only reads the JSON.
     ENV/bin/python hf_golden.py MODELS_DIR OUT.json
 
 Each model is loaded with AutoModelForCausalLM in float32 (its f16 or bf16
-weights widened exactly) with eager attention, and its tokenizer with
-AutoTokenizer. For each prompt: the tokenizer's ids (special tokens added as
+weights widened exactly) with eager attention, and its tokenizer.json with
+PreTrainedTokenizerFast. For each prompt: the tokenizer's ids (special tokens added as
 its post-processor says), the argmax at every position, the top 10 logits
 at the last, and 16 greedy tokens with the top-2 logit gap at each. The
 SHA-256 of every file of each directory is recorded, so a test knows it
@@ -23,11 +23,12 @@ import sys
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from golden_prompts import GREEDY, PROMPTS
 
-MODELS = ["llama-f16", "llama-bf16", "qwen2-bf16", "qwen3-f16", "phi3-f32", "gpt2-f16"]
+MODELS = ["llama-f16", "llama-bf16", "qwen2-bf16", "qwen3-f16", "phi3-f32", "gpt2-f16",
+          "gemma2-bf16", "gemma3-f16"]
 
 
 def sha256(path):
@@ -40,7 +41,9 @@ def sha256(path):
 
 @torch.no_grad()
 def run(path):
-    tok = AutoTokenizer.from_pretrained(path)
+    # The fast tokenizer of tokenizer.json as the file defines it (transformers
+    # 5's per-model tokenizer classes may replace parts of it by their own).
+    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(path, "tokenizer.json"))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                  attn_implementation="eager")
     model.eval()

@@ -29,6 +29,12 @@ their SHA-256.
   gpt2-f16     GPT2LMHeadModel, f16: transposed Conv1D matrices, learned
                positions, LayerNorms with biases, GPT-2's own config names
                and byte-level pre-tokenizer
+  gemma2-bf16  Gemma2ForCausalLM, bf16: norms stored as w for 1 + w, pre and
+               post norms, soft-caps 5 and 10, every other layer windowed (8),
+               a query scale of 1/sqrt(24) (query_pre_attn_scalar), head_dim 32
+  gemma3-f16   Gemma3ForCausalLM, f16: q/k norms, 7 layers with windows of 6
+               on all but layer 5 (layer_types), the windowed layers' rope
+               base 10000 against 1e6 with linear scaling ×8 on the global one
 """
 
 import json
@@ -56,6 +62,11 @@ MODELS = {
                      model_type="phi3", dtype="F32", tied=False, fused=True),
     "gpt2-f16": dict(BASE, kv=4, ffn=256, arch="GPT2LMHeadModel", model_type="gpt2",
                      dtype="F16", tied=True),
+    "gemma2-bf16": dict(BASE, layers=3, head_dim=32, arch="Gemma2ForCausalLM",
+                        model_type="gemma2", dtype="BF16", tied=True, gemma=True),
+    "gemma3-f16": dict(BASE, layers=7, head_dim=32, ffn=96, arch="Gemma3ForCausalLM",
+                       model_type="gemma3_text", dtype="F16", tied=True, gemma=True,
+                       qk_norm=True, rope_base=1_000_000.0),
 }
 
 
@@ -180,11 +191,20 @@ def weights(spec, vocab_size):
          "model.norm.weight": around_one("model.norm.weight", h, 0.2)}
     if not spec["tied"]:
         t["lm_head.weight"] = matrix("lm_head.weight", vocab_size, h, gain=3.0)
+    gemma = spec.get("gemma", False)
+    if gemma:
+        # Gemma multiplies the embeddings by √hidden: stored that much smaller.
+        t["model.embed_tokens.weight"] *= np.float32(1.0 / np.sqrt(h))
+    # Gemma's norms multiply by 1 + w: stored around 0.
+    norm = (lambda name, n, spread: splitmix(name, n) * np.float32(spread)) if gemma else around_one
+    t["model.norm.weight"] = norm("model.norm.weight", h, 0.2)
     for i in range(L):
         p = f"model.layers.{i}."
-        t[p + "input_layernorm.weight"] = around_one(p + "input_layernorm.weight", h, 0.2)
-        t[p + "post_attention_layernorm.weight"] = around_one(
-            p + "post_attention_layernorm.weight", h, 0.2)
+        norms = ["input_layernorm", "post_attention_layernorm"]
+        if gemma:
+            norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        for n in norms:
+            t[p + n + ".weight"] = norm(p + n + ".weight", h, 0.2)
         if spec.get("fused"):
             t[p + "self_attn.qkv_proj.weight"] = matrix(p + "self_attn.qkv_proj.weight",
                                                         (nh + 2 * nkv) * hd, h)
@@ -200,7 +220,7 @@ def weights(spec, vocab_size):
             t[p + "mlp.up_proj.weight"] = matrix(p + "mlp.up_proj.weight", ffn, h)
         if spec.get("qk_norm"):
             for n in ["q_norm", "k_norm"]:
-                t[p + f"self_attn.{n}.weight"] = around_one(p + f"self_attn.{n}.weight", hd, 0.2)
+                t[p + f"self_attn.{n}.weight"] = norm(p + f"self_attn.{n}.weight", hd, 0.2)
         t[p + "self_attn.o_proj.weight"] = matrix(p + "self_attn.o_proj.weight", h, nh * hd)
         t[p + "mlp.down_proj.weight"] = matrix(p + "mlp.down_proj.weight", h, ffn)
     return t
@@ -233,6 +253,19 @@ def config(spec, vocab_size):
     if spec["model_type"] in ("llama",):
         c["attention_bias"] = False
         c["mlp_bias"] = False
+    if spec["model_type"] == "gemma2":
+        c.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=24,
+                 sliding_window=8, attn_logit_softcapping=5.0, final_logit_softcapping=10.0,
+                 max_position_embeddings=512, attention_bias=False)
+        del c["hidden_act"]
+    if spec["model_type"] == "gemma3_text":
+        layer_types = ["sliding_attention"] * 5 + ["full_attention"] + ["sliding_attention"]
+        c.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=32,
+                 sliding_window=6, rope_local_base_freq=10_000.0,
+                 rope_scaling=dict(rope_type="linear", factor=8.0), layer_types=layer_types,
+                 attn_logit_softcapping=None, final_logit_softcapping=None,
+                 max_position_embeddings=512, attention_bias=False)
+        del c["hidden_act"]
     return c
 
 
