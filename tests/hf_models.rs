@@ -89,11 +89,15 @@ fn open(name: &str) -> GgufFile {
 /// Runs every case of model `name` at width `tp` in `format`; returns the
 /// largest top-10 logit difference met.
 fn check(name: &str, tp: usize, format: WeightFormat) -> f32 {
-    let file = open(name);
-    let tokenizer = Tokenizer::from_gguf(&file).expect("tokenizer.json reads");
+    check_file(&open(name), name, tp, format)
+}
+
+/// [`check`] on `file`, against golden model `name`'s cases.
+fn check_file(file: &GgufFile, name: &str, tp: usize, format: WeightFormat) -> f32 {
+    let tokenizer = Tokenizer::from_gguf(file).expect("tokenizer.json reads");
     let shards: Vec<LlamaShard> = ShardSpec::group(tp)
         .into_iter()
-        .map(|spec| LlamaShard::load(&file, spec, format).expect("the shard loads"))
+        .map(|spec| LlamaShard::load(file, spec, format).expect("the shard loads"))
         .collect();
     let mut worst = 0f32;
     for case in golden()["models"][name]["cases"].as_array().expect("cases") {
@@ -312,4 +316,68 @@ fn bad_directories_are_refused_naming_the_file_and_the_fault() {
     });
     let err = load_error(&dir);
     assert!(err.contains("without config.json"), "{err}");
+}
+
+/// Renames the tensors of safetensors file `path` by `rename` and appends
+/// `extra` (name, dtype, shape, bytes), rewriting its header.
+fn rewrite_safetensors(
+    path: &Path,
+    rename: impl Fn(&str) -> String,
+    extra: (&str, &str, &[usize], Vec<u8>),
+) {
+    let bytes = std::fs::read(path).expect("read");
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Map<String, Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).expect("header");
+    let mut data = bytes[8 + n..].to_vec();
+    let mut out = serde_json::Map::new();
+    for (k, v) in header {
+        let k = if k == "__metadata__" { k } else { rename(&k) };
+        out.insert(k, v);
+    }
+    let (name, dtype, shape, extra_bytes) = extra;
+    out.insert(
+        name.into(),
+        serde_json::json!({"dtype": dtype, "shape": shape,
+            "data_offsets": [data.len(), data.len() + extra_bytes.len()]}),
+    );
+    data.extend_from_slice(&extra_bytes);
+    let mut head = serde_json::to_vec(&out).expect("json");
+    head.resize(head.len().div_ceil(8) * 8, b' ');
+    let mut file = (head.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&head);
+    file.extend_from_slice(&data);
+    std::fs::write(path, file).expect("write");
+}
+
+#[test]
+fn a_multimodal_gemma3_runs_its_text_model() {
+    // gemma3-f16 as transformers 5 saves a Gemma3ForConditionalGeneration:
+    // the text model's configuration in text_config, its weights under
+    // model.language_model., and a vision tower (ignored).
+    let dir = broken_copy("gemma3-f16", "multimodal", |d| {
+        edit_json(&d.join("config.json"), |c| {
+            let text = c.clone();
+            *c = serde_json::json!({
+                "architectures": ["Gemma3ForConditionalGeneration"],
+                "model_type": "gemma3",
+                "text_config": text,
+                "vision_config": {"hidden_size": 8},
+            });
+        });
+        rewrite_safetensors(
+            &d.join("model.safetensors"),
+            |k| k.replacen("model.", "model.language_model.", 1),
+            (
+                "model.vision_tower.vision_model.embeddings.patch_embedding.weight",
+                "F16",
+                &[4, 8],
+                vec![0u8; 64],
+            ),
+        );
+    });
+    let file = GgufFile::open(&dir).expect("opens");
+    let worst = check_file(&file, "gemma3-f16", 1, WeightFormat::Native);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(worst <= TOLERANCE);
 }

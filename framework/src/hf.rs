@@ -25,7 +25,7 @@
 //! Families: `llama` (Llama, Mistral), `qwen2`, `qwen3`, `phi3`, `gpt2`
 //! (GPT-2's own configuration names, and its `Conv1D` matrices, stored
 //! `[in, out]`, transposed on read), `gemma2` and `gemma3` (text-only
-//! checkpoints; their norms, stored as `w` for `1 + w`, read as `1 + w` as
+//! checkpoints, and the text model of multimodal ones; their norms, stored as `w` for `1 + w`, read as `1 + w` as
 //! the GGUF conversion stores them; `query_pre_attn_scalar` as
 //! `attention.scale`, `layer_types` as the per-layer window flags).
 
@@ -42,7 +42,7 @@ use crate::error::{Error, Result};
 use crate::family::Arch;
 
 /// The architectures (`config.json`'s `architectures`) read from a directory.
-pub const HF_ARCHS: &str = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, GPT2LMHeadModel, Gemma2ForCausalLM, Gemma3ForCausalLM";
+pub const HF_ARCHS: &str = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, GPT2LMHeadModel, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration (its text model)";
 
 /// Per-layer tensors: the Hugging Face suffix after `model.layers.N.` and
 /// the GGUF one after `blk.N.`.
@@ -134,8 +134,18 @@ fn tables(arch: Arch) -> (Names, &'static str, Names) {
 fn gguf_name(arch: Arch, hf: &str) -> Option<String> {
     let (model, prefix, layer) = tables(arch);
     let gemma = matches!(arch, Arch::Gemma2 | Arch::Gemma3);
+    let owned;
     let hf = match arch {
         Arch::Gpt2 => hf.strip_prefix("transformer.").unwrap_or(hf),
+        // A multimodal Gemma 3's text model, as transformers 4 and 5 name it.
+        Arch::Gemma3 => {
+            owned = ["language_model.model.", "model.language_model."]
+                .iter()
+                .find_map(|p| hf.strip_prefix(p))
+                .map(|rest| format!("model.{rest}"))
+                .or_else(|| hf.strip_prefix("language_model.").map(str::to_string));
+            owned.as_deref().unwrap_or(hf)
+        }
         _ => hf,
     };
     if let Some((_, g)) = model.iter().find(|(h, _)| *h == hf) {
@@ -271,9 +281,9 @@ fn arch_of(name: &str) -> Option<Arch> {
         "Phi3ForCausalLM" => Some(Arch::Phi3),
         "GPT2LMHeadModel" => Some(Arch::Gpt2),
         "Gemma2ForCausalLM" => Some(Arch::Gemma2),
-        // Gemma 3's text-only checkpoints (1B); the larger ones are
-        // Gemma3ForConditionalGeneration, with a vision tower.
-        "Gemma3ForCausalLM" => Some(Arch::Gemma3),
+        // Gemma 3's text-only checkpoints (1B), and the text model of the
+        // larger, multimodal ones.
+        "Gemma3ForCausalLM" | "Gemma3ForConditionalGeneration" => Some(Arch::Gemma3),
         _ => None,
     }
 }
@@ -341,7 +351,7 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
         path: dir.to_path_buf(),
         reason: "is a directory without config.json: a model is a .gguf file, or a Hugging Face directory with config.json, model.safetensors and tokenizer.json".into(),
     })?;
-    let cfg = ConfigJson {
+    let top = ConfigJson {
         path: &config_path,
         json: &config,
     };
@@ -349,7 +359,19 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
         .get("architectures")
         .and_then(|a| a.get(0))
         .and_then(Json::as_str)
-        .ok_or_else(|| cfg.err("architectures", "is missing or not a list of names"))?;
+        .ok_or_else(|| top.err("architectures", "is missing or not a list of names"))?;
+    // Gemma 3's multimodal checkpoints nest the text model's configuration;
+    // its weights are read, the vision tower's are not.
+    let cfg = match arch_name {
+        "Gemma3ForConditionalGeneration" => ConfigJson {
+            path: &config_path,
+            json: config
+                .get("text_config")
+                .filter(|t| t.is_object())
+                .ok_or_else(|| top.err("text_config", "is missing or not an object"))?,
+        },
+        _ => top,
+    };
     let arch = arch_of(arch_name).ok_or_else(|| Error::Unsupported {
         path: config_path.clone(),
         what: "architecture",
@@ -360,8 +382,10 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
     let n_heads = cfg.usize(cfg.key(arch, "num_attention_heads"))?;
     let n_kv = cfg.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
     // GPT-2's configuration ties them unless it says otherwise.
-    let tied = config
+    let tied = cfg
+        .json
         .get("tie_word_embeddings")
+        .or_else(|| config.get("tie_word_embeddings"))
         .and_then(Json::as_bool)
         .unwrap_or(arch == Arch::Gpt2);
 
@@ -979,6 +1003,24 @@ mod tests {
         assert!(transposed(Arch::Gpt2, "blk.0.attn_qkv.weight"));
         assert!(!transposed(Arch::Gpt2, "blk.0.attn_qkv.bias"));
         assert!(!transposed(Arch::Gpt2, "token_embd.weight"));
+        for hf in [
+            "language_model.model.layers.2.mlp.up_proj.weight",
+            "model.language_model.layers.2.mlp.up_proj.weight",
+            "model.layers.2.mlp.up_proj.weight",
+        ] {
+            assert_eq!(
+                gguf_name(Arch::Gemma3, hf).as_deref(),
+                Some("blk.2.ffn_up.weight")
+            );
+        }
+        assert_eq!(
+            gguf_name(Arch::Gemma3, "language_model.lm_head.weight").as_deref(),
+            Some("output.weight")
+        );
+        assert_eq!(
+            gguf_name(Arch::Gemma3, "vision_tower.encoder.x.weight"),
+            None
+        );
     }
 
     #[test]
