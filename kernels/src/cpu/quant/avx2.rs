@@ -236,11 +236,18 @@ pub(super) unsafe fn fifth_bits(x: u32) -> __m256i {
 /// AVX2.
 #[inline(always)]
 unsafe fn reduce4x2(v: &[__m256i; 4]) -> __m256i {
-    // h0 = [b0 b0 b2 b2 | b1 b1 b3 b3] (pair sums), h1 likewise for b4..b7.
-    let h0 = _mm256_hadd_epi32(v[0], v[1]);
-    let h1 = _mm256_hadd_epi32(v[2], v[3]);
+    // Single-uop unpacks and adds (vphaddd is 3 uops): per 128-bit half,
+    // x0 = [b0 b2 b0 b2 | b1 b3 b1 b3] partial sums, x1 likewise for b4..b7.
+    let x0 = _mm256_add_epi32(
+        _mm256_unpacklo_epi32(v[0], v[1]),
+        _mm256_unpackhi_epi32(v[0], v[1]),
+    );
+    let x1 = _mm256_add_epi32(
+        _mm256_unpacklo_epi32(v[2], v[3]),
+        _mm256_unpackhi_epi32(v[2], v[3]),
+    );
     // [b0 b2 b4 b6 | b1 b3 b5 b7] -> [b0 .. b7]
-    let g = _mm256_hadd_epi32(h0, h1);
+    let g = _mm256_add_epi32(_mm256_unpacklo_epi64(x0, x1), _mm256_unpackhi_epi64(x0, x1));
     _mm256_permutevar8x32_epi32(g, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
 }
 
