@@ -706,7 +706,7 @@ fn metadata(cfg: &ConfigJson<'_>, arch: Arch, arch_name: &str) -> Result<HashMap
         }
     }
     if matches!(arch, Arch::Gemma2 | Arch::Gemma3) {
-        gemma_metadata(cfg, &mut m, p, head_dim)?;
+        gemma_metadata(cfg, &mut m, p)?;
     }
     m.insert(
         "general.architecture".into(),
@@ -717,12 +717,7 @@ fn metadata(cfg: &ConfigJson<'_>, arch: Arch, arch_name: &str) -> Result<HashMap
 
 /// Gemma's keys: soft-caps, the window and which layers have it, the
 /// windowed layers' rope base, and the query scale.
-fn gemma_metadata(
-    cfg: &ConfigJson<'_>,
-    m: &mut HashMap<String, Value>,
-    p: &str,
-    head_dim: Option<usize>,
-) -> Result<()> {
+fn gemma_metadata(cfg: &ConfigJson<'_>, m: &mut HashMap<String, Value>, p: &str) -> Result<()> {
     let mut put = |k: &str, v: Value| {
         m.insert(format!("{p}.{k}"), v);
     };
@@ -764,7 +759,6 @@ fn gemma_metadata(
         if !(s.is_finite() && s > 0.0) {
             return Err(cfg.err("query_pre_attn_scalar", "is not a number greater than 0"));
         }
-        let _ = head_dim;
         put("attention.scale", Value::F32(1.0 / s.sqrt()));
     }
     Ok(())
