@@ -381,3 +381,38 @@ fn a_multimodal_gemma3_runs_its_text_model() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(worst <= TOLERANCE);
 }
+
+#[test]
+fn configurations_saved_by_transformers_5_read_the_same() {
+    // transformers 5 writes the rope settings as rope_parameters (Gemma 3:
+    // one set per layer type) and rope_theta as null.
+    let llama = broken_copy("llama-f16", "llama-v5", |d| {
+        edit_json(&d.join("config.json"), |c| {
+            let mut params = c["rope_scaling"].clone();
+            params["rope_theta"] = c["rope_theta"].clone();
+            c["rope_parameters"] = params;
+            c["rope_scaling"] = Value::Null;
+            c["rope_theta"] = Value::Null;
+        })
+    });
+    let gemma = broken_copy("gemma3-f16", "gemma3-v5", |d| {
+        edit_json(&d.join("config.json"), |c| {
+            c["rope_parameters"] = serde_json::json!({
+                "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                   "rope_theta": c["rope_theta"].clone()},
+                "sliding_attention": {"rope_type": "default",
+                                      "rope_theta": c["rope_local_base_freq"].clone()},
+            });
+            let o = c.as_object_mut().expect("object");
+            for k in ["rope_scaling", "rope_theta", "rope_local_base_freq"] {
+                o.insert(k.into(), Value::Null);
+            }
+        })
+    });
+    for (dir, name) in [(llama, "llama-f16"), (gemma, "gemma3-f16")] {
+        let file = GgufFile::open(&dir).expect("opens");
+        let worst = check_file(&file, name, 1, WeightFormat::Native);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(worst <= TOLERANCE, "{name}");
+    }
+}

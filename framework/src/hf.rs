@@ -593,10 +593,26 @@ fn map_shards(dir: &Path) -> Result<Vec<Shard>> {
 /// The rope parameters of `config.json`: `rope_scaling`, or the newer
 /// `rope_parameters` (which also holds `rope_theta`).
 fn rope_params(json: &Json) -> Option<&Json> {
-    ["rope_scaling", "rope_parameters"]
+    let params = ["rope_scaling", "rope_parameters"]
         .iter()
         .filter_map(|k| json.get(*k))
-        .find(|v| v.is_object())
+        .find(|v| v.is_object())?;
+    // transformers 5 saves a model with windowed layers (Gemma 3) with one
+    // set per layer type: the global layers' is the model's.
+    match params.get("full_attention") {
+        Some(full) if full.is_object() => Some(full),
+        _ => Some(params),
+    }
+}
+
+/// The windowed layers' rope base of a transformers 5 configuration
+/// (`rope_parameters.sliding_attention.rope_theta`), if it has one.
+fn sliding_rope_theta(json: &Json) -> Option<f32> {
+    json.get("rope_parameters")?
+        .get("sliding_attention")?
+        .get("rope_theta")?
+        .as_f64()
+        .map(|v| v as f32)
 }
 
 /// GGUF metadata for the family `arch` from `config.json`.
@@ -734,6 +750,11 @@ fn gemma_metadata(cfg: &ConfigJson<'_>, m: &mut HashMap<String, Value>, p: &str)
                     put(gguf, Value::F32(v));
                 }
             }
+        }
+    }
+    if cfg.opt_f32("rope_local_base_freq")?.is_none() {
+        if let Some(base) = sliding_rope_theta(cfg.json) {
+            put("rope.freq_base_swa", Value::F32(base));
         }
     }
     if let Some(w) = cfg.opt_usize("sliding_window")? {
