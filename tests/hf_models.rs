@@ -19,7 +19,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use common::{greedy_before_tie, ids, on_group, top_k, write_models};
+use common::{check_top10, greedy_before_tie, ids, on_group, top_k, write_models};
 use parallm::framework::{GgufFile, LlamaShard, ModelConfig, ShardSpec, Tokenizer, WeightFormat};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -119,19 +119,8 @@ fn check_file(file: &GgufFile, name: &str, tp: usize, format: WeightFormat) -> f
                 "{what} rank {rank}: argmax per position"
             );
             let last = &rows[prompt.len() - 1];
-            for pair in case["top10"].as_array().expect("top10") {
-                let (tok, want) = (
-                    pair[0].as_u64().expect("id") as usize,
-                    pair[1].as_f64().expect("logit") as f32,
-                );
-                let d = (last[tok] - want).abs();
-                worst = worst.max(d);
-                assert!(
-                    d <= TOLERANCE,
-                    "{what} rank {rank}: token {tok}: {} vs transformers {want}",
-                    last[tok]
-                );
-            }
+            let at = format!("{what} rank {rank}");
+            worst = worst.max(check_top10(last, case, TOLERANCE, "transformers", &at));
             let n = greedy_before_tie(case, NEAR_TIE);
             assert_eq!(
                 greedy[..n],

@@ -61,8 +61,9 @@ enum Data {
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
-    /// The IQ4 tensors (in `content` under a stand-in type).
-    iq: HashMap<String, IqTensor>,
+    /// The IQ4 tensors' types (their dims and offsets are `content`'s, which
+    /// holds them under a stand-in type).
+    iq: HashMap<String, IqType>,
     data: Data,
     file_size: u64,
 }
@@ -103,12 +104,6 @@ impl IqType {
             Self::Iq4Xs => "IQ4_XS",
         }
     }
-}
-
-/// An IQ4 tensor's type; its dims and offset are `content`'s.
-#[derive(Clone, Copy, Debug)]
-struct IqTensor {
-    kind: IqType,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -237,10 +232,9 @@ impl GgufFile {
                 content.tensor_infos.len()
             )));
         }
-        let iq: HashMap<String, IqTensor> = iq_types
+        let iq: HashMap<String, IqType> = iq_types
             .into_iter()
             .filter(|(name, _)| content.tensor_infos.contains_key(name))
-            .map(|(name, kind)| (name, IqTensor { kind }))
             .collect();
         check_tensor_table(&content, &iq, file_size).map_err(|(name, reason)| match name {
             Some(name) => Error::Tensor {
@@ -419,7 +413,7 @@ impl GgufFile {
     /// The stored type of tensor `name` as GGML names it (`IQ4_XS`, `Q4_K`, …).
     pub fn stored_type(&self, name: &str) -> Option<String> {
         match self.iq.get(name) {
-            Some(t) => Some(t.kind.name().to_string()),
+            Some(t) => Some(t.name().to_string()),
             None => self
                 .content
                 .tensor_infos
@@ -475,7 +469,7 @@ impl GgufFile {
         }
         let reader = match &self.data {
             Data::Gguf(reader) if self.iq.contains_key(name) => {
-                return self.iq_tensor(name, self.iq[name].kind, found, reader);
+                return self.iq_tensor(name, self.iq[name], found, reader);
             }
             Data::Gguf(reader) => reader,
             Data::Hf(hf) => {
@@ -574,7 +568,7 @@ fn ggml_type_name(id: u32) -> &'static str {
 /// size: the error names the tensor when one is at fault.
 fn check_tensor_table(
     content: &Content,
-    iq: &HashMap<String, IqTensor>,
+    iq: &HashMap<String, IqType>,
     file_size: u64,
 ) -> std::result::Result<(), (Option<String>, String)> {
     let alignment = match content.metadata.get("general.alignment") {
@@ -612,11 +606,7 @@ fn check_tensor_table(
             .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
             .ok_or_else(|| fault(format!("has dimensions {dims:?} whose product overflows")))?;
         let (dtype, block, type_size) = match iq.get(name) {
-            Some(t) => (
-                t.kind.name().to_string(),
-                t.kind.block_size(),
-                t.kind.type_size(),
-            ),
+            Some(t) => (t.name().to_string(), t.block_size(), t.type_size()),
             None => (
                 format!("{:?}", info.ggml_dtype),
                 info.ggml_dtype.block_size() as u64,

@@ -75,16 +75,15 @@ const MODEL_NAMES: [(&str, &str); 3] = [
     ("lm_head.weight", "output.weight"),
 ];
 
-/// Gemma's per-layer tensors where they differ from [`LAYER_NAMES`]: norms
-/// around both halves of the block.
-const GEMMA_LAYER_NAMES: [(&str, &str); 4] = [
+/// Gemma's per-layer tensors where they differ from [`LAYER_NAMES`] (looked
+/// up first): norms around both halves of the block.
+const GEMMA_LAYER_NAMES: [(&str, &str); 3] = [
     (
         "post_attention_layernorm.weight",
         "post_attention_norm.weight",
     ),
     ("pre_feedforward_layernorm.weight", "ffn_norm.weight"),
     ("post_feedforward_layernorm.weight", "post_ffw_norm.weight"),
-    ("input_layernorm.weight", "attn_norm.weight"),
 ];
 
 /// GPT-2's per-layer tensors after `h.N.` (`transformer.h.N.` in newer
@@ -119,12 +118,17 @@ const GPT2_MODEL_NAMES: [(&str, &str); 5] = [
 /// Name pairs: Hugging Face and GGUF.
 type Names = &'static [(&'static str, &'static str)];
 
-/// A family's name tables: whole-model names, the layer prefix, per-layer
-/// names.
-fn tables(arch: Arch) -> (Names, &'static str, Names) {
+/// A family's name tables: whole-model names, the layer prefix, and the
+/// per-layer names (the first table's pairs before the second's).
+fn tables(arch: Arch) -> (Names, &'static str, [Names; 2]) {
     match arch {
-        Arch::Gpt2 => (&GPT2_MODEL_NAMES, "h.", &GPT2_LAYER_NAMES),
-        _ => (&MODEL_NAMES, "model.layers.", &LAYER_NAMES),
+        Arch::Gpt2 => (&GPT2_MODEL_NAMES, "h.", [&GPT2_LAYER_NAMES, &[]]),
+        Arch::Gemma2 | Arch::Gemma3 => (
+            &MODEL_NAMES,
+            "model.layers.",
+            [&GEMMA_LAYER_NAMES, &LAYER_NAMES],
+        ),
+        _ => (&MODEL_NAMES, "model.layers.", [&LAYER_NAMES, &[]]),
     }
 }
 
@@ -133,7 +137,6 @@ fn tables(arch: Arch) -> (Names, &'static str, Names) {
 /// know.
 fn gguf_name(arch: Arch, hf: &str) -> Option<String> {
     let (model, prefix, layer) = tables(arch);
-    let gemma = matches!(arch, Arch::Gemma2 | Arch::Gemma3);
     let owned;
     let hf = match arch {
         Arch::Gpt2 => hf.strip_prefix("transformer.").unwrap_or(hf),
@@ -154,8 +157,10 @@ fn gguf_name(arch: Arch, hf: &str) -> Option<String> {
     let rest = hf.strip_prefix(prefix)?;
     let (n, suffix) = rest.split_once('.')?;
     let n: usize = n.parse().ok()?;
-    let gemma_name = GEMMA_LAYER_NAMES.iter().filter(|_| gemma);
-    let (_, g) = gemma_name.chain(layer.iter()).find(|(h, _)| *h == suffix)?;
+    let (_, g) = layer
+        .iter()
+        .flat_map(|t| t.iter())
+        .find(|(h, _)| *h == suffix)?;
     Some(if g.is_empty() {
         String::new()
     } else {
@@ -173,10 +178,7 @@ pub(crate) fn hf_name(arch: Arch, gguf: &str) -> Option<String> {
     let rest = gguf.strip_prefix("blk.")?;
     let (n, suffix) = rest.split_once('.')?;
     let phi3 = arch == Arch::Phi3;
-    let gemma_name = GEMMA_LAYER_NAMES
-        .iter()
-        .filter(|_| matches!(arch, Arch::Gemma2 | Arch::Gemma3));
-    let (h, _) = gemma_name.chain(layer.iter()).find(|(h, g)| {
+    let (h, _) = layer.iter().flat_map(|t| t.iter()).find(|(h, g)| {
         *g == suffix
             && (suffix != "ffn_up.weight"
                 || arch == Arch::Gpt2

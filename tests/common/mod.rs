@@ -219,3 +219,30 @@ pub fn greedy_before_tie(case: &serde_json::Value, near_tie: f32) -> usize {
         .position(|g| (g.as_f64().expect("gap") as f32) < near_tie)
         .unwrap_or(gaps.len())
 }
+
+/// Checks the last prompt position's logits `last` against a golden case's
+/// `top10` (token, logit) pairs within `tolerance`, naming the reference
+/// (`by`) and the case (`what`) on failure; returns the largest difference.
+pub fn check_top10(
+    last: &[f32],
+    case: &serde_json::Value,
+    tolerance: f32,
+    by: &str,
+    what: &str,
+) -> f32 {
+    let mut worst = 0f32;
+    for pair in case["top10"].as_array().expect("top10") {
+        let (tok, want) = (
+            pair[0].as_u64().expect("id") as usize,
+            pair[1].as_f64().expect("logit") as f32,
+        );
+        let d = (last[tok] - want).abs();
+        worst = worst.max(d);
+        assert!(
+            d <= tolerance,
+            "{what}: token {tok}: {} vs {by} {want}",
+            last[tok]
+        );
+    }
+    worst
+}
