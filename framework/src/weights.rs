@@ -522,12 +522,24 @@ impl Linear {
 
     /// Computes `x·Wᵀ` for `x` of `rows × in_features`; returns `rows × out_features`.
     pub fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let mut y = vec![0f32; rows * self.out_features];
+        self.forward_into(x, rows, &mut y)?;
+        Ok(y)
+    }
+
+    /// [`Linear::forward`] into `y` (at least `rows × out_features`; its
+    /// first `rows × out_features` values are overwritten), without an
+    /// output allocation.
+    pub fn forward_into(&self, x: &[f32], rows: usize, y: &mut [f32]) -> Result<()> {
         debug_assert_eq!(x.len(), rows * self.in_features);
         if rows == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
+        let y = y
+            .get_mut(..rows * self.out_features)
+            .ok_or_else(|| Error::Shard("linear output buffer too small".into()))?;
         if let Some(h) = &self.half {
-            let mut y = vec![0f32; rows * self.out_features];
+            y.fill(0.0);
             // On the current rayon pool, as the f32 path.
             half_mm::matmul_xwt(
                 h.kind,
@@ -536,44 +548,38 @@ impl Linear {
                 &h.bits,
                 self.out_features,
                 self.in_features,
-                &mut y,
+                y,
             );
-            return Ok(y);
+            return Ok(());
         }
         match (&self.dense, &self.own, &self.quant) {
             (Some(w), _, _) => {
-                let mut y = vec![0f32; rows * self.out_features];
+                y.fill(0.0);
                 kernels::cpu::skinny::matmul_xwt(
                     x,
                     rows,
                     w,
                     self.out_features,
                     self.in_features,
-                    &mut y,
+                    y,
                 );
-                Ok(y)
+                Ok(())
             }
             (_, Some(own), _) => {
-                let mut y = vec![0f32; rows * self.out_features];
+                // The kernels overwrite every output value.
                 ACTS.with(|acts| {
                     let mut acts = acts.borrow_mut();
-                    acts.quantize(own.format, x, self.in_features);
                     threads::with_current(|pool| {
-                        quant::gemm(
-                            own.format,
-                            &own.bytes,
-                            self.out_features,
-                            &acts,
-                            &mut y,
-                            pool,
-                        )
+                        acts.quantize_on(own.format, x, self.in_features, pool);
+                        quant::gemm(own.format, &own.bytes, self.out_features, &acts, y, pool)
                     });
                 });
-                Ok(y)
+                Ok(())
             }
             (_, _, Some(q)) => {
                 let xs = Tensor::from_slice(x, (rows, self.in_features), &Device::Cpu)?;
-                Ok(q.forward(&xs)?.flatten_all()?.to_vec1::<f32>()?)
+                y.copy_from_slice(&q.forward(&xs)?.flatten_all()?.to_vec1::<f32>()?);
+                Ok(())
             }
             (_, None, None) => Err(Error::Shard("a linear layer without weights".into())),
         }

@@ -231,9 +231,7 @@ impl Backend for CpuBackend {
         rows: usize,
     ) -> Result<()> {
         let k = w.in_features();
-        let y = w.forward(&x[..rows * k], rows)?;
-        out[..y.len()].copy_from_slice(&y);
-        Ok(())
+        w.forward_into(&x[..rows * k], rows, out)
     }
 
     fn add_bias(

@@ -24,7 +24,8 @@ pub enum Feature {
     Avx512,
     /// AVX-512 VNNI (int8 dot products).
     Vnni,
-    /// AMX tiles for int8 (reported only: no kernel uses them yet).
+    /// AMX tiles for int8 (the quantized kernels' prefill and large-batch
+    /// products; used only where Linux also grants the tile data).
     Amx,
 }
 

@@ -40,6 +40,10 @@ pub struct QuantizedActs {
     pub(super) s: Vec<f32>,
     pub(super) sum: Vec<i32>,
     pub(super) bsums: Vec<i16>,
+    /// Q8_1 only, when the AMX kernels will read these rows: the values as
+    /// A tiles, `[row / 16][block][row % 16][32]` in natural block order,
+    /// rows padded to a multiple of 16 with zeros; empty otherwise.
+    pub(super) tiles: Vec<i8>,
 }
 
 impl Default for QuantizedActs {
@@ -78,6 +82,25 @@ pub(super) trait BlockQuantizer {
     /// # Safety
     /// The CPU features of the implementation.
     unsafe fn block(x: &[f32], q: &mut [i8]) -> f32;
+
+    /// Quantizes the 32 values `x` into Q8_1 block `b` of `row` (the
+    /// grouped layout) and, if given, into `tile` (32 bytes, natural
+    /// order); returns `d` and `Σq`.
+    ///
+    /// # Safety
+    /// As [`BlockQuantizer::block`].
+    #[inline(always)]
+    unsafe fn q8_1(x: &[f32], row: &mut [i8], b: usize, tile: Option<&mut [i8]>) -> (f32, i32) {
+        let mut q = [0i8; 32];
+        let d = Self::block(x, &mut q);
+        let (lo, hi) = (q8_1_pos(b, 0), q8_1_pos(b, 16));
+        row[lo..lo + 16].copy_from_slice(&q[..16]);
+        row[hi..hi + 16].copy_from_slice(&q[16..]);
+        if let Some(t) = tile {
+            t[..32].copy_from_slice(&q);
+        }
+        (d, q.iter().map(|&v| v as i32).sum())
+    }
 }
 
 /// The portable reference quantizer.
@@ -101,46 +124,105 @@ impl BlockQuantizer for ScalarQuantizer {
     }
 }
 
-/// Fills the buffers of `acts` (already sized by `quantize_with`) from `x`.
+/// Rows of a [`QuantizedActs`]'s buffers being filled: a whole number of
+/// A tiles' rows (16) unless it ends at the last row.
+pub(super) struct RowsMut<'a> {
+    format: ActFormat,
+    k: usize,
+    qs: &'a mut [i8],
+    d: &'a mut [f32],
+    s: &'a mut [f32],
+    sum: &'a mut [i32],
+    bsums: &'a mut [i16],
+    tiles: &'a mut [i8],
+}
+
+impl<'a> RowsMut<'a> {
+    /// Splits off the first `rows` rows (a multiple of 16, so that the A
+    /// tiles split too).
+    fn split(self, rows: usize) -> (RowsMut<'a>, RowsMut<'a>) {
+        let nb = self.k / self.format.block_size();
+        let qs_row = match self.format {
+            ActFormat::Q8_1 => q8_1_row_len(nb),
+            ActFormat::Q8K => self.k,
+        };
+        let per = |v: usize, row: usize| if v == 0 { 0 } else { row * rows };
+        let (qs0, qs1) = self.qs.split_at_mut(rows * qs_row);
+        let (d0, d1) = self.d.split_at_mut(rows * nb);
+        let (s0, s1) = self.s.split_at_mut(per(self.s.len(), nb));
+        let (u0, u1) = self.sum.split_at_mut(per(self.sum.len(), nb));
+        let (b0, b1) = self.bsums.split_at_mut(per(self.bsums.len(), self.k / 16));
+        let (t0, t1) = self.tiles.split_at_mut(per(self.tiles.len(), self.k));
+        let (format, k) = (self.format, self.k);
+        (
+            RowsMut {
+                format,
+                k,
+                qs: qs0,
+                d: d0,
+                s: s0,
+                sum: u0,
+                bsums: b0,
+                tiles: t0,
+            },
+            RowsMut {
+                format,
+                k,
+                qs: qs1,
+                d: d1,
+                s: s1,
+                sum: u1,
+                bsums: b1,
+                tiles: t1,
+            },
+        )
+    }
+}
+
+/// Fills `rows` (sized by `quantize_with`) from `x`, its rows' activations.
 ///
 /// # Safety
 /// As [`BlockQuantizer::block`] for `Q` (inlined into an entry point that
 /// enables its features).
 #[inline(always)]
-pub(super) unsafe fn fill<Q: BlockQuantizer>(acts: &mut QuantizedActs, x: &[f32]) {
-    let k = acts.k;
-    let nb = acts.blocks();
-    match acts.format {
+pub(super) unsafe fn fill<Q: BlockQuantizer>(rows: RowsMut<'_>, x: &[f32]) {
+    let k = rows.k;
+    let nb = k / rows.format.block_size();
+    match rows.format {
         ActFormat::Q8_1 => {
             let stride = q8_1_row_len(nb);
-            let mut q = [0i8; 32];
             for (i, xr) in x.chunks_exact(k).enumerate() {
-                let row = &mut acts.qs[i * stride..(i + 1) * stride];
+                let row = &mut rows.qs[i * stride..(i + 1) * stride];
                 for (b, xb) in xr.chunks_exact(32).enumerate() {
-                    let d = Q::block(xb, &mut q);
-                    let (lo, hi) = (q8_1_pos(b, 0), q8_1_pos(b, 16));
-                    row[lo..lo + 16].copy_from_slice(&q[..16]);
-                    row[hi..hi + 16].copy_from_slice(&q[16..]);
-                    let sum: i32 = q.iter().map(|&v| v as i32).sum();
+                    let tile = if rows.tiles.is_empty() {
+                        None
+                    } else {
+                        let at = ((i / 16) * nb + b) * 512 + (i % 16) * 32;
+                        Some(&mut rows.tiles[at..at + 32])
+                    };
+                    let (d, sum) = Q::q8_1(xb, row, b, tile);
                     let idx = i * nb + b;
-                    acts.d[idx] = d;
-                    acts.sum[idx] = sum;
-                    acts.s[idx] = d * sum as f32;
+                    rows.d[idx] = d;
+                    rows.sum[idx] = sum;
+                    rows.s[idx] = d * sum as f32;
                 }
             }
         }
         ActFormat::Q8K => {
-            let blocks = x.chunks_exact(256).zip(acts.qs.chunks_exact_mut(256));
+            let blocks = x.chunks_exact(256).zip(rows.qs.chunks_exact_mut(256));
             for (b, (xb, qb)) in blocks.enumerate() {
-                acts.d[b] = Q::block(xb, qb);
+                rows.d[b] = Q::block(xb, qb);
                 for (g, qg) in qb.chunks_exact(16).enumerate() {
                     // |Σ| <= 16·127, fits in i16.
-                    acts.bsums[b * 16 + g] = qg.iter().map(|&q| q as i16).sum();
+                    rows.bsums[b * 16 + g] = qg.iter().map(|&q| q as i16).sum();
                 }
             }
         }
     }
 }
+
+/// Activation rows below which quantization runs on the calling thread.
+const PAR_MIN_ROWS: usize = 32;
 
 impl QuantizedActs {
     /// An empty buffer (0 rows); fill it with [`QuantizedActs::quantize`].
@@ -154,6 +236,7 @@ impl QuantizedActs {
             s: Vec::new(),
             sum: Vec::new(),
             bsums: Vec::new(),
+            tiles: Vec::new(),
         }
     }
 
@@ -166,11 +249,35 @@ impl QuantizedActs {
     /// If `k` is 0, not a multiple of `format`'s block size, or does not
     /// divide `x.len()`.
     pub fn quantize(&mut self, format: QuantFormat, x: &[f32], k: usize) {
-        self.quantize_with(super::detect_isa(), format, x, k)
+        self.quantize_with(super::detect_isa(), format, x, k, None)
     }
 
-    /// [`QuantizedActs::quantize`] on the given path (all give the same bits).
-    pub(super) fn quantize_with(&mut self, isa: Isa, format: QuantFormat, x: &[f32], k: usize) {
+    /// [`QuantizedActs::quantize`] with the rows split over `pool` when
+    /// there are many (same results). A caller outside the pool blocks
+    /// until it is done; one on its threads takes part.
+    ///
+    /// # Panics
+    /// As [`QuantizedActs::quantize`].
+    pub fn quantize_on(
+        &mut self,
+        format: QuantFormat,
+        x: &[f32],
+        k: usize,
+        pool: &rayon::ThreadPool,
+    ) {
+        self.quantize_with(super::detect_isa(), format, x, k, Some(pool))
+    }
+
+    /// [`QuantizedActs::quantize`] on the given path (all give the same
+    /// bits), on `pool` if given.
+    pub(super) fn quantize_with(
+        &mut self,
+        isa: Isa,
+        format: QuantFormat,
+        x: &[f32],
+        k: usize,
+        pool: Option<&rayon::ThreadPool>,
+    ) {
         let act = format.act_format();
         let bs = act.block_size();
         assert!(
@@ -204,13 +311,52 @@ impl QuantizedActs {
                 self.bsums.resize(m * k / 16, 0);
             }
         }
-        match isa {
+        // The AMX kernels read 16-row A tiles: written here, once for
+        // every matrix and chunk that reads these activations.
+        self.tiles.clear();
+        if super::amx_reads(isa, format, m) {
+            self.tiles.resize(m.div_ceil(16) * 16 * k, 0);
+        }
+        let rows = RowsMut {
+            format: act,
+            k,
+            qs: &mut self.qs,
+            d: &mut self.d,
+            s: &mut self.s,
+            sum: &mut self.sum,
+            bsums: &mut self.bsums,
+            tiles: &mut self.tiles,
+        };
+        let fill_on = |rows: RowsMut<'_>, x: &[f32]| match isa {
             // SAFETY: the scalar quantizer needs no CPU features.
-            Isa::Scalar => unsafe { fill::<ScalarQuantizer>(self, x) },
+            Isa::Scalar => unsafe { fill::<ScalarQuantizer>(rows, x) },
             // SAFETY: every SIMD Isa value implies AVX2 (checked by
             // `Isa::supported` before the value is used).
             #[cfg(target_arch = "x86_64")]
-            _ => unsafe { super::avx2::quantize_avx2(self, x) },
+            _ => unsafe { super::avx2::quantize_avx2(rows, x) },
+        };
+        let threads = pool.map_or(1, |p| p.current_num_threads());
+        match pool {
+            Some(pool) if threads > 1 && m >= PAR_MIN_ROWS => {
+                // Whole tiles of 16 rows per part.
+                let per = m.div_ceil(threads).div_ceil(16) * 16;
+                let mut parts = Vec::with_capacity(threads);
+                let mut rest = rows;
+                let mut i0 = 0;
+                while i0 + per < m {
+                    let (head, tail) = rest.split(per);
+                    parts.push((head, &x[i0 * k..(i0 + per) * k]));
+                    rest = tail;
+                    i0 += per;
+                }
+                // The last part keeps the padding of its last tile.
+                parts.push((rest, &x[i0 * k..]));
+                pool.install(|| {
+                    use rayon::prelude::*;
+                    parts.into_par_iter().for_each(|(rows, x)| fill_on(rows, x));
+                });
+            }
+            _ => fill_on(rows, x),
         }
     }
 

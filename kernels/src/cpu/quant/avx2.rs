@@ -26,7 +26,7 @@
 
 use std::arch::x86_64::*;
 
-use super::acts::{fill, ActRow, BlockQuantizer, QuantizedActs};
+use super::acts::{fill, q8_1_pos, ActRow, BlockQuantizer, RowsMut};
 use super::formats::{q3k_scales, q4k_scales_mins, QuantFormat, QK_K};
 use super::{drive_kernel, Job, OutCols, RowKernel};
 
@@ -843,6 +843,34 @@ impl BlockQuantizer for Avx2Quantizer {
         }
         d
     }
+
+    #[inline(always)]
+    unsafe fn q8_1(x: &[f32], row: &mut [i8], b: usize, tile: Option<&mut [i8]>) -> (f32, i32) {
+        let mut q = [0i8; 32];
+        let d = Self::block(&x[..32], &mut q);
+        let p = _mm256_loadu_si256(q.as_ptr() as *const __m256i);
+        let (lo, hi) = (q8_1_pos(b, 0), q8_1_pos(b, 16));
+        assert!(hi + 16 <= row.len());
+        // SAFETY: lo + 16 <= hi and hi + 16 <= row.len() (asserted).
+        _mm_storeu_si128(
+            row.as_mut_ptr().add(lo) as *mut __m128i,
+            _mm256_castsi256_si128(p),
+        );
+        _mm_storeu_si128(
+            row.as_mut_ptr().add(hi) as *mut __m128i,
+            _mm256_extracti128_si256(p, 1),
+        );
+        if let Some(t) = tile {
+            assert!(t.len() >= 32);
+            _mm256_storeu_si256(t.as_mut_ptr() as *mut __m256i, p);
+        }
+        // Σq: bytes times 1 into i16 pairs, pairs into i32 lanes.
+        let pairs = _mm256_maddubs_epi16(_mm256_set1_epi8(1), p);
+        (
+            d,
+            hsum_epi32(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1))),
+        )
+    }
 }
 
 /// Activation quantization with AVX2.
@@ -850,6 +878,6 @@ impl BlockQuantizer for Avx2Quantizer {
 /// # Safety
 /// The CPU must support AVX2.
 #[target_feature(enable = "avx2")]
-pub(super) unsafe fn quantize_avx2(acts: &mut QuantizedActs, x: &[f32]) {
-    fill::<Avx2Quantizer>(acts, x)
+pub(super) unsafe fn quantize_avx2(rows: RowsMut<'_>, x: &[f32]) {
+    fill::<Avx2Quantizer>(rows, x)
 }

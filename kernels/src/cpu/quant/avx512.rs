@@ -293,3 +293,17 @@ pub(super) unsafe fn run_avx512(format: QuantFormat, job: &Job<'_>, out: &mut Ou
 pub(super) unsafe fn run_avx512_vnni(format: QuantFormat, job: &Job<'_>, out: &mut OutCols<'_>) {
     run_512::<Vnni512>(format, job, out)
 }
+
+/// The AMX path: AMX tiles for the formats that have an AMX kernel when the
+/// chunk has enough activation rows, the AVX-512 VNNI kernels otherwise.
+///
+/// # Safety
+/// As [`run_avx512_vnni`], and `super::amx::usable()` must be true.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub(super) unsafe fn run_amx(format: QuantFormat, job: &Job<'_>, out: &mut OutCols<'_>) {
+    if super::amx::has_kernel(format) && job.i_end - job.i_begin >= super::amx::MIN_ROWS {
+        super::amx::run(format, job, out)
+    } else {
+        run_512::<Vnni512>(format, job, out)
+    }
+}

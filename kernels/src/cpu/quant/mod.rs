@@ -13,9 +13,11 @@
 //!
 //! * Paths: scalar (the reference, always available), AVX2 (`vpmaddubsw`),
 //!   AVX2 code with AVX-512 VNNI on 256-bit vectors (`vpdpbusd ymm`), AVX-512
-//!   F+BW (`vpmaddubsw zmm`) and AVX-512 VNNI (`vpdpbusd zmm`), picked at run
-//!   time with `is_x86_feature_detected!` (every SIMD path also requires AVX2,
-//!   FMA and F16C). The K formats and Q5_0/Q5_1 use 256-bit vectors on every
+//!   F+BW (`vpmaddubsw zmm`), AVX-512 VNNI (`vpdpbusd zmm`), and AMX int8
+//!   tiles (`tdpbssd`, the `amx` module) for Q4_0/Q4_1/Q8_0 with at least 16
+//!   activation rows on top of AVX-512 VNNI, picked at run time from what the
+//!   CPU reports less what `PARALLM_CPU_FEATURES` turns off (every SIMD path
+//!   also requires AVX2, FMA and F16C). The K formats and Q5_0/Q5_1 use 256-bit vectors on every
 //!   SIMD path (a 32-byte load is a pair of 32-weight sub-blocks; a Q5 block's
 //!   fifth bits are spread to bytes with a shuffle and a compare); the VNNI paths use
 //!   `vpdpwssd` for their scale multiply-accumulate.
@@ -50,6 +52,8 @@ mod formats;
 pub mod iq4;
 mod scalar;
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
@@ -144,7 +148,8 @@ pub fn gemm_serial(format: QuantFormat, w: &[u8], n: usize, acts: &QuantizedActs
     gemm_with(detect_isa(), format, w, n, acts, y, None)
 }
 
-/// Name of the kernel path this CPU runs ("avx512-vnni", "avx2", "scalar", ...).
+/// Name of the kernel path this CPU runs ("amx+avx512-vnni", "avx512-vnni",
+/// "avx2", "scalar", ...).
 pub fn kernel_path() -> &'static str {
     detect_isa().name()
 }
@@ -165,6 +170,10 @@ enum Isa {
     /// AVX-512 F + BW + VL + VNNI, `vpdpbusd zmm`.
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
+    /// [`Isa::Avx512Vnni`] with AMX int8 tiles for the 32-wide formats
+    /// Q8_0/Q4_0/Q4_1 when a chunk has at least `amx::MIN_ROWS` activation rows.
+    #[cfg(target_arch = "x86_64")]
+    Amx,
 }
 
 impl Isa {
@@ -180,6 +189,8 @@ impl Isa {
         Isa::Avx512,
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Amx,
     ];
 
     fn name(self) -> &'static str {
@@ -193,6 +204,8 @@ impl Isa {
             Isa::Avx512 => "avx512",
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => "avx512-vnni",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => "amx+avx512-vnni",
         }
     }
 
@@ -212,6 +225,7 @@ impl Isa {
                 Isa::Avx2Vnni => avx2 && avx512 && vnni,
                 Isa::Avx512 => avx2 && avx512,
                 Isa::Avx512Vnni => avx2 && avx512 && vnni,
+                Isa::Amx => avx2 && avx512 && vnni && amx::usable(),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -221,12 +235,32 @@ impl Isa {
     }
 }
 
+/// Whether the AMX kernels will read `m` activation rows quantized for
+/// `format` on path `isa` (the quantizer then also writes them as A tiles).
+fn amx_reads(isa: Isa, format: QuantFormat, m: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        isa == Isa::Amx && amx::has_kernel(format) && m >= amx::MIN_ROWS
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (isa, format, m);
+        false
+    }
+}
+
 /// The best supported path, detected once.
 fn detect_isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
-        for isa in [Isa::Avx512Vnni, Isa::Avx2Vnni, Isa::Avx512, Isa::Avx2] {
+        for isa in [
+            Isa::Amx,
+            Isa::Avx512Vnni,
+            Isa::Avx2Vnni,
+            Isa::Avx512,
+            Isa::Avx2,
+        ] {
             if isa.supported() {
                 return isa;
             }
@@ -383,6 +417,9 @@ fn run_chunk(
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni => unsafe { avx512::run_avx512_vnni(format, &job, &mut out) },
+        // SAFETY: as above (Isa::Amx is supported only where `amx::usable`).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Amx => unsafe { avx512::run_amx(format, &job, &mut out) },
     }
 }
 

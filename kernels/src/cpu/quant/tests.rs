@@ -239,9 +239,16 @@ fn activation_quantization() {
 #[test]
 fn activation_quantization_paths_agree() {
     let mut rng = Rng::new(6);
-    for f in [QuantFormat::Q8_0, QuantFormat::Q4K] {
+    let pool = pool(3);
+    for (f, m) in [
+        (QuantFormat::Q8_0, 3),
+        (QuantFormat::Q4K, 3),
+        (QuantFormat::Q8_0, 40),
+        (QuantFormat::Q4_1, 70),
+        (QuantFormat::Q4K, 40),
+    ] {
         for k in [f.block_size(), 3 * f.block_size(), 9 * f.block_size()] {
-            let mut x = random_acts(&mut rng, 3 * k);
+            let mut x = random_acts(&mut rng, m * k);
             // Ties at ±0.5 steps, and non-finite values (unspecified results,
             // but the same on every path).
             x[1] = 63.5 / 127.0 * x[0].abs().max(1.0);
@@ -251,11 +258,24 @@ fn activation_quantization_paths_agree() {
                 x[2 * k + 7] = -f32::INFINITY;
             }
             let mut want = QuantizedActs::new();
-            want.quantize_with(Isa::Scalar, f, &x, k);
-            for isa in supported_isas() {
+            want.quantize_with(Isa::Scalar, f, &x, k, None);
+            for (isa, threaded) in supported_isas()
+                .into_iter()
+                .flat_map(|isa| [(isa, false), (isa, true)])
+            {
                 let mut got = QuantizedActs::new();
-                got.quantize_with(isa, f, &x, k);
-                assert_eq!(got.qs, want.qs, "{f} k={k} {}", isa.name());
+                got.quantize_with(isa, f, &x, k, threaded.then_some(&pool));
+                assert_eq!(got.qs, want.qs, "{f} m={m} k={k} {}", isa.name());
+                if !got.tiles.is_empty() {
+                    // The A tiles hold every row's blocks in natural order.
+                    let nb = k / QK;
+                    for i in 0..m {
+                        for b in 0..nb {
+                            let at = ((i / 16) * nb + b) * 512 + (i % 16) * 32;
+                            assert_eq!(got.tiles[at..at + 32], want.row(i).block32(b));
+                        }
+                    }
+                }
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got.d), bits(&want.d), "{f} k={k} {}", isa.name());
                 assert_eq!(bits(&got.s), bits(&want.s), "{f} k={k} {}", isa.name());
@@ -273,13 +293,17 @@ fn check_paths(f: QuantFormat, m: usize, n: usize, k: usize, seed: u64, pool: &r
     let w = random_weights(&mut rng, f, n, k);
     let x = random_acts(&mut rng, m * k);
     let acts = quantize_activations(f, &x, k);
+    // Quantized on the scalar path: without the A tiles the AMX kernels
+    // otherwise read, so they copy their own.
+    let mut plain = QuantizedActs::new();
+    plain.quantize_with(Isa::Scalar, f, &x, k, None);
     let mut want = vec![f32::NAN; m * n];
     gemm_with(Isa::Scalar, f, &w, n, &acts, &mut want, None);
     let rb = f.row_bytes(k).expect("whole blocks");
     for isa in supported_isas() {
-        for threaded in [false, true] {
+        for (threaded, acts) in [(false, &acts), (true, &acts), (false, &plain)] {
             let mut y = vec![f32::NAN; m * n];
-            gemm_with(isa, f, &w, n, &acts, &mut y, threaded.then_some(pool));
+            gemm_with(isa, f, &w, n, acts, &mut y, threaded.then_some(pool));
             for idx in 0..m * n {
                 assert_eq!(
                     y[idx].to_bits(),
@@ -345,6 +369,31 @@ fn simd_paths_match_scalar_edge_sizes() {
         }
         for (seed, &(m, n, k)) in shapes.iter().enumerate() {
             check_paths(f, m, n, k, seed as u64 + 100, &pool);
+        }
+    }
+}
+
+/// Shapes for the AMX kernels (≥ 16 activation rows; tiles of 16 rows and
+/// pairs of 16 weight rows, with partial tiles, and 8-block groups with
+/// tails), checked like every other path against the scalar reference. On a
+/// CPU without AMX this still compares the other paths at these shapes.
+#[test]
+fn simd_paths_match_scalar_large_batches() {
+    let pool = pool(3);
+    for f in [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q4_1] {
+        for (seed, &(m, n, k)) in [
+            (16, 32, 8 * QK),
+            (16, 1, QK),
+            (17, 33, 9 * QK),
+            (31, 47, 18 * QK),
+            (48, 64, 7 * QK),
+            (100, 300, 576),
+            (64, 161, 1536),
+        ]
+        .iter()
+        .enumerate()
+        {
+            check_paths(f, m, n, k, seed as u64 + 500, &pool);
         }
     }
 }
@@ -499,7 +548,11 @@ fn quant_timing() {
     ] {
         let w = random_weights(&mut rng, f, n, k);
         // 128 rows: a prefill chunk.
-        for m in [1, 4, 16, 128] {
+        // 512 rows: a whole prefill (not for the vocabulary-sized matrix).
+        for m in [1, 4, 16, 128, 512] {
+            if m == 512 && n > 4096 {
+                continue;
+            }
             let x = random_acts(&mut rng, m * k);
             let acts = quantize_activations(f, &x, k);
             let mut y = vec![0f32; m * n];
