@@ -200,7 +200,9 @@ impl Backend for CpuBackend {
         if let Some(d) = residual {
             self.add(x, d, len)?;
         }
-        ops::layer_norm(&x[..len], w, b, eps, &mut out[..len]);
+        par_rows(&x[..len], width, &mut out[..len], width, |x, o| {
+            ops::layer_norm(x, w, b, eps, o)
+        });
         Ok(())
     }
 
@@ -218,7 +220,9 @@ impl Backend for CpuBackend {
         if let Some(d) = residual {
             self.add(x, d, len)?;
         }
-        ops::rms_norm(&x[..len], w, eps, &mut out[..len]);
+        par_rows(&x[..len], width, &mut out[..len], width, |x, o| {
+            ops::rms_norm(x, w, eps, o)
+        });
         Ok(())
     }
 
@@ -296,10 +300,10 @@ impl Backend for CpuBackend {
         act: Activation,
     ) -> Result<()> {
         let (gate_up, out) = (&gate_up[..rows * 2 * width], &mut out[..rows * width]);
-        match act {
-            Activation::Silu => ops::silu_mul(gate_up, width, out),
-            Activation::GeluTanh => ops::gelu_tanh_mul(gate_up, width, out),
-        }
+        par_rows(gate_up, 2 * width, out, width, |g, o| match act {
+            Activation::Silu => ops::silu_mul(g, width, o),
+            Activation::GeluTanh => ops::gelu_tanh_mul(g, width, o),
+        });
         Ok(())
     }
 
@@ -539,4 +543,36 @@ impl PagedKv<CpuBackend> for KvPool {
         KvPool::copy_block(self, src, dst);
         Ok(())
     }
+}
+
+/// Row-wise work of at least this many values is split over the current
+/// pool.
+const PAR_MIN_VALUES: usize = 1 << 16;
+
+/// `f(input rows, output rows)` over `input` (rows of `w_in` values) and
+/// `out` (rows of `w_out`), in blocks of whole rows on the current pool
+/// when there are many values (a prefill), else on the calling thread.
+/// Every row's result is the same either way (`f` works row by row).
+fn par_rows(
+    input: &[f32],
+    w_in: usize,
+    out: &mut [f32],
+    w_out: usize,
+    f: impl Fn(&[f32], &mut [f32]) + Sync,
+) {
+    use rayon::prelude::*;
+    let rows = input.len().checked_div(w_in).unwrap_or(0);
+    crate::threads::with_current(|pool| {
+        let threads = pool.current_num_threads();
+        if threads < 2 || rows < 2 || input.len().max(out.len()) < PAR_MIN_VALUES {
+            return f(input, out);
+        }
+        let per = rows.div_ceil(threads);
+        pool.install(|| {
+            input
+                .par_chunks(per * w_in)
+                .zip(out.par_chunks_mut(per * w_out))
+                .for_each(|(i, o)| f(i, o))
+        })
+    })
 }
