@@ -538,8 +538,8 @@ impl Linear {
         let y = y
             .get_mut(..rows * self.out_features)
             .ok_or_else(|| Error::Shard("linear output buffer too small".into()))?;
+        // Every kernel below overwrites all of `y`.
         if let Some(h) = &self.half {
-            y.fill(0.0);
             // On the current rayon pool, as the f32 path.
             half_mm::matmul_xwt(
                 h.kind,
@@ -554,7 +554,6 @@ impl Linear {
         }
         match (&self.dense, &self.own, &self.quant) {
             (Some(w), _, _) => {
-                y.fill(0.0);
                 kernels::cpu::skinny::matmul_xwt(
                     x,
                     rows,
@@ -566,7 +565,6 @@ impl Linear {
                 Ok(())
             }
             (_, Some(own), _) => {
-                // The kernels overwrite every output value.
                 ACTS.with(|acts| {
                     let mut acts = acts.borrow_mut();
                     threads::with_current(|pool| {

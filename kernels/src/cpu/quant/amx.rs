@@ -45,7 +45,7 @@ const TR: usize = 16;
 /// Bytes of one B tile (one block of 16 weight rows): 8 rows × 64 bytes.
 const B_TILE: usize = 512;
 /// Activation rows below which a chunk runs the VNNI kernels instead.
-pub(super) const MIN_ROWS: usize = 16;
+const MIN_ROWS: usize = 16;
 
 /// Whether the AMX kernels may run in this process: the feature is on and
 /// the OS granted the tile data (asked once).
@@ -84,12 +84,13 @@ fn request_tile_data() -> bool {
     }
 }
 
-/// Whether `format` has an AMX kernel.
-pub(super) fn has_kernel(format: QuantFormat) -> bool {
+/// Whether a chunk of `rows` activation rows in `format` runs on the tiles
+/// (on the AMX path): an AMX kernel for the format, and enough rows.
+pub(super) fn takes(format: QuantFormat, rows: usize) -> bool {
     matches!(
         format,
         QuantFormat::Q8_0 | QuantFormat::Q4_0 | QuantFormat::Q4_1
-    )
+    ) && rows >= MIN_ROWS
 }
 
 /// The 64-byte `ldtilecfg` operand (palette 1).
@@ -150,7 +151,7 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// Resizes `v` to `len` (contents unspecified).
+/// Grows `v` to at least `len` values (contents unspecified).
 fn sized<T: Default + Clone>(v: &mut Vec<T>, len: usize) {
     if v.len() < len {
         v.resize(len, T::default());
@@ -176,13 +177,9 @@ unsafe fn gather16(mask: __mmask16, idx: __m512i, p: *const u8) -> __m512i {
 unsafe fn repack(format: QuantFormat, job: &Job<'_>, j0: usize, h: usize, s: &mut Scratch) {
     let bb = format.block_bytes();
     let nb = job.rb / bb;
-    let valid = job.rows.saturating_sub(j0).min(TR);
-    if valid == 0 {
-        s.btile[h * nb * B_TILE..(h + 1) * nb * B_TILE].fill(0);
-        s.dw[h * nb * TR..(h + 1) * nb * TR].fill(0.0);
-        s.mw[h * nb * TR..(h + 1) * nb * TR].fill(0.0);
-        return;
-    }
+    // A panel's tiles start below `rows`: at least one row is real.
+    assert!(j0 < job.rows);
+    let valid = (job.rows - j0).min(TR);
     let mask: __mmask16 = if valid == TR {
         0xFFFF
     } else {
@@ -322,7 +319,7 @@ unsafe fn block_product<const SET: usize>(a: *const i8, lda: usize, b: *const u8
 ///
 /// # Safety
 /// AVX2 + FMA + F16C + AVX-512F enabled by the caller; [`usable`] true;
-/// `format` has a kernel ([`has_kernel`]).
+/// [`takes`] the job.
 #[inline(always)]
 pub(super) unsafe fn run(format: QuantFormat, job: &Job<'_>, out: &mut OutCols<'_>) {
     SCRATCH.with(|s| {

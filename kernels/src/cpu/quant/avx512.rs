@@ -301,7 +301,7 @@ pub(super) unsafe fn run_avx512_vnni(format: QuantFormat, job: &Job<'_>, out: &m
 /// As [`run_avx512_vnni`], and `super::amx::usable()` must be true.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn run_amx(format: QuantFormat, job: &Job<'_>, out: &mut OutCols<'_>) {
-    if super::amx::has_kernel(format) && job.i_end - job.i_begin >= super::amx::MIN_ROWS {
+    if super::amx::takes(format, job.i_end - job.i_begin) {
         super::amx::run(format, job, out)
     } else {
         run_512::<Vnni512>(format, job, out)

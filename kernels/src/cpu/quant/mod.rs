@@ -240,7 +240,7 @@ impl Isa {
 fn amx_reads(isa: Isa, format: QuantFormat, m: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        isa == Isa::Amx && amx::has_kernel(format) && m >= amx::MIN_ROWS
+        isa == Isa::Amx && amx::takes(format, m)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
