@@ -10,13 +10,14 @@
 //! ```sh
 //! RAYON_NUM_THREADS=2 cargo bench --bench kernels
 //! ```
-//! Every kernel runs on one rayon pool of `compute_threads()` threads,
-//! called from inside the pool as a compute node calls it.
+//! Every kernel runs on one compute pool of `RAYON_NUM_THREADS` (else every
+//! core) threads, this thread among them, as a compute node calls it.
 
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kernels::cpu::half_mm::{self, Half};
+use kernels::cpu::pool::{enter, Pool};
 use kernels::cpu::quant::{self, QuantFormat, QuantizedActs};
 use kernels::cpu::skinny;
 
@@ -69,17 +70,12 @@ fn weights(format: QuantFormat, n: usize, k: usize) -> Vec<u8> {
     bytes
 }
 
-fn pool() -> Arc<rayon::ThreadPool> {
+fn pool() -> Arc<Pool> {
     let threads = std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    Arc::new(
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .expect("pool"),
-    )
+    Arc::new(Pool::new("bench", threads).expect("pool"))
 }
 
 fn quantized(c: &mut Criterion) {
@@ -107,7 +103,7 @@ fn quantized(c: &mut Criterion) {
             let mut y = vec![0f32; m * n];
             group.throughput(Throughput::Bytes(w.len() as u64));
             group.bench_with_input(BenchmarkId::new(name, m), &m, |b, _| {
-                pool.install(|| {
+                enter(&pool, || {
                     b.iter(|| quant::gemm(format, &w, n, &acts, &mut y, &pool));
                 })
             });
@@ -137,7 +133,9 @@ fn dense(c: &mut Criterion) {
         let mut y = vec![0f32; m * n];
         group.throughput(Throughput::Bytes((w.len() * 4) as u64));
         group.bench_with_input(BenchmarkId::new("f32 1536x576", m), &m, |b, _| {
-            pool.install(|| b.iter(|| skinny::matmul_xwt(&x, m, &w, n, k, &mut y)))
+            enter(&pool, || {
+                b.iter(|| skinny::matmul_xwt(&x, m, &w, n, k, &mut y))
+            })
         });
     }
     group.finish();
@@ -160,7 +158,9 @@ fn half(c: &mut Criterion) {
             group.throughput(Throughput::Bytes((w.len() * 2) as u64));
             let name = format!("{} 3072x576", kind.name());
             group.bench_with_input(BenchmarkId::new(name, m), &m, |b, _| {
-                pool.install(|| b.iter(|| half_mm::matmul_xwt(kind, &x, m, &w, n, k, &mut y)))
+                enter(&pool, || {
+                    b.iter(|| half_mm::matmul_xwt(kind, &x, m, &w, n, k, &mut y))
+                })
             });
         }
     }
@@ -170,7 +170,6 @@ fn half(c: &mut Criterion) {
 /// Streaming copy of a buffer far larger than the caches, split across the
 /// pool's threads: the bandwidth the weight-streaming rates are compared to.
 fn memory(c: &mut Criterion) {
-    use rayon::prelude::*;
     let pool = pool();
     let len = 64 << 20; // 256 MiB of f32
     let src = random(len, 1);
@@ -179,33 +178,30 @@ fn memory(c: &mut Criterion) {
     group.sample_size(10);
     group.throughput(Throughput::Bytes((len * 4 * 2) as u64));
     group.bench_function("copy 256MiB", |b| {
-        pool.install(|| {
-            b.iter(|| {
-                dst.par_chunks_mut(1 << 16)
-                    .zip(src.par_chunks(1 << 16))
-                    .for_each(|(d, s)| d.copy_from_slice(s))
+        b.iter(|| {
+            pool.chunks_mut(&mut dst, 1 << 16, |c, d| {
+                d.copy_from_slice(&src[c << 16..][..d.len()])
             })
         })
     });
     group.throughput(Throughput::Bytes((len * 4) as u64));
     group.bench_function("read 256MiB", |b| {
-        pool.install(|| {
-            b.iter(|| {
+        let mut sums = vec![0f32; len.div_ceil(1 << 16)];
+        b.iter(|| {
+            pool.for_each_mut(&mut sums, |c, sum| {
                 // Sixteen independent sums: a load-bound loop, not an add chain.
-                src.par_chunks(1 << 16)
-                    .map(|s| {
-                        s.chunks_exact(16)
-                            .fold([0f32; 16], |mut acc, c| {
-                                for (a, v) in acc.iter_mut().zip(c) {
-                                    *a += v;
-                                }
-                                acc
-                            })
-                            .iter()
-                            .sum::<f32>()
+                *sum = src[c << 16..][..(1 << 16).min(len - (c << 16))]
+                    .chunks_exact(16)
+                    .fold([0f32; 16], |mut acc, c| {
+                        for (a, v) in acc.iter_mut().zip(c) {
+                            *a += v;
+                        }
+                        acc
                     })
+                    .iter()
                     .sum::<f32>()
-            })
+            });
+            sums.iter().sum::<f32>()
         })
     });
     group.finish();
@@ -243,7 +239,7 @@ fn attention_and_ops(c: &mut Criterion) {
         let mut out = vec![0f32; heads * dim];
         group.throughput(Throughput::Bytes((2 * n * kv_width * 4) as u64));
         group.bench_with_input(BenchmarkId::new("gqa", pos), &pos, |b, _| {
-            pool.install(|| {
+            enter(&pool, || {
                 b.iter(|| attention(&q, heads * dim, &[row], heads, kv_heads, dim, &mut out))
             })
         });

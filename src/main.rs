@@ -761,8 +761,8 @@ fn run_latency(args: LatencyArgs) -> CliResult {
         framework::compute_threads()
     );
     println!("{}\n", kernels::cpu::features::report());
-    // Like a compute node: the forward runs on its own pool's thread.
-    let pool = framework::threads::pool("bench", framework::compute_threads())?;
+    // Like a compute node: this thread runs the forward as its pool's caller.
+    let pool = framework::threads::node_pool("bench", framework::compute_threads(), 0, 1)?;
     let report = framework::threads::run_in(&pool, || {
         latency(&model, &plan, |line| eprintln!("  measuring {line} ..."))
     })?;

@@ -1,87 +1,67 @@
-//! Which thread pool a forward pass computes on.
+//! Which compute pool a forward pass runs on.
 //!
-//! Each compute node owns a rayon pool sized from the configuration
+//! Each compute node owns a [`Pool`] sized from the configuration
 //! (`threads_per_node`), so tensor-parallel shards on different cores do not
-//! oversubscribe them. A node runs its forward inside [`run_in`]; the
-//! kernels then find that pool through [`with_current`] (the quantized GEMM
-//! takes the pool explicitly) or through rayon's own notion of the current
-//! pool (the f32 GEMM's parallel iterators). Outside any node — the
-//! single-shard reference loops, benchmarks, tests — a process-wide pool of
-//! [`crate::compute_threads`] threads is used.
+//! oversubscribe them. A node runs its step inside [`run_in`] on its own
+//! thread, which becomes the pool's caller: it computes its share of every
+//! parallel region while the pool's helpers, spinning between regions, take
+//! the rest (see [`kernels::cpu::pool`]). The kernels find the pool through
+//! [`with_current`]. Outside any node — the single-shard reference loops,
+//! benchmarks, tests — a process-wide pool of [`crate::compute_threads`]
+//! threads is used.
 //!
-//! The current pool is a thread-local set for the duration of [`run_in`] on
-//! the pool thread that runs the closure, and restored afterwards.
+//! candle's own CPU ops (used only for formats parallm has no kernel of its
+//! own for) keep their rayon threading on rayon's global pool.
 
-use std::cell::RefCell;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use rayon::ThreadPool;
+pub use kernels::cpu::pool::Pool;
 
 use crate::error::{Error, Result};
 
-thread_local! {
-    static CURRENT: RefCell<Option<Arc<ThreadPool>>> = const { RefCell::new(None) };
-}
-
-/// A pool of `threads` compute threads named `{name}-{i}`.
-pub fn pool(name: &str, threads: usize) -> Result<Arc<ThreadPool>> {
-    let name = name.to_string();
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.max(1))
-        .thread_name(move |i| format!("{name}-{i}"))
-        .build()
+/// A pool of `threads` compute threads: the caller of each region plus
+/// helpers named `{name}-{i}`.
+///
+/// # Errors
+/// If the threads cannot be started, or `PARALLM_SPIN_US` is malformed.
+pub fn pool(name: &str, threads: usize) -> Result<Arc<Pool>> {
+    Pool::new(name, threads)
         .map(Arc::new)
         .map_err(|e| Error::Config(format!("cannot start {threads} compute threads: {e}")))
 }
 
-/// Runs `f` on `pool`, with `pool` as the current pool of the kernels.
-pub fn run_in<R: Send>(pool: &Arc<ThreadPool>, f: impl FnOnce() -> R + Send) -> R {
-    pool.install(|| {
-        let previous = CURRENT.with(|c| c.replace(Some(pool.clone())));
-        let result = f();
-        CURRENT.with(|c| *c.borrow_mut() = previous);
-        result
-    })
+/// The compute pool of slot `slot` of `slots` pools of `threads` threads
+/// each on this machine (a node's, numbered across the whole engine). With
+/// `PARALLM_PIN=1` its threads are pinned, one per CPU, to the slot's share
+/// of the CPUs this process may use when all the slots fit; otherwise (and
+/// by default) they float.
+///
+/// # Errors
+/// As [`pool`].
+pub fn node_pool(name: &str, threads: usize, slot: usize, slots: usize) -> Result<Arc<Pool>> {
+    let cpus = kernels::cpu::pool::allowed_cpus();
+    let threads = threads.max(1);
+    let share =
+        if kernels::cpu::pool::pin_requested() && slots.saturating_mul(threads) <= cpus.len() {
+            &cpus[slot * threads..(slot + 1) * threads]
+        } else {
+            &[]
+        };
+    Pool::pinned(name, threads, share)
+        .map(Arc::new)
+        .map_err(|e| Error::Config(format!("cannot start {threads} compute threads: {e}")))
 }
 
-/// The process-wide pool used outside any node.
-fn global() -> &'static ThreadPool {
-    static GLOBAL: OnceLock<ThreadPool> = OnceLock::new();
-    GLOBAL.get_or_init(|| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(crate::compute_threads())
-            .thread_name(|i| format!("parallm-compute-{i}"))
-            .build()
-            .or_else(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build())
-            .unwrap_or_else(|e| panic!("cannot start even one compute thread: {e}"))
-    })
+/// Runs `f` on this thread with `pool` as the current pool of the kernels;
+/// when it returns, the pool's helpers are told to rest until the next call.
+pub fn run_in<R>(pool: &Arc<Pool>, f: impl FnOnce() -> R) -> R {
+    let r = kernels::cpu::pool::enter(pool, f);
+    pool.rest();
+    r
 }
 
 /// Calls `f` with the current pool: the node's inside [`run_in`], else the
 /// process-wide one.
-pub fn with_current<R>(f: impl FnOnce(&ThreadPool) -> R) -> R {
-    let current = CURRENT.with(|c| c.borrow().clone());
-    match current {
-        Some(pool) => f(&pool),
-        None => f(global()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn run_in_makes_the_pool_current_and_restores_it() {
-        let p = pool("test", 2).expect("pool");
-        let inside = run_in(&p, || with_current(|c| c.current_num_threads()));
-        assert_eq!(inside, 2);
-        assert!(CURRENT.with(|c| c.borrow().is_none()));
-        let nested = run_in(&p, || {
-            let q = pool("inner", 1).expect("pool");
-            let n = run_in(&q, || with_current(|c| c.current_num_threads()));
-            (n, with_current(|c| c.current_num_threads()))
-        });
-        assert_eq!(nested, (1, 2));
-    }
+pub fn with_current<R>(f: impl FnOnce(&Pool) -> R) -> R {
+    kernels::cpu::pool::with_current(f)
 }

@@ -540,7 +540,7 @@ impl Linear {
             .ok_or_else(|| Error::Shard("linear output buffer too small".into()))?;
         // Every kernel below overwrites all of `y`.
         if let Some(h) = &self.half {
-            // On the current rayon pool, as the f32 path.
+            // On the current compute pool, as the f32 path.
             half_mm::matmul_xwt(
                 h.kind,
                 x,

@@ -604,6 +604,7 @@ impl Engine {
         let stages = framework::shard::stage_layers(&model, shape.pp);
         let (block_size, max_batch_tokens) = (cfg.block_size, cfg.max_batch_tokens);
         let threads = cfg.node_threads();
+        let slots = cfg.dp * shape.nodes();
         let model_config = model.clone();
         let compute = cfg.compute.clone();
         let groups = stage_groups(&compute, shape, cfg.dp).map_err(EngineError::Invalid)?;
@@ -632,9 +633,13 @@ impl Engine {
             };
             let group = &groups[id.replica * shape.pp + stage];
             let shard = Shard::load(source, &compute, group).map_err(|e| e.to_string())?;
-            let threads =
-                framework::threads::pool(&format!("r{}n{}", id.replica, id.index), threads)
-                    .map_err(|e| e.to_string())?;
+            let threads = framework::threads::node_pool(
+                &format!("r{}n{}", id.replica, id.index),
+                threads,
+                id.replica * shape.nodes() + id.index,
+                slots,
+            )
+            .map_err(|e| e.to_string())?;
             Ok(LlmWorker::new(id, shape, shard, threads, fault.clone()))
         });
         let pipeline = Pipeline::start(

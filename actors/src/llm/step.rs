@@ -67,25 +67,31 @@ impl LlmStep {
     /// items are independent, so they are chosen in parallel on the calling
     /// thread's compute pool.
     pub fn pick(&self, first: usize, logits: &Logits, picks: &mut Picks) {
-        use rayon::prelude::*;
-        let wanted: Vec<(usize, &[f32])> = (0..logits.item_rows.len())
-            .filter_map(|i| Some((first + i, logits.last(i)?)))
+        let mut chosen: Vec<(usize, &[f32], Option<Pick>)> = (0..logits.item_rows.len())
+            .filter_map(|i| Some((first + i, logits.last(i)?, None)))
             .collect();
-        let chosen: Vec<(usize, Pick)> = wanted
-            .into_par_iter()
-            .map(|(item, row)| {
-                let pick = match self.samplers.get(item).and_then(Option::as_ref) {
-                    Some(sampler) => Pick::Token(sampler.lock().draw(row)),
-                    None => Pick::Row(log_softmax(row)),
-                };
-                (item, pick)
-            })
-            .collect();
+        let choose = |_: usize, (item, row, pick): &mut (usize, &[f32], Option<Pick>)| {
+            *pick = Some(match self.samplers.get(*item).and_then(Option::as_ref) {
+                Some(sampler) => Pick::Token(sampler.lock().draw(row)),
+                None => Pick::Row(log_softmax(row)),
+            });
+        };
+        framework::threads::with_current(|pool| {
+            // One item (batch-1 decode) is not worth a hand-out.
+            if chosen.len() > 1 {
+                pool.for_each_mut(&mut chosen, choose)
+            } else {
+                chosen
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, c)| choose(i, c))
+            }
+        });
         if picks.len() < self.plan.items.len() {
             picks.resize(self.plan.items.len(), None);
         }
-        for (item, pick) in chosen {
-            picks[item] = Some(pick);
+        for (item, _, pick) in chosen {
+            picks[item] = pick;
         }
     }
 }

@@ -86,7 +86,7 @@ pub struct LlmWorker {
     stage: usize,
     shape: ReplicaShape,
     shard: Shard,
-    threads: Arc<rayon::ThreadPool>,
+    threads: Arc<framework::threads::Pool>,
     fault: Option<Arc<FaultState>>,
 }
 
@@ -97,7 +97,7 @@ impl LlmWorker {
         id: NodeId,
         shape: ReplicaShape,
         shard: Shard,
-        threads: Arc<rayon::ThreadPool>,
+        threads: Arc<framework::threads::Pool>,
         fault: Option<Arc<FaultState>>,
     ) -> Self {
         let (stage, _) = shape.place(id.index);

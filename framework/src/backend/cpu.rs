@@ -560,19 +560,21 @@ fn par_rows(
     w_out: usize,
     f: impl Fn(&[f32], &mut [f32]) + Sync,
 ) {
-    use rayon::prelude::*;
     let rows = input.len().checked_div(w_in).unwrap_or(0);
     crate::threads::with_current(|pool| {
-        let threads = pool.current_num_threads();
-        if threads < 2 || rows < 2 || input.len().max(out.len()) < PAR_MIN_VALUES {
+        let threads = pool.threads();
+        if threads < 2
+            || rows < 2
+            || w_out == 0
+            || out.len() != rows * w_out
+            || input.len().max(out.len()) < PAR_MIN_VALUES
+        {
             return f(input, out);
         }
         let per = rows.div_ceil(threads);
-        pool.install(|| {
-            input
-                .par_chunks(per * w_in)
-                .zip(out.par_chunks_mut(per * w_out))
-                .for_each(|(i, o)| f(i, o))
+        pool.chunks_mut(out, per * w_out, |c, o| {
+            let first = c * per;
+            f(&input[first * w_in..(first + o.len() / w_out) * w_in], o)
         })
     })
 }

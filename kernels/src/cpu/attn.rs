@@ -16,8 +16,9 @@
 //! once and FMA-accumulated into up to 8 heads' outputs (register blocks of
 //! 8–32 dimensions; groups wider than 8 go in sub-groups of 8), then scales by
 //! `1/Σe`. f16 elements are widened with F16C as they are loaded. Units are
-//! split over rayon threads (`par_chunks_mut` on the caller's current pool)
-//! when the call is large enough to pay for the fork-join.
+//! split over the threads of the current compute pool
+//! ([`crate::cpu::pool::with_current`]) when the call is large enough to pay
+//! for the hand-out.
 //!
 //! What is true:
 //!
@@ -45,7 +46,6 @@
 #![allow(clippy::needless_range_loop)]
 
 use half::f16;
-use rayon::prelude::*;
 
 /// Below this many multiply-adds (`Σ positions · n_heads · head_dim`) a call
 /// runs on the calling thread: one unit of this size takes a few µs, about
@@ -354,17 +354,17 @@ fn attention_with<T: KvElem>(
             group_attention(rows[r], qg, kvh, (n_kv_heads, group, head_dim), params, dst);
         };
         let total: usize = rows.iter().map(|r| r.pos + 1).sum();
-        if allow_parallel
-            && rows.len() * n_kv_heads > 1
-            && total * q_width >= PAR_MIN_WORK
-            && rayon::current_num_threads() > 1
-        {
-            out.par_chunks_mut(unit)
-                .enumerate()
-                .for_each(|x| crate::cpu::busy::task(|| work(x)));
-        } else {
-            out.chunks_mut(unit).enumerate().for_each(work);
-        }
+        crate::cpu::pool::with_current(|pool| {
+            if allow_parallel
+                && rows.len() * n_kv_heads > 1
+                && total * q_width >= PAR_MIN_WORK
+                && pool.threads() > 1
+            {
+                pool.chunks_mut(out, unit, |i, dst| work((i, dst)));
+            } else {
+                out.chunks_mut(unit).enumerate().for_each(work);
+            }
+        });
         return;
     }
     let _ = (isa, allow_parallel);
@@ -502,9 +502,9 @@ pub fn attention_scalar_params<T: KvElem>(
     let total: usize = rows.iter().map(|r| r.pos + 1).sum();
     // Small batches are cheaper than a fork-join.
     if rows.len() > 1 && total * n_heads * head_dim > 1 << 16 {
-        out.par_chunks_mut(q_width)
-            .enumerate()
-            .for_each(|x| crate::cpu::busy::task(|| work(x)));
+        crate::cpu::pool::with_current(|pool| {
+            pool.chunks_mut(out, q_width, |i, dst| work((i, dst)))
+        });
     } else {
         out.chunks_mut(q_width).enumerate().for_each(work);
     }

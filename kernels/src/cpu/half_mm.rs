@@ -8,7 +8,7 @@
 //! them to f16 for its f16 matmul), so the only rounding is the weights'.
 //!
 //! Work is split like [`crate::cpu::skinny`]'s: blocks of weight rows over
-//! the current rayon pool. A single activation row (decode) reads one
+//! the current compute pool. A single activation row (decode) reads one
 //! weight row after another, one sequential stream, which measured faster
 //! than interleaving four rows; two or three rows run register tiles of 4
 //! weight rows × 2 activation rows (scalar 4×1), with 1-wide tiles for the
@@ -80,7 +80,7 @@ const WIDEN_FLOATS: usize = 32 * 1024;
 /// they too stay in L2 while every weight row of the block meets them.
 const X_ROWS: usize = 32;
 
-/// `y (m×n) = x (m×k) · wᵀ` for `w` (`n×k`) in `kind`, on the current rayon
+/// `y (m×n) = x (m×k) · wᵀ` for `w` (`n×k`) in `kind`, on the current compute
 /// pool, through the widest path this CPU has.
 pub fn matmul_xwt(kind: Half, x: &[f32], m: usize, w: &[u16], n: usize, k: usize, y: &mut [f32]) {
     matmul_with(detect_isa(), kind, x, m, w, n, k, y)
@@ -547,11 +547,8 @@ mod tests {
         for kind in [Half::F16, Half::Bf16] {
             let w: Vec<u16> = (0..n * k).map(|_| kind.from_f32(rng.f32())).collect();
             let mut par = vec![0f32; m * n];
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(3)
-                .build()
-                .expect("pool");
-            pool.install(|| matmul_xwt(kind, &x, m, &w, n, k, &mut par));
+            let pool = std::sync::Arc::new(crate::cpu::pool::Pool::new("t", 3).expect("pool"));
+            crate::cpu::pool::enter(&pool, || matmul_xwt(kind, &x, m, &w, n, k, &mut par));
             let mut one = vec![0f32; m * n];
             block(
                 detect_isa(),

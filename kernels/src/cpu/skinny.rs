@@ -2,7 +2,7 @@
 //!
 //! Tuned for few activation rows (m = 1..64) against a large weight matrix that
 //! is streamed from memory once per call. Work is split over blocks of weight
-//! rows (= output columns) with rayon; every task writes its own column range
+//! rows (= output columns) on the current compute pool; every task writes its own column range
 //! of `y` directly. Each block runs a register-tiled microkernel: `R` weight
 //! rows × `C` activation rows, one vector accumulator per (row, col) pair, FMA
 //! over k, then a horizontal reduction (a shuffle tree for the AVX-512 4×4
@@ -19,12 +19,12 @@
 #![allow(clippy::needless_range_loop)]
 
 use crate::cpu::out::{OutCols, SharedOut};
-use rayon::prelude::*;
 
 /// Below this many weight elements (n·k) everything runs on the calling thread.
 const PAR_MIN_WORK: usize = 1 << 16;
 /// The same for m = 1 (a gemv): one core streams ~8 MB faster than waking up
-/// the rayon workers pays back (measured on a 2-core EPYC, weights in DRAM).
+/// rayon's sleeping workers paid back (measured on a 2-core EPYC, weights in
+/// DRAM, before the spinning compute pool).
 const PAR_MIN_WORK_GEMV: usize = 1 << 21;
 
 /// y (m×n) = x (m×k) · wᵀ, w is n×k row-major.
@@ -88,7 +88,7 @@ fn matmul_xwt_with(isa: Isa, x: &[f32], m: usize, w: &[f32], n: usize, k: usize,
 }
 
 /// Runs `f(rows of w, their columns of y)` over blocks of `w`'s rows on the
-/// current rayon pool, or once on this thread when the pool has one thread,
+/// current compute pool, or once on this thread when the pool has one thread,
 /// `w` holds fewer than `min_work` elements, or too few rows to split.
 pub(crate) fn par_cols<T: Sync>(
     w: &[T],
@@ -99,23 +99,27 @@ pub(crate) fn par_cols<T: Sync>(
     f: impl Fn(&[T], OutCols<'_>) + Sync,
 ) {
     let n = w.len() / k;
-    let threads = rayon::current_num_threads();
-    if threads <= 1 || w.len() < min_work || n < 2 * ROW_ALIGN {
-        f(w, OutCols::new(y, m, n, 0, n));
-        return;
-    }
-    // A few tasks per thread for load balance; block height a multiple of the
-    // row tile so that only the last block has a ragged end.
-    let tasks = threads * 4;
-    let nb = n.div_ceil(tasks).div_ceil(ROW_ALIGN) * ROW_ALIGN;
-    let yp = SharedOut::new(y, m, n);
-    w.par_chunks(nb * k).enumerate().for_each(|(b, wc)| {
-        let cols = wc.len() / k;
-        // SAFETY: task b gets columns b*nb .. b*nb + cols, where cols <= nb is
-        // the number of rows in its chunk of w; chunks are disjoint, so views are.
-        let out = unsafe { yp.cols(b * nb, cols) };
-        crate::cpu::busy::task(|| f(wc, out));
-    });
+    crate::cpu::pool::with_current(|pool| {
+        let threads = pool.threads();
+        if threads <= 1 || w.len() < min_work || n < 2 * ROW_ALIGN {
+            f(w, OutCols::new(y, m, n, 0, n));
+            return;
+        }
+        // A few tasks per thread for load balance; block height a multiple of
+        // the row tile so that only the last block has a ragged end.
+        let tasks = threads * 4;
+        let nb = n.div_ceil(tasks).div_ceil(ROW_ALIGN) * ROW_ALIGN;
+        let yp = SharedOut::new(y, m, n);
+        pool.run(n.div_ceil(nb), &|b| {
+            let wc = &w[b * nb * k..((b + 1) * nb).min(n) * k];
+            let cols = wc.len() / k;
+            // SAFETY: task b gets columns b*nb .. b*nb + cols, where cols <= nb
+            // is the number of rows in its chunk of w; chunks are disjoint, so
+            // views are.
+            let out = unsafe { yp.cols(b * nb, cols) };
+            f(wc, out)
+        });
+    })
 }
 
 /// Row-block granularity for the parallel split (multiple of every R used).
@@ -670,7 +674,7 @@ mod tests {
 
     #[test]
     fn parallel_sizes_match_naive() {
-        // Large enough (n·k ≥ PAR_MIN_WORK) to take the rayon path with a ragged last block.
+        // Large enough (n·k ≥ PAR_MIN_WORK) to take the parallel path with a ragged last block.
         for &(m, n, k) in &[
             (1, 203, 576),
             (1, 3643, 577),

@@ -198,10 +198,7 @@ fn bf16_cache_equals_f32_cache_of_the_same_values() {
 #[test]
 fn serial_and_parallel_splits_agree() {
     let mut rng = Rng::new(9);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(3)
-        .build()
-        .unwrap();
+    let pool = std::sync::Arc::new(crate::cpu::pool::Pool::new("t", 3).unwrap());
     for (n_heads, n_kv) in SHAPES {
         // Big enough for the parallel split.
         let c = case(&mut rng, n_heads, n_kv, 64, 1200);
@@ -218,7 +215,7 @@ fn serial_and_parallel_splits_agree() {
             )
         };
         let a = run(&c, &c.seqs, true, serial);
-        let b = pool.install(|| run(&c, &c.seqs, true, attention::<f32>));
+        let b = crate::cpu::pool::enter(&pool, || run(&c, &c.seqs, true, attention::<f32>));
         assert_eq!(a, b, "{n_heads}/{n_kv}");
     }
 }
@@ -325,14 +322,8 @@ fn attention_timing() {
     use std::time::Instant;
     let mut rng = Rng::new(12);
     let (n_heads, n_kv, hd) = (9, 3, 64);
-    let one = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
-    let two = rayon::ThreadPoolBuilder::new()
-        .num_threads(2)
-        .build()
-        .unwrap();
+    let one = std::sync::Arc::new(crate::cpu::pool::Pool::new("t", 1).unwrap());
+    let two = std::sync::Arc::new(crate::cpu::pool::Pool::new("t", 2).unwrap());
     for pos in [128, 1024] {
         let s = seq(&mut rng, pos + 1, n_kv * hd, 1.0);
         let half: Seq<f16> = s.map(f16::from_f32);
@@ -354,16 +345,16 @@ fn attention_timing() {
             let rows = [AttnRow { k, v, pos }];
             let (hk, hv) = half.kv(paged);
             let hrows = [AttnRow { k: hk, v: hv, pos }];
-            let old = one.install(|| {
+            let old = crate::cpu::pool::enter(&one, || {
                 time(&mut || attention_scalar(&q, n_heads * hd, &rows, n_heads, n_kv, hd, &mut out))
             });
-            let new1 = one.install(|| {
+            let new1 = crate::cpu::pool::enter(&one, || {
                 time(&mut || attention(&q, n_heads * hd, &rows, n_heads, n_kv, hd, &mut out))
             });
-            let new2 = two.install(|| {
+            let new2 = crate::cpu::pool::enter(&two, || {
                 time(&mut || attention(&q, n_heads * hd, &rows, n_heads, n_kv, hd, &mut out))
             });
-            let f16_1 = one.install(|| {
+            let f16_1 = crate::cpu::pool::enter(&one, || {
                 time(&mut || attention(&q, n_heads * hd, &hrows, n_heads, n_kv, hd, &mut out))
             });
             println!(

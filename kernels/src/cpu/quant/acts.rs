@@ -263,7 +263,7 @@ impl QuantizedActs {
         format: QuantFormat,
         x: &[f32],
         k: usize,
-        pool: &rayon::ThreadPool,
+        pool: &crate::cpu::pool::Pool,
     ) {
         self.quantize_with(super::detect_isa(), format, x, k, Some(pool))
     }
@@ -276,7 +276,7 @@ impl QuantizedActs {
         format: QuantFormat,
         x: &[f32],
         k: usize,
-        pool: Option<&rayon::ThreadPool>,
+        pool: Option<&crate::cpu::pool::Pool>,
     ) {
         let act = format.act_format();
         let bs = act.block_size();
@@ -335,7 +335,7 @@ impl QuantizedActs {
             #[cfg(target_arch = "x86_64")]
             _ => unsafe { super::avx2::quantize_avx2(rows, x) },
         };
-        let threads = pool.map_or(1, |p| p.current_num_threads());
+        let threads = pool.map_or(1, crate::cpu::pool::Pool::threads);
         match pool {
             Some(pool) if threads > 1 && m >= PAR_MIN_ROWS => {
                 // Whole tiles of 16 rows per part.
@@ -345,15 +345,16 @@ impl QuantizedActs {
                 let mut i0 = 0;
                 while i0 + per < m {
                     let (head, tail) = rest.split(per);
-                    parts.push((head, &x[i0 * k..(i0 + per) * k]));
+                    parts.push(Some((head, &x[i0 * k..(i0 + per) * k])));
                     rest = tail;
                     i0 += per;
                 }
                 // The last part keeps the padding of its last tile.
-                parts.push((rest, &x[i0 * k..]));
-                pool.install(|| {
-                    use rayon::prelude::*;
-                    parts.into_par_iter().for_each(|(rows, x)| fill_on(rows, x));
+                parts.push(Some((rest, &x[i0 * k..])));
+                pool.for_each_mut(&mut parts, |_, part| {
+                    if let Some((rows, x)) = part.take() {
+                        fill_on(rows, x)
+                    }
                 });
             }
             _ => fill_on(rows, x),

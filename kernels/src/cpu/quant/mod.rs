@@ -33,16 +33,15 @@
 //!   `|y − Σ w·x| ≤ Σ|w|·d/2 + 1e-5·Σ W·(|x| + d)` (`d` the activation block
 //!   scale, `W` = |w| plus twice the block's offset magnitude).
 //! * Work is split over weight rows (output columns) on a caller-provided
-//!   rayon pool into `threads × c` chunks (`c` = 1, or 4 for big calls; the
-//!   last chunk ragged); calls below ~64 KB of weights run on the calling
-//!   thread. Within a chunk, weight rows go in panels of ~32 KB, and each
+//!   [`Pool`] into `threads × c` chunks (`c` = 1, or 4 for big calls; the
+//!   last chunk ragged), which the caller and the pool's helpers claim;
+//!   calls below ~64 KB of weights run on the calling thread. Within a chunk, weight rows go in panels of ~32 KB, and each
 //!   panel meets all activation rows, in tiles of up to 8, before the next:
 //!   every weight byte is read from memory once per call, and for m ≤ 8 each
 //!   weight block is also unpacked once per call.
-//! * Latency: a call from outside the pool pays a wake-up round trip to the
-//!   pool (measured 10–15 µs on a busy 2-core host, ~1 µs from inside);
-//!   decode-sized calls are best made from a thread of the same pool (e.g.
-//!   inside `pool.install`).
+//! * Latency: the caller starts on the chunks at once; helpers that spin
+//!   between regions join within a microsecond or so, parked ones after a
+//!   wake-up (see [`crate::cpu::pool`]).
 
 // Index loops over const tile sizes read best as written.
 #![allow(clippy::needless_range_loop)]
@@ -66,7 +65,7 @@ pub use acts::QuantizedActs;
 pub use formats::{dequantize_row, ActFormat, QuantFormat, QK, QK_K};
 
 use crate::cpu::out::{OutCols, SharedOut};
-use rayon::prelude::*;
+use crate::cpu::pool::Pool;
 
 /// Weight bytes per panel: the rows one activation tile sweeps before the
 /// next tile revisits them (kept small enough to stay in L1/L2).
@@ -113,7 +112,7 @@ pub fn gemv(
     n: usize,
     acts: &QuantizedActs,
     y: &mut [f32],
-    pool: &rayon::ThreadPool,
+    pool: &Pool,
 ) {
     assert_eq!(acts.rows(), 1, "gemv takes exactly one activation row");
     gemm(format, w, n, acts, y, pool)
@@ -134,7 +133,7 @@ pub fn gemm(
     n: usize,
     acts: &QuantizedActs,
     y: &mut [f32],
-    pool: &rayon::ThreadPool,
+    pool: &Pool,
 ) {
     gemm_with(detect_isa(), format, w, n, acts, y, Some(pool))
 }
@@ -312,7 +311,7 @@ fn gemm_with(
     n: usize,
     acts: &QuantizedActs,
     y: &mut [f32],
-    pool: Option<&rayon::ThreadPool>,
+    pool: Option<&Pool>,
 ) {
     let rb = check_shapes(format, w.len(), n, acts);
     let m = acts.rows();
@@ -320,7 +319,7 @@ fn gemm_with(
     if m == 0 || n == 0 {
         return;
     }
-    let threads = pool.map_or(1, |p| p.current_num_threads());
+    let threads = pool.map_or(1, Pool::threads);
     let work = w.len() * m.div_ceil(MAX_TILE);
     let pool = match pool {
         Some(p) if threads > 1 && work >= PAR_MIN_WORK && n >= 2 => p,
@@ -341,29 +340,25 @@ fn gemm_with(
     };
     let chunks = threads * if work >= PAR_SPLIT_WORK { 4 } else { 1 };
     let shared = SharedOut::new(y, m, n);
-    pool.install(|| {
-        (0..chunks).into_par_iter().for_each(|c| {
-            crate::cpu::busy::task(|| {
-                let (j0, j1) = chunk_rows(n, chunks, c);
-                if j0 == j1 {
-                    return;
-                }
-                // SAFETY: chunk c owns columns j0..j1; the ranges of different
-                // chunks are disjoint, so no two live views overlap.
-                let out = unsafe { shared.cols(j0, j1 - j0) };
-                run_chunk(
-                    isa,
-                    format,
-                    &w[j0 * rb..j1 * rb],
-                    j1 - j0,
-                    rb,
-                    acts,
-                    0,
-                    m,
-                    out,
-                );
-            })
-        })
+    pool.run(chunks, &|c| {
+        let (j0, j1) = chunk_rows(n, chunks, c);
+        if j0 == j1 {
+            return;
+        }
+        // SAFETY: chunk c owns columns j0..j1; the ranges of different
+        // chunks are disjoint, so no two live views overlap.
+        let out = unsafe { shared.cols(j0, j1 - j0) };
+        run_chunk(
+            isa,
+            format,
+            &w[j0 * rb..j1 * rb],
+            j1 - j0,
+            rb,
+            acts,
+            0,
+            m,
+            out,
+        );
     });
 }
 

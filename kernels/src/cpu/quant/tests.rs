@@ -90,11 +90,8 @@ fn supported_isas() -> Vec<Isa> {
     v
 }
 
-fn pool(threads: usize) -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .expect("test thread pool")
+fn pool(threads: usize) -> crate::cpu::pool::Pool {
+    crate::cpu::pool::Pool::new("test", threads).expect("test thread pool")
 }
 
 fn candle_dtype(format: QuantFormat) -> candle_core::quantized::GgmlDType {
@@ -288,7 +285,14 @@ fn activation_quantization_paths_agree() {
 
 /// Runs every supported path (serial, and on `pool`) and checks that all of
 /// them, and `vec_dot`, agree bit for bit with the scalar path.
-fn check_paths(f: QuantFormat, m: usize, n: usize, k: usize, seed: u64, pool: &rayon::ThreadPool) {
+fn check_paths(
+    f: QuantFormat,
+    m: usize,
+    n: usize,
+    k: usize,
+    seed: u64,
+    pool: &crate::cpu::pool::Pool,
+) {
     let mut rng = Rng::new(seed);
     let w = random_weights(&mut rng, f, n, k);
     let x = random_acts(&mut rng, m * k);
@@ -529,8 +533,7 @@ fn best_time(mut f: impl FnMut()) -> f64 {
 
 /// Timing check, not a test of correctness: Q4_1 / Q8_0 / Q4_0 at the reference
 /// model's shapes, every path, on 1 thread (`gemm_serial`) and on a 2-thread
-/// pool called from inside the pool (the recommended use for decode-sized
-/// calls). Run with
+/// compute pool (this thread and one helper). Run with
 /// `cargo test --release -p parallm-kernels quant_timing -- --ignored --nocapture`.
 #[test]
 #[ignore = "a timing, not a check: cargo test --release -p parallm-kernels quant_timing -- --ignored --nocapture"]
@@ -587,8 +590,7 @@ fn quant_timing() {
             }
             for isa in supported_isas() {
                 let t1 = best_time(|| gemm_with(isa, f, &w, n, &acts, &mut y, None));
-                let t2 = pool
-                    .install(|| best_time(|| gemm_with(isa, f, &w, n, &acts, &mut y, Some(&pool))));
+                let t2 = best_time(|| gemm_with(isa, f, &w, n, &acts, &mut y, Some(&pool)));
                 let gbs = |t: f64| w.len() as f64 / t / 1e9;
                 println!(
                     "{:<12} {:<7} {:<6} {:<4} {:<4} {:>11.1} {:>6.1} {:>12.1} {:>6.1}",
