@@ -240,8 +240,12 @@ impl Pool {
         if tasks == 1 || self.threads == 1 || IN_TASK.with(Cell::get) {
             return serial();
         }
-        let Ok(_region) = self.region.try_lock() else {
-            return serial();
+        // A region's panic is resumed after its guard is dropped, so the
+        // lock is never poisoned; were it, the pool would still be sound.
+        let region = match self.region.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return serial(),
         };
         let s = &*self.shared;
         // SAFETY: only the lifetime is erased. No thread dereferences the
@@ -281,6 +285,7 @@ impl Pool {
         }
         AWAKE.fetch_sub(1, Ordering::Relaxed);
         let panic = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(region);
         if let Some(p) = panic {
             resume_unwind(p);
         }
@@ -648,6 +653,10 @@ mod tests {
         let p = r.expect_err("the panic is resumed");
         assert_eq!(p.downcast_ref::<&str>(), Some(&"task 3 fails"));
         assert_eq!(finished.load(Ordering::Relaxed), 5);
+        assert!(
+            !pool.region.is_poisoned(),
+            "the next region runs in parallel"
+        );
         // The pool still works.
         let n = AtomicU64::new(0);
         pool.run(4, &|_| {
