@@ -19,34 +19,27 @@ pub use kernels::cpu::pool::Pool;
 
 use crate::error::{Error, Result};
 
-/// A pool of `threads` compute threads: the caller of each region plus
-/// helpers named `{name}-{i}`.
-///
-/// # Errors
-/// If the threads cannot be started, or `PARALLM_SPIN_US` is malformed.
-pub fn pool(name: &str, threads: usize) -> Result<Arc<Pool>> {
-    Pool::new(name, threads)
-        .map(Arc::new)
-        .map_err(|e| Error::Config(format!("cannot start {threads} compute threads: {e}")))
-}
-
 /// The compute pool of slot `slot` of `slots` pools of `threads` threads
 /// each on this machine (a node's, numbered across the whole engine). With
 /// `PARALLM_PIN=1` its threads are pinned, one per CPU, to the slot's share
 /// of the CPUs this process may use when all the slots fit; otherwise (and
-/// by default) they float.
+/// by default) they float. The caller of each region is the thread that
+/// runs the step; the helpers are named `{name}-{i}`.
 ///
 /// # Errors
-/// As [`pool`].
+/// If the threads cannot be started, or `PARALLM_SPIN_US` is malformed.
 pub fn node_pool(name: &str, threads: usize, slot: usize, slots: usize) -> Result<Arc<Pool>> {
-    let cpus = kernels::cpu::pool::allowed_cpus();
     let threads = threads.max(1);
-    let share =
-        if kernels::cpu::pool::pin_requested() && slots.saturating_mul(threads) <= cpus.len() {
-            &cpus[slot * threads..(slot + 1) * threads]
-        } else {
-            &[]
-        };
+    let cpus = if kernels::cpu::pool::pin_requested() {
+        kernels::cpu::pool::allowed_cpus()
+    } else {
+        Vec::new()
+    };
+    let share = if slots.saturating_mul(threads) <= cpus.len() {
+        &cpus[slot * threads..(slot + 1) * threads]
+    } else {
+        &[]
+    };
     Pool::pinned(name, threads, share)
         .map(Arc::new)
         .map_err(|e| Error::Config(format!("cannot start {threads} compute threads: {e}")))

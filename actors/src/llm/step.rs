@@ -76,17 +76,8 @@ impl LlmStep {
                 None => Pick::Row(log_softmax(row)),
             });
         };
-        framework::threads::with_current(|pool| {
-            // One item (batch-1 decode) is not worth a hand-out.
-            if chosen.len() > 1 {
-                pool.for_each_mut(&mut chosen, choose)
-            } else {
-                chosen
-                    .iter_mut()
-                    .enumerate()
-                    .for_each(|(i, c)| choose(i, c))
-            }
-        });
+        // One item (batch-1 decode) runs on this thread without a hand-out.
+        framework::threads::with_current(|pool| pool.for_each_mut(&mut chosen, choose));
         if picks.len() < self.plan.items.len() {
             picks.resize(self.plan.items.len(), None);
         }

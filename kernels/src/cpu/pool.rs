@@ -150,8 +150,7 @@ impl Pool {
     /// If a helper thread cannot be started, or `PARALLM_SPIN_US` is not a
     /// number of microseconds.
     pub fn new(name: &str, threads: usize) -> std::io::Result<Self> {
-        let spin = spin_setting(std::env::var(SPIN_ENV).ok().as_deref())?;
-        Self::with_spin(name, threads, spin)
+        Self::pinned(name, threads, &[])
     }
 
     /// [`Pool::new`] with an explicit idle spin time.
