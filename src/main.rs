@@ -401,7 +401,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if let Err(e) = kernels::cpu::features::check_env() {
+    if let Err(e) = kernels::cpu::check_env() {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }

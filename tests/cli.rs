@@ -338,24 +338,27 @@ fn bad_sampling_parameter_names_the_field() {
     assert_clean_failure(&out, "`top_p`");
 }
 
+/// A short `bench latency` on the tiny synthetic model with `var=value`.
+fn tiny_latency_bench(var: &str, value: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_parallm"))
+        .env(var, value)
+        .args(["bench", "latency", "--synthetic", "tiny", "--runs", "1"])
+        .args([
+            "--prompt-tokens",
+            "8",
+            "--decode-tokens",
+            "2",
+            "--batches",
+            "2",
+        ])
+        .args(["--batch-prompt-tokens", "4", "--batch-steps", "1"])
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn cpu_features_can_be_turned_off_and_a_bad_value_is_refused() {
-    let bench = |features: &str| {
-        Command::new(env!("CARGO_BIN_EXE_parallm"))
-            .env("PARALLM_CPU_FEATURES", features)
-            .args(["bench", "latency", "--synthetic", "tiny", "--runs", "1"])
-            .args([
-                "--prompt-tokens",
-                "8",
-                "--decode-tokens",
-                "2",
-                "--batches",
-                "2",
-            ])
-            .args(["--batch-prompt-tokens", "4", "--batch-steps", "1"])
-            .output()
-            .unwrap()
-    };
+    let bench = |features: &str| tiny_latency_bench("PARALLM_CPU_FEATURES", features);
     let out = bench("scalar");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -383,6 +386,28 @@ fn cpu_features_can_be_turned_off_and_a_bad_value_is_refused() {
     assert!(!kernels.contains("avx512"), "{kernels}");
     let out = bench("-sse9");
     assert_clean_failure(&out, "PARALLM_CPU_FEATURES: unknown feature 'sse9'");
+}
+
+#[test]
+fn the_weight_prefetch_is_reported_and_a_bad_distance_is_refused() {
+    let bench = |distance: &str| tiny_latency_bench("PARALLM_PREFETCH", distance);
+    for (distance, shown) in [
+        ("0", "weight prefetch off"),
+        ("4096", "weight prefetch 4096 B ahead"),
+    ] {
+        let out = bench(distance);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(shown), "{stdout}");
+    }
+    assert_clean_failure(
+        &bench("far"),
+        "PARALLM_PREFETCH: 'far' is not a prefetch distance",
+    );
 }
 
 #[test]

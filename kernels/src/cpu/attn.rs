@@ -15,7 +15,10 @@
 //! and makes one pass over the values in which each value vector is loaded
 //! once and FMA-accumulated into up to 8 heads' outputs (register blocks of
 //! 8–32 dimensions; groups wider than 8 go in sub-groups of 8), then scales by
-//! `1/Σe`. f16 elements are widened with F16C as they are loaded. Units are
+//! `1/Σe`. f16 elements are widened with F16C as they are loaded. The key
+//! pass asks for the keys two tiles ahead and for its tile's values (into
+//! L2), since at decode the cache comes from memory (off with
+//! `PARALLM_PREFETCH=0`, see [`super::prefetch`]). Units are
 //! split over the threads of the current compute pool
 //! ([`crate::cpu::pool::with_current`]) when the call is large enough to pay
 //! for the hand-out.
@@ -48,9 +51,11 @@
 use half::f16;
 
 /// Below this many multiply-adds (`Σ positions · n_heads · head_dim`) a call
-/// runs on the calling thread: one unit of this size takes a few µs, about
-/// what a fork-join costs.
-const PAR_MIN_WORK: usize = 1 << 18;
+/// runs on the calling thread. The node pool's helpers spin inside a step, so
+/// a hand-out costs about a microsecond, and a batch-1 decode step's
+/// attention (its cache read from memory) pays for it from a few dozen
+/// positions on: at 16–144 positions on the Xeon, 545 → 434 µs per step.
+const PAR_MIN_WORK: usize = 1 << 14;
 
 mod sealed {
     pub trait Sealed {}
@@ -163,6 +168,26 @@ impl<'a, T> KvRows<'a, T> {
                     first += len;
                 }
             }
+        }
+    }
+
+    /// Whether `other` views the same storage through the same block table
+    /// (the same sequence's cache).
+    fn same_store(&self, other: &Self) -> bool {
+        match (self, other) {
+            (KvRows::Flat(a), KvRows::Flat(b)) => std::ptr::eq(a.as_ptr(), b.as_ptr()),
+            (
+                KvRows::Paged { data, table, .. },
+                KvRows::Paged {
+                    data: d2,
+                    table: t2,
+                    ..
+                },
+            ) => {
+                std::ptr::eq(data.as_ptr(), d2.as_ptr())
+                    && std::ptr::eq(table.as_ptr(), t2.as_ptr())
+            }
+            _ => false,
         }
     }
 
@@ -348,10 +373,20 @@ fn attention_with<T: KvElem>(
     if isa == Isa::Avx2 {
         let group = n_heads / n_kv_heads;
         let unit = group * head_dim;
+        let prefetch = crate::cpu::prefetch::distance() != 0;
         let work = |(i, dst): (usize, &mut [f32])| {
             let (r, kvh) = (i / n_kv_heads, i % n_kv_heads);
             let qg = &q[r * q_stride + kvh * unit..][..unit];
-            group_attention(rows[r], qg, kvh, (n_kv_heads, group, head_dim), params, dst);
+            // A row whose sequence another row of the call also reads (a
+            // prefill chunk) finds the cache warm; prefetching it would only
+            // cost instructions.
+            let cold = prefetch
+                && (r == 0 || !rows[r].k.same_store(&rows[r - 1].k))
+                && rows
+                    .get(r + 1)
+                    .is_none_or(|next| !next.k.same_store(&rows[r].k));
+            let shape = (n_kv_heads, group, head_dim);
+            group_attention(rows[r], qg, kvh, shape, params, cold, dst);
         };
         let total: usize = rows.iter().map(|r| r.pos + 1).sum();
         crate::cpu::pool::with_current(|pool| {
@@ -387,6 +422,7 @@ fn group_attention<T: KvElem>(
     kvh: usize,
     (n_kv_heads, group, head_dim): (usize, usize, usize),
     params: &AttnParams,
+    prefetch: bool,
     out: &mut [f32],
 ) {
     let n = row.pos + 1;
@@ -409,6 +445,7 @@ fn group_attention<T: KvElem>(
         head_dim,
         scale: params.scale,
         softcap: params.softcap,
+        prefetch,
     };
     let mut scores = vec![0f32; group * (n - first)];
     // SAFETY: detect_isa returned Avx2, so AVX2, FMA and F16C are present.
@@ -537,6 +574,7 @@ mod avx2 {
 
     use super::KvElem;
     use crate::cpu::ops::avx2::{exp, hsum};
+    use crate::cpu::prefetch;
 
     /// One unit: a row's `group` query heads against KV head `base / head_dim`.
     pub(super) struct Job<'a, T> {
@@ -557,6 +595,9 @@ mod avx2 {
         pub scale: f32,
         /// Soft-cap of the scaled scores (0: none).
         pub softcap: f32,
+        /// Whether to prefetch the keys and values (the cache is likely
+        /// cold: no other row of the call reads the same sequence).
+        pub prefetch: bool,
     }
 
     /// Positions per key tile.
@@ -641,9 +682,31 @@ mod avx2 {
         } else {
             vec![0f32; TILE * hd]
         };
+        let row_bytes = hd * std::mem::size_of::<T>();
         let mut t = 0;
         while t < n {
             let valid = (n - t).min(TILE);
+            if job.prefetch {
+                // Keys two tiles ahead into L1, this tile's values into L2
+                // for the value pass (at decode the cache comes from memory:
+                // the step's weights have evicted it since this layer's last
+                // turn).
+                let row = |data: *const T, off: usize| data.wrapping_add(off + job.base).cast();
+                for i in 0..TILE {
+                    if let Some(&off) = job.koffs.get(t + 2 * TILE + i) {
+                        prefetch::lines::<{ prefetch::L1 }>(
+                            row(job.kdata.as_ptr(), off),
+                            row_bytes,
+                        );
+                    }
+                    if let Some(&off) = job.voffs.get(t + i) {
+                        prefetch::lines::<{ prefetch::L2 }>(
+                            row(job.vdata.as_ptr(), off),
+                            row_bytes,
+                        );
+                    }
+                }
+            }
             let mut kp = [std::ptr::null::<f32>(); TILE];
             for (i, p) in kp.iter_mut().enumerate() {
                 let off = job.koffs[(t + i).min(n - 1)] + job.base;

@@ -139,7 +139,8 @@ pub fn enabled(f: Feature) -> bool {
 
 /// What was detected, what is on, and the path of each kernel family, in
 /// one line: `cpu: avx2 avx512 vnni (off: -avx512); kernels: quantized
-/// avx2-vnni, f32 matmul avx2, attention avx2, elementwise avx2`.
+/// avx2-vnni, f32 matmul avx2, attention avx2, elementwise avx2, weight
+/// prefetch 2048 B ahead`.
 pub fn report() -> String {
     let detected: Vec<&str> = Feature::ALL
         .iter()
@@ -152,7 +153,7 @@ pub fn report() -> String {
         .map(|f| format!("-{}", f.name()))
         .collect();
     format!(
-        "cpu: {}{}; kernels: quantized {}, f32 matmul {}, attention {}, elementwise {}",
+        "cpu: {}{}; kernels: quantized {}, f32 matmul {}, attention {}, elementwise {}, weight prefetch {}",
         if detected.is_empty() {
             "no SIMD feature".to_string()
         } else {
@@ -174,6 +175,10 @@ pub fn report() -> String {
             "avx2"
         } else {
             "scalar"
+        },
+        match super::prefetch::distance() {
+            0 => "off".to_string(),
+            d => format!("{d} B ahead"),
         },
     )
 }

@@ -10,7 +10,8 @@
 //! Work is split like [`crate::cpu::skinny`]'s: blocks of weight rows over
 //! the current compute pool. A single activation row (decode) reads one
 //! weight row after another, one sequential stream, which measured faster
-//! than interleaving four rows; two or three rows run register tiles of 4
+//! than interleaving four rows, and asks for the lines
+//! [`crate::cpu::prefetch::distance`] bytes ahead of each row; two or three rows run register tiles of 4
 //! weight rows × 2 activation rows (scalar 4×1), with 1-wide tiles for the
 //! ragged edges; four or more widen blocks of weight rows to f32 for
 //! `skinny`'s tiles. The SIMD path is AVX2 with FMA and F16C, chosen at run
@@ -338,8 +339,11 @@ mod avx2 {
         mut out: OutCols<'_>,
     ) {
         assert!(out.m == 1 && x.len() == k && w.len() == out.cols * k);
+        let dist = crate::cpu::prefetch::distance();
         for j in 0..out.cols {
-            let s = row_dot::<BF16>(x, &w[j * k..(j + 1) * k]);
+            let row = &w[j * k..(j + 1) * k];
+            crate::cpu::prefetch::ahead(row.as_ptr().cast::<u8>(), 2 * k, dist);
+            let s = row_dot::<BF16>(x, row);
             out.write(0, j, &[s]);
         }
     }

@@ -15,6 +15,8 @@
 //!   adjacent-pair convention), AVX2 paths beside scalar references.
 //! * [`pool`] — the compute pool a step runs on: the calling thread plus
 //!   helpers that spin between parallel regions, one region per hand-out.
+//! * [`prefetch`] — software prefetch of the weight stream a fixed distance
+//!   ahead (`PARALLM_PREFETCH`), which batch-1 decode's bandwidth rests on.
 //! * [`busy`] — thread-time inside the parallel regions, for profiles.
 //! * [`features`] — which instruction sets the dispatchers may use
 //!   (`PARALLM_CPU_FEATURES` turns any off) and the report of the paths taken.
@@ -26,5 +28,14 @@ pub mod half_mm;
 pub mod ops;
 mod out;
 pub mod pool;
+pub mod prefetch;
 pub mod quant;
 pub mod skinny;
+
+/// Checks every environment variable the CPU kernels read
+/// (`PARALLM_CPU_FEATURES`, `PARALLM_PREFETCH`), for programs to refuse a
+/// bad value before they start.
+pub fn check_env() -> Result<(), String> {
+    features::check_env()?;
+    prefetch::check_env()
+}

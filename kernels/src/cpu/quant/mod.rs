@@ -38,7 +38,9 @@
 //!   calls below ~64 KB of weights run on the calling thread. Within a chunk, weight rows go in panels of ~32 KB, and each
 //!   panel meets all activation rows, in tiles of up to 8, before the next:
 //!   every weight byte is read from memory once per call, and for m ≤ 8 each
-//!   weight block is also unpacked once per call.
+//!   weight block is also unpacked once per call. A panel's first sweep asks
+//!   for the weight lines [`crate::cpu::prefetch::distance`] bytes ahead of
+//!   each row, which batch-1 decode's memory bandwidth rests on.
 //! * Latency: the caller starts on the chunks at once; helpers that spin
 //!   between regions join within a microsecond or so, parked ones after a
 //!   wake-up (see [`crate::cpu::pool`]).
@@ -460,7 +462,15 @@ unsafe fn sweep<K: RowKernel, const C: usize>(
     out: &mut OutCols<'_>,
 ) {
     let rows = act_rows::<C>(job.acts, i0);
+    // The panel's first sweep reads its rows from memory: ask for the lines
+    // a fixed distance ahead (later sweeps find the panel in cache).
+    let dist = if i0 == job.i_begin {
+        crate::cpu::prefetch::distance()
+    } else {
+        0
+    };
     for j in p0..p1 {
+        crate::cpu::prefetch::ahead(job.w.as_ptr().wrapping_add(j * job.rb), job.rb, dist);
         let r = K::tile::<C>(&job.w[j * job.rb..(j + 1) * job.rb], &rows);
         out.write_col(i0 - job.i_begin, j, &r);
     }
