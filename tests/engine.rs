@@ -138,6 +138,54 @@ fn sixty_four_concurrent_requests_match_their_solo_runs() {
 }
 
 #[test]
+fn prefix_caching_changes_no_output_at_any_layout() {
+    // 64 requests at once: three shared prefixes of different lengths, each
+    // with its own question. The quantized weights (the file's own) make a
+    // row's result independent of the batch it is computed in, so caching on
+    // and off must agree exactly, whichever rows each step happens to hold.
+    let tok = common::tokenizer();
+    let families = [
+        "You are a helpful assistant. ".repeat(2),
+        "Parallel inference splits a model across devices and serves many requests at once. "
+            .repeat(4),
+        "The quick brown fox jumps over the lazy dog while the scheduler batches every step. "
+            .repeat(8),
+    ];
+    let prompts: Vec<Vec<u32>> = (0..64)
+        .map(|i| {
+            tok.encode(&format!("{}Question {i}: why?", families[i % 3]))
+                .expect("tokenizes")
+        })
+        .collect();
+    for (tp, pp, dp) in [(1, 1, 1), (3, 1, 1), (1, 2, 1), (1, 1, 2)] {
+        let layout = format!("tp={tp} pp={pp} dp={dp}");
+        let outputs = |caching: bool| {
+            let e = Engine::builder()
+                .model_path(model_path())
+                .tp(tp)
+                .pp(pp)
+                .dp(dp)
+                .prefix_caching(caching)
+                .build()
+                .expect("engine");
+            // One request of each family first, then all 64.
+            let mut got = run(&e, &prompts[..3], 4);
+            wait_idle(&e);
+            got.extend(run(&e, &prompts, 8));
+            let s = wait_idle(&e);
+            assert_eq!(s.policy.kv_used, 0, "{layout}: {s:?}");
+            assert!(e.shutdown_timeout(Duration::from_secs(30)));
+            (got, s.policy.prefix)
+        };
+        let (on, prefix) = outputs(true);
+        let (off, none) = outputs(false);
+        assert_eq!(on, off, "{layout}");
+        assert_eq!(none, Default::default(), "{layout}");
+        assert!(prefix.hit_tokens >= 60 * 16, "{layout}: {prefix:?}");
+    }
+}
+
+#[test]
 fn cancelling_frees_kv_blocks() {
     let e = Engine::builder()
         .model_path(model_path())

@@ -222,7 +222,31 @@ fn every_endpoint_answers_in_openai_shape() {
     assert_eq!(r["usage"]["completion_tokens"], 8);
     assert_eq!(r["usage"]["prompt_tokens"], 5);
     assert_eq!(r["usage"]["total_tokens"], 13);
+    assert_eq!(r["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
     assert_eq!(r["choices"][0]["finish_reason"], "length");
+
+    // The same long prompt twice: the second finds its full KV blocks cached
+    // (blocks of 16 positions; the last prompt token is always computed).
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(4);
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let (status, r) = s.post(
+            "/v1/completions",
+            json!({"prompt": long, "max_tokens": 2, "temperature": 0}),
+        );
+        assert_eq!(status, 200, "{r}");
+        let usage = &r["usage"];
+        let prompt = usage["prompt_tokens"].as_u64().expect("prompt_tokens");
+        let cached = usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .expect("cached_tokens");
+        seen.push((prompt, cached, r["choices"][0]["text"].clone()));
+    }
+    let (prompt, cached, _) = seen[1];
+    assert_eq!(seen[0].1, 0, "{seen:?}");
+    assert_eq!(cached, (prompt - 1) / 16 * 16, "{seen:?}");
+    assert!(cached >= 16, "{seen:?}");
+    assert_eq!(seen[0].2, seen[1].2, "the cache changes no token");
 
     // A list of prompts × n, token-id prompts, logprobs, stop.
     let (status, r) = s.post(

@@ -70,6 +70,48 @@ fn every_layout_matches_the_plain_forward() {
 }
 
 #[test]
+fn prefix_caching_reuses_shared_prompts_and_changes_no_token() {
+    let shared: Vec<u32> = (0..40u32).map(|k| (k * 13 + 5) % 256).collect();
+    let prompts: Vec<Vec<u32>> = (0..6u32)
+        .map(|i| shared.iter().copied().chain([i + 1, 2 * i + 7]).collect())
+        .collect();
+    let want: Vec<_> = prompts.iter().map(|p| solo(p, 8)).collect();
+    for (tp, pp, dp, caching) in [
+        (1, 1, 1, true),
+        (2, 2, 1, true),
+        (1, 1, 2, true),
+        (1, 1, 1, false),
+    ] {
+        let e = engine(tp, pp, dp)
+            .block_size(4)
+            .prefix_caching(caching)
+            .build()
+            .unwrap();
+        // The first request alone fills the cache (and has left the
+        // scheduler, so that it weighs on no replica's load), then the
+        // others come.
+        let mut got = run_all(&e, prompts[..1].to_vec(), 8);
+        common::idle_stats(&e);
+        got.extend(run_all(&e, prompts[1..].to_vec(), 8));
+        let layout = format!("tp={tp} pp={pp} dp={dp} caching={caching}");
+        assert_eq!(got, want, "{layout}");
+        let s = common::idle_stats(&e).scheduler;
+        let prefix = s.policy.prefix;
+        if caching {
+            // 42 tokens: 10 full blocks before the last token, for each of the
+            // 5 later requests, which cache-aware routing sends to the replica
+            // (and lane) that computed them.
+            assert_eq!(prefix.hit_tokens, 5 * 40, "{layout}: {prefix:?}");
+            assert_eq!(prefix.queried_tokens, 6 * 42, "{layout}: {prefix:?}");
+        } else {
+            assert_eq!(prefix, Default::default(), "{layout}");
+        }
+        assert_eq!(s.policy.kv_used, 0, "{layout}: every block freed");
+        assert!(e.shutdown_timeout(Duration::from_secs(10)));
+    }
+}
+
+#[test]
 fn kv_exhaustion_preempts_and_still_completes() {
     // Short prompts all fit at once; their growth does not.
     let prompts: Vec<Vec<u32>> = (0..12u32).map(|i| vec![i + 1, 2 * i + 3, 5]).collect();

@@ -17,6 +17,12 @@
 //! * When a running group needs a KV block and none is free, the newest running
 //!   groups not yet in this step are preempted: their blocks are freed and they
 //!   wait to be recomputed from their tokens (prompt and generated so far).
+//! * With prefix caching (`BatchConfig::prefix_caching`, see
+//!   [`crate::kv`]), a group taken from the waiting queue starts each of its
+//!   sequences at the longest cached prefix of its tokens (new requests and
+//!   preempted ones alike), and every full block a completed step computed is
+//!   registered for later sequences. A failed step ([`BatchScheduler::reset`])
+//!   forgets the cache with the nodes' contents.
 //! * A group asks for logits only in a step that brings every one of its
 //!   sequences up to date, so a beam search always sees all its beams at once.
 //!   A chunk that does not finish the group stops one token short of the end.
@@ -47,6 +53,9 @@ pub struct BatchConfig {
     /// Micro-batches each step is cut into (the pipeline depth, so that every
     /// stage has work while later stages finish earlier micro-batches).
     pub micro_batches: usize,
+    /// Whether full KV blocks are cached and reused across sequences by their
+    /// tokens (automatic prefix caching).
+    pub prefix_caching: bool,
 }
 
 impl BatchConfig {
@@ -145,7 +154,11 @@ pub struct BatchScheduler {
 impl BatchScheduler {
     /// An empty scheduler.
     pub fn new(cfg: BatchConfig) -> Self {
-        let kv = KvManager::new(cfg.block_size, cfg.kv_blocks);
+        let kv = if cfg.prefix_caching {
+            KvManager::with_prefix_cache(cfg.block_size, cfg.kv_blocks)
+        } else {
+            KvManager::new(cfg.block_size, cfg.kv_blocks)
+        };
         Self {
             cfg,
             kv,
@@ -173,6 +186,17 @@ impl BatchScheduler {
     /// Counters.
     pub fn stats(&self) -> BatchStats {
         self.stats
+    }
+
+    /// Positions of `tokens` this scheduler's prefix cache holds now (see
+    /// [`KvManager::cached_prefix`]).
+    pub fn cached_prefix(&self, tokens: &[u32]) -> usize {
+        self.kv.cached_prefix(tokens)
+    }
+
+    /// The prefix cache's counters (zeros without prefix caching).
+    pub fn prefix_stats(&self) -> crate::kv::PrefixStats {
+        self.kv.prefix_stats()
     }
 
     /// Groups waiting (new or preempted).
@@ -261,8 +285,21 @@ impl BatchScheduler {
             let Some(&g) = self.waiting.front() else {
                 break;
             };
+            let reused = self.reuse_prefixes(g);
             if !self.fits_without_preempting(g, budget) {
+                // Give the cached blocks back (they stay cached).
+                if let Some(group) = self.groups.get_mut(&g) {
+                    for s in &mut group.seqs {
+                        self.kv.release(s.key);
+                        s.computed = 0;
+                    }
+                }
                 break;
+            }
+            if let Some(group) = self.groups.get(&g) {
+                for (s, &hit) in group.seqs.iter().zip(&reused) {
+                    self.kv.count_admission(s.tokens.len(), hit);
+                }
             }
             self.waiting.pop_front();
             self.running.push(g);
@@ -277,6 +314,23 @@ impl BatchScheduler {
         self.stats.steps += 1;
         self.in_flight = Some(planned);
         Some(plan)
+    }
+
+    /// Starts each sequence of waiting group `g` at its longest cached
+    /// prefix; returns the positions reused per sequence.
+    fn reuse_prefixes(&mut self, g: GroupId) -> Vec<usize> {
+        let Some(group) = self.groups.get_mut(&g) else {
+            return Vec::new();
+        };
+        group
+            .seqs
+            .iter_mut()
+            .map(|s| {
+                let hit = self.kv.lookup(s.key, &s.tokens);
+                s.computed = hit;
+                hit
+            })
+            .collect()
     }
 
     fn chunks(&self, g: GroupId, budget: usize) -> (Vec<usize>, bool) {
@@ -398,7 +452,16 @@ impl BatchScheduler {
     /// returned, what the merger decided. Returns the groups that ended (finished
     /// or cancelled while in flight); their blocks are freed.
     pub fn complete(&mut self, outcomes: Vec<(GroupId, GroupOutcome)>) -> Vec<GroupId> {
-        self.in_flight = None;
+        // The step's keys and values are written: cache its full blocks
+        // (before finished groups release theirs, so that a conversation's
+        // next turn finds this one's).
+        for g in self.in_flight.take().into_iter().flatten() {
+            if let Some(group) = self.groups.get(&g) {
+                for s in &group.seqs {
+                    self.kv.register(s.key, &s.tokens[..s.computed]);
+                }
+            }
+        }
         let mut ended = Vec::new();
         for (g, outcome) in outcomes {
             if !self.groups.contains_key(&g) {
@@ -515,6 +578,7 @@ impl BatchScheduler {
                 }
             }
         }
+        self.kv.clear_cache();
         self.running.clear();
         self.waiting = all.into();
         failed
@@ -559,7 +623,41 @@ mod tests {
             block_size: 4,
             kv_blocks,
             micro_batches: 1,
+            prefix_caching: false,
         }
+    }
+
+    #[test]
+    fn a_later_request_starts_after_the_cached_prefix() {
+        let mut s = BatchScheduler::new(BatchConfig {
+            prefix_caching: true,
+            ..cfg(64, 16)
+        });
+        s.add(1, (0..10).collect());
+        let p = s.plan().unwrap();
+        assert_eq!((p.items[0].start, p.items[0].tokens.len()), (0, 10));
+        let first = p.items[0].table.clone();
+        s.complete(vec![(1, GroupOutcome::Finished)]);
+        assert_eq!(s.kv_usage().used, 0, "cached blocks are idle, not used");
+        // Its two full blocks (positions 0..8) come from the cache.
+        s.add(2, (0..9).chain([50, 51]).collect());
+        let p = s.plan().unwrap();
+        assert_eq!((p.items[0].start, p.items[0].tokens.len()), (8, 3));
+        assert_eq!(p.items[0].table[..2], first[..2]);
+        assert!(p.items[0].logits);
+        assert_eq!(s.prefix_stats().queried_tokens, 21);
+        assert_eq!(s.prefix_stats().hit_tokens, 8);
+        // A request that shares only the first block reuses only it, even
+        // while request 2 holds the blocks.
+        s.complete(cont(&p, 5));
+        s.add(3, (0..4).chain([70; 6]).collect());
+        let p = s.plan().unwrap();
+        let item = p.items.iter().find(|i| i.group == 3).unwrap();
+        assert_eq!((item.start, item.table[0]), (4, first[0]));
+        // A failed step loses the nodes' contents, and with them the cache.
+        s.reset();
+        let p = s.plan().unwrap();
+        assert!(p.items.iter().all(|i| i.start == 0), "{p:?}");
     }
 
     fn cont(plan: &StepPlan, token: u32) -> Vec<(GroupId, GroupOutcome)> {

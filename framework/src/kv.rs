@@ -13,11 +13,24 @@
 //! it (copy-on-write); the copies are listed in the step plan and applied by the
 //! nodes before they compute.
 //!
-//! **Invariant:** a block is on the free list exactly when its reference count is
-//! zero; [`KvManager::release`] frees a sequence's blocks exactly once (a second
-//! call finds no table and frees nothing).
+//! **Prefix caching** ([`KvManager::with_prefix_cache`]): a full block whose
+//! keys and values have been computed is registered under a hash chained over
+//! its tokens and its parent's hash, with its tokens and its parent block kept
+//! to verify a match (a hash collision is a miss, never wrong keys and values).
+//! A new sequence starts with the longest chain of cached blocks its tokens
+//! match ([`KvManager::lookup`]), shared by reference count like a fork's. A
+//! cached block no sequence uses stays cached, *idle*, until an allocation
+//! finds the free list empty and evicts the least recently used idle block,
+//! with its cached descendants (which are idle too: a table holding a block
+//! holds its parent). So a cached block's parent is always the block its
+//! contents were computed after.
+//!
+//! **Invariant:** a block is on the free list or idle exactly when its reference
+//! count is zero; [`KvManager::release`] frees a sequence's blocks exactly once
+//! (a second call finds no table and frees nothing).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hash, Hasher};
 
 use half::{bf16, f16};
 
@@ -55,20 +68,101 @@ impl KvUsage {
 }
 
 /// The scheduler's view of one replica's KV cache: free blocks, reference
-/// counts, and each sequence's block table.
+/// counts, each sequence's block table, and (with prefix caching) the cached
+/// blocks.
 #[derive(Debug, Clone)]
 pub struct KvManager {
     block_size: usize,
     refs: Vec<u32>,
     free: Vec<u32>,
     tables: HashMap<SeqKey, Table>,
+    cache: Option<PrefixCache>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Table {
     blocks: Vec<u32>,
     /// Positions whose KV has been (or is being) written.
     len: usize,
+    /// Leading blocks whose hashes are known (matched or registered).
+    hashed: usize,
+    /// The chained hash of block `hashed - 1` (0 before the first).
+    chain: u64,
+    /// Whether blocks past `hashed` may still be registered: false once one
+    /// could not be (its contents were cached in another block already), since
+    /// a cached block's parent must be cached.
+    chain_ok: bool,
+}
+
+impl Default for Table {
+    fn default() -> Self {
+        Table {
+            blocks: Vec::new(),
+            len: 0,
+            hashed: 0,
+            chain: 0,
+            chain_ok: true,
+        }
+    }
+}
+
+/// Counters of a replica's prefix cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixStats {
+    /// Tokens of the sequences looked up.
+    pub queried_tokens: u64,
+    /// Of those, tokens whose keys and values came from the cache.
+    pub hit_tokens: u64,
+    /// Cached blocks evicted to make room.
+    pub evictions: u64,
+}
+
+/// What a cached block holds.
+#[derive(Debug, Clone)]
+struct Cached {
+    hash: u64,
+    parent: Option<u32>,
+    tokens: Box<[u32]>,
+    /// Its key in `idle` while no sequence uses it.
+    tick: u64,
+    children: Vec<u32>,
+}
+
+#[derive(Debug, Clone)]
+struct PrefixCache {
+    by_hash: HashMap<u64, u32>,
+    blocks: HashMap<u32, Cached>,
+    /// Cached blocks no sequence uses, by last use (least recent first).
+    idle: BTreeMap<u64, u32>,
+    tick: u64,
+    hasher: std::collections::hash_map::RandomState,
+    stats: PrefixStats,
+}
+
+impl PrefixCache {
+    fn new() -> Self {
+        PrefixCache {
+            by_hash: HashMap::new(),
+            blocks: HashMap::new(),
+            idle: BTreeMap::new(),
+            tick: 0,
+            hasher: std::collections::hash_map::RandomState::new(),
+            stats: PrefixStats::default(),
+        }
+    }
+
+    /// The chained hash of a block of `tokens` after a block hashed `parent`.
+    fn hash(&self, parent: u64, tokens: &[u32]) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        parent.hash(&mut h);
+        tokens.hash(&mut h);
+        h.finish()
+    }
+
+    fn next_tick(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
 }
 
 impl KvManager {
@@ -81,6 +175,179 @@ impl KvManager {
             // Pop from the end: low ids are handed out first.
             free: (0..total as u32).rev().collect(),
             tables: HashMap::new(),
+            cache: None,
+        }
+    }
+
+    /// [`KvManager::new`] with prefix caching (see the module docs).
+    pub fn with_prefix_cache(block_size: usize, total: usize) -> Self {
+        Self {
+            cache: Some(PrefixCache::new()),
+            ..Self::new(block_size, total)
+        }
+    }
+
+    /// The prefix cache's counters (zeros without one).
+    pub fn prefix_stats(&self) -> PrefixStats {
+        self.cache
+            .as_ref()
+            .map_or_else(PrefixStats::default, |c| c.stats)
+    }
+
+    /// Counts a sequence admitted with `tokens` tokens of which `hit` came
+    /// from the cache (a [`KvManager::lookup`] that was kept; one undone by
+    /// [`KvManager::release`] because the sequence did not fit is not counted).
+    pub fn count_admission(&mut self, tokens: usize, hit: usize) {
+        if let Some(c) = self.cache.as_mut() {
+            c.stats.queried_tokens += tokens as u64;
+            c.stats.hit_tokens += hit as u64;
+        }
+    }
+
+    /// Cached blocks, idle or in use.
+    pub fn cached_blocks(&self) -> usize {
+        self.cache.as_ref().map_or(0, |c| c.blocks.len())
+    }
+
+    /// Positions a [`KvManager::lookup`] of `tokens` would reuse now, without
+    /// taking anything (for routing a request to the replica that has them).
+    pub fn cached_prefix(&self, tokens: &[u32]) -> usize {
+        let bs = self.block_size;
+        let Some(cache) = self.cache.as_ref() else {
+            return 0;
+        };
+        let Some(head) = tokens.len().checked_sub(1) else {
+            return 0;
+        };
+        let (mut chain, mut prev, mut n) = (0, None, 0);
+        for block in tokens[..head].chunks_exact(bs) {
+            let h = cache.hash(chain, block);
+            match cache.by_hash.get(&h).map(|b| (*b, &cache.blocks[b])) {
+                Some((b, c)) if c.parent == prev && *c.tokens == *block => {
+                    (chain, prev) = (h, Some(b));
+                    n += bs;
+                }
+                _ => break,
+            }
+        }
+        n
+    }
+
+    /// Starts `seq`, which must have no table yet, with the longest chain of
+    /// cached blocks that its `tokens` match, leaving at least the last token
+    /// to compute. Returns the positions reused (a multiple of the block size;
+    /// 0 without a prefix cache or a match).
+    pub fn lookup(&mut self, seq: SeqKey, tokens: &[u32]) -> usize {
+        let bs = self.block_size;
+        let Some(cache) = self.cache.as_mut() else {
+            return 0;
+        };
+        if self.tables.contains_key(&seq) || tokens.is_empty() {
+            return 0;
+        }
+        let mut table = Table::default();
+        for block in tokens[..tokens.len() - 1].chunks_exact(bs) {
+            let h = cache.hash(table.chain, block);
+            let prev = table.blocks.last().copied();
+            let Some(&b) = cache.by_hash.get(&h) else {
+                break;
+            };
+            let c = &cache.blocks[&b];
+            if c.parent != prev || *c.tokens != *block {
+                break;
+            }
+            let tick = c.tick;
+            if self.refs[b as usize] == 0 {
+                cache.idle.remove(&tick);
+            }
+            self.refs[b as usize] += 1;
+            table.blocks.push(b);
+            table.chain = h;
+        }
+        // Touch the matched chain from its end, so that a parent is never
+        // less recently used than its child.
+        for &b in table.blocks.iter().rev() {
+            let t = cache.next_tick();
+            if let Some(c) = cache.blocks.get_mut(&b) {
+                c.tick = t;
+            }
+        }
+        let n = table.blocks.len();
+        if n == 0 {
+            return 0;
+        }
+        table.hashed = n;
+        table.len = n * bs;
+        self.tables.insert(seq, table);
+        n * bs
+    }
+
+    /// Registers the full blocks of `seq` whose keys and values are computed:
+    /// `tokens` are its tokens at positions `0..tokens.len()`, all computed.
+    /// A block whose contents are cached already (in another block) ends the
+    /// registering for this table. Does nothing without a prefix cache.
+    pub fn register(&mut self, seq: SeqKey, tokens: &[u32]) {
+        let bs = self.block_size;
+        let Some(cache) = self.cache.as_mut() else {
+            return;
+        };
+        let Some(table) = self.tables.get_mut(&seq) else {
+            return;
+        };
+        let full = table
+            .blocks
+            .len()
+            .min(tokens.len() / bs)
+            .min(table.len / bs);
+        while table.chain_ok && table.hashed < full {
+            let j = table.hashed;
+            let b = table.blocks[j];
+            let block = &tokens[j * bs..(j + 1) * bs];
+            let h = cache.hash(table.chain, block);
+            let parent = j.checked_sub(1).map(|p| table.blocks[p]);
+            if let Some(c) = cache.blocks.get(&b) {
+                // Matched or registered through another table (a fork).
+                if c.hash != h {
+                    table.chain_ok = false;
+                    break;
+                }
+            } else if cache.by_hash.contains_key(&h) {
+                table.chain_ok = false;
+                break;
+            } else {
+                let tick = cache.next_tick();
+                cache.by_hash.insert(h, b);
+                cache.blocks.insert(
+                    b,
+                    Cached {
+                        hash: h,
+                        parent,
+                        tokens: block.into(),
+                        tick,
+                        children: Vec::new(),
+                    },
+                );
+                if let Some(p) = parent.and_then(|p| cache.blocks.get_mut(&p)) {
+                    p.children.push(b);
+                }
+            }
+            table.hashed = j + 1;
+            table.chain = h;
+        }
+    }
+
+    /// Forgets every cached block (the nodes' contents were lost): idle ones
+    /// return to the free list; tables keep their blocks but register no more.
+    pub fn clear_cache(&mut self) {
+        let Some(cache) = self.cache.as_mut() else {
+            return;
+        };
+        self.free.extend(cache.idle.values().copied());
+        cache.idle.clear();
+        cache.blocks.clear();
+        cache.by_hash.clear();
+        for t in self.tables.values_mut() {
+            t.chain_ok = false;
         }
     }
 
@@ -92,14 +359,14 @@ impl KvManager {
     /// Current usage.
     pub fn usage(&self) -> KvUsage {
         KvUsage {
-            used: self.refs.len() - self.free.len(),
+            used: self.refs.len() - self.free_blocks(),
             total: self.refs.len(),
         }
     }
 
-    /// Free blocks.
+    /// Blocks an allocation may take: free ones and idle cached ones.
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.cache.as_ref().map_or(0, |c| c.idle.len())
     }
 
     /// Blocks needed to hold `positions` positions.
@@ -148,10 +415,10 @@ impl KvManager {
         copies: &mut Vec<(u32, u32)>,
     ) -> Result<(), OutOfBlocks> {
         let needed = self.blocks_needed(seq, new_len);
-        if needed > self.free.len() {
+        if needed > self.free_blocks() {
             return Err(OutOfBlocks {
                 needed,
-                free: self.free.len(),
+                free: self.free_blocks(),
             });
         }
         let mut table = self.tables.remove(&seq).unwrap_or_default();
@@ -172,9 +439,40 @@ impl KvManager {
     }
 
     fn take(&mut self) -> u32 {
+        if self.free.is_empty() {
+            self.evict_one();
+        }
         let b = self.free.pop().expect("checked against the free count");
         self.refs[b as usize] = 1;
         b
+    }
+
+    /// Evicts the least recently used idle cached block and its cached
+    /// descendants (idle too) to the free list.
+    fn evict_one(&mut self) {
+        let Some(cache) = self.cache.as_mut() else {
+            return;
+        };
+        let Some((_, first)) = cache.idle.pop_first() else {
+            return;
+        };
+        let mut stack = vec![first];
+        while let Some(b) = stack.pop() {
+            let Some(c) = cache.blocks.remove(&b) else {
+                continue;
+            };
+            cache.by_hash.remove(&c.hash);
+            if b != first {
+                cache.idle.remove(&c.tick);
+            }
+            if let Some(p) = c.parent.and_then(|p| cache.blocks.get_mut(&p)) {
+                p.children.retain(|&x| x != b);
+            }
+            debug_assert_eq!(self.refs[b as usize], 0, "an evicted block is idle");
+            self.free.push(b);
+            cache.stats.evictions += 1;
+            stack.extend(c.children);
+        }
     }
 
     /// Gives `child` the same blocks as `parent` (shared, reference-counted).
@@ -195,11 +493,21 @@ impl KvManager {
             return 0;
         };
         let mut freed = 0;
-        for b in table.blocks {
+        // Last block first: an idle child is then less recently used than
+        // its parent, so eviction takes the tails of chains before what they
+        // share.
+        for b in table.blocks.into_iter().rev() {
             let r = &mut self.refs[b as usize];
             *r -= 1;
             if *r == 0 {
-                self.free.push(b);
+                match self.cache.as_mut() {
+                    Some(c) if c.blocks.contains_key(&b) => {
+                        let tick = c.next_tick();
+                        c.blocks.get_mut(&b).expect("checked").tick = tick;
+                        c.idle.insert(tick, b);
+                    }
+                    _ => self.free.push(b),
+                }
                 freed += 1;
             }
         }
@@ -469,6 +777,60 @@ mod tests {
         m.release(1);
         m.release(2);
         assert_eq!(m.usage().used, 0);
+    }
+
+    #[test]
+    fn the_prefix_cache_shares_verified_chains_of_full_blocks() {
+        let mut m = KvManager::with_prefix_cache(4, 8);
+        let mut copies = Vec::new();
+        let a: Vec<u32> = (0..10).collect();
+        m.grow(1, 10, &mut copies).unwrap();
+        assert_eq!(m.lookup(2, &a), 0, "nothing is cached before a register");
+        m.register(1, &a);
+        assert_eq!(m.cached_blocks(), 2, "the two full blocks");
+        // The same first 9 tokens: both blocks, shared.
+        let b: Vec<u32> = (0..9).chain([99]).collect();
+        assert_eq!(m.lookup(2, &b), 8);
+        assert_eq!(m.table(2), &m.table(1)[..2]);
+        assert_eq!(m.usage().used, 3);
+        // Exactly 8 tokens: the last must be computed, so one block.
+        assert_eq!(m.lookup(3, &a[..8]), 4);
+        // Another first block: the same second block does not match.
+        let c: Vec<u32> = [5, 1, 2, 3].into_iter().chain(4..10).collect();
+        assert_eq!(m.lookup(4, &c), 0);
+        assert!(!m.contains(4));
+        for s in [1, 2, 3] {
+            m.release(s);
+        }
+        assert_eq!(m.usage().used, 0);
+        assert_eq!(m.free_blocks(), 8, "idle cached blocks count as free");
+        assert_eq!(m.lookup(5, &a), 8, "idle blocks stay cached");
+        m.release(5);
+        m.clear_cache();
+        assert_eq!((m.cached_blocks(), m.free_blocks()), (0, 8));
+        assert_eq!(m.lookup(6, &a), 0);
+    }
+
+    #[test]
+    fn idle_cached_blocks_are_evicted_least_recently_used_first() {
+        let mut m = KvManager::with_prefix_cache(2, 4);
+        let mut copies = Vec::new();
+        let a = [1, 2, 3, 4, 5];
+        m.grow(1, 5, &mut copies).unwrap();
+        m.register(1, &a);
+        m.release(1); // [3, 4] idle, then [1, 2] (used more recently)
+        let b = [7, 8, 9];
+        m.grow(2, 3, &mut copies).unwrap();
+        m.register(2, &b);
+        m.release(2); // [7, 8] idle, most recent
+        assert_eq!((m.cached_blocks(), m.free_blocks()), (3, 4));
+        // Two blocks: the one free block, then the least recently used idle one.
+        m.grow(3, 4, &mut copies).unwrap();
+        assert_eq!(m.prefix_stats().evictions, 1);
+        assert_eq!(m.lookup(4, &a), 2, "[1, 2] stayed, [3, 4] went");
+        assert_eq!(m.lookup(5, &b), 2, "[7, 8] stayed");
+        assert_eq!(m.free_blocks(), 0);
+        assert!(m.grow(6, 1, &mut copies).is_err(), "every block in use");
     }
 
     #[test]

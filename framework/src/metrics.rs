@@ -127,6 +127,18 @@ metrics! {
     /// Preemptions.
     PREEMPTIONS = "parallm_preemptions_total", Counter, [],
         "Sequences preempted for lack of KV blocks (recomputed later)";
+    /// Prompt tokens looked up in the prefix cache.
+    PREFIX_CACHE_QUERIES = "parallm_prefix_cache_queries_total", Counter, [],
+        "Tokens of sequences admitted with prefix caching on (prompt, or prompt and output for a preempted one), looked up in the prefix cache";
+    /// Of those, tokens found.
+    PREFIX_CACHE_HITS = "parallm_prefix_cache_hits_total", Counter, [],
+        "Tokens whose keys and values came from the prefix cache instead of being computed";
+    /// Hits over queried tokens.
+    PREFIX_CACHE_HIT_RATIO = "parallm_prefix_cache_hit_ratio", Gauge, [],
+        "Prompt tokens found in the prefix cache divided by those looked up, since the start (0 to 1)";
+    /// Cached blocks evicted.
+    PREFIX_CACHE_EVICTIONS = "parallm_prefix_cache_evictions_total", Counter, [],
+        "Cached KV blocks evicted (least recently used) to make room";
     /// Sequences per step.
     BATCH_SIZE = "parallm_batch_size", Histogram, [],
         "Sequences in a scheduled step";

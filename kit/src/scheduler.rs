@@ -156,7 +156,8 @@ impl<P: Policy> SchedulerState<P> {
         self.policy.room()
     }
 
-    /// Takes tasks in, each on the least-loaded replica. Returns the tasks
+    /// Takes tasks in, each on the replica the policy routes it to (by
+    /// default the least loaded). Returns the tasks
     /// whose requester has gone: they are not admitted and end as cancelled.
     pub fn admit(&mut self, tasks: Vec<P::Task>) -> Vec<TaskId> {
         let mut gone = Vec::new();
@@ -165,9 +166,7 @@ impl<P: Policy> SchedulerState<P> {
                 gone.push(crate::Task::id(&task));
                 continue;
             }
-            let replica = (0..self.policy.replicas())
-                .min_by_key(|&r| self.policy.load(r))
-                .unwrap_or(0);
+            let replica = self.policy.route(&task);
             self.policy.admit(replica, task);
         }
         gone

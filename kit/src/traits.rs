@@ -132,8 +132,16 @@ pub trait Policy: Send + Unpin + 'static {
     fn replicas(&self) -> usize;
     /// How many more tasks the policy wants now.
     fn room(&self) -> usize;
-    /// How loaded `replica` is (new tasks go to the least loaded).
+    /// How loaded `replica` is (new tasks go to the least loaded, unless
+    /// [`Policy::route`] says otherwise).
     fn load(&self, replica: usize) -> usize;
+    /// The replica `task` goes to; by default the least loaded.
+    fn route(&self, task: &Self::Task) -> usize {
+        let _ = task;
+        (0..self.replicas())
+            .min_by_key(|&r| self.load(r))
+            .unwrap_or(0)
+    }
     /// Takes `task` into `replica`.
     fn admit(&mut self, replica: usize, task: Self::Task);
     /// The next step of `replica` (numbered `step`), if one can start now.

@@ -151,6 +151,13 @@ pub struct SchedulerSection {
     pub max_running: usize,
     /// Positions per KV cache block.
     pub block_size: usize,
+    /// Whether full KV blocks are cached and reused by later requests that
+    /// start with the same tokens (automatic prefix caching).
+    pub prefix_caching: bool,
+    /// A new request goes to the replica holding its longest cached prefix
+    /// unless that one holds more than this many requests above the least
+    /// loaded one.
+    pub prefix_route_margin: usize,
     /// KV cache memory per replica, in MiB (used when `kv_blocks` is 0).
     pub kv_memory_mib: usize,
     /// KV cache blocks per replica (0: from `kv_memory_mib`).
@@ -170,6 +177,8 @@ impl Default for SchedulerSection {
             max_batch_tokens: e.max_batch_tokens,
             max_running: e.max_running,
             block_size: e.block_size,
+            prefix_caching: e.prefix_caching,
+            prefix_route_margin: e.prefix_route_margin,
             kv_memory_mib: e.kv_memory_bytes >> 20,
             kv_blocks: 0,
             kv_dtype: "auto".into(),
@@ -896,6 +905,8 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         max_batch_tokens: s.max_batch_tokens,
         max_running: s.max_running,
         block_size: s.block_size,
+        prefix_caching: s.prefix_caching,
+        prefix_route_margin: s.prefix_route_margin,
         kv_blocks: (s.kv_blocks > 0).then_some(s.kv_blocks),
         kv_memory_bytes,
         max_retries: s.max_retries,
@@ -1080,13 +1091,25 @@ mod tests {
     #[test]
     fn yaml_files_load_too() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let file = write(&dir, "c.yaml", "scheduler:\n  max_running: 7\n");
+        let file = write(
+            &dir,
+            "c.yaml",
+            "scheduler:\n  max_running: 7\n  prefix_caching: false\n",
+        );
         let loaded = load(&Sources {
             file: Some(file),
             ..Sources::default()
         })
         .expect("valid");
         assert_eq!(loaded.settings.engine.max_running, 7);
+        assert!(!loaded.settings.engine.prefix_caching);
+        assert!(
+            load(&Sources::default())
+                .expect("defaults")
+                .settings
+                .engine
+                .prefix_caching
+        );
     }
 
     #[test]

@@ -72,6 +72,13 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Positions per KV block.
     pub block_size: usize,
+    /// Whether full KV blocks are cached and reused by later requests that
+    /// start with the same tokens (automatic prefix caching).
+    pub prefix_caching: bool,
+    /// A new request goes to the replica (and lane) holding its longest
+    /// cached prefix unless that one holds more than this many requests above
+    /// the least loaded one.
+    pub prefix_route_margin: usize,
     /// KV blocks per replica; `None`: as many as `kv_memory_bytes` holds.
     pub kv_blocks: Option<usize>,
     /// KV memory per replica (all its nodes together) when `kv_blocks` is unset.
@@ -113,6 +120,8 @@ impl Default for EngineConfig {
             max_batch_tokens: 512,
             max_running: 64,
             block_size: 16,
+            prefix_caching: true,
+            prefix_route_margin: crate::llm::policy::DEFAULT_ROUTE_MARGIN,
             kv_blocks: None,
             kv_memory_bytes: 1 << 30,
             max_retries: 3,
@@ -481,6 +490,10 @@ impl EngineBuilder {
         max_running: usize,
         /// Positions per KV block.
         block_size: usize,
+        /// Automatic prefix caching (on by default).
+        prefix_caching: bool,
+        /// Load margin of cache-aware routing.
+        prefix_route_margin: usize,
         /// KV memory per replica.
         kv_memory_bytes: usize,
         /// Retries per request.
@@ -595,9 +608,11 @@ impl Engine {
             block_size: cfg.block_size,
             kv_blocks,
             micro_batches: cfg.micro_batches.unwrap_or(cfg.pp.div_ceil(cfg.lanes())),
+            prefix_caching: cfg.prefix_caching,
         };
         let lanes = cfg.lanes();
-        let policy = LlmPolicy::new(shape, cfg.dp, batch.clone(), lanes);
+        let policy = LlmPolicy::new(shape, cfg.dp, batch.clone(), lanes)
+            .with_route_margin(cfg.prefix_route_margin);
         let merger = LlmMerger::new(tokenizer.clone(), model.context);
         let fault = cfg.fault.map(FaultState::new);
         let (source, format) = (cfg.model.clone(), cfg.weights);

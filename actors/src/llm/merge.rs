@@ -69,6 +69,9 @@ struct ReqState {
     /// When its first token was produced.
     first_token: Option<Instant>,
     prompt_len: usize,
+    /// Prompt positions its first step started at: those came from the
+    /// prefix cache (`None` until that step).
+    cached: Option<usize>,
     max_tokens: usize,
     ignore_eos: bool,
     mode: Mode,
@@ -168,7 +171,11 @@ impl LlmMerger {
         text.push_str(&tail);
         finished(
             st.responder,
-            (st.arrived, st.first_token, st.prompt_len),
+            (
+                st.arrived,
+                st.first_token,
+                (st.prompt_len, st.cached.unwrap_or(0)),
+            ),
             reason,
             tokens,
             text,
@@ -199,7 +206,11 @@ impl LlmMerger {
         let tail = text.clone();
         finished(
             st.responder,
-            (st.arrived, st.first_token, st.prompt_len),
+            (
+                st.arrived,
+                st.first_token,
+                (st.prompt_len, st.cached.unwrap_or(0)),
+            ),
             reason,
             tokens,
             text,
@@ -271,7 +282,11 @@ fn observe_finished(
 /// Sends a request's `Finished` event.
 fn finished(
     responder: Responder,
-    (arrived, first_token, prompt_tokens): (Instant, Option<Instant>, usize),
+    (arrived, first_token, (prompt_tokens, cached_tokens)): (
+        Instant,
+        Option<Instant>,
+        (usize, usize),
+    ),
     reason: FinishReason,
     tokens: Vec<u32>,
     text: String,
@@ -283,6 +298,7 @@ fn finished(
         reason,
         usage: Usage {
             prompt_tokens,
+            cached_tokens,
             completion_tokens: tokens.len(),
         },
         tokens,
@@ -322,6 +338,7 @@ impl Merge for LlmMerger {
                 arrived: reg.arrived,
                 first_token: None,
                 prompt_len: reg.prompt_len,
+                cached: None,
                 max_tokens: p.max_tokens,
                 ignore_eos: p.ignore_eos,
                 mode,
@@ -338,6 +355,11 @@ impl Merge for LlmMerger {
         let mut pick = |i: usize| picks.get_mut(i).and_then(Option::take);
         // Rows per group, in plan order (a beam group's rows follow its beams).
         let mut groups: Vec<(GroupId, Vec<(SeqKey, usize)>)> = Vec::new();
+        for item in &step.plan.items {
+            if let Some(st) = self.reqs.get_mut(&item.group) {
+                st.cached.get_or_insert(item.start);
+            }
+        }
         for (i, item) in step.plan.items.iter().enumerate() {
             if !item.logits {
                 continue;

@@ -22,6 +22,7 @@ use std::time::Instant;
 use crossbeam::channel::{Receiver, Sender};
 use framework::batching::{BatchConfig, BatchScheduler, GroupOutcome, StepPlan};
 use framework::collective::{Collective, SingleCollective, ThreadCollective};
+use framework::kv::PrefixStats;
 use framework::metrics as m;
 use framework::GroupId;
 
@@ -183,6 +184,29 @@ pub struct LlmPolicy {
     samplers: HashMap<TaskId, SharedSampler>,
     /// Preemptions already counted in the metric, per replica.
     preemptions_seen: Vec<u64>,
+    /// Prefix-cache counters already counted in the metrics, per replica.
+    prefix_seen: Vec<PrefixStats>,
+    /// How many more requests than the least loaded replica (or lane) the
+    /// one holding a request's longest cached prefix may hold and still get it.
+    route_margin: usize,
+}
+
+/// Among `(index, load, cached positions)` candidates: the one holding the
+/// longest cached prefix (the less loaded of equals), unless its load exceeds
+/// the least loaded one's by more than `margin`; else the least loaded (the
+/// first of equals).
+fn prefer_cached(cands: &[(usize, usize, usize)], margin: usize) -> usize {
+    let Some(&(least, min_load, _)) = cands.iter().min_by_key(|c| c.1) else {
+        return 0;
+    };
+    let best = cands
+        .iter()
+        .filter(|c| c.2 > 0)
+        .max_by_key(|c| (c.2, std::cmp::Reverse(c.1)));
+    match best {
+        Some(&(i, load, _)) if load <= min_load + margin => i,
+        _ => least,
+    }
 }
 
 impl LlmPolicy {
@@ -209,6 +233,25 @@ impl LlmPolicy {
             metrics::counter!(m::PREEMPTIONS).increment(p - *seen);
             *seen = p;
         }
+        let now = self.lanes[replica]
+            .iter()
+            .map(|l| l.sched.prefix_stats())
+            .fold(PrefixStats::default(), add_prefix);
+        let seen = &mut self.prefix_seen[replica];
+        for (name, new, old) in [
+            (
+                m::PREFIX_CACHE_QUERIES,
+                now.queried_tokens,
+                seen.queried_tokens,
+            ),
+            (m::PREFIX_CACHE_HITS, now.hit_tokens, seen.hit_tokens),
+            (m::PREFIX_CACHE_EVICTIONS, now.evictions, seen.evictions),
+        ] {
+            if new > old {
+                metrics::counter!(name).increment(new - old);
+            }
+        }
+        *seen = now;
         publish_gauges(&self.stats());
     }
 
@@ -243,6 +286,17 @@ pub struct LlmStats {
     pub kv_total: usize,
     /// Preemptions so far.
     pub preemptions: u64,
+    /// The prefix caches' counters.
+    pub prefix: PrefixStats,
+}
+
+/// The sum of two prefix caches' counters.
+fn add_prefix(a: PrefixStats, b: PrefixStats) -> PrefixStats {
+    PrefixStats {
+        queried_tokens: a.queried_tokens + b.queried_tokens,
+        hit_tokens: a.hit_tokens + b.hit_tokens,
+        evictions: a.evictions + b.evictions,
+    }
 }
 
 /// Sets the occupancy gauges (running, waiting in the scheduler, KV blocks)
@@ -258,6 +312,10 @@ pub fn publish_gauges(s: &LlmStats) {
         s.kv_used as f64 / s.kv_total as f64
     };
     metrics::gauge!(m::KV_USAGE_RATIO).set(ratio);
+    if s.prefix.queried_tokens > 0 {
+        metrics::gauge!(m::PREFIX_CACHE_HIT_RATIO)
+            .set(s.prefix.hit_tokens as f64 / s.prefix.queried_tokens as f64);
+    }
 }
 
 impl LlmPolicy {
@@ -290,7 +348,22 @@ impl LlmPolicy {
             unscheduled: HashMap::new(),
             samplers: HashMap::new(),
             preemptions_seen: vec![0; dp],
+            prefix_seen: vec![PrefixStats::default(); dp],
+            route_margin: DEFAULT_ROUTE_MARGIN,
         }
+    }
+}
+
+/// The default of [`LlmPolicy::with_route_margin`].
+pub const DEFAULT_ROUTE_MARGIN: usize = 4;
+
+impl LlmPolicy {
+    /// Routes a new request to the replica (and lane) holding its longest
+    /// cached prefix unless that one holds more than `margin` requests above
+    /// the least loaded; else to the least loaded.
+    pub fn with_route_margin(mut self, margin: usize) -> Self {
+        self.route_margin = margin;
+        self
     }
 }
 
@@ -335,11 +408,28 @@ impl Policy for LlmPolicy {
         self.lanes[replica].iter().map(|l| l.sched.len()).sum()
     }
 
+    fn route(&self, task: &LlmTask) -> usize {
+        let cands: Vec<_> = (0..self.lanes.len())
+            .map(|r| {
+                let cached = self.lanes[r]
+                    .iter()
+                    .map(|l| l.sched.cached_prefix(&task.prompt))
+                    .max()
+                    .unwrap_or(0);
+                (r, self.load(r), cached)
+            })
+            .collect();
+        prefer_cached(&cands, self.route_margin)
+    }
+
     fn admit(&mut self, replica: usize, task: LlmTask) {
         let lanes = &mut self.lanes[replica];
-        let lane = (0..lanes.len())
-            .min_by_key(|&l| lanes[l].sched.len())
-            .unwrap_or(0);
+        let cands: Vec<_> = lanes
+            .iter()
+            .enumerate()
+            .map(|(l, lane)| (l, lane.sched.len(), lane.sched.cached_prefix(&task.prompt)))
+            .collect();
+        let lane = prefer_cached(&cands, self.route_margin);
         lanes[lane].sched.add(task.id, task.prompt);
         self.owner.insert(task.id, (replica, lane));
         if let Some(s) = task.sampler {
@@ -457,7 +547,30 @@ impl Policy for LlmPolicy {
             s.kv_used += u.used;
             s.kv_total += u.total;
             s.preemptions += l.sched.stats().preemptions;
+            s.prefix = add_prefix(s.prefix, l.sched.prefix_stats());
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::prefer_cached;
+
+    #[test]
+    fn the_longest_cached_prefix_wins_within_the_margin() {
+        // (candidates as (index, load, cached positions), margin 4, pick)
+        type Candidates<'a> = &'a [(usize, usize, usize)];
+        let cases: [(Candidates, usize, &str); 5] = [
+            (&[(0, 3, 0), (1, 1, 0)], 1, "least loaded"),
+            (&[(0, 3, 32), (1, 1, 0)], 0, "cached, within the margin"),
+            (&[(0, 6, 32), (1, 1, 16)], 1, "beyond the margin"),
+            (&[(0, 6, 32), (1, 1, 0)], 1, "beyond it, least loaded"),
+            (&[(0, 2, 16), (1, 1, 16)], 1, "equals: the less loaded"),
+        ];
+        for (cands, want, why) in cases {
+            assert_eq!(prefer_cached(cands, 4), want, "{why}");
+        }
+        assert_eq!(prefer_cached(&[], 4), 0);
     }
 }

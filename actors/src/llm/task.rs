@@ -89,6 +89,9 @@ impl Request {
 pub struct Usage {
     /// Tokens in the prompt.
     pub prompt_tokens: usize,
+    /// Of those, tokens whose keys and values came from the prefix cache
+    /// (OpenAI's `prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: usize,
     /// Tokens generated.
     pub completion_tokens: usize,
 }

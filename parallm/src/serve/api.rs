@@ -573,12 +573,23 @@ pub struct UsageOut {
     pub completion_tokens: usize,
     /// Their sum.
     pub total_tokens: usize,
+    /// What the prompt tokens were made of.
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose keys and values came from the prefix cache.
+    pub cached_tokens: usize,
 }
 
 impl UsageOut {
-    /// Adds one request's counts (a prompt counts once however many choices it has).
-    pub fn add(&mut self, prompt: usize, completion: usize) {
+    /// Adds one request's counts (a prompt counts once however many choices
+    /// it has: pass 0 for the others' `prompt` and `cached`).
+    pub fn add(&mut self, (prompt, cached): (usize, usize), completion: usize) {
         self.prompt_tokens += prompt;
+        self.prompt_tokens_details.cached_tokens += cached;
         self.completion_tokens += completion;
         self.total_tokens = self.prompt_tokens + self.completion_tokens;
     }

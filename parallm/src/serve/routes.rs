@@ -234,6 +234,7 @@ struct ChoiceResult {
     text: String,
     reason: Option<FinishReason>,
     prompt_tokens: usize,
+    cached_tokens: usize,
     completion_tokens: usize,
     logprobs: Vec<(u32, TokenLogprob)>,
     beams: Vec<String>,
@@ -258,6 +259,7 @@ async fn collect(mut t: Tracked) -> Result<ChoiceResult, ApiError> {
                 out.text = text;
                 out.reason = Some(reason);
                 out.prompt_tokens = usage.prompt_tokens;
+                out.cached_tokens = usage.cached_tokens;
                 out.completion_tokens = usage.completion_tokens;
                 out.beams = beams.into_iter().map(|b| b.text).collect();
                 return Ok(out);
@@ -397,7 +399,11 @@ async fn generate(
         // Choices of one prompt share it: count its tokens once.
         let first_of_prompt = v.beam || i % v.n == 0;
         usage.add(
-            if first_of_prompt { r.prompt_tokens } else { 0 },
+            if first_of_prompt {
+                (r.prompt_tokens, r.cached_tokens)
+            } else {
+                (0, 0)
+            },
             r.completion_tokens,
         );
         let texts: Vec<&String> = if v.beam {
@@ -546,9 +552,9 @@ impl SseState {
                     },
                 )) => {
                     let prompt = if i % self.n == 0 {
-                        usage.prompt_tokens
+                        (usage.prompt_tokens, usage.cached_tokens)
                     } else {
-                        0
+                        (0, 0)
                     };
                     self.usage.add(prompt, usage.completion_tokens);
                     let choice =
