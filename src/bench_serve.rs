@@ -99,6 +99,14 @@ pub struct ServeBenchArgs {
     #[arg(long, default_value = "128")]
     pub output_tokens: String,
 
+    /// Shared-prefix dataset: every prompt starts with one of --prefix-groups prefixes of this many random tokens (drawn from --seed), followed by its own --prompt-tokens suffix (0: no shared prefix).
+    #[arg(long, default_value_t = 0)]
+    pub shared_prefix_tokens: usize,
+
+    /// Distinct shared prefixes; request i gets prefix i mod N.
+    #[arg(long, default_value_t = 1)]
+    pub prefix_groups: usize,
+
     /// Inclusive range MIN-MAX of the random prompt token ids; keep it inside the model's vocabulary.
     #[arg(long, default_value = "1000-20000")]
     pub token_range: String,
@@ -263,8 +271,12 @@ pub struct BenchSettings {
     pub request_rate: Option<f64>,
     /// Cap on in-flight requests; `None` means no cap.
     pub max_concurrency: Option<usize>,
-    /// Prompt lengths in tokens.
+    /// Prompt lengths in tokens (after the shared prefix, if any).
     pub prompt_tokens: TokenSpan,
+    /// Tokens of the shared prefix every prompt starts with (0: none).
+    pub shared_prefix_tokens: usize,
+    /// Distinct shared prefixes, taken round-robin.
+    pub prefix_groups: usize,
     /// Output lengths (`max_tokens`).
     pub output_tokens: TokenSpan,
     /// Range of the prompt token ids.
@@ -420,6 +432,9 @@ pub fn run(args: &ServeBenchArgs) -> Result<ServeBenchReport, ServeBenchError> {
     if args.max_concurrency == Some(0) {
         return Err(invalid("--max-concurrency", "0", "must be at least 1"));
     }
+    if args.prefix_groups == 0 {
+        return Err(invalid("--prefix-groups", "0", "must be at least 1"));
+    }
     if args.timeout_secs == 0 {
         return Err(invalid("--timeout-secs", "0", "must be at least 1"));
     }
@@ -445,6 +460,8 @@ pub fn run(args: &ServeBenchArgs) -> Result<ServeBenchReport, ServeBenchError> {
             request_rate: args.request_rate.is_finite().then_some(args.request_rate),
             max_concurrency: args.max_concurrency,
             prompt_tokens,
+            shared_prefix_tokens: args.shared_prefix_tokens,
+            prefix_groups: args.prefix_groups,
             output_tokens,
             token_range,
             seed: args.seed,
@@ -595,12 +612,26 @@ fn plan_requests(settings: &BenchSettings) -> Result<Vec<Planned>, ServeBenchErr
     let mut arrivals = SplitMix64::new(settings.seed ^ 0xA076_1D64_78BD_642F);
     let mut due = 0.0f64;
     let mut plan = Vec::with_capacity(settings.num_prompts);
+    // The shared prefixes come from a stream of their own, so that the
+    // suffixes and lengths are those of the same seed without them.
+    let mut prefix_rng = SplitMix64::new(settings.seed ^ 0x5EED_F1E5_0F5A_FE00);
+    let prefixes: Vec<Vec<u32>> = (0..settings.prefix_groups.max(1))
+        .map(|_| {
+            (0..settings.shared_prefix_tokens)
+                .map(|_| settings.token_range.draw(&mut prefix_rng))
+                .collect()
+        })
+        .collect();
     for index in 0..settings.num_prompts {
-        let prompt_len = settings.prompt_tokens.draw(&mut rng);
+        let suffix_len = settings.prompt_tokens.draw(&mut rng);
         let max_tokens = settings.output_tokens.draw(&mut rng);
-        let prompt: Vec<u32> = (0..prompt_len)
-            .map(|_| settings.token_range.draw(&mut rng))
+        let prefix = &prefixes[index % prefixes.len()];
+        let prompt: Vec<u32> = prefix
+            .iter()
+            .copied()
+            .chain((0..suffix_len).map(|_| settings.token_range.draw(&mut rng)))
             .collect();
+        let prompt_len = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
         let mut body = serde_json::json!({
             "model": settings.model,
             "prompt": prompt,
@@ -1103,6 +1134,13 @@ impl fmt::Display for ServeBenchReport {
             "{:<W$} {} / {}",
             "Prompt / output tokens per request:", s.prompt_tokens, s.output_tokens
         )?;
+        if s.shared_prefix_tokens > 0 {
+            writeln!(
+                f,
+                "{:<W$} {} tokens × {}",
+                "Shared prefixes before the prompts:", s.shared_prefix_tokens, s.prefix_groups
+            )?;
+        }
         writeln!(
             f,
             "{:<W$} {} / {}",
@@ -1802,6 +1840,8 @@ mod tests {
             request_rate: Some(4.0),
             max_concurrency: None,
             prompt_tokens: TokenSpan { min: 8, max: 16 },
+            shared_prefix_tokens: 0,
+            prefix_groups: 1,
             output_tokens: TokenSpan { min: 4, max: 4 },
             token_range: TokenSpan {
                 min: 1000,
@@ -1833,5 +1873,34 @@ mod tests {
         // 49 exponential gaps at 4/s: the mean gap should be near 0.25 s.
         let mean_gap = a[49].due.as_secs_f64() / 49.0;
         assert!((0.1..0.5).contains(&mean_gap), "{mean_gap}");
+
+        // Shared prefixes: two groups of 6 tokens before each prompt, taken
+        // round-robin; the suffixes are those of the run without them.
+        let shared = BenchSettings {
+            shared_prefix_tokens: 6,
+            prefix_groups: 2,
+            token_range: TokenSpan {
+                min: 0,
+                max: 1 << 20,
+            },
+            ..settings
+        };
+        let prompt = |p: &Planned| -> Vec<u64> {
+            let body: serde_json::Value = serde_json::from_slice(&p.body).unwrap_or_default();
+            let tokens = body["prompt"].as_array().cloned().unwrap_or_default();
+            tokens.iter().filter_map(|t| t.as_u64()).collect()
+        };
+        let c = plan_requests(&shared).ok().unwrap_or_default();
+        let plain = plan_requests(&BenchSettings {
+            shared_prefix_tokens: 0,
+            ..shared.clone()
+        })
+        .ok()
+        .unwrap_or_default();
+        let (p0, p1, p2) = (prompt(&c[0]), prompt(&c[1]), prompt(&c[2]));
+        assert_eq!(p0[..6], p2[..6]);
+        assert_ne!(p0[..6], p1[..6]);
+        assert_eq!(p0[6..], prompt(&plain[0])[..]);
+        assert_eq!(c[0].prompt_len as usize, p0.len());
     }
 }

@@ -21,7 +21,10 @@
 //!   [`crate::kv`]), a group taken from the waiting queue starts each of its
 //!   sequences at the longest cached prefix of its tokens (new requests and
 //!   preempted ones alike), and every full block a completed step computed is
-//!   registered for later sequences. A failed step ([`BatchScheduler::reset`])
+//!   registered for later sequences. A waiting group whose first uncached
+//!   block is one the step being planned computes for another group waits a
+//!   step, and then reuses it (SGLang's in-batch prefix sharing, by waiting).
+//!   A failed step ([`BatchScheduler::reset`])
 //!   forgets the cache with the nodes' contents.
 //! * A group asks for logits only in a step that brings every one of its
 //!   sequences up to date, so a beam search always sees all its beams at once.
@@ -265,6 +268,10 @@ impl BatchScheduler {
             ..StepPlan::default()
         };
         let mut planned = HashSet::new();
+        // Hashes of the full blocks this step's items complete: a waiting
+        // group whose next block is among them waits a step and then finds
+        // it cached, instead of computing the same prefix beside it.
+        let mut pending = HashSet::new();
 
         // Running groups, oldest first.
         let mut order = self.running.clone();
@@ -275,8 +282,10 @@ impl BatchScheduler {
             }
             // A group preempted for an older one's blocks is no longer running.
             if self.running.contains(&g) {
+                let from = plan.items.len();
                 if let Fit::Planned = self.fit(g, &mut budget, &mut plan, &planned) {
                     planned.insert(g);
+                    self.note_pending(&plan.items[from..], &mut pending);
                 }
             }
         }
@@ -286,7 +295,7 @@ impl BatchScheduler {
                 break;
             };
             let reused = self.reuse_prefixes(g);
-            if !self.fits_without_preempting(g, budget) {
+            if self.next_block_pending(g, &pending) || !self.fits_without_preempting(g, budget) {
                 // Give the cached blocks back (they stay cached).
                 if let Some(group) = self.groups.get_mut(&g) {
                     for s in &mut group.seqs {
@@ -303,8 +312,10 @@ impl BatchScheduler {
             }
             self.waiting.pop_front();
             self.running.push(g);
+            let from = plan.items.len();
             if let Fit::Planned = self.fit(g, &mut budget, &mut plan, &planned) {
                 planned.insert(g);
+                self.note_pending(&plan.items[from..], &mut pending);
             }
         }
         if plan.items.is_empty() {
@@ -314,6 +325,37 @@ impl BatchScheduler {
         self.stats.steps += 1;
         self.in_flight = Some(planned);
         Some(plan)
+    }
+
+    /// Adds the hashes of the full blocks `items` complete to `pending`.
+    fn note_pending(&self, items: &[StepItem], pending: &mut HashSet<u64>) {
+        for item in items {
+            let Some(s) = self.groups[&item.group]
+                .seqs
+                .iter()
+                .find(|s| s.key == item.seq)
+            else {
+                continue;
+            };
+            let upto = item.start + item.tokens.len();
+            pending.extend(self.kv.next_hashes(s.key, &s.tokens[..upto], upto));
+        }
+    }
+
+    /// Whether the first block of waiting group `g` past its cached prefix
+    /// is one this step computes for another group (it is cheaper to wait a
+    /// step and reuse it).
+    fn next_block_pending(&self, g: GroupId, pending: &HashSet<u64>) -> bool {
+        if pending.is_empty() {
+            return false;
+        }
+        self.groups[&g].seqs.iter().any(|s| {
+            let upto = (s.computed + self.cfg.block_size).min(s.tokens.len().saturating_sub(1));
+            self.kv
+                .next_hashes(s.key, &s.tokens, upto)
+                .first()
+                .is_some_and(|h| pending.contains(h))
+        })
     }
 
     /// Starts each sequence of waiting group `g` at its longest cached
@@ -627,12 +669,34 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_later_request_starts_after_the_cached_prefix() {
-        let mut s = BatchScheduler::new(BatchConfig {
+    /// A scheduler with prefix caching, 16 blocks of 4, 64 tokens a step.
+    fn caching() -> BatchScheduler {
+        BatchScheduler::new(BatchConfig {
             prefix_caching: true,
             ..cfg(64, 16)
-        });
+        })
+    }
+
+    #[test]
+    fn a_request_waits_a_step_for_the_prefix_another_computes() {
+        let mut s = caching();
+        s.add(1, (0..10).collect());
+        s.add(2, (0..9).chain([40]).collect());
+        s.add(3, vec![7; 6]);
+        // Group 2's first block is being computed by group 1: it waits (and
+        // so does group 3 behind it, in arrival order).
+        let p = s.plan().unwrap();
+        assert_eq!(p.items.iter().map(|i| i.group).collect::<Vec<_>>(), [1]);
+        s.complete(cont(&p, 5));
+        let p = s.plan().unwrap();
+        let item = p.items.iter().find(|i| i.group == 2).unwrap();
+        assert_eq!((item.start, item.tokens.len()), (8, 2));
+        assert!(p.items.iter().any(|i| i.group == 3));
+    }
+
+    #[test]
+    fn a_later_request_starts_after_the_cached_prefix() {
+        let mut s = caching();
         s.add(1, (0..10).collect());
         let p = s.plan().unwrap();
         assert_eq!((p.items[0].start, p.items[0].tokens.len()), (0, 10));

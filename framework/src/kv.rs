@@ -209,6 +209,29 @@ impl KvManager {
         self.cache.as_ref().map_or(0, |c| c.blocks.len())
     }
 
+    /// The chained hashes of the full blocks of `tokens` that `seq`'s
+    /// positions `..upto` complete beyond those already hashed (from the
+    /// start if `seq` has no table): what registering them would key them
+    /// by. Empty without a prefix cache, or once `seq` registers no more.
+    pub fn next_hashes(&self, seq: SeqKey, tokens: &[u32], upto: usize) -> Vec<u64> {
+        let bs = self.block_size;
+        let Some(cache) = self.cache.as_ref() else {
+            return Vec::new();
+        };
+        let (mut j, mut chain) = match self.tables.get(&seq) {
+            Some(t) if !t.chain_ok => return Vec::new(),
+            Some(t) => (t.hashed, t.chain),
+            None => (0, 0),
+        };
+        let mut out = Vec::new();
+        while (j + 1) * bs <= upto.min(tokens.len()) {
+            chain = cache.hash(chain, &tokens[j * bs..(j + 1) * bs]);
+            out.push(chain);
+            j += 1;
+        }
+        out
+    }
+
     /// Positions a [`KvManager::lookup`] of `tokens` would reuse now, without
     /// taking anything (for routing a request to the replica that has them).
     pub fn cached_prefix(&self, tokens: &[u32]) -> usize {
