@@ -294,21 +294,14 @@ impl BatchScheduler {
             let Some(&g) = self.waiting.front() else {
                 break;
             };
-            let reused = self.reuse_prefixes(g);
+            self.reuse_prefixes(g);
             if self.next_block_pending(g, &pending) || !self.fits_without_preempting(g, budget) {
                 // Give the cached blocks back (they stay cached).
-                if let Some(group) = self.groups.get_mut(&g) {
-                    for s in &mut group.seqs {
-                        self.kv.release(s.key);
-                        s.computed = 0;
-                    }
-                }
+                self.release_blocks(g);
                 break;
             }
-            if let Some(group) = self.groups.get(&g) {
-                for (s, &hit) in group.seqs.iter().zip(&reused) {
-                    self.kv.count_admission(s.tokens.len(), hit);
-                }
+            for s in &self.groups[&g].seqs {
+                self.kv.count_admission(s.tokens.len(), s.computed);
             }
             self.waiting.pop_front();
             self.running.push(g);
@@ -327,8 +320,12 @@ impl BatchScheduler {
         Some(plan)
     }
 
-    /// Adds the hashes of the full blocks `items` complete to `pending`.
+    /// Adds the hashes of the full blocks `items` complete to `pending` (if
+    /// some group waits to be admitted).
     fn note_pending(&self, items: &[StepItem], pending: &mut HashSet<u64>) {
+        if self.waiting.is_empty() {
+            return;
+        }
         for item in items {
             let Some(s) = self.groups[&item.group]
                 .seqs
@@ -359,20 +356,23 @@ impl BatchScheduler {
     }
 
     /// Starts each sequence of waiting group `g` at its longest cached
-    /// prefix; returns the positions reused per sequence.
-    fn reuse_prefixes(&mut self, g: GroupId) -> Vec<usize> {
-        let Some(group) = self.groups.get_mut(&g) else {
-            return Vec::new();
-        };
-        group
-            .seqs
-            .iter_mut()
-            .map(|s| {
-                let hit = self.kv.lookup(s.key, &s.tokens);
-                s.computed = hit;
-                hit
-            })
-            .collect()
+    /// prefix (`computed` = the positions reused).
+    fn reuse_prefixes(&mut self, g: GroupId) {
+        if let Some(group) = self.groups.get_mut(&g) {
+            for s in &mut group.seqs {
+                s.computed = self.kv.lookup(s.key, &s.tokens);
+            }
+        }
+    }
+
+    /// Frees the blocks of `g`'s sequences, which start over from position 0.
+    fn release_blocks(&mut self, g: GroupId) {
+        if let Some(group) = self.groups.get_mut(&g) {
+            for s in &mut group.seqs {
+                self.kv.release(s.key);
+                s.computed = 0;
+            }
+        }
     }
 
     fn chunks(&self, g: GroupId, budget: usize) -> (Vec<usize>, bool) {
@@ -474,11 +474,8 @@ impl BatchScheduler {
     /// (ordered by age), to be recomputed from its tokens.
     fn preempt(&mut self, g: GroupId) {
         self.running.retain(|&r| r != g);
-        if let Some(group) = self.groups.get_mut(&g) {
-            for s in &mut group.seqs {
-                self.kv.release(s.key);
-                s.computed = 0;
-            }
+        self.release_blocks(g);
+        if let Some(group) = self.groups.get(&g) {
             let order = group.order;
             let at = self
                 .waiting
@@ -612,13 +609,8 @@ impl BatchScheduler {
         }
         let mut all: Vec<GroupId> = self.groups.keys().copied().collect();
         all.sort_by_key(|g| self.groups[g].order);
-        for g in &all {
-            if let Some(group) = self.groups.get_mut(g) {
-                for s in &mut group.seqs {
-                    self.kv.release(s.key);
-                    s.computed = 0;
-                }
-            }
+        for &g in &all {
+            self.release_blocks(g);
         }
         self.kv.clear_cache();
         self.running.clear();

@@ -235,25 +235,31 @@ impl KvManager {
     /// Positions a [`KvManager::lookup`] of `tokens` would reuse now, without
     /// taking anything (for routing a request to the replica that has them).
     pub fn cached_prefix(&self, tokens: &[u32]) -> usize {
-        let bs = self.block_size;
+        self.matching_chain(tokens).0.len() * self.block_size
+    }
+
+    /// The cached blocks `tokens` match, in order (verified: each holds its
+    /// block of `tokens` and follows the one before), leaving the last token
+    /// out, and the chained hash of the last of them (0 for none).
+    fn matching_chain(&self, tokens: &[u32]) -> (Vec<u32>, u64) {
+        let (mut blocks, mut chain) = (Vec::new(), 0);
         let Some(cache) = self.cache.as_ref() else {
-            return 0;
+            return (blocks, chain);
         };
         let Some(head) = tokens.len().checked_sub(1) else {
-            return 0;
+            return (blocks, chain);
         };
-        let (mut chain, mut prev, mut n) = (0, None, 0);
-        for block in tokens[..head].chunks_exact(bs) {
+        for block in tokens[..head].chunks_exact(self.block_size) {
             let h = cache.hash(chain, block);
             match cache.by_hash.get(&h).map(|b| (*b, &cache.blocks[b])) {
-                Some((b, c)) if c.parent == prev && *c.tokens == *block => {
-                    (chain, prev) = (h, Some(b));
-                    n += bs;
+                Some((b, c)) if c.parent == blocks.last().copied() && *c.tokens == *block => {
+                    blocks.push(b);
+                    chain = h;
                 }
                 _ => break,
             }
         }
-        n
+        (blocks, chain)
     }
 
     /// Starts `seq`, which must have no table yet, with the longest chain of
@@ -261,48 +267,37 @@ impl KvManager {
     /// to compute. Returns the positions reused (a multiple of the block size;
     /// 0 without a prefix cache or a match).
     pub fn lookup(&mut self, seq: SeqKey, tokens: &[u32]) -> usize {
-        let bs = self.block_size;
-        let Some(cache) = self.cache.as_mut() else {
+        if self.tables.contains_key(&seq) {
+            return 0;
+        }
+        let (blocks, chain) = self.matching_chain(tokens);
+        let n = blocks.len();
+        let Some(cache) = self.cache.as_mut().filter(|_| n > 0) else {
             return 0;
         };
-        if self.tables.contains_key(&seq) || tokens.is_empty() {
-            return 0;
-        }
-        let mut table = Table::default();
-        for block in tokens[..tokens.len() - 1].chunks_exact(bs) {
-            let h = cache.hash(table.chain, block);
-            let prev = table.blocks.last().copied();
-            let Some(&b) = cache.by_hash.get(&h) else {
-                break;
-            };
-            let c = &cache.blocks[&b];
-            if c.parent != prev || *c.tokens != *block {
-                break;
-            }
-            let tick = c.tick;
-            if self.refs[b as usize] == 0 {
-                cache.idle.remove(&tick);
-            }
-            self.refs[b as usize] += 1;
-            table.blocks.push(b);
-            table.chain = h;
-        }
-        // Touch the matched chain from its end, so that a parent is never
-        // less recently used than its child.
-        for &b in table.blocks.iter().rev() {
+        // Take them, touching the chain from its end so that a parent is
+        // never less recently used than its child.
+        for &b in blocks.iter().rev() {
             let t = cache.next_tick();
-            if let Some(c) = cache.blocks.get_mut(&b) {
-                c.tick = t;
+            let c = cache.blocks.get_mut(&b).expect("a matched block is cached");
+            if self.refs[b as usize] == 0 {
+                cache.idle.remove(&c.tick);
             }
+            c.tick = t;
+            self.refs[b as usize] += 1;
         }
-        let n = table.blocks.len();
-        if n == 0 {
-            return 0;
-        }
-        table.hashed = n;
-        table.len = n * bs;
-        self.tables.insert(seq, table);
-        n * bs
+        let len = n * self.block_size;
+        self.tables.insert(
+            seq,
+            Table {
+                blocks,
+                len,
+                hashed: n,
+                chain,
+                chain_ok: true,
+            },
+        );
+        len
     }
 
     /// Registers the full blocks of `seq` whose keys and values are computed:

@@ -11,10 +11,10 @@
 //! the current compute pool. A single activation row (decode) reads one
 //! weight row after another, one sequential stream, which measured faster
 //! than interleaving four rows, and asks for the lines
-//! [`crate::cpu::prefetch::distance`] bytes ahead of each row; two or three rows run register tiles of 4
-//! weight rows × 2 activation rows (scalar 4×1), with 1-wide tiles for the
-//! ragged edges; four or more widen blocks of weight rows to f32 for
-//! `skinny`'s tiles. The SIMD path is AVX2 with FMA and F16C, chosen at run
+//! [`crate::cpu::prefetch::distance`] bytes ahead of each row; two or three
+//! rows run register tiles of 4 weight rows × 2 activation rows (scalar 4×1),
+//! with 1-wide tiles for the ragged edges; four or more widen blocks of
+//! weight rows to f32 for `skinny`'s tiles. The SIMD path is AVX2 with FMA and F16C, chosen at run
 //! time through [`crate::cpu::features`] (an AVX-512 CPU runs it too: the
 //! loads are bound by memory, and the many-row products run `skinny`'s
 //! AVX-512 tiles); every path is tested against an f64 reference; the scalar path
