@@ -61,6 +61,7 @@ fn request(i: usize, synthetic: bool) -> Request {
         params,
         beam: None,
         priority: 0,
+        speculative: None,
     }
 }
 

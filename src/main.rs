@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use framework::chat::ChatMessage;
+use framework::speculative::Speculation;
 use framework::{LlamaShard, ModelConfig, SamplingParams, ShardSpec, WeightFormat};
 use parallm::actors::llm::ModelSource;
 use parallm::load::resolve_model_path;
@@ -278,6 +279,22 @@ struct ParallelArgs {
     /// f32, f16 or bf16.
     #[arg(long, default_value = "auto")]
     kv_dtype: String,
+    /// Speculative decoding: none, or ngram (drafts from the prompt and
+    /// output by n-gram lookup, verified by the model; output unchanged).
+    #[arg(long, default_value = "none")]
+    speculative: String,
+    /// Drafted tokens per step at most, with --speculative.
+    #[arg(long, default_value_t = 4)]
+    num_speculative_tokens: usize,
+    /// Shortest and longest n-gram matched, with --speculative ngram.
+    #[arg(long, default_value_t = 1)]
+    ngram_min: usize,
+    /// See --ngram-min.
+    #[arg(long, default_value_t = 3)]
+    ngram_max: usize,
+    /// Requests running per replica above which none drafts.
+    #[arg(long, default_value_t = parallm::actors::llm::DEFAULT_SPECULATE_MAX_RUNNING)]
+    speculate_max_running: usize,
 }
 
 impl ParallelArgs {
@@ -289,7 +306,24 @@ impl ParallelArgs {
             (&self.dtype, &self.kv_dtype),
             &self.cuda_weights,
         )?;
-        Ok(self.apply_cpu(b).compute(compute))
+        Ok(self
+            .apply_cpu(b)
+            .compute(compute)
+            .speculative(self.speculation()?))
+    }
+
+    /// The speculative decoding the flags ask for.
+    fn speculation(&self) -> CliResult<Speculation> {
+        let s = Speculation {
+            method: self.speculative.parse()?,
+            num_speculative_tokens: self.num_speculative_tokens,
+            ngram_min: self.ngram_min,
+            ngram_max: self.ngram_max,
+        };
+        if s.enabled() {
+            s.validate()?;
+        }
+        Ok(s)
     }
 
     fn apply_cpu(&self, b: EngineBuilder) -> EngineBuilder {
@@ -298,7 +332,8 @@ impl ParallelArgs {
             .pp(self.pp)
             .dp(self.dp)
             .max_batch_tokens(self.max_batch_tokens)
-            .max_running(self.max_running);
+            .max_running(self.max_running)
+            .speculate_max_running(self.speculate_max_running);
         match self.steps_in_flight {
             Some(n) => b.steps_in_flight(n),
             None => b,
@@ -530,6 +565,7 @@ fn run_generate(args: GenerateArgs) -> CliResult {
         params,
         beam,
         priority: 0,
+        speculative: None,
     })?;
     let mut stdout = std::io::stdout().lock();
     let mut first: Option<Instant> = None;

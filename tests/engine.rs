@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{finished, golden, ids, model, model_path, run, sixty_four_prompts};
+use common::{finished, golden, ids, model, model_path, run, sixty_four_prompts, wait_idle};
 use parallm::actors::llm::FaultInjection;
 use parallm::actors::SubmitError;
 use parallm::framework::collective::SingleCollective;
@@ -28,17 +28,6 @@ fn golden_prompts() -> Vec<Vec<u32>> {
         .iter()
         .map(|c| ids(&c["prompt_tokens"]))
         .collect()
-}
-
-fn wait_idle(engine: &Engine) -> parallm::actors::SchedulerStats {
-    let t0 = Instant::now();
-    loop {
-        let s = engine.stats().scheduler;
-        if s.idle || t0.elapsed() > Duration::from_secs(30) {
-            return s;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// A solo greedy run on the whole model: the tokens, and at each step the gap

@@ -248,6 +248,24 @@ fn every_endpoint_answers_in_openai_shape() {
     assert!(cached >= 16, "{seen:?}");
     assert_eq!(seen[0].2, seen[1].2, "the cache changes no token");
 
+    // Speculative decoding (n-gram drafts) changes no token either.
+    let copy = "Repeat: one two three four five six.\nRepeated: one two three four five six.\nRepeat: one two three four five six.\nRepeated:";
+    let texts: Vec<Value> = [
+        json!(null),
+        json!({"method": "ngram", "num_speculative_tokens": 5}),
+    ]
+    .into_iter()
+    .map(|spec| {
+        let (status, r) = s.post(
+            "/v1/completions",
+            json!({"prompt": copy, "max_tokens": 12, "temperature": 0, "speculative": spec}),
+        );
+        assert_eq!(status, 200, "{r}");
+        r["choices"][0]["text"].clone()
+    })
+    .collect();
+    assert_eq!(texts[0], texts[1]);
+
     // A list of prompts × n, token-id prompts, logprobs, stop.
     let (status, r) = s.post(
         "/v1/completions",
@@ -402,6 +420,24 @@ fn errors_have_their_status_and_openai_shape() {
         ),
         (json!({"prompt": "x", "n": 100}), 400, "n", "invalid_value"),
         (
+            json!({"prompt": "x", "speculative": {"num_speculative_tokens": 0}}),
+            400,
+            "speculative.num_speculative_tokens",
+            "invalid_value",
+        ),
+        (
+            json!({"prompt": "x", "speculative": {"method": "draft"}}),
+            400,
+            "speculative.method",
+            "invalid_value",
+        ),
+        (
+            json!({"prompt": "x", "beam_width": 2, "speculative": {"method": "ngram"}}),
+            400,
+            "speculative",
+            "invalid_value",
+        ),
+        (
             json!({"prompt": "x", "logprobs": 9}),
             400,
             "logprobs",
@@ -511,7 +547,7 @@ fn errors_have_their_status_and_openai_shape() {
     // Every refusal is counted once: by status in the HTTP metric, and by
     // reason in the failure metric (400s and the 413 as invalid, the 404
     // of an unknown model too).
-    let four_hundreds = 6 + 2 + refused.len() + 1;
+    let four_hundreds = 9 + 2 + refused.len() + 1;
     let count = |needle: &str| -> f64 {
         let (_, text) = s.get("/metrics");
         text.lines()

@@ -29,6 +29,15 @@
 //! * A group asks for logits only in a step that brings every one of its
 //!   sequences up to date, so a beam search always sees all its beams at once.
 //!   A chunk that does not finish the group stops one token short of the end.
+//! * A group that speculates ([`BatchScheduler::add_speculative`]) appends up
+//!   to `num_speculative_tokens` drafted tokens ([`crate::speculative`]) to
+//!   a row that wants logits, as far as the step's token budget, its free KV
+//!   blocks (speculation never preempts) and the request's `max_tokens`
+//!   allow, and only while at most `speculate_max_running` groups run. The
+//!   merger answers with the tokens it accepted ([`GroupOutcome::Accepted`]):
+//!   the drafts kept stay computed, and the KV blocks written only for
+//!   rejected drafts are given back. Drafted positions are never registered
+//!   in the prefix cache before they are accepted.
 //!
 //! **Invariants:** at most one step is in flight; a sequence's KV blocks are
 //! freed exactly once (on finish, cancel, preemption or reset); a group is in
@@ -38,6 +47,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
 
 use crate::kv::{KvManager, KvUsage, SeqKey};
+use crate::speculative::{ngram_draft, SpecMethod, Speculation};
 
 /// A request's id: the unit of admission, preemption and cancellation.
 pub type GroupId = u64;
@@ -59,6 +69,10 @@ pub struct BatchConfig {
     /// Whether full KV blocks are cached and reused across sequences by their
     /// tokens (automatic prefix caching).
     pub prefix_caching: bool,
+    /// Speculating groups draft only while at most this many groups run
+    /// (under load, verifying drafts costs compute that batching already
+    /// uses well).
+    pub speculate_max_running: usize,
 }
 
 impl BatchConfig {
@@ -83,6 +97,16 @@ pub struct StepItem {
     pub table: Vec<u32>,
     /// Whether the last new token's logits are wanted.
     pub logits: bool,
+    /// Of `tokens`, how many at the end are drafts to verify (speculative
+    /// decoding): the logits of the last `drafts + 1` tokens are wanted.
+    pub drafts: usize,
+}
+
+impl StepItem {
+    /// The drafted tokens at the end of `tokens`.
+    pub fn drafted(&self) -> &[u32] {
+        &self.tokens[self.tokens.len() - self.drafts..]
+    }
 }
 
 /// One step for the replica's compute nodes.
@@ -112,6 +136,9 @@ pub enum GroupOutcome {
     /// continues `parent` with `token` (one entry for ordinary decoding; beam
     /// search may fork a parent several times or drop it).
     Continue(Vec<(SeqKey, u32)>),
+    /// A single-sequence group goes on with these tokens appended: the
+    /// leading drafts its step verified, then the token drawn after them.
+    Accepted(Vec<u32>),
     /// The group is done; its blocks are freed.
     Finished,
 }
@@ -121,6 +148,20 @@ struct Seq {
     key: SeqKey,
     tokens: Vec<u32>,
     computed: usize,
+    /// Tokens drafted after `tokens` in the step in flight (their KV is
+    /// being written past `computed`).
+    drafts: Vec<u32>,
+}
+
+impl Seq {
+    fn new(key: SeqKey, tokens: Vec<u32>) -> Self {
+        Self {
+            key,
+            tokens,
+            computed: 0,
+            drafts: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -128,6 +169,9 @@ struct Group {
     seqs: Vec<Seq>,
     /// Admission order; lower is older.
     order: u64,
+    /// How the group speculates, and the tokens its sequence may hold at
+    /// most (prompt plus `max_tokens`).
+    spec: Option<(Speculation, usize)>,
 }
 
 /// Counters for metrics.
@@ -137,6 +181,10 @@ pub struct BatchStats {
     pub preemptions: u64,
     /// Steps planned so far.
     pub steps: u64,
+    /// Tokens drafted in steps whose request went on (speculative decoding).
+    pub drafted: u64,
+    /// Of those, accepted.
+    pub accepted: u64,
 }
 
 /// The batching state of one replica.
@@ -240,15 +288,51 @@ impl BatchScheduler {
         self.groups.insert(
             group,
             Group {
-                seqs: vec![Seq {
-                    key,
-                    tokens: prompt,
-                    computed: 0,
-                }],
+                seqs: vec![Seq::new(key, prompt)],
                 order,
+                spec: None,
             },
         );
         self.waiting.push_back(group);
+    }
+
+    /// Adds a single-sequence request that drafts tokens as `spec` says
+    /// (nothing when it is off), for at most `max_tokens` new tokens.
+    pub fn add_speculative(
+        &mut self,
+        group: GroupId,
+        prompt: Vec<u32>,
+        spec: Speculation,
+        max_tokens: usize,
+    ) {
+        let limit = prompt.len() + max_tokens;
+        self.add(group, prompt);
+        if spec.enabled() {
+            if let Some(g) = self.groups.get_mut(&group) {
+                g.spec = Some((spec, limit));
+            }
+        }
+    }
+
+    /// The tokens group `g` drafts after its sequence, at most `room`.
+    fn draft(&self, g: GroupId, room: usize) -> Vec<u32> {
+        let group = &self.groups[&g];
+        let (Some((spec, limit)), [s]) = (group.spec, &group.seqs[..]) else {
+            return Vec::new();
+        };
+        if self.running.len() > self.cfg.speculate_max_running {
+            return Vec::new();
+        }
+        // Every drafted token accepted, plus the one drawn after them, must
+        // fit in `max_tokens`.
+        let k = spec
+            .num_speculative_tokens
+            .min(room)
+            .min(limit.saturating_sub(s.tokens.len() + 1));
+        match spec.method {
+            SpecMethod::None => Vec::new(),
+            SpecMethod::Ngram => ngram_draft(&s.tokens, spec.ngram_min, spec.ngram_max, k),
+        }
     }
 
     fn new_key(&mut self) -> SeqKey {
@@ -334,7 +418,7 @@ impl BatchScheduler {
             else {
                 continue;
             };
-            let upto = item.start + item.tokens.len();
+            let upto = item.start + item.tokens.len() - item.drafts;
             pending.extend(self.kv.next_hashes(s.key, &s.tokens[..upto], upto));
         }
     }
@@ -371,6 +455,7 @@ impl BatchScheduler {
             for s in &mut group.seqs {
                 self.kv.release(s.key);
                 s.computed = 0;
+                s.drafts.clear();
             }
         }
     }
@@ -422,16 +507,26 @@ impl BatchScheduler {
         if chunks.iter().all(|&n| n == 0) {
             return Fit::Skipped;
         }
+        let mut drafts = if complete {
+            self.draft(g, *budget - chunks.iter().sum::<usize>())
+        } else {
+            Vec::new()
+        };
         loop {
             let group = &self.groups[&g];
             let need: usize = group
                 .seqs
                 .iter()
                 .zip(&chunks)
-                .map(|(s, &n)| self.kv.blocks_needed(s.key, s.computed + n))
+                .map(|(s, &n)| self.kv.blocks_needed(s.key, s.computed + n + drafts.len()))
                 .sum();
             if need <= self.kv.free_blocks() {
                 break;
+            }
+            // Speculation never preempts: drop the drafts first.
+            if !drafts.is_empty() {
+                drafts.clear();
+                continue;
             }
             // The newest running group that is neither planned nor `g` itself.
             let victim = self
@@ -453,19 +548,25 @@ impl BatchScheduler {
             if n == 0 {
                 continue;
             }
+            // Drafts are only ever made for a single-sequence group.
+            s.drafts = std::mem::take(&mut drafts);
+            let d = s.drafts.len();
             self.kv
-                .grow(s.key, s.computed + n, &mut plan.copies)
+                .grow(s.key, s.computed + n + d, &mut plan.copies)
                 .expect("checked against the free count");
+            let mut tokens = s.tokens[s.computed..s.computed + n].to_vec();
+            tokens.extend_from_slice(&s.drafts);
             plan.items.push(StepItem {
                 group: g,
                 seq: s.key,
-                tokens: s.tokens[s.computed..s.computed + n].to_vec(),
+                tokens,
                 start: s.computed,
                 table: self.kv.table(s.key).to_vec(),
                 logits: complete,
+                drafts: d,
             });
             s.computed += n;
-            *budget -= n;
+            *budget -= n + d;
         }
         Fit::Planned
     }
@@ -494,8 +595,9 @@ impl BatchScheduler {
         // The step's keys and values are written: cache its full blocks
         // (before finished groups release theirs, so that a conversation's
         // next turn finds this one's).
-        for g in self.in_flight.take().into_iter().flatten() {
-            if let Some(group) = self.groups.get(&g) {
+        let stepped = self.in_flight.take().unwrap_or_default();
+        for g in &stepped {
+            if let Some(group) = self.groups.get(g) {
                 for s in &group.seqs {
                     self.kv.register(s.key, &s.tokens[..s.computed]);
                 }
@@ -512,6 +614,17 @@ impl BatchScheduler {
                     ended.push(g);
                 }
                 GroupOutcome::Continue(next) => self.advance(g, next),
+                GroupOutcome::Accepted(tokens) => self.accept(g, tokens),
+            }
+        }
+        // Drafts no outcome accepted are rejected: their blocks go back.
+        for g in &stepped {
+            if let Some(group) = self.groups.get_mut(g) {
+                for s in &mut group.seqs {
+                    if !std::mem::take(&mut s.drafts).is_empty() {
+                        self.kv.truncate(s.key, s.computed);
+                    }
+                }
             }
         }
         for g in std::mem::take(&mut self.cancelled) {
@@ -522,6 +635,32 @@ impl BatchScheduler {
         ended
     }
 
+    /// Appends `tokens` to single-sequence group `g`: its leading drafts
+    /// (verified by the step) stay computed, the KV written for the rest is
+    /// dropped.
+    fn accept(&mut self, g: GroupId, tokens: Vec<u32>) {
+        let Some(group) = self.groups.get_mut(&g) else {
+            return;
+        };
+        let [s] = &mut group.seqs[..] else {
+            return;
+        };
+        let drafts = std::mem::take(&mut s.drafts);
+        let kept = drafts
+            .iter()
+            .zip(&tokens)
+            .take_while(|(d, t)| d == t)
+            .count()
+            .min(tokens.len().saturating_sub(1));
+        s.tokens.extend_from_slice(&tokens);
+        s.computed += kept;
+        if !drafts.is_empty() {
+            self.kv.truncate(s.key, s.computed);
+            self.stats.drafted += drafts.len() as u64;
+            self.stats.accepted += kept as u64;
+        }
+    }
+
     fn advance(&mut self, g: GroupId, next: Vec<(SeqKey, u32)>) {
         let mut uses: HashMap<SeqKey, usize> = HashMap::new();
         for (p, _) in &next {
@@ -530,6 +669,11 @@ impl BatchScheduler {
         let Some(group) = self.groups.get_mut(&g) else {
             return;
         };
+        for s in &mut group.seqs {
+            if !std::mem::take(&mut s.drafts).is_empty() {
+                self.kv.truncate(s.key, s.computed);
+            }
+        }
         let old: HashMap<SeqKey, Seq> = group.seqs.drain(..).map(|s| (s.key, s)).collect();
         let mut seqs = Vec::with_capacity(next.len());
         for (parent, token) in next {
@@ -547,9 +691,8 @@ impl BatchScheduler {
             let mut tokens = p.tokens.clone();
             tokens.push(token);
             seqs.push(Seq {
-                key,
-                tokens,
                 computed: p.computed,
+                ..Seq::new(key, tokens)
             });
         }
         for key in old.keys() {
@@ -658,6 +801,7 @@ mod tests {
             kv_blocks,
             micro_batches: 1,
             prefix_caching: false,
+            speculate_max_running: 8,
         }
     }
 
@@ -722,6 +866,105 @@ mod tests {
             .filter(|i| i.logits)
             .map(|i| (i.group, GroupOutcome::Continue(vec![(i.seq, token)])))
             .collect()
+    }
+
+    #[test]
+    fn drafts_ride_the_decode_and_rejected_ones_give_their_blocks_back() {
+        let mut s = BatchScheduler::new(BatchConfig {
+            prefix_caching: true,
+            ..cfg(64, 16)
+        });
+        // "1 2 3 4 5 6 1 2": the bigram "1 2" recurs, followed by 3 4 5 6.
+        let prompt = vec![1, 2, 3, 4, 5, 6, 1, 2];
+        s.add_speculative(9, prompt.clone(), Speculation::ngram(3), 20);
+        // The prompt's step drafts after its last token already.
+        let p = s.plan().unwrap();
+        let item = &p.items[0];
+        assert_eq!((item.start, item.drafts), (0, 3));
+        assert_eq!(item.tokens[8..], [3, 4, 5]);
+        assert_eq!(item.drafted(), [3, 4, 5]);
+        assert_eq!(p.tokens(), 11, "the drafts count against the budget");
+        assert_eq!(s.kv_usage().used, 3, "11 positions in blocks of 4");
+        // The model kept 3 and 4, then drew 7 instead of 5.
+        s.complete(vec![(9, GroupOutcome::Accepted(vec![3, 4, 7]))]);
+        assert_eq!(s.kv_usage().used, 3, "positions 0..10 are computed");
+        assert_eq!((s.stats().drafted, s.stats().accepted), (3, 2));
+        assert_eq!(s.prefix_stats().queried_tokens, 8);
+        // The next step starts at the drawn token, position 10 (the drafts
+        // 3 4 are computed): "4 7" does not recur, "7" neither: no drafts.
+        let p = s.plan().unwrap();
+        let item = &p.items[0];
+        assert_eq!(
+            (item.start, item.tokens.clone(), item.drafts),
+            (10, vec![7], 0)
+        );
+        s.complete(vec![(9, GroupOutcome::Accepted(vec![1]))]);
+        // "7 1" no, "1": latest earlier "1" at 6, followed by 2 3 4.
+        let p = s.plan().unwrap();
+        assert_eq!(p.items[0].tokens, [1, 2, 3, 4]);
+        // All rejected: the block holding only drafted positions goes back.
+        let used = s.kv_usage().used;
+        s.complete(vec![(9, GroupOutcome::Accepted(vec![5]))]);
+        assert_eq!(s.kv_usage().used, used - 1);
+        // Only blocks of accepted tokens were cached: 1 2 3 4 | 5 6 1 2 | 3 4 7 1.
+        s.complete(vec![]);
+        let _ = s.plan().unwrap();
+        s.complete(vec![(9, GroupOutcome::Finished)]);
+        assert_eq!(s.kv_usage().used, 0);
+        assert_eq!(
+            s.cached_prefix(&[1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 7, 1, 9]),
+            12
+        );
+        assert_eq!(s.cached_prefix(&[1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6, 9]), 8);
+    }
+
+    #[test]
+    fn drafts_stop_at_max_tokens_and_under_load() {
+        let mut s = BatchScheduler::new(BatchConfig {
+            speculate_max_running: 1,
+            ..cfg(64, 32)
+        });
+        // 2 new tokens at most: one draft and the draw after it.
+        s.add_speculative(1, vec![5, 6, 5], Speculation::ngram(4), 2);
+        let p = s.plan().unwrap();
+        assert_eq!(p.items[0].drafted(), [6]);
+        s.complete(vec![(1, GroupOutcome::Accepted(vec![8]))]);
+        // One more token at most: no room for a draft.
+        let p = s.plan().unwrap();
+        assert_eq!(p.items[0].drafts, 0);
+        s.complete(vec![(1, GroupOutcome::Finished)]);
+        // Two running groups exceed speculate_max_running: no drafts.
+        s.add_speculative(2, vec![5, 6, 5], Speculation::ngram(4), 9);
+        s.add_speculative(3, vec![5, 6, 5], Speculation::ngram(4), 9);
+        // Group 2 was admitted alone and drafted; then both run.
+        let p = s.plan().unwrap();
+        assert_eq!(p.items[0].drafts, 2);
+        s.complete(vec![
+            (2, GroupOutcome::Accepted(vec![6, 5, 6])),
+            (3, GroupOutcome::Accepted(vec![6])),
+        ]);
+        let p = s.plan().unwrap();
+        assert_eq!(p.items[0].start, 5, "the two kept drafts are computed");
+        assert!(p.items.iter().all(|i| i.drafts == 0), "{p:?}");
+        // A request without speculation never drafts.
+        let mut s = BatchScheduler::new(cfg(64, 32));
+        s.add(4, vec![5, 6, 5]);
+        assert_eq!(s.plan().unwrap().items[0].drafts, 0);
+    }
+
+    #[test]
+    fn drafts_never_preempt() {
+        // 3 blocks of 4: the prompt of 7 takes 2; 4 drafts would need a
+        // third block that another group holds.
+        let mut s = BatchScheduler::new(cfg(64, 3));
+        s.add(1, vec![9; 2]);
+        let p = s.plan().unwrap();
+        s.complete(cont(&p, 9));
+        s.add_speculative(2, vec![1, 2, 1, 2, 1, 2, 1], Speculation::ngram(4), 8);
+        let p = s.plan().unwrap();
+        let item = p.items.iter().find(|i| i.group == 2).unwrap();
+        assert_eq!(item.drafts, 0);
+        assert_eq!(s.stats().preemptions, 0);
     }
 
     #[test]
@@ -855,6 +1098,7 @@ mod tests {
             start: 0,
             table: vec![],
             logits: true,
+            drafts: 0,
         };
         let items: Vec<_> = [1, 1, 1, 1, 1, 1].into_iter().map(item).collect();
         assert_eq!(split_micro_batches(&items, 3), vec![0..2, 2..4, 4..6]);

@@ -510,26 +510,53 @@ impl KvManager {
         let Some(table) = self.tables.remove(&seq) else {
             return 0;
         };
-        let mut freed = 0;
         // Last block first: an idle child is then less recently used than
         // its parent, so eviction takes the tails of chains before what they
         // share.
-        for b in table.blocks.into_iter().rev() {
-            let r = &mut self.refs[b as usize];
-            *r -= 1;
-            if *r == 0 {
-                match self.cache.as_mut() {
-                    Some(c) if c.blocks.contains_key(&b) => {
-                        let tick = c.next_tick();
-                        c.blocks.get_mut(&b).expect("checked").tick = tick;
-                        c.idle.insert(tick, b);
-                    }
-                    _ => self.free.push(b),
-                }
-                freed += 1;
-            }
+        table
+            .blocks
+            .into_iter()
+            .rev()
+            .filter(|&b| self.unref(b))
+            .count()
+    }
+
+    /// Drops one reference to block `b`; `true` when that was the last (the
+    /// block is then idle in the cache, or free).
+    fn unref(&mut self, b: u32) -> bool {
+        let r = &mut self.refs[b as usize];
+        *r -= 1;
+        if *r > 0 {
+            return false;
         }
-        freed
+        match self.cache.as_mut() {
+            Some(c) if c.blocks.contains_key(&b) => {
+                let tick = c.next_tick();
+                c.blocks.get_mut(&b).expect("checked").tick = tick;
+                c.idle.insert(tick, b);
+            }
+            _ => self.free.push(b),
+        }
+        true
+    }
+
+    /// Forgets the positions of `seq` from `len` on (speculative tokens that
+    /// were rejected): blocks past those holding `0..len` are given back.
+    /// Never shortens below its registered (cached) blocks.
+    pub fn truncate(&mut self, seq: SeqKey, len: usize) {
+        let keep = self.blocks_for(len);
+        let Some(table) = self.tables.get_mut(&seq) else {
+            return;
+        };
+        if len >= table.len {
+            return;
+        }
+        let keep = keep.max(table.hashed);
+        table.len = len.max(table.hashed * self.block_size);
+        let tail = table.blocks.split_off(keep.min(table.blocks.len()));
+        for b in tail.into_iter().rev() {
+            self.unref(b);
+        }
     }
 
     /// Sequences holding tables.

@@ -8,7 +8,8 @@
 //! ([`ops`]), how shards are
 //! cut ([`shard`]) and combined ([`collective`]), the paged KV cache ([`kv`]) and
 //! the continuous-batching policy ([`batching`]) the actors run, and choosing
-//! tokens ([`sampling`], [`beam`], [`generate`]).
+//! tokens ([`sampling`], [`beam`], [`generate`]) and drafting them for
+//! speculative decoding ([`speculative`]).
 //!
 //! **Invariant:** nothing here depends on actix or HTTP. Every state machine is
 //! plain, synchronous and tested without an actor system. User input (files,
@@ -33,6 +34,7 @@ pub mod ops;
 pub mod profile;
 pub mod sampling;
 pub mod shard;
+pub mod speculative;
 pub(crate) mod spm;
 pub mod threads;
 pub mod tokenizer;

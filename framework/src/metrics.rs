@@ -139,6 +139,15 @@ metrics! {
     /// Cached blocks evicted.
     PREFIX_CACHE_EVICTIONS = "parallm_prefix_cache_evictions_total", Counter, [],
         "Cached KV blocks evicted (least recently used) to make room";
+    /// Speculative tokens drafted.
+    SPEC_DRAFTED_TOKENS = "parallm_spec_drafted_tokens_total", Counter, [],
+        "Tokens drafted for speculative decoding and verified by the model (a step that ends its request is not counted)";
+    /// Of those, accepted.
+    SPEC_ACCEPTED_TOKENS = "parallm_spec_accepted_tokens_total", Counter, [],
+        "Drafted tokens the model's own draws matched (kept without a step of their own)";
+    /// Accepted over drafted.
+    SPEC_ACCEPTANCE_RATE = "parallm_spec_acceptance_rate", Gauge, [],
+        "Drafted tokens accepted divided by those drafted, since the start (0 to 1)";
     /// Sequences per step.
     BATCH_SIZE = "parallm_batch_size", Histogram, [],
         "Sequences in a scheduled step";

@@ -433,6 +433,8 @@ pub enum LogitsWanted {
     Last,
     /// Every new token's (scoring, tests).
     All,
+    /// The last `n` new tokens' (verifying `n - 1` drafted tokens).
+    Tail(usize),
 }
 
 /// One sequence's part of a batched forward.
@@ -467,6 +469,15 @@ impl Logits {
     pub fn last(&self, i: usize) -> Option<&[f32]> {
         let r = self.item_rows.get(i)?;
         (!r.is_empty()).then(|| self.row(r.end - 1))
+    }
+
+    /// Item `i`'s rows, in order (none when it wanted none).
+    pub fn rows_of(&self, i: usize) -> impl Iterator<Item = &[f32]> {
+        self.item_rows
+            .get(i)
+            .cloned()
+            .unwrap_or_default()
+            .map(move |r| self.row(r))
     }
 }
 
@@ -804,6 +815,7 @@ pub(crate) fn picked_rows(
             LogitsWanted::Last if n > 0 => picked.push(row + n - 1),
             LogitsWanted::Last => {}
             LogitsWanted::All => picked.extend(row..row + n),
+            LogitsWanted::Tail(k) => picked.extend(row + n - k.min(n)..row + n),
         }
         item_rows.push(start..picked.len());
         row += n;

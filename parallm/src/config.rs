@@ -303,6 +303,54 @@ impl Default for FaultsSection {
     }
 }
 
+/// `[speculative]`: speculative decoding of requests that do not choose
+/// for themselves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpeculativeSection {
+    /// `none` or `ngram` (prompt lookup).
+    pub method: String,
+    /// Drafted tokens per step, at most.
+    pub num_speculative_tokens: usize,
+    /// Shortest n-gram matched.
+    pub ngram_min: usize,
+    /// Longest n-gram matched.
+    pub ngram_max: usize,
+    /// Requests running in a replica (lane) above which none drafts.
+    pub max_running: usize,
+}
+
+impl Default for SpeculativeSection {
+    fn default() -> Self {
+        let s = framework::speculative::Speculation::default();
+        Self {
+            method: s.method.as_str().into(),
+            num_speculative_tokens: s.num_speculative_tokens,
+            ngram_min: s.ngram_min,
+            ngram_max: s.ngram_max,
+            max_running: actors::llm::DEFAULT_SPECULATE_MAX_RUNNING,
+        }
+    }
+}
+
+impl SpeculativeSection {
+    /// The checked settings; errors name the key.
+    pub fn speculation(&self) -> Result<framework::speculative::Speculation, ConfigError> {
+        let setting = |e: framework::Error| match e {
+            framework::Error::InvalidRequest { field, reason } => invalid(field, reason),
+            other => invalid("speculative", other.to_string()),
+        };
+        let s = framework::speculative::Speculation {
+            method: self.method.parse().map_err(setting)?,
+            num_speculative_tokens: self.num_speculative_tokens,
+            ngram_min: self.ngram_min,
+            ngram_max: self.ngram_max,
+        };
+        s.validate().map_err(setting)?;
+        Ok(s)
+    }
+}
+
 /// The whole configuration as written: sections of plain values.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -317,6 +365,8 @@ pub struct RawConfig {
     pub server: ServerSection,
     /// `[limits]`.
     pub limits: LimitsSection,
+    /// `[speculative]`.
+    pub speculative: SpeculativeSection,
     /// `[faults]`.
     pub faults: FaultsSection,
 }
@@ -914,6 +964,8 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         threads_per_node: p.threads_per_node,
         compute: compute_from(device, &p.devices, (&p.dtype, &s.kv_dtype), &p.cuda_weights)?,
         max_model_len: (m.max_model_len > 0).then_some(m.max_model_len),
+        speculative: raw.speculative.speculation()?,
+        speculate_max_running: raw.speculative.max_running,
         ..EngineConfig::default()
     };
     Ok(Settings {
@@ -1019,6 +1071,7 @@ fn toml_value(v: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use framework::speculative::Speculation;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -1103,6 +1156,20 @@ mod tests {
         .expect("valid");
         assert_eq!(loaded.settings.engine.max_running, 7);
         assert!(!loaded.settings.engine.prefix_caching);
+        let file = write(
+            &dir,
+            "s.yaml",
+            "speculative:\n  method: ngram\n  num_speculative_tokens: 6\n  max_running: 2\n",
+        );
+        let engine = load(&Sources {
+            file: Some(file),
+            ..Sources::default()
+        })
+        .expect("valid")
+        .settings
+        .engine;
+        assert_eq!(engine.speculative, Speculation::ngram(6));
+        assert_eq!(engine.speculate_max_running, 2);
         assert!(
             load(&Sources::default())
                 .expect("defaults")
@@ -1180,6 +1247,16 @@ mod tests {
                 "[scheduler]\nkv_dtype = \"f32\"\n[parallel]\ndevice = \"cuda:0\"\n",
                 "scheduler.kv_dtype",
                 "parallel.dtype (f16)",
+            ),
+            (
+                "[speculative]\nmethod = \"draft\"\n",
+                "speculative.method",
+                "not available",
+            ),
+            (
+                "[speculative]\nmethod = \"ngram\"\nnum_speculative_tokens = 0\n",
+                "speculative.num_speculative_tokens",
+                "[1, 16]",
             ),
         ];
         let dir = tempfile::tempdir().expect("tempdir");

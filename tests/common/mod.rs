@@ -98,18 +98,35 @@ pub fn finished(events: &[Event]) -> Vec<u32> {
 
 /// Every prompt submitted at once for `n` greedy tokens; each one's tokens.
 pub fn run(engine: &Engine, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32>> {
-    let streams: Vec<_> = prompts
+    let reqs: Vec<Request> = prompts
         .iter()
-        .map(|p| {
-            engine
-                .generate(Request::greedy_tokens(p.clone(), n))
-                .expect("admitted")
-        })
+        .map(|p| Request::greedy_tokens(p.clone(), n))
+        .collect();
+    run_requests(engine, &reqs)
+}
+
+/// Every request submitted at once; each one's tokens.
+pub fn run_requests(engine: &Engine, reqs: &[Request]) -> Vec<Vec<u32>> {
+    let streams: Vec<_> = reqs
+        .iter()
+        .map(|r| engine.generate(r.clone()).expect("admitted"))
         .collect();
     streams
         .into_iter()
         .map(|s| finished(&s.collect_blocking()))
         .collect()
+}
+
+/// The scheduler's figures once the engine is idle (or after 30 s).
+pub fn wait_idle(engine: &Engine) -> parallm::actors::SchedulerStats {
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = engine.stats().scheduler;
+        if s.idle || t0.elapsed() > std::time::Duration::from_secs(30) {
+            return s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 /// 64 prompts of mixed lengths (tens to about 170 tokens) for the

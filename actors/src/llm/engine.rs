@@ -15,6 +15,7 @@ use framework::batching::BatchConfig;
 use framework::chat::ChatTemplate;
 use framework::generate::validate_prompt;
 use framework::sampling::Sampler;
+use framework::speculative::Speculation;
 use framework::{
     BackendKind, Error, GgufFile, ModelConfig, ShardSource, ShardSpec, StageGroup, Tokenizer,
     WeightFormat,
@@ -99,6 +100,12 @@ pub struct EngineConfig {
     pub fault: Option<FaultInjection>,
     /// Where the compute nodes run.
     pub compute: Compute,
+    /// How requests that do not say otherwise speculate
+    /// ([`Request::speculative`]).
+    pub speculative: Speculation,
+    /// Requests draft tokens only while at most this many run in their
+    /// replica's lane (under load, batching uses the compute better).
+    pub speculate_max_running: usize,
     /// Positions the model runs with at most; a file that trained a longer
     /// context is capped to it (`None`: the file's context, which must be
     /// within [`framework::config::MAX_CONTEXT`]).
@@ -130,10 +137,16 @@ impl Default for EngineConfig {
             threads_per_node: 0,
             fault: None,
             compute: Compute::default(),
+            speculative: Speculation::default(),
+            speculate_max_running: DEFAULT_SPECULATE_MAX_RUNNING,
             max_model_len: None,
         }
     }
 }
+
+/// Requests running in a lane above which none drafts tokens, unless the
+/// configuration says otherwise.
+pub const DEFAULT_SPECULATE_MAX_RUNNING: usize = 4;
 
 /// What an engine allocates in host memory, computed in checked arithmetic
 /// from the configuration and the model's shape before anything is
@@ -272,6 +285,12 @@ impl EngineConfig {
             ));
         }
         self.compute.validate()?;
+        if self.speculative.enabled() {
+            self.speculative.validate().map_err(|e| match e {
+                Error::InvalidRequest { field, reason } => bad_config(field, reason),
+                other => other,
+            })?;
+        }
         if let Some(f) = &self.fault {
             if f.replica >= self.dp || f.node >= self.tp * self.pp {
                 return Err(bad_config(
@@ -500,6 +519,10 @@ impl EngineBuilder {
         max_retries: u32,
         /// Where the compute nodes run.
         compute: Compute,
+        /// Default speculative decoding of requests.
+        speculative: Speculation,
+        /// Running requests above which none speculates.
+        speculate_max_running: usize,
     }
 
     /// Validates the configuration, loads the model on every node and starts
@@ -609,6 +632,7 @@ impl Engine {
             kv_blocks,
             micro_batches: cfg.micro_batches.unwrap_or(cfg.pp.div_ceil(cfg.lanes())),
             prefix_caching: cfg.prefix_caching,
+            speculate_max_running: cfg.speculate_max_running,
         };
         let lanes = cfg.lanes();
         let policy = LlmPolicy::new(shape, cfg.dp, batch.clone(), lanes)
@@ -826,6 +850,18 @@ impl Engine {
         let (responder, stream) =
             Responder::channel(id, self.pipeline.canceller(), abandoned.clone());
         let arrived = std::time::Instant::now();
+        let speculative = match (req.speculative, req.beam) {
+            (Some(s), Some(_)) if s.enabled() => {
+                return Err(bad("speculative", "does not combine with beam search").into())
+            }
+            (Some(s), None) => s,
+            // The engine's default does not apply to beam searches.
+            (_, Some(_)) => Speculation::default(),
+            (None, None) => self.cfg.speculative,
+        };
+        if speculative.enabled() {
+            speculative.validate()?;
+        }
         let (decoding, sampler) = match req.beam {
             Some(b) => (Decoding::Beam(b), None),
             None => {
@@ -847,6 +883,8 @@ impl Engine {
             arrived,
             abandoned,
             sampler,
+            speculative,
+            max_tokens: reg.params.max_tokens,
         };
         Ok((task, reg, stream))
     }

@@ -2,8 +2,9 @@
 //! incremental detokenization, and the events streamed to requesters.
 //!
 //! The last stage's rank 0 chose each group's next token where the logits
-//! are (see [`crate::llm::step`]). For every group of a merged step, the
-//! merger accepts the drawn token into the request's shared sampler (or
+//! are (see [`crate::llm::step`]): one, or with speculation the drafts it
+//! verified and one more. For every group of a merged step, the
+//! merger accepts the drawn tokens, in order, into the request's shared sampler (or
 //! advances its [`BeamSearch`] with the beams' log-probability rows), checks
 //! end-of-sequence, stop strings, `max_tokens` and the context, streams the
 //! text that is safe to show, and tells the scheduler whether the group goes
@@ -222,8 +223,9 @@ impl LlmMerger {
 
 /// What the last stage chose for one group.
 enum Chosen {
-    /// A sampling request's drawn token.
-    Draw(Draw),
+    /// A sampling request's drawn tokens: one, or the drafts its step
+    /// verified and the token drawn after them.
+    Draws(Vec<Draw>),
     /// A beam search's log-probability rows, one per beam.
     Beams(Vec<Vec<f32>>),
 }
@@ -236,14 +238,14 @@ fn chosen(is_beam: bool, mut got: Vec<Pick>, rows: usize) -> Option<Chosen> {
     }
     if !is_beam {
         return match (rows, got.pop()) {
-            (1, Some(Pick::Token(d))) => Some(Chosen::Draw(d)),
+            (1, Some(Pick::Tokens(d))) if !d.is_empty() => Some(Chosen::Draws(d)),
             _ => None,
         };
     }
     got.into_iter()
         .map(|p| match p {
             Pick::Row(r) => Some(r),
-            Pick::Token(_) => None,
+            Pick::Tokens(_) => None,
         })
         .collect::<Option<Vec<_>>>()
         .map(Chosen::Beams)
@@ -352,7 +354,7 @@ impl Merge for LlmMerger {
         outputs: Vec<(usize, Option<Picks>)>,
     ) -> Self::Verdict {
         let mut picks = outputs.into_iter().find_map(|(_, p)| p).unwrap_or_default();
-        let mut pick = |i: usize| picks.get_mut(i).and_then(Option::take);
+
         // Rows per group, in plan order (a beam group's rows follow its beams).
         let mut groups: Vec<(GroupId, Vec<(SeqKey, usize)>)> = Vec::new();
         for item in &step.plan.items {
@@ -369,6 +371,7 @@ impl Merge for LlmMerger {
                 _ => groups.push((item.group, vec![(item.seq, i)])),
             }
         }
+        let mut pick = |i: usize| picks.get_mut(i).and_then(Option::take);
         let mut verdict = Vec::with_capacity(groups.len());
         for (g, rows) in groups {
             let is_beam = match self.reqs.get(&g) {
@@ -407,14 +410,22 @@ impl Merge for LlmMerger {
                         verdict.push((g, GroupOutcome::Continue(next)));
                     }
                 }
-                Chosen::Draw(draw) => {
-                    let (seq, token) = (rows[0].0, draw.token);
-                    match self.sample(g, draw) {
+                Chosen::Draws(draws) => {
+                    let mut tokens = Vec::with_capacity(draws.len());
+                    let mut end = None;
+                    for draw in draws {
+                        tokens.push(draw.token);
+                        end = self.sample(g, draw);
+                        if end.is_some() {
+                            break;
+                        }
+                    }
+                    match end {
                         Some(reason) => {
                             self.finish_sample(g, reason);
                             verdict.push((g, GroupOutcome::Finished));
                         }
-                        None => verdict.push((g, GroupOutcome::Continue(vec![(seq, token)]))),
+                        None => verdict.push((g, GroupOutcome::Accepted(tokens))),
                     }
                 }
             }

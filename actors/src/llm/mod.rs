@@ -11,7 +11,8 @@ pub mod task;
 pub mod worker;
 
 pub use engine::{
-    Compute, Engine, EngineBuilder, EngineConfig, EngineError, EngineStats, MemoryPlan, ModelSource,
+    Compute, Engine, EngineBuilder, EngineConfig, EngineError, EngineStats, MemoryPlan,
+    ModelSource, DEFAULT_SPECULATE_MAX_RUNNING,
 };
 pub use merge::LlmMerger;
 pub use merge::{Decoding, Registration};

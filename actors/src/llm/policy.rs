@@ -186,6 +186,8 @@ pub struct LlmPolicy {
     preemptions_seen: Vec<u64>,
     /// Prefix-cache counters already counted in the metrics, per replica.
     prefix_seen: Vec<PrefixStats>,
+    /// Speculative tokens (drafted, accepted) counted in metrics, per replica.
+    spec_seen: Vec<(u64, u64)>,
     /// How many more requests than the least loaded replica (or lane) the
     /// one holding a request's longest cached prefix may hold and still get it.
     route_margin: usize,
@@ -232,6 +234,16 @@ impl LlmPolicy {
         if p > *seen {
             metrics::counter!(m::PREEMPTIONS).increment(p - *seen);
             *seen = p;
+        }
+        let spec = self.lanes[replica]
+            .iter()
+            .map(|l| (l.sched.stats().drafted, l.sched.stats().accepted))
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        let seen = &mut self.spec_seen[replica];
+        if spec.0 > seen.0 {
+            metrics::counter!(m::SPEC_DRAFTED_TOKENS).increment(spec.0 - seen.0);
+            metrics::counter!(m::SPEC_ACCEPTED_TOKENS).increment(spec.1 - seen.1);
+            *seen = spec;
         }
         let now = self.lanes[replica]
             .iter()
@@ -288,6 +300,11 @@ pub struct LlmStats {
     pub preemptions: u64,
     /// The prefix caches' counters.
     pub prefix: PrefixStats,
+    /// Tokens drafted by speculative decoding (in steps whose request went
+    /// on).
+    pub drafted: u64,
+    /// Of those, accepted.
+    pub accepted: u64,
 }
 
 /// The sum of two prefix caches' counters.
@@ -315,6 +332,9 @@ pub fn publish_gauges(s: &LlmStats) {
     if s.prefix.queried_tokens > 0 {
         metrics::gauge!(m::PREFIX_CACHE_HIT_RATIO)
             .set(s.prefix.hit_tokens as f64 / s.prefix.queried_tokens as f64);
+    }
+    if s.drafted > 0 {
+        metrics::gauge!(m::SPEC_ACCEPTANCE_RATE).set(s.accepted as f64 / s.drafted as f64);
     }
 }
 
@@ -349,6 +369,7 @@ impl LlmPolicy {
             samplers: HashMap::new(),
             preemptions_seen: vec![0; dp],
             prefix_seen: vec![PrefixStats::default(); dp],
+            spec_seen: vec![(0, 0); dp],
             route_margin: DEFAULT_ROUTE_MARGIN,
         }
     }
@@ -430,7 +451,9 @@ impl Policy for LlmPolicy {
             .map(|(l, lane)| (l, lane.sched.len(), lane.sched.cached_prefix(&task.prompt)))
             .collect();
         let lane = prefer_cached(&cands, self.route_margin);
-        lanes[lane].sched.add(task.id, task.prompt);
+        lanes[lane]
+            .sched
+            .add_speculative(task.id, task.prompt, task.speculative, task.max_tokens);
         self.owner.insert(task.id, (replica, lane));
         if let Some(s) = task.sampler {
             self.samplers.insert(task.id, s);
@@ -548,6 +571,8 @@ impl Policy for LlmPolicy {
             s.kv_total += u.total;
             s.preemptions += l.sched.stats().preemptions;
             s.prefix = add_prefix(s.prefix, l.sched.prefix_stats());
+            s.drafted += l.sched.stats().drafted;
+            s.accepted += l.sched.stats().accepted;
         }
         s
     }

@@ -9,6 +9,15 @@
 //! it, so a recomputed step draws the same token; only the merger moves it on,
 //! and a sequence is in at most one step at a time, so the lock is never
 //! contended.
+//!
+//! An item that carries drafted tokens (speculative decoding, see
+//! [`framework::speculative`]) gets the logits of its last `drafts + 1`
+//! rows, and its draws run through them in order with a copy of the
+//! sampler that accepts each draw on the way: a draw equal to the next
+//! draft keeps it and goes on, the first that differs (or the one after the
+//! last draft) ends the item's picks. The draws are the ones plain decoding
+//! makes one step at a time, so speculation changes how many steps a
+//! request takes, never its tokens.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -49,8 +58,9 @@ pub struct LlmStep {
 /// How an item's next token was chosen on the last stage.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Pick {
-    /// Drawn by the item's sampler.
-    Token(Draw),
+    /// Drawn by the item's sampler: one draw, or with drafts, the drafts
+    /// it verified and the draw after them.
+    Tokens(Vec<Draw>),
     /// A beam's row of log-probabilities over the vocabulary (the merger's
     /// beam search chooses).
     Row(Vec<f32>),
@@ -67,14 +77,21 @@ impl LlmStep {
     /// items are independent, so they are chosen in parallel on the calling
     /// thread's compute pool.
     pub fn pick(&self, first: usize, logits: &Logits, picks: &mut Picks) {
-        let mut chosen: Vec<(usize, &[f32], Option<Pick>)> = (0..logits.item_rows.len())
-            .filter_map(|i| Some((first + i, logits.last(i)?, None)))
+        type Chosen<'l> = (usize, Vec<&'l [f32]>, Option<Pick>);
+        let mut chosen: Vec<Chosen<'_>> = (0..logits.item_rows.len())
+            .filter(|&i| !logits.item_rows[i].is_empty())
+            .map(|i| (first + i, logits.rows_of(i).collect(), None))
             .collect();
-        let choose = |_: usize, (item, row, pick): &mut (usize, &[f32], Option<Pick>)| {
-            *pick = Some(match self.samplers.get(*item).and_then(Option::as_ref) {
-                Some(sampler) => Pick::Token(sampler.lock().draw(row)),
-                None => Pick::Row(log_softmax(row)),
-            });
+        let choose = |_: usize, (item, rows, pick): &mut Chosen<'_>| {
+            let drafts = self.plan.items.get(*item).map_or(&[][..], |i| i.drafted());
+            *pick = match (
+                self.samplers.get(*item).and_then(Option::as_ref),
+                rows.last(),
+            ) {
+                (Some(sampler), _) => Some(Pick::Tokens(verify(&sampler.lock(), rows, drafts))),
+                (None, Some(row)) => Some(Pick::Row(log_softmax(row))),
+                (None, None) => None,
+            };
         };
         // One item (batch-1 decode) runs on this thread without a hand-out.
         framework::threads::with_current(|pool| pool.for_each_mut(&mut chosen, choose));
@@ -85,6 +102,24 @@ impl LlmStep {
             picks[item] = pick;
         }
     }
+}
+
+/// Draws through `rows` (one per position, the last `drafts.len() + 1` of
+/// an item) while each draw equals the next draft: the kept drafts, then the
+/// first draw that differs or follows the last draft.
+fn verify(sampler: &Sampler, rows: &[&[f32]], drafts: &[u32]) -> Vec<Draw> {
+    let mut draws = Vec::with_capacity(rows.len());
+    let mut moved: Option<Sampler> = None;
+    for (i, row) in rows.iter().enumerate() {
+        let draw = moved.as_ref().unwrap_or(sampler).draw(row);
+        let token = draw.token;
+        draws.push(draw);
+        if drafts.get(i) != Some(&token) {
+            break;
+        }
+        moved.get_or_insert_with(|| sampler.clone()).accept(token);
+    }
+    draws
 }
 
 #[cfg(test)]
@@ -101,6 +136,7 @@ mod tests {
             start: 0,
             table: vec![0],
             logits,
+            drafts: 0,
         }
     }
 
@@ -131,7 +167,7 @@ mod tests {
         step.pick(0, &first, &mut picks);
         assert_eq!(picks.len(), 3);
         match &picks[0] {
-            Some(Pick::Token(d)) => assert_eq!(d.token, 1),
+            Some(Pick::Tokens(d)) => assert_eq!(d[0].token, 1),
             other => panic!("item 0: {other:?}"),
         }
         assert_eq!(picks[1], None);
@@ -141,5 +177,45 @@ mod tests {
         }
         // Drawing changed nothing: only the merger accepts.
         assert_eq!(sampled.lock().draw(&[0.0, 4.0, 1.0]).token, 1);
+    }
+
+    #[test]
+    fn drafts_are_kept_while_the_draws_match_them() {
+        let rows: Vec<Vec<f32>> = vec![
+            vec![0.0, 5.0, 0.0, 0.0],
+            vec![0.0, 0.0, 5.0, 0.0],
+            vec![0.0, 0.0, 0.0, 5.0],
+        ];
+        let rows: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+        let greedy = Sampler::new(SamplingParams::greedy(8), &[]);
+        let tokens = |d: Vec<Draw>| d.into_iter().map(|d| d.token).collect::<Vec<_>>();
+        // Both drafts match: kept, plus the draw after them.
+        assert_eq!(tokens(verify(&greedy, &rows, &[1, 2])), [1, 2, 3]);
+        // The second differs: the first is kept, the second replaced.
+        assert_eq!(tokens(verify(&greedy, &rows, &[1, 0])), [1, 2]);
+        assert_eq!(tokens(verify(&greedy, &rows[..1], &[])), [1]);
+
+        // Sampled: the draws are those of a sampler that accepts each token
+        // in turn (the stream position and the penalties move on).
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: Some(9),
+            frequency_penalty: 1.5,
+            ..SamplingParams::greedy(8)
+        };
+        let flat: Vec<Vec<f32>> = (0..6).map(|_| vec![0.5, 0.4, 0.3, 0.2]).collect();
+        let flat: Vec<&[f32]> = flat.iter().map(Vec::as_slice).collect();
+        let mut plain = Sampler::new(params.clone(), &[]);
+        let want: Vec<u32> = flat
+            .iter()
+            .map(|row| {
+                let t = plain.draw(row).token;
+                plain.accept(t);
+                t
+            })
+            .collect();
+        let speculating = Sampler::new(params, &[]);
+        let got = tokens(verify(&speculating, &flat, &want[..5]));
+        assert_eq!(got, want, "every draft is the draw itself");
     }
 }

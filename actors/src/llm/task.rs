@@ -21,6 +21,7 @@ use std::task::{Context, Poll};
 
 use framework::chat::ChatMessage;
 use framework::sampling::TokenLogprob;
+use framework::speculative::Speculation;
 use framework::{FinishReason, SamplingParams};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
@@ -60,6 +61,9 @@ pub struct Request {
     pub beam: Option<BeamParams>,
     /// Higher runs first.
     pub priority: i32,
+    /// Speculative decoding for this request (`None`: the engine's default,
+    /// [`crate::llm::EngineConfig::speculative`]).
+    pub speculative: Option<Speculation>,
 }
 
 impl Request {
@@ -70,6 +74,7 @@ impl Request {
             params: SamplingParams::greedy(max_tokens),
             beam: None,
             priority: 0,
+            speculative: None,
         }
     }
 
@@ -80,6 +85,7 @@ impl Request {
             params: SamplingParams::greedy(max_tokens),
             beam: None,
             priority: 0,
+            speculative: None,
         }
     }
 }
@@ -290,6 +296,10 @@ pub struct LlmTask {
     pub abandoned: Arc<AtomicBool>,
     /// Its sampler (shared with the merger), or `None` for a beam search.
     pub sampler: Option<SharedSampler>,
+    /// How it speculates (off for a beam search).
+    pub speculative: Speculation,
+    /// Tokens it generates at most.
+    pub max_tokens: usize,
 }
 
 impl Task for LlmTask {

@@ -155,10 +155,10 @@ impl LlmWorker {
                     tokens: &i.tokens,
                     start: i.start,
                     table: &i.table,
-                    logits: if i.logits {
-                        LogitsWanted::Last
-                    } else {
-                        LogitsWanted::None
+                    logits: match (i.logits, i.drafts) {
+                        (false, _) => LogitsWanted::None,
+                        (true, 0) => LogitsWanted::Last,
+                        (true, d) => LogitsWanted::Tail(d + 1),
                     },
                 })
                 .collect();
@@ -188,10 +188,14 @@ impl LlmWorker {
     }
 }
 
-/// `prefill` when no item decodes a single token, `decode` when all do,
-/// `mixed` otherwise.
+/// `prefill` when no item decodes a single token (with its drafts, if it
+/// speculates), `decode` when all do, `mixed` otherwise.
 fn step_phase(plan: &StepPlan) -> &'static str {
-    let decodes = plan.items.iter().filter(|i| i.tokens.len() == 1).count();
+    let decodes = plan
+        .items
+        .iter()
+        .filter(|i| i.tokens.len() == 1 + i.drafts)
+        .count();
     if decodes == plan.items.len() {
         "decode"
     } else if decodes == 0 {

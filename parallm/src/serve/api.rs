@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use actors::llm::{BeamParams, Prompt, Request};
 use framework::chat::ChatMessage;
+use framework::speculative::{SpecMethod, Speculation};
 use framework::SamplingParams;
 
 use crate::config::LimitsSection;
@@ -141,6 +142,63 @@ pub struct CommonFields {
     pub function_call: Option<serde_json::Value>,
     /// See `tools`.
     pub response_format: Option<serde_json::Value>,
+    /// Speculative decoding for this request (extension); keys left out
+    /// take the server's `[speculative]` values.
+    pub speculative: Option<SpeculativeInput>,
+}
+
+/// The `speculative` object of a request.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpeculativeInput {
+    /// `none` or `ngram` (default: the server's, or `ngram` where the
+    /// server does not speculate).
+    pub method: Option<String>,
+    /// Drafted tokens per step, at most.
+    pub num_speculative_tokens: Option<u64>,
+    /// Shortest n-gram matched.
+    pub ngram_min: Option<u64>,
+    /// Longest n-gram matched.
+    pub ngram_max: Option<u64>,
+}
+
+impl SpeculativeInput {
+    /// The request's settings over the server's `defaults`.
+    fn resolve(&self, defaults: &Speculation) -> Result<Speculation, ApiError> {
+        let method = match self.method.as_deref() {
+            Some(m) => m.parse().map_err(api_error)?,
+            None if defaults.enabled() => defaults.method,
+            None => SpecMethod::Ngram,
+        };
+        let size =
+            |v: Option<u64>, d: usize| v.map_or(d, |v| usize::try_from(v).unwrap_or(usize::MAX));
+        let s = Speculation {
+            method,
+            num_speculative_tokens: size(
+                self.num_speculative_tokens,
+                defaults.num_speculative_tokens,
+            ),
+            ngram_min: size(self.ngram_min, defaults.ngram_min),
+            ngram_max: size(self.ngram_max, defaults.ngram_max),
+        };
+        if s.enabled() {
+            s.validate().map_err(api_error)?;
+        }
+        Ok(s)
+    }
+}
+
+/// An engine's refusal of a field as the API's error naming it.
+fn api_error(e: framework::Error) -> ApiError {
+    match e {
+        framework::Error::InvalidRequest { field, reason } => {
+            ApiError::param(field, format!("`{field}` {reason}"))
+        }
+        other => ApiError::InvalidParam {
+            param: None,
+            message: other.to_string(),
+        },
+    }
 }
 
 /// The bias map of `logit_bias` as token ids, or the key at fault.
@@ -313,7 +371,7 @@ fn validate(
     max_tokens_param: &str,
     logprobs: Option<u64>,
     logprobs_param: &str,
-    limits: &LimitsSection,
+    (limits, speculation): (&LimitsSection, &Speculation),
 ) -> Result<ValidGeneration, ApiError> {
     let max_tokens = match max_tokens {
         Some(v) => cap(max_tokens_param, v, 1, limits.max_tokens)?,
@@ -391,15 +449,17 @@ fn validate(
         logprobs,
         logit_bias,
     };
-    params.validate().map_err(|e| match e {
-        framework::Error::InvalidRequest { field, reason } => {
-            ApiError::param(field, format!("`{field}` {reason}"))
-        }
-        other => ApiError::InvalidParam {
-            param: None,
-            message: other.to_string(),
-        },
-    })?;
+    params.validate().map_err(api_error)?;
+    let speculative = match &c.speculative {
+        None => None,
+        Some(s) => Some(s.resolve(speculation)?),
+    };
+    if beam.is_some() && speculative.is_some_and(|s| s.enabled()) {
+        return Err(ApiError::param(
+            "speculative",
+            "`speculative` does not combine with beam search (`beam_width`)",
+        ));
+    }
     let mut requests = Vec::new();
     for prompt in prompts {
         let copies = if beam.is_some() { 1 } else { n };
@@ -412,6 +472,7 @@ fn validate(
                 params: p,
                 beam,
                 priority: 0,
+                speculative,
             });
         }
     }
@@ -426,8 +487,13 @@ fn validate(
 }
 
 impl CompletionRequest {
-    /// Checks the request against `limits`.
-    pub fn validate(&self, limits: &LimitsSection) -> Result<ValidGeneration, ApiError> {
+    /// Checks the request against `limits`, with `speculation` the server's
+    /// speculative decoding.
+    pub fn validate(
+        &self,
+        limits: &LimitsSection,
+        speculation: &Speculation,
+    ) -> Result<ValidGeneration, ApiError> {
         if self.echo == Some(true) {
             return Err(ApiError::param("echo", "`echo` is not supported"));
         }
@@ -463,7 +529,7 @@ impl CompletionRequest {
             "max_tokens",
             self.logprobs,
             "logprobs",
-            limits,
+            (limits, speculation),
         )?;
         if v.requests.len() > limits.max_n * 8 {
             return Err(ApiError::param(
@@ -532,8 +598,13 @@ pub fn chat_messages(messages: &[MessageInput]) -> Result<Vec<ChatMessage>, ApiE
 }
 
 impl ChatRequest {
-    /// Checks the request against `limits`.
-    pub fn validate(&self, limits: &LimitsSection) -> Result<ValidGeneration, ApiError> {
+    /// Checks the request against `limits`, with `speculation` the server's
+    /// speculative decoding.
+    pub fn validate(
+        &self,
+        limits: &LimitsSection,
+        speculation: &Speculation,
+    ) -> Result<ValidGeneration, ApiError> {
         let messages = match &self.messages {
             None => return Err(ApiError::param("messages", "`messages` is required")),
             Some(m) => chat_messages(m)?,
@@ -559,7 +630,7 @@ impl ChatRequest {
             param,
             logprobs,
             "top_logprobs",
-            limits,
+            (limits, speculation),
         )
     }
 }
@@ -673,7 +744,9 @@ mod tests {
         ];
         for (body, param) in cases {
             let req: CompletionRequest = parse_body(body.as_bytes()).expect(body);
-            let e = req.validate(&limits()).expect_err(body);
+            let e = req
+                .validate(&limits(), &Speculation::default())
+                .expect_err(body);
             assert_eq!(e.param_name().as_deref(), Some(param), "{body}: {e}");
         }
     }
@@ -682,12 +755,16 @@ mod tests {
     fn prompts_times_n_become_requests_with_distinct_seeds() {
         let req: CompletionRequest =
             parse_body(br#"{"prompt":["a","b"],"n":3,"seed":7,"max_tokens":4}"#).expect("parse");
-        let v = req.validate(&limits()).expect("valid");
+        let v = req
+            .validate(&limits(), &Speculation::default())
+            .expect("valid");
         assert_eq!(v.requests.len(), 6);
         assert_eq!(v.requests[4].prompt, Prompt::Text("b".into()));
         assert_eq!(v.requests[4].params.seed, Some(8));
         let req: CompletionRequest = parse_body(br#"{"prompt":[1,2,3]}"#).expect("tokens");
-        let v = req.validate(&limits()).expect("valid");
+        let v = req
+            .validate(&limits(), &Speculation::default())
+            .expect("valid");
         assert_eq!(v.requests[0].prompt, Prompt::Tokens(vec![1, 2, 3]));
         assert_eq!(v.requests[0].params.max_tokens, limits().default_max_tokens);
     }
@@ -700,7 +777,9 @@ mod tests {
                 "stream_options":{"include_usage":true}}"#,
         )
         .expect("parse");
-        let v = req.validate(&limits()).expect("valid");
+        let v = req
+            .validate(&limits(), &Speculation::default())
+            .expect("valid");
         assert_eq!(v.logprobs, Some(2));
         assert!(v.stream && v.include_usage);
         assert_eq!(v.requests[0].params.max_tokens, 5);
@@ -714,7 +793,7 @@ mod tests {
         let req: ChatRequest =
             parse_body(br#"{"messages":[{"role":"tool","content":"x"}]}"#).expect("parse");
         assert_eq!(
-            req.validate(&limits())
+            req.validate(&limits(), &Speculation::default())
                 .expect_err("role")
                 .param_name()
                 .as_deref(),

@@ -673,7 +673,7 @@ pub async fn completions(
         let body = read_body(&state, payload).await?;
         let r: CompletionRequest = parse(&state, body).await?;
         check_model(&state, r.common.model.as_deref())?;
-        r.validate(&state.settings.limits)
+        r.validate(&state.settings.limits, &state.settings.engine.speculative)
     }
     .await
     .map_err(ApiError::counted)?;
@@ -690,7 +690,7 @@ pub async fn chat_completions(
         let body = read_body(&state, payload).await?;
         let r: ChatRequest = parse(&state, body).await?;
         check_model(&state, r.common.model.as_deref())?;
-        r.validate(&state.settings.limits)
+        r.validate(&state.settings.limits, &state.settings.engine.speculative)
     }
     .await
     .map_err(ApiError::counted)?;

@@ -1,0 +1,246 @@
+//! Speculative decoding through the engine: n-gram drafts change no output
+//! (greedy or seeded sampling, alone or among 64 concurrent requests, at
+//! several layouts), the sampled distribution is the model's (a chi-square
+//! test on the small-vocabulary synthetic model), and bad settings are
+//! refused naming the field.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{golden, ids, model_path, run_requests, sixty_four_prompts, wait_idle};
+use parallm::framework::speculative::Speculation;
+use parallm::framework::SamplingParams;
+use parallm::{BeamParams, Engine, EngineBuilder, Request};
+
+/// Prompts that ask the model to copy a passage (the drafts' best case).
+fn copy_prompts() -> Vec<Vec<u32>> {
+    let tok = common::tokenizer();
+    let passages = [
+        "The old lighthouse stood on the rocky point for more than a century, and sailors trusted its beam.",
+        "Parallel inference splits a model across devices and serves many requests at once.",
+        "fn main() { let x = 1; let y = x + 2; println!(\"{}\", y); }",
+    ];
+    passages
+        .iter()
+        .map(|p| {
+            tok.encode(&format!(
+                "Repeat exactly: {p}\nRepeated: {p}\nRepeat exactly: {p}\nRepeated:"
+            ))
+            .expect("tokenizes")
+        })
+        .collect()
+}
+
+#[test]
+fn ngram_speculation_changes_no_output_at_any_layout() {
+    // The golden prompts, copy prompts and the 64 mixed prompts, greedy, and
+    // a seeded sampled copy of some, all at once. The file's quantized
+    // weights make a row's result independent of the rows beside it, so
+    // every output must equal the one without speculation exactly.
+    let mut prompts: Vec<Vec<u32>> = golden()["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| ids(&c["prompt_tokens"]))
+        .collect();
+    prompts.extend(copy_prompts());
+    prompts.extend(sixty_four_prompts());
+    let mut reqs: Vec<Request> = prompts
+        .iter()
+        .map(|p| Request::greedy_tokens(p.clone(), 24))
+        .collect();
+    for (i, p) in prompts.iter().enumerate().step_by(5) {
+        let mut r = Request::greedy_tokens(p.clone(), 24);
+        r.params = SamplingParams {
+            temperature: 0.8,
+            top_p: 0.95,
+            frequency_penalty: 0.3,
+            seed: Some(i as u64),
+            max_tokens: 24,
+            ..SamplingParams::default()
+        };
+        reqs.push(r);
+    }
+    for (tp, pp, dp) in [(1, 1, 1), (3, 1, 1), (1, 2, 1)] {
+        let layout = format!("tp={tp} pp={pp} dp={dp}");
+        let outputs = |spec: Speculation| {
+            let e = Engine::builder()
+                .model_path(model_path())
+                .tp(tp)
+                .pp(pp)
+                .dp(dp)
+                .speculative(spec)
+                .speculate_max_running(usize::MAX)
+                .build()
+                .expect("engine");
+            // The copy prompts alone (batch 1), then everything at once.
+            let mut got = Vec::new();
+            for p in copy_prompts() {
+                got.extend(run_requests(&e, &[Request::greedy_tokens(p, 48)]));
+            }
+            got.extend(run_requests(&e, &reqs));
+            let s = wait_idle(&e);
+            assert_eq!(s.policy.kv_used, 0, "{layout}: {s:?}");
+            assert!(e.shutdown_timeout(Duration::from_secs(30)));
+            (got, s.policy)
+        };
+        let (plain, none) = outputs(Speculation::default());
+        let (spec, stats) = outputs(Speculation::ngram(4));
+        assert_eq!((none.drafted, none.accepted), (0, 0), "{layout}");
+        assert!(
+            stats.drafted > 100 && stats.accepted > stats.drafted / 10,
+            "{layout}: {stats:?}"
+        );
+        for (i, (a, b)) in plain.iter().zip(&spec).enumerate() {
+            assert_eq!(a, b, "{layout}: request {i}");
+        }
+    }
+}
+
+/// The chi-square statistic's 1% critical value with `df` degrees of
+/// freedom (Wilson and Hilferty's cube-root normal approximation).
+fn chi_square_critical_1pct(df: usize) -> f64 {
+    let d = df as f64;
+    let z = 2.326_348; // the normal's 99th percentile
+    let c = 2.0 / (9.0 * d);
+    d * (1.0 - c + z * c.sqrt()).powi(3)
+}
+
+#[test]
+fn sampled_tokens_keep_the_models_distribution() {
+    // The tiny synthetic model (256 tokens), a repetitive prompt so that
+    // n-gram drafts exist, and top-k 4 so that they are often accepted.
+    // Two independent samples (disjoint seeds), with and without
+    // speculation: the token at the 6th generated position must follow the
+    // same distribution (two-sample chi-square test at p > 0.01).
+    const N: u64 = 3000;
+    let prompt: Vec<u32> = [5, 6, 7, 8].repeat(4);
+    let request = |seed: u64| {
+        let mut r = Request::greedy_tokens(prompt.clone(), 6);
+        r.params = SamplingParams {
+            temperature: 1.0,
+            top_k: 4,
+            seed: Some(seed),
+            max_tokens: 6,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        };
+        r
+    };
+    let sample = |spec: Speculation, seeds: std::ops::Range<u64>| {
+        let e = EngineBuilder::default()
+            .synthetic("tiny", 3)
+            .max_running(256)
+            .speculative(spec)
+            .speculate_max_running(usize::MAX)
+            .build()
+            .expect("engine");
+        let reqs: Vec<Request> = seeds.map(request).collect();
+        let mut out = Vec::new();
+        for chunk in reqs.chunks(500) {
+            out.extend(run_requests(&e, chunk));
+        }
+        let s = wait_idle(&e).policy;
+        assert!(e.shutdown_timeout(Duration::from_secs(30)));
+        (out, s)
+    };
+    let (plain, _) = sample(Speculation::default(), 0..N);
+    let (spec, stats) = sample(Speculation::ngram(3), N..2 * N);
+    assert!(
+        stats.accepted > N / 5,
+        "drafts must often be accepted for the test to mean anything: {stats:?}"
+    );
+    // Same seeds, same tokens: speculation draws what plain decoding draws.
+    let (again, _) = sample(Speculation::ngram(3), 0..200);
+    assert_eq!(again[..], plain[..200]);
+
+    let count = |outs: &[Vec<u32>]| {
+        let mut c = std::collections::BTreeMap::<u32, f64>::new();
+        for o in outs {
+            *c.entry(o[5]).or_default() += 1.0;
+        }
+        c
+    };
+    let (a, b) = (count(&plain), count(&spec));
+    let mut cells: Vec<(f64, f64)> = Vec::new();
+    let mut rare = (0.0, 0.0);
+    for t in a
+        .keys()
+        .chain(b.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let cell = (
+            a.get(t).copied().unwrap_or(0.0),
+            b.get(t).copied().unwrap_or(0.0),
+        );
+        // Cells expected below 5 in either sample are pooled.
+        if cell.0 + cell.1 < 10.0 {
+            rare = (rare.0 + cell.0, rare.1 + cell.1);
+        } else {
+            cells.push(cell);
+        }
+    }
+    if rare.0 + rare.1 > 0.0 {
+        cells.push(rare);
+    }
+    assert!(cells.len() >= 3, "too few outcomes to test: {cells:?}");
+    let (na, nb) = (N as f64, N as f64);
+    let chi2: f64 = cells
+        .iter()
+        .map(|&(x, y)| {
+            let pooled = (x + y) / (na + nb);
+            let (ea, eb) = (pooled * na, pooled * nb);
+            (x - ea).powi(2) / ea + (y - eb).powi(2) / eb
+        })
+        .sum();
+    let critical = chi_square_critical_1pct(cells.len() - 1);
+    eprintln!(
+        "chi-square {chi2:.2} over {} cells (1% critical value {critical:.2}); {stats:?}",
+        cells.len()
+    );
+    assert!(
+        chi2 < critical,
+        "chi-square {chi2:.1} over {} cells exceeds the 1% critical value {critical:.1}",
+        cells.len()
+    );
+}
+
+#[test]
+fn bad_speculative_settings_are_refused_naming_the_field() {
+    let e = EngineBuilder::default()
+        .synthetic("tiny", 0)
+        .build()
+        .expect("engine");
+    let refused = |r: Request, field: &str| {
+        let err = e.generate(r).expect_err("refused").to_string();
+        assert!(err.contains(field), "{err}");
+    };
+    let mut r = Request::greedy_tokens(vec![1, 2, 3], 4);
+    r.speculative = Some(Speculation::ngram(0));
+    refused(r.clone(), "num_speculative_tokens");
+    r.speculative = Some(Speculation::ngram(17));
+    refused(r.clone(), "num_speculative_tokens");
+    r.speculative = Some(Speculation {
+        ngram_min: 4,
+        ngram_max: 2,
+        ..Speculation::ngram(3)
+    });
+    refused(r.clone(), "ngram_max");
+    r.speculative = Some(Speculation::ngram(3));
+    r.beam = Some(BeamParams {
+        width: 2,
+        length_penalty: 1.0,
+    });
+    refused(r, "speculative");
+    e.shutdown();
+    let err = match EngineBuilder::default()
+        .synthetic("tiny", 0)
+        .speculative(Speculation::ngram(99))
+        .build()
+    {
+        Ok(_) => panic!("an engine that drafts 99 tokens must be refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("num_speculative_tokens"), "{err}");
+}
