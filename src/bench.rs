@@ -110,13 +110,18 @@ pub struct DecodeProfile {
 /// is outside both (the forward's own setup, the loop), µs per step and
 /// share of the step; for ops with parallel kernels also how many threads
 /// were busy on average (the rest of the pool waited or handed work out).
-pub fn profile_table(p: &DecodeProfile, depth: usize, steps: usize) -> String {
+pub fn profile_table(p: &DecodeProfile, depth: usize, steps: usize, rows: usize) -> String {
     use framework::profile::Op;
     let step = p.step.as_secs_f64() * 1e6;
     let share = |us: f64| if step > 0.0 { 100.0 * us / step } else { 0.0 };
-    let mut out = format!(
-        "\n| batch-1 decode step ({steps} steps after {depth} tokens) | µs per step | share | threads busy |\n|---|---:|---:|---:|\n"
-    );
+    let what = match rows {
+        1 => format!("batch-1 decode step ({steps} steps after {depth} tokens)"),
+        r => {
+            format!("verifying step, {r} rows of one sequence ({steps} steps after {depth} tokens)")
+        }
+    };
+    let mut out =
+        format!("\n| {what} | µs per step | share | threads busy |\n|---|---:|---:|---:|\n");
     let mut accounted = 0.0;
     for op in Op::ALL {
         let us = p.ops.per_step(op).as_secs_f64() * 1e6;
@@ -148,11 +153,14 @@ pub fn profile_table(p: &DecodeProfile, depth: usize, steps: usize) -> String {
     out
 }
 
-/// Profiles `steps` batch-1 decode steps after a `depth`-token prompt.
+/// Profiles `steps` batch-1 decode steps after a `depth`-token prompt, each
+/// feeding `rows` tokens whose logits are all wanted (with `rows > 1`, the
+/// shape of a speculative decoding step that verifies `rows - 1` drafts).
 pub fn profile_decode(
     model: &LlamaShard,
     depth: usize,
     steps: usize,
+    rows: usize,
 ) -> framework::Result<DecodeProfile> {
     let vocab = model.config().vocab;
     let mut rng = Rng::new(0x9f0f);
@@ -168,14 +176,15 @@ pub fn profile_decode(
     let mut sampling = std::time::Duration::ZERO;
     let t = Instant::now();
     for _ in 0..steps {
+        let fed = next.repeat(rows.max(1));
         let mut items = [BatchItem {
-            tokens: &next,
+            tokens: &fed,
             cache: &mut cache,
-            logits: LogitsWanted::Last,
+            logits: LogitsWanted::Tail(fed.len()),
         }];
         let logits = model.forward(&mut items, &SingleCollective)?;
         let s = Instant::now();
-        next = vec![logits.last(0).map(argmax).unwrap_or(0) as u32];
+        next = vec![logits.rows_of(0).map(argmax).last().unwrap_or(0) as u32];
         sampling += s.elapsed();
     }
     let wall = t.elapsed();

@@ -26,7 +26,7 @@ use parallm::load::resolve_model_path;
 use parallm::{BeamParams, Engine, EngineBuilder, Event, Prompt, Request};
 
 use crate::bench::{latency, LatencyPlan};
-use crate::throughput::{throughput, ThroughputPlan};
+use crate::throughput::{throughput, Dataset, ThroughputPlan};
 
 type CliResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -287,10 +287,10 @@ struct ParallelArgs {
     #[arg(long, default_value_t = 4)]
     num_speculative_tokens: usize,
     /// Shortest and longest n-gram matched, with --speculative ngram.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 2)]
     ngram_min: usize,
     /// See --ngram-min.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 4)]
     ngram_max: usize,
     /// Requests running per replica above which none drafts.
     #[arg(long, default_value_t = parallm::actors::llm::DEFAULT_SPECULATE_MAX_RUNNING)]
@@ -384,6 +384,12 @@ struct ThroughputArgs {
     /// Top-k cut of every request (0: off).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
+    /// The prompts: random (seeded random tokens of --prompt-tokens, exactly
+    /// --output-tokens each) or copy (chat requests to repeat or correct a
+    /// passage, up to --output-tokens each; the measurements take the
+    /// passages in turn).
+    #[arg(long, value_enum, default_value = "random")]
+    dataset: Dataset,
     /// Also write the rows as JSON here.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
@@ -425,6 +431,10 @@ struct LatencyArgs {
     /// Prompt length before the profiled decode steps.
     #[arg(long, default_value_t = 16)]
     profile_depth: usize,
+    /// Tokens each profiled step feeds, all of them wanting logits (a
+    /// speculative decoding step verifying `R - 1` drafted tokens).
+    #[arg(long, default_value_t = 1, value_name = "R")]
+    profile_rows: usize,
 }
 
 fn main() -> ExitCode {
@@ -698,6 +708,7 @@ fn run_throughput(args: ThroughputArgs) -> CliResult {
         temperature: args.temperature,
         top_p: args.top_p,
         top_k: args.top_k,
+        dataset: args.dataset,
     };
     eprintln!(
         "model: {what}, weights: {}, tp={} pp={} dp={}, max_batch_tokens {}, threads: {}",
@@ -713,12 +724,12 @@ fn run_throughput(args: ThroughputArgs) -> CliResult {
         eprintln!("  measuring {l} ...")
     })?;
     engine.shutdown();
-    println!("| requests | output tok/s | decode tok/s | TTFT median ms | TPOT median ms | step ms | node compute ms | engine overhead | decode step ms | bare step ms | decode vs bare |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| requests | output tok/s | decode tok/s | TTFT median ms | TPOT median ms | step ms | node compute ms | engine overhead | decode step ms | bare step ms | decode vs bare | drafts accepted |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         let opt = |x: Option<f64>, unit: &str| x.map_or("-".into(), |v| format!("{v:.1}{unit}"));
         println!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1}% | {:.2} | {} | {} |",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.1}% | {:.2} | {} | {} | {} |",
             r.concurrency,
             r.output_tok_s,
             r.decode_tok_s,
@@ -730,6 +741,10 @@ fn run_throughput(args: ThroughputArgs) -> CliResult {
             r.decode_step_ms,
             opt(r.bare_step_ms, ""),
             opt(r.decode_vs_bare_pct, "%"),
+            match r.drafted {
+                0 => "-".to_string(),
+                d => format!("{:.0}% of {d}", r.accepted as f64 * 100.0 / d as f64),
+            },
         );
     }
     if let Some(path) = args.json {
@@ -817,9 +832,10 @@ fn run_latency(args: LatencyArgs) -> CliResult {
     }
     if args.profile {
         let depth = args.profile_depth;
-        if depth + plan.decode_tokens + 1 > context {
+        let rows = args.profile_rows.max(1);
+        if depth + plan.decode_tokens * rows + 1 > context {
             return Err(format!(
-                "--profile-depth {depth} plus {} decode tokens exceed the model's context of {context}",
+                "--profile-depth {depth} plus {} decode steps of {rows} tokens exceed the model's context of {context}",
                 plan.decode_tokens
             )
             .into());
@@ -829,9 +845,12 @@ fn run_latency(args: LatencyArgs) -> CliResult {
             plan.decode_tokens
         );
         let p = framework::threads::run_in(&pool, || {
-            bench::profile_decode(&model, depth, plan.decode_tokens)
+            bench::profile_decode(&model, depth, plan.decode_tokens, rows)
         })?;
-        print!("{}", bench::profile_table(&p, depth, plan.decode_tokens));
+        print!(
+            "{}",
+            bench::profile_table(&p, depth, plan.decode_tokens, rows)
+        );
     }
     if let Some(path) = args.json {
         let json = serde_json::json!({ "model": what, "weights": model.format(), "plan": plan, "report": report });

@@ -1,9 +1,14 @@
 //! `parallm bench throughput`: many concurrent requests through the engine.
 //!
-//! For each concurrency `n`, `n` requests are submitted at once (prompts of
-//! seeded random tokens, lengths spread evenly over `min_prompt..=max_prompt`,
-//! exactly `output_tokens` generated each: end-of-sequence is ignored) and every
-//! token event is timestamped as it arrives. Reported per `n`:
+//! For each concurrency `n`, `n` requests are submitted at once and every
+//! token event is timestamped as it arrives. The prompts are a [`Dataset`]:
+//! seeded random tokens, lengths spread evenly over
+//! `min_prompt..=max_prompt`, exactly `output_tokens` generated each
+//! (end-of-sequence is ignored); or input copying, chat requests to repeat
+//! or correct a passage (up to `output_tokens` each, ending where the model
+//! ends; the measurements of a run take the passages in turn, so
+//! `--concurrency 1,1,1,1` measures four of them one at a time). Reported per
+//! `n`:
 //!
 //! * output tok/s: all generated tokens over the wall time from submission to
 //!   the last finish;
@@ -14,11 +19,13 @@
 //!   the rest (actors, scheduling, merging);
 //! * the decode step time (`n / decode tok/s`) and — with `bare` — the median
 //!   time of a bare batched decode forward of the same `n` sequences at the
-//!   same mean context on one shard in the calling thread.
+//!   same mean context on one shard in the calling thread;
+//! * with speculative decoding, the drafted tokens and the share accepted.
 
 use std::time::{Duration, Instant};
 
-use actors::llm::{Engine, Event, Request};
+use actors::llm::{Engine, Event, Prompt, Request};
+use framework::chat::ChatMessage;
 use framework::collective::SingleCollective;
 use framework::sampling::{Rng, SamplingParams};
 use framework::{BatchItem, LlamaShard, LogitsWanted};
@@ -42,6 +49,46 @@ pub struct ThroughputPlan {
     pub top_p: f32,
     /// Top-k cut (0: off).
     pub top_k: usize,
+    /// Which prompts.
+    pub dataset: Dataset,
+}
+
+/// The prompts of a measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Dataset {
+    /// Seeded random tokens of the planned lengths; end-of-sequence ignored.
+    Random,
+    /// Chat requests to repeat a passage or correct its spelling (the model
+    /// copies its input: the case n-gram speculation is for).
+    Copy,
+}
+
+/// The input-copying dataset's passages (with a few spelling mistakes, for
+/// the correcting requests).
+const PASSAGES: [&str; 6] = [
+    "The old lighthouse stood on the rocky point for more than a century. Sailors trusted its beam to guide them past the reef, and the keeper climbed the spiral stairs every evening to light the lamp. When the great storm swept the coast, he stayed at his post all night, and not a single ship was lost.",
+    "An actor is a small unit of computation that owns its state and talks to other actors only by messages. Because no two actors share memory, a system built from them needs no locks: each actor handles one message at a time, and the runtime spreads thousands of them over a few threads.",
+    "fn mean(xs: &[f64]) -> Option<f64> {\n    if xs.is_empty() {\n        return None;\n    }\n    let sum: f64 = xs.iter().sum();\n    Some(sum / xs.len() as f64)\n}",
+    "To make the bread, mix four cups of flour with a spoon of salt and a packet of yeast. Add two cups of warm water and knead the dough for ten minutes, until it is smooth. Let it rise for an hour, shape it into a loaf, and bake it at two hundred degrees for fourty minutes.",
+    "The city council met on Tuesday to discuss the new bicycle lanes. Residents spoke for and against the plan for almost three hours. In the end the council voted seven to two to build the first lane along the river next spring, and to review the results after one year.",
+    "{\"name\": \"Ada Lovelace\", \"born\": 1815, \"field\": \"mathematics\", \"known_for\": [\"the first published algorithm\", \"notes on the Analytical Engine\"], \"country\": \"England\"}",
+];
+
+/// The requests the input-copying dataset makes of a passage.
+const COPY_TASKS: [&str; 2] = [
+    "Repeat the following text exactly, and write nothing else.",
+    "Correct any spelling mistakes in the following text. Write out the whole corrected text and nothing else.",
+];
+
+/// Request `j` of the input-copying dataset.
+fn copy_prompt(j: usize) -> Prompt {
+    let passage = PASSAGES[j % PASSAGES.len()];
+    let task = COPY_TASKS[(j / PASSAGES.len()) % COPY_TASKS.len()];
+    Prompt::Chat(vec![ChatMessage::new(
+        "user",
+        format!("{task}\n\n{passage}"),
+    )])
 }
 
 /// One concurrency's figures.
@@ -75,6 +122,10 @@ pub struct ThroughputRow {
     pub decode_step_ms: f64,
     /// The decode step against the bare step, % above it (if measured).
     pub decode_vs_bare_pct: Option<f64>,
+    /// Tokens drafted by speculative decoding.
+    pub drafted: u64,
+    /// Of those, accepted.
+    pub accepted: u64,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -86,15 +137,22 @@ fn median(mut xs: Vec<f64>) -> f64 {
     }
 }
 
-fn prompts(n: usize, plan: &ThroughputPlan, vocab: usize) -> Vec<Vec<u32>> {
+/// The `n` prompts of a measurement; `first` counts the requests of the
+/// measurements before it (the copy dataset goes on with the next passage).
+fn prompts(n: usize, first: usize, plan: &ThroughputPlan, vocab: usize) -> Vec<Prompt> {
+    if plan.dataset == Dataset::Copy {
+        return (first..first + n).map(copy_prompt).collect();
+    }
     let mut rng = Rng::new(0x7457 + n as u64);
     (0..n)
         .map(|i| {
             let span = plan.max_prompt - plan.min_prompt;
             let len = plan.min_prompt + if n > 1 { span * i / (n - 1) } else { span / 2 };
-            (0..len)
-                .map(|_| (rng.next_u64() % vocab as u64) as u32)
-                .collect()
+            Prompt::Tokens(
+                (0..len)
+                    .map(|_| (rng.next_u64() % vocab as u64) as u32)
+                    .collect(),
+            )
         })
         .collect()
 }
@@ -110,22 +168,30 @@ pub fn throughput(
     if plan.min_prompt == 0 || plan.min_prompt > plan.max_prompt || plan.output_tokens == 0 {
         return Err("prompt lengths must satisfy 1 <= min <= max, and output tokens >= 1".into());
     }
+    if plan.dataset == Dataset::Copy && engine.tokenizer().is_none() {
+        return Err("the copy dataset is text: it needs a model with a tokenizer".into());
+    }
     let vocab = engine.model_config().vocab;
     // Warm-up: one short request.
     let mut warm = engine.generate(Request::greedy_tokens(vec![1, 2, 3], 4))?;
     while warm.next_blocking().is_some_and(|e| !e.is_terminal()) {}
 
     let mut rows = Vec::new();
+    let mut first = 0;
     for &n in &plan.concurrency {
         progress(&format!("{n} concurrent requests"));
-        let ps = prompts(n, plan, vocab);
+        let ps = prompts(n, first, plan, vocab);
+        first += n;
         let before = engine.stats().scheduler;
         let t0 = Instant::now();
         let mut streams = Vec::with_capacity(n);
+        let mut prompt_tokens = 0;
         for p in &ps {
-            let mut req = Request::greedy_tokens(p.clone(), plan.output_tokens);
+            let mut req = Request::greedy(String::new(), plan.output_tokens);
+            req.prompt = p.clone();
+            prompt_tokens += engine.tokenize(p)?.len();
             req.params = SamplingParams {
-                ignore_eos: true,
+                ignore_eos: plan.dataset == Dataset::Random,
                 temperature: plan.temperature,
                 top_p: plan.top_p,
                 top_k: plan.top_k,
@@ -207,8 +273,7 @@ pub fn throughput(
         let bare_step_ms = match bare {
             Some(m) => {
                 progress(&format!("bare forward of {n} sequences"));
-                let mean_ctx =
-                    ps.iter().map(Vec::len).sum::<usize>() / n.max(1) + plan.output_tokens / 2;
+                let mean_ctx = prompt_tokens / n.max(1) + plan.output_tokens / 2;
                 Some(bare_decode_ms(m, n, mean_ctx, plan.bare_steps)?)
             }
             None => None,
@@ -242,6 +307,8 @@ pub fn throughput(
             decode_step_ms,
             decode_vs_bare_pct: bare_step_ms.map(|b| (decode_step_ms / b - 1.0) * 100.0),
             bare_step_ms,
+            drafted: after.policy.drafted - before.policy.drafted,
+            accepted: after.policy.accepted - before.policy.accepted,
         });
     }
     Ok(rows)

@@ -860,6 +860,14 @@ mod tests {
         assert!(p.items.iter().all(|i| i.start == 0), "{p:?}");
     }
 
+    /// n-gram speculation of `k` tokens that matches single tokens too.
+    fn ngram1(k: usize) -> Speculation {
+        Speculation {
+            ngram_min: 1,
+            ..Speculation::ngram(k)
+        }
+    }
+
     fn cont(plan: &StepPlan, token: u32) -> Vec<(GroupId, GroupOutcome)> {
         plan.items
             .iter()
@@ -876,7 +884,7 @@ mod tests {
         });
         // "1 2 3 4 5 6 1 2": the bigram "1 2" recurs, followed by 3 4 5 6.
         let prompt = vec![1, 2, 3, 4, 5, 6, 1, 2];
-        s.add_speculative(9, prompt.clone(), Speculation::ngram(3), 20);
+        s.add_speculative(9, prompt.clone(), ngram1(3), 20);
         // The prompt's step drafts after its last token already.
         let p = s.plan().unwrap();
         let item = &p.items[0];
@@ -925,7 +933,7 @@ mod tests {
             ..cfg(64, 32)
         });
         // 2 new tokens at most: one draft and the draw after it.
-        s.add_speculative(1, vec![5, 6, 5], Speculation::ngram(4), 2);
+        s.add_speculative(1, vec![5, 6, 5], ngram1(4), 2);
         let p = s.plan().unwrap();
         assert_eq!(p.items[0].drafted(), [6]);
         s.complete(vec![(1, GroupOutcome::Accepted(vec![8]))]);
@@ -934,8 +942,8 @@ mod tests {
         assert_eq!(p.items[0].drafts, 0);
         s.complete(vec![(1, GroupOutcome::Finished)]);
         // Two running groups exceed speculate_max_running: no drafts.
-        s.add_speculative(2, vec![5, 6, 5], Speculation::ngram(4), 9);
-        s.add_speculative(3, vec![5, 6, 5], Speculation::ngram(4), 9);
+        s.add_speculative(2, vec![5, 6, 5], ngram1(4), 9);
+        s.add_speculative(3, vec![5, 6, 5], ngram1(4), 9);
         // Group 2 was admitted alone and drafted; then both run.
         let p = s.plan().unwrap();
         assert_eq!(p.items[0].drafts, 2);
@@ -960,7 +968,7 @@ mod tests {
         s.add(1, vec![9; 2]);
         let p = s.plan().unwrap();
         s.complete(cont(&p, 9));
-        s.add_speculative(2, vec![1, 2, 1, 2, 1, 2, 1], Speculation::ngram(4), 8);
+        s.add_speculative(2, vec![1, 2, 1, 2, 1, 2, 1], ngram1(4), 8);
         let p = s.plan().unwrap();
         let item = p.items.iter().find(|i| i.group == 2).unwrap();
         assert_eq!(item.drafts, 0);

@@ -87,8 +87,8 @@ impl Default for Speculation {
         Self {
             method: SpecMethod::None,
             num_speculative_tokens: 4,
-            ngram_min: 1,
-            ngram_max: 3,
+            ngram_min: 2,
+            ngram_max: 4,
         }
     }
 }

@@ -146,7 +146,7 @@ impl Default for EngineConfig {
 
 /// Requests running in a lane above which none drafts tokens, unless the
 /// configuration says otherwise.
-pub const DEFAULT_SPECULATE_MAX_RUNNING: usize = 4;
+pub const DEFAULT_SPECULATE_MAX_RUNNING: usize = 32;
 
 /// What an engine allocates in host memory, computed in checked arithmetic
 /// from the configuration and the model's shape before anything is
