@@ -116,6 +116,9 @@ impl<I: Send + Sync + 'static> Task for OneShotTask<I> {
     fn abandoned(&self) -> bool {
         self.gone.load(Ordering::Acquire)
     }
+    fn abandon_flag(&self) -> Option<Arc<AtomicBool>> {
+        Some(self.gone.clone())
+    }
 }
 
 type SplitFn<I, P> = Box<dyn Fn(&I, usize) -> Vec<P> + Send>;

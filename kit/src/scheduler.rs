@@ -24,7 +24,7 @@
 //! flight, and none while it recovers from a failure.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -129,6 +129,8 @@ pub struct SchedulerState<P: Policy> {
     next_step: StepId,
     retries: HashMap<TaskId, u32>,
     stats: SchedulerStats<P::Stats>,
+    /// The abandon flags of admitted tasks whose requester may still go.
+    watched: HashMap<TaskId, Arc<AtomicBool>>,
 }
 
 impl<P: Policy> SchedulerState<P> {
@@ -143,6 +145,7 @@ impl<P: Policy> SchedulerState<P> {
             next_step: 0,
             retries: HashMap::new(),
             stats: SchedulerStats::default(),
+            watched: HashMap::new(),
         }
     }
 
@@ -166,9 +169,31 @@ impl<P: Policy> SchedulerState<P> {
                 gone.push(crate::Task::id(&task));
                 continue;
             }
+            if let Some(flag) = crate::Task::abandon_flag(&task) {
+                self.watched.insert(crate::Task::id(&task), flag);
+            }
             let replica = self.policy.route(&task);
             self.policy.admit(replica, task);
         }
+        gone
+    }
+
+    /// Cancels the admitted tasks whose requester has gone since, before
+    /// the next step is planned; returns those that must be ended now (the
+    /// others are in a step and end when it completes). A flag no one else
+    /// holds any more belongs to a task that ended and was let go: it is
+    /// forgotten.
+    pub fn sweep_abandoned(&mut self) -> Vec<TaskId> {
+        let mut gone = Vec::new();
+        self.watched.retain(|id, flag| {
+            if flag.load(Ordering::Acquire) {
+                gone.push(*id);
+                false
+            } else {
+                Arc::strong_count(flag) > 1
+            }
+        });
+        gone.retain(|&id| self.policy.cancel(id));
         gone
     }
 
@@ -326,6 +351,8 @@ impl<P: Policy> SchedulerActor<P> {
     /// Sends out every step that can start, asks the queue for what the
     /// policy has room for, and publishes the figures.
     fn dispatch(&mut self) {
+        let gone = self.state.sweep_abandoned();
+        self.end(gone.into_iter().map(|t| (t, End::Cancelled)).collect());
         for d in self.state.dispatch() {
             self.links.expect.do_send(Expect {
                 replica: d.replica,

@@ -43,6 +43,13 @@ pub trait Task: Send + Unpin + 'static {
     fn abandoned(&self) -> bool {
         false
     }
+    /// The flag [`Task::abandoned`] reads, if it is one that the requester
+    /// sets when it goes: the scheduler keeps watching it after admission
+    /// and cancels the task before its next step once it is set (a
+    /// cancellation message may arrive only after that step was planned).
+    fn abandon_flag(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+        None
+    }
 }
 
 /// A node's place: its replica and its index among the replica's nodes.

@@ -312,4 +312,7 @@ impl Task for LlmTask {
     fn abandoned(&self) -> bool {
         self.abandoned.load(Ordering::Acquire)
     }
+    fn abandon_flag(&self) -> Option<Arc<AtomicBool>> {
+        Some(self.abandoned.clone())
+    }
 }
