@@ -103,7 +103,8 @@ pub struct ServeBenchArgs {
     #[arg(long, default_value_t = 0)]
     pub shared_prefix_tokens: usize,
 
-    /// Distinct shared prefixes; request i gets prefix i mod N.
+    /// Distinct shared prefixes; each request gets one of them at random
+    /// (drawn from --seed).
     #[arg(long, default_value_t = 1)]
     pub prefix_groups: usize,
 
@@ -275,7 +276,7 @@ pub struct BenchSettings {
     pub prompt_tokens: TokenSpan,
     /// Tokens of the shared prefix every prompt starts with (0: none).
     pub shared_prefix_tokens: usize,
-    /// Distinct shared prefixes, taken round-robin.
+    /// Distinct shared prefixes, one drawn at random per request.
     pub prefix_groups: usize,
     /// Output lengths (`max_tokens`).
     pub output_tokens: TokenSpan,
@@ -622,10 +623,15 @@ fn plan_requests(settings: &BenchSettings) -> Result<Vec<Planned>, ServeBenchErr
                 .collect()
         })
         .collect();
+    // Which prefix each request gets: a stream of its own too (drawn at
+    // random, not in turn, so that routing does not see a pattern that
+    // happens to match the replicas').
+    let mut group_rng = SplitMix64::new(settings.seed ^ 0x0C0F_FEE0_D15C_0DE5);
     for index in 0..settings.num_prompts {
         let suffix_len = settings.prompt_tokens.draw(&mut rng);
         let max_tokens = settings.output_tokens.draw(&mut rng);
-        let prefix = &prefixes[index % prefixes.len()];
+        let group = (group_rng.next_u64() % prefixes.len() as u64) as usize;
+        let prefix = &prefixes[group];
         let prompt: Vec<u32> = prefix
             .iter()
             .copied()
@@ -1874,8 +1880,8 @@ mod tests {
         let mean_gap = a[49].due.as_secs_f64() / 49.0;
         assert!((0.1..0.5).contains(&mean_gap), "{mean_gap}");
 
-        // Shared prefixes: two groups of 6 tokens before each prompt, taken
-        // round-robin; the suffixes are those of the run without them.
+        // Shared prefixes: two groups of 6 tokens before each prompt, one
+        // drawn per request; the suffixes are those of the run without them.
         let shared = BenchSettings {
             shared_prefix_tokens: 6,
             prefix_groups: 2,
@@ -1897,9 +1903,11 @@ mod tests {
         })
         .ok()
         .unwrap_or_default();
-        let (p0, p1, p2) = (prompt(&c[0]), prompt(&c[1]), prompt(&c[2]));
-        assert_eq!(p0[..6], p2[..6]);
-        assert_ne!(p0[..6], p1[..6]);
+        let mut heads: Vec<Vec<u64>> = c.iter().map(|p| prompt(p)[..6].to_vec()).collect();
+        heads.sort();
+        heads.dedup();
+        assert_eq!(heads.len(), 2, "both prefixes are used: {heads:?}");
+        let p0 = prompt(&c[0]);
         assert_eq!(p0[6..], prompt(&plain[0])[..]);
         assert_eq!(c[0].prompt_len as usize, p0.len());
     }

@@ -175,6 +175,70 @@ fn prefix_caching_changes_no_output_at_any_layout() {
 }
 
 #[test]
+fn cache_aware_routing_hits_more_than_least_loaded_and_stays_balanced() {
+    // dp=2, two families of long shared prefixes. A first wave of one
+    // request each puts family 0 on replica 0 and family 1 on replica 1
+    // (both routings send two requests arriving together to different
+    // replicas). Then waves of 8 requests, 4 of family 0 followed by 4 of
+    // family 1, one wave after another. A replica's KV blocks hold one
+    // family's prefix and four running requests, not both families':
+    // least-loaded routing alternates replicas and sends both families to
+    // both, whose caches then evict each other's prefixes; cache-aware
+    // routing keeps each family on its replica, 4 requests each.
+    let tok = common::tokenizer();
+    let families = [
+        "You are a careful assistant for a library. Answer questions about opening hours, loans and fines. ".repeat(12),
+        "The following is a transcript of a meeting about the city budget, road repairs and the new park. ".repeat(12),
+    ];
+    let prompt = |f: usize, i: usize| {
+        tok.encode(&format!("{}Question {i}: what now?", families[f]))
+            .expect("tokenizes")
+    };
+    let prefix_len = tok.encode(&families[0]).expect("tokenizes").len();
+    assert!(prefix_len > 200, "{prefix_len}");
+    let run_waves = |cache_aware: bool| {
+        let e = Engine::builder()
+            .model_path(model_path())
+            .dp(2)
+            .kv_blocks(28)
+            .cache_aware_routing(cache_aware)
+            .build()
+            .expect("engine");
+        let mut outputs = run(&e, &[prompt(0, 0), prompt(1, 1)], 4);
+        wait_idle(&e);
+        for wave in 1..6 {
+            let prompts: Vec<Vec<u32>> = (0..8).map(|i| prompt(i / 4, wave * 8 + i)).collect();
+            outputs.extend(run(&e, &prompts, 4));
+            wait_idle(&e);
+        }
+        let s = wait_idle(&e).policy;
+        assert_eq!(s.kv_used, 0, "{s:?}");
+        assert!(e.shutdown_timeout(Duration::from_secs(30)));
+        (outputs, s)
+    };
+    let (aware_out, aware) = run_waves(true);
+    let (least_out, least) = run_waves(false);
+    assert_eq!(aware_out, least_out, "routing changes no token");
+    let ratio = |s: &parallm::actors::llm::LlmStats| {
+        s.prefix.hit_tokens as f64 / s.prefix.queried_tokens as f64
+    };
+    eprintln!(
+        "hit ratio: cache-aware {:.3} ({:?} requests per replica), least loaded {:.3} ({:?})",
+        ratio(&aware),
+        aware.routed,
+        ratio(&least),
+        least.routed
+    );
+    assert!(ratio(&aware) > ratio(&least), "{aware:?} against {least:?}");
+    let (lo, hi) = (
+        *aware.routed.iter().min().expect("two replicas"),
+        *aware.routed.iter().max().expect("two replicas"),
+    );
+    assert_eq!(lo + hi, 42);
+    assert!(hi as f64 <= 1.5 * lo as f64, "{:?}", aware.routed);
+}
+
+#[test]
 fn cancelling_frees_kv_blocks() {
     let e = Engine::builder()
         .model_path(model_path())

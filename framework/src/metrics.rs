@@ -139,6 +139,9 @@ metrics! {
     /// Cached blocks evicted.
     PREFIX_CACHE_EVICTIONS = "parallm_prefix_cache_evictions_total", Counter, [],
         "Cached KV blocks evicted (least recently used) to make room";
+    /// Requests admitted per replica.
+    REQUESTS_ROUTED = "parallm_requests_routed_total", Counter, ["replica"],
+        "Requests admitted to each data-parallel replica (by cache-aware or least-loaded routing)";
     /// Speculative tokens drafted.
     SPEC_DRAFTED_TOKENS = "parallm_spec_drafted_tokens_total", Counter, [],
         "Tokens drafted for speculative decoding and verified by the model (a step that ends its request is not counted)";

@@ -158,6 +158,9 @@ pub struct SchedulerSection {
     /// unless that one holds more than this many requests above the least
     /// loaded one.
     pub prefix_route_margin: usize,
+    /// Whether a new request goes to the replica (and lane) holding its
+    /// longest cached prefix; `false`: always to the least loaded.
+    pub cache_aware_routing: bool,
     /// KV cache memory per replica, in MiB (used when `kv_blocks` is 0).
     pub kv_memory_mib: usize,
     /// KV cache blocks per replica (0: from `kv_memory_mib`).
@@ -179,6 +182,7 @@ impl Default for SchedulerSection {
             block_size: e.block_size,
             prefix_caching: e.prefix_caching,
             prefix_route_margin: e.prefix_route_margin,
+            cache_aware_routing: e.cache_aware_routing,
             kv_memory_mib: e.kv_memory_bytes >> 20,
             kv_blocks: 0,
             kv_dtype: "auto".into(),
@@ -957,6 +961,7 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         block_size: s.block_size,
         prefix_caching: s.prefix_caching,
         prefix_route_margin: s.prefix_route_margin,
+        cache_aware_routing: s.cache_aware_routing,
         kv_blocks: (s.kv_blocks > 0).then_some(s.kv_blocks),
         kv_memory_bytes,
         max_retries: s.max_retries,

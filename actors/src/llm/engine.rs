@@ -80,6 +80,9 @@ pub struct EngineConfig {
     /// cached prefix unless that one holds more than this many requests above
     /// the least loaded one.
     pub prefix_route_margin: usize,
+    /// Whether new requests are routed to where their prefix is cached
+    /// (else always to the least loaded replica and lane).
+    pub cache_aware_routing: bool,
     /// KV blocks per replica; `None`: as many as `kv_memory_bytes` holds.
     pub kv_blocks: Option<usize>,
     /// KV memory per replica (all its nodes together) when `kv_blocks` is unset.
@@ -129,6 +132,7 @@ impl Default for EngineConfig {
             block_size: 16,
             prefix_caching: true,
             prefix_route_margin: crate::llm::policy::DEFAULT_ROUTE_MARGIN,
+            cache_aware_routing: true,
             kv_blocks: None,
             kv_memory_bytes: 1 << 30,
             max_retries: 3,
@@ -513,6 +517,8 @@ impl EngineBuilder {
         prefix_caching: bool,
         /// Load margin of cache-aware routing.
         prefix_route_margin: usize,
+        /// Cache-aware routing (on by default).
+        cache_aware_routing: bool,
         /// KV memory per replica.
         kv_memory_bytes: usize,
         /// Retries per request.
@@ -636,7 +642,8 @@ impl Engine {
         };
         let lanes = cfg.lanes();
         let policy = LlmPolicy::new(shape, cfg.dp, batch.clone(), lanes)
-            .with_route_margin(cfg.prefix_route_margin);
+            .with_route_margin(cfg.prefix_route_margin)
+            .with_cache_aware_routing(cfg.cache_aware_routing);
         let merger = LlmMerger::new(tokenizer.clone(), model.context);
         let fault = cfg.fault.map(FaultState::new);
         let (source, format) = (cfg.model.clone(), cfg.weights);
