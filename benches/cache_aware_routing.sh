@@ -16,6 +16,8 @@ ROUNDS=${2:-2}
 KV_BLOCKS=${3:-0}
 PORT=8437
 URL="http://127.0.0.1:$PORT"
+# shellcheck source=benches/serve_common.sh
+source "$(dirname "$0")/serve_common.sh"
 
 run() {
     local aware=$1 seed=$2
@@ -23,13 +25,7 @@ run() {
         --set "scheduler.kv_blocks=$KV_BLOCKS" >/tmp/cache_aware_routing.log 2>&1 &
     local pid=$!
     trap 'kill $pid 2>/dev/null || true' RETURN
-    for _ in $(seq 1 600); do
-        if curl -sf -m 5 "$URL/v1/completions" -H 'Content-Type: application/json' \
-            -d '{"prompt": [1, 2, 3], "max_tokens": 1}' >/dev/null 2>&1; then
-            break
-        fi
-        sleep 0.2
-    done
+    wait_ready "$URL"
     local before
     before=$(curl -sf "$URL/metrics")
     "$BIN" bench serve --url "$URL" --num-prompts 64 --max-concurrency 16 \

@@ -108,6 +108,14 @@ pub struct ServeBenchArgs {
     #[arg(long, default_value_t = 1)]
     pub prefix_groups: usize,
 
+    /// Multi-turn chat dataset: --num-prompts conversations of this many
+    /// turns each, a conversation's turns one after another, each turn's
+    /// prompt the whole history (earlier user messages and the server's own
+    /// answers, as text) plus a new user message of --prompt-tokens random
+    /// words; --max-concurrency caps the conversations in flight (0: off).
+    #[arg(long, default_value_t = 0, value_name = "TURNS")]
+    pub multi_turn: usize,
+
     /// Inclusive range MIN-MAX of the random prompt token ids; keep it inside the model's vocabulary.
     #[arg(long, default_value = "1000-20000")]
     pub token_range: String,
@@ -278,6 +286,8 @@ pub struct BenchSettings {
     pub shared_prefix_tokens: usize,
     /// Distinct shared prefixes, one drawn at random per request.
     pub prefix_groups: usize,
+    /// Turns per conversation of the multi-turn dataset (0: off).
+    pub multi_turn: usize,
     /// Output lengths (`max_tokens`).
     pub output_tokens: TokenSpan,
     /// Range of the prompt token ids.
@@ -365,6 +375,9 @@ pub struct RequestRecord {
     pub output_tokens_from_usage: bool,
     /// Prompt tokens the server reported in usage, if it did.
     pub usage_prompt_tokens: Option<u64>,
+    /// Of those, tokens the server reported as cached
+    /// (`usage.prompt_tokens_details.cached_tokens`), if it did.
+    pub usage_cached_tokens: Option<u64>,
     /// Text-carrying events received.
     pub content_chunks: usize,
 }
@@ -380,8 +393,12 @@ pub struct ServeBenchReport {
     pub completed: usize,
     /// Failed requests.
     pub failed: usize,
-    /// Prompt tokens of the successful requests (as sent).
+    /// Prompt tokens of the successful requests (as sent; for the
+    /// multi-turn dataset, as the server counted them).
     pub total_prompt_tokens: u64,
+    /// Of those, tokens the server reported as cached (0 where it reports
+    /// none).
+    pub total_cached_tokens: u64,
     /// Output tokens of the successful requests.
     pub total_output_tokens: u64,
     /// Successful requests per second.
@@ -436,6 +453,13 @@ pub fn run(args: &ServeBenchArgs) -> Result<ServeBenchReport, ServeBenchError> {
     if args.prefix_groups == 0 {
         return Err(invalid("--prefix-groups", "0", "must be at least 1"));
     }
+    if args.multi_turn > 0 && args.shared_prefix_tokens > 0 {
+        return Err(invalid(
+            "--multi-turn",
+            &args.multi_turn.to_string(),
+            "does not combine with --shared-prefix-tokens (a conversation's history is its shared prefix)",
+        ));
+    }
     if args.timeout_secs == 0 {
         return Err(invalid("--timeout-secs", "0", "must be at least 1"));
     }
@@ -463,6 +487,7 @@ pub fn run(args: &ServeBenchArgs) -> Result<ServeBenchReport, ServeBenchError> {
             prompt_tokens,
             shared_prefix_tokens: args.shared_prefix_tokens,
             prefix_groups: args.prefix_groups,
+            multi_turn: args.multi_turn,
             output_tokens,
             token_range,
             seed: args.seed,
@@ -471,11 +496,20 @@ pub fn run(args: &ServeBenchArgs) -> Result<ServeBenchReport, ServeBenchError> {
             top_p: args.top_p,
             timeout_secs: args.timeout_secs,
         };
-        let plan = plan_requests(&settings)?;
-        let progress = progress_bar(args.num_prompts as u64, args.no_progress);
-        let (records, duration) =
-            drive(&client, &settings, plan, args.api_key.clone(), &progress).await;
-        progress.finish_and_clear();
+        let (records, duration) = if settings.multi_turn > 0 {
+            let total = (args.num_prompts * settings.multi_turn) as u64;
+            let progress = progress_bar(total, args.no_progress);
+            let out =
+                drive_conversations(&client, &settings, args.api_key.clone(), &progress).await;
+            progress.finish_and_clear();
+            out
+        } else {
+            let plan = plan_requests(&settings)?;
+            let progress = progress_bar(args.num_prompts as u64, args.no_progress);
+            let out = drive(&client, &settings, plan, args.api_key.clone(), &progress).await;
+            progress.finish_and_clear();
+            out
+        };
         let report = summarize(settings, records, duration);
         finish(args, report)
     })
@@ -691,14 +725,11 @@ async fn drive(
     api_key: Option<String>,
     progress: &ProgressBar,
 ) -> (Vec<RequestRecord>, Duration) {
-    let endpoint: Rc<str> = Rc::from(settings.endpoint.as_str());
-    let api_key: Option<Rc<str>> = api_key.map(|k| Rc::from(k.as_str()));
-    let timeout = Duration::from_secs(settings.timeout_secs);
-    let failures = Rc::new(Cell::new(0usize));
+    let job = RequestJob::new(client, settings, api_key, progress);
     let cap = settings.max_concurrency.unwrap_or(usize::MAX);
     let mut records: Vec<RequestRecord> = Vec::with_capacity(plan.len());
     let mut in_flight = FuturesUnordered::new();
-    let start = Instant::now();
+    let start = job.start;
     for planned in plan {
         let due = start + planned.due;
         if due > Instant::now() {
@@ -709,35 +740,13 @@ async fn drive(
                 records.push(record);
             }
         }
-        let job = RequestJob {
-            client: client.clone(),
-            endpoint: endpoint.clone(),
-            api_key: api_key.clone(),
-            timeout,
-            start,
-            progress: progress.clone(),
-            failures: failures.clone(),
-        };
         let (index, prompt_len, max_tokens) =
             (planned.index, planned.prompt_len, planned.max_tokens);
-        let handle = actix_web::rt::spawn(job.run(planned));
+        let handle = actix_web::rt::spawn(job.clone().run(planned));
         in_flight.push(async move {
-            handle.await.unwrap_or_else(|e| RequestRecord {
-                index,
-                send_time_s: 0.0,
-                prompt_len,
-                max_tokens,
-                success: false,
-                error: Some(format!("request task ended abnormally: {e}")),
-                ttft_ms: None,
-                tpot_ms: None,
-                itl_ms: Vec::new(),
-                e2e_ms: 0.0,
-                output_tokens: 0,
-                output_tokens_from_usage: false,
-                usage_prompt_tokens: None,
-                content_chunks: 0,
-            })
+            handle
+                .await
+                .unwrap_or_else(|e| abnormal(index, prompt_len, max_tokens, &e))
         });
     }
     while let Some(record) = in_flight.next().await {
@@ -748,7 +757,30 @@ async fn drive(
     (records, duration)
 }
 
-/// What one request task needs.
+/// The record of a request whose task ended abnormally (panicked).
+fn abnormal(index: usize, prompt_len: u32, max_tokens: u32, e: &dyn fmt::Display) -> RequestRecord {
+    RequestRecord {
+        index,
+        send_time_s: 0.0,
+        prompt_len,
+        max_tokens,
+        success: false,
+        error: Some(format!("request task ended abnormally: {e}")),
+        ttft_ms: None,
+        tpot_ms: None,
+        itl_ms: Vec::new(),
+        e2e_ms: 0.0,
+        output_tokens: 0,
+        output_tokens_from_usage: false,
+        usage_prompt_tokens: None,
+        usage_cached_tokens: None,
+        content_chunks: 0,
+    }
+}
+
+/// What one request task needs (shared by a run's requests: clones share
+/// the failure count and the schedule's start).
+#[derive(Clone)]
 struct RequestJob {
     client: awc::Client,
     endpoint: Rc<str>,
@@ -769,11 +801,37 @@ struct Measure {
     content_chunks: usize,
     usage_completion: Option<u64>,
     usage_prompt: Option<u64>,
+    usage_cached: Option<u64>,
     done_at: Option<Instant>,
+    /// The generated text, as it arrived.
+    text: String,
 }
 
 impl RequestJob {
+    /// A run's requests' shared part; the schedule starts now.
+    fn new(
+        client: &awc::Client,
+        settings: &BenchSettings,
+        api_key: Option<String>,
+        progress: &ProgressBar,
+    ) -> Self {
+        Self {
+            client: client.clone(),
+            endpoint: Rc::from(settings.endpoint.as_str()),
+            api_key: api_key.map(|k| Rc::from(k.as_str())),
+            timeout: Duration::from_secs(settings.timeout_secs),
+            start: Instant::now(),
+            progress: progress.clone(),
+            failures: Rc::new(Cell::new(0)),
+        }
+    }
+
     async fn run(self, planned: Planned) -> RequestRecord {
+        self.run_for_text(planned).await.0
+    }
+
+    /// [`RequestJob::run`], also returning the generated text.
+    async fn run_for_text(self, planned: Planned) -> (RequestRecord, String) {
         let mut measure = Measure::default();
         let sent = Instant::now();
         let outcome = actix_web::rt::time::timeout(
@@ -814,7 +872,7 @@ impl RequestJob {
                 .set_message(format!("({} failed)", self.failures.get()));
         }
         self.progress.inc(1);
-        RequestRecord {
+        let record = RequestRecord {
             index: planned.index,
             send_time_s: sent.saturating_duration_since(self.start).as_secs_f64(),
             prompt_len: planned.prompt_len,
@@ -828,9 +886,121 @@ impl RequestJob {
             output_tokens,
             output_tokens_from_usage: from_usage,
             usage_prompt_tokens: measure.usage_prompt,
+            usage_cached_tokens: measure.usage_cached,
             content_chunks: measure.content_chunks,
-        }
+        };
+        (record, measure.text)
     }
+}
+
+/// Words the multi-turn dataset's user messages are drawn from.
+const WORDS: [&str; 48] = [
+    "the", "river", "city", "report", "budget", "tell", "me", "about", "why", "how", "when",
+    "should", "we", "plan", "a", "new", "bridge", "school", "market", "summer", "winter", "data",
+    "model", "train", "quickly", "slowly", "explain", "compare", "list", "three", "reasons", "for",
+    "and", "against", "with", "without", "cost", "time", "people", "history", "future", "map",
+    "road", "park", "library", "music", "garden", "water",
+];
+
+/// A user message of `words` words drawn from `rng`.
+fn user_message(rng: &mut SplitMix64, words: usize) -> String {
+    (0..words)
+        .map(|_| WORDS[(rng.next_u64() % WORDS.len() as u64) as usize])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs the multi-turn dataset: `num_prompts` conversations of
+/// `multi_turn` turns, started on the arrival schedule with at most
+/// `max_concurrency` in flight; each turn waits for the one before and
+/// resends the whole history, the server's answers included.
+async fn drive_conversations(
+    client: &awc::Client,
+    settings: &BenchSettings,
+    api_key: Option<String>,
+    progress: &ProgressBar,
+) -> (Vec<RequestRecord>, Duration) {
+    let job = RequestJob::new(client, settings, api_key, progress);
+    let cap = settings.max_concurrency.unwrap_or(usize::MAX);
+    let mut arrivals = SplitMix64::new(settings.seed ^ 0xA076_1D64_78BD_642F);
+    let mut records = Vec::with_capacity(settings.num_prompts * settings.multi_turn);
+    let mut in_flight = FuturesUnordered::new();
+    let start = job.start;
+    let mut due = 0.0f64;
+    for conv in 0..settings.num_prompts {
+        if let (Some(rate), true) = (settings.request_rate, conv > 0) {
+            due += -(1.0 - arrivals.unit()).ln() / rate;
+            let at = start + Duration::from_secs_f64(due);
+            if at > Instant::now() {
+                actix_web::rt::time::sleep_until(actix_web::rt::time::Instant::from_std(at)).await;
+            }
+        }
+        while in_flight.len() >= cap {
+            if let Some(done) = in_flight.next().await {
+                records.extend(done);
+            }
+        }
+        let first = conv * settings.multi_turn;
+        let handle = actix_web::rt::spawn(conversation(job.clone(), settings.clone(), conv));
+        in_flight.push(async move {
+            handle
+                .await
+                .unwrap_or_else(|e| vec![abnormal(first, 0, 0, &e)])
+        });
+    }
+    while let Some(done) = in_flight.next().await {
+        records.extend(done);
+    }
+    let duration = start.elapsed();
+    records.sort_by_key(|r| r.index);
+    (records, duration)
+}
+
+/// One conversation's turns, in order; it ends at its first failed turn.
+async fn conversation(job: RequestJob, s: BenchSettings, conv: usize) -> Vec<RequestRecord> {
+    let mut rng = SplitMix64::new(s.seed ^ (conv as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut history = String::new();
+    let mut out = Vec::with_capacity(s.multi_turn);
+    for turn in 0..s.multi_turn {
+        let words = s.prompt_tokens.draw(&mut rng) as usize;
+        let max_tokens = s.output_tokens.draw(&mut rng);
+        let prompt = format!(
+            "{history}User: {}\nAssistant:",
+            user_message(&mut rng, words)
+        );
+        let index = conv * s.multi_turn + turn;
+        let mut body = serde_json::json!({
+            "model": s.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "seed": index,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        });
+        if s.ignore_eos {
+            body["ignore_eos"] = serde_json::Value::Bool(true);
+        }
+        let planned = Planned {
+            index,
+            prompt_len: 0,
+            max_tokens,
+            due: Duration::ZERO,
+            body: Bytes::from(body.to_string()),
+        };
+        let (mut record, answer) = job.clone().run_for_text(planned).await;
+        record.prompt_len = record
+            .usage_prompt_tokens
+            .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
+        let ok = record.success;
+        out.push(record);
+        if !ok {
+            break;
+        }
+        history = format!("{prompt}{answer}\n");
+    }
+    out
 }
 
 fn ms(d: Duration) -> f64 {
@@ -909,12 +1079,14 @@ fn apply_event(
         SseData::Done => measure.done_at = Some(now),
         SseData::Error(message) => return Err(format!("error event: {message}")),
         SseData::Invalid(message) => return Err(format!("event is not JSON: {message}")),
-        SseData::Chunk { has_text, usage } => {
+        SseData::Chunk { text, usage } => {
             if let Some(usage) = usage {
                 measure.usage_completion = usage.completion_tokens.or(measure.usage_completion);
                 measure.usage_prompt = usage.prompt_tokens.or(measure.usage_prompt);
+                measure.usage_cached = usage.cached_tokens.or(measure.usage_cached);
             }
-            if has_text {
+            if !text.is_empty() {
+                measure.text.push_str(&text);
                 measure.content_chunks += 1;
                 match measure.last_text {
                     None => measure.ttft = Some(now.saturating_duration_since(sent)),
@@ -932,6 +1104,7 @@ fn apply_event(
 struct Usage {
     completion_tokens: Option<u64>,
     prompt_tokens: Option<u64>,
+    cached_tokens: Option<u64>,
 }
 
 /// What one event's data means.
@@ -943,11 +1116,9 @@ enum SseData {
     Error(String),
     /// Data that is not JSON.
     Invalid(String),
-    /// A completion chunk: whether its first choice carries text, and its usage.
-    Chunk {
-        has_text: bool,
-        usage: Option<Usage>,
-    },
+    /// A completion chunk: its first choice's text (empty if none), and its
+    /// usage.
+    Chunk { text: String, usage: Option<Usage> },
 }
 
 fn classify(data: &str) -> SseData {
@@ -981,9 +1152,13 @@ fn classify(data: &str) -> SseData {
     let usage = value.get("usage").filter(|u| u.is_object()).map(|u| Usage {
         completion_tokens: u.get("completion_tokens").and_then(|n| n.as_u64()),
         prompt_tokens: u.get("prompt_tokens").and_then(|n| n.as_u64()),
+        cached_tokens: u
+            .get("prompt_tokens_details")
+            .and_then(|d| d.get("cached_tokens"))
+            .and_then(|n| n.as_u64()),
     });
     SseData::Chunk {
-        has_text: text.is_some_and(|t| !t.is_empty()),
+        text: text.unwrap_or_default().to_string(),
         usage,
     }
 }
@@ -1097,6 +1272,7 @@ fn summarize(
         completed,
         failed: records.len() - completed,
         total_prompt_tokens,
+        total_cached_tokens: ok.iter().filter_map(|r| r.usage_cached_tokens).sum(),
         total_output_tokens,
         request_throughput: completed as f64 / seconds,
         output_throughput: total_output_tokens as f64 / seconds,
@@ -1140,6 +1316,13 @@ impl fmt::Display for ServeBenchReport {
             "{:<W$} {} / {}",
             "Prompt / output tokens per request:", s.prompt_tokens, s.output_tokens
         )?;
+        if s.multi_turn > 0 {
+            writeln!(
+                f,
+                "{:<W$} {} × {} turns (prompt: words per message)",
+                "Multi-turn conversations:", s.num_prompts, s.multi_turn
+            )?;
+        }
         if s.shared_prefix_tokens > 0 {
             writeln!(
                 f,
@@ -1165,6 +1348,13 @@ impl fmt::Display for ServeBenchReport {
             "{:<W$} {}",
             "Total input tokens:", self.total_prompt_tokens
         )?;
+        if self.total_cached_tokens > 0 {
+            writeln!(
+                f,
+                "{:<W$} {}",
+                "Input tokens cached (server-reported):", self.total_cached_tokens
+            )?;
+        }
         writeln!(
             f,
             "{:<W$} {}",
@@ -1723,17 +1913,20 @@ mod tests {
         assert_eq!(
             classify(r#"{"choices":[{"text":"hi","finish_reason":null}]}"#),
             SseData::Chunk {
-                has_text: true,
+                text: "hi".into(),
                 usage: None
             }
         );
         assert_eq!(
-            classify(r#"{"choices":[],"usage":{"completion_tokens":32,"prompt_tokens":64}}"#),
+            classify(
+                r#"{"choices":[],"usage":{"completion_tokens":32,"prompt_tokens":64,"prompt_tokens_details":{"cached_tokens":48}}}"#
+            ),
             SseData::Chunk {
-                has_text: false,
+                text: String::new(),
                 usage: Some(Usage {
                     completion_tokens: Some(32),
-                    prompt_tokens: Some(64)
+                    prompt_tokens: Some(64),
+                    cached_tokens: Some(48),
                 })
             }
         );
@@ -1848,6 +2041,7 @@ mod tests {
             prompt_tokens: TokenSpan { min: 8, max: 16 },
             shared_prefix_tokens: 0,
             prefix_groups: 1,
+            multi_turn: 0,
             output_tokens: TokenSpan { min: 4, max: 4 },
             token_range: TokenSpan {
                 min: 1000,

@@ -1062,3 +1062,59 @@ fn prometheus_scrapes_metrics_and_promtool_accepts_them() {
         "prometheus saw {value} completions, the test made 3"
     );
 }
+
+#[test]
+fn bench_serve_multi_turn_resends_the_history_and_finds_it_cached() {
+    let s = Server::start(&[], true);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("report.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_parallm"))
+        .args(["bench", "serve", "--url", &s.base, "--multi-turn", "3"])
+        .args(["--num-prompts", "2", "--max-concurrency", "2"])
+        .args([
+            "--prompt-tokens",
+            "12",
+            "--output-tokens",
+            "8",
+            "--no-progress",
+        ])
+        .arg("--result-json")
+        .arg(&json)
+        .output()
+        .expect("run bench serve");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("Multi-turn conversations:"), "{stdout}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("report")).expect("JSON");
+    assert_eq!(report["completed"], 6, "{report}");
+    let reqs = report["requests"].as_array().expect("requests");
+    for conv in reqs.chunks(3) {
+        let prompt = |t: usize| {
+            conv[t]["usage_prompt_tokens"]
+                .as_u64()
+                .expect("prompt tokens")
+        };
+        let cached = |t: usize| {
+            conv[t]["usage_cached_tokens"]
+                .as_u64()
+                .expect("cached tokens")
+        };
+        // Each turn resends the one before, answer included: longer prompts,
+        // and the earlier turns' full blocks come from the prefix cache.
+        assert!(
+            prompt(1) > prompt(0) + 8 && prompt(2) > prompt(1) + 8,
+            "{conv:?}"
+        );
+        assert_eq!(cached(0), 0, "{conv:?}");
+        assert!(
+            cached(2) >= 16 && cached(2) >= prompt(1) / 16 * 16 - 16,
+            "{conv:?}"
+        );
+    }
+    assert!(report["total_cached_tokens"].as_u64().expect("total") > 0);
+}
