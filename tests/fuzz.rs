@@ -362,6 +362,25 @@ fn fuzz_gguf_reader() {
     fuzz("gguf", 0, gguf_target);
 }
 
+#[test]
+fn the_sentencepiece_seed_loads_and_round_trips() {
+    // The seed the GGUF target mutates for the SentencePiece path must
+    // itself load, or its mutations would only test refusals.
+    let bytes = std::fs::read(fuzz_dir().join("corpus/gguf/tiny-spm.gguf")).expect("seed");
+    assert_eq!(gguf_target(&bytes), Ok(()));
+    let file = GgufFile::from_bytes("tiny-spm.gguf", bytes).expect("opens");
+    let tok = Tokenizer::from_gguf(&file).expect("a SentencePiece tokenizer");
+    for text in ["Hello world", "Héllo, wörld 123 👋", "\u{0}\t\n"] {
+        let ids = tok.encode(text).expect("encodes");
+        // Byte fallback covers every byte; the added space prefix is
+        // dropped again on decoding.
+        assert_eq!(tok.decode(&ids), text, "{ids:?}");
+    }
+    // BOS, then the pieces merged up to the two words.
+    let ids = tok.encode("Hello world").expect("encodes");
+    assert_eq!(ids.len(), 3, "{ids:?}");
+}
+
 /// Arbitrary text through the reference tokenizer: encoding never fails,
 /// and decoding gives the text back when it holds no special-token text.
 fn tokenizer_target(data: &[u8]) -> Outcome {
@@ -659,6 +678,58 @@ fn write_seed_corpus() {
         "gguf",
         "no-tensors.gguf",
         &gguf::gguf(&meta(vec![]), &[], 0),
+    );
+    // A SentencePiece vocabulary (`tokenizer.ggml.model = llama`): scores,
+    // the ▁ space marker, byte-fallback tokens for all 256 bytes, and a
+    // space prefix to add.
+    let mut pieces: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    pieces.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+    pieces.extend(
+        [
+            "▁", "▁H", "▁He", "▁w", "e", "l", "o", "r", "d", "ll", "llo", "▁Hello", "or", "ld",
+            "▁wor", "▁world",
+        ]
+        .map(String::from),
+    );
+    let n = pieces.len();
+    let spm_meta: Vec<(&'static str, Meta)> = meta(vec![])
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("tokenizer.ggml.") && *k != "llama.vocab_size")
+        .chain([
+            ("llama.vocab_size", Meta::U32(n as u32)),
+            ("tokenizer.ggml.model", Meta::Str("llama".into())),
+            ("tokenizer.ggml.tokens", Meta::Strs(pieces)),
+            (
+                "tokenizer.ggml.scores",
+                Meta::F32s((0..n).map(|i| -(i as f32) / 8.0).collect()),
+            ),
+            (
+                "tokenizer.ggml.token_type",
+                Meta::I32s(
+                    (0..n)
+                        .map(|i| match i {
+                            0 => 2,
+                            1 | 2 => 3,
+                            3..=258 => 6,
+                            _ => 1,
+                        })
+                        .collect(),
+                ),
+            ),
+            ("tokenizer.ggml.bos_token_id", Meta::U32(1)),
+            ("tokenizer.ggml.eos_token_id", Meta::U32(2)),
+            ("tokenizer.ggml.unknown_token_id", Meta::U32(0)),
+            ("tokenizer.ggml.add_space_prefix", Meta::Bool(true)),
+        ])
+        .collect();
+    put(
+        "gguf",
+        "tiny-spm.gguf",
+        &gguf::gguf(
+            &spm_meta,
+            &[Tensor::new("token_embd.weight", &[8, n as u64], 0, 0)],
+            8 * 4 * n,
+        ),
     );
     // Text for the tokenizer.
     for (name, text) in [

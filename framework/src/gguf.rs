@@ -8,7 +8,7 @@
 //!   fit the file (candle's reader bounds them; a panic inside it, such as on
 //!   an alignment of 0, becomes an error);
 //! - `general.alignment`, a power of two;
-//! - the tensor table: no repeated name, at most four dimensions, none zero,
+//! - the tensor table: no repeated name, one to four dimensions, none zero,
 //!   an element count that is a whole number of the type's blocks and whose
 //!   byte size fits in 64 bits, every offset aligned, every tensor's data
 //!   inside the data section (a truncated download is caught here), no two
@@ -598,6 +598,9 @@ fn check_tensor_table(
     for (name, info) in &content.tensor_infos {
         let fault = |reason: String| (Some(name.clone()), reason);
         let dims = info.shape.dims();
+        if dims.is_empty() {
+            return Err(fault("has no dimensions (a tensor has 1 to 4)".into()));
+        }
         if dims.contains(&0) {
             return Err(fault(format!("has a zero dimension in {dims:?}")));
         }
