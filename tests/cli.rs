@@ -70,6 +70,43 @@ fn parallel_flags_give_the_same_text() {
 }
 
 #[test]
+fn speculative_flags_give_the_same_text_and_bad_ones_are_named() {
+    let base = [
+        "generate",
+        "--chat",
+        "Repeat exactly: the red fox runs over the green hill. Repeated:",
+        "--max-tokens",
+        "24",
+    ];
+    let plain = parallm(&base);
+    assert!(
+        plain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    let mut args = base.to_vec();
+    args.extend(["--speculative", "ngram", "--num-speculative-tokens", "6"]);
+    let spec = parallm(&args);
+    assert!(
+        spec.status.success(),
+        "{}",
+        String::from_utf8_lossy(&spec.stderr)
+    );
+    assert_eq!(spec.stdout, plain.stdout);
+    let bad = parallm(&["generate", "Hi", "--speculative", "draft"]);
+    assert_clean_failure(&bad, "speculative.method");
+    let bad = parallm(&[
+        "generate",
+        "Hi",
+        "--speculative",
+        "ngram",
+        "--num-speculative-tokens",
+        "0",
+    ]);
+    assert_clean_failure(&bad, "num_speculative_tokens");
+}
+
+#[test]
 fn chat_and_beam_options_work() {
     // f32: with quantized weights the first answer token is a near-tie ("The" vs "L").
     let out = parallm(&[
