@@ -62,7 +62,7 @@ fn ngram_speculation_changes_no_output_at_any_layout() {
         };
         reqs.push(r);
     }
-    for (tp, pp, dp) in [(1, 1, 1), (3, 1, 1), (1, 2, 1)] {
+    for (tp, pp, dp) in [(1, 1, 1), (3, 1, 1), (1, 2, 1), (1, 1, 2)] {
         let layout = format!("tp={tp} pp={pp} dp={dp}");
         let outputs = |spec: Speculation| {
             let e = Engine::builder()
