@@ -314,7 +314,18 @@ impl Sampler {
     /// log-probability and top alternatives where the parameters ask for
     /// them (taken from the raw logits).
     pub fn draw(&self, logits: &[f32]) -> Draw {
-        let token = self.sample(&mut logits.to_vec());
+        let p = &self.params;
+        // Plain greedy changes no logit: the row is not copied.
+        let plain_greedy = p.temperature == 0.0
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+            && p.logit_bias.is_empty();
+        let token = if plain_greedy {
+            argmax(logits) as u32
+        } else {
+            self.sample(&mut logits.to_vec())
+        };
         let logprob = self
             .params
             .logprobs
