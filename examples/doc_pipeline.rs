@@ -221,6 +221,9 @@ impl NodeWorker for DocNode {
         }
     }
     fn abort(_: &DocLinks) {}
+    fn stateful() -> bool {
+        false
+    }
 }
 
 /// A ranking: `(chunk index, score)`, best first.

@@ -344,7 +344,9 @@ fn a_node_failure_mid_run_loses_no_request() {
         let got = run(&e, &prompts, NEW_TOKENS);
         assert_matches_solo(&prompts, &got, NEW_TOKENS);
         let st = e.stats();
-        assert_eq!(st.scheduler.failed_steps, 1, "panic={panic}");
+        // The injected failure, and any step planned before the restart
+        // that the restarted node refused.
+        assert!(st.scheduler.failed_steps >= 1, "panic={panic}");
         assert_eq!(st.nodes[1].1.restarts, 1, "the failed node was restarted");
         assert_eq!(wait_idle(&e).policy.kv_used, 0);
     }

@@ -113,22 +113,33 @@ fn prefix_caching_reuses_shared_prompts_and_changes_no_token() {
 
 #[test]
 fn kv_exhaustion_preempts_and_still_completes() {
-    // Short prompts all fit at once; their growth does not.
+    // Short prompts all fit at once; their growth does not. Whether the
+    // requests overlap enough to preempt depends on how fast this thread
+    // submits them against how fast the engine finishes them, so the run is
+    // repeated (each one checked whole) until one has preempted.
     let prompts: Vec<Vec<u32>> = (0..12u32).map(|i| vec![i + 1, 2 * i + 3, 5]).collect();
     let want: Vec<_> = prompts.iter().map(|p| solo(p, 20)).collect();
-    let e = engine(1, 1, 1).block_size(4).kv_blocks(24).build().unwrap();
-    let streams: Vec<_> = prompts
-        .into_iter()
-        .map(|p| e.generate(Request::greedy_tokens(p, 20)).unwrap())
-        .collect();
-    let got: Vec<_> = streams
-        .into_iter()
-        .map(|s| finished_tokens(s.collect_blocking()))
-        .collect();
-    assert_eq!(got, want);
-    let s = common::idle_stats(&e).scheduler;
-    assert!(s.policy.preemptions > 0, "{s:?}");
-    assert_eq!(s.policy.kv_used, 0);
+    let mut preempted = None;
+    for attempt in 1..=5 {
+        let e = engine(1, 1, 1).block_size(4).kv_blocks(24).build().unwrap();
+        let streams: Vec<_> = prompts
+            .iter()
+            .map(|p| e.generate(Request::greedy_tokens(p.clone(), 20)).unwrap())
+            .collect();
+        let got: Vec<_> = streams
+            .into_iter()
+            .map(|s| finished_tokens(s.collect_blocking()))
+            .collect();
+        assert_eq!(got, want, "attempt {attempt}");
+        let s = common::idle_stats(&e).scheduler;
+        assert_eq!(s.policy.kv_used, 0, "attempt {attempt}");
+        if s.policy.preemptions > 0 {
+            preempted = Some(attempt);
+            break;
+        }
+        println!("attempt {attempt}: the requests did not overlap enough to preempt: {s:?}");
+    }
+    assert!(preempted.is_some(), "no attempt preempted");
 }
 
 #[test]
@@ -148,7 +159,9 @@ fn injected_faults_lose_nothing() {
         let got = run_all(&e, prompts(), 6);
         assert_eq!(got, want, "panic={panic}");
         let st = common::idle_stats(&e);
-        assert_eq!(st.scheduler.failed_steps, 2);
+        // The two injected failures, and any step planned before a restart
+        // that the restarted node refused.
+        assert!(st.scheduler.failed_steps >= 2, "{:?}", st.scheduler);
         assert_eq!(st.nodes[3].1.restarts, 2, "{:?}", st.nodes);
     }
 }
@@ -191,8 +204,13 @@ fn a_recomputed_step_draws_what_the_failed_one_would_have() {
             })
             .build()
             .unwrap();
+        // A step of the other lane queued behind the failed one must not run
+        // on the restarted node's empty KV cache (it is refused and
+        // recomputed), or its draws would differ.
         assert_eq!(sampled_all(&e), clean, "fault at node {node}");
-        assert_eq!(common::idle_stats(&e).scheduler.failed_steps, 2);
+        let st = common::idle_stats(&e);
+        assert!(st.scheduler.failed_steps >= 2, "{:?}", st.scheduler);
+        assert_eq!(st.nodes[node].1.restarts, 2, "{:?}", st.nodes);
     }
 }
 

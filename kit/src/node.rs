@@ -32,6 +32,12 @@ pub struct RunStep<W, L> {
     pub node: NodeId,
     /// The step (unique within the pipeline).
     pub step: StepId,
+    /// How many times the replica had recovered from a failed step when
+    /// this one was planned. A node that failed at epoch `e` was rebuilt
+    /// with fresh state, so it refuses every step of an epoch up to `e`
+    /// (planned on state it no longer has) until the scheduler's recovery
+    /// replans from scratch.
+    pub epoch: u64,
     /// The node's work.
     pub work: W,
     /// The node's links for the step.
@@ -108,6 +114,9 @@ pub struct NodeActor<W: NodeWorker> {
     merger: Recipient<NodeReport<W::Output>>,
     stats: Arc<NodeStats>,
     metrics: KitMetrics,
+    /// The first epoch whose steps this node's current worker can run: one
+    /// past the epoch of its last failure.
+    fresh_from: u64,
 }
 
 impl<W: NodeWorker> NodeActor<W> {
@@ -126,6 +135,7 @@ impl<W: NodeWorker> NodeActor<W> {
             merger,
             stats,
             metrics,
+            fresh_from: 0,
         }
     }
 }
@@ -163,14 +173,24 @@ impl<W: NodeWorker> Handler<RunStep<W::Work, W::Links>> for NodeActor<W> {
     fn handle(&mut self, msg: RunStep<W::Work, W::Links>, ctx: &mut Self::Context) {
         let t0 = Instant::now();
         let result = match &mut self.worker {
+            // Planned before this node's restart, on state the restart lost:
+            // running it would compute on the fresh worker's empty state and
+            // succeed with wrong results.
+            Ok(_) if W::stateful() && msg.epoch < self.fresh_from => Err(NodeError::Aborted(
+                format!("{} restarted after this step was planned", self.id),
+            )),
             Ok(w) => catch_unwind(AssertUnwindSafe(|| w.run(&msg.work, &msg.links)))
                 .unwrap_or_else(|p| Err(NodeError::Failed(format!("panicked: {}", panic_text(p))))),
             Err(e) => Err(NodeError::Failed(format!("the node's worker is down: {e}"))),
         };
         let elapsed: Duration = t0.elapsed();
         let failed = matches!(result, Err(NodeError::Failed(_)));
-        if failed {
+        if result.is_err() {
+            // Peers waiting on this node's part of the step return.
             W::abort(&msg.links);
+        }
+        if failed {
+            self.fresh_from = self.fresh_from.max(msg.epoch + 1);
         }
         self.stats.update(self.id, |c| {
             c.busy_seconds += elapsed.as_secs_f64();
@@ -190,5 +210,130 @@ impl<W: NodeWorker> Handler<RunStep<W::Work, W::Links>> for NodeActor<W> {
             // The supervisor restarts the node, rebuilding its worker.
             ctx.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crossbeam::channel::{unbounded, Sender};
+
+    /// Counts the steps it ran since it was built; fails on work `true`.
+    struct Counter(u64);
+
+    impl NodeWorker for Counter {
+        type Work = bool;
+        type Links = ();
+        type Output = u64;
+
+        fn run(&mut self, fail: &bool, _: &()) -> Result<u64, NodeError> {
+            if *fail {
+                return Err(NodeError::Failed("injected".into()));
+            }
+            self.0 += 1;
+            Ok(self.0)
+        }
+        fn abort(_: &()) {}
+    }
+
+    /// The same, declared stateless.
+    struct Stateless(Counter);
+
+    impl NodeWorker for Stateless {
+        type Work = bool;
+        type Links = ();
+        type Output = u64;
+
+        fn run(&mut self, fail: &bool, l: &()) -> Result<u64, NodeError> {
+            self.0.run(fail, l)
+        }
+        fn abort(_: &()) {}
+        fn stateful() -> bool {
+            false
+        }
+    }
+
+    struct Reports(Sender<(StepId, Result<u64, NodeError>)>);
+
+    impl Actor for Reports {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<NodeReport<u64>> for Reports {
+        type Result = ();
+        fn handle(&mut self, r: NodeReport<u64>, _: &mut Self::Context) {
+            let _ = self.0.send((r.step, r.result));
+        }
+    }
+
+    /// Runs steps `(epoch, fail)` in order on one node built by `make`.
+    fn run_steps<W: NodeWorker<Work = bool, Links = (), Output = u64>>(
+        make: fn() -> W,
+        steps: &[(u64, bool)],
+    ) -> Vec<Result<u64, NodeError>> {
+        let (tx, rx) = unbounded();
+        let steps = steps.to_vec();
+        let n = steps.len();
+        let mut got = System::new().block_on(async move {
+            let merger = Reports(tx).start().recipient();
+            let id = NodeId {
+                replica: 0,
+                index: 0,
+            };
+            let factory: WorkerFactory<W> = Arc::new(move |_| Ok(make()));
+            let stats = (NodeStats::new(1, 1), KitMetrics::default());
+            let node =
+                Supervisor::start(move |_| NodeActor::new(id, factory, Ok(make()), merger, stats));
+            for (step, (epoch, fail)) in steps.into_iter().enumerate() {
+                node.do_send(RunStep {
+                    node: id,
+                    step: step as StepId,
+                    epoch,
+                    work: fail,
+                    links: (),
+                });
+            }
+            let mut got = Vec::new();
+            for _ in 0..5000 {
+                got.extend(rx.try_iter());
+                if got.len() == n {
+                    break;
+                }
+                actix::clock::sleep(Duration::from_millis(1)).await;
+            }
+            got
+        });
+        assert_eq!(got.len(), n, "every step reported");
+        got.sort_by_key(|(s, _)| *s);
+        got.into_iter().map(|(_, r)| r).collect()
+    }
+
+    #[test]
+    fn a_restarted_stateful_node_refuses_steps_planned_before_it_failed() {
+        // Step 2 was planned (epoch 0) on the state the failure lost; the
+        // scheduler's recovery replans in epoch 1, on the fresh worker.
+        let got = run_steps(
+            || Counter(0),
+            &[(0, false), (0, true), (0, false), (1, false)],
+        );
+        assert_eq!(got[0], Ok(1));
+        assert!(matches!(&got[1], Err(NodeError::Failed(e)) if e == "injected"));
+        assert!(
+            matches!(&got[2], Err(NodeError::Aborted(e)) if e.contains("restarted after this step was planned")),
+            "{:?}",
+            got[2]
+        );
+        assert_eq!(got[3], Ok(1), "the rebuilt worker starts afresh");
+    }
+
+    #[test]
+    fn a_stateless_node_runs_every_step_after_a_restart() {
+        let got = run_steps(
+            || Stateless(Counter(0)),
+            &[(0, false), (0, true), (0, false)],
+        );
+        assert_eq!(got[0], Ok(1));
+        assert!(matches!(got[1], Err(NodeError::Failed(_))));
+        assert_eq!(got[2], Ok(1));
     }
 }

@@ -235,6 +235,10 @@ impl<P: Send + 'static, R: Send + 'static> NodeWorker for OneShotWorker<P, R> {
         (self.compute)(self.id, part).map_err(NodeError::Failed)
     }
     fn abort(_: &()) {}
+    /// A part is computed from its input alone.
+    fn stateful() -> bool {
+        false
+    }
 }
 
 /// The merge: answers each task's [`Pending`].

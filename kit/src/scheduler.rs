@@ -95,6 +95,9 @@ pub struct Dispatch<P: Policy> {
     pub replica: usize,
     /// The step's number.
     pub step: StepId,
+    /// The replica's recoveries before the step was planned (see
+    /// [`RunStep::epoch`]).
+    pub epoch: u64,
     /// The policy's plan.
     pub plan: Plan<P::Step, P::Work, P::Links>,
 }
@@ -108,6 +111,9 @@ struct Replica {
     why: Vec<String>,
     /// Waiting out the backoff after a failure.
     paused: bool,
+    /// Recoveries from failed steps so far: steps planned before the last
+    /// one assume node state that a restart may have lost.
+    epoch: u64,
 }
 
 /// What a completed or failed step leads to.
@@ -221,6 +227,7 @@ impl<P: Policy> SchedulerState<P> {
                 out.push(Dispatch {
                     replica: r,
                     step,
+                    epoch: self.replicas[r].epoch,
                     plan,
                 });
             }
@@ -266,6 +273,7 @@ impl<P: Policy> SchedulerState<P> {
             let failed = std::mem::take(&mut rep.failed);
             let why = std::mem::take(&mut rep.why).join("; ");
             rep.paused = true;
+            rep.epoch += 1;
             outcome.backoff = true;
             for task in self.policy.failed(r, &failed) {
                 let n = self.retries.entry(task).or_default();
@@ -368,6 +376,7 @@ impl<P: Policy> SchedulerActor<P> {
                             index: t.node,
                         },
                         step: d.step,
+                        epoch: d.epoch,
                         work: t.work,
                         links: t.links,
                     });

@@ -192,6 +192,13 @@ pub trait NodeWorker: Sized + Unpin + 'static {
     fn run(&mut self, work: &Self::Work, links: &Self::Links) -> Result<Self::Output, NodeError>;
     /// Called when this node fails mid-step, so that peers blocked on it return.
     fn abort(links: &Self::Links);
+    /// Whether the worker keeps state from step to step that later steps
+    /// build on (the LLM's KV cache). A restart rebuilds the worker without
+    /// it, so a stateful node refuses the steps planned before its restart
+    /// (see [`crate::node::RunStep::epoch`]); a stateless one runs them.
+    fn stateful() -> bool {
+        true
+    }
 }
 
 /// Builds a node's worker (at start, and again on every restart).

@@ -32,7 +32,9 @@ pub struct FaultInjection {
     pub replica: usize,
     /// Index of the failing node within its replica.
     pub node: usize,
-    /// The first step (of that replica) at which it fails.
+    /// The first step at which it fails, counted per lane of the replica
+    /// (each lane numbers its own steps, so with two lanes the fault fires
+    /// on whichever lane reaches it first).
     pub step: u64,
     /// How many times it fails in all (`u32::MAX`: every step from then on).
     pub times: u32,
