@@ -62,6 +62,7 @@ fn request(i: usize, synthetic: bool) -> Request {
         beam: None,
         priority: 0,
         speculative: None,
+        prompt_logprobs: None,
     }
 }
 
@@ -140,7 +141,9 @@ fn main() {
             }
             Some(Event::Failed { error }) => println!("failed #{i}: {error}"),
             Some(Event::Cancelled) => println!("cancelled #{i}"),
-            Some(Event::Token { .. }) | None => println!("failed #{i}: the stream ended early"),
+            Some(Event::Token { .. } | Event::PromptScores(_)) | None => {
+                println!("failed #{i}: the stream ended early")
+            }
         }
     }
     let wall = t0.elapsed().as_secs_f64();

@@ -1,7 +1,8 @@
 //! The `parallm` command line: `generate` (through the engine), `serve` (the
-//! HTTP server), `config show|check`, `cuda` (what this machine offers the
-//! CUDA backend), and the benchmarks `bench latency`, `bench throughput` and
-//! `bench serve`.
+//! HTTP server), `perplexity` (a text's perplexity and the KL divergence
+//! from a base run), `config show|check`, `cuda` (what this machine offers
+//! the CUDA backend), and the benchmarks `bench latency`, `bench
+//! throughput` and `bench serve`.
 //!
 //! The benchmarks are modules of this binary, not of the `parallm` library, so
 //! their dependencies (plotters, a font, PNG, an HTTP client) stay out of a
@@ -9,6 +10,7 @@
 
 mod bench;
 mod bench_serve;
+mod perplexity;
 mod throughput;
 
 use std::io::{IsTerminal, Read, Write};
@@ -47,6 +49,10 @@ enum Command {
     Generate(GenerateArgs),
     /// Serve the model over an OpenAI-compatible HTTP API.
     Serve(ServeArgs),
+    /// A text's perplexity under the model (llama.cpp's method: windows of
+    /// --ctx tokens, the second half of each scored), and the KL divergence
+    /// of its distributions from a base run's.
+    Perplexity(PerplexityArgs),
     /// Show or check the configuration `serve` would run with.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -238,6 +244,34 @@ struct GenerateArgs {
     /// Stop when this string is generated (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+    #[command(flatten)]
+    parallel: ParallelArgs,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The text to score.
+    #[arg(long, short = 'f', value_name = "TEXT")]
+    file: PathBuf,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Windows at most (default: as many as the text holds).
+    #[arg(long)]
+    chunks: Option<usize>,
+    /// Save each scored position's distribution to FILE (alone), or read
+    /// them from FILE (with --kl-divergence).
+    #[arg(long, value_name = "FILE")]
+    kl_divergence_base: Option<PathBuf>,
+    /// Compare with the distributions in --kl-divergence-base: mean KL
+    /// divergence, the PPL ratio, top-1 agreement, Δp percentiles.
+    #[arg(long, requires = "kl_divergence_base")]
+    kl_divergence: bool,
+    /// Write every figure as JSON to FILE (- for standard output).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
     #[command(flatten)]
     parallel: ParallelArgs,
 }
@@ -453,6 +487,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => run_serve(args),
+        Command::Perplexity(args) => run_perplexity(args),
         Command::Config(ConfigCommand::Show(layers)) => run_config_show(layers),
         Command::Config(ConfigCommand::Check { file, mut layers }) => {
             layers.config = Some(file);
@@ -487,6 +522,48 @@ fn run_serve(args: ServeArgs) -> CliResult {
     parallm::serve::run(settings, move || {
         resolve_model_path(path.as_deref(), progress).map_err(|e| e.to_string())
     })?;
+    Ok(())
+}
+
+/// The engine `generate` and `perplexity` run: the model (fetched if it
+/// is the reference one) with the parallel flags.
+fn build_engine(model: &ModelArgs, parallel: &ParallelArgs) -> CliResult<Engine> {
+    let path = resolve_model_path(model.model.as_deref(), std::io::stderr().is_terminal())?;
+    Ok(parallel
+        .apply(
+            Engine::builder()
+                .model_path(&path)
+                .weights(model.weights)
+                .max_model_len(model.max_model_len),
+        )?
+        .build()?)
+}
+
+fn run_perplexity(args: PerplexityArgs) -> CliResult {
+    let text = std::fs::read(&args.file)
+        .map_err(|e| format!("cannot read {}: {e}", args.file.display()))?;
+    let text = String::from_utf8(text)
+        .map_err(|_| format!("{} is not UTF-8 text", args.file.display()))?;
+    let kld = match (args.kl_divergence_base, args.kl_divergence) {
+        (None, _) => perplexity::KldMode::Off,
+        (Some(f), false) => perplexity::KldMode::Save(f),
+        (Some(f), true) => perplexity::KldMode::Compare(f),
+    };
+    let plan = perplexity::PerplexityPlan {
+        ctx: args.ctx,
+        chunks: args.chunks,
+        kld,
+        json: args.json,
+        progress: std::io::stderr().is_terminal(),
+    };
+    let engine = build_engine(&args.model, &args.parallel)?;
+    let result = perplexity::perplexity(&engine, &text, &plan);
+    engine.shutdown();
+    let r = result?;
+    eprintln!(
+        "{} windows of {} tokens, {} tokens scored, {:.2} s, {:.1} tok/s",
+        r.chunks, r.ctx, r.scored_tokens, r.seconds, r.tokens_per_second
+    );
     Ok(())
 }
 
@@ -545,16 +622,7 @@ fn run_generate(args: GenerateArgs) -> CliResult {
         logit_bias: Vec::new(),
     };
     params.validate()?;
-    let path = resolve_model_path(args.model.model.as_deref(), std::io::stderr().is_terminal())?;
-    let engine = args
-        .parallel
-        .apply(
-            Engine::builder()
-                .model_path(&path)
-                .weights(args.model.weights)
-                .max_model_len(args.model.max_model_len),
-        )?
-        .build()?;
+    let engine = build_engine(&args.model, &args.parallel)?;
     let prompt = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = args.system {
@@ -576,6 +644,7 @@ fn run_generate(args: GenerateArgs) -> CliResult {
         beam,
         priority: 0,
         speculative: None,
+        prompt_logprobs: None,
     })?;
     let mut stdout = std::io::stdout().lock();
     let mut first: Option<Instant> = None;
@@ -607,6 +676,7 @@ fn run_generate(args: GenerateArgs) -> CliResult {
                 }
                 break Ok((reason, usage));
             }
+            Some(Event::PromptScores(_)) => {}
             Some(Event::Failed { error }) => break Err(error),
             Some(Event::Cancelled) => break Err("the request was cancelled".into()),
             None => break Err("the engine stopped without an answer".into()),

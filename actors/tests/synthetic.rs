@@ -8,6 +8,7 @@ use std::time::Duration;
 use actors::llm::{Engine, Event, FaultInjection, Request};
 use common::{finished_tokens, run_all};
 use framework::collective::SingleCollective;
+use framework::scoring::PromptScoring;
 use framework::{BatchItem, LlamaShard, LogitsWanted, ModelConfig, ShardSpec, WeightFormat};
 
 fn solo(prompt: &[u32], n: usize) -> Vec<u32> {
@@ -316,4 +317,97 @@ fn dropping_a_stream_cancels_its_request() {
         st.steps - before
     );
     e.shutdown();
+}
+
+/// Every position's log-softmax of the plain forward over `prompt`.
+fn solo_logprobs(prompt: &[u32]) -> Vec<Vec<f32>> {
+    let c = ModelConfig::synthetic("tiny").unwrap();
+    let m = LlamaShard::synthetic(c, 7, ShardSpec::SINGLE, WeightFormat::F32).unwrap();
+    let mut cache = m.new_cache();
+    let l = m
+        .forward(
+            &mut [BatchItem {
+                tokens: prompt,
+                cache: &mut cache,
+                logits: LogitsWanted::All,
+            }],
+            &SingleCollective,
+        )
+        .unwrap();
+    (0..prompt.len())
+        .map(|i| framework::sampling::log_softmax(l.rows_of(0).nth(i).unwrap()))
+        .collect()
+}
+
+#[test]
+fn prompt_scores_equal_the_plain_forward_at_every_layout_and_in_chunks() {
+    let prompts = prompts();
+    let want: Vec<Vec<Vec<f32>>> = prompts.iter().map(|p| solo_logprobs(p)).collect();
+    let gen: Vec<_> = prompts.iter().map(|p| solo(p, 3)).collect();
+    for (tp, pp, dp) in [(1, 1, 1), (2, 2, 1), (1, 1, 2)] {
+        // Small steps: long prompts are scored over several chunks.
+        let e = engine(tp, pp, dp).max_batch_tokens(16).build().unwrap();
+        let streams: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                // Half of them score from token 5 and generate 3 tokens; the
+                // others score every token and generate nothing.
+                let (first, n) = if i % 2 == 0 { (5, 3) } else { (1, 0) };
+                let mut r = Request::score_tokens(
+                    p.clone(),
+                    PromptScoring {
+                        first,
+                        top: 2,
+                        rows: false,
+                    },
+                );
+                r.params.max_tokens = n;
+                (first, e.generate(r).unwrap())
+            })
+            .collect();
+        for (i, (first, s)) in streams.into_iter().enumerate() {
+            let events = s.collect_blocking();
+            let scores: Vec<_> = events
+                .iter()
+                .filter_map(|e| match e {
+                    Event::PromptScores(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            let p = &prompts[i];
+            let layout = format!("tp={tp} pp={pp} dp={dp} prompt {i}");
+            let positions: Vec<usize> = scores.iter().map(|s| s.position).collect();
+            assert_eq!(
+                positions,
+                (first.max(1)..p.len()).collect::<Vec<_>>(),
+                "{layout}"
+            );
+            for s in &scores {
+                let row = &want[i][s.position - 1];
+                assert_eq!(s.token, p[s.position], "{layout}");
+                assert!(
+                    (s.logprob - row[s.token as usize]).abs() < 1e-3,
+                    "{layout} position {}: {} against {}",
+                    s.position,
+                    s.logprob,
+                    row[s.token as usize]
+                );
+                assert_eq!(s.top.len(), 2);
+                assert_eq!(
+                    s.top[0].0,
+                    framework::sampling::argmax(row) as u32,
+                    "{layout}"
+                );
+            }
+            let tokens = finished_tokens(events);
+            if i % 2 == 0 {
+                assert_eq!(tokens, gen[i], "{layout}: scoring changes no token");
+            } else {
+                assert!(tokens.is_empty(), "{layout}");
+            }
+        }
+        assert_eq!(common::idle_stats(&e).scheduler.policy.kv_used, 0);
+    }
 }

@@ -38,6 +38,12 @@
 //!   the drafts kept stay computed, and the KV blocks written only for
 //!   rejected drafts are given back. Drafted positions are never registered
 //!   in the prefix cache before they are accepted.
+//! * A group that scores its prompt ([`BatchScheduler::score_prompt`]: prompt
+//!   log-probabilities, perplexity) asks for the logits of every prompt
+//!   position from a chosen one on, in each chunk that covers them
+//!   ([`StepItem::scored`]), never drafts, and reuses a cached prefix only
+//!   below those positions. Positions a completed step scored are not scored
+//!   again when the group is preempted and recomputed.
 //!
 //! **Invariants:** at most one step is in flight; a sequence's KV blocks are
 //! freed exactly once (on finish, cancel, preemption or reset); a group is in
@@ -47,6 +53,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
 
 use crate::kv::{KvManager, KvUsage, SeqKey};
+use crate::model::LogitsWanted;
 use crate::speculative::{ngram_draft, SpecMethod, Speculation};
 
 /// A request's id: the unit of admission, preemption and cancellation.
@@ -100,12 +107,39 @@ pub struct StepItem {
     /// Of `tokens`, how many at the end are drafts to verify (speculative
     /// decoding): the logits of the last `drafts + 1` tokens are wanted.
     pub drafts: usize,
+    /// Positions whose logits score the prompt (the row at position `p`
+    /// gives the log-probability of prompt token `p + 1`); empty unless the
+    /// group scores its prompt. Every row from the first of them to the
+    /// item's end is computed.
+    pub scored: Range<usize>,
 }
 
 impl StepItem {
     /// The drafted tokens at the end of `tokens`.
     pub fn drafted(&self) -> &[u32] {
         &self.tokens[self.tokens.len() - self.drafts..]
+    }
+
+    /// How many rows at the end of the item get logits: from the first
+    /// scored position on, or the last `drafts + 1` where it draws.
+    pub fn logits_rows(&self) -> usize {
+        let end = self.start + self.tokens.len();
+        let scored = if self.scored.is_empty() {
+            0
+        } else {
+            end - self.scored.start
+        };
+        let drawn = if self.logits { self.drafts + 1 } else { 0 };
+        scored.max(drawn)
+    }
+
+    /// The logits the forward computes for this item.
+    pub fn logits_wanted(&self) -> LogitsWanted {
+        match (self.logits_rows(), self.logits && self.scored.is_empty()) {
+            (0, _) => LogitsWanted::None,
+            (1, true) => LogitsWanted::Last,
+            (n, _) => LogitsWanted::Tail(n),
+        }
     }
 }
 
@@ -172,6 +206,37 @@ struct Group {
     /// How the group speculates, and the tokens its sequence may hold at
     /// most (prompt plus `max_tokens`).
     spec: Option<(Speculation, usize)>,
+    /// Which prompt positions it scores, if it does.
+    score: Option<Scoring>,
+}
+
+/// The prompt positions a group scores: rows `from..end` (`end` is the last
+/// prompt position, whose row predicts the first generated token), of which
+/// those below `done` were scored by completed steps.
+#[derive(Debug, Clone, Copy)]
+struct Scoring {
+    from: usize,
+    end: usize,
+    done: usize,
+}
+
+impl Scoring {
+    /// The positions a chunk of `range` scores.
+    fn within(&self, range: Range<usize>) -> Range<usize> {
+        let a = range.start.max(self.from).max(self.done);
+        let b = range.end.min(self.end);
+        if a < b {
+            a..b
+        } else {
+            0..0
+        }
+    }
+
+    /// The first position a cached prefix may not cover (its rows must be
+    /// computed).
+    fn needed_from(&self) -> usize {
+        self.from.max(self.done)
+    }
 }
 
 /// Counters for metrics.
@@ -291,6 +356,7 @@ impl BatchScheduler {
                 seqs: vec![Seq::new(key, prompt)],
                 order,
                 spec: None,
+                score: None,
             },
         );
         self.waiting.push_back(group);
@@ -310,6 +376,20 @@ impl BatchScheduler {
         if spec.enabled() {
             if let Some(g) = self.groups.get_mut(&group) {
                 g.spec = Some((spec, limit));
+            }
+        }
+    }
+
+    /// Makes single-sequence group `g`, not yet planned, return the logits
+    /// of its prompt positions from `from` on (the row at position `p`
+    /// scores prompt token `p + 1`), in the steps that compute them; it then
+    /// drafts nothing.
+    pub fn score_prompt(&mut self, g: GroupId, from: usize) {
+        if let Some(group) = self.groups.get_mut(&g) {
+            if let [s] = &group.seqs[..] {
+                let end = s.tokens.len().saturating_sub(1);
+                group.score = Some(Scoring { from, end, done: 0 });
+                group.spec = None;
             }
         }
     }
@@ -444,7 +524,12 @@ impl BatchScheduler {
     fn reuse_prefixes(&mut self, g: GroupId) {
         if let Some(group) = self.groups.get_mut(&g) {
             for s in &mut group.seqs {
-                s.computed = self.kv.lookup(s.key, &s.tokens);
+                // Rows a scoring group still needs are computed, not reused:
+                // the lookup leaves at least the last token it is given.
+                let upto = group.score.map_or(s.tokens.len(), |sc| {
+                    (sc.needed_from() + 1).min(s.tokens.len())
+                });
+                s.computed = self.kv.lookup(s.key, &s.tokens[..upto]);
             }
         }
     }
@@ -556,6 +641,9 @@ impl BatchScheduler {
                 .expect("checked against the free count");
             let mut tokens = s.tokens[s.computed..s.computed + n].to_vec();
             tokens.extend_from_slice(&s.drafts);
+            let scored = group
+                .score
+                .map_or(0..0, |sc| sc.within(s.computed..s.computed + n));
             plan.items.push(StepItem {
                 group: g,
                 seq: s.key,
@@ -564,6 +652,7 @@ impl BatchScheduler {
                 table: self.kv.table(s.key).to_vec(),
                 logits: complete,
                 drafts: d,
+                scored,
             });
             s.computed += n;
             *budget -= n + d;
@@ -597,9 +686,13 @@ impl BatchScheduler {
         // next turn finds this one's).
         let stepped = self.in_flight.take().unwrap_or_default();
         for g in &stepped {
-            if let Some(group) = self.groups.get(g) {
+            if let Some(group) = self.groups.get_mut(g) {
                 for s in &group.seqs {
                     self.kv.register(s.key, &s.tokens[..s.computed]);
+                    // Its rows below `computed` are scored and delivered.
+                    if let Some(sc) = &mut group.score {
+                        sc.done = sc.done.max(s.computed.min(sc.end));
+                    }
                 }
             }
         }
@@ -1035,6 +1128,58 @@ mod tests {
     }
 
     #[test]
+    fn a_scored_prompt_gets_the_rows_of_every_chunk_from_its_first_position() {
+        let mut s = BatchScheduler::new(cfg(6, 16));
+        s.add(1, (0..10).collect());
+        s.score_prompt(1, 4);
+        // Chunk 0..6 (one short of the end would be 9): rows 4 and 5.
+        let p = s.plan().unwrap();
+        let i = &p.items[0];
+        assert_eq!((i.start, i.tokens.len(), i.logits), (0, 6, false));
+        assert_eq!(i.scored, 4..6);
+        assert_eq!(i.logits_wanted(), LogitsWanted::Tail(2));
+        assert!(s.complete(Vec::new()).is_empty());
+        // The rest: rows 6..9 score prompt tokens 7..10; row 9 draws.
+        let p = s.plan().unwrap();
+        let i = &p.items[0];
+        assert_eq!((i.start, i.tokens.len(), i.logits), (6, 4, true));
+        assert_eq!(i.scored, 6..9);
+        assert_eq!(i.logits_wanted(), LogitsWanted::Tail(4));
+        s.complete(cont(&p, 3));
+        // Decoding scores nothing more.
+        let p = s.plan().unwrap();
+        assert_eq!(p.items[0].scored, 0..0);
+        assert_eq!(p.items[0].logits_wanted(), LogitsWanted::Last);
+    }
+
+    #[test]
+    fn a_preempted_scored_prompt_is_not_scored_twice_and_reuses_only_unscored_rows() {
+        let mut s = caching();
+        let prompt: Vec<u32> = (0..20).collect();
+        // Another request leaves the prompt's blocks cached.
+        s.add(1, prompt.clone());
+        let p = s.plan().unwrap();
+        s.complete(vec![(1, GroupOutcome::Finished)]);
+        assert_eq!(p.items[0].logits_wanted(), LogitsWanted::Last);
+        // Scoring from row 10: blocks up to position 8 are reused (the rows
+        // from 10 on are computed).
+        s.add(2, prompt.clone());
+        s.score_prompt(2, 10);
+        let p = s.plan().unwrap();
+        let i = &p.items[0];
+        assert_eq!((i.start, i.scored.clone()), (8, 10..19));
+        assert_eq!(i.logits_wanted(), LogitsWanted::Tail(10));
+        s.complete(cont(&p, 7));
+        // Recomputed from scratch (as after a preemption), it scores nothing.
+        s.preempt(2);
+        let p = s.plan().unwrap();
+        let i = &p.items[0];
+        assert_eq!(i.scored, 0..0);
+        assert_eq!(i.logits_wanted(), LogitsWanted::Last);
+        assert_eq!(i.start + i.tokens.len(), 21);
+    }
+
+    #[test]
     fn cancel_in_flight_frees_after_the_step() {
         let mut s = BatchScheduler::new(cfg(64, 16));
         s.add(1, vec![1; 5]);
@@ -1107,6 +1252,7 @@ mod tests {
             table: vec![],
             logits: true,
             drafts: 0,
+            scored: 0..0,
         };
         let items: Vec<_> = [1, 1, 1, 1, 1, 1].into_iter().map(item).collect();
         assert_eq!(split_micro_batches(&items, 3), vec![0..2, 2..4, 4..6]);

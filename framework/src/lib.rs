@@ -33,6 +33,7 @@ pub mod model;
 pub mod ops;
 pub mod profile;
 pub mod sampling;
+pub mod scoring;
 pub mod shard;
 pub mod speculative;
 pub(crate) mod spm;

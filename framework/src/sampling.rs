@@ -235,22 +235,27 @@ impl TokenLogprob {
     /// The log-probability of `token` and the `top` best alternatives in `logits`.
     pub fn from_logits(logits: &[f32], token: u32, top: usize) -> Self {
         let lp = log_softmax(logits);
-        let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
-        if top > 0 {
-            let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
-            let by = |a: &u32, b: &u32| lp[*b as usize].total_cmp(&lp[*a as usize]).then(a.cmp(b));
-            if top < idx.len() {
-                idx.select_nth_unstable_by(top - 1, by);
-                idx.truncate(top);
-            }
-            idx.sort_by(by);
-            best = idx.into_iter().map(|i| (i, lp[i as usize])).collect();
-        }
         Self {
             logprob: lp.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY),
-            top: best,
+            top: top_of(&lp, top),
         }
     }
+}
+
+/// The `top` largest values of `lp` with their indices, largest first (the
+/// lower index first on ties).
+pub fn top_of(lp: &[f32], top: usize) -> Vec<(u32, f32)> {
+    if top == 0 {
+        return Vec::new();
+    }
+    let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
+    let by = |a: &u32, b: &u32| lp[*b as usize].total_cmp(&lp[*a as usize]).then(a.cmp(b));
+    if top < idx.len() {
+        idx.select_nth_unstable_by(top - 1, by);
+        idx.truncate(top);
+    }
+    idx.sort_by(by);
+    idx.into_iter().map(|i| (i, lp[i as usize])).collect()
 }
 
 /// A drawn token and, if the request asked for it, its log-probability.

@@ -593,6 +593,16 @@ impl Tokenizer {
         self.bos
     }
 
+    /// Whether [`Tokenizer::encode`] prepends BOS.
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos && self.bos.is_some()
+    }
+
+    /// Whether [`Tokenizer::encode`] appends EOS.
+    pub fn adds_eos(&self) -> bool {
+        self.add_eos
+    }
+
     /// End-of-sequence token.
     pub fn eos(&self) -> u32 {
         self.eos

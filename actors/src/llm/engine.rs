@@ -17,8 +17,8 @@ use framework::generate::validate_prompt;
 use framework::sampling::Sampler;
 use framework::speculative::Speculation;
 use framework::{
-    BackendKind, Error, GgufFile, ModelConfig, ShardSource, ShardSpec, StageGroup, Tokenizer,
-    WeightFormat,
+    BackendKind, Error, GgufFile, ModelConfig, SamplingParams, ShardSource, ShardSpec, StageGroup,
+    Tokenizer, WeightFormat,
 };
 
 use kit::{
@@ -799,7 +799,25 @@ impl Engine {
     /// Validates and tokenizes `req` into its scheduling part, its merger part
     /// and the stream its events will reach.
     fn prepare(&self, req: Request) -> Result<(LlmTask, Registration, EventStream), EngineError> {
-        req.params.validate()?;
+        match req.prompt_logprobs {
+            // A request that only scores its prompt generates nothing.
+            Some(scoring) if req.params.max_tokens == 0 => {
+                scoring.validate()?;
+                SamplingParams {
+                    max_tokens: 1,
+                    ..req.params.clone()
+                }
+                .validate()?
+            }
+            Some(scoring) => {
+                scoring.validate()?;
+                req.params.validate()?
+            }
+            None => req.params.validate()?,
+        }
+        if req.prompt_logprobs.is_some() && req.beam.is_some() {
+            return Err(bad("prompt_logprobs", "does not combine with beam search").into());
+        }
         let vocab = self.model.vocab;
         if let Some((t, _)) = req
             .params
@@ -892,6 +910,7 @@ impl Engine {
             sampler,
             speculative,
             max_tokens: reg.params.max_tokens,
+            scoring: req.prompt_logprobs,
         };
         Ok((task, reg, stream))
     }

@@ -76,6 +76,8 @@ struct ReqState {
     max_tokens: usize,
     ignore_eos: bool,
     mode: Mode,
+    /// Prompt tokens below this index were scored and sent.
+    scored_upto: usize,
 }
 
 /// The engine's merge.
@@ -123,6 +125,10 @@ impl LlmMerger {
             return None;
         };
         let Draw { token, logprob } = draw;
+        if st.max_tokens == 0 {
+            // It only scored its prompt.
+            return Some(FinishReason::Length);
+        }
         produced(&mut st.first_token, st.arrived, 1);
         if !st.ignore_eos && self.stop_tokens.contains(&token) {
             return Some(FinishReason::Stop);
@@ -245,7 +251,7 @@ fn chosen(is_beam: bool, mut got: Vec<Pick>, rows: usize) -> Option<Chosen> {
     got.into_iter()
         .map(|p| match p {
             Pick::Row(r) => Some(r),
-            Pick::Tokens(_) => None,
+            Pick::Tokens(_) | Pick::Scored(..) => None,
         })
         .collect::<Option<Vec<_>>>()
         .map(Chosen::Beams)
@@ -344,6 +350,7 @@ impl Merge for LlmMerger {
                 max_tokens: p.max_tokens,
                 ignore_eos: p.ignore_eos,
                 mode,
+                scored_upto: 0,
             },
         );
     }
@@ -357,9 +364,22 @@ impl Merge for LlmMerger {
 
         // Rows per group, in plan order (a beam group's rows follow its beams).
         let mut groups: Vec<(GroupId, Vec<(SeqKey, usize)>)> = Vec::new();
-        for item in &step.plan.items {
-            if let Some(st) = self.reqs.get_mut(&item.group) {
-                st.cached.get_or_insert(item.start);
+        for (i, item) in step.plan.items.iter().enumerate() {
+            let Some(st) = self.reqs.get_mut(&item.group) else {
+                continue;
+            };
+            st.cached.get_or_insert(item.start);
+            // Scores go out as they come; the draw, if any, stays.
+            if let Some(Some(Pick::Scored(..))) = picks.get(i) {
+                let Some(Pick::Scored(mut scores, draw)) = picks[i].take() else {
+                    continue;
+                };
+                picks[i] = draw.map(|d| *d);
+                scores.retain(|s| s.position >= st.scored_upto);
+                if let Some(last) = scores.last() {
+                    st.scored_upto = last.position + 1;
+                    st.responder.send(Event::PromptScores(scores));
+                }
             }
         }
         for (i, item) in step.plan.items.iter().enumerate() {

@@ -28,7 +28,7 @@ use framework::GroupId;
 
 use kit::{NodeError, NodeTask, Plan, Policy, StepId, TaskId};
 
-use crate::llm::step::{LlmStep, SharedSampler};
+use crate::llm::step::{LlmStep, ScoreSpec, SharedSampler};
 use crate::llm::task::LlmTask;
 
 /// Tensor- and pipeline-parallel degrees of one replica.
@@ -182,6 +182,9 @@ pub struct LlmPolicy {
     unscheduled: HashMap<TaskId, Instant>,
     /// The samplers of the admitted sampling tasks (handed to their steps).
     samplers: HashMap<TaskId, SharedSampler>,
+    /// What the admitted tasks that score their prompt want (handed to
+    /// their steps).
+    scoring: HashMap<TaskId, Arc<ScoreSpec>>,
     /// Preemptions already counted in the metric, per replica.
     preemptions_seen: Vec<u64>,
     /// Prefix-cache counters already counted in the metrics, per replica.
@@ -280,12 +283,14 @@ impl LlmPolicy {
         let owner = &self.owner;
         self.unscheduled.retain(|id, _| owner.contains_key(id));
         self.samplers.retain(|id, _| owner.contains_key(id));
+        self.scoring.retain(|id, _| owner.contains_key(id));
     }
 
     /// Forgets a task that ended or left.
     fn forget(&mut self, task: TaskId) -> Option<(usize, usize)> {
         self.unscheduled.remove(&task);
         self.samplers.remove(&task);
+        self.scoring.remove(&task);
         self.owner.remove(&task)
     }
 }
@@ -374,6 +379,7 @@ impl LlmPolicy {
             owner: HashMap::new(),
             unscheduled: HashMap::new(),
             samplers: HashMap::new(),
+            scoring: HashMap::new(),
             preemptions_seen: vec![0; dp],
             prefix_seen: vec![PrefixStats::default(); dp],
             spec_seen: vec![(0, 0); dp],
@@ -490,10 +496,19 @@ impl Policy for LlmPolicy {
             *n += 1;
             metrics::counter!(m::REQUESTS_ROUTED, "replica" => replica.to_string()).increment(1);
         }
-        let lanes = &mut self.lanes[replica];
-        lanes[lane]
-            .sched
-            .add_speculative(task.id, task.prompt, task.speculative, task.max_tokens);
+        if let Some(sc) = task.scoring {
+            let spec = ScoreSpec {
+                prompt: task.prompt.clone(),
+                top: sc.top,
+                rows: sc.rows,
+            };
+            self.scoring.insert(task.id, Arc::new(spec));
+        }
+        let sched = &mut self.lanes[replica][lane].sched;
+        sched.add_speculative(task.id, task.prompt, task.speculative, task.max_tokens);
+        if let Some(sc) = task.scoring {
+            sched.score_prompt(task.id, sc.first_row());
+        }
         self.owner.insert(task.id, (replica, lane));
         if let Some(s) = task.sampler {
             self.samplers.insert(task.id, s);
@@ -529,7 +544,20 @@ impl Policy for LlmPolicy {
                     .flatten()
             })
             .collect();
-        let plan = Arc::new(LlmStep { plan, samplers });
+        let scoring = plan
+            .items
+            .iter()
+            .map(|i| {
+                (!i.scored.is_empty())
+                    .then(|| self.scoring.get(&i.group).cloned())
+                    .flatten()
+            })
+            .collect();
+        let plan = Arc::new(LlmStep {
+            plan,
+            samplers,
+            scoring,
+        });
         // Every node of the replica runs the whole plan: its stage's layers on
         // its rank's shard, micro-batch by micro-batch.
         let nodes = wire(self.shape)

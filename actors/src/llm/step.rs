@@ -18,11 +18,17 @@
 //! last draft) ends the item's picks. The draws are the ones plain decoding
 //! makes one step at a time, so speculation changes how many steps a
 //! request takes, never its tokens.
+//!
+//! An item that scores its prompt ([`framework::scoring`]) gets the logits
+//! of its rows from its first scored position on; each scored row becomes
+//! the [`PromptScore`] of the prompt token after it, computed there, so
+//! only the scores (and, when asked for, 16-bit rows) travel to the merger.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use framework::batching::StepPlan;
 use framework::sampling::{log_softmax, Draw, Sampler};
+use framework::scoring::{score, PromptScore};
 use framework::Logits;
 
 /// A sampling request's sampler, shared by the policy, the nodes and the merger.
@@ -53,6 +59,20 @@ pub struct LlmStep {
     /// item wants no logits or belongs to a beam search (whose rows come back
     /// whole).
     pub samplers: Vec<Option<SharedSampler>>,
+    /// For each item of `plan`: what its request wants of its scored rows,
+    /// where it has any ([`framework::batching::StepItem::scored`]).
+    pub scoring: Vec<Option<Arc<ScoreSpec>>>,
+}
+
+/// What a request that scores its prompt wants of each scored position.
+#[derive(Debug)]
+pub struct ScoreSpec {
+    /// The whole prompt (a row's target is the token after its position).
+    pub prompt: Vec<u32>,
+    /// Alternatives per position.
+    pub top: usize,
+    /// Whether the whole distribution comes back.
+    pub rows: bool,
 }
 
 /// How an item's next token was chosen on the last stage.
@@ -64,6 +84,8 @@ pub enum Pick {
     /// A beam's row of log-probabilities over the vocabulary (the merger's
     /// beam search chooses).
     Row(Vec<f32>),
+    /// Scores of prompt tokens, and the item's draw when it has one.
+    Scored(Vec<PromptScore>, Option<Box<Pick>>),
 }
 
 /// What the last stage's rank 0 returns: for each item of the step, its
@@ -83,14 +105,43 @@ impl LlmStep {
             .map(|i| (first + i, logits.rows_of(i).collect(), None))
             .collect();
         let choose = |_: usize, (item, rows, pick): &mut Chosen<'_>| {
-            let drafts = self.plan.items.get(*item).map_or(&[][..], |i| i.drafted());
-            *pick = match (
+            let Some(it) = self.plan.items.get(*item) else {
+                return;
+            };
+            // The rows run from the first scored position (or the drawn
+            // rows' first) to the item's last.
+            let first = it.start + it.tokens.len() - rows.len();
+            let scores: Vec<PromptScore> = match self.scoring.get(*item).and_then(Option::as_ref) {
+                Some(spec) => it
+                    .scored
+                    .clone()
+                    .filter_map(|p| {
+                        let target = *spec.prompt.get(p + 1)?;
+                        let row = rows.get(p.checked_sub(first)?)?;
+                        Some(score(row, p + 1, target, spec.top, spec.rows))
+                    })
+                    .collect(),
+                None => Vec::new(),
+            };
+            let drawn = if it.logits {
+                &rows[rows.len().saturating_sub(it.drafts + 1)..]
+            } else {
+                &[][..]
+            };
+            let draw = match (
                 self.samplers.get(*item).and_then(Option::as_ref),
-                rows.last(),
+                drawn.last(),
             ) {
-                (Some(sampler), _) => Some(Pick::Tokens(verify(&sampler.lock(), rows, drafts))),
+                (_, None) => None,
+                (Some(sampler), _) => {
+                    Some(Pick::Tokens(verify(&sampler.lock(), drawn, it.drafted())))
+                }
                 (None, Some(row)) => Some(Pick::Row(log_softmax(row))),
-                (None, None) => None,
+            };
+            *pick = if scores.is_empty() {
+                draw
+            } else {
+                Some(Pick::Scored(scores, draw.map(Box::new)))
             };
         };
         // One item (batch-1 decode) runs on this thread without a hand-out.
@@ -137,6 +188,7 @@ mod tests {
             table: vec![0],
             logits,
             drafts: 0,
+            scored: 0..0,
         }
     }
 
@@ -149,6 +201,7 @@ mod tests {
                 ..Default::default()
             },
             samplers: vec![Some(sampled.clone()), None, None],
+            scoring: vec![None, None, None],
         };
         // A micro-batch of items 1 and 2 (item 1 wants no logits), then one of
         // item 0.
@@ -177,6 +230,55 @@ mod tests {
         }
         // Drawing changed nothing: only the merger accepts.
         assert_eq!(sampled.lock().draw(&[0.0, 4.0, 1.0]).token, 1);
+    }
+
+    #[test]
+    fn scored_rows_score_the_next_prompt_token_and_the_last_row_draws() {
+        let greedy = SharedSampler::new(Sampler::new(SamplingParams::greedy(4), &[]));
+        let prompt = vec![0, 1, 2, 3, 0];
+        // The chunk of positions 1..5 scores rows 2 and 3; row 4 draws.
+        let it = StepItem {
+            tokens: vec![1, 2, 3, 0],
+            start: 1,
+            scored: 2..4,
+            ..item(1, true)
+        };
+        assert_eq!(it.logits_rows(), 3);
+        let step = LlmStep {
+            plan: StepPlan {
+                items: vec![it],
+                ..Default::default()
+            },
+            samplers: vec![Some(greedy)],
+            scoring: vec![Some(Arc::new(ScoreSpec {
+                prompt,
+                top: 1,
+                rows: true,
+            }))],
+        };
+        let rows = vec![0.0, 1.0, 2.0, 3.0, 3.0, 2.0, 1.0, 0.0, 0.0, 9.0, 0.0, 0.0];
+        let logits = Logits {
+            vocab: 4,
+            data: rows.clone(),
+            item_rows: std::iter::once(0..3).collect(),
+        };
+        let mut picks = Picks::new();
+        step.pick(0, &logits, &mut picks);
+        let Some(Pick::Scored(scores, Some(draw))) = &picks[0] else {
+            panic!("{:?}", picks[0]);
+        };
+        assert_eq!(
+            scores
+                .iter()
+                .map(|s| (s.position, s.token))
+                .collect::<Vec<_>>(),
+            [(3, 3), (4, 0)]
+        );
+        assert!((scores[0].logprob - log_softmax(&rows[0..4])[3]).abs() < 1e-6);
+        assert!((scores[1].logprob - log_softmax(&rows[4..8])[0]).abs() < 1e-6);
+        assert_eq!(scores[0].top[0].0, 3);
+        assert_eq!(scores[1].row.as_ref().map(|r| r.best), Some(0));
+        assert!(matches!(&**draw, Pick::Tokens(d) if d[0].token == 1));
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! A [`Request`] is validated and tokenized by the engine into an [`LlmTask`]
 //! (what the scheduler needs) and a [`Registration`](crate::llm::merge::Registration)
 //! (what the merger needs, with the [`Responder`]); its requester holds the
-//! matching [`EventStream`]. Events arrive in order: zero or more
-//! [`Event::Token`]s, then exactly one terminal event ([`Event::Finished`],
+//! matching [`EventStream`]. Events arrive in order: the prompt's scores
+//! ([`Event::PromptScores`], only when asked for, in prompt order), zero or
+//! more [`Event::Token`]s, then exactly one terminal event ([`Event::Finished`],
 //! [`Event::Failed`] or [`Event::Cancelled`]).
 //!
 //! **Invariants:** a [`Responder`] dropped without having sent its terminal
@@ -21,6 +22,7 @@ use std::task::{Context, Poll};
 
 use framework::chat::ChatMessage;
 use framework::sampling::TokenLogprob;
+use framework::scoring::{PromptScore, PromptScoring};
 use framework::speculative::Speculation;
 use framework::{FinishReason, SamplingParams};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
@@ -64,6 +66,9 @@ pub struct Request {
     /// Speculative decoding for this request (`None`: the engine's default,
     /// [`crate::llm::EngineConfig::speculative`]).
     pub speculative: Option<Speculation>,
+    /// Score the prompt's tokens ([`Event::PromptScores`]). With it,
+    /// `max_tokens` may be 0: the request ends after its prompt.
+    pub prompt_logprobs: Option<PromptScoring>,
 }
 
 impl Request {
@@ -75,6 +80,7 @@ impl Request {
             beam: None,
             priority: 0,
             speculative: None,
+            prompt_logprobs: None,
         }
     }
 
@@ -86,6 +92,15 @@ impl Request {
             beam: None,
             priority: 0,
             speculative: None,
+            prompt_logprobs: None,
+        }
+    }
+
+    /// Scores the prompt `tokens` from token `first` on, generating nothing.
+    pub fn score_tokens(tokens: Vec<u32>, scoring: PromptScoring) -> Self {
+        Self {
+            prompt_logprobs: Some(scoring),
+            ..Self::greedy_tokens(tokens, 0)
         }
     }
 }
@@ -108,6 +123,9 @@ pub use framework::generate::BeamResult as BeamOutput;
 /// What a requester receives.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// Scores of prompt tokens, in prompt order, as the steps computing them
+    /// complete (each token once).
+    PromptScores(Vec<PromptScore>),
     /// A generated token and the text it completes (possibly empty while a
     /// multi-byte character or a possible stop string is pending).
     Token {
@@ -146,7 +164,7 @@ pub enum Event {
 impl Event {
     /// Whether this event ends the stream.
     pub fn is_terminal(&self) -> bool {
-        !matches!(self, Event::Token { .. })
+        !matches!(self, Event::Token { .. } | Event::PromptScores(_))
     }
 }
 
@@ -300,6 +318,8 @@ pub struct LlmTask {
     pub speculative: Speculation,
     /// Tokens it generates at most.
     pub max_tokens: usize,
+    /// What of its prompt it scores, if anything.
+    pub scoring: Option<PromptScoring>,
 }
 
 impl Task for LlmTask {

@@ -17,8 +17,8 @@ use framework::batching::StepPlan;
 use framework::collective::TimedCollective;
 use framework::metrics as m;
 use framework::model::{PagedItem, StageInput, StageOutput};
+use framework::Error;
 pub use framework::Shard;
-use framework::{Error, LogitsWanted};
 
 use kit::{NodeError, NodeId, NodeWorker};
 
@@ -157,11 +157,7 @@ impl LlmWorker {
                     tokens: &i.tokens,
                     start: i.start,
                     table: &i.table,
-                    logits: match (i.logits, i.drafts) {
-                        (false, _) => LogitsWanted::None,
-                        (true, 0) => LogitsWanted::Last,
-                        (true, d) => LogitsWanted::Tail(d + 1),
-                    },
+                    logits: i.logits_wanted(),
                 })
                 .collect();
             let input = if self.stage == 0 {

@@ -473,6 +473,7 @@ fn validate(
                 beam,
                 priority: 0,
                 speculative,
+                prompt_logprobs: None,
             });
         }
     }

@@ -161,7 +161,7 @@ impl AppState {
         let wait = async {
             while let Some(ev) = events.next().await {
                 match ev {
-                    Event::Token { .. } => {}
+                    Event::Token { .. } | Event::PromptScores(_) => {}
                     Event::Finished { .. } => return Ok(()),
                     Event::Failed { error } => return Err(error),
                     Event::Cancelled => return Err("the probe was cancelled".into()),

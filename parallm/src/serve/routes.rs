@@ -264,6 +264,7 @@ async fn collect(mut t: Tracked) -> Result<ChoiceResult, ApiError> {
                 out.beams = beams.into_iter().map(|b| b.text).collect();
                 return Ok(out);
             }
+            Event::PromptScores(_) => {}
             Event::Failed { error } => return Err(ApiError::Engine(error)),
             Event::Cancelled => return Err(ApiError::Engine("the request was cancelled".into())),
         }
@@ -562,6 +563,7 @@ impl SseState {
                     let c = self.chunk(choice, None);
                     self.pending.push_back(c);
                 }
+                Some((_, Event::PromptScores(_))) => {}
                 Some((_, Event::Failed { error })) => self.error(ApiError::Engine(error)),
                 Some((_, Event::Cancelled)) => {
                     self.error(ApiError::Engine("the request was cancelled".into()))
