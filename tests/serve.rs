@@ -494,7 +494,12 @@ fn errors_have_their_status_and_openai_shape() {
     // logit_bias ids are checked against the vocabulary.
     let refused = [
         (json!({"prompt": "x", "best_of": 3}), "best_of"),
-        (json!({"prompt": "x", "echo": true}), "echo"),
+        (json!({"prompt": "x", "echo": true, "stream": true}), "echo"),
+        (
+            json!({"prompt": "x", "echo": true, "beam_width": 2}),
+            "echo",
+        ),
+        (json!({"prompt": "x", "max_tokens": 0}), "max_tokens"),
         (
             json!({"prompt": "x", "logit_bias": {"999999": 5}}),
             "logit_bias",
@@ -1117,4 +1122,228 @@ fn bench_serve_multi_turn_resends_the_history_and_finds_it_cached() {
         );
     }
     assert!(report["total_cached_tokens"].as_u64().expect("total") > 0);
+}
+
+#[test]
+fn echo_returns_every_prompt_tokens_logprob_and_tokenizer_info_describes_the_vocabulary() {
+    let s = Server::start(&[], true);
+    let (st, info) = s.get("/tokenizer_info");
+    assert_eq!(st, 200, "{info}");
+    let info: Value = serde_json::from_str(&info).expect("json");
+    let eos = info["eos_token"].as_str().expect("eos_token");
+    assert!(!eos.is_empty(), "{info}");
+    assert!(info["chat_template"]
+        .as_str()
+        .is_some_and(|t| !t.is_empty()));
+    assert_eq!(info["model_max_length"], 8192);
+    // A special token's text tokenizes to that one token, without additions.
+    let (st, t) = s.post(
+        "/tokenize",
+        json!({"prompt": eos, "add_special_tokens": false}),
+    );
+    assert_eq!(st, 200, "{t}");
+    assert_eq!(t["count"], 1, "{t}");
+
+    let prompts = json!([[504, 3575, 282, 4649, 314], [504, 3575]]);
+    let body = json!({"prompt": prompts, "echo": true, "max_tokens": 0, "logprobs": 2});
+    let (st, r) = s.post("/v1/completions", body);
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["usage"]["completion_tokens"], 0, "{r}");
+    assert_eq!(r["usage"]["prompt_tokens"], 7, "{r}");
+    for (i, n) in [(0, 5), (1, 2)] {
+        let c = &r["choices"][i];
+        assert_eq!(c["finish_reason"], "length");
+        let lp = &c["logprobs"];
+        let logprobs = lp["token_logprobs"].as_array().expect("token_logprobs");
+        assert_eq!(logprobs.len(), n, "{c}");
+        assert!(
+            logprobs[0].is_null() && lp["top_logprobs"][0].is_null(),
+            "{c}"
+        );
+        for k in 1..n {
+            let v = logprobs[k].as_f64().expect("a log-probability");
+            assert!(v < 0.0, "{c}");
+            let top = lp["top_logprobs"][k].as_object().expect("alternatives");
+            assert_eq!(top.len(), 2, "{c}");
+            let best = top
+                .values()
+                .filter_map(Value::as_f64)
+                .fold(f64::MIN, f64::max);
+            assert!(v <= best + 1e-6, "{c}");
+        }
+        assert_eq!(
+            c["text"],
+            lp["tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap())
+                .collect::<String>()
+        );
+    }
+    // Both prompts start alike: the shared token's score is the same.
+    assert_eq!(
+        r["choices"][0]["logprobs"]["token_logprobs"][1],
+        r["choices"][1]["logprobs"]["token_logprobs"][1]
+    );
+    // With a completion, the generated token follows the prompt's.
+    let body =
+        json!({"prompt": "The capital of France is", "echo": true, "max_tokens": 1, "logprobs": 1});
+    let (st, r) = s.post("/v1/completions", body);
+    assert_eq!(st, 200, "{r}");
+    let c = &r["choices"][0];
+    assert!(
+        c["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("The capital of France is"),
+        "{c}"
+    );
+    assert_eq!(
+        c["logprobs"]["token_logprobs"].as_array().unwrap().len(),
+        6,
+        "{c}"
+    );
+}
+
+#[test]
+fn lm_evaluation_harness_scores_a_local_task_as_the_engine_does() {
+    let python = support_lines("lm-eval-env.sh")
+        .pop()
+        .expect("lm-eval-env.sh prints the venv's python");
+    let s = Server::start(&[], true);
+    let (_, models) = s.get("/v1/models");
+    let models: Value = serde_json::from_str(&models).expect("json");
+    let model = models["data"][0]["id"].as_str().expect("id").to_string();
+    let task = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/lm_eval");
+    let out_dir = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(&python)
+        .args(["-m", "lm_eval", "--model", "local-completions", "--model_args"])
+        .arg(format!(
+            "base_url={}/v1/completions,model={model},tokenizer_backend=remote,num_concurrent=1,max_retries=1",
+            s.base
+        ))
+        .args(["--batch_size", "8", "--tasks", "parallm_mc", "--include_path"])
+        .arg(&task)
+        .arg("--output_path")
+        .arg(out_dir.path())
+        .arg("--log_samples")
+        .current_dir(&task)
+        // The task reads its JSONL beside it; nothing comes from a hub.
+        .env("HF_DATASETS_OFFLINE", "1")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", out_dir.path().join("hf"))
+        .output()
+        .expect("run lm_eval");
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "lm_eval failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let files: Vec<_> = walk(out_dir.path());
+    let read = |prefix: &str| {
+        let f = files
+            .iter()
+            .find(|f| f.file_name().unwrap().to_string_lossy().starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix}* in {files:?}"));
+        std::fs::read_to_string(f).expect("read")
+    };
+    let results: Value = serde_json::from_str(&read("results_")).expect("results json");
+    let harness_acc = results["results"]["parallm_mc"]["acc,none"]
+        .as_f64()
+        .expect("acc");
+    let samples: Vec<Value> = read("samples_parallm_mc")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("sample"))
+        .collect();
+
+    // The same log-likelihoods straight from the engine: context and
+    // continuation tokenized as the harness does (the continuation is what
+    // the whole adds to the context's tokens), scored from the
+    // continuation's first token.
+    let engine = parallm::Engine::builder()
+        .model_path(common::model_path())
+        .build()
+        .expect("engine");
+    let data = std::fs::read_to_string(task.join("parallm_mc.jsonl")).expect("data");
+    let docs: Vec<Value> = data
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut correct = 0;
+    for (i, doc) in docs.iter().enumerate() {
+        let question = doc["question"].as_str().unwrap();
+        let tokens = |t: String| {
+            engine
+                .tokenize_with(&parallm::Prompt::Text(t), false)
+                .expect("tokenize")
+        };
+        let context = tokens(question.to_string());
+        let lls: Vec<f64> = doc["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let whole = tokens(format!("{question} {}", c.as_str().unwrap()));
+                let req = parallm::Request::score_tokens(
+                    whole,
+                    framework::scoring::PromptScoring {
+                        first: context.len(),
+                        top: 0,
+                        rows: false,
+                    },
+                );
+                engine
+                    .generate(req)
+                    .expect("submit")
+                    .collect_blocking()
+                    .into_iter()
+                    .filter_map(|e| match e {
+                        parallm::Event::PromptScores(s) => Some(s),
+                        _ => None,
+                    })
+                    .flatten()
+                    .map(|s| s.logprob as f64)
+                    .sum()
+            })
+            .collect();
+        let best = (0..lls.len())
+            .max_by(|&a, &b| lls[a].total_cmp(&lls[b]))
+            .unwrap();
+        correct += usize::from(best as u64 == doc["answer"].as_u64().unwrap());
+        // The harness's own log-likelihoods for this document.
+        let sample = samples
+            .iter()
+            .find(|s| s["doc_id"] == i)
+            .unwrap_or_else(|| panic!("no sample for doc {i}"));
+        for (k, ll) in lls.iter().enumerate() {
+            let theirs: f64 = sample["filtered_resps"][k][0]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .or_else(|| sample["filtered_resps"][k][0].as_f64())
+                .unwrap_or_else(|| panic!("doc {i} choice {k}: {sample}"));
+            assert!(
+                (theirs - ll).abs() < 1e-3,
+                "doc {i} choice {k}: harness {theirs}, engine {ll}"
+            );
+        }
+    }
+    let direct = correct as f64 / docs.len() as f64;
+    println!("lm-evaluation-harness acc {harness_acc}, from the engine's log-likelihoods {direct}");
+    assert_eq!(harness_acc, direct);
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

@@ -484,8 +484,15 @@ impl Tokenizer {
     /// Token ids of `text`; BOS is prepended and EOS appended when the
     /// model asks for them. Special tokens in the text are matched whole.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.encode_with(text, true)
+    }
+
+    /// Token ids of `text`, with BOS and EOS added as the model asks only
+    /// when `add_special` is set (Hugging Face's `add_special_tokens`).
+    /// Special tokens in the text are matched whole either way.
+    pub fn encode_with(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
         let mut ids = Vec::with_capacity(text.len() / 3 + 2);
-        if self.add_bos {
+        if self.add_bos && add_special {
             ids.extend(self.bos);
         }
         match &self.model {
@@ -522,7 +529,7 @@ impl Tokenizer {
                 }
             }
         }
-        if self.add_eos {
+        if self.add_eos && add_special {
             ids.push(self.eos);
         }
         Ok(ids)

@@ -8,6 +8,10 @@
 # tests/support/family_models.py, which writes the tiny models of each family
 # with llama.cpp's own GGUF writer. Can also be run by hand.
 #
+# Other environments (tests/support/lm-eval-env.sh) reuse this script with
+# PARALLM_PYENV_NAME (the venv's directory name, default pyenv) and
+# PARALLM_PYENV_PACKAGES (pinned `name==version` specs; extras allowed).
+#
 # Behaviour:
 #   * venv lives at "${PARALLM_HOME:-$HOME/.cache/parallm}/pyenv"; it is
 #     (re)created only if missing or broken (its python does not run, or has
@@ -27,12 +31,13 @@ set -euo pipefail
 
 # Pinned: the tiny models' bytes (and so the golden file's SHA-256) depend
 # on the gguf writer's version.
-PACKAGES="openai==3.54.0 gguf==0.19.0"
+PACKAGES="${PARALLM_PYENV_PACKAGES:-openai==3.54.0 gguf==0.19.0}"
+NAME="${PARALLM_PYENV_NAME:-pyenv}"
 
 PARALLM_HOME="${PARALLM_HOME:-$HOME/.cache/parallm}"
-VENV="$PARALLM_HOME/pyenv"
+VENV="$PARALLM_HOME/$NAME"
 VPY="$VENV/bin/python"
-LOCK_FILE="$PARALLM_HOME/pyenv.lock"
+LOCK_FILE="$PARALLM_HOME/$NAME.lock"
 LOCK_WAIT_SECS="${PARALLM_INSTALL_LOCK_WAIT:-900}"
 BASE_PY="${PARALLM_PYTHON:-python3}"
 
@@ -50,7 +55,7 @@ import sys
 from importlib.metadata import version
 for spec in sys.argv[1:]:
     name, want = spec.split("==")
-    if version(name) != want:
+    if version(name.split("[")[0]) != want:
         sys.exit(1)
 PY
 }

@@ -738,7 +738,13 @@ impl Engine {
 
     /// Turns a prompt into token ids.
     pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<u32>, Error> {
-        self.encode(prompt, None)
+        self.encode(prompt, None, true)
+    }
+
+    /// [`Engine::tokenize`], adding BOS and EOS as the model does only when
+    /// `add_special` is set (Hugging Face's `add_special_tokens`).
+    pub fn tokenize_with(&self, prompt: &Prompt, add_special: bool) -> Result<Vec<u32>, Error> {
+        self.encode(prompt, None, add_special)
     }
 
     /// Turns a generation's prompt into token ids: like
@@ -746,12 +752,18 @@ impl Engine {
     /// refused before it is tokenized in full
     /// ([`Tokenizer::encode_within`]).
     pub fn prompt_tokens(&self, prompt: &Prompt) -> Result<Vec<u32>, Error> {
-        self.encode(prompt, Some(self.model.context))
+        self.encode(prompt, Some(self.model.context), true)
     }
 
     /// A prompt's token ids, the chat rendered with the model's template;
-    /// within `limit` tokens when one is given.
-    fn encode(&self, prompt: &Prompt, limit: Option<usize>) -> Result<Vec<u32>, Error> {
+    /// within `limit` tokens when one is given (always with the special
+    /// tokens the model adds), else with them only if `add_special`.
+    fn encode(
+        &self,
+        prompt: &Prompt,
+        limit: Option<usize>,
+        add_special: bool,
+    ) -> Result<Vec<u32>, Error> {
         let tok = self
             .tokenizer
             .as_deref()
@@ -769,7 +781,7 @@ impl Engine {
         };
         match limit {
             Some(limit) => tok?.encode_within(&text, limit),
-            None => tok?.encode(&text),
+            None => tok?.encode_with(&text, add_special),
         }
     }
 

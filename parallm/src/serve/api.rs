@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use actors::llm::{BeamParams, Prompt, Request};
 use framework::chat::ChatMessage;
+use framework::scoring::PromptScoring;
 use framework::speculative::{SpecMethod, Speculation};
 use framework::SamplingParams;
 
@@ -265,7 +266,8 @@ pub struct CompletionRequest {
     pub prompt: Option<PromptInput>,
     /// Log-probabilities of this many alternatives per token.
     pub logprobs: Option<u64>,
-    /// Echo the prompt (unsupported unless false).
+    /// Answer with the prompt in front of the completion (with `logprobs`,
+    /// each prompt token's, the first `null`); `max_tokens` may then be 0.
     pub echo: Option<bool>,
     /// Text after the completion (unsupported).
     pub suffix: Option<String>,
@@ -325,6 +327,8 @@ pub struct TokenizeRequest {
     pub prompt: Option<String>,
     /// Or a conversation, rendered with the chat template.
     pub messages: Option<Vec<MessageInput>>,
+    /// Add BOS/EOS as the model does (default true; Hugging Face's name).
+    pub add_special_tokens: Option<bool>,
 }
 
 /// `POST /detokenize`.
@@ -351,6 +355,8 @@ pub struct ValidGeneration {
     pub include_usage: bool,
     /// Log-probabilities wanted (alternatives per token).
     pub logprobs: Option<usize>,
+    /// Answer with the prompt in front (completions' `echo`).
+    pub echo: bool,
 }
 
 fn cap(param: &str, value: u64, min: u64, max: usize) -> Result<usize, ApiError> {
@@ -484,6 +490,7 @@ fn validate(
         stream,
         include_usage: stream && c.stream_options.as_ref().is_some_and(|o| o.include_usage),
         logprobs,
+        echo: false,
     })
 }
 
@@ -495,8 +502,18 @@ impl CompletionRequest {
         limits: &LimitsSection,
         speculation: &Speculation,
     ) -> Result<ValidGeneration, ApiError> {
-        if self.echo == Some(true) {
-            return Err(ApiError::param("echo", "`echo` is not supported"));
+        let echo = self.echo == Some(true);
+        if echo && self.common.stream == Some(true) {
+            return Err(ApiError::param(
+                "echo",
+                "`echo` with `stream` is not supported; set `stream` to false",
+            ));
+        }
+        if echo && self.common.beam_width.is_some() {
+            return Err(ApiError::param(
+                "echo",
+                "`echo` does not combine with beam search (`beam_width`)",
+            ));
         }
         if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::param("suffix", "`suffix` is not supported"));
@@ -523,15 +540,36 @@ impl CompletionRequest {
                 ),
             ));
         }
-        let v = validate(
+        // Echoing a prompt may generate nothing: it is then only scored.
+        let nothing = echo && self.common.max_tokens == Some(0);
+        let mut v = validate(
             &self.common,
             prompts,
-            self.common.max_tokens,
+            if nothing {
+                Some(1)
+            } else {
+                self.common.max_tokens
+            },
             "max_tokens",
             self.logprobs,
             "logprobs",
             (limits, speculation),
         )?;
+        if echo {
+            v.echo = true;
+            for r in &mut v.requests {
+                if nothing {
+                    r.params.max_tokens = 0;
+                }
+                if nothing || v.logprobs.is_some() {
+                    r.prompt_logprobs = Some(PromptScoring {
+                        first: 1,
+                        top: v.logprobs.unwrap_or(0),
+                        rows: false,
+                    });
+                }
+            }
+        }
         if v.requests.len() > limits.max_n * 8 {
             return Err(ApiError::param(
                 "n",
@@ -672,10 +710,11 @@ impl UsageOut {
 pub struct CompletionLogprobs {
     /// The tokens' texts.
     pub tokens: Vec<String>,
-    /// Their log-probabilities.
-    pub token_logprobs: Vec<f32>,
-    /// The best alternatives per token, text → log-probability.
-    pub top_logprobs: Vec<serde_json::Map<String, serde_json::Value>>,
+    /// Their log-probabilities (`null` for an echoed prompt's first token).
+    pub token_logprobs: Vec<Option<f32>>,
+    /// The best alternatives per token, text → log-probability (`null` for
+    /// an echoed prompt's first token).
+    pub top_logprobs: Vec<Option<serde_json::Map<String, serde_json::Value>>>,
     /// Character offset of each token in the text.
     pub text_offset: Vec<usize>,
 }

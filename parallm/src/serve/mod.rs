@@ -355,6 +355,7 @@ where
             .route("/v1/chat/completions", web::post().to(routes::chat_completions))
             .route("/v1/models", web::get().to(routes::models))
             .route("/tokenize", web::post().to(routes::tokenize))
+            .route("/tokenizer_info", web::get().to(routes::tokenizer_info))
             .route("/detokenize", web::post().to(routes::detokenize))
             .route("/health", web::get().to(routes::health))
             .route("/metrics", web::get().to(routes::metrics))

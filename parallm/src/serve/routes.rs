@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 
 use actors::llm::{Engine, Event, EventStream, Request};
 use framework::sampling::TokenLogprob;
+use framework::scoring::PromptScore;
 use framework::FinishReason;
 
 use crate::serve::api::{
@@ -238,6 +239,8 @@ struct ChoiceResult {
     completion_tokens: usize,
     logprobs: Vec<(u32, TokenLogprob)>,
     beams: Vec<String>,
+    /// The prompt's scores (an echo with log-probabilities).
+    prompt_scores: Vec<PromptScore>,
 }
 
 async fn collect(mut t: Tracked) -> Result<ChoiceResult, ApiError> {
@@ -264,7 +267,7 @@ async fn collect(mut t: Tracked) -> Result<ChoiceResult, ApiError> {
                 out.beams = beams.into_iter().map(|b| b.text).collect();
                 return Ok(out);
             }
-            Event::PromptScores(_) => {}
+            Event::PromptScores(s) => out.prompt_scores.extend(s),
             Event::Failed { error } => return Err(ApiError::Engine(error)),
             Event::Cancelled => return Err(ApiError::Engine("the request was cancelled".into())),
         }
@@ -281,25 +284,36 @@ fn token_string(engine: &Engine, token: u32) -> String {
         .unwrap_or_default()
 }
 
+/// A choice's legacy log-probabilities: the echoed prompt's tokens first
+/// (`echo`: its tokens and their scores; the first has none), then the
+/// generated ones.
 fn completion_logprobs(
     engine: &Engine,
+    echo: Option<(&[u32], &[PromptScore])>,
     items: &[(u32, TokenLogprob)],
-    offset: usize,
 ) -> CompletionLogprobs {
     let mut out = CompletionLogprobs::default();
-    let mut pos = offset;
-    for (token, lp) in items {
-        let text = token_string(engine, *token);
+    let mut pos = 0;
+    let mut push = |token: u32, lp: Option<(f32, &[(u32, f32)])>| {
+        let text = token_string(engine, token);
         out.text_offset.push(pos);
         pos += text.len();
         out.tokens.push(text);
-        out.token_logprobs.push(lp.logprob);
-        out.top_logprobs.push(
-            lp.top
-                .iter()
+        out.token_logprobs.push(lp.map(|(l, _)| l));
+        out.top_logprobs.push(lp.map(|(_, top)| {
+            top.iter()
                 .map(|(t, l)| (token_string(engine, *t), json!(l)))
-                .collect(),
-        );
+                .collect()
+        }));
+    };
+    if let Some((prompt, scores)) = echo {
+        for (i, &t) in prompt.iter().enumerate() {
+            let score = scores.iter().find(|s| s.position == i);
+            push(t, score.map(|s| (s.logprob, s.top.as_slice())));
+        }
+    }
+    for (token, lp) in items {
+        push(*token, Some((lp.logprob, lp.top.as_slice())));
     }
     out
 }
@@ -372,6 +386,29 @@ async fn generate(
     let requests = tokenized(&state, &engine, v.requests.clone())
         .await
         .map_err(ApiError::counted)?;
+    // An echo answers with each prompt as given, and its tokens.
+    let echoed: Vec<(String, Vec<u32>)> = if v.echo {
+        v.requests
+            .iter()
+            .zip(&requests)
+            .map(|(given, r)| {
+                let tokens = match &r.prompt {
+                    actors::llm::Prompt::Tokens(t) => t.clone(),
+                    _ => Vec::new(),
+                };
+                let text = match &given.prompt {
+                    actors::llm::Prompt::Text(s) => s.clone(),
+                    _ => engine
+                        .tokenizer()
+                        .map(|t| t.decode(&tokens))
+                        .unwrap_or_default(),
+                };
+                (text, tokens)
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let tracked = submit_all(&state, &engine, requests).await?;
     let id = request_id(api);
     if v.stream {
@@ -407,19 +444,23 @@ async fn generate(
             },
             r.completion_tokens,
         );
-        let texts: Vec<&String> = if v.beam {
-            r.beams.iter().take(v.n).collect()
+        let echo = echoed.get(i);
+        let texts: Vec<String> = if v.beam {
+            r.beams.iter().take(v.n).cloned().collect()
+        } else if let Some((prompt, _)) = echo {
+            vec![format!("{prompt}{}", r.text)]
         } else {
-            vec![&r.text]
+            vec![r.text.clone()]
         };
         for text in texts {
             let index = choices.len();
             let reason = r.reason.map(FinishReason::as_str);
+            let prompt = echo.map(|(_, t)| (t.as_slice(), r.prompt_scores.as_slice()));
             choices.push(match api {
                 Api::Completions => json!({
                     "index": index,
                     "text": text,
-                    "logprobs": v.logprobs.map(|_| completion_logprobs(&engine, &r.logprobs, 0)),
+                    "logprobs": v.logprobs.map(|_| completion_logprobs(&engine, prompt, &r.logprobs)),
                     "finish_reason": reason,
                 }),
                 Api::Chat => json!({
@@ -638,7 +679,7 @@ fn stream_choice(
         Api::Completions => json!([{
             "index": index,
             "text": text,
-            "logprobs": want_logprobs.then(|| completion_logprobs(engine, logprobs, 0)),
+            "logprobs": want_logprobs.then(|| completion_logprobs(engine, None, logprobs)),
             "finish_reason": reason,
         }]),
         Api::Chat => {
@@ -734,11 +775,12 @@ pub async fn tokenize(
         }
     };
     let retry = state.settings.retry_after_secs;
+    let add_special = req.add_special_tokens.unwrap_or(true);
     // Tokenized and written out on the pool: a long prompt's answer is
     // large too.
     let body = on_pool(&state, move || {
         let tokens = engine
-            .tokenize(&prompt)
+            .tokenize_with(&prompt, add_special)
             .map_err(|e| ApiError::from_engine(e.into(), retry))?;
         serde_json::to_vec(&json!({
             "count": tokens.len(),
@@ -751,6 +793,28 @@ pub async fn tokenize(
     Ok(HttpResponse::Ok()
         .content_type("application/json")
         .body(body))
+}
+
+/// `GET /tokenizer_info`: the special tokens' texts, the chat template and
+/// the context, in the shape evaluation harnesses read (lm-evaluation-
+/// harness's remote tokenizer, as vLLM serves it).
+pub async fn tokenizer_info(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let engine = state.engine()?;
+    let tok = engine
+        .tokenizer()
+        .ok_or_else(|| ApiError::param("model", "a synthetic model has no tokenizer"))?;
+    let text = |t: u32| tok.token_text(t);
+    Ok(HttpResponse::Ok().json(json!({
+        "tokenizer_class": "parallm",
+        "eos_token": text(tok.eos()),
+        "bos_token": tok.bos().and_then(text),
+        "pad_token": Value::Null,
+        "add_bos_token": tok.adds_bos(),
+        "add_eos_token": tok.adds_eos(),
+        "chat_template": tok.chat_template(),
+        "model_max_length": engine.model_config().context,
+        "vocab_size": engine.model_config().vocab,
+    })))
 }
 
 /// `POST /detokenize`.
