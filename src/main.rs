@@ -1,6 +1,7 @@
 //! The `parallm` command line: `generate` (through the engine), `serve` (the
 //! HTTP server), `perplexity` (a text's perplexity and the KL divergence
-//! from a base run), `config show|check`, `cuda` (what this machine offers
+//! from a base run), `quantize` (a GGUF file's weights in another type),
+//! `config show|check`, `cuda` (what this machine offers
 //! the CUDA backend), and the benchmarks `bench latency`, `bench
 //! throughput` and `bench serve`.
 //!
@@ -10,7 +11,9 @@
 
 mod bench;
 mod bench_serve;
+mod files;
 mod perplexity;
+mod quantize;
 mod throughput;
 
 use std::io::{IsTerminal, Read, Write};
@@ -53,6 +56,10 @@ enum Command {
     /// --ctx tokens, the second half of each scored), and the KL divergence
     /// of its distributions from a base run's.
     Perplexity(PerplexityArgs),
+    /// Writes a GGUF file's weights in another type (q8_0, q4_0, q4_k_m,
+    /// f16, …) as a GGUF file llama.cpp loads, choosing per tensor as
+    /// llama-quantize does.
+    Quantize(QuantizeArgs),
     /// Show or check the configuration `serve` would run with.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -246,6 +253,30 @@ struct GenerateArgs {
     stop: Vec<String>,
     #[command(flatten)]
     parallel: ParallelArgs,
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// The source GGUF file (f32, f16 or bf16; or quantized, see
+    /// --allow-requantize).
+    input: PathBuf,
+    /// The GGUF file to write (written whole or not at all).
+    output: PathBuf,
+    /// The type: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k,
+    /// q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k, q2_k.
+    #[arg(long = "type", value_name = "T")]
+    target: quantize::Target,
+    /// Keep tensors at another type: TYPE:NAME[,NAME…], names as prefixes
+    /// (token_embd, output, blk.0, blk.N-1 for the last block); repeatable.
+    #[arg(long, value_name = "TYPE:NAMES")]
+    keep: Vec<quantize::Keep>,
+    /// Requantize weights that are already quantized to a type of fewer
+    /// bits (which loses more than quantizing the original would).
+    #[arg(long)]
+    allow_requantize: bool,
+    /// Threads quantizing tensors in parallel (default: every CPU).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -488,6 +519,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => run_serve(args),
         Command::Perplexity(args) => run_perplexity(args),
+        Command::Quantize(args) => run_quantize(args),
         Command::Config(ConfigCommand::Show(layers)) => run_config_show(layers),
         Command::Config(ConfigCommand::Check { file, mut layers }) => {
             layers.config = Some(file);
@@ -522,6 +554,34 @@ fn run_serve(args: ServeArgs) -> CliResult {
     parallm::serve::run(settings, move || {
         resolve_model_path(path.as_deref(), progress).map_err(|e| e.to_string())
     })?;
+    Ok(())
+}
+
+fn run_quantize(args: QuantizeArgs) -> CliResult {
+    let plan = quantize::QuantizePlan {
+        target: args.target,
+        keep: args.keep,
+        allow_requantize: args.allow_requantize,
+        progress: std::io::stderr().is_terminal(),
+        threads: args
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+    };
+    let t0 = Instant::now();
+    let r = quantize::quantize(&args.input, &args.output, &plan)?;
+    let types: Vec<String> = r
+        .types
+        .iter()
+        .map(|(t, n, w)| format!("{t}: {n} tensors, {w} weights"))
+        .collect();
+    eprintln!(
+        "{}: {} tensors, {} bytes, {:.1} s ({})",
+        args.output.display(),
+        r.tensors,
+        r.bytes,
+        t0.elapsed().as_secs_f64(),
+        types.join("; ")
+    );
     Ok(())
 }
 

@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -29,6 +29,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use parallm::{Engine, Event, EventStream, Prompt, Request};
 use serde::Serialize;
 
+use crate::files::AtomicFile;
 use crate::CliResult;
 
 /// What `parallm perplexity` was asked for.
@@ -404,53 +405,6 @@ fn print_kld(out: &mut impl Write, ppl: f64, k: &KldReport) {
     let _ = writeln!(out, "Same top p : {:.4}%", 100.0 * k.same_top);
 }
 
-/// A file written under a temporary name and renamed into place by
-/// [`AtomicFile::commit`]; dropped uncommitted, it is removed.
-struct AtomicFile {
-    tmp: PathBuf,
-    path: PathBuf,
-    file: Option<BufWriter<File>>,
-}
-
-impl AtomicFile {
-    fn create(path: &Path) -> CliResult<Self> {
-        let mut name = path
-            .file_name()
-            .ok_or_else(|| format!("{} is not a file name", path.display()))?
-            .to_os_string();
-        name.push(format!(".partial-{}", std::process::id()));
-        let tmp = path.with_file_name(name);
-        let file =
-            File::create(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-        Ok(Self {
-            tmp,
-            path: path.to_path_buf(),
-            file: Some(BufWriter::new(file)),
-        })
-    }
-
-    fn file(&mut self) -> &mut BufWriter<File> {
-        self.file.as_mut().expect("open until committed")
-    }
-
-    fn commit(mut self) -> CliResult {
-        if let Some(mut f) = self.file.take() {
-            f.flush()?;
-        }
-        std::fs::rename(&self.tmp, &self.path)
-            .map_err(|e| format!("cannot write {}: {e}", self.path.display()))?;
-        Ok(())
-    }
-}
-
-impl Drop for AtomicFile {
-    fn drop(&mut self) {
-        if self.file.take().is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
-    }
-}
-
 /// What a base file must match: the window size, the vocabulary, the first
 /// scored token and every window's tokens.
 struct Windows<'a> {
@@ -636,22 +590,5 @@ mod tests {
         assert_eq!(p[0], (100.0, 100.0));
         assert_eq!(p[5], (50.0, 50.0));
         assert_eq!(p[10], (0.0, 0.0));
-    }
-
-    #[test]
-    fn an_uncommitted_file_leaves_nothing_behind() {
-        let dir = std::env::temp_dir().join(format!("parallm-atomic-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("out.bin");
-        {
-            let mut f = AtomicFile::create(&path).unwrap();
-            f.file().write_all(b"partial").unwrap();
-        }
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
-        let mut f = AtomicFile::create(&path).unwrap();
-        f.file().write_all(b"whole").unwrap();
-        f.commit().unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"whole");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -258,6 +258,30 @@ impl GgufFile {
         &self.path
     }
 
+    /// Every metadata entry, by key.
+    pub fn metadata_entries(&self) -> Vec<(&str, &Value)> {
+        let mut all: Vec<(&str, &Value)> = self
+            .content
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
+        all.sort_by_key(|(k, _)| *k);
+        all
+    }
+
+    /// Every tensor's name, in the order of the file's data.
+    pub fn tensor_names(&self) -> Vec<&str> {
+        let mut all: Vec<(&str, u64)> = self
+            .content
+            .tensor_infos
+            .iter()
+            .map(|(k, t)| (k.as_str(), t.offset))
+            .collect();
+        all.sort_by_key(|&(k, o)| (o, k));
+        all.into_iter().map(|(k, _)| k).collect()
+    }
+
     /// The Hugging Face directory this was opened from, if it was.
     pub fn hf(&self) -> Option<&HfModel> {
         match &self.data {

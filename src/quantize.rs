@@ -1,0 +1,517 @@
+//! `parallm quantize IN OUT --type T`: a GGUF file's weights in another
+//! numeric type, as a GGUF file that llama.cpp loads.
+//!
+//! Which tensor gets which type follows llama.cpp's `llama-quantize` (read
+//! for the facts, written here): only weight matrices are quantized (not
+//! norms, biases or 1-D tensors); the output projection, or the token
+//! embeddings where they are tied to it, get Q6_K under any block type but
+//! Q8_0; the `_M` mixes give `attn_v` and `ffn_down` Q6_K in the layers
+//! `use_more_bits` picks (the first and last eighth, and every third
+//! between) and a fused `attn_qkv` one step more; a row length that the
+//! chosen type's blocks do not divide falls back (Q4_K → Q5_0, Q5_K →
+//! Q5_1, Q6_K → Q8_0, Q2_K/Q3_K → Q4_0, and F16 if even 32 does not
+//! divide it). `--keep TYPE:NAMES` holds chosen tensors at a type of their
+//! own (the mixed-precision recipe).
+//!
+//! The blocks are candle's quantizers (`QTensor::quantize`, the GGML
+//! reference layouts), over tensors in parallel; the file is candle's GGUF
+//! writer's, written to a temporary name and renamed when whole. A source
+//! that is already quantized is only requantized to a type of fewer bits
+//! per weight with `--allow-requantize`.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::Device;
+use framework::GgufFile;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::files::AtomicFile;
+use crate::CliResult;
+
+/// What `--type` names: one block type for every weight matrix, or one of
+/// llama.cpp's mixes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Every weight matrix in this type (with llama.cpp's output rule).
+    Plain(GgmlDType),
+    /// Q4_K_S: Q4_K, with Q5_K for the first `attn_v` and `ffn_down`s.
+    Q4KS,
+    /// Q4_K_M: Q4_K, with Q6_K for `attn_v` and `ffn_down` where
+    /// `use_more_bits`.
+    Q4KM,
+    /// Q5_K_S: Q5_K throughout.
+    Q5KS,
+    /// Q5_K_M: Q5_K, with Q6_K for `attn_v` and `ffn_down` where
+    /// `use_more_bits`.
+    Q5KM,
+}
+
+/// The names `--type` takes, and what each is.
+pub const TYPES: &[(&str, Target)] = &[
+    ("f32", Target::Plain(GgmlDType::F32)),
+    ("f16", Target::Plain(GgmlDType::F16)),
+    ("bf16", Target::Plain(GgmlDType::BF16)),
+    ("q8_0", Target::Plain(GgmlDType::Q8_0)),
+    ("q5_1", Target::Plain(GgmlDType::Q5_1)),
+    ("q5_0", Target::Plain(GgmlDType::Q5_0)),
+    ("q4_1", Target::Plain(GgmlDType::Q4_1)),
+    ("q4_0", Target::Plain(GgmlDType::Q4_0)),
+    ("q6_k", Target::Plain(GgmlDType::Q6K)),
+    ("q5_k_m", Target::Q5KM),
+    ("q5_k_s", Target::Q5KS),
+    ("q4_k_m", Target::Q4KM),
+    ("q4_k_s", Target::Q4KS),
+    ("q3_k", Target::Plain(GgmlDType::Q3K)),
+    ("q2_k", Target::Plain(GgmlDType::Q2K)),
+];
+
+impl std::str::FromStr for Target {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let want = s.to_ascii_lowercase();
+        TYPES
+            .iter()
+            .find(|(n, _)| *n == want)
+            .map(|(_, t)| *t)
+            .ok_or_else(|| {
+                let names: Vec<&str> = TYPES.iter().map(|(n, _)| *n).collect();
+                format!("--type {s} is not one of {}", names.join(", "))
+            })
+    }
+}
+
+impl Target {
+    /// llama.cpp's `general.file_type` for it.
+    fn file_type(self) -> u32 {
+        match self {
+            Target::Plain(t) => match t {
+                GgmlDType::F32 => 0,
+                GgmlDType::F16 => 1,
+                GgmlDType::Q4_0 => 2,
+                GgmlDType::Q4_1 => 3,
+                GgmlDType::Q8_0 => 7,
+                GgmlDType::Q5_0 => 8,
+                GgmlDType::Q5_1 => 9,
+                GgmlDType::Q2K => 10,
+                GgmlDType::Q3K => 12,
+                GgmlDType::Q6K => 18,
+                GgmlDType::BF16 => 32,
+                _ => 0,
+            },
+            Target::Q4KS => 14,
+            Target::Q4KM => 15,
+            Target::Q5KS => 16,
+            Target::Q5KM => 17,
+        }
+    }
+
+    /// The block type of ordinary weight matrices.
+    fn base(self) -> GgmlDType {
+        match self {
+            Target::Plain(t) => t,
+            Target::Q4KS | Target::Q4KM => GgmlDType::Q4K,
+            Target::Q5KS | Target::Q5KM => GgmlDType::Q5K,
+        }
+    }
+}
+
+/// Bits per weight of a block type.
+fn bits(t: GgmlDType) -> f64 {
+    8.0 * t.type_size() as f64 / t.block_size() as f64
+}
+
+fn is_quantized(t: GgmlDType) -> bool {
+    !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// `--keep TYPE:NAME,NAME…`: tensors whose names start with one of the
+/// prefixes (`blk.N-1` is the last block) stay in TYPE.
+#[derive(Debug, Clone)]
+pub struct Keep {
+    dtype: GgmlDType,
+    prefixes: Vec<String>,
+}
+
+impl std::str::FromStr for Keep {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (t, names) = s.split_once(':').ok_or_else(|| {
+            format!("--keep {s}: expected TYPE:NAME[,NAME…], e.g. f16:token_embd,output")
+        })?;
+        let dtype = match t.parse::<Target>() {
+            Ok(Target::Plain(d)) => d,
+            _ => {
+                return Err(format!(
+                    "--keep {s}: {t} is not a single block type (f16, bf16, f32, q8_0, …)"
+                ))
+            }
+        };
+        let prefixes: Vec<String> = names
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_string)
+            .collect();
+        if prefixes.is_empty() {
+            return Err(format!("--keep {s}: no tensor names after the type"));
+        }
+        Ok(Self { dtype, prefixes })
+    }
+}
+
+/// What `parallm quantize` was asked for.
+pub struct QuantizePlan {
+    /// The type or mix.
+    pub target: Target,
+    /// Tensors held at other types.
+    pub keep: Vec<Keep>,
+    /// Requantize already quantized weights to fewer bits.
+    pub allow_requantize: bool,
+    /// Show a progress bar.
+    pub progress: bool,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+/// What was written.
+#[derive(Debug)]
+pub struct QuantizeReport {
+    /// Tensors written, and how many were quantized to each type.
+    pub tensors: usize,
+    /// Per type: tensors and weights.
+    pub types: Vec<(String, usize, usize)>,
+    /// Bytes of the output file.
+    pub bytes: u64,
+}
+
+/// llama.cpp's choice of layers that get more bits.
+fn use_more_bits(i: usize, n: usize) -> bool {
+    i < n / 8 || i >= 7 * n / 8 || (i as i64 - (n / 8) as i64).rem_euclid(3) == 2
+}
+
+/// The block `blk.N.` a tensor belongs to.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
+/// The type of tensor `name` (`dims` as GgufFile reads them, the row last)
+/// under `target`, before `--keep`; `None` when it is not quantized.
+fn choose(
+    name: &str,
+    dims: &[usize],
+    target: Target,
+    layers: usize,
+    tied: bool,
+) -> Option<GgmlDType> {
+    let quantizable = dims.len() >= 2
+        && name.ends_with("weight")
+        && !name.contains("_norm.weight")
+        && !name.contains("ffn_gate_inp.weight")
+        && name != "position_embd.weight"
+        && name != "token_types.weight";
+    if !quantizable {
+        return None;
+    }
+    let base = target.base();
+    let row = *dims.last()?;
+    let layer = layer_of(name).unwrap_or(0);
+    let more = use_more_bits(layer, layers);
+    let mut t = base;
+    if !is_quantized(base) {
+        return Some(base);
+    }
+    if name == "output.weight" || (tied && name == "token_embd.weight") {
+        t = if row % 256 != 0 || base == GgmlDType::Q8_0 {
+            GgmlDType::Q8_0
+        } else {
+            GgmlDType::Q6K
+        };
+    } else if name.contains("attn_v.weight") {
+        match target {
+            Target::Q4KM | Target::Q5KM if more => t = GgmlDType::Q6K,
+            Target::Q4KS if layer < 4 => t = GgmlDType::Q5K,
+            _ => {}
+        }
+    } else if name.contains("ffn_down") {
+        match target {
+            Target::Q4KM | Target::Q5KM if more => t = GgmlDType::Q6K,
+            Target::Q4KS if layer < layers / 8 => t = GgmlDType::Q5K,
+            _ => {}
+        }
+    } else if name.contains("attn_qkv.weight") {
+        match target {
+            Target::Q4KM => t = GgmlDType::Q5K,
+            Target::Q5KM => t = GgmlDType::Q6K,
+            _ => {}
+        }
+    }
+    Some(fit_row(t, row))
+}
+
+/// `t`, or llama.cpp's fallback when its blocks do not divide a row.
+fn fit_row(t: GgmlDType, row: usize) -> GgmlDType {
+    if row.is_multiple_of(t.block_size()) {
+        return t;
+    }
+    let fallback = match t {
+        GgmlDType::Q4K => GgmlDType::Q5_0,
+        GgmlDType::Q5K => GgmlDType::Q5_1,
+        GgmlDType::Q6K => GgmlDType::Q8_0,
+        GgmlDType::Q2K | GgmlDType::Q3K => GgmlDType::Q4_0,
+        other => other,
+    };
+    if row.is_multiple_of(fallback.block_size()) {
+        fallback
+    } else {
+        GgmlDType::F16
+    }
+}
+
+/// Whether `--keep` holds `name`, and at which type.
+fn kept(keep: &[Keep], name: &str, layers: usize) -> Option<GgmlDType> {
+    let last = format!("blk.{}", layers.saturating_sub(1));
+    keep.iter().find_map(|k| {
+        k.prefixes
+            .iter()
+            .any(|p| {
+                let p = if p == "blk.N-1" {
+                    last.as_str()
+                } else {
+                    p.as_str()
+                };
+                name == p || name.starts_with(&format!("{p}."))
+            })
+            .then_some(k.dtype)
+    })
+}
+
+/// Quantizes `input` into `output`.
+pub fn quantize(input: &Path, output: &Path, plan: &QuantizePlan) -> CliResult<QuantizeReport> {
+    let file = GgufFile::open(input)?;
+    if file.hf().is_some() {
+        return Err(format!(
+            "{} is a Hugging Face directory; quantize reads GGUF files (convert it first, e.g. with llama.cpp's convert_hf_to_gguf.py)",
+            input.display()
+        )
+        .into());
+    }
+    let arch = file.get_str("general.architecture")?.to_string();
+    let layers = file.get_usize(&format!("{arch}.block_count"))?;
+    let names: Vec<String> = file
+        .tensor_names()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    let tied = !names.iter().any(|n| n == "output.weight");
+    // Each tensor's source and chosen type.
+    let mut jobs = Vec::with_capacity(names.len());
+    for name in &names {
+        let (from, dims) = file.tensor_info(name)?;
+        // `--keep` applies to what would be quantized (weight matrices;
+        // norms stay f32).
+        let to = choose(name, &dims, plan.target, layers, tied).map(|t| {
+            kept(&plan.keep, name, layers).map_or(t, |k| fit_row(k, *dims.last().unwrap_or(&1)))
+        });
+        if let Some(to) = to {
+            if is_quantized(from)
+                && is_quantized(to)
+                && bits(to) < bits(from)
+                && !plan.allow_requantize
+            {
+                return Err(format!(
+                    "{} holds {name} as {from:?} already; requantizing it to {to:?} ({:.2} bits a weight, fewer than {:.2}) loses more than quantizing the original would. Quantize the f16/bf16/f32 file instead, or pass --allow-requantize",
+                    input.display(),
+                    bits(to),
+                    bits(from)
+                )
+                .into());
+            }
+        }
+        jobs.push((name.clone(), dims, from, to));
+    }
+    let bar = if plan.progress {
+        let b = ProgressBar::new(jobs.len() as u64);
+        if let Ok(s) = ProgressStyle::with_template("{bar:40} {pos}/{len} tensors, {elapsed} {msg}")
+        {
+            b.set_style(s);
+        }
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+    let next = AtomicUsize::new(0);
+    let done: Mutex<Vec<Option<QTensor>>> = Mutex::new((0..jobs.len()).map(|_| None).collect());
+    let failed: Mutex<Option<String>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..plan.threads.max(1) {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some((name, dims, from, to)) = jobs.get(i) else {
+                    break;
+                };
+                if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                    break;
+                }
+                let result = convert(&file, name, dims, *from, *to);
+                match result {
+                    Ok(q) => {
+                        if let Ok(mut d) = done.lock() {
+                            d[i] = Some(q);
+                        }
+                        bar.inc(1);
+                    }
+                    Err(e) => {
+                        if let Ok(mut f) = failed.lock() {
+                            f.get_or_insert(e);
+                        }
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    bar.finish_and_clear();
+    if let Some(e) = failed.into_inner().ok().flatten() {
+        return Err(e.into());
+    }
+    let tensors: Vec<QTensor> = done
+        .into_inner()
+        .map_err(|_| "a quantizing thread panicked")?
+        .into_iter()
+        .collect::<Option<_>>()
+        .ok_or("a tensor was not quantized")?;
+    // Metadata as it was, with the file type of the result; the writer
+    // aligns data at 32 bytes, GGUF's default.
+    let file_type = Value::U32(plan.target.file_type());
+    let version = Value::U32(2);
+    let mut meta: Vec<(&str, &Value)> = file
+        .metadata_entries()
+        .into_iter()
+        .filter(|(k, _)| {
+            !matches!(
+                *k,
+                "general.alignment" | "general.file_type" | "general.quantization_version"
+            )
+        })
+        .collect();
+    meta.push(("general.file_type", &file_type));
+    meta.push(("general.quantization_version", &version));
+    let named: Vec<(&str, &QTensor)> = names
+        .iter()
+        .map(String::as_str)
+        .zip(tensors.iter())
+        .collect();
+    let mut out = AtomicFile::create(output)?;
+    candle_core::quantized::gguf_file::write(out.file(), &meta, &named)
+        .map_err(|e| format!("cannot write {}: {e}", output.display()))?;
+    out.commit()?;
+    let mut types: Vec<(String, usize, usize)> = Vec::new();
+    for q in &tensors {
+        let name = format!("{:?}", q.dtype());
+        let n = q.shape().elem_count();
+        match types.iter_mut().find(|(t, _, _)| *t == name) {
+            Some(e) => {
+                e.1 += 1;
+                e.2 += n;
+            }
+            None => types.push((name, 1, n)),
+        }
+    }
+    Ok(QuantizeReport {
+        tensors: tensors.len(),
+        types,
+        bytes: std::fs::metadata(output)?.len(),
+    })
+}
+
+/// One tensor in its new type (as it is when `to` is `None` or the same).
+fn convert(
+    file: &GgufFile,
+    name: &str,
+    dims: &[usize],
+    from: GgmlDType,
+    to: Option<GgmlDType>,
+) -> Result<QTensor, String> {
+    let q = file.tensor(name, dims).map_err(|e| e.to_string())?;
+    let to = match to {
+        Some(t) if t != from => t,
+        _ => return Ok(q),
+    };
+    let f = q
+        .dequantize(&Device::Cpu)
+        .map_err(|e| format!("{name}: cannot read as f32: {e}"))?;
+    QTensor::quantize(&f, to).map_err(|e| format!("{name}: cannot quantize to {to:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn more_bits_go_to_the_first_and_last_eighth_and_every_third_between() {
+        let picked: Vec<usize> = (0..30).filter(|&i| use_more_bits(i, 30)).collect();
+        // n/8 = 3, 7n/8 = 26: 0..3, 26..30, and 3 + 2, 3 + 5, …
+        assert_eq!(picked, [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]);
+    }
+
+    #[test]
+    fn types_follow_llama_cpps_rules() {
+        use GgmlDType::*;
+        let (q4km, q8, q4, f16) = (
+            Target::Q4KM,
+            Target::Plain(Q8_0),
+            Target::Plain(Q4_0),
+            Target::Plain(F16),
+        );
+        let wide = [49152, 1024];
+        type Case<'a> = (&'a str, &'a [usize], Target, bool, Option<GgmlDType>);
+        let cases: [Case<'_>; 12] = [
+            // Tied embeddings 576 wide: Q6_K does not fit, Q8_0.
+            ("token_embd.weight", &[49152, 576], q4km, true, Some(Q8_0)),
+            ("token_embd.weight", &wide, q4km, true, Some(Q6K)),
+            ("output.weight", &wide, q8, false, Some(Q8_0)),
+            ("output.weight", &wide, q4, false, Some(Q6K)),
+            // Q4_K rows of 576 fall back to Q5_0; ffn_down rows of 1536 fit.
+            ("blk.4.attn_q.weight", &[576, 576], q4km, true, Some(Q5_0)),
+            ("blk.4.ffn_down.weight", &[576, 1536], q4km, true, Some(Q4K)),
+            ("blk.5.ffn_down.weight", &[576, 1536], q4km, true, Some(Q6K)),
+            ("blk.0.attn_v.weight", &[192, 1024], q4km, true, Some(Q6K)),
+            ("blk.4.attn_v.weight", &[192, 1024], q4km, true, Some(Q4K)),
+            // Norms and 1-D tensors are never quantized.
+            ("blk.0.attn_norm.weight", &[576], q4km, true, None),
+            ("blk.0.attn_q.bias", &[576], q4km, true, None),
+            ("token_embd.weight", &[49152, 576], f16, true, Some(F16)),
+        ];
+        for (name, dims, target, tied, want) in cases {
+            assert_eq!(
+                choose(name, dims, target, 30, tied),
+                want,
+                "{name} {target:?}"
+            );
+        }
+        // A row no block divides is kept in f16.
+        assert_eq!(fit_row(Q4_0, 100), F16);
+    }
+
+    #[test]
+    fn keep_parses_and_names_the_last_block() {
+        let k: Keep = "f16:token_embd,blk.0,blk.N-1".parse().unwrap();
+        let keep = [k];
+        assert_eq!(kept(&keep, "token_embd.weight", 30), Some(GgmlDType::F16));
+        assert_eq!(
+            kept(&keep, "blk.29.ffn_up.weight", 30),
+            Some(GgmlDType::F16)
+        );
+        assert_eq!(kept(&keep, "blk.0.attn_q.weight", 30), Some(GgmlDType::F16));
+        assert_eq!(kept(&keep, "blk.10.attn_q.weight", 30), None);
+        assert!("q4_k_m:output".parse::<Keep>().is_err());
+        assert!("f16".parse::<Keep>().is_err());
+        assert!("q9_9".parse::<Target>().unwrap_err().contains("q4_k_m"));
+    }
+}

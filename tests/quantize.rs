@@ -1,0 +1,292 @@
+//! `parallm quantize`: every type round-trips through the loader and the
+//! model still runs; the KL divergence from the f32 base grows as the bits
+//! shrink; the files llama.cpp was measured on (`tests/golden/quantize.json`,
+//! made by `tests/support/quantize_golden.sh`) are byte for byte what the
+//! command writes now; mixed precision by `--keep`; bad input named, with no
+//! file left behind.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+use framework::GgufFile;
+use sha2::{Digest, Sha256};
+
+fn parallm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_parallm"))
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = parallm(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{args:?}: {stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &stderr
+}
+
+fn dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("parallm-quantize-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    })
+}
+
+/// The reference model's weights dequantized to f32 (made once).
+fn base() -> &'static str {
+    static BASE: OnceLock<String> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let model = common::model_path();
+        let out = dir().join("f32.gguf");
+        let out = out.to_str().unwrap().to_string();
+        ok(&["quantize", model.to_str().unwrap(), &out, "--type", "f32"]);
+        out
+    })
+}
+
+/// `base()` in type `t` (made once; tests share the files).
+fn quantized(t: &str) -> String {
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = MAKING.lock().unwrap_or_else(|e| e.into_inner());
+    let out = dir().join(format!("{t}.gguf"));
+    let out = out.to_str().unwrap().to_string();
+    if !Path::new(&out).exists() {
+        ok(&["quantize", base(), &out, "--type", t]);
+    }
+    out
+}
+
+fn sha256(path: &str) -> String {
+    format!("{:x}", Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+/// Tensor `name`'s values as f32.
+fn values(file: &GgufFile, name: &str, dims: &[usize]) -> Vec<f32> {
+    file.tensor(name, dims)
+        .unwrap()
+        .dequantize(&candle_core::Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn every_type_round_trips_through_the_loader_and_runs() {
+    let f32 = GgufFile::open(base()).unwrap();
+    let q = "blk.3.ffn_down.weight";
+    let (_, dims) = f32.tensor_info(q).unwrap();
+    let want = values(&f32, q, &dims);
+    let rms = (want.iter().map(|x| x * x).sum::<f32>() / want.len() as f32).sqrt();
+    // (type, stored type of blk.3.ffn_down (rows of 1536), worst relative RMS error)
+    for (t, stored, tol) in [
+        ("f16", "F16", 0.001),
+        ("bf16", "BF16", 0.005),
+        ("q8_0", "Q8_0", 0.02),
+        ("q5_1", "Q5_1", 0.06),
+        ("q5_0", "Q5_0", 0.06),
+        ("q4_1", "Q4_1", 0.12),
+        ("q4_0", "Q4_0", 0.12),
+        ("q6_k", "Q6K", 0.04),
+        ("q5_k_s", "Q5K", 0.06),
+        ("q5_k_m", "Q5K", 0.06),
+        ("q4_k_s", "Q4K", 0.12),
+        ("q4_k_m", "Q4K", 0.12),
+        ("q3_k", "Q3K", 0.3),
+        ("q2_k", "Q2K", 0.6),
+    ] {
+        let path = quantized(t);
+        let file = GgufFile::open(&path).unwrap_or_else(|e| panic!("{t}: {e}"));
+        assert_eq!(file.stored_type(q).as_deref(), Some(stored), "{t}");
+        assert_eq!(
+            file.stored_type("blk.3.attn_norm.weight").as_deref(),
+            Some("F32"),
+            "{t}"
+        );
+        let got = values(&file, q, &dims);
+        let err = (want
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b) * (a - b))
+            .sum::<f32>()
+            / want.len() as f32)
+            .sqrt()
+            / rms;
+        println!("{t}: relative RMS error of {q}: {err:.5}");
+        assert!(err < tol, "{t}: {err}");
+        // The model loads and generates (coarse types may end early).
+        let text = ok(&[
+            "generate",
+            "The capital of France is",
+            "--model",
+            &path,
+            "--max-tokens",
+            "3",
+        ]);
+        assert!(
+            text.contains("prompt tokens: 5, generated tokens: "),
+            "{t}: {text}"
+        );
+    }
+}
+
+#[test]
+fn kl_divergence_from_the_base_grows_as_the_bits_shrink() {
+    let kld = dir().join("base.kld");
+    let kld = kld.to_str().unwrap();
+    let run = |model: &str, extra: &[&str]| {
+        let mut args = vec![
+            "perplexity",
+            "--model",
+            model,
+            "-f",
+            "/usr/share/common-licenses/GPL-3",
+            "--ctx",
+            "128",
+            "--chunks",
+            "6",
+            "--kl-divergence-base",
+            kld,
+            "--json",
+            "-",
+        ];
+        args.extend_from_slice(extra);
+        let out = ok(&args);
+        let json = &out[out.find('{').unwrap()..out.rfind('}').unwrap() + 1];
+        serde_json::from_str::<serde_json::Value>(json).unwrap()
+    };
+    // The base runs on its f32 weights as they are (`auto` would make
+    // them q8_0).
+    run(base(), &["--weights", "f32"]);
+    let mean = |t: &str| {
+        let r = run(&quantized(t), &["--kl-divergence"]);
+        let k = r["kld"]["mean_kld"].as_f64().unwrap();
+        println!("{t}: mean KLD {k:.6}, PPL {}", r["ppl"]);
+        k
+    };
+    let (q8, q6, q4k, q4) = (mean("q8_0"), mean("q6_k"), mean("q4_k_m"), mean("q4_0"));
+    assert!(
+        0.0 < q8 && q8 < q6 && q6 < q4k && q4k < q4,
+        "{q8} {q6} {q4k} {q4}"
+    );
+}
+
+#[test]
+fn the_files_llama_cpp_was_measured_on_are_the_ones_written_now() {
+    let golden: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/quantize.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        golden["base_sha256"].as_str(),
+        Some(sha256(base()).as_str()),
+        "the f32 base differs from the golden's"
+    );
+    for f in golden["files"].as_array().unwrap() {
+        let t = f["type"].as_str().unwrap();
+        assert_eq!(
+            f["parallm_sha256"].as_str(),
+            Some(sha256(&quantized(t)).as_str()),
+            "{t}: the bytes llama.cpp ran differ from what quantize writes now"
+        );
+        // What llama.cpp measured on them (recorded by the script).
+        let ours = f["llama_ppl_parallm_file"].as_f64().unwrap();
+        let theirs = f["llama_ppl_llama_quantize_file"].as_f64().unwrap();
+        println!("{t}: llama-perplexity {ours} on ours, {theirs} on llama-quantize's");
+        if t == "q8_0" {
+            assert!(
+                (ours / theirs - 1.0).abs() < 0.005,
+                "{t}: {ours} against {theirs}"
+            );
+        }
+    }
+}
+
+#[test]
+fn keep_holds_chosen_tensors_at_their_own_type() {
+    let out = dir().join("mixed.gguf");
+    let out = out.to_str().unwrap();
+    ok(&[
+        "quantize",
+        base(),
+        out,
+        "--type",
+        "q4_0",
+        "--keep",
+        "f16:token_embd,blk.0,blk.N-1",
+    ]);
+    let f = GgufFile::open(out).unwrap();
+    for (name, t) in [
+        ("token_embd.weight", "F16"),
+        ("blk.0.attn_q.weight", "F16"),
+        ("blk.29.ffn_up.weight", "F16"),
+        ("blk.1.attn_q.weight", "Q4_0"),
+        ("blk.0.attn_norm.weight", "F32"),
+    ] {
+        assert_eq!(f.stored_type(name).as_deref(), Some(t), "{name}");
+    }
+}
+
+fn refused(args: &[&str], needle: &str) {
+    let out = parallm(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains(needle), "{needle:?} not in {stderr}");
+}
+
+#[test]
+fn bad_input_is_named_and_leaves_no_file() {
+    let d = dir().join("bad");
+    std::fs::create_dir_all(&d).unwrap();
+    let out = d.join("out.gguf");
+    let out = out.to_str().unwrap();
+    let model = common::model_path();
+    let model = model.to_str().unwrap();
+    refused(
+        &["quantize", model, out, "--type", "q4_0"],
+        "--allow-requantize",
+    );
+    refused(
+        &["quantize", base(), out, "--type", "q9_9"],
+        "--type q9_9 is not one of",
+    );
+    refused(
+        &["quantize", base(), out, "--type", "q4_0", "--keep", "f16"],
+        "--keep f16",
+    );
+    refused(
+        &["quantize", "/nonexistent.gguf", out, "--type", "q4_0"],
+        "/nonexistent.gguf",
+    );
+    let bytes = std::fs::read(base()).unwrap();
+    let cut = d.join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    refused(
+        &["quantize", cut.to_str().unwrap(), out, "--type", "q8_0"],
+        "cut.gguf",
+    );
+    std::fs::remove_file(&cut).unwrap();
+    assert_eq!(
+        std::fs::read_dir(&d).unwrap().count(),
+        0,
+        "no file left behind"
+    );
+    // Requantizing to more bits needs no flag; to fewer, the flag.
+    ok(&["quantize", model, out, "--type", "q8_0"]);
+    ok(&[
+        "quantize",
+        model,
+        out,
+        "--type",
+        "q4_0",
+        "--allow-requantize",
+    ]);
+}
