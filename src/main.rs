@@ -1,6 +1,7 @@
 //! The `parallm` command line: `generate` (through the engine), `serve` (the
 //! HTTP server), `perplexity` (a text's perplexity and the KL divergence
 //! from a base run), `quantize` (a GGUF file's weights in another type),
+//! `prune` (zeroed weights or dropped blocks),
 //! `config show|check`, `cuda` (what this machine offers
 //! the CUDA backend), and the benchmarks `bench latency`, `bench
 //! throughput` and `bench serve`.
@@ -13,6 +14,7 @@ mod bench;
 mod bench_serve;
 mod files;
 mod perplexity;
+mod prune;
 mod quantize;
 mod throughput;
 
@@ -60,6 +62,11 @@ enum Command {
     /// f16, …) as a GGUF file llama.cpp loads, choosing per tensor as
     /// llama-quantize does.
     Quantize(QuantizeArgs),
+    /// Zeroes each block matrix's smallest weights per row (--method
+    /// magnitude, --sparsity or an N:M --pattern), or drops the blocks that
+    /// change the hidden state least on a calibration text (--method layers
+    /// --drop K --calib TEXT), writing a GGUF file.
+    Prune(PruneArgs),
     /// Show or check the configuration `serve` would run with.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -275,6 +282,45 @@ struct QuantizeArgs {
     #[arg(long)]
     allow_requantize: bool,
     /// Threads quantizing tensors in parallel (default: every CPU).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct PruneArgs {
+    /// The source GGUF file.
+    input: PathBuf,
+    /// The GGUF file to write (written whole or not at all).
+    output: PathBuf,
+    /// magnitude: zero weights; layers: drop blocks.
+    #[arg(long, value_enum)]
+    method: prune::Method,
+    /// Share of each row zeroed, in (0, 1) (magnitude).
+    #[arg(long)]
+    sparsity: Option<f64>,
+    /// unstructured, or N:M to keep N of every M weights of a row (2:4, 4:8).
+    #[arg(long, default_value = "unstructured")]
+    pattern: prune::Pattern,
+    /// Blocks to drop (layers).
+    #[arg(long, value_name = "K")]
+    drop: Option<usize>,
+    /// Calibration text (layers).
+    #[arg(long, value_name = "TEXT")]
+    calib: Option<PathBuf>,
+    /// Tokens per calibration window (layers).
+    #[arg(long, default_value_t = 256)]
+    ctx: usize,
+    /// Calibration windows at most (layers).
+    #[arg(long, default_value_t = 8)]
+    windows: usize,
+    /// Store the result in this type (as quantize chooses per tensor;
+    /// default: each tensor's own type).
+    #[arg(long = "type", value_name = "T")]
+    target: Option<quantize::Target>,
+    /// With --type, requantize weights to fewer bits than they have.
+    #[arg(long)]
+    allow_requantize: bool,
+    /// Threads converting tensors (default: every CPU).
     #[arg(long)]
     threads: Option<usize>,
 }
@@ -520,6 +566,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => run_serve(args),
         Command::Perplexity(args) => run_perplexity(args),
         Command::Quantize(args) => run_quantize(args),
+        Command::Prune(args) => run_prune(args),
         Command::Config(ConfigCommand::Show(layers)) => run_config_show(layers),
         Command::Config(ConfigCommand::Check { file, mut layers }) => {
             layers.config = Some(file);
@@ -557,15 +604,37 @@ fn run_serve(args: ServeArgs) -> CliResult {
     Ok(())
 }
 
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn run_prune(args: PruneArgs) -> CliResult {
+    let plan = prune::PrunePlan {
+        method: args.method,
+        sparsity: args.sparsity,
+        pattern: args.pattern,
+        drop: args.drop,
+        calib: args.calib,
+        ctx: args.ctx,
+        windows: args.windows,
+        target: args.target,
+        allow_requantize: args.allow_requantize,
+        progress: std::io::stderr().is_terminal(),
+        threads: args.threads.unwrap_or_else(cpus),
+    };
+    let t0 = Instant::now();
+    let line = prune::prune(&args.input, &args.output, &plan)?;
+    eprintln!("{line}, {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
 fn run_quantize(args: QuantizeArgs) -> CliResult {
     let plan = quantize::QuantizePlan {
         target: args.target,
         keep: args.keep,
         allow_requantize: args.allow_requantize,
         progress: std::io::stderr().is_terminal(),
-        threads: args
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        threads: args.threads.unwrap_or_else(cpus),
     };
     let t0 = Instant::now();
     let r = quantize::quantize(&args.input, &args.output, &plan)?;

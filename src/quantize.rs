@@ -87,7 +87,7 @@ impl std::str::FromStr for Target {
 
 impl Target {
     /// llama.cpp's `general.file_type` for it.
-    fn file_type(self) -> u32 {
+    pub fn file_type(self) -> u32 {
         match self {
             Target::Plain(t) => match t {
                 GgmlDType::F32 => 0,
@@ -125,7 +125,7 @@ fn bits(t: GgmlDType) -> f64 {
     8.0 * t.type_size() as f64 / t.block_size() as f64
 }
 
-fn is_quantized(t: GgmlDType) -> bool {
+pub fn is_quantized(t: GgmlDType) -> bool {
     !matches!(t, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
 }
 
@@ -202,7 +202,7 @@ fn layer_of(name: &str) -> Option<usize> {
 
 /// The type of tensor `name` (`dims` as GgufFile reads them, the row last)
 /// under `target`, before `--keep`; `None` when it is not quantized.
-fn choose(
+pub fn choose(
     name: &str,
     dims: &[usize],
     target: Target,
@@ -291,51 +291,82 @@ fn kept(keep: &[Keep], name: &str, layers: usize) -> Option<GgmlDType> {
     })
 }
 
-/// Quantizes `input` into `output`.
-pub fn quantize(input: &Path, output: &Path, plan: &QuantizePlan) -> CliResult<QuantizeReport> {
+/// Opens a GGUF file to rewrite (a Hugging Face directory is refused).
+pub fn open_gguf(input: &Path) -> CliResult<GgufFile> {
     let file = GgufFile::open(input)?;
     if file.hf().is_some() {
         return Err(format!(
-            "{} is a Hugging Face directory; quantize reads GGUF files (convert it first, e.g. with llama.cpp's convert_hf_to_gguf.py)",
+            "{} is a Hugging Face directory; this reads GGUF files (convert it first, e.g. with llama.cpp's convert_hf_to_gguf.py)",
             input.display()
         )
         .into());
     }
-    let arch = file.get_str("general.architecture")?.to_string();
-    let layers = file.get_usize(&format!("{arch}.block_count"))?;
-    let names: Vec<String> = file
-        .tensor_names()
-        .into_iter()
-        .map(str::to_string)
-        .collect();
-    let tied = !names.iter().any(|n| n == "output.weight");
-    // Each tensor's source and chosen type.
-    let mut jobs = Vec::with_capacity(names.len());
-    for name in &names {
-        let (from, dims) = file.tensor_info(name)?;
-        // `--keep` applies to what would be quantized (weight matrices;
-        // norms stay f32).
-        let to = choose(name, &dims, plan.target, layers, tied).map(|t| {
-            kept(&plan.keep, name, layers).map_or(t, |k| fit_row(k, *dims.last().unwrap_or(&1)))
-        });
-        if let Some(to) = to {
-            if is_quantized(from)
-                && is_quantized(to)
-                && bits(to) < bits(from)
-                && !plan.allow_requantize
-            {
-                return Err(format!(
-                    "{} holds {name} as {from:?} already; requantizing it to {to:?} ({:.2} bits a weight, fewer than {:.2}) loses more than quantizing the original would. Quantize the f16/bf16/f32 file instead, or pass --allow-requantize",
-                    input.display(),
-                    bits(to),
-                    bits(from)
-                )
-                .into());
-            }
+    Ok(file)
+}
+
+/// Changes a tensor's values in place (row-major, rows of `dims.last()`).
+pub type Edit = Box<dyn Fn(&mut [f32]) + Send + Sync>;
+
+/// One tensor of the file to write.
+pub struct Job {
+    /// Its name in the new file.
+    pub name: String,
+    /// The tensor of the source file it is made from.
+    pub source: String,
+    /// Its dims as the loader reads them (the row last).
+    pub dims: Vec<usize>,
+    /// Its type in the source.
+    pub from: GgmlDType,
+    /// Its type in the new file (`None`: as in the source).
+    pub to: Option<GgmlDType>,
+    /// A change to its values before they are stored.
+    pub edit: Option<Edit>,
+}
+
+impl Job {
+    /// Tensor `name` under its own name, stored as `to`, edited by `edit`.
+    pub fn keep_name(
+        name: &str,
+        (dims, from): (Vec<usize>, GgmlDType),
+        to: Option<GgmlDType>,
+        edit: Option<Edit>,
+    ) -> Self {
+        Self {
+            name: name.to_string(),
+            source: name.to_string(),
+            dims,
+            from,
+            to,
+            edit,
         }
-        jobs.push((name.clone(), dims, from, to));
     }
-    let bar = if plan.progress {
+}
+
+/// The source file's metadata without the keys a rewrite sets, as owned
+/// pairs to add to.
+pub fn base_metadata(file: &GgufFile) -> Vec<(String, Value)> {
+    file.metadata_entries()
+        .into_iter()
+        .filter(|(k, _)| {
+            !matches!(
+                *k,
+                "general.alignment" | "general.file_type" | "general.quantization_version"
+            )
+        })
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
+/// Writes `jobs` (in order) with `meta` to `output`, the tensors converted
+/// on `threads` threads.
+pub fn rewrite(
+    file: &GgufFile,
+    jobs: &[Job],
+    meta: &[(String, Value)],
+    output: &Path,
+    (progress, threads): (bool, usize),
+) -> CliResult<QuantizeReport> {
+    let bar = if progress {
         let b = ProgressBar::new(jobs.len() as u64);
         if let Ok(s) = ProgressStyle::with_template("{bar:40} {pos}/{len} tensors, {elapsed} {msg}")
         {
@@ -349,17 +380,16 @@ pub fn quantize(input: &Path, output: &Path, plan: &QuantizePlan) -> CliResult<Q
     let done: Mutex<Vec<Option<QTensor>>> = Mutex::new((0..jobs.len()).map(|_| None).collect());
     let failed: Mutex<Option<String>> = Mutex::new(None);
     std::thread::scope(|s| {
-        for _ in 0..plan.threads.max(1) {
+        for _ in 0..threads.max(1) {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some((name, dims, from, to)) = jobs.get(i) else {
+                let Some(job) = jobs.get(i) else {
                     break;
                 };
                 if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
                     break;
                 }
-                let result = convert(&file, name, dims, *from, *to);
-                match result {
+                match convert(file, job) {
                     Ok(q) => {
                         if let Ok(mut d) = done.lock() {
                             d[i] = Some(q);
@@ -382,29 +412,15 @@ pub fn quantize(input: &Path, output: &Path, plan: &QuantizePlan) -> CliResult<Q
     }
     let tensors: Vec<QTensor> = done
         .into_inner()
-        .map_err(|_| "a quantizing thread panicked")?
+        .map_err(|_| "a converting thread panicked")?
         .into_iter()
         .collect::<Option<_>>()
-        .ok_or("a tensor was not quantized")?;
-    // Metadata as it was, with the file type of the result; the writer
-    // aligns data at 32 bytes, GGUF's default.
-    let file_type = Value::U32(plan.target.file_type());
-    let version = Value::U32(2);
-    let mut meta: Vec<(&str, &Value)> = file
-        .metadata_entries()
-        .into_iter()
-        .filter(|(k, _)| {
-            !matches!(
-                *k,
-                "general.alignment" | "general.file_type" | "general.quantization_version"
-            )
-        })
-        .collect();
-    meta.push(("general.file_type", &file_type));
-    meta.push(("general.quantization_version", &version));
-    let named: Vec<(&str, &QTensor)> = names
+        .ok_or("a tensor was not converted")?;
+    // The writer aligns data at 32 bytes, GGUF's default.
+    let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let named: Vec<(&str, &QTensor)> = jobs
         .iter()
-        .map(String::as_str)
+        .map(|j| j.name.as_str())
         .zip(tensors.iter())
         .collect();
     let mut out = AtomicFile::create(output)?;
@@ -430,23 +446,81 @@ pub fn quantize(input: &Path, output: &Path, plan: &QuantizePlan) -> CliResult<Q
     })
 }
 
-/// One tensor in its new type (as it is when `to` is `None` or the same).
-fn convert(
-    file: &GgufFile,
+/// Quantizes `input` into `output`.
+pub fn quantize(input: &Path, output: &Path, plan: &QuantizePlan) -> CliResult<QuantizeReport> {
+    let file = open_gguf(input)?;
+    let arch = file.get_str("general.architecture")?.to_string();
+    let layers = file.get_usize(&format!("{arch}.block_count"))?;
+    let names = file.tensor_names();
+    let tied = !names.contains(&"output.weight");
+    // Each tensor's source and chosen type.
+    let mut jobs = Vec::with_capacity(names.len());
+    for name in names {
+        let (from, dims) = file.tensor_info(name)?;
+        // `--keep` applies to what would be quantized (weight matrices;
+        // norms stay f32).
+        let to = choose(name, &dims, plan.target, layers, tied).map(|t| {
+            kept(&plan.keep, name, layers).map_or(t, |k| fit_row(k, *dims.last().unwrap_or(&1)))
+        });
+        if let Some(to) = to {
+            refuse_requantize(input, name, from, to, plan.allow_requantize)?;
+        }
+        jobs.push(Job::keep_name(name, (dims, from), to, None));
+    }
+    let mut meta = base_metadata(&file);
+    meta.push((
+        "general.file_type".into(),
+        Value::U32(plan.target.file_type()),
+    ));
+    meta.push(("general.quantization_version".into(), Value::U32(2)));
+    rewrite(&file, &jobs, &meta, output, (plan.progress, plan.threads))
+}
+
+/// Refuses to store `name` (held as `from`) as a quantized type of fewer
+/// bits, unless `allow`.
+pub fn refuse_requantize(
+    input: &Path,
     name: &str,
-    dims: &[usize],
     from: GgmlDType,
-    to: Option<GgmlDType>,
-) -> Result<QTensor, String> {
-    let q = file.tensor(name, dims).map_err(|e| e.to_string())?;
-    let to = match to {
-        Some(t) if t != from => t,
-        _ => return Ok(q),
-    };
+    to: GgmlDType,
+    allow: bool,
+) -> CliResult {
+    if is_quantized(from) && is_quantized(to) && bits(to) < bits(from) && !allow {
+        return Err(format!(
+            "{} holds {name} as {from:?} already; requantizing it to {to:?} ({:.2} bits a weight, fewer than {:.2}) loses more than quantizing the original would. Quantize the f16/bf16/f32 file instead, or pass --allow-requantize",
+            input.display(),
+            bits(to),
+            bits(from)
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// One tensor in its new type, its values edited first where the job says.
+fn convert(file: &GgufFile, job: &Job) -> Result<QTensor, String> {
+    let name = &job.source;
+    let q = file.tensor(name, &job.dims).map_err(|e| e.to_string())?;
+    let to = job.to.unwrap_or(job.from);
+    if to == job.from && job.edit.is_none() {
+        return Ok(q);
+    }
     let f = q
         .dequantize(&Device::Cpu)
         .map_err(|e| format!("{name}: cannot read as f32: {e}"))?;
-    QTensor::quantize(&f, to).map_err(|e| format!("{name}: cannot quantize to {to:?}: {e}"))
+    let f = match &job.edit {
+        None => f,
+        Some(edit) => {
+            let mut v: Vec<f32> = f
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .map_err(|e| format!("{name}: cannot read as f32: {e}"))?;
+            edit(&mut v);
+            candle_core::Tensor::from_vec(v, job.dims.as_slice(), &Device::Cpu)
+                .map_err(|e| format!("{name}: {e}"))?
+        }
+    };
+    QTensor::quantize(&f, to).map_err(|e| format!("{name}: cannot store as {to:?}: {e}"))
 }
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
-//! `parallm quantize`: every type round-trips through the loader and the
+//! `parallm quantize` and `parallm prune`. Quantize: every type round-trips through the loader and the
 //! model still runs; the KL divergence from the f32 base grows as the bits
 //! shrink; the files llama.cpp was measured on (`tests/golden/quantize.json`,
 //! made by `tests/support/quantize_golden.sh`) are byte for byte what the
-//! command writes now; mixed precision by `--keep`; bad input named, with no
-//! file left behind.
+//! command writes now; mixed precision by `--keep`. Prune: every row keeps
+//! exactly its share (N of every M), dropped blocks leave a model that runs;
+//! bad input named, with no file left behind.
 
 mod common;
 
@@ -69,6 +70,22 @@ fn sha256(path: &str) -> String {
     format!("{:x}", Sha256::digest(std::fs::read(path).unwrap()))
 }
 
+/// The model in `path` loads and generates (coarse ones may end early).
+fn generates(path: &str, what: &str) {
+    let text = ok(&[
+        "generate",
+        "The capital of France is",
+        "--model",
+        path,
+        "--max-tokens",
+        "3",
+    ]);
+    assert!(
+        text.contains("prompt tokens: 5, generated tokens: "),
+        "{what}: {text}"
+    );
+}
+
 /// Tensor `name`'s values as f32.
 fn values(file: &GgufFile, name: &str, dims: &[usize]) -> Vec<f32> {
     file.tensor(name, dims)
@@ -124,19 +141,7 @@ fn every_type_round_trips_through_the_loader_and_runs() {
             / rms;
         println!("{t}: relative RMS error of {q}: {err:.5}");
         assert!(err < tol, "{t}: {err}");
-        // The model loads and generates (coarse types may end early).
-        let text = ok(&[
-            "generate",
-            "The capital of France is",
-            "--model",
-            &path,
-            "--max-tokens",
-            "3",
-        ]);
-        assert!(
-            text.contains("prompt tokens: 5, generated tokens: "),
-            "{t}: {text}"
-        );
+        generates(&path, t);
         // Only the types other tests read stay on disk.
         if !["q8_0", "q6_k", "q4_k_m", "q4_0"].contains(&t) {
             std::fs::remove_file(&path).unwrap();
@@ -297,4 +302,146 @@ fn bad_input_is_named_and_leaves_no_file() {
         "q4_0",
         "--allow-requantize",
     ]);
+}
+
+/// The zeros in each row of a tensor (`dims` as the loader reads them).
+fn zeros_per_row(file: &GgufFile, name: &str) -> Vec<usize> {
+    let (_, dims) = file.tensor_info(name).unwrap();
+    let v = values(file, name, &dims);
+    v.chunks(*dims.last().unwrap())
+        .map(|r| r.iter().filter(|x| **x == 0.0).count())
+        .collect()
+}
+
+#[test]
+fn magnitude_pruning_keeps_exactly_the_share_of_every_row() {
+    let source = GgufFile::open(base()).unwrap();
+    let names = [
+        "blk.0.attn_q.weight",
+        "blk.7.ffn_down.weight",
+        "blk.29.ffn_up.weight",
+    ];
+    let before: Vec<Vec<usize>> = names.iter().map(|n| zeros_per_row(&source, n)).collect();
+    for (args, tag) in [
+        (&["--sparsity", "0.5"][..], "half"),
+        (&["--pattern", "2:4"][..], "2of4"),
+        (&["--pattern", "4:8", "--type", "q8_0"][..], "4of8"),
+    ] {
+        let out = dir().join(format!("pruned-{tag}.gguf"));
+        let out = out.to_str().unwrap();
+        let mut all = vec!["prune", base(), out, "--method", "magnitude"];
+        all.extend_from_slice(args);
+        ok(&all);
+        let f = GgufFile::open(out).unwrap();
+        for (n, was) in names.iter().zip(&before) {
+            let (_, dims) = f.tensor_info(n).unwrap();
+            let row = *dims.last().unwrap();
+            let v = values(&f, n, &dims);
+            for (r, (values, &had)) in v.chunks(row).zip(was).enumerate() {
+                let zeros = values.iter().filter(|x| **x == 0.0).count();
+                // Rows that held no zero before hold exactly half now (in
+                // f32; Q8_0 may round more small weights to 0).
+                if had == 0 && tag != "4of8" {
+                    assert_eq!(zeros, row / 2, "{tag} {n} row {r}");
+                } else {
+                    assert!(zeros >= row / 2, "{tag} {n} row {r}");
+                }
+                if tag != "half" {
+                    let group = if tag == "2of4" { 4 } else { 8 };
+                    for g in values.chunks(group) {
+                        assert!(
+                            g.iter().filter(|x| **x == 0.0).count() >= group / 2,
+                            "{tag} {n}"
+                        );
+                    }
+                }
+            }
+        }
+        // Norms and the embeddings are not pruned.
+        assert_eq!(
+            zeros_per_row(&f, "token_embd.weight")[..8],
+            zeros_per_row(&source, "token_embd.weight")[..8]
+        );
+        generates(out, "pruned");
+        std::fs::remove_file(out).unwrap();
+    }
+}
+
+#[test]
+fn dropping_blocks_leaves_a_shorter_model_that_runs() {
+    let model = common::model_path();
+    let out = dir().join("drop2.gguf");
+    let out = out.to_str().unwrap();
+    let line = ok(&[
+        "prune",
+        model.to_str().unwrap(),
+        out,
+        "--method",
+        "layers",
+        "--drop",
+        "2",
+        "--calib",
+        "/usr/share/common-licenses/GPL-3",
+        "--windows",
+        "2",
+    ]);
+    assert!(line.contains("28 of 30 left"), "{line}");
+    let f = GgufFile::open(out).unwrap();
+    assert_eq!(f.get_usize("llama.block_count").unwrap(), 28);
+    assert!(f.has_tensor("blk.27.ffn_down.weight") && !f.has_tensor("blk.28.ffn_down.weight"));
+    // The last block is never dropped: it is the new last one, unchanged.
+    let src = GgufFile::open(&model).unwrap();
+    let (_, dims) = src.tensor_info("blk.29.attn_q.weight").unwrap();
+    assert_eq!(
+        values(&f, "blk.27.attn_q.weight", &dims),
+        values(&src, "blk.29.attn_q.weight", &dims)
+    );
+    generates(out, "pruned");
+}
+
+#[test]
+fn bad_prune_arguments_are_named_and_leave_no_file() {
+    let d = dir().join("bad-prune");
+    std::fs::create_dir_all(&d).unwrap();
+    let out = d.join("out.gguf");
+    let out = out.to_str().unwrap();
+    let b = base();
+    for (args, needle) in [
+        (&["--sparsity", "1.5"][..], "must be in (0, 1)"),
+        (&["--sparsity", "0"][..], "must be in (0, 1)"),
+        (&[][..], "needs --sparsity"),
+        (&["--pattern", "2:5"][..], "do not divide the rows"),
+        (&["--pattern", "5:4"][..], "--pattern 5:4"),
+        (
+            &["--pattern", "2:4", "--sparsity", "0.3"][..],
+            "contradicts",
+        ),
+    ] {
+        let mut all = vec!["prune", b, out, "--method", "magnitude"];
+        all.extend_from_slice(args);
+        refused(&all, needle);
+    }
+    refused(
+        &["prune", b, out, "--method", "layers", "--drop", "2"],
+        "needs --calib",
+    );
+    refused(
+        &[
+            "prune",
+            b,
+            out,
+            "--method",
+            "layers",
+            "--drop",
+            "30",
+            "--calib",
+            "/usr/share/common-licenses/GPL-3",
+        ],
+        "must be in [1, 29]",
+    );
+    assert_eq!(
+        std::fs::read_dir(&d).unwrap().count(),
+        0,
+        "no file left behind"
+    );
 }
