@@ -276,7 +276,14 @@ fn block_similarity(
         .and_then(|t| t.flatten_all())
         .and_then(|t| t.to_vec1())
         .map_err(|e| format!("token_embd.weight: {e}"))?;
-    let hidden = edims[1];
+    let hidden = match edims[..] {
+        [_, h] if h > 0 => h,
+        _ => {
+            return Err(
+                format!("token_embd.weight has shape {edims:?}, expected [vocab, hidden]").into(),
+            )
+        }
+    };
     let stages: Vec<LlamaShard> = (0..layers - 1)
         .map(|l| LlamaShard::load_stage(file, ShardSpec::SINGLE, l..l + 1, WeightFormat::Auto))
         .collect::<Result<_, _>>()?;
@@ -286,14 +293,13 @@ fn block_similarity(
     let mut sums = vec![0.0f64; layers - 1];
     let mut rows = 0usize;
     for w in &windows {
-        let mut x: Vec<f32> = w
-            .iter()
-            .flat_map(|&t| {
-                embd[t as usize * hidden..(t as usize + 1) * hidden]
-                    .iter()
-                    .copied()
-            })
-            .collect();
+        let mut x: Vec<f32> = Vec::with_capacity(w.len() * hidden);
+        for &t in w.iter() {
+            let row = embd
+                .get(t as usize * hidden..(t as usize + 1) * hidden)
+                .ok_or_else(|| format!("token {t} has no row in token_embd.weight"))?;
+            x.extend_from_slice(row);
+        }
         for (l, stage) in stages.iter().enumerate() {
             let mut pool = stage.new_pool(block, blocks);
             let item = [PagedItem {
