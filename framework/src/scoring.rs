@@ -11,6 +11,8 @@
 //! comparison needs: two equal rows quantize equally, so a model compared
 //! with itself has a KL divergence of exactly 0.
 
+use crate::sampling::{argmax, log_softmax};
+
 /// What a request asks of its prompt's scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PromptScoring {
@@ -112,33 +114,17 @@ impl LogprobRow {
     }
 }
 
-/// `log(softmax(row))` with the sum accumulated in f64, and the index of
-/// the largest logit (the first on ties).
-pub fn log_softmax_best(row: &[f32]) -> (Vec<f32>, u32) {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    let max = row.get(best).copied().unwrap_or(0.0);
-    let sum: f64 = row.iter().map(|&x| ((x - max) as f64).exp()).sum();
-    let lse = max as f64 + sum.ln();
-    let lp = row.iter().map(|&x| (x as f64 - lse) as f32).collect();
-    (lp, best as u32)
-}
-
 /// Scores prompt token `token` at index `position` from the logits `row` of
 /// the position before it, with the `top` best alternatives and, if
 /// `keep_row`, the whole distribution.
 pub fn score(row: &[f32], position: usize, token: u32, top: usize, keep_row: bool) -> PromptScore {
-    let (lp, best) = log_softmax_best(row);
+    let lp = log_softmax(row);
     PromptScore {
         position,
         token,
         logprob: lp.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY),
         top: crate::sampling::top_of(&lp, top),
-        row: keep_row.then(|| LogprobRow::quantize(&lp, best)),
+        row: keep_row.then(|| LogprobRow::quantize(&lp, argmax(row) as u32)),
     }
 }
 
@@ -179,11 +165,11 @@ mod tests {
     #[test]
     fn scores_equal_the_plain_log_softmax() {
         let r = row(500, 3);
-        let lp = crate::sampling::log_softmax(&r);
+        let lp = log_softmax(&r);
         let s = score(&r, 5, 17, 3, false);
         assert!((s.logprob - lp[17]).abs() < 1e-5);
         assert_eq!(s.top.len(), 3);
-        assert_eq!(s.top[0].0, crate::sampling::argmax(&r) as u32);
+        assert_eq!(s.top[0].0, argmax(&r) as u32);
         assert!(s.top.windows(2).all(|w| w[0].1 >= w[1].1));
         assert!(s.row.is_none());
     }
@@ -193,7 +179,7 @@ mod tests {
         let r = row(1000, 9);
         let s = score(&r, 1, 0, 0, true);
         let kept = s.row.unwrap();
-        let (lp, best) = log_softmax_best(&r);
+        let (lp, best) = (log_softmax(&r), argmax(&r) as u32);
         assert_eq!(kept.best, best);
         let back = kept.logprobs();
         for (a, b) in lp.iter().zip(&back) {

@@ -811,21 +811,18 @@ impl Engine {
     /// Validates and tokenizes `req` into its scheduling part, its merger part
     /// and the stream its events will reach.
     fn prepare(&self, req: Request) -> Result<(LlmTask, Registration, EventStream), EngineError> {
-        match req.prompt_logprobs {
+        if let Some(scoring) = req.prompt_logprobs {
+            scoring.validate()?;
+        }
+        if req.prompt_logprobs.is_some() && req.params.max_tokens == 0 {
             // A request that only scores its prompt generates nothing.
-            Some(scoring) if req.params.max_tokens == 0 => {
-                scoring.validate()?;
-                SamplingParams {
-                    max_tokens: 1,
-                    ..req.params.clone()
-                }
-                .validate()?
+            SamplingParams {
+                max_tokens: 1,
+                ..req.params.clone()
             }
-            Some(scoring) => {
-                scoring.validate()?;
-                req.params.validate()?
-            }
-            None => req.params.validate()?,
+            .validate()?
+        } else {
+            req.params.validate()?
         }
         if req.prompt_logprobs.is_some() && req.beam.is_some() {
             return Err(bad("prompt_logprobs", "does not combine with beam search").into());

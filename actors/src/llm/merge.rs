@@ -370,16 +370,19 @@ impl Merge for LlmMerger {
             };
             st.cached.get_or_insert(item.start);
             // Scores go out as they come; the draw, if any, stays.
-            if let Some(Some(Pick::Scored(..))) = picks.get(i) {
-                let Some(Pick::Scored(mut scores, draw)) = picks[i].take() else {
-                    continue;
-                };
-                picks[i] = draw.map(|d| *d);
-                scores.retain(|s| s.position >= st.scored_upto);
-                if let Some(last) = scores.last() {
-                    st.scored_upto = last.position + 1;
-                    st.responder.send(Event::PromptScores(scores));
+            let Some(slot) = picks.get_mut(i) else {
+                continue;
+            };
+            match slot.take() {
+                Some(Pick::Scored(mut scores, draw)) => {
+                    *slot = draw.map(|d| *d);
+                    scores.retain(|s| s.position >= st.scored_upto);
+                    if let Some(last) = scores.last() {
+                        st.scored_upto = last.position + 1;
+                        st.responder.send(Event::PromptScores(scores));
+                    }
                 }
+                other => *slot = other,
             }
         }
         for (i, item) in step.plan.items.iter().enumerate() {

@@ -307,8 +307,10 @@ fn completion_logprobs(
         }));
     };
     if let Some((prompt, scores)) = echo {
+        // The scores come in prompt order, from position 1.
+        let mut scores = scores.iter().peekable();
         for (i, &t) in prompt.iter().enumerate() {
-            let score = scores.iter().find(|s| s.position == i);
+            let score = scores.next_if(|s| s.position == i);
             push(t, score.map(|s| (s.logprob, s.top.as_slice())));
         }
     }
