@@ -64,6 +64,8 @@ use actix_web::web::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::plot::{self, Canvas, PlotResult, FONT};
+
 /// Arguments of `parallm bench serve`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeBenchArgs {
@@ -1458,31 +1460,13 @@ impl SplitMix64 {
 
 // ---------------------------------------------------------------- plot
 
-/// Family name the embedded font is registered under.
-const FONT: &str = "sans-serif";
-
 fn write_plot(report: &ServeBenchReport, path: &Path) -> Result<(), ServeBenchError> {
-    let plot_error = |reason: String| ServeBenchError::Plot {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let (width, height) = (1200u32, 1100u32);
-    let mut pixels = vec![255u8; width as usize * height as usize * 3];
-    draw_plot(report, &mut pixels, (width, height)).map_err(|e| plot_error(e.to_string()))?;
-    let file = std::fs::File::create(path).map_err(|source| ServeBenchError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width, height);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    let mut writer = encoder
-        .write_header()
-        .map_err(|e| plot_error(e.to_string()))?;
-    writer
-        .write_image_data(&pixels)
-        .map_err(|e| plot_error(e.to_string()))?;
-    writer.finish().map_err(|e| plot_error(e.to_string()))
+    plot::render_png(path, (1200, 1100), |root| draw_plot(report, root)).map_err(|reason| {
+        ServeBenchError::Plot {
+            path: path.to_path_buf(),
+            reason,
+        }
+    })
 }
 
 /// Output throughput over the run in 1 s buckets, as `(start_s, end_s,
@@ -1519,19 +1503,9 @@ fn throughput_buckets(report: &ServeBenchReport) -> Vec<(f64, f64, f64)> {
         .collect()
 }
 
-type PlotResult = Result<(), Box<dyn std::error::Error>>;
-
-fn draw_plot(report: &ServeBenchReport, pixels: &mut [u8], size: (u32, u32)) -> PlotResult {
+fn draw_plot(report: &ServeBenchReport, root: &Canvas<'_>) -> PlotResult {
     use plotters::prelude::*;
 
-    // Plotters sizes legend boxes from its registered font; the canvas draws
-    // and measures every other text from the same bytes.
-    for family in [FONT, "serif", "monospace"] {
-        plotters::style::register_font(family, FontStyle::Normal, ttf_noto_sans::REGULAR)
-            .map_err(|_| "the embedded font cannot be read")?;
-    }
-    let font = ab_glyph::FontRef::try_from_slice(ttf_noto_sans::REGULAR)
-        .map_err(|e| format!("the embedded font cannot be read: {e}"))?;
     let s = &report.settings;
     let x_max = report
         .requests
@@ -1557,12 +1531,6 @@ fn draw_plot(report: &ServeBenchReport, pixels: &mut [u8], size: (u32, u32)) -> 
         .map(|r| (r.send_time_s, r.e2e_ms))
         .collect();
 
-    let root = PlotCanvas {
-        inner: BitMapBackend::with_buffer(pixels, size),
-        font,
-    }
-    .into_drawing_area();
-    root.fill(&WHITE)?;
     let rate = s
         .request_rate
         .map_or_else(|| "inf".to_string(), |r| format!("{r}"));
@@ -1648,168 +1616,12 @@ fn draw_plot(report: &ServeBenchReport, pixels: &mut [u8], size: (u32, u32)) -> 
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;
-    root.present()?;
     Ok(())
-}
-
-/// A bitmap canvas that draws text itself with ab_glyph, each glyph at its
-/// true position (bearing and kerning included) and rotated as asked, instead
-/// of through plotters' own font path, which misplaces glyphs; everything
-/// else goes to the wrapped [`BitMapBackend`](plotters::backend::BitMapBackend).
-struct PlotCanvas<'a> {
-    inner: plotters::backend::BitMapBackend<'a>,
-    font: ab_glyph::FontRef<'static>,
-}
-
-/// Error type of the canvas's drawing calls.
-type CanvasError<'a> = plotters_backend::DrawingErrorKind<
-    <plotters::backend::BitMapBackend<'a> as plotters_backend::DrawingBackend>::ErrorType,
->;
-
-impl PlotCanvas<'_> {
-    /// Glyphs of `text` on a baseline at y = 0 from x = 0, and the line's
-    /// width, ascent and descent (negative), for a font `size` pixels high.
-    fn layout(&self, text: &str, size: f64) -> (Vec<ab_glyph::Glyph>, f32, f32, f32) {
-        use ab_glyph::{Font as _, ScaleFont as _};
-        let scaled = self.font.as_scaled(size as f32);
-        let mut caret = 0.0f32;
-        let mut previous = None;
-        let mut glyphs = Vec::with_capacity(text.len());
-        for c in text.chars() {
-            let mut glyph = scaled.scaled_glyph(c);
-            if let Some(previous) = previous {
-                caret += scaled.kern(previous, glyph.id);
-            }
-            glyph.position = ab_glyph::point(caret, 0.0);
-            caret += scaled.h_advance(glyph.id);
-            previous = Some(glyph.id);
-            glyphs.push(glyph);
-        }
-        (glyphs, caret, scaled.ascent(), scaled.descent())
-    }
-}
-
-impl<'a> plotters_backend::DrawingBackend for PlotCanvas<'a> {
-    type ErrorType =
-        <plotters::backend::BitMapBackend<'a> as plotters_backend::DrawingBackend>::ErrorType;
-
-    fn get_size(&self) -> (u32, u32) {
-        self.inner.get_size()
-    }
-
-    fn ensure_prepared(&mut self) -> Result<(), CanvasError<'a>> {
-        self.inner.ensure_prepared()
-    }
-
-    fn present(&mut self) -> Result<(), CanvasError<'a>> {
-        self.inner.present()
-    }
-
-    fn draw_pixel(
-        &mut self,
-        point: plotters_backend::BackendCoord,
-        color: plotters_backend::BackendColor,
-    ) -> Result<(), CanvasError<'a>> {
-        self.inner.draw_pixel(point, color)
-    }
-
-    fn draw_line<S: plotters_backend::BackendStyle>(
-        &mut self,
-        from: plotters_backend::BackendCoord,
-        to: plotters_backend::BackendCoord,
-        style: &S,
-    ) -> Result<(), CanvasError<'a>> {
-        self.inner.draw_line(from, to, style)
-    }
-
-    fn draw_rect<S: plotters_backend::BackendStyle>(
-        &mut self,
-        upper_left: plotters_backend::BackendCoord,
-        bottom_right: plotters_backend::BackendCoord,
-        style: &S,
-        fill: bool,
-    ) -> Result<(), CanvasError<'a>> {
-        self.inner.draw_rect(upper_left, bottom_right, style, fill)
-    }
-
-    fn blit_bitmap(
-        &mut self,
-        pos: plotters_backend::BackendCoord,
-        size: (u32, u32),
-        src: &[u8],
-    ) -> Result<(), CanvasError<'a>> {
-        self.inner.blit_bitmap(pos, size, src)
-    }
-
-    fn estimate_text_size<T: plotters_backend::BackendTextStyle>(
-        &self,
-        text: &str,
-        style: &T,
-    ) -> Result<(u32, u32), CanvasError<'a>> {
-        let (_, width, ascent, descent) = self.layout(text, style.size());
-        Ok((width.ceil() as u32, (ascent - descent).ceil() as u32))
-    }
-
-    fn draw_text<T: plotters_backend::BackendTextStyle>(
-        &mut self,
-        text: &str,
-        style: &T,
-        pos: plotters_backend::BackendCoord,
-    ) -> Result<(), CanvasError<'a>> {
-        use ab_glyph::Font as _;
-        use plotters_backend::text_anchor::{HPos, VPos};
-        let color = style.color();
-        if color.alpha == 0.0 {
-            return Ok(());
-        }
-        let (glyphs, width, ascent, descent) = self.layout(text, style.size());
-        let height = ascent - descent;
-        // The anchor is placed in the text's own frame, before any rotation.
-        let anchor = style.anchor();
-        let dx = match anchor.h_pos {
-            HPos::Left => 0.0,
-            HPos::Center => -width / 2.0,
-            HPos::Right => -width,
-        };
-        let top = match anchor.v_pos {
-            VPos::Top => 0.0,
-            VPos::Center => -height / 2.0,
-            VPos::Bottom => -height,
-        };
-        let baseline = top + ascent;
-        let transform = style.transform();
-        let (w, h) = self.get_size();
-        let mut coverage = Vec::new();
-        for mut glyph in glyphs {
-            glyph.position = ab_glyph::point(glyph.position.x + dx, baseline);
-            let Some(outline) = self.font.outline_glyph(glyph) else {
-                continue; // a space, or a glyph the font lacks
-            };
-            let bounds = outline.px_bounds();
-            let (x0, y0) = (bounds.min.x as i32, bounds.min.y as i32);
-            outline.draw(|x, y, c| coverage.push((x0 + x as i32, y0 + y as i32, c)));
-        }
-        for (x, y, c) in coverage {
-            let (x, y) = transform.transform(x, y);
-            let (x, y) = (pos.0 + x, pos.1 + y);
-            if x >= 0 && y >= 0 && (x as u32) < w && (y as u32) < h && c > 0.0 {
-                let alpha = color.alpha * f64::from(c.min(1.0));
-                self.inner.draw_pixel(
-                    (x, y),
-                    plotters_backend::BackendColor {
-                        alpha,
-                        rgb: color.rgb,
-                    },
-                )?;
-            }
-        }
-        Ok(())
-    }
 }
 
 /// One scatter panel: a point per request at (send time, value).
 fn scatter_panel(
-    area: &plotters::drawing::DrawingArea<PlotCanvas<'_>, plotters::coord::Shift>,
+    area: &Canvas<'_>,
     x_max: f64,
     caption: &str,
     y_desc: &str,

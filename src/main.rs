@@ -1,22 +1,27 @@
 //! The `parallm` command line: `generate` (through the engine), `serve` (the
 //! HTTP server), `perplexity` (a text's perplexity and the KL divergence
 //! from a base run), `quantize` (a GGUF file's weights in another type),
-//! `prune` (zeroed weights or dropped blocks),
+//! `prune` (zeroed weights or dropped blocks), `imatrix` (activation
+//! statistics of a calibration text, for `quantize --imatrix` and Wanda),
 //! `config show|check`, `cuda` (what this machine offers
 //! the CUDA backend), and the benchmarks `bench latency`, `bench
-//! throughput` and `bench serve`.
+//! throughput`, `bench serve` and `bench quality`.
 //!
 //! The benchmarks are modules of this binary, not of the `parallm` library, so
 //! their dependencies (plotters, a font, PNG, an HTTP client) stay out of a
 //! library user's build.
 
 mod bench;
+mod bench_quality;
 mod bench_serve;
+mod calibrate;
 mod files;
 mod perplexity;
+mod plot;
 mod prune;
 mod quantize;
 mod throughput;
+mod weighted;
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -62,11 +67,17 @@ enum Command {
     /// f16, …) as a GGUF file llama.cpp loads, choosing per tensor as
     /// llama-quantize does.
     Quantize(QuantizeArgs),
-    /// Zeroes each block matrix's smallest weights per row (--method
-    /// magnitude, --sparsity or an N:M --pattern), or drops the blocks that
-    /// change the hidden state least on a calibration text (--method layers
-    /// --drop K --calib TEXT), writing a GGUF file.
+    /// Zeroes each block matrix's least important weights per row
+    /// (--method magnitude: |w|; --method wanda: |w|·‖x‖ over --calib TEXT;
+    /// --sparsity or an N:M --pattern), or drops the blocks that change the
+    /// hidden state least on a calibration text (--method layers --drop K
+    /// --calib TEXT), writing a GGUF file.
     Prune(PruneArgs),
+    /// Runs a calibration text through the engine and writes the importance
+    /// matrix (Σx² per input column of every block matrix) as llama.cpp's
+    /// GGUF imatrix file, for `quantize --imatrix` and `prune --method
+    /// wanda --imatrix`.
+    Imatrix(ImatrixArgs),
     /// Show or check the configuration `serve` would run with.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -281,6 +292,11 @@ struct QuantizeArgs {
     /// bits (which loses more than quantizing the original would).
     #[arg(long)]
     allow_requantize: bool,
+    /// An importance matrix (`parallm imatrix`, or llama-imatrix's GGUF
+    /// file) weighting each column's quantization error, as llama-quantize
+    /// does.
+    #[arg(long, value_name = "FILE")]
+    imatrix: Option<PathBuf>,
     /// Threads quantizing tensors in parallel (default: every CPU).
     #[arg(long)]
     threads: Option<usize>,
@@ -292,7 +308,7 @@ struct PruneArgs {
     input: PathBuf,
     /// The GGUF file to write (written whole or not at all).
     output: PathBuf,
-    /// magnitude: zero weights; layers: drop blocks.
+    /// magnitude or wanda: zero weights; layers: drop blocks.
     #[arg(long, value_enum)]
     method: prune::Method,
     /// Share of each row zeroed, in (0, 1) (magnitude).
@@ -304,13 +320,17 @@ struct PruneArgs {
     /// Blocks to drop (layers).
     #[arg(long, value_name = "K")]
     drop: Option<usize>,
-    /// Calibration text (layers).
+    /// Calibration text (wanda, layers).
     #[arg(long, value_name = "TEXT")]
     calib: Option<PathBuf>,
-    /// Tokens per calibration window (layers).
+    /// An importance matrix (`parallm imatrix`) holding the input norms
+    /// (wanda, in place of --calib).
+    #[arg(long, value_name = "FILE")]
+    imatrix: Option<PathBuf>,
+    /// Tokens per calibration window (wanda, layers).
     #[arg(long, default_value_t = 256)]
     ctx: usize,
-    /// Calibration windows at most (layers).
+    /// Calibration windows at most (wanda, layers).
     #[arg(long, default_value_t = 8)]
     windows: usize,
     /// Store the result in this type (as quantize chooses per tensor;
@@ -323,6 +343,26 @@ struct PruneArgs {
     /// Threads converting tensors (default: every CPU).
     #[arg(long)]
     threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct ImatrixArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The calibration text.
+    #[arg(long, short = 'f', value_name = "TEXT")]
+    file: PathBuf,
+    /// The importance matrix to write (whole or not at all).
+    #[arg(long, short = 'o', default_value = "imatrix.gguf")]
+    output: PathBuf,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Windows at most (default: as many as the text holds).
+    #[arg(long)]
+    chunks: Option<usize>,
+    #[command(flatten)]
+    parallel: ParallelArgs,
 }
 
 #[derive(Args)]
@@ -460,6 +500,9 @@ enum BenchCommand {
     Throughput(ThroughputArgs),
     /// Load-test any OpenAI-compatible server (after vLLM's serving benchmark).
     Serve(bench_serve::ServeBenchArgs),
+    /// Quality (PPL, KL divergence from a base) against speed (prefill,
+    /// batch-1 decode) of variants of a model, as a table and a plot.
+    Quality(bench_quality::QualityArgs),
 }
 
 #[derive(Args)]
@@ -567,6 +610,7 @@ fn main() -> ExitCode {
         Command::Perplexity(args) => run_perplexity(args),
         Command::Quantize(args) => run_quantize(args),
         Command::Prune(args) => run_prune(args),
+        Command::Imatrix(args) => run_imatrix(args),
         Command::Config(ConfigCommand::Show(layers)) => run_config_show(layers),
         Command::Config(ConfigCommand::Check { file, mut layers }) => {
             layers.config = Some(file);
@@ -574,6 +618,7 @@ fn main() -> ExitCode {
         }
         Command::Bench(BenchCommand::Latency(args)) => run_latency(args),
         Command::Bench(BenchCommand::Throughput(args)) => run_throughput(args),
+        Command::Bench(BenchCommand::Quality(args)) => run_quality(args),
         Command::Bench(BenchCommand::Serve(args)) => {
             bench_serve::run(&args).map(|_| ()).map_err(Into::into)
         }
@@ -615,6 +660,7 @@ fn run_prune(args: PruneArgs) -> CliResult {
         pattern: args.pattern,
         drop: args.drop,
         calib: args.calib,
+        imatrix: args.imatrix,
         ctx: args.ctx,
         windows: args.windows,
         target: args.target,
@@ -633,6 +679,7 @@ fn run_quantize(args: QuantizeArgs) -> CliResult {
         target: args.target,
         keep: args.keep,
         allow_requantize: args.allow_requantize,
+        imatrix: args.imatrix,
         progress: std::io::stderr().is_terminal(),
         threads: args.threads.unwrap_or_else(cpus),
     };
@@ -666,6 +713,53 @@ fn build_engine(model: &ModelArgs, parallel: &ParallelArgs) -> CliResult<Engine>
                 .max_model_len(model.max_model_len),
         )?
         .build()?)
+}
+
+fn run_imatrix(args: ImatrixArgs) -> CliResult {
+    let text = calibrate::read_text(&args.file)?;
+    let path = resolve_model_path(args.model.model.as_deref(), std::io::stderr().is_terminal())?;
+    let engine = args
+        .parallel
+        .apply(
+            Engine::builder()
+                .model_path(&path)
+                .weights(args.model.weights)
+                .max_model_len(args.model.max_model_len),
+        )?
+        .prefix_caching(false)
+        .collect_activations(true)
+        .build()?;
+    let t0 = Instant::now();
+    let cal = calibrate::collect(
+        &engine,
+        &text,
+        (args.ctx, args.chunks),
+        std::io::stderr().is_terminal(),
+    );
+    engine.shutdown();
+    let cal = cal?;
+    let file = framework::GgufFile::open(&path)?;
+    let m = calibrate::Imatrix::from_calibration(&file, &cal)?;
+    m.write(&args.output, &args.file.display().to_string(), args.ctx)?;
+    eprintln!(
+        "{}: {} matrices, {} windows of {} tokens, {:.1} s",
+        args.output.display(),
+        m.len(),
+        cal.chunks,
+        cal.ctx,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn run_quality(args: bench_quality::QualityArgs) -> CliResult {
+    let report = bench_quality::run(&args)?;
+    println!("{}", bench_quality::table(&report));
+    eprintln!(
+        "wrote quality.json, quality.md and quality.png in {}",
+        args.out.display()
+    );
+    Ok(())
 }
 
 fn run_perplexity(args: PerplexityArgs) -> CliResult {

@@ -1,15 +1,21 @@
-//! `parallm prune IN OUT`: zero the smallest weights of every block's weight
-//! matrices (`--method magnitude`), or remove whole blocks (`--method
-//! layers --drop K`).
+//! `parallm prune IN OUT`: zero the least important weights of every
+//! block's weight matrices (`--method magnitude` or `wanda`), or remove whole
+//! blocks (`--method layers --drop K`).
 //!
-//! Magnitude pruning works per output row, as Wanda and SparseGPT count:
-//! `--sparsity S` zeroes the `round(S · row)` weights of smallest |w| in
+//! Both zeroing methods work per output row, as Wanda and SparseGPT count:
+//! `--sparsity S` zeroes the `round(S · row)` weights of lowest score in
 //! each row (ties to the lower index), and a pattern `N:M` keeps the N of
-//! largest |w| in every M consecutive weights of a row. Only the matrices
-//! of the blocks are pruned (not the embeddings or the output head). The
-//! file keeps each tensor's type unless `--type` names one (then chosen per
-//! tensor as `quantize` does); zeros survive every symmetric block type,
-//! while offset types (Q4_1, Q5_1) store them only approximately.
+//! highest score in every M consecutive weights of a row. Magnitude's score
+//! is `|W_ij|`; Wanda's (Sun et al. 2023, "A Simple and Effective Pruning
+//! Approach for Large Language Models") is `|W_ij| · ‖X_j‖₂`, the norm of
+//! input column j over the calibration text's tokens, collected through
+//! the engine from `--calib` ([`crate::calibrate`]) or read from an
+//! importance matrix (`--imatrix`, whose Σx² is the norm squared). Only the
+//! matrices of the blocks are pruned (not the embeddings or the output
+//! head). The file keeps each tensor's type unless `--type` names one (then
+//! chosen per tensor as `quantize` does); zeros survive every symmetric
+//! block type, while offset types (Q4_1, Q5_1) store them only
+//! approximately.
 //!
 //! Dropping blocks follows ShortGPT (Men et al. 2024): a block whose output
 //! hidden state is most like its input changes least, so the K blocks of
@@ -28,6 +34,7 @@ use candle_core::quantized::gguf_file::Value;
 use framework::model::{PagedItem, StageInput, StageOutput};
 use framework::{GgufFile, LlamaShard, LogitsWanted, ShardSpec, WeightFormat};
 
+use crate::calibrate::{self, Imatrix};
 use crate::quantize::{self, Edit, Job, Target};
 use crate::CliResult;
 
@@ -36,6 +43,9 @@ use crate::CliResult;
 pub enum Method {
     /// The smallest |w| of each row of the blocks' matrices.
     Magnitude,
+    /// The smallest |w| · ‖x‖ (Wanda), with input norms from `--calib` or
+    /// `--imatrix`.
+    Wanda,
     /// Whole blocks (with `--drop`).
     Layers,
 }
@@ -83,8 +93,10 @@ pub struct PrunePlan {
     pub pattern: Pattern,
     /// Blocks removed (layers).
     pub drop: Option<usize>,
-    /// Calibration text (layers).
+    /// Calibration text (layers, wanda).
     pub calib: Option<PathBuf>,
+    /// An importance matrix holding the input norms (wanda).
+    pub imatrix: Option<PathBuf>,
     /// Tokens per calibration window.
     pub ctx: usize,
     /// Calibration windows at most.
@@ -105,7 +117,7 @@ pub fn prune(input: &Path, output: &Path, plan: &PrunePlan) -> CliResult<String>
     let arch = file.get_str("general.architecture")?.to_string();
     let layers = file.get_usize(&format!("{arch}.block_count"))?;
     match plan.method {
-        Method::Magnitude => magnitude(&file, input, output, plan, layers),
+        Method::Magnitude | Method::Wanda => zero_weights(&file, input, output, plan, layers),
         Method::Layers => drop_layers(&file, input, output, plan, (&arch, layers)),
     }
 }
@@ -137,28 +149,31 @@ fn stored_as(
     Ok(to)
 }
 
-/// The zeros `pattern` and `sparsity` put in one row.
-fn prune_row(row: &mut [f32], pattern: Pattern, sparsity: f64) {
-    let smallest = |xs: &[f32], k: usize| -> Vec<usize> {
-        let mut idx: Vec<usize> = (0..xs.len()).collect();
-        idx.sort_by(|&a, &b| xs[a].abs().total_cmp(&xs[b].abs()).then(a.cmp(&b)));
+/// The zeros `pattern` and `sparsity` put in one row: the weights of
+/// lowest `|w| · scale[j]` (`|w|` without a scale).
+fn prune_row(row: &mut [f32], scale: Option<&[f32]>, pattern: Pattern, sparsity: f64) {
+    let score: Vec<f32> = match scale {
+        Some(s) => row.iter().zip(s).map(|(w, s)| w.abs() * s).collect(),
+        None => row.iter().map(|w| w.abs()).collect(),
+    };
+    let lowest = |from: usize, len: usize, k: usize| -> Vec<usize> {
+        let mut idx: Vec<usize> = (from..from + len).collect();
+        idx.sort_by(|&a, &b| score[a].total_cmp(&score[b]).then(a.cmp(&b)));
         idx.truncate(k);
         idx
     };
-    match pattern {
+    let gone: Vec<usize> = match pattern {
         Pattern::Unstructured => {
             let k = (sparsity * row.len() as f64).round() as usize;
-            for i in smallest(row, k) {
-                row[i] = 0.0;
-            }
+            lowest(0, row.len(), k)
         }
-        Pattern::NofM { keep, group } => {
-            for g in row.chunks_mut(group) {
-                for i in smallest(g, group - keep) {
-                    g[i] = 0.0;
-                }
-            }
-        }
+        Pattern::NofM { keep, group } => (0..row.len())
+            .step_by(group)
+            .flat_map(|g| lowest(g, group.min(row.len() - g), group - keep))
+            .collect(),
+    };
+    for i in gone {
+        row[i] = 0.0;
     }
 }
 
@@ -175,15 +190,19 @@ fn prunable(name: &str, dims: &[usize], layers: usize) -> bool {
         .is_some()
 }
 
-fn magnitude(
+fn zero_weights(
     file: &GgufFile,
     input: &Path,
     output: &Path,
     plan: &PrunePlan,
     layers: usize,
 ) -> CliResult<String> {
-    if plan.drop.is_some() || plan.calib.is_some() {
-        return Err("--drop and --calib go with --method layers".into());
+    let wanda = plan.method == Method::Wanda;
+    if plan.drop.is_some() {
+        return Err("--drop goes with --method layers".into());
+    }
+    if !wanda && (plan.calib.is_some() || plan.imatrix.is_some()) {
+        return Err("--calib and --imatrix go with --method wanda or layers".into());
     }
     let sparsity = match (plan.pattern, plan.sparsity) {
         (Pattern::Unstructured, None) => {
@@ -202,6 +221,23 @@ fn magnitude(
         return Err(format!("--sparsity is {sparsity}, must be in (0, 1)").into());
     }
     let names = file.tensor_names();
+    if let Pattern::NofM { group, .. } = plan.pattern {
+        for &name in &names {
+            let (_, dims) = file.tensor_info(name)?;
+            let row = *dims.last().unwrap_or(&1);
+            if prunable(name, &dims, layers) && row % group != 0 {
+                return Err(format!(
+                    "--pattern groups of {group} do not divide the rows of {name} ({row} weights)"
+                )
+                .into());
+            }
+        }
+    }
+    let norms = if wanda {
+        Some(input_norms(input, plan)?)
+    } else {
+        None
+    };
     let tied = !names.contains(&"output.weight");
     let mut jobs = Vec::with_capacity(names.len());
     let mut pruned = 0;
@@ -210,16 +246,18 @@ fn magnitude(
         let row = *dims.last().unwrap_or(&1);
         let to = stored_as(input, plan, (name, &dims, from), (layers, tied))?;
         let edit: Option<Edit> = if prunable(name, &dims, layers) {
-            if let Pattern::NofM { group, .. } = plan.pattern {
-                if row % group != 0 {
-                    return Err(format!("--pattern groups of {group} do not divide the rows of {name} ({row} weights)").into());
-                }
-            }
+            let scale = match &norms {
+                Some(m) => Some(
+                    m.norms(name, row)?
+                        .ok_or_else(|| format!("the calibration recorded no input for {name}"))?,
+                ),
+                None => None,
+            };
             pruned += 1;
             let pattern = plan.pattern;
             Some(Box::new(move |v: &mut [f32]| {
                 for r in v.chunks_mut(row) {
-                    prune_row(r, pattern, sparsity);
+                    prune_row(r, scale.as_deref(), pattern, sparsity);
                 }
             }))
         } else {
@@ -231,8 +269,9 @@ fn magnitude(
     file_type(&mut meta, file, plan.target);
     let r = quantize::rewrite(file, &jobs, &meta, output, (plan.progress, plan.threads))?;
     Ok(format!(
-        "{}: {pruned} matrices pruned to {:.1}% zeros ({}), {} bytes",
+        "{}: {pruned} matrices pruned by {} to {:.1}% zeros ({}), {} bytes",
         output.display(),
+        if wanda { "|w|·‖x‖" } else { "|w|" },
         100.0 * sparsity,
         match plan.pattern {
             Pattern::Unstructured => "unstructured".to_string(),
@@ -240,6 +279,35 @@ fn magnitude(
         },
         r.bytes
     ))
+}
+
+/// Wanda's input norms: from `--imatrix`, or collected from `--calib`
+/// through an engine running `input`.
+fn input_norms(input: &Path, plan: &PrunePlan) -> CliResult<Imatrix> {
+    match (&plan.imatrix, &plan.calib) {
+        (Some(_), Some(_)) => Err("give --calib or --imatrix, not both".into()),
+        (None, None) => Err("--method wanda needs --calib TEXT (or --imatrix FILE)".into()),
+        (Some(path), None) => Imatrix::read(path),
+        (None, Some(calib)) => {
+            let text = calibrate::read_text(calib)?;
+            let engine = parallm::Engine::builder()
+                .model_path(input)
+                .prefix_caching(false)
+                .collect_activations(true)
+                .build()?;
+            let cal = calibrate::collect(
+                &engine,
+                &text,
+                (plan.ctx, Some(plan.windows.max(1))),
+                plan.progress,
+            )
+            .map_err(|e| format!("--calib {}: {e}", calib.display()));
+            engine.shutdown();
+            let cal = cal?;
+            let file = quantize::open_gguf(input)?;
+            Imatrix::from_calibration(&file, &cal)
+        }
+    }
 }
 
 /// Mean cosine similarity of each block's input and output rows over the
@@ -369,7 +437,10 @@ fn drop_layers(
     (arch, layers): (&str, usize),
 ) -> CliResult<String> {
     if plan.sparsity.is_some() || plan.pattern != Pattern::Unstructured {
-        return Err("--sparsity and --pattern go with --method magnitude".into());
+        return Err("--sparsity and --pattern go with --method magnitude or wanda".into());
+    }
+    if plan.imatrix.is_some() {
+        return Err("--imatrix goes with --method wanda".into());
     }
     let drop = plan.drop.ok_or("--method layers needs --drop K")?;
     if drop == 0 || drop >= layers {
@@ -424,6 +495,7 @@ fn drop_layers(
             from,
             to,
             edit: None,
+            importance: None,
         });
     }
     let block_count = format!("{arch}.block_count");
@@ -470,7 +542,7 @@ mod tests {
     fn rows_keep_exactly_their_share_and_patterns_their_n_of_m() {
         let row: Vec<f32> = (0..16).map(|i| ((i * 7 % 16) as f32 - 7.5) * 0.1).collect();
         let mut half = row.clone();
-        prune_row(&mut half, Pattern::Unstructured, 0.5);
+        prune_row(&mut half, None, Pattern::Unstructured, 0.5);
         assert_eq!(half.iter().filter(|x| **x == 0.0).count(), 8);
         // The kept ones are the largest.
         let min_kept = half
@@ -486,13 +558,35 @@ mod tests {
             .fold(0.0, f32::max);
         assert!(min_kept >= max_gone);
         let mut two_of_four = row.clone();
-        prune_row(&mut two_of_four, "2:4".parse().unwrap(), 0.5);
+        prune_row(&mut two_of_four, None, "2:4".parse().unwrap(), 0.5);
         for g in two_of_four.chunks(4) {
             assert_eq!(g.iter().filter(|x| **x == 0.0).count(), 2, "{g:?}");
         }
         assert!("4:4".parse::<Pattern>().is_err());
         assert!("0:4".parse::<Pattern>().is_err());
         assert!("x".parse::<Pattern>().is_err());
+    }
+
+    #[test]
+    fn wanda_weighs_each_weight_by_its_input_norm() {
+        // Column 0's input is small, column 1's large: the larger weight of
+        // column 0 goes, not the smaller one of column 1.
+        let mut row = vec![0.5, 0.2, 1.0, 1.0];
+        prune_row(
+            &mut row,
+            Some(&[0.1, 10.0, 1.0, 1.0]),
+            Pattern::Unstructured,
+            0.25,
+        );
+        assert_eq!(row, [0.0, 0.2, 1.0, 1.0]);
+        let mut row = vec![0.5, 0.2, 1.0, 1.0];
+        prune_row(&mut row, None, Pattern::Unstructured, 0.25);
+        assert_eq!(row, [0.5, 0.0, 1.0, 1.0]);
+        // N:M groups are scored the same way, each on its own.
+        let mut row = vec![0.5, 0.2, 0.3, 0.4, 0.5, 0.2, 0.3, 0.4];
+        let scale = [0.1, 10.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+        prune_row(&mut row, Some(&scale), "2:4".parse().unwrap(), 0.5);
+        assert_eq!(row, [0.0, 0.2, 0.0, 0.4, 0.5, 0.0, 0.0, 0.4]);
     }
 
     #[test]

@@ -14,12 +14,17 @@
 //! own (the mixed-precision recipe).
 //!
 //! The blocks are candle's quantizers (`QTensor::quantize`, the GGML
-//! reference layouts), over tensors in parallel; the file is candle's GGUF
+//! reference layouts), or with `--imatrix` (an importance matrix,
+//! [`crate::calibrate`]) the importance-weighted ones of
+//! [`crate::weighted`] for the tensors it has an entry for and types that
+//! use one (as llama-quantize does), over tensors in parallel; the file is candle's GGUF
 //! writer's, written to a temporary name and renamed when whole. A source
 //! that is already quantized is only requantized to a type of fewer bits
 //! per weight with `--allow-requantize`.
 
 use std::path::Path;
+
+use crate::calibrate::Imatrix;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
@@ -173,6 +178,8 @@ pub struct QuantizePlan {
     pub keep: Vec<Keep>,
     /// Requantize already quantized weights to fewer bits.
     pub allow_requantize: bool,
+    /// An importance matrix weighting each column's quantization error.
+    pub imatrix: Option<std::path::PathBuf>,
     /// Show a progress bar.
     pub progress: bool,
     /// Worker threads.
@@ -321,6 +328,9 @@ pub struct Job {
     pub to: Option<GgmlDType>,
     /// A change to its values before they are stored.
     pub edit: Option<Edit>,
+    /// Per input column, how much its quantization error weighs (an
+    /// importance matrix's mean x²); `None`: every column alike.
+    pub importance: Option<Vec<f32>>,
 }
 
 impl Job {
@@ -338,6 +348,7 @@ impl Job {
             from,
             to,
             edit,
+            importance: None,
         }
     }
 }
@@ -454,6 +465,11 @@ pub fn quantize(input: &Path, output: &Path, plan: &QuantizePlan) -> CliResult<Q
     let names = file.tensor_names();
     let tied = !names.contains(&"output.weight");
     // Each tensor's source and chosen type.
+    let imatrix = match &plan.imatrix {
+        Some(path) => Some(Imatrix::read(path)?),
+        None => None,
+    };
+    let mut weighted = 0;
     let mut jobs = Vec::with_capacity(names.len());
     for name in names {
         let (from, dims) = file.tensor_info(name)?;
@@ -465,7 +481,22 @@ pub fn quantize(input: &Path, output: &Path, plan: &QuantizePlan) -> CliResult<Q
         if let Some(to) = to {
             refuse_requantize(input, name, from, to, plan.allow_requantize)?;
         }
-        jobs.push(Job::keep_name(name, (dims, from), to, None));
+        let row = *dims.last().unwrap_or(&1);
+        let importance = match (&imatrix, to) {
+            (Some(m), Some(t)) if crate::weighted::uses_weights(t) => m.mean_sq(name, row)?,
+            _ => None,
+        };
+        weighted += importance.is_some() as usize;
+        let mut job = Job::keep_name(name, (dims, from), to, None);
+        job.importance = importance;
+        jobs.push(job);
+    }
+    if let (Some(path), 0) = (&plan.imatrix, weighted) {
+        return Err(format!(
+            "--imatrix {}: it holds no entry for a tensor this type quantizes with weights",
+            path.display()
+        )
+        .into());
     }
     let mut meta = base_metadata(&file);
     meta.push((
@@ -473,6 +504,15 @@ pub fn quantize(input: &Path, output: &Path, plan: &QuantizePlan) -> CliResult<Q
         Value::U32(plan.target.file_type()),
     ));
     meta.push(("general.quantization_version".into(), Value::U32(2)));
+    if let (Some(m), Some(path)) = (&imatrix, &plan.imatrix) {
+        // As gguf_set_val does: a key the source has keeps its place.
+        for (k, v) in m.quantize_metadata(path) {
+            match meta.iter_mut().find(|(key, _)| *key == k) {
+                Some(slot) => slot.1 = v,
+                None => meta.push((k, v)),
+            }
+        }
+    }
     rewrite(&file, &jobs, &meta, output, (plan.progress, plan.threads))
 }
 
@@ -520,7 +560,26 @@ fn convert(file: &GgufFile, job: &Job) -> Result<QTensor, String> {
                 .map_err(|e| format!("{name}: {e}"))?
         }
     };
-    QTensor::quantize(&f, to).map_err(|e| format!("{name}: cannot store as {to:?}: {e}"))
+    match &job.importance {
+        Some(w) => {
+            let v: Vec<f32> = f
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .map_err(|e| format!("{name}: cannot read as f32: {e}"))?;
+            let bytes = crate::weighted::quantize_weighted(to, &v, w)
+                .map_err(|e| format!("{name}: {e}"))?;
+            candle_core::quantized::ggml_file::qtensor_from_ggml(
+                to,
+                &bytes,
+                job.dims.clone(),
+                &Device::Cpu,
+            )
+            .map_err(|e| format!("{name}: cannot store as {to:?}: {e}"))
+        }
+        None => {
+            QTensor::quantize(&f, to).map_err(|e| format!("{name}: cannot store as {to:?}: {e}"))
+        }
+    }
 }
 
 #[cfg(test)]

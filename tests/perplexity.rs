@@ -9,10 +9,6 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use sha2::{Digest, Sha256};
-
-const TEXT: &str = "/usr/share/common-licenses/GPL-3";
-
 fn parallm(args: &[&str]) -> Output {
     let model = common::model_path();
     Command::new(env!("CARGO_BIN_EXE_parallm"))
@@ -25,20 +21,11 @@ fn parallm(args: &[&str]) -> Output {
 }
 
 fn golden() -> serde_json::Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/perplexity.json");
-    serde_json::from_slice(&std::fs::read(path).expect("golden file")).expect("golden JSON")
+    common::repo_golden("perplexity.json")
 }
 
-/// The text the golden was made from (Debian's base-files ships it).
 fn text() -> &'static str {
-    let bytes = std::fs::read(TEXT).unwrap_or_else(|e| panic!("{TEXT}: {e} (package base-files)"));
-    let sha = format!("{:x}", Sha256::digest(&bytes));
-    assert_eq!(
-        Some(sha.as_str()),
-        golden()["text_sha256"].as_str(),
-        "{TEXT} is not the text tests/golden/perplexity.json was made from"
-    );
-    TEXT
+    common::gpl3_text("perplexity.json")
 }
 
 /// Runs and returns the JSON report.

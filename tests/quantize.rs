@@ -3,7 +3,9 @@
 //! shrink; the files llama.cpp was measured on (`tests/golden/quantize.json`,
 //! made by `tests/support/quantize_golden.sh`) are byte for byte what the
 //! command writes now; mixed precision by `--keep`. Prune: every row keeps
-//! exactly its share (N of every M), dropped blocks leave a model that runs;
+//! exactly its share (N of every M) under magnitude and Wanda, Wanda's
+//! perplexity is below magnitude's at the same sparsity, dropped blocks
+//! leave a model that runs;
 //! bad input named, with no file left behind.
 
 mod common;
@@ -86,24 +88,11 @@ fn generates(path: &str, what: &str) {
     );
 }
 
-/// Tensor `name`'s values as f32.
-fn values(file: &GgufFile, name: &str, dims: &[usize]) -> Vec<f32> {
-    file.tensor(name, dims)
-        .unwrap()
-        .dequantize(&candle_core::Device::Cpu)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 #[test]
 fn every_type_round_trips_through_the_loader_and_runs() {
     let f32 = GgufFile::open(base()).unwrap();
     let q = "blk.3.ffn_down.weight";
-    let (_, dims) = f32.tensor_info(q).unwrap();
-    let want = values(&f32, q, &dims);
+    let want = common::tensor_values(&f32, q);
     let rms = (want.iter().map(|x| x * x).sum::<f32>() / want.len() as f32).sqrt();
     // (type, stored type of blk.3.ffn_down (rows of 1536), worst relative RMS error)
     for (t, stored, tol) in [
@@ -130,7 +119,7 @@ fn every_type_round_trips_through_the_loader_and_runs() {
             Some("F32"),
             "{t}"
         );
-        let got = values(&file, q, &dims);
+        let got = common::tensor_values(&file, q);
         let err = (want
             .iter()
             .zip(&got)
@@ -307,10 +296,39 @@ fn bad_input_is_named_and_leaves_no_file() {
 /// The zeros in each row of a tensor (`dims` as the loader reads them).
 fn zeros_per_row(file: &GgufFile, name: &str) -> Vec<usize> {
     let (_, dims) = file.tensor_info(name).unwrap();
-    let v = values(file, name, &dims);
+    let v = common::tensor_values(file, name);
     v.chunks(*dims.last().unwrap())
         .map(|r| r.iter().filter(|x| **x == 0.0).count())
         .collect()
+}
+
+/// Every row of tensors `names` of `f` holds half zeros: exactly half where
+/// the source row (`before`: its zeros) held none and `exact`, at least half
+/// otherwise; and with `group`, at least half of every group of that many.
+fn half_of_each_row_is_zero(
+    f: &GgufFile,
+    (names, before): (&[&str], &[Vec<usize>]),
+    group: Option<usize>,
+    exact: bool,
+    what: &str,
+) {
+    for (n, was) in names.iter().zip(before) {
+        let (_, dims) = f.tensor_info(n).unwrap();
+        let row = *dims.last().unwrap();
+        let v = common::tensor_values(f, n);
+        for (r, (values, &had)) in v.chunks(row).zip(was).enumerate() {
+            let zeros = values.iter().filter(|x| **x == 0.0).count();
+            if had == 0 && exact {
+                assert_eq!(zeros, row / 2, "{what} {n} row {r}");
+            } else {
+                assert!(zeros >= row / 2, "{what} {n} row {r}");
+            }
+            for g in values.chunks(group.unwrap_or(row)) {
+                let z = g.iter().filter(|x| **x == 0.0).count();
+                assert!(z >= g.len() / 2, "{what} {n} row {r}: {g:?}");
+            }
+        }
+    }
 }
 
 #[test]
@@ -333,30 +351,12 @@ fn magnitude_pruning_keeps_exactly_the_share_of_every_row() {
         all.extend_from_slice(args);
         ok(&all);
         let f = GgufFile::open(out).unwrap();
-        for (n, was) in names.iter().zip(&before) {
-            let (_, dims) = f.tensor_info(n).unwrap();
-            let row = *dims.last().unwrap();
-            let v = values(&f, n, &dims);
-            for (r, (values, &had)) in v.chunks(row).zip(was).enumerate() {
-                let zeros = values.iter().filter(|x| **x == 0.0).count();
-                // Rows that held no zero before hold exactly half now (in
-                // f32; Q8_0 may round more small weights to 0).
-                if had == 0 && tag != "4of8" {
-                    assert_eq!(zeros, row / 2, "{tag} {n} row {r}");
-                } else {
-                    assert!(zeros >= row / 2, "{tag} {n} row {r}");
-                }
-                if tag != "half" {
-                    let group = if tag == "2of4" { 4 } else { 8 };
-                    for g in values.chunks(group) {
-                        assert!(
-                            g.iter().filter(|x| **x == 0.0).count() >= group / 2,
-                            "{tag} {n}"
-                        );
-                    }
-                }
-            }
-        }
+        // Q8_0 may round more small weights to 0.
+        let group = [("2of4", 4), ("4of8", 8)]
+            .iter()
+            .find(|(t, _)| *t == tag)
+            .map(|(_, g)| *g);
+        half_of_each_row_is_zero(&f, (&names, &before), group, tag != "4of8", tag);
         // Norms and the embeddings are not pruned.
         assert_eq!(
             zeros_per_row(&f, "token_embd.weight")[..8],
@@ -365,6 +365,51 @@ fn magnitude_pruning_keeps_exactly_the_share_of_every_row() {
         generates(out, "pruned");
         std::fs::remove_file(out).unwrap();
     }
+}
+
+#[test]
+fn wanda_keeps_exactly_the_share_and_beats_magnitude() {
+    let source = GgufFile::open(base()).unwrap();
+    let names = ["blk.3.attn_v.weight", "blk.20.ffn_down.weight"];
+    let before: Vec<Vec<usize>> = names.iter().map(|n| zeros_per_row(&source, n)).collect();
+    let mut figures = Vec::new();
+    for (pattern, tag) in [("unstructured", "50%"), ("2:4", "2:4")] {
+        let mut ppls = Vec::new();
+        for method in ["wanda", "magnitude"] {
+            let out = dir().join(format!("{method}-{}.gguf", tag.replace([':', '%'], "")));
+            let out = out.to_str().unwrap();
+            let mut args = vec!["prune", base(), out, "--method", method];
+            args.extend(["--pattern", pattern]);
+            if pattern == "unstructured" {
+                args.extend(["--sparsity", "0.5"]);
+            }
+            if method == "wanda" {
+                args.extend(["--calib", "/usr/share/common-licenses/GPL-3"]);
+                args.extend(["--ctx", "256", "--windows", "4"]);
+            }
+            let line = ok(&args);
+            let f = GgufFile::open(out).unwrap();
+            let group = (pattern == "2:4").then_some(4);
+            let what = format!("{method} {tag}");
+            half_of_each_row_is_zero(&f, (&names, &before), group, true, &what);
+            if method == "wanda" {
+                assert!(line.contains("|w|·‖x‖"), "{line}");
+            }
+            ppls.push(common::perplexity(out, 256, 6));
+            std::fs::remove_file(out).unwrap();
+        }
+        figures.push(format!(
+            "{tag}: wanda {:.2}, magnitude {:.2}",
+            ppls[0], ppls[1]
+        ));
+        assert!(
+            ppls[0] < ppls[1],
+            "{tag}: wanda {} against magnitude {}",
+            ppls[0],
+            ppls[1]
+        );
+    }
+    println!("PPL (ctx 256, 6 windows) {}", figures.join("; "));
 }
 
 #[test]
@@ -391,10 +436,9 @@ fn dropping_blocks_leaves_a_shorter_model_that_runs() {
     assert!(f.has_tensor("blk.27.ffn_down.weight") && !f.has_tensor("blk.28.ffn_down.weight"));
     // The last block is never dropped: it is the new last one, unchanged.
     let src = GgufFile::open(&model).unwrap();
-    let (_, dims) = src.tensor_info("blk.29.attn_q.weight").unwrap();
     assert_eq!(
-        values(&f, "blk.27.attn_q.weight", &dims),
-        values(&src, "blk.29.attn_q.weight", &dims)
+        common::tensor_values(&f, "blk.27.attn_q.weight"),
+        common::tensor_values(&src, "blk.29.attn_q.weight")
     );
     generates(out, "pruned");
 }
@@ -424,6 +468,38 @@ fn bad_prune_arguments_are_named_and_leave_no_file() {
     refused(
         &["prune", b, out, "--method", "layers", "--drop", "2"],
         "needs --calib",
+    );
+    refused(
+        &["prune", b, out, "--method", "wanda", "--sparsity", "0.5"],
+        "--method wanda needs --calib",
+    );
+    refused(
+        &[
+            "prune",
+            b,
+            out,
+            "--method",
+            "wanda",
+            "--sparsity",
+            "1.5",
+            "--calib",
+            "/usr/share/common-licenses/GPL-3",
+        ],
+        "must be in (0, 1)",
+    );
+    refused(
+        &[
+            "prune",
+            b,
+            out,
+            "--method",
+            "magnitude",
+            "--sparsity",
+            "0.5",
+            "--calib",
+            "/usr/share/common-licenses/GPL-3",
+        ],
+        "go with --method wanda or layers",
     );
     refused(
         &[

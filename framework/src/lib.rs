@@ -9,12 +9,14 @@
 //! cut ([`shard`]) and combined ([`collective`]), the paged KV cache ([`kv`]) and
 //! the continuous-batching policy ([`batching`]) the actors run, and choosing
 //! tokens ([`sampling`], [`beam`], [`generate`]) and drafting them for
-//! speculative decoding ([`speculative`]).
+//! speculative decoding ([`speculative`]), and the activation statistics that
+//! calibrate quantization and pruning ([`activations`]).
 //!
 //! **Invariant:** nothing here depends on actix or HTTP. Every state machine is
 //! plain, synchronous and tested without an actor system. User input (files,
 //! requests) produces an [`Error`], never a panic.
 
+pub mod activations;
 pub mod backend;
 pub mod batching;
 pub mod beam;

@@ -610,6 +610,15 @@ impl LlamaShard {
         self.model.take_profile()
     }
 
+    /// Records the inputs of this shard's matrices in every following
+    /// forward into `stats` ([`crate::activations`]).
+    pub fn collect_activations(
+        &mut self,
+        stats: std::sync::Arc<crate::activations::ActivationStats>,
+    ) {
+        self.model.collect_activations(stats)
+    }
+
     /// Runs one batched step: appends every item's tokens to its cache and
     /// returns the logits the items asked for. Every rank of `collective` must
     /// call this with the same items (tokens and cache lengths) at the same time.

@@ -21,6 +21,71 @@ pub fn model_path() -> PathBuf {
     .clone()
 }
 
+/// A golden file of this repository (`tests/golden/NAME`).
+pub fn repo_golden(name: &str) -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    serde_json::from_slice(&std::fs::read(&path).expect("golden file")).expect("golden JSON")
+}
+
+/// The GPL-3 text Debian ships (package base-files), checked to be the one
+/// the golden file `golden` (`tests/golden/NAME`) was made from.
+pub fn gpl3_text(golden: &str) -> &'static str {
+    const TEXT: &str = "/usr/share/common-licenses/GPL-3";
+    let bytes = std::fs::read(TEXT).unwrap_or_else(|e| panic!("{TEXT}: {e} (package base-files)"));
+    let sha = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    assert_eq!(
+        Some(sha.as_str()),
+        repo_golden(golden)["text_sha256"].as_str(),
+        "{TEXT} is not the text tests/golden/{golden} was made from"
+    );
+    TEXT
+}
+
+/// Tensor `name` of `file` as f32, whatever its stored type.
+pub fn tensor_values(file: &GgufFile, name: &str) -> Vec<f32> {
+    let (_, dims) = file.tensor_info(name).expect("tensor exists");
+    file.tensor(name, &dims)
+        .expect("tensor reads")
+        .dequantize(&candle_core::Device::Cpu)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("tensor dequantizes")
+}
+
+/// `parallm perplexity` of the model file `model` on the GPL-3 text, over
+/// its first `chunks` windows of `ctx` tokens.
+pub fn perplexity(model: &str, ctx: usize, chunks: usize) -> f64 {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_parallm"))
+        .args([
+            "perplexity",
+            "--model",
+            model,
+            "-f",
+            "/usr/share/common-licenses/GPL-3",
+        ])
+        .args([
+            "--ctx",
+            &ctx.to_string(),
+            "--chunks",
+            &chunks.to_string(),
+            "--json",
+            "-",
+        ])
+        .output()
+        .expect("binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "perplexity of {model}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = &stdout[stdout.find('{').expect("JSON on stdout")..];
+    let report: serde_json::Value = serde_json::from_str(json).expect("report JSON");
+    report["ppl"].as_f64().expect("a perplexity")
+}
+
 /// The open reference model file.
 pub fn gguf() -> &'static GgufFile {
     static FILE: OnceLock<GgufFile> = OnceLock::new();

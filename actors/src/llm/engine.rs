@@ -6,11 +6,13 @@
 //! validates and tokenizes a [`Request`] before it reaches the queue — only
 //! valid requests are ever admitted — and returns its [`EventStream`].
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use framework::activations::{ActivationStats, InputSums, MatInput};
 use framework::batching::BatchConfig;
 use framework::chat::ChatTemplate;
 use framework::generate::validate_prompt;
@@ -113,6 +115,11 @@ pub struct EngineConfig {
     /// context is capped to it (`None`: the file's context, which must be
     /// within [`framework::config::MAX_CONTEXT`]).
     pub max_model_len: Option<usize>,
+    /// Whether every node records the inputs of its blocks' matrices
+    /// ([`Engine::activation_stats`]; calibration of `quantize --imatrix`
+    /// and Wanda pruning). Needs `prefix_caching` off, since a cached
+    /// prefix is not computed again.
+    pub collect_activations: bool,
 }
 
 impl Default for EngineConfig {
@@ -144,6 +151,7 @@ impl Default for EngineConfig {
             speculative: Speculation::default(),
             speculate_max_running: DEFAULT_SPECULATE_MAX_RUNNING,
             max_model_len: None,
+            collect_activations: false,
         }
     }
 }
@@ -289,6 +297,12 @@ impl EngineConfig {
             ));
         }
         self.compute.validate()?;
+        if self.collect_activations && self.prefix_caching {
+            return Err(bad_config(
+                "prefix_caching",
+                "must be off while activations are collected (a cached prefix is not computed again, so its rows would be missed)",
+            ));
+        }
         if self.speculative.enabled() {
             self.speculative.validate().map_err(|e| match e {
                 Error::InvalidRequest { field, reason } => bad_config(field, reason),
@@ -529,6 +543,8 @@ impl EngineBuilder {
         speculative: Speculation,
         /// Running requests above which none speculates.
         speculate_max_running: usize,
+        /// Record the inputs of every block's matrices.
+        collect_activations: bool,
     }
 
     /// Validates the configuration, loads the model on every node and starts
@@ -580,6 +596,7 @@ pub struct Engine {
     cfg: EngineConfig,
     kv_positions: usize,
     next_id: AtomicU64,
+    activations: Option<Arc<ActivationStats>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -654,6 +671,10 @@ impl Engine {
         let model_config = model.clone();
         let compute = cfg.compute.clone();
         let groups = stage_groups(&compute, shape, cfg.dp).map_err(EngineError::Invalid)?;
+        let activations = cfg
+            .collect_activations
+            .then(|| Arc::new(ActivationStats::new()));
+        let stats = activations.clone();
         let factory: WorkerFactory<LlmWorker> = Arc::new(move |id: NodeId| {
             let (stage, rank) = shape.place(id.index);
             let spec = ShardSpec::new(rank, shape.tp).map_err(|e| e.to_string())?;
@@ -678,7 +699,10 @@ impl Engine {
                 node: id.replica * shape.nodes() + id.index,
             };
             let group = &groups[id.replica * shape.pp + stage];
-            let shard = Shard::load(source, &compute, group).map_err(|e| e.to_string())?;
+            let mut shard = Shard::load(source, &compute, group).map_err(|e| e.to_string())?;
+            if let Some(stats) = &stats {
+                shard.collect_activations(stats.clone());
+            }
             let threads = framework::threads::node_pool(
                 &format!("r{}n{}", id.replica, id.index),
                 threads,
@@ -718,7 +742,15 @@ impl Engine {
             kv_positions: (batch.kv_blocks / lanes) * batch.block_size,
             cfg,
             next_id: AtomicU64::new(1),
+            activations,
         })
+    }
+
+    /// The inputs of every block's matrices recorded so far, by layer and
+    /// input, merged over the tensor-parallel ranks and the replicas; `None`
+    /// unless the engine was built with `collect_activations`.
+    pub fn activation_stats(&self) -> Option<BTreeMap<(usize, MatInput), InputSums>> {
+        self.activations.as_ref().map(|a| a.snapshot())
     }
 
     /// The configuration the engine runs with.

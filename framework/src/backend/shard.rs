@@ -17,6 +17,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use crate::activations::ActivationStats;
 use crate::collective::Collective;
 use crate::config::ModelConfig;
 use crate::cuda::{CudaOptions, CudaShard, DeviceHandle, TpGroup};
@@ -188,6 +189,12 @@ impl Shard {
         self.0.copy_block(src, dst)
     }
 
+    /// Records the inputs of this shard's matrices in every following step
+    /// into `stats` ([`crate::activations`]).
+    pub fn collect_activations(&mut self, stats: Arc<ActivationStats>) {
+        self.0.collect_activations(stats)
+    }
+
     /// One step of this stage over its paged KV cache; see
     /// [`crate::LlamaShard::forward_paged`]. `collective` is the step's host
     /// collective of this stage's ranks.
@@ -210,6 +217,7 @@ trait StageModel: Send {
         collective: &dyn Collective,
     ) -> Result<StageOutput>;
     fn copy_block(&mut self, src: u32, dst: u32) -> Result<()>;
+    fn collect_activations(&mut self, stats: Arc<ActivationStats>);
     fn describe(&self) -> String;
 }
 
@@ -305,6 +313,10 @@ impl<B: Backend> StageModel for StageShard<B> {
 
     fn copy_block(&mut self, src: u32, dst: u32) -> Result<()> {
         StageShard::copy_block(self, src, dst)
+    }
+
+    fn collect_activations(&mut self, stats: Arc<ActivationStats>) {
+        self.model.collect_activations(stats)
     }
 
     fn describe(&self) -> String {

@@ -24,11 +24,15 @@
 //! logits on the last, in the same order on every rank.
 //!
 //! With profiling on ([`Transformer::set_profiling`]) each step's ops are
-//! timed into a [`StepProfile`] ([`crate::profile`]).
+//! timed into a [`StepProfile`] ([`crate::profile`]). With activation
+//! statistics on ([`Transformer::collect_activations`]) the input of every
+//! block matrix is recorded before its matmul ([`crate::activations`]).
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use crate::activations::{ActivationStats, MatInput, Record};
 
 use crate::collective::{Collective, TimedCollective};
 use crate::config::ModelConfig;
@@ -80,6 +84,8 @@ pub struct Transformer<B: Backend> {
     head: Option<VocabParallelLmHead<B>>,
     profiling: AtomicBool,
     profile: Mutex<StepProfile>,
+    /// Where the matrices' inputs are recorded, when collecting.
+    activations: Option<Arc<ActivationStats>>,
 }
 
 /// One step's items as the loop reads them.
@@ -163,7 +169,42 @@ impl<B: Backend> Transformer<B> {
             head,
             profiling: AtomicBool::new(false),
             profile: Mutex::new(StepProfile::default()),
+            activations: None,
         })
+    }
+
+    /// Records the inputs of every block's matrices in the following steps
+    /// into `stats` ([`crate::activations`]).
+    pub fn collect_activations(&mut self, stats: Arc<ActivationStats>) {
+        self.activations = Some(stats);
+    }
+
+    /// Adds `rows` rows of `buf` (this rank's columns of `input` of the
+    /// model's layer `layer`) to the statistics, when collecting.
+    fn record(&self, layer: usize, input: MatInput, buf: &B::Buf, rows: usize) -> Result<()> {
+        let Some(stats) = &self.activations else {
+            return Ok(());
+        };
+        let (c, l) = (&self.config, &self.layout);
+        let rank0 = l.spec.rank == 0;
+        let hd = c.head_dim;
+        let (width, cols) = match input {
+            // Whole on every rank: rank 0 records it.
+            MatInput::Attn | MatInput::Ffn if !rank0 => return Ok(()),
+            MatInput::Attn | MatInput::Ffn => (c.hidden, 0..c.hidden),
+            MatInput::AttnOut => (c.q_width(), l.heads.start * hd..l.heads.end * hd),
+            MatInput::FfnOut => (c.ffn, l.ffn.clone()),
+        };
+        let data = self.backend.download(buf, rows * cols.len())?;
+        let rec = Record {
+            layer,
+            input,
+            width,
+            cols,
+            count_rows: rank0,
+        };
+        stats.record(&rec, &data);
+        Ok(())
     }
 
     /// Turns the timing of every op of the following steps on or off.
@@ -374,6 +415,7 @@ impl<B: Backend> Transformer<B> {
                 b.attn_norm
                     .forward(be, &mut ws.x, residual, eps, &mut ws.normed, n, h)
             })?;
+            self.record(global, MatInput::Attn, &ws.normed, n)?;
             timer.time(Op::QkvMatmul, spent, || {
                 b.qkv.forward(be, &ws.normed, &mut ws.qkv, n)
             })?;
@@ -390,6 +432,7 @@ impl<B: Backend> Transformer<B> {
             timer.time(Op::Attention, spent, || {
                 kv.attend(be, layer, &ws.qkv, &ws.meta, &mut ws.attn, n, &attn)
             })?;
+            self.record(global, MatInput::AttnOut, &ws.attn, n)?;
             timer.time(Op::OMatmul, spent, || {
                 b.o.forward(be, &ws.attn, &mut ws.delta, n, host)
             })?;
@@ -402,6 +445,7 @@ impl<B: Backend> Transformer<B> {
                 b.ffn_norm
                     .forward(be, &mut ws.x, Some(&ws.delta), eps, &mut ws.normed, n, h)
             })?;
+            self.record(global, MatInput::Ffn, &ws.normed, n)?;
             timer.time(Op::GateUpMatmul, spent, || {
                 b.gate_up.forward(be, &ws.normed, &mut ws.gate_up, n)
             })?;
@@ -409,6 +453,7 @@ impl<B: Backend> Transformer<B> {
                 true => be.gated_act(&ws.gate_up, &mut ws.act, n, ffn, act),
                 false => be.act(&ws.gate_up, &mut ws.act, n, ffn, act),
             })?;
+            self.record(global, MatInput::FfnOut, &ws.act, n)?;
             timer.time(Op::DownMatmul, spent, || {
                 b.down.forward(be, &ws.act, &mut ws.delta, n, host)
             })?;
