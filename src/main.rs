@@ -275,8 +275,9 @@ struct GenerateArgs {
 
 #[derive(Args)]
 struct QuantizeArgs {
-    /// The source GGUF file (f32, f16 or bf16; or quantized, see
-    /// --allow-requantize).
+    /// The source: a GGUF file (f32, f16 or bf16; or quantized, see
+    /// --allow-requantize), or a Hugging Face directory (config.json,
+    /// safetensors, tokenizer.json), written as llama.cpp's converter would.
     input: PathBuf,
     /// The GGUF file to write (written whole or not at all).
     output: PathBuf,
@@ -304,7 +305,7 @@ struct QuantizeArgs {
 
 #[derive(Args)]
 struct PruneArgs {
-    /// The source GGUF file.
+    /// The source: a GGUF file, or a Hugging Face directory.
     input: PathBuf,
     /// The GGUF file to write (written whole or not at all).
     output: PathBuf,

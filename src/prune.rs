@@ -265,7 +265,7 @@ fn zero_weights(
         };
         jobs.push(Job::keep_name(name, (dims, from), to, edit));
     }
-    let mut meta = quantize::base_metadata(file);
+    let mut meta = quantize::base_metadata(file)?;
     file_type(&mut meta, file, plan.target);
     let r = quantize::rewrite(file, &jobs, &meta, output, (plan.progress, plan.threads))?;
     Ok(format!(
@@ -499,7 +499,7 @@ fn drop_layers(
         });
     }
     let block_count = format!("{arch}.block_count");
-    let mut meta: Vec<(String, Value)> = quantize::base_metadata(file)
+    let mut meta: Vec<(String, Value)> = quantize::base_metadata(file)?
         .into_iter()
         .map(|(k, v)| {
             let v = match v {

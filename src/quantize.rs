@@ -298,17 +298,11 @@ fn kept(keep: &[Keep], name: &str, layers: usize) -> Option<GgmlDType> {
     })
 }
 
-/// Opens a GGUF file to rewrite (a Hugging Face directory is refused).
+/// Opens a model to rewrite: a GGUF file, or a Hugging Face directory read
+/// as the GGUF file llama.cpp's converter would write from it (its
+/// tokenizer's metadata comes from [`base_metadata`]).
 pub fn open_gguf(input: &Path) -> CliResult<GgufFile> {
-    let file = GgufFile::open(input)?;
-    if file.hf().is_some() {
-        return Err(format!(
-            "{} is a Hugging Face directory; this reads GGUF files (convert it first, e.g. with llama.cpp's convert_hf_to_gguf.py)",
-            input.display()
-        )
-        .into());
-    }
-    Ok(file)
+    Ok(GgufFile::open(input)?)
 }
 
 /// Changes a tensor's values in place (row-major, rows of `dims.last()`).
@@ -354,9 +348,13 @@ impl Job {
 }
 
 /// The source file's metadata without the keys a rewrite sets, as owned
-/// pairs to add to.
-pub fn base_metadata(file: &GgufFile) -> Vec<(String, Value)> {
-    file.metadata_entries()
+/// pairs to add to. A Hugging Face directory's also holds what a GGUF file
+/// written from it needs besides its `config.json` keys: `general.name` and
+/// the tokenizer in GGUF's keys ([`framework::hf::gguf_metadata`]; an error
+/// naming `tokenizer.json` when GGUF cannot say it).
+pub fn base_metadata(file: &GgufFile) -> CliResult<Vec<(String, Value)>> {
+    let mut meta: Vec<(String, Value)> = file
+        .metadata_entries()
         .into_iter()
         .filter(|(k, _)| {
             !matches!(
@@ -365,7 +363,13 @@ pub fn base_metadata(file: &GgufFile) -> Vec<(String, Value)> {
             )
         })
         .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect()
+        .collect();
+    if file.hf().is_some() {
+        meta.extend(framework::hf::gguf_metadata(file)?);
+        // The general keys first, as the converter writes them.
+        meta.sort_by_key(|(k, _)| !k.starts_with("general."));
+    }
+    Ok(meta)
 }
 
 /// Writes `jobs` (in order) with `meta` to `output`, the tensors converted
@@ -498,7 +502,7 @@ pub fn quantize(input: &Path, output: &Path, plan: &QuantizePlan) -> CliResult<Q
         )
         .into());
     }
-    let mut meta = base_metadata(&file);
+    let mut meta = base_metadata(&file)?;
     meta.push((
         "general.file_type".into(),
         Value::U32(plan.target.file_type()),

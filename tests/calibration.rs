@@ -9,18 +9,10 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use framework::GgufFile;
 
 const TEXT: &str = "/usr/share/common-licenses/GPL-3";
-
-fn parallm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_parallm"))
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
 
 fn golden() -> serde_json::Value {
     common::repo_golden("imatrix.json")
@@ -52,7 +44,7 @@ fn imatrix(out: &Path, args: &[&str]) {
         out.to_str().unwrap(),
     ];
     all.extend_from_slice(args);
-    let o = parallm(&all);
+    let o = common::cli(&all);
     assert!(
         o.status.success(),
         "{args:?}: {}",
@@ -135,7 +127,7 @@ fn the_importance_matrix_matches_llama_cpp() {
         let q = q.to_str().unwrap();
         let mut args = vec!["quantize", m, q, "--type", "q4_0", "--allow-requantize"];
         args.extend_from_slice(extra);
-        let o = parallm(&args);
+        let o = common::cli(&args);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let f = GgufFile::open(q).unwrap();
         assert_eq!(
@@ -223,7 +215,7 @@ fn bad_input_is_named_and_leaves_no_file() {
             "--ctx is 2",
         ),
     ] {
-        let r = parallm(&args);
+        let r = common::cli(&args);
         let stderr = String::from_utf8_lossy(&r.stderr);
         assert!(!r.status.success(), "{args:?} succeeded");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
@@ -231,7 +223,7 @@ fn bad_input_is_named_and_leaves_no_file() {
     // A model file given as the importance matrix is refused by name.
     let base = scratch("bad-quantize");
     let q = base.join("q.gguf");
-    let r = parallm(&[
+    let r = common::cli(&[
         "quantize",
         m,
         q.to_str().unwrap(),

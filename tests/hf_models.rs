@@ -17,12 +17,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
-use common::{check_top10, greedy_before_tie, ids, on_group, top_k, write_models};
+use common::{check_top10, greedy_before_tie, ids, on_group, top_k};
 use parallm::framework::{GgufFile, LlamaShard, ModelConfig, ShardSpec, Tokenizer, WeightFormat};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 /// The top-10 logits' tolerance (measured: at most 7.7e-6 apart).
 const TOLERANCE: f32 = 1e-3;
@@ -31,59 +29,8 @@ const TOLERANCE: f32 = 1e-3;
 /// logits are closer than this (none of the golden cases has one).
 const NEAR_TIE: f32 = 2e-4;
 
-fn golden() -> &'static Value {
-    static GOLDEN: OnceLock<Value> = OnceLock::new();
-    GOLDEN.get_or_init(|| {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/hf.json");
-        let text =
-            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        serde_json::from_str(&text).expect("the golden file is JSON")
-    })
-}
-
-fn names() -> Vec<String> {
-    golden()["models"]
-        .as_object()
-        .expect("models")
-        .keys()
-        .cloned()
-        .collect()
-}
-
-/// Whether directory `dir` holds exactly the files of golden model `name`.
-fn matches_golden(dir: &Path, name: &str) -> bool {
-    let files = golden()["models"][name]["files"]
-        .as_object()
-        .expect("files");
-    files.iter().all(|(file, sha)| {
-        std::fs::read(dir.join(file))
-            .map(|bytes| format!("{:x}", Sha256::digest(&bytes)) == sha.as_str().unwrap_or(""))
-            .unwrap_or(false)
-    })
-}
-
-/// The directory of the tiny models, written once by the support script.
-fn models_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = parallm::fetch::parallm_home().join("models/hf");
-        if names().iter().all(|n| matches_golden(&dir.join(n), n)) {
-            return dir;
-        }
-        write_models("hf_models.py", &dir);
-        for n in names() {
-            assert!(
-                matches_golden(&dir.join(&n), &n),
-                "{} is not what transformers' outputs came from (another numpy or gguf version?)",
-                dir.join(&n).display()
-            );
-        }
-        dir
-    })
-}
-
 fn open(name: &str) -> GgufFile {
-    GgufFile::open(models_dir().join(name)).expect("the directory opens")
+    GgufFile::open(common::hf_models_dir().join(name)).expect("the directory opens")
 }
 
 /// Runs every case of model `name` at width `tp` in `format`; returns the
@@ -100,7 +47,10 @@ fn check_file(file: &GgufFile, name: &str, tp: usize, format: WeightFormat) -> f
         .map(|spec| LlamaShard::load(file, spec, format).expect("the shard loads"))
         .collect();
     let mut worst = 0f32;
-    for case in golden()["models"][name]["cases"].as_array().expect("cases") {
+    for case in common::hf_golden()["models"][name]["cases"]
+        .as_array()
+        .expect("cases")
+    {
         let prompt = ids(&case["tokens"]);
         let what = format!("{name} tp={tp} {format} on {:?}", case["prompt"]);
         let text = case["prompt"].as_str().expect("prompt");
@@ -134,7 +84,7 @@ fn check_file(file: &GgufFile, name: &str, tp: usize, format: WeightFormat) -> f
 
 #[test]
 fn each_directory_matches_transformers_at_tp1_and_tp2() {
-    let names = names();
+    let names = common::hf_names();
     assert!(names.len() >= 8, "golden models: {names:?}");
     for name in &names {
         let native = check(name, 1, WeightFormat::Native);
@@ -198,7 +148,7 @@ fn directories_read_as_their_families() {
 /// A copy of golden directory `name` in a fresh temporary directory, with
 /// `edit` applied to it.
 fn broken_copy(name: &str, case: &str, edit: impl FnOnce(&Path)) -> PathBuf {
-    let src = models_dir().join(name);
+    let src = common::hf_models_dir().join(name);
     let dst = std::env::temp_dir().join(format!("parallm-hf-{}-{case}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dst);
     std::fs::create_dir_all(&dst).expect("temp dir");

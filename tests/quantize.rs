@@ -11,25 +11,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use framework::GgufFile;
 use sha2::{Digest, Sha256};
-
-fn parallm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_parallm"))
-        .args(args)
-        .output()
-        .expect("binary runs")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = parallm(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{args:?}: {stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned() + &stderr
-}
 
 fn dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -51,7 +36,7 @@ fn base() -> &'static str {
         let model = common::model_path();
         let out = dir().join("f32.gguf");
         let out = out.to_str().unwrap().to_string();
-        ok(&["quantize", model.to_str().unwrap(), &out, "--type", "f32"]);
+        common::cli_ok(&["quantize", model.to_str().unwrap(), &out, "--type", "f32"]);
         out
     })
 }
@@ -63,7 +48,7 @@ fn quantized(t: &str) -> String {
     let out = dir().join(format!("{t}.gguf"));
     let out = out.to_str().unwrap().to_string();
     if !Path::new(&out).exists() {
-        ok(&["quantize", base(), &out, "--type", t]);
+        common::cli_ok(&["quantize", base(), &out, "--type", t]);
     }
     out
 }
@@ -74,7 +59,7 @@ fn sha256(path: &str) -> String {
 
 /// The model in `path` loads and generates (coarse ones may end early).
 fn generates(path: &str, what: &str) {
-    let text = ok(&[
+    let text = common::cli_ok(&[
         "generate",
         "The capital of France is",
         "--model",
@@ -159,7 +144,7 @@ fn kl_divergence_from_the_base_grows_as_the_bits_shrink() {
             "-",
         ];
         args.extend_from_slice(extra);
-        let out = ok(&args);
+        let out = common::cli_ok(&args);
         let json = &out[out.find('{').unwrap()..out.rfind('}').unwrap() + 1];
         serde_json::from_str::<serde_json::Value>(json).unwrap()
     };
@@ -215,7 +200,7 @@ fn the_files_llama_cpp_was_measured_on_are_the_ones_written_now() {
 fn keep_holds_chosen_tensors_at_their_own_type() {
     let out = dir().join("mixed.gguf");
     let out = out.to_str().unwrap();
-    ok(&[
+    common::cli_ok(&[
         "quantize",
         base(),
         out,
@@ -237,7 +222,7 @@ fn keep_holds_chosen_tensors_at_their_own_type() {
 }
 
 fn refused(args: &[&str], needle: &str) {
-    let out = parallm(args);
+    let out = common::cli(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{args:?} succeeded");
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -282,8 +267,8 @@ fn bad_input_is_named_and_leaves_no_file() {
         "no file left behind"
     );
     // Requantizing to more bits needs no flag; to fewer, the flag.
-    ok(&["quantize", model, out, "--type", "q8_0"]);
-    ok(&[
+    common::cli_ok(&["quantize", model, out, "--type", "q8_0"]);
+    common::cli_ok(&[
         "quantize",
         model,
         out,
@@ -349,7 +334,7 @@ fn magnitude_pruning_keeps_exactly_the_share_of_every_row() {
         let out = out.to_str().unwrap();
         let mut all = vec!["prune", base(), out, "--method", "magnitude"];
         all.extend_from_slice(args);
-        ok(&all);
+        common::cli_ok(&all);
         let f = GgufFile::open(out).unwrap();
         // Q8_0 may round more small weights to 0.
         let group = [("2of4", 4), ("4of8", 8)]
@@ -387,7 +372,7 @@ fn wanda_keeps_exactly_the_share_and_beats_magnitude() {
                 args.extend(["--calib", "/usr/share/common-licenses/GPL-3"]);
                 args.extend(["--ctx", "256", "--windows", "4"]);
             }
-            let line = ok(&args);
+            let line = common::cli_ok(&args);
             let f = GgufFile::open(out).unwrap();
             let group = (pattern == "2:4").then_some(4);
             let what = format!("{method} {tag}");
@@ -417,7 +402,7 @@ fn dropping_blocks_leaves_a_shorter_model_that_runs() {
     let model = common::model_path();
     let out = dir().join("drop2.gguf");
     let out = out.to_str().unwrap();
-    let line = ok(&[
+    let line = common::cli_ok(&[
         "prune",
         model.to_str().unwrap(),
         out,

@@ -41,6 +41,9 @@ use serde_json::Value as Json;
 use crate::error::{Error, Result};
 use crate::family::Arch;
 
+mod vocab;
+pub use vocab::gguf_metadata;
+
 /// The architectures (`config.json`'s `architectures`) read from a directory.
 pub const HF_ARCHS: &str = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, GPT2LMHeadModel, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration (its text model)";
 

@@ -38,28 +38,30 @@ use crate::hf::HfModel;
 use crate::spm::{self, Spm};
 
 /// Llama 3's pre-tokenization pattern (`tokenizer.ggml.pre = llama-bpe`).
-const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Qwen2's pre-tokenization pattern (`tokenizer.ggml.pre = qwen2`): Llama 3's
 /// with every digit split alone.
-const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Tekken's pre-tokenization pattern (`tokenizer.ggml.pre = tekken`, Mistral
 /// Nemo and later), as its `tokenizer.json` writes it: letters split at
 /// case changes, every digit alone, `/` kept with the newlines after
 /// punctuation.
-const TEKKEN_PATTERN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const TEKKEN_PATTERN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Pre-tokenizers after which llama.cpp takes a word that is itself a token
 /// whole, without merging (`ignore_merges`), and adds BOS unless the file
 /// says otherwise.
-const WHOLE_WORD_PRES: [&str; 4] = ["llama-bpe", "llama3", "llama-v3", "tekken"];
+pub(crate) const WHOLE_WORD_PRES: [&str; 4] = ["llama-bpe", "llama3", "llama-v3", "tekken"];
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
-const TOKEN_UNKNOWN: i64 = 2;
-const TOKEN_CONTROL: i64 = 3;
-const TOKEN_USER_DEFINED: i64 = 4;
-const TOKEN_BYTE: i64 = 6;
+pub(crate) const TOKEN_NORMAL: i64 = 1;
+pub(crate) const TOKEN_UNKNOWN: i64 = 2;
+pub(crate) const TOKEN_CONTROL: i64 = 3;
+pub(crate) const TOKEN_USER_DEFINED: i64 = 4;
+pub(crate) const TOKEN_UNUSED: i64 = 5;
+pub(crate) const TOKEN_BYTE: i64 = 6;
 
 /// How a text becomes tokens.
 enum Model {
@@ -99,6 +101,9 @@ pub struct Tokenizer {
     add_bos: bool,
     add_eos: bool,
     chat_template: Option<String>,
+    /// Whether decoding drops one leading space (the one a SentencePiece
+    /// vocabulary's space prefix put there).
+    strip_space: bool,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -196,6 +201,7 @@ impl Tokenizer {
             ));
         }
         let max_token_len = tokens.iter().map(|t| t.len()).max().unwrap_or(1).max(1);
+        let strip_space = matches!(&model, Model::Spm(m) if m.add_space_prefix);
         Ok(Self {
             model,
             texts: tokens.iter().map(|t| t.to_string()).collect(),
@@ -209,6 +215,7 @@ impl Tokenizer {
                 .opt_bool("tokenizer.ggml.add_eos_token")?
                 .unwrap_or(false),
             chat_template: file.opt_str("tokenizer.chat_template")?.map(str::to_string),
+            strip_space,
         })
     }
 
@@ -243,7 +250,7 @@ impl Tokenizer {
             tokenizers::ModelWrapper::Unigram(_) => true,
             _ => false,
         };
-        let mut types = vec![1i64; n];
+        let mut types = vec![TOKEN_NORMAL; n];
         if sentencepiece {
             for (i, t) in tokens.iter().enumerate() {
                 if t.len() == 6 && t.starts_with("<0x") && t.ends_with('>') {
@@ -354,6 +361,7 @@ impl Tokenizer {
             }
         };
         let max_token_len = tokens.iter().map(|t| t.len()).max().unwrap_or(1).max(1);
+        let strip_space = decoder_strips_space(&inner);
         Ok(Self {
             model: Model::Bpe(Box::new(inner)),
             texts: tokens,
@@ -365,6 +373,7 @@ impl Tokenizer {
             add_bos,
             add_eos,
             chat_template,
+            strip_space,
         })
     }
 
@@ -576,16 +585,15 @@ impl Tokenizer {
 
     /// Text of a whole token sequence (invalid UTF-8 replaced). A
     /// SentencePiece vocabulary that adds a space prefix loses it again here,
-    /// as llama.cpp's detokenizer does.
+    /// as llama.cpp's detokenizer does (and a `tokenizer.json` whose decoder
+    /// strips it: `Strip`, or `Metaspace` with a prefix).
     pub fn decode(&self, ids: &[u32]) -> String {
         let mut bytes: Vec<u8> = ids
             .iter()
             .flat_map(|&t| self.token_bytes(t).iter().copied())
             .collect();
-        if let Model::Spm(m) = &self.model {
-            if m.add_space_prefix && bytes.first() == Some(&b' ') {
-                bytes.remove(0);
-            }
+        if self.strip_space && bytes.first() == Some(&b' ') {
+            bytes.remove(0);
         }
         String::from_utf8_lossy(&bytes).into_owned()
     }
@@ -629,6 +637,38 @@ impl Tokenizer {
     pub fn token_text(&self, id: u32) -> Option<String> {
         self.texts.get(id as usize).cloned()
     }
+}
+
+/// Whether a `tokenizer.json` decoder drops the leading space of a decoded
+/// text: a `Strip` of at least one leading space, or a `Metaspace` that
+/// prepends one when encoding (alone or within a `Sequence`).
+fn decoder_strips_space(inner: &tokenizers::Tokenizer) -> bool {
+    let Some(json) = inner
+        .get_decoder()
+        .and_then(|d| serde_json::to_value(d).ok())
+    else {
+        return false;
+    };
+    let parts = match json.get("decoders").and_then(|d| d.as_array()) {
+        Some(list) => list.iter().collect(),
+        None => vec![&json],
+    };
+    parts
+        .iter()
+        .any(|d| match d.get("type").and_then(|t| t.as_str()) {
+            Some("Strip") => {
+                d.get("content").and_then(|c| c.as_str()) == Some(" ")
+                    && d.get("start").and_then(|s| s.as_u64()).unwrap_or(0) > 0
+            }
+            Some("Metaspace") => match d.get("prepend_scheme").and_then(|p| p.as_str()) {
+                Some(scheme) => scheme != "never",
+                None => d
+                    .get("add_prefix_space")
+                    .and_then(|a| a.as_bool())
+                    .unwrap_or(true),
+            },
+            _ => false,
+        })
 }
 
 /// `text` cut around every occurrence of a special token, trying the tokens

@@ -328,3 +328,74 @@ pub fn check_top10(
     }
     worst
 }
+
+/// Runs the `parallm` binary with `args`.
+pub fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_parallm"))
+        .args(args)
+        .output()
+        .expect("binary runs")
+}
+
+/// Runs the `parallm` binary with `args`, which must succeed; its stdout
+/// then stderr.
+pub fn cli_ok(args: &[&str]) -> String {
+    let out = cli(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{args:?}: {stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &stderr
+}
+
+/// `tests/golden/hf.json`: the tiny Hugging Face directories' files and
+/// transformers' outputs on them (`tests/support/hf_golden.py`).
+pub fn hf_golden() -> &'static serde_json::Value {
+    static GOLDEN: OnceLock<serde_json::Value> = OnceLock::new();
+    GOLDEN.get_or_init(|| repo_golden("hf.json"))
+}
+
+/// The tiny directories' names (`llama-f16`, `qwen2-bf16`, …).
+pub fn hf_names() -> Vec<String> {
+    hf_golden()["models"]
+        .as_object()
+        .expect("models")
+        .keys()
+        .cloned()
+        .collect()
+}
+
+/// Whether `dir` holds exactly the files of golden model `name`.
+fn hf_matches_golden(dir: &std::path::Path, name: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let files = hf_golden()["models"][name]["files"]
+        .as_object()
+        .expect("files");
+    files.iter().all(|(file, sha)| {
+        std::fs::read(dir.join(file))
+            .map(|bytes| format!("{:x}", Sha256::digest(&bytes)) == sha.as_str().unwrap_or(""))
+            .unwrap_or(false)
+    })
+}
+
+/// The directory of the tiny models, written once by
+/// `tests/support/hf_models.py` and checked against the golden hashes.
+pub fn hf_models_dir() -> &'static std::path::Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = parallm::fetch::parallm_home().join("models/hf");
+        if hf_names()
+            .iter()
+            .all(|n| hf_matches_golden(&dir.join(n), n))
+        {
+            return dir;
+        }
+        write_models("hf_models.py", &dir);
+        for n in hf_names() {
+            assert!(
+                hf_matches_golden(&dir.join(&n), &n),
+                "{} is not what transformers' outputs came from (another numpy or gguf version?)",
+                dir.join(&n).display()
+            );
+        }
+        dir
+    })
+}
