@@ -63,6 +63,7 @@ fn request(i: usize, synthetic: bool) -> Request {
         priority: 0,
         speculative: None,
         prompt_logprobs: None,
+        guide: None,
     }
 }
 

@@ -545,6 +545,12 @@ struct ThroughputArgs {
     /// passages in turn).
     #[arg(long, value_enum, default_value = "random")]
     dataset: Dataset,
+    /// Of each measurement's requests, this many are guided by a JSON schema
+    /// (a list of at least 64 records, so no guided request ends before
+    /// --output-tokens): the cost of computing grammar masks beside the
+    /// forward.
+    #[arg(long, default_value_t = 0)]
+    guided: usize,
     /// Also write the rows as JSON here.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
@@ -869,6 +875,7 @@ fn run_generate(args: GenerateArgs) -> CliResult {
         priority: 0,
         speculative: None,
         prompt_logprobs: None,
+        guide: None,
     })?;
     let mut stdout = std::io::stdout().lock();
     let mut first: Option<Instant> = None;
@@ -1003,6 +1010,7 @@ fn run_throughput(args: ThroughputArgs) -> CliResult {
         top_p: args.top_p,
         top_k: args.top_k,
         dataset: args.dataset,
+        guided: args.guided,
     };
     eprintln!(
         "model: {what}, weights: {}, tp={} pp={} dp={}, max_batch_tokens {}, threads: {}",

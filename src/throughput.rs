@@ -21,12 +21,16 @@
 //!   time of a bare batched decode forward of the same `n` sequences at the
 //!   same mean context on one shard in the calling thread;
 //! * with speculative decoding, the drafted tokens and the share accepted.
+//!
+//! With `guided`, that many of each measurement's requests are held to
+//! [`guided_schema`] (their grammar masks computed beside the forward).
 
 use std::time::{Duration, Instant};
 
 use actors::llm::{Engine, Event, Prompt, Request};
 use framework::chat::ChatMessage;
 use framework::collective::SingleCollective;
+use framework::guide::Guide;
 use framework::sampling::{Rng, SamplingParams};
 use framework::{BatchItem, LlamaShard, LogitsWanted};
 
@@ -51,6 +55,29 @@ pub struct ThroughputPlan {
     pub top_k: usize,
     /// Which prompts.
     pub dataset: Dataset,
+    /// Requests of each measurement guided by [`guided_schema`].
+    pub guided: usize,
+}
+
+/// The JSON schema of `--guided` requests: a list of at least 64 records
+/// (a free string, a bounded integer, an enum), too long for any request to
+/// complete within a benchmark's output tokens, so guided requests generate
+/// as many tokens as unguided ones.
+pub fn guided_schema() -> serde_json::Value {
+    serde_json::json!({
+        "type": "array",
+        "minItems": 64,
+        "items": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                "role": {"enum": ["admin", "user", "guest"]}
+            },
+            "required": ["name", "age", "role"],
+            "additionalProperties": false
+        }
+    })
 }
 
 /// The prompts of a measurement.
@@ -198,6 +225,9 @@ pub fn throughput(
                 seed: Some(rows.len() as u64),
                 ..SamplingParams::greedy(plan.output_tokens)
             };
+            if streams.len() < plan.guided {
+                req.guide = Some(Guide::JsonSchema(guided_schema()));
+            }
             streams.push(engine.generate(req)?);
         }
         let times: Vec<Vec<Duration>> = std::thread::scope(|s| {

@@ -521,11 +521,65 @@ fn errors_have_their_status_and_openai_shape() {
         let (st, r) = s.post("/v1/completions", body.clone());
         assert_error(st, &r, 400, Some(param), "invalid_value");
     }
+    // Guides that cannot be compiled, or two at once, are refused by field.
+    let chat = |extra: Value| {
+        let mut body = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 4});
+        for (k, v) in extra.as_object().expect("fields") {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let guided_refusals = [
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}}),
+            "response_format",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            "response_format",
+        ),
+        (
+            json!({"response_format": {"type": "xml"}}),
+            "response_format",
+        ),
+        (json!({"guided_json": {"type": "nonsense"}}), "guided_json"),
+        (json!({"guided_regex": "(unclosed"}), "guided_regex"),
+        (json!({"guided_choice": []}), "guided_choice"),
+        (
+            json!({"guided_grammar": "start: undefined_rule"}),
+            "guided_grammar",
+        ),
+        (
+            json!({"response_format": {"type": "json_object"}, "guided_regex": "a+"}),
+            "guided_regex",
+        ),
+        (
+            json!({"guided_choice": ["a"], "beam_width": 2}),
+            "guided_choice",
+        ),
+    ];
+    for (extra, param) in &guided_refusals {
+        let (st, r) = s.post("/v1/chat/completions", chat(extra.clone()));
+        assert_error(st, &r, 400, Some(param), "invalid_value");
+    }
+    // A JSON object cut by max_tokens ends with `length`; a choice is one of
+    // the choices and ends with `stop`.
     let (st, r) = s.post(
         "/v1/chat/completions",
-        json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
+        chat(json!({"response_format": {"type": "json_object"}, "temperature": 0})),
     );
-    assert_error(st, &r, 400, Some("response_format"), "invalid_value");
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "length", "{r}");
+    let text = r["choices"][0]["message"]["content"].as_str().unwrap_or("");
+    assert!(text.starts_with('{'), "{r}");
+    let (st, r) = s.post(
+        "/v1/chat/completions",
+        chat(json!({"guided_choice": ["red", "green"], "max_tokens": 16})),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
+    let text = r["choices"][0]["message"]["content"].as_str().unwrap_or("");
+    assert!(text == "red" || text == "green", "{r}");
     // logit_bias bans the greedy pick.
     let greedy = |bias: Value| {
         let (st, r) = s.post(
@@ -552,7 +606,7 @@ fn errors_have_their_status_and_openai_shape() {
     // Every refusal is counted once: by status in the HTTP metric, and by
     // reason in the failure metric (400s and the 413 as invalid, the 404
     // of an unknown model too).
-    let four_hundreds = 9 + 2 + refused.len() + 1;
+    let four_hundreds = 9 + 2 + refused.len() + guided_refusals.len();
     let count = |needle: &str| -> f64 {
         let (_, text) = s.get("/metrics");
         text.lines()

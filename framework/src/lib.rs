@@ -28,6 +28,7 @@ pub mod error;
 pub mod family;
 pub mod generate;
 pub mod gguf;
+pub mod guide;
 pub mod hf;
 pub mod kv;
 pub mod metrics;

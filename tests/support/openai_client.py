@@ -20,6 +20,11 @@ Checks, in order (names as used by --skip and in the JSON summary):
                carries usage with completion_tokens > 0
   models       models.list() contains MODEL
   bad_request  a chat request with temperature=-1 raises openai.BadRequestError
+  structured   the client's structured-output helper (chat.completions.parse,
+               or beta.chat.completions.parse in older clients) with a
+               pydantic model: the answer parses into the model, and an
+               unsatisfiable schema raises BadRequestError naming
+               response_format
 
 Output: exactly one JSON line on stdout: {"ok": bool, "failed": [names],
 "checks": {name: {"ok": bool, ...details or "error"}}, ...}. Each failure is
@@ -33,7 +38,7 @@ import sys
 import time
 import traceback
 
-CHECK_NAMES = ("completion", "chat", "stream", "models", "bad_request")
+CHECK_NAMES = ("completion", "chat", "stream", "models", "bad_request", "structured")
 
 
 class CheckFailed(Exception):
@@ -166,12 +171,55 @@ def check_bad_request(client, model, details):
     raise CheckFailed("temperature=-1 was accepted (HTTP 2xx); expected openai.BadRequestError (HTTP 400)")
 
 
+def check_structured(client, model, details):
+    import openai
+    import pydantic
+
+    class City(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=24)
+        country: str = pydantic.Field(max_length=24)
+        population_millions: int = pydantic.Field(ge=0, le=100)
+
+    parse = getattr(client.chat.completions, "parse", None)
+    if parse is None:
+        parse = client.beta.chat.completions.parse
+    resp = parse(
+        model=model,
+        messages=[{"role": "user", "content": "Describe Paris as JSON."}],
+        response_format=City,
+        max_tokens=96,
+        temperature=0,
+    )
+    msg = resp.choices[0].message
+    details["content"] = msg.content
+    details["finish_reason"] = resp.choices[0].finish_reason
+    expect(resp.choices[0].finish_reason == "stop", f"finish_reason {resp.choices[0].finish_reason!r}")
+    expect(isinstance(msg.parsed, City), f"parsed is {type(msg.parsed).__name__}, not City")
+    expect(len(msg.parsed.name) <= 24, "name longer than the schema allows")
+    try:
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "x"}],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "bad", "schema": {"$ref": "#/nowhere"}},
+            },
+            max_tokens=4,
+        )
+    except openai.BadRequestError as e:
+        details["bad_schema"] = str(e)[:200]
+        expect("response_format" in str(e), f"error does not name response_format: {e}")
+    else:
+        raise CheckFailed("an unsatisfiable schema was accepted")
+
+
 CHECKS = {
     "completion": check_completion,
     "chat": check_chat,
     "stream": check_stream,
     "models": check_models,
     "bad_request": check_bad_request,
+    "structured": check_structured,
 }
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# python-env.sh — provide a Python virtualenv with the official `openai` client
-# and the `gguf` package (with numpy).
+# python-env.sh — provide a Python virtualenv with the official `openai` client,
+# the `gguf` package (with numpy) and `jsonschema`.
 #
 # Called by parallm's Rust integration tests (cargo test --release --workspace)
 # to get an interpreter for tests/support/openai_client.py, which drives
@@ -31,7 +31,7 @@ set -euo pipefail
 
 # Pinned: the tiny models' bytes (and so the golden file's SHA-256) depend
 # on the gguf writer's version.
-PACKAGES="${PARALLM_PYENV_PACKAGES:-openai==3.54.0 gguf==0.19.0}"
+PACKAGES="${PARALLM_PYENV_PACKAGES:-openai==3.54.0 gguf==0.19.0 jsonschema==4.26.0}"
 NAME="${PARALLM_PYENV_NAME:-pyenv}"
 
 PARALLM_HOME="${PARALLM_HOME:-$HOME/.cache/parallm}"

@@ -16,6 +16,7 @@ use framework::activations::{ActivationStats, InputSums, MatInput};
 use framework::batching::BatchConfig;
 use framework::chat::ChatTemplate;
 use framework::generate::validate_prompt;
+use framework::guide::GuideEnv;
 use framework::sampling::Sampler;
 use framework::speculative::Speculation;
 use framework::{
@@ -597,6 +598,8 @@ pub struct Engine {
     kv_positions: usize,
     next_id: AtomicU64,
     activations: Option<Arc<ActivationStats>>,
+    /// llguidance's view of the vocabulary, built by the first guided request.
+    guides: std::sync::OnceLock<Result<GuideEnv, String>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -743,6 +746,7 @@ impl Engine {
             cfg,
             next_id: AtomicU64::new(1),
             activations,
+            guides: std::sync::OnceLock::new(),
         })
     }
 
@@ -916,10 +920,20 @@ impl Engine {
         let (responder, stream) =
             Responder::channel(id, self.pipeline.canceller(), abandoned.clone());
         let arrived = std::time::Instant::now();
+        if let Some(g) = &req.guide {
+            if req.beam.is_some() {
+                return Err(bad(g.field(), "does not combine with beam search").into());
+            }
+            if req.speculative.is_some_and(|s| s.enabled()) {
+                return Err(bad("speculative", "does not combine with guided decoding").into());
+            }
+        }
         let speculative = match (req.speculative, req.beam) {
             (Some(s), Some(_)) if s.enabled() => {
                 return Err(bad("speculative", "does not combine with beam search").into())
             }
+            // The engine's default does not apply to guided requests.
+            (None, None) if req.guide.is_some() => Speculation::default(),
             (Some(s), None) => s,
             // The engine's default does not apply to beam searches.
             (_, Some(_)) => Speculation::default(),
@@ -931,7 +945,15 @@ impl Engine {
         let (decoding, sampler) = match req.beam {
             Some(b) => (Decoding::Beam(b), None),
             None => {
-                let s = SharedSampler::new(Sampler::new(req.params.clone(), &prompt));
+                let sampler = Sampler::new(req.params.clone(), &prompt);
+                let s = match &req.guide {
+                    Some(g) => {
+                        let env = self.guide_env()?;
+                        let eos = self.tokenizer.as_ref().map_or(0, |t| t.eos());
+                        SharedSampler::guided(sampler, env.constraint(g)?, eos)
+                    }
+                    None => SharedSampler::new(sampler),
+                };
                 (Decoding::Sample(s.clone()), Some(s))
             }
         };
@@ -954,6 +976,16 @@ impl Engine {
             scoring: req.prompt_logprobs,
         };
         Ok((task, reg, stream))
+    }
+
+    /// llguidance's view of the vocabulary (built once, by the first guided
+    /// request).
+    fn guide_env(&self) -> Result<&GuideEnv, Error> {
+        let env = self.guides.get_or_init(|| match &self.tokenizer {
+            Some(t) => GuideEnv::new(t.clone(), self.model.vocab).map_err(|e| e.to_string()),
+            None => Err("a synthetic model has no tokenizer to guide".into()),
+        });
+        env.as_ref().map_err(|e| bad("response_format", e.clone()))
     }
 
     /// Cancels a request wherever it is; its stream ends with `Cancelled`

@@ -133,7 +133,7 @@ impl LlmMerger {
         if !st.ignore_eos && self.stop_tokens.contains(&token) {
             return Some(FinishReason::Stop);
         }
-        sampler.lock().accept(token);
+        let guided = sampler.accept(token);
         tokens.push(token);
         let piece = self
             .tokenizer
@@ -147,7 +147,11 @@ impl LlmMerger {
             logprob,
         });
         let n = tokens.len();
-        if stops.hit() {
+        let grammar_done = sampler.constraint().is_some_and(|c| c.is_stopped());
+        if let Err(e) = guided {
+            tracing::warn!("request {id}: {e}");
+        }
+        if stops.hit() || grammar_done {
             Some(FinishReason::Stop)
         } else if n >= st.max_tokens || st.prompt_len + n >= self.context {
             Some(FinishReason::Length)

@@ -19,6 +19,10 @@
 //! makes one step at a time, so speculation changes how many steps a
 //! request takes, never its tokens.
 //!
+//! A guided request's draw reads its grammar's mask of the next token
+//! ([`framework::guide`]), computed while the step ran; such a request does
+//! not speculate. The merger moves the grammar on with the sampler.
+//!
 //! An item that scores its prompt ([`framework::scoring`]) gets the logits
 //! of its rows from its first scored position on; each scored row becomes
 //! the [`PromptScore`] of the prompt token after it, computed there, so
@@ -27,18 +31,41 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use framework::batching::StepPlan;
+use framework::guide::Constraint;
 use framework::sampling::{log_softmax, Draw, Sampler};
 use framework::scoring::{score, PromptScore};
 use framework::Logits;
 
-/// A sampling request's sampler, shared by the policy, the nodes and the merger.
+/// A sampling request's sampler, shared by the policy, the nodes and the
+/// merger, with its grammar when the request is guided.
 #[derive(Debug, Clone)]
-pub struct SharedSampler(Arc<Mutex<Sampler>>);
+pub struct SharedSampler(Arc<Mutex<Sampler>>, Option<(Arc<Constraint>, u32)>);
 
 impl SharedSampler {
     /// Shares `sampler`.
     pub fn new(sampler: Sampler) -> Self {
-        Self(Arc::new(Mutex::new(sampler)))
+        Self(Arc::new(Mutex::new(sampler)), None)
+    }
+
+    /// Shares `sampler`, its draws held to `constraint` (`eos` ends the
+    /// sequence where the grammar allows nothing more).
+    pub fn guided(sampler: Sampler, constraint: Arc<Constraint>, eos: u32) -> Self {
+        Self(Arc::new(Mutex::new(sampler)), Some((constraint, eos)))
+    }
+
+    /// The grammar, for a guided request.
+    pub fn constraint(&self) -> Option<&Arc<Constraint>> {
+        self.1.as_ref().map(|(c, _)| c)
+    }
+
+    /// Moves the sampler (and the grammar) past the drawn `token`; an
+    /// error when the grammar does not allow it.
+    pub fn accept(&self, token: u32) -> framework::Result<()> {
+        self.lock().accept(token);
+        match &self.1 {
+            Some((c, _)) => c.accept(token),
+            None => Ok(()),
+        }
     }
 
     /// The sampler. A panic elsewhere while it was held cannot leave it half
@@ -133,6 +160,14 @@ impl LlmStep {
                 drawn.last(),
             ) {
                 (_, None) => None,
+                (Some(sampler), Some(last)) if sampler.1.is_some() => {
+                    // Guided: one row (no drafts), masked by the grammar.
+                    let mut row = last.to_vec();
+                    if let Some((c, eos)) = &sampler.1 {
+                        c.apply(&mut row, *eos);
+                    }
+                    Some(Pick::Tokens(vec![sampler.lock().draw(&row)]))
+                }
                 (Some(sampler), _) => {
                     Some(Pick::Tokens(verify(&sampler.lock(), drawn, it.drafted())))
                 }

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use framework::chat::ChatMessage;
+use framework::guide::Guide;
 use framework::sampling::TokenLogprob;
 use framework::scoring::{PromptScore, PromptScoring};
 use framework::speculative::Speculation;
@@ -69,6 +70,10 @@ pub struct Request {
     /// Score the prompt's tokens ([`Event::PromptScores`]). With it,
     /// `max_tokens` may be 0: the request ends after its prompt.
     pub prompt_logprobs: Option<PromptScoring>,
+    /// Hold the output to a JSON schema, regex, choice list or grammar
+    /// ([`framework::guide`]). A guided request does not speculate and
+    /// cannot be a beam search.
+    pub guide: Option<Guide>,
 }
 
 impl Request {
@@ -81,6 +86,7 @@ impl Request {
             priority: 0,
             speculative: None,
             prompt_logprobs: None,
+            guide: None,
         }
     }
 
@@ -93,6 +99,7 @@ impl Request {
             priority: 0,
             speculative: None,
             prompt_logprobs: None,
+            guide: None,
         }
     }
 
@@ -100,6 +107,7 @@ impl Request {
     pub fn score_tokens(tokens: Vec<u32>, scoring: PromptScoring) -> Self {
         Self {
             prompt_logprobs: Some(scoring),
+            guide: None,
             ..Self::greedy_tokens(tokens, 0)
         }
     }

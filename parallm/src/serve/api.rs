@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use actors::llm::{BeamParams, Prompt, Request};
 use framework::chat::ChatMessage;
+use framework::guide::Guide;
 use framework::scoring::PromptScoring;
 use framework::speculative::{SpecMethod, Speculation};
 use framework::SamplingParams;
@@ -141,11 +142,77 @@ pub struct CommonFields {
     pub functions: Option<serde_json::Value>,
     /// See `tools`.
     pub function_call: Option<serde_json::Value>,
-    /// See `tools`.
+    /// `{"type": "text"}` (the default), `{"type": "json_object"}`, or
+    /// `{"type": "json_schema", "json_schema": {"name": …, "schema": {…},
+    /// "strict": …}}`: the output is held to it.
     pub response_format: Option<serde_json::Value>,
+    /// The output matches this regular expression (extension, vLLM's name).
+    pub guided_regex: Option<String>,
+    /// The output is one of these strings (extension, vLLM's name).
+    pub guided_choice: Option<Vec<String>>,
+    /// The output follows this Lark grammar (extension, vLLM's name).
+    pub guided_grammar: Option<String>,
+    /// The output is JSON valid under this schema (extension, vLLM's name).
+    pub guided_json: Option<serde_json::Value>,
     /// Speculative decoding for this request (extension); keys left out
     /// take the server's `[speculative]` values.
     pub speculative: Option<SpeculativeInput>,
+}
+
+/// The guide a request's fields ask for: at most one of
+/// `response_format` (other than `text`), `guided_json`, `guided_regex`,
+/// `guided_choice` and `guided_grammar`.
+fn guide(c: &CommonFields) -> Result<Option<Guide>, ApiError> {
+    let mut found: Vec<(&str, Guide)> = Vec::new();
+    if let Some(f) = c.response_format.as_ref().filter(|v| !v.is_null()) {
+        let kind = f.get("type").and_then(|t| t.as_str());
+        match kind {
+            Some("text") => {}
+            Some("json_object") => found.push(("response_format", Guide::JsonObject)),
+            Some("json_schema") => {
+                let schema = f
+                    .get("json_schema")
+                    .and_then(|j| j.get("schema"))
+                    .filter(|s| s.is_object() || s.is_boolean())
+                    .ok_or_else(|| {
+                        ApiError::param(
+                            "response_format",
+                            "`response_format` of type `json_schema` needs `json_schema.schema`, a JSON schema object",
+                        )
+                    })?;
+                found.push(("response_format", Guide::JsonSchema(schema.clone())));
+            }
+            _ => {
+                return Err(ApiError::param(
+                    "response_format",
+                    "`response_format.type` must be `text`, `json_object` or `json_schema`",
+                ))
+            }
+        }
+    }
+    if let Some(schema) = &c.guided_json {
+        found.push(("guided_json", Guide::GuidedJson(schema.clone())));
+    }
+    if let Some(rx) = &c.guided_regex {
+        found.push(("guided_regex", Guide::Regex(rx.clone())));
+    }
+    if let Some(choices) = &c.guided_choice {
+        found.push(("guided_choice", Guide::Choice(choices.clone())));
+    }
+    if let Some(g) = &c.guided_grammar {
+        found.push(("guided_grammar", Guide::Lark(g.clone())));
+    }
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop().map(|(_, g)| g)),
+        _ => Err(ApiError::param(
+            found[1].0,
+            format!(
+                "`{}` and `{}` both constrain the output; give one",
+                found[0].0, found[1].0
+            ),
+        )),
+    }
 }
 
 /// The `speculative` object of a request.
@@ -242,14 +309,6 @@ fn refuse_unsupported(c: &CommonFields, n: usize) -> Result<(), ApiError> {
             return Err(ApiError::param(
                 name,
                 format!("`{name}` is not supported yet"),
-            ));
-        }
-    }
-    if let Some(f) = c.response_format.as_ref().filter(|v| !v.is_null()) {
-        if f.get("type").and_then(|t| t.as_str()) != Some("text") {
-            return Err(ApiError::param(
-                "response_format",
-                "`response_format` other than {\"type\": \"text\"} is not supported yet",
             ));
         }
     }
@@ -466,6 +525,24 @@ fn validate(
             "`speculative` does not combine with beam search (`beam_width`)",
         ));
     }
+    let guide = guide(c)?;
+    if let Some(g) = &guide {
+        if beam.is_some() {
+            return Err(ApiError::param(
+                g.field(),
+                format!(
+                    "`{}` does not combine with beam search (`beam_width`)",
+                    g.field()
+                ),
+            ));
+        }
+        if speculative.is_some_and(|s| s.enabled()) {
+            return Err(ApiError::param(
+                "speculative",
+                "`speculative` does not combine with guided decoding",
+            ));
+        }
+    }
     let mut requests = Vec::new();
     for prompt in prompts {
         let copies = if beam.is_some() { 1 } else { n };
@@ -480,6 +557,7 @@ fn validate(
                 priority: 0,
                 speculative,
                 prompt_logprobs: None,
+                guide: guide.clone(),
             });
         }
     }

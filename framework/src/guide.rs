@@ -1,0 +1,366 @@
+//! Guided (constrained) decoding: a request's output held to a JSON schema,
+//! a regular expression, a list of choices or a Lark grammar, by the
+//! `llguidance` crate (this module writes no grammar engine).
+//!
+//! [`GuideEnv`] is built once per tokenizer: every token's bytes (control
+//! tokens marked as llguidance's special tokens, so no grammar text matches
+//! them) in a token trie, and llguidance's parser factory over it.
+//! [`GuideEnv::constraint`] compiles a request's [`Guide`]; a grammar the
+//! compiler rejects is an [`Error::InvalidRequest`] naming the request's
+//! field.
+//!
+//! A [`Constraint`] follows one sequence. Its token mask for the next
+//! position is computed on a mask thread as soon as the previous token is
+//! accepted ([`Constraint::accept`], called where the merger accepts the
+//! token), so it is ready, or nearly, when the step's forward ends and the
+//! draw reads it ([`Constraint::mask`] waits for it). Requests without a
+//! guide never touch any of this.
+//!
+//! **What is true of it:** a draw through [`Constraint::apply`] only ever
+//! gives a token the grammar allows there, or the end-of-sequence token once
+//! the grammar is complete (or if the grammar allows nothing, which ends the
+//! sequence); a mask is always for the state after every accepted token.
+
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use llguidance::{Matcher, ParserFactory};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+
+/// What a request's output must match.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Guide {
+    /// Any JSON object (OpenAI's `response_format: {"type":"json_object"}`).
+    JsonObject,
+    /// JSON valid under this schema (`{"type":"json_schema", …}`).
+    JsonSchema(Value),
+    /// The same, asked for by vLLM's `guided_json` (errors name that field).
+    GuidedJson(Value),
+    /// Text matching this regular expression (vLLM's `guided_regex`).
+    Regex(String),
+    /// Exactly one of these strings (`guided_choice`).
+    Choice(Vec<String>),
+    /// Text of this Lark grammar (`guided_grammar`).
+    Lark(String),
+}
+
+impl Guide {
+    /// The request field a guide comes from, for errors.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Guide::JsonObject | Guide::JsonSchema(_) => "response_format",
+            Guide::GuidedJson(_) => "guided_json",
+            Guide::Regex(_) => "guided_regex",
+            Guide::Choice(_) => "guided_choice",
+            Guide::Lark(_) => "guided_grammar",
+        }
+    }
+
+    fn grammar(&self) -> Result<TopLevelGrammar> {
+        let bad = |reason: String| Error::InvalidRequest {
+            field: self.field(),
+            reason,
+        };
+        Ok(match self {
+            Guide::JsonObject => {
+                TopLevelGrammar::from_json_schema(compact(serde_json::json!({"type": "object"})))
+            }
+            Guide::JsonSchema(schema) | Guide::GuidedJson(schema) => {
+                if !schema.is_object() && !schema.is_boolean() {
+                    return Err(bad("must hold a JSON schema object".into()));
+                }
+                TopLevelGrammar::from_json_schema(compact(schema.clone()))
+            }
+            Guide::Regex(rx) => TopLevelGrammar::from_regex(rx),
+            Guide::Choice(choices) => {
+                if choices.is_empty() {
+                    return Err(bad("must list at least one choice".into()));
+                }
+                // Lark string literals are JSON strings.
+                let alternatives: Vec<String> = choices
+                    .iter()
+                    .map(|c| serde_json::to_string(c).unwrap_or_default())
+                    .collect();
+                TopLevelGrammar::from_lark(format!("start: {}", alternatives.join(" | ")))
+            }
+            Guide::Lark(src) => TopLevelGrammar::from_lark(src.clone()),
+        })
+    }
+}
+
+/// A schema whose JSON has no free whitespace (llguidance's
+/// `whitespace_flexible: false`), unless it sets its own options.
+fn compact(mut schema: Value) -> Value {
+    if let Some(obj) = schema.as_object_mut() {
+        obj.entry("x-guidance")
+            .or_insert_with(|| serde_json::json!({"whitespace_flexible": false}));
+    }
+    schema
+}
+
+/// A tokenizer as llguidance sees it: the trie of token bytes, and
+/// tokenizing through parallm's own tokenizer.
+struct Env {
+    trie: TokTrie,
+    tokenizer: Arc<Tokenizer>,
+}
+
+impl TokenizerEnv for Env {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        self.tokenizer
+            .encode_with(&String::from_utf8_lossy(s), false)
+            .unwrap_or_default()
+    }
+}
+
+/// llguidance's view of one model's vocabulary; compiles guides.
+pub struct GuideEnv {
+    factory: ParserFactory,
+    vocab: usize,
+}
+
+impl std::fmt::Debug for GuideEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GuideEnv({} tokens)", self.vocab)
+    }
+}
+
+impl GuideEnv {
+    /// The environment of `tokenizer` for a model of `vocab` logits (ids at
+    /// or past the tokenizer's vocabulary stand for nothing and are never
+    /// allowed).
+    pub fn new(tokenizer: Arc<Tokenizer>, vocab: usize) -> Result<Self> {
+        let words: Vec<Vec<u8>> = (0..vocab as u32)
+            .map(|id| {
+                let bytes = tokenizer.token_bytes(id);
+                if !bytes.is_empty() {
+                    return bytes.to_vec();
+                }
+                // A control token: llguidance's special-token marker, then
+                // its text, so only a grammar naming it can match it.
+                match tokenizer.token_text(id) {
+                    Some(t) if !t.is_empty() => {
+                        let mut w = vec![TokTrie::SPECIAL_TOKEN_MARKER];
+                        w.extend_from_slice(t.as_bytes());
+                        w
+                    }
+                    _ => Vec::new(),
+                }
+            })
+            .collect();
+        let info = TokRxInfo {
+            vocab_size: vocab as u32,
+            tok_eos: tokenizer.eos(),
+            tok_bos: tokenizer.bos(),
+            tok_pad: None,
+            tok_unk: None,
+            tok_end_of_turn: None,
+        };
+        let env: TokEnv = Arc::new(Env {
+            trie: TokTrie::from(&info, &words),
+            tokenizer,
+        });
+        let mut factory = ParserFactory::new_simple(&env)
+            .map_err(|e| Error::Shard(format!("guided decoding cannot start: {e}")))?;
+        factory.quiet();
+        Ok(Self { factory, vocab })
+    }
+
+    /// Compiles `guide` for one sequence.
+    pub fn constraint(&self, guide: &Guide) -> Result<Arc<Constraint>> {
+        let parser =
+            self.factory
+                .create_parser(guide.grammar()?)
+                .map_err(|e| Error::InvalidRequest {
+                    field: guide.field(),
+                    reason: format!("is a grammar llguidance does not compile: {e}"),
+                })?;
+        let matcher = Matcher::new(Ok(parser));
+        if let Some(e) = matcher.get_error() {
+            return Err(Error::InvalidRequest {
+                field: guide.field(),
+                reason: format!("is a grammar llguidance does not compile: {e}"),
+            });
+        }
+        let c = Arc::new(Constraint {
+            matcher: Mutex::new(matcher),
+            state: Mutex::new(MaskState::Pending),
+            ready: Condvar::new(),
+            vocab: self.vocab,
+        });
+        c.schedule();
+        Ok(c)
+    }
+}
+
+/// The mask of the next position.
+enum MaskState {
+    /// Being computed on a mask thread.
+    Pending,
+    /// Allowed token ids (a bit per id).
+    Ready(Arc<Vec<u32>>),
+}
+
+/// One sequence's grammar state and the mask of its next token.
+pub struct Constraint {
+    matcher: Mutex<Matcher>,
+    state: Mutex<MaskState>,
+    ready: Condvar,
+    vocab: usize,
+}
+
+impl std::fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Constraint")
+    }
+}
+
+/// Sends constraints whose mask is to be computed to the mask threads.
+fn mask_threads() -> &'static Mutex<Sender<Arc<Constraint>>> {
+    static THREADS: OnceLock<Mutex<Sender<Arc<Constraint>>>> = OnceLock::new();
+    THREADS.get_or_init(|| {
+        let (tx, rx) = channel::<Arc<Constraint>>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..2 {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("guide-mask-{i}"))
+                .spawn(move || loop {
+                    let next = rx.lock().map(|r| r.recv());
+                    match next {
+                        Ok(Ok(c)) => c.compute(),
+                        _ => return,
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("cannot start a guided-decoding mask thread: {e}");
+            }
+        }
+        Mutex::new(tx)
+    })
+}
+
+impl Constraint {
+    /// Queues the mask of the current state on a mask thread (computed
+    /// here if the threads are gone).
+    fn schedule(self: &Arc<Self>) {
+        let sent = mask_threads()
+            .lock()
+            .map(|tx| tx.send(self.clone()).is_ok())
+            .unwrap_or(false);
+        if !sent {
+            self.compute();
+        }
+    }
+
+    /// Computes the mask of the current state and wakes its readers.
+    fn compute(&self) {
+        let words = self.vocab.div_ceil(32);
+        let mask = match self.matcher.lock() {
+            Ok(mut m) => match m.compute_mask_or_eos() {
+                Ok(v) => {
+                    let mut bits = v.as_slice().to_vec();
+                    bits.resize(words, 0);
+                    bits
+                }
+                Err(e) => {
+                    tracing::warn!("guided decoding stops a sequence: {e}");
+                    Vec::new()
+                }
+            },
+            Err(_) => Vec::new(),
+        };
+        if let Ok(mut s) = self.state.lock() {
+            *s = MaskState::Ready(Arc::new(mask));
+        }
+        self.ready.notify_all();
+    }
+
+    /// The allowed tokens of the next position (a bit per id; empty when
+    /// nothing is allowed), waiting for the mask thread if needed.
+    pub fn mask(&self) -> Arc<Vec<u32>> {
+        let mut s = match self.state.lock() {
+            Ok(s) => s,
+            Err(_) => return Arc::new(Vec::new()),
+        };
+        loop {
+            match &*s {
+                MaskState::Ready(m) => return m.clone(),
+                MaskState::Pending => match self.ready.wait(s) {
+                    Ok(next) => s = next,
+                    Err(_) => return Arc::new(Vec::new()),
+                },
+            }
+        }
+    }
+
+    /// Sets every logit of `row` the grammar does not allow next to −∞;
+    /// where it allows nothing, only `eos` stays.
+    pub fn apply(&self, row: &mut [f32], eos: u32) {
+        let mask = self.mask();
+        let allowed = |i: usize| mask.get(i / 32).is_some_and(|w| w >> (i % 32) & 1 == 1);
+        let any = mask.iter().any(|&w| w != 0);
+        for (i, x) in row.iter_mut().enumerate() {
+            let keep = if any { allowed(i) } else { i == eos as usize };
+            if !keep {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+    }
+
+    /// Moves the grammar past `token` and starts computing the next mask;
+    /// an error when the grammar does not allow it.
+    pub fn accept(self: &Arc<Self>, token: u32) -> Result<()> {
+        if let Ok(mut s) = self.state.lock() {
+            *s = MaskState::Pending;
+        }
+        let consumed = match self.matcher.lock() {
+            Ok(mut m) => m.consume_token(token).map_err(|e| e.to_string()),
+            Err(_) => Err("the grammar state was lost".into()),
+        };
+        self.schedule();
+        consumed.map_err(|e| Error::Shard(format!("guided decoding: {e}")))
+    }
+
+    /// Whether the grammar has ended (nothing but end-of-sequence may
+    /// follow).
+    pub fn is_stopped(&self) -> bool {
+        self.matcher.lock().map(|m| m.is_stopped()).unwrap_or(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guides_name_their_fields() {
+        assert_eq!(Guide::JsonObject.field(), "response_format");
+        assert_eq!(Guide::Choice(vec![]).field(), "guided_choice");
+        assert!(matches!(
+            Guide::Choice(vec![]).grammar(),
+            Err(Error::InvalidRequest {
+                field: "guided_choice",
+                ..
+            })
+        ));
+        assert!(matches!(
+            Guide::JsonSchema(Value::from(3)).grammar(),
+            Err(Error::InvalidRequest {
+                field: "response_format",
+                ..
+            })
+        ));
+        let c = compact(serde_json::json!({"type": "object"}));
+        assert_eq!(c["x-guidance"]["whitespace_flexible"], false);
+    }
+}
