@@ -1,10 +1,29 @@
 //! Chat templates: the model's Jinja template (`tokenizer.chat_template`)
 //! rendered with minijinja, with Python string methods (`.strip()`, …) available
 //! as Hugging Face templates expect.
+//!
+//! Two kinds of message: [`ChatMessage`] (a role and a text) for plain
+//! chats, and [`ChatTurn`], the same with OpenAI's tool fields (an
+//! assistant's `tool_calls`, a `tool` message's `tool_call_id` and `name`),
+//! for [`ChatTemplate::render_with_tools`]. A template that does not know
+//! tools ([`ChatTemplate::mentions_tools`] is false) gets them folded into
+//! plain messages by [`crate::tools::fold_into_messages`] instead.
+//!
+//! **What is true of it:** maps reach the template in the order they were
+//! built (an OpenAI tool keeps `type` before `function`, a schema its
+//! properties' order), and `tojson` writes JSON as Hugging Face's does
+//! (Python's `json.dumps`: `", "` and `": "` separators, non-ASCII kept,
+//! nothing HTML-escaped), so a prompt reads as the ones the model was
+//! trained on.
 
-use minijinja::{context, Environment, Error as JinjaError, ErrorKind};
+use std::sync::Arc;
+
+use minijinja::value::{Enumerator, Kwargs, Object};
+use minijinja::{context, Environment, Error as JinjaError, ErrorKind, Value as JinjaValue};
+use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::tools::{Tool, ToolCall};
 
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -25,11 +44,285 @@ impl ChatMessage {
     }
 }
 
+/// One chat message with OpenAI's tool fields: what
+/// [`ChatTemplate::render_with_tools`] and
+/// [`crate::tools::fold_into_messages`] take.
+///
+/// A separate type rather than more fields of [`ChatMessage`], so that code
+/// building a `ChatMessage { role, content }` literal keeps compiling;
+/// `From<ChatMessage>` converts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChatTurn {
+    /// `system`, `user`, `assistant` or `tool`.
+    pub role: String,
+    /// The text (empty for an assistant message that only calls tools).
+    #[serde(default)]
+    pub content: String,
+    /// The tools an assistant message called.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// For a `tool` message: the id of the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// For a `tool` message: the function that gave the result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatTurn {
+    /// A message from `role`, without tool fields.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            ..Self::default()
+        }
+    }
+
+    /// The same message carrying the tool calls `calls`.
+    pub fn with_tool_calls(mut self, calls: Vec<ToolCall>) -> Self {
+        self.tool_calls = calls;
+        self
+    }
+
+    /// A `tool` message: the result `content` of the call `tool_call_id`.
+    pub fn tool_result(tool_call_id: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: "tool".into(),
+            content: content.into(),
+            tool_call_id: Some(tool_call_id.into()),
+            ..Self::default()
+        }
+    }
+
+    /// The same message naming the function `name` (of a `tool` message).
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// The message as the template sees it: `role`, `content`, then
+    /// `tool_calls` (OpenAI's objects, `arguments` parsed), `tool_call_id`
+    /// and `name` where set.
+    fn to_jinja(&self) -> JinjaValue {
+        let mut fields = vec![
+            ("role".to_string(), JinjaValue::from(self.role.as_str())),
+            (
+                "content".to_string(),
+                JinjaValue::from(self.content.as_str()),
+            ),
+        ];
+        if !self.tool_calls.is_empty() {
+            let calls: Vec<JinjaValue> = self.tool_calls.iter().map(call_to_jinja).collect();
+            fields.push(("tool_calls".into(), JinjaValue::from(calls)));
+        }
+        if let Some(id) = &self.tool_call_id {
+            fields.push(("tool_call_id".into(), JinjaValue::from(id.as_str())));
+        }
+        if let Some(name) = &self.name {
+            fields.push(("name".into(), JinjaValue::from(name.as_str())));
+        }
+        JinjaValue::from_object(OrderedMap(fields))
+    }
+}
+
+impl From<ChatMessage> for ChatTurn {
+    fn from(m: ChatMessage) -> Self {
+        Self::new(m.role, m.content)
+    }
+}
+
+impl From<&ChatMessage> for ChatTurn {
+    fn from(m: &ChatMessage) -> Self {
+        Self::new(m.role.clone(), m.content.clone())
+    }
+}
+
+/// A call as HF templates read it: `{"id", "type": "function", "function":
+/// {"name", "arguments"}}`, `arguments` the parsed object (or the text
+/// itself where it is not JSON).
+fn call_to_jinja(call: &ToolCall) -> JinjaValue {
+    let arguments = serde_json::from_str::<Value>(&call.arguments)
+        .unwrap_or_else(|_| Value::String(call.arguments.clone()));
+    let function = OrderedMap(vec![
+        ("name".into(), JinjaValue::from(call.name.as_str())),
+        ("arguments".into(), json_to_jinja(&arguments)),
+    ]);
+    JinjaValue::from_object(OrderedMap(vec![
+        ("id".into(), JinjaValue::from(call.id.as_str())),
+        ("type".into(), JinjaValue::from("function")),
+        ("function".into(), JinjaValue::from_object(function)),
+    ]))
+}
+
+/// A JSON value for a template, its objects keeping their keys' order.
+fn json_to_jinja(v: &Value) -> JinjaValue {
+    match v {
+        Value::Object(map) => JinjaValue::from_object(OrderedMap(
+            map.iter()
+                .map(|(k, v)| (k.clone(), json_to_jinja(v)))
+                .collect(),
+        )),
+        Value::Array(items) => {
+            JinjaValue::from(items.iter().map(json_to_jinja).collect::<Vec<_>>())
+        }
+        other => JinjaValue::from_serialize(other),
+    }
+}
+
+/// A template map whose keys keep the order they were inserted in
+/// (minijinja's own maps sort them).
+#[derive(Debug)]
+struct OrderedMap(Vec<(String, JinjaValue)>);
+
+impl Object for OrderedMap {
+    fn get_value(self: &Arc<Self>, key: &JinjaValue) -> Option<JinjaValue> {
+        let key = key.as_str()?;
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Values(
+            self.0
+                .iter()
+                .map(|(k, _)| JinjaValue::from(k.as_str()))
+                .collect(),
+        )
+    }
+}
+
+/// JSON text as Python's `json.dumps(value, ensure_ascii=False, indent=…,
+/// separators=…)` writes it (Hugging Face's `tojson`): by default `", "`
+/// between items and `": "` after keys, with `indent` a newline and that
+/// many spaces per level (and `","` between items).
+pub(crate) fn python_json(
+    value: &Value,
+    indent: Option<usize>,
+    separators: Option<(&str, &str)>,
+) -> String {
+    let (item, key) = separators.unwrap_or(match indent {
+        Some(_) => (",", ": "),
+        None => (", ", ": "),
+    });
+    let mut out = String::new();
+    write_python_json(value, &Layout { indent, item, key }, 0, &mut out);
+    out
+}
+
+/// How [`python_json`] lays JSON out.
+struct Layout<'a> {
+    indent: Option<usize>,
+    item: &'a str,
+    key: &'a str,
+}
+
+fn write_python_json(value: &Value, layout: &Layout<'_>, level: usize, out: &mut String) {
+    let newline = |out: &mut String, level: usize| {
+        if let Some(n) = layout.indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * level));
+        }
+    };
+    match value {
+        Value::Array(items) if !items.is_empty() => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(layout.item);
+                }
+                newline(out, level + 1);
+                write_python_json(item, layout, level + 1, out);
+            }
+            newline(out, level);
+            out.push(']');
+        }
+        Value::Object(map) if !map.is_empty() => {
+            out.push('{');
+            for (i, (k, v)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(layout.item);
+                }
+                newline(out, level + 1);
+                out.push_str(&serde_json::to_string(k).unwrap_or_default());
+                out.push_str(layout.key);
+                write_python_json(v, layout, level + 1, out);
+            }
+            newline(out, level);
+            out.push('}');
+        }
+        // Scalars, `[]` and `{}`: serde_json writes them as Python does
+        // (strings escaped the same way with `ensure_ascii=False`).
+        other => out.push_str(&serde_json::to_string(other).unwrap_or_default()),
+    }
+}
+
+/// Sorts every object's keys (`tojson(sort_keys=true)`).
+fn sort_keys(value: Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k, sort_keys(v)))
+                    .collect(),
+            )
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(sort_keys).collect()),
+        other => other,
+    }
+}
+
+/// Hugging Face's `tojson` filter: `value | tojson(indent=None,
+/// separators=None, sort_keys=False, ensure_ascii=False)`.
+fn tojson_filter(
+    value: JinjaValue,
+    indent: Option<JinjaValue>,
+    kwargs: Kwargs,
+) -> std::result::Result<JinjaValue, JinjaError> {
+    let bad = |m: String| JinjaError::new(ErrorKind::InvalidOperation, m);
+    let indent = match indent {
+        Some(v) => Some(v),
+        None => kwargs.get::<Option<JinjaValue>>("indent")?,
+    };
+    let indent = match indent {
+        None => None,
+        Some(v) if v.is_none() || v.is_undefined() => None,
+        Some(v) => Some(usize::try_from(v).map_err(|e| bad(format!("tojson: indent {e}")))?),
+    };
+    let separators: Option<Vec<String>> = kwargs.get("separators")?;
+    let separators = match separators.as_deref() {
+        None => None,
+        Some([item, key]) => Some((item.clone(), key.clone())),
+        Some(_) => return Err(bad("tojson: separators must be two strings".into())),
+    };
+    let sort: Option<bool> = kwargs.get("sort_keys")?;
+    let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
+    if ensure_ascii == Some(true) {
+        return Err(bad("tojson: ensure_ascii=true is not supported".into()));
+    }
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&value)
+        .map_err(|e| bad(format!("tojson: cannot write {value} as JSON: {e}")))?;
+    let json = if sort == Some(true) {
+        sort_keys(json)
+    } else {
+        json
+    };
+    let seps = separators.as_ref().map(|(i, k)| (i.as_str(), k.as_str()));
+    Ok(JinjaValue::from(python_json(&json, indent, seps)))
+}
+
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
     eos: String,
+    mentions_tools: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -49,13 +342,25 @@ impl ChatTemplate {
                 Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
             },
         );
+        env.add_filter("tojson", tojson_filter);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| Error::Template(format!("cannot compile: {e}")))?;
+        let mentions_tools = env
+            .get_template("chat")
+            .map(|t| t.undeclared_variables(false).contains("tools"))
+            .unwrap_or(false);
         Ok(Self {
             env,
             bos: bos.into(),
             eos: eos.into(),
+            mentions_tools,
         })
+    }
+
+    /// Whether the template reads the `tools` variable at all (if not,
+    /// tools reach the model through [`crate::tools::fold_into_messages`]).
+    pub fn mentions_tools(&self) -> bool {
+        self.mentions_tools
     }
 
     /// Renders `messages`, ending with the assistant's turn opener when
@@ -64,17 +369,57 @@ impl ChatTemplate {
         if messages.is_empty() {
             return Err(Error::invalid("messages", "must hold at least one message"));
         }
-        let tmpl = self
-            .env
-            .get_template("chat")
-            .map_err(|e| Error::Template(e.to_string()))?;
-        tmpl.render(context! {
+        self.render_context(context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos,
             eos_token => self.eos,
         })
-        .map_err(|e| Error::Template(format!("cannot render: {e}")))
+    }
+
+    /// Renders `messages` with their tool fields and, when given, `tools`
+    /// as the template variable `tools`: OpenAI's list `[{"type":
+    /// "function", "function": {"name", "description", "parameters"}}]`,
+    /// which HF templates iterate over. Each message's `tool_calls` are
+    /// OpenAI's `[{"id", "type": "function", "function": {"name",
+    /// "arguments"}}]` with `arguments` the parsed JSON object; without
+    /// `tools` the variable is undefined, as in [`ChatTemplate::render`].
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatTurn],
+        tools: Option<&[Tool]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        if messages.is_empty() {
+            return Err(Error::invalid("messages", "must hold at least one message"));
+        }
+        let messages: Vec<JinjaValue> = messages.iter().map(ChatTurn::to_jinja).collect();
+        let base = context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos,
+            eos_token => self.eos,
+        };
+        let ctx = match tools {
+            Some(tools) => {
+                let tools: Vec<JinjaValue> = tools
+                    .iter()
+                    .map(|t| json_to_jinja(&t.to_openai()))
+                    .collect();
+                context! { tools => tools, ..base }
+            }
+            None => base,
+        };
+        self.render_context(ctx)
+    }
+
+    fn render_context(&self, ctx: JinjaValue) -> Result<String> {
+        let tmpl = self
+            .env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
+        tmpl.render(ctx)
+            .map_err(|e| Error::Template(format!("cannot render: {e}")))
     }
 }
 
@@ -184,4 +529,105 @@ mod tests {
             "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<think>\nr\n</think>\n\nA<|im_end|>\n"
         );
     }
+
+    fn weather_tool() -> Tool {
+        Tool::from_openai(&serde_json::json!({"type": "function", "function": {
+            "name": "get_weather",
+            "description": "Weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                "required": ["city"]}}}))
+        .unwrap()
+    }
+
+    fn tool_conversation() -> Vec<ChatTurn> {
+        vec![
+            ChatTurn::new("user", "Weather in Zürich?"),
+            ChatTurn::new("assistant", "").with_tool_calls(vec![ToolCall {
+                id: "call_7".into(),
+                name: "get_weather".into(),
+                arguments: r#"{"city":"Zürich"}"#.into(),
+            }]),
+            ChatTurn::tool_result("call_7", "{\"temp\": 21}").with_name("get_weather"),
+        ]
+    }
+
+    /// A short template of our own in Qwen2.5's manner: tools listed with
+    /// `tojson`, calls read from `tool_call.function`, tool messages with
+    /// their id and name.
+    const TOOLY: &str = "{%- if tools %}<|im_start|>system\nTools:{% for t in tools %}\n{{ t | tojson }}{% endfor %}<|im_end|>\n{% endif %}\
+        {%- for m in messages %}<|im_start|>{{ m.role }}\n\
+        {% if m.role == 'tool' %}[{{ m.tool_call_id }} {{ m.name }}] {% endif %}{{ m.content }}\
+        {% for c in m.tool_calls %}<call id={{ c.id }} type={{ c.type }}>{{ c.function.name }} {{ c.function.arguments | tojson }} {{ c.function.arguments.city }}</call>{% endfor %}<|im_end|>\n\
+        {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+    #[test]
+    fn renders_tools_and_tool_messages() {
+        let t = ChatTemplate::new(TOOLY, "", "<|im_end|>").unwrap();
+        assert!(t.mentions_tools());
+        let out = t
+            .render_with_tools(&tool_conversation(), Some(&[weather_tool()]), true)
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nTools:\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Weather in a city.\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}, \"required\": [\"city\"]}}}<|im_end|>\n\
+             <|im_start|>user\nWeather in Zürich?<|im_end|>\n\
+             <|im_start|>assistant\n<call id=call_7 type=function>get_weather {\"city\": \"Zürich\"} Zürich</call><|im_end|>\n\
+             <|im_start|>tool\n[call_7 get_weather] {\"temp\": 21}<|im_end|>\n\
+             <|im_start|>assistant\n"
+        );
+        // Without tools the variable is undefined, as in `render`.
+        let out = t
+            .render_with_tools(&[ChatTurn::new("user", "hi")], None, false)
+            .unwrap();
+        assert_eq!(out, "<|im_start|>user\nhi<|im_end|>\n");
+        assert!(t.render_with_tools(&[], None, true).is_err());
+    }
+
+    #[test]
+    fn qwens_template_renders_tools_as_hf_does() {
+        let t = ChatTemplate::new(QWEN25.trim_end(), "", "<|im_end|>").unwrap();
+        assert!(t.mentions_tools());
+        let out = t
+            .render_with_tools(&tool_conversation(), Some(&[weather_tool()]), true)
+            .unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.\n\n\
+             # Tools\n\nYou may call one or more functions to assist with the user query.\n\n\
+             You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n\
+             {\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Weather in a city.\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}, \"required\": [\"city\"]}}}\n\
+             </tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n\
+             <tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n\
+             <|im_start|>user\nWeather in Zürich?<|im_end|>\n\
+             <|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Zürich\"}}\n</tool_call><|im_end|>\n\
+             <|im_start|>user\n<tool_response>\n{\"temp\": 21}\n</tool_response><|im_end|>\n\
+             <|im_start|>assistant\n"
+        );
+    }
+
+    #[test]
+    fn tojson_writes_as_python_does() {
+        let t = ChatTemplate::new(
+            "{{ tools[0] | tojson(indent=2) }}|{{ tools[0].function.parameters | tojson(sort_keys=true, separators=[',', ':']) }}|{{ '<a&b>' | tojson }}",
+            "",
+            "",
+        )
+        .unwrap();
+        let tool =
+            Tool::from_openai(&serde_json::json!({"type": "function", "function": {"name": "f"}}))
+                .unwrap();
+        let out = t
+            .render_with_tools(&[ChatTurn::new("user", "x")], Some(&[tool]), false)
+            .unwrap();
+        assert_eq!(
+            out,
+            "{\n  \"type\": \"function\",\n  \"function\": {\n    \"name\": \"f\",\n    \"parameters\": {\n      \"type\": \"object\",\n      \"properties\": {}\n    }\n  }\n}\
+             |{\"properties\":{},\"type\":\"object\"}|\"<a&b>\""
+        );
+        let t = ChatTemplate::new(CHATML_TOOLLESS, "", "").unwrap();
+        assert!(!t.mentions_tools());
+    }
+
+    const CHATML_TOOLLESS: &str =
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}";
 }

@@ -47,6 +47,9 @@ pub enum Guide {
     Choice(Vec<String>),
     /// Text of this Lark grammar (`guided_grammar`).
     Lark(String),
+    /// Tool calls, by a Lark grammar built from the request's `tools`
+    /// ([`crate::tools::guide`]; errors name `tools`).
+    ToolCalls(String),
 }
 
 impl Guide {
@@ -58,6 +61,7 @@ impl Guide {
             Guide::Regex(_) => "guided_regex",
             Guide::Choice(_) => "guided_choice",
             Guide::Lark(_) => "guided_grammar",
+            Guide::ToolCalls(_) => "tools",
         }
     }
 
@@ -88,7 +92,7 @@ impl Guide {
                     .collect();
                 TopLevelGrammar::from_lark(format!("start: {}", alternatives.join(" | ")))
             }
-            Guide::Lark(src) => TopLevelGrammar::from_lark(src.clone()),
+            Guide::Lark(src) | Guide::ToolCalls(src) => TopLevelGrammar::from_lark(src.clone()),
         })
     }
 }

@@ -42,6 +42,7 @@ pub mod speculative;
 pub(crate) mod spm;
 pub mod threads;
 pub mod tokenizer;
+pub mod tools;
 pub mod weights;
 
 pub use backend::{BackendKind, Shard, ShardSource, StageGroup};
