@@ -581,8 +581,13 @@ fn request_target(data: &[u8]) -> Outcome {
     };
     let completion = parse_body::<CompletionRequest>(&body)
         .and_then(|r| r.validate(&limits, &Default::default()));
-    let chat =
-        parse_body::<ChatRequest>(&body).and_then(|r| r.validate(&limits, &Default::default()));
+    let chat = parse_body::<ChatRequest>(&body).and_then(|r| {
+        r.validate(
+            &limits,
+            &Default::default(),
+            framework::tools::ToolFormat::Hermes,
+        )
+    });
     match (check(completion), check(chat)) {
         (Err(e), _) | (_, Err(e)) if !e.starts_with("refused: ") => Err(e),
         (Err(e), Err(_)) => Err(e),

@@ -34,10 +34,14 @@ impl Server {
     /// Starts `parallm serve --port 0` with `args`; waits for /health 200
     /// (or only for the listener with `wait_healthy = false`).
     fn start(args: &[&str], wait_healthy: bool) -> Server {
-        let model = common::model_path();
+        Server::start_model(&common::model_path(), args, wait_healthy)
+    }
+
+    /// [`Server::start`] serving `model`.
+    fn start_model(model: &Path, args: &[&str], wait_healthy: bool) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_parallm"))
             .args(["serve", "--port", "0", "--model"])
-            .arg(&model)
+            .arg(model)
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -991,6 +995,244 @@ fn support_lines(script: &str) -> Vec<String> {
         .map(|l| l.trim().to_string())
         .filter(|l| !l.is_empty())
         .collect()
+}
+
+/// Two tools for the tool-calling tests (strict, as OpenAI's `strict`
+/// functions are: no properties beyond those named).
+fn weather_tools() -> Value {
+    json!([
+        {"type": "function", "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 24},
+                "unit": {"enum": ["celsius", "fahrenheit"]}
+            }, "required": ["city", "unit"], "additionalProperties": false}
+        }},
+        {"type": "function", "function": {
+            "name": "get_time",
+            "description": "The local time in a time zone",
+            "parameters": {"type": "object", "properties": {
+                "zone": {"type": "string", "maxLength": 24}
+            }, "required": ["zone"], "additionalProperties": false}
+        }}
+    ])
+}
+
+/// The calls of a chat answer as (name, arguments), each checked to be a
+/// defined tool whose arguments parse and hold the required keys.
+fn checked_calls(r: &Value) -> Vec<(String, Value)> {
+    let calls = r["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no tool_calls: {r}"));
+    assert!(!calls.is_empty(), "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "tool_calls", "{r}");
+    calls
+        .iter()
+        .map(|c| {
+            assert_eq!(c["type"], "function", "{c}");
+            assert!(
+                c["id"].as_str().is_some_and(|id| id.starts_with("call_")),
+                "{c}"
+            );
+            let name = c["function"]["name"].as_str().expect("name").to_string();
+            let args: Value =
+                serde_json::from_str(c["function"]["arguments"].as_str().expect("text"))
+                    .unwrap_or_else(|e| panic!("arguments of {c}: {e}"));
+            let required: &[&str] = match name.as_str() {
+                "get_weather" => &["city", "unit"],
+                "get_time" => &["zone"],
+                other => panic!("a call of an undefined tool {other}"),
+            };
+            for k in required {
+                assert!(args.get(k).is_some(), "{name} without {k}: {args}");
+            }
+            (name, args)
+        })
+        .collect()
+}
+
+/// The calls of a streamed chat answer, reassembled from its
+/// `delta.tool_calls` fragments, and its finish reason.
+fn streamed_calls(text: &str) -> (Vec<(String, Value)>, String) {
+    let mut calls: Vec<(String, String)> = Vec::new();
+    let mut reason = String::new();
+    for e in sse_events(text) {
+        if e == "[DONE]" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&e).expect("a JSON chunk");
+        let choice = &v["choices"][0];
+        if let Some(r) = choice["finish_reason"].as_str() {
+            reason = r.to_string();
+        }
+        for c in choice["delta"]["tool_calls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let i = c["index"].as_u64().expect("index") as usize;
+            if let Some(name) = c["function"]["name"].as_str() {
+                assert_eq!(i, calls.len(), "calls start in order");
+                assert!(c["id"].as_str().is_some(), "{c}");
+                calls.push((name.to_string(), String::new()));
+            }
+            if let Some(frag) = c["function"]["arguments"].as_str() {
+                calls[i].1.push_str(frag);
+            }
+        }
+    }
+    let calls = calls
+        .into_iter()
+        .map(|(n, a)| {
+            (
+                n,
+                serde_json::from_str(&a).expect("streamed arguments parse"),
+            )
+        })
+        .collect();
+    (calls, reason)
+}
+
+/// `tool_choice: required` against `s`: 50 seeded sampled requests all
+/// answer with a call of a defined tool whose arguments parse (one call:
+/// with parallel calls a small model goes on calling until `max_tokens`
+/// cuts it, and a cut call is content); a streamed
+/// answer reassembles to the same calls; a named function is the one
+/// called; a tool result renders back and gets an answer.
+fn tool_calls_hold(s: &Server, what: &str) {
+    let body = |seed: u64, extra: Value| {
+        let mut b = json!({
+            "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+            "tools": weather_tools(), "tool_choice": "required",
+            "parallel_tool_calls": false,
+            "temperature": 1.0, "seed": seed, "max_tokens": 128,
+        });
+        for (k, v) in extra.as_object().expect("fields") {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let answers: Vec<Value> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..50u64)
+            .map(|seed| {
+                let b = body(seed, json!({}));
+                sc.spawn(move || {
+                    let (st, r) = s.post("/v1/chat/completions", b);
+                    assert_eq!(st, 200, "{r}");
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a client thread"))
+            .collect()
+    });
+    let mut names = std::collections::BTreeMap::new();
+    for r in &answers {
+        for (name, _) in checked_calls(r) {
+            *names.entry(name).or_insert(0) += 1;
+        }
+    }
+    println!("{what}: 50 of 50 required answers are parseable calls: {names:?}");
+
+    // Streamed with the same seed: the same calls.
+    let (_, _, text) = s.post_raw(
+        "/v1/chat/completions",
+        &body(7, json!({"stream": true})).to_string(),
+    );
+    let (streamed, reason) = streamed_calls(&text);
+    assert_eq!(reason, "tool_calls", "{text}");
+    let whole: Vec<(String, Value)> = checked_calls(&answers[7]);
+    assert_eq!(
+        streamed, whole,
+        "{what}: the stream reassembles to the answer"
+    );
+
+    // A named function is the one called.
+    let (st, r) = s.post(
+        "/v1/chat/completions",
+        body(
+            3,
+            json!({"tool_choice": {"type": "function", "function": {"name": "get_time"}}}),
+        ),
+    );
+    assert_eq!(st, 200, "{r}");
+    let calls = checked_calls(&r);
+    assert_eq!(calls.len(), 1, "{r}");
+    assert_eq!(calls[0].0, "get_time", "{r}");
+
+    // The round trip: the call and its result render back into the prompt.
+    let call = &r["choices"][0]["message"]["tool_calls"][0];
+    let (st, r) = s.post(
+        "/v1/chat/completions",
+        json!({"messages": [
+            {"role": "user", "content": "What time is it in Tokyo?"},
+            {"role": "assistant", "content": null, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": "{\"time\": \"14:05\"}"}
+        ], "tools": weather_tools(), "tool_choice": "none", "max_tokens": 16, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert!(r["choices"][0]["message"]["content"].is_string(), "{r}");
+    assert!(
+        r["choices"][0]["message"].get("tool_calls").is_none(),
+        "{r}"
+    );
+    assert!(
+        r["usage"]["prompt_tokens"].as_u64().is_some_and(|n| n > 20),
+        "{r}"
+    );
+
+    // Bad tools and choices are 400s naming the field.
+    for (extra, param) in [
+        (
+            json!({"tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+            "tool_choice",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {}}]}),
+            "tools",
+        ),
+        (json!({"tool_choice": "sometimes"}), "tool_choice"),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+    ] {
+        let (st, r) = s.post("/v1/chat/completions", body(1, extra));
+        assert_error(st, &r, 400, Some(param), "invalid_value");
+    }
+}
+
+#[test]
+fn tool_choice_required_always_calls_a_defined_tool_in_two_families_templates() {
+    // The reference model: SmolLM2's ChatML template knows no tools, so
+    // they are folded into the system message in the Hermes format.
+    let s = Server::start(&[], true);
+    tool_calls_hold(&s, "SmolLM2 (template without tools)");
+    drop(s);
+    // A Qwen2 directory with Qwen2.5's template, which renders `tools`.
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("qwen25-template");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let src = common::hf_models_dir().join("qwen2-bf16");
+    for e in std::fs::read_dir(&src).expect("the tiny directory") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), dir.join(e.file_name())).expect("copy");
+    }
+    let template = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/chat/qwen2.5-instruct.jinja"),
+    )
+    .expect("template");
+    let cfg_path = dir.join("tokenizer_config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).expect("config")).expect("json");
+    cfg["chat_template"] = Value::String(template);
+    std::fs::write(&cfg_path, cfg.to_string()).expect("write");
+    let _ = std::fs::remove_file(dir.join("chat_template.jinja"));
+    let s = Server::start_model(&dir, &[], true);
+    tool_calls_hold(&s, "Qwen2.5's template (renders tools)");
 }
 
 #[test]

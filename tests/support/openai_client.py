@@ -25,6 +25,10 @@ Checks, in order (names as used by --skip and in the JSON summary):
                pydantic model: the answer parses into the model, and an
                unsatisfiable schema raises BadRequestError naming
                response_format
+  tools        the tool-call round trip: tool_choice="required" answers with
+               a call of the defined function whose arguments parse; the
+               assistant message and a role "tool" result sent back get a
+               final answer over a longer prompt
 
 Output: exactly one JSON line on stdout: {"ok": bool, "failed": [names],
 "checks": {name: {"ok": bool, ...details or "error"}}, ...}. Each failure is
@@ -38,7 +42,7 @@ import sys
 import time
 import traceback
 
-CHECK_NAMES = ("completion", "chat", "stream", "models", "bad_request", "structured")
+CHECK_NAMES = ("completion", "chat", "stream", "models", "bad_request", "structured", "tools")
 
 
 class CheckFailed(Exception):
@@ -213,6 +217,50 @@ def check_structured(client, model, details):
         raise CheckFailed("an unsatisfiable schema was accepted")
 
 
+def check_tools(client, model, details):
+    import json
+
+    tools = [{
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 24}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+    }]
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.chat.completions.create(
+        model=model, messages=messages, tools=tools, tool_choice="required",
+        parallel_tool_calls=False, max_tokens=64, temperature=0,
+    )
+    msg = first.choices[0].message
+    expect(first.choices[0].finish_reason == "tool_calls",
+           f"finish_reason {first.choices[0].finish_reason!r}")
+    expect(bool(msg.tool_calls), "no tool_calls in the answer")
+    call = msg.tool_calls[0]
+    args = json.loads(call.function.arguments)
+    details["call"] = {"id": call.id, "name": call.function.name, "arguments": args}
+    expect(call.function.name == "get_weather", f"called {call.function.name!r}")
+    expect(isinstance(args.get("city"), str), f"arguments {args!r}")
+    messages.append(msg.model_dump(exclude_none=True))
+    messages.append({"role": "tool", "tool_call_id": call.id,
+                     "content": json.dumps({"temperature_c": 21, "sky": "clear"})})
+    final = client.chat.completions.create(
+        model=model, messages=messages, tools=tools, max_tokens=32, temperature=0,
+    )
+    answer = final.choices[0].message
+    details["final"] = answer.content
+    details["final_finish_reason"] = final.choices[0].finish_reason
+    expect(final.usage.prompt_tokens > first.usage.prompt_tokens,
+           "the tool result did not reach the prompt")
+    expect(bool(answer.content) or bool(answer.tool_calls), "an empty final answer")
+
+
 CHECKS = {
     "completion": check_completion,
     "chat": check_chat,
@@ -220,6 +268,7 @@ CHECKS = {
     "models": check_models,
     "bad_request": check_bad_request,
     "structured": check_structured,
+    "tools": check_tools,
 }
 
 

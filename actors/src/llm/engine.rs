@@ -814,11 +814,35 @@ impl Engine {
                     .ok_or_else(|| bad("messages", "the model has no chat template"))?;
                 std::borrow::Cow::Owned(template.render(messages, true)?)
             }
+            Prompt::ChatTools { messages, tools } => {
+                let template = self
+                    .chat
+                    .as_ref()
+                    .ok_or_else(|| bad("messages", "the model has no chat template"))?;
+                let text = if template.mentions_tools() {
+                    let offered = (!tools.is_empty()).then_some(tools.as_slice());
+                    template.render_with_tools(messages, offered, true)?
+                } else {
+                    let folded =
+                        framework::tools::fold_into_messages(messages, tools, self.tool_format());
+                    template.render(&folded, true)?
+                };
+                std::borrow::Cow::Owned(text)
+            }
         };
         match limit {
             Some(limit) => tok?.encode_within(&text, limit),
             None => tok?.encode_with(&text, add_special),
         }
+    }
+
+    /// The format this model writes tool calls in, read from its chat
+    /// template ([`framework::tools::ToolFormat::detect`]; Hermes where the
+    /// template says nothing of tools).
+    pub fn tool_format(&self) -> framework::tools::ToolFormat {
+        framework::tools::ToolFormat::detect(
+            self.tokenizer.as_deref().and_then(|t| t.chat_template()),
+        )
     }
 
     /// Validates and submits a request. Returns its events, or at once an

@@ -20,11 +20,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use framework::chat::ChatMessage;
+use framework::chat::{ChatMessage, ChatTurn};
 use framework::guide::Guide;
 use framework::sampling::TokenLogprob;
 use framework::scoring::{PromptScore, PromptScoring};
 use framework::speculative::Speculation;
+use framework::tools::Tool;
 use framework::{FinishReason, SamplingParams};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
@@ -41,6 +42,17 @@ pub enum Prompt {
     Tokens(Vec<u32>),
     /// Messages rendered through the model's chat template.
     Chat(Vec<ChatMessage>),
+    /// Messages that may hold tool calls and results, and the tools the
+    /// model may call, rendered through the chat template: as its `tools`
+    /// variable where the template reads one, else folded into the messages
+    /// in the model's call format ([`framework::tools::fold_into_messages`]).
+    ChatTools {
+        /// The conversation.
+        messages: Vec<ChatTurn>,
+        /// The tools offered (may be empty: a conversation with earlier
+        /// calls and no tools offered now).
+        tools: Vec<Tool>,
+    },
 }
 
 /// Beam search instead of sampling.

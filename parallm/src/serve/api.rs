@@ -9,10 +9,11 @@
 use serde::{Deserialize, Serialize};
 
 use actors::llm::{BeamParams, Prompt, Request};
-use framework::chat::ChatMessage;
+use framework::chat::{ChatMessage, ChatTurn};
 use framework::guide::Guide;
 use framework::scoring::PromptScoring;
 use framework::speculative::{SpecMethod, Speculation};
+use framework::tools::{Tool, ToolCall, ToolChoice, ToolFormat};
 use framework::SamplingParams;
 
 use crate::config::LimitsSection;
@@ -142,6 +143,9 @@ pub struct CommonFields {
     pub functions: Option<serde_json::Value>,
     /// See `tools`.
     pub function_call: Option<serde_json::Value>,
+    /// Whether the model may call several tools in one answer (default
+    /// true; chat only).
+    pub parallel_tool_calls: Option<bool>,
     /// `{"type": "text"}` (the default), `{"type": "json_object"}`, or
     /// `{"type": "json_schema", "json_schema": {"name": …, "schema": {…},
     /// "strict": …}}`: the output is held to it.
@@ -159,11 +163,15 @@ pub struct CommonFields {
     pub speculative: Option<SpeculativeInput>,
 }
 
-/// The guide a request's fields ask for: at most one of
-/// `response_format` (other than `text`), `guided_json`, `guided_regex`,
-/// `guided_choice` and `guided_grammar`.
-fn guide(c: &CommonFields) -> Result<Option<Guide>, ApiError> {
+/// The guide a request's fields ask for: at most one of a forced tool call
+/// (`tool_choice` `required` or a named function), `response_format` (other
+/// than `text`), `guided_json`, `guided_regex`, `guided_choice` and
+/// `guided_grammar`.
+fn guide(c: &CommonFields, tool_guide: Option<Guide>) -> Result<Option<Guide>, ApiError> {
     let mut found: Vec<(&str, Guide)> = Vec::new();
+    if let Some(g) = tool_guide {
+        found.push(("tool_choice", g));
+    }
     if let Some(f) = c.response_format.as_ref().filter(|v| !v.is_null()) {
         let kind = f.get("type").and_then(|t| t.as_str());
         match kind {
@@ -300,15 +308,13 @@ fn refuse_unsupported(c: &CommonFields, n: usize) -> Result<(), ApiError> {
     }
     let present = |v: &Option<serde_json::Value>| v.as_ref().is_some_and(|v| !v.is_null());
     for (name, v) in [
-        ("tools", &c.tools),
-        ("tool_choice", &c.tool_choice),
         ("functions", &c.functions),
         ("function_call", &c.function_call),
     ] {
         if present(v) {
             return Err(ApiError::param(
                 name,
-                format!("`{name}` is not supported yet"),
+                format!("`{name}` is not supported (the older form of `tools`; send `tools` and `tool_choice`)"),
             ));
         }
     }
@@ -355,10 +361,17 @@ pub struct ContentPart {
 /// A chat message as sent.
 #[derive(Debug, Clone, Deserialize)]
 pub struct MessageInput {
-    /// `system`, `user`, `assistant` (or `developer`, read as `system`).
+    /// `system`, `user`, `assistant` (or `developer`, read as `system`), or
+    /// `tool` (a call's result).
     pub role: String,
     /// The content.
     pub content: Option<ContentInput>,
+    /// An assistant message's calls.
+    pub tool_calls: Option<Vec<ToolCallInput>>,
+    /// A `tool` message's call id.
+    pub tool_call_id: Option<String>,
+    /// A `tool` message's function name.
+    pub name: Option<String>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -416,6 +429,18 @@ pub struct ValidGeneration {
     pub logprobs: Option<usize>,
     /// Answer with the prompt in front (completions' `echo`).
     pub echo: bool,
+    /// The tools whose calls the answer is read for (chat with `tools` and a
+    /// `tool_choice` other than `none`).
+    pub tools: Option<ToolUse>,
+}
+
+/// The tools a chat answer may call, and the format the model writes calls in.
+#[derive(Debug, Clone)]
+pub struct ToolUse {
+    /// The tools offered.
+    pub tools: Vec<Tool>,
+    /// The model's call format.
+    pub format: ToolFormat,
 }
 
 fn cap(param: &str, value: u64, min: u64, max: usize) -> Result<usize, ApiError> {
@@ -432,12 +457,15 @@ fn cap(param: &str, value: u64, min: u64, max: usize) -> Result<usize, ApiError>
 fn validate(
     c: &CommonFields,
     prompts: Vec<Prompt>,
-    max_tokens: Option<u64>,
-    max_tokens_param: &str,
-    logprobs: Option<u64>,
-    logprobs_param: &str,
+    (max_tokens, max_tokens_param): (Option<u64>, &str),
+    (logprobs, logprobs_param): (Option<u64>, &str),
     (limits, speculation): (&LimitsSection, &Speculation),
+    tools: Option<(ToolUse, Option<Guide>)>,
 ) -> Result<ValidGeneration, ApiError> {
+    let (tools, tool_guide) = match tools {
+        Some((t, g)) => (Some(t), g),
+        None => (None, None),
+    };
     let max_tokens = match max_tokens {
         Some(v) => cap(max_tokens_param, v, 1, limits.max_tokens)?,
         None => limits.default_max_tokens,
@@ -525,7 +553,7 @@ fn validate(
             "`speculative` does not combine with beam search (`beam_width`)",
         ));
     }
-    let guide = guide(c)?;
+    let guide = guide(c, tool_guide)?;
     if let Some(g) = &guide {
         if beam.is_some() {
             return Err(ApiError::param(
@@ -569,6 +597,7 @@ fn validate(
         include_usage: stream && c.stream_options.as_ref().is_some_and(|o| o.include_usage),
         logprobs,
         echo: false,
+        tools,
     })
 }
 
@@ -592,6 +621,17 @@ impl CompletionRequest {
                 "echo",
                 "`echo` does not combine with beam search (`beam_width`)",
             ));
+        }
+        for (name, v) in [
+            ("tools", &self.common.tools),
+            ("tool_choice", &self.common.tool_choice),
+        ] {
+            if v.as_ref().is_some_and(|v| !v.is_null()) {
+                return Err(ApiError::param(
+                    name,
+                    format!("`{name}` is for /v1/chat/completions; completions take no tools"),
+                ));
+            }
         }
         if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::param("suffix", "`suffix` is not supported"));
@@ -623,15 +663,17 @@ impl CompletionRequest {
         let mut v = validate(
             &self.common,
             prompts,
-            if nothing {
-                Some(1)
-            } else {
-                self.common.max_tokens
-            },
-            "max_tokens",
-            self.logprobs,
-            "logprobs",
+            (
+                if nothing {
+                    Some(1)
+                } else {
+                    self.common.max_tokens
+                },
+                "max_tokens",
+            ),
+            (self.logprobs, "logprobs"),
             (limits, speculation),
+            None,
         )?;
         if echo {
             v.echo = true;
@@ -665,6 +707,15 @@ impl CompletionRequest {
 
 /// Converts messages as sent into the template's form.
 pub fn chat_messages(messages: &[MessageInput]) -> Result<Vec<ChatMessage>, ApiError> {
+    Ok(chat_turns(messages, false)?
+        .into_iter()
+        .map(|t| ChatMessage::new(t.role, t.content))
+        .collect())
+}
+
+/// Converts messages as sent into turns; with `tools`, `tool` messages and
+/// an assistant's `tool_calls` are read too.
+pub fn chat_turns(messages: &[MessageInput], tools: bool) -> Result<Vec<ChatTurn>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::param("messages", "`messages` must not be empty"));
     }
@@ -676,11 +727,12 @@ pub fn chat_messages(messages: &[MessageInput]) -> Result<Vec<ChatMessage>, ApiE
                 "system" | "developer" => "system",
                 "user" => "user",
                 "assistant" => "assistant",
+                "tool" if tools => "tool",
                 other => {
                     return Err(ApiError::param(
                         "messages",
                         format!(
-                            "`messages[{i}].role` is '{other}', must be system, developer, user or assistant"
+                            "`messages[{i}].role` is '{other}', must be system, developer, user, assistant or tool"
                         ),
                     ))
                 }
@@ -706,26 +758,139 @@ pub fn chat_messages(messages: &[MessageInput]) -> Result<Vec<ChatMessage>, ApiE
                     text
                 }
             };
-            Ok(ChatMessage {
-                role: role.into(),
-                content,
-            })
+            if role == "tool" {
+                let id = m.tool_call_id.clone().ok_or_else(|| {
+                    ApiError::param(
+                        "messages",
+                        format!("`messages[{i}]` has role 'tool' but no `tool_call_id`"),
+                    )
+                })?;
+                let turn = ChatTurn::tool_result(id, content);
+                return Ok(match &m.name {
+                    Some(n) => turn.with_name(n.clone()),
+                    None => turn,
+                });
+            }
+            let calls = match (&m.tool_calls, tools) {
+                (Some(calls), true) if role == "assistant" => calls
+                    .iter()
+                    .enumerate()
+                    .map(|(k, c)| c.to_call(i, k))
+                    .collect::<Result<Vec<_>, _>>()?,
+                _ => Vec::new(),
+            };
+            Ok(ChatTurn::new(role, content).with_tool_calls(calls))
         })
         .collect()
 }
 
+/// One call of an assistant message as sent.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ToolCallInput {
+    /// The call's id.
+    pub id: Option<String>,
+    /// `function`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// The function called.
+    pub function: Option<FunctionCallInput>,
+}
+
+/// The function of a call as sent.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FunctionCallInput {
+    /// Its name.
+    pub name: Option<String>,
+    /// Its arguments: JSON text (or, leniently, a JSON object).
+    pub arguments: Option<serde_json::Value>,
+}
+
+impl ToolCallInput {
+    /// The call, message `i`'s `k`-th; an error naming what is missing.
+    fn to_call(&self, i: usize, k: usize) -> Result<ToolCall, ApiError> {
+        let at = format!("`messages[{i}].tool_calls[{k}]`");
+        let bad = |what: &str| ApiError::param("messages", format!("{at} {what}"));
+        if self.kind.as_deref().is_some_and(|t| t != "function") {
+            return Err(bad("has a type other than `function`"));
+        }
+        let f = self
+            .function
+            .as_ref()
+            .ok_or_else(|| bad("has no `function`"))?;
+        let name = f
+            .name
+            .clone()
+            .ok_or_else(|| bad("has no `function.name`"))?;
+        let arguments = match &f.arguments {
+            None => "{}".to_string(),
+            Some(serde_json::Value::String(text)) => {
+                let v: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+                    bad(&format!("has `function.arguments` that are not JSON: {e}"))
+                })?;
+                v.to_string()
+            }
+            Some(v) => v.to_string(),
+        };
+        Ok(ToolCall {
+            id: self
+                .id
+                .clone()
+                .unwrap_or_else(framework::tools::random_call_id),
+            name,
+            arguments,
+        })
+    }
+}
+
 impl ChatRequest {
     /// Checks the request against `limits`, with `speculation` the server's
-    /// speculative decoding.
+    /// speculative decoding and `format` the model's tool-call format.
     pub fn validate(
         &self,
         limits: &LimitsSection,
         speculation: &Speculation,
+        format: ToolFormat,
     ) -> Result<ValidGeneration, ApiError> {
-        let messages = match &self.messages {
-            None => return Err(ApiError::param("messages", "`messages` is required")),
-            Some(m) => chat_messages(m)?,
+        let Some(input) = &self.messages else {
+            return Err(ApiError::param("messages", "`messages` is required"));
         };
+        let tools = match self.common.tools.as_ref().filter(|v| !v.is_null()) {
+            Some(v) => Tool::list_from_openai(v).map_err(api_error)?,
+            None => Vec::new(),
+        };
+        let choice = ToolChoice::from_openai(
+            self.common.tool_choice.as_ref().filter(|v| !v.is_null()),
+            &tools,
+        )
+        .map_err(api_error)?;
+        // With `none` the model is not shown the tools, and nothing is parsed.
+        let offered = if matches!(choice, ToolChoice::None) {
+            Vec::new()
+        } else {
+            tools
+        };
+        let with_calls = input
+            .iter()
+            .any(|m| m.role == "tool" || m.tool_calls.as_ref().is_some_and(|c| !c.is_empty()));
+        let prompt = if offered.is_empty() && !with_calls {
+            Prompt::Chat(chat_messages(input)?)
+        } else {
+            Prompt::ChatTools {
+                messages: chat_turns(input, true)?,
+                tools: offered.clone(),
+            }
+        };
+        let parallel = self.common.parallel_tool_calls.unwrap_or(true);
+        let tool_use = (!offered.is_empty()).then(|| {
+            let forced = framework::tools::guide(format, &offered, &choice, parallel);
+            (
+                ToolUse {
+                    tools: offered,
+                    format,
+                },
+                forced,
+            )
+        });
         let (max_tokens, param) = match (self.max_completion_tokens, self.common.max_tokens) {
             (Some(v), _) => (Some(v), "max_completion_tokens"),
             (None, v) => (v, "max_tokens"),
@@ -742,12 +907,11 @@ impl ChatRequest {
         };
         validate(
             &self.common,
-            vec![Prompt::Chat(messages)],
-            max_tokens,
-            param,
-            logprobs,
-            "top_logprobs",
+            vec![prompt],
+            (max_tokens, param),
+            (logprobs, "top_logprobs"),
             (limits, speculation),
+            tool_use,
         )
     }
 }
@@ -896,7 +1060,7 @@ mod tests {
         )
         .expect("parse");
         let v = req
-            .validate(&limits(), &Speculation::default())
+            .validate(&limits(), &Speculation::default(), ToolFormat::Hermes)
             .expect("valid");
         assert_eq!(v.logprobs, Some(2));
         assert!(v.stream && v.include_usage);
@@ -911,7 +1075,7 @@ mod tests {
         let req: ChatRequest =
             parse_body(br#"{"messages":[{"role":"tool","content":"x"}]}"#).expect("parse");
         assert_eq!(
-            req.validate(&limits(), &Speculation::default())
+            req.validate(&limits(), &Speculation::default(), ToolFormat::Hermes)
                 .expect_err("role")
                 .param_name()
                 .as_deref(),

@@ -22,11 +22,12 @@ use serde_json::{json, Value};
 use actors::llm::{Engine, Event, EventStream, Request};
 use framework::sampling::TokenLogprob;
 use framework::scoring::PromptScore;
+use framework::tools::{StreamOut, ToolCall, ToolStream};
 use framework::FinishReason;
 
 use crate::serve::api::{
     chat_messages, parse_body, ChatLogprobs, ChatRequest, ChatTokenLogprob, ChatTopLogprob,
-    CompletionLogprobs, CompletionRequest, DetokenizeRequest, TokenizeRequest, UsageOut,
+    CompletionLogprobs, CompletionRequest, DetokenizeRequest, TokenizeRequest, ToolUse, UsageOut,
     ValidGeneration,
 };
 use crate::serve::error::ApiError;
@@ -465,12 +466,15 @@ async fn generate(
                     "logprobs": v.logprobs.map(|_| completion_logprobs(&engine, prompt, &r.logprobs)),
                     "finish_reason": reason,
                 }),
-                Api::Chat => json!({
-                    "index": index,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": v.logprobs.map(|_| chat_logprobs(&engine, &r.logprobs)),
-                    "finish_reason": reason,
-                }),
+                Api::Chat => {
+                    let (message, reason) = chat_message(&text, reason, v.tools.as_ref());
+                    json!({
+                        "index": index,
+                        "message": message,
+                        "logprobs": v.logprobs.map(|_| chat_logprobs(&engine, &r.logprobs)),
+                        "finish_reason": reason,
+                    })
+                }
             });
         }
     }
@@ -486,6 +490,41 @@ async fn generate(
         "choices": choices,
         "usage": usage,
     })))
+}
+
+/// A chat answer's `message` and finish reason: with tools, the calls
+/// found in `text` go to `tool_calls` (the finish reason then
+/// `tool_calls`) and the rest, unless only whitespace, to `content`; text
+/// whose calls do not parse is all content.
+fn chat_message(
+    text: &str,
+    reason: Option<&'static str>,
+    tools: Option<&ToolUse>,
+) -> (Value, Option<&'static str>) {
+    let Some(t) = tools else {
+        return (json!({"role": "assistant", "content": text}), reason);
+    };
+    let parsed = framework::tools::parse(t.format, text, &t.tools);
+    if parsed.calls.is_empty() {
+        return (json!({"role": "assistant", "content": text}), reason);
+    }
+    let calls: Vec<Value> = parsed
+        .calls
+        .iter()
+        .map(|(name, arguments)| {
+            ToolCall {
+                id: framework::tools::random_call_id(),
+                name: name.clone(),
+                arguments: arguments.clone(),
+            }
+            .to_openai()
+        })
+        .collect();
+    let content = (!parsed.content.trim().is_empty()).then_some(parsed.content);
+    (
+        json!({"role": "assistant", "content": content, "tool_calls": calls}),
+        reason.map(|r| if r == "stop" { "tool_calls" } else { r }),
+    )
 }
 
 /// The fields every chunk of one streamed answer repeats.
@@ -508,6 +547,9 @@ struct SseState {
     usage: UsageOut,
     done: bool,
     fd: Option<ConnFd>,
+    /// Per choice, the parser of its tool calls (chat with tools), and
+    /// whether it has sent a call.
+    tool_streams: Vec<Option<(ToolStream, bool)>>,
     _inflight: InFlight,
 }
 
@@ -533,6 +575,33 @@ impl SseState {
         self.pending
             .push_back(Bytes::from(format!("data: {body}\n\n")));
         self.done = true;
+    }
+
+    /// Chunks for choice `i`'s parsed pieces: content as `delta.content`,
+    /// a call's start as a `delta.tool_calls` entry with its id, type and
+    /// name (arguments empty), its arguments as fragments of that entry.
+    fn tool_chunks(&mut self, i: usize, outs: Vec<StreamOut>) {
+        for out in outs {
+            let delta = match out {
+                StreamOut::Content(text) if text.is_empty() => continue,
+                StreamOut::Content(text) => json!({ "content": text }),
+                StreamOut::CallStart { index, name } => json!({"tool_calls": [{
+                    "index": index,
+                    "id": framework::tools::random_call_id(),
+                    "type": "function",
+                    "function": {"name": name, "arguments": ""},
+                }]}),
+                StreamOut::Arguments { index, fragment } => json!({"tool_calls": [{
+                    "index": index,
+                    "function": {"arguments": fragment},
+                }]}),
+            };
+            let c = self.chunk(
+                json!([{"index": i, "delta": delta, "logprobs": null, "finish_reason": null}]),
+                None,
+            );
+            self.pending.push_back(c);
+        }
     }
 
     /// The next piece of the body; `None` at its end.
@@ -571,7 +640,13 @@ impl SseState {
                         logprob,
                     },
                 )) => {
-                    if !text.is_empty() || logprob.is_some() {
+                    if let Some(Some((ts, called))) = self.tool_streams.get_mut(i) {
+                        let outs = ts.push(&text);
+                        *called |= outs
+                            .iter()
+                            .any(|o| matches!(o, StreamOut::CallStart { .. }));
+                        self.tool_chunks(i, outs);
+                    } else if !text.is_empty() || logprob.is_some() {
                         let lp = logprob.map(|l| vec![(token, l)]).unwrap_or_default();
                         let choice = stream_choice(
                             self.api,
@@ -601,6 +676,22 @@ impl SseState {
                         (0, 0)
                     };
                     self.usage.add(prompt, usage.completion_tokens);
+                    let mut reason = reason.as_str();
+                    let mut tail = tail;
+                    if let Some((mut ts, mut called)) =
+                        self.tool_streams.get_mut(i).and_then(Option::take)
+                    {
+                        let mut outs = ts.push(&tail);
+                        outs.extend(ts.finish());
+                        called |= outs
+                            .iter()
+                            .any(|o| matches!(o, StreamOut::CallStart { .. }));
+                        self.tool_chunks(i, outs);
+                        tail.clear();
+                        if called && reason == "stop" {
+                            reason = "tool_calls";
+                        }
+                    }
                     let choice =
                         stream_choice(self.api, &self.engine, i, &tail, Some(reason), false, &[]);
                     let c = self.chunk(choice, None);
@@ -638,6 +729,14 @@ fn sse(
         })
         .collect();
     let count = streams.len();
+    let tool_streams = (0..count)
+        .map(|_| {
+            v.tools
+                .as_ref()
+                .filter(|_| api == Api::Chat)
+                .map(|t| (ToolStream::new(t.format, &t.tools), false))
+        })
+        .collect();
     let mut state = SseState {
         engine,
         api,
@@ -650,6 +749,7 @@ fn sse(
         usage: UsageOut::default(),
         done: false,
         fd,
+        tool_streams,
         _inflight: inflight,
     };
     if api == Api::Chat {
@@ -672,11 +772,10 @@ fn stream_choice(
     engine: &Engine,
     index: usize,
     text: &str,
-    reason: Option<FinishReason>,
+    reason: Option<&'static str>,
     want_logprobs: bool,
     logprobs: &[(u32, TokenLogprob)],
 ) -> Value {
-    let reason = reason.map(FinishReason::as_str);
     match api {
         Api::Completions => json!([{
             "index": index,
@@ -735,7 +834,12 @@ pub async fn chat_completions(
         let body = read_body(&state, payload).await?;
         let r: ChatRequest = parse(&state, body).await?;
         check_model(&state, r.common.model.as_deref())?;
-        r.validate(&state.settings.limits, &state.settings.engine.speculative)
+        let format = state.engine()?.tool_format();
+        r.validate(
+            &state.settings.limits,
+            &state.settings.engine.speculative,
+            format,
+        )
     }
     .await
     .map_err(ApiError::counted)?;
