@@ -296,8 +296,9 @@ pub fn table(r: &QualityReport) -> String {
     out
 }
 
-/// Two panels: mean KLD (log scale) against batch-1 decode speed, and PPL
-/// (log scale) against prefill speed; a labelled point per variant.
+/// Two panels: mean KLD (log scale) against batch-1 decode speed and
+/// against prefill speed; a labelled point per variant (the base, with no
+/// divergence, is left out).
 fn draw(r: &QualityReport, root: &Canvas<'_>) -> PlotResult {
     let root = root.titled(
         &format!(
@@ -307,29 +308,24 @@ fn draw(r: &QualityReport, root: &Canvas<'_>) -> PlotResult {
         (FONT, 22),
     )?;
     let panels = root.split_evenly((2, 1));
-    // The base has no divergence: it is left out of the KLD panel.
-    let kld: Vec<(f64, f64, &str)> = r
-        .rows
-        .iter()
-        .filter(|v| v.mean_kld > 0.0)
-        .map(|v| (v.decode_tok_s, v.mean_kld, v.label.as_str()))
-        .collect();
-    let ppl: Vec<(f64, f64, &str)> = r
-        .rows
-        .iter()
-        .map(|v| (v.prefill_tok_s, v.ppl, v.label.as_str()))
-        .collect();
+    let points = |speed: fn(&VariantFigures) -> f64| -> Vec<(f64, f64, &str)> {
+        r.rows
+            .iter()
+            .filter(|v| v.mean_kld > 0.0)
+            .map(|v| (speed(v), v.mean_kld, v.label.as_str()))
+            .collect()
+    };
     labelled_panel(
         &panels[0],
         "Mean KL divergence from the base against batch-1 decode speed",
         ("decode tokens / s (batch 1)", "mean KLD (log)"),
-        &kld,
+        &points(|v| v.decode_tok_s),
     )?;
     labelled_panel(
         &panels[1],
-        "Perplexity against prefill speed",
-        ("prefill tokens / s", "PPL (log)"),
-        &ppl,
+        "Mean KL divergence from the base against prefill speed",
+        ("prefill tokens / s", "mean KLD (log)"),
+        &points(|v| v.prefill_tok_s),
     )
 }
 
