@@ -54,7 +54,9 @@ pub struct LatencyReport {
     pub batch_decode_tok_s: Vec<(usize, f64)>,
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+/// The median of `xs` (the mean of the middle two for an even count; 0
+/// for none): every benchmark's summary of its timed runs.
+pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
     if n == 0 {

@@ -18,7 +18,7 @@ use framework::{GgufFile, LlamaShard, ShardSpec, WeightFormat};
 use parallm::Engine;
 use serde::Serialize;
 
-use crate::bench::{latency, LatencyPlan};
+use crate::bench::{latency, median, LatencyPlan};
 use crate::files::AtomicFile;
 use crate::perplexity::{self, KldMode, PerplexityPlan};
 use crate::plot::{self, Canvas, PlotResult, FONT};
@@ -240,15 +240,6 @@ fn measure_speed(
         row.decode_tok_s = median(decode);
     }
     Ok(())
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    match xs.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => xs[n / 2],
-        n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
-    }
 }
 
 fn write_text(path: &Path, text: &str) -> CliResult {

@@ -34,6 +34,8 @@ use framework::guide::Guide;
 use framework::sampling::{Rng, SamplingParams};
 use framework::{BatchItem, LlamaShard, LogitsWanted};
 
+use crate::bench::median;
+
 /// What to measure.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ThroughputPlan {
@@ -153,15 +155,6 @@ pub struct ThroughputRow {
     pub drafted: u64,
     /// Of those, accepted.
     pub accepted: u64,
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    match xs.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => xs[n / 2],
-        n => (xs[n / 2 - 1] + xs[n / 2]) / 2.0,
-    }
 }
 
 /// The `n` prompts of a measurement; `first` counts the requests of the
