@@ -118,6 +118,81 @@ const GPT2_MODEL_NAMES: [(&str, &str); 5] = [
     ("lm_head.weight", "output.weight"),
 ];
 
+/// BERT's whole-model tensors (after an optional `bert.`): Hugging Face
+/// name and GGUF name, as llama.cpp's converter names them. The pooler and
+/// a masked-LM head are not used for embeddings.
+const BERT_MODEL_NAMES: [(&str, &str); 9] = [
+    ("embeddings.word_embeddings.weight", "token_embd.weight"),
+    (
+        "embeddings.position_embeddings.weight",
+        "position_embd.weight",
+    ),
+    (
+        "embeddings.token_type_embeddings.weight",
+        "token_types.weight",
+    ),
+    ("embeddings.LayerNorm.weight", "token_embd_norm.weight"),
+    ("embeddings.LayerNorm.bias", "token_embd_norm.bias"),
+    // Older checkpoints' names for a LayerNorm's weight and bias.
+    ("embeddings.LayerNorm.gamma", "token_embd_norm.weight"),
+    ("embeddings.LayerNorm.beta", "token_embd_norm.bias"),
+    // Not weights: the position ids buffer.
+    ("embeddings.position_ids", ""),
+    ("embeddings.token_type_ids", ""),
+];
+
+/// BERT's per-layer modules after `encoder.layer.N.` and their GGUF names
+/// after `blk.N.` (each with `.weight` and `.bias`).
+const BERT_LAYER_NAMES: [(&str, &str); 8] = [
+    ("attention.self.query", "attn_q"),
+    ("attention.self.key", "attn_k"),
+    ("attention.self.value", "attn_v"),
+    ("attention.output.dense", "attn_output"),
+    ("attention.output.LayerNorm", "attn_output_norm"),
+    ("intermediate.dense", "ffn_up"),
+    ("output.dense", "ffn_down"),
+    ("output.LayerNorm", "layer_output_norm"),
+];
+
+/// The architectures (`config.json`'s `architectures`) read as BERT
+/// encoders, for embeddings.
+pub const HF_ENCODER_ARCHS: &str = "BertModel, BertForMaskedLM, BertForPreTraining";
+
+/// The GGUF name of BERT tensor `hf` (`Some("")` for one that embeddings do
+/// not use), or `None` for a name this mapping does not know.
+fn bert_gguf_name(hf: &str) -> Option<String> {
+    let hf = hf.strip_prefix("bert.").unwrap_or(hf);
+    if hf.starts_with("pooler.") || hf.starts_with("cls.") {
+        return Some(String::new());
+    }
+    if let Some((_, g)) = BERT_MODEL_NAMES.iter().find(|(h, _)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let rest = hf.strip_prefix("encoder.layer.")?;
+    let (n, suffix) = rest.split_once('.')?;
+    let n: usize = n.parse().ok()?;
+    let (module, kind) = suffix.rsplit_once('.')?;
+    let kind = match kind {
+        "weight" | "gamma" => "weight",
+        "bias" | "beta" => "bias",
+        _ => return None,
+    };
+    let (_, g) = BERT_LAYER_NAMES.iter().find(|(h, _)| *h == module)?;
+    Some(format!("blk.{n}.{g}.{kind}"))
+}
+
+/// The Hugging Face name a BERT GGUF tensor name stands for.
+fn bert_hf_name(gguf: &str) -> Option<String> {
+    if let Some((h, _)) = BERT_MODEL_NAMES.iter().find(|(_, g)| *g == gguf) {
+        return Some(h.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (n, suffix) = rest.split_once('.')?;
+    let (module, kind) = suffix.rsplit_once('.')?;
+    let (h, _) = BERT_LAYER_NAMES.iter().find(|(_, g)| *g == module)?;
+    Some(format!("encoder.layer.{n}.{h}.{kind}"))
+}
+
 /// Name pairs: Hugging Face and GGUF.
 type Names = &'static [(&'static str, &'static str)];
 
@@ -236,7 +311,8 @@ enum Stored {
 /// The tensors and tokenizer files of an open Hugging Face directory.
 pub struct HfModel {
     dir: PathBuf,
-    arch: Arch,
+    /// The decoder family; `None` for a BERT encoder.
+    arch: Option<Arch>,
     shards: Vec<Shard>,
     /// By GGUF name.
     tensors: HashMap<String, Stored>,
@@ -377,14 +453,24 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
         },
         _ => top,
     };
-    let arch = arch_of(arch_name).ok_or_else(|| Error::Unsupported {
-        path: config_path.clone(),
-        what: "architecture",
-        found: arch_name.to_string(),
-        supported: HF_ARCHS,
+    let encoder = HF_ENCODER_ARCHS.split(", ").any(|a| a == arch_name);
+    let arch = match encoder {
+        true => None,
+        false => Some(arch_of(arch_name).ok_or_else(|| Error::Unsupported {
+            path: config_path.clone(),
+            what: "architecture",
+            found: arch_name.to_string(),
+            supported: HF_ARCHS,
+        })?),
+    };
+    let metadata = match arch {
+        Some(arch) => metadata(&cfg, arch, arch_name)?,
+        None => bert_metadata(&cfg, dir)?,
+    };
+    let n_heads = cfg.usize(match arch {
+        Some(arch) => cfg.key(arch, "num_attention_heads"),
+        None => "num_attention_heads",
     })?;
-    let metadata = metadata(&cfg, arch, arch_name)?;
-    let n_heads = cfg.usize(cfg.key(arch, "num_attention_heads"))?;
     let n_kv = cfg.opt_usize("num_key_value_heads")?.unwrap_or(n_heads);
     // GPT-2's configuration ties them unless it says otherwise.
     let tied = cfg
@@ -392,7 +478,7 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
         .get("tie_word_embeddings")
         .or_else(|| config.get("tie_word_embeddings"))
         .and_then(Json::as_bool)
-        .unwrap_or(arch == Arch::Gpt2);
+        .unwrap_or(arch == Some(Arch::Gpt2));
 
     let shards = map_shards(dir)?;
     let mut tensors = HashMap::new();
@@ -410,7 +496,11 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
             meta.tensors().into_iter().collect();
         names.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, info) in names {
-            let Some(gguf) = gguf_name(arch, &name) else {
+            let known = match arch {
+                Some(arch) => gguf_name(arch, &name),
+                None => bert_gguf_name(&name),
+            };
+            let Some(gguf) = known else {
                 unknown.push(name);
                 continue;
             };
@@ -440,11 +530,11 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
                 });
             }
             let rope_heads = match (arch, gguf.rsplit('.').nth(1)) {
-                (Arch::Llama, Some(last)) if last.ends_with("attn_q") => Some(n_heads),
-                (Arch::Llama, Some(last)) if last.ends_with("attn_k") => Some(n_kv),
+                (Some(Arch::Llama), Some(last)) if last.ends_with("attn_q") => Some(n_heads),
+                (Some(Arch::Llama), Some(last)) if last.ends_with("attn_k") => Some(n_kv),
                 _ => None,
             };
-            let transposed = transposed(arch, &gguf);
+            let transposed = arch.is_some_and(|arch| transposed(arch, &gguf));
             if transposed && info.shape.len() != 2 {
                 return Err(Error::Tensor {
                     path: shard_path,
@@ -459,7 +549,7 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
                 rows: info.shape[0],
                 rope_heads,
                 transposed,
-                plus_one: plus_one(arch, &gguf),
+                plus_one: arch.is_some_and(|arch| plus_one(arch, &gguf)),
             };
             let shape = if transposed {
                 vec![info.shape[1], info.shape[0]]
@@ -486,7 +576,11 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
             unknown[0]
         );
     }
-    if let Some(factors) = llama3_rope_factors(&cfg, n_heads)? {
+    let factors = match arch {
+        Some(_) => llama3_rope_factors(&cfg, n_heads)?,
+        None => None,
+    };
+    if let Some(factors) = factors {
         let n = factors.len();
         tensors.insert(
             "rope_freqs.weight".into(),
@@ -736,6 +830,86 @@ fn metadata(cfg: &ConfigJson<'_>, arch: Arch, arch_name: &str) -> Result<HashMap
     Ok(m)
 }
 
+/// GGUF metadata of a BERT encoder, as llama.cpp's converter writes it
+/// (`bert.*`), with the pooling of the directory's sentence-transformers
+/// `1_Pooling/config.json` (CLS without one, as BERT's own pooler and
+/// vLLM's default) and whether `modules.json` normalizes (yes without one).
+fn bert_metadata(cfg: &ConfigJson<'_>, dir: &Path) -> Result<HashMap<String, Value>> {
+    let mut m = HashMap::new();
+    let u = |v: usize| Value::U64(v as u64);
+    m.insert("general.architecture".into(), Value::String("bert".into()));
+    for (key, hf) in [
+        ("bert.block_count", "num_hidden_layers"),
+        ("bert.embedding_length", "hidden_size"),
+        ("bert.feed_forward_length", "intermediate_size"),
+        ("bert.attention.head_count", "num_attention_heads"),
+        ("bert.context_length", "max_position_embeddings"),
+    ] {
+        m.insert(key.into(), u(cfg.usize(hf)?));
+    }
+    let eps = cfg.opt_f32("layer_norm_eps")?.unwrap_or(1e-12);
+    m.insert("bert.attention.layer_norm_epsilon".into(), Value::F32(eps));
+    m.insert("bert.attention.causal".into(), Value::Bool(false));
+    match cfg
+        .json
+        .get("position_embedding_type")
+        .and_then(Json::as_str)
+    {
+        None | Some("absolute") => {}
+        Some(other) => {
+            return Err(cfg.err(
+                "position_embedding_type",
+                &format!("is '{other}'; absolute position embeddings are read"),
+            ))
+        }
+    }
+    let tanh = match cfg.json.get("hidden_act").and_then(Json::as_str) {
+        None | Some("gelu") => false,
+        Some("gelu_new" | "gelu_pytorch_tanh" | "gelu_fast") => true,
+        Some(other) => {
+            return Err(cfg.err(
+                "hidden_act",
+                &format!("is '{other}'; gelu and its tanh approximations are run"),
+            ))
+        }
+    };
+    m.insert(crate::encoder::GELU_TANH_KEY.into(), Value::Bool(tanh));
+    let pooling_path = dir.join("1_Pooling/config.json");
+    let pooling = match read_json(&pooling_path)? {
+        None => 2,
+        Some(p) => {
+            let on = |k: &str| p.get(k).and_then(Json::as_bool).unwrap_or(false);
+            match (
+                on("pooling_mode_mean_tokens"),
+                on("pooling_mode_cls_token"),
+                on("pooling_mode_lasttoken"),
+            ) {
+                (true, false, false) => 1,
+                (false, true, false) => 2,
+                (false, false, true) => 3,
+                _ => {
+                    return Err(Error::ModelFile {
+                        path: pooling_path,
+                        reason: "sets no pooling mode, or several, or one other than mean, cls and lasttoken".into(),
+                    })
+                }
+            }
+        }
+    };
+    m.insert("bert.pooling_type".into(), Value::U32(pooling));
+    let normalize = match read_json(&dir.join("modules.json"))? {
+        None => true,
+        Some(modules) => modules.as_array().is_some_and(|list| {
+            list.iter().any(|module| {
+                module.get("type").and_then(Json::as_str)
+                    == Some("sentence_transformers.models.Normalize")
+            })
+        }),
+    };
+    m.insert(crate::encoder::NORMALIZE_KEY.into(), Value::Bool(normalize));
+    Ok(m)
+}
+
 /// Gemma's keys: soft-caps, the window and which layers have it, the
 /// windowed layers' rope base, and the query scale.
 fn gemma_metadata(cfg: &ConfigJson<'_>, m: &mut HashMap<String, Value>, p: &str) -> Result<()> {
@@ -852,8 +1026,8 @@ impl HfModel {
         &self.dir
     }
 
-    /// The family.
-    pub fn arch(&self) -> Arch {
+    /// The decoder family; `None` for a BERT encoder.
+    pub fn arch(&self) -> Option<Arch> {
         self.arch
     }
 
@@ -868,7 +1042,10 @@ impl HfModel {
             (Some(hf), Some(Stored::Mapped { shard, .. })) => {
                 format!("{hf} in {}", self.shards[*shard].name)
             }
-            _ => match hf_name(self.arch, gguf) {
+            _ => match self
+                .arch
+                .map_or_else(|| bert_hf_name(gguf), |a| hf_name(a, gguf))
+            {
                 Some(hf) => format!("{hf} (GGUF {gguf})"),
                 None => gguf.to_string(),
             },

@@ -24,6 +24,7 @@ pub mod chat;
 pub mod collective;
 pub mod config;
 pub mod cuda;
+pub mod encoder;
 pub mod error;
 pub mod family;
 pub mod generate;

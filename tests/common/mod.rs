@@ -399,3 +399,48 @@ pub fn hf_models_dir() -> &'static std::path::Path {
         dir
     })
 }
+
+/// tests/golden/embeddings.json: transformers' embeddings of the random BERT.
+pub fn embed_golden() -> &'static serde_json::Value {
+    static GOLDEN: OnceLock<serde_json::Value> = OnceLock::new();
+    GOLDEN.get_or_init(|| repo_golden("embeddings.json"))
+}
+
+/// The directory holding the random BERT (`bert-f32/` and `bert-f32.gguf`),
+/// written once by `tests/support/bert_models.py` and checked against the
+/// golden hashes.
+pub fn bert_models_dir() -> &'static std::path::Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        use sha2::{Digest, Sha256};
+        let dir = parallm::fetch::parallm_home().join("models/bert");
+        let golden = embed_golden();
+        let matches = || {
+            let check = |base: PathBuf, files: &serde_json::Value| {
+                files.as_object().expect("files").iter().all(|(file, sha)| {
+                    std::fs::read(base.join(file))
+                        .map(|b| format!("{:x}", Sha256::digest(&b)) == sha.as_str().unwrap_or(""))
+                        .unwrap_or(false)
+                })
+            };
+            check(dir.join("bert-f32"), &golden["files"]) && check(dir.clone(), &golden["gguf"])
+        };
+        if !matches() {
+            write_models("bert_models.py", &dir);
+            assert!(
+                matches(),
+                "{} is not what transformers' outputs came from (another numpy or gguf version?)",
+                dir.display()
+            );
+        }
+        dir
+    })
+}
+
+/// Cosine similarity of two vectors (in f64).
+pub fn cosine(a: &[f32], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y).sum();
+    let na: f64 = a.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
