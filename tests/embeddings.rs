@@ -5,8 +5,9 @@
 mod common;
 
 use common::{bert_models_dir, cosine, embed_golden};
+use parallm::actors::embed::{EmbedConfig, Embedder};
 use parallm::framework::collective::{Collective, SingleCollective, ThreadCollective};
-use parallm::framework::encoder::{EncoderShard, EncoderTokenizer};
+use parallm::framework::encoder::{EncoderShard, EncoderTokenizer, Pooling};
 use parallm::framework::{GgufFile, ShardSpec, WeightFormat};
 
 fn texts() -> Vec<(String, Vec<u32>, Vec<f64>, Vec<f64>)> {
@@ -108,4 +109,128 @@ fn two_shards_embed_as_one() {
             assert!(1.0 - cosine(a, &b64) < 1e-6);
         }
     }
+}
+
+fn embedder(tp: usize, pooling: Option<Pooling>, normalize: Option<bool>) -> Embedder {
+    Embedder::start(EmbedConfig {
+        model: bert_models_dir().join("bert-f32.gguf"),
+        weights: WeightFormat::Native,
+        tp,
+        max_batch_tokens: 64,
+        threads_per_node: 1,
+        pooling,
+        normalize,
+        ..EmbedConfig::default()
+    })
+    .expect("start")
+}
+
+#[test]
+fn the_pipeline_answers_every_request_with_its_inputs_vectors_in_order() {
+    let cases = texts();
+    for tp in [1, 2] {
+        let e = embedder(tp, None, None);
+        // Requests of one input each, and one of every input (cut into parts
+        // by the 64-token budget).
+        let mut pending: Vec<_> = cases
+            .iter()
+            .map(|c| e.embed(vec![c.1.clone()]).expect("submit"))
+            .collect();
+        pending.push(
+            e.embed(cases.iter().map(|c| c.1.clone()).collect())
+                .expect("submit"),
+        );
+        let answers: Vec<_> = pending
+            .into_iter()
+            .map(|p| p.wait_blocking().expect("answer"))
+            .collect();
+        let all = answers.last().expect("last");
+        assert_eq!(all.len(), cases.len());
+        for (i, case) in cases.iter().enumerate() {
+            for v in [&answers[i][0], &all[i]] {
+                let c = cosine(v, &case.2);
+                assert!(1.0 - c < 1e-4, "tp {tp}: {:?}: cosine {c}", case.0);
+            }
+        }
+        assert!(e.shutdown_timeout(std::time::Duration::from_secs(10)));
+    }
+}
+
+#[test]
+fn pooling_and_normalization_can_be_overridden() {
+    let e = embedder(1, Some(Pooling::Cls), Some(false));
+    for (text, ids, _, cls) in texts() {
+        let v = e
+            .embed(vec![ids])
+            .expect("submit")
+            .wait_blocking()
+            .expect("answer");
+        let c = cosine(&v[0], &cls);
+        assert!(1.0 - c < 1e-4, "{text:?}: cosine {c}");
+        let (n, m) = (
+            v[0].iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt(),
+            cls.iter().map(|x| x * x).sum::<f64>().sqrt(),
+        );
+        assert!(
+            (n / m - 1.0).abs() < 1e-4,
+            "not normalized: {n} against {m}"
+        );
+    }
+}
+
+#[test]
+fn two_hundred_fifty_six_concurrent_requests_all_complete() {
+    let e = std::sync::Arc::new(embedder(2, None, None));
+    let cases = texts();
+    let answers: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..256)
+            .map(|i| {
+                let (e, ids) = (e.clone(), cases[i % cases.len()].1.clone());
+                s.spawn(move || {
+                    e.embed(vec![ids])
+                        .expect("submit")
+                        .wait_blocking()
+                        .expect("answer")
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    assert_eq!(answers.len(), 256);
+    for (i, a) in answers.iter().enumerate() {
+        let c = cosine(&a[0], &cases[i % cases.len()].2);
+        assert!(1.0 - c < 1e-4, "request {i}: cosine {c}");
+    }
+    let stats = e.stats();
+    assert!(
+        stats.policy.steps < 256,
+        "batched: {} steps for 256 requests",
+        stats.policy.steps
+    );
+}
+
+#[test]
+fn bad_inputs_are_refused_by_name() {
+    let e = embedder(1, None, None);
+    for (inputs, says) in [
+        (vec![], "is empty"),
+        (vec![vec![2, 5, 3], vec![]], "[1] is empty"),
+        (vec![vec![2, 9999, 3]], "outside the vocabulary"),
+        (vec![vec![5; 65]], "at most 64"),
+    ] {
+        let err = e.embed(inputs).err().expect("refused").to_string();
+        assert!(err.contains("`input`") && err.contains(says), "{err}");
+    }
+    // And it keeps serving.
+    assert_eq!(
+        e.embed(vec![vec![2, 5, 3]])
+            .expect("submit")
+            .wait_blocking()
+            .expect("answer")
+            .len(),
+        1
+    );
 }

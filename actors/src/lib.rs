@@ -11,6 +11,7 @@
 //! event; a node gets one control message per step; framework state machines
 //! do the deciding, actors only move messages and own state.
 
+pub mod embed;
 pub mod llm;
 
 pub use kit;

@@ -536,6 +536,13 @@ impl EncoderShard {
         })
     }
 
+    /// Pools with `pooling`, normalizing or not, instead of the model's
+    /// own choice.
+    pub fn set_pooling(&mut self, pooling: Pooling, normalize: bool) {
+        self.cfg.pooling = pooling;
+        self.cfg.normalize = normalize;
+    }
+
     /// The configuration.
     pub fn config(&self) -> &EncoderConfig {
         &self.cfg

@@ -66,7 +66,10 @@ impl Metric {
             (Kind::Histogram, BATCH_SIZE | BATCH_TOKENS) => COUNT_BUCKETS,
             (
                 Kind::Histogram,
-                TIME_PER_OUTPUT_TOKEN | NODE_STEP_DURATION | NODE_ALL_REDUCE_DURATION,
+                TIME_PER_OUTPUT_TOKEN
+                | NODE_STEP_DURATION
+                | NODE_ALL_REDUCE_DURATION
+                | EMBED_STEP_DURATION,
             ) => STEP_BUCKETS,
             (Kind::Histogram, _) => LATENCY_BUCKETS,
             _ => &[],
@@ -166,6 +169,15 @@ metrics! {
     /// Node restarts.
     NODE_RESTARTS = "parallm_node_restarts_total", Counter, ["node"],
         "Restarts of a compute node after a failure (each reloads its shard)";
+    /// Sequences embedded.
+    EMBED_SEQUENCES = "parallm_embedding_sequences_total", Counter, [],
+        "Inputs embedded (each input of an embeddings request is one sequence), counted when their request is answered";
+    /// Tokens embedded.
+    EMBED_TOKENS = "parallm_embedding_tokens_total", Counter, [],
+        "Tokens of the inputs embedded, counted when their request is answered";
+    /// An encoder node's step duration.
+    EMBED_STEP_DURATION = "parallm_embedding_step_duration_seconds", Histogram, ["node"],
+        "Seconds an embedding model's node spent on one batch, by node (r{replica}.n{index} of the embedding pipeline)";
     /// HTTP requests by route and status.
     HTTP_REQUESTS = "parallm_http_requests_total", Counter, ["route", "status"],
         "HTTP requests answered, by route and status code";
