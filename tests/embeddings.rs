@@ -10,7 +10,11 @@ use parallm::framework::collective::{Collective, SingleCollective, ThreadCollect
 use parallm::framework::encoder::{EncoderShard, EncoderTokenizer, Pooling};
 use parallm::framework::{GgufFile, ShardSpec, WeightFormat};
 
-fn texts() -> Vec<(String, Vec<u32>, Vec<f64>, Vec<f64>)> {
+/// A golden case: the text, its token ids, transformers' mean-pooled and
+/// normalized vector, and its [CLS] row.
+type Case = (String, Vec<u32>, Vec<f64>, Vec<f64>);
+
+fn texts() -> Vec<Case> {
     let f64s = |v: &serde_json::Value| -> Vec<f64> {
         v.as_array()
             .expect("array")

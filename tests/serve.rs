@@ -1643,3 +1643,237 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A server holding the reference model for generation and the random BERT
+/// twice for embeddings: its GGUF (`bert`) and, on two tensor-parallel
+/// nodes, its Hugging Face directory (`bert-hf`, Matryoshka-truncatable).
+fn embedding_server(dir: &tempfile::TempDir) -> Server {
+    let models = common::bert_models_dir();
+    let config = dir.path().join("parallm.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[models]]\nname = \"bert\"\npath = \"{}\"\nmax_batch_tokens = 256\n\n[[models]]\nname = \"bert-hf\"\npath = \"{}\"\ntp = 2\nmatryoshka = true\n",
+            models.join("bert-f32.gguf").display(),
+            models.join("bert-f32").display()
+        ),
+    )
+    .expect("write config");
+    Server::start(&["--config", config.to_str().expect("utf-8")], true)
+}
+
+fn golden_case(i: usize) -> (String, Vec<u32>, Vec<f64>) {
+    let c = &common::embed_golden()["cases"][i];
+    (
+        c["text"].as_str().expect("text").to_string(),
+        common::ids(&c["ids"]),
+        c["mean_normalized"]
+            .as_array()
+            .expect("vector")
+            .iter()
+            .map(|x| x.as_f64().expect("f64"))
+            .collect(),
+    )
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .expect("embedding")
+        .iter()
+        .map(|x| x.as_f64().expect("float") as f32)
+        .collect()
+}
+
+#[test]
+fn embeddings_match_transformers_in_every_input_form_and_bad_input_is_refused() {
+    use base64::Engine as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = embedding_server(&dir);
+    let (_, models) = s.get("/v1/models");
+    let models: Value = serde_json::from_str(&models).expect("json");
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 3, "{models}");
+    assert_eq!(models["data"][1]["dimensions"], 64, "{models}");
+    let generation = ids[0].to_string();
+
+    let (t0, ids0, g0) = golden_case(0);
+    let (t1, _, g1) = golden_case(2);
+    for model in ["bert", "bert-hf"] {
+        // A string, strings, token ids, lists of token ids.
+        for input in [json!(t0), json!([t0, t1]), json!(ids0), json!([ids0])] {
+            let (status, r) = s.post("/v1/embeddings", json!({"model": model, "input": input}));
+            assert_eq!(status, 200, "{r}");
+            assert_eq!(r["object"], "list");
+            assert_eq!(r["model"], model);
+            assert!(
+                r["usage"]["prompt_tokens"]
+                    .as_u64()
+                    .is_some_and(|n| n >= 12),
+                "{r}"
+            );
+            let v = floats(&r["data"][0]["embedding"]);
+            assert!(1.0 - common::cosine(&v, &g0) < 1e-4, "{model} {input}");
+            if r["data"].as_array().expect("data").len() == 2 {
+                assert_eq!(r["data"][1]["index"], 1);
+                assert!(1.0 - common::cosine(&floats(&r["data"][1]["embedding"]), &g1) < 1e-4);
+            }
+        }
+        // base64: the same floats' little-endian bytes.
+        let (_, f) = s.post("/v1/embeddings", json!({"model": model, "input": t0}));
+        let (status, b) = s.post(
+            "/v1/embeddings",
+            json!({"model": model, "input": t0, "encoding_format": "base64"}),
+        );
+        assert_eq!(status, 200, "{b}");
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b["data"][0]["embedding"].as_str().expect("base64 string"))
+            .expect("base64");
+        let decoded: Vec<f32> = bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert_eq!(decoded, floats(&f["data"][0]["embedding"]));
+    }
+    // Matryoshka truncation: the first 16, renormalized.
+    let (status, r) = s.post(
+        "/v1/embeddings",
+        json!({"model": "bert-hf", "input": t0, "dimensions": 16}),
+    );
+    assert_eq!(status, 200, "{r}");
+    let v = floats(&r["data"][0]["embedding"]);
+    assert_eq!(v.len(), 16);
+    assert!((v.iter().map(|x| x * x).sum::<f32>().sqrt() - 1.0).abs() < 1e-5);
+
+    // Bad input: a 400 naming the field (404 for a model that does not exist).
+    for (body, status, param) in [
+        (json!({"model": "bert", "input": ""}), 400, "input"),
+        (json!({"model": "bert", "input": []}), 400, "input"),
+        (json!({"model": "bert", "input": ["a", ""]}), 400, "input"),
+        (
+            json!({"model": "bert", "input": [[2, 999999, 3]]}),
+            400,
+            "input",
+        ),
+        (
+            json!({"model": "bert", "input": vec!["word"; 80].join(" ")}),
+            400,
+            "input",
+        ),
+        (json!({"model": generation, "input": "hello"}), 400, "model"),
+        (json!({"input": "hello"}), 400, "model"),
+        (
+            json!({"model": "bert", "input": "hello", "dimensions": 16}),
+            400,
+            "dimensions",
+        ),
+        (
+            json!({"model": "bert-hf", "input": "hello", "dimensions": 65}),
+            400,
+            "dimensions",
+        ),
+        (
+            json!({"model": "bert", "input": "hello", "encoding_format": "hex"}),
+            400,
+            "encoding_format",
+        ),
+        (json!({"model": "bert", "input": 7}), 400, "input"),
+        (json!({"model": "nope", "input": "hello"}), 404, "model"),
+    ] {
+        let (got, r) = s.post("/v1/embeddings", body.clone());
+        assert_eq!(got, status, "{body}: {r}");
+        assert_eq!(r["error"]["param"], param, "{body}: {r}");
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{r}"
+        );
+    }
+    let (status, r) = s.post(
+        "/v1/chat/completions",
+        json!({"model": "bert", "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_eq!(
+        (status, r["error"]["param"].clone()),
+        (400, json!("model")),
+        "{r}"
+    );
+
+    // And it keeps serving both kinds.
+    let (status, r) = s.post("/v1/embeddings", json!({"model": "bert", "input": t0}));
+    assert_eq!(status, 200, "{r}");
+    let (status, r) = s.post(
+        "/v1/completions",
+        json!({"prompt": "Hello", "max_tokens": 2}),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert!(s.metric("parallm_embedding_sequences_total") >= 15.0);
+
+    // 256 concurrent requests all complete, each with its own text's vector.
+    let cases: Vec<_> = (0..6).map(golden_case).collect();
+    let results: Vec<(u16, Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..256)
+            .map(|i| {
+                let (s, text) = (&s, cases[i % 6].0.clone());
+                let model = ["bert", "bert-hf"][i % 2];
+                scope
+                    .spawn(move || s.post("/v1/embeddings", json!({"model": model, "input": text})))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    for (i, (status, r)) in results.iter().enumerate() {
+        assert_eq!(*status, 200, "request {i}: {r}");
+        let c = common::cosine(&floats(&r["data"][0]["embedding"]), &cases[i % 6].2);
+        assert!(1.0 - c < 1e-4, "request {i}: cosine {c}");
+    }
+}
+
+#[test]
+fn the_official_openai_python_client_embeds() {
+    let python = support_lines("python-env.sh")
+        .pop()
+        .expect("python-env.sh prints the venv's python");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = embedding_server(&dir);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/openai_client.py");
+    let mut args = vec![
+        "--base-url".to_string(),
+        format!("{}/v1", s.base),
+        "--model".into(),
+        "x".into(),
+        "--embed-model".into(),
+        "bert".into(),
+    ];
+    for skip in [
+        "completion",
+        "chat",
+        "stream",
+        "models",
+        "bad_request",
+        "structured",
+        "tools",
+    ] {
+        args.extend(["--skip".to_string(), skip.to_string()]);
+    }
+    let out = Command::new(python)
+        .arg(script)
+        .args(&args)
+        .output()
+        .expect("run the openai client");
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the openai client's embeddings check failed"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"embeddings\": {\"ok\": true"));
+}

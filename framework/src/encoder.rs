@@ -106,16 +106,22 @@ pub fn pool(rows: &[f32], width: usize, pooling: Pooling, normalize: bool) -> Ve
         }
     };
     if normalize {
-        let norm = v
-            .iter()
-            .map(|&x| (x as f64) * (x as f64))
-            .sum::<f64>()
-            .sqrt();
-        if norm > 0.0 {
-            v.iter_mut().for_each(|x| *x = (*x as f64 / norm) as f32);
-        }
+        l2_normalize(&mut v);
     }
     v
+}
+
+/// Scales `v` to unit Euclidean length (the norm summed in f64); a zero
+/// vector stays zero.
+pub fn l2_normalize(v: &mut [f32]) {
+    let norm = v
+        .iter()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum::<f64>()
+        .sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x = (*x as f64 / norm) as f32);
+    }
 }
 
 /// An encoder's shape and how it pools.

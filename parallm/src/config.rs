@@ -355,6 +355,160 @@ impl SpeculativeSection {
     }
 }
 
+/// One `[[models]]` entry: a further model served next to `[model]`, with
+/// its own pipeline, chosen by the request's `model`. Only embedding models
+/// (`task = "embed"`: BERT-family encoders) are served this way.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelEntry {
+    /// The id clients name in `model` (required, unique).
+    pub name: String,
+    /// A GGUF file (`general.architecture = bert`) or a Hugging Face
+    /// directory (`BertModel`) (required).
+    pub path: String,
+    /// What it serves: `embed` (`POST /v1/embeddings`).
+    pub task: String,
+    /// Numeric format of the weights: auto, native, q8_0, f32, f16 or bf16.
+    pub weights: String,
+    /// Tensor-parallel ranks.
+    pub tp: usize,
+    /// Data-parallel replicas.
+    pub dp: usize,
+    /// Tokens per batch.
+    pub max_batch_tokens: usize,
+    /// Compute threads of each node (0: the machine's threads shared evenly).
+    pub threads_per_node: usize,
+    /// Requests that may wait in its queue; beyond it, 429.
+    pub queue_capacity: usize,
+    /// `mean`, `cls` or `last`; empty: the model's own.
+    pub pooling: String,
+    /// `true` or `false`; empty: the model's own choice.
+    pub normalize: String,
+    /// Whether a request may ask for fewer `dimensions` (the first ones,
+    /// renormalized): only for models trained for it (Matryoshka).
+    pub matryoshka: bool,
+}
+
+impl Default for ModelEntry {
+    fn default() -> Self {
+        let e = actors::embed::EmbedConfig::default();
+        Self {
+            name: String::new(),
+            path: String::new(),
+            task: "embed".into(),
+            weights: "auto".into(),
+            tp: e.tp,
+            dp: e.dp,
+            max_batch_tokens: e.max_batch_tokens,
+            threads_per_node: e.threads_per_node,
+            queue_capacity: e.queue_capacity,
+            pooling: String::new(),
+            normalize: String::new(),
+            matryoshka: false,
+        }
+    }
+}
+
+/// A checked `[[models]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedModel {
+    /// The id clients name.
+    pub name: String,
+    /// Its engine's configuration.
+    pub config: actors::embed::EmbedConfig,
+    /// Whether requests may ask for fewer dimensions.
+    pub matryoshka: bool,
+}
+
+/// Checks `[[models]]` against each other and the generation model's name.
+fn check_models(entries: &[ModelEntry], generation: &str) -> Result<Vec<EmbedModel>, ConfigError> {
+    let mut out: Vec<EmbedModel> = Vec::new();
+    for (i, e) in entries.iter().enumerate() {
+        let field = |k: &str| format!("models[{i}].{k}");
+        if e.name.is_empty() {
+            return Err(invalid(&field("name"), "is required"));
+        }
+        if e.name == generation || out.iter().any(|m| m.name == e.name) {
+            return Err(invalid(
+                &field("name"),
+                format!("'{}' names another served model; names must differ", e.name),
+            ));
+        }
+        if e.task != "embed" {
+            return Err(invalid(
+                &field("task"),
+                format!(
+                    "is '{}'; [[models]] serves embedding models (task = \"embed\"), the generation model is [model]",
+                    e.task
+                ),
+            ));
+        }
+        let path = PathBuf::from(&e.path);
+        if e.path.is_empty() || (!path.is_file() && !path.is_dir()) {
+            return Err(invalid(
+                &field("path"),
+                format!(
+                    "'{}' is not a file (a .gguf encoder) or a directory (a Hugging Face BertModel)",
+                    e.path
+                ),
+            ));
+        }
+        let weights: WeightFormat = e.weights.parse().map_err(|_| {
+            invalid(
+                &field("weights"),
+                format!("is '{}', must be one of {}", e.weights, WeightFormat::NAMES),
+            )
+        })?;
+        for (k, v) in [
+            ("tp", e.tp),
+            ("dp", e.dp),
+            ("max_batch_tokens", e.max_batch_tokens),
+            ("queue_capacity", e.queue_capacity),
+        ] {
+            if v == 0 {
+                return Err(invalid(&field(k), "must be at least 1"));
+            }
+        }
+        let pooling = match e.pooling.as_str() {
+            "" => None,
+            p => Some(p.parse().map_err(|_| {
+                invalid(
+                    &field("pooling"),
+                    format!("is '{p}', must be mean, cls or last"),
+                )
+            })?),
+        };
+        let normalize = match e.normalize.as_str() {
+            "" => None,
+            "true" => Some(true),
+            "false" => Some(false),
+            other => {
+                return Err(invalid(
+                    &field("normalize"),
+                    format!("is '{other}', must be true or false (or empty: the model's choice)"),
+                ))
+            }
+        };
+        out.push(EmbedModel {
+            name: e.name.clone(),
+            config: actors::embed::EmbedConfig {
+                model: path,
+                weights,
+                tp: e.tp,
+                dp: e.dp,
+                queue_capacity: e.queue_capacity,
+                max_batch_tokens: e.max_batch_tokens,
+                threads_per_node: e.threads_per_node,
+                pooling,
+                normalize,
+                ..actors::embed::EmbedConfig::default()
+            },
+            matryoshka: e.matryoshka,
+        });
+    }
+    Ok(out)
+}
+
 /// The whole configuration as written: sections of plain values.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -373,6 +527,8 @@ pub struct RawConfig {
     pub speculative: SpeculativeSection,
     /// `[faults]`.
     pub faults: FaultsSection,
+    /// `[[models]]`: embedding models served next to `[model]`.
+    pub models: Vec<ModelEntry>,
 }
 
 /// Where compute nodes run.
@@ -499,6 +655,8 @@ pub struct Settings {
     pub workers: usize,
     /// Request caps.
     pub limits: LimitsSection,
+    /// The embedding models of `[[models]]`.
+    pub embed_models: Vec<EmbedModel>,
 }
 
 /// Where a key's value came from.
@@ -564,9 +722,16 @@ pub fn default_keys() -> BTreeMap<String, serde_json::Value> {
     let mut out = BTreeMap::new();
     if let Ok(serde_json::Value::Object(sections)) = serde_json::to_value(RawConfig::default()) {
         for (section, body) in sections {
-            if let serde_json::Value::Object(keys) = body {
-                for (k, v) in keys {
-                    out.insert(format!("{section}.{k}"), v);
+            match body {
+                serde_json::Value::Object(keys) => {
+                    for (k, v) in keys {
+                        out.insert(format!("{section}.{k}"), v);
+                    }
+                }
+                // `[[models]]`: a list of tables, one key (its entries'
+                // keys are checked when the list is read).
+                other => {
+                    out.insert(section, other);
                 }
             }
         }
@@ -635,7 +800,7 @@ fn check_known(keys: &[String], origin: &dyn Fn(&str) -> String) -> Result<(), C
             .map(String::as_str)
             .collect();
         let known = if siblings.is_empty() {
-            "sections model, parallel, scheduler, server, limits, faults".to_string()
+            "sections model, parallel, scheduler, server, limits, speculative, faults, and [[models]]".to_string()
         } else {
             siblings.join(", ")
         };
@@ -990,6 +1155,7 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         retry_after_secs: v.retry_after_secs,
         workers,
         limits: l.clone(),
+        embed_models: check_models(&raw.models, &m.name)?,
     })
 }
 
@@ -999,7 +1165,9 @@ pub fn show(loaded: &Loaded) -> String {
     let mut section = "";
     let values = serde_json::to_value(&loaded.raw).unwrap_or_default();
     for (key, origin) in &loaded.provenance {
-        let (sec, name) = key.split_once('.').unwrap_or(("", key));
+        let Some((sec, name)) = key.split_once('.') else {
+            continue;
+        };
         if sec != section {
             if !out.is_empty() {
                 out.push('\n');
@@ -1018,6 +1186,21 @@ pub fn show(loaded: &Loaded) -> String {
             .unwrap_or_default();
         let line = format!("{name} = {value}");
         out.push_str(&format!("{line:<40} # {origin}\n"));
+    }
+    let origin = loaded
+        .provenance
+        .get("models")
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    if let Some(serde_json::Value::Array(models)) = values.get("models") {
+        for entry in models {
+            out.push_str(&format!("\n[[models]]{:<31} # {origin}\n", ""));
+            if let serde_json::Value::Object(keys) = entry {
+                for (k, v) in keys {
+                    out.push_str(&format!("{k} = {}\n", toml_value(v)));
+                }
+            }
+        }
     }
     out
 }
@@ -1276,6 +1459,44 @@ mod tests {
             assert!(msg.contains(field), "{text}: {msg}");
             assert!(msg.contains(allowed), "{text}: {msg}");
         }
+    }
+
+    #[test]
+    fn models_entries_are_checked_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let model = write(&dir, "enc.gguf", "not read here");
+        let path = model.display().to_string();
+        let load_file = |text: &str| {
+            let file = write(&dir, "m.toml", text);
+            load(&Sources {
+                file: Some(file),
+                ..Sources::default()
+            })
+        };
+        let ok = load_file(&format!(
+            "[[models]]\nname = \"e\"\npath = \"{path}\"\ntp = 2\npooling = \"cls\"\n"
+        ))
+        .expect("valid");
+        let m = &ok.settings.embed_models[0];
+        assert_eq!((m.name.as_str(), m.config.tp), ("e", 2));
+        assert_eq!(m.config.pooling, Some(framework::encoder::Pooling::Cls));
+        assert!(show(&ok).contains("[[models]]"));
+        for (text, field) in [
+            (format!("[[models]]\npath = \"{path}\"\n"), "models[0].name"),
+            ("[[models]]\nname = \"e\"\npath = \"/nope\"\n".to_string(), "models[0].path"),
+            (format!("[[models]]\nname = \"e\"\npath = \"{path}\"\ntask = \"generate\"\n"), "models[0].task"),
+            (format!("[[models]]\nname = \"e\"\npath = \"{path}\"\npooling = \"max\"\n"), "models[0].pooling"),
+            (format!("[[models]]\nname = \"e\"\npath = \"{path}\"\n\n[[models]]\nname = \"e\"\npath = \"{path}\"\n"), "models[1].name"),
+        ] {
+            let err = load_file(&text).expect_err(&text).to_string();
+            assert!(err.contains(field), "{text}: {err}");
+        }
+        let err = load_file(&format!(
+            "[[models]]\nname = \"e\"\npath = \"{path}\"\npoolling = \"cls\"\n"
+        ))
+        .expect_err("unknown entry key")
+        .to_string();
+        assert!(err.contains("poolling"), "{err}");
     }
 
     #[test]

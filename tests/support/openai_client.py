@@ -6,7 +6,7 @@ run with the venv interpreter printed by tests/support/python-env.sh:
 
     "$(tests/support/python-env.sh | tail -n1)" tests/support/openai_client.py \
         --base-url http://127.0.0.1:PORT/v1 --model MODEL [--api-key KEY] \
-        [--timeout SECS] [--skip CHECK ...]
+        [--timeout SECS] [--skip CHECK ...] [--embed-model NAME]
 
 Checks, in order (names as used by --skip and in the JSON summary):
   completion   completions.create(prompt="The capital of France is",
@@ -29,6 +29,10 @@ Checks, in order (names as used by --skip and in the JSON summary):
                a call of the defined function whose arguments parse; the
                assistant message and a role "tool" result sent back get a
                final answer over a longer prompt
+  embeddings   (only with --embed-model) embeddings.create over two texts
+               with encoding_format="float": two unit vectors of one width
+               and the usage; one text without encoding_format (the client
+               asks for base64 and decodes it) equals its float answer
 
 Output: exactly one JSON line on stdout: {"ok": bool, "failed": [names],
 "checks": {name: {"ok": bool, ...details or "error"}}, ...}. Each failure is
@@ -42,7 +46,8 @@ import sys
 import time
 import traceback
 
-CHECK_NAMES = ("completion", "chat", "stream", "models", "bad_request", "structured", "tools")
+CHECK_NAMES = ("completion", "chat", "stream", "models", "bad_request", "structured", "tools",
+               "embeddings")
 
 
 class CheckFailed(Exception):
@@ -261,6 +266,28 @@ def check_tools(client, model, details):
     expect(bool(answer.content) or bool(answer.tool_calls), "an empty final answer")
 
 
+def check_embeddings(client, model, details, embed_model=None):
+    """client.embeddings.create: floats, the client's default base64, and a
+    list of inputs, each a vector of the model's width with unit norm."""
+    if embed_model is None:
+        raise CheckFailed("no --embed-model given")
+    texts = ["hello world", "The quick brown fox jumps over the lazy dog."]
+    r = client.embeddings.create(model=embed_model, input=texts, encoding_format="float")
+    expect(len(r.data) == 2 and [d.index for d in r.data] == [0, 1], f"data {r.data!r}")
+    width = len(r.data[0].embedding)
+    expect(width > 0 and all(len(d.embedding) == width for d in r.data), "widths differ")
+    for d in r.data:
+        norm = sum(x * x for x in d.embedding) ** 0.5
+        expect(abs(norm - 1.0) < 1e-4, f"norm {norm}")
+    expect(r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens,
+           f"usage {r.usage!r}")
+    # Without encoding_format the client asks for base64 and decodes it.
+    b = client.embeddings.create(model=embed_model, input=texts[0])
+    diff = max(abs(x - y) for x, y in zip(b.data[0].embedding, r.data[0].embedding))
+    expect(diff == 0.0, f"base64 and float answers differ by {diff}")
+    details["width"] = width
+
+
 CHECKS = {
     "completion": check_completion,
     "chat": check_chat,
@@ -269,6 +296,7 @@ CHECKS = {
     "bad_request": check_bad_request,
     "structured": check_structured,
     "tools": check_tools,
+    "embeddings": check_embeddings,
 }
 
 
@@ -277,6 +305,8 @@ def main(argv=None):
     ap.add_argument("--base-url", required=True, help="e.g. http://127.0.0.1:8080/v1")
     ap.add_argument("--model", required=True)
     ap.add_argument("--api-key", default=None, help='defaults to "none"')
+    ap.add_argument("--embed-model", default=None,
+                    help="an embedding model to check /v1/embeddings with (else that check is skipped)")
     ap.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds")
     ap.add_argument(
         "--skip", action="append", default=[], choices=CHECK_NAMES, help="skip a check (repeatable)"
@@ -303,13 +333,16 @@ def main(argv=None):
     )
 
     for name in CHECK_NAMES:
-        if name in args.skip:
+        if name in args.skip or (name == "embeddings" and args.embed_model is None):
             summary["checks"][name] = {"ok": None, "skipped": True}
             continue
         details = {}
         t0 = time.monotonic()
         try:
-            CHECKS[name](client, args.model, details)
+            if name == "embeddings":
+                check_embeddings(client, args.model, details, args.embed_model)
+            else:
+                CHECKS[name](client, args.model, details)
             details["ok"] = True
         except CheckFailed as e:
             details["ok"] = False

@@ -1083,3 +1083,111 @@ mod tests {
         );
     }
 }
+
+/// `POST /v1/embeddings`'s `input`: a string, strings, token ids, or lists
+/// of token ids.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    /// One text.
+    One(String),
+    /// Several texts.
+    Many(Vec<String>),
+    /// One input as token ids.
+    Tokens(Vec<u32>),
+    /// Several inputs as token ids.
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// One input, as given.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EmbedItem {
+    /// Text, to tokenize.
+    Text(String),
+    /// Token ids, used as they are.
+    Tokens(Vec<u32>),
+}
+
+/// `POST /v1/embeddings`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct EmbeddingRequest {
+    /// The embedding model's id (optional when the server has one).
+    pub model: Option<String>,
+    /// What to embed.
+    pub input: EmbeddingInput,
+    /// `float` (default) or `base64` (little-endian f32 bytes).
+    pub encoding_format: Option<String>,
+    /// Keep only the first this many dimensions (renormalized), where the
+    /// model allows it.
+    pub dimensions: Option<usize>,
+    /// The caller's id (accepted and ignored, as OpenAI's clients send it).
+    pub user: Option<String>,
+}
+
+/// A validated embeddings request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidEmbedding {
+    /// The inputs in order.
+    pub items: Vec<EmbedItem>,
+    /// Answer in base64.
+    pub base64: bool,
+    /// Truncate to this many dimensions.
+    pub dimensions: Option<usize>,
+}
+
+impl EmbeddingRequest {
+    /// Checks the request against the model: `width` dimensions, which may
+    /// be truncated only if `matryoshka`; errors name the field.
+    pub fn validate(self, width: usize, matryoshka: bool) -> Result<ValidEmbedding, ApiError> {
+        let items: Vec<EmbedItem> = match self.input {
+            EmbeddingInput::One(s) => vec![EmbedItem::Text(s)],
+            EmbeddingInput::Many(v) => v.into_iter().map(EmbedItem::Text).collect(),
+            EmbeddingInput::Tokens(t) => vec![EmbedItem::Tokens(t)],
+            EmbeddingInput::TokenLists(v) => v.into_iter().map(EmbedItem::Tokens).collect(),
+        };
+        if items.is_empty() {
+            return Err(ApiError::param(
+                "input",
+                "`input` is empty: give a string, a list of strings, or token ids",
+            ));
+        }
+        for (i, item) in items.iter().enumerate() {
+            let empty = match item {
+                EmbedItem::Text(s) => s.is_empty(),
+                EmbedItem::Tokens(t) => t.is_empty(),
+            };
+            if empty {
+                return Err(ApiError::param("input", format!("`input[{i}]` is empty")));
+            }
+        }
+        let base64 = match self.encoding_format.as_deref() {
+            None | Some("float") => false,
+            Some("base64") => true,
+            Some(other) => {
+                return Err(ApiError::param(
+                    "encoding_format",
+                    format!("`encoding_format` is '{other}'; it must be float or base64"),
+                ))
+            }
+        };
+        if let Some(d) = self.dimensions {
+            if !matryoshka {
+                return Err(ApiError::param(
+                    "dimensions",
+                    format!("`dimensions`: this model's {width} dimensions cannot be truncated (it is not configured as a Matryoshka model: [[models]] matryoshka = true)"),
+                ));
+            }
+            if d == 0 || d > width {
+                return Err(ApiError::param(
+                    "dimensions",
+                    format!("`dimensions` is {d}; this model gives 1 to {width}"),
+                ));
+            }
+        }
+        Ok(ValidEmbedding {
+            items,
+            base64,
+            dimensions: self.dimensions,
+        })
+    }
+}

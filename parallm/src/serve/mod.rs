@@ -65,6 +65,8 @@ pub enum ServeError {
 pub struct AppState {
     /// The engine, once loaded.
     pub engine: OnceLock<Arc<Engine>>,
+    /// The embedding models of `[[models]]`, once loaded (with the engine).
+    pub embedders: OnceLock<Vec<Served>>,
     /// The checked configuration.
     pub settings: Settings,
     /// The served model's id.
@@ -85,7 +87,67 @@ pub struct AppState {
     pub tokenizer_pool: rayon::ThreadPool,
 }
 
+/// An embedding model the server holds.
+pub struct Served {
+    /// The id clients name.
+    pub name: String,
+    /// Its engine.
+    pub embedder: Arc<actors::embed::Embedder>,
+    /// Whether requests may ask for fewer dimensions.
+    pub matryoshka: bool,
+}
+
 impl AppState {
+    /// The embedding model `model` names (the only one when it names
+    /// none), or why there is none: 400 naming `model` for the generation
+    /// model or when none is served, 404 for an unknown name; 503 while
+    /// loading or draining.
+    pub fn embedder(&self, model: Option<&str>) -> Result<&Served, ApiError> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(ApiError::Unavailable(
+                "the server is shutting down and accepts no new requests".into(),
+            ));
+        }
+        let generation = |name: &str| {
+            ApiError::param(
+                "model",
+                format!("`model` '{name}' is a generation model and does not serve embeddings; GET /v1/models lists the embedding models"),
+            )
+        };
+        let Some(list) = self.embedders.get() else {
+            return match self
+                .settings
+                .embed_models
+                .iter()
+                .any(|m| Some(m.name.as_str()) == model)
+            {
+                true => Err(ApiError::Unavailable("the model is still loading".into())),
+                false if self.settings.embed_models.is_empty() => {
+                    Err(generation(model.unwrap_or(&self.model_id)))
+                }
+                false => Err(ApiError::Unavailable("the models are still loading".into())),
+            };
+        };
+        match model {
+            Some(name) => {
+                list.iter()
+                    .find(|s| s.name == name)
+                    .ok_or_else(|| match name == self.model_id {
+                        true => generation(name),
+                        false => ApiError::ModelNotFound(name.to_string()),
+                    })
+            }
+            None => match list.as_slice() {
+                [one] => Ok(one),
+                [] => Err(generation(&self.model_id)),
+                _ => Err(ApiError::param(
+                    "model",
+                    "`model` is required: this server holds several embedding models",
+                )),
+            },
+        }
+    }
+
     /// The engine, or 503 while loading or draining.
     pub fn engine(&self) -> Result<Arc<Engine>, ApiError> {
         if self.draining.load(Ordering::SeqCst) {
@@ -307,6 +369,7 @@ where
     let state = Arc::new(AppState {
         tokenizer_pool,
         engine: OnceLock::new(),
+        embedders: OnceLock::new(),
         model_id: model_id(&settings, settings.model_path.as_deref()),
         settings,
         started: std::time::SystemTime::now()
@@ -353,6 +416,7 @@ where
             })
             .route("/v1/completions", web::post().to(routes::completions))
             .route("/v1/chat/completions", web::post().to(routes::chat_completions))
+            .route("/v1/embeddings", web::post().to(routes::embeddings))
             .route("/v1/models", web::get().to(routes::models))
             .route("/tokenize", web::post().to(routes::tokenize))
             .route("/tokenizer_info", web::get().to(routes::tokenizer_info))
@@ -384,15 +448,27 @@ where
     // Load the engine on its own thread; the listener answers meanwhile.
     let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel();
     let engine_cfg = state.settings.engine.clone();
+    let embed_models = state.settings.embed_models.clone();
     std::thread::spawn(move || {
         let load = move || {
-            loader().and_then(|path| {
+            let engine = loader().and_then(|path| {
                 let mut cfg = engine_cfg;
                 cfg.model = ModelSource::Gguf(path);
                 EngineBuilder::config(cfg)
                     .build()
                     .map_err(|e| e.to_string())
-            })
+            })?;
+            let mut served = Vec::new();
+            for m in embed_models {
+                let embedder = actors::embed::Embedder::start(m.config.clone())
+                    .map_err(|e| format!("embedding model '{}': {e}", m.name))?;
+                served.push(Served {
+                    name: m.name,
+                    embedder: Arc::new(embedder),
+                    matryoshka: m.matryoshka,
+                });
+            }
+            Ok((engine, served))
         };
         // A panic while loading is a bug, but its message still reaches
         // the user as the reason serve stops.
@@ -418,7 +494,10 @@ where
     };
     let engine = tokio::select! {
         r = load => match r {
-            Ok(engine) => Some(Arc::new(engine)),
+            Ok((engine, served)) => {
+                let _ = state.embedders.set(served);
+                Some(Arc::new(engine))
+            }
             Err(e) => {
                 handle.stop(false).await;
                 let _ = server_task.await;
@@ -436,6 +515,9 @@ where
     let _ = state.engine.set(engine);
     state.publish_gauges();
     println!("parallm: model '{}' ready", state.model_id);
+    for s in state.embedders.get().into_iter().flatten() {
+        println!("parallm: embedding model '{}' ready", s.name);
+    }
 
     // Health probes, one now and then one per interval.
     let probe_state = state.clone();
@@ -482,7 +564,20 @@ where
     handle.stop(left == 0).await;
     let _ = server_task.await;
     let engine = state.engine.get().cloned();
+    let embedders: Vec<Arc<actors::embed::Embedder>> = state
+        .embedders
+        .get()
+        .map(|v| v.iter().map(|s| s.embedder.clone()).collect())
+        .unwrap_or_default();
     drop(state);
+    for e in embedders {
+        if let Ok(e) = Arc::try_unwrap(e) {
+            let _ = actix_web::rt::task::spawn_blocking(move || {
+                e.shutdown_timeout(Duration::from_secs(5))
+            })
+            .await;
+        }
+    }
     if let Some(engine) = engine {
         match Arc::try_unwrap(engine) {
             Ok(engine) => {

@@ -27,8 +27,8 @@ use framework::FinishReason;
 
 use crate::serve::api::{
     chat_messages, parse_body, ChatLogprobs, ChatRequest, ChatTokenLogprob, ChatTopLogprob,
-    CompletionLogprobs, CompletionRequest, DetokenizeRequest, TokenizeRequest, ToolUse, UsageOut,
-    ValidGeneration,
+    CompletionLogprobs, CompletionRequest, DetokenizeRequest, EmbedItem, EmbeddingRequest,
+    TokenizeRequest, ToolUse, UsageOut, ValidGeneration,
 };
 use crate::serve::error::ApiError;
 use crate::serve::{AppState, InFlight};
@@ -801,9 +801,103 @@ fn stream_choice(
 
 fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
     match model {
+        Some(m) if state.settings.embed_models.iter().any(|e| e.name == m) => Err(ApiError::param(
+            "model",
+            format!("`model` '{m}' is an embedding model; it serves POST /v1/embeddings"),
+        )),
         Some(m) if m != state.model_id => Err(ApiError::ModelNotFound(m.to_string())),
         _ => Ok(()),
     }
+}
+
+/// `POST /v1/embeddings`: the inputs tokenized on the tokenizer pool, one
+/// request through the embedding model's pipeline, the vectors (truncated to
+/// `dimensions` and renormalized where asked) as floats or base64.
+pub async fn embeddings(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let fd = req.conn_data::<ConnFd>().copied();
+    let (name, embedder, v) = async {
+        let body = read_body(&state, payload).await?;
+        let r: EmbeddingRequest = parse(&state, body).await?;
+        let served = state.embedder(r.model.as_deref())?;
+        let v = r.validate(served.embedder.dimensions(), served.matryoshka)?;
+        Ok::<_, ApiError>((served.name.clone(), served.embedder.clone(), v))
+    }
+    .await
+    .map_err(ApiError::counted)?;
+    let inflight = InFlight::new(state.clone().into_inner());
+    let retry = state.settings.retry_after_secs;
+    let (tokenizing, items) = (embedder.clone(), v.items);
+    let inputs = on_pool(&state, move || {
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                EmbedItem::Text(t) => tokenizing
+                    .tokenize(&t)
+                    .map_err(|e| ApiError::param("input", format!("`input[{i}]`: {e}"))),
+                EmbedItem::Tokens(t) => Ok(t),
+            })
+            .collect::<Result<Vec<Vec<u32>>, ApiError>>()
+    })
+    .await?
+    .map_err(ApiError::counted)?;
+    let tokens: usize = inputs.iter().map(Vec::len).sum();
+    let pending = embedder
+        .embed(inputs)
+        .map_err(|e| ApiError::from_engine(e, retry).counted())?;
+    let answer = tokio::select! {
+        r = pending.wait() => r,
+        // Dropping the wait cancels the request.
+        _ = client_gone(fd) => return Err(ApiError::Engine("the client disconnected".into())),
+    };
+    drop(inflight);
+    let vectors = answer.map_err(|end| {
+        metrics::counter!(framework::metrics::REQUEST_FAILURE, "reason" => "failed").increment(1);
+        match end {
+            actors::End::Cancelled => ApiError::Engine("the request was cancelled".into()),
+            actors::End::Failed(e) => ApiError::Engine(e),
+        }
+    })?;
+    let normalized = embedder.model_config().normalize;
+    let (base64, dimensions) = (v.base64, v.dimensions);
+    let body = on_pool(&state, move || {
+        let data: Vec<serde_json::Value> = vectors
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut e)| {
+                if let Some(d) = dimensions {
+                    e.truncate(d);
+                    if normalized {
+                        framework::encoder::l2_normalize(&mut e);
+                    }
+                }
+                let embedding = match base64 {
+                    true => {
+                        use base64::Engine as _;
+                        let bytes: Vec<u8> = e.iter().flat_map(|x| x.to_le_bytes()).collect();
+                        json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                    }
+                    false => json!(e),
+                };
+                json!({"object": "embedding", "index": i, "embedding": embedding})
+            })
+            .collect();
+        serde_json::to_vec(&json!({
+            "object": "list",
+            "data": data,
+            "model": name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }))
+        .map_err(|e| ApiError::Engine(format!("cannot write the answer: {e}")))
+    })
+    .await??;
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .body(body))
 }
 
 /// `POST /v1/completions`.
@@ -846,19 +940,31 @@ pub async fn chat_completions(
     generate(state, &req, Api::Chat, v).await
 }
 
-/// `GET /v1/models`.
+/// `GET /v1/models`: the generation model, then the embedding models.
 pub async fn models(state: web::Data<AppState>) -> HttpResponse {
     let context = state.engine.get().map(|e| e.model_config().context);
-    HttpResponse::Ok().json(json!({
-        "object": "list",
-        "data": [{
-            "id": state.model_id,
+    let mut data = vec![json!({
+        "id": state.model_id,
+        "object": "model",
+        "created": state.started,
+        "owned_by": "parallm",
+        "max_model_len": context,
+        "task": "generate",
+    })];
+    let loaded = state.embedders.get();
+    for m in &state.settings.embed_models {
+        let served = loaded.and_then(|l| l.iter().find(|s| s.name == m.name));
+        data.push(json!({
+            "id": m.name,
             "object": "model",
             "created": state.started,
             "owned_by": "parallm",
-            "max_model_len": context,
-        }],
-    }))
+            "max_model_len": served.map(|s| s.embedder.max_tokens()),
+            "dimensions": served.map(|s| s.embedder.dimensions()),
+            "task": "embed",
+        }));
+    }
+    HttpResponse::Ok().json(json!({"object": "list", "data": data}))
 }
 
 /// `POST /tokenize`.
