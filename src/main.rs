@@ -12,6 +12,7 @@
 //! library user's build.
 
 mod bench;
+mod bench_embed;
 mod bench_quality;
 mod bench_serve;
 mod calibrate;
@@ -504,6 +505,8 @@ enum BenchCommand {
     /// Quality (PPL, KL divergence from a base) against speed (prefill,
     /// batch-1 decode) of variants of a model, as a table and a plot.
     Quality(bench_quality::QualityArgs),
+    /// Sequences per second of an embedding model through its pipeline.
+    Embeddings(bench_embed::EmbedBenchArgs),
 }
 
 #[derive(Args)]
@@ -626,6 +629,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Latency(args)) => run_latency(args),
         Command::Bench(BenchCommand::Throughput(args)) => run_throughput(args),
         Command::Bench(BenchCommand::Quality(args)) => run_quality(args),
+        Command::Bench(BenchCommand::Embeddings(args)) => bench_embed::run(&args),
         Command::Bench(BenchCommand::Serve(args)) => {
             bench_serve::run(&args).map(|_| ()).map_err(Into::into)
         }

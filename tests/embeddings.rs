@@ -238,3 +238,46 @@ fn bad_inputs_are_refused_by_name() {
         1
     );
 }
+
+#[test]
+fn decoder_models_embed_by_last_token_or_mean_as_transformers_does() {
+    let golden = &embed_golden()["decoders"];
+    let dir = common::hf_models_dir();
+    for name in ["llama-f16", "qwen2-bf16"] {
+        let cases = golden[name]["cases"].as_array().expect("cases");
+        for (pooling, key, tp) in [(Pooling::Last, "last", 1), (Pooling::Mean, "mean", 2)] {
+            let e = Embedder::start(EmbedConfig {
+                model: dir.join(name),
+                weights: WeightFormat::Native,
+                tp,
+                threads_per_node: 1,
+                pooling: Some(pooling),
+                ..EmbedConfig::default()
+            })
+            .expect("start");
+            assert!(e.shape().decoder && e.shape().normalize);
+            let mut pending = Vec::new();
+            for c in cases {
+                let text = c["text"].as_str().expect("text");
+                let ids = e.tokenize(text).expect("tokenize");
+                assert_eq!(ids, common::ids(&c["ids"]), "{name}: {text:?}");
+                pending.push(e.embed(vec![ids]).expect("submit"));
+            }
+            for (c, p) in cases.iter().zip(pending) {
+                let v = p.wait_blocking().expect("answer");
+                let want: Vec<f64> = c[key]
+                    .as_array()
+                    .expect("vector")
+                    .iter()
+                    .map(|x| x.as_f64().expect("f64"))
+                    .collect();
+                let cos = cosine(&v[0], &want);
+                assert!(
+                    1.0 - cos < 1e-4,
+                    "{name} {key} tp {tp}: {:?}: cosine {cos}",
+                    c["text"]
+                );
+            }
+        }
+    }
+}

@@ -1653,9 +1653,10 @@ fn embedding_server(dir: &tempfile::TempDir) -> Server {
     std::fs::write(
         &config,
         format!(
-            "[[models]]\nname = \"bert\"\npath = \"{}\"\nmax_batch_tokens = 256\n\n[[models]]\nname = \"bert-hf\"\npath = \"{}\"\ntp = 2\nmatryoshka = true\n",
+            "[[models]]\nname = \"bert\"\npath = \"{}\"\nmax_batch_tokens = 256\n\n[[models]]\nname = \"bert-hf\"\npath = \"{}\"\ntp = 2\nmatryoshka = true\n\n[[models]]\nname = \"qwen2-last\"\npath = \"{}\"\n",
             models.join("bert-f32.gguf").display(),
-            models.join("bert-f32").display()
+            models.join("bert-f32").display(),
+            common::hf_models_dir().join("qwen2-bf16").display()
         ),
     )
     .expect("write config");
@@ -1697,7 +1698,7 @@ fn embeddings_match_transformers_in_every_input_form_and_bad_input_is_refused() 
         .iter()
         .filter_map(|m| m["id"].as_str())
         .collect();
-    assert_eq!(ids.len(), 3, "{models}");
+    assert_eq!(ids.len(), 4, "{models}");
     assert_eq!(models["data"][1]["dimensions"], 64, "{models}");
     let generation = ids[0].to_string();
 
@@ -1739,6 +1740,23 @@ fn embeddings_match_transformers_in_every_input_form_and_bad_input_is_refused() 
             .collect();
         assert_eq!(decoded, floats(&f["data"][0]["embedding"]));
     }
+    // A decoder model, pooled by its last token.
+    let dec = &common::embed_golden()["decoders"]["qwen2-bf16"]["cases"][0];
+    let (status, r) = s.post(
+        "/v1/embeddings",
+        json!({"model": "qwen2-last", "input": dec["text"]}),
+    );
+    assert_eq!(status, 200, "{r}");
+    let want: Vec<f64> = dec["last"]
+        .as_array()
+        .expect("last")
+        .iter()
+        .map(|x| x.as_f64().expect("f64"))
+        .collect();
+    assert!(
+        1.0 - common::cosine(&floats(&r["data"][0]["embedding"]), &want) < 1e-4,
+        "{r}"
+    );
     // Matryoshka truncation: the first 16, renormalized.
     let (status, r) = s.post(
         "/v1/embeddings",

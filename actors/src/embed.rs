@@ -1,11 +1,14 @@
-//! The embedding engine: a second instance of the kit, for encoder models.
+//! The embedding engine: a second instance of the kit, for encoder models
+//! (BERT) and, pooled from their last hidden rows, decoder models.
 //!
 //! A request (one or more inputs, each already token ids) is a task; the
 //! queue holds it, [`EmbedPolicy`] cuts it into parts of whole inputs no
 //! larger than the step's token budget and packs parts of several requests
 //! into one step (batched by tokens, first come first served); every node of
-//! the replica — one per tensor-parallel rank of the encoder — runs the
-//! step's batch on its [`EncoderShard`] with the step's collective; rank 0's
+//! the replica — one per tensor-parallel rank of the model — runs the
+//! step's batch on its shard ([`EncoderShard`], or a decoder's
+//! [`LlamaShard`] whose final-normed hidden rows are pooled, last token by
+//! default, as vLLM's pooling runner does) with the step's collective; rank 0's
 //! pooled vectors go to [`EmbedMerger`], which fills each request's answer
 //! and hands it over when its last part is in. Steps are one-shot: nodes
 //! keep no state between them, so a failed step is run again on restarted
@@ -25,7 +28,7 @@ use std::time::{Duration, Instant};
 use framework::collective::{Collective, SingleCollective, ThreadCollective};
 use framework::encoder::{EncoderConfig, EncoderShard, EncoderTokenizer, Pooling};
 use framework::metrics as m;
-use framework::{Error, GgufFile, ShardSpec, WeightFormat};
+use framework::{Error, GgufFile, LlamaShard, ModelConfig, ShardSpec, Tokenizer, WeightFormat};
 use kit::{
     Canceller, End, Merge, NodeError, NodeId, NodeTask, NodeWorker, Pipeline, PipelineConfig, Plan,
     Policy, StepId, Supervision, Task, TaskId, WorkerFactory,
@@ -36,8 +39,9 @@ use crate::llm::EngineError;
 /// What an embedding engine is built from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EmbedConfig {
-    /// The encoder: a GGUF file (`general.architecture = bert`) or a Hugging
-    /// Face directory (`BertModel`).
+    /// The model: a BERT encoder (a GGUF file with `general.architecture =
+    /// bert`, or a Hugging Face `BertModel` directory), or any generation
+    /// model the engine runs (its hidden rows pooled).
     pub model: PathBuf,
     /// Weight format of the matmuls.
     pub weights: WeightFormat,
@@ -68,7 +72,7 @@ impl Default for EmbedConfig {
             tp: 1,
             dp: 1,
             queue_capacity: 1024,
-            max_batch_tokens: 4096,
+            max_batch_tokens: 1024,
             threads_per_node: 0,
             max_retries: 3,
             pooling: None,
@@ -343,10 +347,50 @@ impl Policy for EmbedPolicy {
     }
 }
 
-/// One compute node: a tensor-parallel rank of the encoder and its pool.
+/// A node's model: an encoder's shard, or a decoder's and how it pools.
+pub enum EmbedShard {
+    /// A BERT encoder (pools and normalizes itself).
+    Encoder(Box<EncoderShard>),
+    /// A generation model's shard, all its layers.
+    Decoder {
+        /// The shard.
+        shard: Box<LlamaShard>,
+        /// How its hidden rows are pooled.
+        pooling: Pooling,
+        /// Whether pooled vectors are L2-normalized.
+        normalize: bool,
+    },
+}
+
+impl EmbedShard {
+    /// One vector per sequence.
+    fn forward(
+        &self,
+        seqs: &[&[u32]],
+        collective: &dyn Collective,
+    ) -> Result<Vec<Vec<f32>>, Error> {
+        match self {
+            EmbedShard::Encoder(e) => e.forward(seqs, collective),
+            EmbedShard::Decoder {
+                shard,
+                pooling,
+                normalize,
+            } => {
+                let mut out = shard.embed(seqs, *pooling, collective)?;
+                if *normalize {
+                    out.iter_mut()
+                        .for_each(|v| framework::encoder::l2_normalize(v));
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// One compute node: a tensor-parallel rank of the model and its pool.
 pub struct EmbedWorker {
     id: NodeId,
-    shard: EncoderShard,
+    shard: EmbedShard,
     threads: Arc<framework::threads::Pool>,
 }
 
@@ -500,11 +544,36 @@ impl Drop for EmbedPending {
     }
 }
 
+/// What an embedding model gives and takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbedShape {
+    /// The width of the vectors.
+    pub dimensions: usize,
+    /// The most tokens one input may have.
+    pub max_tokens: usize,
+    /// Tokens in the vocabulary.
+    pub vocab: usize,
+    /// How sequences are pooled (after the configuration's override).
+    pub pooling: Pooling,
+    /// Whether vectors are L2-normalized (after the override).
+    pub normalize: bool,
+    /// A decoder (a generation model) rather than an encoder.
+    pub decoder: bool,
+}
+
+/// How an embedding model's inputs become tokens.
+enum EmbedTokenizer {
+    /// WordPiece, `[CLS]` and `[SEP]` around each input.
+    Encoder(Box<EncoderTokenizer>),
+    /// The generation model's own, BOS and EOS as it adds them.
+    Decoder(Box<Tokenizer>),
+}
+
 /// A running embedding engine.
 pub struct Embedder {
     pipeline: Pipeline<EmbedPolicy, EmbedRegistration>,
-    tokenizer: EncoderTokenizer,
-    model: EncoderConfig,
+    tokenizer: EmbedTokenizer,
+    shape: EmbedShape,
     cfg: EmbedConfig,
     next_id: AtomicU64,
 }
@@ -536,27 +605,57 @@ impl Embedder {
             }
         }
         let file = GgufFile::open(&cfg.model)?;
-        let mut model = EncoderConfig::from_gguf(&file)?;
-        model.pooling = cfg.pooling.unwrap_or(model.pooling);
-        model.normalize = cfg.normalize.unwrap_or(model.normalize);
-        let tokenizer = EncoderTokenizer::from_gguf(&file)?;
+        let decoder = file.get_str("general.architecture")? != "bert";
+        let (shape, tokenizer) = if decoder {
+            let model = ModelConfig::from_gguf(&file)?;
+            let shape = EmbedShape {
+                dimensions: model.hidden,
+                max_tokens: model.context,
+                vocab: model.vocab,
+                pooling: cfg.pooling.unwrap_or(Pooling::Last),
+                normalize: cfg.normalize.unwrap_or(true),
+                decoder,
+            };
+            let tok = Tokenizer::from_gguf(&file)?;
+            (shape, EmbedTokenizer::Decoder(Box::new(tok)))
+        } else {
+            let model = EncoderConfig::from_gguf(&file)?;
+            let shape = EmbedShape {
+                dimensions: model.hidden,
+                max_tokens: model.positions,
+                vocab: model.vocab,
+                pooling: cfg.pooling.unwrap_or(model.pooling),
+                normalize: cfg.normalize.unwrap_or(model.normalize),
+                decoder,
+            };
+            let tok = EncoderTokenizer::from_gguf(&file)?;
+            (shape, EmbedTokenizer::Encoder(Box::new(tok)))
+        };
         drop(file);
         let (tp, dp) = (cfg.tp, cfg.dp);
         let threads = match cfg.threads_per_node {
             0 => (framework::compute_threads() / (tp * dp)).max(1),
             n => n,
         };
-        let (path, format, pooling, normalize) = (
-            cfg.model.clone(),
-            cfg.weights,
-            model.pooling,
-            model.normalize,
-        );
+        let (path, format) = (cfg.model.clone(), cfg.weights);
         let factory: WorkerFactory<EmbedWorker> = Arc::new(move |id: NodeId| {
             let spec = ShardSpec::new(id.index, tp).map_err(|e| e.to_string())?;
             let file = GgufFile::open(&path).map_err(|e| e.to_string())?;
-            let mut shard = EncoderShard::load(&file, spec, format).map_err(|e| e.to_string())?;
-            shard.set_pooling(pooling, normalize);
+            let (pooling, normalize) = (shape.pooling, shape.normalize);
+            let shard = if shape.decoder {
+                EmbedShard::Decoder {
+                    shard: Box::new(
+                        LlamaShard::load(&file, spec, format).map_err(|e| e.to_string())?,
+                    ),
+                    pooling,
+                    normalize,
+                }
+            } else {
+                let mut shard =
+                    EncoderShard::load(&file, spec, format).map_err(|e| e.to_string())?;
+                shard.set_pooling(pooling, normalize);
+                EmbedShard::Encoder(Box::new(shard))
+            };
             let threads = framework::threads::node_pool(
                 &format!("e{}n{}", id.replica, id.index),
                 threads,
@@ -586,15 +685,16 @@ impl Embedder {
         Ok(Self {
             pipeline,
             tokenizer,
-            model,
+            shape,
             cfg,
             next_id: AtomicU64::new(1),
         })
     }
 
-    /// The encoder's shape and pooling (after the configuration's overrides).
-    pub fn model_config(&self) -> &EncoderConfig {
-        &self.model
+    /// What the model gives and takes (pooling and normalization after the
+    /// configuration's overrides).
+    pub fn shape(&self) -> &EmbedShape {
+        &self.shape
     }
 
     /// The configuration the engine runs with.
@@ -604,22 +704,22 @@ impl Embedder {
 
     /// The width of the vectors.
     pub fn dimensions(&self) -> usize {
-        self.model.hidden
+        self.shape.dimensions
     }
 
-    /// The most tokens one input may have (`[CLS]` and `[SEP]` included).
+    /// The most tokens one input may have (special tokens included).
     pub fn max_tokens(&self) -> usize {
-        self.model.positions
+        self.shape.max_tokens
     }
 
-    /// The tokenizer.
-    pub fn tokenizer(&self) -> &EncoderTokenizer {
-        &self.tokenizer
-    }
-
-    /// Token ids of `text`, `[CLS]` and `[SEP]` included.
+    /// Token ids of `text`, with the special tokens the model adds (an
+    /// encoder's `[CLS]` and `[SEP]`; a decoder's BOS and EOS as its
+    /// tokenizer says).
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, Error> {
-        self.tokenizer.encode(text)
+        match &self.tokenizer {
+            EmbedTokenizer::Encoder(t) => t.encode(text),
+            EmbedTokenizer::Decoder(t) => t.encode(text),
+        }
     }
 
     /// Submits one request of `inputs` (token ids each).
@@ -649,10 +749,10 @@ impl Embedder {
                     self.max_tokens()
                 )));
             }
-            if let Some(&t) = input.iter().find(|&&t| t as usize >= self.model.vocab) {
+            if let Some(&t) = input.iter().find(|&&t| t as usize >= self.shape.vocab) {
                 return Err(invalid(format!(
                     "[{i}] holds token id {t}, outside the vocabulary of {}",
-                    self.model.vocab
+                    self.shape.vocab
                 )));
             }
         }

@@ -590,8 +590,11 @@ impl EncoderShard {
             types.lookup_into(&vec![0u32; t], &mut add)?;
             x.iter_mut().zip(&add).for_each(|(a, b)| *a += b);
         }
-        let mut hidden = vec![0f32; t * h];
-        layer_norm_rows(&x, &self.embd_norm, self.cfg.eps, &mut hidden);
+        let mut hidden = x;
+        rows_on_pool(&mut hidden, h, |_, rows| {
+            let copy = rows.to_vec();
+            layer_norm_rows(&copy, &self.embd_norm, self.cfg.eps, rows);
+        });
         let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
         for block in &self.blocks {
             self.block(block, &mut hidden, &lens, collective)?;
@@ -610,45 +613,70 @@ impl EncoderShard {
         Ok(out)
     }
 
-    /// One post-norm block over the packed rows of `hidden`, in place.
+    /// One post-norm block over the packed rows of `hidden`, replaced by
+    /// its output. The row-wise work (biases, GELU, residual and LayerNorm)
+    /// runs on the current compute pool, split by rows.
     fn block(
         &self,
         b: &Block,
-        hidden: &mut [f32],
+        hidden: &mut Vec<f32>,
         lens: &[usize],
         collective: &dyn Collective,
     ) -> Result<()> {
-        let (h, d) = (self.cfg.hidden, self.cfg.head_dim());
+        let (h, d, eps) = (self.cfg.hidden, self.cfg.head_dim(), self.cfg.eps);
         let t = hidden.len() / h;
-        let local = self.heads.len() * d;
         let project = |(lin, bias): &(Linear, Vec<f32>)| -> Result<Vec<f32>> {
             let mut y = lin.forward(hidden, t)?;
-            add_bias(&mut y, bias);
+            rows_on_pool(&mut y, bias.len(), |_, rows| add_bias(rows, bias));
             Ok(y)
         };
         let (q, k, v) = (project(&b.q)?, project(&b.k)?, project(&b.v)?);
         let ctx = attention(&q, &k, &v, lens, self.heads.len(), d);
         let mut attn = b.o.0.forward(&ctx, t)?;
         collective.all_reduce_sum(&mut attn)?;
-        add_bias(&mut attn, &b.o.1);
-        attn.iter_mut()
-            .zip(hidden.iter())
-            .for_each(|(a, x)| *a += x);
-        layer_norm_rows(&attn, &b.attn_norm, self.cfg.eps, hidden);
-        debug_assert_eq!(local, q.len() / t.max(1));
+        residual_norm(&mut attn, &b.o.1, hidden, &b.attn_norm, eps);
+        *hidden = attn;
 
         let mut up = b.up.0.forward(hidden, t)?;
-        add_bias(&mut up, &b.up.1);
-        gelu(&mut up, self.cfg.gelu_tanh);
+        let (bias, tanh) = (&b.up.1, self.cfg.gelu_tanh);
+        rows_on_pool(&mut up, bias.len(), |_, rows| {
+            add_bias(rows, bias);
+            gelu(rows, tanh);
+        });
         let mut down = b.down.0.forward(&up, t)?;
         collective.all_reduce_sum(&mut down)?;
-        add_bias(&mut down, &b.down.1);
-        down.iter_mut()
-            .zip(hidden.iter())
-            .for_each(|(a, x)| *a += x);
-        layer_norm_rows(&down, &b.out_norm, self.cfg.eps, hidden);
+        residual_norm(&mut down, &b.down.1, hidden, &b.out_norm, eps);
+        *hidden = down;
         Ok(())
     }
+}
+
+/// `f(first row, rows)` over blocks of whole `width`-wide rows of `data`,
+/// on the current compute pool (a few blocks per thread).
+fn rows_on_pool(data: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let rows = data.len().checked_div(width).unwrap_or(0);
+    if rows == 0 {
+        return;
+    }
+    crate::threads::with_current(|pool| {
+        let per = rows.div_ceil(pool.threads() * 4).max(1);
+        pool.chunks_mut(data, per * width, |c, chunk| f(c * per, chunk));
+    });
+}
+
+/// `y = LayerNorm(y + bias + residual)`, row by row on the current pool.
+fn residual_norm(y: &mut [f32], bias: &[f32], residual: &[f32], norm: &Norm, eps: f32) {
+    let width = bias.len();
+    rows_on_pool(y, width, |first, rows| {
+        let res = &residual[first * width..first * width + rows.len()];
+        for (row, r) in rows.chunks_exact_mut(width).zip(res.chunks_exact(width)) {
+            for ((a, &b), &x) in row.iter_mut().zip(bias).zip(r) {
+                *a += b + x;
+            }
+        }
+        let copy = rows.to_vec();
+        layer_norm_rows(&copy, norm, eps, rows);
+    });
 }
 
 fn add_bias(y: &mut [f32], bias: &[f32]) {
@@ -672,8 +700,27 @@ fn gelu(x: &mut [f32], tanh: bool) {
         return;
     }
     for v in x.iter_mut() {
-        *v = 0.5 * *v * (1.0 + candle_core::cpu::erf::erf_f32(*v / std::f32::consts::SQRT_2));
+        *v = 0.5 * *v * (1.0 + erf(*v * std::f32::consts::FRAC_1_SQRT_2));
     }
+}
+
+/// The error function, by Abramowitz and Stegun's 7.1.26 (absolute error
+/// below 1.5e-7): a short polynomial and one `exp`, with no branch but the
+/// sign.
+fn erf(x: f32) -> f32 {
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [
+        0.254_829_6,
+        -0.284_496_74,
+        1.421_413_7,
+        -1.453_152_1,
+        1.061_405_4,
+    ];
+    let a = x.abs();
+    let t = 1.0 / (1.0 + P * a);
+    let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
+    let y = 1.0 - poly * (-a * a).exp();
+    y.copysign(x)
 }
 
 /// Bidirectional attention of each sequence (lengths `lens`, packed rows)
@@ -697,10 +744,12 @@ fn attention(q: &[f32], k: &[f32], v: &[f32], lens: &[usize], heads: usize, d: u
             let (s, head) = (i / heads, i % heads);
             let (start, len) = (starts[s], lens[s]);
             let gather = |m: &[f32]| -> Vec<f32> {
-                (start..start + len)
-                    .flat_map(|r| &m[r * width + head * d..r * width + (head + 1) * d])
-                    .copied()
-                    .collect()
+                let mut out = vec![0f32; len * d];
+                for (r, o) in out.chunks_exact_mut(d).enumerate() {
+                    let at = (start + r) * width + head * d;
+                    o.copy_from_slice(&m[at..at + d]);
+                }
+                out
             };
             let (qh, kh, vh) = (gather(q), gather(k), gather(v));
             let mut scores = vec![0f32; len * len];
@@ -773,6 +822,15 @@ mod tests {
             if ffn % 32 == 0 {
                 assert!(parts.iter().all(|p| p.start % 32 == 0));
             }
+        }
+    }
+
+    #[test]
+    fn erf_is_within_its_bound_of_candles() {
+        for i in -4000..=4000 {
+            let x = i as f32 / 1000.0;
+            let (a, b) = (erf(x), candle_core::cpu::erf::erf_f32(x));
+            assert!((a - b).abs() < 5e-7, "erf({x}) = {a}, candle {b}");
         }
     }
 

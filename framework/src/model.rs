@@ -628,6 +628,18 @@ impl LlamaShard {
         items: &mut [BatchItem<'_>],
         collective: &dyn Collective,
     ) -> Result<Logits> {
+        self.flat_step(items, false, collective)
+    }
+
+    /// [`LlamaShard::forward`], or with `hidden_only` the picked rows after
+    /// the final norm instead of their logits (`Logits` as wide as the
+    /// hidden state).
+    fn flat_step(
+        &self,
+        items: &mut [BatchItem<'_>],
+        hidden_only: bool,
+        collective: &dyn Collective,
+    ) -> Result<Logits> {
         if !self.model.has_embedding() || !self.model.has_head() {
             return Err(Error::Shard(
                 "forward needs the whole model; a pipeline stage runs forward_paged".into(),
@@ -651,6 +663,7 @@ impl LlamaShard {
             tables: &[],
             block_size: 0,
             logits_to_root: false,
+            hidden_only,
         };
         let mut store = SeqStore(items);
         let out = self
@@ -665,6 +678,44 @@ impl LlamaShard {
                 "the whole model returned no logits on this rank".into(),
             )),
         }
+    }
+
+    /// Embeddings from a decoder: the whole model over each sequence of
+    /// `seqs` (fresh caches, dropped after), its hidden rows after the final
+    /// norm pooled by `pooling` (not normalized), as vLLM's pooling runner
+    /// does for generation models. Every tensor-parallel peer must call this
+    /// with the same sequences; each gets the vectors.
+    pub fn embed(
+        &self,
+        seqs: &[&[u32]],
+        pooling: crate::encoder::Pooling,
+        collective: &dyn Collective,
+    ) -> Result<Vec<Vec<f32>>> {
+        use crate::encoder::Pooling;
+        if let Some(i) = seqs.iter().position(|s| s.is_empty()) {
+            return Err(Error::Shard(format!("sequence {i} is empty")));
+        }
+        let wanted = match pooling {
+            Pooling::Last => LogitsWanted::Last,
+            Pooling::Mean | Pooling::Cls => LogitsWanted::All,
+        };
+        let mut caches: Vec<SeqKvCache> = seqs.iter().map(|_| self.new_cache()).collect();
+        let mut items: Vec<BatchItem<'_>> = seqs
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(tokens, cache)| BatchItem {
+                tokens,
+                cache,
+                logits: wanted,
+            })
+            .collect();
+        let rows = self.flat_step(&mut items, true, collective)?;
+        let h = rows.vocab;
+        Ok(rows
+            .item_rows
+            .iter()
+            .map(|r| crate::encoder::pool(&rows.data[r.start * h..r.end * h], h, pooling, false))
+            .collect())
     }
 
     /// Runs this shard's part of one batched step over a paged KV pool: a
@@ -712,6 +763,7 @@ pub(crate) fn paged_step<B: Backend>(
         tables: &tables,
         block_size: kv.block_size(),
         logits_to_root: true,
+        hidden_only: false,
     };
     model.step(ws, step, input, kv, collective)
 }

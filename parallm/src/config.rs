@@ -357,14 +357,16 @@ impl SpeculativeSection {
 
 /// One `[[models]]` entry: a further model served next to `[model]`, with
 /// its own pipeline, chosen by the request's `model`. Only embedding models
-/// (`task = "embed"`: BERT-family encoders) are served this way.
+/// (`task = "embed"`: BERT-family encoders, or generation models pooled)
+/// are served this way.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelEntry {
     /// The id clients name in `model` (required, unique).
     pub name: String,
-    /// A GGUF file (`general.architecture = bert`) or a Hugging Face
-    /// directory (`BertModel`) (required).
+    /// A BERT encoder (a GGUF file with `general.architecture = bert`, or a
+    /// Hugging Face `BertModel` directory), or a generation model whose
+    /// hidden rows are pooled (required).
     pub path: String,
     /// What it serves: `embed` (`POST /v1/embeddings`).
     pub task: String,
@@ -448,7 +450,7 @@ fn check_models(entries: &[ModelEntry], generation: &str) -> Result<Vec<EmbedMod
             return Err(invalid(
                 &field("path"),
                 format!(
-                    "'{}' is not a file (a .gguf encoder) or a directory (a Hugging Face BertModel)",
+                    "'{}' is not a file (a .gguf model) or a directory (a Hugging Face model)",
                     e.path
                 ),
             ));

@@ -44,7 +44,7 @@ time could no make than first been its who now people my made over did down only
 may water long little very after words called just where most know quick brown fox jumps lazy
 dog embed vector search model token sentence query answer paris france capital city hello world
 cat sat mat""".split()
-PIECES = ["ing", "ed", "s", "er", "ly", "tion", "est", "es"]
+PIECES = ["ing", "ed", "er", "ly", "tion", "est", "es"]
 
 
 def vocab_tiny():
@@ -215,8 +215,10 @@ def write_gguf(path, spec, tokens, dtype=np.float32):
         name = gguf_name(hf)
         if name is None:
             continue
-        # Matrices in the file's type; vectors and norms in f32, as the converter keeps them.
-        w.add_tensor(name, data.astype(dtype) if data.ndim == 2 else data.astype(np.float32))
+        # Matrices in the file's type; vectors, norms and the position and
+        # token-type embeddings in f32, as the converter keeps them.
+        wide = data.ndim == 1 or name.startswith(("position_embd", "token_types"))
+        w.add_tensor(name, data.astype(np.float32) if wide else data.astype(dtype))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -175,6 +175,24 @@ impl<B: Backend> VocabParallelLmHead<B> {
         B::out_features(&self.w)
     }
 
+    /// Gather of the `picked` rows and the final norm, without the head:
+    /// `picked × hidden` (the same on every rank).
+    pub fn normed_rows(
+        &self,
+        be: &B,
+        b: HeadBuffers<'_, B>,
+        picked: usize,
+        (hidden, eps): (usize, f32),
+    ) -> Result<Vec<f32>> {
+        if picked == 0 {
+            return Ok(Vec::new());
+        }
+        be.gather_rows(b.x, b.meta, b.last, hidden)?;
+        self.norm
+            .forward(be, b.last, None, eps, b.last_normed, picked, hidden)?;
+        be.download(b.last_normed, picked * hidden)
+    }
+
     /// Gather of the `picked` rows, final norm, local logits, then the
     /// host gather of every rank's columns: `picked × total_vocab`, on every
     /// rank, or with `to_root` on rank 0 only (the others get `None`).

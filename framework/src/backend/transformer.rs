@@ -99,6 +99,10 @@ pub(crate) struct StepItems<'a> {
     /// Whether the logits go to the stage's rank 0 only (the engine's steps)
     /// or to every rank.
     pub(crate) logits_to_root: bool,
+    /// The last stage returns the picked rows after the final norm instead
+    /// of their logits (as [`Logits`] whose width is the hidden width), on
+    /// every rank: embeddings.
+    pub(crate) hidden_only: bool,
 }
 
 impl<B: Backend> Transformer<B> {
@@ -362,25 +366,32 @@ impl<B: Backend> Transformer<B> {
             let hidden = timer.time(Op::Bookkeeping, spent, || be.download(&ws.x, n * h))?;
             return Ok(StageOutput::Hidden(hidden));
         };
+        let hidden_only = step.hidden_only;
         let data = timer.time(Op::Head, spent, || {
-            head.forward(
-                be,
-                HeadBuffers {
-                    x: &ws.x,
-                    last: &mut ws.last,
-                    last_normed: &mut ws.last_normed,
-                    logits: &mut ws.logits,
-                    meta: &ws.meta,
-                },
-                picked.len(),
-                (h, c.norm_eps),
-                host,
-                step.logits_to_root,
-            )
+            let buffers = HeadBuffers {
+                x: &ws.x,
+                last: &mut ws.last,
+                last_normed: &mut ws.last_normed,
+                logits: &mut ws.logits,
+                meta: &ws.meta,
+            };
+            match hidden_only {
+                true => head
+                    .normed_rows(be, buffers, picked.len(), (h, c.norm_eps))
+                    .map(Some),
+                false => head.forward(
+                    be,
+                    buffers,
+                    picked.len(),
+                    (h, c.norm_eps),
+                    host,
+                    step.logits_to_root,
+                ),
+            }
         })?;
         Ok(match data {
             Some(data) => StageOutput::Logits(Logits {
-                vocab: c.vocab,
+                vocab: if hidden_only { h } else { c.vocab },
                 data,
                 item_rows,
             }),

@@ -862,7 +862,7 @@ pub async fn embeddings(
             actors::End::Failed(e) => ApiError::Engine(e),
         }
     })?;
-    let normalized = embedder.model_config().normalize;
+    let normalized = embedder.shape().normalize;
     let (base64, dimensions) = (v.base64, v.dimensions);
     let body = on_pool(&state, move || {
         let data: Vec<serde_json::Value> = vectors
