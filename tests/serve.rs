@@ -1895,3 +1895,33 @@ fn the_official_openai_python_client_embeds() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"embeddings\": {\"ok\": true"));
 }
+
+#[test]
+fn model_tool_format_overrides_the_templates_format() {
+    // The reference model's template implies Hermes; the configuration
+    // says Mistral, so the forced call is written in Mistral's syntax and
+    // must be read back in it to come out as a call.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("tools.toml");
+    std::fs::write(&config, "[model]\ntool_format = \"mistral\"\n").expect("write");
+    let s = Server::start(&["--config", config.to_str().expect("utf-8")], true);
+    let body = json!({
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": weather_tools(),
+        "tool_choice": "required",
+        "max_tokens": 96,
+        "temperature": 0,
+        "logprobs": true,
+    });
+    let (status, r) = s.post("/v1/chat/completions", body);
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "tool_calls", "{r}");
+    assert!(!checked_calls(&r).is_empty(), "{r}");
+    let written: String = r["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .expect("logprobs")
+        .iter()
+        .filter_map(|t| t["token"].as_str())
+        .collect();
+    assert!(written.starts_with("[TOOL_CALLS]"), "{written}");
+}

@@ -79,6 +79,9 @@ pub struct ModelSection {
     /// Positions the model runs with at most; a file that trained a longer
     /// context is capped to it (0: the file's own context).
     pub max_model_len: usize,
+    /// The tool-call format: `hermes`, `llama3_json` or `mistral`; empty:
+    /// the one the chat template implies.
+    pub tool_format: String,
 }
 
 impl Default for ModelSection {
@@ -88,6 +91,7 @@ impl Default for ModelSection {
             name: String::new(),
             weights: "auto".into(),
             max_model_len: 0,
+            tool_format: String::new(),
         }
     }
 }
@@ -1136,6 +1140,15 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         threads_per_node: p.threads_per_node,
         compute: compute_from(device, &p.devices, (&p.dtype, &s.kv_dtype), &p.cuda_weights)?,
         max_model_len: (m.max_model_len > 0).then_some(m.max_model_len),
+        tool_format: match m.tool_format.as_str() {
+            "" => None,
+            name => Some(framework::tools::ToolFormat::from_name(name).map_err(|_| {
+                invalid(
+                    "model.tool_format",
+                    format!("is '{name}', must be hermes, llama3_json or mistral (or empty: the chat template's)"),
+                )
+            })?),
+        },
         speculative: raw.speculative.speculation()?,
         speculate_max_running: raw.speculative.max_running,
         ..EngineConfig::default()
@@ -1483,6 +1496,15 @@ mod tests {
         assert_eq!((m.name.as_str(), m.config.tp), ("e", 2));
         assert_eq!(m.config.pooling, Some(framework::encoder::Pooling::Cls));
         assert!(show(&ok).contains("[[models]]"));
+        let tools = load_file("[model]\ntool_format = \"mistral\"\n").expect("valid");
+        assert_eq!(
+            tools.settings.engine.tool_format,
+            Some(framework::tools::ToolFormat::Mistral)
+        );
+        let err = load_file("[model]\ntool_format = \"xml\"\n")
+            .expect_err("bad format")
+            .to_string();
+        assert!(err.contains("model.tool_format"), "{err}");
         for (text, field) in [
             (format!("[[models]]\npath = \"{path}\"\n"), "models[0].name"),
             ("[[models]]\nname = \"e\"\npath = \"/nope\"\n".to_string(), "models[0].path"),

@@ -121,6 +121,9 @@ pub struct EngineConfig {
     /// and Wanda pruning). Needs `prefix_caching` off, since a cached
     /// prefix is not computed again.
     pub collect_activations: bool,
+    /// The format tool calls are written and read in; `None`: the one the
+    /// chat template implies ([`framework::tools::ToolFormat::detect`]).
+    pub tool_format: Option<framework::tools::ToolFormat>,
 }
 
 impl Default for EngineConfig {
@@ -153,6 +156,7 @@ impl Default for EngineConfig {
             speculate_max_running: DEFAULT_SPECULATE_MAX_RUNNING,
             max_model_len: None,
             collect_activations: false,
+            tool_format: None,
         }
     }
 }
@@ -836,13 +840,16 @@ impl Engine {
         }
     }
 
-    /// The format this model writes tool calls in, read from its chat
-    /// template ([`framework::tools::ToolFormat::detect`]; Hermes where the
-    /// template says nothing of tools).
+    /// The format this model writes tool calls in: the configuration's
+    /// ([`EngineConfig::tool_format`]), else read from its chat template
+    /// ([`framework::tools::ToolFormat::detect`]; Hermes where the template
+    /// says nothing of tools).
     pub fn tool_format(&self) -> framework::tools::ToolFormat {
-        framework::tools::ToolFormat::detect(
-            self.tokenizer.as_deref().and_then(|t| t.chat_template()),
-        )
+        self.cfg.tool_format.unwrap_or_else(|| {
+            framework::tools::ToolFormat::detect(
+                self.tokenizer.as_deref().and_then(|t| t.chat_template()),
+            )
+        })
     }
 
     /// Validates and submits a request. Returns its events, or at once an
