@@ -705,8 +705,8 @@ fn gelu(x: &mut [f32], tanh: bool) {
 }
 
 /// The error function, by Abramowitz and Stegun's 7.1.26 (absolute error
-/// below 1.5e-7): a short polynomial and one `exp`, with no branch but the
-/// sign.
+/// below 1.5e-7 in exact arithmetic, 1e-6 in f32 near 0): a short
+/// polynomial and one `exp`, with no branch but the sign.
 fn erf(x: f32) -> f32 {
     const P: f32 = 0.327_591_1;
     const A: [f32; 5] = [
@@ -830,7 +830,9 @@ mod tests {
         for i in -4000..=4000 {
             let x = i as f32 / 1000.0;
             let (a, b) = (erf(x), candle_core::cpu::erf::erf_f32(x));
-            assert!((a - b).abs() < 5e-7, "erf({x}) = {a}, candle {b}");
+            // The formula's 1.5e-7, plus f32's rounding of 1 − p·e^(−x²),
+            // which cancels near 0 (there GELU multiplies it by x/2).
+            assert!((a - b).abs() < 1e-6, "erf({x}) = {a}, candle {b}");
         }
     }
 
