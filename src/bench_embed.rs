@@ -33,8 +33,8 @@ pub struct EmbedBenchArgs {
     /// Timed rounds (after one warm-up round).
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
-    /// Weight format.
-    #[arg(long, default_value = "auto")]
+    /// Weight format (as `[[models]]`' `weights`: the file's own by default).
+    #[arg(long, default_value = "native")]
     pub weights: WeightFormat,
     /// Print one JSON line instead of the table.
     #[arg(long)]

@@ -68,7 +68,7 @@ impl Default for EmbedConfig {
     fn default() -> Self {
         Self {
             model: PathBuf::new(),
-            weights: WeightFormat::Auto,
+            weights: WeightFormat::Native,
             tp: 1,
             dp: 1,
             queue_capacity: 1024,

@@ -374,7 +374,8 @@ pub struct ModelEntry {
     pub path: String,
     /// What it serves: `embed` (`POST /v1/embeddings`).
     pub task: String,
-    /// Numeric format of the weights: auto, native, q8_0, f32, f16 or bf16.
+    /// Numeric format of the weights: native (default: as stored), auto,
+    /// q8_0, f32, f16 or bf16.
     pub weights: String,
     /// Tensor-parallel ranks.
     pub tp: usize,
@@ -402,7 +403,7 @@ impl Default for ModelEntry {
             name: String::new(),
             path: String::new(),
             task: "embed".into(),
-            weights: "auto".into(),
+            weights: "native".into(),
             tp: e.tp,
             dp: e.dp,
             max_batch_tokens: e.max_batch_tokens,
