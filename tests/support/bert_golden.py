@@ -21,7 +21,6 @@ norm) of each text, its last row and its mean, each L2-normalized, with the
 token ids (the tokenizer's special tokens added).
 """
 
-import hashlib
 import json
 import os
 import sys
@@ -29,6 +28,8 @@ import sys
 import torch
 import transformers
 from transformers import AutoModel, BertModel, PreTrainedTokenizerFast
+
+from hf_golden import sha256
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -38,14 +39,6 @@ TEXTS = [
     "Naïve café 東京 42",
     "a",
 ]
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def main():
