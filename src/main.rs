@@ -129,6 +129,10 @@ struct LayerArgs {
     /// Data-parallel replicas (parallel.dp).
     #[arg(long)]
     dp: Option<usize>,
+    /// A draft model for speculative decoding, with the model's vocabulary
+    /// (speculative.draft_model).
+    #[arg(long, value_name = "PATH")]
+    draft_model: Option<PathBuf>,
     /// An accepted API key, repeatable (server.api_keys).
     #[arg(long = "api-key", value_name = "KEY")]
     api_keys: Vec<String>,
@@ -156,6 +160,9 @@ impl LayerArgs {
         }
         if let Some(v) = &self.weights {
             put("model.weights", v.clone().into());
+        }
+        if let Some(v) = &self.draft_model {
+            put("speculative.draft_model", v.display().to_string().into());
         }
         for (k, v) in [
             ("parallel.tp", self.tp),
@@ -432,10 +439,16 @@ struct ParallelArgs {
     /// f32, f16 or bf16.
     #[arg(long, default_value = "auto")]
     kv_dtype: String,
-    /// Speculative decoding: none, or ngram (drafts from the prompt and
-    /// output by n-gram lookup, verified by the model; output unchanged).
+    /// Speculative decoding: none, ngram (drafts from the prompt and output
+    /// by n-gram lookup) or draft (drafts from --draft-model); verified by
+    /// the model, so the output is unchanged.
     #[arg(long, default_value = "none")]
     speculative: String,
+    /// A draft model with the model's vocabulary (a quantized or
+    /// layer-pruned copy, or a smaller sibling), run by a node of its own
+    /// per replica; its weights as --weights auto takes them.
+    #[arg(long, value_name = "PATH")]
+    draft_model: Option<PathBuf>,
     /// Drafted tokens per step at most, with --speculative.
     #[arg(long, default_value_t = 4)]
     num_speculative_tokens: usize,
@@ -459,10 +472,14 @@ impl ParallelArgs {
             (&self.dtype, &self.kv_dtype),
             &self.cuda_weights,
         )?;
-        Ok(self
+        let b = self
             .apply_cpu(b)
             .compute(compute)
-            .speculative(self.speculation()?))
+            .speculative(self.speculation()?);
+        Ok(match &self.draft_model {
+            Some(d) => b.draft_path(d),
+            None => b,
+        })
     }
 
     /// The speculative decoding the flags ask for.

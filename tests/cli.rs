@@ -93,6 +93,18 @@ fn speculative_flags_give_the_same_text_and_bad_ones_are_named() {
         String::from_utf8_lossy(&spec.stderr)
     );
     assert_eq!(spec.stdout, plain.stdout);
+    // The model as its own draft (the same vocabulary, by construction).
+    let model = common::model_path();
+    let mut args = base.to_vec();
+    args.extend(["--speculative", "draft", "--draft-model"]);
+    args.push(model.to_str().expect("utf-8 path"));
+    let drafted = parallm(&args);
+    assert!(
+        drafted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&drafted.stderr)
+    );
+    assert_eq!(drafted.stdout, plain.stdout);
     let bad = parallm(&["generate", "Hi", "--speculative", "draft"]);
     assert_clean_failure(&bad, "speculative.method");
     let bad = parallm(&[

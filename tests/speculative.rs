@@ -1,17 +1,44 @@
-//! Speculative decoding through the engine: n-gram drafts change no output
-//! (greedy or seeded sampling, alone or among 64 concurrent requests, at
-//! several layouts), the sampled distribution is the model's (a chi-square
-//! test on the small-vocabulary synthetic model), and bad settings are
-//! refused naming the field.
+//! Speculative decoding through the engine: n-gram drafts and a draft
+//! model's drafts change no output (greedy or seeded sampling, alone or
+//! among 64 concurrent requests, at several layouts), the sampled
+//! distribution is the model's with either (a chi-square test on the
+//! small-vocabulary synthetic model), and bad settings are refused naming
+//! the field.
 
 mod common;
 
+use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{golden, ids, model_path, run_requests, sixty_four_prompts, wait_idle};
+use parallm::actors::llm::ModelSource;
 use parallm::framework::speculative::Speculation;
 use parallm::framework::SamplingParams;
+use parallm::framework::WeightFormat;
 use parallm::{BeamParams, Engine, EngineBuilder, Request};
+
+/// A draft model with the reference model's vocabulary: its Q4_0
+/// requantization (made once per test process by `parallm quantize`),
+/// different enough from the model that some drafts are rejected.
+fn draft_copy() -> &'static PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("parallm-draft-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let out = dir.join("draft-q4_0.gguf");
+        let model = model_path();
+        common::cli_ok(&[
+            "quantize",
+            model.to_str().expect("utf-8 path"),
+            out.to_str().expect("utf-8 path"),
+            "--type",
+            "q4_0",
+            "--allow-requantize",
+        ]);
+        out
+    })
+}
 
 /// Prompts that ask the model to copy a passage (the drafts' best case).
 fn copy_prompts() -> Vec<Vec<u32>> {
@@ -32,12 +59,10 @@ fn copy_prompts() -> Vec<Vec<u32>> {
         .collect()
 }
 
-#[test]
-fn ngram_speculation_changes_no_output_at_any_layout() {
-    // The golden prompts, copy prompts and the 64 mixed prompts, greedy, and
-    // a seeded sampled copy of some, all at once. The file's quantized
-    // weights make a row's result independent of the rows beside it, so
-    // every output must equal the one without speculation exactly.
+/// The golden prompts, the copy prompts and the 64 mixed prompts, greedy,
+/// then a seeded sampled copy of every fifth (with `frequency_penalty`),
+/// each for `n` tokens.
+fn mixed_requests(n: usize, frequency_penalty: f32) -> Vec<Request> {
     let mut prompts: Vec<Vec<u32>> = golden()["cases"]
         .as_array()
         .expect("cases")
@@ -48,20 +73,30 @@ fn ngram_speculation_changes_no_output_at_any_layout() {
     prompts.extend(sixty_four_prompts());
     let mut reqs: Vec<Request> = prompts
         .iter()
-        .map(|p| Request::greedy_tokens(p.clone(), 24))
+        .map(|p| Request::greedy_tokens(p.clone(), n))
         .collect();
     for (i, p) in prompts.iter().enumerate().step_by(5) {
-        let mut r = Request::greedy_tokens(p.clone(), 24);
+        let mut r = Request::greedy_tokens(p.clone(), n);
         r.params = SamplingParams {
             temperature: 0.8,
             top_p: 0.95,
-            frequency_penalty: 0.3,
+            frequency_penalty,
             seed: Some(i as u64),
-            max_tokens: 24,
+            max_tokens: n,
             ..SamplingParams::default()
         };
         reqs.push(r);
     }
+    reqs
+}
+
+#[test]
+fn ngram_speculation_changes_no_output_at_any_layout() {
+    // The golden prompts, copy prompts and the 64 mixed prompts, greedy, and
+    // a seeded sampled copy of some, all at once. The file's quantized
+    // weights make a row's result independent of the rows beside it, so
+    // every output must equal the one without speculation exactly.
+    let reqs = mixed_requests(24, 0.3);
     for (tp, pp, dp) in [(1, 1, 1), (3, 1, 1), (1, 2, 1), (1, 1, 2)] {
         let layout = format!("tp={tp} pp={pp} dp={dp}");
         let outputs = |spec: Speculation| {
@@ -98,6 +133,68 @@ fn ngram_speculation_changes_no_output_at_any_layout() {
     }
 }
 
+#[test]
+fn draft_model_speculation_changes_no_output() {
+    // The golden prompts, copy prompts and the 64 mixed prompts, greedy,
+    // and a seeded sampled copy of some, all at once, drafted by a Q4_0
+    // copy of the model: every output equals the plain one. One replica
+    // alone; then, on the golden and copy prompts only, tensor-parallel
+    // ranks that all wait for the draft node, and two replicas of two
+    // stages in two lanes, each replica with a draft node of its own.
+    let reqs = mixed_requests(16, 0.0);
+    let few = golden()["cases"].as_array().map_or(0, Vec::len) + copy_prompts().len();
+    let draft = ModelSource::Gguf(draft_copy().clone());
+    for (tp, pp, dp) in [(1, 1, 1), (3, 1, 1), (1, 2, 2)] {
+        let layout = format!("tp={tp} pp={pp} dp={dp}");
+        let reqs = if tp * pp * dp == 1 {
+            &reqs[..]
+        } else {
+            &reqs[..few]
+        };
+        let outputs = |spec: Speculation| {
+            let mut b = Engine::builder()
+                .model_path(model_path())
+                .tp(tp)
+                .pp(pp)
+                .dp(dp)
+                .speculative(spec)
+                .speculate_max_running(usize::MAX);
+            if spec.enabled() {
+                b = b.draft_model(draft.clone(), WeightFormat::Auto);
+            }
+            let e = b.build().expect("engine");
+            let mut got = Vec::new();
+            for p in copy_prompts() {
+                got.extend(run_requests(&e, &[Request::greedy_tokens(p, 32)]));
+            }
+            got.extend(run_requests(&e, reqs));
+            let s = wait_idle(&e);
+            assert_eq!(s.policy.kv_used, 0, "{layout}: {s:?}");
+            assert!(e.shutdown_timeout(Duration::from_secs(30)));
+            (got, s.policy)
+        };
+        let (plain, _) = outputs(Speculation::default());
+        let (spec, stats) = outputs(Speculation::draft(4));
+        eprintln!(
+            "{layout}: {} drafted, {} accepted ({:.0}%)",
+            stats.drafted,
+            stats.accepted,
+            100.0 * stats.accepted as f64 / stats.drafted.max(1) as f64
+        );
+        assert!(
+            stats.drafted > 100 && stats.accepted > stats.drafted / 5,
+            "{layout}: {stats:?}"
+        );
+        assert!(
+            stats.accepted < stats.drafted,
+            "some drafts must be rejected: {stats:?}"
+        );
+        for (i, (a, b)) in plain.iter().zip(&spec).enumerate() {
+            assert_eq!(a, b, "{layout}: request {i}");
+        }
+    }
+}
+
 /// The chi-square statistic's 1% critical value with `df` degrees of
 /// freedom (Wilson and Hilferty's cube-root normal approximation).
 fn chi_square_critical_1pct(df: usize) -> f64 {
@@ -109,11 +206,35 @@ fn chi_square_critical_1pct(df: usize) -> f64 {
 
 #[test]
 fn sampled_tokens_keep_the_models_distribution() {
-    // The tiny synthetic model (256 tokens), a repetitive prompt so that
-    // n-gram drafts exist, and top-k 4 so that they are often accepted.
-    // Two independent samples (disjoint seeds), with and without
-    // speculation: the token at the 6th generated position must follow the
-    // same distribution (two-sample chi-square test at p > 0.01).
+    // Single tokens match too: more drafts to accept or reject.
+    let ngram = Speculation {
+        ngram_min: 1,
+        ngram_max: 3,
+        ..Speculation::ngram(3)
+    };
+    same_distribution(ngram, None);
+}
+
+#[test]
+fn sampled_tokens_keep_the_models_distribution_with_a_draft_model() {
+    // The draft is the target's synthetic weights loaded a second time, on
+    // a node of its own: its greedy drafts are the target's most likely
+    // tokens (a point mass, as the rejection rule needs), kept only where
+    // the sampled draw agrees. (An unrelated random model's drafts would
+    // almost never be kept, and test nothing.)
+    let draft = ModelSource::Synthetic {
+        name: "tiny".into(),
+        seed: 3,
+    };
+    same_distribution(Speculation::draft(3), Some(draft));
+}
+
+/// The tiny synthetic model (256 tokens), a repetitive prompt so that
+/// n-gram drafts exist, and top-k 4 so that drafts are often accepted. Two
+/// independent samples (disjoint seeds), with and without `spec`: the
+/// token at the 6th generated position must follow the same distribution
+/// (two-sample chi-square test at p > 0.01).
+fn same_distribution(spec: Speculation, draft: Option<ModelSource>) {
     const N: u64 = 3000;
     let prompt: Vec<u32> = [5, 6, 7, 8].repeat(4);
     let request = |seed: u64| {
@@ -129,13 +250,15 @@ fn sampled_tokens_keep_the_models_distribution() {
         r
     };
     let sample = |spec: Speculation, seeds: std::ops::Range<u64>| {
-        let e = EngineBuilder::default()
+        let mut b = EngineBuilder::default()
             .synthetic("tiny", 3)
             .max_running(256)
             .speculative(spec)
-            .speculate_max_running(usize::MAX)
-            .build()
-            .expect("engine");
+            .speculate_max_running(usize::MAX);
+        if let (true, Some(d)) = (spec.enabled(), &draft) {
+            b = b.draft_model(d.clone(), WeightFormat::Auto);
+        }
+        let e = b.build().expect("engine");
         let reqs: Vec<Request> = seeds.map(request).collect();
         let mut out = Vec::new();
         for chunk in reqs.chunks(500) {
@@ -145,20 +268,14 @@ fn sampled_tokens_keep_the_models_distribution() {
         assert!(e.shutdown_timeout(Duration::from_secs(30)));
         (out, s)
     };
-    // Single tokens match too: more drafts to accept or reject.
-    let ngram = Speculation {
-        ngram_min: 1,
-        ngram_max: 3,
-        ..Speculation::ngram(3)
-    };
     let (plain, _) = sample(Speculation::default(), 0..N);
-    let (spec, stats) = sample(ngram, N..2 * N);
+    let (spec_out, stats) = sample(spec, N..2 * N);
     assert!(
         stats.accepted > N / 5,
         "drafts must often be accepted for the test to mean anything: {stats:?}"
     );
     // Same seeds, same tokens: speculation draws what plain decoding draws.
-    let (again, _) = sample(ngram, 0..200);
+    let (again, _) = sample(spec, 0..200);
     assert_eq!(again[..], plain[..200]);
 
     let count = |outs: &[Vec<u32>]| {
@@ -168,7 +285,7 @@ fn sampled_tokens_keep_the_models_distribution() {
         }
         c
     };
-    let (a, b) = (count(&plain), count(&spec));
+    let (a, b) = (count(&plain), count(&spec_out));
     let mut cells: Vec<(f64, f64)> = Vec::new();
     let mut rare = (0.0, 0.0);
     for t in a
@@ -249,4 +366,72 @@ fn bad_speculative_settings_are_refused_naming_the_field() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains("num_speculative_tokens"), "{err}");
+}
+
+#[test]
+fn bad_draft_model_settings_are_refused_naming_the_field() {
+    let start_err = |b: EngineBuilder| match b.build() {
+        Ok(_) => panic!("the engine must be refused"),
+        Err(e) => e.to_string(),
+    };
+    // Draft speculation without a draft model.
+    let err = start_err(
+        EngineBuilder::default()
+            .synthetic("tiny", 0)
+            .speculative(Speculation::draft(4)),
+    );
+    assert!(err.contains("speculative.method"), "{err}");
+    // A draft whose vocabulary differs: another size, or a tokenizer
+    // against synthetic ids, or the same size with other tokens.
+    let other = |name: &str| ModelSource::Synthetic {
+        name: name.into(),
+        seed: 0,
+    };
+    let err = start_err(
+        EngineBuilder::default()
+            .synthetic("tiny", 0)
+            .draft_model(other("135m"), WeightFormat::Auto),
+    );
+    assert!(
+        err.contains("draft_model") && err.contains("vocabulary"),
+        "{err}"
+    );
+    let err = start_err(
+        Engine::builder()
+            .model_path(model_path())
+            .draft_model(other("135m"), WeightFormat::Auto),
+    );
+    assert!(
+        err.contains("draft_model") && err.contains("tokenizer"),
+        "{err}"
+    );
+
+    // Requests: draft speculation on an engine without a draft model, and
+    // draft speculation with beam search.
+    let e = EngineBuilder::default()
+        .synthetic("tiny", 0)
+        .build()
+        .expect("engine");
+    let mut r = Request::greedy_tokens(vec![1, 2, 3], 4);
+    r.speculative = Some(Speculation::draft(3));
+    let err = e.generate(r).expect_err("refused").to_string();
+    assert!(
+        err.contains("speculative.method") && err.contains("no draft model"),
+        "{err}"
+    );
+    e.shutdown();
+    let e = EngineBuilder::default()
+        .synthetic("tiny", 0)
+        .draft_model(other("tiny"), WeightFormat::Auto)
+        .build()
+        .expect("engine");
+    let mut r = Request::greedy_tokens(vec![1, 2, 3], 4);
+    r.speculative = Some(Speculation::draft(3));
+    r.beam = Some(BeamParams {
+        width: 2,
+        length_penalty: 1.0,
+    });
+    let err = e.generate(r).expect_err("refused").to_string();
+    assert!(err.contains("speculative"), "{err}");
+    e.shutdown();
 }

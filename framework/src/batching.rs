@@ -59,6 +59,10 @@ use crate::speculative::{ngram_draft, SpecMethod, Speculation};
 /// A request's id: the unit of admission, preemption and cancellation.
 pub type GroupId = u64;
 
+/// The token a plan holds where the draft model's drafts will be
+/// ([`StepItem::model_drafts`]); never computed as such.
+pub const DRAFT_PLACEHOLDER: u32 = 0;
+
 /// Limits of one replica's batches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchConfig {
@@ -107,6 +111,11 @@ pub struct StepItem {
     /// Of `tokens`, how many at the end are drafts to verify (speculative
     /// decoding): the logits of the last `drafts + 1` tokens are wanted.
     pub drafts: usize,
+    /// Whether the drafts are the draft model's, to be made during the
+    /// step: `tokens` then ends in `drafts` placeholders
+    /// ([`DRAFT_PLACEHOLDER`]) that the replica's draft node replaces
+    /// before the target's nodes compute them.
+    pub model_drafts: bool,
     /// Positions whose logits score the prompt (the row at position `p`
     /// gives the log-probability of prompt token `p + 1`); empty unless the
     /// group scores its prompt. Every row from the first of them to the
@@ -171,7 +180,8 @@ pub enum GroupOutcome {
     /// search may fork a parent several times or drop it).
     Continue(Vec<(SeqKey, u32)>),
     /// A single-sequence group goes on with these tokens appended: the
-    /// leading drafts its step verified, then the token drawn after them.
+    /// leading drafts its step verified, then the token drawn after them
+    /// (so all but the last are kept drafts).
     Accepted(Vec<u32>),
     /// The group is done; its blocks are freed.
     Finished,
@@ -412,6 +422,7 @@ impl BatchScheduler {
         match spec.method {
             SpecMethod::None => Vec::new(),
             SpecMethod::Ngram => ngram_draft(&s.tokens, spec.ngram_min, spec.ngram_max, k),
+            SpecMethod::Draft => vec![DRAFT_PLACEHOLDER; k],
         }
     }
 
@@ -629,6 +640,9 @@ impl BatchScheduler {
             }
         }
         let group = self.groups.get_mut(&g).expect("planned groups exist");
+        let by_model = group
+            .spec
+            .is_some_and(|(spec, _)| spec.method == SpecMethod::Draft);
         for (s, &n) in group.seqs.iter_mut().zip(&chunks) {
             if n == 0 {
                 continue;
@@ -652,6 +666,7 @@ impl BatchScheduler {
                 table: self.kv.table(s.key).to_vec(),
                 logits: complete,
                 drafts: d,
+                model_drafts: by_model && d > 0,
                 scored,
             });
             s.computed += n;
@@ -729,8 +744,10 @@ impl BatchScheduler {
     }
 
     /// Appends `tokens` to single-sequence group `g`: its leading drafts
-    /// (verified by the step) stay computed, the KV written for the rest is
-    /// dropped.
+    /// (verified by the step: all of `tokens` but the last) stay computed,
+    /// the KV written for the rest is dropped. The count, not the tokens,
+    /// says which drafts were kept, since a draft model's drafts are made
+    /// on the nodes and the plan holds only their places.
     fn accept(&mut self, g: GroupId, tokens: Vec<u32>) {
         let Some(group) = self.groups.get_mut(&g) else {
             return;
@@ -739,12 +756,7 @@ impl BatchScheduler {
             return;
         };
         let drafts = std::mem::take(&mut s.drafts);
-        let kept = drafts
-            .iter()
-            .zip(&tokens)
-            .take_while(|(d, t)| d == t)
-            .count()
-            .min(tokens.len().saturating_sub(1));
+        let kept = tokens.len().saturating_sub(1).min(drafts.len());
         s.tokens.extend_from_slice(&tokens);
         s.computed += kept;
         if !drafts.is_empty() {
@@ -1252,6 +1264,7 @@ mod tests {
             table: vec![],
             logits: true,
             drafts: 0,
+            model_drafts: false,
             scored: 0..0,
         };
         let items: Vec<_> = [1, 1, 1, 1, 1, 1].into_iter().map(item).collect();

@@ -17,6 +17,14 @@
 //! the sequence (prompt and output), for `n` from `ngram_max` down to
 //! `ngram_min`, against its earlier tokens, and proposes what followed the
 //! most recent match.
+//!
+//! **A draft model** ([`SpecMethod::Draft`]) is a smaller model with the
+//! target's vocabulary, run by a node of its own in each replica. Its
+//! drafts are its greedy continuation, which is again a point mass, so the
+//! same rule keeps the target's distribution. The scheduler plans the
+//! drafted positions ([`crate::batching::StepItem::model_drafts`]); the
+//! draft node fills them in during the step, before the target's nodes run
+//! them.
 
 use crate::error::{Error, Result};
 
@@ -36,6 +44,8 @@ pub enum SpecMethod {
     /// Prompt lookup: the tokens that followed the latest earlier occurrence
     /// of the sequence's last n-gram.
     Ngram,
+    /// The greedy continuation of the engine's draft model.
+    Draft,
 }
 
 impl SpecMethod {
@@ -44,6 +54,7 @@ impl SpecMethod {
         match self {
             SpecMethod::None => "none",
             SpecMethod::Ngram => "ngram",
+            SpecMethod::Draft => "draft",
         }
     }
 }
@@ -55,14 +66,10 @@ impl std::str::FromStr for SpecMethod {
         match s {
             "none" => Ok(SpecMethod::None),
             "ngram" => Ok(SpecMethod::Ngram),
-            "draft" => Err(Error::invalid(
-                "speculative.method",
-                "is \"draft\": speculation with a draft model is not available in this build \
-                 (use \"ngram\" or \"none\")",
-            )),
+            "draft" => Ok(SpecMethod::Draft),
             other => Err(Error::invalid(
                 "speculative.method",
-                format!("is {other:?}, must be \"none\" or \"ngram\""),
+                format!("is {other:?}, must be \"none\", \"ngram\" or \"draft\""),
             )),
         }
     }
@@ -98,6 +105,15 @@ impl Speculation {
     pub fn ngram(k: usize) -> Self {
         Self {
             method: SpecMethod::Ngram,
+            num_speculative_tokens: k,
+            ..Self::default()
+        }
+    }
+
+    /// Speculation of `k` tokens by the engine's draft model.
+    pub fn draft(k: usize) -> Self {
+        Self {
+            method: SpecMethod::Draft,
             num_speculative_tokens: k,
             ..Self::default()
         }
@@ -199,7 +215,8 @@ mod tests {
             },
             "ngram_max",
         );
-        assert!("draft".parse::<SpecMethod>().is_err());
+        assert!("lookahead".parse::<SpecMethod>().is_err());
+        assert_eq!("draft".parse::<SpecMethod>().unwrap(), SpecMethod::Draft);
         assert_eq!("ngram".parse::<SpecMethod>().unwrap(), SpecMethod::Ngram);
     }
 }

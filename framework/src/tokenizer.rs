@@ -637,6 +637,36 @@ impl Tokenizer {
     pub fn token_text(&self, id: u32) -> Option<String> {
         self.texts.get(id as usize).cloned()
     }
+
+    /// How `other`'s vocabulary differs from this one's (the first
+    /// difference: the size, a token's bytes, BOS or EOS), or `None` when
+    /// every id means the same token in both (a draft model must share the
+    /// target's vocabulary).
+    pub fn vocabulary_difference(&self, other: &Tokenizer) -> Option<String> {
+        if self.token_bytes.len() != other.token_bytes.len() {
+            return Some(format!(
+                "{} tokens against {}",
+                other.token_bytes.len(),
+                self.token_bytes.len()
+            ));
+        }
+        if let Some(id) = (0..self.token_bytes.len()).find(|&i| {
+            self.token_bytes[i] != other.token_bytes[i] || self.texts.get(i) != other.texts.get(i)
+        }) {
+            return Some(format!(
+                "token {id} is {:?}, not {:?}",
+                other.texts.get(id).map_or("", String::as_str),
+                self.texts.get(id).map_or("", String::as_str)
+            ));
+        }
+        if (self.bos, self.eos) != (other.bos, other.eos) {
+            return Some(format!(
+                "BOS/EOS are {:?}/{}, not {:?}/{}",
+                other.bos, other.eos, self.bos, self.eos
+            ));
+        }
+        None
+    }
 }
 
 /// Whether a `tokenizer.json` decoder drops the leading space of a decoded

@@ -326,6 +326,9 @@ pub struct SpeculativeSection {
     pub ngram_max: usize,
     /// Requests running in a replica (lane) above which none drafts.
     pub max_running: usize,
+    /// A draft model (GGUF file or Hugging Face directory) with the
+    /// model's vocabulary, for `method = "draft"`; empty: none.
+    pub draft_model: String,
 }
 
 impl Default for SpeculativeSection {
@@ -337,6 +340,7 @@ impl Default for SpeculativeSection {
             ngram_min: s.ngram_min,
             ngram_max: s.ngram_max,
             max_running: actors::llm::DEFAULT_SPECULATE_MAX_RUNNING,
+            draft_model: String::new(),
         }
     }
 }
@@ -922,6 +926,38 @@ pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
     })
 }
 
+/// `speculative.draft_model`, checked to exist (its vocabulary is checked
+/// against the model's when the engine starts); its weights in the model's
+/// format.
+fn draft_model(
+    s: &SpeculativeSection,
+    weights: WeightFormat,
+) -> Result<Option<actors::llm::DraftModel>, ConfigError> {
+    if s.draft_model.is_empty() {
+        if s.method == "draft" {
+            return Err(invalid(
+                "speculative.method",
+                "is \"draft\", but speculative.draft_model is empty (give a draft model with the model's vocabulary)",
+            ));
+        }
+        return Ok(None);
+    }
+    let path = PathBuf::from(&s.draft_model);
+    if !path.is_file() && !path.is_dir() {
+        return Err(invalid(
+            "speculative.draft_model",
+            format!(
+                "'{}' is not a file (a .gguf model) or a directory (a Hugging Face model)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(Some(actors::llm::DraftModel {
+        model: actors::llm::ModelSource::Gguf(path),
+        weights,
+    }))
+}
+
 /// Checks a merged configuration into [`Settings`], with cross-field checks.
 pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
     let m = &raw.model;
@@ -1152,6 +1188,7 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         },
         speculative: raw.speculative.speculation()?,
         speculate_max_running: raw.speculative.max_running,
+        draft: draft_model(&raw.speculative, weights)?,
         ..EngineConfig::default()
     };
     Ok(Settings {
@@ -1455,7 +1492,12 @@ mod tests {
             (
                 "[speculative]\nmethod = \"draft\"\n",
                 "speculative.method",
-                "not available",
+                "draft_model is empty",
+            ),
+            (
+                "[speculative]\nmethod = \"draft\"\ndraft_model = \"/nonexistent/draft.gguf\"\n",
+                "speculative.draft_model",
+                "is not a file",
             ),
             (
                 "[speculative]\nmethod = \"ngram\"\nnum_speculative_tokens = 0\n",

@@ -18,7 +18,7 @@ use framework::chat::ChatTemplate;
 use framework::generate::validate_prompt;
 use framework::guide::GuideEnv;
 use framework::sampling::Sampler;
-use framework::speculative::Speculation;
+use framework::speculative::{SpecMethod, Speculation};
 use framework::{
     BackendKind, Error, GgufFile, ModelConfig, SamplingParams, ShardSource, ShardSpec, StageGroup,
     Tokenizer, WeightFormat,
@@ -124,6 +124,19 @@ pub struct EngineConfig {
     /// The format tool calls are written and read in; `None`: the one the
     /// chat template implies ([`framework::tools::ToolFormat::detect`]).
     pub tool_format: Option<framework::tools::ToolFormat>,
+    /// The draft model of speculative decoding ([`SpecMethod::Draft`]),
+    /// run whole by a node of its own in each replica.
+    pub draft: Option<DraftModel>,
+}
+
+/// A draft model: any model with the target's vocabulary, smaller so that
+/// drafting is cheap (a quantized or layer-pruned copy, or a smaller sibling).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DraftModel {
+    /// Its weights.
+    pub model: ModelSource,
+    /// Weight format of its matmuls.
+    pub weights: WeightFormat,
 }
 
 impl Default for EngineConfig {
@@ -157,6 +170,7 @@ impl Default for EngineConfig {
             max_model_len: None,
             collect_activations: false,
             tool_format: None,
+            draft: None,
         }
     }
 }
@@ -184,6 +198,16 @@ pub struct MemoryPlan {
 }
 
 impl MemoryPlan {
+    /// This plan and `other` (a draft model's) together.
+    pub fn plus(&self, other: &MemoryPlan) -> MemoryPlan {
+        MemoryPlan {
+            kv_bytes: self.kv_bytes.saturating_add(other.kv_bytes),
+            weight_bytes: self.weight_bytes.saturating_add(other.weight_bytes),
+            workspace_bytes: self.workspace_bytes.saturating_add(other.workspace_bytes),
+            ..*self
+        }
+    }
+
     /// Everything together.
     pub fn total(&self) -> u64 {
         self.kv_bytes
@@ -314,16 +338,20 @@ impl EngineConfig {
                 other => other,
             })?;
         }
+        if self.speculative.method == SpecMethod::Draft && self.draft.is_none() {
+            return Err(bad_config(
+                "speculative.method",
+                "is \"draft\", but no draft model is given (--draft-model or speculative.draft_model)",
+            ));
+        }
+        let nodes = self.tp * self.pp + usize::from(self.draft.is_some());
         if let Some(f) = &self.fault {
-            if f.replica >= self.dp || f.node >= self.tp * self.pp {
+            if f.replica >= self.dp || f.node >= nodes {
                 return Err(bad_config(
                     "fault",
                     format!(
-                        "replica {} node {} does not exist ({} replicas of {} nodes)",
-                        f.replica,
-                        f.node,
-                        self.dp,
-                        self.tp * self.pp
+                        "replica {} node {} does not exist ({} replicas of {nodes} nodes)",
+                        f.replica, f.node, self.dp,
                     ),
                 ));
             }
@@ -452,6 +480,70 @@ fn stage_groups(
     Ok(groups)
 }
 
+/// A model's shape, tokenizer (absent for synthetic weights) and file size
+/// (0 for synthetic weights), its context capped to `cap`.
+fn load_model(
+    source: &ModelSource,
+    cap: Option<usize>,
+) -> Result<(ModelConfig, Option<Arc<Tokenizer>>, u64), Error> {
+    match source {
+        ModelSource::Gguf(path) => {
+            let file = GgufFile::open(path)?;
+            let model = ModelConfig::from_gguf_capped(&file, cap)?;
+            let tokenizer = Tokenizer::from_gguf(&file)?;
+            Ok((model, Some(Arc::new(tokenizer)), file.file_size()))
+        }
+        ModelSource::Synthetic { name, .. } => {
+            let mut model = ModelConfig::synthetic(name)?;
+            if let Some(cap) = cap {
+                model.context = model.context.min(cap);
+            }
+            Ok((model, None, 0))
+        }
+    }
+}
+
+/// A node's view of its model's weights: the open file, or the seed of
+/// synthetic ones.
+fn open_weights(source: &ModelSource) -> Result<(Option<GgufFile>, u64), String> {
+    match source {
+        ModelSource::Gguf(path) => Ok((Some(GgufFile::open(path).map_err(|e| e.to_string())?), 0)),
+        ModelSource::Synthetic { seed, .. } => Ok((None, *seed)),
+    }
+}
+
+/// Refuses a draft model whose tokens are not the target's: every id must
+/// mean the same token (the drafts are verified as the target's ids).
+fn check_draft(
+    target: &ModelConfig,
+    target_tokens: Option<&Tokenizer>,
+    draft: &ModelConfig,
+    draft_tokens: Option<&Tokenizer>,
+) -> Result<(), Error> {
+    let differs = |why: String| {
+        bad_config(
+            "draft_model",
+            format!("its vocabulary differs from the target model's: {why}"),
+        )
+    };
+    if draft.vocab != target.vocab {
+        return Err(differs(format!(
+            "{} logits per position against {}",
+            draft.vocab, target.vocab
+        )));
+    }
+    match (target_tokens, draft_tokens) {
+        (Some(t), Some(d)) => match t.vocabulary_difference(d) {
+            Some(why) => Err(differs(why)),
+            None => Ok(()),
+        },
+        (None, None) => Ok(()),
+        _ => Err(differs(
+            "one model has a tokenizer and the other synthetic token ids".into(),
+        )),
+    }
+}
+
 /// Builds an [`Engine`].
 #[derive(Debug, Clone, Default)]
 pub struct EngineBuilder {
@@ -507,6 +599,19 @@ impl EngineBuilder {
     pub fn max_model_len(mut self, n: Option<usize>) -> Self {
         self.cfg.max_model_len = n;
         self
+    }
+
+    /// A draft model for speculative decoding ([`SpecMethod::Draft`]), its
+    /// weights in `weights`.
+    pub fn draft_model(mut self, model: ModelSource, weights: WeightFormat) -> Self {
+        self.cfg.draft = Some(DraftModel { model, weights });
+        self
+    }
+
+    /// A draft model from a GGUF file or Hugging Face directory, in the
+    /// weight format [`WeightFormat::Auto`] picks.
+    pub fn draft_path(self, path: impl Into<PathBuf>) -> Self {
+        self.draft_model(ModelSource::Gguf(path.into()), WeightFormat::Auto)
     }
 
     /// Steps in flight per replica.
@@ -620,25 +725,35 @@ impl Engine {
 
     fn start(cfg: EngineConfig) -> Result<Self, EngineError> {
         cfg.check_max_model_len()?;
-        let (model, tokenizer, file_bytes) = match &cfg.model {
-            ModelSource::Gguf(path) => {
-                let file = GgufFile::open(path)?;
-                let model = ModelConfig::from_gguf_capped(&file, cfg.max_model_len)?;
-                let tokenizer = Tokenizer::from_gguf(&file)?;
-                (model, Some(Arc::new(tokenizer)), file.file_size())
-            }
-            ModelSource::Synthetic { name, .. } => {
-                let mut model = ModelConfig::synthetic(name)?;
-                if let Some(cap) = cfg.max_model_len {
-                    model.context = model.context.min(cap);
-                }
-                (model, None, 0)
-            }
-        };
+        let (model, tokenizer, file_bytes) = load_model(&cfg.model, cfg.max_model_len)?;
         cfg.validate(&model)?;
+        let draft = match &cfg.draft {
+            Some(d) => {
+                let (draft, draft_tokenizer, draft_bytes) =
+                    load_model(&d.model, cfg.max_model_len)?;
+                check_draft(
+                    &model,
+                    tokenizer.as_deref(),
+                    &draft,
+                    draft_tokenizer.as_deref(),
+                )?;
+                Some((draft, draft_bytes))
+            }
+            None => None,
+        };
         // Nothing sized by the configuration is allocated before this.
-        cfg.memory_plan(&model, file_bytes)?
-            .check(framework::machine_memory_bytes())?;
+        let mut plan = cfg.memory_plan(&model, file_bytes)?;
+        if let (Some((draft, bytes)), Some(d)) = (&draft, &cfg.draft) {
+            let draft_cfg = EngineConfig {
+                weights: d.weights,
+                tp: 1,
+                pp: 1,
+                kv_blocks: Some(cfg.kv_blocks(&model)),
+                ..cfg.clone()
+            };
+            plan = plan.plus(&draft_cfg.memory_plan(draft, *bytes)?);
+        }
+        plan.check(framework::machine_memory_bytes())?;
         let chat = match tokenizer.as_deref() {
             Some(t) => match t.chat_template() {
                 Some(src) => {
@@ -651,8 +766,8 @@ impl Engine {
             None => None,
         };
         let shape = ReplicaShape {
-            tp: cfg.tp,
-            pp: cfg.pp,
+            draft: draft.is_some(),
+            ..ReplicaShape::new(cfg.tp, cfg.pp)
         };
         let kv_blocks = cfg.kv_blocks(&model);
         let batch = BatchConfig {
@@ -678,22 +793,54 @@ impl Engine {
         let model_config = model.clone();
         let compute = cfg.compute.clone();
         let groups = stage_groups(&compute, shape, cfg.dp).map_err(EngineError::Invalid)?;
+        // The draft node's own group, per replica.
+        let draft_groups = match draft {
+            Some(_) => (0..cfg.dp)
+                .map(|r| compute.stage_group(&[r * shape.nodes() + shape.targets()]))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(EngineError::Invalid)?,
+            None => Vec::new(),
+        };
+        let draft_source = cfg.draft.clone().zip(draft.map(|(config, _)| config));
         let activations = cfg
             .collect_activations
             .then(|| Arc::new(ActivationStats::new()));
         let stats = activations.clone();
         let factory: WorkerFactory<LlmWorker> = Arc::new(move |id: NodeId| {
+            let node = id.replica * shape.nodes() + id.index;
+            let pool = || {
+                framework::threads::node_pool(
+                    &format!("r{}n{}", id.replica, id.index),
+                    threads,
+                    node,
+                    slots,
+                )
+                .map_err(|e| e.to_string())
+            };
+            if shape.is_draft(id.index) {
+                let (d, config) = draft_source
+                    .as_ref()
+                    .ok_or("a draft node without a draft model")?;
+                let (file, seed) = open_weights(&d.model)?;
+                let source = ShardSource {
+                    file: file.as_ref(),
+                    config: config.clone(),
+                    seed,
+                    spec: ShardSpec::new(0, 1).map_err(|e| e.to_string())?,
+                    layers: 0..config.n_layers,
+                    format: d.weights,
+                    kv: (block_size, kv_blocks),
+                    max_batch_tokens,
+                    node,
+                };
+                let shard = Shard::load(source, &compute, &draft_groups[id.replica])
+                    .map_err(|e| format!("the draft model: {e}"))?;
+                return Ok(LlmWorker::new(id, shape, shard, pool()?, fault.clone()));
+            }
             let (stage, rank) = shape.place(id.index);
             let spec = ShardSpec::new(rank, shape.tp).map_err(|e| e.to_string())?;
             let layers = stages[stage].clone();
-            let file = match &source {
-                ModelSource::Gguf(path) => Some(GgufFile::open(path).map_err(|e| e.to_string())?),
-                ModelSource::Synthetic { .. } => None,
-            };
-            let seed = match &source {
-                ModelSource::Synthetic { seed, .. } => *seed,
-                ModelSource::Gguf(_) => 0,
-            };
+            let (file, seed) = open_weights(&source)?;
             let source = ShardSource {
                 file: file.as_ref(),
                 config: model_config.clone(),
@@ -703,21 +850,14 @@ impl Engine {
                 format,
                 kv: (block_size, kv_blocks),
                 max_batch_tokens,
-                node: id.replica * shape.nodes() + id.index,
+                node,
             };
             let group = &groups[id.replica * shape.pp + stage];
             let mut shard = Shard::load(source, &compute, group).map_err(|e| e.to_string())?;
             if let Some(stats) = &stats {
                 shard.collect_activations(stats.clone());
             }
-            let threads = framework::threads::node_pool(
-                &format!("r{}n{}", id.replica, id.index),
-                threads,
-                id.replica * shape.nodes() + id.index,
-                slots,
-            )
-            .map_err(|e| e.to_string())?;
-            Ok(LlmWorker::new(id, shape, shard, threads, fault.clone()))
+            Ok(LlmWorker::new(id, shape, shard, pool()?, fault.clone()))
         });
         let pipeline = Pipeline::start(
             policy,
@@ -972,6 +1112,13 @@ impl Engine {
         };
         if speculative.enabled() {
             speculative.validate()?;
+        }
+        if speculative.method == SpecMethod::Draft && self.cfg.draft.is_none() {
+            return Err(bad(
+                "speculative.method",
+                "is \"draft\", but the server runs no draft model (start it with --draft-model or speculative.draft_model)",
+            )
+            .into());
         }
         let (decoding, sampler) = match req.beam {
             Some(b) => (Decoding::Beam(b), None),

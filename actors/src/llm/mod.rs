@@ -11,12 +11,12 @@ pub mod task;
 pub mod worker;
 
 pub use engine::{
-    Compute, Engine, EngineBuilder, EngineConfig, EngineError, EngineStats, MemoryPlan,
+    Compute, DraftModel, Engine, EngineBuilder, EngineConfig, EngineError, EngineStats, MemoryPlan,
     ModelSource, DEFAULT_SPECULATE_MAX_RUNNING,
 };
 pub use merge::LlmMerger;
 pub use merge::{Decoding, Registration};
-pub use policy::{LlmPolicy, LlmStats, NodeLinks, ReplicaShape};
+pub use policy::{LlmPolicy, LlmStats, ModelDrafts, NodeLinks, ReplicaShape};
 pub use step::{LlmStep, Pick, Picks, SharedSampler};
 pub use task::{BeamOutput, BeamParams, Event, EventStream, Prompt, Request, Usage};
 pub use worker::{FaultInjection, LlmWorker, Shard};

@@ -2,7 +2,11 @@
 //! replica, and the per-step wiring of each replica's nodes.
 //!
 //! A replica has `pp` pipeline stages of `tp` tensor-parallel ranks; node
-//! `stage · tp + rank`. Each step is one [`LlmStep`] (the [`StepPlan`] and the
+//! `stage · tp + rank`. With a draft model (speculative decoding), node
+//! `tp · pp` holds it whole: every step it computes the draft model's keys
+//! and values for the step's tokens, makes the drafts the plan left places
+//! for, and sends them to every other node of the replica, which wait for
+//! them before running such a step. Each step is one [`LlmStep`] (the [`StepPlan`] and the
 //! samplers of its requests) shared by every node of
 //! the replica, with fresh [`NodeLinks`] per node: one collective per stage,
 //! one channel from each rank of a stage to the same rank of the next, and one
@@ -31,26 +35,52 @@ use kit::{NodeError, NodeTask, Plan, Policy, StepId, TaskId};
 use crate::llm::step::{LlmStep, ScoreSpec, SharedSampler};
 use crate::llm::task::LlmTask;
 
-/// Tensor- and pipeline-parallel degrees of one replica.
+/// Tensor- and pipeline-parallel degrees of one replica, and whether it
+/// has a draft model's node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplicaShape {
     /// Tensor-parallel ranks per stage.
     pub tp: usize,
     /// Pipeline stages.
     pub pp: usize,
+    /// Whether node `tp · pp` runs a draft model (speculative decoding).
+    pub draft: bool,
 }
 
 impl ReplicaShape {
-    /// Nodes per replica.
+    /// A replica of `pp` stages of `tp` ranks, without a draft model.
+    pub fn new(tp: usize, pp: usize) -> Self {
+        Self {
+            tp,
+            pp,
+            draft: false,
+        }
+    }
+
+    /// Nodes per replica (the target model's, and the draft model's).
     pub fn nodes(&self) -> usize {
+        self.targets() + usize::from(self.draft)
+    }
+
+    /// The target model's nodes per replica.
+    pub fn targets(&self) -> usize {
         self.tp * self.pp
     }
 
-    /// `(stage, rank)` of node `index`.
+    /// Whether node `index` is the draft model's.
+    pub fn is_draft(&self, index: usize) -> bool {
+        self.draft && index == self.targets()
+    }
+
+    /// `(stage, rank)` of the target node `index`.
     pub fn place(&self, index: usize) -> (usize, usize) {
         (index / self.tp, index % self.tp)
     }
 }
+
+/// The draft model's drafts of one step, per item of its plan (empty for
+/// items whose drafts, if any, are not the model's).
+pub type ModelDrafts = Arc<Vec<Vec<u32>>>;
 
 /// Aborts a replica's step: every collective of it and every wait on a
 /// pipeline channel returns an error.
@@ -89,6 +119,10 @@ pub struct NodeLinks {
     pub prev: Option<Receiver<Vec<f32>>>,
     /// Hidden rows to the next stage (absent on the last).
     pub next: Option<Sender<Vec<f32>>>,
+    /// A target node's: the draft model's drafts (absent without one).
+    pub drafts_in: Option<Receiver<ModelDrafts>>,
+    /// The draft node's: one sender per target node.
+    pub drafts_out: Vec<Sender<ModelDrafts>>,
     /// The replica's abort signal.
     pub abort: Arc<ReplicaAbort>,
 }
@@ -104,6 +138,27 @@ impl NodeLinks {
             recv(prev) -> m => m.map_err(|_| NodeError::Aborted("the previous stage is gone".into())),
             recv(self.abort.rx) -> _ => Err(NodeError::Aborted("a peer failed".into())),
         }
+    }
+
+    /// The draft model's drafts for this step, unless the step is aborted.
+    pub fn recv_drafts(&self) -> Result<ModelDrafts, NodeError> {
+        let rx = self
+            .drafts_in
+            .as_ref()
+            .ok_or_else(|| NodeError::Failed("the step has drafts but no draft node".into()))?;
+        crossbeam::select! {
+            recv(rx) -> m => m.map_err(|_| NodeError::Aborted("the draft node is gone".into())),
+            recv(self.abort.rx) -> _ => Err(NodeError::Aborted("a peer failed".into())),
+        }
+    }
+
+    /// Sends the step's drafts to every target node (the draft node's).
+    pub fn send_drafts(&self, drafts: ModelDrafts) -> Result<(), NodeError> {
+        for tx in &self.drafts_out {
+            tx.send(drafts.clone())
+                .map_err(|_| NodeError::Aborted("a target node is gone".into()))?;
+        }
+        Ok(())
     }
 
     /// Hands a micro-batch's hidden rows to the next stage.
@@ -149,16 +204,34 @@ pub fn wire(shape: ReplicaShape) -> Vec<NodeLinks> {
         receivers.push(r);
     }
     senders.push((0..shape.tp).map(|_| None).collect());
+    let mut drafts_out = Vec::new();
     let mut links = Vec::with_capacity(shape.nodes());
     for (stage, group) in groups.into_iter().enumerate() {
         for (rank, collective) in group.into_iter().enumerate() {
+            let drafts_in = shape.draft.then(|| {
+                let (tx, rx) = crossbeam::channel::bounded(1);
+                drafts_out.push(tx);
+                rx
+            });
             links.push(NodeLinks {
                 collective,
                 prev: receivers[stage][rank].take(),
                 next: senders[stage][rank].take(),
+                drafts_in,
+                drafts_out: Vec::new(),
                 abort: abort.clone(),
             });
         }
+    }
+    if shape.draft {
+        links.push(NodeLinks {
+            collective: Arc::new(SingleCollective),
+            prev: None,
+            next: None,
+            drafts_in: None,
+            drafts_out,
+            abort,
+        });
     }
     links
 }

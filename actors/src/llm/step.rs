@@ -19,6 +19,9 @@
 //! makes one step at a time, so speculation changes how many steps a
 //! request takes, never its tokens.
 //!
+//! Where the drafts are the draft model's, the plan holds only their places;
+//! the last stage verifies the drafts the draft node sent for the step.
+//!
 //! A guided request's draw reads its grammar's mask of the next token
 //! ([`framework::guide`]), computed while the step ran; such a request does
 //! not speculate. The merger moves the grammar on with the sampler.
@@ -124,8 +127,15 @@ impl LlmStep {
     /// `logits` (a micro-batch's, item rows relative to `first`) holds, into
     /// `picks`: draws for sampled items, log-probability rows for beams. The
     /// items are independent, so they are chosen in parallel on the calling
-    /// thread's compute pool.
-    pub fn pick(&self, first: usize, logits: &Logits, picks: &mut Picks) {
+    /// thread's compute pool. `model_drafts` holds, per item, the draft
+    /// model's drafts where the plan holds only their places.
+    pub fn pick(
+        &self,
+        first: usize,
+        logits: &Logits,
+        picks: &mut Picks,
+        model_drafts: Option<&[Vec<u32>]>,
+    ) {
         type Chosen<'l> = (usize, Vec<&'l [f32]>, Option<Pick>);
         let mut chosen: Vec<Chosen<'_>> = (0..logits.item_rows.len())
             .filter(|&i| !logits.item_rows[i].is_empty())
@@ -169,7 +179,11 @@ impl LlmStep {
                     Some(Pick::Tokens(vec![sampler.lock().draw(&row)]))
                 }
                 (Some(sampler), _) => {
-                    Some(Pick::Tokens(verify(&sampler.lock(), drawn, it.drafted())))
+                    let drafts = match model_drafts.and_then(|d| d.get(*item)) {
+                        Some(d) if it.model_drafts => d.as_slice(),
+                        _ => it.drafted(),
+                    };
+                    Some(Pick::Tokens(verify(&sampler.lock(), drawn, drafts)))
                 }
                 (None, Some(row)) => Some(Pick::Row(log_softmax(row))),
             };
@@ -223,6 +237,7 @@ mod tests {
             table: vec![0],
             logits,
             drafts: 0,
+            model_drafts: false,
             scored: 0..0,
         }
     }
@@ -246,13 +261,13 @@ mod tests {
             data: vec![0.0, 0.0, 5.0],
             item_rows: vec![0..0, 0..1],
         };
-        step.pick(1, &second, &mut picks);
+        step.pick(1, &second, &mut picks, None);
         let first = Logits {
             vocab: 3,
             data: vec![0.0, 4.0, 1.0],
             item_rows: std::iter::once(0..1).collect(),
         };
-        step.pick(0, &first, &mut picks);
+        step.pick(0, &first, &mut picks, None);
         assert_eq!(picks.len(), 3);
         match &picks[0] {
             Some(Pick::Tokens(d)) => assert_eq!(d[0].token, 1),
@@ -298,7 +313,7 @@ mod tests {
             item_rows: std::iter::once(0..3).collect(),
         };
         let mut picks = Picks::new();
-        step.pick(0, &logits, &mut picks);
+        step.pick(0, &logits, &mut picks, None);
         let Some(Pick::Scored(scores, Some(draw))) = &picks[0] else {
             panic!("{:?}", picks[0]);
         };

@@ -9,20 +9,31 @@
 //! on `m`. The last stage's logits are gathered to its rank 0 only, which
 //! chooses each item's next token there (a draw with the request's sampler, or
 //! a beam's log-probability row) and returns the picks, not the logits.
+//!
+//! **The draft node** (speculative decoding with a draft model) holds the
+//! whole draft model and a KV pool with the same block ids as the target's,
+//! so every block table of the plan is valid for it too. Each step it
+//! computes the draft model's keys and values for every item's known tokens
+//! (so its cache always covers what the target's does, cached prefixes
+//! included), then, for the items whose drafts are the model's, draws them
+//! greedily one position at a time (each drafted token is fed back, the last
+//! one only to write its keys and values), and sends them to the target's
+//! nodes, which fill the plan's placeholders with them. Positions past what
+//! the target keeps are written again by a later step.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use framework::batching::StepPlan;
-use framework::collective::TimedCollective;
+use framework::batching::{StepItem, StepPlan};
+use framework::collective::{SingleCollective, TimedCollective};
 use framework::metrics as m;
-use framework::model::{PagedItem, StageInput, StageOutput};
+use framework::model::{LogitsWanted, PagedItem, StageInput, StageOutput};
 use framework::Error;
 pub use framework::Shard;
 
 use kit::{NodeError, NodeId, NodeWorker};
 
-use crate::llm::policy::{NodeLinks, ReplicaShape};
+use crate::llm::policy::{ModelDrafts, NodeLinks, ReplicaShape};
 use crate::llm::step::{LlmStep, Picks};
 
 /// Makes a chosen node fail at a chosen step (for tests of supervision).
@@ -85,6 +96,8 @@ impl FaultState {
 /// One compute node's state.
 pub struct LlmWorker {
     id: NodeId,
+    /// Whether this is the replica's draft node (else a target node).
+    draft: bool,
     stage: usize,
     shape: ReplicaShape,
     shard: Shard,
@@ -94,7 +107,8 @@ pub struct LlmWorker {
 
 impl LlmWorker {
     /// A worker for node `id` of a replica of `shape`, holding `shard` (with
-    /// its KV cache), and its own compute `threads`.
+    /// its KV cache), and its own compute `threads`. The replica's draft
+    /// node ([`ReplicaShape::is_draft`]) holds the whole draft model.
     pub fn new(
         id: NodeId,
         shape: ReplicaShape,
@@ -105,6 +119,7 @@ impl LlmWorker {
         let (stage, _) = shape.place(id.index);
         Self {
             id,
+            draft: shape.is_draft(id.index),
             stage,
             shape,
             shard,
@@ -131,6 +146,9 @@ impl NodeWorker for LlmWorker {
             f.check(self.id, step.plan.id)?;
         }
         let threads = self.threads.clone();
+        if self.draft {
+            return framework::threads::run_in(&threads, || self.run_draft(step, links));
+        }
         framework::threads::run_in(&threads, || self.run_step(step, links))
     }
 
@@ -147,14 +165,22 @@ impl LlmWorker {
             self.shard.copy_block(src, dst).map_err(node_error)?;
         }
         let started = std::time::Instant::now();
+        // The draft model's drafts, where the plan holds their places.
+        let drafted = if plan.items.iter().any(|i| i.model_drafts) {
+            Some(links.recv_drafts()?)
+        } else {
+            None
+        };
+        let filled = fill_drafts(plan, drafted.as_ref())?;
         let collective = TimedCollective::new(&*links.collective);
         let last = self.stage + 1 == self.shape.pp;
         let mut out: Option<Picks> = None;
         for mb in &plan.micro_batches {
             let items: Vec<PagedItem<'_>> = plan.items[mb.clone()]
                 .iter()
-                .map(|i| PagedItem {
-                    tokens: &i.tokens,
+                .zip(&filled[mb.clone()])
+                .map(|(i, f)| PagedItem {
+                    tokens: f.as_deref().unwrap_or(&i.tokens),
                     start: i.start,
                     table: &i.table,
                     logits: i.logits_wanted(),
@@ -169,7 +195,8 @@ impl LlmWorker {
             match output.map_err(node_error)? {
                 StageOutput::Hidden(h) => links.send(h)?,
                 StageOutput::Logits(l) if last => {
-                    step.pick(mb.start, &l, out.get_or_insert_with(Picks::new));
+                    let picks = out.get_or_insert_with(Picks::new);
+                    step.pick(mb.start, &l, picks, drafted.as_deref().map(Vec::as_slice));
                 }
                 StageOutput::Logits(_) | StageOutput::OnRoot => {}
             }
@@ -184,6 +211,149 @@ impl LlmWorker {
         }
         Ok(out)
     }
+}
+
+impl LlmWorker {
+    /// The draft node's step: the draft model's keys and values for every
+    /// item's known tokens, then its greedy drafts where the plan holds
+    /// their places, sent to the target's nodes.
+    fn run_draft(&mut self, step: &LlmStep, links: &NodeLinks) -> Result<Option<Picks>, NodeError> {
+        let plan = &step.plan;
+        for &(src, dst) in &plan.copies {
+            self.shard.copy_block(src, dst).map_err(node_error)?;
+        }
+        let started = std::time::Instant::now();
+        let items = &plan.items;
+        let known = |i: &StepItem| -> usize {
+            if i.model_drafts {
+                i.tokens.len() - i.drafts
+            } else {
+                i.tokens.len()
+            }
+        };
+        let mut drafts: Vec<Vec<u32>> = items
+            .iter()
+            .map(|i| Vec::with_capacity(if i.model_drafts { i.drafts } else { 0 }))
+            .collect();
+        // Every item's known tokens (prompt chunks, decodes, n-gram drafts);
+        // the last row of each model-drafted item gives its first draft.
+        let first: Vec<PagedItem<'_>> = items
+            .iter()
+            .map(|i| PagedItem {
+                tokens: &i.tokens[..known(i)],
+                start: i.start,
+                table: &i.table,
+                logits: if i.model_drafts {
+                    LogitsWanted::Last
+                } else {
+                    LogitsWanted::None
+                },
+            })
+            .collect();
+        let all: Vec<usize> = (0..items.len()).collect();
+        self.draft_forward(&first, &all, &mut drafts)?;
+        let picked: Vec<usize> = (0..items.len())
+            .filter(|&i| items[i].model_drafts)
+            .collect();
+        // Then one position at a time: feed draft `j - 1`, draw draft `j`
+        // (the last draft is fed without a draw, for its keys and values).
+        let rounds = items
+            .iter()
+            .filter(|i| i.model_drafts)
+            .map(|i| i.drafts)
+            .max();
+        for j in 1..=rounds.unwrap_or(0) {
+            let fed: Vec<usize> = picked
+                .iter()
+                .copied()
+                .filter(|&i| items[i].drafts >= j)
+                .collect();
+            let tokens: Vec<[u32; 1]> = fed.iter().map(|&i| [drafts[i][j - 1]]).collect();
+            let batch: Vec<PagedItem<'_>> = fed
+                .iter()
+                .zip(&tokens)
+                .map(|(&i, t)| PagedItem {
+                    tokens: t,
+                    start: items[i].start + known(&items[i]) + j - 1,
+                    table: &items[i].table,
+                    logits: if items[i].drafts > j {
+                        LogitsWanted::Last
+                    } else {
+                        LogitsWanted::None
+                    },
+                })
+                .collect();
+            self.draft_forward(&batch, &fed, &mut drafts)?;
+        }
+        if rounds.is_some() {
+            links.send_drafts(Arc::new(drafts))?;
+        }
+        let node = m::node_label(self.id.replica, self.id.index);
+        metrics::histogram!(m::NODE_STEP_DURATION, "node" => node, "phase" => "draft")
+            .record(started.elapsed().as_secs_f64());
+        Ok(None)
+    }
+
+    /// Runs `batch` through the whole draft model; the greedy token of each
+    /// batch item that asked for logits is appended to the drafts of its
+    /// plan item (`of[k]` is batch item `k`'s).
+    fn draft_forward(
+        &mut self,
+        batch: &[PagedItem<'_>],
+        of: &[usize],
+        drafts: &mut [Vec<u32>],
+    ) -> Result<(), NodeError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let out = self
+            .shard
+            .forward_paged(batch, StageInput::Tokens, &SingleCollective)
+            .map_err(node_error)?;
+        let StageOutput::Logits(logits) = out else {
+            return Err(NodeError::Failed(
+                "the draft model's node returned no logits".into(),
+            ));
+        };
+        for (k, &i) in of.iter().enumerate() {
+            if let Some(row) = logits.last(k) {
+                drafts[i].push(framework::sampling::argmax(row) as u32);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Each item's tokens with the draft model's drafts in the places the plan
+/// holds for them (`None` where the plan's tokens are complete).
+fn fill_drafts(
+    plan: &StepPlan,
+    drafted: Option<&ModelDrafts>,
+) -> Result<Vec<Option<Vec<u32>>>, NodeError> {
+    let Some(drafted) = drafted else {
+        return Ok(vec![None; plan.items.len()]);
+    };
+    plan.items
+        .iter()
+        .enumerate()
+        .map(|(k, i)| {
+            if !i.model_drafts {
+                return Ok(None);
+            }
+            let d = drafted
+                .get(k)
+                .filter(|d| d.len() == i.drafts)
+                .ok_or_else(|| {
+                    NodeError::Failed(format!(
+                        "the draft node sent no {} drafts for item {k}",
+                        i.drafts
+                    ))
+                })?;
+            let mut t = i.tokens[..i.tokens.len() - i.drafts].to_vec();
+            t.extend_from_slice(d);
+            Ok(Some(t))
+        })
+        .collect()
 }
 
 /// `prefill` when no item decodes a single token (with its drafts, if it
