@@ -116,6 +116,11 @@ pub struct StepItem {
     /// ([`DRAFT_PLACEHOLDER`]) that the replica's draft node replaces
     /// before the target's nodes compute them.
     pub model_drafts: bool,
+    /// For a request that speculates with the draft model: the token at
+    /// position `start - 1`, which the draft node computes again (the
+    /// previous step's last draft, kept or not, whose keys and values it
+    /// had no reason to write before it knew it was kept).
+    pub draft_prev: Option<u32>,
     /// Positions whose logits score the prompt (the row at position `p`
     /// gives the log-probability of prompt token `p + 1`); empty unless the
     /// group scores its prompt. Every row from the first of them to the
@@ -667,6 +672,11 @@ impl BatchScheduler {
                 logits: complete,
                 drafts: d,
                 model_drafts: by_model && d > 0,
+                draft_prev: if by_model && s.computed > 0 {
+                    s.tokens.get(s.computed - 1).copied()
+                } else {
+                    None
+                },
                 scored,
             });
             s.computed += n;
@@ -1265,6 +1275,7 @@ mod tests {
             logits: true,
             drafts: 0,
             model_drafts: false,
+            draft_prev: None,
             scored: 0..0,
         };
         let items: Vec<_> = [1, 1, 1, 1, 1, 1].into_iter().map(item).collect();

@@ -162,7 +162,7 @@ metrics! {
         "Tokens (prefill and decode) in a scheduled step";
     /// A node's step duration.
     NODE_STEP_DURATION = "parallm_node_step_duration_seconds", Histogram, ["node", "phase"],
-        "Seconds a node spent on one step, by node (r{replica}.n{index}) and phase (prefill, decode or mixed)";
+        "Seconds a node spent on one step, by node (r{replica}.n{index}) and phase (prefill, decode or mixed; `draft` for a draft model's node: its keys and values and its drafts)";
     /// A node's all-reduce time in a step.
     NODE_ALL_REDUCE_DURATION = "parallm_node_all_reduce_duration_seconds", Histogram, ["node"],
         "Seconds a node spent in tensor-parallel collectives (all-reduces and the logits gather) during one step (including waiting for peers)";

@@ -238,6 +238,7 @@ mod tests {
             logits,
             drafts: 0,
             model_drafts: false,
+            draft_prev: None,
             scored: 0..0,
         }
     }

@@ -16,10 +16,16 @@
 //! computes the draft model's keys and values for every item's known tokens
 //! (so its cache always covers what the target's does, cached prefixes
 //! included), then, for the items whose drafts are the model's, draws them
-//! greedily one position at a time (each drafted token is fed back, the last
-//! one only to write its keys and values), and sends them to the target's
-//! nodes, which fill the plan's placeholders with them. Positions past what
-//! the target keeps are written again by a later step.
+//! greedily one position at a time (each drafted token but the last is fed
+//! back), and sends them to the target's nodes, which fill the plan's
+//! placeholders with them. The last draft's keys and values are written by
+//! the next step, which feeds the token before its first again
+//! (`StepItem::draft_prev`) in the same pass; positions past what the
+//! target keeps are written again by a later step. (A request that ends
+//! right after a step whose drafts were all kept leaves that one position
+//! unwritten in the draft's pool; a later request that reuses its block
+//! through the prefix cache drafts from a stale key there: its drafts may be
+//! worse, never its output.)
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -235,13 +241,28 @@ impl LlmWorker {
             .iter()
             .map(|i| Vec::with_capacity(if i.model_drafts { i.drafts } else { 0 }))
             .collect();
-        // Every item's known tokens (prompt chunks, decodes, n-gram drafts);
-        // the last row of each model-drafted item gives its first draft.
+        // Every item's known tokens (prompt chunks, decodes, n-gram drafts),
+        // after the token before them where the draft model's requests may
+        // lack it; the last row of each model-drafted item gives its first
+        // draft.
+        let fed: Vec<Vec<u32>> = items
+            .iter()
+            .map(|i| match i.draft_prev {
+                Some(prev) if i.start > 0 => {
+                    let mut t = Vec::with_capacity(known(i) + 1);
+                    t.push(prev);
+                    t.extend_from_slice(&i.tokens[..known(i)]);
+                    t
+                }
+                _ => i.tokens[..known(i)].to_vec(),
+            })
+            .collect();
         let first: Vec<PagedItem<'_>> = items
             .iter()
-            .map(|i| PagedItem {
-                tokens: &i.tokens[..known(i)],
-                start: i.start,
+            .zip(&fed)
+            .map(|(i, t)| PagedItem {
+                tokens: t,
+                start: i.start + known(i) - t.len(),
                 table: &i.table,
                 logits: if i.model_drafts {
                     LogitsWanted::Last
@@ -255,18 +276,17 @@ impl LlmWorker {
         let picked: Vec<usize> = (0..items.len())
             .filter(|&i| items[i].model_drafts)
             .collect();
-        // Then one position at a time: feed draft `j - 1`, draw draft `j`
-        // (the last draft is fed without a draw, for its keys and values).
+        // Then one position at a time: feed draft `j - 1`, draw draft `j`.
         let rounds = items
             .iter()
             .filter(|i| i.model_drafts)
             .map(|i| i.drafts)
             .max();
-        for j in 1..=rounds.unwrap_or(0) {
+        for j in 1..rounds.unwrap_or(0) {
             let fed: Vec<usize> = picked
                 .iter()
                 .copied()
-                .filter(|&i| items[i].drafts >= j)
+                .filter(|&i| items[i].drafts > j)
                 .collect();
             let tokens: Vec<[u32; 1]> = fed.iter().map(|&i| [drafts[i][j - 1]]).collect();
             let batch: Vec<PagedItem<'_>> = fed
@@ -276,11 +296,7 @@ impl LlmWorker {
                     tokens: t,
                     start: items[i].start + known(&items[i]) + j - 1,
                     table: &items[i].table,
-                    logits: if items[i].drafts > j {
-                        LogitsWanted::Last
-                    } else {
-                        LogitsWanted::None
-                    },
+                    logits: LogitsWanted::Last,
                 })
                 .collect();
             self.draft_forward(&batch, &fed, &mut drafts)?;
