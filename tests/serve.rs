@@ -254,20 +254,15 @@ fn every_endpoint_answers_in_openai_shape() {
 
     // Speculative decoding (n-gram drafts) changes no token either.
     let copy = "Repeat: one two three four five six.\nRepeated: one two three four five six.\nRepeat: one two three four five six.\nRepeated:";
-    let texts: Vec<Value> = [
-        json!(null),
-        json!({"method": "ngram", "num_speculative_tokens": 5}),
-    ]
-    .into_iter()
-    .map(|spec| {
-        let (status, r) = s.post(
-            "/v1/completions",
-            json!({"prompt": copy, "max_tokens": 12, "temperature": 0, "speculative": spec}),
-        );
-        assert_eq!(status, 200, "{r}");
-        r["choices"][0]["text"].clone()
-    })
-    .collect();
+    let texts = greedy_texts(
+        &s,
+        copy,
+        12,
+        [
+            json!(null),
+            json!({"method": "ngram", "num_speculative_tokens": 5}),
+        ],
+    );
     assert_eq!(texts[0], texts[1]);
 
     // A list of prompts × n, token-id prompts, logprobs, stop.
@@ -1924,4 +1919,52 @@ fn model_tool_format_overrides_the_templates_format() {
         .filter_map(|t| t["token"].as_str())
         .collect();
     assert!(written.starts_with("[TOOL_CALLS]"), "{written}");
+}
+
+#[test]
+fn a_draft_model_speculates_per_request_and_changes_no_text() {
+    // The model as its own draft (`--draft-model`, the same vocabulary by
+    // construction): a request that asks for draft speculation gets the
+    // text of one that does not, and the drafts show in the metrics.
+    let model = common::model_path();
+    let s = Server::start(
+        &["--draft-model", model.to_str().expect("utf-8 path")],
+        true,
+    );
+    let copy = "Repeat: one two three four five six.\nRepeated:";
+    let texts = greedy_texts(
+        &s,
+        copy,
+        16,
+        [
+            json!(null),
+            json!({"method": "draft", "num_speculative_tokens": 3}),
+        ],
+    );
+    assert_eq!(texts[0], texts[1]);
+    let (status, metrics) = s.get("/metrics");
+    assert_eq!(status, 200);
+    let drafted = metrics
+        .lines()
+        .find(|l| l.starts_with("parallm_spec_drafted_tokens_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(drafted > 0.0, "{metrics}");
+}
+
+/// The greedy completions of `prompt` (`n` tokens) under each `speculative`
+/// setting.
+fn greedy_texts(s: &Server, prompt: &str, n: usize, specs: [Value; 2]) -> Vec<Value> {
+    specs
+        .into_iter()
+        .map(|spec| {
+            let (status, r) = s.post(
+                "/v1/completions",
+                json!({"prompt": prompt, "max_tokens": n, "temperature": 0, "speculative": spec}),
+            );
+            assert_eq!(status, 200, "{r}");
+            r["choices"][0]["text"].clone()
+        })
+        .collect()
 }
