@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::{golden, ids, model_path, run_requests, sixty_four_prompts, wait_idle};
-use parallm::actors::llm::ModelSource;
+use parallm::actors::llm::{FaultInjection, ModelSource};
 use parallm::framework::speculative::Speculation;
 use parallm::framework::SamplingParams;
 use parallm::framework::WeightFormat;
@@ -434,4 +434,63 @@ fn bad_draft_model_settings_are_refused_naming_the_field() {
     let err = e.generate(r).expect_err("refused").to_string();
     assert!(err.contains("speculative"), "{err}");
     e.shutdown();
+}
+
+#[test]
+fn a_draft_node_failure_loses_no_request_and_changes_no_output() {
+    // The tiny synthetic model drafting for itself; the draft node (node
+    // tp·pp = 2 of a tp=2 replica) fails at step 3, once by an error and
+    // once by a panic. Its replica recomputes (the draft's keys and values
+    // are lost with the others'), every request completes, and the tokens
+    // are plain decoding's.
+    let prompts: Vec<Vec<u32>> = (0..12u32)
+        .map(|i| (0..8 + i).map(|t| (t * 7 + i) % 200 + 1).collect())
+        .collect();
+    let reqs: Vec<Request> = prompts
+        .iter()
+        .map(|p| Request::greedy_tokens(p.clone(), 12))
+        .collect();
+    let engine = |spec: Speculation, fault: Option<FaultInjection>| {
+        let mut b = EngineBuilder::default()
+            .synthetic("tiny", 5)
+            .tp(2)
+            .speculative(spec)
+            .speculate_max_running(usize::MAX);
+        if spec.enabled() {
+            let draft = ModelSource::Synthetic {
+                name: "tiny".into(),
+                seed: 5,
+            };
+            b = b.draft_model(draft, WeightFormat::Auto);
+        }
+        if let Some(f) = fault {
+            b = b.fault(f);
+        }
+        b.build().expect("engine")
+    };
+    let plain = {
+        let e = engine(Speculation::default(), None);
+        let out = run_requests(&e, &reqs);
+        e.shutdown();
+        out
+    };
+    for panic in [false, true] {
+        let fault = FaultInjection {
+            replica: 0,
+            node: 2,
+            step: 3,
+            times: 1,
+            panic,
+        };
+        let e = engine(Speculation::draft(3), Some(fault));
+        let got = run_requests(&e, &reqs);
+        let st = e.stats();
+        assert!(st.scheduler.failed_steps >= 1, "panic={panic}");
+        assert_eq!(st.nodes[2].1.restarts, 1, "the draft node was restarted");
+        let s = wait_idle(&e);
+        assert_eq!(s.policy.kv_used, 0);
+        assert!(s.policy.accepted > 0, "{:?}", s.policy);
+        assert_eq!(got, plain, "panic={panic}");
+        e.shutdown();
+    }
 }
