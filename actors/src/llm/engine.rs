@@ -344,7 +344,7 @@ impl EngineConfig {
                 "is \"draft\", but no draft model is given (--draft-model or speculative.draft_model)",
             ));
         }
-        let nodes = self.tp * self.pp + usize::from(self.draft.is_some());
+        let nodes = self.shape().nodes();
         if let Some(f) = &self.fault {
             if f.replica >= self.dp || f.node >= nodes {
                 return Err(bad_config(
@@ -433,6 +433,14 @@ impl EngineConfig {
             replicas: self.dp,
             on_gpu: !matches!(self.compute, Compute::Cpu { .. }),
         })
+    }
+
+    /// A replica's nodes: `tp · pp` of the model, and the draft model's.
+    pub fn shape(&self) -> ReplicaShape {
+        ReplicaShape {
+            draft: self.draft.is_some(),
+            ..ReplicaShape::new(self.tp, self.pp)
+        }
     }
 
     /// Steps a replica has in flight: `steps_in_flight`, or the pipeline depth.
@@ -765,10 +773,7 @@ impl Engine {
             },
             None => None,
         };
-        let shape = ReplicaShape {
-            draft: draft.is_some(),
-            ..ReplicaShape::new(cfg.tp, cfg.pp)
-        };
+        let shape = cfg.shape();
         let kv_blocks = cfg.kv_blocks(&model);
         let batch = BatchConfig {
             max_batch_tokens: cfg.max_batch_tokens,

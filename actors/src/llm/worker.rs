@@ -102,8 +102,6 @@ impl FaultState {
 /// One compute node's state.
 pub struct LlmWorker {
     id: NodeId,
-    /// Whether this is the replica's draft node (else a target node).
-    draft: bool,
     stage: usize,
     shape: ReplicaShape,
     shard: Shard,
@@ -125,7 +123,6 @@ impl LlmWorker {
         let (stage, _) = shape.place(id.index);
         Self {
             id,
-            draft: shape.is_draft(id.index),
             stage,
             shape,
             shard,
@@ -152,7 +149,7 @@ impl NodeWorker for LlmWorker {
             f.check(self.id, step.plan.id)?;
         }
         let threads = self.threads.clone();
-        if self.draft {
+        if self.shape.is_draft(self.id.index) {
             return framework::threads::run_in(&threads, || self.run_draft(step, links));
         }
         framework::threads::run_in(&threads, || self.run_step(step, links))
@@ -184,9 +181,12 @@ impl LlmWorker {
         for mb in &plan.micro_batches {
             let items: Vec<PagedItem<'_>> = plan.items[mb.clone()]
                 .iter()
-                .zip(&filled[mb.clone()])
-                .map(|(i, f)| PagedItem {
-                    tokens: f.as_deref().unwrap_or(&i.tokens),
+                .enumerate()
+                .map(|(k, i)| PagedItem {
+                    tokens: filled
+                        .get(mb.start + k)
+                        .and_then(Option::as_deref)
+                        .unwrap_or(&i.tokens),
                     start: i.start,
                     table: &i.table,
                     logits: i.logits_wanted(),
@@ -341,13 +341,14 @@ impl LlmWorker {
 }
 
 /// Each item's tokens with the draft model's drafts in the places the plan
-/// holds for them (`None` where the plan's tokens are complete).
+/// holds for them (`None` where the plan's tokens are complete; nothing at
+/// all in a step without such drafts).
 fn fill_drafts(
     plan: &StepPlan,
     drafted: Option<&ModelDrafts>,
 ) -> Result<Vec<Option<Vec<u32>>>, NodeError> {
     let Some(drafted) = drafted else {
-        return Ok(vec![None; plan.items.len()]);
+        return Ok(Vec::new());
     };
     plan.items
         .iter()
