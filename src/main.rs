@@ -88,6 +88,25 @@ enum Command {
     /// What this machine offers the CUDA backend: CUDA's libraries, the GPUs,
     /// and whether the kernels compile.
     Cuda(CudaArgs),
+    /// Starts the job's ranks with mpirun as the config's [cluster] places
+    /// them (writing the hostfile), or with --dry-run prints the command.
+    Launch(LaunchArgs),
+}
+
+#[derive(Args)]
+struct LaunchArgs {
+    #[command(flatten)]
+    layers: LayerArgs,
+    /// Print the hostfile and the mpirun command; start nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Where to write the hostfile (default: the config file's path with
+    /// the extension `.hosts`).
+    #[arg(long, value_name = "FILE")]
+    hostfile: Option<PathBuf>,
+    /// What each rank runs, after `--` (default: `serve --config FILE`).
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
 }
 
 #[derive(Args)]
@@ -133,6 +152,10 @@ struct LayerArgs {
     /// (speculative.draft_model).
     #[arg(long, value_name = "PATH")]
     draft_model: Option<PathBuf>,
+    /// How nodes are spread over MPI ranks: by-host or spread
+    /// (cluster.placement).
+    #[arg(long)]
+    placement: Option<String>,
     /// An accepted API key, repeatable (server.api_keys).
     #[arg(long = "api-key", value_name = "KEY")]
     api_keys: Vec<String>,
@@ -163,6 +186,9 @@ impl LayerArgs {
         }
         if let Some(v) = &self.draft_model {
             put("speculative.draft_model", v.display().to_string().into());
+        }
+        if let Some(v) = &self.placement {
+            put("cluster.placement", v.clone().into());
         }
         for (k, v) in [
             ("parallel.tp", self.tp),
@@ -639,6 +665,7 @@ fn main() -> ExitCode {
         Command::Prune(args) => run_prune(args),
         Command::Imatrix(args) => run_imatrix(args),
         Command::Config(ConfigCommand::Show(layers)) => run_config_show(layers),
+        Command::Launch(args) => run_launch(args),
         Command::Config(ConfigCommand::Check { file, mut layers }) => {
             layers.config = Some(file);
             run_config_check(layers)
@@ -821,6 +848,64 @@ fn run_perplexity(args: PerplexityArgs) -> CliResult {
 fn run_config_show(layers: LayerArgs) -> CliResult {
     let loaded = parallm::config::load(&layers.sources()?)?;
     print!("{}", parallm::config::show(&loaded));
+    Ok(())
+}
+
+fn run_launch(args: LaunchArgs) -> CliResult {
+    let loaded = parallm::config::load(&args.layers.sources()?)?;
+    let raw = &loaded.raw.cluster;
+    let spec = &loaded.settings.cluster;
+    cluster::launch::check_hosts(spec).map_err(|e| format!("config: {e}"))?;
+    let config = args
+        .layers
+        .config
+        .as_ref()
+        .map(std::path::absolute)
+        .transpose()?;
+    let hostfile = match (&args.hostfile, &config) {
+        (Some(h), _) => h.clone(),
+        (None, Some(c)) => c.with_extension("hosts"),
+        (None, None) => PathBuf::from("parallm.hosts"),
+    };
+    let command = if args.command.is_empty() {
+        let mut c = vec!["serve".to_string()];
+        if let Some(config) = &config {
+            c.extend(["--config".into(), config.display().to_string()]);
+        }
+        c
+    } else {
+        args.command.clone()
+    };
+    let program = std::env::current_exe()?;
+    let plan = cluster::LaunchPlan::new(
+        spec,
+        loaded.settings.placement.ranks(),
+        &raw.mpirun,
+        &raw.mpirun_args,
+        &hostfile,
+        &program,
+        &command,
+    );
+    print!("{}", loaded.settings.placement);
+    if let Some((path, body)) = &plan.hostfile {
+        println!("hostfile {}:", path.display());
+        print!("{body}");
+        if !args.dry_run {
+            std::fs::write(path, body)
+                .map_err(|e| format!("cannot write the hostfile {}: {e}", path.display()))?;
+        }
+    }
+    println!("{}", plan.command_line());
+    if args.dry_run {
+        return Ok(());
+    }
+    let status = std::process::Command::new(&plan.argv[0])
+        .args(&plan.argv[1..])
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", plan.argv[0]))?;
+    if !status.success() {
+        return Err(format!("{} exited with {status}", plan.argv[0]).into());
+    }
     Ok(())
 }
 

@@ -84,3 +84,22 @@ fn binary_still_has_its_benchmark_crates() {
         );
     }
 }
+
+#[test]
+fn the_default_build_needs_no_mpi() {
+    // MPI is the `mpi` feature's: without it, neither the library nor the
+    // binary links rsmpi (which needs OpenMPI and libclang to build).
+    for package in ["parallm", "parallm-cli"] {
+        let deps = normal_dependencies(package);
+        assert!(
+            deps.iter().any(|d| d == "parallm-cluster"),
+            "{package} should depend on parallm-cluster: {deps:?}"
+        );
+        for mpi in ["mpi", "mpi-sys"] {
+            assert!(
+                !deps.iter().any(|d| d == mpi),
+                "{package}'s default build depends on {mpi}"
+            );
+        }
+    }
+}

@@ -72,8 +72,15 @@ pub trait Collective: Send + Sync {
 }
 
 /// Writes `local` (`rows × local.len()/rows`) into columns `col_offset..` of
-/// `full` (`rows × total_cols`).
-fn place_cols(full: &mut [f32], local: &[f32], rows: usize, col_offset: usize, total_cols: usize) {
+/// `full` (`rows × total_cols`). The block must fit: `col_offset` plus its
+/// columns at most `total_cols`, and `full` that large.
+pub fn place_cols(
+    full: &mut [f32],
+    local: &[f32],
+    rows: usize,
+    col_offset: usize,
+    total_cols: usize,
+) {
     let local_cols = local.len().checked_div(rows).unwrap_or(0);
     for r in 0..rows {
         full[r * total_cols + col_offset..][..local_cols]

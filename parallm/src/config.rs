@@ -363,6 +363,79 @@ impl SpeculativeSection {
     }
 }
 
+/// `[cluster]`: compute nodes in other processes and on other hosts (MPI
+/// ranks). The defaults are one process holding every node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Host names in order; rank `r` runs on `hosts[r / ranks_per_host]`.
+    /// Empty: the hosts MPI reports.
+    pub hosts: Vec<String>,
+    /// Ranks (processes) per host.
+    pub ranks_per_host: usize,
+    /// Ranks in all (0: hosts × ranks_per_host, or as many as were launched).
+    pub ranks: usize,
+    /// `by-host` (tensor-parallel groups within a rank, stages and replicas
+    /// spread over ranks) or `spread` (node after node on rank after rank).
+    pub placement: String,
+    /// Whether a tensor-parallel group may span hosts.
+    pub allow_cross_host_tp: bool,
+    /// The MPI launcher `parallm launch` runs.
+    pub mpirun: String,
+    /// Further options for it (`--mca btl_tcp_if_include eth0`, …).
+    pub mpirun_args: Vec<String>,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        let spec = cluster::ClusterSpec::default();
+        Self {
+            hosts: spec.hosts,
+            ranks_per_host: spec.ranks_per_host,
+            ranks: spec.ranks,
+            placement: spec.mode.as_str().into(),
+            allow_cross_host_tp: spec.allow_cross_host_tp,
+            mpirun: "mpirun".into(),
+            mpirun_args: Vec::new(),
+        }
+    }
+}
+
+impl ClusterSection {
+    /// The checked cluster; errors name the key.
+    pub fn spec(&self) -> Result<cluster::ClusterSpec, ConfigError> {
+        let mode = self.placement.parse().map_err(placement_error)?;
+        if self.mpirun.trim().is_empty() {
+            return Err(invalid("cluster.mpirun", "must name the MPI launcher"));
+        }
+        Ok(cluster::ClusterSpec {
+            hosts: self.hosts.clone(),
+            ranks_per_host: self.ranks_per_host,
+            ranks: self.ranks,
+            mode,
+            allow_cross_host_tp: self.allow_cross_host_tp,
+        })
+    }
+}
+
+fn placement_error(e: cluster::PlacementError) -> ConfigError {
+    invalid(e.field, e.reason)
+}
+
+/// How many processes the launcher started (MPI's or Slurm's environment),
+/// 1 outside a launcher.
+pub fn launched_ranks() -> usize {
+    [
+        "OMPI_COMM_WORLD_SIZE",
+        "PMI_SIZE",
+        "PMIX_SIZE",
+        "SLURM_NTASKS",
+    ]
+    .iter()
+    .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())
+    .unwrap_or(1)
+}
+
 /// One `[[models]]` entry: a further model served next to `[model]`, with
 /// its own pipeline, chosen by the request's `model`. Only embedding models
 /// (`task = "embed"`: BERT-family encoders, or generation models pooled)
@@ -538,6 +611,8 @@ pub struct RawConfig {
     pub speculative: SpeculativeSection,
     /// `[faults]`.
     pub faults: FaultsSection,
+    /// `[cluster]`.
+    pub cluster: ClusterSection,
     /// `[[models]]`: embedding models served next to `[model]`.
     pub models: Vec<ModelEntry>,
 }
@@ -668,6 +743,11 @@ pub struct Settings {
     pub limits: LimitsSection,
     /// The embedding models of `[[models]]`.
     pub embed_models: Vec<EmbedModel>,
+    /// The `[cluster]` settings.
+    pub cluster: cluster::ClusterSpec,
+    /// Which rank runs each node, for the ranks launched (one without a
+    /// launcher); hosts as configured until MPI reports them.
+    pub placement: cluster::Placement,
 }
 
 /// Where a key's value came from.
@@ -1191,6 +1271,18 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         draft: draft_model(&raw.speculative, weights)?,
         ..EngineConfig::default()
     };
+    let cluster_spec = raw.cluster.spec()?;
+    let placement = cluster::Placement::plan(
+        &cluster_spec,
+        cluster::Layout {
+            dp: raw.parallel.dp,
+            tp: raw.parallel.tp,
+            pp: raw.parallel.pp,
+            draft: engine.draft.is_some(),
+        },
+        launched_ranks(),
+    )
+    .map_err(placement_error)?;
     Ok(Settings {
         device,
         model_path,
@@ -1209,6 +1301,8 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         workers,
         limits: l.clone(),
         embed_models: check_models(&raw.models, &m.name)?,
+        cluster: cluster_spec,
+        placement,
     })
 }
 
@@ -1254,6 +1348,11 @@ pub fn show(loaded: &Loaded) -> String {
                 }
             }
         }
+    }
+    // Where each node runs, as comments (the file stays valid TOML).
+    out.push('\n');
+    for line in loaded.settings.placement.to_string().lines() {
+        out.push_str(&format!("# {line}\n"));
     }
     out
 }

@@ -59,6 +59,9 @@ pub enum ServeError {
     /// The tokenizer threads could not start.
     #[error("cannot start the tokenizer threads: {0}")]
     Threads(String),
+    /// The `[cluster]` placement asks for what this build does not run.
+    #[error("{0}")]
+    Cluster(String),
 }
 
 /// What every handler shares.
@@ -346,6 +349,12 @@ pub fn run<L>(settings: Settings, loader: L) -> Result<(), ServeError>
 where
     L: FnOnce() -> Result<std::path::PathBuf, String> + Send + 'static,
 {
+    if !settings.placement.is_local() {
+        return Err(ServeError::Cluster(format!(
+            "cluster.ranks: the placement puts nodes on {} ranks, but compute nodes in other processes are not built yet; this version serves with every node in one process (cluster.ranks = 1)",
+            settings.placement.ranks()
+        )));
+    }
     let prometheus = install_metrics()?;
     let system = actix_web::rt::System::new();
     system.block_on(serve(settings, loader, prometheus))

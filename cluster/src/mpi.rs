@@ -1,0 +1,373 @@
+//! The MPI transport (feature `mpi`): ranks are the processes `mpirun` (or
+//! `srun`) started, messages go over `MPI_COMM_WORLD`.
+//!
+//! One progress thread per process is the only thread that moves the
+//! transport's messages through MPI: node threads hand it what they send
+//! (a send never blocks a node, whatever MPI's protocol for the size), and
+//! it posts them as non-blocking sends, completes them, and takes every
+//! incoming message (any source, the transport's tag), reading its header
+//! (kind, stream, endpoints) and filing it in the rank's [`Mailbox`]. Waits
+//! therefore never sit inside MPI, and an abort or a lost peer wakes them.
+//! When idle it waits on its outgoing queue for a short while, so a send is
+//! posted at once. An abort travels as a message of its own to each rank
+//! that hosts the stream. MPI is initialized with `MPI_THREAD_MULTIPLE`, so
+//! the job-wide calls (host names, barriers, broadcasts) may come from any
+//! thread meanwhile.
+//!
+//! What is and is not recovered: a stream (one step's link) can be aborted
+//! and the job goes on; a rank that dies takes the job with it (MPI's
+//! default error handler, and `mpirun` stops the other ranks).
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam::channel::{Receiver, Sender};
+use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
+use mpi::point_to_point::{MatchedReceiveVec, Source, Status};
+use mpi::topology::{Communicator, SimpleCommunicator};
+use mpi::Threading;
+
+use framework::{Error, Result};
+
+use crate::transport::{Address, Mailbox, Transport};
+
+/// The one MPI tag the transport uses.
+const TAG: i32 = 0x5041;
+const DATA: u8 = 0;
+const ABORT: u8 = 1;
+const HEADER: usize = 1 + 8 + 4 + 4;
+/// Empty polls the progress thread makes, yielding, before it waits.
+const IDLE_YIELDS: u32 = 64;
+/// How long an idle progress thread waits for something to send before it
+/// polls MPI again.
+const IDLE_WAIT: Duration = Duration::from_micros(50);
+
+/// What the progress thread is handed.
+enum Outgoing {
+    /// A message (header included) for a rank.
+    Message(usize, Vec<u8>),
+    /// Finish the sends in flight, then stop.
+    Stop,
+}
+
+fn world() -> SimpleCommunicator {
+    SimpleCommunicator::world()
+}
+
+/// MPI for this process: the universe (finalized when dropped, after the
+/// receiver stops) and the transport over it.
+pub struct Mpi {
+    transport: Arc<MpiTransport>,
+    receiver: Option<JoinHandle<()>>,
+    // Dropped last: MPI_Finalize.
+    _universe: mpi::environment::Universe,
+}
+
+impl Mpi {
+    /// Initializes MPI with full thread support and starts the receiver.
+    pub fn init() -> Result<Self> {
+        let (universe, provided) =
+            mpi::initialize_with_threading(Threading::Multiple).ok_or_else(|| {
+                Error::Collective("MPI was already initialized in this process".into())
+            })?;
+        if provided != Threading::Multiple {
+            return Err(Error::Collective(format!(
+                "this MPI library gives thread support {provided:?}; parallm's nodes need MPI_THREAD_MULTIPLE"
+            )));
+        }
+        let w = world();
+        let (outgoing, queue) = crossbeam::channel::unbounded();
+        let transport = Arc::new(MpiTransport {
+            rank: w.rank() as usize,
+            size: w.size() as usize,
+            mailbox: Mailbox::default(),
+            outgoing,
+        });
+        let t = transport.clone();
+        let receiver = std::thread::Builder::new()
+            .name(format!("mpi-progress-{}", transport.rank))
+            .spawn(move || t.progress(queue))
+            .map_err(|e| Error::Collective(format!("cannot start the MPI progress thread: {e}")))?;
+        Ok(Self {
+            transport,
+            receiver: Some(receiver),
+            _universe: universe,
+        })
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> Arc<MpiTransport> {
+        self.transport.clone()
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> usize {
+        self.transport.rank
+    }
+
+    /// Number of ranks.
+    pub fn size(&self) -> usize {
+        self.transport.size
+    }
+
+    /// Every rank's host (MPI's processor name), in rank order.
+    pub fn hosts(&self) -> Result<Vec<String>> {
+        const LEN: usize = 256;
+        let name = mpi::environment::processor_name()
+            .map_err(|e| Error::Collective(format!("MPI's processor name is not UTF-8: {e}")))?;
+        let mut mine = [0u8; LEN];
+        let n = name.len().min(LEN);
+        mine[..n].copy_from_slice(&name.as_bytes()[..n]);
+        let mut all = vec![0u8; LEN * self.size()];
+        world().all_gather_into(&mine[..], &mut all[..]);
+        Ok(all
+            .chunks(LEN)
+            .map(|c| {
+                let end = c.iter().position(|&b| b == 0).unwrap_or(LEN);
+                String::from_utf8_lossy(&c[..end]).into_owned()
+            })
+            .collect())
+    }
+
+    /// Waits for every rank.
+    pub fn barrier(&self) {
+        world().barrier();
+    }
+
+    /// `bytes` of rank `root`, on every rank (the NCCL unique id's way to
+    /// the other ranks). Every rank passes a buffer of the same length.
+    pub fn broadcast(&self, root: usize, bytes: &mut [u8]) {
+        world().process_at_rank(root as i32).broadcast_into(bytes);
+    }
+
+    /// `MPI_Allreduce` with `MPI_SUM` (the library's own order of
+    /// addition; for the collective benchmark).
+    pub fn native_all_reduce(&self, buf: &mut [f32]) {
+        let send = buf.to_vec();
+        world().all_reduce_into(&send[..], buf, SystemOperation::sum());
+    }
+}
+
+impl Drop for Mpi {
+    fn drop(&mut self) {
+        // Every rank stops sending before any finalizes.
+        world().barrier();
+        let _ = self.transport.outgoing.send(Outgoing::Stop);
+        if let Some(r) = self.receiver.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+/// Messages between the processes of an MPI job.
+pub struct MpiTransport {
+    rank: usize,
+    size: usize,
+    mailbox: Mailbox,
+    outgoing: Sender<Outgoing>,
+}
+
+fn header(kind: u8, a: Address) -> Vec<u8> {
+    let mut h = Vec::with_capacity(HEADER);
+    h.push(kind);
+    h.extend_from_slice(&a.stream.to_le_bytes());
+    h.extend_from_slice(&a.from.to_le_bytes());
+    h.extend_from_slice(&a.to.to_le_bytes());
+    h
+}
+
+fn parse_header(msg: &[u8]) -> Option<(u8, Address)> {
+    let h = msg.get(..HEADER)?;
+    Some((
+        h[0],
+        Address {
+            stream: u64::from_le_bytes(h[1..9].try_into().ok()?),
+            from: u32::from_le_bytes(h[9..13].try_into().ok()?),
+            to: u32::from_le_bytes(h[13..17].try_into().ok()?),
+        },
+    ))
+}
+
+impl MpiTransport {
+    /// The progress thread: posts what node threads send, completes it,
+    /// and files what arrives, until told to stop.
+    fn progress(&self, queue: Receiver<Outgoing>) {
+        let mut in_flight: Vec<Send> = Vec::new();
+        let mut stopping = false;
+        let mut idle = 0u32;
+        loop {
+            let mut busy = false;
+            while let Ok(out) = queue.try_recv() {
+                busy = true;
+                match out {
+                    Outgoing::Message(dest, msg) => match Send::post(dest, msg) {
+                        Ok(s) => in_flight.push(s),
+                        Err(e) => self.mailbox.fail(e),
+                    },
+                    Outgoing::Stop => stopping = true,
+                }
+            }
+            let before = in_flight.len();
+            in_flight.retain_mut(|s| !s.done());
+            busy |= in_flight.len() != before;
+            if let Some(probed) = world().any_process().immediate_matched_probe_with_tag(TAG) {
+                busy = true;
+                let (msg, status): (Vec<u8>, Status) = probed.matched_receive_vec();
+                self.file(status.source_rank() as usize, msg);
+            }
+            if stopping && in_flight.is_empty() {
+                return;
+            }
+            if busy {
+                idle = 0;
+            } else if idle < IDLE_YIELDS {
+                idle += 1;
+                std::thread::yield_now();
+            } else {
+                match queue.recv_timeout(IDLE_WAIT) {
+                    Ok(Outgoing::Message(dest, msg)) => match Send::post(dest, msg) {
+                        Ok(s) => in_flight.push(s),
+                        Err(e) => self.mailbox.fail(e),
+                    },
+                    Ok(Outgoing::Stop) => stopping = true,
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+
+    /// Files a message that arrived from `src`.
+    fn file(&self, src: usize, mut msg: Vec<u8>) {
+        match parse_header(&msg) {
+            Some((DATA, address)) => {
+                msg.drain(..HEADER);
+                self.mailbox.deliver(src, address, msg);
+            }
+            Some((ABORT, address)) => self.mailbox.abort_stream(address.stream),
+            Some((other, _)) => self
+                .mailbox
+                .fail(format!("rank {src} sent a message of unknown kind {other}")),
+            None => self.mailbox.fail(format!(
+                "rank {src} sent a message of {} bytes without a header",
+                msg.len()
+            )),
+        }
+    }
+
+    fn enqueue(&self, dest: usize, msg: Vec<u8>) -> Result<()> {
+        self.outgoing
+            .send(Outgoing::Message(dest, msg))
+            .map_err(|_| Error::Collective("the MPI progress thread has stopped".into()))
+    }
+}
+
+/// A non-blocking send in flight: its buffer stays here, unmoved, until
+/// MPI says the send is complete.
+struct Send {
+    buf: Vec<u8>,
+    request: mpi::ffi::MPI_Request,
+}
+
+impl Send {
+    fn post(dest: usize, buf: Vec<u8>) -> std::result::Result<Self, String> {
+        let count = i32::try_from(buf.len()).map_err(|_| {
+            format!(
+                "a message of {} bytes is too large for one MPI send",
+                buf.len()
+            )
+        })?;
+        // SAFETY: MPI was initialized (MPI_THREAD_MULTIPLE) before the
+        // progress thread started and is finalized only after it stops;
+        // `buf`'s heap block stays allocated and unmodified, owned by the
+        // returned `Send`, until `MPI_Test` reports the request complete
+        // (and `Drop` waits for any request still pending); `request` is
+        // written by MPI_Isend before it is read.
+        unsafe {
+            let mut request = mpi::ffi::RSMPI_REQUEST_NULL;
+            let rc = mpi::ffi::MPI_Isend(
+                buf.as_ptr().cast(),
+                count,
+                mpi::ffi::RSMPI_UINT8_T,
+                dest as i32,
+                TAG,
+                mpi::ffi::RSMPI_COMM_WORLD,
+                &mut request,
+            );
+            if rc != 0 {
+                return Err(format!("MPI_Isend to rank {dest} failed with code {rc}"));
+            }
+            Ok(Self { buf, request })
+        }
+    }
+
+    /// Whether the send is complete (its buffer may then be freed).
+    fn done(&mut self) -> bool {
+        let mut flag = 0;
+        // SAFETY: `request` is the live request MPI_Isend returned (or
+        // MPI_REQUEST_NULL once completed, for which MPI_Test reports
+        // completion); the status is ignored.
+        unsafe {
+            mpi::ffi::MPI_Test(&mut self.request, &mut flag, mpi::ffi::RSMPI_STATUS_IGNORE);
+        }
+        flag != 0
+    }
+}
+
+impl Drop for Send {
+    fn drop(&mut self) {
+        // The buffer must outlive the send: finish it before freeing.
+        while !self.done() {
+            std::thread::yield_now();
+        }
+        let _ = self.buf.len();
+    }
+}
+
+impl Transport for MpiTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn send(&self, dest: usize, address: Address, payload: &[u8]) -> Result<()> {
+        if dest >= self.size {
+            return Err(Error::Collective(format!(
+                "no rank {dest} in a job of {}",
+                self.size
+            )));
+        }
+        if dest == self.rank {
+            self.mailbox.deliver(self.rank, address, payload.to_vec());
+            return Ok(());
+        }
+        let mut msg = header(DATA, address);
+        msg.extend_from_slice(payload);
+        self.enqueue(dest, msg)
+    }
+
+    fn mailbox(&self) -> &Mailbox {
+        &self.mailbox
+    }
+
+    fn abort(&self, stream: u64, ranks: &[usize]) {
+        let msg = header(
+            ABORT,
+            Address {
+                stream,
+                from: 0,
+                to: 0,
+            },
+        );
+        for &r in ranks {
+            if r == self.rank {
+                self.mailbox.abort_stream(stream);
+            } else if r < self.size {
+                let _ = self.enqueue(r, msg.clone());
+            }
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! Transports: messages between ranks (processes), addressed by stream and
+//! by the sending and receiving endpoints within it.
+//!
+//! A message goes to a rank under an [`Address`]: a `stream` (one per
+//! link of a step: a tensor-parallel group, a pipeline channel) and the
+//! `from` and `to` endpoints in it (group ranks, node indices). Each rank
+//! has one [`Mailbox`] that files arriving messages under `(source rank,
+//! address)`; a receiver takes the oldest message of one such key, so
+//! messages between two endpoints keep their order, and endpoints sharing a
+//! process never take each other's messages.
+//!
+//! A stream can be aborted ([`Transport::abort`]): every rank that hosts one
+//! of its endpoints is told, every wait on it (now or later) fails, and
+//! what was filed under it is dropped. A transport can fail as a whole
+//! ([`Mailbox::fail`], when a peer is lost): every wait fails then.
+//!
+//! Implementations: [`Loopback`], ranks as threads of one process (tests,
+//! and the reference the MPI transport must agree with), and, with the
+//! `mpi` feature, `crate::mpi::MpiTransport`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use framework::{Error, Result};
+
+/// Where a message goes within a rank: its stream, and the endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Address {
+    /// The stream (a step's link).
+    pub stream: u64,
+    /// The sending endpoint within the stream.
+    pub from: u32,
+    /// The receiving endpoint within the stream.
+    pub to: u32,
+}
+
+/// Moves byte messages between the ranks of a job.
+pub trait Transport: Send + Sync {
+    /// This process's rank.
+    fn rank(&self) -> usize;
+    /// Number of ranks.
+    fn size(&self) -> usize;
+    /// Sends `payload` to rank `dest` under `address`.
+    fn send(&self, dest: usize, address: Address, payload: &[u8]) -> Result<()>;
+    /// This rank's mailbox.
+    fn mailbox(&self) -> &Mailbox;
+    /// Tells `ranks` (this one included, if listed) that `stream` is
+    /// aborted.
+    fn abort(&self, stream: u64, ranks: &[usize]);
+    /// The next message from rank `src` under `address`; fails if the
+    /// stream is aborted or the transport failed, waiting at most `timeout`
+    /// when one is given.
+    fn recv(&self, src: usize, address: Address, timeout: Option<Duration>) -> Result<Vec<u8>> {
+        self.mailbox().take(src, address, timeout)
+    }
+}
+
+#[derive(Default)]
+struct Boxes {
+    queued: HashMap<(usize, Address), VecDeque<Vec<u8>>>,
+    aborted: HashSet<u64>,
+    failed: Option<String>,
+}
+
+/// The messages that arrived at one rank, filed by source and address.
+#[derive(Default)]
+pub struct Mailbox {
+    boxes: Mutex<Boxes>,
+    arrived: Condvar,
+}
+
+impl Mailbox {
+    fn lock(&self) -> MutexGuard<'_, Boxes> {
+        // A panic while filing leaves the maps consistent (each operation
+        // is one insert or removal), so a poisoned lock is still usable.
+        self.boxes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Files a message from rank `src`; one for an aborted stream is dropped.
+    pub fn deliver(&self, src: usize, address: Address, payload: Vec<u8>) {
+        let mut b = self.lock();
+        if b.aborted.contains(&address.stream) {
+            return;
+        }
+        b.queued
+            .entry((src, address))
+            .or_default()
+            .push_back(payload);
+        drop(b);
+        self.arrived.notify_all();
+    }
+
+    /// Marks `stream` aborted here and drops what was filed under it.
+    pub fn abort_stream(&self, stream: u64) {
+        let mut b = self.lock();
+        b.aborted.insert(stream);
+        b.queued.retain(|(_, a), _| a.stream != stream);
+        drop(b);
+        self.arrived.notify_all();
+    }
+
+    /// Fails every wait, now and later (a peer is lost).
+    pub fn fail(&self, reason: impl Into<String>) {
+        let mut b = self.lock();
+        b.failed.get_or_insert_with(|| reason.into());
+        drop(b);
+        self.arrived.notify_all();
+    }
+
+    /// Why the transport failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.lock().failed.clone()
+    }
+
+    /// Takes the oldest message from `src` under `address`, waiting for it.
+    pub fn take(&self, src: usize, address: Address, timeout: Option<Duration>) -> Result<Vec<u8>> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut b = self.lock();
+        loop {
+            if let Some(reason) = &b.failed {
+                return Err(Error::Collective(format!("the transport failed: {reason}")));
+            }
+            if b.aborted.contains(&address.stream) {
+                return Err(Error::Aborted("a peer failed".into()));
+            }
+            let key = (src, address);
+            if let Some(q) = b.queued.get_mut(&key) {
+                if let Some(m) = q.pop_front() {
+                    if q.is_empty() {
+                        b.queued.remove(&key);
+                    }
+                    return Ok(m);
+                }
+            }
+            b = match deadline {
+                None => self.arrived.wait(b).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Error::Collective(format!(
+                            "rank {src} sent nothing on stream {:#x} ({} → {}) within {:?}",
+                            address.stream,
+                            address.from,
+                            address.to,
+                            timeout.unwrap_or_default()
+                        )));
+                    }
+                    self.arrived
+                        .wait_timeout(b, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// Messages filed and not yet taken (for tests: nothing may be left
+    /// behind once a step is over).
+    pub fn pending(&self) -> usize {
+        self.lock().queued.values().map(VecDeque::len).sum()
+    }
+}
+
+/// Ranks as threads of one process: a send files the message straight into
+/// the destination's mailbox.
+pub struct Loopback {
+    rank: usize,
+    boxes: Arc<Vec<Mailbox>>,
+}
+
+impl Loopback {
+    /// A job of `n` ranks: one transport per rank.
+    pub fn world(n: usize) -> Vec<Arc<Loopback>> {
+        let boxes: Arc<Vec<Mailbox>> = Arc::new((0..n).map(|_| Mailbox::default()).collect());
+        (0..n)
+            .map(|rank| {
+                Arc::new(Loopback {
+                    rank,
+                    boxes: boxes.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
+impl Transport for Loopback {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.boxes.len()
+    }
+    fn send(&self, dest: usize, address: Address, payload: &[u8]) -> Result<()> {
+        let mailbox = self.boxes.get(dest).ok_or_else(|| {
+            Error::Collective(format!("no rank {dest} in a job of {}", self.boxes.len()))
+        })?;
+        mailbox.deliver(self.rank, address, payload.to_vec());
+        Ok(())
+    }
+    fn mailbox(&self) -> &Mailbox {
+        &self.boxes[self.rank]
+    }
+    fn abort(&self, stream: u64, ranks: &[usize]) {
+        for &r in ranks {
+            if let Some(m) = self.boxes.get(r) {
+                m.abort_stream(stream);
+            }
+        }
+    }
+}
+
+/// `values` as little-endian bytes.
+pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Little-endian bytes as `f32`s; fails on a length that is not a multiple
+/// of 4.
+pub fn bytes_f32(bytes: &[u8]) -> Result<Vec<f32>> {
+    if !bytes.len().is_multiple_of(4) {
+        return Err(Error::Collective(format!(
+            "a message of {} bytes is not a whole number of f32s",
+            bytes.len()
+        )));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(stream: u64, from: u32, to: u32) -> Address {
+        Address { stream, from, to }
+    }
+
+    #[test]
+    fn messages_keep_their_order_per_source_and_address() {
+        let world = Loopback::world(2);
+        world[0].send(1, at(7, 0, 1), b"a").unwrap();
+        world[0].send(1, at(7, 0, 2), b"x").unwrap();
+        world[0].send(1, at(7, 0, 1), b"b").unwrap();
+        let got = |a| world[1].recv(0, a, Some(Duration::from_secs(1))).unwrap();
+        assert_eq!(got(at(7, 0, 2)), b"x");
+        assert_eq!(got(at(7, 0, 1)), b"a");
+        assert_eq!(got(at(7, 0, 1)), b"b");
+        assert_eq!(world[1].mailbox().pending(), 0);
+    }
+
+    #[test]
+    fn an_aborted_stream_fails_waits_and_drops_its_messages() {
+        let world = Loopback::world(2);
+        world[0].send(1, at(3, 0, 1), b"old").unwrap();
+        let w = world[1].clone();
+        let waiter = std::thread::spawn(move || w.recv(0, at(3, 1, 1), None));
+        std::thread::sleep(Duration::from_millis(20));
+        world[0].abort(3, &[0, 1]);
+        assert!(matches!(waiter.join().unwrap(), Err(Error::Aborted(_))));
+        assert_eq!(world[1].mailbox().pending(), 0);
+        // Later messages and waits on it fail too; other streams go on.
+        world[0].send(1, at(3, 0, 1), b"late").unwrap();
+        assert!(world[1].recv(0, at(3, 0, 1), None).is_err());
+        world[0].send(1, at(4, 0, 1), b"ok").unwrap();
+        assert_eq!(world[1].recv(0, at(4, 0, 1), None).unwrap(), b"ok");
+    }
+
+    #[test]
+    fn waits_time_out_and_a_failed_transport_fails_them() {
+        let world = Loopback::world(2);
+        let e = world[1]
+            .recv(0, at(1, 0, 1), Some(Duration::from_millis(10)))
+            .unwrap_err();
+        assert!(e.to_string().contains("sent nothing"), "{e}");
+        world[1].mailbox().fail("rank 0 is gone");
+        let e = world[1].recv(0, at(1, 0, 1), None).unwrap_err();
+        assert!(e.to_string().contains("rank 0 is gone"), "{e}");
+    }
+
+    #[test]
+    fn floats_round_trip_through_bytes() {
+        let v = [0.0f32, -0.0, 1.5, f32::MIN_POSITIVE, f32::NAN];
+        let back = bytes_f32(&f32_bytes(&v)).unwrap();
+        assert_eq!(
+            back.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            v.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        assert!(bytes_f32(&[1, 2, 3]).is_err());
+    }
+}
