@@ -12,6 +12,8 @@
 //! * [`collective`]: [`collective::TransportCollective`], a tensor-parallel
 //!   group over a transport that sums in rank order, so results are bit for
 //!   bit those of the in-process collective.
+//! * [`wire`]: the versioned control messages between ranks (postcard), and
+//!   the stream each link of a step uses.
 //! * `mpi` (feature `mpi`, off by default): the MPI transport, host names,
 //!   and the broadcast that carries the NCCL unique id.
 //!
@@ -24,6 +26,7 @@ pub mod launch;
 pub mod mpi;
 pub mod placement;
 pub mod transport;
+pub mod wire;
 
 use std::sync::Arc;
 

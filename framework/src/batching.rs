@@ -94,7 +94,7 @@ impl BatchConfig {
 }
 
 /// One sequence's rows in a step.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StepItem {
     /// The request.
     pub group: GroupId,
@@ -158,7 +158,7 @@ impl StepItem {
 }
 
 /// One step for the replica's compute nodes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StepPlan {
     /// Step number within the replica, from 0.
     pub id: u64,

@@ -449,7 +449,7 @@ pub struct BatchItem<'a> {
 }
 
 /// Logits returned by a forward: `rows × vocab`, with each item's row range.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Logits {
     /// Vocabulary size (row width).
     pub vocab: usize,
