@@ -17,6 +17,7 @@ mod bench_quality;
 mod bench_serve;
 mod calibrate;
 mod files;
+mod job;
 mod perplexity;
 mod plot;
 mod prune;
@@ -487,6 +488,11 @@ struct ParallelArgs {
     /// Requests running per replica above which none drafts.
     #[arg(long, default_value_t = parallm::actors::llm::DEFAULT_SPECULATE_MAX_RUNNING)]
     speculate_max_running: usize,
+    /// Under mpirun: how nodes are spread over the ranks, by-host (each
+    /// tensor-parallel group in one rank) or spread (node after node on
+    /// rank after rank).
+    #[arg(long, default_value = "by-host")]
+    placement: String,
 }
 
 impl ParallelArgs {
@@ -498,10 +504,27 @@ impl ParallelArgs {
             (&self.dtype, &self.kv_dtype),
             &self.cuda_weights,
         )?;
-        let b = self
+        let mut b = self
             .apply_cpu(b)
             .compute(compute)
             .speculative(self.speculation()?);
+        let layout = cluster::Layout {
+            dp: self.dp,
+            tp: self.tp,
+            pp: self.pp,
+            draft: self.draft_model.is_some(),
+        };
+        let mode: cluster::Mode = self
+            .placement
+            .parse()
+            .map_err(|e| format!("--placement: {e}"))?;
+        let spec = cluster::ClusterSpec {
+            mode,
+            ..cluster::ClusterSpec::default()
+        };
+        if let Some(c) = job::cluster(layout, &spec)? {
+            b = b.cluster(c);
+        }
         Ok(match &self.draft_model {
             Some(d) => b.draft_path(d),
             None => b,
@@ -657,7 +680,15 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::FAILURE;
     }
+    let job = match job::Job::start() {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
+        command if job::serves_nodes() => run_node_rank(command),
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => run_serve(args),
         Command::Perplexity(args) => run_perplexity(args),
@@ -680,7 +711,11 @@ fn main() -> ExitCode {
         Command::Cuda(args) => run_cuda(args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            // Every rank reaches here; MPI finalizes once all have.
+            job.finish();
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e}");
             let mut source = e.source();
@@ -688,14 +723,32 @@ fn main() -> ExitCode {
                 eprintln!("  caused by: {s}");
                 source = s.source();
             }
+            // The other ranks of a job would wait for this one: end them all.
+            job.fail();
             ExitCode::FAILURE
         }
     }
 }
 
-fn run_serve(args: ServeArgs) -> CliResult {
+/// The settings `serve` runs with: the configuration, and inside an MPI
+/// job, the cluster its `[cluster]` section places the nodes on.
+fn serve_settings(args: &ServeArgs) -> CliResult<parallm::config::Settings> {
     let loaded = parallm::config::load(&args.layers.sources()?)?;
-    let settings = loaded.settings;
+    let mut settings = loaded.settings;
+    let e = &settings.engine;
+    let layout = cluster::Layout {
+        dp: e.dp,
+        tp: e.tp,
+        pp: e.pp,
+        draft: e.draft.is_some(),
+    };
+    settings.engine.cluster = job::cluster(layout, &settings.cluster)
+        .map_err(|e| format!("invalid config value: {e}"))?;
+    Ok(settings)
+}
+
+fn run_serve(args: ServeArgs) -> CliResult {
+    let settings = serve_settings(&args)?;
     let path = settings.model_path.clone();
     let progress = std::io::stderr().is_terminal();
     parallm::serve::run(settings, move || {
@@ -759,15 +812,38 @@ fn run_quantize(args: QuantizeArgs) -> CliResult {
 /// The engine `generate` and `perplexity` run: the model (fetched if it
 /// is the reference one) with the parallel flags.
 fn build_engine(model: &ModelArgs, parallel: &ParallelArgs) -> CliResult<Engine> {
+    Ok(engine_builder(model, parallel)?.build()?)
+}
+
+fn engine_builder(model: &ModelArgs, parallel: &ParallelArgs) -> CliResult<EngineBuilder> {
     let path = resolve_model_path(model.model.as_deref(), std::io::stderr().is_terminal())?;
-    Ok(parallel
-        .apply(
-            Engine::builder()
-                .model_path(&path)
-                .weights(model.weights)
-                .max_model_len(model.max_model_len),
-        )?
-        .build()?)
+    parallel.apply(
+        Engine::builder()
+            .model_path(&path)
+            .weights(model.weights)
+            .max_model_len(model.max_model_len),
+    )
+}
+
+/// A rank other than 0 of an MPI job: builds the engine's configuration
+/// exactly as rank 0 does from the same command line, and serves the nodes
+/// the placement gives this rank until rank 0 is done.
+fn run_node_rank(command: Command) -> CliResult {
+    match command {
+        Command::Generate(args) => Ok(engine_builder(&args.model, &args.parallel)?.serve_nodes()?),
+        Command::Serve(args) => {
+            let settings = serve_settings(&args)?;
+            let path = resolve_model_path(settings.model_path.as_deref(), false)?;
+            let mut cfg = settings.engine;
+            cfg.model = ModelSource::Gguf(path);
+            Ok(EngineBuilder::config(cfg).serve_nodes()?)
+        }
+        _ => Err(format!(
+            "rank {}: under mpirun, only `generate` and `serve` run their nodes on several ranks so far",
+            job::rank()
+        )
+        .into()),
+    }
 }
 
 fn run_imatrix(args: ImatrixArgs) -> CliResult {

@@ -180,7 +180,7 @@ fn bad_clusters_are_refused_before_any_rank_starts_naming_the_key() {
 }
 
 #[test]
-fn serve_refuses_a_placement_over_several_ranks_it_cannot_run_yet() {
+fn serve_outside_mpirun_refuses_a_placement_over_several_ranks() {
     let out = parallm(&[
         "serve",
         "--pp",
@@ -192,5 +192,8 @@ fn serve_refuses_a_placement_over_several_ranks_it_cannot_run_yet() {
     ]);
     let (_, stderr) = text(&out);
     assert!(!out.status.success());
-    assert!(stderr.contains("cluster.ranks"), "{stderr}");
+    assert!(
+        stderr.contains("cluster.ranks") && stderr.contains("mpirun"),
+        "{stderr}"
+    );
 }

@@ -24,19 +24,7 @@ struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.0.id()) {
-            // SAFETY: kill(2) on our own child's pid, which has not been
-            // reaped yet (we wait for it below), so it names no other process.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
-        }
-        let t = Instant::now();
-        while matches!(self.0.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        common::stop(&mut self.0, Duration::from_secs(5));
     }
 }
 

@@ -141,6 +141,12 @@ impl Mpi {
         world().process_at_rank(root as i32).broadcast_into(bytes);
     }
 
+    /// Ends every rank of the job at once with `code` (`MPI_Abort`): what a
+    /// rank does when its command fails, so no peer waits for it.
+    pub fn abort(self, code: i32) -> ! {
+        world().abort(code)
+    }
+
     /// `MPI_Allreduce` with `MPI_SUM` (the library's own order of
     /// addition; for the collective benchmark).
     pub fn native_all_reduce(&self, buf: &mut [f32]) {

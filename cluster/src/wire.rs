@@ -1,6 +1,6 @@
 //! The wire format of control messages between ranks: what rank 0 sends a
 //! remote node's rank (a step to run, a restart, the end of the job) and
-//! what comes back (a step's outcome), plus liveness.
+//! what comes back (a step's outcome).
 //!
 //! A message is a preamble — the bytes `PL`, then the format's
 //! [`VERSION`] as a little-endian `u16` — followed by the [`Message`] in
@@ -34,11 +34,6 @@ pub enum Message {
         /// The node's index in its replica.
         index: u32,
     },
-    /// Either way: the sender is alive.
-    Heartbeat {
-        /// The sender's rank.
-        rank: u32,
-    },
     /// Rank 0 to every rank: the job ends; stop the node loop.
     Shutdown,
 }
@@ -50,9 +45,9 @@ pub struct RunStep {
     pub replica: u32,
     /// The node's index in its replica.
     pub index: u32,
-    /// The replica's recovery epoch the step was planned in (a step of an
-    /// older epoch is refused as aborted, as in one process).
-    pub epoch: u64,
+    /// The step's id in the job (the kit's, unique): its links' streams
+    /// derive from it ([`stream`]).
+    pub step: u64,
     /// The plan every node of the replica runs.
     pub plan: StepPlan,
 }
@@ -126,7 +121,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
 /// What a stream carries within a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Link {
-    /// Control messages of the job (steps, outcomes, liveness).
+    /// Control messages of the job (steps, outcomes).
     Control,
     /// The tensor-parallel group of a stage.
     Collective {
@@ -204,7 +199,7 @@ mod tests {
             Message::RunStep(RunStep {
                 replica: 1,
                 index: 2,
-                epoch: 3,
+                step: 3,
                 plan: plan(),
             }),
             Message::StepDone(StepDone {
@@ -223,7 +218,6 @@ mod tests {
                 replica: 0,
                 index: 1,
             },
-            Message::Heartbeat { rank: 2 },
             Message::Shutdown,
         ] {
             let bytes = encode(&m);
@@ -246,7 +240,7 @@ mod tests {
         let mut cut = encode(&Message::RunStep(RunStep {
             replica: 0,
             index: 0,
-            epoch: 0,
+            step: 0,
             plan: plan(),
         }));
         cut.truncate(cut.len() - 3);

@@ -444,3 +444,22 @@ pub fn cosine(a: &[f32], b: &[f64]) -> f64 {
     let nb: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
     dot / (na * nb)
 }
+
+/// Stops a child process: SIGTERM (a server drains, nginx's master stops
+/// its workers, mpirun passes it to its ranks), then SIGKILL if it is still
+/// there after `grace`.
+pub fn stop(child: &mut std::process::Child, grace: std::time::Duration) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: kill(2) on our own child, not yet reaped (it is waited for
+        // below), so the pid names no other process.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+    }
+    let t = std::time::Instant::now();
+    while matches!(child.try_wait(), Ok(None)) && t.elapsed() < grace {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -26,7 +26,6 @@ use framework::{
 
 use kit::{
     KitMetrics, NodeCounters, NodeId, Pipeline, PipelineConfig, SubmitError, Supervision, TaskId,
-    WorkerFactory,
 };
 
 use crate::llm::merge::{Decoding, LlmMerger, Registration};
@@ -121,6 +120,9 @@ pub struct EngineConfig {
     /// and Wanda pruning). Needs `prefix_caching` off, since a cached
     /// prefix is not computed again.
     pub collect_activations: bool,
+    /// The job's other processes, where the placement puts nodes there
+    /// (`None`: every node in this one).
+    pub cluster: Option<crate::llm::policy::Cluster>,
     /// The format tool calls are written and read in; `None`: the one the
     /// chat template implies ([`framework::tools::ToolFormat::detect`]).
     pub tool_format: Option<framework::tools::ToolFormat>,
@@ -169,6 +171,7 @@ impl Default for EngineConfig {
             speculate_max_running: DEFAULT_SPECULATE_MAX_RUNNING,
             max_model_len: None,
             collect_activations: false,
+            cluster: None,
             tool_format: None,
             draft: None,
         }
@@ -622,6 +625,14 @@ impl EngineBuilder {
         self.draft_model(ModelSource::Gguf(path.into()), WeightFormat::Auto)
     }
 
+    /// Nodes in other processes: the transport and the placement of an MPI
+    /// job. Rank 0 builds the engine ([`EngineBuilder::build`]); every
+    /// other rank serves its nodes ([`EngineBuilder::serve_nodes`]).
+    pub fn cluster(mut self, cluster: crate::llm::policy::Cluster) -> Self {
+        self.cfg.cluster = Some(cluster);
+        self
+    }
+
     /// Steps in flight per replica.
     pub fn steps_in_flight(mut self, n: usize) -> Self {
         self.cfg.steps_in_flight = Some(n);
@@ -670,6 +681,25 @@ impl EngineBuilder {
     pub fn build(self) -> Result<Engine, EngineError> {
         Engine::start(self.cfg)
     }
+
+    /// On a rank other than 0 of a job with a [`cluster`](Self::cluster):
+    /// loads the nodes the placement gives this rank and runs the steps rank
+    /// 0 sends them, until rank 0 ends the job.
+    pub fn serve_nodes(self) -> Result<(), EngineError> {
+        let cluster = self
+            .cfg
+            .cluster
+            .clone()
+            .ok_or_else(|| EngineError::Start("serve_nodes needs a cluster".into()))?;
+        if cluster.rank() == 0 {
+            return Err(EngineError::Start(
+                "rank 0 runs the engine (build), not serve_nodes".into(),
+            ));
+        }
+        let parts = Engine::prepare_nodes(self.cfg)?;
+        crate::llm::remote::serve_nodes(parts.local, parts.shape, cluster)
+            .map_err(EngineError::Start)
+    }
 }
 
 /// Counts a refused request in the failure metric.
@@ -705,6 +735,24 @@ pub struct EngineStats {
     pub nodes: Vec<(NodeId, NodeCounters)>,
 }
 
+/// What every rank builds alike before rank 0 starts the pipeline.
+struct Prepared {
+    local: LocalFactory,
+    shape: ReplicaShape,
+    policy: LlmPolicy,
+    merger: LlmMerger,
+    tokenizer: Option<Arc<Tokenizer>>,
+    chat: Option<ChatTemplate>,
+    model: ModelConfig,
+    batch: BatchConfig,
+    lanes: usize,
+    cfg: EngineConfig,
+    activations: Option<Arc<ActivationStats>>,
+}
+
+/// Builds this process's worker of a node.
+type LocalFactory = Box<dyn Fn(NodeId) -> Result<LlmWorker, String> + Send + Sync>;
+
 /// A running inference engine.
 pub struct Engine {
     pipeline: Pipeline<LlmPolicy, Registration>,
@@ -717,6 +765,8 @@ pub struct Engine {
     activations: Option<Arc<ActivationStats>>,
     /// llguidance's view of the vocabulary, built by the first guided request.
     guides: std::sync::OnceLock<Result<GuideEnv, String>>,
+    /// Other ranks' nodes, ended after the pipeline.
+    _remote: Option<RemoteNodes>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -731,7 +781,9 @@ impl Engine {
         EngineBuilder::default()
     }
 
-    fn start(cfg: EngineConfig) -> Result<Self, EngineError> {
+    /// Everything but the pipeline: the model checked, the policy, the
+    /// merger, and the factory of this process's workers.
+    fn prepare_nodes(cfg: EngineConfig) -> Result<Prepared, EngineError> {
         cfg.check_max_model_len()?;
         let (model, tokenizer, file_bytes) = load_model(&cfg.model, cfg.max_model_len)?;
         cfg.validate(&model)?;
@@ -787,7 +839,19 @@ impl Engine {
         let lanes = cfg.lanes();
         let policy = LlmPolicy::new(shape, cfg.dp, batch.clone(), lanes)
             .with_route_margin(cfg.prefix_route_margin)
-            .with_cache_aware_routing(cfg.cache_aware_routing);
+            .with_cache_aware_routing(cfg.cache_aware_routing)
+            .with_cluster(cfg.cluster.clone());
+        if cfg
+            .cluster
+            .as_ref()
+            .is_some_and(|c| !c.placement.is_local())
+            && shape.draft
+        {
+            return Err(EngineError::Invalid(Error::InvalidRequest {
+                field: "speculative.draft_model",
+                reason: "a draft model with nodes in other processes is not supported yet".into(),
+            }));
+        }
         let merger = LlmMerger::new(tokenizer.clone(), model.context);
         let fault = cfg.fault.map(FaultState::new);
         let (source, format) = (cfg.model.clone(), cfg.weights);
@@ -811,7 +875,7 @@ impl Engine {
             .collect_activations
             .then(|| Arc::new(ActivationStats::new()));
         let stats = activations.clone();
-        let factory: WorkerFactory<LlmWorker> = Arc::new(move |id: NodeId| {
+        let local = move |id: NodeId| -> Result<LlmWorker, String> {
             let node = id.replica * shape.nodes() + id.index;
             let pool = || {
                 framework::threads::node_pool(
@@ -863,6 +927,46 @@ impl Engine {
                 shard.collect_activations(stats.clone());
             }
             Ok(LlmWorker::new(id, shape, shard, pool()?, fault.clone()))
+        };
+        Ok(Prepared {
+            local: Box::new(local),
+            shape,
+            policy,
+            merger,
+            tokenizer,
+            chat,
+            model,
+            batch,
+            lanes,
+            cfg,
+            activations,
+        })
+    }
+
+    fn start(cfg: EngineConfig) -> Result<Self, EngineError> {
+        if cfg.cluster.as_ref().is_some_and(|c| c.rank() != 0) {
+            return Err(EngineError::Start(
+                "only rank 0 runs the engine; other ranks serve their nodes".into(),
+            ));
+        }
+        let Prepared {
+            local,
+            shape,
+            policy,
+            merger,
+            tokenizer,
+            chat,
+            model,
+            batch,
+            lanes,
+            cfg,
+            activations,
+        } = Self::prepare_nodes(cfg)?;
+        let factory = crate::llm::remote::node_factory(local, shape, cfg.cluster.clone());
+        let remote = cfg.cluster.clone().map(|cluster| RemoteNodes {
+            cluster,
+            shape,
+            dp: cfg.dp,
         });
         let pipeline = Pipeline::start(
             policy,
@@ -896,6 +1000,7 @@ impl Engine {
             next_id: AtomicU64::new(1),
             activations,
             guides: std::sync::OnceLock::new(),
+            _remote: remote,
         })
     }
 
@@ -1194,6 +1299,21 @@ impl Engine {
     /// every request finished.
     pub fn shutdown_timeout(self, timeout: Duration) -> bool {
         self.pipeline.shutdown(timeout)
+    }
+}
+
+/// Ends the job's other ranks' node loops when the engine goes, after its
+/// pipeline (a field declared after it): the steps rank 0 sent come first
+/// on each node's address.
+struct RemoteNodes {
+    cluster: crate::llm::policy::Cluster,
+    shape: ReplicaShape,
+    dp: usize,
+}
+
+impl Drop for RemoteNodes {
+    fn drop(&mut self) {
+        crate::llm::remote::shut_down_remote_nodes(&self.cluster, self.shape, self.dp);
     }
 }
 

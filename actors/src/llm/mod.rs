@@ -6,6 +6,7 @@
 pub mod engine;
 pub mod merge;
 pub mod policy;
+pub mod remote;
 pub mod step;
 pub mod task;
 pub mod worker;
@@ -16,7 +17,7 @@ pub use engine::{
 };
 pub use merge::LlmMerger;
 pub use merge::{Decoding, Registration};
-pub use policy::{LlmPolicy, LlmStats, ModelDrafts, NodeLinks, ReplicaShape};
+pub use policy::{Cluster, LlmPolicy, LlmStats, ModelDrafts, NodeLinks, ReplicaShape};
 pub use step::{LlmStep, Pick, Picks, SharedSampler};
 pub use task::{BeamOutput, BeamParams, Event, EventStream, Prompt, Request, Usage};
 pub use worker::{FaultInjection, LlmWorker, Shard};

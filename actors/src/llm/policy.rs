@@ -23,6 +23,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use cluster::transport::{bytes_f32, f32_bytes, Address, Transport};
+use cluster::wire::{self, Link};
+use cluster::{Placement, TransportCollective};
 use crossbeam::channel::{Receiver, Sender};
 use framework::batching::{BatchConfig, BatchScheduler, GroupOutcome, StepPlan};
 use framework::collective::{Collective, SingleCollective, ThreadCollective};
@@ -82,10 +85,84 @@ impl ReplicaShape {
 /// items whose drafts, if any, are not the model's).
 pub type ModelDrafts = Arc<Vec<Vec<u32>>>;
 
+/// The job's processes as the engine sees them (compute nodes in other
+/// processes, over MPI): the transport to the other ranks and where each
+/// node runs. Every rank builds the same links for a step from it.
+#[derive(Clone)]
+pub struct Cluster {
+    /// Messages to and from the other ranks.
+    pub transport: Arc<dyn Transport>,
+    /// Which rank hosts each node.
+    pub placement: Arc<Placement>,
+}
+
+impl Cluster {
+    /// This process's rank.
+    pub fn rank(&self) -> usize {
+        self.transport.rank()
+    }
+
+    /// The rank hosting node `index` of `replica`.
+    pub fn rank_of(&self, replica: usize, index: usize) -> usize {
+        self.placement.rank_of(replica, index)
+    }
+
+    /// Whether node `index` of `replica` runs in this process.
+    pub fn hosts(&self, replica: usize, index: usize) -> bool {
+        self.rank_of(replica, index) == self.rank()
+    }
+
+    /// The control address of node `gid` (its number in the job,
+    /// `replica · nodes + index`): to it from rank 0, or from it to rank 0.
+    pub fn control(gid: usize, to_node: bool) -> Address {
+        let gid = gid as u32;
+        if to_node {
+            Address {
+                stream: 0,
+                from: u32::MAX,
+                to: gid,
+            }
+        } else {
+            Address {
+                stream: 0,
+                from: gid,
+                to: u32::MAX,
+            }
+        }
+    }
+}
+
+impl PartialEq for Cluster {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.transport, &other.transport) && self.placement == other.placement
+    }
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("rank", &self.rank())
+            .field("ranks", &self.placement.ranks())
+            .finish()
+    }
+}
+
+/// A step's streams between processes, and the ranks hosting the
+/// replica's nodes (where an abort must reach).
+struct RemoteStreams {
+    transport: Arc<dyn Transport>,
+    streams: Vec<u64>,
+    ranks: Vec<usize>,
+}
+
 /// Aborts a replica's step: every collective of it and every wait on a
-/// pipeline channel returns an error.
+/// pipeline channel returns an error, in this process and, for the links
+/// that cross processes, in every process that hosts one of the
+/// replica's nodes.
 pub struct ReplicaAbort {
     collectives: Vec<Arc<dyn Collective>>,
+    /// The step's links between processes.
+    remote: Option<RemoteStreams>,
     tx: Mutex<Option<Sender<()>>>,
     rx: Receiver<()>,
 }
@@ -95,6 +172,7 @@ impl ReplicaAbort {
         let (tx, rx) = crossbeam::channel::bounded(0);
         Self {
             collectives,
+            remote: None,
             tx: Mutex::new(Some(tx)),
             rx,
         }
@@ -105,10 +183,52 @@ impl ReplicaAbort {
         for c in &self.collectives {
             c.abort();
         }
+        if let Some(r) = &self.remote {
+            for &s in &r.streams {
+                r.transport.abort(s, &r.ranks);
+            }
+        }
         if let Ok(mut tx) = self.tx.lock() {
             tx.take();
         }
     }
+
+    /// Whether the step was aborted here.
+    pub fn is_aborted(&self) -> bool {
+        self.tx.lock().map(|tx| tx.is_none()).unwrap_or(true)
+    }
+}
+
+/// Where a node's hidden rows come from: the previous stage in this
+/// process, or in another.
+pub enum Inbox {
+    /// A channel from a node of this process.
+    Local(Receiver<Vec<f32>>),
+    /// Messages from `rank` at `address`.
+    Remote {
+        /// The transport.
+        transport: Arc<dyn Transport>,
+        /// The sending rank.
+        rank: usize,
+        /// The link's address.
+        address: Address,
+    },
+}
+
+/// Where a node's hidden rows go: the next stage in this process, or in
+/// another.
+pub enum Outbox {
+    /// A channel to a node of this process.
+    Local(Sender<Vec<f32>>),
+    /// Messages to `rank` at `address`.
+    Remote {
+        /// The transport.
+        transport: Arc<dyn Transport>,
+        /// The receiving rank.
+        rank: usize,
+        /// The link's address.
+        address: Address,
+    },
 }
 
 /// One node's connections for one step.
@@ -116,15 +236,17 @@ pub struct NodeLinks {
     /// The node's tensor-parallel group.
     pub collective: Arc<dyn Collective>,
     /// Hidden rows from the previous stage (absent on the first).
-    pub prev: Option<Receiver<Vec<f32>>>,
+    pub prev: Option<Inbox>,
     /// Hidden rows to the next stage (absent on the last).
-    pub next: Option<Sender<Vec<f32>>>,
+    pub next: Option<Outbox>,
     /// A target node's: the draft model's drafts (absent without one).
     pub drafts_in: Option<Receiver<ModelDrafts>>,
     /// The draft node's: one sender per target node.
     pub drafts_out: Vec<Sender<ModelDrafts>>,
     /// The replica's abort signal.
     pub abort: Arc<ReplicaAbort>,
+    /// The step (the kit's id, unique in the job).
+    pub step: u64,
 }
 
 impl NodeLinks {
@@ -134,9 +256,21 @@ impl NodeLinks {
             .prev
             .as_ref()
             .ok_or_else(|| NodeError::Failed("the first stage has no previous stage".into()))?;
-        crossbeam::select! {
-            recv(prev) -> m => m.map_err(|_| NodeError::Aborted("the previous stage is gone".into())),
-            recv(self.abort.rx) -> _ => Err(NodeError::Aborted("a peer failed".into())),
+        match prev {
+            Inbox::Local(prev) => crossbeam::select! {
+                recv(prev) -> m => m.map_err(|_| NodeError::Aborted("the previous stage is gone".into())),
+                recv(self.abort.rx) -> _ => Err(NodeError::Aborted("a peer failed".into())),
+            },
+            Inbox::Remote {
+                transport,
+                rank,
+                address,
+            } => {
+                let bytes = transport
+                    .recv(*rank, *address, None)
+                    .map_err(|e| NodeError::Aborted(e.to_string()))?;
+                bytes_f32(&bytes).map_err(|e| NodeError::Failed(e.to_string()))
+            }
         }
     }
 
@@ -167,43 +301,137 @@ impl NodeLinks {
             .next
             .as_ref()
             .ok_or_else(|| NodeError::Failed("the last stage has no next stage".into()))?;
-        next.send(hidden)
-            .map_err(|_| NodeError::Aborted("the next stage is gone".into()))
+        match next {
+            Outbox::Local(next) => next
+                .send(hidden)
+                .map_err(|_| NodeError::Aborted("the next stage is gone".into())),
+            Outbox::Remote {
+                transport,
+                rank,
+                address,
+            } => transport
+                .send(*rank, *address, &f32_bytes(&hidden))
+                .map_err(|e| NodeError::Aborted(e.to_string())),
+        }
     }
 }
 
-/// Builds fresh links for every node of a replica.
+/// Builds fresh links for every node of a replica, all in this process.
 pub fn wire(shape: ReplicaShape) -> Vec<NodeLinks> {
+    wire_step(shape, 0, 0, None)
+}
+
+/// Builds fresh links for every node of `replica` for step `step`. With a
+/// cluster, a link whose ends run in different processes goes over its
+/// transport — a tensor-parallel group spanning processes sums through a
+/// [`TransportCollective`] on every member (in rank order, so bit for bit
+/// as in one process), hidden rows between stages go as messages — and
+/// every rank builds the same links for the same step; the links of nodes
+/// that run elsewhere are only placeholders (their abort still reaches
+/// every process).
+pub fn wire_step(
+    shape: ReplicaShape,
+    replica: usize,
+    step: u64,
+    cluster: Option<&Cluster>,
+) -> Vec<NodeLinks> {
+    let host = |index: usize| cluster.map_or(0, |c| c.rank_of(replica, index));
+    let here = cluster.map_or(0, Cluster::rank);
+    let mut spanning: Vec<u64> = Vec::new();
     let groups: Vec<Vec<Arc<dyn Collective>>> = (0..shape.pp)
-        .map(|_| {
-            if shape.tp == 1 {
-                vec![Arc::new(SingleCollective) as Arc<dyn Collective>]
-            } else {
-                ThreadCollective::group(shape.tp)
+        .map(|stage| {
+            let members: Vec<usize> = (0..shape.tp).map(|r| host(stage * shape.tp + r)).collect();
+            match cluster {
+                Some(c) if members.iter().any(|&m| m != members[0]) => {
+                    let stream = wire::stream(
+                        replica,
+                        step,
+                        Link::Collective {
+                            stage: stage as u16,
+                        },
+                    );
+                    spanning.push(stream);
+                    let members: Arc<[usize]> = members.into();
+                    (0..shape.tp)
+                        .map(|r| {
+                            Arc::new(TransportCollective::new(
+                                c.transport.clone(),
+                                stream,
+                                members.clone(),
+                                r,
+                                None,
+                            )) as Arc<dyn Collective>
+                        })
+                        .collect()
+                }
+                _ if shape.tp == 1 => vec![Arc::new(SingleCollective) as Arc<dyn Collective>],
+                _ => ThreadCollective::group(shape.tp)
                     .into_iter()
                     .map(|c| Arc::new(c) as Arc<dyn Collective>)
-                    .collect()
+                    .collect(),
             }
         })
         .collect();
-    let abort = Arc::new(ReplicaAbort::new(
-        groups.iter().flatten().cloned().collect(),
-    ));
     // channels[s][r]: stage s rank r → stage s+1 rank r.
-    let mut senders: Vec<Vec<Option<Sender<Vec<f32>>>>> = Vec::new();
-    let mut receivers: Vec<Vec<Option<Receiver<Vec<f32>>>>> =
-        vec![(0..shape.tp).map(|_| None).collect()];
-    for _ in 0..shape.pp.saturating_sub(1) {
+    let mut senders: Vec<Vec<Option<Outbox>>> = Vec::new();
+    let mut receivers: Vec<Vec<Option<Inbox>>> = vec![(0..shape.tp).map(|_| None).collect()];
+    for stage in 0..shape.pp.saturating_sub(1) {
+        let stream = wire::stream(
+            replica,
+            step,
+            Link::Pipeline {
+                stage: stage as u16,
+            },
+        );
         let (s, r): (Vec<_>, Vec<_>) = (0..shape.tp)
-            .map(|_| {
-                let (s, r) = crossbeam::channel::unbounded();
-                (Some(s), Some(r))
+            .map(|rank| {
+                let (from, to) = (stage * shape.tp + rank, (stage + 1) * shape.tp + rank);
+                match cluster {
+                    Some(c) if host(from) != host(to) => {
+                        if !spanning.contains(&stream) {
+                            spanning.push(stream);
+                        }
+                        let address = Address {
+                            stream,
+                            from: rank as u32,
+                            to: rank as u32,
+                        };
+                        (
+                            (host(from) == here).then(|| Outbox::Remote {
+                                transport: c.transport.clone(),
+                                rank: host(to),
+                                address,
+                            }),
+                            (host(to) == here).then(|| Inbox::Remote {
+                                transport: c.transport.clone(),
+                                rank: host(from),
+                                address,
+                            }),
+                        )
+                    }
+                    _ => {
+                        let (s, r) = crossbeam::channel::unbounded();
+                        (Some(Outbox::Local(s)), Some(Inbox::Local(r)))
+                    }
+                }
             })
             .unzip();
         senders.push(s);
         receivers.push(r);
     }
     senders.push((0..shape.tp).map(|_| None).collect());
+    let mut abort = ReplicaAbort::new(groups.iter().flatten().cloned().collect());
+    if let (Some(c), false) = (cluster, spanning.is_empty()) {
+        let mut ranks: Vec<usize> = (0..shape.nodes()).map(host).collect();
+        ranks.sort_unstable();
+        ranks.dedup();
+        abort.remote = Some(RemoteStreams {
+            transport: c.transport.clone(),
+            streams: spanning,
+            ranks,
+        });
+    }
+    let abort = Arc::new(abort);
     let mut drafts_out = Vec::new();
     let mut links = Vec::with_capacity(shape.nodes());
     for (stage, group) in groups.into_iter().enumerate() {
@@ -220,6 +448,7 @@ pub fn wire(shape: ReplicaShape) -> Vec<NodeLinks> {
                 drafts_in,
                 drafts_out: Vec::new(),
                 abort: abort.clone(),
+                step,
             });
         }
     }
@@ -231,6 +460,7 @@ pub fn wire(shape: ReplicaShape) -> Vec<NodeLinks> {
             drafts_in: None,
             drafts_out,
             abort,
+            step,
         });
     }
     links
@@ -272,6 +502,8 @@ pub struct LlmPolicy {
     cache_aware: bool,
     /// Requests admitted to each replica so far.
     routed: Vec<u64>,
+    /// The job's other processes, where nodes run there.
+    cluster: Option<Cluster>,
 }
 
 /// Among `(index, load, cached positions)` candidates: the one holding the
@@ -459,6 +691,7 @@ impl LlmPolicy {
             route_margin: DEFAULT_ROUTE_MARGIN,
             cache_aware: true,
             routed: vec![0; dp],
+            cluster: None,
         }
     }
 }
@@ -479,6 +712,12 @@ impl LlmPolicy {
     /// the least loaded replica and lane) or on (the default).
     pub fn with_cache_aware_routing(mut self, on: bool) -> Self {
         self.cache_aware = on;
+        self
+    }
+
+    /// Wires steps across the cluster's processes.
+    pub fn with_cluster(mut self, cluster: Option<Cluster>) -> Self {
+        self.cluster = cluster;
         self
     }
 
@@ -633,7 +872,7 @@ impl Policy for LlmPolicy {
         });
         // Every node of the replica runs the whole plan: its stage's layers on
         // its rank's shard, micro-batch by micro-batch.
-        let nodes = wire(self.shape)
+        let nodes = wire_step(self.shape, replica, step, self.cluster.as_ref())
             .into_iter()
             .enumerate()
             .map(|(node, links)| NodeTask {

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use framework::batching::{StepItem, StepPlan};
 use framework::collective::{SingleCollective, TimedCollective};
 use framework::metrics as m;
-use framework::model::{LogitsWanted, PagedItem, StageInput, StageOutput};
+use framework::model::{Logits, LogitsWanted, PagedItem, StageInput, StageOutput};
 use framework::Error;
 pub use framework::Shard;
 
@@ -152,7 +152,7 @@ impl NodeWorker for LlmWorker {
         if self.shape.is_draft(self.id.index) {
             return framework::threads::run_in(&threads, || self.run_draft(step, links));
         }
-        framework::threads::run_in(&threads, || self.run_step(step, links))
+        framework::threads::run_in(&threads, || self.run_step(step, links, None))
     }
 
     fn abort(links: &NodeLinks) {
@@ -161,8 +161,37 @@ impl NodeWorker for LlmWorker {
 }
 
 impl LlmWorker {
-    /// One step on this node's compute threads.
-    fn run_step(&mut self, step: &LlmStep, links: &NodeLinks) -> Result<Option<Picks>, NodeError> {
+    /// One step for rank 0 of the job, on a node that runs in another
+    /// process: as [`NodeWorker::run`], except that the last stage's rank 0
+    /// returns its logits, micro-batch by micro-batch (each with its first
+    /// item), for rank 0 to choose the tokens with the requests' samplers.
+    pub fn run_hosted(
+        &mut self,
+        step: &LlmStep,
+        links: &NodeLinks,
+    ) -> Result<Vec<(u32, Logits)>, NodeError> {
+        if let Some(f) = &self.fault {
+            f.check(self.id, step.plan.id)?;
+        }
+        if self.shape.is_draft(self.id.index) {
+            return Err(NodeError::Failed(
+                "a draft model's node does not run in another process".into(),
+            ));
+        }
+        let threads = self.threads.clone();
+        let mut logits = Vec::new();
+        framework::threads::run_in(&threads, || self.run_step(step, links, Some(&mut logits)))?;
+        Ok(logits)
+    }
+
+    /// One step on this node's compute threads. The last stage's logits
+    /// are chosen from here, or, with `collect`, handed over as they are.
+    fn run_step(
+        &mut self,
+        step: &LlmStep,
+        links: &NodeLinks,
+        mut collect: Option<&mut Vec<(u32, Logits)>>,
+    ) -> Result<Option<Picks>, NodeError> {
         let plan = &step.plan;
         for &(src, dst) in &plan.copies {
             self.shard.copy_block(src, dst).map_err(node_error)?;
@@ -200,10 +229,13 @@ impl LlmWorker {
             let output = self.shard.forward_paged(&items, input, &collective);
             match output.map_err(node_error)? {
                 StageOutput::Hidden(h) => links.send(h)?,
-                StageOutput::Logits(l) if last => {
-                    let picks = out.get_or_insert_with(Picks::new);
-                    step.pick(mb.start, &l, picks, drafted.as_deref().map(Vec::as_slice));
-                }
+                StageOutput::Logits(l) if last => match collect.as_deref_mut() {
+                    Some(c) => c.push((mb.start as u32, l)),
+                    None => {
+                        let picks = out.get_or_insert_with(Picks::new);
+                        step.pick(mb.start, &l, picks, drafted.as_deref().map(Vec::as_slice));
+                    }
+                },
                 StageOutput::Logits(_) | StageOutput::OnRoot => {}
             }
         }

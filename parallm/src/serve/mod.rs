@@ -349,9 +349,9 @@ pub fn run<L>(settings: Settings, loader: L) -> Result<(), ServeError>
 where
     L: FnOnce() -> Result<std::path::PathBuf, String> + Send + 'static,
 {
-    if !settings.placement.is_local() {
+    if !settings.placement.is_local() && settings.engine.cluster.is_none() {
         return Err(ServeError::Cluster(format!(
-            "cluster.ranks: the placement puts nodes on {} ranks, but compute nodes in other processes are not built yet; this version serves with every node in one process (cluster.ranks = 1)",
+            "cluster.ranks: the placement puts nodes on {} ranks; start them with mpirun or srun (`parallm launch`), from a build with the mpi feature",
             settings.placement.ranks()
         )));
     }

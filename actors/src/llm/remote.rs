@@ -1,0 +1,323 @@
+//! Compute nodes in other processes (ranks of an MPI job).
+//!
+//! On rank 0 every node stands in the pipeline as an [`LlmNode`]: a local
+//! [`LlmWorker`], or a [`RemoteNode`] proxy for a node another rank hosts.
+//! The proxy sends the step's plan to that rank (a versioned
+//! [`cluster::wire`] message on the node's control address) and waits for
+//! its outcome; where the node is the last stage's rank 0, the outcome
+//! carries the logits, and the proxy chooses the tokens here with the
+//! requests' samplers, which never leave rank 0. Every other rank runs
+//! [`serve_nodes`]: a thread per node it hosts, each running the steps rank
+//! 0 sends it, with the step's links built by [`wire_step`] exactly as rank
+//! 0 builds them (links between processes over the transport, links within
+//! one over channels and in-memory collectives, shared by that rank's nodes
+//! of the step).
+//!
+//! A node that fails on another rank reports the failure; its proxy returns
+//! it, the node actor on rank 0 is restarted as any node is, and its factory
+//! tells the rank to rebuild the node (dropping its KV cache) before the
+//! replica recomputes. Aborting a step's links reaches every process that
+//! hosts one of the replica's nodes.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cluster::wire::{self, Failure, Message, RunStep, StepDone};
+use kit::{NodeError, NodeId, NodeWorker};
+
+use crate::llm::policy::{wire_step, Cluster, NodeLinks, ReplicaShape};
+use crate::llm::step::{LlmStep, Picks};
+use crate::llm::worker::LlmWorker;
+
+/// A node as rank 0's pipeline holds it.
+pub enum LlmNode {
+    /// A node of this process.
+    Local(Box<LlmWorker>),
+    /// A node another rank hosts.
+    Remote(RemoteNode),
+}
+
+impl NodeWorker for LlmNode {
+    type Work = Arc<LlmStep>;
+    type Links = NodeLinks;
+    type Output = Option<Picks>;
+
+    fn run(&mut self, step: &Arc<LlmStep>, links: &NodeLinks) -> Result<Option<Picks>, NodeError> {
+        match self {
+            LlmNode::Local(w) => w.run(step, links),
+            LlmNode::Remote(r) => r.run(step, links),
+        }
+    }
+
+    fn abort(links: &NodeLinks) {
+        links.abort.abort();
+    }
+}
+
+/// Rank 0's stand-in for a node another rank hosts.
+pub struct RemoteNode {
+    id: NodeId,
+    shape: ReplicaShape,
+    cluster: Cluster,
+}
+
+/// How often a proxy waiting for its node looks at the transport's health.
+const POLL: Duration = Duration::from_millis(100);
+
+/// The node's number in the job: its control address.
+fn gid(shape: ReplicaShape, id: NodeId) -> usize {
+    id.replica * shape.nodes() + id.index
+}
+
+fn failure(e: NodeError) -> Failure {
+    match e {
+        NodeError::Aborted(m) => Failure::Aborted(m),
+        other => Failure::Failed(other.to_string()),
+    }
+}
+
+impl RemoteNode {
+    /// The proxy of node `id`, which `cluster` places on another rank.
+    pub fn new(id: NodeId, shape: ReplicaShape, cluster: Cluster) -> Self {
+        Self { id, shape, cluster }
+    }
+
+    fn rank(&self) -> usize {
+        self.cluster.rank_of(self.id.replica, self.id.index)
+    }
+
+    fn send(&self, message: &Message) -> Result<(), NodeError> {
+        self.cluster
+            .transport
+            .send(
+                self.rank(),
+                Cluster::control(gid(self.shape, self.id), true),
+                &wire::encode(message),
+            )
+            .map_err(|e| NodeError::Failed(format!("rank {}: {e}", self.rank())))
+    }
+
+    fn run(&mut self, step: &Arc<LlmStep>, links: &NodeLinks) -> Result<Option<Picks>, NodeError> {
+        self.send(&Message::RunStep(RunStep {
+            replica: self.id.replica as u32,
+            index: self.id.index as u32,
+            step: links.step,
+            plan: step.plan.clone(),
+        }))?;
+        let from = Cluster::control(gid(self.shape, self.id), false);
+        let done = loop {
+            match self.cluster.transport.recv(self.rank(), from, Some(POLL)) {
+                Ok(bytes) => match wire::decode(&bytes) {
+                    Ok(Message::StepDone(d)) if d.step == step.plan.id => break d,
+                    Ok(other) => {
+                        return Err(NodeError::Failed(format!(
+                            "rank {} answered a step with {other:?}",
+                            self.rank()
+                        )))
+                    }
+                    Err(e) => return Err(NodeError::Failed(format!("rank {}: {e}", self.rank()))),
+                },
+                Err(e) => {
+                    if let Some(reason) = self.cluster.transport.mailbox().failure() {
+                        return Err(NodeError::Failed(format!(
+                            "rank {} is lost: {reason}",
+                            self.rank()
+                        )));
+                    }
+                    // A timeout: the node is still at work.
+                    let _ = e;
+                }
+            }
+        };
+        let logits = match done.outcome {
+            Ok(l) => l,
+            Err(Failure::Aborted(m)) => return Err(NodeError::Aborted(m)),
+            Err(Failure::Failed(m)) => {
+                return Err(NodeError::Failed(format!("on rank {}: {m}", self.rank())))
+            }
+        };
+        let (stage, rank) = self.shape.place(self.id.index);
+        if stage + 1 != self.shape.pp || rank != 0 {
+            return Ok(None);
+        }
+        let mut picks = Picks::new();
+        for (first, l) in &logits {
+            step.pick(*first as usize, l, &mut picks, None);
+        }
+        Ok(Some(picks))
+    }
+}
+
+/// Wraps a worker factory of this process's nodes into rank 0's: nodes
+/// another rank hosts become proxies, and a proxy made again (the node
+/// actor restarted after a failure) first tells its rank to rebuild the
+/// node.
+pub fn node_factory(
+    local: impl Fn(NodeId) -> Result<LlmWorker, String> + Send + Sync + 'static,
+    shape: ReplicaShape,
+    cluster: Option<Cluster>,
+) -> kit::WorkerFactory<LlmNode> {
+    let made: Mutex<HashSet<NodeId>> = Mutex::new(HashSet::new());
+    Arc::new(move |id: NodeId| {
+        let Some(c) = cluster.as_ref().filter(|c| !c.hosts(id.replica, id.index)) else {
+            return local(id).map(|w| LlmNode::Local(Box::new(w)));
+        };
+        let node = RemoteNode::new(id, shape, c.clone());
+        let again = !made
+            .lock()
+            .map_err(|_| "the proxy registry is poisoned".to_string())?
+            .insert(id);
+        if again {
+            node.send(&Message::Restart {
+                replica: id.replica as u32,
+                index: id.index as u32,
+            })
+            .map_err(|e| e.to_string())?;
+        }
+        Ok(LlmNode::Remote(node))
+    })
+}
+
+/// Tells every node other ranks host that the job is over.
+pub fn shut_down_remote_nodes(cluster: &Cluster, shape: ReplicaShape, dp: usize) {
+    for replica in 0..dp {
+        for index in 0..shape.nodes() {
+            let id = NodeId { replica, index };
+            if !cluster.hosts(replica, index) {
+                let _ = cluster.transport.send(
+                    cluster.rank_of(replica, index),
+                    Cluster::control(gid(shape, id), true),
+                    &wire::encode(&Message::Shutdown),
+                );
+            }
+        }
+    }
+}
+
+/// The links of one step for this rank's nodes of a replica, built once
+/// and taken by each node.
+type StepLinks = HashMap<(usize, u64), (Vec<Option<NodeLinks>>, usize)>;
+
+/// Runs the nodes `cluster` places on this rank (not rank 0) until rank 0
+/// ends the job: one thread per node, each building its worker with
+/// `local` and running the steps rank 0 sends it.
+pub fn serve_nodes(
+    local: impl Fn(NodeId) -> Result<LlmWorker, String> + Send + Sync + 'static,
+    shape: ReplicaShape,
+    cluster: Cluster,
+) -> Result<(), String> {
+    let me = cluster.rank();
+    let hosted = cluster.placement.nodes_on(me);
+    if hosted.is_empty() {
+        return Err(format!("the placement gives rank {me} no node"));
+    }
+    let local = Arc::new(local);
+    let registry: Arc<Mutex<StepLinks>> = Arc::default();
+    let threads: Vec<_> = hosted
+        .iter()
+        .map(|&(replica, index)| {
+            let per_replica = hosted.iter().filter(|(r, _)| *r == replica).count();
+            let (local, registry, cluster) = (local.clone(), registry.clone(), cluster.clone());
+            std::thread::Builder::new()
+                .name(format!("rank{me}-r{replica}n{index}"))
+                .spawn(move || {
+                    node_loop(
+                        NodeId { replica, index },
+                        shape,
+                        &cluster,
+                        &*local,
+                        &registry,
+                        per_replica,
+                    )
+                })
+                .map_err(|e| format!("cannot start node r{replica}n{index}: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut first_error = None;
+    for t in threads {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(_) => {
+                first_error.get_or_insert_with(|| "a node thread panicked".into());
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+fn node_loop(
+    id: NodeId,
+    shape: ReplicaShape,
+    cluster: &Cluster,
+    local: &(dyn Fn(NodeId) -> Result<LlmWorker, String> + Send + Sync),
+    registry: &Mutex<StepLinks>,
+    per_replica: usize,
+) -> Result<(), String> {
+    let gid = gid(shape, id);
+    let mut worker = local(id);
+    if let Err(e) = &worker {
+        tracing::error!("node r{}n{} could not load: {e}", id.replica, id.index);
+    }
+    loop {
+        let bytes = cluster
+            .transport
+            .recv(0, Cluster::control(gid, true), None)
+            .map_err(|e| e.to_string())?;
+        match wire::decode(&bytes) {
+            Ok(Message::RunStep(run)) => {
+                let links = {
+                    let mut map = registry.lock().map_err(|_| "step links poisoned")?;
+                    let key = (id.replica, run.step);
+                    let entry = map.entry(key).or_insert_with(|| {
+                        let links = wire_step(shape, id.replica, run.step, Some(cluster));
+                        (links.into_iter().map(Some).collect(), per_replica)
+                    });
+                    let links = entry.0.get_mut(id.index).and_then(Option::take);
+                    entry.1 = entry.1.saturating_sub(1);
+                    if entry.1 == 0 {
+                        map.remove(&key);
+                    }
+                    links.ok_or("a step's links taken twice")?
+                };
+                let n = run.plan.items.len();
+                let step = LlmStep {
+                    plan: run.plan,
+                    samplers: vec![None; n],
+                    scoring: vec![None; n],
+                };
+                let outcome = match &mut worker {
+                    Ok(w) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        w.run_hosted(&step, &links)
+                    }))
+                    .unwrap_or_else(|_| Err(NodeError::Failed("the node panicked".into()))),
+                    Err(e) => Err(NodeError::Failed(format!("the node could not load: {e}"))),
+                };
+                if outcome.is_err() {
+                    links.abort.abort();
+                }
+                let done = Message::StepDone(StepDone {
+                    replica: id.replica as u32,
+                    index: id.index as u32,
+                    step: step.plan.id,
+                    outcome: outcome.map_err(failure),
+                });
+                cluster
+                    .transport
+                    .send(0, Cluster::control(gid, false), &wire::encode(&done))
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(Message::Restart { .. }) => {
+                // Drop the old worker (its pool and KV) before loading anew.
+                drop(std::mem::replace(&mut worker, Err("restarting".into())));
+                worker = local(id);
+            }
+            Ok(Message::Shutdown) => return Ok(()),
+            Ok(other) => tracing::warn!("node r{}n{}: unexpected {other:?}", id.replica, id.index),
+            Err(e) => return Err(format!("rank 0 sent an unreadable message: {e}")),
+        }
+    }
+}

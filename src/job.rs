@@ -1,0 +1,97 @@
+//! The MPI job this process is a rank of, if it was started by `mpirun` or
+//! `srun` (more than one rank in the launcher's environment).
+//!
+//! [`Job::start`] initializes MPI (feature `mpi`; without it, a launch of
+//! several ranks is refused, saying how to build it) and learns every
+//! rank's host. [`cluster`] gives the engine its [`Cluster`] for a layout:
+//! the placement of its nodes on the job's ranks, checked against the
+//! hosts MPI reports. Rank 0 builds the engine and runs the command; the
+//! other ranks serve their nodes ([`serves_nodes`]) and print nothing.
+//! When the command fails on any rank, [`Job::fail`] aborts the whole job
+//! (`MPI_Abort`), so no rank waits for a peer that has gone.
+
+use std::sync::{Arc, OnceLock};
+
+use parallm::actors::llm::Cluster;
+
+/// This process's view of its job.
+struct Context {
+    transport: Arc<dyn cluster::Transport>,
+    hosts: Vec<String>,
+}
+
+static CONTEXT: OnceLock<Context> = OnceLock::new();
+
+/// The job, held by `main` until the command is over.
+pub struct Job {
+    #[cfg(feature = "mpi")]
+    mpi: Option<cluster::mpi::Mpi>,
+}
+
+impl Job {
+    /// Joins the job the launcher started, if any.
+    pub fn start() -> Result<Self, String> {
+        let launched = parallm::config::launched_ranks();
+        if launched <= 1 {
+            return Ok(Self {
+                #[cfg(feature = "mpi")]
+                mpi: None,
+            });
+        }
+        #[cfg(feature = "mpi")]
+        {
+            let mpi = cluster::mpi::Mpi::init().map_err(|e| e.to_string())?;
+            let hosts = mpi.hosts().map_err(|e| e.to_string())?;
+            let transport: Arc<dyn cluster::Transport> = mpi.transport();
+            let _ = CONTEXT.set(Context { transport, hosts });
+            Ok(Self { mpi: Some(mpi) })
+        }
+        #[cfg(not(feature = "mpi"))]
+        Err(format!(
+            "started as one of {launched} ranks, but this parallm was built without MPI; build it with `cargo build --release --features mpi` (tests/support/install-openmpi.sh installs OpenMPI)"
+        ))
+    }
+
+    /// Leaves the job after the command succeeded: MPI is finalized once
+    /// every rank has (a barrier first).
+    pub fn finish(self) {
+        #[cfg(feature = "mpi")]
+        drop(self.mpi);
+    }
+
+    /// Ends the job after a failed command: every rank stops, non-zero.
+    pub fn fail(self) {
+        #[cfg(feature = "mpi")]
+        if let Some(mpi) = self.mpi {
+            mpi.abort(1);
+        }
+    }
+}
+
+/// This process's rank (0 outside a job).
+pub fn rank() -> usize {
+    CONTEXT.get().map_or(0, |c| c.transport.rank())
+}
+
+/// Whether this process only serves compute nodes (a rank other than 0).
+pub fn serves_nodes() -> bool {
+    rank() != 0
+}
+
+/// The cluster for `layout` placed as `spec` says, inside a job; `None`
+/// outside one.
+pub fn cluster(
+    layout: cluster::Layout,
+    spec: &cluster::ClusterSpec,
+) -> Result<Option<Cluster>, String> {
+    let Some(c) = CONTEXT.get() else {
+        return Ok(None);
+    };
+    let placement = cluster::Placement::plan(spec, layout, c.hosts.len())
+        .and_then(|p| p.with_reported_hosts(&c.hosts))
+        .map_err(|e| e.to_string())?;
+    Ok(Some(Cluster {
+        transport: c.transport.clone(),
+        placement: Arc::new(placement),
+    }))
+}

@@ -1,0 +1,165 @@
+//! Compute nodes in other processes, with the ranks of the job as threads of
+//! this test (the `Loopback` transport; `cluster/tests/mpi.rs` and
+//! `tests/cluster_mpi.rs` run real processes under `mpirun`): rank 0 builds
+//! the engine, whose nodes on other ranks are proxies, and every other rank
+//! serves its nodes. Every layout gives exactly the greedy tokens of the
+//! same layout in one process (f32 weights), and leaves no KV block and no
+//! message behind; a node that fails on another rank is rebuilt there and
+//! changes no token.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cluster::{ClusterSpec, Layout, Loopback, Mode, Placement, Transport};
+use common::{golden, ids, model_path, run, wait_idle};
+use parallm::actors::llm::{Cluster, FaultInjection};
+use parallm::framework::WeightFormat;
+use parallm::{Engine, EngineBuilder};
+
+const NEW_TOKENS: usize = 12;
+
+fn builder(tp: usize, pp: usize, dp: usize) -> EngineBuilder {
+    Engine::builder()
+        .model_path(model_path())
+        .weights(WeightFormat::F32)
+        .tp(tp)
+        .pp(pp)
+        .dp(dp)
+}
+
+fn golden_prompts() -> Vec<Vec<u32>> {
+    golden()["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| ids(&c["prompt_tokens"]))
+        .collect()
+}
+
+/// Runs `prompts` on a job of `ranks` ranks (threads) placed by `mode`;
+/// `fault` is injected on the ranks other than 0 (where the nodes it names
+/// run). Returns the tokens.
+fn across(
+    (tp, pp, dp): (usize, usize, usize),
+    ranks: usize,
+    mode: Mode,
+    prompts: &[Vec<u32>],
+    fault: Option<FaultInjection>,
+) -> Vec<Vec<u32>> {
+    let placement = Arc::new(
+        Placement::plan(
+            &ClusterSpec {
+                ranks,
+                mode,
+                ..ClusterSpec::default()
+            },
+            Layout {
+                dp,
+                tp,
+                pp,
+                draft: false,
+            },
+            ranks,
+        )
+        .expect("placement"),
+    );
+    assert_eq!(placement.ranks(), ranks);
+    let world = Loopback::world(ranks);
+    let others: Vec<_> = (1..ranks)
+        .map(|r| {
+            let cluster = Cluster {
+                transport: world[r].clone(),
+                placement: placement.clone(),
+            };
+            std::thread::spawn(move || {
+                let mut b = builder(tp, pp, dp).cluster(cluster);
+                if let Some(f) = fault {
+                    b = b.fault(f);
+                }
+                b.serve_nodes()
+            })
+        })
+        .collect();
+    let engine = builder(tp, pp, dp)
+        .cluster(Cluster {
+            transport: world[0].clone(),
+            placement: placement.clone(),
+        })
+        .build()
+        .expect("rank 0's engine");
+    let got = run(&engine, prompts, NEW_TOKENS);
+    let s = wait_idle(&engine);
+    assert_eq!(s.policy.kv_used, 0, "{s:?}");
+    if let Some(f) = fault {
+        // The proxy reported the remote failure and was restarted.
+        let nodes = engine.stats().nodes;
+        let (_, c) = nodes
+            .iter()
+            .find(|(id, _)| id.replica == f.replica && id.index == f.node)
+            .expect("the failing node's counters");
+        assert!(c.failures >= 1 && c.restarts >= 1, "{c:?}");
+    }
+    assert!(engine.shutdown_timeout(Duration::from_secs(60)));
+    for (r, h) in others.into_iter().enumerate() {
+        h.join()
+            .expect("a rank's thread")
+            .unwrap_or_else(|e| panic!("rank {}: {e}", r + 1));
+    }
+    for t in &world {
+        assert_eq!(t.mailbox().pending(), 0, "rank {}: messages left", t.rank());
+    }
+    got
+}
+
+fn in_one_process((tp, pp, dp): (usize, usize, usize), prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
+    let e = builder(tp, pp, dp).build().expect("engine");
+    let got = run(&e, prompts, NEW_TOKENS);
+    assert!(e.shutdown_timeout(Duration::from_secs(60)));
+    got
+}
+
+#[test]
+fn every_layout_across_ranks_gives_the_tokens_of_one_process() {
+    let prompts = golden_prompts();
+    for (layout, ranks, mode) in [
+        // tp=2 across 2 ranks: the all-reduces cross.
+        ((2, 1, 1), 2, Mode::Spread),
+        // pp=2 across 2 ranks: the hidden rows cross.
+        ((1, 2, 1), 2, Mode::ByHost),
+        // tp=3 in each rank × pp=2 across 2 ranks.
+        ((3, 2, 1), 2, Mode::ByHost),
+        // dp=2 across 2 ranks: a replica per rank.
+        ((1, 1, 2), 2, Mode::ByHost),
+        // Both crossing at once, over 3 ranks: tp=2 × pp=2 spread.
+        ((2, 2, 1), 3, Mode::Spread),
+    ] {
+        let want = in_one_process(layout, &prompts);
+        let got = across(layout, ranks, mode, &prompts, None);
+        assert_eq!(
+            got, want,
+            "(tp, pp, dp) = {layout:?} over {ranks} ranks, {mode:?}"
+        );
+    }
+}
+
+#[test]
+fn a_node_failing_on_another_rank_is_rebuilt_and_changes_no_token() {
+    let prompts = golden_prompts();
+    let layout = (2, 2, 1);
+    let want = in_one_process(layout, &prompts);
+    // Node 3 (stage 1, tp rank 1) runs on rank 1 under spread over 2 ranks;
+    // it fails at its fourth step, once with an error and once panicking.
+    for panic in [false, true] {
+        let fault = FaultInjection {
+            replica: 0,
+            node: 3,
+            step: 3,
+            times: 1,
+            panic,
+        };
+        let got = across(layout, 2, Mode::Spread, &prompts, Some(fault));
+        assert_eq!(got, want, "panic = {panic}");
+    }
+}
