@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cluster::{ClusterSpec, Layout, Loopback, Mode, Placement, Transport};
-use common::{golden, ids, model_path, run, wait_idle};
+use common::{model_path, run, wait_idle};
 use parallm::actors::llm::{Cluster, FaultInjection};
 use parallm::framework::WeightFormat;
 use parallm::{Engine, EngineBuilder};
@@ -27,15 +27,6 @@ fn builder(tp: usize, pp: usize, dp: usize) -> EngineBuilder {
         .tp(tp)
         .pp(pp)
         .dp(dp)
-}
-
-fn golden_prompts() -> Vec<Vec<u32>> {
-    golden()["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .map(|c| ids(&c["prompt_tokens"]))
-        .collect()
 }
 
 /// Runs `prompts` on a job of `ranks` ranks (threads) placed by `mode`;
@@ -122,7 +113,7 @@ fn in_one_process((tp, pp, dp): (usize, usize, usize), prompts: &[Vec<u32>]) -> 
 
 #[test]
 fn every_layout_across_ranks_gives_the_tokens_of_one_process() {
-    let prompts = golden_prompts();
+    let prompts = common::golden_prompts();
     for (layout, ranks, mode) in [
         // tp=2 across 2 ranks: the all-reduces cross.
         ((2, 1, 1), 2, Mode::Spread),
@@ -146,7 +137,7 @@ fn every_layout_across_ranks_gives_the_tokens_of_one_process() {
 
 #[test]
 fn a_node_failing_on_another_rank_is_rebuilt_and_changes_no_token() {
-    let prompts = golden_prompts();
+    let prompts = common::golden_prompts();
     let layout = (2, 2, 1);
     let want = in_one_process(layout, &prompts);
     // Node 3 (stage 1, tp rank 1) runs on rank 1 under spread over 2 ranks;

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{finished, golden, ids, model, model_path, run, sixty_four_prompts, wait_idle};
+use common::{finished, model, model_path, run, sixty_four_prompts, wait_idle};
 use parallm::actors::llm::FaultInjection;
 use parallm::actors::SubmitError;
 use parallm::framework::collective::SingleCollective;
@@ -19,15 +19,6 @@ fn builder() -> EngineBuilder {
     Engine::builder()
         .model_path(model_path())
         .weights(WeightFormat::F32)
-}
-
-fn golden_prompts() -> Vec<Vec<u32>> {
-    golden()["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .map(|c| ids(&c["prompt_tokens"]))
-        .collect()
 }
 
 /// A solo greedy run on the whole model: the tokens, and at each step the gap
@@ -87,7 +78,7 @@ fn assert_matches_solo(prompts: &[Vec<u32>], got: &[Vec<u32>], n: usize) -> usiz
 
 #[test]
 fn every_parallel_layout_gives_the_greedy_tokens_of_tp1() {
-    let prompts = golden_prompts();
+    let prompts = common::golden_prompts();
     let reference = {
         let e = builder().build().expect("tp=1 engine");
         run(&e, &prompts, NEW_TOKENS)
@@ -328,7 +319,7 @@ fn kv_exhaustion_preempts_and_every_request_completes_correctly() {
 
 #[test]
 fn a_node_failure_mid_run_loses_no_request() {
-    let prompts = golden_prompts();
+    let prompts = common::golden_prompts();
     for panic in [false, true] {
         let e = builder()
             .tp(3)

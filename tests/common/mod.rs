@@ -11,6 +11,16 @@ use parallm::framework::{
 };
 use parallm::{Engine, Event, Request};
 
+/// The golden cases' prompts, as token ids.
+pub fn golden_prompts() -> Vec<Vec<u32>> {
+    golden()["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| ids(&c["prompt_tokens"]))
+        .collect()
+}
+
 /// The reference model's path, fetched on first use.
 pub fn model_path() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();

@@ -697,7 +697,7 @@ impl EngineBuilder {
             ));
         }
         let parts = Engine::prepare_nodes(self.cfg)?;
-        crate::llm::remote::serve_nodes(parts.local, parts.shape, cluster)
+        crate::llm::remote::serve_nodes(parts.local, parts.cfg.shape(), cluster)
             .map_err(EngineError::Start)
     }
 }
@@ -738,7 +738,6 @@ pub struct EngineStats {
 /// What every rank builds alike before rank 0 starts the pipeline.
 struct Prepared {
     local: LocalFactory,
-    shape: ReplicaShape,
     policy: LlmPolicy,
     merger: LlmMerger,
     tokenizer: Option<Arc<Tokenizer>>,
@@ -930,7 +929,6 @@ impl Engine {
         };
         Ok(Prepared {
             local: Box::new(local),
-            shape,
             policy,
             merger,
             tokenizer,
@@ -951,7 +949,6 @@ impl Engine {
         }
         let Prepared {
             local,
-            shape,
             policy,
             merger,
             tokenizer,
@@ -962,6 +959,7 @@ impl Engine {
             cfg,
             activations,
         } = Self::prepare_nodes(cfg)?;
+        let shape = cfg.shape();
         let factory = crate::llm::remote::node_factory(local, shape, cfg.cluster.clone());
         let remote = cfg.cluster.clone().map(|cluster| RemoteNodes {
             cluster,
