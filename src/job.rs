@@ -8,7 +8,10 @@
 //! hosts MPI reports. Rank 0 builds the engine and runs the command; the
 //! other ranks serve their nodes ([`serves_nodes`]) and print nothing.
 //! When the command fails on any rank, [`Job::fail`] aborts the whole job
-//! (`MPI_Abort`), so no rank waits for a peer that has gone.
+//! (`MPI_Abort`), so no rank waits for a peer that has gone. The first
+//! [`cluster`] starts the transport's heartbeat watch with the configured
+//! timeout: a peer silent that long fails the transport, which ends the
+//! command on every rank that depends on it.
 
 use std::sync::{Arc, OnceLock};
 
@@ -90,6 +93,7 @@ pub fn cluster(
     let placement = cluster::Placement::plan(spec, layout, c.hosts.len())
         .and_then(|p| p.with_reported_hosts(&c.hosts))
         .map_err(|e| e.to_string())?;
+    c.transport.watch(spec.heartbeat_timeout);
     Ok(Some(Cluster {
         transport: c.transport.clone(),
         placement: Arc::new(placement),

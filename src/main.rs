@@ -838,8 +838,11 @@ fn run_node_rank(command: Command) -> CliResult {
             cfg.model = ModelSource::Gguf(path);
             Ok(EngineBuilder::config(cfg).serve_nodes()?)
         }
+        Command::Bench(BenchCommand::Throughput(args)) => {
+            Ok(throughput_builder(&args)?.0.serve_nodes()?)
+        }
         _ => Err(format!(
-            "rank {}: under mpirun, only `generate` and `serve` run their nodes on several ranks so far",
+            "rank {}: under mpirun, `generate`, `serve` and `bench throughput` run their nodes on several ranks; this command runs in one process (`bench latency` measures one shard, `bench serve` is a client of a server)",
             job::rank()
         )
         .into()),
@@ -1143,7 +1146,9 @@ fn run_cuda(args: CudaArgs) -> CliResult {
     Ok(())
 }
 
-fn run_throughput(args: ThroughputArgs) -> CliResult {
+/// The engine `bench throughput` measures, and what it runs (the model's
+/// path or the synthetic model's name).
+fn throughput_builder(args: &ThroughputArgs) -> CliResult<(EngineBuilder, String)> {
     let (builder, what) = match &args.synthetic {
         Some(name) => (
             Engine::builder().synthetic(name.clone(), 0),
@@ -1156,10 +1161,15 @@ fn run_throughput(args: ThroughputArgs) -> CliResult {
             (Engine::builder().model_path(path), what)
         }
     };
-    let engine = args
-        .parallel
-        .apply(builder.weights(args.model.weights))?
-        .build()?;
+    Ok((
+        args.parallel.apply(builder.weights(args.model.weights))?,
+        what,
+    ))
+}
+
+fn run_throughput(args: ThroughputArgs) -> CliResult {
+    let (builder, what) = throughput_builder(&args)?;
+    let engine = builder.build()?;
     let cfg = engine.config().clone();
     // The bare forward runs one whole-model CPU shard: only comparable at
     // tp = pp = 1 on the CPU.

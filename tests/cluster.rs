@@ -145,6 +145,7 @@ fn bad_clusters_are_refused_before_any_rank_starts_naming_the_key() {
         ),
         ("[cluster]\nplacement = \"round-robin\"\n", "cluster.placement", "by-host or spread"),
         ("[cluster]\nranks_per_host = 0\n", "cluster.ranks_per_host", "at least 1"),
+        ("[cluster]\nheartbeat_timeout_secs = 0\n", "cluster.heartbeat_timeout_secs", "at least 1"),
     ];
     for (body, key, reason) in cases {
         let (_dir, path) = config("bad.toml", body);

@@ -6,7 +6,11 @@
 //! pp=2 across 2 ranks, tp=3 in-process × pp=2 across 2 ranks, dp=2 across
 //! 2 ranks; and the same with the default (Q4_1) weights. `parallm serve`
 //! on 3 ranks (pp=3, a stage per rank) answers 64 concurrent requests
-//! exactly as a one-process server does.
+//! exactly as a one-process server does; `bench throughput` runs across
+//! ranks, and `bench latency` (one shard) is refused there. A worker rank killed with kill -9
+//! or stopped (SIGSTOP, caught by the heartbeat) mid-generation ends every
+//! in-flight request with an error, streamed or not, turns `/health` to
+//! 503, and ends the job non-zero within the timeout.
 
 #[cfg(feature = "mpi")]
 mod common;
@@ -81,7 +85,7 @@ mod with_mpi {
             (["--tp", "3", "--pp", "2", "--dp", "1"], "by-host"),
             (["--tp", "1", "--pp", "1", "--dp", "2"], "by-host"),
         ] {
-            for prompt in prompts().iter().take(3) {
+            for prompt in prompts().iter() {
                 let mut args = vec!["--model", &model, "--weights", weights];
                 args.extend(flags);
                 args.extend(["--max-tokens", "12", "--temperature", "0", prompt.as_str()]);
@@ -153,6 +157,15 @@ mod with_mpi {
             .expect("a free port")
     }
 
+    /// POSTs `body` to the server's `/v1/completions`.
+    fn post_completion(port: u16, body: &serde_json::Value) -> ureq::http::Response<ureq::Body> {
+        agent()
+            .post(&format!("http://127.0.0.1:{port}/v1/completions"))
+            .header("Content-Type", "application/json")
+            .send(body.to_string())
+            .expect("a response")
+    }
+
     /// A completion: its tokens, and at each the gap between the two most
     /// likely tokens.
     type Completion = (Vec<String>, Vec<f64>);
@@ -170,11 +183,7 @@ mod with_mpi {
                         "temperature": 0,
                         "logprobs": 2,
                     });
-                    let mut r = agent()
-                        .post(&format!("http://127.0.0.1:{port}/v1/completions"))
-                        .header("Content-Type", "application/json")
-                        .send(body.to_string())
-                        .expect("a response");
+                    let mut r = post_completion(port, &body);
                     let status = r.status().as_u16();
                     let text = r.body_mut().read_to_string().expect("a body");
                     assert_eq!(status, 200, "{text}");
@@ -241,6 +250,271 @@ mod with_mpi {
             }
         }
         eprintln!("{diverged} of 64 diverged, each at a near-tie");
+    }
+
+    /// The pid of the process of rank `rank` among those whose environment
+    /// holds `mark` (`mpirun` passes its environment to its ranks).
+    fn rank_pid(mark: &str, rank: usize) -> u32 {
+        let want = format!("OMPI_COMM_WORLD_RANK={rank}");
+        let t = Instant::now();
+        loop {
+            for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+                let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                    continue;
+                };
+                let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+                    continue;
+                };
+                let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
+                if vars.contains(&mark.as_bytes()) && vars.contains(&want.as_bytes()) {
+                    return pid;
+                }
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "no rank {rank} with {mark}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// One long request's outcome: its status and body (a stream's whole
+    /// text).
+    fn long_request(
+        port: u16,
+        stream: bool,
+        started: std::sync::mpsc::Sender<()>,
+    ) -> (u16, String) {
+        let body = serde_json::json!({
+            "prompt": "Once upon a time",
+            "max_tokens": 4000,
+            "ignore_eos": true,
+            "stream": stream,
+        });
+        let mut r = post_completion(port, &body);
+        let status = r.status().as_u16();
+        if !stream {
+            return (status, r.body_mut().read_to_string().unwrap_or_default());
+        }
+        use std::io::BufRead;
+        let mut text = String::new();
+        let mut told = false;
+        for line in std::io::BufReader::new(r.body_mut().as_reader()).lines() {
+            let Ok(line) = line else { break };
+            if !told && line.starts_with("data:") {
+                let _ = started.send(());
+                told = true;
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        (status, text)
+    }
+
+    /// Serves pp=2 on 2 ranks, starts 3 streamed and 3 plain long requests,
+    /// sends `signal` to rank 1 once every stream has tokens, and checks
+    /// what clients and the launcher see; the job must end within
+    /// `within` of the signal.
+    fn lose_rank_one(signal: &str, heartbeat_secs: u64, within: Duration) {
+        let model = common::model_path().display().to_string();
+        let port = free_port();
+        let mark = format!("PARALLM_TEST_JOB={port}");
+        let mut cmd = parallm(2);
+        cmd.args(["serve", "--port", &port.to_string(), "--model", &model])
+            .args(["--pp", "2", "--placement", "spread"])
+            .env(
+                "PARALLM__CLUSTER__HEARTBEAT_TIMEOUT_SECS",
+                heartbeat_secs.to_string(),
+            )
+            .env("PARALLM_TEST_JOB", port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut job = cmd.spawn().expect("start the job");
+        // Read all along, so a full pipe never blocks the job.
+        let stderr = job.stderr.take().map(|mut e| {
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut text = String::new();
+                let _ = e.read_to_string(&mut text);
+                text
+            })
+        });
+        let stderr = move || {
+            stderr
+                .map(|h| h.join().unwrap_or_default())
+                .unwrap_or_default()
+        };
+        let t = Instant::now();
+        while agent()
+            .get(&format!("http://127.0.0.1:{port}/health"))
+            .call()
+            .map(|r| r.status() != 200)
+            .unwrap_or(true)
+        {
+            assert!(t.elapsed() < Duration::from_secs(180), "never healthy");
+            assert!(
+                job.try_wait().expect("wait").is_none(),
+                "the job ended early"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let victim = rank_pid(&mark, 1);
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let requests: Vec<_> = [true, false, true, false, true, false]
+            .into_iter()
+            .map(|stream| {
+                let tx = started_tx.clone();
+                (
+                    stream,
+                    std::thread::spawn(move || long_request(port, stream, tx)),
+                )
+            })
+            .collect();
+        for _ in 0..3 {
+            started
+                .recv_timeout(Duration::from_secs(60))
+                .expect("every stream has its first tokens");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        // /health, polled until the server is gone.
+        let polling = std::thread::spawn(move || {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(2)))
+                .build()
+                .into();
+            let mut seen = Vec::new();
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(60) {
+                match agent.get(&format!("http://127.0.0.1:{port}/health")).call() {
+                    Ok(r) => seen.push(r.status().as_u16()),
+                    Err(_) if seen.contains(&503) => break,
+                    Err(_) => {}
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            seen
+        });
+        let killed = Instant::now();
+        let sent = Command::new("kill")
+            .args([signal, &victim.to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        let status = loop {
+            if let Some(s) = job.try_wait().expect("wait") {
+                break s;
+            }
+            if killed.elapsed() > within + Duration::from_secs(30) {
+                let _ = Command::new("kill")
+                    .args(["-9", &victim.to_string()])
+                    .status();
+                let _ = job.kill();
+                let _ = job.wait();
+                panic!(
+                    "the job still ran {:?} after kill {signal}:\n{}",
+                    killed.elapsed(),
+                    stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let took = killed.elapsed();
+        let stderr = stderr();
+        // Rank 1 is gone whatever the signal (mpirun continues and kills
+        // a stopped rank).
+        let _ = Command::new("kill")
+            .args(["-9", &victim.to_string()])
+            .stderr(Stdio::null())
+            .status();
+        assert!(
+            !status.success(),
+            "the job exited 0 after kill {signal}\n{stderr}"
+        );
+        assert!(
+            took <= within,
+            "the job ended {took:?} after kill {signal} (limit {within:?})\n{stderr}"
+        );
+        for (i, (stream, h)) in requests.into_iter().enumerate() {
+            let (status, body) = h.join().expect("a request's thread");
+            assert!(
+                body.contains("\"error\"") && body.contains("MPI job cannot go on"),
+                "request {i} (stream {stream}, status {status}) got no error naming the loss: {}",
+                &body[body.len().saturating_sub(600)..]
+            );
+            if stream {
+                assert!(!body.contains("[DONE]") || body.contains("error"), "{body}");
+            } else {
+                assert!(status >= 500, "request {i}: {status} {body}");
+            }
+        }
+        let seen = polling.join().expect("the /health poller");
+        assert!(
+            seen.contains(&503),
+            "/health never answered 503: {seen:?}\n{stderr}"
+        );
+        let count = |code| seen.iter().filter(|&&s| s == code).count();
+        eprintln!(
+            "kill {signal}: the job ended non-zero {took:?} after it; /health answered 200 {} times, then 503 {} times",
+            count(200),
+            count(503)
+        );
+    }
+
+    #[test]
+    fn bench_throughput_runs_across_ranks_and_bench_latency_is_refused() {
+        let model = common::model_path().display().to_string();
+        let out = job_output(
+            2,
+            &[
+                "bench",
+                "throughput",
+                "--model",
+                &model,
+                "--pp",
+                "2",
+                "--placement",
+                "spread",
+            ],
+            &["--concurrency", "1,4", "--output-tokens", "8", "--no-bare"],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let table = String::from_utf8_lossy(&out.stdout);
+        let rows: Vec<&str> = table
+            .lines()
+            .filter(|l| l.starts_with("| 1 |") || l.starts_with("| 4 |"))
+            .collect();
+        assert_eq!(rows.len(), 2, "{table}");
+        let out = job_output(2, &["bench", "latency", "--model", &model], &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains("`bench latency` measures one shard"),
+            "{stderr}"
+        );
+    }
+
+    /// `parallm ARGS MORE` on `ranks` ranks, to the end.
+    fn job_output(ranks: usize, args: &[&str], more: &[&str]) -> Output {
+        let mut cmd = parallm(ranks);
+        cmd.args(args).args(more);
+        run(cmd, Duration::from_secs(300))
+    }
+
+    #[test]
+    fn a_worker_rank_killed_mid_generation_fails_every_request_and_the_job() {
+        lose_rank_one("-KILL", 5, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_worker_rank_that_stops_answering_is_caught_by_the_heartbeat() {
+        // Detection takes the timeout; rank 0 then writes the errors out
+        // and exits in under a second.
+        lose_rank_one("-STOP", 3, Duration::from_secs(5));
     }
 }
 

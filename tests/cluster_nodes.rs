@@ -154,3 +154,87 @@ fn a_node_failing_on_another_rank_is_rebuilt_and_changes_no_token() {
         assert_eq!(got, want, "panic = {panic}");
     }
 }
+
+/// A transport that fails (a rank died or stopped answering: the heartbeat
+/// or the launcher says so) stops rank 0's engine for good: every request
+/// it holds ends at once with an error naming why, and it takes no more.
+#[test]
+fn a_lost_rank_ends_every_request_with_its_reason() {
+    let placement = Arc::new(
+        Placement::plan(
+            &ClusterSpec {
+                ranks: 2,
+                mode: Mode::Spread,
+                ..ClusterSpec::default()
+            },
+            Layout {
+                dp: 1,
+                tp: 1,
+                pp: 2,
+                draft: false,
+            },
+            2,
+        )
+        .expect("placement"),
+    );
+    let world = Loopback::world(2);
+    let rank1 = {
+        let cluster = Cluster {
+            transport: world[1].clone(),
+            placement: placement.clone(),
+        };
+        std::thread::spawn(move || builder(1, 2, 1).cluster(cluster).serve_nodes())
+    };
+    let engine = builder(1, 2, 1)
+        .cluster(Cluster {
+            transport: world[0].clone(),
+            placement,
+        })
+        .build()
+        .expect("rank 0's engine");
+    let mut streams: Vec<_> = common::golden_prompts()
+        .into_iter()
+        .map(|p| {
+            let mut req = parallm::actors::llm::Request::greedy_tokens(p, 4000);
+            req.params.ignore_eos = true;
+            engine.generate(req).expect("accepted")
+        })
+        .collect();
+    // Every request is under way before the rank is lost.
+    for s in &mut streams {
+        assert!(matches!(
+            s.next_blocking(),
+            Some(parallm::actors::llm::Event::Token { .. })
+        ));
+    }
+    assert!(engine.stopped().is_none());
+    let t0 = std::time::Instant::now();
+    world[0]
+        .mailbox()
+        .fail("rank 1 has not answered for 3.0 s (test)");
+    for (i, s) in streams.iter_mut().enumerate() {
+        let end = loop {
+            match s.next_blocking() {
+                Some(parallm::actors::llm::Event::Token { .. }) => {}
+                other => break other,
+            }
+        };
+        match end {
+            Some(parallm::actors::llm::Event::Failed { error }) => assert!(
+                error.contains("MPI job cannot go on") && error.contains("rank 1 has not answered"),
+                "request {i}: {error}"
+            ),
+            other => panic!("request {i} ended with {other:?}"),
+        }
+    }
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(engine.stopped().is_some_and(|w| w.contains("rank 1")));
+    assert!(engine
+        .generate(parallm::actors::llm::Request::greedy_tokens(vec![1, 2], 4))
+        .is_err());
+    // Rank 1's node loop ends when its own transport fails.
+    world[1].mailbox().fail("rank 0 has gone (test)");
+    let e = rank1.join().expect("rank 1's thread").unwrap_err();
+    assert!(e.to_string().contains("rank 0 has gone"), "{e}");
+    drop(engine);
+}

@@ -14,13 +14,25 @@
 //! the job-wide calls (host names, barriers, broadcasts) may come from any
 //! thread meanwhile.
 //!
+//! Heartbeats: the progress thread sends one every [`BEAT`] to the peers
+//! its rank depends on (rank 0 to every other rank, the others to rank 0),
+//! and every message counts as one. Once [`Transport::watch`] gave it a
+//! timeout, a peer silent for that long fails the transport, naming the
+//! rank: every wait on it fails, and what the process does next is its
+//! owner's choice (rank 0 ends its requests with an error and exits
+//! non-zero; the other ranks exit). MPI errors are returned, not fatal
+//! (`MPI_ERRORS_RETURN` on `MPI_COMM_WORLD`), so a send to a lost peer
+//! fails the transport the same way.
+//!
 //! What is and is not recovered: a stream (one step's link) can be aborted
-//! and the job goes on; a rank that dies takes the job with it (MPI's
-//! default error handler, and `mpirun` stops the other ranks).
+//! and the job goes on; a rank that dies or stops answering ends the job
+//! (`mpirun` stops the other ranks when one dies; the heartbeat catches one
+//! that hangs).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam::channel::{Receiver, Sender};
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
@@ -36,6 +48,9 @@ use crate::transport::{Address, Mailbox, Transport};
 const TAG: i32 = 0x5041;
 const DATA: u8 = 0;
 const ABORT: u8 = 1;
+const HEARTBEAT: u8 = 2;
+/// How often a rank tells the peers that watch it that it is alive.
+pub const BEAT: Duration = Duration::from_millis(200);
 const HEADER: usize = 1 + 8 + 4 + 4;
 /// Empty polls the progress thread makes, yielding, before it waits.
 const IDLE_YIELDS: u32 = 64;
@@ -76,6 +91,19 @@ impl Mpi {
                 "this MPI library gives thread support {provided:?}; parallm's nodes need MPI_THREAD_MULTIPLE"
             )));
         }
+        // SAFETY: MPI is initialized; MPI_COMM_WORLD and MPI_ERRORS_RETURN
+        // are the library's predefined handles.
+        let rc = unsafe {
+            mpi::ffi::MPI_Comm_set_errhandler(
+                mpi::ffi::RSMPI_COMM_WORLD,
+                mpi::ffi::RSMPI_ERRORS_RETURN,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::Collective(format!(
+                "MPI_Comm_set_errhandler failed with code {rc}"
+            )));
+        }
         let w = world();
         let (outgoing, queue) = crossbeam::channel::unbounded();
         let transport = Arc::new(MpiTransport {
@@ -83,6 +111,7 @@ impl Mpi {
             size: w.size() as usize,
             mailbox: Mailbox::default(),
             outgoing,
+            timeout_ms: AtomicU64::new(0),
         });
         let t = transport.clone();
         let receiver = std::thread::Builder::new()
@@ -172,6 +201,8 @@ pub struct MpiTransport {
     size: usize,
     mailbox: Mailbox,
     outgoing: Sender<Outgoing>,
+    /// The heartbeat timeout in milliseconds; 0 until watched.
+    timeout_ms: AtomicU64,
 }
 
 fn header(kind: u8, a: Address) -> Vec<u8> {
@@ -196,31 +227,72 @@ fn parse_header(msg: &[u8]) -> Option<(u8, Address)> {
 }
 
 impl MpiTransport {
+    /// The peers this rank sends heartbeats to and watches.
+    fn peers(&self) -> Vec<usize> {
+        match self.rank {
+            0 => (1..self.size).collect(),
+            _ => vec![0],
+        }
+    }
+
     /// The progress thread: posts what node threads send, completes it,
-    /// and files what arrives, until told to stop.
+    /// files what arrives, and keeps the heartbeats, until told to stop.
     fn progress(&self, queue: Receiver<Outgoing>) {
         let mut in_flight: Vec<Send> = Vec::new();
         let mut stopping = false;
         let mut idle = 0u32;
+        let peers = self.peers();
+        let beat = header(
+            HEARTBEAT,
+            Address {
+                stream: 0,
+                from: 0,
+                to: 0,
+            },
+        );
+        let mut last_beat: Option<Instant> = None;
+        // When each rank was last heard from, and when watching began.
+        let mut heard = vec![Instant::now(); self.size];
+        let mut watching: Option<Instant> = None;
+        let post =
+            |in_flight: &mut Vec<Send>, dest: usize, msg: Vec<u8>| match Send::post(dest, msg) {
+                Ok(s) => in_flight.push(s),
+                Err(e) => self.mailbox.fail(e),
+            };
         loop {
             let mut busy = false;
             while let Ok(out) = queue.try_recv() {
                 busy = true;
                 match out {
-                    Outgoing::Message(dest, msg) => match Send::post(dest, msg) {
-                        Ok(s) => in_flight.push(s),
-                        Err(e) => self.mailbox.fail(e),
-                    },
+                    Outgoing::Message(dest, msg) => post(&mut in_flight, dest, msg),
                     Outgoing::Stop => stopping = true,
                 }
             }
+            let now = Instant::now();
+            if !stopping && last_beat.is_none_or(|t| now - t >= BEAT) {
+                last_beat = Some(now);
+                for &p in &peers {
+                    post(&mut in_flight, p, beat.clone());
+                }
+                self.check_heartbeats(&peers, &heard, &mut watching, now);
+            }
             let before = in_flight.len();
-            in_flight.retain_mut(|s| !s.done());
+            in_flight.retain_mut(|s| match s.done() {
+                Ok(done) => !done,
+                Err(e) => {
+                    self.mailbox.fail(e);
+                    false
+                }
+            });
             busy |= in_flight.len() != before;
             if let Some(probed) = world().any_process().immediate_matched_probe_with_tag(TAG) {
                 busy = true;
                 let (msg, status): (Vec<u8>, Status) = probed.matched_receive_vec();
-                self.file(status.source_rank() as usize, msg);
+                let src = status.source_rank() as usize;
+                if let Some(t) = heard.get_mut(src) {
+                    *t = Instant::now();
+                }
+                self.file(src, msg);
             }
             if stopping && in_flight.is_empty() {
                 return;
@@ -232,13 +304,37 @@ impl MpiTransport {
                 std::thread::yield_now();
             } else {
                 match queue.recv_timeout(IDLE_WAIT) {
-                    Ok(Outgoing::Message(dest, msg)) => match Send::post(dest, msg) {
-                        Ok(s) => in_flight.push(s),
-                        Err(e) => self.mailbox.fail(e),
-                    },
+                    Ok(Outgoing::Message(dest, msg)) => post(&mut in_flight, dest, msg),
                     Ok(Outgoing::Stop) => stopping = true,
                     Err(_) => {}
                 }
+            }
+        }
+    }
+
+    /// Fails the transport if a watched peer has been silent longer than
+    /// the timeout (counted from when watching began at the earliest).
+    fn check_heartbeats(
+        &self,
+        peers: &[usize],
+        heard: &[Instant],
+        watching: &mut Option<Instant>,
+        now: Instant,
+    ) {
+        let ms = self.timeout_ms.load(Ordering::Relaxed);
+        if ms == 0 {
+            return;
+        }
+        let since = *watching.get_or_insert(now);
+        let timeout = Duration::from_millis(ms);
+        for &p in peers {
+            let silent = now - heard[p].max(since);
+            if silent > timeout {
+                self.mailbox.fail(format!(
+                    "rank {p} has not answered for {:.1} s (cluster.heartbeat_timeout_secs = {}); it died or hangs",
+                    silent.as_secs_f64(),
+                    timeout.as_secs_f64()
+                ));
             }
         }
     }
@@ -251,6 +347,7 @@ impl MpiTransport {
                 self.mailbox.deliver(src, address, msg);
             }
             Some((ABORT, address)) => self.mailbox.abort_stream(address.stream),
+            Some((HEARTBEAT, _)) => {}
             Some((other, _)) => self
                 .mailbox
                 .fail(format!("rank {src} sent a message of unknown kind {other}")),
@@ -307,23 +404,33 @@ impl Send {
         }
     }
 
-    /// Whether the send is complete (its buffer may then be freed).
-    fn done(&mut self) -> bool {
+    /// Whether the send is complete (its buffer may then be freed); an
+    /// error completes it too.
+    fn done(&mut self) -> std::result::Result<bool, String> {
         let mut flag = 0;
         // SAFETY: `request` is the live request MPI_Isend returned (or
         // MPI_REQUEST_NULL once completed, for which MPI_Test reports
-        // completion); the status is ignored.
-        unsafe {
-            mpi::ffi::MPI_Test(&mut self.request, &mut flag, mpi::ffi::RSMPI_STATUS_IGNORE);
+        // completion); the status is ignored. A request that failed is
+        // forgotten (MPI_REQUEST_NULL, a predefined handle).
+        let rc = unsafe {
+            let rc =
+                mpi::ffi::MPI_Test(&mut self.request, &mut flag, mpi::ffi::RSMPI_STATUS_IGNORE);
+            if rc != 0 {
+                self.request = mpi::ffi::RSMPI_REQUEST_NULL;
+            }
+            rc
+        };
+        if rc != 0 {
+            return Err(format!("a send failed with MPI error code {rc}"));
         }
-        flag != 0
+        Ok(flag != 0)
     }
 }
 
 impl Drop for Send {
     fn drop(&mut self) {
         // The buffer must outlive the send: finish it before freeing.
-        while !self.done() {
+        while let Ok(false) = self.done() {
             std::thread::yield_now();
         }
         let _ = self.buf.len();
@@ -357,6 +464,13 @@ impl Transport for MpiTransport {
 
     fn mailbox(&self) -> &Mailbox {
         &self.mailbox
+    }
+
+    fn watch(&self, timeout: Duration) {
+        let ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        self.timeout_ms.store(ms, Ordering::Relaxed);
     }
 
     fn abort(&self, stream: u64, ranks: &[usize]) {

@@ -97,7 +97,13 @@ pub struct ClusterSpec {
     pub mode: Mode,
     /// Whether a tensor-parallel group may span hosts.
     pub allow_cross_host_tp: bool,
+    /// How long a rank may stay silent (no message, no heartbeat) before
+    /// the ranks that depend on it count it lost and end the job.
+    pub heartbeat_timeout: std::time::Duration,
 }
+
+/// The heartbeat timeout unless the config sets one.
+pub const HEARTBEAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Default for ClusterSpec {
     fn default() -> Self {
@@ -107,6 +113,7 @@ impl Default for ClusterSpec {
             ranks: 0,
             mode: Mode::ByHost,
             allow_cross_host_tp: false,
+            heartbeat_timeout: HEARTBEAT_TIMEOUT,
         }
     }
 }

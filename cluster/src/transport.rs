@@ -54,6 +54,13 @@ pub trait Transport: Send + Sync {
     fn recv(&self, src: usize, address: Address, timeout: Option<Duration>) -> Result<Vec<u8>> {
         self.mailbox().take(src, address, timeout)
     }
+    /// Starts watching the peers this rank depends on (rank 0 every other
+    /// rank, the others rank 0): the transport fails when one has been
+    /// silent for `timeout`. Transports whose ranks cannot die apart (ranks
+    /// as threads) ignore it.
+    fn watch(&self, timeout: Duration) {
+        let _ = timeout;
+    }
 }
 
 #[derive(Default)]
@@ -111,6 +118,27 @@ impl Mailbox {
     /// Why the transport failed, if it did.
     pub fn failure(&self) -> Option<String> {
         self.lock().failed.clone()
+    }
+
+    /// Waits up to `timeout` for the transport to fail; why it failed, or
+    /// `None` if it has not.
+    pub fn wait_failure(&self, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let mut b = self.lock();
+        loop {
+            if let Some(reason) = &b.failed {
+                return Some(reason.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            b = self
+                .arrived
+                .wait_timeout(b, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     /// Takes the oldest message from `src` under `address`, waiting for it.
@@ -279,7 +307,15 @@ mod tests {
             .recv(0, at(1, 0, 1), Some(Duration::from_millis(10)))
             .unwrap_err();
         assert!(e.to_string().contains("sent nothing"), "{e}");
+        assert_eq!(
+            world[1].mailbox().wait_failure(Duration::from_millis(10)),
+            None
+        );
+        let w = world[1].clone();
+        let watcher = std::thread::spawn(move || w.mailbox().wait_failure(Duration::from_secs(30)));
+        std::thread::sleep(Duration::from_millis(20));
         world[1].mailbox().fail("rank 0 is gone");
+        assert_eq!(watcher.join().unwrap().as_deref(), Some("rank 0 is gone"));
         let e = world[1].recv(0, at(1, 0, 1), None).unwrap_err();
         assert!(e.to_string().contains("rank 0 is gone"), "{e}");
     }

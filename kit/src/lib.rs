@@ -36,7 +36,7 @@ pub mod traits;
 pub use merger::{Collector, MergerActor};
 pub use node::{panic_text, NodeActor, NodeCounters, NodeStats};
 pub use oneshot::{OneShot, OneShotConfig, Pending};
-pub use pipeline::{Canceller, KitMetrics, Pipeline, PipelineConfig};
+pub use pipeline::{Canceller, Halter, KitMetrics, Pipeline, PipelineConfig};
 pub use queue::{QueueActor, QueueState};
 pub use scheduler::{SchedulerActor, SchedulerState, SchedulerStats};
 pub use traits::{

@@ -89,6 +89,27 @@ impl std::fmt::Debug for Canceller {
     }
 }
 
+/// Stops a pipeline at once from any thread (cheap to clone): what its
+/// owner does when the pipeline cannot go on, a node lost for good. No task
+/// is waited for: the stages stop and drop what they hold, so each task's
+/// registration is dropped with the merger (its requester learns it there),
+/// and later submissions fail with [`SubmitError::Stopped`].
+#[derive(Clone)]
+pub struct Halter(System);
+
+impl Halter {
+    /// Stops every stage now.
+    pub fn halt(&self) {
+        self.0.stop();
+    }
+}
+
+impl std::fmt::Debug for Halter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Halter")
+    }
+}
+
 /// A running pipeline for policy `P` whose tasks register `R` with the merger.
 pub struct Pipeline<P: Policy, R: Send + 'static> {
     queue: Addr<QueueActor<P::Task, R>>,
@@ -254,6 +275,11 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
     /// A handle that cancels tasks of this pipeline.
     pub fn canceller(&self) -> Canceller {
         Canceller(self.queue.clone().recipient())
+    }
+
+    /// A handle that stops this pipeline at once.
+    pub fn halter(&self) -> Halter {
+        Halter(self.system.clone())
     }
 
     /// The scheduler's latest figures, with the queue's tasks in `queued`;

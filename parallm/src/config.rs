@@ -384,6 +384,9 @@ pub struct ClusterSection {
     pub mpirun: String,
     /// Further options for it (`--mca btl_tcp_if_include eth0`, …).
     pub mpirun_args: Vec<String>,
+    /// Seconds a rank may stay silent before the job counts it lost: rank
+    /// 0 then ends every request with an error and exits non-zero.
+    pub heartbeat_timeout_secs: u64,
 }
 
 impl Default for ClusterSection {
@@ -397,6 +400,7 @@ impl Default for ClusterSection {
             allow_cross_host_tp: spec.allow_cross_host_tp,
             mpirun: "mpirun".into(),
             mpirun_args: Vec::new(),
+            heartbeat_timeout_secs: spec.heartbeat_timeout.as_secs(),
         }
     }
 }
@@ -408,12 +412,19 @@ impl ClusterSection {
         if self.mpirun.trim().is_empty() {
             return Err(invalid("cluster.mpirun", "must name the MPI launcher"));
         }
+        if self.heartbeat_timeout_secs == 0 {
+            return Err(invalid(
+                "cluster.heartbeat_timeout_secs",
+                "must be at least 1 (heartbeats go every 0.2 s)",
+            ));
+        }
         Ok(cluster::ClusterSpec {
             hosts: self.hosts.clone(),
             ranks_per_host: self.ranks_per_host,
             ranks: self.ranks,
             mode,
             allow_cross_host_tp: self.allow_cross_host_tp,
+            heartbeat_timeout: std::time::Duration::from_secs(self.heartbeat_timeout_secs),
         })
     }
 }

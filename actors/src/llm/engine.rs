@@ -764,6 +764,9 @@ pub struct Engine {
     activations: Option<Arc<ActivationStats>>,
     /// llguidance's view of the vocabulary, built by the first guided request.
     guides: std::sync::OnceLock<Result<GuideEnv, String>>,
+    /// Why the engine stopped for good (a rank of its job was lost), once
+    /// it did.
+    stopped: Arc<std::sync::OnceLock<String>>,
     /// Other ranks' nodes, ended after the pipeline.
     _remote: Option<RemoteNodes>,
 }
@@ -961,11 +964,6 @@ impl Engine {
         } = Self::prepare_nodes(cfg)?;
         let shape = cfg.shape();
         let factory = crate::llm::remote::node_factory(local, shape, cfg.cluster.clone());
-        let remote = cfg.cluster.clone().map(|cluster| RemoteNodes {
-            cluster,
-            shape,
-            dp: cfg.dp,
-        });
         let pipeline = Pipeline::start(
             policy,
             merger,
@@ -987,8 +985,20 @@ impl Engine {
             },
         )
         .map_err(EngineError::Start)?;
+        let stopped = Arc::new(std::sync::OnceLock::new());
+        let remote = match cfg.cluster.clone() {
+            Some(cluster) => Some(RemoteNodes::watch(
+                cluster,
+                shape,
+                cfg.dp,
+                pipeline.halter(),
+                stopped.clone(),
+            )?),
+            None => None,
+        };
         Ok(Self {
             pipeline,
+            stopped,
             tokenizer,
             chat,
             model,
@@ -1196,8 +1206,12 @@ impl Engine {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let abandoned = Arc::new(AtomicBool::new(false));
-        let (responder, stream) =
-            Responder::channel(id, self.pipeline.canceller(), abandoned.clone());
+        let (responder, stream) = Responder::channel(
+            id,
+            self.pipeline.canceller(),
+            abandoned.clone(),
+            self.stopped.clone(),
+        );
         let arrived = std::time::Instant::now();
         if let Some(g) = &req.guide {
             if req.beam.is_some() {
@@ -1280,6 +1294,13 @@ impl Engine {
         self.pipeline.cancel(id);
     }
 
+    /// Why the engine stopped for good, if it did: a rank of its MPI job
+    /// died or stopped answering. Every request it held then ended with an
+    /// error naming this, and it takes no more.
+    pub fn stopped(&self) -> Option<&str> {
+        self.stopped.get().map(String::as_str)
+    }
+
     /// Current figures.
     pub fn stats(&self) -> EngineStats {
         EngineStats {
@@ -1300,17 +1321,58 @@ impl Engine {
     }
 }
 
-/// Ends the job's other ranks' node loops when the engine goes, after its
-/// pipeline (a field declared after it): the steps rank 0 sent come first
-/// on each node's address.
+/// The engine's side of the other ranks: while the engine runs, a thread
+/// watches the job's transport, and when it fails (a rank died or stopped
+/// answering: nothing more can be computed) records why and halts the
+/// pipeline, so every request it holds ends at once with that error. When
+/// the engine goes, after its pipeline (a field declared after it), the
+/// other ranks' node loops are told to end: the steps rank 0 sent come
+/// first on each node's address.
 struct RemoteNodes {
     cluster: crate::llm::policy::Cluster,
     shape: ReplicaShape,
     dp: usize,
+    done: Arc<AtomicBool>,
+}
+
+impl RemoteNodes {
+    /// How often the watcher looks whether the engine is gone.
+    const POLL: Duration = Duration::from_millis(200);
+
+    fn watch(
+        cluster: crate::llm::policy::Cluster,
+        shape: ReplicaShape,
+        dp: usize,
+        halter: kit::Halter,
+        stopped: Arc<std::sync::OnceLock<String>>,
+    ) -> Result<Self, EngineError> {
+        let done = Arc::new(AtomicBool::new(false));
+        let (transport, quit) = (cluster.transport.clone(), done.clone());
+        std::thread::Builder::new()
+            .name("parallm-job-watch".into())
+            .spawn(move || {
+                while !quit.load(Ordering::Acquire) {
+                    if let Some(why) = transport.mailbox().wait_failure(Self::POLL) {
+                        tracing::error!("the MPI job cannot go on: {why}");
+                        let _ = stopped.set(format!("the MPI job cannot go on: {why}"));
+                        halter.halt();
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| EngineError::Start(format!("cannot start the job watcher: {e}")))?;
+        Ok(Self {
+            cluster,
+            shape,
+            dp,
+            done,
+        })
+    }
 }
 
 impl Drop for RemoteNodes {
     fn drop(&mut self) {
+        self.done.store(true, Ordering::Release);
         crate::llm::remote::shut_down_remote_nodes(&self.cluster, self.shape, self.dp);
     }
 }

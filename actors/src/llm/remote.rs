@@ -18,6 +18,12 @@
 //! tells the rank to rebuild the node (dropping its KV cache) before the
 //! replica recomputes. Aborting a step's links reaches every process that
 //! hosts one of the replica's nodes.
+//!
+//! A rank that is lost (the transport failed: it died, or its heartbeat
+//! stopped) is not recovered: rank 0's engine stops for good (see
+//! `Engine::stopped`), a proxy waiting for it returns at its next look at
+//! the transport, and a node loop here ends with the transport's error, so
+//! its rank aborts the job.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};

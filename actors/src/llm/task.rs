@@ -17,7 +17,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use framework::chat::{ChatMessage, ChatTurn};
@@ -193,15 +193,20 @@ impl Event {
 pub struct Responder {
     tx: UnboundedSender<Event>,
     ended: bool,
+    /// Why the engine stopped for good, once it did: the error a request
+    /// dropped without a result reports.
+    stopped: Arc<OnceLock<String>>,
 }
 
 impl Responder {
     /// A responder and the stream it feeds; dropping the stream early sets
     /// `abandoned` and cancels the request through `canceller`.
+    /// `stopped` holds why the engine stopped for good, once it did.
     pub fn channel(
         id: TaskId,
         canceller: Canceller,
         abandoned: Arc<AtomicBool>,
+        stopped: Arc<OnceLock<String>>,
     ) -> (Self, EventStream) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let stream = EventStream {
@@ -211,7 +216,14 @@ impl Responder {
             abandoned,
             ended: false,
         };
-        (Self { tx, ended: false }, stream)
+        (
+            Self {
+                tx,
+                ended: false,
+                stopped,
+            },
+            stream,
+        )
     }
 
     /// Sends a non-terminal event.
@@ -237,9 +249,11 @@ impl Responder {
 impl Drop for Responder {
     fn drop(&mut self) {
         if !self.ended {
-            let _ = self.tx.send(Event::Failed {
-                error: "the engine dropped the request without a result".into(),
-            });
+            let error = match self.stopped.get() {
+                Some(why) => why.clone(),
+                None => "the engine dropped the request without a result".into(),
+            };
+            let _ = self.tx.send(Event::Failed { error });
         }
     }
 }

@@ -62,6 +62,11 @@ pub enum ServeError {
     /// The `[cluster]` placement asks for what this build does not run.
     #[error("{0}")]
     Cluster(String),
+    /// A rank of the MPI job died or stopped answering: every request was
+    /// ended with an error, and the process exits non-zero so that the job
+    /// is restarted.
+    #[error("{0}")]
+    JobLost(String),
 }
 
 /// What every handler shares.
@@ -151,8 +156,14 @@ impl AppState {
         }
     }
 
-    /// The engine, or 503 while loading or draining.
+    /// The engine, or 503 while loading or draining, or once it stopped
+    /// for good.
     pub fn engine(&self) -> Result<Arc<Engine>, ApiError> {
+        if let Some(why) = self.stopped() {
+            return Err(ApiError::Unavailable(format!(
+                "{why}; the server is exiting"
+            )));
+        }
         if self.draining.load(Ordering::SeqCst) {
             return Err(ApiError::Unavailable(
                 "the server is shutting down and accepts no new requests".into(),
@@ -164,8 +175,18 @@ impl AppState {
             .ok_or_else(|| ApiError::Unavailable("the model is still loading".into()))
     }
 
+    /// Why the engine stopped for good (its MPI job lost a rank), if it did.
+    fn stopped(&self) -> Option<String> {
+        self.engine
+            .get()
+            .and_then(|e| e.stopped().map(str::to_string))
+    }
+
     /// Whether the server is healthy, and why not.
     pub fn health(&self) -> (bool, String) {
+        if let Some(why) = self.stopped() {
+            return (false, format!("{why}; exiting"));
+        }
         if self.draining.load(Ordering::SeqCst) {
             return (false, "shutting down".into());
         }
@@ -519,6 +540,11 @@ where
         eprintln!("parallm: stopped while loading");
         handle.stop(false).await;
         let _ = server_task.await;
+        if state.settings.engine.cluster.is_some() {
+            return Err(ServeError::JobLost(
+                "the MPI job was ended (SIGTERM) while the model loaded".into(),
+            ));
+        }
         return Ok(());
     };
     let _ = state.engine.set(engine);
@@ -554,7 +580,26 @@ where
         }
     });
 
-    shutdown.await;
+    let lost = tokio::select! {
+        _ = &mut shutdown => None,
+        why = stopped_for_good(&state) => Some(why),
+    };
+    let lost = match (lost, &state.settings.engine.cluster) {
+        // Under mpirun, SIGTERM means the launcher is ending the job (as it
+        // does when another rank dies), and a drain cannot outlive the
+        // other ranks: end every request now instead.
+        (None, Some(cluster)) => {
+            cluster.transport.mailbox().fail(
+                "the launcher ended the job (SIGTERM to rank 0, as mpirun does when a rank dies)",
+            );
+            Some(stopped_for_good(&state).await)
+        }
+        (lost, _) => lost,
+    };
+    if let Some(why) = lost {
+        prober.abort();
+        return end_lost_job(&state, handle, server_task, why).await;
+    }
     state.draining.store(true, Ordering::SeqCst);
     prober.abort();
     let deadline = Instant::now() + state.settings.shutdown_timeout;
@@ -608,6 +653,46 @@ where
         eprintln!("parallm: every in-flight request finished");
     }
     Ok(())
+}
+
+/// Resolves once the engine stopped for good, with why.
+async fn stopped_for_good(state: &AppState) -> String {
+    loop {
+        if let Some(why) = state.stopped() {
+            return why;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How long, at most, a server whose job lost a rank waits for its
+/// handlers to write their requests' errors.
+const LOST_FLUSH: Duration = Duration::from_millis(500);
+/// How long it then keeps answering 503 before it exits.
+const LOST_LINGER: Duration = Duration::from_millis(250);
+
+/// The job lost a rank: the engine has ended every request with an error
+/// (the handlers write them out: an error event on a stream, a 503 body
+/// otherwise) and `/health` answers 503. Wait for the handlers, briefly,
+/// then stop and report the loss, so the process exits non-zero. Both
+/// waits together stay under `mpirun`'s second between its SIGTERM and
+/// its SIGKILL.
+async fn end_lost_job(
+    state: &AppState,
+    handle: actix_web::dev::ServerHandle,
+    server_task: actix_web::rt::task::JoinHandle<std::io::Result<()>>,
+    why: String,
+) -> Result<(), ServeError> {
+    let waiting = state.inflight.load(Ordering::SeqCst);
+    eprintln!("parallm: {why}; ending {waiting} request(s) with an error and exiting");
+    let deadline = Instant::now() + LOST_FLUSH;
+    while state.inflight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+    }
+    actix_web::rt::time::sleep(LOST_LINGER).await;
+    handle.stop(false).await;
+    let _ = server_task.await;
+    Err(ServeError::JobLost(why))
 }
 
 /// How long the HTTP workers wait at shutdown for finished responses to be
