@@ -5,7 +5,11 @@
 //! thread, and then serves until SIGTERM or Ctrl-C. Shutdown drains: new
 //! generation requests and `/health` get 503, in-flight requests get up to
 //! `server.shutdown_timeout_secs` to finish, then the listener and the engine
-//! stop and the process exits 0. A request counts as finished when its
+//! stop and the process exits 0. Under `mpirun` (a cluster in the
+//! settings) there is no drain: SIGTERM, or a rank of the job lost, ends
+//! every request with an error at once, `/health` answers 503, and
+//! [`ServeError::JobLost`] makes the process exit non-zero within 0.75 s
+//! (see `end_lost_job`). A request counts as finished when its
 //! handler (or its stream) is done, which is before the last bytes reach the
 //! socket, so every response written while draining says `Connection: close`
 //! and the listener then stops gracefully: the HTTP workers wait (up to
@@ -672,8 +676,8 @@ const LOST_FLUSH: Duration = Duration::from_millis(500);
 const LOST_LINGER: Duration = Duration::from_millis(250);
 
 /// The job lost a rank: the engine has ended every request with an error
-/// (the handlers write them out: an error event on a stream, a 503 body
-/// otherwise) and `/health` answers 503. Wait for the handlers, briefly,
+/// (the handlers write them out: an error event on a stream, a 500 with
+/// the error otherwise) and `/health` answers 503. Wait for the handlers, briefly,
 /// then stop and report the loss, so the process exits non-zero. Both
 /// waits together stay under `mpirun`'s second between its SIGTERM and
 /// its SIGKILL.
