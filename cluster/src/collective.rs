@@ -1,6 +1,6 @@
 //! [`TransportCollective`]: a tensor-parallel group whose ranks live in
 //! different processes, behind the framework's
-//! [`Collective`](framework::collective::Collective) trait.
+//! [`Collective`] trait.
 //!
 //! An all-reduce is an all-gather followed by a local sum in rank order:
 //! every rank sends its buffer to every other, then each zeroes its buffer
