@@ -29,7 +29,7 @@ use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use framework::chat::ChatMessage;
@@ -493,6 +493,10 @@ struct ParallelArgs {
     /// rank after rank).
     #[arg(long, default_value = "by-host")]
     placement: String,
+    /// Under mpirun: seconds a rank may stay silent before the job counts
+    /// it lost and ends (cluster.heartbeat_timeout_secs for serve).
+    #[arg(long, value_name = "SECS", default_value_t = cluster::placement::HEARTBEAT_TIMEOUT.as_secs())]
+    heartbeat_timeout_secs: u64,
 }
 
 impl ParallelArgs {
@@ -518,8 +522,14 @@ impl ParallelArgs {
             .placement
             .parse()
             .map_err(|e| format!("--placement: {e}"))?;
+        if self.heartbeat_timeout_secs == 0 {
+            return Err(
+                "--heartbeat-timeout-secs: must be at least 1 (heartbeats go every 0.2 s)".into(),
+            );
+        }
         let spec = cluster::ClusterSpec {
             mode,
+            heartbeat_timeout: Duration::from_secs(self.heartbeat_timeout_secs),
             ..cluster::ClusterSpec::default()
         };
         if let Some(c) = job::cluster(layout, &spec)? {

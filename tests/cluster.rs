@@ -180,21 +180,44 @@ fn bad_clusters_are_refused_before_any_rank_starts_naming_the_key() {
     assert!(out.status.success(), "{}", text(&out).1);
 }
 
+/// `parallm ARGS` fails, and its error holds every one of `words`.
+fn refused(args: &[&str], words: &[&str]) {
+    let out = parallm(args);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success(), "{args:?} was accepted");
+    assert!(
+        words.iter().all(|w| stderr.contains(w)),
+        "{args:?}: {stderr}"
+    );
+}
+
+#[test]
+fn a_heartbeat_timeout_of_zero_is_refused_naming_the_flag() {
+    refused(
+        &[
+            "bench",
+            "throughput",
+            "--synthetic",
+            "tiny",
+            "--heartbeat-timeout-secs",
+            "0",
+        ],
+        &["--heartbeat-timeout-secs", "at least 1"],
+    );
+}
+
 #[test]
 fn serve_outside_mpirun_refuses_a_placement_over_several_ranks() {
-    let out = parallm(&[
-        "serve",
-        "--pp",
-        "2",
-        "--set",
-        "cluster.ranks=2",
-        "--port",
-        "0",
-    ]);
-    let (_, stderr) = text(&out);
-    assert!(!out.status.success());
-    assert!(
-        stderr.contains("cluster.ranks") && stderr.contains("mpirun"),
-        "{stderr}"
+    refused(
+        &[
+            "serve",
+            "--pp",
+            "2",
+            "--set",
+            "cluster.ranks=2",
+            "--port",
+            "0",
+        ],
+        &["cluster.ranks", "mpirun"],
     );
 }
