@@ -29,7 +29,7 @@ use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use framework::chat::ChatMessage;
@@ -522,14 +522,11 @@ impl ParallelArgs {
             .placement
             .parse()
             .map_err(|e| format!("--placement: {e}"))?;
-        if self.heartbeat_timeout_secs == 0 {
-            return Err(
-                "--heartbeat-timeout-secs: must be at least 1 (heartbeats go every 0.2 s)".into(),
-            );
-        }
+        let heartbeat_timeout = cluster::placement::heartbeat_timeout(self.heartbeat_timeout_secs)
+            .map_err(|e| format!("--heartbeat-timeout-secs: {e}"))?;
         let spec = cluster::ClusterSpec {
             mode,
-            heartbeat_timeout: Duration::from_secs(self.heartbeat_timeout_secs),
+            heartbeat_timeout,
             ..cluster::ClusterSpec::default()
         };
         if let Some(c) = job::cluster(layout, &spec)? {

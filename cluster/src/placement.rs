@@ -105,6 +105,15 @@ pub struct ClusterSpec {
 /// The heartbeat timeout unless the config sets one.
 pub const HEARTBEAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// A heartbeat timeout of `secs` seconds, or why it is refused (0: the
+/// job would count every rank lost at once).
+pub fn heartbeat_timeout(secs: u64) -> Result<std::time::Duration, &'static str> {
+    match secs {
+        0 => Err("must be at least 1 (heartbeats go every 0.2 s)"),
+        s => Ok(std::time::Duration::from_secs(s)),
+    }
+}
+
 impl Default for ClusterSpec {
     fn default() -> Self {
         Self {

@@ -412,19 +412,15 @@ impl ClusterSection {
         if self.mpirun.trim().is_empty() {
             return Err(invalid("cluster.mpirun", "must name the MPI launcher"));
         }
-        if self.heartbeat_timeout_secs == 0 {
-            return Err(invalid(
-                "cluster.heartbeat_timeout_secs",
-                "must be at least 1 (heartbeats go every 0.2 s)",
-            ));
-        }
+        let heartbeat_timeout = cluster::placement::heartbeat_timeout(self.heartbeat_timeout_secs)
+            .map_err(|e| invalid("cluster.heartbeat_timeout_secs", e))?;
         Ok(cluster::ClusterSpec {
             hosts: self.hosts.clone(),
             ranks_per_host: self.ranks_per_host,
             ranks: self.ranks,
             mode,
             allow_cross_host_tp: self.allow_cross_host_tp,
-            heartbeat_timeout: std::time::Duration::from_secs(self.heartbeat_timeout_secs),
+            heartbeat_timeout,
         })
     }
 }

@@ -1353,8 +1353,9 @@ impl RemoteNodes {
             .spawn(move || {
                 while !quit.load(Ordering::Acquire) {
                     if let Some(why) = transport.mailbox().wait_failure(Self::POLL) {
-                        tracing::error!("the MPI job cannot go on: {why}");
-                        let _ = stopped.set(format!("the MPI job cannot go on: {why}"));
+                        let why = format!("the MPI job cannot go on: {why}");
+                        tracing::error!("{why}");
+                        let _ = stopped.set(why);
                         halter.halt();
                         return;
                     }

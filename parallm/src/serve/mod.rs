@@ -659,8 +659,12 @@ where
     Ok(())
 }
 
-/// Resolves once the engine stopped for good, with why.
+/// Resolves once the engine stopped for good, with why; never for an
+/// engine outside an MPI job, which cannot.
 async fn stopped_for_good(state: &AppState) -> String {
+    if state.settings.engine.cluster.is_none() {
+        return std::future::pending().await;
+    }
     loop {
         if let Some(why) = state.stopped() {
             return why;
@@ -677,10 +681,10 @@ const LOST_LINGER: Duration = Duration::from_millis(250);
 
 /// The job lost a rank: the engine has ended every request with an error
 /// (the handlers write them out: an error event on a stream, a 500 with
-/// the error otherwise) and `/health` answers 503. Wait for the handlers, briefly,
-/// then stop and report the loss, so the process exits non-zero. Both
-/// waits together stay under `mpirun`'s second between its SIGTERM and
-/// its SIGKILL.
+/// the error otherwise) and `/health` answers 503. Wait for the handlers,
+/// briefly, then stop and report the loss, so the process exits non-zero.
+/// Both waits together stay under `mpirun`'s second between its SIGTERM
+/// and its SIGKILL.
 async fn end_lost_job(
     state: &AppState,
     handle: actix_web::dev::ServerHandle,
