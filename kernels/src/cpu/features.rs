@@ -166,11 +166,7 @@ pub fn report() -> String {
         },
         super::quant::kernel_path(),
         super::skinny::kernel_path(),
-        if enabled(Feature::Avx2) {
-            "avx2"
-        } else {
-            "scalar"
-        },
+        super::attn::kernel_path(),
         if enabled(Feature::Avx2) {
             "avx2"
         } else {

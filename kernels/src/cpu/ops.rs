@@ -180,16 +180,31 @@ pub(crate) mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 
+    /// Below this, e^x rounds to 0 in f32; the clamp keeps 2^n finite.
+    pub(crate) const EXP_LO: f32 = -104.0;
+    /// The largest f32 whose e^x is finite (the next one is above ln f32::MAX).
+    pub(crate) const EXP_HI: f32 = f32::from_bits(0x42B1_7217);
+    /// ln 2 split so that n·LN2_HI is exact for |n| < 2^11.
+    pub(crate) const LN2_HI: f32 = f32::from_bits(0x3F31_7200);
+    /// The rest of ln 2.
+    pub(crate) const LN2_LO: f32 = (std::f64::consts::LN_2 - 0.693_145_751_953_125) as f32;
+    /// e^r for |r| ≤ ln2/2: its Taylor polynomial to r^7, Horner's
+    /// coefficients after the leading 1/7!.
+    pub(crate) const EXP_POLY: [f32; 7] = [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ];
+
     /// `e^x` per lane; accuracy in the module docs.
     #[inline(always)]
     pub(crate) unsafe fn exp(x: __m256) -> __m256 {
-        // Below -104, e^x rounds to 0 in f32; the clamp keeps 2^n finite.
-        const LO: f32 = -104.0;
-        // The largest f32 whose e^x is finite (the next one is above ln f32::MAX).
-        const HI: f32 = f32::from_bits(0x42B1_7217);
-        // ln 2 split so that n·LN2_HI is exact for |n| < 2^11.
-        const LN2_HI: f32 = f32::from_bits(0x3F31_7200);
-        const LN2_LO: f32 = (std::f64::consts::LN_2 - 0.693_145_751_953_125) as f32;
+        const LO: f32 = EXP_LO;
+        const HI: f32 = EXP_HI;
         let xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(LO)), _mm256_set1_ps(HI));
         let n = _mm256_round_ps(
             _mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)),
@@ -199,15 +214,7 @@ pub(crate) mod avx2 {
         let r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
         // e^r, |r| ≤ ln2/2, by its Taylor polynomial to r^7 (Horner).
         let mut p = _mm256_set1_ps(1.0 / 5040.0);
-        for c in [
-            1.0 / 720.0,
-            1.0 / 120.0,
-            1.0 / 24.0,
-            1.0 / 6.0,
-            0.5,
-            1.0,
-            1.0,
-        ] {
+        for c in EXP_POLY {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }
         // 2^n as 2^(n/2)·2^(n−n/2): both factors normal for n in [-150, 128].

@@ -29,7 +29,7 @@
 //! * [`with_current`] gives the kernels the pool of the node whose step is
 //!   running on this thread ([`enter`]), else a process-wide one.
 //!
-//! Every task runs inside [`crate::cpu::busy::task`], so profiles count the
+//! Every task runs inside `crate::cpu::busy::task`, so profiles count the
 //! threads' busy time.
 
 use std::any::Any;

@@ -7,6 +7,11 @@ use super::*;
 
 use crate::test_rng::Rng;
 
+thread_local! {
+    /// Set: every row runs alone on the single-row kernel (for timings).
+    pub(super) static ROWS_ALONE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// One sequence's keys and values, flat and scattered into a paged pool.
 struct Seq<T> {
     k: Vec<T>,
@@ -472,4 +477,133 @@ fn a_soft_cap_bounds_every_score() {
     let e = 80f32.tanh().exp();
     let want = 6.0 / (e + 3.0);
     assert!((capped - want).abs() < 1e-5, "{capped} vs {want}");
+}
+
+/// A prefill chunk's attention: 32 rows of one sequence after a 384-token
+/// prefix (the shape of a prefix-cached request's suffix), paged in blocks
+/// of 16, the reference model's heads:
+/// `cargo test --release -p parallm-kernels prefill_attention_timing -- --ignored --nocapture`.
+#[test]
+#[ignore = "a timing, not a check: cargo test --release -p parallm-kernels prefill_attention_timing -- --ignored --nocapture"]
+fn prefill_attention_timing() {
+    use std::time::Instant;
+    let mut rng = Rng::new(13);
+    let (n_heads, n_kv, hd) = (9, 3, 64);
+    let one = std::sync::Arc::new(crate::cpu::pool::Pool::new("t", 1).unwrap());
+    for (depth, rows_n) in [(384, 32), (0, 416)] {
+        let len = depth + rows_n;
+        let mut s = seq(&mut rng, len, n_kv * hd, 1.0);
+        while s.block_size != 16 {
+            s = seq(&mut rng, len, n_kv * hd, 1.0);
+        }
+        let q = rng.f32s(rows_n * n_heads * hd, 3.0);
+        let mut out = vec![0f32; rows_n * n_heads * hd];
+        let (k, v) = s.kv(true);
+        let rows: Vec<AttnRow<'_, f32>> = (depth..len).map(|pos| AttnRow { k, v, pos }).collect();
+        let fmas: usize = rows.iter().map(|r| (r.pos + 1) * n_heads * hd * 2).sum();
+        // Alternating rounds, tiles and rows alone; the best of each.
+        let (mut tiled, mut alone) = (f64::MAX, f64::MAX);
+        crate::cpu::pool::enter(&one, || {
+            for round in 0..10 {
+                ROWS_ALONE.with(|a| a.set(round % 2 == 1));
+                let t = Instant::now();
+                for _ in 0..5 {
+                    attention(&q, n_heads * hd, &rows, n_heads, n_kv, hd, &mut out);
+                }
+                let us = t.elapsed().as_secs_f64() * 1e6 / 5.0;
+                let best = if round % 2 == 1 {
+                    &mut alone
+                } else {
+                    &mut tiled
+                };
+                *best = best.min(us);
+            }
+            ROWS_ALONE.with(|a| a.set(false));
+        });
+        for (name, us) in [("tiles", tiled), ("rows alone", alone)] {
+            println!(
+                "{rows_n} rows after {depth}, {name}: {us:.0} µs per layer (1 thread), {:.1} G multiply-adds/s",
+                fmas as f64 / us / 1e3
+            );
+        }
+    }
+}
+
+/// Runs of consecutive rows of one sequence (prefill chunks, speculative
+/// steps) go through the multi-row kernel where the CPU has AVX-512; every
+/// row's result must be the bits it gets alone (the single-row kernel), so
+/// that a row's attention never depends on the other rows of its step.
+fn tiles_equal_rows_alone<T: KvElem>(seed: u64, to: fn(f32) -> T) {
+    let mut rng = Rng::new(seed);
+    let tiled = crate::cpu::features::enabled(crate::cpu::features::Feature::Avx512);
+    println!(
+        "multi-row kernel {}",
+        if tiled {
+            "on (AVX-512)"
+        } else {
+            "off: no AVX-512 here, rows run alone"
+        }
+    );
+    let shapes = [(9, 3), (4, 2), (3, 3), (8, 1), (16, 2), (2, 1)];
+    for iter in 0..36 {
+        let (n_heads, n_kv) = shapes[iter % shapes.len()];
+        let hd = [64, 32, 16, 128, 48, 24][iter / shapes.len() % 6];
+        let (q_w, kv_w) = (n_heads * hd, n_kv * hd);
+        let mut seqs: Vec<Seq<T>> = Vec::new();
+        for _ in 0..rng.range(1, 3) {
+            let len = rng.range(1, 200);
+            seqs.push(seq(&mut rng, len, kv_w, 1.0).map(to));
+        }
+        // Each sequence's last rows (up to 30: several tiles), and now and
+        // then a row of another sequence between two runs.
+        let mut rows = Vec::new();
+        for sq in &seqs {
+            let len = sq.k.len() / kv_w;
+            let take = rng.range(1, 30).min(len);
+            let (k, v) = sq.kv(iter % 2 == 0);
+            rows.extend((len - take..len).map(|pos| AttnRow { k, v, pos }));
+        }
+        // Now and then scores far apart, so that most weights underflow.
+        let wide = iter % 4 == 1;
+        let q = rng.f32s(rows.len() * q_w, if wide { 300.0 } else { 3.0 });
+        let params = AttnParams {
+            softcap: if iter % 3 == 0 { 20.0 } else { 0.0 },
+            ..AttnParams::standard(hd)
+        };
+        let heads = (n_heads, n_kv, hd);
+        let mut together = vec![f32::NAN; rows.len() * q_w];
+        attention_params(&q, q_w, &rows, heads, &params, &mut together);
+        for (r, row) in rows.iter().enumerate() {
+            let mut alone = vec![f32::NAN; q_w];
+            attention_params(
+                &q[r * q_w..][..q_w],
+                q_w,
+                &[*row],
+                heads,
+                &params,
+                &mut alone,
+            );
+            assert_eq!(
+                &together[r * q_w..][..q_w],
+                &alone[..],
+                "case {iter} ({n_heads}/{n_kv}×{hd}), row {r} at {}",
+                row.pos
+            );
+        }
+        if wide {
+            continue;
+        }
+        let mut reference = vec![f32::NAN; rows.len() * q_w];
+        attention_scalar_params(&q, q_w, &rows, heads, &params, &mut reference);
+        for (i, (a, b)) in together.iter().zip(&reference).enumerate() {
+            assert!((a - b).abs() <= 1e-5, "case {iter} [{i}]: {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn tiles_of_rows_give_each_row_its_bits_alone() {
+    tiles_equal_rows_alone::<f32>(21, |x| x);
+    tiles_equal_rows_alone::<f16>(22, f16::from_f32);
+    tiles_equal_rows_alone::<half::bf16>(23, half::bf16::from_f32);
 }

@@ -7,7 +7,7 @@
 //!
 //! | format | weights | bytes | layout |
 //! |--------|---------|-------|--------|
-//! | IQ4_NL | 32  | 18  | f16 `d`; 16 bytes: byte `j` holds the index of weight `j` (low nibble) and `j + 16` (high); w = d·L[q] |
+//! | IQ4_NL | 32  | 18  | f16 `d`; 16 bytes: byte `j` holds the index of weight `j` (low nibble) and `j + 16` (high); w = d·L(q) |
 //! | IQ4_XS | 256 | 136 | f16 `d`; u16 `scales_h`; 4 bytes `scales_l`; 128 index bytes, 16 per sub-block of 32 as IQ4_NL's |
 //!
 //! IQ4_XS sub-block `i` has the 6-bit scale `ls = ((scales_l[i/2] >> 4·(i%2)) & 15) |
