@@ -163,7 +163,7 @@ fn each_family_matches_llama_cpp_at_tp1_and_tp2() {
         .cloned()
         .collect();
     assert!(
-        names.len() >= 17,
+        names.len() >= 19,
         "the golden file names the families: {names:?}"
     );
     for name in &names {
@@ -214,6 +214,8 @@ fn the_tiny_models_read_as_their_families() {
         ("qwen2-yarn", "qwen2"),
         ("gpt2", "gpt2"),
         ("llama-tekken", "llama"),
+        ("phi3-long", "phi3"),
+        ("phi3-short", "phi3"),
     ];
     for (name, arch) in families {
         let file = open(name);
@@ -223,6 +225,30 @@ fn the_tiny_models_read_as_their_families() {
             "llama-r3" => assert_eq!(c.rope.freq_factors.as_ref().map(Vec::len), Some(8)),
             "llama-lin" => assert_eq!(c.rope.freq_scale, 0.5),
             "qwen3" => assert_eq!((c.head_dim, c.hidden / c.n_heads), (32, 16)),
+            "phi3-long" | "phi3-short" => {
+                // LongRoPE over 24 of 32 dims: the long factors (up to 20)
+                // when the context run exceeds the original one.
+                assert_eq!(
+                    (c.rope.rot_dims, c.rope.attn_factor),
+                    (Some(24), 1.224_744_9)
+                );
+                let last = |c: &ModelConfig| {
+                    *c.rope
+                        .freq_factors
+                        .as_ref()
+                        .expect("factors")
+                        .last()
+                        .expect("12")
+                };
+                let long = name == "phi3-long";
+                assert_eq!(last(&c), if long { 20.0 } else { 1.2 }, "{name}");
+                // Run within its original context, the long model takes
+                // the short factors, as llama.cpp does with such an n_ctx.
+                if long {
+                    let capped = ModelConfig::from_gguf_capped(&file, Some(64)).expect("reads");
+                    assert_eq!((capped.context, last(&capped)), (64, 1.2));
+                }
+            }
             "qwen2-yarn" => {
                 let y = c.rope.yarn.expect("YaRN");
                 assert_eq!((y.orig_context, c.rope.freq_scale), (16, 0.25));

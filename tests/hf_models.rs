@@ -355,3 +355,111 @@ fn configurations_saved_by_transformers_5_read_the_same() {
         assert!(worst <= TOLERANCE, "{name}");
     }
 }
+
+#[test]
+fn a_phi3_longrope_directory_reads_as_llama_cpp_converts_it() {
+    // Phi-3.5-mini's and Phi-4-mini's shape on the tiny Phi-3: LongRoPE over
+    // a partial rotary embedding (0.75 of 32 dims), an original context of
+    // 64 below the 512 it runs with.
+    let long: Vec<f64> = (0..12)
+        .map(|i| 1.0 + 19.0 * (i as f64 / 11.0).powi(3))
+        .collect();
+    let short: Vec<f64> = (0..12).map(|i| 1.0 + 0.2 * (i as f64 / 11.0)).collect();
+    let f32s = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    let longrope = |nested: bool, given: Option<f64>| {
+        let (long, short) = (long.clone(), short.clone());
+        move |d: &Path| {
+            edit_json(&d.join("config.json"), |c| {
+                c["max_position_embeddings"] = 512.into();
+                c["partial_rotary_factor"] = 0.75.into();
+                let mut params = serde_json::json!({"long_factor": long, "short_factor": short});
+                if let Some(a) = given {
+                    params["attention_factor"] = a.into();
+                }
+                if nested {
+                    // transformers 5: everything in rope_parameters.
+                    c.as_object_mut()
+                        .expect("object")
+                        .remove("original_max_position_embeddings");
+                    params["rope_type"] = "longrope".into();
+                    params["original_max_position_embeddings"] = 64.into();
+                    params["rope_theta"] = 10_000.0.into();
+                    c["rope_parameters"] = params;
+                } else {
+                    c["original_max_position_embeddings"] = 64.into();
+                    params["type"] = "longrope".into();
+                    c["rope_scaling"] = params;
+                }
+            });
+        }
+    };
+    for (case, nested, given) in [
+        ("longrope", false, None),
+        ("longrope-v5", true, None),
+        ("longrope-given", false, Some(1.5)),
+    ] {
+        let dir = broken_copy("phi3-f32", case, longrope(nested, given));
+        let file = GgufFile::open(&dir).expect("opens");
+        let c = ModelConfig::from_gguf(&file).expect("reads");
+        // What llama.cpp's converter writes: sqrt(1 + ln 8 / ln 64), unless
+        // the configuration gives the factor.
+        let want = given.unwrap_or((1.0 + 8f64.ln() / 64f64.ln()).sqrt()) as f32;
+        assert_eq!(
+            (c.rope.rot_dims, c.rope.attn_factor),
+            (Some(24), want),
+            "{case}"
+        );
+        assert_eq!(
+            c.rope.freq_factors,
+            Some(f32s(&long)),
+            "{case}: the long factors"
+        );
+        let capped = ModelConfig::from_gguf_capped(&file, Some(64)).expect("reads");
+        assert_eq!(
+            capped.rope.freq_factors,
+            Some(f32s(&short)),
+            "{case}: the short factors"
+        );
+        // And it runs.
+        let shard =
+            LlamaShard::load(&file, ShardSpec::SINGLE, WeightFormat::Native).expect("loads");
+        let (rows, _) = common::prefill_and_greedy(
+            &shard,
+            &[1, 2, 3],
+            1,
+            &parallm::framework::collective::SingleCollective,
+        );
+        assert!(rows.iter().flatten().all(|x| x.is_finite()), "{case}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    // Factors of the wrong length, and no original context, are named.
+    let dir = broken_copy("phi3-f32", "longrope-short-list", |d| {
+        longrope(false, None)(d);
+        edit_json(&d.join("config.json"), |c| {
+            c["rope_scaling"]["long_factor"] = serde_json::json!([1.0, 2.0]);
+        });
+    });
+    let err = load_error(&dir);
+    for want in [
+        "config.json",
+        "rope_scaling.long_factor",
+        "has 2 values",
+        "24 rotated dimensions",
+        "12",
+    ] {
+        assert!(err.contains(want), "{err} does not say {want}");
+    }
+    let dir = broken_copy("phi3-f32", "longrope-no-orig", |d| {
+        longrope(false, None)(d);
+        edit_json(&d.join("config.json"), |c| {
+            c.as_object_mut()
+                .expect("object")
+                .remove("original_max_position_embeddings");
+        });
+    });
+    let err = load_error(&dir);
+    assert!(
+        err.contains("config.json") && err.contains("original_max_position_embeddings"),
+        "{err}"
+    );
+}

@@ -207,6 +207,20 @@ fn an_architecture_or_rope_scaling_this_build_cannot_run_is_named() {
         err.contains("value head width") && err.contains("32 (keys 16)"),
         "{err}"
     );
+    // A rotated width that is odd or wider than the head is named, with
+    // its key (a partial one, even and narrower, is run).
+    for (dims, ok) in [(8, true), (7, false), (18, false)] {
+        let partial = family_meta("phi3", vec![("phi3.rope.dimension_count", Meta::U32(dims))]);
+        match config_of(&borrowed(&partial)) {
+            Ok(c) => assert!(ok && c.rope.rot_dims == Some(8), "{dims}"),
+            Err(err) => assert!(
+                !ok && err.contains("phi3.rope.dimension_count")
+                    && err.contains(&format!("is {dims}"))
+                    && err.contains("head width 16"),
+                "{dims}: {err}"
+            ),
+        }
+    }
     // Each family reads its own keys.
     for arch in ["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"] {
         let c = config_of(&borrowed(&family_meta(arch, vec![]))).expect(arch);

@@ -12,7 +12,9 @@ use crate::gguf::GgufFile;
 
 /// The rotary embedding of a model (Su et al. 2021, RoFormer) with the
 /// scaling its metadata gives: the angle of pair `i` at position `p` is
-/// `p · freq_scale · base^(-2i/head_dim) / freq_factors[i]`.
+/// `p · freq_scale · base^(-2i/dims) / freq_factors[i]`, over the first
+/// `dims` of each head (`rot_dims`, the whole head unless the model rotates
+/// part of it), and every cosine and sine is scaled by `attn_factor`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RopeConfig {
     /// The base of the frequencies.
@@ -21,9 +23,21 @@ pub struct RopeConfig {
     pub style: RopeStyle,
     /// Linear position scaling (`1 / rope.scaling.factor`; 1 when unscaled).
     pub freq_scale: f32,
-    /// Per-frequency divisors, `head_dim / 2` of them: Llama 3's rope
-    /// scaling, stored by its GGUF conversion as the tensor `rope_freqs.weight`.
+    /// Per-frequency divisors, one per rotated pair: Llama 3's rope
+    /// scaling, stored by its GGUF conversion as the tensor
+    /// `rope_freqs.weight`, or LongRoPE's (Phi-3's) `rope_factors_long` or
+    /// `rope_factors_short`, chosen by the context the model runs with.
     pub freq_factors: Option<Vec<f32>>,
+    /// The rotated dimensions of a head when fewer than all of them
+    /// (partial rotary embedding, `rope.dimension_count`); the rest pass
+    /// through unrotated. `None`: the whole head.
+    #[serde(default)]
+    pub rot_dims: Option<usize>,
+    /// The factor on every cosine and sine (`rope.scaling.attn_factor`:
+    /// LongRoPE's attention scaling; 1 when unset), on top of YaRN's
+    /// `mscale`.
+    #[serde(default = "one")]
+    pub attn_factor: f32,
     /// YaRN (Peng et al. 2023): the frequencies between the correction
     /// dimensions blend interpolated and original angles, and the rotation
     /// is scaled by `mscale`.
@@ -76,9 +90,30 @@ impl RopeConfig {
             style,
             freq_scale: 1.0,
             freq_factors: None,
+            rot_dims: None,
+            attn_factor: 1.0,
             yarn: None,
         }
     }
+
+    /// The rotated dimensions of a `head_dim`-wide head.
+    pub fn dims(&self, head_dim: usize) -> usize {
+        self.rot_dims.unwrap_or(head_dim)
+    }
+}
+
+/// Serde's default for [`RopeConfig::attn_factor`].
+fn one() -> f32 {
+    1.0
+}
+
+/// LongRoPE's two sets of frequency divisors (Phi-3's 128k models): the
+/// long ones when the model runs with a context beyond the one it was
+/// trained with before scaling, else the short ones (llama.cpp's rule).
+struct LongRope {
+    long: Option<Vec<f32>>,
+    short: Option<Vec<f32>>,
+    orig_context: usize,
 }
 
 /// The layers that attend through a sliding window, and how.
@@ -239,7 +274,7 @@ impl ModelConfig {
                 ));
             }
         }
-        let rope = Self::rope_from_gguf(file, arch, head_dim)?;
+        let (rope, long_rope) = Self::rope_from_gguf(file, arch, head_dim)?;
         let family = arch.family();
         let n_layers = file.get_usize(&key("block_count"))?;
         let attn_softcap = match family.attn_softcap {
@@ -355,39 +390,76 @@ impl ModelConfig {
             );
             config.context = cap;
         }
-        // The shape first: the checks below divide by the head count.
-        config.validate().map_err(|e| model_err(e.to_string()))?;
-        let rotary = matches!(family.positions, Positions::Rotary(_));
-        if let Some(rope_dims) = file
-            .opt_usize(&key("rope.dimension_count"))?
-            .filter(|_| rotary)
-        {
-            if rope_dims != config.head_dim {
-                return Err(unsupported(
-                    "partial rotary embedding",
-                    format!("{rope_dims} of {} head dims", config.head_dim),
-                    "rotary embedding over the whole head",
-                ));
+        if let Some(l) = long_rope {
+            // llama.cpp's rule: the long factors when the context run
+            // exceeds the one trained before scaling.
+            if config.rope.freq_factors.is_none() {
+                let long = config.context > l.orig_context;
+                config.rope.freq_factors = if long { l.long } else { l.short };
+                tracing::info!(
+                    "{}: LongRoPE with its {} factors (context {} against {} trained before scaling)",
+                    file.path().display(),
+                    if long { "long" } else { "short" },
+                    config.context,
+                    l.orig_context
+                );
             }
         }
+        config.validate().map_err(|e| model_err(e.to_string()))?;
         Ok(config)
     }
 
-    /// The rotary embedding's base, pairing and scaling from `file`.
-    fn rope_from_gguf(file: &GgufFile, arch: Arch, head_dim: usize) -> Result<RopeConfig> {
+    /// The rotary embedding's base, pairing, rotated dimensions and scaling
+    /// from `file`, and LongRoPE's factors where the file has them (chosen
+    /// by the caller once the context is known).
+    fn rope_from_gguf(
+        file: &GgufFile,
+        arch: Arch,
+        head_dim: usize,
+    ) -> Result<(RopeConfig, Option<LongRope>)> {
         let p = arch.family().prefix;
         let key = |k: &str| format!("{p}.{k}");
+        let model_err = |reason: String| Error::ModelFile {
+            path: file.path().to_path_buf(),
+            reason,
+        };
         let base = file.opt_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
         let mut rope = RopeConfig::plain(base, arch.family().rope_style());
-        let yarn = match file.opt_str(&key("rope.scaling.type"))? {
-            None | Some("none") | Some("linear") => false,
+        let rotary = matches!(arch.family().positions, Positions::Rotary(_));
+        if let Some(dims) = file
+            .opt_usize(&key("rope.dimension_count"))?
+            // (No heads: validation names that.)
+            .filter(|&d| rotary && head_dim > 0 && d != head_dim)
+        {
+            if dims == 0 || !dims.is_multiple_of(2) || dims > head_dim {
+                return Err(model_err(format!(
+                    "{} is {dims}: the rotated dimensions must be an even number from 2 to the head width {head_dim}",
+                    key("rope.dimension_count")
+                )));
+            }
+            rope.rot_dims = Some(dims);
+        }
+        let pairs = rope.dims(head_dim) / 2;
+        if let Some(a) = file.opt_f32(&key("rope.scaling.attn_factor"))? {
+            if !(a.is_finite() && a > 0.0) {
+                return Err(model_err(format!(
+                    "{} is {a}, not a finite number greater than 0",
+                    key("rope.scaling.attn_factor")
+                )));
+            }
+            rope.attn_factor = a;
+        }
+        const SUPPORTED: &str = "none, linear, yarn, longrope with its rope_factors_long and rope_factors_short tensors, and Llama 3's (rope_freqs.weight)";
+        let scaling = file.opt_str(&key("rope.scaling.type"))?;
+        let yarn = match scaling {
+            None | Some("none") | Some("linear") | Some("longrope") => false,
             Some("yarn") => true,
             Some(other) => {
                 return Err(Error::Unsupported {
                     path: file.path().to_path_buf(),
                     what: "rope scaling",
                     found: other.to_string(),
-                    supported: "none, linear, yarn, and Llama 3's (rope_freqs.weight)",
+                    supported: SUPPORTED,
                 })
             }
         };
@@ -428,33 +500,55 @@ impl ModelConfig {
             // it by 1 + 0.1 ln(1 / freq_scale) again.
             let factor = 1.0 / rope.freq_scale;
             let get_mscale = |s: f32| if s <= 1.0 { 1.0 } else { 0.1 * s.ln() + 1.0 };
-            let attn_factor = get_mscale(factor) / (1.0 + 0.1 * factor.ln())
-                * file
-                    .opt_f32(&key("rope.scaling.attn_factor"))?
-                    .unwrap_or(1.0);
+            // (rope.scaling.attn_factor is the table's attn_factor.)
+            let yarn_factor = get_mscale(factor) / (1.0 + 0.1 * factor.ln());
             rope.yarn = Some(Yarn {
                 orig_context,
                 beta_fast: 32.0,
                 beta_slow: 1.0,
-                mscale: attn_factor * (1.0 + 0.1 * (1.0 / rope.freq_scale).ln()),
+                mscale: yarn_factor * (1.0 + 0.1 * (1.0 / rope.freq_scale).ln()),
             });
         }
-        if file.has_tensor("rope_freqs.weight") {
+        let factors = |name: &str| -> Result<Option<Vec<f32>>> {
+            if !file.has_tensor(name) {
+                return Ok(None);
+            }
             let factors = file
-                .tensor("rope_freqs.weight", &[head_dim / 2])?
+                .tensor(name, &[pairs])?
                 .dequantize(&candle_core::Device::Cpu)?
                 .to_vec1::<f32>()?;
             if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
-                return Err(Error::ModelFile {
-                    path: file.path().to_path_buf(),
-                    reason: format!(
-                        "rope_freqs.weight holds {bad}, not a finite number greater than 0"
-                    ),
-                });
+                return Err(model_err(format!(
+                    "{name} holds {bad}, not a finite number greater than 0"
+                )));
             }
-            rope.freq_factors = Some(factors);
+            Ok(Some(factors))
+        };
+        rope.freq_factors = factors("rope_freqs.weight")?;
+        let long = factors("rope_factors_long.weight")?;
+        let short = factors("rope_factors_short.weight")?;
+        if scaling == Some("longrope") && (long.is_none() || short.is_none()) {
+            return Err(Error::Unsupported {
+                path: file.path().to_path_buf(),
+                what: "rope scaling",
+                found: "longrope".into(),
+                supported: SUPPORTED,
+            });
         }
-        Ok(rope)
+        let long_rope = if long.is_some() || short.is_some() {
+            let orig_context = match file.opt_usize(&key("rope.scaling.original_context_length"))? {
+                Some(n) => n,
+                None => file.opt_usize(&key("context_length"))?.unwrap_or(2048),
+            };
+            Some(LongRope {
+                long,
+                short,
+                orig_context,
+            })
+        } else {
+            None
+        };
+        Ok((rope, long_rope))
     }
 
     /// A named synthetic Llama shape: `135m` (the reference model's shape),
@@ -589,12 +683,27 @@ impl ModelConfig {
                 )));
             }
         }
-        if let Some(f) = &self.rope.freq_factors {
-            if f.len() != self.head_dim / 2 {
+        let ropes = std::iter::once(&self.rope).chain(self.sliding.as_ref().map(|s| &s.rope));
+        for rope in ropes {
+            let dims = rope.dims(self.head_dim);
+            if dims == 0 || !dims.is_multiple_of(2) || dims > self.head_dim {
                 return Err(Error::Config(format!(
-                    "{} rope frequency factors for a head of {} (one per pair is needed)",
-                    f.len(),
+                    "rotary embedding over {dims} dimensions of a head of {} (an even number from 2 to the head width is needed)",
                     self.head_dim
+                )));
+            }
+            if let Some(f) = &rope.freq_factors {
+                if f.len() != dims / 2 {
+                    return Err(Error::Config(format!(
+                        "{} rope frequency factors for {dims} rotated dimensions (one per pair is needed)",
+                        f.len(),
+                    )));
+                }
+            }
+            if !(rope.attn_factor.is_finite() && rope.attn_factor > 0.0) {
+                return Err(Error::Config(format!(
+                    "rope attn_factor must be a finite number greater than 0, not {}",
+                    rope.attn_factor
                 )));
             }
         }

@@ -277,6 +277,7 @@ impl CudaBackend {
             (family.embed_scale, "scaled embeddings"),
             (config.sliding.is_some(), "sliding-window attention"),
             (config.attn_softcap > 0.0, "soft-capped attention"),
+            (config.rope.rot_dims.is_some(), "a partial rotary embedding"),
             (config.final_softcap > 0.0, "soft-capped logits"),
         ];
         if let Some((_, what)) = cpu_only.iter().find(|(needed, _)| *needed) {
@@ -1236,8 +1237,15 @@ mod tests {
     #[test]
     fn a_family_the_kernels_cannot_run_is_refused_by_name() {
         let Some(dev) = emulated() else { return };
-        for arch in [Arch::Gemma2, Arch::Gemma3, Arch::Gpt2] {
-            let c = config_of(arch);
+        // Phi-4-mini's partial rotary embedding too.
+        let mut partial = config_of(Arch::Phi3);
+        partial.rope.rot_dims = Some(partial.head_dim / 2);
+        let configs = [Arch::Gemma2, Arch::Gemma3, Arch::Gpt2]
+            .map(config_of)
+            .into_iter()
+            .chain([partial]);
+        for c in configs {
+            let arch = c.arch;
             let layout = crate::shard::ShardLayout::new(&c, ShardSpec::SINGLE).unwrap();
             let opts = CudaOptions {
                 dtype: Dtype::F16,

@@ -580,12 +580,17 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
         Some(_) => llama3_rope_factors(&cfg, n_heads)?,
         None => None,
     };
-    if let Some(factors) = factors {
+    let long_rope = match arch {
+        Some(_) => long_rope_factors(&cfg, n_heads)?,
+        None => vec![],
+    };
+    for (name, factors) in factors
+        .map(|f| ("rope_freqs.weight", f))
+        .into_iter()
+        .chain(long_rope)
+    {
         let n = factors.len();
-        tensors.insert(
-            "rope_freqs.weight".into(),
-            (Stored::Computed(factors), vec![n]),
-        );
+        tensors.insert(name.into(), (Stored::Computed(factors), vec![n]));
     }
 
     let mut tensor_infos = HashMap::new();
@@ -816,6 +821,39 @@ fn metadata(cfg: &ConfigJson<'_>, arch: Arch, arch_name: &str) -> Result<HashMap
                     }
                 }
             }
+            // Phi-3's: the factors become rope_factors_long/_short.
+            "longrope" | "su" => {
+                let orig = params
+                    .get("original_max_position_embeddings")
+                    .or_else(|| cfg.json.get("original_max_position_embeddings"))
+                    .and_then(Json::as_u64)
+                    .ok_or_else(|| {
+                        cfg.err(
+                            "original_max_position_embeddings",
+                            "is missing or not an integer (LongRoPE needs it)",
+                        )
+                    })?;
+                put("rope.scaling.original_context_length", Value::U64(orig));
+                let given = opt_f32_in(params, "attention_factor")
+                    .map_err(|_| cfg.err("rope_scaling.attention_factor", "is not a number"))?;
+                // transformers' default, which llama.cpp's converter writes:
+                // sqrt(1 + ln(scale) / ln(original)) for a context `scale`
+                // times the original.
+                let attn = given.unwrap_or_else(|| {
+                    let context = cfg
+                        .json
+                        .get("max_position_embeddings")
+                        .and_then(Json::as_u64)
+                        .unwrap_or(orig);
+                    let scale = context as f64 / orig as f64;
+                    if scale <= 1.0 || orig < 2 {
+                        1.0
+                    } else {
+                        (1.0 + scale.ln() / (orig as f64).ln()).sqrt() as f32
+                    }
+                });
+                put("rope.scaling.attn_factor", Value::F32(attn));
+            }
             // Named to the config's reader, which refuses it by name.
             other => put("rope.scaling.type", Value::String(other.into())),
         }
@@ -962,6 +1000,56 @@ fn gemma_metadata(cfg: &ConfigJson<'_>, m: &mut HashMap<String, Value>, p: &str)
         put("attention.scale", Value::F32(1.0 / s.sqrt()));
     }
     Ok(())
+}
+
+/// LongRoPE's two sets of per-frequency divisors (`rope_scaling.long_factor`
+/// and `short_factor`, Phi-3's), as llama.cpp's converter stores them:
+/// `rope_factors_long.weight` and `rope_factors_short.weight`, one per
+/// rotated pair.
+fn long_rope_factors(
+    cfg: &ConfigJson<'_>,
+    n_heads: usize,
+) -> Result<Vec<(&'static str, Vec<f32>)>> {
+    let Some(params) = rope_params(cfg.json) else {
+        return Ok(vec![]);
+    };
+    let kind = params
+        .get("rope_type")
+        .or_else(|| params.get("type"))
+        .and_then(Json::as_str);
+    if !matches!(kind, Some("longrope" | "su")) {
+        return Ok(vec![]);
+    }
+    // The rotated dimensions, as the metadata's rope.dimension_count.
+    let head_dim = match cfg.opt_usize("head_dim")? {
+        Some(d) => d,
+        None => cfg.usize("hidden_size")?.checked_div(n_heads).unwrap_or(0),
+    };
+    let dims = match cfg.opt_f32("partial_rotary_factor")? {
+        Some(f) => (head_dim as f32 * f).round() as usize,
+        None => head_dim,
+    };
+    let list = |key: &str| -> Result<Vec<f32>> {
+        let at = format!("rope_scaling.{key}");
+        let list: Vec<f32> = params
+            .get(key)
+            .and_then(Json::as_array)
+            .and_then(|a| a.iter().map(|v| v.as_f64().map(|f| f as f32)).collect())
+            .ok_or_else(|| cfg.err(&at, "is missing or not a list of numbers"))?;
+        if list.len() != dims / 2 {
+            let reason = format!(
+                "has {} values; {dims} rotated dimensions need one per pair, {}",
+                list.len(),
+                dims / 2
+            );
+            return Err(cfg.err(&at, &reason));
+        }
+        Ok(list)
+    };
+    Ok(vec![
+        ("rope_factors_long.weight", list("long_factor")?),
+        ("rope_factors_short.weight", list("short_factor")?),
+    ])
 }
 
 /// Llama 3's rope scaling as per-frequency divisors (what llama.cpp's

@@ -44,29 +44,32 @@ pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [
 /// position up to the context window, and the pairing they are applied in.
 #[derive(Debug, Clone)]
 pub struct RopeTable {
+    /// Rotated pairs per head.
     half: usize,
+    head_dim: usize,
     style: RopeStyle,
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
 
 impl RopeTable {
-    /// Angles `pos · freq_scale · base^(-2i/head_dim) / freq_factors[i]`
-    /// for `pos < context` (computed in f64, rounded once). With YaRN, pair
-    /// `i`'s angle blends that with the unscaled one by the ramp between the
-    /// correction dimensions, and every cosine and sine is scaled by its
-    /// `mscale` (llama.cpp's `rope_yarn`).
+    /// Angles `pos · freq_scale · base^(-2i/dims) / freq_factors[i]` for
+    /// `pos < context`, over the `dims` rotated dimensions of a head
+    /// (computed in f64, rounded once). With YaRN, pair `i`'s angle blends
+    /// that with the unscaled one by the ramp between the correction
+    /// dimensions, and every cosine and sine is scaled by its `mscale`
+    /// (llama.cpp's `rope_yarn`); all are scaled by `attn_factor`.
     pub fn new(head_dim: usize, rope: &RopeConfig, context: usize) -> Self {
-        let half = head_dim / 2;
+        let dims = rope.dims(head_dim);
+        let half = dims / 2;
         let mut cos = Vec::with_capacity(context * half);
         let mut sin = Vec::with_capacity(context * half);
         // Per pair: the unscaled frequency, and the share of it kept.
-        let corr = rope.yarn.map(|y| y.corr_dims(head_dim, rope.base));
+        let corr = rope.yarn.map(|y| y.corr_dims(dims, rope.base));
         let freqs: Vec<(f64, f64)> = (0..half)
             .map(|i| {
                 let factor = rope.freq_factors.as_ref().map_or(1.0, |f| f[i] as f64);
-                let extrap =
-                    1.0 / factor / (rope.base as f64).powf(2.0 * i as f64 / head_dim as f64);
+                let extrap = 1.0 / factor / (rope.base as f64).powf(2.0 * i as f64 / dims as f64);
                 let keep = corr.map_or(0.0, |(low, high)| {
                     crate::config::Yarn::ramp(low, high, i) as f64
                 });
@@ -74,7 +77,7 @@ impl RopeTable {
             })
             .collect();
         let scale = rope.freq_scale as f64;
-        let mscale = rope.yarn.map_or(1.0, |y| y.mscale as f64);
+        let mscale = rope.yarn.map_or(1.0, |y| y.mscale as f64) * rope.attn_factor as f64;
         for pos in 0..context {
             for &(f, keep) in &freqs {
                 let extrap = pos as f64 * f;
@@ -85,13 +88,14 @@ impl RopeTable {
         }
         Self {
             half,
+            head_dim,
             style: rope.style,
             cos,
             sin,
         }
     }
 
-    /// The cosine and sine tables, `context × head_dim/2` each.
+    /// The cosine and sine tables, `context × dims/2` each.
     pub fn tables(&self) -> (&[f32], &[f32]) {
         (&self.cos, &self.sin)
     }
@@ -100,13 +104,22 @@ impl RopeTable {
     /// angles of `pos`. [`RopeStyle::Normal`] pairs adjacent elements
     /// `(2i, 2i+1)`: GGUF's Llama q/k weights are stored permuted for this
     /// layout (llama.cpp's "normal" rope). [`RopeStyle::Neox`] pairs the
-    /// halves `(i, i + head_dim/2)`.
+    /// halves `(i, i + dims/2)` of the rotated dimensions. With a partial
+    /// rotary embedding, each head's dimensions from `dims` on are left as
+    /// they are.
     pub fn apply(&self, heads: &mut [f32], pos: usize) {
         let cos = &self.cos[pos * self.half..(pos + 1) * self.half];
         let sin = &self.sin[pos * self.half..(pos + 1) * self.half];
-        match self.style {
-            RopeStyle::Normal => kops::rope(heads, cos, sin),
-            RopeStyle::Neox => kops::rope_neox(heads, cos, sin),
+        let rotate = |x: &mut [f32]| match self.style {
+            RopeStyle::Normal => kops::rope(x, cos, sin),
+            RopeStyle::Neox => kops::rope_neox(x, cos, sin),
+        };
+        if 2 * self.half == self.head_dim {
+            rotate(heads);
+        } else {
+            for head in heads.chunks_exact_mut(self.head_dim) {
+                rotate(&mut head[..2 * self.half]);
+            }
         }
     }
 }
@@ -257,6 +270,41 @@ mod tests {
         let n0: f32 = orig.iter().map(|x| x * x).sum();
         let n1: f32 = v.iter().map(|x| x * x).sum();
         assert!((n0 - n1).abs() < 1e-4);
+    }
+
+    #[test]
+    fn partial_rope_rotates_the_first_dims_of_each_head_with_their_own_frequencies() {
+        // Two heads of 8, the first 4 of each rotated (NeoX: pairs (0, 2)
+        // and (1, 3)), with frequencies over 4 dimensions, LongRoPE-style
+        // divisors and an attention factor; the last 4 pass through.
+        let rope = RopeConfig {
+            rot_dims: Some(4),
+            freq_factors: Some(vec![1.0, 4.0]),
+            attn_factor: 1.5,
+            ..RopeConfig::plain(100.0, RopeStyle::Neox)
+        };
+        let t = RopeTable::new(8, &rope, 8);
+        let orig: Vec<f32> = (0..16).map(|i| i as f32 * 0.1 + 0.05).collect();
+        let mut v = orig.clone();
+        let pos = 3;
+        t.apply(&mut v, pos);
+        for h in 0..2 {
+            let (o, x) = (&v[h * 8..h * 8 + 8], &orig[h * 8..h * 8 + 8]);
+            assert_eq!(&o[4..], &x[4..], "head {h}: unrotated tail");
+            for i in 0..2 {
+                let theta = pos as f64 / [1.0, 4.0][i] / 100f64.powf(2.0 * i as f64 / 4.0);
+                let (c, s) = (theta.cos() * 1.5, theta.sin() * 1.5);
+                let (a, b) = (x[i] as f64, x[i + 2] as f64);
+                assert!(
+                    (o[i] as f64 - (a * c - b * s)).abs() < 1e-5,
+                    "head {h} pair {i}"
+                );
+                assert!(
+                    (o[i + 2] as f64 - (a * s + b * c)).abs() < 1e-5,
+                    "head {h} pair {i}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -5,6 +5,8 @@ when the models or prompts change; CI only reads the JSON.
 
     shared/bench/llamacpp-anchor.sh            # builds llama.cpp (libllama too)
     family_golden.py MODELS_DIR OUT.json
+    ONLY=phi3-long,phi3-short family_golden.py MODELS_DIR OUT.json
+                    # recomputes those models only, keeping OUT's others
 
 It drives llama.cpp through the Python bindings that ship in the same
 llama-cpp-python sources the anchor script builds (ANCHOR_DIR, default
@@ -42,7 +44,7 @@ from golden_prompts import GREEDY, PROMPTS  # noqa: E402
 
 MODELS = ["llama-r3", "llama-lin", "qwen2", "qwen3", "phi3", "llama-spm", "gemma2", "gemma3",
           "gpt2", "qwen2-yarn", "phi3-q8_0", "qwen2-q4_0", "gemma3-q8_0", "gpt2-q8_0",
-          "llama-r3-f16", "qwen2-bf16", "llama-tekken"]
+          "llama-r3-f16", "qwen2-bf16", "llama-tekken", "phi3-long", "phi3-short"]
 
 
 def run(path):
@@ -90,7 +92,14 @@ def main():
                  "models of tests/support/family_models.py; made by tests/support/family_golden.py",
         "models": {},
     }
+    only = [n for n in os.environ.get("ONLY", "").split(",") if n]
+    if only:
+        with open(out) as f:
+            kept = json.load(f)["models"]
     for name in MODELS:
+        if only and name not in only:
+            result["models"][name] = kept[name]
+            continue
         path = os.path.join(models_dir, f"{name}.gguf")
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()

@@ -37,6 +37,11 @@ same vocabulary):
   gpt2       learned position embeddings, LayerNorm with biases, fused
              attn_qkv with its bias, biases on attn_output, ffn_up and
              ffn_down, an ungated GELU FFN, a tied LM head, pre-tokenizer gpt-2
+  phi3-long  phi3 as Phi-4-mini and Phi-3.5-mini are: a partial rotary
+             embedding (24 of 32 dims) and LongRoPE (rope_factors_long and
+             _short, rope.scaling.attn_factor), with an original context of
+             64 below the 512 it runs with: the long factors
+  phi3-short the same with an original context of 512: the short factors
   phi3-q8_0, qwen2-q4_0, gemma3-q8_0, gpt2-q8_0
              the same with every matrix quantized (fused rows cut from
              quantized blocks, biases over quantized matmuls)
@@ -103,6 +108,10 @@ MODELS["llama-tekken"] = dict(MODELS["llama-lin"], pre="tekken",
                               drop=["tokenizer.ggml.add_bos_token"])
 # YaRN: a factor of 4 over an original context of 16, shorter than the prompts.
 MODELS["qwen2-yarn"] = dict(MODELS["qwen2"], yarn=(4.0, 16))
+# LongRoPE over 24 of 32 dims; sqrt(1 + ln 8 / ln 64) is what llama.cpp's
+# converter writes for a context of 8 x 64.
+MODELS["phi3-long"] = dict(MODELS["phi3"], rot=24, longrope=(64, 1.2247449))
+MODELS["phi3-short"] = dict(MODELS["phi3"], rot=24, longrope=(512, 1.2247449))
 # Quantized copies (every matrix; norms, biases and rope factors stay f32),
 # by the gguf package's own quantizer.
 for base, quant in [("phi3", "Q8_0"), ("qwen2", "Q4_0"), ("gemma3", "Q8_0"), ("gpt2", "Q8_0"),
@@ -220,7 +229,7 @@ def write(name, spec, tok, out_dir):
     else:
         w.add_layer_norm_rms_eps(1e-6)
         w.add_rope_freq_base(spec.get("rope_base", 10_000.0))
-        w.add_rope_dimension_count(hd)
+        w.add_rope_dimension_count(spec.get("rot", hd))
     w.add_vocab_size(vocab)
     if spec.get("key_length"):
         w.add_key_length(hd)
@@ -232,6 +241,9 @@ def write(name, spec, tok, out_dir):
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(spec["yarn"][0])
         w.add_rope_scaling_orig_ctx_len(spec["yarn"][1])
+    if "longrope" in spec:
+        w.add_rope_scaling_orig_ctx_len(spec["longrope"][0])
+        w.add_rope_scaling_attn_factors(spec["longrope"][1])
     if "window" in spec:
         w.add_sliding_window(spec["window"])
     if "attn_softcap" in spec:
@@ -266,6 +278,12 @@ def write(name, spec, tok, out_dir):
         # Llama 3's factors: 1 for high frequencies, up to 8 for low ones.
         i = np.arange(hd // 2, dtype=np.float32)
         t["rope_freqs.weight"] = (np.float32(1.0) + np.float32(7.0) * (i / np.float32(hd // 2 - 1)) ** 2)
+    if "longrope" in spec:
+        # Phi-3's shapes: long factors growing to ~20 for low frequencies,
+        # short ones near 1.
+        i = np.arange(spec["rot"] // 2, dtype=np.float32) / np.float32(spec["rot"] // 2 - 1)
+        t["rope_factors_long.weight"] = np.float32(1.0) + np.float32(19.0) * i ** 3
+        t["rope_factors_short.weight"] = np.float32(1.0) + np.float32(0.2) * i
     if gpt2:
         t["position_embd.weight"] = splitmix("position_embd.weight", 512 * h).reshape(512, h) * np.float32(0.5)
         t["output_norm.bias"] = splitmix("output_norm.bias", h) * np.float32(0.2)
