@@ -77,6 +77,9 @@ struct SpmModel {
     /// The tokens matched whole before the rest (control, user-defined,
     /// unknown), longest text first.
     special: Vec<(String, u32)>,
+    /// The special tokens that eat the whitespace after them
+    /// ([`rstrip_tokens`]), sorted.
+    rstrip: Vec<u32>,
     add_space_prefix: bool,
 }
 
@@ -397,9 +400,12 @@ impl Tokenizer {
             .map(|(i, t)| (t.to_string(), i as u32))
             .collect();
         special.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
+        let mut rstrip = rstrip_tokens(file, tokens, &special)?;
+        rstrip.sort_unstable();
         Ok(Model::Spm(Box::new(SpmModel {
             spm,
             special,
+            rstrip,
             add_space_prefix: file
                 .opt_bool("tokenizer.ggml.add_space_prefix")?
                 .unwrap_or(true),
@@ -475,7 +481,7 @@ impl Tokenizer {
         inner.with_pre_tokenizer(Some(pre_tokenizer));
 
         // Control and user-defined tokens are matched as a whole in the input.
-        let special: Vec<AddedToken> = tokens
+        let listed: Vec<(String, u32)> = tokens
             .iter()
             .enumerate()
             .filter(|(i, _)| {
@@ -484,7 +490,12 @@ impl Tokenizer {
                     Some(&TOKEN_CONTROL) | Some(&TOKEN_USER_DEFINED)
                 )
             })
-            .map(|(_, t)| AddedToken::from(t.to_string(), true))
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        let rstrip = rstrip_tokens(file, tokens, &listed)?;
+        let special: Vec<AddedToken> = listed
+            .into_iter()
+            .map(|(t, id)| AddedToken::from(t, true).rstrip(rstrip.contains(&id)))
             .collect();
         inner.add_special_tokens(&special);
         Ok(inner)
@@ -515,17 +526,29 @@ impl Tokenizer {
                 let SpmModel {
                     spm,
                     special,
+                    rstrip,
                     add_space_prefix,
                 } = &**m;
                 let mut after_special = true;
+                let mut strip = false;
                 let mut piece = String::new();
                 for fragment in split_special(text, special) {
                     match fragment {
                         Fragment::Token(id) => {
                             ids.push(id);
                             after_special = true;
+                            strip = rstrip.binary_search(&id).is_ok();
                         }
                         Fragment::Text(t) => {
+                            // C's isspace, as llama.cpp strips.
+                            let t = if std::mem::take(&mut strip) {
+                                t.trim_start_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r'])
+                            } else {
+                                t
+                            };
+                            if t.is_empty() {
+                                continue;
+                            }
                             piece.clear();
                             if *add_space_prefix && after_special {
                                 piece.push(spm::SPACE);
@@ -704,6 +727,32 @@ fn decoder_strips_space(inner: &tokenizers::Tokenizer) -> bool {
 /// `text` cut around every occurrence of a special token, trying the tokens
 /// in `special`'s order (longest first) over what earlier ones left, as
 /// llama.cpp's partition does. Empty texts are left out.
+/// The special tokens (of `special`) after which whitespace is dropped
+/// from the text: llama.cpp gives every special token of a model whose
+/// `general.name` names Phi-3 ("phi-3", "phi3", any case) this, as
+/// Phi-3's own tokenizer does, and then also `</s>`, but not `<unk>`, `<s>`
+/// or `<|endoftext|>`. Empty for every other model.
+fn rstrip_tokens(file: &GgufFile, tokens: &[&str], special: &[(String, u32)]) -> Result<Vec<u32>> {
+    let name = file
+        .opt_str("general.name")?
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if !(name.contains("phi-3") || name.contains("phi3")) {
+        return Ok(Vec::new());
+    }
+    let find = |t: &str| tokens.iter().position(|x| *x == t).map(|i| i as u32);
+    let keep: Vec<u32> = ["<unk>", "<s>", "<|endoftext|>"]
+        .iter()
+        .filter_map(|t| find(t))
+        .collect();
+    Ok(special
+        .iter()
+        .map(|(_, id)| *id)
+        .chain(find("</s>"))
+        .filter(|id| !keep.contains(id))
+        .collect())
+}
+
 fn split_special<'a>(text: &'a str, special: &[(String, u32)]) -> Vec<Fragment<'a>> {
     let mut fragments = vec![Fragment::Text(text)];
     for (t, id) in special {

@@ -42,6 +42,9 @@ same vocabulary):
              _short, rope.scaling.attn_factor), with an original context of
              64 below the 512 it runs with: the long factors
   phi3-short the same with an original context of 512: the short factors
+  phi3-spm   phi3 with the SentencePiece vocabulary and a name that says
+             Phi-3, for which llama.cpp (as Phi-3's own tokenizer) drops the
+             whitespace after special tokens
   phi3-q8_0, qwen2-q4_0, gemma3-q8_0, gpt2-q8_0
              the same with every matrix quantized (fused rows cut from
              quantized blocks, biases over quantized matmuls)
@@ -112,6 +115,7 @@ MODELS["qwen2-yarn"] = dict(MODELS["qwen2"], yarn=(4.0, 16))
 # converter writes for a context of 8 x 64.
 MODELS["phi3-long"] = dict(MODELS["phi3"], rot=24, longrope=(64, 1.2247449))
 MODELS["phi3-short"] = dict(MODELS["phi3"], rot=24, longrope=(512, 1.2247449))
+MODELS["phi3-spm"] = dict(MODELS["phi3"], spm=True, named=True)
 # Quantized copies (every matrix; norms, biases and rope factors stay f32),
 # by the gguf package's own quantizer.
 for base, quant in [("phi3", "Q8_0"), ("qwen2", "Q4_0"), ("gemma3", "Q8_0"), ("gpt2", "Q8_0"),
@@ -208,10 +212,10 @@ def write(name, spec, tok, out_dir):
     path = os.path.join(out_dir, f"{name}.gguf")
     tmp = path + ".part"
     w = gguf.GGUFWriter(tmp, arch)
-    # Not "phi3": llama.cpp gives the special tokens of a model so named
-    # Phi-3's whitespace stripping, and looks up Phi-3's "</s>", which this
-    # vocabulary does not have.
-    w.add_name("parallm-tiny-" + name.replace("phi3", "fused"))
+    # Not "phi3" (but for the model that tests it): llama.cpp gives the
+    # special tokens of a model so named Phi-3's whitespace stripping, and
+    # looks up Phi-3's "</s>", which only the SentencePiece vocabulary has.
+    w.add_name("parallm-tiny-" + (name if spec.get("named") else name.replace("phi3", "fused")))
     h, hd, L = spec["hidden"], spec["head_dim"], spec["layers"]
     nh, nkv, ffn = spec["heads"], spec["kv"], spec["ffn"]
     if spec.get("spm"):
