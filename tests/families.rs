@@ -11,7 +11,7 @@
 //! half kernels (llama.cpp rounds the activations to f16 or bf16 for those
 //! matmuls, parallm keeps them f32: measured within 7.4e-3 and 5.3e-2),
 //! `tests/golden.rs`'s tolerances against llama.cpp; and each model's tokenizer
-//! (byte-level BPE with the gpt-2, llama-bpe, qwen2, smollm and tekken pre-tokenizers, and
+//! (byte-level BPE with the gpt-2, llama-bpe, qwen2, smollm, tekken and gpt-4o pre-tokenizers, and
 //! SentencePiece, also under a Phi-3 name, whose special tokens drop the
 //! whitespace after them) against llama.cpp's tokens.
 
@@ -164,7 +164,7 @@ fn each_family_matches_llama_cpp_at_tp1_and_tp2() {
         .cloned()
         .collect();
     assert!(
-        names.len() >= 20,
+        names.len() >= 21,
         "the golden file names the families: {names:?}"
     );
     for name in &names {
@@ -218,6 +218,7 @@ fn the_tiny_models_read_as_their_families() {
         ("phi3-long", "phi3"),
         ("phi3-short", "phi3"),
         ("phi3-spm", "phi3"),
+        ("llama-gpt4o", "llama"),
     ];
     for (name, arch) in families {
         let file = open(name);

@@ -50,10 +50,23 @@ pub(crate) const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L
 /// punctuation.
 pub(crate) const TEKKEN_PATTERN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// GPT-4o's pre-tokenization pattern (`tokenizer.ggml.pre = gpt-4o`, Phi-4
+/// and Phi-4-mini; `llama4`), as its `tokenizer.json` writes it: Tekken's
+/// case-change split with English contractions attached and digits in runs
+/// of up to three.
+pub(crate) const GPT4O_PATTERN: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// Pre-tokenizers after which llama.cpp takes a word that is itself a token
 /// whole, without merging (`ignore_merges`), and adds BOS unless the file
-/// says otherwise.
-pub(crate) const WHOLE_WORD_PRES: [&str; 4] = ["llama-bpe", "llama3", "llama-v3", "tekken"];
+/// says otherwise (Llama 3's pattern under its several names, and Tekken).
+pub(crate) const WHOLE_WORD_PRES: [&str; 6] = [
+    "llama-bpe",
+    "llama3",
+    "llama-v3",
+    "falcon3",
+    "pixtral",
+    "tekken",
+];
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
 pub(crate) const TOKEN_NORMAL: i64 = 1;
@@ -450,12 +463,12 @@ impl Tokenizer {
         let byte_level =
             |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, use_regex));
         let pre_tokenizer = match pre {
-            "default" | "gpt2" | "gpt-2" => byte_level(true),
+            "default" | "gpt2" | "gpt-2" | "phi-2" => byte_level(true),
             "smollm" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
                 isolate(r"\p{N}")?,
                 byte_level(true),
             ])),
-            "llama-bpe" | "llama3" | "llama-v3" => {
+            "llama-bpe" | "llama3" | "llama-v3" | "falcon3" | "pixtral" => {
                 PreTokenizerWrapper::Sequence(Sequence::new(vec![
                     isolate(LLAMA3_PATTERN)?,
                     byte_level(false),
@@ -469,12 +482,16 @@ impl Tokenizer {
                 isolate(TEKKEN_PATTERN)?,
                 byte_level(false),
             ])),
+            "gpt-4o" | "llama4" => PreTokenizerWrapper::Sequence(Sequence::new(vec![
+                isolate(GPT4O_PATTERN)?,
+                byte_level(false),
+            ])),
             other => {
                 return Err(Error::Unsupported {
                     path: file.path().to_path_buf(),
                     what: "pre-tokenizer (tokenizer.ggml.pre)",
                     found: other.to_string(),
-                    supported: "default, gpt2, smollm, llama-bpe, qwen2, tekken",
+                    supported: "default, gpt2 (gpt-2, phi-2), smollm, llama-bpe (llama3, llama-v3, falcon3, pixtral), qwen2 (deepseek-r1-qwen), tekken, gpt-4o (llama4)",
                 })
             }
         };

@@ -45,7 +45,7 @@ from golden_prompts import GREEDY, PROMPTS  # noqa: E402
 MODELS = ["llama-r3", "llama-lin", "qwen2", "qwen3", "phi3", "llama-spm", "gemma2", "gemma3",
           "gpt2", "qwen2-yarn", "phi3-q8_0", "qwen2-q4_0", "gemma3-q8_0", "gpt2-q8_0",
           "llama-r3-f16", "qwen2-bf16", "llama-tekken", "phi3-long", "phi3-short",
-          "phi3-spm"]
+          "phi3-spm", "llama-gpt4o"]
 
 
 def run(path):

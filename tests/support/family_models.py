@@ -42,6 +42,9 @@ same vocabulary):
              _short, rope.scaling.attn_factor), with an original context of
              64 below the 512 it runs with: the long factors
   phi3-short the same with an original context of 512: the short factors
+  llama-gpt4o
+             llama-lin with GPT-4o's pre-tokenizer (Phi-4's: case changes,
+             contractions, digits in threes)
   phi3-spm   phi3 with the SentencePiece vocabulary and a name that says
              Phi-3, for which llama.cpp (as Phi-3's own tokenizer) drops the
              whitespace after special tokens
@@ -116,6 +119,7 @@ MODELS["qwen2-yarn"] = dict(MODELS["qwen2"], yarn=(4.0, 16))
 MODELS["phi3-long"] = dict(MODELS["phi3"], rot=24, longrope=(64, 1.2247449))
 MODELS["phi3-short"] = dict(MODELS["phi3"], rot=24, longrope=(512, 1.2247449))
 MODELS["phi3-spm"] = dict(MODELS["phi3"], spm=True, named=True)
+MODELS["llama-gpt4o"] = dict(MODELS["llama-lin"], pre="gpt-4o")
 # Quantized copies (every matrix; norms, biases and rope factors stay f32),
 # by the gguf package's own quantizer.
 for base, quant in [("phi3", "Q8_0"), ("qwen2", "Q4_0"), ("gemma3", "Q8_0"), ("gpt2", "Q8_0"),

@@ -59,8 +59,8 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use crate::tokenizer::{
-    Tokenizer, LLAMA3_PATTERN, QWEN2_PATTERN, TEKKEN_PATTERN, TOKEN_BYTE, TOKEN_CONTROL,
-    TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, WHOLE_WORD_PRES,
+    Tokenizer, GPT4O_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN, TEKKEN_PATTERN, TOKEN_BYTE,
+    TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, WHOLE_WORD_PRES,
 };
 
 /// The text `get_vocab_base_pre` tokenizes to tell pre-tokenizers apart.
@@ -524,7 +524,7 @@ fn pre_name(
         Some(name) => name,
         None => {
             return Err(format!(
-                "its pre-tokenizer {} is none that a GGUF name parallm reads stands for (gpt-2: ByteLevel; smollm: Digits then ByteLevel; llama-bpe, qwen2, tekken: their Split regex then ByteLevel), and its ids of llama.cpp's check text hash to {hash}, which llama.cpp's converter knows for none of them",
+                "its pre-tokenizer {} is none that a GGUF name parallm reads stands for (gpt-2: ByteLevel; smollm: Digits then ByteLevel; llama-bpe, qwen2, tekken, gpt-4o: their Split regex then ByteLevel), and its ids of llama.cpp's check text hash to {hash}, which llama.cpp's converter knows for none of them",
                 compact(&json["pre_tokenizer"])
             ))
         }
@@ -571,6 +571,7 @@ fn pre_by_structure(json: &Json) -> Option<&'static str> {
                 LLAMA3_PATTERN => Some("llama-bpe"),
                 QWEN2_PATTERN => Some("qwen2"),
                 TEKKEN_PATTERN => Some("tekken"),
+                GPT4O_PATTERN => Some("gpt-4o"),
                 _ => None,
             }
         }
@@ -732,6 +733,7 @@ mod tests {
             (LLAMA3_PATTERN, "llama-bpe"),
             (QWEN2_PATTERN, "qwen2"),
             (TEKKEN_PATTERN, "tekken"),
+            (GPT4O_PATTERN, "gpt-4o"),
         ] {
             assert_eq!(
                 pre_by_structure(&pre(seq(vec![split(pattern), byte_level(false)]))),
