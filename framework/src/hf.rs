@@ -4,7 +4,7 @@
 //! A directory holds `config.json`, the weights as `model.safetensors` or as
 //! shards listed by `model.safetensors.index.json`, and the tokenizer as
 //! `tokenizer.json` (with `tokenizer_config.json`, and the chat template
-//! there or in `chat_template.jinja`). [`open`] maps it, once, into GGUF's
+//! there or in `chat_template.jinja`). `open` maps it, once, into GGUF's
 //! vocabulary:
 //! - `config.json`'s sizes become the family's metadata keys
 //!   (`llama.block_count`, `qwen2.rope.freq_base`, …), so [`crate::config`]

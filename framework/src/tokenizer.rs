@@ -5,7 +5,7 @@
 //!   and merges, preceded by the pre-tokenizer that `tokenizer.ggml.pre`
 //!   names (as llama.cpp interprets those names), with the file's control and
 //!   user-defined tokens added so that `<|im_start|>` in the text is one token.
-//! * `llama` — SentencePiece ([`crate::spm`]): scores, `▁` for spaces, byte
+//! * `llama` — SentencePiece (`crate::spm`): scores, `▁` for spaces, byte
 //!   fallback, `add_space_prefix` (before the text and after each special
 //!   token, as llama.cpp does), control, user-defined and unknown tokens
 //!   matched whole first (longest first).
