@@ -3,13 +3,13 @@
 //!
 //! [`Job::start`] initializes MPI (feature `mpi`; without it, a launch of
 //! several ranks is refused, saying how to build it) and learns every
-//! rank's host. [`cluster`] gives the engine its [`Cluster`] for a layout:
+//! rank's host. [`cluster()`] gives the engine its [`Cluster`] for a layout:
 //! the placement of its nodes on the job's ranks, checked against the
 //! hosts MPI reports. Rank 0 builds the engine and runs the command; the
 //! other ranks serve their nodes ([`serves_nodes`]) and print nothing.
 //! When the command fails on any rank, [`Job::fail`] aborts the whole job
 //! (`MPI_Abort`), so no rank waits for a peer that has gone. The first
-//! [`cluster`] starts the transport's heartbeat watch with the configured
+//! [`cluster()`] starts the transport's heartbeat watch with the configured
 //! timeout: a peer silent that long fails the transport, which ends the
 //! command on every rank that depends on it.
 
