@@ -146,7 +146,10 @@ fn each_family_becomes_a_gguf_with_its_tokenizer_and_logits() {
                 "{name}: {k}"
             );
         }
-        assert_eq!(gguf.get_str("general.name").ok(), Some(name.as_str()));
+        // (A name saying Phi-3 would make llama.cpp drop the whitespace
+        // after special tokens, which this tokenizer.json does not.)
+        let want = name.replace("phi3", "phi 3");
+        assert_eq!(gguf.get_str("general.name").ok(), Some(want.as_str()));
         assert_eq!(gguf.get_usize("general.file_type").ok(), Some(0));
         assert_eq!(gguf.get_str("tokenizer.ggml.model").ok(), Some("gpt2"));
         assert_eq!(

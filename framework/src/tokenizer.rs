@@ -750,18 +750,11 @@ fn decoder_strips_space(inner: &tokenizers::Tokenizer) -> bool {
 /// Phi-3's own tokenizer does, and then also `</s>`, but not `<unk>`, `<s>`
 /// or `<|endoftext|>`. Empty for every other model.
 fn rstrip_tokens(file: &GgufFile, tokens: &[&str], special: &[(String, u32)]) -> Result<Vec<u32>> {
-    let name = file
-        .opt_str("general.name")?
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    if !(name.contains("phi-3") || name.contains("phi3")) {
+    if !names_phi3(file.opt_str("general.name")?.unwrap_or_default()) {
         return Ok(Vec::new());
     }
     let find = |t: &str| tokens.iter().position(|x| *x == t).map(|i| i as u32);
-    let keep: Vec<u32> = ["<unk>", "<s>", "<|endoftext|>"]
-        .iter()
-        .filter_map(|t| find(t))
-        .collect();
+    let keep: Vec<u32> = PHI3_UNSTRIPPED.iter().filter_map(|t| find(t)).collect();
     Ok(special
         .iter()
         .map(|(_, id)| *id)
@@ -769,6 +762,15 @@ fn rstrip_tokens(file: &GgufFile, tokens: &[&str], special: &[(String, u32)]) ->
         .filter(|id| !keep.contains(id))
         .collect())
 }
+
+/// Whether a model named `name` gets Phi-3's stripping ([`rstrip_tokens`]).
+pub(crate) fn names_phi3(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name.contains("phi-3") || name.contains("phi3")
+}
+
+/// The special tokens a model named for Phi-3 does not strip after.
+pub(crate) const PHI3_UNSTRIPPED: [&str; 3] = ["<unk>", "<s>", "<|endoftext|>"];
 
 fn split_special<'a>(text: &'a str, special: &[(String, u32)]) -> Vec<Fragment<'a>> {
     let mut fragments = vec![Fragment::Text(text)];

@@ -155,10 +155,23 @@ pub fn gguf_metadata(file: &GgufFile) -> Result<Vec<(String, Value)>> {
     let added: HashMap<u32, tokenizers::AddedToken> =
         inner.get_added_tokens_decoder().into_iter().collect();
 
-    let name = hf
+    let mut name = hf
         .dir()
         .file_name()
         .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+    // llama.cpp (and parallm) strip the whitespace after the special tokens
+    // of a model whose name says Phi-3; a directory so named whose
+    // tokenizer.json does not is written under a name that does not say it.
+    let strips = added
+        .values()
+        .filter(|t| t.special)
+        .all(|t| t.rstrip || crate::tokenizer::PHI3_UNSTRIPPED.contains(&t.content.as_str()));
+    if crate::tokenizer::names_phi3(&name) && !strips {
+        name = name
+            .to_ascii_lowercase()
+            .replace("phi-3", "phi 3")
+            .replace("phi3", "phi 3");
+    }
     let mut meta: Vec<(String, Value)> = vec![("general.name".into(), Value::String(name))];
     let mut put = |k: &str, v: Value| meta.push((k.to_string(), v));
     let strings = |v: Vec<String>| Value::Array(v.into_iter().map(Value::String).collect());
