@@ -102,6 +102,12 @@ impl RopeConfig {
     }
 }
 
+/// Whether `dims` dimensions of a `head_dim`-wide head can be rotated: an
+/// even number from 2 to the head width.
+fn rotatable(dims: usize, head_dim: usize) -> bool {
+    dims > 0 && dims.is_multiple_of(2) && dims <= head_dim
+}
+
 /// Serde's default for [`RopeConfig::attn_factor`].
 fn one() -> f32 {
     1.0
@@ -431,7 +437,7 @@ impl ModelConfig {
             // (No heads: validation names that.)
             .filter(|&d| rotary && head_dim > 0 && d != head_dim)
         {
-            if dims == 0 || !dims.is_multiple_of(2) || dims > head_dim {
+            if !rotatable(dims, head_dim) {
                 return Err(model_err(format!(
                     "{} is {dims}: the rotated dimensions must be an even number from 2 to the head width {head_dim}",
                     key("rope.dimension_count")
@@ -686,7 +692,7 @@ impl ModelConfig {
         let ropes = std::iter::once(&self.rope).chain(self.sliding.as_ref().map(|s| &s.rope));
         for rope in ropes {
             let dims = rope.dims(self.head_dim);
-            if dims == 0 || !dims.is_multiple_of(2) || dims > self.head_dim {
+            if !rotatable(dims, self.head_dim) {
                 return Err(Error::Config(format!(
                     "rotary embedding over {dims} dimensions of a head of {} (an even number from 2 to the head width is needed)",
                     self.head_dim

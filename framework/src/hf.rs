@@ -770,9 +770,9 @@ fn metadata(cfg: &ConfigJson<'_>, arch: Arch, arch_name: &str) -> Result<HashMap
     if let Some(t) = theta {
         put("rope.freq_base", Value::F32(t));
     }
-    if let Some(f) = cfg.opt_f32("partial_rotary_factor")? {
-        let d = head_dim.unwrap_or(hidden.checked_div(heads).unwrap_or(0));
-        put("rope.dimension_count", u((d as f32 * f).round() as usize));
+    let full = head_dim.unwrap_or(hidden.checked_div(heads).unwrap_or(0));
+    if let Some(d) = partial_rotary_dims(cfg, full)? {
+        put("rope.dimension_count", u(d));
     }
     let sliding = match arch_name {
         "MistralForCausalLM" => true,
@@ -1002,6 +1002,14 @@ fn gemma_metadata(cfg: &ConfigJson<'_>, m: &mut HashMap<String, Value>, p: &str)
     Ok(())
 }
 
+/// The rotated dimensions of a `head_dim`-wide head when `config.json` sets
+/// a `partial_rotary_factor` (what becomes `rope.dimension_count`).
+fn partial_rotary_dims(cfg: &ConfigJson<'_>, head_dim: usize) -> Result<Option<usize>> {
+    Ok(cfg
+        .opt_f32("partial_rotary_factor")?
+        .map(|f| (head_dim as f32 * f).round() as usize))
+}
+
 /// LongRoPE's two sets of per-frequency divisors (`rope_scaling.long_factor`
 /// and `short_factor`, Phi-3's), as llama.cpp's converter stores them:
 /// `rope_factors_long.weight` and `rope_factors_short.weight`, one per
@@ -1025,10 +1033,7 @@ fn long_rope_factors(
         Some(d) => d,
         None => cfg.usize("hidden_size")?.checked_div(n_heads).unwrap_or(0),
     };
-    let dims = match cfg.opt_f32("partial_rotary_factor")? {
-        Some(f) => (head_dim as f32 * f).round() as usize,
-        None => head_dim,
-    };
+    let dims = partial_rotary_dims(cfg, head_dim)?.unwrap_or(head_dim);
     let list = |key: &str| -> Result<Vec<f32>> {
         let at = format!("rope_scaling.{key}");
         let list: Vec<f32> = params
