@@ -717,16 +717,19 @@ fn health_answers_while_megabyte_prompts_are_tokenized() {
         .map(|_| {
             let (url, body, done) = (format!("{base}/tokenize"), body.clone(), done.clone());
             std::thread::spawn(move || {
+                let t = Instant::now();
                 let r = agent()
                     .post(&url)
                     .header("Content-Type", "application/json")
                     .send(&body);
+                let took = t.elapsed();
                 done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let mut r = r.expect("tokenize answers");
                 let v: Value =
                     serde_json::from_str(&r.body_mut().read_to_string().unwrap_or_default())
                         .expect("json");
                 assert!(v["count"].as_u64().unwrap_or(0) > 100_000, "{v}");
+                took
             })
         })
         .collect();
@@ -738,12 +741,14 @@ fn health_answers_while_megabyte_prompts_are_tokenized() {
         probes.push(t.elapsed());
         std::thread::sleep(Duration::from_millis(20));
     }
-    for c in clients {
-        c.join().expect("client");
-    }
+    let tokenizing: Vec<Duration> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client"))
+        .collect();
+    let quickest = tokenizing.iter().min().copied().unwrap_or_default();
     probes.sort();
     println!(
-        "{} probes while tokenizing: median {:?}, 90th {:?}, slowest {:?}",
+        "{} probes while tokenizing (each tokenize took {quickest:?} or more): median {:?}, 90th {:?}, slowest {:?}",
         probes.len(),
         probes[probes.len() / 2],
         probes[probes.len() * 9 / 10],
@@ -754,10 +759,13 @@ fn health_answers_while_megabyte_prompts_are_tokenized() {
         "tokenizing took only {} probes",
         probes.len()
     );
+    // Had a tokenize held an HTTP worker, a probe behind it would have waited
+    // about as long as the tokenize itself. How fast /health answers under
+    // load is a latency goal, measured by benchmarks, not asserted here.
     let slowest = probes.last().copied().unwrap_or_default();
     assert!(
-        slowest < Duration::from_millis(50),
-        "/health took {slowest:?}"
+        slowest * 4 < quickest,
+        "/health took {slowest:?}, against {quickest:?} for the quickest tokenize"
     );
 
     // A generation's megabyte prompt is refused by its length, before it is
