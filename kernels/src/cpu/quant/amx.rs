@@ -22,8 +22,10 @@
 //! * Each activation tile sweeps a panel's weight tiles. The products run
 //!   [`RING`] ahead of the float work through a ring of C tiles (two sets
 //!   of tile registers alternate), so the tile unit and the vector units
-//!   work at once; the float work goes block by block, adding each block's
-//!   16 × 16 terms to lane `b % 8` of the pair's accumulators.
+//!   work at once. The products of a pair run lane by lane (blocks `l, l +
+//!   8, …` for lane `l`), so the float work keeps a lane's 16 rows of sums
+//!   in registers while it adds each block's 16 × 16 terms, and stores a
+//!   lane only when its last block is in.
 //! * Runs when the CPU reports `amx_int8`, `PARALLM_CPU_FEATURES` does not
 //!   turn AMX off, and Linux grants the process the tile data
 //!   (`arch_prctl(ARCH_REQ_XCOMP_PERM)`); otherwise, for other formats, and
@@ -143,8 +145,15 @@ struct Scratch {
     mw: Vec<f32>,
     /// The ring of C tiles: `[slot][16 × 16]`.
     cbuf: Vec<i32>,
-    /// Lane accumulators of one pair: `[row][lane][16]`.
+    /// Lane sums of one pair: `[row][lane][16]`.
     acc: Vec<f32>,
+    /// The current activation tile's scales `d` (and Q4_1 `s`), `[block][16
+    /// rows]`, rows past the chunk's end 0.
+    da: Vec<f32>,
+    sa: Vec<f32>,
+    /// The blocks in the order their products run: lane by lane (blocks
+    /// `l, l + 8, …` for lane `l`).
+    order: Vec<u32>,
 }
 
 thread_local! {
@@ -278,14 +287,16 @@ unsafe fn release() {
     asm!("tilerelease", options(nostack, nomem));
 }
 
-/// The C tile of one block of activation tile `a` against weight tile `b`,
-/// stored at `c` (16 × 16 i32), on tile set `SET` (0 or 1).
+/// The product of one block of activation tile `a` against weight tile `b`
+/// into the C tile of tile set `SET` (0 or 1), left in the tile: its store
+/// ([`store_product`]) comes after the next product is issued, so the tile
+/// unit is not left waiting for this one's result.
 ///
 /// # Safety
 /// Configuration loaded; `a` readable as 16 rows of 32 bytes `lda` apart,
-/// `b` 512 readable bytes, `c` 1 KiB writable.
+/// `b` 512 readable bytes.
 #[inline(always)]
-unsafe fn block_product<const SET: usize>(a: *const i8, lda: usize, b: *const u8, c: *mut i32) {
+unsafe fn block_product<const SET: usize>(a: *const i8, lda: usize, b: *const u8) {
     /// The product on tiles `$c` (C), `$a` (A), `$b` (B).
     macro_rules! product {
         ($c:literal, $a:literal, $b:literal) => {
@@ -294,24 +305,37 @@ unsafe fn block_product<const SET: usize>(a: *const i8, lda: usize, b: *const u8
                 concat!("tileloadd tmm", $a, ", [{a} + {lda}*1]"),
                 concat!("tileloadd tmm", $b, ", [{b} + {ld}*1]"),
                 concat!("tdpbssd tmm", $c, ", tmm", $a, ", tmm", $b),
-                concat!("tilestored [{c} + {ld}*1], tmm", $c),
                 a = in(reg) a,
                 lda = in(reg) lda,
                 b = in(reg) b,
-                c = in(reg) c,
                 ld = in(reg) 64usize,
-                options(nostack)
+                options(nostack, readonly)
             )
         };
     }
     // SAFETY (of both): the tiles are configured (caller); the loads read
-    // 16 rows of 32 bytes from `a` and 8 rows of 64 bytes from `b`, the
-    // store writes 16 rows of 64 bytes to `c`, all inside what the caller
-    // guarantees; no other memory or register of the program is touched.
+    // 16 rows of 32 bytes from `a` and 8 rows of 64 bytes from `b`, inside
+    // what the caller guarantees; no memory is written and no other
+    // register of the program is touched.
     if SET == 0 {
         product!("0", "1", "2");
     } else {
         product!("3", "4", "5");
+    }
+}
+
+/// Stores the C tile of tile set `SET` at `c` (16 × 16 i32).
+///
+/// # Safety
+/// Configuration loaded; `c` 1 KiB writable.
+#[inline(always)]
+unsafe fn store_product<const SET: usize>(c: *mut i32) {
+    // SAFETY (of both): the tiles are configured (caller); the store writes
+    // 16 rows of 64 bytes to `c`, which the caller guarantees writable.
+    if SET == 0 {
+        asm!("tilestored [{c} + {ld}*1], tmm0", c = in(reg) c, ld = in(reg) 64usize, options(nostack));
+    } else {
+        asm!("tilestored [{c} + {ld}*1], tmm3", c = in(reg) c, ld = in(reg) 64usize, options(nostack));
     }
 }
 
@@ -360,6 +384,14 @@ unsafe fn run_with(format: QuantFormat, job: &Job<'_>, out: &mut OutCols<'_>, s:
     sized(&mut s.mw, panel_tiles * nb * TR);
     sized(&mut s.cbuf, RING * TR * TR);
     sized(&mut s.acc, TR * 8 * TR);
+    sized(&mut s.da, nb * TR);
+    sized(&mut s.sa, nb * TR);
+    s.order.clear();
+    s.order.extend(
+        (0..8.min(nb))
+            .flat_map(|l| (l..nb).step_by(8))
+            .map(|b| b as u32),
+    );
     // A tiles: the quantizer's, or a copy.
     let acts = if job.acts.tiles.len() >= job.acts.rows().div_ceil(TR) * TR * k
         && job.i_begin.is_multiple_of(TR)
@@ -388,12 +420,15 @@ unsafe fn run_with(format: QuantFormat, job: &Job<'_>, out: &mut OutCols<'_>, s:
             acc: s.acc.as_mut_ptr(),
             dw: s.dw.as_ptr(),
             mw: s.mw.as_ptr(),
-            ad: job.acts.d.as_ptr().add(job.i_begin * nb),
-            as_: job.acts.s.as_ptr().add(job.i_begin * nb),
+            da: s.da.as_mut_ptr(),
+            sa: s.sa.as_mut_ptr(),
+            order: s.order.as_ptr(),
+            total: tiles * wt * nb,
         };
-        // Products g = q·nb + b (pair q = t·wt + w, block b) in order; C
-        // tile g lives in ring slot g % RING, issued RING products ahead.
-        let total = tiles * wt * nb;
+        // Products g = q·nb + p (pair q = t·wt + w, the block at position p
+        // of the order) in order; C tile g lives in ring slot g % RING,
+        // issued RING products ahead.
+        let total = pass.total;
         for g in 0..RING.min(total) {
             pass.issue(g);
         }
@@ -402,6 +437,9 @@ unsafe fn run_with(format: QuantFormat, job: &Job<'_>, out: &mut OutCols<'_>, s:
             let valid = (m - t * TR).min(TR);
             let j = p0 + w * TR;
             let cols = (job.rows - j).min(TR);
+            if w == 0 {
+                pass.tile_scales(job, t, valid);
+            }
             pass.finish(q, total, valid, cols, j, out);
         }
         p0 += wt * TR;
@@ -422,46 +460,85 @@ struct Pass {
     btile: *const u8,
     /// C tiles: `[product % RING][16 × 16]`.
     cbuf: *mut i32,
-    /// Lane accumulators of the current pair: `[row][lane][16]`.
+    /// Lane sums of the current pair: `[row][lane][16]`.
     acc: *mut f32,
     /// `[weight tile][block][16]`.
     dw: *const f32,
     mw: *const f32,
-    /// `[activation row][block]`.
-    ad: *const f32,
-    as_: *const f32,
+    /// The current activation tile's scales: `[block][16 rows]`.
+    da: *mut f32,
+    sa: *mut f32,
+    /// Block of each position in a pair's sequence of products (`nb`).
+    order: *const u32,
+    /// Products in the pass: pairs × blocks.
+    total: usize,
 }
 
 impl Pass {
-    /// Product `g` (pair `g / nb`, block `g % nb`): its C tile stored into
-    /// ring slot `g % RING`; consecutive products use the two tile sets.
+    /// Product `g` (pair `g / nb`, the block at position `g % nb` of
+    /// [`Pass::order`]) on tile set `g % 2`; then the C tile of product
+    /// `g − 1`, whose result is due by now, is stored into ring slot
+    /// `(g − 1) % RING`, and the last product's own tile at once. So every
+    /// product up to `g − 1` is in the ring when this returns (and `g` too
+    /// if it is the last).
     ///
     /// # Safety
-    /// Configuration loaded; `g` a product of the pass, its slot consumed.
+    /// Configuration loaded; products issued in order from 0 within the
+    /// pass; `g` a product of the pass, slot `(g − 1) % RING` consumed.
     #[inline(always)]
     unsafe fn issue(&self, g: usize) {
-        let (q, b) = (g / self.nb, g % self.nb);
+        let (q, b) = (g / self.nb, *self.order.add(g % self.nb) as usize);
         let (t, w) = (q / self.wt, q % self.wt);
         let a = self.acts.add((t * self.nb + b) * TR * QK);
         let bt = self.btile.add((w * self.nb + b) * B_TILE);
-        let c = self.cbuf.add((g % RING) * TR * TR);
+        let slot = |g: usize| self.cbuf.add((g % RING) * TR * TR);
         if g.is_multiple_of(2) {
-            block_product::<0>(a, QK, bt, c);
+            block_product::<0>(a, QK, bt);
+            if g > 0 {
+                store_product::<1>(slot(g - 1));
+            }
+            if g + 1 == self.total {
+                store_product::<0>(slot(g));
+            }
         } else {
-            block_product::<1>(a, QK, bt, c);
+            block_product::<1>(a, QK, bt);
+            store_product::<0>(slot(g - 1));
+            if g + 1 == self.total {
+                store_product::<1>(slot(g));
+            }
         }
     }
 
-    /// The float work of pair `q`, block by block: each block's terms for
-    /// the 16 rows are added to lane `b % 8` of each row (from 0.0, as the
-    /// reference starts every lane), and as soon as a block's C tile is
-    /// consumed, product `RING` further on is issued into its slot. Then
-    /// each row's lanes are summed in the reference order
-    /// `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))` and the first `valid` rows'
-    /// first `cols` columns written at column `j`.
+    /// Copies activation tile `t`'s scales (`valid` rows of the chunk) into
+    /// `[block][16 rows]`, the rows past them 0, for [`Pass::finish`].
     ///
     /// # Safety
-    /// AVX-512F; as [`Pass::issue`]; products up to `q·nb + RING` issued.
+    /// `t` a tile of the job; the scratch sized by `run_with`.
+    unsafe fn tile_scales(&self, job: &Job<'_>, t: usize, valid: usize) {
+        let nb = self.nb;
+        let row0 = job.i_begin + t * TR;
+        for b in 0..nb {
+            for i in 0..TR {
+                let at = (row0 + i) * nb + b;
+                *self.da.add(b * TR + i) = if i < valid { job.acts.d[at] } else { 0.0 };
+                if self.q4_1 {
+                    *self.sa.add(b * TR + i) = if i < valid { job.acts.s[at] } else { 0.0 };
+                }
+            }
+        }
+    }
+
+    /// The float work of pair `q`, lane by lane: for lane `l`, the blocks
+    /// `l, l + 8, …` in order add their terms for the 16 rows to the lane's
+    /// sums, held in registers from 0.0 (as the reference starts every
+    /// lane), and as soon as a block's C tile is consumed, product `RING`
+    /// further on is issued into its slot. Then each row's lanes are summed
+    /// in the reference order `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))` and
+    /// the first `valid` rows' first `cols` columns written at column `j`.
+    ///
+    /// # Safety
+    /// AVX-512F; as [`Pass::issue`]; products up to `q·nb + RING` issued;
+    /// the activation tile's scales copied by [`Pass::tile_scales`].
     #[inline(always)]
     unsafe fn finish(
         &self,
@@ -476,32 +553,38 @@ impl Pass {
         let (t, w) = (q / self.wt, q % self.wt);
         let dw = self.dw.add(w * nb * TR);
         let mw = self.mw.add(w * nb * TR);
-        let da = self.ad.add(t * TR * nb);
-        let sa = self.as_.add(t * TR * nb);
-        for b in 0..nb {
-            let g = q * nb + b;
-            let c = self.cbuf.add((g % RING) * TR * TR);
-            let dwb = _mm512_loadu_ps(dw.add(b * TR));
-            let mwb = _mm512_loadu_ps(mw.add(b * TR));
-            let lane = self.acc.add((b % 8) * TR);
-            for i in 0..valid {
-                let isum = _mm512_cvtepi32_ps(_mm512_loadu_si512(c.add(i * TR) as *const _));
-                let p = _mm512_mul_ps(dwb, _mm512_set1_ps(*da.add(i * nb + b)));
-                let mut term = _mm512_mul_ps(p, isum);
+        let mut g = q * nb;
+        for l in 0..8.min(nb) {
+            let mut acc = [_mm512_setzero_ps(); TR];
+            for b in (l..nb).step_by(8) {
+                let c = self.cbuf.add((g % RING) * TR * TR);
+                let dwb = _mm512_loadu_ps(dw.add(b * TR));
+                let da = self.da.add(b * TR);
                 if self.q4_1 {
-                    let ms = _mm512_mul_ps(mwb, _mm512_set1_ps(*sa.add(i * nb + b)));
-                    term = _mm512_add_ps(term, ms);
-                }
-                let slot = lane.add(i * 8 * TR);
-                let prev = if b < 8 {
-                    _mm512_setzero_ps()
+                    let mwb = _mm512_loadu_ps(mw.add(b * TR));
+                    let sa = self.sa.add(b * TR);
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let isum =
+                            _mm512_cvtepi32_ps(_mm512_loadu_si512(c.add(i * TR) as *const _));
+                        let p = _mm512_mul_ps(dwb, _mm512_set1_ps(*da.add(i)));
+                        let ms = _mm512_mul_ps(mwb, _mm512_set1_ps(*sa.add(i)));
+                        *a = _mm512_add_ps(*a, _mm512_add_ps(_mm512_mul_ps(p, isum), ms));
+                    }
                 } else {
-                    _mm512_loadu_ps(slot)
-                };
-                _mm512_storeu_ps(slot, _mm512_add_ps(prev, term));
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let isum =
+                            _mm512_cvtepi32_ps(_mm512_loadu_si512(c.add(i * TR) as *const _));
+                        let p = _mm512_mul_ps(dwb, _mm512_set1_ps(*da.add(i)));
+                        *a = _mm512_add_ps(*a, _mm512_mul_ps(p, isum));
+                    }
+                }
+                if g + RING < total {
+                    self.issue(g + RING);
+                }
+                g += 1;
             }
-            if g + RING < total {
-                self.issue(g + RING);
+            for (i, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(self.acc.add((i * 8 + l) * TR), *a);
             }
         }
         for i in 0..valid {
