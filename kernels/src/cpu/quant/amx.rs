@@ -428,8 +428,7 @@ unsafe fn run_with(format: QuantFormat, job: &Job<'_>, out: &mut OutCols<'_>, s:
         // Products g = q·nb + p (pair q = t·wt + w, the block at position p
         // of the order) in order; C tile g lives in ring slot g % RING,
         // issued RING products ahead.
-        let total = pass.total;
-        for g in 0..RING.min(total) {
+        for g in 0..RING.min(pass.total) {
             pass.issue(g);
         }
         for q in 0..tiles * wt {
@@ -440,7 +439,7 @@ unsafe fn run_with(format: QuantFormat, job: &Job<'_>, out: &mut OutCols<'_>, s:
             if w == 0 {
                 pass.tile_scales(job, t, valid);
             }
-            pass.finish(q, total, valid, cols, j, out);
+            pass.finish(q, valid, cols, j, out);
         }
         p0 += wt * TR;
     }
@@ -540,15 +539,7 @@ impl Pass {
     /// AVX-512F; as [`Pass::issue`]; products up to `q·nb + RING` issued;
     /// the activation tile's scales copied by [`Pass::tile_scales`].
     #[inline(always)]
-    unsafe fn finish(
-        &self,
-        q: usize,
-        total: usize,
-        valid: usize,
-        cols: usize,
-        j: usize,
-        out: &mut OutCols<'_>,
-    ) {
+    unsafe fn finish(&self, q: usize, valid: usize, cols: usize, j: usize, out: &mut OutCols<'_>) {
         let nb = self.nb;
         let (t, w) = (q / self.wt, q % self.wt);
         let dw = self.dw.add(w * nb * TR);
@@ -578,7 +569,7 @@ impl Pass {
                         *a = _mm512_add_ps(*a, _mm512_mul_ps(p, isum));
                     }
                 }
-                if g + RING < total {
+                if g + RING < self.total {
                     self.issue(g + RING);
                 }
                 g += 1;
