@@ -16,6 +16,7 @@ mod bench_embed;
 mod bench_quality;
 mod bench_serve;
 mod calibrate;
+mod cuda_decode;
 mod files;
 mod job;
 mod perplexity;
@@ -116,6 +117,37 @@ struct CudaArgs {
     /// sm_90, …) and list them; needs only NVRTC, no GPU.
     #[arg(long, value_name = "ARCH")]
     compile: Option<String>,
+    /// Time batch-1 decode of one shard of this synthetic shape (tiny32,
+    /// 135m, 1b, 8b) on the GPU, engine left out: the copy bandwidth and
+    /// the limit it sets, the bare decode rate, and where a step goes.
+    #[arg(long, value_name = "SHAPE")]
+    decode: Option<String>,
+    /// With --decode: the GPU ordinal.
+    #[arg(long, default_value_t = 0)]
+    gpu: usize,
+    /// With --decode: run on the host emulation of a GPU instead (slow;
+    /// checks the command on a machine without one).
+    #[arg(long)]
+    emulated: bool,
+    /// With --decode: weights and activations, f16 or bf16.
+    #[arg(long, default_value = "f16")]
+    dtype: String,
+    /// With --decode: prompt tokens before the decode steps.
+    #[arg(long, default_value_t = 128)]
+    depth: usize,
+    /// With --decode: decode steps timed, and as many profiled.
+    #[arg(long, default_value_t = 64)]
+    steps: usize,
+    /// With --decode: sequences decoded together.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// With --decode: run one more decode step between cuProfilerStart and
+    /// cuProfilerStop, for `ncu --profile-from-start off`.
+    #[arg(long)]
+    kernel_trace: bool,
+    /// With --decode: also write the report as JSON here.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
 }
 
 /// The layers above the defaults: a file, then the environment
@@ -446,6 +478,9 @@ struct ParallelArgs {
     /// Requests running at once per replica.
     #[arg(long, default_value_t = 64)]
     max_running: usize,
+    /// KV cache blocks per replica (default: as many as 1 GiB holds).
+    #[arg(long)]
+    kv_blocks: Option<usize>,
     /// Steps a replica has in flight, each on its own lane of requests
     /// (default: the pipeline depth).
     #[arg(long)]
@@ -560,6 +595,10 @@ impl ParallelArgs {
             .max_batch_tokens(self.max_batch_tokens)
             .max_running(self.max_running)
             .speculate_max_running(self.speculate_max_running);
+        let b = match self.kv_blocks {
+            Some(n) => b.kv_blocks(n),
+            None => b,
+        };
         match self.steps_in_flight {
             Some(n) => b.steps_in_flight(n),
             None => b,
@@ -572,7 +611,7 @@ enum BenchCommand {
     /// Prefill and decode speed of one model shard.
     Latency(LatencyArgs),
     /// Output tokens per second of many concurrent requests through the engine.
-    Throughput(ThroughputArgs),
+    Throughput(Box<ThroughputArgs>),
     /// Load-test any OpenAI-compatible server (after vLLM's serving benchmark).
     Serve(bench_serve::ServeBenchArgs),
     /// Quality (PPL, KL divergence from a base) against speed (prefill,
@@ -709,7 +748,7 @@ fn main() -> ExitCode {
             run_config_check(layers)
         }
         Command::Bench(BenchCommand::Latency(args)) => run_latency(args),
-        Command::Bench(BenchCommand::Throughput(args)) => run_throughput(args),
+        Command::Bench(BenchCommand::Throughput(args)) => run_throughput(*args),
         Command::Bench(BenchCommand::Quality(args)) => run_quality(args),
         Command::Bench(BenchCommand::Embeddings(args)) => bench_embed::run(&args),
         Command::Bench(BenchCommand::Serve(args)) => {
@@ -1149,6 +1188,27 @@ fn run_cuda(args: CudaArgs) -> CliResult {
             ptx.len()
         );
         println!("kernels: {}", names.join(" "));
+    }
+    if let Some(shape) = args.decode {
+        let dtype = match args.dtype.as_str() {
+            "f16" => framework::cuda::Dtype::F16,
+            "bf16" => framework::cuda::Dtype::Bf16,
+            other => return Err(format!("--dtype is '{other}', must be f16 or bf16").into()),
+        };
+        let plan = cuda_decode::DecodePlan {
+            shape,
+            device: (!args.emulated).then_some(args.gpu),
+            dtype,
+            depth: args.depth,
+            steps: args.steps,
+            batch: args.batch,
+            kernel_trace: args.kernel_trace,
+        };
+        let (report, profile) = cuda_decode::run(&plan, |l| eprintln!("  {l} ..."))?;
+        println!("{}", cuda_decode::table(&report, &profile));
+        if let Some(path) = args.json {
+            std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+        }
     }
     Ok(())
 }

@@ -162,6 +162,30 @@ impl DeviceHandle {
     pub fn name(&self) -> String {
         self.dev.name()
     }
+
+    /// The device's copy bandwidth: the median of `runs` device-to-device
+    /// copies of `bytes`, as bytes read plus bytes written per second
+    /// (`2·bytes / t`), after one copy untimed.
+    pub fn copy_bandwidth(&self, bytes: usize, runs: usize) -> Result<f64> {
+        let src = DevBuf::zeroed(&self.dev, bytes).map_err(dev_err)?;
+        let dst = DevBuf::zeroed(&self.dev, bytes).map_err(dev_err)?;
+        let copy = || -> Result<std::time::Duration> {
+            self.dev.synchronize().map_err(dev_err)?;
+            let t = std::time::Instant::now();
+            self.dev
+                .copy(dst.ptr(), src.ptr(), bytes)
+                .map_err(dev_err)?;
+            self.dev.synchronize().map_err(dev_err)?;
+            Ok(t.elapsed())
+        };
+        copy()?;
+        let mut times = (0..runs.max(1))
+            .map(|_| copy())
+            .collect::<Result<Vec<_>>>()?;
+        times.sort();
+        let t = times[times.len() / 2].as_secs_f64();
+        Ok(2.0 * bytes as f64 / t.max(f64::MIN_POSITIVE))
+    }
 }
 
 /// A weight matrix on the device.
@@ -395,6 +419,10 @@ impl Backend for CudaBackend {
     type Table = DevTable;
     type Meta = CudaMeta;
     type Kv = CudaKv;
+
+    fn fence(&self) -> Result<()> {
+        self.d().synchronize().map_err(dev_err)
+    }
 
     fn heads(&self) -> Heads {
         self.heads
@@ -1023,7 +1051,10 @@ fn upload_linear(d: &Arc<dyn Device>, t: Dtype, quantized: bool, m: Mat) -> Resu
     let Mat::F32 { data, .. } = m.to_f32()? else {
         return Err(Error::Cuda("to_f32 returned blocks".into()));
     };
-    let bits: Vec<u16> = data.iter().map(|&v| t.from_f32(v)).collect();
+    let bits: Vec<u16> = {
+        use rayon::prelude::*;
+        data.par_iter().map(|&v| t.from_f32(v)).collect()
+    };
     let w = DevBuf::from_slice(d, &bits).map_err(dev_err)?;
     Ok(DevLinear::Dense { w, n, k })
 }

@@ -246,8 +246,9 @@ impl ShardMats {
             _ => None,
         };
 
-        let mut blocks = Vec::with_capacity(layers.len());
-        for i in layers {
+        // Layers are read (or drawn) in parallel: each tensor's values depend
+        // on its name only, so the order changes nothing.
+        let block = |i: usize| -> Result<BlockMats> {
             let name = |t: &str| format!("blk.{i}.{t}.weight");
             let bias = |t: &str| format!("blk.{i}.{t}.bias");
             let shift = |r: &Range<usize>, by: usize| r.start + by..r.end + by;
@@ -356,7 +357,7 @@ impl ShardMats {
                 .matrix(&name("ffn_down"), h, config.ffn)?
                 .select_cols(layout.ffn.clone())?;
             let norm = |t: &str| src.norm(family.norm, &format!("blk.{i}.{t}"), h);
-            blocks.push(BlockMats {
+            Ok(BlockMats {
                 attn_norm: norm("attn_norm")?,
                 qkv,
                 qkv_bias,
@@ -369,8 +370,15 @@ impl ShardMats {
                 ffn_norm: norm("ffn_norm")?,
                 gate_up,
                 down,
-            });
-        }
+            })
+        };
+        let blocks = {
+            use rayon::prelude::*;
+            layers
+                .into_par_iter()
+                .map(block)
+                .collect::<Result<Vec<_>>>()?
+        };
         Ok(Self {
             layout,
             embed,

@@ -4,8 +4,10 @@
 //! A [`crate::backend::transformer::Transformer`] with profiling on times
 //! every op of its steps with [`std::time::Instant`] and adds them to a
 //! [`StepProfile`]; with it off (the default) the loop does one branch per
-//! op. The times are host wall times, so they mean what they say on a
-//! synchronous backend (the CPU). Time inside an op's parallel region — the
+//! op. The times are host wall times: on an asynchronous backend (CUDA) the
+//! profiled step waits for the device before and after each op
+//! ([`crate::backend::Backend::fence`]), so an op's time is its kernels' run
+//! with its launches, and the overlap between ops is lost. Time inside an op's parallel region — the
 //! workers' hand-off and waiting included — counts to that op; the time in
 //! the collectives (all-reduces, the logits gather) is taken out of the op
 //! that called them and counted as [`Op::Collective`]. Each op also records
@@ -141,11 +143,14 @@ impl StepProfile {
 }
 
 /// A step's timer: adds each op's time to a profile when profiling is on.
-pub(crate) struct Timer {
+pub(crate) struct Timer<'a> {
     profile: Option<StepProfile>,
+    /// Waits for the device before each reading of the clock (an
+    /// asynchronous backend's queued work), when recording.
+    fence: Option<&'a dyn Fn()>,
 }
 
-impl Timer {
+impl<'a> Timer<'a> {
     /// A timer that records (`on`) or does nothing.
     pub(crate) fn new(on: bool) -> Self {
         Self {
@@ -153,7 +158,15 @@ impl Timer {
                 steps: 1,
                 ..StepProfile::default()
             }),
+            fence: None,
         }
+    }
+
+    /// Calls `fence` before each reading of the clock, so that an op's time
+    /// on an asynchronous device is the time until its work is done.
+    pub(crate) fn with_fence(mut self, fence: &'a dyn Fn()) -> Self {
+        self.fence = Some(fence);
+        self
     }
 
     /// Runs `f` as an `op`; `spent` reads the time the step's collectives
@@ -167,10 +180,16 @@ impl Timer {
         let Some(p) = self.profile.as_mut() else {
             return f();
         };
+        if let Some(fence) = self.fence {
+            fence();
+        }
         let before = spent();
         let busy = kernels::cpu::busy::busy();
         let t = std::time::Instant::now();
         let out = f();
+        if let Some(fence) = self.fence {
+            fence();
+        }
         let elapsed = t.elapsed();
         p.add_busy(op, kernels::cpu::busy::busy().saturating_sub(busy));
         let in_collective = spent().saturating_sub(before);

@@ -217,6 +217,10 @@ impl<B: Backend> VocabParallelLmHead<B> {
         } else {
             Vec::new()
         };
+        if host.world_size() == 1 && self.local_vocab() == self.total_vocab {
+            // One rank holds every column: nothing to gather or copy.
+            return Ok(Some(local));
+        }
         if to_root {
             host.gather_cols_to_root(&local, picked, self.vocab.start, self.total_vocab)
         } else {

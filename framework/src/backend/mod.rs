@@ -134,6 +134,13 @@ pub trait Backend: Send + Sized {
 
     /// A zeroed buffer of `len` elements.
     fn alloc(&self, elem: Elem, len: usize) -> Result<Self::Buf>;
+    /// Waits until the work queued so far has finished: what a profiled
+    /// step calls around each op, so that host timers measure the op on a
+    /// device that runs asynchronously. Synchronous backends have nothing
+    /// to wait for.
+    fn fence(&self) -> Result<()> {
+        Ok(())
+    }
     /// Empty step bookkeeping.
     fn new_meta(&self) -> Result<Self::Meta>;
     /// Fills `meta` for a step (positions, tokens, KV slots, picked rows).

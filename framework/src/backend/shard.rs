@@ -299,6 +299,17 @@ impl<B: Backend> StageShard<B> {
     pub fn copy_block(&mut self, src: u32, dst: u32) -> Result<()> {
         self.kv.copy_block(self.model.backend(), src, dst)
     }
+
+    /// Turns the timing of every op of the following steps on or off
+    /// ([`crate::profile`]).
+    pub fn set_profiling(&self, on: bool) {
+        self.model.set_profiling(on);
+    }
+
+    /// The op times recorded since the last call (and clears them).
+    pub fn take_profile(&self) -> crate::profile::StepProfile {
+        self.model.take_profile()
+    }
 }
 
 impl<B: Backend> StageModel for StageShard<B> {

@@ -293,7 +293,11 @@ impl<B: Backend> Transformer<B> {
         kv: &mut K,
         host: &dyn Collective,
     ) -> Result<StageOutput> {
-        let mut timer = Timer::new(self.profiling.load(Ordering::Relaxed));
+        // A fence error shows up again at the step's next device call.
+        let fence = || {
+            let _ = self.backend.fence();
+        };
+        let mut timer = Timer::new(self.profiling.load(Ordering::Relaxed)).with_fence(&fence);
         let host = &TimedCollective::new(host);
         let out = self.step_timed(ws, step, input, kv, host, &mut timer);
         if let Some(p) = timer.finish() {
@@ -311,7 +315,7 @@ impl<B: Backend> Transformer<B> {
         input: StageInput,
         kv: &mut K,
         host: &TimedCollective<'_>,
-        timer: &mut Timer,
+        timer: &mut Timer<'_>,
     ) -> Result<StageOutput> {
         let c = &self.config;
         let h = c.hidden;
@@ -406,7 +410,7 @@ impl<B: Backend> Transformer<B> {
         n: usize,
         kv: &mut K,
         host: &TimedCollective<'_>,
-        timer: &mut Timer,
+        timer: &mut Timer<'_>,
     ) -> Result<()> {
         let (be, eps, h) = (&self.backend, self.config.norm_eps, self.config.hidden);
         let ffn = self.layout.ffn.len();

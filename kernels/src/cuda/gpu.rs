@@ -28,6 +28,34 @@ pub fn device_count() -> Result<usize> {
     Ok(n.max(0) as usize)
 }
 
+/// Starts (`on`) or stops the collection of a kernel profiler launched
+/// with its collection off at start (Nsight Compute's
+/// `--profile-from-start off`), around the work queued in between. Needs a
+/// context current on the calling thread: call it on the thread that last
+/// used a [`CudaDevice`]. Without a profiler attached it does nothing.
+pub fn profiler(on: bool) -> Result<()> {
+    Lib::Driver.require()?;
+    // SAFETY: no arguments; the driver checks for a current context and
+    // returns an error without one.
+    let r = unsafe {
+        if on {
+            drv_sys::cuProfilerStart()
+        } else {
+            drv_sys::cuProfilerStop()
+        }
+    };
+    r.result().map_err(|e| {
+        call_err(
+            if on {
+                "cuProfilerStart"
+            } else {
+                "cuProfilerStop"
+            },
+            e,
+        )
+    })
+}
+
 /// One stream on one GPU.
 pub struct CudaDevice {
     ordinal: usize,

@@ -160,12 +160,16 @@ pub unsafe fn rms_norm(
         Arg::U32(u32_of(k, "dim", dim)?),
         Arg::F32(eps),
     ];
+    // One pass of the block covers the row (four values a thread), up to
+    // 1024 threads: a lone row (batch-1 decode) is read by as many threads
+    // as it has float4s.
+    let threads = dim.div_ceil(4).next_multiple_of(32).clamp(32, 1024) as u32;
     // SAFETY: forwarded.
     unsafe {
         launch(
             dev,
             &named(k, t),
-            LaunchCfg::linear(rows as u32, 256),
+            LaunchCfg::linear(rows as u32, threads),
             &args,
         )
     }
@@ -213,15 +217,20 @@ pub unsafe fn rope(
         Arg::U32(u32_of(k, "n_heads", n_heads)?),
         Arg::U32(u32_of(k, "head_dim", head_dim)?),
     ];
+    // A thread per pair, over as many blocks as a row needs, by as many
+    // rows as the grid's second dimension holds (the kernel loops over more).
+    let pairs = n_heads * head_dim / 2;
+    let cfg = LaunchCfg {
+        grid: (
+            u32_of(k, "blocks", pairs.div_ceil(128))?,
+            rows.min(65535) as u32,
+            1,
+        ),
+        block: (128, 1, 1),
+        shared: 0,
+    };
     // SAFETY: forwarded.
-    unsafe {
-        launch(
-            dev,
-            &named(k, t),
-            LaunchCfg::linear(rows as u32, 128),
-            &args,
-        )
-    }
+    unsafe { launch(dev, &named(k, t), cfg, &args) }
 }
 
 /// `x[r][i] += bias[i]` for `rows` rows of `width` values of `x` (t), the
@@ -498,14 +507,26 @@ pub unsafe fn attn_decode(
         Arg::U32(u32_of(k, "block_size", a.block_size)?),
         Arg::F32(a.scale),
     ];
+    // Few blocks (small batches) leave most of the device idle: each block
+    // then splits its row's positions over more warps.
+    let warps = if a.n_heads * rows < DECODE_FEW_BLOCKS {
+        16
+    } else {
+        4
+    };
     let cfg = LaunchCfg {
         grid: (a.n_heads as u32, rows as u32, 1),
-        block: (128, 1, 1),
+        block: (32 * warps, 1, 1),
         shared: 0,
     };
     // SAFETY: forwarded.
     unsafe { launch(dev, &named(k, t), cfg, &args) }
 }
+
+/// Below this many blocks (query heads × rows) a decode attention launch
+/// gives each block 16 warps instead of 4. On an H200 (132
+/// multiprocessors) batch-1 decode of a 32-head model is 32 blocks.
+pub const DECODE_FEW_BLOCKS: usize = 512;
 
 /// One prefill attention tile: up to [`PREFILL_TILE`] consecutive query rows
 /// of one sequence, at consecutive positions.

@@ -7,12 +7,14 @@
 // (online: running max m, sum l, accumulator rescaled as the max grows), the
 // output rounded once to the 16-bit type.
 //
-// Both kernels run 128 threads (4 warps) per block and are templated on
+// The prefill kernel runs 128 threads (4 warps) per block, the decode kernel
+// 1 to ATTN_DEC_WARPS warps (the launch decides); both are templated on
 // E = head_dim / 32 (1..8), the number of consecutive head elements each lane
 // owns. Alignment: the caches and the output must be 8-byte aligned (device
 // allocations are); queries are read element by element (any stride).
 
 #define ATTN_WARPS 4
+#define ATTN_DEC_WARPS 16
 #define ATTN_MAX_D 256
 #define ATTN_CHUNK 32
 #define ATTN_TILE 16
@@ -54,11 +56,15 @@ __device__ __forceinline__ u32 attn_slot(const u32* __restrict__ table, u32 p, u
 
 // ---- decode ----
 //
-// Block (h, r): one query head of one row. Warp w takes a contiguous quarter
-// of the positions 0..=pos[r] and walks it G positions at a time: the G key
-// and value rows are loaded together (G·E values per lane in flight), G dot
-// products reduced across the warp, then one online-softmax update for the
-// group. The four warps' (m, l, acc) are combined through shared memory.
+// Block (h, r): one query head of one row. Of the block's W warps
+// (blockDim.x / 32, at most ATTN_DEC_WARPS), warp w takes the w-th of W
+// contiguous spans of the positions 0..=pos[r] and walks it G positions at a
+// time: the G key and value rows are loaded together (G·E values per lane in
+// flight), G dot products reduced across the warp, then one online-softmax
+// update for the group. The warps' (m, l, acc) are combined through shared
+// memory. More warps shorten each warp's walk: the launch takes more when
+// there are few blocks (small batches), so a row's positions are read by
+// more of the device at once.
 
 template <class T, int E>
 __device__ __forceinline__ void attn_decode_impl(const u16* __restrict__ q, const u16* __restrict__ k_cache,
@@ -66,7 +72,7 @@ __device__ __forceinline__ void attn_decode_impl(const u16* __restrict__ q, cons
                                                  const u32* __restrict__ table_start, const u32* __restrict__ pos,
                                                  u16* __restrict__ out, u32 q_stride, u32 n_heads, u32 n_kv_heads,
                                                  u32 block_size, float scale, float* sm_m, float* sm_l,
-                                                 float* sm_acc) {
+                                                 float* sm_f, float* sm_acc) {
     constexpr u32 D = 32 * E;
     constexpr u32 G = E <= 4 ? 8 : 4;
     const u32 h = blockIdx.x, r = blockIdx.y;
@@ -85,7 +91,8 @@ __device__ __forceinline__ void attn_decode_impl(const u16* __restrict__ q, cons
     }
     float m = -PARALLM_INFINITY, l = 0.0f;
 
-    const u32 span = ((n + ATTN_WARPS - 1) / ATTN_WARPS + G - 1) / G * G;
+    const u32 warps = blockDim.x >> 5;
+    const u32 span = ((n + warps - 1) / warps + G - 1) / G * G;
     const u32 beg = warp * span;
     const u32 end = beg + span < n ? beg + span : n;
     const u16* kb = k_cache + (u64)kvh * D + lane * E;
@@ -147,17 +154,17 @@ __device__ __forceinline__ void attn_decode_impl(const u16* __restrict__ q, cons
     for (int e = 0; e < E; ++e) sm_acc[warp * D + lane * E + e] = acc[e];
     __syncthreads();
     float mm = -PARALLM_INFINITY;
-    for (int w = 0; w < ATTN_WARPS; ++w) mm = fmaxf(mm, sm_m[w]);  // warp 0 is never empty
-    float f[ATTN_WARPS], sum = 0.0f;
-    for (int w = 0; w < ATTN_WARPS; ++w) {
-        f[w] = __expf(sm_m[w] - mm);
-        sum += sm_l[w] * f[w];
-    }
+    for (u32 w = 0; w < warps; ++w) mm = fmaxf(mm, sm_m[w]);  // warp 0 is never empty
+    // Each warp's weight, once per block (an empty warp's is 0).
+    if (threadIdx.x < warps) sm_f[threadIdx.x] = __expf(sm_m[threadIdx.x] - mm);
+    __syncthreads();
+    float sum = 0.0f;
+    for (u32 w = 0; w < warps; ++w) sum += sm_l[w] * sm_f[w];
     const float inv = 1.0f / sum;
     u16* o = out + (u64)r * n_heads * D + (u64)h * D;
     for (u32 d = threadIdx.x; d < D; d += blockDim.x) {
         float v = 0.0f;
-        for (int w = 0; w < ATTN_WARPS; ++w) v += sm_acc[w * D + d] * f[w];
+        for (u32 w = 0; w < warps; ++w) v += sm_acc[w * D + d] * sm_f[w];
         o[d] = T::store(v * inv);
     }
 }
@@ -167,12 +174,12 @@ __device__ __forceinline__ void attn_decode(const u16* q, const u16* k_cache, co
                                             const u32* tables, const u32* table_start, const u32* pos, u16* out,
                                             u32 q_stride, u32 n_heads, u32 n_kv_heads, u32 head_dim,
                                             u32 block_size, float scale) {
-    __shared__ float sm_m[ATTN_WARPS], sm_l[ATTN_WARPS];
-    __shared__ float sm_acc[ATTN_WARPS * ATTN_MAX_D];
+    __shared__ float sm_m[ATTN_DEC_WARPS], sm_l[ATTN_DEC_WARPS], sm_f[ATTN_DEC_WARPS];
+    __shared__ float sm_acc[ATTN_DEC_WARPS * ATTN_MAX_D];
 #define ATTN_DECODE_CASE(E)                                                                                   \
     case E:                                                                                                   \
         attn_decode_impl<T, E>(q, k_cache, v_cache, tables, table_start, pos, out, q_stride, n_heads,        \
-                               n_kv_heads, block_size, scale, sm_m, sm_l, sm_acc);                            \
+                               n_kv_heads, block_size, scale, sm_m, sm_l, sm_f, sm_acc);                      \
         break;
     switch (head_dim / 32) {
         ATTN_DECODE_CASE(1)

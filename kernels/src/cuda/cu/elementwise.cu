@@ -135,18 +135,21 @@ extern "C" __global__ void rms_norm_bf16(float* __restrict__ x, const float* __r
 
 // ---- rope: adjacent pairs (2i, 2i+1) of the first n_heads heads of each row
 // turn by (cos, sin)[pos[r] * head_dim/2 + i]. Since heads are contiguous,
-// pair t of the row is elements (2t, 2t+1) and i = t % (head_dim/2). One block
-// per row.
+// pair t of the row is elements (2t, 2t+1) and i = t % (head_dim/2). One
+// thread per pair: blockIdx.x · blockDim.x + threadIdx.x, of rows blockIdx.y,
+// blockIdx.y + gridDim.y, ...
 template <class T>
 __device__ __forceinline__ void rope_impl(u16* __restrict__ qkv, const u32* __restrict__ pos,
                                           const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                           u32 rows, u32 row_stride, u32 n_heads, u32 head_dim) {
     const u32 half = head_dim / 2, pairs = n_heads * half;
     const bool vec = row_stride % 2 == 0 && ew_aligned(qkv, 4);
-    for (u32 r = blockIdx.x; r < rows; r += gridDim.x) {
+    const u32 t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= pairs) return;
+    for (u32 r = blockIdx.y; r < rows; r += gridDim.y) {
         const u64 at = (u64)pos[r] * half;
         u16* row = qkv + (u64)r * row_stride;
-        for (u32 t = threadIdx.x; t < pairs; t += blockDim.x) {
+        {
             const u32 i = t % half;
             const float c = cos_t[at + i], s = sin_t[at + i];
             float a, b;
@@ -181,16 +184,18 @@ extern "C" __global__ void rope_bf16(u16* __restrict__ qkv, const u32* __restric
 }
 
 // ---- rope_neox: as rope, but pair i of a head is its elements (i, i + half)
-// (GPT-NeoX's pairing). One block per row.
+// (GPT-NeoX's pairing). Threads, blocks and rows as rope's.
 template <class T>
 __device__ __forceinline__ void rope_neox_impl(u16* __restrict__ qkv, const u32* __restrict__ pos,
                                                const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                                u32 rows, u32 row_stride, u32 n_heads, u32 head_dim) {
     const u32 half = head_dim / 2, pairs = n_heads * half;
-    for (u32 r = blockIdx.x; r < rows; r += gridDim.x) {
+    const u32 t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= pairs) return;
+    for (u32 r = blockIdx.y; r < rows; r += gridDim.y) {
         const u64 at = (u64)pos[r] * half;
         u16* row = qkv + (u64)r * row_stride;
-        for (u32 t = threadIdx.x; t < pairs; t += blockDim.x) {
+        {
             const u32 h = t / half, i = t - h * half;
             u16* head = row + h * head_dim;
             const float c = cos_t[at + i], s = sin_t[at + i];

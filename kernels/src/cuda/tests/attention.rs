@@ -301,17 +301,45 @@ fn attn_decode_matches_reference() {
     let rows = [(1, 4), (0, 0), (2, 36)];
     for t in [Dtype::F16, Dtype::Bf16] {
         for cfg in CONFIGS {
-            let c = Cache::new(&mut rng, t, cfg, &lens);
-            let q = queries(&mut rng, t, cfg, rows.len());
-            let d = Dev::new(&dev, &c, &q, rows.len());
-            close(
-                &c,
-                &d.decode(&c, &rows),
-                &reference(&c, &q, &rows),
-                "decode",
-            );
+            decode_against_reference(&dev, &mut rng, (t, cfg), &lens, &rows, "decode");
         }
     }
+}
+
+/// Decodes `rows` (sequence, position) over a random cache of sequences of
+/// `lens` and compares with the reference.
+fn decode_against_reference(
+    dev: &Arc<dyn Device>,
+    rng: &mut Rng,
+    (t, cfg): (Dtype, Cfg),
+    lens: &[usize],
+    rows: &[(usize, usize)],
+    what: &str,
+) {
+    let c = Cache::new(rng, t, cfg, lens);
+    let q = queries(rng, t, cfg, rows.len());
+    let d = Dev::new(dev, &c, &q, rows.len());
+    close(&c, &d.decode(&c, rows), &reference(&c, &q, rows), what);
+}
+
+#[test]
+fn attn_decode_of_many_rows_runs_four_warps_a_block_and_matches_reference() {
+    let Some(dev) = emu() else { return };
+    let mut rng = Rng::new(13);
+    let cfg = CONFIGS[0];
+    // Enough rows that heads × rows reaches DECODE_FEW_BLOCKS: the launch
+    // takes 4 warps a block instead of 16.
+    let n = ops::DECODE_FEW_BLOCKS.div_ceil(cfg.n_heads);
+    let lens: Vec<usize> = (0..n).map(|i| i % 9 + 1).collect();
+    let rows: Vec<(usize, usize)> = lens.iter().enumerate().map(|(s, &l)| (s, l - 1)).collect();
+    decode_against_reference(
+        &dev,
+        &mut rng,
+        (Dtype::F16, cfg),
+        &lens,
+        &rows,
+        "decode, 4 warps a block",
+    );
 }
 
 #[test]
