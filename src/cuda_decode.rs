@@ -5,8 +5,9 @@
 //! without one):
 //! * the device's copy bandwidth (bytes read + written per second), and
 //!   from it the batch-1 bandwidth limit: that rate over the weight bytes a
-//!   decode step reads (every weight on the device; the synthetic models'
-//!   head is the embedding table, read once per step for the logits);
+//!   decode step reads (every weight on the device but the embedding table,
+//!   of which a step reads one row per token; the head's matrix, a copy of
+//!   the table where the two are tied, is read whole);
 //! * the bare decode rate: `--steps` steps, each feeding the last step's
 //!   argmax, after a `--depth`-token prompt, timed as a whole (launches,
 //!   the logits' download and the host's argmax included);
@@ -57,10 +58,12 @@ pub struct DecodeReport {
     pub load_s: f64,
     /// Weight bytes on the device.
     pub weight_bytes: usize,
+    /// Weight bytes a decode step reads: all but the embedding table.
+    pub read_bytes: usize,
     /// Copy bandwidth, bytes read + written per second, in GB/s.
     pub copy_rw_gbps: f64,
-    /// `copy_rw_gbps` over the weight bytes: decode steps per second if a
-    /// step only read its weights once at copy speed.
+    /// `copy_rw_gbps` over `read_bytes`: decode steps per second if a step
+    /// only read its weights once at copy speed.
     pub limit_tok_s: f64,
     /// Prompt tokens before the decode steps.
     pub depth: usize,
@@ -76,7 +79,7 @@ pub struct DecodeReport {
     pub decode_tok_s: f64,
     /// Decode steps per second over `limit_tok_s`.
     pub fraction_of_limit: f64,
-    /// Weight bytes per second the bare steps read, GB/s.
+    /// `read_bytes` per second of the bare steps, GB/s.
     pub weight_gbps: f64,
 }
 
@@ -140,10 +143,16 @@ pub fn run(
     plan: &DecodePlan,
     progress: impl Fn(&str),
 ) -> framework::Result<(DecodeReport, DecodeProfile)> {
-    if plan.depth == 0 || plan.steps == 0 || plan.batch == 0 {
-        return Err(framework::Error::Config(
-            "--depth, --steps and --batch must be at least 1".into(),
-        ));
+    for (flag, v) in [
+        ("--depth", plan.depth),
+        ("--steps", plan.steps),
+        ("--batch", plan.batch),
+    ] {
+        if v == 0 {
+            return Err(framework::Error::Config(format!(
+                "{flag} must be at least 1"
+            )));
+        }
     }
     let config = ModelConfig::synthetic(&plan.shape)?;
     let positions = plan.depth + 2 * plan.steps + 4;
@@ -260,7 +269,10 @@ pub fn run(
         r?;
     }
 
-    let limit_tok_s = copy_rw / weight_bytes.max(1) as f64;
+    // The embedding table (the backend's dtype, 2 bytes a value) is read a
+    // row per token.
+    let read_bytes = weight_bytes.saturating_sub(config.vocab * config.hidden * 2);
+    let limit_tok_s = copy_rw / read_bytes.max(1) as f64;
     let decode_tok_s = plan.batch as f64 / step_s.max(f64::MIN_POSITIVE);
     Ok((
         DecodeReport {
@@ -268,6 +280,7 @@ pub fn run(
             device,
             load_s,
             weight_bytes,
+            read_bytes,
             copy_rw_gbps: copy_rw / 1e9,
             limit_tok_s,
             depth: plan.depth,
@@ -277,7 +290,7 @@ pub fn run(
             step_ms: step_s * 1e3,
             decode_tok_s,
             fraction_of_limit: 1.0 / step_s.max(f64::MIN_POSITIVE) / limit_tok_s,
-            weight_gbps: weight_bytes as f64 / step_s.max(f64::MIN_POSITIVE) / 1e9,
+            weight_gbps: read_bytes as f64 / step_s.max(f64::MIN_POSITIVE) / 1e9,
         },
         profile,
     ))
@@ -291,12 +304,13 @@ pub fn table(r: &DecodeReport, p: &DecodeProfile) -> String {
         b => profile.replace("batch-1 decode step", &format!("batch-{b} decode step")),
     };
     format!(
-        "| shape | device | weights | copy GB/s (r+w) | limit steps/s | batch | prefill ms | decode step ms | decode tok/s | steps of the limit | weights GB/s |\n\
+        "| shape | device | weights (read a step) | copy GB/s (r+w) | limit steps/s | batch | prefill ms | decode step ms | decode tok/s | steps of the limit | weights GB/s |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n\
-         | {} | {} | {} | {:.0} | {:.1} | {} | {:.2} | {:.3} | {:.1} | {:.1}% | {:.1} |\n{}",
+         | {} | {} | {} ({}) | {:.0} | {:.1} | {} | {:.2} | {:.3} | {:.1} | {:.1}% | {:.1} |\n{}",
         r.shape,
         r.device,
         framework::human_bytes(r.weight_bytes as u64),
+        framework::human_bytes(r.read_bytes as u64),
         r.copy_rw_gbps,
         r.limit_tok_s,
         r.batch,

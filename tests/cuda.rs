@@ -87,3 +87,50 @@ fn a_cuda_device_that_is_not_there_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// `parallm cuda --decode` on the host emulation (the command a GPU run uses,
+/// checked here without one): the report's table and the profile of a
+/// batch-2 decode step; bad sizes are refused naming the flags.
+#[test]
+fn cuda_decode_reports_and_profiles_on_the_emulation() {
+    let out = parallm()
+        .args([
+            "cuda",
+            "--decode",
+            "tiny32",
+            "--emulated",
+            "--depth",
+            "6",
+            "--steps",
+            "2",
+            "--batch",
+            "2",
+        ])
+        .output()
+        .expect("run parallm cuda --decode");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}\n{err}");
+    assert!(
+        text.contains("| tiny32 | emulated CUDA device (host) |"),
+        "{text}"
+    );
+    assert!(
+        text.contains("batch-2 decode step (2 steps after 6 tokens)"),
+        "{text}"
+    );
+    for op in [
+        "attention (+ KV write)",
+        "matmul gate+up (fused)",
+        "**whole step**",
+    ] {
+        assert!(text.contains(op), "no {op} row:\n{text}");
+    }
+    let out = parallm()
+        .args(["cuda", "--decode", "tiny32", "--emulated", "--batch", "0"])
+        .output()
+        .expect("run parallm cuda --decode");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("--batch must be at least 1"), "{err}");
+}
