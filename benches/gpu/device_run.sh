@@ -11,7 +11,10 @@
 #   mv /tmp/model.part0 .dev/a/; mv /tmp/model.part1 .dev/b/
 #   cp ../shared/golden/smollm2-135m-q4_1.json .dev/b/golden.json
 # (.dev/ is ignored by git; the model is split because one call carries at
-# most 64 MiB.)
+# most 64 MiB. A warm GPU machine keeps /tmp between calls but not the
+# repository's ignored folders, so every phase first copies the model parts
+# it was carried into /tmp/parallm-model: carry .dev/a for `bench`, then
+# .dev/b for `tests` while the machine is still warm.)
 #
 # On the GPU machine, from the repository root:
 #   bash benches/gpu/device_run.sh bench [1b|8b|both]   # needs .dev/a
@@ -72,6 +75,12 @@ run() { # name timeout command...
     pack
     return $rc
 }
+
+# The model parts this call carried, kept for the next call on this machine.
+mkdir -p /tmp/parallm-model
+for part in "$DEV"/*/model.part*; do
+    [ -f "$part" ] && cp "$part" /tmp/parallm-model/
+done
 
 setup_libs
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee -a "$LOGS/summary.txt"
@@ -142,7 +151,7 @@ tests)
     export PARALLM_HOME=/tmp/parallm-home
     mkdir -p "$PARALLM_HOME/models"
     model=$PARALLM_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf
-    cat "$DEV/a/model.part0" "$DEV/b/model.part1" > "$model"
+    cat /tmp/parallm-model/model.part0 /tmp/parallm-model/model.part1 > "$model"
     echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $model" | sha256sum -c - | tee -a "$LOGS/summary.txt"
     export PARALLM_GOLDEN=$PWD/$DEV/b/golden.json
     run generate 60 "$P" generate --device cuda:0 --max-tokens 24 "The capital of France is"

@@ -247,7 +247,9 @@ impl ShardMats {
         };
 
         // Layers are read (or drawn) in parallel: each tensor's values depend
-        // on its name only, so the order changes nothing.
+        // on its name only, so the order changes nothing. Where several
+        // layers fail, the lowest one's error is reported, as in a serial
+        // read.
         let block = |i: usize| -> Result<BlockMats> {
             let name = |t: &str| format!("blk.{i}.{t}.weight");
             let bias = |t: &str| format!("blk.{i}.{t}.bias");
@@ -374,10 +376,8 @@ impl ShardMats {
         };
         let blocks = {
             use rayon::prelude::*;
-            layers
-                .into_par_iter()
-                .map(block)
-                .collect::<Result<Vec<_>>>()?
+            let each: Vec<Result<BlockMats>> = layers.into_par_iter().map(block).collect();
+            each.into_iter().collect::<Result<Vec<_>>>()?
         };
         Ok(Self {
             layout,
