@@ -123,30 +123,30 @@ struct CudaArgs {
     #[arg(long, value_name = "SHAPE")]
     decode: Option<String>,
     /// With --decode: the GPU ordinal.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, requires = "decode")]
     gpu: usize,
     /// With --decode: run on the host emulation of a GPU instead (slow;
     /// checks the command on a machine without one).
-    #[arg(long)]
+    #[arg(long, requires = "decode")]
     emulated: bool,
     /// With --decode: weights and activations, f16 or bf16.
-    #[arg(long, default_value = "f16")]
+    #[arg(long, default_value = "f16", requires = "decode")]
     dtype: String,
     /// With --decode: prompt tokens before the decode steps.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, requires = "decode")]
     depth: usize,
     /// With --decode: decode steps timed, and as many profiled.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, requires = "decode")]
     steps: usize,
     /// With --decode: sequences decoded together.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, requires = "decode")]
     batch: usize,
     /// With --decode: run one more decode step between cuProfilerStart and
     /// cuProfilerStop, for `ncu --profile-from-start off`.
-    #[arg(long)]
+    #[arg(long, requires = "decode")]
     kernel_trace: bool,
     /// With --decode: also write the report as JSON here.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", requires = "decode")]
     json: Option<PathBuf>,
 }
 

@@ -7,10 +7,11 @@
 //! op. The times are host wall times: on an asynchronous backend (CUDA) the
 //! profiled step waits for the device before and after each op
 //! ([`crate::backend::Backend::fence`]), so an op's time is its kernels' run
-//! with its launches, and the overlap between ops is lost. Time inside an op's parallel region — the
-//! workers' hand-off and waiting included — counts to that op; the time in
-//! the collectives (all-reduces, the logits gather) is taken out of the op
-//! that called them and counted as [`Op::Collective`]. Each op also records
+//! with its launches, and the overlap between ops is lost. Time inside an
+//! op's parallel region — the workers' hand-off and waiting included —
+//! counts to that op; the time in the collectives (all-reduces, the logits
+//! gather) is taken out of the op that called them and counted as
+//! [`Op::Collective`]. Each op also records
 //! the thread-time its parallel kernels' tasks were busy
 //! ([`kernels::cpu::busy`]): busy ÷ wall is how many threads worked on
 //! average, and the rest of the pool's threads × wall went to handing work
