@@ -1,5 +1,5 @@
-//! `parallm cuda --decode SHAPE`: batch-1 decode of one CUDA shard with
-//! synthetic weights, the engine left out.
+//! `parallm cuda --decode SHAPE`: decode of one CUDA shard with synthetic
+//! weights (batch 1, or `--batch` sequences), the engine left out.
 //!
 //! It measures, on one GPU (or the host emulation, to check the command
 //! without one):
@@ -22,6 +22,8 @@ use framework::{
     LogitsWanted, ModelConfig, PagedItem, ShardSource, ShardSpec, StageInput, StageOutput,
     WeightFormat,
 };
+
+use framework::sampling::argmax;
 
 use crate::bench::{profile_table, DecodeProfile};
 
@@ -83,19 +85,6 @@ pub struct DecodeReport {
     pub weight_gbps: f64,
 }
 
-fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
-            if x > bv {
-                (i, x)
-            } else {
-                (bi, bv)
-            }
-        })
-        .0 as u32
-}
-
 /// One step of every sequence `i` feeding `tokens[i]` from position
 /// `start` over its block table `tables[i]`; each one's last-row argmax.
 fn step(
@@ -120,7 +109,7 @@ fn step(
         &framework::collective::SingleCollective,
     )? {
         StageOutput::Logits(l) => Ok((0..items.len())
-            .map(|i| l.last(i).map(argmax).unwrap_or(0))
+            .map(|i| l.last(i).map(argmax).unwrap_or(0) as u32)
             .collect()),
         other => Err(framework::Error::Cuda(format!(
             "a whole-model shard returned {} instead of logits",

@@ -37,23 +37,14 @@ pub fn profiler(on: bool) -> Result<()> {
     Lib::Driver.require()?;
     // SAFETY: no arguments; the driver checks for a current context and
     // returns an error without one.
-    let r = unsafe {
+    let (r, call) = unsafe {
         if on {
-            drv_sys::cuProfilerStart()
+            (drv_sys::cuProfilerStart(), "cuProfilerStart")
         } else {
-            drv_sys::cuProfilerStop()
+            (drv_sys::cuProfilerStop(), "cuProfilerStop")
         }
     };
-    r.result().map_err(|e| {
-        call_err(
-            if on {
-                "cuProfilerStart"
-            } else {
-                "cuProfilerStop"
-            },
-            e,
-        )
-    })
+    r.result().map_err(|e| call_err(call, e))
 }
 
 /// One stream on one GPU.

@@ -510,7 +510,7 @@ pub unsafe fn attn_decode(
     // Few blocks (small batches) leave most of the device idle: each block
     // then splits its row's positions over more warps.
     let warps = if a.n_heads * rows < DECODE_FEW_BLOCKS {
-        16
+        DECODE_MAX_WARPS
     } else {
         4
     };
@@ -524,9 +524,13 @@ pub unsafe fn attn_decode(
 }
 
 /// Below this many blocks (query heads × rows) a decode attention launch
-/// gives each block 16 warps instead of 4. On an H200 (132
-/// multiprocessors) batch-1 decode of a 32-head model is 32 blocks.
+/// gives each block [`DECODE_MAX_WARPS`] warps instead of 4. On an H200
+/// (132 multiprocessors) batch-1 decode of a 32-head model is 32 blocks.
 pub const DECODE_FEW_BLOCKS: usize = 512;
+
+/// The most warps a decode attention block runs: `ATTN_DEC_WARPS` in
+/// `attention.cu`, which sizes the block's shared arrays.
+pub const DECODE_MAX_WARPS: u32 = 16;
 
 /// One prefill attention tile: up to [`PREFILL_TILE`] consecutive query rows
 /// of one sequence, at consecutive positions.
