@@ -131,3 +131,41 @@ fn dropping_an_answer_cancels_its_task_and_a_full_queue_refuses() {
     assert!(pool.shutdown(Duration::from_secs(5)));
     assert_eq!(ids.len(), 3);
 }
+
+#[test]
+fn the_merge_shares_the_control_thread_only_with_one_task_in_flight() {
+    let merge_thread = |tasks_in_flight| {
+        let pool = OneShot::start(
+            OneShotConfig {
+                tasks_in_flight,
+                ..config(2)
+            },
+            ranges,
+            |_, r: &std::ops::Range<u64>| Ok(r.clone().sum::<u64>()),
+            |_, parts: Vec<u64>| {
+                let name = std::thread::current().name().map(str::to_owned);
+                (parts.iter().sum::<u64>(), name)
+            },
+        )
+        .unwrap();
+        let got = pool.map([10u64, 20, 30]).unwrap();
+        let sums: Vec<u64> = got.iter().map(|r| r.as_ref().unwrap().0).collect();
+        assert_eq!(sums, vec![45, 190, 435]);
+        got.into_iter().map(|r| r.unwrap().1).collect::<Vec<_>>()
+    };
+    // One replica, one step in flight: every merge runs between a step's end
+    // and the next step's scheduling, on the control thread.
+    let shared = merge_thread(1);
+    assert!(
+        shared
+            .iter()
+            .all(|n| n.as_deref() == Some("parallm-control")),
+        "{shared:?}"
+    );
+    // Steps that can overlap: the merger keeps a thread of its own.
+    let own = merge_thread(2);
+    assert!(
+        own.iter().all(|n| n.as_deref() != Some("parallm-control")),
+        "{own:?}"
+    );
+}
