@@ -5,17 +5,12 @@
 //! it knows (from [`Expect`]) which nodes have work, gathers one
 //! [`NodeReport`] from each, and says when the step is complete.
 //!
-//! [`MergerActor`] owns the [`Merge`] — for the LLM engine: accepting the
-//! drawn tokens, stop conditions, detokenizing and streaming. It runs on a
-//! thread of its own where a pipeline has steps to overlap (several
-//! replicas, or several steps in flight), so that work never delays
-//! scheduling another step; with one replica and one step in flight it
-//! shares the control thread
-//! ([`crate::PipelineConfig::merger_shares_control_thread`]). When every node
-//! of a step succeeded it hands their outputs to the merge and sends the
-//! verdict to the scheduler; when any failed it reports the failure instead,
-//! and the merge state of every task is left untouched, so recomputed tasks
-//! continue exactly where they were.
+//! [`MergerActor`] runs on its own thread. It owns the [`Merge`] — for the
+//! LLM engine: sampling, stop conditions, detokenizing and streaming — so that
+//! work never delays scheduling. When every node of a step succeeded it hands
+//! their outputs to the merge and sends the verdict to the scheduler; when any
+//! failed it reports the failure instead, and the merge state of every task is
+//! left untouched, so recomputed tasks continue exactly where they were.
 //! Registrations ([`Register`]) and ends ([`EndTask`]) of tasks arrive here
 //! from the queue and the scheduler.
 

@@ -2,9 +2,7 @@
 //! system that runs on its own threads, behind a handle any thread can use.
 //!
 //! [`Pipeline::start`] spawns the control thread (queue and scheduler live
-//! there), an arbiter thread for the merger (unless it shares the control
-//! thread, see [`PipelineConfig::merger_shares_control_thread`]) and one per
-//! compute node, builds
+//! there), one arbiter thread for the merger and one per compute node, builds
 //! every node's worker on its own thread, and returns once all are ready — or
 //! with the first node's error. [`Pipeline::shutdown`] stops admitting, waits
 //! for admitted tasks to finish, then stops every thread.
@@ -58,19 +56,6 @@ pub struct PipelineConfig {
     pub supervision: Supervision,
     /// Where the kit records its metrics.
     pub metrics: KitMetrics,
-}
-
-impl PipelineConfig {
-    /// Whether the merger runs on the control thread, beside the queue and
-    /// the scheduler, rather than on a thread of its own: with one replica
-    /// and one step in flight. Then every merge lies between a step's end
-    /// and the scheduling of the next, so a thread of its own would overlap
-    /// nothing; it would only add two cross-thread hand-offs per step (the
-    /// scheduler's `Expect` and the merger's verdict), each a wake-up of a
-    /// sleeping thread.
-    pub fn merger_shares_control_thread(&self) -> bool {
-        self.replicas == 1 && self.max_steps_in_flight == 1
-    }
 }
 
 impl Default for PipelineConfig {
@@ -175,18 +160,12 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
                 let arbiters = sys.block_on(async move {
                     let sched_ctx: Context<SchedulerActor<P>> = Context::new();
                     let sched = sched_ctx.address();
+                    let merger_arbiter = Arbiter::new();
                     let done = sched.clone().recipient();
-                    let mut arbiters = Vec::new();
-                    let merger = if cfg.merger_shares_control_thread() {
-                        MergerActor::new(merge, done).start()
-                    } else {
-                        let merger_arbiter = Arbiter::new();
-                        let addr = MergerActor::start_in_arbiter(&merger_arbiter.handle(), |_| {
-                            MergerActor::new(merge, done)
-                        });
-                        arbiters.push(merger_arbiter);
-                        addr
-                    };
+                    let merger = MergerActor::start_in_arbiter(&merger_arbiter.handle(), |_| {
+                        MergerActor::new(merge, done)
+                    });
+                    let mut arbiters = vec![merger_arbiter];
                     let mut addrs = Vec::new();
                     for replica in 0..cfg.replicas {
                         let mut row = Vec::new();
