@@ -2,8 +2,10 @@
 # Issue 19's prefix-caching workload: 32 requests sharing a 384-token prefix,
 # each with its own 32-token suffix, 64 tokens out, 16 at a time, through
 # `parallm serve` with prefix caching on and off, alternating, a fresh server
-# per run. Prints each run's output tok/s and median TTFT, then the off / on
-# ratio of the median TTFTs per round and the median of those ratios.
+# per run; the order alternates between rounds (on then off, off then on),
+# since on a shared host the first of two runs can be the slower one. Prints
+# each run's output tok/s and median TTFT, then the off / on ratio of the
+# median TTFTs per round and the median of those ratios.
 #
 #   RAYON_NUM_THREADS=2 bash benches/shared_prefix.sh target/release/parallm [rounds]
 set -euo pipefail
@@ -21,7 +23,9 @@ source "$(dirname "$0")/serve_common.sh"
 ratios=()
 for round in $(seq 1 "$ROUNDS"); do
     declare -A ttft=()
-    for caching in true false; do
+    order="true false"
+    if [ $((round % 2)) = 0 ]; then order="false true"; fi
+    for caching in $order; do
         PARALLM__SCHEDULER__PREFIX_CACHING=$caching "$BIN" serve --port "$PORT" >"$OUT/serve.log" 2>&1 &
         pid=$!
         wait_ready "$URL" || { kill "$pid"; exit 1; }
