@@ -252,23 +252,37 @@ mod with_mpi {
         eprintln!("{diverged} of 64 diverged, each at a near-tie");
     }
 
+    /// The processes whose environment holds `mark` (`mpirun` passes its
+    /// environment to its ranks): pid and environment variables each.
+    fn job_environs(mark: &str) -> Vec<(u32, Vec<Vec<u8>>)> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+                continue;
+            };
+            let vars: Vec<Vec<u8>> = env.split(|&b| b == 0).map(<[u8]>::to_vec).collect();
+            if vars.iter().any(|v| v == mark.as_bytes()) {
+                found.push((pid, vars));
+            }
+        }
+        found
+    }
+
     /// The pid of the process of rank `rank` among those whose environment
-    /// holds `mark` (`mpirun` passes its environment to its ranks).
+    /// holds `mark`.
     fn rank_pid(mark: &str, rank: usize) -> u32 {
         let want = format!("OMPI_COMM_WORLD_RANK={rank}");
         let t = Instant::now();
         loop {
-            for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-                let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                    continue;
-                };
-                let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
-                    continue;
-                };
-                let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
-                if vars.contains(&mark.as_bytes()) && vars.contains(&want.as_bytes()) {
-                    return pid;
-                }
+            let procs = job_environs(mark);
+            if let Some((pid, _)) = procs
+                .iter()
+                .find(|(_, vars)| vars.iter().any(|v| v == want.as_bytes()))
+            {
+                return *pid;
             }
             assert!(
                 t.elapsed() < Duration::from_secs(30),
@@ -276,6 +290,32 @@ mod with_mpi {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Every process whose environment holds `mark`, one line each: pid,
+    /// state (`/proc/PID/stat`), its `OMPI_COMM_WORLD_RANK` and command
+    /// line; for a failure's message.
+    fn job_processes(mark: &str) -> String {
+        let mut lines = Vec::new();
+        for (pid, vars) in job_environs(mark) {
+            let rank = vars
+                .iter()
+                .find_map(|v| v.strip_prefix(b"OMPI_COMM_WORLD_RANK="))
+                .map(|r| String::from_utf8_lossy(r).into_owned())
+                .unwrap_or_else(|| "-".into());
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The state follows the parenthesized command name.
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .unwrap_or("?")
+                .to_owned();
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .unwrap_or_default();
+            lines.push(format!("pid {pid} state {state} rank {rank}: {cmdline}"));
+        }
+        lines.join("\n")
     }
 
     /// One long request's outcome: its status and body (a stream's whole
@@ -406,13 +446,15 @@ mod with_mpi {
                 break s;
             }
             if killed.elapsed() > within + Duration::from_secs(30) {
+                // What the job's processes are doing, before they go.
+                let processes = job_processes(&mark);
                 let _ = Command::new("kill")
                     .args(["-9", &victim.to_string()])
                     .status();
                 let _ = job.kill();
                 let _ = job.wait();
                 panic!(
-                    "the job still ran {:?} after kill {signal}:\n{}",
+                    "the job still ran {:?} after kill {signal} to pid {victim}; its processes:\n{processes}\nstderr:\n{}",
                     killed.elapsed(),
                     stderr()
                 );
