@@ -18,12 +18,11 @@
 use std::time::{Duration, Instant};
 
 use framework::cuda::{CudaOptions, CudaShard, DeviceHandle, Dtype};
+use framework::sampling::argmax;
 use framework::{
     LogitsWanted, ModelConfig, PagedItem, ShardSource, ShardSpec, StageInput, StageOutput,
     WeightFormat,
 };
-
-use framework::sampling::argmax;
 
 use crate::bench::{profile_table, DecodeProfile};
 

@@ -271,16 +271,23 @@ mod with_mpi {
         found
     }
 
+    /// The `OMPI_COMM_WORLD_RANK` in a process's environment, if any.
+    fn rank_of(vars: &[Vec<u8>]) -> Option<String> {
+        vars.iter()
+            .find_map(|v| v.strip_prefix(b"OMPI_COMM_WORLD_RANK="))
+            .map(|r| String::from_utf8_lossy(r).into_owned())
+    }
+
     /// The pid of the process of rank `rank` among those whose environment
     /// holds `mark`.
     fn rank_pid(mark: &str, rank: usize) -> u32 {
-        let want = format!("OMPI_COMM_WORLD_RANK={rank}");
+        let want = rank.to_string();
         let t = Instant::now();
         loop {
             let procs = job_environs(mark);
             if let Some((pid, _)) = procs
                 .iter()
-                .find(|(_, vars)| vars.iter().any(|v| v == want.as_bytes()))
+                .find(|(_, vars)| rank_of(vars).as_ref() == Some(&want))
             {
                 return *pid;
             }
@@ -298,11 +305,7 @@ mod with_mpi {
     fn job_processes(mark: &str) -> String {
         let mut lines = Vec::new();
         for (pid, vars) in job_environs(mark) {
-            let rank = vars
-                .iter()
-                .find_map(|v| v.strip_prefix(b"OMPI_COMM_WORLD_RANK="))
-                .map(|r| String::from_utf8_lossy(r).into_owned())
-                .unwrap_or_else(|| "-".into());
+            let rank = rank_of(&vars).unwrap_or_else(|| "-".into());
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
             // The state follows the parenthesized command name.
             let state = stat
