@@ -661,6 +661,15 @@ impl LlamaShard {
                 ));
             }
         }
+        // Room for the step's rows up front: the layers then append to
+        // their caches without reallocating (and copying) them mid-step.
+        for item in items.iter_mut() {
+            let more = item.tokens.len() * kv_w;
+            for l in &mut item.cache.layers {
+                l.k.reserve(more);
+                l.v.reserve(more);
+            }
+        }
         let shapes: Vec<_> = items
             .iter()
             .map(|i| (i.tokens, i.cache.len, i.logits))

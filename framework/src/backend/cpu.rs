@@ -283,11 +283,14 @@ impl Backend for CpuBackend {
         };
         let (q_w, kv_w) = (self.heads.q_width(), self.heads.kv_width());
         let qkv_w = self.heads.qkv_width();
-        for (r, row) in qkv[..rows * qkv_w].chunks_exact_mut(qkv_w).enumerate() {
-            let (q, kv_part) = row.split_at_mut(q_w);
-            table.apply(q, meta.pos[r]);
-            table.apply(&mut kv_part[..kv_w], meta.pos[r]);
-        }
+        let pos = &meta.pos[..rows];
+        par_rows_mut(&mut qkv[..rows * qkv_w], qkv_w, |first, part| {
+            for (r, row) in part.chunks_exact_mut(qkv_w).enumerate() {
+                let (q, kv_part) = row.split_at_mut(q_w);
+                table.apply(q, pos[first + r]);
+                table.apply(&mut kv_part[..kv_w], pos[first + r]);
+            }
+        });
         Ok(())
     }
 
@@ -352,10 +355,12 @@ impl Backend for CpuBackend {
     }
 
     fn add(&self, x: &mut Vec<f32>, delta: &Vec<f32>, len: usize) -> Result<()> {
-        x[..len]
-            .iter_mut()
-            .zip(&delta[..len])
-            .for_each(|(x, d)| *x += d);
+        let delta = &delta[..len];
+        // Elementwise, so any cut gives the same sums: cut in 1024s.
+        par_rows_mut(&mut x[..len], ADD_SPAN, |first, part| {
+            let d = &delta[first * ADD_SPAN..][..part.len()];
+            part.iter_mut().zip(d).for_each(|(x, d)| *x += d);
+        });
         Ok(())
     }
 
@@ -548,6 +553,26 @@ impl PagedKv<CpuBackend> for KvPool {
 /// Row-wise work of at least this many values is split over the current
 /// pool.
 const PAR_MIN_VALUES: usize = 1 << 16;
+
+/// Values per "row" of [`CpuBackend`]'s parallel elementwise add.
+const ADD_SPAN: usize = 1024;
+
+/// `f(first row, rows)` over `x` (rows of `w` values) in place, in blocks
+/// of whole rows on the current pool when there are many values (a
+/// prefill), else on the calling thread. `f` works row by row, so every
+/// row's result is the same either way. A last row shorter than `w` is
+/// passed as it is.
+fn par_rows_mut(x: &mut [f32], w: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let rows = x.len().div_ceil(w.max(1));
+    crate::threads::with_current(|pool| {
+        let threads = pool.threads();
+        if threads < 2 || rows < 2 || x.len() < PAR_MIN_VALUES {
+            return f(0, x);
+        }
+        let per = rows.div_ceil(threads);
+        pool.chunks_mut(x, per * w, |c, part| f(c * per, part))
+    })
+}
 
 /// `f(input rows, output rows)` over `input` (rows of `w_in` values) and
 /// `out` (rows of `w_out`), in blocks of whole rows on the current pool

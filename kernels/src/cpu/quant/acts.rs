@@ -297,9 +297,19 @@ impl QuantizedActs {
         self.d.resize(m * nb, 0.0);
         match act {
             ActFormat::Q8_1 => {
-                // Zero the padding blocks of every row.
-                self.qs.clear();
-                self.qs.resize(m * q8_1_row_len(nb), 0);
+                // The fill writes every real block; only the padding
+                // blocks of each row's last group of 4 must read as zeros.
+                // (Zeroing the whole buffer cost a serial memset per call.)
+                let len = q8_1_row_len(nb);
+                self.qs.resize(m * len, 0);
+                if !nb.is_multiple_of(4) {
+                    for row in self.qs.chunks_exact_mut(len) {
+                        for pb in nb..nb.next_multiple_of(4) {
+                            row[q8_1_pos(pb, 0)..][..16].fill(0);
+                            row[q8_1_pos(pb, 16)..][..16].fill(0);
+                        }
+                    }
+                }
                 self.s.resize(m * nb, 0.0);
                 self.sum.resize(m * nb, 0);
                 self.bsums.clear();
@@ -313,9 +323,19 @@ impl QuantizedActs {
         }
         // The AMX kernels read 16-row A tiles: written here, once for
         // every matrix and chunk that reads these activations.
-        self.tiles.clear();
         if super::amx_reads(isa, format, m) {
+            // Every real row's blocks are written by the fill; only the
+            // padding rows of the last tile need zeros (not the whole
+            // buffer, which a prefill's 512 rows make hundreds of KiB).
             self.tiles.resize(m.div_ceil(16) * 16 * k, 0);
+            let (tile0, nb) = ((m / 16) * 16 * k, k / 32);
+            for pad in m % 16..if m.is_multiple_of(16) { 0 } else { 16 } {
+                for b in 0..nb {
+                    self.tiles[tile0 + b * 512 + pad * 32..][..32].fill(0);
+                }
+            }
+        } else {
+            self.tiles.clear();
         }
         let rows = RowsMut {
             format: act,

@@ -36,7 +36,7 @@
 
 use std::arch::asm;
 use std::arch::x86_64::*;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::OnceLock;
 
 use super::formats::{QuantFormat, QK};
@@ -424,6 +424,7 @@ unsafe fn run_with(format: QuantFormat, job: &Job<'_>, out: &mut OutCols<'_>, s:
             sa: s.sa.as_mut_ptr(),
             order: s.order.as_ptr(),
             total: tiles * wt * nb,
+            next: Cell::new(Next::default()),
         };
         // Products g = q·nb + p (pair q = t·wt + w, the block at position p
         // of the order) in order; C tile g lives in ring slot g % RING,
@@ -471,6 +472,19 @@ struct Pass {
     order: *const u32,
     /// Products in the pass: pairs × blocks.
     total: usize,
+    /// The next product to issue, counted up rather than divided out of
+    /// its index (a division per product showed in the kernel's time).
+    next: Cell<Next>,
+}
+
+/// Where product `g` of a pass sits: position `p` of the block order in
+/// pair `t·wt + w`.
+#[derive(Clone, Copy, Default)]
+struct Next {
+    g: usize,
+    p: usize,
+    t: usize,
+    w: usize,
 }
 
 impl Pass {
@@ -486,8 +500,31 @@ impl Pass {
     /// pass; `g` a product of the pass, slot `(g − 1) % RING` consumed.
     #[inline(always)]
     unsafe fn issue(&self, g: usize) {
-        let (q, b) = (g / self.nb, *self.order.add(g % self.nb) as usize);
-        let (t, w) = (q / self.wt, q % self.wt);
+        let Next { p, t, w, .. } = self.next.get();
+        debug_assert_eq!(g, self.next.get().g, "products are issued in order");
+        self.next.set(if p + 1 < self.nb {
+            Next {
+                g: g + 1,
+                p: p + 1,
+                t,
+                w,
+            }
+        } else if w + 1 < self.wt {
+            Next {
+                g: g + 1,
+                p: 0,
+                t,
+                w: w + 1,
+            }
+        } else {
+            Next {
+                g: g + 1,
+                p: 0,
+                t: t + 1,
+                w: 0,
+            }
+        });
+        let b = *self.order.add(p) as usize;
         let a = self.acts.add((t * self.nb + b) * TR * QK);
         let bt = self.btile.add((w * self.nb + b) * B_TILE);
         let slot = |g: usize| self.cbuf.add((g % RING) * TR * TR);
@@ -512,17 +549,37 @@ impl Pass {
     /// `[block][16 rows]`, the rows past them 0, for [`Pass::finish`].
     ///
     /// # Safety
-    /// `t` a tile of the job; the scratch sized by `run_with`.
+    /// AVX-512F; `t` a tile of the job; the scratch sized by `run_with`.
+    #[inline(always)]
     unsafe fn tile_scales(&self, job: &Job<'_>, t: usize, valid: usize) {
         let nb = self.nb;
         let row0 = job.i_begin + t * TR;
+        // Row i's scale of block b is at (row0 + i)·nb + b: a gather per
+        // block, rows past `valid` masked to 0.
+        let mask: __mmask16 = if valid == TR {
+            0xFFFF
+        } else {
+            (1u16 << valid) - 1
+        };
+        let idx = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(nb as i32),
+        );
+        let end = (row0 + valid) * nb;
+        assert!(job.acts.d.len() >= end && (!self.q4_1 || job.acts.s.len() >= end));
+        let d = job.acts.d.as_ptr().add(row0 * nb);
+        let s = job
+            .acts
+            .s
+            .as_ptr()
+            .add(if self.q4_1 { row0 * nb } else { 0 });
         for b in 0..nb {
-            for i in 0..TR {
-                let at = (row0 + i) * nb + b;
-                *self.da.add(b * TR + i) = if i < valid { job.acts.d[at] } else { 0.0 };
-                if self.q4_1 {
-                    *self.sa.add(b * TR + i) = if i < valid { job.acts.s[at] } else { 0.0 };
-                }
+            let gather = |p: *const f32| {
+                _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, idx, p.add(b))
+            };
+            _mm512_storeu_ps(self.da.add(b * TR), gather(d));
+            if self.q4_1 {
+                _mm512_storeu_ps(self.sa.add(b * TR), gather(s));
             }
         }
     }
@@ -594,7 +651,13 @@ impl Pass {
             );
             let mut row = [0f32; TR];
             _mm512_storeu_ps(row.as_mut_ptr(), v);
-            out.write(t * TR + i, j, &row[..cols]);
+            if cols == TR {
+                // A constant length: the copy is two vector moves, not a
+                // call to memcpy.
+                out.write(t * TR + i, j, &row);
+            } else {
+                out.write(t * TR + i, j, &row[..cols]);
+            }
         }
     }
 }

@@ -404,20 +404,30 @@ fn simd_paths_match_scalar_large_batches() {
 
 #[test]
 fn chunks_cover_every_row_once() {
-    for n in 1..60 {
+    for n in 1..120 {
         for threads in 1..5 {
-            for per_thread in [1, 4] {
-                let chunks = threads * per_thread;
-                let mut next = 0;
-                for c in 0..chunks {
-                    let (j0, j1) = chunk_rows(n, chunks, c);
-                    assert!(j0 <= j1);
-                    if j0 < j1 {
-                        assert_eq!(j0, next, "n={n} chunks={chunks} c={c}");
-                        next = j1;
+            for per_thread in [1, 2, 4] {
+                for align in [1, 16] {
+                    let chunks = threads * per_thread;
+                    let (mut next, mut sizes) = (0, Vec::new());
+                    for c in 0..chunks {
+                        let (j0, j1) = chunk_rows(n, chunks, c, align);
+                        assert!(j0 <= j1);
+                        if j0 < j1 {
+                            assert_eq!(j0, next, "n={n} chunks={chunks} c={c} align={align}");
+                            // Chunks start on whole units.
+                            assert_eq!(j0 % align, 0, "n={n} chunks={chunks} c={c}");
+                            next = j1;
+                            sizes.push((j1 - j0).div_ceil(align));
+                        }
+                    }
+                    assert_eq!(next, n, "n={n} chunks={chunks} align={align}");
+                    if align > 1 {
+                        // Whole units, spread evenly.
+                        let (lo, hi) = (sizes.iter().min(), sizes.iter().max());
+                        assert!(hi.zip(lo).is_some_and(|(h, l)| h - l <= 1), "{sizes:?}");
                     }
                 }
-                assert_eq!(next, n, "n={n} chunks={chunks}");
             }
         }
     }
