@@ -447,7 +447,10 @@ fn attention_with<T: KvElem>(
                 if len == 1 {
                     single(r0, kvh, part(r0));
                 } else {
-                    let mut buf = vec![0f32; len * unit];
+                    let mut spare = Spare::take();
+                    let mut buf = std::mem::take(&mut spare.out);
+                    buf.clear();
+                    buf.resize(len * unit, 0.0);
                     tile_attention(
                         &rows[r0..r0 + len],
                         q,
@@ -456,11 +459,14 @@ fn attention_with<T: KvElem>(
                         kvh,
                         shape,
                         params,
+                        &mut spare,
                         &mut buf,
                     );
                     for (r, src) in buf.chunks_exact(unit).enumerate() {
                         part(r0 + r).copy_from_slice(src);
                     }
+                    spare.out = buf;
+                    spare.restore();
                 }
             };
             if parallel {
@@ -538,8 +544,9 @@ fn row_tiles<T: KvElem>(
 
 /// Rows `rows` (consecutive positions of one sequence; row `i` is query row
 /// `r0 + i` of `q`) × KV head `kvh` and its `group` query heads, on the
-/// AVX-512 multi-row kernel; writes `rows.len() × group × head_dim` to the
-/// front of `out`. Bit-identical to [`group_attention`] row by row.
+/// AVX-512 multi-row kernel, on the buffers of `spare`; writes `rows.len() ×
+/// group × head_dim` to the front of `out`. Bit-identical to
+/// [`group_attention`] row by row.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn tile_attention<T: KvElem>(
@@ -550,11 +557,18 @@ fn tile_attention<T: KvElem>(
     kvh: usize,
     (n_kv_heads, group, head_dim): (usize, usize, usize),
     params: &AttnParams,
+    spare: &mut Spare,
     out: &mut [f32],
 ) {
     let unit = group * head_dim;
     // The last row sees every position the others do.
-    let head = Head::new(rows[rows.len() - 1], kvh, (n_kv_heads, head_dim), params);
+    let head = Head::new(
+        rows[rows.len() - 1],
+        kvh,
+        (n_kv_heads, head_dim),
+        params,
+        spare.offsets(),
+    );
     let n = head.koffs.len();
     let queries: Vec<&[f32]> = (0..rows.len())
         .flat_map(|i| {
@@ -571,10 +585,11 @@ fn tile_attention<T: KvElem>(
         sees: &sees,
         head: &head,
     };
-    let mut scores = vec![0f32; queries.len() * avx512::stride(n)];
+    let scores = spare.scores(queries.len() * avx512::stride(n));
     // SAFETY: row_tiles returned tiles only where AVX-512 F is on, and the
     // AVX2 path this runs under has AVX2, FMA and F16C.
-    unsafe { avx512::run(&job, &mut scores, &mut out[..rows.len() * unit]) }
+    unsafe { avx512::run(&job, scores, &mut out[..rows.len() * unit]) }
+    spare.keep(head);
 }
 
 /// One KV head of one sequence's cache as the SIMD kernels read it: the
@@ -603,16 +618,19 @@ impl<'a, T: KvElem> Head<'a, T> {
     ///
     /// # Panics
     /// If the cache does not hold `row.pos + 1` positions.
+    /// `(koffs, voffs)` are buffers to fill (their contents are dropped),
+    /// handed back by [`Head::into_buffers`].
     fn new(
         row: AttnRow<'a, T>,
         kvh: usize,
         (n_kv_heads, head_dim): (usize, usize),
         params: &AttnParams,
+        (mut koffs, mut voffs): (Vec<usize>, Vec<usize>),
     ) -> Self {
         let n = row.pos + 1;
         let width = n_kv_heads * head_dim;
-        let mut koffs = Vec::with_capacity(n);
-        let mut voffs = Vec::with_capacity(n);
+        koffs.clear();
+        voffs.clear();
         let kdata = row.k.offsets(n, width, &mut koffs);
         let vdata = row.v.offsets(n, width, &mut voffs);
         // A window drops the oldest keys.
@@ -630,6 +648,11 @@ impl<'a, T: KvElem> Head<'a, T> {
             scale: params.scale,
             softcap: params.softcap,
         }
+    }
+
+    /// The offset buffers, for the next head to fill.
+    fn into_buffers(self) -> (Vec<usize>, Vec<usize>) {
+        (self.koffs, self.voffs)
     }
 
     /// The bounds every unchecked access of the kernels relies on: at least
@@ -662,16 +685,69 @@ fn group_attention<T: KvElem>(
     prefetch: bool,
     out: &mut [f32],
 ) {
-    let head = Head::new(row, kvh, (n_kv_heads, head_dim), params);
+    let mut spare = Spare::take();
+    let head = Head::new(row, kvh, (n_kv_heads, head_dim), params, spare.offsets());
     let job = avx2::Job {
         q,
         head: &head,
         group,
         prefetch,
     };
-    let mut scores = vec![0f32; group * head.koffs.len()];
+    let scores = spare.scores(group * head.koffs.len());
     // SAFETY: detect_isa returned Avx2, so AVX2, FMA and F16C are present.
-    unsafe { avx2::run(&job, &mut scores, out) }
+    unsafe { avx2::run(&job, scores, out) }
+    spare.keep(head);
+    spare.restore();
+}
+
+/// A thread's buffers for the SIMD kernels' units, reused from one unit to
+/// the next: allocating and freeing them per unit (a prefill runs about
+/// 10 000 units) showed in profiles as `malloc` and `free`.
+#[cfg(target_arch = "x86_64")]
+#[derive(Default)]
+struct Spare {
+    koffs: Vec<usize>,
+    voffs: Vec<usize>,
+    scores: Vec<f32>,
+    out: Vec<f32>,
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    static SPARE: std::cell::Cell<Spare> = std::cell::Cell::new(Spare::default());
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Spare {
+    /// This thread's buffers (empty ones if a unit still holds them).
+    fn take() -> Spare {
+        SPARE.with(std::cell::Cell::take)
+    }
+
+    /// The offset buffers, for [`Head::new`].
+    fn offsets(&mut self) -> (Vec<usize>, Vec<usize>) {
+        (
+            std::mem::take(&mut self.koffs),
+            std::mem::take(&mut self.voffs),
+        )
+    }
+
+    /// `len` zeroed scores.
+    fn scores(&mut self, len: usize) -> &mut [f32] {
+        self.scores.clear();
+        self.scores.resize(len, 0.0);
+        &mut self.scores
+    }
+
+    /// Keeps `head`'s offset buffers for the next unit.
+    fn keep<T: KvElem>(&mut self, head: Head<'_, T>) {
+        (self.koffs, self.voffs) = head.into_buffers();
+    }
+
+    /// Returns the buffers to this thread.
+    fn restore(self) {
+        SPARE.with(|s| s.set(self));
+    }
 }
 
 /// The reference attention: per query head, scores by 8-accumulator
