@@ -449,8 +449,9 @@ fn attention_with<T: KvElem>(
                 } else {
                     let mut spare = Spare::take();
                     let mut buf = std::mem::take(&mut spare.out);
-                    buf.clear();
-                    buf.resize(len * unit, 0.0);
+                    // Every output of the tile is written (the value pass
+                    // covers all of `out`), so stale values are harmless.
+                    let tile_out = grown(&mut buf, len * unit);
                     tile_attention(
                         &rows[r0..r0 + len],
                         q,
@@ -460,9 +461,9 @@ fn attention_with<T: KvElem>(
                         shape,
                         params,
                         &mut spare,
-                        &mut buf,
+                        tile_out,
                     );
-                    for (r, src) in buf.chunks_exact(unit).enumerate() {
+                    for (r, src) in tile_out.chunks_exact(unit).enumerate() {
                         part(r0 + r).copy_from_slice(src);
                     }
                     spare.out = buf;
@@ -712,6 +713,17 @@ struct Spare {
     out: Vec<f32>,
 }
 
+/// The first `len` values of `v`, grown with zeros if it is shorter; the
+/// values already there are kept (for buffers whose users write before they
+/// read).
+#[cfg(target_arch = "x86_64")]
+fn grown(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    &mut v[..len]
+}
+
 #[cfg(target_arch = "x86_64")]
 thread_local! {
     static SPARE: std::cell::Cell<Spare> = std::cell::Cell::new(Spare::default());
@@ -732,11 +744,10 @@ impl Spare {
         )
     }
 
-    /// `len` zeroed scores.
+    /// Room for `len` scores. What an earlier unit left there stays: the
+    /// score passes write every score before anything reads it.
     fn scores(&mut self, len: usize) -> &mut [f32] {
-        self.scores.clear();
-        self.scores.resize(len, 0.0);
-        &mut self.scores
+        grown(&mut self.scores, len)
     }
 
     /// Keeps `head`'s offset buffers for the next unit.
