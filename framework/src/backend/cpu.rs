@@ -563,10 +563,18 @@ const ADD_SPAN: usize = 1024;
 /// row's result is the same either way. A last row shorter than `w` is
 /// passed as it is.
 fn par_rows_mut(x: &mut [f32], w: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let values = x.len();
+    par_blocks(x, w, values, f)
+}
+
+/// The common part of [`par_rows_mut`] and [`par_rows`]: `f(first row,
+/// rows)` over `x` (rows of `w`), split over the pool's threads when the
+/// call touches at least [`PAR_MIN_VALUES`] `values` and has 2 rows or more.
+fn par_blocks(x: &mut [f32], w: usize, values: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     let rows = x.len().div_ceil(w.max(1));
     crate::threads::with_current(|pool| {
         let threads = pool.threads();
-        if threads < 2 || rows < 2 || x.len() < PAR_MIN_VALUES {
+        if threads < 2 || rows < 2 || values < PAR_MIN_VALUES {
             return f(0, x);
         }
         let per = rows.div_ceil(threads);
@@ -586,20 +594,11 @@ fn par_rows(
     f: impl Fn(&[f32], &mut [f32]) + Sync,
 ) {
     let rows = input.len().checked_div(w_in).unwrap_or(0);
-    crate::threads::with_current(|pool| {
-        let threads = pool.threads();
-        if threads < 2
-            || rows < 2
-            || w_out == 0
-            || out.len() != rows * w_out
-            || input.len().max(out.len()) < PAR_MIN_VALUES
-        {
-            return f(input, out);
-        }
-        let per = rows.div_ceil(threads);
-        pool.chunks_mut(out, per * w_out, |c, o| {
-            let first = c * per;
-            f(&input[first * w_in..(first + o.len() / w_out) * w_in], o)
-        })
+    if w_out == 0 || out.len() != rows * w_out {
+        return f(input, out);
+    }
+    let values = input.len().max(out.len());
+    par_blocks(out, w_out, values, |first, o| {
+        f(&input[first * w_in..(first + o.len() / w_out) * w_in], o)
     })
 }

@@ -502,28 +502,22 @@ impl Pass {
     unsafe fn issue(&self, g: usize) {
         let Next { p, t, w, .. } = self.next.get();
         debug_assert_eq!(g, self.next.get().g, "products are issued in order");
-        self.next.set(if p + 1 < self.nb {
-            Next {
-                g: g + 1,
-                p: p + 1,
-                t,
-                w,
+        // Position by position, pair by pair: the next product's place.
+        let mut next = Next {
+            g: g + 1,
+            p: p + 1,
+            t,
+            w,
+        };
+        if next.p == self.nb {
+            next.p = 0;
+            next.w += 1;
+            if next.w == self.wt {
+                next.w = 0;
+                next.t += 1;
             }
-        } else if w + 1 < self.wt {
-            Next {
-                g: g + 1,
-                p: 0,
-                t,
-                w: w + 1,
-            }
-        } else {
-            Next {
-                g: g + 1,
-                p: 0,
-                t: t + 1,
-                w: 0,
-            }
-        });
+        }
+        self.next.set(next);
         let b = *self.order.add(p) as usize;
         let a = self.acts.add((t * self.nb + b) * TR * QK);
         let bt = self.btile.add((w * self.nb + b) * B_TILE);
