@@ -486,7 +486,6 @@ fn a_soft_cap_bounds_every_score() {
 #[test]
 #[ignore = "a timing, not a check: cargo test --release -p parallm-kernels prefill_attention_timing -- --ignored --nocapture"]
 fn prefill_attention_timing() {
-    use std::time::Instant;
     let mut rng = Rng::new(13);
     let (n_heads, n_kv, hd) = (9, 3, 64);
     let one = std::sync::Arc::new(crate::cpu::pool::Pool::new("t", 1).unwrap());
@@ -501,25 +500,7 @@ fn prefill_attention_timing() {
         let (k, v) = s.kv(true);
         let rows: Vec<AttnRow<'_, f32>> = (depth..len).map(|pos| AttnRow { k, v, pos }).collect();
         let fmas: usize = rows.iter().map(|r| (r.pos + 1) * n_heads * hd * 2).sum();
-        // Alternating rounds, tiles and rows alone; the best of each.
-        let (mut tiled, mut alone) = (f64::MAX, f64::MAX);
-        crate::cpu::pool::enter(&one, || {
-            for round in 0..10 {
-                ROWS_ALONE.with(|a| a.set(round % 2 == 1));
-                let t = Instant::now();
-                for _ in 0..5 {
-                    attention(&q, n_heads * hd, &rows, n_heads, n_kv, hd, &mut out);
-                }
-                let us = t.elapsed().as_secs_f64() * 1e6 / 5.0;
-                let best = if round % 2 == 1 {
-                    &mut alone
-                } else {
-                    &mut tiled
-                };
-                *best = best.min(us);
-            }
-            ROWS_ALONE.with(|a| a.set(false));
-        });
+        let (tiled, alone) = tiles_and_rows_alone(&one, &q, &rows, (n_heads, n_kv, hd), &mut out);
         for (name, us) in [("tiles", tiled), ("rows alone", alone)] {
             println!(
                 "{rows_n} rows after {depth}, {name}: {us:.0} µs per layer (1 thread), {:.1} G multiply-adds/s",
@@ -527,6 +508,36 @@ fn prefill_attention_timing() {
             );
         }
     }
+}
+
+/// µs per call of `attention` over `rows` on one thread, with tiles and with
+/// every row alone: alternating rounds, the best of each.
+fn tiles_and_rows_alone(
+    one: &std::sync::Arc<crate::cpu::pool::Pool>,
+    q: &[f32],
+    rows: &[AttnRow<'_, f32>],
+    (n_heads, n_kv, hd): (usize, usize, usize),
+    out: &mut [f32],
+) -> (f64, f64) {
+    let (mut tiled, mut alone) = (f64::MAX, f64::MAX);
+    crate::cpu::pool::enter(one, || {
+        for round in 0..10 {
+            ROWS_ALONE.with(|a| a.set(round % 2 == 1));
+            let t = std::time::Instant::now();
+            for _ in 0..5 {
+                attention(q, n_heads * hd, rows, n_heads, n_kv, hd, out);
+            }
+            let us = t.elapsed().as_secs_f64() * 1e6 / 5.0;
+            let best = if round % 2 == 1 {
+                &mut alone
+            } else {
+                &mut tiled
+            };
+            *best = best.min(us);
+        }
+        ROWS_ALONE.with(|a| a.set(false));
+    });
+    (tiled, alone)
 }
 
 /// Runs of consecutive rows of one sequence (prefill chunks, speculative
@@ -570,33 +581,46 @@ fn tiles_equal_rows_alone<T: KvElem>(seed: u64, to: fn(f32) -> T) {
             softcap: if iter % 3 == 0 { 20.0 } else { 0.0 },
             ..AttnParams::standard(hd)
         };
-        let heads = (n_heads, n_kv, hd);
-        let mut together = vec![f32::NAN; rows.len() * q_w];
-        attention_params(&q, q_w, &rows, heads, &params, &mut together);
-        for (r, row) in rows.iter().enumerate() {
-            let mut alone = vec![f32::NAN; q_w];
-            attention_params(
-                &q[r * q_w..][..q_w],
-                q_w,
-                &[*row],
-                heads,
-                &params,
-                &mut alone,
-            );
-            assert_eq!(
-                &together[r * q_w..][..q_w],
-                &alone[..],
-                "case {iter} ({n_heads}/{n_kv}×{hd}), row {r} at {}",
-                row.pos
-            );
-        }
-        if wide {
-            continue;
-        }
+        let case = format!("case {iter} ({n_heads}/{n_kv}×{hd})");
+        assert_rows_get_their_bits_alone(&q, &rows, (n_heads, n_kv, hd), &params, !wide, &case);
+    }
+}
+
+/// Attention of `rows` together equals each row's alone, bit for bit, and
+/// (`near_reference`) the scalar reference within 1e-5.
+fn assert_rows_get_their_bits_alone<T: KvElem>(
+    q: &[f32],
+    rows: &[AttnRow<'_, T>],
+    heads: (usize, usize, usize),
+    params: &AttnParams,
+    near_reference: bool,
+    case: &str,
+) {
+    let q_w = heads.0 * heads.2;
+    let mut together = vec![f32::NAN; rows.len() * q_w];
+    attention_params(q, q_w, rows, heads, params, &mut together);
+    for (r, row) in rows.iter().enumerate() {
+        let mut alone = vec![f32::NAN; q_w];
+        attention_params(
+            &q[r * q_w..][..q_w],
+            q_w,
+            &[*row],
+            heads,
+            params,
+            &mut alone,
+        );
+        assert_eq!(
+            &together[r * q_w..][..q_w],
+            &alone[..],
+            "{case}, row {r} at {}",
+            row.pos
+        );
+    }
+    if near_reference {
         let mut reference = vec![f32::NAN; rows.len() * q_w];
-        attention_scalar_params(&q, q_w, &rows, heads, &params, &mut reference);
+        attention_scalar_params(q, q_w, rows, heads, params, &mut reference);
         for (i, (a, b)) in together.iter().zip(&reference).enumerate() {
-            assert!((a - b).abs() <= 1e-5, "case {iter} [{i}]: {a} vs {b}");
+            assert!((a - b).abs() <= 1e-5, "{case} [{i}]: {a} vs {b}");
         }
     }
 }
@@ -606,4 +630,153 @@ fn tiles_of_rows_give_each_row_its_bits_alone() {
     tiles_equal_rows_alone::<f32>(21, |x| x);
     tiles_equal_rows_alone::<f16>(22, f16::from_f32);
     tiles_equal_rows_alone::<half::bf16>(23, half::bf16::from_f32);
+}
+
+/// Sequences whose block tables share leading blocks of one pool (a shared
+/// prompt prefix, sampled siblings, beams): their decode rows go through
+/// the multi-row kernel together where the CPU has AVX-512, and every row
+/// must still get the bits it gets alone.
+fn shared_blocks_equal_rows_alone<T: KvElem>(seed: u64, to: fn(f32) -> T) {
+    let mut rng = Rng::new(seed);
+    let tiled = crate::cpu::features::enabled(crate::cpu::features::Feature::Avx512);
+    let shapes = [(9, 3), (4, 2), (3, 3), (8, 1), (16, 2), (2, 1)];
+    let mut crossed = 0;
+    for iter in 0..36 {
+        let (n_heads, n_kv) = shapes[iter % shapes.len()];
+        let hd = [64, 32, 16, 128, 48, 24][iter / shapes.len() % 6];
+        let (q_w, kv_w) = (n_heads * hd, n_kv * hd);
+        let block_size = [1, 2, 3, 5, 8, 16, 32][rng.range(0, 6)];
+        // One pool: a trunk of blocks some sequences share (up to a random
+        // point), then blocks of their own.
+        let trunk_blocks = rng.range(1, 200usize.div_ceil(block_size));
+        let n_seqs = rng.range(2, 14);
+        let mut next_block = trunk_blocks as u32;
+        let mut tables = Vec::new();
+        let mut lens = Vec::new();
+        for _ in 0..n_seqs {
+            let shared = rng.range(0, trunk_blocks);
+            let len = rng.range((shared * block_size).max(1), shared * block_size + 60);
+            let blocks = len.div_ceil(block_size);
+            let mut table: Vec<u32> = (0..shared.min(blocks) as u32).collect();
+            while table.len() < blocks {
+                table.push(next_block);
+                next_block += 1;
+            }
+            tables.push(table);
+            lens.push(len);
+        }
+        let pool_k: Vec<T> = rng
+            .f32s(next_block as usize * block_size * kv_w, 1.0)
+            .into_iter()
+            .map(to)
+            .collect();
+        let pool_v: Vec<T> = rng
+            .f32s(next_block as usize * block_size * kv_w, 1.0)
+            .into_iter()
+            .map(to)
+            .collect();
+        // Each sequence's last row (a decode), now and then its last few
+        // (a speculative step), in a shuffled order.
+        let mut rows = Vec::new();
+        for (table, &len) in tables.iter().zip(&lens) {
+            let paged = |data| KvRows::Paged {
+                data,
+                table,
+                block_size,
+            };
+            let (k, v) = (paged(&pool_k[..]), paged(&pool_v[..]));
+            let take = if rng.range(0, 4) == 0 {
+                rng.range(1, 4).min(len)
+            } else {
+                1
+            };
+            rows.extend((len - take..len).map(|pos| AttnRow { k, v, pos }));
+        }
+        for i in (1..rows.len()).rev() {
+            rows.swap(i, rng.range(0, i));
+        }
+        if let Some(tiles) = row_tiles(&rows, n_heads / n_kv, hd, &AttnParams::standard(hd)) {
+            crossed += tiles.spans.iter().filter(|s| s.2 && s.1 > 1).count();
+        }
+        let wide = iter % 4 == 1;
+        let q = rng.f32s(rows.len() * q_w, if wide { 300.0 } else { 3.0 });
+        let params = AttnParams {
+            softcap: if iter % 3 == 0 { 20.0 } else { 0.0 },
+            ..AttnParams::standard(hd)
+        };
+        let case = format!("case {iter} ({n_heads}/{n_kv}×{hd}, blocks of {block_size})");
+        assert_rows_get_their_bits_alone(&q, &rows, (n_heads, n_kv, hd), &params, !wide, &case);
+    }
+    if tiled {
+        println!("{crossed} tiles of rows of different sequences");
+        assert!(
+            crossed > 36,
+            "the cases made only {crossed} cross-sequence tiles"
+        );
+    } else {
+        println!("multi-row kernel off: no AVX-512 here, rows run alone");
+    }
+}
+
+#[test]
+fn rows_sharing_cache_blocks_get_their_bits_alone() {
+    shared_blocks_equal_rows_alone::<f32>(31, |x| x);
+    shared_blocks_equal_rows_alone::<f16>(32, f16::from_f32);
+    shared_blocks_equal_rows_alone::<half::bf16>(33, half::bf16::from_f32);
+}
+
+#[test]
+#[ignore = "a timing, not a check: cargo test --release -p parallm-kernels shared_prefix_decode_timing -- --ignored --nocapture"]
+fn shared_prefix_decode_timing() {
+    let mut rng = Rng::new(17);
+    let (n_heads, n_kv, hd, bs) = (9, 3, 64, 16);
+    let kv_w = n_kv * hd;
+    let one = std::sync::Arc::new(crate::cpu::pool::Pool::new("t", 1).unwrap());
+    // 16 and 64 sequences after a 384-token shared prompt, each 32–96
+    // positions of its own (suffix and generated tokens); then the same
+    // with nothing shared.
+    for (n_seqs, trunk) in [(16, 24u32), (64, 24), (16, 0)] {
+        let mut next = trunk;
+        let mut tables = Vec::new();
+        let mut lens = Vec::new();
+        for _ in 0..n_seqs {
+            let len = trunk as usize * bs + rng.range(32, 96);
+            let mut table: Vec<u32> = (0..trunk).collect();
+            while table.len() * bs < len {
+                table.push(next);
+                next += 1;
+            }
+            tables.push(table);
+            lens.push(len);
+        }
+        let pool_k = rng.f32s(next as usize * bs * kv_w, 1.0);
+        let pool_v = rng.f32s(next as usize * bs * kv_w, 1.0);
+        let rows: Vec<AttnRow<'_, f32>> = tables
+            .iter()
+            .zip(&lens)
+            .map(|(table, &len)| {
+                let paged = |data| KvRows::Paged {
+                    data,
+                    table,
+                    block_size: bs,
+                };
+                AttnRow {
+                    k: paged(&pool_k[..]),
+                    v: paged(&pool_v[..]),
+                    pos: len - 1,
+                }
+            })
+            .collect();
+        let q = rng.f32s(rows.len() * n_heads * hd, 3.0);
+        let mut out = vec![0f32; rows.len() * n_heads * hd];
+        let fmas: usize = rows.iter().map(|r| (r.pos + 1) * n_heads * hd * 2).sum();
+        let (tiled, alone) = tiles_and_rows_alone(&one, &q, &rows, (n_heads, n_kv, hd), &mut out);
+        for (name, us) in [("tiles", tiled), ("rows alone", alone)] {
+            println!(
+                "{n_seqs} decode rows, {} shared positions, {name}: {us:.0} µs per layer (1 thread), {:.1} G multiply-adds/s",
+                trunk as usize * bs,
+                fmas as f64 / us / 1e3
+            );
+        }
+    }
 }
