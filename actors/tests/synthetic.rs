@@ -411,3 +411,35 @@ fn prompt_scores_equal_the_plain_forward_at_every_layout_and_in_chunks() {
         assert_eq!(common::idle_stats(&e).scheduler.policy.kv_used, 0);
     }
 }
+
+#[test]
+fn a_request_the_kv_pool_cannot_hold_is_refused_naming_the_field_at_fault() {
+    // 24 blocks of 4: 96 positions.
+    let e = engine(1, 1, 1).block_size(4).kv_blocks(24).build().unwrap();
+    let refused = |prompt_len: u32, max_tokens: usize| match e.generate(Request::greedy_tokens(
+        (1..=prompt_len).collect(),
+        max_tokens,
+    )) {
+        Err(actors::llm::EngineError::Invalid(framework::Error::InvalidRequest {
+            field,
+            reason,
+        })) => (field, reason),
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("accepted {prompt_len} + {max_tokens}"),
+    };
+    let (field, reason) = refused(100, 4);
+    assert_eq!(field, "prompt", "{reason}");
+    assert!(
+        reason.contains("is too long") && reason.contains("holds 96"),
+        "{reason}"
+    );
+    let (field, reason) = refused(10, 200);
+    assert_eq!(field, "max_tokens", "{reason}");
+    assert!(
+        reason.contains("is too large") && reason.contains("holds 96"),
+        "{reason}"
+    );
+    // What fits is served.
+    let got = run_all(&e, vec![(1..=10).collect()], 4);
+    assert_eq!(got[0].len(), 4);
+}

@@ -1188,10 +1188,17 @@ impl Engine {
         let block = self.cfg.block_size;
         let need = (prompt.len() + req.params.max_tokens).div_ceil(block) * block * width;
         if need > self.kv_positions {
+            // The prompt alone may be what does not fit.
+            let alone = prompt.len().div_ceil(block) * block * width;
+            let (field, what) = if alone > self.kv_positions {
+                ("prompt", "is too long")
+            } else {
+                ("max_tokens", "is too large")
+            };
             return Err(bad(
-                "max_tokens",
+                field,
                 format!(
-                    "{} prompt tokens plus {} new tokens{} need {need} KV positions; a replica holds {}{}",
+                    "{what}: {} prompt tokens plus {} new tokens{} need {need} KV positions; a replica holds {}{}",
                     prompt.len(),
                     req.params.max_tokens,
                     if width > 1 { format!(" in each of {width} beams") } else { String::new() },
