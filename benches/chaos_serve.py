@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""A seeded chaos run against a running `parallm serve`: many concurrent
+completions over a few shared prefixes (streaming or not, greedy or seeded
+sampling, `n` of 2-3, n-gram speculation), some far too long for the KV
+pool, a quarter dropped by the client mid-flight. Then it checks what must
+hold whatever happened: at idle no KV block is in use and nothing runs or
+waits, every refusal is a 400 naming a field, and a fixed greedy prompt
+gives the same text before and after. Exits 1 naming what did not hold.
+
+Best with a small KV pool, so that eviction and preemption happen all the
+time, for example:
+
+    PARALLM__SCHEDULER__KV_MEMORY_MIB=32 RAYON_NUM_THREADS=2 parallm serve --port 8441 &
+    python3 benches/chaos_serve.py --port 8441 [--requests 240] [--concurrency 32]
+
+Standard library only.
+"""
+import argparse
+import http.client
+import json
+import random
+import sys
+import threading
+import time
+import urllib.request
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi "
+         "omicron pi rho sigma tau upsilon phi chi psi omega").split()
+
+
+def post(addr, body, abort_after=None, timeout=300):
+    """(status, body bytes), or ("aborted", b"") when the client hung up."""
+    c = http.client.HTTPConnection(*addr, timeout=timeout)
+    c.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    if abort_after is not None:
+        time.sleep(abort_after)
+        c.close()
+        return "aborted", b""
+    r = c.getresponse()
+    data = r.read()
+    c.close()
+    return r.status, data
+
+
+def request_body(i, prefixes):
+    rnd = random.Random(i)
+    body = {
+        "prompt": rnd.choice(prefixes) + " " + " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(1, 30))),
+        "max_tokens": rnd.randint(1, 64),
+        "stream": rnd.random() < 0.5,
+    }
+    if rnd.random() < 0.5:
+        body["temperature"] = 0
+    else:
+        body["temperature"] = 0.8
+        body["seed"] = i
+    if rnd.random() < 0.3:
+        body["n"] = rnd.randint(2, 3)
+    if rnd.random() < 0.4:
+        body["speculative"] = {"method": "ngram", "num_speculative_tokens": rnd.randint(1, 5)}
+    if rnd.random() < 0.05:
+        body["prompt"] = " ".join(["zeta"] * 4000)
+    abort = rnd.uniform(0.01, 0.5) if rnd.random() < 0.25 else None
+    return body, abort
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8441)
+    ap.add_argument("--requests", type=int, default=240)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=7)
+    a = ap.parse_args()
+    addr = (a.host, a.port)
+    rnd = random.Random(a.seed)
+    prefixes = [" ".join(rnd.choice(WORDS) for _ in range(n)) for n in (20, 45, 75, 100)]
+
+    def fixed():
+        status, data = post(addr, {"prompt": prefixes[2] + " the end", "max_tokens": 32, "temperature": 0})
+        if status != 200:
+            sys.exit(f"the fixed prompt was refused ({status}): {data[:300]!r}; give the server a larger KV pool")
+        return json.loads(data)["choices"][0]["text"]
+
+    before = fixed()
+    outcomes, lock, slots = {}, threading.Lock(), threading.Semaphore(a.concurrency)
+
+    def one(i):
+        try:
+            body, abort = request_body(i + a.seed * 100_000, prefixes)
+            try:
+                status, data = post(addr, body, abort_after=abort)
+            except Exception as e:  # a hang would show as a timeout here
+                status, data = "error " + type(e).__name__, str(e).encode()
+            with lock:
+                outcomes.setdefault(status, []).append(data[:300])
+        finally:
+            slots.release()
+
+    threads = []
+    for i in range(a.requests):
+        slots.acquire()
+        t = threading.Thread(target=one, args=(i,))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
+
+    problems = []
+    for status, bodies in sorted(outcomes.items(), key=lambda kv: str(kv[0])):
+        print(f"{status}: {len(bodies)}")
+        if status == 400:
+            fields = {}
+            for b in bodies:
+                err = json.loads(b).get("error", {})
+                if not err.get("param") or not err.get("message"):
+                    problems.append(f"a refusal names no field: {b!r}")
+                fields.setdefault(err.get("param"), err.get("message", "")[:120])
+            for field, message in fields.items():
+                print(f"  refused naming `{field}`, e.g. {message}")
+        elif status not in (200, "aborted"):
+            problems.append(f"{len(bodies)} requests ended {status}: {bodies[0]!r}")
+    time.sleep(3)
+    metrics = urllib.request.urlopen(f"http://{a.host}:{a.port}/metrics").read().decode()
+    values = {}
+    for line in metrics.splitlines():
+        if line.startswith("parallm_") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+            if name.startswith(("parallm_kv_blocks", "parallm_requests_running", "parallm_requests_waiting",
+                                "parallm_prefix_cache_evictions", "parallm_spec_acceptance")):
+                print(line)
+    for name, value in values.items():
+        if name in ("parallm_kv_blocks_used", "parallm_requests_running") or name.startswith("parallm_requests_waiting"):
+            if value != 0:
+                problems.append(f"at idle {name} is {value}")
+    if fixed() != before:
+        problems.append("the fixed greedy prompt's text changed")
+    if problems:
+        print("\n".join(problems))
+        sys.exit(1)
+    print("every check held")
+
+
+if __name__ == "__main__":
+    main()
