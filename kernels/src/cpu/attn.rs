@@ -546,8 +546,8 @@ struct Tiles {
 ///   (6 register pairs in the score pass);
 /// * the other rows of sequences whose paged caches start with the same
 ///   block of the same pool (a shared prompt prefix, sampled siblings,
-///   beams), as many together, so that the rows they share are read once
-///   per tile instead of once per row.
+///   beams), in near-equal tiles of at most as many rows, so that the cache
+///   rows they share are read once per tile instead of once per row.
 ///
 /// Rows left over are tiles of one.
 #[cfg(target_arch = "x86_64")]
