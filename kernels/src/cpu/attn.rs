@@ -1445,9 +1445,7 @@ mod avx512 {
             unsafe { cross_values(job, stride, scores, &inv, out) };
             return;
         }
-        let mut i0 = 0;
-        while i0 < nq {
-            let g = (nq - i0).min(VALUE_QUERIES);
+        for (i0, g) in value_blocks(0..nq) {
             macro_rules! go {
                 ($g:literal) => {
                     // SAFETY: as for score_pass, for the value rows; 16·W
@@ -1464,8 +1462,16 @@ mod avx512 {
                 };
             }
             one_to_six!(g, go);
-            i0 += g;
         }
+    }
+
+    /// `(first, count)` of the value pass's register blocks over the query
+    /// vectors `vectors`: [`VALUE_QUERIES`] at a time, the last one short.
+    fn value_blocks(vectors: std::ops::Range<usize>) -> impl Iterator<Item = (usize, usize)> {
+        vectors
+            .clone()
+            .step_by(VALUE_QUERIES)
+            .map(move |i0| (i0, (vectors.end - i0).min(VALUE_QUERIES)))
     }
 
     /// The value pass of a tile of rows of different sequences: every query
@@ -1488,16 +1494,6 @@ mod avx512 {
         let (hd, nq) = (job.heads[0].head_dim, job.queries.len());
         assert!((0..nq).all(|i| job.sees[i] == job.sees[i - i % job.per_head]));
         let wide = |lanes: usize| hd.is_multiple_of(16 * lanes);
-        let spans = |from: usize, to: usize| {
-            let mut i0 = from;
-            std::iter::from_fn(move || {
-                (i0 < to).then(|| {
-                    let g = (to - i0).min(VALUE_QUERIES);
-                    i0 += g;
-                    (i0 - g, g)
-                })
-            })
-        };
         // The common positions for every vector, then each head's own for
         // its vectors.
         let joint = (0, 0..nq, 0..job.common, None);
@@ -1513,7 +1509,7 @@ mod avx512 {
         for (h, vectors, positions, finish) in
             std::iter::once(joint).chain((0..job.heads.len()).map(own))
         {
-            for (i0, g) in spans(vectors.start, vectors.end) {
+            for (i0, g) in value_blocks(vectors) {
                 let part = Part {
                     head: &job.heads[h],
                     positions: positions.clone(),
@@ -1651,7 +1647,7 @@ mod avx512 {
         // 0..nq and the head each reads.
         unsafe {
             pairs_over(
-                &pack(job.queries),
+                &pack(job.queries, nq),
                 &job.heads[0],
                 0..joint,
                 (0, nq),
@@ -1663,13 +1659,16 @@ mod avx512 {
         if job.heads.len() == 1 {
             return;
         }
+        // Each head's vectors in pairs of their own, one packing for all.
+        let floats = job.per_head.div_ceil(2) * 2 * hd;
+        let packed = pack(job.queries, job.per_head);
         for (h, head) in job.heads.iter().enumerate() {
             let (v0, v1) = (h * job.per_head, (h + 1) * job.per_head);
             let n = job.sees[v0..v1].iter().copied().max().unwrap_or(0);
             // SAFETY: as above, for this head's vectors.
             unsafe {
                 pairs_over(
-                    &pack(&job.queries[v0..v1]),
+                    &packed[h * floats..][..floats],
                     head,
                     joint..n,
                     (v0, v1),
@@ -1681,14 +1680,18 @@ mod avx512 {
         }
     }
 
-    /// Query vectors in pairs: pair `j`, slice `d`: `[q_2j[d..d+8] |
-    /// q_2j+1[d..d+8]]` (zeros for a missing second).
-    fn pack(queries: &[&[f32]]) -> Vec<f32> {
+    /// Query vectors in pairs, each group of `per` vectors pairing only
+    /// among itself: pair `j` of a group, slice `d`: `[q_2j[d..d+8] |
+    /// q_2j+1[d..d+8]]` (zeros for a group's missing last second). A group
+    /// takes `per.div_ceil(2) · 2 · head_dim` floats.
+    fn pack(queries: &[&[f32]], per: usize) -> Vec<f32> {
         let hd = queries.first().map_or(0, |q| q.len());
-        let mut packed = vec![0f32; queries.len().div_ceil(2) * 2 * hd];
+        let group = per.div_ceil(2) * 2 * hd;
+        let mut packed = vec![0f32; queries.len().div_ceil(per) * group];
         for (i, q) in queries.iter().enumerate() {
+            let (g, k) = (i / per, i % per);
             for (s, chunk) in q.chunks_exact(8).enumerate() {
-                let at = (i / 2) * 2 * hd + s * 16 + (i % 2) * 8;
+                let at = g * group + (k / 2) * 2 * hd + s * 16 + (k % 2) * 8;
                 packed[at..at + 8].copy_from_slice(chunk);
             }
         }
