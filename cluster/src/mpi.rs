@@ -5,9 +5,13 @@
 //! transport's messages through MPI: node threads hand it what they send
 //! (a send never blocks a node, whatever MPI's protocol for the size), and
 //! it posts them as non-blocking sends, completes them, and takes every
-//! incoming message (any source, the transport's tag), reading its header
-//! (kind, stream, endpoints) and filing it in the rank's [`Mailbox`]. Waits
-//! therefore never sit inside MPI, and an abort or a lost peer wakes them.
+//! incoming message (any source, the transport's tag) with a non-blocking
+//! matched receive, reading its header (kind, stream, endpoints) and filing
+//! it in the rank's [`Mailbox`] once it is whole. The progress thread never
+//! blocks inside MPI: a peer that stops halfway through a large message
+//! (one MPI sends in several fragments) leaves a receive pending, not a
+//! thread stuck, so the heartbeats go on and catch it. Waits therefore never
+//! sit inside MPI, and an abort or a lost peer wakes them.
 //! When idle it waits on its outgoing queue for a short while, so a send is
 //! posted at once. An abort travels as a message of its own to each rank
 //! that hosts the stream. MPI is initialized with `MPI_THREAD_MULTIPLE`, so
@@ -36,7 +40,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam::channel::{Receiver, Sender};
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
-use mpi::point_to_point::{MatchedReceiveVec, Source, Status};
+use mpi::datatype::Equivalence;
+use mpi::point_to_point::Source;
+use mpi::raw::AsRawMut;
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::Threading;
 
@@ -186,8 +192,13 @@ impl Mpi {
 
 impl Drop for Mpi {
     fn drop(&mut self) {
-        // Every rank stops sending before any finalizes.
-        world().barrier();
+        // Every rank stops sending before any finalizes. The progress
+        // thread keeps the heartbeats meanwhile, so a peer that stops
+        // answering here ends the job rather than leaving it waiting.
+        if let Err(why) = self.transport.watched_barrier() {
+            eprintln!("error: the MPI job cannot finish: {why}");
+            world().abort(1);
+        }
         let _ = self.transport.outgoing.send(Outgoing::Stop);
         if let Some(r) = self.receiver.take() {
             let _ = r.join();
@@ -238,7 +249,10 @@ impl MpiTransport {
     /// The progress thread: posts what node threads send, completes it,
     /// files what arrives, and keeps the heartbeats, until told to stop.
     fn progress(&self, queue: Receiver<Outgoing>) {
-        let mut in_flight: Vec<Send> = Vec::new();
+        let mut in_flight: Vec<Pending> = Vec::new();
+        // Messages being received, with the rank each comes from.
+        let mut receiving: Vec<(usize, Pending)> = Vec::new();
+        let mut waiting_on = vec![false; self.size];
         let mut stopping = false;
         let mut idle = 0u32;
         let peers = self.peers();
@@ -254,11 +268,12 @@ impl MpiTransport {
         // When each rank was last heard from, and when watching began.
         let mut heard = vec![Instant::now(); self.size];
         let mut watching: Option<Instant> = None;
-        let post =
-            |in_flight: &mut Vec<Send>, dest: usize, msg: Vec<u8>| match Send::post(dest, msg) {
-                Ok(s) => in_flight.push(s),
-                Err(e) => self.mailbox.fail(e),
-            };
+        let post = |in_flight: &mut Vec<Pending>, dest: usize, msg: Vec<u8>| match Pending::send(
+            dest, msg,
+        ) {
+            Ok(s) => in_flight.push(s),
+            Err(e) => self.mailbox.fail(e),
+        };
         loop {
             let mut busy = false;
             while let Ok(out) = queue.try_recv() {
@@ -285,16 +300,46 @@ impl MpiTransport {
                 }
             });
             busy |= in_flight.len() != before;
-            if let Some(probed) = world().any_process().immediate_matched_probe_with_tag(TAG) {
+            if let Some((message, status)) =
+                world().any_process().immediate_matched_probe_with_tag(TAG)
+            {
                 busy = true;
-                let (msg, status): (Vec<u8>, Status) = probed.matched_receive_vec();
                 let src = status.source_rank() as usize;
-                if let Some(t) = heard.get_mut(src) {
-                    *t = Instant::now();
+                heard[src] = Instant::now();
+                let len = status.count(u8::equivalent_datatype());
+                match Pending::receive(message, len) {
+                    Ok(r) => receiving.push((src, r)),
+                    Err(e) => self.mailbox.fail(e),
                 }
-                self.file(src, msg);
             }
-            if stopping && in_flight.is_empty() {
+            // Each rank's messages are filed in the order MPI matched them:
+            // one still arriving holds back the later ones from its rank.
+            waiting_on.fill(false);
+            let mut i = 0;
+            while i < receiving.len() {
+                let src = receiving[i].0;
+                if waiting_on[src] {
+                    i += 1;
+                    continue;
+                }
+                match receiving[i].1.done() {
+                    Ok(false) => {
+                        waiting_on[src] = true;
+                        i += 1;
+                    }
+                    Ok(true) => {
+                        busy = true;
+                        let (src, r) = receiving.remove(i);
+                        heard[src] = Instant::now();
+                        self.file(src, r.into_buffer());
+                    }
+                    Err(e) => {
+                        receiving.remove(i);
+                        self.mailbox.fail(e);
+                    }
+                }
+            }
+            if stopping && in_flight.is_empty() && receiving.is_empty() {
                 return;
             }
             if busy {
@@ -358,6 +403,36 @@ impl MpiTransport {
         }
     }
 
+    /// Waits for every rank (`MPI_Ibarrier`) without blocking inside MPI:
+    /// an error names why the transport failed meanwhile (a peer lost or
+    /// silent past the heartbeat timeout, once watched).
+    fn watched_barrier(&self) -> std::result::Result<(), String> {
+        // SAFETY: MPI is initialized (MPI_THREAD_MULTIPLE) and not yet
+        // finalized while the `Mpi` that owns this transport lives;
+        // MPI_REQUEST_NULL is a predefined handle, and `request` is written
+        // by MPI_Ibarrier before it is read; the barrier uses no buffer.
+        let (rc, request) = unsafe {
+            let mut request = mpi::ffi::RSMPI_REQUEST_NULL;
+            let rc = mpi::ffi::MPI_Ibarrier(mpi::ffi::RSMPI_COMM_WORLD, &mut request);
+            (rc, request)
+        };
+        if rc != 0 {
+            return Err(format!("MPI_Ibarrier failed with code {rc}"));
+        }
+        let mut request = Pending {
+            buf: Vec::new(),
+            request,
+        };
+        loop {
+            if request.done()? {
+                return Ok(());
+            }
+            if let Some(why) = self.mailbox.wait_failure(Duration::from_millis(1)) {
+                return Err(why);
+            }
+        }
+    }
+
     fn enqueue(&self, dest: usize, msg: Vec<u8>) -> Result<()> {
         self.outgoing
             .send(Outgoing::Message(dest, msg))
@@ -365,15 +440,16 @@ impl MpiTransport {
     }
 }
 
-/// A non-blocking send in flight: its buffer stays here, unmoved, until
-/// MPI says the send is complete.
-struct Send {
+/// A non-blocking send or receive in flight: its buffer stays here,
+/// unmoved, until MPI says the request is complete.
+struct Pending {
     buf: Vec<u8>,
     request: mpi::ffi::MPI_Request,
 }
 
-impl Send {
-    fn post(dest: usize, buf: Vec<u8>) -> std::result::Result<Self, String> {
+impl Pending {
+    /// Posts `buf` to rank `dest` (`MPI_Isend`).
+    fn send(dest: usize, buf: Vec<u8>) -> std::result::Result<Self, String> {
         let count = i32::try_from(buf.len()).map_err(|_| {
             format!(
                 "a message of {} bytes is too large for one MPI send",
@@ -383,9 +459,9 @@ impl Send {
         // SAFETY: MPI was initialized (MPI_THREAD_MULTIPLE) before the
         // progress thread started and is finalized only after it stops;
         // `buf`'s heap block stays allocated and unmodified, owned by the
-        // returned `Send`, until `MPI_Test` reports the request complete
-        // (and `Drop` waits for any request still pending); `request` is
-        // written by MPI_Isend before it is read.
+        // returned `Pending`, until `MPI_Test` reports the request complete
+        // (and `Drop` leaks it if it never is); `request` is written by
+        // MPI_Isend before it is read.
         unsafe {
             let mut request = mpi::ffi::RSMPI_REQUEST_NULL;
             let rc = mpi::ffi::MPI_Isend(
@@ -404,14 +480,50 @@ impl Send {
         }
     }
 
-    /// Whether the send is complete (its buffer may then be freed); an
-    /// error completes it too.
+    /// Starts receiving a probed message of `len` bytes (`MPI_Imrecv`),
+    /// which returns at once however much of it has arrived.
+    fn receive(
+        mut message: mpi::point_to_point::Message,
+        len: i32,
+    ) -> std::result::Result<Self, String> {
+        let size =
+            usize::try_from(len).map_err(|_| format!("MPI reported a message of {len} bytes"))?;
+        let mut buf = vec![0u8; size];
+        // SAFETY: `message` is a live matched message from
+        // MPI_Improbe of `len` bytes of MPI_UINT8_T (its status's count);
+        // MPI_Imrecv sets the handle to MPI_MESSAGE_NULL, so rsmpi's drop
+        // check holds. `buf` holds `len` bytes and its heap block stays
+        // allocated and untouched, owned by the returned `Pending`, until
+        // `MPI_Test` reports the request complete (`Drop` leaks it if it
+        // never is); `request` is written by MPI_Imrecv before it is read.
+        unsafe {
+            let mut request = mpi::ffi::RSMPI_REQUEST_NULL;
+            let rc = mpi::ffi::MPI_Imrecv(
+                buf.as_mut_ptr().cast(),
+                len,
+                mpi::ffi::RSMPI_UINT8_T,
+                message.as_raw_mut(),
+                &mut request,
+            );
+            if rc != 0 {
+                // The message stays matched but unreceived; forget it
+                // rather than let rsmpi's drop check panic. The transport
+                // fails, so nothing waits for what it carried.
+                std::mem::forget(message);
+                return Err(format!("MPI_Imrecv failed with code {rc}"));
+            }
+            Ok(Self { buf, request })
+        }
+    }
+
+    /// Whether the request is complete (its buffer may then be used or
+    /// freed); an error completes it too.
     fn done(&mut self) -> std::result::Result<bool, String> {
         let mut flag = 0;
-        // SAFETY: `request` is the live request MPI_Isend returned (or
-        // MPI_REQUEST_NULL once completed, for which MPI_Test reports
-        // completion); the status is ignored. A request that failed is
-        // forgotten (MPI_REQUEST_NULL, a predefined handle).
+        // SAFETY: `request` is the live request MPI_Isend or MPI_Imrecv
+        // returned (or MPI_REQUEST_NULL once completed, for which MPI_Test
+        // reports completion); the status is ignored. A request that
+        // failed is forgotten (MPI_REQUEST_NULL, a predefined handle).
         let rc = unsafe {
             let rc =
                 mpi::ffi::MPI_Test(&mut self.request, &mut flag, mpi::ffi::RSMPI_STATUS_IGNORE);
@@ -421,19 +533,25 @@ impl Send {
             rc
         };
         if rc != 0 {
-            return Err(format!("a send failed with MPI error code {rc}"));
+            return Err(format!("a message failed with MPI error code {rc}"));
         }
         Ok(flag != 0)
     }
+
+    /// The buffer of a completed request.
+    fn into_buffer(mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf)
+    }
 }
 
-impl Drop for Send {
+impl Drop for Pending {
     fn drop(&mut self) {
-        // The buffer must outlive the send: finish it before freeing.
-        while let Ok(false) = self.done() {
-            std::thread::yield_now();
+        // MPI may still read or write the buffer of a request that is not
+        // complete (a peer that stopped answering), so it is leaked, never
+        // freed under MPI, and nothing waits for the peer.
+        if !matches!(self.done(), Ok(true) | Err(_)) {
+            std::mem::forget(std::mem::take(&mut self.buf));
         }
-        let _ = self.buf.len();
     }
 }
 

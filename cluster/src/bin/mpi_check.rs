@@ -9,6 +9,13 @@
 //! `MPI_Bcast` and over the transport. Prints `rank R: ok` per rank and
 //! exits non-zero on the first difference.
 //!
+//! `stall-mid-message` and `stall-at-finish` (2 ranks): rank 1 stops
+//! itself (`SIGSTOP`) — halfway through sending rank 0 a 1 GiB message, or
+//! just before MPI's last barrier — and rank 0, watching heartbeats with a
+//! 1 s timeout, must notice and end the job (`MPI_Abort`) rather than wait
+//! for it forever. Rank 0 prints `rank 0: caught: …` in the first case;
+//! the second prints the barrier's error on stderr.
+//!
 //! `bench [--iters N]`: per-layer all-reduce time (two all-reduces of
 //! `rows × 576` floats, the reference model's hidden size) over the
 //! transport (gather, then a rank-ordered sum), with `MPI_Allreduce`, and,
@@ -39,6 +46,9 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if let Some(when) = mode.strip_prefix("stall-") {
+        stall(mpi, when);
+    }
     let result = match mode.as_str() {
         "check" => check(&mpi),
         "bench" => {
@@ -59,6 +69,56 @@ fn main() {
             std::process::exit(1);
         }
     }
+}
+
+/// How long rank 0 lets rank 1 be silent in the `stall-` modes.
+const STALL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The `stall-` modes: rank 1 stops itself at `when` (`mid-message` or
+/// `at-finish`); rank 0 must end the job.
+fn stall(mpi: Mpi, when: &str) -> ! {
+    if mpi.size() != 2 || !matches!(when, "mid-message" | "at-finish") {
+        eprintln!("error: stall-mid-message or stall-at-finish, on 2 ranks");
+        std::process::exit(2);
+    }
+    let t = mpi.transport();
+    t.watch(STALL_TIMEOUT);
+    mpi.barrier();
+    let address = cluster::Address {
+        stream: 300,
+        from: 1,
+        to: 0,
+    };
+    let stop_myself = || {
+        let _ = std::process::Command::new("kill")
+            .args(["-STOP", &std::process::id().to_string()])
+            .status();
+    };
+    match (when, mpi.rank()) {
+        ("mid-message", 1) => {
+            // Over TCP a GiB takes far longer than the pause: rank 0 has
+            // matched the message and is receiving it when this rank stops.
+            if let Err(e) = t.send(0, address, &vec![7u8; 1 << 30]) {
+                eprintln!("rank 1: FAILED: {e}");
+                std::process::exit(1);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            stop_myself();
+        }
+        ("mid-message", _) => {
+            match t.recv(1, address, Some(Duration::from_secs(120))) {
+                Ok(m) => println!("rank 0: the whole message arrived ({} bytes)", m.len()),
+                Err(e) => println!("rank 0: caught: {e}"),
+            }
+            mpi.abort(1);
+        }
+        (_, 1) => stop_myself(),
+        _ => {}
+    }
+    // Rank 0 at finish (and a rank 1 let go on): MPI's last barrier, which
+    // ends the job with an error if the peer is silent.
+    drop(mpi);
+    std::process::exit(0);
 }
 
 /// What the in-process collective gives for these contributions: a
