@@ -559,7 +559,7 @@ fn tiles_equal_rows_alone<T: KvElem>(seed: u64, to: fn(f32) -> T) {
     for iter in 0..36 {
         let (n_heads, n_kv) = shapes[iter % shapes.len()];
         let hd = [64, 32, 16, 128, 48, 24][iter / shapes.len() % 6];
-        let (q_w, kv_w) = (n_heads * hd, n_kv * hd);
+        let kv_w = n_kv * hd;
         let mut seqs: Vec<Seq<T>> = Vec::new();
         for _ in 0..rng.range(1, 3) {
             let len = rng.range(1, 200);
@@ -574,16 +574,30 @@ fn tiles_equal_rows_alone<T: KvElem>(seed: u64, to: fn(f32) -> T) {
             let (k, v) = sq.kv(iter % 2 == 0);
             rows.extend((len - take..len).map(|pos| AttnRow { k, v, pos }));
         }
-        // Now and then scores far apart, so that most weights underflow.
-        let wide = iter % 4 == 1;
-        let q = rng.f32s(rows.len() * q_w, if wide { 300.0 } else { 3.0 });
-        let params = AttnParams {
-            softcap: if iter % 3 == 0 { 20.0 } else { 0.0 },
-            ..AttnParams::standard(hd)
-        };
         let case = format!("case {iter} ({n_heads}/{n_kv}×{hd})");
-        assert_rows_get_their_bits_alone(&q, &rows, (n_heads, n_kv, hd), &params, !wide, &case);
+        assert_varied_case_alone(&mut rng, iter, &rows, (n_heads, n_kv, hd), &case);
     }
+}
+
+/// [`assert_rows_get_their_bits_alone`] with random queries and settings
+/// varied by `iter`: now and then scores far apart, so that most weights
+/// underflow (then the scalar reference is not compared), and soft-capping
+/// every third case.
+fn assert_varied_case_alone<T: KvElem>(
+    rng: &mut Rng,
+    iter: usize,
+    rows: &[AttnRow<'_, T>],
+    heads: (usize, usize, usize),
+    case: &str,
+) {
+    let (n_heads, _, hd) = heads;
+    let wide = iter % 4 == 1;
+    let q = rng.f32s(rows.len() * n_heads * hd, if wide { 300.0 } else { 3.0 });
+    let params = AttnParams {
+        softcap: if iter.is_multiple_of(3) { 20.0 } else { 0.0 },
+        ..AttnParams::standard(hd)
+    };
+    assert_rows_get_their_bits_alone(&q, rows, heads, &params, !wide, case);
 }
 
 /// Attention of `rows` together equals each row's alone, bit for bit, and
@@ -644,7 +658,7 @@ fn shared_blocks_equal_rows_alone<T: KvElem>(seed: u64, to: fn(f32) -> T) {
     for iter in 0..36 {
         let (n_heads, n_kv) = shapes[iter % shapes.len()];
         let hd = [64, 32, 16, 128, 48, 24][iter / shapes.len() % 6];
-        let (q_w, kv_w) = (n_heads * hd, n_kv * hd);
+        let kv_w = n_kv * hd;
         let block_size = [1, 2, 3, 5, 8, 16, 32][rng.range(0, 6)];
         // One pool: a trunk of blocks some sequences share (up to a random
         // point), then blocks of their own.
@@ -698,14 +712,8 @@ fn shared_blocks_equal_rows_alone<T: KvElem>(seed: u64, to: fn(f32) -> T) {
         if let Some(tiles) = row_tiles(&rows, n_heads / n_kv, hd, &AttnParams::standard(hd)) {
             crossed += tiles.spans.iter().filter(|s| s.2 && s.1 > 1).count();
         }
-        let wide = iter % 4 == 1;
-        let q = rng.f32s(rows.len() * q_w, if wide { 300.0 } else { 3.0 });
-        let params = AttnParams {
-            softcap: if iter % 3 == 0 { 20.0 } else { 0.0 },
-            ..AttnParams::standard(hd)
-        };
         let case = format!("case {iter} ({n_heads}/{n_kv}×{hd}, blocks of {block_size})");
-        assert_rows_get_their_bits_alone(&q, &rows, (n_heads, n_kv, hd), &params, !wide, &case);
+        assert_varied_case_alone(&mut rng, iter, &rows, (n_heads, n_kv, hd), &case);
     }
     if tiled {
         println!("{crossed} tiles of rows of different sequences");
