@@ -3,15 +3,17 @@
 //!
 //! [`Job::start`] initializes MPI (feature `mpi`; without it, a launch of
 //! several ranks is refused, saying how to build it) and learns every
-//! rank's host. [`cluster()`] gives the engine its [`Cluster`] for a layout:
+//! rank's host, watching the ranks' heartbeats with the default timeout
+//! from then on (a rank stopped at start-up ends the job). [`cluster()`] gives the engine its [`Cluster`] for a layout:
 //! the placement of its nodes on the job's ranks, checked against the
 //! hosts MPI reports. Rank 0 builds the engine and runs the command; the
 //! other ranks serve their nodes ([`serves_nodes`]) and print nothing.
 //! When the command fails on any rank, [`Job::fail`] aborts the whole job
 //! (`MPI_Abort`), so no rank waits for a peer that has gone. The first
-//! [`cluster()`] starts the transport's heartbeat watch with the configured
+//! [`cluster()`] sets the transport's heartbeat watch to the configured
 //! timeout: a peer silent that long fails the transport, which ends the
-//! command on every rank that depends on it.
+//! command on every rank that depends on it. Leaving the job
+//! ([`Job::finish`]) waits for a stopped rank no longer than that timeout.
 
 use std::sync::{Arc, OnceLock};
 
@@ -44,8 +46,18 @@ impl Job {
         #[cfg(feature = "mpi")]
         {
             let mpi = cluster::mpi::Mpi::init().map_err(|e| e.to_string())?;
-            let hosts = mpi.hosts().map_err(|e| e.to_string())?;
             let transport: Arc<dyn cluster::Transport> = mpi.transport();
+            // Until the command's configuration names its timeout, the
+            // default one watches the ranks, so a rank stopped at start-up
+            // ends the job instead of holding the host exchange forever.
+            transport.watch(cluster::placement::HEARTBEAT_TIMEOUT);
+            let hosts = match mpi.hosts() {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("error: rank {}: {e}", mpi.rank());
+                    mpi.abort(1);
+                }
+            };
             let _ = CONTEXT.set(Context { transport, hosts });
             Ok(Self { mpi: Some(mpi) })
         }

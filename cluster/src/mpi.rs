@@ -28,6 +28,13 @@
 //! (`MPI_ERRORS_RETURN` on `MPI_COMM_WORLD`), so a send to a lost peer
 //! fails the transport the same way.
 //!
+//! The job-wide steps around the command are watched as well: the host
+//! names' exchange ([`Mpi::hosts`]) and leaving the job ([`Mpi::finish`]:
+//! the last barrier, the progress thread's drain, `MPI_Finalize`), so a
+//! rank stopped at start-up or at the end ends the job too. Only
+//! [`Mpi::barrier`], [`Mpi::broadcast`] and [`Mpi::native_all_reduce`],
+//! for tools and benchmarks, block inside MPI.
+//!
 //! What is and is not recovered: a stream (one step's link) can be aborted
 //! and the job goes on; a rank that dies or stops answering ends the job
 //! (`mpirun` stops the other ranks when one dies; the heartbeat catches one
@@ -38,7 +45,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{Receiver, Sender};
+use crossbeam::channel::{Receiver, RecvTimeoutError, Sender};
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use mpi::datatype::Equivalence;
 use mpi::point_to_point::Source;
@@ -48,6 +55,7 @@ use mpi::Threading;
 
 use framework::{Error, Result};
 
+use crate::placement::HEARTBEAT_TIMEOUT;
 use crate::transport::{Address, Mailbox, Transport};
 
 /// The one MPI tag the transport uses.
@@ -80,9 +88,10 @@ fn world() -> SimpleCommunicator {
 /// receiver stops) and the transport over it.
 pub struct Mpi {
     transport: Arc<MpiTransport>,
-    receiver: Option<JoinHandle<()>>,
-    // Dropped last: MPI_Finalize.
-    _universe: mpi::environment::Universe,
+    /// The progress thread; it returns whether it finished what it had.
+    receiver: Option<JoinHandle<std::result::Result<(), String>>>,
+    /// `None` once this process left the job (MPI_Finalize).
+    universe: Option<mpi::environment::Universe>,
 }
 
 impl Mpi {
@@ -127,7 +136,7 @@ impl Mpi {
         Ok(Self {
             transport,
             receiver: Some(receiver),
-            _universe: universe,
+            universe: Some(universe),
         })
     }
 
@@ -147,16 +156,52 @@ impl Mpi {
     }
 
     /// Every rank's host (MPI's processor name), in rank order.
+    ///
+    /// The exchange (`MPI_Iallgather`) never blocks inside MPI: once the
+    /// transport is watched ([`Transport::watch`]), a rank that stopped
+    /// answering before it (a rank stopped at start-up) fails it, naming
+    /// the rank, instead of leaving this one waiting.
     pub fn hosts(&self) -> Result<Vec<String>> {
         const LEN: usize = 256;
         let name = mpi::environment::processor_name()
             .map_err(|e| Error::Collective(format!("MPI's processor name is not UTF-8: {e}")))?;
-        let mut mine = [0u8; LEN];
+        // One heap block: this rank's name, then every rank's.
+        let mut buf = vec![0u8; LEN * (self.size() + 1)];
         let n = name.len().min(LEN);
-        mine[..n].copy_from_slice(&name.as_bytes()[..n]);
-        let mut all = vec![0u8; LEN * self.size()];
-        world().all_gather_into(&mine[..], &mut all[..]);
-        Ok(all
+        buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+        // SAFETY: MPI is initialized (MPI_THREAD_MULTIPLE) and not
+        // finalized while `self` lives. The send part (`LEN` bytes) and
+        // the receive part (`LEN` per rank) are disjoint ranges of `buf`'s
+        // heap block, which moves into the returned `Pending` unmoved (a
+        // Vec's move keeps its heap block) and stays allocated until MPI
+        // reports the request complete (`Drop` leaks it if it never is);
+        // `request` is written by MPI_Iallgather before it is read.
+        let request = unsafe {
+            let base = buf.as_mut_ptr();
+            let mut request = mpi::ffi::RSMPI_REQUEST_NULL;
+            let rc = mpi::ffi::MPI_Iallgather(
+                base.cast_const().cast(),
+                LEN as i32,
+                mpi::ffi::RSMPI_UINT8_T,
+                base.add(LEN).cast(),
+                LEN as i32,
+                mpi::ffi::RSMPI_UINT8_T,
+                mpi::ffi::RSMPI_COMM_WORLD,
+                &mut request,
+            );
+            if rc != 0 {
+                return Err(Error::Collective(format!(
+                    "MPI_Iallgather failed with code {rc}"
+                )));
+            }
+            Pending { buf, request }
+        };
+        let all = self.transport.wait_watched(request).map_err(|why| {
+            Error::Collective(format!(
+                "the ranks could not exchange their host names: {why}"
+            ))
+        })?;
+        Ok(all[LEN..]
             .chunks(LEN)
             .map(|c| {
                 let end = c.iter().position(|&b| b == 0).unwrap_or(LEN);
@@ -165,7 +210,8 @@ impl Mpi {
             .collect())
     }
 
-    /// Waits for every rank.
+    /// Waits for every rank (a blocking `MPI_Barrier`, unwatched: for
+    /// tools and benchmarks; the job's own waits are watched).
     pub fn barrier(&self) {
         world().barrier();
     }
@@ -190,19 +236,78 @@ impl Mpi {
     }
 }
 
-impl Drop for Mpi {
-    fn drop(&mut self) {
-        // Every rank stops sending before any finalizes. The progress
-        // thread keeps the heartbeats meanwhile, so a peer that stops
-        // answering here ends the job rather than leaving it waiting.
+impl Mpi {
+    /// Leaves the job: waits for every rank, stops the progress thread
+    /// once it finished what it had, and finalizes MPI (what dropping
+    /// does).
+    ///
+    /// No step waits for a stopped peer forever. The barrier first
+    /// (`MPI_Ibarrier`): the progress thread keeps the heartbeats
+    /// meanwhile, so a peer that stops answering there ends the job. Then
+    /// the progress thread gets as long as the heartbeat timeout to finish
+    /// its sends and receives, and `MPI_Finalize` (where Open MPI waits
+    /// for every rank again) as long again; past that, this process prints
+    /// why and exits non-zero, and `mpirun` ends the others.
+    pub fn finish(mut self) {
+        self.leave(|| {});
+    }
+
+    /// [`Mpi::finish`], calling `after_barrier` once every rank passed the
+    /// barrier: how `parallm-mpi-check stall-after-finish` stops a rank
+    /// there.
+    #[doc(hidden)]
+    pub fn finish_with(mut self, after_barrier: impl FnOnce()) {
+        self.leave(after_barrier);
+    }
+
+    fn leave(&mut self, after_barrier: impl FnOnce()) {
+        let Some(universe) = self.universe.take() else {
+            return;
+        };
+        // Every rank stops sending before any finalizes.
         if let Err(why) = self.transport.watched_barrier() {
             eprintln!("error: the MPI job cannot finish: {why}");
             world().abort(1);
         }
+        after_barrier();
         let _ = self.transport.outgoing.send(Outgoing::Stop);
         if let Some(r) = self.receiver.take() {
-            let _ = r.join();
+            let finished = r
+                .join()
+                .unwrap_or_else(|_| Err("the MPI progress thread panicked".into()));
+            if let Err(why) = finished {
+                eprintln!("error: the MPI job cannot finish: {why}");
+                world().abort(1);
+            }
         }
+        let limit = self.transport.limit();
+        let (finalized, wait) = crossbeam::channel::bounded::<()>(1);
+        let watchdog = std::thread::Builder::new()
+            .name("mpi-finalize-watch".into())
+            .spawn(move || {
+                if wait.recv_timeout(limit) == Err(RecvTimeoutError::Timeout) {
+                    eprintln!(
+                        "error: the MPI job cannot finish: MPI_Finalize waited {:.1} s for the other ranks; one of them stopped answering",
+                        limit.as_secs_f64()
+                    );
+                    // SAFETY: `_exit` ends the process at once, without
+                    // destructors or `atexit` handlers, which could wait
+                    // on the MPI library the finalizing thread is stuck in.
+                    unsafe { libc::_exit(1) }
+                }
+            });
+        // MPI_Finalize.
+        drop(universe);
+        let _ = finalized.send(());
+        if let Ok(w) = watchdog {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for Mpi {
+    fn drop(&mut self) {
+        self.leave(|| {});
     }
 }
 
@@ -246,14 +351,25 @@ impl MpiTransport {
         }
     }
 
+    /// The heartbeat timeout once watched, else [`HEARTBEAT_TIMEOUT`]: how
+    /// long the steps of leaving the job may wait for the other ranks.
+    fn limit(&self) -> Duration {
+        match self.timeout_ms.load(Ordering::Relaxed) {
+            0 => HEARTBEAT_TIMEOUT,
+            ms => Duration::from_millis(ms),
+        }
+    }
+
     /// The progress thread: posts what node threads send, completes it,
-    /// files what arrives, and keeps the heartbeats, until told to stop.
-    fn progress(&self, queue: Receiver<Outgoing>) {
+    /// files what arrives, and keeps the heartbeats, until told to stop;
+    /// then finishes what it has, for at most [`MpiTransport::limit`]
+    /// (an error says what it left unfinished).
+    fn progress(&self, queue: Receiver<Outgoing>) -> std::result::Result<(), String> {
         let mut in_flight: Vec<Pending> = Vec::new();
         // Messages being received, with the rank each comes from.
         let mut receiving: Vec<(usize, Pending)> = Vec::new();
         let mut waiting_on = vec![false; self.size];
-        let mut stopping = false;
+        let mut stopping: Option<Instant> = None;
         let mut idle = 0u32;
         let peers = self.peers();
         let beat = header(
@@ -280,11 +396,11 @@ impl MpiTransport {
                 busy = true;
                 match out {
                     Outgoing::Message(dest, msg) => post(&mut in_flight, dest, msg),
-                    Outgoing::Stop => stopping = true,
+                    Outgoing::Stop => stopping = stopping.or(Some(Instant::now())),
                 }
             }
             let now = Instant::now();
-            if !stopping && last_beat.is_none_or(|t| now - t >= BEAT) {
+            if stopping.is_none() && last_beat.is_none_or(|t| now - t >= BEAT) {
                 last_beat = Some(now);
                 for &p in &peers {
                     post(&mut in_flight, p, beat.clone());
@@ -339,8 +455,20 @@ impl MpiTransport {
                     }
                 }
             }
-            if stopping && in_flight.is_empty() && receiving.is_empty() {
-                return;
+            if let Some(since) = stopping {
+                if in_flight.is_empty() && receiving.is_empty() {
+                    return Ok(());
+                }
+                if now - since > self.limit() {
+                    // What is left is leaked (`Pending`'s drop), never
+                    // freed under MPI.
+                    let from: Vec<usize> = receiving.iter().map(|(src, _)| *src).collect();
+                    return Err(format!(
+                        "after {:.1} s, {} send(s) and receive(s) from rank(s) {from:?} are still unfinished; a peer stopped answering",
+                        self.limit().as_secs_f64(),
+                        in_flight.len() + receiving.len(),
+                    ));
+                }
             }
             if busy {
                 idle = 0;
@@ -350,7 +478,7 @@ impl MpiTransport {
             } else {
                 match queue.recv_timeout(IDLE_WAIT) {
                     Ok(Outgoing::Message(dest, msg)) => post(&mut in_flight, dest, msg),
-                    Ok(Outgoing::Stop) => stopping = true,
+                    Ok(Outgoing::Stop) => stopping = stopping.or(Some(Instant::now())),
                     Err(_) => {}
                 }
             }
@@ -419,13 +547,20 @@ impl MpiTransport {
         if rc != 0 {
             return Err(format!("MPI_Ibarrier failed with code {rc}"));
         }
-        let mut request = Pending {
+        self.wait_watched(Pending {
             buf: Vec::new(),
             request,
-        };
+        })
+        .map(drop)
+    }
+
+    /// Waits for a collective's request without blocking inside MPI, and
+    /// gives back its buffer; an error names why the transport failed
+    /// meanwhile (then the request stays pending and its buffer is leaked).
+    fn wait_watched(&self, mut request: Pending) -> std::result::Result<Vec<u8>, String> {
         loop {
             if request.done()? {
-                return Ok(());
+                return Ok(request.into_buffer());
             }
             if let Some(why) = self.mailbox.wait_failure(Duration::from_millis(1)) {
                 return Err(why);

@@ -5,9 +5,10 @@
 //! loopback (`--mca btl tcp,self`, the network path) and over shared
 //! memory, with groups that span processes and groups with several ranks
 //! in one process, checks that an abort reaches every rank, and broadcasts
-//! a 128-byte id. Two `stall-` runs check that a rank that stops answering
-//! halfway through a large message, or at MPI's last barrier, ends the job
-//! instead of leaving rank 0 waiting forever.
+//! a 128-byte id. The `stall-` runs check that a rank that stops answering
+//! at start-up, halfway through a large message, or at MPI's last barrier
+//! or just after it, ends the job instead of leaving rank 0 waiting
+//! forever.
 
 #[cfg(feature = "mpi")]
 mod with_mpi {
@@ -125,6 +126,27 @@ mod with_mpi {
         assert!(
             stderr.contains("the MPI job cannot finish: rank 1 has not answered"),
             "rank 0 did not name the silent rank:\n{stdout}\n{stderr}"
+        );
+    }
+
+    #[test]
+    fn a_rank_that_stops_before_the_host_exchange_ends_the_job() {
+        let (stdout, stderr) = stall("at-start", Duration::from_secs(60));
+        assert!(
+            stdout.contains("rank 0: caught:")
+                && stdout.contains(
+                    "the ranks could not exchange their host names: rank 1 has not answered"
+                ),
+            "rank 0 did not name the silent rank:\n{stdout}\n{stderr}"
+        );
+    }
+
+    #[test]
+    fn a_rank_that_stops_after_the_last_barrier_ends_the_job() {
+        let (stdout, stderr) = stall("after-finish", Duration::from_secs(60));
+        assert!(
+            stderr.contains("the MPI job cannot finish: MPI_Finalize waited"),
+            "rank 0 did not say why it could not finish:\n{stdout}\n{stderr}"
         );
     }
 

@@ -9,12 +9,14 @@
 //! `MPI_Bcast` and over the transport. Prints `rank R: ok` per rank and
 //! exits non-zero on the first difference.
 //!
-//! `stall-mid-message` and `stall-at-finish` (2 ranks): rank 1 stops
-//! itself (`SIGSTOP`) — halfway through sending rank 0 a 1 GiB message, or
-//! just before MPI's last barrier — and rank 0, watching heartbeats with a
-//! 1 s timeout, must notice and end the job (`MPI_Abort`) rather than wait
-//! for it forever. Rank 0 prints `rank 0: caught: …` in the first case;
-//! the second prints the barrier's error on stderr.
+//! `stall-at-start`, `stall-mid-message`, `stall-at-finish` and
+//! `stall-after-finish` (2 ranks): rank 1 stops itself (`SIGSTOP`) — before
+//! the ranks exchange their host names, halfway through sending rank 0 a
+//! 1 GiB message, just before MPI's last barrier, or just after it (before
+//! `MPI_Finalize`) — and rank 0, watching heartbeats with a 1 s timeout,
+//! must notice and end the job rather than wait for it forever. Rank 0
+//! prints `rank 0: caught: …` in the first two cases; the others print the
+//! error of leaving the job on stderr.
 //!
 //! `bench [--iters N]`: per-layer all-reduce time (two all-reduces of
 //! `rows × 576` floats, the reference model's hidden size) over the
@@ -77,22 +79,37 @@ const STALL_TIMEOUT: Duration = Duration::from_secs(1);
 /// The `stall-` modes: rank 1 stops itself at `when` (`mid-message` or
 /// `at-finish`); rank 0 must end the job.
 fn stall(mpi: Mpi, when: &str) -> ! {
-    if mpi.size() != 2 || !matches!(when, "mid-message" | "at-finish") {
-        eprintln!("error: stall-mid-message or stall-at-finish, on 2 ranks");
+    if mpi.size() != 2
+        || !matches!(
+            when,
+            "at-start" | "mid-message" | "at-finish" | "after-finish"
+        )
+    {
+        eprintln!("error: stall-at-start, stall-mid-message, stall-at-finish or stall-after-finish, on 2 ranks");
         std::process::exit(2);
     }
     let t = mpi.transport();
     t.watch(STALL_TIMEOUT);
+    let stop_myself = || {
+        let _ = std::process::Command::new("kill")
+            .args(["-STOP", &std::process::id().to_string()])
+            .status();
+    };
+    if when == "at-start" {
+        if mpi.rank() == 1 {
+            stop_myself();
+        }
+        match mpi.hosts() {
+            Ok(h) => println!("rank {}: the hosts arrived: {h:?}", mpi.rank()),
+            Err(e) => println!("rank {}: caught: {e}", mpi.rank()),
+        }
+        mpi.abort(1);
+    }
     mpi.barrier();
     let address = cluster::Address {
         stream: 300,
         from: 1,
         to: 0,
-    };
-    let stop_myself = || {
-        let _ = std::process::Command::new("kill")
-            .args(["-STOP", &std::process::id().to_string()])
-            .status();
     };
     match (when, mpi.rank()) {
         ("mid-message", 1) => {
@@ -112,12 +129,16 @@ fn stall(mpi: Mpi, when: &str) -> ! {
             }
             mpi.abort(1);
         }
-        (_, 1) => stop_myself(),
+        ("after-finish", 1) => {
+            mpi.finish_with(stop_myself);
+            std::process::exit(0);
+        }
+        ("at-finish", 1) => stop_myself(),
         _ => {}
     }
-    // Rank 0 at finish (and a rank 1 let go on): MPI's last barrier, which
-    // ends the job with an error if the peer is silent.
-    drop(mpi);
+    // Rank 0 at finish (and a rank 1 let go on): leaving the job, which
+    // ends it with an error if the peer is silent.
+    mpi.finish();
     std::process::exit(0);
 }
 
