@@ -4,9 +4,9 @@
 //! [`Job::start`] initializes MPI (feature `mpi`; without it, a launch of
 //! several ranks is refused, saying how to build it) and learns every
 //! rank's host, watching the ranks' heartbeats with the default timeout
-//! from then on (a rank stopped at start-up ends the job). [`cluster()`] gives the engine its [`Cluster`] for a layout:
-//! the placement of its nodes on the job's ranks, checked against the
-//! hosts MPI reports. Rank 0 builds the engine and runs the command; the
+//! from then on (a rank stopped at start-up ends the job). [`cluster()`]
+//! gives the engine its [`Cluster`] for a layout: the placement of its
+//! nodes on the job's ranks, checked against the hosts MPI reports. Rank 0 builds the engine and runs the command; the
 //! other ranks serve their nodes ([`serves_nodes`]) and print nothing.
 //! When the command fails on any rank, [`Job::fail`] aborts the whole job
 //! (`MPI_Abort`), so no rank waits for a peer that has gone. The first

@@ -234,9 +234,7 @@ impl Mpi {
         let send = buf.to_vec();
         world().all_reduce_into(&send[..], buf, SystemOperation::sum());
     }
-}
 
-impl Mpi {
     /// Leaves the job: waits for every rank, stops the progress thread
     /// once it finished what it had, and finalizes MPI (what dropping
     /// does).
@@ -464,9 +462,10 @@ impl MpiTransport {
                     // freed under MPI.
                     let from: Vec<usize> = receiving.iter().map(|(src, _)| *src).collect();
                     return Err(format!(
-                        "after {:.1} s, {} send(s) and receive(s) from rank(s) {from:?} are still unfinished; a peer stopped answering",
+                        "after {:.1} s, {} send(s) and {} receive(s) (from rank(s) {from:?}) are still unfinished; a peer stopped answering",
                         self.limit().as_secs_f64(),
-                        in_flight.len() + receiving.len(),
+                        in_flight.len(),
+                        receiving.len(),
                     ));
                 }
             }

@@ -76,8 +76,8 @@ fn main() {
 /// How long rank 0 lets rank 1 be silent in the `stall-` modes.
 const STALL_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The `stall-` modes: rank 1 stops itself at `when` (`mid-message` or
-/// `at-finish`); rank 0 must end the job.
+/// The `stall-` modes: rank 1 stops itself at `when` (`at-start`,
+/// `mid-message`, `at-finish` or `after-finish`); rank 0 must end the job.
 fn stall(mpi: Mpi, when: &str) -> ! {
     if mpi.size() != 2
         || !matches!(
