@@ -6,8 +6,9 @@
 //! rank's host, watching the ranks' heartbeats with the default timeout
 //! from then on (a rank stopped at start-up ends the job). [`cluster()`]
 //! gives the engine its [`Cluster`] for a layout: the placement of its
-//! nodes on the job's ranks, checked against the hosts MPI reports. Rank 0 builds the engine and runs the command; the
-//! other ranks serve their nodes ([`serves_nodes`]) and print nothing.
+//! nodes on the job's ranks, checked against the hosts MPI reports. Rank 0
+//! builds the engine and runs the command; the other ranks serve their
+//! nodes ([`serves_nodes`]) and print nothing.
 //! When the command fails on any rank, [`Job::fail`] aborts the whole job
 //! (`MPI_Abort`), so no rank waits for a peer that has gone. The first
 //! [`cluster()`] sets the transport's heartbeat watch to the configured
@@ -71,7 +72,9 @@ impl Job {
     /// every rank has (a barrier first).
     pub fn finish(self) {
         #[cfg(feature = "mpi")]
-        drop(self.mpi);
+        if let Some(mpi) = self.mpi {
+            mpi.finish();
+        }
     }
 
     /// Ends the job after a failed command: every rank stops, non-zero.

@@ -246,8 +246,8 @@ impl Mpi {
     /// its sends and receives, and `MPI_Finalize` (where Open MPI waits
     /// for every rank again) as long again; past that, this process prints
     /// why and exits non-zero, and `mpirun` ends the others.
-    pub fn finish(mut self) {
-        self.leave(|| {});
+    pub fn finish(self) {
+        self.finish_with(|| {});
     }
 
     /// [`Mpi::finish`], calling `after_barrier` once every rank passed the
