@@ -6,7 +6,10 @@
 //! pp=2 across 2 ranks, tp=3 in-process × pp=2 across 2 ranks, dp=2 across
 //! 2 ranks; and the same with the default (Q4_1) weights. `parallm serve`
 //! on 3 ranks (pp=3, a stage per rank) answers 64 concurrent requests
-//! exactly as a one-process server does; `bench throughput` runs across
+//! exactly as a one-process server does, and on 2 ranks (tp=2, pp=2,
+//! dp=2, f32 weights) with prefix caching on, 48 requests sharing three
+//! prefixes get a one-process server's text with caching off while the
+//! usage reports their cached tokens; `bench throughput` runs across
 //! ranks, and `bench latency` (one shard) is refused there. A worker rank killed with kill -9
 //! or stopped (SIGSTOP, caught by the heartbeat) mid-generation ends every
 //! in-flight request with an error, streamed or not, turns `/health` to
@@ -119,9 +122,15 @@ mod with_mpi {
     }
 
     fn serve(ranks: usize, port: u16, args: &[&str]) -> Server {
+        serve_with(ranks, port, args, &[])
+    }
+
+    /// [`serve`], with `env` set for the server's processes.
+    fn serve_with(ranks: usize, port: u16, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = parallm(ranks);
         cmd.args(["serve", "--port", &port.to_string()])
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         let server = Server(cmd.spawn().expect("start the server"));
@@ -170,47 +179,22 @@ mod with_mpi {
     /// likely tokens.
     type Completion = (Vec<String>, Vec<f64>);
 
-    /// The 64 prompts' greedy completions, sent at once.
-    fn complete_all(port: u16, prompts: &[Vec<u32>]) -> Vec<Completion> {
-        let handles: Vec<_> = prompts
-            .iter()
-            .cloned()
-            .map(|p| {
+    /// Each of `bodies` POSTed to `/v1/completions` at once, each on a
+    /// thread of its own; each answer must be a 200, and `parse` reads it.
+    fn post_all<T: Send + 'static>(
+        port: u16,
+        bodies: Vec<serde_json::Value>,
+        parse: fn(serde_json::Value) -> T,
+    ) -> Vec<T> {
+        let handles: Vec<_> = bodies
+            .into_iter()
+            .map(|body| {
                 std::thread::spawn(move || {
-                    let body = serde_json::json!({
-                        "prompt": p,
-                        "max_tokens": 16,
-                        "temperature": 0,
-                        "logprobs": 2,
-                    });
                     let mut r = post_completion(port, &body);
                     let status = r.status().as_u16();
                     let text = r.body_mut().read_to_string().expect("a body");
                     assert_eq!(status, 200, "{text}");
-                    let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
-                    let lp = &v["choices"][0]["logprobs"];
-                    let tokens = lp["tokens"]
-                        .as_array()
-                        .expect("tokens")
-                        .iter()
-                        .map(|t| t.as_str().unwrap_or_default().to_string())
-                        .collect();
-                    let gaps = lp["top_logprobs"]
-                        .as_array()
-                        .expect("top_logprobs")
-                        .iter()
-                        .map(|top| {
-                            let mut v: Vec<f64> = top
-                                .as_object()
-                                .map(|o| o.values().filter_map(serde_json::Value::as_f64).collect())
-                                .unwrap_or_default();
-                            v.sort_by(|a, b| b.total_cmp(a));
-                            v.first()
-                                .zip(v.get(1))
-                                .map_or(f64::INFINITY, |(a, b)| a - b)
-                        })
-                        .collect();
-                    (tokens, gaps)
+                    parse(serde_json::from_str(&text).expect("JSON"))
                 })
             })
             .collect();
@@ -218,6 +202,46 @@ mod with_mpi {
             .into_iter()
             .map(|h| h.join().expect("request thread"))
             .collect()
+    }
+
+    /// The 64 prompts' greedy completions, sent at once.
+    fn complete_all(port: u16, prompts: &[Vec<u32>]) -> Vec<Completion> {
+        let bodies = prompts
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "prompt": p,
+                    "max_tokens": 16,
+                    "temperature": 0,
+                    "logprobs": 2,
+                })
+            })
+            .collect();
+        post_all(port, bodies, |v| {
+            let lp = &v["choices"][0]["logprobs"];
+            let tokens = lp["tokens"]
+                .as_array()
+                .expect("tokens")
+                .iter()
+                .map(|t| t.as_str().unwrap_or_default().to_string())
+                .collect();
+            let gaps = lp["top_logprobs"]
+                .as_array()
+                .expect("top_logprobs")
+                .iter()
+                .map(|top| {
+                    let mut v: Vec<f64> = top
+                        .as_object()
+                        .map(|o| o.values().filter_map(serde_json::Value::as_f64).collect())
+                        .unwrap_or_default();
+                    v.sort_by(|a, b| b.total_cmp(a));
+                    v.first()
+                        .zip(v.get(1))
+                        .map_or(f64::INFINITY, |(a, b)| a - b)
+                })
+                .collect();
+            (tokens, gaps)
+        })
     }
 
     #[test]
@@ -250,6 +274,70 @@ mod with_mpi {
             }
         }
         eprintln!("{diverged} of 64 diverged, each at a near-tie");
+    }
+
+    /// Each prompt's greedy text (12 tokens) and the prompt tokens the
+    /// server reported served from its cache, all sent at once.
+    fn complete_texts(port: u16, prompts: &[String]) -> Vec<(String, u64)> {
+        let bodies = prompts
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "prompt": p,
+                    "max_tokens": 12,
+                    "temperature": 0,
+                    "ignore_eos": true,
+                })
+            })
+            .collect();
+        post_all(port, bodies, |v| {
+            let out = v["choices"][0]["text"].as_str().expect("text").to_string();
+            let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .expect("usage.prompt_tokens_details.cached_tokens");
+            (out, cached)
+        })
+    }
+
+    /// One request of each family, then all 48 at once, on a server of
+    /// `ranks` ranks started with `args` and `env`.
+    fn two_waves(ranks: usize, args: &[&str], env: &[(&str, &str)]) -> Vec<(String, u64)> {
+        let prompts = common::shared_prefix_texts(48);
+        let port = free_port();
+        let _server = serve_with(ranks, port, args, env);
+        let mut got = complete_texts(port, &prompts[..3]);
+        got.extend(complete_texts(port, &prompts));
+        got
+    }
+
+    #[test]
+    fn prefix_caching_across_ranks_changes_no_output() {
+        // Nodes on other ranks hold the cached blocks' keys and values: a
+        // hit hands a later request's block table the blocks an earlier one
+        // wrote there. With f32 weights, every layout's text with caching on
+        // across two ranks equals one process's with caching off.
+        let model = common::model_path().display().to_string();
+        let base = ["--model", model.as_str(), "--weights", "f32"];
+        let want = two_waves(1, &base, &[("PARALLM__SCHEDULER__PREFIX_CACHING", "false")]);
+        assert!(want.iter().all(|(_, cached)| *cached == 0), "{want:?}");
+        for (flags, placement) in [
+            (["--tp", "2", "--pp", "1", "--dp", "1"], "spread"),
+            (["--tp", "1", "--pp", "2", "--dp", "1"], "by-host"),
+            (["--tp", "1", "--pp", "1", "--dp", "2"], "by-host"),
+        ] {
+            let mut args = base.to_vec();
+            args.extend(flags);
+            args.extend(["--placement", placement]);
+            let got = two_waves(2, &args, &[]);
+            for (i, ((g, _), (w, _))) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g, w, "{flags:?} {placement}: request {i}");
+            }
+            let cached: u64 = got.iter().map(|(_, c)| c).sum();
+            // The second wave alone finds 45 of its prefixes cached by the
+            // first; each is at least 16 tokens.
+            assert!(cached >= 45 * 16, "{flags:?}: {cached} cached tokens");
+            eprintln!("{flags:?} {placement}: {cached} prompt tokens from the cache");
+        }
     }
 
     /// The processes whose environment holds `mark` (`mpirun` passes its

@@ -124,18 +124,9 @@ fn prefix_caching_changes_no_output_at_any_layout() {
     // row's result independent of the batch it is computed in, so caching on
     // and off must agree exactly, whichever rows each step happens to hold.
     let tok = common::tokenizer();
-    let families = [
-        "You are a helpful assistant. ".repeat(2),
-        "Parallel inference splits a model across devices and serves many requests at once. "
-            .repeat(4),
-        "The quick brown fox jumps over the lazy dog while the scheduler batches every step. "
-            .repeat(8),
-    ];
-    let prompts: Vec<Vec<u32>> = (0..64)
-        .map(|i| {
-            tok.encode(&format!("{}Question {i}: why?", families[i % 3]))
-                .expect("tokenizes")
-        })
+    let prompts: Vec<Vec<u32>> = common::shared_prefix_texts(64)
+        .iter()
+        .map(|t| tok.encode(t).expect("tokenizes"))
         .collect();
     for (tp, pp, dp) in [(1, 1, 1), (3, 1, 1), (1, 2, 1), (1, 1, 2)] {
         let layout = format!("tp={tp} pp={pp} dp={dp}");

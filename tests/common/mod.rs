@@ -218,6 +218,22 @@ pub fn sixty_four_prompts() -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// `n` prompts in three families, each a shared prefix (2, 4 and 8 or more
+/// KV blocks) followed by a question of its own: prompt `i` is family
+/// `i % 3`'s.
+pub fn shared_prefix_texts(n: usize) -> Vec<String> {
+    let families = [
+        "You are a helpful assistant. ".repeat(2),
+        "Parallel inference splits a model across devices and serves many requests at once. "
+            .repeat(4),
+        "The quick brown fox jumps over the lazy dog while the scheduler batches every step. "
+            .repeat(8),
+    ];
+    (0..n)
+        .map(|i| format!("{}Question {i}: why?", families[i % 3]))
+        .collect()
+}
+
 /// Every position's logits of `prompt`, then `n` greedy tokens, on one shard
 /// of a tensor-parallel group (`coll`).
 pub fn prefill_and_greedy(
