@@ -4,7 +4,8 @@
 //! exercised, and f32 weights, each layout's greedy text over the golden
 //! prompts equals the same layout's in one process: tp=2 across 2 ranks,
 //! pp=2 across 2 ranks, tp=3 in-process × pp=2 across 2 ranks, dp=2 across
-//! 2 ranks; and the same with the default (Q4_1) weights. `parallm serve`
+//! 2 ranks; and the same with the default (Q4_1) weights, and with a draft
+//! model's drafts crossing ranks. `parallm serve`
 //! on 3 ranks (pp=3, a stage per rank) answers 64 concurrent requests
 //! exactly as a one-process server does, and on 2 ranks (tp=2, pp=2,
 //! dp=2, f32 weights) with prefix caching on, 48 requests sharing three
@@ -109,6 +110,32 @@ mod with_mpi {
     #[test]
     fn the_default_weights_across_ranks_give_the_text_of_one_process() {
         check("auto");
+    }
+
+    #[test]
+    fn a_draft_model_across_ranks_gives_the_text_of_one_process() {
+        // The reference model's own file drafts for its f32 weights; the
+        // drafts cross from the draft node's rank to the target's nodes on
+        // the other (pp=2 by host: the draft node with the last stage on
+        // rank 1; tp=2 spread: the draft node on rank 0, tensor rank 1 on
+        // rank 1), and the text is one process's without speculation.
+        let model = common::model_path().display().to_string();
+        for (flags, placement) in [
+            (["--tp", "1", "--pp", "2"], "by-host"),
+            (["--tp", "2", "--pp", "1"], "spread"),
+        ] {
+            for prompt in prompts().iter() {
+                let mut args = vec!["--model", &model, "--weights", "f32"];
+                args.extend(flags);
+                args.extend(["--max-tokens", "12", "--temperature", "0", prompt.as_str()]);
+                let want = generate(1, &args);
+                let mut spec = args.clone();
+                spec.extend(["--placement", placement, "--speculative", "draft"]);
+                spec.extend(["--draft-model", &model]);
+                let got = generate(2, &spec);
+                assert_eq!(got, want, "{flags:?} {placement}: {prompt:?}");
+            }
+        }
     }
 
     /// A server (`ranks` > 1: under mpirun) on `port`, stopped (SIGTERM to

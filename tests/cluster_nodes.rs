@@ -3,9 +3,11 @@
 //! `tests/cluster_mpi.rs` run real processes under `mpirun`): rank 0 builds
 //! the engine, whose nodes on other ranks are proxies, and every other rank
 //! serves its nodes. Every layout gives exactly the greedy tokens of the
-//! same layout in one process (f32 weights), and leaves no KV block and no
-//! message behind; a node that fails on another rank is rebuilt there and
-//! changes no token.
+//! same layout in one process (f32 weights), with a draft model's node too
+//! (its drafts crossing ranks), and leaves no KV block, no message and no
+//! abort hook behind; a node that fails on another rank (a draft node, or
+//! one in a replica held wholly by another rank, whose step planned before
+//! the rebuild rank 0 refuses) is rebuilt there and changes no token.
 
 mod common;
 
@@ -14,7 +16,8 @@ use std::time::Duration;
 
 use cluster::{ClusterSpec, Layout, Loopback, Mode, Placement, Transport};
 use common::{model_path, run, wait_idle};
-use parallm::actors::llm::{Cluster, FaultInjection};
+use parallm::actors::llm::{Cluster, FaultInjection, ModelSource};
+use parallm::framework::speculative::Speculation;
 use parallm::framework::WeightFormat;
 use parallm::{Engine, EngineBuilder};
 
@@ -29,16 +32,34 @@ fn builder(tp: usize, pp: usize, dp: usize) -> EngineBuilder {
         .dp(dp)
 }
 
-/// Runs `prompts` on a job of `ranks` ranks (threads) placed by `mode`;
-/// `fault` is injected on the ranks other than 0 (where the nodes it names
-/// run). Returns the tokens.
+/// `b` with a draft model: the reference model in its file's own (Q4_1)
+/// weights, drafting up to 4 tokens for the f32 target at any load.
+fn with_draft(b: EngineBuilder) -> EngineBuilder {
+    b.speculative(Speculation::draft(4))
+        .speculate_max_running(usize::MAX)
+        .draft_model(ModelSource::Gguf(model_path()), WeightFormat::Auto)
+}
+
+/// Runs `prompts` on a job of `ranks` ranks (threads) placed by `mode`,
+/// each replica with a draft model's node if `draft`; `fault` is injected
+/// on the ranks other than 0 (where the nodes it names run). Returns the
+/// tokens.
 fn across(
     (tp, pp, dp): (usize, usize, usize),
     ranks: usize,
     mode: Mode,
     prompts: &[Vec<u32>],
     fault: Option<FaultInjection>,
+    draft: bool,
 ) -> Vec<Vec<u32>> {
+    let builder = move |tp, pp, dp| {
+        let b = builder(tp, pp, dp);
+        if draft {
+            with_draft(b)
+        } else {
+            b
+        }
+    };
     let placement = Arc::new(
         Placement::plan(
             &ClusterSpec {
@@ -46,12 +67,7 @@ fn across(
                 mode,
                 ..ClusterSpec::default()
             },
-            Layout {
-                dp,
-                tp,
-                pp,
-                draft: false,
-            },
+            Layout { dp, tp, pp, draft },
             ranks,
         )
         .expect("placement"),
@@ -83,6 +99,9 @@ fn across(
     let got = run(&engine, prompts, NEW_TOKENS);
     let s = wait_idle(&engine);
     assert_eq!(s.policy.kv_used, 0, "{s:?}");
+    if draft {
+        assert!(s.policy.accepted > 0, "no draft accepted: {s:?}");
+    }
     if let Some(f) = fault {
         // The proxy reported the remote failure and was restarted.
         let nodes = engine.stats().nodes;
@@ -100,6 +119,12 @@ fn across(
     }
     for t in &world {
         assert_eq!(t.mailbox().pending(), 0, "rank {}: messages left", t.rank());
+        assert_eq!(
+            t.mailbox().hooks(),
+            0,
+            "rank {}: abort hooks left",
+            t.rank()
+        );
     }
     got
 }
@@ -127,9 +152,35 @@ fn every_layout_across_ranks_gives_the_tokens_of_one_process() {
         ((2, 2, 1), 3, Mode::Spread),
     ] {
         let want = in_one_process(layout, &prompts);
-        let got = across(layout, ranks, mode, &prompts, None);
+        let got = across(layout, ranks, mode, &prompts, None, false);
         assert_eq!(
             got, want,
+            "(tp, pp, dp) = {layout:?} over {ranks} ranks, {mode:?}"
+        );
+    }
+}
+
+#[test]
+fn a_draft_node_across_ranks_gives_the_tokens_of_one_process() {
+    // The drafts cross from the draft node's rank to the target's nodes on
+    // other ranks, and the tokens are those of the same layout's plain
+    // greedy decoding in one process.
+    let prompts = common::golden_prompts();
+    for (layout, ranks, mode) in [
+        // pp=2 by host: the draft node joins the last stage on rank 1, and
+        // stage 0 on rank 0 waits for its drafts.
+        ((1, 2, 1), 2, Mode::ByHost),
+        // tp=2 spread: the draft node on rank 0, tensor rank 1 on rank 1.
+        ((2, 1, 1), 2, Mode::Spread),
+        // dp=2 by host: each replica with its draft node on a rank of its own.
+        ((1, 1, 2), 2, Mode::ByHost),
+        // tp=2 × pp=2 spread over 3 ranks: drafts to two ranks.
+        ((2, 2, 1), 3, Mode::Spread),
+    ] {
+        let plain = in_one_process(layout, &prompts);
+        let got = across(layout, ranks, mode, &prompts, None, true);
+        assert_eq!(
+            got, plain,
             "(tp, pp, dp) = {layout:?} over {ranks} ranks, {mode:?}"
         );
     }
@@ -150,9 +201,49 @@ fn a_node_failing_on_another_rank_is_rebuilt_and_changes_no_token() {
             times: 1,
             panic,
         };
-        let got = across(layout, 2, Mode::Spread, &prompts, Some(fault));
+        let got = across(layout, 2, Mode::Spread, &prompts, Some(fault), false);
         assert_eq!(got, want, "panic = {panic}");
     }
+}
+
+#[test]
+fn a_node_failing_in_a_replica_held_by_another_rank_is_rebuilt_and_changes_no_token() {
+    // dp=2 × pp=2 × tp=2 by host on 2 ranks: replica 1 is all on rank 1,
+    // whose links are all within that process. Its node 3 (stage 1, tensor
+    // rank 1) fails at its fourth step; the other lane's step, planned
+    // before the rebuild, is refused on rank 0, and node 2, waiting on rank
+    // 1 for node 3 to sum with, must hear of it.
+    let prompts = common::golden_prompts();
+    let layout = (2, 2, 2);
+    let want = in_one_process(layout, &prompts);
+    let fault = FaultInjection {
+        replica: 1,
+        node: 3,
+        step: 3,
+        times: 1,
+        panic: false,
+    };
+    let got = across(layout, 2, Mode::ByHost, &prompts, Some(fault), false);
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_draft_node_failing_on_another_rank_is_rebuilt_and_changes_no_token() {
+    // pp=2 by host puts the draft model's node on rank 1 with the last
+    // stage; it fails at its fourth step, and the first stage, on rank 0,
+    // waiting for its drafts, is aborted with it.
+    let prompts = common::golden_prompts();
+    let layout = (1, 2, 1);
+    let want = in_one_process(layout, &prompts);
+    let fault = FaultInjection {
+        replica: 0,
+        node: 2,
+        step: 3,
+        times: 1,
+        panic: false,
+    };
+    let got = across(layout, 2, Mode::ByHost, &prompts, Some(fault), true);
+    assert_eq!(got, want, "a failing draft node");
 }
 
 /// A transport that fails (a rank died or stopped answering: the heartbeat

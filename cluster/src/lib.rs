@@ -33,7 +33,7 @@ use std::sync::Arc;
 pub use collective::TransportCollective;
 pub use launch::LaunchPlan;
 pub use placement::{ClusterSpec, Layout, Mode, Placement, PlacementError};
-pub use transport::{Address, Loopback, Transport};
+pub use transport::{AbortHook, Address, Loopback, Transport};
 
 /// Each rank's index among the ranks on its host (`hosts`: every rank's
 /// host, in rank order): the GPU ordinal a rank takes, counted from the

@@ -19,7 +19,7 @@
 //! `mpi` feature, `crate::mpi::MpiTransport`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use framework::{Error, Result};
@@ -63,11 +63,20 @@ pub trait Transport: Send + Sync {
     }
 }
 
+/// What a rank tells when one of a stream's waits is aborted: the links of
+/// a step that do not go through the transport (channels and collectives
+/// within the process), so that they fail with the ones that do.
+pub trait AbortHook: Send + Sync {
+    /// The stream was aborted here.
+    fn stream_aborted(&self);
+}
+
 #[derive(Default)]
 struct Boxes {
     queued: HashMap<(usize, Address), VecDeque<Vec<u8>>>,
     aborted: HashSet<u64>,
     failed: Option<String>,
+    hooks: HashMap<u64, Vec<Weak<dyn AbortHook>>>,
 }
 
 /// The messages that arrived at one rank, filed by source and address.
@@ -98,13 +107,44 @@ impl Mailbox {
         self.arrived.notify_all();
     }
 
-    /// Marks `stream` aborted here and drops what was filed under it.
+    /// Marks `stream` aborted here, drops what was filed under it, and
+    /// tells its hooks ([`Mailbox::on_abort`]).
     pub fn abort_stream(&self, stream: u64) {
         let mut b = self.lock();
         b.aborted.insert(stream);
         b.queued.retain(|(_, a), _| a.stream != stream);
+        let hooks = b.hooks.remove(&stream).unwrap_or_default();
         drop(b);
         self.arrived.notify_all();
+        for h in hooks.iter().filter_map(Weak::upgrade) {
+            h.stream_aborted();
+        }
+    }
+
+    /// Tells `hook` when `stream` is aborted here (at once if it already
+    /// is), unless the hook is gone by then. The hook is called without the
+    /// mailbox's lock held, so it may abort streams itself.
+    pub fn on_abort(&self, stream: u64, hook: Weak<dyn AbortHook>) {
+        let mut b = self.lock();
+        if !b.aborted.contains(&stream) {
+            b.hooks.entry(stream).or_default().push(hook);
+            return;
+        }
+        drop(b);
+        if let Some(h) = hook.upgrade() {
+            h.stream_aborted();
+        }
+    }
+
+    /// Forgets `stream`'s hooks that are gone (called as one is dropped).
+    pub fn forget_hooks(&self, stream: u64) {
+        let mut b = self.lock();
+        if let Some(hooks) = b.hooks.get_mut(&stream) {
+            hooks.retain(|h| h.strong_count() > 0);
+            if hooks.is_empty() {
+                b.hooks.remove(&stream);
+            }
+        }
     }
 
     /// Fails every wait, now and later (a peer is lost).
@@ -188,6 +228,12 @@ impl Mailbox {
     pub fn pending(&self) -> usize {
         self.lock().queued.values().map(VecDeque::len).sum()
     }
+
+    /// Abort hooks held for streams not aborted yet (for tests: none may
+    /// be left behind once a step is over).
+    pub fn hooks(&self) -> usize {
+        self.lock().hooks.values().map(Vec::len).sum()
+    }
 }
 
 /// Ranks as threads of one process: a send files the message straight into
@@ -262,9 +308,114 @@ pub fn bytes_f32(bytes: &[u8]) -> Result<Vec<f32>> {
         .collect())
 }
 
+/// Lists of token ids as little-endian `u32`s: the number of lists, then
+/// each list's length and its ids.
+pub fn token_lists_bytes(lists: &[Vec<u32>]) -> Vec<u8> {
+    let words = 1 + lists.len() + lists.iter().map(Vec::len).sum::<usize>();
+    let mut out = Vec::with_capacity(words * 4);
+    out.extend_from_slice(&(lists.len() as u32).to_le_bytes());
+    for list in lists {
+        out.extend_from_slice(&(list.len() as u32).to_le_bytes());
+        for id in list {
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// The lists [`token_lists_bytes`] wrote; fails on a message that is not
+/// one whole such encoding.
+pub fn bytes_token_lists(bytes: &[u8]) -> Result<Vec<Vec<u32>>> {
+    let bad = |why: &str| {
+        Error::Collective(format!(
+            "a message of {} bytes is not lists of token ids: {why}",
+            bytes.len()
+        ))
+    };
+    if !bytes.len().is_multiple_of(4) {
+        return Err(bad("not a whole number of u32s"));
+    }
+    let mut words = bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize);
+    let n = words.next().ok_or_else(|| bad("empty"))?;
+    // Each list takes at least its length's word.
+    if n > bytes.len() / 4 {
+        return Err(bad("more lists than words"));
+    }
+    let mut lists = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = words
+            .next()
+            .ok_or_else(|| bad("a list's length is missing"))?;
+        if len > words.len() {
+            return Err(bad("a list runs past the end"));
+        }
+        lists.push(words.by_ref().take(len).map(|w| w as u32).collect());
+    }
+    if words.next().is_some() {
+        return Err(bad("words left after the last list"));
+    }
+    Ok(lists)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl AbortHook for Count {
+        fn stream_aborted(&self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn abort_hooks_are_told_once_and_forgotten_when_gone() {
+        let m = Mailbox::default();
+        let hook = Arc::new(Count(Default::default()));
+        let weak = || Arc::downgrade(&hook) as Weak<dyn AbortHook>;
+        m.on_abort(7, weak());
+        m.on_abort(8, weak());
+        assert_eq!(m.hooks(), 2);
+        m.abort_stream(7);
+        m.abort_stream(7);
+        assert_eq!(hook.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // A stream aborted before the hook comes tells it at once.
+        m.on_abort(7, weak());
+        assert_eq!(hook.0.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(m.hooks(), 1);
+        drop(hook);
+        m.forget_hooks(8);
+        assert_eq!(m.hooks(), 0);
+    }
+
+    #[test]
+    fn token_lists_round_trip_and_bad_messages_are_refused() {
+        for lists in [
+            vec![],
+            vec![vec![]],
+            vec![vec![1, 2, 3], vec![], vec![u32::MAX]],
+        ] {
+            assert_eq!(
+                bytes_token_lists(&token_lists_bytes(&lists)).unwrap(),
+                lists
+            );
+        }
+        let good = token_lists_bytes(&[vec![7, 8], vec![9]]);
+        for bad in [
+            &good[..good.len() - 1],
+            &good[..good.len() - 4],
+            &[][..],
+            &[5, 0, 0, 0][..],
+        ] {
+            assert!(bytes_token_lists(bad).is_err(), "{bad:?}");
+        }
+        let mut extra = good.clone();
+        extra.extend_from_slice(&[0; 4]);
+        assert!(bytes_token_lists(&extra).is_err());
+    }
 
     fn at(stream: u64, from: u32, to: u32) -> Address {
         Address { stream, from, to }

@@ -16,7 +16,7 @@ use framework::model::Logits;
 use serde::{Deserialize, Serialize};
 
 /// The version of this format; bumped whenever [`Message`] changes.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 const MAGIC: [u8; 2] = *b"PL";
 
 /// A control message.
@@ -61,10 +61,21 @@ pub struct StepDone {
     pub index: u32,
     /// The step (`StepPlan::id`).
     pub step: u64,
-    /// The logits of the last stage's rank 0, per micro-batch (its first
-    /// item and its rows), for rank 0 to choose the tokens with the
-    /// requests' samplers; empty for every other node.
-    pub outcome: Result<Vec<(u32, Logits)>, Failure>,
+    /// What the last stage's rank 0 hands back for rank 0 to choose the
+    /// tokens with the requests' samplers; empty for every other node.
+    pub outcome: Result<Hosted, Failure>,
+}
+
+/// What a node in another process hands back from a step: empty, except
+/// from the last stage's rank 0.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Hosted {
+    /// The logits, per micro-batch: its first item and its rows.
+    pub logits: Vec<(u32, Logits)>,
+    /// The draft model's drafts the step verified, per item (empty for
+    /// items whose drafts are not the model's; no items at all in a step
+    /// without such drafts).
+    pub drafts: Vec<Vec<u32>>,
 }
 
 /// Why a node's step failed.
@@ -135,6 +146,11 @@ pub enum Link {
     },
     /// The draft node's drafts to the target's nodes.
     Drafts,
+    /// Nothing travels on it: aborting it aborts the step on every rank
+    /// that hosts a node of the replica, for the links within a process
+    /// (rank 0 refusing a node's part of a step, planned before that node
+    /// was rebuilt, tells its rank this way).
+    Step,
 }
 
 /// The stream of `link` in step `step` of `replica`: unique in the job,
@@ -143,6 +159,7 @@ pub fn stream(replica: usize, step: u64, link: Link) -> u64 {
     let link: u64 = match link {
         Link::Control => return 0,
         Link::Drafts => 1,
+        Link::Step => 2,
         Link::Collective { stage } => 0x1000 | u64::from(stage),
         Link::Pipeline { stage } => 0x2000 | u64::from(stage),
     };
@@ -206,7 +223,10 @@ mod tests {
                 replica: 1,
                 index: 2,
                 step: 41,
-                outcome: Ok(vec![(0, logits)]),
+                outcome: Ok(Hosted {
+                    logits: vec![(0, logits)],
+                    drafts: vec![vec![], vec![5, 6]],
+                }),
             }),
             Message::StepDone(StepDone {
                 replica: 0,
@@ -254,6 +274,7 @@ mod tests {
             for step in [0u64, 1, 1 << 30] {
                 for link in [
                     Link::Drafts,
+                    Link::Step,
                     Link::Collective { stage: 0 },
                     Link::Collective { stage: 1 },
                     Link::Pipeline { stage: 0 },

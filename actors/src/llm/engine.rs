@@ -843,17 +843,6 @@ impl Engine {
             .with_route_margin(cfg.prefix_route_margin)
             .with_cache_aware_routing(cfg.cache_aware_routing)
             .with_cluster(cfg.cluster.clone());
-        if cfg
-            .cluster
-            .as_ref()
-            .is_some_and(|c| !c.placement.is_local())
-            && shape.draft
-        {
-            return Err(EngineError::Invalid(Error::InvalidRequest {
-                field: "speculative.draft_model",
-                reason: "a draft model with nodes in other processes is not supported yet".into(),
-            }));
-        }
         let merger = LlmMerger::new(tokenizer.clone(), model.context);
         let fault = cfg.fault.map(FaultState::new);
         let (source, format) = (cfg.model.clone(), cfg.weights);

@@ -20,12 +20,14 @@
 //! request's tokens come back before its lane plans it again.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
-use cluster::transport::{bytes_f32, f32_bytes, Address, Transport};
+use cluster::transport::{
+    bytes_f32, bytes_token_lists, f32_bytes, token_lists_bytes, Address, Transport,
+};
 use cluster::wire::{self, Link};
-use cluster::{Placement, TransportCollective};
+use cluster::{AbortHook, Placement, TransportCollective};
 use crossbeam::channel::{Receiver, Sender};
 use framework::batching::{BatchConfig, BatchScheduler, GroupOutcome, StepPlan};
 use framework::collective::{Collective, SingleCollective, ThreadCollective};
@@ -178,8 +180,14 @@ impl ReplicaAbort {
         }
     }
 
-    /// Aborts the step.
+    /// Aborts the step (once: later calls do nothing).
     pub fn abort(&self) {
+        // A poisoned lock still holds the sender (taking it cannot panic).
+        let mut tx = self.tx.lock().unwrap_or_else(PoisonError::into_inner);
+        if tx.take().is_none() {
+            return;
+        }
+        drop(tx);
         for c in &self.collectives {
             c.abort();
         }
@@ -187,9 +195,6 @@ impl ReplicaAbort {
             for &s in &r.streams {
                 r.transport.abort(s, &r.ranks);
             }
-        }
-        if let Ok(mut tx) = self.tx.lock() {
-            tx.take();
         }
     }
 
@@ -199,11 +204,59 @@ impl ReplicaAbort {
     }
 }
 
-/// Where a node's hidden rows come from: the previous stage in this
-/// process, or in another.
-pub enum Inbox {
+/// A stream of the step aborted by another process (a peer failed there,
+/// or rank 0 refused a node's part of the step) aborts the step's links in
+/// this one too: the channels and collectives within the process, which a
+/// node may be waiting on for a node whose part never comes.
+impl AbortHook for ReplicaAbort {
+    fn stream_aborted(&self) {
+        self.abort();
+    }
+}
+
+impl Drop for ReplicaAbort {
+    fn drop(&mut self) {
+        if let Some(r) = &self.remote {
+            for &s in &r.streams {
+                r.transport.mailbox().forget_hooks(s);
+            }
+        }
+    }
+}
+
+/// What travels on a link between nodes, and its bytes between processes.
+pub trait Payload: Sized + Send {
+    /// The value as a message.
+    fn to_bytes(&self) -> Vec<u8>;
+    /// The value a message holds.
+    fn from_bytes(bytes: &[u8]) -> framework::Result<Self>;
+}
+
+impl Payload for Vec<f32> {
+    fn to_bytes(&self) -> Vec<u8> {
+        f32_bytes(self)
+    }
+
+    fn from_bytes(bytes: &[u8]) -> framework::Result<Self> {
+        bytes_f32(bytes)
+    }
+}
+
+impl Payload for ModelDrafts {
+    fn to_bytes(&self) -> Vec<u8> {
+        token_lists_bytes(self)
+    }
+
+    fn from_bytes(bytes: &[u8]) -> framework::Result<Self> {
+        bytes_token_lists(bytes).map(Arc::new)
+    }
+}
+
+/// Where a node's input on a link comes from: a node in this process, or
+/// in another. Hidden rows from the previous stage by default.
+pub enum Inbox<T = Vec<f32>> {
     /// A channel from a node of this process.
-    Local(Receiver<Vec<f32>>),
+    Local(Receiver<T>),
     /// Messages from `rank` at `address`.
     Remote {
         /// The transport.
@@ -215,11 +268,35 @@ pub enum Inbox {
     },
 }
 
-/// Where a node's hidden rows go: the next stage in this process, or in
-/// another.
-pub enum Outbox {
+impl<T: Payload> Inbox<T> {
+    /// The next value, unless the step is aborted (`abort` here, or its
+    /// stream on the transport); `sender` names the other end for the
+    /// error when it is gone.
+    fn take(&self, abort: &ReplicaAbort, sender: &str) -> Result<T, NodeError> {
+        match self {
+            Inbox::Local(rx) => crossbeam::select! {
+                recv(rx) -> m => m.map_err(|_| NodeError::Aborted(format!("{sender} is gone"))),
+                recv(abort.rx) -> _ => Err(NodeError::Aborted("a peer failed".into())),
+            },
+            Inbox::Remote {
+                transport,
+                rank,
+                address,
+            } => {
+                let bytes = transport
+                    .recv(*rank, *address, None)
+                    .map_err(|e| NodeError::Aborted(e.to_string()))?;
+                T::from_bytes(&bytes).map_err(|e| NodeError::Failed(e.to_string()))
+            }
+        }
+    }
+}
+
+/// Where a node's output on a link goes: a node in this process, or in
+/// another. Hidden rows to the next stage by default.
+pub enum Outbox<T = Vec<f32>> {
     /// A channel to a node of this process.
-    Local(Sender<Vec<f32>>),
+    Local(Sender<T>),
     /// Messages to `rank` at `address`.
     Remote {
         /// The transport.
@@ -231,6 +308,25 @@ pub enum Outbox {
     },
 }
 
+impl<T: Payload> Outbox<T> {
+    /// Sends `value`; `receiver` names the other end for the error when it
+    /// is gone.
+    fn put(&self, value: T, receiver: &str) -> Result<(), NodeError> {
+        match self {
+            Outbox::Local(tx) => tx
+                .send(value)
+                .map_err(|_| NodeError::Aborted(format!("{receiver} is gone"))),
+            Outbox::Remote {
+                transport,
+                rank,
+                address,
+            } => transport
+                .send(*rank, *address, &value.to_bytes())
+                .map_err(|e| NodeError::Aborted(e.to_string())),
+        }
+    }
+}
+
 /// One node's connections for one step.
 pub struct NodeLinks {
     /// The node's tensor-parallel group.
@@ -239,10 +335,12 @@ pub struct NodeLinks {
     pub prev: Option<Inbox>,
     /// Hidden rows to the next stage (absent on the last).
     pub next: Option<Outbox>,
-    /// A target node's: the draft model's drafts (absent without one).
-    pub drafts_in: Option<Receiver<ModelDrafts>>,
-    /// The draft node's: one sender per target node.
-    pub drafts_out: Vec<Sender<ModelDrafts>>,
+    /// A target node's: the draft model's drafts (absent without one, and
+    /// on a rank that does not host the node).
+    pub drafts_in: Option<Inbox<ModelDrafts>>,
+    /// The draft node's: one outbox per target node (empty on a rank that
+    /// does not host the draft node).
+    pub drafts_out: Vec<Outbox<ModelDrafts>>,
     /// The replica's abort signal.
     pub abort: Arc<ReplicaAbort>,
     /// The step (the kit's id, unique in the job).
@@ -252,67 +350,34 @@ pub struct NodeLinks {
 impl NodeLinks {
     /// The previous stage's next micro-batch, unless the step is aborted.
     pub fn recv(&self) -> Result<Vec<f32>, NodeError> {
-        let prev = self
-            .prev
+        self.prev
             .as_ref()
-            .ok_or_else(|| NodeError::Failed("the first stage has no previous stage".into()))?;
-        match prev {
-            Inbox::Local(prev) => crossbeam::select! {
-                recv(prev) -> m => m.map_err(|_| NodeError::Aborted("the previous stage is gone".into())),
-                recv(self.abort.rx) -> _ => Err(NodeError::Aborted("a peer failed".into())),
-            },
-            Inbox::Remote {
-                transport,
-                rank,
-                address,
-            } => {
-                let bytes = transport
-                    .recv(*rank, *address, None)
-                    .map_err(|e| NodeError::Aborted(e.to_string()))?;
-                bytes_f32(&bytes).map_err(|e| NodeError::Failed(e.to_string()))
-            }
-        }
+            .ok_or_else(|| NodeError::Failed("the first stage has no previous stage".into()))?
+            .take(&self.abort, "the previous stage")
     }
 
     /// The draft model's drafts for this step, unless the step is aborted.
     pub fn recv_drafts(&self) -> Result<ModelDrafts, NodeError> {
-        let rx = self
-            .drafts_in
+        self.drafts_in
             .as_ref()
-            .ok_or_else(|| NodeError::Failed("the step has drafts but no draft node".into()))?;
-        crossbeam::select! {
-            recv(rx) -> m => m.map_err(|_| NodeError::Aborted("the draft node is gone".into())),
-            recv(self.abort.rx) -> _ => Err(NodeError::Aborted("a peer failed".into())),
-        }
+            .ok_or_else(|| NodeError::Failed("the step has drafts but no draft node".into()))?
+            .take(&self.abort, "the draft node")
     }
 
     /// Sends the step's drafts to every target node (the draft node's).
     pub fn send_drafts(&self, drafts: ModelDrafts) -> Result<(), NodeError> {
-        for tx in &self.drafts_out {
-            tx.send(drafts.clone())
-                .map_err(|_| NodeError::Aborted("a target node is gone".into()))?;
+        for out in &self.drafts_out {
+            out.put(drafts.clone(), "a target node")?;
         }
         Ok(())
     }
 
     /// Hands a micro-batch's hidden rows to the next stage.
     pub fn send(&self, hidden: Vec<f32>) -> Result<(), NodeError> {
-        let next = self
-            .next
+        self.next
             .as_ref()
-            .ok_or_else(|| NodeError::Failed("the last stage has no next stage".into()))?;
-        match next {
-            Outbox::Local(next) => next
-                .send(hidden)
-                .map_err(|_| NodeError::Aborted("the next stage is gone".into())),
-            Outbox::Remote {
-                transport,
-                rank,
-                address,
-            } => transport
-                .send(*rank, *address, &f32_bytes(&hidden))
-                .map_err(|e| NodeError::Aborted(e.to_string())),
-        }
+            .ok_or_else(|| NodeError::Failed("the last stage has no next stage".into()))?
+            .put(hidden, "the next stage")
     }
 }
 
@@ -325,7 +390,8 @@ pub fn wire(shape: ReplicaShape) -> Vec<NodeLinks> {
 /// cluster, a link whose ends run in different processes goes over its
 /// transport — a tensor-parallel group spanning processes sums through a
 /// [`TransportCollective`] on every member (in rank order, so bit for bit
-/// as in one process), hidden rows between stages go as messages — and
+/// as in one process), hidden rows between stages and drafts from the
+/// draft node go as messages — and
 /// every rank builds the same links for the same step; the links of nodes
 /// that run elsewhere are only placeholders (their abort still reaches
 /// every process).
@@ -386,40 +452,51 @@ pub fn wire_step(
         let (s, r): (Vec<_>, Vec<_>) = (0..shape.tp)
             .map(|rank| {
                 let (from, to) = (stage * shape.tp + rank, (stage + 1) * shape.tp + rank);
-                match cluster {
-                    Some(c) if host(from) != host(to) => {
-                        if !spanning.contains(&stream) {
-                            spanning.push(stream);
-                        }
-                        let address = Address {
-                            stream,
-                            from: rank as u32,
-                            to: rank as u32,
-                        };
-                        (
-                            (host(from) == here).then(|| Outbox::Remote {
-                                transport: c.transport.clone(),
-                                rank: host(to),
-                                address,
-                            }),
-                            (host(to) == here).then(|| Inbox::Remote {
-                                transport: c.transport.clone(),
-                                rank: host(from),
-                                address,
-                            }),
-                        )
-                    }
-                    _ => {
-                        let (s, r) = crossbeam::channel::unbounded();
-                        (Some(Outbox::Local(s)), Some(Inbox::Local(r)))
-                    }
-                }
+                let address = Address {
+                    stream,
+                    from: rank as u32,
+                    to: rank as u32,
+                };
+                link_ends(
+                    cluster,
+                    (host(from), host(to), here),
+                    address,
+                    &mut spanning,
+                    crossbeam::channel::unbounded,
+                )
             })
             .unzip();
         senders.push(s);
         receivers.push(r);
     }
     senders.push((0..shape.tp).map(|_| None).collect());
+    // The drafts, from the draft node to each target node: over the
+    // transport where the two run in different processes.
+    let draft_node = shape.targets();
+    let drafts_stream = wire::stream(replica, step, Link::Drafts);
+    let (mut drafts_out, mut drafts_in): (Vec<_>, Vec<_>) = (0..shape.targets())
+        .filter(|_| shape.draft)
+        .map(|target| {
+            let address = Address {
+                stream: drafts_stream,
+                from: draft_node as u32,
+                to: target as u32,
+            };
+            link_ends(
+                cluster,
+                (host(draft_node), host(target), here),
+                address,
+                &mut spanning,
+                || crossbeam::channel::bounded(1),
+            )
+        })
+        .unzip();
+    // A replica with a node outside rank 0 has a stream for the step as a
+    // whole, so that rank 0 refusing one of those nodes' parts aborts the
+    // links within that node's process too.
+    if cluster.is_some() && (0..shape.nodes()).any(|i| host(i) != 0) {
+        spanning.push(wire::stream(replica, step, Link::Step));
+    }
     let mut abort = ReplicaAbort::new(groups.iter().flatten().cloned().collect());
     if let (Some(c), false) = (cluster, spanning.is_empty()) {
         let mut ranks: Vec<usize> = (0..shape.nodes()).map(host).collect();
@@ -432,20 +509,21 @@ pub fn wire_step(
         });
     }
     let abort = Arc::new(abort);
-    let mut drafts_out = Vec::new();
+    if let Some(r) = &abort.remote {
+        let hook = Arc::downgrade(&abort);
+        for &s in &r.streams {
+            r.transport.mailbox().on_abort(s, hook.clone());
+        }
+    }
     let mut links = Vec::with_capacity(shape.nodes());
     for (stage, group) in groups.into_iter().enumerate() {
         for (rank, collective) in group.into_iter().enumerate() {
-            let drafts_in = shape.draft.then(|| {
-                let (tx, rx) = crossbeam::channel::bounded(1);
-                drafts_out.push(tx);
-                rx
-            });
+            let node = stage * shape.tp + rank;
             links.push(NodeLinks {
                 collective,
                 prev: receivers[stage][rank].take(),
                 next: senders[stage][rank].take(),
-                drafts_in,
+                drafts_in: drafts_in.get_mut(node).and_then(Option::take),
                 drafts_out: Vec::new(),
                 abort: abort.clone(),
                 step,
@@ -458,12 +536,49 @@ pub fn wire_step(
             prev: None,
             next: None,
             drafts_in: None,
-            drafts_out,
+            drafts_out: drafts_out.iter_mut().filter_map(Option::take).collect(),
             abort,
             step,
         });
     }
     links
+}
+
+/// The two ends of a link from a node on rank `from` to one on rank `to`,
+/// as rank `here` holds them (`None` for an end another rank holds):
+/// messages under `address` on the cluster's transport where the ranks
+/// differ (its stream is then added to `spanning`), else a channel that
+/// `local` makes.
+fn link_ends<T>(
+    cluster: Option<&Cluster>,
+    (from, to, here): (usize, usize, usize),
+    address: Address,
+    spanning: &mut Vec<u64>,
+    local: impl FnOnce() -> (Sender<T>, Receiver<T>),
+) -> (Option<Outbox<T>>, Option<Inbox<T>>) {
+    match cluster {
+        Some(c) if from != to => {
+            if !spanning.contains(&address.stream) {
+                spanning.push(address.stream);
+            }
+            (
+                (from == here).then(|| Outbox::Remote {
+                    transport: c.transport.clone(),
+                    rank: to,
+                    address,
+                }),
+                (to == here).then(|| Inbox::Remote {
+                    transport: c.transport.clone(),
+                    rank: from,
+                    address,
+                }),
+            )
+        }
+        _ => {
+            let (tx, rx) = local();
+            (Some(Outbox::Local(tx)), Some(Inbox::Local(rx)))
+        }
+    }
 }
 
 /// One lane of a replica: a batch scheduler over its own share of the KV

@@ -17,7 +17,15 @@
 //! it, the node actor on rank 0 is restarted as any node is, and its factory
 //! tells the rank to rebuild the node (dropping its KV cache) before the
 //! replica recomputes. Aborting a step's links reaches every process that
-//! hosts one of the replica's nodes.
+//! hosts one of the replica's nodes, and there aborts the step's links
+//! within the process as well (their [`ReplicaAbort`] hooks the step's
+//! streams): so a node waiting on a peer of its own process whose part
+//! rank 0 refused (planned before that peer was rebuilt) returns too. The
+//! draft model's node may run anywhere: its drafts travel to the target's
+//! nodes as messages, and the last stage's rank 0 hands back the drafts its
+//! logits verify with them.
+//!
+//! [`ReplicaAbort`]: crate::llm::policy::ReplicaAbort
 //!
 //! A rank that is lost (the transport failed: it died, or its heartbeat
 //! stopped) is not recovered: rank 0's engine stops for good (see
@@ -136,8 +144,8 @@ impl RemoteNode {
                 }
             }
         };
-        let logits = match done.outcome {
-            Ok(l) => l,
+        let hosted = match done.outcome {
+            Ok(h) => h,
             Err(Failure::Aborted(m)) => return Err(NodeError::Aborted(m)),
             Err(Failure::Failed(m)) => {
                 return Err(NodeError::Failed(format!("on rank {}: {m}", self.rank())))
@@ -148,8 +156,9 @@ impl RemoteNode {
             return Ok(None);
         }
         let mut picks = Picks::new();
-        for (first, l) in &logits {
-            step.pick(*first as usize, l, &mut picks, None);
+        let drafts = (!hosted.drafts.is_empty()).then_some(&hosted.drafts[..]);
+        for (first, l) in &hosted.logits {
+            step.pick(*first as usize, l, &mut picks, drafts);
         }
         Ok(Some(picks))
     }
@@ -277,6 +286,12 @@ fn node_loop(
             Ok(Message::RunStep(run)) => {
                 let links = {
                     let mut map = registry.lock().map_err(|_| "step links poisoned")?;
+                    // An aborted step's links that a node will never take
+                    // (rank 0 refused its part): one that comes after all
+                    // gets fresh links, aborted at once by the streams.
+                    map.retain(|_, (links, _)| {
+                        !links.iter().flatten().any(|l| l.abort.is_aborted())
+                    });
                     let key = (id.replica, run.step);
                     let entry = map.entry(key).or_insert_with(|| {
                         let links = wire_step(shape, id.replica, run.step, Some(cluster));

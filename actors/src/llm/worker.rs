@@ -33,10 +33,11 @@ use std::sync::Arc;
 use framework::batching::{StepItem, StepPlan};
 use framework::collective::{SingleCollective, TimedCollective};
 use framework::metrics as m;
-use framework::model::{Logits, LogitsWanted, PagedItem, StageInput, StageOutput};
+use framework::model::{LogitsWanted, PagedItem, StageInput, StageOutput};
 use framework::Error;
 pub use framework::Shard;
 
+use cluster::wire::Hosted;
 use kit::{NodeError, NodeId, NodeWorker};
 
 use crate::llm::policy::{ModelDrafts, NodeLinks, ReplicaShape};
@@ -164,33 +165,32 @@ impl LlmWorker {
     /// One step for rank 0 of the job, on a node that runs in another
     /// process: as [`NodeWorker::run`], except that the last stage's rank 0
     /// returns its logits, micro-batch by micro-batch (each with its first
-    /// item), for rank 0 to choose the tokens with the requests' samplers.
-    pub fn run_hosted(
-        &mut self,
-        step: &LlmStep,
-        links: &NodeLinks,
-    ) -> Result<Vec<(u32, Logits)>, NodeError> {
+    /// item), for rank 0 to choose the tokens with the requests' samplers
+    /// (the draft model's node returns none: its drafts go to the target's
+    /// nodes).
+    pub fn run_hosted(&mut self, step: &LlmStep, links: &NodeLinks) -> Result<Hosted, NodeError> {
         if let Some(f) = &self.fault {
             f.check(self.id, step.plan.id)?;
         }
-        if self.shape.is_draft(self.id.index) {
-            return Err(NodeError::Failed(
-                "a draft model's node does not run in another process".into(),
-            ));
-        }
         let threads = self.threads.clone();
-        let mut logits = Vec::new();
-        framework::threads::run_in(&threads, || self.run_step(step, links, Some(&mut logits)))?;
-        Ok(logits)
+        if self.shape.is_draft(self.id.index) {
+            // Its drafts go to the target's nodes over the step's links.
+            framework::threads::run_in(&threads, || self.run_draft(step, links))?;
+            return Ok(Hosted::default());
+        }
+        let mut hosted = Hosted::default();
+        framework::threads::run_in(&threads, || self.run_step(step, links, Some(&mut hosted)))?;
+        Ok(hosted)
     }
 
     /// One step on this node's compute threads. The last stage's logits
-    /// are chosen from here, or, with `collect`, handed over as they are.
+    /// are chosen from here, or, with `collect`, handed over as they are,
+    /// with the draft model's drafts they verify.
     fn run_step(
         &mut self,
         step: &LlmStep,
         links: &NodeLinks,
-        mut collect: Option<&mut Vec<(u32, Logits)>>,
+        mut collect: Option<&mut Hosted>,
     ) -> Result<Option<Picks>, NodeError> {
         let plan = &step.plan;
         for &(src, dst) in &plan.copies {
@@ -230,7 +230,7 @@ impl LlmWorker {
             match output.map_err(node_error)? {
                 StageOutput::Hidden(h) => links.send(h)?,
                 StageOutput::Logits(l) if last => match collect.as_deref_mut() {
-                    Some(c) => c.push((mb.start as u32, l)),
+                    Some(c) => c.logits.push((mb.start as u32, l)),
                     None => {
                         let picks = out.get_or_insert_with(Picks::new);
                         step.pick(mb.start, &l, picks, drafted.as_deref().map(Vec::as_slice));
@@ -238,6 +238,9 @@ impl LlmWorker {
                 },
                 StageOutput::Logits(_) | StageOutput::OnRoot => {}
             }
+        }
+        if let (Some(c), Some(d), true) = (collect, &drafted, last) {
+            c.drafts = d.to_vec();
         }
         let node = m::node_label(self.id.replica, self.id.index);
         let phase = step_phase(plan);
