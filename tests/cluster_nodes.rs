@@ -7,7 +7,9 @@
 //! (its drafts crossing ranks), and leaves no KV block, no message and no
 //! abort hook behind; a node that fails on another rank (a draft node, or
 //! one in a replica held wholly by another rank, whose step planned before
-//! the rebuild rank 0 refuses) is rebuilt there and changes no token.
+//! the rebuild rank 0 refuses) is rebuilt there and changes no token. Rank
+//! 0 starts only once every other rank's nodes have loaded, and a node that
+//! cannot load there fails its start, named.
 
 mod common;
 
@@ -40,6 +42,23 @@ fn with_draft(b: EngineBuilder) -> EngineBuilder {
         .draft_model(ModelSource::Gguf(model_path()), WeightFormat::Auto)
 }
 
+/// The placement of layout `(tp, pp, dp)` (with a draft node per replica
+/// if `draft`) on `ranks` ranks by `mode`.
+fn plan(
+    ranks: usize,
+    mode: Mode,
+    (tp, pp, dp): (usize, usize, usize),
+    draft: bool,
+) -> Arc<Placement> {
+    let spec = ClusterSpec {
+        ranks,
+        mode,
+        ..ClusterSpec::default()
+    };
+    let layout = Layout { dp, tp, pp, draft };
+    Arc::new(Placement::plan(&spec, layout, ranks).expect("placement"))
+}
+
 /// Runs `prompts` on a job of `ranks` ranks (threads) placed by `mode`,
 /// each replica with a draft model's node if `draft`; `fault` is injected
 /// on the ranks other than 0 (where the nodes it names run). Returns the
@@ -60,18 +79,7 @@ fn across(
             b
         }
     };
-    let placement = Arc::new(
-        Placement::plan(
-            &ClusterSpec {
-                ranks,
-                mode,
-                ..ClusterSpec::default()
-            },
-            Layout { dp, tp, pp, draft },
-            ranks,
-        )
-        .expect("placement"),
-    );
+    let placement = plan(ranks, mode, (tp, pp, dp), draft);
     assert_eq!(placement.ranks(), ranks);
     let world = Loopback::world(ranks);
     let others: Vec<_> = (1..ranks)
@@ -246,28 +254,55 @@ fn a_draft_node_failing_on_another_rank_is_rebuilt_and_changes_no_token() {
     assert_eq!(got, want, "a failing draft node");
 }
 
+/// Rank 0 takes requests only once every node of the job has loaded, and a
+/// node that cannot load on another rank (its model file is missing there)
+/// fails rank 0's start with an error naming the node, the rank and why.
+#[test]
+fn a_node_that_cannot_load_on_another_rank_fails_the_start_naming_it() {
+    let placement = plan(2, Mode::ByHost, (1, 2, 1), false);
+    let world = Loopback::world(2);
+    let missing = std::env::temp_dir().join("parallm-no-such-model.gguf");
+    let rank1 = {
+        let cluster = Cluster {
+            transport: world[1].clone(),
+            placement: placement.clone(),
+        };
+        let missing = missing.clone();
+        std::thread::spawn(move || {
+            builder(1, 2, 1)
+                .model_path(missing)
+                .cluster(cluster)
+                .serve_nodes()
+        })
+    };
+    let started = builder(1, 2, 1)
+        .cluster(Cluster {
+            transport: world[0].clone(),
+            placement,
+        })
+        .build();
+    let Err(e) = started.map(drop) else {
+        panic!("rank 0 started without rank 1's node");
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("node r0n1 on rank 1 could not load")
+            && e.contains("parallm-no-such-model.gguf"),
+        "{e}"
+    );
+    eprintln!("rank 0: {e}");
+    assert!(rank1.join().expect("rank 1's thread").is_err());
+    for t in &world {
+        assert_eq!(t.mailbox().pending(), 0, "rank {}: messages left", t.rank());
+    }
+}
+
 /// A transport that fails (a rank died or stopped answering: the heartbeat
 /// or the launcher says so) stops rank 0's engine for good: every request
 /// it holds ends at once with an error naming why, and it takes no more.
 #[test]
 fn a_lost_rank_ends_every_request_with_its_reason() {
-    let placement = Arc::new(
-        Placement::plan(
-            &ClusterSpec {
-                ranks: 2,
-                mode: Mode::Spread,
-                ..ClusterSpec::default()
-            },
-            Layout {
-                dp: 1,
-                tp: 1,
-                pp: 2,
-                draft: false,
-            },
-            2,
-        )
-        .expect("placement"),
-    );
+    let placement = plan(2, Mode::Spread, (1, 2, 1), false);
     let world = Loopback::world(2);
     let rank1 = {
         let cluster = Cluster {

@@ -16,7 +16,7 @@ use framework::model::Logits;
 use serde::{Deserialize, Serialize};
 
 /// The version of this format; bumped whenever [`Message`] changes.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 const MAGIC: [u8; 2] = *b"PL";
 
 /// A control message.
@@ -36,6 +36,17 @@ pub enum Message {
     },
     /// Rank 0 to every rank: the job ends; stop the node loop.
     Shutdown,
+    /// A node's rank to rank 0, once, at the start: the node's worker is
+    /// built (or why it could not be); rank 0 takes requests only when
+    /// every node of the job has said so.
+    Loaded {
+        /// The node's replica.
+        replica: u32,
+        /// The node's index in its replica.
+        index: u32,
+        /// Why the node could not load, if it could not.
+        error: Option<String>,
+    },
 }
 
 /// One node's part of a step.
@@ -239,6 +250,11 @@ mod tests {
                 index: 1,
             },
             Message::Shutdown,
+            Message::Loaded {
+                replica: 1,
+                index: 0,
+                error: Some("no such file".into()),
+            },
         ] {
             let bytes = encode(&m);
             let back = decode(&bytes).expect("decodes");

@@ -696,7 +696,10 @@ impl EngineBuilder {
                 "rank 0 runs the engine (build), not serve_nodes".into(),
             ));
         }
-        let parts = Engine::prepare_nodes(self.cfg)?;
+        let shape = self.cfg.shape();
+        let parts = Engine::prepare_nodes(self.cfg).inspect_err(|e| {
+            crate::llm::remote::report_load_failure(&cluster, shape, &e.to_string());
+        })?;
         crate::llm::remote::serve_nodes(parts.local, parts.cfg.shape(), cluster)
             .map_err(EngineError::Start)
     }
@@ -974,6 +977,11 @@ impl Engine {
             },
         )
         .map_err(EngineError::Start)?;
+        // This rank's nodes are built; requests wait until every other
+        // rank's are too (a node that cannot load fails the start, named).
+        if let Some(cluster) = &cfg.cluster {
+            crate::llm::remote::wait_loaded(cluster, shape, cfg.dp).map_err(EngineError::Start)?;
+        }
         let stopped = Arc::new(std::sync::OnceLock::new());
         let remote = match cfg.cluster.clone() {
             Some(cluster) => Some(RemoteNodes::watch(

@@ -210,6 +210,75 @@ pub fn shut_down_remote_nodes(cluster: &Cluster, shape: ReplicaShape, dp: usize)
     }
 }
 
+/// Tells rank 0 that node `id`, hosted here, has loaded, or why it could
+/// not ([`Message::Loaded`]).
+fn send_loaded(
+    cluster: &Cluster,
+    shape: ReplicaShape,
+    id: NodeId,
+    error: Option<String>,
+) -> Result<(), String> {
+    let loaded = Message::Loaded {
+        replica: id.replica as u32,
+        index: id.index as u32,
+        error,
+    };
+    cluster
+        .transport
+        .send(
+            0,
+            Cluster::control(gid(shape, id), false),
+            &wire::encode(&loaded),
+        )
+        .map_err(|e| e.to_string())
+}
+
+/// Tells rank 0 that none of the nodes `cluster` places on this rank can
+/// load, and why (the model could not be opened here, say).
+pub fn report_load_failure(cluster: &Cluster, shape: ReplicaShape, error: &str) {
+    for (replica, index) in cluster.placement.nodes_on(cluster.rank()) {
+        let _ = send_loaded(
+            cluster,
+            shape,
+            NodeId { replica, index },
+            Some(error.to_string()),
+        );
+    }
+}
+
+/// Waits (rank 0) until every node another rank hosts has loaded: each
+/// rank says so once per node ([`Message::Loaded`]). Fails naming the first
+/// node that could not load and why, or a rank lost meanwhile (the
+/// transport failed: it died, or its heartbeat stopped).
+pub fn wait_loaded(cluster: &Cluster, shape: ReplicaShape, dp: usize) -> Result<(), String> {
+    for replica in 0..dp {
+        for index in (0..shape.nodes()).filter(|&i| !cluster.hosts(replica, i)) {
+            let id = NodeId { replica, index };
+            let rank = cluster.rank_of(replica, index);
+            let from = Cluster::control(gid(shape, id), false);
+            let node = format!("node r{replica}n{index} on rank {rank}");
+            loop {
+                match cluster.transport.recv(rank, from, Some(POLL)) {
+                    Ok(bytes) => match wire::decode(&bytes) {
+                        Ok(Message::Loaded { error: None, .. }) => break,
+                        Ok(Message::Loaded { error: Some(e), .. }) => {
+                            return Err(format!("{node} could not load: {e}"))
+                        }
+                        Ok(other) => return Err(format!("{node} sent {other:?} before it loaded")),
+                        Err(e) => return Err(format!("{node}: {e}")),
+                    },
+                    Err(_) => {
+                        if let Some(reason) = cluster.transport.mailbox().failure() {
+                            return Err(format!("{node} is lost while it loads: {reason}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The links of one step for this rank's nodes of a replica, built once
 /// and taken by each node.
 type StepLinks = HashMap<(usize, u64), (Vec<Option<NodeLinks>>, usize)>;
@@ -277,6 +346,7 @@ fn node_loop(
     if let Err(e) = &worker {
         tracing::error!("node r{}n{} could not load: {e}", id.replica, id.index);
     }
+    send_loaded(cluster, shape, id, worker.as_ref().err().cloned())?;
     loop {
         let bytes = cluster
             .transport
