@@ -10,8 +10,9 @@
 //! process never take each other's messages.
 //!
 //! A stream can be aborted ([`Transport::abort`]): every rank that hosts one
-//! of its endpoints is told, every wait on it (now or later) fails, and
-//! what was filed under it is dropped. A transport can fail as a whole
+//! of its endpoints is told, every wait on it (now or later) fails, what
+//! was filed under it is dropped, and the hooks registered for it there
+//! ([`Mailbox::on_abort`]) are told once. A transport can fail as a whole
 //! ([`Mailbox::fail`], when a peer is lost): every wait fails then.
 //!
 //! Implementations: [`Loopback`], ranks as threads of one process (tests,
