@@ -13,6 +13,10 @@
 //! one over channels and in-memory collectives, shared by that rank's nodes
 //! of the step).
 //!
+//! Each node another rank hosts tells rank 0 once it has loaded, or why it
+//! could not (an error, a panic while building, a thread that could not
+//! start), and rank 0's engine starts only once all have ([`wait_loaded`]).
+//!
 //! A node that fails on another rank reports the failure; its proxy returns
 //! it, the node actor on rank 0 is restarted as any node is, and its factory
 //! tells the rank to rebuild the node (dropping its KV cache) before the
@@ -302,20 +306,26 @@ pub fn serve_nodes(
         .iter()
         .map(|&(replica, index)| {
             let per_replica = hosted.iter().filter(|(r, _)| *r == replica).count();
-            let (local, registry, cluster) = (local.clone(), registry.clone(), cluster.clone());
+            let (local, registry, mine) = (local.clone(), registry.clone(), cluster.clone());
             std::thread::Builder::new()
                 .name(format!("rank{me}-r{replica}n{index}"))
                 .spawn(move || {
                     node_loop(
                         NodeId { replica, index },
                         shape,
-                        &cluster,
+                        &mine,
                         &*local,
                         &registry,
                         per_replica,
                     )
                 })
-                .map_err(|e| format!("cannot start node r{replica}n{index}: {e}"))
+                .map_err(|e| {
+                    let e = format!("cannot start node r{replica}n{index}: {e}");
+                    // Rank 0 waits for this node: tell it the node is lost.
+                    let id = NodeId { replica, index };
+                    let _ = send_loaded(&cluster, shape, id, Some(e.clone()));
+                    e
+                })
         })
         .collect::<Result<_, _>>()?;
     let mut first_error = None;
@@ -333,6 +343,21 @@ pub fn serve_nodes(
     first_error.map_or(Ok(()), Err)
 }
 
+/// Builds node `id`'s worker with `local`; a panic while building is a
+/// load failure like any other (so rank 0 hears of it and no thread dies
+/// silently).
+fn load(
+    local: &(dyn Fn(NodeId) -> Result<LlmWorker, String> + Send + Sync),
+    id: NodeId,
+) -> Result<LlmWorker, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| local(id))).unwrap_or_else(|p| {
+        Err(format!(
+            "the node panicked while loading: {}",
+            kit::panic_text(p)
+        ))
+    })
+}
+
 fn node_loop(
     id: NodeId,
     shape: ReplicaShape,
@@ -342,7 +367,7 @@ fn node_loop(
     per_replica: usize,
 ) -> Result<(), String> {
     let gid = gid(shape, id);
-    let mut worker = local(id);
+    let mut worker = load(local, id);
     if let Err(e) = &worker {
         tracing::error!("node r{}n{} could not load: {e}", id.replica, id.index);
     }
@@ -404,11 +429,61 @@ fn node_loop(
             Ok(Message::Restart { .. }) => {
                 // Drop the old worker (its pool and KV) before loading anew.
                 drop(std::mem::replace(&mut worker, Err("restarting".into())));
-                worker = local(id);
+                worker = load(local, id);
             }
             Ok(Message::Shutdown) => return Ok(()),
             Ok(other) => tracing::warn!("node r{}n{}: unexpected {other:?}", id.replica, id.index),
             Err(e) => return Err(format!("rank 0 sent an unreadable message: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cluster::{ClusterSpec, Layout, Loopback, Mode, Placement, Transport};
+
+    /// A node whose build panics on another rank (not a load error it
+    /// returns) is reported to rank 0 as a node that could not load, with
+    /// the panic's message, and its rank still ends when rank 0 ends the
+    /// job.
+    #[test]
+    fn a_node_that_panics_while_loading_fails_rank_0s_wait_naming_why() {
+        let spec = ClusterSpec {
+            ranks: 2,
+            mode: Mode::ByHost,
+            ..ClusterSpec::default()
+        };
+        let layout = Layout {
+            dp: 1,
+            tp: 1,
+            pp: 2,
+            draft: false,
+        };
+        let placement = Arc::new(Placement::plan(&spec, layout, 2).expect("placement"));
+        let world = Loopback::world(2);
+        let shape = ReplicaShape::new(1, 2);
+        let rank1 = Cluster {
+            transport: world[1].clone(),
+            placement: placement.clone(),
+        };
+        let served = std::thread::spawn(move || {
+            serve_nodes(|_| panic!("no memory for the weights"), shape, rank1)
+        });
+        let rank0 = Cluster {
+            transport: world[0].clone(),
+            placement,
+        };
+        let e = wait_loaded(&rank0, shape, 1).expect_err("a node that panicked loaded");
+        assert_eq!(
+            e,
+            "node r0n1 on rank 1 could not load: \
+             the node panicked while loading: no memory for the weights"
+        );
+        shut_down_remote_nodes(&rank0, shape, 1);
+        assert_eq!(served.join().expect("rank 1's thread"), Ok(()));
+        for t in &world {
+            assert_eq!(t.mailbox().pending(), 0, "rank {}: messages left", t.rank());
         }
     }
 }
