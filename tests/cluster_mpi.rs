@@ -10,7 +10,8 @@
 //! exactly as a one-process server does, and on 2 ranks (tp=2, pp=2,
 //! dp=2, f32 weights) with prefix caching on, 48 requests sharing three
 //! prefixes get a one-process server's text with caching off while the
-//! usage reports their cached tokens; `bench throughput` runs across
+//! usage reports their cached tokens; ranks given different settings are
+//! refused, naming the rank and what differs; `bench throughput` runs across
 //! ranks, and `bench latency` (one shard) is refused there. A worker rank killed with kill -9
 //! or stopped (SIGSTOP, caught by the heartbeat) mid-generation ends every
 //! in-flight request with an error, streamed or not, turns `/health` to
@@ -656,6 +657,53 @@ mod with_mpi {
             stderr.contains("`bench latency` measures one shard"),
             "{stderr}"
         );
+    }
+
+    /// Ranks that read different settings (here rank 1 another weight
+    /// format, as a host's own configuration file would give it; mpirun's
+    /// `:` gives each rank its own command line) do not start: the job
+    /// ends non-zero at once, and rank 0 names the rank and the setting,
+    /// with both values, instead of computing with two formats.
+    #[test]
+    fn ranks_that_run_different_jobs_are_refused_naming_what_differs() {
+        let model = common::model_path().display().to_string();
+        let exe = env!("CARGO_BIN_EXE_parallm");
+        let args = [
+            "generate",
+            "--model",
+            &model,
+            "--pp",
+            "2",
+            "--max-tokens",
+            "4",
+        ];
+        let mut cmd = Command::new("mpirun");
+        cmd.args([
+            "--oversubscribe",
+            "--mca",
+            "btl",
+            "tcp,self",
+            "-np",
+            "1",
+            exe,
+        ])
+        .args(args)
+        .args(["--weights", "f32", "hello"])
+        .args([":", "-np", "1", exe])
+        .args(args)
+        .args(["--weights", "auto", "hello"])
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+        let out = run(cmd, Duration::from_secs(120));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(
+                "rank 1 does not run rank 0's job: its weight format is `Auto` where rank 0's is `F32`"
+            ),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("its model is"), "{stderr}");
     }
 
     /// `parallm ARGS MORE` on `ranks` ranks, to the end.

@@ -8,8 +8,9 @@
 //! abort hook behind; a node that fails on another rank (a draft node, or
 //! one in a replica held wholly by another rank, whose step planned before
 //! the rebuild rank 0 refuses) is rebuilt there and changes no token. Rank
-//! 0 starts only once every other rank's nodes have loaded, and a node that
-//! cannot load there fails its start, named.
+//! 0 starts only once every other rank agrees on the job (a rank that runs
+//! another model or settings, or cannot serve, fails the start, named) and
+//! its nodes have loaded.
 
 mod common;
 
@@ -254,47 +255,73 @@ fn a_draft_node_failing_on_another_rank_is_rebuilt_and_changes_no_token() {
     assert_eq!(got, want, "a failing draft node");
 }
 
-/// Rank 0 takes requests only once every node of the job has loaded, and a
-/// node that cannot load on another rank (its model file is missing there)
-/// fails rank 0's start with an error naming the node, the rank and why.
-#[test]
-fn a_node_that_cannot_load_on_another_rank_fails_the_start_naming_it() {
+/// Starts a pp=2 job of two ranks, rank 0 built by `rank0` and rank 1 by
+/// `rank1`, expecting the start to fail: returns rank 0's error and rank
+/// 1's, having checked that no message is left behind.
+fn refused_start(rank0: EngineBuilder, rank1: EngineBuilder) -> (String, String) {
     let placement = plan(2, Mode::ByHost, (1, 2, 1), false);
     let world = Loopback::world(2);
-    let missing = std::env::temp_dir().join("parallm-no-such-model.gguf");
+    let cluster = |rank: usize| Cluster {
+        transport: world[rank].clone(),
+        placement: placement.clone(),
+    };
     let rank1 = {
-        let cluster = Cluster {
-            transport: world[1].clone(),
-            placement: placement.clone(),
-        };
-        let missing = missing.clone();
-        std::thread::spawn(move || {
-            builder(1, 2, 1)
-                .model_path(missing)
-                .cluster(cluster)
-                .serve_nodes()
-        })
+        let cluster = cluster(1);
+        std::thread::spawn(move || rank1.cluster(cluster).serve_nodes())
     };
-    let started = builder(1, 2, 1)
-        .cluster(Cluster {
-            transport: world[0].clone(),
-            placement,
-        })
-        .build();
-    let Err(e) = started.map(drop) else {
-        panic!("rank 0 started without rank 1's node");
+    let Err(e) = rank0.cluster(cluster(0)).build().map(drop) else {
+        panic!("rank 0 started");
     };
-    let e = e.to_string();
-    assert!(
-        e.contains("node r0n1 on rank 1 could not load")
-            && e.contains("parallm-no-such-model.gguf"),
-        "{e}"
-    );
-    eprintln!("rank 0: {e}");
-    assert!(rank1.join().expect("rank 1's thread").is_err());
+    let Err(theirs) = rank1.join().expect("rank 1's thread") else {
+        panic!("rank 1 served");
+    };
     for t in &world {
         assert_eq!(t.mailbox().pending(), 0, "rank {}: messages left", t.rank());
     }
+    eprintln!("rank 0: {e}\nrank 1: {theirs}");
+    (e.to_string(), theirs.to_string())
+}
+
+/// Rank 0 takes requests only once every rank can serve its nodes, and a
+/// rank that cannot (its model file is missing there) fails rank 0's start
+/// with an error naming the rank, its nodes and why.
+#[test]
+fn a_node_that_cannot_load_on_another_rank_fails_the_start_naming_it() {
+    let missing = std::env::temp_dir().join("parallm-no-such-model.gguf");
+    let (e, _) = refused_start(builder(1, 2, 1), builder(1, 2, 1).model_path(missing));
+    assert!(
+        e.contains("rank 1 cannot serve its nodes (r0n1)")
+            && e.contains("parallm-no-such-model.gguf: no such file"),
+        "{e}"
+    );
+}
+
+/// A rank whose job differs from rank 0's (here its model, weight format
+/// and KV blocks: a host's own configuration file or model file) is refused
+/// before any node is built, on both ranks, with an error naming the rank
+/// and each setting that differs, both values given.
+#[test]
+fn a_rank_that_runs_another_job_fails_the_start_naming_what_differs() {
+    let (e, theirs) = refused_start(
+        builder(1, 2, 1).kv_blocks(96),
+        builder(1, 2, 1)
+            .synthetic("135m", 7)
+            .weights(WeightFormat::Auto)
+            .kv_blocks(64),
+    );
+    for want in [
+        "rank 1 does not run rank 0's job: its model is `synthetic 135m, seed 7` where rank 0's is `",
+        " bytes, sampled SHA-256 ",
+        "its weight format is `Auto` where rank 0's is `F32`",
+        "its KV blocks is `64` where rank 0's is `96`",
+    ] {
+        assert!(e.contains(want), "{e:?} does not say {want:?}");
+    }
+    assert!(!e.contains("layout"), "{e}");
+    assert!(
+        theirs.contains("rank 0 refused the job: rank 1 does not run rank 0's job"),
+        "{theirs}"
+    );
 }
 
 /// A transport that fails (a rank died or stopped answering: the heartbeat

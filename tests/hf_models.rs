@@ -463,3 +463,34 @@ fn a_phi3_longrope_directory_reads_as_llama_cpp_converts_it() {
         "{err}"
     );
 }
+
+/// A directory's fingerprint (what the ranks of a job compare, so that
+/// none runs another model than rank 0's) is the same for a copy of it and
+/// differs when one weight byte does.
+#[test]
+fn a_directory_fingerprint_follows_its_contents() {
+    let name = &common::hf_names()[0];
+    let fingerprint = |dir: &Path| {
+        GgufFile::open(dir)
+            .and_then(|f| f.fingerprint())
+            .expect("fingerprint")
+    };
+    let original = fingerprint(&common::hf_models_dir().join(name));
+    let copy = broken_copy(name, "fingerprint-copy", |_| {});
+    assert_eq!(fingerprint(&copy), original, "{name}");
+    let edited = broken_copy(name, "fingerprint-edit", |dir| {
+        let weights = std::fs::read_dir(dir)
+            .expect("dir")
+            .map(|e| e.expect("entry").path())
+            .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .expect("a safetensors file");
+        let mut bytes = std::fs::read(&weights).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&weights, bytes).expect("write");
+    });
+    assert_ne!(fingerprint(&edited), original, "{name}");
+    for dir in [copy, edited] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

@@ -315,3 +315,35 @@ fn a_family_tensor_that_is_missing_is_named() {
         "{err}"
     );
 }
+
+/// A model's fingerprint (what the ranks of a job compare, so that none
+/// runs another model than rank 0's) is the same for two copies of one
+/// file, and differs when its metadata, its first tensor byte or its last
+/// byte differ: for a file read whole (small) and one read in chunks.
+#[test]
+fn a_fingerprint_tells_copies_alike_and_other_contents_apart() {
+    let fingerprint = |b: Vec<u8>| {
+        GgufFile::from_bytes("case.gguf", b)
+            .and_then(|f| f.fingerprint())
+            .expect("fingerprint")
+    };
+    for elems in [64u64, 4 << 20] {
+        let data = elems as usize * 4;
+        let t = [Tensor::new("w", &[elems], F32, 0)];
+        let named = |name: &str| gguf::gguf(&[("general.name", Meta::Str(name.into()))], &t, data);
+        let bytes = named("a");
+        let first = fingerprint(bytes.clone());
+        assert_eq!(first, fingerprint(bytes.clone()), "{elems} weights");
+        assert!(
+            first.starts_with(&format!("{} bytes, sampled SHA-256 ", bytes.len())),
+            "{first}"
+        );
+        assert_ne!(first, fingerprint(named("b")), "{elems} weights");
+        let mut other = bytes.clone();
+        other[bytes.len() - data] ^= 1;
+        assert_ne!(first, fingerprint(other), "{elems} weights");
+        let mut other = bytes.clone();
+        other[bytes.len() - 1] ^= 1;
+        assert_ne!(first, fingerprint(other), "{elems} weights");
+    }
+}

@@ -16,7 +16,7 @@ use framework::model::Logits;
 use serde::{Deserialize, Serialize};
 
 /// The version of this format; bumped whenever [`Message`] changes.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 const MAGIC: [u8; 2] = *b"PL";
 
 /// A control message.
@@ -46,6 +46,20 @@ pub enum Message {
         index: u32,
         /// Why the node could not load, if it could not.
         error: Option<String>,
+    },
+    /// A rank other than 0 to rank 0, once, before it builds its nodes:
+    /// the settings every rank of the job must agree on (its model's
+    /// contents, the layout and placement, what sizes a node's buffers), by
+    /// name, or why this rank cannot serve its nodes at all.
+    Hello {
+        /// The settings, or why there are none.
+        settings: Result<Vec<(String, String)>, String>,
+    },
+    /// Rank 0 to every other rank, in answer to the hellos: build the
+    /// nodes (`None`), or why the job cannot start.
+    Welcome {
+        /// Why the job cannot start, if it cannot.
+        refused: Option<String>,
     },
 }
 
@@ -254,6 +268,16 @@ mod tests {
                 replica: 1,
                 index: 0,
                 error: Some("no such file".into()),
+            },
+            Message::Hello {
+                settings: Ok(vec![("weights".into(), "F32".into())]),
+            },
+            Message::Hello {
+                settings: Err("no such file".into()),
+            },
+            Message::Welcome { refused: None },
+            Message::Welcome {
+                refused: Some("rank 1 runs another model".into()),
             },
         ] {
             let bytes = encode(&m);

@@ -45,6 +45,28 @@ use crate::hf::HfModel;
 /// The alignment of tensor data when `general.alignment` is absent.
 const DEFAULT_ALIGNMENT: u64 = 32;
 
+/// How many chunks of a file [`GgufFile::fingerprint`] reads.
+pub const SAMPLES: usize = 64;
+/// The size of each chunk [`GgufFile::fingerprint`] reads.
+const SAMPLE_BYTES: usize = 64 << 10;
+
+/// The `(offset, length)` chunks of a file of `len` bytes that
+/// [`GgufFile::fingerprint`] reads: the whole file if it is no larger than
+/// [`SAMPLES`] chunks, else [`SAMPLES`] chunks from its first byte to its
+/// last, evenly spaced.
+fn sample_ranges(len: u64) -> Vec<(u64, usize)> {
+    let chunk = SAMPLE_BYTES as u64;
+    if len <= chunk * SAMPLES as u64 {
+        return (0..len.div_ceil(chunk))
+            .map(|i| (i * chunk, chunk.min(len - i * chunk) as usize))
+            .collect();
+    }
+    let last = SAMPLES as u64 - 1;
+    (0..SAMPLES as u64)
+        .map(|i| (i * (len - chunk) / last, SAMPLE_BYTES))
+        .collect()
+}
+
 /// Where a [`GgufFile`]'s bytes come from.
 trait Source: Read + Seek + Send {}
 impl<T: Read + Seek + Send> Source for T {}
@@ -293,6 +315,64 @@ impl GgufFile {
     /// The file's size in bytes (a directory's: its weight files').
     pub fn file_size(&self) -> u64 {
         self.file_size
+    }
+
+    /// A short text that tells this model's contents from another's, cheap
+    /// enough to compute at every start: its size and a SHA-256 over its
+    /// metadata, its tensor table and [`SAMPLES`] spread chunks of its
+    /// bytes (all of them for a file no larger than that). Two copies of
+    /// one file, or of one directory, give the same text wherever they
+    /// are; another quantization, revision or fine-tune of a model gives
+    /// another in practice (a file that differs only between the chunks
+    /// would not be told apart).
+    pub fn fingerprint(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        hash.update(self.file_size.to_le_bytes());
+        for (k, v) in self.metadata_entries() {
+            hash.update(format!("{k}={v:?}\n").as_bytes());
+        }
+        for name in self.tensor_names() {
+            let info = &self.content.tensor_infos[name];
+            let kind = self.stored_type(name).unwrap_or_default();
+            hash.update(
+                format!("{name}:{kind}:{:?}:{}\n", info.shape.dims(), info.offset).as_bytes(),
+            );
+        }
+        match &self.data {
+            Data::Gguf(reader) => {
+                let mut reader = reader
+                    .lock()
+                    .map_err(|_| self.file_err("reader poisoned by an earlier failure"))?;
+                let mut chunk = vec![0u8; SAMPLE_BYTES];
+                for (at, len) in sample_ranges(self.file_size) {
+                    let chunk = &mut chunk[..len];
+                    reader
+                        .seek(SeekFrom::Start(at))
+                        .and_then(|_| reader.read_exact(chunk))
+                        .map_err(|e| self.file_err(format!("cannot read: {e}")))?;
+                    hash.update(&*chunk);
+                }
+            }
+            Data::Hf(hf) => {
+                for (name, bytes) in hf.shard_bytes() {
+                    hash.update(format!("{name}:{}\n", bytes.len()).as_bytes());
+                    for (at, len) in sample_ranges(bytes.len() as u64) {
+                        hash.update(&bytes[at as usize..at as usize + len]);
+                    }
+                }
+            }
+        }
+        let digest = hash.finalize();
+        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        Ok(format!("{} bytes, sampled SHA-256 {hex}", self.file_size))
+    }
+
+    fn file_err(&self, reason: impl Into<String>) -> Error {
+        Error::ModelFile {
+            path: self.path.clone(),
+            reason: reason.into(),
+        }
     }
 
     /// The raw metadata value under `key`, if present.
@@ -832,4 +912,32 @@ fn scan_iq_types(r: &mut Box<dyn Source>, file_size: u64) -> Option<IqScan> {
         skip(r, 8, file_size)?;
     }
     Some((patches, found))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small file is read whole, in order and once; a large one in
+    /// [`SAMPLES`] chunks from its first byte to its last.
+    #[test]
+    fn samples_cover_a_small_file_and_span_a_large_one() {
+        let chunk = SAMPLE_BYTES as u64;
+        for len in [0, 1, chunk - 1, chunk, chunk + 1, chunk * SAMPLES as u64] {
+            let mut end = 0;
+            for (at, n) in sample_ranges(len) {
+                assert_eq!(at, end, "{len}");
+                end = at + n as u64;
+            }
+            assert_eq!(end, len);
+        }
+        for len in [chunk * SAMPLES as u64 + 1, 7 << 30] {
+            let r = sample_ranges(len);
+            assert_eq!(r.len(), SAMPLES);
+            assert_eq!(r[0].0, 0);
+            let (at, n) = r[SAMPLES - 1];
+            assert_eq!(at + n as u64, len);
+            assert!(r.windows(2).all(|w| w[0].0 + chunk <= w[1].0), "{len}");
+        }
+    }
 }

@@ -1129,6 +1129,11 @@ impl HfModel {
         self.shards.iter().map(|s| s.map.len() as u64).sum()
     }
 
+    /// Every weight file's name and bytes, in the directory's order.
+    pub(crate) fn shard_bytes(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.shards.iter().map(|s| (s.name.as_str(), &s.map[..]))
+    }
+
     /// The Hugging Face name and shard of a stored tensor, for errors.
     pub(crate) fn describe(&self, gguf: &str) -> String {
         match (self.hf_names.get(gguf), self.tensors.get(gguf)) {

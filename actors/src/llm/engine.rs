@@ -514,6 +514,54 @@ fn load_model(
     }
 }
 
+/// What tells model `source`'s contents from another's
+/// ([`GgufFile::fingerprint`]; a synthetic model's name and seed).
+fn fingerprint(source: &ModelSource) -> Result<String, Error> {
+    match source {
+        ModelSource::Gguf(path) => Ok(GgufFile::open(path)?.fingerprint()?),
+        ModelSource::Synthetic { name, seed } => Ok(format!("synthetic {name}, seed {seed}")),
+    }
+}
+
+/// The settings every rank of `cluster`'s job must agree on, by name: what
+/// a node computes with (the model's contents and weight format, the draft
+/// model's), the layout and where its nodes run, and what sizes a node's
+/// buffers (KV blocks, batch tokens, context). Rank 0 compares every
+/// rank's with its own before any node is built.
+fn job_settings(
+    cfg: &EngineConfig,
+    model: &ModelConfig,
+    cluster: &crate::llm::policy::Cluster,
+) -> Result<crate::llm::remote::Settings, Error> {
+    let shape = cfg.shape();
+    let placement: Vec<String> = (0..cfg.dp)
+        .map(|replica| {
+            let ranks: Vec<String> = (0..shape.nodes())
+                .map(|index| cluster.rank_of(replica, index).to_string())
+                .collect();
+            format!("replica {replica} on ranks {}", ranks.join(" "))
+        })
+        .collect();
+    let draft = match &cfg.draft {
+        Some(d) => format!("{} as {:?}", fingerprint(&d.model)?, d.weights),
+        None => "none".into(),
+    };
+    Ok(vec![
+        ("model".into(), fingerprint(&cfg.model)?),
+        ("weight format".into(), format!("{:?}", cfg.weights)),
+        ("draft model".into(), draft),
+        (
+            "layout".into(),
+            format!("tp={} pp={} dp={}", cfg.tp, cfg.pp, cfg.dp),
+        ),
+        ("placement".into(), placement.join(", ")),
+        ("block size".into(), cfg.block_size.to_string()),
+        ("KV blocks".into(), cfg.kv_blocks(model).to_string()),
+        ("batch tokens".into(), cfg.max_batch_tokens.to_string()),
+        ("context".into(), model.context.to_string()),
+    ])
+}
+
 /// A node's view of its model's weights: the open file, or the seed of
 /// synthetic ones.
 fn open_weights(source: &ModelSource) -> Result<(Option<GgufFile>, u64), String> {
@@ -696,10 +744,16 @@ impl EngineBuilder {
                 "rank 0 runs the engine (build), not serve_nodes".into(),
             ));
         }
-        let shape = self.cfg.shape();
-        let parts = Engine::prepare_nodes(self.cfg).inspect_err(|e| {
-            crate::llm::remote::report_load_failure(&cluster, shape, &e.to_string());
-        })?;
+        let prepared = Engine::prepare_nodes(self.cfg);
+        let settings = prepared
+            .as_ref()
+            .map(|p| p.settings.clone())
+            .map_err(|e| e.to_string());
+        // Rank 0 hears why this rank cannot serve, if it cannot; this
+        // rank's own error is the clearer one to return then.
+        let agreed = crate::llm::remote::hello(&cluster, settings);
+        let parts = prepared?;
+        agreed.map_err(EngineError::Start)?;
         crate::llm::remote::serve_nodes(parts.local, parts.cfg.shape(), cluster)
             .map_err(EngineError::Start)
     }
@@ -750,6 +804,8 @@ struct Prepared {
     lanes: usize,
     cfg: EngineConfig,
     activations: Option<Arc<ActivationStats>>,
+    /// What every rank of the job must agree on (empty outside a job).
+    settings: crate::llm::remote::Settings,
 }
 
 /// Builds this process's worker of a node.
@@ -869,6 +925,10 @@ impl Engine {
             .collect_activations
             .then(|| Arc::new(ActivationStats::new()));
         let stats = activations.clone();
+        let settings = match &cfg.cluster {
+            Some(cluster) => job_settings(&cfg, &model, cluster)?,
+            None => Vec::new(),
+        };
         let local = move |id: NodeId| -> Result<LlmWorker, String> {
             let node = id.replica * shape.nodes() + id.index;
             let pool = || {
@@ -933,6 +993,7 @@ impl Engine {
             lanes,
             cfg,
             activations,
+            settings,
         })
     }
 
@@ -941,6 +1002,16 @@ impl Engine {
             return Err(EngineError::Start(
                 "only rank 0 runs the engine; other ranks serve their nodes".into(),
             ));
+        }
+        let cluster = cfg.cluster.clone();
+        let prepared = Self::prepare_nodes(cfg);
+        if let Some(cluster) = &cluster {
+            // Every rank agrees on the job before any node is built.
+            let mine = prepared.as_ref().map(|p| &p.settings);
+            let agreed = crate::llm::remote::welcome(cluster, mine.map_err(|e| e.to_string()));
+            if prepared.is_ok() {
+                agreed.map_err(EngineError::Start)?;
+            }
         }
         let Prepared {
             local,
@@ -953,8 +1024,16 @@ impl Engine {
             lanes,
             cfg,
             activations,
-        } = Self::prepare_nodes(cfg)?;
+            settings: _,
+        } = prepared?;
         let shape = cfg.shape();
+        // Past the greeting, a start that fails ends the other ranks' nodes.
+        let end_remote = |e: String| {
+            if let Some(cluster) = &cluster {
+                crate::llm::remote::shut_down_remote_nodes(cluster, shape, cfg.dp);
+            }
+            EngineError::Start(e)
+        };
         let factory = crate::llm::remote::node_factory(local, shape, cfg.cluster.clone());
         let pipeline = Pipeline::start(
             policy,
@@ -976,11 +1055,11 @@ impl Engine {
                 },
             },
         )
-        .map_err(EngineError::Start)?;
+        .map_err(end_remote)?;
         // This rank's nodes are built; requests wait until every other
         // rank's are too (a node that cannot load fails the start, named).
         if let Some(cluster) = &cfg.cluster {
-            crate::llm::remote::wait_loaded(cluster, shape, cfg.dp).map_err(EngineError::Start)?;
+            crate::llm::remote::wait_loaded(cluster, shape, cfg.dp).map_err(end_remote)?;
         }
         let stopped = Arc::new(std::sync::OnceLock::new());
         let remote = match cfg.cluster.clone() {

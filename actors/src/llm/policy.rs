@@ -114,6 +114,22 @@ impl Cluster {
         self.rank_of(replica, index) == self.rank()
     }
 
+    /// The address of a rank's hello to rank 0 (`to_rank0`), or of rank
+    /// 0's answer ([`cluster::wire::Message::Hello`], `Welcome`): one per
+    /// rank pair, apart from every node's.
+    pub fn greeting(to_rank0: bool) -> Address {
+        let (from, to) = if to_rank0 {
+            (u32::MAX - 1, u32::MAX)
+        } else {
+            (u32::MAX, u32::MAX - 1)
+        };
+        Address {
+            stream: 0,
+            from,
+            to,
+        }
+    }
+
     /// The control address of node `gid` (its number in the job,
     /// `replica · nodes + index`): to it from rank 0, or from it to rank 0.
     pub fn control(gid: usize, to_node: bool) -> Address {

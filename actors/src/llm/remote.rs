@@ -13,7 +13,13 @@
 //! one over channels and in-memory collectives, shared by that rank's nodes
 //! of the step).
 //!
-//! Each node another rank hosts tells rank 0 once it has loaded, or why it
+//! Before any node is built, every other rank greets rank 0 with the
+//! settings all ranks must agree on (its model file's contents, the
+//! layout and placement, the sizes of a node's buffers), and rank 0
+//! refuses the job, naming the rank and what differs, unless all agree
+//! ([`hello`], [`welcome`]): so no rank computes with another model or
+//! waits for a node another rank does not think it hosts. Each node
+//! another rank hosts then tells rank 0 once it has loaded, or why it
 //! could not (an error, a panic while building, a thread that could not
 //! start), and rank 0's engine starts only once all have ([`wait_loaded`]).
 //!
@@ -237,17 +243,129 @@ fn send_loaded(
         .map_err(|e| e.to_string())
 }
 
-/// Tells rank 0 that none of the nodes `cluster` places on this rank can
-/// load, and why (the model could not be opened here, say).
-pub fn report_load_failure(cluster: &Cluster, shape: ReplicaShape, error: &str) {
-    for (replica, index) in cluster.placement.nodes_on(cluster.rank()) {
-        let _ = send_loaded(
-            cluster,
-            shape,
-            NodeId { replica, index },
-            Some(error.to_string()),
-        );
+/// The settings every rank of a job must agree on, by name
+/// ([`Message::Hello`]).
+pub type Settings = Vec<(String, String)>;
+
+/// The next greeting from rank `from` (to rank 0 if `to_rank0`), looking
+/// at the transport's health while it waits.
+fn recv_greeting(cluster: &Cluster, from: usize, to_rank0: bool) -> Result<Message, String> {
+    loop {
+        match cluster
+            .transport
+            .recv(from, Cluster::greeting(to_rank0), Some(POLL))
+        {
+            Ok(bytes) => return wire::decode(&bytes).map_err(|e| format!("rank {from}: {e}")),
+            Err(_) => {
+                if let Some(reason) = cluster.transport.mailbox().failure() {
+                    return Err(format!(
+                        "rank {from} is lost while the job starts: {reason}"
+                    ));
+                }
+            }
+        }
     }
+}
+
+/// On a rank other than 0, before it builds its nodes: tells rank 0 this
+/// rank's settings (or why it cannot serve its nodes), and waits for rank
+/// 0's answer. Fails with why the job cannot start: rank 0 refused it (a
+/// rank's settings differ from rank 0's, or a rank cannot serve), or rank
+/// 0 is lost.
+pub fn hello(cluster: &Cluster, settings: Result<Settings, String>) -> Result<(), String> {
+    let hello = Message::Hello { settings };
+    cluster
+        .transport
+        .send(0, Cluster::greeting(true), &wire::encode(&hello))
+        .map_err(|e| e.to_string())?;
+    match recv_greeting(cluster, 0, false)? {
+        Message::Welcome { refused: None } => Ok(()),
+        Message::Welcome { refused: Some(why) } => Err(format!("rank 0 refused the job: {why}")),
+        other => Err(format!("rank 0 answered the hello with {other:?}")),
+    }
+}
+
+/// On rank 0, before it builds its nodes: takes every other rank's hello
+/// and answers each, refusing the job if any rank cannot serve its nodes,
+/// or runs another job than `mine` (this rank's settings, or why it cannot
+/// start): another model's contents, layout, placement or buffer sizes.
+/// The error names the rank and each setting that differs, with both
+/// values.
+pub fn welcome(cluster: &Cluster, mine: Result<&Settings, String>) -> Result<(), String> {
+    let mut refused = mine
+        .as_ref()
+        .err()
+        .map(|e| format!("rank 0 cannot start: {e}"));
+    for rank in 1..cluster.placement.ranks() {
+        let why = match recv_greeting(cluster, rank, true) {
+            Ok(Message::Hello {
+                settings: Ok(theirs),
+            }) => match &mine {
+                Ok(mine) => differences(rank, mine, &theirs),
+                Err(_) => None,
+            },
+            Ok(Message::Hello { settings: Err(e) }) => {
+                let nodes: Vec<String> = cluster
+                    .placement
+                    .nodes_on(rank)
+                    .iter()
+                    .map(|(r, i)| format!("r{r}n{i}"))
+                    .collect();
+                Some(format!(
+                    "rank {rank} cannot serve its nodes ({}): {e}",
+                    nodes.join(", ")
+                ))
+            }
+            Ok(other) => Some(format!("rank {rank} greeted with {other:?}")),
+            Err(lost) => {
+                // No answer can reach a lost rank; tell the others.
+                refused.get_or_insert(lost);
+                continue;
+            }
+        };
+        if let Some(why) = why {
+            refused.get_or_insert(why);
+        }
+    }
+    let answer = wire::encode(&Message::Welcome {
+        refused: refused.clone(),
+    });
+    for rank in 1..cluster.placement.ranks() {
+        let _ = cluster
+            .transport
+            .send(rank, Cluster::greeting(false), &answer);
+    }
+    refused.map_or(Ok(()), Err)
+}
+
+/// How rank `rank`'s settings differ from rank 0's, named, if they do.
+fn differences(rank: usize, mine: &Settings, theirs: &Settings) -> Option<String> {
+    let value = |s: &Settings, key: &str| {
+        s.iter()
+            .find(|(k, _)| k == key)
+            .map_or("nothing".to_string(), |(_, v)| format!("`{v}`"))
+    };
+    let mut keys: Vec<&str> = mine.iter().map(|(k, _)| k.as_str()).collect();
+    keys.extend(theirs.iter().map(|(k, _)| k.as_str()));
+    let mut seen = HashSet::new();
+    let differ: Vec<String> = keys
+        .into_iter()
+        .filter(|k| seen.insert(*k))
+        .filter(|k| value(mine, k) != value(theirs, k))
+        .map(|k| {
+            format!(
+                "its {k} is {} where rank 0's is {}",
+                value(theirs, k),
+                value(mine, k)
+            )
+        })
+        .collect();
+    (!differ.is_empty()).then(|| {
+        format!(
+            "rank {rank} does not run rank 0's job: {} (every rank must run the same model file and settings)",
+            differ.join("; ")
+        )
+    })
 }
 
 /// Waits (rank 0) until every node another rank hosts has loaded: each
