@@ -145,10 +145,27 @@ fn in_one_process((tp, pp, dp): (usize, usize, usize), prompts: &[Vec<u32>]) -> 
     got
 }
 
+/// Each `(layout, ranks, mode)` of `cases` (with a draft model's node if
+/// `draft`) gives, over the golden prompts, the greedy tokens of the same
+/// layout without drafts in one process.
+fn each_gives_the_tokens_of_one_process(
+    cases: &[((usize, usize, usize), usize, Mode)],
+    draft: bool,
+) {
+    let prompts = common::golden_prompts();
+    for &(layout, ranks, mode) in cases {
+        let want = in_one_process(layout, &prompts);
+        let got = across(layout, ranks, mode, &prompts, None, draft);
+        assert_eq!(
+            got, want,
+            "(tp, pp, dp) = {layout:?} over {ranks} ranks, {mode:?}, draft {draft}"
+        );
+    }
+}
+
 #[test]
 fn every_layout_across_ranks_gives_the_tokens_of_one_process() {
-    let prompts = common::golden_prompts();
-    for (layout, ranks, mode) in [
+    let cases = [
         // tp=2 across 2 ranks: the all-reduces cross.
         ((2, 1, 1), 2, Mode::Spread),
         // pp=2 across 2 ranks: the hidden rows cross.
@@ -159,14 +176,8 @@ fn every_layout_across_ranks_gives_the_tokens_of_one_process() {
         ((1, 1, 2), 2, Mode::ByHost),
         // Both crossing at once, over 3 ranks: tp=2 × pp=2 spread.
         ((2, 2, 1), 3, Mode::Spread),
-    ] {
-        let want = in_one_process(layout, &prompts);
-        let got = across(layout, ranks, mode, &prompts, None, false);
-        assert_eq!(
-            got, want,
-            "(tp, pp, dp) = {layout:?} over {ranks} ranks, {mode:?}"
-        );
-    }
+    ];
+    each_gives_the_tokens_of_one_process(&cases, false);
 }
 
 #[test]
@@ -174,8 +185,7 @@ fn a_draft_node_across_ranks_gives_the_tokens_of_one_process() {
     // The drafts cross from the draft node's rank to the target's nodes on
     // other ranks, and the tokens are those of the same layout's plain
     // greedy decoding in one process.
-    let prompts = common::golden_prompts();
-    for (layout, ranks, mode) in [
+    let cases = [
         // pp=2 by host: the draft node joins the last stage on rank 1, and
         // stage 0 on rank 0 waits for its drafts.
         ((1, 2, 1), 2, Mode::ByHost),
@@ -185,14 +195,8 @@ fn a_draft_node_across_ranks_gives_the_tokens_of_one_process() {
         ((1, 1, 2), 2, Mode::ByHost),
         // tp=2 × pp=2 spread over 3 ranks: drafts to two ranks.
         ((2, 2, 1), 3, Mode::Spread),
-    ] {
-        let plain = in_one_process(layout, &prompts);
-        let got = across(layout, ranks, mode, &prompts, None, true);
-        assert_eq!(
-            got, plain,
-            "(tp, pp, dp) = {layout:?} over {ranks} ranks, {mode:?}"
-        );
-    }
+    ];
+    each_gives_the_tokens_of_one_process(&cases, true);
 }
 
 #[test]

@@ -48,6 +48,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cluster::wire::{self, Failure, Message, RunStep, StepDone};
+use cluster::Address;
 use kit::{NodeError, NodeId, NodeWorker};
 
 use crate::llm::policy::{wire_step, Cluster, NodeLinks, ReplicaShape};
@@ -86,7 +87,7 @@ pub struct RemoteNode {
     cluster: Cluster,
 }
 
-/// How often a proxy waiting for its node looks at the transport's health.
+/// How often a wait for another rank's message looks at the transport's health.
 const POLL: Duration = Duration::from_millis(100);
 
 /// The node's number in the job: its control address.
@@ -130,28 +131,19 @@ impl RemoteNode {
             plan: step.plan.clone(),
         }))?;
         let from = Cluster::control(gid(self.shape, self.id), false);
-        let done = loop {
-            match self.cluster.transport.recv(self.rank(), from, Some(POLL)) {
-                Ok(bytes) => match wire::decode(&bytes) {
-                    Ok(Message::StepDone(d)) if d.step == step.plan.id => break d,
-                    Ok(other) => {
-                        return Err(NodeError::Failed(format!(
-                            "rank {} answered a step with {other:?}",
-                            self.rank()
-                        )))
-                    }
-                    Err(e) => return Err(NodeError::Failed(format!("rank {}: {e}", self.rank()))),
-                },
-                Err(e) => {
-                    if let Some(reason) = self.cluster.transport.mailbox().failure() {
-                        return Err(NodeError::Failed(format!(
-                            "rank {} is lost: {reason}",
-                            self.rank()
-                        )));
-                    }
-                    // A timeout: the node is still at work.
-                    let _ = e;
-                }
+        let rank = self.rank();
+        let done = match recv_watching(&self.cluster, rank, from) {
+            Ok(Message::StepDone(d)) if d.step == step.plan.id => d,
+            Ok(other) => {
+                return Err(NodeError::Failed(format!(
+                    "rank {rank} answered a step with {other:?}"
+                )))
+            }
+            Err(NoMessage::Unreadable(e)) => {
+                return Err(NodeError::Failed(format!("rank {rank}: {e}")))
+            }
+            Err(NoMessage::Lost(reason)) => {
+                return Err(NodeError::Failed(format!("rank {rank} is lost: {reason}")))
             }
         };
         let hosted = match done.outcome {
@@ -247,24 +239,38 @@ fn send_loaded(
 /// ([`Message::Hello`]).
 pub type Settings = Vec<(String, String)>;
 
-/// The next greeting from rank `from` (to rank 0 if `to_rank0`), looking
-/// at the transport's health while it waits.
-fn recv_greeting(cluster: &Cluster, from: usize, to_rank0: bool) -> Result<Message, String> {
+/// Why no message came from a rank.
+enum NoMessage {
+    /// The transport failed (the rank died, or its heartbeat stopped).
+    Lost(String),
+    /// What came is not a message of this build.
+    Unreadable(String),
+}
+
+/// The next message from rank `from` on `address`, looking at the
+/// transport's health every [`POLL`] while it waits.
+fn recv_watching(cluster: &Cluster, from: usize, address: Address) -> Result<Message, NoMessage> {
     loop {
-        match cluster
-            .transport
-            .recv(from, Cluster::greeting(to_rank0), Some(POLL))
-        {
-            Ok(bytes) => return wire::decode(&bytes).map_err(|e| format!("rank {from}: {e}")),
+        match cluster.transport.recv(from, address, Some(POLL)) {
+            Ok(bytes) => {
+                return wire::decode(&bytes).map_err(|e| NoMessage::Unreadable(e.to_string()))
+            }
+            // A timeout: look whether the rank is still there.
             Err(_) => {
                 if let Some(reason) = cluster.transport.mailbox().failure() {
-                    return Err(format!(
-                        "rank {from} is lost while the job starts: {reason}"
-                    ));
+                    return Err(NoMessage::Lost(reason));
                 }
             }
         }
     }
+}
+
+/// The next greeting from rank `from` (to rank 0 if `to_rank0`).
+fn recv_greeting(cluster: &Cluster, from: usize, to_rank0: bool) -> Result<Message, String> {
+    recv_watching(cluster, from, Cluster::greeting(to_rank0)).map_err(|e| match e {
+        NoMessage::Lost(reason) => format!("rank {from} is lost while the job starts: {reason}"),
+        NoMessage::Unreadable(e) => format!("rank {from}: {e}"),
+    })
 }
 
 /// On a rank other than 0, before it builds its nodes: tells rank 0 this
@@ -379,21 +385,15 @@ pub fn wait_loaded(cluster: &Cluster, shape: ReplicaShape, dp: usize) -> Result<
             let rank = cluster.rank_of(replica, index);
             let from = Cluster::control(gid(shape, id), false);
             let node = format!("node r{replica}n{index} on rank {rank}");
-            loop {
-                match cluster.transport.recv(rank, from, Some(POLL)) {
-                    Ok(bytes) => match wire::decode(&bytes) {
-                        Ok(Message::Loaded { error: None, .. }) => break,
-                        Ok(Message::Loaded { error: Some(e), .. }) => {
-                            return Err(format!("{node} could not load: {e}"))
-                        }
-                        Ok(other) => return Err(format!("{node} sent {other:?} before it loaded")),
-                        Err(e) => return Err(format!("{node}: {e}")),
-                    },
-                    Err(_) => {
-                        if let Some(reason) = cluster.transport.mailbox().failure() {
-                            return Err(format!("{node} is lost while it loads: {reason}"));
-                        }
-                    }
+            match recv_watching(cluster, rank, from) {
+                Ok(Message::Loaded { error: None, .. }) => {}
+                Ok(Message::Loaded { error: Some(e), .. }) => {
+                    return Err(format!("{node} could not load: {e}"))
+                }
+                Ok(other) => return Err(format!("{node} sent {other:?} before it loaded")),
+                Err(NoMessage::Unreadable(e)) => return Err(format!("{node}: {e}")),
+                Err(NoMessage::Lost(reason)) => {
+                    return Err(format!("{node} is lost while it loads: {reason}"))
                 }
             }
         }
