@@ -15,6 +15,8 @@
 //! timeout: a peer silent that long fails the transport, which ends the
 //! command on every rank that depends on it. Leaving the job
 //! ([`Job::finish`]) waits for a stopped rank no longer than that timeout.
+//! Every rank ignores SIGUSR1, which the launcher forwards to all of them:
+//! rank 0's server takes it as a drain (`parallm::serve`).
 
 use std::sync::{Arc, OnceLock};
 
@@ -46,6 +48,15 @@ impl Job {
         }
         #[cfg(feature = "mpi")]
         {
+            // The launcher forwards SIGUSR1 to every rank (`mpirun` does,
+            // and so does `srun`): rank 0's server drains on it, installing
+            // its own handler, and no rank may die of it, as its default
+            // action would have it.
+            // SAFETY: SIG_IGN runs no code in the process; `signal` only
+            // changes the disposition, before any thread of ours waits on it.
+            unsafe {
+                libc::signal(libc::SIGUSR1, libc::SIG_IGN);
+            }
             let mpi = cluster::mpi::Mpi::init().map_err(|e| e.to_string())?;
             let transport: Arc<dyn cluster::Transport> = mpi.transport();
             // Until the command's configuration names its timeout, the

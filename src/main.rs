@@ -19,6 +19,7 @@ mod calibrate;
 mod cuda_decode;
 mod files;
 mod job;
+mod launcher;
 mod perplexity;
 mod plot;
 mod prune;
@@ -1024,9 +1025,7 @@ fn run_launch(args: LaunchArgs) -> CliResult {
     if args.dry_run {
         return Ok(());
     }
-    let status = std::process::Command::new(&plan.argv[0])
-        .args(&plan.argv[1..])
-        .status()
+    let status = launcher::run(std::process::Command::new(&plan.argv[0]).args(&plan.argv[1..]))
         .map_err(|e| format!("cannot run {}: {e}", plan.argv[0]))?;
     if !status.success() {
         return Err(format!("{} exited with {status}", plan.argv[0]).into());

@@ -15,7 +15,10 @@
 //! ranks, and `bench latency` (one shard) is refused there. A worker rank killed with kill -9
 //! or stopped (SIGSTOP, caught by the heartbeat) mid-generation ends every
 //! in-flight request with an error, streamed or not, turns `/health` to
-//! 503, and ends the job non-zero within the timeout.
+//! 503, and ends the job non-zero within the timeout. SIGUSR1 to `mpirun`,
+//! or SIGTERM to `parallm launch`, drains the job: `/health` and new
+//! requests get 503, the requests in flight finish whole, and the job exits
+//! 0, also when the drain's timeout cuts requests off.
 
 #[cfg(feature = "mpi")]
 mod common;
@@ -437,16 +440,18 @@ mod with_mpi {
         lines.join("\n")
     }
 
-    /// One long request's outcome: its status and body (a stream's whole
-    /// text).
+    /// One request's outcome (`max_tokens`, never stopped early): its
+    /// status and body (a stream's whole text). `started` hears when a
+    /// stream has its first tokens.
     fn long_request(
         port: u16,
         stream: bool,
+        max_tokens: usize,
         started: std::sync::mpsc::Sender<()>,
     ) -> (u16, String) {
         let body = serde_json::json!({
             "prompt": "Once upon a time",
-            "max_tokens": 4000,
+            "max_tokens": max_tokens,
             "ignore_eos": true,
             "stream": stream,
         });
@@ -475,65 +480,19 @@ mod with_mpi {
     /// what clients and the launcher see; the job must end within
     /// `within` of the signal.
     fn lose_rank_one(signal: &str, heartbeat_secs: u64, within: Duration) {
-        let model = common::model_path().display().to_string();
         let port = free_port();
         let mark = format!("PARALLM_TEST_JOB={port}");
-        let mut cmd = parallm(2);
-        cmd.args(["serve", "--port", &port.to_string(), "--model", &model])
-            .args(["--pp", "2", "--placement", "spread"])
-            .env(
-                "PARALLM__CLUSTER__HEARTBEAT_TIMEOUT_SECS",
-                heartbeat_secs.to_string(),
-            )
-            .env("PARALLM_TEST_JOB", port.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        let mut cmd = pp2_server(port);
+        cmd.env(
+            "PARALLM__CLUSTER__HEARTBEAT_TIMEOUT_SECS",
+            heartbeat_secs.to_string(),
+        )
+        .env("PARALLM_TEST_JOB", port.to_string());
         let mut job = cmd.spawn().expect("start the job");
-        // Read all along, so a full pipe never blocks the job.
-        let stderr = job.stderr.take().map(|mut e| {
-            std::thread::spawn(move || {
-                use std::io::Read;
-                let mut text = String::new();
-                let _ = e.read_to_string(&mut text);
-                text
-            })
-        });
-        let stderr = move || {
-            stderr
-                .map(|h| h.join().unwrap_or_default())
-                .unwrap_or_default()
-        };
-        let t = Instant::now();
-        while agent()
-            .get(&format!("http://127.0.0.1:{port}/health"))
-            .call()
-            .map(|r| r.status() != 200)
-            .unwrap_or(true)
-        {
-            assert!(t.elapsed() < Duration::from_secs(180), "never healthy");
-            assert!(
-                job.try_wait().expect("wait").is_none(),
-                "the job ended early"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        let stderr = stderr_reader(&mut job);
+        wait_healthy(port, &mut job);
         let victim = rank_pid(&mark, 1);
-        let (started_tx, started) = std::sync::mpsc::channel();
-        let requests: Vec<_> = [true, false, true, false, true, false]
-            .into_iter()
-            .map(|stream| {
-                let tx = started_tx.clone();
-                (
-                    stream,
-                    std::thread::spawn(move || long_request(port, stream, tx)),
-                )
-            })
-            .collect();
-        for _ in 0..3 {
-            started
-                .recv_timeout(Duration::from_secs(60))
-                .expect("every stream has its first tokens");
-        }
+        let requests = three_streams_three_plain(port, 4000);
         std::thread::sleep(Duration::from_millis(300));
         // /health, polled until the server is gone.
         let polling = std::thread::spawn(move || {
@@ -555,11 +514,7 @@ mod with_mpi {
             seen
         });
         let killed = Instant::now();
-        let sent = Command::new("kill")
-            .args([signal, &victim.to_string()])
-            .status()
-            .expect("kill");
-        assert!(sent.success());
+        self::signal(victim, signal);
         let status = loop {
             if let Some(s) = job.try_wait().expect("wait") {
                 break s;
@@ -620,6 +575,244 @@ mod with_mpi {
             count(200),
             count(503)
         );
+    }
+
+    /// `parallm serve` of the reference model on `port`, pp=2 with a stage
+    /// on each of 2 ranks; stdout dropped, stderr piped.
+    fn pp2_server(port: u16) -> Command {
+        let model = common::model_path().display().to_string();
+        let mut cmd = parallm(2);
+        cmd.args(["serve", "--port", &port.to_string(), "--model", &model])
+            .args(["--pp", "2", "--placement", "spread"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// Reads `job`'s stderr all along (so a full pipe never blocks it);
+    /// the returned function gives all of it once the job has ended.
+    fn stderr_reader(job: &mut std::process::Child) -> impl FnOnce() -> String {
+        let reader = job.stderr.take().map(|mut e| {
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut text = String::new();
+                let _ = e.read_to_string(&mut text);
+                text
+            })
+        });
+        move || {
+            reader
+                .map(|h| h.join().unwrap_or_default())
+                .unwrap_or_default()
+        }
+    }
+
+    /// Waits until the server on `port` is healthy; fails if `job` ends
+    /// first or it takes over 3 minutes.
+    fn wait_healthy(port: u16, job: &mut std::process::Child) {
+        let t = Instant::now();
+        while agent()
+            .get(&format!("http://127.0.0.1:{port}/health"))
+            .call()
+            .map(|r| r.status() != 200)
+            .unwrap_or(true)
+        {
+            assert!(t.elapsed() < Duration::from_secs(180), "never healthy");
+            assert!(
+                job.try_wait().expect("wait").is_none(),
+                "the job ended early"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Three streamed and three plain requests of `max_tokens` each, on
+    /// threads; returns once every stream has its first tokens. Each
+    /// thread gives whether it streams, its status and its body.
+    fn three_streams_three_plain(
+        port: u16,
+        max_tokens: usize,
+    ) -> Vec<(bool, std::thread::JoinHandle<(u16, String)>)> {
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let requests = [true, false, true, false, true, false]
+            .into_iter()
+            .map(|stream| {
+                let tx = started_tx.clone();
+                (
+                    stream,
+                    std::thread::spawn(move || long_request(port, stream, max_tokens, tx)),
+                )
+            })
+            .collect();
+        for _ in 0..3 {
+            started
+                .recv_timeout(Duration::from_secs(60))
+                .expect("every stream has its first tokens");
+        }
+        requests
+    }
+
+    /// Serves pp=2 on 2 ranks as `job` (started with its stderr piped, on
+    /// `port`), starts 3 streamed and 3 plain requests, calls `stop` with
+    /// `job`'s pid once every stream has tokens, and checks that the job
+    /// drains: `/health` and a new request answer 503 while the requests
+    /// finish whole, and the job then exits 0.
+    fn drains(mut job: std::process::Child, port: u16, stop: impl FnOnce(u32)) {
+        let stderr = stderr_reader(&mut job);
+        wait_healthy(port, &mut job);
+        const TOKENS: usize = 160;
+        let requests = three_streams_three_plain(port, TOKENS);
+        stop(job.id());
+        let asked = Instant::now();
+        let health = |port| {
+            agent()
+                .get(&format!("http://127.0.0.1:{port}/health"))
+                .call()
+                .map(|r| r.status().as_u16())
+        };
+        while health(port).ok() != Some(503) {
+            assert!(
+                asked.elapsed() < Duration::from_secs(10),
+                "/health did not turn 503"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let late = post_completion(port, &serde_json::json!({"prompt": "Hi", "max_tokens": 4}));
+        assert_eq!(late.status().as_u16(), 503, "a new request while draining");
+        for (i, (stream, h)) in requests.into_iter().enumerate() {
+            let (status, body) = h.join().expect("a request's thread");
+            assert_eq!(status, 200, "request {i} (stream {stream}): {body}");
+            assert!(!body.contains("\"error\""), "request {i}: {body}");
+            if stream {
+                assert!(body.contains("data: [DONE]"), "request {i}: {body}");
+            } else {
+                let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+                assert_eq!(
+                    v["usage"]["completion_tokens"].as_u64(),
+                    Some(TOKENS as u64),
+                    "request {i}: {body}"
+                );
+            }
+        }
+        let (status, stderr) = ended_within(
+            &mut job,
+            asked,
+            Duration::from_secs(120),
+            "the drain began",
+            stderr,
+        );
+        assert!(status.success(), "the job ended {status}\n{stderr}");
+        assert!(
+            stderr.contains("every in-flight request finished"),
+            "{stderr}"
+        );
+        eprintln!("drained in {:?}", asked.elapsed());
+    }
+
+    /// `job`'s exit status and stderr (`stderr` gives it) once it ends;
+    /// fails if it still runs `limit` after `since`, when `what` happened.
+    fn ended_within(
+        job: &mut std::process::Child,
+        since: Instant,
+        limit: Duration,
+        what: &str,
+        stderr: impl FnOnce() -> String,
+    ) -> (std::process::ExitStatus, String) {
+        loop {
+            if let Some(s) = job.try_wait().expect("wait") {
+                return (s, stderr());
+            }
+            if since.elapsed() > limit {
+                let _ = job.kill();
+                let _ = job.wait();
+                panic!("the job still ran {limit:?} after {what}\n{}", stderr());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` to `pid`.
+    fn signal(pid: u32, signal: &str) {
+        let sent = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+    }
+
+    #[test]
+    fn sigusr1_to_mpirun_drains_the_job() {
+        // mpirun passes SIGUSR1 on to every rank; rank 0's server drains
+        // and the other ranks (which ignore it) end cleanly after it.
+        let port = free_port();
+        let job = pp2_server(port).spawn().expect("start the job");
+        drains(job, port, |pid| signal(pid, "-USR1"));
+    }
+
+    #[test]
+    fn a_drain_past_its_timeout_still_ends_the_job_cleanly() {
+        // The other ranks' nodes end when rank 0's engine goes, which the
+        // handlers of requests cut off at the timeout hold for a moment.
+        let port = free_port();
+        let mut job = pp2_server(port)
+            .args(["--set", "server.shutdown_timeout_secs=1"])
+            .spawn()
+            .expect("start the job");
+        let stderr = stderr_reader(&mut job);
+        wait_healthy(port, &mut job);
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let streams: Vec<_> = (0..2)
+            .map(|_| {
+                let tx = started_tx.clone();
+                std::thread::spawn(move || long_request(port, true, 4000, tx))
+            })
+            .collect();
+        for _ in &streams {
+            started
+                .recv_timeout(Duration::from_secs(60))
+                .expect("every stream has its first tokens");
+        }
+        signal(job.id(), "-USR1");
+        let t = Instant::now();
+        let (status, stderr) =
+            ended_within(&mut job, t, Duration::from_secs(60), "SIGUSR1", stderr);
+        assert!(status.success(), "the job ended {status}\n{stderr}");
+        assert!(
+            stderr.contains("2 request(s) were cut off by the shutdown timeout"),
+            "{stderr}"
+        );
+        for s in streams {
+            let (_, body) = s.join().expect("a stream's thread");
+            assert!(!body.contains("[DONE]"), "{body}");
+        }
+        eprintln!("ended {:?} after SIGUSR1", t.elapsed());
+    }
+
+    #[test]
+    fn sigterm_to_parallm_launch_drains_the_job() {
+        // `launch` stands in front of the job as `serve` does in front of
+        // one process: its SIGTERM reaches the ranks as a drain.
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let port = free_port();
+        let config = dir.path().join("job.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[model]\npath = {:?}\n[server]\nport = {port}\n[parallel]\npp = 2\n[cluster]\nranks = 2\nmpirun_args = [\"--mca\", \"btl\", \"tcp,self\"]\n",
+                common::model_path().display().to_string()
+            ),
+        )
+        .expect("write the config");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_parallm"));
+        cmd.args(["launch", "--config"])
+            .arg(&config)
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        drains(cmd.spawn().expect("start the job"), port, |pid| {
+            signal(pid, "-TERM")
+        });
     }
 
     #[test]

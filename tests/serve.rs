@@ -930,29 +930,25 @@ fn a_flood_beyond_capacity_gets_429s_and_every_accepted_request_completes() {
 
 #[test]
 fn sigterm_drains_in_flight_requests_then_exits_zero() {
-    let mut s = Server::start(&["--set", "server.shutdown_timeout_secs=60"], true);
-    let client = std::thread::spawn({
-        let base = s.base.clone();
-        move || {
-            let a = agent();
-            let mut r = a
-                .post(&format!("{base}/v1/completions"))
-                .send(
-                    json!({"prompt": "Once upon a time", "max_tokens": 150, "ignore_eos": true})
-                        .to_string(),
-                )
-                .expect("request");
-            (
-                r.status().as_u16(),
-                r.body_mut().read_to_string().unwrap_or_default(),
-            )
-        }
-    });
-    s.wait_metric("parallm_requests_running", |v| v >= 1.0, "the request runs");
+    drains_on(libc::SIGTERM);
+}
+
+#[test]
+fn sigusr1_drains_too() {
+    // The signal mpirun passes on to its ranks; one process takes it the
+    // same way.
+    drains_on(libc::SIGUSR1);
+}
+
+/// Sends `signal` to the server.
+fn signal(s: &Server, signal: libc::c_int) {
     // SAFETY: kill(2) with a valid pid of our own child and a standard signal.
-    let rc = unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
+    let rc = unsafe { libc::kill(s.child.id() as i32, signal) };
     assert_eq!(rc, 0);
-    // While draining: new work and /health get 503.
+}
+
+/// Waits up to 10 s for `/health` to answer 503.
+fn wait_unhealthy(s: &Server) {
     let t = Instant::now();
     loop {
         let (st, _) = s.get("/health");
@@ -962,24 +958,75 @@ fn sigterm_drains_in_flight_requests_then_exits_zero() {
         assert!(t.elapsed() < Duration::from_secs(10), "health stayed {st}");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Waits up to `limit` for the server to exit; its status.
+fn exit_status(s: &mut Server, limit: Duration) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(code) = s.child.try_wait().expect("wait") {
+            return code;
+        }
+        assert!(t.elapsed() < limit, "the server did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A request of `max_tokens` on a thread: its status and body.
+fn request_on_thread(s: &Server, max_tokens: usize) -> std::thread::JoinHandle<(u16, String)> {
+    let base = s.base.clone();
+    std::thread::spawn(move || {
+        let a = agent();
+        let r = a.post(&format!("{base}/v1/completions")).send(
+            json!({"prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": true})
+                .to_string(),
+        );
+        match r {
+            Ok(mut r) => (
+                r.status().as_u16(),
+                r.body_mut().read_to_string().unwrap_or_default(),
+            ),
+            Err(e) => (0, e.to_string()),
+        }
+    })
+}
+
+/// `signal` during a request: new work and `/health` get 503, the request
+/// finishes whole, and the server exits 0.
+fn drains_on(sig: libc::c_int) {
+    let mut s = Server::start(&["--set", "server.shutdown_timeout_secs=60"], true);
+    let client = request_on_thread(&s, 150);
+    s.wait_metric("parallm_requests_running", |v| v >= 1.0, "the request runs");
+    signal(&s, sig);
+    // While draining: new work and /health get 503.
+    wait_unhealthy(&s);
     let (st, r) = s.post("/v1/completions", json!({"prompt": "x", "max_tokens": 1}));
     assert_error(st, &r, 503, None, "unavailable");
     let (status, body) = client.join().expect("client");
     assert_eq!(status, 200, "{body}");
     let r: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(r["usage"]["completion_tokens"], 150);
-    let t = Instant::now();
-    let code = loop {
-        if let Some(code) = s.child.try_wait().expect("wait") {
-            break code;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the server did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let code = exit_status(&mut s, Duration::from_secs(30));
     assert!(code.success(), "exit status {code}");
+}
+
+#[test]
+fn a_second_sigterm_while_draining_stops_at_once() {
+    // The drain would wait 10 minutes for this request.
+    let mut s = Server::start(&["--set", "server.shutdown_timeout_secs=600"], true);
+    let client = request_on_thread(&s, 4000);
+    s.wait_metric("parallm_requests_running", |v| v >= 1.0, "the request runs");
+    signal(&s, libc::SIGTERM);
+    wait_unhealthy(&s);
+    signal(&s, libc::SIGTERM);
+    let code = exit_status(&mut s, Duration::from_secs(15));
+    assert!(code.success(), "exit status {code}");
+    // The request was cut off: no whole response.
+    let (status, body) = client.join().expect("client");
+    assert!(
+        status != 200 || !body.contains("\"finish_reason\""),
+        "{status} {body}"
+    );
 }
 
 /// Runs a script from tests/support and returns its stdout lines.

@@ -219,7 +219,8 @@ pub struct ServerSection {
     /// Threads that tokenize prompts and render chat templates, off the HTTP
     /// workers (0: the machine's cores less one, at least 1).
     pub tokenizer_threads: usize,
-    /// Seconds in-flight requests get to finish after SIGTERM or Ctrl-C.
+    /// Seconds in-flight requests get to finish once the drain begins
+    /// (SIGTERM, SIGUSR1 or Ctrl-C; under `mpirun`, SIGUSR1).
     pub shutdown_timeout_secs: u64,
     /// Seconds between the health probes (one-token requests through the engine).
     pub health_probe_interval_secs: u64,

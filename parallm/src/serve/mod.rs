@@ -2,14 +2,18 @@
 //!
 //! [`run`] installs the Prometheus recorder, binds the listener at once (so
 //! `/health` answers 503 while the model loads), loads the engine on its own
-//! thread, and then serves until SIGTERM or Ctrl-C. Shutdown drains: new
-//! generation requests and `/health` get 503, in-flight requests get up to
-//! `server.shutdown_timeout_secs` to finish, then the listener and the engine
-//! stop and the process exits 0. Under `mpirun` (a cluster in the
-//! settings) there is no drain: SIGTERM, or a rank of the job lost, ends
-//! every request with an error at once, `/health` answers 503, and
-//! [`ServeError::JobLost`] makes the process exit non-zero within 0.75 s
-//! (see `end_lost_job`). A request counts as finished when its
+//! thread, and then serves until SIGTERM, SIGUSR1 or Ctrl-C. Shutdown
+//! drains: new generation requests and `/health` get 503, in-flight requests
+//! get up to `server.shutdown_timeout_secs` to finish (a second SIGTERM or
+//! Ctrl-C cuts that short), then the listener and the engine stop and the
+//! process exits 0. Under `mpirun` (a cluster in the settings) SIGTERM is
+//! the launcher ending the job, as it does when a rank dies: SIGTERM, or a
+//! rank of the job lost, also while draining, ends every request with an
+//! error at once, `/health` answers 503, and [`ServeError::JobLost`] makes
+//! the process exit non-zero within 0.75 s (see `end_lost_job`). SIGUSR1,
+//! which `mpirun` forwards to every rank (the others ignore it), drains the
+//! job: after the drain the engine goes, which ends the other ranks' nodes,
+//! and every rank leaves the job cleanly. A request counts as finished when its
 //! handler (or its stream) is done, which is before the last bytes reach the
 //! socket, so every response written while draining says `Connection: close`
 //! and the listener then stops gracefully: the HTTP workers wait (up to
@@ -85,7 +89,7 @@ pub struct AppState {
     pub model_id: String,
     /// Unix seconds at start.
     pub started: u64,
-    /// Set at SIGTERM / Ctrl-C: refuse new work.
+    /// Set when the drain begins: refuse new work.
     pub draining: AtomicBool,
     /// Generation requests being answered.
     pub inflight: AtomicUsize,
@@ -368,7 +372,8 @@ fn check_bearer(header: Option<&str>, keys: &[String]) -> Result<(), ApiError> {
     }
 }
 
-/// Serves until SIGTERM or Ctrl-C; `loader` resolves the model path (it may
+/// Serves until SIGTERM, SIGUSR1 or Ctrl-C (see the module's
+/// documentation); `loader` resolves the model path (it may
 /// fetch the reference model) on the loading thread.
 pub fn run<L>(settings: Settings, loader: L) -> Result<(), ServeError>
 where
@@ -518,33 +523,48 @@ where
     });
 
     let server_task = actix_web::rt::spawn(server);
-    let shutdown = shutdown_signal();
-    futures::pin_mut!(shutdown);
+    let mut signals = stop_signals();
+    let in_job = state.settings.engine.cluster.is_some();
     let load = async {
         match loaded_rx.await {
             Ok(r) => r,
             Err(_) => Err("the loading thread died".into()),
         }
     };
-    let engine = tokio::select! {
-        r = load => match r {
-            Ok((engine, served)) => {
-                let _ = state.embedders.set(served);
-                Some(Arc::new(engine))
-            }
-            Err(e) => {
-                handle.stop(false).await;
-                let _ = server_task.await;
-                return Err(ServeError::Load(e));
-            }
-        },
-        _ = &mut shutdown => None,
+    futures::pin_mut!(load);
+    // Under mpirun a drain asked for while the model loads waits for the
+    // load: the other ranks' nodes end cleanly only once rank 0's engine
+    // has them.
+    let mut drain_when_loaded = false;
+    let engine = loop {
+        tokio::select! {
+            r = &mut load => break match r {
+                Ok((engine, served)) => {
+                    let _ = state.embedders.set(served);
+                    Some(Arc::new(engine))
+                }
+                Err(e) => {
+                    handle.stop(false).await;
+                    let _ = server_task.await;
+                    return Err(ServeError::Load(e));
+                }
+            },
+            signal = signals.recv() => match signal {
+                Some(StopSignal::Drain) if in_job => {
+                    if !drain_when_loaded {
+                        eprintln!("parallm: draining (SIGUSR1) once the model is loaded");
+                    }
+                    drain_when_loaded = true;
+                }
+                _ => break None,
+            },
+        }
     };
     let Some(engine) = engine else {
         eprintln!("parallm: stopped while loading");
         handle.stop(false).await;
         let _ = server_task.await;
-        if state.settings.engine.cluster.is_some() {
+        if in_job {
             return Err(ServeError::JobLost(
                 "the MPI job was ended (SIGTERM) while the model loaded".into(),
             ));
@@ -584,21 +604,20 @@ where
         }
     });
 
-    let lost = tokio::select! {
-        _ = &mut shutdown => None,
-        why = stopped_for_good(&state) => Some(why),
+    let stop = match drain_when_loaded {
+        true => Ok(StopSignal::Drain),
+        false => tokio::select! {
+            signal = signals.recv() => Ok(signal.unwrap_or(StopSignal::Terminate)),
+            why = stopped_for_good(&state) => Err(why),
+        },
     };
-    let lost = match (lost, &state.settings.engine.cluster) {
+    let lost = match stop {
+        Err(why) => Some(why),
         // Under mpirun, SIGTERM means the launcher is ending the job (as it
         // does when another rank dies), and a drain cannot outlive the
         // other ranks: end every request now instead.
-        (None, Some(cluster)) => {
-            cluster.transport.mailbox().fail(
-                "the launcher ended the job (SIGTERM to rank 0, as mpirun does when a rank dies)",
-            );
-            Some(stopped_for_good(&state).await)
-        }
-        (lost, _) => lost,
+        Ok(StopSignal::Terminate) if in_job => Some(end_job_now(&state).await),
+        Ok(_) => None,
     };
     if let Some(why) = lost {
         prober.abort();
@@ -612,8 +631,26 @@ where
         "parallm: shutting down; {waiting} request(s) in flight get up to {}s",
         state.settings.shutdown_timeout.as_secs()
     );
+    let mut cut_by = "the shutdown timeout";
     while state.inflight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        // A rank lost while draining, or the launcher ending the job, ends
+        // the drain as it would have ended serving.
+        let lost = match signals.try_recv() {
+            Ok(StopSignal::Terminate) if in_job => Some(end_job_now(&state).await),
+            Ok(StopSignal::Terminate) => {
+                eprintln!("parallm: stopping at once (SIGTERM or Ctrl-C while draining)");
+                cut_by = "SIGTERM or Ctrl-C while draining";
+                break;
+            }
+            _ => state.stopped(),
+        };
+        if let Some(why) = lost {
+            return end_lost_job(&state, handle, server_task, why).await;
+        }
         actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some(why) = state.stopped() {
+        return end_lost_job(&state, handle, server_task, why).await;
     }
     let left = state.inflight.load(Ordering::SeqCst);
     // With every request finished, stop gracefully so that responses still
@@ -628,8 +665,10 @@ where
         .map(|v| v.iter().map(|s| s.embedder.clone()).collect())
         .unwrap_or_default();
     drop(state);
+    // The HTTP workers may still drop their handlers' references for a
+    // moment after a forced stop.
     for e in embedders {
-        if let Ok(e) = Arc::try_unwrap(e) {
+        if let Ok(e) = sole_owner(e).await {
             let _ = actix_web::rt::task::spawn_blocking(move || {
                 e.shutdown_timeout(Duration::from_secs(5))
             })
@@ -637,7 +676,7 @@ where
         }
     }
     if let Some(engine) = engine {
-        match Arc::try_unwrap(engine) {
+        match sole_owner(engine).await {
             Ok(engine) => {
                 let done = actix_web::rt::task::spawn_blocking(move || {
                     engine.shutdown_timeout(Duration::from_secs(5))
@@ -648,15 +687,36 @@ where
                     eprintln!("parallm: the engine did not stop cleanly");
                 }
             }
+            // The other ranks' nodes end only when the engine goes: without
+            // it, leaving the job would wait for them forever.
+            Err(_) if in_job => {
+                return Err(ServeError::JobLost(
+                    "the engine is still referenced after the drain, so the other ranks cannot be told to stop; ending the job".into(),
+                ))
+            }
             Err(_) => eprintln!("parallm: the engine is still referenced; leaving it to exit"),
         }
     }
     if left > 0 {
-        eprintln!("parallm: {left} request(s) were cut off by the shutdown timeout");
+        eprintln!("parallm: {left} request(s) were cut off by {cut_by}");
     } else {
         eprintln!("parallm: every in-flight request finished");
     }
     Ok(())
+}
+
+/// `shared` itself once no other reference is left, waiting up to 5 s for
+/// the others to go; else `shared` back.
+async fn sole_owner<T>(mut shared: Arc<T>) -> Result<T, Arc<T>> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Arc::try_unwrap(shared) {
+            Ok(owned) => return Ok(owned),
+            Err(again) if Instant::now() >= deadline => return Err(again),
+            Err(again) => shared = again,
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Resolves once the engine stopped for good, with why; never for an
@@ -707,27 +767,68 @@ async fn end_lost_job(
 /// written out before closing their connections.
 pub const FLUSH_TIMEOUT_SECS: u64 = 5;
 
-/// Resolves at SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
+/// Under mpirun: ends the job at once, as the launcher is ending it (it
+/// sent SIGTERM), and waits for the engine to end every request; returns
+/// why, for [`end_lost_job`].
+async fn end_job_now(state: &AppState) -> String {
+    if let Some(cluster) = &state.settings.engine.cluster {
+        cluster.transport.mailbox().fail(
+            "the launcher ended the job (SIGTERM to rank 0, as mpirun does when a rank dies)",
+        );
+    }
+    stopped_for_good(state).await
+}
+
+/// A signal that stops the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StopSignal {
+    /// SIGTERM or Ctrl-C: a drain, except under mpirun, which sends it to
+    /// end the job at once (see [`run`]).
+    Terminate,
+    /// SIGUSR1: a drain, under mpirun too (which forwards it to every rank).
+    Drain,
+}
+
+/// Every stopping signal, in the order they come; the sender lives as long
+/// as the server, so the receiver never reports a closed channel while it
+/// serves. A signal whose handler cannot be installed is never reported.
+fn stop_signals() -> tokio::sync::mpsc::UnboundedReceiver<StopSignal> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    // Installed now, not when the task first runs: until then SIGUSR1's
+    // default action would end the process.
     #[cfg(unix)]
-    {
+    let (mut term, mut usr1) = {
         use actix_web::rt::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = actix_web::rt::signal::ctrl_c() => {}
+        (
+            signal(SignalKind::terminate()).ok(),
+            signal(SignalKind::user_defined1()).ok(),
+        )
+    };
+    actix_web::rt::spawn(async move {
+        #[cfg(unix)]
+        {
+            loop {
+                let got = tokio::select! {
+                    Some(()) = async { term.as_mut()?.recv().await } => StopSignal::Terminate,
+                    Some(()) = async { usr1.as_mut()?.recv().await } => StopSignal::Drain,
+                    Ok(()) = actix_web::rt::signal::ctrl_c() => StopSignal::Terminate,
+                    else => std::future::pending().await,
+                };
+                if tx.send(got).is_err() {
+                    return;
                 }
             }
-            Err(_) => {
-                let _ = actix_web::rt::signal::ctrl_c().await;
+        }
+        #[cfg(not(unix))]
+        loop {
+            if actix_web::rt::signal::ctrl_c().await.is_ok()
+                && tx.send(StopSignal::Terminate).is_err()
+            {
+                return;
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = actix_web::rt::signal::ctrl_c().await;
-    }
+    });
+    rx
 }
 
 #[cfg(test)]
