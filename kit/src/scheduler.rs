@@ -254,13 +254,22 @@ impl<P: Policy> SchedulerState<P> {
             }
             Err(failures) => {
                 self.stats.failed_steps += 1;
-                let why = failures
-                    .iter()
-                    .filter(|(_, e)| matches!(e, NodeError::Failed(_)))
-                    .map(|(n, e)| format!("{n}: {e}"))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                tracing::warn!(replica = r, step = done.step, "step failed: {why}");
+                let named = |failed_only: bool| {
+                    failures
+                        .iter()
+                        .filter(|(_, e)| !failed_only || matches!(e, NodeError::Failed(_)))
+                        .map(|(n, e)| format!("{n}: {e}"))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                };
+                // The nodes that failed; a step whose nodes were all
+                // aborted (for another step's failure) is logged with why.
+                let why = named(true);
+                let logged = match why.is_empty() {
+                    true => named(false),
+                    false => why.clone(),
+                };
+                tracing::warn!(replica = r, step = done.step, "step failed: {logged}");
                 rep.failed.push(done.step);
                 if !why.is_empty() {
                     rep.why.push(why);
