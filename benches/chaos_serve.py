@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """A seeded chaos run against a running `parallm serve`: many concurrent
 completions over a few shared prefixes (streaming or not, greedy or seeded
-sampling, `n` of 2-3, n-gram speculation), some far too long for the KV
-pool, a quarter dropped by the client mid-flight. Then it checks what must
+sampling, `n` of 2-3, n-gram speculation, and with `--draft` draft-model
+speculation; `--mixed` adds chat turns, stop strings, logprobs, JSON-guided
+output and beam search), some far too long for the KV pool, a quarter
+dropped by the client mid-flight. Then it checks what must
 hold whatever happened: at idle no KV block is in use and nothing runs or
 waits, every refusal is a 400 naming a field, and a fixed greedy prompt
 gives the same text before and after. Exits 1 naming what did not hold.
@@ -12,6 +14,9 @@ time, for example:
 
     PARALLM__SCHEDULER__KV_MEMORY_MIB=32 RAYON_NUM_THREADS=2 parallm serve --port 8441 &
     python3 benches/chaos_serve.py --port 8441 [--requests 240] [--concurrency 32]
+
+With a draft model (`--draft-model PATH` on the server), `--draft` has some
+requests speculate with it.
 
 Standard library only.
 """
@@ -28,10 +33,10 @@ WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu 
          "omicron pi rho sigma tau upsilon phi chi psi omega").split()
 
 
-def post(addr, body, abort_after=None, timeout=300):
+def post(addr, body, abort_after=None, timeout=300, path="/v1/completions"):
     """(status, body bytes), or ("aborted", b"") when the client hung up."""
     c = http.client.HTTPConnection(*addr, timeout=timeout)
-    c.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    c.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     if abort_after is not None:
         time.sleep(abort_after)
         c.close()
@@ -42,7 +47,8 @@ def post(addr, body, abort_after=None, timeout=300):
     return r.status, data
 
 
-def request_body(i, prefixes):
+def request_body(i, prefixes, draft=False, mixed=False):
+    """(path, body, seconds before the client hangs up or None)."""
     rnd = random.Random(i)
     body = {
         "prompt": rnd.choice(prefixes) + " " + " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(1, 30))),
@@ -57,11 +63,27 @@ def request_body(i, prefixes):
     if rnd.random() < 0.3:
         body["n"] = rnd.randint(2, 3)
     if rnd.random() < 0.4:
-        body["speculative"] = {"method": "ngram", "num_speculative_tokens": rnd.randint(1, 5)}
+        method = "draft" if draft and rnd.random() < 0.5 else "ngram"
+        body["speculative"] = {"method": method, "num_speculative_tokens": rnd.randint(1, 5)}
     if rnd.random() < 0.05:
         body["prompt"] = " ".join(["zeta"] * 4000)
+    path = "/v1/completions"
+    if mixed:
+        kind = rnd.random()
+        if kind < 0.15:
+            body["stop"] = [rnd.choice(WORDS), "\n"]
+        elif kind < 0.3:
+            body["logprobs"] = rnd.randint(0, 3)
+        elif kind < 0.4 and "speculative" not in body:
+            body.pop("n", None)
+            body.update(beam_width=rnd.randint(2, 3), temperature=0, stream=False)
+        elif kind < 0.6:
+            path = "/v1/chat/completions"
+            body["messages"] = [{"role": "user", "content": body.pop("prompt")}]
+            if rnd.random() < 0.3 and "speculative" not in body:
+                body["response_format"] = {"type": "json_object"}
     abort = rnd.uniform(0.01, 0.5) if rnd.random() < 0.25 else None
-    return body, abort
+    return path, body, abort
 
 
 def main():
@@ -71,6 +93,8 @@ def main():
     ap.add_argument("--requests", type=int, default=240)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--draft", action="store_true", help="some requests speculate with the server's draft model")
+    ap.add_argument("--mixed", action="store_true", help="chat, stop strings, logprobs, JSON output, beam search too")
     a = ap.parse_args()
     addr = (a.host, a.port)
     rnd = random.Random(a.seed)
@@ -87,9 +111,9 @@ def main():
 
     def one(i):
         try:
-            body, abort = request_body(i + a.seed * 100_000, prefixes)
+            path, body, abort = request_body(i + a.seed * 100_000, prefixes, a.draft, a.mixed)
             try:
-                status, data = post(addr, body, abort_after=abort)
+                status, data = post(addr, body, abort_after=abort, path=path)
             except Exception as e:  # a hang would show as a timeout here
                 status, data = "error " + type(e).__name__, str(e).encode()
             with lock:

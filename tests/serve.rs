@@ -2008,6 +2008,50 @@ fn a_draft_model_speculates_per_request_and_changes_no_text() {
     assert!(drafted > 0.0, "{metrics}");
 }
 
+#[test]
+fn a_seeded_chaos_run_leaves_no_block_in_use_and_names_every_refusal() {
+    // `benches/chaos_serve.py` against two replicas with a KV pool of 32 MiB
+    // (45 blocks of 16 positions each, so prefix blocks are evicted and
+    // requests preempted all the time) and a draft model: streamed or not,
+    // greedy or sampled, `n` of 2-3, n-gram and draft speculation, chat,
+    // stop strings, logprobs, JSON output, beam search, prompts too long for
+    // the pool, a quarter dropped mid-flight. The script fails if any request ends other
+    // than 200, a dropped connection, or a 400 naming its field; if a KV
+    // block is in use or a request runs or waits at idle; or if a fixed
+    // greedy prompt's text changes.
+    let model = common::model_path();
+    let s = Server::start(
+        &[
+            "--dp",
+            "2",
+            "--draft-model",
+            model.to_str().expect("utf-8 path"),
+            "--set",
+            "scheduler.kv_memory_mib=32",
+        ],
+        true,
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/chaos_serve.py");
+    let port = s.port().to_string();
+    let out = Command::new("python3")
+        .arg(script)
+        .args(["--port", &port, "--draft", "--mixed"])
+        .args(["--requests", "120", "--concurrency", "24", "--seed", "3"])
+        .output()
+        .expect("run python3 benches/chaos_serve.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the chaos run's checks failed");
+    // The run did what it is for: requests finished, others were refused
+    // or dropped, and both kinds of drafts were checked.
+    for want in ["200: ", "400: ", "aborted: ", "every check held"] {
+        assert!(stdout.contains(want), "no `{want}` line: {stdout}");
+    }
+    assert!(s.metric("parallm_prefix_cache_evictions_total") > 0.0);
+    assert!(s.metric("parallm_spec_drafted_tokens_total") > 0.0);
+}
+
 /// The greedy completions of `prompt` (`n` tokens) under each `speculative`
 /// setting.
 fn greedy_texts(s: &Server, prompt: &str, n: usize, specs: [Value; 2]) -> Vec<Value> {
