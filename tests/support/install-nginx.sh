@@ -42,9 +42,9 @@ cleanup() { if [ "$placed_policy" = 1 ]; then "${SUDO[@]}" rm -f "$POLICY"; fi; 
 trap cleanup EXIT
 
 export DEBIAN_FRONTEND=noninteractive
-if ! "${SUDO[@]}" apt-get install -y --no-install-recommends nginx-light >&2; then
-    "${SUDO[@]}" apt-get update >&2
-    "${SUDO[@]}" apt-get install -y --no-install-recommends nginx-light >&2
+if ! "${SUDO[@]}" apt-get install -y --no-install-recommends -o DPkg::Lock::Timeout=600 nginx-light >&2; then
+    "${SUDO[@]}" apt-get -o DPkg::Lock::Timeout=600 update >&2
+    "${SUDO[@]}" apt-get install -y --no-install-recommends -o DPkg::Lock::Timeout=600 nginx-light >&2
 fi
 # A daemon the package started anyway would hold :80; the tests use their own.
 if [ -f /run/nginx.pid ]; then

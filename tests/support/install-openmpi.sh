@@ -41,9 +41,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-if ! "${SUDO[@]}" apt-get install -y --no-install-recommends "${PKGS[@]}" >&2; then
-    "${SUDO[@]}" apt-get update >&2
-    "${SUDO[@]}" apt-get install -y --no-install-recommends "${PKGS[@]}" >&2
+if ! "${SUDO[@]}" apt-get install -y --no-install-recommends -o DPkg::Lock::Timeout=600 "${PKGS[@]}" >&2; then
+    "${SUDO[@]}" apt-get -o DPkg::Lock::Timeout=600 update >&2
+    "${SUDO[@]}" apt-get install -y --no-install-recommends -o DPkg::Lock::Timeout=600 "${PKGS[@]}" >&2
 fi
 
 if ! have_all; then
