@@ -5,9 +5,11 @@ sampling, `n` of 2-3, n-gram speculation, and with `--draft` draft-model
 speculation; `--mixed` adds chat turns, stop strings, logprobs, JSON-guided
 output and beam search), some far too long for the KV pool, a quarter
 dropped by the client mid-flight. Then it checks what must
-hold whatever happened: at idle no KV block is in use and nothing runs or
-waits, every refusal is a 400 naming a field, and a fixed greedy prompt
-gives the same text before and after. Exits 1 naming what did not hold.
+hold whatever happened: every answer has its `n` choices, no stop string
+in their text, logprobs that spell it and (where guided and finished) JSON,
+and every stream ends with [DONE]; at idle no KV block is in use and
+nothing runs or waits; every refusal is a 400 naming a field; and a fixed
+greedy prompt gives the same text before and after. Exits 1 naming what did not hold.
 
 Best with a small KV pool, so that eviction and preemption happen all the
 time, for example:
@@ -86,6 +88,44 @@ def request_body(i, prefixes, draft=False, mixed=False):
     return path, body, abort
 
 
+def answer_problems(path, body, data):
+    """What is wrong with a finished (200) answer to `body`: its choices,
+    their logprobs, stop strings and JSON output, as far as a reply that
+    may have been cut short by `max_tokens` can say. Streams are checked for
+    their end marker only."""
+    if body.get("stream"):
+        return [] if data.rstrip().endswith(b"data: [DONE]") else ["a stream did not end with [DONE]"]
+    r = json.loads(data)
+    want = body.get("n", 1) if "beam_width" not in body else 1
+    if len(r["choices"]) != want:
+        return [f"{len(r['choices'])} choices for n={want}"]
+    problems = []
+    for c in r["choices"]:
+        if c["finish_reason"] not in ("stop", "length"):
+            problems.append(f"finish_reason {c['finish_reason']!r}")
+        if path == "/v1/chat/completions":
+            text = c["message"].get("content") or ""
+            if "response_format" in body and c["finish_reason"] == "stop":
+                try:
+                    json.loads(text)
+                except ValueError:
+                    problems.append(f"JSON-guided output is not JSON: {text[:120]!r}")
+        else:
+            text = c["text"]
+            if body.get("logprobs"):
+                lp = c["logprobs"]
+                tokens = lp["tokens"]
+                if len(tokens) != len(lp["token_logprobs"]):
+                    problems.append("logprobs' tokens and token_logprobs differ in length")
+                # A token that ends inside a character shows as U+FFFD.
+                elif not any("\ufffd" in t for t in tokens) and "".join(tokens) != text:
+                    problems.append("logprobs' tokens do not spell the text")
+        for stop in body.get("stop", []):
+            if stop in text:
+                problems.append(f"the text holds its stop string {stop!r}")
+    return problems
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--host", default="127.0.0.1")
@@ -116,6 +156,10 @@ def main():
                 status, data = post(addr, body, abort_after=abort, path=path)
             except Exception as e:  # a hang would show as a timeout here
                 status, data = "error " + type(e).__name__, str(e).encode()
+            if status == 200:
+                wrong = answer_problems(path, body, data)
+                if wrong:
+                    status, data = "wrong", f"{'; '.join(wrong)}: {body}".encode()
             with lock:
                 outcomes.setdefault(status, []).append(data[:300])
         finally:
