@@ -134,6 +134,8 @@ def main():
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--draft", action="store_true", help="some requests speculate with the server's draft model")
+    ap.add_argument("--idle-secs", type=float, default=30,
+                    help="how long the server may take to be idle once every client is done")
     ap.add_argument("--mixed", action="store_true", help="chat, stop strings, logprobs, JSON output, beam search too")
     a = ap.parse_args()
     addr = (a.host, a.port)
@@ -188,20 +190,32 @@ def main():
                 print(f"  refused naming `{field}`, e.g. {message}")
         elif status not in (200, "aborted"):
             problems.append(f"{len(bodies)} requests ended {status}: {bodies[0]!r}")
-    time.sleep(3)
-    metrics = urllib.request.urlopen(f"http://{a.host}:{a.port}/metrics").read().decode()
-    values = {}
-    for line in metrics.splitlines():
-        if line.startswith("parallm_") and " " in line:
-            name, value = line.rsplit(" ", 1)
-            values[name] = float(value)
-            if name.startswith(("parallm_kv_blocks", "parallm_requests_running", "parallm_requests_waiting",
-                                "parallm_prefix_cache_evictions", "parallm_spec_acceptance")):
-                print(line)
+    # Every client is done; a request whose client hung up is cancelled at
+    # its next step. Wait (up to --idle-secs) for the server to be idle.
+    def busy():
+        metrics = urllib.request.urlopen(f"http://{a.host}:{a.port}/metrics").read().decode()
+        values = {}
+        for line in metrics.splitlines():
+            if line.startswith("parallm_") and " " in line:
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return values, {name: value for name, value in values.items()
+                        if value != 0 and (name in ("parallm_kv_blocks_used", "parallm_requests_running")
+                                           or name.startswith("parallm_requests_waiting"))}
+
+    t0 = time.monotonic()
+    values, left = busy()
+    while left and time.monotonic() - t0 < a.idle_secs:
+        time.sleep(0.2)
+        values, left = busy()
+    print(f"idle {time.monotonic() - t0:.1f} s after the last client" if not left else
+          f"not idle {a.idle_secs} s after the last client")
     for name, value in values.items():
-        if name in ("parallm_kv_blocks_used", "parallm_requests_running") or name.startswith("parallm_requests_waiting"):
-            if value != 0:
-                problems.append(f"at idle {name} is {value}")
+        if name.startswith(("parallm_kv_blocks", "parallm_requests_running", "parallm_requests_waiting",
+                            "parallm_prefix_cache_evictions", "parallm_spec_acceptance")):
+            print(f"{name} {value:g}")
+    for name, value in left.items():
+        problems.append(f"at idle {name} is {value:g}")
     if fixed() != before:
         problems.append("the fixed greedy prompt's text changed")
     if problems:
