@@ -9,7 +9,8 @@ hold whatever happened: every answer has its `n` choices, no stop string
 in their text, logprobs that spell it and (where guided and finished) JSON,
 and every stream ends with [DONE]; at idle no KV block is in use and
 nothing runs or waits; every refusal is a 400 naming a field; and a fixed
-greedy prompt gives the same text before and after. Exits 1 naming what did not hold.
+greedy prompt gives the same text before and after (four at once after,
+so that every replica answers one). Exits 1 naming what did not hold.
 
 Best with a small KV pool, so that eviction and preemption happen all the
 time, for example:
@@ -216,8 +217,27 @@ def main():
             print(f"{name} {value:g}")
     for name, value in left.items():
         problems.append(f"at idle {name} is {value:g}")
-    if fixed() != before:
-        problems.append("the fixed greedy prompt's text changed")
+    # The fixed prompt again, four at once, so that every replica of a
+    # server with several gets one: each must come back, with the same text.
+    # A replica stuck on a lost step would hold its request past the timeout.
+    after = []
+
+    def again():
+        try:
+            status, data = post(addr, {"prompt": prefixes[2] + " the end", "max_tokens": 32, "temperature": 0},
+                                timeout=120)
+            after.append(json.loads(data)["choices"][0]["text"] if status == 200 else f"status {status}")
+        except Exception as e:
+            after.append(f"{type(e).__name__}: {e}")
+
+    probes = [threading.Thread(target=again) for _ in range(4)]
+    for t in probes:
+        t.start()
+    for t in probes:
+        t.join()
+    for text in after:
+        if text != before:
+            problems.append(f"the fixed greedy prompt, sent again, gave {text!r}, not {before!r}")
     if problems:
         print("\n".join(problems))
         sys.exit(1)
