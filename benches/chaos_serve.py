@@ -4,13 +4,13 @@ completions over a few shared prefixes (streaming or not, greedy or seeded
 sampling, `n` of 2-3, n-gram speculation, and with `--draft` draft-model
 speculation; `--mixed` adds chat turns, stop strings, logprobs, JSON-guided
 output and beam search), some far too long for the KV pool, a quarter
-dropped by the client mid-flight. Then it checks what must
-hold whatever happened: every answer has its `n` choices, no stop string
-in their text, logprobs that spell it and (where guided and finished) JSON,
-and every stream ends with [DONE]; at idle no KV block is in use and
-nothing runs or waits; every refusal is a 400 naming a field; and a fixed
-greedy prompt gives the same text before and after (four at once after,
-so that every replica answers one). Exits 1 naming what did not hold.
+dropped by the client mid-flight. Then it checks what must hold whatever
+happened: every answer has its `n` choices, no stop string in their text,
+logprobs that spell it and (where guided and finished) JSON, and every
+stream ends with [DONE]; at idle no KV block is in use and nothing runs or
+waits; every refusal is a 400 naming a field; and a fixed greedy prompt
+gives the same text before and after (four at once after, so that every
+replica answers one). Exits 1 naming what did not hold.
 
 Best with a small KV pool, so that eviction and preemption happen all the
 time, for example:
@@ -143,8 +143,10 @@ def main():
     rnd = random.Random(a.seed)
     prefixes = [" ".join(rnd.choice(WORDS) for _ in range(n)) for n in (20, 45, 75, 100)]
 
+    fixed_body = {"prompt": prefixes[2] + " the end", "max_tokens": 32, "temperature": 0}
+
     def fixed():
-        status, data = post(addr, {"prompt": prefixes[2] + " the end", "max_tokens": 32, "temperature": 0})
+        status, data = post(addr, fixed_body)
         if status != 200:
             sys.exit(f"the fixed prompt was refused ({status}): {data[:300]!r}; give the server a larger KV pool")
         return json.loads(data)["choices"][0]["text"]
@@ -224,8 +226,7 @@ def main():
 
     def again():
         try:
-            status, data = post(addr, {"prompt": prefixes[2] + " the end", "max_tokens": 32, "temperature": 0},
-                                timeout=120)
+            status, data = post(addr, fixed_body, timeout=120)
             after.append(json.loads(data)["choices"][0]["text"] if status == 200 else f"status {status}")
         except Exception as e:
             after.append(f"{type(e).__name__}: {e}")

@@ -2015,10 +2015,12 @@ fn a_seeded_chaos_run_leaves_no_block_in_use_and_names_every_refusal() {
     // requests preempted all the time) and a draft model: streamed or not,
     // greedy or sampled, `n` of 2-3, n-gram and draft speculation, chat,
     // stop strings, logprobs, JSON output, beam search, prompts too long for
-    // the pool, a quarter dropped mid-flight. The script fails if any request ends other
-    // than 200, a dropped connection, or a 400 naming its field; if a KV
-    // block is in use or a request runs or waits at idle; or if a fixed
-    // greedy prompt's text changes.
+    // the pool, a quarter dropped mid-flight. The script fails if any
+    // request ends other than 200, a dropped connection, or a 400 naming its
+    // field; if an answer lacks a choice, keeps its stop string, has
+    // logprobs that do not spell it or guided output that is not JSON; if a
+    // KV block is in use or a request runs or waits once idle; or if a fixed
+    // greedy prompt's text changes or one of four copies of it hangs.
     let model = common::model_path();
     let s = Server::start(
         &[
@@ -2044,7 +2046,7 @@ fn a_seeded_chaos_run_leaves_no_block_in_use_and_names_every_refusal() {
     eprintln!("{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the chaos run's checks failed");
     // The run did what it is for: requests finished, others were refused
-    // or dropped, and both kinds of drafts were checked.
+    // or dropped, prefix blocks were evicted and drafts were verified.
     for want in ["200: ", "400: ", "aborted: ", "every check held"] {
         assert!(stdout.contains(want), "no `{want}` line: {stdout}");
     }

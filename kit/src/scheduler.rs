@@ -265,9 +265,10 @@ impl<P: Policy> SchedulerState<P> {
                 // The nodes that failed; a step whose nodes were all
                 // aborted (for another step's failure) is logged with why.
                 let why = named(true);
-                let logged = match why.is_empty() {
-                    true => named(false),
-                    false => why.clone(),
+                let logged = if why.is_empty() {
+                    named(false)
+                } else {
+                    why.clone()
                 };
                 tracing::warn!(replica = r, step = done.step, "step failed: {logged}");
                 rep.failed.push(done.step);
