@@ -25,7 +25,7 @@ run() {
         --set "scheduler.kv_blocks=$KV_BLOCKS" >/tmp/cache_aware_routing.log 2>&1 &
     local pid=$!
     trap 'kill $pid 2>/dev/null || true' RETURN
-    wait_ready "$URL"
+    wait_ready "$URL" "$pid"
     local before
     before=$(curl -sf "$URL/metrics")
     "$BIN" bench serve --url "$URL" --num-prompts 64 --max-concurrency 16 \

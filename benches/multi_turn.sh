@@ -31,7 +31,7 @@ for round in $(seq 1 "$ROUNDS"); do
         PARALLM__SCHEDULER__PREFIX_CACHING=$caching "$BIN" serve --port "$PORT" --model "$MODEL" \
             >/tmp/multi_turn_server.log 2>&1 &
         pid=$!
-        wait_ready "$URL"
+        wait_ready "$URL" "$pid"
         bench "parallm, prefix_caching=$caching" "$round"
         kill "$pid"
         wait "$pid" 2>/dev/null || true
@@ -40,7 +40,7 @@ for round in $(seq 1 "$ROUNDS"); do
         LD_LIBRARY_PATH=$(dirname "$LLAMA") "$LLAMA" -m "$MODEL" -t 2 -np 16 -c 32768 \
             --port "$PORT" >/tmp/multi_turn_llama.log 2>&1 &
         pid=$!
-        wait_ready "$URL"
+        wait_ready "$URL" "$pid"
         bench "llama-server" "$round"
         kill "$pid"
         wait "$pid" 2>/dev/null || true

@@ -1,9 +1,15 @@
-# Sourced by the serving benchmarks: wait_ready URL waits until the
+# Sourced by the serving benchmarks: wait_ready URL [PID] waits until the
 # OpenAI-compatible server at URL answers a one-token completion (up to
-# two minutes), or fails naming it.
+# two minutes), or fails naming it; with PID, it also fails as soon as
+# that process (the server started for the run) is gone, so that another
+# server on the same port is never measured instead.
 wait_ready() {
-    local url=$1
+    local url=$1 pid=${2:-}
     for _ in $(seq 1 600); do
+        if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
+            echo "the server for $url (pid $pid) exited before it answered" >&2
+            return 1
+        fi
         if curl -sf -m 5 "$url/v1/completions" -H 'Content-Type: application/json' \
             -d '{"prompt": "Hi", "max_tokens": 1}' >/dev/null 2>&1; then
             return 0

@@ -28,7 +28,7 @@ for round in $(seq 1 "$ROUNDS"); do
     for caching in $order; do
         PARALLM__SCHEDULER__PREFIX_CACHING=$caching "$BIN" serve --port "$PORT" >"$OUT/serve.log" 2>&1 &
         pid=$!
-        wait_ready "$URL" || { kill "$pid"; exit 1; }
+        wait_ready "$URL" "$pid" || { kill "$pid" 2>/dev/null || true; exit 1; }
         "$BIN" bench serve --url "$URL" --num-prompts 32 --max-concurrency 16 \
             --shared-prefix-tokens 384 --prompt-tokens 32 --output-tokens 64 --seed "$round" \
             --no-progress >"$OUT/bench.txt" 2>&1

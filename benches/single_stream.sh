@@ -46,7 +46,7 @@ http() {
     echo "-- HTTP, $name"
     "$@" >/dev/null 2>&1 &
     local pid=$!
-    if wait_ready "http://127.0.0.1:$port"; then
+    if wait_ready "http://127.0.0.1:$port" "$pid"; then
         "$P" bench serve --url "http://127.0.0.1:$port" --num-prompts 8 --max-concurrency 1 \
             --prompt-tokens 128 --output-tokens 128 --seed "$r" --no-progress 2>&1 |
             grep -E "Output token throughput"

@@ -37,7 +37,7 @@ fi
 PARALLM__SCHEDULER__KV_MEMORY_MIB=32 "$BIN" serve --port "$PORT" --dp 2 \
     --draft-model "$DRAFT" >"$OUT/serve.log" 2>&1 &
 pid=$!
-wait_ready "$URL" || { kill "$pid"; cat "$OUT/serve.log" >&2; exit 1; }
+wait_ready "$URL" "$pid" || { kill "$pid" 2>/dev/null || true; tail -n 20 "$OUT/serve.log" >&2; exit 1; }
 
 # One line of figures: resident KiB, open files, threads, /metrics lines.
 snapshot() {
