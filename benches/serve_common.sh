@@ -19,3 +19,12 @@ wait_ready() {
     echo "the server at $url never answered" >&2
     return 1
 }
+
+# The reference model in parallm's cache ($PARALLM_HOME, else
+# ~/.cache/parallm), where `parallm generate` and `parallm serve` fetch it;
+# fails naming the path when it is not there yet.
+reference_model() {
+    local m="${PARALLM_HOME:-$HOME/.cache/parallm}/models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    [ -f "$m" ] || { echo "no reference model at $m: run parallm generate once" >&2; return 1; }
+    echo "$m"
+}

@@ -25,12 +25,11 @@ ROUNDS=${3:-3}
 ANCHOR="${ANCHOR_DIR:-$HOME/.cache/parallm-anchors}"
 L=$(ls -d "$ANCHOR"/llama.cpp-*/build-*/bin 2>/dev/null | head -1)
 [ -n "$L" ] || { echo "no llama.cpp build under $ANCHOR: run shared/bench/llamacpp-anchor.sh" >&2; exit 1; }
-M="${PARALLM_HOME:-$HOME/.cache/parallm}/models/SmolLM2-135M-Instruct.Q4_1.gguf"
-[ -f "$M" ] || { echo "no reference model at $M: run parallm generate once" >&2; exit 1; }
 export LD_LIBRARY_PATH="$L"
 
 # shellcheck source=benches/serve_common.sh
 source "$(dirname "$0")/serve_common.sh"
+M=$(reference_model) || exit 1
 
 latency() { # binary threads features args...
     local bin=$1 t=$2 f=$3

@@ -13,8 +13,7 @@
 #   RAYON_NUM_THREADS=2 bash benches/soak_serve.sh target/release/parallm [rounds] [draft.gguf]
 #
 # The draft defaults to the served (reference) model itself, from parallm's
-# cache (`$PARALLM_HOME`, else ~/.cache/parallm), where `parallm serve`
-# puts it.
+# cache (see `reference_model` in serve_common.sh).
 set -euo pipefail
 
 BIN=${1:?usage: soak_serve.sh PARALLM_BINARY [rounds] [draft.gguf]}
@@ -30,9 +29,9 @@ trap 'rm -rf "$OUT"' EXIT
 source "$HERE/serve_common.sh"
 
 if [ -z "$DRAFT" ]; then
-    DRAFT=${PARALLM_HOME:-$HOME/.cache/parallm}/models/SmolLM2-135M-Instruct.Q4_1.gguf
+    DRAFT=$(reference_model)
 fi
-[ -f "$DRAFT" ] || { echo "no draft model at '$DRAFT' (run parallm serve once, or name one)" >&2; exit 1; }
+[ -f "$DRAFT" ] || { echo "no draft model at '$DRAFT'" >&2; exit 1; }
 
 PARALLM__SCHEDULER__KV_MEMORY_MIB=32 "$BIN" serve --port "$PORT" --dp 2 \
     --draft-model "$DRAFT" >"$OUT/serve.log" 2>&1 &
