@@ -64,6 +64,7 @@ fn request(i: usize, synthetic: bool) -> Request {
         speculative: None,
         prompt_logprobs: None,
         guide: None,
+        fit_max_tokens: false,
     }
 }
 

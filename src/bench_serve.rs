@@ -442,6 +442,13 @@ pub fn run(args: &ServeBenchArgs) -> Result<ServeBenchReport, ServeBenchError> {
     if args.num_prompts == 0 {
         return Err(invalid("--num-prompts", "0", "must be at least 1"));
     }
+    // Output paths are checked before the run, not after it.
+    for (flag, path) in [("--result-json", &args.result_json), ("--plot", &args.plot)] {
+        if let Some(p) = path {
+            crate::files::check_output(p, flag, &[])
+                .map_err(|e| invalid(flag, &p.display().to_string(), &e.to_string()))?;
+        }
+    }
     if args.request_rate.is_nan() || args.request_rate <= 0.0 {
         return Err(invalid(
             "--request-rate",

@@ -1,4 +1,6 @@
-//! Output files that appear whole or not at all.
+//! Output files that appear whole or not at all, checked before the work
+//! that fills them: a path that cannot be written, or that names one of the
+//! command's inputs, is refused at once.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -37,13 +39,22 @@ impl AtomicFile {
         self.file.as_mut().expect("open until committed")
     }
 
-    /// Flushes, closes and renames the file into place.
+    /// Flushes, closes and renames the file into place; on failure the
+    /// temporary file is removed.
     pub fn commit(mut self) -> CliResult {
-        if let Some(mut f) = self.file.take() {
-            f.flush()?;
+        let written = match self.file.as_mut() {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        };
+        // Closed before the rename; `Drop` removes the temporary file if
+        // anything below fails.
+        let file = self.file.take();
+        drop(file);
+        let renamed = written.and_then(|()| std::fs::rename(&self.tmp, &self.path));
+        if let Err(e) = renamed {
+            let _ = std::fs::remove_file(&self.tmp);
+            return Err(format!("cannot write {}: {e}", self.path.display()).into());
         }
-        std::fs::rename(&self.tmp, &self.path)
-            .map_err(|e| format!("cannot write {}: {e}", self.path.display()))?;
         Ok(())
     }
 }
@@ -54,6 +65,64 @@ impl Drop for AtomicFile {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
+}
+
+/// Refuses, before any work, an output `path` that cannot be written: a
+/// directory, one in a directory that does not exist, or the same file as
+/// one of `inputs` (which writing it would destroy). `what` names the
+/// output in the error (`"the output"`, `"--json"`).
+pub fn check_output(path: &Path, what: &str, inputs: &[&Path]) -> CliResult {
+    if path.as_os_str() == "-" {
+        return Ok(());
+    }
+    if path.is_dir() {
+        return Err(format!(
+            "cannot write {what} to {}: it is a directory",
+            path.display()
+        )
+        .into());
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(format!(
+            "cannot write {what} to {}: the directory {} does not exist",
+            path.display(),
+            dir.display()
+        )
+        .into());
+    }
+    for input in inputs {
+        if same_file(path, input) {
+            return Err(format!(
+                "{what} {} is the input {}; writing it would destroy the input, so name another file",
+                path.display(),
+                input.display()
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Whether `a` and `b` are one existing file (links and other spellings
+/// of a path included).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Writes `text` to `path` (`what` names it in the error).
+pub fn write_text(path: &Path, what: &str, text: &str) -> CliResult {
+    let mut f = AtomicFile::create(path)
+        .map_err(|e| format!("cannot write {what} to {}: {e}", path.display()))?;
+    f.file().write_all(text.as_bytes())?;
+    f.commit()
 }
 
 #[cfg(test)]
@@ -74,6 +143,34 @@ mod tests {
         f.file().write_all(b"whole").unwrap();
         f.commit().unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"whole");
+        // A rename that fails (onto a directory) leaves no temporary file.
+        let sub = dir.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let mut f = AtomicFile::create(&sub).unwrap();
+        f.file().write_all(b"x").unwrap();
+        assert!(f.commit().is_err());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn outputs_that_cannot_be_written_or_are_inputs_are_refused() {
+        let dir = std::env::temp_dir().join(format!("parallm-check-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let input = dir.join("in.gguf");
+        std::fs::write(&input, b"x").unwrap();
+        let err = |p: &Path| {
+            check_output(p, "the output", &[&input])
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(&dir).contains("is a directory"));
+        assert!(err(&dir.join("no/such/out")).contains("does not exist"));
+        assert!(err(&input).contains("is the input"));
+        // Another spelling of the same file.
+        assert!(err(&dir.join(".").join("in.gguf")).contains("is the input"));
+        assert!(check_output(&dir.join("out.gguf"), "the output", &[&input]).is_ok());
+        assert!(check_output(Path::new("-"), "--json", &[&input]).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -744,10 +744,7 @@ fn main() -> ExitCode {
         Command::Imatrix(args) => run_imatrix(args),
         Command::Config(ConfigCommand::Show(layers)) => run_config_show(layers),
         Command::Launch(args) => run_launch(args),
-        Command::Config(ConfigCommand::Check { file, mut layers }) => {
-            layers.config = Some(file);
-            run_config_check(layers)
-        }
+        Command::Config(ConfigCommand::Check { file, layers }) => run_config_check(file, layers),
         Command::Bench(BenchCommand::Latency(args)) => run_latency(args),
         Command::Bench(BenchCommand::Throughput(args)) => run_throughput(*args),
         Command::Bench(BenchCommand::Quality(args)) => run_quality(args),
@@ -809,6 +806,10 @@ fn cpus() -> usize {
 }
 
 fn run_prune(args: PruneArgs) -> CliResult {
+    let mut inputs = vec![args.input.as_path()];
+    inputs.extend(args.calib.as_deref());
+    inputs.extend(args.imatrix.as_deref());
+    files::check_output(&args.output, "the output", &inputs)?;
     let plan = prune::PrunePlan {
         method: args.method,
         sparsity: args.sparsity,
@@ -830,6 +831,9 @@ fn run_prune(args: PruneArgs) -> CliResult {
 }
 
 fn run_quantize(args: QuantizeArgs) -> CliResult {
+    let mut inputs = vec![args.input.as_path()];
+    inputs.extend(args.imatrix.as_deref());
+    files::check_output(&args.output, "the output", &inputs)?;
     let plan = quantize::QuantizePlan {
         target: args.target,
         keep: args.keep,
@@ -897,6 +901,9 @@ fn run_node_rank(command: Command) -> CliResult {
 }
 
 fn run_imatrix(args: ImatrixArgs) -> CliResult {
+    let mut inputs = vec![args.file.as_path()];
+    inputs.extend(args.model.model.as_deref());
+    files::check_output(&args.output, "the output", &inputs)?;
     let text = calibrate::read_text(&args.file)?;
     let path = resolve_model_path(args.model.model.as_deref(), std::io::stderr().is_terminal())?;
     let engine = args
@@ -944,6 +951,17 @@ fn run_quality(args: bench_quality::QualityArgs) -> CliResult {
 }
 
 fn run_perplexity(args: PerplexityArgs) -> CliResult {
+    let mut inputs = vec![args.file.as_path()];
+    inputs.extend(args.model.model.as_deref());
+    if let Some(base) = &args.kl_divergence_base {
+        if !args.kl_divergence {
+            files::check_output(base, "--kl-divergence-base", &inputs)?;
+        }
+        inputs.push(base);
+    }
+    if let Some(json) = &args.json {
+        files::check_output(json, "--json", &inputs)?;
+    }
     let text = std::fs::read(&args.file)
         .map_err(|e| format!("cannot read {}: {e}", args.file.display()))?;
     let text = String::from_utf8(text)
@@ -1033,8 +1051,16 @@ fn run_launch(args: LaunchArgs) -> CliResult {
     Ok(())
 }
 
-fn run_config_check(layers: LayerArgs) -> CliResult {
-    let file = layers.config.clone().unwrap_or_default();
+fn run_config_check(file: PathBuf, mut layers: LayerArgs) -> CliResult {
+    if let Some(other) = &layers.config {
+        return Err(format!(
+            "config check takes one file: {} as its argument and {} with --config",
+            file.display(),
+            other.display()
+        )
+        .into());
+    }
+    layers.config = Some(file.clone());
     let loaded = parallm::config::load(&layers.sources()?)?;
     match parallm::config::memory_plan(&loaded.settings)? {
         Some((model, plan)) => println!(
@@ -1055,7 +1081,9 @@ fn run_generate(args: GenerateArgs) -> CliResult {
         Some(p) => p,
         None => {
             let mut s = String::new();
-            std::io::stdin().read_to_string(&mut s)?;
+            std::io::stdin()
+                .read_to_string(&mut s)
+                .map_err(|e| format!("cannot read the prompt from standard input: {e}"))?;
             s
         }
     };
@@ -1082,6 +1110,9 @@ fn run_generate(args: GenerateArgs) -> CliResult {
         logit_bias: Vec::new(),
     };
     params.validate()?;
+    if args.beam.is_some() && args.parallel.speculation()?.enabled() {
+        return Err("--speculative does not combine with --beam (beam search)".into());
+    }
     let engine = build_engine(&args.model, &args.parallel)?;
     let prompt = if args.chat {
         let mut messages = Vec::new();
@@ -1106,6 +1137,7 @@ fn run_generate(args: GenerateArgs) -> CliResult {
         speculative: None,
         prompt_logprobs: None,
         guide: None,
+        fit_max_tokens: false,
     })?;
     let mut stdout = std::io::stdout().lock();
     let mut first: Option<Instant> = None;
@@ -1167,6 +1199,9 @@ fn run_generate(args: GenerateArgs) -> CliResult {
 
 fn run_cuda(args: CudaArgs) -> CliResult {
     use kernels::cuda::{gpu, nvrtc, probe};
+    if let Some(path) = &args.json {
+        files::check_output(path, "--json", &[])?;
+    }
     println!("libraries: {}", probe::summary());
     match gpu::device_count() {
         Ok(n) => println!("GPUs: {n}"),
@@ -1206,7 +1241,7 @@ fn run_cuda(args: CudaArgs) -> CliResult {
         let (report, profile) = cuda_decode::run(&plan, |l| eprintln!("  {l} ..."))?;
         println!("{}", cuda_decode::table(&report, &profile));
         if let Some(path) = args.json {
-            std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+            files::write_text(&path, "--json", &serde_json::to_string_pretty(&report)?)?;
         }
     }
     Ok(())
@@ -1234,6 +1269,9 @@ fn throughput_builder(args: &ThroughputArgs) -> CliResult<(EngineBuilder, String
 }
 
 fn run_throughput(args: ThroughputArgs) -> CliResult {
+    if let Some(path) = &args.json {
+        files::check_output(path, "--json", &[])?;
+    }
     let (builder, what) = throughput_builder(&args)?;
     let engine = builder.build()?;
     let cfg = engine.config().clone();
@@ -1315,7 +1353,7 @@ fn run_throughput(args: ThroughputArgs) -> CliResult {
             "plan": plan,
             "rows": rows,
         });
-        std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
+        files::write_text(&path, "--json", &serde_json::to_string_pretty(&json)?)?;
     }
     Ok(())
 }
@@ -1335,6 +1373,23 @@ fn parse_range(s: &str) -> CliResult<(usize, usize)> {
 }
 
 fn run_latency(args: LatencyArgs) -> CliResult {
+    if let Some(path) = &args.json {
+        files::check_output(path, "--json", &[])?;
+    }
+    for (flag, v) in [
+        ("--runs", args.runs),
+        ("--decode-tokens", args.decode_tokens),
+        ("--batch-steps", args.batch_steps),
+        ("--prompt-tokens", args.prompt_tokens),
+        ("--batch-prompt-tokens", args.batch_prompt_tokens),
+    ] {
+        if v == 0 {
+            return Err(format!("{flag} is 0, must be at least 1").into());
+        }
+    }
+    if args.batches.contains(&0) {
+        return Err("--batches holds 0; every batch size must be at least 1".into());
+    }
     let (model, what) = match &args.synthetic {
         Some(name) => {
             let config = ModelConfig::synthetic(name)?;
@@ -1414,7 +1469,7 @@ fn run_latency(args: LatencyArgs) -> CliResult {
     }
     if let Some(path) = args.json {
         let json = serde_json::json!({ "model": what, "weights": model.format(), "plan": plan, "report": report });
-        std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
+        files::write_text(&path, "--json", &serde_json::to_string_pretty(&json)?)?;
     }
     Ok(())
 }

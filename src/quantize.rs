@@ -282,20 +282,40 @@ fn fit_row(t: GgmlDType, row: usize) -> GgmlDType {
 
 /// Whether `--keep` holds `name`, and at which type.
 fn kept(keep: &[Keep], name: &str, layers: usize) -> Option<GgmlDType> {
-    let last = format!("blk.{}", layers.saturating_sub(1));
     keep.iter().find_map(|k| {
         k.prefixes
             .iter()
-            .any(|p| {
-                let p = if p == "blk.N-1" {
-                    last.as_str()
-                } else {
-                    p.as_str()
-                };
-                name == p || name.starts_with(&format!("{p}."))
-            })
+            .any(|p| names_tensor(p, name, layers))
             .then_some(k.dtype)
     })
+}
+
+/// Whether `--keep`'s name `prefix` names tensor `name` (`blk.N-1`: the
+/// last block).
+fn names_tensor(prefix: &str, name: &str, layers: usize) -> bool {
+    let last = format!("blk.{}", layers.saturating_sub(1));
+    let p = if prefix == "blk.N-1" {
+        last.as_str()
+    } else {
+        prefix
+    };
+    name == p || name.starts_with(&format!("{p}."))
+}
+
+/// Refuses a `--keep` name that names no tensor of the file (a typo would
+/// otherwise keep nothing, silently).
+fn check_keep_names(keep: &[Keep], names: &[&str], layers: usize) -> CliResult {
+    for k in keep {
+        for p in &k.prefixes {
+            if !names.iter().any(|n| names_tensor(p, n, layers)) {
+                return Err(format!(
+                    "--keep: '{p}' names no tensor of the model (names look like token_embd, output, blk.0.attn_q, blk.N-1)"
+                )
+                .into());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Opens a model to rewrite: a GGUF file, or a Hugging Face directory read
@@ -473,6 +493,7 @@ pub fn quantize(input: &Path, output: &Path, plan: &QuantizePlan) -> CliResult<Q
         Some(path) => Some(Imatrix::read(path)?),
         None => None,
     };
+    check_keep_names(&plan.keep, &names, layers)?;
     let mut weighted = 0;
     let mut jobs = Vec::with_capacity(names.len());
     for name in names {

@@ -378,3 +378,140 @@ fn beam_search_through_the_engine_equals_the_reference_loop() {
     }
     assert_eq!(wait_idle(&e).policy.kv_used, 0);
 }
+
+#[test]
+fn beam_search_ends_each_beam_at_a_stop_string() {
+    use parallm::framework::FinishReason;
+    use parallm::BeamParams;
+    let e = builder().build().expect("engine");
+    let beam = |stop: Vec<String>| {
+        let mut req = Request::greedy("The best way to learn is", 12);
+        req.params.stop = stop;
+        req.beam = Some(BeamParams {
+            width: 3,
+            length_penalty: 1.0,
+        });
+        match e
+            .generate(req)
+            .expect("admitted")
+            .collect_blocking()
+            .as_slice()
+        {
+            [Event::Finished {
+                beams,
+                text,
+                reason,
+                ..
+            }] => (beams.clone(), text.clone(), *reason),
+            other => panic!("expected one finished event, got {other:?}"),
+        }
+    };
+    // Without a stop string, the best beam runs to the length limit; its
+    // last word then ends it there (beams that meet a stop string early
+    // score too low to be kept, so a late one is the test).
+    let (free, text, reason) = beam(Vec::new());
+    assert_eq!(reason, FinishReason::Length, "{text:?}");
+    let stop = text.split_whitespace().last().expect("words").to_string();
+    let (beams, best, reason) = beam(vec![stop.clone()]);
+    assert_eq!(beams.len(), free.len());
+    assert_ne!(beams, free, "the stop string changed nothing");
+    let tok = common::tokenizer();
+    for b in &beams {
+        let full = tok.decode(&b.tokens);
+        assert!(!b.text.contains(&stop), "{stop:?} in {:?}", b.text);
+        match b.finish_reason {
+            // Cut right before the stop string (or ended by EOS).
+            FinishReason::Stop => assert!(
+                full == b.text || full.starts_with(&format!("{}{stop}", b.text)),
+                "{full:?} cut to {:?}",
+                b.text
+            ),
+            _ => assert_eq!((b.tokens.len(), &full), (12, &b.text)),
+        }
+    }
+    assert!(
+        beams.iter().any(|b| b.finish_reason == FinishReason::Stop),
+        "{stop:?}: {beams:?}"
+    );
+    assert_eq!(
+        (best, reason),
+        (beams[0].text.clone(), beams[0].finish_reason)
+    );
+    // Beams and their stop strings leave no block in use.
+    assert_eq!(wait_idle(&e).policy.kv_used, 0);
+}
+
+#[test]
+fn a_request_without_its_own_limit_fits_the_context() {
+    let e = builder().max_model_len(Some(64)).build().expect("engine");
+    let prompt: Vec<u32> = common::tokenizer()
+        .encode(&"one two three four ".repeat(15))
+        .expect("tokenizes");
+    assert!(prompt.len() > 48 && prompt.len() < 64, "{}", prompt.len());
+    let room = 64 - prompt.len();
+    // Asked for: refused, naming the numbers.
+    let err = e
+        .generate(Request::greedy_tokens(prompt.clone(), 256))
+        .expect_err("too long");
+    assert!(err.to_string().contains("context is 64"), "{err}");
+    // A ceiling only: lowered to the room the context leaves.
+    let mut req = Request::greedy_tokens(prompt.clone(), 256);
+    req.params.ignore_eos = true;
+    req.fit_max_tokens = true;
+    let events = e.generate(req).expect("admitted").collect_blocking();
+    match events.last() {
+        Some(Event::Finished { tokens, reason, .. }) => {
+            assert_eq!(tokens.len(), room);
+            assert_eq!(*reason, parallm::framework::FinishReason::Length);
+        }
+        other => panic!("{other:?}"),
+    }
+    // A prompt that leaves no room is refused all the same.
+    let full: Vec<u32> = prompt.iter().cycle().take(64).copied().collect();
+    let mut req = Request::greedy_tokens(full, 256);
+    req.fit_max_tokens = true;
+    let err = e.generate(req).expect_err("no room");
+    assert!(err.to_string().contains("prompt is 64 tokens"), "{err}");
+}
+
+#[test]
+fn requests_the_engine_cannot_run_are_refused_at_once() {
+    use parallm::BeamParams;
+    let e = builder().max_batch_tokens(8).build().expect("engine");
+    let refused = |req: Request, field: &str| {
+        let err = e.generate(req).expect_err("refused").to_string();
+        assert!(err.contains(field), "{err}");
+    };
+    // Every beam decodes in one step: more beams than a step's tokens
+    // would wait forever.
+    let mut wide = Request::greedy("Hi", 3);
+    wide.beam = Some(BeamParams {
+        width: 9,
+        length_penalty: 1.0,
+    });
+    refused(wide.clone(), "beam_width");
+    wide.beam = Some(BeamParams {
+        width: 2,
+        length_penalty: f32::NAN,
+    });
+    refused(wide.clone(), "length_penalty");
+    wide.beam = Some(BeamParams {
+        width: 2,
+        length_penalty: 1.0,
+    });
+    wide.params.logprobs = Some(1);
+    refused(wide, "logprobs");
+    // A length so large that prompt + length wraps around.
+    refused(Request::greedy("Hi", usize::MAX), "context");
+    // Within a step's tokens, a beam search runs.
+    let mut fits = Request::greedy("Hi", 3);
+    fits.beam = Some(BeamParams {
+        width: 8,
+        length_penalty: 1.0,
+    });
+    let events = e.generate(fits).expect("admitted").collect_blocking();
+    assert!(
+        matches!(events.last(), Some(Event::Finished { .. })),
+        "{events:?}"
+    );
+}

@@ -292,3 +292,38 @@ fn the_tiny_models_read_as_their_families() {
         }
     }
 }
+
+#[test]
+fn a_draft_with_a_shorter_context_caps_the_served_context() {
+    use parallm::actors::llm::ModelSource;
+    use parallm::{Engine, Event, Request};
+    // The tiny gpt2 model has the reference model's vocabulary and 512
+    // positions: as a draft it caps the target's 8192, since the draft node
+    // holds every sequence's keys and values.
+    open("gpt2");
+    let draft = models_dir().join("gpt2.gguf");
+    let e = Engine::builder()
+        .model_path(common::model_path())
+        .draft_model(ModelSource::Gguf(draft), WeightFormat::Auto)
+        .build()
+        .expect("engine");
+    assert_eq!(e.model_config().context, 512);
+    let prompt: Vec<u32> = (0..500).map(|i| 100 + i % 300).collect();
+    // Past the draft's context: refused at once, naming the context.
+    let err = e
+        .generate(Request::greedy_tokens(prompt.clone(), 20))
+        .expect_err("beyond the context");
+    assert!(err.to_string().contains("context is 512"), "{err}");
+    // Up to it, requests run whether they speculate or not.
+    let mut plain = Request::greedy_tokens(prompt, 12);
+    plain.params.ignore_eos = true;
+    let mut drafted = plain.clone();
+    drafted.speculative = Some(parallm::framework::speculative::Speculation::draft(4));
+    for req in [plain, drafted] {
+        let events = e.generate(req).expect("admitted").collect_blocking();
+        match events.last() {
+            Some(Event::Finished { tokens, .. }) => assert_eq!(tokens.len(), 12),
+            other => panic!("{other:?}"),
+        }
+    }
+}

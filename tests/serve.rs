@@ -211,6 +211,46 @@ fn every_endpoint_answers_in_openai_shape() {
         .expect("model id")
         .to_string();
     assert_eq!(models["object"], "list");
+    // One model by id, as OpenAI's client retrieves it.
+    let (status, card) = s.get(&format!("/v1/models/{id}"));
+    assert_eq!(status, 200, "{card}");
+    let card: Value = serde_json::from_str(&card).expect("json");
+    assert_eq!(card, models["data"][0]);
+    let (status, _) = s.get("/v1/models/gpt-9");
+    assert_eq!(status, 404);
+
+    // Beam search: each of the `n` beams is a choice with its own reason,
+    // its tokens all counted, and a stop string ends a beam there.
+    let (status, r) = s.post(
+        "/v1/completions",
+        json!({"prompt": "The best way to learn", "max_tokens": 8, "beam_width": 3, "n": 2}),
+    );
+    assert_eq!(status, 200, "{r}");
+    let choices = r["choices"].as_array().expect("choices");
+    assert_eq!(choices.len(), 2, "{r}");
+    let best = choices[0]["text"].as_str().expect("text").to_string();
+    let last = best.split_whitespace().last().expect("a word").to_string();
+    let (status, r) = s.post(
+        "/v1/completions",
+        json!({"prompt": "The best way to learn", "max_tokens": 8, "beam_width": 3, "n": 2, "stop": [last]}),
+    );
+    assert_eq!(status, 200, "{r}");
+    let choices = r["choices"].as_array().expect("choices");
+    let mut counted = 0;
+    for c in choices {
+        let text = c["text"].as_str().expect("text");
+        assert!(!text.contains(&last), "{last:?} in {text:?}");
+        counted += 1;
+    }
+    assert_eq!(counted, 2);
+    assert!(
+        choices.iter().any(|c| c["finish_reason"] == "stop"),
+        "{last:?}: {r}"
+    );
+    assert!(
+        r["usage"]["completion_tokens"].as_u64().expect("count") > 8,
+        "{r}"
+    );
 
     // Greedy completion: the reference continuation of the golden prompt.
     let (status, r) = s.post(
@@ -480,6 +520,58 @@ fn errors_have_their_status_and_openai_shape() {
     let msg = r["error"]["message"].as_str().expect("message");
     assert!(msg.contains("8000") && msg.contains("400"), "{msg}");
 
+    // A prompt that alone fills the context names the prompt; without
+    // `max_tokens`, a long prompt gets what room the context leaves.
+    let (st, r) = s.post("/v1/completions", json!({"prompt": vec![1u32; 8192]}));
+    assert_error(st, &r, 400, Some("prompt"), "context_length_exceeded");
+    let (st, r) = s.post(
+        "/v1/completions",
+        json!({"prompt": vec![1u32; 8190], "ignore_eos": true}),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["usage"]["completion_tokens"], 2, "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "length", "{r}");
+
+    // Wrong shapes are named in JSON's words, not Rust's.
+    for (body, param, want) in [
+        (
+            json!({"prompt": "x", "stop": 5}),
+            "stop",
+            "a string or a list of strings",
+        ),
+        (
+            json!({"prompt": 5}),
+            "prompt",
+            "a string, a list of strings",
+        ),
+        (
+            json!({"prompt": "x", "max_tokens": -1}),
+            "max_tokens",
+            "a non-negative integer",
+        ),
+    ] {
+        let (st, r) = s.post("/v1/completions", body);
+        assert_error(st, &r, 400, Some(param), "invalid_value");
+        let msg = r["error"]["message"].as_str().expect("message");
+        assert!(msg.contains(want), "{msg}");
+    }
+    for (messages, want) in [
+        (json!(["hi"]), "expected an object"),
+        (
+            json!([{"role": "user"}]),
+            "`messages[0].content` is missing",
+        ),
+    ] {
+        let (st, r) = s.post("/v1/chat/completions", json!({"messages": messages}));
+        assert_error(st, &r, 400, Some("messages"), "invalid_value");
+        let msg = r["error"]["message"].as_str().expect("message");
+        assert!(msg.contains(want), "{msg}");
+    }
+    // A known path with another method is a 405 naming the right one.
+    let (st, r) = s.get("/v1/chat/completions");
+    let r: Value = serde_json::from_str(&r).expect("json");
+    assert_error(st, &r, 405, None, "method_not_allowed");
+
     let (st, _, text) = s.post_raw("/v1/chat/completions", "{\"messages\": [");
     let r: Value = serde_json::from_str(&text).expect("json");
     assert_error(st, &r, 400, None, "invalid_json");
@@ -514,6 +606,14 @@ fn errors_have_their_status_and_openai_shape() {
         (
             json!({"prompt": "x", "tools": [{"type": "function"}]}),
             "tools",
+        ),
+        (
+            json!({"prompt": "x", "beam_width": 2, "logprobs": 1}),
+            "logprobs",
+        ),
+        (
+            json!({"prompt": "x", "stream_options": {"include_usage": true}}),
+            "stream_options",
         ),
     ];
     for (body, param) in &refused {
@@ -604,8 +704,8 @@ fn errors_have_their_status_and_openai_shape() {
 
     // Every refusal is counted once: by status in the HTTP metric, and by
     // reason in the failure metric (400s and the 413 as invalid, the 404
-    // of an unknown model too).
-    let four_hundreds = 9 + 2 + refused.len() + guided_refusals.len();
+    // of an unknown model too; the 405 is no generation request).
+    let four_hundreds = 9 + 2 + 6 + refused.len() + guided_refusals.len();
     let count = |needle: &str| -> f64 {
         let (_, text) = s.get("/metrics");
         text.lines()
@@ -1146,10 +1246,10 @@ fn streamed_calls(text: &str) -> (Vec<(String, Value)>, String) {
 
 /// `tool_choice: required` against `s`: 50 seeded sampled requests all
 /// answer with a call of a defined tool whose arguments parse (one call:
-/// with parallel calls a small model goes on calling until `max_tokens`
-/// cuts it, and a cut call is content); a streamed
-/// answer reassembles to the same calls; a named function is the one
-/// called; a tool result renders back and gets an answer.
+/// with parallel calls a small random model may go on calling until
+/// `max_tokens` cuts it); a streamed answer reassembles to the same calls;
+/// a named function is the one called, once; with parallel calls, the
+/// complete ones stand; a tool result renders back and gets an answer.
 fn tool_calls_hold(s: &Server, what: &str) {
     let body = |seed: u64, extra: Value| {
         let mut b = json!({
@@ -1212,6 +1312,30 @@ fn tool_calls_hold(s: &Server, what: &str) {
     let calls = checked_calls(&r);
     assert_eq!(calls.len(), 1, "{r}");
     assert_eq!(calls[0].0, "get_time", "{r}");
+    // Once, also where parallel calls are allowed.
+    let (st, r) = s.post(
+        "/v1/chat/completions",
+        body(
+            3,
+            json!({"tool_choice": {"type": "function", "function": {"name": "get_time"}}, "parallel_tool_calls": true}),
+        ),
+    );
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(checked_calls(&r).len(), 1, "{r}");
+    // With parallel calls, the complete calls stand even where the length
+    // limit cuts the next one short.
+    let (st, r) = s.post(
+        "/v1/chat/completions",
+        body(5, json!({"parallel_tool_calls": true, "max_tokens": 100})),
+    );
+    assert_eq!(st, 200, "{r}");
+    let message = &r["choices"][0]["message"];
+    let parallel = message["tool_calls"].as_array().map_or(0, Vec::len);
+    assert!(parallel >= 1, "{r}");
+    println!(
+        "{what}: parallel calls: {parallel}, finish_reason {}",
+        r["choices"][0]["finish_reason"]
+    );
 
     // The round trip: the call and its result render back into the prompt.
     let call = &r["choices"][0]["message"]["tool_calls"][0];

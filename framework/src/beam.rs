@@ -5,7 +5,8 @@
 //! beams as `(parent, token)` pairs. The caller forks the KV caches accordingly
 //! (beam `i` of the next step continues beam `parent` of this one) and runs the
 //! next forward on them. A beam that emits EOS, or reaches `max_tokens`, is
-//! moved to the finished hypotheses. Scores are `sum log p / len^length_penalty`
+//! moved to the finished hypotheses, and so is one that the caller's test
+//! says ended (a stop string, [`BeamSearch::step_until`]). Scores are `sum log p / len^length_penalty`
 //! (Wu et al. 2016, without the +5 smoothing, as in HF transformers).
 //!
 //! Search ends when `width` hypotheses are finished and no live beam can beat
@@ -22,6 +23,16 @@ pub struct Beam {
     pub score: f32,
     /// Whether it ended with EOS (rather than the length limit).
     pub ended_with_eos: bool,
+    /// Whether the caller's test ended it (a stop string in its text).
+    pub stopped: bool,
+}
+
+impl Beam {
+    /// Whether it ended by itself (EOS or a stop string) rather than being
+    /// cut by the length limit or the end of the search.
+    pub fn ended(&self) -> bool {
+        self.ended_with_eos || self.stopped
+    }
 }
 
 /// A new live beam after a step: it extends live beam `parent` by `token`.
@@ -58,6 +69,7 @@ impl BeamSearch {
                 logprob: 0.0,
                 score: 0.0,
                 ended_with_eos: false,
+                stopped: false,
             }],
             finished: Vec::new(),
         }
@@ -105,6 +117,18 @@ impl BeamSearch {
     /// Advances one step. `logprobs[i]` is the next-token log-distribution of
     /// live beam `i`. Returns the forks that make up the new live beams.
     pub fn step(&mut self, logprobs: &[Vec<f32>]) -> Vec<Fork> {
+        self.step_until(logprobs, |_| false)
+    }
+
+    /// [`BeamSearch::step`], where a candidate whose tokens `ends` says
+    /// ended (its text holds a stop string) becomes a finished hypothesis,
+    /// as one ending with EOS does. `ends` sees each candidate that ranks
+    /// high enough to be kept, EOS candidates aside.
+    pub fn step_until(
+        &mut self,
+        logprobs: &[Vec<f32>],
+        ends: impl Fn(&[u32]) -> bool,
+    ) -> Vec<Fork> {
         assert_eq!(
             logprobs.len(),
             self.live.len(),
@@ -132,13 +156,15 @@ impl BeamSearch {
             let mut tokens = self.live[parent].tokens.clone();
             tokens.push(token);
             let is_eos = self.eos.contains(&token);
+            let stopped = !is_eos && ends(&tokens);
             let beam = Beam {
                 score: self.score(logprob, tokens.len()),
                 tokens,
                 logprob,
                 ended_with_eos: is_eos,
+                stopped,
             };
-            if is_eos || beam.tokens.len() >= self.max_tokens {
+            if beam.ended() || beam.tokens.len() >= self.max_tokens {
                 // An ending candidate ranked above the last live beam becomes a
                 // finished hypothesis; it does not take a live beam's place.
                 self.finished.push(beam);
@@ -207,5 +233,19 @@ mod tests {
         let r = b.into_results();
         assert_eq!(r.len(), 2);
         assert!(r[0].score >= r[1].score);
+    }
+
+    #[test]
+    fn a_candidate_the_caller_ends_finishes_like_eos() {
+        // Token 2 is the best every step; a "stop string" is two 2s in a row.
+        let mut b = BeamSearch::new(1, 1.0, 10, vec![0]);
+        let ends = |t: &[u32]| t.ends_with(&[2, 2]);
+        assert_eq!(b.step_until(&[lp(&[0.0, 1.0, 3.0])], ends).len(), 1);
+        // [2, 2] finishes; the runner-up [2, 1] stays live but cannot beat it.
+        b.step_until(&[lp(&[0.0, 1.0, 3.0])], ends);
+        assert!(b.is_done());
+        let r = b.into_results();
+        assert_eq!(r[0].tokens, vec![2, 2]);
+        assert!(r[0].stopped && !r[0].ended_with_eos && r[0].ended());
     }
 }

@@ -343,6 +343,7 @@ impl ChatTemplate {
             },
         );
         env.add_filter("tojson", tojson_filter);
+        env.set_fuel(Some(RENDER_FUEL));
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| Error::Template(format!("cannot compile: {e}")))?;
         let mentions_tools = env
@@ -418,14 +419,78 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| Error::Template(e.to_string()))?;
-        tmpl.render(ctx)
-            .map_err(|e| Error::Template(format!("cannot render: {e}")))
+        let mut out = Capped::default();
+        match tmpl.render_captured_to(ctx, &mut out) {
+            Ok(_) => String::from_utf8(out.bytes)
+                .map_err(|e| Error::Template(format!("cannot render: {e}"))),
+            Err(_) if out.full => Err(Error::Template(format!(
+                "cannot render: it writes more than {} MiB",
+                RENDER_MAX_BYTES >> 20
+            ))),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(Error::Template(format!(
+                "cannot render: it runs more than {RENDER_FUEL} instructions (a runaway loop?)"
+            ))),
+            Err(e) => Err(Error::Template(format!("cannot render: {e}"))),
+        }
+    }
+}
+
+/// Instructions one render may run (minijinja's fuel): a conversation of
+/// thousands of messages with tools takes a few million; a runaway loop in
+/// a model file's template stops here instead of holding a thread.
+const RENDER_FUEL: u64 = 100_000_000;
+
+/// Bytes one render may write.
+const RENDER_MAX_BYTES: usize = 256 << 20;
+
+/// A render's output, refusing to grow beyond [`RENDER_MAX_BYTES`].
+#[derive(Default)]
+struct Capped {
+    bytes: Vec<u8>,
+    full: bool,
+}
+
+impl std::io::Write for Capped {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > RENDER_MAX_BYTES {
+            self.full = true;
+            return Err(std::io::Error::other("the render's output is too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runaway_templates_are_stopped() {
+        let user = [ChatMessage::new("user", "x")];
+        let looping = "{% for a in range(10000) %}{% for b in range(10000) %}{% for c in range(10000) %}{% endfor %}{% endfor %}{% endfor %}";
+        let e = ChatTemplate::new(looping, "", "")
+            .unwrap()
+            .render(&user, true)
+            .unwrap_err();
+        assert!(e.to_string().contains("instructions"), "{e}");
+        let huge = "{% for a in range(100000) %}{{ 'x' * 1000000 }}{% endfor %}";
+        let e = ChatTemplate::new(huge, "", "")
+            .unwrap()
+            .render(&user, true)
+            .unwrap_err();
+        assert!(e.to_string().contains("MiB"), "{e}");
+        // A long conversation with a real template stays well inside.
+        let t = ChatTemplate::new(QWEN25, "", "").unwrap();
+        let long: Vec<ChatMessage> = (0..20_000)
+            .map(|i| ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, "hello"))
+            .collect();
+        assert!(t.render(&long, true).is_ok());
+    }
 
     #[test]
     fn chatml_renders() {

@@ -18,7 +18,7 @@ pub fn validate_prompt(prompt: &[u32], max_tokens: usize, context: usize) -> Res
     if prompt.is_empty() {
         return Err(Error::invalid("prompt", "must not be empty"));
     }
-    if prompt.len() + max_tokens > context {
+    if prompt.len().saturating_add(max_tokens) > context {
         return Err(Error::ContextOverflow {
             prompt_tokens: prompt.len(),
             max_tokens,
@@ -119,12 +119,14 @@ pub fn generate(
 pub struct BeamResult {
     /// Generated token ids (EOS excluded).
     pub tokens: Vec<u32>,
-    /// Their text.
+    /// Their text (cut before a stop string).
     pub text: String,
     /// Length-normalised score (higher is better).
     pub score: f32,
     /// Sum of log-probabilities.
     pub logprob: f32,
+    /// Why it ended: `Stop` at EOS or a stop string, `Length` otherwise.
+    pub finish_reason: FinishReason,
 }
 
 /// Beam search of `width` beams from `prompt`; results best first.
@@ -195,23 +197,48 @@ pub fn beam_search(
     Ok(search
         .into_results()
         .into_iter()
-        .map(|b| BeamResult::from_beam(b, tokenizer.stop_tokens(), |t| tokenizer.decode(t)))
+        .map(|b| BeamResult::from_beam(b, tokenizer.stop_tokens(), &[], |t| tokenizer.decode(t)))
         .collect())
 }
 
 impl BeamResult {
-    /// A finished beam with its stop tokens dropped and its text decoded.
-    pub fn from_beam(beam: Beam, stop_tokens: &[u32], decode: impl Fn(&[u32]) -> String) -> Self {
+    /// A finished beam with its stop tokens dropped and its text decoded,
+    /// cut before the first of `stops` in it.
+    pub fn from_beam(
+        beam: Beam,
+        stop_tokens: &[u32],
+        stops: &[String],
+        decode: impl Fn(&[u32]) -> String,
+    ) -> Self {
+        let finish_reason = if beam.ended() {
+            FinishReason::Stop
+        } else {
+            FinishReason::Length
+        };
         let tokens: Vec<u32> = beam
             .tokens
             .into_iter()
             .filter(|t| !stop_tokens.contains(t))
             .collect();
+        let mut text = decode(&tokens);
+        if let Some(at) = first_stop(&text, stops) {
+            text.truncate(at);
+        }
         Self {
-            text: decode(&tokens),
+            text,
             tokens,
             score: beam.score,
             logprob: beam.logprob,
+            finish_reason,
         }
     }
+}
+
+/// Where the first of `stops` (none empty) begins in `text`.
+pub fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
 }

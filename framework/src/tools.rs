@@ -454,8 +454,20 @@ fn parse_hermes(text: &str, tools: &[Tool]) -> Option<Parsed> {
             Some(end) => (&after[..end], &after[end + TOOL_CALL_CLOSE.len()..]),
             None => (after, ""),
         };
-        let value: Value = serde_json::from_str(body).ok()?;
-        calls.push(call_from_json(&value, tools)?);
+        let call = serde_json::from_str::<Value>(body)
+            .ok()
+            .and_then(|v| call_from_json(&v, tools));
+        match call {
+            Some(call) => calls.push(call),
+            // An unclosed last block cut short (the length limit) stays
+            // text; the calls before it stand.
+            None if next.is_empty() && !after.contains(TOOL_CALL_CLOSE) => {
+                content.push_str(&rest[start..]);
+                rest = "";
+                break;
+            }
+            None => return None,
+        }
         rest = next;
     }
     content.push_str(rest);
@@ -570,9 +582,10 @@ fn embedded_schema(tool: &Tool) -> Value {
 }
 
 /// The grammar that forces calls for `choice`: for `Required` a call of
-/// any of `tools`, for `Named` a call of that function (with `parallel`,
-/// one or more calls), each call's arguments valid under its function's
-/// schema. `None` for `Auto` and `None` (no guide), and where no tool is
+/// any of `tools` (with `parallel`, one or more calls), for `Named` one
+/// call of that function, each call's arguments valid under its function's
+/// schema. After the last call the model may end, or (Hermes) write the
+/// line break its template puts after a call and then end. `None` for `Auto` and `None` (no guide), and where no tool is
 /// chosen. The grammar is a [`Guide::ToolCalls`] (its errors name `tools`;
 /// a parameters schema llguidance refuses is one).
 pub fn guide(
@@ -589,12 +602,15 @@ pub fn guide(
     if chosen.is_empty() {
         return None;
     }
+    // A named function is called once, as OpenAI's API does.
+    let parallel = parallel && !matches!(choice, ToolChoice::Named(_));
     let mut lines: Vec<String> = Vec::new();
     lines.push(match (format, parallel) {
-        (ToolFormat::Hermes, false) => "start: tool_call".into(),
-        (ToolFormat::Hermes, true) => {
-            format!("start: tool_call ({} tool_call)*", lark_literal("\n"))
-        }
+        (ToolFormat::Hermes, false) => format!("start: tool_call {}?", lark_literal("\n")),
+        (ToolFormat::Hermes, true) => format!(
+            "start: tool_call ({nl} tool_call)* {nl}?",
+            nl = lark_literal("\n")
+        ),
         (ToolFormat::Llama3Json, false) => "start: function".into(),
         (ToolFormat::Llama3Json, true) => {
             format!("start: function ({} function)*", lark_literal("; "))
@@ -1069,6 +1085,9 @@ mod tests {
             (Hermes, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>", "\n", vec![paris.clone(), time.clone()]),
             (Hermes, "Let me look. <tool_call>{\"name\": \"get_time\"}</tool_call> Done.", "Let me look.  Done.", vec![time.clone()]),
             (Hermes, "<tool_call>\n{\"name\": \"get_time\", \"arguments\": \"{}\"}\n", "", vec![time.clone()]),
+            // Cut short by the length limit: the complete calls stand, the
+            // unfinished one stays text.
+            (Hermes, "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_wea", "\n<tool_call>\n{\"name\": \"get_wea", vec![time.clone()]),
             (Hermes, "Just text, with a < and a <tool and <tool_cal.", "Just text, with a < and a <tool and <tool_cal.", vec![]),
             // Malformed JSON, unknown tool, arguments not an object, a bad
             // second block: all plain content.
@@ -1335,12 +1354,21 @@ mod tests {
                 format!("{}\n{}", hermes(weather), hermes(time)),
                 None,
             ),
+            // The line break after the last call, then the end.
+            (
+                Hermes,
+                &Required,
+                true,
+                format!("{}\n{}\n", hermes(weather), hermes(time)),
+                None,
+            ),
+            // A named function is called once, `parallel` or not.
             (
                 Hermes,
                 &named,
                 true,
                 format!("{}\n{}", hermes(weather), hermes(weather)),
-                None,
+                Some(format!("{}\n", hermes(weather))),
             ),
             // A second call is not allowed without `parallel`.
             (
@@ -1348,7 +1376,7 @@ mod tests {
                 &Required,
                 false,
                 format!("{}\n{}", hermes(weather), hermes(time)),
-                Some(hermes(weather)),
+                Some(format!("{}\n", hermes(weather))),
             ),
             // Not a function of the tools, or not the named one: refused
             // where the name diverges.
@@ -1437,10 +1465,17 @@ mod tests {
                         "{format:?} {choice:?} refused byte {n} of {text}"
                     );
                     assert!(eos, "{format:?} {choice:?}: cannot end after {text}");
-                    // Only a parallel call list goes on (Mistral's ends at `]`).
+                    // Only a parallel call list goes on (Mistral's ends at
+                    // `]`, a named function is called once), and Hermes
+                    // allows a line break after its last call.
+                    let goes_on = parallel && !matches!(choice, ToolChoice::Named(_));
+                    let expected = match format {
+                        Mistral => true,
+                        Hermes => text.ends_with('\n') && !goes_on,
+                        Llama3Json => !goes_on,
+                    };
                     assert_eq!(
-                        only_eos,
-                        !parallel || format == Mistral,
+                        only_eos, expected,
                         "{format:?} {choice:?} {parallel}: after {text}"
                     );
                     // What the grammar allowed, parse reads back.
@@ -1468,7 +1503,7 @@ mod tests {
             panic!("no grammar")
         };
         assert!(
-            g.starts_with("start: tool_call (\"\\n\" tool_call)*\n"),
+            g.starts_with("start: tool_call (\"\\n\" tool_call)* \"\\n\"?\n"),
             "{g}"
         );
         assert!(g.contains("function: function_0 | function_1"), "{g}");

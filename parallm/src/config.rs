@@ -23,6 +23,12 @@ use serde::{Deserialize, Serialize};
 use actors::llm::EngineConfig;
 use framework::WeightFormat;
 
+/// The most seconds a duration setting may hold (a year).
+const MAX_SECS: u64 = 365 * 24 * 3600;
+
+/// The most HTTP worker threads (actix-web's limit).
+const MAX_WORKERS: usize = 512;
+
 /// The prefix of environment variables (`PARALLM__SERVER__PORT`).
 pub const ENV_PREFIX: &str = "PARALLM";
 /// The separator between prefix, section and key in environment variables.
@@ -859,7 +865,12 @@ fn file_format(path: &Path) -> Result<FileFormat, ConfigError> {
 
 /// The flattened keys one layer sets.
 fn layer_keys(cfg: &Config) -> Vec<String> {
-    fn walk(prefix: &str, v: &Value, out: &mut Vec<String>) {
+    layer_entries(cfg).into_iter().map(|(k, _)| k).collect()
+}
+
+/// A layer's keys (`section.key`) with their values.
+fn layer_entries(cfg: &Config) -> Vec<(String, Value)> {
+    fn walk(prefix: &str, v: &Value, out: &mut Vec<(String, Value)>) {
         match &v.kind {
             ValueKind::Table(t) => {
                 for (k, v) in t {
@@ -871,7 +882,7 @@ fn layer_keys(cfg: &Config) -> Vec<String> {
                     walk(&key, v, out);
                 }
             }
-            _ => out.push(prefix.to_string()),
+            _ => out.push((prefix.to_string(), v.clone())),
         }
     }
     let mut out = Vec::new();
@@ -886,6 +897,31 @@ fn layer_keys(cfg: &Config) -> Vec<String> {
     out
 }
 
+/// Refuses a fraction given for a whole-number key (the `config` crate
+/// would round it): `tp = 1.5` is an error, not 2.
+fn check_whole_numbers(cfg: &Config, origin: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    let known = default_keys();
+    for (key, value) in layer_entries(cfg) {
+        let whole = known.get(&key).is_some_and(|d| d.is_u64() || d.is_i64());
+        if let (true, ValueKind::Float(f)) = (whole, &value.kind) {
+            return Err(invalid(
+                &key,
+                format!("is {f} ({}), must be a whole number", origin(&key)),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The keys whose values are lists: on the command line (`--set`) and in
+/// the environment, a comma-separated list.
+const LIST_KEYS: [&str; 4] = [
+    "server.api_keys",
+    "parallel.devices",
+    "cluster.hosts",
+    "cluster.mpirun_args",
+];
+
 fn check_known(keys: &[String], origin: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
     let known = default_keys();
     for key in keys {
@@ -899,7 +935,13 @@ fn check_known(keys: &[String], origin: &dyn Fn(&str) -> String) -> Result<(), C
             .map(String::as_str)
             .collect();
         let known = if siblings.is_empty() {
-            "sections model, parallel, scheduler, server, limits, speculative, faults, and [[models]]".to_string()
+            // Every section, from the defaults, so that none is left out.
+            let mut sections: Vec<&str> = known
+                .keys()
+                .filter_map(|k| k.split_once('.').map(|(s, _)| s))
+                .collect();
+            sections.dedup();
+            format!("sections {}, and [[models]]", sections.join(", "))
         } else {
             siblings.join(", ")
         };
@@ -938,7 +980,11 @@ pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
             if !path.is_file() {
                 return Err(ConfigError::File {
                     path: path.clone(),
-                    message: "no such file".into(),
+                    message: if path.is_dir() {
+                        "is a directory, not a config file".into()
+                    } else {
+                        "no such file".into()
+                    },
                 });
             }
             let src = File::from(path.as_path()).format(file_format(path)?);
@@ -951,6 +997,7 @@ pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
                 })?;
             let origin = path.display().to_string();
             check_known(&layer_keys(&cfg), &|_| format!("file {origin}"))?;
+            check_whole_numbers(&cfg, &|_| format!("file {origin}"))?;
             builder = builder.add_source(src);
             Some(cfg)
         }
@@ -967,22 +1014,36 @@ pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
         .prefix_separator(ENV_SEPARATOR)
         .separator(ENV_SEPARATOR)
         .list_separator(",")
-        .with_list_parse_key("server.api_keys")
         .try_parsing(true)
         .source(Some(env_map));
+    let env_source = LIST_KEYS
+        .iter()
+        .fold(env_source, |e, k| e.with_list_parse_key(k));
     let env_cfg = Config::builder()
         .add_source(env_source.clone())
         .build()
         .map_err(deserialize_error)?;
     let env_keys = layer_keys(&env_cfg);
     check_known(&env_keys, &|k| format!("env {}", env_var(k)))?;
+    check_whole_numbers(&env_cfg, &|k| format!("env {}", env_var(k)))?;
     builder = builder.add_source(env_source);
 
     let mut flag_keys = Vec::new();
     for (key, value) in &sources.overrides {
         flag_keys.push(key.clone());
+        // A list key's text is a comma-separated list.
+        let value = match &value.kind {
+            ValueKind::String(text) if LIST_KEYS.contains(&key.as_str()) => Value::from(
+                text.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect::<Vec<_>>(),
+            ),
+            _ => value.clone(),
+        };
         builder = builder
-            .set_override(key.as_str(), value.clone())
+            .set_override(key.as_str(), value)
             .map_err(deserialize_error)?;
     }
     check_known(&flag_keys, &|_| "command line".to_string())?;
@@ -1166,6 +1227,29 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         }
         api_keys.extend(keys);
     }
+    // Durations are added to the clock: a year bounds them well inside
+    // what an instant holds.
+    for (field, secs) in [
+        ("server.body_timeout_secs", v.body_timeout_secs),
+        ("server.shutdown_timeout_secs", v.shutdown_timeout_secs),
+        (
+            "server.health_probe_interval_secs",
+            v.health_probe_interval_secs,
+        ),
+        ("server.health_max_age_secs", v.health_max_age_secs),
+        ("server.retry_after_secs", v.retry_after_secs),
+        (
+            "cluster.heartbeat_timeout_secs",
+            raw.cluster.heartbeat_timeout_secs,
+        ),
+    ] {
+        if secs > MAX_SECS {
+            return Err(invalid(
+                field,
+                format!("is {secs}, must be at most {MAX_SECS} (a year)"),
+            ));
+        }
+    }
     at_least_one("server.body_timeout_secs", v.body_timeout_secs as usize)?;
     at_least_one("server.max_connections", v.max_connections)?;
     if v.max_body_bytes < 1024 {
@@ -1190,6 +1274,14 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = match v.workers {
         0 => cores.min(4),
+        n if n > MAX_WORKERS => {
+            return Err(invalid(
+                "server.workers",
+                format!(
+                    "is {n}, must be at most {MAX_WORKERS} (0: the machine's cores, at most 4)"
+                ),
+            ))
+        }
         n => n,
     };
     let tokenizer_threads = match v.tokenizer_threads {
@@ -1200,6 +1292,16 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
     at_least_one("limits.max_n", l.max_n)?;
     at_least_one("limits.max_tokens", l.max_tokens)?;
     at_least_one("limits.max_beam_width", l.max_beam_width)?;
+    if l.max_beam_width > raw.scheduler.max_batch_tokens {
+        // Every beam of a search decodes in the same step.
+        return Err(invalid(
+            "limits.max_beam_width",
+            format!(
+                "is {}, more than the tokens a step holds (scheduler.max_batch_tokens = {})",
+                l.max_beam_width, raw.scheduler.max_batch_tokens
+            ),
+        ));
+    }
     if l.max_logprobs > framework::sampling::MAX_LOGPROBS {
         return Err(invalid(
             "limits.max_logprobs",
@@ -1220,8 +1322,13 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         ));
     }
     let f = &raw.faults;
-    let fault = if f.node < 0 {
+    let fault = if f.node == -1 {
         None
+    } else if f.node < 0 {
+        return Err(invalid(
+            "faults.node",
+            format!("is {}, must be -1 (off) or a node index", f.node),
+        ));
     } else {
         let nodes = p.tp * p.pp;
         if f.node as usize >= nodes {
@@ -1394,6 +1501,8 @@ pub fn memory_plan(
     let model = framework::ModelConfig::from_gguf_capped(&file, settings.engine.max_model_len)
         .map_err(model_err)?;
     let engine_err = |e: framework::Error| invalid("scheduler", e.to_string());
+    // What the engine would refuse at start, check refuses too.
+    settings.engine.validate(&model).map_err(engine_err)?;
     let plan = settings
         .engine
         .memory_plan(&model, file.file_size())

@@ -232,13 +232,28 @@ impl MemoryPlan {
     /// Refuses a plan the host cannot hold, naming both figures.
     pub fn check(&self, machine: Option<u64>) -> Result<(), Error> {
         match machine {
-            Some(have) if self.host_bytes() > have => Err(bad_config(
-                "kv_memory_bytes",
-                format!(
-                    "the engine would allocate {self}, more than this machine's {} of memory (lower scheduler.kv_memory_mib / kv_blocks or dp)",
-                    framework::human_bytes(have)
-                ),
-            )),
+            Some(have) if self.host_bytes() > have => {
+                // Name the setting behind the largest part.
+                let (field, lower) = if self.workspace_bytes >= self.kv_bytes.max(self.weight_bytes)
+                {
+                    (
+                        "max_batch_tokens",
+                        "scheduler.max_batch_tokens, tp·pp or dp",
+                    )
+                } else {
+                    (
+                        "kv_memory_bytes",
+                        "scheduler.kv_memory_mib / kv_blocks or dp",
+                    )
+                };
+                Err(bad_config(
+                    field,
+                    format!(
+                        "the engine would allocate {self}, more than this machine's {} of memory (lower {lower})",
+                        framework::human_bytes(have)
+                    ),
+                ))
+            }
             _ => Ok(()),
         }
     }
@@ -846,8 +861,7 @@ impl Engine {
     /// merger, and the factory of this process's workers.
     fn prepare_nodes(cfg: EngineConfig) -> Result<Prepared, EngineError> {
         cfg.check_max_model_len()?;
-        let (model, tokenizer, file_bytes) = load_model(&cfg.model, cfg.max_model_len)?;
-        cfg.validate(&model)?;
+        let (mut model, tokenizer, file_bytes) = load_model(&cfg.model, cfg.max_model_len)?;
         let draft = match &cfg.draft {
             Some(d) => {
                 let (draft, draft_tokenizer, draft_bytes) =
@@ -858,10 +872,21 @@ impl Engine {
                     &draft,
                     draft_tokenizer.as_deref(),
                 )?;
+                // The draft node holds every sequence's keys and values, so
+                // no sequence may outgrow the draft's context.
+                if draft.context < model.context {
+                    tracing::warn!(
+                        "the draft model's context of {} tokens caps the target's {}",
+                        draft.context,
+                        model.context
+                    );
+                    model.context = draft.context;
+                }
                 Some((draft, draft_bytes))
             }
             None => None,
         };
+        cfg.validate(&model)?;
         // Nothing sized by the configuration is allocated before this.
         let mut plan = cfg.memory_plan(&model, file_bytes)?;
         if let (Some((draft, bytes)), Some(d)) = (&draft, &cfg.draft) {
@@ -1211,7 +1236,10 @@ impl Engine {
 
     /// Validates and tokenizes `req` into its scheduling part, its merger part
     /// and the stream its events will reach.
-    fn prepare(&self, req: Request) -> Result<(LlmTask, Registration, EventStream), EngineError> {
+    fn prepare(
+        &self,
+        mut req: Request,
+    ) -> Result<(LlmTask, Registration, EventStream), EngineError> {
         if let Some(scoring) = req.prompt_logprobs {
             scoring.validate()?;
         }
@@ -1244,7 +1272,42 @@ impl Engine {
         if req.beam.is_some() && !req.params.logit_bias.is_empty() {
             return Err(bad("logit_bias", "does not apply to beam search").into());
         }
+        if req.beam.is_some() && req.params.logprobs.is_some() {
+            return Err(bad("logprobs", "does not apply to beam search").into());
+        }
         let prompt = self.prompt_tokens(&req.prompt)?;
+        let width = match req.beam {
+            Some(b) if b.width == 0 => return Err(bad("beam_width", "must be at least 1").into()),
+            Some(b) if !b.length_penalty.is_finite() => {
+                return Err(bad(
+                    "length_penalty",
+                    format!("is {}, must be a finite number", b.length_penalty),
+                )
+                .into())
+            }
+            Some(b) => b.width,
+            None => 1,
+        };
+        if width > self.cfg.max_batch_tokens {
+            // Every beam decodes in the same step.
+            return Err(bad(
+                "beam_width",
+                format!(
+                    "is {width}, more than the tokens a step holds (max_batch_tokens = {})",
+                    self.cfg.max_batch_tokens
+                ),
+            )
+            .into());
+        }
+        let block = self.cfg.block_size;
+        if req.fit_max_tokens {
+            // What the context and a replica's KV cache leave after the
+            // prompt, at least 1 (a prompt that leaves nothing is refused
+            // below, naming the prompt).
+            let kv_room = (self.kv_positions / width / block * block).saturating_sub(prompt.len());
+            let room = self.model.context.saturating_sub(prompt.len()).min(kv_room);
+            req.params.max_tokens = req.params.max_tokens.min(room).max(1);
+        }
         validate_prompt(&prompt, req.params.max_tokens, self.model.context)?;
         if let Some(&bad_id) = prompt.iter().find(|&&t| t as usize >= self.model.vocab) {
             return Err(bad(
@@ -1256,12 +1319,6 @@ impl Engine {
             )
             .into());
         }
-        let width = match req.beam {
-            Some(b) if b.width == 0 => return Err(bad("beam_width", "must be at least 1").into()),
-            Some(b) => b.width,
-            None => 1,
-        };
-        let block = self.cfg.block_size;
         let need = (prompt.len() + req.params.max_tokens).div_ceil(block) * block * width;
         if need > self.kv_positions {
             // The prompt alone may be what does not fit.

@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use framework::batching::GroupOutcome;
 use framework::beam::BeamSearch;
+use framework::generate::first_stop;
 use framework::kv::SeqKey;
 use framework::metrics as m;
 use framework::sampling::{Draw, StopMatcher};
@@ -60,7 +61,11 @@ enum Mode {
         tokens: Vec<u32>,
         text: String,
     },
-    Beam(BeamSearch),
+    Beam {
+        search: BeamSearch,
+        /// The request's stop strings: a beam whose text holds one ends.
+        stops: Vec<String>,
+    },
 }
 
 struct ReqState {
@@ -199,21 +204,18 @@ impl LlmMerger {
         let Some(st) = self.reqs.remove(&id) else {
             return;
         };
-        let Mode::Beam(search) = st.mode else {
+        let Mode::Beam { search, stops } = st.mode else {
             return;
         };
         let beams: Vec<BeamOutput> = search
             .into_results()
             .into_iter()
-            .map(|b| BeamOutput::from_beam(b, &self.stop_tokens, |t| self.decode(t)))
+            .map(|b| BeamOutput::from_beam(b, &self.stop_tokens, &stops, |t| self.decode(t)))
             .collect();
         let best = beams.first().cloned();
-        let (tokens, text) = best.map(|b| (b.tokens, b.text)).unwrap_or_default();
-        let reason = if tokens.len() >= st.max_tokens {
-            FinishReason::Length
-        } else {
-            FinishReason::Stop
-        };
+        let (tokens, text, reason) = best
+            .map(|b| (b.tokens, b.text, b.finish_reason))
+            .unwrap_or((Vec::new(), String::new(), FinishReason::Length));
         let tail = text.clone();
         finished(
             st.responder,
@@ -329,12 +331,19 @@ impl Merge for LlmMerger {
     fn register(&mut self, id: TaskId, reg: Registration) {
         let p = reg.params;
         let mode = match reg.decoding {
-            Decoding::Beam(b) => Mode::Beam(BeamSearch::new(
-                b.width,
-                b.length_penalty,
-                p.max_tokens,
-                self.stop_tokens.clone(),
-            )),
+            Decoding::Beam(b) => Mode::Beam {
+                search: BeamSearch::new(
+                    b.width,
+                    b.length_penalty,
+                    p.max_tokens,
+                    if p.ignore_eos {
+                        Vec::new()
+                    } else {
+                        self.stop_tokens.clone()
+                    },
+                ),
+                stops: p.stop.clone(),
+            },
             Decoding::Sample(sampler) => Mode::Sample {
                 sampler,
                 stops: StopMatcher::new(p.stop.clone()),
@@ -407,7 +416,7 @@ impl Merge for LlmMerger {
                     verdict.push((g, GroupOutcome::Finished));
                     continue;
                 }
-                Some(st) => matches!(st.mode, Mode::Beam(_)),
+                Some(st) => matches!(st.mode, Mode::Beam { .. }),
             };
             let got: Vec<Pick> = rows.iter().filter_map(|&(_, i)| pick(i)).collect();
             let Some(chosen) = chosen(is_beam, got, rows.len()) else {
@@ -424,10 +433,26 @@ impl Merge for LlmMerger {
                     let Some(st) = self.reqs.get_mut(&g) else {
                         continue;
                     };
-                    let Mode::Beam(search) = &mut st.mode else {
+                    let Mode::Beam { search, stops } = &mut st.mode else {
                         continue;
                     };
-                    let forks = search.step(&logprobs);
+                    let forks = if stops.is_empty() {
+                        search.step(&logprobs)
+                    } else {
+                        let (tokenizer, stop_tokens) = (&self.tokenizer, &self.stop_tokens);
+                        search.step_until(&logprobs, |tokens| {
+                            let kept: Vec<u32> = tokens
+                                .iter()
+                                .copied()
+                                .filter(|t| !stop_tokens.contains(t))
+                                .collect();
+                            let text = tokenizer
+                                .as_ref()
+                                .map(|t| t.decode(&kept))
+                                .unwrap_or_default();
+                            first_stop(&text, stops).is_some()
+                        })
+                    };
                     produced(&mut st.first_token, st.arrived, 1);
                     if forks.is_empty() || search.is_done() {
                         self.finish_beam(g);

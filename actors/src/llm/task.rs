@@ -71,8 +71,10 @@ pub struct Request {
     pub prompt: Prompt,
     /// Sampling parameters (including `max_tokens` and stop strings).
     pub params: SamplingParams,
-    /// Beam search, if wanted (sampling parameters other than `max_tokens` are
-    /// then ignored).
+    /// Beam search, if wanted: of the sampling parameters, `max_tokens`,
+    /// `stop` (a beam whose text holds one ends there) and `ignore_eos`
+    /// apply, the others are ignored, and `logprobs` and `logit_bias` are
+    /// refused.
     pub beam: Option<BeamParams>,
     /// Higher runs first.
     pub priority: i32,
@@ -86,6 +88,12 @@ pub struct Request {
     /// ([`framework::guide`]). A guided request does not speculate and
     /// cannot be a beam search.
     pub guide: Option<Guide>,
+    /// Whether `params.max_tokens` is only a ceiling the caller did not
+    /// choose (an API request without `max_tokens`): the engine then lowers
+    /// it to what the context, and a replica's KV cache, leave after the
+    /// prompt, instead of refusing the request. A prompt that leaves no
+    /// room is refused all the same.
+    pub fit_max_tokens: bool,
 }
 
 impl Request {
@@ -99,6 +107,7 @@ impl Request {
             speculative: None,
             prompt_logprobs: None,
             guide: None,
+            fit_max_tokens: false,
         }
     }
 
@@ -112,6 +121,7 @@ impl Request {
             speculative: None,
             prompt_logprobs: None,
             guide: None,
+            fit_max_tokens: false,
         }
     }
 

@@ -39,6 +39,7 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
                 inner = e.into_inner().to_string();
             }
         }
+        let inner = plain_expectation(&inner);
         if path.is_empty() || path == "." {
             ApiError::InvalidParam {
                 param: None,
@@ -51,9 +52,31 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     })
 }
 
+/// Serde's expectations in JSON's words: `u64` is a non-negative
+/// integer, `struct X` an object.
+fn plain_expectation(message: &str) -> String {
+    let mut out = message.to_string();
+    for (rust, json) in [
+        ("expected u64", "expected a non-negative integer"),
+        ("expected u32", "expected a non-negative integer"),
+        ("expected usize", "expected a non-negative integer"),
+        ("expected i64", "expected an integer"),
+        ("expected i32", "expected an integer"),
+        ("expected f32", "expected a number"),
+        ("expected f64", "expected a number"),
+    ] {
+        out = out.replace(rust, json);
+    }
+    if let Some(at) = out.find("expected struct ") {
+        out.truncate(at);
+        out.push_str("expected an object");
+    }
+    out
+}
+
 /// A string or a list of strings.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or a list of strings")]
 pub enum OneOrMany {
     /// One.
     One(String),
@@ -72,7 +95,10 @@ impl OneOrMany {
 
 /// The `prompt` of a completion: text, texts, token ids, or lists of them.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a string, a list of strings, a list of token ids, or a list of such lists"
+)]
 pub enum PromptInput {
     /// One text.
     Text(String),
@@ -340,7 +366,7 @@ pub struct CompletionRequest {
 
 /// A chat message's content: text or parts.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string, or a list of content parts")]
 pub enum ContentInput {
     /// Plain text.
     Text(String),
@@ -466,6 +492,7 @@ fn validate(
         Some((t, g)) => (Some(t), g),
         None => (None, None),
     };
+    let max_tokens_given = max_tokens;
     let max_tokens = match max_tokens {
         Some(v) => cap(max_tokens_param, v, 1, limits.max_tokens)?,
         None => limits.default_max_tokens,
@@ -499,6 +526,12 @@ fn validate(
         }
     };
     let stream = c.stream.unwrap_or(false);
+    if c.stream_options.is_some() && !stream {
+        return Err(ApiError::param(
+            "stream_options",
+            "`stream_options` is only allowed when `stream` is true",
+        ));
+    }
     let beam = match c.beam_width {
         None => None,
         Some(w) => {
@@ -519,6 +552,12 @@ fn validate(
                 return Err(ApiError::param(
                     "logit_bias",
                     "`logit_bias` does not apply to beam search (`beam_width`)",
+                ));
+            }
+            if logprobs.is_some() {
+                return Err(ApiError::param(
+                    "logprobs",
+                    "`logprobs` does not apply to beam search (`beam_width`)",
                 ));
             }
             Some(BeamParams {
@@ -586,6 +625,7 @@ fn validate(
                 speculative,
                 prompt_logprobs: None,
                 guide: guide.clone(),
+                fit_max_tokens: max_tokens_given.is_none(),
             });
         }
     }
@@ -738,7 +778,15 @@ pub fn chat_turns(messages: &[MessageInput], tools: bool) -> Result<Vec<ChatTurn
                 }
             };
             let content = match &m.content {
-                None => String::new(),
+                // Only an assistant's turn may come without content (its
+                // calls stand in for it).
+                None if role == "assistant" => String::new(),
+                None => {
+                    return Err(ApiError::param(
+                        "messages",
+                        format!("`messages[{i}].content` is missing: a {role} message needs content"),
+                    ))
+                }
                 Some(ContentInput::Text(s)) => s.clone(),
                 Some(ContentInput::Parts(parts)) => {
                     let mut text = String::new();
@@ -1087,7 +1135,10 @@ mod tests {
 /// `POST /v1/embeddings`'s `input`: a string, strings, token ids, or lists
 /// of token ids.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a string, a list of strings, a list of token ids, or a list of such lists"
+)]
 pub enum EmbeddingInput {
     /// One text.
     One(String),

@@ -52,6 +52,16 @@ pub enum ApiError {
     /// No route for the path.
     #[error("no route for {0}")]
     RouteNotFound(String),
+    /// The path exists, but not for this method.
+    #[error("{method} is not allowed on {path}; use {allow}")]
+    MethodNotAllowed {
+        /// The method sent.
+        method: String,
+        /// The path.
+        path: String,
+        /// The method the path answers (the `Allow` header).
+        allow: &'static str,
+    },
     /// The API key is missing or wrong.
     #[error("{0}")]
     Unauthorized(String),
@@ -86,12 +96,21 @@ impl ApiError {
             EngineError::Invalid(framework::Error::InvalidRequest { field, reason }) => {
                 ApiError::param(field, format!("`{field}` {reason}"))
             }
-            EngineError::Invalid(e @ framework::Error::ContextOverflow { .. }) => {
-                ApiError::ContextLength {
-                    param: "max_tokens",
-                    message: e.to_string(),
-                }
-            }
+            EngineError::Invalid(
+                e @ framework::Error::ContextOverflow {
+                    prompt_tokens,
+                    context,
+                    ..
+                },
+            ) => ApiError::ContextLength {
+                // The prompt alone leaves no room for a token.
+                param: if prompt_tokens >= context {
+                    "prompt"
+                } else {
+                    "max_tokens"
+                },
+                message: e.to_string(),
+            },
             EngineError::Invalid(e @ framework::Error::PromptTooLong { .. }) => {
                 ApiError::ContextLength {
                     param: "prompt",
@@ -133,6 +152,7 @@ impl ApiError {
             ApiError::RequestTimeout { .. } => "request_timeout",
             ApiError::ModelNotFound(_) => "model_not_found",
             ApiError::RouteNotFound(_) => "not_found",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::Unauthorized(_) => "invalid_api_key",
             ApiError::Overloaded { .. } => "rate_limit_exceeded",
             ApiError::Unavailable(_) => "unavailable",
@@ -212,6 +232,7 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::ModelNotFound(_) | ApiError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -225,6 +246,9 @@ impl ResponseError for ApiError {
             if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
                 resp.insert_header((RETRY_AFTER, v));
             }
+        }
+        if let ApiError::MethodNotAllowed { allow, .. } = self {
+            resp.insert_header(("Allow", *allow));
         }
         if let ApiError::Unauthorized(_) = self {
             resp.insert_header(("WWW-Authenticate", "Bearer"));

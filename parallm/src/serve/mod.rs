@@ -457,6 +457,7 @@ where
             .route("/v1/chat/completions", web::post().to(routes::chat_completions))
             .route("/v1/embeddings", web::post().to(routes::embeddings))
             .route("/v1/models", web::get().to(routes::models))
+            .route("/v1/models/{id:.+}", web::get().to(routes::model))
             .route("/tokenize", web::post().to(routes::tokenize))
             .route("/tokenizer_info", web::get().to(routes::tokenizer_info))
             .route("/detokenize", web::post().to(routes::detokenize))

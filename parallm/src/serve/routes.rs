@@ -19,7 +19,7 @@ use futures::stream::{select_all, BoxStream};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use actors::llm::{Engine, Event, EventStream, Request};
+use actors::llm::{BeamOutput, Engine, Event, EventStream, Request};
 use framework::sampling::TokenLogprob;
 use framework::scoring::PromptScore;
 use framework::tools::{StreamOut, ToolCall, ToolStream};
@@ -214,6 +214,19 @@ async fn submit_all(
     engine: &Arc<Engine>,
     requests: Vec<Request>,
 ) -> Result<Vec<Tracked>, ApiError> {
+    // More sequences than the queue holds would be refused as overloaded
+    // however long the client waited.
+    let capacity = engine.config().queue_capacity;
+    if requests.len() > capacity {
+        return Err(ApiError::param(
+            "n",
+            format!(
+                "the request asks for {} sequences (prompts × n), more than the queue holds ({capacity}, scheduler.queue_capacity)",
+                requests.len()
+            ),
+        )
+        .counted());
+    }
     let mut out = Vec::with_capacity(requests.len());
     for r in requests {
         // On error, `out` drops here and cancels what was submitted.
@@ -239,7 +252,7 @@ struct ChoiceResult {
     cached_tokens: usize,
     completion_tokens: usize,
     logprobs: Vec<(u32, TokenLogprob)>,
-    beams: Vec<String>,
+    beams: Vec<BeamOutput>,
     /// The prompt's scores (an echo with log-probabilities).
     prompt_scores: Vec<PromptScore>,
 }
@@ -265,7 +278,7 @@ async fn collect(mut t: Tracked) -> Result<ChoiceResult, ApiError> {
                 out.prompt_tokens = usage.prompt_tokens;
                 out.cached_tokens = usage.cached_tokens;
                 out.completion_tokens = usage.completion_tokens;
-                out.beams = beams.into_iter().map(|b| b.text).collect();
+                out.beams = beams;
                 return Ok(out);
             }
             Event::PromptScores(s) => out.prompt_scores.extend(s),
@@ -287,18 +300,20 @@ fn token_string(engine: &Engine, token: u32) -> String {
 
 /// A choice's legacy log-probabilities: the echoed prompt's tokens first
 /// (`echo`: its tokens and their scores; the first has none), then the
-/// generated ones.
+/// generated ones. `text_offset` counts characters (as Python's `len`
+/// does) from `start`; the offset after the last token comes back too.
 fn completion_logprobs(
     engine: &Engine,
     echo: Option<(&[u32], &[PromptScore])>,
     items: &[(u32, TokenLogprob)],
-) -> CompletionLogprobs {
+    start: usize,
+) -> (CompletionLogprobs, usize) {
     let mut out = CompletionLogprobs::default();
-    let mut pos = 0;
+    let mut pos = start;
     let mut push = |token: u32, lp: Option<(f32, &[(u32, f32)])>| {
         let text = token_string(engine, token);
         out.text_offset.push(pos);
-        pos += text.len();
+        pos += text.chars().count();
         out.tokens.push(text);
         out.token_logprobs.push(lp.map(|(l, _)| l));
         out.top_logprobs.push(lp.map(|(_, top)| {
@@ -318,7 +333,7 @@ fn completion_logprobs(
     for (token, lp) in items {
         push(*token, Some((lp.logprob, lp.top.as_slice())));
     }
-    out
+    (out, pos)
 }
 
 fn chat_logprobs(engine: &Engine, items: &[(u32, TokenLogprob)]) -> ChatLogprobs {
@@ -439,31 +454,41 @@ async fn generate(
     for (i, r) in results.iter().enumerate() {
         // Choices of one prompt share it: count its tokens once.
         let first_of_prompt = v.beam || i % v.n == 0;
+        // A beam search's choices are its best `n` beams, each with its
+        // own tokens and reason.
+        let beams = &r.beams[..r.beams.len().min(v.n)];
         usage.add(
             if first_of_prompt {
                 (r.prompt_tokens, r.cached_tokens)
             } else {
                 (0, 0)
             },
-            r.completion_tokens,
+            if v.beam {
+                beams.iter().map(|b| b.tokens.len()).sum()
+            } else {
+                r.completion_tokens
+            },
         );
         let echo = echoed.get(i);
-        let texts: Vec<String> = if v.beam {
-            r.beams.iter().take(v.n).cloned().collect()
+        let texts: Vec<(String, Option<FinishReason>)> = if v.beam {
+            beams
+                .iter()
+                .map(|b| (b.text.clone(), Some(b.finish_reason)))
+                .collect()
         } else if let Some((prompt, _)) = echo {
-            vec![format!("{prompt}{}", r.text)]
+            vec![(format!("{prompt}{}", r.text), r.reason)]
         } else {
-            vec![r.text.clone()]
+            vec![(r.text.clone(), r.reason)]
         };
-        for text in texts {
+        for (text, reason) in texts {
             let index = choices.len();
-            let reason = r.reason.map(FinishReason::as_str);
+            let reason = reason.map(FinishReason::as_str);
             let prompt = echo.map(|(_, t)| (t.as_slice(), r.prompt_scores.as_slice()));
             choices.push(match api {
                 Api::Completions => json!({
                     "index": index,
                     "text": text,
-                    "logprobs": v.logprobs.map(|_| completion_logprobs(&engine, prompt, &r.logprobs)),
+                    "logprobs": v.logprobs.map(|_| completion_logprobs(&engine, prompt, &r.logprobs, 0).0),
                     "finish_reason": reason,
                 }),
                 Api::Chat => {
@@ -550,6 +575,9 @@ struct SseState {
     /// Per choice, the parser of its tool calls (chat with tools), and
     /// whether it has sent a call.
     tool_streams: Vec<Option<(ToolStream, bool)>>,
+    /// Per choice, the legacy `text_offset` of its next token: the
+    /// characters of the tokens sent before it.
+    text_offsets: Vec<usize>,
     _inflight: InFlight,
 }
 
@@ -648,14 +676,14 @@ impl SseState {
                         self.tool_chunks(i, outs);
                     } else if !text.is_empty() || logprob.is_some() {
                         let lp = logprob.map(|l| vec![(token, l)]).unwrap_or_default();
+                        let offset = self.text_offsets.get_mut(i);
                         let choice = stream_choice(
                             self.api,
                             &self.engine,
-                            i,
-                            &text,
-                            None,
+                            (i, &text, None),
                             self.want_logprobs,
                             &lp,
+                            offset,
                         );
                         let c = self.chunk(choice, None);
                         self.pending.push_back(c);
@@ -692,8 +720,14 @@ impl SseState {
                             reason = "tool_calls";
                         }
                     }
-                    let choice =
-                        stream_choice(self.api, &self.engine, i, &tail, Some(reason), false, &[]);
+                    let choice = stream_choice(
+                        self.api,
+                        &self.engine,
+                        (i, &tail, Some(reason)),
+                        false,
+                        &[],
+                        None,
+                    );
                     let c = self.chunk(choice, None);
                     self.pending.push_back(c);
                 }
@@ -750,6 +784,7 @@ fn sse(
         done: false,
         fd,
         tool_streams,
+        text_offsets: vec![0; count],
         _inflight: inflight,
     };
     if api == Api::Chat {
@@ -767,22 +802,34 @@ fn sse(
     .boxed()
 }
 
+/// One choice's chunk: its `(index, text, finish reason)`, and with
+/// `want_logprobs` those of `logprobs`, whose legacy `text_offset`s start
+/// at `offset` (advanced past them).
 fn stream_choice(
     api: Api,
     engine: &Engine,
-    index: usize,
-    text: &str,
-    reason: Option<&'static str>,
+    (index, text, reason): (usize, &str, Option<&'static str>),
     want_logprobs: bool,
     logprobs: &[(u32, TokenLogprob)],
+    offset: Option<&mut usize>,
 ) -> Value {
     match api {
-        Api::Completions => json!([{
-            "index": index,
-            "text": text,
-            "logprobs": want_logprobs.then(|| completion_logprobs(engine, None, logprobs)),
-            "finish_reason": reason,
-        }]),
+        Api::Completions => {
+            let lp = want_logprobs.then(|| {
+                let start = offset.as_deref().copied().unwrap_or(0);
+                let (lp, end) = completion_logprobs(engine, None, logprobs, start);
+                if let Some(o) = offset {
+                    *o = end;
+                }
+                lp
+            });
+            json!([{
+                "index": index,
+                "text": text,
+                "logprobs": lp,
+                "finish_reason": reason,
+            }])
+        }
         Api::Chat => {
             let delta = if reason.is_some() && text.is_empty() {
                 json!({})
@@ -942,6 +989,25 @@ pub async fn chat_completions(
 
 /// `GET /v1/models`: the generation model, then the embedding models.
 pub async fn models(state: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok().json(json!({"object": "list", "data": model_cards(&state)}))
+}
+
+/// `GET /v1/models/{id}`: one served model's card, as in the list.
+pub async fn model(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    model_cards(&state)
+        .into_iter()
+        .find(|c| c["id"] == id.as_str())
+        .map(|c| HttpResponse::Ok().json(c))
+        .ok_or(ApiError::ModelNotFound(id))
+}
+
+/// The served models as OpenAI's model objects: the generating model,
+/// then the embedding models.
+fn model_cards(state: &AppState) -> Vec<Value> {
     let context = state.engine.get().map(|e| e.model_config().context);
     let mut data = vec![json!({
         "id": state.model_id,
@@ -964,7 +1030,7 @@ pub async fn models(state: web::Data<AppState>) -> HttpResponse {
             "task": "embed",
         }));
     }
-    HttpResponse::Ok().json(json!({"object": "list", "data": data}))
+    data
 }
 
 /// `POST /tokenize`.
@@ -1074,11 +1140,25 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 
 /// Any other path.
 pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::RouteNotFound(format!(
-        "{} {}",
-        req.method(),
-        req.path()
-    )))
+    // A known path asked with another method is a 405 naming the right one.
+    let allow = match req.path() {
+        "/v1/completions"
+        | "/v1/chat/completions"
+        | "/v1/embeddings"
+        | "/tokenize"
+        | "/detokenize" => Some("POST"),
+        "/v1/models" | "/tokenizer_info" | "/health" | "/metrics" => Some("GET"),
+        p if p.starts_with("/v1/models/") => Some("GET"),
+        _ => None,
+    };
+    Err(match allow {
+        Some(allow) => ApiError::MethodNotAllowed {
+            method: req.method().to_string(),
+            path: req.path().to_string(),
+            allow,
+        },
+        None => ApiError::RouteNotFound(format!("{} {}", req.method(), req.path())),
+    })
 }
 
 /// How long a probe may take before it counts as failed.
