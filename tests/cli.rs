@@ -237,6 +237,13 @@ fn malformed_shapes_and_tensor_tables_stop_generate_and_serve() {
             ok_table.to_vec(),
             "n_heads must be greater than 0",
         ),
+        // A zero width is named before a rope tensor's shape is checked
+        // against it.
+        (
+            with("llama.embedding_length", Meta::U32(0)),
+            vec![f32s("rope_freqs.weight", 8, 0)],
+            "hidden must be greater than 0",
+        ),
         (
             with("llama.rope.freq_base", Meta::F32(f32::NAN)),
             ok_table.to_vec(),

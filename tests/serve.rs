@@ -449,7 +449,16 @@ fn every_endpoint_answers_in_openai_shape() {
 
 #[test]
 fn errors_have_their_status_and_openai_shape() {
-    let s = Server::start(&["--set", "server.max_body_bytes=65536"], true);
+    // A short context keeps the context-length cases' prefills short.
+    let s = Server::start(
+        &[
+            "--set",
+            "server.max_body_bytes=65536",
+            "--set",
+            "model.max_model_len=1024",
+        ],
+        true,
+    );
     let cases = [
         (
             json!({"prompt": "x", "temperature": -1}),
@@ -514,19 +523,19 @@ fn errors_have_their_status_and_openai_shape() {
     // Prompt + max_tokens beyond the context: both counts in the message.
     let (st, r) = s.post(
         "/v1/completions",
-        json!({"prompt": vec![1u32; 8000], "max_tokens": 400}),
+        json!({"prompt": vec![1u32; 1000], "max_tokens": 400}),
     );
     assert_error(st, &r, 400, Some("max_tokens"), "context_length_exceeded");
     let msg = r["error"]["message"].as_str().expect("message");
-    assert!(msg.contains("8000") && msg.contains("400"), "{msg}");
+    assert!(msg.contains("1000") && msg.contains("400"), "{msg}");
 
     // A prompt that alone fills the context names the prompt; without
     // `max_tokens`, a long prompt gets what room the context leaves.
-    let (st, r) = s.post("/v1/completions", json!({"prompt": vec![1u32; 8192]}));
+    let (st, r) = s.post("/v1/completions", json!({"prompt": vec![1u32; 1024]}));
     assert_error(st, &r, 400, Some("prompt"), "context_length_exceeded");
     let (st, r) = s.post(
         "/v1/completions",
-        json!({"prompt": vec![1u32; 8190], "ignore_eos": true}),
+        json!({"prompt": vec![1u32; 1022], "ignore_eos": true}),
     );
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["usage"]["completion_tokens"], 2, "{r}");

@@ -280,6 +280,17 @@ impl ModelConfig {
                 ));
             }
         }
+        // The rotary tables are sized by these: a zero is named as such
+        // before a rope tensor's shape is checked against it.
+        for (field, v) in [
+            ("hidden", hidden),
+            ("n_heads", n_heads),
+            ("head_dim", head_dim),
+        ] {
+            if v == 0 {
+                return Err(model_err(format!("{field} must be greater than 0")));
+            }
+        }
         let (rope, long_rope) = Self::rope_from_gguf(file, arch, head_dim)?;
         let family = arch.family();
         let n_layers = file.get_usize(&key("block_count"))?;
