@@ -46,10 +46,9 @@ impl AtomicFile {
             Some(f) => f.flush(),
             None => Ok(()),
         };
-        // Closed before the rename; `Drop` removes the temporary file if
-        // anything below fails.
-        let file = self.file.take();
-        drop(file);
+        // Closed before the rename (and `Drop` then leaves the temporary
+        // file to this function, which removes it on failure).
+        drop(self.file.take());
         let renamed = written.and_then(|()| std::fs::rename(&self.tmp, &self.path));
         if let Err(e) = renamed {
             let _ = std::fs::remove_file(&self.tmp);

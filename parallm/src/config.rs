@@ -1720,6 +1720,19 @@ mod tests {
                 "speculative.num_speculative_tokens",
                 "[1, 16]",
             ),
+            ("[parallel]\ntp = 1.5\n", "parallel.tp", "whole number"),
+            ("[server]\nworkers = 513\n", "server.workers", "at most 512"),
+            (
+                "[server]\nshutdown_timeout_secs = 100000000\n",
+                "server.shutdown_timeout_secs",
+                "a year",
+            ),
+            (
+                "[scheduler]\nmax_batch_tokens = 4\n",
+                "limits.max_beam_width",
+                "scheduler.max_batch_tokens = 4",
+            ),
+            ("[faults]\nnode = -5\n", "faults.node", "-1 (off)"),
         ];
         let dir = tempfile::tempdir().expect("tempdir");
         for (i, (text, field, allowed)) in cases.iter().enumerate() {
@@ -1733,6 +1746,24 @@ mod tests {
             assert!(msg.contains(field), "{text}: {msg}");
             assert!(msg.contains(allowed), "{text}: {msg}");
         }
+    }
+
+    #[test]
+    fn list_keys_are_comma_separated_in_the_environment_and_on_the_command_line() {
+        let loaded = load(&Sources {
+            env: env(&[("PARALLM__PARALLEL__DEVICES", "0,1")]),
+            overrides: vec![("cluster.mpirun_args".into(), "--mca, btl tcp".into())],
+            ..Sources::default()
+        })
+        .expect("lists load");
+        assert_eq!(loaded.raw.parallel.devices, vec![0, 1]);
+        assert_eq!(loaded.raw.cluster.mpirun_args, vec!["--mca", "btl tcp"]);
+        let err = load(&Sources {
+            env: env(&[("PARALLM__SERVER__PORT", "8000.5")]),
+            ..Sources::default()
+        })
+        .expect_err("a fraction");
+        assert!(err.to_string().contains("PARALLM__SERVER__PORT"), "{err}");
     }
 
     #[test]
