@@ -305,8 +305,14 @@ fn names_tensor(prefix: &str, name: &str, layers: usize) -> bool {
 /// Refuses a `--keep` name that names no tensor of the file (a typo would
 /// otherwise keep nothing, silently).
 fn check_keep_names(keep: &[Keep], names: &[&str], layers: usize) -> CliResult {
+    // A model whose output matrix is its embedding has no `output`: a
+    // keep list written for other models may name it.
+    let tied = !names.contains(&"output.weight");
     for k in keep {
         for p in &k.prefixes {
+            if p == "output" && tied {
+                continue;
+            }
             if !names.iter().any(|n| names_tensor(p, n, layers)) {
                 return Err(format!(
                     "--keep: '{p}' names no tensor of the model (names look like token_embd, output, blk.0.attn_q, blk.N-1)"

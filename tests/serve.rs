@@ -211,6 +211,46 @@ fn every_endpoint_answers_in_openai_shape() {
         .expect("model id")
         .to_string();
     assert_eq!(models["object"], "list");
+    // Legacy log-probabilities: each `text_offset` is the characters of
+    // the tokens before it, and streamed chunks run on from the last.
+    let body = json!({"prompt": "Les mots français: café, crème, élève,", "max_tokens": 8,
+                      "temperature": 0, "logprobs": 1});
+    let (status, r) = s.post("/v1/completions", body.clone());
+    assert_eq!(status, 200, "{r}");
+    let lp = &r["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .map(|t| t.as_str().expect("a token"))
+        .collect();
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .expect("offsets")
+        .iter()
+        .map(|o| o.as_u64().expect("an offset"))
+        .collect();
+    let mut want = vec![0u64];
+    for t in &tokens[..tokens.len() - 1] {
+        want.push(want.last().copied().unwrap_or(0) + t.chars().count() as u64);
+    }
+    assert_eq!(offsets, want, "{tokens:?}");
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let (_, _, text) = s.post_raw("/v1/completions", &streamed.to_string());
+    let streamed_offsets: Vec<u64> = sse_events(&text)
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|c| {
+            c["choices"][0]["logprobs"]["text_offset"]
+                .as_array()
+                .cloned()
+        })
+        .flatten()
+        .filter_map(|o| o.as_u64())
+        .collect();
+    assert_eq!(streamed_offsets, offsets, "{text}");
+
     // One model by id, as OpenAI's client retrieves it.
     let (status, card) = s.get(&format!("/v1/models/{id}"));
     assert_eq!(status, 200, "{card}");
@@ -576,10 +616,21 @@ fn errors_have_their_status_and_openai_shape() {
         let msg = r["error"]["message"].as_str().expect("message");
         assert!(msg.contains(want), "{msg}");
     }
-    // A known path with another method is a 405 naming the right one.
-    let (st, r) = s.get("/v1/chat/completions");
-    let r: Value = serde_json::from_str(&r).expect("json");
-    assert_error(st, &r, 405, None, "method_not_allowed");
+    // A known path with another method is a 405 naming the right one; a
+    // path that does not exist is a 404 whatever the method.
+    let mut resp = s
+        .agent
+        .get(&s.url("/v1/chat/completions"))
+        .call()
+        .expect("an answer");
+    assert_eq!(
+        resp.headers().get("allow").and_then(|v| v.to_str().ok()),
+        Some("POST")
+    );
+    let r: Value =
+        serde_json::from_str(&resp.body_mut().read_to_string().expect("body")).expect("json");
+    assert_error(resp.status().as_u16(), &r, 405, None, "method_not_allowed");
+    assert_eq!(s.get("/v1/models/").0, 404);
 
     let (st, _, text) = s.post_raw("/v1/chat/completions", "{\"messages\": [");
     let r: Value = serde_json::from_str(&text).expect("json");
@@ -1035,6 +1086,13 @@ fn a_flood_beyond_capacity_gets_429s_and_every_accepted_request_completes() {
     assert_eq!(ok + limited, 24);
     // The health probe may have been refused too.
     assert!(s.metric("parallm_request_failure_total{reason=\"overloaded\"}") >= limited as f64);
+    // More sequences than the queue holds could never be admitted: a 400
+    // naming `n`, not a 429 to retry forever.
+    let (st, r) = s.post(
+        "/v1/completions",
+        json!({"prompt": "x", "n": 3, "max_tokens": 2}),
+    );
+    assert_error(st, &r, 400, Some("n"), "invalid_value");
 }
 
 #[test]

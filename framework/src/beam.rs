@@ -134,8 +134,9 @@ impl BeamSearch {
             self.live.len(),
             "one distribution per live beam"
         );
-        // The best 2·width continuations of each beam are enough: at most `width`
-        // of them can end, so `width` live ones remain.
+        // The best 2·width continuations of each beam are enough: at most
+        // `width` of them can end at EOS, so `width` live ones remain (with
+        // the caller's test more may end, and fewer stay live).
         let per_beam = 2 * self.width;
         let mut cands: Vec<(f32, usize, u32)> = Vec::new();
         for (i, lp) in logprobs.iter().enumerate() {

@@ -903,24 +903,23 @@ fn check_whole_numbers(cfg: &Config, origin: &dyn Fn(&str) -> String) -> Result<
     let known = default_keys();
     for (key, value) in layer_entries(cfg) {
         let whole = known.get(&key).is_some_and(|d| d.is_u64() || d.is_i64());
-        if let (true, ValueKind::Float(f)) = (whole, &value.kind) {
-            return Err(invalid(
-                &key,
-                format!("is {f} ({}), must be a whole number", origin(&key)),
-            ));
+        match (whole, &value.kind) {
+            (true, ValueKind::Float(f)) if f.fract() != 0.0 => {
+                return Err(invalid(
+                    &key,
+                    format!("is {f:?} ({}), must be a whole number", origin(&key)),
+                ))
+            }
+            _ => {}
         }
     }
     Ok(())
 }
 
 /// The keys whose values are lists: on the command line (`--set`) and in
-/// the environment, a comma-separated list.
-const LIST_KEYS: [&str; 4] = [
-    "server.api_keys",
-    "parallel.devices",
-    "cluster.hosts",
-    "cluster.mpirun_args",
-];
+/// the environment, a comma-separated list. (`cluster.mpirun_args` is not
+/// one: mpirun's arguments hold commas; it is set in a file.)
+const LIST_KEYS: [&str; 3] = ["server.api_keys", "parallel.devices", "cluster.hosts"];
 
 fn check_known(keys: &[String], origin: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
     let known = default_keys();
@@ -1292,16 +1291,6 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
     at_least_one("limits.max_n", l.max_n)?;
     at_least_one("limits.max_tokens", l.max_tokens)?;
     at_least_one("limits.max_beam_width", l.max_beam_width)?;
-    if l.max_beam_width > raw.scheduler.max_batch_tokens {
-        // Every beam of a search decodes in the same step.
-        return Err(invalid(
-            "limits.max_beam_width",
-            format!(
-                "is {}, more than the tokens a step holds (scheduler.max_batch_tokens = {})",
-                l.max_beam_width, raw.scheduler.max_batch_tokens
-            ),
-        ));
-    }
     if l.max_logprobs > framework::sampling::MAX_LOGPROBS {
         return Err(invalid(
             "limits.max_logprobs",
@@ -1500,7 +1489,21 @@ pub fn memory_plan(
     let file = framework::GgufFile::open(&path).map_err(model_err)?;
     let model = framework::ModelConfig::from_gguf_capped(&file, settings.engine.max_model_len)
         .map_err(model_err)?;
-    let engine_err = |e: framework::Error| invalid("scheduler", e.to_string());
+    // An engine setting's error names its key in the file.
+    let engine_err = |e: framework::Error| match &e {
+        framework::Error::Setting { field, reason } => {
+            let key = match *field {
+                "tp" | "pp" | "dp" | "micro_batches" | "steps_in_flight" => {
+                    format!("parallel.{field}")
+                }
+                "max_model_len" => "model.max_model_len".into(),
+                "kv_memory_bytes" => "scheduler.kv_memory_mib".into(),
+                other => format!("scheduler.{other}"),
+            };
+            invalid(&key, reason.clone())
+        }
+        _ => invalid("scheduler", e.to_string()),
+    };
     // What the engine would refuse at start, check refuses too.
     settings.engine.validate(&model).map_err(engine_err)?;
     let plan = settings
@@ -1727,11 +1730,6 @@ mod tests {
                 "server.shutdown_timeout_secs",
                 "a year",
             ),
-            (
-                "[scheduler]\nmax_batch_tokens = 4\n",
-                "limits.max_beam_width",
-                "scheduler.max_batch_tokens = 4",
-            ),
             ("[faults]\nnode = -5\n", "faults.node", "-1 (off)"),
         ];
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1752,12 +1750,19 @@ mod tests {
     fn list_keys_are_comma_separated_in_the_environment_and_on_the_command_line() {
         let loaded = load(&Sources {
             env: env(&[("PARALLM__PARALLEL__DEVICES", "0,1")]),
-            overrides: vec![("cluster.mpirun_args".into(), "--mca, btl tcp".into())],
+            overrides: vec![("server.api_keys".into(), "one, two".into())],
             ..Sources::default()
         })
         .expect("lists load");
         assert_eq!(loaded.raw.parallel.devices, vec![0, 1]);
-        assert_eq!(loaded.raw.cluster.mpirun_args, vec!["--mca", "btl tcp"]);
+        assert_eq!(loaded.raw.server.api_keys, vec!["one", "two"]);
+        // A whole number written as a float is that number.
+        let loaded = load(&Sources {
+            overrides: vec![("parallel.tp".into(), 1.0.into())],
+            ..Sources::default()
+        })
+        .expect("1.0 is 1");
+        assert_eq!(loaded.raw.parallel.tp, 1);
         let err = load(&Sources {
             env: env(&[("PARALLM__SERVER__PORT", "8000.5")]),
             ..Sources::default()

@@ -1323,7 +1323,9 @@ impl Engine {
         if need > self.kv_positions {
             // The prompt alone may be what does not fit.
             let alone = prompt.len().div_ceil(block) * block * width;
-            let (field, what) = if alone > self.kv_positions {
+            // (A fitted `max_tokens` of 1 is what the prompt left: the
+            // prompt is at fault, not a field the caller never sent.)
+            let (field, what) = if alone > self.kv_positions || req.fit_max_tokens {
                 ("prompt", "is too long")
             } else {
                 ("max_tokens", "is too large")

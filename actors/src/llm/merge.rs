@@ -440,11 +440,22 @@ impl Merge for LlmMerger {
                         search.step(&logprobs)
                     } else {
                         let (tokenizer, stop_tokens) = (&self.tokenizer, &self.stop_tokens);
+                        // A live parent holds no stop string, so one can only
+                        // end in the new token: the tail that could hold it
+                        // (a token is at least a byte; one more token, since a
+                        // decode may drop its first token's leading space) is
+                        // all that is decoded, not the whole beam.
+                        let window = stops.iter().map(String::len).max().unwrap_or(0) + 2;
                         search.step_until(&logprobs, |tokens| {
                             let kept: Vec<u32> = tokens
                                 .iter()
+                                .rev()
                                 .copied()
                                 .filter(|t| !stop_tokens.contains(t))
+                                .take(window)
+                                .collect::<Vec<_>>()
+                                .into_iter()
+                                .rev()
                                 .collect();
                             let text = tokenizer
                                 .as_ref()

@@ -1151,7 +1151,7 @@ pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
         p if p.starts_with("/v1/models/") => Some("GET"),
         _ => None,
     };
-    Err(match allow {
+    Err(match allow.filter(|a| req.method().as_str() != *a) {
         Some(allow) => ApiError::MethodNotAllowed {
             method: req.method().to_string(),
             path: req.path().to_string(),
