@@ -10,7 +10,9 @@ use crate::beam::{Beam, BeamSearch};
 use crate::collective::SingleCollective;
 use crate::error::{Error, Result};
 use crate::model::{BatchItem, LlamaShard, LogitsWanted, SeqKvCache};
-use crate::sampling::{log_softmax, FinishReason, Sampler, SamplingParams, StopMatcher};
+use crate::sampling::{
+    first_stop, log_softmax, FinishReason, Sampler, SamplingParams, StopMatcher,
+};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// Checks a tokenized request against the model before any work is done.
@@ -232,13 +234,4 @@ impl BeamResult {
             finish_reason,
         }
     }
-}
-
-/// Where the first of `stops` (none empty) begins in `text`.
-pub fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops
-        .iter()
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| text.find(s.as_str()))
-        .min()
 }

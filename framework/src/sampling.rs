@@ -520,6 +520,11 @@ impl FinishReason {
     }
 }
 
+/// Where the first of `stops` (validated non-empty) begins in `text`.
+pub fn first_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops.iter().filter_map(|s| text.find(s.as_str())).min()
+}
+
 /// Finds stop strings in streamed text without ever emitting part of one.
 ///
 /// [`StopMatcher::push`] takes newly decoded text and returns what may be shown
@@ -553,12 +558,7 @@ impl StopMatcher {
             return String::new();
         }
         self.held.push_str(text);
-        if let Some(at) = self
-            .stops
-            .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
-        {
+        if let Some(at) = first_stop(&self.held, &self.stops) {
             self.hit = true;
             let out = self.held[..at].to_string();
             self.held.clear();

@@ -450,9 +450,9 @@ fn parse_hermes(text: &str, tools: &[Tool]) -> Option<Parsed> {
         content.push_str(&rest[..start]);
         let after = &rest[start + TOOL_CALL_OPEN.len()..];
         // A last block may lack its closer (the output stopped there).
-        let (body, next) = match after.find(TOOL_CALL_CLOSE) {
-            Some(end) => (&after[..end], &after[end + TOOL_CALL_CLOSE.len()..]),
-            None => (after, ""),
+        let (body, next, closed) = match after.find(TOOL_CALL_CLOSE) {
+            Some(end) => (&after[..end], &after[end + TOOL_CALL_CLOSE.len()..], true),
+            None => (after, "", false),
         };
         let call = serde_json::from_str::<Value>(body)
             .ok()
@@ -461,7 +461,7 @@ fn parse_hermes(text: &str, tools: &[Tool]) -> Option<Parsed> {
             Some(call) => calls.push(call),
             // An unclosed last block cut short (the length limit) stays
             // text; the calls before it stand.
-            None if next.is_empty() && !after.contains(TOOL_CALL_CLOSE) => {
+            None if !closed => {
                 content.push_str(&rest[start..]);
                 rest = "";
                 break;

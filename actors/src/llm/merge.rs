@@ -18,10 +18,9 @@ use std::time::Instant;
 
 use framework::batching::GroupOutcome;
 use framework::beam::BeamSearch;
-use framework::generate::first_stop;
 use framework::kv::SeqKey;
 use framework::metrics as m;
-use framework::sampling::{Draw, StopMatcher};
+use framework::sampling::{first_stop, Draw, StopMatcher};
 use framework::tokenizer::StreamDecoder;
 use framework::{FinishReason, GroupId, Tokenizer};
 
@@ -447,16 +446,14 @@ impl Merge for LlmMerger {
                         // all that is decoded, not the whole beam.
                         let window = stops.iter().map(String::len).max().unwrap_or(0) + 2;
                         search.step_until(&logprobs, |tokens| {
-                            let kept: Vec<u32> = tokens
+                            let mut kept: Vec<u32> = tokens
                                 .iter()
                                 .rev()
                                 .copied()
                                 .filter(|t| !stop_tokens.contains(t))
                                 .take(window)
-                                .collect::<Vec<_>>()
-                                .into_iter()
-                                .rev()
                                 .collect();
+                            kept.reverse();
                             let text = tokenizer
                                 .as_ref()
                                 .map(|t| t.decode(&kept))
