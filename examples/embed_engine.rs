@@ -142,6 +142,7 @@ fn main() {
                 );
             }
             Some(Event::Failed { error }) => println!("failed #{i}: {error}"),
+            Some(Event::Refused { field, reason }) => println!("refused #{i}: `{field}` {reason}"),
             Some(Event::Cancelled) => println!("cancelled #{i}"),
             Some(Event::Token { .. } | Event::PromptScores(_)) | None => {
                 println!("failed #{i}: the stream ended early")

@@ -43,6 +43,45 @@ impl Default for LatencyPlan {
     }
 }
 
+impl LatencyPlan {
+    /// About the most any measurement holds in memory on `model`: its
+    /// sequences' f32 KV caches at their full length (a cache's vectors may
+    /// hold up to twice that while they grow) and the activations of the
+    /// forward that prefills them. `None` when it does not fit in 64 bits.
+    pub fn peak_bytes(&self, model: &framework::ModelConfig) -> Option<u64> {
+        let u = |v: usize| v as u64;
+        let kv_per_position = u(model.n_layers)
+            .checked_mul(2 * u(model.n_kv_heads))?
+            .checked_mul(u(model.head_dim))?
+            .checked_mul(4 * 2)?;
+        let row_bytes = 4
+            * (4 * u(model.hidden)
+                + (u(model.n_heads) + 2 * u(model.n_kv_heads)) * u(model.head_dim)
+                + 2 * u(model.ffn)
+                + u(model.vocab));
+        // `sequences` caches of `positions` each, prefilled by one forward
+        // of `sequences · prompt` rows.
+        let measurement = |sequences: u64, prompt: u64, positions: u64| -> Option<u64> {
+            let kv = kv_per_position
+                .checked_mul(positions)?
+                .checked_mul(sequences)?;
+            let rows = sequences.checked_mul(prompt)?;
+            kv.checked_add(rows.checked_mul(row_bytes)?)
+        };
+        let single = measurement(1, u(self.prompt_tokens), u(self.prompt_tokens) + 1)?
+            .max(measurement(1, 1, u(self.decode_tokens) + 1)?);
+        let batched = u(self.batches.iter().copied().max().unwrap_or(1));
+        let positions = u(self.batch_prompt_tokens)
+            .checked_add(u(self.batch_steps))?
+            .checked_add(1)?;
+        Some(single.max(measurement(
+            batched,
+            u(self.batch_prompt_tokens),
+            positions,
+        )?))
+    }
+}
+
 /// Measured medians.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct LatencyReport {
@@ -278,6 +317,37 @@ pub fn latency(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peak_bytes_is_the_largest_measurement() {
+        let model = framework::ModelConfig::synthetic("135m").unwrap();
+        let plan = LatencyPlan::default();
+        let per_position = (model.n_layers * 2 * model.n_kv_heads * model.head_dim * 8) as u64;
+        let row = 4
+            * (4 * model.hidden
+                + (model.n_heads + 2 * model.n_kv_heads) * model.head_dim
+                + 2 * model.ffn
+                + model.vocab) as u64;
+        // Batch 64 of 128-token prompts, 32 steps on: 64 caches of 161
+        // positions and 8192 prefill rows outweigh one 512-token prompt.
+        assert_eq!(
+            plan.peak_bytes(&model),
+            Some(64 * 161 * per_position + 64 * 128 * row)
+        );
+        let single = LatencyPlan {
+            batches: vec![1],
+            ..plan.clone()
+        };
+        assert_eq!(
+            single.peak_bytes(&model),
+            Some(513 * per_position + 512 * row)
+        );
+        let huge = LatencyPlan {
+            batches: vec![usize::MAX / 2],
+            ..plan
+        };
+        assert_eq!(huge.peak_bytes(&model), None);
+    }
 
     #[test]
     fn median_of_even_and_odd() {

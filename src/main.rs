@@ -1171,6 +1171,7 @@ fn run_generate(args: GenerateArgs) -> CliResult {
             }
             Some(Event::PromptScores(_)) => {}
             Some(Event::Failed { error }) => break Err(error),
+            Some(Event::Refused { field, reason }) => break Err(format!("`{field}` {reason}")),
             Some(Event::Cancelled) => break Err("the request was cancelled".into()),
             None => break Err("the engine stopped without an answer".into()),
         }
@@ -1420,6 +1421,21 @@ fn run_latency(args: LatencyArgs) -> CliResult {
         return Err(
             format!("benchmark lengths exceed the model's context of {context} tokens").into(),
         );
+    }
+    if let Some(have) = framework::machine_memory_bytes() {
+        match plan.peak_bytes(model.config()) {
+            Some(need) if need <= have => {}
+            need => {
+                return Err(format!(
+                    "--batches up to {} of {}-token prompts would hold about {} (KV caches and the prefill's activations), more than this machine's {} of memory; lower --batches or --batch-prompt-tokens",
+                    plan.batches.iter().max().unwrap_or(&1),
+                    plan.batch_prompt_tokens,
+                    need.map_or("more than 2^64 bytes".into(), framework::human_bytes),
+                    framework::human_bytes(have)
+                )
+                .into())
+            }
+        }
     }
     eprintln!(
         "model: {what}, weights: {}, threads: {}",

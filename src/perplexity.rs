@@ -276,6 +276,9 @@ fn window_scores(mut stream: EventStream, first: usize, ctx: usize) -> CliResult
             Some(Event::Finished { .. }) => break,
             Some(Event::Token { .. }) => {}
             Some(Event::Failed { error }) => return Err(error.into()),
+            Some(Event::Refused { field, reason }) => {
+                return Err(format!("`{field}` {reason}").into())
+            }
             Some(Event::Cancelled) => return Err("a window was cancelled".into()),
             None => return Err("the engine stopped without an answer".into()),
         }

@@ -467,6 +467,21 @@ fn the_weight_prefetch_is_reported_and_a_bad_distance_is_refused() {
 }
 
 #[test]
+fn bench_latency_refuses_batches_beyond_memory() {
+    // 10^9 sequences could never be held: refused before anything is
+    // allocated, instead of the OOM killer ending the run.
+    let out = parallm(&[
+        "bench",
+        "latency",
+        "--synthetic",
+        "tiny",
+        "--batches",
+        "2,1000000000",
+    ]);
+    assert_clean_failure(&out, "--batches up to 1000000000 of 128-token prompts");
+}
+
+#[test]
 fn bench_latency_runs_on_a_synthetic_model() {
     let out = Command::new(env!("CARGO_BIN_EXE_parallm"))
         .args([

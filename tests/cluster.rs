@@ -14,7 +14,7 @@ fn parallm(args: &[&str]) -> Output {
         .env_remove("OMPI_COMM_WORLD_SIZE")
         .env_remove("PMI_SIZE")
         .env_remove("PMIX_SIZE")
-        .env_remove("SLURM_NTASKS")
+        .env_remove("SLURM_STEP_NUM_TASKS")
         .output()
         .expect("run parallm")
 }
@@ -124,6 +124,38 @@ fn config_show_prints_where_each_node_runs() {
     ] {
         assert!(stdout.contains(line), "{line} in\n{stdout}");
     }
+}
+
+#[test]
+fn the_rank_count_is_the_slurm_job_steps_not_the_allocations() {
+    let show = |var: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_parallm"))
+            .args(["config", "show", "--pp", "2"])
+            .env_remove("OMPI_COMM_WORLD_SIZE")
+            .env_remove("PMI_SIZE")
+            .env_remove("PMIX_SIZE")
+            .env_remove("SLURM_NTASKS")
+            .env_remove("SLURM_STEP_NUM_TASKS")
+            .env(var, "2")
+            .output()
+            .expect("run parallm");
+        let (stdout, stderr) = text(&out);
+        (out.status.success(), stdout + &stderr)
+    };
+    // A batch script of a 2-task allocation is one process.
+    let (ok, alone) = show("SLURM_NTASKS");
+    assert!(ok && alone.contains("over 1 rank(s)"), "{alone}");
+    // srun's tasks are the job's ranks: a build with MPI joins them, one
+    // without says it cannot.
+    let (ok, step) = show("SLURM_STEP_NUM_TASKS");
+    assert!(
+        if ok {
+            step.contains("over 2 rank(s)")
+        } else {
+            step.contains("started as one of 2 ranks")
+        },
+        "{step}"
+    );
 }
 
 #[test]

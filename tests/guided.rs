@@ -324,3 +324,65 @@ fn requests_that_cannot_be_guided_are_refused_by_field() {
     assert!(text == "yes" || text == "no", "{text}");
     e.shutdown();
 }
+
+#[test]
+fn choices_beyond_ascii_come_out_whole() {
+    // The grammar forces the rest of a character once the model has drawn
+    // its first byte: the forced bytes must become byte tokens, not U+FFFD
+    // (which the grammar would then refuse, ending the text mid-character).
+    let e = engine();
+    let choices = [
+        vec!["🙂 yes".to_string(), "🙃 no".to_string()],
+        vec!["日本語".to_string(), "中文".to_string()],
+    ];
+    for (i, options) in choices.iter().enumerate() {
+        for seed in 0..3 {
+            let req = guided(chat("Pick one."), Guide::Choice(options.clone()), seed, 1.0);
+            let (text, reason) = collect(e.generate(req).expect("accepted"));
+            assert_eq!(
+                reason,
+                FinishReason::Stop,
+                "choices {i}, seed {seed}: {text:?}"
+            );
+            assert!(
+                options.contains(&text),
+                "choices {i}, seed {seed}: {text:?}"
+            );
+        }
+    }
+    e.shutdown();
+}
+
+#[test]
+fn a_grammar_past_the_decoders_limits_is_refused_naming_its_field() {
+    // llguidance gives up on these only while generating (too many
+    // alternatives in one parser row; a lexer too large to build): the
+    // request ends refused, never as a finished text the grammar did not
+    // produce.
+    let e = engine();
+    let many = Guide::Choice((0..5000).map(|i| format!("c{i}")).collect());
+    let huge = Guide::Regex("(x{1000}){1000}".into());
+    for (guide, field) in [(many, "guided_choice"), (huge, "guided_regex")] {
+        let mut s = e
+            .generate(guided(chat("x"), guide, 0, 0.0))
+            .expect("accepted: the grammar compiles");
+        let end = loop {
+            match s.next_blocking() {
+                Some(Event::Token { .. }) => {}
+                other => break other,
+            }
+        };
+        match end {
+            Some(Event::Refused { field: f, reason }) => {
+                assert_eq!(f, field, "{reason}");
+                assert!(reason.contains("gave up"), "{reason}");
+            }
+            other => panic!("{field}: expected a refusal, got {other:?}"),
+        }
+    }
+    // The engine still serves.
+    let ok = Guide::Choice(vec!["yes".into(), "no".into()]);
+    let (text, _) = collect(e.generate(guided(chat("Yes?"), ok, 0, 0.0)).unwrap());
+    assert!(text == "yes" || text == "no", "{text}");
+    e.shutdown();
+}

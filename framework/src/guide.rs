@@ -19,12 +19,15 @@
 //! **What is true of it:** a draw through [`Constraint::apply`] only ever
 //! gives a token the grammar allows there, or the end-of-sequence token once
 //! the grammar is complete (or if the grammar allows nothing, which ends the
-//! sequence); a mask is always for the state after every accepted token.
+//! sequence); a mask is always for the state after every accepted token. A
+//! mask llguidance gives up on (a grammar past its limits) allows only
+//! end-of-sequence and sets [`Constraint::error`], which the merger reports
+//! as the request's error instead of a finished text.
 
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
-use llguidance::api::TopLevelGrammar;
+use llguidance::api::{StopReason, TopLevelGrammar};
 use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 use serde_json::Value;
@@ -119,10 +122,15 @@ impl TokenizerEnv for Env {
         &self.trie
     }
 
+    /// The tokens of `s`, which need not be UTF-8: llguidance forces the
+    /// bytes a grammar allows, and a character's bytes may be split between
+    /// forced and drawn ones. Whole characters go through the tokenizer;
+    /// stray bytes become the longest vocabulary entries holding them
+    /// (byte tokens, at worst), never U+FFFD.
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
-        self.tokenizer
-            .encode_with(&String::from_utf8_lossy(s), false)
-            .unwrap_or_default()
+        self.trie.tokenize_with_greedy_fallback(s, |text| {
+            self.tokenizer.encode_with(text, false).unwrap_or_default()
+        })
     }
 }
 
@@ -200,6 +208,8 @@ impl GuideEnv {
             state: Mutex::new(MaskState::Pending),
             ready: Condvar::new(),
             vocab: self.vocab,
+            field: guide.field(),
+            error: OnceLock::new(),
         });
         c.schedule();
         Ok(c)
@@ -220,6 +230,10 @@ pub struct Constraint {
     state: Mutex<MaskState>,
     ready: Condvar,
     vocab: usize,
+    /// The request field the guide came from.
+    field: &'static str,
+    /// Why the grammar engine gave up on a mask, once it did.
+    error: OnceLock<String>,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -277,7 +291,9 @@ impl Constraint {
                     bits
                 }
                 Err(e) => {
-                    tracing::warn!("guided decoding stops a sequence: {e}");
+                    // Set before the mask is ready, so the draw that reads
+                    // this empty mask finds the error too.
+                    let _ = self.error.set(headline(&e.to_string()));
                     Vec::new()
                 }
             },
@@ -322,17 +338,46 @@ impl Constraint {
     }
 
     /// Moves the grammar past `token` and starts computing the next mask;
-    /// an error when the grammar does not allow it.
+    /// an error when the grammar does not allow it, or when following it
+    /// went past the grammar engine's limits (then [`Constraint::error`]
+    /// holds it too).
     pub fn accept(self: &Arc<Self>, token: u32) -> Result<()> {
         if let Ok(mut s) = self.state.lock() {
             *s = MaskState::Pending;
         }
         let consumed = match self.matcher.lock() {
-            Ok(mut m) => m.consume_token(token).map_err(|e| e.to_string()),
+            Ok(mut m) => m.consume_token(token).map_err(|e| {
+                let full = e.to_string();
+                let e = headline(&full);
+                // Moving past a token can outgrow the grammar engine's
+                // limits too: the request's fault, as for a mask. The
+                // matcher is in its error state by now (its stop reason
+                // says only that), but the error's dump of the parser's
+                // state names the reason it stopped.
+                let too_complex = [StopReason::LexerTooComplex, StopReason::ParserTooComplex]
+                    .iter()
+                    .any(|r| full.contains(&format!("Stop: {r}")));
+                if too_complex {
+                    let _ = self.error.set(e.clone());
+                }
+                e
+            }),
             Err(_) => Err("the grammar state was lost".into()),
         };
         self.schedule();
         consumed.map_err(|e| Error::Shard(format!("guided decoding: {e}")))
+    }
+
+    /// Why the grammar engine could not compute a mask (a grammar beyond
+    /// its limits: too many alternatives at once, a lexer too large), as an
+    /// invalid request naming the guide's field; `None` while it can. A
+    /// sequence whose constraint has an error must end with it: its last
+    /// mask allowed only end-of-sequence, which is no verdict on the text.
+    pub fn error(&self) -> Option<Error> {
+        self.error.get().map(|e| Error::InvalidRequest {
+            field: self.field,
+            reason: format!("holds a grammar the guided decoder gave up on while generating: {e}"),
+        })
     }
 
     /// Whether the grammar has ended (nothing but end-of-sequence may
@@ -340,6 +385,11 @@ impl Constraint {
     pub fn is_stopped(&self) -> bool {
         self.matcher.lock().map(|m| m.is_stopped()).unwrap_or(true)
     }
+}
+
+/// An llguidance error's first line (the rest dumps the parser's state).
+fn headline(e: &str) -> String {
+    e.lines().next().unwrap_or_default().trim().to_string()
 }
 
 #[cfg(test)]

@@ -437,13 +437,16 @@ fn placement_error(e: cluster::PlacementError) -> ConfigError {
 }
 
 /// How many processes the launcher started (MPI's or Slurm's environment),
-/// 1 outside a launcher.
+/// 1 outside a launcher. Slurm's count is the job step's
+/// (`SLURM_STEP_NUM_TASKS`, which `srun` sets), not the allocation's
+/// `SLURM_NTASKS`: a batch script runs as one process in an allocation of
+/// many tasks.
 pub fn launched_ranks() -> usize {
     [
         "OMPI_COMM_WORLD_SIZE",
         "PMI_SIZE",
         "PMIX_SIZE",
-        "SLURM_NTASKS",
+        "SLURM_STEP_NUM_TASKS",
     ]
     .iter()
     .find_map(|k| std::env::var(k).ok()?.trim().parse().ok())

@@ -115,7 +115,24 @@ impl LlmMerger {
             .unwrap_or_default()
     }
 
-    /// Takes a sampling request's drawn token; `Some(reason)` when it ends.
+    /// Ends request `id` as refused (`error` names the request's field).
+    fn refuse(&mut self, id: TaskId, error: framework::Error) {
+        let Some(st) = self.reqs.remove(&id) else {
+            return;
+        };
+        metrics::counter!(m::REQUEST_FAILURE, "reason" => "invalid").increment(1);
+        metrics::histogram!(m::REQUEST_LATENCY).record(st.arrived.elapsed().as_secs_f64());
+        st.responder.end(match error {
+            framework::Error::InvalidRequest { field, reason } => Event::Refused { field, reason },
+            other => Event::Failed {
+                error: other.to_string(),
+            },
+        });
+    }
+
+    /// Takes a sampling request's drawn token; `Some(reason)` when it ends
+    /// (the request may have been ended here already, refused or failed:
+    /// then ending it again does nothing).
     fn sample(&mut self, id: TaskId, draw: Draw) -> Option<FinishReason> {
         let st = self.reqs.get_mut(&id)?;
         let Mode::Sample {
@@ -132,6 +149,12 @@ impl LlmMerger {
         if st.max_tokens == 0 {
             // It only scored its prompt.
             return Some(FinishReason::Length);
+        }
+        // A grammar the guided decoder gave up on allowed only
+        // end-of-sequence: the request ends with that error, not this token.
+        if let Some(e) = sampler.constraint().and_then(|c| c.error()) {
+            self.refuse(id, e);
+            return Some(FinishReason::Stop);
         }
         produced(&mut st.first_token, st.arrived, 1);
         if !st.ignore_eos && self.stop_tokens.contains(&token) {
@@ -153,7 +176,17 @@ impl LlmMerger {
         let n = tokens.len();
         let grammar_done = sampler.constraint().is_some_and(|c| c.is_stopped());
         if let Err(e) = guided {
-            tracing::warn!("request {id}: {e}");
+            match sampler.constraint().and_then(|c| c.error()) {
+                // Following the token went past the grammar engine's limits.
+                Some(refusal) => self.refuse(id, refusal),
+                // The mask allowed the token, so the grammar must: a fault
+                // of the decoder, not of the request.
+                None => {
+                    tracing::warn!("request {id}: {e}");
+                    self.end(id, End::Failed(e.to_string()));
+                }
+            }
+            return Some(FinishReason::Stop);
         }
         if stops.hit() || grammar_done {
             Some(FinishReason::Stop)

@@ -6,7 +6,7 @@
 //! matching [`EventStream`]. Events arrive in order: the prompt's scores
 //! ([`Event::PromptScores`], only when asked for, in prompt order), zero or
 //! more [`Event::Token`]s, then exactly one terminal event ([`Event::Finished`],
-//! [`Event::Failed`] or [`Event::Cancelled`]).
+//! [`Event::Failed`], [`Event::Refused`] or [`Event::Cancelled`]).
 //!
 //! **Invariants:** a [`Responder`] dropped without having sent its terminal
 //! event sends [`Event::Failed`] from its destructor, so a requester is never
@@ -186,6 +186,16 @@ pub enum Event {
     Failed {
         /// Why.
         error: String,
+    },
+    /// The request turned out invalid while it ran, so it was ended: its
+    /// guide's grammar went past what the guided decoder can follow (a
+    /// server answers 400). Nothing more will come.
+    Refused {
+        /// The request field at fault (`response_format`, `guided_regex`,
+        /// …).
+        field: &'static str,
+        /// What is wrong, after the field's name.
+        reason: String,
     },
     /// The request was cancelled.
     Cancelled,

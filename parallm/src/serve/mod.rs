@@ -258,6 +258,7 @@ impl AppState {
                     Event::Token { .. } | Event::PromptScores(_) => {}
                     Event::Finished { .. } => return Ok(()),
                     Event::Failed { error } => return Err(error),
+                    Event::Refused { field, reason } => return Err(format!("`{field}` {reason}")),
                     Event::Cancelled => return Err("the probe was cancelled".into()),
                 }
             }
