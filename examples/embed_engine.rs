@@ -56,16 +56,7 @@ fn request(i: usize, synthetic: bool) -> Request {
             ..SamplingParams::default()
         }
     };
-    Request {
-        prompt,
-        params,
-        beam: None,
-        priority: 0,
-        speculative: None,
-        prompt_logprobs: None,
-        guide: None,
-        fit_max_tokens: false,
-    }
+    Request::new(prompt, params)
 }
 
 fn fail(what: &str, e: impl std::fmt::Display) -> ! {

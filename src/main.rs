@@ -1133,11 +1133,7 @@ fn run_generate(args: GenerateArgs) -> CliResult {
         prompt,
         params,
         beam,
-        priority: 0,
-        speculative: None,
-        prompt_logprobs: None,
-        guide: None,
-        fit_max_tokens: false,
+        ..Request::greedy("", 0)
     })?;
     let mut stdout = std::io::stdout().lock();
     let mut first: Option<Instant> = None;

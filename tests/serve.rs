@@ -2260,3 +2260,47 @@ fn greedy_texts(s: &Server, prompt: &str, n: usize, specs: [Value; 2]) -> Vec<Va
         })
         .collect()
 }
+
+#[test]
+fn request_metrics_count_a_request_once_whatever_its_n_and_leave_probes_out() {
+    let s = Server::start(&["--set", "server.health_probe_interval_secs=1"], true);
+    // Probes go through the engine every second, routed like requests, but
+    // no request-level metric counts them.
+    s.wait_metric("parallm_requests_routed_total", |v| v >= 2.0, "probes");
+    for name in [
+        "parallm_request_success_total",
+        "parallm_prompt_tokens_total",
+        "parallm_generation_tokens_total",
+        "parallm_time_to_first_token_seconds_count",
+        "parallm_request_latency_seconds_count",
+        "parallm_request_queue_time_seconds_count",
+    ] {
+        assert_eq!(s.metric(name), 0.0, "{name} counted a probe");
+    }
+    // One request of three choices is one request, with its prompt once.
+    let (status, r) = s.post(
+        "/v1/completions",
+        json!({"prompt": "The capital of France is", "max_tokens": 4, "n": 3,
+               "temperature": 1.0, "seed": 1, "ignore_eos": true}),
+    );
+    assert_eq!(status, 200, "{r}");
+    let usage = &r["usage"];
+    assert_eq!(usage["completion_tokens"], 12, "{r}");
+    let count = |v: &Value| v.as_f64().expect("a count");
+    assert_eq!(s.metric("parallm_request_success_total"), 1.0);
+    assert_eq!(
+        s.metric("parallm_prompt_tokens_total"),
+        count(&usage["prompt_tokens"])
+    );
+    assert_eq!(
+        s.metric("parallm_generation_tokens_total"),
+        count(&usage["completion_tokens"])
+    );
+    for name in [
+        "parallm_time_to_first_token_seconds_count",
+        "parallm_request_latency_seconds_count",
+        "parallm_request_queue_time_seconds_count",
+    ] {
+        assert_eq!(s.metric(name), 1.0, "{name}");
+    }
+}

@@ -1405,6 +1405,7 @@ impl Engine {
             decoding,
             responder,
             arrived,
+            traffic: req.traffic,
         };
         let task = LlmTask {
             id,
@@ -1416,6 +1417,7 @@ impl Engine {
             speculative,
             max_tokens: reg.params.max_tokens,
             scoring: req.prompt_logprobs,
+            traffic: req.traffic,
         };
         Ok((task, reg, stream))
     }

@@ -27,7 +27,7 @@ use framework::{FinishReason, GroupId, Tokenizer};
 use kit::{End, Merge, TaskId};
 
 use crate::llm::step::{LlmStep, Pick, Picks, SharedSampler};
-use crate::llm::task::{BeamOutput, BeamParams, Event, Responder, Usage};
+use crate::llm::task::{BeamOutput, BeamParams, Event, Responder, Traffic, Usage};
 
 /// The merger's part of a submitted request: everything about it but its
 /// scheduling.
@@ -42,6 +42,8 @@ pub struct Registration {
     pub responder: Responder,
     /// When the engine accepted it.
     pub arrived: Instant,
+    /// What the request-level metrics make of it.
+    pub traffic: Traffic,
 }
 
 /// How a request's tokens are chosen.
@@ -82,6 +84,8 @@ struct ReqState {
     mode: Mode,
     /// Prompt tokens below this index were scored and sent.
     scored_upto: usize,
+    /// What the request-level metrics make of it.
+    traffic: Traffic,
 }
 
 /// The engine's merge.
@@ -120,8 +124,10 @@ impl LlmMerger {
         let Some(st) = self.reqs.remove(&id) else {
             return;
         };
-        metrics::counter!(m::REQUEST_FAILURE, "reason" => "invalid").increment(1);
-        metrics::histogram!(m::REQUEST_LATENCY).record(st.arrived.elapsed().as_secs_f64());
+        if st.traffic == Traffic::Request {
+            metrics::counter!(m::REQUEST_FAILURE, "reason" => "invalid").increment(1);
+            metrics::histogram!(m::REQUEST_LATENCY).record(st.arrived.elapsed().as_secs_f64());
+        }
         st.responder.end(match error {
             framework::Error::InvalidRequest { field, reason } => Event::Refused { field, reason },
             other => Event::Failed {
@@ -156,7 +162,7 @@ impl LlmMerger {
             self.refuse(id, e);
             return Some(FinishReason::Stop);
         }
-        produced(&mut st.first_token, st.arrived, 1);
+        produced(&mut st.first_token, st.arrived, st.traffic);
         if !st.ignore_eos && self.stop_tokens.contains(&token) {
             return Some(FinishReason::Stop);
         }
@@ -220,8 +226,7 @@ impl LlmMerger {
         finished(
             st.responder,
             (
-                st.arrived,
-                st.first_token,
+                (st.arrived, st.first_token, st.traffic),
                 (st.prompt_len, st.cached.unwrap_or(0)),
             ),
             reason,
@@ -252,8 +257,7 @@ impl LlmMerger {
         finished(
             st.responder,
             (
-                st.arrived,
-                st.first_token,
+                (st.arrived, st.first_token, st.traffic),
                 (st.prompt_len, st.cached.unwrap_or(0)),
             ),
             reason,
@@ -295,26 +299,32 @@ fn chosen(is_beam: bool, mut got: Vec<Pick>, rows: usize) -> Option<Chosen> {
         .map(Chosen::Beams)
 }
 
-/// Counts `n` produced tokens of a request accepted at `arrived`; the first
-/// one sets its time to first token.
-fn produced(first_token: &mut Option<Instant>, arrived: Instant, n: usize) {
-    metrics::counter!(m::GENERATION_TOKENS).increment(n as u64);
+/// Counts a produced token of a request; the first one sets its time to
+/// first token.
+fn produced(first_token: &mut Option<Instant>, arrived: Instant, traffic: Traffic) {
+    if traffic != Traffic::Probe {
+        metrics::counter!(m::GENERATION_TOKENS).increment(1);
+    }
     if first_token.is_none() {
         let now = Instant::now();
-        metrics::histogram!(m::TIME_TO_FIRST_TOKEN)
-            .record(now.duration_since(arrived).as_secs_f64());
+        if traffic == Traffic::Request {
+            metrics::histogram!(m::TIME_TO_FIRST_TOKEN)
+                .record(now.duration_since(arrived).as_secs_f64());
+        }
         *first_token = Some(now);
     }
 }
 
-/// Records a finished request's metrics.
+/// Records a finished request's metrics (only for [`Traffic::Request`]).
 fn observe_finished(
-    arrived: Instant,
-    first_token: Option<Instant>,
+    (arrived, first_token, traffic): (Instant, Option<Instant>, Traffic),
     prompt_tokens: usize,
     completion_tokens: usize,
     reason: FinishReason,
 ) {
+    if traffic != Traffic::Request {
+        return;
+    }
     let now = Instant::now();
     metrics::counter!(m::PROMPT_TOKENS).increment(prompt_tokens as u64);
     metrics::counter!(m::REQUEST_SUCCESS, "finish_reason" => reason.as_str()).increment(1);
@@ -328,18 +338,14 @@ fn observe_finished(
 /// Sends a request's `Finished` event.
 fn finished(
     responder: Responder,
-    (arrived, first_token, (prompt_tokens, cached_tokens)): (
-        Instant,
-        Option<Instant>,
-        (usize, usize),
-    ),
+    (times, (prompt_tokens, cached_tokens)): ((Instant, Option<Instant>, Traffic), (usize, usize)),
     reason: FinishReason,
     tokens: Vec<u32>,
     text: String,
     tail: String,
     beams: Vec<BeamOutput>,
 ) {
-    observe_finished(arrived, first_token, prompt_tokens, tokens.len(), reason);
+    observe_finished(times, prompt_tokens, tokens.len(), reason);
     responder.end(Event::Finished {
         reason,
         usage: Usage {
@@ -396,6 +402,7 @@ impl Merge for LlmMerger {
                 ignore_eos: p.ignore_eos,
                 mode,
                 scored_upto: 0,
+                traffic: reg.traffic,
             },
         );
     }
@@ -494,7 +501,7 @@ impl Merge for LlmMerger {
                             first_stop(&text, stops).is_some()
                         })
                     };
-                    produced(&mut st.first_token, st.arrived, 1);
+                    produced(&mut st.first_token, st.arrived, st.traffic);
                     if forks.is_empty() || search.is_done() {
                         self.finish_beam(g);
                         verdict.push((g, GroupOutcome::Finished));
@@ -532,8 +539,10 @@ impl Merge for LlmMerger {
                 End::Cancelled => "cancelled",
                 End::Failed(_) => "failed",
             };
-            metrics::counter!(m::REQUEST_FAILURE, "reason" => reason).increment(1);
-            metrics::histogram!(m::REQUEST_LATENCY).record(st.arrived.elapsed().as_secs_f64());
+            if st.traffic == Traffic::Request {
+                metrics::counter!(m::REQUEST_FAILURE, "reason" => reason).increment(1);
+                metrics::histogram!(m::REQUEST_LATENCY).record(st.arrived.elapsed().as_secs_f64());
+            }
             st.responder.end(match end {
                 End::Cancelled => Event::Cancelled,
                 End::Failed(error) => Event::Failed { error },

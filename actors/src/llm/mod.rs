@@ -19,5 +19,5 @@ pub use merge::LlmMerger;
 pub use merge::{Decoding, Registration};
 pub use policy::{Cluster, LlmPolicy, LlmStats, ModelDrafts, NodeLinks, ReplicaShape};
 pub use step::{LlmStep, Pick, Picks, SharedSampler};
-pub use task::{BeamOutput, BeamParams, Event, EventStream, Prompt, Request, Usage};
+pub use task::{BeamOutput, BeamParams, Event, EventStream, Prompt, Request, Traffic, Usage};
 pub use worker::{FaultInjection, LlmWorker, Shard};

@@ -38,7 +38,7 @@ use framework::GroupId;
 use kit::{NodeError, NodeTask, Plan, Policy, StepId, TaskId};
 
 use crate::llm::step::{LlmStep, ScoreSpec, SharedSampler};
-use crate::llm::task::LlmTask;
+use crate::llm::task::{LlmTask, Traffic};
 
 /// Tensor- and pipeline-parallel degrees of one replica, and whether it
 /// has a draft model's node.
@@ -956,7 +956,9 @@ impl Policy for LlmPolicy {
         if let Some(s) = task.sampler {
             self.samplers.insert(task.id, s);
         }
-        self.unscheduled.insert(task.id, task.arrived);
+        if task.traffic == Traffic::Request {
+            self.unscheduled.insert(task.id, task.arrived);
+        }
     }
 
     fn next_step(

@@ -94,9 +94,39 @@ pub struct Request {
     /// prompt, instead of refusing the request. A prompt that leaves no
     /// room is refused all the same.
     pub fit_max_tokens: bool,
+    /// What the request-level metrics make of it.
+    pub traffic: Traffic,
+}
+
+/// What a request is to the request-level metrics (requests, prompt
+/// tokens, latencies; the step-level ones count every sequence alike).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Traffic {
+    /// A request of its own: counted in full.
+    #[default]
+    Request,
+    /// A further choice of one request (`n` > 1), whose first choice is
+    /// counted: only its generated tokens count.
+    FurtherChoice,
+    /// Not a user's: the server's health probe. No request-level metric
+    /// counts it.
+    Probe,
 }
 
 impl Request {
+    /// `prompt` continued as `params` say; every other field as
+    /// [`Request::greedy`] has it (no beam search, guide or speculation of
+    /// its own; priority 0). Set those fields on the result, or build the
+    /// struct with `..Request::new(prompt, params)`, so that fields added
+    /// later keep their defaults.
+    pub fn new(prompt: Prompt, params: SamplingParams) -> Self {
+        Self {
+            prompt,
+            params,
+            ..Self::greedy(String::new(), 0)
+        }
+    }
+
     /// Greedy decoding of `text` for up to `max_tokens` tokens.
     pub fn greedy(text: impl Into<String>, max_tokens: usize) -> Self {
         Self {
@@ -108,6 +138,7 @@ impl Request {
             prompt_logprobs: None,
             guide: None,
             fit_max_tokens: false,
+            traffic: Traffic::Request,
         }
     }
 
@@ -122,6 +153,7 @@ impl Request {
             prompt_logprobs: None,
             guide: None,
             fit_max_tokens: false,
+            traffic: Traffic::Request,
         }
     }
 
@@ -374,6 +406,8 @@ pub struct LlmTask {
     pub max_tokens: usize,
     /// What of its prompt it scores, if anything.
     pub scoring: Option<PromptScoring>,
+    /// What the request-level metrics make of it.
+    pub traffic: Traffic,
 }
 
 impl Task for LlmTask {

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use actors::llm::{BeamParams, Prompt, Request};
+use actors::llm::{BeamParams, Prompt, Request, Traffic};
 use framework::chat::{ChatMessage, ChatTurn};
 use framework::guide::Guide;
 use framework::scoring::PromptScoring;
@@ -626,6 +626,13 @@ fn validate(
                 prompt_logprobs: None,
                 guide: guide.clone(),
                 fit_max_tokens: max_tokens_given.is_none(),
+                // A prompt's further choices are not requests of their own
+                // to the metrics.
+                traffic: if j == 0 {
+                    Traffic::Request
+                } else {
+                    Traffic::FurtherChoice
+                },
             });
         }
     }

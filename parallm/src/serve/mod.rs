@@ -247,6 +247,8 @@ impl AppState {
         let token = engine.tokenizer().and_then(|t| t.bos()).unwrap_or(0);
         let mut req = Request::greedy_tokens(vec![token], 1);
         req.priority = i32::MAX;
+        // Not user traffic: the request-level metrics leave it out.
+        req.traffic = actors::llm::Traffic::Probe;
         let mut events = engine
             .generate_async(req)
             .await
