@@ -1028,6 +1028,11 @@ fn a_client_that_disconnects_cancels_and_frees_its_kv_blocks() {
         );
         assert_eq!(s.metric("parallm_requests_running"), 0.0);
     }
+    // The whole answer the client left before is logged as nginx's 499,
+    // not as a server error.
+    let route = "parallm_http_requests_total{route=\"/v1/completions\"";
+    s.wait_metric(&format!("{route},status=\"499\"}}"), |v| v == 1.0, "a 499");
+    assert_eq!(s.metric(&format!("{route},status=\"500\"}}")), 0.0);
 }
 
 #[test]
@@ -1188,12 +1193,48 @@ fn a_second_sigterm_while_draining_stops_at_once() {
     signal(&s, libc::SIGTERM);
     let code = exit_status(&mut s, Duration::from_secs(15));
     assert!(code.success(), "exit status {code}");
-    // The request was cut off: no whole response.
+    // The request was cut off, and told so.
     let (status, body) = client.join().expect("client");
+    assert_eq!(status, 500, "{body}");
     assert!(
-        status != 200 || !body.contains("\"finish_reason\""),
-        "{status} {body}"
+        body.contains("the server shut down before the request finished (SIGTERM"),
+        "{body}"
     );
+}
+
+#[test]
+fn requests_cut_off_by_the_shutdown_timeout_get_an_error() {
+    let mut s = Server::start(&["--set", "server.shutdown_timeout_secs=1"], true);
+    let whole = request_on_thread(&s, 4000);
+    let base = s.base.clone();
+    let streamed = std::thread::spawn(move || {
+        let body = json!({"prompt": "Once upon a time", "max_tokens": 4000,
+                          "ignore_eos": true, "stream": true});
+        match agent()
+            .post(&format!("{base}/v1/completions"))
+            .send(body.to_string())
+        {
+            Ok(mut r) => (
+                r.status().as_u16(),
+                r.body_mut().read_to_string().unwrap_or_default(),
+            ),
+            Err(e) => (0, e.to_string()),
+        }
+    });
+    s.wait_metric("parallm_requests_running", |v| v >= 2.0, "both run");
+    signal(&s, libc::SIGTERM);
+    let code = exit_status(&mut s, Duration::from_secs(20));
+    assert!(code.success(), "exit status {code}");
+    let cut = "the server shut down before the request finished (the shutdown timeout)";
+    let (status, body) = whole.join().expect("client");
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains(cut), "{body}");
+    // The stream had begun: it ends with an error event instead of [DONE].
+    let (status, text) = streamed.join().expect("client");
+    assert_eq!(status, 200, "{text}");
+    let events = sse_events(&text);
+    let last = events.last().expect("events");
+    assert!(last.contains("\"error\"") && last.contains(cut), "{text}");
 }
 
 /// Runs a script from tests/support and returns its stdout lines.

@@ -126,7 +126,7 @@ metrics! {
         "Requests that finished, by finish_reason: stop (end of sequence or stop string) or length";
     /// Failed requests by reason.
     REQUEST_FAILURE = "parallm_request_failure_total", Counter, ["reason"],
-        "Requests that did not finish, by reason: failed (engine error), cancelled (client gone or cancelled), overloaded (queue full), invalid (refused at validation, in the engine or the HTTP layer), timeout (the body did not arrive in time)";
+        "Requests that did not finish, by reason: failed (engine error), cancelled (client gone or cancelled), overloaded (queue full), invalid (refused at validation, in the engine or the HTTP layer, or while running), timeout (the body did not arrive in time), shutting_down (refused by an engine that was draining or had stopped); a 503 while the model loads or the server drains is counted only in parallm_http_requests_total";
     /// Preemptions.
     PREEMPTIONS = "parallm_preemptions_total", Counter, [],
         "Sequences preempted for lack of KV blocks (recomputed later)";

@@ -243,7 +243,8 @@ impl TokenLogprob {
 }
 
 /// The `top` largest values of `lp` with their indices, largest first (the
-/// lower index first on ties).
+/// lower index first on ties), leaving out −∞ (fewer than `top` when fewer
+/// are finite).
 pub fn top_of(lp: &[f32], top: usize) -> Vec<(u32, f32)> {
     if top == 0 {
         return Vec::new();
@@ -255,7 +256,12 @@ pub fn top_of(lp: &[f32], top: usize) -> Vec<(u32, f32)> {
         idx.truncate(top);
     }
     idx.sort_by(by);
-    idx.into_iter().map(|i| (i, lp[i as usize])).collect()
+    // A token the draw could never give (masked by a grammar or a bias:
+    // −∞) is no alternative; OpenAI's log-probabilities are finite.
+    idx.into_iter()
+        .map(|i| (i, lp[i as usize]))
+        .filter(|(_, l)| *l > f32::NEG_INFINITY)
+        .collect()
 }
 
 /// A drawn token and, if the request asked for it, its log-probability.
@@ -588,6 +594,13 @@ impl StopMatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top_of_leaves_out_tokens_that_cannot_be_drawn() {
+        let lp = [-1.0, f32::NEG_INFINITY, 0.0, f32::NEG_INFINITY];
+        assert_eq!(top_of(&lp, 3), vec![(2, 0.0), (0, -1.0)]);
+        assert_eq!(top_of(&lp, 1), vec![(2, 0.0)]);
+    }
 
     /// The cuts as the sampler made them before `pick`: everything sorted.
     /// Returns the kept candidates, highest first, with probabilities.

@@ -864,7 +864,10 @@ impl ToolStream {
             _ => return self.release(self.text.len()),
         };
         let mut out = Vec::new();
-        if !rest.is_empty() {
+        // Whitespace alone around the calls is no content (a whole answer
+        // has none then either).
+        let only_whitespace = self.released == 0 && rest.trim().is_empty();
+        if !rest.is_empty() && !only_whitespace {
             out.push(StreamOut::Content(rest.to_string()));
         }
         for (index, (name, arguments)) in parsed.calls.into_iter().enumerate() {
@@ -889,12 +892,17 @@ impl ToolStream {
     }
 
     /// Hermes and Mistral: releases text up to `marker` (then holds) or up
-    /// to a tail that may begin it.
+    /// to a tail that may begin it. Trailing whitespace is held too, and
+    /// whitespace alone before the first call never goes out: a call's
+    /// output begins with no content, streamed or not.
     fn scan_for(&mut self, marker: &str) -> Vec<StreamOut> {
         let pending = &self.text[self.released..];
         if let Some(at) = pending.find(marker) {
-            let end = self.released + at;
             self.state = StreamState::Holding;
+            if self.released == 0 && pending[..at].trim().is_empty() {
+                return Vec::new();
+            }
+            let end = self.released + at;
             return self.release(end);
         }
         let keep_from = pending
@@ -902,7 +910,7 @@ impl ToolStream {
             .map(|(i, _)| i)
             .find(|&i| marker.starts_with(&pending[i..]))
             .unwrap_or(pending.len());
-        let end = self.released + keep_from;
+        let end = self.released + pending[..keep_from].trim_end().len();
         self.release(end)
     }
 
@@ -1179,7 +1187,13 @@ mod tests {
         let t = tools();
         for (format, text, _, _) in cases() {
             let whole = parse(format, text, &t);
-            let want = (whole.content.clone(), whole.calls.clone());
+            // Whitespace alone beside calls is no content (the server
+            // answers `content: null` then).
+            let content = match whole.calls.is_empty() || !whole.content.trim().is_empty() {
+                true => whole.content.clone(),
+                false => String::new(),
+            };
+            let want = (content, whole.calls.clone());
             let mut splits: Vec<Vec<String>> = vec![vec![text.to_string()]];
             for sizes in [&[1][..], &[2], &[3], &[1, 3, 2]] {
                 splits.push(char_pieces(text, sizes));
@@ -1198,12 +1212,16 @@ mod tests {
     fn streams_release_content_early() {
         let t = tools();
         let mut s = ToolStream::new(ToolFormat::Hermes, &t);
+        // Trailing whitespace waits for what follows it.
         assert_eq!(
             s.push("Hello <to"),
-            vec![StreamOut::Content("Hello ".into())]
+            vec![StreamOut::Content("Hello".into())]
         );
         assert_eq!(s.push("ol"), vec![]);
-        assert_eq!(s.push("box>"), vec![StreamOut::Content("<toolbox>".into())]);
+        assert_eq!(
+            s.push("box>"),
+            vec![StreamOut::Content(" <toolbox>".into())]
+        );
         assert_eq!(
             s.push(" <tool_call>{\"name\""),
             vec![StreamOut::Content(" ".into())]
@@ -1222,6 +1240,15 @@ mod tests {
                 },
             ]
         );
+        // A line break before a call is not content.
+        let mut s = ToolStream::new(ToolFormat::Hermes, &t);
+        assert_eq!(s.push("\n"), vec![]);
+        assert_eq!(s.push("<tool_call>{\"name\": \"get_time\"}"), vec![]);
+        assert_eq!(s.push("</tool_call>\n").len(), 0);
+        assert!(s
+            .finish()
+            .iter()
+            .all(|o| !matches!(o, StreamOut::Content(_))));
         let mut s = ToolStream::new(ToolFormat::Llama3Json, &t);
         assert_eq!(s.push("  "), vec![]);
         assert_eq!(s.push("Hi"), vec![StreamOut::Content("  Hi".into())]);

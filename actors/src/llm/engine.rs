@@ -1439,10 +1439,20 @@ impl Engine {
     }
 
     /// Why the engine stopped for good, if it did: a rank of its MPI job
-    /// died or stopped answering. Every request it held then ended with an
-    /// error naming this, and it takes no more.
+    /// died or stopped answering, or [`Engine::stop_now`] stopped it. Every
+    /// request it held then ended with an error naming this, and it takes no
+    /// more.
     pub fn stopped(&self) -> Option<&str> {
         self.stopped.get().map(String::as_str)
+    }
+
+    /// Stops the engine at once: every request it holds ends with
+    /// [`Event::Failed`](crate::llm::Event::Failed) carrying `why`, and it takes no more (for a server
+    /// whose drain ran out of time, so that each client gets an error rather
+    /// than a closed connection). A stop already recorded keeps its reason.
+    pub fn stop_now(&self, why: impl Into<String>) {
+        let _ = self.stopped.set(why.into());
+        self.pipeline.halter().halt();
     }
 
     /// Current figures.
@@ -1453,14 +1463,25 @@ impl Engine {
         }
     }
 
-    /// Stops admitting, lets every admitted request finish, then stops.
+    /// Stops admitting, lets every admitted request finish (waiting up to
+    /// an hour), then stops. Dropping an engine instead stops it at once:
+    /// every request it holds ends with [`Event::Failed`](crate::llm::Event::Failed).
     pub fn shutdown(self) {
         self.shutdown_timeout(Duration::from_secs(3600));
     }
 
     /// Like [`Engine::shutdown`], waiting at most `timeout`; returns whether
-    /// every request finished.
+    /// every request finished. Requests still held then end with
+    /// [`Event::Failed`](crate::llm::Event::Failed), saying the engine shut down before they finished.
     pub fn shutdown_timeout(self, timeout: Duration) -> bool {
+        if self.stopped.get().is_some() {
+            // Stopped already: nothing is left to finish.
+            self.pipeline.shutdown(Duration::ZERO);
+            return false;
+        }
+        let _ = self.stopped.set(format!(
+            "the engine shut down before the request finished (its shutdown waited {timeout:?})"
+        ));
         self.pipeline.shutdown(timeout)
     }
 }

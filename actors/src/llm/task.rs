@@ -303,7 +303,7 @@ impl Drop for Responder {
         if !self.ended {
             let error = match self.stopped.get() {
                 Some(why) => why.clone(),
-                None => "the engine dropped the request without a result".into(),
+                None => "the engine stopped before the request finished (it was dropped)".into(),
             };
             let _ = self.tx.send(Event::Failed { error });
         }

@@ -79,6 +79,10 @@ pub enum ApiError {
     /// The engine failed while serving the request.
     #[error("the engine failed: {0}")]
     Engine(String),
+    /// The client closed its connection before the answer (nginx's 499:
+    /// no one reads it; the status is for the metrics and logs).
+    #[error("the client closed the connection before the answer")]
+    ClientClosed,
 }
 
 impl ApiError {
@@ -138,6 +142,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => "authentication_error",
             ApiError::Overloaded { .. } => "rate_limit_error",
             ApiError::Engine(_) | ApiError::Unavailable(_) => "server_error",
+            ApiError::ClientClosed => "client_closed",
             _ => "invalid_request_error",
         }
     }
@@ -157,6 +162,7 @@ impl ApiError {
             ApiError::Overloaded { .. } => "rate_limit_exceeded",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Engine(_) => "engine_error",
+            ApiError::ClientClosed => "client_closed",
         })
     }
 
@@ -168,6 +174,7 @@ impl ApiError {
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::Unavailable(_) => "shutting_down",
             ApiError::Engine(_) => "failed",
+            ApiError::ClientClosed => "cancelled",
             _ => "invalid",
         }
     }
@@ -237,6 +244,7 @@ impl ResponseError for ApiError {
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::ClientClosed => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
         }
     }
 

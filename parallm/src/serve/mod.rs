@@ -657,10 +657,26 @@ where
         return end_lost_job(&state, handle, server_task, why).await;
     }
     let left = state.inflight.load(Ordering::SeqCst);
-    // With every request finished, stop gracefully so that responses still
-    // being written reach their clients. Otherwise closing the connections
-    // drops the unfinished responses, which cancels them.
-    handle.stop(left == 0).await;
+    if left > 0 {
+        // Each request left gets an error (a 500, or an error event ending
+        // its stream) rather than a connection closed mid-answer: the
+        // engine ends them all, and their handlers write that out.
+        if let Some(engine) = state.engine.get() {
+            engine.stop_now(format!(
+                "the server shut down before the request finished ({cut_by})"
+            ));
+        }
+        let flushed = Instant::now() + LOST_FLUSH;
+        while state.inflight.load(Ordering::SeqCst) > 0 && Instant::now() < flushed {
+            actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    // Stop gracefully, so that responses still being written reach their
+    // clients; a handler still running after that (its engine did not
+    // answer) is cut by closing its connection.
+    handle
+        .stop(state.inflight.load(Ordering::SeqCst) == 0)
+        .await;
     let _ = server_task.await;
     let engine = state.engine.get().cloned();
     let embedders: Vec<Arc<actors::embed::Embedder>> = state
@@ -687,7 +703,7 @@ where
                 })
                 .await
                 .unwrap_or(false);
-                if !done {
+                if !done && left == 0 {
                     eprintln!("parallm: the engine did not stop cleanly");
                 }
             }

@@ -298,9 +298,15 @@ fn refused(field: &str, reason: String) -> ApiError {
 }
 
 fn token_string(engine: &Engine, token: u32) -> String {
+    String::from_utf8_lossy(&token_bytes(engine, token)).into_owned()
+}
+
+/// A token's own bytes (part of a character, for some): OpenAI's `bytes`,
+/// from which a client rebuilds characters split across tokens.
+fn token_bytes(engine: &Engine, token: u32) -> Vec<u8> {
     engine
         .tokenizer()
-        .map(|t| String::from_utf8_lossy(t.token_bytes(token)).into_owned())
+        .map(|t| t.token_bytes(token).to_vec())
         .unwrap_or_default()
 }
 
@@ -346,25 +352,19 @@ fn chat_logprobs(engine: &Engine, items: &[(u32, TokenLogprob)]) -> ChatLogprobs
     ChatLogprobs {
         content: items
             .iter()
-            .map(|(token, lp)| {
-                let text = token_string(engine, *token);
-                ChatTokenLogprob {
-                    bytes: text.as_bytes().to_vec(),
-                    token: text,
-                    logprob: lp.logprob,
-                    top_logprobs: lp
-                        .top
-                        .iter()
-                        .map(|(t, l)| {
-                            let s = token_string(engine, *t);
-                            ChatTopLogprob {
-                                bytes: s.as_bytes().to_vec(),
-                                token: s,
-                                logprob: *l,
-                            }
-                        })
-                        .collect(),
-                }
+            .map(|(token, lp)| ChatTokenLogprob {
+                bytes: token_bytes(engine, *token),
+                token: token_string(engine, *token),
+                logprob: lp.logprob,
+                top_logprobs: lp
+                    .top
+                    .iter()
+                    .map(|(t, l)| ChatTopLogprob {
+                        bytes: token_bytes(engine, *t),
+                        token: token_string(engine, *t),
+                        logprob: *l,
+                    })
+                    .collect(),
             })
             .collect(),
     }
@@ -451,7 +451,7 @@ async fn generate(
         r = futures::future::try_join_all(tracked.into_iter().map(collect)) => r?,
         // Dropping the collecting futures cancels every request.
         _ = client_gone(fd) => {
-            return Err(ApiError::Engine("the client disconnected".into()));
+            return Err(ApiError::ClientClosed);
         }
     };
     drop(inflight);
@@ -906,7 +906,7 @@ pub async fn embeddings(
     let answer = tokio::select! {
         r = pending.wait() => r,
         // Dropping the wait cancels the request.
-        _ = client_gone(fd) => return Err(ApiError::Engine("the client disconnected".into())),
+        _ = client_gone(fd) => return Err(ApiError::ClientClosed),
     };
     drop(inflight);
     let vectors = answer.map_err(|end| {
