@@ -494,6 +494,12 @@ impl Merge for EmbedMerger {
             let _ = reg.tx.send(Err(end));
         }
     }
+
+    fn end_all(&mut self, end: End) {
+        for (_, reg) in self.regs.drain() {
+            let _ = reg.tx.send(Err(end.clone()));
+        }
+    }
 }
 
 /// A submitted request's answer, to wait for. Dropping it unanswered

@@ -13,13 +13,20 @@
 //! left untouched, so recomputed tasks continue exactly where they were.
 //! Registrations ([`Register`]) and ends ([`EndTask`]) of tasks arrive here
 //! from the queue and the scheduler.
+//!
+//! A panic in the [`Merge`] is caught: the merge's state can no longer be
+//! trusted, so the merger reports it to the scheduler, which stops the
+//! pipeline; the merger then ends every task still registered with an error
+//! naming the panic ([`Merge::end_all`]) and stops the actor system.
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use crate::scheduler::StepDone;
+use crate::node::panic_text;
+use crate::scheduler::{Fault, StepDone};
 use crate::traits::{End, Merge, NodeError, NodeId, StepId, TaskId};
 
 /// A step was dispatched: which nodes have work, and what the merger needs.
@@ -30,6 +37,9 @@ pub struct Expect<S> {
     pub step: StepId,
     /// Indices of the nodes with work, in node order.
     pub nodes: Vec<usize>,
+    /// Nodes that failed the step before it ran (the plan gave work to a node
+    /// the replica does not have): the step completes as failed with them.
+    pub failed: Failures,
     /// The policy's description of the step.
     pub info: S,
 }
@@ -65,6 +75,17 @@ impl<R: Send + 'static> Message for Register<R> {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct EndTask(pub TaskId, pub End);
+
+/// The pipeline stops because user code panicked (`why`): the merger ends
+/// every task still registered, then stops `system`.
+pub(crate) struct Halt {
+    pub(crate) why: String,
+    pub(crate) system: System,
+}
+
+impl Message for Halt {
+    type Result = ();
+}
 
 struct Pending<S, O> {
     replica: usize,
@@ -127,6 +148,7 @@ impl<S, O> Collector<S, O> {
         let p = self.entry(e.step, e.replica);
         p.info = Some(e.info);
         p.expected = e.nodes;
+        p.failures.extend(e.failed);
         self.take_if_complete(e.step)
     }
 
@@ -175,23 +197,58 @@ pub struct MergerActor<M: Merge> {
     merge: M,
     collector: Collector<M::Step, M::Output>,
     done: Recipient<StepDone<M::Verdict>>,
+    /// Where a panic of the merge is reported (the scheduler).
+    fault: Recipient<Fault>,
+    /// The merge panicked, or the pipeline is stopping after a panic: steps
+    /// are no longer merged.
+    faulted: bool,
 }
 
 impl<M: Merge> MergerActor<M> {
-    /// A merger reporting to `done`.
-    pub(crate) fn new(merge: M, done: Recipient<StepDone<M::Verdict>>) -> Self {
+    /// A merger reporting steps to `done` and its merge's panics to `fault`.
+    pub(crate) fn new(
+        merge: M,
+        done: Recipient<StepDone<M::Verdict>>,
+        fault: Recipient<Fault>,
+    ) -> Self {
         Self {
             merge,
             collector: Collector::default(),
             done,
+            fault,
+            faulted: false,
+        }
+    }
+
+    /// Runs `f` on the merge, catching a panic: `None` if it panicked (the
+    /// first panic is reported to the scheduler, which stops the pipeline).
+    fn guarded<T>(&mut self, method: &str, f: impl FnOnce(&mut M) -> T) -> Option<T> {
+        match catch_unwind(AssertUnwindSafe(|| f(&mut self.merge))) {
+            Ok(v) => Some(v),
+            Err(p) => {
+                let why = format!("Merge::{method} panicked: {}", panic_text(p));
+                tracing::error!("{why}");
+                if !self.faulted {
+                    self.faulted = true;
+                    self.fault.do_send(Fault(why));
+                }
+                None
+            }
         }
     }
 
     fn finish(&mut self, c: Option<Complete<M::Step, M::Output>>) {
         let Some(c) = c else { return };
+        if self.faulted {
+            return;
+        }
         let t0 = Instant::now();
         let result = match c.result {
-            Ok(outputs) => Ok(self.merge.merge(&c.info, outputs)),
+            Ok(outputs) => match self.guarded("merge", |m| m.merge(&c.info, outputs)) {
+                Some(verdict) => Ok(verdict),
+                // The pipeline stops; no verdict to apply.
+                None => return,
+            },
             Err(failures) => Err(failures),
         };
         self.done.do_send(StepDone {
@@ -230,7 +287,7 @@ impl<M: Merge> Handler<Register<M::Registration>> for MergerActor<M> {
     type Result = ();
 
     fn handle(&mut self, msg: Register<M::Registration>, _: &mut Self::Context) {
-        self.merge.register(msg.0, msg.1);
+        self.guarded("register", |m| m.register(msg.0, msg.1));
     }
 }
 
@@ -238,7 +295,21 @@ impl<M: Merge> Handler<EndTask> for MergerActor<M> {
     type Result = ();
 
     fn handle(&mut self, msg: EndTask, _: &mut Self::Context) {
-        self.merge.end(msg.0, msg.1);
+        self.guarded("end", |m| m.end(msg.0, msg.1));
+    }
+}
+
+impl<M: Merge> Handler<Halt> for MergerActor<M> {
+    type Result = ();
+
+    fn handle(&mut self, msg: Halt, _: &mut Self::Context) {
+        self.faulted = true;
+        let end = End::Failed(format!("the pipeline stopped: {}", msg.why));
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| self.merge.end_all(end))) {
+            // What it had not ended yet is dropped with it.
+            tracing::error!("Merge::end_all panicked: {}", panic_text(p));
+        }
+        msg.system.stop();
     }
 }
 
@@ -264,6 +335,7 @@ mod tests {
             replica: 0,
             step,
             nodes,
+            failed: Vec::new(),
             info: "s",
         }
     }
@@ -288,6 +360,21 @@ mod tests {
         assert!(c.report(report(1, 2, true)).is_some(), "step 2 is separate");
         let done = c.report(report(1, 1, true)).expect("complete");
         assert_eq!(done.result.err().map(|f| f.len()), Some(1));
+    }
+
+    #[test]
+    fn a_step_failed_at_dispatch_completes_as_failed_without_reports() {
+        let mut c: Collector<&str, usize> = Collector::default();
+        let bad = NodeId {
+            replica: 0,
+            index: 7,
+        };
+        let e = Expect {
+            failed: vec![(bad, NodeError::Failed("no such node".into()))],
+            ..expect(5, vec![])
+        };
+        let done = c.expect(e).expect("nothing to wait for");
+        assert_eq!(done.result.err().map(|f| f[0].0), Some(bad));
     }
 
     #[test]

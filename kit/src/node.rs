@@ -10,8 +10,9 @@
 //! step's links so its peers return, reports the failure, and stops. Its actix
 //! [`Supervisor`] restarts it at once, and [`Supervised::restarting`] rebuilds
 //! the worker from its factory — the worker is rebuilt before the node's next
-//! message is handled. A worker that cannot be rebuilt fails every step it is
-//! given, with the reason, until a rebuild succeeds.
+//! message is handled. A worker that cannot be rebuilt (its factory errs or
+//! panics) fails every step it is given, with the reason, until a rebuild
+//! succeeds. A panic in [`NodeWorker::abort`] is caught and logged.
 //!
 //! [`NodeCounters`] live in a [`NodeStats`] table shared with the pipeline
 //! handle: each node writes only its own row, the handle reads them all.
@@ -148,7 +149,8 @@ impl<W: NodeWorker> Supervised for NodeActor<W> {
     fn restarting(&mut self, _: &mut Self::Context) {
         // Drop the old worker (and its memory) before building the new one.
         self.worker = Err("restarting".into());
-        self.worker = (self.factory)(self.id);
+        self.worker = catch_unwind(AssertUnwindSafe(|| (self.factory)(self.id)))
+            .unwrap_or_else(|p| Err(format!("panicked: {}", panic_text(p))));
         if let Err(e) = &self.worker {
             tracing::error!(node = %self.id, "restart failed: {e}");
         }
@@ -187,7 +189,9 @@ impl<W: NodeWorker> Handler<RunStep<W::Work, W::Links>> for NodeActor<W> {
         let failed = matches!(result, Err(NodeError::Failed(_)));
         if result.is_err() {
             // Peers waiting on this node's part of the step return.
-            W::abort(&msg.links);
+            if let Err(p) = catch_unwind(AssertUnwindSafe(|| W::abort(&msg.links))) {
+                tracing::error!(node = %self.id, "abort panicked: {}", panic_text(p));
+            }
         }
         if failed {
             self.fresh_from = self.fresh_from.max(msg.epoch + 1);

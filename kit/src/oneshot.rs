@@ -8,6 +8,12 @@
 //! run again, up to `max_retries` times), and a merger that hands each answer
 //! to its [`Pending`]. Dropping a [`Pending`] cancels its task.
 //!
+//! The user's functions fail one task at a time: a `split` that panics or
+//! returns more parts than there are nodes, and a `merge` that panics, end
+//! that task with [`End::Failed`] naming what happened (neither is retried:
+//! they see only the input), and the pipeline goes on with the others; a
+//! `compute` that errs or panics fails the run, which is retried.
+//!
 //! ```
 //! use kit::{OneShot, OneShotConfig};
 //!
@@ -25,12 +31,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::marker::PhantomData;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam::channel::{Receiver, Sender};
+use crossbeam::channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 
+use crate::node::panic_text;
 use crate::pipeline::{Canceller, KitMetrics, Pipeline, PipelineConfig};
 use crate::scheduler::SchedulerStats;
 use crate::traits::{
@@ -70,12 +78,26 @@ impl Default for OneShotConfig {
 
 /// A submitted task's answer, to wait for. Dropping it unanswered cancels the
 /// task.
+///
+/// The answer is given once: after [`Pending::try_wait`] or
+/// [`Pending::wait_timeout`] returned it, every later call answers
+/// `Err(End::Failed("already answered"))`.
 pub struct Pending<O> {
     id: TaskId,
-    rx: Receiver<Result<O, End>>,
+    /// `None` once the answer was taken.
+    rx: Option<Receiver<Result<O, End>>>,
     gone: Arc<AtomicBool>,
     canceller: Canceller,
-    answered: bool,
+}
+
+/// The answer of a task whose registration was dropped unanswered.
+fn stopped<O>() -> Result<O, End> {
+    Err(End::Failed("the pipeline stopped".into()))
+}
+
+/// The answer of a [`Pending`] asked again.
+fn already_answered<O>() -> Result<O, End> {
+    Err(End::Failed("already answered".into()))
 }
 
 impl<O> Pending<O> {
@@ -86,16 +108,45 @@ impl<O> Pending<O> {
 
     /// Waits for the answer: the merged result, or how the task ended.
     pub fn wait(mut self) -> Result<O, End> {
-        self.answered = true;
-        self.rx
-            .recv()
-            .unwrap_or_else(|_| Err(End::Failed("the pipeline stopped".into())))
+        match self.rx.take() {
+            Some(rx) => rx.recv().unwrap_or_else(|_| stopped()),
+            None => already_answered(),
+        }
+    }
+
+    /// Waits at most `timeout` for the answer; `None` if it has not come
+    /// yet (the task goes on: wait again, or drop this to cancel it).
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<Result<O, End>> {
+        let Some(rx) = self.rx.as_ref() else {
+            return Some(already_answered());
+        };
+        let answer = match rx.recv_timeout(timeout) {
+            Ok(answer) => answer,
+            Err(RecvTimeoutError::Timeout) => return None,
+            Err(RecvTimeoutError::Disconnected) => stopped(),
+        };
+        self.rx = None;
+        Some(answer)
+    }
+
+    /// The answer if it has come, without waiting; `None` if not yet.
+    pub fn try_wait(&mut self) -> Option<Result<O, End>> {
+        let Some(rx) = self.rx.as_ref() else {
+            return Some(already_answered());
+        };
+        let answer = match rx.try_recv() {
+            Ok(answer) => answer,
+            Err(TryRecvError::Empty) => return None,
+            Err(TryRecvError::Disconnected) => stopped(),
+        };
+        self.rx = None;
+        Some(answer)
     }
 }
 
 impl<O> Drop for Pending<O> {
     fn drop(&mut self) {
-        if !self.answered {
+        if self.rx.is_some() {
             self.gone.store(true, Ordering::Release);
             self.canceller.cancel(self.id);
         }
@@ -125,6 +176,15 @@ type SplitFn<I, P> = Box<dyn Fn(&I, usize) -> Vec<P> + Send>;
 type ComputeFn<P, R> = Arc<dyn Fn(NodeId, &P) -> Result<R, String> + Send + Sync>;
 type MergeFn<I, R, O> = Box<dyn Fn(&I, Vec<R>) -> O + Send>;
 
+/// A task's step, as the merger gets it: the task, its input, and why it
+/// cannot run if `split` failed (the step then has no node work, and the
+/// merge ends the task with that error).
+pub struct OneShotStep<I> {
+    id: TaskId,
+    input: Arc<I>,
+    refused: Option<String>,
+}
+
 /// The policy: one step per task, its parts on nodes `0..parts`.
 pub struct OneShotPolicy<I, P> {
     split: SplitFn<I, P>,
@@ -138,7 +198,7 @@ impl<I: Send + Sync + 'static, P: Send + 'static> Policy for OneShotPolicy<I, P>
     type Task = OneShotTask<I>;
     type Work = P;
     type Links = ();
-    type Step = (TaskId, Arc<I>);
+    type Step = OneShotStep<I>;
     type Verdict = ();
     type Stats = OneShotStats;
 
@@ -157,20 +217,35 @@ impl<I: Send + Sync + 'static, P: Send + 'static> Policy for OneShotPolicy<I, P>
     }
     fn next_step(&mut self, _: usize, step: StepId) -> Option<Plan<Self::Step, P, ()>> {
         let (id, input) = self.waiting.pop_front()?;
-        let parts = (self.split)(&input, self.nodes);
-        let nodes = parts
-            .into_iter()
-            .take(self.nodes)
-            .enumerate()
-            .map(|(node, work)| NodeTask {
-                node,
-                work,
-                links: (),
-            })
-            .collect();
+        let nodes = self.nodes;
+        // The user's split fails this task alone: its step runs on no node
+        // and the merge ends it with the reason.
+        let parts = match catch_unwind(AssertUnwindSafe(|| (self.split)(&input, nodes))) {
+            Ok(parts) if parts.len() > nodes => Err(format!(
+                "split returned {} parts for {nodes} nodes (at most one part per node)",
+                parts.len()
+            )),
+            Ok(parts) => Ok(parts),
+            Err(p) => Err(format!("split panicked: {}", panic_text(p))),
+        };
+        let (nodes, refused) = match parts {
+            Ok(parts) => {
+                let nodes = parts
+                    .into_iter()
+                    .enumerate()
+                    .map(|(node, work)| NodeTask {
+                        node,
+                        work,
+                        links: (),
+                    })
+                    .collect();
+                (nodes, None)
+            }
+            Err(why) => (Vec::new(), Some(why)),
+        };
         self.busy.insert(step, (id, input.clone()));
         Some(Plan {
-            step: (id, input),
+            step: OneShotStep { id, input, refused },
             nodes,
         })
     }
@@ -185,6 +260,14 @@ impl<I: Send + Sync + 'static, P: Send + 'static> Policy for OneShotPolicy<I, P>
             self.waiting.push_front(t);
         }
         ids
+    }
+    fn tasks_in(&self, _: usize, step: StepId) -> Option<Vec<TaskId>> {
+        Some(
+            self.busy
+                .get(&step)
+                .map(|(id, _)| vec![*id])
+                .unwrap_or_default(),
+        )
     }
     fn cancel(&mut self, task: TaskId) -> bool {
         let held = self.contains(task);
@@ -250,7 +333,7 @@ pub struct OneShotMerge<I, R, O> {
 impl<I: Send + Sync + 'static, R: Send + 'static, O: Send + 'static> Merge
     for OneShotMerge<I, R, O>
 {
-    type Step = (TaskId, Arc<I>);
+    type Step = OneShotStep<I>;
     type Output = R;
     type Registration = Sender<Result<O, End>>;
     type Verdict = ();
@@ -258,15 +341,29 @@ impl<I: Send + Sync + 'static, R: Send + 'static, O: Send + 'static> Merge
     fn register(&mut self, task: TaskId, reply: Sender<Result<O, End>>) {
         self.replies.insert(task, reply);
     }
-    fn merge(&mut self, (id, input): &(TaskId, Arc<I>), outputs: Vec<(usize, R)>) {
-        if let Some(reply) = self.replies.remove(id) {
-            let parts = outputs.into_iter().map(|(_, r)| r).collect();
-            let _ = reply.send(Ok((self.merge)(input, parts)));
-        }
+    fn merge(&mut self, step: &OneShotStep<I>, outputs: Vec<(usize, R)>) {
+        let Some(reply) = self.replies.remove(&step.id) else {
+            return;
+        };
+        let answer = match &step.refused {
+            Some(why) => Err(End::Failed(why.clone())),
+            None => {
+                let parts = outputs.into_iter().map(|(_, r)| r).collect();
+                // The user's merge fails this task alone.
+                catch_unwind(AssertUnwindSafe(|| (self.merge)(&step.input, parts)))
+                    .map_err(|p| End::Failed(format!("merge panicked: {}", panic_text(p))))
+            }
+        };
+        let _ = reply.send(answer);
     }
     fn end(&mut self, task: TaskId, end: End) {
         if let Some(reply) = self.replies.remove(&task) {
             let _ = reply.send(Err(end));
+        }
+    }
+    fn end_all(&mut self, end: End) {
+        for (_, reply) in self.replies.drain() {
+            let _ = reply.send(Err(end.clone()));
         }
     }
 }
@@ -282,9 +379,10 @@ pub struct OneShot<I: Send + Sync + 'static, P: Send + 'static, O: Send + 'stati
 
 impl<I: Send + Sync + 'static, P: Send + 'static, O: Send + 'static> OneShot<I, P, O> {
     /// Starts the pipeline: `split(input, nodes)` cuts a task into at most
-    /// `nodes` parts (part `k` runs on node `k`); `compute(node, part)` runs
-    /// on the node's thread (an `Err` or a panic fails the run, which is
-    /// retried); `merge(input, results)` gets the parts' results in node order.
+    /// `nodes` parts (part `k` runs on node `k`; more parts, or a panic, fail
+    /// the task); `compute(node, part)` runs on the node's thread (an `Err`
+    /// or a panic fails the run, which is retried); `merge(input, results)`
+    /// gets the parts' results in node order (a panic fails the task).
     pub fn start<R: Send + 'static>(
         cfg: OneShotConfig,
         split: impl Fn(&I, usize) -> Vec<P> + Send + 'static,
@@ -351,10 +449,9 @@ impl<I: Send + Sync + 'static, P: Send + 'static, O: Send + 'static> OneShot<I, 
         self.pipeline.submit(task, tx)?;
         Ok(Pending {
             id,
-            rx,
+            rx: Some(rx),
             gone,
             canceller: self.pipeline.canceller(),
-            answered: false,
         })
     }
 

@@ -7,6 +7,12 @@
 //! with the first node's error. [`Pipeline::shutdown`] stops admitting, waits
 //! for admitted tasks to finish, then stops every thread.
 //!
+//! A pipeline also stops by itself when user code that the kit cannot
+//! recover from panics (the [`Policy`] or the [`Merge`], see
+//! [`crate::traits`]): every task still registered ends with an error naming
+//! the panic, [`Pipeline::submit`] answers [`SubmitError::Halted`],
+//! [`Pipeline::fault`] says why, and [`Pipeline::shutdown`] returns at once.
+//!
 //! The handle reads the pipeline's figures without messaging any actor: the
 //! scheduler publishes them after every message it handles, the queue keeps
 //! the count of tasks it accepted that the scheduler has not yet taken in, and
@@ -14,6 +20,7 @@
 //! actor.
 
 use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,9 +31,10 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use crate::merger::MergerActor;
+use crate::node::panic_text;
 use crate::node::{NodeActor, NodeCounters, NodeStats};
 use crate::queue::{Cancel, Close, QueueActor, QueueLinks, Submit};
-use crate::scheduler::{SchedulerActor, SchedulerLinks, SchedulerState, SchedulerStats};
+use crate::scheduler::{FaultFlag, SchedulerActor, SchedulerLinks, SchedulerState, SchedulerStats};
 use crate::traits::{
     Merge, NodeId, NodeWorker, Policy, SubmitError, Supervision, TaskId, WorkerFactory,
 };
@@ -118,6 +126,7 @@ pub struct Pipeline<P: Policy, R: Send + 'static> {
     nodes: Arc<NodeStats>,
     queued: Arc<AtomicUsize>,
     published: Arc<Mutex<SchedulerStats<P::Stats>>>,
+    fault: FaultFlag,
 }
 
 type Started<P, R> = (Addr<QueueActor<<P as Policy>::Task, R>>, System);
@@ -149,8 +158,13 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
         let nodes = NodeStats::new(cfg.replicas, cfg.nodes_per_replica);
         let queued = Arc::new(AtomicUsize::new(0));
         let published = Arc::new(Mutex::new(SchedulerStats::default()));
-        let (node_stats, queue_len, sched_stats) =
-            (nodes.clone(), queued.clone(), published.clone());
+        let fault = FaultFlag::default();
+        let (node_stats, queue_len, sched_stats, fault_flag) = (
+            nodes.clone(),
+            queued.clone(),
+            published.clone(),
+            fault.clone(),
+        );
         let (tx, rx) = std::sync::mpsc::channel::<Started<P, R>>();
         let (ready_tx, ready_rx) = crossbeam::channel::unbounded::<(NodeId, Option<String>)>();
         let thread = std::thread::Builder::new()
@@ -161,9 +175,9 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
                     let sched_ctx: Context<SchedulerActor<P>> = Context::new();
                     let sched = sched_ctx.address();
                     let merger_arbiter = Arbiter::new();
-                    let done = sched.clone().recipient();
+                    let (done, faults) = (sched.clone().recipient(), sched.clone().recipient());
                     let merger = MergerActor::start_in_arbiter(&merger_arbiter.handle(), |_| {
-                        MergerActor::new(merge, done)
+                        MergerActor::new(merge, done, faults)
                     });
                     let mut arbiters = vec![merger_arbiter];
                     let mut addrs = Vec::new();
@@ -179,7 +193,10 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
                                 ready_tx.clone(),
                             );
                             let addr = Supervisor::start_in_arbiter(&arbiter.handle(), move |_| {
-                                let worker = f(id);
+                                let worker = catch_unwind(AssertUnwindSafe(|| f(id)))
+                                    .unwrap_or_else(|p| {
+                                        Err(format!("panicked: {}", panic_text(p)))
+                                    });
                                 let _ = rt.send((id, worker.as_ref().err().cloned()));
                                 NodeActor::new(id, f, worker, m, (st, cfg.metrics))
                             });
@@ -196,7 +213,7 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
                             register: merger.clone().recipient(),
                             end: merger.clone().recipient(),
                         },
-                        queue_len.clone(),
+                        (queue_len.clone(), fault_flag.clone()),
                         cfg.metrics,
                     )
                     .start();
@@ -205,10 +222,12 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
                         SchedulerLinks {
                             nodes: addrs,
                             expect: merger.clone().recipient(),
-                            end: merger.recipient(),
+                            end: merger.clone().recipient(),
+                            halt: merger.recipient(),
                             queue: queue.clone().recipient(),
                         },
                         (sched_stats, queue_len),
+                        fault_flag,
                     );
                     sched_ctx.run(scheduler);
                     let _ = tx.send((queue, System::current()));
@@ -232,6 +251,7 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
             nodes,
             queued,
             published,
+            fault,
         };
         let mut errors = Vec::new();
         for _ in 0..cfg.replicas * cfg.nodes_per_replica {
@@ -252,18 +272,28 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
     }
 
     /// Submits a task and the requester's part of it; answers at once
-    /// (`Overloaded` when the queue is full). Blocks the calling thread until
-    /// the queue answered: not for the pipeline's own threads.
+    /// (`Overloaded` when the queue is full, `Halted` once user code's panic
+    /// stopped the pipeline). Blocks the calling thread until the queue
+    /// answered: not for the pipeline's own threads.
     pub fn submit(&self, task: P::Task, reg: R) -> Result<(), SubmitError> {
         block_on(self.submit_async(task, reg))
     }
 
     /// Submits a task from async code.
     pub async fn submit_async(&self, task: P::Task, reg: R) -> Result<(), SubmitError> {
-        self.queue
-            .send(Submit(task, reg))
-            .await
-            .map_err(|_| SubmitError::Stopped)?
+        if let Some(why) = self.fault() {
+            return Err(SubmitError::Halted(why));
+        }
+        self.queue.send(Submit(task, reg)).await.map_err(|_| {
+            self.fault()
+                .map_or(SubmitError::Stopped, SubmitError::Halted)
+        })?
+    }
+
+    /// Why the pipeline stopped by itself, if it did: the panic of user code
+    /// (the policy's or the merge's) that it could not recover from.
+    pub fn fault(&self) -> Option<String> {
+        self.fault.get().cloned()
     }
 
     /// Cancels a task wherever it is; it ends as cancelled (unless it already
@@ -299,13 +329,19 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
 
     /// Stops admitting, waits up to `timeout` for admitted tasks to finish, then
     /// stops every thread. Returns whether everything finished in time; tasks
-    /// still held then end with an error.
+    /// still held then end with an error. A pipeline that already stopped by
+    /// itself (see [`Pipeline::fault`]) or was halted returns `false` at once.
     pub fn shutdown(mut self, timeout: Duration) -> bool {
         self.queue.do_send(Close);
         let t0 = Instant::now();
         let drained = loop {
-            if self.stats().idle {
+            if self.fault.get().is_none() && self.stats().idle {
                 break true;
+            }
+            // Stopped by itself: once its tasks were ended, the actor system
+            // is stopped and the control thread ends.
+            if self.thread.as_ref().is_none_or(JoinHandle::is_finished) {
+                break false;
             }
             if t0.elapsed() >= timeout {
                 break false;

@@ -8,7 +8,9 @@
 //! [`QueueActor`] is its shell on the pipeline's control thread: it hands the
 //! requester's part of every accepted task to the merger, feeds the scheduler
 //! as much as it asks for (`Demand`), ends cancelled queued tasks through the
-//! merger and forwards other cancellations to the scheduler.
+//! merger and forwards other cancellations to the scheduler. Once the
+//! pipeline stopped after a panic of user code, it refuses every submission
+//! with [`SubmitError::Halted`].
 //!
 //! **Invariant:** every task the queue accepted is either handed to the
 //! scheduler or ended through the merger (cancelled, abandoned, or failed at
@@ -23,7 +25,7 @@ use actix::prelude::*;
 
 use crate::merger::{EndTask, Register};
 use crate::pipeline::KitMetrics;
-use crate::scheduler::{Admit, CancelTask};
+use crate::scheduler::{Admit, CancelTask, FaultFlag};
 use crate::traits::{End, SubmitError, Task, TaskId};
 
 struct Entry<T> {
@@ -185,6 +187,8 @@ pub struct QueueActor<T: Task, R: Send + 'static> {
     /// Tasks accepted and not yet taken in by the scheduler (which counts
     /// them down), read by the pipeline handle.
     queued: Arc<AtomicUsize>,
+    /// Why the pipeline stopped by itself, once it has.
+    fault: FaultFlag,
     metrics: KitMetrics,
 }
 
@@ -198,11 +202,12 @@ pub(crate) struct QueueLinks<T: Task, R: Send + 'static> {
 
 impl<T: Task, R: Send + 'static> QueueActor<T, R> {
     /// A queue of `capacity` tasks; `queued` counts the tasks it accepted
-    /// that the scheduler has not taken in yet.
+    /// that the scheduler has not taken in yet; once `fault` is set, it
+    /// refuses every task.
     pub(crate) fn new(
         capacity: usize,
         links: QueueLinks<T, R>,
-        queued: Arc<AtomicUsize>,
+        (queued, fault): (Arc<AtomicUsize>, FaultFlag),
         metrics: KitMetrics,
     ) -> Self {
         Self {
@@ -212,6 +217,7 @@ impl<T: Task, R: Send + 'static> QueueActor<T, R> {
             register: links.register,
             end: links.end,
             queued,
+            fault,
             metrics,
         }
     }
@@ -257,6 +263,9 @@ impl<T: Task, R: Send + 'static> Handler<Submit<T, R>> for QueueActor<T, R> {
 
     fn handle(&mut self, msg: Submit<T, R>, _: &mut Self::Context) -> Self::Result {
         let Submit(task, reg) = msg;
+        if let Some(why) = self.fault.get() {
+            return Err(SubmitError::Halted(why.clone()));
+        }
         let id = task.id();
         self.state.push(task)?;
         self.queued.fetch_add(1, AtomicOrdering::AcqRel);

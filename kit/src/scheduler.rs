@@ -13,25 +13,34 @@
 //! that succeeded are applied), then the policy requeues its tasks to be
 //! recomputed, and each task of a failed step is charged one retry; a task
 //! over [`Supervision::max_retries`] ends with an error. After a short
-//! backoff the replica runs again.
+//! backoff the replica runs again. A task's final error names the failures
+//! of the steps that held it (when the policy tells which, see
+//! [`Policy::tasks_in`]), never another task's.
 //!
 //! [`SchedulerActor`] is the shell: it sends each dispatched step's
 //! description to the merger ([`Expect`]) and one [`RunStep`] to each node
 //! with work — the only message a node gets per step — and publishes its
-//! figures to the pipeline handle after every message.
+//! figures to the pipeline handle after every message. A plan giving work to
+//! a node the replica does not have is not run: the step fails at once,
+//! naming the node. A panic in the policy (or in a task's methods) is caught:
+//! the policy can no longer be trusted, so the scheduler stops the pipeline
+//! ([`Fault`]): it refuses further submissions, has the merger end every task
+//! still registered with an error naming the panic, and ignores everything
+//! after. The merger reports its own merge's panics the same way.
 //!
 //! **Invariant:** a replica has at most `max_steps_in_flight` steps in
 //! flight, and none while it recovers from a failure.
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use crate::merger::{EndTask, Expect};
-use crate::node::RunStep;
+use crate::merger::{EndTask, Expect, Failures, Halt};
+use crate::node::{panic_text, RunStep};
 use crate::queue::Demand;
 use crate::traits::{End, NodeError, NodeId, Plan, Policy, StepId, Supervision, TaskId};
 
@@ -64,6 +73,11 @@ pub struct StepDone<V> {
 impl<V: Send + 'static> Message for StepDone<V> {
     type Result = ();
 }
+
+/// User code panicked (the text says where and why): the pipeline stops.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Fault(pub String);
 
 /// The scheduler's figures.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -106,14 +120,31 @@ pub struct Dispatch<P: Policy> {
 struct Replica {
     /// Steps in flight and when each was dispatched.
     in_flight: Vec<(StepId, Instant)>,
-    /// Failed steps awaiting recovery, and why.
-    failed: Vec<StepId>,
-    why: Vec<String>,
+    /// Failed steps awaiting recovery.
+    failed: Vec<FailedStep>,
     /// Waiting out the backoff after a failure.
     paused: bool,
     /// Recoveries from failed steps so far: steps planned before the last
     /// one assume node state that a restart may have lost.
     epoch: u64,
+}
+
+/// A failed step awaiting its replica's recovery.
+#[derive(Debug)]
+struct FailedStep {
+    step: StepId,
+    /// Its failed nodes and why (its aborted ones, if no node of it failed).
+    why: String,
+    /// The tasks it held, if the policy says ([`Policy::tasks_in`]).
+    tasks: Option<Vec<TaskId>>,
+}
+
+/// A held task's failed steps so far.
+#[derive(Debug, Default)]
+struct Retries {
+    count: u32,
+    /// Why, once per distinct reason.
+    why: Vec<String>,
 }
 
 /// What a completed or failed step leads to.
@@ -133,7 +164,7 @@ pub struct SchedulerState<P: Policy> {
     max_in_flight: usize,
     replicas: Vec<Replica>,
     next_step: StepId,
-    retries: HashMap<TaskId, u32>,
+    retries: HashMap<TaskId, Retries>,
     stats: SchedulerStats<P::Stats>,
     /// The abandon flags of admitted tasks whose requester may still go.
     watched: HashMap<TaskId, Arc<AtomicBool>>,
@@ -263,32 +294,37 @@ impl<P: Policy> SchedulerState<P> {
                         .join("; ")
                 };
                 // The nodes that failed; a step whose nodes were all
-                // aborted (for another step's failure) is logged with why.
-                let why = named(true);
-                let logged = if why.is_empty() {
-                    named(false)
-                } else {
-                    why.clone()
-                };
-                tracing::warn!(replica = r, step = done.step, "step failed: {logged}");
-                rep.failed.push(done.step);
-                if !why.is_empty() {
-                    rep.why.push(why);
+                // aborted (for another step's failure) says why they were.
+                let mut why = named(true);
+                if why.is_empty() {
+                    why = named(false);
                 }
+                tracing::warn!(replica = r, step = done.step, "step failed: {why}");
+                let tasks = self.policy.tasks_in(r, done.step);
+                self.replicas[r].failed.push(FailedStep {
+                    step: done.step,
+                    why,
+                    tasks,
+                });
             }
         }
         let mut outcome = StepOutcome::default();
         let rep = &mut self.replicas[r];
         if !rep.failed.is_empty() && rep.in_flight.is_empty() {
             let failed = std::mem::take(&mut rep.failed);
-            let why = std::mem::take(&mut rep.why).join("; ");
             rep.paused = true;
             rep.epoch += 1;
             outcome.backoff = true;
-            for task in self.policy.failed(r, &failed) {
-                let n = self.retries.entry(task).or_default();
-                *n += 1;
-                if *n > self.supervision.max_retries {
+            let steps: Vec<StepId> = failed.iter().map(|f| f.step).collect();
+            for task in self.policy.failed(r, &steps) {
+                let why = why_failed(r, &failed, task);
+                let retries = self.retries.entry(task).or_default();
+                retries.count += 1;
+                if !retries.why.contains(&why) {
+                    retries.why.push(why);
+                }
+                if retries.count > self.supervision.max_retries {
+                    let why = retries.why.join("; ");
                     self.policy.drop_task(task);
                     self.retries.remove(&task);
                     outcome.ended.push((
@@ -325,9 +361,43 @@ impl<P: Policy> SchedulerState<P> {
     }
 }
 
+/// Why `task` failed in its replica `r`'s recovery from `failed`: the
+/// failures of the steps that held it, or, where the policy does not say
+/// which steps held it, those of every such step, saying so.
+fn why_failed(r: usize, failed: &[FailedStep], task: TaskId) -> String {
+    let own: Vec<&str> = failed
+        .iter()
+        .filter(|f| f.tasks.as_ref().is_some_and(|t| t.contains(&task)))
+        .map(|f| f.why.as_str())
+        .collect();
+    if !own.is_empty() {
+        return own.join("; ");
+    }
+    let mut unknown: Vec<&str> = failed
+        .iter()
+        .filter(|f| f.tasks.is_none())
+        .map(|f| f.why.as_str())
+        .collect();
+    if unknown.is_empty() {
+        // The policy named tasks for every step, but not this one.
+        unknown = failed.iter().map(|f| f.why.as_str()).collect();
+    }
+    if unknown.len() == 1 {
+        return unknown.join("");
+    }
+    format!(
+        "failures of replica {r}'s failed steps (the policy does not say which held the task): {}",
+        unknown.join("; ")
+    )
+}
+
 /// The figures the scheduler publishes and the queue's count of tasks not yet
 /// taken in, shared with the pipeline handle.
 pub(crate) type Published<S> = (Arc<Mutex<SchedulerStats<S>>>, Arc<AtomicUsize>);
+
+/// Why the pipeline stopped by itself (user code panicked), once it has;
+/// shared by the scheduler, which sets it, the queue and the handle.
+pub(crate) type FaultFlag = Arc<OnceLock<String>>;
 
 /// Every replica's nodes, `[replica][index]`.
 pub type ReplicaNodes<P> = Vec<Vec<Recipient<RunStep<<P as Policy>::Work, <P as Policy>::Links>>>>;
@@ -337,6 +407,7 @@ pub(crate) struct SchedulerLinks<P: Policy> {
     pub(crate) nodes: ReplicaNodes<P>,
     pub(crate) expect: Recipient<Expect<P::Step>>,
     pub(crate) end: Recipient<EndTask>,
+    pub(crate) halt: Recipient<Halt>,
     pub(crate) queue: Recipient<Demand>,
 }
 
@@ -349,6 +420,10 @@ pub struct SchedulerActor<P: Policy> {
     published: Arc<Mutex<SchedulerStats<P::Stats>>>,
     /// Tasks the queue accepted that are not yet taken in (counted down here).
     queued: Arc<AtomicUsize>,
+    /// Why the pipeline stopped, set here when user code panicked.
+    fault: FaultFlag,
+    /// The pipeline is stopping after a panic: messages are ignored.
+    halted: bool,
 }
 
 impl<P: Policy> SchedulerActor<P> {
@@ -356,6 +431,7 @@ impl<P: Policy> SchedulerActor<P> {
         state: SchedulerState<P>,
         links: SchedulerLinks<P>,
         (published, queued): Published<P::Stats>,
+        fault: FaultFlag,
     ) -> Self {
         Self {
             state,
@@ -363,7 +439,42 @@ impl<P: Policy> SchedulerActor<P> {
             demand: None,
             published,
             queued,
+            fault,
+            halted: false,
         }
+    }
+
+    /// Runs `f` unless the pipeline is stopping; a panic in it (the policy's
+    /// or a task's) stops the pipeline.
+    fn guarded(&mut self, ctx: &mut Context<Self>, f: impl FnOnce(&mut Self, &mut Context<Self>)) {
+        if self.halted {
+            return;
+        }
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(self, ctx))) {
+            self.halt(format!("the policy panicked: {}", panic_text(p)));
+        }
+    }
+
+    /// Stops the pipeline because user code panicked (`why`): the queue
+    /// refuses submissions from now on, the merger ends every task still
+    /// registered and stops the actor system, and this actor ignores what
+    /// still arrives.
+    fn halt(&mut self, why: String) {
+        if self.halted {
+            return;
+        }
+        self.halted = true;
+        let why = self.fault.get_or_init(|| why).clone();
+        tracing::error!("the pipeline stops: {why}");
+        if let Ok(mut s) = self.published.lock() {
+            // Every task held is ended by the merger.
+            s.in_flight = 0;
+            s.idle = true;
+        }
+        self.links.halt.do_send(Halt {
+            why,
+            system: System::current(),
+        });
     }
 
     /// Sends out every step that can start, asks the queue for what the
@@ -372,14 +483,51 @@ impl<P: Policy> SchedulerActor<P> {
         let gone = self.state.sweep_abandoned();
         self.end(gone.into_iter().map(|t| (t, End::Cancelled)).collect());
         for d in self.state.dispatch() {
+            let row = self
+                .links
+                .nodes
+                .get(d.replica)
+                .map_or(&[][..], Vec::as_slice);
+            let missing: Failures = d
+                .plan
+                .nodes
+                .iter()
+                .filter(|t| t.node >= row.len())
+                .map(|t| {
+                    let node = NodeId {
+                        replica: d.replica,
+                        index: t.node,
+                    };
+                    let why = format!(
+                        "no such node: the policy planned work for node {}, but replica {} has {} nodes",
+                        t.node,
+                        d.replica,
+                        row.len()
+                    );
+                    (node, NodeError::Failed(why))
+                })
+                .collect();
+            if !missing.is_empty() {
+                // None of the step runs (its nodes' links may wait on the
+                // missing one): it fails at once, like a node failure.
+                self.links.expect.do_send(Expect {
+                    replica: d.replica,
+                    step: d.step,
+                    nodes: Vec::new(),
+                    failed: missing,
+                    info: d.plan.step,
+                });
+                continue;
+            }
             self.links.expect.do_send(Expect {
                 replica: d.replica,
                 step: d.step,
                 nodes: d.plan.nodes.iter().map(|t| t.node).collect(),
+                failed: Vec::new(),
                 info: d.plan.step,
             });
             for t in d.plan.nodes {
-                if let Some(node) = self.links.nodes[d.replica].get(t.node) {
+                if let Some(node) = row.get(t.node) {
                     node.do_send(RunStep {
                         node: NodeId {
                             replica: d.replica,
@@ -398,8 +546,10 @@ impl<P: Policy> SchedulerActor<P> {
             self.links.queue.do_send(Demand(room));
             self.demand = Some(room);
         }
+        // Computed before locking: a panicking policy must not poison it.
+        let stats = self.state.stats();
         if let Ok(mut s) = self.published.lock() {
-            *s = self.state.stats();
+            *s = stats;
         }
     }
 
@@ -413,22 +563,25 @@ impl<P: Policy> SchedulerActor<P> {
 impl<P: Policy> Actor for SchedulerActor<P> {
     type Context = Context<Self>;
 
-    fn started(&mut self, _: &mut Self::Context) {
-        self.dispatch();
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.guarded(ctx, |act, _| act.dispatch());
     }
 }
 
 impl<P: Policy> Handler<Admit<P::Task>> for SchedulerActor<P> {
     type Result = ();
 
-    fn handle(&mut self, msg: Admit<P::Task>, _: &mut Self::Context) {
+    fn handle(&mut self, msg: Admit<P::Task>, ctx: &mut Self::Context) {
         let n = msg.0.len();
-        let gone = self.state.admit(msg.0);
-        self.end(gone.into_iter().map(|t| (t, End::Cancelled)).collect());
-        // The queue's demand was used up by what it sent.
-        self.demand = None;
-        self.dispatch();
-        // Taken in and published: the handle never sees these tasks nowhere.
+        self.guarded(ctx, |act, _| {
+            let gone = act.state.admit(msg.0);
+            act.end(gone.into_iter().map(|t| (t, End::Cancelled)).collect());
+            // The queue's demand was used up by what it sent.
+            act.demand = None;
+            act.dispatch();
+        });
+        // Taken in and published (or, if the pipeline stopped, dropped and
+        // ended by the merger): the handle never sees these tasks nowhere.
         self.queued.fetch_sub(n, Ordering::AcqRel);
     }
 }
@@ -436,11 +589,13 @@ impl<P: Policy> Handler<Admit<P::Task>> for SchedulerActor<P> {
 impl<P: Policy> Handler<CancelTask> for SchedulerActor<P> {
     type Result = ();
 
-    fn handle(&mut self, msg: CancelTask, _: &mut Self::Context) {
-        if self.state.cancel(msg.0) {
-            self.end(vec![(msg.0, End::Cancelled)]);
-        }
-        self.dispatch();
+    fn handle(&mut self, msg: CancelTask, ctx: &mut Self::Context) {
+        self.guarded(ctx, |act, _| {
+            if act.state.cancel(msg.0) {
+                act.end(vec![(msg.0, End::Cancelled)]);
+            }
+            act.dispatch();
+        });
     }
 }
 
@@ -448,17 +603,29 @@ impl<P: Policy> Handler<StepDone<P::Verdict>> for SchedulerActor<P> {
     type Result = ();
 
     fn handle(&mut self, msg: StepDone<P::Verdict>, ctx: &mut Self::Context) {
-        let r = msg.replica;
-        let outcome = self.state.step_done(msg);
-        self.end(outcome.ended);
-        if outcome.backoff {
-            // Give the restarted node a moment before the replica runs again.
-            ctx.run_later(self.state.supervision.backoff, move |act, _| {
-                act.state.resume(r);
-                act.dispatch();
-            });
-        }
-        self.dispatch();
+        self.guarded(ctx, |act, ctx| {
+            let r = msg.replica;
+            let outcome = act.state.step_done(msg);
+            act.end(outcome.ended);
+            if outcome.backoff {
+                // Give the restarted node a moment before the replica runs again.
+                ctx.run_later(act.state.supervision.backoff, move |act, ctx| {
+                    act.guarded(ctx, |act, _| {
+                        act.state.resume(r);
+                        act.dispatch();
+                    });
+                });
+            }
+            act.dispatch();
+        });
+    }
+}
+
+impl<P: Policy> Handler<Fault> for SchedulerActor<P> {
+    type Result = ();
+
+    fn handle(&mut self, msg: Fault, _: &mut Self::Context) {
+        self.halt(msg.0);
     }
 }
 
@@ -535,6 +702,9 @@ mod tests {
             }
             out
         }
+        fn tasks_in(&self, _: usize, step: StepId) -> Option<Vec<TaskId>> {
+            Some(self.busy.get(&step).map(|t| vec![t.0]).unwrap_or_default())
+        }
         fn cancel(&mut self, task: TaskId) -> bool {
             let before = self.waiting.len();
             self.waiting.retain(|t| t.0 != task);
@@ -583,6 +753,19 @@ mod tests {
         }
     }
 
+    fn failed(step: StepId, node: usize, why: &str) -> StepDone<()> {
+        StepDone {
+            result: Err(vec![(
+                NodeId {
+                    replica: 0,
+                    index: node,
+                },
+                NodeError::Failed(why.into()),
+            )]),
+            ..done(step, true)
+        }
+    }
+
     fn steps(d: &[Dispatch<Steps>]) -> Vec<(StepId, TaskId)> {
         d.iter().map(|d| (d.step, d.plan.step)).collect()
     }
@@ -628,6 +811,76 @@ mod tests {
         s.resume(0);
         assert!(s.stats().idle);
         assert_eq!(s.stats().failed_steps, 2);
+    }
+
+    #[test]
+    fn a_failed_task_is_told_only_the_failures_of_its_own_steps() {
+        let sup = Supervision {
+            max_retries: 1,
+            backoff: Duration::ZERO,
+        };
+        let mut s = SchedulerState::new(Steps::default(), sup, 2);
+        s.admit(vec![(1, 1), (2, 1)]);
+        for round in 0..2 {
+            let d = steps(&s.dispatch());
+            assert_eq!(d.len(), 2, "round {round}");
+            let mut out = StepOutcome::default();
+            for (step, task) in d {
+                out = s.step_done(match task {
+                    1 => failed(step, 0, &format!("job 1 fails ({round})")),
+                    _ => failed(step, 1, "job 2 fails"),
+                });
+            }
+            assert!(out.backoff);
+            s.resume(0);
+            if round == 0 {
+                assert!(out.ended.is_empty(), "{out:?}");
+                continue;
+            }
+            let why: HashMap<TaskId, String> = out
+                .ended
+                .into_iter()
+                .map(|(t, e)| match e {
+                    End::Failed(w) => (t, w),
+                    End::Cancelled => (t, "cancelled".into()),
+                })
+                .collect();
+            assert_eq!(
+                why[&1],
+                "the task failed 2 times: replica 0 node 0: job 1 fails (0); \
+                 replica 0 node 0: job 1 fails (1)"
+            );
+            assert_eq!(
+                why[&2],
+                "the task failed 2 times: replica 0 node 1: job 2 fails"
+            );
+        }
+        assert!(s.stats().idle);
+    }
+
+    #[test]
+    fn without_the_policy_s_word_a_failure_names_every_failed_step_and_says_so() {
+        let step = |step, why: &str, tasks| FailedStep {
+            step,
+            why: why.into(),
+            tasks,
+        };
+        let steps = [
+            step(0, "a", None),
+            step(1, "b", None),
+            step(2, "c", Some(vec![7])),
+        ];
+        assert_eq!(why_failed(0, &steps, 7), "c");
+        let why = why_failed(0, &steps, 8);
+        assert!(
+            why.contains("does not say which held the task") && why.ends_with(": a; b"),
+            "{why}"
+        );
+        assert_eq!(
+            why_failed(0, &steps[..1], 8),
+            "a",
+            "one step: it held the task"
+        );
     }
 
     #[test]

@@ -18,8 +18,18 @@
 //!   finishing ([`Merge::end`]): cancelled, or failed.
 //!
 //! **Invariant:** every submitted task ends exactly once, through the merger:
-//! finished by its own merge, or ended by [`Merge::end`] (or, if the pipeline
-//! stops first, by dropping its registration).
+//! finished by its own merge, or ended by [`Merge::end`] or [`Merge::end_all`]
+//! (or, if the pipeline stops first, by dropping its registration).
+//!
+//! **When user code fails:** a [`NodeWorker`] that errs or panics fails its
+//! step, is rebuilt, and the step's tasks are retried (see [`Supervision`]).
+//! A [`Policy`] or [`Merge`] method that panics leaves state the kit cannot
+//! trust, so the pipeline stops: every task still registered ends with
+//! [`End::Failed`] naming the panic (through [`Merge::end_all`]), later
+//! submissions are refused with [`SubmitError::Halted`], and
+//! [`crate::Pipeline::shutdown`] returns at once. A [`Plan`] that gives work
+//! to a node its replica does not have fails its step (retried like a node
+//! failure), naming the node and the replica's node count.
 
 use std::time::Duration;
 
@@ -85,12 +95,16 @@ pub enum NodeError {
     Aborted(String),
 }
 
-/// How a task ended other than by its merge finishing it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How a task ended other than by its merge finishing it. An error (`Send +
+/// Sync`), so that `pending.wait()?` works in a function returning
+/// `Result<_, Box<dyn Error>>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum End {
     /// The user cancelled it (or its requester went away).
+    #[error("the task was cancelled")]
     Cancelled,
-    /// It failed for good.
+    /// It failed for good; the text says why.
+    #[error("{0}")]
     Failed(String),
 }
 
@@ -111,7 +125,8 @@ pub struct Plan<S, W, L> {
     /// What the merger needs to know of the step.
     pub step: S,
     /// Work for the nodes that take part, at most one entry per node; nodes
-    /// not listed get nothing this step.
+    /// not listed get nothing this step. A plan naming a node index the
+    /// replica does not have is not run: the step fails, naming the index.
     pub nodes: Vec<NodeTask<W, L>>,
 }
 
@@ -121,6 +136,15 @@ pub struct Plan<S, W, L> {
 /// `max_steps_in_flight` of its steps are running; a policy returns `None`
 /// when nothing can start now (for example because every runnable task is in
 /// a step in flight).
+///
+/// A policy must not panic: a panic in any of its methods (or in a
+/// [`Task`]'s, called by the scheduler) leaves it in a state the scheduler
+/// cannot trust, so the pipeline stops, every task still registered ends
+/// with an error naming the panic, and later submissions are refused with
+/// [`SubmitError::Halted`]. A policy that runs user code which may panic for
+/// one task (as [`crate::OneShot`]'s `split`) catches it itself and fails
+/// that task alone, for example with a plan of no nodes whose step tells the
+/// merge to end it.
 pub trait Policy: Send + Unpin + 'static {
     /// The scheduling part of what users submit.
     type Task: Task;
@@ -165,6 +189,15 @@ pub trait Policy: Send + Unpin + 'static {
     /// failed steps and are still held (each is retried until it has failed
     /// too often).
     fn failed(&mut self, replica: usize, steps: &[StepId]) -> Vec<TaskId>;
+    /// The tasks that `replica`'s step `step`, in flight, holds, if the
+    /// policy can tell. The scheduler asks when the step fails, so that a
+    /// task failing for good is told only its own steps' failures. By default
+    /// `None`: such a task's error then names every failure of its replica's
+    /// failed steps, and says that the policy did not tell which held it.
+    fn tasks_in(&self, replica: usize, step: StepId) -> Option<Vec<TaskId>> {
+        let _ = (replica, step);
+        None
+    }
     /// Cancels `task`; `true` if the policy held it. The scheduler then ends it
     /// through the merger (a verdict for it from a step still in flight is
     /// ignored by the merger).
@@ -188,9 +221,12 @@ pub trait NodeWorker: Sized + Unpin + 'static {
     /// What the node hands to the merger.
     type Output: Send + 'static;
 
-    /// Runs the node's part of one step.
+    /// Runs the node's part of one step. An `Err` or a panic fails the step:
+    /// the node is rebuilt from its [`WorkerFactory`], and the step's tasks
+    /// run again, each up to [`Supervision::max_retries`] times.
     fn run(&mut self, work: &Self::Work, links: &Self::Links) -> Result<Self::Output, NodeError>;
-    /// Called when this node fails mid-step, so that peers blocked on it return.
+    /// Called when this node fails mid-step, so that peers blocked on it return
+    /// (a panic here is caught and logged).
     fn abort(links: &Self::Links);
     /// Whether the worker keeps state from step to step that later steps
     /// build on (the LLM's KV cache). A restart rebuilds the worker without
@@ -201,11 +237,21 @@ pub trait NodeWorker: Sized + Unpin + 'static {
     }
 }
 
-/// Builds a node's worker (at start, and again on every restart).
+/// Builds a node's worker (at start, and again on every restart). An `Err`
+/// or a panic at start makes [`crate::Pipeline::start`] fail with it; at a
+/// restart, the node fails every step it is given, with the reason, until a
+/// later rebuild succeeds.
 pub type WorkerFactory<W> = std::sync::Arc<dyn Fn(NodeId) -> Result<W, String> + Send + Sync>;
 
 /// Assembles a step's node outputs into per-task results, and is the one place
 /// where tasks end.
+///
+/// A merge must not panic: a panic in any of its methods leaves it in a
+/// state the merger cannot trust, so the pipeline stops as for a
+/// [`Policy`]'s panic (every task still registered ends through
+/// [`Merge::end_all`] with an error naming it). A merge that runs user code
+/// which may panic for one task (as [`crate::OneShot`]'s `merge`) catches it
+/// itself and ends that task alone.
 pub trait Merge: Send + Unpin + 'static {
     /// What the merger knows of a step.
     type Step: Send + 'static;
@@ -224,6 +270,13 @@ pub trait Merge: Send + Unpin + 'static {
     /// Ends `task` for a reason other than finishing (a no-op if it already
     /// ended).
     fn end(&mut self, task: TaskId, end: End);
+    /// The pipeline stops because user code panicked: ends every task still
+    /// registered as `end`. By default it does nothing, and the registrations
+    /// are dropped with the merge (so requesters learn that the pipeline
+    /// stopped, not why).
+    fn end_all(&mut self, end: End) {
+        let _ = end;
+    }
 }
 
 /// Supervision and retry limits.
@@ -259,4 +312,8 @@ pub enum SubmitError {
     /// The actor system is gone.
     #[error("the pipeline has stopped")]
     Stopped,
+    /// The pipeline stopped by itself because user code panicked; the text
+    /// names the panic.
+    #[error("the pipeline has stopped: {0}")]
+    Halted(String),
 }

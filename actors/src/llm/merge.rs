@@ -533,6 +533,13 @@ impl Merge for LlmMerger {
         verdict
     }
 
+    fn end_all(&mut self, end: End) {
+        let held: Vec<TaskId> = self.reqs.keys().copied().collect();
+        for task in held {
+            self.end(task, end.clone());
+        }
+    }
+
     fn end(&mut self, task: TaskId, end: End) {
         if let Some(st) = self.reqs.remove(&task) {
             let reason = match end {
