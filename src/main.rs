@@ -261,8 +261,9 @@ enum ConfigCommand {
     Show(LayerArgs),
     /// Validate a config file (with the environment and flags on top).
     Check {
-        /// The TOML or YAML file.
-        file: PathBuf,
+        /// The TOML or YAML file (or give it with --config).
+        #[arg(required_unless_present = "config")]
+        file: Option<PathBuf>,
         #[command(flatten)]
         layers: LayerArgs,
     },
@@ -1051,15 +1052,19 @@ fn run_launch(args: LaunchArgs) -> CliResult {
     Ok(())
 }
 
-fn run_config_check(file: PathBuf, mut layers: LayerArgs) -> CliResult {
-    if let Some(other) = &layers.config {
-        return Err(format!(
-            "config check takes one file: {} as its argument and {} with --config",
-            file.display(),
-            other.display()
-        )
-        .into());
-    }
+fn run_config_check(file: Option<PathBuf>, mut layers: LayerArgs) -> CliResult {
+    let file = match (file, layers.config.take()) {
+        (Some(file), Some(other)) => {
+            return Err(format!(
+                "config check takes one file: {} as its argument and {} with --config",
+                file.display(),
+                other.display()
+            )
+            .into())
+        }
+        (Some(file), None) | (None, Some(file)) => file,
+        (None, None) => return Err("config check needs a file: give its path".into()),
+    };
     layers.config = Some(file.clone());
     let loaded = parallm::config::load(&layers.sources()?)?;
     match parallm::config::memory_plan(&loaded.settings)? {

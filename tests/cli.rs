@@ -332,6 +332,16 @@ fn config_check_and_serve_refuse_what_the_machine_cannot_hold() {
         stdout.contains("valid; with ") && stdout.contains("KV cache 511.9 MiB (2 replica(s))"),
         "{stdout}"
     );
+    // The file may come with --config too, as serve takes it; not both.
+    let path = file.to_str().unwrap();
+    let out = parallm(&["config", "check", "--config", path]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = parallm(&["config", "check", path, "--config", path]);
+    assert_clean_failure(&out, "config check takes one file");
 }
 
 /// A minimal GGUF v3 file with string metadata and no tensors.

@@ -2305,6 +2305,17 @@ fn greedy_texts(s: &Server, prompt: &str, n: usize, specs: [Value; 2]) -> Vec<Va
 #[test]
 fn request_metrics_count_a_request_once_whatever_its_n_and_leave_probes_out() {
     let s = Server::start(&["--set", "server.health_probe_interval_secs=1"], true);
+    // Counters are there from the start, at 0.
+    let (_, text) = s.get("/metrics");
+    for line in [
+        "parallm_preemptions_total 0",
+        "parallm_prefix_cache_evictions_total 0",
+        "parallm_spec_drafted_tokens_total 0",
+        "parallm_request_failure_total{reason=\"overloaded\"} 0",
+        "parallm_request_success_total{finish_reason=\"length\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
     // Probes go through the engine every second, routed like requests, but
     // no request-level metric counts them.
     s.wait_metric("parallm_requests_routed_total", |v| v >= 2.0, "probes");
@@ -2344,4 +2355,36 @@ fn request_metrics_count_a_request_once_whatever_its_n_and_leave_probes_out() {
     ] {
         assert_eq!(s.metric(name), 1.0, "{name}");
     }
+}
+
+#[test]
+fn tokenize_counts_a_tool_conversation_as_the_chat_endpoint_does() {
+    let s = Server::start(&[], true);
+    let messages = json!([
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1",
+            "type": "function", "function": {"name": "get_weather",
+            "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}
+    ]);
+    let (status, chat) = s.post(
+        "/v1/chat/completions",
+        json!({"messages": messages, "tools": weather_tools(), "max_tokens": 1}),
+    );
+    assert_eq!(status, 200, "{chat}");
+    let (status, t) = s.post(
+        "/tokenize",
+        json!({"messages": messages, "tools": weather_tools()}),
+    );
+    assert_eq!(status, 200, "{t}");
+    assert_eq!(t["count"], chat["usage"]["prompt_tokens"], "{t}");
+    // Without the tools, the history's calls and results still count.
+    let (status, bare) = s.post("/tokenize", json!({"messages": messages}));
+    assert_eq!(status, 200, "{bare}");
+    assert!(bare["count"].as_u64() < t["count"].as_u64(), "{bare} {t}");
+    let (status, r) = s.post(
+        "/tokenize",
+        json!({"prompt": "x", "tools": weather_tools()}),
+    );
+    assert_error(status, &r, 400, Some("tools"), "invalid_value");
 }

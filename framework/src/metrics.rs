@@ -9,6 +9,16 @@
 //! [`ALL`] to describe them and [`Metric::buckets`] to bucket histograms.
 //! `docs/metrics.md` documents the same table, and a test keeps the two equal.
 
+/// Every `reason` of [`REQUEST_FAILURE`].
+pub const FAILURE_REASONS: &[&str] = &[
+    "failed",
+    "cancelled",
+    "overloaded",
+    "invalid",
+    "timeout",
+    "shutting_down",
+];
+
 /// The kind of a metric, as Prometheus sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

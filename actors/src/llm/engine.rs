@@ -852,7 +852,9 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// A builder with the default configuration.
+    /// A builder with the default configuration, whose model is the tiny
+    /// synthetic one (random weights, no tokenizer: token-id prompts only):
+    /// name a model file or directory with [`EngineBuilder::model_path`].
     pub fn builder() -> EngineBuilder {
         EngineBuilder::default()
     }

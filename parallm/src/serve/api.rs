@@ -21,8 +21,21 @@ use crate::serve::error::ApiError;
 
 /// Parses a JSON body, naming the field at fault on a type error.
 pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::MalformedJson(e.to_string()))?;
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        // serde_json stops at 128 levels of nesting: valid JSON, refused.
+        if e.to_string().starts_with("recursion limit exceeded") {
+            ApiError::InvalidParam {
+                param: None,
+                message: format!(
+                    "the request body nests arrays and objects more than 128 levels deep (at line {} column {}), deeper than this server reads",
+                    e.line(),
+                    e.column()
+                ),
+            }
+        } else {
+            ApiError::MalformedJson(e.to_string())
+        }
+    })?;
     if !value.is_object() {
         return Err(ApiError::InvalidParam {
             param: None,
@@ -291,7 +304,7 @@ impl SpeculativeInput {
 }
 
 /// An engine's refusal of a field as the API's error naming it.
-fn api_error(e: framework::Error) -> ApiError {
+pub fn api_error(e: framework::Error) -> ApiError {
     match e {
         framework::Error::InvalidRequest { field, reason } => {
             ApiError::param(field, format!("`{field}` {reason}"))
@@ -425,6 +438,9 @@ pub struct TokenizeRequest {
     pub prompt: Option<String>,
     /// Or a conversation, rendered with the chat template.
     pub messages: Option<Vec<MessageInput>>,
+    /// The tools offered with `messages`, as a chat request gives them (they
+    /// are part of the rendered prompt).
+    pub tools: Option<serde_json::Value>,
     /// Add BOS/EOS as the model does (default true; Hugging Face's name).
     pub add_special_tokens: Option<bool>,
 }
@@ -752,6 +768,23 @@ impl CompletionRequest {
     }
 }
 
+/// The prompt of a conversation as sent, with the tools `offered` to the
+/// model: plain turns, or turns with tool calls and results (when tools are
+/// offered, or the history holds calls).
+pub fn chat_prompt(input: &[MessageInput], offered: &[Tool]) -> Result<Prompt, ApiError> {
+    let with_calls = input
+        .iter()
+        .any(|m| m.role == "tool" || m.tool_calls.as_ref().is_some_and(|c| !c.is_empty()));
+    Ok(if offered.is_empty() && !with_calls {
+        Prompt::Chat(chat_messages(input)?)
+    } else {
+        Prompt::ChatTools {
+            messages: chat_turns(input, true)?,
+            tools: offered.to_vec(),
+        }
+    })
+}
+
 /// Converts messages as sent into the template's form.
 pub fn chat_messages(messages: &[MessageInput]) -> Result<Vec<ChatMessage>, ApiError> {
     Ok(chat_turns(messages, false)?
@@ -924,17 +957,7 @@ impl ChatRequest {
         } else {
             tools
         };
-        let with_calls = input
-            .iter()
-            .any(|m| m.role == "tool" || m.tool_calls.as_ref().is_some_and(|c| !c.is_empty()));
-        let prompt = if offered.is_empty() && !with_calls {
-            Prompt::Chat(chat_messages(input)?)
-        } else {
-            Prompt::ChatTools {
-                messages: chat_turns(input, true)?,
-                tools: offered.clone(),
-            }
-        };
+        let prompt = chat_prompt(input, &offered)?;
         let parallel = self.common.parallel_tool_calls.unwrap_or(true);
         let tool_use = (!offered.is_empty()).then(|| {
             let forced = framework::tools::guide(format, &offered, &choice, parallel);
@@ -1062,6 +1085,32 @@ mod tests {
         assert_eq!(e.param_name().as_deref(), Some("temperature"), "{e}");
         let e = parse_body::<CompletionRequest>(br#"{"prompt":"x","#).expect_err("syntax");
         assert!(matches!(e, ApiError::MalformedJson(_)), "{e:?}");
+        // Valid JSON nested past serde_json's limit is not called malformed.
+        let deep = format!(
+            r#"{{"prompt":"x","guided_json":{}{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let e = parse_body::<CompletionRequest>(deep.as_bytes()).expect_err("too deep");
+        assert!(e.to_string().contains("more than 128 levels"), "{e}");
+    }
+
+    #[test]
+    fn dimensions_equal_to_the_models_are_no_truncation() {
+        let req = |d: usize| {
+            parse_body::<EmbeddingRequest>(
+                format!(r#"{{"input":"x","dimensions":{d}}}"#).as_bytes(),
+            )
+            .expect("parses")
+        };
+        let v = req(64).validate(64, false).expect("the model's own width");
+        assert_eq!(v.dimensions, None);
+        let e = req(32).validate(64, false).expect_err("no Matryoshka");
+        assert_eq!(e.param_name().as_deref(), Some("dimensions"));
+        assert_eq!(
+            req(32).validate(64, true).expect("Matryoshka").dimensions,
+            Some(32)
+        );
     }
 
     #[test]
@@ -1229,7 +1278,8 @@ impl EmbeddingRequest {
             }
         };
         if let Some(d) = self.dimensions {
-            if !matryoshka {
+            // The model's own width is no truncation: any model gives it.
+            if !matryoshka && d != width {
                 return Err(ApiError::param(
                     "dimensions",
                     format!("`dimensions`: this model's {width} dimensions cannot be truncated (it is not configured as a Matryoshka model: [[models]] matryoshka = true)"),
@@ -1245,7 +1295,7 @@ impl EmbeddingRequest {
         Ok(ValidEmbedding {
             items,
             base64,
-            dimensions: self.dimensions,
+            dimensions: self.dimensions.filter(|&d| d != width),
         })
     }
 }

@@ -316,6 +316,20 @@ pub fn install_metrics() -> Result<PrometheusHandle, ServeError> {
             m::Kind::Histogram => metrics::describe_histogram!(metric.name, metric.help),
         }
     }
+    // Counters are exported from the start, at 0, so that rates, ratios
+    // and absent() alerts work before the first event: those without
+    // labels, and those whose label values are a fixed few.
+    for metric in m::ALL {
+        if metric.kind == m::Kind::Counter && metric.labels.is_empty() {
+            metrics::counter!(metric.name).increment(0);
+        }
+    }
+    for reason in m::FAILURE_REASONS {
+        metrics::counter!(m::REQUEST_FAILURE, "reason" => *reason).increment(0);
+    }
+    for reason in ["stop", "length"] {
+        metrics::counter!(m::REQUEST_SUCCESS, "finish_reason" => reason).increment(0);
+    }
     Ok(handle)
 }
 

@@ -22,13 +22,13 @@ use serde_json::{json, Value};
 use actors::llm::{BeamOutput, Engine, Event, EventStream, Request};
 use framework::sampling::TokenLogprob;
 use framework::scoring::PromptScore;
-use framework::tools::{StreamOut, ToolCall, ToolStream};
+use framework::tools::{StreamOut, Tool, ToolCall, ToolStream};
 use framework::FinishReason;
 
 use crate::serve::api::{
-    chat_messages, parse_body, ChatLogprobs, ChatRequest, ChatTokenLogprob, ChatTopLogprob,
-    CompletionLogprobs, CompletionRequest, DetokenizeRequest, EmbedItem, EmbeddingRequest,
-    TokenizeRequest, ToolUse, UsageOut, ValidGeneration,
+    api_error, chat_prompt, parse_body, ChatLogprobs, ChatRequest, ChatTokenLogprob,
+    ChatTopLogprob, CompletionLogprobs, CompletionRequest, DetokenizeRequest, EmbedItem,
+    EmbeddingRequest, TokenizeRequest, ToolUse, UsageOut, ValidGeneration,
 };
 use crate::serve::error::ApiError;
 use crate::serve::{AppState, InFlight};
@@ -1049,9 +1049,16 @@ pub async fn tokenize(
     let req: TokenizeRequest = parse(&state, body).await?;
     check_model(&state, req.model.as_deref())?;
     let engine = state.engine()?;
+    let tools = match req.tools.as_ref().filter(|v| !v.is_null()) {
+        _ if req.messages.is_none() && req.tools.is_some() => {
+            return Err(ApiError::param("tools", "`tools` go with `messages`"))
+        }
+        Some(v) => Tool::list_from_openai(v).map_err(api_error)?,
+        None => Vec::new(),
+    };
     let prompt = match (req.prompt, req.messages) {
         (Some(p), None) => actors::llm::Prompt::Text(p),
-        (None, Some(m)) => actors::llm::Prompt::Chat(chat_messages(&m)?),
+        (None, Some(m)) => chat_prompt(&m, &tools)?,
         _ => {
             return Err(ApiError::param(
                 "prompt",
