@@ -26,6 +26,9 @@
 //! - [`Parsed::content`] is the text outside the call syntax, verbatim
 //!   (whitespace between Hermes blocks included; callers show
 //!   whitespace-only content as none); with no calls it is the whole text.
+//! - An output the length limit cut is read by [`parse_cut`] (and a stream
+//!   ended by [`ToolStream::finish_cut`]): a last call cut in its arguments
+//!   is a call whose arguments are the text so far, not content.
 //! - A stream agrees with [`parse`] of the whole text, in all three formats:
 //!   the [`StreamOut::Content`] pieces concatenate to [`Parsed::content`],
 //!   and the calls (each [`StreamOut::CallStart`]'s name and its
@@ -442,6 +445,61 @@ pub fn parse(format: ToolFormat, text: &str, tools: &[Tool]) -> Parsed {
     }
 }
 
+/// Like [`parse`], for an output the length limit cut short: a last call
+/// it cut in its arguments is a call too, whose arguments are the text it
+/// got to (not valid JSON; as OpenAI returns such a call, with
+/// `finish_reason: length` saying why), instead of content holding its
+/// markup. A Hermes block cut before its function's name is dropped: it is
+/// no content, and no call yet. Hermes and Llama 3 JSON; a Mistral output
+/// is parsed as whole.
+pub fn parse_cut(format: ToolFormat, text: &str, tools: &[Tool]) -> Parsed {
+    let mut parsed = parse(format, text, tools);
+    match format {
+        ToolFormat::Hermes => {
+            // What follows the last marker is the unclosed block (a closed
+            // one would have been parsed, or made the whole text content).
+            if let Some(at) = parsed.content.rfind(TOOL_CALL_OPEN) {
+                let body = &parsed.content[at + TOOL_CALL_OPEN.len()..];
+                if !body.contains(TOOL_CALL_CLOSE) {
+                    let call = partial_call(body, tools);
+                    parsed.content.truncate(at);
+                    parsed.calls.extend(call);
+                }
+            }
+        }
+        // An output that began a call holds nothing else.
+        ToolFormat::Llama3Json if parsed.calls.is_empty() => {
+            let rest = parsed.content.trim_start();
+            let body = rest.strip_prefix(PYTHON_TAG).unwrap_or(rest);
+            if let Some(call) = partial_call(body, tools) {
+                parsed.content.clear();
+                parsed.calls.push(call);
+            }
+        }
+        _ => {}
+    }
+    parsed
+}
+
+/// The function name and the arguments text so far of a call cut short:
+/// `{"name": "f", "arguments": …` (or `"parameters"`), `f` one of `tools`.
+fn partial_call(body: &str, tools: &[Tool]) -> Option<(String, String)> {
+    let after = |s: &str, token: &str| s.trim_start().strip_prefix(token).map(str::to_string);
+    let rest = after(body, "{")?;
+    let rest = after(&rest, "\"name\"")?;
+    let rest = after(&rest, ":")?;
+    let rest = after(&rest, "\"")?;
+    let end = rest.find('"')?;
+    let name = &rest[..end];
+    if !tools.iter().any(|t| t.name == name) {
+        return None;
+    }
+    let rest = after(&rest[end + 1..], ",")?;
+    let rest = after(&rest, "\"arguments\"").or_else(|| after(&rest, "\"parameters\""))?;
+    let arguments = after(&rest, ":")?;
+    Some((name.to_string(), arguments.trim_start().to_string()))
+}
+
 fn parse_hermes(text: &str, tools: &[Tool]) -> Option<Parsed> {
     let mut content = String::new();
     let mut calls = Vec::new();
@@ -851,14 +909,28 @@ impl ToolStream {
     }
 
     /// Ends the output: gives the held content and the calls.
-    pub fn finish(mut self) -> Vec<StreamOut> {
-        if self.state != StreamState::Holding {
+    pub fn finish(self) -> Vec<StreamOut> {
+        self.end(false)
+    }
+
+    /// Ends an output the length limit cut: as [`ToolStream::finish`], with
+    /// a call cut short given as [`parse_cut`] gives it.
+    pub fn finish_cut(self) -> Vec<StreamOut> {
+        self.end(true)
+    }
+
+    fn end(mut self, cut: bool) -> Vec<StreamOut> {
+        if self.state != StreamState::Holding && !cut {
             return self.release(self.text.len());
         }
-        let parsed = parse(self.format, &self.text, &self.tools);
+        let parsed = match cut {
+            true => parse_cut(self.format, &self.text, &self.tools),
+            false => parse(self.format, &self.text, &self.tools),
+        };
         let sent = &self.text[..self.released];
         let rest = match parsed.content.strip_prefix(sent) {
-            Some(rest) if !parsed.calls.is_empty() => rest,
+            // A cut output's content may have lost a dropped block.
+            Some(rest) if !parsed.calls.is_empty() || cut => rest,
             // No calls (or, never expected, content that does not begin
             // with what was sent): the rest of the text is content.
             _ => return self.release(self.text.len()),
@@ -866,7 +938,8 @@ impl ToolStream {
         let mut out = Vec::new();
         // Whitespace alone around the calls is no content (a whole answer
         // has none then either).
-        let only_whitespace = self.released == 0 && rest.trim().is_empty();
+        let only_whitespace =
+            !parsed.calls.is_empty() && self.released == 0 && rest.trim().is_empty();
         if !rest.is_empty() && !only_whitespace {
             out.push(StreamOut::Content(rest.to_string()));
         }
@@ -1204,6 +1277,69 @@ mod tests {
             for pieces in splits {
                 let refs: Vec<&str> = pieces.iter().map(String::as_str).collect();
                 assert_eq!(stream(format, &refs, &t), want, "{format:?} {pieces:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_call_cut_by_the_length_limit_is_a_call_with_its_arguments_so_far() {
+        let t = tools();
+        let cut = "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Pa";
+        let p = parse_cut(ToolFormat::Hermes, cut, &t);
+        assert_eq!(
+            p.calls,
+            vec![
+                call("get_time", "{}"),
+                call("get_weather", "{\"city\": \"Pa")
+            ]
+        );
+        assert!(p.content.trim().is_empty(), "{:?}", p.content);
+        // Not cut: the unclosed block stays content, as before.
+        assert_eq!(
+            parse(ToolFormat::Hermes, cut, &t).calls,
+            vec![call("get_time", "{}")]
+        );
+        // A block cut before a tool's name is no call, and no content.
+        for text in [
+            "<tool_call>{\"name\": \"get_wea",
+            "<tool_call>{\"name\": \"nope\", \"arguments\": {\"x",
+        ] {
+            let text = format!("Hi\n{text}");
+            let p = parse_cut(ToolFormat::Hermes, &text, &t);
+            assert!(p.calls.is_empty() && p.content == "Hi\n", "{p:?}");
+            let mut s = ToolStream::new(ToolFormat::Hermes, &t);
+            let mut outs = s.push(&text);
+            outs.extend(s.finish_cut());
+            assert_eq!(outs, vec![StreamOut::Content("Hi\n".into())]);
+        }
+        let llama = "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Pa";
+        let p = parse_cut(ToolFormat::Llama3Json, llama, &t);
+        assert_eq!(p.calls, vec![call("get_weather", "{\"city\": \"Pa")]);
+        // A stream ended as cut agrees, however the text was split.
+        for (format, text) in [(ToolFormat::Hermes, cut), (ToolFormat::Llama3Json, llama)] {
+            let whole = parse_cut(format, text, &t);
+            for sizes in [&[1][..], &[3], &[1, 4, 2]] {
+                let pieces = char_pieces(text, sizes);
+                let mut s = ToolStream::new(format, &t);
+                let mut outs = Vec::new();
+                for p in &pieces {
+                    outs.extend(s.push(p));
+                }
+                outs.extend(s.finish_cut());
+                let calls: Vec<String> = outs
+                    .iter()
+                    .filter_map(|o| match o {
+                        StreamOut::CallStart { name, .. } => Some(name.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                let want: Vec<String> = whole.calls.iter().map(|c| c.0.clone()).collect();
+                assert_eq!(calls, want, "{format:?} {pieces:?}");
+                assert!(
+                    outs.iter()
+                        .all(|o| !matches!(o, StreamOut::Content(c) if c.contains('<'))),
+                    "{outs:?}"
+                );
             }
         }
     }

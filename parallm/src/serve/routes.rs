@@ -535,9 +535,18 @@ fn chat_message(
     let Some(t) = tools else {
         return (json!({"role": "assistant", "content": text}), reason);
     };
-    let parsed = framework::tools::parse(t.format, text, &t.tools);
+    // A call the length limit cut is a call (its arguments cut too), not
+    // markup in the content.
+    let parsed = match reason {
+        Some("length") => framework::tools::parse_cut(t.format, text, &t.tools),
+        _ => framework::tools::parse(t.format, text, &t.tools),
+    };
     if parsed.calls.is_empty() {
-        return (json!({"role": "assistant", "content": text}), reason);
+        // The whole text, but for a block a cut left without a name.
+        return (
+            json!({"role": "assistant", "content": parsed.content}),
+            reason,
+        );
     }
     let calls: Vec<Value> = parsed
         .calls
@@ -716,7 +725,10 @@ impl SseState {
                         self.tool_streams.get_mut(i).and_then(Option::take)
                     {
                         let mut outs = ts.push(&tail);
-                        outs.extend(ts.finish());
+                        outs.extend(match reason {
+                            "length" => ts.finish_cut(),
+                            _ => ts.finish(),
+                        });
                         called |= outs
                             .iter()
                             .any(|o| matches!(o, StreamOut::CallStart { .. }));
