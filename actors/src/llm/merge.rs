@@ -302,7 +302,7 @@ fn chosen(is_beam: bool, mut got: Vec<Pick>, rows: usize) -> Option<Chosen> {
 /// Counts a produced token of a request; the first one sets its time to
 /// first token.
 fn produced(first_token: &mut Option<Instant>, arrived: Instant, traffic: Traffic) {
-    if traffic != Traffic::Probe {
+    if !matches!(traffic, Traffic::Probe { .. }) {
         metrics::counter!(m::GENERATION_TOKENS).increment(1);
     }
     if first_token.is_none() {

@@ -909,6 +909,11 @@ impl Policy for LlmPolicy {
     }
 
     fn route(&self, task: &LlmTask) -> usize {
+        if let Traffic::Probe { replica } = task.traffic {
+            if replica < self.lanes.len() {
+                return replica;
+            }
+        }
         let cands: Vec<_> = (0..self.lanes.len())
             .map(|r| {
                 let cached = self.lanes[r]
@@ -935,7 +940,11 @@ impl Policy for LlmPolicy {
             })
             .collect();
         let lane = prefer_cached(&cands, self.route_margin);
-        if let Some(n) = self.routed.get_mut(replica) {
+        let routed = self
+            .routed
+            .get_mut(replica)
+            .filter(|_| !matches!(task.traffic, Traffic::Probe { .. }));
+        if let Some(n) = routed {
             *n += 1;
             metrics::counter!(m::REQUESTS_ROUTED, "replica" => replica.to_string()).increment(1);
         }

@@ -108,9 +108,14 @@ pub enum Traffic {
     /// A further choice of one request (`n` > 1), whose first choice is
     /// counted: only its generated tokens count.
     FurtherChoice,
-    /// Not a user's: the server's health probe. No request-level metric
-    /// counts it.
-    Probe,
+    /// Not a user's: the server's health probe of data-parallel replica
+    /// `replica`, which it goes to whatever the load (one past the last
+    /// replica: routed as any request). No request-level metric counts it,
+    /// nor the routing counter.
+    Probe {
+        /// The replica it probes.
+        replica: usize,
+    },
 }
 
 impl Request {

@@ -93,10 +93,10 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Generation requests being answered.
     pub inflight: AtomicUsize,
-    /// When the last health probe succeeded.
-    pub last_probe_ok: Mutex<Option<Instant>>,
-    /// The last probe's failure, if it failed.
-    pub last_probe_error: Mutex<Option<String>>,
+    /// Each data-parallel replica's health probes: when the last one
+    /// succeeded, and the last one's failure, if it failed (empty until the
+    /// first round).
+    pub probes: Mutex<Vec<ProbeState>>,
     /// Renders `/metrics`.
     pub prometheus: PrometheusHandle,
     /// Tokenizes prompts and renders templates off the HTTP workers.
@@ -190,7 +190,9 @@ impl AppState {
             .and_then(|e| e.stopped().map(str::to_string))
     }
 
-    /// Whether the server is healthy, and why not.
+    /// Whether the server is healthy, and why not: every data-parallel
+    /// replica must have answered a probe within `health_max_age` (a
+    /// replica that fails would fail its share of the requests).
     pub fn health(&self) -> (bool, String) {
         if let Some(why) = self.stopped() {
             return (false, format!("{why}; exiting"));
@@ -201,33 +203,44 @@ impl AppState {
         if self.engine.get().is_none() {
             return (false, "loading the model".into());
         }
-        let last = self.last_probe_ok.lock().ok().and_then(|g| *g);
-        match last {
-            Some(t) if t.elapsed() <= self.settings.health_max_age => (
-                true,
-                format!("probe succeeded {:.1}s ago", t.elapsed().as_secs_f64()),
-            ),
-            Some(t) => (
-                false,
-                format!(
-                    "no successful probe for {:.0}s ({})",
-                    t.elapsed().as_secs_f64(),
-                    self.probe_error()
-                ),
-            ),
-            None => (
-                false,
-                format!("no successful probe yet ({})", self.probe_error()),
-            ),
+        let probes = match self.probes.lock() {
+            Ok(p) => p.clone(),
+            Err(_) => return (false, "the probes' state was lost".into()),
+        };
+        if probes.is_empty() {
+            return (false, "no probe has finished yet".into());
         }
-    }
-
-    fn probe_error(&self) -> String {
-        self.last_probe_error
-            .lock()
-            .ok()
-            .and_then(|g| g.clone())
-            .unwrap_or_else(|| "none has finished".into())
+        let max_age = self.settings.health_max_age;
+        let replica = |r: usize| match probes.len() {
+            1 => String::new(),
+            _ => format!("replica {r}: "),
+        };
+        let mut failing = Vec::new();
+        let mut oldest = Duration::ZERO;
+        for (r, p) in probes.iter().enumerate() {
+            let why = p.error.as_deref().unwrap_or("none has finished");
+            match p.ok.map(|t| t.elapsed()) {
+                Some(age) if age <= max_age => oldest = oldest.max(age),
+                Some(age) => failing.push(format!(
+                    "{}no successful probe for {:.0}s ({why})",
+                    replica(r),
+                    age.as_secs_f64()
+                )),
+                None => failing.push(format!("{}no successful probe yet ({why})", replica(r))),
+            }
+        }
+        if failing.is_empty() {
+            let what = match probes.len() {
+                1 => "probe".to_string(),
+                n => format!("probes of all {n} replicas"),
+            };
+            (
+                true,
+                format!("{what} succeeded within {:.1}s", oldest.as_secs_f64()),
+            )
+        } else {
+            (false, failing.join("; "))
+        }
     }
 
     /// Refreshes the engine gauges (so they are right even between steps).
@@ -237,8 +250,9 @@ impl AppState {
         }
     }
 
-    /// One probe: a one-token request through the engine.
-    async fn probe(&self) -> Result<(), String> {
+    /// One probe of data-parallel replica `replica`: a one-token request
+    /// through the engine, sent to that replica.
+    async fn probe(&self, replica: usize) -> Result<(), String> {
         let engine = self
             .engine
             .get()
@@ -248,7 +262,7 @@ impl AppState {
         let mut req = Request::greedy_tokens(vec![token], 1);
         req.priority = i32::MAX;
         // Not user traffic: the request-level metrics leave it out.
-        req.traffic = actors::llm::Traffic::Probe;
+        req.traffic = actors::llm::Traffic::Probe { replica };
         let mut events = engine
             .generate_async(req)
             .await
@@ -294,6 +308,15 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.inflight.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// One data-parallel replica's health probes.
+#[derive(Debug, Clone, Default)]
+pub struct ProbeState {
+    /// When its last probe succeeded.
+    pub ok: Option<Instant>,
+    /// Its last probe's failure, if that failed.
+    pub error: Option<String>,
 }
 
 /// Installs the Prometheus recorder with every metric described and bucketed.
@@ -434,8 +457,7 @@ where
             .unwrap_or(0),
         draining: AtomicBool::new(false),
         inflight: AtomicUsize::new(0),
-        last_probe_ok: Mutex::new(None),
-        last_probe_error: Mutex::new(None),
+        probes: Mutex::new(Vec::new()),
         prometheus,
     });
     let data = web::Data::from(state.clone());
@@ -598,22 +620,27 @@ where
 
     // Health probes, one now and then one per interval.
     let probe_state = state.clone();
+    let replicas = state.settings.engine.dp.max(1);
     let prober = actix_web::rt::spawn(async move {
         loop {
-            let result = probe_state.probe().await;
-            match result {
-                Ok(()) => {
-                    if let Ok(mut g) = probe_state.last_probe_ok.lock() {
-                        *g = Some(Instant::now());
-                    }
-                    if let Ok(mut g) = probe_state.last_probe_error.lock() {
-                        *g = None;
-                    }
+            // Each replica in turn: one that fails is seen, whatever the
+            // router would have chosen.
+            for replica in 0..replicas {
+                let result = probe_state.probe(replica).await;
+                if let Err(e) = &result {
+                    tracing::warn!("health probe of replica {replica} failed: {e}");
                 }
-                Err(e) => {
-                    tracing::warn!("health probe failed: {e}");
-                    if let Ok(mut g) = probe_state.last_probe_error.lock() {
-                        *g = Some(e);
+                if let Ok(mut probes) = probe_state.probes.lock() {
+                    if probes.len() < replicas {
+                        probes.resize(replicas, ProbeState::default());
+                    }
+                    let p = &mut probes[replica];
+                    match result {
+                        Ok(()) => {
+                            p.ok = Some(Instant::now());
+                            p.error = None;
+                        }
+                        Err(e) => p.error = Some(e),
                     }
                 }
             }
