@@ -100,6 +100,57 @@ impl Guide {
     }
 }
 
+/// `schema` as OpenAI's strict mode reads it: every object schema that
+/// does not say what other properties it allows (`additionalProperties`,
+/// `patternProperties`, `unevaluatedProperties`) allows none, through
+/// properties, items, alternatives and definitions. The branches of an
+/// `allOf` are left open, since closing each would refuse the properties
+/// the others name.
+pub fn closed_objects(mut schema: Value) -> Value {
+    close(&mut schema);
+    schema
+}
+
+fn close(schema: &mut Value) {
+    let Some(obj) = schema.as_object_mut() else {
+        return;
+    };
+    let is_object = obj.contains_key("properties")
+        || match obj.get("type") {
+            Some(Value::String(t)) => t == "object",
+            Some(Value::Array(ts)) => ts.iter().any(|t| t == "object"),
+            _ => false,
+        };
+    let open_said = [
+        "additionalProperties",
+        "patternProperties",
+        "unevaluatedProperties",
+    ]
+    .iter()
+    .any(|k| obj.contains_key(*k));
+    if is_object && !open_said {
+        obj.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for key in ["properties", "$defs", "definitions", "patternProperties"] {
+        if let Some(Value::Object(m)) = obj.get_mut(key) {
+            m.values_mut().for_each(close);
+        }
+    }
+    for key in ["items", "additionalProperties", "contains", "not"] {
+        if let Some(v) = obj.get_mut(key) {
+            match v {
+                Value::Array(a) => a.iter_mut().for_each(close),
+                other => close(other),
+            }
+        }
+    }
+    for key in ["anyOf", "oneOf", "prefixItems"] {
+        if let Some(Value::Array(a)) = obj.get_mut(key) {
+            a.iter_mut().for_each(close);
+        }
+    }
+}
+
 /// A schema whose JSON has no free whitespace (llguidance's
 /// `whitespace_flexible: false`), unless it sets its own options.
 fn compact(mut schema: Value) -> Value {
@@ -416,5 +467,40 @@ mod tests {
         ));
         let c = compact(serde_json::json!({"type": "object"}));
         assert_eq!(c["x-guidance"]["whitespace_flexible"], false);
+    }
+
+    #[test]
+    fn strict_schemas_close_their_objects_but_not_all_of_branches() {
+        let s = closed_objects(serde_json::json!({
+            "type": "object",
+            "properties": {
+                "a": {"type": "object", "properties": {"b": {"type": "integer"}}},
+                "m": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "l": {"type": "array", "items": {"properties": {"x": {}}}},
+                "u": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+                "r": {"$ref": "#/$defs/d"},
+                "c": {"allOf": [{"properties": {"p": {}}}, {"properties": {"q": {}}}]}
+            },
+            "$defs": {"d": {"type": ["object", "null"], "properties": {}}}
+        }));
+        assert_eq!(s["additionalProperties"], false);
+        assert_eq!(s["properties"]["a"]["additionalProperties"], false);
+        assert_eq!(
+            s["properties"]["m"]["additionalProperties"]["type"],
+            "integer"
+        );
+        assert_eq!(s["properties"]["l"]["items"]["additionalProperties"], false);
+        assert_eq!(
+            s["properties"]["u"]["anyOf"][0]["additionalProperties"],
+            false
+        );
+        assert_eq!(
+            s["properties"]["u"]["anyOf"][1].get("additionalProperties"),
+            None
+        );
+        assert_eq!(s["$defs"]["d"]["additionalProperties"], false);
+        assert_eq!(s["properties"]["r"].get("additionalProperties"), None);
+        let all_of = &s["properties"]["c"]["allOf"];
+        assert_eq!(all_of[0].get("additionalProperties"), None);
     }
 }

@@ -169,6 +169,16 @@ impl Tool {
                 )))
             }
         };
+        // OpenAI's strict functions allow no argument beyond those named.
+        let parameters = match function.get("strict") {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => parameters,
+            Some(Value::Bool(true)) => crate::guide::closed_objects(parameters),
+            Some(_) => {
+                return Err(bad_tools(format!(
+                    "`{at}.function.strict` must be true or false"
+                )))
+            }
+        };
         Ok(Tool {
             name,
             description,
@@ -1060,6 +1070,26 @@ mod tests {
             Tool::from_openai(&json!({"type": "function", "function": {"name": "ok-1_x"}})).is_ok()
         );
         assert_eq!(t[0].to_openai()["function"]["name"], json!("get_weather"));
+        // A strict function's arguments allow no property it does not name.
+        let strict = |s: Value| {
+            Tool::from_openai(&json!({"type": "function", "function": {"name": "f",
+                "strict": s, "parameters": {"type": "object", "properties": {"a": {}}}}}))
+        };
+        assert_eq!(
+            strict(json!(true)).unwrap().parameters["additionalProperties"],
+            json!(false)
+        );
+        assert_eq!(
+            strict(json!(false))
+                .unwrap()
+                .parameters
+                .get("additionalProperties"),
+            None
+        );
+        assert!(matches!(
+            strict(json!("yes")),
+            Err(Error::InvalidRequest { field: "tools", .. })
+        ));
     }
 
     #[test]

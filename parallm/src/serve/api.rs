@@ -217,6 +217,16 @@ fn guide(c: &CommonFields, tool_guide: Option<Guide>) -> Result<Option<Guide>, A
             Some("text") => {}
             Some("json_object") => found.push(("response_format", Guide::JsonObject)),
             Some("json_schema") => {
+                let strict = match f.get("json_schema").and_then(|j| j.get("strict")) {
+                    None | Some(serde_json::Value::Null) => false,
+                    Some(serde_json::Value::Bool(b)) => *b,
+                    Some(_) => {
+                        return Err(ApiError::param(
+                            "response_format",
+                            "`response_format.json_schema.strict` must be true or false",
+                        ))
+                    }
+                };
                 let schema = f
                     .get("json_schema")
                     .and_then(|j| j.get("schema"))
@@ -227,7 +237,13 @@ fn guide(c: &CommonFields, tool_guide: Option<Guide>) -> Result<Option<Guide>, A
                             "`response_format` of type `json_schema` needs `json_schema.schema`, a JSON schema object",
                         )
                     })?;
-                found.push(("response_format", Guide::JsonSchema(schema.clone())));
+                // Strict: no property beyond those a schema names, as
+                // OpenAI's strict mode.
+                let schema = match strict {
+                    true => framework::guide::closed_objects(schema.clone()),
+                    false => schema.clone(),
+                };
+                found.push(("response_format", Guide::JsonSchema(schema)));
             }
             _ => {
                 return Err(ApiError::param(
