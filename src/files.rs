@@ -67,9 +67,12 @@ impl Drop for AtomicFile {
 }
 
 /// Refuses, before any work, an output `path` that cannot be written: a
-/// directory, one in a directory that does not exist, or the same file as
-/// one of `inputs` (which writing it would destroy). `what` names the
-/// output in the error (`"the output"`, `"--json"`).
+/// directory, something other than a regular file (a device such as
+/// `/dev/null`, a pipe, a socket: the output is written beside it and
+/// renamed over it, which would replace it), one in a directory that does
+/// not exist, or the same file as one of `inputs` (which writing it would
+/// destroy). An existing regular file is replaced, as `cp` would. `what`
+/// names the output in the error (`"the output"`, `"--json"`).
 pub fn check_output(path: &Path, what: &str, inputs: &[&Path]) -> CliResult {
     if path.as_os_str() == "-" {
         return Ok(());
@@ -80,6 +83,15 @@ pub fn check_output(path: &Path, what: &str, inputs: &[&Path]) -> CliResult {
             path.display()
         )
         .into());
+    }
+    if let Ok(meta) = std::fs::metadata(path) {
+        if !meta.is_file() {
+            return Err(format!(
+                "cannot write {what} to {}: it is not a regular file (a device, pipe or socket), which the written file would replace",
+                path.display()
+            )
+            .into());
+        }
     }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -170,6 +182,8 @@ mod tests {
         assert!(err(&dir.join(".").join("in.gguf")).contains("is the input"));
         assert!(check_output(&dir.join("out.gguf"), "the output", &[&input]).is_ok());
         assert!(check_output(Path::new("-"), "--json", &[&input]).is_ok());
+        // A device would be replaced by the renamed file.
+        assert!(err(Path::new("/dev/null")).contains("not a regular file"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

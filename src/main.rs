@@ -277,9 +277,11 @@ struct ModelArgs {
     /// ~/.cache/parallm) on first use.
     #[arg(long, value_name = "PATH")]
     model: Option<PathBuf>,
-    /// Numeric format of the weights: auto, native, q8_0, f32, f16 or bf16.
-    #[arg(long, default_value = "auto", value_parser = parse_format)]
-    weights: WeightFormat,
+    /// Numeric format of the weights: auto, native, q8_0, f32, f16 or bf16
+    /// (default: auto, which computes f32 matrices in Q8_0; perplexity,
+    /// imatrix and prune measure the model as stored: native).
+    #[arg(long, value_parser = parse_format)]
+    weights: Option<WeightFormat>,
     /// Run with at most this many positions, capping a longer trained
     /// context (default: the model's own).
     #[arg(long, value_name = "N")]
@@ -872,7 +874,7 @@ fn engine_builder(model: &ModelArgs, parallel: &ParallelArgs) -> CliResult<Engin
     parallel.apply(
         Engine::builder()
             .model_path(&path)
-            .weights(model.weights)
+            .weights(model.weights.unwrap_or(WeightFormat::Auto))
             .max_model_len(model.max_model_len),
     )
 }
@@ -912,7 +914,7 @@ fn run_imatrix(args: ImatrixArgs) -> CliResult {
         .apply(
             Engine::builder()
                 .model_path(&path)
-                .weights(args.model.weights)
+                .weights(args.model.weights.unwrap_or(WeightFormat::Native))
                 .max_model_len(args.model.max_model_len),
         )?
         .prefix_caching(false)
@@ -979,7 +981,10 @@ fn run_perplexity(args: PerplexityArgs) -> CliResult {
         json: args.json,
         progress: std::io::stderr().is_terminal(),
     };
-    let engine = build_engine(&args.model, &args.parallel)?;
+    // A measurement of the model as stored, unless --weights says otherwise.
+    let mut model = args.model;
+    model.weights.get_or_insert(WeightFormat::Native);
+    let engine = build_engine(&model, &args.parallel)?;
     let result = perplexity::perplexity(&engine, &text, &plan);
     engine.shutdown();
     let r = result?;
@@ -1265,7 +1270,8 @@ fn throughput_builder(args: &ThroughputArgs) -> CliResult<(EngineBuilder, String
         }
     };
     Ok((
-        args.parallel.apply(builder.weights(args.model.weights))?,
+        args.parallel
+            .apply(builder.weights(args.model.weights.unwrap_or(WeightFormat::Auto)))?,
         what,
     ))
 }
@@ -1395,14 +1401,16 @@ fn run_latency(args: LatencyArgs) -> CliResult {
     let (model, what) = match &args.synthetic {
         Some(name) => {
             let config = ModelConfig::synthetic(name)?;
-            let model = LlamaShard::synthetic(config, 0, ShardSpec::SINGLE, args.model.weights)?;
+            let weights = args.model.weights.unwrap_or(WeightFormat::Auto);
+            let model = LlamaShard::synthetic(config, 0, ShardSpec::SINGLE, weights)?;
             (model, format!("synthetic {name}"))
         }
         None => {
             let path =
                 resolve_model_path(args.model.model.as_deref(), std::io::stderr().is_terminal())?;
             let file = framework::GgufFile::open(&path)?;
-            let model = LlamaShard::load(&file, ShardSpec::SINGLE, args.model.weights)?;
+            let weights = args.model.weights.unwrap_or(WeightFormat::Auto);
+            let model = LlamaShard::load(&file, ShardSpec::SINGLE, weights)?;
             (model, path.display().to_string())
         }
     };

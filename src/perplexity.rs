@@ -188,7 +188,13 @@ pub fn perplexity(
     let (mut nll, mut nll2, mut count) = (0.0f64, 0.0f64, 0usize);
     let mut running = Vec::with_capacity(chunks);
     let mut cmp = Compare::default();
-    let mut stdout = std::io::stdout().lock();
+    // With `--json -`, standard output holds the JSON alone: the running
+    // figures and the summary go to standard error.
+    let json_out = plan.json.as_ref().is_some_and(|p| p.as_os_str() == "-");
+    let mut stdout: Box<dyn Write> = match json_out {
+        true => Box::new(std::io::stderr().lock()),
+        false => Box::new(std::io::stdout().lock()),
+    };
     for i in 0..chunks {
         while next < chunks && pending.len() < inflight {
             let req = Request::score_tokens(windows[next].clone(), scoring);
@@ -257,7 +263,7 @@ pub fn perplexity(
     if let Some(path) = &plan.json {
         let json = serde_json::to_string_pretty(&report)?;
         if path.as_os_str() == "-" {
-            let _ = writeln!(stdout, "{json}");
+            let _ = writeln!(std::io::stdout().lock(), "{json}");
         } else {
             let mut f = AtomicFile::create(path)?;
             f.file().write_all(json.as_bytes())?;

@@ -292,6 +292,8 @@ fn input_norms(input: &Path, plan: &PrunePlan) -> CliResult<Imatrix> {
             let text = calibrate::read_text(calib)?;
             let engine = parallm::Engine::builder()
                 .model_path(input)
+                // The model's activations as stored, not requantized.
+                .weights(framework::WeightFormat::Native)
                 .prefix_caching(false)
                 .collect_activations(true)
                 .build()?;
@@ -441,6 +443,15 @@ fn drop_layers(
     }
     if plan.imatrix.is_some() {
         return Err("--imatrix goes with --method wanda".into());
+    }
+    // Gemma 2 and 3 choose each block's attention window (and Gemma 3 its
+    // rope base) by the block's index: renumbering the blocks kept would
+    // change what they compute.
+    if matches!(arch, "gemma2" | "gemma3") {
+        return Err(format!(
+            "--method layers cannot drop blocks of a {arch} model: its blocks alternate local and global attention by their index, so the blocks kept would change their attention once renumbered (prune --method wanda or magnitude instead)"
+        )
+        .into());
     }
     let drop = plan.drop.ok_or("--method layers needs --drop K")?;
     if drop == 0 || drop >= layers {

@@ -500,7 +500,7 @@ pub fn quantize(input: &Path, output: &Path, plan: &QuantizePlan) -> CliResult<Q
         None => None,
     };
     check_keep_names(&plan.keep, &names, layers)?;
-    let mut weighted = 0;
+    let (mut weighted, mut would_weigh) = (0, 0);
     let mut jobs = Vec::with_capacity(names.len());
     for name in names {
         let (from, dims) = file.tensor_info(name)?;
@@ -514,7 +514,10 @@ pub fn quantize(input: &Path, output: &Path, plan: &QuantizePlan) -> CliResult<Q
         }
         let row = *dims.last().unwrap_or(&1);
         let importance = match (&imatrix, to) {
-            (Some(m), Some(t)) if crate::weighted::uses_weights(t) => m.mean_sq(name, row)?,
+            (Some(m), Some(t)) if crate::weighted::uses_weights(t) => {
+                would_weigh += 1;
+                m.mean_sq(name, row)?
+            }
             _ => None,
         };
         weighted += importance.is_some() as usize;
@@ -522,12 +525,20 @@ pub fn quantize(input: &Path, output: &Path, plan: &QuantizePlan) -> CliResult<Q
         job.importance = importance;
         jobs.push(job);
     }
-    if let (Some(path), 0) = (&plan.imatrix, weighted) {
-        return Err(format!(
-            "--imatrix {}: it holds no entry for a tensor this type quantizes with weights",
+    match (&plan.imatrix, weighted, would_weigh) {
+        // Q8_0 and the float types round each weight alone.
+        (Some(path), _, 0) => eprintln!(
+            "note: --imatrix {} is not used: this type quantizes without importance weights",
             path.display()
-        )
-        .into());
+        ),
+        (Some(path), 0, _) => {
+            return Err(format!(
+                "--imatrix {}: it holds no entry for any of the {would_weigh} tensors this type quantizes with weights (is it another model's?)",
+                path.display()
+            )
+            .into())
+        }
+        _ => {}
     }
     let mut meta = base_metadata(&file)?;
     meta.push((

@@ -142,6 +142,20 @@ fn the_importance_matrix_matches_llama_cpp() {
         ppls[0], ppls[1]
     );
     assert!(ppls[1] < ppls[0], "{ppls:?}");
+    // Q8_0 rounds each weight alone: the matrix is noted as unused.
+    let q = dir.join("q8_0-imatrix.gguf");
+    let o = common::cli(&[
+        "quantize",
+        m,
+        q.to_str().unwrap(),
+        "--type",
+        "q8_0",
+        "--imatrix",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("is not used"), "{stderr}");
 }
 
 #[test]

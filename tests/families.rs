@@ -327,3 +327,31 @@ fn a_draft_with_a_shorter_context_caps_the_served_context() {
         }
     }
 }
+
+#[test]
+fn dropping_blocks_of_a_gemma_model_is_refused_since_their_attention_goes_by_index() {
+    for name in ["gemma2", "gemma3"] {
+        open(name);
+        let model = models_dir().join(format!("{name}.gguf"));
+        let out = tempfile::tempdir().expect("temp dir");
+        let written = out.path().join("dropped.gguf");
+        let result = common::cli(&[
+            "prune",
+            model.to_str().expect("path"),
+            written.to_str().expect("path"),
+            "--method",
+            "layers",
+            "--drop",
+            "1",
+            "--calib",
+            "/usr/share/common-licenses/GPL-3",
+        ]);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(!result.status.success(), "{name}: {stderr}");
+        assert!(
+            stderr.contains(&format!("cannot drop blocks of a {name} model")),
+            "{stderr}"
+        );
+        assert!(!written.exists(), "{name}: an output was written");
+    }
+}

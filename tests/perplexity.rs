@@ -34,14 +34,11 @@ fn report(args: &[&str]) -> serde_json::Value {
     all.extend_from_slice(args);
     let out = parallm(&all);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("Final estimate: PPL = "), "{stdout}");
-    let json = &stdout[stdout.find('{').expect("JSON on stdout")..];
-    serde_json::from_str(json).expect("report JSON")
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?}: {stderr}");
+    // With `--json -` the summary goes to stderr and stdout is the JSON.
+    assert!(stderr.contains("Final estimate: PPL = "), "{stderr}");
+    serde_json::from_str(&stdout).expect("stdout is the report's JSON alone")
 }
 
 #[test]

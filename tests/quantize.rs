@@ -148,8 +148,8 @@ fn kl_divergence_from_the_base_grows_as_the_bits_shrink() {
         let json = &out[out.find('{').unwrap()..out.rfind('}').unwrap() + 1];
         serde_json::from_str::<serde_json::Value>(json).unwrap()
     };
-    // The base runs on its f32 weights as they are (`auto` would make
-    // them q8_0).
+    // The base runs on its f32 weights as they are (perplexity's default,
+    // `native`; said here too, as `auto` would make them q8_0).
     run(base(), &["--weights", "f32"]);
     let mean = |t: &str| {
         let r = run(&quantized(t), &["--kl-divergence"]);
