@@ -14,8 +14,10 @@
 //! matrices of the blocks are pruned (not the embeddings or the output
 //! head). The file keeps each tensor's type unless `--type` names one (then
 //! chosen per tensor as `quantize` does); zeros survive every symmetric
-//! block type, while offset types (Q4_1, Q5_1) store them only
-//! approximately.
+//! block type, while offset types (Q4_1, Q5_1, and the K formats with
+//! minimums) store them only approximately, so a pruned matrix of such a
+//! type is stored in the symmetric type of its width ([`zero_keeping`])
+//! unless `--type` says otherwise.
 //!
 //! Dropping blocks follows ShortGPT (Men et al. 2024): a block whose output
 //! hidden state is most like its input changes least, so the K blocks of
@@ -240,11 +242,19 @@ fn zero_weights(
     };
     let tied = !names.contains(&"output.weight");
     let mut jobs = Vec::with_capacity(names.len());
-    let mut pruned = 0;
+    let (mut pruned, mut resymmetrized) = (0, 0);
     for name in names {
         let (from, dims) = file.tensor_info(name)?;
         let row = *dims.last().unwrap_or(&1);
-        let to = stored_as(input, plan, (name, &dims, from), (layers, tied))?;
+        let to = match stored_as(input, plan, (name, &dims, from), (layers, tied))? {
+            // Kept in its own type, it would lose its zeros.
+            None if prunable(name, &dims, layers) => {
+                let to = zero_keeping(from).filter(|t| row % t.block_size() == 0);
+                resymmetrized += to.is_some() as usize;
+                to
+            }
+            to => to,
+        };
         let edit: Option<Edit> = if prunable(name, &dims, layers) {
             let scale = match &norms {
                 Some(m) => Some(
@@ -269,7 +279,7 @@ fn zero_weights(
     file_type(&mut meta, file, plan.target);
     let r = quantize::rewrite(file, &jobs, &meta, output, (plan.progress, plan.threads))?;
     Ok(format!(
-        "{}: {pruned} matrices pruned by {} to {:.1}% zeros ({}), {} bytes",
+        "{}: {pruned} matrices pruned by {} to {:.1}% zeros ({}), {} bytes{}",
         output.display(),
         if wanda { "|w|·‖x‖" } else { "|w|" },
         100.0 * sparsity,
@@ -277,8 +287,30 @@ fn zero_weights(
             Pattern::Unstructured => "unstructured".to_string(),
             Pattern::NofM { keep, group } => format!("{keep}:{group}"),
         },
-        r.bytes
+        r.bytes,
+        match resymmetrized {
+            0 => String::new(),
+            n => format!(
+                "; {n} of them stored in a symmetric type (Q4_1 and Q4_K as Q4_0, Q5_1 and Q5_K as Q5_0, Q2_K as Q3_K), whose blocks keep zeros exact"
+            ),
+        }
     ))
+}
+
+/// The symmetric block type standing in for offset type `t` in a pruned
+/// matrix: a block with a minimum (`d·q + m`) holds 0 only where `m` is a
+/// multiple of `d`, so pruned weights would come back as small non-zeros;
+/// `d·q` blocks hold 0 exactly. `None` for a type that keeps zeros.
+pub fn zero_keeping(
+    t: candle_core::quantized::GgmlDType,
+) -> Option<candle_core::quantized::GgmlDType> {
+    use candle_core::quantized::GgmlDType as T;
+    match t {
+        T::Q4_1 | T::Q4K => Some(T::Q4_0),
+        T::Q5_1 | T::Q5K => Some(T::Q5_0),
+        T::Q2K => Some(T::Q3K),
+        _ => None,
+    }
 }
 
 /// Wanda's input norms: from `--imatrix`, or collected from `--calib`

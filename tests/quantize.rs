@@ -13,6 +13,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use candle_core::quantized::GgmlDType;
 use framework::GgufFile;
 use sha2::{Digest, Sha256};
 
@@ -350,6 +351,34 @@ fn magnitude_pruning_keeps_exactly_the_share_of_every_row() {
         generates(out, "pruned");
         std::fs::remove_file(out).unwrap();
     }
+}
+
+#[test]
+fn pruning_an_offset_type_stores_its_matrices_where_zeros_stay_zeros() {
+    // The reference model's Q4_1 blocks (d·q + m) cannot hold an exact 0:
+    // its pruned matrices are written as Q4_0, so half of every row is zero.
+    let source = common::gguf();
+    let names = ["blk.0.attn_q.weight", "blk.29.ffn_up.weight"];
+    let before: Vec<Vec<usize>> = names.iter().map(|n| zeros_per_row(source, n)).collect();
+    let out = dir().join("pruned-q4_1.gguf");
+    let out = out.to_str().unwrap();
+    let model = common::model_path();
+    let line = common::cli_ok(&[
+        "prune",
+        model.to_str().unwrap(),
+        out,
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.5",
+    ]);
+    assert!(line.contains("stored in a symmetric type"), "{line}");
+    let f = GgufFile::open(out).unwrap();
+    for n in names {
+        assert_eq!(f.tensor_info(n).unwrap().0, GgmlDType::Q4_0, "{n}");
+    }
+    half_of_each_row_is_zero(&f, (&names, &before), None, false, "Q4_1 source");
+    std::fs::remove_file(out).unwrap();
 }
 
 #[test]
