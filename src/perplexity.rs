@@ -137,7 +137,7 @@ pub fn perplexity(
     }
     if tokens.len() < 2 * ctx {
         return Err(format!(
-            "the text is {} tokens; perplexity with --ctx {ctx} needs at least {} (two windows)",
+            "the text is {} tokens; windows of --ctx {ctx} need at least {} (two windows)",
             tokens.len(),
             2 * ctx
         )
