@@ -218,7 +218,7 @@ fn bad_input_is_named_and_leaves_no_file() {
                 "-o",
                 o,
             ],
-            "needs at least",
+            "windows of --ctx 512 need at least 1024",
         ),
         (
             vec!["imatrix", "--model", m, "-f", "/no/such/text", "-o", o],

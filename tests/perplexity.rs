@@ -155,7 +155,7 @@ fn bad_input_is_named_and_leaves_no_file() {
             "--json",
             json,
         ],
-        "needs at least 8192",
+        "need at least 8192",
     );
     assert!(files(&dir).is_empty(), "{:?}", files(&dir));
     assert_refused(&["-f", &format!("{text}.missing")], "cannot read");
