@@ -267,8 +267,14 @@ fn nginx_routes_around_a_killed_server_and_no_request_hangs() {
     let on_a: Vec<&Outcome> = outcomes.iter().filter(|o| on(o, port_a)).collect();
     let on_b: Vec<&Outcome> = outcomes.iter().filter(|o| on(o, port_b)).collect();
     println!("in flight at the kill: {outcomes:#?}");
+    // Some went to A first (ending there, or retried on B), some to B.
+    let went_to = |p: u16| {
+        outcomes
+            .iter()
+            .any(|o| o.upstream.contains(&format!(":{p}")))
+    };
     assert!(
-        !on_a.is_empty() && !on_b.is_empty(),
+        went_to(port_a) && !on_b.is_empty(),
         "least_conn used both: {outcomes:#?}"
     );
     // A's streams were cut before [DONE]. Its non-streamed requests had
