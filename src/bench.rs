@@ -57,16 +57,17 @@ impl LatencyPlan {
         let row_bytes = 4
             * (4 * u(model.hidden)
                 + (u(model.n_heads) + 2 * u(model.n_kv_heads)) * u(model.head_dim)
-                + 2 * u(model.ffn)
-                + u(model.vocab));
+                + 2 * u(model.ffn));
+        let logits_bytes = 4 * u(model.vocab);
         // `sequences` caches of `positions` each, prefilled by one forward
-        // of `sequences · prompt` rows.
+        // of `sequences · prompt` rows (logits for each sequence's last).
         let measurement = |sequences: u64, prompt: u64, positions: u64| -> Option<u64> {
             let kv = kv_per_position
                 .checked_mul(positions)?
                 .checked_mul(sequences)?;
             let rows = sequences.checked_mul(prompt)?;
-            kv.checked_add(rows.checked_mul(row_bytes)?)
+            kv.checked_add(rows.checked_mul(row_bytes)?)?
+                .checked_add(sequences.checked_mul(logits_bytes)?)
         };
         let single = measurement(1, u(self.prompt_tokens), u(self.prompt_tokens) + 1)?
             .max(measurement(1, 1, u(self.decode_tokens) + 1)?);
@@ -326,13 +327,13 @@ mod tests {
         let row = 4
             * (4 * model.hidden
                 + (model.n_heads + 2 * model.n_kv_heads) * model.head_dim
-                + 2 * model.ffn
-                + model.vocab) as u64;
+                + 2 * model.ffn) as u64;
+        let logits = 4 * model.vocab as u64;
         // Batch 64 of 128-token prompts, 32 steps on: 64 caches of 161
         // positions and 8192 prefill rows outweigh one 512-token prompt.
         assert_eq!(
             plan.peak_bytes(&model),
-            Some(64 * 161 * per_position + 64 * 128 * row)
+            Some(64 * 161 * per_position + 64 * 128 * row + 64 * logits)
         );
         let single = LatencyPlan {
             batches: vec![1],
@@ -340,7 +341,7 @@ mod tests {
         };
         assert_eq!(
             single.peak_bytes(&model),
-            Some(513 * per_position + 512 * row)
+            Some(513 * per_position + 512 * row + logits)
         );
         let huge = LatencyPlan {
             batches: vec![usize::MAX / 2],

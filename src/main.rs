@@ -1140,10 +1140,8 @@ fn run_generate(args: GenerateArgs) -> CliResult {
     });
     let t0 = Instant::now();
     let mut stream = engine.generate(Request {
-        prompt,
-        params,
         beam,
-        ..Request::greedy("", 0)
+        ..Request::new(prompt, params)
     })?;
     let mut stdout = std::io::stdout().lock();
     let mut first: Option<Instant> = None;

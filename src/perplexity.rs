@@ -191,9 +191,11 @@ pub fn perplexity(
     // With `--json -`, standard output holds the JSON alone: the running
     // figures and the summary go to standard error.
     let json_out = plan.json.as_ref().is_some_and(|p| p.as_os_str() == "-");
+    // Unlocked: the engine's threads log to standard error meanwhile, and
+    // a lock held across the run would block them, and so the run.
     let mut stdout: Box<dyn Write> = match json_out {
-        true => Box::new(std::io::stderr().lock()),
-        false => Box::new(std::io::stdout().lock()),
+        true => Box::new(std::io::stderr()),
+        false => Box::new(std::io::stdout()),
     };
     for i in 0..chunks {
         while next < chunks && pending.len() < inflight {

@@ -387,7 +387,7 @@ fn block_similarity(
         }
     };
     let stages: Vec<LlamaShard> = (0..layers - 1)
-        .map(|l| LlamaShard::load_stage(file, ShardSpec::SINGLE, l..l + 1, WeightFormat::Auto))
+        .map(|l| LlamaShard::load_stage(file, ShardSpec::SINGLE, l..l + 1, WeightFormat::Native))
         .collect::<Result<_, _>>()?;
     let block = 16;
     let blocks = ctx.div_ceil(block);

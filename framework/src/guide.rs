@@ -335,6 +335,9 @@ impl Constraint {
     fn compute(&self) {
         let words = self.vocab.div_ceil(32);
         let mask = match self.matcher.lock() {
+            // A token the grammar refused left the matcher in its error
+            // state: `accept` said which kind of failure that was.
+            Ok(m) if m.is_error() => Vec::new(),
             Ok(mut m) => match m.compute_mask_or_eos() {
                 Ok(v) => {
                     let mut bits = v.as_slice().to_vec();

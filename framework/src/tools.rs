@@ -459,9 +459,10 @@ pub fn parse(format: ToolFormat, text: &str, tools: &[Tool]) -> Parsed {
 /// it cut in its arguments is a call too, whose arguments are the text it
 /// got to (not valid JSON; as OpenAI returns such a call, with
 /// `finish_reason: length` saying why), instead of content holding its
-/// markup. A Hermes block cut before its function's name is dropped: it is
-/// no content, and no call yet. Hermes and Llama 3 JSON; a Mistral output
-/// is parsed as whole.
+/// markup; one cut between its function's name and its arguments is a call
+/// with empty arguments. A Hermes block cut before its function's name (or
+/// whose name does not come first) is dropped: it is no content, and no
+/// call yet. Hermes and Llama 3 JSON; a Mistral output is parsed as whole.
 pub fn parse_cut(format: ToolFormat, text: &str, tools: &[Tool]) -> Parsed {
     let mut parsed = parse(format, text, tools);
     match format {
@@ -492,7 +493,9 @@ pub fn parse_cut(format: ToolFormat, text: &str, tools: &[Tool]) -> Parsed {
 }
 
 /// The function name and the arguments text so far of a call cut short:
-/// `{"name": "f", "arguments": …` (or `"parameters"`), `f` one of `tools`.
+/// `{"name": "f", "arguments": …` (or `"parameters"`), `f` one of `tools`;
+/// the arguments are empty when the cut came before them. `None` unless the
+/// name comes first and whole.
 fn partial_call(body: &str, tools: &[Tool]) -> Option<(String, String)> {
     let after = |s: &str, token: &str| s.trim_start().strip_prefix(token).map(str::to_string);
     let rest = after(body, "{")?;
@@ -504,10 +507,12 @@ fn partial_call(body: &str, tools: &[Tool]) -> Option<(String, String)> {
     if !tools.iter().any(|t| t.name == name) {
         return None;
     }
-    let rest = after(&rest[end + 1..], ",")?;
-    let rest = after(&rest, "\"arguments\"").or_else(|| after(&rest, "\"parameters\""))?;
-    let arguments = after(&rest, ":")?;
-    Some((name.to_string(), arguments.trim_start().to_string()))
+    let arguments = after(&rest[end + 1..], ",")
+        .and_then(|r| after(&r, "\"arguments\"").or_else(|| after(&r, "\"parameters\"")))
+        .and_then(|r| after(&r, ":"))
+        .map(|a| a.trim_start().to_string())
+        .unwrap_or_default();
+    Some((name.to_string(), arguments))
 }
 
 fn parse_hermes(text: &str, tools: &[Tool]) -> Option<Parsed> {
@@ -1342,6 +1347,9 @@ mod tests {
             outs.extend(s.finish_cut());
             assert_eq!(outs, vec![StreamOut::Content("Hi\n".into())]);
         }
+        let named = "<tool_call>{\"name\": \"get_time\", \"argu";
+        let p = parse_cut(ToolFormat::Hermes, named, &t);
+        assert_eq!(p.calls, vec![call("get_time", "")]);
         let llama = "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Pa";
         let p = parse_cut(ToolFormat::Llama3Json, llama, &t);
         assert_eq!(p.calls, vec![call("get_weather", "{\"city\": \"Pa")]);

@@ -31,7 +31,7 @@ use kit::{
 use crate::llm::merge::{Decoding, LlmMerger, Registration};
 use crate::llm::policy::{LlmPolicy, ReplicaShape};
 use crate::llm::step::SharedSampler;
-use crate::llm::task::{EventStream, LlmTask, Prompt, Request, Responder};
+use crate::llm::task::{EventStream, LlmTask, Prompt, Request, Responder, Traffic};
 use crate::llm::worker::{FaultInjection, FaultState, LlmWorker, Shard};
 use crate::SchedulerStats;
 
@@ -774,8 +774,13 @@ impl EngineBuilder {
     }
 }
 
-/// Counts a refused request in the failure metric.
-fn count_refusal(e: &EngineError) {
+/// Counts a refused request of `traffic` in the failure metric (only a
+/// request of its own: a further choice's refusal fails its request, whose
+/// first choice is counted, and a probe is no user's).
+fn count_refusal(traffic: Traffic, e: &EngineError) {
+    if traffic != Traffic::Request {
+        return;
+    }
     let reason = match e {
         EngineError::Submit(SubmitError::Overloaded { .. }) => "overloaded",
         EngineError::Submit(_) => "shutting_down",
@@ -1217,22 +1222,26 @@ impl Engine {
     /// error: invalid request (naming the field), or `Overloaded` when the queue
     /// is full.
     pub fn generate(&self, req: Request) -> Result<EventStream, EngineError> {
-        let (task, reg, stream) = self.prepare(req).inspect_err(count_refusal)?;
+        let traffic = req.traffic;
+        let count = |e: &EngineError| count_refusal(traffic, e);
+        let (task, reg, stream) = self.prepare(req).inspect_err(count)?;
         self.pipeline
             .submit(task, reg)
             .map_err(EngineError::from)
-            .inspect_err(count_refusal)?;
+            .inspect_err(count)?;
         Ok(stream)
     }
 
     /// [`Engine::generate`] for async callers.
     pub async fn generate_async(&self, req: Request) -> Result<EventStream, EngineError> {
-        let (task, reg, stream) = self.prepare(req).inspect_err(count_refusal)?;
+        let traffic = req.traffic;
+        let count = |e: &EngineError| count_refusal(traffic, e);
+        let (task, reg, stream) = self.prepare(req).inspect_err(count)?;
         self.pipeline
             .submit_async(task, reg)
             .await
             .map_err(EngineError::from)
-            .inspect_err(count_refusal)?;
+            .inspect_err(count)?;
         Ok(stream)
     }
 

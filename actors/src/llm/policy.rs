@@ -943,7 +943,7 @@ impl Policy for LlmPolicy {
         let routed = self
             .routed
             .get_mut(replica)
-            .filter(|_| !matches!(task.traffic, Traffic::Probe { .. }));
+            .filter(|_| task.traffic == Traffic::Request);
         if let Some(n) = routed {
             *n += 1;
             metrics::counter!(m::REQUESTS_ROUTED, "replica" => replica.to_string()).increment(1);

@@ -623,10 +623,11 @@ where
     let replicas = state.settings.engine.dp.max(1);
     let prober = actix_web::rt::spawn(async move {
         loop {
-            // Each replica in turn: one that fails is seen, whatever the
-            // router would have chosen.
-            for replica in 0..replicas {
-                let result = probe_state.probe(replica).await;
+            // Every replica, at once: one that fails is seen, whatever the
+            // router would have chosen, and a slow one delays no other's.
+            let results =
+                futures::future::join_all((0..replicas).map(|r| probe_state.probe(r))).await;
+            for (replica, result) in results.into_iter().enumerate() {
                 if let Err(e) = &result {
                     tracing::warn!("health probe of replica {replica} failed: {e}");
                 }

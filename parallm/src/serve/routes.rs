@@ -1062,7 +1062,7 @@ pub async fn tokenize(
     check_model(&state, req.model.as_deref())?;
     let engine = state.engine()?;
     let tools = match req.tools.as_ref().filter(|v| !v.is_null()) {
-        _ if req.messages.is_none() && req.tools.is_some() => {
+        Some(_) if req.messages.is_none() => {
             return Err(ApiError::param("tools", "`tools` go with `messages`"))
         }
         Some(v) => Tool::list_from_openai(v).map_err(api_error)?,
