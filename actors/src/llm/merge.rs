@@ -121,19 +121,25 @@ impl LlmMerger {
 
     /// Ends request `id` as refused (`error` names the request's field).
     fn refuse(&mut self, id: TaskId, error: framework::Error) {
+        match error {
+            framework::Error::InvalidRequest { field, reason } => {
+                self.end_as(id, "invalid", Event::Refused { field, reason })
+            }
+            other => self.end(id, End::Failed(other.to_string())),
+        }
+    }
+
+    /// Ends held request `id` with terminal `event`, counted as a failure
+    /// for `reason` (a request of its own only); a no-op once it ended.
+    fn end_as(&mut self, id: TaskId, reason: &'static str, event: Event) {
         let Some(st) = self.reqs.remove(&id) else {
             return;
         };
         if st.traffic == Traffic::Request {
-            metrics::counter!(m::REQUEST_FAILURE, "reason" => "invalid").increment(1);
+            metrics::counter!(m::REQUEST_FAILURE, "reason" => reason).increment(1);
             metrics::histogram!(m::REQUEST_LATENCY).record(st.arrived.elapsed().as_secs_f64());
         }
-        st.responder.end(match error {
-            framework::Error::InvalidRequest { field, reason } => Event::Refused { field, reason },
-            other => Event::Failed {
-                error: other.to_string(),
-            },
-        });
+        st.responder.end(event);
     }
 
     /// Takes a sampling request's drawn token; `Some(reason)` when it ends
@@ -541,19 +547,9 @@ impl Merge for LlmMerger {
     }
 
     fn end(&mut self, task: TaskId, end: End) {
-        if let Some(st) = self.reqs.remove(&task) {
-            let reason = match end {
-                End::Cancelled => "cancelled",
-                End::Failed(_) => "failed",
-            };
-            if st.traffic == Traffic::Request {
-                metrics::counter!(m::REQUEST_FAILURE, "reason" => reason).increment(1);
-                metrics::histogram!(m::REQUEST_LATENCY).record(st.arrived.elapsed().as_secs_f64());
-            }
-            st.responder.end(match end {
-                End::Cancelled => Event::Cancelled,
-                End::Failed(error) => Event::Failed { error },
-            });
+        match end {
+            End::Cancelled => self.end_as(task, "cancelled", Event::Cancelled),
+            End::Failed(error) => self.end_as(task, "failed", Event::Failed { error }),
         }
     }
 }

@@ -283,18 +283,18 @@ async fn collect(mut t: Tracked) -> Result<ChoiceResult, ApiError> {
             }
             Event::PromptScores(s) => out.prompt_scores.extend(s),
             Event::Failed { error } => return Err(ApiError::Engine(error)),
-            Event::Refused { field, reason } => return Err(refused(field, reason)),
+            Event::Refused { field, reason } => {
+                return Err(api_error(framework::Error::InvalidRequest {
+                    field,
+                    reason,
+                }))
+            }
             Event::Cancelled => return Err(ApiError::Engine("the request was cancelled".into())),
         }
     }
     Err(ApiError::Engine(
         "the request ended without a result".into(),
     ))
-}
-
-/// The 400 of a request the engine refused while it ran.
-fn refused(field: &str, reason: String) -> ApiError {
-    ApiError::param(field, format!("`{field}` {reason}"))
 }
 
 fn token_string(engine: &Engine, token: u32) -> String {
@@ -751,7 +751,12 @@ impl SseState {
                 }
                 Some((_, Event::PromptScores(_))) => {}
                 Some((_, Event::Failed { error })) => self.error(ApiError::Engine(error)),
-                Some((_, Event::Refused { field, reason })) => self.error(refused(field, reason)),
+                Some((_, Event::Refused { field, reason })) => {
+                    self.error(api_error(framework::Error::InvalidRequest {
+                        field,
+                        reason,
+                    }))
+                }
                 Some((_, Event::Cancelled)) => {
                     self.error(ApiError::Engine("the request was cancelled".into()))
                 }
