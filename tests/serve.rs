@@ -983,6 +983,36 @@ fn engine_failures_are_500_or_an_error_event_mid_stream() {
     assert_error(st, &r, 500, None, "engine_error");
 }
 
+#[test]
+fn an_engine_that_halts_ends_its_requests_with_an_error_and_the_server_exits_non_zero() {
+    // The merge panics from step 6 on (step 0 is the start-up probe, then
+    // the first health probe): no supervision recovers from that, so the
+    // engine halts for good, as it would if its MPI job lost a rank.
+    let mut s = Server::start(
+        &[
+            "--set",
+            "faults.merge_step=6",
+            "--set",
+            "server.health_probe_interval_secs=3600",
+            "--set",
+            "server.health_max_age_secs=3600",
+        ],
+        true,
+    );
+    let (st, r) = s.post(
+        "/v1/completions",
+        json!({"prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": true,
+               "temperature": 0}),
+    );
+    assert_error(st, &r, 500, None, "engine_error");
+    let msg = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("injected fault"), "{msg}");
+    // It does not linger answering 503 until an orchestrator notices: it
+    // exits non-zero, for its supervisor to restart it.
+    let status = exit_status(&mut s, Duration::from_secs(10));
+    assert!(!status.success(), "{status:?}");
+}
+
 /// Sends a request on a raw connection and closes it after `read` bytes.
 fn send_and_leave(addr: &str, body: &str, read: usize) {
     let mut c = TcpStream::connect(addr.trim_start_matches("http://")).expect("connect");

@@ -228,14 +228,24 @@ fn a_task_that_keeps_failing_ends_with_an_error() {
         })
         .build()
         .unwrap();
-    let s = e
-        .generate(Request::greedy_tokens(vec![1, 2, 3], 4))
-        .unwrap();
-    let events = s.collect_blocking();
-    assert_eq!(events.len(), 1);
-    match &events[0] {
-        Event::Failed { error } => assert!(error.contains("injected fault"), "{error}"),
-        other => panic!("{other:?}"),
+    // Two requests, one in each of the replica's two lanes, whose steps
+    // fail together.
+    let streams: Vec<_> = [vec![1, 2, 3], vec![4, 5, 6, 7]]
+        .into_iter()
+        .map(|p| e.generate(Request::greedy_tokens(p, 4)).unwrap())
+        .collect();
+    for s in streams {
+        let events = s.collect_blocking();
+        assert_eq!(events.len(), 1);
+        match &events[0] {
+            Event::Failed { error } => {
+                assert!(error.contains("injected fault"), "{error}");
+                // The policy says which step held the task, so its error
+                // names only its own step's failures.
+                assert!(!error.contains("does not say"), "{error}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
 

@@ -118,6 +118,8 @@ pub struct NodeActor<W: NodeWorker> {
     /// The first epoch whose steps this node's current worker can run: one
     /// past the epoch of its last failure.
     fresh_from: u64,
+    /// Why it last failed (named in the steps it then refuses).
+    last_failure: String,
 }
 
 impl<W: NodeWorker> NodeActor<W> {
@@ -137,6 +139,7 @@ impl<W: NodeWorker> NodeActor<W> {
             stats,
             metrics,
             fresh_from: 0,
+            last_failure: String::new(),
         }
     }
 }
@@ -178,9 +181,12 @@ impl<W: NodeWorker> Handler<RunStep<W::Work, W::Links>> for NodeActor<W> {
             // Planned before this node's restart, on state the restart lost:
             // running it would compute on the fresh worker's empty state and
             // succeed with wrong results.
-            Ok(_) if W::stateful() && msg.epoch < self.fresh_from => Err(NodeError::Aborted(
-                format!("{} restarted after this step was planned", self.id),
-            )),
+            Ok(_) if W::stateful() && msg.epoch < self.fresh_from => {
+                Err(NodeError::Aborted(format!(
+                    "{} restarted after this step was planned (it had failed: {})",
+                    self.id, self.last_failure
+                )))
+            }
             Ok(w) => catch_unwind(AssertUnwindSafe(|| w.run(&msg.work, &msg.links)))
                 .unwrap_or_else(|p| Err(NodeError::Failed(format!("panicked: {}", panic_text(p))))),
             Err(e) => Err(NodeError::Failed(format!("the node's worker is down: {e}"))),
@@ -193,8 +199,9 @@ impl<W: NodeWorker> Handler<RunStep<W::Work, W::Links>> for NodeActor<W> {
                 tracing::error!(node = %self.id, "abort panicked: {}", panic_text(p));
             }
         }
-        if failed {
+        if let Err(NodeError::Failed(why)) = &result {
             self.fresh_from = self.fresh_from.max(msg.epoch + 1);
+            self.last_failure = why.clone();
         }
         self.stats.update(self.id, |c| {
             c.busy_seconds += elapsed.as_secs_f64();

@@ -290,7 +290,9 @@ impl Default for LimitsSection {
 }
 
 /// `[faults]`: make a compute node fail on purpose, to rehearse recovery
-/// (supervision, retries, error responses). Off unless `node` is set.
+/// (supervision, retries, error responses), or the engine's merge panic,
+/// to rehearse a halt of the whole engine. Off unless `node` or
+/// `merge_step` is set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FaultsSection {
@@ -304,6 +306,9 @@ pub struct FaultsSection {
     pub times: u32,
     /// Panic instead of returning an error.
     pub panic: bool,
+    /// The first step on whose output the merge panics, which stops the
+    /// whole engine (-1: no such fault).
+    pub merge_step: i64,
 }
 
 impl Default for FaultsSection {
@@ -314,6 +319,7 @@ impl Default for FaultsSection {
             step: 0,
             times: 1,
             panic: false,
+            merge_step: -1,
         }
     }
 }
@@ -1343,6 +1349,16 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
             panic: f.panic,
         })
     };
+    let merge_fault = match f.merge_step {
+        -1 => None,
+        s if s < 0 => {
+            return Err(invalid(
+                "faults.merge_step",
+                format!("is {s}, must be -1 (off) or a step number"),
+            ))
+        }
+        s => Some(s as u64),
+    };
     let engine = EngineConfig {
         weights,
         tp: p.tp,
@@ -1361,6 +1377,7 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         kv_memory_bytes,
         max_retries: s.max_retries,
         fault,
+        merge_fault,
         threads_per_node: p.threads_per_node,
         compute: compute_from(device, &p.devices, (&p.dtype, &s.kv_dtype), &p.cuda_weights)?,
         max_model_len: (m.max_model_len > 0).then_some(m.max_model_len),
@@ -1734,6 +1751,11 @@ mod tests {
                 "a year",
             ),
             ("[faults]\nnode = -5\n", "faults.node", "-1 (off)"),
+            (
+                "[faults]\nmerge_step = -2\n",
+                "faults.merge_step",
+                "-1 (off)",
+            ),
         ];
         let dir = tempfile::tempdir().expect("tempdir");
         for (i, (text, field, allowed)) in cases.iter().enumerate() {

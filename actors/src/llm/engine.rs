@@ -103,6 +103,11 @@ pub struct EngineConfig {
     pub threads_per_node: usize,
     /// Make a node fail on purpose (tests).
     pub fault: Option<FaultInjection>,
+    /// Make the merge panic on the output of the first step numbered this
+    /// or later (tests and rehearsals of a halt: the whole engine stops,
+    /// every request it holds ends with an error, and [`Engine::stopped`]
+    /// says why).
+    pub merge_fault: Option<u64>,
     /// Where the compute nodes run.
     pub compute: Compute,
     /// How requests that do not say otherwise speculate
@@ -166,6 +171,7 @@ impl Default for EngineConfig {
             steps_in_flight: None,
             threads_per_node: 0,
             fault: None,
+            merge_fault: None,
             compute: Compute::default(),
             speculative: Speculation::default(),
             speculate_max_running: DEFAULT_SPECULATE_MAX_RUNNING,
@@ -663,6 +669,13 @@ impl EngineBuilder {
         self
     }
 
+    /// A merge that panics on the output of step `step` or a later one
+    /// ([`EngineConfig::merge_fault`]).
+    pub fn merge_fault(mut self, step: u64) -> Self {
+        self.cfg.merge_fault = Some(step);
+        self
+    }
+
     /// Micro-batches per step.
     pub fn micro_batches(mut self, n: usize) -> Self {
         self.cfg.micro_batches = Some(n);
@@ -934,7 +947,7 @@ impl Engine {
             .with_route_margin(cfg.prefix_route_margin)
             .with_cache_aware_routing(cfg.cache_aware_routing)
             .with_cluster(cfg.cluster.clone());
-        let merger = LlmMerger::new(tokenizer.clone(), model.context);
+        let merger = LlmMerger::new(tokenizer.clone(), model.context).with_fault(cfg.merge_fault);
         let fault = cfg.fault.map(FaultState::new);
         let (source, format) = (cfg.model.clone(), cfg.weights);
         let stages = framework::shard::stage_layers(&model, shape.pp);
@@ -1450,10 +1463,16 @@ impl Engine {
     }
 
     /// Why the engine stopped for good, if it did: a rank of its MPI job
-    /// died or stopped answering, or [`Engine::stop_now`] stopped it. Every
-    /// request it held then ended with an error naming this, and it takes no
-    /// more.
+    /// died or stopped answering, its own policy or merge panicked (the
+    /// pipeline halted: [`kit::Pipeline::fault`]), or [`Engine::stop_now`]
+    /// stopped it. Every request it held then ended with an error naming
+    /// this, and it takes no more.
     pub fn stopped(&self) -> Option<&str> {
+        if self.stopped.get().is_none() {
+            if let Some(fault) = self.pipeline.fault() {
+                let _ = self.stopped.set(format!("the engine stopped: {fault}"));
+            }
+        }
         self.stopped.get().map(String::as_str)
     }
 

@@ -94,6 +94,8 @@ pub struct LlmMerger {
     stop_tokens: Vec<u32>,
     context: usize,
     reqs: HashMap<TaskId, ReqState>,
+    /// Panic on the output of this step or a later one (an injected fault).
+    panic_from: Option<u64>,
 }
 
 impl LlmMerger {
@@ -109,7 +111,15 @@ impl LlmMerger {
             stop_tokens,
             context,
             reqs: HashMap::new(),
+            panic_from: None,
         }
+    }
+
+    /// This merger, panicking on the output of the first step numbered
+    /// `step` or later, if given ([`crate::llm::EngineConfig::merge_fault`]).
+    pub fn with_fault(mut self, step: Option<u64>) -> Self {
+        self.panic_from = step;
+        self
     }
 
     fn decode(&self, tokens: &[u32]) -> String {
@@ -418,6 +428,9 @@ impl Merge for LlmMerger {
         step: &Arc<LlmStep>,
         outputs: Vec<(usize, Option<Picks>)>,
     ) -> Self::Verdict {
+        if self.panic_from.is_some_and(|s| step.plan.id >= s) {
+            panic!("injected fault: the merge panics at step {}", step.plan.id);
+        }
         let mut picks = outputs.into_iter().find_map(|(_, p)| p).unwrap_or_default();
 
         // Rows per group, in plan order (a beam group's rows follow its beams).

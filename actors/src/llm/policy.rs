@@ -1057,6 +1057,21 @@ impl Policy for LlmPolicy {
         failed
     }
 
+    fn tasks_in(&self, replica: usize, step: StepId) -> Option<Vec<TaskId>> {
+        // A failed step costs its whole lane its KV (see `failed`): the
+        // tasks it holds are the lane's, in the step or waiting in it.
+        let lane = self.lanes[replica]
+            .iter()
+            .position(|l| l.in_flight == Some(step))?;
+        Some(
+            self.owner
+                .iter()
+                .filter(|(_, &at)| at == (replica, lane))
+                .map(|(&task, _)| task)
+                .collect(),
+        )
+    }
+
     fn contains(&self, task: TaskId) -> bool {
         self.owner.contains_key(&task)
     }

@@ -9,8 +9,10 @@
 //! process exits 0. Under `mpirun` (a cluster in the settings) SIGTERM is
 //! the launcher ending the job, as it does when a rank dies: SIGTERM, or a
 //! rank of the job lost, also while draining, ends every request with an
-//! error at once, `/health` answers 503, and [`ServeError::JobLost`] makes
-//! the process exit non-zero within 0.75 s (see `end_lost_job`). SIGUSR1,
+//! error at once, `/health` answers 503, and [`ServeError::Stopped`] makes
+//! the process exit non-zero within 0.75 s (see `end_lost_job`). An engine
+//! that halts by itself (its policy or merge panicked) is ended the same
+//! way, in or out of a job. SIGUSR1,
 //! which `mpirun` forwards to every rank (the others ignore it), drains the
 //! job: after the drain the engine goes, which ends the other ranks' nodes,
 //! and every rank leaves the job cleanly. A request counts as finished when its
@@ -70,11 +72,12 @@ pub enum ServeError {
     /// The `[cluster]` placement asks for what this build does not run.
     #[error("{0}")]
     Cluster(String),
-    /// A rank of the MPI job died or stopped answering: every request was
-    /// ended with an error, and the process exits non-zero so that the job
-    /// is restarted.
+    /// The engine stopped for good while serving: a rank of the MPI job
+    /// died or stopped answering, or the engine's own policy or merge
+    /// panicked. Every request was ended with an error, and the process
+    /// exits non-zero so that it (or its job) is restarted.
     #[error("{0}")]
-    JobLost(String),
+    Stopped(String),
 }
 
 /// What every handler shares.
@@ -183,7 +186,8 @@ impl AppState {
             .ok_or_else(|| ApiError::Unavailable("the model is still loading".into()))
     }
 
-    /// Why the engine stopped for good (its MPI job lost a rank), if it did.
+    /// Why the engine stopped for good (its MPI job lost a rank, or it
+    /// halted), if it did.
     fn stopped(&self) -> Option<String> {
         self.engine
             .get()
@@ -605,7 +609,7 @@ where
         handle.stop(false).await;
         let _ = server_task.await;
         if in_job {
-            return Err(ServeError::JobLost(
+            return Err(ServeError::Stopped(
                 "the MPI job was ended (SIGTERM) while the model loaded".into(),
             ));
         }
@@ -752,7 +756,7 @@ where
             // The other ranks' nodes end only when the engine goes: without
             // it, leaving the job would wait for them forever.
             Err(_) if in_job => {
-                return Err(ServeError::JobLost(
+                return Err(ServeError::Stopped(
                     "the engine is still referenced after the drain, so the other ranks cannot be told to stop; ending the job".into(),
                 ))
             }
@@ -781,12 +785,9 @@ async fn sole_owner<T>(mut shared: Arc<T>) -> Result<T, Arc<T>> {
     }
 }
 
-/// Resolves once the engine stopped for good, with why; never for an
-/// engine outside an MPI job, which cannot.
+/// Resolves once the engine stopped for good, with why: its MPI job lost
+/// a rank, or its own policy or merge panicked ([`Engine::stopped`]).
 async fn stopped_for_good(state: &AppState) -> String {
-    if state.settings.engine.cluster.is_none() {
-        return std::future::pending().await;
-    }
     loop {
         if let Some(why) = state.stopped() {
             return why;
@@ -801,7 +802,8 @@ const LOST_FLUSH: Duration = Duration::from_millis(500);
 /// How long it then keeps answering 503 before it exits.
 const LOST_LINGER: Duration = Duration::from_millis(250);
 
-/// The job lost a rank: the engine has ended every request with an error
+/// The engine stopped for good (its job lost a rank, or its policy or
+/// merge panicked): it has ended every request with an error
 /// (the handlers write them out: an error event on a stream, a 500 with
 /// the error otherwise) and `/health` answers 503. Wait for the handlers,
 /// briefly, then stop and report the loss, so the process exits non-zero.
@@ -822,7 +824,7 @@ async fn end_lost_job(
     actix_web::rt::time::sleep(LOST_LINGER).await;
     handle.stop(false).await;
     let _ = server_task.await;
-    Err(ServeError::JobLost(why))
+    Err(ServeError::Stopped(why))
 }
 
 /// How long the HTTP workers wait at shutdown for finished responses to be
