@@ -1267,6 +1267,48 @@ fn requests_cut_off_by_the_shutdown_timeout_get_an_error() {
     assert!(last.contains("\"error\"") && last.contains(cut), "{text}");
 }
 
+#[test]
+fn embeddings_cut_off_by_the_shutdown_timeout_get_an_error() {
+    // The reference model embeds too (a decoder, by its last token): 512
+    // inputs of a few hundred tokens each take far longer than the drain's
+    // one second.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("parallm.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nshutdown_timeout_secs = 1\n\n[[models]]\nname = \"smol-embed\"\npath = \"{}\"\n",
+            common::model_path().display()
+        ),
+    )
+    .expect("write config");
+    let mut s = Server::start(&["--config", config.to_str().expect("utf-8")], true);
+    let base = s.base.clone();
+    let before = s.metric("parallm_embedding_step_duration_seconds_count");
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(30);
+    let body = json!({"model": "smol-embed", "input": vec![text; 512]}).to_string();
+    let client = std::thread::spawn(move || {
+        match agent().post(&format!("{base}/v1/embeddings")).send(body) {
+            Ok(mut r) => (
+                r.status().as_u16(),
+                r.body_mut().read_to_string().unwrap_or_default(),
+            ),
+            Err(e) => (0, e.to_string()),
+        }
+    });
+    let steps = "parallm_embedding_step_duration_seconds_count";
+    s.wait_metric(steps, |v| v > before, "the embedding runs");
+    signal(&s, libc::SIGTERM);
+    let code = exit_status(&mut s, Duration::from_secs(30));
+    assert!(code.success(), "exit status {code}");
+    let (status, body) = client.join().expect("client");
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body.contains("the server shut down before the request finished (the shutdown timeout)"),
+        "{body}"
+    );
+}
+
 /// Runs a script from tests/support and returns its stdout lines.
 fn support_lines(script: &str) -> Vec<String> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -22,7 +22,7 @@ use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use framework::collective::{Collective, SingleCollective, ThreadCollective};
@@ -509,6 +509,8 @@ pub struct EmbedPending {
     rx: Option<tokio::sync::oneshot::Receiver<EmbedResult>>,
     gone: Arc<AtomicBool>,
     canceller: Canceller,
+    /// Why the embedder stopped for good, once it did ([`Embedder::stop_now`]).
+    stopped: Arc<OnceLock<String>>,
 }
 
 impl EmbedPending {
@@ -523,7 +525,7 @@ impl EmbedPending {
         let out = match self.rx.as_mut() {
             Some(rx) => rx
                 .await
-                .unwrap_or_else(|_| Err(End::Failed("the embedding engine stopped".into()))),
+                .unwrap_or_else(|_| Err(End::Failed(self.why_stopped()))),
             None => Err(End::Failed("already answered".into())),
         };
         self.rx = None;
@@ -536,7 +538,15 @@ impl EmbedPending {
             return Err(End::Failed("already answered".into()));
         };
         rx.blocking_recv()
-            .unwrap_or_else(|_| Err(End::Failed("the embedding engine stopped".into())))
+            .unwrap_or_else(|_| Err(End::Failed(self.why_stopped())))
+    }
+
+    /// Why the embedder ended the request unanswered.
+    fn why_stopped(&self) -> String {
+        self.stopped
+            .get()
+            .cloned()
+            .unwrap_or_else(|| "the embedding engine stopped".into())
     }
 }
 
@@ -582,6 +592,9 @@ pub struct Embedder {
     shape: EmbedShape,
     cfg: EmbedConfig,
     next_id: AtomicU64,
+    /// Why it stopped for good, once it did: the error of every request it
+    /// then held.
+    stopped: Arc<OnceLock<String>>,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -694,6 +707,7 @@ impl Embedder {
             shape,
             cfg,
             next_id: AtomicU64::new(1),
+            stopped: Arc::new(OnceLock::new()),
         })
     }
 
@@ -785,7 +799,17 @@ impl Embedder {
             rx: Some(rx),
             gone,
             canceller: self.pipeline.canceller(),
+            stopped: self.stopped.clone(),
         })
+    }
+
+    /// Stops the embedder at once: every request it holds ends with
+    /// [`End::Failed`] carrying `why`, and it takes no more (for a server
+    /// whose drain ran out of time, so that each client gets an error rather
+    /// than a closed connection). A stop already recorded keeps its reason.
+    pub fn stop_now(&self, why: impl Into<String>) {
+        let _ = self.stopped.set(why.into());
+        self.pipeline.halter().halt();
     }
 
     /// The scheduler's figures.

@@ -706,11 +706,14 @@ where
     if left > 0 {
         // Each request left gets an error (a 500, or an error event ending
         // its stream) rather than a connection closed mid-answer: the
-        // engine ends them all, and their handlers write that out.
+        // engine and the embedders end them all, and their handlers write
+        // that out.
+        let why = format!("the server shut down before the request finished ({cut_by})");
         if let Some(engine) = state.engine.get() {
-            engine.stop_now(format!(
-                "the server shut down before the request finished ({cut_by})"
-            ));
+            engine.stop_now(why.clone());
+        }
+        for s in state.embedders.get().into_iter().flatten() {
+            s.embedder.stop_now(why.clone());
         }
         let flushed = Instant::now() + LOST_FLUSH;
         while state.inflight.load(Ordering::SeqCst) > 0 && Instant::now() < flushed {
@@ -817,6 +820,10 @@ async fn end_lost_job(
 ) -> Result<(), ServeError> {
     let waiting = state.inflight.load(Ordering::SeqCst);
     eprintln!("parallm: {why}; ending {waiting} request(s) with an error and exiting");
+    // The embedding models' requests end with the same error.
+    for s in state.embedders.get().into_iter().flatten() {
+        s.embedder.stop_now(why.clone());
+    }
     let deadline = Instant::now() + LOST_FLUSH;
     while state.inflight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         actix_web::rt::time::sleep(Duration::from_millis(10)).await;
