@@ -115,6 +115,9 @@ pub struct PrunePlan {
 
 /// Prunes `input` into `output`; returns a line on what was done.
 pub fn prune(input: &Path, output: &Path, plan: &PrunePlan) -> CliResult<String> {
+    if plan.windows == 0 {
+        return Err("--windows must be at least 1".into());
+    }
     let file = quantize::open_gguf(input)?;
     let arch = file.get_str("general.architecture")?.to_string();
     let layers = file.get_usize(&format!("{arch}.block_count"))?;
@@ -332,7 +335,7 @@ fn input_norms(input: &Path, plan: &PrunePlan) -> CliResult<Imatrix> {
             let cal = calibrate::collect(
                 &engine,
                 &text,
-                (plan.ctx, Some(plan.windows.max(1))),
+                (plan.ctx, Some(plan.windows)),
                 plan.progress,
             )
             .map_err(|e| format!("--calib {}: {e}", calib.display()));
@@ -368,7 +371,7 @@ fn block_similarity(
         )
         .into());
     }
-    let windows: Vec<&[u32]> = tokens.chunks_exact(ctx).take(plan.windows.max(1)).collect();
+    let windows: Vec<&[u32]> = tokens.chunks_exact(ctx).take(plan.windows).collect();
     // The first block's input is the token's embedding row (a scale, as
     // Gemma's, changes no cosine).
     let (_, edims) = file.tensor_info("token_embd.weight")?;

@@ -149,12 +149,22 @@ impl std::str::FromStr for Keep {
         let (t, names) = s.split_once(':').ok_or_else(|| {
             format!("--keep {s}: expected TYPE:NAME[,NAME…], e.g. f16:token_embd,output")
         })?;
-        let dtype = match t.parse::<Target>() {
-            Ok(Target::Plain(d)) => d,
+        // The K mixes' own block types count as single types here.
+        let dtype = match (t.to_ascii_lowercase().as_str(), t.parse::<Target>()) {
+            ("q4_k", _) => GgmlDType::Q4K,
+            ("q5_k", _) => GgmlDType::Q5K,
+            (_, Ok(Target::Plain(d))) => d,
             _ => {
+                let mut names: Vec<&str> = TYPES
+                    .iter()
+                    .filter(|(_, t)| matches!(t, Target::Plain(_)))
+                    .map(|(n, _)| *n)
+                    .collect();
+                names.extend(["q4_k", "q5_k"]);
                 return Err(format!(
-                    "--keep {s}: {t} is not a single block type (f16, bf16, f32, q8_0, …)"
-                ))
+                    "--keep {s}: {t} is not a single block type (one of {})",
+                    names.join(", ")
+                ));
             }
         };
         let prefixes: Vec<String> = names

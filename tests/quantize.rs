@@ -209,13 +209,20 @@ fn keep_holds_chosen_tensors_at_their_own_type() {
         "q4_0",
         "--keep",
         "f16:token_embd,blk.0,blk.N-1",
+        // A K mix's block type, falling back where rows are not whole
+        // super-blocks (576 columns), as llama-quantize does.
+        "--keep",
+        "q5_k:blk.1",
     ]);
     let f = GgufFile::open(out).unwrap();
     for (name, t) in [
+        ("blk.1.ffn_down.weight", "Q5K"),
+        ("blk.1.ffn_up.weight", "Q5_1"),
+        ("blk.10.ffn_down.weight", "Q4_0"),
         ("token_embd.weight", "F16"),
         ("blk.0.attn_q.weight", "F16"),
         ("blk.29.ffn_up.weight", "F16"),
-        ("blk.1.attn_q.weight", "Q4_0"),
+        ("blk.2.attn_q.weight", "Q4_0"),
         ("blk.0.attn_norm.weight", "F32"),
     ] {
         assert_eq!(f.stored_type(name).as_deref(), Some(t), "{name}");
@@ -528,6 +535,22 @@ fn bad_prune_arguments_are_named_and_leave_no_file() {
             "/usr/share/common-licenses/GPL-3",
         ],
         "must be in [1, 29]",
+    );
+    refused(
+        &[
+            "prune",
+            b,
+            out,
+            "--method",
+            "layers",
+            "--drop",
+            "2",
+            "--calib",
+            "/usr/share/common-licenses/GPL-3",
+            "--windows",
+            "0",
+        ],
+        "--windows must be at least 1",
     );
     assert_eq!(
         std::fs::read_dir(&d).unwrap().count(),
