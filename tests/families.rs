@@ -294,6 +294,24 @@ fn the_tiny_models_read_as_their_families() {
 }
 
 #[test]
+fn a_chat_whose_template_writes_bos_keeps_one() {
+    // llama-spm's tokenizer adds BOS (`<s>`) to what it encodes; a chat
+    // template beginning `{{ bos_token }}` writes another.
+    let tok = Tokenizer::from_gguf(&open("llama-spm")).expect("tokenizer");
+    assert!(tok.adds_bos());
+    let bos = tok.bos().expect("bos");
+    let doubled = tok.encode("<s>Hello there").expect("encode");
+    assert_eq!(&doubled[..2], &[bos, bos], "{doubled:?}");
+    let chat = tok.single_specials(doubled.clone());
+    assert_eq!(chat[0], bos);
+    assert_eq!(&chat[1..], &doubled[2..]);
+    // A template that writes none keeps the tokenizer's one.
+    let once = tok.encode("Hello there").expect("encode");
+    assert_eq!(tok.single_specials(once.clone()), once);
+    assert_eq!(chat, once);
+}
+
+#[test]
 fn a_draft_with_a_shorter_context_caps_the_served_context() {
     use parallm::actors::llm::ModelSource;
     use parallm::{Engine, Event, Request};

@@ -615,6 +615,25 @@ impl Tokenizer {
         self.encode(text)
     }
 
+    /// `ids` of a rendered chat with one BOS and one EOS at most: a
+    /// template that writes BOS itself (`{{ bos_token }}…`, as Llama 3's,
+    /// Mistral's and Gemma's begin) got a second one from a tokenizer that
+    /// adds it ([`Tokenizer::adds_bos`]); likewise EOS at the end. llama.cpp
+    /// keeps one too, and transformers and vLLM get the same by adding no
+    /// special tokens to a chat.
+    pub fn single_specials(&self, mut ids: Vec<u32>) -> Vec<u32> {
+        if let Some(bos) = self.bos.filter(|_| self.add_bos) {
+            if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
+                ids.remove(0);
+            }
+        }
+        let n = ids.len();
+        if self.add_eos && n >= 2 && ids[n - 1] == self.eos && ids[n - 2] == self.eos {
+            ids.pop();
+        }
+        ids
+    }
+
     /// The raw bytes a token stands for (empty for control tokens).
     pub fn token_bytes(&self, id: u32) -> &[u8] {
         self.token_bytes

@@ -1187,6 +1187,7 @@ impl Engine {
             .tokenizer
             .as_deref()
             .ok_or_else(|| bad("prompt", "a synthetic model takes token ids only"));
+        let chat = matches!(prompt, Prompt::Chat(_) | Prompt::ChatTools { .. });
         let text = match prompt {
             Prompt::Tokens(t) => return Ok(t.clone()),
             Prompt::Text(s) => std::borrow::Cow::Borrowed(s.as_str()),
@@ -1213,10 +1214,15 @@ impl Engine {
                 std::borrow::Cow::Owned(text)
             }
         };
-        match limit {
-            Some(limit) => tok?.encode_within(&text, limit),
-            None => tok?.encode_with(&text, add_special),
-        }
+        let tok = tok?;
+        let ids = match limit {
+            Some(limit) => tok.encode_within(&text, limit)?,
+            None => tok.encode_with(&text, add_special)?,
+        };
+        Ok(match chat {
+            true => tok.single_specials(ids),
+            false => ids,
+        })
     }
 
     /// The format this model writes tool calls in: the configuration's
