@@ -1119,8 +1119,11 @@ fn a_flood_beyond_capacity_gets_429s_and_every_accepted_request_completes() {
     println!("{ok} accepted and completed, {limited} refused with 429");
     assert!(ok >= 2 && limited >= 1, "{ok} ok, {limited} limited");
     assert_eq!(ok + limited, 24);
-    // The health probe may have been refused too.
-    assert!(s.metric("parallm_request_failure_total{reason=\"overloaded\"}") >= limited as f64);
+    // Only the clients' requests were refused (a probe never is).
+    assert_eq!(
+        s.metric("parallm_request_failure_total{reason=\"overloaded\"}"),
+        limited as f64
+    );
     // More sequences than the queue holds could never be admitted: a 400
     // naming `n`, not a 429 to retry forever.
     let (st, r) = s.post(
@@ -1128,6 +1131,63 @@ fn a_flood_beyond_capacity_gets_429s_and_every_accepted_request_completes() {
         json!({"prompt": "x", "n": 3, "max_tokens": 2}),
     );
     assert_error(st, &r, 400, Some("n"), "invalid_value");
+}
+
+#[test]
+fn health_stays_200_while_a_flood_keeps_the_queue_full() {
+    // A busy server is a healthy one: its probe is never refused for the
+    // load it checks (it takes no place in the queue), so a load balancer
+    // does not drop it exactly when it is busiest.
+    let s = Server::start(
+        &[
+            "--set",
+            "scheduler.queue_capacity=2",
+            "--set",
+            "scheduler.max_running=1",
+            "--set",
+            "server.health_probe_interval_secs=1",
+            "--set",
+            "server.health_max_age_secs=5",
+        ],
+        true,
+    );
+    let until = Instant::now() + Duration::from_secs(9);
+    let (limited, unhealthy) = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..6)
+            .map(|i| {
+                let s = &s;
+                scope.spawn(move || {
+                    let mut limited = 0;
+                    while Instant::now() < until {
+                        let (st, _, _) = s.post_raw(
+                            "/v1/completions",
+                            &json!({"prompt": format!("Flood {i}:"), "max_tokens": 16,
+                                    "ignore_eos": true})
+                            .to_string(),
+                        );
+                        assert!(st == 200 || st == 429, "status {st}");
+                        if st == 429 {
+                            limited += 1;
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                    limited
+                })
+            })
+            .collect();
+        let mut unhealthy = Vec::new();
+        while Instant::now() < until {
+            let (st, body) = s.get("/health");
+            if st != 200 {
+                unhealthy.push(body);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let limited: usize = clients.into_iter().map(|c| c.join().expect("client")).sum();
+        (limited, unhealthy)
+    });
+    assert!(limited > 0, "the queue was never full");
+    assert!(unhealthy.is_empty(), "{unhealthy:?}");
 }
 
 #[test]

@@ -2,8 +2,10 @@
 //!
 //! [`QueueState`] is the logic, a plain struct: higher priorities leave first,
 //! equal priorities in arrival order; a full queue refuses a task at once with
-//! [`SubmitError::Overloaded`]; it never blocks and never drops a task it
-//! accepted; tasks whose requester is gone are taken out before they leave.
+//! [`SubmitError::Overloaded`] (a task [exempt from the
+//! capacity](crate::Task::exempt_from_capacity) is taken anyway and counts
+//! against no one); it never blocks and never drops a task it accepted;
+//! tasks whose requester is gone are taken out before they leave.
 //!
 //! [`QueueActor`] is its shell on the pipeline's control thread: it hands the
 //! requester's part of every accepted task to the merger, feeds the scheduler
@@ -99,7 +101,15 @@ impl<T: Task> QueueState<T> {
         if self.closed {
             return Err(SubmitError::ShuttingDown);
         }
-        if self.heap.len() >= self.capacity {
+        if self.heap.len() >= self.capacity
+            && !task.exempt_from_capacity()
+            && self
+                .heap
+                .iter()
+                .filter(|e| !e.task.exempt_from_capacity())
+                .count()
+                >= self.capacity
+        {
             return Err(SubmitError::Overloaded {
                 capacity: self.capacity,
             });
@@ -316,6 +326,7 @@ mod tests {
         id: TaskId,
         priority: i32,
         gone: Arc<AtomicBool>,
+        exempt: bool,
     }
 
     impl Task for T {
@@ -328,6 +339,9 @@ mod tests {
         fn abandoned(&self) -> bool {
             self.gone.load(AtomicOrdering::Relaxed)
         }
+        fn exempt_from_capacity(&self) -> bool {
+            self.exempt
+        }
     }
 
     fn t(id: TaskId, priority: i32) -> T {
@@ -335,6 +349,7 @@ mod tests {
             id,
             priority,
             gone: Arc::default(),
+            exempt: false,
         }
     }
 
@@ -370,6 +385,28 @@ mod tests {
         q.close();
         assert_eq!(q.push(t(4, 0)), Err(SubmitError::ShuttingDown));
         assert_eq!(ids(&q.drain()), vec![2]);
+    }
+
+    #[test]
+    fn an_exempt_task_is_taken_by_a_full_queue_and_takes_no_place() {
+        let probe = |id| T {
+            exempt: true,
+            ..t(id, i32::MAX)
+        };
+        let mut q = QueueState::new(1);
+        q.push(probe(1)).unwrap();
+        q.push(t(2, 0)).unwrap();
+        assert_eq!(
+            q.push(t(3, 0)),
+            Err(SubmitError::Overloaded { capacity: 1 })
+        );
+        q.push(probe(4)).unwrap();
+        q.set_demand(2);
+        assert_eq!(ids(&q.release().admit), vec![1, 4]);
+        assert_eq!(
+            q.push(t(5, 0)),
+            Err(SubmitError::Overloaded { capacity: 1 })
+        );
     }
 
     #[test]

@@ -60,6 +60,13 @@ pub trait Task: Send + Unpin + 'static {
     fn abandon_flag(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicBool>> {
         None
     }
+    /// Whether the queue takes it even when full, without counting it
+    /// against its capacity: a control task such as a health probe, which
+    /// must not be refused for the very load it checks, and takes no
+    /// requester's place.
+    fn exempt_from_capacity(&self) -> bool {
+        false
+    }
 }
 
 /// A node's place: its replica and its index among the replica's nodes.

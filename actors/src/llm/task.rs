@@ -428,4 +428,9 @@ impl Task for LlmTask {
     fn abandon_flag(&self) -> Option<Arc<AtomicBool>> {
         Some(self.abandoned.clone())
     }
+    fn exempt_from_capacity(&self) -> bool {
+        // A health probe checks that the engine answers; a full queue must
+        // not make a busy, healthy server look dead.
+        matches!(self.traffic, Traffic::Probe { .. })
+    }
 }
