@@ -2554,12 +2554,14 @@ fn health_probes_every_replica_and_names_one_that_fails() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(!body.contains("replica 0"), "{body}");
-    // Replica 0 still answers (sent there by the router, as the other's
-    // queue holds retries or it is avoided; either way, a request succeeds
-    // on some replica within a few tries).
-    let served = (0..6).any(|_| {
-        let (st, _) = s.post("/v1/completions", json!({"prompt": "Hi", "max_tokens": 2}));
-        st == 200
-    });
-    assert!(served, "no request was served by the sound replica");
+    // Every request goes to replica 0: the router avoids a replica whose
+    // last step failed while another's did not.
+    for _ in 0..6 {
+        let (st, r) = s.post("/v1/completions", json!({"prompt": "Hi", "max_tokens": 2}));
+        assert_eq!(st, 200, "{r}");
+    }
+    assert_eq!(
+        s.metric("parallm_requests_routed_total{replica=\"1\"}"),
+        0.0
+    );
 }

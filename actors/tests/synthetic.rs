@@ -167,6 +167,41 @@ fn injected_faults_lose_nothing() {
     }
 }
 
+#[test]
+fn new_requests_avoid_a_replica_whose_steps_fail() {
+    // Replica 1's only node fails at every step after the start-up probe,
+    // and no request is retried: each one routed there fails.
+    let e = engine(1, 1, 2)
+        .max_retries(0)
+        .fault(FaultInjection {
+            replica: 1,
+            node: 0,
+            step: 1,
+            times: u32::MAX,
+            panic: false,
+        })
+        .build()
+        .unwrap();
+    let outcomes = |n: usize| -> Vec<bool> {
+        let streams: Vec<_> = (0..n)
+            .map(|i| {
+                e.generate(Request::greedy_tokens(vec![1, 2, 3 + i as u32], 4))
+                    .unwrap()
+            })
+            .collect();
+        streams
+            .into_iter()
+            .map(|s| matches!(s.collect_blocking().last(), Some(Event::Finished { .. })))
+            .collect()
+    };
+    // Two at once: one of them goes to replica 1, and fails there.
+    let first = outcomes(2);
+    assert_eq!(first.iter().filter(|ok| !**ok).count(), 1, "{first:?}");
+    // Then every new request goes to replica 0, whatever the load.
+    let later = outcomes(8);
+    assert!(later.iter().all(|ok| *ok), "{later:?}");
+}
+
 /// Seeded sampling of every prompt (the draws happen on the last stage's
 /// rank 0); the tokens of each.
 fn sampled_all(e: &Engine) -> Vec<Vec<u32>> {

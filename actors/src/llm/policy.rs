@@ -633,6 +633,12 @@ pub struct LlmPolicy {
     cache_aware: bool,
     /// Requests admitted to each replica so far.
     routed: Vec<u64>,
+    /// Per replica: its last step failed (none succeeded since). New
+    /// requests go to such a replica only when every replica is in that
+    /// state, as each one it got would likely fail too; a later step that
+    /// succeeds there (a retried request's, or a health probe's, pinned to
+    /// it) restores it.
+    failing: Vec<bool>,
     /// The job's other processes, where nodes run there.
     cluster: Option<Cluster>,
 }
@@ -817,6 +823,7 @@ impl LlmPolicy {
             samplers: HashMap::new(),
             scoring: HashMap::new(),
             preemptions_seen: vec![0; dp],
+            failing: vec![false; dp],
             prefix_seen: vec![PrefixStats::default(); dp],
             spec_seen: vec![(0, 0); dp],
             route_margin: DEFAULT_ROUTE_MARGIN,
@@ -914,7 +921,10 @@ impl Policy for LlmPolicy {
                 return replica;
             }
         }
+        // Replicas whose last step failed get nothing while another did not.
+        let healthy = self.failing.iter().any(|f| !f);
         let cands: Vec<_> = (0..self.lanes.len())
+            .filter(|&r| !(healthy && self.failing[r]))
             .map(|r| {
                 let cached = self.lanes[r]
                     .iter()
@@ -1027,6 +1037,7 @@ impl Policy for LlmPolicy {
     }
 
     fn completed(&mut self, replica: usize, step: StepId, verdict: Self::Verdict) {
+        self.failing[replica] = false;
         let lanes = &mut self.lanes[replica];
         let ended = match lanes.iter_mut().find(|l| l.in_flight == Some(step)) {
             Some(lane) => {
@@ -1042,6 +1053,7 @@ impl Policy for LlmPolicy {
     }
 
     fn failed(&mut self, replica: usize, steps: &[StepId]) -> Vec<TaskId> {
+        self.failing[replica] = true;
         // A restarted node lost its whole pool: every lane recomputes.
         let mut failed = Vec::new();
         for lane in self.lanes[replica].iter_mut() {
