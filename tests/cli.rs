@@ -205,6 +205,43 @@ fn out_of_range_special_tokens_and_huge_contexts_are_named() {
     }
 }
 
+#[test]
+fn a_model_computing_nan_fails_its_requests_instead_of_talking() {
+    use candle_core::quantized::gguf_file::Content;
+    // The reference model whose final norm is all NaN, so every logit is:
+    // argmax of NaNs was token 0, and sampling drew from NaN probabilities.
+    let mut bytes = std::fs::read(common::model_path()).unwrap();
+    let content = Content::read(&mut std::io::Cursor::new(&bytes)).unwrap();
+    let info = &content.tensor_infos["output_norm.weight"];
+    assert_eq!(info.ggml_dtype, candle_core::quantized::GgmlDType::F32);
+    let at = (content.tensor_data_offset + info.offset) as usize;
+    let n = info.shape.elem_count();
+    for x in bytes[at..at + 4 * n].chunks_exact_mut(4) {
+        x.copy_from_slice(&f32::NAN.to_le_bytes());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nan.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let file = path.to_str().unwrap();
+    for extra in [
+        &["--temperature", "0"][..],
+        &["--temperature", "1", "--seed", "1"],
+        &["--beam", "2"],
+    ] {
+        let mut args = vec![
+            "generate",
+            "Once upon a time",
+            "--max-tokens",
+            "4",
+            "--model",
+            file,
+        ];
+        args.extend_from_slice(extra);
+        let out = parallm(&args);
+        assert_clean_failure(&out, "non-finite logit (NaN");
+    }
+}
+
 /// `generate` and `serve` both stop on the model file at `path` with `want`
 /// in the message (`serve` with the loader's own), naming the file.
 fn assert_generate_and_serve_refuse(path: &Path, want: &str) {

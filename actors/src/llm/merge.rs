@@ -309,7 +309,7 @@ fn chosen(is_beam: bool, mut got: Vec<Pick>, rows: usize) -> Option<Chosen> {
     got.into_iter()
         .map(|p| match p {
             Pick::Row(r) => Some(r),
-            Pick::Tokens(_) | Pick::Scored(..) => None,
+            Pick::Tokens(_) | Pick::Scored(..) | Pick::NonFinite(_) => None,
         })
         .collect::<Option<Vec<_>>>()
         .map(Chosen::Beams)
@@ -477,6 +477,15 @@ impl Merge for LlmMerger {
                 Some(st) => matches!(st.mode, Mode::Beam { .. }),
             };
             let got: Vec<Pick> = rows.iter().filter_map(|&(_, i)| pick(i)).collect();
+            let non_finite = got.iter().find_map(|p| match p {
+                Pick::NonFinite(why) => Some(why.clone()),
+                _ => None,
+            });
+            if let Some(why) = non_finite {
+                self.end(g, End::Failed(why));
+                verdict.push((g, GroupOutcome::Finished));
+                continue;
+            }
             let Some(chosen) = chosen(is_beam, got, rows.len()) else {
                 if let Some(st) = self.reqs.remove(&g) {
                     st.responder.end(Event::Failed {

@@ -116,6 +116,9 @@ pub enum Pick {
     Row(Vec<f32>),
     /// Scores of prompt tokens, and the item's draw when it has one.
     Scored(Vec<PromptScore>, Option<Box<Pick>>),
+    /// The item's logits held a NaN or an infinity, so nothing could be
+    /// drawn or scored: why (the request fails with it).
+    NonFinite(String),
 }
 
 /// What the last stage's rank 0 returns: for each item of the step, its
@@ -148,6 +151,19 @@ impl LlmStep {
             // The rows run from the first scored position (or the drawn
             // rows' first) to the item's last.
             let first = it.start + it.tokens.len() - rows.len();
+            // NaN draws token 0 by argmax and makes every probability NaN:
+            // a damaged model (or an overflow) must fail, not talk.
+            let bad = rows.iter().enumerate().find_map(|(r, row)| {
+                row.iter()
+                    .position(|x| !x.is_finite())
+                    .map(|t| (first + r, t, row[t]))
+            });
+            if let Some((position, token, value)) = bad {
+                *pick = Some(Pick::NonFinite(format!(
+                    "the model computed a non-finite logit ({value} for token {token} at position {position}): its weights hold NaN or infinite values, or its activations overflowed"
+                )));
+                return;
+            }
             let scores: Vec<PromptScore> = match self.scoring.get(*item).and_then(Option::as_ref) {
                 Some(spec) => it
                     .scored

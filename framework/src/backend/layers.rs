@@ -209,11 +209,23 @@ impl<B: Backend> VocabParallelLmHead<B> {
             be.gather_rows(b.x, b.meta, b.last, hidden)?;
             self.norm
                 .forward(be, b.last, None, eps, b.last_normed, picked, hidden)?;
+            let normed = be.download(b.last_normed, picked * hidden)?;
             be.linear(&self.w, b.last_normed, b.logits, Elem::F32, picked)?;
             if self.softcap > 0.0 {
                 be.softcap(b.logits, self.softcap, picked * self.local_vocab())?;
             }
-            be.download(b.logits, picked * self.local_vocab())?
+            let mut logits = be.download(b.logits, picked * self.local_vocab())?;
+            // A row whose hidden state is not finite (a damaged weight, an
+            // overflow) gets NaN logits, for the draw to refuse: the head's
+            // activation quantization turns NaN into 0, which would draw
+            // from all-zero logits as if nothing were wrong.
+            let width = self.local_vocab();
+            for (row, h) in normed.chunks_exact(hidden).enumerate() {
+                if h.iter().any(|x| !x.is_finite()) {
+                    logits[row * width..(row + 1) * width].fill(f32::NAN);
+                }
+            }
+            logits
         } else {
             Vec::new()
         };
