@@ -35,7 +35,7 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use framework::chat::ChatMessage;
-use framework::speculative::Speculation;
+use framework::speculative::{SpecMethod, Speculation};
 use framework::{LlamaShard, ModelConfig, SamplingParams, ShardSpec, WeightFormat};
 use parallm::actors::llm::ModelSource;
 use parallm::load::resolve_model_path;
@@ -319,11 +319,11 @@ struct GenerateArgs {
     /// Repetition penalty (1 = off).
     #[arg(long, default_value_t = 1.0)]
     repetition_penalty: f32,
-    /// Presence penalty.
-    #[arg(long, default_value_t = 0.0)]
+    /// Presence penalty, in [-2, 2].
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     presence_penalty: f32,
-    /// Frequency penalty.
-    #[arg(long, default_value_t = 0.0)]
+    /// Frequency penalty, in [-2, 2].
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     frequency_penalty: f32,
     /// Random seed (reproducible sampling).
     #[arg(long)]
@@ -331,12 +331,13 @@ struct GenerateArgs {
     /// Beam search with this many beams.
     #[arg(long, value_name = "N")]
     beam: Option<usize>,
-    /// Beam search length penalty exponent.
-    #[arg(long, default_value_t = 1.0)]
-    length_penalty: f32,
-    /// Tokens to generate at most.
-    #[arg(long, default_value_t = 128)]
-    max_tokens: usize,
+    /// Beam search length penalty exponent (with --beam; default 1).
+    #[arg(long, requires = "beam", allow_negative_numbers = true)]
+    length_penalty: Option<f32>,
+    /// Tokens to generate at most (default: 128, or what the context
+    /// leaves after the prompt if that is less).
+    #[arg(long)]
+    max_tokens: Option<usize>,
     /// Stop when this string is generated (repeatable).
     #[arg(long)]
     stop: Vec<String>,
@@ -547,10 +548,11 @@ impl ParallelArgs {
             (&self.dtype, &self.kv_dtype),
             &self.cuda_weights,
         )?;
-        let mut b = self
-            .apply_cpu(b)
-            .compute(compute)
-            .speculative(self.speculation()?);
+        let speculation = self.speculation()?;
+        if self.draft_model.is_some() && speculation.method != SpecMethod::Draft {
+            return Err("--draft-model goes with --speculative draft (otherwise it would be loaded, cap the context to its own, and never draft)".into());
+        }
+        let mut b = self.apply_cpu(b).compute(compute).speculative(speculation);
         let layout = cluster::Layout {
             dp: self.dp,
             tp: self.tp,
@@ -1086,6 +1088,10 @@ fn run_config_check(file: Option<PathBuf>, mut layers: LayerArgs) -> CliResult {
     Ok(())
 }
 
+/// Tokens `generate` draws unless told (fewer where the context leaves
+/// fewer after the prompt).
+const DEFAULT_GENERATE_TOKENS: usize = 128;
+
 fn run_generate(args: GenerateArgs) -> CliResult {
     let prompt = match args.prompt {
         Some(p) => p,
@@ -1113,12 +1119,13 @@ fn run_generate(args: GenerateArgs) -> CliResult {
         presence_penalty: args.presence_penalty,
         frequency_penalty: args.frequency_penalty,
         seed: args.seed,
-        max_tokens: args.max_tokens,
+        max_tokens: args.max_tokens.unwrap_or(DEFAULT_GENERATE_TOKENS),
         stop: args.stop,
         ignore_eos: false,
         logprobs: None,
         logit_bias: Vec::new(),
     };
+    let mut params = params;
     params.validate()?;
     if args.beam.is_some() && args.parallel.speculation()?.enabled() {
         return Err("--speculative does not combine with --beam (beam search)".into());
@@ -1134,9 +1141,19 @@ fn run_generate(args: GenerateArgs) -> CliResult {
     } else {
         Prompt::Text(prompt)
     };
+    if args.max_tokens.is_none() {
+        // Unasked, the default shrinks to what the context leaves (as the
+        // server's does), rather than refusing a long prompt for it.
+        let context = engine.model_config().context;
+        let prompt_tokens = engine.tokenize(&prompt)?.len();
+        params.max_tokens = params
+            .max_tokens
+            .min(context.saturating_sub(prompt_tokens))
+            .max(1);
+    }
     let beam = args.beam.map(|width| BeamParams {
         width,
-        length_penalty: args.length_penalty,
+        length_penalty: args.length_penalty.unwrap_or(1.0),
     });
     let t0 = Instant::now();
     let mut stream = engine.generate(Request {
@@ -1184,15 +1201,28 @@ fn run_generate(args: GenerateArgs) -> CliResult {
     let cfg = engine.config().clone();
     engine.shutdown();
     let (reason, usage) = result?;
-    let prefill = first.unwrap_or(end).duration_since(t0).as_secs_f64();
-    let decode = first.map_or(0.0, |f| end.duration_since(f).as_secs_f64());
     let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    // A beam search streams nothing until it ends, so its prefill and
+    // decode cannot be timed apart: its whole time is given instead.
+    let speed = match (first, args.beam) {
+        (None, Some(_)) => format!(
+            "beam search: {:.2} s in all",
+            end.duration_since(t0).as_secs_f64()
+        ),
+        _ => {
+            let prefill = first.unwrap_or(end).duration_since(t0).as_secs_f64();
+            let decode = first.map_or(0.0, |f| end.duration_since(f).as_secs_f64());
+            format!(
+                "prefill: {:.1} tok/s, decode: {:.1} tok/s",
+                rate(usage.prompt_tokens, prefill),
+                rate(usage.completion_tokens.saturating_sub(1), decode)
+            )
+        }
+    };
     eprintln!(
-        "prompt tokens: {}, generated tokens: {}, prefill: {:.1} tok/s, decode: {:.1} tok/s, finish: {}, weights: {}, tp={} pp={} dp={}",
+        "prompt tokens: {}, generated tokens: {}, {speed}, finish: {}, weights: {}, tp={} pp={} dp={}",
         usage.prompt_tokens,
         usage.completion_tokens,
-        rate(usage.prompt_tokens, prefill),
-        rate(usage.completion_tokens.saturating_sub(1), decode),
         reason.as_str(),
         cfg.weights,
         cfg.tp,

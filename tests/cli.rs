@@ -206,6 +206,56 @@ fn out_of_range_special_tokens_and_huge_contexts_are_named() {
 }
 
 #[test]
+fn generate_checks_its_flags_and_fits_its_default_to_the_context() {
+    // Negative penalties are values, not flags.
+    let out = parallm(&[
+        "generate",
+        "Hi",
+        "--max-tokens",
+        "2",
+        "--presence-penalty",
+        "-1",
+        "--frequency-penalty",
+        "-0.5",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A beam search's time is given whole, not as a decode rate of 0.
+    let out = parallm(&["generate", "Hi", "--max-tokens", "3", "--beam", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("beam search: ") && !stderr.contains("decode:"),
+        "{stderr}"
+    );
+    // Flags that would do nothing are refused.
+    let out = parallm(&["generate", "Hi", "--length-penalty", "0.5"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--beam"));
+    let draft = common::model_path();
+    let out = parallm(&["generate", "Hi", "--draft-model", draft.to_str().unwrap()]);
+    assert_clean_failure(&out, "--draft-model goes with --speculative draft");
+    // Unasked, the number of tokens shrinks to what the context leaves.
+    let prompt = "word ".repeat(60);
+    let out = parallm(&["generate", &prompt, "--max-model-len", "64"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // Asked for, it is refused as before, naming the context.
+    let out = parallm(&[
+        "generate",
+        &prompt,
+        "--max-model-len",
+        "64",
+        "--max-tokens",
+        "128",
+    ]);
+    assert_clean_failure(&out, "context is 64 tokens");
+}
+
+#[test]
 fn a_model_computing_nan_fails_its_requests_instead_of_talking() {
     use candle_core::quantized::gguf_file::Content;
     // The reference model whose final norm is all NaN, so every logit is:
