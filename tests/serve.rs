@@ -2488,6 +2488,20 @@ fn request_metrics_count_a_request_once_whatever_its_n_and_leave_probes_out() {
     ] {
         assert_eq!(s.metric(name), 1.0, "{name}");
     }
+    // A choice ended by the model's stop token: the token is not output,
+    // and neither usage nor the counter counts it.
+    let before = s.metric("parallm_generation_tokens_total");
+    let (status, r) = s.post(
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Say hello."}],
+               "max_tokens": 200, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
+    assert_eq!(
+        s.metric("parallm_generation_tokens_total") - before,
+        count(&r["usage"]["completion_tokens"])
+    );
 }
 
 #[test]

@@ -178,8 +178,11 @@ impl LlmMerger {
             self.refuse(id, e);
             return Some(FinishReason::Stop);
         }
-        produced(&mut st.first_token, st.arrived, st.traffic);
-        if !st.ignore_eos && self.stop_tokens.contains(&token) {
+        let stop = !st.ignore_eos && self.stop_tokens.contains(&token);
+        // A stop token is drawn (and times the first token) but is not
+        // output, so it is not counted, as `usage` does not count it.
+        produced(&mut st.first_token, st.arrived, st.traffic, !stop);
+        if stop {
             return Some(FinishReason::Stop);
         }
         let guided = sampler.accept(token);
@@ -315,10 +318,10 @@ fn chosen(is_beam: bool, mut got: Vec<Pick>, rows: usize) -> Option<Chosen> {
         .map(Chosen::Beams)
 }
 
-/// Counts a produced token of a request; the first one sets its time to
-/// first token.
-fn produced(first_token: &mut Option<Instant>, arrived: Instant, traffic: Traffic) {
-    if !matches!(traffic, Traffic::Probe { .. }) {
+/// Counts a produced token of a request where it is `output`; the first
+/// one sets its time to first token.
+fn produced(first_token: &mut Option<Instant>, arrived: Instant, traffic: Traffic, output: bool) {
+    if output && !matches!(traffic, Traffic::Probe { .. }) {
         metrics::counter!(m::GENERATION_TOKENS).increment(1);
     }
     if first_token.is_none() {
@@ -529,7 +532,7 @@ impl Merge for LlmMerger {
                             first_stop(&text, stops).is_some()
                         })
                     };
-                    produced(&mut st.first_token, st.arrived, st.traffic);
+                    produced(&mut st.first_token, st.arrived, st.traffic, true);
                     if forks.is_empty() || search.is_done() {
                         self.finish_beam(g);
                         verdict.push((g, GroupOutcome::Finished));
