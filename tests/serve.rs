@@ -2505,6 +2505,53 @@ fn request_metrics_count_a_request_once_whatever_its_n_and_leave_probes_out() {
 }
 
 #[test]
+fn a_request_whose_further_choice_is_refused_counts_as_refused_not_cancelled() {
+    let s = Server::start(
+        &[
+            "--set",
+            "scheduler.queue_capacity=2",
+            "--set",
+            "scheduler.max_running=1",
+        ],
+        true,
+    );
+    // One request runs and one waits: the queue has one place left, for
+    // the first choice of two.
+    let running = request_on_thread(&s, 300);
+    s.wait_metric("parallm_requests_running", |v| v >= 1.0, "one runs");
+    let waiting = request_on_thread(&s, 2);
+    s.wait_metric(
+        "parallm_requests_waiting{stage=\"queue\"}",
+        |v| v >= 1.0,
+        "one waits",
+    );
+    let (st, r) = s.post(
+        "/v1/completions",
+        json!({"prompt": "x", "n": 2, "max_tokens": 2}),
+    );
+    assert_error(st, &r, 429, None, "rate_limit_exceeded");
+    // Its first choice, admitted then withdrawn, is not a cancellation.
+    let failures = |reason: &str| {
+        s.metric(&format!(
+            "parallm_request_failure_total{{reason=\"{reason}\"}}"
+        ))
+    };
+    s.wait_metric(
+        "parallm_request_failure_total{reason=\"overloaded\"}",
+        |v| v == 1.0,
+        "the request counted as refused",
+    );
+    assert_eq!(failures("cancelled"), 0.0);
+    for t in [running, waiting] {
+        let (status, body) = t.join().expect("client");
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(failures("overloaded"), 1.0);
+    assert_eq!(failures("cancelled"), 0.0);
+    assert_eq!(s.metric("parallm_request_success_total"), 2.0);
+}
+
+#[test]
 fn tokenize_counts_a_tool_conversation_as_the_chat_endpoint_does() {
     let s = Server::start(&[], true);
     let messages = json!([

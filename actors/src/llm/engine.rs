@@ -794,12 +794,18 @@ fn count_refusal(traffic: Traffic, e: &EngineError) {
     if traffic != Traffic::Request {
         return;
     }
-    let reason = match e {
+    metrics::counter!(framework::metrics::REQUEST_FAILURE, "reason" => refusal_reason(e))
+        .increment(1);
+}
+
+/// The `reason` label of `parallm_request_failure_total` for a request
+/// refused with `e` (for [`crate::llm::Choices::refused`]).
+pub fn refusal_reason(e: &EngineError) -> &'static str {
+    match e {
         EngineError::Submit(SubmitError::Overloaded { .. }) => "overloaded",
         EngineError::Submit(_) => "shutting_down",
         EngineError::Invalid(_) | EngineError::Start(_) => "invalid",
-    };
-    metrics::counter!(framework::metrics::REQUEST_FAILURE, "reason" => reason).increment(1);
+    }
 }
 
 /// Why the engine could not start or refused a request.
@@ -1436,6 +1442,7 @@ impl Engine {
             responder,
             arrived,
             traffic: req.traffic,
+            choices: req.choices,
         };
         let task = LlmTask {
             id,

@@ -13,7 +13,7 @@
 //! so recomputed requests continue exactly where they were.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use framework::batching::GroupOutcome;
@@ -44,9 +44,113 @@ pub struct Registration {
     pub arrived: Instant,
     /// What the request-level metrics make of it.
     pub traffic: Traffic,
+    /// The request's choices, counted as one, when it has several.
+    pub choices: Option<Arc<Choices>>,
 }
 
-/// How a request's tokens are chosen.
+/// The choices of one request that asks for several (`n` > 1), shared by
+/// their [`Request::choices`](crate::llm::Request::choices): the
+/// request-level metrics count the request once, when the last choice
+/// ends, as a failure if any choice failed (with the first failure's
+/// reason; a choice refused at submission included), else as the first
+/// choice's success.
+#[derive(Debug)]
+pub struct Choices {
+    state: Mutex<ChoicesState>,
+}
+
+#[derive(Debug)]
+struct ChoicesState {
+    /// Choices not yet ended.
+    left: usize,
+    /// When the first of them was accepted.
+    arrived: Option<Instant>,
+    /// The first failure's reason.
+    failure: Option<&'static str>,
+    /// The first choice's success, counted once the others ended.
+    success: Option<Finish>,
+}
+
+/// A finished request's figures for the metrics.
+#[derive(Debug, Clone, Copy)]
+struct Finish {
+    arrived: Instant,
+    first_token: Option<Instant>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    reason: FinishReason,
+}
+
+/// How one choice ended, to its [`Choices`].
+enum ChoiceEnd {
+    /// The first choice finished.
+    First(Finish),
+    /// A further choice finished.
+    Further(Instant),
+    /// A choice failed (or was refused or cancelled) for this reason.
+    Failed(&'static str, Option<Instant>),
+}
+
+/// One request's choices are equal to themselves only.
+impl PartialEq for Choices {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+impl Choices {
+    /// The shared state of `n` choices.
+    pub fn new(n: usize) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(ChoicesState {
+                left: n,
+                arrived: None,
+                failure: None,
+                success: None,
+            }),
+        })
+    }
+
+    /// `count` of the choices end without running: one was refused at
+    /// submission for `reason` (the label of
+    /// [`refusal_reason`](crate::llm::refusal_reason)), the rest
+    /// were never submitted. The choices already submitted are then
+    /// cancelled, and the request counts as refused for `reason`.
+    pub fn refused(&self, reason: &'static str, count: usize) {
+        for _ in 0..count {
+            self.end(ChoiceEnd::Failed(reason, None));
+        }
+    }
+
+    fn end(&self, how: ChoiceEnd) {
+        let Ok(mut st) = self.state.lock() else {
+            return;
+        };
+        let arrived = match &how {
+            ChoiceEnd::First(f) => Some(f.arrived),
+            ChoiceEnd::Further(a) => Some(*a),
+            ChoiceEnd::Failed(_, a) => *a,
+        };
+        if let Some(a) = arrived {
+            st.arrived = Some(st.arrived.map_or(a, |b| b.min(a)));
+        }
+        match how {
+            ChoiceEnd::First(f) => st.success = Some(f),
+            ChoiceEnd::Further(_) => {}
+            ChoiceEnd::Failed(reason, _) => {
+                st.failure.get_or_insert(reason);
+            }
+        }
+        st.left = st.left.saturating_sub(1);
+        if st.left > 0 {
+            return;
+        }
+        match (st.failure, st.success) {
+            (None, Some(f)) => observe_success(f),
+            (failure, _) => observe_failure(failure.unwrap_or("failed"), st.arrived),
+        }
+    }
+}
 pub enum Decoding {
     /// Drawn by its sampler (shared with its task).
     Sample(SharedSampler),
@@ -86,6 +190,8 @@ struct ReqState {
     scored_upto: usize,
     /// What the request-level metrics make of it.
     traffic: Traffic,
+    /// The request's choices, when it has several.
+    choices: Option<Arc<Choices>>,
 }
 
 /// The engine's merge.
@@ -145,9 +251,11 @@ impl LlmMerger {
         let Some(st) = self.reqs.remove(&id) else {
             return;
         };
-        if st.traffic == Traffic::Request {
-            metrics::counter!(m::REQUEST_FAILURE, "reason" => reason).increment(1);
-            metrics::histogram!(m::REQUEST_LATENCY).record(st.arrived.elapsed().as_secs_f64());
+        match (st.traffic, &st.choices) {
+            (Traffic::Probe { .. }, _) => {}
+            (_, Some(c)) => c.end(ChoiceEnd::Failed(reason, Some(st.arrived))),
+            (Traffic::Request, None) => observe_failure(reason, Some(st.arrived)),
+            (Traffic::FurtherChoice, None) => {}
         }
         st.responder.end(event);
     }
@@ -243,7 +351,7 @@ impl LlmMerger {
         };
         text.push_str(&tail);
         finished(
-            st.responder,
+            (st.responder, st.choices),
             (
                 (st.arrived, st.first_token, st.traffic),
                 (st.prompt_len, st.cached.unwrap_or(0)),
@@ -274,7 +382,7 @@ impl LlmMerger {
             .unwrap_or((Vec::new(), String::new(), FinishReason::Length));
         let tail = text.clone();
         finished(
-            st.responder,
+            (st.responder, st.choices),
             (
                 (st.arrived, st.first_token, st.traffic),
                 (st.prompt_len, st.cached.unwrap_or(0)),
@@ -334,29 +442,54 @@ fn produced(first_token: &mut Option<Instant>, arrived: Instant, traffic: Traffi
     }
 }
 
-/// Records a finished request's metrics (only for [`Traffic::Request`]).
+/// Records a finished choice's metrics: a request of its own at once, the
+/// choices of one through their [`Choices`], a probe never.
 fn observe_finished(
     (arrived, first_token, traffic): (Instant, Option<Instant>, Traffic),
+    choices: Option<&Choices>,
     prompt_tokens: usize,
     completion_tokens: usize,
     reason: FinishReason,
 ) {
-    if traffic != Traffic::Request {
-        return;
+    let f = Finish {
+        arrived,
+        first_token,
+        prompt_tokens,
+        completion_tokens,
+        reason,
+    };
+    match (traffic, choices) {
+        (Traffic::Probe { .. }, _) => {}
+        (Traffic::Request, Some(c)) => c.end(ChoiceEnd::First(f)),
+        (Traffic::FurtherChoice, Some(c)) => c.end(ChoiceEnd::Further(arrived)),
+        (Traffic::Request, None) => observe_success(f),
+        (Traffic::FurtherChoice, None) => {}
     }
+}
+
+/// Records a request's success.
+fn observe_success(f: Finish) {
     let now = Instant::now();
-    metrics::counter!(m::PROMPT_TOKENS).increment(prompt_tokens as u64);
-    metrics::counter!(m::REQUEST_SUCCESS, "finish_reason" => reason.as_str()).increment(1);
-    metrics::histogram!(m::REQUEST_LATENCY).record(now.duration_since(arrived).as_secs_f64());
-    if let (Some(first), true) = (first_token, completion_tokens > 1) {
+    metrics::counter!(m::PROMPT_TOKENS).increment(f.prompt_tokens as u64);
+    metrics::counter!(m::REQUEST_SUCCESS, "finish_reason" => f.reason.as_str()).increment(1);
+    metrics::histogram!(m::REQUEST_LATENCY).record(now.duration_since(f.arrived).as_secs_f64());
+    if let (Some(first), true) = (f.first_token, f.completion_tokens > 1) {
         metrics::histogram!(m::TIME_PER_OUTPUT_TOKEN)
-            .record(now.duration_since(first).as_secs_f64() / (completion_tokens - 1) as f64);
+            .record(now.duration_since(first).as_secs_f64() / (f.completion_tokens - 1) as f64);
+    }
+}
+
+/// Records a request's failure for `reason` (its latency where it ran).
+fn observe_failure(reason: &'static str, arrived: Option<Instant>) {
+    metrics::counter!(m::REQUEST_FAILURE, "reason" => reason).increment(1);
+    if let Some(a) = arrived {
+        metrics::histogram!(m::REQUEST_LATENCY).record(a.elapsed().as_secs_f64());
     }
 }
 
 /// Sends a request's `Finished` event.
 fn finished(
-    responder: Responder,
+    (responder, choices): (Responder, Option<Arc<Choices>>),
     (times, (prompt_tokens, cached_tokens)): ((Instant, Option<Instant>, Traffic), (usize, usize)),
     reason: FinishReason,
     tokens: Vec<u32>,
@@ -364,7 +497,13 @@ fn finished(
     tail: String,
     beams: Vec<BeamOutput>,
 ) {
-    observe_finished(times, prompt_tokens, tokens.len(), reason);
+    observe_finished(
+        times,
+        choices.as_deref(),
+        prompt_tokens,
+        tokens.len(),
+        reason,
+    );
     responder.end(Event::Finished {
         reason,
         usage: Usage {
@@ -422,6 +561,7 @@ impl Merge for LlmMerger {
                 mode,
                 scored_upto: 0,
                 traffic: reg.traffic,
+                choices: reg.choices,
             },
         );
     }

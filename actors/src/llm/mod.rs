@@ -12,11 +12,11 @@ pub mod task;
 pub mod worker;
 
 pub use engine::{
-    Compute, DraftModel, Engine, EngineBuilder, EngineConfig, EngineError, EngineStats, MemoryPlan,
-    ModelSource, DEFAULT_SPECULATE_MAX_RUNNING,
+    refusal_reason, Compute, DraftModel, Engine, EngineBuilder, EngineConfig, EngineError,
+    EngineStats, MemoryPlan, ModelSource, DEFAULT_SPECULATE_MAX_RUNNING,
 };
 pub use merge::LlmMerger;
-pub use merge::{Decoding, Registration};
+pub use merge::{Choices, Decoding, Registration};
 pub use policy::{Cluster, LlmPolicy, LlmStats, ModelDrafts, NodeLinks, ReplicaShape};
 pub use step::{LlmStep, Pick, Picks, SharedSampler};
 pub use task::{BeamOutput, BeamParams, Event, EventStream, Prompt, Request, Traffic, Usage};

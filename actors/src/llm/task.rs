@@ -31,6 +31,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use kit::{Canceller, Task, TaskId};
 
+use crate::llm::merge::Choices;
 use crate::llm::step::SharedSampler;
 
 /// The prompt of a request.
@@ -96,6 +97,12 @@ pub struct Request {
     pub fit_max_tokens: bool,
     /// What the request-level metrics make of it.
     pub traffic: Traffic,
+    /// The choices of one request that asks for several, shared by each
+    /// (the first is [`Traffic::Request`], the others
+    /// [`Traffic::FurtherChoice`]), so that the request-level metrics count
+    /// the request once, with its outcome as a whole; `None`: a request of
+    /// one choice.
+    pub choices: Option<Arc<Choices>>,
 }
 
 /// What a request is to the request-level metrics (requests, prompt
@@ -144,6 +151,7 @@ impl Request {
             guide: None,
             fit_max_tokens: false,
             traffic: Traffic::Request,
+            choices: None,
         }
     }
 
@@ -159,6 +167,7 @@ impl Request {
             guide: None,
             fit_max_tokens: false,
             traffic: Traffic::Request,
+            choices: None,
         }
     }
 

@@ -645,6 +645,8 @@ fn validate(
     let mut requests = Vec::new();
     for prompt in prompts {
         let copies = if beam.is_some() { 1 } else { n };
+        // A prompt's choices count as one request, with their outcome.
+        let choices = (copies > 1).then(|| actors::llm::Choices::new(copies));
         for j in 0..copies {
             let mut p = params.clone();
             // Distinct draws per choice, reproducible when a seed is given.
@@ -665,6 +667,7 @@ fn validate(
                 } else {
                     Traffic::FurtherChoice
                 },
+                choices: choices.clone(),
             });
         }
     }

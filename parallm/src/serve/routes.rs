@@ -228,12 +228,23 @@ async fn submit_all(
         .counted());
     }
     let mut out = Vec::with_capacity(requests.len());
-    for r in requests {
+    // Each request's choices, to tell a refusal of a further one.
+    let groups: Vec<_> = requests.iter().map(|r| r.choices.clone()).collect();
+    for (i, r) in requests.into_iter().enumerate() {
         // On error, `out` drops here and cancels what was submitted.
-        let stream = engine
-            .generate_async(r)
-            .await
-            .map_err(|e| ApiError::from_engine(e, state.settings.retry_after_secs))?;
+        let further = r.traffic == actors::llm::Traffic::FurtherChoice;
+        let stream = engine.generate_async(r).await.map_err(|e| {
+            if let (true, Some(c)) = (further, &groups[i]) {
+                // This choice and its request's later ones never run: the
+                // request counts as refused, not as cancelled.
+                let left = groups[i..]
+                    .iter()
+                    .filter(|g| g.as_ref().is_some_and(|g| Arc::ptr_eq(g, c)))
+                    .count();
+                c.refused(actors::llm::refusal_reason(&e), left);
+            }
+            ApiError::from_engine(e, state.settings.retry_after_secs)
+        })?;
         out.push(Tracked {
             engine: engine.clone(),
             stream,
