@@ -494,3 +494,197 @@ fn a_directory_fingerprint_follows_its_contents() {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// Regressions (audit): configuration values that disagree with the
+/// weights or with what the family runs were used, or ignored, without a
+/// word. Each is refused naming config.json (or generation_config.json),
+/// the key, and the value or tensor at fault.
+#[test]
+fn configurations_the_weights_or_the_family_contradict_are_refused() {
+    let expect = |name: &str, case: &str, edit: &dyn Fn(&mut Value), want: &[&str]| {
+        let dir = broken_copy(name, case, |d| edit_json(&d.join("config.json"), edit));
+        let err = load_error(&dir);
+        for w in want {
+            assert!(err.contains(w), "{case}: {err:?} does not say {w:?}");
+        }
+    };
+    // Special token ids outside tokenizer.json's vocabulary (an int or a
+    // list), in config.json or generation_config.json.
+    expect(
+        "llama-f16",
+        "eos-int",
+        &|c| c["eos_token_id"] = 1_000_000.into(),
+        &[
+            "config.json",
+            "eos_token_id",
+            "is 1000000",
+            "outside the vocabulary",
+        ],
+    );
+    expect(
+        "llama-f16",
+        "bos",
+        &|c| c["bos_token_id"] = serde_json::json!([0, 1_000_000]),
+        &["config.json", "bos_token_id", "is 1000000"],
+    );
+    let dir = broken_copy("llama-f16", "eos-generation", |d| {
+        edit_json(&d.join("generation_config.json"), |g| {
+            g["eos_token_id"] = serde_json::json!([2, 1_000_000])
+        })
+    });
+    let err = load_error(&dir);
+    for w in ["generation_config.json", "eos_token_id", "is 1000000"] {
+        assert!(err.contains(w), "{err:?} does not say {w:?}");
+    }
+
+    // Fewer layers counted than stored: the second would be left out.
+    expect(
+        "llama-f16",
+        "layers",
+        &|c| c["num_hidden_layers"] = 1.into(),
+        &[
+            "config.json",
+            "num_hidden_layers",
+            "is 1",
+            "model.layers.1.",
+            "in model.safetensors",
+        ],
+    );
+    expect(
+        "gpt2-f16",
+        "gpt2-layers",
+        &|c| c["n_layer"] = 1.into(),
+        &["config.json", "'n_layer'", "h.1."],
+    );
+
+    // An activation the family does not run, under the key transformers
+    // reads for it.
+    for (name, key, value, runs) in [
+        ("llama-f16", "hidden_act", "gelu", "SiLU"),
+        ("qwen3-f16", "hidden_act", "bogus", "SiLU"),
+        ("gemma2-bf16", "hidden_activation", "silu", "tanh"),
+        ("gpt2-f16", "activation_function", "gelu", "tanh"),
+    ] {
+        expect(
+            name,
+            &format!("act-{name}"),
+            &|c| c[key] = value.into(),
+            &["config.json", &format!("'{key}'"), value, runs],
+        );
+    }
+    // Their aliases read.
+    for (name, key, value) in [
+        ("llama-f16", "hidden_act", "swish"),
+        ("gemma2-bf16", "hidden_activation", "gelu_new"),
+        ("gpt2-f16", "activation_function", "gelu_pytorch_tanh"),
+    ] {
+        let dir = broken_copy(name, &format!("alias-{name}"), |d| {
+            edit_json(&d.join("config.json"), |c| c[key] = value.into())
+        });
+        let file = GgufFile::open(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        file.unwrap_or_else(|e| panic!("{name} {key} {value}: {e}"));
+    }
+
+    // Biases the configuration turns on: missing, or not run.
+    expect(
+        "llama-f16",
+        "attention-bias",
+        &|c| c["attention_bias"] = true.into(),
+        &[
+            "config.json",
+            "'attention_bias'",
+            "model.layers.0.self_attn.q_proj.bias is missing",
+        ],
+    );
+    expect(
+        "llama-f16",
+        "mlp-bias",
+        &|c| c["mlp_bias"] = true.into(),
+        &[
+            "config.json",
+            "'mlp_bias'",
+            "model.layers.0.mlp.gate_proj.bias is missing",
+        ],
+    );
+    let dir = broken_copy("llama-f16", "attention-bias-stored", |d| {
+        edit_json(&d.join("config.json"), |c| {
+            c["attention_bias"] = true.into()
+        });
+        for m in ["q", "k", "v", "o"] {
+            let name = format!("model.layers.0.self_attn.{m}_proj.bias");
+            rewrite_safetensors(
+                &d.join("model.safetensors"),
+                |k| k.to_string(),
+                (&name, "F16", &[4], vec![0u8; 8]),
+            );
+        }
+    });
+    let err = load_error(&dir);
+    for w in [
+        "'attention_bias'",
+        "model.layers.0.self_attn.o_proj.bias",
+        "a llama block does not run",
+    ] {
+        assert!(err.contains(w), "{err:?} does not say {w:?}");
+    }
+
+    // Rope settings named by their key, not by the tensor computed from them.
+    expect(
+        "llama-f16",
+        "theta",
+        &|c| c["rope_theta"] = (-1.0).into(),
+        &["config.json", "'rope_theta'", "is -1", "greater than 0"],
+    );
+    expect(
+        "llama-f16",
+        "factor",
+        &|c| c["rope_scaling"]["factor"] = 0.into(),
+        &["config.json", "'rope_scaling.factor'", "is 0"],
+    );
+    expect(
+        "llama-f16",
+        "low-freq",
+        &|c| c["rope_scaling"]["low_freq_factor"] = (-2.0).into(),
+        &["'rope_scaling.low_freq_factor'", "is -2"],
+    );
+    expect(
+        "gemma3-f16",
+        "linear-factor",
+        &|c| {
+            let mut p = c["rope_scaling"].clone();
+            p["factor"] = (-8.0).into();
+            c["rope_parameters"] = p;
+            c["rope_scaling"] = Value::Null;
+        },
+        &["'rope_parameters.factor'", "is -8"],
+    );
+}
+
+/// Regression (audit): a FIFO in a directory's place of a file hung the
+/// open. Each file a directory is read from is refused unless regular.
+#[cfg(unix)]
+#[test]
+fn directory_files_that_are_not_regular_are_refused_without_blocking() {
+    for file in ["config.json", "tokenizer.json", "model.safetensors"] {
+        let dir = broken_copy("qwen3-f16", &format!("fifo-{file}"), |d| {
+            std::fs::remove_file(d.join(file)).expect("rm");
+            let status = std::process::Command::new("mkfifo")
+                .arg(d.join(file))
+                .status()
+                .expect("mkfifo runs");
+            assert!(status.success(), "mkfifo");
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(load_error(&dir));
+        });
+        let err = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("reading {file} as a FIFO blocked"));
+        assert!(
+            err.contains(file) && err.contains("a FIFO") && err.contains("not a regular file"),
+            "{err}"
+        );
+    }
+}

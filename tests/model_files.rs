@@ -159,7 +159,8 @@ fn config_of(meta: &[(&str, Meta)]) -> Result<framework::ModelConfig, String> {
 }
 
 /// `tiny_llama_meta` with its architecture and keys renamed to `arch`, and
-/// `extra` keys added.
+/// `extra` keys added (replacing those of the same name: a repeated key is
+/// refused).
 fn family_meta(arch: &str, extra: Vec<(&'static str, Meta)>) -> Vec<(String, Meta)> {
     let mut meta: Vec<(String, Meta)> = gguf::tiny_llama_meta(8, 64)
         .into_iter()
@@ -168,7 +169,12 @@ fn family_meta(arch: &str, extra: Vec<(&'static str, Meta)>) -> Vec<(String, Met
             _ => (k.replacen("llama.", &format!("{arch}."), 1), v),
         })
         .collect();
-    meta.extend(extra.into_iter().map(|(k, v)| (k.to_string(), v)));
+    for (k, v) in extra {
+        match meta.iter_mut().find(|(key, _)| key == k) {
+            Some(entry) => entry.1 = v,
+            None => meta.push((k.to_string(), v)),
+        }
+    }
     meta
 }
 
@@ -345,5 +351,194 @@ fn a_fingerprint_tells_copies_alike_and_other_contents_apart() {
         let mut other = bytes.clone();
         other[bytes.len() - 1] ^= 1;
         assert_ne!(first, fingerprint(other), "{elems} weights");
+    }
+}
+
+/// The tokenizer of `meta` (no tensors), or its error.
+fn tokenizer_of(meta: &[(&str, Meta)]) -> Result<framework::Tokenizer, String> {
+    let file = open(meta, &[], 0).expect("a well-formed file");
+    framework::Tokenizer::from_gguf(&file).map_err(|e| e.to_string())
+}
+
+/// `tiny_llama_meta` (8 tokens) with `extra` keys added.
+fn with_tokenizer_keys(extra: Vec<(&'static str, Meta)>) -> Vec<(&'static str, Meta)> {
+    let mut meta = gguf::tiny_llama_meta(8, 64);
+    meta.extend(extra);
+    meta
+}
+
+/// Regression (audit): a `token_type` array shorter than the vocabulary,
+/// or holding a value that is no llama.cpp token type, was read as far as
+/// it went, and the special tokens it left out were split as text.
+#[test]
+fn token_types_must_cover_the_vocabulary_with_known_types() {
+    let short = with_tokenizer_keys(vec![("tokenizer.ggml.token_type", Meta::I32s(vec![3, 3]))]);
+    let err = tokenizer_of(&short).expect_err("2 types for 8 tokens");
+    for want in [
+        "case.gguf",
+        "tokenizer.ggml.token_type",
+        "2 types for 8 tokens",
+    ] {
+        assert!(err.contains(want), "{err:?} does not say {want:?}");
+    }
+    for bad in [99, -1, 7] {
+        let mut types = vec![1; 8];
+        types[5] = bad;
+        let meta = with_tokenizer_keys(vec![("tokenizer.ggml.token_type", Meta::I32s(types))]);
+        let err = tokenizer_of(&meta).expect_err("an unknown token type");
+        for want in [
+            "case.gguf",
+            "tokenizer.ggml.token_type",
+            &format!("token 5 the type {bad}"),
+        ] {
+            assert!(err.contains(want), "{err:?} does not say {want:?}");
+        }
+    }
+    // Every type llama.cpp defines (0 its "undefined") is read, and a
+    // control token is matched whole.
+    let meta = with_tokenizer_keys(vec![(
+        "tokenizer.ggml.token_type",
+        Meta::I32s(vec![3, 3, 1, 2, 4, 5, 6, 0]),
+    )]);
+    let tok = tokenizer_of(&meta).expect("every known type");
+    assert_eq!(tok.encode_with("t1", false).expect("encodes"), vec![1]);
+}
+
+/// Regression (audit): an unknown or padding token id outside the
+/// vocabulary was accepted (BOS, EOS and EOT were already refused).
+#[test]
+fn special_token_ids_outside_the_vocabulary_are_refused() {
+    for key in [
+        "tokenizer.ggml.unknown_token_id",
+        "tokenizer.ggml.padding_token_id",
+        "tokenizer.ggml.bos_token_id",
+    ] {
+        let mut meta = gguf::tiny_llama_meta(8, 64);
+        meta.retain(|(k, _)| *k != key);
+        meta.push((key, Meta::U32(8)));
+        let err = tokenizer_of(&meta).expect_err(key);
+        for want in ["case.gguf", key, "is 8", "vocabulary of 8 tokens"] {
+            assert!(err.contains(want), "{err:?} does not say {want:?}");
+        }
+        let mut meta = gguf::tiny_llama_meta(8, 64);
+        meta.retain(|(k, _)| *k != key);
+        meta.push((key, Meta::U32(7)));
+        tokenizer_of(&meta).unwrap_or_else(|e| panic!("{key} 7: {e}"));
+    }
+}
+
+/// Regression (audit): `llama.block_count = 1` in a file with the tensors
+/// of two blocks ran one layer without a word (llama.cpp refuses it).
+#[test]
+fn a_block_count_below_the_blocks_in_the_file_is_refused() {
+    let t = [
+        Tensor::new("blk.0.attn_norm.weight", &[64], F32, 0),
+        Tensor::new("blk.1.attn_norm.weight", &[64], F32, 256),
+        Tensor::new("blk.1.ffn_norm.weight", &[64], F32, 512),
+    ];
+    let meta = gguf::tiny_llama_meta(8, 64);
+    let file = open(&meta, &t, 768).expect("a well-formed file");
+    let err = framework::ModelConfig::from_gguf(&file)
+        .expect_err("one block counted, two stored")
+        .to_string();
+    for want in [
+        "case.gguf",
+        "llama.block_count",
+        "is 1",
+        "block 1",
+        "blk.1.attn_norm.weight",
+    ] {
+        assert!(err.contains(want), "{err:?} does not say {want:?}");
+    }
+    // The tensors of block 0 alone are what a count of 1 means.
+    let file = open(&meta, &t[..1], 256).expect("a well-formed file");
+    framework::ModelConfig::from_gguf(&file).expect("one block, counted");
+}
+
+/// Regression (audit): a metadata key written twice was accepted, the last
+/// value winning (a repeated tensor name was already refused).
+#[test]
+fn a_repeated_metadata_key_is_refused() {
+    let t = [Tensor::new("a", &[8], F32, 0)];
+    let twice = [
+        ("general.name", Meta::Str("first".into())),
+        ("general.name", Meta::Str("second".into())),
+    ];
+    refused(&twice, &t, 32, &["metadata key 'general.name' is repeated"]);
+    // Even when its value is the alignment candle's reader divides by.
+    let twice = [
+        ("general.alignment", Meta::U32(32)),
+        ("general.alignment", Meta::U32(64)),
+    ];
+    refused(&twice, &t, 32, &["'general.alignment' is repeated"]);
+}
+
+/// Regression (audit): `general.alignment = 0` reached candle's reader,
+/// which panicked dividing by it; the panic was caught, but the default
+/// hook had already printed "thread 'main' panicked" to the user. It is
+/// refused by the scan before that reader runs.
+#[test]
+fn an_alignment_of_zero_is_refused_before_candle_divides_by_it() {
+    let t = [Tensor::new("a", &[8], F32, 0)];
+    let hook = std::panic::take_hook();
+    let panicked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = panicked.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        if std::thread::current().name() == Some("alignment-0") {
+            seen.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        hook(info);
+    }));
+    let err = std::thread::Builder::new()
+        .name("alignment-0".into())
+        .spawn(move || open(&[("general.alignment", Meta::U32(0))], &t, 32))
+        .expect("thread")
+        .join()
+        .expect("no panic escapes")
+        .expect_err("alignment 0");
+    let _ = std::panic::take_hook();
+    assert!(
+        err.contains("case.gguf") && err.contains("general.alignment is 0, must be a power of two"),
+        "{err}"
+    );
+    assert!(
+        !panicked.load(std::sync::atomic::Ordering::SeqCst),
+        "candle's reader panicked"
+    );
+}
+
+/// Regression (audit): a FIFO given as the model hung the open until
+/// something wrote to it. Anything but a regular file is refused by name.
+#[cfg(unix)]
+#[test]
+fn a_model_path_that_is_not_a_regular_file_is_refused_without_blocking() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fifo = dir.path().join("f.gguf");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo runs");
+    assert!(status.success(), "mkfifo");
+    let link = dir.path().join("link.gguf");
+    std::os::unix::fs::symlink(&fifo, &link).expect("symlink");
+    for path in [fifo, link, std::path::PathBuf::from("/dev/null")] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let shown = path.display().to_string();
+        std::thread::spawn(move || {
+            let _ = tx.send(GgufFile::open(&path).map(|_| ()).map_err(|e| e.to_string()));
+        });
+        let err = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("opening {shown} blocked"))
+            .expect_err("not a regular file");
+        let kind = if shown == "/dev/null" {
+            "a character device"
+        } else {
+            "a FIFO"
+        };
+        assert!(
+            err.contains(&shown) && err.contains(kind) && err.contains("not a regular file"),
+            "{err}"
+        );
     }
 }

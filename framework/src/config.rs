@@ -294,6 +294,7 @@ impl ModelConfig {
         let (rope, long_rope) = Self::rope_from_gguf(file, arch, head_dim)?;
         let family = arch.family();
         let n_layers = file.get_usize(&key("block_count"))?;
+        file.check_block_count(&key("block_count"), n_layers)?;
         let attn_softcap = match family.attn_softcap {
             Some(default) => file
                 .opt_f32(&key("attn_logit_softcapping"))?

@@ -175,6 +175,7 @@ impl EncoderConfig {
         let hidden = file.get_usize("bert.embedding_length")?;
         let heads = file.get_usize("bert.attention.head_count")?;
         let layers = file.get_usize("bert.block_count")?;
+        file.check_block_count("bert.block_count", layers)?;
         let ffn = file.get_usize("bert.feed_forward_length")?;
         let positions = file.get_usize("bert.context_length")?;
         if heads == 0 || !hidden.is_multiple_of(heads) {
@@ -263,6 +264,7 @@ impl EncoderTokenizer {
         let mut inner = match file.hf() {
             Some(hf) => {
                 let path = hf.dir().join("tokenizer.json");
+                crate::gguf::regular_file(&path)?;
                 tokenizers::Tokenizer::from_file(&path).map_err(|e| {
                     Error::Tokenizer(format!("{}: does not parse: {e}", path.display()))
                 })?

@@ -4,10 +4,14 @@
 //! candle-core's parsed header. Opening checks everything that can be checked
 //! without reading the weights, and refuses a file before anything sized by it
 //! is allocated:
+//! - a regular file (after symlinks): a FIFO, socket or device is named,
+//!   not opened (a FIFO would block the open until something wrote to it);
 //! - the magic and version (v2 or v3), and a header whose lengths and counts
-//!   fit the file (candle's reader bounds them; a panic inside it, such as on
-//!   an alignment of 0, becomes an error);
-//! - `general.alignment`, a power of two;
+//!   fit the file (candle's reader bounds them; a panic inside it would
+//!   become an error);
+//! - no metadata key repeated (candle's reader would keep the last), and
+//!   `general.alignment` a power of two, both found by a scan of the header
+//!   before candle's reader runs (it divides by the alignment);
 //! - the tensor table: no repeated name, one to four dimensions, none zero,
 //!   an element count that is a whole number of the type's blocks and whose
 //!   byte size fits in 64 bits, every offset aligned, every tensor's data
@@ -17,10 +21,13 @@
 //!   written with leaves behind.
 //!
 //! IQ4_NL and IQ4_XS tensors, which candle's reader does not know, are found
-//! by a scan of the tensor table before it runs (their type ids hidden from
-//! it), checked like the rest, and read here as Q8_0 blocks
-//! (`kernels::cpu::quant::iq4`: IQ4_NL exactly, IQ4_XS with its sub-block
-//! scales rounded to f16).
+//! by the same scan (their type ids hidden from it), checked like the rest,
+//! and read here as Q8_0 blocks (`kernels::cpu::quant::iq4`: IQ4_NL exactly,
+//! IQ4_XS with its sub-block scales rounded to f16).
+//!
+//! A block count (`llama.block_count`, …) smaller than the blocks the tensor
+//! table holds is refused by [`GgufFile::check_block_count`], which the
+//! config readers call.
 //!
 //! A Hugging Face model directory opens as the same type: [`crate::hf`] maps
 //! its `config.json` to GGUF metadata keys and its safetensors tensors to
@@ -159,6 +166,7 @@ impl GgufFile {
                 data: Data::Hf(Box::new(hf)),
             });
         }
+        regular_file(&path)?;
         let file = File::open(&path).map_err(|e| file_err(format!("cannot open: {e}")))?;
         let file_size = file
             .metadata()
@@ -192,12 +200,32 @@ impl GgufFile {
         // The IQ4 tensors' type ids, hidden from candle's reader (which
         // refuses types it does not know) behind F32's; the scan gives up
         // quietly on a malformed header, which candle's reader then names.
-        let (patches, iq_types) = scan_iq_types(&mut reader, file_size).unwrap_or_default();
+        let mut scan = HeaderScan::default();
+        let _ = scan_header(&mut reader, file_size, &mut scan);
+        let HeaderScan {
+            patches,
+            iq: iq_types,
+            bad_alignment,
+            repeated_key,
+        } = scan;
         reader
             .rewind()
             .map_err(|e| file_err(format!("cannot read: {e}")))?;
-        // candle's reader bounds every length by the file, but divides by the
-        // alignment unchecked; a panic in it is this file's fault, not ours.
+        // candle's reader keeps the last of a repeated key, and divides by
+        // the alignment unchecked (an alignment of 0 panics in it): both are
+        // refused before it runs.
+        if let Some(key) = repeated_key {
+            return Err(file_err(format!(
+                "metadata key '{key}' is repeated: which value is meant is unknown"
+            )));
+        }
+        if let Some(v) = bad_alignment {
+            return Err(file_err(format!(
+                "general.alignment is {v}, must be a power of two"
+            )));
+        }
+        // candle's reader bounds every length by the file; a panic in it
+        // would still be this file's fault, not ours.
         let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             Content::read(&mut Patched {
                 inner: &mut reader,
@@ -233,9 +261,7 @@ impl GgufFile {
                     .map(|s| s.to_string())
                     .or_else(|| payload.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
-                return Err(file_err(format!(
-                    "the GGUF header is malformed ({what}; an alignment of 0?)"
-                )));
+                return Err(file_err(format!("the GGUF header is malformed ({what})")));
             }
         };
         if matches!(content.magic, VersionedMagic::GgufV1) {
@@ -252,6 +278,15 @@ impl GgufFile {
             return Err(file_err(format!(
                 "the header declares {declared} tensors but only {} names are distinct: a tensor name is repeated",
                 content.tensor_infos.len()
+            )));
+        }
+        // And its metadata count after it: a repeated key the scan above
+        // gave up before is caught here.
+        let declared = u64::from_le_bytes(head[16..24].try_into().unwrap_or_default());
+        if declared != content.metadata.len() as u64 {
+            return Err(file_err(format!(
+                "the header declares {declared} metadata keys but only {} are distinct: a key is repeated",
+                content.metadata.len()
             )));
         }
         let iq: HashMap<String, IqType> = iq_types
@@ -494,6 +529,27 @@ impl GgufFile {
         })
     }
 
+    /// Refuses a file whose tensors hold more blocks than its block count:
+    /// a tensor `blk.N.*` with `N` at or past `n_blocks`, the value of
+    /// metadata key `key` (llama.cpp refuses such a file, whose extra
+    /// blocks would otherwise be left out without a word). The error names
+    /// the key and the first such tensor.
+    pub fn check_block_count(&self, key: &str, n_blocks: usize) -> Result<()> {
+        match first_block_beyond(self.content.tensor_infos.keys(), n_blocks) {
+            None => Ok(()),
+            Some((block, name)) => Err(self.meta_err(
+                key,
+                format!(
+                    "is {n_blocks}, but the file holds tensors of block {block} too (first '{}'): the block count disagrees with the tensors",
+                    match &self.data {
+                        Data::Gguf(_) => name.to_string(),
+                        Data::Hf(hf) => hf.describe(name),
+                    }
+                ),
+            )),
+        }
+    }
+
     /// Whether a tensor of this name exists.
     pub fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
@@ -619,6 +675,54 @@ impl GgufFile {
             reason: reason.into(),
         }
     }
+}
+
+/// Refuses `path` unless it is a regular file once symlinks are followed:
+/// opening a FIFO blocks until something writes to it, and a device or
+/// socket never reads as a model, so each is named rather than waited on.
+/// Every model file (a GGUF, and a directory's JSON, safetensors and
+/// tokenizer files) passes here before it is opened.
+pub(crate) fn regular_file(path: &Path) -> Result<()> {
+    let err = |reason: String| Error::ModelFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(format!("cannot stat: {e}")))?;
+    if meta.is_file() {
+        return Ok(());
+    }
+    let kind = meta.file_type();
+    let what = if kind.is_dir() {
+        "a directory"
+    } else {
+        special_kind(&kind)
+    };
+    Err(err(format!(
+        "is {what}, not a regular file: a model is read from a file (or a Hugging Face directory of files)"
+    )))
+}
+
+/// What a file that is neither regular nor a directory is.
+#[cfg(unix)]
+fn special_kind(kind: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_fifo() {
+        "a FIFO (named pipe)"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else {
+        "a special file"
+    }
+}
+
+/// What a file that is neither regular nor a directory is.
+#[cfg(not(unix))]
+fn special_kind(_: &std::fs::FileType) -> &'static str {
+    "a special file"
 }
 
 /// GGML's name for tensor type `id` (llama.cpp's `ggml_type`), for errors.
@@ -771,6 +875,22 @@ fn check_tensor_table(
     Ok(())
 }
 
+/// The block index and name of the first tensor (by block, then name)
+/// named `blk.N.…` with `N` at least `n_blocks`, among GGUF names `names`.
+pub(crate) fn first_block_beyond<'a>(
+    names: impl IntoIterator<Item = &'a String>,
+    n_blocks: usize,
+) -> Option<(usize, &'a str)> {
+    names
+        .into_iter()
+        .filter_map(|name| {
+            let (n, _) = name.strip_prefix("blk.")?.split_once('.')?;
+            let n: usize = n.parse().ok()?;
+            (n >= n_blocks).then_some((n, name.as_str()))
+        })
+        .min()
+}
+
 fn value_as_u64(v: &Value) -> Option<u64> {
     match *v {
         Value::U8(x) => Some(x as u64),
@@ -829,14 +949,28 @@ impl Seek for Patched<'_> {
     }
 }
 
-/// What [`scan_iq_types`] finds: the positions of the IQ4 tensors' type ids,
-/// and their names and types.
-type IqScan = (Vec<u64>, Vec<(String, IqType)>);
+/// What [`scan_header`] finds in a header before candle's reader reads it.
+#[derive(Default)]
+struct HeaderScan {
+    /// The positions of the IQ4 tensors' type ids (set only when the whole
+    /// header was walked).
+    patches: Vec<u64>,
+    /// The IQ4 tensors' names and types (likewise).
+    iq: Vec<(String, IqType)>,
+    /// An integer `general.alignment` that is not a power of two (candle's
+    /// reader divides by it), as the header holds it.
+    bad_alignment: Option<i128>,
+    /// The first metadata key met a second time.
+    repeated_key: Option<String>,
+}
 
-/// Walks a GGUF v2/v3 header to its tensor table and returns the positions
-/// of the type ids of IQ4 tensors and their names and types. `None` where the
-/// header does not parse (candle's reader names the fault) or is v1.
-fn scan_iq_types(r: &mut Box<dyn Source>, file_size: u64) -> Option<IqScan> {
+/// Walks a GGUF v2/v3 header: its metadata keys (noting a key met twice,
+/// and an integer `general.alignment` that is not a power of two) and its
+/// tensor table (the positions of the type ids of IQ4 tensors, and their
+/// names and types). Gives up quietly where the header does not parse
+/// (candle's reader then names the fault) or is v1, keeping what it found
+/// in the metadata up to there.
+fn scan_header(r: &mut Box<dyn Source>, file_size: u64, found: &mut HeaderScan) -> Option<()> {
     fn bytes<const N: usize>(r: &mut Box<dyn Source>) -> Option<[u8; N]> {
         let mut b = [0u8; N];
         r.read_exact(&mut b).ok().map(|_| b)
@@ -853,6 +987,30 @@ fn scan_iq_types(r: &mut Box<dyn Source>, file_size: u64) -> Option<IqScan> {
         r.seek(SeekFrom::Current(i64::try_from(n).ok()?))
             .ok()
             .map(|_| ())
+    }
+    /// A name (a key's or a tensor's): names are short, so a longer one is
+    /// a malformed header, which candle's reader names (and nothing sized
+    /// by it is allocated here).
+    fn name(r: &mut Box<dyn Source>, file_size: u64) -> Option<Vec<u8>> {
+        let len = u64_(r)?;
+        (len <= (1 << 16).min(file_size)).then_some(())?;
+        let mut name = vec![0u8; len as usize];
+        r.read_exact(&mut name).ok()?;
+        Some(name)
+    }
+    /// An integer value of type `ty` (GGUF's 0–5, 10, 11), read.
+    fn integer(r: &mut Box<dyn Source>, ty: u32) -> Option<i128> {
+        Some(match ty {
+            0 => bytes::<1>(r)?[0] as i128,
+            1 => bytes::<1>(r)?[0] as i8 as i128,
+            2 => u16::from_le_bytes(bytes::<2>(r)?) as i128,
+            3 => i16::from_le_bytes(bytes::<2>(r)?) as i128,
+            4 => u32_(r)? as i128,
+            5 => u32_(r)? as i32 as i128,
+            10 => u64_(r)? as i128,
+            11 => u64_(r)? as i64 as i128,
+            _ => return None,
+        })
     }
     fn skip_value(r: &mut Box<dyn Source>, ty: u32, depth: u32, file_size: u64) -> Option<()> {
         match ty {
@@ -887,31 +1045,37 @@ fn scan_iq_types(r: &mut Box<dyn Source>, file_size: u64) -> Option<IqScan> {
         return None;
     }
     let (tensors, kvs) = (u64_(r)?, u64_(r)?);
+    let mut keys = std::collections::HashSet::new();
     for _ in 0..kvs {
-        let len = u64_(r)?;
-        skip(r, len, file_size)?;
+        let key = name(r, file_size)?;
         let ty = u32_(r)?;
-        skip_value(r, ty, 0, file_size)?;
+        if key == b"general.alignment" && matches!(ty, 0..=5 | 10 | 11) {
+            let v = integer(r, ty)?;
+            if !(v > 0 && (v as u128).is_power_of_two()) {
+                found.bad_alignment.get_or_insert(v);
+            }
+        } else {
+            skip_value(r, ty, 0, file_size)?;
+        }
+        if !keys.insert(key.clone()) && found.repeated_key.is_none() {
+            found.repeated_key = Some(String::from_utf8_lossy(&key).into_owned());
+        }
     }
-    let (mut patches, mut found) = (Vec::new(), Vec::new());
+    let (mut patches, mut iq) = (Vec::new(), Vec::new());
     for _ in 0..tensors {
-        // Tensor names are short: a longer one is a malformed header, which
-        // candle's reader names (and nothing sized by it is allocated here).
-        let len = u64_(r)?;
-        (len <= (1 << 16).min(file_size)).then_some(())?;
-        let mut name = vec![0u8; len as usize];
-        r.read_exact(&mut name).ok()?;
+        let name = name(r, file_size)?;
         let dims = u32_(r)?;
         (dims <= 4).then_some(())?;
         skip(r, 8 * dims as u64, file_size)?;
         let at = r.stream_position().ok()?;
         if let Some(kind) = IqType::from_id(u32_(r)?) {
             patches.push(at);
-            found.push((String::from_utf8_lossy(&name).into_owned(), kind));
+            iq.push((String::from_utf8_lossy(&name).into_owned(), kind));
         }
         skip(r, 8, file_size)?;
     }
-    Some((patches, found))
+    (found.patches, found.iq) = (patches, iq);
+    Some(())
 }
 
 #[cfg(test)]

@@ -16,6 +16,16 @@
 //!   the order of GGUF's adjacent-pair rotary embedding (Hugging Face rotates
 //!   the two halves of a head).
 //!
+//! `config.json` is checked against the weights and the family as it is
+//! mapped, each fault named by its key: a layer count below the layers
+//! stored; an FFN activation other than the one the family runs (under the
+//! key transformers reads for it); `attention_bias` or `mlp_bias` turning on
+//! biases the weights lack or the block does not run; a rope base, scaling
+//! factor or attention factor that is not a finite number above 0 (named
+//! here, not by the `rope_freqs.weight` computed from it). Every file read
+//! must be a regular file (`crate::gguf::regular_file`): a FIFO is named,
+//! not waited on.
+//!
 //! The shards are memory-mapped and their headers checked (by the
 //! `safetensors` crate: every tensor inside the file, no overlap). Nothing is
 //! read or converted until a tensor is asked for, and then only that tensor's
@@ -39,7 +49,7 @@ use candle_core::quantized::GgmlDType;
 use serde_json::Value as Json;
 
 use crate::error::{Error, Result};
-use crate::family::Arch;
+use crate::family::{Activation, Arch, Part};
 
 mod vocab;
 pub use vocab::gguf_metadata;
@@ -341,6 +351,7 @@ fn read_json(path: &Path) -> Result<Option<Json>> {
     if !path.exists() {
         return Ok(None);
     }
+    crate::gguf::regular_file(path)?;
     let text = std::fs::read_to_string(path).map_err(|e| Error::ModelFile {
         path: path.to_path_buf(),
         reason: format!("cannot read: {e}"),
@@ -484,6 +495,8 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
     let mut tensors = HashMap::new();
     let mut hf_names = HashMap::new();
     let mut unknown = Vec::new();
+    // Every tensor name the shards store, known or not.
+    let mut stored_names = BTreeSet::new();
     for (i, shard) in shards.iter().enumerate() {
         let shard_path = dir.join(&shard.name);
         let (header, meta) =
@@ -496,6 +509,7 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
             meta.tensors().into_iter().collect();
         names.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, info) in names {
+            stored_names.insert(name.clone());
             let known = match arch {
                 Some(arch) => gguf_name(arch, &name),
                 None => bert_gguf_name(&name),
@@ -566,6 +580,29 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
             }
             tensors.insert(gguf.clone(), (stored, shape));
         }
+    }
+    if let Some(arch) = arch {
+        check_biases(&cfg, arch, arch_name, &stored_names)?;
+    }
+    // A layer past the count would be left out without a word (llama.cpp's
+    // converter and loader refuse such a model).
+    let count_key = match arch {
+        Some(arch) => cfg.key(arch, "num_hidden_layers"),
+        None => "num_hidden_layers",
+    };
+    let n_blocks = cfg.usize(count_key)?;
+    if let Some((block, gguf)) = crate::gguf::first_block_beyond(tensors.keys(), n_blocks) {
+        let hf = hf_names.get(gguf).map_or(gguf, String::as_str);
+        let within = match tensors.get(gguf) {
+            Some((Stored::Mapped { shard, .. }, _)) => format!(" in {}", shards[*shard].name),
+            _ => String::new(),
+        };
+        return Err(cfg.err(
+            count_key,
+            &format!(
+                "is {n_blocks}, but {hf}{within} is a tensor of layer {block}: the layer count disagrees with the weights"
+            ),
+        ));
     }
     if !unknown.is_empty() {
         tracing::warn!(
@@ -677,6 +714,7 @@ fn map_shards(dir: &Path) -> Result<Vec<Shard>> {
         .into_iter()
         .map(|name| {
             let path = dir.join(&name);
+            crate::gguf::regular_file(&path)?;
             let file = File::open(&path).map_err(|e| Error::ModelFile {
                 path: path.clone(),
                 reason: format!("cannot open: {e}"),
@@ -695,18 +733,145 @@ fn map_shards(dir: &Path) -> Result<Vec<Shard>> {
 }
 
 /// The rope parameters of `config.json`: `rope_scaling`, or the newer
-/// `rope_parameters` (which also holds `rope_theta`).
-fn rope_params(json: &Json) -> Option<&Json> {
-    let params = ["rope_scaling", "rope_parameters"]
+/// `rope_parameters` (which also holds `rope_theta`), and their key (the
+/// prefix of the keys named in errors).
+fn rope_params(json: &Json) -> Option<(&'static str, &Json)> {
+    let (key, params) = ["rope_scaling", "rope_parameters"]
         .iter()
-        .filter_map(|k| json.get(*k))
-        .find(|v| v.is_object())?;
+        .filter_map(|k| Some((*k, json.get(*k)?)))
+        .find(|(_, v)| v.is_object())?;
     // transformers 5 saves a model with windowed layers (Gemma 3) with one
     // set per layer type: the global layers' is the model's.
     match params.get("full_attention") {
-        Some(full) if full.is_object() => Some(full),
-        _ => Some(params),
+        Some(full) if full.is_object() => Some(("rope_parameters.full_attention", full)),
+        _ => Some((key, params)),
     }
+}
+
+/// Refuses `value` of `config.json`'s `key` unless it is a finite number
+/// greater than 0 (a rope base, a scaling factor, an attention factor):
+/// named here, before a tensor computed from it would hold NaN.
+fn positive(cfg: &ConfigJson<'_>, key: &str, value: f64) -> Result<()> {
+    // As f32, which is what the model runs with.
+    let v = value as f32;
+    if v.is_finite() && v > 0.0 {
+        return Ok(());
+    }
+    Err(cfg.err(
+        key,
+        &format!("is {value}, not a finite number greater than 0"),
+    ))
+}
+
+/// The FFN activations transformers names that are SiLU.
+const SILU_NAMES: [&str; 2] = ["silu", "swish"];
+
+/// The FFN activations transformers names that are GELU's tanh
+/// approximation (`gelu_fast` computes the same formula).
+const GELU_TANH_NAMES: [&str; 3] = ["gelu_pytorch_tanh", "gelu_new", "gelu_fast"];
+
+/// Refuses an FFN activation in `config.json` other than the one the family
+/// runs: the key transformers reads for the architecture (`hidden_act`;
+/// Gemma's `hidden_activation`, GPT-2's `activation_function`), absent or
+/// null for its default.
+fn check_activation(cfg: &ConfigJson<'_>, arch: Arch) -> Result<()> {
+    let (key, names, runs): (&str, &[&str], &str) = match (arch, arch.family().act) {
+        (_, Activation::Silu) => ("hidden_act", &SILU_NAMES, "SiLU"),
+        (Arch::Gpt2, Activation::GeluTanh) => (
+            "activation_function",
+            &GELU_TANH_NAMES,
+            "GELU's tanh approximation",
+        ),
+        (_, Activation::GeluTanh) => (
+            "hidden_activation",
+            &GELU_TANH_NAMES,
+            "GELU's tanh approximation",
+        ),
+    };
+    match cfg.json.get(key) {
+        None | Some(Json::Null) => Ok(()),
+        Some(Json::String(name)) if names.contains(&name.as_str()) => Ok(()),
+        Some(other) => Err(cfg.err(
+            key,
+            &format!(
+                "is {other}; a {} block runs {runs} ({})",
+                arch.name(),
+                names.join(", ")
+            ),
+        )),
+    }
+}
+
+/// The biases `attention_bias` and `mlp_bias` turn on, per layer (the
+/// suffixes after `layers.N.`), for the architectures whose transformers
+/// model reads those keys.
+fn bias_keys(arch_name: &str) -> &'static [(&'static str, &'static [&'static str])] {
+    const ATTENTION: [&str; 4] = [
+        "self_attn.q_proj.bias",
+        "self_attn.k_proj.bias",
+        "self_attn.v_proj.bias",
+        "self_attn.o_proj.bias",
+    ];
+    const MLP: [&str; 3] = [
+        "mlp.gate_proj.bias",
+        "mlp.up_proj.bias",
+        "mlp.down_proj.bias",
+    ];
+    match arch_name {
+        "LlamaForCausalLM" => &[("attention_bias", &ATTENTION), ("mlp_bias", &MLP)],
+        "Qwen3ForCausalLM"
+        | "Gemma2ForCausalLM"
+        | "Gemma3ForCausalLM"
+        | "Gemma3ForConditionalGeneration" => &[("attention_bias", &ATTENTION)],
+        _ => &[],
+    }
+}
+
+/// Refuses `attention_bias: true` or `mlp_bias: true` (transformers then
+/// adds those biases to every layer): naming the first of layer 0's biases
+/// missing from the weights (`names`, as stored), else the first the
+/// family's block does not run (only a Llama block runs q, k and v biases;
+/// none runs o_proj's or the MLP's), rather than running without them.
+fn check_biases(
+    cfg: &ConfigJson<'_>,
+    arch: Arch,
+    arch_name: &str,
+    names: &BTreeSet<String>,
+) -> Result<()> {
+    let stored = |suffix: &str| {
+        let tail = format!(".layers.0.{suffix}");
+        names
+            .iter()
+            .find(|n| n.ends_with(&tail) || n.starts_with(&tail[1..]))
+    };
+    let runs = |suffix: &str| {
+        arch.family().qkv_bias != Part::Absent
+            && ["q_proj", "k_proj", "v_proj"]
+                .iter()
+                .any(|m| suffix == format!("self_attn.{m}.bias"))
+    };
+    for (key, suffixes) in bias_keys(arch_name) {
+        if cfg.json.get(*key).and_then(Json::as_bool) != Some(true) {
+            continue;
+        }
+        if let Some(missing) = suffixes.iter().find(|s| stored(s).is_none()) {
+            return Err(cfg.err(
+                key,
+                &format!("is true, but model.layers.0.{missing} is missing from the weights"),
+            ));
+        }
+        if let Some(extra) = suffixes.iter().find(|s| !runs(s)) {
+            let name = stored(extra).map_or(extra.to_string(), String::clone);
+            return Err(cfg.err(
+                key,
+                &format!(
+                    "is true: the weights have biases such as {name}, which a {} block does not run",
+                    arch.name()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The windowed layers' rope base of a transformers 5 configuration
@@ -728,6 +893,7 @@ fn metadata(cfg: &ConfigJson<'_>, arch: Arch, arch_name: &str) -> Result<HashMap
     };
     let u = |v: usize| Value::U64(v as u64);
     let k = |name| cfg.key(arch, name);
+    check_activation(cfg, arch)?;
     put("block_count", u(cfg.usize(k("num_hidden_layers"))?));
     let hidden = cfg.usize(k("hidden_size"))?;
     put("embedding_length", u(hidden));
@@ -760,14 +926,19 @@ fn metadata(cfg: &ConfigJson<'_>, arch: Arch, arch_name: &str) -> Result<HashMap
     }
     let params = rope_params(cfg.json);
     let theta = match cfg.opt_f32("rope_theta")? {
-        Some(t) => Some(t),
-        None => params
-            .map(|p| opt_f32_in(p, "rope_theta"))
-            .transpose()
-            .map_err(|_| cfg.err("rope_parameters.rope_theta", "is not a number"))?
-            .flatten(),
+        Some(t) => Some(("rope_theta".to_string(), t)),
+        None => match params {
+            Some((at, p)) => {
+                let key = format!("{at}.rope_theta");
+                opt_f32_in(p, "rope_theta")
+                    .map_err(|_| cfg.err(&key, "is not a number"))?
+                    .map(|t| (key, t))
+            }
+            None => None,
+        },
     };
-    if let Some(t) = theta {
+    if let Some((key, t)) = theta {
+        positive(cfg, &key, t as f64)?;
         put("rope.freq_base", Value::F32(t));
     }
     let full = head_dim.unwrap_or(hidden.checked_div(heads).unwrap_or(0));
@@ -787,21 +958,42 @@ fn metadata(cfg: &ConfigJson<'_>, arch: Arch, arch_name: &str) -> Result<HashMap
             put("attention.sliding_window", u(w));
         }
     }
-    if let Some(params) = params {
+    if let Some((at, params)) = params {
         let kind = params
             .get("rope_type")
             .or_else(|| params.get("type"))
             .and_then(Json::as_str)
             .unwrap_or("default");
-        let factor = opt_f32_in(params, "factor")
-            .map_err(|_| cfg.err("rope_scaling.factor", "is not a number"))?;
+        let key = |field: &str| format!("{at}.{field}");
+        let factor =
+            opt_f32_in(params, "factor").map_err(|_| cfg.err(&key("factor"), "is not a number"))?;
+        // A number the scaling divides by or scales with: greater than 0.
+        let check = |field: &str| -> Result<()> {
+            match params.get(field) {
+                None | Some(Json::Null) => Ok(()),
+                Some(v) => match v.as_f64() {
+                    Some(x) => positive(cfg, &key(field), x),
+                    None => Err(cfg.err(&key(field), "is not a number")),
+                },
+            }
+        };
         match kind {
             "default" | "none" => {}
             // Computed as rope_freqs.weight.
-            "llama3" => {}
+            "llama3" => {
+                for field in [
+                    "factor",
+                    "low_freq_factor",
+                    "high_freq_factor",
+                    "original_max_position_embeddings",
+                ] {
+                    check(field)?;
+                }
+            }
             "linear" | "yarn" => {
                 put("rope.scaling.type", Value::String(kind.into()));
-                let factor = factor.ok_or_else(|| cfg.err("rope_scaling.factor", "is missing"))?;
+                let factor = factor.ok_or_else(|| cfg.err(&key("factor"), "is missing"))?;
+                check("factor")?;
                 put("rope.scaling.factor", Value::F32(factor));
                 if kind == "yarn" {
                     let orig = params
@@ -809,13 +1001,15 @@ fn metadata(cfg: &ConfigJson<'_>, arch: Arch, arch_name: &str) -> Result<HashMap
                         .and_then(Json::as_u64)
                         .ok_or_else(|| {
                             cfg.err(
-                                "rope_scaling.original_max_position_embeddings",
+                                &key("original_max_position_embeddings"),
                                 "is missing or not an integer",
                             )
                         })?;
+                    check("original_max_position_embeddings")?;
                     put("rope.scaling.original_context_length", Value::U64(orig));
+                    check("attention_factor")?;
                     if let Some(a) = opt_f32_in(params, "attention_factor")
-                        .map_err(|_| cfg.err("rope_scaling.attention_factor", "is not a number"))?
+                        .map_err(|_| cfg.err(&key("attention_factor"), "is not a number"))?
                     {
                         put("rope.scaling.attn_factor", Value::F32(a));
                     }
@@ -833,9 +1027,11 @@ fn metadata(cfg: &ConfigJson<'_>, arch: Arch, arch_name: &str) -> Result<HashMap
                             "is missing or not an integer (LongRoPE needs it)",
                         )
                     })?;
+                positive(cfg, "original_max_position_embeddings", orig as f64)?;
                 put("rope.scaling.original_context_length", Value::U64(orig));
+                check("attention_factor")?;
                 let given = opt_f32_in(params, "attention_factor")
-                    .map_err(|_| cfg.err("rope_scaling.attention_factor", "is not a number"))?;
+                    .map_err(|_| cfg.err(&key("attention_factor"), "is not a number"))?;
                 // transformers' default, which llama.cpp's converter writes:
                 // sqrt(1 + ln(scale) / ln(original)) for a context `scale`
                 // times the original.
@@ -969,9 +1165,17 @@ fn gemma_metadata(cfg: &ConfigJson<'_>, m: &mut HashMap<String, Value>, p: &str)
             }
         }
     }
-    if cfg.opt_f32("rope_local_base_freq")?.is_none() {
-        if let Some(base) = sliding_rope_theta(cfg.json) {
-            put("rope.freq_base_swa", Value::F32(base));
+    match cfg.opt_f32("rope_local_base_freq")? {
+        Some(base) => positive(cfg, "rope_local_base_freq", base as f64)?,
+        None => {
+            if let Some(base) = sliding_rope_theta(cfg.json) {
+                positive(
+                    cfg,
+                    "rope_parameters.sliding_attention.rope_theta",
+                    base as f64,
+                )?;
+                put("rope.freq_base_swa", Value::F32(base));
+            }
         }
     }
     if let Some(w) = cfg.opt_usize("sliding_window")? {
@@ -1018,7 +1222,7 @@ fn long_rope_factors(
     cfg: &ConfigJson<'_>,
     n_heads: usize,
 ) -> Result<Vec<(&'static str, Vec<f32>)>> {
-    let Some(params) = rope_params(cfg.json) else {
+    let Some((at, params)) = rope_params(cfg.json) else {
         return Ok(vec![]);
     };
     let kind = params
@@ -1035,12 +1239,16 @@ fn long_rope_factors(
     };
     let dims = partial_rotary_dims(cfg, head_dim)?.unwrap_or(head_dim);
     let list = |key: &str| -> Result<Vec<f32>> {
-        let at = format!("rope_scaling.{key}");
+        let at = format!("{at}.{key}");
         let list: Vec<f32> = params
             .get(key)
             .and_then(Json::as_array)
             .and_then(|a| a.iter().map(|v| v.as_f64().map(|f| f as f32)).collect())
             .ok_or_else(|| cfg.err(&at, "is missing or not a list of numbers"))?;
+        if let Some(bad) = list.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+            let reason = format!("holds {bad}, not a finite number greater than 0");
+            return Err(cfg.err(&at, &reason));
+        }
         if list.len() != dims / 2 {
             let reason = format!(
                 "has {} values; {dims} rotated dimensions need one per pair, {}",
@@ -1060,7 +1268,7 @@ fn long_rope_factors(
 /// Llama 3's rope scaling as per-frequency divisors (what llama.cpp's
 /// converter stores as `rope_freqs.weight`), when `config.json` asks for it.
 fn llama3_rope_factors(cfg: &ConfigJson<'_>, n_heads: usize) -> Result<Option<Vec<f32>>> {
-    let Some(params) = rope_params(cfg.json) else {
+    let Some((at, params)) = rope_params(cfg.json) else {
         return Ok(None);
     };
     let kind = params
@@ -1075,7 +1283,7 @@ fn llama3_rope_factors(cfg: &ConfigJson<'_>, n_heads: usize) -> Result<Option<Ve
             .get(k)
             .and_then(Json::as_f64)
             .or(default)
-            .ok_or_else(|| cfg.err(&format!("rope_scaling.{k}"), "is missing or not a number"))
+            .ok_or_else(|| cfg.err(&format!("{at}.{k}"), "is missing or not a number"))
     };
     let factor = get("factor", None)?;
     let low = get("low_freq_factor", Some(1.0))?;

@@ -13,11 +13,18 @@
 //! `add_bos_token` / `add_eos_token` are read for both (defaults: llama.cpp's,
 //! BOS for SentencePiece only).
 //!
+//! The vocabulary's metadata is checked before it is used: one
+//! `tokenizer.ggml.token_type` per token, each one of llama.cpp's types
+//! (a short array would leave the special tokens at its end to be split as
+//! text), one score per token, and every special token id (BOS, EOS, EOT,
+//! unknown, padding) inside the vocabulary.
+//!
 //! A Hugging Face directory's `tokenizer.json` is read by the `tokenizers`
 //! crate as it is, normalizer, pre-tokenizer and added tokens included; its
 //! post-processor is asked once whether it adds BOS or EOS, and
 //! `tokenizer_config.json` (and `config.json`, `generation_config.json`)
-//! give the special tokens, the stop tokens and the chat template.
+//! give the special tokens, the stop tokens and the chat template; an id
+//! those files give outside `tokenizer.json`'s vocabulary is refused.
 //!
 //! Decoding is ours: each token id maps to its raw bytes once, at load, and
 //! [`StreamDecoder`] turns a stream of ids into text that never contains a
@@ -68,7 +75,8 @@ pub(crate) const WHOLE_WORD_PRES: [&str; 6] = [
     "tekken",
 ];
 
-/// GGUF token types (llama.cpp's `llama_token_type`).
+/// GGUF token types (llama.cpp's `llama_token_type`; its 0, `UNDEFINED`,
+/// is read as a normal token, as llama.cpp reads it).
 pub(crate) const TOKEN_NORMAL: i64 = 1;
 pub(crate) const TOKEN_UNKNOWN: i64 = 2;
 pub(crate) const TOKEN_CONTROL: i64 = 3;
@@ -161,9 +169,7 @@ impl Tokenizer {
         let err = |m: String| Error::Tokenizer(format!("{}: {m}", file.path().display()));
         let kind = file.get_str("tokenizer.ggml.model")?;
         let tokens = file.get_str_array("tokenizer.ggml.tokens")?;
-        let types = file
-            .opt_int_array("tokenizer.ggml.token_type")?
-            .unwrap_or_default();
+        let types = token_types(file, tokens.len())?;
         let sentencepiece = match kind {
             "gpt2" => false,
             "llama" => true,
@@ -207,6 +213,10 @@ impl Tokenizer {
             }
         }
         let bos = id("tokenizer.ggml.bos_token_id")?;
+        // Not used here, but a file that names them outside its vocabulary
+        // is malformed, like one whose BOS or EOS is.
+        id("tokenizer.ggml.unknown_token_id")?;
+        id("tokenizer.ggml.padding_token_id")?;
         let pre = file.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
         let add_bos = file
             .opt_bool("tokenizer.ggml.add_bos_token")?
@@ -243,6 +253,7 @@ impl Tokenizer {
         if !path.exists() {
             return Err(err("is missing".into()));
         }
+        crate::gguf::regular_file(&path)?;
         let mut inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| err(format!("does not parse: {e}")))?;
         inner.with_padding(None);
@@ -310,18 +321,29 @@ impl Tokenizer {
                 ))
             })
         };
-        let ids_in = |json: &serde_json::Value, key: &str| -> Vec<u32> {
-            match json.get(key) {
-                Some(serde_json::Value::Number(v)) => v.as_u64().into_iter().collect(),
-                Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).collect(),
-                _ => Vec::new(),
-            }
-            .into_iter()
-            .filter(|&id| (id as usize) < n)
-            .map(|id| id as u32)
-            .collect()
+        // A token id (or a list of them) of a configuration file: each must
+        // be a token of tokenizer.json, as a GGUF file's must.
+        let ids_in = |json: &serde_json::Value, file: &str, key: &str| -> Result<Vec<u32>> {
+            let bad = |what: String| {
+                Error::Tokenizer(format!("{}: {key} {what}", hf.dir().join(file).display()))
+            };
+            let listed: Vec<&serde_json::Value> = match json.get(key) {
+                None | Some(serde_json::Value::Null) => Vec::new(),
+                Some(serde_json::Value::Array(a)) => a.iter().collect(),
+                Some(v) => vec![v],
+            };
+            listed
+                .into_iter()
+                .map(|v| match v.as_u64() {
+                    Some(id) if (id as usize) < n => Ok(id as u32),
+                    Some(id) => Err(bad(format!(
+                        "is {id}, outside the vocabulary of {n} tokens (tokenizer.json)"
+                    ))),
+                    None => Err(bad(format!("holds {v}, not a token id"))),
+                })
+                .collect()
         };
-        let config_eos = ids_in(&hf.config, "eos_token_id");
+        let config_eos = ids_in(&hf.config, "config.json", "eos_token_id")?;
         let eos = match by_text("eos_token")? {
             Some(id) => id,
             None => *config_eos.first().ok_or_else(|| {
@@ -332,17 +354,19 @@ impl Tokenizer {
             })?,
         };
         let mut stop_tokens = vec![eos];
-        for id in config_eos
-            .into_iter()
-            .chain(ids_in(&hf.generation_config, "eos_token_id"))
-        {
+        for id in config_eos.into_iter().chain(ids_in(
+            &hf.generation_config,
+            "generation_config.json",
+            "eos_token_id",
+        )?) {
             if !stop_tokens.contains(&id) {
                 stop_tokens.push(id);
             }
         }
+        let config_bos = ids_in(&hf.config, "config.json", "bos_token_id")?;
         let bos = match by_text("bos_token")? {
             Some(id) => Some(id),
-            None => ids_in(&hf.config, "bos_token_id").first().copied(),
+            None => config_bos.first().copied(),
         };
         // What the post-processor adds is asked, not guessed: encode uses
         // the plain encoding and adds the same itself.
@@ -369,9 +393,12 @@ impl Tokenizer {
             _ => {
                 let jinja = hf.dir().join("chat_template.jinja");
                 match jinja.exists() {
-                    true => Some(std::fs::read_to_string(&jinja).map_err(|e| {
-                        Error::Tokenizer(format!("{}: cannot read: {e}", jinja.display()))
-                    })?),
+                    true => {
+                        crate::gguf::regular_file(&jinja)?;
+                        Some(std::fs::read_to_string(&jinja).map_err(|e| {
+                            Error::Tokenizer(format!("{}: cannot read: {e}", jinja.display()))
+                        })?)
+                    }
                     false => None,
                 }
             }
@@ -790,6 +817,38 @@ pub(crate) fn names_phi3(name: &str) -> bool {
 
 /// The special tokens a model named for Phi-3 does not strip after.
 pub(crate) const PHI3_UNSTRIPPED: [&str; 3] = ["<unk>", "<s>", "<|endoftext|>"];
+
+/// `tokenizer.ggml.token_type` of `file`, checked: one type per token of
+/// its `n_tokens`, each one of llama.cpp's (0 undefined to 6 byte). A short
+/// array would leave the special tokens at its end to be split as text.
+/// Empty when the file has none (every token is then normal).
+fn token_types(file: &GgufFile, n_tokens: usize) -> Result<Vec<i64>> {
+    const KEY: &str = "tokenizer.ggml.token_type";
+    let err = |reason: String| Error::Metadata {
+        path: file.path().to_path_buf(),
+        key: KEY.into(),
+        reason,
+    };
+    let Some(types) = file.opt_int_array(KEY)? else {
+        return Ok(Vec::new());
+    };
+    if types.len() != n_tokens {
+        return Err(err(format!(
+            "has {} types for {n_tokens} tokens (tokenizer.ggml.tokens): one per token is needed",
+            types.len()
+        )));
+    }
+    if let Some((i, t)) = types
+        .iter()
+        .enumerate()
+        .find(|(_, t)| !(0..=TOKEN_BYTE).contains(*t))
+    {
+        return Err(err(format!(
+            "gives token {i} the type {t}, not one of llama.cpp's token types (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte; 0 undefined)"
+        )));
+    }
+    Ok(types)
+}
 
 fn split_special<'a>(text: &'a str, special: &[(String, u32)]) -> Vec<Fragment<'a>> {
     let mut fragments = vec![Fragment::Text(text)];
