@@ -146,7 +146,11 @@ fn chat_and_beam_options_work() {
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
-    assert_eq!(stderr.matches("beam ").count(), 3, "{stderr}");
+    assert_eq!(
+        stderr.lines().filter(|l| l.starts_with("beam ")).count(),
+        3,
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -521,12 +521,30 @@ fn configurations_the_weights_or_the_family_contradict_are_refused() {
             "outside the vocabulary",
         ],
     );
-    expect(
-        "llama-f16",
-        "bos",
-        &|c| c["bos_token_id"] = serde_json::json!([0, 1_000_000]),
-        &["config.json", "bos_token_id", "is 1000000"],
-    );
+    // config.json's BOS id counts (and is checked) only where
+    // tokenizer_config.json names no BOS by its text.
+    let dir = broken_copy("llama-f16", "bos", |d| {
+        edit_json(&d.join("config.json"), |c| {
+            c["bos_token_id"] = serde_json::json!([0, 1_000_000])
+        });
+        edit_json(&d.join("tokenizer_config.json"), |t| {
+            if let Some(o) = t.as_object_mut() {
+                o.remove("bos_token");
+            }
+        });
+    });
+    let err = load_error(&dir);
+    for w in ["config.json", "bos_token_id", "is 1000000"] {
+        assert!(err.contains(w), "{err:?} does not say {w:?}");
+    }
+    let dir = broken_copy("llama-f16", "bos-stale", |d| {
+        edit_json(&d.join("config.json"), |c| {
+            c["bos_token_id"] = serde_json::json!(1_000_000)
+        })
+    });
+    let file = GgufFile::open(&dir).expect("opens");
+    Tokenizer::from_gguf(&file).expect("a stale, unused config.json BOS id is not refused");
+    let _ = std::fs::remove_dir_all(&dir);
     let dir = broken_copy("llama-f16", "eos-generation", |d| {
         edit_json(&d.join("generation_config.json"), |g| {
             g["eos_token_id"] = serde_json::json!([2, 1_000_000])

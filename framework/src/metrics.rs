@@ -118,7 +118,7 @@ metrics! {
         "Prompt tokens of requests that finished";
     /// Generated tokens.
     GENERATION_TOKENS = "parallm_generation_tokens_total", Counter, [],
-        "Tokens generated (every sampled token, counted as it is produced)";
+        "Tokens generated, counted as they are produced: every output token of every choice (not the stop token that ends one, which usage does not count either); a beam search counts one per step, its best beam's length";
     /// Time to first token.
     TIME_TO_FIRST_TOKEN = "parallm_time_to_first_token_seconds", Histogram, [],
         "Seconds from a request's acceptance to its first generated token";

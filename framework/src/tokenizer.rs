@@ -213,10 +213,16 @@ impl Tokenizer {
             }
         }
         let bos = id("tokenizer.ggml.bos_token_id")?;
-        // Not used here, but a file that names them outside its vocabulary
-        // is malformed, like one whose BOS or EOS is.
-        id("tokenizer.ggml.unknown_token_id")?;
-        id("tokenizer.ggml.padding_token_id")?;
+        // Not used here: one outside the vocabulary is ignored with a
+        // warning, as llama.cpp does (real files carry such ids).
+        for key in [
+            "tokenizer.ggml.unknown_token_id",
+            "tokenizer.ggml.padding_token_id",
+        ] {
+            if let Err(e) = id(key) {
+                tracing::warn!("{e}; it is not used, so it is ignored");
+            }
+        }
         let pre = file.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
         let add_bos = file
             .opt_bool("tokenizer.ggml.add_bos_token")?
@@ -363,10 +369,13 @@ impl Tokenizer {
                 stop_tokens.push(id);
             }
         }
-        let config_bos = ids_in(&hf.config, "config.json", "bos_token_id")?;
+        // config.json's id only where tokenizer_config.json names no BOS
+        // (a stale one there is never used, so it is not checked).
         let bos = match by_text("bos_token")? {
             Some(id) => Some(id),
-            None => config_bos.first().copied(),
+            None => ids_in(&hf.config, "config.json", "bos_token_id")?
+                .first()
+                .copied(),
         };
         // What the post-processor adds is asked, not guessed: encode uses
         // the plain encoding and adds the same itself.

@@ -862,8 +862,8 @@ pub struct Engine {
     activations: Option<Arc<ActivationStats>>,
     /// llguidance's view of the vocabulary, built by the first guided request.
     guides: std::sync::OnceLock<Result<GuideEnv, String>>,
-    /// Why the engine stopped for good (a rank of its job was lost), once
-    /// it did.
+    /// Why the engine stopped for good (a rank of its job was lost, its
+    /// pipeline halted, or `stop_now`), once it did.
     stopped: Arc<std::sync::OnceLock<String>>,
     /// Other ranks' nodes, ended after the pipeline.
     _remote: Option<RemoteNodes>,

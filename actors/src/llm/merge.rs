@@ -11,6 +11,11 @@
 //! on. The merge state of a request lives here from submission to its terminal
 //! event; a failed step never reaches the merger and draws change no sampler,
 //! so recomputed requests continue exactly where they were.
+//!
+//! The request-level metrics are recorded here, as requests end: at once
+//! for a request of its own, and for the choices of one request through
+//! their shared [`Choices`] (behind a mutex, as the server marks choices
+//! refused at submission from its handler), once, when the last ends.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -126,6 +131,10 @@ impl Choices {
         let Ok(mut st) = self.state.lock() else {
             return;
         };
+        if st.left == 0 {
+            // Counted already (an end beyond the choices it was made for).
+            return;
+        }
         let arrived = match &how {
             ChoiceEnd::First(f) => Some(f.arrived),
             ChoiceEnd::Further(a) => Some(*a),
@@ -151,6 +160,8 @@ impl Choices {
         }
     }
 }
+
+/// How a request's tokens are chosen.
 pub enum Decoding {
     /// Drawn by its sampler (shared with its task).
     Sample(SharedSampler),
@@ -599,6 +610,15 @@ impl Merge for LlmMerger {
                 other => *slot = other,
             }
         }
+        // A prompt chunk scored without a draw, whose logits were not
+        // finite: its scores are lost, so its request fails now (its next
+        // drawing step then finds it gone and frees it).
+        for (i, item) in step.plan.items.iter().enumerate() {
+            if let (false, Some(Some(Pick::NonFinite(why)))) = (item.logits, picks.get(i)) {
+                let why = why.clone();
+                self.end(item.group, End::Failed(why));
+            }
+        }
         for (i, item) in step.plan.items.iter().enumerate() {
             if !item.logits {
                 continue;
@@ -630,11 +650,10 @@ impl Merge for LlmMerger {
                 continue;
             }
             let Some(chosen) = chosen(is_beam, got, rows.len()) else {
-                if let Some(st) = self.reqs.remove(&g) {
-                    st.responder.end(Event::Failed {
-                        error: "the step returned no token for this request".into(),
-                    });
-                }
+                self.end(
+                    g,
+                    End::Failed("the step returned no token for this request".into()),
+                );
                 verdict.push((g, GroupOutcome::Finished));
                 continue;
             };

@@ -153,11 +153,15 @@ impl LlmStep {
             let first = it.start + it.tokens.len() - rows.len();
             // NaN draws token 0 by argmax and makes every probability NaN:
             // a damaged model (or an overflow) must fail, not talk.
-            let bad = rows.iter().enumerate().find_map(|(r, row)| {
-                row.iter()
-                    .position(|x| !x.is_finite())
-                    .map(|t| (first + r, t, row[t]))
-            });
+            let bad = rows
+                .iter()
+                .enumerate()
+                .filter(|(_, row)| !framework::sampling::all_finite(row))
+                .find_map(|(r, row)| {
+                    row.iter()
+                        .position(|x| !x.is_finite())
+                        .map(|t| (first + r, t, row[t]))
+                });
             if let Some((position, token, value)) = bad {
                 *pick = Some(Pick::NonFinite(format!(
                     "the model computed a non-finite logit ({value} for token {token} at position {position}): its weights hold NaN or infinite values, or its activations overflowed"

@@ -160,6 +160,13 @@ impl Backend for CpuBackend {
         Ok(buf[..len].to_vec())
     }
 
+    fn non_finite_rows(&self, x: &Vec<f32>, rows: usize, width: usize) -> Result<Vec<bool>> {
+        Ok(x[..rows * width]
+            .chunks_exact(width)
+            .map(|r| !crate::sampling::all_finite(r))
+            .collect())
+    }
+
     fn embed(
         &self,
         table: &Embedding,

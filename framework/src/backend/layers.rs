@@ -209,21 +209,18 @@ impl<B: Backend> VocabParallelLmHead<B> {
             be.gather_rows(b.x, b.meta, b.last, hidden)?;
             self.norm
                 .forward(be, b.last, None, eps, b.last_normed, picked, hidden)?;
-            let normed = be.download(b.last_normed, picked * hidden)?;
+            let bad = be.non_finite_rows(b.last_normed, picked, hidden)?;
             be.linear(&self.w, b.last_normed, b.logits, Elem::F32, picked)?;
             if self.softcap > 0.0 {
                 be.softcap(b.logits, self.softcap, picked * self.local_vocab())?;
             }
             let mut logits = be.download(b.logits, picked * self.local_vocab())?;
             // A row whose hidden state is not finite (a damaged weight, an
-            // overflow) gets NaN logits, for the draw to refuse: the head's
-            // activation quantization turns NaN into 0, which would draw
-            // from all-zero logits as if nothing were wrong.
+            // overflow) gets NaN logits, for the draw to refuse, where the
+            // head's matmul would have hidden it.
             let width = self.local_vocab();
-            for (row, h) in normed.chunks_exact(hidden).enumerate() {
-                if h.iter().any(|x| !x.is_finite()) {
-                    logits[row * width..(row + 1) * width].fill(f32::NAN);
-                }
+            for (row, _) in bad.iter().enumerate().filter(|(_, b)| **b) {
+                logits[row * width..(row + 1) * width].fill(f32::NAN);
             }
             logits
         } else {
