@@ -581,7 +581,7 @@ fn configurations_the_weights_or_the_family_contradict_are_refused() {
         ("llama-f16", "hidden_act", "gelu", "SiLU"),
         ("qwen3-f16", "hidden_act", "bogus", "SiLU"),
         ("gemma2-bf16", "hidden_activation", "silu", "tanh"),
-        ("gpt2-f16", "activation_function", "gelu", "tanh"),
+        ("gpt2-f16", "activation_function", "relu", "tanh"),
     ] {
         expect(
             name,
@@ -595,6 +595,9 @@ fn configurations_the_weights_or_the_family_contradict_are_refused() {
         ("llama-f16", "hidden_act", "swish"),
         ("gemma2-bf16", "hidden_activation", "gelu_new"),
         ("gpt2-f16", "activation_function", "gelu_pytorch_tanh"),
+        // Exact GELU, run as its approximation as llama.cpp does.
+        ("gpt2-f16", "activation_function", "gelu"),
+        ("gemma2-bf16", "hidden_activation", "gelu"),
     ] {
         let dir = broken_copy(name, &format!("alias-{name}"), |d| {
             edit_json(&d.join("config.json"), |c| c[key] = value.into())

@@ -791,6 +791,16 @@ fn check_activation(cfg: &ConfigJson<'_>, arch: Arch) -> Result<()> {
     match cfg.json.get(key) {
         None | Some(Json::Null) => Ok(()),
         Some(Json::String(name)) if names.contains(&name.as_str()) => Ok(()),
+        // Exact GELU (Cerebras-GPT's, Gemma 1's): run as its tanh
+        // approximation, as llama.cpp and transformers' Gemma do (they
+        // differ by about 1e-3), with a word.
+        Some(Json::String(name)) if name == "gelu" && runs.starts_with("GELU") => {
+            tracing::warn!(
+                "{}: '{key}' is \"gelu\" (exact); it runs as GELU's tanh approximation, as llama.cpp does",
+                cfg.path.display()
+            );
+            Ok(())
+        }
         Some(other) => Err(cfg.err(
             key,
             &format!(
