@@ -809,7 +809,9 @@ impl Embedder {
     /// than a closed connection). A stop already recorded keeps its reason.
     pub fn stop_now(&self, why: impl Into<String>) {
         let _ = self.stopped.set(why.into());
-        self.pipeline.halter().halt();
+        if let Some(why) = self.stopped.get() {
+            self.pipeline.stop_now(why.clone());
+        }
     }
 
     /// The scheduler's figures.

@@ -76,8 +76,9 @@ impl<R: Send + 'static> Message for Register<R> {
 #[rtype(result = "()")]
 pub struct EndTask(pub TaskId, pub End);
 
-/// The pipeline stops because user code panicked (`why`): the merger ends
-/// every task still registered, then stops `system`.
+/// The pipeline stops, because user code panicked or on purpose
+/// ([`crate::Pipeline::stop_now`]): the merger ends every task still
+/// registered with `why`, then stops `system`.
 pub(crate) struct Halt {
     pub(crate) why: String,
     pub(crate) system: System,
@@ -304,7 +305,7 @@ impl<M: Merge> Handler<Halt> for MergerActor<M> {
 
     fn handle(&mut self, msg: Halt, _: &mut Self::Context) {
         self.faulted = true;
-        let end = End::Failed(format!("the pipeline stopped: {}", msg.why));
+        let end = End::Failed(msg.why);
         if let Err(p) = catch_unwind(AssertUnwindSafe(|| self.merge.end_all(end))) {
             // What it had not ended yet is dropped with it.
             tracing::error!("Merge::end_all panicked: {}", panic_text(p));

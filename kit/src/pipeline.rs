@@ -22,7 +22,7 @@
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll, Wake, Waker};
 use std::thread::JoinHandle;
@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use crate::merger::MergerActor;
+use crate::merger::{Halt, MergerActor};
 use crate::node::panic_text;
 use crate::node::{NodeActor, NodeCounters, NodeStats};
 use crate::queue::{Cancel, Close, QueueActor, QueueLinks, Submit};
@@ -127,9 +127,17 @@ pub struct Pipeline<P: Policy, R: Send + 'static> {
     queued: Arc<AtomicUsize>,
     published: Arc<Mutex<SchedulerStats<P::Stats>>>,
     fault: FaultFlag,
+    /// The merger's stop: every held task ended, then the actor system.
+    halt: Recipient<Halt>,
+    /// Set by [`Pipeline::stop_now`]: submissions are refused from then on.
+    stopping: AtomicBool,
 }
 
-type Started<P, R> = (Addr<QueueActor<<P as Policy>::Task, R>>, System);
+type Started<P, R> = (
+    Addr<QueueActor<<P as Policy>::Task, R>>,
+    System,
+    Recipient<Halt>,
+);
 
 impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
     /// Starts the stages and builds every node's worker with `factory`.
@@ -223,14 +231,14 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
                             nodes: addrs,
                             expect: merger.clone().recipient(),
                             end: merger.clone().recipient(),
-                            halt: merger.recipient(),
+                            halt: merger.clone().recipient(),
                             queue: queue.clone().recipient(),
                         },
                         (sched_stats, queue_len),
                         fault_flag,
                     );
                     sched_ctx.run(scheduler);
-                    let _ = tx.send((queue, System::current()));
+                    let _ = tx.send((queue, System::current(), merger.recipient()));
                     arbiters
                 });
                 let _ = sys.run();
@@ -240,13 +248,15 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
                 }
             })
             .map_err(|e| format!("cannot spawn the control thread: {e}"))?;
-        let Ok((queue, system)) = rx.recv() else {
+        let Ok((queue, system, halt)) = rx.recv() else {
             let _ = thread.join();
             return Err("the actor system failed to start".into());
         };
         let mut pipeline = Self {
             queue,
             system,
+            halt,
+            stopping: AtomicBool::new(false),
             thread: Some(thread),
             nodes,
             queued,
@@ -284,6 +294,9 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
         if let Some(why) = self.fault() {
             return Err(SubmitError::Halted(why));
         }
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(SubmitError::Stopped);
+        }
         self.queue.send(Submit(task, reg)).await.map_err(|_| {
             self.fault()
                 .map_or(SubmitError::Stopped, SubmitError::Halted)
@@ -310,6 +323,23 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
     /// A handle that stops this pipeline at once.
     pub fn halter(&self) -> Halter {
         Halter(self.system.clone())
+    }
+
+    /// Stops the pipeline at once, on purpose: every task it holds, queued
+    /// or running, ends with [`End::Failed`] carrying `why`, through the
+    /// merge's [`Merge::end_all`] (so that what the merge counts of failed
+    /// tasks counts them), and it takes no more. Unlike a panic of user
+    /// code, this leaves [`Pipeline::fault`] unset. A pipeline that cannot
+    /// be told so any more is stopped all the same.
+    pub fn stop_now(&self, why: impl Into<String>) {
+        self.stopping.store(true, Ordering::Release);
+        let halt = Halt {
+            why: why.into(),
+            system: self.system.clone(),
+        };
+        if self.halt.try_send(halt).is_err() {
+            self.system.stop();
+        }
     }
 
     /// The scheduler's latest figures, with the queue's tasks in `queued`;

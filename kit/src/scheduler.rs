@@ -472,7 +472,7 @@ impl<P: Policy> SchedulerActor<P> {
             s.idle = true;
         }
         self.links.halt.do_send(Halt {
-            why,
+            why: format!("the pipeline stopped: {why}"),
             system: System::current(),
         });
     }

@@ -303,6 +303,10 @@ impl NodeWorker for Times10 {
     type Output = u64;
 
     fn run(&mut self, n: &u64, _: &()) -> Result<u64, NodeError> {
+        // Work from 1000 on takes that many milliseconds more.
+        if let Some(ms) = n.checked_sub(1000) {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         Ok(n * 10)
     }
     fn abort(_: &()) {}
@@ -419,6 +423,26 @@ fn stops_cleanly(p: Pipeline<Jobs, Reply>, panic: &str) {
     let t0 = Instant::now();
     assert!(!p.shutdown(DEADLINE), "a stopped pipeline did not drain");
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+}
+
+#[test]
+fn stopping_now_ends_every_held_task_through_the_merge_and_is_no_fault() {
+    let p = start(Faults::default());
+    // One job runs (for 2 s), the others wait behind it on node 0.
+    let rxs: Vec<_> = (1..=3).map(|id| submit(&p, id, 3000)).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let t0 = Instant::now();
+    p.stop_now("cut short on purpose");
+    for rx in &rxs {
+        match reply(rx) {
+            Err(End::Failed(why)) => assert_eq!(why, "cut short on purpose"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    assert_eq!(p.fault(), None);
+    let (tx, _rx) = crossbeam::channel::bounded(1);
+    assert_eq!(p.submit(Job { id: 9, n: 1 }, tx), Err(SubmitError::Stopped));
 }
 
 #[test]

@@ -1495,7 +1495,10 @@ impl Engine {
     /// than a closed connection). A stop already recorded keeps its reason.
     pub fn stop_now(&self, why: impl Into<String>) {
         let _ = self.stopped.set(why.into());
-        self.pipeline.halter().halt();
+        // Through the merge, so that the metrics count each as failed.
+        if let Some(why) = self.stopped.get() {
+            self.pipeline.stop_now(why.clone());
+        }
     }
 
     /// Current figures.
