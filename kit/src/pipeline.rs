@@ -326,7 +326,7 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
     }
 
     /// Stops the pipeline at once, on purpose: every task it holds, queued
-    /// or running, ends with [`End::Failed`] carrying `why`, through the
+    /// or running, ends with [`End::Failed`](crate::End::Failed) carrying `why`, through the
     /// merge's [`Merge::end_all`] (so that what the merge counts of failed
     /// tasks counts them), and it takes no more. Unlike a panic of user
     /// code, this leaves [`Pipeline::fault`] unset. A pipeline that cannot
