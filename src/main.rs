@@ -1110,7 +1110,7 @@ fn run_generate(args: GenerateArgs) -> CliResult {
         }
         .into());
     }
-    let params = SamplingParams {
+    let mut params = SamplingParams {
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: args.top_p,
@@ -1125,7 +1125,6 @@ fn run_generate(args: GenerateArgs) -> CliResult {
         logprobs: None,
         logit_bias: Vec::new(),
     };
-    let mut params = params;
     params.validate()?;
     if args.beam.is_some() && args.parallel.speculation()?.enabled() {
         return Err("--speculative does not combine with --beam (beam search)".into());

@@ -494,64 +494,24 @@ fn bad_prune_arguments_are_named_and_leave_no_file() {
         &["prune", b, out, "--method", "wanda", "--sparsity", "0.5"],
         "--method wanda needs --calib",
     );
-    refused(
-        &[
-            "prune",
-            b,
-            out,
-            "--method",
-            "wanda",
-            "--sparsity",
-            "1.5",
-            "--calib",
-            "/usr/share/common-licenses/GPL-3",
-        ],
-        "must be in (0, 1)",
-    );
-    refused(
-        &[
-            "prune",
-            b,
-            out,
-            "--method",
-            "magnitude",
-            "--sparsity",
-            "0.5",
-            "--calib",
-            "/usr/share/common-licenses/GPL-3",
-        ],
-        "go with --method wanda or layers",
-    );
-    refused(
-        &[
-            "prune",
-            b,
-            out,
-            "--method",
-            "layers",
-            "--drop",
-            "30",
-            "--calib",
-            "/usr/share/common-licenses/GPL-3",
-        ],
-        "must be in [1, 29]",
-    );
-    refused(
-        &[
-            "prune",
-            b,
-            out,
-            "--method",
-            "layers",
-            "--drop",
-            "2",
-            "--calib",
-            "/usr/share/common-licenses/GPL-3",
-            "--windows",
-            "0",
-        ],
-        "--windows must be at least 1",
-    );
+    // With a calibration text, so that each is refused for what it names.
+    for (args, needle) in [
+        (&["wanda", "--sparsity", "1.5"][..], "must be in (0, 1)"),
+        (
+            &["magnitude", "--sparsity", "0.5"][..],
+            "go with --method wanda or layers",
+        ),
+        (&["layers", "--drop", "30"][..], "must be in [1, 29]"),
+        (
+            &["layers", "--drop", "2", "--windows", "0"][..],
+            "--windows must be at least 1",
+        ),
+    ] {
+        let mut all = vec!["prune", b, out, "--method"];
+        all.extend_from_slice(args);
+        all.extend(["--calib", "/usr/share/common-licenses/GPL-3"]);
+        refused(&all, needle);
+    }
     assert_eq!(
         std::fs::read_dir(&d).unwrap().count(),
         0,

@@ -1236,22 +1236,25 @@ fn exit_status(s: &mut Server, limit: Duration) -> std::process::ExitStatus {
     }
 }
 
-/// A request of `max_tokens` on a thread: its status and body.
+/// A completion of `max_tokens` on a thread: its status and body.
 fn request_on_thread(s: &Server, max_tokens: usize) -> std::thread::JoinHandle<(u16, String)> {
-    let base = s.base.clone();
-    std::thread::spawn(move || {
-        let a = agent();
-        let r = a.post(&format!("{base}/v1/completions")).send(
-            json!({"prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": true})
-                .to_string(),
-        );
-        match r {
-            Ok(mut r) => (
-                r.status().as_u16(),
-                r.body_mut().read_to_string().unwrap_or_default(),
-            ),
-            Err(e) => (0, e.to_string()),
-        }
+    post_on_thread(
+        s,
+        "/v1/completions",
+        json!({"prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": true}),
+    )
+}
+
+/// `body` posted to `path` on a thread: its status and body (status 0 and
+/// the error where no answer came).
+fn post_on_thread(s: &Server, path: &str, body: Value) -> std::thread::JoinHandle<(u16, String)> {
+    let url = s.url(path);
+    std::thread::spawn(move || match agent().post(&url).send(body.to_string()) {
+        Ok(mut r) => (
+            r.status().as_u16(),
+            r.body_mut().read_to_string().unwrap_or_default(),
+        ),
+        Err(e) => (0, e.to_string()),
     })
 }
 
@@ -1298,21 +1301,12 @@ fn a_second_sigterm_while_draining_stops_at_once() {
 fn requests_cut_off_by_the_shutdown_timeout_get_an_error() {
     let mut s = Server::start(&["--set", "server.shutdown_timeout_secs=1"], true);
     let whole = request_on_thread(&s, 4000);
-    let base = s.base.clone();
-    let streamed = std::thread::spawn(move || {
-        let body = json!({"prompt": "Once upon a time", "max_tokens": 4000,
-                          "ignore_eos": true, "stream": true});
-        match agent()
-            .post(&format!("{base}/v1/completions"))
-            .send(body.to_string())
-        {
-            Ok(mut r) => (
-                r.status().as_u16(),
-                r.body_mut().read_to_string().unwrap_or_default(),
-            ),
-            Err(e) => (0, e.to_string()),
-        }
-    });
+    let streamed = post_on_thread(
+        &s,
+        "/v1/completions",
+        json!({"prompt": "Once upon a time", "max_tokens": 4000,
+               "ignore_eos": true, "stream": true}),
+    );
     s.wait_metric("parallm_requests_running", |v| v >= 2.0, "both run");
     signal(&s, libc::SIGTERM);
     let code = exit_status(&mut s, Duration::from_secs(20));
@@ -1345,20 +1339,14 @@ fn embeddings_cut_off_by_the_shutdown_timeout_get_an_error() {
     )
     .expect("write config");
     let mut s = Server::start(&["--config", config.to_str().expect("utf-8")], true);
-    let base = s.base.clone();
-    let before = s.metric("parallm_embedding_step_duration_seconds_count");
-    let text = "The quick brown fox jumps over the lazy dog. ".repeat(30);
-    let body = json!({"model": "smol-embed", "input": vec![text; 512]}).to_string();
-    let client = std::thread::spawn(move || {
-        match agent().post(&format!("{base}/v1/embeddings")).send(body) {
-            Ok(mut r) => (
-                r.status().as_u16(),
-                r.body_mut().read_to_string().unwrap_or_default(),
-            ),
-            Err(e) => (0, e.to_string()),
-        }
-    });
     let steps = "parallm_embedding_step_duration_seconds_count";
+    let before = s.metric(steps);
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(30);
+    let client = post_on_thread(
+        &s,
+        "/v1/embeddings",
+        json!({"model": "smol-embed", "input": vec![text; 512]}),
+    );
     s.wait_metric(steps, |v| v > before, "the embedding runs");
     signal(&s, libc::SIGTERM);
     let code = exit_status(&mut s, Duration::from_secs(30));

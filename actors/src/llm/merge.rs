@@ -150,7 +150,7 @@ impl Choices {
                 st.failure.get_or_insert(reason);
             }
         }
-        st.left = st.left.saturating_sub(1);
+        st.left -= 1;
         if st.left > 0 {
             return;
         }

@@ -160,10 +160,12 @@ impl Backend for CpuBackend {
         Ok(buf[..len].to_vec())
     }
 
-    fn non_finite_rows(&self, x: &Vec<f32>, rows: usize, width: usize) -> Result<Vec<bool>> {
+    fn non_finite_rows(&self, x: &Vec<f32>, rows: usize, width: usize) -> Result<Vec<usize>> {
         Ok(x[..rows * width]
             .chunks_exact(width)
-            .map(|r| !crate::sampling::all_finite(r))
+            .enumerate()
+            .filter(|(_, r)| !crate::sampling::all_finite(r))
+            .map(|(i, _)| i)
             .collect())
     }
 

@@ -219,7 +219,7 @@ impl<B: Backend> VocabParallelLmHead<B> {
             // overflow) gets NaN logits, for the draw to refuse, where the
             // head's matmul would have hidden it.
             let width = self.local_vocab();
-            for (row, _) in bad.iter().enumerate().filter(|(_, b)| **b) {
+            for row in bad {
                 logits[row * width..(row + 1) * width].fill(f32::NAN);
             }
             logits

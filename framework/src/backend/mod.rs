@@ -155,14 +155,14 @@ pub trait Backend: Send + Sized {
     fn upload(&self, buf: &mut Self::Buf, data: &[f32]) -> Result<()>;
     /// Reads the first `len` values of an f32 buffer.
     fn download(&self, buf: &Self::Buf, len: usize) -> Result<Vec<f32>>;
-    /// Which of the first `rows` rows (of `width` activations) of the
-    /// normed hidden state `x` hold a NaN or an infinity, where the head's
-    /// matmul would hide it: the CPU's Q8 activation blocks turn NaN into 0,
-    /// so such a row gets finite, all-zero logits. By default none: a head
-    /// computing in floating point carries a non-finite input into its
-    /// logits, where the draw refuses it.
-    fn non_finite_rows(&self, _x: &Self::Buf, rows: usize, _width: usize) -> Result<Vec<bool>> {
-        Ok(vec![false; rows])
+    /// The indices of the first `rows` rows (of `width` activations) of
+    /// the normed hidden state `x` that hold a NaN or an infinity, where the
+    /// head's matmul would hide it: the CPU's Q8 activation blocks turn NaN
+    /// into 0, so such a row gets finite, all-zero logits. By default none:
+    /// a head computing in floating point carries a non-finite input into
+    /// its logits, where the draw refuses it.
+    fn non_finite_rows(&self, _x: &Self::Buf, _rows: usize, _width: usize) -> Result<Vec<usize>> {
+        Ok(Vec::new())
     }
 
     /// `out[r] = table[token[r]]` (f32) for this shard's tokens, zero rows for
