@@ -281,3 +281,42 @@ fn decoder_models_embed_by_last_token_or_mean_as_transformers_does() {
         }
     }
 }
+
+/// Copies directory `src` (and its subdirectories) to `dst`.
+fn copy_tree(src: &std::path::Path, dst: &std::path::Path) {
+    std::fs::create_dir_all(dst).expect("dir");
+    for entry in std::fs::read_dir(src).expect("read dir") {
+        let entry = entry.expect("entry");
+        let to = dst.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_tree(&entry.path(), &to);
+        } else {
+            std::fs::copy(entry.path(), to).expect("copy");
+        }
+    }
+}
+
+#[test]
+fn a_tokenizer_adding_a_token_the_model_lacks_is_refused_at_load() {
+    let dir = std::env::temp_dir().join(format!("parallm-bert-cls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_tree(&bert_models_dir().join("bert-f32"), &dir);
+    let path = dir.join("tokenizer.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+    json["post_processor"]["special_tokens"]["[CLS]"]["ids"] = serde_json::json!([999]);
+    std::fs::write(&path, json.to_string()).expect("write");
+    let err = Embedder::start(EmbedConfig {
+        model: dir.clone(),
+        threads_per_node: 1,
+        ..EmbedConfig::default()
+    })
+    .err()
+    .expect("refused")
+    .to_string();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        err.contains("tokenizer.json") && err.contains("token id 999") && err.contains("210"),
+        "{err}"
+    );
+}

@@ -289,14 +289,14 @@ fn rewrite_safetensors(
     std::fs::write(path, file).expect("write");
 }
 
-#[test]
-fn a_multimodal_gemma3_runs_its_text_model() {
-    // gemma3-f16 as transformers 5 saves a Gemma3ForConditionalGeneration:
-    // the text model's configuration in text_config, its weights under
-    // model.language_model., and a vision tower (ignored).
-    let dir = broken_copy("gemma3-f16", "multimodal", |d| {
+/// gemma3-f16 as transformers 5 saves a Gemma3ForConditionalGeneration:
+/// the text model's configuration in text_config (after `edit_text`), its
+/// weights under model.language_model., and a vision tower (ignored).
+fn multimodal_gemma3(case: &str, edit_text: impl FnOnce(&mut Value)) -> PathBuf {
+    broken_copy("gemma3-f16", case, |d| {
         edit_json(&d.join("config.json"), |c| {
-            let text = c.clone();
+            let mut text = c.clone();
+            edit_text(&mut text);
             *c = serde_json::json!({
                 "architectures": ["Gemma3ForConditionalGeneration"],
                 "model_type": "gemma3",
@@ -314,11 +314,25 @@ fn a_multimodal_gemma3_runs_its_text_model() {
                 vec![0u8; 64],
             ),
         );
-    });
+    })
+}
+
+#[test]
+fn a_multimodal_gemma3_runs_its_text_model() {
+    let dir = multimodal_gemma3("multimodal", |_| {});
     let file = GgufFile::open(&dir).expect("opens");
     let worst = check_file(&file, "gemma3-f16", 1, WeightFormat::Native);
     let _ = std::fs::remove_dir_all(&dir);
     assert!(worst <= TOLERANCE);
+}
+
+#[test]
+fn a_multimodal_gemma3s_errors_name_the_key_where_it_is() {
+    let dir = multimodal_gemma3("multimodal-bad", |t| {
+        t["num_key_value_heads"] = Value::from("x");
+    });
+    let err = load_error(&dir);
+    assert!(err.contains("text_config.num_key_value_heads"), "{err}");
 }
 
 #[test]

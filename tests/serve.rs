@@ -2257,6 +2257,13 @@ fn embeddings_match_transformers_in_every_input_form_and_bad_input_is_refused() 
         let c = common::cosine(&floats(&r["data"][0]["embedding"]), &cases[i % 6].2);
         assert!(1.0 - c < 1e-4, "request {i}: cosine {c}");
     }
+    // Each model's metrics are its own series.
+    for model in ["bert", "bert-hf"] {
+        let seqs = s.metric(&format!("parallm_embedding_sequences_total{{model=\"{model}\"}}"));
+        assert!(seqs >= 128.0, "{model}: {seqs}");
+        let steps = format!("parallm_embedding_step_duration_seconds_count{{model=\"{model}\",");
+        assert!(s.metric(&steps) > 0.0, "{model}");
+    }
 }
 
 #[test]

@@ -62,6 +62,9 @@ pub struct EmbedConfig {
     pub pooling: Option<Pooling>,
     /// L2 normalization instead of the model's own choice.
     pub normalize: Option<bool>,
+    /// The model's `model` label on the embedding metrics (the id a server
+    /// serves it under); empty: the model file's name.
+    pub name: String,
 }
 
 impl Default for EmbedConfig {
@@ -77,7 +80,20 @@ impl Default for EmbedConfig {
             max_retries: 3,
             pooling: None,
             normalize: None,
+            name: String::new(),
         }
+    }
+}
+
+impl EmbedConfig {
+    /// The `model` label of this model's metrics: its name, or its file's.
+    pub fn metrics_label(&self) -> String {
+        if !self.name.is_empty() {
+            return self.name.clone();
+        }
+        self.model
+            .file_name()
+            .map_or_else(|| self.model.display().to_string(), |n| n.to_string_lossy().into_owned())
     }
 }
 
@@ -392,6 +408,8 @@ pub struct EmbedWorker {
     id: NodeId,
     shard: EmbedShard,
     threads: Arc<framework::threads::Pool>,
+    /// The `model` label of its metrics.
+    model: Arc<str>,
 }
 
 impl NodeWorker for EmbedWorker {
@@ -412,8 +430,12 @@ impl NodeWorker for EmbedWorker {
                 Error::Collective(m) | Error::Aborted(m) => NodeError::Aborted(m),
                 other => NodeError::Failed(other.to_string()),
             })?;
-        metrics::histogram!(m::EMBED_STEP_DURATION, "node" => m::node_label(self.id.replica, self.id.index))
-            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!(
+            m::EMBED_STEP_DURATION,
+            "model" => self.model.to_string(),
+            "node" => m::node_label(self.id.replica, self.id.index)
+        )
+        .record(started.elapsed().as_secs_f64());
         Ok((links.rank() == 0).then_some(out))
     }
 
@@ -439,9 +461,20 @@ pub struct EmbedRegistration {
 }
 
 /// Fills each request's vectors from its parts and answers it when whole.
-#[derive(Default)]
 pub struct EmbedMerger {
     regs: HashMap<TaskId, EmbedRegistration>,
+    /// The `model` label of its metrics.
+    model: Arc<str>,
+}
+
+impl EmbedMerger {
+    /// A merger whose metrics carry `model` as their `model` label.
+    pub fn new(model: Arc<str>) -> Self {
+        Self {
+            regs: HashMap::new(),
+            model,
+        }
+    }
 }
 
 impl Merge for EmbedMerger {
@@ -480,8 +513,11 @@ impl Merge for EmbedMerger {
             }
             if reg.filled == reg.vectors.len() {
                 if let Some(reg) = self.regs.remove(&p.task) {
-                    metrics::counter!(m::EMBED_SEQUENCES).increment(reg.vectors.len() as u64);
-                    metrics::counter!(m::EMBED_TOKENS).increment(reg.tokens as u64);
+                    let model = self.model.to_string();
+                    metrics::counter!(m::EMBED_SEQUENCES, "model" => model.clone())
+                        .increment(reg.vectors.len() as u64);
+                    metrics::counter!(m::EMBED_TOKENS, "model" => model)
+                        .increment(reg.tokens as u64);
                     let all = reg.vectors.into_iter().flatten().collect();
                     let _ = reg.tx.send(Ok(all));
                 }
@@ -648,6 +684,11 @@ impl Embedder {
                 decoder,
             };
             let tok = EncoderTokenizer::from_gguf(&file)?;
+            let source = file.hf().map_or_else(
+                || file.path().to_path_buf(),
+                |hf| hf.dir().join("tokenizer.json"),
+            );
+            tok.check_fits(model.vocab, &source)?;
             (shape, EmbedTokenizer::Encoder(Box::new(tok)))
         };
         drop(file);
@@ -657,6 +698,13 @@ impl Embedder {
             n => n,
         };
         let (path, format) = (cfg.model.clone(), cfg.weights);
+        let label: Arc<str> = cfg.metrics_label().into();
+        // Its counters are exported from the start, at 0, as the server's
+        // unlabelled ones are.
+        for counter in [m::EMBED_SEQUENCES, m::EMBED_TOKENS] {
+            metrics::counter!(counter, "model" => label.to_string()).increment(0);
+        }
+        let worker_label = label.clone();
         let factory: WorkerFactory<EmbedWorker> = Arc::new(move |id: NodeId| {
             let spec = ShardSpec::new(id.index, tp).map_err(|e| e.to_string())?;
             let file = GgufFile::open(&path).map_err(|e| e.to_string())?;
@@ -682,11 +730,16 @@ impl Embedder {
                 tp * dp,
             )
             .map_err(|e| e.to_string())?;
-            Ok(EmbedWorker { id, shard, threads })
+            Ok(EmbedWorker {
+                id,
+                shard,
+                threads,
+                model: worker_label.clone(),
+            })
         });
         let pipeline = Pipeline::start(
             EmbedPolicy::new(dp, tp, cfg.max_batch_tokens),
-            EmbedMerger::default(),
+            EmbedMerger::new(label.clone()),
             factory,
             PipelineConfig {
                 queue_capacity: cfg.queue_capacity,

@@ -371,6 +371,32 @@ impl EncoderTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.vocab
     }
+
+    /// Checks that what this tokenizer can produce fits a model of `rows`
+    /// token embeddings: the ids its post-processor adds to every input
+    /// (`[CLS]`, `[SEP]`) must be rows of the model, or every request would
+    /// be refused as if its text were at fault. A vocabulary larger than the
+    /// model is only warned of: texts that use none of its extra tokens run.
+    ///
+    /// # Errors
+    /// If an added special token's id is outside the model's rows.
+    pub fn check_fits(&self, rows: usize, source: &std::path::Path) -> Result<()> {
+        let added = self.encode("")?;
+        if let Some(&t) = added.iter().find(|&&t| t as usize >= rows) {
+            return Err(Error::Tokenizer(format!(
+                "{}: the tokenizer adds token id {t} to every input ([CLS]/[SEP]), outside the model's vocabulary of {rows} tokens",
+                source.display()
+            )));
+        }
+        if self.vocab > rows {
+            tracing::warn!(
+                "{}: the tokenizer knows {} tokens, more than the model's {rows}; a text that uses the others is refused",
+                source.display(),
+                self.vocab
+            );
+        }
+        Ok(())
+    }
 }
 
 /// LayerNorm's weight and bias.

@@ -384,13 +384,16 @@ fn arch_of(name: &str) -> Option<Arch> {
 struct ConfigJson<'a> {
     path: &'a Path,
     json: &'a Json,
+    /// Where `json` sits in the file (`text_config.` for a multimodal
+    /// checkpoint's text model), so that errors name the key as written.
+    prefix: &'static str,
 }
 
 impl ConfigJson<'_> {
     fn err(&self, key: &str, reason: &str) -> Error {
         Error::Metadata {
             path: self.path.to_path_buf(),
-            key: key.into(),
+            key: format!("{}{key}", self.prefix),
             reason: reason.into(),
         }
     }
@@ -446,6 +449,7 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
     let top = ConfigJson {
         path: &config_path,
         json: &config,
+        prefix: "",
     };
     let arch_name = config
         .get("architectures")
@@ -461,6 +465,7 @@ pub(crate) fn open(dir: &Path) -> Result<(Content, HfModel)> {
                 .get("text_config")
                 .filter(|t| t.is_object())
                 .ok_or_else(|| top.err("text_config", "is missing or not an object"))?,
+            prefix: "text_config.",
         },
         _ => top,
     };
@@ -796,8 +801,9 @@ fn check_activation(cfg: &ConfigJson<'_>, arch: Arch) -> Result<()> {
         // differ by about 1e-3), with a word.
         Some(Json::String(name)) if name == "gelu" && runs.starts_with("GELU") => {
             tracing::warn!(
-                "{}: '{key}' is \"gelu\" (exact); it runs as GELU's tanh approximation, as llama.cpp does",
-                cfg.path.display()
+                "{}: '{}{key}' is \"gelu\" (exact); it runs as GELU's tanh approximation, as llama.cpp does",
+                cfg.path.display(),
+                cfg.prefix
             );
             Ok(())
         }

@@ -180,14 +180,14 @@ metrics! {
     NODE_RESTARTS = "parallm_node_restarts_total", Counter, ["node"],
         "Restarts of a compute node after a failure (each reloads its shard)";
     /// Sequences embedded.
-    EMBED_SEQUENCES = "parallm_embedding_sequences_total", Counter, [],
-        "Inputs embedded (each input of an embeddings request is one sequence), counted when their request is answered";
+    EMBED_SEQUENCES = "parallm_embedding_sequences_total", Counter, ["model"],
+        "Inputs embedded (each input of an embeddings request is one sequence), by model (the id it is served under), counted when their request is answered";
     /// Tokens embedded.
-    EMBED_TOKENS = "parallm_embedding_tokens_total", Counter, [],
-        "Tokens of the inputs embedded, counted when their request is answered";
+    EMBED_TOKENS = "parallm_embedding_tokens_total", Counter, ["model"],
+        "Tokens of the inputs embedded, by model, counted when their request is answered";
     /// An encoder node's step duration.
-    EMBED_STEP_DURATION = "parallm_embedding_step_duration_seconds", Histogram, ["node"],
-        "Seconds an embedding model's node spent on one batch, by node (r{replica}.n{index} of the embedding pipeline)";
+    EMBED_STEP_DURATION = "parallm_embedding_step_duration_seconds", Histogram, ["model", "node"],
+        "Seconds an embedding model's node spent on one batch, by model and node (r{replica}.n{index} of that model's pipeline)";
     /// HTTP requests by route and status.
     HTTP_REQUESTS = "parallm_http_requests_total", Counter, ["route", "status"],
         "HTTP requests answered, by route and status code";

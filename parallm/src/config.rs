@@ -608,6 +608,7 @@ fn check_models(entries: &[ModelEntry], generation: &str) -> Result<Vec<EmbedMod
                 threads_per_node: e.threads_per_node,
                 pooling,
                 normalize,
+                name: e.name.clone(),
                 ..actors::embed::EmbedConfig::default()
             },
             matryoshka: e.matryoshka,
