@@ -2259,7 +2259,9 @@ fn embeddings_match_transformers_in_every_input_form_and_bad_input_is_refused() 
     }
     // Each model's metrics are its own series.
     for model in ["bert", "bert-hf"] {
-        let seqs = s.metric(&format!("parallm_embedding_sequences_total{{model=\"{model}\"}}"));
+        let seqs = s.metric(&format!(
+            "parallm_embedding_sequences_total{{model=\"{model}\"}}"
+        ));
         assert!(seqs >= 128.0, "{model}: {seqs}");
         let steps = format!("parallm_embedding_step_duration_seconds_count{{model=\"{model}\",");
         assert!(s.metric(&steps) > 0.0, "{model}");

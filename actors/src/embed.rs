@@ -91,9 +91,10 @@ impl EmbedConfig {
         if !self.name.is_empty() {
             return self.name.clone();
         }
-        self.model
-            .file_name()
-            .map_or_else(|| self.model.display().to_string(), |n| n.to_string_lossy().into_owned())
+        self.model.file_name().map_or_else(
+            || self.model.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
     }
 }
 

@@ -478,13 +478,26 @@ pub fn parse_cut(format: ToolFormat, text: &str, tools: &[Tool]) -> Parsed {
                 }
             }
         }
-        // An output that began a call holds nothing else.
+        // An output that began a call holds nothing else: the whole calls
+        // (separated by `;`), then the one cut.
         ToolFormat::Llama3Json if parsed.calls.is_empty() => {
             let rest = parsed.content.trim_start();
-            let body = rest.strip_prefix(PYTHON_TAG).unwrap_or(rest);
-            if let Some(call) = partial_call(body, tools) {
+            let mut body = rest.strip_prefix(PYTHON_TAG).unwrap_or(rest);
+            let mut calls = Vec::new();
+            while let Some((call, used)) =
+                json_prefix(body).and_then(|(v, used)| Some((call_from_json(&v, tools)?, used)))
+            {
+                calls.push(call);
+                let after = body[used..].trim_start();
+                body = after.strip_prefix(';').unwrap_or(after);
+            }
+            let cut = match body.trim().is_empty() {
+                true => None,
+                false => partial_call(body, tools),
+            };
+            if !calls.is_empty() || cut.is_some() {
                 parsed.content.clear();
-                parsed.calls.push(call);
+                parsed.calls.extend(calls.into_iter().chain(cut));
             }
         }
         _ => {}
@@ -495,8 +508,13 @@ pub fn parse_cut(format: ToolFormat, text: &str, tools: &[Tool]) -> Parsed {
 /// The function name and the arguments text so far of a call cut short:
 /// `{"name": "f", "arguments": …` (or `"parameters"`), `f` one of `tools`;
 /// the arguments are empty when the cut came before them. `None` unless the
-/// name comes first and whole.
+/// name comes first and whole. A call whose JSON is whole (the cut came in
+/// the markup after it, `\n</tool_ca`) is whole, its arguments compact JSON
+/// as [`parse`] gives them.
 fn partial_call(body: &str, tools: &[Tool]) -> Option<(String, String)> {
+    if let Some(call) = json_prefix(body).and_then(|(v, _)| call_from_json(&v, tools)) {
+        return Some(call);
+    }
     let after = |s: &str, token: &str| s.trim_start().strip_prefix(token).map(str::to_string);
     let rest = after(body, "{")?;
     let rest = after(&rest, "\"name\"")?;
@@ -1353,6 +1371,30 @@ mod tests {
         let llama = "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Pa";
         let p = parse_cut(ToolFormat::Llama3Json, llama, &t);
         assert_eq!(p.calls, vec![call("get_weather", "{\"city\": \"Pa")]);
+        // Whole calls before the cut one stand, each once.
+        let two = format!("{{\"name\": \"get_time\", \"parameters\": {{}}}}; {llama}");
+        let p = parse_cut(ToolFormat::Llama3Json, &two, &t);
+        assert_eq!(
+            p.calls,
+            vec![
+                call("get_time", "{}"),
+                call("get_weather", "{\"city\": \"Pa")
+            ]
+        );
+        // A cut in the markup after a whole call leaves the call whole: its
+        // arguments are its JSON, not the text up to the cut.
+        for tail in ["\n", "\n</tool", "\n</tool_call"] {
+            let text = format!(
+                "<tool_call>\n{{\"name\": \"get_weather\", \"arguments\": {{\"city\": \"Paris\"}}}}{tail}"
+            );
+            let p = parse_cut(ToolFormat::Hermes, &text, &t);
+            assert_eq!(
+                p.calls,
+                vec![call("get_weather", "{\"city\":\"Paris\"}")],
+                "{tail:?}"
+            );
+            assert!(p.content.is_empty(), "{p:?}");
+        }
         // A stream ended as cut agrees, however the text was split.
         for (format, text) in [(ToolFormat::Hermes, cut), (ToolFormat::Llama3Json, llama)] {
             let whole = parse_cut(format, text, &t);
