@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::{finished, model, model_path, run, sixty_four_prompts, wait_idle};
 use parallm::actors::llm::FaultInjection;
+use parallm::actors::llm::Traffic;
 use parallm::actors::SubmitError;
 use parallm::framework::collective::SingleCollective;
 use parallm::framework::{BatchItem, LogitsWanted, SamplingParams, WeightFormat};
@@ -251,6 +252,49 @@ fn cancelling_frees_kv_blocks() {
     let s = wait_idle(&e);
     assert!(s.idle);
     assert_eq!(s.policy.kv_used, 0, "{s:?}");
+}
+
+/// The server's health probe is not held by the load it checks: with one
+/// running place taken by a long prefill and a request waiting behind it,
+/// a probe submitted during the prefill finishes before either of them.
+#[test]
+fn a_health_probe_goes_before_a_long_prefill_and_a_backlog() {
+    let e = Engine::builder()
+        .model_path(model_path())
+        .max_running(1)
+        .max_batch_tokens(32)
+        .build()
+        .expect("engine");
+    // 800 prompt tokens: 25 steps of 32.
+    let prompt: Vec<u32> = (0..800).map(|i| 100 + (i % 500)).collect();
+    let long = e
+        .generate(Request::greedy_tokens(prompt, 1))
+        .expect("admitted");
+    let waiting = e
+        .generate(Request::greedy("A second request", 2))
+        .expect("admitted");
+    while e.stats().scheduler.policy.kv_used == 0 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut probe = Request::greedy_tokens(vec![1], 1);
+    probe.priority = i32::MAX;
+    probe.traffic = Traffic::Probe { replica: 0 };
+    let probe = e.generate(probe).expect("admitted");
+    let ends = std::thread::scope(|scope| {
+        let timed = |s: parallm::EventStream| {
+            scope.spawn(move || {
+                let events = s.collect_blocking();
+                (std::time::Instant::now(), events)
+            })
+        };
+        [timed(probe), timed(long), timed(waiting)].map(|h| h.join().expect("client"))
+    });
+    for (_, events) in &ends {
+        finished(events);
+    }
+    let [(probe_end, _), (long_end, _), (waiting_end, _)] = ends;
+    assert!(probe_end < long_end, "the probe waited for the prefill");
+    assert!(probe_end < waiting_end);
 }
 
 /// A submission that finds the queue full is refused by `generate` itself

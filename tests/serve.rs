@@ -1175,12 +1175,13 @@ fn health_stays_200_while_a_flood_keeps_the_queue_full() {
                 })
             })
             .collect();
-        // A probe may be slow to get a place among the running requests on
-        // a slow machine; what must never happen is its refusal.
+        // The probe is neither refused nor held: it goes past the full
+        // queue, the scheduler's demand and the one running place, so a
+        // probe succeeds every second.
         let mut unhealthy = Vec::new();
         while Instant::now() < until {
             let (st, body) = s.get("/health");
-            if st != 200 && (body.contains("overloaded") || body.contains("capacity")) {
+            if st != 200 {
                 unhealthy.push(body);
             }
             std::thread::sleep(Duration::from_millis(100));

@@ -216,7 +216,8 @@ impl Seq {
 #[derive(Debug, Clone)]
 struct Group {
     seqs: Vec<Seq>,
-    /// Admission order; lower is older.
+    /// Admission order; lower is older. Expedited groups' orders are below
+    /// [`FIRST_ORDER`], every other group's at or above it.
     order: u64,
     /// How the group speculates, and the tokens its sequence may hold at
     /// most (prompt plus `max_tokens`).
@@ -267,6 +268,11 @@ pub struct BatchStats {
     pub accepted: u64,
 }
 
+/// The first admission order of a group that is not expedited: the orders
+/// below it are expedited groups' ([`BatchScheduler::expedite`]), which count
+/// as older than all others.
+const FIRST_ORDER: u64 = 1 << 62;
+
 /// The batching state of one replica.
 #[derive(Debug)]
 pub struct BatchScheduler {
@@ -279,6 +285,8 @@ pub struct BatchScheduler {
     cancelled: HashSet<GroupId>,
     next_key: SeqKey,
     next_order: u64,
+    /// The next expedited group's order (below [`FIRST_ORDER`]).
+    next_expedited: u64,
     stats: BatchStats,
 }
 
@@ -299,7 +307,8 @@ impl BatchScheduler {
             in_flight: None,
             cancelled: HashSet::new(),
             next_key: 0,
-            next_order: 0,
+            next_order: FIRST_ORDER,
+            next_expedited: 0,
             stats: BatchStats::default(),
         }
     }
@@ -375,6 +384,33 @@ impl BatchScheduler {
             },
         );
         self.waiting.push_back(group);
+    }
+
+    /// Puts waiting group `g` (a health probe: one short sequence) before
+    /// every other: it counts as older than all of them, so it is admitted
+    /// first (past `max_running`), planned before the running groups (a long
+    /// prefill's chunk cannot take its budget), and never preempted for
+    /// another's blocks.
+    /// Neither a long prefill nor a backlog waiting for KV room then holds it
+    /// for more than the step in flight. A group already admitted is left
+    /// as it is.
+    pub fn expedite(&mut self, g: GroupId) {
+        let Some(at) = self.waiting.iter().position(|&w| w == g) else {
+            return;
+        };
+        let order = self.next_expedited;
+        self.next_expedited += 1;
+        if let Some(group) = self.groups.get_mut(&g) {
+            group.order = order;
+        }
+        self.waiting.remove(at);
+        // Behind the expedited groups already waiting.
+        let to = self
+            .waiting
+            .iter()
+            .position(|w| self.groups.get(w).is_none_or(|o| o.order > order))
+            .unwrap_or(self.waiting.len());
+        self.waiting.insert(to, g);
     }
 
     /// Adds a single-sequence request that drafts tokens as `spec` says
@@ -453,6 +489,15 @@ impl BatchScheduler {
         // it cached, instead of computing the same prefix beside it.
         let mut pending = HashSet::new();
 
+        // Expedited groups (health probes) waiting to be admitted come
+        // before the running groups' chunks.
+        while let Some(&g) = self.waiting.front() {
+            if self.groups[&g].order >= FIRST_ORDER
+                || !self.admit_front(g, &mut budget, &mut plan, &mut planned, &mut pending)
+            {
+                break;
+            }
+        }
         // Running groups, oldest first.
         let mut order = self.running.clone();
         order.sort_by_key(|g| self.groups[g].order);
@@ -470,25 +515,9 @@ impl BatchScheduler {
             }
         }
         // Then waiting groups, in order, while they fit without preempting.
-        while budget > 0 && self.running.len() < self.cfg.max_running {
-            let Some(&g) = self.waiting.front() else {
+        while let Some(&g) = self.waiting.front() {
+            if !self.admit_front(g, &mut budget, &mut plan, &mut planned, &mut pending) {
                 break;
-            };
-            self.reuse_prefixes(g);
-            if self.next_block_pending(g, &pending) || !self.fits_without_preempting(g, budget) {
-                // Give the cached blocks back (they stay cached).
-                self.release_blocks(g);
-                break;
-            }
-            for s in &self.groups[&g].seqs {
-                self.kv.count_admission(s.tokens.len(), s.computed);
-            }
-            self.waiting.pop_front();
-            self.running.push(g);
-            let from = plan.items.len();
-            if let Fit::Planned = self.fit(g, &mut budget, &mut plan, &planned) {
-                planned.insert(g);
-                self.note_pending(&plan.items[from..], &mut pending);
             }
         }
         if plan.items.is_empty() {
@@ -498,6 +527,42 @@ impl BatchScheduler {
         self.stats.steps += 1;
         self.in_flight = Some(planned);
         Some(plan)
+    }
+
+    /// Admits `g`, the first waiting group, and plans it, if the budget and
+    /// `max_running` leave room and it fits without preempting; whether it
+    /// did.
+    fn admit_front(
+        &mut self,
+        g: GroupId,
+        budget: &mut usize,
+        plan: &mut StepPlan,
+        planned: &mut HashSet<GroupId>,
+        pending: &mut HashSet<u64>,
+    ) -> bool {
+        // An expedited group runs past `max_running`: it is one short
+        // sequence, and a full running set must not hold a health probe.
+        let expedited = self.groups[&g].order < FIRST_ORDER;
+        if *budget == 0 || (self.running.len() >= self.cfg.max_running && !expedited) {
+            return false;
+        }
+        self.reuse_prefixes(g);
+        if self.next_block_pending(g, pending) || !self.fits_without_preempting(g, *budget) {
+            // Give the cached blocks back (they stay cached).
+            self.release_blocks(g);
+            return false;
+        }
+        for s in &self.groups[&g].seqs {
+            self.kv.count_admission(s.tokens.len(), s.computed);
+        }
+        self.waiting.pop_front();
+        self.running.push(g);
+        let from = plan.items.len();
+        if let Fit::Planned = self.fit(g, budget, plan, planned) {
+            planned.insert(g);
+            self.note_pending(&plan.items[from..], pending);
+        }
+        true
     }
 
     /// Adds the hashes of the full blocks `items` complete to `pending` (if
@@ -1214,6 +1279,40 @@ mod tests {
         s.add(2, vec![1; 5]);
         assert!(s.cancel(2), "a waiting group ends at once");
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn an_expedited_group_goes_before_a_long_prefill_and_a_backlog() {
+        // 8 tokens a step, 6 blocks of 4, one running group: group 1's
+        // 20-token prompt takes three steps of chunks, and group 2 waits for
+        // KV room and a running place behind it.
+        let mut s = BatchScheduler::new(BatchConfig {
+            max_running: 1,
+            ..cfg(8, 6)
+        });
+        s.add(1, vec![1; 20]);
+        s.add(2, vec![2; 12]);
+        let p = s.plan().unwrap();
+        assert_eq!(p.items.len(), 1, "group 2 does not fit yet");
+        s.complete(cont(&p, 9));
+        s.add(3, vec![3]);
+        s.expedite(3);
+        let p = s.plan().unwrap();
+        assert_eq!(
+            (p.items[0].group, p.items[0].tokens.len()),
+            (3, 1),
+            "the probe comes first, whole"
+        );
+        assert_eq!((p.items[1].group, p.items[1].tokens.len()), (1, 7));
+        s.complete(cont(&p, 9));
+        // Running, it is planned first, and its blocks and group 1's take
+        // all six: no group is preempted.
+        let p = s.plan().unwrap();
+        assert_eq!(p.items[0].group, 3);
+        assert!(p.items.iter().any(|i| i.group == 3 && i.logits));
+        s.complete(vec![(3, GroupOutcome::Finished)]);
+        assert!(!s.contains(3));
+        assert_eq!(s.stats().preemptions, 0);
     }
 
     #[test]

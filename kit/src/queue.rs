@@ -3,8 +3,9 @@
 //! [`QueueState`] is the logic, a plain struct: higher priorities leave first,
 //! equal priorities in arrival order; a full queue refuses a task at once with
 //! [`SubmitError::Overloaded`] (a task [exempt from the
-//! capacity](crate::Task::exempt_from_capacity) is taken anyway and counts
-//! against no one); it never blocks and never drops a task it accepted;
+//! capacity](crate::Task::exempt_from_capacity) is taken anyway, counts
+//! against no one, and leaves at once whatever the scheduler's demand); it
+//! never blocks and never drops a task it accepted;
 //! tasks whose requester is gone are taken out before they leave.
 //!
 //! [`QueueActor`] is its shell on the pipeline's control thread: it hands the
@@ -135,7 +136,8 @@ impl<T: Task> QueueState<T> {
         self.demand = n;
     }
 
-    /// Takes out abandoned tasks, then as many tasks as the demand allows,
+    /// Takes out abandoned tasks, then the tasks exempt from the capacity
+    /// (whatever the demand), then as many others as the demand allows,
     /// best first.
     pub fn release(&mut self) -> Released<T> {
         let mut abandoned = Vec::new();
@@ -146,6 +148,17 @@ impl<T: Task> QueueState<T> {
             abandoned = gone.into_iter().map(|e| e.task.id()).collect();
         }
         let mut admit = Vec::new();
+        if self.heap.iter().any(|e| e.task.exempt_from_capacity()) {
+            let (exempt, keep): (Vec<_>, Vec<_>) = self
+                .heap
+                .drain()
+                .partition(|e| e.task.exempt_from_capacity());
+            self.heap = keep.into_iter().collect();
+            let mut exempt: BinaryHeap<_> = exempt.into_iter().collect();
+            while let Some(e) = exempt.pop() {
+                admit.push(e.task);
+            }
+        }
         while self.demand > 0 {
             let Some(e) = self.heap.pop() else { break };
             admit.push(e.task);
@@ -401,12 +414,14 @@ mod tests {
             Err(SubmitError::Overloaded { capacity: 1 })
         );
         q.push(probe(4)).unwrap();
-        q.set_demand(2);
+        // They leave without demand; the others wait for it.
         assert_eq!(ids(&q.release().admit), vec![1, 4]);
         assert_eq!(
             q.push(t(5, 0)),
             Err(SubmitError::Overloaded { capacity: 1 })
         );
+        q.set_demand(2);
+        assert_eq!(ids(&q.release().admit), vec![2]);
     }
 
     #[test]

@@ -61,8 +61,9 @@ pub trait Task: Send + Unpin + 'static {
         None
     }
     /// Whether the queue takes it even when full, without counting it
-    /// against its capacity: a control task such as a health probe, which
-    /// must not be refused for the very load it checks, and takes no
+    /// against its capacity, and hands it to the scheduler at once, whatever
+    /// the scheduler's demand: a control task such as a health probe, which
+    /// must not be refused or held for the very load it checks, and takes no
     /// requester's place.
     fn exempt_from_capacity(&self) -> bool {
         false

@@ -968,6 +968,11 @@ impl Policy for LlmPolicy {
         }
         let sched = &mut self.lanes[replica][lane].sched;
         sched.add_speculative(task.id, task.prompt, task.speculative, task.max_tokens);
+        // A probe must not wait behind a long prefill or a backlog: the
+        // server's health hangs on it.
+        if matches!(task.traffic, Traffic::Probe { .. }) {
+            sched.expedite(task.id);
+        }
         if let Some(sc) = task.scoring {
             sched.score_prompt(task.id, sc.first_row());
         }
