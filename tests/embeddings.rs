@@ -311,8 +311,7 @@ fn a_tokenizer_adding_a_token_the_model_lacks_is_refused_at_load() {
         threads_per_node: 1,
         ..EmbedConfig::default()
     })
-    .err()
-    .expect("refused")
+    .expect_err("refused")
     .to_string();
     let _ = std::fs::remove_dir_all(&dir);
     assert!(
