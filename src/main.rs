@@ -107,7 +107,8 @@ struct LaunchArgs {
     /// the extension `.hosts`).
     #[arg(long, value_name = "FILE")]
     hostfile: Option<PathBuf>,
-    /// What each rank runs, after `--` (default: `serve --config FILE`).
+    /// What each rank runs, after `--` (default: `serve --config FILE` and
+    /// the overrides given here, such as `--dp 2` or `--set k=v`).
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
@@ -199,6 +200,47 @@ struct LayerArgs {
 }
 
 impl LayerArgs {
+    /// These overrides (all but `--config`) as flags for another `parallm`
+    /// process, paths made absolute: what `launch` passes to its ranks.
+    fn forwarded(&self) -> CliResult<Vec<String>> {
+        let mut out = Vec::new();
+        let mut flag = |name: &str, value: String| out.extend([format!("--{name}"), value]);
+        let path = |p: &PathBuf| std::path::absolute(p).map(|p| p.display().to_string());
+        if let Some(v) = &self.host {
+            flag("host", v.clone());
+        }
+        if let Some(v) = self.port {
+            flag("port", v.to_string());
+        }
+        if let Some(v) = &self.model {
+            flag("model", path(v)?);
+        }
+        if let Some(v) = &self.model_name {
+            flag("model-name", v.clone());
+        }
+        if let Some(v) = &self.weights {
+            flag("weights", v.clone());
+        }
+        for (name, v) in [("tp", self.tp), ("pp", self.pp), ("dp", self.dp)] {
+            if let Some(v) = v {
+                flag(name, v.to_string());
+            }
+        }
+        if let Some(v) = &self.draft_model {
+            flag("draft-model", path(v)?);
+        }
+        if let Some(v) = &self.placement {
+            flag("placement", v.clone());
+        }
+        for key in &self.api_keys {
+            flag("api-key", key.clone());
+        }
+        for kv in &self.set {
+            flag("set", kv.clone());
+        }
+        Ok(out)
+    }
+
     fn sources(&self) -> CliResult<parallm::config::Sources> {
         use config::Value;
         let mut o: Vec<(String, Value)> = Vec::new();
@@ -259,10 +301,11 @@ struct ServeArgs {
 enum ConfigCommand {
     /// Print the effective configuration and where each value came from.
     Show(LayerArgs),
-    /// Validate a config file (with the environment and flags on top).
+    /// Validate a config file with the environment and flags on top (without
+    /// a file: the defaults, the environment and the flags, as a server
+    /// configured by environment variables starts).
     Check {
         /// The TOML or YAML file (or give it with --config).
-        #[arg(required_unless_present = "config")]
         file: Option<PathBuf>,
         #[command(flatten)]
         layers: LayerArgs,
@@ -1024,6 +1067,8 @@ fn run_launch(args: LaunchArgs) -> CliResult {
         if let Some(config) = &config {
             c.extend(["--config".into(), config.display().to_string()]);
         }
+        // The ranks run with the layout, model and port placed above.
+        c.extend(args.layers.forwarded()?);
         c
     } else {
         args.command.clone()
@@ -1047,7 +1092,14 @@ fn run_launch(args: LaunchArgs) -> CliResult {
                 .map_err(|e| format!("cannot write the hostfile {}: {e}", path.display()))?;
         }
     }
-    println!("{}", plan.command_line());
+    // API keys are not printed.
+    let mut shown = plan.clone();
+    for i in 1..shown.argv.len() {
+        if shown.argv[i - 1] == "--api-key" {
+            shown.argv[i] = "****".into();
+        }
+    }
+    println!("{}", shown.command_line());
     if args.dry_run {
         return Ok(());
     }
@@ -1069,20 +1121,22 @@ fn run_config_check(file: Option<PathBuf>, mut layers: LayerArgs) -> CliResult {
             )
             .into())
         }
-        (Some(file), None) | (None, Some(file)) => file,
-        (None, None) => return Err("config check needs a file: give its path".into()),
+        (Some(file), None) | (None, Some(file)) => Some(file),
+        (None, None) => None,
     };
-    layers.config = Some(file.clone());
+    let what = file.as_ref().map_or_else(
+        || "the configuration (defaults, environment and flags)".to_string(),
+        |f| f.display().to_string(),
+    );
+    layers.config = file;
     let loaded = parallm::config::load(&layers.sources()?)?;
     match parallm::config::memory_plan(&loaded.settings)? {
         Some((model, plan)) => println!(
-            "{}: valid; with {} the engine would allocate {plan}",
-            file.display(),
+            "{what}: valid; with {} the engine would allocate {plan}",
             model.display()
         ),
         None => println!(
-            "{}: valid (the reference model is not fetched yet, so the allocation is not sized)",
-            file.display()
+            "{what}: valid (the reference model is not fetched yet, so the allocation is not sized)"
         ),
     }
     Ok(())

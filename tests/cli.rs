@@ -433,6 +433,14 @@ fn config_check_and_serve_refuse_what_the_machine_cannot_hold() {
     );
     let out = parallm(&["config", "check", path, "--config", path]);
     assert_clean_failure(&out, "config check takes one file");
+    // Without a file: the defaults with the environment and flags on top.
+    let out = parallm(&["config", "check", "--set", "parallel.dp=2"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.starts_with("the configuration (defaults, environment and flags): valid"),
+        "{stdout}"
+    );
 }
 
 /// A minimal GGUF v3 file with string metadata and no tensors.

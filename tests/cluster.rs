@@ -78,6 +78,31 @@ mpirun_args = ["--mca", "btl_tcp_if_include", "lo"]
     // A dry run writes nothing.
     assert!(!hostfile.exists());
 
+    // The overrides given to launch reach the ranks, API keys unprinted.
+    let out = parallm(&[
+        "launch",
+        "--config",
+        &p,
+        "--dry-run",
+        "--dp",
+        "1",
+        "--port",
+        "18107",
+        "--set",
+        "server.host=0.0.0.0",
+        "--api-key",
+        "s3cret",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "serve --config {p} --port 18107 --dp 1 --api-key '****' --set server.host=0.0.0.0\n"
+        )),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("s3cret"), "{stdout}");
+
     // What each rank runs can be given after `--`.
     let out = parallm(&[
         "launch",

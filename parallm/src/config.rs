@@ -907,20 +907,84 @@ fn layer_entries(cfg: &Config) -> Vec<(String, Value)> {
     out
 }
 
-/// Refuses a fraction given for a whole-number key (the `config` crate
-/// would round it): `tp = 1.5` is an error, not 2.
-fn check_whole_numbers(cfg: &Config, origin: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+/// Whole-number keys whose range is not that of `usize`: (key, least,
+/// greatest). Every other whole-number key takes 0 to `u64::MAX`.
+const NARROW_KEYS: [(&str, i128, i128); 5] = [
+    ("server.port", 0, u16::MAX as i128),
+    ("scheduler.max_retries", 0, u32::MAX as i128),
+    ("faults.times", 0, u32::MAX as i128),
+    ("faults.node", i64::MIN as i128, i64::MAX as i128),
+    ("faults.merge_step", i64::MIN as i128, i64::MAX as i128),
+];
+
+/// Refuses a value of a layer whose type is not its key's, naming the
+/// value, the layer and what the key takes: a fraction for a whole-number
+/// key (the `config` crate would round it: `tp = 1.5` is an error, not 2),
+/// a whole number out of its key's range (`port = 70000`), text that is
+/// no number or no boolean. Text is read as the key's type (the command
+/// line and the environment give text).
+fn check_types(cfg: &Config, origin: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
     let known = default_keys();
     for (key, value) in layer_entries(cfg) {
-        let whole = known.get(&key).is_some_and(|d| d.is_u64() || d.is_i64());
-        match (whole, &value.kind) {
-            (true, ValueKind::Float(f)) if f.fract() != 0.0 => {
-                return Err(invalid(
-                    &key,
-                    format!("is {f:?} ({}), must be a whole number", origin(&key)),
-                ))
+        let Some(default) = known.get(&key) else {
+            continue;
+        };
+        let shown = match &value.kind {
+            ValueKind::String(t) => format!("'{t}'"),
+            _ => value.to_string(),
+        };
+        let bad = |what: &str| {
+            invalid(
+                &key,
+                format!("is {shown} ({}), must be {what}", origin(&key)),
+            )
+        };
+        if default.is_u64() || default.is_i64() {
+            let (least, most) = NARROW_KEYS
+                .iter()
+                .find(|(k, ..)| *k == key)
+                .map_or((0, u64::MAX as i128), |&(_, a, b)| (a, b));
+            let range = match (least, most) {
+                (0, m) if m == u64::MAX as i128 => "a whole number, 0 or more".to_string(),
+                (0, m) => format!("a whole number from 0 to {m}"),
+                _ => "a whole number".to_string(),
+            };
+            let n: Option<i128> = match &value.kind {
+                ValueKind::I64(n) => Some(i128::from(*n)),
+                ValueKind::U64(n) => Some(i128::from(*n)),
+                ValueKind::I128(n) => Some(*n),
+                ValueKind::U128(n) => i128::try_from(*n).ok(),
+                ValueKind::Float(f) if f.fract() == 0.0 && f.abs() < 1e30 => Some(*f as i128),
+                ValueKind::String(t) => t.trim().parse::<i128>().ok(),
+                _ => None,
+            };
+            match n {
+                Some(n) if (least..=most).contains(&n) => {}
+                _ => return Err(bad(&range)),
             }
-            _ => {}
+        } else if default.is_f64() {
+            let number = match &value.kind {
+                ValueKind::Float(_) | ValueKind::I64(_) | ValueKind::U64(_) => true,
+                ValueKind::I128(_) | ValueKind::U128(_) => true,
+                ValueKind::String(t) => t.trim().parse::<f64>().is_ok(),
+                _ => false,
+            };
+            if !number {
+                return Err(bad("a number"));
+            }
+        } else if default.is_boolean() {
+            // What the `config` crate reads as a boolean.
+            let boolean = match &value.kind {
+                ValueKind::Boolean(_) => true,
+                ValueKind::String(t) => matches!(
+                    t.trim().to_lowercase().as_str(),
+                    "true" | "false" | "1" | "0" | "on" | "off" | "yes" | "no"
+                ),
+                _ => false,
+            };
+            if !boolean {
+                return Err(bad("true or false"));
+            }
         }
     }
     Ok(())
@@ -1006,7 +1070,7 @@ pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
                 })?;
             let origin = path.display().to_string();
             check_known(&layer_keys(&cfg), &|_| format!("file {origin}"))?;
-            check_whole_numbers(&cfg, &|_| format!("file {origin}"))?;
+            check_types(&cfg, &|_| format!("file {origin}"))?;
             builder = builder.add_source(src);
             Some(cfg)
         }
@@ -1034,7 +1098,7 @@ pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
         .map_err(deserialize_error)?;
     let env_keys = layer_keys(&env_cfg);
     check_known(&env_keys, &|k| format!("env {}", env_var(k)))?;
-    check_whole_numbers(&env_cfg, &|k| format!("env {}", env_var(k)))?;
+    check_types(&env_cfg, &|k| format!("env {}", env_var(k)))?;
     builder = builder.add_source(env_source);
 
     let mut flag_keys = Vec::new();
@@ -1056,6 +1120,15 @@ pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
             .map_err(deserialize_error)?;
     }
     check_known(&flag_keys, &|_| "command line".to_string())?;
+    let flags = flag_keys
+        .iter()
+        .zip(&sources.overrides)
+        .try_fold(Config::builder(), |b, (k, (_, v))| {
+            b.set_override(k.as_str(), v.clone())
+        })
+        .and_then(|b| b.build())
+        .map_err(deserialize_error)?;
+    check_types(&flags, &|_| "command line".to_string())?;
 
     let merged = builder.build().map_err(deserialize_error)?;
     let raw: RawConfig = merged.try_deserialize().map_err(deserialize_error)?;
@@ -1745,6 +1818,17 @@ mod tests {
                 "[1, 16]",
             ),
             ("[parallel]\ntp = 1.5\n", "parallel.tp", "whole number"),
+            (
+                "[parallel]\ntp = \"two\"\n",
+                "parallel.tp",
+                "is 'two' (file",
+            ),
+            ("[server]\nport = 70000\n", "server.port", "from 0 to 65535"),
+            (
+                "[scheduler]\nprefix_caching = \"maybe\"\n",
+                "scheduler.prefix_caching",
+                "true or false",
+            ),
             ("[server]\nworkers = 513\n", "server.workers", "at most 512"),
             (
                 "[server]\nshutdown_timeout_secs = 100000000\n",
@@ -1795,6 +1879,45 @@ mod tests {
         })
         .expect_err("a fraction");
         assert!(err.to_string().contains("PARALLM__SERVER__PORT"), "{err}");
+        // The command line gives text, read as the key's type; what does
+        // not read is named with its layer as a file's value is.
+        for (key, value, says) in [
+            (
+                "parallel.tp",
+                "1.5",
+                "is '1.5' (command line), must be a whole number",
+            ),
+            (
+                "server.port",
+                "70000",
+                "(command line), must be a whole number from 0 to 65535",
+            ),
+            (
+                "scheduler.prefix_caching",
+                "maybe",
+                "(command line), must be true or false",
+            ),
+            ("scheduler.kv_memory_mib", "-3", "a whole number, 0 or more"),
+        ] {
+            let err = load(&Sources {
+                overrides: vec![(key.into(), value.into())],
+                ..Sources::default()
+            })
+            .expect_err(value)
+            .to_string();
+            assert!(err.contains(key) && err.contains(says), "{err}");
+        }
+        let loaded = load(&Sources {
+            overrides: vec![
+                ("scheduler.prefix_caching".into(), "off".into()),
+                ("faults.node".into(), "-1".into()),
+                ("server.port".into(), "9000".into()),
+            ],
+            ..Sources::default()
+        })
+        .expect("typed text loads");
+        assert!(!loaded.raw.scheduler.prefix_caching);
+        assert_eq!(loaded.raw.server.port, 9000);
     }
 
     #[test]
