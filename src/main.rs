@@ -978,10 +978,11 @@ fn run_imatrix(args: ImatrixArgs) -> CliResult {
     let m = calibrate::Imatrix::from_calibration(&file, &cal)?;
     m.write(&args.output, &args.file.display().to_string(), args.ctx)?;
     eprintln!(
-        "{}: {} matrices, {} windows of {} tokens, {:.1} s",
+        "{}: {} matrices, {} window{} of {} tokens, {:.1} s",
         args.output.display(),
         m.len(),
         cal.chunks,
+        if cal.chunks == 1 { "" } else { "s" },
         cal.ctx,
         t0.elapsed().as_secs_f64()
     );
@@ -1034,8 +1035,13 @@ fn run_perplexity(args: PerplexityArgs) -> CliResult {
     engine.shutdown();
     let r = result?;
     eprintln!(
-        "{} windows of {} tokens, {} tokens scored, {:.2} s, {:.1} tok/s",
-        r.chunks, r.ctx, r.scored_tokens, r.seconds, r.tokens_per_second
+        "{} window{} of {} tokens, {} tokens scored, {:.2} s, {:.1} tok/s",
+        r.chunks,
+        if r.chunks == 1 { "" } else { "s" },
+        r.ctx,
+        r.scored_tokens,
+        r.seconds,
+        r.tokens_per_second
     );
     Ok(())
 }

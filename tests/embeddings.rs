@@ -221,7 +221,7 @@ fn bad_inputs_are_refused_by_name() {
     let e = embedder(1, None, None);
     for (inputs, says) in [
         (vec![], "is empty"),
-        (vec![vec![2, 5, 3], vec![]], "[1] is empty"),
+        (vec![vec![2, 5, 3], vec![]], "item 1 is empty"),
         (vec![vec![2, 9999, 3]], "outside the vocabulary"),
         (vec![vec![5; 65]], "at most 64"),
     ] {

@@ -558,4 +558,34 @@ fn requests_the_engine_cannot_run_are_refused_at_once() {
         matches!(events.last(), Some(Event::Finished { .. })),
         "{events:?}"
     );
+
+    // What does not fit a replica's KV cache is refused naming the field
+    // at fault: the prompt, the beams that copy it, or the length.
+    let small = builder().kv_blocks(4).build().expect("engine");
+    let refused = |req: Request, field: &str, says: &str| {
+        let err = small.generate(req).expect_err("refused").to_string();
+        assert!(err.contains(&format!("`{field}` {says}")), "{err}");
+    };
+    refused(
+        Request::greedy_tokens(vec![5; 70], 1),
+        "prompt",
+        "is too long",
+    );
+    refused(
+        Request::greedy_tokens(vec![5; 20], 50),
+        "max_tokens",
+        "is too large",
+    );
+    let mut beams = Request::greedy_tokens(vec![5; 20], 2);
+    beams.beam = Some(BeamParams {
+        width: 4,
+        length_penalty: 1.0,
+    });
+    refused(beams.clone(), "beam_width", "is too large");
+    beams.fit_max_tokens = true;
+    refused(
+        beams,
+        "beam_width",
+        "is too large: 20 prompt tokens plus at least 1 new token",
+    );
 }

@@ -580,6 +580,32 @@ fn errors_have_their_status_and_openai_shape() {
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["usage"]["completion_tokens"], 2, "{r}");
     assert_eq!(r["choices"][0]["finish_reason"], "length", "{r}");
+    // A refusal names the request's own field: a chat's `messages` and
+    // `max_completion_tokens`, and which of several prompts.
+    let long = "word ".repeat(1100);
+    let (st, r) = s.post(
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": long}]}),
+    );
+    assert_error(st, &r, 400, Some("messages"), "context_length_exceeded");
+    let (st, r) = s.post(
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 1020}),
+    );
+    assert_error(
+        st,
+        &r,
+        400,
+        Some("max_completion_tokens"),
+        "context_length_exceeded",
+    );
+    let (st, r) = s.post(
+        "/v1/completions",
+        json!({"prompt": ["short", long], "max_tokens": 2}),
+    );
+    assert_error(st, &r, 400, Some("prompt"), "context_length_exceeded");
+    let msg = r["error"]["message"].as_str().expect("message");
+    assert!(msg.starts_with("`prompt[1]`"), "{msg}");
 
     // Wrong shapes are named in JSON's words, not Rust's.
     for (body, param, want) in [
@@ -765,7 +791,7 @@ fn errors_have_their_status_and_openai_shape() {
     // Every refusal is counted once: by status in the HTTP metric, and by
     // reason in the failure metric (400s and the 413 as invalid, the 404
     // of an unknown model too; the 405 is no generation request).
-    let four_hundreds = 9 + 2 + 6 + refused.len() + guided_refusals.len();
+    let four_hundreds = 9 + 2 + 3 + 6 + refused.len() + guided_refusals.len();
     let count = |needle: &str| -> f64 {
         let (_, text) = s.get("/metrics");
         text.lines()

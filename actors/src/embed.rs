@@ -814,18 +814,18 @@ impl Embedder {
         }
         for (i, input) in inputs.iter().enumerate() {
             if input.is_empty() {
-                return Err(invalid(format!("[{i}] is empty")));
+                return Err(invalid(format!("item {i} is empty")));
             }
             if input.len() > self.max_tokens() {
                 return Err(invalid(format!(
-                    "[{i}] has {} tokens; this model takes at most {}",
+                    "item {i} has {} tokens; this model takes at most {}",
                     input.len(),
                     self.max_tokens()
                 )));
             }
             if let Some(&t) = input.iter().find(|&&t| t as usize >= self.shape.vocab) {
                 return Err(invalid(format!(
-                    "[{i}] holds token id {t}, outside the vocabulary of {}",
+                    "item {i} holds token id {t}, outside the vocabulary of {}",
                     self.shape.vocab
                 )));
             }

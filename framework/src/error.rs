@@ -86,8 +86,9 @@ pub enum Error {
     },
     /// The prompt plus the requested tokens do not fit the context window.
     #[error(
-        "prompt is {prompt_tokens} tokens and {max_tokens} more were requested, \
-         but the model's context is {context} tokens"
+        "prompt is {prompt_tokens} tokens; with {max_tokens} new token{} it exceeds \
+         the model's context of {context} tokens",
+        if *max_tokens == 1 { "" } else { "s" }
     )]
     ContextOverflow {
         /// Tokens in the prompt.

@@ -333,6 +333,22 @@ impl EngineConfig {
             return Err(bad_config("steps_in_flight", "must be at least 1"));
         }
         self.check_max_model_len()?;
+        if self.kv_blocks.is_none() && self.kv_blocks(model) == 0 {
+            // The memory holds not one block of this size.
+            let elem = self.compute.kv_elem_bytes();
+            let block =
+                model.n_layers * 2 * model.n_kv_heads * model.head_dim * elem * self.block_size;
+            const MIB: f64 = 1024.0 * 1024.0;
+            return Err(bad_config(
+                "kv_memory_bytes",
+                format!(
+                    "holds no KV block: one of {} positions (block_size) takes {:.1} MiB for this model, more than the {:.1} MiB given; raise it or lower block_size",
+                    self.block_size,
+                    block as f64 / MIB,
+                    self.kv_memory_bytes as f64 / MIB
+                ),
+            ));
+        }
         if self.kv_blocks(model) < self.lanes() {
             return Err(bad_config(
                 "kv_blocks",
@@ -1357,21 +1373,31 @@ impl Engine {
         }
         let need = (prompt.len() + req.params.max_tokens).div_ceil(block) * block * width;
         if need > self.kv_positions {
-            // The prompt alone may be what does not fit.
-            let alone = prompt.len().div_ceil(block) * block * width;
+            // The prompt alone may be what does not fit, or its beams.
             // (A fitted `max_tokens` of 1 is what the prompt left: the
-            // prompt is at fault, not a field the caller never sent.)
-            let (field, what) = if alone > self.kv_positions || req.fit_max_tokens {
+            // prompt or the beams are at fault, not a field the caller
+            // never sent.)
+            let one = prompt.len().div_ceil(block) * block;
+            let (field, what) = if one > self.kv_positions {
+                ("prompt", "is too long")
+            } else if width > 1 && (one * width > self.kv_positions || req.fit_max_tokens) {
+                ("beam_width", "is too large")
+            } else if req.fit_max_tokens {
                 ("prompt", "is too long")
             } else {
                 ("max_tokens", "is too large")
             };
+            let new = match (req.fit_max_tokens, req.params.max_tokens) {
+                (true, _) => "at least 1 new token".to_string(),
+                (false, 1) => "1 new token".to_string(),
+                (false, n) => format!("{n} new tokens"),
+            };
             return Err(bad(
                 field,
                 format!(
-                    "{what}: {} prompt tokens plus {} new tokens{} need {need} KV positions; a replica holds {}{}",
+                    "{what}: {} prompt token{} plus {new}{} need {need} KV positions; a replica holds {}{}",
                     prompt.len(),
-                    req.params.max_tokens,
+                    if prompt.len() == 1 { "" } else { "s" },
                     if width > 1 { format!(" in each of {width} beams") } else { String::new() },
                     self.kv_positions,
                     match self.cfg.lanes() {
@@ -1615,6 +1641,22 @@ mod tests {
             ..cuda
         };
         assert_eq!(fixed.kv_blocks(&model), 7);
+    }
+
+    #[test]
+    fn a_kv_memory_below_one_block_names_both_sizes() {
+        let model = ModelConfig::synthetic("135m").unwrap();
+        let cfg = EngineConfig {
+            block_size: 100_000,
+            ..EngineConfig::default()
+        };
+        let err = cfg.validate(&model).expect_err("refused").to_string();
+        assert!(
+            err.contains("kv_memory_bytes")
+                && err.contains("holds no KV block")
+                && err.contains("1024.0 MiB given"),
+            "{err}"
+        );
     }
 
     #[test]

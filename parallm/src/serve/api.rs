@@ -490,6 +490,70 @@ pub struct ValidGeneration {
     /// The tools whose calls the answer is read for (chat with `tools` and a
     /// `tool_choice` other than `none`).
     pub tools: Option<ToolUse>,
+    /// The request's own names of the fields the engine names.
+    pub names: ParamNames,
+}
+
+/// The names a request gave the fields the engine refuses by its own
+/// names (`prompt`, `max_tokens`): a chat's prompt is its `messages`, and
+/// its limit may be `max_completion_tokens`; with several prompts, the
+/// refused one is named by its index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamNames {
+    /// The prompt's field: `prompt` or `messages`.
+    pub prompt: &'static str,
+    /// The limit's field: `max_tokens` or `max_completion_tokens`.
+    pub max_tokens: &'static str,
+    /// Prompts in the request.
+    pub prompts: usize,
+    /// Engine requests per prompt (`n`, or 1 for a beam search).
+    pub per_prompt: usize,
+}
+
+impl ParamNames {
+    /// `e`, an engine or tokenizer refusal of engine request `request`, in
+    /// the request's own names.
+    pub fn rename(&self, e: ApiError, request: usize) -> ApiError {
+        let at = match self.prompts {
+            1 => String::new(),
+            _ => format!("[{}]", request / self.per_prompt.max(1)),
+        };
+        let map = |p: &str| -> String {
+            match p {
+                "prompt" => format!("{}{at}", self.prompt),
+                "max_tokens" => self.max_tokens.to_string(),
+                other => other.to_string(),
+            }
+        };
+        match e {
+            ApiError::InvalidParam {
+                param: Some(p),
+                message,
+            } => {
+                let to = map(&p);
+                let message = message.replacen(&format!("`{p}`"), &format!("`{to}`"), 1);
+                ApiError::InvalidParam {
+                    param: Some(to),
+                    message,
+                }
+            }
+            ApiError::ContextLength { param, message } => {
+                let message = match (param, at.is_empty()) {
+                    ("prompt", false) => format!("`prompt{at}`: {message}"),
+                    _ => message,
+                };
+                ApiError::ContextLength {
+                    param: match param {
+                        "prompt" => self.prompt,
+                        "max_tokens" => self.max_tokens,
+                        other => other,
+                    },
+                    message,
+                }
+            }
+            other => other,
+        }
+    }
 }
 
 /// The tools a chat answer may call, and the format the model writes calls in.
@@ -642,6 +706,18 @@ fn validate(
             ));
         }
     }
+    let names = ParamNames {
+        prompt: match prompts.first() {
+            Some(Prompt::Chat(_) | Prompt::ChatTools { .. }) => "messages",
+            _ => "prompt",
+        },
+        max_tokens: match max_tokens_param {
+            "max_completion_tokens" => "max_completion_tokens",
+            _ => "max_tokens",
+        },
+        prompts: prompts.len(),
+        per_prompt: if beam.is_some() { 1 } else { n },
+    };
     let mut requests = Vec::new();
     for prompt in prompts {
         let copies = if beam.is_some() { 1 } else { n };
@@ -680,6 +756,7 @@ fn validate(
         logprobs,
         echo: false,
         tools,
+        names,
     })
 }
 
@@ -1283,7 +1360,10 @@ impl EmbeddingRequest {
                 EmbedItem::Tokens(t) => t.is_empty(),
             };
             if empty {
-                return Err(ApiError::param("input", format!("`input[{i}]` is empty")));
+                return Err(ApiError::param(
+                    "input",
+                    format!("`input` item {i} is empty"),
+                ));
             }
         }
         let base64 = match self.encoding_format.as_deref() {

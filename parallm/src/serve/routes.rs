@@ -28,7 +28,7 @@ use framework::FinishReason;
 use crate::serve::api::{
     api_error, chat_prompt, parse_body, ChatLogprobs, ChatRequest, ChatTokenLogprob,
     ChatTopLogprob, CompletionLogprobs, CompletionRequest, DetokenizeRequest, EmbedItem,
-    EmbeddingRequest, TokenizeRequest, ToolUse, UsageOut, ValidGeneration,
+    EmbeddingRequest, ParamNames, TokenizeRequest, ToolUse, UsageOut, ValidGeneration,
 };
 use crate::serve::error::ApiError;
 use crate::serve::{AppState, InFlight};
@@ -142,23 +142,25 @@ async fn parse<T: serde::de::DeserializeOwned + Send + 'static>(
 }
 
 /// The requests with every prompt turned into token ids on the tokenizer
-/// pool; a prompt repeated for several choices is tokenized once.
+/// pool; a prompt repeated for several choices is tokenized once. A
+/// refusal names the request's own field.
 async fn tokenized(
     state: &AppState,
     engine: &Arc<Engine>,
     mut requests: Vec<Request>,
+    names: ParamNames,
 ) -> Result<Vec<Request>, ApiError> {
     let engine = engine.clone();
     let retry = state.settings.retry_after_secs;
     on_pool(state, move || {
         let mut last: Option<(actors::llm::Prompt, Vec<u32>)> = None;
-        for r in &mut requests {
+        for (i, r) in requests.iter_mut().enumerate() {
             let tokens = match &last {
                 Some((p, t)) if *p == r.prompt => t.clone(),
                 _ => {
                     let t = engine
                         .prompt_tokens(&r.prompt)
-                        .map_err(|e| ApiError::from_engine(e.into(), retry))?;
+                        .map_err(|e| names.rename(ApiError::from_engine(e.into(), retry), i))?;
                     last = Some((r.prompt.clone(), t.clone()));
                     t
                 }
@@ -208,11 +210,13 @@ impl Drop for Tracked {
     }
 }
 
-/// Submits every request, or none.
+/// Submits every request, or none; a refusal names the request's own
+/// field.
 async fn submit_all(
     state: &AppState,
     engine: &Arc<Engine>,
     requests: Vec<Request>,
+    names: ParamNames,
 ) -> Result<Vec<Tracked>, ApiError> {
     // More sequences than the queue holds would be refused as overloaded
     // however long the client waited.
@@ -243,7 +247,7 @@ async fn submit_all(
                     .count();
                 c.refused(actors::llm::refusal_reason(&e), left);
             }
-            ApiError::from_engine(e, state.settings.retry_after_secs)
+            names.rename(ApiError::from_engine(e, state.settings.retry_after_secs), i)
         })?;
         out.push(Tracked {
             engine: engine.clone(),
@@ -418,7 +422,7 @@ async fn generate(
     let fd = req.conn_data::<ConnFd>().copied();
     let engine = state.engine()?;
     let inflight = InFlight::new(state.clone().into_inner());
-    let requests = tokenized(&state, &engine, v.requests.clone())
+    let requests = tokenized(&state, &engine, v.requests.clone(), v.names)
         .await
         .map_err(ApiError::counted)?;
     // An echo answers with each prompt as given, and its tokens.
@@ -444,7 +448,7 @@ async fn generate(
     } else {
         Vec::new()
     };
-    let tracked = submit_all(&state, &engine, requests).await?;
+    let tracked = submit_all(&state, &engine, requests, v.names).await?;
     let id = request_id(api);
     if v.stream {
         let head = ChunkHead {
@@ -920,7 +924,7 @@ pub async fn embeddings(
             .map(|(i, item)| match item {
                 EmbedItem::Text(t) => tokenizing
                     .tokenize(&t)
-                    .map_err(|e| ApiError::param("input", format!("`input[{i}]`: {e}"))),
+                    .map_err(|e| ApiError::param("input", format!("`input` item {i}: {e}"))),
                 EmbedItem::Tokens(t) => Ok(t),
             })
             .collect::<Result<Vec<Vec<u32>>, ApiError>>()
