@@ -256,7 +256,7 @@ fn generate_checks_its_flags_and_fits_its_default_to_the_context() {
         "--max-tokens",
         "128",
     ]);
-    assert_clean_failure(&out, "context is 64 tokens");
+    assert_clean_failure(&out, "context of 64 tokens");
 }
 
 #[test]
@@ -494,7 +494,7 @@ fn empty_prompt() {
 fn prompt_longer_than_the_context() {
     let prompt = "hello ".repeat(9000);
     let out = parallm(&["generate", &prompt, "--max-tokens", "4"]);
-    assert_clean_failure(&out, "context is 8192 tokens");
+    assert_clean_failure(&out, "context of 8192 tokens");
 }
 
 #[test]

@@ -497,7 +497,7 @@ fn a_request_without_its_own_limit_fits_the_context() {
     let err = e
         .generate(Request::greedy_tokens(prompt.clone(), 256))
         .expect_err("too long");
-    assert!(err.to_string().contains("context is 64"), "{err}");
+    assert!(err.to_string().contains("context of 64"), "{err}");
     // A ceiling only: lowered to the room the context leaves.
     let mut req = Request::greedy_tokens(prompt.clone(), 256);
     req.params.ignore_eos = true;

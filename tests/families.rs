@@ -331,7 +331,7 @@ fn a_draft_with_a_shorter_context_caps_the_served_context() {
     let err = e
         .generate(Request::greedy_tokens(prompt.clone(), 20))
         .expect_err("beyond the context");
-    assert!(err.to_string().contains("context is 512"), "{err}");
+    assert!(err.to_string().contains("context of 512"), "{err}");
     // Up to it, requests run whether they speculate or not.
     let mut plain = Request::greedy_tokens(prompt, 12);
     plain.params.ignore_eos = true;

@@ -738,7 +738,7 @@ impl Embedder {
                 model: worker_label.clone(),
             })
         });
-        let pipeline = Pipeline::start(
+        let mut pipeline = Pipeline::start(
             EmbedPolicy::new(dp, tp, cfg.max_batch_tokens),
             EmbedMerger::new(label.clone()),
             factory,
@@ -755,6 +755,9 @@ impl Embedder {
             },
         )
         .map_err(EngineError::Start)?;
+        pipeline.set_drop_reason(
+            "the embedding engine stopped before the request finished (it was dropped)",
+        );
         Ok(Self {
             pipeline,
             tokenizer,
@@ -876,6 +879,10 @@ impl Embedder {
     /// Stops admitting, lets admitted requests finish (up to `timeout`),
     /// then stops every thread; `true` if everything finished in time.
     pub fn shutdown_timeout(self, timeout: Duration) -> bool {
-        self.pipeline.shutdown(timeout)
+        let why = format!(
+            "the embedding engine shut down before the request finished (its shutdown waited {timeout:?})"
+        );
+        let _ = self.stopped.set(why.clone());
+        self.pipeline.shutdown_or_fail(timeout, why)
     }
 }

@@ -76,9 +76,10 @@ impl<R: Send + 'static> Message for Register<R> {
 #[rtype(result = "()")]
 pub struct EndTask(pub TaskId, pub End);
 
-/// The pipeline stops, because user code panicked or on purpose
-/// ([`crate::Pipeline::stop_now`]): the merger ends every task still
-/// registered with `why`, then stops `system`.
+/// The pipeline stops, because user code panicked or on purpose (a
+/// [`crate::Halter`], passed on by the sealed queue behind the
+/// registrations of every task it accepted): the merger ends every task
+/// still registered with `why`, then stops `system`.
 pub(crate) struct Halt {
     pub(crate) why: String,
     pub(crate) system: System,
@@ -86,6 +87,22 @@ pub(crate) struct Halt {
 
 impl Message for Halt {
     type Result = ();
+}
+
+/// Answered once every message sent to the merger before it was handled:
+/// a shutdown that drained waits for it, so that the ends the scheduler
+/// sent last (a cancellation, a task failed for good) reach their
+/// requesters before the actors stop.
+pub(crate) struct Flush;
+
+impl Message for Flush {
+    type Result = ();
+}
+
+impl<M: Merge> Handler<Flush> for MergerActor<M> {
+    type Result = ();
+
+    fn handle(&mut self, _: Flush, _: &mut Self::Context) {}
 }
 
 struct Pending<S, O> {

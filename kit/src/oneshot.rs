@@ -29,7 +29,7 @@
 //! assert_eq!(means, vec![Ok(4.5), Ok(49.5)]);
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::marker::PhantomData;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -192,6 +192,9 @@ pub struct OneShotPolicy<I, P> {
     max_held: usize,
     waiting: VecDeque<(TaskId, Arc<I>)>,
     busy: HashMap<StepId, (TaskId, Arc<I>)>,
+    /// Tasks cancelled while their step ran: ended already, so a failure of
+    /// that step does not run them again.
+    cancelled: HashSet<TaskId>,
 }
 
 impl<I: Send + Sync + 'static, P: Send + 'static> Policy for OneShotPolicy<I, P> {
@@ -250,10 +253,16 @@ impl<I: Send + Sync + 'static, P: Send + 'static> Policy for OneShotPolicy<I, P>
         })
     }
     fn completed(&mut self, _: usize, step: StepId, _: ()) {
-        self.busy.remove(&step);
+        if let Some((id, _)) = self.busy.remove(&step) {
+            self.cancelled.remove(&id);
+        }
     }
     fn failed(&mut self, _: usize, steps: &[StepId]) -> Vec<TaskId> {
-        let mut again: Vec<_> = steps.iter().filter_map(|s| self.busy.remove(s)).collect();
+        let mut again: Vec<_> = steps
+            .iter()
+            .filter_map(|s| self.busy.remove(s))
+            .filter(|(id, _)| !self.cancelled.remove(id))
+            .collect();
         again.sort_by_key(|(id, _)| *id);
         let ids = again.iter().map(|(id, _)| *id).collect();
         for t in again.into_iter().rev() {
@@ -271,7 +280,11 @@ impl<I: Send + Sync + 'static, P: Send + 'static> Policy for OneShotPolicy<I, P>
     }
     fn cancel(&mut self, task: TaskId) -> bool {
         let held = self.contains(task);
-        // A running task's step finishes; its answer is dropped by the merger.
+        // A running task's step finishes; its answer is dropped by the
+        // merger, and it is not run again if the step fails.
+        if self.busy.values().any(|(id, _)| *id == task) {
+            self.cancelled.insert(task);
+        }
         self.waiting.retain(|(id, _)| *id != task);
         held
     }
@@ -282,6 +295,7 @@ impl<I: Send + Sync + 'static, P: Send + 'static> Policy for OneShotPolicy<I, P>
     fn drop_task(&mut self, task: TaskId) {
         self.waiting.retain(|(id, _)| *id != task);
         self.busy.retain(|_, (id, _)| *id != task);
+        self.cancelled.remove(&task);
     }
     fn is_idle(&self) -> bool {
         self.waiting.is_empty() && self.busy.is_empty()
@@ -401,6 +415,7 @@ impl<I: Send + Sync + 'static, P: Send + 'static, O: Send + 'static> OneShot<I, 
             max_held: 2 * cfg.tasks_in_flight,
             waiting: VecDeque::new(),
             busy: HashMap::new(),
+            cancelled: HashSet::new(),
         };
         let merge = OneShotMerge {
             merge: Box::new(merge),
@@ -494,5 +509,41 @@ impl<I: Send + Sync + 'static, P: Send + 'static, O: Send + 'static> OneShot<I, 
     /// stops; returns whether all finished.
     pub fn shutdown(self, timeout: Duration) -> bool {
         self.pipeline.shutdown(timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(id: TaskId) -> OneShotTask<u32> {
+        OneShotTask {
+            id,
+            input: Arc::new(7),
+            gone: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn a_task_cancelled_while_its_step_runs_is_not_run_again_when_the_step_fails() {
+        let mut p = OneShotPolicy::<u32, u32> {
+            split: Box::new(|i, _| vec![*i]),
+            nodes: 1,
+            max_held: 4,
+            waiting: VecDeque::new(),
+            busy: HashMap::new(),
+            cancelled: HashSet::new(),
+        };
+        p.admit(0, task(1));
+        p.admit(0, task(2));
+        assert!(p.next_step(0, 10).is_some());
+        assert!(p.cancel(1), "held, running");
+        // Its step fails: task 1 ended already and is not retried.
+        assert_eq!(p.failed(0, &[10]), Vec::<TaskId>::new());
+        assert!(!p.contains(1));
+        // Task 2 runs, fails, and is retried as before.
+        assert!(p.next_step(0, 11).is_some());
+        assert_eq!(p.failed(0, &[11]), vec![2]);
+        assert!(p.contains(2) && p.cancelled.is_empty());
     }
 }

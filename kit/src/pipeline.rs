@@ -30,10 +30,10 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use crate::merger::{Halt, MergerActor};
+use crate::merger::{Flush, MergerActor};
 use crate::node::panic_text;
 use crate::node::{NodeActor, NodeCounters, NodeStats};
-use crate::queue::{Cancel, Close, QueueActor, QueueLinks, Submit};
+use crate::queue::{Cancel, Close, QueueActor, QueueLinks, Seal, Submit};
 use crate::scheduler::{FaultFlag, SchedulerActor, SchedulerLinks, SchedulerState, SchedulerStats};
 use crate::traits::{
     Merge, NodeId, NodeWorker, Policy, SubmitError, Supervision, TaskId, WorkerFactory,
@@ -99,16 +99,40 @@ impl std::fmt::Debug for Canceller {
 
 /// Stops a pipeline at once from any thread (cheap to clone): what its
 /// owner does when the pipeline cannot go on, a node lost for good. No task
-/// is waited for: the stages stop and drop what they hold, so each task's
-/// registration is dropped with the merger (its requester learns it there),
-/// and later submissions fail with [`SubmitError::Stopped`].
+/// is waited for: every task it holds ends with
+/// [`End::Failed`](crate::End::Failed) through the merge's
+/// [`Merge::end_all`] (so that what the merge counts of failed tasks counts
+/// them), the stages stop, and later submissions fail with
+/// [`SubmitError::Stopped`].
 #[derive(Clone)]
-pub struct Halter(System);
+pub struct Halter {
+    system: System,
+    /// The queue's seal, which passes the halt on to the merger behind the
+    /// registrations of every task the queue accepted: the merger ends
+    /// them all, then stops the actor system.
+    seal: Recipient<Seal>,
+    /// Set once a halt was asked for: submissions are refused from then on.
+    stopping: Arc<AtomicBool>,
+}
 
 impl Halter {
-    /// Stops every stage now.
-    pub fn halt(&self) {
-        self.0.stop();
+    /// Stops the pipeline now, ending every task it holds with
+    /// `End::Failed(why)`. A pipeline that cannot be told so any more (its
+    /// merger is gone) is stopped all the same.
+    pub fn halt(&self, why: impl Into<String>) {
+        self.stopping.store(true, Ordering::Release);
+        let seal = Seal {
+            why: why.into(),
+            system: self.system.clone(),
+        };
+        if self.seal.try_send(seal).is_err() {
+            self.system.stop();
+        }
+    }
+
+    /// Whether a halt was asked for.
+    fn asked(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 }
 
@@ -127,16 +151,22 @@ pub struct Pipeline<P: Policy, R: Send + 'static> {
     queued: Arc<AtomicUsize>,
     published: Arc<Mutex<SchedulerStats<P::Stats>>>,
     fault: FaultFlag,
-    /// The merger's stop: every held task ended, then the actor system.
-    halt: Recipient<Halt>,
-    /// Set by [`Pipeline::stop_now`]: submissions are refused from then on.
-    stopping: AtomicBool,
+    /// Its stop through the merger ([`Pipeline::stop_now`]).
+    halter: Halter,
+    /// What tasks still held when the pipeline is dropped end with.
+    drop_reason: String,
+    /// The merger's flush, which a drained shutdown waits for.
+    flush: Recipient<Flush>,
 }
+
+/// How long stopping waits for the merger to end the tasks it holds
+/// (through [`Merge::end_all`]) before it stops the actor system anyway.
+const HALT_WAIT: Duration = Duration::from_secs(2);
 
 type Started<P, R> = (
     Addr<QueueActor<<P as Policy>::Task, R>>,
     System,
-    Recipient<Halt>,
+    Recipient<Flush>,
 );
 
 impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
@@ -220,6 +250,7 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
                             cancel: sched.clone().recipient(),
                             register: merger.clone().recipient(),
                             end: merger.clone().recipient(),
+                            halt: merger.clone().recipient(),
                         },
                         (queue_len.clone(), fault_flag.clone()),
                         cfg.metrics,
@@ -248,15 +279,20 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
                 }
             })
             .map_err(|e| format!("cannot spawn the control thread: {e}"))?;
-        let Ok((queue, system, halt)) = rx.recv() else {
+        let Ok((queue, system, flush)) = rx.recv() else {
             let _ = thread.join();
             return Err("the actor system failed to start".into());
         };
         let mut pipeline = Self {
+            halter: Halter {
+                system: system.clone(),
+                seal: queue.clone().recipient(),
+                stopping: Arc::new(AtomicBool::new(false)),
+            },
             queue,
+            flush,
+            drop_reason: "the pipeline was dropped before the task finished".into(),
             system,
-            halt,
-            stopping: AtomicBool::new(false),
             thread: Some(thread),
             nodes,
             queued,
@@ -294,7 +330,7 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
         if let Some(why) = self.fault() {
             return Err(SubmitError::Halted(why));
         }
-        if self.stopping.load(Ordering::Acquire) {
+        if self.halter.asked() {
             return Err(SubmitError::Stopped);
         }
         self.queue.send(Submit(task, reg)).await.map_err(|_| {
@@ -322,7 +358,13 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
 
     /// A handle that stops this pipeline at once.
     pub fn halter(&self) -> Halter {
-        Halter(self.system.clone())
+        self.halter.clone()
+    }
+
+    /// What each task still held ends with when the pipeline is dropped
+    /// (by default, that the pipeline was dropped before it finished).
+    pub fn set_drop_reason(&mut self, why: impl Into<String>) {
+        self.drop_reason = why.into();
     }
 
     /// Stops the pipeline at once, on purpose: every task it holds, queued
@@ -332,14 +374,7 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
     /// code, this leaves [`Pipeline::fault`] unset. A pipeline that cannot
     /// be told so any more is stopped all the same.
     pub fn stop_now(&self, why: impl Into<String>) {
-        self.stopping.store(true, Ordering::Release);
-        let halt = Halt {
-            why: why.into(),
-            system: self.system.clone(),
-        };
-        if self.halt.try_send(halt).is_err() {
-            self.system.stop();
-        }
+        self.halter.halt(why);
     }
 
     /// The scheduler's latest figures, with the queue's tasks in `queued`;
@@ -359,9 +394,20 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
 
     /// Stops admitting, waits up to `timeout` for admitted tasks to finish, then
     /// stops every thread. Returns whether everything finished in time; tasks
-    /// still held then end with an error. A pipeline that already stopped by
-    /// itself (see [`Pipeline::fault`]) or was halted returns `false` at once.
-    pub fn shutdown(mut self, timeout: Duration) -> bool {
+    /// still held then end with an error through [`Merge::end_all`], saying
+    /// the pipeline shut down before they finished. A pipeline that already
+    /// stopped by itself (see [`Pipeline::fault`]) or was halted returns
+    /// `false` at once.
+    pub fn shutdown(self, timeout: Duration) -> bool {
+        let why = format!(
+            "the pipeline shut down before the task finished (its shutdown waited {timeout:?})"
+        );
+        self.shutdown_or_fail(timeout, why)
+    }
+
+    /// Like [`Pipeline::shutdown`], the tasks still held at the deadline
+    /// ending with `End::Failed(why)`.
+    pub fn shutdown_or_fail(mut self, timeout: Duration, why: impl Into<String>) -> bool {
         self.queue.do_send(Close);
         let t0 = Instant::now();
         let drained = loop {
@@ -378,11 +424,35 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
             }
             std::thread::sleep(Duration::from_millis(2));
         };
+        if drained {
+            // The last ends the scheduler sent reach the merge first.
+            let _ = block_on(self.flush.send(Flush));
+        } else {
+            self.end_held(why.into());
+        }
         self.stop();
         drained
     }
 
+    /// Ends every task still held with `End::Failed(why)` through the merge,
+    /// unless the pipeline stopped or was halted already.
+    fn end_held(&self, why: String) {
+        let running = self.thread.as_ref().is_some_and(|t| !t.is_finished());
+        if running && !self.halter.asked() {
+            self.halter.halt(why);
+        }
+    }
+
+    /// Stops every thread: after a halt, once the merger has ended the
+    /// tasks it held and stopped the actor system (or after [`HALT_WAIT`]).
     fn stop(&mut self) {
+        if self.halter.asked() {
+            let t0 = Instant::now();
+            while self.thread.as_ref().is_some_and(|t| !t.is_finished()) && t0.elapsed() < HALT_WAIT
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         self.system.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -392,6 +462,10 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
 
 impl<P: Policy, R: Send + 'static> Drop for Pipeline<P, R> {
     fn drop(&mut self) {
+        if self.thread.is_some() {
+            let why = std::mem::take(&mut self.drop_reason);
+            self.end_held(why);
+        }
         self.stop();
     }
 }

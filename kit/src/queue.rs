@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use crate::merger::{EndTask, Register};
+use crate::merger::{EndTask, Halt, Register};
 use crate::pipeline::KitMetrics;
 use crate::scheduler::{Admit, CancelTask, FaultFlag};
 use crate::traits::{End, SubmitError, Task, TaskId};
@@ -200,6 +200,19 @@ pub(crate) struct Demand(pub usize);
 #[rtype(result = "()")]
 pub struct Close;
 
+/// The pipeline stops on purpose ([`crate::Halter::halt`]): the queue
+/// refuses every submission from then on and passes the halt to the merger,
+/// behind the registrations of every task it accepted, so that the
+/// merger's [`crate::Merge::end_all`] ends each of them.
+pub(crate) struct Seal {
+    pub(crate) why: String,
+    pub(crate) system: System,
+}
+
+impl Message for Seal {
+    type Result = ();
+}
+
 /// The queue stage.
 pub struct QueueActor<T: Task, R: Send + 'static> {
     state: QueueState<T>,
@@ -207,6 +220,9 @@ pub struct QueueActor<T: Task, R: Send + 'static> {
     cancel: Recipient<CancelTask>,
     register: Recipient<Register<R>>,
     end: Recipient<EndTask>,
+    halt: Recipient<Halt>,
+    /// Sealed by a halt: every submission is refused.
+    sealed: bool,
     /// Tasks accepted and not yet taken in by the scheduler (which counts
     /// them down), read by the pipeline handle.
     queued: Arc<AtomicUsize>,
@@ -221,6 +237,7 @@ pub(crate) struct QueueLinks<T: Task, R: Send + 'static> {
     pub(crate) cancel: Recipient<CancelTask>,
     pub(crate) register: Recipient<Register<R>>,
     pub(crate) end: Recipient<EndTask>,
+    pub(crate) halt: Recipient<Halt>,
 }
 
 impl<T: Task, R: Send + 'static> QueueActor<T, R> {
@@ -239,6 +256,8 @@ impl<T: Task, R: Send + 'static> QueueActor<T, R> {
             cancel: links.cancel,
             register: links.register,
             end: links.end,
+            halt: links.halt,
+            sealed: false,
             queued,
             fault,
             metrics,
@@ -289,6 +308,9 @@ impl<T: Task, R: Send + 'static> Handler<Submit<T, R>> for QueueActor<T, R> {
         if let Some(why) = self.fault.get() {
             return Err(SubmitError::Halted(why.clone()));
         }
+        if self.sealed {
+            return Err(SubmitError::Stopped);
+        }
         let id = task.id();
         self.state.push(task)?;
         self.queued.fetch_add(1, AtomicOrdering::AcqRel);
@@ -296,6 +318,21 @@ impl<T: Task, R: Send + 'static> Handler<Submit<T, R>> for QueueActor<T, R> {
         self.register.do_send(Register(id, reg));
         self.feed();
         Ok(())
+    }
+}
+
+impl<T: Task, R: Send + 'static> Handler<Seal> for QueueActor<T, R> {
+    type Result = ();
+
+    fn handle(&mut self, msg: Seal, _: &mut Self::Context) {
+        self.sealed = true;
+        let halt = Halt {
+            why: msg.why,
+            system: msg.system.clone(),
+        };
+        if self.halt.try_send(halt).is_err() {
+            msg.system.stop();
+        }
     }
 }
 

@@ -278,10 +278,11 @@ pub trait Merge: Send + Unpin + 'static {
     /// Ends `task` for a reason other than finishing (a no-op if it already
     /// ended).
     fn end(&mut self, task: TaskId, end: End);
-    /// The pipeline stops because user code panicked: ends every task still
-    /// registered as `end`. By default it does nothing, and the registrations
-    /// are dropped with the merge (so requesters learn that the pipeline
-    /// stopped, not why).
+    /// The pipeline stops (user code panicked, a [`crate::Halter`] halted
+    /// it, or it was shut down or dropped with tasks still held): ends every
+    /// task still registered as `end`. By default it does nothing, and the
+    /// registrations are dropped with the merge (so requesters learn that
+    /// the pipeline stopped, not why).
     fn end_all(&mut self, end: End) {
         let _ = end;
     }

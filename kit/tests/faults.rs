@@ -445,6 +445,45 @@ fn stopping_now_ends_every_held_task_through_the_merge_and_is_no_fault() {
     assert_eq!(p.submit(Job { id: 9, n: 1 }, tx), Err(SubmitError::Stopped));
 }
 
+/// `rx`'s answer is the failure `why`, sent by the merge (a dropped
+/// registration would be a closed channel instead).
+fn failed_with(rx: &Receiver<Result<u64, End>>, why: &str) {
+    match reply(rx) {
+        Err(End::Failed(w)) => assert_eq!(w, why),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_shutdown_out_of_time_a_drop_and_a_halter_end_held_tasks_through_the_merge() {
+    // Jobs of 3000 take 2 s each on node 0.
+    let p = start(Faults::default());
+    let rxs: Vec<_> = (1..=2).map(|id| submit(&p, id, 3000)).collect();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!p.shutdown_or_fail(Duration::from_millis(50), "out of time"));
+    for rx in &rxs {
+        failed_with(rx, "out of time");
+    }
+
+    let mut p = start(Faults::default());
+    p.set_drop_reason("dropped");
+    let rx = submit(&p, 1, 3000);
+    std::thread::sleep(Duration::from_millis(100));
+    drop(p);
+    failed_with(&rx, "dropped");
+
+    // From another thread, as an MPI job's watcher does.
+    let p = start(Faults::default());
+    let rx = submit(&p, 1, 3000);
+    let halter = p.halter();
+    std::thread::spawn(move || halter.halt("a rank was lost"))
+        .join()
+        .expect("halter thread");
+    failed_with(&rx, "a rank was lost");
+    let (tx, _rx) = crossbeam::channel::bounded(1);
+    assert_eq!(p.submit(Job { id: 9, n: 1 }, tx), Err(SubmitError::Stopped));
+}
+
 #[test]
 fn a_panicking_policy_stops_the_pipeline_cleanly() {
     let p = start(Faults {

@@ -1102,7 +1102,7 @@ impl Engine {
             EngineError::Start(e)
         };
         let factory = crate::llm::remote::node_factory(local, shape, cfg.cluster.clone());
-        let pipeline = Pipeline::start(
+        let mut pipeline = Pipeline::start(
             policy,
             merger,
             factory,
@@ -1123,6 +1123,7 @@ impl Engine {
             },
         )
         .map_err(end_remote)?;
+        pipeline.set_drop_reason("the engine stopped before the request finished (it was dropped)");
         // This rank's nodes are built; requests wait until every other
         // rank's are too (a node that cannot load fails the start, named).
         if let Some(cluster) = &cfg.cluster {
@@ -1551,10 +1552,11 @@ impl Engine {
             self.pipeline.shutdown(Duration::ZERO);
             return false;
         }
-        let _ = self.stopped.set(format!(
+        let why = format!(
             "the engine shut down before the request finished (its shutdown waited {timeout:?})"
-        ));
-        self.pipeline.shutdown(timeout)
+        );
+        let _ = self.stopped.set(why.clone());
+        self.pipeline.shutdown_or_fail(timeout, why)
     }
 }
 
@@ -1592,8 +1594,10 @@ impl RemoteNodes {
                     if let Some(why) = transport.mailbox().wait_failure(Self::POLL) {
                         let why = format!("the MPI job cannot go on: {why}");
                         tracing::error!("{why}");
-                        let _ = stopped.set(why);
-                        halter.halt();
+                        let _ = stopped.set(why.clone());
+                        // Through the merge, so that the metrics count
+                        // each request it ends as failed.
+                        halter.halt(why);
                         return;
                     }
                 }
