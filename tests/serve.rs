@@ -2607,6 +2607,21 @@ fn tokenize_counts_a_tool_conversation_as_the_chat_endpoint_does() {
     let (status, bare) = s.post("/tokenize", json!({"messages": messages}));
     assert_eq!(status, 200, "{bare}");
     assert!(bare["count"].as_u64() < t["count"].as_u64(), "{bare} {t}");
+    // With `tool_choice: none` the chat shows no tools, and /tokenize
+    // counts as it does.
+    let (status, chat) = s.post(
+        "/v1/chat/completions",
+        json!({"messages": messages, "tools": weather_tools(), "tool_choice": "none",
+               "max_tokens": 1}),
+    );
+    assert_eq!(status, 200, "{chat}");
+    let (status, none) = s.post(
+        "/tokenize",
+        json!({"messages": messages, "tools": weather_tools(), "tool_choice": "none"}),
+    );
+    assert_eq!(status, 200, "{none}");
+    assert_eq!(none["count"], chat["usage"]["prompt_tokens"], "{none}");
+    assert_eq!(none["count"], bare["count"], "{none}");
     let (status, r) = s.post(
         "/tokenize",
         json!({"prompt": "x", "tools": weather_tools()}),

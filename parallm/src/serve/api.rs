@@ -457,6 +457,9 @@ pub struct TokenizeRequest {
     /// The tools offered with `messages`, as a chat request gives them (they
     /// are part of the rendered prompt).
     pub tools: Option<serde_json::Value>,
+    /// The chat request's `tool_choice`: with `none`, the tools are not
+    /// rendered, as the chat endpoint does not show them to the model.
+    pub tool_choice: Option<serde_json::Value>,
     /// Add BOS/EOS as the model does (default true; Hugging Face's name).
     pub add_special_tokens: Option<bool>,
 }

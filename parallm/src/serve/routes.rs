@@ -1088,6 +1088,16 @@ pub async fn tokenize(
         Some(v) => Tool::list_from_openai(v).map_err(api_error)?,
         None => Vec::new(),
     };
+    // Counted as the chat endpoint renders it: `none` shows no tools.
+    let choice = framework::tools::ToolChoice::from_openai(
+        req.tool_choice.as_ref().filter(|v| !v.is_null()),
+        &tools,
+    )
+    .map_err(api_error)?;
+    let tools = match choice {
+        framework::tools::ToolChoice::None => Vec::new(),
+        _ => tools,
+    };
     let prompt = match (req.prompt, req.messages) {
         (Some(p), None) => actors::llm::Prompt::Text(p),
         (None, Some(m)) => chat_prompt(&m, &tools)?,
