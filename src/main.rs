@@ -397,7 +397,8 @@ struct QuantizeArgs {
     /// The GGUF file to write (written whole or not at all).
     output: PathBuf,
     /// The type: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, q6_k,
-    /// q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k, q2_k.
+    /// q5_k_m, q5_k_s, q4_k_m, q4_k_s, q3_k_l, q3_k_m (or q3_k), q3_k_s,
+    /// q2_k (the K mixes as llama-quantize makes them).
     #[arg(long = "type", value_name = "T")]
     target: quantize::Target,
     /// Keep tensors at another type: TYPE:NAME[,NAME…], names as prefixes

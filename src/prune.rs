@@ -143,11 +143,11 @@ fn stored_as(
     input: &Path,
     plan: &PrunePlan,
     (name, dims, from): (&str, &[usize], candle_core::quantized::GgmlDType),
-    (layers, tied): (usize, bool),
+    shape: quantize::Shape,
 ) -> CliResult<Option<candle_core::quantized::GgmlDType>> {
     let to = plan
         .target
-        .and_then(|t| quantize::choose(name, dims, t, layers, tied));
+        .and_then(|t| quantize::choose(name, dims, t, shape));
     if let Some(to) = to {
         quantize::refuse_requantize(input, name, from, to, plan.allow_requantize)?;
     }
@@ -189,8 +189,11 @@ fn prunable(name: &str, dims: &[usize], layers: usize) -> bool {
             name,
             dims,
             Target::Plain(candle_core::quantized::GgmlDType::F32),
-            layers,
-            false,
+            quantize::Shape {
+                layers,
+                tied: false,
+                gqa: 1,
+            },
         )
         .is_some()
 }
@@ -243,13 +246,13 @@ fn zero_weights(
     } else {
         None
     };
-    let tied = !names.contains(&"output.weight");
+    let shape = quantize::Shape::of(file, layers)?;
     let mut jobs = Vec::with_capacity(names.len());
     let (mut pruned, mut resymmetrized) = (0, 0);
     for name in names {
         let (from, dims) = file.tensor_info(name)?;
         let row = *dims.last().unwrap_or(&1);
-        let to = match stored_as(input, plan, (name, &dims, from), (layers, tied))? {
+        let to = match stored_as(input, plan, (name, &dims, from), shape)? {
             // Kept in its own type, it would lose its zeros.
             None if prunable(name, &dims, layers) => {
                 let to = zero_keeping(from).filter(|t| row % t.block_size() == 0);
@@ -518,7 +521,7 @@ fn drop_layers(
             .collect()
     };
     let names = file.tensor_names();
-    let tied = !names.contains(&"output.weight");
+    let shape = quantize::Shape::of(file, layers)?;
     let mut jobs = Vec::new();
     for name in names {
         let new_name = match name.strip_prefix("blk.").and_then(|r| r.split_once('.')) {
@@ -533,7 +536,7 @@ fn drop_layers(
             None => name.to_string(),
         };
         let (from, dims) = file.tensor_info(name)?;
-        let to = stored_as(input, plan, (name, &dims, from), (layers, tied))?;
+        let to = stored_as(input, plan, (name, &dims, from), shape)?;
         jobs.push(Job {
             name: new_name,
             source: name.to_string(),

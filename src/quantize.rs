@@ -5,9 +5,10 @@
 //! for the facts, written here): only weight matrices are quantized (not
 //! norms, biases or 1-D tensors); the output projection, or the token
 //! embeddings where they are tied to it, get Q6_K under any block type but
-//! Q8_0; the `_M` mixes give `attn_v` and `ffn_down` Q6_K in the layers
-//! `use_more_bits` picks (the first and last eighth, and every third
-//! between) and a fused `attn_qkv` one step more; a row length that the
+//! Q8_0; the Q4_K/Q5_K `_M` mixes give `attn_v` and `ffn_down` Q6_K in the
+//! layers `use_more_bits` picks (the first and last eighth, and every third
+//! between) and a fused `attn_qkv` one step more; the Q2_K and Q3_K mixes
+//! give `attn_v`, `ffn_down` and `attn_output` more bits ([`Target`]); a row length that the
 //! chosen type's blocks do not divide falls back (Q4_K → Q5_0, Q5_K →
 //! Q5_1, Q6_K → Q8_0, Q2_K/Q3_K → Q4_0, and F16 if even 32 does not
 //! divide it). `--keep TYPE:NAMES` holds chosen tensors at a type of their
@@ -53,6 +54,18 @@ pub enum Target {
     /// Q5_K_M: Q5_K, with Q6_K for `attn_v` and `ffn_down` where
     /// `use_more_bits`.
     Q5KM,
+    /// Q2_K: Q2_K, with Q3_K for `ffn_down` and `attn_output`, and Q3_K for
+    /// `attn_v` (Q4_K where 4 or more query heads share a KV head).
+    Q2K,
+    /// Q3_K_S: Q3_K throughout.
+    Q3KS,
+    /// Q3_K_M: Q3_K, with Q4_K for `attn_output`, a fused `attn_qkv` and
+    /// `attn_v` (Q5_K in the first two blocks), and for `ffn_down` (Q5_K in
+    /// the first sixteenth).
+    Q3KM,
+    /// Q3_K_L: Q3_K, with Q5_K for `attn_v`, `ffn_down` and `attn_output`,
+    /// and Q4_K for a fused `attn_qkv`.
+    Q3KL,
 }
 
 /// The names `--type` takes, and what each is.
@@ -70,8 +83,12 @@ pub const TYPES: &[(&str, Target)] = &[
     ("q5_k_s", Target::Q5KS),
     ("q4_k_m", Target::Q4KM),
     ("q4_k_s", Target::Q4KS),
-    ("q3_k", Target::Plain(GgmlDType::Q3K)),
-    ("q2_k", Target::Plain(GgmlDType::Q2K)),
+    ("q3_k_l", Target::Q3KL),
+    ("q3_k_m", Target::Q3KM),
+    ("q3_k_s", Target::Q3KS),
+    // llama-quantize's alias.
+    ("q3_k", Target::Q3KM),
+    ("q2_k", Target::Q2K),
 ];
 
 impl std::str::FromStr for Target {
@@ -112,6 +129,10 @@ impl Target {
             Target::Q4KM => 15,
             Target::Q5KS => 16,
             Target::Q5KM => 17,
+            Target::Q2K => 10,
+            Target::Q3KS => 11,
+            Target::Q3KM => 12,
+            Target::Q3KL => 13,
         }
     }
 
@@ -121,6 +142,8 @@ impl Target {
             Target::Plain(t) => t,
             Target::Q4KS | Target::Q4KM => GgmlDType::Q4K,
             Target::Q5KS | Target::Q5KM => GgmlDType::Q5K,
+            Target::Q2K => GgmlDType::Q2K,
+            Target::Q3KS | Target::Q3KM | Target::Q3KL => GgmlDType::Q3K,
         }
     }
 }
@@ -151,6 +174,8 @@ impl std::str::FromStr for Keep {
         })?;
         // The K mixes' own block types count as single types here.
         let dtype = match (t.to_ascii_lowercase().as_str(), t.parse::<Target>()) {
+            ("q2_k", _) => GgmlDType::Q2K,
+            ("q3_k", _) => GgmlDType::Q3K,
             ("q4_k", _) => GgmlDType::Q4K,
             ("q5_k", _) => GgmlDType::Q5K,
             (_, Ok(Target::Plain(d))) => d,
@@ -160,7 +185,7 @@ impl std::str::FromStr for Keep {
                     .filter(|(_, t)| matches!(t, Target::Plain(_)))
                     .map(|(n, _)| *n)
                     .collect();
-                names.extend(["q4_k", "q5_k"]);
+                names.extend(["q2_k", "q3_k", "q4_k", "q5_k"]);
                 return Err(format!(
                     "--keep {s}: {t} is not a single block type (one of {})",
                     names.join(", ")
@@ -217,15 +242,38 @@ fn layer_of(name: &str) -> Option<usize> {
     name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
 }
 
+/// What of a model the choice of types depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Its blocks.
+    pub layers: usize,
+    /// Whether the output projection is the token embeddings.
+    pub tied: bool,
+    /// Query heads per KV head.
+    pub gqa: usize,
+}
+
+impl Shape {
+    /// `file`'s shape, its blocks counted as `layers`.
+    pub fn of(file: &GgufFile, layers: usize) -> CliResult<Shape> {
+        let arch = file.get_str("general.architecture")?.to_string();
+        let heads = file.get_usize(&format!("{arch}.attention.head_count"))?;
+        let kv_heads = file
+            .opt_usize(&format!("{arch}.attention.head_count_kv"))?
+            .unwrap_or(heads)
+            .max(1);
+        Ok(Shape {
+            layers,
+            tied: !file.tensor_names().contains(&"output.weight"),
+            gqa: heads / kv_heads,
+        })
+    }
+}
+
 /// The type of tensor `name` (`dims` as GgufFile reads them, the row last)
 /// under `target`, before `--keep`; `None` when it is not quantized.
-pub fn choose(
-    name: &str,
-    dims: &[usize],
-    target: Target,
-    layers: usize,
-    tied: bool,
-) -> Option<GgmlDType> {
+pub fn choose(name: &str, dims: &[usize], target: Target, shape: Shape) -> Option<GgmlDType> {
+    let Shape { layers, tied, gqa } = shape;
     let quantizable = dims.len() >= 2
         && name.ends_with("weight")
         && !name.contains("_norm.weight")
@@ -251,18 +299,35 @@ pub fn choose(
         };
     } else if name.contains("attn_v.weight") {
         match target {
+            Target::Q2K if gqa >= 4 => t = GgmlDType::Q4K,
+            Target::Q2K => t = GgmlDType::Q3K,
+            Target::Q3KM if layer < 2 => t = GgmlDType::Q5K,
+            Target::Q3KM => t = GgmlDType::Q4K,
+            Target::Q3KL => t = GgmlDType::Q5K,
             Target::Q4KM | Target::Q5KM if more => t = GgmlDType::Q6K,
             Target::Q4KS if layer < 4 => t = GgmlDType::Q5K,
             _ => {}
         }
     } else if name.contains("ffn_down") {
         match target {
+            Target::Q2K => t = GgmlDType::Q3K,
+            Target::Q3KM if layer < layers / 16 => t = GgmlDType::Q5K,
+            Target::Q3KM => t = GgmlDType::Q4K,
+            Target::Q3KL => t = GgmlDType::Q5K,
             Target::Q4KM | Target::Q5KM if more => t = GgmlDType::Q6K,
             Target::Q4KS if layer < layers / 8 => t = GgmlDType::Q5K,
             _ => {}
         }
+    } else if name.contains("attn_output.weight") {
+        match target {
+            Target::Q2K => t = GgmlDType::Q3K,
+            Target::Q3KM => t = GgmlDType::Q4K,
+            Target::Q3KL => t = GgmlDType::Q5K,
+            _ => {}
+        }
     } else if name.contains("attn_qkv.weight") {
         match target {
+            Target::Q3KM | Target::Q3KL => t = GgmlDType::Q4K,
             Target::Q4KM => t = GgmlDType::Q5K,
             Target::Q5KM => t = GgmlDType::Q6K,
             _ => {}
@@ -503,7 +568,7 @@ pub fn quantize(input: &Path, output: &Path, plan: &QuantizePlan) -> CliResult<Q
     let arch = file.get_str("general.architecture")?.to_string();
     let layers = file.get_usize(&format!("{arch}.block_count"))?;
     let names = file.tensor_names();
-    let tied = !names.contains(&"output.weight");
+    let shape = Shape::of(&file, layers)?;
     // Each tensor's source and chosen type.
     let imatrix = match &plan.imatrix {
         Some(path) => Some(Imatrix::read(path)?),
@@ -516,7 +581,7 @@ pub fn quantize(input: &Path, output: &Path, plan: &QuantizePlan) -> CliResult<Q
         let (from, dims) = file.tensor_info(name)?;
         // `--keep` applies to what would be quantized (weight matrices;
         // norms stay f32).
-        let to = choose(name, &dims, plan.target, layers, tied).map(|t| {
+        let to = choose(name, &dims, plan.target, shape).map(|t| {
             kept(&plan.keep, name, layers).map_or(t, |k| fit_row(k, *dims.last().unwrap_or(&1)))
         });
         if let Some(to) = to {
@@ -674,12 +739,50 @@ mod tests {
             ("token_embd.weight", &[49152, 576], f16, true, Some(F16)),
         ];
         for (name, dims, target, tied, want) in cases {
+            let shape = Shape {
+                layers: 30,
+                tied,
+                gqa: 3,
+            };
+            assert_eq!(choose(name, dims, target, shape), want, "{name} {target:?}");
+        }
+        // The Q2_K and Q3_K mixes, on rows of whole super-blocks.
+        let row = [1024, 1024];
+        let shape = |gqa| Shape {
+            layers: 32,
+            tied: false,
+            gqa,
+        };
+        for (name, target, gqa, want) in [
+            ("blk.7.attn_q.weight", Target::Q2K, 1, Q2K),
+            ("blk.7.attn_v.weight", Target::Q2K, 1, Q3K),
+            ("blk.7.attn_v.weight", Target::Q2K, 4, Q4K),
+            ("blk.7.ffn_down.weight", Target::Q2K, 1, Q3K),
+            ("blk.7.attn_output.weight", Target::Q2K, 1, Q3K),
+            ("blk.7.ffn_up.weight", Target::Q2K, 1, Q2K),
+            ("blk.7.attn_v.weight", Target::Q3KS, 1, Q3K),
+            ("blk.7.ffn_down.weight", Target::Q3KS, 1, Q3K),
+            ("blk.1.attn_v.weight", Target::Q3KM, 1, Q5K),
+            ("blk.2.attn_v.weight", Target::Q3KM, 1, Q4K),
+            ("blk.1.ffn_down.weight", Target::Q3KM, 1, Q5K),
+            ("blk.2.ffn_down.weight", Target::Q3KM, 1, Q4K),
+            ("blk.2.attn_output.weight", Target::Q3KM, 1, Q4K),
+            ("blk.2.attn_qkv.weight", Target::Q3KM, 1, Q4K),
+            ("blk.2.ffn_gate.weight", Target::Q3KM, 1, Q3K),
+            ("blk.9.attn_v.weight", Target::Q3KL, 1, Q5K),
+            ("blk.9.ffn_down.weight", Target::Q3KL, 1, Q5K),
+            ("blk.9.attn_output.weight", Target::Q3KL, 1, Q5K),
+            ("blk.9.attn_k.weight", Target::Q3KL, 1, Q3K),
+            ("output.weight", Target::Q2K, 1, Q6K),
+        ] {
             assert_eq!(
-                choose(name, dims, target, 30, tied),
-                want,
-                "{name} {target:?}"
+                choose(name, &row, target, shape(gqa)),
+                Some(want),
+                "{name} {target:?} gqa {gqa}"
             );
         }
+        assert_eq!("q3_k".parse::<Target>(), Ok(Target::Q3KM));
+        assert_eq!(Target::Q3KM.file_type(), 12);
         // A row no block divides is kept in f16.
         assert_eq!(fit_row(Q4_0, 100), F16);
     }
@@ -696,6 +799,12 @@ mod tests {
         assert_eq!(kept(&keep, "blk.0.attn_q.weight", 30), Some(GgmlDType::F16));
         assert_eq!(kept(&keep, "blk.10.attn_q.weight", 30), None);
         assert!("q4_k_m:output".parse::<Keep>().is_err());
+        // The mixes' block types are single types here, as before the
+        // Q2_K and Q3_K mixes.
+        for (t, want) in [("q2_k", GgmlDType::Q2K), ("q3_k", GgmlDType::Q3K)] {
+            let k: Keep = format!("{t}:blk.0").parse().unwrap();
+            assert_eq!(k.dtype, want);
+        }
         assert!("f16".parse::<Keep>().is_err());
         assert!("q9_9".parse::<Target>().unwrap_err().contains("q4_k_m"));
     }
