@@ -581,9 +581,16 @@ pub fn quantize(input: &Path, output: &Path, plan: &QuantizePlan) -> CliResult<Q
         let (from, dims) = file.tensor_info(name)?;
         // `--keep` applies to what would be quantized (weight matrices;
         // norms stay f32).
-        let to = choose(name, &dims, plan.target, shape).map(|t| {
-            kept(&plan.keep, name, layers).map_or(t, |k| fit_row(k, *dims.last().unwrap_or(&1)))
-        });
+        let to = choose(name, &dims, plan.target, shape)
+            .map(|t| {
+                kept(&plan.keep, name, layers).map_or(t, |k| fit_row(k, *dims.last().unwrap_or(&1)))
+            })
+            .or_else(|| {
+                // From a Hugging Face directory, as llama.cpp's converter
+                // writes them: norms and other 1-D tensors in f32.
+                let one_d = dims.len() < 2 || name.ends_with("_norm.weight");
+                (file.hf().is_some() && one_d && from != GgmlDType::F32).then_some(GgmlDType::F32)
+            });
         if let Some(to) = to {
             refuse_requantize(input, name, from, to, plan.allow_requantize)?;
         }

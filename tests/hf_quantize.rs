@@ -209,6 +209,13 @@ fn each_family_quantized_to_q8_0_loads_and_generates() {
             Some("Q8_0"),
             "{name}"
         );
+        // Norms in f32 whatever the directory's type, as llama.cpp's
+        // converter writes them.
+        assert_eq!(
+            file.stored_type("blk.0.attn_norm.weight").as_deref(),
+            Some("F32"),
+            "{name}"
+        );
         drop(file);
         let text = common::cli_ok(&[
             "generate",
