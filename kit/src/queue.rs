@@ -190,10 +190,15 @@ impl<T: Task, R: Send + 'static> Message for Submit<T, R> {
 #[rtype(result = "()")]
 pub struct Cancel(pub TaskId);
 
-/// The scheduler can take up to this many tasks now.
+/// The scheduler can take up to `room` tasks now, counting the `taken` it
+/// has taken in so far (tasks sent and not yet taken in are still on their
+/// way, and come out of the room).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub(crate) struct Demand(pub usize);
+pub(crate) struct Demand {
+    pub(crate) room: usize,
+    pub(crate) taken: u64,
+}
 
 /// Stop admitting; tasks already queued still run.
 #[derive(Message)]
@@ -229,6 +234,8 @@ pub struct QueueActor<T: Task, R: Send + 'static> {
     /// Why the pipeline stopped by itself, once it has.
     fault: FaultFlag,
     metrics: KitMetrics,
+    /// Tasks sent to the scheduler so far.
+    sent: u64,
 }
 
 /// Where a queue sends what leaves it.
@@ -261,6 +268,7 @@ impl<T: Task, R: Send + 'static> QueueActor<T, R> {
             queued,
             fault,
             metrics,
+            sent: 0,
         }
     }
 
@@ -272,6 +280,7 @@ impl<T: Task, R: Send + 'static> QueueActor<T, R> {
             self.end.do_send(EndTask(id, End::Cancelled));
         }
         if !out.admit.is_empty() {
+            self.sent += out.admit.len() as u64;
             self.admit.do_send(Admit(out.admit));
         }
         self.publish();
@@ -354,7 +363,8 @@ impl<T: Task, R: Send + 'static> Handler<Demand> for QueueActor<T, R> {
     type Result = ();
 
     fn handle(&mut self, msg: Demand, _: &mut Self::Context) {
-        self.state.set_demand(msg.0);
+        let on_the_way = self.sent.saturating_sub(msg.taken) as usize;
+        self.state.set_demand(msg.room.saturating_sub(on_the_way));
         self.feed();
     }
 }

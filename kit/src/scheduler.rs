@@ -415,7 +415,10 @@ pub(crate) struct SchedulerLinks<P: Policy> {
 pub struct SchedulerActor<P: Policy> {
     state: SchedulerState<P>,
     links: SchedulerLinks<P>,
-    demand: Option<usize>,
+    /// The last demand sent: the room, and the tasks taken in by then.
+    demand: Option<(usize, u64)>,
+    /// Tasks taken in from the queue so far.
+    taken: u64,
     /// The figures, read by the pipeline handle.
     published: Arc<Mutex<SchedulerStats<P::Stats>>>,
     /// Tasks the queue accepted that are not yet taken in (counted down here).
@@ -437,6 +440,7 @@ impl<P: Policy> SchedulerActor<P> {
             state,
             links,
             demand: None,
+            taken: 0,
             published,
             queued,
             fault,
@@ -541,10 +545,13 @@ impl<P: Policy> SchedulerActor<P> {
                 }
             }
         }
-        let room = self.state.room();
-        if self.demand != Some(room) {
-            self.links.queue.do_send(Demand(room));
-            self.demand = Some(room);
+        let demand = (self.state.room(), self.taken);
+        if self.demand != Some(demand) {
+            self.links.queue.do_send(Demand {
+                room: demand.0,
+                taken: demand.1,
+            });
+            self.demand = Some(demand);
         }
         // Computed before locking: a panicking policy must not poison it.
         let stats = self.state.stats();
@@ -573,11 +580,10 @@ impl<P: Policy> Handler<Admit<P::Task>> for SchedulerActor<P> {
 
     fn handle(&mut self, msg: Admit<P::Task>, ctx: &mut Self::Context) {
         let n = msg.0.len();
+        self.taken += n as u64;
         self.guarded(ctx, |act, _| {
             let gone = act.state.admit(msg.0);
             act.end(gone.into_iter().map(|t| (t, End::Cancelled)).collect());
-            // The queue's demand was used up by what it sent.
-            act.demand = None;
             act.dispatch();
         });
         // Taken in and published (or, if the pipeline stopped, dropped and
