@@ -302,13 +302,15 @@ fn a_chat_whose_template_writes_bos_keeps_one() {
     let bos = tok.bos().expect("bos");
     let doubled = tok.encode("<s>Hello there").expect("encode");
     assert_eq!(&doubled[..2], &[bos, bos], "{doubled:?}");
-    let chat = tok.single_specials(doubled.clone());
+    let chat = tok.chat_specials(doubled.clone(), true);
     assert_eq!(chat[0], bos);
     assert_eq!(&chat[1..], &doubled[2..]);
     // A template that writes none keeps the tokenizer's one.
     let once = tok.encode("Hello there").expect("encode");
-    assert_eq!(tok.single_specials(once.clone()), once);
+    assert_eq!(tok.chat_specials(once.clone(), true), once);
     assert_eq!(chat, once);
+    // Encoded without the special tokens, nothing changes.
+    assert_eq!(tok.chat_specials(doubled.clone(), false), doubled);
 }
 
 #[test]

@@ -723,3 +723,41 @@ fn directory_files_that_are_not_regular_are_refused_without_blocking() {
         );
     }
 }
+
+#[test]
+fn a_chat_prompt_ends_without_the_eos_a_tokenizer_appends() {
+    // llama-bf16's post-processor made to append EOS (`<|im_end|>`, id 2)
+    // as well as its BOS (`<|endoftext|>`, id 0).
+    let dir = broken_copy("llama-bf16", "adds-eos", |d| {
+        edit_json(&d.join("tokenizer.json"), |t| {
+            let special = |id: &str| serde_json::json!({"SpecialToken": {"id": id, "type_id": 0}});
+            let seq = serde_json::json!({"Sequence": {"id": "A", "type_id": 0}});
+            t["post_processor"]["single"] =
+                serde_json::json!([special("<|endoftext|>"), seq, special("<|im_end|>")]);
+            t["post_processor"]["special_tokens"]["<|im_end|>"] = serde_json::json!(
+                {"id": "<|im_end|>", "ids": [2], "tokens": ["<|im_end|>"]}
+            );
+        })
+    });
+    let engine = parallm::Engine::builder()
+        .model_path(&dir)
+        .build()
+        .expect("engine");
+    let tok = engine.tokenizer().expect("tokenizer");
+    assert!(tok.adds_eos() && tok.eos() == 2);
+    let text = engine
+        .tokenize(&parallm::Prompt::Text("Hello".into()))
+        .expect("text");
+    assert_eq!(text.last(), Some(&2), "a text keeps the EOS: {text:?}");
+    let chat = engine
+        .tokenize(&parallm::Prompt::Chat(vec![
+            parallm::framework::chat::ChatMessage::new("user", "Hello"),
+        ]))
+        .expect("chat");
+    engine.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+    // The prompt ends with the assistant's opener, where the model writes;
+    // BOS stays.
+    assert_eq!(chat.first(), Some(&0), "{chat:?}");
+    assert_ne!(chat.last(), Some(&2), "{chat:?}");
+}

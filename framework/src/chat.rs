@@ -335,7 +335,12 @@ impl ChatTemplate {
     /// Compiles `source`; `bos`/`eos` are the texts of the model's special tokens.
     pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self> {
         let mut env = Environment::new();
+        // Hugging Face's environment: a block tag's own line leaves no
+        // newline or indentation behind.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("strftime_now", |format: String| strftime_now(&format));
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, JinjaError> {
@@ -344,7 +349,7 @@ impl ChatTemplate {
         );
         env.add_filter("tojson", tojson_filter);
         env.set_fuel(Some(RENDER_FUEL));
-        env.add_template_owned("chat", source.to_string())
+        env.add_template_owned("chat", without_generation_tags(source))
             .map_err(|e| Error::Template(format!("cannot compile: {e}")))?;
         let mentions_tools = env
             .get_template("chat")
@@ -433,6 +438,128 @@ impl ChatTemplate {
             Err(e) => Err(Error::Template(format!("cannot render: {e}"))),
         }
     }
+}
+
+/// `source` with transformers' `{% generation %}` … `{% endgeneration %}`
+/// (which only marks the assistant's text for training masks) made an
+/// `{% if true %}` … `{% endif %}`, their whitespace control kept.
+fn without_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(at) = rest.find("{%") {
+        out.push_str(&rest[..at]);
+        let tag = &rest[at..];
+        let Some(end) = tag.find("%}") else {
+            out.push_str(tag);
+            return out;
+        };
+        let inner = &tag[2..end];
+        let (open, body) = match inner.strip_prefix(['-', '+']) {
+            Some(b) => (&inner[..1], b),
+            None => ("", inner),
+        };
+        let (body, close) = match body.strip_suffix(['-', '+']) {
+            Some(b) => (b, &body[body.len() - 1..]),
+            None => (body, ""),
+        };
+        match body.trim() {
+            "generation" => out.push_str(&format!("{{%{open} if true {close}%}}")),
+            "endgeneration" => out.push_str(&format!("{{%{open} endif {close}%}}")),
+            _ => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// transformers' `strftime_now(format)`: the time now (UTC) in Python's
+/// `strftime` format, for the codes templates use (`%d %b %Y`, `%Y-%m-%d`,
+/// `%B %d, %Y`, …); another code is written as it stands.
+fn strftime_now(format: &str) -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    strftime(format, secs)
+}
+
+/// `secs` after the Unix epoch (UTC) in `format` ([`strftime_now`]).
+fn strftime(format: &str, secs: u64) -> String {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
+    let days = (secs / 86_400) as i64;
+    let (h, mi, s) = (secs % 86_400 / 3600, secs % 3600 / 60, secs % 60);
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let before = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334][(m - 1) as usize];
+    let yday = before + d + i64::from(leap && m > 2);
+    // 1970-01-01 was a Thursday (index 3 from Monday).
+    let wday = (days + 3).rem_euclid(7) as usize;
+    let month = MONTHS[(m - 1) as usize];
+    let hour12 = if h % 12 == 0 { 12 } else { h % 12 };
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('Y') => out.push_str(&y.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", y.rem_euclid(100))),
+            Some('m') => out.push_str(&format!("{m:02}")),
+            Some('d') => out.push_str(&format!("{d:02}")),
+            Some('e') => out.push_str(&format!("{d:>2}")),
+            Some('j') => out.push_str(&format!("{yday:03}")),
+            Some('B') => out.push_str(month),
+            Some('b') | Some('h') => out.push_str(&month[..3]),
+            Some('A') => out.push_str(DAYS[wday]),
+            Some('a') => out.push_str(&DAYS[wday][..3]),
+            Some('H') => out.push_str(&format!("{h:02}")),
+            Some('I') => out.push_str(&format!("{hour12:02}")),
+            Some('M') => out.push_str(&format!("{mi:02}")),
+            Some('S') => out.push_str(&format!("{s:02}")),
+            Some('p') => out.push_str(if h < 12 { "AM" } else { "PM" }),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
 }
 
 /// Instructions one render may run (minijinja's fuel): a conversation of
@@ -626,6 +753,56 @@ mod tests {
         {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
     #[test]
+    fn renders_as_hugging_faces_environment_does() {
+        let render = |src: &str| {
+            ChatTemplate::new(src, "", "")
+                .unwrap()
+                .render(&[ChatMessage::new("user", "hi")], false)
+                .unwrap()
+        };
+        // trim_blocks and lstrip_blocks, as transformers sets them.
+        assert_eq!(
+            render("A  {%- if true %}  B  {% endif -%}  C\n  {% if true %}\n  D\n  {% endif %}\nE"),
+            "A  B  C\n  D\nE"
+        );
+        // Objects a template builds keep their keys' order.
+        assert_eq!(
+            render("{{ {'name': 'f', 'arguments': {'b': 1, 'a': 2}} | tojson }}"),
+            "{\"name\": \"f\", \"arguments\": {\"b\": 1, \"a\": 2}}"
+        );
+        // transformers' training tag marks text and renders it.
+        assert_eq!(
+            render("{% for m in messages %}{%- generation -%} [{{ m.content }}] {% endgeneration %}{% endfor %}"),
+            "[hi] "
+        );
+        // Llama 3.1's date line.
+        let today = render("{{ strftime_now('%d %b %Y') }}");
+        assert_eq!(today.len(), 11, "{today}");
+        for (secs, want) in [
+            (
+                0,
+                "01 Jan 1970|1970-01-01 00:00:00|Thursday Thu January 001 12 AM 70  1",
+            ),
+            (
+                1_721_955_723,
+                "26 Jul 2024|2024-07-26 01:02:03|Friday Fri July 208 01 AM 24 26",
+            ),
+            (
+                951_868_799,
+                "29 Feb 2000|2000-02-29 23:59:59|Tuesday Tue February 060 11 PM 00 29",
+            ),
+            (
+                4_107_542_400,
+                "01 Mar 2100|2100-03-01 00:00:00|Monday Mon March 060 12 AM 00  1",
+            ),
+        ] {
+            // (Python's `datetime.strftime` on the same instants, UTC.)
+            let got = strftime("%d %b %Y|%Y-%m-%d %H:%M:%S|%A %a %B %j %I %p %y %e", secs);
+            assert_eq!(got, want, "{secs}");
+        }
+    }
+
+    #[test]
     fn renders_tools_and_tool_messages() {
         let t = ChatTemplate::new(TOOLY, "", "<|im_end|>").unwrap();
         assert!(t.mentions_tools());
@@ -634,7 +811,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             out,
-            "<|im_start|>system\nTools:\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Weather in a city.\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}, \"required\": [\"city\"]}}}<|im_end|>\n\
+            "<|im_start|>system\nTools:{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"Weather in a city.\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}}, \"required\": [\"city\"]}}}<|im_end|>\n\
              <|im_start|>user\nWeather in Zürich?<|im_end|>\n\
              <|im_start|>assistant\n<call id=call_7 type=function>get_weather {\"city\": \"Zürich\"} Zürich</call><|im_end|>\n\
              <|im_start|>tool\n[call_7 get_weather] {\"temp\": 21}<|im_end|>\n\

@@ -651,20 +651,24 @@ impl Tokenizer {
         self.encode(text)
     }
 
-    /// `ids` of a rendered chat with one BOS and one EOS at most: a
-    /// template that writes BOS itself (`{{ bos_token }}…`, as Llama 3's,
+    /// `ids` of a rendered chat, encoded with the special tokens the
+    /// tokenizer adds when `added`, as a generation prompt: one BOS, where
+    /// a template that writes BOS itself (`{{ bos_token }}…`, as Llama 3's,
     /// Mistral's and Gemma's begin) got a second one from a tokenizer that
-    /// adds it ([`Tokenizer::adds_bos`]); likewise EOS at the end. llama.cpp
-    /// keeps one too, and transformers and vLLM get the same by adding no
-    /// special tokens to a chat.
-    pub fn single_specials(&self, mut ids: Vec<u32>) -> Vec<u32> {
+    /// adds it ([`Tokenizer::adds_bos`]; llama.cpp keeps one too), and no
+    /// EOS appended by a tokenizer that adds it: the prompt ends with the
+    /// assistant's turn opener, where the model writes next (transformers
+    /// and vLLM add neither to a chat).
+    pub fn chat_specials(&self, mut ids: Vec<u32>, added: bool) -> Vec<u32> {
+        if !added {
+            return ids;
+        }
         if let Some(bos) = self.bos.filter(|_| self.add_bos) {
             if ids.len() >= 2 && ids[0] == bos && ids[1] == bos {
                 ids.remove(0);
             }
         }
-        let n = ids.len();
-        if self.add_eos && n >= 2 && ids[n - 1] == self.eos && ids[n - 2] == self.eos {
+        if self.add_eos && ids.last() == Some(&self.eos) {
             ids.pop();
         }
         ids

@@ -1238,12 +1238,12 @@ impl Engine {
             }
         };
         let tok = tok?;
-        let ids = match limit {
-            Some(limit) => tok.encode_within(&text, limit)?,
-            None => tok.encode_with(&text, add_special)?,
+        let (ids, added) = match limit {
+            Some(limit) => (tok.encode_within(&text, limit)?, true),
+            None => (tok.encode_with(&text, add_special)?, add_special),
         };
         Ok(match chat {
-            true => tok.single_specials(ids),
+            true => tok.chat_specials(ids, added),
             false => ids,
         })
     }

@@ -928,10 +928,16 @@ pub fn chat_turns(messages: &[MessageInput], tools: bool) -> Result<Vec<ChatTurn
                 }
                 Some(ContentInput::Text(s)) => s.clone(),
                 Some(ContentInput::Parts(parts)) => {
+                    // The parts' texts one per line, as vLLM joins them.
                     let mut text = String::new();
                     for (j, p) in parts.iter().enumerate() {
                         match (p.kind.as_str(), &p.text) {
-                            ("text", Some(t)) => text.push_str(t),
+                            ("text", Some(t)) => {
+                                if j > 0 {
+                                    text.push('\n');
+                                }
+                                text.push_str(t)
+                            }
                             (kind, _) => {
                                 return Err(ApiError::param(
                                     "messages",
@@ -1257,7 +1263,7 @@ mod tests {
     #[test]
     fn chat_reads_parts_and_logprob_flags() {
         let req: ChatRequest = parse_body(
-            br#"{"messages":[{"role":"developer","content":[{"type":"text","text":"hi"}]},{"role":"user","content":"x"}],
+            br#"{"messages":[{"role":"developer","content":[{"type":"text","text":"hi"},{"type":"text","text":"there"}]},{"role":"user","content":"x"}],
                 "logprobs":true,"top_logprobs":2,"max_completion_tokens":5,"stream":true,
                 "stream_options":{"include_usage":true}}"#,
         )
@@ -1269,9 +1275,10 @@ mod tests {
         assert!(v.stream && v.include_usage);
         assert_eq!(v.requests[0].params.max_tokens, 5);
         match &v.requests[0].prompt {
+            // Text parts one per line, as vLLM joins them.
             Prompt::Chat(m) => assert_eq!(
                 (m[0].role.as_str(), m[0].content.as_str()),
-                ("system", "hi")
+                ("system", "hi\nthere")
             ),
             other => panic!("{other:?}"),
         }
