@@ -341,6 +341,27 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("strftime_now", |format: String| strftime_now(&format));
+        // Lists and objects print as Python writes them (`{'city': 'Paris'}`),
+        // in `{{ … }}` and through `string`.
+        env.set_formatter(|out, state, value| match value.kind() {
+            minijinja::value::ValueKind::Map | minijinja::value::ValueKind::Seq => {
+                let mut text = String::new();
+                python_repr(value, &mut text);
+                std::fmt::Write::write_str(out, &text)
+                    .map_err(|_| JinjaError::new(ErrorKind::WriteFailure, "cannot write"))
+            }
+            _ => minijinja::escape_formatter(out, state, value),
+        });
+        env.add_filter("string", |value: JinjaValue| -> String {
+            match value.kind() {
+                minijinja::value::ValueKind::Map | minijinja::value::ValueKind::Seq => {
+                    let mut text = String::new();
+                    python_repr(&value, &mut text);
+                    text
+                }
+                _ => value.to_string(),
+            }
+        });
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, JinjaError> {
@@ -438,6 +459,76 @@ impl ChatTemplate {
             Err(e) => Err(Error::Template(format!("cannot render: {e}"))),
         }
     }
+}
+
+/// `value` as Python's `repr` writes it (the `str` of a list or dict, what
+/// Hugging Face templates print): strings quoted, `True`/`False`/`None`.
+fn python_repr(value: &JinjaValue, out: &mut String) {
+    use minijinja::value::ValueKind;
+    match value.kind() {
+        ValueKind::Undefined | ValueKind::None => out.push_str("None"),
+        ValueKind::Bool => out.push_str(if value.is_true() { "True" } else { "False" }),
+        ValueKind::String => python_str_repr(value.as_str().unwrap_or_default(), out),
+        ValueKind::Map => {
+            out.push('{');
+            if let Ok(keys) = value.try_iter() {
+                for (i, k) in keys.enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    python_repr(&k, out);
+                    out.push_str(": ");
+                    python_repr(&value.get_item(&k).unwrap_or_default(), out);
+                }
+            }
+            out.push('}');
+        }
+        ValueKind::Seq | ValueKind::Iterable => {
+            out.push('[');
+            if let Ok(items) = value.try_iter() {
+                for (i, v) in items.enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    python_repr(&v, out);
+                }
+            }
+            out.push(']');
+        }
+        _ => out.push_str(&value.to_string()),
+    }
+}
+
+/// A string as Python's `repr` quotes it: in single quotes, unless it holds
+/// one and no double quote; backslashes, the quote and unprintable
+/// characters escaped.
+fn python_str_repr(s: &str, out: &mut String) {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || (0x7f..=0xa0).contains(&(c as u32)) || c == '\u{ad}' => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2064}' | '\u{feff}' => {
+                out.push_str(&format!("\\u{:04x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
 }
 
 /// `source` with transformers' `{% generation %}` … `{% endgeneration %}`
@@ -769,6 +860,16 @@ mod tests {
         assert_eq!(
             render("{{ {'name': 'f', 'arguments': {'b': 1, 'a': 2}} | tojson }}"),
             "{\"name\": \"f\", \"arguments\": {\"b\": 1, \"a\": 2}}"
+        );
+        // Lists and objects as Python prints them (`str`), in `{{ }}` and
+        // through `string`; strings as they are.
+        assert_eq!(
+            render("{{ {'city': 'Zürich', 'unit': 'c'} }}|{{ [1, 2.5, true, none] | string }}|{{ {'a': [1, {'b': none}]} }}|{{ 'plain' }}"),
+            "{'city': 'Zürich', 'unit': 'c'}|[1, 2.5, True, None]|{'a': [1, {'b': None}]}|plain"
+        );
+        assert_eq!(
+            render(r#"{{ ['a', "it's", 'say "x"', "both ' \"", 'a\nb\\c\t', '\u200bz\u00a0'] }}"#),
+            r#"['a', "it's", 'say "x"', 'both \' "', 'a\nb\\c\t', '\u200bz\xa0']"#
         );
         // transformers' training tag marks text and renders it.
         assert_eq!(
