@@ -522,9 +522,10 @@ fn python_str_repr(s: &str, out: &mut String) {
             c if (c as u32) < 0x20 || (0x7f..=0xa0).contains(&(c as u32)) || c == '\u{ad}' => {
                 out.push_str(&format!("\\x{:02x}", c as u32))
             }
-            '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2064}' | '\u{feff}' => {
-                out.push_str(&format!("\\u{:04x}", c as u32))
-            }
+            '\u{200b}'..='\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{feff}' => out.push_str(&format!("\\u{:04x}", c as u32)),
             c => out.push(c),
         }
     }
@@ -956,9 +957,9 @@ mod tests {
             "",
         )
         .unwrap();
-        let tool =
-            Tool::from_openai(&serde_json::json!({"type": "function", "function": {"name": "f"}}))
-                .unwrap();
+        let tool = Tool::from_openai(&serde_json::json!({"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "properties": {}}}}))
+        .unwrap();
         let out = t
             .render_with_tools(&[ChatTurn::new("user", "x")], Some(&[tool]), false)
             .unwrap();

@@ -79,8 +79,12 @@ pub struct Tool {
     /// What the function does, for the model.
     pub description: Option<String>,
     /// A JSON schema of the arguments object (default
-    /// `{"type": "object", "properties": {}}`).
+    /// `{"type": "object", "properties": {}}`; under `strict`, every object
+    /// closed to properties it does not name): what guided decoding holds
+    /// the arguments to.
     pub parameters: Value,
+    /// The tool as the request gave it, which the model is shown.
+    pub given: Value,
 }
 
 impl Tool {
@@ -183,19 +187,16 @@ impl Tool {
             name,
             description,
             parameters,
+            given: value.clone(),
         })
     }
 
-    /// OpenAI's form: `{"type": "function", "function": {"name",
-    /// "description" (when set), "parameters"}}`.
+    /// OpenAI's form, as the request gave it (`{"type": "function",
+    /// "function": {"name", "description", "parameters", …}}`, its keys in
+    /// their order): what chat templates and the folded system prompt show
+    /// the model, as transformers passes a request's tools to a template.
     pub fn to_openai(&self) -> Value {
-        let mut function = Map::new();
-        function.insert("name".into(), Value::String(self.name.clone()));
-        if let Some(d) = &self.description {
-            function.insert("description".into(), Value::String(d.clone()));
-        }
-        function.insert("parameters".into(), self.parameters.clone());
-        json!({"type": "function", "function": function})
+        self.given.clone()
     }
 }
 
@@ -1767,7 +1768,19 @@ mod tests {
     fn system_prompts_list_tools_and_syntax() {
         let t = tools();
         let p = system_prompt(&t, ToolFormat::Hermes);
-        assert!(p.contains("<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"The weather in a city.\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}, \"unit\": {\"enum\": [\"C\", \"F\"]}}, \"required\": [\"city\"]}}}\n{\"type\": \"function\", \"function\": {\"name\": \"get_time\", \"parameters\": {\"type\": \"object\", \"properties\": {}}}}\n</tools>"), "{p}");
+        assert!(p.contains("<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"description\": \"The weather in a city.\", \"parameters\": {\"type\": \"object\", \"properties\": {\"city\": {\"type\": \"string\"}, \"unit\": {\"enum\": [\"C\", \"F\"]}}, \"required\": [\"city\"]}}}\n{\"type\": \"function\", \"function\": {\"name\": \"get_time\"}}\n</tools>"), "{p}");
+        // The model is shown a tool as the request gave it: its keys in
+        // their order, and a strict schema as written (the closing is the
+        // grammar's business).
+        let strict = Tool::from_openai(&json!({"type": "function", "function": {
+            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+            "name": "search", "strict": true}}))
+        .unwrap();
+        assert_eq!(
+            python_json(&strict.to_openai(), None, None),
+            "{\"type\": \"function\", \"function\": {\"parameters\": {\"type\": \"object\", \"properties\": {\"q\": {\"type\": \"string\"}}}, \"name\": \"search\", \"strict\": true}}"
+        );
+        assert_eq!(strict.parameters["additionalProperties"], json!(false));
         assert!(p.contains("<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call>"), "{p}");
         assert!(system_prompt(&t, ToolFormat::Llama3Json)
             .contains("\"parameters\": <args-json-object>"));
