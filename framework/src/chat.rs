@@ -764,6 +764,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("System role not supported"), "{err}");
+        // Tools folded for a template that does not read them go into the
+        // first user turn when it takes no system role.
+        let folded = crate::tools::fold_into_messages(
+            &[ChatTurn::new("user", "Weather?")],
+            &[weather_tool()],
+            crate::tools::ToolFormat::Hermes,
+        );
+        assert!(t.render(&folded, true).is_err());
+        let moved = crate::tools::system_into_first_user(folded).unwrap();
+        let out = t.render(&moved, true).unwrap();
+        assert!(
+            out.starts_with("<bos><start_of_turn>user\n# Tools")
+                && out.contains("\n\nWeather?<end_of_turn>"),
+            "{out}"
+        );
     }
 
     /// Qwen2.5-Instruct's and Qwen3's templates as their model repositories

@@ -866,6 +866,19 @@ pub fn fold_into_messages(
     out
 }
 
+/// `messages` with a leading system message moved into the first user
+/// message (its text, a blank line, then the user's), for a template that
+/// takes no system role (Gemma's); `None` when there is no such pair.
+pub fn system_into_first_user(mut messages: Vec<ChatMessage>) -> Option<Vec<ChatMessage>> {
+    if messages.first()?.role != "system" {
+        return None;
+    }
+    let system = messages.remove(0);
+    let user = messages.iter_mut().find(|m| m.role == "user")?;
+    user.content = format!("{}\n\n{}", system.content, user.content);
+    Some(messages)
+}
+
 /// What a [`ToolStream`] gives out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StreamOut {

@@ -1232,7 +1232,17 @@ impl Engine {
                 } else {
                     let folded =
                         framework::tools::fold_into_messages(messages, tools, self.tool_format());
-                    template.render(&folded, true)?
+                    match template.render(&folded, true) {
+                        Ok(text) => text,
+                        // A template that takes no system role (Gemma's)
+                        // gets the tools in the first user turn.
+                        Err(e) if !tools.is_empty() => {
+                            framework::tools::system_into_first_user(folded)
+                                .and_then(|m| template.render(&m, true).ok())
+                                .ok_or(e)?
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 };
                 std::borrow::Cow::Owned(text)
             }
