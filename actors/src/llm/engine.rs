@@ -1241,7 +1241,7 @@ impl Engine {
                                 .and_then(|m| template.render(&m, true).ok())
                                 .ok_or(e)?
                         }
-                        Err(e) => return Err(e.into()),
+                        Err(e) => return Err(e),
                     }
                 };
                 std::borrow::Cow::Owned(text)
