@@ -199,6 +199,9 @@ struct LayerArgs {
     set: Vec<String>,
 }
 
+/// Configuration keys whose values are paths.
+const PATH_KEYS: [&str; 2] = ["model.path", "speculative.draft_model"];
+
 impl LayerArgs {
     /// These overrides (all but `--config`) as flags for another `parallm`
     /// process, paths made absolute: what `launch` passes to its ranks.
@@ -236,7 +239,14 @@ impl LayerArgs {
             flag("api-key", key.clone());
         }
         for kv in &self.set {
-            flag("set", kv.clone());
+            // A path given by --set is made absolute too.
+            let kv = match kv.split_once('=') {
+                Some((k, v)) if PATH_KEYS.contains(&k.trim()) && !v.trim().is_empty() => {
+                    format!("{}={}", k.trim(), path(&PathBuf::from(v.trim()))?)
+                }
+                _ => kv.clone(),
+            };
+            flag("set", kv);
         }
         Ok(out)
     }
@@ -1099,11 +1109,24 @@ fn run_launch(args: LaunchArgs) -> CliResult {
                 .map_err(|e| format!("cannot write the hostfile {}: {e}", path.display()))?;
         }
     }
-    // API keys are not printed.
+    // API keys are not printed, however they are given.
     let mut shown = plan.clone();
-    for i in 1..shown.argv.len() {
-        if shown.argv[i - 1] == "--api-key" {
-            shown.argv[i] = "****".into();
+    for i in 0..shown.argv.len() {
+        let word = &shown.argv[i];
+        let masked = if i > 0 && shown.argv[i - 1] == "--api-key" {
+            Some("****".to_string())
+        } else if let Some(_key) = word.strip_prefix("--api-key=") {
+            Some("--api-key=****".to_string())
+        } else if word.trim_start().starts_with("server.api_keys")
+            && i > 0
+            && shown.argv[i - 1] == "--set"
+        {
+            Some("server.api_keys=****".to_string())
+        } else {
+            None
+        };
+        if let Some(m) = masked {
+            shown.argv[i] = m;
         }
     }
     println!("{}", shown.command_line());

@@ -257,15 +257,17 @@ impl Shape {
     /// `file`'s shape, its blocks counted as `layers`.
     pub fn of(file: &GgufFile, layers: usize) -> CliResult<Shape> {
         let arch = file.get_str("general.architecture")?.to_string();
-        let heads = file.get_usize(&format!("{arch}.attention.head_count"))?;
-        let kv_heads = file
-            .opt_usize(&format!("{arch}.attention.head_count_kv"))?
-            .unwrap_or(heads)
-            .max(1);
+        // Head counts given per layer (arrays) leave the ratio at 1.
+        let heads = file.get_usize(&format!("{arch}.attention.head_count"));
+        let kv_heads = file.opt_usize(&format!("{arch}.attention.head_count_kv"));
+        let gqa = match (heads, kv_heads) {
+            (Ok(h), Ok(Some(kv))) if kv > 0 => h / kv,
+            _ => 1,
+        };
         Ok(Shape {
             layers,
             tied: !file.tensor_names().contains(&"output.weight"),
-            gqa: heads / kv_heads,
+            gqa,
         })
     }
 }
@@ -587,8 +589,13 @@ pub fn quantize(input: &Path, output: &Path, plan: &QuantizePlan) -> CliResult<Q
             })
             .or_else(|| {
                 // From a Hugging Face directory, as llama.cpp's converter
-                // writes them: norms and other 1-D tensors in f32.
-                let one_d = dims.len() < 2 || name.ends_with("_norm.weight");
+                // writes them: norms, other 1-D tensors, and the position
+                // and token-type embeddings and expert gates in f32.
+                let one_d = dims.len() < 2
+                    || name.ends_with("_norm.weight")
+                    || name.contains("ffn_gate_inp.weight")
+                    || name == "position_embd.weight"
+                    || name == "token_types.weight";
                 (file.hf().is_some() && one_d && from != GgmlDType::F32).then_some(GgmlDType::F32)
             });
         if let Some(to) = to {

@@ -102,6 +102,28 @@ mpirun_args = ["--mca", "btl_tcp_if_include", "lo"]
         "{stdout}"
     );
     assert!(!stdout.contains("s3cret"), "{stdout}");
+    // Given through --set, as well; and a relative model path goes whole.
+    let out = parallm(&[
+        "launch",
+        "--config",
+        &p,
+        "--dry-run",
+        "--set",
+        "server.api_keys=s3cret",
+        "--set",
+        "model.path=Cargo.toml",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        !stdout.contains("s3cret") && stdout.contains("server.api_keys=****"),
+        "{stdout}"
+    );
+    let abs = std::path::absolute("Cargo.toml").unwrap();
+    assert!(
+        stdout.contains(&format!("model.path={}", abs.display())),
+        "{stdout}"
+    );
 
     // What each rank runs can be given after `--`.
     let out = parallm(&[

@@ -388,12 +388,13 @@ impl BatchScheduler {
 
     /// Puts waiting group `g` (a health probe: one short sequence) before
     /// every other: it counts as older than all of them, so it is admitted
-    /// first (past `max_running`), planned before the running groups (a long
-    /// prefill's chunk cannot take its budget), and never preempted for
-    /// another's blocks.
-    /// Neither a long prefill nor a backlog waiting for KV room then holds it
-    /// for more than the step in flight. A group already admitted is left
-    /// as it is.
+    /// first (past `max_running`), its tokens are set aside before the
+    /// running groups' chunks take a step's budget, and it is never
+    /// preempted for another's blocks. Neither a long prefill nor a backlog
+    /// waiting for KV room then holds it for more than the step in flight,
+    /// unless the running groups hold every block: it takes the first one
+    /// freed and makes none of them preempt. A group already admitted is
+    /// left as it is.
     pub fn expedite(&mut self, g: GroupId) {
         let Some(at) = self.waiting.iter().position(|&w| w == g) else {
             return;
@@ -489,15 +490,24 @@ impl BatchScheduler {
         // it cached, instead of computing the same prefix beside it.
         let mut pending = HashSet::new();
 
-        // Expedited groups (health probes) waiting to be admitted come
-        // before the running groups' chunks.
-        while let Some(&g) = self.waiting.front() {
-            if self.groups[&g].order >= FIRST_ORDER
-                || !self.admit_front(g, &mut budget, &mut plan, &mut planned, &mut pending)
-            {
-                break;
-            }
-        }
+        // Expedited groups (health probes) waiting to be admitted: their
+        // tokens are set aside before the running groups' chunks take the
+        // budget, and they are admitted once the running groups have the
+        // blocks this step needs (so a probe never makes one preempt).
+        let reserved: usize = self
+            .waiting
+            .iter()
+            .take_while(|g| self.groups[*g].order < FIRST_ORDER)
+            .map(|g| {
+                self.groups[g]
+                    .seqs
+                    .iter()
+                    .map(|s| s.tokens.len())
+                    .sum::<usize>()
+            })
+            .sum::<usize>()
+            .min(budget);
+        budget -= reserved;
         // Running groups, oldest first.
         let mut order = self.running.clone();
         order.sort_by_key(|g| self.groups[g].order);
@@ -514,7 +524,9 @@ impl BatchScheduler {
                 }
             }
         }
-        // Then waiting groups, in order, while they fit without preempting.
+        budget += reserved;
+        // Then waiting groups, in order (expedited ones first), while they
+        // fit without preempting.
         while let Some(&g) = self.waiting.front() {
             if !self.admit_front(g, &mut budget, &mut plan, &mut planned, &mut pending) {
                 break;
@@ -1298,12 +1310,9 @@ mod tests {
         s.add(3, vec![3]);
         s.expedite(3);
         let p = s.plan().unwrap();
-        assert_eq!(
-            (p.items[0].group, p.items[0].tokens.len()),
-            (3, 1),
-            "the probe comes first, whole"
-        );
-        assert_eq!((p.items[1].group, p.items[1].tokens.len()), (1, 7));
+        let planned: Vec<_> = p.items.iter().map(|i| (i.group, i.tokens.len())).collect();
+        // Its token set aside: the prefill's chunk takes the rest.
+        assert_eq!(planned, vec![(1, 7), (3, 1)], "the probe runs, whole");
         s.complete(cont(&p, 9));
         // Running, it is planned first, and its blocks and group 1's take
         // all six: no group is preempted.
@@ -1312,6 +1321,33 @@ mod tests {
         assert!(p.items.iter().any(|i| i.group == 3 && i.logits));
         s.complete(vec![(3, GroupOutcome::Finished)]);
         assert!(!s.contains(3));
+        assert_eq!(s.stats().preemptions, 0);
+    }
+
+    #[test]
+    fn an_expedited_group_makes_no_running_group_preempt() {
+        // 4 blocks of 4: two running groups of 4 tokens hold one block each;
+        // their next tokens need a second block each, so none is left for a
+        // probe, which waits for the first block freed.
+        let mut s = BatchScheduler::new(cfg(64, 4));
+        s.add(1, vec![1; 4]);
+        s.add(2, vec![2; 4]);
+        let p = s.plan().unwrap();
+        s.complete(cont(&p, 9));
+        s.add(3, vec![3]);
+        s.expedite(3);
+        let p = s.plan().unwrap();
+        assert!(p.items.iter().all(|i| i.group != 3), "no block for it yet");
+        assert_eq!(s.stats().preemptions, 0);
+        s.complete(vec![
+            (1, GroupOutcome::Finished),
+            (2, GroupOutcome::Continue(vec![(p.items[1].seq, 9)])),
+        ]);
+        let p = s.plan().unwrap();
+        assert!(
+            p.items.iter().any(|i| i.group == 3),
+            "it takes the block freed"
+        );
         assert_eq!(s.stats().preemptions, 0);
     }
 

@@ -522,10 +522,15 @@ fn python_str_repr(s: &str, out: &mut String) {
             c if (c as u32) < 0x20 || (0x7f..=0xa0).contains(&(c as u32)) || c == '\u{ad}' => {
                 out.push_str(&format!("\\x{:02x}", c as u32))
             }
-            '\u{200b}'..='\u{200f}'
-            | '\u{2028}'..='\u{202e}'
-            | '\u{2060}'..='\u{2064}'
-            | '\u{feff}' => out.push_str(&format!("\\u{:04x}", c as u32)),
+            // What Python counts unprintable: other spaces, format and
+            // private-use characters.
+            '\u{1680}'
+            | '\u{2000}'..='\u{200f}'
+            | '\u{2028}'..='\u{202f}'
+            | '\u{205f}'..='\u{2064}'
+            | '\u{3000}'
+            | '\u{feff}'
+            | '\u{e000}'..='\u{f8ff}' => out.push_str(&format!("\\u{:04x}", c as u32)),
             c => out.push(c),
         }
     }
@@ -884,8 +889,10 @@ mod tests {
             "{'city': 'Zürich', 'unit': 'c'}|[1, 2.5, True, None]|{'a': [1, {'b': None}]}|plain"
         );
         assert_eq!(
-            render(r#"{{ ['a', "it's", 'say "x"', "both ' \"", 'a\nb\\c\t', '\u200bz\u00a0'] }}"#),
-            r#"['a', "it's", 'say "x"', 'both \' "', 'a\nb\\c\t', '\u200bz\xa0']"#
+            render(
+                r#"{{ ['a', "it's", 'say "x"', "both ' \"", 'a\nb\\c\t', '\u200bz\u00a0\u3000\ue000'] }}"#
+            ),
+            r#"['a', "it's", 'say "x"', 'both \' "', 'a\nb\\c\t', '\u200bz\xa0\u3000\ue000']"#
         );
         // transformers' training tag marks text and renders it.
         assert_eq!(

@@ -975,7 +975,9 @@ fn check_types(cfg: &Config, origin: &dyn Fn(&str) -> String) -> Result<(), Conf
         } else if default.is_boolean() {
             // What the `config` crate reads as a boolean.
             let boolean = match &value.kind {
-                ValueKind::Boolean(_) => true,
+                // Numbers too (0 is false), as the crate reads them.
+                ValueKind::Boolean(_) | ValueKind::I64(_) | ValueKind::U64(_) => true,
+                ValueKind::I128(_) | ValueKind::U128(_) | ValueKind::Float(_) => true,
                 ValueKind::String(t) => matches!(
                     t.trim().to_lowercase().as_str(),
                     "true" | "false" | "1" | "0" | "on" | "off" | "yes" | "no"
@@ -1908,6 +1910,7 @@ mod tests {
             assert!(err.contains(key) && err.contains(says), "{err}");
         }
         let loaded = load(&Sources {
+            env: env(&[("PARALLM__SCHEDULER__CACHE_AWARE_ROUTING", "0")]),
             overrides: vec![
                 ("scheduler.prefix_caching".into(), "off".into()),
                 ("faults.node".into(), "-1".into()),
@@ -1917,6 +1920,7 @@ mod tests {
         })
         .expect("typed text loads");
         assert!(!loaded.raw.scheduler.prefix_caching);
+        assert!(!loaded.raw.scheduler.cache_aware_routing);
         assert_eq!(loaded.raw.server.port, 9000);
     }
 

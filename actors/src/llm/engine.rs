@@ -1236,7 +1236,10 @@ impl Engine {
                         Ok(text) => text,
                         // A template that takes no system role (Gemma's)
                         // gets the tools in the first user turn.
-                        Err(e) if !tools.is_empty() => {
+                        Err(e)
+                            if !tools.is_empty()
+                                && e.to_string().to_lowercase().contains("system") =>
+                        {
                             framework::tools::system_into_first_user(folded)
                                 .and_then(|m| template.render(&m, true).ok())
                                 .ok_or(e)?
