@@ -1115,7 +1115,7 @@ fn run_launch(args: LaunchArgs) -> CliResult {
         let word = &shown.argv[i];
         let masked = if i > 0 && shown.argv[i - 1] == "--api-key" {
             Some("****".to_string())
-        } else if let Some(_key) = word.strip_prefix("--api-key=") {
+        } else if word.starts_with("--api-key=") {
             Some("--api-key=****".to_string())
         } else if word.trim_start().starts_with("server.api_keys")
             && i > 0

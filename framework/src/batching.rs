@@ -399,19 +399,26 @@ impl BatchScheduler {
         let Some(at) = self.waiting.iter().position(|&w| w == g) else {
             return;
         };
-        let order = self.next_expedited;
-        self.next_expedited += 1;
         if let Some(group) = self.groups.get_mut(&g) {
-            group.order = order;
+            group.order = self.next_expedited;
+            self.next_expedited += 1;
         }
         self.waiting.remove(at);
         // Behind the expedited groups already waiting.
-        let to = self
+        self.wait_in_order(g);
+    }
+
+    /// Puts `g` among the waiting groups by its order (age).
+    fn wait_in_order(&mut self, g: GroupId) {
+        let Some(order) = self.groups.get(&g).map(|group| group.order) else {
+            return;
+        };
+        let at = self
             .waiting
             .iter()
             .position(|w| self.groups.get(w).is_none_or(|o| o.order > order))
             .unwrap_or(self.waiting.len());
-        self.waiting.insert(to, g);
+        self.waiting.insert(at, g);
     }
 
     /// Adds a single-sequence request that drafts tokens as `spec` says
@@ -767,14 +774,8 @@ impl BatchScheduler {
     fn preempt(&mut self, g: GroupId) {
         self.running.retain(|&r| r != g);
         self.release_blocks(g);
-        if let Some(group) = self.groups.get(&g) {
-            let order = group.order;
-            let at = self
-                .waiting
-                .iter()
-                .position(|w| self.groups.get(w).is_none_or(|o| o.order > order))
-                .unwrap_or(self.waiting.len());
-            self.waiting.insert(at, g);
+        if self.groups.contains_key(&g) {
+            self.wait_in_order(g);
             self.stats.preemptions += 1;
         }
     }

@@ -343,24 +343,13 @@ impl ChatTemplate {
         env.add_function("strftime_now", |format: String| strftime_now(&format));
         // Lists and objects print as Python writes them (`{'city': 'Paris'}`),
         // in `{{ … }}` and through `string`.
-        env.set_formatter(|out, state, value| match value.kind() {
-            minijinja::value::ValueKind::Map | minijinja::value::ValueKind::Seq => {
-                let mut text = String::new();
-                python_repr(value, &mut text);
-                std::fmt::Write::write_str(out, &text)
-                    .map_err(|_| JinjaError::new(ErrorKind::WriteFailure, "cannot write"))
-            }
-            _ => minijinja::escape_formatter(out, state, value),
+        env.set_formatter(|out, state, value| match python_str(value) {
+            Some(text) => std::fmt::Write::write_str(out, &text)
+                .map_err(|_| JinjaError::new(ErrorKind::WriteFailure, "cannot write")),
+            None => minijinja::escape_formatter(out, state, value),
         });
-        env.add_filter("string", |value: JinjaValue| -> String {
-            match value.kind() {
-                minijinja::value::ValueKind::Map | minijinja::value::ValueKind::Seq => {
-                    let mut text = String::new();
-                    python_repr(&value, &mut text);
-                    text
-                }
-                _ => value.to_string(),
-            }
+        env.add_filter("string", |value: JinjaValue| {
+            python_str(&value).unwrap_or_else(|| value.to_string())
         });
         env.add_function(
             "raise_exception",
@@ -459,6 +448,17 @@ impl ChatTemplate {
             Err(e) => Err(Error::Template(format!("cannot render: {e}"))),
         }
     }
+}
+
+/// Python's `str` of a list or object (`None` for any other value, which
+/// prints as minijinja prints it).
+fn python_str(value: &JinjaValue) -> Option<String> {
+    use minijinja::value::ValueKind;
+    matches!(value.kind(), ValueKind::Map | ValueKind::Seq).then(|| {
+        let mut text = String::new();
+        python_repr(value, &mut text);
+        text
+    })
 }
 
 /// `value` as Python's `repr` writes it (the `str` of a list or dict, what

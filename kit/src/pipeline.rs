@@ -145,7 +145,6 @@ impl std::fmt::Debug for Halter {
 /// A running pipeline for policy `P` whose tasks register `R` with the merger.
 pub struct Pipeline<P: Policy, R: Send + 'static> {
     queue: Addr<QueueActor<P::Task, R>>,
-    system: System,
     thread: Option<JoinHandle<()>>,
     nodes: Arc<NodeStats>,
     queued: Arc<AtomicUsize>,
@@ -285,14 +284,13 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
         };
         let mut pipeline = Self {
             halter: Halter {
-                system: system.clone(),
+                system,
                 seal: queue.clone().recipient(),
                 stopping: Arc::new(AtomicBool::new(false)),
             },
             queue,
             flush,
             drop_reason: "the pipeline was dropped before the task finished".into(),
-            system,
             thread: Some(thread),
             nodes,
             queued,
@@ -453,7 +451,7 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-        self.system.stop();
+        self.halter.system.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
