@@ -194,9 +194,21 @@ fn new_requests_avoid_a_replica_whose_steps_fail() {
             .map(|s| matches!(s.collect_blocking().last(), Some(Event::Finished { .. })))
             .collect()
     };
-    // Two at once: one of them goes to replica 1, and fails there.
-    let first = outcomes(2);
-    assert_eq!(first.iter().filter(|ok| !**ok).count(), 1, "{first:?}");
+    // Two at once: the second goes to replica 1, and fails there, unless
+    // the first ended before the second was routed (a busy machine can
+    // pause this thread that long); then both went to the idle replica 0.
+    let mut reached = None;
+    for attempt in 0..20 {
+        let pair = outcomes(2);
+        let failed = pair.iter().filter(|ok| !**ok).count();
+        assert!(failed <= 1, "attempt {attempt}: {pair:?}");
+        if failed == 1 {
+            reached = Some(attempt);
+            break;
+        }
+        println!("attempt {attempt}: the first request ended before the second was routed");
+    }
+    assert!(reached.is_some(), "no request reached replica 1");
     // Then every new request goes to replica 0, whatever the load.
     let later = outcomes(8);
     assert!(later.iter().all(|ok| *ok), "{later:?}");
