@@ -384,7 +384,8 @@ fn a_lost_rank_ends_every_request_with_its_reason() {
             other => panic!("request {i} ended with {other:?}"),
         }
     }
-    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    // Ended by the failure, not by finishing (room for a busy machine).
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
     assert!(engine.stopped().is_some_and(|w| w.contains("rank 1")));
     assert!(engine
         .generate(parallm::actors::llm::Request::greedy_tokens(vec![1, 2], 4))

@@ -885,8 +885,13 @@ fn stalled_bodies_are_closed_at_the_body_timeout_while_others_are_served() {
         assert!(text.starts_with("HTTP/1.1 408"), "connection {i}: {text}");
         assert!(text.contains("request_timeout"), "connection {i}: {text}");
     }
+    // Closed at the 2 s timeout, with room for a busy machine: without the
+    // timeout they would stay open until the 20 s read timeout above.
     let elapsed = t0.elapsed();
-    assert!(elapsed < Duration::from_secs(8), "closed after {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(15),
+        "closed after {elapsed:?}"
+    );
     let (st, _) = s.get("/health");
     assert_eq!(st, 200);
 }
@@ -945,13 +950,14 @@ fn health_answers_while_megabyte_prompts_are_tokenized() {
         "tokenizing took only {} probes",
         probes.len()
     );
-    // Had a tokenize held an HTTP worker, a probe behind it would have waited
-    // about as long as the tokenize itself. How fast /health answers under
-    // load is a latency goal, measured by benchmarks, not asserted here.
-    let slowest = probes.last().copied().unwrap_or_default();
+    // Had a tokenize held an HTTP worker, most probes would have waited
+    // about as long as a tokenize itself; one probe paused by a busy
+    // machine proves nothing. How fast /health answers under load is a
+    // latency goal, measured by benchmarks, not asserted here.
+    let ninetieth = probes[probes.len() * 9 / 10];
     assert!(
-        slowest * 4 < quickest,
-        "/health took {slowest:?}, against {quickest:?} for the quickest tokenize"
+        ninetieth * 2 < quickest,
+        "/health's 90th percentile took {ninetieth:?}, against {quickest:?} for the quickest tokenize"
     );
 
     // A generation's megabyte prompt is refused by its length, before it is
@@ -1039,8 +1045,19 @@ fn an_engine_that_halts_ends_its_requests_with_an_error_and_the_server_exits_non
     assert!(!status.success(), "{status:?}");
 }
 
-/// Sends a request on a raw connection and closes it after `read` bytes.
-fn send_and_leave(addr: &str, body: &str, read: usize) {
+/// Settings that keep the health probe out of the running-request and KV
+/// gauges a test waits on (a probe is a one-token request): one at start-up,
+/// then none for an hour.
+const NO_PROBES: [&str; 4] = [
+    "--set",
+    "server.health_probe_interval_secs=3600",
+    "--set",
+    "server.health_max_age_secs=3600",
+];
+
+/// Sends a request on a raw connection and closes it after `read` bytes of
+/// the answer, or, with `read` 0, once `leave` says so.
+fn send_and_leave(addr: &str, body: &str, read: usize, leave: std::sync::mpsc::Receiver<()>) {
     let mut c = TcpStream::connect(addr.trim_start_matches("http://")).expect("connect");
     write!(
         c,
@@ -1052,24 +1069,26 @@ fn send_and_leave(addr: &str, body: &str, read: usize) {
     if read > 0 {
         c.read_exact(&mut buf).expect("read some of the stream");
     } else {
-        std::thread::sleep(Duration::from_millis(300));
+        leave.recv().expect("told to leave");
     }
 }
 
 #[test]
 fn a_client_that_disconnects_cancels_and_frees_its_kv_blocks() {
-    let s = Server::start(&[], true);
+    let s = Server::start(&NO_PROBES, true);
     let long = |stream: bool| {
         json!({"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": true, "stream": stream})
             .to_string()
     };
     for (stream, read) in [(false, 0), (true, 400)] {
         let cancelled = s.metric("parallm_request_failure_total{reason=\"cancelled\"}");
+        let (leave, told) = std::sync::mpsc::channel();
         let t = std::thread::spawn({
             let (base, body) = (s.base.clone(), long(stream));
-            move || send_and_leave(&base, &body, read)
+            move || send_and_leave(&base, &body, read, told)
         });
         s.wait_metric("parallm_kv_blocks_used", |v| v > 0.0, "the request runs");
+        let _ = leave.send(());
         t.join().expect("client");
         let t0 = Instant::now();
         s.wait_metric("parallm_kv_blocks_used", |v| v == 0.0, "KV blocks freed");
@@ -1285,11 +1304,19 @@ fn post_on_thread(s: &Server, path: &str, body: Value) -> std::thread::JoinHandl
     })
 }
 
+/// A server without health probes after start-up (they would count as
+/// running requests) whose drain waits `secs` seconds at most.
+fn draining_server(secs: u64) -> Server {
+    let drain = format!("server.shutdown_timeout_secs={secs}");
+    Server::start(&[&NO_PROBES[..], &["--set", &drain]].concat(), true)
+}
+
 /// `signal` during a request: new work and `/health` get 503, the request
 /// finishes whole, and the server exits 0.
 fn drains_on(sig: libc::c_int) {
-    let mut s = Server::start(&["--set", "server.shutdown_timeout_secs=60"], true);
-    let client = request_on_thread(&s, 150);
+    let mut s = draining_server(60);
+    // Long enough that the drain still runs when the late request comes.
+    let client = request_on_thread(&s, 500);
     s.wait_metric("parallm_requests_running", |v| v >= 1.0, "the request runs");
     signal(&s, sig);
     // While draining: new work and /health get 503.
@@ -1299,7 +1326,7 @@ fn drains_on(sig: libc::c_int) {
     let (status, body) = client.join().expect("client");
     assert_eq!(status, 200, "{body}");
     let r: Value = serde_json::from_str(&body).expect("json");
-    assert_eq!(r["usage"]["completion_tokens"], 150);
+    assert_eq!(r["usage"]["completion_tokens"], 500);
     let code = exit_status(&mut s, Duration::from_secs(30));
     assert!(code.success(), "exit status {code}");
 }
@@ -1307,7 +1334,7 @@ fn drains_on(sig: libc::c_int) {
 #[test]
 fn a_second_sigterm_while_draining_stops_at_once() {
     // The drain would wait 10 minutes for this request.
-    let mut s = Server::start(&["--set", "server.shutdown_timeout_secs=600"], true);
+    let mut s = draining_server(600);
     let client = request_on_thread(&s, 4000);
     s.wait_metric("parallm_requests_running", |v| v >= 1.0, "the request runs");
     signal(&s, libc::SIGTERM);
@@ -1326,7 +1353,7 @@ fn a_second_sigterm_while_draining_stops_at_once() {
 
 #[test]
 fn requests_cut_off_by_the_shutdown_timeout_get_an_error() {
-    let mut s = Server::start(&["--set", "server.shutdown_timeout_secs=1"], true);
+    let mut s = draining_server(1);
     let whole = request_on_thread(&s, 4000);
     let streamed = post_on_thread(
         &s,

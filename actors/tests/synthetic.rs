@@ -305,8 +305,9 @@ fn higher_priority_leaves_the_queue_first() {
         .generate(Request::greedy_tokens(vec![1, 2, 3], 8000))
         .unwrap();
     assert!(matches!(first.next_blocking(), Some(Event::Token { .. })));
-    // If the low one ran first, the short high one would finish long after it.
-    let mut low = Request::greedy_tokens(vec![4, 5], 3000);
+    // If the low one ran first, the short high one would wait for all its
+    // tokens, and the low one would finish rather than be cancelled.
+    let mut low = Request::greedy_tokens(vec![4, 5], 8000);
     low.priority = 0;
     let mut high = Request::greedy_tokens(vec![6, 7], 2);
     high.priority = 5;
@@ -318,17 +319,15 @@ fn higher_priority_leaves_the_queue_first() {
         Some(&Event::Cancelled),
         "the slot was held until the others were queued"
     );
-    let order = std::sync::Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for (name, st) in [("low", low), ("high", high)] {
-            let order = &order;
-            s.spawn(move || {
-                finished_tokens(st.collect_blocking());
-                order.lock().unwrap().push(name);
-            });
-        }
-    });
-    assert_eq!(order.into_inner().unwrap(), vec!["high", "low"]);
+    assert_eq!(finished_tokens(high.collect_blocking()).len(), 2);
+    e.cancel(low.id());
+    let low = low.collect_blocking();
+    assert_eq!(
+        low.last(),
+        Some(&Event::Cancelled),
+        "the low-priority request ran first: {} events",
+        low.len()
+    );
 }
 
 #[test]
@@ -360,18 +359,20 @@ fn dropping_a_stream_cancels_its_request() {
     for _ in 0..3 {
         assert!(matches!(s.next_blocking(), Some(Event::Token { .. })));
     }
-    let before = e.stats().scheduler.steps;
     assert!(e.stats().scheduler.policy.kv_used > 0);
     drop(s);
+    // Read after the drop: steps that ran while this thread was paused
+    // before it are no concern of the cancellation's.
+    let at_drop = e.stats().scheduler.steps;
     let st = common::idle_stats(&e).scheduler;
     assert!(st.idle, "the request still runs: {st:?}");
     assert_eq!(st.policy.kv_used, 0, "{st:?}");
     // At most the step in flight and one dispatched before the cancellation
-    // arrived.
+    // arrived (the stats query may pass the cancellation on its way).
     assert!(
-        st.steps - before <= 2,
+        st.steps - at_drop <= 3,
         "{} steps after the drop",
-        st.steps - before
+        st.steps - at_drop
     );
     e.shutdown();
 }

@@ -224,7 +224,8 @@ mod tests {
         let p = t.finish().expect("recording");
         assert_eq!(p.total(Op::Collective), Duration::from_millis(3));
         assert!(p.total(Op::OMatmul) >= Duration::from_millis(1));
-        assert!(p.total(Op::OMatmul) < Duration::from_millis(50));
+        // A busy machine can stretch the 4 ms sleep, never shrink it.
+        assert!(p.total(Op::OMatmul) < Duration::from_secs(5));
         let mut sum = StepProfile::default();
         sum.merge(&p);
         sum.merge(&p);

@@ -428,8 +428,8 @@ fn stops_cleanly(p: Pipeline<Jobs, Reply>, panic: &str) {
 #[test]
 fn stopping_now_ends_every_held_task_through_the_merge_and_is_no_fault() {
     let p = start(Faults::default());
-    // One job runs (for 2 s), the others wait behind it on node 0.
-    let rxs: Vec<_> = (1..=3).map(|id| submit(&p, id, 3000)).collect();
+    // One job runs (for 5 s), the others wait behind it on node 0.
+    let rxs: Vec<_> = (1..=3).map(|id| submit(&p, id, 6000)).collect();
     std::thread::sleep(Duration::from_millis(100));
     let t0 = Instant::now();
     p.stop_now("cut short on purpose");
@@ -439,7 +439,8 @@ fn stopping_now_ends_every_held_task_through_the_merge_and_is_no_fault() {
             other => panic!("{other:?}"),
         }
     }
-    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+    // Well before the running job could have ended.
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
     assert_eq!(p.fault(), None);
     let (tx, _rx) = crossbeam::channel::bounded(1);
     assert_eq!(p.submit(Job { id: 9, n: 1 }, tx), Err(SubmitError::Stopped));
