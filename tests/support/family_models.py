@@ -9,7 +9,9 @@ reference model's real vocabulary (SmolLM2's byte-level BPE, 49152 tokens),
 copied from REFERENCE.gguf, so the engine can load and tokenize it like any
 model. Weights come from splitmix64 keyed by the tensor's name, in numpy's
 64-bit integer arithmetic, so the bytes written do not depend on numpy's
-random generators; with the pinned `gguf` package (tests/support/
+random generators, and the rest from IEEE arithmetic only (+, *, /, sqrt),
+never from numpy's transcendental functions, whose SIMD versions round
+differently on different CPUs; with the pinned `gguf` package (tests/support/
 python-env.sh) the files are the same on every machine, and the golden file
 records their SHA-256.
 
@@ -284,13 +286,18 @@ def write(name, spec, tok, out_dir):
         t["token_embd.weight"] *= np.float32(3.0 * np.sqrt(3.0 / h))
     if spec.get("rope_freqs"):
         # Llama 3's factors: 1 for high frequencies, up to 8 for low ones.
-        i = np.arange(hd // 2, dtype=np.float32)
-        t["rope_freqs.weight"] = (np.float32(1.0) + np.float32(7.0) * (i / np.float32(hd // 2 - 1)) ** 2)
+        r = np.arange(hd // 2, dtype=np.float32) / np.float32(hd // 2 - 1)
+        t["rope_freqs.weight"] = np.float32(1.0) + np.float32(7.0) * (r * r)
     if "longrope" in spec:
         # Phi-3's shapes: long factors growing to ~20 for low frequencies,
         # short ones near 1.
         i = np.arange(spec["rot"] // 2, dtype=np.float32) / np.float32(spec["rot"] // 2 - 1)
-        t["rope_factors_long.weight"] = np.float32(1.0) + np.float32(19.0) * i ** 3
+        # The cube as products, rounded once to f32 (`i ** 3` goes through
+        # numpy's SIMD pow, whose last bit differs between AVX-512 and AVX2
+        # machines, and so did the file).
+        d = i.astype(np.float64)
+        cube = (d * d * d).astype(np.float32)
+        t["rope_factors_long.weight"] = np.float32(1.0) + np.float32(19.0) * cube
         t["rope_factors_short.weight"] = np.float32(1.0) + np.float32(0.2) * i
     if gpt2:
         t["position_embd.weight"] = splitmix("position_embd.weight", 512 * h).reshape(512, h) * np.float32(0.5)
