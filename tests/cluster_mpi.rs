@@ -664,7 +664,11 @@ mod with_mpi {
     /// Requests admitted so far (`parallm_requests_routed_total` over every
     /// replica; health probes are not counted).
     fn routed_requests(port: u16) -> f64 {
-        let text = agent()
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        let text = agent
             .get(&format!("http://127.0.0.1:{port}/metrics"))
             .call()
             .ok()
@@ -933,8 +937,9 @@ mod with_mpi {
 
     #[test]
     fn a_worker_rank_killed_mid_generation_fails_every_request_and_the_job() {
-        // Its sockets close at once: caught long before the heartbeat's 30 s
-        // (the 10 s leave a busy machine room to tear the job down).
+        // mpirun ends the job, or a send to the dead rank fails, long before
+        // the heartbeat's 30 s (the 10 s leave a busy machine room to tear
+        // the job down).
         lose_rank_one("-KILL", 30, Duration::from_secs(10));
     }
 

@@ -349,16 +349,17 @@ fn kv_exhaustion_preempts_and_every_request_completes_correctly() {
                 .expect("tokenizes")
         })
         .collect();
-    // 16 blocks of 8 positions: all eight prompts fit, their 24 new tokens do not.
-    let e = builder()
-        .block_size(8)
-        .kv_blocks(16)
-        .build()
-        .expect("engine");
     // The requests must overlap to preempt: a busy machine can pause this
     // thread between submissions until the first ones have finished.
     let mut preempted = false;
     for attempt in 1..=5 {
+        // 16 blocks of 8 positions: all eight prompts fit, their 24 new
+        // tokens do not.
+        let e = builder()
+            .block_size(8)
+            .kv_blocks(16)
+            .build()
+            .expect("engine");
         let got = run(&e, &prompts, 24);
         assert_matches_solo(&prompts, &got, 24);
         let s = wait_idle(&e);

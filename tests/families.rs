@@ -53,34 +53,39 @@ fn golden() -> &'static Value {
     })
 }
 
-/// The directory of the tiny models, written once by the support script.
+/// The directory of the tiny models, written by the support script when one
+/// is missing or is not the file the golden outputs came from (a cache
+/// written by an earlier version of the script).
 fn models_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = parallm::fetch::parallm_home().join("models/families");
-        let names: Vec<&String> = golden()["models"]
-            .as_object()
-            .expect("models")
-            .keys()
-            .collect();
-        if names.iter().all(|n| dir.join(format!("{n}.gguf")).exists()) {
-            return dir;
+        let models = golden()["models"].as_object().expect("models");
+        let current = models.iter().all(|(name, m)| {
+            std::fs::read(dir.join(format!("{name}.gguf")))
+                .is_ok_and(|bytes| Some(sha256(&bytes).as_str()) == m["sha256"].as_str())
+        });
+        if !current {
+            write_models("family_models.py", &dir);
         }
-        write_models("family_models.py", &dir);
         dir
     })
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
 }
 
 /// The model `name`, checked to be the file the golden outputs came from.
 fn open(name: &str) -> GgufFile {
     let path = models_dir().join(format!("{name}.gguf"));
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let digest = format!("{:x}", Sha256::digest(&bytes));
+    let digest = sha256(&bytes);
     let want = golden()["models"][name]["sha256"].as_str().expect("sha256");
     assert_eq!(
         digest,
         want,
-        "{} is not the file llama.cpp's outputs came from (another gguf package version?): delete it to rewrite it",
+        "{} is not the file llama.cpp's outputs came from, even as rewritten (another gguf package version?)",
         path.display()
     );
     GgufFile::open(&path).expect("the model opens")

@@ -954,7 +954,7 @@ fn health_answers_while_megabyte_prompts_are_tokenized() {
     // about as long as a tokenize itself; one probe paused by a busy
     // machine proves nothing. How fast /health answers under load is a
     // latency goal, measured by benchmarks, not asserted here.
-    let ninetieth = probes[probes.len() * 9 / 10];
+    let ninetieth = probes[(probes.len() - 1) * 9 / 10];
     assert!(
         ninetieth * 2 < quickest,
         "/health's 90th percentile took {ninetieth:?}, against {quickest:?} for the quickest tokenize"

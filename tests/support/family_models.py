@@ -292,9 +292,10 @@ def write(name, spec, tok, out_dir):
         # Phi-3's shapes: long factors growing to ~20 for low frequencies,
         # short ones near 1.
         i = np.arange(spec["rot"] // 2, dtype=np.float32) / np.float32(spec["rot"] // 2 - 1)
-        # The cube as products, rounded once to f32 (`i ** 3` goes through
-        # numpy's SIMD pow, whose last bit differs between AVX-512 and AVX2
-        # machines, and so did the file).
+        # The cube as products in f64, then rounded to f32: IEEE arithmetic,
+        # the same bits everywhere (`i ** 3` goes through numpy's SIMD pow,
+        # whose last bit differs between AVX-512 and AVX2 machines, and so
+        # did the file).
         d = i.astype(np.float64)
         cube = (d * d * d).astype(np.float32)
         t["rope_factors_long.weight"] = np.float32(1.0) + np.float32(19.0) * cube
