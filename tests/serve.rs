@@ -1719,15 +1719,7 @@ fn prometheus_scrapes_metrics_and_promtool_accepts_them() {
     let [prometheus, promtool] = &paths[..] else {
         panic!("install-prometheus.sh printed {paths:?}, not two paths");
     };
-    let s = Server::start(
-        &[
-            "--set",
-            "server.health_probe_interval_secs=3600",
-            "--set",
-            "server.health_max_age_secs=3600",
-        ],
-        true,
-    );
+    let s = Server::start(&NO_PROBES, true);
     for i in 0..3 {
         let (st, r) = s.post(
             "/v1/completions",
