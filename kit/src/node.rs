@@ -14,6 +14,11 @@
 //! panics) fails every step it is given, with the reason, until a rebuild
 //! succeeds. A panic in [`NodeWorker::abort`] is caught and logged.
 //!
+//! A step's message dropped before its node ran it (the node's arbiter
+//! stopped with it queued: the pipeline halted or shut down) aborts the
+//! step's links as a failure would, so no peer waits for the node's part
+//! for ever; a peer in another process hears of it only so.
+//!
 //! [`NodeCounters`] live in a [`NodeStats`] table shared with the pipeline
 //! handle: each node writes only its own row, the handle reads them all.
 
@@ -43,6 +48,22 @@ pub struct RunStep<W, L> {
     pub work: W,
     /// The node's links for the step.
     pub links: L,
+    /// Aborts `links` if the message is dropped before its node ran it (its
+    /// arbiter stopped with the message still queued, as when the pipeline
+    /// halts), so that peers waiting on the node's part return: a peer in
+    /// another process learns of it only so. The node takes it as it runs
+    /// the step.
+    pub(crate) unrun: Option<fn(&L)>,
+}
+
+impl<W, L> Drop for RunStep<W, L> {
+    fn drop(&mut self) {
+        if let Some(abort) = self.unrun.take() {
+            if let Err(p) = catch_unwind(AssertUnwindSafe(|| abort(&self.links))) {
+                tracing::error!(node = %self.node, "abort panicked: {}", panic_text(p));
+            }
+        }
+    }
 }
 
 impl<W: Send + 'static, L: Send + 'static> Message for RunStep<W, L> {
@@ -175,7 +196,9 @@ pub fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
 impl<W: NodeWorker> Handler<RunStep<W::Work, W::Links>> for NodeActor<W> {
     type Result = ();
 
-    fn handle(&mut self, msg: RunStep<W::Work, W::Links>, ctx: &mut Self::Context) {
+    fn handle(&mut self, mut msg: RunStep<W::Work, W::Links>, ctx: &mut Self::Context) {
+        // Run now: the node itself aborts the links if the step fails.
+        msg.unrun = None;
         let t0 = Instant::now();
         let result = match &mut self.worker {
             // Planned before this node's restart, on state the restart lost:
@@ -302,6 +325,7 @@ mod tests {
                     epoch,
                     work: fail,
                     links: (),
+                    unrun: None,
                 });
             }
             let mut got = Vec::new();
@@ -346,5 +370,90 @@ mod tests {
         assert_eq!(got[0], Ok(1));
         assert!(matches!(got[1], Err(NodeError::Failed(_))));
         assert_eq!(got[2], Ok(1));
+    }
+
+    /// Fails on work `true`; its links count the aborts they got.
+    struct Aborts;
+
+    impl NodeWorker for Aborts {
+        type Work = bool;
+        type Links = Arc<std::sync::atomic::AtomicUsize>;
+        type Output = u64;
+
+        fn run(&mut self, fail: &bool, _: &Self::Links) -> Result<u64, NodeError> {
+            match fail {
+                true => Err(NodeError::Failed("injected".into())),
+                false => Ok(0),
+            }
+        }
+        fn abort(links: &Self::Links) {
+            links.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn aborts(links: &Arc<std::sync::atomic::AtomicUsize>) -> usize {
+        links.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[test]
+    fn a_step_dropped_before_its_node_ran_it_aborts_its_links_once() {
+        let links = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let id = NodeId {
+            replica: 0,
+            index: 0,
+        };
+        drop(RunStep {
+            node: id,
+            step: 0,
+            epoch: 0,
+            work: false,
+            links: links.clone(),
+            unrun: Some(Aborts::abort as fn(&_)),
+        });
+        assert_eq!(aborts(&links), 1, "peers waiting on its part must return");
+    }
+
+    #[test]
+    fn a_step_its_node_ran_is_aborted_only_if_it_failed() {
+        let (ok, failed) = (Arc::default(), Arc::default());
+        let (tx, rx) = unbounded();
+        let steps = [(false, Arc::clone(&ok)), (true, Arc::clone(&failed))];
+        let reported = System::new().block_on(async move {
+            let merger = Reports(tx).start().recipient();
+            let id = NodeId {
+                replica: 0,
+                index: 0,
+            };
+            let factory: WorkerFactory<Aborts> = Arc::new(|_| Ok(Aborts));
+            let stats = (NodeStats::new(1, 1), KitMetrics::default());
+            let node =
+                Supervisor::start(move |_| NodeActor::new(id, factory, Ok(Aborts), merger, stats));
+            for (step, (fail, links)) in steps.into_iter().enumerate() {
+                node.do_send(RunStep {
+                    node: id,
+                    step: step as StepId,
+                    epoch: 0,
+                    work: fail,
+                    links,
+                    unrun: Some(Aborts::abort as fn(&_)),
+                });
+            }
+            let mut got = 0;
+            for _ in 0..5000 {
+                got += rx.try_iter().count();
+                if got == 2 {
+                    break;
+                }
+                actix::clock::sleep(Duration::from_millis(1)).await;
+            }
+            got
+        });
+        assert_eq!(reported, 2, "both steps reported");
+        assert_eq!(aborts(&ok), 0, "a step that ran to the end is not aborted");
+        assert_eq!(
+            aborts(&failed),
+            1,
+            "a failed step is aborted once, by its node"
+        );
     }
 }

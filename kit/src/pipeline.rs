@@ -263,6 +263,7 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
                             end: merger.clone().recipient(),
                             halt: merger.clone().recipient(),
                             queue: queue.clone().recipient(),
+                            abort: W::abort,
                         },
                         (sched_stats, queue_len),
                         fault_flag,
@@ -272,8 +273,14 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
                     arbiters
                 });
                 let _ = sys.run();
-                for a in arbiters {
+                // Every node's arbiter is told to stop before any is waited
+                // for: a node still running a step may be waiting on a peer
+                // whose queued part of it is aborted only as that peer's
+                // arbiter drops it (see `RunStep`).
+                for a in &arbiters {
                     a.stop();
+                }
+                for a in arbiters {
                     let _ = a.join();
                 }
             })

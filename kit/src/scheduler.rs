@@ -409,6 +409,9 @@ pub(crate) struct SchedulerLinks<P: Policy> {
     pub(crate) end: Recipient<EndTask>,
     pub(crate) halt: Recipient<Halt>,
     pub(crate) queue: Recipient<Demand>,
+    /// Aborts a node's links ([`NodeWorker::abort`](crate::NodeWorker::abort)),
+    /// for a step whose message is dropped before the node ran it.
+    pub(crate) abort: fn(&P::Links),
 }
 
 /// The schedule stage.
@@ -541,6 +544,7 @@ impl<P: Policy> SchedulerActor<P> {
                         epoch: d.epoch,
                         work: t.work,
                         links: t.links,
+                        unrun: Some(self.links.abort),
                     });
                 }
             }
