@@ -125,8 +125,12 @@ impl Halter {
             why: why.into(),
             system: self.system.clone(),
         };
-        if self.seal.try_send(seal).is_err() {
-            self.system.stop();
+        // Queued behind whatever the mailbox holds, however far past its
+        // capacity (a `try_send` from a sender an earlier send parked
+        // would be refused).
+        match self.seal.connected() {
+            true => self.seal.do_send(seal),
+            false => self.system.stop(),
         }
     }
 

@@ -339,8 +339,11 @@ impl<T: Task, R: Send + 'static> Handler<Seal> for QueueActor<T, R> {
             why: msg.why,
             system: msg.system.clone(),
         };
-        if self.halt.try_send(halt).is_err() {
-            msg.system.stop();
+        // Behind every registration sent, however far past its capacity
+        // the merger's mailbox is.
+        match self.halt.connected() {
+            true => self.halt.do_send(halt),
+            false => msg.system.stop(),
         }
     }
 }

@@ -206,6 +206,9 @@ struct Faults {
     merge_panics_on: Option<u64>,
     /// The policy plans this job's work on node 5 (of 2).
     bad_node_on: Option<u64>,
+    /// The policy takes a second planning this job (the control thread,
+    /// and the queue on it, answer nothing meanwhile).
+    policy_stalls_on: Option<u64>,
 }
 
 /// One step per job, on node 0.
@@ -242,6 +245,9 @@ impl Policy for Jobs {
             Some(n) != self.faults.policy_panics_on,
             "the policy trips on {n}"
         );
+        if Some(n) == self.faults.policy_stalls_on {
+            std::thread::sleep(Duration::from_secs(1));
+        }
         let node = if Some(n) == self.faults.bad_node_on {
             5
         } else {
@@ -483,6 +489,46 @@ fn a_shutdown_out_of_time_a_drop_and_a_halter_end_held_tasks_through_the_merge()
     failed_with(&rx, "a rank was lost");
     let (tx, _rx) = crossbeam::channel::bounded(1);
     assert_eq!(p.submit(Job { id: 9, n: 1 }, tx), Err(SubmitError::Stopped));
+}
+
+#[test]
+fn a_halt_behind_a_full_queue_mailbox_still_ends_every_task_through_the_merge() {
+    // Job 1's planning stalls the control thread; 40 submissions pile up
+    // at the queue's mailbox, past its capacity of 16, and the halt comes
+    // behind them. Every task the queue took must still end through the merge
+    // (an answer, or the halt's reason), never with its reply dropped.
+    let p = Arc::new(start(Faults {
+        policy_stalls_on: Some(1),
+        ..Faults::default()
+    }));
+    let first = submit(&p, 1, 1);
+    let submitters: Vec<_> = (2..42)
+        .map(|id| {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                let (tx, rx) = crossbeam::channel::bounded(1);
+                p.submit(Job { id, n: 1500 }, tx).map(|()| rx)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    p.halter().halt("a rank was lost");
+    let mut failed = 0;
+    let mut replies = vec![first];
+    for s in submitters {
+        match s.join().expect("a submitter") {
+            Ok(rx) => replies.push(rx),
+            Err(e) => assert_eq!(e, SubmitError::Stopped, "{e}"),
+        }
+    }
+    for rx in &replies {
+        match reply(rx) {
+            Ok(_) => {}
+            Err(End::Failed(w)) if w == "a rank was lost" => failed += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(failed >= 30, "{failed} of {} failed", replies.len());
 }
 
 #[test]

@@ -428,14 +428,21 @@ pub fn serve_nodes(
             std::thread::Builder::new()
                 .name(format!("rank{me}-r{replica}n{index}"))
                 .spawn(move || {
-                    node_loop(
-                        NodeId { replica, index },
-                        shape,
-                        &mine,
-                        &*local,
-                        &registry,
-                        per_replica,
-                    )
+                    let id = NodeId { replica, index };
+                    let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        node_loop(id, shape, &mine, &*local, &registry, per_replica)
+                    }))
+                    .unwrap_or_else(|p| Err(format!("the node panicked: {}", kit::panic_text(p))));
+                    if let Err(e) = &ended {
+                        // Rank 0 would wait for ever on this node's part of
+                        // its next step, and this rank's other nodes on rank
+                        // 0: fail the transport here, so they end too and
+                        // the rank ends the job naming why.
+                        mine.transport
+                            .mailbox()
+                            .fail(format!("node r{replica}n{index} on rank {me} ended: {e}"));
+                    }
+                    ended
                 })
                 .map_err(|e| {
                     let e = format!("cannot start node r{replica}n{index}: {e}");
@@ -603,5 +610,49 @@ mod tests {
         for t in &world {
             assert_eq!(t.mailbox().pending(), 0, "rank {}: messages left", t.rank());
         }
+    }
+
+    /// A node of another rank whose loop ends with an error (here, rank 0
+    /// sent it what no build reads) ends that rank's other nodes too, so
+    /// the rank ends the job rather than leave rank 0 waiting for ever on
+    /// the node that is gone.
+    #[test]
+    fn a_node_loop_that_ends_with_an_error_ends_its_ranks_other_nodes() {
+        let spec = ClusterSpec {
+            ranks: 2,
+            mode: Mode::ByHost,
+            ..ClusterSpec::default()
+        };
+        let layout = Layout {
+            dp: 1,
+            tp: 2,
+            pp: 2,
+            draft: false,
+        };
+        let placement = Arc::new(Placement::plan(&spec, layout, 2).expect("placement"));
+        assert_eq!(placement.nodes_on(1), vec![(0, 2), (0, 3)]);
+        let world = Loopback::world(2);
+        let shape = ReplicaShape::new(2, 2);
+        let rank1 = Cluster {
+            transport: world[1].clone(),
+            placement,
+        };
+        let (tx, served) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(serve_nodes(|_| Err("no weights here".into()), shape, rank1));
+        });
+        world[0]
+            .send(1, Cluster::control(2, true), b"not a message")
+            .expect("send");
+        let e = served
+            .recv_timeout(Duration::from_secs(20))
+            .expect("rank 1 still serves its other node")
+            .expect_err("a node's loop failed");
+        assert!(e.contains("unreadable message"), "{e}");
+        let failure = world[1].mailbox().failure().unwrap_or_default();
+        assert!(
+            failure.contains("node r0n2 on rank 1 ended: rank 0 sent an unreadable message"),
+            "{failure}"
+        );
     }
 }
