@@ -128,7 +128,9 @@ impl<R: Read + Seek> Seek for Tracked<R> {
             })?;
         // Within the buffer, it stays.
         if let Err(e) = self.inner.seek_relative(by) {
-            self.pos = self.inner.stream_position()?;
+            if let Ok(at) = self.inner.stream_position() {
+                self.pos = at;
+            }
             return Err(e);
         }
         self.pos = target as u64;

@@ -126,11 +126,11 @@ impl Halter {
             system: self.system.clone(),
         };
         // Queued behind whatever the mailbox holds, however far past its
-        // capacity (a `try_send` from a sender an earlier send parked
-        // would be refused).
-        match self.seal.connected() {
-            true => self.seal.do_send(seal),
-            false => self.system.stop(),
+        // capacity; a mailbox already closed (the system is stopping)
+        // drops it, and the system is stopped here instead.
+        self.seal.do_send(seal);
+        if !self.seal.connected() {
+            self.system.stop();
         }
     }
 
@@ -277,14 +277,8 @@ impl<P: Policy, R: Send + 'static> Pipeline<P, R> {
                     arbiters
                 });
                 let _ = sys.run();
-                // Every node's arbiter is told to stop before any is waited
-                // for: a node still running a step may be waiting on a peer
-                // whose queued part of it is aborted only as that peer's
-                // arbiter drops it (see `RunStep`).
-                for a in &arbiters {
-                    a.stop();
-                }
                 for a in arbiters {
+                    a.stop();
                     let _ = a.join();
                 }
             })

@@ -340,10 +340,10 @@ impl<T: Task, R: Send + 'static> Handler<Seal> for QueueActor<T, R> {
             system: msg.system.clone(),
         };
         // Behind every registration sent, however far past its capacity
-        // the merger's mailbox is.
-        match self.halt.connected() {
-            true => self.halt.do_send(halt),
-            false => msg.system.stop(),
+        // the merger's mailbox is; without a merger, the system stops here.
+        self.halt.do_send(halt);
+        if !self.halt.connected() {
+            msg.system.stop();
         }
     }
 }

@@ -233,8 +233,11 @@ pub trait NodeWorker: Sized + Unpin + 'static {
     /// the node is rebuilt from its [`WorkerFactory`], and the step's tasks
     /// run again, each up to [`Supervision::max_retries`] times.
     fn run(&mut self, work: &Self::Work, links: &Self::Links) -> Result<Self::Output, NodeError>;
-    /// Called when this node fails mid-step, so that peers blocked on it return
-    /// (a panic here is caught and logged).
+    /// Called when this node fails mid-step, or when its part of a step is
+    /// dropped without being run (its arbiter stopped with it queued), so
+    /// that peers blocked on it return (a panic here is caught and logged).
+    /// It may run on any thread, more than once for the same links, and
+    /// must not block.
     fn abort(links: &Self::Links);
     /// Whether the worker keeps state from step to step that later steps
     /// build on (the LLM's KV cache). A restart rebuilds the worker without
