@@ -572,8 +572,9 @@ mod tests {
     /// returns) is reported to rank 0 as a node that could not load, with
     /// the panic's message, and its rank still ends when rank 0 ends the
     /// job.
-    #[test]
-    fn a_node_that_panics_while_loading_fails_rank_0s_wait_naming_why() {
+    /// One replica of `tp` × `pp` nodes placed by host on a job of two
+    /// ranks as threads: its placement, the ranks' transports, its shape.
+    fn two_ranks(tp: usize, pp: usize) -> (Arc<Placement>, Vec<Arc<Loopback>>, ReplicaShape) {
         let spec = ClusterSpec {
             ranks: 2,
             mode: Mode::ByHost,
@@ -581,13 +582,17 @@ mod tests {
         };
         let layout = Layout {
             dp: 1,
-            tp: 1,
-            pp: 2,
+            tp,
+            pp,
             draft: false,
         };
         let placement = Arc::new(Placement::plan(&spec, layout, 2).expect("placement"));
-        let world = Loopback::world(2);
-        let shape = ReplicaShape::new(1, 2);
+        (placement, Loopback::world(2), ReplicaShape::new(tp, pp))
+    }
+
+    #[test]
+    fn a_node_that_panics_while_loading_fails_rank_0s_wait_naming_why() {
+        let (placement, world, shape) = two_ranks(1, 2);
         let rank1 = Cluster {
             transport: world[1].clone(),
             placement: placement.clone(),
@@ -618,21 +623,8 @@ mod tests {
     /// the node that is gone.
     #[test]
     fn a_node_loop_that_ends_with_an_error_ends_its_ranks_other_nodes() {
-        let spec = ClusterSpec {
-            ranks: 2,
-            mode: Mode::ByHost,
-            ..ClusterSpec::default()
-        };
-        let layout = Layout {
-            dp: 1,
-            tp: 2,
-            pp: 2,
-            draft: false,
-        };
-        let placement = Arc::new(Placement::plan(&spec, layout, 2).expect("placement"));
+        let (placement, world, shape) = two_ranks(2, 2);
         assert_eq!(placement.nodes_on(1), vec![(0, 2), (0, 3)]);
-        let world = Loopback::world(2);
-        let shape = ReplicaShape::new(2, 2);
         let rank1 = Cluster {
             transport: world[1].clone(),
             placement,
