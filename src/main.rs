@@ -357,6 +357,9 @@ struct GenerateArgs {
     /// A system message (with --chat).
     #[arg(long, requires = "chat")]
     system: Option<String>,
+    /// More chat template variables, a JSON object (with --chat): '{"enable_thinking": false}'.
+    #[arg(long, requires = "chat", value_name = "JSON")]
+    chat_template_kwargs: Option<String>,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
@@ -1213,7 +1216,13 @@ fn run_generate(args: GenerateArgs) -> CliResult {
     if args.beam.is_some() && args.parallel.speculation()?.enabled() {
         return Err("--speculative does not combine with --beam (beam search)".into());
     }
-    let engine = build_engine(&args.model, &args.parallel)?;
+    let kwargs = parallm::config::template_kwargs(
+        args.chat_template_kwargs.as_deref().unwrap_or_default(),
+        "--chat-template-kwargs",
+    )?;
+    let engine = engine_builder(&args.model, &args.parallel)?
+        .chat_template_kwargs(kwargs)
+        .build()?;
     let prompt = if args.chat {
         let mut messages = Vec::new();
         if let Some(system) = args.system {

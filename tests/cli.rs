@@ -129,6 +129,9 @@ fn chat_and_beam_options_work() {
         "12",
         "--weights",
         "f32",
+        // The reference model's template reads no such variable.
+        "--chat-template-kwargs",
+        r#"{"enable_thinking": false}"#,
     ]);
     assert!(
         out.status.success(),
@@ -136,6 +139,14 @@ fn chat_and_beam_options_work() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
+    for (kwargs, why) in [
+        ("[1]", "must be a JSON object"),
+        (r#"{"bos_token": "x"}"#, "may not hold `bos_token`"),
+    ] {
+        let out = parallm(&["generate", "Hi", "--chat", "--chat-template-kwargs", kwargs]);
+        assert_clean_failure(&out, "--chat-template-kwargs");
+        assert_clean_failure(&out, why);
+    }
     let out = parallm(&[
         "generate",
         "The capital of France is",

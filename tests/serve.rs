@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -1671,7 +1671,15 @@ fn tool_choice_required_always_calls_a_defined_tool_in_two_families_templates() 
     tool_calls_hold(&s, "SmolLM2 (template without tools)");
     drop(s);
     // A Qwen2 directory with Qwen2.5's template, which renders `tools`.
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("qwen25-template");
+    let dir = tiny_qwen2_with_template("qwen2.5-instruct.jinja");
+    let s = Server::start_model(&dir, &[], true);
+    tool_calls_hold(&s, "Qwen2.5's template (renders tools)");
+}
+
+/// A copy of the tiny Qwen2 directory whose chat template is
+/// `tests/data/chat/{template}`.
+fn tiny_qwen2_with_template(template: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("qwen2-{template}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     let src = common::hf_models_dir().join("qwen2-bf16");
@@ -1680,7 +1688,9 @@ fn tool_choice_required_always_calls_a_defined_tool_in_two_families_templates() 
         std::fs::copy(e.path(), dir.join(e.file_name())).expect("copy");
     }
     let template = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/chat/qwen2.5-instruct.jinja"),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/chat")
+            .join(template),
     )
     .expect("template");
     let cfg_path = dir.join("tokenizer_config.json");
@@ -1689,8 +1699,104 @@ fn tool_choice_required_always_calls_a_defined_tool_in_two_families_templates() 
     cfg["chat_template"] = Value::String(template);
     std::fs::write(&cfg_path, cfg.to_string()).expect("write");
     let _ = std::fs::remove_file(dir.join("chat_template.jinja"));
-    let s = Server::start_model(&dir, &[], true);
-    tool_calls_hold(&s, "Qwen2.5's template (renders tools)");
+    dir
+}
+
+#[test]
+fn chat_template_fields_render_as_hugging_face_does_on_both_endpoints() {
+    // Qwen3's template, its thinking turned off by the server's setting.
+    let dir = tiny_qwen2_with_template("qwen3.jinja");
+    let s = Server::start_model(
+        &dir,
+        &[
+            "--set",
+            r#"model.chat_template_kwargs={"enable_thinking": false}"#,
+        ],
+        true,
+    );
+    let user = json!({"role": "user", "content": "Q"});
+    let begun = json!({"role": "assistant", "content": "The answer is "});
+    let text = |messages: Value, extra: Value| -> (String, usize) {
+        let mut body = json!({"messages": messages});
+        body.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        let (st, r) = s.post("/tokenize", body);
+        assert_eq!(st, 200, "{r}");
+        let (st, d) = s.post("/detokenize", json!({"tokens": r["tokens"]}));
+        assert_eq!(st, 200, "{d}");
+        (
+            d["prompt"].as_str().expect("text").to_string(),
+            r["count"].as_u64().expect("count") as usize,
+        )
+    };
+    // (As /detokenize writes them: without the special tokens.)
+    let opened = "user\nQ\nassistant\n";
+    let cases = [
+        // The server's variable, then the request's over it.
+        (
+            json!([user]),
+            json!({}),
+            format!("{opened}<think>\n\n</think>\n\n"),
+        ),
+        (
+            json!([user]),
+            json!({"chat_template_kwargs": {"enable_thinking": true}}),
+            opened.to_string(),
+        ),
+        (
+            json!([user]),
+            json!({"add_generation_prompt": false}),
+            "user\nQ\n".to_string(),
+        ),
+        // The final message left open, its trailing space kept as Qwen3's
+        // template keeps it (which writes the thought of an answer after
+        // the last question, even an empty one).
+        (
+            json!([user, begun]),
+            json!({"continue_final_message": true}),
+            format!("{opened}<think>\n\n</think>\n\nThe answer is "),
+        ),
+    ];
+    for (messages, extra, want) in cases {
+        let (got, count) = text(messages.clone(), extra.clone());
+        assert_eq!(got, want, "{extra}");
+        // The chat endpoint renders the same prompt.
+        let mut body = json!({"messages": messages, "max_tokens": 1, "temperature": 0});
+        body.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        let (st, r) = s.post("/v1/chat/completions", body);
+        assert_eq!(st, 200, "{r}");
+        assert_eq!(r["usage"]["prompt_tokens"], count, "{extra}");
+    }
+    for (extra, param) in [
+        (
+            json!({"continue_final_message": true, "add_generation_prompt": true}),
+            "continue_final_message",
+        ),
+        (json!({"chat_template_kwargs": [1]}), "chat_template_kwargs"),
+        (
+            json!({"chat_template_kwargs": {"messages": []}}),
+            "chat_template_kwargs",
+        ),
+    ] {
+        for path in ["/tokenize", "/v1/chat/completions"] {
+            let mut body = json!({"messages": [user, begun], "max_tokens": 1});
+            body.as_object_mut()
+                .expect("object")
+                .extend(extra.as_object().expect("object").clone());
+            let (st, r) = s.post(path, body);
+            assert_error(st, &r, 400, Some(param), "invalid_value");
+        }
+    }
+    // A final message the template drops cannot be continued.
+    let empty = json!({"role": "assistant", "content": " "});
+    let (st, r) = s.post(
+        "/v1/chat/completions",
+        json!({"messages": [user, empty], "continue_final_message": true, "max_tokens": 1}),
+    );
+    assert_error(st, &r, 400, Some("continue_final_message"), "invalid_value");
 }
 
 #[test]

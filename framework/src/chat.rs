@@ -331,6 +331,108 @@ impl std::fmt::Debug for ChatTemplate {
     }
 }
 
+/// Template variables by name, as JSON values (`chat_template_kwargs`).
+pub type TemplateKwargs = serde_json::Map<String, Value>;
+
+/// How a conversation is rendered beyond its messages: the arguments of
+/// Hugging Face's `apply_chat_template` that OpenAI-compatible servers take
+/// per request. [`RenderOptions::default`] is a plain chat turn: the
+/// assistant's turn opener at the end, nothing else.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RenderOptions {
+    /// End with the assistant's turn opener (default true).
+    pub add_generation_prompt: bool,
+    /// Leave the final message open, without what the template writes after
+    /// its text, so the model continues it (an assistant reply begun by
+    /// the caller). Cannot go with `add_generation_prompt`.
+    pub continue_final_message: bool,
+    /// More template variables by name (`enable_thinking`, …), as
+    /// `chat_template_kwargs` gives them; none may be one the renderer sets
+    /// itself ([`RenderOptions::RESERVED`]).
+    pub kwargs: TemplateKwargs,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        Self::opening(true)
+    }
+}
+
+impl RenderOptions {
+    /// The template variables the renderer sets itself.
+    pub const RESERVED: [&'static str; 5] = [
+        "messages",
+        "tools",
+        "add_generation_prompt",
+        "bos_token",
+        "eos_token",
+    ];
+
+    /// The default, with the turn opener only if `add_generation_prompt`.
+    pub fn opening(add_generation_prompt: bool) -> Self {
+        Self {
+            add_generation_prompt,
+            continue_final_message: false,
+            kwargs: TemplateKwargs::new(),
+        }
+    }
+
+    /// Refuses what cannot be rendered, naming the field: both
+    /// `continue_final_message` and `add_generation_prompt`, or a
+    /// `kwargs` name the renderer sets itself.
+    pub fn check(&self) -> Result<()> {
+        if self.continue_final_message && self.add_generation_prompt {
+            return Err(Error::invalid(
+                "continue_final_message",
+                "cannot go with `add_generation_prompt`: continue the final message, \
+                 or open a new assistant turn after it (set `add_generation_prompt` to false)",
+            ));
+        }
+        if let Some(name) = self
+            .kwargs
+            .keys()
+            .find(|k| Self::RESERVED.contains(&k.as_str()))
+        {
+            return Err(Error::invalid(
+                "chat_template_kwargs",
+                format!(
+                    "may not hold `{name}`: the renderer sets it (reserved: {})",
+                    Self::RESERVED.join(", ")
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `rendered` cut just after the final message's text `last`, as
+/// `apply_chat_template(continue_final_message=True)` cuts it: at the last
+/// place that text (stripped) appears, keeping its trailing whitespace
+/// where the template kept it.
+fn continue_final(mut rendered: String, last: &str) -> Result<String> {
+    let stripped = last.trim();
+    if stripped.is_empty() {
+        return Err(Error::invalid(
+            "continue_final_message",
+            "is set, but the final message has no text to continue",
+        ));
+    }
+    let Some(at) = rendered.rfind(stripped) else {
+        return Err(Error::invalid(
+            "continue_final_message",
+            "is set, but the final message's text does not appear in the rendered prompt (the \
+             chat template changes it or leaves it out), so it cannot be continued",
+        ));
+    };
+    let kept = last.trim_start();
+    let end = match rendered[at..].starts_with(kept) {
+        true => at + kept.len(),
+        false => at + stripped.len(),
+    };
+    rendered.truncate(end);
+    Ok(rendered)
+}
+
 impl ChatTemplate {
     /// Compiles `source`; `bos`/`eos` are the texts of the model's special tokens.
     pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self> {
@@ -382,15 +484,15 @@ impl ChatTemplate {
     /// Renders `messages`, ending with the assistant's turn opener when
     /// `add_generation_prompt` is set.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
-        if messages.is_empty() {
-            return Err(Error::invalid("messages", "must hold at least one message"));
-        }
-        self.render_context(context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos,
-            eos_token => self.eos,
-        })
+        self.render_with(messages, &RenderOptions::opening(add_generation_prompt))
+    }
+
+    /// Renders `messages` as `options` say: [`ChatTemplate::render`] with
+    /// every argument of Hugging Face's `apply_chat_template` that a
+    /// request can give.
+    pub fn render_with(&self, messages: &[ChatMessage], options: &RenderOptions) -> Result<String> {
+        let last = messages.last().map(|m| m.content.as_str());
+        self.render_conversation(JinjaValue::from_serialize(messages), last, None, options)
     }
 
     /// Renders `messages` with their tool fields and, when given, `tools`
@@ -406,27 +508,67 @@ impl ChatTemplate {
         tools: Option<&[Tool]>,
         add_generation_prompt: bool,
     ) -> Result<String> {
-        if messages.is_empty() {
-            return Err(Error::invalid("messages", "must hold at least one message"));
-        }
+        self.render_turns(
+            messages,
+            tools,
+            &RenderOptions::opening(add_generation_prompt),
+        )
+    }
+
+    /// [`ChatTemplate::render_with_tools`] as `options` say.
+    pub fn render_turns(
+        &self,
+        messages: &[ChatTurn],
+        tools: Option<&[Tool]>,
+        options: &RenderOptions,
+    ) -> Result<String> {
+        let last = messages.last().map(|m| m.content.as_str());
         let messages: Vec<JinjaValue> = messages.iter().map(ChatTurn::to_jinja).collect();
+        let tools = tools.map(|tools| {
+            tools
+                .iter()
+                .map(|t| json_to_jinja(&t.to_openai()))
+                .collect::<Vec<JinjaValue>>()
+        });
+        self.render_conversation(JinjaValue::from(messages), last, tools, options)
+    }
+
+    /// Renders a conversation whose final message's text is `last` (`None`:
+    /// no message), with `tools` defined only when given.
+    fn render_conversation(
+        &self,
+        messages: JinjaValue,
+        last: Option<&str>,
+        tools: Option<Vec<JinjaValue>>,
+        options: &RenderOptions,
+    ) -> Result<String> {
+        let Some(last) = last else {
+            return Err(Error::invalid("messages", "must hold at least one message"));
+        };
+        options.check()?;
+        let extra = JinjaValue::from_object(OrderedMap(
+            options
+                .kwargs
+                .iter()
+                .map(|(k, v)| (k.clone(), json_to_jinja(v)))
+                .collect(),
+        ));
         let base = context! {
             messages => messages,
-            add_generation_prompt => add_generation_prompt,
+            add_generation_prompt => options.add_generation_prompt,
             bos_token => self.bos,
             eos_token => self.eos,
+            ..extra
         };
         let ctx = match tools {
-            Some(tools) => {
-                let tools: Vec<JinjaValue> = tools
-                    .iter()
-                    .map(|t| json_to_jinja(&t.to_openai()))
-                    .collect();
-                context! { tools => tools, ..base }
-            }
+            Some(tools) => context! { tools => tools, ..base },
             None => base,
         };
-        self.render_context(ctx)
+        let text = self.render_context(ctx)?;
+        match options.continue_final_message {
+            true => continue_final(text, last),
+            false => Ok(text),
+        }
     }
 
     fn render_context(&self, ctx: JinjaValue) -> Result<String> {
@@ -831,6 +973,90 @@ mod tests {
         assert_eq!(
             t.render(&last_thought, false).unwrap(),
             "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<think>\nr\n</think>\n\nA<|im_end|>\n"
+        );
+    }
+
+    #[test]
+    fn render_options_give_template_variables_and_continue_the_final_message() {
+        // Qwen3's `enable_thinking = false` writes an empty thought.
+        let t = ChatTemplate::new(QWEN3.trim_end(), "", "<|im_end|>").unwrap();
+        let q = [ChatMessage::new("user", "Q")];
+        let mut no_thinking = RenderOptions::default();
+        no_thinking
+            .kwargs
+            .insert("enable_thinking".into(), false.into());
+        assert_eq!(
+            t.render_with(&q, &no_thinking).unwrap(),
+            "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        );
+        assert_eq!(
+            t.render_with(&q, &RenderOptions::default()).unwrap(),
+            t.render(&q, true).unwrap()
+        );
+
+        // Continuing: cut after the final message's text, its trailing
+        // space kept where the template keeps it (HF's rule).
+        let begun = [
+            ChatMessage::new("user", "Q"),
+            ChatMessage::new("assistant", "The answer is "),
+        ];
+        let cont = RenderOptions {
+            add_generation_prompt: false,
+            continue_final_message: true,
+            ..RenderOptions::default()
+        };
+        let keeps = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}";
+        let keeps = ChatTemplate::new(keeps, "", "</s>").unwrap();
+        assert_eq!(
+            keeps.render_with(&begun, &cont).unwrap(),
+            "<user>Q</s><assistant>The answer is "
+        );
+        let strips = ChatTemplate::new(GEMMA, "<bos>", "<eos>").unwrap();
+        assert_eq!(
+            strips.render_with(&begun, &cont).unwrap(),
+            "<bos><start_of_turn>user\nQ<end_of_turn>\n<start_of_turn>model\nThe answer is"
+        );
+        let turns: Vec<ChatTurn> = begun.iter().map(ChatTurn::from).collect();
+        assert_eq!(
+            strips.render_turns(&turns, None, &cont).unwrap(),
+            strips.render_with(&begun, &cont).unwrap()
+        );
+
+        // What cannot be rendered names its field.
+        let field = |r: Result<String>| match r {
+            Err(Error::InvalidRequest { field, reason }) => format!("{field}: {reason}"),
+            other => panic!("not refused: {other:?}"),
+        };
+        let both = RenderOptions {
+            add_generation_prompt: true,
+            ..cont.clone()
+        };
+        let err = field(keeps.render_with(&begun, &both));
+        assert!(
+            err.starts_with("continue_final_message: cannot go with `add_generation_prompt`"),
+            "{err}"
+        );
+        for name in RenderOptions::RESERVED {
+            let mut opts = RenderOptions::default();
+            opts.kwargs.insert(name.into(), 1.into());
+            let err = field(keeps.render_with(&q, &opts));
+            assert!(
+                err.starts_with(&format!("chat_template_kwargs: may not hold `{name}`")),
+                "{err}"
+            );
+        }
+        let empty = [
+            ChatMessage::new("user", "Q"),
+            ChatMessage::new("assistant", " "),
+        ];
+        let err = field(keeps.render_with(&empty, &cont));
+        assert!(err.contains("no text to continue"), "{err}");
+        let drops =
+            ChatTemplate::new("{% for m in messages %}[{{ m.role }}]{% endfor %}", "", "").unwrap();
+        let err = field(drops.render_with(&begun, &cont));
+        assert!(
+            err.contains("does not appear in the rendered prompt"),
+            "{err}"
         );
     }
 

@@ -88,6 +88,10 @@ pub struct ModelSection {
     /// The tool-call format: `hermes`, `llama3_json` or `mistral`; empty:
     /// the one the chat template implies.
     pub tool_format: String,
+    /// Template variables every chat is rendered with, as a JSON object
+    /// (`{"enable_thinking": false}`); a request's `chat_template_kwargs`
+    /// override them by name. Empty: none.
+    pub chat_template_kwargs: String,
 }
 
 impl Default for ModelSection {
@@ -98,6 +102,7 @@ impl Default for ModelSection {
             weights: "auto".into(),
             max_model_len: 0,
             tool_format: String::new(),
+            chat_template_kwargs: String::new(),
         }
     }
 }
@@ -1466,6 +1471,7 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
                 )
             })?),
         },
+        chat_template_kwargs: template_kwargs(&m.chat_template_kwargs, "model.chat_template_kwargs")?,
         speculative: raw.speculative.speculation()?,
         speculate_max_running: raw.speculative.max_running,
         draft: draft_model(&raw.speculative, weights)?,
@@ -1504,6 +1510,39 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         cluster: cluster_spec,
         placement,
     })
+}
+
+/// Reads `model.chat_template_kwargs` (or the flag `key`, which gave
+/// `text`): a JSON object of template variables (empty text: none), none
+/// of them one the renderer sets itself.
+pub fn template_kwargs(
+    text: &str,
+    key: &str,
+) -> Result<framework::chat::TemplateKwargs, ConfigError> {
+    if text.trim().is_empty() {
+        return Ok(Default::default());
+    }
+    let kwargs = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(map)) => map,
+        Ok(_) => {
+            return Err(invalid(
+                key,
+                format!(
+                    "is '{text}', must be a JSON object such as {{\"enable_thinking\": false}}"
+                ),
+            ))
+        }
+        Err(e) => return Err(invalid(key, format!("is not JSON ({e}): '{text}'"))),
+    };
+    let render = framework::chat::RenderOptions {
+        kwargs,
+        ..Default::default()
+    };
+    match render.check() {
+        Ok(()) => Ok(render.kwargs),
+        Err(framework::Error::InvalidRequest { reason, .. }) => Err(invalid(key, reason)),
+        Err(e) => Err(invalid(key, e.to_string())),
+    }
 }
 
 /// The effective configuration as TOML, each value followed by its origin.
@@ -1953,6 +1992,25 @@ mod tests {
             .expect_err("bad format")
             .to_string();
         assert!(err.contains("model.tool_format"), "{err}");
+        let kwargs = load_file("[model]\nchat_template_kwargs = '{\"enable_thinking\": false}'\n")
+            .expect("valid");
+        assert_eq!(
+            serde_json::Value::Object(kwargs.settings.engine.chat_template_kwargs),
+            serde_json::json!({"enable_thinking": false})
+        );
+        for (text, why) in [
+            ("[1]", "must be a JSON object"),
+            ("{enable_thinking: false}", "is not JSON"),
+            ("{\"messages\": []}", "may not hold `messages`"),
+        ] {
+            let err = load_file(&format!("[model]\nchat_template_kwargs = '{text}'\n"))
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                err.contains("model.chat_template_kwargs") && err.contains(why),
+                "{err}"
+            );
+        }
         for (text, field) in [
             (format!("[[models]]\npath = \"{path}\"\n"), "models[0].name"),
             ("[[models]]\nname = \"e\"\npath = \"/nope\"\n".to_string(), "models[0].path"),

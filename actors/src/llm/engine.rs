@@ -131,6 +131,10 @@ pub struct EngineConfig {
     /// The format tool calls are written and read in; `None`: the one the
     /// chat template implies ([`framework::tools::ToolFormat::detect`]).
     pub tool_format: Option<framework::tools::ToolFormat>,
+    /// Template variables every chat is rendered with (`enable_thinking`,
+    /// …): a request's own of the same name win. None may be one the
+    /// renderer sets itself ([`framework::chat::RenderOptions::RESERVED`]).
+    pub chat_template_kwargs: framework::chat::TemplateKwargs,
     /// The draft model of speculative decoding ([`SpecMethod::Draft`]),
     /// run whole by a node of its own in each replica.
     pub draft: Option<DraftModel>,
@@ -179,6 +183,7 @@ impl Default for EngineConfig {
             collect_activations: false,
             cluster: None,
             tool_format: None,
+            chat_template_kwargs: framework::chat::TemplateKwargs::new(),
             draft: None,
         }
     }
@@ -407,6 +412,26 @@ impl EngineConfig {
             )),
             _ => Ok(()),
         }
+    }
+
+    /// How a chat is rendered unless its request says otherwise: the
+    /// assistant's turn opened, with [`EngineConfig::chat_template_kwargs`].
+    pub fn chat_render(&self) -> framework::chat::RenderOptions {
+        framework::chat::RenderOptions {
+            kwargs: self.chat_template_kwargs.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// Refuses [`EngineConfig::chat_template_kwargs`] naming a variable
+    /// the renderer sets itself.
+    fn check_chat_template_kwargs(&self) -> Result<(), Error> {
+        self.chat_render().check().map_err(|e| match e {
+            framework::Error::InvalidRequest { reason, .. } => {
+                bad_config("chat_template_kwargs", reason)
+            }
+            other => other,
+        })
     }
 
     /// What the engine would allocate for `model`, whose file holds
@@ -704,6 +729,13 @@ impl EngineBuilder {
         self
     }
 
+    /// Template variables every chat is rendered with
+    /// ([`EngineConfig::chat_template_kwargs`]).
+    pub fn chat_template_kwargs(mut self, kwargs: framework::chat::TemplateKwargs) -> Self {
+        self.cfg.chat_template_kwargs = kwargs;
+        self
+    }
+
     /// A draft model for speculative decoding ([`SpecMethod::Draft`]), its
     /// weights in `weights`.
     pub fn draft_model(mut self, model: ModelSource, weights: WeightFormat) -> Self {
@@ -903,6 +935,7 @@ impl Engine {
     /// merger, and the factory of this process's workers.
     fn prepare_nodes(cfg: EngineConfig) -> Result<Prepared, EngineError> {
         cfg.check_max_model_len()?;
+        cfg.check_chat_template_kwargs()?;
         let (mut model, tokenizer, file_bytes) = load_model(&cfg.model, cfg.max_model_len)?;
         let draft = match &cfg.draft {
             Some(d) => {
@@ -1219,20 +1252,33 @@ impl Engine {
                     .chat
                     .as_ref()
                     .ok_or_else(|| bad("messages", "the model has no chat template"))?;
-                std::borrow::Cow::Owned(template.render(messages, true)?)
+                std::borrow::Cow::Owned(template.render_with(messages, &self.cfg.chat_render())?)
             }
-            Prompt::ChatTools { messages, tools } => {
+            Prompt::ChatTools {
+                messages,
+                tools,
+                render,
+            } => {
                 let template = self
                     .chat
                     .as_ref()
                     .ok_or_else(|| bad("messages", "the model has no chat template"))?;
+                // The configuration's variables, under the request's own.
+                let mut render = render.clone();
+                for (name, value) in &self.cfg.chat_template_kwargs {
+                    render
+                        .kwargs
+                        .entry(name.clone())
+                        .or_insert_with(|| value.clone());
+                }
+                let render = &render;
                 let text = if template.mentions_tools() {
                     let offered = (!tools.is_empty()).then_some(tools.as_slice());
-                    template.render_with_tools(messages, offered, true)?
+                    template.render_turns(messages, offered, render)?
                 } else {
                     let folded =
                         framework::tools::fold_into_messages(messages, tools, self.tool_format());
-                    match template.render(&folded, true) {
+                    match template.render_with(&folded, render) {
                         Ok(text) => text,
                         // A template that takes no system role (Gemma's)
                         // gets the tools in the first user turn.
@@ -1241,7 +1287,7 @@ impl Engine {
                                 && e.to_string().to_lowercase().contains("system") =>
                         {
                             framework::tools::system_into_first_user(folded)
-                                .and_then(|m| template.render(&m, true).ok())
+                                .and_then(|m| template.render_with(&m, render).ok())
                                 .ok_or(e)?
                         }
                         Err(e) => return Err(e),

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
-use framework::chat::{ChatMessage, ChatTurn};
+use framework::chat::{ChatMessage, ChatTurn, RenderOptions};
 use framework::guide::Guide;
 use framework::sampling::TokenLogprob;
 use framework::scoring::{PromptScore, PromptScoring};
@@ -53,6 +53,10 @@ pub enum Prompt {
         /// The tools offered (may be empty: a conversation with earlier
         /// calls and no tools offered now).
         tools: Vec<Tool>,
+        /// How the template renders them: its extra variables, and
+        /// whether the prompt opens the assistant's turn or continues the
+        /// final message ([`RenderOptions::default`]: opens it).
+        render: RenderOptions,
     },
 }
 

@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use actors::llm::{BeamParams, Prompt, Request, Traffic};
-use framework::chat::{ChatMessage, ChatTurn};
+use framework::chat::{ChatMessage, ChatTurn, RenderOptions};
 use framework::guide::Guide;
 use framework::scoring::PromptScoring;
 use framework::speculative::{SpecMethod, Speculation};
@@ -443,6 +443,65 @@ pub struct ChatRequest {
     pub top_logprobs: Option<u64>,
     /// Newer name for `max_tokens`.
     pub max_completion_tokens: Option<u64>,
+    /// How the chat template renders `messages`.
+    #[serde(flatten)]
+    pub template: TemplateFields,
+}
+
+/// What a chat or tokenize request may say of how its messages are rendered
+/// (vLLM's and SGLang's names for Hugging Face's `apply_chat_template`
+/// arguments).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TemplateFields {
+    /// End the prompt with the assistant's turn opener (default: true,
+    /// unless `continue_final_message`).
+    pub add_generation_prompt: Option<bool>,
+    /// Leave the final message open for the model to continue.
+    pub continue_final_message: Option<bool>,
+    /// More template variables (`{"enable_thinking": false}`), over the
+    /// server's `model.chat_template_kwargs`.
+    pub chat_template_kwargs: Option<serde_json::Value>,
+}
+
+impl TemplateFields {
+    /// The render options these fields ask for, checked.
+    pub fn render(&self) -> Result<RenderOptions, ApiError> {
+        let continue_final_message = self.continue_final_message.unwrap_or(false);
+        let kwargs = match &self.chat_template_kwargs {
+            None | Some(serde_json::Value::Null) => Default::default(),
+            Some(serde_json::Value::Object(map)) => map.clone(),
+            Some(other) => {
+                return Err(ApiError::param(
+                    "chat_template_kwargs",
+                    format!(
+                        "`chat_template_kwargs` must be an object of template variables, not {}",
+                        json_kind(other)
+                    ),
+                ))
+            }
+        };
+        let render = RenderOptions {
+            add_generation_prompt: self
+                .add_generation_prompt
+                .unwrap_or(!continue_final_message),
+            continue_final_message,
+            kwargs,
+        };
+        render.check().map_err(api_error)?;
+        Ok(render)
+    }
+}
+
+/// A JSON value's kind, as an error names it.
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
 }
 
 /// `POST /tokenize`.
@@ -462,6 +521,9 @@ pub struct TokenizeRequest {
     pub tool_choice: Option<serde_json::Value>,
     /// Add BOS/EOS as the model does (default true; Hugging Face's name).
     pub add_special_tokens: Option<bool>,
+    /// How the chat template renders `messages`, as the chat endpoint takes it.
+    #[serde(flatten)]
+    pub template: TemplateFields,
 }
 
 /// `POST /detokenize`.
@@ -868,20 +930,27 @@ impl CompletionRequest {
 }
 
 /// The prompt of a conversation as sent, with the tools `offered` to the
-/// model: plain turns, or turns with tool calls and results (when tools are
-/// offered, or the history holds calls).
-pub fn chat_prompt(input: &[MessageInput], offered: &[Tool]) -> Result<Prompt, ApiError> {
+/// model, rendered as `render` says: plain turns, or turns with tool calls
+/// and results (when tools are offered, or the history holds calls).
+pub fn chat_prompt(
+    input: &[MessageInput],
+    offered: &[Tool],
+    render: RenderOptions,
+) -> Result<Prompt, ApiError> {
     let with_calls = input
         .iter()
         .any(|m| m.role == "tool" || m.tool_calls.as_ref().is_some_and(|c| !c.is_empty()));
-    Ok(if offered.is_empty() && !with_calls {
-        Prompt::Chat(chat_messages(input)?)
-    } else {
-        Prompt::ChatTools {
-            messages: chat_turns(input, true)?,
-            tools: offered.to_vec(),
-        }
-    })
+    Ok(
+        if offered.is_empty() && !with_calls && render == RenderOptions::default() {
+            Prompt::Chat(chat_messages(input)?)
+        } else {
+            Prompt::ChatTools {
+                messages: chat_turns(input, true)?,
+                tools: offered.to_vec(),
+                render,
+            }
+        },
+    )
 }
 
 /// Converts messages as sent into the template's form.
@@ -1062,7 +1131,7 @@ impl ChatRequest {
         } else {
             tools
         };
-        let prompt = chat_prompt(input, &offered)?;
+        let prompt = chat_prompt(input, &offered, self.template.render()?)?;
         let parallel = self.common.parallel_tool_calls.unwrap_or(true);
         let tool_use = (!offered.is_empty()).then(|| {
             let forced = framework::tools::guide(format, &offered, &choice, parallel);

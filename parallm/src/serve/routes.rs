@@ -1100,7 +1100,7 @@ pub async fn tokenize(
     };
     let prompt = match (req.prompt, req.messages) {
         (Some(p), None) => actors::llm::Prompt::Text(p),
-        (None, Some(m)) => chat_prompt(&m, &tools)?,
+        (None, Some(m)) => chat_prompt(&m, &tools, req.template.render()?)?,
         _ => {
             return Err(ApiError::param(
                 "prompt",
