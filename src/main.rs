@@ -360,6 +360,9 @@ struct GenerateArgs {
     /// More chat template variables, a JSON object (with --chat): '{"enable_thinking": false}'.
     #[arg(long, requires = "chat", value_name = "JSON")]
     chat_template_kwargs: Option<String>,
+    /// A Jinja chat template file used in place of the model's (with --chat).
+    #[arg(long, requires = "chat", value_name = "FILE")]
+    chat_template_file: Option<PathBuf>,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
@@ -1220,8 +1223,17 @@ fn run_generate(args: GenerateArgs) -> CliResult {
         args.chat_template_kwargs.as_deref().unwrap_or_default(),
         "--chat-template-kwargs",
     )?;
+    let template = match &args.chat_template_file {
+        Some(path) => parallm::config::chat_template_file(
+            path.to_str()
+                .ok_or("--chat-template-file: the path is not UTF-8")?,
+            "--chat-template-file",
+        )?,
+        None => None,
+    };
     let engine = engine_builder(&args.model, &args.parallel)?
         .chat_template_kwargs(kwargs)
+        .chat_template(template)
         .build()?;
     let prompt = if args.chat {
         let mut messages = Vec::new();

@@ -139,6 +139,48 @@ fn chat_and_beam_options_work() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("Paris"));
+    // A template of our own that reads the variable given: the chat's
+    // prompt is the plain text it renders, so the greedy text is that
+    // text's.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let template = dir.path().join("t.jinja");
+    std::fs::write(
+        &template,
+        "{% for m in messages %}{{ m.content }}{% endfor %}{{ tail }}",
+    )
+    .expect("write");
+    let chat = parallm(&[
+        "generate",
+        "The capital of France",
+        "--chat",
+        "--chat-template-file",
+        template.to_str().expect("utf-8"),
+        "--chat-template-kwargs",
+        r#"{"tail": " is"}"#,
+        "--max-tokens",
+        "6",
+    ]);
+    let plain = parallm(&["generate", "The capital of France is", "--max-tokens", "6"]);
+    for out in [&chat, &plain] {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&chat.stdout),
+        String::from_utf8_lossy(&plain.stdout)
+    );
+    let missing = dir.path().join("missing.jinja");
+    let out = parallm(&[
+        "generate",
+        "Hi",
+        "--chat",
+        "--chat-template-file",
+        missing.to_str().expect("utf-8"),
+    ]);
+    assert_clean_failure(&out, "--chat-template-file");
     for (kwargs, why) in [
         ("[1]", "must be a JSON object"),
         (r#"{"bos_token": "x"}"#, "may not hold `bos_token`"),

@@ -1704,15 +1704,27 @@ fn tiny_qwen2_with_template(template: &str) -> PathBuf {
 
 #[test]
 fn chat_template_fields_render_as_hugging_face_does_on_both_endpoints() {
-    // Qwen3's template, its thinking turned off by the server's setting.
-    let dir = tiny_qwen2_with_template("qwen3.jinja");
-    let s = Server::start_model(
-        &dir,
+    // The reference model (ChatML tokens) with Qwen3's template in place
+    // of its own, its thinking turned off by the server's setting.
+    let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/chat/qwen3.jinja");
+    let s = Server::start(
         &[
+            "--set",
+            &format!("model.chat_template_file={}", template.display()),
             "--set",
             r#"model.chat_template_kwargs={"enable_thinking": false}"#,
         ],
         true,
+    );
+    let (_, info) = s.get("/tokenizer_info");
+    let info: Value = serde_json::from_str(&info).expect("json");
+    assert_eq!(
+        info["chat_template"].as_str(),
+        Some(
+            std::fs::read_to_string(&template)
+                .expect("template")
+                .as_str()
+        )
     );
     let user = json!({"role": "user", "content": "Q"});
     let begun = json!({"role": "assistant", "content": "The answer is "});

@@ -727,9 +727,16 @@ impl Tokenizer {
         &self.stop_tokens
     }
 
-    /// The model's chat template source, if it ships one.
+    /// The model's chat template source, if it ships one (or the one
+    /// [`Tokenizer::set_chat_template`] put in its place).
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
+    }
+
+    /// Replaces the model's chat template with `source` (a deployment's
+    /// own, for a file that ships none or a wrong one).
+    pub fn set_chat_template(&mut self, source: String) {
+        self.chat_template = Some(source);
     }
 
     /// A token's text as the vocabulary spells it (for special tokens).

@@ -88,6 +88,9 @@ pub struct ModelSection {
     /// The tool-call format: `hermes`, `llama3_json` or `mistral`; empty:
     /// the one the chat template implies.
     pub tool_format: String,
+    /// A Jinja chat template file used in place of the model's own (for a
+    /// file that ships none or a wrong one); empty: the model's.
+    pub chat_template_file: String,
     /// Template variables every chat is rendered with, as a JSON object
     /// (`{"enable_thinking": false}`); a request's `chat_template_kwargs`
     /// override them by name. Empty: none.
@@ -102,6 +105,7 @@ impl Default for ModelSection {
             weights: "auto".into(),
             max_model_len: 0,
             tool_format: String::new(),
+            chat_template_file: String::new(),
             chat_template_kwargs: String::new(),
         }
     }
@@ -1472,6 +1476,7 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
             })?),
         },
         chat_template_kwargs: template_kwargs(&m.chat_template_kwargs, "model.chat_template_kwargs")?,
+        chat_template: chat_template_file(&m.chat_template_file, "model.chat_template_file")?,
         speculative: raw.speculative.speculation()?,
         speculate_max_running: raw.speculative.max_running,
         draft: draft_model(&raw.speculative, weights)?,
@@ -1510,6 +1515,19 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
         cluster: cluster_spec,
         placement,
     })
+}
+
+/// Reads `model.chat_template_file` (or the flag `key`, which gave `path`):
+/// the template's source, checked to compile (`None` for an empty path).
+pub fn chat_template_file(path: &str, key: &str) -> Result<Option<String>, ConfigError> {
+    if path.is_empty() {
+        return Ok(None);
+    }
+    let source = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("cannot read '{path}': {e}")))?;
+    framework::chat::ChatTemplate::new(&source, "", "")
+        .map_err(|e| invalid(key, format!("'{path}': {e}")))?;
+    Ok(Some(source))
 }
 
 /// Reads `model.chat_template_kwargs` (or the flag `key`, which gave
@@ -1998,6 +2016,30 @@ mod tests {
             serde_json::Value::Object(kwargs.settings.engine.chat_template_kwargs),
             serde_json::json!({"enable_thinking": false})
         );
+        let template = write(
+            &dir,
+            "t.jinja",
+            "{% for m in messages %}{{ m.content }}{% endfor %}",
+        );
+        let own = load_file(&format!(
+            "[model]\nchat_template_file = \"{}\"\n",
+            template.display()
+        ))
+        .expect("valid");
+        assert_eq!(
+            own.settings.engine.chat_template.as_deref(),
+            Some("{% for m in messages %}{{ m.content }}{% endfor %}")
+        );
+        let broken = write(&dir, "b.jinja", "{% for m in messages %}");
+        for path in [broken.display().to_string(), "/nope.jinja".into()] {
+            let err = load_file(&format!("[model]\nchat_template_file = \"{path}\"\n"))
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                err.contains("model.chat_template_file") && err.contains(&path),
+                "{err}"
+            );
+        }
         for (text, why) in [
             ("[1]", "must be a JSON object"),
             ("{enable_thinking: false}", "is not JSON"),

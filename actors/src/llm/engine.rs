@@ -135,6 +135,9 @@ pub struct EngineConfig {
     /// …): a request's own of the same name win. None may be one the
     /// renderer sets itself ([`framework::chat::RenderOptions::RESERVED`]).
     pub chat_template_kwargs: framework::chat::TemplateKwargs,
+    /// A chat template's source that replaces the model's (`None`: the
+    /// model's own).
+    pub chat_template: Option<String>,
     /// The draft model of speculative decoding ([`SpecMethod::Draft`]),
     /// run whole by a node of its own in each replica.
     pub draft: Option<DraftModel>,
@@ -184,6 +187,7 @@ impl Default for EngineConfig {
             cluster: None,
             tool_format: None,
             chat_template_kwargs: framework::chat::TemplateKwargs::new(),
+            chat_template: None,
             draft: None,
         }
     }
@@ -729,6 +733,13 @@ impl EngineBuilder {
         self
     }
 
+    /// A chat template's source that replaces the model's
+    /// ([`EngineConfig::chat_template`]).
+    pub fn chat_template(mut self, source: Option<String>) -> Self {
+        self.cfg.chat_template = source;
+        self
+    }
+
     /// Template variables every chat is rendered with
     /// ([`EngineConfig::chat_template_kwargs`]).
     pub fn chat_template_kwargs(mut self, kwargs: framework::chat::TemplateKwargs) -> Self {
@@ -936,7 +947,19 @@ impl Engine {
     fn prepare_nodes(cfg: EngineConfig) -> Result<Prepared, EngineError> {
         cfg.check_max_model_len()?;
         cfg.check_chat_template_kwargs()?;
-        let (mut model, tokenizer, file_bytes) = load_model(&cfg.model, cfg.max_model_len)?;
+        let (mut model, mut tokenizer, file_bytes) = load_model(&cfg.model, cfg.max_model_len)?;
+        if let Some(source) = &cfg.chat_template {
+            match tokenizer.as_mut().and_then(Arc::get_mut) {
+                Some(t) => t.set_chat_template(source.clone()),
+                None => {
+                    return Err(bad_config(
+                        "chat_template",
+                        "is set, but a synthetic model has no tokenizer to render chats with",
+                    )
+                    .into())
+                }
+            }
+        }
         let draft = match &cfg.draft {
             Some(d) => {
                 let (draft, draft_tokenizer, draft_bytes) =
@@ -980,7 +1003,13 @@ impl Engine {
                 Some(src) => {
                     let bos = t.bos().and_then(|b| t.token_text(b)).unwrap_or_default();
                     let eos = t.token_text(t.eos()).unwrap_or_default();
-                    Some(ChatTemplate::new(src, &bos, &eos)?)
+                    // The configured template's errors name its setting.
+                    Some(ChatTemplate::new(src, &bos, &eos).map_err(|e| {
+                        match cfg.chat_template.is_some() {
+                            true => bad_config("chat_template", e.to_string()),
+                            false => e,
+                        }
+                    })?)
                 }
                 None => None,
             },
