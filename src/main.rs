@@ -1167,9 +1167,17 @@ fn run_config_check(file: Option<PathBuf>, mut layers: LayerArgs) -> CliResult {
     layers.config = file;
     let loaded = parallm::config::load(&layers.sources()?)?;
     match parallm::config::memory_plan(&loaded.settings)? {
-        Some((model, plan)) => println!(
-            "{what}: valid; with {} the engine would allocate {plan}",
-            model.display()
+        Some(m) => println!(
+            "{what}: valid; with {} the engine would allocate {}{}",
+            m.model.display(),
+            m.plan,
+            match m.embed_bytes {
+                0 => String::new(),
+                n => format!(
+                    ", and the embedding models' weights about {} more",
+                    framework::human_bytes(n)
+                ),
+            }
         ),
         None => println!(
             "{what}: valid (the reference model is not fetched yet, so the allocation is not sized)"

@@ -476,6 +476,41 @@ fn config_check_and_serve_refuse_what_the_machine_cannot_hold() {
         stdout.contains("valid; with ") && stdout.contains("KV cache 511.9 MiB (2 replica(s))"),
         "{stdout}"
     );
+    // A draft model's node and the embedding models' weights count too:
+    // here the reference model is its own draft, and served pooled.
+    let model = common::model_path();
+    let model = model.to_str().expect("utf-8 path");
+    let weights = |stdout: &str| {
+        stdout
+            .split("weights about ")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no weights in {stdout}"))
+    };
+    let alone = weights(&stdout);
+    let with_draft = dir.path().join("draft.toml");
+    std::fs::write(
+        &with_draft,
+        format!(
+            "[scheduler]\nkv_memory_mib = 256\n[parallel]\ndp = 2\n\
+             [speculative]\nmethod = \"draft\"\ndraft_model = \"{model}\"\n\
+             [[models]]\nname = \"e\"\npath = \"{model}\"\ntask = \"embed\"\n"
+        ),
+    )
+    .unwrap();
+    let out = parallm(&["config", "check", with_draft.to_str().unwrap()]);
+    let drafted = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{drafted}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(weights(&drafted), alone, "{drafted}");
+    assert!(
+        drafted.contains("and the embedding models' weights about "),
+        "{drafted}"
+    );
     // The file may come with --config too, as serve takes it; not both.
     let path = file.to_str().unwrap();
     let out = parallm(&["config", "check", "--config", path]);

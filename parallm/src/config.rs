@@ -1624,13 +1624,23 @@ fn masked(v: &serde_json::Value) -> serde_json::Value {
     }
 }
 
+/// What `settings` would allocate, for `config check`.
+#[derive(Debug, Clone)]
+pub struct MemoryCheck {
+    /// The model file sized (the configured one, or the cached reference model).
+    pub model: PathBuf,
+    /// The generation engine's plan, its draft model's node included.
+    pub plan: actors::llm::MemoryPlan,
+    /// The weights of `[[models]]`' embedding models, every replica, about.
+    pub embed_bytes: u64,
+}
+
 /// What the engine `settings` start would allocate, for `config check`:
-/// the model file (the configured one, or the reference model if it is
-/// cached) and the plan, refused when this machine cannot hold it. `None`
-/// when no model file is at hand to size it.
-pub fn memory_plan(
-    settings: &Settings,
-) -> Result<Option<(PathBuf, actors::llm::MemoryPlan)>, ConfigError> {
+/// the generation engine's plan (the configured model, or the reference
+/// model if it is cached; its draft model's node beside each replica) and
+/// the embedding models' weights, refused when this machine cannot hold
+/// them. `None` when no model file is at hand to size it.
+pub fn memory_plan(settings: &Settings) -> Result<Option<MemoryCheck>, ConfigError> {
     let Some(path) = settings
         .model_path
         .clone()
@@ -1640,8 +1650,24 @@ pub fn memory_plan(
     };
     let model_err = |e: framework::Error| invalid("model.path", e.to_string());
     let file = framework::GgufFile::open(&path).map_err(model_err)?;
-    let model = framework::ModelConfig::from_gguf_capped(&file, settings.engine.max_model_len)
+    let mut model = framework::ModelConfig::from_gguf_capped(&file, settings.engine.max_model_len)
         .map_err(model_err)?;
+    // The draft model, sized as the engine sizes it (its context caps the
+    // target's).
+    let draft = match settings.engine.draft.as_ref().map(|d| &d.model) {
+        Some(actors::llm::ModelSource::Gguf(draft_path)) => {
+            let draft_err = |e: framework::Error| invalid("speculative.draft_model", e.to_string());
+            let draft_file = framework::GgufFile::open(draft_path).map_err(draft_err)?;
+            let draft = framework::ModelConfig::from_gguf_capped(
+                &draft_file,
+                settings.engine.max_model_len,
+            )
+            .map_err(draft_err)?;
+            model.context = model.context.min(draft.context);
+            Some((draft, draft_file.file_size()))
+        }
+        _ => None,
+    };
     // An engine setting's error names its key in the file.
     let engine_err = |e: framework::Error| match &e {
         framework::Error::Setting { field, reason } => {
@@ -1661,11 +1687,46 @@ pub fn memory_plan(
     settings.engine.validate(&model).map_err(engine_err)?;
     let plan = settings
         .engine
-        .memory_plan(&model, file.file_size())
+        .memory_plan_with_draft(&model, file.file_size(), draft.as_ref())
         .map_err(engine_err)?;
-    plan.check(framework::machine_memory_bytes())
-        .map_err(engine_err)?;
-    Ok(Some((path, plan)))
+    let machine = framework::machine_memory_bytes();
+    plan.check(machine).map_err(engine_err)?;
+    let embed_bytes = settings
+        .embed_models
+        .iter()
+        .map(|m| files_bytes(&m.config.model).saturating_mul(m.config.dp as u64))
+        .fold(0u64, u64::saturating_add);
+    match machine {
+        Some(have) if plan.host_bytes().saturating_add(embed_bytes) > have => Err(invalid(
+            "models",
+            format!(
+                "the engine would allocate {plan}, and the embedding models' weights about {} more, \
+                 more than this machine's {} of memory (lower their dp, or serve fewer)",
+                framework::human_bytes(embed_bytes),
+                framework::human_bytes(have)
+            ),
+        )),
+        _ => Ok(Some(MemoryCheck {
+            model: path,
+            plan,
+            embed_bytes,
+        })),
+    }
+}
+
+/// The bytes of the model at `path`: a file's, or the files' in a directory
+/// (a Hugging Face model's); 0 for what cannot be read (its loading names
+/// the error).
+fn files_bytes(path: &Path) -> u64 {
+    match std::fs::read_dir(path) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.metadata().ok())
+            .filter(std::fs::Metadata::is_file)
+            .map(|m| m.len())
+            .fold(0, u64::saturating_add),
+        Err(_) => std::fs::metadata(path).map_or(0, |m| m.len()),
+    }
 }
 
 /// A JSON value written as TOML.

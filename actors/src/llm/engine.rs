@@ -438,6 +438,31 @@ impl EngineConfig {
         })
     }
 
+    /// [`EngineConfig::memory_plan`] with, when the configuration has a
+    /// [`EngineConfig::draft`], the draft model's node beside each replica:
+    /// `draft` is its shape and its file's size.
+    pub fn memory_plan_with_draft(
+        &self,
+        model: &ModelConfig,
+        file_bytes: u64,
+        draft: Option<&(ModelConfig, u64)>,
+    ) -> Result<MemoryPlan, Error> {
+        let plan = self.memory_plan(model, file_bytes)?;
+        match (draft, &self.draft) {
+            (Some((draft, bytes)), Some(d)) => {
+                let draft_cfg = EngineConfig {
+                    weights: d.weights,
+                    tp: 1,
+                    pp: 1,
+                    kv_blocks: Some(self.kv_blocks(model)),
+                    ..self.clone()
+                };
+                Ok(plan.plus(&draft_cfg.memory_plan(draft, *bytes)?))
+            }
+            _ => Ok(plan),
+        }
+    }
+
     /// What the engine would allocate for `model`, whose file holds
     /// `file_bytes` (0 for synthetic weights). Errors when a figure does not
     /// fit in 64 bits.
@@ -986,17 +1011,7 @@ impl Engine {
         };
         cfg.validate(&model)?;
         // Nothing sized by the configuration is allocated before this.
-        let mut plan = cfg.memory_plan(&model, file_bytes)?;
-        if let (Some((draft, bytes)), Some(d)) = (&draft, &cfg.draft) {
-            let draft_cfg = EngineConfig {
-                weights: d.weights,
-                tp: 1,
-                pp: 1,
-                kv_blocks: Some(cfg.kv_blocks(&model)),
-                ..cfg.clone()
-            };
-            plan = plan.plus(&draft_cfg.memory_plan(draft, *bytes)?);
-        }
+        let plan = cfg.memory_plan_with_draft(&model, file_bytes, draft.as_ref())?;
         plan.check(framework::machine_memory_bytes())?;
         let chat = match tokenizer.as_deref() {
             Some(t) => match t.chat_template() {
