@@ -1756,6 +1756,12 @@ fn chat_template_fields_render_as_hugging_face_does_on_both_endpoints() {
             json!({"chat_template_kwargs": {"enable_thinking": true}}),
             opened.to_string(),
         ),
+        // A request's other variable leaves the server's in place.
+        (
+            json!([user]),
+            json!({"chat_template_kwargs": {"unrelated": 1}}),
+            format!("{opened}<think>\n\n</think>\n\n"),
+        ),
         (
             json!([user]),
             json!({"add_generation_prompt": false}),
@@ -1789,6 +1795,10 @@ fn chat_template_fields_render_as_hugging_face_does_on_both_endpoints() {
         ),
         (json!({"chat_template_kwargs": [1]}), "chat_template_kwargs"),
         (
+            json!({"add_generation_prompt": "no"}),
+            "add_generation_prompt",
+        ),
+        (
             json!({"chat_template_kwargs": {"messages": []}}),
             "chat_template_kwargs",
         ),
@@ -1802,7 +1812,7 @@ fn chat_template_fields_render_as_hugging_face_does_on_both_endpoints() {
             assert_error(st, &r, 400, Some(param), "invalid_value");
         }
     }
-    // A final message the template drops cannot be continued.
+    // A final message with no text cannot be continued.
     let empty = json!({"role": "assistant", "content": " "});
     let (st, r) = s.post(
         "/v1/chat/completions",

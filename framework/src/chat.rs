@@ -408,7 +408,8 @@ impl RenderOptions {
 /// `rendered` cut just after the final message's text `last`, as
 /// `apply_chat_template(continue_final_message=True)` cuts it: at the last
 /// place that text (stripped) appears, keeping its trailing whitespace
-/// where the template kept it.
+/// where the template kept it and the text has none in front (transformers
+/// compares the unstripped text there).
 fn continue_final(mut rendered: String, last: &str) -> Result<String> {
     let stripped = last.trim();
     if stripped.is_empty() {
@@ -424,9 +425,9 @@ fn continue_final(mut rendered: String, last: &str) -> Result<String> {
              chat template changes it or leaves it out), so it cannot be continued",
         ));
     };
-    let kept = last.trim_start();
-    let end = match rendered[at..].starts_with(kept) {
-        true => at + kept.len(),
+    let leads = last.len() != last.trim_start().len();
+    let end = match !leads && rendered[at..].starts_with(last) {
+        true => at + last.len(),
         false => at + stripped.len(),
     };
     rendered.truncate(end);
@@ -1010,6 +1011,15 @@ mod tests {
         assert_eq!(
             keeps.render_with(&begun, &cont).unwrap(),
             "<user>Q</s><assistant>The answer is "
+        );
+        // Space in front too: cut at the stripped text, as transformers does.
+        let both_ends = [
+            ChatMessage::new("user", "Q"),
+            ChatMessage::new("assistant", " The answer is "),
+        ];
+        assert_eq!(
+            keeps.render_with(&both_ends, &cont).unwrap(),
+            "<user>Q</s><assistant> The answer is"
         );
         let strips = ChatTemplate::new(GEMMA, "<bos>", "<eos>").unwrap();
         assert_eq!(

@@ -1694,7 +1694,7 @@ pub fn memory_plan(settings: &Settings) -> Result<Option<MemoryCheck>, ConfigErr
     let embed_bytes = settings
         .embed_models
         .iter()
-        .map(|m| files_bytes(&m.config.model).saturating_mul(m.config.dp as u64))
+        .map(|m| weights_bytes(&m.config.model).saturating_mul(m.config.dp as u64))
         .fold(0u64, u64::saturating_add);
     match machine {
         Some(have) if plan.host_bytes().saturating_add(embed_bytes) > have => Err(invalid(
@@ -1714,19 +1714,11 @@ pub fn memory_plan(settings: &Settings) -> Result<Option<MemoryCheck>, ConfigErr
     }
 }
 
-/// The bytes of the model at `path`: a file's, or the files' in a directory
-/// (a Hugging Face model's); 0 for what cannot be read (its loading names
-/// the error).
-fn files_bytes(path: &Path) -> u64 {
-    match std::fs::read_dir(path) {
-        Ok(entries) => entries
-            .filter_map(Result::ok)
-            .filter_map(|e| e.metadata().ok())
-            .filter(std::fs::Metadata::is_file)
-            .map(|m| m.len())
-            .fold(0, u64::saturating_add),
-        Err(_) => std::fs::metadata(path).map_or(0, |m| m.len()),
-    }
+/// The weights' bytes of the model at `path`, a GGUF file or a Hugging
+/// Face directory, as the engine sizes them; 0 for what cannot be read
+/// (its loading names the error).
+fn weights_bytes(path: &Path) -> u64 {
+    framework::GgufFile::open(path).map_or(0, |f| f.file_size())
 }
 
 /// A JSON value written as TOML.

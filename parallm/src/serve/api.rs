@@ -46,8 +46,12 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
         let mut path = e.path().to_string();
         let mut inner = e.into_inner().to_string();
         if path.is_empty() || path == "." {
-            // Flattened fields lose their path; find it among the shared ones.
-            if let Err(e) = serde_path_to_error::deserialize::<_, CommonFields>(value) {
+            // Flattened fields lose their path; find it among the shared
+            // ones, then the chat template's.
+            if let Err(e) = serde_path_to_error::deserialize::<_, CommonFields>(value.clone()) {
+                path = e.path().to_string();
+                inner = e.into_inner().to_string();
+            } else if let Err(e) = serde_path_to_error::deserialize::<_, TemplateFields>(value) {
                 path = e.path().to_string();
                 inner = e.into_inner().to_string();
             }
@@ -931,7 +935,8 @@ impl CompletionRequest {
 
 /// The prompt of a conversation as sent, with the tools `offered` to the
 /// model, rendered as `render` says: plain turns, or turns with tool calls
-/// and results (when tools are offered, or the history holds calls).
+/// and results and the render options (when tools are offered, the history
+/// holds calls, or `render` is not the default).
 pub fn chat_prompt(
     input: &[MessageInput],
     offered: &[Tool],
