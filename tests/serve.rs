@@ -1812,6 +1812,17 @@ fn chat_template_fields_render_as_hugging_face_does_on_both_endpoints() {
             assert_error(st, &r, 400, Some(param), "invalid_value");
         }
     }
+    // A template per request is refused, and the fields go with `messages`.
+    let (st, r) = s.post(
+        "/v1/chat/completions",
+        json!({"messages": [user], "chat_template": "{{ 1 }}", "max_tokens": 1}),
+    );
+    assert_error(st, &r, 400, Some("chat_template"), "invalid_value");
+    let (st, r) = s.post(
+        "/tokenize",
+        json!({"prompt": "Q", "add_generation_prompt": false}),
+    );
+    assert_error(st, &r, 400, Some("add_generation_prompt"), "invalid_value");
     // A final message with no text cannot be continued.
     let empty = json!({"role": "assistant", "content": " "});
     let (st, r) = s.post(

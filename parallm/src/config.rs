@@ -1012,6 +1012,17 @@ fn check_known(keys: &[String], origin: &dyn Fn(&str) -> String) -> Result<(), C
         if known.contains_key(key) {
             continue;
         }
+        // A TOML table (or `a.b` key) where a JSON object in a string goes.
+        if key.starts_with("model.chat_template_kwargs.") {
+            return Err(invalid(
+                "model.chat_template_kwargs",
+                format!(
+                    "is a table (from {}); give the variables as a JSON object in a string: \
+                     chat_template_kwargs = '{{\"enable_thinking\": false}}'",
+                    origin(key)
+                ),
+            ));
+        }
         let section = key.split('.').next().unwrap_or_default();
         let siblings: Vec<&str> = known
             .keys()
@@ -2093,6 +2104,13 @@ mod tests {
                 "{err}"
             );
         }
+        let err = load_file("[model.chat_template_kwargs]\nenable_thinking = false\n")
+            .expect_err("a table")
+            .to_string();
+        assert!(
+            err.contains("model.chat_template_kwargs") && err.contains("JSON object in a string"),
+            "{err}"
+        );
         for (text, why) in [
             ("[1]", "must be a JSON object"),
             ("{enable_thinking: false}", "is not JSON"),

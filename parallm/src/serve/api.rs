@@ -465,11 +465,41 @@ pub struct TemplateFields {
     /// More template variables (`{"enable_thinking": false}`), over the
     /// server's `model.chat_template_kwargs`.
     pub chat_template_kwargs: Option<serde_json::Value>,
+    /// A template for this request alone (vLLM's): refused, naming the
+    /// server's setting instead.
+    pub chat_template: Option<serde_json::Value>,
 }
 
 impl TemplateFields {
+    /// The first field given, by name (for a request without `messages`,
+    /// which they do not go with).
+    pub fn first_given(&self) -> Option<&'static str> {
+        let set = |v: &Option<serde_json::Value>| v.as_ref().is_some_and(|v| !v.is_null());
+        [
+            (
+                "add_generation_prompt",
+                self.add_generation_prompt.is_some(),
+            ),
+            (
+                "continue_final_message",
+                self.continue_final_message.is_some(),
+            ),
+            ("chat_template_kwargs", set(&self.chat_template_kwargs)),
+            ("chat_template", set(&self.chat_template)),
+        ]
+        .into_iter()
+        .find_map(|(name, given)| given.then_some(name))
+    }
+
     /// The render options these fields ask for, checked.
     pub fn render(&self) -> Result<RenderOptions, ApiError> {
+        if self.chat_template.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::param(
+                "chat_template",
+                "`chat_template` per request is not supported: the server renders with the model's \
+                 template, or the one `model.chat_template_file` gives",
+            ));
+        }
         let continue_final_message = self.continue_final_message.unwrap_or(false);
         let kwargs = match &self.chat_template_kwargs {
             None | Some(serde_json::Value::Null) => Default::default(),

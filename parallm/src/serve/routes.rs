@@ -1098,6 +1098,12 @@ pub async fn tokenize(
         framework::tools::ToolChoice::None => Vec::new(),
         _ => tools,
     };
+    if let (Some(_), Some(name)) = (&req.prompt, req.template.first_given()) {
+        return Err(ApiError::param(
+            name,
+            format!("`{name}` goes with `messages`, not `prompt`"),
+        ));
+    }
     let prompt = match (req.prompt, req.messages) {
         (Some(p), None) => actors::llm::Prompt::Text(p),
         (None, Some(m)) => chat_prompt(&m, &tools, req.template.render()?)?,
