@@ -1055,8 +1055,8 @@ const NO_PROBES: [&str; 4] = [
     "server.health_max_age_secs=3600",
 ];
 
-/// Sends a request on a raw connection and closes it after `read` bytes of
-/// the answer, or, with `read` 0, once `leave` says so.
+/// Sends a request on a raw connection, reads `read` bytes of the answer
+/// (none with `read` 0), and closes it once `leave` says so.
 fn send_and_leave(addr: &str, body: &str, read: usize, leave: std::sync::mpsc::Receiver<()>) {
     let mut c = TcpStream::connect(addr.trim_start_matches("http://")).expect("connect");
     write!(
@@ -1068,9 +1068,10 @@ fn send_and_leave(addr: &str, body: &str, read: usize, leave: std::sync::mpsc::R
     let mut buf = vec![0u8; read];
     if read > 0 {
         c.read_exact(&mut buf).expect("read some of the stream");
-    } else {
-        leave.recv().expect("told to leave");
     }
+    // Leave only when told: the test first sees the request hold KV blocks
+    // (a stream's first bytes come before it can look).
+    leave.recv().expect("told to leave");
 }
 
 #[test]
