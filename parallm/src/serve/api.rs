@@ -365,12 +365,11 @@ fn refuse_unsupported(c: &CommonFields, n: usize) -> Result<(), ApiError> {
             ));
         }
     }
-    let present = |v: &Option<serde_json::Value>| v.as_ref().is_some_and(|v| !v.is_null());
     for (name, v) in [
         ("functions", &c.functions),
         ("function_call", &c.function_call),
     ] {
-        if present(v) {
+        if given(v) {
             return Err(ApiError::param(
                 name,
                 format!("`{name}` is not supported (the older form of `tools`; send `tools` and `tool_choice`)"),
@@ -474,7 +473,6 @@ impl TemplateFields {
     /// The first field given, by name (for a request without `messages`,
     /// which they do not go with).
     pub fn first_given(&self) -> Option<&'static str> {
-        let set = |v: &Option<serde_json::Value>| v.as_ref().is_some_and(|v| !v.is_null());
         [
             (
                 "add_generation_prompt",
@@ -484,8 +482,8 @@ impl TemplateFields {
                 "continue_final_message",
                 self.continue_final_message.is_some(),
             ),
-            ("chat_template_kwargs", set(&self.chat_template_kwargs)),
-            ("chat_template", set(&self.chat_template)),
+            ("chat_template_kwargs", given(&self.chat_template_kwargs)),
+            ("chat_template", given(&self.chat_template)),
         ]
         .into_iter()
         .find_map(|(name, given)| given.then_some(name))
@@ -493,7 +491,7 @@ impl TemplateFields {
 
     /// The render options these fields ask for, checked.
     pub fn render(&self) -> Result<RenderOptions, ApiError> {
-        if self.chat_template.as_ref().is_some_and(|v| !v.is_null()) {
+        if given(&self.chat_template) {
             return Err(ApiError::param(
                 "chat_template",
                 "`chat_template` per request is not supported: the server renders with the model's \
@@ -524,6 +522,11 @@ impl TemplateFields {
         render.check().map_err(api_error)?;
         Ok(render)
     }
+}
+
+/// Whether an optional field was sent with a value (JSON `null` is not one).
+fn given(v: &Option<serde_json::Value>) -> bool {
+    v.as_ref().is_some_and(|v| !v.is_null())
 }
 
 /// A JSON value's kind, as an error names it.
@@ -884,7 +887,7 @@ impl CompletionRequest {
             ("tools", &self.common.tools),
             ("tool_choice", &self.common.tool_choice),
         ] {
-            if v.as_ref().is_some_and(|v| !v.is_null()) {
+            if given(v) {
                 return Err(ApiError::param(
                     name,
                     format!("`{name}` is for /v1/chat/completions; completions take no tools"),
