@@ -1704,7 +1704,7 @@ fn tiny_qwen2_with_template(template: &str) -> PathBuf {
 }
 
 #[test]
-fn chat_template_fields_render_as_hugging_face_does_on_both_endpoints() {
+fn chat_template_fields_render_as_hugging_face_does_and_thoughts_are_answered_apart() {
     // The reference model (ChatML tokens) with Qwen3's template in place
     // of its own, its thinking turned off by the server's setting.
     let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/chat/qwen3.jinja");
@@ -1831,6 +1831,173 @@ fn chat_template_fields_render_as_hugging_face_does_on_both_endpoints() {
         json!({"messages": [user, empty], "continue_final_message": true, "max_tokens": 1}),
     );
     assert_error(st, &r, 400, Some("continue_final_message"), "invalid_value");
+    thoughts_are_answered_apart(&s);
+}
+
+/// A streamed chat answer's `(reasoning_content, content, finish_reason)`:
+/// its deltas concatenated.
+fn streamed_thought(text: &str) -> (String, String, String) {
+    let (mut thought, mut content, mut reason) = (String::new(), String::new(), String::new());
+    for e in sse_events(text).iter().filter(|e| *e != "[DONE]") {
+        let v: Value = serde_json::from_str(e).expect("a JSON chunk");
+        let choice = &v["choices"][0];
+        if let Some(r) = choice["finish_reason"].as_str() {
+            reason = r.to_string();
+        }
+        thought.push_str(choice["delta"]["reasoning_content"].as_str().unwrap_or(""));
+        content.push_str(choice["delta"]["content"].as_str().unwrap_or(""));
+    }
+    (thought, content, reason)
+}
+
+/// Against a server whose chat template (Qwen3's) implies thoughts: a
+/// `<think>` thought at the start of an answer is `reasoning_content`, the
+/// rest `content` (tool calls read from it), whole and streamed alike; a
+/// prompt that ends in `<think>` starts the answer in the thought;
+/// `include_reasoning: false` leaves it out; a thought sent back reaches
+/// the template.
+fn thoughts_are_answered_apart(s: &Server) {
+    let user = json!({"role": "user", "content": "Q"});
+    let ask = |extra: Value| {
+        let mut body = json!({"messages": [user], "temperature": 0, "max_tokens": 60,
+            "chat_template_kwargs": {"enable_thinking": true}});
+        body.as_object_mut()
+            .expect("object")
+            .extend(extra.as_object().expect("object").clone());
+        let (st, r) = s.post("/v1/chat/completions", body.clone());
+        assert_eq!(st, 200, "{r}");
+        body["stream"] = json!(true);
+        let (st, _, streamed) = s.post_raw("/v1/chat/completions", &body.to_string());
+        assert_eq!(st, 200, "{streamed}");
+        (r["choices"][0].clone(), streamed)
+    };
+    // The reference model thinks only where a guide makes it.
+    let thinking = json!({"guided_regex": "<think>\n[a-z]{2,9}( [a-z]{2,9}){1,3}\n</think>\n\n[A-Z][a-z]{2,9}( [a-z]{2,9}){0,2}[.]"});
+    let (choice, streamed) = ask(thinking.clone());
+    let message = &choice["message"];
+    let thought = message["reasoning_content"].as_str().expect("a thought");
+    let content = message["content"].as_str().expect("an answer");
+    assert!(
+        !thought.starts_with('\n') && !thought.ends_with('\n') && thought.contains(' '),
+        "{message}"
+    );
+    assert!(
+        content.starts_with(|c: char| c.is_ascii_uppercase()) && content.ends_with('.'),
+        "{message}"
+    );
+    assert_eq!(choice["finish_reason"], "stop");
+    assert_eq!(
+        streamed_thought(&streamed),
+        (thought.to_string(), content.to_string(), "stop".to_string())
+    );
+    // Left out when not wanted, the answer the same.
+    let mut without = thinking.clone();
+    without["include_reasoning"] = json!(false);
+    let (choice, streamed) = ask(without);
+    assert!(
+        choice["message"].get("reasoning_content").is_none(),
+        "{choice}"
+    );
+    assert_eq!(choice["message"]["content"], content);
+    assert_eq!(
+        streamed_thought(&streamed),
+        (String::new(), content.to_string(), "stop".to_string())
+    );
+    // A thought, then a call.
+    let calling = json!({
+        "tools": weather_tools(),
+        "guided_regex": "<think>\n[a-z]{2,9}\n</think>\n\n<tool_call>\n[{]\"name\": \"get_time\", \"arguments\": [{]\"zone\": \"[A-Z][a-z]{2,9}\"[}][}]\n</tool_call>",
+    });
+    let (choice, streamed) = ask(calling);
+    let message = &choice["message"];
+    assert!(
+        message["reasoning_content"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "{message}"
+    );
+    assert_eq!(message["content"], Value::Null, "{message}");
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    let calls = checked_calls(&json!({"choices": [choice]}));
+    assert_eq!(calls.len(), 1);
+    assert_eq!(streamed_calls(&streamed), (calls, "tool_calls".to_string()));
+    assert_eq!(
+        streamed_thought(&streamed).0,
+        message["reasoning_content"].as_str().unwrap_or_default()
+    );
+    // An answer without a thought is content, as without the reading.
+    let (choice, _) = ask(json!({"guided_regex": "[A-Z][a-z]{2,9}[.]"}));
+    assert!(
+        choice["message"].get("reasoning_content").is_none(),
+        "{choice}"
+    );
+    assert!(choice["message"]["content"]
+        .as_str()
+        .is_some_and(|c| c.ends_with('.')));
+    // A prompt that opened the thought: the answer starts in it (the
+    // reference model closes it at once, and writes on).
+    let opened = json!({"role": "assistant", "content": "<think>"});
+    let mut body = json!({"messages": [user, opened], "continue_final_message": true,
+        "add_generation_prompt": false, "temperature": 0, "max_tokens": 16});
+    let (st, tokens) = s.post("/tokenize", body.clone());
+    assert_eq!(st, 200, "{tokens}");
+    let (st, raw) = s.post(
+        "/v1/completions",
+        json!({"prompt": tokens["tokens"], "temperature": 0, "max_tokens": 16}),
+    );
+    assert_eq!(st, 200, "{raw}");
+    let raw = raw["choices"][0]["text"].as_str().expect("text");
+    let (want_thought, want_content) = match raw.find("</think>") {
+        Some(at) => (raw[..at].trim(), raw[at + "</think>".len()..].trim_start()),
+        None => (raw.trim(), ""),
+    };
+    let (st, r) = s.post("/v1/chat/completions", body.clone());
+    assert_eq!(st, 200, "{r}");
+    let message = &r["choices"][0]["message"];
+    let none_if_empty = |t: &str| match t {
+        "" => Value::Null,
+        t => json!(t),
+    };
+    assert_eq!(
+        message
+            .get("reasoning_content")
+            .cloned()
+            .unwrap_or(Value::Null),
+        none_if_empty(want_thought),
+        "{raw:?} -> {message}"
+    );
+    assert_eq!(
+        message["content"],
+        none_if_empty(want_content),
+        "{raw:?} -> {message}"
+    );
+    body["stream"] = json!(true);
+    let (st, _, streamed) = s.post_raw("/v1/chat/completions", &body.to_string());
+    assert_eq!(st, 200, "{streamed}");
+    let (thought, content, _) = streamed_thought(&streamed);
+    assert_eq!(
+        (thought.as_str(), content.as_str()),
+        (want_thought, want_content)
+    );
+    // A thought sent back reaches the template (Qwen3's writes it in the
+    // last answer); it goes with assistant messages only.
+    let answered = json!({"role": "assistant", "content": "A", "reasoning_content": "r"});
+    let (st, r) = s.post(
+        "/tokenize",
+        json!({"messages": [user, answered], "add_generation_prompt": false}),
+    );
+    assert_eq!(st, 200, "{r}");
+    let (_, d) = s.post("/detokenize", json!({"tokens": r["tokens"]}));
+    assert_eq!(
+        d["prompt"],
+        "user\nQ\nassistant\n<think>\nr\n</think>\n\nA\n"
+    );
+    let wrong = json!({"role": "user", "content": "Q", "reasoning_content": "r"});
+    let (st, r) = s.post(
+        "/v1/chat/completions",
+        json!({"messages": [wrong], "max_tokens": 1}),
+    );
+    assert_error(st, &r, 400, Some("messages"), "invalid_value");
 }
 
 #[test]

@@ -67,6 +67,11 @@ pub struct ChatTurn {
     /// For a `tool` message: the function that gave the result.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// For an assistant message: the thought before its answer, as the
+    /// server answered it (`reasoning_content`); templates that keep the
+    /// last turns' thoughts (Qwen3's) read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 impl ChatTurn {
@@ -95,6 +100,13 @@ impl ChatTurn {
         }
     }
 
+    /// The same message carrying the thought `reasoning` (of an assistant
+    /// message).
+    pub fn with_reasoning(mut self, reasoning: Option<String>) -> Self {
+        self.reasoning_content = reasoning;
+        self
+    }
+
     /// The same message naming the function `name` (of a `tool` message).
     pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
@@ -102,8 +114,8 @@ impl ChatTurn {
     }
 
     /// The message as the template sees it: `role`, `content`, then
-    /// `tool_calls` (OpenAI's objects, `arguments` parsed), `tool_call_id`
-    /// and `name` where set.
+    /// `tool_calls` (OpenAI's objects, `arguments` parsed), `tool_call_id`,
+    /// `name` and `reasoning_content` where set.
     fn to_jinja(&self) -> JinjaValue {
         let mut fields = vec![
             ("role".to_string(), JinjaValue::from(self.role.as_str())),
@@ -121,6 +133,9 @@ impl ChatTurn {
         }
         if let Some(name) = &self.name {
             fields.push(("name".into(), JinjaValue::from(name.as_str())));
+        }
+        if let Some(r) = &self.reasoning_content {
+            fields.push(("reasoning_content".into(), JinjaValue::from(r.as_str())));
         }
         JinjaValue::from_object(OrderedMap(fields))
     }
@@ -974,6 +989,16 @@ mod tests {
         assert_eq!(
             t.render(&last_thought, false).unwrap(),
             "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n<think>\nr\n</think>\n\nA<|im_end|>\n"
+        );
+        // A thought sent back as the server answered it, apart from the
+        // content, reaches the template as `reasoning_content`.
+        let sent_back = [
+            ChatTurn::new("user", "Q"),
+            ChatTurn::new("assistant", "A").with_reasoning(Some("r".into())),
+        ];
+        assert_eq!(
+            t.render_with_tools(&sent_back, None, false).unwrap(),
+            t.render(&last_thought, false).unwrap()
         );
     }
 

@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod profile;
+pub mod reasoning;
 pub mod sampling;
 pub mod scoring;
 pub mod shard;

@@ -88,6 +88,10 @@ pub struct ModelSection {
     /// The tool-call format: `hermes`, `llama3_json` or `mistral`; empty:
     /// the one the chat template implies.
     pub tool_format: String,
+    /// Whether chat answers are read for a `<think>` thought (answered as
+    /// `reasoning_content`): `think` or `none`; empty: as the chat
+    /// template implies (`think` where it writes `</think>`).
+    pub reasoning_format: String,
     /// A Jinja chat template file used in place of the model's own (for a
     /// file that ships none or a wrong one); empty: the model's.
     pub chat_template_file: String,
@@ -105,6 +109,7 @@ impl Default for ModelSection {
             weights: "auto".into(),
             max_model_len: 0,
             tool_format: String::new(),
+            reasoning_format: String::new(),
             chat_template_file: String::new(),
             chat_template_kwargs: String::new(),
         }
@@ -1486,6 +1491,15 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
                 )
             })?),
         },
+        reasoning_format: match m.reasoning_format.as_str() {
+            "" => None,
+            name => Some(framework::reasoning::ReasoningFormat::from_name(name).map_err(|_| {
+                invalid(
+                    "model.reasoning_format",
+                    format!("is '{name}', must be think or none (or empty: as the chat template implies)"),
+                )
+            })?),
+        },
         chat_template_kwargs: template_kwargs(&m.chat_template_kwargs, "model.chat_template_kwargs")?,
         chat_template: chat_template_file(&m.chat_template_file, "model.chat_template_file")?,
         speculative: raw.speculative.speculation()?,
@@ -2069,6 +2083,18 @@ mod tests {
         assert_eq!(
             tools.settings.engine.tool_format,
             Some(framework::tools::ToolFormat::Mistral)
+        );
+        let think = load_file("[model]\nreasoning_format = \"none\"\n").expect("valid");
+        assert_eq!(
+            think.settings.engine.reasoning_format,
+            Some(framework::reasoning::ReasoningFormat::None)
+        );
+        let err = load_file("[model]\nreasoning_format = \"r1\"\n")
+            .expect_err("unknown format")
+            .to_string();
+        assert!(
+            err.contains("model.reasoning_format") && err.contains("'r1'"),
+            "{err}"
         );
         let err = load_file("[model]\ntool_format = \"xml\"\n")
             .expect_err("bad format")

@@ -131,6 +131,10 @@ pub struct EngineConfig {
     /// The format tool calls are written and read in; `None`: the one the
     /// chat template implies ([`framework::tools::ToolFormat::detect`]).
     pub tool_format: Option<framework::tools::ToolFormat>,
+    /// Whether chat answers are read for a `<think>` thought; `None`: as
+    /// the chat template implies
+    /// ([`framework::reasoning::ReasoningFormat::detect`]).
+    pub reasoning_format: Option<framework::reasoning::ReasoningFormat>,
     /// Template variables every chat is rendered with (`enable_thinking`,
     /// …): a request's own of the same name win. None may be one the
     /// renderer sets itself ([`framework::chat::RenderOptions::RESERVED`]).
@@ -186,6 +190,7 @@ impl Default for EngineConfig {
             collect_activations: false,
             cluster: None,
             tool_format: None,
+            reasoning_format: None,
             chat_template_kwargs: framework::chat::TemplateKwargs::new(),
             chat_template: None,
             draft: None,
@@ -762,6 +767,16 @@ impl EngineBuilder {
     /// ([`EngineConfig::chat_template`]).
     pub fn chat_template(mut self, source: Option<String>) -> Self {
         self.cfg.chat_template = source;
+        self
+    }
+
+    /// Whether chat answers are read for a thought
+    /// ([`EngineConfig::reasoning_format`]; `None`: as the template implies).
+    pub fn reasoning_format(
+        mut self,
+        format: Option<framework::reasoning::ReasoningFormat>,
+    ) -> Self {
+        self.cfg.reasoning_format = format;
         self
     }
 
@@ -1361,6 +1376,29 @@ impl Engine {
                 self.tokenizer.as_deref().and_then(|t| t.chat_template()),
             )
         })
+    }
+
+    /// Whether this model's chat answers are read for a thought: the
+    /// configuration's ([`EngineConfig::reasoning_format`]), else as its
+    /// chat template implies
+    /// ([`framework::reasoning::ReasoningFormat::detect`]).
+    pub fn reasoning_format(&self) -> framework::reasoning::ReasoningFormat {
+        self.cfg.reasoning_format.unwrap_or_else(|| {
+            framework::reasoning::ReasoningFormat::detect(
+                self.tokenizer.as_deref().and_then(|t| t.chat_template()),
+            )
+        })
+    }
+
+    /// Whether prompt `tokens` (a chat's, rendered) leave a thought open
+    /// for the model: their last tokens' text ends in `<think>`
+    /// ([`framework::reasoning::ReasoningFormat::opened_by`]).
+    pub fn prompt_opens_thought(&self, tokens: &[u32]) -> bool {
+        let Some(tokenizer) = self.tokenizer.as_deref() else {
+            return false;
+        };
+        let tail = &tokens[tokens.len().saturating_sub(8)..];
+        self.reasoning_format().opened_by(&tokenizer.decode(tail))
     }
 
     /// Validates and submits a request. Returns its events, or at once an

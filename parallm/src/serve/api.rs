@@ -430,6 +430,8 @@ pub struct MessageInput {
     pub tool_call_id: Option<String>,
     /// A `tool` message's function name.
     pub name: Option<String>,
+    /// An assistant message's thought, as the server answered it.
+    pub reasoning_content: Option<String>,
 }
 
 /// `POST /v1/chat/completions`.
@@ -446,6 +448,9 @@ pub struct ChatRequest {
     pub top_logprobs: Option<u64>,
     /// Newer name for `max_tokens`.
     pub max_completion_tokens: Option<u64>,
+    /// Answer the model's thought as `reasoning_content` (default: true);
+    /// false leaves it out (the answer is split all the same).
+    pub include_reasoning: Option<bool>,
     /// How the chat template renders `messages`.
     #[serde(flatten)]
     pub template: TemplateFields,
@@ -592,6 +597,9 @@ pub struct ValidGeneration {
     /// The tools whose calls the answer is read for (chat with `tools` and a
     /// `tool_choice` other than `none`).
     pub tools: Option<ToolUse>,
+    /// Whether a chat answer's thought is answered (`include_reasoning`),
+    /// where the model's answers are read for one.
+    pub include_reasoning: bool,
     /// The request's own names of the fields the engine names.
     pub names: ParamNames,
 }
@@ -858,6 +866,7 @@ fn validate(
         logprobs,
         echo: false,
         tools,
+        include_reasoning: true,
         names,
     })
 }
@@ -975,9 +984,12 @@ pub fn chat_prompt(
     offered: &[Tool],
     render: RenderOptions,
 ) -> Result<Prompt, ApiError> {
-    let with_calls = input
-        .iter()
-        .any(|m| m.role == "tool" || m.tool_calls.as_ref().is_some_and(|c| !c.is_empty()));
+    // Turns with more than a role and text need the template's full form.
+    let with_calls = input.iter().any(|m| {
+        m.role == "tool"
+            || m.tool_calls.as_ref().is_some_and(|c| !c.is_empty())
+            || m.reasoning_content.is_some()
+    });
     Ok(
         if offered.is_empty() && !with_calls && render == RenderOptions::default() {
             Prompt::Chat(chat_messages(input)?)
@@ -1079,7 +1091,18 @@ pub fn chat_turns(messages: &[MessageInput], tools: bool) -> Result<Vec<ChatTurn
                     .collect::<Result<Vec<_>, _>>()?,
                 _ => Vec::new(),
             };
-            Ok(ChatTurn::new(role, content).with_tool_calls(calls))
+            let reasoning = match &m.reasoning_content {
+                Some(_) if role != "assistant" => {
+                    return Err(ApiError::param(
+                        "messages",
+                        format!("`messages[{i}].reasoning_content` goes with an assistant message, not a {role} one"),
+                    ))
+                }
+                r => r.clone(),
+            };
+            Ok(ChatTurn::new(role, content)
+                .with_tool_calls(calls)
+                .with_reasoning(reasoning))
         })
         .collect()
 }
@@ -1195,14 +1218,16 @@ impl ChatRequest {
             }
             (false, None) => None,
         };
-        validate(
+        let mut v = validate(
             &self.common,
             vec![prompt],
             (max_tokens, param),
             (logprobs, "top_logprobs"),
             (limits, speculation),
             tool_use,
-        )
+        )?;
+        v.include_reasoning = self.include_reasoning.unwrap_or(true);
+        Ok(v)
     }
 }
 

@@ -20,6 +20,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use actors::llm::{BeamOutput, Engine, Event, EventStream, Request};
+use framework::reasoning::{ReasoningOut, ReasoningStream};
 use framework::sampling::TokenLogprob;
 use framework::scoring::PromptScore;
 use framework::tools::{StreamOut, Tool, ToolCall, ToolStream};
@@ -448,6 +449,7 @@ async fn generate(
     } else {
         Vec::new()
     };
+    let thoughts = thoughts(api, &engine, &requests);
     let tracked = submit_all(&state, &engine, requests, v.names).await?;
     let id = request_id(api);
     if v.stream {
@@ -456,7 +458,7 @@ async fn generate(
             model: state.model_id.clone(),
             created: now_secs(),
         };
-        let body = sse(engine, api, head, v, tracked, (inflight, fd));
+        let body = sse(engine, api, head, (v, thoughts), tracked, (inflight, fd));
         return Ok(HttpResponse::Ok()
             .content_type("text/event-stream")
             .insert_header(CacheControl(vec![CacheDirective::NoCache]))
@@ -513,7 +515,13 @@ async fn generate(
                     "finish_reason": reason,
                 }),
                 Api::Chat => {
-                    let (message, reason) = chat_message(&text, reason, v.tools.as_ref());
+                    let thought = thoughts.get(i).copied().flatten();
+                    let (message, reason) = chat_message(
+                        &text,
+                        reason,
+                        v.tools.as_ref(),
+                        thought.map(|opened| (opened, v.include_reasoning)),
+                    );
                     json!({
                         "index": index,
                         "message": message,
@@ -538,11 +546,60 @@ async fn generate(
     })))
 }
 
-/// A chat answer's `message` and finish reason: with tools, the calls
-/// found in `text` go to `tool_calls` (the finish reason then
-/// `tool_calls`) and the rest, unless only whitespace, to `content`; text
-/// whose calls do not parse is all content.
+/// Per engine request, whether its answer is read for a thought
+/// ([`framework::reasoning`]), and if so whether its prompt opened one: a
+/// chat's, where the model's answers are. A guided answer is what its guide
+/// allowed, so it begins no thought its prompt opened.
+fn thoughts(api: Api, engine: &Engine, requests: &[Request]) -> Vec<Option<bool>> {
+    let reads = api == Api::Chat
+        && engine.reasoning_format() != framework::reasoning::ReasoningFormat::None;
+    requests
+        .iter()
+        .map(|r| {
+            reads.then(|| match &r.prompt {
+                actors::llm::Prompt::Tokens(t) if r.guide.is_none() => {
+                    engine.prompt_opens_thought(t)
+                }
+                _ => false,
+            })
+        })
+        .collect()
+}
+
+/// A chat answer's `message` and finish reason. With `thought` (whether
+/// the prompt opened one, and whether to answer it), a thought at the
+/// answer's start goes to `reasoning_content` and the rest is read as
+/// below; after a thought, content that is only whitespace is none.
 fn chat_message(
+    text: &str,
+    reason: Option<&'static str>,
+    tools: Option<&ToolUse>,
+    thought: Option<(bool, bool)>,
+) -> (Value, Option<&'static str>) {
+    let Some((opened, include)) = thought else {
+        return answer_message(text, reason, tools);
+    };
+    let split = framework::reasoning::split(text, opened);
+    let (mut message, reason) = answer_message(&split.content, reason, tools);
+    if let Some(reasoning) = split.reasoning {
+        if message["content"]
+            .as_str()
+            .is_some_and(|c| c.trim().is_empty())
+        {
+            message["content"] = Value::Null;
+        }
+        if include && !reasoning.is_empty() {
+            message["reasoning_content"] = json!(reasoning);
+        }
+    }
+    (message, reason)
+}
+
+/// A chat answer's `message` and finish reason, without a thought: with
+/// tools, the calls found in `text` go to `tool_calls` (the finish reason
+/// then `tool_calls`) and the rest, unless only whitespace, to `content`;
+/// text whose calls do not parse is all content.
+fn answer_message(
     text: &str,
     reason: Option<&'static str>,
     tools: Option<&ToolUse>,
@@ -582,6 +639,24 @@ fn chat_message(
     )
 }
 
+/// Whether a tool-call parser's pieces begin a call.
+fn calls_begin(outs: &[StreamOut]) -> bool {
+    outs.iter()
+        .any(|o| matches!(o, StreamOut::CallStart { .. }))
+}
+
+/// A reader's pieces as `(thought, content)` text.
+fn parts(outs: Vec<ReasoningOut>) -> (String, String) {
+    let (mut thought, mut content) = (String::new(), String::new());
+    for o in outs {
+        match o {
+            ReasoningOut::Reasoning(r) => thought.push_str(&r),
+            ReasoningOut::Content(c) => content.push_str(&c),
+        }
+    }
+    (thought, content)
+}
+
 /// The fields every chunk of one streamed answer repeats.
 struct ChunkHead {
     id: String,
@@ -605,6 +680,10 @@ struct SseState {
     /// Per choice, the parser of its tool calls (chat with tools), and
     /// whether it has sent a call.
     tool_streams: Vec<Option<(ToolStream, bool)>>,
+    /// Per choice, the reader of its thought (a chat answer read for one).
+    thoughts: Vec<Option<ReasoningStream>>,
+    /// Whether thoughts are answered (`include_reasoning`).
+    include_reasoning: bool,
     /// Per choice, the legacy `text_offset` of its next token: the
     /// characters of the tokens sent before it.
     text_offsets: Vec<usize>,
@@ -662,6 +741,52 @@ impl SseState {
         }
     }
 
+    /// Chunks for choice `i`'s next pieces of thought and content (the
+    /// content through its tool-call parser, where it has one), with the
+    /// log-probability of the token they came from.
+    fn thought_chunks(
+        &mut self,
+        i: usize,
+        thought: String,
+        content: String,
+        logprob: Option<(u32, TokenLogprob)>,
+    ) {
+        let thought = match self.include_reasoning {
+            true => thought,
+            false => String::new(),
+        };
+        let mut delta = serde_json::Map::new();
+        if !thought.is_empty() {
+            delta.insert("reasoning_content".into(), json!(thought));
+        }
+        if let Some(Some((ts, called))) = self.tool_streams.get_mut(i) {
+            let outs = ts.push(&content);
+            *called |= calls_begin(&outs);
+            if !delta.is_empty() {
+                let c = self.chunk(
+                    json!([{"index": i, "delta": delta, "logprobs": null, "finish_reason": null}]),
+                    None,
+                );
+                self.pending.push_back(c);
+            }
+            self.tool_chunks(i, outs);
+            return;
+        }
+        if !content.is_empty() {
+            delta.insert("content".into(), json!(content));
+        }
+        let lp: Vec<(u32, TokenLogprob)> = logprob.into_iter().collect();
+        if delta.is_empty() && lp.is_empty() {
+            return;
+        }
+        let logprobs = self.want_logprobs.then(|| chat_logprobs(&self.engine, &lp));
+        let c = self.chunk(
+            json!([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": null}]),
+            None,
+        );
+        self.pending.push_back(c);
+    }
+
     /// The next piece of the body; `None` at its end.
     async fn next_chunk(&mut self) -> Option<Bytes> {
         loop {
@@ -698,11 +823,12 @@ impl SseState {
                         logprob,
                     },
                 )) => {
-                    if let Some(Some((ts, called))) = self.tool_streams.get_mut(i) {
+                    if let Some(Some(rs)) = self.thoughts.get_mut(i) {
+                        let (thought, content) = parts(rs.push(&text));
+                        self.thought_chunks(i, thought, content, logprob.map(|l| (token, l)));
+                    } else if let Some(Some((ts, called))) = self.tool_streams.get_mut(i) {
                         let outs = ts.push(&text);
-                        *called |= outs
-                            .iter()
-                            .any(|o| matches!(o, StreamOut::CallStart { .. }));
+                        *called |= calls_begin(&outs);
                         self.tool_chunks(i, outs);
                     } else if !text.is_empty() || logprob.is_some() {
                         let lp = logprob.map(|l| vec![(token, l)]).unwrap_or_default();
@@ -736,6 +862,14 @@ impl SseState {
                     self.usage.add(prompt, usage.completion_tokens);
                     let mut reason = reason.as_str();
                     let mut tail = tail;
+                    if let Some(mut rs) = self.thoughts.get_mut(i).and_then(Option::take) {
+                        let mut outs = rs.push(&tail);
+                        outs.extend(rs.finish());
+                        let (thought, content) = parts(outs);
+                        // The content rest goes on as the tail below.
+                        self.thought_chunks(i, thought, String::new(), None);
+                        tail = content;
+                    }
                     if let Some((mut ts, mut called)) =
                         self.tool_streams.get_mut(i).and_then(Option::take)
                     {
@@ -744,9 +878,7 @@ impl SseState {
                             "length" => ts.finish_cut(),
                             _ => ts.finish(),
                         });
-                        called |= outs
-                            .iter()
-                            .any(|o| matches!(o, StreamOut::CallStart { .. }));
+                        called |= calls_begin(&outs);
                         self.tool_chunks(i, outs);
                         tail.clear();
                         if called && reason == "stop" {
@@ -788,7 +920,7 @@ fn sse(
     engine: Arc<Engine>,
     api: Api,
     head: ChunkHead,
-    v: ValidGeneration,
+    (v, thoughts): (ValidGeneration, Vec<Option<bool>>),
     tracked: Vec<Tracked>,
     (inflight, fd): (InFlight, Option<ConnFd>),
 ) -> BoxStream<'static, Result<Bytes, actix_web::Error>> {
@@ -823,6 +955,11 @@ fn sse(
         done: false,
         fd,
         tool_streams,
+        thoughts: thoughts
+            .into_iter()
+            .map(|t| t.map(ReasoningStream::new))
+            .collect(),
+        include_reasoning: v.include_reasoning,
         text_offsets: vec![0; count],
         _inflight: inflight,
     };
