@@ -1853,9 +1853,9 @@ fn streamed_thought(text: &str) -> (String, String, String) {
 /// Against a server whose chat template (Qwen3's) implies thoughts: a
 /// `<think>` thought at the start of an answer is `reasoning_content`, the
 /// rest `content` (tool calls read from it), whole and streamed alike; a
-/// prompt that ends in `<think>` starts the answer in the thought;
-/// `include_reasoning: false` leaves it out; a thought sent back reaches
-/// the template.
+/// prompt that ends in `<think>` starts the answer in the thought; a guide
+/// holds only the answer after it; `include_reasoning: false` leaves it
+/// out; a thought sent back reaches the template.
 fn thoughts_are_answered_apart(s: &Server) {
     let user = json!({"role": "user", "content": "Q"});
     let ask = |extra: Value| {
@@ -1979,6 +1979,24 @@ fn thoughts_are_answered_apart(s: &Server) {
         (thought.as_str(), content.as_str()),
         (want_thought, want_content)
     );
+    // A guide holds only the answer after the thought: the model closes
+    // the opened thought as it likes, then answers as the guide says.
+    body["stream"] = json!(false);
+    body["guided_regex"] = json!("[A-Z][a-z]{2,9}[.]");
+    body["max_tokens"] = json!(40);
+    let (st, r) = s.post("/v1/chat/completions", body.clone());
+    assert_eq!(st, 200, "{r}");
+    let choice = &r["choices"][0];
+    let content = choice["message"]["content"].as_str().unwrap_or_default();
+    assert!(
+        content.len() > 3 && content.ends_with('.') && !content.contains(' '),
+        "{choice}"
+    );
+    assert_eq!(choice["finish_reason"], "stop", "{choice}");
+    body["stream"] = json!(true);
+    let (st, _, streamed) = s.post_raw("/v1/chat/completions", &body.to_string());
+    assert_eq!(st, 200, "{streamed}");
+    assert_eq!(streamed_thought(&streamed).1, content);
     // A thought sent back reaches the template (Qwen3's writes it in the
     // last answer); it goes with assistant messages only.
     let answered = json!({"role": "assistant", "content": "A", "reasoning_content": "r"});

@@ -27,13 +27,16 @@
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
-use llguidance::api::{StopReason, TopLevelGrammar};
+use llguidance::api::{GrammarWithLexer, StopReason, TopLevelGrammar};
 use llguidance::toktrie::{TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
+
+/// The name the grammar of [`Guide::AfterThought`]'s answer goes by.
+const ANSWER: &str = "answer";
 
 /// What a request's output must match.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +56,18 @@ pub enum Guide {
     /// Tool calls, by a Lark grammar built from the request's `tools`
     /// ([`crate::tools::guide`]; errors name `tools`).
     ToolCalls(String),
+    /// A reasoning model's answer: a `<think>…</think>` thought held to
+    /// nothing, then `guide` (its field named in errors). Where the prompt
+    /// `opened` the thought, the output starts in it and must close it;
+    /// else the thought may come first (after `<think>`) or not at all.
+    /// Whitespace may stand between the thought and the guided answer.
+    AfterThought {
+        /// What the answer after the thought must match.
+        guide: Box<Guide>,
+        /// Whether the prompt opened the thought
+        /// ([`crate::reasoning::ReasoningFormat::opened_by`]).
+        opened: bool,
+    },
 }
 
 impl Guide {
@@ -65,6 +80,19 @@ impl Guide {
             Guide::Choice(_) => "guided_choice",
             Guide::Lark(_) => "guided_grammar",
             Guide::ToolCalls(_) => "tools",
+            Guide::AfterThought { guide, .. } => guide.field(),
+        }
+    }
+
+    /// This guide held to the answer after a reasoning model's thought
+    /// ([`Guide::AfterThought`]); the prompt `opened` it, or not.
+    pub fn after_thought(self, opened: bool) -> Guide {
+        match self {
+            Guide::AfterThought { guide, .. } => Guide::AfterThought { guide, opened },
+            guide => Guide::AfterThought {
+                guide: Box::new(guide),
+                opened,
+            },
         }
     }
 
@@ -96,6 +124,29 @@ impl Guide {
                 TopLevelGrammar::from_lark(format!("start: {}", alternatives.join(" | ")))
             }
             Guide::Lark(src) | Guide::ToolCalls(src) => TopLevelGrammar::from_lark(src.clone()),
+            Guide::AfterThought { guide, opened } => {
+                // The answer's grammars follow the thought's, the first one
+                // named so the thought's can refer to it.
+                let mut answer = guide.grammar()?;
+                if let Some(first) = answer.grammars.first_mut() {
+                    first.name = Some(ANSWER.into());
+                }
+                let thought = match opened {
+                    true => "thought",
+                    false => "(\"<think>\" thought)?",
+                };
+                let lark = format!(
+                    "start: {thought} WS? @{ANSWER}\n\
+                     thought[lazy]: /(.|\\n)*<\\/think>/\n\
+                     WS: /[ \\t\\r\\n]+/\n"
+                );
+                let mut grammars = vec![GrammarWithLexer::from_lark(lark)];
+                grammars.extend(answer.grammars);
+                TopLevelGrammar {
+                    grammars,
+                    max_tokens: answer.max_tokens,
+                }
+            }
         })
     }
 }
@@ -470,6 +521,43 @@ mod tests {
         ));
         let c = compact(serde_json::json!({"type": "object"}));
         assert_eq!(c["x-guidance"]["whitespace_flexible"], false);
+    }
+
+    /// A guide after a thought: the thought is free text up to
+    /// `</think>`, the answer after it held to the guide; where the prompt
+    /// opened the thought the output must close it first.
+    #[test]
+    fn a_guide_after_a_thought_holds_only_the_answer() {
+        let w = crate::tools::tests::Walker::new();
+        let all = |text: &str| (text.len(), true, true);
+        assert_eq!(w.walk(&Guide::JsonObject, "{\"a\":1}"), all("{\"a\":1}"));
+        let json = Guide::JsonObject.after_thought(false);
+        assert_eq!(json.field(), "response_format");
+        for text in [
+            "{\"a\":1}",
+            "<think>\nFree {text} here.\n</think>\n\n{\"a\":1}",
+            "<think></think>{\"a\":1}",
+        ] {
+            assert_eq!(w.walk(&json, text), all(text), "{text:?}");
+        }
+        // Not JSON after the thought, and no second thought.
+        let bad = "<think>x</think>\n\nNo.";
+        assert_eq!(w.walk(&json, bad).0, bad.find("No").unwrap_or(0));
+        let twice = "<think>x</think><think>";
+        assert_eq!(w.walk(&json, twice).0, twice.len() - "<think>".len());
+        // An opened thought must close before the answer.
+        let opened = Guide::Regex("[A-Z][a-z]+[.]".into()).after_thought(true);
+        let text = "Let me see: <b>.\n</think>\n\nParis.";
+        assert_eq!(w.walk(&opened, text), all(text));
+        assert_eq!(w.walk(&opened, "Paris."), ("Paris.".len(), false, false));
+        // Choices and forced calls too; rewrapping keeps one wrapper.
+        let choice = Guide::Choice(vec!["yes".into(), "no".into()])
+            .after_thought(false)
+            .after_thought(true);
+        assert!(
+            matches!(&choice, Guide::AfterThought { guide, opened: true } if matches!(**guide, Guide::Choice(_)))
+        );
+        assert_eq!(w.walk(&choice, "hmm</think> no"), all("hmm</think> no"));
     }
 
     #[test]

@@ -1051,7 +1051,7 @@ impl ToolStream {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::chat::ChatTemplate;
 
@@ -1532,14 +1532,16 @@ mod tests {
         crate::Tokenizer::from_gguf(&file).unwrap()
     }
 
-    struct Walker {
+    /// Walks a guide byte by byte over a byte-level vocabulary (also
+    /// [`crate::guide`]'s tests').
+    pub(crate) struct Walker {
         env: crate::guide::GuideEnv,
         byte_token: Vec<u32>,
         eos: u32,
     }
 
     impl Walker {
-        fn new() -> Self {
+        pub(crate) fn new() -> Self {
             let tok = byte_tokenizer();
             let mut byte_token = vec![0u32; 256];
             for id in 0..tok.vocab_size() as u32 {
@@ -1560,7 +1562,7 @@ mod tests {
         /// Feeds `text` byte by byte; gives how many bytes the grammar
         /// allowed, whether end-of-sequence may follow them, and whether
         /// only it may.
-        fn walk(&self, guide: &Guide, text: &str) -> (usize, bool, bool) {
+        pub(crate) fn walk(&self, guide: &Guide, text: &str) -> (usize, bool, bool) {
             let c = self
                 .env
                 .constraint(guide)

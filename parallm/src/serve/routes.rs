@@ -449,7 +449,8 @@ async fn generate(
     } else {
         Vec::new()
     };
-    let thoughts = thoughts(api, &engine, &requests);
+    let mut requests = requests;
+    let thoughts = thoughts(api, &engine, &mut requests);
     let tracked = submit_all(&state, &engine, requests, v.names).await?;
     let id = request_id(api);
     if v.stream {
@@ -548,19 +549,23 @@ async fn generate(
 
 /// Per engine request, whether its answer is read for a thought
 /// ([`framework::reasoning`]), and if so whether its prompt opened one: a
-/// chat's, where the model's answers are. A guided answer is what its guide
-/// allowed, so it begins no thought its prompt opened.
-fn thoughts(api: Api, engine: &Engine, requests: &[Request]) -> Vec<Option<bool>> {
+/// chat's, where the model's answers are. Such a request's guide is made
+/// to hold only the answer after the thought
+/// ([`framework::guide::Guide::after_thought`]), so the model thinks
+/// freely first.
+fn thoughts(api: Api, engine: &Engine, requests: &mut [Request]) -> Vec<Option<bool>> {
     let reads = api == Api::Chat
         && engine.reasoning_format() != framework::reasoning::ReasoningFormat::None;
     requests
-        .iter()
+        .iter_mut()
         .map(|r| {
-            reads.then(|| match &r.prompt {
-                actors::llm::Prompt::Tokens(t) if r.guide.is_none() => {
-                    engine.prompt_opens_thought(t)
-                }
-                _ => false,
+            reads.then(|| {
+                let opened = match &r.prompt {
+                    actors::llm::Prompt::Tokens(t) => engine.prompt_opens_thought(t),
+                    _ => false,
+                };
+                r.guide = r.guide.take().map(|g| g.after_thought(opened));
+                opened
             })
         })
         .collect()
