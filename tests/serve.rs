@@ -2681,7 +2681,7 @@ fn the_official_openai_python_client_embeds() {
 }
 
 #[test]
-fn model_tool_format_overrides_the_templates_format() {
+fn model_tool_format_overrides_the_templates_format_and_mistral_templates_get_their_call_ids() {
     // The reference model's template implies Hermes; the configuration
     // says Mistral, so the forced call is written in Mistral's syntax and
     // must be read back in it to come out as a call.
@@ -2708,6 +2708,42 @@ fn model_tool_format_overrides_the_templates_format() {
         .filter_map(|t| t["token"].as_str())
         .collect();
     assert!(written.starts_with("[TOOL_CALLS]"), "{written}");
+    drop(s);
+
+    // Mistral's own template (Nemo's) takes only nine-character call ids:
+    // a conversation sent back with the server's OpenAI-style ids renders
+    // with each id's last nine letters and digits, a call and its result
+    // still paired.
+    let template =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/chat/mistral-nemo-instruct.jinja");
+    let s = Server::start(
+        &[
+            "--set",
+            &format!("model.chat_template_file={}", template.display()),
+        ],
+        true,
+    );
+    let id = "call_0123456789abcdefghijklmn";
+    let messages = json!([
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": id, "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\", \"unit\": \"celsius\"}"}}]},
+        {"role": "tool", "tool_call_id": id, "content": "sunny, 21 C"},
+    ]);
+    let (st, r) = s.post(
+        "/tokenize",
+        json!({"messages": messages, "tools": weather_tools()}),
+    );
+    assert_eq!(st, 200, "{r}");
+    let (_, d) = s.post("/detokenize", json!({"tokens": r["tokens"]}));
+    let prompt = d["prompt"].as_str().expect("text");
+    assert_eq!(prompt.matches("\"fghijklmn\"").count(), 2, "{prompt}");
+    assert!(!prompt.contains(id), "{prompt}");
+    let (st, r) = s.post(
+        "/v1/chat/completions",
+        json!({"messages": messages, "tools": weather_tools(), "max_tokens": 4}),
+    );
+    assert_eq!(st, 200, "{r}");
 }
 
 #[test]

@@ -317,9 +317,6 @@ fn tojson_filter(
     };
     let sort: Option<bool> = kwargs.get("sort_keys")?;
     let ensure_ascii: Option<bool> = kwargs.get("ensure_ascii")?;
-    if ensure_ascii == Some(true) {
-        return Err(bad("tojson: ensure_ascii=true is not supported".into()));
-    }
     kwargs.assert_all_used()?;
     let json = serde_json::to_value(&value)
         .map_err(|e| bad(format!("tojson: cannot write {value} as JSON: {e}")))?;
@@ -329,7 +326,30 @@ fn tojson_filter(
         json
     };
     let seps = separators.as_ref().map(|(i, k)| (i.as_str(), k.as_str()));
-    Ok(JinjaValue::from(python_json(&json, indent, seps)))
+    let text = python_json(&json, indent, seps);
+    Ok(JinjaValue::from(match ensure_ascii {
+        Some(true) => ascii_escaped(&text),
+        _ => text,
+    }))
+}
+
+/// JSON text with every character past ASCII written as Python's
+/// `ensure_ascii=True` writes it: `\uXXXX`, a UTF-16 surrogate pair past
+/// the Basic Multilingual Plane (such characters stand only in strings,
+/// where the escape means the same).
+fn ascii_escaped(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    for c in json.chars() {
+        if c.is_ascii() {
+            out.push(c);
+            continue;
+        }
+        let mut units = [0u16; 2];
+        for u in c.encode_utf16(&mut units) {
+            out.push_str(&format!("\\u{u:04x}"));
+        }
+    }
+    out
 }
 
 /// A compiled chat template.
@@ -550,7 +570,8 @@ impl ChatTemplate {
     }
 
     /// Renders a conversation whose final message's text is `last` (`None`:
-    /// no message), with `tools` defined only when given.
+    /// no message), with `tools` none when not given, as transformers
+    /// renders it (and `documents` none).
     fn render_conversation(
         &self,
         messages: JinjaValue,
@@ -576,9 +597,11 @@ impl ChatTemplate {
             eos_token => self.eos,
             ..extra
         };
-        let ctx = match tools {
-            Some(tools) => context! { tools => tools, ..base },
-            None => base,
+        let ctx = context! {
+            tools => tools,
+            // (A `documents` variable of the request's own stays.)
+            documents => options.kwargs.get("documents").map(json_to_jinja),
+            ..base
         };
         let text = self.render_context(ctx)?;
         match options.continue_final_message {
@@ -1251,9 +1274,63 @@ mod tests {
             "{\n  \"type\": \"function\",\n  \"function\": {\n    \"name\": \"f\",\n    \"parameters\": {\n      \"type\": \"object\",\n      \"properties\": {}\n    }\n  }\n}\
              |{\"properties\":{},\"type\":\"object\"}|\"<a&b>\""
         );
+        // Python's `ensure_ascii=True`: \u escapes, surrogate pairs past
+        // the BMP; off by default.
+        let t = ChatTemplate::new(
+            "{{ {'k': 'Zürich 😀'} | tojson(ensure_ascii=true) }}|{{ 'é' | tojson }}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&[ChatMessage::new("user", "x")], false).unwrap(),
+            "{\"k\": \"Z\\u00fcrich \\ud83d\\ude00\"}|\"é\""
+        );
         let t = ChatTemplate::new(CHATML_TOOLLESS, "", "").unwrap();
         assert!(!t.mentions_tools());
     }
+
+    /// As transformers renders: `tools` and `documents` are none when not
+    /// given, so a template may test `tools is not none` before their
+    /// length; a request's own `documents` stay.
+    #[test]
+    fn tools_and_documents_are_none_when_not_given() {
+        let t = ChatTemplate::new(
+            "{{ tools is none }} {{ tools is not none and tools | length > 0 }} {{ documents }}",
+            "",
+            "",
+        )
+        .unwrap();
+        let user = [ChatTurn::new("user", "x")];
+        let render = |options: &RenderOptions| t.render_turns(&user, None, options).unwrap();
+        assert_eq!(render(&RenderOptions::default()), "True False None");
+        let mut docs = RenderOptions::default();
+        docs.kwargs
+            .insert("documents".into(), serde_json::json!([{"text": "d"}]));
+        assert_eq!(render(&docs), "True False [{'text': 'd'}]");
+    }
+
+    /// DeepSeek-R1's template (as its distillations ship it) opens the
+    /// thought for the model; Qwen3's leaves it to the model; both imply
+    /// reading thoughts.
+    #[test]
+    fn reasoning_templates_imply_thoughts_and_say_who_opens_them() {
+        use crate::reasoning::ReasoningFormat;
+        let q = [ChatMessage::new("user", "Q")];
+        for (src, opened) in [(DEEPSEEK_R1, true), (QWEN3, false)] {
+            let format = ReasoningFormat::detect(Some(src));
+            assert_eq!(format, ReasoningFormat::Think);
+            let prompt = ChatTemplate::new(src.trim_end(), "<s>", "</s>")
+                .unwrap()
+                .render(&q, true)
+                .unwrap();
+            assert_eq!(format.opened_by(&prompt), opened, "{prompt:?}");
+        }
+        assert_eq!(ReasoningFormat::detect(Some(QWEN25)), ReasoningFormat::None);
+    }
+
+    /// DeepSeek-R1-Distill-Llama-8B's template (a copy in `tests/data/chat/`).
+    const DEEPSEEK_R1: &str = include_str!("../../tests/data/chat/deepseek-r1-distill-llama.jinja");
 
     const CHATML_TOOLLESS: &str =
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}";

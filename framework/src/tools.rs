@@ -866,6 +866,47 @@ pub fn fold_into_messages(
     out
 }
 
+/// A call id as Mistral's templates take it, nine letters and digits (they
+/// refuse any other): the id itself where it is one; else the last nine
+/// letters and digits of it (OpenAI's `call_…` ids have 24); else, for an
+/// id with fewer, nine drawn from its hash. The same id always gives the
+/// same, so a call and its result still pair.
+pub fn mistral_call_id(id: &str) -> String {
+    let alnum: Vec<char> = id.chars().filter(char::is_ascii_alphanumeric).collect();
+    if alnum.len() >= 9 {
+        return alnum[alnum.len() - 9..].iter().collect();
+    }
+    // FNV-1a: stable across processes and releases, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut next = || {
+        let value = h;
+        h = h.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15;
+        value
+    };
+    call_id(&mut next)["call_".len().."call_".len() + 9].to_string()
+}
+
+/// `messages` with every call id (an assistant's calls, a tool result's
+/// `tool_call_id`) made a Mistral one ([`mistral_call_id`]).
+pub fn with_mistral_ids(messages: &[ChatTurn]) -> Vec<ChatTurn> {
+    messages
+        .iter()
+        .map(|m| {
+            let mut m = m.clone();
+            for c in &mut m.tool_calls {
+                c.id = mistral_call_id(&c.id);
+            }
+            if let Some(id) = &mut m.tool_call_id {
+                *id = mistral_call_id(id);
+            }
+            m
+        })
+        .collect()
+}
+
 /// `messages` with a leading system message moved into the first user
 /// message (its text, a blank line, then the user's), for a template that
 /// takes no system role (Gemma's); `None` when there is no such pair.
@@ -1585,6 +1626,48 @@ pub(crate) mod tests {
                     .all(|id| !allowed(&mask, id));
             (text.len(), allowed(&mask, self.eos), only_eos)
         }
+    }
+
+    #[test]
+    fn mistral_call_ids_are_nine_letters_and_digits_and_stable() {
+        assert_eq!(
+            mistral_call_id("call_0123456789abcdefghijklmn"),
+            "fghijklmn"
+        );
+        assert_eq!(mistral_call_id("abcDEF123"), "abcDEF123");
+        assert_eq!(mistral_call_id("toolu-01_x.y-z9876543"), "xyz9876543"[1..]);
+        for short in ["1", "call-7", ""] {
+            let id = mistral_call_id(short);
+            assert_eq!(id.len(), 9, "{short:?} -> {id}");
+            assert!(id.chars().all(|c| c.is_ascii_alphanumeric()), "{id}");
+            assert_eq!(id, mistral_call_id(short));
+        }
+        assert_ne!(mistral_call_id("1"), mistral_call_id("2"));
+        // Both ends of a call get the same id, and the Nemo template
+        // (which refuses any other) renders them.
+        let id = "call_0123456789abcdefghijklmn".to_string();
+        let turns = [
+            ChatTurn::new("user", "Weather?"),
+            ChatTurn::new("assistant", "").with_tool_calls(vec![ToolCall {
+                id: id.clone(),
+                name: "get_weather".into(),
+                arguments: r#"{"city": "Paris"}"#.into(),
+            }]),
+            ChatTurn::tool_result(id, "sunny"),
+        ];
+        let nemo = crate::chat::ChatTemplate::new(
+            include_str!("../../tests/data/chat/mistral-nemo-instruct.jinja"),
+            "<s>",
+            "</s>",
+        )
+        .unwrap();
+        let render = |t: &[ChatTurn]| {
+            nemo.render_turns(t, Some(&tools()), &crate::chat::RenderOptions::default())
+        };
+        let err = render(&turns).expect_err("OpenAI's ids are refused");
+        assert!(err.to_string().contains("length 9"), "{err}");
+        let text = render(&with_mistral_ids(&turns)).unwrap();
+        assert_eq!(text.matches("fghijklmn").count(), 2, "{text}");
     }
 
     #[test]

@@ -1331,6 +1331,15 @@ impl Engine {
                         .or_insert_with(|| value.clone());
                 }
                 let render = &render;
+                // Mistral's templates take only their own call ids.
+                let mistral;
+                let messages = match self.tool_format() {
+                    framework::tools::ToolFormat::Mistral => {
+                        mistral = framework::tools::with_mistral_ids(messages);
+                        &mistral
+                    }
+                    _ => messages,
+                };
                 let text = if template.mentions_tools() {
                     let offered = (!tools.is_empty()).then_some(tools.as_slice());
                     template.render_turns(messages, offered, render)?
@@ -1341,13 +1350,16 @@ impl Engine {
                         Ok(text) => text,
                         // A template that takes no system role (Gemma's)
                         // gets the tools in the first user turn.
+                        // (Where that fails too, its error is the one
+                        // that says what is wrong.)
                         Err(e)
                             if !tools.is_empty()
                                 && e.to_string().to_lowercase().contains("system") =>
                         {
-                            framework::tools::system_into_first_user(folded)
-                                .and_then(|m| template.render_with(&m, render).ok())
-                                .ok_or(e)?
+                            match framework::tools::system_into_first_user(folded) {
+                                Some(m) => template.render_with(&m, render)?,
+                                None => return Err(e),
+                            }
                         }
                         Err(e) => return Err(e),
                     }
