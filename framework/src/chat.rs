@@ -496,6 +496,15 @@ impl ChatTemplate {
             },
         );
         env.add_filter("tojson", tojson_filter);
+        // Jinja2's `iterable`: none is not (minijinja iterates it as empty),
+        // so `tools is iterable and tools | length > 0` holds for no tools.
+        env.add_test("iterable", |value: JinjaValue| {
+            use minijinja::value::ValueKind;
+            !matches!(
+                value.kind(),
+                ValueKind::None | ValueKind::Number | ValueKind::Bool
+            )
+        });
         env.set_fuel(Some(RENDER_FUEL));
         env.add_template_owned("chat", without_generation_tags(source))
             .map_err(|e| Error::Template(format!("cannot compile: {e}")))?;
@@ -1291,8 +1300,9 @@ mod tests {
     }
 
     /// As transformers renders: `tools` and `documents` are none when not
-    /// given, so a template may test `tools is not none` before their
-    /// length; a request's own `documents` stay.
+    /// given, so a template may test `tools is not none` (or, as Jinja2
+    /// has it, `tools is iterable`) before their length; a request's own
+    /// `documents` stay.
     #[test]
     fn tools_and_documents_are_none_when_not_given() {
         let t = ChatTemplate::new(
@@ -1304,6 +1314,18 @@ mod tests {
         let user = [ChatTurn::new("user", "x")];
         let render = |options: &RenderOptions| t.render_turns(&user, None, options).unwrap();
         assert_eq!(render(&RenderOptions::default()), "True False None");
+        let t = ChatTemplate::new(
+            "{{ tools is iterable and tools | length > 0 }} {{ [1] is iterable }} \
+             {{ 'ab' is iterable }} {{ {} is iterable }} {{ 1 is iterable }} {{ nothing is iterable }}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            t.render_turns(&user, None, &RenderOptions::default())
+                .unwrap(),
+            "False True True True False True"
+        );
         let mut docs = RenderOptions::default();
         docs.kwargs
             .insert("documents".into(), serde_json::json!([{"text": "d"}]));
