@@ -1351,6 +1351,72 @@ mod tests {
         assert_eq!(ReasoningFormat::detect(Some(QWEN25)), ReasoningFormat::None);
     }
 
+    /// Templates of several families as their model repositories ship them
+    /// (copies in `tests/data/chat/`) render a plain conversation and one
+    /// with a call and its result, without tools too: they test `tools`
+    /// against none, `is iterable`, `tojson` of the tools, `namespace`s,
+    /// Python string methods and `strftime_now`.
+    #[test]
+    fn real_templates_render_plain_and_tool_conversations() {
+        let tool = Tool::from_openai(&serde_json::json!({"type": "function", "function": {
+            "name": "get_weather", "description": "The weather in a city",
+            "parameters": {"type": "object", "properties": {
+                "city": {"type": "string", "description": "The city"}}, "required": ["city"]}}}))
+        .unwrap();
+        let plain = [
+            ChatTurn::new("system", "Be brief."),
+            ChatTurn::new("user", "Hi"),
+            ChatTurn::new("assistant", "Hello").with_reasoning(Some("greet".into())),
+            ChatTurn::new("user", "Bye now"),
+        ];
+        let calls = [
+            ChatTurn::new("user", "Weather in Paris?"),
+            ChatTurn::new("assistant", "").with_tool_calls(vec![ToolCall {
+                id: "call_abc123def".into(),
+                name: "get_weather".into(),
+                arguments: r#"{"city": "Paris"}"#.into(),
+            }]),
+            ChatTurn::tool_result("call_abc123def", "sunny, 21 C").with_name("get_weather"),
+        ];
+        let d = |f: &str| {
+            std::fs::read_to_string(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../tests/data/chat")
+                    .join(f),
+            )
+            .unwrap()
+        };
+        for file in [
+            "qwen3-coder.jinja",
+            "gpt-oss.jinja",
+            "granite-4.0.jinja",
+            "smollm3.jinja",
+            "apriel-1.5.jinja",
+            "deepseek-r1-distill-llama.jinja",
+            "mistral-nemo-instruct.jinja",
+        ] {
+            let t = ChatTemplate::new(&d(file), "<s>", "</s>").unwrap();
+            let options = RenderOptions::default();
+            let text = t
+                .render_turns(&plain, None, &options)
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert!(text.contains("Bye now"), "{file}: {text}");
+            for tools in [Some(std::slice::from_ref(&tool)), None] {
+                let calls = crate::tools::with_mistral_ids(&calls);
+                let text = t
+                    .render_turns(&calls, tools, &options)
+                    .unwrap_or_else(|e| panic!("{file}: {e}"));
+                assert!(text.contains("sunny, 21 C"), "{file}: {text}");
+                // (SmolLM3's knows no `tools`: the server folds them.)
+                assert_eq!(
+                    text.contains("The weather in a city"),
+                    tools.is_some() && t.mentions_tools(),
+                    "{file}: {text}"
+                );
+            }
+        }
+    }
+
     /// DeepSeek-R1-Distill-Llama-8B's template (a copy in `tests/data/chat/`).
     const DEEPSEEK_R1: &str = include_str!("../../tests/data/chat/deepseek-r1-distill-llama.jinja");
 
