@@ -1935,50 +1935,61 @@ fn thoughts_are_answered_apart(s: &Server) {
         .as_str()
         .is_some_and(|c| c.ends_with('.')));
     // A prompt that opened the thought: the answer starts in it (the
-    // reference model closes it at once, and writes on).
-    let opened = json!({"role": "assistant", "content": "<think>"});
-    let mut body = json!({"messages": [user, opened], "continue_final_message": true,
-        "add_generation_prompt": false, "temperature": 0, "max_tokens": 16});
-    let (st, tokens) = s.post("/tokenize", body.clone());
-    assert_eq!(st, 200, "{tokens}");
-    let (st, raw) = s.post(
-        "/v1/completions",
-        json!({"prompt": tokens["tokens"], "temperature": 0, "max_tokens": 16}),
-    );
-    assert_eq!(st, 200, "{raw}");
-    let raw = raw["choices"][0]["text"].as_str().expect("text");
-    let (want_thought, want_content) = match raw.find("</think>") {
-        Some(at) => (raw[..at].trim(), raw[at + "</think>".len()..].trim_start()),
-        None => (raw.trim(), ""),
-    };
-    let (st, r) = s.post("/v1/chat/completions", body.clone());
-    assert_eq!(st, 200, "{r}");
-    let message = &r["choices"][0]["message"];
+    // reference model closes it at once, and writes on); so does a final
+    // message continued with its thought open, however long.
     let none_if_empty = |t: &str| match t {
         "" => Value::Null,
         t => json!(t),
     };
-    assert_eq!(
-        message
-            .get("reasoning_content")
-            .cloned()
-            .unwrap_or(Value::Null),
-        none_if_empty(want_thought),
-        "{raw:?} -> {message}"
-    );
-    assert_eq!(
-        message["content"],
-        none_if_empty(want_content),
-        "{raw:?} -> {message}"
-    );
-    body["stream"] = json!(true);
-    let (st, _, streamed) = s.post_raw("/v1/chat/completions", &body.to_string());
-    assert_eq!(st, 200, "{streamed}");
-    let (thought, content, _) = streamed_thought(&streamed);
-    assert_eq!(
-        (thought.as_str(), content.as_str()),
-        (want_thought, want_content)
-    );
+    let opened_body = |prefix: &str| {
+        json!({"messages": [user, {"role": "assistant", "content": prefix}],
+            "continue_final_message": true, "add_generation_prompt": false,
+            "temperature": 0, "max_tokens": 16})
+    };
+    for prefix in [
+        "<think>",
+        "<think>\nThe user asks Q, which is short. Let me",
+    ] {
+        let mut body = opened_body(prefix);
+        let (st, tokens) = s.post("/tokenize", body.clone());
+        assert_eq!(st, 200, "{tokens}");
+        let (st, raw) = s.post(
+            "/v1/completions",
+            json!({"prompt": tokens["tokens"], "temperature": 0, "max_tokens": 16}),
+        );
+        assert_eq!(st, 200, "{raw}");
+        let raw = raw["choices"][0]["text"].as_str().expect("text");
+        let (want_thought, want_content) = match raw.find("</think>") {
+            Some(at) => (raw[..at].trim(), raw[at + "</think>".len()..].trim_start()),
+            None => (raw.trim(), ""),
+        };
+        let (st, r) = s.post("/v1/chat/completions", body.clone());
+        assert_eq!(st, 200, "{r}");
+        let message = &r["choices"][0]["message"];
+        assert_eq!(
+            message
+                .get("reasoning_content")
+                .cloned()
+                .unwrap_or(Value::Null),
+            none_if_empty(want_thought),
+            "{prefix:?}: {raw:?} -> {message}"
+        );
+        assert_eq!(
+            message["content"],
+            none_if_empty(want_content),
+            "{prefix:?}: {raw:?} -> {message}"
+        );
+        body["stream"] = json!(true);
+        let (st, _, streamed) = s.post_raw("/v1/chat/completions", &body.to_string());
+        assert_eq!(st, 200, "{streamed}");
+        let (thought, content, _) = streamed_thought(&streamed);
+        assert_eq!(
+            (thought.as_str(), content.as_str()),
+            (want_thought, want_content),
+            "{prefix:?}"
+        );
+    }
+    let mut body = opened_body("<think>");
     // A guide holds only the answer after the thought: the model closes
     // the opened thought as it likes, then answers as the guide says.
     body["stream"] = json!(false);

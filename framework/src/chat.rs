@@ -333,14 +333,15 @@ fn tojson_filter(
     }))
 }
 
-/// JSON text with every character past ASCII written as Python's
+/// JSON text with every character past ASCII (and DEL) written as Python's
 /// `ensure_ascii=True` writes it: `\uXXXX`, a UTF-16 surrogate pair past
 /// the Basic Multilingual Plane (such characters stand only in strings,
 /// where the escape means the same).
 fn ascii_escaped(json: &str) -> String {
     let mut out = String::with_capacity(json.len());
     for c in json.chars() {
-        if c.is_ascii() {
+        // (DEL too: Python escapes all but space to `~`.)
+        if c < '\x7f' {
             out.push(c);
             continue;
         }
@@ -499,11 +500,7 @@ impl ChatTemplate {
         // Jinja2's `iterable`: none is not (minijinja iterates it as empty),
         // so `tools is iterable and tools | length > 0` holds for no tools.
         env.add_test("iterable", |value: JinjaValue| {
-            use minijinja::value::ValueKind;
-            !matches!(
-                value.kind(),
-                ValueKind::None | ValueKind::Number | ValueKind::Bool
-            )
+            !value.is_none() && value.try_iter().is_ok()
         });
         env.set_fuel(Some(RENDER_FUEL));
         env.add_template_owned("chat", without_generation_tags(source))
@@ -1286,14 +1283,14 @@ mod tests {
         // Python's `ensure_ascii=True`: \u escapes, surrogate pairs past
         // the BMP; off by default.
         let t = ChatTemplate::new(
-            "{{ {'k': 'Zürich 😀'} | tojson(ensure_ascii=true) }}|{{ 'é' | tojson }}",
+            "{{ {'k': 'Zürich 😀\x7f'} | tojson(ensure_ascii=true) }}|{{ 'é' | tojson }}",
             "",
             "",
         )
         .unwrap();
         assert_eq!(
             t.render(&[ChatMessage::new("user", "x")], false).unwrap(),
-            "{\"k\": \"Z\\u00fcrich \\ud83d\\ude00\"}|\"é\""
+            "{\"k\": \"Z\\u00fcrich \\ud83d\\ude00\\u007f\"}|\"é\""
         );
         let t = ChatTemplate::new(CHATML_TOOLLESS, "", "").unwrap();
         assert!(!t.mentions_tools());

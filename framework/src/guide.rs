@@ -60,7 +60,8 @@ pub enum Guide {
     /// nothing, then `guide` (its field named in errors). Where the prompt
     /// `opened` the thought, the output starts in it and must close it;
     /// else the thought may come first (after `<think>`) or not at all.
-    /// Whitespace may stand between the thought and the guided answer.
+    /// Whitespace may stand between a thought and the guided answer (and
+    /// nowhere the guide does not allow it).
     AfterThought {
         /// What the answer after the thought must match.
         guide: Box<Guide>,
@@ -131,12 +132,13 @@ impl Guide {
                 if let Some(first) = answer.grammars.first_mut() {
                     first.name = Some(ANSWER.into());
                 }
+                // Whitespace may follow a thought, never stand alone.
                 let thought = match opened {
-                    true => "thought",
-                    false => "(\"<think>\" thought)?",
+                    true => "thought WS?",
+                    false => "(\"<think>\" thought WS?)?",
                 };
                 let lark = format!(
-                    "start: {thought} WS? @{ANSWER}\n\
+                    "start: {thought} @{ANSWER}\n\
                      thought[lazy]: /(.|\\n)*<\\/think>/\n\
                      WS: /[ \\t\\r\\n]+/\n"
                 );
@@ -558,6 +560,12 @@ mod tests {
             matches!(&choice, Guide::AfterThought { guide, opened: true } if matches!(**guide, Guide::Choice(_)))
         );
         assert_eq!(w.walk(&choice, "hmm</think> no"), all("hmm</think> no"));
+        // Without a thought, no whitespace the guide does not allow.
+        let choice = Guide::Choice(vec!["yes".into()]).after_thought(false);
+        assert_eq!(w.walk(&choice, "yes"), all("yes"));
+        assert_eq!(w.walk(&choice, " yes").0, 0);
+        let thought = "<think>a</think>\n yes";
+        assert_eq!(w.walk(&choice, thought), all(thought));
     }
 
     #[test]

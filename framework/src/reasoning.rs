@@ -3,14 +3,15 @@
 //! an OpenAI-compatible server answers the thought as `reasoning_content`
 //! and the rest as `content`. This module owns the format
 //! ([`ReasoningFormat`]), whether a prompt already opened the thought
-//! ([`ReasoningFormat::opened_by`]), and the split of a finished output
+//! ([`ReasoningFormat::opened_by`], [`ReasoningFormat::leaves_open`]), and the split of a finished output
 //! ([`split`]) and of a streamed one ([`ReasoningStream`]).
 //!
 //! **What is true of it:**
 //! - A thought is read only at the start of the output: `<think>` after
 //!   nothing but whitespace, or, where the prompt ended in `<think>` (the
-//!   templates of DeepSeek-R1 and QwQ open it for the model), from the first
-//!   character (a `<think>` the model writes again there is dropped). It
+//!   templates of DeepSeek-R1 and QwQ open it for the model) or a final
+//!   message the model continues left it open, from the first character
+//!   (a `<think>` the model writes again there is dropped). It
 //!   ends at the first `</think>`, or with the output (a thought the length
 //!   limit cut: no content).
 //! - An output with no thought is all content, verbatim: the split changes
@@ -64,7 +65,7 @@ impl ReasoningFormat {
             "think" | "qwen3" | "deepseek_r1" => Ok(ReasoningFormat::Think),
             other => Err(Error::Setting {
                 field: "reasoning_format",
-                reason: format!("is '{other}'; must be think or none"),
+                reason: format!("is '{other}'; must be think (or qwen3, deepseek_r1) or none"),
             }),
         }
     }
@@ -82,6 +83,16 @@ impl ReasoningFormat {
     /// `<think>` and maybe whitespace.
     pub fn opened_by(self, prompt_tail: &str) -> bool {
         self == ReasoningFormat::Think && prompt_tail.trim_end().ends_with(THINK_OPEN)
+    }
+
+    /// Whether an assistant message's text, continued by the model
+    /// (`continue_final_message`), leaves a thought open: its last
+    /// `<think>` is not closed after it.
+    pub fn leaves_open(self, message: &str) -> bool {
+        self == ReasoningFormat::Think
+            && message
+                .rfind(THINK_OPEN)
+                .is_some_and(|at| !message[at..].contains(THINK_CLOSE))
     }
 
     /// A stream reading this format, for a prompt that `opened` the
@@ -378,6 +389,10 @@ mod tests {
         assert!(!think.opened_by("<|im_start|>assistant\n<think>\n\n</think>\n\n"));
         assert!(!think.opened_by("<|im_start|>assistant\n"));
         assert!(!ReasoningFormat::None.opened_by("<think>\n"));
+        assert!(think.leaves_open("<think>\nLet me"));
+        assert!(!think.leaves_open("<think>a</think>The answer"));
+        assert!(!think.leaves_open("The answer"));
+        assert!(!ReasoningFormat::None.leaves_open("<think>"));
         for name in ["think", "none"] {
             let f = ReasoningFormat::from_name(name).expect("known");
             assert_eq!(f.name(), name);

@@ -870,7 +870,9 @@ pub fn fold_into_messages(
 /// refuse any other): the id itself where it is one; else the last nine
 /// letters and digits of it (OpenAI's `call_…` ids have 24); else, for an
 /// id with fewer, nine drawn from its hash. The same id always gives the
-/// same, so a call and its result still pair.
+/// same, so a call and its result still pair (two ids that end in the
+/// same nine would pair wrongly; vLLM truncates the same way, and the
+/// server's own ids end in 24 random ones).
 pub fn mistral_call_id(id: &str) -> String {
     let alnum: Vec<char> = id.chars().filter(char::is_ascii_alphanumeric).collect();
     if alnum.len() >= 9 {

@@ -89,8 +89,9 @@ pub struct ModelSection {
     /// the one the chat template implies.
     pub tool_format: String,
     /// Whether chat answers are read for a `<think>` thought (answered as
-    /// `reasoning_content`): `think` or `none`; empty: as the chat
-    /// template implies (`think` where it writes `</think>`).
+    /// `reasoning_content`): `think` (or vLLM's `qwen3`, `deepseek_r1`) or
+    /// `none`; empty: as the chat template implies (`think` where it writes
+    /// `</think>`).
     pub reasoning_format: String,
     /// A Jinja chat template file used in place of the model's own (for a
     /// file that ships none or a wrong one); empty: the model's.
@@ -1496,7 +1497,7 @@ pub fn check(raw: &RawConfig) -> Result<Settings, ConfigError> {
             name => Some(framework::reasoning::ReasoningFormat::from_name(name).map_err(|_| {
                 invalid(
                     "model.reasoning_format",
-                    format!("is '{name}', must be think or none (or empty: as the chat template implies)"),
+                    format!("is '{name}', must be think (or qwen3, deepseek_r1) or none, or empty: as the chat template implies"),
                 )
             })?),
         },

@@ -450,7 +450,7 @@ async fn generate(
         Vec::new()
     };
     let mut requests = requests;
-    let thoughts = thoughts(api, &engine, &mut requests);
+    let thoughts = thoughts(api, &engine, (&v.requests, &mut requests));
     let tracked = submit_all(&state, &engine, requests, v.names).await?;
     let id = request_id(api);
     if v.stream {
@@ -547,23 +547,39 @@ async fn generate(
     })))
 }
 
-/// Per engine request, whether its answer is read for a thought
-/// ([`framework::reasoning`]), and if so whether its prompt opened one: a
-/// chat's, where the model's answers are. Such a request's guide is made
+/// Per engine request (as `given`, and tokenized), whether its answer is
+/// read for a thought ([`framework::reasoning`]), and if so whether its
+/// prompt opened one: a chat's, where the model's answers are. Such a request's guide is made
 /// to hold only the answer after the thought
 /// ([`framework::guide::Guide::after_thought`]), so the model thinks
 /// freely first.
-fn thoughts(api: Api, engine: &Engine, requests: &mut [Request]) -> Vec<Option<bool>> {
-    let reads = api == Api::Chat
-        && engine.reasoning_format() != framework::reasoning::ReasoningFormat::None;
+fn thoughts(
+    api: Api,
+    engine: &Engine,
+    (given, requests): (&[Request], &mut [Request]),
+) -> Vec<Option<bool>> {
+    let format = engine.reasoning_format();
+    let reads = api == Api::Chat && format != framework::reasoning::ReasoningFormat::None;
     requests
         .iter_mut()
-        .map(|r| {
+        .zip(given)
+        .map(|(r, given)| {
             reads.then(|| {
-                let opened = match &r.prompt {
-                    actors::llm::Prompt::Tokens(t) => engine.prompt_opens_thought(t),
+                // A final message continued with its thought open opens it
+                // too (the prompt's end may be far from its `<think>`).
+                let continued = match &given.prompt {
+                    actors::llm::Prompt::ChatTools {
+                        messages, render, ..
+                    } if render.continue_final_message => messages
+                        .last()
+                        .is_some_and(|m| format.leaves_open(&m.content)),
                     _ => false,
                 };
+                let opened = continued
+                    || match &r.prompt {
+                        actors::llm::Prompt::Tokens(t) => engine.prompt_opens_thought(t),
+                        _ => false,
+                    };
                 r.guide = r.guide.take().map(|g| g.after_thought(opened));
                 opened
             })
