@@ -549,8 +549,8 @@ async fn generate(
 
 /// Per engine request (as `given`, and tokenized), whether its answer is
 /// read for a thought ([`framework::reasoning`]), and if so whether its
-/// prompt opened one: a chat's, where the model's answers are. Such a request's guide is made
-/// to hold only the answer after the thought
+/// prompt opened one: a chat's, where the model's answers are. Such a
+/// request's guide is made to hold only the answer after the thought
 /// ([`framework::guide::Guide::after_thought`]), so the model thinks
 /// freely first.
 fn thoughts(
