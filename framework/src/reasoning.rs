@@ -94,13 +94,6 @@ impl ReasoningFormat {
                 .rfind(THINK_OPEN)
                 .is_some_and(|at| !message[at..].contains(THINK_CLOSE))
     }
-
-    /// A stream reading this format, for a prompt that `opened` the
-    /// thought ([`ReasoningFormat::opened_by`]); `None` for
-    /// [`ReasoningFormat::None`].
-    pub fn stream(self, opened: bool) -> Option<ReasoningStream> {
-        (self == ReasoningFormat::Think).then(|| ReasoningStream::new(opened))
-    }
 }
 
 /// A finished output split into its thought and its content.
@@ -403,7 +396,6 @@ mod tests {
         );
         let err = ReasoningFormat::from_name("r1").expect_err("unknown");
         assert!(err.to_string().contains("'r1'"), "{err}");
-        assert!(ReasoningFormat::None.stream(true).is_none());
     }
 
     /// Every way of cutting each text into two or three pieces streams to

@@ -754,12 +754,29 @@ impl SseState {
                     "function": {"arguments": fragment},
                 }]}),
             };
-            let c = self.chunk(
-                json!([{"index": i, "delta": delta, "logprobs": null, "finish_reason": null}]),
-                None,
-            );
-            self.pending.push_back(c);
+            self.push_delta(i, delta, Value::Null);
         }
+    }
+
+    /// Queues a chunk of choice `i`'s `delta`, with `logprobs`.
+    fn push_delta(&mut self, i: usize, delta: Value, logprobs: Value) {
+        let c = self.chunk(
+            json!([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": null}]),
+            None,
+        );
+        self.pending.push_back(c);
+    }
+
+    /// Feeds `text` to choice `i`'s tool-call parser and queues what it
+    /// gives; false where the choice has none.
+    fn through_tools(&mut self, i: usize, text: &str) -> bool {
+        let Some(Some((ts, called))) = self.tool_streams.get_mut(i) else {
+            return false;
+        };
+        let outs = ts.push(text);
+        *called |= calls_begin(&outs);
+        self.tool_chunks(i, outs);
+        true
     }
 
     /// Chunks for choice `i`'s next pieces of thought and content (the
@@ -780,17 +797,11 @@ impl SseState {
         if !thought.is_empty() {
             delta.insert("reasoning_content".into(), json!(thought));
         }
-        if let Some(Some((ts, called))) = self.tool_streams.get_mut(i) {
-            let outs = ts.push(&content);
-            *called |= calls_begin(&outs);
+        if matches!(self.tool_streams.get(i), Some(Some(_))) {
             if !delta.is_empty() {
-                let c = self.chunk(
-                    json!([{"index": i, "delta": delta, "logprobs": null, "finish_reason": null}]),
-                    None,
-                );
-                self.pending.push_back(c);
+                self.push_delta(i, delta.into(), Value::Null);
             }
-            self.tool_chunks(i, outs);
+            self.through_tools(i, &content);
             return;
         }
         if !content.is_empty() {
@@ -801,11 +812,7 @@ impl SseState {
             return;
         }
         let logprobs = self.want_logprobs.then(|| chat_logprobs(&self.engine, &lp));
-        let c = self.chunk(
-            json!([{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": null}]),
-            None,
-        );
-        self.pending.push_back(c);
+        self.push_delta(i, delta.into(), json!(logprobs));
     }
 
     /// The next piece of the body; `None` at its end.
@@ -847,11 +854,9 @@ impl SseState {
                     if let Some(Some(rs)) = self.thoughts.get_mut(i) {
                         let (thought, content) = parts(rs.push(&text));
                         self.thought_chunks(i, thought, content, logprob.map(|l| (token, l)));
-                    } else if let Some(Some((ts, called))) = self.tool_streams.get_mut(i) {
-                        let outs = ts.push(&text);
-                        *called |= calls_begin(&outs);
-                        self.tool_chunks(i, outs);
-                    } else if !text.is_empty() || logprob.is_some() {
+                    } else if !self.through_tools(i, &text)
+                        && (!text.is_empty() || logprob.is_some())
+                    {
                         let lp = logprob.map(|l| vec![(token, l)]).unwrap_or_default();
                         let offset = self.text_offsets.get_mut(i);
                         let choice = stream_choice(
