@@ -99,50 +99,68 @@ fn ngram_speculation_changes_no_output_at_any_layout() {
     // tp=1 and pp=2 (two stages, steps in flight) every request; at tp=3
     // and dp=2 the golden and copy prompts, every third of the 64 and
     // every sampled one, still at once (about half the work).
+    //
+    // Pipeline stages and replicas change no arithmetic (a stage runs the
+    // layers tp=1 runs, a replica the whole model), so the outputs without
+    // speculation are computed once at tp=1 and stand for pp=2's and
+    // dp=2's; `every_parallel_layout_gives_the_greedy_tokens_of_tp1` in
+    // tests/engine.rs checks that premise. tp=3 sums its shards in another
+    // order, so it gets plain outputs of its own.
     let all = mixed_requests(24, 0.3);
     let few = golden()["cases"].as_array().map_or(0, Vec::len) + copy_prompts().len();
-    let some: Vec<Request> = all
+    let some: Vec<usize> = all
         .iter()
         .enumerate()
         .filter(|(i, r)| *i < few || i % 3 == 0 || r.params.temperature > 0.0)
-        .map(|(_, r)| r.clone())
+        .map(|(i, _)| i)
         .collect();
-    for (tp, pp, dp) in [(1, 1, 1), (3, 1, 1), (1, 2, 1), (1, 1, 2)] {
+    let outputs = |(tp, pp, dp): (usize, usize, usize), spec: Speculation| {
         let layout = format!("tp={tp} pp={pp} dp={dp}");
-        let reqs = match tp * dp {
-            1 => &all,
-            _ => &some,
+        let reqs: Vec<Request> = match tp * dp {
+            1 => all.clone(),
+            _ => some.iter().map(|&i| all[i].clone()).collect(),
         };
-        let outputs = |spec: Speculation| {
-            let e = Engine::builder()
-                .model_path(model_path())
-                .tp(tp)
-                .pp(pp)
-                .dp(dp)
-                .speculative(spec)
-                .speculate_max_running(usize::MAX)
-                .build()
-                .expect("engine");
-            // The copy prompts alone (batch 1), then everything at once.
-            let mut got = Vec::new();
-            for p in copy_prompts() {
-                got.extend(run_requests(&e, &[Request::greedy_tokens(p, 48)]));
-            }
-            got.extend(run_requests(&e, reqs));
-            let s = wait_idle(&e);
-            assert_eq!(s.policy.kv_used, 0, "{layout}: {s:?}");
-            assert!(e.shutdown_timeout(Duration::from_secs(30)));
-            (got, s.policy)
+        let e = Engine::builder()
+            .model_path(model_path())
+            .tp(tp)
+            .pp(pp)
+            .dp(dp)
+            .speculative(spec)
+            .speculate_max_running(usize::MAX)
+            .build()
+            .expect("engine");
+        // The copy prompts alone (batch 1), then everything at once.
+        let mut got = Vec::new();
+        for p in copy_prompts() {
+            got.extend(run_requests(&e, &[Request::greedy_tokens(p, 48)]));
+        }
+        got.extend(run_requests(&e, &reqs));
+        let s = wait_idle(&e);
+        assert_eq!(s.policy.kv_used, 0, "{layout}: {s:?}");
+        assert!(e.shutdown_timeout(Duration::from_secs(30)));
+        (got, s.policy)
+    };
+    let (tp1, none) = outputs((1, 1, 1), Speculation::default());
+    assert_eq!((none.drafted, none.accepted), (0, 0));
+    let copies = copy_prompts().len();
+    for layout in [(1, 1, 1), (3, 1, 1), (1, 2, 1), (1, 1, 2)] {
+        let plain = match layout {
+            (3, ..) => outputs(layout, Speculation::default()).0,
+            (1, _, 1) => tp1.clone(),
+            _ => tp1[..copies]
+                .iter()
+                .cloned()
+                .chain(some.iter().map(|&i| tp1[copies + i].clone()))
+                .collect(),
         };
-        let (plain, none) = outputs(Speculation::default());
-        let (spec, stats) = outputs(Speculation::ngram(4));
-        assert_eq!((none.drafted, none.accepted), (0, 0), "{layout}");
+        let (spec, stats) = outputs(layout, Speculation::ngram(4));
         assert!(
             stats.drafted > 100 && stats.accepted > stats.drafted / 10,
-            "{layout}: {stats:?}"
+            "{layout:?}: {stats:?}"
         );
+        assert_eq!(plain.len(), spec.len(), "{layout:?}");
         for (i, (a, b)) in plain.iter().zip(&spec).enumerate() {
-            assert_eq!(a, b, "{layout}: request {i}");
+            assert_eq!(a, b, "{layout:?}: request {i}");
         }
     }
 }
@@ -157,7 +175,11 @@ fn draft_model_speculation_changes_no_output() {
     // stages in two lanes, each replica with a draft node of its own.
     let reqs = mixed_requests(16, 0.0);
     let few = golden()["cases"].as_array().map_or(0, Vec::len) + copy_prompts().len();
+    // As in the n-gram test, two stages in two replicas change no
+    // arithmetic: tp=1's outputs without speculation stand for theirs.
     let draft = ModelSource::Gguf(draft_copy().clone());
+    let copies = copy_prompts().len();
+    let mut tp1 = Vec::new();
     for (tp, pp, dp) in [(1, 1, 1), (3, 1, 1), (1, 2, 2)] {
         let layout = format!("tp={tp} pp={pp} dp={dp}");
         let reqs = if tp * pp * dp == 1 {
@@ -187,7 +209,14 @@ fn draft_model_speculation_changes_no_output() {
             assert!(e.shutdown_timeout(Duration::from_secs(30)));
             (got, s.policy)
         };
-        let (plain, _) = outputs(Speculation::default());
+        let plain = match (tp, pp, dp) {
+            (1, 1, 1) => {
+                tp1 = outputs(Speculation::default()).0;
+                tp1.clone()
+            }
+            (3, ..) => outputs(Speculation::default()).0,
+            _ => tp1[..copies + few].to_vec(),
+        };
         let (spec, stats) = outputs(Speculation::draft(4));
         eprintln!(
             "{layout}: {} drafted, {} accepted ({:.0}%)",
@@ -203,6 +232,7 @@ fn draft_model_speculation_changes_no_output() {
             stats.accepted < stats.drafted,
             "some drafts must be rejected: {stats:?}"
         );
+        assert_eq!(plain.len(), spec.len(), "{layout}");
         for (i, (a, b)) in plain.iter().zip(&spec).enumerate() {
             assert_eq!(a, b, "{layout}: request {i}");
         }
