@@ -145,7 +145,11 @@ fn ngram_speculation_changes_no_output_at_any_layout() {
     let copies = copy_prompts().len();
     for layout in [(1, 1, 1), (3, 1, 1), (1, 2, 1), (1, 1, 2)] {
         let plain = match layout {
-            (3, ..) => outputs(layout, Speculation::default()).0,
+            (3, ..) => {
+                let (plain, none) = outputs(layout, Speculation::default());
+                assert_eq!((none.drafted, none.accepted), (0, 0), "{layout:?}");
+                plain
+            }
             (1, _, 1) => tp1.clone(),
             _ => tp1[..copies]
                 .iter()
